@@ -1,0 +1,120 @@
+//! Wire → domain conversions. Everything that leaves `pb` goes through here,
+//! failing with an error that names the field when the message is unusable.
+
+use crate::model::{NodeModuleView, NodeStatus, NodeUpdateView, NodeView, TokenView};
+use crate::pb;
+use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConvertError {
+    #[error("{message}: field `{field}` is missing")]
+    Missing { message: &'static str, field: &'static str },
+    #[error("{message}: field `{field}` has invalid value {value:?}")]
+    Invalid { message: &'static str, field: &'static str, value: String },
+}
+
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
+    ts.map(|t| rfc3339_from_ms(ms_from_ts(t)))
+}
+
+impl TryFrom<pb::Token> for TokenView {
+    type Error = ConvertError;
+
+    fn try_from(token: pb::Token) -> Result<Self, Self::Error> {
+        if token.token.is_empty() {
+            return Err(ConvertError::Missing { message: "Token", field: "token" });
+        }
+        Ok(TokenView {
+            token: token.token,
+            ca_fingerprint: token.ca_fingerprint,
+            expires_at: rfc3339(token.expires_at.as_ref()),
+            uses: token.uses,
+            labels: token.labels.into_iter().collect(),
+        })
+    }
+}
+
+impl TryFrom<pb::Node> for NodeView {
+    type Error = ConvertError;
+
+    fn try_from(node: pb::Node) -> Result<Self, Self::Error> {
+        if node.id.is_empty() {
+            return Err(ConvertError::Missing { message: "Node", field: "id" });
+        }
+        let status = NodeStatus::parse(&node.status).ok_or_else(|| ConvertError::Invalid {
+            message: "Node",
+            field: "status",
+            value: node.status.clone(),
+        })?;
+        Ok(NodeView {
+            id: node.id,
+            name: node.name,
+            labels: node.labels.into_iter().collect(),
+            status,
+            last_seen: rfc3339(node.last_seen.as_ref()),
+            modules: node
+                .modules
+                .into_iter()
+                .map(|m| NodeModuleView { name: m.name, version: m.version, phase: m.phase, health: m.health })
+                .collect(),
+            agent_version: node.agent_version,
+            enrolled_at: rfc3339(node.enrolled_at.as_ref()),
+        })
+    }
+}
+
+impl TryFrom<pb::NodeUpdate> for NodeUpdateView {
+    type Error = ConvertError;
+
+    fn try_from(update: pb::NodeUpdate) -> Result<Self, Self::Error> {
+        let node = update
+            .node
+            .ok_or(ConvertError::Missing { message: "NodeUpdate", field: "node" })?;
+        let kind = if update.removed {
+            "removed"
+        } else if update.snapshot {
+            "snapshot"
+        } else {
+            "changed"
+        };
+        Ok(NodeUpdateView { kind: kind.to_string(), node: node.try_into()? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_conversion_checks_fields() {
+        let node = pb::Node { id: "n1".into(), name: "a".into(), status: "connected".into(), ..Default::default() };
+        let view = NodeView::try_from(node.clone()).expect("valid");
+        assert_eq!(view.status, NodeStatus::Connected);
+        assert_eq!(view.last_seen, None);
+
+        let err = NodeView::try_from(pb::Node { id: String::new(), ..node.clone() }).expect_err("no id");
+        assert_eq!(err.to_string(), "Node: field `id` is missing");
+        let err = NodeView::try_from(pb::Node { status: "weird".into(), ..node }).expect_err("bad status");
+        assert!(err.to_string().contains("`status` has invalid value \"weird\""));
+    }
+
+    #[test]
+    fn node_json_shape_is_stable() {
+        let view = NodeView::try_from(pb::Node {
+            id: "n1".into(),
+            name: "web-1".into(),
+            status: "disconnected".into(),
+            last_seen: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+            labels: [("environment".to_string(), "dev".to_string())].into(),
+            ..Default::default()
+        })
+        .expect("valid");
+        let json = serde_json::to_value(&view).expect("json");
+        for field in ["id", "name", "labels", "status", "last_seen", "modules"] {
+            assert!(json.get(field).is_some(), "node JSON lacks {field}: {json}");
+        }
+        assert_eq!(json["status"], "disconnected");
+        assert_eq!(json["last_seen"], "2023-11-14T22:13:20Z");
+        assert_eq!(json["labels"]["environment"], "dev");
+    }
+}

@@ -1,0 +1,44 @@
+//! Shared foundations of hotswap that every binary needs and that know nothing
+//! about servers: the generated protocol (`pb`, the one place wire types live),
+//! conversions from wire messages to domain types (`convert`, `model`), the PKI
+//! (certificate authority, CSRs, identities carried in certificates), TLS
+//! configuration and the gRPC connector, operator profiles, label and duration
+//! parsing, and crash-safe file writes.
+//!
+//! The `daemon` feature adds what both daemons share and the CLI must not pull:
+//! the admin HTTP server (`/healthz`, `/readyz`, `/metrics`) and log setup.
+
+pub mod convert;
+pub mod fsutil;
+pub mod labels;
+pub mod model;
+pub mod pki;
+pub mod profile;
+pub mod timefmt;
+pub mod tls;
+
+#[cfg(feature = "daemon")]
+pub mod admin;
+#[cfg(feature = "daemon")]
+pub mod logging;
+
+/// Generated protobuf and gRPC code for `proto/hotswap/v1`. Domain code converts
+/// at the edge (see [`convert`]) rather than passing these types around.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("hotswap.v1");
+
+    /// Encoded `FileDescriptorSet` of every hotswap proto, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/hotswap_descriptor.bin"));
+}
+
+/// Version of this build, reported by agents in their hello.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Install the process-wide rustls crypto provider (ring). Safe to call more
+/// than once; every binary and test harness calls it before building TLS
+/// configs, because tonic and rustls otherwise panic when no provider is set.
+pub fn install_crypto_provider() {
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
+}

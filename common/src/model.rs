@@ -1,0 +1,70 @@
+//! Domain types shown to users: what `hotswapctl -o json` prints and what
+//! scripts rely on (SPEC §4). Field names are snake_case and only ever added.
+
+use serde::{Deserialize, Serialize};
+
+use crate::labels::Labels;
+
+/// A join token as returned once at creation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenView {
+    pub token: String,
+    pub ca_fingerprint: String,
+    /// RFC 3339.
+    pub expires_at: Option<String>,
+    pub uses: u32,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Connected,
+    Disconnected,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Connected => "connected",
+            NodeStatus::Disconnected => "disconnected",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "connected" => Some(NodeStatus::Connected),
+            "disconnected" => Some(NodeStatus::Disconnected),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeModuleView {
+    pub name: String,
+    pub version: String,
+    pub phase: String,
+    pub health: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeView {
+    pub id: String,
+    pub name: String,
+    pub labels: Labels,
+    pub status: NodeStatus,
+    /// RFC 3339; null when the node never connected.
+    pub last_seen: Option<String>,
+    pub modules: Vec<NodeModuleView>,
+    pub agent_version: String,
+    pub enrolled_at: Option<String>,
+}
+
+/// One line of `nodes watch -o json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeUpdateView {
+    /// `snapshot`, `changed` or `removed`.
+    pub kind: String,
+    pub node: NodeView,
+}

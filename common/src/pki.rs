@@ -1,0 +1,318 @@
+//! The hotswap PKI. The control plane's CA issues every certificate: its own
+//! server certificate, operator (user) certificates and node certificates.
+//! Who a peer is comes from one URI subject alternative name the CA sets itself
+//! (`hotswap://node/<id>` or `hotswap://user/<name>`); nothing in a CSR but its
+//! public key is trusted.
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("certificate signing request is invalid: {0}")]
+    BadCsr(String),
+    #[error("certificate is invalid: {0}")]
+    BadCertificate(String),
+    #[error("certificate carries no hotswap identity (expected a hotswap://node/ or hotswap://user/ URI)")]
+    NoIdentity,
+    #[error("invalid CA fingerprint {0:?}: expected sha256: followed by 64 hex digits")]
+    BadFingerprint(String),
+}
+
+/// Who a certificate belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// An enrolled node, by node id.
+    Node(String),
+    /// An operator, by user name.
+    User(String),
+}
+
+impl Principal {
+    fn uri(&self) -> String {
+        match self {
+            Principal::Node(id) => format!("hotswap://node/{id}"),
+            Principal::User(name) => format!("hotswap://user/{name}"),
+        }
+    }
+
+    fn parse_uri(uri: &str) -> Option<Principal> {
+        let rest = uri.strip_prefix("hotswap://")?;
+        let (kind, name) = rest.split_once('/')?;
+        if name.is_empty() {
+            return None;
+        }
+        match kind {
+            "node" => Some(Principal::Node(name.to_string())),
+            "user" => Some(Principal::User(name.to_string())),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Node(id) => write!(f, "node {id}"),
+            Principal::User(name) => write!(f, "user {name}"),
+        }
+    }
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct CertifiedKeyPem {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The control plane's certificate authority.
+pub struct CertificateAuthority {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl CertificateAuthority {
+    /// Create a new self-signed CA valid for ten years.
+    pub fn generate(common_name: &str) -> Result<(Self, CertifiedKeyPem), PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "hotswap");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        let pems = CertifiedKeyPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
+        let ca = Self::from_pem(&pems.cert_pem, &pems.key_pem)?;
+        Ok((ca, pems))
+    }
+
+    /// Load a CA from its certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self { cert_pem: cert_pem.to_string(), issuer })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// `sha256:<hex>` of the CA certificate's DER, what agents pin.
+    pub fn fingerprint(&self) -> Result<String, PkiError> {
+        pem_fingerprint(&self.cert_pem)
+    }
+
+    /// Issue the server certificate for the given DNS names and IP addresses.
+    pub fn issue_server(&self, sans: &[String], validity: Duration) -> Result<CertifiedKeyPem, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(sans.to_vec())?;
+        params.distinguished_name = common_name_dn("hotswap control plane");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        set_validity(&mut params, validity);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKeyPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Issue a client certificate for `principal` with a key generated here.
+    /// Used by `init` for the first admin, whose key is created on the control
+    /// plane host by the operator running `init`.
+    pub fn issue_client_with_new_key(
+        &self,
+        principal: &Principal,
+        validity: Duration,
+    ) -> Result<CertifiedKeyPem, PkiError> {
+        let key = KeyPair::generate()?;
+        let params = client_params(principal, validity)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKeyPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Sign a CSR for `principal`. Only the CSR's public key is used: subject,
+    /// names, usages and validity are the CA's policy, not the requester's.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        principal: &Principal,
+        validity: Duration,
+    ) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let params = client_params(principal, validity)?;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+}
+
+fn common_name_dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn client_params(principal: &Principal, validity: Duration) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let cn = match principal {
+        Principal::Node(id) => format!("node {id}"),
+        Principal::User(name) => format!("user {name}"),
+    };
+    params.distinguished_name = common_name_dn(&cn);
+    params.subject_alt_names = vec![SanType::URI(principal.uri().try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    set_validity(&mut params, validity);
+    Ok(params)
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Duration) {
+    let now = OffsetDateTime::now_utc();
+    // Backdate a little so a peer whose clock is slightly behind accepts it.
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::seconds(validity.as_secs().min(i64::MAX as u64) as i64);
+    params.serial_number = Some(random_serial());
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive and non-zero leading byte, as RFC 5280 asks.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// A fresh key pair and a CSR for it. Returns `(csr_pem, key_pem)`.
+pub fn generate_csr(common_name: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name_dn(common_name);
+    let csr = params.serialize_request(&key)?;
+    let csr_pem = csr.pem()?;
+    Ok((csr_pem, key.serialize_pem()))
+}
+
+/// `sha256:<hex>` of a DER certificate.
+pub fn der_fingerprint(der: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(der)))
+}
+
+/// `sha256:<hex>` of the first certificate in a PEM text.
+pub fn pem_fingerprint(pem: &str) -> Result<String, PkiError> {
+    let der = first_cert_der(pem)?;
+    Ok(der_fingerprint(der.as_ref()))
+}
+
+/// Parse a `sha256:<hex>` fingerprint into its 32 bytes.
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], PkiError> {
+    let bad = || PkiError::BadFingerprint(text.to_string());
+    let hex_part = text.trim().strip_prefix("sha256:").ok_or_else(bad)?;
+    let bytes = hex::decode(hex_part).map_err(|_| bad())?;
+    bytes.try_into().map_err(|_| bad())
+}
+
+/// The first certificate of a PEM text, as DER.
+pub fn first_cert_der(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| PkiError::BadCertificate(format!("no PEM certificate found: {e}")))
+}
+
+/// The identity carried by a certificate issued by the hotswap CA.
+pub fn principal_of(der: &[u8]) -> Result<Principal, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?
+        .ok_or(PkiError::NoIdentity)?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Principal::parse_uri(uri),
+            _ => None,
+        })
+        .ok_or(PkiError::NoIdentity)
+}
+
+/// The `notAfter` of a certificate, in milliseconds since the epoch.
+pub fn not_after_ms(der: &[u8]) -> Result<u64, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok((secs.max(0) as u64).saturating_mul(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn csr_signing_sets_identity_from_policy_not_request() {
+        let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
+        let (csr, _key) = generate_csr("hotswap://user/mallory").expect("csr");
+        let cert_pem = ca.sign_csr(&csr, &Principal::Node("n-1".into()), DAY).expect("sign");
+        let der = first_cert_der(&cert_pem).expect("der");
+        assert_eq!(principal_of(der.as_ref()).expect("principal"), Principal::Node("n-1".into()));
+    }
+
+    #[test]
+    fn garbage_csr_is_rejected() {
+        let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
+        let err = ca
+            .sign_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &Principal::Node("n".into()), DAY)
+            .expect_err("garbage");
+        assert!(err.to_string().contains("certificate signing request is invalid"));
+    }
+
+    #[test]
+    fn server_cert_has_no_identity() {
+        let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
+        let server = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], DAY).expect("server");
+        let der = first_cert_der(&server.cert_pem).expect("der");
+        assert!(matches!(principal_of(der.as_ref()), Err(PkiError::NoIdentity)));
+    }
+
+    #[test]
+    fn fingerprints_parse_and_match() {
+        let (ca, pems) = CertificateAuthority::generate("test ca").expect("ca");
+        let fp = ca.fingerprint().expect("fp");
+        assert_eq!(fp, pem_fingerprint(&pems.cert_pem).expect("fp2"));
+        let bytes = parse_fingerprint(&fp).expect("parse");
+        assert_eq!(format!("sha256:{}", hex::encode(bytes)), fp);
+        for bad in ["", "sha256:", "sha1:00", "sha256:zz", &fp[..fp.len() - 2]] {
+            assert!(parse_fingerprint(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn identity_uris() {
+        assert_eq!(Principal::parse_uri("hotswap://user/admin"), Some(Principal::User("admin".into())));
+        assert_eq!(Principal::parse_uri("hotswap://node/"), None);
+        assert_eq!(Principal::parse_uri("hotswap://other/x"), None);
+        assert_eq!(Principal::parse_uri("https://node/x"), None);
+    }
+}

@@ -1,0 +1,91 @@
+//! Time helpers: wall-clock milliseconds for storage, RFC 3339 for humans and
+//! JSON, protobuf `Timestamp` for the wire.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Wire timestamp for a millisecond time.
+pub fn ts_from_ms(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// Millisecond time of a wire timestamp; negative times clamp to zero.
+pub fn ms_from_ts(ts: &prost_types::Timestamp) -> u64 {
+    let seconds = ts.seconds.max(0) as u64;
+    let millis = (ts.nanos.max(0) as u64) / 1_000_000;
+    seconds.saturating_mul(1000).saturating_add(millis)
+}
+
+/// RFC 3339 text of a millisecond time, in UTC.
+pub fn rfc3339_from_ms(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// Parse a human duration such as `30s`, `5m`, `1h 30m` or `250ms`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?}: {e} (examples: 500ms, 30s, 5m, 1h)"))
+}
+
+/// Short human text of a duration, e.g. `3m 2s`, for tables.
+pub fn human_age(ms_ago: u64) -> String {
+    let secs = ms_ago / 1000;
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h{}m", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d{}h", secs / 86_400, (secs % 86_400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc_millis() {
+        assert_eq!(rfc3339_from_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_from_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn timestamp_round_trip() {
+        for ms in [0, 1, 999, 1000, 1_700_000_000_123] {
+            assert_eq!(ms_from_ts(&ts_from_ms(ms)), ms);
+        }
+    }
+
+    #[test]
+    fn durations_parse_and_fail_clearly() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        let err = parse_duration("ten seconds").expect_err("bad");
+        assert!(err.contains("invalid duration \"ten seconds\""), "{err}");
+    }
+
+    #[test]
+    fn ages_are_short() {
+        assert_eq!(human_age(5_000), "5s");
+        assert_eq!(human_age(125_000), "2m5s");
+        assert_eq!(human_age(7_260_000), "2h1m");
+        assert_eq!(human_age(90_000_000), "1d1h");
+    }
+}
