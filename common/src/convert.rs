@@ -8,9 +8,16 @@ use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConvertError {
     #[error("{message}: field `{field}` is missing")]
-    Missing { message: &'static str, field: &'static str },
+    Missing {
+        message: &'static str,
+        field: &'static str,
+    },
     #[error("{message}: field `{field}` has invalid value {value:?}")]
-    Invalid { message: &'static str, field: &'static str, value: String },
+    Invalid {
+        message: &'static str,
+        field: &'static str,
+        value: String,
+    },
 }
 
 fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -22,7 +29,10 @@ impl TryFrom<pb::Token> for TokenView {
 
     fn try_from(token: pb::Token) -> Result<Self, Self::Error> {
         if token.token.is_empty() {
-            return Err(ConvertError::Missing { message: "Token", field: "token" });
+            return Err(ConvertError::Missing {
+                message: "Token",
+                field: "token",
+            });
         }
         Ok(TokenView {
             token: token.token,
@@ -39,7 +49,10 @@ impl TryFrom<pb::Node> for NodeView {
 
     fn try_from(node: pb::Node) -> Result<Self, Self::Error> {
         if node.id.is_empty() {
-            return Err(ConvertError::Missing { message: "Node", field: "id" });
+            return Err(ConvertError::Missing {
+                message: "Node",
+                field: "id",
+            });
         }
         let status = NodeStatus::parse(&node.status).ok_or_else(|| ConvertError::Invalid {
             message: "Node",
@@ -55,7 +68,12 @@ impl TryFrom<pb::Node> for NodeView {
             modules: node
                 .modules
                 .into_iter()
-                .map(|m| NodeModuleView { name: m.name, version: m.version, phase: m.phase, health: m.health })
+                .map(|m| NodeModuleView {
+                    name: m.name,
+                    version: m.version,
+                    phase: m.phase,
+                    health: m.health,
+                })
                 .collect(),
             agent_version: node.agent_version,
             enrolled_at: rfc3339(node.enrolled_at.as_ref()),
@@ -67,9 +85,10 @@ impl TryFrom<pb::NodeUpdate> for NodeUpdateView {
     type Error = ConvertError;
 
     fn try_from(update: pb::NodeUpdate) -> Result<Self, Self::Error> {
-        let node = update
-            .node
-            .ok_or(ConvertError::Missing { message: "NodeUpdate", field: "node" })?;
+        let node = update.node.ok_or(ConvertError::Missing {
+            message: "NodeUpdate",
+            field: "node",
+        })?;
         let kind = if update.removed {
             "removed"
         } else if update.snapshot {
@@ -77,7 +96,10 @@ impl TryFrom<pb::NodeUpdate> for NodeUpdateView {
         } else {
             "changed"
         };
-        Ok(NodeUpdateView { kind: kind.to_string(), node: node.try_into()? })
+        Ok(NodeUpdateView {
+            kind: kind.to_string(),
+            node: node.try_into()?,
+        })
     }
 }
 
@@ -87,15 +109,31 @@ mod tests {
 
     #[test]
     fn node_conversion_checks_fields() {
-        let node = pb::Node { id: "n1".into(), name: "a".into(), status: "connected".into(), ..Default::default() };
+        let node = pb::Node {
+            id: "n1".into(),
+            name: "a".into(),
+            status: "connected".into(),
+            ..Default::default()
+        };
         let view = NodeView::try_from(node.clone()).expect("valid");
         assert_eq!(view.status, NodeStatus::Connected);
         assert_eq!(view.last_seen, None);
 
-        let err = NodeView::try_from(pb::Node { id: String::new(), ..node.clone() }).expect_err("no id");
+        let err = NodeView::try_from(pb::Node {
+            id: String::new(),
+            ..node.clone()
+        })
+        .expect_err("no id");
         assert_eq!(err.to_string(), "Node: field `id` is missing");
-        let err = NodeView::try_from(pb::Node { status: "weird".into(), ..node }).expect_err("bad status");
-        assert!(err.to_string().contains("`status` has invalid value \"weird\""));
+        let err = NodeView::try_from(pb::Node {
+            status: "weird".into(),
+            ..node
+        })
+        .expect_err("bad status");
+        assert!(
+            err.to_string()
+                .contains("`status` has invalid value \"weird\"")
+        );
     }
 
     #[test]
@@ -104,7 +142,10 @@ mod tests {
             id: "n1".into(),
             name: "web-1".into(),
             status: "disconnected".into(),
-            last_seen: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+            last_seen: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
             labels: [("environment".to_string(), "dev".to_string())].into(),
             ..Default::default()
         })

@@ -17,7 +17,11 @@ pub enum LabelError {
     #[error("label key {key:?} is invalid: {reason}")]
     BadKey { key: String, reason: &'static str },
     #[error("label {key:?} has an invalid value {value:?}: {reason}")]
-    BadValue { key: String, value: String, reason: &'static str },
+    BadValue {
+        key: String,
+        value: String,
+        reason: &'static str,
+    },
 }
 
 const MAX_KEY_LEN: usize = 63;
@@ -38,7 +42,10 @@ pub fn parse_labels<S: AsRef<str>>(args: &[S]) -> Result<Labels, LabelError> {
     for arg in args {
         let (key, value) = parse_label(arg.as_ref())?;
         if labels.contains_key(&key) {
-            return Err(LabelError::BadKey { key, reason: "given more than once" });
+            return Err(LabelError::BadKey {
+                key,
+                reason: "given more than once",
+            });
         }
         labels.insert(key, value);
     }
@@ -47,7 +54,10 @@ pub fn parse_labels<S: AsRef<str>>(args: &[S]) -> Result<Labels, LabelError> {
 
 /// Check a key and value against the label rules.
 pub fn validate_label(key: &str, value: &str) -> Result<(), LabelError> {
-    let bad_key = |reason| LabelError::BadKey { key: key.to_string(), reason };
+    let bad_key = |reason| LabelError::BadKey {
+        key: key.to_string(),
+        reason,
+    };
     if key.is_empty() {
         return Err(bad_key("empty"));
     }
@@ -61,7 +71,9 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), LabelError> {
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
     {
-        return Err(bad_key("only lowercase letters, digits, '-', '_' and '.' are allowed"));
+        return Err(bad_key(
+            "only lowercase letters, digits, '-', '_' and '.' are allowed",
+        ));
     }
     let bad_value = |reason| LabelError::BadValue {
         key: key.to_string(),
@@ -75,7 +87,9 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), LabelError> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        return Err(bad_value("only letters, digits, '-', '_' and '.' are allowed"));
+        return Err(bad_value(
+            "only letters, digits, '-', '_' and '.' are allowed",
+        ));
     }
     Ok(())
 }
@@ -96,7 +110,10 @@ mod tests {
             Ok((k, v)) => assert_eq!(got, Ok((k.to_string(), v.to_string())), "input {arg:?}"),
             Err(fragment) => {
                 let err = got.expect_err(arg).to_string();
-                assert!(err.contains(fragment), "input {arg:?}: error {err:?} lacks {fragment:?}");
+                assert!(
+                    err.contains(fragment),
+                    "input {arg:?}: error {err:?} lacks {fragment:?}"
+                );
             }
         }
     }

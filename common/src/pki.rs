@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -24,7 +23,9 @@ pub enum PkiError {
     BadCsr(String),
     #[error("certificate is invalid: {0}")]
     BadCertificate(String),
-    #[error("certificate carries no hotswap identity (expected a hotswap://node/ or hotswap://user/ URI)")]
+    #[error(
+        "certificate carries no hotswap identity (expected a hotswap://node/ or hotswap://user/ URI)"
+    )]
     NoIdentity,
     #[error("invalid CA fingerprint {0:?}: expected sha256: followed by 64 hex digits")]
     BadFingerprint(String),
@@ -103,7 +104,10 @@ impl CertificateAuthority {
         params.not_after = now + time::Duration::days(3650);
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
-        let pems = CertifiedKeyPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
+        let pems = CertifiedKeyPem {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
         let ca = Self::from_pem(&pems.cert_pem, &pems.key_pem)?;
         Ok((ca, pems))
     }
@@ -112,7 +116,10 @@ impl CertificateAuthority {
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self { cert_pem: cert_pem.to_string(), issuer })
+        Ok(Self {
+            cert_pem: cert_pem.to_string(),
+            issuer,
+        })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -125,7 +132,11 @@ impl CertificateAuthority {
     }
 
     /// Issue the server certificate for the given DNS names and IP addresses.
-    pub fn issue_server(&self, sans: &[String], validity: Duration) -> Result<CertifiedKeyPem, PkiError> {
+    pub fn issue_server(
+        &self,
+        sans: &[String],
+        validity: Duration,
+    ) -> Result<CertifiedKeyPem, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(sans.to_vec())?;
         params.distinguished_name = common_name_dn("hotswap control plane");
@@ -134,7 +145,10 @@ impl CertificateAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         set_validity(&mut params, validity);
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(CertifiedKeyPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(CertifiedKeyPem {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Issue a client certificate for `principal` with a key generated here.
@@ -148,7 +162,10 @@ impl CertificateAuthority {
         let key = KeyPair::generate()?;
         let params = client_params(principal, validity)?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(CertifiedKeyPem { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(CertifiedKeyPem {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Sign a CSR for `principal`. Only the CSR's public key is used: subject,
@@ -192,7 +209,8 @@ fn set_validity(params: &mut CertificateParams, validity: Duration) {
     let now = OffsetDateTime::now_utc();
     // Backdate a little so a peer whose clock is slightly behind accepts it.
     params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now + time::Duration::seconds(validity.as_secs().min(i64::MAX as u64) as i64);
+    params.not_after =
+        now + time::Duration::seconds(validity.as_secs().min(i64::MAX as u64) as i64);
     params.serial_number = Some(random_serial());
 }
 
@@ -274,26 +292,43 @@ mod tests {
     fn csr_signing_sets_identity_from_policy_not_request() {
         let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
         let (csr, _key) = generate_csr("hotswap://user/mallory").expect("csr");
-        let cert_pem = ca.sign_csr(&csr, &Principal::Node("n-1".into()), DAY).expect("sign");
+        let cert_pem = ca
+            .sign_csr(&csr, &Principal::Node("n-1".into()), DAY)
+            .expect("sign");
         let der = first_cert_der(&cert_pem).expect("der");
-        assert_eq!(principal_of(der.as_ref()).expect("principal"), Principal::Node("n-1".into()));
+        assert_eq!(
+            principal_of(der.as_ref()).expect("principal"),
+            Principal::Node("n-1".into())
+        );
     }
 
     #[test]
     fn garbage_csr_is_rejected() {
         let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
         let err = ca
-            .sign_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &Principal::Node("n".into()), DAY)
+            .sign_csr(
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+                &Principal::Node("n".into()),
+                DAY,
+            )
             .expect_err("garbage");
-        assert!(err.to_string().contains("certificate signing request is invalid"));
+        assert!(
+            err.to_string()
+                .contains("certificate signing request is invalid")
+        );
     }
 
     #[test]
     fn server_cert_has_no_identity() {
         let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
-        let server = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], DAY).expect("server");
+        let server = ca
+            .issue_server(&["localhost".into(), "127.0.0.1".into()], DAY)
+            .expect("server");
         let der = first_cert_der(&server.cert_pem).expect("der");
-        assert!(matches!(principal_of(der.as_ref()), Err(PkiError::NoIdentity)));
+        assert!(matches!(
+            principal_of(der.as_ref()),
+            Err(PkiError::NoIdentity)
+        ));
     }
 
     #[test]
@@ -310,7 +345,10 @@ mod tests {
 
     #[test]
     fn identity_uris() {
-        assert_eq!(Principal::parse_uri("hotswap://user/admin"), Some(Principal::User("admin".into())));
+        assert_eq!(
+            Principal::parse_uri("hotswap://user/admin"),
+            Some(Principal::User("admin".into()))
+        );
         assert_eq!(Principal::parse_uri("hotswap://node/"), None);
         assert_eq!(Principal::parse_uri("hotswap://other/x"), None);
         assert_eq!(Principal::parse_uri("https://node/x"), None);

@@ -24,17 +24,25 @@ pub struct Profile {
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
     #[error("cannot read profile {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("profile {path} is invalid: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error("cannot write profile {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl Profile {
     pub fn load(path: &Path) -> Result<Self, ProfileError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ProfileError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         toml::from_str(&text).map_err(|e| ProfileError::Parse {
             path: path.to_path_buf(),
             reason: e.message().to_string(),
@@ -46,8 +54,12 @@ impl Profile {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        fsutil::write_atomic(path, text.as_bytes(), fsutil::PRIVATE_FILE_MODE)
-            .map_err(|source| ProfileError::Write { path: path.to_path_buf(), source })
+        fsutil::write_atomic(path, text.as_bytes(), fsutil::PRIVATE_FILE_MODE).map_err(|source| {
+            ProfileError::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
     }
 
     /// `~/.config/hotswap/profile.toml` (or under `$XDG_CONFIG_HOME`).
@@ -81,7 +93,9 @@ mod tests {
         std::fs::write(&path, "endpoint = \"x\"\nbogus = 1\n").expect("write");
         let err = Profile::load(&path).expect_err("unknown key").to_string();
         assert!(err.contains("bogus"), "{err}");
-        let err = Profile::load(&dir.path().join("missing.toml")).expect_err("missing").to_string();
+        let err = Profile::load(&dir.path().join("missing.toml"))
+            .expect_err("missing")
+            .to_string();
         assert!(err.contains("cannot read profile"), "{err}");
     }
 }

@@ -62,7 +62,10 @@ mod tests {
     #[test]
     fn rfc3339_formats_utc_millis() {
         assert_eq!(rfc3339_from_ms(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_from_ms(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(
+            rfc3339_from_ms(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
     }
 
     #[test]
@@ -87,5 +90,21 @@ mod tests {
         assert_eq!(human_age(125_000), "2m5s");
         assert_eq!(human_age(7_260_000), "2h1m");
         assert_eq!(human_age(90_000_000), "1d1h");
+    }
+}
+
+/// Serde helpers for durations written as human text (`"30s"`) in config files.
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }

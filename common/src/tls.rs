@@ -42,19 +42,31 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Parse all certificates of a PEM text.
-pub fn certs_from_pem(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn certs_from_pem(
+    what: &'static str,
+    pem: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::BadPem { what, reason: e.to_string() })?;
+        .map_err(|e| TlsError::BadPem {
+            what,
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::BadPem { what, reason: "no certificate found".into() });
+        return Err(TlsError::BadPem {
+            what,
+            reason: "no certificate found".into(),
+        });
     }
     Ok(certs)
 }
 
 /// Parse a private key from PEM (PKCS#8, SEC1 or PKCS#1).
 pub fn key_from_pem(what: &'static str, pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::BadPem { what, reason: e.to_string() })
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::BadPem {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 /// A root store holding exactly the given CA.
@@ -84,7 +96,10 @@ pub struct PinnedCa {
 
 impl PinnedCa {
     pub fn new(fingerprint: [u8; 32]) -> Self {
-        Self { fingerprint, mismatch: Arc::new(Mutex::new(None)) }
+        Self {
+            fingerprint,
+            mismatch: Arc::new(Mutex::new(None)),
+        }
     }
 
     /// Why the last handshake failed pin verification, if it did.
@@ -100,9 +115,13 @@ pub struct ClientIdentity<'a> {
 }
 
 /// Build a client config: TLS 1.3, ALPN h2, the given trust, optional identity.
-pub fn client_config(trust: ServerTrust, identity: Option<ClientIdentity<'_>>) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    trust: ServerTrust,
+    identity: Option<ClientIdentity<'_>>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(PROTOCOL_VERSIONS)?;
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?;
     let builder = match trust {
         ServerTrust::Ca(ca_pem) => builder.with_root_certificates(roots_from_pem(&ca_pem)?),
         ServerTrust::Pinned(pin) => builder
@@ -157,13 +176,16 @@ impl ServerCertVerifier for PinnedCaVerifier {
             if let Ok(mut slot) = self.pin.mismatch.lock() {
                 *slot = Some(reason.clone());
             }
-            return Err(rustls::Error::General(format!("CA fingerprint mismatch: {reason}")));
+            return Err(rustls::Error::General(format!(
+                "CA fingerprint mismatch: {reason}"
+            )));
         };
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
@@ -173,7 +195,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -182,11 +209,18 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -207,22 +241,46 @@ impl ControlPlaneUrl {
     /// Accepts `https://host[:port]` or `host[:port]`; plain `http` is refused
     /// because hotswap never talks to its control plane without TLS.
     pub fn parse(url: &str) -> Result<Self, TlsError> {
-        let bad = |reason: &str| TlsError::BadUrl { url: url.to_string(), reason: reason.to_string() };
-        let with_scheme = if url.contains("://") { url.to_string() } else { format!("https://{url}") };
-        let uri: Uri = with_scheme.parse().map_err(|e: tonic::codegen::http::uri::InvalidUri| bad(&e.to_string()))?;
+        let bad = |reason: &str| TlsError::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let with_scheme = if url.contains("://") {
+            url.to_string()
+        } else {
+            format!("https://{url}")
+        };
+        let uri: Uri = with_scheme
+            .parse()
+            .map_err(|e: tonic::codegen::http::uri::InvalidUri| bad(&e.to_string()))?;
         match uri.scheme_str() {
             Some("https") => {}
-            Some(other) => return Err(bad(&format!("scheme {other:?} is not supported; use https://"))),
+            Some(other) => {
+                return Err(bad(&format!(
+                    "scheme {other:?} is not supported; use https://"
+                )));
+            }
             None => return Err(bad("missing scheme")),
         }
         if uri.path() != "/" && !uri.path().is_empty() {
             return Err(bad("a path is not allowed"));
         }
         let host = uri.host().ok_or_else(|| bad("missing host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let port = uri.port_u16().unwrap_or(DEFAULT_PORT);
-        let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-        Ok(Self { authority, host, port })
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Self {
+            authority,
+            host,
+            port,
+        })
     }
 
     fn server_name(&self) -> Result<ServerName<'static>, TlsError> {
@@ -249,7 +307,10 @@ pub struct ChannelOptions {
 
 impl Default for ChannelOptions {
     fn default() -> Self {
-        Self { connect_timeout: Duration::from_secs(5), keepalive_interval: Some(Duration::from_secs(10)) }
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            keepalive_interval: Some(Duration::from_secs(10)),
+        }
     }
 }
 
@@ -261,7 +322,9 @@ pub async fn connect(
     options: &ChannelOptions,
 ) -> Result<Channel, tonic::transport::Error> {
     let endpoint = endpoint(url, options)?;
-    endpoint.connect_with_connector(connector(url, config)).await
+    endpoint
+        .connect_with_connector(connector(url, config))
+        .await
 }
 
 /// A channel that connects on first use (used by the CLI).
@@ -273,7 +336,10 @@ pub fn connect_lazy(
     Ok(endpoint(url, options)?.connect_with_connector_lazy(connector(url, config)))
 }
 
-fn endpoint(url: &ControlPlaneUrl, options: &ChannelOptions) -> Result<Endpoint, tonic::transport::Error> {
+fn endpoint(
+    url: &ControlPlaneUrl,
+    options: &ChannelOptions,
+) -> Result<Endpoint, tonic::transport::Error> {
     // tonic sees plain http: TLS is done by our connector below.
     let mut endpoint = Endpoint::from_shared(format!("http://{}", url.authority))?
         .connect_timeout(options.connect_timeout)
@@ -294,7 +360,9 @@ fn connector(
     Uri,
     Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
     Error = std::io::Error,
-    Future = impl Future<Output = std::io::Result<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>> + Send,
+    Future = impl Future<
+        Output = std::io::Result<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+    > + Send,
 > + Send
 + 'static {
     let authority = url.authority.clone();
@@ -324,13 +392,27 @@ mod tests {
     #[test]
     fn urls() {
         let u = ControlPlaneUrl::parse("https://127.0.0.1:7000").expect("ip");
-        assert_eq!((u.authority.as_str(), u.host.as_str(), u.port), ("127.0.0.1:7000", "127.0.0.1", 7000));
+        assert_eq!(
+            (u.authority.as_str(), u.host.as_str(), u.port),
+            ("127.0.0.1:7000", "127.0.0.1", 7000)
+        );
         let u = ControlPlaneUrl::parse("cp.example:9000").expect("no scheme");
         assert_eq!(u.to_string(), "https://cp.example:9000");
         let u = ControlPlaneUrl::parse("https://[::1]").expect("v6");
-        assert_eq!((u.authority.as_str(), u.host.as_str()), ("[::1]:7443", "::1"));
-        for bad in ["http://127.0.0.1:1", "https://", "https://h:1/path", "ftp://x"] {
-            assert!(ControlPlaneUrl::parse(bad).is_err(), "{bad} should be refused");
+        assert_eq!(
+            (u.authority.as_str(), u.host.as_str()),
+            ("[::1]:7443", "::1")
+        );
+        for bad in [
+            "http://127.0.0.1:1",
+            "https://",
+            "https://h:1/path",
+            "ftp://x",
+        ] {
+            assert!(
+                ControlPlaneUrl::parse(bad).is_err(),
+                "{bad} should be refused"
+            );
         }
     }
 }

@@ -1,0 +1,161 @@
+//! Control plane configuration: flags plus an optional TOML file, parsed once
+//! into typed values and validated before anything binds a port.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hotswap_common::timefmt::duration_text;
+use serde::{Deserialize, Serialize};
+
+/// Tunables read from `--config FILE`. Every field has a default, so the file
+/// is optional and may set any subset.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// How often agents send heartbeats; sent to each agent in its welcome.
+    #[serde(with = "duration_text")]
+    pub heartbeat_interval: Duration,
+    /// A node whose session carries no message for this long is disconnected.
+    /// Three heartbeat intervals tolerate two lost or delayed heartbeats.
+    #[serde(with = "duration_text")]
+    pub heartbeat_grace: Duration,
+    /// Validity of node certificates issued at enrollment.
+    #[serde(with = "duration_text")]
+    pub node_cert_validity: Duration,
+    /// Join token lifetime when `tokens create` gives no `--ttl`.
+    #[serde(with = "duration_text")]
+    pub token_default_ttl: Duration,
+    /// Longest join token lifetime accepted.
+    #[serde(with = "duration_text")]
+    pub token_max_ttl: Duration,
+    /// How long a graceful shutdown may take before the process exits anyway.
+    #[serde(with = "duration_text")]
+    pub shutdown_timeout: Duration,
+    /// sled page cache size in bytes.
+    pub storage_cache_bytes: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_grace: Duration::from_secs(15),
+            node_cert_validity: Duration::from_secs(90 * 86_400),
+            token_default_ttl: Duration::from_secs(3600),
+            token_max_ttl: Duration::from_secs(30 * 86_400),
+            shutdown_timeout: Duration::from_secs(10),
+            storage_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("config file {path} is invalid: {}", problems.join("; "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl Settings {
+    /// Read and validate a config file, reporting every problem at once.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let settings: Settings = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string().trim().replace('\n', " "),
+        })?;
+        let problems = settings.problems();
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// Everything wrong with these settings, empty when valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.heartbeat_interval < Duration::from_millis(100) {
+            problems.push("heartbeat_interval must be at least 100ms".to_string());
+        }
+        if self.heartbeat_grace <= self.heartbeat_interval {
+            problems.push("heartbeat_grace must be longer than heartbeat_interval".to_string());
+        }
+        if self.node_cert_validity < Duration::from_secs(60) {
+            problems.push("node_cert_validity must be at least 1m".to_string());
+        }
+        if self.token_default_ttl > self.token_max_ttl {
+            problems.push("token_default_ttl must not exceed token_max_ttl".to_string());
+        }
+        if self.storage_cache_bytes < 1024 * 1024 {
+            problems.push("storage_cache_bytes must be at least 1048576".to_string());
+        }
+        problems
+    }
+}
+
+/// Everything `run` needs.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub settings: Settings,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cp.toml");
+        std::fs::write(&path, text).expect("write");
+        Settings::load(&path)
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(load_text("").expect("empty"), Settings::default());
+    }
+
+    #[test]
+    fn durations_and_errors() {
+        let s =
+            load_text("heartbeat_interval = \"1s\"\nheartbeat_grace = \"3s\"\n").expect("valid");
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(1));
+        let err = load_text("heartbeat_interval = \"soon\"\n")
+            .expect_err("bad")
+            .to_string();
+        assert!(err.contains("invalid duration \"soon\""), "{err}");
+        let err = load_text("heartbeat_intervl = \"1s\"\n")
+            .expect_err("unknown")
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+        let err = load_text(
+            "heartbeat_interval = \"10s\"\nheartbeat_grace = \"5s\"\nstorage_cache_bytes = 1\n",
+        )
+        .expect_err("two problems")
+        .to_string();
+        assert!(
+            err.contains("heartbeat_grace must be longer") && err.contains("storage_cache_bytes"),
+            "{err}"
+        );
+    }
+}

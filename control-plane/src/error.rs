@@ -1,0 +1,49 @@
+//! Errors of the control plane's API and their one mapping to gRPC status
+//! codes. Every handler returns [`ApiError`]; nothing else builds a `Status`.
+
+use tonic::Status;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// No usable credentials: no client certificate, or a rejected join token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Credentials are valid but do not allow this call.
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("storage: {0}")]
+    Storage(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        let message = err.to_string();
+        match err {
+            ApiError::InvalidArgument(_) => Status::invalid_argument(message),
+            ApiError::NotFound(_) => Status::not_found(message),
+            ApiError::AlreadyExists(_) => Status::already_exists(message),
+            ApiError::FailedPrecondition(_) => Status::failed_precondition(message),
+            ApiError::Unauthenticated(_) => Status::unauthenticated(message),
+            ApiError::PermissionDenied(_) => Status::permission_denied(message),
+            ApiError::Unavailable(_) => Status::unavailable(message),
+            ApiError::Storage(_) | ApiError::Internal(_) => {
+                tracing::error!(error = %message, "request failed");
+                Status::internal(message)
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The hotswap control plane. It owns the desired state of the fleet: the
+//! certificate authority and enrollment of nodes, the node registry (durable
+//! in sled, live status in memory), the agent sessions, and the operator gRPC
+//! API. Later layers (artifacts, deployments, events) plug into the same
+//! store and server.
+//!
+//! Entry points: [`init::init`] creates a data directory, [`server::run`]
+//! serves it until the shutdown token is cancelled.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod init;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tls_accept;

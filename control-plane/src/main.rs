@@ -1,0 +1,143 @@
+//! `hotswap-control-plane`: parse flags, set up logging and signals, and hand
+//! over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hotswap_common::logging::{self, LogFormat};
+use hotswap_control_plane::config::{RunConfig, Settings};
+use hotswap_control_plane::{init, server};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "hotswap-control-plane",
+    version,
+    about = "hotswap control plane: fleet state, enrollment, agent sessions"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "HOTSWAP_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a data directory: CA, server certificate, first admin profile.
+    #[command(
+        after_help = "Example:\n  hotswap-control-plane init --data-dir /var/lib/hotswap --san cp.example.com"
+    )]
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Extra DNS name or IP for the server certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Endpoint written into the admin profile.
+        #[arg(long, default_value = "https://127.0.0.1:7443")]
+        endpoint: String,
+    },
+    /// Serve the gRPC API and the admin endpoint.
+    #[command(
+        after_help = "Example:\n  hotswap-control-plane run --data-dir /var/lib/hotswap --listen 0.0.0.0:7443"
+    )]
+    Run {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        admin_listen: SocketAddr,
+        /// TOML file with tunables (heartbeat_interval, heartbeat_grace, ...).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    hotswap_common::install_crypto_provider();
+    match cli.command {
+        Command::Init {
+            data_dir,
+            sans,
+            endpoint,
+        } => {
+            match init::init(&init::InitOptions {
+                data_dir: data_dir.clone(),
+                sans,
+                endpoint,
+            }) {
+                Ok(outcome) => {
+                    println!("initialized control plane in {}", data_dir.display());
+                    println!("ca fingerprint: {}", outcome.ca_fingerprint);
+                    println!("admin profile:  {}", outcome.admin_profile.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Run {
+            data_dir,
+            listen,
+            admin_listen,
+            config,
+        } => {
+            let settings = match config.as_deref().map(Settings::load).transpose() {
+                Ok(settings) => settings.unwrap_or_default(),
+                Err(e) => return fail(&e),
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => return fail(&e),
+            };
+            let config = RunConfig {
+                data_dir,
+                listen,
+                admin_listen,
+                settings,
+            };
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                match server::run(config, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(&e),
+                }
+            })
+        }
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    tracing::error!(error = %error, "fatal");
+    eprintln!("error: {error}");
+    ExitCode::FAILURE
+}
+
+/// Cancel on the first SIGTERM or SIGINT; a second one exits at once.
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received; shutting down (send again to exit at once)");
+    token.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    std::process::exit(130);
+}

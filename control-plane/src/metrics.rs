@@ -1,0 +1,200 @@
+//! Prometheus metrics of the control plane, and a tower layer that counts and
+//! times every gRPC call by method and status code.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tonic::codegen::http;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub nodes: Family<StatusLabel, Gauge>,
+    pub rpc_requests: Family<RpcLabels, Counter>,
+    pub rpc_duration: Family<MethodLabel, Histogram>,
+    pub enrollments: Family<ResultLabel, Counter>,
+    pub heartbeats: Counter,
+    pub sessions_opened: Counter,
+    pub storage_bytes: Gauge,
+}
+
+impl Metrics {
+    /// Create the metrics and a registry exposing them.
+    pub fn new() -> (Self, Registry) {
+        let metrics = Metrics {
+            nodes: Family::default(),
+            rpc_requests: Family::default(),
+            rpc_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
+            enrollments: Family::default(),
+            heartbeats: Counter::default(),
+            sessions_opened: Counter::default(),
+            storage_bytes: Gauge::default(),
+        };
+        let mut registry = Registry::with_prefix("hotswap");
+        registry.register(
+            "nodes",
+            "Enrolled nodes by session status",
+            metrics.nodes.clone(),
+        );
+        registry.register(
+            "grpc_requests",
+            "gRPC calls by method and status code (the code of streaming calls is their opening status)",
+            metrics.rpc_requests.clone(),
+        );
+        registry.register(
+            "grpc_request_duration_seconds",
+            "Time to the response headers of gRPC calls, by method",
+            metrics.rpc_duration.clone(),
+        );
+        registry.register(
+            "enrollments",
+            "Enrollment attempts by result",
+            metrics.enrollments.clone(),
+        );
+        registry.register(
+            "heartbeats",
+            "Agent heartbeats received",
+            metrics.heartbeats.clone(),
+        );
+        registry.register(
+            "sessions_opened",
+            "Agent sessions opened",
+            metrics.sessions_opened.clone(),
+        );
+        registry.register(
+            "storage_bytes",
+            "Size of the sled database on disk",
+            metrics.storage_bytes.clone(),
+        );
+        (metrics, registry)
+    }
+
+    pub fn set_node_counts(&self, connected: i64, total: i64) {
+        self.nodes
+            .get_or_create(&StatusLabel {
+                status: "connected",
+            })
+            .set(connected);
+        self.nodes
+            .get_or_create(&StatusLabel {
+                status: "disconnected",
+            })
+            .set(total.saturating_sub(connected));
+    }
+}
+
+/// Counts and times gRPC calls. Unary errors are trailers-only responses, so
+/// their `grpc-status` is in the headers; a call without one is counted `0`.
+#[derive(Clone)]
+pub struct RpcMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RpcMetricsLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcMetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// Method label: the gRPC path for our services, a fixed word otherwise, so a
+/// client sending random paths cannot grow the label set without bound.
+fn method_label(path: &str) -> String {
+    if path.starts_with("/hotswap.v1.") || path.starts_with("/grpc.") {
+        path.to_string()
+    } else {
+        "unknown".to_string()
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for RpcMetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = method_label(request.uri().path());
+        let started = Instant::now();
+        let future = self.inner.call(request);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let result = future.await;
+            let code = match &result {
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_string(),
+                Err(_) => "transport".to_string(),
+            };
+            metrics
+                .rpc_duration
+                .get_or_create(&MethodLabel {
+                    method: method.clone(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+            metrics
+                .rpc_requests
+                .get_or_create(&RpcLabels { method, code })
+                .inc();
+            result
+        })
+    }
+}

@@ -1,0 +1,377 @@
+//! The node registry: durable node records (in the [`Store`]) joined with the
+//! live state of agent sessions (in memory). Session state is never persisted
+//! as "connected": after a restart every node is disconnected until its agent
+//! opens a new session, which is the truth.
+//!
+//! Every change is published on a broadcast channel for `WatchNodes`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hotswap_common::labels::{ENVIRONMENT_LABEL, Labels};
+use hotswap_common::timefmt::now_ms;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{EnrollError, NodeRecord, Store};
+
+/// Status of one module on a node, as last reported by its agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleState {
+    pub name: String,
+    pub version: String,
+    pub phase: String,
+    pub health: String,
+}
+
+/// A node as operators see it: record plus live session state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeState {
+    pub record: NodeRecord,
+    pub connected: bool,
+    pub last_seen_ms: Option<u64>,
+    pub modules: Vec<ModuleState>,
+}
+
+#[derive(Clone, Debug)]
+pub enum NodeChange {
+    Changed(NodeState),
+    Removed(NodeState),
+}
+
+struct LiveSession {
+    generation: u64,
+    last_seen_ms: u64,
+    cancel: CancellationToken,
+    modules: Vec<ModuleState>,
+}
+
+/// A session's claim on its node. Only the newest session of a node is live;
+/// an older one sees its token cancelled and its updates ignored.
+pub struct SessionHandle {
+    pub node_id: String,
+    pub generation: u64,
+    pub cancel: CancellationToken,
+    pub labels: Labels,
+}
+
+pub struct Registry {
+    store: Store,
+    live: Mutex<HashMap<String, LiveSession>>,
+    updates: broadcast::Sender<NodeChange>,
+    metrics: Arc<Metrics>,
+    generations: AtomicU64,
+    total_nodes: AtomicU64,
+}
+
+/// Capacity of the change channel; a watcher further behind gets a fresh snapshot.
+const UPDATE_CHANNEL_CAPACITY: usize = 4096;
+
+impl Registry {
+    pub fn new(store: Store, metrics: Arc<Metrics>) -> Result<Arc<Self>, ApiError> {
+        let total = store.list_nodes()?.len() as u64;
+        let (updates, _) = broadcast::channel(UPDATE_CHANNEL_CAPACITY);
+        let registry = Arc::new(Self {
+            store,
+            live: Mutex::new(HashMap::new()),
+            updates,
+            metrics,
+            generations: AtomicU64::new(1),
+            total_nodes: AtomicU64::new(total),
+        });
+        registry.update_gauges(&registry.lock_live());
+        Ok(registry)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock_live(&self) -> MutexGuard<'_, HashMap<String, LiveSession>> {
+        // A panic while holding this lock leaves plain data behind; keep serving.
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn update_gauges(&self, live: &HashMap<String, LiveSession>) {
+        self.metrics.set_node_counts(
+            live.len() as i64,
+            self.total_nodes.load(Ordering::Relaxed) as i64,
+        );
+        self.metrics
+            .storage_bytes
+            .set(self.store.size_on_disk() as i64);
+    }
+
+    fn state_of(&self, record: NodeRecord, live: &HashMap<String, LiveSession>) -> NodeState {
+        match live.get(&record.id) {
+            Some(session) => NodeState {
+                last_seen_ms: Some(session.last_seen_ms),
+                connected: true,
+                modules: session.modules.clone(),
+                record,
+            },
+            None => NodeState {
+                last_seen_ms: record.last_seen_ms,
+                connected: false,
+                modules: Vec::new(),
+                record,
+            },
+        }
+    }
+
+    fn publish(&self, change: NodeChange) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.updates.send(change);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeChange> {
+        self.updates.subscribe()
+    }
+
+    /// Every node, optionally only those of one environment, sorted by name.
+    pub fn list(&self, environment: Option<&str>) -> Result<Vec<NodeState>, ApiError> {
+        let records = self.store.list_nodes()?;
+        let live = self.lock_live();
+        let mut nodes: Vec<NodeState> = records
+            .into_iter()
+            .filter(|r| {
+                environment.is_none_or(|env| {
+                    r.labels.get(ENVIRONMENT_LABEL).map(String::as_str) == Some(env)
+                })
+            })
+            .map(|r| self.state_of(r, &live))
+            .collect();
+        nodes.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        Ok(nodes)
+    }
+
+    /// Find a node by id, name, or unique id prefix (at least 4 characters).
+    pub fn find(&self, query: &str) -> Result<NodeState, ApiError> {
+        let query = query.trim();
+        if query.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "node id or name must not be empty".into(),
+            ));
+        }
+        let record = match self.store.get_node(query)? {
+            Some(record) => record,
+            None => match self.store.node_id_by_name(query)? {
+                Some(id) => self
+                    .store
+                    .get_node(&id)?
+                    .ok_or_else(|| ApiError::NotFound(format!("node {query:?} not found")))?,
+                None => self.find_by_prefix(query)?,
+            },
+        };
+        Ok(self.state_of(record, &self.lock_live()))
+    }
+
+    fn find_by_prefix(&self, prefix: &str) -> Result<NodeRecord, ApiError> {
+        if prefix.len() < 4 {
+            return Err(ApiError::NotFound(format!("node {prefix:?} not found")));
+        }
+        let mut matches: Vec<NodeRecord> = self
+            .store
+            .list_nodes()?
+            .into_iter()
+            .filter(|r| r.id.starts_with(prefix))
+            .collect();
+        match matches.len() {
+            0 => Err(ApiError::NotFound(format!("node {prefix:?} not found"))),
+            1 => Ok(matches.remove(0)),
+            n => Err(ApiError::InvalidArgument(format!(
+                "node id prefix {prefix:?} matches {n} nodes; give more characters"
+            ))),
+        }
+    }
+
+    /// Enroll a node (see [`Store::enroll`]) and announce it.
+    pub async fn enroll(
+        &self,
+        token_hash: &str,
+        record: NodeRecord,
+    ) -> Result<NodeState, EnrollError> {
+        let record = self.store.enroll(token_hash, now_ms(), record).await?;
+        self.total_nodes.fetch_add(1, Ordering::Relaxed);
+        let state = {
+            let live = self.lock_live();
+            self.update_gauges(&live);
+            self.state_of(record, &live)
+        };
+        self.publish(NodeChange::Changed(state.clone()));
+        Ok(state)
+    }
+
+    /// Start a session for `node_id`, replacing any previous one. The peer must
+    /// present the node's current certificate. Labels from the agent's hello
+    /// are applied, except those the join token forced.
+    pub async fn attach(
+        &self,
+        node_id: &str,
+        cert_fingerprint: &str,
+        agent_labels: Labels,
+        agent_version: &str,
+    ) -> Result<SessionHandle, ApiError> {
+        let mut record = self.current_record(node_id, cert_fingerprint)?;
+        let mut labels = agent_labels;
+        labels.extend(record.forced_labels.clone());
+        let now = now_ms();
+        record.labels = labels;
+        record.agent_version = agent_version.to_string();
+        record.last_seen_ms = Some(now);
+        self.store.put_node(&record).await?;
+
+        let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let state = {
+            let mut live = self.lock_live();
+            // Between the check above and here the node may have been removed.
+            if self.store.get_node(node_id)?.is_none() {
+                return Err(ApiError::PermissionDenied(format!(
+                    "node {node_id} was removed"
+                )));
+            }
+            let previous = live.insert(
+                node_id.to_string(),
+                LiveSession {
+                    generation,
+                    last_seen_ms: now,
+                    cancel: cancel.clone(),
+                    modules: Vec::new(),
+                },
+            );
+            if let Some(previous) = previous {
+                tracing::info!(node = %node_id, "new session replaces the previous one");
+                previous.cancel.cancel();
+            }
+            self.update_gauges(&live);
+            self.state_of(record.clone(), &live)
+        };
+        self.metrics.sessions_opened.inc();
+        self.publish(NodeChange::Changed(state));
+        Ok(SessionHandle {
+            node_id: node_id.to_string(),
+            generation,
+            cancel,
+            labels: record.labels,
+        })
+    }
+
+    /// The node's record, if `cert_fingerprint` is its current certificate.
+    pub fn current_record(
+        &self,
+        node_id: &str,
+        cert_fingerprint: &str,
+    ) -> Result<NodeRecord, ApiError> {
+        let record = self.store.get_node(node_id)?.ok_or_else(|| {
+            ApiError::PermissionDenied(format!(
+                "node {node_id} is not enrolled (removed or unknown); enroll again with a new join token"
+            ))
+        })?;
+        if record.cert_fingerprint != cert_fingerprint {
+            return Err(ApiError::PermissionDenied(format!(
+                "node {node_id} presented a certificate that is not its current one"
+            )));
+        }
+        Ok(record)
+    }
+
+    /// Record a heartbeat; false when the session is no longer the live one.
+    pub fn heartbeat(&self, handle: &SessionHandle) -> bool {
+        self.metrics.heartbeats.inc();
+        let mut live = self.lock_live();
+        match live.get_mut(&handle.node_id) {
+            Some(session) if session.generation == handle.generation => {
+                session.last_seen_ms = now_ms();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Replace the module statuses the node reported.
+    pub fn report_modules(&self, handle: &SessionHandle, modules: Vec<ModuleState>) {
+        let state = {
+            let mut live = self.lock_live();
+            let Some(session) = live.get_mut(&handle.node_id) else {
+                return;
+            };
+            if session.generation != handle.generation || session.modules == modules {
+                return;
+            }
+            session.modules = modules;
+            session.last_seen_ms = now_ms();
+            match self.store.get_node(&handle.node_id) {
+                Ok(Some(record)) => self.state_of(record, &live),
+                _ => return,
+            }
+        };
+        self.publish(NodeChange::Changed(state));
+    }
+
+    /// End a session. Only the live session of a node marks it disconnected.
+    pub async fn detach(&self, handle: &SessionHandle) {
+        let last_seen = {
+            let mut live = self.lock_live();
+            match live.get(&handle.node_id) {
+                Some(session) if session.generation == handle.generation => {
+                    let last_seen = session.last_seen_ms;
+                    live.remove(&handle.node_id);
+                    self.update_gauges(&live);
+                    last_seen
+                }
+                _ => return,
+            }
+        };
+        match self.store.get_node(&handle.node_id) {
+            Ok(Some(mut record)) => {
+                record.last_seen_ms = Some(last_seen);
+                if let Err(e) = self.store.put_node(&record).await {
+                    tracing::warn!(node = %handle.node_id, error = %e, "could not persist last-seen time");
+                }
+                let state = self.state_of(record, &self.lock_live());
+                self.publish(NodeChange::Changed(state));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(node = %handle.node_id, error = %e, "could not read node record")
+            }
+        }
+    }
+
+    /// Remove a node: delete its record (its certificate is refused from now
+    /// on) and end its session at once.
+    pub async fn remove(&self, query: &str) -> Result<NodeState, ApiError> {
+        let state = self.find(query)?;
+        let id = state.record.id.clone();
+        if self.store.remove_node(&id).await?.is_none() {
+            return Err(ApiError::NotFound(format!("node {query:?} not found")));
+        }
+        self.total_nodes.fetch_sub(1, Ordering::Relaxed);
+        {
+            let mut live = self.lock_live();
+            if let Some(session) = live.remove(&id) {
+                session.cancel.cancel();
+            }
+            self.update_gauges(&live);
+        }
+        let removed = NodeState {
+            connected: false,
+            modules: Vec::new(),
+            ..state
+        };
+        self.publish(NodeChange::Removed(removed.clone()));
+        Ok(removed)
+    }
+
+    /// Whether a node still exists (a cancelled session uses it to tell
+    /// "removed" from "replaced").
+    pub fn exists(&self, node_id: &str) -> bool {
+        matches!(self.store.get_node(node_id), Ok(Some(_)))
+    }
+}

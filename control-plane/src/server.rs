@@ -1,0 +1,247 @@
+//! `hotswap-control-plane run`: open the data directory, bind the gRPC and
+//! admin listeners, serve until the shutdown token is cancelled, then drain
+//! within the configured bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hotswap_common::admin::{self, Readiness};
+use hotswap_common::fsutil;
+use hotswap_common::pb;
+use hotswap_common::pki::CertificateAuthority;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RunConfig;
+use crate::metrics::{Metrics, RpcMetricsLayer};
+use crate::registry::Registry;
+use crate::service::Context;
+use crate::service::enrollment::EnrollmentService;
+use crate::service::fleet::FleetService;
+use crate::service::session::SessionService;
+use crate::store::Store;
+use crate::tls_accept;
+
+/// File layout of a control plane data directory.
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("ca.crt")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.root.join("ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.root.join("server.crt")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.root.join("server.key")
+    }
+    pub fn admin_profile(&self) -> PathBuf {
+        self.root.join("admin.profile.toml")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.root.join("state")
+    }
+    /// Where the bound addresses are published once listening.
+    pub fn addresses(&self) -> PathBuf {
+        self.root.join("run").join("addresses.json")
+    }
+}
+
+/// What `run` publishes in `run/addresses.json` once it listens, so scripts
+/// and tests that asked for port 0 learn the real ports.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Addresses {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub pid: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "data dir {0} is not initialized: run `hotswap-control-plane init --data-dir {0}` first"
+    )]
+    NotInitialized(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid key material in the data dir: {0}")]
+    Pki(#[from] hotswap_common::pki::PkiError),
+    #[error("invalid TLS material in the data dir: {0}")]
+    Tls(#[from] hotswap_common::tls::TlsError),
+    #[error(
+        "cannot open the database at {path} (is another control plane using this data dir?): {source}"
+    )]
+    Store {
+        path: PathBuf,
+        source: crate::store::StoreError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Registry(#[from] crate::error::ApiError),
+}
+
+fn read(path: &Path) -> Result<String, RunError> {
+    std::fs::read_to_string(path).map_err(|source| RunError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Serve until `shutdown` is cancelled.
+pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let layout = DataDir::new(&config.data_dir);
+    if !layout.ca_key().exists() {
+        return Err(RunError::NotInitialized(
+            config.data_dir.display().to_string(),
+        ));
+    }
+    let ca_pem = read(&layout.ca_cert())?;
+    let ca = CertificateAuthority::from_pem(&ca_pem, &read(&layout.ca_key())?)?;
+    let ca_fingerprint = ca.fingerprint()?;
+    let tls_config = tls_accept::server_config(
+        &ca_pem,
+        &read(&layout.server_cert())?,
+        &read(&layout.server_key())?,
+    )?;
+
+    let state_path = layout.state();
+    let store =
+        Store::open(&state_path, config.settings.storage_cache_bytes).map_err(|source| {
+            RunError::Store {
+                path: state_path.clone(),
+                source,
+            }
+        })?;
+    let (metrics, prometheus) = Metrics::new();
+    let metrics = Arc::new(metrics);
+    let registry = Registry::new(store.clone(), metrics.clone())?;
+
+    let grpc_listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| RunError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+
+    let readiness = Readiness::default();
+    let admin_shutdown = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(prometheus),
+        readiness.clone(),
+        admin_shutdown.clone(),
+    ));
+
+    let ctx = Arc::new(Context {
+        registry,
+        ca,
+        ca_fingerprint: ca_fingerprint.clone(),
+        settings: config.settings.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let incoming = tls_accept::incoming(grpc_listener, tls_config, shutdown.clone());
+    let grpc = tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer::new(metrics.clone()))
+        .add_service(pb::enrollment_server::EnrollmentServer::new(
+            EnrollmentService::new(ctx.clone()),
+        ))
+        .add_service(pb::agent_session_server::AgentSessionServer::new(
+            SessionService::new(ctx.clone()),
+        ))
+        .add_service(pb::fleet_server::FleetServer::new(FleetService::new(
+            ctx.clone(),
+        )))
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let grpc_task = tokio::spawn(grpc);
+
+    let addresses = Addresses {
+        grpc: grpc_addr,
+        admin: admin_addr,
+        pid: std::process::id(),
+    };
+    let addresses_path = layout.addresses();
+    if let Some(run_dir) = addresses_path.parent() {
+        fsutil::create_private_dir(run_dir).map_err(|source| RunError::Write {
+            path: run_dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let json = serde_json::to_vec_pretty(&addresses).unwrap_or_default();
+    fsutil::write_atomic(&addresses_path, &json, fsutil::PUBLIC_FILE_MODE).map_err(|source| {
+        RunError::Write {
+            path: addresses_path.clone(),
+            source,
+        }
+    })?;
+    readiness.set(true);
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, ca_fingerprint = %ca_fingerprint, "control plane serving");
+
+    shutdown.cancelled().await;
+    readiness.set(false);
+    tracing::info!(
+        timeout_secs = config.settings.shutdown_timeout.as_secs(),
+        "shutting down: draining connections"
+    );
+    let drained = tokio::time::timeout(config.settings.shutdown_timeout, grpc_task).await;
+    match drained {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
+        Err(_) => tracing::warn!(
+            timeout_secs = config.settings.shutdown_timeout.as_secs(),
+            "drain did not finish in time; exiting with connections still open"
+        ),
+    }
+    admin_shutdown.cancel();
+    let _ = admin_task.await;
+    if let Err(e) = store.flush().await {
+        tracing::warn!(error = %e, "final database flush failed");
+    }
+    let _ = std::fs::remove_file(&addresses_path);
+    tracing::info!("control plane stopped");
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! `Enrollment.Enroll`: the one call served without a client certificate.
+//! The join token authorizes it; the CA signs the node's CSR with the node id
+//! it assigns, and the node record and token use are written atomically.
+
+use std::sync::Arc;
+
+use hotswap_common::labels::{Labels, validate_labels};
+use hotswap_common::pb;
+use hotswap_common::pki::{self, Principal};
+use hotswap_common::timefmt::now_ms;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use super::Context;
+use crate::error::ApiError;
+use crate::metrics::ResultLabel;
+use crate::store::{EnrollError, NodeRecord};
+
+/// Limits on enrollment input; a CSR for a P-256 or RSA-4096 key is far below.
+const MAX_CSR_BYTES: usize = 16 * 1024;
+const MAX_TOKEN_BYTES: usize = 256;
+
+pub struct EnrollmentService {
+    ctx: Arc<Context>,
+}
+
+impl EnrollmentService {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+}
+
+/// The stored form of a join token: its SHA-256. Tokens carry 256 random
+/// bits, so a fast hash is enough; the secret itself is never stored.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Node names: what `--name` accepts (a hostname-like word).
+pub fn validate_node_name(name: &str) -> Result<(), ApiError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "node name {name:?} is invalid: 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )))
+    }
+}
+
+impl EnrollmentService {
+    async fn enroll_inner(
+        &self,
+        request: pb::EnrollRequest,
+    ) -> Result<pb::EnrollResponse, ApiError> {
+        if request.join_token.is_empty() || request.join_token.len() > MAX_TOKEN_BYTES {
+            return Err(ApiError::Unauthenticated(
+                "join token rejected: missing or malformed token".into(),
+            ));
+        }
+        if request.csr_pem.len() > MAX_CSR_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "certificate signing request is {} bytes; the limit is {MAX_CSR_BYTES}",
+                request.csr_pem.len()
+            )));
+        }
+        validate_node_name(&request.name)?;
+        let labels: Labels = request.labels.into_iter().collect();
+        validate_labels(&labels).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+
+        let node_id = uuid::Uuid::new_v4().to_string();
+        let settings = &self.ctx.settings;
+        let cert_pem = self
+            .ctx
+            .ca
+            .sign_csr(
+                &request.csr_pem,
+                &Principal::Node(node_id.clone()),
+                settings.node_cert_validity,
+            )
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let der = pki::first_cert_der(&cert_pem).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let record = NodeRecord {
+            id: node_id.clone(),
+            name: request.name.clone(),
+            labels,
+            forced_labels: Labels::new(),
+            enrolled_at_ms: now_ms(),
+            cert_fingerprint: pki::der_fingerprint(der.as_ref()),
+            cert_not_after_ms: pki::not_after_ms(der.as_ref())
+                .map_err(|e| ApiError::Internal(e.to_string()))?,
+            last_seen_ms: None,
+            agent_version: request.agent_version,
+        };
+        let state = self
+            .ctx
+            .registry
+            .enroll(&token_hash(&request.join_token), record)
+            .await
+            .map_err(|e| match e {
+                EnrollError::Rejected(
+                    rejection @ crate::store::EnrollRejection::NameTaken { .. },
+                ) => ApiError::AlreadyExists(rejection.to_string()),
+                EnrollError::Rejected(rejection) => {
+                    ApiError::Unauthenticated(rejection.to_string())
+                }
+                EnrollError::Store(e) => ApiError::Storage(e),
+            })?;
+        tracing::info!(node = %node_id, name = %request.name, "node enrolled");
+        Ok(pb::EnrollResponse {
+            node_id,
+            certificate_pem: cert_pem,
+            ca_certificate_pem: self.ctx.ca.cert_pem().to_string(),
+            labels: state.record.labels.into_iter().collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::enrollment_server::Enrollment for EnrollmentService {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let peer = request.remote_addr();
+        let result = self.enroll_inner(request.into_inner()).await;
+        let outcome = match &result {
+            Ok(_) => "enrolled",
+            Err(ApiError::Unauthenticated(_)) => "token_rejected",
+            Err(ApiError::InvalidArgument(_) | ApiError::AlreadyExists(_)) => "invalid",
+            Err(_) => "error",
+        };
+        self.ctx
+            .metrics
+            .enrollments
+            .get_or_create(&ResultLabel { result: outcome })
+            .inc();
+        if let Err(e) = &result {
+            // The token itself is never logged.
+            tracing::warn!(peer = ?peer, error = %e, "enrollment refused");
+        }
+        result.map(Response::new).map_err(Status::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names() {
+        for ok in ["web-1", "a", "Host_2.example"] {
+            assert!(validate_node_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "a b", "a/b", &"x".repeat(64)] {
+            assert!(validate_node_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

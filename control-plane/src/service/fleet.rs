@@ -1,0 +1,203 @@
+//! `Fleet`: join tokens and the node registry, for operators.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hotswap_common::labels::{Labels, validate_labels};
+use hotswap_common::pb;
+use hotswap_common::timefmt::{now_ms, ts_from_ms};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::Context;
+use super::convert::node_to_pb;
+use super::enrollment::token_hash;
+use crate::auth;
+use crate::error::ApiError;
+use crate::registry::NodeChange;
+use crate::store::TokenRecord;
+
+/// Most uses one join token may carry.
+const MAX_TOKEN_USES: u32 = 100_000;
+
+pub struct FleetService {
+    ctx: Arc<Context>,
+}
+
+impl FleetService {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+
+    async fn create_token(
+        &self,
+        user: &str,
+        request: pb::CreateTokenRequest,
+    ) -> Result<pb::Token, ApiError> {
+        let settings = &self.ctx.settings;
+        let ttl = match request.ttl_seconds {
+            0 => settings.token_default_ttl,
+            secs => Duration::from_secs(secs),
+        };
+        if ttl > settings.token_max_ttl {
+            return Err(ApiError::InvalidArgument(format!(
+                "token ttl {} exceeds the maximum of {}",
+                humantime_secs(ttl),
+                humantime_secs(settings.token_max_ttl)
+            )));
+        }
+        let uses = if request.uses == 0 { 1 } else { request.uses };
+        if uses > MAX_TOKEN_USES {
+            return Err(ApiError::InvalidArgument(format!(
+                "token uses {uses} exceeds the maximum of {MAX_TOKEN_USES}"
+            )));
+        }
+        let labels: Labels = request.labels.into_iter().collect();
+        validate_labels(&labels).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+
+        let secret: [u8; 32] = rand::random();
+        let token = format!("hsj_{}", hex::encode(secret));
+        let now = now_ms();
+        let record = TokenRecord {
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(ttl.as_millis() as u64),
+            uses_total: uses,
+            uses_left: uses,
+            labels: labels.clone(),
+            created_by: user.to_string(),
+        };
+        self.ctx
+            .registry
+            .store()
+            .insert_token(&token_hash(&token), &record)
+            .await?;
+        tracing::info!(user = %user, uses, ttl_secs = ttl.as_secs(), "join token created");
+        Ok(pb::Token {
+            token,
+            ca_fingerprint: self.ctx.ca_fingerprint.clone(),
+            expires_at: Some(ts_from_ms(record.expires_at_ms)),
+            uses,
+            labels: labels.into_iter().collect(),
+        })
+    }
+}
+
+fn humantime_secs(d: Duration) -> String {
+    hotswap_common::timefmt::human_age(d.as_millis() as u64)
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::NodeUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::fleet_server::Fleet for FleetService {
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::Token>, Status> {
+        let user = auth::require_operator(&request)?;
+        Ok(Response::new(
+            self.create_token(&user, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        auth::require_operator(&request)?;
+        let environment = request.into_inner().environment;
+        let environment = (!environment.is_empty()).then_some(environment);
+        let nodes = self.ctx.registry.list(environment.as_deref())?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes.iter().map(node_to_pb).collect(),
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        auth::require_operator(&request)?;
+        let state = self.ctx.registry.find(&request.into_inner().node)?;
+        Ok(Response::new(node_to_pb(&state)))
+    }
+
+    type WatchNodesStream = WatchStream;
+
+    async fn watch_nodes(
+        &self,
+        request: Request<pb::WatchNodesRequest>,
+    ) -> Result<Response<Self::WatchNodesStream>, Status> {
+        auth::require_operator(&request)?;
+        // Subscribe before the snapshot so no change falls between the two.
+        let mut changes = self.ctx.registry.subscribe();
+        let registry = self.ctx.registry.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            'resync: loop {
+                let snapshot = match registry.list(None) {
+                    Ok(nodes) => nodes,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                for node in &snapshot {
+                    let update = pb::NodeUpdate {
+                        node: Some(node_to_pb(node)),
+                        snapshot: true,
+                        removed: false,
+                    };
+                    if tx.send(Ok(update)).await.is_err() {
+                        return;
+                    }
+                }
+                loop {
+                    let change = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tx.closed() => return,
+                        change = changes.recv() => change,
+                    };
+                    let update = match change {
+                        Ok(NodeChange::Changed(state)) => pb::NodeUpdate {
+                            node: Some(node_to_pb(&state)),
+                            snapshot: false,
+                            removed: false,
+                        },
+                        Ok(NodeChange::Removed(state)) => pb::NodeUpdate {
+                            node: Some(node_to_pb(&state)),
+                            snapshot: false,
+                            removed: true,
+                        },
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::debug!(
+                                missed,
+                                "node watcher fell behind; sending a fresh snapshot"
+                            );
+                            continue 'resync;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if tx.send(Ok(update)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let user = auth::require_operator(&request)?;
+        let state = self.ctx.registry.remove(&request.into_inner().node).await?;
+        tracing::info!(user = %user, node = %state.record.id, name = %state.record.name, "node removed");
+        Ok(Response::new(node_to_pb(&state)))
+    }
+}

@@ -1,0 +1,190 @@
+//! `AgentSession.Session`: one bidirectional stream per agent. The first
+//! message must be a hello naming the node of the client certificate; then
+//! the agent sends heartbeats and status reports, and the control plane sends
+//! its welcome (and, in later layers, desired state). The node is connected
+//! exactly while this stream is open and messages arrive within the grace
+//! period.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use hotswap_common::labels::{Labels, validate_labels};
+use hotswap_common::pb;
+use hotswap_common::pb::agent_message::Msg as AgentMsg;
+use hotswap_common::pb::control_message::Msg as ControlMsg;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Context;
+use super::convert::module_from_pb;
+use crate::auth;
+use crate::error::ApiError;
+use crate::registry::SessionHandle;
+
+pub struct SessionService {
+    ctx: Arc<Context>,
+}
+
+impl SessionService {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+
+/// Outbound messages buffered per session before the sender waits.
+const OUTBOUND_BUFFER: usize = 16;
+
+#[tonic::async_trait]
+impl pb::agent_session_server::AgentSession for SessionService {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let (node_id, peer) = auth::require_node(&request)?;
+        // Refuse a removed node or a superseded certificate before anything else.
+        self.ctx
+            .registry
+            .current_record(&node_id, &peer.cert_fingerprint)?;
+        let mut inbound = request.into_inner();
+        let grace = self.ctx.settings.heartbeat_grace;
+
+        let hello = match tokio::time::timeout(grace, inbound.message()).await {
+            Ok(Ok(Some(pb::AgentMessage {
+                msg: Some(AgentMsg::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                return Err(ApiError::InvalidArgument(
+                    "the first session message must be a hello".into(),
+                )
+                .into());
+            }
+            Ok(Ok(None)) => {
+                return Err(ApiError::InvalidArgument("session closed before hello".into()).into());
+            }
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "no hello within {}s",
+                    grace.as_secs_f64()
+                ))
+                .into());
+            }
+        };
+        if hello.node_id != node_id {
+            return Err(ApiError::PermissionDenied(format!(
+                "hello names node {:?} but the client certificate belongs to node {node_id}",
+                hello.node_id
+            ))
+            .into());
+        }
+        let labels: Labels = hello.labels.into_iter().collect();
+        validate_labels(&labels).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let handle = self
+            .ctx
+            .registry
+            .attach(
+                &node_id,
+                &peer.cert_fingerprint,
+                labels,
+                &hello.agent_version,
+            )
+            .await?;
+        tracing::info!(node = %node_id, name = %hello.name, agent_version = %hello.agent_version, "agent session opened");
+
+        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let welcome = pb::ControlMessage {
+            msg: Some(ControlMsg::Welcome(pb::Welcome {
+                node_id: node_id.clone(),
+                heartbeat_interval_ms: self.ctx.settings.heartbeat_interval.as_millis() as u64,
+                labels: handle.labels.clone().into_iter().collect(),
+            })),
+        };
+        // The channel is fresh, so this cannot be full.
+        let _ = tx.try_send(Ok(welcome));
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let reason = drive(&ctx, &handle, &mut inbound, &tx).await;
+            ctx.registry.detach(&handle).await;
+            tracing::info!(node = %handle.node_id, reason = %reason, "agent session closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serve one session until it ends; returns why it ended.
+async fn drive(
+    ctx: &Context,
+    handle: &SessionHandle,
+    inbound: &mut Streaming<pb::AgentMessage>,
+    tx: &mpsc::Sender<Result<pb::ControlMessage, Status>>,
+) -> String {
+    let grace = ctx.settings.heartbeat_grace;
+    loop {
+        let next = tokio::select! {
+            _ = ctx.shutdown.cancelled() => {
+                let _ = tx.send(Err(Status::unavailable("control plane is shutting down"))).await;
+                return "control plane shutting down".into();
+            }
+            _ = handle.cancel.cancelled() => {
+                if ctx.registry.exists(&handle.node_id) {
+                    return "replaced by a newer session".into();
+                }
+                let _ = tx
+                    .send(Err(Status::permission_denied(format!(
+                        "node {} was removed; its certificate is no longer accepted",
+                        handle.node_id
+                    ))))
+                    .await;
+                return "node removed".into();
+            }
+            next = tokio::time::timeout(grace, inbound.message()) => next,
+        };
+        let message = match next {
+            Err(_) => return format!("no heartbeat within {}s", grace.as_secs_f64()),
+            Ok(Ok(None)) => return "agent closed the stream".into(),
+            Ok(Err(status)) => return format!("stream error: {}", status.message()),
+            Ok(Ok(Some(message))) => message,
+        };
+        match message.msg {
+            Some(AgentMsg::Heartbeat(heartbeat)) => {
+                if !ctx.registry.heartbeat(handle) {
+                    return "replaced by a newer session".into();
+                }
+                let ack = pb::ControlMessage {
+                    msg: Some(ControlMsg::HeartbeatAck(pb::HeartbeatAck {
+                        seq: heartbeat.seq,
+                    })),
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return "agent went away".into();
+                }
+            }
+            Some(AgentMsg::Status(report)) => {
+                ctx.registry.report_modules(
+                    handle,
+                    report.modules.into_iter().map(module_from_pb).collect(),
+                );
+            }
+            Some(AgentMsg::Hello(_)) => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        "hello may only be the first session message",
+                    )))
+                    .await;
+                return "protocol error: second hello".into();
+            }
+            None => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument("empty session message")))
+                    .await;
+                return "protocol error: empty message".into();
+            }
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Durable state in sled, behind typed methods: join tokens (by hash), node
+//! records and the node-name index. Writes that a caller acknowledges are
+//! flushed first (`flush`), because sled otherwise persists on a timer.
+//!
+//! Records are JSON: readable with any sled dump, and new fields can be added
+//! with `#[serde(default)]` without a migration.
+
+use std::path::Path;
+
+use hotswap_common::labels::Labels;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("record {key:?} in {tree} is corrupt: {reason}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum EnrollRejection {
+    #[error("join token rejected: unknown token")]
+    UnknownToken,
+    #[error("join token rejected: expired at {0}")]
+    Expired(String),
+    #[error("join token rejected: all {0} uses are used up")]
+    UsedUp(u32),
+    #[error(
+        "node name {name:?} is already enrolled as node {id}; remove that node first or choose another --name"
+    )]
+    NameTaken { name: String, id: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Rejected(#[from] EnrollRejection),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub uses_total: u32,
+    pub uses_left: u32,
+    /// Labels forced on every node that enrolls with this token.
+    pub labels: Labels,
+    pub created_by: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: String,
+    pub name: String,
+    /// Effective labels: what the agent asked for, overridden by `forced_labels`.
+    pub labels: Labels,
+    /// Labels from the join token; the agent cannot change these.
+    pub forced_labels: Labels,
+    pub enrolled_at_ms: u64,
+    /// Fingerprint of the node's current certificate; any other is refused.
+    pub cert_fingerprint: String,
+    pub cert_not_after_ms: u64,
+    pub last_seen_ms: Option<u64>,
+    pub agent_version: String,
+}
+
+/// The control plane's database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    tokens: sled::Tree,
+    nodes: sled::Tree,
+    node_names: sled::Tree,
+}
+
+const TOKENS: &str = "tokens";
+const NODES: &str = "nodes";
+const NODE_NAMES: &str = "node_names";
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own plain structs to JSON cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(
+    tree: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Open (or create) the database at `path`. Fails if another process has it open.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Ok(Self {
+            tokens: db.open_tree(TOKENS)?,
+            nodes: db.open_tree(NODES)?,
+            node_names: db.open_tree(NODE_NAMES)?,
+            db,
+        })
+    }
+
+    /// Make every write so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Bytes the database occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    pub async fn insert_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        self.tokens.insert(hash.as_bytes(), encode(record))?;
+        self.flush().await
+    }
+
+    pub fn get_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.tokens
+            .get(hash.as_bytes())?
+            .map(|bytes| decode(TOKENS, hash.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    /// Consume one use of the token and create the node, atomically: either
+    /// both happen or neither. Token labels override the node's own.
+    pub async fn enroll(
+        &self,
+        token_hash: &str,
+        now_ms: u64,
+        mut node: NodeRecord,
+    ) -> Result<NodeRecord, EnrollError> {
+        let result =
+            (&self.tokens, &self.nodes, &self.node_names).transaction(|(tokens, nodes, names)| {
+                let abort = |r: EnrollRejection| {
+                    ConflictableTransactionError::Abort(EnrollError::Rejected(r))
+                };
+                let storage =
+                    |e: StoreError| ConflictableTransactionError::Abort(EnrollError::Store(e));
+                let Some(bytes) = tokens.get(token_hash.as_bytes())? else {
+                    return Err(abort(EnrollRejection::UnknownToken));
+                };
+                let mut token: TokenRecord =
+                    decode(TOKENS, token_hash.as_bytes(), &bytes).map_err(storage)?;
+                if now_ms >= token.expires_at_ms {
+                    return Err(abort(EnrollRejection::Expired(
+                        hotswap_common::timefmt::rfc3339_from_ms(token.expires_at_ms),
+                    )));
+                }
+                if token.uses_left == 0 {
+                    return Err(abort(EnrollRejection::UsedUp(token.uses_total)));
+                }
+                if let Some(existing) = names.get(node.name.as_bytes())? {
+                    return Err(abort(EnrollRejection::NameTaken {
+                        name: node.name.clone(),
+                        id: String::from_utf8_lossy(&existing).into_owned(),
+                    }));
+                }
+                token.uses_left -= 1;
+                let mut record = node.clone();
+                record.forced_labels = token.labels.clone();
+                record.labels.extend(token.labels.clone());
+                tokens.insert(token_hash.as_bytes(), encode(&token))?;
+                nodes.insert(record.id.as_bytes(), encode(&record))?;
+                names.insert(record.name.as_bytes(), record.id.as_bytes())?;
+                Ok(record)
+            });
+        node = match result {
+            Ok(record) => record,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(EnrollError::Store(e.into())),
+        };
+        self.flush().await?;
+        Ok(node)
+    }
+
+    pub fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        self.nodes
+            .get(id.as_bytes())?
+            .map(|bytes| decode(NODES, id.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    pub fn node_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .node_names
+            .get(name.as_bytes())?
+            .map(|id| String::from_utf8_lossy(&id).into_owned()))
+    }
+
+    pub fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.nodes
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(NODES, &key, &value)
+            })
+            .collect()
+    }
+
+    /// Overwrite a node record (labels, last seen, agent version). The name
+    /// index is unchanged: names are fixed at enrollment.
+    pub async fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError> {
+        self.nodes.insert(record.id.as_bytes(), encode(record))?;
+        self.flush().await
+    }
+
+    /// Delete a node and its name; returns the record if it existed.
+    pub async fn remove_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let result = (&self.nodes, &self.node_names).transaction(|(nodes, names)| {
+            let Some(bytes) = nodes.remove(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let record: NodeRecord = decode(NODES, id.as_bytes(), &bytes)
+                .map_err(ConflictableTransactionError::Abort)?;
+            names.remove(record.name.as_bytes())?;
+            Ok(Some(record))
+        });
+        let removed = match result {
+            Ok(removed) => removed,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        self.flush().await?;
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(uses: u32, expires_at_ms: u64) -> TokenRecord {
+        TokenRecord {
+            created_at_ms: 0,
+            expires_at_ms,
+            uses_total: uses,
+            uses_left: uses,
+            labels: [("environment".to_string(), "qa".to_string())].into(),
+            created_by: "admin".into(),
+        }
+    }
+
+    fn node(id: &str, name: &str) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            name: name.into(),
+            labels: [
+                ("environment".to_string(), "dev".to_string()),
+                ("zone".to_string(), "a".to_string()),
+            ]
+            .into(),
+            forced_labels: Labels::new(),
+            enrolled_at_ms: 1,
+            cert_fingerprint: format!("sha256:{id}"),
+            cert_not_after_ms: 2,
+            last_seen_ms: None,
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn enrollment_consumes_uses_and_forces_labels() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        store
+            .insert_token("h", &token(2, 1000))
+            .await
+            .expect("token");
+
+        let first = store
+            .enroll("h", 10, node("n1", "web-1"))
+            .await
+            .expect("first use");
+        assert_eq!(
+            first.labels.get("environment").map(String::as_str),
+            Some("qa"),
+            "token label wins"
+        );
+        assert_eq!(
+            first.labels.get("zone").map(String::as_str),
+            Some("a"),
+            "own label kept"
+        );
+
+        let taken = store
+            .enroll("h", 10, node("n2", "web-1"))
+            .await
+            .expect_err("same name");
+        assert!(
+            matches!(
+                taken,
+                EnrollError::Rejected(EnrollRejection::NameTaken { .. })
+            ),
+            "{taken}"
+        );
+        assert_eq!(
+            store
+                .get_token("h")
+                .expect("get")
+                .expect("exists")
+                .uses_left,
+            1,
+            "refusal consumed nothing"
+        );
+
+        store
+            .enroll("h", 10, node("n3", "web-3"))
+            .await
+            .expect("second use");
+        let used_up = store
+            .enroll("h", 10, node("n4", "web-4"))
+            .await
+            .expect_err("used up");
+        assert_eq!(
+            used_up.to_string(),
+            "join token rejected: all 2 uses are used up"
+        );
+        assert!(
+            store.get_node("n4").expect("get").is_none(),
+            "nothing created on refusal"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_and_expired_tokens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        store
+            .insert_token("h", &token(5, 1000))
+            .await
+            .expect("token");
+        let err = store
+            .enroll("nope", 10, node("n1", "a"))
+            .await
+            .expect_err("unknown");
+        assert_eq!(err.to_string(), "join token rejected: unknown token");
+        let err = store
+            .enroll("h", 1000, node("n1", "a"))
+            .await
+            .expect_err("expired");
+        assert!(
+            err.to_string()
+                .starts_with("join token rejected: expired at 1970-01-01T00:00:01"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn remove_frees_the_name_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path, 1 << 20).expect("open");
+            store
+                .insert_token("h", &token(3, u64::MAX))
+                .await
+                .expect("token");
+            store
+                .enroll("h", 10, node("n1", "a"))
+                .await
+                .expect("enroll");
+            store
+                .enroll("h", 10, node("n2", "b"))
+                .await
+                .expect("enroll");
+            let removed = store
+                .remove_node("n1")
+                .await
+                .expect("remove")
+                .expect("existed");
+            assert_eq!(removed.name, "a");
+        }
+        let store = Store::open(&path, 1 << 20).expect("reopen");
+        assert!(store.get_node("n1").expect("get").is_none());
+        assert_eq!(
+            store.node_id_by_name("b").expect("name"),
+            Some("n2".to_string())
+        );
+        store
+            .enroll("h", 10, node("n3", "a"))
+            .await
+            .expect("name is free again");
+    }
+}
