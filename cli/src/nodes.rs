@@ -1,0 +1,202 @@
+//! `hotswapctl nodes`.
+
+use clap::Subcommand;
+use hotswap_common::labels::ENVIRONMENT_LABEL;
+use hotswap_common::model::{NodeUpdateView, NodeView};
+use hotswap_common::pb;
+use hotswap_common::timefmt::{human_age, now_ms, rfc3339_from_ms};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::client::{CliError, Context};
+use crate::output::{self, OutputFormat};
+
+#[derive(Subcommand)]
+pub enum NodesCommand {
+    /// List nodes.
+    #[command(
+        after_help = "Examples:\n  hotswapctl nodes list\n  hotswapctl nodes list --env production -o json"
+    )]
+    List {
+        /// Only nodes of this environment.
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// Show one node by id, name or id prefix.
+    #[command(after_help = "Example:\n  hotswapctl nodes get web-1")]
+    Get { node: String },
+    /// Follow node changes: a snapshot first, then every change.
+    #[command(after_help = "Example:\n  hotswapctl -o json nodes watch | jq .node.status")]
+    Watch,
+    /// Remove a node: its certificate is refused from now on and its session ends.
+    #[command(after_help = "Example:\n  hotswapctl nodes remove web-1")]
+    Remove { node: String },
+}
+
+fn convert(node: pb::Node) -> Result<NodeView, CliError> {
+    NodeView::try_from(node).map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))
+}
+
+fn age(rfc3339: Option<&str>) -> String {
+    rfc3339
+        .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+        .map(|t| {
+            let ms = (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+            format!("{} ago", human_age(now_ms().saturating_sub(ms)))
+        })
+        .unwrap_or_else(|| "never".to_string())
+}
+
+fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+pub async fn run(ctx: &Context, command: NodesCommand) -> Result<(), CliError> {
+    let conn = ctx.connect()?;
+    let mut client = pb::fleet_client::FleetClient::new(conn.channel.clone());
+    match command {
+        NodesCommand::List { env } => {
+            let request = pb::ListNodesRequest {
+                environment: env.unwrap_or_default(),
+            };
+            let reply = client
+                .list_nodes(request)
+                .await
+                .map_err(conn.rpc_error("list nodes"))?
+                .into_inner();
+            let nodes = reply
+                .nodes
+                .into_iter()
+                .map(convert)
+                .collect::<Result<Vec<_>, _>>()?;
+            match ctx.output {
+                OutputFormat::Json => output::print_json(&nodes),
+                OutputFormat::Table => {
+                    let mut table = output::table(&[
+                        "NAME",
+                        "ID",
+                        "STATUS",
+                        "ENVIRONMENT",
+                        "LAST SEEN",
+                        "MODULES",
+                    ]);
+                    for node in &nodes {
+                        table.add_row(vec![
+                            node.name.clone(),
+                            short_id(&node.id).to_string(),
+                            node.status.as_str().to_string(),
+                            node.labels
+                                .get(ENVIRONMENT_LABEL)
+                                .cloned()
+                                .unwrap_or_else(|| "-".into()),
+                            age(node.last_seen.as_deref()),
+                            node.modules.len().to_string(),
+                        ]);
+                    }
+                    output::print_table(&table);
+                }
+            }
+        }
+        NodesCommand::Get { node } => {
+            let reply = client
+                .get_node(pb::GetNodeRequest { node: node.clone() })
+                .await
+                .map_err(conn.rpc_error(&format!("get node {node:?}")))?
+                .into_inner();
+            let node = convert(reply)?;
+            match ctx.output {
+                OutputFormat::Json => output::print_json(&node),
+                OutputFormat::Table => print_node(&node),
+            }
+        }
+        NodesCommand::Watch => {
+            let mut stream = client
+                .watch_nodes(pb::WatchNodesRequest {})
+                .await
+                .map_err(conn.rpc_error("watch nodes"))?
+                .into_inner();
+            while let Some(update) = stream
+                .message()
+                .await
+                .map_err(conn.rpc_error("watch nodes"))?
+            {
+                let update = NodeUpdateView::try_from(update)
+                    .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))?;
+                match ctx.output {
+                    OutputFormat::Json => output::print_json_line(&update),
+                    OutputFormat::Table => println!(
+                        "{}  {:<8}  {:<20}  {:<8}  {}",
+                        rfc3339_from_ms(now_ms()),
+                        update.kind,
+                        update.node.name,
+                        short_id(&update.node.id),
+                        update.node.status.as_str()
+                    ),
+                }
+            }
+        }
+        NodesCommand::Remove { node } => {
+            let reply = client
+                .remove_node(pb::RemoveNodeRequest { node: node.clone() })
+                .await
+                .map_err(conn.rpc_error(&format!("remove node {node:?}")))?
+                .into_inner();
+            let node = convert(reply)?;
+            match ctx.output {
+                OutputFormat::Json => output::print_json(&node),
+                OutputFormat::Table => {
+                    println!(
+                        "removed node {} ({}); its certificate is no longer accepted",
+                        node.name, node.id
+                    )
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_node(node: &NodeView) {
+    println!("id:            {}", node.id);
+    println!("name:          {}", node.name);
+    println!("status:        {}", node.status.as_str());
+    println!(
+        "last seen:     {} ({})",
+        node.last_seen.as_deref().unwrap_or("never"),
+        age(node.last_seen.as_deref())
+    );
+    println!(
+        "enrolled at:   {}",
+        node.enrolled_at.as_deref().unwrap_or("-")
+    );
+    println!(
+        "agent version: {}",
+        if node.agent_version.is_empty() {
+            "-"
+        } else {
+            &node.agent_version
+        }
+    );
+    println!("labels:");
+    if node.labels.is_empty() {
+        println!("  -");
+    }
+    for (key, value) in &node.labels {
+        println!("  {key}={value}");
+    }
+    println!("modules:");
+    if node.modules.is_empty() {
+        println!("  -");
+    } else {
+        let mut table = output::table(&["MODULE", "VERSION", "PHASE", "HEALTH"]);
+        for module in &node.modules {
+            table.add_row(vec![
+                module.name.clone(),
+                module.version.clone(),
+                module.phase.clone(),
+                module.health.clone(),
+            ]);
+        }
+        output::print_table(&table);
+    }
+}

@@ -1,0 +1,305 @@
+//! The node's identity on disk and how it is obtained.
+//!
+//! Layout under `DATA_DIR/identity/`: `node.key` (0600, generated here and
+//! never sent anywhere), `node.crt`, `ca.crt`, and `node.json` (id, name,
+//! labels granted at enrollment). `node.json` is written last, so a crash
+//! mid-enrollment leaves no half identity: the next start enrolls again.
+
+use std::path::{Path, PathBuf};
+
+use hotswap_common::fsutil::{self, PRIVATE_FILE_MODE, PUBLIC_FILE_MODE};
+use hotswap_common::labels::Labels;
+use hotswap_common::pb;
+use hotswap_common::pki;
+use hotswap_common::tls::{self, ChannelOptions, ControlPlaneUrl, PinnedCa, ServerTrust};
+use serde::{Deserialize, Serialize};
+use tonic::Code;
+
+use crate::config::EnrollmentConfig;
+use crate::metrics::Metrics;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub name: String,
+    /// Labels as granted at enrollment (token labels included).
+    pub labels: Labels,
+    /// The control plane this node enrolled with.
+    pub control_plane: String,
+}
+
+#[derive(Clone)]
+pub struct Identity {
+    pub info: NodeInfo,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("identity file {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// Outcome of one enrollment attempt that did not succeed.
+#[derive(Debug)]
+pub enum EnrollFailure {
+    /// Retrying cannot help: wrong CA, rejected token, invalid request.
+    Fatal(String),
+    /// The control plane is unreachable or busy; try again later.
+    Retry(String),
+}
+
+struct Paths {
+    dir: PathBuf,
+}
+
+impl Paths {
+    fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("identity"),
+        }
+    }
+    fn key(&self) -> PathBuf {
+        self.dir.join("node.key")
+    }
+    fn cert(&self) -> PathBuf {
+        self.dir.join("node.crt")
+    }
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    fn info(&self) -> PathBuf {
+        self.dir.join("node.json")
+    }
+}
+
+fn read(path: &Path) -> Result<String, IdentityError> {
+    std::fs::read_to_string(path).map_err(|source| IdentityError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl Identity {
+    /// The stored identity, or `None` when this node has not enrolled yet.
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, IdentityError> {
+        let paths = Paths::new(data_dir);
+        let info_path = paths.info();
+        if !info_path.exists() {
+            return Ok(None);
+        }
+        let info: NodeInfo =
+            serde_json::from_str(&read(&info_path)?).map_err(|e| IdentityError::Corrupt {
+                path: info_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let identity = Identity {
+            info,
+            cert_pem: read(&paths.cert())?,
+            key_pem: read(&paths.key())?,
+            ca_pem: read(&paths.ca())?,
+        };
+        // Fail here, with the file named, rather than deep inside TLS later.
+        pki::first_cert_der(&identity.cert_pem).map_err(|e| IdentityError::Corrupt {
+            path: paths.cert(),
+            reason: e.to_string(),
+        })?;
+        tls::key_from_pem("node key", &identity.key_pem).map_err(|e| IdentityError::Corrupt {
+            path: paths.key(),
+            reason: e.to_string(),
+        })?;
+        tls::roots_from_pem(&identity.ca_pem).map_err(|e| IdentityError::Corrupt {
+            path: paths.ca(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(identity))
+    }
+
+    /// Persist the identity; `node.json` last, as the commit point.
+    pub fn save(&self, data_dir: &Path) -> Result<(), IdentityError> {
+        let paths = Paths::new(data_dir);
+        let write = |path: PathBuf, bytes: &[u8], mode| {
+            fsutil::write_atomic(&path, bytes, mode)
+                .map_err(|source| IdentityError::Write { path, source })
+        };
+        fsutil::create_private_dir(&paths.dir).map_err(|source| IdentityError::Write {
+            path: paths.dir.clone(),
+            source,
+        })?;
+        write(paths.key(), self.key_pem.as_bytes(), PRIVATE_FILE_MODE)?;
+        write(paths.cert(), self.cert_pem.as_bytes(), PUBLIC_FILE_MODE)?;
+        write(paths.ca(), self.ca_pem.as_bytes(), PUBLIC_FILE_MODE)?;
+        let info = serde_json::to_vec_pretty(&self.info).unwrap_or_default();
+        write(paths.info(), &info, PUBLIC_FILE_MODE)
+    }
+}
+
+/// One enrollment attempt: generate a key pair, connect with the CA pinned by
+/// fingerprint, send the CSR with the join token.
+pub async fn enroll_once(
+    url: &ControlPlaneUrl,
+    enrollment: &EnrollmentConfig,
+    name: &str,
+    labels: &Labels,
+    metrics: &Metrics,
+) -> Result<Identity, EnrollFailure> {
+    let (csr_pem, key_pem) = pki::generate_csr(name)
+        .map_err(|e| EnrollFailure::Fatal(format!("cannot generate a key pair: {e}")))?;
+    let pin = PinnedCa::new(enrollment.ca_fingerprint);
+    let config = tls::client_config(ServerTrust::Pinned(pin.clone()), None)
+        .map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
+    let channel = match tls::connect(url, config, &ChannelOptions::default()).await {
+        Ok(channel) => channel,
+        Err(e) => {
+            metrics.rpc("enroll", "unreachable");
+            return Err(match pin.mismatch() {
+                Some(reason) => EnrollFailure::Fatal(format!(
+                    "CA fingerprint mismatch: the control plane at {url} is not the one pinned with --ca-fingerprint sha256:{}: {reason}",
+                    hex_of(&enrollment.ca_fingerprint)
+                )),
+                None => EnrollFailure::Retry(format!(
+                    "cannot reach the control plane at {url}: {}",
+                    error_chain(&e)
+                )),
+            });
+        }
+    };
+    let request = pb::EnrollRequest {
+        join_token: enrollment.join_token.clone(),
+        csr_pem,
+        name: name.to_string(),
+        labels: labels.clone().into_iter().collect(),
+        agent_version: hotswap_common::VERSION.to_string(),
+    };
+    let response = match pb::enrollment_client::EnrollmentClient::new(channel)
+        .enroll(request)
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            metrics.rpc("enroll", "error");
+            let message = format!(
+                "enrollment refused by the control plane at {url}: {}",
+                status.message()
+            );
+            return Err(match status.code() {
+                Code::Unauthenticated
+                | Code::PermissionDenied
+                | Code::InvalidArgument
+                | Code::AlreadyExists
+                | Code::FailedPrecondition => EnrollFailure::Fatal(message),
+                _ => EnrollFailure::Retry(message),
+            });
+        }
+    };
+    metrics.rpc("enroll", "ok");
+    // The CA we got must be the one we pinned, and our certificate must be ours.
+    let ca_der = pki::first_cert_der(&response.ca_certificate_pem).map_err(|e| {
+        EnrollFailure::Fatal(format!("control plane sent an invalid CA certificate: {e}"))
+    })?;
+    if pki::der_fingerprint(ca_der.as_ref())
+        != format!("sha256:{}", hex_of(&enrollment.ca_fingerprint))
+    {
+        return Err(EnrollFailure::Fatal(
+            "control plane sent a CA certificate that does not match the pinned fingerprint".into(),
+        ));
+    }
+    let cert_der = pki::first_cert_der(&response.certificate_pem).map_err(|e| {
+        EnrollFailure::Fatal(format!(
+            "control plane sent an invalid node certificate: {e}"
+        ))
+    })?;
+    match pki::principal_of(cert_der.as_ref()) {
+        Ok(pki::Principal::Node(id)) if id == response.node_id => {}
+        other => {
+            return Err(EnrollFailure::Fatal(format!(
+                "control plane sent a certificate for {other:?}, not for node {}",
+                response.node_id
+            )));
+        }
+    }
+    Ok(Identity {
+        info: NodeInfo {
+            node_id: response.node_id,
+            name: name.to_string(),
+            labels: response.labels.into_iter().collect(),
+            control_plane: url.to_string(),
+        },
+        cert_pem: response.certificate_pem,
+        key_pem,
+        ca_pem: response.ca_certificate_pem,
+    })
+}
+
+fn hex_of(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_identity_is_none_and_round_trip_works() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(Identity::load(dir.path()).expect("load").is_none());
+
+        let (ca, ca_pems) = pki::CertificateAuthority::generate("t").expect("ca");
+        let (csr, key_pem) = pki::generate_csr("n").expect("csr");
+        let cert_pem = ca
+            .sign_csr(
+                &csr,
+                &pki::Principal::Node("id-1".into()),
+                std::time::Duration::from_secs(60),
+            )
+            .expect("sign");
+        let identity = Identity {
+            info: NodeInfo {
+                node_id: "id-1".into(),
+                name: "n".into(),
+                labels: Labels::new(),
+                control_plane: "https://x:1".into(),
+            },
+            cert_pem,
+            key_pem,
+            ca_pem: ca_pems.cert_pem,
+        };
+        identity.save(dir.path()).expect("save");
+        let loaded = Identity::load(dir.path()).expect("load").expect("present");
+        assert_eq!(loaded.info, identity.info);
+
+        std::fs::write(dir.path().join("identity/node.crt"), "garbage").expect("corrupt");
+        let err = Identity::load(dir.path())
+            .err()
+            .expect("corrupt cert")
+            .to_string();
+        assert!(err.contains("node.crt") && err.contains("corrupt"), "{err}");
+    }
+}

@@ -1,0 +1,170 @@
+//! `hotswap-agent`: parse flags, set up logging and signals, and hand over to
+//! the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hotswap_agent::agent;
+use hotswap_agent::config::{AgentConfig, EnrollmentConfig, hostname};
+use hotswap_common::logging::{self, LogFormat};
+use hotswap_common::{labels, pki, timefmt, tls};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "hotswap-agent",
+    version,
+    about = "hotswap node agent: enrolls, keeps a session, runs modules"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        default_value = "text",
+        env = "HOTSWAP_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (enrolls on first start).
+    #[command(
+        after_help = "Examples:\n  hotswap-agent run --data-dir /var/lib/hotswap-agent --control-plane https://cp:7443 \\\n      --join-token hsj_... --ca-fingerprint sha256:... --label environment=dev\n  hotswap-agent run --data-dir /var/lib/hotswap-agent --control-plane https://cp:7443"
+    )]
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Control plane URL, e.g. https://cp.example:7443.
+    #[arg(long, env = "HOTSWAP_CONTROL_PLANE")]
+    control_plane: String,
+    /// Join token for the first start (prefer the env var: it stays out of `ps`).
+    #[arg(long, env = "HOTSWAP_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// SHA-256 fingerprint of the control plane's CA, `sha256:HEX`.
+    #[arg(long, env = "HOTSWAP_CA_FINGERPRINT")]
+    ca_fingerprint: Option<String>,
+    /// Node label `key=value` (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Admin HTTP address for /healthz, /readyz, /metrics.
+    #[arg(long, default_value = "127.0.0.1:9444")]
+    admin_listen: SocketAddr,
+    /// First reconnect delay; doubles per failed attempt, with jitter.
+    #[arg(long, default_value = "250ms", value_parser = timefmt::parse_duration)]
+    reconnect_base: Duration,
+    /// Longest reconnect delay.
+    #[arg(long, default_value = "15s", value_parser = timefmt::parse_duration)]
+    reconnect_max: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    hotswap_common::install_crypto_provider();
+    let Command::Run(args) = cli.command;
+    let config = match config_from(args) {
+        Ok(config) => config,
+        Err(problems) => {
+            for problem in &problems {
+                eprintln!("error: {problem}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        match agent::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// Validate every flag, reporting all problems at once.
+fn config_from(args: RunArgs) -> Result<AgentConfig, Vec<String>> {
+    let mut problems = Vec::new();
+    let control_plane = tls::ControlPlaneUrl::parse(&args.control_plane)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+    let labels = labels::parse_labels(&args.labels)
+        .map_err(|e| problems.push(format!("--label: {e}")))
+        .ok();
+    let enrollment = match (args.join_token, args.ca_fingerprint) {
+        (Some(join_token), Some(fp)) => match pki::parse_fingerprint(&fp) {
+            Ok(ca_fingerprint) => Some(EnrollmentConfig {
+                join_token,
+                ca_fingerprint,
+            }),
+            Err(e) => {
+                problems.push(format!("--ca-fingerprint: {e}"));
+                None
+            }
+        },
+        (Some(_), None) => {
+            problems.push(
+                "--join-token needs --ca-fingerprint: the agent pins the control plane's CA by it"
+                    .into(),
+            );
+            None
+        }
+        (None, Some(_)) | (None, None) => None,
+    };
+    if args.reconnect_base.is_zero() || args.reconnect_base > args.reconnect_max {
+        problems.push("--reconnect-base must be positive and not above --reconnect-max".into());
+    }
+    match (control_plane, labels, problems.is_empty()) {
+        (Some(control_plane), Some(labels), true) => Ok(AgentConfig {
+            data_dir: args.data_dir,
+            control_plane,
+            enrollment,
+            labels,
+            name: args.name.unwrap_or_else(hostname),
+            admin_listen: Some(args.admin_listen),
+            backoff_base: args.reconnect_base,
+            backoff_max: args.reconnect_max,
+        }),
+        _ => Err(problems),
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    tracing::error!(error = %error, "fatal");
+    eprintln!("error: {error}");
+    ExitCode::FAILURE
+}
+
+/// Cancel on the first SIGTERM or SIGINT; a second one exits at once.
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received; shutting down (send again to exit at once)");
+    token.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    std::process::exit(130);
+}
