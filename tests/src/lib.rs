@@ -1,0 +1,450 @@
+//! Integration test harness: starts the real `hotswap-control-plane`,
+//! `hotswap-agent` and `hotswapctl` binaries on loopback ports chosen by the
+//! OS, each test in its own temporary directory. Children's logs go to files
+//! that are printed when a test fails; waits poll a condition until a deadline
+//! (`HOTSWAP_TEST_PATIENCE_SECS`, default 30) and fail loudly with the last
+//! observation. Every process is stopped when its handle drops.
+//!
+//! The binaries must be built first (`make test` does `cargo build --bins`).
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hotswap_common::profile::Profile;
+use serde_json::Value;
+
+/// How long `eventually` waits before failing.
+pub fn patience() -> Duration {
+    let secs = std::env::var("HOTSWAP_TEST_PATIENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
+/// Poll `check` until it returns `Ok`, or panic after `patience()` with the
+/// last error it gave.
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + patience();
+    let mut last = String::from("never checked");
+    while Instant::now() < deadline {
+        match check() {
+            Ok(value) => return value,
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {:?} waiting for {what}; last observation: {last}", patience());
+}
+
+/// Path of a workspace binary next to the test executable's directory.
+pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("HOTSWAP_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "binary {} not found; build it first with `cargo build --workspace --bins` (or `make test`)",
+        path.display()
+    );
+    path
+}
+
+fn send_signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) with a pid we spawned; no memory is involved.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+}
+
+/// Wait for a child to exit, or panic after `timeout`.
+fn wait_with_deadline(child: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                panic!("{what} did not exit within {timeout:?}");
+            }
+            Err(e) => panic!("waiting for {what}: {e}"),
+        }
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A spawned daemon with its log file.
+struct Daemon {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(name: &str, mut command: Command, log: PathBuf) -> Self {
+        let out = File::options().create(true).append(true).open(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        command.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
+        command.env("NO_COLOR", "1").env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        let child = command.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Self { name: name.to_string(), child: Some(child), log }
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().unwrap_or_else(|| panic!("{} is not running", self.name))
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGTERM, wait for a clean exit.
+    fn stop(&mut self) -> ExitStatus {
+        let name = self.name.clone();
+        let child = self.child();
+        send_signal(child, libc::SIGTERM);
+        let status = wait_with_deadline(child, Duration::from_secs(20), &name);
+        self.child = None;
+        status
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let name = self.name.clone();
+        let status = wait_with_deadline(self.child(), patience(), &name);
+        self.child = None;
+        status
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- last log lines of {} ({}) -----\n{}\n-----", self.name, self.log.display(), tail(&self.log, 80));
+        }
+        self.kill();
+    }
+}
+
+/// Output of one `hotswapctl` run.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    fn from(output: Output) -> Self {
+        Self {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Parse stdout as JSON, asserting success first.
+    pub fn json(&self) -> Value {
+        assert_eq!(self.code, 0, "hotswapctl failed: {self:?}");
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Settings file used by tests: fast heartbeats so disconnects show quickly.
+pub const FAST_SETTINGS: &str = "heartbeat_interval = \"200ms\"\nheartbeat_grace = \"1s\"\nshutdown_timeout = \"5s\"\n";
+
+/// A control plane with its own data directory.
+pub struct ControlPlane {
+    pub data_dir: PathBuf,
+    work: PathBuf,
+    daemon: Option<Daemon>,
+    pub grpc: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    starts: u32,
+}
+
+impl ControlPlane {
+    /// `init` a new data dir under `work`.
+    pub fn init(work: &Path) -> Self {
+        let data_dir = work.join("cp");
+        let output = Command::new(binary("hotswap-control-plane"))
+            .args(["init", "--data-dir"])
+            .arg(&data_dir)
+            .output()
+            .expect("run init");
+        assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+        std::fs::write(work.join("cp.toml"), FAST_SETTINGS).expect("write settings");
+        Self { data_dir, work: work.to_path_buf(), daemon: None, grpc: None, admin: None, starts: 0 }
+    }
+
+    /// Start (or restart) `run`. Restarts reuse the first gRPC port, so
+    /// agents find the control plane where they left it.
+    pub fn start(&mut self) {
+        assert!(self.daemon.is_none(), "control plane already running");
+        let addresses = self.data_dir.join("run/addresses.json");
+        let _ = std::fs::remove_file(&addresses);
+        let listen = self.grpc.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
+        self.starts += 1;
+        let mut command = Command::new(binary("hotswap-control-plane"));
+        command
+            .args(["run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--listen", &listen, "--admin-listen", "127.0.0.1:0", "--config"])
+            .arg(self.work.join("cp.toml"));
+        let log = self.work.join(format!("cp-{}.log", self.starts));
+        let mut daemon = Daemon::spawn("control plane", command, log);
+        let parsed: Value = eventually("control plane to publish its addresses", || {
+            if let Some(status) = daemon.exited() {
+                panic!("control plane exited early with {status}:\n{}", daemon.log_text());
+            }
+            let text = std::fs::read_to_string(&addresses).map_err(|e| e.to_string())?;
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        });
+        self.grpc = Some(parsed["grpc"].as_str().and_then(|s| s.parse().ok()).expect("grpc address"));
+        self.admin = Some(parsed["admin"].as_str().and_then(|s| s.parse().ok()).expect("admin address"));
+        self.daemon = Some(daemon);
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.grpc.expect("control plane started"))
+    }
+
+    pub fn admin_profile(&self) -> PathBuf {
+        self.data_dir.join("admin.profile.toml")
+    }
+
+    /// SIGTERM and assert a clean exit.
+    pub fn stop(&mut self) {
+        let status = self.daemon.as_mut().expect("running").stop();
+        assert!(status.success(), "control plane exited with {status}");
+        self.daemon = None;
+    }
+
+    /// SIGKILL: no cleanup at all.
+    pub fn kill(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.kill();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.as_ref().map(Daemon::log_text).unwrap_or_default()
+    }
+
+    /// Run `hotswapctl` with the admin profile against this control plane.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        self.ctl_with_profile(&self.admin_profile(), args)
+    }
+
+    pub fn ctl_with_profile(&self, profile: &Path, args: &[&str]) -> CtlOutput {
+        let output = Command::new(binary("hotswapctl"))
+            .arg("--profile")
+            .arg(profile)
+            .args(["--endpoint", &self.url()])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run hotswapctl");
+        CtlOutput::from(output)
+    }
+
+    /// Create a join token; returns `(token, ca_fingerprint)`.
+    pub fn token(&self, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["-o", "json", "tokens", "create"];
+        args.extend_from_slice(extra);
+        let json = self.ctl(&args).json();
+        (
+            json["token"].as_str().expect("token").to_string(),
+            json["ca_fingerprint"].as_str().expect("fingerprint").to_string(),
+        )
+    }
+
+    /// `nodes list -o json`.
+    pub fn nodes(&self) -> Vec<Value> {
+        match self.ctl(&["-o", "json", "nodes", "list"]).json() {
+            Value::Array(nodes) => nodes,
+            other => panic!("nodes list is not an array: {other}"),
+        }
+    }
+
+    /// Status of the node named `name`, if listed.
+    pub fn node_status(&self, name: &str) -> Option<String> {
+        self.nodes()
+            .into_iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["status"].as_str().unwrap_or_default().to_string())
+    }
+
+    pub fn wait_status(&self, name: &str, status: &str) {
+        eventually(&format!("node {name} to be {status}"), || match self.node_status(name) {
+            Some(s) if s == status => Ok(()),
+            other => Err(format!("status is {other:?}")),
+        });
+    }
+
+    /// GET a path on the admin endpoint; returns `(status code, body)`.
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin.expect("started"), path)
+    }
+}
+
+/// Minimal HTTP/1.1 GET for the admin endpoints.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// An agent with its own data directory.
+pub struct Agent {
+    pub name: String,
+    pub data_dir: PathBuf,
+    work: PathBuf,
+    daemon: Option<Daemon>,
+    starts: u32,
+}
+
+impl Agent {
+    pub fn new(work: &Path, name: &str) -> Self {
+        Self { name: name.to_string(), data_dir: work.join(format!("agent-{name}")), work: work.to_path_buf(), daemon: None, starts: 0 }
+    }
+
+    /// Start `hotswap-agent run` with extra flags (token, fingerprint, labels).
+    pub fn start(&mut self, control_plane: &str, extra: &[&str]) {
+        assert!(self.daemon.is_none(), "agent {} already running", self.name);
+        self.starts += 1;
+        let mut command = Command::new(binary("hotswap-agent"));
+        command
+            .args(["run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--control-plane", control_plane, "--name", &self.name, "--admin-listen", "127.0.0.1:0"])
+            .args(["--reconnect-base", "100ms", "--reconnect-max", "1s"])
+            .args(extra);
+        let log = self.work.join(format!("agent-{}-{}.log", self.name, self.starts));
+        self.daemon = Some(Daemon::spawn(&format!("agent {}", self.name), command, log));
+    }
+
+    /// Start with a join token and CA fingerprint.
+    pub fn enroll(&mut self, control_plane: &str, token: &str, fingerprint: &str, extra: &[&str]) {
+        let mut args = vec!["--join-token", token, "--ca-fingerprint", fingerprint];
+        args.extend_from_slice(extra);
+        self.start(control_plane, &args);
+    }
+
+    /// Wait for the agent to exit on its own; returns its code and log.
+    pub fn wait_exit(&mut self) -> (ExitStatus, String) {
+        let daemon = self.daemon.as_mut().expect("running");
+        let status = daemon.wait_exit();
+        let log = daemon.log_text();
+        self.daemon = None;
+        (status, log)
+    }
+
+    pub fn stop(&mut self) -> ExitStatus {
+        let status = self.daemon.as_mut().expect("running").stop();
+        self.daemon = None;
+        status
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.kill();
+        }
+    }
+
+    /// Send a signal to the running agent (SIGSTOP/SIGCONT in tests).
+    pub fn signal(&mut self, signal: i32) {
+        send_signal(self.daemon.as_mut().expect("running").child(), signal);
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.daemon.as_mut().is_some_and(|d| d.exited().is_none())
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.as_ref().map(Daemon::log_text).unwrap_or_default()
+    }
+
+    /// Node id from the stored identity.
+    pub fn node_id(&self) -> String {
+        let text = std::fs::read_to_string(self.data_dir.join("identity/node.json")).expect("identity present");
+        let info: Value = serde_json::from_str(&text).expect("identity json");
+        info["node_id"].as_str().expect("node_id").to_string()
+    }
+
+    /// A profile that uses this node's certificate, for negative tests.
+    pub fn node_profile(&self, endpoint: &str) -> PathBuf {
+        let read = |f: &str| std::fs::read_to_string(self.data_dir.join("identity").join(f)).expect("identity file");
+        let profile = Profile { endpoint: endpoint.to_string(), ca_cert: read("ca.crt"), client_cert: read("node.crt"), client_key: read("node.key") };
+        let path = self.work.join(format!("node-{}.profile.toml", self.name));
+        profile.save(&path).expect("save profile");
+        path
+    }
+
+    /// The admin address the running agent published.
+    pub fn admin(&self) -> SocketAddr {
+        eventually("agent to publish its admin address", || {
+            let text = std::fs::read_to_string(self.data_dir.join("run/addresses.json")).map_err(|e| e.to_string())?;
+            let json: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            json["admin"].as_str().and_then(|s| s.parse().ok()).ok_or_else(|| "no admin address".to_string())
+        })
+    }
+}
+
+/// A temporary directory for one test, kept (and its path printed) if the test fails.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestDir {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("hotswap-test-").tempdir().expect("tempdir");
+        Self { dir: Some(dir) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("present").path()
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("test files kept in {}", dir.keep().display());
+        }
+    }
+}
