@@ -18,7 +18,10 @@ use serde_json::Value;
 
 /// How long `eventually` waits before failing.
 pub fn patience() -> Duration {
-    let secs = std::env::var("HOTSWAP_TEST_PATIENCE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let secs = std::env::var("HOTSWAP_TEST_PATIENCE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
     Duration::from_secs(secs)
 }
 
@@ -34,7 +37,10 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("timed out after {:?} waiting for {what}; last observation: {last}", patience());
+    panic!(
+        "timed out after {:?} waiting for {what}; last observation: {last}",
+        patience()
+    );
 }
 
 /// Path of a workspace binary next to the test executable's directory.
@@ -92,20 +98,40 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(name: &str, mut command: Command, log: PathBuf) -> Self {
-        let out = File::options().create(true).append(true).open(&log).expect("log file");
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let err = out.try_clone().expect("log file");
-        command.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
-        command.env("NO_COLOR", "1").env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
-        let child = command.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-        Self { name: name.to_string(), child: Some(child), log }
+        command
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null());
+        command.env("NO_COLOR", "1").env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Self {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
     }
 
     fn child(&mut self) -> &mut Child {
-        self.child.as_mut().unwrap_or_else(|| panic!("{} is not running", self.name))
+        self.child
+            .as_mut()
+            .unwrap_or_else(|| panic!("{} is not running", self.name))
     }
 
     fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGTERM, wait for a clean exit.
@@ -140,7 +166,12 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("----- last log lines of {} ({}) -----\n{}\n-----", self.name, self.log.display(), tail(&self.log, 80));
+            eprintln!(
+                "----- last log lines of {} ({}) -----\n{}\n-----",
+                self.name,
+                self.log.display(),
+                tail(&self.log, 80)
+            );
         }
         self.kill();
     }
@@ -166,12 +197,14 @@ impl CtlOutput {
     /// Parse stdout as JSON, asserting success first.
     pub fn json(&self) -> Value {
         assert_eq!(self.code, 0, "hotswapctl failed: {self:?}");
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
     }
 }
 
 /// Settings file used by tests: fast heartbeats so disconnects show quickly.
-pub const FAST_SETTINGS: &str = "heartbeat_interval = \"200ms\"\nheartbeat_grace = \"1s\"\nshutdown_timeout = \"5s\"\n";
+pub const FAST_SETTINGS: &str =
+    "heartbeat_interval = \"200ms\"\nheartbeat_grace = \"1s\"\nshutdown_timeout = \"5s\"\n";
 
 /// A control plane with its own data directory.
 pub struct ControlPlane {
@@ -192,9 +225,20 @@ impl ControlPlane {
             .arg(&data_dir)
             .output()
             .expect("run init");
-        assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         std::fs::write(work.join("cp.toml"), FAST_SETTINGS).expect("write settings");
-        Self { data_dir, work: work.to_path_buf(), daemon: None, grpc: None, admin: None, starts: 0 }
+        Self {
+            data_dir,
+            work: work.to_path_buf(),
+            daemon: None,
+            grpc: None,
+            admin: None,
+            starts: 0,
+        }
     }
 
     /// Start (or restart) `run`. Restarts reuse the first gRPC port, so
@@ -203,25 +247,47 @@ impl ControlPlane {
         assert!(self.daemon.is_none(), "control plane already running");
         let addresses = self.data_dir.join("run/addresses.json");
         let _ = std::fs::remove_file(&addresses);
-        let listen = self.grpc.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
+        let listen = self
+            .grpc
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "127.0.0.1:0".into());
         self.starts += 1;
         let mut command = Command::new(binary("hotswap-control-plane"));
         command
             .args(["run", "--data-dir"])
             .arg(&self.data_dir)
-            .args(["--listen", &listen, "--admin-listen", "127.0.0.1:0", "--config"])
+            .args([
+                "--listen",
+                &listen,
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
             .arg(self.work.join("cp.toml"));
         let log = self.work.join(format!("cp-{}.log", self.starts));
         let mut daemon = Daemon::spawn("control plane", command, log);
         let parsed: Value = eventually("control plane to publish its addresses", || {
             if let Some(status) = daemon.exited() {
-                panic!("control plane exited early with {status}:\n{}", daemon.log_text());
+                panic!(
+                    "control plane exited early with {status}:\n{}",
+                    daemon.log_text()
+                );
             }
             let text = std::fs::read_to_string(&addresses).map_err(|e| e.to_string())?;
             serde_json::from_str(&text).map_err(|e| e.to_string())
         });
-        self.grpc = Some(parsed["grpc"].as_str().and_then(|s| s.parse().ok()).expect("grpc address"));
-        self.admin = Some(parsed["admin"].as_str().and_then(|s| s.parse().ok()).expect("admin address"));
+        self.grpc = Some(
+            parsed["grpc"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("grpc address"),
+        );
+        self.admin = Some(
+            parsed["admin"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("admin address"),
+        );
         self.daemon = Some(daemon);
     }
 
@@ -248,7 +314,10 @@ impl ControlPlane {
     }
 
     pub fn log(&self) -> String {
-        self.daemon.as_ref().map(Daemon::log_text).unwrap_or_default()
+        self.daemon
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
     }
 
     /// Run `hotswapctl` with the admin profile against this control plane.
@@ -275,7 +344,10 @@ impl ControlPlane {
         let json = self.ctl(&args).json();
         (
             json["token"].as_str().expect("token").to_string(),
-            json["ca_fingerprint"].as_str().expect("fingerprint").to_string(),
+            json["ca_fingerprint"]
+                .as_str()
+                .expect("fingerprint")
+                .to_string(),
         )
     }
 
@@ -296,9 +368,11 @@ impl ControlPlane {
     }
 
     pub fn wait_status(&self, name: &str, status: &str) {
-        eventually(&format!("node {name} to be {status}"), || match self.node_status(name) {
-            Some(s) if s == status => Ok(()),
-            other => Err(format!("status is {other:?}")),
+        eventually(&format!("node {name} to be {status}"), || {
+            match self.node_status(name) {
+                Some(s) if s == status => Ok(()),
+                other => Err(format!("status is {other:?}")),
+            }
         });
     }
 
@@ -311,13 +385,27 @@ impl ControlPlane {
 /// Minimal HTTP/1.1 GET for the admin endpoints.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send request");
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read response");
-    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -332,7 +420,13 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(work: &Path, name: &str) -> Self {
-        Self { name: name.to_string(), data_dir: work.join(format!("agent-{name}")), work: work.to_path_buf(), daemon: None, starts: 0 }
+        Self {
+            name: name.to_string(),
+            data_dir: work.join(format!("agent-{name}")),
+            work: work.to_path_buf(),
+            daemon: None,
+            starts: 0,
+        }
     }
 
     /// Start `hotswap-agent run` with extra flags (token, fingerprint, labels).
@@ -343,10 +437,19 @@ impl Agent {
         command
             .args(["run", "--data-dir"])
             .arg(&self.data_dir)
-            .args(["--control-plane", control_plane, "--name", &self.name, "--admin-listen", "127.0.0.1:0"])
+            .args([
+                "--control-plane",
+                control_plane,
+                "--name",
+                &self.name,
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
             .args(["--reconnect-base", "100ms", "--reconnect-max", "1s"])
             .args(extra);
-        let log = self.work.join(format!("agent-{}-{}.log", self.name, self.starts));
+        let log = self
+            .work
+            .join(format!("agent-{}-{}.log", self.name, self.starts));
         self.daemon = Some(Daemon::spawn(&format!("agent {}", self.name), command, log));
     }
 
@@ -388,20 +491,31 @@ impl Agent {
     }
 
     pub fn log(&self) -> String {
-        self.daemon.as_ref().map(Daemon::log_text).unwrap_or_default()
+        self.daemon
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
     }
 
     /// Node id from the stored identity.
     pub fn node_id(&self) -> String {
-        let text = std::fs::read_to_string(self.data_dir.join("identity/node.json")).expect("identity present");
+        let text = std::fs::read_to_string(self.data_dir.join("identity/node.json"))
+            .expect("identity present");
         let info: Value = serde_json::from_str(&text).expect("identity json");
         info["node_id"].as_str().expect("node_id").to_string()
     }
 
     /// A profile that uses this node's certificate, for negative tests.
     pub fn node_profile(&self, endpoint: &str) -> PathBuf {
-        let read = |f: &str| std::fs::read_to_string(self.data_dir.join("identity").join(f)).expect("identity file");
-        let profile = Profile { endpoint: endpoint.to_string(), ca_cert: read("ca.crt"), client_cert: read("node.crt"), client_key: read("node.key") };
+        let read = |f: &str| {
+            std::fs::read_to_string(self.data_dir.join("identity").join(f)).expect("identity file")
+        };
+        let profile = Profile {
+            endpoint: endpoint.to_string(),
+            ca_cert: read("ca.crt"),
+            client_cert: read("node.crt"),
+            client_key: read("node.key"),
+        };
         let path = self.work.join(format!("node-{}.profile.toml", self.name));
         profile.save(&path).expect("save profile");
         path
@@ -410,9 +524,13 @@ impl Agent {
     /// The admin address the running agent published.
     pub fn admin(&self) -> SocketAddr {
         eventually("agent to publish its admin address", || {
-            let text = std::fs::read_to_string(self.data_dir.join("run/addresses.json")).map_err(|e| e.to_string())?;
+            let text = std::fs::read_to_string(self.data_dir.join("run/addresses.json"))
+                .map_err(|e| e.to_string())?;
             let json: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-            json["admin"].as_str().and_then(|s| s.parse().ok()).ok_or_else(|| "no admin address".to_string())
+            json["admin"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| "no admin address".to_string())
         })
     }
 }
@@ -424,7 +542,10 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("hotswap-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("hotswap-test-")
+            .tempdir()
+            .expect("tempdir");
         Self { dir: Some(dir) }
     }
 

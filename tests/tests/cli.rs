@@ -6,7 +6,11 @@ use std::process::Command;
 use hotswap_tests::{ControlPlane, TestDir, binary};
 
 fn ctl(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(binary("hotswapctl")).args(args).env("NO_COLOR", "1").output().expect("run");
+    let output = Command::new(binary("hotswapctl"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -32,10 +36,18 @@ fn usage_errors_exit_2() {
 fn missing_profile_and_unreachable_endpoint_exit_1_with_one_line() {
     let dir = TestDir::new();
     let missing = dir.path().join("nope.toml");
-    let (code, stdout, stderr) = ctl(&["--profile", missing.to_str().expect("utf8"), "nodes", "list"]);
+    let (code, stdout, stderr) = ctl(&[
+        "--profile",
+        missing.to_str().expect("utf8"),
+        "nodes",
+        "list",
+    ]);
     assert_eq!(code, 1);
     assert!(stdout.is_empty());
-    assert!(stderr.starts_with("error: cannot read profile") && stderr.trim_end().lines().count() == 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot read profile") && stderr.trim_end().lines().count() == 1,
+        "{stderr}"
+    );
 
     let cp = ControlPlane::init(dir.path());
     // Nothing listens on the profile's port in this test (the control plane is not started).
@@ -44,10 +56,19 @@ fn missing_profile_and_unreachable_endpoint_exit_1_with_one_line() {
     drop(listener);
     let endpoint = format!("https://127.0.0.1:{port}");
     let profile = cp.admin_profile();
-    let (code, _, stderr) =
-        ctl(&["--profile", profile.to_str().expect("utf8"), "--endpoint", &endpoint, "nodes", "list"]);
+    let (code, _, stderr) = ctl(&[
+        "--profile",
+        profile.to_str().expect("utf8"),
+        "--endpoint",
+        &endpoint,
+        "nodes",
+        "list",
+    ]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("cannot reach the control plane") && stderr.contains(&endpoint), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach the control plane") && stderr.contains(&endpoint),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -63,7 +84,14 @@ fn control_plane_init_refuses_to_overwrite_and_run_needs_init() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("refusing to overwrite"));
 
     let output = Command::new(binary("hotswap-control-plane"))
-        .args(["run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path().join("empty"))
         .output()
         .expect("run without init");
@@ -73,7 +101,14 @@ fn control_plane_init_refuses_to_overwrite_and_run_needs_init() {
     let bad_config = dir.path().join("bad.toml");
     std::fs::write(&bad_config, "heartbeat_interval = \"never\"\n").expect("write");
     let output = Command::new(binary("hotswap-control-plane"))
-        .args(["run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&cp.data_dir)
         .arg("--config")
         .arg(&bad_config)
@@ -81,7 +116,10 @@ fn control_plane_init_refuses_to_overwrite_and_run_needs_init() {
         .expect("run with bad config");
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("bad.toml") && stderr.contains("invalid duration"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("invalid duration"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -90,13 +128,23 @@ fn agent_flag_problems_are_reported_together_before_anything_starts() {
     let output = Command::new(binary("hotswap-agent"))
         .args(["run", "--data-dir"])
         .arg(dir.path().join("a"))
-        .args(["--control-plane", "http://insecure:1", "--label", "bad", "--join-token", "t"])
+        .args([
+            "--control-plane",
+            "http://insecure:1",
+            "--label",
+            "bad",
+            "--join-token",
+            "t",
+        ])
         .output()
         .expect("run agent");
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not supported; use https://"), "{stderr}");
     assert!(stderr.contains("--label"), "{stderr}");
-    assert!(stderr.contains("--join-token needs --ca-fingerprint"), "{stderr}");
+    assert!(
+        stderr.contains("--join-token needs --ca-fingerprint"),
+        "{stderr}"
+    );
     assert!(!dir.path().join("a").exists(), "nothing created");
 }

@@ -20,7 +20,12 @@ fn agent_enrolls_and_appears_with_forced_labels() {
     let (token, fp) = cp.token(&["--label", "environment=dev", "--uses", "1"]);
     let mut agent = Agent::new(dir.path(), "web-1");
     // The token forces environment=dev over the agent's own claim.
-    agent.enroll(&cp.url(), &token, &fp, &["--label", "zone=a", "--label", "environment=production"]);
+    agent.enroll(
+        &cp.url(),
+        &token,
+        &fp,
+        &["--label", "zone=a", "--label", "environment=production"],
+    );
     cp.wait_status("web-1", "connected");
 
     let node = cp.ctl(&["-o", "json", "nodes", "get", "web-1"]).json();
@@ -30,37 +35,63 @@ fn agent_enrolls_and_appears_with_forced_labels() {
     assert!(node["last_seen"].is_string(), "last_seen set: {node}");
     assert_eq!(node["modules"], Value::Array(vec![]));
     // Same node by id prefix.
-    let by_prefix = cp.ctl(&["-o", "json", "nodes", "get", &agent.node_id()[..8]]).json();
+    let by_prefix = cp
+        .ctl(&["-o", "json", "nodes", "get", &agent.node_id()[..8]])
+        .json();
     assert_eq!(by_prefix["name"], "web-1");
     // Environment filter.
-    let dev = cp.ctl(&["-o", "json", "nodes", "list", "--env", "dev"]).json();
+    let dev = cp
+        .ctl(&["-o", "json", "nodes", "list", "--env", "dev"])
+        .json();
     assert_eq!(dev.as_array().map(Vec::len), Some(1));
-    let prod = cp.ctl(&["-o", "json", "nodes", "list", "--env", "production"]).json();
+    let prod = cp
+        .ctl(&["-o", "json", "nodes", "list", "--env", "production"])
+        .json();
     assert_eq!(prod.as_array().map(Vec::len), Some(0));
     // Table output names the node.
     let table = cp.ctl(&["nodes", "list"]);
     assert_eq!(table.code, 0);
-    assert!(table.stdout.contains("web-1") && table.stdout.contains("connected"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("web-1") && table.stdout.contains("connected"),
+        "{}",
+        table.stdout
+    );
 
     // Key files are private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(agent.data_dir.join("identity/node.key")).expect("key").permissions().mode();
+    let mode = std::fs::metadata(agent.data_dir.join("identity/node.key"))
+        .expect("key")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 
     // Admin endpoints of both daemons.
     let (code, metrics) = cp.admin_get("/metrics");
     assert_eq!(code, 200);
-    assert!(metrics.contains("hotswap_nodes{status=\"connected\"} 1"), "{metrics}");
-    assert!(metrics.contains("hotswap_grpc_requests_total{method=\"/hotswap.v1.Enrollment/Enroll\",code=\"0\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("hotswap_nodes{status=\"connected\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "hotswap_grpc_requests_total{method=\"/hotswap.v1.Enrollment/Enroll\",code=\"0\"} 1"
+        ),
+        "{metrics}"
+    );
     assert_eq!(cp.admin_get("/healthz").0, 200);
     assert_eq!(cp.admin_get("/readyz").0, 200);
     let agent_admin = agent.admin();
-    eventually("agent to be ready", || match http_get(agent_admin, "/readyz").0 {
-        200 => Ok(()),
-        code => Err(format!("readyz {code}")),
+    eventually("agent to be ready", || {
+        match http_get(agent_admin, "/readyz").0 {
+            200 => Ok(()),
+            code => Err(format!("readyz {code}")),
+        }
     });
     let (_, agent_metrics) = http_get(agent_admin, "/metrics");
-    assert!(agent_metrics.contains("hotswap_agent_connected 1"), "{agent_metrics}");
+    assert!(
+        agent_metrics.contains("hotswap_agent_connected 1"),
+        "{agent_metrics}"
+    );
 }
 
 #[test]
@@ -76,8 +107,14 @@ fn used_up_token_cannot_enroll_a_second_node() {
     second.enroll(&cp.url(), &token, &fp, &[]);
     let (status, log) = second.wait_exit();
     assert!(!status.success(), "second enrollment must fail");
-    assert!(log.contains("join token rejected: all 1 uses are used up"), "{log}");
-    assert!(!second.data_dir.join("identity/node.json").exists(), "no identity stored");
+    assert!(
+        log.contains("join token rejected: all 1 uses are used up"),
+        "{log}"
+    );
+    assert!(
+        !second.data_dir.join("identity/node.json").exists(),
+        "no identity stored"
+    );
     assert_eq!(cp.nodes().len(), 1);
 }
 
@@ -93,11 +130,20 @@ fn unknown_and_expired_tokens_are_fatal() {
     assert!(!status.success());
     assert!(log.contains("join token rejected: unknown token"), "{log}");
 
-    let token = cp.ctl(&["-o", "json", "tokens", "create", "--ttl", "1s"]).json();
-    let expires_at = token["expires_at"].as_str().expect("expires_at").to_string();
+    let token = cp
+        .ctl(&["-o", "json", "tokens", "create", "--ttl", "1s"])
+        .json();
+    let expires_at = token["expires_at"]
+        .as_str()
+        .expect("expires_at")
+        .to_string();
     let expires = time_of(&expires_at);
     eventually("the token to expire", || {
-        if std::time::SystemTime::now() > expires { Ok(()) } else { Err(format!("expires at {expires_at}")) }
+        if std::time::SystemTime::now() > expires {
+            Ok(())
+        } else {
+            Err(format!("expires at {expires_at}"))
+        }
     });
     let mut late = Agent::new(dir.path(), "late");
     late.enroll(&cp.url(), token["token"].as_str().expect("token"), &fp, &[]);
@@ -108,8 +154,9 @@ fn unknown_and_expired_tokens_are_fatal() {
 }
 
 fn time_of(rfc3339: &str) -> std::time::SystemTime {
-    let parsed = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|e| panic!("expires_at {rfc3339:?} is not RFC 3339: {e}"));
+    let parsed =
+        time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|e| panic!("expires_at {rfc3339:?} is not RFC 3339: {e}"));
     std::time::SystemTime::from(parsed)
 }
 
@@ -150,7 +197,10 @@ fn certificate_is_reused_after_agent_restart() {
     agent.start(&cp.url(), &[]);
     cp.wait_status("steady", "connected");
     assert_eq!(agent.node_id(), id);
-    assert_eq!(std::fs::read(agent.data_dir.join("identity/node.crt")).expect("cert"), cert);
+    assert_eq!(
+        std::fs::read(agent.data_dir.join("identity/node.crt")).expect("cert"),
+        cert
+    );
     assert_eq!(cp.nodes().len(), 1);
 }
 
@@ -162,7 +212,10 @@ fn agent_without_identity_or_token_says_how_to_enroll() {
     agent.start(&cp.url(), &[]);
     let (status, log) = agent.wait_exit();
     assert!(!status.success());
-    assert!(log.contains("not enrolled yet: pass --join-token and --ca-fingerprint"), "{log}");
+    assert!(
+        log.contains("not enrolled yet: pass --join-token and --ca-fingerprint"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -177,7 +230,10 @@ fn operator_api_refuses_node_certificates_with_exit_5() {
     let profile = agent.node_profile(&cp.url());
     let out = cp.ctl_with_profile(&profile, &["nodes", "list"]);
     assert_eq!(out.code, 5, "{out:?}");
-    assert!(out.stderr.contains("permission denied") && out.stderr.contains("only call agent RPCs"), "{out:?}");
+    assert!(
+        out.stderr.contains("permission denied") && out.stderr.contains("only call agent RPCs"),
+        "{out:?}"
+    );
     let out = cp.ctl_with_profile(&profile, &["tokens", "create"]);
     assert_eq!(out.code, 5, "{out:?}");
 }
@@ -189,15 +245,28 @@ fn operator_api_refuses_clients_without_a_certificate() {
     hotswap_common::install_crypto_provider();
     let ca = std::fs::read_to_string(cp.data_dir.join("ca.crt")).expect("ca");
     let url = hotswap_common::tls::ControlPlaneUrl::parse(&cp.url()).expect("url");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let status = runtime.block_on(async {
-        let config = hotswap_common::tls::client_config(hotswap_common::tls::ServerTrust::Ca(ca), None).expect("config");
-        let channel = hotswap_common::tls::connect(&url, config, &Default::default()).await.expect("connect");
+        let config =
+            hotswap_common::tls::client_config(hotswap_common::tls::ServerTrust::Ca(ca), None)
+                .expect("config");
+        let channel = hotswap_common::tls::connect(&url, config, &Default::default())
+            .await
+            .expect("connect");
         let mut client = hotswap_common::pb::fleet_client::FleetClient::new(channel);
-        client.list_nodes(hotswap_common::pb::ListNodesRequest::default()).await.expect_err("must be refused")
+        client
+            .list_nodes(hotswap_common::pb::ListNodesRequest::default())
+            .await
+            .expect_err("must be refused")
     });
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-    assert!(status.message().contains("requires a client certificate"), "{status:?}");
+    assert!(
+        status.message().contains("requires a client certificate"),
+        "{status:?}"
+    );
 }
 
 #[test]
@@ -205,7 +274,10 @@ fn agents_reconnect_after_control_plane_kill_and_restart() {
     let dir = TestDir::new();
     let mut cp = started_control_plane(&dir);
     let (token, fp) = cp.token(&["--uses", "3"]);
-    let mut agents: Vec<Agent> = ["a", "b", "c"].iter().map(|n| Agent::new(dir.path(), n)).collect();
+    let mut agents: Vec<Agent> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Agent::new(dir.path(), n))
+        .collect();
     for agent in &mut agents {
         agent.enroll(&cp.url(), &token, &fp, &["--label", "environment=qa"]);
     }
@@ -221,11 +293,17 @@ fn agents_reconnect_after_control_plane_kill_and_restart() {
     }
     let nodes = cp.nodes();
     assert_eq!(nodes.len(), 3);
-    assert!(nodes.iter().all(|n| n["labels"]["environment"] == "qa"), "{nodes:?}");
+    assert!(
+        nodes.iter().all(|n| n["labels"]["environment"] == "qa"),
+        "{nodes:?}"
+    );
     let mut extra = Agent::new(dir.path(), "d");
     extra.enroll(&cp.url(), &token, &fp, &[]);
     let (status, log) = extra.wait_exit();
-    assert!(!status.success() && log.contains("used up"), "token use count survived the kill: {log}");
+    assert!(
+        !status.success() && log.contains("used up"),
+        "token use count survived the kill: {log}"
+    );
 
     // A graceful stop ends sessions and exits cleanly; agents keep retrying.
     cp.stop();
@@ -304,15 +382,23 @@ fn nodes_watch_streams_snapshot_and_changes_as_json_lines() {
             }
         })
     };
-    expect("snapshot of early", &|u| u["kind"] == "snapshot" && u["node"]["name"] == "early");
+    expect("snapshot of early", &|u| {
+        u["kind"] == "snapshot" && u["node"]["name"] == "early"
+    });
     let mut late = Agent::new(dir.path(), "late");
     late.enroll(&cp.url(), &token, &fp, &[]);
-    expect("late connected", &|u| u["kind"] == "changed" && u["node"]["name"] == "late" && u["node"]["status"] == "connected");
+    expect("late connected", &|u| {
+        u["kind"] == "changed" && u["node"]["name"] == "late" && u["node"]["status"] == "connected"
+    });
     late.stop();
-    expect("late disconnected", &|u| u["node"]["name"] == "late" && u["node"]["status"] == "disconnected");
+    expect("late disconnected", &|u| {
+        u["node"]["name"] == "late" && u["node"]["status"] == "disconnected"
+    });
     let removed = cp.ctl(&["nodes", "remove", "late"]);
     assert_eq!(removed.code, 0, "{removed:?}");
-    expect("late removed", &|u| u["kind"] == "removed" && u["node"]["name"] == "late");
+    expect("late removed", &|u| {
+        u["kind"] == "removed" && u["node"]["name"] == "late"
+    });
     let _ = watch.kill();
     let _ = watch.wait();
 }
@@ -331,7 +417,10 @@ fn removed_node_is_cut_off_and_cannot_come_back() {
     assert!(out.stdout.contains("removed node doomed"), "{out:?}");
     let (status, log) = agent.wait_exit();
     assert!(!status.success());
-    assert!(log.contains("refused this node") && log.contains("was removed"), "{log}");
+    assert!(
+        log.contains("refused this node") && log.contains("was removed"),
+        "{log}"
+    );
     assert!(cp.node_status("doomed").is_none());
 
     agent.start(&cp.url(), &[]);
