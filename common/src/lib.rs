@@ -8,9 +8,11 @@
 //! The `daemon` feature adds what both daemons share and the CLI must not pull:
 //! the admin HTTP server (`/healthz`, `/readyz`, `/metrics`) and log setup.
 
+pub mod artifact;
 pub mod convert;
 pub mod fsutil;
 pub mod labels;
+pub mod manifest;
 pub mod model;
 pub mod pki;
 pub mod profile;

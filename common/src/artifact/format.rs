@@ -1,0 +1,300 @@
+//! The `.hsm` byte layout, the content digest and the signature statement.
+//!
+//! ```text
+//! file      = MAGIC(8) content_len:u64 content sig_count:u16 signature*
+//! content   = manifest_len:u32 manifest(UTF-8 TOML) payload(tar.zst)
+//! signature = key_id_len:u8 key_id signed_at_ms:u64 expires_at_ms:u64 ed25519(64)
+//! ```
+//! Integers are big-endian. `expires_at_ms` 0 means "no expiry". The digest is
+//! SHA-256 over `content`. Nothing may follow the last signature.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use sha2::Digest as _;
+use sha2::Sha256;
+
+use super::ArtifactError;
+use crate::manifest::{Manifest, parse_manifest};
+
+pub const MAGIC: &[u8; 8] = b"HSMOD\x00\x01\n";
+/// Manifests are small; a bigger one is a mistake or an attack.
+pub const MAX_MANIFEST_BYTES: u32 = 64 * 1024;
+pub const MAX_SIGNATURES: u16 = 16;
+const MAX_KEY_ID_BYTES: u8 = 64;
+const SIGNATURE_BYTES: usize = 64;
+
+/// SHA-256 of an artifact's content.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn of(bytes: &[u8]) -> Self {
+        Digest(Sha256::digest(bytes).into())
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parse `sha256:<64 hex>`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("invalid digest {text:?}: expected sha256: followed by 64 hex digits");
+        let hex_part = text.strip_prefix("sha256:").ok_or_else(bad)?;
+        let bytes = hex::decode(hex_part).map_err(|_| bad())?;
+        Ok(Digest(bytes.try_into().map_err(|_| bad())?))
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sha256:{}", self.hex())
+    }
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// One signature as stored in an artifact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signature {
+    /// Key id (`ed25519:<hex>`) of the publisher key.
+    pub key_id: String,
+    pub signed_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    pub bytes: [u8; SIGNATURE_BYTES],
+}
+
+/// The exact bytes a signature covers.
+pub fn statement(
+    name: &str,
+    version: &str,
+    digest: &Digest,
+    key_id: &str,
+    signed_at_ms: u64,
+    expires_at_ms: Option<u64>,
+) -> Vec<u8> {
+    let expires = expires_at_ms.map_or_else(|| "none".to_string(), |ms| ms.to_string());
+    format!(
+        "hotswap-artifact-signature-v1\nname={name}\nversion={version}\ndigest={digest}\nkey={key_id}\nsigned-at={signed_at_ms}\nexpires-at={expires}\n"
+    )
+    .into_bytes()
+}
+
+/// What reading an artifact yields: parsed manifest, digest, signatures, and
+/// where the content and payload sit in the file.
+#[derive(Clone, Debug)]
+pub struct ArtifactInfo {
+    pub manifest: Manifest,
+    pub manifest_text: String,
+    pub digest: Digest,
+    pub signatures: Vec<Signature>,
+    /// Offset of `content` in the file and its length.
+    pub content_offset: u64,
+    pub content_len: u64,
+    /// Offset of the payload (tar.zst) in the file and its length.
+    pub payload_offset: u64,
+    pub payload_len: u64,
+}
+
+impl ArtifactInfo {
+    /// `name@version`, for messages.
+    pub fn module(&self) -> String {
+        format!("{}@{}", self.manifest.name, self.manifest.version)
+    }
+}
+
+fn format_err(reason: impl Into<String>) -> ArtifactError {
+    ArtifactError::Format(reason.into())
+}
+
+fn read_exact<R: Read>(reader: &mut R, buf: &mut [u8], what: &str) -> Result<(), ArtifactError> {
+    reader.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            format_err(format!("truncated: file ends inside the {what}"))
+        }
+        _ => format_err(format!("cannot read the {what}: {e}")),
+    })
+}
+
+fn read_u64<R: Read>(reader: &mut R, what: &str) -> Result<u64, ArtifactError> {
+    let mut buf = [0u8; 8];
+    read_exact(reader, &mut buf, what)?;
+    Ok(u64::from_be_bytes(buf))
+}
+
+/// Read and check the structure of an artifact file, hashing its content in
+/// a streaming pass (the payload is never held in memory).
+pub fn read_artifact(path: &Path) -> Result<ArtifactInfo, ArtifactError> {
+    let io = |source| ArtifactError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    read_artifact_from(BufReader::new(file), file_len)
+}
+
+/// As [`read_artifact`], from any seekable reader of `total_len` bytes.
+pub fn read_artifact_from<R: Read + Seek>(
+    mut reader: R,
+    total_len: u64,
+) -> Result<ArtifactInfo, ArtifactError> {
+    let mut magic = [0u8; 8];
+    read_exact(&mut reader, &mut magic, "header")?;
+    if &magic != MAGIC {
+        return Err(format_err(
+            "bad magic: this is not a .hsm file (or a newer format version)",
+        ));
+    }
+    let content_len = read_u64(&mut reader, "header")?;
+    let content_offset = 16u64;
+    if content_len > total_len.saturating_sub(content_offset) {
+        return Err(format_err(format!(
+            "truncated: header announces {content_len} content bytes but the file has {}",
+            total_len.saturating_sub(content_offset)
+        )));
+    }
+    let mut len4 = [0u8; 4];
+    read_exact(&mut reader, &mut len4, "manifest length")?;
+    let manifest_len = u32::from_be_bytes(len4);
+    if manifest_len > MAX_MANIFEST_BYTES || u64::from(manifest_len) + 4 > content_len {
+        return Err(format_err(format!(
+            "manifest length {manifest_len} is out of range"
+        )));
+    }
+    let mut manifest_bytes = vec![0u8; manifest_len as usize];
+    read_exact(&mut reader, &mut manifest_bytes, "manifest")?;
+    let manifest_text = String::from_utf8(manifest_bytes)
+        .map_err(|_| format_err("the manifest is not valid UTF-8"))?;
+    let manifest = parse_manifest("module.toml (in artifact)", &manifest_text)?;
+
+    // Hash the content: length prefix, manifest, then the payload streamed.
+    let mut hasher = Sha256::new();
+    hasher.update(len4);
+    hasher.update(manifest_text.as_bytes());
+    let payload_offset = content_offset + 4 + u64::from(manifest_len);
+    let payload_len = content_len - 4 - u64::from(manifest_len);
+    let mut remaining = payload_len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while remaining > 0 {
+        let n = remaining.min(chunk.len() as u64) as usize;
+        read_exact(&mut reader, &mut chunk[..n], "payload")?;
+        hasher.update(&chunk[..n]);
+        remaining -= n as u64;
+    }
+    let digest = Digest(hasher.finalize().into());
+
+    let mut count = [0u8; 2];
+    read_exact(&mut reader, &mut count, "signature count")?;
+    let count = u16::from_be_bytes(count);
+    if count > MAX_SIGNATURES {
+        return Err(format_err(format!(
+            "{count} signatures; at most {MAX_SIGNATURES} are allowed"
+        )));
+    }
+    let mut signatures = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let what = format!("signature {}", i + 1);
+        let mut id_len = [0u8; 1];
+        read_exact(&mut reader, &mut id_len, &what)?;
+        if id_len[0] == 0 || id_len[0] > MAX_KEY_ID_BYTES {
+            return Err(format_err(format!(
+                "{what}: key id length {} is out of range",
+                id_len[0]
+            )));
+        }
+        let mut id = vec![0u8; id_len[0] as usize];
+        read_exact(&mut reader, &mut id, &what)?;
+        let key_id = String::from_utf8(id)
+            .map_err(|_| format_err(format!("{what}: key id is not UTF-8")))?;
+        let signed_at_ms = read_u64(&mut reader, &what)?;
+        let expires_at_ms = match read_u64(&mut reader, &what)? {
+            0 => None,
+            ms => Some(ms),
+        };
+        let mut bytes = [0u8; SIGNATURE_BYTES];
+        read_exact(&mut reader, &mut bytes, &what)?;
+        signatures.push(Signature {
+            key_id,
+            signed_at_ms,
+            expires_at_ms,
+            bytes,
+        });
+    }
+    let position = reader
+        .stream_position()
+        .map_err(|e| format_err(e.to_string()))?;
+    if position != total_len {
+        return Err(format_err(format!(
+            "{} unexpected bytes after the last signature",
+            total_len - position
+        )));
+    }
+    reader
+        .seek(SeekFrom::Start(position))
+        .map_err(|e| format_err(e.to_string()))?;
+    Ok(ArtifactInfo {
+        manifest,
+        manifest_text,
+        digest,
+        signatures,
+        content_offset,
+        content_len,
+        payload_offset,
+        payload_len,
+    })
+}
+
+/// The `content` section for a manifest and payload.
+pub fn encode_content(manifest_text: &str, payload: &[u8]) -> Vec<u8> {
+    let mut content = Vec::with_capacity(4 + manifest_text.len() + payload.len());
+    content.extend_from_slice(&(manifest_text.len() as u32).to_be_bytes());
+    content.extend_from_slice(manifest_text.as_bytes());
+    content.extend_from_slice(payload);
+    content
+}
+
+/// The signature section (count and entries).
+pub fn encode_signatures(signatures: &[Signature]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(signatures.len() as u16).to_be_bytes());
+    for signature in signatures {
+        out.push(signature.key_id.len() as u8);
+        out.extend_from_slice(signature.key_id.as_bytes());
+        out.extend_from_slice(&signature.signed_at_ms.to_be_bytes());
+        out.extend_from_slice(&signature.expires_at_ms.unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&signature.bytes);
+    }
+    out
+}
+
+/// Write a whole artifact from its content and signatures.
+pub fn write_artifact<W: Write>(
+    out: &mut W,
+    content: &[u8],
+    signatures: &[Signature],
+) -> std::io::Result<()> {
+    out.write_all(MAGIC)?;
+    out.write_all(&(content.len() as u64).to_be_bytes())?;
+    out.write_all(content)?;
+    out.write_all(&encode_signatures(signatures))
+}
+
+/// Read the content section of an artifact file into memory.
+pub fn read_content(path: &Path, info: &ArtifactInfo) -> Result<Vec<u8>, ArtifactError> {
+    let io = |source| ArtifactError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(io)?;
+    file.seek(SeekFrom::Start(info.content_offset))
+        .map_err(io)?;
+    let mut content = vec![0u8; info.content_len as usize];
+    file.read_exact(&mut content).map_err(io)?;
+    Ok(content)
+}

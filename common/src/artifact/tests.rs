@@ -1,0 +1,462 @@
+//! Artifact tests: format, signatures, pack rules and hostile archives.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use proptest::prelude::*;
+
+use super::format::{
+    ArtifactInfo, encode_content, read_artifact, read_artifact_from, write_artifact,
+};
+use super::keys::{self, TrustSet};
+use super::pack::{add_signature, pack_and_sign, pack_dir};
+use super::unpack::{Limits, UnpackError, unpack_artifact, unpack_payload};
+use super::{ArtifactError, statement};
+
+const MANIFEST: &str = "name = \"hello\"\nversion = \"1.0.0\"\nruntime = \"bundle\"\n";
+const NOW: u64 = 1_700_000_000_000;
+
+fn module_dir(root: &Path) -> std::path::PathBuf {
+    let dir = root.join("hello");
+    std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
+    std::fs::write(dir.join("module.toml"), MANIFEST).expect("manifest");
+    std::fs::write(dir.join("config.txt"), "greeting = hi\n").expect("file");
+    std::fs::write(dir.join("bin/run.sh"), "#!/bin/sh\necho hi\n").expect("script");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("bin/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    std::os::unix::fs::symlink("config.txt", dir.join("current.txt")).expect("symlink");
+    dir
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: std::path::PathBuf,
+    artifact: std::path::PathBuf,
+    key: ed25519_dalek::SigningKey,
+    trust: TrustSet,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().to_path_buf();
+    let dir = module_dir(&root);
+    let key = keys::generate().expect("key");
+    let artifact = root.join("hello.hsm");
+    pack_and_sign(&dir, &key, NOW, &artifact).expect("pack");
+    let mut trust = TrustSet::new();
+    trust.add("ci", key.verifying_key());
+    Fixture {
+        _tmp: tmp,
+        root,
+        artifact,
+        key,
+        trust,
+    }
+}
+
+fn verify_bytes(bytes: &[u8], trust: &TrustSet) -> Result<ArtifactInfo, ArtifactError> {
+    let info = read_artifact_from(Cursor::new(bytes), bytes.len() as u64)?;
+    trust.verify(&info, NOW)?;
+    Ok(info)
+}
+
+#[test]
+fn pack_sign_verify_unpack_round_trip() {
+    let f = fixture();
+    let info = read_artifact(&f.artifact).expect("read");
+    assert_eq!(info.module(), "hello@1.0.0");
+    let verified = f.trust.verify(&info, NOW).expect("verify");
+    assert_eq!(verified.len(), 1);
+    assert_eq!(verified[0].key_name, "ci");
+
+    let dest = f.root.join("unpacked");
+    let stats = unpack_artifact(&f.artifact, &info, &dest, &Limits::default()).expect("unpack");
+    assert!(stats.entries >= 4, "{stats:?}");
+    assert_eq!(
+        std::fs::read_to_string(dest.join("module.toml")).expect("manifest"),
+        MANIFEST
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("current.txt")).expect("via symlink"),
+        "greeting = hi\n"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dest.join("bin/run.sh"))
+        .expect("script")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o755, "executable bit kept");
+}
+
+#[test]
+fn packing_is_reproducible() {
+    let f = fixture();
+    let first = read_artifact(&f.artifact).expect("read").digest;
+    let again = f.root.join("again.hsm");
+    pack_and_sign(&f.root.join("hello"), &f.key, NOW + 5, &again).expect("pack again");
+    assert_eq!(read_artifact(&again).expect("read").digest, first);
+}
+
+#[test]
+fn every_single_byte_change_is_detected() {
+    let f = fixture();
+    let bytes = std::fs::read(&f.artifact).expect("read");
+    verify_bytes(&bytes, &f.trust).expect("original verifies");
+    for position in 0..bytes.len() {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut altered = bytes.clone();
+            altered[position] ^= flip;
+            assert!(
+                verify_bytes(&altered, &f.trust).is_err(),
+                "flipping byte {position} with {flip:#x} went unnoticed"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn any_byte_change_fails_verification(position in any::<prop::sample::Index>(), value in any::<u8>()) {
+        let f = fixture();
+        let mut bytes = std::fs::read(&f.artifact).expect("read");
+        let i = position.index(bytes.len());
+        prop_assume!(bytes[i] != value);
+        bytes[i] = value;
+        prop_assert!(verify_bytes(&bytes, &f.trust).is_err());
+    }
+
+    #[test]
+    fn reading_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = read_artifact_from(Cursor::new(&bytes), bytes.len() as u64);
+        let mut with_magic = super::format::MAGIC.to_vec();
+        with_magic.extend_from_slice(&bytes);
+        let _ = read_artifact_from(Cursor::new(&with_magic), with_magic.len() as u64);
+    }
+}
+
+#[test]
+fn truncated_and_extended_files_are_rejected() {
+    let f = fixture();
+    let bytes = std::fs::read(&f.artifact).expect("read");
+    for cut in [0, 7, 16, bytes.len() / 2, bytes.len() - 1] {
+        let err = verify_bytes(&bytes[..cut], &f.trust).expect_err("truncated");
+        assert!(
+            matches!(err, ArtifactError::Format(_)),
+            "cut at {cut}: {err}"
+        );
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    let err = verify_bytes(&longer, &f.trust).expect_err("trailing byte");
+    assert!(
+        err.to_string()
+            .contains("unexpected bytes after the last signature"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_and_untrusted_keys_are_rejected() {
+    let f = fixture();
+    let info = read_artifact(&f.artifact).expect("read");
+    let mut other = TrustSet::new();
+    other.add(
+        "someone-else",
+        keys::generate().expect("key").verifying_key(),
+    );
+    let err = other.verify(&info, NOW).expect_err("wrong key");
+    assert!(
+        err.to_string()
+            .contains("signed only by untrusted key(s) ed25519:"),
+        "{err}"
+    );
+    let err = TrustSet::new().verify(&info, NOW).expect_err("empty trust");
+    assert!(
+        err.to_string().contains("no publisher keys are trusted"),
+        "{err}"
+    );
+}
+
+/// Re-encode the artifact with an edited manifest but the original signature.
+fn with_manifest(f: &Fixture, manifest: &str) -> Vec<u8> {
+    let info = read_artifact(&f.artifact).expect("read");
+    let content = super::format::read_content(&f.artifact, &info).expect("content");
+    let payload = &content[4 + info.manifest_text.len()..];
+    let mut out = Vec::new();
+    write_artifact(
+        &mut out,
+        &encode_content(manifest, payload),
+        &info.signatures,
+    )
+    .expect("write");
+    out
+}
+
+#[test]
+fn renamed_and_reversioned_artifacts_fail() {
+    let f = fixture();
+    let renamed = with_manifest(&f, &MANIFEST.replace("hello", "hullo"));
+    let err = verify_bytes(&renamed, &f.trust).expect_err("renamed");
+    assert!(matches!(err, ArtifactError::BadSignature { .. }), "{err}");
+    assert!(err.to_string().contains("hullo@1.0.0"), "{err}");
+    let reversioned = with_manifest(&f, &MANIFEST.replace("1.0.0", "1.0.1"));
+    let err = verify_bytes(&reversioned, &f.trust).expect_err("re-versioned");
+    assert!(matches!(err, ArtifactError::BadSignature { .. }), "{err}");
+}
+
+#[test]
+fn statement_binds_every_field() {
+    let digest = super::Digest([7; 32]);
+    let base = statement("a", "1.0.0", &digest, "ed25519:k", 1, None);
+    assert_ne!(base, statement("b", "1.0.0", &digest, "ed25519:k", 1, None));
+    assert_ne!(base, statement("a", "1.0.1", &digest, "ed25519:k", 1, None));
+    assert_ne!(
+        base,
+        statement("a", "1.0.0", &super::Digest([8; 32]), "ed25519:k", 1, None)
+    );
+    assert_ne!(base, statement("a", "1.0.0", &digest, "ed25519:j", 1, None));
+    assert_ne!(base, statement("a", "1.0.0", &digest, "ed25519:k", 2, None));
+    assert_ne!(
+        base,
+        statement("a", "1.0.0", &digest, "ed25519:k", 1, Some(5))
+    );
+}
+
+#[test]
+fn second_signature_and_expiry() {
+    let f = fixture();
+    let second = keys::generate().expect("key");
+    let info = add_signature(&f.artifact, &second, NOW, Some(NOW + 1000)).expect("sign");
+    assert_eq!(info.signatures.len(), 2);
+    let mut only_second = TrustSet::new();
+    only_second.add("release", second.verifying_key());
+    only_second.verify(&info, NOW).expect("valid before expiry");
+    let err = only_second.verify(&info, NOW + 1000).expect_err("expired");
+    assert!(err.to_string().contains("expired"), "{err}");
+    // Re-signing with the same key replaces, not duplicates.
+    let info = add_signature(&f.artifact, &second, NOW, None).expect("sign again");
+    assert_eq!(info.signatures.len(), 2);
+}
+
+#[test]
+fn keys_are_written_0600_and_never_overwritten() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("ci");
+    let key = keys::generate().expect("key");
+    let (key_path, pub_path) = keys::write_key_pair(&out, &key).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key_path)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        keys::load_signing_key(&key_path).expect("load").to_bytes(),
+        key.to_bytes()
+    );
+    assert_eq!(
+        keys::load_public_key(&pub_path).expect("load pub"),
+        key.verifying_key()
+    );
+    let err = keys::write_key_pair(&out, &keys::generate().expect("key")).expect_err("exists");
+    assert!(err.to_string().contains("refusing to overwrite"), "{err}");
+    let err = keys::load_signing_key(&pub_path).expect_err("public as private");
+    assert!(
+        err.to_string().contains("is not an ed25519 private key"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pack_refuses_links_leaving_the_dir_and_special_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let outside = tmp.path().join("secret.txt");
+    std::fs::write(&outside, "secret").expect("write");
+
+    let check = |setup: &dyn Fn(&Path), fragment: &str| {
+        let dir = tempfile::tempdir_in(tmp.path()).expect("dir");
+        std::fs::write(dir.path().join("module.toml"), MANIFEST).expect("manifest");
+        setup(dir.path());
+        let err = pack_dir(dir.path()).err().expect("must refuse").to_string();
+        assert!(err.contains(fragment), "expected {fragment:?} in {err:?}");
+    };
+    check(
+        &|d| std::os::unix::fs::symlink(&outside, d.join("abs")).expect("link"),
+        "symlink to absolute path",
+    );
+    check(
+        &|d| std::os::unix::fs::symlink("../secret.txt", d.join("up")).expect("link"),
+        "points outside",
+    );
+    check(
+        &|d| std::os::unix::fs::symlink("missing", d.join("dangling")).expect("link"),
+        "does not resolve",
+    );
+    check(
+        &|d| std::fs::hard_link(&outside, d.join("hard")).expect("link"),
+        "hard link to a file outside",
+    );
+    check(
+        &|d| {
+            let path = std::ffi::CString::new(d.join("fifo").as_os_str().as_encoded_bytes())
+                .expect("cstr");
+            // SAFETY: mkfifo with a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0);
+        },
+        "special file",
+    );
+    // A hard link whose every link is inside is fine.
+    let dir = module_dir(&tmp.path().join("ok"));
+    std::fs::hard_link(dir.join("config.txt"), dir.join("config-copy.txt")).expect("link");
+    pack_dir(&dir).expect("hard links inside are allowed");
+}
+
+/// A tar.zst payload built from raw headers, bypassing the tar crate's own path checks.
+fn crafted(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, data, link) in entries {
+        let mut header = tar::Header::new_old();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(link) = link {
+            header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        header.set_entry_type(*kind);
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        builder.append(&header, *data).expect("append");
+    }
+    let tar = builder.into_inner().expect("tar");
+    zstd::encode_all(Cursor::new(tar), 3).expect("zstd")
+}
+
+fn unpack_crafted(
+    payload: &[u8],
+    limits: &Limits,
+) -> (Result<super::unpack::UnpackStats, UnpackError>, bool) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dest = tmp.path().join("module");
+    let result = unpack_payload(Cursor::new(payload), &dest, limits);
+    let exists = dest.exists();
+    (result, exists)
+}
+
+#[test]
+fn hostile_archives_are_refused_and_leave_nothing() {
+    use tar::EntryType::{Block, Char, Fifo, Link, Regular, Symlink};
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            crafted(&[("../evil", Regular, b"x", None)]),
+            "`..` component",
+        ),
+        (
+            crafted(&[("a/../../evil", Regular, b"x", None)]),
+            "`..` component",
+        ),
+        (
+            crafted(&[("/etc/evil", Regular, b"x", None)]),
+            "absolute path",
+        ),
+        (
+            crafted(&[("up", Symlink, b"", Some("../.."))]),
+            "outside the module directory",
+        ),
+        (
+            crafted(&[("abs", Symlink, b"", Some("/etc/passwd"))]),
+            "only relative targets",
+        ),
+        (
+            crafted(&[
+                ("a", Symlink, b"", Some(".")),
+                ("t", Symlink, b"", Some("a/..")),
+            ]),
+            "outside the module directory",
+        ),
+        (
+            crafted(&[("h", Link, b"", Some("/etc/passwd"))]),
+            "only files, directories and symlinks",
+        ),
+        (
+            crafted(&[("c", Char, b"", None)]),
+            "only files, directories and symlinks",
+        ),
+        (
+            crafted(&[("b", Block, b"", None)]),
+            "only files, directories and symlinks",
+        ),
+        (
+            crafted(&[("f", Fifo, b"", None)]),
+            "only files, directories and symlinks",
+        ),
+        (
+            crafted(&[("x", Regular, b"1", None), ("x", Regular, b"2", None)]),
+            "appears twice",
+        ),
+        (
+            crafted(&[("module.toml", Regular, b"name = \"evil\"", None)]),
+            "signed manifest",
+        ),
+        (
+            crafted(&[("x", Symlink, b"", Some("y")), ("x/z", Regular, b"1", None)]),
+            "appears twice",
+        ),
+        (b"not zstd at all".to_vec(), "cannot unpack"),
+    ];
+    for (payload, fragment) in cases {
+        let (result, exists) = unpack_crafted(&payload, &Limits::default());
+        let err = result.expect_err(fragment).to_string();
+        assert!(
+            err.contains(fragment) || fragment == "cannot unpack" && !err.is_empty(),
+            "expected {fragment:?} in {err:?}"
+        );
+        assert!(!exists, "nothing may be left behind ({fragment})");
+    }
+}
+
+#[test]
+fn unpack_limits_hold_against_bombs() {
+    let zeros = vec![0u8; 4 * 1024 * 1024];
+    let bomb = crafted(&[("big", tar::EntryType::Regular, &zeros, None)]);
+    assert!(bomb.len() < 64 * 1024, "compresses well: {}", bomb.len());
+    let (result, exists) = unpack_crafted(
+        &bomb,
+        &Limits {
+            max_entries: 10,
+            max_bytes: 1024 * 1024,
+        },
+    );
+    assert!(
+        matches!(result, Err(UnpackError::TooLarge(_))),
+        "{result:?}"
+    );
+    assert!(!exists);
+
+    let many: Vec<(String, tar::EntryType, &[u8], Option<&str>)> = (0..20)
+        .map(|i| (format!("f{i}"), tar::EntryType::Regular, &b"x"[..], None))
+        .collect();
+    let many: Vec<(&str, tar::EntryType, &[u8], Option<&str>)> = many
+        .iter()
+        .map(|(n, k, d, l)| (n.as_str(), *k, *d, *l))
+        .collect();
+    let (result, exists) = unpack_crafted(
+        &crafted(&many),
+        &Limits {
+            max_entries: 10,
+            max_bytes: 1 << 20,
+        },
+    );
+    assert!(
+        matches!(result, Err(UnpackError::TooManyEntries(10))),
+        "{result:?}"
+    );
+    assert!(!exists);
+}

@@ -1,0 +1,2071 @@
+//! The module manifest (`module.toml`): parsing it into a validated
+//! [`Manifest`], and expanding the `${NODE_NAME}`, `${NODE_LABEL_<key>}` and
+//! `${MODULE_DIR}` variables its values may contain.
+//!
+//! Validation happens once, at parse time, so that a bad manifest is rejected
+//! when it is published rather than on every node at deploy time. Values that
+//! contain variables are checked for syntax here but stored unexpanded: only a
+//! node knows its name, labels and module directory, so it calls [`expand`].
+//!
+//! The TOML is walked by hand as a `toml::Table` instead of deserialized with
+//! serde, so that every error names the full dotted key
+//! (`process.sockets[1].listen`) and the first error is deterministic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::timefmt::parse_duration;
+
+/// File name of the manifest at the root of a module directory.
+pub const MANIFEST_FILE: &str = "module.toml";
+
+/// A parsed and validated module manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub name: String,
+    pub version: semver::Version,
+    pub runtime: Runtime,
+    pub description: Option<String>,
+    /// `Some` exactly when `runtime` is [`Runtime::Process`].
+    pub process: Option<ProcessSpec>,
+    /// `Some` exactly when `runtime` is [`Runtime::Bundle`]; an absent
+    /// `[bundle]` table gives the default (no hooks).
+    pub bundle: Option<BundleSpec>,
+    pub health: Option<HealthSpec>,
+    pub metrics: Option<MetricsSpec>,
+}
+
+/// How a module runs on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// A supervised long-running process.
+    Process,
+    /// Files only; swapping flips a symlink, optionally with hooks.
+    Bundle,
+}
+
+impl Runtime {
+    /// The manifest spelling: `"process"` or `"bundle"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Runtime::Process => "process",
+            Runtime::Bundle => "bundle",
+        }
+    }
+}
+
+impl fmt::Display for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `[process]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessSpec {
+    /// Program and arguments; a relative program resolves inside the module dir.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub swap: SwapStrategy,
+    pub stop_signal: StopSignal,
+    pub stop_timeout: Duration,
+    /// Agent-owned listeners, passed to the process as fds 3.. in this order.
+    pub sockets: Vec<SocketSpec>,
+}
+
+/// Order of starting the new process and stopping the old one during a swap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwapStrategy {
+    /// Start the new version, wait until healthy, then stop the old one.
+    StartFirst,
+    /// Stop the old version first (for modules that cannot run twice).
+    StopFirst,
+}
+
+impl SwapStrategy {
+    /// The manifest spelling: `"start-first"` or `"stop-first"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SwapStrategy::StartFirst => "start-first",
+            SwapStrategy::StopFirst => "stop-first",
+        }
+    }
+}
+
+/// A signal a process may be stopped with, by canonical name and Linux number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StopSignal {
+    pub name: &'static str,
+    pub number: i32,
+}
+
+/// Signals a manifest may name; numbers are the Linux ones, the only platform
+/// agents run on.
+const SIGNALS: [StopSignal; 7] = [
+    StopSignal {
+        name: "SIGTERM",
+        number: 15,
+    },
+    StopSignal {
+        name: "SIGINT",
+        number: 2,
+    },
+    StopSignal {
+        name: "SIGQUIT",
+        number: 3,
+    },
+    StopSignal {
+        name: "SIGHUP",
+        number: 1,
+    },
+    StopSignal {
+        name: "SIGUSR1",
+        number: 10,
+    },
+    StopSignal {
+        name: "SIGUSR2",
+        number: 12,
+    },
+    StopSignal {
+        name: "SIGKILL",
+        number: 9,
+    },
+];
+
+impl StopSignal {
+    /// SIGTERM, the default stop signal.
+    pub const TERM: StopSignal = SIGNALS[0];
+
+    /// Look up `SIGTERM` or `TERM` (upper case only) and friends.
+    pub fn parse(text: &str) -> Option<StopSignal> {
+        let bare = text.strip_prefix("SIG").unwrap_or(text);
+        SIGNALS.into_iter().find(|s| s.name.get(3..) == Some(bare))
+    }
+}
+
+/// One `[[process.sockets]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketSpec {
+    pub name: String,
+    pub listen: SocketAddr,
+}
+
+/// The `[bundle]` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BundleSpec {
+    /// Runs after the flip; failure flips back.
+    pub activate: Option<Vec<String>>,
+    pub deactivate: Option<Vec<String>>,
+}
+
+/// The `[health]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub start_timeout: Duration,
+}
+
+/// What a health probe does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// GET this URL; 2xx is healthy.
+    Http(String),
+    /// Connect to this `host:port`.
+    Tcp(String),
+    /// Run this command; exit status 0 is healthy.
+    Exec(Vec<String>),
+}
+
+/// The `[metrics]` section: where to scrape and which series to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsSpec {
+    pub prometheus: String,
+    pub requests_total: String,
+    pub errors_total: String,
+    pub latency_seconds: String,
+}
+
+/// A manifest that cannot be read, parsed or validated.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{file}: {key}: {reason}")]
+pub struct ManifestError {
+    /// The manifest file, as given by the caller.
+    pub file: String,
+    /// Full dotted key, e.g. `process.sockets[1].listen`; `-` for the whole file.
+    pub key: String,
+    pub reason: String,
+}
+
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
+const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_REQUESTS_TOTAL: &str = "http_requests_total";
+const DEFAULT_ERRORS_TOTAL: &str = "http_errors_total";
+const DEFAULT_LATENCY_SECONDS: &str = "http_request_duration_seconds";
+
+/// Upper bound for stop and start timeouts: longer waits stall a rollout
+/// across the fleet and almost always mean a typo (`10h` for `10s`).
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+const THRESHOLDS: std::ops::RangeInclusive<i64> = 1..=100;
+/// Each socket is an fd the agent keeps open across swaps; bound the count.
+const MAX_SOCKETS: usize = 16;
+/// Set by the agent for socket activation; a module must not override them.
+const RESERVED_ENV: [&str; 3] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
+const RESERVED_ENV_PREFIX: &str = "HOTSWAP_";
+
+const ALLOWED_VARS: &str = "allowed: ${NODE_NAME}, ${NODE_LABEL_<key>}, ${MODULE_DIR}";
+
+/// Parse and validate manifest text. `file` is only used in error messages
+/// (e.g. `"hello/module.toml"`).
+pub fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ManifestError> {
+    let table: Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| error(file, "-", syntax_reason(text, &e)))?;
+    let root = Section {
+        file,
+        path: String::new(),
+        table: &table,
+    };
+    parse_root(&root)
+}
+
+/// Read and parse a manifest file; an unreadable file is an error naming it.
+pub fn load_manifest(path: &Path) -> Result<Manifest, ManifestError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| error(&file, "-", format!("cannot read manifest: {e}")))?;
+    parse_manifest(&file, &text)
+}
+
+/// What a node substitutes for manifest variables.
+#[derive(Clone, Copy, Debug)]
+pub struct Vars<'a> {
+    pub node_name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub module_dir: &'a str,
+}
+
+/// Expand `${NODE_NAME}`, `${NODE_LABEL_<key>}` and `${MODULE_DIR}` in one
+/// value. Unknown variables, labels the node does not have and an
+/// unterminated `${` are errors. A `$` not followed by `{` is kept as is, and
+/// `$$` is not an escape.
+pub fn expand(value: &str, vars: &Vars<'_>) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    for piece in pieces(value)? {
+        match piece {
+            Piece::Text(text) => out.push_str(text),
+            Piece::NodeName => out.push_str(vars.node_name),
+            Piece::ModuleDir => out.push_str(vars.module_dir),
+            Piece::Label(key) => match vars.labels.get(key) {
+                Some(label) => out.push_str(label),
+                None => {
+                    return Err(format!(
+                        "node has no label {key:?} (used by ${{NODE_LABEL_{key}}})"
+                    ));
+                }
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// A literal run or a variable of a manifest value.
+enum Piece<'s> {
+    Text(&'s str),
+    NodeName,
+    ModuleDir,
+    Label(&'s str),
+}
+
+/// Split a value into literal text and variables, rejecting bad variables.
+/// Shared by parse-time validation and [`expand`] so both agree exactly.
+fn pieces(value: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        if start > 0 {
+            out.push(Piece::Text(&rest[..start]));
+        }
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unterminated \"${{\" in {value:?}: missing \"}}\""));
+        };
+        let name = &after[..end];
+        let piece = match name {
+            "NODE_NAME" => Piece::NodeName,
+            "MODULE_DIR" => Piece::ModuleDir,
+            _ => match name.strip_prefix("NODE_LABEL_") {
+                Some(key) => {
+                    // A key that can never be a label would only fail later,
+                    // on every node; catch the typo at publish time instead.
+                    crate::labels::validate_label(key, "")
+                        .map_err(|e| format!("invalid variable ${{{name}}}: {e}"))?;
+                    Piece::Label(key)
+                }
+                None => return Err(format!("unknown variable ${{{name}}}; {ALLOWED_VARS}")),
+            },
+        };
+        out.push(piece);
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Text(rest));
+    }
+    Ok(out)
+}
+
+fn error(file: &str, key: impl Into<String>, reason: impl Into<String>) -> ManifestError {
+    ManifestError {
+        file: file.to_string(),
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// One-line reason for a TOML syntax error, with the position when known.
+fn syntax_reason(text: &str, e: &toml::de::Error) -> String {
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+        .trim_end_matches('.')
+        .to_string();
+    let before = e.span().and_then(|span| text.get(..span.start));
+    match before {
+        Some(before) => {
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!("invalid TOML at line {line}, column {column}: {message}")
+        }
+        None => format!("invalid TOML: {message}"),
+    }
+}
+
+/// Dotted path of `key` under `parent`; keys that are not bare TOML keys are
+/// quoted so the path stays unambiguous.
+fn join(parent: &str, key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let segment = if bare {
+        key.to_string()
+    } else {
+        format!("{key:?}")
+    };
+    if parent.is_empty() {
+        segment
+    } else {
+        format!("{parent}.{segment}")
+    }
+}
+
+/// Name of a TOML type for "expected ..., found ..." messages.
+fn found(value: &Value) -> &'static str {
+    value.type_str()
+}
+
+/// Whether `s` is one `first` character followed by `min_rest..=max_rest`
+/// `rest` characters (a hand-rolled `^[first][rest]{min,max}$`).
+fn shaped(
+    s: &str,
+    first: fn(char) -> bool,
+    rest: fn(char) -> bool,
+    min_rest: usize,
+    max_rest: usize,
+) -> bool {
+    let mut chars = s.chars();
+    let Some(head) = chars.next() else {
+        return false;
+    };
+    let tail = chars.as_str();
+    first(head) && (min_rest..=max_rest).contains(&tail.len()) && tail.chars().all(rest)
+}
+
+fn lower_or_digit(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit()
+}
+
+fn valid_module_name(s: &str) -> bool {
+    shaped(s, lower_or_digit, |c| lower_or_digit(c) || c == '-', 1, 62)
+}
+
+fn valid_socket_name(s: &str) -> bool {
+    shaped(
+        s,
+        lower_or_digit,
+        |c| lower_or_digit(c) || c == '-' || c == '_',
+        0,
+        31,
+    )
+}
+
+fn valid_env_name(s: &str) -> bool {
+    shaped(
+        s,
+        |c| c.is_ascii_alphabetic() || c == '_',
+        |c| c.is_ascii_alphanumeric() || c == '_',
+        0,
+        usize::MAX,
+    )
+}
+
+fn valid_metric_name(s: &str) -> bool {
+    shaped(
+        s,
+        |c| c.is_ascii_alphabetic() || c == '_' || c == ':',
+        |c| c.is_ascii_alphanumeric() || c == '_' || c == ':',
+        0,
+        usize::MAX,
+    )
+}
+
+fn check_url(s: &str) -> Result<(), String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"));
+    match rest {
+        Some(rest) if !rest.is_empty() => Ok(()),
+        _ => Err(format!("expected an http:// or https:// URL, found {s:?}")),
+    }
+}
+
+fn check_host_port(s: &str) -> Result<(), String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("expected host:port, found {s:?}"));
+    };
+    if host.is_empty() {
+        return Err(format!("host must not be empty in {s:?}"));
+    }
+    // Without brackets "::1:80" is ambiguous; require the URL form "[::1]:80".
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!(
+            "IPv6 host must be in brackets (e.g. [::1]:8080) in {s:?}"
+        ));
+    }
+    let port_ok = !port.is_empty()
+        && port.chars().all(|c| c.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p != 0);
+    if !port_ok {
+        return Err(format!(
+            "port must be a number from 1 to 65535, found {port:?} in {s:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// A table of the manifest and its dotted path ("" for the root).
+struct Section<'a> {
+    file: &'a str,
+    path: String,
+    table: &'a Table,
+}
+
+impl<'a> Section<'a> {
+    /// Full path of `key` in this table; `""` names the table itself.
+    fn key(&self, key: &str) -> String {
+        if key.is_empty() {
+            self.path.clone()
+        } else {
+            join(&self.path, key)
+        }
+    }
+
+    fn error(&self, key: &str, reason: impl Into<String>) -> ManifestError {
+        error(self.file, self.key(key), reason)
+    }
+
+    fn deny_unknown(&self, allowed: &[&str]) -> Result<(), ManifestError> {
+        match self.table.keys().find(|k| !allowed.contains(&k.as_str())) {
+            Some(key) => Err(self.error(
+                key,
+                format!("unknown key (allowed: {})", allowed.join(", ")),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
+    fn missing(&self, key: &str) -> ManifestError {
+        self.error(key, "missing required key")
+    }
+
+    fn table(&self, key: &str) -> Result<Option<Section<'a>>, ManifestError> {
+        match self.table.get(key) {
+            None => Ok(None),
+            Some(Value::Table(table)) => Ok(Some(Section {
+                file: self.file,
+                path: self.key(key),
+                table,
+            })),
+            Some(other) => {
+                Err(self.error(key, format!("expected a table, found {}", found(other))))
+            }
+        }
+    }
+
+    /// A string value, type-checked but otherwise raw.
+    fn string(&self, key: &str) -> Result<Option<&'a str>, ManifestError> {
+        self.table
+            .get(key)
+            .map(|v| as_str(self.file, &self.key(key), v))
+            .transpose()
+    }
+
+    fn required_string(&self, key: &str) -> Result<&'a str, ManifestError> {
+        self.string(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    /// A free-form string that may contain variables; checks their syntax.
+    fn text(&self, key: &str) -> Result<Option<&'a str>, ManifestError> {
+        let value = self.string(key)?;
+        if let Some(value) = value {
+            check_vars(self.file, &self.key(key), value)?;
+        }
+        Ok(value)
+    }
+
+    fn url(&self, key: &str) -> Result<Option<&'a str>, ManifestError> {
+        let value = self.text(key)?;
+        if let Some(value) = value {
+            check_url(value).map_err(|r| self.error(key, r))?;
+        }
+        Ok(value)
+    }
+
+    fn command(&self, key: &str) -> Result<Option<Vec<String>>, ManifestError> {
+        self.table
+            .get(key)
+            .map(|v| command(self.file, &self.key(key), v))
+            .transpose()
+    }
+
+    fn duration(
+        &self,
+        key: &str,
+        default: Duration,
+        max: Option<Duration>,
+    ) -> Result<Duration, ManifestError> {
+        let Some(text) = self.string(key)? else {
+            return Ok(default);
+        };
+        let value = parse_duration(text).map_err(|r| self.error(key, r))?;
+        if value.is_zero() {
+            return Err(self.error(key, "must be greater than zero"));
+        }
+        if let Some(max) = max
+            && value > max
+        {
+            return Err(self.error(
+                key,
+                format!(
+                    "must be at most {}, found {}",
+                    humantime::format_duration(max),
+                    humantime::format_duration(value)
+                ),
+            ));
+        }
+        Ok(value)
+    }
+
+    fn threshold(&self, key: &str, default: u32) -> Result<u32, ManifestError> {
+        let value = match self.table.get(key) {
+            None => return Ok(default),
+            Some(Value::Integer(n)) => *n,
+            Some(other) => {
+                return Err(self.error(key, format!("expected an integer, found {}", found(other))));
+            }
+        };
+        if !THRESHOLDS.contains(&value) {
+            return Err(self.error(
+                key,
+                format!(
+                    "must be between {} and {}, found {value}",
+                    THRESHOLDS.start(),
+                    THRESHOLDS.end()
+                ),
+            ));
+        }
+        u32::try_from(value).map_err(|_| self.error(key, format!("out of range: {value}")))
+    }
+
+    fn metric_name(&self, key: &str, default: &str) -> Result<String, ManifestError> {
+        let Some(name) = self.string(key)? else {
+            return Ok(default.to_string());
+        };
+        if !valid_metric_name(name) {
+            return Err(self.error(
+                key,
+                format!("invalid metric name {name:?}: must match [a-zA-Z_:][a-zA-Z0-9_:]*"),
+            ));
+        }
+        Ok(name.to_string())
+    }
+}
+
+fn as_str<'v>(file: &str, key: &str, value: &'v Value) -> Result<&'v str, ManifestError> {
+    match value {
+        Value::String(s) => Ok(s),
+        other => Err(error(
+            file,
+            key,
+            format!("expected a string, found {}", found(other)),
+        )),
+    }
+}
+
+fn check_vars(file: &str, key: &str, value: &str) -> Result<(), ManifestError> {
+    pieces(value).map(drop).map_err(|r| error(file, key, r))
+}
+
+/// A non-empty array of non-empty strings (a command line).
+fn command(file: &str, key: &str, value: &Value) -> Result<Vec<String>, ManifestError> {
+    let Value::Array(items) = value else {
+        return Err(error(
+            file,
+            key,
+            format!("expected an array of strings, found {}", found(value)),
+        ));
+    };
+    if items.is_empty() {
+        return Err(error(file, key, "must not be empty"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let item_key = format!("{key}[{i}]");
+            let s = as_str(file, &item_key, item)?;
+            if s.is_empty() {
+                return Err(error(file, &item_key, "must not be empty"));
+            }
+            check_vars(file, &item_key, s)?;
+            Ok(s.to_string())
+        })
+        .collect()
+}
+
+fn parse_root(root: &Section<'_>) -> Result<Manifest, ManifestError> {
+    root.deny_unknown(&[
+        "name",
+        "version",
+        "runtime",
+        "description",
+        "process",
+        "bundle",
+        "health",
+        "metrics",
+    ])?;
+
+    let name = root.required_string("name")?;
+    if !valid_module_name(name) {
+        return Err(root.error(
+            "name",
+            format!(
+                "invalid module name {name:?}: must be 2 to 63 characters of lowercase \
+                 letters, digits and '-', starting with a letter or digit"
+            ),
+        ));
+    }
+
+    let version_text = root.required_string("version")?;
+    let version = semver::Version::parse(version_text).map_err(|e| {
+        root.error(
+            "version",
+            format!(
+                "invalid semver version {version_text:?}: {}",
+                e.to_string().trim_end_matches('.')
+            ),
+        )
+    })?;
+
+    let runtime = match root.required_string("runtime")? {
+        "process" => Runtime::Process,
+        "bundle" => Runtime::Bundle,
+        other => {
+            return Err(root.error(
+                "runtime",
+                format!("expected \"process\" or \"bundle\", found {other:?}"),
+            ));
+        }
+    };
+
+    let description = root.text("description")?.map(str::to_string);
+
+    let not_allowed = |key: &str| {
+        root.error(
+            key,
+            format!("section not allowed with runtime = \"{runtime}\""),
+        )
+    };
+    let (process, bundle) = match runtime {
+        Runtime::Process => {
+            let Some(section) = root.table("process")? else {
+                return Err(root.error(
+                    "process",
+                    "missing section required by runtime = \"process\"",
+                ));
+            };
+            let process = parse_process(&section)?;
+            if root.has("bundle") {
+                return Err(not_allowed("bundle"));
+            }
+            (Some(process), None)
+        }
+        Runtime::Bundle => {
+            if root.has("process") {
+                return Err(not_allowed("process"));
+            }
+            let bundle = match root.table("bundle")? {
+                Some(section) => parse_bundle(&section)?,
+                None => BundleSpec::default(),
+            };
+            (None, Some(bundle))
+        }
+    };
+
+    let health = root
+        .table("health")?
+        .map(|s| parse_health(&s))
+        .transpose()?;
+    let metrics = root
+        .table("metrics")?
+        .map(|s| parse_metrics(&s))
+        .transpose()?;
+
+    Ok(Manifest {
+        name: name.to_string(),
+        version,
+        runtime,
+        description,
+        process,
+        bundle,
+        health,
+        metrics,
+    })
+}
+
+fn parse_process(s: &Section<'_>) -> Result<ProcessSpec, ManifestError> {
+    s.deny_unknown(&[
+        "command",
+        "env",
+        "swap",
+        "stop_signal",
+        "stop_timeout",
+        "sockets",
+    ])?;
+
+    let command = s.command("command")?.ok_or_else(|| s.missing("command"))?;
+    // Relative programs resolve inside the module dir; ".." would let a
+    // module run files it does not ship. Absolute paths (system
+    // interpreters) are allowed on purpose.
+    if let Some(program) = command.first()
+        && !program.starts_with('/')
+        && program.split('/').any(|part| part == "..")
+    {
+        return Err(s.error(
+            "command",
+            format!(
+                "relative program path {program:?} has a \"..\" component; it must not \
+                 leave the module dir"
+            ),
+        ));
+    }
+
+    let mut env = BTreeMap::new();
+    if let Some(section) = s.table("env")? {
+        for (name, value) in section.table {
+            if !valid_env_name(name) {
+                return Err(section.error(
+                    name,
+                    format!("invalid environment variable name {name:?}: must match [A-Za-z_][A-Za-z0-9_]*"),
+                ));
+            }
+            if name.starts_with(RESERVED_ENV_PREFIX) || RESERVED_ENV.contains(&name.as_str()) {
+                return Err(section.error(
+                    name,
+                    format!(
+                        "environment variable {name} is reserved: the agent sets it \
+                         (reserved: {RESERVED_ENV_PREFIX}*, {})",
+                        RESERVED_ENV.join(", ")
+                    ),
+                ));
+            }
+            let key = section.key(name);
+            let value = as_str(s.file, &key, value)?;
+            check_vars(s.file, &key, value)?;
+            env.insert(name.clone(), value.to_string());
+        }
+    }
+
+    let swap = match s.string("swap")? {
+        None | Some("start-first") => SwapStrategy::StartFirst,
+        Some("stop-first") => SwapStrategy::StopFirst,
+        Some(other) => {
+            return Err(s.error(
+                "swap",
+                format!("expected \"start-first\" or \"stop-first\", found {other:?}"),
+            ));
+        }
+    };
+
+    let stop_signal = match s.string("stop_signal")? {
+        None => StopSignal::TERM,
+        Some(text) => StopSignal::parse(text).ok_or_else(|| {
+            let names: Vec<&str> = SIGNALS.iter().map(|s| s.name).collect();
+            s.error(
+                "stop_signal",
+                format!(
+                    "unsupported signal {text:?}; expected one of {}",
+                    names.join(", ")
+                ),
+            )
+        })?,
+    };
+
+    let stop_timeout = s.duration("stop_timeout", DEFAULT_STOP_TIMEOUT, Some(MAX_TIMEOUT))?;
+    let sockets = parse_sockets(s)?;
+
+    Ok(ProcessSpec {
+        command,
+        env,
+        swap,
+        stop_signal,
+        stop_timeout,
+        sockets,
+    })
+}
+
+fn parse_sockets(s: &Section<'_>) -> Result<Vec<SocketSpec>, ManifestError> {
+    let items = match s.table.get("sockets") {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(s.error(
+                "sockets",
+                format!("expected an array of tables, found {}", found(other)),
+            ));
+        }
+    };
+    if items.len() > MAX_SOCKETS {
+        return Err(s.error(
+            "sockets",
+            format!(
+                "at most {MAX_SOCKETS} sockets are allowed, found {}",
+                items.len()
+            ),
+        ));
+    }
+    let mut sockets: Vec<SocketSpec> = Vec::with_capacity(items.len());
+    let mut names = BTreeSet::new();
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("{}[{i}]", s.key("sockets"));
+        let Value::Table(table) = item else {
+            return Err(error(
+                s.file,
+                path,
+                format!("expected a table, found {}", found(item)),
+            ));
+        };
+        let entry = Section {
+            file: s.file,
+            path,
+            table,
+        };
+        entry.deny_unknown(&["name", "listen"])?;
+
+        let name = entry.required_string("name")?;
+        if !valid_socket_name(name) {
+            return Err(entry.error(
+                "name",
+                format!(
+                    "invalid socket name {name:?}: must be 1 to 32 characters of lowercase \
+                     letters, digits, '-' and '_', starting with a letter or digit"
+                ),
+            ));
+        }
+        if !names.insert(name) {
+            return Err(entry.error("name", format!("duplicate socket name {name:?}")));
+        }
+
+        let listen_text = entry.required_string("listen")?;
+        // The agent binds these before any node-specific value is known to
+        // the process supervisor, and successors must inherit the exact same
+        // address, so only literal addresses make sense here.
+        if listen_text.contains("${") {
+            return Err(entry.error(
+                "listen",
+                format!(
+                    "variables are not allowed in listen, found {listen_text:?}; use a literal \
+                     ip:port such as 127.0.0.1:8080"
+                ),
+            ));
+        }
+        let listen: SocketAddr = listen_text.parse().map_err(|e| {
+            entry.error(
+                "listen",
+                format!(
+                    "invalid socket address {listen_text:?}: {e}; expected ip:port such as \
+                     127.0.0.1:8080 or [::1]:8080"
+                ),
+            )
+        })?;
+        if let Some(other) = sockets.iter().find(|o| o.listen == listen) {
+            return Err(entry.error(
+                "listen",
+                format!(
+                    "duplicate listen address {listen} (also used by socket {:?})",
+                    other.name
+                ),
+            ));
+        }
+        sockets.push(SocketSpec {
+            name: name.to_string(),
+            listen,
+        });
+    }
+    Ok(sockets)
+}
+
+fn parse_bundle(s: &Section<'_>) -> Result<BundleSpec, ManifestError> {
+    s.deny_unknown(&["activate", "deactivate"])?;
+    Ok(BundleSpec {
+        activate: s.command("activate")?,
+        deactivate: s.command("deactivate")?,
+    })
+}
+
+fn parse_health(s: &Section<'_>) -> Result<HealthSpec, ManifestError> {
+    s.deny_unknown(&[
+        "http",
+        "tcp",
+        "exec",
+        "interval",
+        "timeout",
+        "healthy_threshold",
+        "unhealthy_threshold",
+        "start_timeout",
+    ])?;
+
+    let kinds: Vec<&str> = ["http", "tcp", "exec"]
+        .into_iter()
+        .filter(|k| s.has(k))
+        .collect();
+    // The getters below return `Some` because `kinds` only lists present
+    // keys; the defaults are never used.
+    let check = match kinds.as_slice() {
+        [] => return Err(s.error("", "one of http, tcp or exec is required")),
+        ["http"] => HealthCheck::Http(s.url("http")?.unwrap_or_default().to_string()),
+        ["tcp"] => {
+            let target = s.text("tcp")?.unwrap_or_default();
+            check_host_port(target).map_err(|r| s.error("tcp", r))?;
+            HealthCheck::Tcp(target.to_string())
+        }
+        ["exec"] => HealthCheck::Exec(s.command("exec")?.unwrap_or_default()),
+        _ => {
+            return Err(s.error(
+                "",
+                format!(
+                    "only one of http, tcp or exec may be set, found {}",
+                    kinds.join(" and ")
+                ),
+            ));
+        }
+    };
+
+    let interval = s.duration("interval", DEFAULT_INTERVAL, None)?;
+    let timeout = s.duration("timeout", DEFAULT_TIMEOUT, None)?;
+    // A probe still running when the next one is due would pile up probes.
+    if timeout > interval {
+        return Err(s.error(
+            "timeout",
+            format!(
+                "must not exceed interval ({} > {})",
+                humantime::format_duration(timeout),
+                humantime::format_duration(interval)
+            ),
+        ));
+    }
+    let healthy_threshold = s.threshold("healthy_threshold", DEFAULT_HEALTHY_THRESHOLD)?;
+    let unhealthy_threshold = s.threshold("unhealthy_threshold", DEFAULT_UNHEALTHY_THRESHOLD)?;
+    let start_timeout = s.duration("start_timeout", DEFAULT_START_TIMEOUT, Some(MAX_TIMEOUT))?;
+
+    Ok(HealthSpec {
+        check,
+        interval,
+        timeout,
+        healthy_threshold,
+        unhealthy_threshold,
+        start_timeout,
+    })
+}
+
+fn parse_metrics(s: &Section<'_>) -> Result<MetricsSpec, ManifestError> {
+    s.deny_unknown(&[
+        "prometheus",
+        "requests_total",
+        "errors_total",
+        "latency_seconds",
+    ])?;
+    let prometheus = s
+        .url("prometheus")?
+        .ok_or_else(|| s.missing("prometheus"))?;
+    Ok(MetricsSpec {
+        prometheus: prometheus.to_string(),
+        requests_total: s.metric_name("requests_total", DEFAULT_REQUESTS_TOTAL)?,
+        errors_total: s.metric_name("errors_total", DEFAULT_ERRORS_TOTAL)?,
+        latency_seconds: s.metric_name("latency_seconds", DEFAULT_LATENCY_SECONDS)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HEAD_P: &str = "name = \"hello\"\nversion = \"1.2.0\"\nruntime = \"process\"\n";
+    const HEAD_B: &str = "name = \"hello\"\nversion = \"1.2.0\"\nruntime = \"bundle\"\n";
+
+    /// A process manifest with a minimal `[process]`; `body` continues that
+    /// table and may open further sections.
+    fn p(body: &str) -> String {
+        format!("{HEAD_P}[process]\ncommand = [\"bin/hello\"]\n{body}")
+    }
+
+    /// A process manifest whose `[process]` table is entirely `body`.
+    fn praw(body: &str) -> String {
+        format!("{HEAD_P}[process]\n{body}")
+    }
+
+    /// A bundle manifest followed by `body`.
+    fn b(body: &str) -> String {
+        format!("{HEAD_B}{body}")
+    }
+
+    type Expected<'a> = Result<fn(&Manifest) -> bool, (&'a str, &'a str)>;
+
+    fn check(text: &str, expected: Expected<'_>) {
+        let got = parse_manifest("hello/module.toml", text);
+        match (expected, got) {
+            (Ok(predicate), Ok(manifest)) => {
+                assert!(
+                    predicate(&manifest),
+                    "predicate failed for {text:?}: {manifest:#?}"
+                )
+            }
+            (Ok(_), Err(e)) => panic!("expected success for {text:?}, got error: {e}"),
+            (Err((key, fragment)), Ok(m)) => {
+                panic!("expected error {key}: {fragment} for {text:?}, got {m:#?}")
+            }
+            (Err((key, fragment)), Err(e)) => {
+                assert_eq!(e.file, "hello/module.toml");
+                assert_eq!(e.key, key, "wrong key for {text:?}: {e}");
+                assert!(
+                    e.reason.contains(fragment),
+                    "reason for {text:?} lacks {fragment:?}: {e}"
+                );
+                assert!(!e.reason.contains('\n'), "multi-line reason: {e:?}");
+                assert!(!e.reason.ends_with('.'), "trailing period: {e:?}");
+            }
+        }
+    }
+
+    const FULL_PROCESS: &str = r#"
+name = "hello"
+version = "1.2.0-rc.1+build.5"
+runtime = "process"
+description = "says hello on ${NODE_NAME}"
+
+[process]
+command = ["bin/hello", "--flag", "--dir=${MODULE_DIR}/data"]
+env = { GREETING = "hi", ZONE = "${NODE_LABEL_zone}", _x1 = "" }
+swap = "stop-first"
+stop_signal = "QUIT"
+stop_timeout = "2m 30s"
+[[process.sockets]]
+name = "http"
+listen = "127.0.0.1:8080"
+[[process.sockets]]
+name = "admin_2"
+listen = "[::1]:9090"
+
+[health]
+http = "http://127.0.0.1:8080/healthz?node=${NODE_NAME}"
+interval = "2s"
+timeout = "500ms"
+healthy_threshold = 2
+unhealthy_threshold = 5
+start_timeout = "1h"
+
+[metrics]
+prometheus = "https://127.0.0.1:8080/metrics"
+requests_total = "app_requests_total"
+errors_total = "app:errors_total"
+latency_seconds = "_latency"
+"#;
+
+    const FULL_BUNDLE: &str = r#"
+name = "static-site"
+version = "0.1.0"
+runtime = "bundle"
+
+[bundle]
+activate = ["bin/reload.sh", "${MODULE_DIR}"]
+deactivate = ["bin/stop.sh"]
+
+[health]
+exec = ["bin/check.sh", "--quick"]
+"#;
+
+    #[test]
+    fn full_process_manifest() {
+        let m = parse_manifest("m", FULL_PROCESS).expect("valid");
+        let expected = Manifest {
+            name: "hello".into(),
+            version: semver::Version::parse("1.2.0-rc.1+build.5").expect("semver"),
+            runtime: Runtime::Process,
+            description: Some("says hello on ${NODE_NAME}".into()),
+            process: Some(ProcessSpec {
+                command: vec![
+                    "bin/hello".into(),
+                    "--flag".into(),
+                    "--dir=${MODULE_DIR}/data".into(),
+                ],
+                env: BTreeMap::from([
+                    ("GREETING".to_string(), "hi".to_string()),
+                    ("ZONE".to_string(), "${NODE_LABEL_zone}".to_string()),
+                    ("_x1".to_string(), String::new()),
+                ]),
+                swap: SwapStrategy::StopFirst,
+                stop_signal: StopSignal {
+                    name: "SIGQUIT",
+                    number: 3,
+                },
+                stop_timeout: Duration::from_secs(150),
+                sockets: vec![
+                    SocketSpec {
+                        name: "http".into(),
+                        listen: "127.0.0.1:8080".parse().expect("addr"),
+                    },
+                    SocketSpec {
+                        name: "admin_2".into(),
+                        listen: "[::1]:9090".parse().expect("addr"),
+                    },
+                ],
+            }),
+            bundle: None,
+            health: Some(HealthSpec {
+                check: HealthCheck::Http("http://127.0.0.1:8080/healthz?node=${NODE_NAME}".into()),
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_millis(500),
+                healthy_threshold: 2,
+                unhealthy_threshold: 5,
+                start_timeout: Duration::from_secs(3600),
+            }),
+            metrics: Some(MetricsSpec {
+                prometheus: "https://127.0.0.1:8080/metrics".into(),
+                requests_total: "app_requests_total".into(),
+                errors_total: "app:errors_total".into(),
+                latency_seconds: "_latency".into(),
+            }),
+        };
+        assert_eq!(m, expected);
+        assert_eq!(m.runtime.as_str(), "process");
+    }
+
+    #[test]
+    fn full_bundle_manifest() {
+        let m = parse_manifest("m", FULL_BUNDLE).expect("valid");
+        let expected = Manifest {
+            name: "static-site".into(),
+            version: semver::Version::new(0, 1, 0),
+            runtime: Runtime::Bundle,
+            description: None,
+            process: None,
+            bundle: Some(BundleSpec {
+                activate: Some(vec!["bin/reload.sh".into(), "${MODULE_DIR}".into()]),
+                deactivate: Some(vec!["bin/stop.sh".into()]),
+            }),
+            health: Some(HealthSpec {
+                check: HealthCheck::Exec(vec!["bin/check.sh".into(), "--quick".into()]),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                healthy_threshold: 1,
+                unhealthy_threshold: 3,
+                start_timeout: Duration::from_secs(30),
+            }),
+            metrics: None,
+        };
+        assert_eq!(m, expected);
+        assert_eq!(m.runtime.as_str(), "bundle");
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let m = parse_manifest("m", &p("")).expect("valid");
+        assert_eq!(
+            m.process,
+            Some(ProcessSpec {
+                command: vec!["bin/hello".into()],
+                env: BTreeMap::new(),
+                swap: SwapStrategy::StartFirst,
+                stop_signal: StopSignal {
+                    name: "SIGTERM",
+                    number: 15
+                },
+                stop_timeout: Duration::from_secs(10),
+                sockets: vec![],
+            })
+        );
+        assert_eq!(m.description, None);
+        assert_eq!(m.bundle, None);
+        assert_eq!(m.health, None);
+        assert_eq!(m.metrics, None);
+
+        let m = parse_manifest("m", &b("")).expect("valid");
+        assert_eq!(m.bundle, Some(BundleSpec::default()));
+        assert_eq!(m.process, None);
+
+        let m = parse_manifest(
+            "m",
+            &b("[health]\ntcp = \"${NODE_NAME}:80\"\n[metrics]\nprometheus = \"http://x/m\"\n"),
+        )
+        .expect("valid");
+        assert_eq!(
+            m.health,
+            Some(HealthSpec {
+                check: HealthCheck::Tcp("${NODE_NAME}:80".into()),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                healthy_threshold: 1,
+                unhealthy_threshold: 3,
+                start_timeout: Duration::from_secs(30),
+            })
+        );
+        assert_eq!(
+            m.metrics,
+            Some(MetricsSpec {
+                prometheus: "http://x/m".into(),
+                requests_total: "http_requests_total".into(),
+                errors_total: "http_errors_total".into(),
+                latency_seconds: "http_request_duration_seconds".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn signals() {
+        let all = [
+            ("TERM", 15),
+            ("INT", 2),
+            ("QUIT", 3),
+            ("HUP", 1),
+            ("USR1", 10),
+            ("USR2", 12),
+            ("KILL", 9),
+        ];
+        for (bare, number) in all {
+            let canonical = format!("SIG{bare}");
+            for spelled in [bare.to_string(), canonical.clone()] {
+                let m = parse_manifest("m", &p(&format!("stop_signal = \"{spelled}\"")))
+                    .expect("valid signal");
+                let signal = m.process.expect("process").stop_signal;
+                assert_eq!(signal.name, canonical);
+                assert_eq!(signal.number, number);
+            }
+        }
+        assert_eq!(StopSignal::parse("sigterm"), None);
+        assert_eq!(StopSignal::parse("SIG"), None);
+        assert_eq!(StopSignal::parse(""), None);
+    }
+
+    #[test]
+    fn manifest_table() {
+        // Syntax and types.
+        check("name = ", Err(("-", "invalid TOML at line 1")));
+        check(
+            "name = \"a\"\nname = \"b\"",
+            Err(("-", "invalid TOML at line 2")),
+        );
+        check(
+            "name = \"hello\"\nversion = 1\n",
+            Err(("version", "expected a string, found integer")),
+        );
+        check(
+            &format!("{HEAD_P}process = \"x\""),
+            Err(("process", "expected a table, found string")),
+        );
+
+        // Unknown keys everywhere, with full paths.
+        check(&p("").replace("name", "nme"), Err(("nme", "unknown key")));
+        check(&p("[proces]\n"), Err(("proces", "unknown key")));
+        check(
+            &praw("comand = [\"x\"]"),
+            Err(("process.comand", "unknown key")),
+        );
+        check(
+            &p("[[process.sockets]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nport = 1"),
+            Err(("process.sockets[0].port", "unknown key")),
+        );
+        check(
+            &b("[bundle]\nactivat = [\"x\"]"),
+            Err(("bundle.activat", "unknown key")),
+        );
+        check(
+            &p("[health]\nhttp = \"http://x\"\nretries = 1"),
+            Err(("health.retries", "unknown key")),
+        );
+        check(
+            &p("[metrics]\nprometheus = \"http://x\"\nurl = 1"),
+            Err(("metrics.url", "unknown key")),
+        );
+        check(
+            &p("\"odd key\" = 1"),
+            Err(("process.\"odd key\"", "unknown key")),
+        );
+        // Unknown top-level keys are reported before anything else.
+        check("zzz = 1", Err(("zzz", "unknown key")));
+
+        // name
+        check("version = \"1.0.0\"", Err(("name", "missing required key")));
+        check(
+            &p("").replace("\"hello\"", "\"Hello\""),
+            Err(("name", "invalid module name \"Hello\"")),
+        );
+        check(
+            &p("").replace("\"hello\"", "\"h\""),
+            Err(("name", "2 to 63")),
+        );
+        check(
+            &p("").replace("\"hello\"", "\"-ab\""),
+            Err(("name", "invalid module name")),
+        );
+        check(
+            &p("").replace("\"hello\"", "\"a_b\""),
+            Err(("name", "invalid module name")),
+        );
+        let long = "a".repeat(64);
+        check(
+            &p("").replace("\"hello\"", &format!("\"{long}\"")),
+            Err(("name", "2 to 63")),
+        );
+        let max = "a".repeat(63);
+        check(
+            &p("").replace("\"hello\"", &format!("\"{max}\"")),
+            Ok(|m| m.name.len() == 63),
+        );
+        check(
+            &p("").replace("\"hello\"", "\"0-\""),
+            Ok(|m| m.name == "0-"),
+        );
+
+        // version
+        check("name = \"hello\"", Err(("version", "missing required key")));
+        check(
+            &p("").replace("1.2.0", "1.2"),
+            Err((
+                "version",
+                "invalid semver version \"1.2\": unexpected end of input",
+            )),
+        );
+        check(
+            &p("").replace("1.2.0", "v1.2.0"),
+            Err(("version", "invalid semver")),
+        );
+        check(
+            &p("").replace("1.2.0", "1.2.0-a.01"),
+            Err(("version", "invalid leading zero in pre-release identifier")),
+        );
+
+        // runtime
+        check(
+            "name = \"hello\"\nversion = \"1.2.0\"",
+            Err(("runtime", "missing required key")),
+        );
+        check(
+            &p("").replace("\"process\"", "\"docker\""),
+            Err((
+                "runtime",
+                "expected \"process\" or \"bundle\", found \"docker\"",
+            )),
+        );
+
+        // description
+        check(
+            &format!("description = 5\n{}", p("")),
+            Err(("description", "expected a string, found integer")),
+        );
+        check(
+            &format!("description = \"${{X}}\"\n{}", p("")),
+            Err(("description", "unknown variable ${X}")),
+        );
+
+        // Sections by runtime.
+        check(
+            HEAD_P,
+            Err((
+                "process",
+                "missing section required by runtime = \"process\"",
+            )),
+        );
+        check(
+            &p("[bundle]\n"),
+            Err(("bundle", "section not allowed with runtime = \"process\"")),
+        );
+        check(
+            &b("[process]\ncommand = [\"x\"]"),
+            Err(("process", "section not allowed with runtime = \"bundle\"")),
+        );
+        check(
+            &b("bundle = 1"),
+            Err(("bundle", "expected a table, found integer")),
+        );
+
+        // process.command
+        check(&praw(""), Err(("process.command", "missing required key")));
+        check(
+            &praw("command = []"),
+            Err(("process.command", "must not be empty")),
+        );
+        check(
+            &praw("command = \"bin/x\""),
+            Err((
+                "process.command",
+                "expected an array of strings, found string",
+            )),
+        );
+        check(
+            &praw("command = [\"x\", \"\"]"),
+            Err(("process.command[1]", "must not be empty")),
+        );
+        check(
+            &praw("command = [\"x\", 1]"),
+            Err(("process.command[1]", "expected a string, found integer")),
+        );
+        check(
+            &praw("command = [\"../x\"]"),
+            Err(("process.command", "must not leave the module dir")),
+        );
+        check(
+            &praw("command = [\"bin/../../x\"]"),
+            Err(("process.command", "must not leave the module dir")),
+        );
+        check(
+            &praw("command = [\"${MODULE_DIR}/../x\"]"),
+            Err(("process.command", "must not leave the module dir")),
+        );
+        check(
+            &praw("command = [\"x\", \"${NOPE}\"]"),
+            Err(("process.command[1]", "unknown variable ${NOPE}")),
+        );
+        check(
+            &praw("command = [\"/usr/bin/python3\", \"../shared/app.py\"]"),
+            Ok(|m| {
+                m.process
+                    .as_ref()
+                    .is_some_and(|p| p.command[0] == "/usr/bin/python3")
+            }),
+        );
+        check(&praw("command = [\"/opt/../usr/bin/x\"]"), Ok(|_| true));
+        check(&praw("command = [\"bin/..x\"]"), Ok(|_| true));
+
+        // process.env
+        check(
+            &p("env = 1"),
+            Err(("process.env", "expected a table, found integer")),
+        );
+        check(
+            &p("env = { \"1BAD\" = \"x\" }"),
+            Err(("process.env.1BAD", "invalid environment variable name")),
+        );
+        check(
+            &p("env = { \"A.B\" = \"x\" }"),
+            Err(("process.env.\"A.B\"", "invalid environment variable name")),
+        );
+        check(
+            &p("env = { A-B = \"x\" }"),
+            Err(("process.env.A-B", "invalid environment variable name")),
+        );
+        check(
+            &p("env = { HOTSWAP_X = \"x\" }"),
+            Err(("process.env.HOTSWAP_X", "reserved")),
+        );
+        for name in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+            check(
+                &p(&format!("env = {{ {name} = \"x\" }}")),
+                Err((&format!("process.env.{name}"), "reserved")),
+            );
+        }
+        check(
+            &p("env = { A = 1 }"),
+            Err(("process.env.A", "expected a string, found integer")),
+        );
+        check(
+            &p("env = { A = \"${B}\" }"),
+            Err(("process.env.A", "unknown variable ${B}")),
+        );
+        check(
+            &p("env = { LISTEN = \"$HOME\" }"),
+            Ok(|m| {
+                m.process
+                    .as_ref()
+                    .is_some_and(|p| p.env["LISTEN"] == "$HOME")
+            }),
+        );
+
+        // process.swap / stop_signal / stop_timeout
+        check(
+            &p("swap = \"blue-green\""),
+            Err(("process.swap", "expected \"start-first\" or \"stop-first\"")),
+        );
+        check(
+            &p("swap = true"),
+            Err(("process.swap", "expected a string, found boolean")),
+        );
+        check(
+            &p("stop_signal = \"SIGSTOP\""),
+            Err((
+                "process.stop_signal",
+                "unsupported signal \"SIGSTOP\"; expected one of SIGTERM",
+            )),
+        );
+        check(
+            &p("stop_signal = \"sigterm\""),
+            Err(("process.stop_signal", "unsupported")),
+        );
+        check(
+            &p("stop_signal = 15"),
+            Err(("process.stop_signal", "expected a string")),
+        );
+        check(
+            &p("stop_timeout = \"soon\""),
+            Err(("process.stop_timeout", "invalid duration \"soon\"")),
+        );
+        check(
+            &p("stop_timeout = \"0s\""),
+            Err(("process.stop_timeout", "greater than zero")),
+        );
+        check(
+            &p("stop_timeout = \"61m\""),
+            Err(("process.stop_timeout", "must be at most 1h, found 1h 1m")),
+        );
+        check(
+            &p("stop_timeout = 10"),
+            Err(("process.stop_timeout", "expected a string, found integer")),
+        );
+        check(
+            &p("stop_timeout = \"1h\""),
+            Ok(|m| {
+                m.process
+                    .as_ref()
+                    .is_some_and(|p| p.stop_timeout == Duration::from_secs(3600))
+            }),
+        );
+
+        // process.sockets
+        let socket = |name: &str, listen: &str| {
+            format!("[[process.sockets]]\nname = \"{name}\"\nlisten = \"{listen}\"\n")
+        };
+        check(
+            &p("sockets = 1"),
+            Err((
+                "process.sockets",
+                "expected an array of tables, found integer",
+            )),
+        );
+        check(
+            &p("sockets = [1]"),
+            Err(("process.sockets[0]", "expected a table, found integer")),
+        );
+        check(
+            &p("sockets = []"),
+            Ok(|m| m.process.as_ref().is_some_and(|p| p.sockets.is_empty())),
+        );
+        check(
+            &p("[[process.sockets]]\nlisten = \"127.0.0.1:1\""),
+            Err(("process.sockets[0].name", "missing required key")),
+        );
+        check(
+            &p("[[process.sockets]]\nname = \"a\""),
+            Err(("process.sockets[0].listen", "missing required key")),
+        );
+        check(
+            &p(&socket("Http", "127.0.0.1:1")),
+            Err(("process.sockets[0].name", "invalid socket name \"Http\"")),
+        );
+        check(
+            &p(&socket(&"a".repeat(33), "127.0.0.1:1")),
+            Err(("process.sockets[0].name", "invalid socket name")),
+        );
+        check(&p(&socket(&"a".repeat(32), "127.0.0.1:1")), Ok(|_| true));
+        check(&p(&socket("a", "127.0.0.1:1")), Ok(|_| true));
+        check(
+            &p(&format!(
+                "{}{}",
+                socket("a", "127.0.0.1:1"),
+                socket("a", "127.0.0.1:2")
+            )),
+            Err(("process.sockets[1].name", "duplicate socket name \"a\"")),
+        );
+        check(
+            &p(&format!(
+                "{}{}",
+                socket("a", "127.0.0.1:1"),
+                socket("b", "127.0.0.1:1")
+            )),
+            Err((
+                "process.sockets[1].listen",
+                "duplicate listen address 127.0.0.1:1 (also used by socket \"a\")",
+            )),
+        );
+        check(
+            &p(&socket("a", "localhost:80")),
+            Err((
+                "process.sockets[0].listen",
+                "invalid socket address \"localhost:80\"",
+            )),
+        );
+        check(
+            &p(&socket("a", "${NODE_NAME}:80")),
+            Err((
+                "process.sockets[0].listen",
+                "variables are not allowed in listen",
+            )),
+        );
+        let seventeen: String = (0..17)
+            .map(|i| socket(&format!("s{i}"), &format!("127.0.0.1:{}", 1000 + i)))
+            .collect();
+        check(
+            &p(&seventeen),
+            Err((
+                "process.sockets",
+                "at most 16 sockets are allowed, found 17",
+            )),
+        );
+        let sixteen: String = (0..16)
+            .map(|i| socket(&format!("s{i}"), &format!("127.0.0.1:{}", 1000 + i)))
+            .collect();
+        check(
+            &p(&sixteen),
+            Ok(|m| m.process.as_ref().is_some_and(|p| p.sockets.len() == 16)),
+        );
+
+        // bundle
+        check(
+            &b("[bundle]\nactivate = []"),
+            Err(("bundle.activate", "must not be empty")),
+        );
+        check(
+            &b("[bundle]\ndeactivate = [\"\"]"),
+            Err(("bundle.deactivate[0]", "must not be empty")),
+        );
+        check(
+            &b("[bundle]\ndeactivate = \"x\""),
+            Err(("bundle.deactivate", "expected an array of strings")),
+        );
+        check(
+            &b("[bundle]\nactivate = [\"x\"]"),
+            Ok(|m| {
+                m.bundle
+                    == Some(BundleSpec {
+                        activate: Some(vec!["x".into()]),
+                        deactivate: None,
+                    })
+            }),
+        );
+
+        // health
+        check(
+            &b("health = 1"),
+            Err(("health", "expected a table, found integer")),
+        );
+        check(
+            &p("[health]\n"),
+            Err(("health", "one of http, tcp or exec is required")),
+        );
+        check(
+            &p("[health]\ninterval = \"1s\""),
+            Err(("health", "one of http, tcp or exec is required")),
+        );
+        check(
+            &p("[health]\nhttp = \"http://x\"\ntcp = \"x:1\""),
+            Err(("health", "only one of http, tcp or exec may be set")),
+        );
+        check(
+            &p("[health]\nhttp = \"ftp://x\""),
+            Err(("health.http", "expected an http:// or https:// URL")),
+        );
+        check(
+            &p("[health]\nhttp = \"http://\""),
+            Err(("health.http", "expected an http://")),
+        );
+        check(
+            &p("[health]\nhttp = 80"),
+            Err(("health.http", "expected a string, found integer")),
+        );
+        check(
+            &p("[health]\nhttp = \"http://127.0.0.1/${FOO}\""),
+            Err((
+                "health.http",
+                "unknown variable ${FOO}; allowed: ${NODE_NAME}, ${NODE_LABEL_<key>}, ${MODULE_DIR}",
+            )),
+        );
+        check(
+            &p("[health]\nhttp = \"http://x/${NODE_NAME\""),
+            Err(("health.http", "unterminated")),
+        );
+        check(
+            &p("[health]\ntcp = \"localhost\""),
+            Err(("health.tcp", "expected host:port")),
+        );
+        check(
+            &p("[health]\ntcp = \":80\""),
+            Err(("health.tcp", "host must not be empty")),
+        );
+        check(
+            &p("[health]\ntcp = \"x:0\""),
+            Err(("health.tcp", "port must be a number from 1 to 65535")),
+        );
+        check(
+            &p("[health]\ntcp = \"x:65536\""),
+            Err(("health.tcp", "port must be")),
+        );
+        check(
+            &p("[health]\ntcp = \"x:+80\""),
+            Err(("health.tcp", "port must be")),
+        );
+        check(
+            &p("[health]\ntcp = \"x:\""),
+            Err(("health.tcp", "port must be")),
+        );
+        check(
+            &p("[health]\ntcp = \"::1:80\""),
+            Err(("health.tcp", "IPv6 host must be in brackets")),
+        );
+        check(&p("[health]\ntcp = \"[::1]:65535\""), Ok(|_| true));
+        check(&p("[health]\ntcp = \"${NODE_LABEL_ip}:80\""), Ok(|_| true));
+        check(
+            &p("[health]\ntcp = \"${HOST}:80\""),
+            Err(("health.tcp", "unknown variable ${HOST}")),
+        );
+        check(
+            &p("[health]\nexec = []"),
+            Err(("health.exec", "must not be empty")),
+        );
+        check(
+            &p("[health]\nexec = [\"\"]"),
+            Err(("health.exec[0]", "must not be empty")),
+        );
+        check(
+            &p("[health]\nexec = \"x\""),
+            Err(("health.exec", "expected an array of strings")),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\ninterval = \"0ms\""),
+            Err(("health.interval", "greater than zero")),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\ninterval = \"often\""),
+            Err(("health.interval", "invalid duration \"often\"")),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\ntimeout = \"0s\""),
+            Err(("health.timeout", "greater than zero")),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\ntimeout = \"2s\""),
+            Err(("health.timeout", "must not exceed interval (2s > 1s)")),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\ntimeout = \"2s\"\ninterval = \"2s\""),
+            Ok(|m| m.health.as_ref().is_some_and(|h| h.timeout == h.interval)),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\nhealthy_threshold = 0"),
+            Err((
+                "health.healthy_threshold",
+                "must be between 1 and 100, found 0",
+            )),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\nunhealthy_threshold = 101"),
+            Err((
+                "health.unhealthy_threshold",
+                "must be between 1 and 100, found 101",
+            )),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\nhealthy_threshold = \"2\""),
+            Err((
+                "health.healthy_threshold",
+                "expected an integer, found string",
+            )),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\nunhealthy_threshold = 1.5"),
+            Err((
+                "health.unhealthy_threshold",
+                "expected an integer, found float",
+            )),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\nhealthy_threshold = 100\nunhealthy_threshold = 1"),
+            Ok(|m| {
+                m.health
+                    .as_ref()
+                    .is_some_and(|h| h.healthy_threshold == 100 && h.unhealthy_threshold == 1)
+            }),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\nstart_timeout = \"2h\""),
+            Err(("health.start_timeout", "must be at most 1h, found 2h")),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\nstart_timeout = \"0s\""),
+            Err(("health.start_timeout", "greater than zero")),
+        );
+
+        // metrics
+        check(
+            &b("metrics = []"),
+            Err(("metrics", "expected a table, found array")),
+        );
+        check(
+            &p("[metrics]\n"),
+            Err(("metrics.prometheus", "missing required key")),
+        );
+        check(
+            &p("[metrics]\nprometheus = \"127.0.0.1:8080/metrics\""),
+            Err(("metrics.prometheus", "expected an http:// or https:// URL")),
+        );
+        check(
+            &p("[metrics]\nprometheus = \"http://${NODE_NAME}:8080/metrics\""),
+            Ok(|m| {
+                m.metrics
+                    .as_ref()
+                    .is_some_and(|x| x.prometheus == "http://${NODE_NAME}:8080/metrics")
+            }),
+        );
+        check(
+            &p("[metrics]\nprometheus = \"http://${METRICS}\""),
+            Err(("metrics.prometheus", "unknown variable ${METRICS}")),
+        );
+        for key in ["requests_total", "errors_total", "latency_seconds"] {
+            check(
+                &p(&format!(
+                    "[metrics]\nprometheus = \"http://x\"\n{key} = \"1bad\""
+                )),
+                Err((&format!("metrics.{key}"), "invalid metric name \"1bad\"")),
+            );
+            check(
+                &p(&format!(
+                    "[metrics]\nprometheus = \"http://x\"\n{key} = \"a-b\""
+                )),
+                Err((&format!("metrics.{key}"), "invalid metric name")),
+            );
+            check(
+                &p(&format!("[metrics]\nprometheus = \"http://x\"\n{key} = 1")),
+                Err((
+                    &format!("metrics.{key}"),
+                    "expected a string, found integer",
+                )),
+            );
+        }
+
+        // Variables: label keys must be possible label keys.
+        check(
+            &p("env = { Z = \"${NODE_LABEL_Zone}\" }"),
+            Err(("process.env.Z", "invalid variable ${NODE_LABEL_Zone}")),
+        );
+        check(
+            &p("env = { Z = \"${NODE_LABEL_}\" }"),
+            Err(("process.env.Z", "invalid variable ${NODE_LABEL_}")),
+        );
+    }
+
+    #[test]
+    fn first_error_wins_in_section_order() {
+        // Bad name and bad process: the top-level error is reported.
+        check(
+            &praw("comand = 1").replace("\"hello\"", "\"H\""),
+            Err(("name", "invalid module name")),
+        );
+        // Bad process and bad health: process comes first.
+        check(
+            &p("swap = \"x\"\n[health]\n"),
+            Err(("process.swap", "expected")),
+        );
+        // Bad health and bad metrics: health comes first.
+        check(&p("[health]\n[metrics]\n"), Err(("health", "one of")));
+        // Bad process and a forbidden bundle: process comes first.
+        check(
+            &praw("command = []\n[bundle]\n"),
+            Err(("process.command", "must not be empty")),
+        );
+    }
+
+    #[test]
+    fn error_display_names_file_key_and_reason() {
+        let e = parse_manifest("hello/module.toml", &p("stop_timeout = \"soon\""))
+            .expect_err("bad duration");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("hello/module.toml: process.stop_timeout: invalid duration \"soon\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn expand_variables() {
+        let labels = BTreeMap::from([
+            ("zone".to_string(), "eu-1".to_string()),
+            ("rack.id".to_string(), "r7".to_string()),
+        ]);
+        let vars = Vars {
+            node_name: "node-a",
+            labels: &labels,
+            module_dir: "/var/lib/hotswap/modules/hello",
+        };
+        assert_eq!(expand("plain", &vars), Ok("plain".to_string()));
+        assert_eq!(expand("", &vars), Ok(String::new()));
+        assert_eq!(expand("${NODE_NAME}", &vars), Ok("node-a".to_string()));
+        assert_eq!(
+            expand("${MODULE_DIR}/bin/x", &vars),
+            Ok("/var/lib/hotswap/modules/hello/bin/x".to_string())
+        );
+        assert_eq!(
+            expand(
+                "${NODE_NAME}@${NODE_LABEL_zone}/${NODE_LABEL_rack.id}",
+                &vars
+            ),
+            Ok("node-a@eu-1/r7".to_string())
+        );
+        // A lone "$" and "$$" are literal.
+        assert_eq!(
+            expand("$HOME $ $$ a$", &vars),
+            Ok("$HOME $ $$ a$".to_string())
+        );
+        assert_eq!(expand("$${NODE_NAME}", &vars), Ok("$node-a".to_string()));
+        // "}" without "${" is literal too.
+        assert_eq!(expand("{}}", &vars), Ok("{}}".to_string()));
+
+        let err = expand("${NODE_LABEL_region}", &vars).expect_err("missing label");
+        assert!(err.contains("node has no label \"region\""), "{err}");
+        let err = expand("x ${FOO} y", &vars).expect_err("unknown");
+        assert!(err.contains("unknown variable ${FOO}"), "{err}");
+        assert!(err.contains("allowed: ${NODE_NAME}"), "{err}");
+        let err = expand("${node_name}", &vars).expect_err("case matters");
+        assert!(err.contains("unknown variable ${node_name}"), "{err}");
+        let err = expand("a ${NODE_NAME", &vars).expect_err("unterminated");
+        assert!(err.contains("unterminated"), "{err}");
+        let err = expand("${NODE_NAME}${", &vars).expect_err("unterminated");
+        assert!(err.contains("unterminated"), "{err}");
+    }
+
+    #[test]
+    fn load_missing_file_names_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nope").join(MANIFEST_FILE);
+        let err = load_manifest(&path).expect_err("missing");
+        assert_eq!(err.file, path.display().to_string());
+        assert_eq!(err.key, "-");
+        assert!(err.reason.contains("cannot read manifest"), "{err}");
+        assert!(err.to_string().contains("nope/module.toml"), "{err}");
+    }
+
+    #[test]
+    fn load_reads_and_parses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(MANIFEST_FILE);
+        std::fs::write(&path, FULL_BUNDLE).expect("write");
+        let m = load_manifest(&path).expect("valid");
+        assert_eq!(m.name, "static-site");
+
+        std::fs::write(&path, "name = 1").expect("write");
+        let err = load_manifest(&path).expect_err("invalid");
+        assert_eq!(err.file, path.display().to_string());
+        assert_eq!(err.key, "name");
+    }
+
+    /// Lines that exercise many paths of the parser when shuffled together.
+    const FRAGMENTS: &[&str] = &[
+        "name = \"hello\"",
+        "name = \"\"",
+        "version = \"1.2.0\"",
+        "version = \"1.2\"",
+        "runtime = \"process\"",
+        "runtime = \"bundle\"",
+        "description = \"${NODE_LABEL_x}${\"",
+        "[process]",
+        "command = [\"bin/hello\", \"${MODULE_DIR}\"]",
+        "command = [\"../x\"]",
+        "env = { A = \"${NODE_NAME}\", HOTSWAP_X = \"1\" }",
+        "swap = \"stop-first\"",
+        "stop_signal = \"KILL\"",
+        "stop_timeout = \"99999999999999999999h\"",
+        "[[process.sockets]]",
+        "name = \"http\"",
+        "listen = \"[::1]:8080\"",
+        "[bundle]",
+        "activate = [\"x\", 1]",
+        "[health]",
+        "http = \"http://é${NODE_NAME}\"",
+        "tcp = \"é:é\"",
+        "exec = [\"x\"]",
+        "timeout = \"1ms\"",
+        "healthy_threshold = -9223372036854775808",
+        "[metrics]",
+        "prometheus = \"https://x\"",
+        "latency_seconds = \"é\"",
+    ];
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_text(text in ".*") {
+            let _ = parse_manifest("fuzz", &text);
+        }
+
+        #[test]
+        fn never_panics_on_shuffled_fragments(
+            lines in prop::collection::vec(prop::sample::select(FRAGMENTS), 0..24)
+        ) {
+            let _ = parse_manifest("fuzz", &lines.join("\n"));
+        }
+
+        #[test]
+        fn name_and_version_round_trip(
+            name in "[a-z0-9][a-z0-9-]{1,62}",
+            version in "(0|[1-9][0-9]{0,8})\\.(0|[1-9][0-9]{0,8})\\.(0|[1-9][0-9]{0,8})(-[a-z][a-z0-9]{0,5}(\\.[a-z][a-z0-9]{0,3})?)?(\\+[a-z0-9]{1,6})?",
+        ) {
+            let text = format!("name = \"{name}\"\nversion = \"{version}\"\nruntime = \"bundle\"\n");
+            let m = parse_manifest("prop", &text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&m.name, &name);
+            prop_assert_eq!(m.version.to_string(), version);
+        }
+
+        #[test]
+        fn expand_without_variables_is_identity(text in "[^{]*") {
+            let labels = BTreeMap::new();
+            let vars = Vars { node_name: "n", labels: &labels, module_dir: "/m" };
+            prop_assert_eq!(expand(&text, &vars), Ok(text.clone()));
+        }
+    }
+}
