@@ -5,10 +5,13 @@
 //! Exit codes: 0 success, 1 error, 2 usage, 5 unauthenticated or denied.
 
 mod client;
+mod keys;
+mod module;
 mod nodes;
 mod output;
 mod tokens;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -49,11 +52,17 @@ enum Command {
     /// The fleet: list, inspect, watch and remove nodes.
     #[command(subcommand)]
     Nodes(nodes::NodesCommand),
+    /// Publisher keys: generate key pairs, manage the trusted set.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Module artifacts: pack, sign, verify, inspect, push, browse.
+    #[command(subcommand)]
+    Module(module::ModuleCommand),
 }
 
 fn main() -> ExitCode {
     hotswap_common::install_crypto_provider();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(rewrite_pack_output(std::env::args_os().collect()));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -70,6 +79,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Tokens(cmd) => tokens::run(&ctx, cmd).await,
             Command::Nodes(cmd) => nodes::run(&ctx, cmd).await,
+            Command::Keys(cmd) => keys::run(&ctx, cmd).await,
+            Command::Module(cmd) => module::run(&ctx, cmd).await,
         }
     });
     match result {
@@ -78,7 +89,94 @@ fn main() -> ExitCode {
     }
 }
 
+/// SPEC gives both the global `-o table|json` and `module pack DIR -o FILE`.
+/// After `module pack`, `-o` is the artifact file, so it is rewritten to
+/// `--out` before clap sees it; `--output` still selects the format there.
+fn rewrite_pack_output(args: Vec<OsString>) -> Vec<OsString> {
+    let words: Vec<Option<&str>> = args.iter().map(|a| a.to_str()).collect();
+    let pack_at = words
+        .windows(2)
+        .position(|w| w[0] == Some("module") && w[1] == Some("pack"))
+        .map(|i| i + 1);
+    let Some(pack_at) = pack_at else { return args };
+    args.iter()
+        .enumerate()
+        .map(|(i, arg)| match (i > pack_at, arg.to_str()) {
+            (true, Some("-o")) => OsString::from("--out"),
+            (true, Some(a)) if a.starts_with("-o") && a.len() > 2 => {
+                OsString::from(format!("--out={}", a[2..].trim_start_matches('=')))
+            }
+            _ => arg.clone(),
+        })
+        .collect()
+}
+
 fn report(error: &CliError) -> ExitCode {
     eprintln!("error: {error}");
     ExitCode::from(error.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(args: &[&str]) -> Vec<String> {
+        rewrite_pack_output(args.iter().map(OsString::from).collect())
+            .into_iter()
+            .map(|a| a.into_string().unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn pack_output_flag_names_the_file() {
+        assert_eq!(
+            rewrite(&[
+                "hotswapctl",
+                "-o",
+                "json",
+                "module",
+                "pack",
+                "d",
+                "--key",
+                "k",
+                "-o",
+                "f.hsm"
+            ]),
+            [
+                "hotswapctl",
+                "-o",
+                "json",
+                "module",
+                "pack",
+                "d",
+                "--key",
+                "k",
+                "--out",
+                "f.hsm"
+            ]
+        );
+        assert_eq!(
+            rewrite(&["hotswapctl", "module", "pack", "d", "-of.hsm"]),
+            ["hotswapctl", "module", "pack", "d", "--out=f.hsm"]
+        );
+        assert_eq!(
+            rewrite(&["hotswapctl", "module", "pack", "d", "-o=f.hsm"]),
+            ["hotswapctl", "module", "pack", "d", "--out=f.hsm"]
+        );
+        // Other commands keep -o as the output format.
+        assert_eq!(
+            rewrite(&["hotswapctl", "module", "push", "f", "-o", "json"]),
+            ["hotswapctl", "module", "push", "f", "-o", "json"]
+        );
+        assert_eq!(
+            rewrite(&["hotswapctl", "nodes", "list", "-o", "json"]),
+            ["hotswapctl", "nodes", "list", "-o", "json"]
+        );
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

@@ -1,7 +1,10 @@
 //! Wire → domain conversions. Everything that leaves `pb` goes through here,
 //! failing with an error that names the field when the message is unusable.
 
-use crate::model::{NodeModuleView, NodeStatus, NodeUpdateView, NodeView, TokenView};
+use crate::model::{
+    ModuleVersionView, ModuleView, NodeModuleView, NodeStatus, NodeUpdateView, NodeView,
+    PublisherKeyView, TokenView,
+};
 use crate::pb;
 use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
 
@@ -99,6 +102,69 @@ impl TryFrom<pb::NodeUpdate> for NodeUpdateView {
         Ok(NodeUpdateView {
             kind: kind.to_string(),
             node: node.try_into()?,
+        })
+    }
+}
+
+impl TryFrom<pb::ModuleVersion> for ModuleVersionView {
+    type Error = ConvertError;
+
+    fn try_from(version: pb::ModuleVersion) -> Result<Self, Self::Error> {
+        if version.digest.is_empty() {
+            return Err(ConvertError::Missing {
+                message: "ModuleVersion",
+                field: "digest",
+            });
+        }
+        Ok(ModuleVersionView {
+            version: version.version,
+            digest: version.digest,
+            size: version.size,
+            signed_by: version.signed_by,
+            pushed_at: rfc3339(version.pushed_at.as_ref()),
+            pushed_by: version.pushed_by,
+            runtime: version.runtime,
+        })
+    }
+}
+
+impl TryFrom<pb::Module> for ModuleView {
+    type Error = ConvertError;
+
+    fn try_from(module: pb::Module) -> Result<Self, Self::Error> {
+        Ok(ModuleView {
+            name: module.name,
+            versions: module
+                .versions
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl TryFrom<pb::PublisherKey> for PublisherKeyView {
+    type Error = ConvertError;
+
+    fn try_from(key: pb::PublisherKey) -> Result<Self, Self::Error> {
+        if key.key_id.is_empty() {
+            return Err(ConvertError::Missing {
+                message: "PublisherKey",
+                field: "key_id",
+            });
+        }
+        Ok(PublisherKeyView {
+            status: if key.revoked_at.is_some() {
+                "revoked"
+            } else {
+                "trusted"
+            }
+            .to_string(),
+            name: key.name,
+            key_id: key.key_id,
+            added_at: rfc3339(key.added_at.as_ref()),
+            added_by: key.added_by,
+            revoked_at: rfc3339(key.revoked_at.as_ref()),
         })
     }
 }

@@ -68,3 +68,34 @@ pub struct NodeUpdateView {
     pub kind: String,
     pub node: NodeView,
 }
+
+/// One stored version of a module.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModuleVersionView {
+    pub version: String,
+    pub digest: String,
+    pub size: u64,
+    pub signed_by: Vec<String>,
+    pub pushed_at: Option<String>,
+    pub pushed_by: String,
+    pub runtime: String,
+}
+
+/// `module get` / `module list` entries.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModuleView {
+    pub name: String,
+    pub versions: Vec<ModuleVersionView>,
+}
+
+/// A publisher key as `keys list` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublisherKeyView {
+    pub name: String,
+    pub key_id: String,
+    /// `trusted` or `revoked`.
+    pub status: String,
+    pub added_at: Option<String>,
+    pub added_by: String,
+    pub revoked_at: Option<String>,
+}

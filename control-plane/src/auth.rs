@@ -57,3 +57,16 @@ pub fn require_node<T>(request: &Request<T>) -> Result<(String, Peer), ApiError>
         ))),
     }
 }
+
+/// Any valid caller: an operator, or a node presenting its current
+/// certificate. Returns the principal for logging.
+pub fn require_operator_or_node<T>(
+    request: &Request<T>,
+    registry: &crate::registry::Registry,
+) -> Result<Principal, ApiError> {
+    let peer = peer(request)?;
+    if let Principal::Node(id) = &peer.principal {
+        registry.current_record(id, &peer.cert_fingerprint)?;
+    }
+    Ok(peer.principal)
+}

@@ -34,6 +34,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// sled page cache size in bytes.
     pub storage_cache_bytes: u64,
+    /// Largest artifact `module push` accepts, in bytes.
+    pub max_artifact_bytes: u64,
 }
 
 impl Default for Settings {
@@ -46,6 +48,7 @@ impl Default for Settings {
             token_max_ttl: Duration::from_secs(30 * 86_400),
             shutdown_timeout: Duration::from_secs(10),
             storage_cache_bytes: 64 * 1024 * 1024,
+            max_artifact_bytes: 512 * 1024 * 1024,
         }
     }
 }
@@ -102,6 +105,9 @@ impl Settings {
         }
         if self.token_default_ttl > self.token_max_ttl {
             problems.push("token_default_ttl must not exceed token_max_ttl".to_string());
+        }
+        if self.max_artifact_bytes < 1024 {
+            problems.push("max_artifact_bytes must be at least 1024".to_string());
         }
         if self.storage_cache_bytes < 1024 * 1024 {
             problems.push("storage_cache_bytes must be at least 1048576".to_string());

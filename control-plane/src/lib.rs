@@ -8,6 +8,7 @@
 //! serves it until the shutdown token is cancelled.
 
 pub mod auth;
+pub mod blobs;
 pub mod config;
 pub mod error;
 pub mod init;

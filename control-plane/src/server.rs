@@ -13,10 +13,12 @@ use hotswap_common::pki::CertificateAuthority;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::blobs::BlobStore;
 use crate::config::RunConfig;
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
 use crate::service::Context;
+use crate::service::artifacts::ArtifactsService;
 use crate::service::enrollment::EnrollmentService;
 use crate::service::fleet::FleetService;
 use crate::service::session::SessionService;
@@ -51,6 +53,9 @@ impl DataDir {
     }
     pub fn state(&self) -> PathBuf {
         self.root.join("state")
+    }
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs")
     }
     /// Where the bound addresses are published once listening.
     pub fn addresses(&self) -> PathBuf {
@@ -137,6 +142,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 source,
             }
         })?;
+    let blobs_path = layout.blobs();
+    let blobs = BlobStore::open(&blobs_path).map_err(|source| RunError::Write {
+        path: blobs_path,
+        source,
+    })?;
     let (metrics, prometheus) = Metrics::new();
     let metrics = Arc::new(metrics);
     let registry = Registry::new(store.clone(), metrics.clone())?;
@@ -195,6 +205,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         .add_service(pb::fleet_server::FleetServer::new(FleetService::new(
             ctx.clone(),
         )))
+        // Upload chunks are at most 1 MiB; leave headroom for framing.
+        .add_service(
+            pb::artifacts_server::ArtifactsServer::new(ArtifactsService::new(ctx.clone(), blobs))
+                .max_decoding_message_size(8 * 1024 * 1024),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
 

@@ -81,11 +81,59 @@ pub struct Store {
     tokens: sled::Tree,
     nodes: sled::Tree,
     node_names: sled::Tree,
+    keys: sled::Tree,
+    artifacts: sled::Tree,
 }
 
 const TOKENS: &str = "tokens";
 const NODES: &str = "nodes";
 const NODE_NAMES: &str = "node_names";
+const KEYS: &str = "publisher_keys";
+const ARTIFACTS: &str = "artifacts";
+
+/// A publisher key the control plane trusts (or trusted, once revoked).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub name: String,
+    pub key_id: String,
+    pub public_key_pem: String,
+    pub added_at_ms: u64,
+    pub added_by: String,
+    pub revoked_at_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SignatureRecord {
+    pub key_id: String,
+    pub signed_at_ms: u64,
+    pub expires_at_ms: Option<u64>,
+    /// Hex of the 64 signature bytes.
+    pub signature: String,
+}
+
+/// One stored module version. The content itself is a blob named by `digest`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ArtifactRecord {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    pub size: u64,
+    pub runtime: String,
+    pub manifest: String,
+    pub signatures: Vec<SignatureRecord>,
+    pub pushed_at_ms: u64,
+    pub pushed_by: String,
+}
+
+/// Key of an artifact record: `name` NUL `version`, so one module's versions
+/// are contiguous and a prefix scan lists them.
+fn artifact_key(name: &str, version: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + version.len() + 1);
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key.extend_from_slice(version.as_bytes());
+    key
+}
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own plain structs to JSON cannot fail.
@@ -116,6 +164,8 @@ impl Store {
             tokens: db.open_tree(TOKENS)?,
             nodes: db.open_tree(NODES)?,
             node_names: db.open_tree(NODE_NAMES)?,
+            keys: db.open_tree(KEYS)?,
+            artifacts: db.open_tree(ARTIFACTS)?,
             db,
         })
     }
@@ -244,6 +294,118 @@ impl Store {
         };
         self.flush().await?;
         Ok(removed)
+    }
+}
+
+impl Store {
+    pub fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.keys
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(KEYS, &key, &value)
+            })
+            .collect()
+    }
+
+    pub fn get_key(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.keys
+            .get(name.as_bytes())?
+            .map(|bytes| decode(KEYS, name.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    /// Insert a key if its name is free; returns the existing record otherwise.
+    pub async fn insert_key(&self, record: &KeyRecord) -> Result<Option<KeyRecord>, StoreError> {
+        let previous = self.keys.compare_and_swap(
+            record.name.as_bytes(),
+            None as Option<&[u8]>,
+            Some(encode(record)),
+        )?;
+        match previous {
+            Ok(()) => {
+                self.flush().await?;
+                Ok(None)
+            }
+            Err(current) => current
+                .current
+                .map(|bytes| decode(KEYS, record.name.as_bytes(), &bytes))
+                .transpose(),
+        }
+    }
+
+    pub async fn put_key(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.keys.insert(record.name.as_bytes(), encode(record))?;
+        self.flush().await
+    }
+
+    pub fn get_artifact(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        let key = artifact_key(name, version);
+        self.artifacts
+            .get(&key)?
+            .map(|bytes| decode(ARTIFACTS, &key, &bytes))
+            .transpose()
+    }
+
+    /// Every version of one module, in key order.
+    pub fn module_versions(&self, name: &str) -> Result<Vec<ArtifactRecord>, StoreError> {
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.push(0);
+        self.artifacts
+            .scan_prefix(&prefix)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(ARTIFACTS, &key, &value)
+            })
+            .collect()
+    }
+
+    pub fn list_artifacts(&self) -> Result<Vec<ArtifactRecord>, StoreError> {
+        self.artifacts
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(ARTIFACTS, &key, &value)
+            })
+            .collect()
+    }
+
+    /// Whether any stored artifact has this digest.
+    pub fn has_digest(&self, digest: &str) -> Result<bool, StoreError> {
+        Ok(self.list_artifacts()?.iter().any(|a| a.digest == digest))
+    }
+
+    /// Store an artifact record unless `name@version` exists. Returns the
+    /// existing record when it does (the caller decides what that means).
+    pub async fn insert_artifact(
+        &self,
+        record: &ArtifactRecord,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        let key = artifact_key(&record.name, &record.version);
+        let previous =
+            self.artifacts
+                .compare_and_swap(&key, None as Option<&[u8]>, Some(encode(record)))?;
+        match previous {
+            Ok(()) => {
+                self.flush().await?;
+                Ok(None)
+            }
+            Err(current) => current
+                .current
+                .map(|bytes| decode(ARTIFACTS, &key, &bytes))
+                .transpose(),
+        }
+    }
+
+    /// Replace a stored artifact record (signature merges only).
+    pub async fn put_artifact(&self, record: &ArtifactRecord) -> Result<(), StoreError> {
+        self.artifacts
+            .insert(artifact_key(&record.name, &record.version), encode(record))?;
+        self.flush().await
     }
 }
 

@@ -1,15 +1,20 @@
 //! The `.hsm` byte layout, the content digest and the signature statement.
 //!
 //! ```text
-//! file      = MAGIC(8) content_len:u64 content sig_count:u16 signature*
+//! file      = MAGIC(8) content_len:u64 content sig_count:u16 signature* trailer
 //! content   = manifest_len:u32 manifest(UTF-8 TOML) payload(tar.zst)
 //! signature = key_id_len:u8 key_id signed_at_ms:u64 expires_at_ms:u64 ed25519(64)
+//! trailer   = SHA-256 of every byte before it (32)
 //! ```
 //! Integers are big-endian. `expires_at_ms` 0 means "no expiry". The digest is
-//! SHA-256 over `content`. Nothing may follow the last signature.
+//! SHA-256 over `content`. Nothing may follow the trailer.
+//!
+//! The trailer is for integrity, not authenticity: it catches corruption in
+//! parts no verifier can check, such as a signature by a key it does not know.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+
 use std::path::Path;
 
 use sha2::Digest as _;
@@ -112,6 +117,22 @@ fn format_err(reason: impl Into<String>) -> ArtifactError {
     ArtifactError::Format(reason.into())
 }
 
+/// Hashes everything read through it, for the trailer check.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    position: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.position += n as u64;
+        Ok(n)
+    }
+}
+
 fn read_exact<R: Read>(reader: &mut R, buf: &mut [u8], what: &str) -> Result<(), ArtifactError> {
     reader.read_exact(buf).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => {
@@ -140,10 +161,15 @@ pub fn read_artifact(path: &Path) -> Result<ArtifactInfo, ArtifactError> {
 }
 
 /// As [`read_artifact`], from any seekable reader of `total_len` bytes.
-pub fn read_artifact_from<R: Read + Seek>(
-    mut reader: R,
+pub fn read_artifact_from<R: Read>(
+    reader: R,
     total_len: u64,
 ) -> Result<ArtifactInfo, ArtifactError> {
+    let mut reader = HashingReader {
+        inner: reader,
+        hasher: Sha256::new(),
+        position: 0,
+    };
     let mut magic = [0u8; 8];
     read_exact(&mut reader, &mut magic, "header")?;
     if &magic != MAGIC {
@@ -226,18 +252,19 @@ pub fn read_artifact_from<R: Read + Seek>(
             bytes,
         });
     }
-    let position = reader
-        .stream_position()
-        .map_err(|e| format_err(e.to_string()))?;
-    if position != total_len {
+    let expected: [u8; 32] = reader.hasher.clone().finalize().into();
+    let position = reader.position;
+    let mut trailer = [0u8; 32];
+    read_exact(&mut reader.inner, &mut trailer, "integrity trailer")?;
+    if position + 32 != total_len {
         return Err(format_err(format!(
-            "{} unexpected bytes after the last signature",
-            total_len - position
+            "{} unexpected bytes after the integrity trailer",
+            total_len.saturating_sub(position + 32)
         )));
     }
-    reader
-        .seek(SeekFrom::Start(position))
-        .map_err(|e| format_err(e.to_string()))?;
+    if trailer != expected {
+        return Err(format_err("integrity check failed: the file is corrupt"));
+    }
     Ok(ArtifactInfo {
         manifest,
         manifest_text,
@@ -279,10 +306,14 @@ pub fn write_artifact<W: Write>(
     content: &[u8],
     signatures: &[Signature],
 ) -> std::io::Result<()> {
-    out.write_all(MAGIC)?;
-    out.write_all(&(content.len() as u64).to_be_bytes())?;
-    out.write_all(content)?;
-    out.write_all(&encode_signatures(signatures))
+    let len = (content.len() as u64).to_be_bytes();
+    let signatures = encode_signatures(signatures);
+    let mut hasher = Sha256::new();
+    for part in [&MAGIC[..], &len, content, &signatures] {
+        hasher.update(part);
+        out.write_all(part)?;
+    }
+    out.write_all(&hasher.finalize())
 }
 
 /// Read the content section of an artifact file into memory.

@@ -2,6 +2,7 @@
 //! validate input, call the registry, and convert at the edge; errors are
 //! [`crate::error::ApiError`] and map to status codes in one place.
 
+pub mod artifacts;
 mod convert;
 pub mod enrollment;
 pub mod fleet;

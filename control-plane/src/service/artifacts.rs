@@ -1,0 +1,539 @@
+//! `Artifacts`: publisher keys, artifact upload and browsing for operators,
+//! and artifact description and content streaming for agents.
+//!
+//! An upload is streamed to a temporary file (never held in memory) with a
+//! size limit, then checked off the async runtime: structure, manifest, and
+//! signatures against the trusted keys. Only then is the content copied into
+//! the blob store and the record written. Versions are immutable.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use hotswap_common::artifact::format::read_artifact;
+use hotswap_common::artifact::keys::{key_id, parse_public_key};
+use hotswap_common::artifact::{ArtifactError, ArtifactInfo, Digest, TrustSet};
+use hotswap_common::pb;
+use hotswap_common::timefmt::{now_ms, ts_from_ms};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Context;
+use crate::auth;
+use crate::blobs::BlobStore;
+use crate::error::ApiError;
+use crate::store::{ArtifactRecord, KeyRecord, SignatureRecord};
+
+/// Size of the chunks `FetchArtifact` sends: big enough to amortize framing,
+/// small enough to stay well under gRPC's default 4 MiB message limit.
+pub const FETCH_CHUNK_BYTES: usize = 256 * 1024;
+
+pub struct ArtifactsService {
+    ctx: Arc<Context>,
+    blobs: BlobStore,
+}
+
+impl ArtifactsService {
+    pub fn new(ctx: Arc<Context>, blobs: BlobStore) -> Self {
+        Self { ctx, blobs }
+    }
+
+    fn trust_set(&self) -> Result<TrustSet, ApiError> {
+        let mut trust = TrustSet::new();
+        for record in self.ctx.registry.store().list_keys()? {
+            if record.revoked_at_ms.is_some() {
+                continue;
+            }
+            let key = parse_public_key(&record.public_key_pem).map_err(|e| {
+                ApiError::Internal(format!("stored key {:?} is unreadable: {e}", record.name))
+            })?;
+            trust.add(&record.name, key);
+        }
+        Ok(trust)
+    }
+
+    fn key_names(&self) -> Result<BTreeMap<String, String>, ApiError> {
+        Ok(self
+            .ctx
+            .registry
+            .store()
+            .list_keys()?
+            .into_iter()
+            .map(|k| (k.key_id, k.name))
+            .collect())
+    }
+
+    async fn receive_upload(
+        &self,
+        mut stream: Streaming<pb::PushArtifactChunk>,
+    ) -> Result<std::path::PathBuf, ApiError> {
+        let limit = self.ctx.settings.max_artifact_bytes;
+        let path = self.blobs.tmp_path("upload");
+        let mut file = std::fs::File::create(&path)
+            .map_err(|e| ApiError::Internal(format!("cannot stage upload: {e}")))?;
+        let mut received: u64 = 0;
+        let outcome = async {
+            while let Some(chunk) = stream.message().await.map_err(|s| ApiError::InvalidArgument(format!("upload interrupted: {}", s.message())))? {
+                received += chunk.data.len() as u64;
+                if received > limit {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "artifact is larger than the upload limit of {limit} bytes (max_artifact_bytes)"
+                    )));
+                }
+                file.write_all(&chunk.data).map_err(|e| ApiError::Internal(format!("cannot stage upload: {e}")))?;
+            }
+            file.sync_all().map_err(|e| ApiError::Internal(format!("cannot stage upload: {e}")))?;
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => Ok(path),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    async fn push(
+        &self,
+        user: &str,
+        stream: Streaming<pb::PushArtifactChunk>,
+    ) -> Result<pb::ModuleVersion, ApiError> {
+        let upload = self.receive_upload(stream).await?;
+        let result = self.accept_upload(user, &upload).await;
+        let _ = std::fs::remove_file(&upload);
+        result
+    }
+
+    async fn accept_upload(
+        &self,
+        user: &str,
+        upload: &std::path::Path,
+    ) -> Result<pb::ModuleVersion, ApiError> {
+        let trust = self.trust_set()?;
+        let path = upload.to_path_buf();
+        // Hashing and signature checks are CPU and disk work: keep them off the runtime threads.
+        let (info, verified) = tokio::task::spawn_blocking(move || -> Result<_, ArtifactError> {
+            let info = read_artifact(&path)?;
+            let verified = trust.verify(&info, now_ms())?;
+            Ok((info, verified))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(artifact_error)?;
+        let module = info.module();
+        let digest = info.digest;
+
+        let store = self.ctx.registry.store();
+        let record = ArtifactRecord {
+            name: info.manifest.name.clone(),
+            version: info.manifest.version.to_string(),
+            digest: digest.to_string(),
+            size: info.content_len,
+            runtime: info.manifest.runtime.as_str().to_string(),
+            manifest: info.manifest_text.clone(),
+            signatures: verified_records(&info, &verified),
+            pushed_at_ms: now_ms(),
+            pushed_by: user.to_string(),
+        };
+        let existing = store.get_artifact(&record.name, &record.version)?;
+        if let Some(existing) = &existing
+            && existing.digest != record.digest
+        {
+            return Err(ApiError::AlreadyExists(format!(
+                "{module} already exists with digest {} (pushed {}); versions are immutable, publish a new version",
+                existing.digest,
+                hotswap_common::timefmt::rfc3339_from_ms(existing.pushed_at_ms)
+            )));
+        }
+
+        let blobs = self.blobs.clone();
+        let (source, offset, len) = (upload.to_path_buf(), info.content_offset, info.content_len);
+        tokio::task::spawn_blocking(move || blobs.put_from(&source, offset, len, &digest))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("cannot store blob {digest}: {e}")))?;
+
+        let names = self.key_names()?;
+        match existing {
+            None => match store.insert_artifact(&record).await? {
+                None => {
+                    tracing::info!(module = %module, digest = %digest, user = %user, "artifact stored");
+                    Ok(version_to_pb(&record, &names, true))
+                }
+                // Lost a race with an identical push: same check as above.
+                Some(raced) if raced.digest == record.digest => {
+                    Ok(version_to_pb(&raced, &names, false))
+                }
+                Some(raced) => Err(ApiError::AlreadyExists(format!(
+                    "{module} already exists with digest {}; versions are immutable, publish a new version",
+                    raced.digest
+                ))),
+            },
+            Some(mut existing) => {
+                // Same content: keep the record, add signatures it did not have.
+                let before = existing.signatures.len();
+                for signature in record.signatures {
+                    if !existing
+                        .signatures
+                        .iter()
+                        .any(|s| s.key_id == signature.key_id)
+                    {
+                        existing.signatures.push(signature);
+                    }
+                }
+                if existing.signatures.len() != before {
+                    store.put_artifact(&existing).await?;
+                    tracing::info!(module = %module, "new signatures merged into an existing artifact");
+                }
+                Ok(version_to_pb(&existing, &names, false))
+            }
+        }
+    }
+
+    async fn trust_key(
+        &self,
+        user: &str,
+        request: pb::TrustKeyRequest,
+    ) -> Result<pb::PublisherKey, ApiError> {
+        validate_key_name(&request.name)?;
+        let key = parse_public_key(&request.public_key_pem).map_err(|e| {
+            ApiError::InvalidArgument(format!("public key is not an ed25519 key in PEM form: {e}"))
+        })?;
+        let id = key_id(&key);
+        let store = self.ctx.registry.store();
+        if let Some(other) = store.list_keys()?.into_iter().find(|k| k.key_id == id) {
+            return Err(ApiError::AlreadyExists(format!(
+                "this key is already trusted as {:?} ({id})",
+                other.name
+            )));
+        }
+        let record = KeyRecord {
+            name: request.name.clone(),
+            key_id: id,
+            public_key_pem: hotswap_common::artifact::keys::public_key_pem(&key),
+            added_at_ms: now_ms(),
+            added_by: user.to_string(),
+            revoked_at_ms: None,
+        };
+        if let Some(existing) = store.insert_key(&record).await? {
+            return Err(ApiError::AlreadyExists(format!(
+                "a key named {:?} already exists ({}); revoked names are kept for history, choose another name",
+                existing.name, existing.key_id
+            )));
+        }
+        tracing::info!(user = %user, key = %record.name, key_id = %record.key_id, "publisher key trusted");
+        Ok(key_to_pb(&record))
+    }
+
+    async fn revoke_key(&self, user: &str, name: &str) -> Result<pb::PublisherKey, ApiError> {
+        let store = self.ctx.registry.store();
+        let mut record = store
+            .get_key(name)?
+            .ok_or_else(|| ApiError::NotFound(format!("no publisher key named {name:?}")))?;
+        if record.revoked_at_ms.is_some() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "key {name:?} is already revoked"
+            )));
+        }
+        record.revoked_at_ms = Some(now_ms());
+        store.put_key(&record).await?;
+        tracing::info!(user = %user, key = %name, "publisher key revoked");
+        Ok(key_to_pb(&record))
+    }
+
+    fn module(&self, name: &str) -> Result<pb::Module, ApiError> {
+        let names = self.key_names()?;
+        let mut versions = self.ctx.registry.store().module_versions(name)?;
+        if versions.is_empty() {
+            return Err(ApiError::NotFound(format!(
+                "module {name:?} has no versions; push one with `hotswapctl module push`"
+            )));
+        }
+        sort_newest_first(&mut versions);
+        Ok(pb::Module {
+            name: name.to_string(),
+            versions: versions
+                .iter()
+                .map(|v| version_to_pb(v, &names, false))
+                .collect(),
+        })
+    }
+
+    fn describe(&self, name: &str, version: &str) -> Result<pb::ArtifactDescriptor, ApiError> {
+        let record = self
+            .ctx
+            .registry
+            .store()
+            .get_artifact(name, version)?
+            .ok_or_else(|| ApiError::NotFound(format!("artifact {name}@{version} not found")))?;
+        let signatures = record
+            .signatures
+            .iter()
+            .map(|s| {
+                Ok(pb::ArtifactSignature {
+                    key_id: s.key_id.clone(),
+                    signed_at_ms: s.signed_at_ms,
+                    expires_at_ms: s.expires_at_ms.unwrap_or(0),
+                    signature: hex::decode(&s.signature).map_err(|e| {
+                        ApiError::Internal(format!("stored signature is corrupt: {e}"))
+                    })?,
+                })
+            })
+            .collect::<Result<_, ApiError>>()?;
+        Ok(pb::ArtifactDescriptor {
+            name: record.name,
+            version: record.version,
+            digest: record.digest,
+            size: record.size,
+            signatures,
+        })
+    }
+}
+
+fn artifact_error(e: ArtifactError) -> ApiError {
+    match e {
+        ArtifactError::Untrusted { .. } => ApiError::FailedPrecondition(e.to_string()),
+        ArtifactError::Read { .. } | ArtifactError::Write { .. } => {
+            ApiError::Internal(e.to_string())
+        }
+        _ => ApiError::InvalidArgument(e.to_string()),
+    }
+}
+
+fn verified_records(
+    info: &ArtifactInfo,
+    verified: &[hotswap_common::artifact::keys::VerifiedSignature],
+) -> Vec<SignatureRecord> {
+    // Keep only signatures that verified against a trusted key.
+    info.signatures
+        .iter()
+        .filter(|s| verified.iter().any(|v| v.key_id == s.key_id))
+        .map(|s| SignatureRecord {
+            key_id: s.key_id.clone(),
+            signed_at_ms: s.signed_at_ms,
+            expires_at_ms: s.expires_at_ms,
+            signature: hex::encode(s.bytes),
+        })
+        .collect()
+}
+
+fn validate_key_name(name: &str) -> Result<(), ApiError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "key name {name:?} is invalid: 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )))
+    }
+}
+
+fn sort_newest_first(versions: &mut [ArtifactRecord]) {
+    versions.sort_by(|a, b| {
+        match (
+            semver::Version::parse(&a.version),
+            semver::Version::parse(&b.version),
+        ) {
+            (Ok(a), Ok(b)) => b.cmp(&a),
+            _ => b.version.cmp(&a.version),
+        }
+    });
+}
+
+fn version_to_pb(
+    record: &ArtifactRecord,
+    key_names: &BTreeMap<String, String>,
+    created: bool,
+) -> pb::ModuleVersion {
+    pb::ModuleVersion {
+        version: record.version.clone(),
+        digest: record.digest.clone(),
+        size: record.size,
+        signed_by: record
+            .signatures
+            .iter()
+            .map(|s| {
+                key_names
+                    .get(&s.key_id)
+                    .cloned()
+                    .unwrap_or_else(|| s.key_id.clone())
+            })
+            .collect(),
+        pushed_at: Some(ts_from_ms(record.pushed_at_ms)),
+        pushed_by: record.pushed_by.clone(),
+        runtime: record.runtime.clone(),
+        created,
+    }
+}
+
+fn key_to_pb(record: &KeyRecord) -> pb::PublisherKey {
+    pb::PublisherKey {
+        name: record.name.clone(),
+        key_id: record.key_id.clone(),
+        public_key_pem: record.public_key_pem.clone(),
+        added_at: Some(ts_from_ms(record.added_at_ms)),
+        added_by: record.added_by.clone(),
+        revoked_at: record.revoked_at_ms.map(ts_from_ms),
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ArtifactChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::artifacts_server::Artifacts for ArtifactsService {
+    async fn push_artifact(
+        &self,
+        request: Request<Streaming<pb::PushArtifactChunk>>,
+    ) -> Result<Response<pb::ModuleVersion>, Status> {
+        let user = auth::require_operator(&request)?;
+        Ok(Response::new(self.push(&user, request.into_inner()).await?))
+    }
+
+    async fn list_modules(
+        &self,
+        request: Request<pb::ListModulesRequest>,
+    ) -> Result<Response<pb::ListModulesResponse>, Status> {
+        auth::require_operator(&request)?;
+        let mut names: Vec<String> = self
+            .ctx
+            .registry
+            .store()
+            .list_artifacts()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        names.dedup();
+        let modules = names
+            .iter()
+            .map(|n| self.module(n))
+            .collect::<Result<_, ApiError>>()?;
+        Ok(Response::new(pb::ListModulesResponse { modules }))
+    }
+
+    async fn get_module(
+        &self,
+        request: Request<pb::GetModuleRequest>,
+    ) -> Result<Response<pb::Module>, Status> {
+        auth::require_operator(&request)?;
+        Ok(Response::new(self.module(&request.into_inner().name)?))
+    }
+
+    async fn trust_key(
+        &self,
+        request: Request<pb::TrustKeyRequest>,
+    ) -> Result<Response<pb::PublisherKey>, Status> {
+        let user = auth::require_operator(&request)?;
+        Ok(Response::new(
+            self.trust_key(&user, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        // Agents read the trusted set when no keys are pinned locally.
+        auth::require_operator_or_node(&request, &self.ctx.registry)?;
+        let keys = self
+            .ctx
+            .registry
+            .store()
+            .list_keys()
+            .map_err(ApiError::from)?
+            .iter()
+            .map(key_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::PublisherKey>, Status> {
+        let user = auth::require_operator(&request)?;
+        Ok(Response::new(
+            self.revoke_key(&user, &request.into_inner().name).await?,
+        ))
+    }
+
+    async fn describe_artifact(
+        &self,
+        request: Request<pb::DescribeArtifactRequest>,
+    ) -> Result<Response<pb::ArtifactDescriptor>, Status> {
+        auth::require_operator_or_node(&request, &self.ctx.registry)?;
+        let request = request.into_inner();
+        Ok(Response::new(
+            self.describe(&request.name, &request.version)?,
+        ))
+    }
+
+    type FetchArtifactStream = ChunkStream;
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<pb::FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        auth::require_operator_or_node(&request, &self.ctx.registry)?;
+        let request = request.into_inner();
+        let digest = Digest::parse(&request.digest).map_err(ApiError::InvalidArgument)?;
+        let path = self.blobs.path(&digest);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|_| ApiError::NotFound(format!("no artifact content with digest {digest}")))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .len();
+        if request.offset > size {
+            return Err(ApiError::InvalidArgument(format!(
+                "offset {} is past the end of {digest} ({size} bytes)",
+                request.offset
+            ))
+            .into());
+        }
+        file.seek(std::io::SeekFrom::Start(request.offset))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        // Each transfer reads the blob from disk once, one chunk at a time; the
+        // channel bounds how far reading runs ahead of a slow receiver.
+        let (tx, rx) = mpsc::channel(4);
+        let shutdown = self.ctx.shutdown.clone();
+        tokio::spawn(async move {
+            let mut offset = request.offset;
+            loop {
+                let mut buf = vec![0u8; FETCH_CHUNK_BYTES];
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("reading {digest}: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                buf.truncate(n);
+                let chunk = pb::ArtifactChunk { offset, data: buf };
+                offset += n as u64;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    sent = tx.send(Ok(chunk)) => if sent.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
