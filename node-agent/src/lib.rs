@@ -7,6 +7,7 @@
 //! Entry point: [`agent::run`].
 
 pub mod agent;
+pub mod artifacts;
 pub mod backoff;
 pub mod config;
 pub mod identity;

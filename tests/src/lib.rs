@@ -219,6 +219,11 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// `init` a new data dir under `work`.
     pub fn init(work: &Path) -> Self {
+        Self::init_with_settings(work, "")
+    }
+
+    /// As [`ControlPlane::init`], with extra lines for the settings file.
+    pub fn init_with_settings(work: &Path, extra: &str) -> Self {
         let data_dir = work.join("cp");
         let output = Command::new(binary("hotswap-control-plane"))
             .args(["init", "--data-dir"])
@@ -230,7 +235,8 @@ impl ControlPlane {
             "init failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        std::fs::write(work.join("cp.toml"), FAST_SETTINGS).expect("write settings");
+        std::fs::write(work.join("cp.toml"), format!("{FAST_SETTINGS}{extra}"))
+            .expect("write settings");
         Self {
             data_dir,
             work: work.to_path_buf(),
@@ -568,4 +574,76 @@ impl Drop for TestDir {
             eprintln!("test files kept in {}", dir.keep().display());
         }
     }
+}
+
+/// A TCP proxy that forwards to `upstream` and cuts every connection after
+/// `budget` bytes have gone from upstream to the client: a transfer broken
+/// mid-way, deterministically.
+pub struct CutProxy {
+    pub addr: SocketAddr,
+}
+
+impl CutProxy {
+    pub fn start(upstream: SocketAddr, budget: u64) -> Self {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let (mut c_read, mut s_write) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut s_write);
+                    let _ = s_write.shutdown(Shutdown::Write);
+                });
+                let (mut s_read, mut c_write) = (server, client);
+                std::thread::spawn(move || {
+                    let mut sent = 0u64;
+                    let mut buf = [0u8; 8192];
+                    while sent < budget {
+                        let n = match s_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n.min((budget - sent) as usize),
+                        };
+                        if c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n as u64;
+                    }
+                    let _ = c_write.shutdown(Shutdown::Both);
+                    let _ = s_read.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Self { addr }
+    }
+}
+
+/// Write a bundle module directory with a manifest and a payload file.
+pub fn write_module(dir: &Path, name: &str, version: &str, payload: &[u8]) {
+    std::fs::create_dir_all(dir).expect("module dir");
+    std::fs::write(
+        dir.join("module.toml"),
+        format!("name = \"{name}\"\nversion = \"{version}\"\nruntime = \"bundle\"\n"),
+    )
+    .expect("manifest");
+    std::fs::write(dir.join("data.bin"), payload).expect("payload");
+}
+
+/// Run `hotswapctl` without a control plane (offline commands).
+pub fn ctl_offline(args: &[&str]) -> CtlOutput {
+    CtlOutput::from(
+        Command::new(binary("hotswapctl"))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run hotswapctl"),
+    )
 }

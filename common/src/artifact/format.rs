@@ -195,14 +195,12 @@ pub fn read_artifact_from<R: Read>(
     }
     let mut manifest_bytes = vec![0u8; manifest_len as usize];
     read_exact(&mut reader, &mut manifest_bytes, "manifest")?;
-    let manifest_text = String::from_utf8(manifest_bytes)
-        .map_err(|_| format_err("the manifest is not valid UTF-8"))?;
-    let manifest = parse_manifest("module.toml (in artifact)", &manifest_text)?;
-
     // Hash the content: length prefix, manifest, then the payload streamed.
+    // The manifest is parsed only after the integrity check, so corruption is
+    // reported as corruption rather than as a puzzling manifest error.
     let mut hasher = Sha256::new();
     hasher.update(len4);
-    hasher.update(manifest_text.as_bytes());
+    hasher.update(&manifest_bytes);
     let payload_offset = content_offset + 4 + u64::from(manifest_len);
     let payload_len = content_len - 4 - u64::from(manifest_len);
     let mut remaining = payload_len;
@@ -265,6 +263,9 @@ pub fn read_artifact_from<R: Read>(
     if trailer != expected {
         return Err(format_err("integrity check failed: the file is corrupt"));
     }
+    let manifest_text = String::from_utf8(manifest_bytes)
+        .map_err(|_| format_err("the manifest is not valid UTF-8"))?;
+    let manifest = parse_manifest("module.toml (in artifact)", &manifest_text)?;
     Ok(ArtifactInfo {
         manifest,
         manifest_text,
@@ -306,14 +307,50 @@ pub fn write_artifact<W: Write>(
     content: &[u8],
     signatures: &[Signature],
 ) -> std::io::Result<()> {
-    let len = (content.len() as u64).to_be_bytes();
-    let signatures = encode_signatures(signatures);
+    write_artifact_streaming(out, content, content.len() as u64, signatures)
+}
+
+/// Write an artifact whose content is read from `content` (exactly
+/// `content_len` bytes), without holding it in memory.
+pub fn write_artifact_streaming<W: Write, R: Read>(
+    out: &mut W,
+    mut content: R,
+    content_len: u64,
+    signatures: &[Signature],
+) -> std::io::Result<()> {
     let mut hasher = Sha256::new();
-    for part in [&MAGIC[..], &len, content, &signatures] {
+    let len = content_len.to_be_bytes();
+    for part in [&MAGIC[..], &len] {
         hasher.update(part);
         out.write_all(part)?;
     }
+    let mut remaining = content_len;
+    let mut buf = vec![0u8; 256 * 1024];
+    while remaining > 0 {
+        let n = remaining.min(buf.len() as u64) as usize;
+        content.read_exact(&mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        remaining -= n as u64;
+    }
+    let signatures = encode_signatures(signatures);
+    hasher.update(&signatures);
+    out.write_all(&signatures)?;
     out.write_all(&hasher.finalize())
+}
+
+/// SHA-256 of a whole file, streamed.
+pub fn digest_file(path: &Path) -> std::io::Result<Digest> {
+    let mut file = BufReader::new(File::open(path)?);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(Digest(hasher.finalize().into()));
+        }
+        hasher.update(&buf[..n]);
+    }
 }
 
 /// Read the content section of an artifact file into memory.

@@ -1,0 +1,433 @@
+//! The agent's artifact store: fetching signed artifacts from the control
+//! plane, verifying them, caching them by digest, and unpacking them into
+//! versioned module directories.
+//!
+//! Layout under `DATA_DIR/artifacts/`:
+//! - `partial/<hex>.part`: content being downloaded; a broken transfer
+//!   resumes from its length.
+//! - `cache/<hex>.hsm`: verified artifacts (content + signatures), by digest.
+//! - `index.json`: `name@version` → digest, so installs work offline.
+//! - `trusted-keys.json`: the last trust set used, for offline verification.
+//! - `modules/<name>/<version>/`: unpacked modules (renamed into place whole).
+//!
+//! Nothing is unpacked before its digest and signatures check out, and an
+//! artifact is verified again every time it is installed from the cache.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use hotswap_common::artifact::format::{
+    Signature, digest_file, read_artifact, write_artifact_streaming,
+};
+use hotswap_common::artifact::keys::{self, TrustSet};
+use hotswap_common::artifact::unpack::{Limits, unpack_artifact};
+use hotswap_common::artifact::{ArtifactInfo, Digest};
+use hotswap_common::fsutil::{self, PUBLIC_FILE_MODE};
+use hotswap_common::pb;
+use hotswap_common::timefmt::now_ms;
+use serde::{Deserialize, Serialize};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Why an artifact could not be made available.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Network or control plane trouble; retrying later can succeed. Any
+    /// partial download is kept and resumed.
+    #[error("{0}")]
+    Transient(String),
+    /// The artifact itself is unacceptable (unknown, altered, unsigned).
+    #[error("{0}")]
+    Rejected(String),
+    /// Local disk trouble.
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Where an agent's trust in publisher keys comes from.
+#[derive(Clone, Debug)]
+pub enum TrustSource {
+    /// Keys pinned on the command line (`--trusted-key`): the control plane's
+    /// set is ignored, so a compromised control plane cannot add keys.
+    Pinned(Vec<(String, String)>),
+    /// The set the control plane publishes (non-revoked keys).
+    ControlPlane,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Index {
+    /// `name@version` → digest.
+    artifacts: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct StoredTrust {
+    /// (name, public key PEM).
+    keys: Vec<(String, String)>,
+}
+
+/// A verified artifact in the cache.
+#[derive(Clone, Debug)]
+pub struct Cached {
+    pub path: PathBuf,
+    pub info: ArtifactInfo,
+    /// Content bytes downloaded by this call (0 when it was cached already).
+    pub downloaded: u64,
+}
+
+pub struct ArtifactStore {
+    root: PathBuf,
+    trust: TrustSource,
+    limits: Limits,
+}
+
+fn local<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> FetchError + '_ {
+    move |e| FetchError::Local(format!("{what}: {e}"))
+}
+
+fn transient(status: &tonic::Status, what: &str) -> FetchError {
+    match status.code() {
+        Code::NotFound | Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated => {
+            FetchError::Rejected(format!("{what}: {}", status.message()))
+        }
+        _ => FetchError::Transient(format!("{what}: {}: {}", status.code(), status.message())),
+    }
+}
+
+impl ArtifactStore {
+    pub fn open(data_dir: &Path, trust: TrustSource, limits: Limits) -> Result<Self, FetchError> {
+        let root = data_dir.join("artifacts");
+        for dir in ["partial", "cache", "modules", "tmp"] {
+            fsutil::create_private_dir(&root.join(dir))
+                .map_err(local("cannot create the artifact store"))?;
+        }
+        // Leftovers of an interrupted unpack or cache write are never complete.
+        let tmp = root.join("tmp");
+        let _ = fs::remove_dir_all(&tmp);
+        fsutil::create_private_dir(&tmp).map_err(local("cannot create the artifact store"))?;
+        Ok(Self {
+            root,
+            trust,
+            limits,
+        })
+    }
+
+    fn cache_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("cache")
+            .join(format!("{}.hsm", digest.hex()))
+    }
+
+    fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("partial")
+            .join(format!("{}.part", digest.hex()))
+    }
+
+    /// Directory a module version is unpacked into.
+    pub fn module_dir(&self, name: &str, version: &str) -> PathBuf {
+        self.root.join("modules").join(name).join(version)
+    }
+
+    fn read_index(&self) -> Index {
+        fs::read(self.root.join("index.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    fn record(&self, name: &str, version: &str, digest: &Digest) -> Result<(), FetchError> {
+        let mut index = self.read_index();
+        index
+            .artifacts
+            .insert(format!("{name}@{version}"), digest.to_string());
+        let bytes = serde_json::to_vec_pretty(&index).unwrap_or_default();
+        fsutil::write_atomic(&self.root.join("index.json"), &bytes, PUBLIC_FILE_MODE)
+            .map_err(local("cannot write the artifact index"))
+    }
+
+    /// Digest of a cached `name@version`, if any.
+    pub fn cached_digest(&self, name: &str, version: &str) -> Option<Digest> {
+        let index = self.read_index();
+        let digest = Digest::parse(index.artifacts.get(&format!("{name}@{version}"))?).ok()?;
+        self.cache_path(&digest).is_file().then_some(digest)
+    }
+
+    /// The trust set to verify with: pinned keys, or the control plane's set
+    /// (fetched when a channel is given, else the last one stored).
+    pub async fn trust_set(&self, channel: Option<&Channel>) -> Result<TrustSet, FetchError> {
+        let keys = match (&self.trust, channel) {
+            (TrustSource::Pinned(keys), _) => keys.clone(),
+            (TrustSource::ControlPlane, Some(channel)) => {
+                let reply = pb::artifacts_client::ArtifactsClient::new(channel.clone())
+                    .list_keys(pb::ListKeysRequest {})
+                    .await
+                    .map_err(|s| transient(&s, "cannot read the trusted keys"))?
+                    .into_inner();
+                let keys: Vec<(String, String)> = reply
+                    .keys
+                    .into_iter()
+                    .filter(|k| k.revoked_at.is_none())
+                    .map(|k| (k.name, k.public_key_pem))
+                    .collect();
+                let stored = serde_json::to_vec_pretty(&StoredTrust { keys: keys.clone() })
+                    .unwrap_or_default();
+                fsutil::write_atomic(
+                    &self.root.join("trusted-keys.json"),
+                    &stored,
+                    PUBLIC_FILE_MODE,
+                )
+                .map_err(local("cannot store the trusted keys"))?;
+                keys
+            }
+            (TrustSource::ControlPlane, None) => fs::read(self.root.join("trusted-keys.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<StoredTrust>(&bytes).ok())
+                .map(|t| t.keys)
+                .unwrap_or_default(),
+        };
+        let mut trust = TrustSet::new();
+        for (name, pem) in keys {
+            let key = keys::parse_public_key(&pem).map_err(|e| {
+                FetchError::Rejected(format!("trusted key {name:?} is unreadable: {e}"))
+            })?;
+            trust.add(&name, key);
+        }
+        Ok(trust)
+    }
+
+    /// Make `name@version` available in the cache, verified: from the cache if
+    /// present, else downloaded (resuming any partial transfer).
+    pub async fn fetch(
+        &self,
+        channel: &Channel,
+        name: &str,
+        version: &str,
+    ) -> Result<Cached, FetchError> {
+        let what = format!("artifact {name}@{version}");
+        let mut client = pb::artifacts_client::ArtifactsClient::new(channel.clone());
+        let descriptor = client
+            .describe_artifact(pb::DescribeArtifactRequest {
+                name: name.to_string(),
+                version: version.to_string(),
+            })
+            .await
+            .map_err(|s| transient(&s, &what))?
+            .into_inner();
+        let digest = Digest::parse(&descriptor.digest)
+            .map_err(|e| FetchError::Rejected(format!("{what}: {e}")))?;
+        let trust = self.trust_set(Some(channel)).await?;
+
+        let cached = self.cache_path(&digest);
+        if cached.is_file() {
+            let info = self.verify_cached(&cached, name, version, &trust)?;
+            self.record(name, version, &digest)?;
+            return Ok(Cached {
+                path: cached,
+                info,
+                downloaded: 0,
+            });
+        }
+
+        let partial = self.partial_path(&digest);
+        let downloaded = self
+            .download(&mut client, &digest, descriptor.size, &partial, &what)
+            .await?;
+
+        // Check the content against its digest before anything else.
+        let actual = digest_file(&partial).map_err(local("cannot read the downloaded content"))?;
+        if actual != digest {
+            let _ = fs::remove_file(&partial);
+            return Err(FetchError::Rejected(format!(
+                "{what}: downloaded content does not match digest {digest}"
+            )));
+        }
+        let signatures = descriptor
+            .signatures
+            .iter()
+            .map(|s| {
+                Ok(Signature {
+                    key_id: s.key_id.clone(),
+                    signed_at_ms: s.signed_at_ms,
+                    expires_at_ms: (s.expires_at_ms != 0).then_some(s.expires_at_ms),
+                    bytes: s.signature.as_slice().try_into().map_err(|_| {
+                        FetchError::Rejected(format!(
+                            "{what}: signature by {} has the wrong length",
+                            s.key_id
+                        ))
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>, FetchError>>()?;
+        let tmp = self.root.join("tmp").join(format!("{}.hsm", digest.hex()));
+        {
+            let content =
+                fs::File::open(&partial).map_err(local("cannot read the downloaded content"))?;
+            let mut file = std::io::BufWriter::new(
+                fs::File::create(&tmp).map_err(local("cannot write the cache"))?,
+            );
+            write_artifact_streaming(
+                &mut file,
+                std::io::BufReader::new(content),
+                descriptor.size,
+                &signatures,
+            )
+            .map_err(local("cannot write the cache"))?;
+            let file = file.into_inner().map_err(local("cannot write the cache"))?;
+            file.sync_all().map_err(local("cannot write the cache"))?;
+        }
+        let info = match self.verify_cached(&tmp, name, version, &trust) {
+            Ok(info) => info,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
+        fs::rename(&tmp, &cached).map_err(local("cannot move into the cache"))?;
+        let _ = fsutil::sync_dir(&self.root.join("cache"));
+        let _ = fs::remove_file(&partial);
+        self.record(name, version, &digest)?;
+        tracing::info!(module = %name, version = %version, digest = %digest, bytes = downloaded, "artifact fetched and verified");
+        Ok(Cached {
+            path: cached,
+            info,
+            downloaded,
+        })
+    }
+
+    /// Append content to `partial` from its current length until `size`.
+    async fn download(
+        &self,
+        client: &mut pb::artifacts_client::ArtifactsClient<Channel>,
+        digest: &Digest,
+        size: u64,
+        partial: &Path,
+        what: &str,
+    ) -> Result<u64, FetchError> {
+        let mut offset = fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
+        if offset > size {
+            // Not a prefix of this content; start over.
+            let _ = fs::remove_file(partial);
+            offset = 0;
+        }
+        let start = offset;
+        if offset < size {
+            if offset > 0 {
+                tracing::info!(digest = %digest, offset, size, "resuming an interrupted download");
+            }
+            let mut file = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(partial)
+                .map_err(local("cannot write the download"))?;
+            let mut stream = client
+                .fetch_artifact(pb::FetchArtifactRequest {
+                    digest: digest.to_string(),
+                    offset,
+                })
+                .await
+                .map_err(|s| transient(&s, what))?
+                .into_inner();
+            loop {
+                let chunk = match stream.message().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(status) => {
+                        file.sync_all().ok();
+                        return Err(transient(
+                            &status,
+                            &format!("{what}: transfer interrupted at byte {offset}"),
+                        ));
+                    }
+                };
+                if chunk.offset != offset {
+                    return Err(FetchError::Transient(format!(
+                        "{what}: chunk at offset {} where {offset} was expected",
+                        chunk.offset
+                    )));
+                }
+                if offset + chunk.data.len() as u64 > size {
+                    let _ = fs::remove_file(partial);
+                    return Err(FetchError::Rejected(format!(
+                        "{what}: control plane sent more than the announced {size} bytes"
+                    )));
+                }
+                file.write_all(&chunk.data)
+                    .map_err(local("cannot write the download"))?;
+                offset += chunk.data.len() as u64;
+            }
+            file.sync_all()
+                .map_err(local("cannot write the download"))?;
+        }
+        if offset != size {
+            return Err(FetchError::Transient(format!(
+                "{what}: transfer ended at byte {offset} of {size}"
+            )));
+        }
+        Ok(offset - start)
+    }
+
+    fn verify_cached(
+        &self,
+        path: &Path,
+        name: &str,
+        version: &str,
+        trust: &TrustSet,
+    ) -> Result<ArtifactInfo, FetchError> {
+        let info = read_artifact(path)
+            .map_err(|e| FetchError::Rejected(format!("artifact {name}@{version}: {e}")))?;
+        if info.manifest.name != name || info.manifest.version.to_string() != version {
+            return Err(FetchError::Rejected(format!(
+                "asked for {name}@{version} but the artifact is {}",
+                info.module()
+            )));
+        }
+        trust
+            .verify(&info, now_ms())
+            .map_err(|e| FetchError::Rejected(e.to_string()))?;
+        Ok(info)
+    }
+
+    /// Unpack a cached, verified artifact into its module directory (once).
+    /// Works with the control plane down: the trust set used is the pinned or
+    /// last stored one, and the artifact is verified again before unpacking.
+    pub async fn install(&self, name: &str, version: &str) -> Result<PathBuf, FetchError> {
+        let dir = self.module_dir(name, version);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let digest = self.cached_digest(name, version).ok_or_else(|| {
+            FetchError::Transient(format!("artifact {name}@{version} is not in the cache yet"))
+        })?;
+        let trust = self.trust_set(None).await?;
+        let path = self.cache_path(&digest);
+        let info = self.verify_cached(&path, name, version, &trust)?;
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{name}-{version}-{}", uuid_like()));
+        let limits = self.limits;
+        let (path_clone, tmp_clone) = (path.clone(), tmp.clone());
+        tokio::task::spawn_blocking(move || {
+            unpack_artifact(&path_clone, &info, &tmp_clone, &limits)
+        })
+        .await
+        .map_err(|e| FetchError::Local(e.to_string()))?
+        .map_err(|e| FetchError::Rejected(format!("artifact {name}@{version}: {e}")))?;
+        let parent = dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.join("modules"));
+        fs::create_dir_all(&parent).map_err(local("cannot create the module directory"))?;
+        fs::rename(&tmp, &dir).map_err(local("cannot move the unpacked module into place"))?;
+        let _ = fsutil::sync_dir(&parent);
+        Ok(dir)
+    }
+}
+
+fn uuid_like() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

@@ -1,0 +1,591 @@
+//! Signed artifacts end to end: the CLI's offline commands, push to a real
+//! control plane, and distribution to an agent's store over mTLS.
+
+use std::path::{Path, PathBuf};
+
+use hotswap_agent::artifacts::{ArtifactStore, FetchError, TrustSource};
+use hotswap_common::artifact::unpack::Limits;
+use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
+use hotswap_tests::{Agent, ControlPlane, CutProxy, TestDir, ctl_offline, write_module};
+use sha2::Digest as _;
+
+struct Publisher {
+    key: PathBuf,
+    public: PathBuf,
+}
+
+fn publisher(dir: &Path, name: &str) -> Publisher {
+    let out = dir.join(name);
+    let generated = ctl_offline(&[
+        "-o",
+        "json",
+        "keys",
+        "generate",
+        "--out",
+        out.to_str().expect("utf8"),
+    ])
+    .json();
+    assert!(
+        generated["key_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("ed25519:")),
+        "{generated}"
+    );
+    Publisher {
+        key: dir.join(format!("{name}.key")),
+        public: dir.join(format!("{name}.pub")),
+    }
+}
+
+fn pack(dir: &Path, module: &str, version: &str, payload: &[u8], key: &Path) -> PathBuf {
+    let src = dir.join(format!("src-{module}-{version}"));
+    write_module(&src, module, version, payload);
+    let out = dir.join(format!("{module}-{version}.hsm"));
+    let packed = ctl_offline(&[
+        "module",
+        "pack",
+        src.to_str().expect("utf8"),
+        "--key",
+        key.to_str().expect("utf8"),
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(packed.code, 0, "{packed:?}");
+    out
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf8")
+}
+
+/// Re-seal a file whose bytes were edited: recompute the integrity trailer,
+/// so only the signatures stand between the edit and acceptance.
+fn reseal(bytes: &mut [u8]) {
+    let n = bytes.len();
+    let digest = sha2::Sha256::digest(&bytes[..n - 32]);
+    bytes[n - 32..].copy_from_slice(&digest);
+}
+
+fn blob_count(cp: &ControlPlane) -> usize {
+    std::fs::read_dir(cp.data_dir.join("blobs/sha256"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn offline_commands_sign_verify_and_inspect() {
+    let dir = TestDir::new();
+    let ci = publisher(dir.path(), "ci");
+    let release = publisher(dir.path(), "release");
+    let artifact = pack(dir.path(), "hello", "1.0.0", b"v1", &ci.key);
+
+    let verified = ctl_offline(&[
+        "-o",
+        "json",
+        "module",
+        "verify",
+        path(&artifact),
+        "--pub",
+        path(&ci.public),
+    ])
+    .json();
+    assert_eq!(verified["module"], "hello@1.0.0");
+    let wrong = ctl_offline(&[
+        "module",
+        "verify",
+        path(&artifact),
+        "--pub",
+        path(&release.public),
+    ]);
+    assert_eq!(wrong.code, 1);
+    assert!(
+        wrong.stderr.contains("signed only by untrusted key"),
+        "{wrong:?}"
+    );
+
+    let signed = ctl_offline(&[
+        "-o",
+        "json",
+        "module",
+        "sign",
+        path(&artifact),
+        "--key",
+        path(&release.key),
+    ])
+    .json();
+    assert_eq!(signed["signatures"].as_array().map(Vec::len), Some(2));
+    ctl_offline(&[
+        "module",
+        "verify",
+        path(&artifact),
+        "--pub",
+        path(&release.public),
+    ])
+    .json_or_ok();
+
+    let inspected = ctl_offline(&["-o", "json", "module", "inspect", path(&artifact)]).json();
+    assert_eq!(inspected["name"], "hello");
+    assert_eq!(inspected["runtime"], "bundle");
+    assert!(
+        inspected["digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:"))
+    );
+
+    // Private keys are 0600; a second generate refuses to overwrite.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&ci.key)
+            .expect("key")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let again = ctl_offline(&["keys", "generate", "--out", path(&dir.path().join("ci"))]);
+    assert_eq!(again.code, 1);
+    assert!(again.stderr.contains("refusing to overwrite"), "{again:?}");
+
+    // A flipped byte is caught locally before anything is sent.
+    let mut bytes = std::fs::read(&artifact).expect("read");
+    bytes[40] ^= 1;
+    let bad = dir.path().join("bad.hsm");
+    std::fs::write(&bad, &bytes).expect("write");
+    let out = ctl_offline(&["module", "verify", path(&bad), "--pub", path(&ci.public)]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("integrity check failed"), "{out:?}");
+
+    // Pack refuses a manifest with an unknown key, naming file and key.
+    let src = dir.path().join("broken");
+    write_module(&src, "broken", "1.0.0", b"x");
+    std::fs::write(
+        src.join("module.toml"),
+        "name = \"broken\"\nversion = \"1.0.0\"\nruntime = \"bundle\"\nbogus = 1\n",
+    )
+    .expect("manifest");
+    let out = ctl_offline(&[
+        "module",
+        "pack",
+        path(&src),
+        "--key",
+        path(&ci.key),
+        "-o",
+        path(&dir.path().join("x.hsm")),
+    ]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("module.toml")
+            && out.stderr.contains("bogus")
+            && out.stderr.contains("unknown key"),
+        "{out:?}"
+    );
+}
+
+trait JsonOrOk {
+    fn json_or_ok(&self);
+}
+
+impl JsonOrOk for hotswap_tests::CtlOutput {
+    fn json_or_ok(&self) {
+        assert_eq!(self.code, 0, "{self:?}");
+    }
+}
+
+#[test]
+fn push_is_verified_idempotent_and_immutable() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let ci = publisher(dir.path(), "ci");
+    let artifact = pack(dir.path(), "hello", "1.0.0", b"v1", &ci.key);
+
+    let out = cp.ctl(&["module", "push", path(&artifact)]);
+    assert_eq!(out.code, 1, "untrusted key must be refused: {out:?}");
+    assert!(
+        out.stderr.contains("no valid signature by a trusted key"),
+        "{out:?}"
+    );
+    assert_eq!(blob_count(&cp), 0);
+
+    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
+        .json_or_ok();
+    let pushed = cp
+        .ctl(&["-o", "json", "module", "push", path(&artifact)])
+        .json();
+    assert_eq!(pushed["name"], "hello");
+    assert_eq!(pushed["signed_by"], serde_json::json!(["ci"]));
+    let again = cp
+        .ctl(&["-o", "json", "module", "push", path(&artifact)])
+        .json();
+    assert_eq!(
+        again["digest"], pushed["digest"],
+        "same artifact twice is a no-op"
+    );
+
+    let other = pack(
+        &dir.path().join("other"),
+        "hello",
+        "1.0.0",
+        b"different",
+        &ci.key,
+    );
+    let out = cp.ctl(&["module", "push", path(&other)]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("versions are immutable"), "{out:?}");
+
+    let v2 = pack(dir.path(), "hello", "1.1.0", b"v2", &ci.key);
+    cp.ctl(&["module", "push", path(&v2)]).json_or_ok();
+    let module = cp.ctl(&["-o", "json", "module", "get", "hello"]).json();
+    let versions: Vec<&str> = module["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .filter_map(|v| v["version"].as_str())
+        .collect();
+    assert_eq!(versions, ["1.1.0", "1.0.0"], "newest first");
+    for field in ["version", "digest", "size", "signed_by", "pushed_at"] {
+        assert!(
+            module["versions"][0].get(field).is_some(),
+            "module version lacks {field}: {module}"
+        );
+    }
+    let list = cp.ctl(&["-o", "json", "module", "list"]).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    assert_eq!(blob_count(&cp), 2);
+
+    // Revoking the only key makes new pushes signed by it fail.
+    cp.ctl(&["keys", "revoke", "ci"]).json_or_ok();
+    let v3 = pack(dir.path(), "hello", "1.2.0", b"v3", &ci.key);
+    let out = cp.ctl(&["module", "push", path(&v3)]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let keys = cp.ctl(&["-o", "json", "keys", "list"]).json();
+    assert_eq!(keys[0]["status"], "revoked");
+
+    // Durable across a kill.
+    cp.kill();
+    cp.start();
+    let module = cp.ctl(&["-o", "json", "module", "get", "hello"]).json();
+    assert_eq!(module["versions"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn control_plane_rejects_altered_and_oversized_artifacts_and_stores_nothing() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init_with_settings(dir.path(), "max_artifact_bytes = 65536\n");
+    cp.start();
+    let ci = publisher(dir.path(), "ci");
+    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
+        .json_or_ok();
+    let artifact = pack(dir.path(), "hello", "1.0.0", b"payload bytes", &ci.key);
+    let original = std::fs::read(&artifact).expect("read");
+
+    let try_push = |name: &str, bytes: &[u8], expect: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, bytes).expect("write");
+        let out = cp.ctl(&["module", "push", path(&file)]);
+        assert_eq!(out.code, 1, "{name}: {out:?}");
+        assert!(
+            out.stderr.contains(expect),
+            "{name}: expected {expect:?} in {}",
+            out.stderr
+        );
+    };
+
+    // Payload byte changed, trailer recomputed: only the signature catches it.
+    let mut tampered = original.clone();
+    let payload_byte = tampered.len() - 32 - 2 - 121 - 5;
+    tampered[payload_byte] ^= 0x20;
+    reseal(&mut tampered);
+    try_push("tampered.hsm", &tampered, "does not verify");
+
+    // Renamed and re-versioned: the manifest text edited in place.
+    for (from, to, label) in [
+        ("hello", "hallo", "renamed"),
+        ("1.0.0", "9.0.0", "re-versioned"),
+    ] {
+        let mut edited = original.clone();
+        let at = edited
+            .windows(from.len())
+            .position(|w| w == from.as_bytes())
+            .expect("manifest text");
+        edited[at..at + to.len()].copy_from_slice(to.as_bytes());
+        reseal(&mut edited);
+        try_push(&format!("{label}.hsm"), &edited, "does not verify");
+    }
+
+    // Truncated: caught by the CLI's local check before upload.
+    try_push(
+        "truncated.hsm",
+        &original[..original.len() / 2],
+        "truncated",
+    );
+
+    // Oversized: the server's limit applies while streaming.
+    let big = pack(
+        dir.path(),
+        "big",
+        "1.0.0",
+        &pseudo_random(200 * 1024),
+        &ci.key,
+    );
+    let out = cp.ctl(&["module", "push", path(&big)]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("larger than the upload limit of 65536 bytes"),
+        "{out:?}"
+    );
+
+    assert_eq!(
+        cp.ctl(&["-o", "json", "module", "list"]).json(),
+        serde_json::json!([])
+    );
+    assert_eq!(blob_count(&cp), 0, "nothing stored");
+    let leftovers = std::fs::read_dir(cp.data_dir.join("blobs/tmp"))
+        .expect("tmp")
+        .count();
+    assert_eq!(leftovers, 0, "uploads cleaned up");
+}
+
+fn pseudo_random(len: usize) -> Vec<u8> {
+    // Incompressible but deterministic (xorshift), so zstd cannot shrink it.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// An enrolled node's identity, for calling the control plane as that node.
+fn node_channel(agent: &Agent, url: &str) -> tonic::transport::Channel {
+    let read = |f: &str| {
+        std::fs::read_to_string(agent.data_dir.join("identity").join(f)).expect("identity")
+    };
+    let (ca, cert, key) = (read("ca.crt"), read("node.crt"), read("node.key"));
+    let config = tls::client_config(
+        ServerTrust::Ca(ca),
+        Some(ClientIdentity {
+            cert_pem: &cert,
+            key_pem: &key,
+        }),
+    )
+    .expect("config");
+    tls::connect_lazy(
+        &ControlPlaneUrl::parse(url).expect("url"),
+        config,
+        &Default::default(),
+    )
+    .expect("channel")
+}
+
+fn enrolled_agent(dir: &TestDir, cp: &ControlPlane) -> Agent {
+    let (token, fp) = cp.token(&[]);
+    let mut agent = Agent::new(dir.path(), "node-1");
+    agent.enroll(&cp.url(), &token, &fp, &[]);
+    cp.wait_status("node-1", "connected");
+    assert!(agent.stop().success());
+    agent
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    hotswap_common::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn agent_fetches_verifies_caches_and_reinstalls_offline() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let ci = publisher(dir.path(), "ci");
+    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
+        .json_or_ok();
+    for (version, payload) in [("1.0.0", &b"first"[..]), ("2.0.0", &b"second"[..])] {
+        let artifact = pack(dir.path(), "hello", version, payload, &ci.key);
+        cp.ctl(&["module", "push", path(&artifact)]).json_or_ok();
+    }
+    let agent = enrolled_agent(&dir, &cp);
+    let rt = runtime();
+    let channel = rt.block_on(async { node_channel(&agent, &cp.url()) });
+    let store = ArtifactStore::open(
+        &agent.data_dir,
+        TrustSource::ControlPlane,
+        Limits::default(),
+    )
+    .expect("store");
+
+    rt.block_on(async {
+        let v1 = store
+            .fetch(&channel, "hello", "1.0.0")
+            .await
+            .expect("fetch v1");
+        assert!(v1.downloaded > 0);
+        let again = store
+            .fetch(&channel, "hello", "1.0.0")
+            .await
+            .expect("fetch v1 again");
+        assert_eq!(again.downloaded, 0, "second fetch comes from the cache");
+        store
+            .fetch(&channel, "hello", "2.0.0")
+            .await
+            .expect("fetch v2");
+        let dir_v1 = store.install("hello", "1.0.0").await.expect("install v1");
+        assert_eq!(
+            std::fs::read(dir_v1.join("data.bin")).expect("payload"),
+            b"first"
+        );
+        let dir_v2 = store.install("hello", "2.0.0").await.expect("install v2");
+        assert_eq!(
+            std::fs::read(dir_v2.join("data.bin")).expect("payload"),
+            b"second"
+        );
+        assert!(
+            std::fs::read_to_string(dir_v2.join("module.toml"))
+                .expect("manifest")
+                .contains("2.0.0")
+        );
+        let missing = store
+            .fetch(&channel, "hello", "3.0.0")
+            .await
+            .expect_err("unknown version");
+        assert!(matches!(missing, FetchError::Rejected(_)), "{missing}");
+    });
+
+    // Control plane gone: the previous version reinstalls from the cache alone.
+    cp.kill();
+    std::fs::remove_dir_all(store.module_dir("hello", "1.0.0")).expect("remove v1");
+    rt.block_on(async {
+        let dir_v1 = store
+            .install("hello", "1.0.0")
+            .await
+            .expect("reinstall v1 offline");
+        assert_eq!(
+            std::fs::read(dir_v1.join("data.bin")).expect("payload"),
+            b"first"
+        );
+    });
+
+    // A cached artifact altered on disk is refused at install time.
+    let cache = agent.data_dir.join("artifacts/cache");
+    let cached = std::fs::read_dir(&cache)
+        .expect("cache")
+        .filter_map(Result::ok)
+        .next()
+        .expect("entry")
+        .path();
+    let mut bytes = std::fs::read(&cached).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&cached, bytes).expect("write");
+    std::fs::remove_dir_all(agent.data_dir.join("artifacts/modules/hello"))
+        .expect("remove installs");
+    rt.block_on(async {
+        let a = store.install("hello", "1.0.0").await;
+        let b = store.install("hello", "2.0.0").await;
+        assert!(
+            a.is_err() || b.is_err(),
+            "the altered cache entry must be refused"
+        );
+    });
+}
+
+#[test]
+fn interrupted_transfer_resumes_from_where_it_stopped() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let ci = publisher(dir.path(), "ci");
+    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
+        .json_or_ok();
+    let payload = pseudo_random(3 * 1024 * 1024);
+    let artifact = pack(dir.path(), "big", "1.0.0", &payload, &ci.key);
+    cp.ctl(&["module", "push", path(&artifact)]).json_or_ok();
+    let agent = enrolled_agent(&dir, &cp);
+    let proxy = CutProxy::start(cp.grpc.expect("grpc"), 1024 * 1024);
+    let rt = runtime();
+    let store = ArtifactStore::open(
+        &agent.data_dir,
+        TrustSource::ControlPlane,
+        Limits::default(),
+    )
+    .expect("store");
+
+    rt.block_on(async {
+        let cut = node_channel(&agent, &format!("https://{}", proxy.addr));
+        let err = store
+            .fetch(&cut, "big", "1.0.0")
+            .await
+            .expect_err("the proxy cuts the transfer");
+        assert!(matches!(err, FetchError::Transient(_)), "{err}");
+        let partial_dir = agent.data_dir.join("artifacts/partial");
+        let partial: u64 = std::fs::read_dir(&partial_dir)
+            .expect("partial")
+            .filter_map(Result::ok)
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        assert!(partial > 0, "some bytes arrived before the cut");
+
+        let direct = node_channel(&agent, &cp.url());
+        let done = store.fetch(&direct, "big", "1.0.0").await.expect("resume");
+        assert!(
+            done.downloaded > 0 && done.downloaded < done.info.content_len,
+            "resumed, not restarted: {} of {}",
+            done.downloaded,
+            done.info.content_len
+        );
+        assert_eq!(done.downloaded + partial, done.info.content_len);
+        let installed = store.install("big", "1.0.0").await.expect("install");
+        assert_eq!(
+            std::fs::read(installed.join("data.bin")).expect("payload"),
+            payload
+        );
+    });
+}
+
+#[test]
+fn pinned_keys_override_the_control_plane_trust_set() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let ci = publisher(dir.path(), "ci");
+    let other = publisher(dir.path(), "other");
+    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
+        .json_or_ok();
+    let artifact = pack(dir.path(), "hello", "1.0.0", b"x", &ci.key);
+    cp.ctl(&["module", "push", path(&artifact)]).json_or_ok();
+    let agent = enrolled_agent(&dir, &cp);
+    let pinned = vec![(
+        "other".to_string(),
+        std::fs::read_to_string(&other.public).expect("pub"),
+    )];
+    let store = ArtifactStore::open(
+        &agent.data_dir,
+        TrustSource::Pinned(pinned),
+        Limits::default(),
+    )
+    .expect("store");
+    let rt = runtime();
+    rt.block_on(async {
+        let err = store
+            .fetch(&node_channel(&agent, &cp.url()), "hello", "1.0.0")
+            .await
+            .expect_err("not pinned");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err}");
+        assert!(err.to_string().contains("untrusted key"), "{err}");
+    });
+    let cached = std::fs::read_dir(agent.data_dir.join("artifacts/cache"))
+        .expect("cache")
+        .count();
+    assert_eq!(cached, 0, "nothing cached");
+    assert!(
+        !store.module_dir("hello", "1.0.0").exists(),
+        "nothing installed"
+    );
+}
