@@ -31,6 +31,22 @@ pub enum NodesCommand {
     /// Remove a node: its certificate is refused from now on and its session ends.
     #[command(after_help = "Example:\n  hotswapctl nodes remove web-1")]
     Remove { node: String },
+    /// Low-level: set the desired version of a module on one node (deployments
+    /// do this for you, with strategies and rollback).
+    #[command(
+        after_help = "Examples:\n  hotswapctl nodes set-module web-1 hello@1.2.0\n  hotswapctl nodes set-module web-1 hello --stage 1.3.0"
+    )]
+    SetModule {
+        node: String,
+        /// NAME@VERSION to run, or NAME alone with --stage.
+        module: String,
+        /// Version to fetch, verify and unpack without activating.
+        #[arg(long)]
+        stage: Option<String>,
+    },
+    /// Low-level: stop and remove a module from one node.
+    #[command(after_help = "Example:\n  hotswapctl nodes unset-module web-1 hello")]
+    UnsetModule { node: String, module: String },
 }
 
 fn convert(node: pb::Node) -> Result<NodeView, CliError> {
@@ -135,6 +151,57 @@ pub async fn run(ctx: &Context, command: NodesCommand) -> Result<(), CliError> {
                 }
             }
         }
+        NodesCommand::SetModule {
+            node,
+            module,
+            stage,
+        } => {
+            let (name, version) = match module.split_once('@') {
+                Some((name, version)) => (name.to_string(), version.to_string()),
+                None if stage.is_some() => (module.clone(), String::new()),
+                None => {
+                    return Err(CliError::Other(anyhow::anyhow!(
+                        "{module:?} is not NAME@VERSION (give --stage VERSION to only stage)"
+                    )));
+                }
+            };
+            let reply = client
+                .set_node_module(pb::SetNodeModuleRequest {
+                    node: node.clone(),
+                    module: name.clone(),
+                    version,
+                    staged_version: stage.unwrap_or_default(),
+                })
+                .await
+                .map_err(conn.rpc_error(&format!("set module {name:?} on node {node:?}")))?
+                .into_inner();
+            let node = convert(reply)?;
+            match ctx.output {
+                OutputFormat::Json => output::print_json(&node),
+                OutputFormat::Table => println!(
+                    "desired state of {} is now generation {}",
+                    node.name, node.desired_generation
+                ),
+            }
+        }
+        NodesCommand::UnsetModule { node, module } => {
+            let reply = client
+                .unset_node_module(pb::UnsetNodeModuleRequest {
+                    node: node.clone(),
+                    module: module.clone(),
+                })
+                .await
+                .map_err(conn.rpc_error(&format!("unset module {module:?} on node {node:?}")))?
+                .into_inner();
+            let node = convert(reply)?;
+            match ctx.output {
+                OutputFormat::Json => output::print_json(&node),
+                OutputFormat::Table => println!(
+                    "desired state of {} is now generation {}",
+                    node.name, node.desired_generation
+                ),
+            }
+        }
         NodesCommand::Remove { node } => {
             let reply = client
                 .remove_node(pb::RemoveNodeRequest { node: node.clone() })
@@ -184,19 +251,61 @@ fn print_node(node: &NodeView) {
     for (key, value) in &node.labels {
         println!("  {key}={value}");
     }
+    if let Some(usage) = &node.usage {
+        println!(
+            "usage:         cpu {:.1}%, memory {} / {} MiB",
+            usage.cpu_percent,
+            usage.memory_used_bytes / (1024 * 1024),
+            usage.memory_total_bytes / (1024 * 1024)
+        );
+    }
+    println!(
+        "generation:    desired {}, observed {}",
+        node.desired_generation, node.observed_generation
+    );
     println!("modules:");
     if node.modules.is_empty() {
         println!("  -");
-    } else {
-        let mut table = output::table(&["MODULE", "VERSION", "PHASE", "HEALTH"]);
-        for module in &node.modules {
-            table.add_row(vec![
-                module.name.clone(),
-                module.version.clone(),
-                module.phase.clone(),
-                module.health.clone(),
-            ]);
-        }
-        output::print_table(&table);
+        return;
+    }
+    let mut table = output::table(&[
+        "MODULE", "VERSION", "DESIRED", "PHASE", "HEALTH", "RESTARTS", "REQ/S", "ERR%", "P99",
+    ]);
+    for m in &node.modules {
+        let (rate, errors, p99) = match &m.metrics {
+            Some(w) => (
+                format!("{:.1}", w.request_rate),
+                format!("{:.1}", w.error_rate * 100.0),
+                w.latency_p99_seconds
+                    .map(|s| format!("{:.0}ms", s * 1000.0))
+                    .unwrap_or_else(|| "-".into()),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        table.add_row(vec![
+            m.name.clone(),
+            dash(&m.version),
+            dash(&m.desired_version),
+            m.phase.clone(),
+            m.health.clone(),
+            m.restarts.to_string(),
+            rate,
+            errors,
+            p99,
+        ]);
+    }
+    output::print_table(&table);
+    for m in node.modules.iter().filter(|m| !m.message.is_empty()) {
+        println!("  {}: {}", m.name, m.message);
+    }
+    for m in node.modules.iter().filter(|m| !m.staged_version.is_empty()) {
+        println!("  {}: {} staged", m.name, m.staged_version);
     }
 }

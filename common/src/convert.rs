@@ -2,8 +2,8 @@
 //! failing with an error that names the field when the message is unusable.
 
 use crate::model::{
-    ModuleVersionView, ModuleView, NodeModuleView, NodeStatus, NodeUpdateView, NodeView,
-    PublisherKeyView, TokenView,
+    ModuleMetricsView, ModuleVersionView, ModuleView, NodeModuleView, NodeStatus, NodeUpdateView,
+    NodeUsageView, NodeView, PublisherKeyView, TokenView,
 };
 use crate::pb;
 use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
@@ -76,10 +76,29 @@ impl TryFrom<pb::Node> for NodeView {
                     version: m.version,
                     phase: m.phase,
                     health: m.health,
+                    message: m.message,
+                    staged_version: m.staged_version,
+                    previous_version: m.previous_version,
+                    desired_version: m.desired_version,
+                    restarts: m.restarts,
+                    crash_loop: m.crash_loop,
+                    metrics: m.metrics.map(|w| ModuleMetricsView {
+                        request_rate: w.request_rate,
+                        error_rate: w.error_rate,
+                        latency_p99_seconds: (w.latency_p99_seconds >= 0.0)
+                            .then_some(w.latency_p99_seconds),
+                    }),
                 })
                 .collect(),
             agent_version: node.agent_version,
             enrolled_at: rfc3339(node.enrolled_at.as_ref()),
+            usage: node.usage.map(|u| NodeUsageView {
+                cpu_percent: u.cpu_percent,
+                memory_used_bytes: u.memory_used_bytes,
+                memory_total_bytes: u.memory_total_bytes,
+            }),
+            desired_generation: node.desired_generation,
+            observed_generation: node.observed_generation,
         })
     }
 }

@@ -40,15 +40,37 @@ impl NodeStatus {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct NodeModuleView {
     pub name: String,
     pub version: String,
     pub phase: String,
     pub health: String,
+    pub message: String,
+    pub staged_version: String,
+    pub previous_version: String,
+    pub desired_version: String,
+    pub restarts: u32,
+    pub crash_loop: bool,
+    /// Request metrics over the last scrape interval, when the module has them.
+    pub metrics: Option<ModuleMetricsView>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModuleMetricsView {
+    pub request_rate: f64,
+    pub error_rate: f64,
+    pub latency_p99_seconds: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeUsageView {
+    pub cpu_percent: f64,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct NodeView {
     pub id: String,
     pub name: String,
@@ -59,10 +81,13 @@ pub struct NodeView {
     pub modules: Vec<NodeModuleView>,
     pub agent_version: String,
     pub enrolled_at: Option<String>,
+    pub usage: Option<NodeUsageView>,
+    pub desired_generation: u64,
+    pub observed_generation: u64,
 }
 
 /// One line of `nodes watch -o json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct NodeUpdateView {
     /// `snapshot`, `changed` or `removed`.
     pub kind: String,

@@ -47,3 +47,9 @@ impl From<ApiError> for Status {
         }
     }
 }
+
+impl From<StoreError> for Status {
+    fn from(err: StoreError) -> Self {
+        ApiError::Storage(err).into()
+    }
+}

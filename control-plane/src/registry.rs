@@ -11,29 +11,65 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use hotswap_common::labels::{ENVIRONMENT_LABEL, Labels};
 use hotswap_common::timefmt::now_ms;
-use tokio::sync::broadcast;
+use std::collections::VecDeque;
+
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::store::{EnrollError, NodeRecord, Store};
+use crate::store::{DesiredModuleRecord, DesiredRecord, EnrollError, NodeRecord, Store};
+
+/// A module's request metrics over one scrape interval.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MetricsWindow {
+    pub request_rate: f64,
+    pub error_rate: f64,
+    pub latency_p99_seconds: Option<f64>,
+}
 
 /// Status of one module on a node, as last reported by its agent.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModuleState {
     pub name: String,
     pub version: String,
     pub phase: String,
     pub health: String,
+    pub message: String,
+    pub staged_version: String,
+    pub previous_version: String,
+    pub restarts: u32,
+    pub crash_loop: bool,
+    pub metrics: Option<MetricsWindow>,
+}
+
+/// Node resource usage as last reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NodeUsage {
+    pub cpu_percent: f64,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+}
+
+/// One status report as received, for the engine's analysis window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub at_ms: u64,
+    pub observed_generation: u64,
+    pub modules: Vec<ModuleState>,
+    pub usage: Option<NodeUsage>,
 }
 
 /// A node as operators see it: record plus live session state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NodeState {
     pub record: NodeRecord,
     pub connected: bool,
     pub last_seen_ms: Option<u64>,
     pub modules: Vec<ModuleState>,
+    pub desired: DesiredRecord,
+    pub usage: Option<NodeUsage>,
+    pub observed_generation: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -46,8 +82,16 @@ struct LiveSession {
     generation: u64,
     last_seen_ms: u64,
     cancel: CancellationToken,
+    desired: watch::Sender<DesiredRecord>,
     modules: Vec<ModuleState>,
+    usage: Option<NodeUsage>,
+    observed_generation: u64,
+    history: VecDeque<Report>,
 }
+
+/// Reports kept per connected node for analysis: at the default 5 s summary
+/// interval plus change-driven reports, a few minutes of history.
+const HISTORY_LEN: usize = 120;
 
 /// A session's claim on its node. Only the newest session of a node is live;
 /// an older one sees its token cancelled and its updates ignored.
@@ -56,6 +100,8 @@ pub struct SessionHandle {
     pub generation: u64,
     pub cancel: CancellationToken,
     pub labels: Labels,
+    /// The node's desired state; changes whenever an operator or deployment changes it.
+    pub desired: watch::Receiver<DesiredRecord>,
 }
 
 pub struct Registry {
@@ -113,12 +159,18 @@ impl Registry {
                 last_seen_ms: Some(session.last_seen_ms),
                 connected: true,
                 modules: session.modules.clone(),
+                desired: session.desired.borrow().clone(),
+                usage: session.usage,
+                observed_generation: session.observed_generation,
                 record,
             },
             None => NodeState {
                 last_seen_ms: record.last_seen_ms,
                 connected: false,
                 modules: Vec::new(),
+                desired: self.store.get_desired(&record.id).unwrap_or_default(),
+                usage: None,
+                observed_generation: 0,
                 record,
             },
         }
@@ -228,6 +280,7 @@ impl Registry {
 
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
+        let (desired_tx, desired_rx) = watch::channel(self.store.get_desired(node_id)?);
         let state = {
             let mut live = self.lock_live();
             // Between the check above and here the node may have been removed.
@@ -242,7 +295,11 @@ impl Registry {
                     generation,
                     last_seen_ms: now,
                     cancel: cancel.clone(),
+                    desired: desired_tx,
                     modules: Vec::new(),
+                    usage: None,
+                    observed_generation: 0,
+                    history: VecDeque::new(),
                 },
             );
             if let Some(previous) = previous {
@@ -259,6 +316,7 @@ impl Registry {
             generation,
             cancel,
             labels: record.labels,
+            desired: desired_rx,
         })
     }
 
@@ -294,24 +352,97 @@ impl Registry {
         }
     }
 
-    /// Replace the module statuses the node reported.
-    pub fn report_modules(&self, handle: &SessionHandle, modules: Vec<ModuleState>) {
+    /// Record a status report: it replaces the node's module statuses and is
+    /// appended to its recent history. Watchers hear of it when something
+    /// other than the metrics changed.
+    pub fn report(&self, handle: &SessionHandle, report: Report) {
         let state = {
             let mut live = self.lock_live();
             let Some(session) = live.get_mut(&handle.node_id) else {
                 return;
             };
-            if session.generation != handle.generation || session.modules == modules {
+            if session.generation != handle.generation {
                 return;
             }
-            session.modules = modules;
-            session.last_seen_ms = now_ms();
+            let strip = |m: &ModuleState| ModuleState {
+                metrics: None,
+                ..m.clone()
+            };
+            let changed = session.modules.len() != report.modules.len()
+                || session
+                    .modules
+                    .iter()
+                    .zip(&report.modules)
+                    .any(|(a, b)| strip(a) != strip(b))
+                || session.observed_generation != report.observed_generation;
+            session.modules = report.modules.clone();
+            session.usage = report.usage;
+            session.observed_generation = report.observed_generation;
+            session.last_seen_ms = report.at_ms;
+            if session.history.len() == HISTORY_LEN {
+                session.history.pop_front();
+            }
+            session.history.push_back(report);
+            if !changed {
+                return;
+            }
             match self.store.get_node(&handle.node_id) {
                 Ok(Some(record)) => self.state_of(record, &live),
                 _ => return,
             }
         };
         self.publish(NodeChange::Changed(state));
+    }
+
+    /// Recent reports of a connected node, oldest first.
+    pub fn history(&self, node_id: &str) -> Vec<Report> {
+        self.lock_live()
+            .get(node_id)
+            .map(|s| s.history.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Change the desired state of one module on one node and push it to the
+    /// node's session when connected. `None` removes the module.
+    pub async fn set_desired_module(
+        &self,
+        node_id: &str,
+        module: &str,
+        desired: Option<DesiredModuleRecord>,
+    ) -> Result<NodeState, ApiError> {
+        if self.store.get_node(node_id)?.is_none() {
+            return Err(ApiError::NotFound(format!("node {node_id} not found")));
+        }
+        let record = self
+            .store
+            .update_desired(node_id, |record| match &desired {
+                Some(want) if record.modules.get(module) == Some(want) => false,
+                Some(want) => {
+                    record.modules.insert(module.to_string(), want.clone());
+                    true
+                }
+                None => record.modules.remove(module).is_some(),
+            })
+            .await?;
+        let state = {
+            let live = self.lock_live();
+            if let Some(session) = live.get(node_id) {
+                session.desired.send_if_modified(|current| {
+                    if current.generation == record.generation {
+                        return false;
+                    }
+                    *current = record.clone();
+                    true
+                });
+            }
+            let node = self
+                .store
+                .get_node(node_id)?
+                .ok_or_else(|| ApiError::NotFound(format!("node {node_id} not found")))?;
+            self.state_of(node, &live)
+        };
+        self.publish(NodeChange::Changed(state.clone()));
+        Ok(state)
     }
 
     /// End a session. Only the live session of a node marks it disconnected.
@@ -352,6 +483,7 @@ impl Registry {
         if self.store.remove_node(&id).await?.is_none() {
             return Err(ApiError::NotFound(format!("node {query:?} not found")));
         }
+        self.store.remove_desired(&id).await?;
         self.total_nodes.fetch_sub(1, Ordering::Relaxed);
         {
             let mut live = self.lock_live();

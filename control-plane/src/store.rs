@@ -83,12 +83,31 @@ pub struct Store {
     node_names: sled::Tree,
     keys: sled::Tree,
     artifacts: sled::Tree,
+    desired: sled::Tree,
+}
+
+/// What one module should be on one node.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DesiredModuleRecord {
+    /// Version to run; empty keeps whatever is active.
+    pub version: String,
+    /// Version to stage without activating; empty for none.
+    #[serde(default)]
+    pub staged_version: String,
+}
+
+/// The desired state of one node. `generation` increases with every change.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DesiredRecord {
+    pub generation: u64,
+    pub modules: std::collections::BTreeMap<String, DesiredModuleRecord>,
 }
 
 const TOKENS: &str = "tokens";
 const NODES: &str = "nodes";
 const NODE_NAMES: &str = "node_names";
 const KEYS: &str = "publisher_keys";
+const DESIRED: &str = "desired";
 const ARTIFACTS: &str = "artifacts";
 
 /// A publisher key the control plane trusts (or trusted, once revoked).
@@ -166,6 +185,7 @@ impl Store {
             node_names: db.open_tree(NODE_NAMES)?,
             keys: db.open_tree(KEYS)?,
             artifacts: db.open_tree(ARTIFACTS)?,
+            desired: db.open_tree(DESIRED)?,
             db,
         })
     }
@@ -399,6 +419,55 @@ impl Store {
                 .map(|bytes| decode(ARTIFACTS, &key, &bytes))
                 .transpose(),
         }
+    }
+
+    pub fn get_desired(&self, node_id: &str) -> Result<DesiredRecord, StoreError> {
+        Ok(self
+            .desired
+            .get(node_id.as_bytes())?
+            .map(|bytes| decode(DESIRED, node_id.as_bytes(), &bytes))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Apply `change` to a node's desired state and bump its generation,
+    /// atomically; returns the new record. `change` returns false for "no
+    /// change", which leaves the record (and generation) untouched.
+    pub async fn update_desired(
+        &self,
+        node_id: &str,
+        change: impl Fn(&mut DesiredRecord) -> bool,
+    ) -> Result<DesiredRecord, StoreError> {
+        let mut result = None;
+        let mut decode_error = None;
+        self.desired.update_and_fetch(node_id.as_bytes(), |old| {
+            let mut record: DesiredRecord = match old
+                .map(|b| decode(DESIRED, node_id.as_bytes(), b))
+                .transpose()
+            {
+                Ok(record) => record.unwrap_or_default(),
+                Err(e) => {
+                    decode_error = Some(e);
+                    return old.map(<[u8]>::to_vec);
+                }
+            };
+            if change(&mut record) {
+                record.generation += 1;
+            }
+            let bytes = encode(&record);
+            result = Some(record);
+            Some(bytes)
+        })?;
+        if let Some(e) = decode_error {
+            return Err(e);
+        }
+        self.flush().await?;
+        Ok(result.unwrap_or_default())
+    }
+
+    pub async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError> {
+        self.desired.remove(node_id.as_bytes())?;
+        self.flush().await
     }
 
     /// Replace a stored artifact record (signature merges only).

@@ -14,11 +14,15 @@ use hotswap_common::fsutil;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::TrustSource;
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::identity::{EnrollFailure, Identity, IdentityError, enroll_once};
 use crate::metrics::Metrics;
+use crate::reconciler::{AgentReport, Reconciler, ReconcilerConfig, ReconcilerLinks};
 use crate::session::{self, SessionEnd, SessionParams};
+use hotswap_common::artifact::unpack::Limits;
+use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -44,6 +48,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the reconciler: {0}")]
+    Reconciler(String),
 }
 
 /// Published in `DATA_DIR/run/addresses.json` once the agent listens.
@@ -183,6 +189,64 @@ async fn run_sessions(
     let mut labels = identity.info.labels.clone();
     labels.extend(config.labels.clone());
 
+    // The reconciler starts before any session: with the control plane down
+    // it still converges to the last desired state it stored.
+    let (desired_tx, desired_rx) = watch::channel(None);
+    let (channel_tx, channel_rx) = watch::channel(None);
+    let (report_tx, report_rx) = watch::channel(AgentReport::default());
+    let trust = if config.trusted_keys.is_empty() {
+        TrustSource::ControlPlane
+    } else {
+        TrustSource::Pinned(config.trusted_keys.clone())
+    };
+    let reconciler = Reconciler::new(
+        ReconcilerConfig {
+            data_dir: config.data_dir.clone(),
+            node_name: identity.info.name.clone(),
+            labels: labels.clone(),
+            trust,
+            limits: Limits::default(),
+        },
+        shutdown.clone(),
+    )
+    .map_err(AgentError::Reconciler)?;
+    let reconciler_task = tokio::spawn(reconciler.run(ReconcilerLinks {
+        desired: desired_rx,
+        channel: channel_rx,
+        report: report_tx,
+    }));
+    let result = session_loop(
+        config,
+        &identity,
+        &labels,
+        metrics,
+        readiness,
+        shutdown,
+        &desired_tx,
+        &channel_tx,
+        &report_rx,
+        &mut backoff,
+    )
+    .await;
+    // The reconciler stops with the shutdown token; module processes stay up.
+    shutdown.cancel();
+    let _ = reconciler_task.await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session_loop(
+    config: &AgentConfig,
+    identity: &Identity,
+    labels: &hotswap_common::labels::Labels,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+    desired_tx: &watch::Sender<Option<crate::state::Desired>>,
+    channel_tx: &watch::Sender<Option<tonic::transport::Channel>>,
+    report_rx: &watch::Receiver<AgentReport>,
+    backoff: &mut Backoff,
+) -> Result<(), AgentError> {
     let mut first = true;
     loop {
         if !first {
@@ -191,11 +255,14 @@ async fn run_sessions(
         first = false;
         let end = session::run_once(SessionParams {
             url: &config.control_plane,
-            identity: &identity,
-            labels: &labels,
+            identity,
+            labels,
             metrics,
             readiness,
             shutdown,
+            desired: desired_tx,
+            channel: channel_tx,
+            reports: report_rx.clone(),
         })
         .await;
         match end {

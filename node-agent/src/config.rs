@@ -18,6 +18,9 @@ pub struct AgentConfig {
     pub admin_listen: Option<SocketAddr>,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Publisher keys pinned with `--trusted-key`: (name, PEM). When any are
+    /// given, only they are trusted, whatever the control plane publishes.
+    pub trusted_keys: Vec<(String, String)>,
 }
 
 #[derive(Clone)]

@@ -66,6 +66,10 @@ struct RunArgs {
     /// First reconnect delay; doubles per failed attempt, with jitter.
     #[arg(long, default_value = "250ms", value_parser = timefmt::parse_duration)]
     reconnect_base: Duration,
+    /// Pin a publisher key (PEM public key file, repeatable): only pinned
+    /// keys are trusted, whatever the control plane publishes.
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<PathBuf>,
     /// Longest reconnect delay.
     #[arg(long, default_value = "15s", value_parser = timefmt::parse_duration)]
     reconnect_max: Duration,
@@ -128,12 +132,32 @@ fn config_from(args: RunArgs) -> Result<AgentConfig, Vec<String>> {
         }
         (None, Some(_)) | (None, None) => None,
     };
+    let mut trusted_keys = Vec::new();
+    for path in &args.trusted_keys {
+        match std::fs::read_to_string(path) {
+            Ok(pem) => match hotswap_common::artifact::keys::parse_public_key(&pem) {
+                Ok(_) => {
+                    let name = path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    trusted_keys.push((name, pem));
+                }
+                Err(e) => problems.push(format!(
+                    "--trusted-key {}: not an ed25519 public key in PEM form: {e}",
+                    path.display()
+                )),
+            },
+            Err(e) => problems.push(format!("--trusted-key {}: {e}", path.display())),
+        }
+    }
     if args.reconnect_base.is_zero() || args.reconnect_base > args.reconnect_max {
         problems.push("--reconnect-base must be positive and not above --reconnect-max".into());
     }
     match (control_plane, labels, problems.is_empty()) {
         (Some(control_plane), Some(labels), true) => Ok(AgentConfig {
-            data_dir: args.data_dir,
+            // Absolute, because module processes run with their own working directory.
+            data_dir: std::path::absolute(&args.data_dir).unwrap_or(args.data_dir),
             control_plane,
             enrollment,
             labels,
@@ -141,6 +165,7 @@ fn config_from(args: RunArgs) -> Result<AgentConfig, Vec<String>> {
             admin_listen: Some(args.admin_listen),
             backoff_base: args.reconnect_base,
             backoff_max: args.reconnect_max,
+            trusted_keys,
         }),
         _ => Err(problems),
     }

@@ -11,7 +11,11 @@ use hotswap_common::pb;
 use hotswap_common::pb::agent_message::Msg as AgentMsg;
 use hotswap_common::pb::control_message::Msg as ControlMsg;
 use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, ControlPlaneUrl, ServerTrust};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+use crate::reconciler::AgentReport;
+use crate::state::{Desired, DesiredModule};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -43,6 +47,71 @@ pub struct SessionParams<'a> {
     pub metrics: &'a Metrics,
     pub readiness: &'a Readiness,
     pub shutdown: &'a CancellationToken,
+    /// Desired state received from the control plane goes here.
+    pub desired: &'a watch::Sender<Option<Desired>>,
+    /// The session's channel while it is up, for artifact fetches.
+    pub channel: &'a watch::Sender<Option<Channel>>,
+    /// Status reports to send.
+    pub reports: watch::Receiver<AgentReport>,
+}
+
+/// A full status report goes out at least this often, besides one per change.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
+
+fn desired_from_pb(desired: pb::DesiredState) -> Desired {
+    Desired {
+        generation: desired.generation,
+        modules: desired
+            .modules
+            .into_iter()
+            .map(|m| {
+                (
+                    m.name,
+                    DesiredModule {
+                        version: m.version,
+                        staged_version: m.staged_version,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+fn report_to_pb(report: &AgentReport) -> pb::AgentMessage {
+    let modules = report
+        .modules
+        .iter()
+        .map(|m| pb::ModuleStatus {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            phase: m.phase.as_str().to_string(),
+            health: m.health.as_str().to_string(),
+            message: m.message.clone(),
+            staged_version: m.staged_version.clone(),
+            previous_version: m.previous_version.clone(),
+            restarts: m.restarts,
+            crash_loop: m.crash_loop,
+            metrics: m.metrics.map(|w| pb::ModuleMetrics {
+                request_rate: w.request_rate,
+                error_rate: w.error_rate,
+                latency_p99_seconds: w.latency_p99_seconds.unwrap_or(-1.0),
+                interval_seconds: 0.0,
+            }),
+            pid: m.pid,
+        })
+        .collect();
+    pb::AgentMessage {
+        msg: Some(AgentMsg::Status(pb::StatusReport {
+            modules,
+            observed_generation: report.observed_generation,
+            desired_generation: report.desired_generation,
+            usage: report.usage.map(|u| pb::NodeUsage {
+                cpu_percent: u.cpu_percent,
+                memory_used_bytes: u.memory_used_bytes,
+                memory_total_bytes: u.memory_total_bytes,
+            }),
+        })),
+    }
 }
 
 fn retry(reason: impl Into<String>, established: bool) -> SessionEnd {
@@ -65,7 +134,7 @@ fn classify(status: &tonic::Status, established: bool) -> SessionEnd {
     }
 }
 
-pub async fn run_once(params: SessionParams<'_>) -> SessionEnd {
+pub async fn run_once(mut params: SessionParams<'_>) -> SessionEnd {
     let identity = params.identity;
     let config = match tls::client_config(
         ServerTrust::Ca(identity.ca_pem.clone()),
@@ -101,7 +170,7 @@ pub async fn run_once(params: SessionParams<'_>) -> SessionEnd {
     };
     // Fresh channel: cannot be full.
     let _ = tx.try_send(hello);
-    let mut client = pb::agent_session_client::AgentSessionClient::new(channel);
+    let mut client = pb::agent_session_client::AgentSessionClient::new(channel.clone());
     let opened = tokio::select! {
         _ = params.shutdown.cancelled() => return SessionEnd::Shutdown,
         opened = client.session(ReceiverStream::new(rx)) => opened,
@@ -146,8 +215,10 @@ pub async fn run_once(params: SessionParams<'_>) -> SessionEnd {
     tracing::info!(node = %identity.info.node_id, heartbeat_ms = interval.as_millis() as u64, "session established");
     params.metrics.connected.set(1);
     params.readiness.set(true);
+    params.channel.send_replace(Some(channel));
 
-    let end = heartbeat_loop(&params, &tx, &mut inbound, interval, silence_limit).await;
+    let end = heartbeat_loop(&mut params, &tx, &mut inbound, interval, silence_limit).await;
+    params.channel.send_replace(None);
     params.metrics.connected.set(0);
     params.readiness.set(false);
     // Dropping our half of the stream tells the control plane we are gone.
@@ -156,7 +227,7 @@ pub async fn run_once(params: SessionParams<'_>) -> SessionEnd {
 }
 
 async fn heartbeat_loop(
-    params: &SessionParams<'_>,
+    params: &mut SessionParams<'_>,
     tx: &mpsc::Sender<pb::AgentMessage>,
     inbound: &mut tonic::Streaming<pb::ControlMessage>,
     interval: Duration,
@@ -165,9 +236,27 @@ async fn heartbeat_loop(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq: u64 = 0;
+    let mut summary = tokio::time::interval(SUMMARY_INTERVAL);
+    // The first report goes out right away, as part of the first tick.
+    params.reports.mark_changed();
     loop {
         tokio::select! {
             _ = params.shutdown.cancelled() => return SessionEnd::Shutdown,
+            changed = params.reports.changed() => {
+                if changed.is_err() {
+                    return SessionEnd::Shutdown;
+                }
+                let report = report_to_pb(&params.reports.borrow_and_update());
+                if tx.send(report).await.is_err() {
+                    return retry("session stream closed", true);
+                }
+            }
+            _ = summary.tick() => {
+                let report = report_to_pb(&params.reports.borrow());
+                if tx.send(report).await.is_err() {
+                    return retry("session stream closed", true);
+                }
+            }
             _ = ticker.tick() => {
                 seq += 1;
                 let heartbeat = pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { seq })) };
@@ -181,7 +270,10 @@ async fn heartbeat_loop(
                 Ok(Ok(None)) => return retry("control plane closed the session", true),
                 Ok(Err(status)) => return classify(&status, true),
                 Ok(Ok(Some(message))) => match message.msg {
-                    Some(ControlMsg::HeartbeatAck(_)) => {}
+                                        Some(ControlMsg::HeartbeatAck(_)) => {}
+                    Some(ControlMsg::Desired(desired)) => {
+                        params.desired.send_replace(Some(desired_from_pb(desired)));
+                    }
                     Some(ControlMsg::Welcome(_)) => tracing::debug!("ignoring a repeated welcome"),
                     None => tracing::debug!("ignoring an empty control message"),
                 },

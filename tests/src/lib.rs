@@ -49,8 +49,13 @@ pub fn binary(name: &str) -> PathBuf {
         return PathBuf::from(dir).join(name);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // Tests live in target/<profile>/deps/, bench binaries in target/<profile>/.
+    let here = exe.parent().expect("executable dir");
+    let dir = if here.ends_with("deps") {
+        here.parent().expect("target dir")
+    } else {
+        here
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -18,7 +18,7 @@ use super::enrollment::token_hash;
 use crate::auth;
 use crate::error::ApiError;
 use crate::registry::NodeChange;
-use crate::store::TokenRecord;
+use crate::store::{DesiredModuleRecord, TokenRecord};
 
 /// Most uses one join token may carry.
 const MAX_TOKEN_USES: u32 = 100_000;
@@ -198,6 +198,76 @@ impl pb::fleet_server::Fleet for FleetService {
         let user = auth::require_operator(&request)?;
         let state = self.ctx.registry.remove(&request.into_inner().node).await?;
         tracing::info!(user = %user, node = %state.record.id, name = %state.record.name, "node removed");
+        Ok(Response::new(node_to_pb(&state)))
+    }
+
+    async fn set_node_module(
+        &self,
+        request: Request<pb::SetNodeModuleRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let user = auth::require_operator(&request)?;
+        let request = request.into_inner();
+        let node = self.ctx.registry.find(&request.node)?;
+        if request.version.is_empty() && request.staged_version.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "give a version to run, a version to stage, or both".into(),
+            )
+            .into());
+        }
+        for version in [&request.version, &request.staged_version] {
+            if version.is_empty() {
+                continue;
+            }
+            semver::Version::parse(version).map_err(|e| {
+                ApiError::InvalidArgument(format!("version {version:?} is not semver: {e}"))
+            })?;
+            if self
+                .ctx
+                .registry
+                .store()
+                .get_artifact(&request.module, version)?
+                .is_none()
+            {
+                return Err(ApiError::NotFound(format!(
+                    "artifact {}@{version} not found; push it with `hotswapctl module push` first",
+                    request.module
+                ))
+                .into());
+            }
+        }
+        let desired = DesiredModuleRecord {
+            version: request.version.clone(),
+            staged_version: request.staged_version.clone(),
+        };
+        let state = self
+            .ctx
+            .registry
+            .set_desired_module(&node.record.id, &request.module, Some(desired))
+            .await?;
+        tracing::info!(user = %user, node = %node.record.name, module = %request.module, version = %request.version, staged = %request.staged_version, generation = state.desired.generation, "desired module set");
+        Ok(Response::new(node_to_pb(&state)))
+    }
+
+    async fn unset_node_module(
+        &self,
+        request: Request<pb::UnsetNodeModuleRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let user = auth::require_operator(&request)?;
+        let request = request.into_inner();
+        let node = self.ctx.registry.find(&request.node)?;
+        if !node.desired.modules.contains_key(&request.module) {
+            return Err(ApiError::NotFound(format!(
+                "module {:?} is not desired on node {}",
+                request.module, node.record.name
+            ))
+            .into());
+        }
+        let state = self
+            .ctx
+            .registry
+            .set_desired_module(&node.record.id, &request.module, None)
+            .await?;
+        tracing::info!(user = %user, node = %node.record.name, module = %request.module, "desired module removed");
         Ok(Response::new(node_to_pb(&state)))
     }
 }

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
-use super::convert::module_from_pb;
+use super::convert::{desired_to_pb, report_from_pb};
 use crate::auth;
 use crate::error::ApiError;
 use crate::registry::SessionHandle;
@@ -109,7 +109,8 @@ impl pb::agent_session_server::AgentSession for SessionService {
         let _ = tx.try_send(Ok(welcome));
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            let reason = drive(&ctx, &handle, &mut inbound, &tx).await;
+            let mut handle = handle;
+            let reason = drive(&ctx, &mut handle, &mut inbound, &tx).await;
             ctx.registry.detach(&handle).await;
             tracing::info!(node = %handle.node_id, reason = %reason, "agent session closed");
         });
@@ -120,13 +121,26 @@ impl pb::agent_session_server::AgentSession for SessionService {
 /// Serve one session until it ends; returns why it ended.
 async fn drive(
     ctx: &Context,
-    handle: &SessionHandle,
+    handle: &mut SessionHandle,
     inbound: &mut Streaming<pb::AgentMessage>,
     tx: &mpsc::Sender<Result<pb::ControlMessage, Status>>,
 ) -> String {
     let grace = ctx.settings.heartbeat_grace;
+    // The current desired state goes out first, then on every change.
+    handle.desired.mark_changed();
     loop {
         let next = tokio::select! {
+            changed = handle.desired.changed() => {
+                if changed.is_err() {
+                    return "desired state channel closed".into();
+                }
+                let desired = desired_to_pb(&handle.desired.borrow_and_update());
+                let message = pb::ControlMessage { msg: Some(ControlMsg::Desired(desired)) };
+                if tx.send(Ok(message)).await.is_err() {
+                    return "agent went away".into();
+                }
+                continue;
+            }
             _ = ctx.shutdown.cancelled() => {
                 let _ = tx.send(Err(Status::unavailable("control plane is shutting down"))).await;
                 return "control plane shutting down".into();
@@ -166,10 +180,7 @@ async fn drive(
                 }
             }
             Some(AgentMsg::Status(report)) => {
-                ctx.registry.report_modules(
-                    handle,
-                    report.modules.into_iter().map(module_from_pb).collect(),
-                );
+                ctx.registry.report(handle, report_from_pb(report));
             }
             Some(AgentMsg::Hello(_)) => {
                 let _ = tx

@@ -1,0 +1,753 @@
+//! The reconciler: converges the node's modules to the desired state,
+//! level-triggered. Every pass compares desired with actual and does what is
+//! missing (stage, fetch, install, activate, remove), persisting each step,
+//! so an agent restarted at any point simply runs the next pass. Sending the
+//! same desired state again changes nothing.
+//!
+//! Transient failures (control plane unreachable, transfer broken) retry with
+//! backoff; a version that fails to activate is reported `failed` and retried
+//! with a longer backoff until the desired state changes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hotswap_common::artifact::unpack::Limits;
+use hotswap_common::labels::Labels;
+use hotswap_common::manifest::{self, HealthCheck, Manifest, Runtime, Vars};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::artifacts::{ArtifactStore, FetchError, TrustSource};
+use crate::health::{Health, probe_once};
+use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
+use crate::runtime::{Phase, bundle, check_program, hotswap_env, os};
+use crate::scrape::{MetricNames, Window};
+use crate::state::{AgentState, Desired, ModuleRecord};
+use crate::sysinfo::{CpuSampler, NodeUsage};
+
+/// One module as reported to the control plane.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModuleReport {
+    pub name: String,
+    pub version: String,
+    pub phase: Phase,
+    pub health: Health,
+    pub message: String,
+    pub staged_version: String,
+    pub previous_version: String,
+    pub restarts: u32,
+    pub crash_loop: bool,
+    pub pid: u32,
+    pub metrics: Option<Window>,
+}
+
+/// Everything the agent reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentReport {
+    pub modules: Vec<ModuleReport>,
+    pub observed_generation: u64,
+    pub desired_generation: u64,
+    pub usage: Option<NodeUsage>,
+}
+
+pub struct ReconcilerConfig {
+    pub data_dir: PathBuf,
+    pub node_name: String,
+    pub labels: Labels,
+    pub trust: TrustSource,
+    pub limits: Limits,
+}
+
+/// Channels between the session and the reconciler.
+pub struct ReconcilerLinks {
+    /// Desired state from the control plane.
+    pub desired: watch::Receiver<Option<Desired>>,
+    /// The session's channel while connected, for fetching artifacts.
+    pub channel: watch::Receiver<Option<Channel>>,
+    /// Reports out.
+    pub report: watch::Sender<AgentReport>,
+}
+
+/// Retry state of a (module, version) that failed.
+struct Failure {
+    attempts: u32,
+    retry_at: tokio::time::Instant,
+    message: String,
+    transient: bool,
+}
+
+pub struct Reconciler {
+    config: ReconcilerConfig,
+    store: ArtifactStore,
+    state: AgentState,
+    supervisors: BTreeMap<String, Supervisor>,
+    /// Notified when any supervisor's status changes.
+    supervisor_changed: Arc<Notify>,
+    /// Status of bundle modules (process modules report through supervisors).
+    bundle_status: BTreeMap<String, (Phase, Health, String)>,
+    failures: BTreeMap<(String, String), Failure>,
+    cpu: CpuSampler,
+    usage: Option<NodeUsage>,
+    shutdown: CancellationToken,
+}
+
+const USAGE_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Reconciler {
+    pub fn new(config: ReconcilerConfig, shutdown: CancellationToken) -> Result<Self, String> {
+        let store = ArtifactStore::open(&config.data_dir, config.trust.clone(), config.limits)
+            .map_err(|e| e.to_string())?;
+        let state = AgentState::load(&config.data_dir)?;
+        let mut reconciler = Self {
+            config,
+            store,
+            state,
+            supervisors: BTreeMap::new(),
+            supervisor_changed: Arc::new(Notify::new()),
+            bundle_status: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            cpu: CpuSampler::new(),
+            usage: None,
+            shutdown,
+        };
+        reconciler.adopt_running();
+        Ok(reconciler)
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        self.config.data_dir.join("logs")
+    }
+
+    fn module_root(&self, name: &str) -> PathBuf {
+        self.store
+            .module_dir(name, "x")
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default()
+    }
+
+    /// Supervise process modules a previous agent left running.
+    fn adopt_running(&mut self) {
+        let records: Vec<(String, ModuleRecord)> = self
+            .state
+            .modules
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, record) in records {
+            if record.runtime != "process" {
+                if let Some(active) = &record.active {
+                    self.bundle_status.insert(
+                        name.clone(),
+                        (Phase::Running, Health::Healthy, String::new()),
+                    );
+                    tracing::debug!(module = %name, version = %active, "bundle active");
+                }
+                continue;
+            }
+            let (Some(active), Some(instance)) = (record.active.clone(), record.instance.clone())
+            else {
+                continue;
+            };
+            let spec = match self.version_spec(&name, &active, record.previous.as_deref()) {
+                Ok((_, spec)) => spec,
+                Err(e) => {
+                    tracing::error!(module = %name, error = %e, "cannot rebuild the running version's spec");
+                    continue;
+                }
+            };
+            let supervisor = self.new_supervisor(&name, Some((instance, spec)));
+            self.supervisors.insert(name, supervisor);
+        }
+    }
+
+    fn new_supervisor(
+        &self,
+        name: &str,
+        adopt: Option<(crate::runtime::process::InstanceRecord, VersionSpec)>,
+    ) -> Supervisor {
+        let _ = std::fs::create_dir_all(self.log_dir());
+        let supervisor = Supervisor::spawn(
+            name,
+            self.log_dir().join(format!("{name}.log")),
+            adopt,
+            self.shutdown.clone(),
+        );
+        let mut status = supervisor.status();
+        let notify = self.supervisor_changed.clone();
+        tokio::spawn(async move {
+            while status.changed().await.is_ok() {
+                notify.notify_one();
+            }
+        });
+        supervisor
+    }
+
+    fn vars<'a>(&'a self, dir: &'a str) -> Vars<'a> {
+        Vars {
+            node_name: &self.config.node_name,
+            labels: &self.config.labels,
+            module_dir: dir,
+        }
+    }
+
+    /// Load an installed version's manifest and build what the runtime needs.
+    fn version_spec(
+        &self,
+        name: &str,
+        version: &str,
+        previous: Option<&str>,
+    ) -> Result<(Manifest, VersionSpec), String> {
+        let dir = self.store.module_dir(name, version);
+        let manifest = manifest::load_manifest(&dir.join(manifest::MANIFEST_FILE))
+            .map_err(|e| e.to_string())?;
+        let dir_text = dir.display().to_string();
+        let vars = self.vars(&dir_text);
+        let expand = |value: &str| manifest::expand(value, &vars);
+        let expand_all = |values: &[String]| {
+            values
+                .iter()
+                .map(|v| expand(v))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let mut env = hotswap_env(name, version, previous, &dir, &self.config.node_name);
+        let health = match &manifest.health {
+            Some(spec) => {
+                let check = match &spec.check {
+                    HealthCheck::Http(url) => HealthCheck::Http(expand(url)?),
+                    HealthCheck::Tcp(addr) => HealthCheck::Tcp(expand(addr)?),
+                    HealthCheck::Exec(cmd) => HealthCheck::Exec(expand_all(cmd)?),
+                };
+                Some((check, spec.clone()))
+            }
+            None => None,
+        };
+        let metrics = match &manifest.metrics {
+            Some(spec) => Some((expand(&spec.prometheus)?, MetricNames::from(spec))),
+            None => None,
+        };
+        let (command, swap, stop_signal, stop_timeout, sockets) = match &manifest.process {
+            Some(process) => {
+                for (key, value) in &process.env {
+                    env.push((key.clone(), expand(value)?));
+                }
+                (
+                    expand_all(&process.command)?,
+                    process.swap,
+                    os::signal_number(process.stop_signal.name),
+                    process.stop_timeout,
+                    process.sockets.clone(),
+                )
+            }
+            None => (
+                Vec::new(),
+                manifest::SwapStrategy::StartFirst,
+                libc::SIGTERM,
+                Duration::from_secs(10),
+                Vec::new(),
+            ),
+        };
+        let spec = VersionSpec {
+            version: version.to_string(),
+            dir,
+            command,
+            env,
+            swap,
+            stop_signal,
+            stop_timeout,
+            sockets,
+            health,
+            metrics,
+        };
+        Ok((manifest, spec))
+    }
+
+    /// Fetch (if needed) and unpack a version; returns its directory.
+    async fn ensure_installed(
+        &self,
+        channel: Option<&Channel>,
+        name: &str,
+        version: &str,
+    ) -> Result<PathBuf, FetchError> {
+        let dir = self.store.module_dir(name, version);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        if self.store.cached_digest(name, version).is_none() {
+            let channel = channel.ok_or_else(|| {
+                FetchError::Transient(format!(
+                    "artifact {name}@{version} is not cached and the control plane is not connected"
+                ))
+            })?;
+            self.store.fetch(channel, name, version).await?;
+        }
+        self.store.install(name, version).await
+    }
+
+    /// Pre-check an unpacked version without activating it.
+    fn precheck(&self, name: &str, version: &str) -> Result<Manifest, String> {
+        let (manifest, spec) = self.version_spec(name, version, None)?;
+        if manifest.name != name {
+            return Err(format!(
+                "artifact declares module {:?}, expected {name:?}",
+                manifest.name
+            ));
+        }
+        match manifest.runtime {
+            Runtime::Process => check_program(&spec.command[0], &spec.dir)?,
+            Runtime::Bundle => {
+                if let Some(bundle) = &manifest.bundle {
+                    for hook in [&bundle.activate, &bundle.deactivate].into_iter().flatten() {
+                        if let Some(program) = hook.first() {
+                            check_program(program, &spec.dir)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(manifest)
+    }
+
+    fn persist(&self) {
+        if let Err(e) = self.state.save(&self.config.data_dir) {
+            tracing::error!(error = %e, "cannot persist agent state");
+        }
+    }
+
+    fn fail(&mut self, name: &str, version: &str, message: String, transient: bool) {
+        let key = (name.to_string(), version.to_string());
+        let attempts = self.failures.get(&key).map_or(1, |f| f.attempts + 1);
+        // Transient trouble retries quickly; a version that failed to
+        // activate waits longer, so a broken hook is not run in a tight loop.
+        let (base, cap) = if transient { (1, 30) } else { (5, 300) };
+        let delay = Duration::from_secs((base << attempts.min(8)).min(cap));
+        tracing::warn!(module = %name, version = %version, attempts, retry_in_s = delay.as_secs(), error = %message, "step failed");
+        self.failures.insert(
+            key,
+            Failure {
+                attempts,
+                retry_at: tokio::time::Instant::now() + delay,
+                message,
+                transient,
+            },
+        );
+    }
+
+    /// One pass; returns true when everything desired is in place.
+    async fn pass(&mut self, channel: Option<Channel>) -> bool {
+        let Some(desired) = self.state.desired.clone() else {
+            return true;
+        };
+        let mut converged = true;
+        let now = tokio::time::Instant::now();
+        for (name, want) in &desired.modules {
+            // Staging (blue-green): fetch, verify, unpack and pre-check only.
+            if !want.staged_version.is_empty() {
+                let record = self.state.modules.get(name).cloned().unwrap_or_default();
+                let staged = &want.staged_version;
+                if record.staged.as_ref() != Some(staged) && record.active.as_ref() != Some(staged)
+                {
+                    if self.waiting(name, staged, now) {
+                        converged = false;
+                    } else {
+                        match self.ensure_installed(channel.as_ref(), name, staged).await {
+                            Ok(_) => match self.precheck(name, staged) {
+                                Ok(manifest) => {
+                                    let entry = self.state.modules.entry(name.clone()).or_default();
+                                    entry.staged = Some(staged.clone());
+                                    if entry.runtime.is_empty() {
+                                        entry.runtime = manifest.runtime.as_str().to_string();
+                                    }
+                                    self.failures.remove(&(name.clone(), staged.clone()));
+                                    self.persist();
+                                    tracing::info!(module = %name, version = %staged, "staged");
+                                }
+                                Err(e) => {
+                                    self.fail(
+                                        name,
+                                        staged,
+                                        format!("pre-check of {staged} failed: {e}"),
+                                        false,
+                                    );
+                                    converged = false;
+                                }
+                            },
+                            Err(e) => {
+                                let transient = matches!(e, FetchError::Transient(_));
+                                self.fail(name, staged, e.to_string(), transient);
+                                converged = false;
+                            }
+                        }
+                    }
+                }
+            }
+            if want.version.is_empty() {
+                continue;
+            }
+            let record = self.state.modules.get(name).cloned().unwrap_or_default();
+            let running_ok = record.active.as_ref() == Some(&want.version)
+                && (record.runtime != "process" || self.supervisors.contains_key(name));
+            if running_ok {
+                continue;
+            }
+            if self.waiting(name, &want.version, now) {
+                converged = false;
+                continue;
+            }
+            if let Err((message, transient)) =
+                self.activate(channel.as_ref(), name, &want.version).await
+            {
+                self.fail(name, &want.version, message, transient);
+                converged = false;
+            } else {
+                self.failures.remove(&(name.clone(), want.version.clone()));
+            }
+        }
+        // Modules no longer desired are stopped and forgotten (the cache stays).
+        let unwanted: Vec<String> = self
+            .state
+            .modules
+            .keys()
+            .filter(|m| !desired.modules.contains_key(*m))
+            .cloned()
+            .collect();
+        for name in unwanted {
+            self.remove(&name).await;
+        }
+        if converged && self.state.observed_generation != desired.generation {
+            self.state.observed_generation = desired.generation;
+            self.persist();
+        }
+        converged
+    }
+
+    fn waiting(&self, name: &str, version: &str, now: tokio::time::Instant) -> bool {
+        self.failures
+            .get(&(name.to_string(), version.to_string()))
+            .is_some_and(|f| f.retry_at > now)
+    }
+
+    async fn activate(
+        &mut self,
+        channel: Option<&Channel>,
+        name: &str,
+        version: &str,
+    ) -> Result<(), (String, bool)> {
+        self.ensure_installed(channel, name, version)
+            .await
+            .map_err(|e| (e.to_string(), matches!(e, FetchError::Transient(_))))?;
+        let manifest = self
+            .precheck(name, version)
+            .map_err(|e| (format!("pre-check of {version} failed: {e}"), false))?;
+        let record = self.state.modules.get(name).cloned().unwrap_or_default();
+        let previous = record.active.clone().filter(|a| a != version);
+        // Switching runtimes: retire the old one first.
+        if !record.runtime.is_empty()
+            && record.runtime != manifest.runtime.as_str()
+            && record.active.is_some()
+        {
+            self.remove(name).await;
+        }
+        let (_, spec) = self
+            .version_spec(name, version, previous.as_deref())
+            .map_err(|e| (e, false))?;
+        tracing::info!(module = %name, version = %version, previous = ?previous, runtime = manifest.runtime.as_str(), "activating");
+        match manifest.runtime {
+            Runtime::Bundle => {
+                self.bundle_status.insert(
+                    name.to_string(),
+                    (Phase::Starting, Health::Unknown, String::new()),
+                );
+                let hook = manifest.bundle.as_ref().and_then(|b| b.activate.clone());
+                let dir_text = spec.dir.display().to_string();
+                let hook = match hook {
+                    Some(cmd) => Some(
+                        cmd.iter()
+                            .map(|v| manifest::expand(v, &self.vars(&dir_text)))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| (e, false))?,
+                    ),
+                    None => None,
+                };
+                let root = self.module_root(name);
+                let result = bundle::activate(
+                    &root,
+                    version,
+                    previous.as_deref(),
+                    hook.as_deref(),
+                    &spec.env,
+                )
+                .await;
+                if let Err(e) = result {
+                    let still = previous
+                        .clone()
+                        .map(|_| Phase::Running)
+                        .unwrap_or(Phase::Failed);
+                    self.bundle_status.insert(
+                        name.to_string(),
+                        (
+                            if still == Phase::Running {
+                                Phase::Failed
+                            } else {
+                                still
+                            },
+                            Health::Unhealthy,
+                            e.clone(),
+                        ),
+                    );
+                    return Err((e, false));
+                }
+                self.bundle_status.insert(
+                    name.to_string(),
+                    (Phase::Running, Health::Healthy, String::new()),
+                );
+            }
+            Runtime::Process => {
+                if !self.supervisors.contains_key(name) {
+                    let supervisor = self.new_supervisor(name, None);
+                    self.supervisors.insert(name.to_string(), supervisor);
+                }
+                let supervisor = self
+                    .supervisors
+                    .get(name)
+                    .ok_or_else(|| ("supervisor missing".to_string(), false))?;
+                supervisor.activate(spec).await.map_err(|e| (e, false))?;
+            }
+        }
+        let entry = self.state.modules.entry(name.to_string()).or_default();
+        if entry.active.as_deref() != Some(version) {
+            entry.previous = entry.active.take().or(entry.previous.take());
+        }
+        entry.active = Some(version.to_string());
+        entry.runtime = manifest.runtime.as_str().to_string();
+        if entry.staged.as_deref() == Some(version) {
+            entry.staged = None;
+        }
+        self.sync_instances();
+        self.persist();
+        tracing::info!(module = %name, version = %version, "active");
+        Ok(())
+    }
+
+    async fn remove(&mut self, name: &str) {
+        let Some(record) = self.state.modules.get(name).cloned() else {
+            return;
+        };
+        tracing::info!(module = %name, "no longer desired; removing");
+        if let Some(supervisor) = self.supervisors.remove(name) {
+            if let Err(e) = supervisor.stop().await {
+                tracing::warn!(module = %name, error = %e, "stop failed");
+            }
+        } else if record.runtime == "bundle"
+            && let Some(active) = &record.active
+        {
+            let hook = self.version_spec(name, active, None).ok().and_then(|_| {
+                manifest::load_manifest(
+                    &self
+                        .store
+                        .module_dir(name, active)
+                        .join(manifest::MANIFEST_FILE),
+                )
+                .ok()
+                .and_then(|m| m.bundle.and_then(|b| b.deactivate))
+            });
+            let env = hotswap_env(
+                name,
+                active,
+                None,
+                &self.store.module_dir(name, active),
+                &self.config.node_name,
+            );
+            if let Err(e) =
+                bundle::deactivate(&self.module_root(name), active, hook.as_deref(), &env).await
+            {
+                tracing::warn!(module = %name, error = %e, "deactivate failed");
+            }
+        }
+        self.bundle_status.remove(name);
+        self.state.modules.remove(name);
+        self.persist();
+    }
+
+    /// Copy process instance records from the supervisors into the state.
+    fn sync_instances(&mut self) -> bool {
+        let mut changed = false;
+        for (name, supervisor) in &self.supervisors {
+            let instance = supervisor.status().borrow().instance.clone();
+            if let Some(record) = self.state.modules.get_mut(name)
+                && record.instance != instance
+            {
+                record.instance = instance;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn report(&self) -> AgentReport {
+        let mut modules = Vec::new();
+        let desired = self.state.desired.clone().unwrap_or_default();
+        for (name, record) in &self.state.modules {
+            let mut report = ModuleReport {
+                name: name.clone(),
+                version: record.active.clone().unwrap_or_default(),
+                previous_version: record.previous.clone().unwrap_or_default(),
+                staged_version: record.staged.clone().unwrap_or_default(),
+                phase: if record.active.is_some() {
+                    Phase::Running
+                } else if record.staged.is_some() {
+                    Phase::Staged
+                } else {
+                    Phase::Installing
+                },
+                ..Default::default()
+            };
+            if let Some(supervisor) = self.supervisors.get(name) {
+                let status: ProcessStatus = supervisor.status().borrow().clone();
+                report.phase = status.phase;
+                report.health = status.health;
+                report.message = status.message;
+                report.restarts = status.restarts;
+                report.crash_loop = status.crash_loop;
+                report.pid = status.instance.as_ref().map_or(0, |i| i.pid);
+                report.metrics = status.metrics;
+                if let Some(version) = status.version {
+                    report.version = version;
+                }
+            } else if let Some((phase, health, message)) = self.bundle_status.get(name) {
+                report.phase = *phase;
+                report.health = *health;
+                report.message = message.clone();
+            }
+            // A desired version that keeps failing shows as failed.
+            if let Some(want) = desired.modules.get(name)
+                && let Some(failure) = self.failures.get(&(name.clone(), want.version.clone()))
+                && report.version != want.version
+            {
+                if !failure.transient {
+                    report.phase = Phase::Failed;
+                }
+                report.message = failure.message.clone();
+            }
+            modules.push(report);
+        }
+        // Desired modules not installed at all yet.
+        for (name, want) in &desired.modules {
+            if self.state.modules.contains_key(name) {
+                continue;
+            }
+            let failure = self.failures.get(&(name.clone(), want.version.clone()));
+            modules.push(ModuleReport {
+                name: name.clone(),
+                phase: match failure {
+                    Some(f) if !f.transient => Phase::Failed,
+                    _ => Phase::Installing,
+                },
+                message: failure.map(|f| f.message.clone()).unwrap_or_default(),
+                ..Default::default()
+            });
+        }
+        AgentReport {
+            modules,
+            observed_generation: self.state.observed_generation,
+            desired_generation: desired.generation,
+            usage: self.usage,
+        }
+    }
+
+    /// Run until shutdown. Module processes are left running on return.
+    pub async fn run(mut self, mut links: ReconcilerLinks) {
+        let mut usage_tick = tokio::time::interval(USAGE_INTERVAL);
+        usage_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let channel = links.channel.borrow().clone();
+            self.pass(channel).await;
+            if self.sync_instances() {
+                self.persist();
+            }
+            links.report.send_if_modified(|current| {
+                let fresh = self.report();
+                if *current == fresh {
+                    return false;
+                }
+                *current = fresh;
+                true
+            });
+            let next_retry = self.failures.values().map(|f| f.retry_at).min();
+            let notify = self.supervisor_changed.clone();
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = links.desired.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let desired = links.desired.borrow_and_update().clone();
+                    if let Some(desired) = desired
+                        && self.state.desired.as_ref() != Some(&desired)
+                    {
+                        tracing::info!(generation = desired.generation, modules = desired.modules.len(), "desired state received");
+                        // New desired state: give every failed step a fresh start.
+                        self.failures.clear();
+                        self.state.desired = Some(desired);
+                        self.persist();
+                    }
+                }
+                changed = links.channel.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Reconnected: transient failures may go through now.
+                    let now = tokio::time::Instant::now();
+                    for failure in self.failures.values_mut().filter(|f| f.transient) {
+                        failure.retry_at = now;
+                    }
+                }
+                _ = notify.notified() => {}
+                _ = async {
+                    match next_retry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                _ = usage_tick.tick() => {
+                    self.usage = self.cpu.sample().ok();
+                    self.probe_bundles().await;
+                }
+            }
+        }
+    }
+
+    /// Bundles with a [health] section are probed on the usage tick.
+    async fn probe_bundles(&mut self) {
+        let names: Vec<(String, String)> = self
+            .state
+            .modules
+            .iter()
+            .filter(|(_, r)| r.runtime == "bundle")
+            .filter_map(|(n, r)| r.active.clone().map(|a| (n.clone(), a)))
+            .collect();
+        for (name, version) in names {
+            let Ok((_, spec)) = self.version_spec(&name, &version, None) else {
+                continue;
+            };
+            let Some((check, health)) = spec.health.clone() else {
+                continue;
+            };
+            let ok = probe_once(&check, health.timeout, &spec.env, &spec.dir)
+                .await
+                .is_ok();
+            if let Some(status) = self.bundle_status.get_mut(&name)
+                && status.0 == Phase::Running
+            {
+                status.1 = if ok {
+                    Health::Healthy
+                } else {
+                    Health::Unhealthy
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The bundle runtime: a version is a directory; activating it flips the
+//! module's `current` symlink to it atomically (a new link renamed over the
+//! old one), then runs the `activate` hook. If the hook fails the link flips
+//! back, so `current` always names a version that activated successfully.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+
+use super::{base_env, resolve_program};
+
+/// Hooks that run longer than this are killed and count as failed.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn current_link(module_root: &Path) -> PathBuf {
+    module_root.join("current")
+}
+
+/// The version `current` points at, if any.
+pub fn current(module_root: &Path) -> Option<String> {
+    let target = std::fs::read_link(current_link(module_root)).ok()?;
+    target.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// Point `current` at `version` atomically.
+pub fn flip(module_root: &Path, version: &str) -> std::io::Result<()> {
+    let tmp = module_root.join(format!(".current.{:016x}", rand::random::<u64>()));
+    std::os::unix::fs::symlink(version, &tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, current_link(module_root)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    hotswap_common::fsutil::sync_dir(module_root)
+}
+
+/// Remove `current` (the module is no longer active).
+pub fn clear(module_root: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(current_link(module_root)) {
+        Ok(()) => hotswap_common::fsutil::sync_dir(module_root),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Flip to `version` and run its activate hook; on failure flip back to
+/// `previous` (or clear `current` when there was none).
+pub async fn activate(
+    module_root: &Path,
+    version: &str,
+    previous: Option<&str>,
+    hook: Option<&[String]>,
+    env: &[(String, String)],
+) -> Result<(), String> {
+    flip(module_root, version).map_err(|e| format!("cannot flip current to {version}: {e}"))?;
+    let Some(hook) = hook else { return Ok(()) };
+    let dir = module_root.join(version);
+    if let Err(e) = run_hook(hook, &dir, env, HOOK_TIMEOUT).await {
+        let restored = match previous {
+            Some(previous) => {
+                flip(module_root, previous).map(|()| format!("flipped back to {previous}"))
+            }
+            None => clear(module_root).map(|()| "no previous version to flip back to".to_string()),
+        };
+        let restored = restored.unwrap_or_else(|e| format!("flipping back failed too: {e}"));
+        return Err(format!("activate hook failed: {e}; {restored}"));
+    }
+    Ok(())
+}
+
+/// Run the deactivate hook of the active version and clear `current`.
+pub async fn deactivate(
+    module_root: &Path,
+    version: &str,
+    hook: Option<&[String]>,
+    env: &[(String, String)],
+) -> Result<(), String> {
+    let result = match hook {
+        Some(hook) => run_hook(hook, &module_root.join(version), env, HOOK_TIMEOUT).await,
+        None => Ok(()),
+    };
+    clear(module_root).map_err(|e| format!("cannot remove current: {e}"))?;
+    result.map_err(|e| format!("deactivate hook failed: {e}"))
+}
+
+/// Run a hook in `dir` with the SPEC environment; its output is logged.
+pub async fn run_hook(
+    command: &[String],
+    dir: &Path,
+    env: &[(String, String)],
+    timeout: Duration,
+) -> Result<(), String> {
+    let program = resolve_program(&command[0], dir);
+    let mut child = tokio::process::Command::new(&program)
+        .args(&command[1..])
+        .current_dir(dir)
+        .env_clear()
+        .envs(base_env())
+        .envs(env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let output = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut out).await;
+        }
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut err).await;
+        }
+        (out, err)
+    };
+    let run = async {
+        let (out, err) = output.await;
+        (child.wait().await, out, err)
+    };
+    let (status, out, err) = tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| format!("{program} did not finish within {}s", timeout.as_secs()))?;
+    let status = status.map_err(|e| format!("waiting for {program}: {e}"))?;
+    let tail = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes);
+        let trimmed = text.trim();
+        trimmed[trimmed.len().saturating_sub(512)..].to_string()
+    };
+    if !out.is_empty() {
+        tracing::info!(hook = %program, output = %tail(&out), "hook output");
+    }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{program} exited with {status}: {}", tail(&err)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(dir: &Path, name: &str, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir.join("bin")).expect("bin");
+        let path = dir.join("bin").join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    #[tokio::test]
+    async fn flip_activate_and_flip_back_on_hook_failure() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = root.path().join("1.0.0");
+        let v2 = root.path().join("2.0.0");
+        script(&v1, "ok.sh", "echo \"$HOTSWAP_VERSION\" > ../activated");
+        script(&v2, "fail.sh", "echo broken config >&2; exit 3");
+        let hook_ok = vec!["bin/ok.sh".to_string()];
+        let env = vec![("HOTSWAP_VERSION".to_string(), "1.0.0".to_string())];
+        activate(root.path(), "1.0.0", None, Some(&hook_ok), &env)
+            .await
+            .expect("v1");
+        assert_eq!(current(root.path()).as_deref(), Some("1.0.0"));
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("activated"))
+                .expect("ran")
+                .trim(),
+            "1.0.0"
+        );
+
+        let hook_fail = vec!["bin/fail.sh".to_string()];
+        let err = activate(root.path(), "2.0.0", Some("1.0.0"), Some(&hook_fail), &[])
+            .await
+            .expect_err("hook fails");
+        assert!(
+            err.contains("broken config") && err.contains("flipped back to 1.0.0"),
+            "{err}"
+        );
+        assert_eq!(
+            current(root.path()).as_deref(),
+            Some("1.0.0"),
+            "current flipped back"
+        );
+    }
+
+    #[tokio::test]
+    async fn first_activation_failure_clears_current_and_hooks_time_out() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = root.path().join("1.0.0");
+        script(&v1, "slow.sh", "sleep 30");
+        let err = run_hook(
+            &["bin/slow.sh".to_string()],
+            &v1,
+            &[],
+            Duration::from_millis(200),
+        )
+        .await
+        .expect_err("timeout");
+        assert!(err.contains("did not finish within"), "{err}");
+        script(&v1, "fail.sh", "exit 1");
+        activate(
+            root.path(),
+            "1.0.0",
+            None,
+            Some(&["bin/fail.sh".to_string()]),
+            &[],
+        )
+        .await
+        .expect_err("fails");
+        assert_eq!(current(root.path()), None);
+    }
+
+    #[tokio::test]
+    async fn deactivate_runs_hook_and_clears() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = root.path().join("1.0.0");
+        script(&v1, "stop.sh", "touch ../stopped");
+        flip(root.path(), "1.0.0").expect("flip");
+        deactivate(
+            root.path(),
+            "1.0.0",
+            Some(&["bin/stop.sh".to_string()]),
+            &[],
+        )
+        .await
+        .expect("deactivate");
+        assert!(root.path().join("stopped").exists());
+        assert_eq!(current(root.path()), None);
+    }
+}

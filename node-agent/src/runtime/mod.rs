@@ -1,0 +1,98 @@
+//! Module runtimes: how an agent activates a version of a module.
+//! [`bundle`] flips a `current` symlink and runs hooks; [`process`]
+//! supervises a long-running program with agent-owned listening sockets.
+
+pub mod bundle;
+pub mod os;
+pub mod process;
+
+use std::path::Path;
+
+/// Lifecycle phase of a module on a node, as SPEC §4 names them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Phase {
+    #[default]
+    Installing,
+    Staged,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Installing => "installing",
+            Phase::Staged => "staged",
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// Environment every hook, health command and process gets (SPEC §3).
+pub fn hotswap_env(
+    module: &str,
+    version: &str,
+    previous: Option<&str>,
+    module_dir: &Path,
+    node: &str,
+) -> Vec<(String, String)> {
+    vec![
+        ("HOTSWAP_MODULE".into(), module.into()),
+        ("HOTSWAP_VERSION".into(), version.into()),
+        (
+            "HOTSWAP_PREVIOUS_VERSION".into(),
+            previous.unwrap_or_default().into(),
+        ),
+        (
+            "HOTSWAP_MODULE_DIR".into(),
+            module_dir.display().to_string(),
+        ),
+        ("HOTSWAP_NODE".into(), node.into()),
+    ]
+}
+
+/// The parts of the agent's own environment a module may see. Everything
+/// else (notably `HOTSWAP_JOIN_TOKEN`) stays with the agent.
+pub fn base_env() -> Vec<(String, String)> {
+    let mut env = vec![(
+        "PATH".to_string(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_string()),
+    )];
+    for key in ["LANG", "LC_ALL", "TZ", "HOME", "TMPDIR"] {
+        if let Ok(value) = std::env::var(key) {
+            env.push((key.to_string(), value));
+        }
+    }
+    env
+}
+
+/// Resolve a manifest command's program: a path with a slash is relative to
+/// the module directory, a bare name is looked up in PATH by the kernel's exec.
+pub fn resolve_program(program: &str, module_dir: &Path) -> String {
+    if program.contains('/') && !program.starts_with('/') {
+        module_dir.join(program).display().to_string()
+    } else {
+        program.to_string()
+    }
+}
+
+/// Check that a command's program exists and is executable (pre-check).
+pub fn check_program(program: &str, module_dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let resolved = resolve_program(program, module_dir);
+    if !resolved.contains('/') {
+        return Ok(()); // PATH lookup happens at exec time.
+    }
+    let meta = std::fs::metadata(&resolved).map_err(|e| format!("{resolved}: {e}"))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("{resolved} is not an executable file"));
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! What the agent persists about its modules (`DATA_DIR/state.json`),
+//! written atomically after every step, so an agent killed at any point
+//! restarts knowing what is installed, what is active, which processes it
+//! started, and what it was asked to run even if the control plane is down.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use hotswap_common::fsutil;
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::process::InstanceRecord;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DesiredModule {
+    pub version: String,
+    pub staged_version: String,
+}
+
+/// The last desired state received from the control plane.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Desired {
+    pub generation: u64,
+    pub modules: BTreeMap<String, DesiredModule>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModuleRecord {
+    /// `bundle` or `process`, of the active version.
+    pub runtime: String,
+    pub active: Option<String>,
+    pub previous: Option<String>,
+    pub staged: Option<String>,
+    /// The running instance of a process module, for re-adoption.
+    pub instance: Option<InstanceRecord>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentState {
+    pub desired: Option<Desired>,
+    pub observed_generation: u64,
+    pub modules: BTreeMap<String, ModuleRecord>,
+}
+
+impl AgentState {
+    pub fn load(data_dir: &Path) -> Result<Self, String> {
+        let path = data_dir.join("state.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{} is corrupt: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<(), String> {
+        let path = data_dir.join("state.json");
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        fsutil::write_atomic(&path, &bytes, fsutil::PUBLIC_FILE_MODE)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_missing_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            AgentState::load(dir.path()).expect("missing"),
+            AgentState::default()
+        );
+        let mut state = AgentState::default();
+        state.modules.insert(
+            "hello".into(),
+            ModuleRecord {
+                runtime: "process".into(),
+                active: Some("1.0.0".into()),
+                instance: Some(InstanceRecord {
+                    version: "1.0.0".into(),
+                    pid: 42,
+                    start_ticks: 7,
+                }),
+                ..Default::default()
+            },
+        );
+        state.save(dir.path()).expect("save");
+        assert_eq!(AgentState::load(dir.path()).expect("load"), state);
+        std::fs::write(dir.path().join("state.json"), "{").expect("corrupt");
+        assert!(
+            AgentState::load(dir.path())
+                .expect_err("corrupt")
+                .contains("corrupt")
+        );
+    }
+}
