@@ -546,6 +546,41 @@ impl Agent {
     }
 }
 
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        // Module processes outlive agents by design; tests must not leak them.
+        for pid in self.module_pids() {
+            // SAFETY: kill(2) on a pid this agent recorded as its module instance.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Pids of the module processes this agent's state records.
+    pub fn module_pids(&self) -> Vec<u32> {
+        let Ok(text) = std::fs::read_to_string(self.data_dir.join("state.json")) else {
+            return Vec::new();
+        };
+        let Ok(state) = serde_json::from_str::<Value>(&text) else {
+            return Vec::new();
+        };
+        state["modules"]
+            .as_object()
+            .map(|modules| {
+                modules
+                    .values()
+                    .filter_map(|m| m["instance"]["pid"].as_u64())
+                    .map(|p| p as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 /// A temporary directory for one test, kept (and its path printed) if the test fails.
 pub struct TestDir {
     dir: Option<tempfile::TempDir>,
@@ -651,4 +686,239 @@ pub fn ctl_offline(args: &[&str]) -> CtlOutput {
             .output()
             .expect("run hotswapctl"),
     )
+}
+
+/// A port that was free a moment ago (bind to 0, read, release).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A control plane, one enrolled agent and a trusted publisher key.
+pub struct Fleet {
+    pub cp: ControlPlane,
+    pub agent: Agent,
+    pub key: PathBuf,
+    work: PathBuf,
+}
+
+impl Fleet {
+    pub fn start(dir: &TestDir, agent_args: &[&str]) -> Self {
+        let work = dir.path().to_path_buf();
+        let mut cp = ControlPlane::init(&work);
+        cp.start();
+        let key_base = work.join("publisher");
+        ctl_offline(&[
+            "keys",
+            "generate",
+            "--out",
+            key_base.to_str().expect("utf8"),
+        ])
+        .json_or_fail();
+        let public = work.join("publisher.pub");
+        let trusted = cp.ctl(&[
+            "keys",
+            "trust",
+            public.to_str().expect("utf8"),
+            "--name",
+            "publisher",
+        ]);
+        assert_eq!(trusted.code, 0, "{trusted:?}");
+        let (token, fp) = cp.token(&[]);
+        let mut agent = Agent::new(&work, "node-1");
+        agent.enroll(&cp.url(), &token, &fp, agent_args);
+        cp.wait_status("node-1", "connected");
+        Self {
+            cp,
+            agent,
+            key: work.join("publisher.key"),
+            work,
+        }
+    }
+
+    /// Pack and push a module directory prepared by `fill`.
+    pub fn push(&self, name: &str, version: &str, fill: impl FnOnce(&Path)) {
+        let src = self.work.join(format!("src-{name}-{version}"));
+        std::fs::create_dir_all(&src).expect("module dir");
+        fill(&src);
+        let out = self.work.join(format!("{name}-{version}.hsm"));
+        let packed = ctl_offline(&[
+            "module",
+            "pack",
+            src.to_str().expect("utf8"),
+            "--key",
+            self.key.to_str().expect("utf8"),
+            "-o",
+            out.to_str().expect("utf8"),
+        ]);
+        assert_eq!(packed.code, 0, "{packed:?}");
+        let pushed = self
+            .cp
+            .ctl(&["module", "push", out.to_str().expect("utf8")]);
+        assert_eq!(pushed.code, 0, "{pushed:?}");
+    }
+
+    /// Push `hello@version`: the example HTTP server on `port`; `env` lines
+    /// go into `[process] env`, `extra` is appended to the manifest.
+    pub fn push_hello(&self, version: &str, port: u16, env: &str, start_timeout: &str) {
+        self.push("hello", version, |dir| {
+            std::fs::create_dir_all(dir.join("bin")).expect("bin");
+            std::fs::copy(binary("hello-server"), dir.join("bin/hello-server")).expect("copy hello-server");
+            std::fs::write(
+                dir.join("module.toml"),
+                format!(
+                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\n[health]\nhttp = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"{start_timeout}\"\n\n[metrics]\nprometheus = \"http://127.0.0.1:{port}/metrics\"\n"
+                ),
+            )
+            .expect("manifest");
+        });
+    }
+
+    pub fn set(&self, node: &str, module_at_version: &str, extra: &[&str]) {
+        let mut args = vec!["nodes", "set-module", node, module_at_version];
+        args.extend_from_slice(extra);
+        let out = self.cp.ctl(&args);
+        assert_eq!(out.code, 0, "{out:?}");
+    }
+
+    /// The node's report for one module (`nodes get -o json`).
+    pub fn module(&self, name: &str) -> Option<Value> {
+        let node = self
+            .cp
+            .ctl(&["-o", "json", "nodes", "get", "node-1"])
+            .json();
+        node["modules"]
+            .as_array()?
+            .iter()
+            .find(|m| m["name"] == name)
+            .cloned()
+    }
+
+    /// Wait until the module's report satisfies `check`.
+    pub fn wait_module(&self, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually(what, || match self.module(name) {
+            Some(m) if check(&m) => Ok(m),
+            other => Err(format!("module report: {other:?}")),
+        })
+    }
+
+    /// Wait until `name` runs `version`, healthy, with the desired state observed.
+    pub fn wait_running(&self, name: &str, version: &str) -> Value {
+        eventually(&format!("{name}@{version} running and observed"), || {
+            let node = self
+                .cp
+                .ctl(&["-o", "json", "nodes", "get", "node-1"])
+                .json();
+            let module = node["modules"]
+                .as_array()
+                .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+                .cloned();
+            match module {
+                Some(m)
+                    if m["version"] == version
+                        && m["phase"] == "running"
+                        && node["observed_generation"] == node["desired_generation"] =>
+                {
+                    Ok(m)
+                }
+                other => Err(format!(
+                    "module {other:?}, generations {} / {}",
+                    node["observed_generation"], node["desired_generation"]
+                )),
+            }
+        })
+    }
+}
+
+trait JsonOrFail {
+    fn json_or_fail(&self);
+}
+
+impl JsonOrFail for CtlOutput {
+    fn json_or_fail(&self) {
+        assert_eq!(self.code, 0, "{self:?}");
+    }
+}
+
+/// Continuous HTTP load: one new connection per request, counting failures.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<LoadStats>>,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadStats {
+    pub ok: u64,
+    pub failures: Vec<String>,
+    /// Versions seen in `x-hello-version`, in order of first appearance.
+    pub versions: Vec<String>,
+}
+
+impl Load {
+    pub fn start(port: u16) -> Self {
+        use std::io::{Read, Write};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut stats = LoadStats::default();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let result = (|| -> Result<String, String> {
+                    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+                        .map_err(|e| format!("connect: {e}"))?;
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .map_err(|e| e.to_string())?;
+                    stream
+                        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                        .map_err(|e| format!("write: {e}"))?;
+                    let mut response = String::new();
+                    stream
+                        .read_to_string(&mut response)
+                        .map_err(|e| format!("read: {e}"))?;
+                    if !response.starts_with("HTTP/1.1 200") {
+                        return Err(format!(
+                            "response: {:?}",
+                            response.lines().next().unwrap_or("<empty>")
+                        ));
+                    }
+                    Ok(response
+                        .lines()
+                        .find_map(|l| l.strip_prefix("x-hello-version: "))
+                        .unwrap_or("?")
+                        .trim()
+                        .to_string())
+                })();
+                match result {
+                    Ok(version) => {
+                        stats.ok += 1;
+                        if stats.versions.last() != Some(&version) {
+                            stats.versions.push(version);
+                        }
+                    }
+                    Err(e) => stats.failures.push(e),
+                }
+            }
+            stats
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn finish(mut self) -> LoadStats {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -601,10 +601,39 @@ impl Task {
             tracing::warn!(error = %e, stopped = %how, "new version did not become ready; the old one keeps serving");
             return Err(e);
         }
-        if let Some(mut old) = self.current.take() {
-            self.publish(|s| s.message = format!("stopping {}", old.spec.version));
-            let how = old.stop().await;
-            tracing::info!(version = %old.spec.version, pid = old.pid, ended = %how, "old version stopped");
+        let Some(mut old) = self.current.take() else {
+            self.current = Some(fresh);
+            return Ok(());
+        };
+        self.publish(|s| s.message = format!("stopping {}", old.spec.version));
+        let how = old.stop().await;
+        tracing::info!(version = %old.spec.version, pid = old.pid, ended = %how, "old version stopped");
+        // While both versions shared the listener, a probe may have been
+        // answered by the old one. Now only the new one accepts: check it
+        // again, and bring the old version back if it fails.
+        if let Err(e) = Self::wait_ready(&mut fresh).await {
+            tracing::warn!(error = %e, "new version failed its check after the cutover; reverting");
+            let reverted = match self.start(old.spec.clone()) {
+                Ok(mut back) => {
+                    let ready = Self::wait_ready(&mut back).await;
+                    let how = fresh.stop().await;
+                    tracing::info!(stopped = %how, "failed version stopped");
+                    self.current = Some(back);
+                    match ready {
+                        Ok(()) => format!("reverted to {}", old.spec.version),
+                        Err(r) => format!(
+                            "reverted to {}, which is not healthy either: {r}",
+                            old.spec.version
+                        ),
+                    }
+                }
+                Err(r) => {
+                    // Keep the new one rather than nothing at all.
+                    self.current = Some(fresh);
+                    format!("could not restart {}: {r}", old.spec.version)
+                }
+            };
+            return Err(format!("{e} after the cutover; {reverted}"));
         }
         self.current = Some(fresh);
         Ok(())

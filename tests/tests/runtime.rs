@@ -1,0 +1,318 @@
+//! Module runtimes on a real agent: process swaps under load, re-adoption
+//! after `kill -9` of the agent, crash loops, bundle hooks, staging, and
+//! manifests that cannot run on the node.
+
+use hotswap_tests::{Fleet, Load, TestDir, free_port};
+
+fn set_up(dir: &TestDir) -> (Fleet, u16) {
+    let fleet = Fleet::start(dir, &["--label", "zone=a"]);
+    (fleet, free_port())
+}
+
+#[test]
+fn process_swaps_under_load_drop_no_request() {
+    let dir = TestDir::new();
+    let (fleet, port) = set_up(&dir);
+    fleet.push_hello("1.0.0", port, "", "10s");
+    fleet.push_hello("2.0.0", port, "", "10s");
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+
+    let load = Load::start(port);
+    fleet.set("node-1", "hello@2.0.0", &[]);
+    let m = fleet.wait_running("hello", "2.0.0");
+    assert_eq!(m["previous_version"], "1.0.0");
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+    let stats = load.finish();
+    assert!(
+        stats.failures.is_empty(),
+        "{} failed requests: {:?}",
+        stats.failures.len(),
+        &stats.failures[..stats.failures.len().min(5)]
+    );
+    assert!(stats.ok > 50, "load ran: {} requests", stats.ok);
+    // During a start-first overlap both versions serve from the shared queue.
+    assert_eq!(stats.versions.first().map(String::as_str), Some("1.0.0"));
+    assert_eq!(stats.versions.last().map(String::as_str), Some("1.0.0"));
+    assert!(
+        stats.versions.iter().any(|v| v == "2.0.0"),
+        "traffic reached 2.0.0: {:?}",
+        stats.versions
+    );
+
+    // The same desired state again swaps nothing.
+    let pids = fleet.agent.module_pids();
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+    assert_eq!(
+        fleet.agent.module_pids(),
+        pids,
+        "no restart for an unchanged desired state"
+    );
+}
+
+#[test]
+fn killed_agent_leaves_module_serving_and_readopts_it() {
+    let dir = TestDir::new();
+    let (mut fleet, port) = set_up(&dir);
+    fleet.push_hello("1.0.0", port, "", "10s");
+    fleet.push_hello("2.0.0", port, "", "10s");
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+    let pids = fleet.agent.module_pids();
+
+    let load = Load::start(port);
+    fleet.agent.kill();
+    let url = fleet.cp.url();
+    fleet.cp.wait_status("node-1", "disconnected");
+    fleet.agent.start(&url, &[]);
+    fleet.cp.wait_status("node-1", "connected");
+    fleet.wait_running("hello", "1.0.0");
+    assert_eq!(
+        fleet.agent.module_pids(),
+        pids,
+        "the same process was re-adopted, not restarted"
+    );
+    assert!(
+        fleet.agent.log().contains("re-adopted running instance"),
+        "{}",
+        fleet.agent.log()
+    );
+    assert!(
+        !fleet
+            .agent
+            .log()
+            .contains("could not take the listener back"),
+        "listener recovered with pidfd_getfd"
+    );
+
+    // The re-adopted listener still works for a later swap.
+    fleet.set("node-1", "hello@2.0.0", &[]);
+    fleet.wait_running("hello", "2.0.0");
+    let stats = load.finish();
+    assert!(
+        stats.failures.is_empty(),
+        "{} failed requests: {:?}",
+        stats.failures.len(),
+        &stats.failures[..stats.failures.len().min(5)]
+    );
+    assert_eq!(stats.versions.first().map(String::as_str), Some("1.0.0"));
+    assert_eq!(stats.versions.last().map(String::as_str), Some("2.0.0"));
+}
+
+#[test]
+fn unhealthy_new_version_is_reverted_without_dropping_requests() {
+    let dir = TestDir::new();
+    let (fleet, port) = set_up(&dir);
+    fleet.push_hello("1.0.0", port, "", "10s");
+    fleet.push_hello("2.0.0", port, "HELLO_UNHEALTHY = \"1\"", "2s");
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+
+    let load = Load::start(port);
+    fleet.set("node-1", "hello@2.0.0", &[]);
+    let m = fleet.wait_module("hello", "the failed swap to be reported", |m| {
+        m["phase"] == "failed"
+    });
+    assert_eq!(m["version"], "1.0.0", "the old version is the one running");
+    assert!(
+        m["message"]
+            .as_str()
+            .is_some_and(|t| t.contains("not healthy within") && t.contains("reverted to 1.0.0")),
+        "{m}"
+    );
+    // Give the load a moment on the reverted version, then check it all.
+    hotswap_tests::eventually("traffic on 1.0.0 after the revert", || {
+        let m = fleet.module("hello").ok_or("no module")?;
+        if m["health"] == "healthy" {
+            Ok(())
+        } else {
+            Err(format!("{m}"))
+        }
+    });
+    let stats = load.finish();
+    assert!(
+        stats.failures.is_empty(),
+        "{:?}",
+        &stats.failures[..stats.failures.len().min(5)]
+    );
+    assert_eq!(
+        stats.versions.last().map(String::as_str),
+        Some("1.0.0"),
+        "{:?}",
+        stats.versions
+    );
+    let pids = fleet.agent.module_pids();
+    assert_eq!(pids.len(), 1, "one instance runs: {pids:?}");
+}
+
+#[test]
+fn crash_loop_is_reported_unhealthy() {
+    let dir = TestDir::new();
+    let (fleet, port) = set_up(&dir);
+    // Healthy long enough to pass its start gate, then exits again and again.
+    fleet.push_hello("1.0.0", port, "HELLO_CRASH_AFTER_MS = \"700\"", "10s");
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    let m = fleet.wait_module("hello", "a crash loop", |m| m["crash_loop"] == true);
+    assert_eq!(m["health"], "unhealthy");
+    assert_eq!(m["phase"], "failed");
+    assert!(m["restarts"].as_u64().is_some_and(|r| r >= 3), "{m}");
+    assert!(
+        m["message"]
+            .as_str()
+            .is_some_and(|t| t.contains("exited unexpectedly")),
+        "{m}"
+    );
+}
+
+fn push_bundle(fleet: &Fleet, version: &str, fail: bool) {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bundle-config");
+    fleet.push("greeting-config", version, |dir| {
+        for sub in ["bin", "config"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("dir");
+            for entry in std::fs::read_dir(example.join(sub))
+                .expect("example")
+                .flatten()
+            {
+                std::fs::copy(entry.path(), dir.join(sub).join(entry.file_name())).expect("copy");
+            }
+        }
+        let manifest = std::fs::read_to_string(example.join("module.toml")).expect("manifest");
+        std::fs::write(
+            dir.join("module.toml"),
+            manifest.replace("version = \"1.0.0\"", &format!("version = \"{version}\"")),
+        )
+        .expect("write");
+        if fail {
+            std::fs::write(dir.join("FAIL_ACTIVATE"), "").expect("marker");
+        }
+    });
+}
+
+#[test]
+fn bundle_hook_failure_flips_back() {
+    let dir = TestDir::new();
+    let (fleet, _) = set_up(&dir);
+    push_bundle(&fleet, "1.0.0", false);
+    push_bundle(&fleet, "2.0.0", true);
+    fleet.set("node-1", "greeting-config@1.0.0", &[]);
+    fleet.wait_running("greeting-config", "1.0.0");
+    let root = fleet
+        .agent
+        .data_dir
+        .join("artifacts/modules/greeting-config");
+    assert_eq!(
+        std::fs::read_link(root.join("current"))
+            .expect("current")
+            .to_string_lossy(),
+        "1.0.0"
+    );
+
+    fleet.set("node-1", "greeting-config@2.0.0", &[]);
+    let m = fleet.wait_module("greeting-config", "the failed activation", |m| {
+        m["phase"] == "failed"
+    });
+    assert_eq!(m["version"], "1.0.0");
+    assert!(
+        m["message"]
+            .as_str()
+            .is_some_and(|t| t.contains("flipped back to 1.0.0")),
+        "{m}"
+    );
+    assert_eq!(
+        std::fs::read_link(root.join("current"))
+            .expect("current")
+            .to_string_lossy(),
+        "1.0.0",
+        "current flipped back"
+    );
+    let log = std::fs::read_to_string(root.join("activations.log")).expect("hook log");
+    assert!(
+        log.contains("activated greeting-config 1.0.0 (previous: none) on node-1"),
+        "{log}"
+    );
+    assert!(!log.contains("activated greeting-config 2.0.0"), "{log}");
+
+    // Removing the module runs its deactivate hook.
+    let out = fleet
+        .cp
+        .ctl(&["nodes", "unset-module", "node-1", "greeting-config"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    hotswap_tests::eventually("deactivate hook run and current removed", || {
+        let log = std::fs::read_to_string(root.join("activations.log")).unwrap_or_default();
+        if log.contains("deactivated greeting-config 1.0.0") && !root.join("current").exists() {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+}
+
+#[test]
+fn staged_version_is_ready_before_the_switch() {
+    let dir = TestDir::new();
+    let (fleet, port) = set_up(&dir);
+    fleet.push_hello("1.0.0", port, "", "10s");
+    fleet.push_hello("2.0.0", port, "", "10s");
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+
+    fleet.set("node-1", "hello@1.0.0", &["--stage", "2.0.0"]);
+    let m = fleet.wait_module("hello", "2.0.0 staged", |m| m["staged_version"] == "2.0.0");
+    assert_eq!(m["version"], "1.0.0", "staging does not activate");
+    assert!(
+        fleet
+            .agent
+            .data_dir
+            .join("artifacts/modules/hello/2.0.0/bin/hello-server")
+            .exists(),
+        "unpacked"
+    );
+
+    let load = Load::start(port);
+    fleet.set("node-1", "hello@2.0.0", &[]);
+    let m = fleet.wait_running("hello", "2.0.0");
+    assert_eq!(
+        m["staged_version"], "",
+        "staged version became the active one"
+    );
+    assert_eq!(
+        m["previous_version"], "1.0.0",
+        "previous kept ready for an instant switch back"
+    );
+    let stats = load.finish();
+    assert!(
+        stats.failures.is_empty(),
+        "{:?}",
+        &stats.failures[..stats.failures.len().min(5)]
+    );
+}
+
+#[test]
+fn manifest_that_cannot_run_on_this_node_starts_nothing() {
+    let dir = TestDir::new();
+    let (fleet, port) = set_up(&dir);
+    // Valid manifest, but this node has no `rack` label to expand.
+    fleet.push("hello", "1.0.0", |d| {
+        std::fs::create_dir_all(d.join("bin")).expect("bin");
+        std::fs::copy(hotswap_tests::binary("hello-server"), d.join("bin/hello-server")).expect("copy");
+        std::fs::write(
+            d.join("module.toml"),
+            format!("name = \"hello\"\nversion = \"1.0.0\"\nruntime = \"process\"\n[process]\ncommand = [\"bin/hello-server\", \"--version-label\", \"${{NODE_LABEL_rack}}\"]\n[[process.sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n"),
+        )
+        .expect("manifest");
+    });
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    let m = fleet.wait_module("hello", "the failure", |m| m["phase"] == "failed");
+    assert!(
+        m["message"].as_str().is_some_and(|t| t.contains("rack")),
+        "{m}"
+    );
+    assert!(fleet.agent.module_pids().is_empty(), "nothing started");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens"
+    );
+}
