@@ -78,8 +78,53 @@ ctl nodes list
 say "hotswapctl nodes list --env production -o json"
 ctl -o json nodes list --env production
 
+say "signing and pushing modules: hello (process, 2 versions) and greeting-config (bundle)"
+"$bin/hotswapctl" keys generate --out "$work/publisher" >/dev/null
+ctl keys trust "$work/publisher.pub" --name demo-publisher
+pack() { # module-dir version out
+  local src=$1 version=$2 out=$3 tmp="$work/pack-$(basename "$1")-$2"
+  mkdir -p "$tmp" && cp -R "$src/." "$tmp/"
+  if [ -f "$tmp/module.toml" ] && grep -q 'runtime = "process"' "$tmp/module.toml"; then
+    mkdir -p "$tmp/bin" && cp "$bin/hello-server" "$tmp/bin/"
+  fi
+  sed -i "s/^version = .*/version = \"$version\"/" "$tmp/module.toml"
+  "$bin/hotswapctl" module pack "$tmp" --key "$work/publisher.key" -o "$out" >/dev/null
+  ctl module push "$out"
+}
+pack "$root/examples/hello-process" 1.0.0 "$work/hello-1.0.0.hsm"
+pack "$root/examples/hello-process" 1.1.0 "$work/hello-1.1.0.hsm"
+pack "$root/examples/bundle-config" 1.0.0 "$work/greeting-1.0.0.hsm"
+ctl module list
+
+module_running() { # node module version
+  ctl -o json nodes get "$1" | tr -d ' \n' | grep -q "\"name\":\"$2\",\"version\":\"$3\",\"phase\":\"running\""
+}
+
+say "hello@1.0.0 on web-1, greeting-config@1.0.0 on web-2 and api-1"
+ctl nodes set-module web-1 hello@1.0.0
+ctl nodes set-module web-2 greeting-config@1.0.0
+ctl nodes set-module api-1 greeting-config@1.0.0
+wait_for 60 module_running web-1 hello 1.0.0
+wait_for 60 module_running web-2 greeting-config 1.0.0
+wait_for 60 module_running api-1 greeting-config 1.0.0
+http_get() { exec 3<>"/dev/tcp/127.0.0.1/18080" && printf 'GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n' >&3 && tail -n1 <&3; exec 3>&-; }
+echo "GET http://127.0.0.1:18080/ -> $(http_get)"
+
+say "hot swap web-1 to hello@1.1.0 while a client sends requests in a loop"
+(ok=0; failed=0; end=$((SECONDS + 6)); while ((SECONDS < end)); do
+   if out=$(http_get 2>/dev/null) && [[ $out == hello* ]]; then ok=$((ok + 1)); else failed=$((failed + 1)); fi
+ done; echo "client: $ok requests answered, $failed failed") &
+load=$!
+sleep 1
+ctl nodes set-module web-1 hello@1.1.0
+wait_for 60 module_running web-1 hello 1.1.0
+wait "$load"
+echo "GET http://127.0.0.1:18080/ -> $(http_get)"
+ctl nodes get web-1
+
 say "kill -9 the control plane, start it again: the agents come back by themselves"
 kill -KILL "$cp_pid"; wait "$cp_pid" 2>/dev/null || true
+echo "the module keeps serving meanwhile: $(http_get)"
 start_control_plane "$grpc"
 wait_for 30 all_connected
 ctl nodes list
@@ -90,4 +135,9 @@ printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$admin"
 grep -E '^hotswap_(nodes|enrollments_total|sessions_opened_total)' <&3 || true
 exec 3>&-
 
-say "tearing down (SIGTERM to every process)"
+say "tearing down: modules stopped through the control plane, then SIGTERM to every process"
+ctl nodes unset-module web-1 hello >/dev/null
+ctl nodes unset-module web-2 greeting-config >/dev/null
+ctl nodes unset-module api-1 greeting-config >/dev/null
+no_hello() { ! pgrep -f "$work/agent-web-1/artifacts/modules/hello" >/dev/null; }
+wait_for 30 no_hello
