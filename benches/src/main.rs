@@ -5,20 +5,16 @@
 //! Run with `cargo run --release -p hotswap-bench -- <benchmark>` after
 //! `cargo build --release --workspace --bins` (see BENCHMARKS.md).
 
-use std::time::{Duration, Instant};
+mod artifact;
+mod load;
+mod swap;
 
-use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
-use hotswap_agent::artifacts::{ArtifactStore, TrustSource};
-use hotswap_agent::config::EnrollmentConfig;
-use hotswap_agent::identity::{EnrollFailure, enroll_once};
-use hotswap_agent::metrics::Metrics;
-use hotswap_common::artifact::keys;
-use hotswap_common::artifact::pack::pack_and_sign;
-use hotswap_common::artifact::unpack::Limits;
-use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
-use hotswap_tests::{ControlPlane, TestDir, write_module};
-use serde_json::json;
+use std::path::Path;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hotswap_tests::ControlPlane;
+use serde_json::{Value, json};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +38,22 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Hot swaps on one real agent: alternate the desired version A→B→A…
+    /// and time each swap; for the process runtime, under continuous HTTP
+    /// load on the module's port, counting failed requests.
+    Swap {
+        #[arg(long, default_value_t = 1000)]
+        swaps: usize,
+        #[arg(long, value_enum, default_value_t = RuntimeChoice::Both)]
+        runtime: RuntimeChoice,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeChoice {
+    Process,
+    Bundle,
+    Both,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,50 +63,89 @@ fn main() -> anyhow::Result<()> {
             agents,
             size_mib,
             runs,
-        } => artifact(agents, size_mib, runs),
+        } => artifact::artifact(agents, size_mib, runs),
+        Bench::Swap { swaps, runtime } => swap::swap(swaps, runtime),
     }
 }
 
-fn median(mut samples: Vec<f64>) -> f64 {
+/// Start a control plane whose settings file holds exactly `settings`.
+///
+/// `ControlPlane::init_with_settings` appends its extra lines to the
+/// harness's fast test settings, so giving it a `heartbeat_interval` again
+/// would be a duplicate TOML key; the settings file is rewritten instead.
+pub fn start_control_plane(work: &Path, settings: &str) -> anyhow::Result<ControlPlane> {
+    let mut cp = ControlPlane::init_with_settings(work, "");
+    std::fs::write(work.join("cp.toml"), settings)?;
+    cp.start();
+    Ok(cp)
+}
+
+/// Machine facts included in every result.
+pub fn machine() -> Value {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    json!({
+        "date": hotswap_common::timefmt::rfc3339_from_ms(hotswap_common::timefmt::now_ms()),
+        "cores": cores,
+        "cpu_model": cpu_model,
+        "kernel": kernel,
+    })
+}
+
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+pub fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(|a, b| a.total_cmp(b));
     samples[samples.len() / 2]
 }
 
-fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
+/// Nearest-rank percentile of sorted samples (`p` in 0..=1).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `{p50, p90, p99, max}` of samples, rounded to 0.01.
+pub fn summary(samples: &[f64]) -> Value {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    json!({
+        "p50": round(percentile(&sorted, 0.50)),
+        "p90": round(percentile(&sorted, 0.90)),
+        "p99": round(percentile(&sorted, 0.99)),
+        "max": round(sorted.last().copied().unwrap_or(f64::NAN)),
+    })
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub fn mib_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64()
 }
 
-/// Single-core MiB/s of what moving one byte of an artifact minimally costs:
-/// AES-128-GCM (the TLS record protection) plus SHA-256 (the digest check).
-fn crypto_floor(size: usize, runs: usize) -> anyhow::Result<f64> {
-    use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_128_GCM, &[7u8; 16]).map_err(|_| anyhow::anyhow!("aes key"))?,
-    );
-    let mut buf = pseudo_random(size);
-    let mut samples = Vec::new();
-    for _ in 0..runs {
-        let started = Instant::now();
-        let rounds = 16;
-        for i in 0..rounds {
-            let mut nonce = [0u8; 12];
-            nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            let tag = key
-                .seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::empty(),
-                    &mut buf,
-                )
-                .map_err(|_| anyhow::anyhow!("seal"))?;
-            let _ = std::hint::black_box(tag);
-            let _ = std::hint::black_box(<sha2::Sha256 as sha2::Digest>::digest(&buf));
-        }
-        samples.push(mib_per_s((size * rounds) as u64, started.elapsed()));
-    }
-    Ok(median(samples))
-}
-
-fn pseudo_random(len: usize) -> Vec<u8> {
+pub fn pseudo_random(len: usize) -> Vec<u8> {
     let mut state: u64 = 0x2545_f491_4f6c_dd1d;
     (0..len)
         .map(|_| {
@@ -106,144 +157,6 @@ fn pseudo_random(len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn artifact(agents: usize, size_mib: usize, runs: usize) -> anyhow::Result<()> {
-    let size = size_mib * 1024 * 1024;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let floor = crypto_floor(size, runs)?;
-
-    let dir = TestDir::new();
-    let mut cp = ControlPlane::init_with_settings(
-        dir.path(),
-        "heartbeat_interval = \"5s\"\nheartbeat_grace = \"15s\"\n",
-    );
-    cp.start();
-    let key = keys::generate()?;
-    let (_, public) = keys::write_key_pair(&dir.path().join("bench"), &key)?;
-    let trusted = cp.ctl(&[
-        "keys",
-        "trust",
-        public.to_str().context("utf8")?,
-        "--name",
-        "bench",
-    ]);
-    if trusted.code != 0 {
-        bail!("keys trust failed: {}", trusted.stderr);
-    }
-
-    // Push: distinct versions so every push does the full work.
-    let payload = pseudo_random(size);
-    let mut push_samples = Vec::new();
-    let mut content_len = 0;
-    for run in 0..runs {
-        let src = dir.path().join(format!("src-{run}"));
-        write_module(&src, "bench", &format!("1.0.{run}"), &payload);
-        let file = dir.path().join(format!("bench-{run}.hsm"));
-        let info = pack_and_sign(&src, &key, hotswap_common::timefmt::now_ms(), &file)?;
-        content_len = info.content_len;
-        let started = Instant::now();
-        let out = cp.ctl(&["module", "push", file.to_str().context("utf8")?]);
-        let elapsed = started.elapsed();
-        if out.code != 0 {
-            bail!("push failed: {}", out.stderr);
-        }
-        push_samples.push(mib_per_s(std::fs::metadata(&file)?.len(), elapsed));
-    }
-    let push = median(push_samples);
-
-    // Enroll N nodes through the real enrollment call.
-    let rt = tokio::runtime::Runtime::new()?;
-    let (token, fingerprint) = cp.token(&["--uses", &agents.to_string()]);
-    let url = ControlPlaneUrl::parse(&cp.url())?;
-    let enrollment = EnrollmentConfig {
-        join_token: token,
-        ca_fingerprint: hotswap_common::pki::parse_fingerprint(&fingerprint)?,
-    };
-    let metrics = Metrics::default();
-    let mut nodes = Vec::new();
-    for i in 0..agents {
-        let identity = rt
-            .block_on(enroll_once(
-                &url,
-                &enrollment,
-                &format!("bench-{i}"),
-                &Default::default(),
-                &metrics,
-            ))
-            .map_err(|e| match e {
-                EnrollFailure::Fatal(m) | EnrollFailure::Retry(m) => anyhow::anyhow!(m),
-            })?;
-        let data_dir = dir.path().join(format!("node-{i}"));
-        identity.save(&data_dir)?;
-        nodes.push((data_dir, identity));
-    }
-
-    // Fan-out: every node fetches and verifies the same artifact at once.
-    let mut fanout_samples = Vec::new();
-    for run in 0..runs {
-        let version = format!("1.0.{run}");
-        let started = Instant::now();
-        let total: u64 = rt.block_on(async {
-            let mut tasks = Vec::new();
-            for (data_dir, identity) in &nodes {
-                let _ = std::fs::remove_dir_all(data_dir.join("artifacts"));
-                let config = tls::client_config(
-                    ServerTrust::Ca(identity.ca_pem.clone()),
-                    Some(ClientIdentity {
-                        cert_pem: &identity.cert_pem,
-                        key_pem: &identity.key_pem,
-                    }),
-                )?;
-                let channel = tls::connect_lazy(&url, config, &Default::default())?;
-                let store =
-                    ArtifactStore::open(data_dir, TrustSource::ControlPlane, Limits::default())
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let version = version.clone();
-                tasks.push(tokio::spawn(async move {
-                    store
-                        .fetch(&channel, "bench", &version)
-                        .await
-                        .map(|c| c.downloaded)
-                        .map_err(|e| anyhow::anyhow!("{e}"))
-                }));
-            }
-            let mut total = 0;
-            for task in tasks {
-                total += task.await??;
-            }
-            Ok::<u64, anyhow::Error>(total)
-        })?;
-        let elapsed = started.elapsed();
-        if total != content_len * agents as u64 {
-            bail!(
-                "fan-out moved {total} bytes, expected {}",
-                content_len * agents as u64
-            );
-        }
-        fanout_samples.push(mib_per_s(total, elapsed));
-    }
-    let fanout = median(fanout_samples);
-    cp.stop();
-
-    let result = json!({
-        "benchmark": "artifact",
-        "artifact_mib": size_mib,
-        "agents": agents,
-        "runs": runs,
-        "cores": cores,
-        "crypto_floor_mib_s_per_core": round(floor),
-        "crypto_floor_mib_s_all_cores": round(floor * cores as f64),
-        "push_mib_s": round(push),
-        "push_fraction_of_one_core_floor": round(push / floor),
-        "fanout_aggregate_mib_s": round(fanout),
-        "fanout_fraction_of_all_cores_floor": round(fanout / (floor * cores as f64)),
-        "fanout_seconds_for_all_agents": round((content_len * agents as u64) as f64 / (1024.0 * 1024.0) / fanout),
-    });
-    println!("{}", serde_json::to_string_pretty(&result)?);
-    Ok(())
-}
-
-fn round(x: f64) -> f64 {
+pub fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }

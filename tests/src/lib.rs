@@ -763,13 +763,25 @@ impl Fleet {
     /// Push `hello@version`: the example HTTP server on `port`; `env` lines
     /// go into `[process] env`, `extra` is appended to the manifest.
     pub fn push_hello(&self, version: &str, port: u16, env: &str, start_timeout: &str) {
+        self.push_hello_swap(version, port, env, start_timeout, "start-first");
+    }
+
+    /// As [`Fleet::push_hello`], with the swap strategy given.
+    pub fn push_hello_swap(
+        &self,
+        version: &str,
+        port: u16,
+        env: &str,
+        start_timeout: &str,
+        swap: &str,
+    ) {
         self.push("hello", version, |dir| {
             std::fs::create_dir_all(dir.join("bin")).expect("bin");
             std::fs::copy(binary("hello-server"), dir.join("bin/hello-server")).expect("copy hello-server");
             std::fs::write(
                 dir.join("module.toml"),
                 format!(
-                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\n[health]\nhttp = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"{start_timeout}\"\n\n[metrics]\nprometheus = \"http://127.0.0.1:{port}/metrics\"\n"
+                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nswap = \"{swap}\"\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\n[health]\nhttp = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"{start_timeout}\"\n\n[metrics]\nprometheus = \"http://127.0.0.1:{port}/metrics\"\n"
                 ),
             )
             .expect("manifest");

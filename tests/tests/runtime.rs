@@ -316,3 +316,53 @@ fn manifest_that_cannot_run_on_this_node_starts_nothing() {
         "nothing listens"
     );
 }
+
+#[test]
+fn stop_first_swap_queues_requests_and_metrics_reach_the_control_plane() {
+    let dir = TestDir::new();
+    let (fleet, port) = set_up(&dir);
+    fleet.push_hello_swap("1.0.0", port, "", "10s", "stop-first");
+    fleet.push_hello_swap("2.0.0", port, "", "10s", "stop-first");
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+
+    // The agent holds the listener while no version runs, so connections
+    // wait in the backlog for the new version instead of being refused.
+    let load = Load::start(port);
+    fleet.set("node-1", "hello@2.0.0", &[]);
+    fleet.wait_running("hello", "2.0.0");
+    // Scraped metrics (two scrapes, 5 s apart) arrive in `nodes get`.
+    let m = fleet.wait_module("hello", "request metrics", |m| {
+        m["metrics"]["request_rate"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0)
+    });
+    let stats = load.finish();
+    assert!(
+        stats.failures.is_empty(),
+        "{:?}",
+        &stats.failures[..stats.failures.len().min(5)]
+    );
+    assert_eq!(
+        stats.versions,
+        ["1.0.0", "2.0.0"],
+        "stop-first never overlaps versions"
+    );
+    assert_eq!(m["metrics"]["error_rate"].as_f64(), Some(0.0), "{m}");
+    assert!(
+        m["metrics"]["latency_p99_seconds"]
+            .as_f64()
+            .is_some_and(|p| p > 0.0),
+        "{m}"
+    );
+    let node = fleet
+        .cp
+        .ctl(&["-o", "json", "nodes", "get", "node-1"])
+        .json();
+    assert!(
+        node["usage"]["memory_total_bytes"]
+            .as_u64()
+            .is_some_and(|b| b > 0),
+        "node usage reported: {node}"
+    );
+}

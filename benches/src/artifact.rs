@@ -1,0 +1,184 @@
+//! `artifact`: push throughput and fan-out of one artifact to N agents over
+//! mTLS, against the machine's SHA-256 + AES-GCM floor.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use hotswap_agent::artifacts::{ArtifactStore, TrustSource};
+use hotswap_agent::config::EnrollmentConfig;
+use hotswap_agent::identity::{EnrollFailure, enroll_once};
+use hotswap_agent::metrics::Metrics;
+use hotswap_common::artifact::keys;
+use hotswap_common::artifact::pack::pack_and_sign;
+use hotswap_common::artifact::unpack::Limits;
+use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
+use hotswap_tests::{TestDir, write_module};
+use serde_json::json;
+
+use crate::{cores, machine, median, mib_per_s, pseudo_random, round, start_control_plane};
+
+/// Single-core MiB/s of what moving one byte of an artifact minimally costs:
+/// AES-128-GCM (the TLS record protection) plus SHA-256 (the digest check).
+fn crypto_floor(size: usize, runs: usize) -> anyhow::Result<f64> {
+    use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_128_GCM, &[7u8; 16]).map_err(|_| anyhow::anyhow!("aes key"))?,
+    );
+    let mut buf = pseudo_random(size);
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let rounds = 16;
+        for i in 0..rounds {
+            let mut nonce = [0u8; 12];
+            nonce[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let tag = key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::empty(),
+                    &mut buf,
+                )
+                .map_err(|_| anyhow::anyhow!("seal"))?;
+            let _ = std::hint::black_box(tag);
+            let _ = std::hint::black_box(<sha2::Sha256 as sha2::Digest>::digest(&buf));
+        }
+        samples.push(mib_per_s((size * rounds) as u64, started.elapsed()));
+    }
+    Ok(median(samples))
+}
+
+pub fn artifact(agents: usize, size_mib: usize, runs: usize) -> anyhow::Result<()> {
+    let size = size_mib * 1024 * 1024;
+    let cores = cores();
+    let floor = crypto_floor(size, runs)?;
+
+    let dir = TestDir::new();
+    let mut cp = start_control_plane(
+        dir.path(),
+        "heartbeat_interval = \"5s\"\nheartbeat_grace = \"15s\"\n",
+    )?;
+    let key = keys::generate()?;
+    let (_, public) = keys::write_key_pair(&dir.path().join("bench"), &key)?;
+    let trusted = cp.ctl(&[
+        "keys",
+        "trust",
+        public.to_str().context("utf8")?,
+        "--name",
+        "bench",
+    ]);
+    if trusted.code != 0 {
+        bail!("keys trust failed: {}", trusted.stderr);
+    }
+
+    // Push: distinct versions so every push does the full work.
+    let payload = pseudo_random(size);
+    let mut push_samples = Vec::new();
+    let mut content_len = 0;
+    for run in 0..runs {
+        let src = dir.path().join(format!("src-{run}"));
+        write_module(&src, "bench", &format!("1.0.{run}"), &payload);
+        let file = dir.path().join(format!("bench-{run}.hsm"));
+        let info = pack_and_sign(&src, &key, hotswap_common::timefmt::now_ms(), &file)?;
+        content_len = info.content_len;
+        let started = Instant::now();
+        let out = cp.ctl(&["module", "push", file.to_str().context("utf8")?]);
+        let elapsed = started.elapsed();
+        if out.code != 0 {
+            bail!("push failed: {}", out.stderr);
+        }
+        push_samples.push(mib_per_s(std::fs::metadata(&file)?.len(), elapsed));
+    }
+    let push = median(push_samples);
+
+    // Enroll N nodes through the real enrollment call.
+    let rt = tokio::runtime::Runtime::new()?;
+    let (token, fingerprint) = cp.token(&["--uses", &agents.to_string()]);
+    let url = ControlPlaneUrl::parse(&cp.url())?;
+    let enrollment = EnrollmentConfig {
+        join_token: token,
+        ca_fingerprint: hotswap_common::pki::parse_fingerprint(&fingerprint)?,
+    };
+    let metrics = Metrics::default();
+    let mut nodes = Vec::new();
+    for i in 0..agents {
+        let identity = rt
+            .block_on(enroll_once(
+                &url,
+                &enrollment,
+                &format!("bench-{i}"),
+                &Default::default(),
+                &metrics,
+            ))
+            .map_err(|e| match e {
+                EnrollFailure::Fatal(m) | EnrollFailure::Retry(m) => anyhow::anyhow!(m),
+            })?;
+        let data_dir = dir.path().join(format!("node-{i}"));
+        identity.save(&data_dir)?;
+        nodes.push((data_dir, identity));
+    }
+
+    // Fan-out: every node fetches and verifies the same artifact at once.
+    let mut fanout_samples = Vec::new();
+    for run in 0..runs {
+        let version = format!("1.0.{run}");
+        let started = Instant::now();
+        let total: u64 = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for (data_dir, identity) in &nodes {
+                let _ = std::fs::remove_dir_all(data_dir.join("artifacts"));
+                let config = tls::client_config(
+                    ServerTrust::Ca(identity.ca_pem.clone()),
+                    Some(ClientIdentity {
+                        cert_pem: &identity.cert_pem,
+                        key_pem: &identity.key_pem,
+                    }),
+                )?;
+                let channel = tls::connect_lazy(&url, config, &Default::default())?;
+                let store =
+                    ArtifactStore::open(data_dir, TrustSource::ControlPlane, Limits::default())
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let version = version.clone();
+                tasks.push(tokio::spawn(async move {
+                    store
+                        .fetch(&channel, "bench", &version)
+                        .await
+                        .map(|c| c.downloaded)
+                        .map_err(|e| anyhow::anyhow!("{e}"))
+                }));
+            }
+            let mut total = 0;
+            for task in tasks {
+                total += task.await??;
+            }
+            Ok::<u64, anyhow::Error>(total)
+        })?;
+        let elapsed = started.elapsed();
+        if total != content_len * agents as u64 {
+            bail!(
+                "fan-out moved {total} bytes, expected {}",
+                content_len * agents as u64
+            );
+        }
+        fanout_samples.push(mib_per_s(total, elapsed));
+    }
+    let fanout = median(fanout_samples);
+    cp.stop();
+
+    let result = json!({
+        "benchmark": "artifact",
+        "machine": machine(),
+        "artifact_mib": size_mib,
+        "agents": agents,
+        "runs": runs,
+        "cores": cores,
+        "crypto_floor_mib_s_per_core": round(floor),
+        "crypto_floor_mib_s_all_cores": round(floor * cores as f64),
+        "push_mib_s": round(push),
+        "push_fraction_of_one_core_floor": round(push / floor),
+        "fanout_aggregate_mib_s": round(fanout),
+        "fanout_fraction_of_all_cores_floor": round(fanout / (floor * cores as f64)),
+        "fanout_seconds_for_all_agents": round((content_len * agents as u64) as f64 / (1024.0 * 1024.0) / fanout),
+    });
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
