@@ -5,6 +5,7 @@
 //! Exit codes: 0 success, 1 error, 2 usage, 5 unauthenticated or denied.
 
 mod client;
+mod deploy;
 mod keys;
 mod module;
 mod nodes;
@@ -58,6 +59,9 @@ enum Command {
     /// Module artifacts: pack, sign, verify, inspect, push, browse.
     #[command(subcommand)]
     Module(module::ModuleCommand),
+    /// Deployments: create, watch and control.
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
 }
 
 fn main() -> ExitCode {
@@ -76,15 +80,25 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let ctx = client::Context::new(cli.profile.clone(), cli.endpoint.clone(), cli.output);
+        let done = |r: Result<(), CliError>| r.map(|()| ExitCode::SUCCESS);
         match cli.command {
-            Command::Tokens(cmd) => tokens::run(&ctx, cmd).await,
-            Command::Nodes(cmd) => nodes::run(&ctx, cmd).await,
-            Command::Keys(cmd) => keys::run(&ctx, cmd).await,
-            Command::Module(cmd) => module::run(&ctx, cmd).await,
+            Command::Tokens(cmd) => done(tokens::run(&ctx, cmd).await),
+            Command::Nodes(cmd) => done(nodes::run(&ctx, cmd).await),
+            Command::Keys(cmd) => done(keys::run(&ctx, cmd).await),
+            Command::Module(cmd) => done(module::run(&ctx, cmd).await),
+            Command::Deploy(cmd) => match deploy::run(&ctx, cmd).await {
+                Ok(deploy::Outcome::Done) => Ok(ExitCode::SUCCESS),
+                Ok(deploy::Outcome::Ended(message)) => {
+                    eprintln!("{message}");
+                    Ok(ExitCode::from(3))
+                }
+                Ok(deploy::Outcome::TimedOut) => Ok(ExitCode::from(4)),
+                Err(e) => Err(e),
+            },
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => report(&e),
     }
 }

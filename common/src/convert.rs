@@ -2,8 +2,9 @@
 //! failing with an error that names the field when the message is unusable.
 
 use crate::model::{
-    ModuleMetricsView, ModuleVersionView, ModuleView, NodeModuleView, NodeStatus, NodeUpdateView,
-    NodeUsageView, NodeView, PublisherKeyView, TokenView,
+    DeploymentNodeView, DeploymentView, ModuleMetricsView, ModuleVersionView, ModuleView,
+    NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
+    PublisherKeyView, TokenView, VerdictView,
 };
 use crate::pb;
 use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
@@ -184,6 +185,72 @@ impl TryFrom<pb::PublisherKey> for PublisherKeyView {
             added_at: rfc3339(key.added_at.as_ref()),
             added_by: key.added_by,
             revoked_at: rfc3339(key.revoked_at.as_ref()),
+        })
+    }
+}
+
+impl TryFrom<pb::Deployment> for DeploymentView {
+    type Error = ConvertError;
+
+    fn try_from(d: pb::Deployment) -> Result<Self, Self::Error> {
+        if d.id.is_empty() {
+            return Err(ConvertError::Missing {
+                message: "Deployment",
+                field: "id",
+            });
+        }
+        let progress = d.progress.ok_or(ConvertError::Missing {
+            message: "Deployment",
+            field: "progress",
+        })?;
+        let known = |x: f64| (x >= 0.0).then_some(x);
+        Ok(DeploymentView {
+            id: d.id,
+            module: d.module,
+            version: d.version,
+            environment: d.environment,
+            strategy: d.strategy,
+            state: d.state,
+            progress: ProgressView {
+                total: progress.total,
+                updated: progress.updated,
+                healthy: progress.healthy,
+                failed: progress.failed,
+            },
+            nodes: d
+                .nodes
+                .into_iter()
+                .map(|n| DeploymentNodeView {
+                    node: n.node,
+                    from_version: n.from_version,
+                    to_version: n.to_version,
+                    state: n.state,
+                    reason: n.reason,
+                    wave: n.wave,
+                })
+                .collect(),
+            created_by: d.created_by,
+            created_at: rfc3339(d.created_at.as_ref()),
+            finished_at: rfc3339(d.finished_at.as_ref()),
+            reason: d.reason,
+            wave: d.wave,
+            waves: d.waves,
+            analysis: d
+                .analysis
+                .into_iter()
+                .map(|v| VerdictView {
+                    time: rfc3339(v.time.as_ref()),
+                    step: v.step,
+                    passed: v.passed,
+                    summary: v.summary,
+                    canary_error_rate: known(v.canary_error_rate),
+                    baseline_error_rate: known(v.baseline_error_rate),
+                    canary_latency_p99: known(v.canary_latency_p99),
+                    baseline_latency_p99: known(v.baseline_latency_p99),
+                })
+                .collect(),
+            approved_by: d.approved_by,
+            waiting_for: d.waiting_for,
         })
     }
 }

@@ -152,7 +152,16 @@ impl StopSignal {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketSpec {
     pub name: String,
-    pub listen: SocketAddr,
+    /// `ip:port`, possibly with `${...}` variables (e.g. a port from a node
+    /// label); literal addresses are checked here, templated ones on the node.
+    pub listen: String,
+}
+
+impl SocketSpec {
+    /// The address, when `listen` has no variables.
+    pub fn literal_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
 }
 
 /// The `[bundle]` section.
@@ -907,36 +916,36 @@ fn parse_sockets(s: &Section<'_>) -> Result<Vec<SocketSpec>, ManifestError> {
         }
 
         let listen_text = entry.required_string("listen")?;
-        // The agent binds these before any node-specific value is known to
-        // the process supervisor, and successors must inherit the exact same
-        // address, so only literal addresses make sense here.
         if listen_text.contains("${") {
-            return Err(entry.error(
-                "listen",
-                format!(
-                    "variables are not allowed in listen, found {listen_text:?}; use a literal \
-                     ip:port such as 127.0.0.1:8080"
-                ),
-            ));
+            // Node-specific (e.g. `127.0.0.1:${NODE_LABEL_port}`): only the
+            // variables are checked here; the agent parses the expanded value.
+            check_vars(entry.file, &join(&entry.path, "listen"), listen_text)?;
+            if sockets.iter().any(|o: &SocketSpec| o.listen == listen_text) {
+                return Err(
+                    entry.error("listen", format!("duplicate listen address {listen_text}"))
+                );
+            }
+        } else {
+            let listen: SocketAddr = listen_text.parse().map_err(|e| {
+                entry.error(
+                    "listen",
+                    format!(
+                        "invalid socket address {listen_text:?}: {e}; expected ip:port such as \
+                         127.0.0.1:8080 or [::1]:8080"
+                    ),
+                )
+            })?;
+            if let Some(other) = sockets.iter().find(|o| o.literal_addr() == Some(listen)) {
+                return Err(entry.error(
+                    "listen",
+                    format!(
+                        "duplicate listen address {listen} (also used by socket {:?})",
+                        other.name
+                    ),
+                ));
+            }
         }
-        let listen: SocketAddr = listen_text.parse().map_err(|e| {
-            entry.error(
-                "listen",
-                format!(
-                    "invalid socket address {listen_text:?}: {e}; expected ip:port such as \
-                     127.0.0.1:8080 or [::1]:8080"
-                ),
-            )
-        })?;
-        if let Some(other) = sockets.iter().find(|o| o.listen == listen) {
-            return Err(entry.error(
-                "listen",
-                format!(
-                    "duplicate listen address {listen} (also used by socket {:?})",
-                    other.name
-                ),
-            ));
-        }
+        let listen = listen_text.to_string();
         sockets.push(SocketSpec {
             name: name.to_string(),
             listen,
@@ -1163,11 +1172,11 @@ exec = ["bin/check.sh", "--quick"]
                 sockets: vec![
                     SocketSpec {
                         name: "http".into(),
-                        listen: "127.0.0.1:8080".parse().expect("addr"),
+                        listen: "127.0.0.1:8080".to_string(),
                     },
                     SocketSpec {
                         name: "admin_2".into(),
-                        listen: "[::1]:9090".parse().expect("addr"),
+                        listen: "[::1]:9090".to_string(),
                     },
                 ],
             }),
@@ -1643,12 +1652,19 @@ exec = ["bin/check.sh", "--quick"]
                 "invalid socket address \"localhost:80\"",
             )),
         );
+        // Node-specific addresses are checked for their variables here and
+        // parsed on the node after expansion.
         check(
-            &p(&socket("a", "${NODE_NAME}:80")),
-            Err((
-                "process.sockets[0].listen",
-                "variables are not allowed in listen",
-            )),
+            &p(&socket("a", "127.0.0.1:${NODE_LABEL_port}")),
+            Ok(|m| {
+                m.process
+                    .as_ref()
+                    .is_some_and(|p| p.sockets[0].literal_addr().is_none())
+            }),
+        );
+        check(
+            &p(&socket("a", "127.0.0.1:${PORT}")),
+            Err(("process.sockets[0].listen", "unknown variable ${PORT}")),
         );
         let seventeen: String = (0..17)
             .map(|i| socket(&format!("s{i}"), &format!("127.0.0.1:{}", 1000 + i)))

@@ -124,3 +124,64 @@ pub struct PublisherKeyView {
     pub added_by: String,
     pub revoked_at: Option<String>,
 }
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProgressView {
+    pub total: u32,
+    pub updated: u32,
+    pub healthy: u32,
+    pub failed: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeploymentNodeView {
+    pub node: String,
+    pub from_version: String,
+    pub to_version: String,
+    pub state: String,
+    pub reason: String,
+    pub wave: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VerdictView {
+    pub time: Option<String>,
+    pub step: u32,
+    pub passed: bool,
+    pub summary: String,
+    pub canary_error_rate: Option<f64>,
+    pub baseline_error_rate: Option<f64>,
+    pub canary_latency_p99: Option<f64>,
+    pub baseline_latency_p99: Option<f64>,
+}
+
+/// A deployment as `deploy get -o json` prints it (SPEC §4).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeploymentView {
+    pub id: String,
+    pub module: String,
+    pub version: String,
+    pub environment: String,
+    pub strategy: String,
+    pub state: String,
+    pub progress: ProgressView,
+    pub nodes: Vec<DeploymentNodeView>,
+    pub created_by: String,
+    pub created_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub reason: String,
+    pub wave: u32,
+    pub waves: u32,
+    pub analysis: Vec<VerdictView>,
+    pub approved_by: String,
+    pub waiting_for: String,
+}
+
+impl DeploymentView {
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "succeeded" | "failed" | "rolled_back" | "aborted"
+        )
+    }
+}

@@ -1,6 +1,7 @@
 //! Control plane configuration: flags plus an optional TOML file, parsed once
 //! into typed values and validated before anything binds a port.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Tunables read from `--config FILE`. Every field has a default, so the file
 /// is optional and may set any subset.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// How often agents send heartbeats; sent to each agent in its welcome.
@@ -36,6 +37,88 @@ pub struct Settings {
     pub storage_cache_bytes: u64,
     /// Largest artifact `module push` accepts, in bytes.
     pub max_artifact_bytes: u64,
+    /// Environments nodes can be placed in (label `environment`), with their
+    /// default strategy and whether deployments need a second person's approval.
+    pub environments: BTreeMap<String, EnvironmentSettings>,
+    /// Defaults for deployment options not given on the command line.
+    pub deploy: DeployDefaults,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentSettings {
+    /// direct, rolling, blue-green or canary.
+    pub strategy: String,
+    #[serde(default)]
+    pub require_approval: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeployDefaults {
+    #[serde(with = "duration_text")]
+    pub health_deadline: Duration,
+    #[serde(with = "duration_text")]
+    pub progress_deadline: Duration,
+    #[serde(with = "duration_text")]
+    pub min_healthy_time: Duration,
+    #[serde(with = "duration_text")]
+    pub bake_time: Duration,
+    #[serde(with = "duration_text")]
+    pub step_duration: Duration,
+    pub batch_size: String,
+    pub max_failures: u32,
+    pub steps: Vec<u32>,
+    /// Absolute ceiling for a canary's error rate (0..1).
+    pub max_error_rate: f64,
+    /// Canary error rate may exceed the baseline's by this fraction.
+    pub error_rate_increase: f64,
+    /// Canary p99 latency may be at most this multiple of the baseline's.
+    pub latency_increase: f64,
+    pub cpu_increase: f64,
+    pub memory_increase: f64,
+}
+
+impl Default for DeployDefaults {
+    fn default() -> Self {
+        Self {
+            health_deadline: Duration::from_secs(300),
+            progress_deadline: Duration::from_secs(900),
+            min_healthy_time: Duration::from_secs(10),
+            bake_time: Duration::from_secs(60),
+            step_duration: Duration::from_secs(60),
+            batch_size: "25%".to_string(),
+            max_failures: 0,
+            steps: vec![10, 30, 50, 100],
+            // The original system's production defaults: errors +50 %, latency
+            // +100 %, CPU and memory +30 % over the baseline.
+            max_error_rate: 0.05,
+            error_rate_increase: 0.5,
+            latency_increase: 2.0,
+            cpu_increase: 0.3,
+            memory_increase: 0.3,
+        }
+    }
+}
+
+fn default_environments() -> BTreeMap<String, EnvironmentSettings> {
+    [
+        ("dev", "direct", false),
+        ("qa", "rolling", false),
+        ("staging", "blue-green", false),
+        ("production", "canary", true),
+    ]
+    .into_iter()
+    .map(|(name, strategy, require_approval)| {
+        (
+            name.to_string(),
+            EnvironmentSettings {
+                strategy: strategy.to_string(),
+                require_approval,
+            },
+        )
+    })
+    .collect()
 }
 
 impl Default for Settings {
@@ -49,6 +132,8 @@ impl Default for Settings {
             shutdown_timeout: Duration::from_secs(10),
             storage_cache_bytes: 64 * 1024 * 1024,
             max_artifact_bytes: 512 * 1024 * 1024,
+            environments: default_environments(),
+            deploy: DeployDefaults::default(),
         }
     }
 }
@@ -108,6 +193,14 @@ impl Settings {
         }
         if self.max_artifact_bytes < 1024 {
             problems.push("max_artifact_bytes must be at least 1024".to_string());
+        }
+        for (name, env) in &self.environments {
+            if !["direct", "rolling", "blue-green", "canary"].contains(&env.strategy.as_str()) {
+                problems.push(format!("environments.{name}.strategy {:?} is not direct, rolling, blue-green or canary", env.strategy));
+            }
+        }
+        if self.deploy.steps.is_empty() || self.deploy.steps.iter().any(|s| *s == 0 || *s > 100) {
+            problems.push("deploy.steps must be percentages between 1 and 100".to_string());
         }
         if self.storage_cache_bytes < 1024 * 1024 {
             problems.push("storage_cache_bytes must be at least 1048576".to_string());

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod blobs;
 pub mod config;
+pub mod deploy;
 pub mod error;
 pub mod init;
 pub mod metrics;

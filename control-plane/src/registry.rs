@@ -56,6 +56,8 @@ pub struct NodeUsage {
 pub struct Report {
     pub at_ms: u64,
     pub observed_generation: u64,
+    /// The desired generation the agent was working on when it reported.
+    pub desired_generation: u64,
     pub modules: Vec<ModuleState>,
     pub usage: Option<NodeUsage>,
 }
@@ -70,6 +72,8 @@ pub struct NodeState {
     pub desired: DesiredRecord,
     pub usage: Option<NodeUsage>,
     pub observed_generation: u64,
+    /// The desired generation the agent last said it had received.
+    pub agent_desired_generation: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +90,7 @@ struct LiveSession {
     modules: Vec<ModuleState>,
     usage: Option<NodeUsage>,
     observed_generation: u64,
+    agent_desired_generation: u64,
     history: VecDeque<Report>,
 }
 
@@ -162,6 +167,7 @@ impl Registry {
                 desired: session.desired.borrow().clone(),
                 usage: session.usage,
                 observed_generation: session.observed_generation,
+                agent_desired_generation: session.agent_desired_generation,
                 record,
             },
             None => NodeState {
@@ -171,6 +177,7 @@ impl Registry {
                 desired: self.store.get_desired(&record.id).unwrap_or_default(),
                 usage: None,
                 observed_generation: 0,
+                agent_desired_generation: 0,
                 record,
             },
         }
@@ -299,6 +306,7 @@ impl Registry {
                     modules: Vec::new(),
                     usage: None,
                     observed_generation: 0,
+                    agent_desired_generation: 0,
                     history: VecDeque::new(),
                 },
             );
@@ -374,10 +382,12 @@ impl Registry {
                     .iter()
                     .zip(&report.modules)
                     .any(|(a, b)| strip(a) != strip(b))
-                || session.observed_generation != report.observed_generation;
+                || session.observed_generation != report.observed_generation
+                || session.agent_desired_generation != report.desired_generation;
             session.modules = report.modules.clone();
             session.usage = report.usage;
             session.observed_generation = report.observed_generation;
+            session.agent_desired_generation = report.desired_generation;
             session.last_seen_ms = report.at_ms;
             if session.history.len() == HISTORY_LEN {
                 session.history.pop_front();

@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::blobs::BlobStore;
 use crate::config::RunConfig;
+use crate::deploy::engine::Engine;
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
 use crate::service::Context;
 use crate::service::artifacts::ArtifactsService;
+use crate::service::deployments::DeploymentsService;
 use crate::service::enrollment::EnrollmentService;
 use crate::service::fleet::FleetService;
 use crate::service::session::SessionService;
@@ -193,6 +195,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
     });
+    let engine = Engine::new(ctx.registry.clone(), config.settings.clone())?;
+    let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
     let incoming = tls_accept::incoming(grpc_listener, tls_config, shutdown.clone());
     let grpc = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer::new(metrics.clone()))
@@ -205,6 +209,9 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         .add_service(pb::fleet_server::FleetServer::new(FleetService::new(
             ctx.clone(),
         )))
+        .add_service(pb::deployments_server::DeploymentsServer::new(
+            DeploymentsService::new(ctx.clone(), engine),
+        ))
         // Upload chunks are at most 1 MiB; leave headroom for framing.
         .add_service(
             pb::artifacts_server::ArtifactsServer::new(ArtifactsService::new(ctx.clone(), blobs))
@@ -251,6 +258,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             "drain did not finish in time; exiting with connections still open"
         ),
     }
+    let _ = engine_task.await;
     admin_shutdown.cancel();
     let _ = admin_task.await;
     if let Err(e) = store.flush().await {

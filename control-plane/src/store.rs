@@ -84,6 +84,7 @@ pub struct Store {
     keys: sled::Tree,
     artifacts: sled::Tree,
     desired: sled::Tree,
+    deployments: sled::Tree,
 }
 
 /// What one module should be on one node.
@@ -108,6 +109,7 @@ const NODES: &str = "nodes";
 const NODE_NAMES: &str = "node_names";
 const KEYS: &str = "publisher_keys";
 const DESIRED: &str = "desired";
+const DEPLOYMENTS: &str = "deployments";
 const ARTIFACTS: &str = "artifacts";
 
 /// A publisher key the control plane trusts (or trusted, once revoked).
@@ -186,6 +188,7 @@ impl Store {
             keys: db.open_tree(KEYS)?,
             artifacts: db.open_tree(ARTIFACTS)?,
             desired: db.open_tree(DESIRED)?,
+            deployments: db.open_tree(DEPLOYMENTS)?,
             db,
         })
     }
@@ -463,6 +466,26 @@ impl Store {
         }
         self.flush().await?;
         Ok(result.unwrap_or_default())
+    }
+
+    /// Store a deployment (any serializable form) under its id, durably.
+    pub async fn put_deployment<T: Serialize>(
+        &self,
+        id: &str,
+        deployment: &T,
+    ) -> Result<(), StoreError> {
+        self.deployments.insert(id.as_bytes(), encode(deployment))?;
+        self.flush().await
+    }
+
+    pub fn list_deployments<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        self.deployments
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(DEPLOYMENTS, &key, &value)
+            })
+            .collect()
     }
 
     pub async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError> {

@@ -348,6 +348,29 @@ impl ControlPlane {
         CtlOutput::from(output)
     }
 
+    /// A profile for another operator, signed by this control plane's CA
+    /// (what `users create` will do over the API).
+    pub fn operator_profile(&self, user: &str) -> PathBuf {
+        use hotswap_common::pki::{CertificateAuthority, Principal};
+        let read = |f: &str| std::fs::read_to_string(self.data_dir.join(f)).expect("ca file");
+        let ca = CertificateAuthority::from_pem(&read("ca.crt"), &read("ca.key")).expect("ca");
+        let issued = ca
+            .issue_client_with_new_key(
+                &Principal::User(user.to_string()),
+                Duration::from_secs(3600),
+            )
+            .expect("issue");
+        let profile = Profile {
+            endpoint: self.url(),
+            ca_cert: read("ca.crt"),
+            client_cert: issued.cert_pem,
+            client_key: issued.key_pem,
+        };
+        let path = self.work.join(format!("{user}.profile.toml"));
+        profile.save(&path).expect("save profile");
+        path
+    }
+
     /// Create a join token; returns `(token, ca_fingerprint)`.
     pub fn token(&self, extra: &[&str]) -> (String, String) {
         let mut args = vec!["-o", "json", "tokens", "create"];
@@ -700,12 +723,18 @@ pub fn free_port() -> u16 {
 pub struct Fleet {
     pub cp: ControlPlane,
     pub agent: Agent,
+    /// Further agents from [`Fleet::start_many`].
+    pub others: Vec<Agent>,
     pub key: PathBuf,
     work: PathBuf,
 }
 
 impl Fleet {
     pub fn start(dir: &TestDir, agent_args: &[&str]) -> Self {
+        Self::start_named(dir, "node-1", agent_args)
+    }
+
+    fn start_named(dir: &TestDir, name: &str, agent_args: &[&str]) -> Self {
         let work = dir.path().to_path_buf();
         let mut cp = ControlPlane::init(&work);
         cp.start();
@@ -727,15 +756,80 @@ impl Fleet {
         ]);
         assert_eq!(trusted.code, 0, "{trusted:?}");
         let (token, fp) = cp.token(&[]);
-        let mut agent = Agent::new(&work, "node-1");
+        let mut agent = Agent::new(&work, name);
         agent.enroll(&cp.url(), &token, &fp, agent_args);
-        cp.wait_status("node-1", "connected");
+        cp.wait_status(name, "connected");
         Self {
             cp,
             agent,
+            others: Vec::new(),
             key: work.join("publisher.key"),
             work,
         }
+    }
+
+    /// A fleet of agents `names` in `environment`, each with a `port` label
+    /// (module sockets use `${NODE_LABEL_port}`). Returns the ports by node.
+    pub fn start_many(dir: &TestDir, environment: &str, names: &[&str]) -> (Self, Vec<u16>) {
+        let env_label = format!("environment={environment}");
+        let first_port = free_port();
+        let first_label = format!("port={first_port}");
+        let mut fleet = Self::start_named(
+            dir,
+            names[0],
+            &["--label", &env_label, "--label", &first_label],
+        );
+        let mut ports = vec![first_port];
+        let (token, fp) = fleet.cp.token(&["--uses", "100"]);
+        for name in &names[1..] {
+            let port = free_port();
+            let label = format!("port={port}");
+            let mut agent = Agent::new(&fleet.work, name);
+            agent.enroll(
+                &fleet.cp.url(),
+                &token,
+                &fp,
+                &["--label", &env_label, "--label", &label],
+            );
+            fleet.cp.wait_status(name, "connected");
+            fleet.others.push(agent);
+            ports.push(port);
+        }
+        (fleet, ports)
+    }
+
+    /// Push `hello@version` listening on each node's `port` label.
+    pub fn push_hello_per_node(&self, version: &str, env: &str) {
+        self.push("hello", version, |dir| {
+            std::fs::create_dir_all(dir.join("bin")).expect("bin");
+            std::fs::copy(binary("hello-server"), dir.join("bin/hello-server")).expect("copy hello-server");
+            let addr = "127.0.0.1:${NODE_LABEL_port}";
+            std::fs::write(
+                dir.join("module.toml"),
+                format!(
+                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"3s\"\n\n[metrics]\nprometheus = \"http://{addr}/metrics\"\n"
+                ),
+            )
+            .expect("manifest");
+        });
+    }
+
+    /// Every agent of the fleet.
+    pub fn agents(&self) -> Vec<&Agent> {
+        std::iter::once(&self.agent)
+            .chain(self.others.iter())
+            .collect()
+    }
+
+    /// The active version of `module` on `node`, as reported.
+    pub fn version_on(&self, node: &str, module: &str) -> String {
+        let node = self.cp.ctl(&["-o", "json", "nodes", "get", node]).json();
+        node["modules"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"] == module))
+            .and_then(|m| m["version"].as_str())
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Pack and push a module directory prepared by `fill`.

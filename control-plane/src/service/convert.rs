@@ -87,6 +87,7 @@ pub fn report_from_pb(report: pb::StatusReport) -> Report {
     Report {
         at_ms: now_ms(),
         observed_generation: report.observed_generation,
+        desired_generation: report.desired_generation,
         usage: report.usage.map(|u| NodeUsage {
             cpu_percent: u.cpu_percent,
             memory_used_bytes: u.memory_used_bytes,

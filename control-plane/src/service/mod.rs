@@ -4,6 +4,7 @@
 
 pub mod artifacts;
 mod convert;
+pub mod deployments;
 pub mod enrollment;
 pub mod fleet;
 pub mod session;

@@ -1,0 +1,610 @@
+//! The deployment engine: the I/O shell around [`machine`](super::machine).
+//!
+//! It keeps every deployment in memory and in sled. On each tick and on every
+//! node change it builds an observation of each active deployment's nodes
+//! from the registry, steps the machine, **persists the new state, then**
+//! carries out the actions (desired-state changes pushed to agents). On start
+//! it re-asserts the desired state each active deployment expects, so an
+//! action lost to a crash between persisting and acting is carried out then;
+//! setting an unchanged desired state swaps nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hotswap_common::labels::Labels;
+use hotswap_common::timefmt::now_ms;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use super::machine::{
+    Action, Aggregate, Analysis, BatchSize, Control, Deployment, Input, NodeReport, NodeState,
+    Spec, State, Strategy, Thresholds, plan_waves,
+};
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::registry::{NodeChange, Registry};
+use crate::store::DesiredModuleRecord;
+
+/// A deployment as stored: identity plus the machine's state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub id: String,
+    pub environment: String,
+    pub deployment: Deployment,
+}
+
+/// What `deploy create` asks for, already parsed.
+#[derive(Clone, Debug, Default)]
+pub struct CreateRequest {
+    pub module: String,
+    pub version: String,
+    pub environment: String,
+    pub selector: Labels,
+    pub strategy: Option<String>,
+    pub batch_size: Option<String>,
+    pub max_failures: Option<u32>,
+    pub steps: Vec<u32>,
+    pub step_duration: Option<Duration>,
+    pub manual_promote: bool,
+    pub bake_time: Option<Duration>,
+    pub min_healthy_time: Option<Duration>,
+    pub health_deadline: Option<Duration>,
+    pub progress_deadline: Option<Duration>,
+    pub max_error_rate: Option<f64>,
+    pub max_latency_increase: Option<f64>,
+    pub no_auto_rollback: bool,
+    pub dry_run: bool,
+}
+
+/// A dry run's answer: waves of node names and the gate after each.
+#[derive(Clone, Debug, Default)]
+pub struct PlanView {
+    pub strategy: String,
+    pub waves: Vec<(Vec<String>, String)>,
+}
+
+pub struct Engine {
+    registry: Arc<Registry>,
+    settings: Settings,
+    deployments: Mutex<BTreeMap<String, DeploymentRecord>>,
+    updates: broadcast::Sender<DeploymentRecord>,
+}
+
+/// How often active deployments are re-evaluated without any node change
+/// (holds, bakes and deadlines are time-driven).
+const TICK: Duration = Duration::from_millis(500);
+
+fn parse_batch(text: &str) -> Result<BatchSize, ApiError> {
+    let bad = || {
+        ApiError::InvalidArgument(format!(
+            "batch size {text:?} is not N or N% (e.g. 2 or 25%)"
+        ))
+    };
+    match text.strip_suffix('%') {
+        Some(p) => p
+            .parse()
+            .ok()
+            .filter(|p| (1..=100).contains(p))
+            .map(BatchSize::Percent)
+            .ok_or_else(bad),
+        None => text
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(BatchSize::Count)
+            .ok_or_else(bad),
+    }
+}
+
+impl Engine {
+    pub fn new(registry: Arc<Registry>, settings: Settings) -> Result<Arc<Self>, ApiError> {
+        let records: Vec<DeploymentRecord> = registry.store().list_deployments()?;
+        let (updates, _) = broadcast::channel(1024);
+        Ok(Arc::new(Self {
+            registry,
+            settings,
+            deployments: Mutex::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
+            updates,
+        }))
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<DeploymentRecord> {
+        self.updates.subscribe()
+    }
+
+    pub async fn get(&self, id: &str) -> Result<DeploymentRecord, ApiError> {
+        self.deployments
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("deployment {id:?} not found")))
+    }
+
+    pub async fn list(&self) -> Vec<DeploymentRecord> {
+        let mut all: Vec<DeploymentRecord> =
+            self.deployments.lock().await.values().cloned().collect();
+        all.sort_by_key(|r| std::cmp::Reverse(r.deployment.created_ms));
+        all
+    }
+
+    /// Run until shutdown: re-assert desired states, then step on changes and ticks.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.reassert().await;
+        let mut changes = self.registry.subscribe();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+                change = changes.recv() => match change {
+                    Ok(NodeChange::Changed(_) | NodeChange::Removed(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+            self.step_all().await;
+        }
+    }
+
+    async fn reassert(&self) {
+        let active: Vec<DeploymentRecord> = self
+            .deployments
+            .lock()
+            .await
+            .values()
+            .filter(|r| !r.deployment.state.is_terminal())
+            .cloned()
+            .collect();
+        for record in active {
+            tracing::info!(deployment = %record.id, state = record.deployment.state.as_str(), "resuming deployment");
+            let actions = record.deployment.expected_desired();
+            self.execute(&record, &actions).await;
+        }
+    }
+
+    async fn step_all(&self) {
+        let mut deployments = self.deployments.lock().await;
+        let now = now_ms();
+        let ids: Vec<String> = deployments
+            .iter()
+            .filter(|(_, r)| !r.deployment.state.is_terminal())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let Some(record) = deployments.get(&id).cloned() else {
+                continue;
+            };
+            let input = self.observe(&record.deployment);
+            let Ok((next, actions)) = record.deployment.step(now, &input) else {
+                continue;
+            };
+            if next == record.deployment {
+                continue;
+            }
+            let updated = DeploymentRecord {
+                deployment: next,
+                ..record
+            };
+            if let Err(e) = self.commit(&updated, &actions).await {
+                tracing::error!(deployment = %id, error = %e, "cannot persist deployment; its actions are not carried out");
+                continue;
+            }
+            deployments.insert(id, updated);
+        }
+    }
+
+    /// Persist, then act, then tell watchers. The order is the durability contract.
+    async fn commit(&self, record: &DeploymentRecord, actions: &[Action]) -> Result<(), ApiError> {
+        self.registry
+            .store()
+            .put_deployment(&record.id, record)
+            .await?;
+        self.execute(record, actions).await;
+        let _ = self.updates.send(record.clone());
+        Ok(())
+    }
+
+    async fn execute(&self, record: &DeploymentRecord, actions: &[Action]) {
+        let module = &record.deployment.spec.module;
+        for action in actions {
+            let result = match action {
+                Action::SetVersion { node, version } => {
+                    let desired = (!version.is_empty()).then(|| DesiredModuleRecord {
+                        version: version.clone(),
+                        staged_version: String::new(),
+                    });
+                    self.registry
+                        .set_desired_module(node, module, desired)
+                        .await
+                        .map(|_| ())
+                }
+                Action::Stage {
+                    node,
+                    active,
+                    staged,
+                } => {
+                    let desired = DesiredModuleRecord {
+                        version: active.clone(),
+                        staged_version: staged.clone(),
+                    };
+                    self.registry
+                        .set_desired_module(node, module, Some(desired))
+                        .await
+                        .map(|_| ())
+                }
+                Action::Note(message) => {
+                    tracing::info!(deployment = %record.id, module = %module, "{message}");
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(deployment = %record.id, action = ?action, error = %e, "action failed");
+            }
+        }
+    }
+
+    /// Observation of a deployment's nodes, and canary analysis during a hold.
+    fn observe(&self, deployment: &Deployment) -> Input {
+        let module = &deployment.spec.module;
+        let mut nodes = BTreeMap::new();
+        for track in &deployment.nodes {
+            let Ok(state) = self.registry.find(&track.node) else {
+                continue;
+            };
+            let report = state.modules.iter().find(|m| &m.name == module);
+            nodes.insert(
+                track.node.clone(),
+                NodeReport {
+                    connected: state.connected,
+                    current: state.connected
+                        && state.agent_desired_generation >= state.desired.generation,
+                    version: report.map(|m| m.version.clone()).unwrap_or_default(),
+                    phase: report.map(|m| m.phase.clone()).unwrap_or_default(),
+                    health: report.map(|m| m.health.clone()).unwrap_or_default(),
+                    crash_loop: report.is_some_and(|m| m.crash_loop),
+                    staged_version: report.map(|m| m.staged_version.clone()).unwrap_or_default(),
+                    message: report.map(|m| m.message.clone()).unwrap_or_default(),
+                },
+            );
+        }
+        let analysis = match (&deployment.spec.strategy, deployment.hold_since_ms) {
+            (Strategy::Canary { .. }, Some(since)) if deployment.state == State::Running => {
+                Some(self.analyze(deployment, since))
+            }
+            _ => None,
+        };
+        Input::Observe { nodes, analysis }
+    }
+
+    /// Canary nodes (healthy on the new version) against baseline nodes
+    /// (not updated yet), over the reports since the hold began.
+    fn analyze(&self, deployment: &Deployment, since_ms: u64) -> Analysis {
+        let module = &deployment.spec.module;
+        let group = |want: NodeState| -> Aggregate {
+            let mut aggregate = Aggregate::default();
+            let (mut requests, mut errors) = (0.0, 0.0);
+            let mut p99s = Vec::new();
+            let (mut cpu, mut memory, mut usage_samples) = (0.0, 0.0, 0.0);
+            for track in deployment.nodes.iter().filter(|t| t.state == want) {
+                aggregate.nodes += 1;
+                let history = self.registry.history(&track.node);
+                let recent: Vec<_> = history.iter().filter(|r| r.at_ms >= since_ms).collect();
+                if let Some(last) = recent.last()
+                    && last
+                        .modules
+                        .iter()
+                        .any(|m| &m.name == module && m.crash_loop)
+                {
+                    aggregate.crash_loops += 1;
+                }
+                for report in recent {
+                    if let Some(m) = report.modules.iter().find(|m| &m.name == module)
+                        && let Some(w) = m.metrics
+                    {
+                        requests += w.request_rate;
+                        errors += w.request_rate * w.error_rate;
+                        if let Some(p) = w.latency_p99_seconds {
+                            p99s.push(p);
+                        }
+                    }
+                    if let Some(u) = report.usage {
+                        cpu += u.cpu_percent;
+                        memory += u.memory_used_bytes as f64;
+                        usage_samples += 1.0;
+                    }
+                }
+            }
+            if requests > 0.0 {
+                aggregate.error_rate = Some(errors / requests);
+            }
+            if !p99s.is_empty() {
+                p99s.sort_by(f64::total_cmp);
+                // The median of the windows' p99s: robust to one noisy interval.
+                aggregate.latency_p99 = Some(p99s[p99s.len() / 2]);
+            }
+            if usage_samples > 0.0 {
+                aggregate.cpu_percent = Some(cpu / usage_samples);
+                aggregate.memory_bytes = Some(memory / usage_samples);
+            }
+            aggregate
+        };
+        Analysis {
+            canary: group(NodeState::Healthy),
+            baseline: group(NodeState::Waiting),
+        }
+    }
+
+    fn build_spec(&self, request: &CreateRequest, user: &str) -> Result<(Spec, bool), ApiError> {
+        let env = self
+            .settings
+            .environments
+            .get(&request.environment)
+            .ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "unknown environment {:?}; configured: {}",
+                    request.environment,
+                    self.settings
+                        .environments
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        let d = &self.settings.deploy;
+        let strategy_name = request
+            .strategy
+            .clone()
+            .unwrap_or_else(|| env.strategy.clone());
+        let ms = |v: Option<Duration>, default: Duration| v.unwrap_or(default).as_millis() as u64;
+        let strategy = match strategy_name.as_str() {
+            "direct" => Strategy::Direct,
+            "rolling" => Strategy::Rolling {
+                batch: parse_batch(request.batch_size.as_deref().unwrap_or(&d.batch_size))?,
+                min_healthy_ms: ms(request.min_healthy_time, d.min_healthy_time),
+            },
+            "blue-green" => Strategy::BlueGreen {
+                bake_ms: ms(request.bake_time, d.bake_time),
+            },
+            "canary" => {
+                let steps = if request.steps.is_empty() {
+                    d.steps.clone()
+                } else {
+                    request.steps.clone()
+                };
+                if steps.iter().any(|s| *s == 0 || *s > 100)
+                    || steps.windows(2).any(|w| w[0] >= w[1])
+                {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "canary steps {steps:?} must be increasing percentages in 1..=100"
+                    )));
+                }
+                Strategy::Canary {
+                    steps,
+                    step_ms: ms(request.step_duration, d.step_duration),
+                    manual_promote: request.manual_promote,
+                }
+            }
+            other => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "unknown strategy {other:?}: use direct, rolling, blue-green or canary"
+                )));
+            }
+        };
+        if request.batch_size.is_some() && !matches!(strategy, Strategy::Rolling { .. }) {
+            return Err(ApiError::InvalidArgument(
+                "--batch-size applies to the rolling strategy only".into(),
+            ));
+        }
+        if (!request.steps.is_empty() || request.manual_promote || request.step_duration.is_some())
+            && !matches!(strategy, Strategy::Canary { .. })
+        {
+            return Err(ApiError::InvalidArgument(
+                "--steps, --step-duration and --manual-promote apply to the canary strategy only"
+                    .into(),
+            ));
+        }
+        if request.bake_time.is_some() && !matches!(strategy, Strategy::BlueGreen { .. }) {
+            return Err(ApiError::InvalidArgument(
+                "--bake-time applies to the blue-green strategy only".into(),
+            ));
+        }
+        let max_error_rate = request.max_error_rate.unwrap_or(d.max_error_rate);
+        if !(0.0..=1.0).contains(&max_error_rate) {
+            return Err(ApiError::InvalidArgument(format!(
+                "--max-error-rate {max_error_rate} is not between 0 and 1"
+            )));
+        }
+        let latency_increase = request.max_latency_increase.unwrap_or(d.latency_increase);
+        if latency_increase < 1.0 {
+            return Err(ApiError::InvalidArgument(format!(
+                "--max-latency-increase {latency_increase} must be at least 1 (a multiple of the baseline)"
+            )));
+        }
+        let spec = Spec {
+            module: request.module.clone(),
+            version: request.version.clone(),
+            strategy,
+            max_failures: request.max_failures.unwrap_or(d.max_failures),
+            health_deadline_ms: ms(request.health_deadline, d.health_deadline),
+            progress_deadline_ms: ms(request.progress_deadline, d.progress_deadline),
+            auto_rollback: !request.no_auto_rollback,
+            require_approval: env.require_approval,
+            created_by: user.to_string(),
+            thresholds: Thresholds {
+                max_error_rate,
+                error_rate_increase: d.error_rate_increase,
+                latency_increase,
+                cpu_increase: d.cpu_increase,
+                memory_increase: d.memory_increase,
+            },
+        };
+        Ok((spec, env.require_approval))
+    }
+
+    /// Create (or, for a dry run, only plan) a deployment.
+    pub async fn create(
+        &self,
+        request: CreateRequest,
+        user: &str,
+    ) -> Result<(Option<DeploymentRecord>, PlanView), ApiError> {
+        semver::Version::parse(&request.version).map_err(|e| {
+            ApiError::InvalidArgument(format!("version {:?} is not semver: {e}", request.version))
+        })?;
+        if self
+            .registry
+            .store()
+            .get_artifact(&request.module, &request.version)?
+            .is_none()
+        {
+            return Err(ApiError::NotFound(format!(
+                "artifact {}@{} not found; push it with `hotswapctl module push` first",
+                request.module, request.version
+            )));
+        }
+        let (spec, _) = self.build_spec(&request, user)?;
+        let targets: Vec<(String, String, String)> = self
+            .registry
+            .list(Some(&request.environment))?
+            .into_iter()
+            .filter(|n| n.connected)
+            .filter(|n| {
+                request
+                    .selector
+                    .iter()
+                    .all(|(k, v)| n.record.labels.get(k) == Some(v))
+            })
+            .map(|n| {
+                let current = n
+                    .desired
+                    .modules
+                    .get(&request.module)
+                    .map(|d| d.version.clone())
+                    .filter(|v| !v.is_empty())
+                    .or_else(|| {
+                        n.modules
+                            .iter()
+                            .find(|m| m.name == request.module)
+                            .map(|m| m.version.clone())
+                    })
+                    .unwrap_or_default();
+                (n.record.id, n.record.name, current)
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "no connected node in environment {:?}{} to deploy to",
+                request.environment,
+                if request.selector.is_empty() {
+                    String::new()
+                } else {
+                    " matching the selector".to_string()
+                }
+            )));
+        }
+        let now = now_ms();
+        let (deployment, actions) = Deployment::new(spec, targets, now);
+        let plan = plan_view(&deployment);
+        if request.dry_run {
+            return Ok((None, plan));
+        }
+        let mut deployments = self.deployments.lock().await;
+        if let Some(active) = deployments.values().find(|r| {
+            r.deployment.spec.module == request.module
+                && r.environment == request.environment
+                && !r.deployment.state.is_terminal()
+        }) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "deployment {} of {}@{} to {} is still {}; wait for it, or abort it first",
+                active.id,
+                active.deployment.spec.module,
+                active.deployment.spec.version,
+                active.environment,
+                active.deployment.state.as_str()
+            )));
+        }
+        let id = format!("d-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let record = DeploymentRecord {
+            id: id.clone(),
+            environment: request.environment.clone(),
+            deployment,
+        };
+        self.commit(&record, &actions).await?;
+        tracing::info!(deployment = %id, module = %request.module, version = %request.version, environment = %request.environment, strategy = record.deployment.spec.strategy.name(), user = %user, "deployment created");
+        deployments.insert(id, record.clone());
+        Ok((Some(record), plan))
+    }
+
+    /// Apply an operator control.
+    pub async fn control(&self, id: &str, control: Control) -> Result<DeploymentRecord, ApiError> {
+        let mut deployments = self.deployments.lock().await;
+        let record = deployments
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("deployment {id:?} not found")))?;
+        let (next, actions) = record
+            .deployment
+            .step(now_ms(), &Input::Control(control))
+            .map_err(|e| ApiError::FailedPrecondition(format!("deployment {id}: {e}")))?;
+        let updated = DeploymentRecord {
+            deployment: next,
+            ..record
+        };
+        self.commit(&updated, &actions).await?;
+        deployments.insert(id.to_string(), updated.clone());
+        Ok(updated)
+    }
+}
+
+fn plan_view(deployment: &Deployment) -> PlanView {
+    let waves = plan_waves(&deployment.spec.strategy, deployment.nodes.len());
+    let total = waves.len();
+    let strategy = &deployment.spec.strategy;
+    let gate = |i: usize| -> String {
+        let last = i + 1 == total;
+        match strategy {
+            Strategy::Direct => "all nodes healthy".to_string(),
+            Strategy::Rolling { min_healthy_ms, .. } if !last => {
+                format!("wave healthy for {}s", min_healthy_ms / 1000)
+            }
+            Strategy::Rolling { .. } => "wave healthy".to_string(),
+            Strategy::BlueGreen { bake_ms } => format!(
+                "all staged, then switched together; healthy through a {}s bake",
+                bake_ms / 1000
+            ),
+            Strategy::Canary {
+                step_ms,
+                manual_promote,
+                ..
+            } if !last => format!(
+                "healthy and canary analysis passing for {}s{}",
+                step_ms / 1000,
+                if *manual_promote {
+                    ", then deploy promote"
+                } else {
+                    ""
+                }
+            ),
+            Strategy::Canary { .. } => "all nodes healthy".to_string(),
+        }
+    };
+    PlanView {
+        strategy: strategy.name().to_string(),
+        waves: waves
+            .iter()
+            .enumerate()
+            .map(|(i, members)| {
+                (
+                    members
+                        .iter()
+                        .map(|&n| deployment.nodes[n].name.clone())
+                        .collect(),
+                    gate(i),
+                )
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,1033 @@
+//! The deployment state machine: pure, deterministic, no I/O.
+//!
+//! A [`Deployment`] moves from state to state on [`Input`]s: a complete
+//! observation of the target nodes (level-triggered, taken on every tick and
+//! on every node change) or an operator control. Each step returns the new
+//! deployment and the [`Action`]s to carry out (set a node's desired version,
+//! stage a version). The engine persists the new deployment *before* it acts,
+//! so a control plane killed at any point resumes from the stored state and
+//! replaying the same input gives the same result.
+//!
+//! Strategies: direct (one wave), rolling (batches, each healthy for
+//! `min_healthy_ms` before the next), blue-green (stage everywhere, switch
+//! all, bake), canary (cumulative steps held for `step_ms` while canary nodes
+//! are compared with the nodes still on the old version).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub type Ms = u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchSize {
+    Count(u32),
+    Percent(u32),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    Direct,
+    Rolling {
+        batch: BatchSize,
+        min_healthy_ms: Ms,
+    },
+    BlueGreen {
+        bake_ms: Ms,
+    },
+    Canary {
+        steps: Vec<u32>,
+        step_ms: Ms,
+        manual_promote: bool,
+    },
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Direct => "direct",
+            Strategy::Rolling { .. } => "rolling",
+            Strategy::BlueGreen { .. } => "blue-green",
+            Strategy::Canary { .. } => "canary",
+        }
+    }
+}
+
+/// Canary analysis limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// Absolute ceiling for the canary error rate (0..1).
+    pub max_error_rate: f64,
+    /// Canary error rate may exceed the baseline's by this fraction (0.5 = +50 %).
+    pub error_rate_increase: f64,
+    /// Canary p99 latency may be at most this multiple of the baseline's.
+    pub latency_increase: f64,
+    /// Canary CPU and memory may exceed the baseline's by this fraction.
+    pub cpu_increase: f64,
+    pub memory_increase: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            max_error_rate: 0.05,
+            error_rate_increase: 0.5,
+            latency_increase: 2.0,
+            cpu_increase: 0.3,
+            memory_increase: 0.3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spec {
+    pub module: String,
+    pub version: String,
+    pub strategy: Strategy,
+    pub max_failures: u32,
+    /// A node must be healthy on the new version this soon after it was asked to switch.
+    pub health_deadline_ms: Ms,
+    /// A wave must complete this soon after it started.
+    pub progress_deadline_ms: Ms,
+    pub auto_rollback: bool,
+    pub require_approval: bool,
+    pub created_by: String,
+    pub thresholds: Thresholds,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    Pending,
+    AwaitingApproval,
+    Running,
+    Paused,
+    Succeeded,
+    Failed,
+    RollingBack,
+    RolledBack,
+    Aborted,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::AwaitingApproval => "awaiting_approval",
+            State::Running => "running",
+            State::Paused => "paused",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::RollingBack => "rolling_back",
+            State::RolledBack => "rolled_back",
+            State::Aborted => "aborted",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            State::Succeeded | State::Failed | State::RolledBack | State::Aborted
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Waiting,
+    Staging,
+    Staged,
+    Updating,
+    Healthy,
+    Failed,
+    Lost,
+    RollingBack,
+    RolledBack,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Waiting => "waiting",
+            NodeState::Staging => "staging",
+            NodeState::Staged => "staged",
+            NodeState::Updating => "updating",
+            NodeState::Healthy => "healthy",
+            NodeState::Failed => "failed",
+            NodeState::Lost => "lost",
+            NodeState::RollingBack => "rolling_back",
+            NodeState::RolledBack => "rolled_back",
+        }
+    }
+
+    fn is_failure(self) -> bool {
+        matches!(self, NodeState::Failed | NodeState::Lost)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTrack {
+    pub node: String,
+    pub name: String,
+    /// Version before the deployment; empty when the module was not there.
+    pub from_version: String,
+    pub state: NodeState,
+    pub since_ms: Ms,
+    pub reason: String,
+    pub wave: usize,
+    /// The deployment changed this node's desired state (rollback returns it).
+    pub touched: bool,
+}
+
+/// What a node reports, as the engine sees it at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub connected: bool,
+    /// The agent has received the node's latest desired state; failure
+    /// signals from older reports are ignored.
+    pub current: bool,
+    /// Active version of the module ("" when not installed).
+    pub version: String,
+    pub phase: String,
+    pub health: String,
+    pub crash_loop: bool,
+    pub staged_version: String,
+    pub message: String,
+}
+
+/// Request metrics and usage of a group of nodes over the current hold.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Aggregate {
+    pub error_rate: Option<f64>,
+    pub latency_p99: Option<f64>,
+    pub cpu_percent: Option<f64>,
+    pub memory_bytes: Option<f64>,
+    pub crash_loops: u32,
+    pub nodes: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    pub canary: Aggregate,
+    pub baseline: Aggregate,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub at_ms: Ms,
+    pub step: usize,
+    pub passed: bool,
+    pub summary: String,
+    pub analysis: Analysis,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Control {
+    Approve { by: String },
+    Reject { by: String, reason: String },
+    Pause,
+    Resume,
+    Promote,
+    Abort { reason: String },
+    Rollback { reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// Every target node's report (absent = unknown) and, for canaries, the analysis.
+    Observe {
+        nodes: BTreeMap<String, NodeReport>,
+        analysis: Option<Analysis>,
+    },
+    Control(Control),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Desired version of the module on the node ("" removes it).
+    SetVersion { node: String, version: String },
+    /// Keep the node on `active` and stage `staged` beside it.
+    Stage {
+        node: String,
+        active: String,
+        staged: String,
+    },
+    /// Something worth an event.
+    Note(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ControlError(pub String);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub spec: Spec,
+    pub state: State,
+    pub nodes: Vec<NodeTrack>,
+    pub waves: usize,
+    pub wave: usize,
+    pub wave_started_ms: Ms,
+    /// When the current wave became fully healthy (start of its hold).
+    pub hold_since_ms: Option<Ms>,
+    /// Blue-green: whether the switch happened.
+    pub switched: bool,
+    pub awaiting_promote: bool,
+    pub paused_from: Option<State>,
+    pub reason: String,
+    pub approved_by: String,
+    pub created_ms: Ms,
+    pub finished_ms: Option<Ms>,
+    pub analysis: Vec<Verdict>,
+}
+
+/// Split `count` ordered nodes into waves for a strategy.
+pub fn plan_waves(strategy: &Strategy, count: usize) -> Vec<Vec<usize>> {
+    if count == 0 {
+        return Vec::new();
+    }
+    let all: Vec<usize> = (0..count).collect();
+    match strategy {
+        Strategy::Direct | Strategy::BlueGreen { .. } => vec![all],
+        Strategy::Rolling { batch, .. } => {
+            let size = match *batch {
+                BatchSize::Count(n) => n.max(1) as usize,
+                BatchSize::Percent(p) => (count * p.clamp(1, 100) as usize).div_ceil(100).max(1),
+            };
+            all.chunks(size).map(<[usize]>::to_vec).collect()
+        }
+        Strategy::Canary { steps, .. } => {
+            let mut cuts: Vec<usize> = steps
+                .iter()
+                .map(|p| {
+                    (count * (*p).clamp(1, 100) as usize)
+                        .div_ceil(100)
+                        .clamp(1, count)
+                })
+                .collect();
+            cuts.push(count);
+            let mut waves = Vec::new();
+            let mut done = 0;
+            for cut in cuts {
+                if cut > done {
+                    waves.push((done..cut).collect());
+                    done = cut;
+                }
+            }
+            waves
+        }
+    }
+}
+
+/// Judge a canary against its baseline.
+pub fn judge(t: &Thresholds, a: &Analysis) -> (bool, String) {
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    if a.canary.crash_loops > 0 {
+        problems.push(format!(
+            "{} canary node(s) in a crash loop",
+            a.canary.crash_loops
+        ));
+    }
+    if let Some(ce) = a.canary.error_rate {
+        notes.push(format!(
+            "error rate {:.2}% (baseline {})",
+            ce * 100.0,
+            pct(a.baseline.error_rate)
+        ));
+        if ce > t.max_error_rate {
+            problems.push(format!(
+                "error rate {:.2}% above the {:.2}% ceiling",
+                ce * 100.0,
+                t.max_error_rate * 100.0
+            ));
+        } else if let Some(be) = a.baseline.error_rate
+            // Small absolute differences near zero are noise, not regressions.
+            && ce > be * (1.0 + t.error_rate_increase)
+            && ce - be > 0.01
+        {
+            problems.push(format!(
+                "error rate {:.2}% exceeds baseline {:.2}% by more than {:.0}%",
+                ce * 100.0,
+                be * 100.0,
+                t.error_rate_increase * 100.0
+            ));
+        }
+    }
+    if let (Some(cl), Some(bl)) = (a.canary.latency_p99, a.baseline.latency_p99) {
+        notes.push(format!(
+            "p99 {:.0}ms (baseline {:.0}ms)",
+            cl * 1000.0,
+            bl * 1000.0
+        ));
+        if bl > 0.0 && cl > bl * t.latency_increase && cl - bl > 0.005 {
+            problems.push(format!(
+                "p99 latency {:.0}ms is more than {:.1}x the baseline's {:.0}ms",
+                cl * 1000.0,
+                t.latency_increase,
+                bl * 1000.0
+            ));
+        }
+    }
+    if let (Some(cc), Some(bc)) = (a.canary.cpu_percent, a.baseline.cpu_percent)
+        && cc > bc * (1.0 + t.cpu_increase)
+        && cc - bc > 10.0
+    {
+        problems.push(format!("cpu {cc:.0}% vs baseline {bc:.0}%"));
+    }
+    if let (Some(cm), Some(bm)) = (a.canary.memory_bytes, a.baseline.memory_bytes)
+        && cm > bm * (1.0 + t.memory_increase)
+        && cm - bm > 256.0 * 1024.0 * 1024.0
+    {
+        problems.push(format!(
+            "memory {:.0} MiB vs baseline {:.0} MiB",
+            cm / 1048576.0,
+            bm / 1048576.0
+        ));
+    }
+    if problems.is_empty() {
+        (
+            true,
+            if notes.is_empty() {
+                "no metrics to compare; health only".to_string()
+            } else {
+                notes.join(", ")
+            },
+        )
+    } else {
+        (false, problems.join("; "))
+    }
+}
+
+fn pct(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "n/a".to_string(), |r| format!("{:.2}%", r * 100.0))
+}
+
+impl Deployment {
+    /// A new deployment over `targets` (node id, name, current version),
+    /// ordered by name. Starts right away unless it needs an approval.
+    pub fn new(
+        spec: Spec,
+        mut targets: Vec<(String, String, String)>,
+        now: Ms,
+    ) -> (Deployment, Vec<Action>) {
+        targets.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        let waves = plan_waves(&spec.strategy, targets.len());
+        let mut nodes: Vec<NodeTrack> = targets
+            .into_iter()
+            .map(|(node, name, from_version)| NodeTrack {
+                node,
+                name,
+                from_version,
+                state: NodeState::Waiting,
+                since_ms: now,
+                reason: String::new(),
+                wave: 0,
+                touched: false,
+            })
+            .collect();
+        for (w, members) in waves.iter().enumerate() {
+            for &i in members {
+                nodes[i].wave = w;
+            }
+        }
+        let deployment = Deployment {
+            state: if spec.require_approval {
+                State::AwaitingApproval
+            } else {
+                State::Pending
+            },
+            spec,
+            nodes,
+            waves: waves.len(),
+            wave: 0,
+            wave_started_ms: now,
+            hold_since_ms: None,
+            switched: false,
+            awaiting_promote: false,
+            paused_from: None,
+            reason: String::new(),
+            approved_by: String::new(),
+            created_ms: now,
+            finished_ms: None,
+            analysis: Vec::new(),
+        };
+        if deployment.state == State::AwaitingApproval {
+            return (
+                deployment,
+                vec![Action::Note(
+                    "waiting for approval by a second person".into(),
+                )],
+            );
+        }
+        deployment.start(now)
+    }
+
+    fn start(mut self, now: Ms) -> (Deployment, Vec<Action>) {
+        if self.nodes.is_empty() {
+            self.state = State::Succeeded;
+            self.finished_ms = Some(now);
+            self.reason = "no target nodes".into();
+            return (
+                self,
+                vec![Action::Note("no target nodes; nothing to do".into())],
+            );
+        }
+        self.state = State::Running;
+        let mut actions = Vec::new();
+        if matches!(self.spec.strategy, Strategy::BlueGreen { .. }) {
+            for node in &mut self.nodes {
+                node.state = NodeState::Staging;
+                node.since_ms = now;
+                node.touched = true;
+                actions.push(Action::Stage {
+                    node: node.node.clone(),
+                    active: node.from_version.clone(),
+                    staged: self.spec.version.clone(),
+                });
+            }
+            self.wave_started_ms = now;
+            actions.push(Action::Note(format!(
+                "staging {} on {} node(s)",
+                self.spec.version,
+                self.nodes.len()
+            )));
+        } else {
+            actions.extend(self.begin_wave(0, now));
+        }
+        (self, actions)
+    }
+
+    fn begin_wave(&mut self, wave: usize, now: Ms) -> Vec<Action> {
+        self.wave = wave;
+        self.wave_started_ms = now;
+        self.hold_since_ms = None;
+        self.awaiting_promote = false;
+        let mut actions = Vec::new();
+        for node in self
+            .nodes
+            .iter_mut()
+            .filter(|n| n.wave == wave && n.state == NodeState::Waiting)
+        {
+            node.state = NodeState::Updating;
+            node.since_ms = now;
+            node.touched = true;
+            actions.push(Action::SetVersion {
+                node: node.node.clone(),
+                version: self.spec.version.clone(),
+            });
+        }
+        actions.push(Action::Note(format!(
+            "wave {}/{}: {} node(s) to {}",
+            wave + 1,
+            self.waves,
+            actions.len(),
+            self.spec.version
+        )));
+        actions
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.nodes.iter().filter(|n| n.state.is_failure()).count() as u32
+    }
+
+    /// In words, what the deployment waits for.
+    pub fn waiting_for(&self, now: Ms) -> String {
+        match self.state {
+            State::AwaitingApproval => "approval by a second person".into(),
+            State::Paused => "resume".into(),
+            State::RollingBack => "nodes to return to their previous version".into(),
+            State::Running if self.awaiting_promote => "deploy promote".into(),
+            State::Running => match (&self.spec.strategy, self.hold_since_ms) {
+                (Strategy::BlueGreen { .. }, _) if !self.switched => {
+                    "all nodes to stage the new version".into()
+                }
+                (
+                    Strategy::Rolling {
+                        min_healthy_ms: hold,
+                        ..
+                    },
+                    Some(since),
+                )
+                | (Strategy::BlueGreen { bake_ms: hold }, Some(since))
+                | (Strategy::Canary { step_ms: hold, .. }, Some(since)) => {
+                    format!(
+                        "{}s more of healthy wave {}",
+                        (since + hold).saturating_sub(now) / 1000,
+                        self.wave + 1
+                    )
+                }
+                _ => format!("wave {} to become healthy", self.wave + 1),
+            },
+            _ => String::new(),
+        }
+    }
+
+    pub fn step(&self, now: Ms, input: &Input) -> Result<(Deployment, Vec<Action>), ControlError> {
+        let mut next = self.clone();
+        let actions = match input {
+            Input::Control(control) => next.control(now, control)?,
+            Input::Observe { nodes, analysis } => next.observe(now, nodes, analysis.as_ref()),
+        };
+        Ok((next, actions))
+    }
+
+    fn finish(&mut self, state: State, reason: String, now: Ms) -> Vec<Action> {
+        self.state = state;
+        self.finished_ms = Some(now);
+        self.awaiting_promote = false;
+        self.reason = reason.clone();
+        vec![Action::Note(format!(
+            "deployment {}: {reason}",
+            state.as_str()
+        ))]
+    }
+
+    fn control(&mut self, now: Ms, control: &Control) -> Result<Vec<Action>, ControlError> {
+        let state = self.state;
+        let refuse = |what: &str| {
+            Err(ControlError(format!(
+                "cannot {what} a deployment that is {}",
+                state.as_str()
+            )))
+        };
+        match control {
+            Control::Approve { by } => {
+                if state != State::AwaitingApproval {
+                    return refuse("approve");
+                }
+                if by == &self.spec.created_by {
+                    return Err(ControlError(format!(
+                        "{by} created this deployment and cannot approve it; another person must (two-person rule)"
+                    )));
+                }
+                self.approved_by = by.clone();
+                let (started, mut actions) = self.clone().start(now);
+                *self = started;
+                actions.insert(0, Action::Note(format!("approved by {by}")));
+                Ok(actions)
+            }
+            Control::Reject { by, reason } => {
+                if state != State::AwaitingApproval {
+                    return refuse("reject");
+                }
+                Ok(self.finish(State::Aborted, format!("rejected by {by}: {reason}"), now))
+            }
+            Control::Pause => {
+                if state != State::Running {
+                    return refuse("pause");
+                }
+                self.paused_from = Some(state);
+                self.state = State::Paused;
+                Ok(vec![Action::Note("paused".into())])
+            }
+            Control::Resume => {
+                if state != State::Paused {
+                    return refuse("resume");
+                }
+                self.state = self.paused_from.take().unwrap_or(State::Running);
+                // Deadlines do not count the paused time against the wave.
+                self.wave_started_ms = now;
+                for node in self
+                    .nodes
+                    .iter_mut()
+                    .filter(|n| n.state == NodeState::Updating || n.state == NodeState::Staging)
+                {
+                    node.since_ms = now;
+                }
+                Ok(vec![Action::Note("resumed".into())])
+            }
+            Control::Promote => {
+                if state != State::Running || !self.awaiting_promote {
+                    return Err(ControlError(format!(
+                        "nothing to promote: the deployment is {} and not waiting for a promotion",
+                        state.as_str()
+                    )));
+                }
+                self.awaiting_promote = false;
+                Ok(self.advance(now))
+            }
+            Control::Abort { reason } => {
+                if state.is_terminal() || state == State::RollingBack {
+                    return refuse("abort");
+                }
+                Ok(self.finish(State::Aborted, format!("aborted: {reason}"), now))
+            }
+            Control::Rollback { reason } => {
+                if matches!(
+                    state,
+                    State::Pending
+                        | State::AwaitingApproval
+                        | State::RollingBack
+                        | State::RolledBack
+                ) {
+                    return refuse("roll back");
+                }
+                if !self.nodes.iter().any(|n| n.touched) {
+                    return Err(ControlError(
+                        "no node was changed by this deployment; nothing to roll back".into(),
+                    ));
+                }
+                Ok(self.begin_rollback(format!("manual rollback: {reason}"), now))
+            }
+        }
+    }
+
+    fn begin_rollback(&mut self, reason: String, now: Ms) -> Vec<Action> {
+        self.state = State::RollingBack;
+        self.reason = reason.clone();
+        self.awaiting_promote = false;
+        self.finished_ms = None;
+        let mut actions = vec![Action::Note(format!("rolling back: {reason}"))];
+        for node in self.nodes.iter_mut().filter(|n| n.touched) {
+            node.state = NodeState::RollingBack;
+            node.since_ms = now;
+            actions.push(Action::SetVersion {
+                node: node.node.clone(),
+                version: node.from_version.clone(),
+            });
+        }
+        actions
+    }
+
+    /// Start the next wave, or finish when none is left.
+    fn advance(&mut self, now: Ms) -> Vec<Action> {
+        if self.wave + 1 < self.waves {
+            self.begin_wave(self.wave + 1, now)
+        } else {
+            let failed = self.failures();
+            let reason = if failed == 0 {
+                format!("all {} node(s) run {}", self.nodes.len(), self.spec.version)
+            } else {
+                format!(
+                    "{} node(s) run {}, {failed} failed (within the budget of {})",
+                    self.nodes.len() as u32 - failed,
+                    self.spec.version,
+                    self.spec.max_failures
+                )
+            };
+            self.finish(State::Succeeded, reason, now)
+        }
+    }
+
+    fn observe(
+        &mut self,
+        now: Ms,
+        reports: &BTreeMap<String, NodeReport>,
+        analysis: Option<&Analysis>,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match self.state {
+            State::Running | State::Paused => {}
+            State::RollingBack => return self.observe_rollback(now, reports),
+            _ => return actions,
+        }
+        let target = self.spec.version.clone();
+        let deadline = self.spec.health_deadline_ms;
+        for node in &mut self.nodes {
+            let report = reports.get(&node.node).cloned().unwrap_or_default();
+            let late = now.saturating_sub(node.since_ms) > deadline;
+            match node.state {
+                NodeState::Staging => {
+                    if report.connected
+                        && (report.staged_version == target || report.version == target)
+                    {
+                        node.state = NodeState::Staged;
+                        node.since_ms = now;
+                    } else if report.connected
+                        && report.current
+                        && report.phase == "failed"
+                        && report.staged_version != target
+                        && report.version != target
+                    {
+                        node.state = NodeState::Failed;
+                        node.reason = format!("staging failed: {}", report.message);
+                    } else if late {
+                        node.state = if report.connected {
+                            NodeState::Failed
+                        } else {
+                            NodeState::Lost
+                        };
+                        node.reason =
+                            format!("not staged within the {}s health deadline", deadline / 1000);
+                    }
+                }
+                NodeState::Updating => {
+                    let on_target = report.connected && report.version == target;
+                    if on_target && report.current && report.crash_loop {
+                        node.state = NodeState::Failed;
+                        node.reason = "crash loop".into();
+                    } else if on_target
+                        && report.current
+                        && report.health == "unhealthy"
+                        && report.phase == "running"
+                    {
+                        node.state = NodeState::Failed;
+                        node.reason = format!("unhealthy: {}", report.message);
+                    } else if on_target && report.phase == "running" {
+                        node.state = NodeState::Healthy;
+                        node.since_ms = now;
+                    } else if report.connected
+                        && report.current
+                        && report.phase == "failed"
+                        && report.version != target
+                    {
+                        node.state = NodeState::Failed;
+                        node.reason = if report.message.is_empty() {
+                            "activation failed".into()
+                        } else {
+                            report.message.clone()
+                        };
+                    } else if late {
+                        node.state = if report.connected {
+                            NodeState::Failed
+                        } else {
+                            NodeState::Lost
+                        };
+                        node.reason = if report.connected {
+                            format!(
+                                "not healthy on {target} within the {}s health deadline",
+                                deadline / 1000
+                            )
+                        } else {
+                            format!(
+                                "silent: no report within the {}s health deadline",
+                                deadline / 1000
+                            )
+                        };
+                    }
+                }
+                NodeState::Healthy => {
+                    // A node that regresses while the deployment watches counts as failed.
+                    if report.connected
+                        && report.version == target
+                        && (report.crash_loop || report.health == "unhealthy")
+                    {
+                        node.state = NodeState::Failed;
+                        node.reason = if report.crash_loop {
+                            "crash loop".into()
+                        } else {
+                            format!("became unhealthy: {}", report.message)
+                        };
+                    } else if !report.connected && now.saturating_sub(node.since_ms) > deadline {
+                        node.state = NodeState::Lost;
+                        node.reason = "went silent after becoming healthy".into();
+                    } else if report.connected {
+                        node.since_ms = node.since_ms.max(now.saturating_sub(deadline));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let failures = self.failures();
+        if failures > self.spec.max_failures {
+            let failed: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|n| n.state.is_failure())
+                .map(|n| format!("{} ({})", n.name, n.reason))
+                .collect();
+            let reason = format!(
+                "{failures} node(s) failed, more than the {} allowed: {}",
+                self.spec.max_failures,
+                failed.join(", ")
+            );
+            return self.fail(reason, now);
+        }
+        if self.state == State::Paused {
+            return actions;
+        }
+        match self.spec.strategy.clone() {
+            Strategy::BlueGreen { bake_ms } => {
+                if !self.switched {
+                    let pending = self.nodes.iter().any(|n| n.state == NodeState::Staging);
+                    if pending {
+                        return self.check_progress(now);
+                    }
+                    self.switched = true;
+                    self.wave_started_ms = now;
+                    for node in self
+                        .nodes
+                        .iter_mut()
+                        .filter(|n| n.state == NodeState::Staged)
+                    {
+                        node.state = NodeState::Updating;
+                        node.since_ms = now;
+                        actions.push(Action::SetVersion {
+                            node: node.node.clone(),
+                            version: target.clone(),
+                        });
+                    }
+                    actions.push(Action::Note(format!(
+                        "all nodes staged; switching {} node(s) at once",
+                        actions.len()
+                    )));
+                    return actions;
+                }
+                if self.nodes.iter().any(|n| n.state == NodeState::Updating) {
+                    return self.check_progress(now);
+                }
+                let since = *self.hold_since_ms.get_or_insert(now);
+                if now.saturating_sub(since) >= bake_ms {
+                    actions.extend(self.advance(now));
+                }
+            }
+            Strategy::Direct | Strategy::Rolling { .. } | Strategy::Canary { .. } => {
+                let wave = self.wave;
+                if self
+                    .nodes
+                    .iter()
+                    .any(|n| n.wave == wave && n.state == NodeState::Updating)
+                {
+                    return self.check_progress(now);
+                }
+                let hold = match &self.spec.strategy {
+                    Strategy::Rolling { min_healthy_ms, .. } => *min_healthy_ms,
+                    Strategy::Canary { step_ms, .. } if self.wave + 1 < self.waves => *step_ms,
+                    _ => 0,
+                };
+                let since = *self.hold_since_ms.get_or_insert(now);
+                if let (Strategy::Canary { .. }, Some(analysis)) = (&self.spec.strategy, analysis) {
+                    let (passed, summary) = judge(&self.spec.thresholds, analysis);
+                    if !passed {
+                        self.analysis.push(Verdict {
+                            at_ms: now,
+                            step: wave,
+                            passed,
+                            summary: summary.clone(),
+                            analysis: analysis.clone(),
+                        });
+                        return self.fail(
+                            format!("canary analysis failed at step {}: {summary}", wave + 1),
+                            now,
+                        );
+                    }
+                    if now.saturating_sub(since) >= hold && !self.awaiting_promote {
+                        self.analysis.push(Verdict {
+                            at_ms: now,
+                            step: wave,
+                            passed,
+                            summary: summary.clone(),
+                            analysis: analysis.clone(),
+                        });
+                        actions.push(Action::Note(format!(
+                            "analysis of step {} passed: {summary}",
+                            wave + 1
+                        )));
+                    }
+                }
+                if self.awaiting_promote || now.saturating_sub(since) < hold {
+                    return actions;
+                }
+                if let Strategy::Canary {
+                    manual_promote: true,
+                    ..
+                } = self.spec.strategy
+                    && self.wave + 1 < self.waves
+                {
+                    self.awaiting_promote = true;
+                    actions.push(Action::Note(format!(
+                        "step {} healthy; waiting for deploy promote",
+                        wave + 1
+                    )));
+                    return actions;
+                }
+                actions.extend(self.advance(now));
+            }
+        }
+        actions
+    }
+
+    /// The desired state every node should have now, for re-asserting after a
+    /// restart (actions lost between the persist and the act). Idempotent.
+    pub fn expected_desired(&self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.state.is_terminal() && self.state != State::RolledBack {
+            return actions;
+        }
+        for node in &self.nodes {
+            match node.state {
+                NodeState::Staging | NodeState::Staged if !self.switched => {
+                    actions.push(Action::Stage {
+                        node: node.node.clone(),
+                        active: node.from_version.clone(),
+                        staged: self.spec.version.clone(),
+                    })
+                }
+                NodeState::Updating | NodeState::Healthy => actions.push(Action::SetVersion {
+                    node: node.node.clone(),
+                    version: self.spec.version.clone(),
+                }),
+                NodeState::RollingBack | NodeState::RolledBack => {
+                    actions.push(Action::SetVersion {
+                        node: node.node.clone(),
+                        version: node.from_version.clone(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        actions
+    }
+
+    fn check_progress(&mut self, now: Ms) -> Vec<Action> {
+        if now.saturating_sub(self.wave_started_ms) > self.spec.progress_deadline_ms {
+            let reason = format!(
+                "wave {} made no progress within the {}s progress deadline",
+                self.wave + 1,
+                self.spec.progress_deadline_ms / 1000
+            );
+            return self.fail(reason, now);
+        }
+        Vec::new()
+    }
+
+    fn fail(&mut self, reason: String, now: Ms) -> Vec<Action> {
+        if self.spec.auto_rollback && self.nodes.iter().any(|n| n.touched) {
+            self.begin_rollback(reason, now)
+        } else {
+            self.finish(State::Failed, reason, now)
+        }
+    }
+
+    fn observe_rollback(&mut self, now: Ms, reports: &BTreeMap<String, NodeReport>) -> Vec<Action> {
+        let deadline = self.spec.health_deadline_ms;
+        for node in self
+            .nodes
+            .iter_mut()
+            .filter(|n| n.state == NodeState::RollingBack)
+        {
+            let report = reports.get(&node.node).cloned().unwrap_or_default();
+            let back = report.connected
+                && ((node.from_version.is_empty() && report.version.is_empty())
+                    || (report.version == node.from_version && report.phase == "running"));
+            if back {
+                node.state = NodeState::RolledBack;
+                node.since_ms = now;
+            } else if now.saturating_sub(node.since_ms) > deadline {
+                node.state = NodeState::Lost;
+                node.reason = format!(
+                    "did not return to {:?} within the {}s health deadline",
+                    node.from_version,
+                    deadline / 1000
+                );
+            }
+        }
+        if self.nodes.iter().any(|n| n.state == NodeState::RollingBack) {
+            return Vec::new();
+        }
+        let lost = self
+            .nodes
+            .iter()
+            .filter(|n| n.touched && n.state == NodeState::Lost)
+            .count();
+        let reason = if lost == 0 {
+            self.reason.clone()
+        } else {
+            format!(
+                "{}; {lost} node(s) could not be confirmed back",
+                self.reason
+            )
+        };
+        self.finish(State::RolledBack, reason, now)
+    }
+}

@@ -1,0 +1,6 @@
+//! Deployments: the pure strategy state machine ([`machine`]) and the engine
+//! that drives it against the registry, persisting every transition before
+//! its actions go out.
+
+pub mod engine;
+pub mod machine;

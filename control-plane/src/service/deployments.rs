@@ -1,0 +1,284 @@
+//! `Deployments`: create (or plan), list, get, watch and control deployments.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hotswap_common::labels::validate_labels;
+use hotswap_common::pb;
+use hotswap_common::timefmt::{now_ms, ts_from_ms};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::Context;
+use crate::auth;
+use crate::deploy::engine::{CreateRequest, DeploymentRecord, Engine, PlanView};
+use crate::deploy::machine::{Control, NodeState};
+use crate::error::ApiError;
+
+pub struct DeploymentsService {
+    ctx: Arc<Context>,
+    engine: Arc<Engine>,
+}
+
+impl DeploymentsService {
+    pub fn new(ctx: Arc<Context>, engine: Arc<Engine>) -> Self {
+        Self { ctx, engine }
+    }
+}
+
+fn opt_ms(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest, ApiError> {
+    let o = request.options.unwrap_or_default();
+    let selector = o.selector.into_iter().collect();
+    validate_labels(&selector).map_err(|e| ApiError::InvalidArgument(format!("selector: {e}")))?;
+    if request.module.is_empty() || request.version.is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "give the module as NAME@VERSION".into(),
+        ));
+    }
+    if request.environment.is_empty() {
+        return Err(ApiError::InvalidArgument("--env is required".into()));
+    }
+    Ok(CreateRequest {
+        module: request.module,
+        version: request.version,
+        environment: request.environment,
+        selector,
+        strategy: (!o.strategy.is_empty()).then_some(o.strategy),
+        batch_size: (!o.batch_size.is_empty()).then_some(o.batch_size),
+        max_failures: u32::try_from(o.max_failures).ok(),
+        steps: o.steps,
+        step_duration: opt_ms(o.step_duration_ms),
+        manual_promote: o.manual_promote,
+        bake_time: opt_ms(o.bake_time_ms),
+        min_healthy_time: opt_ms(o.min_healthy_time_ms),
+        health_deadline: opt_ms(o.health_deadline_ms),
+        progress_deadline: opt_ms(o.progress_deadline_ms),
+        max_error_rate: (o.max_error_rate >= 0.0).then_some(o.max_error_rate),
+        max_latency_increase: (o.max_latency_increase > 0.0).then_some(o.max_latency_increase),
+        no_auto_rollback: o.no_auto_rollback,
+        dry_run: request.dry_run,
+    })
+}
+
+pub fn deployment_to_pb(record: &DeploymentRecord) -> pb::Deployment {
+    let d = &record.deployment;
+    let count =
+        |f: &dyn Fn(NodeState) -> bool| d.nodes.iter().filter(|n| f(n.state)).count() as u32;
+    pb::Deployment {
+        id: record.id.clone(),
+        module: d.spec.module.clone(),
+        version: d.spec.version.clone(),
+        environment: record.environment.clone(),
+        strategy: d.spec.strategy.name().to_string(),
+        state: d.state.as_str().to_string(),
+        progress: Some(pb::Progress {
+            total: d.nodes.len() as u32,
+            updated: count(&|s| {
+                matches!(
+                    s,
+                    NodeState::Updating
+                        | NodeState::Healthy
+                        | NodeState::Failed
+                        | NodeState::RollingBack
+                        | NodeState::RolledBack
+                )
+            }),
+            healthy: count(&|s| s == NodeState::Healthy),
+            failed: count(&|s| matches!(s, NodeState::Failed | NodeState::Lost)),
+        }),
+        nodes: d
+            .nodes
+            .iter()
+            .map(|n| pb::DeploymentNode {
+                node: n.name.clone(),
+                from_version: n.from_version.clone(),
+                to_version: d.spec.version.clone(),
+                state: n.state.as_str().to_string(),
+                reason: n.reason.clone(),
+                wave: n.wave as u32,
+            })
+            .collect(),
+        created_by: d.spec.created_by.clone(),
+        created_at: Some(ts_from_ms(d.created_ms)),
+        finished_at: d.finished_ms.map(ts_from_ms),
+        reason: d.reason.clone(),
+        wave: d.wave as u32,
+        waves: d.waves as u32,
+        analysis: d
+            .analysis
+            .iter()
+            .map(|v| pb::AnalysisVerdict {
+                time: Some(ts_from_ms(v.at_ms)),
+                step: v.step as u32 + 1,
+                passed: v.passed,
+                summary: v.summary.clone(),
+                canary_error_rate: v.analysis.canary.error_rate.unwrap_or(-1.0),
+                baseline_error_rate: v.analysis.baseline.error_rate.unwrap_or(-1.0),
+                canary_latency_p99: v.analysis.canary.latency_p99.unwrap_or(-1.0),
+                baseline_latency_p99: v.analysis.baseline.latency_p99.unwrap_or(-1.0),
+            })
+            .collect(),
+        approved_by: d.approved_by.clone(),
+        waiting_for: d.waiting_for(now_ms()),
+    }
+}
+
+fn plan_to_pb(plan: &PlanView) -> pb::Plan {
+    pb::Plan {
+        strategy: plan.strategy.clone(),
+        waves: plan
+            .waves
+            .iter()
+            .map(|(nodes, gate)| pb::Wave {
+                nodes: nodes.clone(),
+                gate: gate.clone(),
+            })
+            .collect(),
+        gates: plan.waves.iter().map(|(_, gate)| gate.clone()).collect(),
+    }
+}
+
+fn control_of(action: &str, reason: String, user: &str) -> Result<Control, ApiError> {
+    let reason_or = |default: &str| {
+        if reason.is_empty() {
+            default.to_string()
+        } else {
+            reason.clone()
+        }
+    };
+    Ok(match action {
+        "pause" => Control::Pause,
+        "resume" => Control::Resume,
+        "promote" => Control::Promote,
+        "abort" => Control::Abort {
+            reason: reason_or(&format!("by {user}")),
+        },
+        "rollback" => Control::Rollback {
+            reason: reason_or(&format!("by {user}")),
+        },
+        "approve" => Control::Approve {
+            by: user.to_string(),
+        },
+        "reject" => Control::Reject {
+            by: user.to_string(),
+            reason: reason_or("no reason given"),
+        },
+        other => {
+            return Err(ApiError::InvalidArgument(format!(
+                "unknown control {other:?}: use pause, resume, promote, abort, rollback, approve or reject"
+            )));
+        }
+    })
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Deployment, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::deployments_server::Deployments for DeploymentsService {
+    async fn create_deployment(
+        &self,
+        request: Request<pb::CreateDeploymentRequest>,
+    ) -> Result<Response<pb::CreateDeploymentResponse>, Status> {
+        let user = auth::require_operator(&request)?;
+        let create = create_request(request.into_inner())?;
+        let (record, plan) = self.engine.create(create, &user).await?;
+        Ok(Response::new(pb::CreateDeploymentResponse {
+            deployment: record.as_ref().map(deployment_to_pb),
+            plan: Some(plan_to_pb(&plan)),
+        }))
+    }
+
+    async fn list_deployments(
+        &self,
+        request: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        auth::require_operator(&request)?;
+        let filter = request.into_inner();
+        let deployments = self
+            .engine
+            .list()
+            .await
+            .iter()
+            .filter(|r| filter.module.is_empty() || r.deployment.spec.module == filter.module)
+            .filter(|r| filter.environment.is_empty() || r.environment == filter.environment)
+            .filter(|r| !filter.active_only || !r.deployment.state.is_terminal())
+            .map(deployment_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListDeploymentsResponse { deployments }))
+    }
+
+    async fn get_deployment(
+        &self,
+        request: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        auth::require_operator(&request)?;
+        Ok(Response::new(deployment_to_pb(
+            &self.engine.get(&request.into_inner().id).await?,
+        )))
+    }
+
+    type WatchDeploymentStream = WatchStream;
+
+    async fn watch_deployment(
+        &self,
+        request: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
+        auth::require_operator(&request)?;
+        let id = request.into_inner().id;
+        // Subscribe first, then read, so no change is missed in between.
+        let mut updates = self.engine.subscribe();
+        let current = self.engine.get(&id).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let engine = self.engine.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last = current;
+            if tx.send(Ok(deployment_to_pb(&last))).await.is_err()
+                || last.deployment.state.is_terminal()
+            {
+                return;
+            }
+            // Also re-send every few seconds, so `waiting_for` countdowns stay fresh.
+            let mut refresh = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = refresh.tick() => match engine.get(&id).await { Ok(r) => r, Err(_) => return },
+                    update = updates.recv() => match update {
+                        Ok(r) if r.id == id => r,
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => match engine.get(&id).await { Ok(r) => r, Err(_) => return },
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                last = next;
+                if tx.send(Ok(deployment_to_pb(&last))).await.is_err()
+                    || last.deployment.state.is_terminal()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn control_deployment(
+        &self,
+        request: Request<pb::ControlDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let user = auth::require_operator(&request)?;
+        let request = request.into_inner();
+        let control = control_of(&request.action, request.reason, &user)?;
+        let record = self.engine.control(&request.id, control).await?;
+        tracing::info!(deployment = %request.id, action = %request.action, user = %user, state = record.deployment.state.as_str(), "deployment control");
+        Ok(Response::new(deployment_to_pb(&record)))
+    }
+}

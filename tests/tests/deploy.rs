@@ -1,0 +1,455 @@
+//! Deployments end to end: every strategy against real agents and module
+//! processes, failures caught by health and by canary analysis, controls,
+//! approvals, and a control plane killed mid-rollout.
+
+use hotswap_tests::{CtlOutput, Fleet, Load, TestDir, eventually};
+use serde_json::Value;
+
+fn last_json_line(out: &CtlOutput) -> Value {
+    let line = out
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("no output: {out:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}
+
+fn activations(fleet: &Fleet, version: &str) -> Vec<usize> {
+    fleet
+        .agents()
+        .iter()
+        .map(|a| {
+            a.log()
+                .matches(&format!("activating module=hello version={version}"))
+                .count()
+        })
+        .collect()
+}
+
+#[test]
+fn direct_deploy_waits_and_exits_0_with_json_lines() {
+    let dir = TestDir::new();
+    let (fleet, ports) = Fleet::start_many(&dir, "dev", &["a", "b"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    let out = fleet.cp.ctl(&[
+        "-o",
+        "json",
+        "deploy",
+        "create",
+        "hello@1.0.0",
+        "--env",
+        "dev",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let last = last_json_line(&out);
+    assert_eq!(last["state"], "succeeded", "{last}");
+    assert_eq!(last["strategy"], "direct", "dev defaults to direct");
+    assert_eq!(last["progress"]["healthy"], 2);
+    for field in [
+        "id",
+        "module",
+        "version",
+        "environment",
+        "nodes",
+        "created_by",
+        "created_at",
+        "finished_at",
+        "reason",
+    ] {
+        assert!(
+            last.get(field).is_some(),
+            "deployment JSON lacks {field}: {last}"
+        );
+    }
+    for port in ports {
+        let (code, body) = hotswap_tests::http_get(([127, 0, 0, 1], port).into(), "/");
+        assert_eq!(
+            (code, body.trim()),
+            (200, "hello from 1.0.0"),
+            "node on port {port}"
+        );
+    }
+    let list = fleet.cp.ctl(&["-o", "json", "deploy", "list"]).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn rolling_deploy_of_a_bad_version_rolls_back_only_touched_nodes() {
+    let dir = TestDir::new();
+    let (fleet, ports) = Fleet::start_many(&dir, "qa", &["a", "b", "c"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    fleet.push_hello_per_node("2.0.0", "HELLO_UNHEALTHY = \"1\"");
+    let out = fleet.cp.ctl(&[
+        "deploy",
+        "create",
+        "hello@1.0.0",
+        "--env",
+        "qa",
+        "--batch-size",
+        "1",
+        "--min-healthy-time",
+        "1s",
+        "--wait",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("succeeded"),
+        "plain lines end in the final state: {}",
+        out.stdout
+    );
+
+    let loads: Vec<Load> = ports.iter().map(|p| Load::start(*p)).collect();
+    let out = fleet.cp.ctl(&[
+        "-o",
+        "json",
+        "deploy",
+        "create",
+        "hello@2.0.0",
+        "--env",
+        "qa",
+        "--batch-size",
+        "1",
+        "--min-healthy-time",
+        "1s",
+        "--wait",
+    ]);
+    assert_eq!(out.code, 3, "a rolled back deployment exits 3: {out:?}");
+    let last = last_json_line(&out);
+    assert_eq!(last["state"], "rolled_back", "{last}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("failed")),
+        "{last}"
+    );
+    let states: Vec<&str> = last["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["state"].as_str())
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == "waiting").count(),
+        2,
+        "later waves never touched: {states:?}"
+    );
+    for node in ["a", "b", "c"] {
+        assert_eq!(
+            fleet.version_on(node, "hello"),
+            "1.0.0",
+            "node {node} back on (or never left) 1.0.0"
+        );
+    }
+    for load in loads {
+        let stats = load.finish();
+        assert!(
+            stats.failures.is_empty(),
+            "{:?}",
+            &stats.failures[..stats.failures.len().min(5)]
+        );
+    }
+    // Only the first node ever tried 2.0.0.
+    assert_eq!(
+        activations(&fleet, "2.0.0").iter().sum::<usize>(),
+        1,
+        "{:?}",
+        activations(&fleet, "2.0.0")
+    );
+}
+
+#[test]
+fn blue_green_stages_everywhere_then_switches() {
+    let dir = TestDir::new();
+    let (fleet, _) = Fleet::start_many(&dir, "staging", &["a", "b"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    fleet.push_hello_per_node("2.0.0", "");
+    let out = fleet.cp.ctl(&[
+        "deploy",
+        "create",
+        "hello@1.0.0",
+        "--env",
+        "staging",
+        "--bake-time",
+        "1s",
+        "--wait",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = fleet.cp.ctl(&[
+        "-o",
+        "json",
+        "deploy",
+        "create",
+        "hello@2.0.0",
+        "--env",
+        "staging",
+        "--bake-time",
+        "2s",
+        "--wait",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let last = last_json_line(&out);
+    assert_eq!(last["strategy"], "blue-green");
+    assert_eq!(last["state"], "succeeded");
+    // Every node staged 2.0.0 before any switched.
+    let staged: Vec<bool> = out
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|d| {
+            d["nodes"].as_array().is_some_and(|ns| {
+                ns.iter().all(|n| {
+                    n["state"] == "staged" || n["state"] == "updating" || n["state"] == "healthy"
+                })
+            })
+        })
+        .collect();
+    assert!(staged.contains(&true), "{}", out.stdout);
+    for node in ["a", "b"] {
+        assert_eq!(fleet.version_on(node, "hello"), "2.0.0");
+    }
+}
+
+#[test]
+fn canary_with_errors_is_caught_by_analysis_and_rolled_back() {
+    let dir = TestDir::new();
+    let (fleet, ports) = Fleet::start_many(&dir, "dev", &["a", "b", "c", "d"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    fleet.push_hello_per_node("2.0.0", "HELLO_ERROR_RATE = \"0.5\"");
+    let out = fleet
+        .cp
+        .ctl(&["deploy", "create", "hello@1.0.0", "--env", "dev", "--wait"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let loads: Vec<Load> = ports.iter().map(|p| Load::start(*p)).collect();
+    let out = fleet.cp.ctl(&[
+        "-o",
+        "json",
+        "deploy",
+        "create",
+        "hello@2.0.0",
+        "--env",
+        "dev",
+        "--strategy",
+        "canary",
+        "--steps",
+        "25,100",
+        "--step-duration",
+        "30s",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    for load in loads {
+        let _ = load.finish();
+    }
+    assert_eq!(out.code, 3, "{out:?}");
+    let last = last_json_line(&out);
+    assert_eq!(last["state"], "rolled_back", "{last}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("canary analysis failed") && r.contains("error rate")),
+        "{last}"
+    );
+    let verdict = &last["analysis"][0];
+    assert_eq!(verdict["passed"], false, "{last}");
+    assert!(
+        verdict["canary_error_rate"]
+            .as_f64()
+            .is_some_and(|e| e > 0.2),
+        "numbers recorded: {verdict}"
+    );
+    assert_eq!(
+        verdict["baseline_error_rate"].as_f64(),
+        Some(0.0),
+        "{verdict}"
+    );
+    for node in ["a", "b", "c", "d"] {
+        assert_eq!(fleet.version_on(node, "hello"), "1.0.0");
+    }
+}
+
+#[test]
+fn dry_run_controls_and_one_deployment_per_module_and_environment() {
+    let dir = TestDir::new();
+    let (fleet, _) = Fleet::start_many(&dir, "dev", &["a", "b", "c"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    let plan = fleet
+        .cp
+        .ctl(&[
+            "-o",
+            "json",
+            "deploy",
+            "create",
+            "hello@1.0.0",
+            "--env",
+            "dev",
+            "--strategy",
+            "rolling",
+            "--batch-size",
+            "2",
+            "--dry-run",
+        ])
+        .json();
+    assert_eq!(plan["waves"][0]["nodes"], serde_json::json!(["a", "b"]));
+    assert_eq!(plan["waves"][1]["nodes"], serde_json::json!(["c"]));
+    assert_eq!(
+        fleet.cp.ctl(&["-o", "json", "deploy", "list"]).json(),
+        serde_json::json!([]),
+        "a dry run creates nothing"
+    );
+
+    let created = fleet
+        .cp
+        .ctl(&[
+            "-o",
+            "json",
+            "deploy",
+            "create",
+            "hello@1.0.0",
+            "--env",
+            "dev",
+            "--strategy",
+            "canary",
+            "--steps",
+            "34,100",
+            "--step-duration",
+            "1s",
+            "--manual-promote",
+        ])
+        .json();
+    let id = created["id"].as_str().expect("id").to_string();
+    let again = fleet
+        .cp
+        .ctl(&["deploy", "create", "hello@1.0.0", "--env", "dev"]);
+    assert_eq!(again.code, 1);
+    assert!(
+        again.stderr.contains(&id),
+        "the refusal names the active deployment: {again:?}"
+    );
+    let resume = fleet.cp.ctl(&["deploy", "resume", &id]);
+    assert_eq!(resume.code, 1);
+    assert!(
+        resume
+            .stderr
+            .contains("cannot resume a deployment that is running"),
+        "{resume:?}"
+    );
+    eventually("the canary to wait for promotion", || {
+        let d = fleet.cp.ctl(&["-o", "json", "deploy", "get", &id]).json();
+        if d["waiting_for"] == "deploy promote" {
+            Ok(())
+        } else {
+            Err(format!("{d}"))
+        }
+    });
+    let paused = fleet.cp.ctl(&["-o", "json", "deploy", "pause", &id]).json();
+    assert_eq!(paused["state"], "paused");
+    let promote = fleet.cp.ctl(&["deploy", "promote", &id]);
+    assert_eq!(promote.code, 1, "{promote:?}");
+    fleet.cp.ctl(&["deploy", "resume", &id]).json_ok();
+    fleet.cp.ctl(&["deploy", "promote", &id]).json_ok();
+    let watch = fleet.cp.ctl(&["deploy", "watch", &id, "--timeout", "60s"]);
+    assert_eq!(watch.code, 0, "{watch:?}");
+    let timeout = fleet.cp.ctl(&["deploy", "watch", "d-missing"]);
+    assert_eq!(timeout.code, 1);
+    assert!(timeout.stderr.contains("not found"), "{timeout:?}");
+}
+
+trait Ok0 {
+    fn json_ok(&self);
+}
+
+impl Ok0 for CtlOutput {
+    fn json_ok(&self) {
+        assert_eq!(self.code, 0, "{self:?}");
+    }
+}
+
+#[test]
+fn production_needs_a_second_person_to_approve() {
+    let dir = TestDir::new();
+    let (fleet, _) = Fleet::start_many(&dir, "production", &["a", "b"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    let created = fleet
+        .cp
+        .ctl(&[
+            "-o",
+            "json",
+            "deploy",
+            "create",
+            "hello@1.0.0",
+            "--env",
+            "production",
+            "--steps",
+            "50,100",
+            "--step-duration",
+            "1s",
+        ])
+        .json();
+    assert_eq!(created["state"], "awaiting_approval");
+    let id = created["id"].as_str().expect("id").to_string();
+    let own = fleet.cp.ctl(&["deploy", "approve", &id]);
+    assert_eq!(own.code, 1, "{own:?}");
+    assert!(
+        own.stderr.contains("cannot approve it") && own.stderr.contains("two-person rule"),
+        "{own:?}"
+    );
+    let alice = fleet.cp.operator_profile("alice");
+    let approved = fleet
+        .cp
+        .ctl_with_profile(&alice, &["-o", "json", "deploy", "approve", &id]);
+    assert_eq!(approved.code, 0, "{approved:?}");
+    let watch = fleet
+        .cp
+        .ctl(&["-o", "json", "deploy", "watch", &id, "--timeout", "60s"]);
+    assert_eq!(watch.code, 0, "{watch:?}");
+    assert_eq!(last_json_line(&watch)["approved_by"], "alice");
+}
+
+#[test]
+fn control_plane_killed_mid_rollout_resumes_without_swapping_twice() {
+    let dir = TestDir::new();
+    let (mut fleet, _) = Fleet::start_many(&dir, "qa", &["a", "b", "c"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    let created = fleet
+        .cp
+        .ctl(&[
+            "-o",
+            "json",
+            "deploy",
+            "create",
+            "hello@1.0.0",
+            "--env",
+            "qa",
+            "--batch-size",
+            "1",
+            "--min-healthy-time",
+            "2s",
+        ])
+        .json();
+    let id = created["id"].as_str().expect("id").to_string();
+    eventually("the first wave to be healthy", || {
+        let d = fleet.cp.ctl(&["-o", "json", "deploy", "get", &id]).json();
+        if d["progress"]["healthy"].as_u64() >= Some(1) {
+            Ok(())
+        } else {
+            Err(format!("{d}"))
+        }
+    });
+    fleet.cp.kill();
+    fleet.cp.start();
+    let watch = fleet
+        .cp
+        .ctl(&["-o", "json", "deploy", "watch", &id, "--timeout", "90s"]);
+    assert_eq!(watch.code, 0, "{watch:?}");
+    assert_eq!(last_json_line(&watch)["progress"]["healthy"], 3);
+    assert_eq!(
+        activations(&fleet, "1.0.0"),
+        vec![1, 1, 1],
+        "every node swapped exactly once"
+    );
+}
