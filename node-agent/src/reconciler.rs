@@ -234,12 +234,26 @@ impl Reconciler {
                 for (key, value) in &process.env {
                     env.push((key.clone(), expand(value)?));
                 }
+                let mut sockets = Vec::new();
+                for socket in &process.sockets {
+                    let text = expand(&socket.listen)?;
+                    let listen = text.parse().map_err(|e| {
+                        format!(
+                            "socket {:?}: listen {text:?} (from {:?}) is not ip:port: {e}",
+                            socket.name, socket.listen
+                        )
+                    })?;
+                    sockets.push(crate::runtime::process::ListenSocket {
+                        name: socket.name.clone(),
+                        listen,
+                    });
+                }
                 (
                     expand_all(&process.command)?,
                     process.swap,
                     os::signal_number(process.stop_signal.name),
                     process.stop_timeout,
-                    process.sockets.clone(),
+                    sockets,
                 )
             }
             None => (

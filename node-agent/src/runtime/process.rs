@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hotswap_common::manifest::{HealthSpec, SocketSpec, SwapStrategy};
+use hotswap_common::manifest::{HealthSpec, SwapStrategy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,13 @@ use super::os;
 use super::{Phase, base_env, resolve_program};
 use crate::health::{Health, HealthTracker, probe_once};
 use crate::scrape::{MetricNames, Sample, Window, scrape, window};
+
+/// A listening socket of one version, its address resolved on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenSocket {
+    pub name: String,
+    pub listen: std::net::SocketAddr,
+}
 
 /// Everything needed to run one version, with variables already expanded.
 #[derive(Clone, Debug)]
@@ -43,7 +50,7 @@ pub struct VersionSpec {
     pub swap: SwapStrategy,
     pub stop_signal: i32,
     pub stop_timeout: Duration,
-    pub sockets: Vec<SocketSpec>,
+    pub sockets: Vec<ListenSocket>,
     pub health: Option<(hotswap_common::manifest::HealthCheck, HealthSpec)>,
     pub metrics: Option<(String, MetricNames)>,
 }
