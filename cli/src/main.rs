@@ -10,6 +10,7 @@ mod keys;
 mod module;
 mod nodes;
 mod output;
+mod pipeline;
 mod tokens;
 
 use std::ffi::OsString;
@@ -62,6 +63,9 @@ enum Command {
     /// Deployments: create, watch and control.
     #[command(subcommand)]
     Deploy(deploy::DeployCommand),
+    /// Promote a version through the environments.
+    #[command(subcommand)]
+    Pipeline(pipeline::PipelineCommand),
 }
 
 fn main() -> ExitCode {
@@ -86,20 +90,26 @@ fn main() -> ExitCode {
             Command::Nodes(cmd) => done(nodes::run(&ctx, cmd).await),
             Command::Keys(cmd) => done(keys::run(&ctx, cmd).await),
             Command::Module(cmd) => done(module::run(&ctx, cmd).await),
-            Command::Deploy(cmd) => match deploy::run(&ctx, cmd).await {
-                Ok(deploy::Outcome::Done) => Ok(ExitCode::SUCCESS),
-                Ok(deploy::Outcome::Ended(message)) => {
-                    eprintln!("{message}");
-                    Ok(ExitCode::from(3))
-                }
-                Ok(deploy::Outcome::TimedOut) => Ok(ExitCode::from(4)),
-                Err(e) => Err(e),
-            },
+            Command::Deploy(cmd) => outcome(deploy::run(&ctx, cmd).await),
+            Command::Pipeline(cmd) => outcome(pipeline::run(&ctx, cmd).await),
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => report(&e),
+    }
+}
+
+/// Exit codes of commands that follow a deployment or pipeline (SPEC §4).
+fn outcome(result: Result<deploy::Outcome, CliError>) -> Result<ExitCode, CliError> {
+    match result {
+        Ok(deploy::Outcome::Done) => Ok(ExitCode::SUCCESS),
+        Ok(deploy::Outcome::Ended(message)) => {
+            eprintln!("{message}");
+            Ok(ExitCode::from(3))
+        }
+        Ok(deploy::Outcome::TimedOut) => Ok(ExitCode::from(4)),
+        Err(e) => Err(e),
     }
 }
 

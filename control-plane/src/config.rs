@@ -42,6 +42,8 @@ pub struct Settings {
     pub environments: BTreeMap<String, EnvironmentSettings>,
     /// Defaults for deployment options not given on the command line.
     pub deploy: DeployDefaults,
+    /// The order `pipeline run` promotes through.
+    pub pipeline: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -134,6 +136,9 @@ impl Default for Settings {
             max_artifact_bytes: 512 * 1024 * 1024,
             environments: default_environments(),
             deploy: DeployDefaults::default(),
+            pipeline: ["dev", "qa", "staging", "production"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -197,6 +202,13 @@ impl Settings {
         for (name, env) in &self.environments {
             if !["direct", "rolling", "blue-green", "canary"].contains(&env.strategy.as_str()) {
                 problems.push(format!("environments.{name}.strategy {:?} is not direct, rolling, blue-green or canary", env.strategy));
+            }
+        }
+        for env in &self.pipeline {
+            if !self.environments.contains_key(env) {
+                problems.push(format!(
+                    "pipeline names environment {env:?}, which is not configured"
+                ));
             }
         }
         if self.deploy.steps.is_empty() || self.deploy.steps.iter().any(|s| *s == 0 || *s > 100) {

@@ -20,7 +20,7 @@ use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
 use crate::service::Context;
 use crate::service::artifacts::ArtifactsService;
-use crate::service::deployments::DeploymentsService;
+use crate::service::deployments::{DeploymentsService, PipelinesService};
 use crate::service::enrollment::EnrollmentService;
 use crate::service::fleet::FleetService;
 use crate::service::session::SessionService;
@@ -210,7 +210,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             ctx.clone(),
         )))
         .add_service(pb::deployments_server::DeploymentsServer::new(
-            DeploymentsService::new(ctx.clone(), engine),
+            DeploymentsService::new(ctx.clone(), engine.clone()),
+        ))
+        .add_service(pb::pipelines_server::PipelinesServer::new(
+            PipelinesService::new(engine),
         ))
         // Upload chunks are at most 1 MiB; leave headroom for framing.
         .add_service(

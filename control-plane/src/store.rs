@@ -85,6 +85,7 @@ pub struct Store {
     artifacts: sled::Tree,
     desired: sled::Tree,
     deployments: sled::Tree,
+    pipelines: sled::Tree,
 }
 
 /// What one module should be on one node.
@@ -110,6 +111,7 @@ const NODE_NAMES: &str = "node_names";
 const KEYS: &str = "publisher_keys";
 const DESIRED: &str = "desired";
 const DEPLOYMENTS: &str = "deployments";
+const PIPELINES: &str = "pipelines";
 const ARTIFACTS: &str = "artifacts";
 
 /// A publisher key the control plane trusts (or trusted, once revoked).
@@ -189,6 +191,7 @@ impl Store {
             artifacts: db.open_tree(ARTIFACTS)?,
             desired: db.open_tree(DESIRED)?,
             deployments: db.open_tree(DEPLOYMENTS)?,
+            pipelines: db.open_tree(PIPELINES)?,
             db,
         })
     }
@@ -484,6 +487,25 @@ impl Store {
             .map(|entry| {
                 let (key, value) = entry?;
                 decode(DEPLOYMENTS, &key, &value)
+            })
+            .collect()
+    }
+
+    pub async fn put_pipeline<T: Serialize>(
+        &self,
+        id: &str,
+        pipeline: &T,
+    ) -> Result<(), StoreError> {
+        self.pipelines.insert(id.as_bytes(), encode(pipeline))?;
+        self.flush().await
+    }
+
+    pub fn list_pipelines<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        self.pipelines
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(PIPELINES, &key, &value)
             })
             .collect()
     }

@@ -814,6 +814,24 @@ impl Fleet {
         });
     }
 
+    /// Enroll one more agent in `environment`; returns its port label.
+    pub fn add_node(&mut self, name: &str, environment: &str) -> u16 {
+        let (token, fp) = self.cp.token(&[]);
+        let port = free_port();
+        let (env_label, port_label) =
+            (format!("environment={environment}"), format!("port={port}"));
+        let mut agent = Agent::new(&self.work, name);
+        agent.enroll(
+            &self.cp.url(),
+            &token,
+            &fp,
+            &["--label", &env_label, "--label", &port_label],
+        );
+        self.cp.wait_status(name, "connected");
+        self.others.push(agent);
+        port
+    }
+
     /// Every agent of the fleet.
     pub fn agents(&self) -> Vec<&Agent> {
         std::iter::once(&self.agent)

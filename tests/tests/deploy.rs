@@ -453,3 +453,70 @@ fn control_plane_killed_mid_rollout_resumes_without_swapping_twice() {
         "every node swapped exactly once"
     );
 }
+
+#[test]
+fn pipeline_promotes_stage_by_stage_stops_at_failure_and_late_joiners_catch_up() {
+    let dir = TestDir::new();
+    let (mut fleet, _) = Fleet::start_many(&dir, "dev", &["dev-1"]);
+    fleet.add_node("qa-1", "qa");
+    fleet.push_hello_per_node("1.0.0", "");
+    fleet.push_hello_per_node("2.0.0", "HELLO_UNHEALTHY = \"1\"");
+
+    let out = fleet.cp.ctl(&[
+        "-o",
+        "json",
+        "pipeline",
+        "run",
+        "hello@1.0.0",
+        "--to",
+        "qa",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let last = last_json_line(&out);
+    assert_eq!(last["state"], "succeeded", "{last}");
+    let envs: Vec<&str> = last["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .filter_map(|s| s["environment"].as_str())
+        .collect();
+    assert_eq!(envs, ["dev", "qa"], "--to qa stops there");
+    assert_eq!(fleet.version_on("dev-1", "hello"), "1.0.0");
+    assert_eq!(fleet.version_on("qa-1", "hello"), "1.0.0");
+
+    // A bad version fails in dev and never reaches qa.
+    let out = fleet.cp.ctl(&[
+        "-o",
+        "json",
+        "pipeline",
+        "run",
+        "hello@2.0.0",
+        "--to",
+        "qa",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert_eq!(out.code, 3, "{out:?}");
+    let last = last_json_line(&out);
+    assert_eq!(last["stages"][0]["state"], "failed", "{last}");
+    assert_eq!(last["stages"][1]["state"], "waiting", "{last}");
+    assert_eq!(fleet.version_on("qa-1", "hello"), "1.0.0");
+    assert_eq!(
+        fleet.version_on("dev-1", "hello"),
+        "1.0.0",
+        "rolled back in dev"
+    );
+
+    // A node joining dev now gets dev's current version by itself.
+    fleet.add_node("dev-2", "dev");
+    eventually("the late joiner to run dev's version", || {
+        match fleet.version_on("dev-2", "hello").as_str() {
+            "1.0.0" => Ok(()),
+            other => Err(format!("dev-2 runs {other:?}")),
+        }
+    });
+}

@@ -33,6 +33,33 @@ pub struct DeploymentRecord {
     pub id: String,
     pub environment: String,
     pub deployment: Deployment,
+    /// Labels narrowing the environment; empty for an environment-wide deployment.
+    #[serde(default)]
+    pub selector: Labels,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineStage {
+    pub environment: String,
+    pub deployment_id: String,
+    /// waiting, running, succeeded, failed or skipped.
+    pub state: String,
+    pub reason: String,
+}
+
+/// One version promoted through the environments, stage by stage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineRecord {
+    pub id: String,
+    pub module: String,
+    pub version: String,
+    /// running, succeeded or failed.
+    pub state: String,
+    pub stages: Vec<PipelineStage>,
+    pub reason: String,
+    pub created_by: String,
+    pub created_ms: u64,
+    pub finished_ms: Option<u64>,
 }
 
 /// What `deploy create` asks for, already parsed.
@@ -69,6 +96,7 @@ pub struct Engine {
     registry: Arc<Registry>,
     settings: Settings,
     deployments: Mutex<BTreeMap<String, DeploymentRecord>>,
+    pipelines: Mutex<BTreeMap<String, PipelineRecord>>,
     updates: broadcast::Sender<DeploymentRecord>,
 }
 
@@ -101,11 +129,13 @@ fn parse_batch(text: &str) -> Result<BatchSize, ApiError> {
 impl Engine {
     pub fn new(registry: Arc<Registry>, settings: Settings) -> Result<Arc<Self>, ApiError> {
         let records: Vec<DeploymentRecord> = registry.store().list_deployments()?;
+        let pipelines: Vec<PipelineRecord> = registry.store().list_pipelines()?;
         let (updates, _) = broadcast::channel(1024);
         Ok(Arc::new(Self {
             registry,
             settings,
             deployments: Mutex::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
+            pipelines: Mutex::new(pipelines.into_iter().map(|p| (p.id.clone(), p)).collect()),
             updates,
         }))
     }
@@ -146,6 +176,248 @@ impl Engine {
                 },
             }
             self.step_all().await;
+            self.advance_pipelines().await;
+            self.assign_late_joiners().await;
+        }
+    }
+
+    /// Start a pipeline of `module@version` through the configured
+    /// environments, up to and including `to`.
+    pub async fn run_pipeline(
+        &self,
+        module: &str,
+        version: &str,
+        to: Option<&str>,
+        user: &str,
+    ) -> Result<PipelineRecord, ApiError> {
+        if self
+            .registry
+            .store()
+            .get_artifact(module, version)?
+            .is_none()
+        {
+            return Err(ApiError::NotFound(format!(
+                "artifact {module}@{version} not found; push it with `hotswapctl module push` first"
+            )));
+        }
+        let order = &self.settings.pipeline;
+        let last = match to {
+            Some(env) => order.iter().position(|e| e == env).ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "--to {env:?} is not in the pipeline ({})",
+                    order.join(" -> ")
+                ))
+            })?,
+            None => order.len().saturating_sub(1),
+        };
+        let record = PipelineRecord {
+            id: format!("p-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
+            module: module.to_string(),
+            version: version.to_string(),
+            state: "running".to_string(),
+            stages: order[..=last]
+                .iter()
+                .map(|env| PipelineStage {
+                    environment: env.clone(),
+                    deployment_id: String::new(),
+                    state: "waiting".into(),
+                    reason: String::new(),
+                })
+                .collect(),
+            reason: String::new(),
+            created_by: user.to_string(),
+            created_ms: now_ms(),
+            finished_ms: None,
+        };
+        self.registry
+            .store()
+            .put_pipeline(&record.id, &record)
+            .await?;
+        tracing::info!(pipeline = %record.id, module = %module, version = %version, user = %user, "pipeline started");
+        self.pipelines
+            .lock()
+            .await
+            .insert(record.id.clone(), record.clone());
+        self.advance_pipelines().await;
+        self.get_pipeline(&record.id).await
+    }
+
+    pub async fn get_pipeline(&self, id: &str) -> Result<PipelineRecord, ApiError> {
+        self.pipelines
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("pipeline {id:?} not found")))
+    }
+
+    /// Move each running pipeline along: start the next stage's deployment
+    /// when the previous one succeeded, stop at the first that did not.
+    async fn advance_pipelines(&self) {
+        let running: Vec<PipelineRecord> = self
+            .pipelines
+            .lock()
+            .await
+            .values()
+            .filter(|p| p.state == "running")
+            .cloned()
+            .collect();
+        for mut pipeline in running {
+            let before = pipeline.clone();
+            self.advance_pipeline(&mut pipeline).await;
+            if pipeline != before {
+                if let Err(e) = self
+                    .registry
+                    .store()
+                    .put_pipeline(&pipeline.id, &pipeline)
+                    .await
+                {
+                    tracing::error!(pipeline = %pipeline.id, error = %e, "cannot persist pipeline");
+                    continue;
+                }
+                self.pipelines
+                    .lock()
+                    .await
+                    .insert(pipeline.id.clone(), pipeline);
+            }
+        }
+    }
+
+    async fn advance_pipeline(&self, pipeline: &mut PipelineRecord) {
+        let Some(index) = pipeline
+            .stages
+            .iter()
+            .position(|s| s.state == "waiting" || s.state == "running")
+        else {
+            pipeline.state = "succeeded".into();
+            pipeline.reason = format!(
+                "{}@{} promoted through {}",
+                pipeline.module,
+                pipeline.version,
+                pipeline
+                    .stages
+                    .iter()
+                    .map(|s| s.environment.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            pipeline.finished_ms = Some(now_ms());
+            return;
+        };
+        let stage = pipeline.stages[index].clone();
+        if stage.deployment_id.is_empty() {
+            let request = CreateRequest {
+                module: pipeline.module.clone(),
+                version: pipeline.version.clone(),
+                environment: stage.environment.clone(),
+                ..Default::default()
+            };
+            match self.create(request, &pipeline.created_by).await {
+                Ok((Some(record), _)) => {
+                    pipeline.stages[index].deployment_id = record.id;
+                    pipeline.stages[index].state = "running".into();
+                }
+                Ok((None, _)) => {}
+                Err(ApiError::FailedPrecondition(reason))
+                    if reason.contains("no connected node") =>
+                {
+                    pipeline.stages[index].state = "skipped".into();
+                    pipeline.stages[index].reason = reason;
+                }
+                // Another deployment of the module runs there: wait for it.
+                Err(ApiError::FailedPrecondition(reason)) if reason.contains("is still") => {
+                    pipeline.stages[index].reason = reason;
+                }
+                Err(e) => {
+                    pipeline.stages[index].state = "failed".into();
+                    pipeline.stages[index].reason = e.to_string();
+                    pipeline.state = "failed".into();
+                    pipeline.reason = format!("stage {} could not start: {e}", stage.environment);
+                    pipeline.finished_ms = Some(now_ms());
+                }
+            }
+            return;
+        }
+        let Ok(record) = self.get(&stage.deployment_id).await else {
+            return;
+        };
+        match record.deployment.state {
+            State::Succeeded => {
+                pipeline.stages[index].state = "succeeded".into();
+                pipeline.stages[index].reason = record.deployment.reason.clone();
+            }
+            state if state.is_terminal() => {
+                pipeline.stages[index].state = "failed".into();
+                pipeline.stages[index].reason = format!(
+                    "deployment {} {}: {}",
+                    record.id,
+                    state.as_str(),
+                    record.deployment.reason
+                );
+                pipeline.state = "failed".into();
+                pipeline.reason = format!(
+                    "stopped at {}: deployment {} {}",
+                    stage.environment,
+                    record.id,
+                    state.as_str()
+                );
+                pipeline.finished_ms = Some(now_ms());
+            }
+            _ => {}
+        }
+    }
+
+    /// Nodes that join an environment after an environment-wide deployment
+    /// succeeded get that deployment's version.
+    async fn assign_late_joiners(&self) {
+        let latest: Vec<DeploymentRecord> = {
+            let deployments = self.deployments.lock().await;
+            let mut latest: BTreeMap<(String, String), DeploymentRecord> = BTreeMap::new();
+            for record in deployments
+                .values()
+                .filter(|r| r.deployment.state == State::Succeeded && r.selector.is_empty())
+            {
+                let key = (
+                    record.environment.clone(),
+                    record.deployment.spec.module.clone(),
+                );
+                if latest
+                    .get(&key)
+                    .is_none_or(|l| l.deployment.created_ms < record.deployment.created_ms)
+                {
+                    latest.insert(key, record.clone());
+                }
+            }
+            latest.into_values().collect()
+        };
+        for record in latest {
+            let module = &record.deployment.spec.module;
+            let Ok(nodes) = self.registry.list(Some(&record.environment)) else {
+                continue;
+            };
+            for node in nodes {
+                let joined_later = node.record.enrolled_at_ms > record.deployment.created_ms
+                    && !record
+                        .deployment
+                        .nodes
+                        .iter()
+                        .any(|t| t.node == node.record.id);
+                if !node.connected || !joined_later || node.desired.modules.contains_key(module) {
+                    continue;
+                }
+                tracing::info!(node = %node.record.name, module = %module, version = %record.deployment.spec.version, deployment = %record.id, "node joined the environment later; giving it the environment's current version");
+                let desired = DesiredModuleRecord {
+                    version: record.deployment.spec.version.clone(),
+                    staged_version: String::new(),
+                };
+                if let Err(e) = self
+                    .registry
+                    .set_desired_module(&node.record.id, module, Some(desired))
+                    .await
+                {
+                    tracing::warn!(node = %node.record.name, error = %e, "cannot assign the environment's version");
+                }
+            }
         }
     }
 
@@ -531,6 +803,7 @@ impl Engine {
             id: id.clone(),
             environment: request.environment.clone(),
             deployment,
+            selector: request.selector.clone(),
         };
         self.commit(&record, &actions).await?;
         tracing::info!(deployment = %id, module = %request.module, version = %request.version, environment = %request.environment, strategy = record.deployment.spec.strategy.name(), user = %user, "deployment created");

@@ -1031,3 +1031,7 @@ impl Deployment {
         self.finish(State::RolledBack, reason, now)
     }
 }
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

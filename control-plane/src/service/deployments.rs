@@ -282,3 +282,66 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         Ok(Response::new(deployment_to_pb(&record)))
     }
 }
+
+pub struct PipelinesService {
+    engine: Arc<Engine>,
+}
+
+impl PipelinesService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+fn pipeline_to_pb(p: &crate::deploy::engine::PipelineRecord) -> pb::Pipeline {
+    pb::Pipeline {
+        id: p.id.clone(),
+        module: p.module.clone(),
+        version: p.version.clone(),
+        state: p.state.clone(),
+        stages: p
+            .stages
+            .iter()
+            .map(|s| pb::PipelineStage {
+                environment: s.environment.clone(),
+                deployment_id: s.deployment_id.clone(),
+                state: s.state.clone(),
+                reason: s.reason.clone(),
+            })
+            .collect(),
+        reason: p.reason.clone(),
+        created_by: p.created_by.clone(),
+        created_at: Some(ts_from_ms(p.created_ms)),
+        finished_at: p.finished_ms.map(ts_from_ms),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::pipelines_server::Pipelines for PipelinesService {
+    async fn run_pipeline(
+        &self,
+        request: Request<pb::RunPipelineRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let user = auth::require_operator(&request)?;
+        let request = request.into_inner();
+        if request.module.is_empty() || request.version.is_empty() {
+            return Err(ApiError::InvalidArgument("give the module as NAME@VERSION".into()).into());
+        }
+        let to = (!request.to.is_empty()).then_some(request.to.as_str());
+        let pipeline = self
+            .engine
+            .run_pipeline(&request.module, &request.version, to, &user)
+            .await?;
+        Ok(Response::new(pipeline_to_pb(&pipeline)))
+    }
+
+    async fn get_pipeline(
+        &self,
+        request: Request<pb::GetPipelineRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        auth::require_operator(&request)?;
+        Ok(Response::new(pipeline_to_pb(
+            &self.engine.get_pipeline(&request.into_inner().id).await?,
+        )))
+    }
+}

@@ -1,0 +1,151 @@
+//! `hotswapctl pipeline run`: promote one version through the environments.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+use hotswap_common::pb;
+use hotswap_common::timefmt::{now_ms, parse_duration, rfc3339_from_ms};
+
+use crate::client::{CliError, Context};
+use crate::deploy::Outcome;
+use crate::output::{self, OutputFormat};
+
+#[derive(Subcommand)]
+pub enum PipelineCommand {
+    /// Promote NAME@VERSION through dev, qa, staging and production (each
+    /// stage a deployment with that environment's defaults), stopping at the
+    /// first failure.
+    #[command(
+        after_help = "Examples:\n  hotswapctl pipeline run hello@1.2.0 --to staging --wait\n  hotswapctl pipeline run hello@1.2.0"
+    )]
+    Run {
+        module: String,
+        /// Last environment to promote to.
+        #[arg(long)]
+        to: Option<String>,
+        /// Follow the pipeline until it ends (exit 0, 3, or 4 on --timeout).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Show a pipeline.
+    Get { id: String },
+}
+
+fn view(p: &pb::Pipeline) -> serde_json::Value {
+    serde_json::json!({
+        "id": p.id,
+        "module": p.module,
+        "version": p.version,
+        "state": p.state,
+        "reason": p.reason,
+        "created_by": p.created_by,
+        "stages": p.stages.iter().map(|s| serde_json::json!({
+            "environment": s.environment, "deployment_id": s.deployment_id, "state": s.state, "reason": s.reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn line(p: &pb::Pipeline) -> String {
+    let stages: Vec<String> = p
+        .stages
+        .iter()
+        .map(|s| {
+            if s.deployment_id.is_empty() {
+                format!("{} {}", s.environment, s.state)
+            } else {
+                format!("{} {} ({})", s.environment, s.state, s.deployment_id)
+            }
+        })
+        .collect();
+    format!(
+        "{} {}@{} {}: {}",
+        p.id,
+        p.module,
+        p.version,
+        p.state,
+        stages.join(" -> ")
+    )
+}
+
+pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, CliError> {
+    let conn = ctx.connect()?;
+    let mut client = pb::pipelines_client::PipelinesClient::new(conn.channel.clone());
+    let (pipeline, wait, timeout) = match command {
+        PipelineCommand::Run {
+            module,
+            to,
+            wait,
+            timeout,
+        } => {
+            let (name, version) = module.split_once('@').ok_or_else(|| {
+                CliError::Other(anyhow::anyhow!("{module:?} is not NAME@VERSION"))
+            })?;
+            let p = client
+                .run_pipeline(pb::RunPipelineRequest {
+                    module: name.into(),
+                    version: version.into(),
+                    to: to.unwrap_or_default(),
+                })
+                .await
+                .map_err(conn.rpc_error(&format!("run pipeline of {module}")))?
+                .into_inner();
+            (p, wait, timeout)
+        }
+        PipelineCommand::Get { id } => {
+            let p = client
+                .get_pipeline(pb::GetPipelineRequest { id: id.clone() })
+                .await
+                .map_err(conn.rpc_error(&format!("get pipeline {id}")))?
+                .into_inner();
+            (p, false, None)
+        }
+    };
+    if !wait {
+        match ctx.output {
+            OutputFormat::Json => output::print_json(&view(&pipeline)),
+            OutputFormat::Table => println!("{}", line(&pipeline)),
+        }
+        return Ok(Outcome::Done);
+    }
+    let id = pipeline.id.clone();
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut last_line = String::new();
+    let mut current = pipeline;
+    loop {
+        match ctx.output {
+            OutputFormat::Json => output::print_json_line(&view(&current)),
+            OutputFormat::Table => {
+                let text = line(&current);
+                if text != last_line {
+                    println!("{}  {text}", rfc3339_from_ms(now_ms()));
+                    last_line = text;
+                }
+            }
+        }
+        match current.state.as_str() {
+            "succeeded" => return Ok(Outcome::Done),
+            "failed" => {
+                return Ok(Outcome::Ended(format!(
+                    "pipeline {id} failed: {}",
+                    current.reason
+                )));
+            }
+            _ => {}
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            eprintln!(
+                "error: timed out waiting for pipeline {id}; it goes on (see `hotswapctl pipeline get {id}`)"
+            );
+            return Ok(Outcome::TimedOut);
+        }
+        // Pipelines move at deployment speed: polling once a second is plenty.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        current = client
+            .get_pipeline(pb::GetPipelineRequest { id: id.clone() })
+            .await
+            .map_err(conn.rpc_error(&format!("get pipeline {id}")))?
+            .into_inner();
+    }
+}
