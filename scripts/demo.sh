@@ -59,18 +59,18 @@ cat "$work/dev-token.json"
 fingerprint=$(json_field "$work/dev-token.json" ca_fingerprint)
 
 start_agent() {
-  local name=$1 token_file=$2
+  local name=$1 token_file=$2 port=$3
   HOTSWAP_JOIN_TOKEN=$(json_field "$token_file" token) \
     "$bin/hotswap-agent" run --data-dir "$work/agent-$name" --control-plane "https://$grpc" \
-    --ca-fingerprint "$fingerprint" --name "$name" --label zone=local \
+    --ca-fingerprint "$fingerprint" --name "$name" --label zone=local --label "port=$port" \
     --admin-listen 127.0.0.1:0 >>"$work/agent-$name.log" 2>&1 &
   pids+=("$!")
 }
 
 say "starting three agents: web-1 and web-2 in dev, api-1 in production"
-start_agent web-1 "$work/dev-token.json"
-start_agent web-2 "$work/dev-token.json"
-start_agent api-1 "$work/prod-token.json"
+start_agent web-1 "$work/dev-token.json" 18081
+start_agent web-2 "$work/dev-token.json" 18082
+start_agent api-1 "$work/prod-token.json" 18083
 wait_for 30 all_connected
 
 say "hotswapctl nodes list"
@@ -78,14 +78,17 @@ ctl nodes list
 say "hotswapctl nodes list --env production -o json"
 ctl -o json nodes list --env production
 
-say "signing and pushing modules: hello (process, 2 versions) and greeting-config (bundle)"
+say "signing and pushing modules: hello (process; 1.0.0, 1.1.0, and a broken 1.2.0) and greeting-config (bundle)"
 "$bin/hotswapctl" keys generate --out "$work/publisher" >/dev/null
 ctl keys trust "$work/publisher.pub" --name demo-publisher
-pack() { # module-dir version out
-  local src=$1 version=$2 out=$3 tmp="$work/pack-$(basename "$1")-$2"
+pack() { # module-dir version out [env-line]
+  local src=$1 version=$2 out=$3 extra=${4:-} tmp="$work/pack-$(basename "$1")-$2"
   mkdir -p "$tmp" && cp -R "$src/." "$tmp/"
-  if [ -f "$tmp/module.toml" ] && grep -q 'runtime = "process"' "$tmp/module.toml"; then
+  if grep -q 'runtime = "process"' "$tmp/module.toml"; then
     mkdir -p "$tmp/bin" && cp "$bin/hello-server" "$tmp/bin/"
+    # Each demo node serves on the port in its `port` label.
+    sed -i 's/127\.0\.0\.1:18080/127.0.0.1:${NODE_LABEL_port}/' "$tmp/module.toml"
+    [ -n "$extra" ] && sed -i "s/^command = .*/&\nenv = { $extra }/" "$tmp/module.toml"
   fi
   sed -i "s/^version = .*/version = \"$version\"/" "$tmp/module.toml"
   "$bin/hotswapctl" module pack "$tmp" --key "$work/publisher.key" -o "$out" >/dev/null
@@ -93,38 +96,53 @@ pack() { # module-dir version out
 }
 pack "$root/examples/hello-process" 1.0.0 "$work/hello-1.0.0.hsm"
 pack "$root/examples/hello-process" 1.1.0 "$work/hello-1.1.0.hsm"
+pack "$root/examples/hello-process" 1.2.0 "$work/hello-1.2.0.hsm" 'HELLO_ERROR_RATE = "0.5"'
 pack "$root/examples/bundle-config" 1.0.0 "$work/greeting-1.0.0.hsm"
 ctl module list
 
-module_running() { # node module version
-  ctl -o json nodes get "$1" | tr -d ' \n' | grep -q "\"name\":\"$2\",\"version\":\"$3\",\"phase\":\"running\""
+http_get() { # port
+  exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n' >&3 && tail -n1 <&3; exec 3>&-
+}
+load() { # seconds: requests to both dev nodes, counting failures
+  local ok=0 failed=0 end=$((SECONDS + $1))
+  while ((SECONDS < end)); do
+    for port in 18081 18082; do
+      if out=$(http_get "$port" 2>/dev/null) && [[ $out == hello* ]]; then ok=$((ok + 1)); else failed=$((failed + 1)); fi
+    done
+  done
+  echo "client: $ok requests answered, $failed failed"
 }
 
-say "hello@1.0.0 on web-1, greeting-config@1.0.0 on web-2 and api-1"
-ctl nodes set-module web-1 hello@1.0.0
-ctl nodes set-module web-2 greeting-config@1.0.0
-ctl nodes set-module api-1 greeting-config@1.0.0
-wait_for 60 module_running web-1 hello 1.0.0
-wait_for 60 module_running web-2 greeting-config 1.0.0
-wait_for 60 module_running api-1 greeting-config 1.0.0
-http_get() { exec 3<>"/dev/tcp/127.0.0.1/18080" && printf 'GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n' >&3 && tail -n1 <&3; exec 3>&-; }
-echo "GET http://127.0.0.1:18080/ -> $(http_get)"
+say "deploy hello@1.0.0 to dev (dev's default strategy: direct)"
+ctl deploy create hello@1.0.0 --env dev --wait --timeout 90s
+echo "web-1: $(http_get 18081)    web-2: $(http_get 18082)"
 
-say "hot swap web-1 to hello@1.1.0 while a client sends requests in a loop"
-(ok=0; failed=0; end=$((SECONDS + 6)); while ((SECONDS < end)); do
-   if out=$(http_get 2>/dev/null) && [[ $out == hello* ]]; then ok=$((ok + 1)); else failed=$((failed + 1)); fi
- done; echo "client: $ok requests answered, $failed failed") &
-load=$!
-sleep 1
-ctl nodes set-module web-1 hello@1.1.0
-wait_for 60 module_running web-1 hello 1.1.0
-wait "$load"
-echo "GET http://127.0.0.1:18080/ -> $(http_get)"
-ctl nodes get web-1
+say "rolling upgrade of dev to 1.1.0, one node at a time, while a client keeps sending requests"
+load 12 &
+loader=$!
+ctl deploy create hello@1.1.0 --env dev --strategy rolling --batch-size 1 --min-healthy-time 2s --wait --timeout 90s
+wait "$loader"
+echo "web-1: $(http_get 18081)    web-2: $(http_get 18082)"
+
+say "canary of a broken 1.2.0 (half its requests fail): caught by analysis against the baseline, rolled back"
+load 30 >/dev/null &
+loader=$!
+if ctl deploy create hello@1.2.0 --env dev --strategy canary --steps 50,100 --step-duration 20s --wait --timeout 120s; then
+  echo "demo: the broken canary was expected to be rolled back" >&2; exit 1
+fi
+kill "$loader" 2>/dev/null || true; wait "$loader" 2>/dev/null || true
+echo "web-1: $(http_get 18081)    web-2: $(http_get 18082)"
+ctl deploy list
+
+say "production needs a second person: the creator cannot approve their own deployment"
+id=$(ctl deploy create greeting-config@1.0.0 --env production 2>/dev/null)
+ctl deploy get "$id" | head -n 5
+ctl deploy approve "$id" || true
+ctl deploy reject "$id" --reason "demo: nobody else is here to approve"
 
 say "kill -9 the control plane, start it again: the agents come back by themselves"
 kill -KILL "$cp_pid"; wait "$cp_pid" 2>/dev/null || true
-echo "the module keeps serving meanwhile: $(http_get)"
+echo "the modules keep serving meanwhile: $(http_get 18081)"
 start_control_plane "$grpc"
 wait_for 30 all_connected
 ctl nodes list
@@ -137,7 +155,6 @@ exec 3>&-
 
 say "tearing down: modules stopped through the control plane, then SIGTERM to every process"
 ctl nodes unset-module web-1 hello >/dev/null
-ctl nodes unset-module web-2 greeting-config >/dev/null
-ctl nodes unset-module api-1 greeting-config >/dev/null
-no_hello() { ! pgrep -f "$work/agent-web-1/artifacts/modules/hello" >/dev/null; }
+ctl nodes unset-module web-2 hello >/dev/null
+no_hello() { ! pgrep -f "$work/agent-web-.*/artifacts/modules/hello" >/dev/null; }
 wait_for 30 no_hello
