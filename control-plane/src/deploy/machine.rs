@@ -812,7 +812,8 @@ impl Deployment {
                         node.state = NodeState::Lost;
                         node.reason = "went silent after becoming healthy".into();
                     } else if report.connected {
-                        node.since_ms = node.since_ms.max(now.saturating_sub(deadline));
+                        // Last seen: silence is timed from here.
+                        node.since_ms = now;
                     }
                 }
                 _ => {}
