@@ -420,39 +420,63 @@ impl Registry {
         module: &str,
         desired: Option<DesiredModuleRecord>,
     ) -> Result<NodeState, ApiError> {
-        if self.store.get_node(node_id)?.is_none() {
-            return Err(ApiError::NotFound(format!("node {node_id} not found")));
-        }
-        let record = self
-            .store
-            .update_desired(node_id, |record| match &desired {
-                Some(want) if record.modules.get(module) == Some(want) => false,
-                Some(want) => {
-                    record.modules.insert(module.to_string(), want.clone());
-                    true
-                }
-                None => record.modules.remove(module).is_some(),
-            })
+        let mut states = self
+            .set_desired_modules(&[(node_id.to_string(), module.to_string(), desired)])
             .await?;
-        let state = {
-            let live = self.lock_live();
-            if let Some(session) = live.get(node_id) {
-                session.desired.send_if_modified(|current| {
-                    if current.generation == record.generation {
-                        return false;
-                    }
-                    *current = record.clone();
-                    true
-                });
+        states
+            .pop()
+            .ok_or_else(|| ApiError::NotFound(format!("node {node_id} not found")))
+    }
+
+    /// Several desired-state changes with one durable flush: every change is
+    /// on disk before any is pushed to an agent or acknowledged. Unknown
+    /// nodes are an error for the whole batch, checked before anything changes.
+    pub async fn set_desired_modules(
+        &self,
+        changes: &[(String, String, Option<DesiredModuleRecord>)],
+    ) -> Result<Vec<NodeState>, ApiError> {
+        for (node_id, _, _) in changes {
+            if self.store.get_node(node_id)?.is_none() {
+                return Err(ApiError::NotFound(format!("node {node_id} not found")));
             }
-            let node = self
+        }
+        let mut records = Vec::with_capacity(changes.len());
+        for (node_id, module, desired) in changes {
+            let record = self
                 .store
-                .get_node(node_id)?
-                .ok_or_else(|| ApiError::NotFound(format!("node {node_id} not found")))?;
-            self.state_of(node, &live)
-        };
-        self.publish(NodeChange::Changed(state.clone()));
-        Ok(state)
+                .update_desired_unflushed(node_id, |record| match desired {
+                    Some(want) if record.modules.get(module) == Some(want) => false,
+                    Some(want) => {
+                        record.modules.insert(module.clone(), want.clone());
+                        true
+                    }
+                    None => record.modules.remove(module).is_some(),
+                })?;
+            records.push(record);
+        }
+        self.store.flush().await?;
+        let mut states = Vec::with_capacity(changes.len());
+        {
+            let live = self.lock_live();
+            for ((node_id, _, _), record) in changes.iter().zip(records) {
+                if let Some(session) = live.get(node_id) {
+                    session.desired.send_if_modified(|current| {
+                        if current.generation == record.generation {
+                            return false;
+                        }
+                        *current = record.clone();
+                        true
+                    });
+                }
+                if let Some(node) = self.store.get_node(node_id)? {
+                    states.push(self.state_of(node, &live));
+                }
+            }
+        }
+        for state in &states {
+            self.publish(NodeChange::Changed(state.clone()));
+        }
+        Ok(states)
     }
 
     /// End a session. Only the live session of a node marks it disconnected.

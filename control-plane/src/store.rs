@@ -439,7 +439,22 @@ impl Store {
     /// Apply `change` to a node's desired state and bump its generation,
     /// atomically; returns the new record. `change` returns false for "no
     /// change", which leaves the record (and generation) untouched.
+    /// Apply `change` to a node's desired state and bump its generation,
+    /// atomically; returns the new record. `change` returns false for "no
+    /// change", which leaves the record (and generation) untouched.
     pub async fn update_desired(
+        &self,
+        node_id: &str,
+        change: impl Fn(&mut DesiredRecord) -> bool,
+    ) -> Result<DesiredRecord, StoreError> {
+        let record = self.update_desired_unflushed(node_id, change)?;
+        self.flush().await?;
+        Ok(record)
+    }
+
+    /// As [`Store::update_desired`] without the flush: callers that change
+    /// many nodes flush once, before acknowledging any of them.
+    pub fn update_desired_unflushed(
         &self,
         node_id: &str,
         change: impl Fn(&mut DesiredRecord) -> bool,
@@ -467,7 +482,6 @@ impl Store {
         if let Some(e) = decode_error {
             return Err(e);
         }
-        self.flush().await?;
         Ok(result.unwrap_or_default())
     }
 

@@ -481,17 +481,15 @@ impl Engine {
 
     async fn execute(&self, record: &DeploymentRecord, actions: &[Action]) {
         let module = &record.deployment.spec.module;
+        let mut changes = Vec::new();
         for action in actions {
-            let result = match action {
+            match action {
                 Action::SetVersion { node, version } => {
                     let desired = (!version.is_empty()).then(|| DesiredModuleRecord {
                         version: version.clone(),
                         staged_version: String::new(),
                     });
-                    self.registry
-                        .set_desired_module(node, module, desired)
-                        .await
-                        .map(|_| ())
+                    changes.push((node.clone(), module.clone(), desired));
                 }
                 Action::Stage {
                     node,
@@ -502,18 +500,27 @@ impl Engine {
                         version: active.clone(),
                         staged_version: staged.clone(),
                     };
-                    self.registry
-                        .set_desired_module(node, module, Some(desired))
-                        .await
-                        .map(|_| ())
+                    changes.push((node.clone(), module.clone(), Some(desired)));
                 }
                 Action::Note(message) => {
-                    tracing::info!(deployment = %record.id, module = %module, "{message}");
-                    Ok(())
+                    tracing::info!(deployment = %record.id, module = %module, "{message}")
                 }
-            };
-            if let Err(e) = result {
-                tracing::warn!(deployment = %record.id, action = ?action, error = %e, "action failed");
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        // One flush for the whole wave; a node removed meanwhile is skipped.
+        if let Err(e) = self.registry.set_desired_modules(&changes).await {
+            tracing::warn!(deployment = %record.id, error = %e, "batched desired-state change failed; applying one by one");
+            for (node, module, desired) in changes {
+                if let Err(e) = self
+                    .registry
+                    .set_desired_module(&node, &module, desired)
+                    .await
+                {
+                    tracing::warn!(deployment = %record.id, node = %node, error = %e, "desired-state change failed");
+                }
             }
         }
     }
