@@ -496,21 +496,11 @@ impl Reconciler {
                 )
                 .await;
                 if let Err(e) = result {
-                    let still = previous
-                        .clone()
-                        .map(|_| Phase::Running)
-                        .unwrap_or(Phase::Failed);
+                    // The hook failed: the previous version (if any) is active again, and
+                    // the module reports `failed` for the version it was asked to run.
                     self.bundle_status.insert(
                         name.to_string(),
-                        (
-                            if still == Phase::Running {
-                                Phase::Failed
-                            } else {
-                                still
-                            },
-                            Health::Unhealthy,
-                            e.clone(),
-                        ),
+                        (Phase::Failed, Health::Unhealthy, e.clone()),
                     );
                     return Err((e, false));
                 }

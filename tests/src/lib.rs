@@ -199,6 +199,12 @@ impl CtlOutput {
         }
     }
 
+    /// Assert the command exited 0.
+    pub fn ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "hotswapctl failed: {self:?}");
+        self
+    }
+
     /// Parse stdout as JSON, asserting success first.
     pub fn json(&self) -> Value {
         assert_eq!(self.code, 0, "hotswapctl failed: {self:?}");
@@ -745,7 +751,7 @@ impl Fleet {
             "--out",
             key_base.to_str().expect("utf8"),
         ])
-        .json_or_fail();
+        .ok();
         let public = work.join("publisher.pub");
         let trusted = cp.ctl(&[
             "keys",
@@ -953,16 +959,6 @@ impl Fleet {
                 )),
             }
         })
-    }
-}
-
-trait JsonOrFail {
-    fn json_or_fail(&self);
-}
-
-impl JsonOrFail for CtlOutput {
-    fn json_or_fail(&self) {
-        assert_eq!(self.code, 0, "{self:?}");
     }
 }
 
