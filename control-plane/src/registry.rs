@@ -116,6 +116,17 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     generations: AtomicU64,
     total_nodes: AtomicU64,
+    /// Increases with every session attached (the engine looks for late joiners then).
+    attaches: AtomicU64,
+}
+
+/// What the deployment engine needs of one node, read from memory only.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    pub connected: bool,
+    /// The agent has reported on the node's latest desired generation.
+    pub current: bool,
+    pub module: Option<ModuleState>,
 }
 
 /// Capacity of the change channel; a watcher further behind gets a fresh snapshot.
@@ -132,6 +143,7 @@ impl Registry {
             metrics,
             generations: AtomicU64::new(1),
             total_nodes: AtomicU64::new(total),
+            attaches: AtomicU64::new(0),
         });
         registry.update_gauges(&registry.lock_live());
         Ok(registry)
@@ -318,6 +330,7 @@ impl Registry {
             self.state_of(record.clone(), &live)
         };
         self.metrics.sessions_opened.inc();
+        self.attaches.fetch_add(1, Ordering::Relaxed);
         self.publish(NodeChange::Changed(state));
         Ok(SessionHandle {
             node_id: node_id.to_string(),
@@ -404,6 +417,29 @@ impl Registry {
         self.publish(NodeChange::Changed(state));
     }
 
+    /// How many sessions were attached so far.
+    pub fn attaches(&self) -> u64 {
+        self.attaches.load(Ordering::Relaxed)
+    }
+
+    /// The live state of `module` on each of `nodes`, from memory under one
+    /// lock: no storage reads, so the engine can observe large fleets often.
+    pub fn observe(&self, nodes: &[&str], module: &str) -> Vec<Observed> {
+        let live = self.lock_live();
+        nodes
+            .iter()
+            .map(|id| match live.get(*id) {
+                Some(session) => Observed {
+                    connected: true,
+                    current: session.agent_desired_generation
+                        >= session.desired.borrow().generation,
+                    module: session.modules.iter().find(|m| m.name == module).cloned(),
+                },
+                None => Observed::default(),
+            })
+            .collect()
+    }
+
     /// Recent reports of a connected node, oldest first.
     pub fn history(&self, node_id: &str) -> Vec<Report> {
         self.lock_live()
@@ -436,7 +472,7 @@ impl Registry {
         changes: &[(String, String, Option<DesiredModuleRecord>)],
     ) -> Result<Vec<NodeState>, ApiError> {
         for (node_id, _, _) in changes {
-            if self.store.get_node(node_id)?.is_none() {
+            if !self.store.has_node(node_id)? {
                 return Err(ApiError::NotFound(format!("node {node_id} not found")));
             }
         }
@@ -455,10 +491,10 @@ impl Registry {
             records.push(record);
         }
         self.store.flush().await?;
-        let mut states = Vec::with_capacity(changes.len());
+        // Durable: tell the agents first, then do the bookkeeping for watchers.
         {
             let live = self.lock_live();
-            for ((node_id, _, _), record) in changes.iter().zip(records) {
+            for ((node_id, _, _), record) in changes.iter().zip(&records) {
                 if let Some(session) = live.get(node_id) {
                     session.desired.send_if_modified(|current| {
                         if current.generation == record.generation {
@@ -468,6 +504,12 @@ impl Registry {
                         true
                     });
                 }
+            }
+        }
+        let mut states = Vec::with_capacity(changes.len());
+        {
+            let live = self.lock_live();
+            for (node_id, _, _) in changes {
                 if let Some(node) = self.store.get_node(node_id)? {
                     states.push(self.state_of(node, &live));
                 }

@@ -278,6 +278,11 @@ impl Store {
             .transpose()
     }
 
+    /// Whether a node record exists (no decoding).
+    pub fn has_node(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.nodes.contains_key(id.as_bytes())?)
+    }
+
     pub fn node_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .node_names

@@ -24,7 +24,7 @@ use super::machine::{
 };
 use crate::config::Settings;
 use crate::error::ApiError;
-use crate::registry::{NodeChange, Registry};
+use crate::registry::Registry;
 use crate::store::DesiredModuleRecord;
 
 /// A deployment as stored: identity plus the machine's state.
@@ -166,18 +166,28 @@ impl Engine {
         let mut changes = self.registry.subscribe();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut attaches_seen = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
                 change = changes.recv() => match change {
-                    Ok(NodeChange::Changed(_) | NodeChange::Removed(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // One pass covers every change queued so far: a wave of
+                        // N nodes reporting must not cost N full passes.
+                        while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = changes.try_recv() {}
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
             }
             self.step_all().await;
             self.advance_pipelines().await;
-            self.assign_late_joiners().await;
+            // Late joiners can only appear when a session attached.
+            let attaches = self.registry.attaches();
+            if attaches_seen != Some(attaches) {
+                attaches_seen = Some(attaches);
+                self.assign_late_joiners().await;
+            }
         }
     }
 
@@ -528,18 +538,16 @@ impl Engine {
     /// Observation of a deployment's nodes, and canary analysis during a hold.
     fn observe(&self, deployment: &Deployment) -> Input {
         let module = &deployment.spec.module;
+        let ids: Vec<&str> = deployment.nodes.iter().map(|t| t.node.as_str()).collect();
+        let observed = self.registry.observe(&ids, module);
         let mut nodes = BTreeMap::new();
-        for track in &deployment.nodes {
-            let Ok(state) = self.registry.find(&track.node) else {
-                continue;
-            };
-            let report = state.modules.iter().find(|m| &m.name == module);
+        for (track, seen) in deployment.nodes.iter().zip(observed) {
+            let report = seen.module.as_ref();
             nodes.insert(
                 track.node.clone(),
                 NodeReport {
-                    connected: state.connected,
-                    current: state.connected
-                        && state.agent_desired_generation >= state.desired.generation,
+                    connected: seen.connected,
+                    current: seen.connected && seen.current,
                     version: report.map(|m| m.version.clone()).unwrap_or_default(),
                     phase: report.map(|m| m.phase.clone()).unwrap_or_default(),
                     health: report.map(|m| m.health.clone()).unwrap_or_default(),

@@ -1,0 +1,1296 @@
+//! `hotswap-bench-decision`: decision and rollback latency of the deployment
+//! engine with N simulated nodes, in one process.
+//!
+//! The real [`Store`] (sled in a temp dir), [`Registry`] and [`Engine`] run
+//! unchanged; only the agents are simulated: one tokio task per node waits on
+//! its session's desired-state watch and reports the module running (or
+//! failed) the moment it changes.
+//!
+//! * Decision latency: in a rolling deployment (batch 10 %, no minimum healthy
+//!   time), from the instant the last node of wave k reports healthy to the
+//!   instant the first node of wave k+1 sees its desired state change. In
+//!   between the engine observes the fleet, steps the machine, persists the
+//!   transition (durable sled flush), writes the next wave's desired states
+//!   (another flush) and pushes them.
+//! * Rollback latency: nodes of wave `--fail-wave` fail to activate the new
+//!   version; from the first failing report to the instant the first node of
+//!   an earlier wave sees its desired version go back.
+//!
+//! Afterwards (with `--profile`, or when a goal is missed) the engine is
+//! stopped and the pieces of one engine iteration are timed in isolation
+//! through the same public APIs, to show what dominates.
+//!
+//! Output: one JSON object on stdout; progress on stderr.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::Parser;
+use hotswap_common::labels::Labels;
+use hotswap_common::timefmt::{now_ms, rfc3339_from_ms};
+use hotswap_control_plane::config::Settings;
+use hotswap_control_plane::deploy::engine::{CreateRequest, DeploymentRecord, Engine};
+use hotswap_control_plane::deploy::machine::{
+    BatchSize, Input, NodeReport, NodeState, State, Strategy, plan_waves,
+};
+use hotswap_control_plane::metrics::Metrics;
+use hotswap_control_plane::registry::{ModuleState, NodeChange, Registry, Report, SessionHandle};
+use hotswap_control_plane::service::enrollment::token_hash;
+use hotswap_control_plane::store::{
+    ArtifactRecord, DesiredModuleRecord, NodeRecord, Store, TokenRecord,
+};
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+
+const MODULE: &str = "sim";
+const ENVIRONMENT: &str = "dev";
+const DECISION_GOAL_P99_MS: f64 = 10.0;
+const ROLLBACK_GOAL_P99_MS: f64 = 50.0;
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "hotswap-bench-decision",
+    about = "Deployment engine decision and rollback latency with N simulated nodes, in-process"
+)]
+struct Args {
+    /// Simulated nodes (enrolled, attached, each with a simulated agent).
+    #[arg(long, default_value_t = 10_000)]
+    nodes: usize,
+    /// Rolling deployments measured for decision latency (alternating 1.0.0 / 2.0.0).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Delay between an agent seeing a new desired state and reporting.
+    #[arg(long, default_value_t = 0)]
+    agent_latency_ms: u64,
+    /// Version the nodes of `--fail-wave` and later fail to activate (phase
+    /// failed, message "simulated failure"). Used by the rollback runs; when
+    /// not given they deploy 3.0.0 as the failing version.
+    #[arg(long)]
+    fail_version: Option<String>,
+    /// 1-based wave from which nodes fail the failing version; earlier waves
+    /// succeed, so there is something to roll back.
+    #[arg(long, default_value_t = 2)]
+    fail_wave: usize,
+    /// Rolling deployments of the failing version measured for rollback latency (0 skips).
+    #[arg(long, default_value_t = 5)]
+    rollback_runs: usize,
+    /// Rolling batch size, as `deploy create --batch-size` takes it.
+    #[arg(long, default_value = "10%")]
+    batch: String,
+    /// Enrollments and session attaches in flight at once during setup
+    /// (each is one durable sled flush).
+    #[arg(long, default_value_t = 1)]
+    setup_concurrency: usize,
+    /// Directory for the temporary sled database (default: the system temp dir).
+    #[arg(long)]
+    tmpdir: Option<PathBuf>,
+    /// Give up on one deployment after this long.
+    #[arg(long, default_value_t = 600)]
+    run_timeout_s: u64,
+    /// After each deployment, wait at most this long for the process to go
+    /// idle (the engine works off queued node-change notifications).
+    #[arg(long, default_value_t = 20)]
+    settle_max_s: u64,
+    /// Time the pieces of one engine iteration afterwards even when every goal is met.
+    #[arg(long)]
+    profile: bool,
+    /// Tokio worker threads (default: one per CPU).
+    #[arg(long)]
+    worker_threads: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(args.nodes > 0, "--nodes must be at least 1");
+    ensure!(args.fail_wave >= 2, "--fail-wave must be 2 or more");
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = args.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = builder.build()?;
+    let result = runtime.block_on(run(args))?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    // Sled and leftover tasks need not be torn down cleanly.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Clock and event log
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since the benchmark started (monotonic).
+fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    /// The agent's desired-state watch fired and it read this version.
+    Seen,
+    /// The agent is about to report the version running and healthy.
+    Healthy,
+    /// The agent is about to report a failed activation of this version.
+    Failed,
+}
+
+#[derive(Clone, Debug)]
+struct Event {
+    node: u32,
+    kind: Kind,
+    version: String,
+    at_ns: u64,
+}
+
+/// Shared state of the simulated agents.
+struct Sim {
+    log: Mutex<Vec<Event>>,
+    latency: Duration,
+    /// Version that nodes flagged in `failing` fail to activate.
+    fail_version: Mutex<Option<String>>,
+    failing: Vec<AtomicBool>,
+    reports: AtomicU64,
+}
+
+impl Sim {
+    fn record(&self, node: u32, kind: Kind, version: &str, at_ns: u64) {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Event {
+                node,
+                kind,
+                version: version.to_string(),
+                at_ns,
+            });
+    }
+
+    fn take_log(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.log.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn fails(&self, node: u32, version: &str) -> bool {
+        self.failing[node as usize].load(Ordering::Relaxed)
+            && self
+                .fail_version
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_deref()
+                == Some(version)
+    }
+}
+
+/// One simulated agent: report the desired version of `sim` as running and
+/// healthy (or failed) whenever the desired state changes.
+async fn agent(index: u32, registry: Arc<Registry>, mut handle: SessionHandle, sim: Arc<Sim>) {
+    let mut running = String::new();
+    loop {
+        if handle.desired.changed().await.is_err() {
+            return;
+        }
+        let seen = now_ns();
+        let desired = handle.desired.borrow_and_update().clone();
+        let want = desired
+            .modules
+            .get(MODULE)
+            .map(|m| m.version.clone())
+            .unwrap_or_default();
+        sim.record(index, Kind::Seen, &want, seen);
+        if !sim.latency.is_zero() {
+            tokio::time::sleep(sim.latency).await;
+        }
+        let modules = if want.is_empty() {
+            running.clear();
+            Vec::new()
+        } else if sim.fails(index, &want) {
+            // Activation failed: the previous version stays active.
+            sim.record(index, Kind::Failed, &want, now_ns());
+            vec![module_state(
+                &running,
+                "failed",
+                "unhealthy",
+                "simulated failure",
+            )]
+        } else {
+            sim.record(index, Kind::Healthy, &want, now_ns());
+            running = want.clone();
+            vec![module_state(&want, "running", "healthy", "")]
+        };
+        registry.report(
+            &handle,
+            Report {
+                at_ms: now_ms(),
+                observed_generation: desired.generation,
+                desired_generation: desired.generation,
+                modules,
+                usage: None,
+            },
+        );
+        sim.reports.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn module_state(version: &str, phase: &str, health: &str, message: &str) -> ModuleState {
+    ModuleState {
+        name: MODULE.to_string(),
+        version: version.to_string(),
+        phase: phase.to_string(),
+        health: health.to_string(),
+        message: message.to_string(),
+        staged_version: String::new(),
+        previous_version: String::new(),
+        restarts: 0,
+        crash_loop: false,
+        metrics: None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Statistics
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    // Nearest rank.
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn summary(samples: &[f64]) -> Value {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let round = |v: f64| (v * 1000.0).round() / 1000.0;
+    json!({
+        "samples": sorted.len(),
+        "min_ms": round(sorted.first().copied().unwrap_or(f64::NAN)),
+        "p50_ms": round(percentile(&sorted, 50.0)),
+        "p90_ms": round(percentile(&sorted, 90.0)),
+        "p99_ms": round(percentile(&sorted, 99.0)),
+        "max_ms": round(sorted.last().copied().unwrap_or(f64::NAN)),
+        "mean_ms": round(sorted.iter().sum::<f64>() / sorted.len().max(1) as f64),
+    })
+}
+
+fn p99(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    percentile(&sorted, 99.0)
+}
+
+/// Median of a few repetitions of an operation, in ms.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let r = v[v.len() / 2];
+    (r * 1000.0).round() / 1000.0
+}
+
+// ---------------------------------------------------------------------------
+// Counters of what the engine is woken by and what it persists
+
+#[derive(Default)]
+struct Counters {
+    node_changes: AtomicU64,
+    node_changes_lagged: AtomicU64,
+    commits: AtomicU64,
+    commits_lagged: AtomicU64,
+    /// Every persisted transition as the engine announced it (after its
+    /// desired-state changes went out): when, which deployment, which wave.
+    commit_log: Mutex<Vec<(u64, String, usize, State)>>,
+}
+
+fn spawn_counters(registry: &Registry, engine: &Engine, counters: Arc<Counters>) {
+    let mut changes = registry.subscribe();
+    let c = counters.clone();
+    tokio::spawn(async move {
+        loop {
+            match changes.recv().await {
+                Ok(NodeChange::Changed(_) | NodeChange::Removed(_)) => {
+                    c.node_changes.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(RecvError::Lagged(n)) => {
+                    c.node_changes_lagged.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    let mut commits = engine.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match commits.recv().await {
+                Ok(record) => {
+                    let at = now_ns();
+                    counters.commits.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .commit_log
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((
+                            at,
+                            record.id,
+                            record.deployment.wave,
+                            record.deployment.state,
+                        ));
+                }
+                Err(RecvError::Lagged(n)) => {
+                    counters.commits_lagged.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
+/// CPU time (user + system) of this process, in seconds.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Wait until the process is (nearly) idle: the engine may still be working
+/// through node-change notifications queued during the last deployment.
+async fn settle(limit: Duration) -> f64 {
+    let started = Instant::now();
+    loop {
+        let cpu = process_cpu_seconds();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let busy = (process_cpu_seconds() - cpu) / 0.25;
+        if busy < 0.05 || started.elapsed() > limit {
+            return started.elapsed().as_secs_f64();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Setup
+
+struct Fleet {
+    store: Store,
+    registry: Arc<Registry>,
+    /// Node ids in name order; index = simulator node number.
+    ids: Vec<String>,
+    index_of: HashMap<String, u32>,
+    setup: Value,
+}
+
+fn node_id(i: usize) -> String {
+    // Deterministic, uuid-like ids that do not sort like the names.
+    let mut x = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut mix = || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    format!("{:016x}{:016x}", mix(), mix())
+}
+
+fn dev_labels() -> Labels {
+    [("environment".to_string(), ENVIRONMENT.to_string())].into()
+}
+
+async fn setup(args: &Args, dir: &std::path::Path) -> anyhow::Result<(Fleet, Vec<SessionHandle>)> {
+    let n = args.nodes;
+    let started = Instant::now();
+    let store = Store::open(&dir.join("db"), 256 * 1024 * 1024)?;
+    let hash = token_hash("bench-join-token");
+    store
+        .insert_token(
+            &hash,
+            &TokenRecord {
+                created_at_ms: now_ms(),
+                expires_at_ms: u64::MAX,
+                uses_total: n.max(10_000) as u32,
+                uses_left: n.max(10_000) as u32,
+                labels: dev_labels(),
+                created_by: "bench".into(),
+            },
+        )
+        .await?;
+    let ids: Vec<String> = (0..n).map(node_id).collect();
+
+    // Enrollment: one sled transaction and one durable flush each.
+    let enroll_started = Instant::now();
+    let concurrency = args.setup_concurrency.max(1);
+    let enroll_latencies = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let mut tasks = Vec::new();
+    for stripe in 0..concurrency {
+        let store = store.clone();
+        let hash = hash.clone();
+        let ids = ids.clone();
+        let latencies = enroll_latencies.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (stripe..ids.len()).step_by(concurrency) {
+                let t = Instant::now();
+                store
+                    .enroll(
+                        &hash,
+                        now_ms(),
+                        NodeRecord {
+                            id: ids[i].clone(),
+                            name: format!("sim-{i:05}"),
+                            labels: dev_labels(),
+                            forced_labels: Labels::new(),
+                            enrolled_at_ms: now_ms(),
+                            cert_fingerprint: format!("sha256:bench-{i}"),
+                            cert_not_after_ms: u64::MAX,
+                            last_seen_ms: None,
+                            agent_version: "bench".into(),
+                        },
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("enroll sim-{i:05}: {e}"))?;
+                latencies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(t.elapsed().as_secs_f64() * 1e3);
+                if stripe == 0 && i > 0 && i % (1000 * concurrency) == 0 {
+                    eprintln!("  enrolled {i}/{}", ids.len());
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let enroll_s = enroll_started.elapsed().as_secs_f64();
+
+    for version in ["1.0.0", "2.0.0", "3.0.0"] {
+        store
+            .insert_artifact(&artifact(version))
+            .await
+            .context("insert artifact")?;
+    }
+    if let Some(v) = &args.fail_version
+        && store.get_artifact(MODULE, v)?.is_none()
+    {
+        store.insert_artifact(&artifact(v)).await?;
+    }
+
+    let (metrics, _prometheus) = Metrics::new();
+    let registry = Registry::new(store.clone(), Arc::new(metrics))
+        .map_err(|e| anyhow::anyhow!("registry: {e}"))?;
+
+    // Sessions: attach writes the node record (last seen, labels) with a flush.
+    let attach_started = Instant::now();
+    let attach_latencies = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let mut tasks = Vec::new();
+    for stripe in 0..concurrency {
+        let registry = registry.clone();
+        let ids = ids.clone();
+        let latencies = attach_latencies.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut handles = Vec::new();
+            for i in (stripe..ids.len()).step_by(concurrency) {
+                let t = Instant::now();
+                let handle = registry
+                    .attach(&ids[i], &format!("sha256:bench-{i}"), dev_labels(), "bench")
+                    .await
+                    .map_err(|e| anyhow::anyhow!("attach sim-{i:05}: {e}"))?;
+                latencies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(t.elapsed().as_secs_f64() * 1e3);
+                handles.push((i, handle));
+            }
+            anyhow::Ok(handles)
+        }));
+    }
+    let mut handles = Vec::with_capacity(n);
+    for task in tasks {
+        handles.extend(task.await??);
+    }
+    handles.sort_by_key(|(i, _)| *i);
+    let handles: Vec<SessionHandle> = handles.into_iter().map(|(_, h)| h).collect();
+    let attach_s = attach_started.elapsed().as_secs_f64();
+
+    let enroll_l = enroll_latencies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let attach_l = attach_latencies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let setup = json!({
+        "total_s": round3(started.elapsed().as_secs_f64()),
+        "enroll_s": round3(enroll_s),
+        "enroll_per_node": summary(&enroll_l),
+        "attach_s": round3(attach_s),
+        "attach_per_node": summary(&attach_l),
+        "concurrency": concurrency,
+        "note": "each enrollment (Store::enroll) and each attach (Registry::attach -> Store::put_node) ends with its own durable sled flush; setup time is those 2*N flushes",
+        "db_bytes_on_disk": store.size_on_disk(),
+    });
+    let index_of = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), i as u32))
+        .collect();
+    Ok((
+        Fleet {
+            store,
+            registry,
+            ids,
+            index_of,
+            setup,
+        },
+        handles,
+    ))
+}
+
+fn artifact(version: &str) -> ArtifactRecord {
+    ArtifactRecord {
+        name: MODULE.into(),
+        version: version.into(),
+        digest: format!("sha256:{:0>64}", version.replace('.', "")),
+        size: 1,
+        runtime: "process".into(),
+        manifest: String::new(),
+        signatures: Vec::new(),
+        pushed_at_ms: now_ms(),
+        pushed_by: "bench".into(),
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+// ---------------------------------------------------------------------------
+// Runs
+
+fn request(version: &str, batch: &str) -> CreateRequest {
+    CreateRequest {
+        module: MODULE.into(),
+        version: version.into(),
+        environment: ENVIRONMENT.into(),
+        strategy: Some("rolling".into()),
+        batch_size: Some(batch.into()),
+        min_healthy_time: Some(Duration::ZERO),
+        ..Default::default()
+    }
+}
+
+/// Create a deployment and wait until it is terminal.
+async fn deploy(
+    engine: &Engine,
+    args: &Args,
+    version: &str,
+) -> anyhow::Result<(DeploymentRecord, DeploymentRecord, u64)> {
+    let created_ns = now_ns();
+    let (record, _) = engine
+        .create(request(version, &args.batch), "bench")
+        .await
+        .map_err(|e| anyhow::anyhow!("create {MODULE}@{version}: {e}"))?;
+    let record = record.context("dry run?")?;
+    let limit = Instant::now() + Duration::from_secs(args.run_timeout_s);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = engine
+            .get(&record.id)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if now.deployment.state.is_terminal() {
+            return Ok((record, now, created_ns));
+        }
+        if Instant::now() > limit {
+            bail!(
+                "deployment {} of {version} not finished after {}s: {} wave {}/{}",
+                record.id,
+                args.run_timeout_s,
+                now.deployment.state.as_str(),
+                now.deployment.wave + 1,
+                now.deployment.waves
+            );
+        }
+    }
+}
+
+/// Wave of each node (by simulator index) in a deployment.
+fn waves_of(fleet: &Fleet, record: &DeploymentRecord) -> Vec<Vec<u32>> {
+    let mut waves = vec![Vec::new(); record.deployment.waves];
+    for track in &record.deployment.nodes {
+        waves[track.wave].push(fleet.index_of[&track.node]);
+    }
+    for wave in &mut waves {
+        wave.sort_unstable();
+    }
+    waves
+}
+
+fn first_time(log: &[Event], node: u32, kind: Kind, version: &str, after: u64) -> Option<u64> {
+    // Logs are appended in time order per node; scanning is fine at this size.
+    log.iter()
+        .filter(|e| e.node == node && e.kind == kind && e.version == version && e.at_ns >= after)
+        .map(|e| e.at_ns)
+        .min()
+}
+
+/// Index events by (node, kind, version) → times.
+fn index_log(log: &[Event]) -> HashMap<(u32, Kind, &str), Vec<u64>> {
+    let mut map: HashMap<(u32, Kind, &str), Vec<u64>> = HashMap::new();
+    for e in log {
+        map.entry((e.node, e.kind, e.version.as_str()))
+            .or_default()
+            .push(e.at_ns);
+    }
+    map
+}
+
+struct DecisionRun {
+    gaps_ms: Vec<f64>,
+    json: Value,
+}
+
+async fn decision_run(
+    fleet: &Fleet,
+    engine: &Engine,
+    sim: &Sim,
+    counters: &Counters,
+    args: &Args,
+    version: &str,
+) -> anyhow::Result<DecisionRun> {
+    sim.take_log();
+    let changes0 = counters.node_changes.load(Ordering::Relaxed);
+    let commits0 = counters.commits.load(Ordering::Relaxed);
+    let cpu0 = process_cpu_seconds();
+    let (created, done, created_ns) = deploy(engine, args, version).await?;
+    ensure!(
+        done.deployment.state == State::Succeeded,
+        "deployment {} ended {}: {}",
+        done.id,
+        done.deployment.state.as_str(),
+        done.deployment.reason
+    );
+    let log = sim.take_log();
+    let index = index_log(&log);
+    let first = |node: u32, kind: Kind| -> Option<u64> {
+        index
+            .get(&(node, kind, version))
+            .and_then(|v| v.iter().min().copied())
+    };
+    let waves = waves_of(fleet, &created);
+    let commit_log = counters
+        .commit_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let announced = |wave: usize| -> Option<u64> {
+        commit_log
+            .iter()
+            .filter(|(_, id, w, _)| id == &created.id && *w == wave)
+            .map(|(at, ..)| *at)
+            .min()
+    };
+    let mut gaps = Vec::new();
+    let mut boundaries = Vec::new();
+    let mut announced_after = Vec::new();
+    let mut last_healthy = 0;
+    for k in 0..waves.len() {
+        let healthy: Vec<u64> = waves[k]
+            .iter()
+            .map(|&n| first(n, Kind::Healthy).context("node never reported healthy"))
+            .collect::<anyhow::Result<_>>()?;
+        let t0 = *healthy.iter().max().context("empty wave")?;
+        last_healthy = last_healthy.max(t0);
+        if k + 1 == waves.len() {
+            break;
+        }
+        let seen: Vec<u64> = waves[k + 1]
+            .iter()
+            .map(|&n| first(n, Kind::Seen).context("node never saw the new version"))
+            .collect::<anyhow::Result<_>>()?;
+        let t1 = *seen.iter().min().context("empty wave")?;
+        ensure!(
+            t1 > t0,
+            "wave {} was pushed before wave {} was healthy",
+            k + 2,
+            k + 1
+        );
+        let gap = ms(t1 - t0);
+        gaps.push(gap);
+        boundaries.push(round3(gap));
+        announced_after.push(announced(k + 1).map(|at| round3((at as f64 - t0 as f64) / 1e6)));
+    }
+    let first_seen = waves[0]
+        .iter()
+        .filter_map(|&n| first(n, Kind::Seen))
+        .min()
+        .unwrap_or(created_ns);
+    let result = json!({
+        "version": version,
+        "deployment": created.id,
+        "waves": waves.len(),
+        "wave_sizes": waves.iter().map(Vec::len).collect::<Vec<_>>(),
+        "decision_ms_by_boundary": boundaries,
+        "commit_announced_ms_after_t0_by_boundary": announced_after,
+        "create_to_first_push_ms": round3(ms(first_seen.saturating_sub(created_ns))),
+        "create_to_last_healthy_report_ms": round3(ms(last_healthy - created_ns)),
+        "engine_commits": counters.commits.load(Ordering::Relaxed) - commits0,
+        "node_change_notifications": counters.node_changes.load(Ordering::Relaxed) - changes0,
+        "process_cpu_s": round3(process_cpu_seconds() - cpu0),
+    });
+    Ok(DecisionRun {
+        gaps_ms: gaps,
+        json: result,
+    })
+}
+
+struct RollbackRun {
+    latency_ms: f64,
+    json: Value,
+}
+
+async fn rollback_run(
+    fleet: &Fleet,
+    engine: &Engine,
+    sim: &Sim,
+    counters: &Counters,
+    args: &Args,
+    fail_version: &str,
+) -> anyhow::Result<RollbackRun> {
+    sim.take_log();
+    let commits0 = counters.commits.load(Ordering::Relaxed);
+    let changes0 = counters.node_changes.load(Ordering::Relaxed);
+    let (created, done, created_ns) = deploy(engine, args, fail_version).await?;
+    ensure!(
+        done.deployment.state == State::RolledBack,
+        "deployment {} ended {} instead of rolled_back: {}",
+        done.id,
+        done.deployment.state.as_str(),
+        done.deployment.reason
+    );
+    let log = sim.take_log();
+    let waves = waves_of(fleet, &created);
+    let fw = args.fail_wave - 1;
+    ensure!(
+        fw < waves.len(),
+        "only {} waves; no wave {} to fail",
+        waves.len(),
+        args.fail_wave
+    );
+    let t0 = log
+        .iter()
+        .filter(|e| {
+            e.kind == Kind::Failed
+                && e.version == fail_version
+                && waves[fw].binary_search(&e.node).is_ok()
+        })
+        .map(|e| e.at_ns)
+        .min()
+        .context("no failing report from the failing wave")?;
+    let from: BTreeMap<u32, String> = created
+        .deployment
+        .nodes
+        .iter()
+        .map(|t| (fleet.index_of[&t.node], t.from_version.clone()))
+        .collect();
+    let earlier: Vec<u32> = waves[..fw].iter().flatten().copied().collect();
+    let t1 = earlier
+        .iter()
+        .filter_map(|&n| first_time(&log, n, Kind::Seen, &from[&n], t0))
+        .min()
+        .context("no node of an earlier wave saw its version go back")?;
+    let last_back = earlier
+        .iter()
+        .chain(waves[fw].iter())
+        .filter_map(|&n| first_time(&log, n, Kind::Healthy, &from[&n], t0))
+        .max()
+        .unwrap_or(t1);
+    let latency = ms(t1 - t0);
+    let json = json!({
+        "version": fail_version,
+        "deployment": created.id,
+        "from_version": from.values().next(),
+        "failed_nodes": done.deployment.nodes.iter().filter(|t| t.state == NodeState::Failed).count(),
+        "rolled_back_nodes": done.deployment.nodes.iter().filter(|t| t.state == NodeState::RolledBack).count(),
+        "rollback_ms": round3(latency),
+        "first_failure_to_last_node_back_ms": round3(ms(last_back - t0)),
+        "create_to_first_failure_ms": round3(ms(t0.saturating_sub(created_ns))),
+        "engine_commits": counters.commits.load(Ordering::Relaxed) - commits0,
+        "node_change_notifications": counters.node_changes.load(Ordering::Relaxed) - changes0,
+        "reason": done.deployment.reason.chars().take(160).collect::<String>(),
+    });
+    Ok(RollbackRun {
+        latency_ms: latency,
+        json,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Profile: the pieces of one engine iteration, timed in isolation
+
+/// The observation the engine builds (`Engine::observe`): one `Registry::find`
+/// per target node.
+fn observe_like_engine(registry: &Registry, record: &DeploymentRecord) -> Input {
+    let module = &record.deployment.spec.module;
+    let mut nodes = BTreeMap::new();
+    for track in &record.deployment.nodes {
+        let Ok(state) = registry.find(&track.node) else {
+            continue;
+        };
+        let report = state.modules.iter().find(|m| &m.name == module);
+        nodes.insert(
+            track.node.clone(),
+            NodeReport {
+                connected: state.connected,
+                current: state.connected
+                    && state.agent_desired_generation >= state.desired.generation,
+                version: report.map(|m| m.version.clone()).unwrap_or_default(),
+                phase: report.map(|m| m.phase.clone()).unwrap_or_default(),
+                health: report.map(|m| m.health.clone()).unwrap_or_default(),
+                crash_loop: report.is_some_and(|m| m.crash_loop),
+                staged_version: report.map(|m| m.staged_version.clone()).unwrap_or_default(),
+                message: report.map(|m| m.message.clone()).unwrap_or_default(),
+            },
+        );
+    }
+    Input::Observe {
+        nodes,
+        analysis: None,
+    }
+}
+
+async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow::Result<Value> {
+    let registry = &fleet.registry;
+    let n = last.deployment.nodes.len();
+    let version = last.deployment.spec.version.clone();
+
+    // A running deployment whose wave w just became healthy: every node of
+    // waves < w healthy, wave w updating (its reports say healthy), later waiting.
+    let mut running = last.clone();
+    let w = running.deployment.waves / 2;
+    running.deployment.state = State::Running;
+    running.deployment.finished_ms = None;
+    running.deployment.wave = w;
+    running.deployment.hold_since_ms = None;
+    let now = now_ms();
+    for t in &mut running.deployment.nodes {
+        t.since_ms = now - 1000;
+        t.state = match t.wave.cmp(&w) {
+            std::cmp::Ordering::Less => NodeState::Healthy,
+            std::cmp::Ordering::Equal => NodeState::Updating,
+            std::cmp::Ordering::Greater => NodeState::Waiting,
+        };
+        t.touched = t.wave <= w;
+    }
+
+    let mut observe = Vec::new();
+    let mut input = None;
+    for _ in 0..reps {
+        let t = Instant::now();
+        input = Some(observe_like_engine(registry, &running));
+        observe.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let input = input.context("no observation")?;
+
+    let mut step = Vec::new();
+    let mut compare = Vec::new();
+    let mut actions_len = 0;
+    let mut next = None;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let (nx, actions) = running
+            .deployment
+            .step(now_ms(), &input)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        step.push(t.elapsed().as_secs_f64() * 1e3);
+        actions_len = actions.len();
+        let t = Instant::now();
+        let same = nx == running.deployment;
+        compare.push(t.elapsed().as_secs_f64() * 1e3);
+        ensure!(!same, "the fabricated step changed nothing");
+        next = Some(nx);
+    }
+    let next = DeploymentRecord {
+        deployment: next.context("no step")?,
+        ..running.clone()
+    };
+    ensure!(
+        next.deployment.wave == w + 1,
+        "fabricated step did not advance (wave {} -> {})",
+        w,
+        next.deployment.wave
+    );
+
+    let mut serialize = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..reps {
+        let t = Instant::now();
+        bytes = serde_json::to_vec(&next)?.len();
+        serialize.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+
+    let mut put = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        fleet
+            .store
+            .put_deployment("bench-profile", &next)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        put.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+
+    // A small durable write: what every flush costs at minimum.
+    let mut small_flush = Vec::new();
+    let record = fleet
+        .store
+        .get_node(&fleet.ids[0])?
+        .context("node 0 missing")?;
+    for _ in 0..reps {
+        let t = Instant::now();
+        fleet.store.put_node(&record).await?;
+        small_flush.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+
+    // The next wave's desired states: one batch, one flush, N pushes and
+    // N node-change notifications (the agents are stopped; the versions
+    // alternate so every change is real).
+    let wave: Vec<String> = next
+        .deployment
+        .nodes
+        .iter()
+        .filter(|t| t.wave == w + 1)
+        .map(|t| t.node.clone())
+        .collect();
+    let mut set_desired = Vec::new();
+    for r in 0..reps {
+        let changes: Vec<(String, String, Option<DesiredModuleRecord>)> = wave
+            .iter()
+            .map(|node| {
+                (
+                    node.clone(),
+                    MODULE.to_string(),
+                    Some(DesiredModuleRecord {
+                        version: if r % 2 == 0 {
+                            "9.9.9".into()
+                        } else {
+                            version.clone()
+                        },
+                        staged_version: String::new(),
+                    }),
+                )
+            })
+            .collect();
+        let t = Instant::now();
+        registry
+            .set_desired_modules(&changes)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        set_desired.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+
+    // The parts of `set_desired_modules`: the existence check (one sled read
+    // and JSON decode per node), the desired-state writes, the one flush.
+    let mut get_nodes = Vec::new();
+    let mut writes = Vec::new();
+    let mut flush = Vec::new();
+    for r in 0..reps {
+        let t = Instant::now();
+        for node in &wave {
+            fleet.store.get_node(node)?.context("node missing")?;
+        }
+        get_nodes.push(t.elapsed().as_secs_f64() * 1e3);
+        let want = if r % 2 == 0 { "8.8.8" } else { "9.9.9" };
+        let t = Instant::now();
+        for node in &wave {
+            fleet.store.update_desired_unflushed(node, |record| {
+                record.modules.insert(
+                    MODULE.to_string(),
+                    DesiredModuleRecord {
+                        version: want.to_string(),
+                        staged_version: String::new(),
+                    },
+                );
+                true
+            })?;
+        }
+        writes.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        fleet.store.flush().await?;
+        flush.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+
+    // What `assign_late_joiners` costs on every wake once any environment-wide
+    // deployment has succeeded.
+    let mut list = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let nodes = registry
+            .list(Some(ENVIRONMENT))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        ensure!(
+            nodes.len() == fleet.ids.len(),
+            "list returned {}",
+            nodes.len()
+        );
+        list.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+
+    // The lookups alone, without building the observation: every target
+    // node, in the deployment's (name) order.
+    let mut find = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        for track in &running.deployment.nodes {
+            registry
+                .find(&track.node)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        find.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    // And the observation again, now that everything is warm.
+    let mut observe_again = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let input = observe_like_engine(registry, &running);
+        observe_again.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(input);
+    }
+
+    let observe_ms = median(observe);
+    let step_ms = median(step);
+    let compare_ms = median(compare);
+    let serialize_ms = median(serialize);
+    let put_ms = median(put);
+    let set_ms = median(set_desired);
+    let list_ms = median(list);
+    let advancing = observe_ms + step_ms + compare_ms + put_ms + set_ms;
+    Ok(json!({
+        "method": format!("engine and agents stopped; each piece repeated {reps} times through the same public APIs the engine uses, median reported"),
+        "target_nodes": n,
+        "observe_all_nodes_ms": observe_ms,
+        "registry_find_all_nodes_ms": median(find),
+        "observe_all_nodes_again_ms": median(observe_again),
+        "machine_step_ms": step_ms,
+        "machine_step_actions": actions_len,
+        "deployment_compare_ms": compare_ms,
+        "deployment_record_json_bytes": bytes,
+        "deployment_serialize_ms": serialize_ms,
+        "put_deployment_with_flush_ms": put_ms,
+        "small_put_with_flush_ms": median(small_flush),
+        "set_desired_modules_one_wave_ms": set_ms,
+        "set_desired_modules_wave_nodes": wave.len(),
+        "of_which_node_existence_checks_ms": median(get_nodes),
+        "of_which_desired_writes_ms": median(writes),
+        "of_which_flush_ms": median(flush),
+        "registry_list_environment_ms": list_ms,
+        "estimated_advancing_iteration_ms": round3(advancing),
+        "estimated_idle_iteration_ms": round3(observe_ms + step_ms + compare_ms + put_ms),
+        "estimated_extra_per_iteration_after_a_success_ms": list_ms,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+
+fn machine_facts(args: &Args, dir: &std::path::Path) -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "mem_gib": (mem_kib as f64 / 1048576.0 * 10.0).round() / 10.0,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "date": rfc3339_from_ms(now_ms()),
+        "db_dir": dir.display().to_string(),
+        "tokio_worker_threads": args.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<Value> {
+    now_ns();
+    let tmp = match &args.tmpdir {
+        Some(base) => tempfile::tempdir_in(base)?,
+        None => tempfile::tempdir()?,
+    };
+    let facts = machine_facts(&args, tmp.path());
+    eprintln!(
+        "setup: {} nodes in {} (enroll + attach, {} at a time)",
+        args.nodes,
+        tmp.path().display(),
+        args.setup_concurrency
+    );
+    let (fleet, handles) = setup(&args, tmp.path()).await?;
+    eprintln!("setup: {}", fleet.setup);
+
+    let sim = Arc::new(Sim {
+        log: Mutex::new(Vec::with_capacity(4 * args.nodes)),
+        latency: Duration::from_millis(args.agent_latency_ms),
+        fail_version: Mutex::new(None),
+        failing: (0..args.nodes).map(|_| AtomicBool::new(false)).collect(),
+        reports: AtomicU64::new(0),
+    });
+    let agents: Vec<JoinHandle<()>> = handles
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| tokio::spawn(agent(i as u32, fleet.registry.clone(), h, sim.clone())))
+        .collect();
+
+    let engine = Engine::new(fleet.registry.clone(), Settings::default())
+        .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
+    let counters = Arc::new(Counters::default());
+    spawn_counters(&fleet.registry, &engine, counters.clone());
+    let shutdown = Default::default();
+    let engine_task = tokio::spawn(engine.clone().run(Clone::clone(&shutdown)));
+
+    // Decision latency.
+    let mut gaps = Vec::new();
+    let mut runs = Vec::new();
+    let mut last_record = None;
+    for r in 0..args.runs {
+        let version = if r % 2 == 0 { "1.0.0" } else { "2.0.0" };
+        eprintln!("decision run {}/{}: {MODULE}@{version}", r + 1, args.runs);
+        let run = decision_run(&fleet, &engine, &sim, &counters, &args, version).await?;
+        let settle_s = settle(Duration::from_secs(args.settle_max_s)).await;
+        let mut json = run.json;
+        json["settle_after_s"] = json!(round3(settle_s));
+        eprintln!("  {json}");
+        gaps.extend(run.gaps_ms);
+        last_record = Some(json["deployment"].as_str().unwrap_or_default().to_string());
+        runs.push(json);
+    }
+
+    // Rollback latency.
+    let fail_version = args.fail_version.clone().unwrap_or_else(|| "3.0.0".into());
+    let mut rollbacks = Vec::new();
+    let mut rollback_ms = Vec::new();
+    if args.rollback_runs > 0 {
+        let batch = match args.batch.strip_suffix('%') {
+            Some(p) => BatchSize::Percent(p.parse()?),
+            None => BatchSize::Count(args.batch.parse()?),
+        };
+        let plan = plan_waves(
+            &Strategy::Rolling {
+                batch,
+                min_healthy_ms: 0,
+            },
+            args.nodes,
+        );
+        ensure!(
+            plan.len() >= args.fail_wave,
+            "{} nodes in batches of {} make {} waves; no wave {} to fail",
+            args.nodes,
+            args.batch,
+            plan.len(),
+            args.fail_wave
+        );
+        for wave in &plan[args.fail_wave - 1..] {
+            for &i in wave {
+                sim.failing[i].store(true, Ordering::Relaxed);
+            }
+        }
+        *sim.fail_version.lock().unwrap_or_else(|p| p.into_inner()) = Some(fail_version.clone());
+        for r in 0..args.rollback_runs {
+            eprintln!(
+                "rollback run {}/{}: {MODULE}@{fail_version}, wave {}+ fails",
+                r + 1,
+                args.rollback_runs,
+                args.fail_wave
+            );
+            let run = rollback_run(&fleet, &engine, &sim, &counters, &args, &fail_version).await?;
+            let settle_s = settle(Duration::from_secs(args.settle_max_s)).await;
+            let mut json = run.json;
+            json["settle_after_s"] = json!(round3(settle_s));
+            eprintln!("  {json}");
+            rollback_ms.push(run.latency_ms);
+            rollbacks.push(json);
+        }
+    }
+
+    let decision_p99 = p99(&gaps);
+    let rollback_p99 = p99(&rollback_ms);
+    let decision_met = !gaps.is_empty() && decision_p99 <= DECISION_GOAL_P99_MS;
+    let rollback_met = rollback_ms.is_empty() || rollback_p99 <= ROLLBACK_GOAL_P99_MS;
+
+    // Stop the engine and the agents before timing the pieces alone.
+    shutdown.cancel();
+    let _ = engine_task.await;
+    for a in &agents {
+        a.abort();
+    }
+    let profile = if args.profile || !decision_met || !rollback_met {
+        match &last_record {
+            Some(id) => {
+                eprintln!("profiling the engine iteration");
+                let record = engine.get(id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                profile(&fleet, &record, 5).await?
+            }
+            None => Value::Null,
+        }
+    } else {
+        Value::Null
+    };
+
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    Ok(json!({
+        "benchmark": "deployment engine decision and rollback latency",
+        "command": command,
+        "machine": facts,
+        "nodes": args.nodes,
+        "batch": args.batch,
+        "agent_latency_ms": args.agent_latency_ms,
+        "setup": fleet.setup,
+        "goals": {
+            "decision_p99_ms": DECISION_GOAL_P99_MS,
+            "rollback_p99_ms": ROLLBACK_GOAL_P99_MS,
+            "decision_met": decision_met,
+            "rollback_met": rollback_met,
+        },
+        "decision": {
+            "definition": "last node of wave k reports healthy -> first node of wave k+1 sees its desired state change",
+            "runs": args.runs,
+            "latency": summary(&gaps),
+            "per_run": runs,
+        },
+        "rollback": {
+            "definition": "first failing report of the failing wave -> first node of an earlier wave sees its desired version go back",
+            "fail_version": fail_version,
+            "fail_wave": args.fail_wave,
+            "runs": args.rollback_runs,
+            "latency": summary(&rollback_ms),
+            "per_run": rollbacks,
+        },
+        "agent_reports": sim.reports.load(Ordering::Relaxed),
+        "node_change_notifications_lagged_by_counter": counters.node_changes_lagged.load(Ordering::Relaxed),
+        "profile": profile,
+    }))
+}
