@@ -15,7 +15,7 @@ use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
 use hotswap_tests::{TestDir, write_module};
 use serde_json::json;
 
-use crate::{cores, machine, median, mib_per_s, pseudo_random, round, start_control_plane};
+use crate::{cores, machine, median, mib_per_s, pseudo_random, round, round4, start_control_plane};
 
 /// Single-core MiB/s of what moving one byte of an artifact minimally costs:
 /// AES-128-GCM (the TLS record protection) plus SHA-256 (the digest check).
@@ -174,9 +174,9 @@ pub fn artifact(agents: usize, size_mib: usize, runs: usize) -> anyhow::Result<(
         "crypto_floor_mib_s_per_core": round(floor),
         "crypto_floor_mib_s_all_cores": round(floor * cores as f64),
         "push_mib_s": round(push),
-        "push_fraction_of_one_core_floor": round(push / floor),
+        "push_fraction_of_one_core_floor": round4(push / floor),
         "fanout_aggregate_mib_s": round(fanout),
-        "fanout_fraction_of_all_cores_floor": round(fanout / (floor * cores as f64)),
+        "fanout_fraction_of_all_cores_floor": round4(fanout / (floor * cores as f64)),
         "fanout_seconds_for_all_agents": round((content_len * agents as u64) as f64 / (1024.0 * 1024.0) / fanout),
     });
     println!("{}", serde_json::to_string_pretty(&result)?);

@@ -160,3 +160,8 @@ pub fn pseudo_random(len: usize) -> Vec<u8> {
 pub fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
+
+/// Rounded to 0.0001, for ratios.
+pub fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}

@@ -2,7 +2,11 @@
 //! and the node's desired version alternates A→B→A… through
 //! `hotswapctl nodes set-module`; each swap is timed from the command
 //! returning to the node reporting the new version running with its
-//! observed generation caught up (polled with `hotswapctl nodes get`).
+//! observed generation caught up (polled with `hotswapctl nodes get` every
+//! 10 ms, so the figure includes up to one poll round of lag). A
+//! `hotswapctl nodes watch` stream running alongside gives a second figure
+//! without the polling cadence, from issuing `set-module` to the update
+//! arriving.
 //!
 //! For the process runtime (the `hello-server` example, socket-activated,
 //! `swap = "start-first"`) two client threads put continuous HTTP load on
@@ -10,8 +14,11 @@
 //! failed requests. The bundle runtime (the `bundle-config` example, a
 //! shell activate hook) is timed without load.
 
+use std::io::{BufRead as _, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -92,6 +99,8 @@ prometheus = "http://127.0.0.1:{port}/metrics"
     )
 }
 
+/// Run `hotswapctl`, failing on a non-zero exit; with `-o json` first, the
+/// parsed output (otherwise null).
 fn ctl_ok(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<Value> {
     let out = cp.ctl(args);
     if out.code != 0 {
@@ -102,7 +111,7 @@ fn ctl_ok(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<Value> {
             out.stderr.trim()
         );
     }
-    if out.stdout.trim().is_empty() {
+    if args.first() != Some(&"-o") {
         return Ok(Value::Null);
     }
     serde_json::from_str(&out.stdout)
@@ -133,17 +142,82 @@ fn converged(node: &Value, module: &str, version: &str, generation: u64) -> bool
 
 #[derive(Default)]
 struct Timings {
-    /// Per swap: (issued, set-module returned, seen done), as Instants.
+    /// Per swap: (issued, set-module returned, seen done by polling), as Instants.
     swaps: Vec<(Instant, Instant, Instant)>,
+    /// Per swap: when the `nodes watch` stream showed it done, if it did.
+    watched: Vec<Option<Instant>>,
+    /// Per swap: the desired generation `set-module` created.
+    generations: Vec<u64>,
     set_module_ms: Vec<f64>,
     poll_ms: Vec<f64>,
     polls: Vec<f64>,
 }
 
-/// Set `module@version` and poll until the node runs it. Returns when the
-/// swap was issued, when `set-module` returned and when it was seen done.
+/// A `hotswapctl -o json nodes watch` process: every change of the node,
+/// stamped when its line arrived. Gives swap completion times without the
+/// polling cadence (and without a process spawn per observation).
+struct Watcher {
+    child: Child,
+    updates: Receiver<(Instant, Value)>,
+}
+
+impl Watcher {
+    fn start(cp: &ControlPlane) -> anyhow::Result<Watcher> {
+        let mut child = Command::new(binary("hotswapctl"))
+            .arg("--profile")
+            .arg(cp.admin_profile())
+            .args(["--endpoint", &cp.url(), "-o", "json", "nodes", "watch"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn hotswapctl nodes watch")?;
+        let stdout = child.stdout.take().context("watch stdout")?;
+        let (tx, updates) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let at = Instant::now();
+                let Ok(update) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if update["node"]["name"] == NODE && tx.send((at, update["node"].clone())).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Watcher { child, updates })
+    }
+
+    /// Arrival time of the first update showing `module@version` done at
+    /// `generation`; older updates are skipped.
+    fn done(&self, module: &str, version: &str, generation: u64) -> Option<Instant> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let (at, node) = self.updates.recv_timeout(left).ok()?;
+            if converged(&node, module, version, generation) {
+                return Some(at);
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Set `module@version` and poll until the node runs it; record when the
+/// swap was issued, when `set-module` returned, when polling saw it done
+/// and when the watch stream did.
 fn swap_once(
     cp: &ControlPlane,
+    watcher: &Watcher,
     module: &str,
     version: &str,
     timings: &mut Timings,
@@ -164,6 +238,10 @@ fn swap_once(
         timings.poll_ms.push(ms(seen - started));
         if converged(&node, module, version, generation) {
             timings.swaps.push((issued, returned, seen));
+            timings.generations.push(generation);
+            timings
+                .watched
+                .push(watcher.done(module, version, generation));
             timings.set_module_ms.push(ms(returned - issued));
             timings.polls.push(polls as f64);
             return Ok(());
@@ -180,13 +258,14 @@ fn swap_once(
 
 fn swap_loop(
     cp: &ControlPlane,
+    watcher: &Watcher,
     module: &str,
     swaps: usize,
     timings: &mut Timings,
 ) -> anyhow::Result<()> {
     // The module runs VERSIONS[0]; swap i goes to VERSIONS[(i + 1) % 2].
     for i in 0..swaps {
-        swap_once(cp, module, VERSIONS[(i + 1) % 2], timings)?;
+        swap_once(cp, watcher, module, VERSIONS[(i + 1) % 2], timings)?;
         if (i + 1) % 100 == 0 {
             eprintln!("hotswap-bench: {module}: {} swaps done", i + 1);
         }
@@ -202,17 +281,50 @@ fn swap_ms(timings: &Timings) -> Vec<f64> {
         .collect()
 }
 
-fn common_fields(runtime: &str, swaps: usize, timings: &Timings, idle_cli: &[f64]) -> Value {
+fn common_fields(
+    runtime: &str,
+    swaps: usize,
+    timings: &Timings,
+    idle_cli: &[f64],
+    cold: &Cold,
+    agent_log: &str,
+) -> Value {
+    let watched: Vec<f64> = timings
+        .swaps
+        .iter()
+        .zip(&timings.watched)
+        .filter_map(|((issued, _, _), done)| done.map(|d| ms(d - *issued)))
+        .collect();
+    // Negative when the update arrived before the CLI process had exited.
+    let watched_from_return: Vec<f64> = timings
+        .swaps
+        .iter()
+        .zip(&timings.watched)
+        .filter_map(|((_, returned, _), done)| {
+            done.map(|d| match d.checked_duration_since(*returned) {
+                Some(after) => ms(after),
+                None => -ms(*returned - d),
+            })
+        })
+        .collect();
     json!({
         "benchmark": "swap",
         "runtime": runtime,
         "machine": machine(),
         "swaps": swaps,
         "swap_ms": summary(&swap_ms(timings)),
+        "swap_ms_watch_from_issue": summary(&watched),
+        "swap_ms_watch_from_return": summary(&watched_from_return),
+        "swaps_missing_from_watch": timings.watched.iter().filter(|w| w.is_none()).count(),
+        "cold_first_activation_ms": {
+            "version_a_fetch_install_start": round(cold.first_a_ms),
+            "version_b_fetch_install_swap": round(cold.first_b_ms),
+        },
         "swap_including_set_module_cli_ms": summary(
             &timings.swaps.iter().map(|(issued, _, done)| ms(*done - *issued)).collect::<Vec<_>>()
         ),
         "polls_per_swap_p50": median(timings.polls.clone()),
+        "agent_log_phases_ms": agent_phases(agent_log, &timings.generations),
         "cli_overhead_ms": {
             "nodes_get_p50_idle": round(median(idle_cli.to_vec())),
             "nodes_get_p50_during_swaps": round(median(timings.poll_ms.clone())),
@@ -223,9 +335,11 @@ fn common_fields(runtime: &str, swaps: usize, timings: &Timings, idle_cli: &[f64
 
 fn process_bench(
     cp: &ControlPlane,
+    watcher: &Watcher,
     port: u16,
     swaps: usize,
     idle_cli: &[f64],
+    cold: &Cold,
 ) -> anyhow::Result<Value> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let base = Instant::now();
@@ -235,7 +349,7 @@ fn process_bench(
     let quiet_to = base.elapsed();
 
     let mut timings = Timings::default();
-    let swapped = swap_loop(cp, PROCESS_MODULE, swaps, &mut timings);
+    let swapped = swap_loop(cp, watcher, PROCESS_MODULE, swaps, &mut timings);
     let load_time = base.elapsed();
     let clients = load.stop();
     swapped?;
@@ -307,7 +421,18 @@ fn process_bench(
         at += window;
     }
 
-    let mut result = common_fields("process", swaps, &timings, idle_cli);
+    let log = read_agent_log(cp);
+    let mut result = common_fields("process", swaps, &timings, idle_cli, cold, &log);
+    // How the replaced versions ended (warm-up swaps included): anything
+    // but "exit code 0" means the graceful drain did not happen.
+    let mut endings = std::collections::BTreeMap::<String, u64>::new();
+    for line in log.lines() {
+        if line.contains("runtime::process: old version stopped ")
+            && let Some(ended) = line.split(" ended=").nth(1)
+        {
+            *endings.entry(ended.trim().to_string()).or_default() += 1;
+        }
+    }
     let extra = json!({
         "load": {
             "clients": clients.len(),
@@ -321,6 +446,7 @@ fn process_bench(
             "responses_by_version": by_version,
             "failure_samples": failure_samples,
         },
+        "old_version_endings": endings,
         "gap_ms": summary(&gaps),
         "quiet_gap_ms": {
             "window_ms": round(window as f64 / 1000.0),
@@ -332,10 +458,143 @@ fn process_bench(
     Ok(result)
 }
 
-fn bundle_bench(cp: &ControlPlane, swaps: usize, idle_cli: &[f64]) -> anyhow::Result<Value> {
+fn bundle_bench(
+    cp: &ControlPlane,
+    watcher: &Watcher,
+    swaps: usize,
+    idle_cli: &[f64],
+    cold: &Cold,
+) -> anyhow::Result<Value> {
     let mut timings = Timings::default();
-    swap_loop(cp, BUNDLE_MODULE, swaps, &mut timings)?;
-    Ok(common_fields("bundle", swaps, &timings, idle_cli))
+    swap_loop(cp, watcher, BUNDLE_MODULE, swaps, &mut timings)?;
+    let log = read_agent_log(cp);
+    Ok(common_fields(
+        "bundle", swaps, &timings, idle_cli, cold, &log,
+    ))
+}
+
+/// The untimed warm-up: A, B and A again, so both versions are fetched
+/// and unpacked before the timed swaps. The first two are reported apart.
+struct Cold {
+    first_a_ms: f64,
+    first_b_ms: f64,
+}
+
+fn warm_up(cp: &ControlPlane, watcher: &Watcher, module: &str) -> anyhow::Result<Cold> {
+    let mut timings = Timings::default();
+    for version in [VERSIONS[0], VERSIONS[1], VERSIONS[0]] {
+        swap_once(cp, watcher, module, version, &mut timings)?;
+    }
+    let polled = swap_ms(&timings);
+    Ok(Cold {
+        first_a_ms: polled[0],
+        first_b_ms: polled[1],
+    })
+}
+
+/// The agent's log (the harness writes it next to the control plane's
+/// data dir as `agent-NAME-1.log`).
+fn read_agent_log(cp: &ControlPlane) -> String {
+    let work = cp
+        .data_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    std::fs::read_to_string(work.join(format!("agent-{NODE}-1.log"))).unwrap_or_default()
+}
+
+/// Seconds since midnight UTC of a log line's RFC 3339 timestamp
+/// (`2026-01-02T03:04:05.678901Z ...`).
+fn log_seconds(line: &str) -> Option<f64> {
+    let time = line.get(11..)?.split(['Z', ' ']).next()?;
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// When the agent logged each step of applying one desired generation.
+#[derive(Default, Clone, Copy)]
+struct Steps {
+    received: Option<f64>,
+    activating: Option<f64>,
+    started: Option<f64>,
+    old_stopped: Option<f64>,
+    active: Option<f64>,
+}
+
+/// The agent's own view of each swap, from its log: desired state
+/// received → `activating` (install check, pre-check) → new process
+/// `started` → `old version stopped` (health gate plus the old version's
+/// drain) → `active` (state persisted). p50 and p99 over the given
+/// generations, in ms.
+fn agent_phases(log: &str, generations: &[u64]) -> Value {
+    let mut steps = std::collections::BTreeMap::<u64, Steps>::new();
+    let mut current = None;
+    let mut day_offset = 0.0;
+    let mut last = 0.0;
+    for line in log.lines() {
+        let Some(mut t) = log_seconds(line) else {
+            continue;
+        };
+        if t + day_offset < last - 43_200.0 {
+            day_offset += 86_400.0; // crossed midnight
+        }
+        t += day_offset;
+        last = t;
+        if let Some(rest) = line.split("desired state received generation=").nth(1) {
+            current = rest.split_whitespace().next().and_then(|g| g.parse().ok());
+            if let Some(g) = current {
+                steps.entry(g).or_default().received = Some(t);
+            }
+            continue;
+        }
+        let Some(entry) = current.and_then(|g| steps.get_mut(&g)) else {
+            continue;
+        };
+        if line.contains("hotswap_agent::reconciler: activating ") {
+            entry.activating.get_or_insert(t);
+        } else if line.contains("runtime::process: started ") {
+            entry.started.get_or_insert(t);
+        } else if line.contains("runtime::process: old version stopped ") {
+            entry.old_stopped.get_or_insert(t);
+        } else if line.contains("hotswap_agent::reconciler: active ") {
+            entry.active.get_or_insert(t);
+        }
+    }
+    let phase = |from: fn(&Steps) -> Option<f64>, to: fn(&Steps) -> Option<f64>| {
+        let mut samples: Vec<f64> = generations
+            .iter()
+            .filter_map(|g| steps.get(g))
+            .filter_map(|s| Some((to(s)? - from(s)?) * 1000.0))
+            .collect();
+        samples.sort_by(|a, b| a.total_cmp(b));
+        json!({
+            "samples": samples.len(),
+            "p50": round(crate::percentile(&samples, 0.5)),
+            "p99": round(crate::percentile(&samples, 0.99)),
+        })
+    };
+    let mut out = json!({
+        "received_to_active": phase(|s| s.received, |s| s.active),
+        "received_to_activating": phase(|s| s.received, |s| s.activating),
+        "activating_to_active": phase(|s| s.activating, |s| s.active),
+    });
+    let process = generations
+        .iter()
+        .any(|g| steps.get(g).is_some_and(|s| s.started.is_some()));
+    if process {
+        merge(
+            &mut out,
+            json!({
+                "activating_to_started": phase(|s| s.activating, |s| s.started),
+                "started_to_old_stopped": phase(|s| s.started, |s| s.old_stopped),
+                "old_stopped_to_active": phase(|s| s.old_stopped, |s| s.active),
+            }),
+        );
+    }
+    out
 }
 
 fn merge(into: &mut Value, from: Value) {
@@ -436,10 +695,10 @@ pub fn swap(swaps: usize, runtime: RuntimeChoice) -> anyhow::Result<()> {
     cp.wait_status(NODE, "connected");
 
     let outcome = (|| -> anyhow::Result<Vec<Value>> {
-        // Version A of each module (first fetch and install, not timed).
-        let mut warmup = Timings::default();
+        let watcher = Watcher::start(&cp)?;
+        let mut cold = Vec::new();
         for module in &modules {
-            swap_once(&cp, module, VERSIONS[0], &mut warmup)?;
+            cold.push(warm_up(&cp, &watcher, module)?);
         }
         // CLI overhead with nothing else running.
         let mut idle_cli = Vec::new();
@@ -449,17 +708,19 @@ pub fn swap(swaps: usize, runtime: RuntimeChoice) -> anyhow::Result<()> {
             idle_cli.push(ms(started.elapsed()));
         }
         let mut results = Vec::new();
+        let mut cold = cold.iter();
         if with_process {
-            results.push(process_bench(&cp, port, swaps, &idle_cli)?);
+            let cold = cold.next().context("warm-up")?;
+            results.push(process_bench(&cp, &watcher, port, swaps, &idle_cli, cold)?);
         }
         if with_bundle {
-            results.push(bundle_bench(&cp, swaps, &idle_cli)?);
+            let cold = cold.next().context("warm-up")?;
+            results.push(bundle_bench(&cp, &watcher, swaps, &idle_cli, cold)?);
         }
         Ok(results)
     })();
     cleanup(&cp, &modules);
-    let agent_log =
-        std::fs::read_to_string(work.join(format!("agent-{NODE}-1.log"))).unwrap_or_default();
+    let agent_log = read_agent_log(&cp);
     let status = agent.stop();
     if !status.success() {
         eprintln!("hotswap-bench: agent exited with {status}");
