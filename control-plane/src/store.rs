@@ -687,7 +687,19 @@ mod tests {
                 .expect("existed");
             assert_eq!(removed.name, "a");
         }
-        let store = Store::open(&path, 1 << 20).expect("reopen");
+        // sled's flusher thread may hold the file lock for a moment after
+        // the handle is dropped (a new process would not wait): retry briefly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match Store::open(&path, 1 << 20) {
+                Ok(store) => break store,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
         assert!(store.get_node("n1").expect("get").is_none());
         assert_eq!(
             store.node_id_by_name("b").expect("name"),
