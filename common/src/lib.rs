@@ -23,6 +23,8 @@ pub mod tls;
 pub mod admin;
 #[cfg(feature = "daemon")]
 pub mod logging;
+#[cfg(feature = "daemon")]
+pub mod signals;
 
 /// Generated protobuf and gRPC code for `proto/hotswap/v1`. Domain code converts
 /// at the edge (see [`convert`]) rather than passing these types around.

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use hotswap_common::logging::{self, LogFormat};
+use hotswap_common::signals::{cancel_on_signal, fail};
 use hotswap_control_plane::config::{RunConfig, Settings};
 use hotswap_control_plane::{init, server};
 use tokio_util::sync::CancellationToken;
@@ -117,27 +118,4 @@ fn main() -> ExitCode {
             })
         }
     }
-}
-
-fn fail(error: &dyn std::fmt::Display) -> ExitCode {
-    tracing::error!(error = %error, "fatal");
-    eprintln!("error: {error}");
-    ExitCode::FAILURE
-}
-
-/// Cancel on the first SIGTERM or SIGINT; a second one exits at once.
-async fn cancel_on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!("signal received; shutting down (send again to exit at once)");
-    token.cancel();
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    std::process::exit(130);
 }

@@ -158,6 +158,16 @@ fn artifact_key(name: &str, version: &str) -> Vec<u8> {
     key
 }
 
+/// Every record of a tree, decoded, in key order.
+fn scan<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<Vec<T>, StoreError> {
+    tree.iter()
+        .map(|entry| {
+            let (key, value) = entry?;
+            decode(name, &key, &value)
+        })
+        .collect()
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own plain structs to JSON cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
@@ -291,13 +301,7 @@ impl Store {
     }
 
     pub fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.nodes
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(NODES, &key, &value)
-            })
-            .collect()
+        scan(&self.nodes, NODES)
     }
 
     /// Overwrite a node record (labels, last seen, agent version). The name
@@ -330,13 +334,7 @@ impl Store {
 
 impl Store {
     pub fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.keys
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(KEYS, &key, &value)
-            })
-            .collect()
+        scan(&self.keys, KEYS)
     }
 
     pub fn get_key(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
@@ -396,13 +394,7 @@ impl Store {
     }
 
     pub fn list_artifacts(&self) -> Result<Vec<ArtifactRecord>, StoreError> {
-        self.artifacts
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(ARTIFACTS, &key, &value)
-            })
-            .collect()
+        scan(&self.artifacts, ARTIFACTS)
     }
 
     /// Whether any stored artifact has this digest.
@@ -501,13 +493,7 @@ impl Store {
     }
 
     pub fn list_deployments<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
-        self.deployments
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(DEPLOYMENTS, &key, &value)
-            })
-            .collect()
+        scan(&self.deployments, DEPLOYMENTS)
     }
 
     pub async fn put_pipeline<T: Serialize>(
@@ -520,13 +506,7 @@ impl Store {
     }
 
     pub fn list_pipelines<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
-        self.pipelines
-            .iter()
-            .map(|entry| {
-                let (key, value) = entry?;
-                decode(PIPELINES, &key, &value)
-            })
-            .collect()
+        scan(&self.pipelines, PIPELINES)
     }
 
     pub async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError> {
