@@ -215,7 +215,7 @@ impl CtlOutput {
 
 /// Settings file used by tests: fast heartbeats so disconnects show quickly.
 pub const FAST_SETTINGS: &str =
-    "heartbeat_interval = \"200ms\"\nheartbeat_grace = \"1s\"\nshutdown_timeout = \"5s\"\n";
+    "heartbeat_interval = \"200ms\"\nheartbeat_grace = \"2s\"\nshutdown_timeout = \"5s\"\n";
 
 /// A control plane with its own data directory.
 pub struct ControlPlane {

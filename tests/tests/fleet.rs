@@ -332,7 +332,7 @@ fn disconnect_is_detected_on_stream_end_and_on_silence() {
     cp.wait_status("killed", "disconnected");
 
     // A stopped process keeps its TCP connection open but sends nothing:
-    // the heartbeat grace period (1s in tests) must catch it.
+    // the heartbeat grace period (2s in tests) must catch it.
     frozen.signal(libc::SIGSTOP);
     cp.wait_status("frozen", "disconnected");
     assert!(cp.log().contains("no heartbeat within"), "{}", cp.log());

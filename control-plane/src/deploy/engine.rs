@@ -328,11 +328,17 @@ impl Engine {
                     pipeline.stages[index].state = "running".into();
                 }
                 Ok((None, _)) => {}
+                // An environment without any node is skipped. One whose nodes
+                // are all disconnected right now is waited for: skipping it
+                // would promote a version past a stage it never passed.
+                Err(ApiError::FailedPrecondition(reason)) if reason.contains("has no nodes") => {
+                    pipeline.stages[index].state = "skipped".into();
+                    pipeline.stages[index].reason = reason;
+                }
                 Err(ApiError::FailedPrecondition(reason))
                     if reason.contains("no connected node") =>
                 {
-                    pipeline.stages[index].state = "skipped".into();
-                    pipeline.stages[index].reason = reason;
+                    pipeline.stages[index].reason = format!("waiting: {reason}");
                 }
                 // Another deployment of the module runs there: wait for it.
                 Err(ApiError::FailedPrecondition(reason)) if reason.contains("is still") => {
@@ -782,15 +788,33 @@ impl Engine {
             })
             .collect();
         if targets.is_empty() {
-            return Err(ApiError::FailedPrecondition(format!(
-                "no connected node in environment {:?}{} to deploy to",
-                request.environment,
-                if request.selector.is_empty() {
-                    String::new()
-                } else {
-                    " matching the selector".to_string()
-                }
-            )));
+            let enrolled = self
+                .registry
+                .list(Some(&request.environment))?
+                .iter()
+                .filter(|n| {
+                    request
+                        .selector
+                        .iter()
+                        .all(|(k, v)| n.record.labels.get(k) == Some(v))
+                })
+                .count();
+            let scope = if request.selector.is_empty() {
+                String::new()
+            } else {
+                " matching the selector".to_string()
+            };
+            return Err(ApiError::FailedPrecondition(if enrolled == 0 {
+                format!(
+                    "environment {:?} has no nodes{scope} to deploy to",
+                    request.environment
+                )
+            } else {
+                format!(
+                    "no connected node in environment {:?}{scope} to deploy to ({enrolled} enrolled, all disconnected)",
+                    request.environment
+                )
+            }));
         }
         let now = now_ms();
         let (deployment, actions) = Deployment::new(spec, targets, now);
