@@ -137,7 +137,7 @@ ctl deploy list
 say "production needs a second person: the creator cannot approve their own deployment"
 id=$(ctl deploy create greeting-config@1.0.0 --env production 2>/dev/null)
 ctl deploy get "$id" | head -n 5
-ctl deploy approve "$id" || true
+ctl deploy approve "$id" --reason "looks good to me" || true
 ctl deploy reject "$id" --reason "demo: nobody else is here to approve"
 
 say "kill -9 the control plane, start it again: the agents come back by themselves"

@@ -109,14 +109,20 @@ impl Context {
         }
     }
 
-    /// Load the profile and build a channel; connects on first use.
-    pub fn connect(&self) -> Result<Connection, CliError> {
+    /// The profile in use and its path.
+    pub fn profile(&self) -> Result<(Profile, PathBuf), CliError> {
         let path = self.profile.clone().unwrap_or_else(Profile::default_path);
         let profile = Profile::load(&path).map_err(|e| {
             anyhow::anyhow!(
                 "{e} (pass --profile or set HOTSWAP_PROFILE; `hotswap-control-plane init` writes DATA_DIR/admin.profile.toml)"
             )
         })?;
+        Ok((profile, path))
+    }
+
+    /// Load the profile and build a channel; connects on first use.
+    pub fn connect(&self) -> Result<Connection, CliError> {
+        let (profile, path) = self.profile()?;
         let endpoint = self
             .endpoint
             .clone()

@@ -60,17 +60,25 @@ pub enum DeployCommand {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Approve a deployment waiting for a second person.
+    /// Approve a deployment waiting for a second person (not its creator).
+    #[command(
+        after_help = "Examples:\n  hotswapctl deploy approve d-1a2b3c --reason \"canary plan reviewed, change CHG-123\""
+    )]
     Approve {
         id: String,
+        /// Why; kept with the deployment and in the audit log.
         #[arg(long)]
-        reason: Option<String>,
+        reason: String,
     },
     /// Reject a deployment waiting for approval.
+    #[command(
+        after_help = "Examples:\n  hotswapctl deploy reject d-1a2b3c --reason \"no change ticket\""
+    )]
     Reject {
         id: String,
+        /// Why; kept with the deployment and in the audit log.
         #[arg(long)]
-        reason: Option<String>,
+        reason: String,
     },
 }
 
@@ -216,10 +224,10 @@ pub async fn run(ctx: &Context, command: DeployCommand) -> Result<Outcome, CliEr
             control(ctx, &conn, &mut client, &id, "rollback", reason).await
         }
         DeployCommand::Approve { id, reason } => {
-            control(ctx, &conn, &mut client, &id, "approve", reason).await
+            control(ctx, &conn, &mut client, &id, "approve", Some(reason)).await
         }
         DeployCommand::Reject { id, reason } => {
-            control(ctx, &conn, &mut client, &id, "reject", reason).await
+            control(ctx, &conn, &mut client, &id, "reject", Some(reason)).await
         }
     }
 }

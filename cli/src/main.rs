@@ -4,6 +4,7 @@
 //!
 //! Exit codes: 0 success, 1 error, 2 usage, 5 unauthenticated or denied.
 
+mod audit;
 mod client;
 mod deploy;
 mod keys;
@@ -12,6 +13,7 @@ mod nodes;
 mod output;
 mod pipeline;
 mod tokens;
+mod users;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -66,6 +68,12 @@ enum Command {
     /// Promote a version through the environments.
     #[command(subcommand)]
     Pipeline(pipeline::PipelineCommand),
+    /// Operator credentials and roles.
+    #[command(subcommand)]
+    Users(users::UsersCommand),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -92,6 +100,8 @@ fn main() -> ExitCode {
             Command::Module(cmd) => done(module::run(&ctx, cmd).await),
             Command::Deploy(cmd) => outcome(deploy::run(&ctx, cmd).await),
             Command::Pipeline(cmd) => outcome(pipeline::run(&ctx, cmd).await),
+            Command::Users(cmd) => done(users::run(&ctx, cmd).await),
+            Command::Audit(cmd) => done(audit::run(&ctx, cmd).await),
         }
     });
     match result {

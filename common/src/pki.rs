@@ -208,7 +208,7 @@ fn client_params(principal: &Principal, validity: Duration) -> Result<Certificat
 fn set_validity(params: &mut CertificateParams, validity: Duration) {
     let now = OffsetDateTime::now_utc();
     // Backdate a little so a peer whose clock is slightly behind accepts it.
-    params.not_before = now - time::Duration::minutes(5);
+    params.not_before = now - time::Duration::seconds(BACKDATE.as_secs() as i64);
     params.not_after =
         now + time::Duration::seconds(validity.as_secs().min(i64::MAX as u64) as i64);
     params.serial_number = Some(random_serial());
@@ -275,6 +275,20 @@ pub fn principal_of(der: &[u8]) -> Result<Principal, PkiError> {
 }
 
 /// The `notAfter` of a certificate, in milliseconds since the epoch.
+/// How far before its issue time a certificate's `notBefore` is set.
+pub const BACKDATE: Duration = Duration::from_secs(300);
+
+/// When a certificate should be renewed: two thirds into its lifetime,
+/// counted from when it was issued (its `notBefore` minus the backdating).
+pub fn renewal_due_ms(der: &[u8]) -> Result<u64, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let ms = |t: i64| (t.max(0) as u64).saturating_mul(1000);
+    let issued = ms(cert.validity().not_before.timestamp()) + BACKDATE.as_millis() as u64;
+    let not_after = ms(cert.validity().not_after.timestamp());
+    Ok(issued + not_after.saturating_sub(issued) * 2 / 3)
+}
+
 pub fn not_after_ms(der: &[u8]) -> Result<u64, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
@@ -287,6 +301,28 @@ mod tests {
     use super::*;
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn renewal_is_due_two_thirds_into_the_lifetime() {
+        let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
+        let (csr, _key) = generate_csr("n").expect("csr");
+        let before = crate::timefmt::now_ms();
+        let pem = ca
+            .sign_csr(
+                &csr,
+                &Principal::Node("n1".into()),
+                Duration::from_secs(3 * 3600),
+            )
+            .expect("sign");
+        let der = first_cert_der(&pem).expect("der");
+        let due = renewal_due_ms(der.as_ref()).expect("due");
+        // Second resolution in certificates: allow a couple of seconds.
+        let expected = before + 2 * 3600 * 1000;
+        assert!(
+            due.abs_diff(expected) <= 2000,
+            "due {due} expected {expected}"
+        );
+    }
 
     #[test]
     fn csr_signing_sets_identity_from_policy_not_request() {

@@ -1,13 +1,22 @@
-//! Who is calling. Every RPC but enrollment requires a client certificate
-//! issued by our CA (the TLS layer has verified the chain already); the
-//! identity is the `hotswap://` URI the CA put in it. Operators (user
-//! certificates) may call the operator API; node certificates only the agent
-//! session, and only for themselves.
+//! Who is calling, and what they may do. Every RPC but enrollment requires a
+//! client certificate issued by our CA (the TLS layer has verified the chain);
+//! the identity is the `hotswap://` URI the CA put in it.
+//!
+//! - Operators (user certificates) are looked up in the user table on every
+//!   call: the certificate must be the user's current one, the user must not
+//!   be revoked, and the user's role must grant the call's [`Permission`].
+//! - Nodes may only call agent RPCs, with their current certificate, and only
+//!   for themselves (the session is bound to the certificate's node id).
+
+use std::net::SocketAddr;
 
 use hotswap_common::pki::{self, Principal};
+use hotswap_common::timefmt::now_ms;
+use serde::{Deserialize, Serialize};
 use tonic::Request;
 
 use crate::error::ApiError;
+use crate::store::Store;
 
 /// The verified peer: its identity and the fingerprint of the certificate it
 /// presented (the registry compares it to the node's current certificate).
@@ -17,18 +26,148 @@ pub struct Peer {
     pub cert_fingerprint: String,
 }
 
+/// An operator's role. Roles are not a ladder: a deployer cannot approve and
+/// an approver cannot deploy, so one person cannot do both halves of the
+/// two-person rule; only admin holds every permission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Deployer,
+    Approver,
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Viewer, Role::Deployer, Role::Approver, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Deployer => "deployer",
+            Role::Approver => "approver",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Role, ApiError> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == text)
+            .ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "unknown role {text:?}; expected viewer, deployer, approver or admin"
+                ))
+            })
+    }
+
+    pub fn allows(self, permission: Permission) -> bool {
+        use Permission::*;
+        match self {
+            Role::Admin => true,
+            Role::Viewer => matches!(permission, Read),
+            Role::Deployer => matches!(permission, Read | Push | Deploy | Control),
+            Role::Approver => {
+                matches!(permission, Read | Approve | Control | ControlProtected)
+            }
+        }
+    }
+}
+
+/// What a call needs. Each RPC maps to exactly one (see the services).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Permission {
+    /// Any read: nodes, modules, keys, deployments, audit.
+    Read,
+    /// Upload artifacts.
+    Push,
+    /// Create deployments and run pipelines.
+    Deploy,
+    /// Pause, resume, promote, abort or roll back a deployment in an
+    /// environment that is not protected.
+    Control,
+    /// The same in a protected environment (production by default).
+    ControlProtected,
+    /// Approve or reject a deployment awaiting approval.
+    Approve,
+    /// Tokens, publisher keys, users, node removal and raw desired state.
+    Admin,
+}
+
+impl Permission {
+    fn describe(self) -> &'static str {
+        match self {
+            Permission::Read => "reading fleet state",
+            Permission::Push => "pushing artifacts",
+            Permission::Deploy => "creating deployments",
+            Permission::Control => "controlling deployments",
+            Permission::ControlProtected => "controlling deployments in a protected environment",
+            Permission::Approve => "approving or rejecting deployments",
+            Permission::Admin => "this administrative call",
+        }
+    }
+
+    /// The roles that hold this permission, for error messages.
+    pub fn roles(self) -> Vec<&'static str> {
+        Role::ALL
+            .into_iter()
+            .filter(|r| r.allows(self))
+            .map(Role::as_str)
+            .collect()
+    }
+}
+
+/// An authorized operator call.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub user: String,
+    pub role: Role,
+}
+
+/// The request's context, for the audit log.
+#[derive(Clone, Debug, Default)]
+pub struct RequestInfo {
+    pub peer_addr: Option<SocketAddr>,
+    /// From a W3C `traceparent` header when the client sent one, else fresh.
+    pub trace_id: String,
+}
+
+impl RequestInfo {
+    pub fn of<T>(request: &Request<T>) -> Self {
+        let trace_id = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id_from_traceparent)
+            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+        Self {
+            peer_addr: request.remote_addr(),
+            trace_id,
+        }
+    }
+}
+
+/// The trace id of a `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn trace_id_from_traceparent(value: &str) -> Option<String> {
+    let mut parts = value.split('-');
+    let _version = parts.next()?;
+    let trace_id = parts.next()?;
+    let valid = trace_id.len() == 32
+        && trace_id.bytes().all(|b| b.is_ascii_hexdigit())
+        && trace_id.bytes().any(|b| b != b'0');
+    valid.then(|| trace_id.to_ascii_lowercase())
+}
+
+const NO_CERT: &str = "this call requires a client certificate issued by the control plane";
+
 /// The caller's identity, from its client certificate.
 pub fn peer<T>(request: &Request<T>) -> Result<Peer, ApiError> {
-    let certs = request.peer_certs().ok_or_else(|| {
-        ApiError::Unauthenticated(
-            "this call requires a client certificate issued by the control plane".into(),
-        )
-    })?;
-    let leaf = certs.first().ok_or_else(|| {
-        ApiError::Unauthenticated(
-            "this call requires a client certificate issued by the control plane".into(),
-        )
-    })?;
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| ApiError::Unauthenticated(NO_CERT.into()))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| ApiError::Unauthenticated(NO_CERT.into()))?;
     let principal = pki::principal_of(leaf.as_ref())
         .map_err(|e| ApiError::Unauthenticated(format!("client certificate not usable: {e}")))?;
     Ok(Peer {
@@ -37,14 +176,62 @@ pub fn peer<T>(request: &Request<T>) -> Result<Peer, ApiError> {
     })
 }
 
-/// Require an operator certificate; returns the user name.
-pub fn require_operator<T>(request: &Request<T>) -> Result<String, ApiError> {
-    match peer(request)?.principal {
-        Principal::User(name) => Ok(name),
-        Principal::Node(id) => Err(ApiError::PermissionDenied(format!(
-            "node {id} is not allowed to call the operator API; node certificates may only call agent RPCs"
-        ))),
+/// The user a certificate names, if it is a user certificate (for audit
+/// records of refused calls).
+pub fn claimed_user<T>(request: &Request<T>) -> String {
+    match peer(request).map(|p| p.principal) {
+        Ok(Principal::User(name)) => name,
+        Ok(Principal::Node(id)) => format!("node:{id}"),
+        Err(_) => "anonymous".into(),
     }
+}
+
+/// Check an operator's certificate and role against `permission`.
+pub fn authorize_operator(
+    peer: &Peer,
+    store: &Store,
+    permission: Permission,
+) -> Result<Caller, ApiError> {
+    let name = match &peer.principal {
+        Principal::User(name) => name,
+        Principal::Node(id) => {
+            return Err(ApiError::PermissionDenied(format!(
+                "node {id} is not allowed to call the operator API; node certificates may only call agent RPCs"
+            )));
+        }
+    };
+    let user = store.get_user(name)?.ok_or_else(|| {
+        ApiError::Unauthenticated(format!(
+            "user {name:?} is not known to this control plane; ask an admin for `hotswapctl users create`"
+        ))
+    })?;
+    if user.revoked_at_ms.is_some() {
+        return Err(ApiError::Unauthenticated(format!(
+            "user {name:?} has been revoked"
+        )));
+    }
+    if user.cert_fingerprint != peer.cert_fingerprint {
+        return Err(ApiError::Unauthenticated(format!(
+            "this certificate for user {name:?} has been replaced; use the profile from the latest `users create`"
+        )));
+    }
+    if user.cert_not_after_ms <= now_ms() {
+        return Err(ApiError::Unauthenticated(format!(
+            "the certificate of user {name:?} has expired"
+        )));
+    }
+    if !user.role.allows(permission) {
+        return Err(ApiError::PermissionDenied(format!(
+            "user {name:?} has role {}; {} needs role {}",
+            user.role.as_str(),
+            permission.describe(),
+            permission.roles().join(" or ")
+        )));
+    }
+    Ok(Caller {
+        user: user.name,
+        role: user.role,
+    })
 }
 
 /// Require a node certificate; returns the peer (node id and fingerprint).
@@ -53,20 +240,106 @@ pub fn require_node<T>(request: &Request<T>) -> Result<(String, Peer), ApiError>
     match &peer.principal {
         Principal::Node(id) => Ok((id.clone(), peer)),
         Principal::User(name) => Err(ApiError::PermissionDenied(format!(
-            "user {name} cannot open an agent session; only node certificates can"
+            "user {name} cannot call agent RPCs; only node certificates can"
         ))),
     }
 }
 
-/// Any valid caller: an operator, or a node presenting its current
-/// certificate. Returns the principal for logging.
-pub fn require_operator_or_node<T>(
+/// Agent-or-reader calls (artifact download): a node presenting its current
+/// certificate, or an operator allowed to read.
+pub fn require_reader_or_node<T>(
     request: &Request<T>,
     registry: &crate::registry::Registry,
 ) -> Result<Principal, ApiError> {
     let peer = peer(request)?;
-    if let Principal::Node(id) = &peer.principal {
-        registry.current_record(id, &peer.cert_fingerprint)?;
+    match &peer.principal {
+        Principal::Node(id) => {
+            registry.current_record(id, &peer.cert_fingerprint)?;
+        }
+        Principal::User(_) => {
+            authorize_operator(&peer, registry.store(), Permission::Read)?;
+        }
     }
     Ok(peer.principal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Permission::*;
+
+    /// The role table, spelled out: any change to it must change this test.
+    #[test]
+    fn role_table() {
+        let table: [(Role, &[Permission]); 4] = [
+            (Role::Viewer, &[Read]),
+            (Role::Deployer, &[Read, Push, Deploy, Control]),
+            (Role::Approver, &[Read, Approve, Control, ControlProtected]),
+            (
+                Role::Admin,
+                &[
+                    Read,
+                    Push,
+                    Deploy,
+                    Control,
+                    ControlProtected,
+                    Approve,
+                    Admin,
+                ],
+            ),
+        ];
+        let all = [
+            Read,
+            Push,
+            Deploy,
+            Control,
+            ControlProtected,
+            Approve,
+            Admin,
+        ];
+        for (role, granted) in table {
+            for permission in all {
+                assert_eq!(
+                    role.allows(permission),
+                    granted.contains(&permission),
+                    "{role:?} {permission:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_role_both_deploys_and_approves_except_admin() {
+        for role in Role::ALL {
+            if role != Role::Admin {
+                assert!(!(role.allows(Deploy) && role.allows(Approve)), "{role:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn roles_parse_and_name() {
+        for role in Role::ALL {
+            assert_eq!(Role::parse(role.as_str()).ok(), Some(role));
+        }
+        assert!(Role::parse("root").is_err());
+        assert_eq!(Approve.roles(), vec!["approver", "admin"]);
+    }
+
+    #[test]
+    fn traceparent() {
+        assert_eq!(
+            trace_id_from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00",
+            "00-xyz-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id_from_traceparent(bad), None, "{bad}");
+        }
+    }
 }

@@ -21,9 +21,25 @@ pub struct Settings {
     /// Three heartbeat intervals tolerate two lost or delayed heartbeats.
     #[serde(with = "duration_text")]
     pub heartbeat_grace: Duration,
-    /// Validity of node certificates issued at enrollment.
+    /// Validity of node certificates issued at enrollment and renewal. Agents
+    /// renew at two thirds of it.
     #[serde(with = "duration_text")]
     pub node_cert_validity: Duration,
+    /// Validity of operator certificates from `users create` (default; the
+    /// request may ask for less).
+    #[serde(with = "duration_text")]
+    pub user_cert_validity: Duration,
+    /// A deployment still awaiting approval this long after creation is aborted.
+    #[serde(with = "duration_text")]
+    pub approval_timeout: Duration,
+    /// Unary calls taking longer than this are cancelled (uploads and
+    /// streams are bounded by their own limits).
+    #[serde(with = "duration_text")]
+    pub request_timeout: Duration,
+    /// Enrollment attempts allowed per source address: a burst of
+    /// `enroll_burst`, refilled at `enroll_per_minute`.
+    pub enroll_per_minute: u32,
+    pub enroll_burst: u32,
     /// Join token lifetime when `tokens create` gives no `--ttl`.
     #[serde(with = "duration_text")]
     pub token_default_ttl: Duration,
@@ -53,6 +69,17 @@ pub struct EnvironmentSettings {
     pub strategy: String,
     #[serde(default)]
     pub require_approval: bool,
+    /// Controlling deployments here (pause, abort, rollback...) needs the
+    /// approver or admin role. Defaults to `require_approval`.
+    #[serde(default)]
+    pub protected: Option<bool>,
+    /// Signatures from this many distinct trusted keys are required to deploy.
+    #[serde(default = "one")]
+    pub min_signatures: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -117,6 +144,8 @@ fn default_environments() -> BTreeMap<String, EnvironmentSettings> {
             EnvironmentSettings {
                 strategy: strategy.to_string(),
                 require_approval,
+                protected: None,
+                min_signatures: 1,
             },
         )
     })
@@ -128,7 +157,12 @@ impl Default for Settings {
         Self {
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_grace: Duration::from_secs(15),
-            node_cert_validity: Duration::from_secs(90 * 86_400),
+            node_cert_validity: Duration::from_secs(86_400),
+            user_cert_validity: Duration::from_secs(90 * 86_400),
+            approval_timeout: Duration::from_secs(86_400),
+            request_timeout: Duration::from_secs(60),
+            enroll_per_minute: 600,
+            enroll_burst: 200,
             token_default_ttl: Duration::from_secs(3600),
             token_max_ttl: Duration::from_secs(30 * 86_400),
             shutdown_timeout: Duration::from_secs(10),
@@ -190,8 +224,8 @@ impl Settings {
         if self.heartbeat_grace <= self.heartbeat_interval {
             problems.push("heartbeat_grace must be longer than heartbeat_interval".to_string());
         }
-        if self.node_cert_validity < Duration::from_secs(60) {
-            problems.push("node_cert_validity must be at least 1m".to_string());
+        if self.node_cert_validity < Duration::from_secs(10) {
+            problems.push("node_cert_validity must be at least 10s".to_string());
         }
         if self.token_default_ttl > self.token_max_ttl {
             problems.push("token_default_ttl must not exceed token_max_ttl".to_string());
@@ -203,6 +237,20 @@ impl Settings {
             if !["direct", "rolling", "blue-green", "canary"].contains(&env.strategy.as_str()) {
                 problems.push(format!("environments.{name}.strategy {:?} is not direct, rolling, blue-green or canary", env.strategy));
             }
+            if !(1..=16).contains(&env.min_signatures) {
+                problems.push(format!(
+                    "environments.{name}.min_signatures must be between 1 and 16"
+                ));
+            }
+        }
+        if self.user_cert_validity < Duration::from_secs(60) {
+            problems.push("user_cert_validity must be at least 1m".to_string());
+        }
+        if self.request_timeout < Duration::from_secs(1) {
+            problems.push("request_timeout must be at least 1s".to_string());
+        }
+        if self.enroll_per_minute == 0 || self.enroll_burst == 0 {
+            problems.push("enroll_per_minute and enroll_burst must be at least 1".to_string());
         }
         for env in &self.pipeline {
             if !self.environments.contains_key(env) {

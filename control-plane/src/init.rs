@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hotswap_common::fsutil::{self, PRIVATE_FILE_MODE, PUBLIC_FILE_MODE};
-use hotswap_common::pki::{CertificateAuthority, PkiError, Principal};
+use hotswap_common::pki::{self, CertificateAuthority, PkiError, Principal};
 use hotswap_common::profile::{Profile, ProfileError};
+use hotswap_common::timefmt::now_ms;
 use hotswap_common::tls::ControlPlaneUrl;
 
+use crate::auth::Role;
 use crate::server::DataDir;
+use crate::store::{Store, UserRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -32,6 +35,8 @@ pub enum InitError {
     Endpoint(String),
     #[error("invalid --san {0:?}: must be a DNS name or an IP address")]
     BadSan(String),
+    #[error("cannot create the database: {0}")]
+    Store(String),
 }
 
 pub struct InitOptions {
@@ -124,6 +129,24 @@ pub fn init(options: &InitOptions) -> Result<InitOutcome, InitError> {
     for (path, bytes, mode) in writes {
         fsutil::write_atomic(&path, bytes, mode).map_err(io_err(&path))?;
     }
+    // The first admin is a user like any other: its role and certificate
+    // are in the user table, so it can be revoked once other admins exist.
+    let admin_der = pki::first_cert_der(&admin.cert_pem)?;
+    let admin_user = UserRecord {
+        name: "admin".into(),
+        role: Role::Admin,
+        created_at_ms: now_ms(),
+        created_by: "init".into(),
+        cert_fingerprint: pki::der_fingerprint(admin_der.as_ref()),
+        cert_not_after_ms: pki::not_after_ms(admin_der.as_ref())?,
+        revoked_at_ms: None,
+    };
+    let state = layout.state();
+    let store = Store::open(&state, 1024 * 1024).map_err(|e| InitError::Store(e.to_string()))?;
+    store
+        .put_user_blocking(&admin_user)
+        .map_err(|e| InitError::Store(e.to_string()))?;
+    drop(store);
     let profile = Profile {
         endpoint: endpoint.to_string(),
         ca_cert: ca_pems.cert_pem.clone(),

@@ -7,6 +7,7 @@
 //! Entry points: [`init::init`] creates a data directory, [`server::run`]
 //! serves it until the shutdown token is cancelled.
 
+pub mod audit;
 pub mod auth;
 pub mod blobs;
 pub mod config;
@@ -14,8 +15,10 @@ pub mod deploy;
 pub mod error;
 pub mod init;
 pub mod metrics;
+pub mod ratelimit;
 pub mod registry;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod tls_accept;
+pub mod trust;

@@ -352,12 +352,39 @@ impl Registry {
                 "node {node_id} is not enrolled (removed or unknown); enroll again with a new join token"
             ))
         })?;
-        if record.cert_fingerprint != cert_fingerprint {
+        if !record.accepts_certificate(cert_fingerprint, now_ms()) {
             return Err(ApiError::PermissionDenied(format!(
-                "node {node_id} presented a certificate that is not its current one"
+                "node {node_id} presented a certificate that is not its current one (replaced by a renewal, or expired)"
             )));
         }
         Ok(record)
+    }
+
+    /// Record a renewed certificate for a node that presented
+    /// `presented_fingerprint`: the new one becomes current and the one the
+    /// node used stays valid until it expires, so the open session survives.
+    pub async fn renew_certificate(
+        &self,
+        node_id: &str,
+        presented_fingerprint: &str,
+        new_fingerprint: String,
+        new_not_after_ms: u64,
+    ) -> Result<(), ApiError> {
+        let mut record = self.current_record(node_id, presented_fingerprint)?;
+        let (previous, previous_not_after) = if presented_fingerprint == record.cert_fingerprint {
+            (record.cert_fingerprint.clone(), record.cert_not_after_ms)
+        } else {
+            (
+                presented_fingerprint.to_string(),
+                record.previous_cert_not_after_ms,
+            )
+        };
+        record.previous_cert_fingerprint = Some(previous);
+        record.previous_cert_not_after_ms = previous_not_after;
+        record.cert_fingerprint = new_fingerprint;
+        record.cert_not_after_ms = new_not_after_ms;
+        self.store.put_node(&record).await?;
+        Ok(())
     }
 
     /// Record a heartbeat; false when the session is no longer the live one.
@@ -556,8 +583,11 @@ impl Registry {
     pub async fn remove(&self, query: &str) -> Result<NodeState, ApiError> {
         let state = self.find(query)?;
         let id = state.record.id.clone();
-        if self.store.remove_node(&id).await?.is_none() {
+        let Some(removed_record) = self.store.remove_node(&id).await? else {
             return Err(ApiError::NotFound(format!("node {query:?} not found")));
+        };
+        if !removed_record.token_hash.is_empty() {
+            self.store.exhaust_token(&removed_record.token_hash).await?;
         }
         self.store.remove_desired(&id).await?;
         self.total_nodes.fetch_sub(1, Ordering::Relaxed);

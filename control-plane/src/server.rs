@@ -13,6 +13,7 @@ use hotswap_common::pki::CertificateAuthority;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditLog;
 use crate::blobs::BlobStore;
 use crate::config::RunConfig;
 use crate::deploy::engine::Engine;
@@ -20,10 +21,12 @@ use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
 use crate::service::Context;
 use crate::service::artifacts::ArtifactsService;
+use crate::service::audit::AuditService;
 use crate::service::deployments::{DeploymentsService, PipelinesService};
 use crate::service::enrollment::EnrollmentService;
 use crate::service::fleet::FleetService;
 use crate::service::session::SessionService;
+use crate::service::users::UsersService;
 use crate::store::Store;
 use crate::tls_accept;
 
@@ -110,7 +113,15 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Registry(#[from] crate::error::ApiError),
+    #[error("cannot open the audit log: {0}")]
+    Audit(String),
 }
+
+/// Requests to operator services and enrollment are small: a CSR, a name,
+/// deployment options.
+const SMALL_MESSAGE_BYTES: usize = 256 * 1024;
+/// Agent session messages carry status reports for every module of a node.
+const SESSION_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 fn read(path: &Path) -> Result<String, RunError> {
     std::fs::read_to_string(path).map_err(|source| RunError::Read {
@@ -187,34 +198,60 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         admin_shutdown.clone(),
     ));
 
+    let audit = AuditLog::open(&store).map_err(|e| RunError::Audit(e.to_string()))?;
     let ctx = Arc::new(Context {
         registry,
         ca,
         ca_fingerprint: ca_fingerprint.clone(),
         settings: config.settings.clone(),
         metrics: metrics.clone(),
+        audit: Arc::new(audit),
         shutdown: shutdown.clone(),
     });
     let engine = Engine::new(ctx.registry.clone(), config.settings.clone())?;
     let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
     let incoming = tls_accept::incoming(grpc_listener, tls_config, shutdown.clone());
     let grpc = tonic::transport::Server::builder()
+        // Unary calls and stream set-up are bounded; a client can also ask
+        // for less with grpc-timeout.
+        .timeout(config.settings.request_timeout)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
+        .max_concurrent_streams(Some(256))
+        .http2_max_header_list_size(Some(64 * 1024))
         .layer(RpcMetricsLayer::new(metrics.clone()))
-        .add_service(pb::enrollment_server::EnrollmentServer::new(
-            EnrollmentService::new(ctx.clone()),
-        ))
-        .add_service(pb::agent_session_server::AgentSessionServer::new(
-            SessionService::new(ctx.clone()),
-        ))
-        .add_service(pb::fleet_server::FleetServer::new(FleetService::new(
-            ctx.clone(),
-        )))
-        .add_service(pb::deployments_server::DeploymentsServer::new(
-            DeploymentsService::new(ctx.clone(), engine.clone()),
-        ))
-        .add_service(pb::pipelines_server::PipelinesServer::new(
-            PipelinesService::new(engine),
-        ))
+        .add_service(
+            pb::enrollment_server::EnrollmentServer::new(EnrollmentService::new(ctx.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::agent_session_server::AgentSessionServer::new(SessionService::new(ctx.clone()))
+                .max_decoding_message_size(SESSION_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::fleet_server::FleetServer::new(FleetService::new(ctx.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::deployments_server::DeploymentsServer::new(DeploymentsService::new(
+                ctx.clone(),
+                engine.clone(),
+            ))
+            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::pipelines_server::PipelinesServer::new(PipelinesService::new(ctx.clone(), engine))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::users_server::UsersServer::new(UsersService::new(ctx.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::audit_server::AuditServer::new(AuditService::new(ctx.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
         // Upload chunks are at most 1 MiB; leave headroom for framing.
         .add_service(
             pb::artifacts_server::ArtifactsServer::new(ArtifactsService::new(ctx.clone(), blobs))

@@ -72,6 +72,39 @@ pub struct NodeRecord {
     pub cert_not_after_ms: u64,
     pub last_seen_ms: Option<u64>,
     pub agent_version: String,
+    /// The certificate replaced by the last renewal: still accepted until it
+    /// expires (or the next renewal), so connections opened with it survive.
+    #[serde(default)]
+    pub previous_cert_fingerprint: Option<String>,
+    #[serde(default)]
+    pub previous_cert_not_after_ms: u64,
+    /// Hash of the join token the node enrolled with; removing the node
+    /// spends what is left of it.
+    #[serde(default)]
+    pub token_hash: String,
+}
+
+impl NodeRecord {
+    /// Whether `fingerprint` is a certificate this node may use at `now_ms`.
+    pub fn accepts_certificate(&self, fingerprint: &str, now_ms: u64) -> bool {
+        (fingerprint == self.cert_fingerprint && now_ms < self.cert_not_after_ms)
+            || (self.previous_cert_fingerprint.as_deref() == Some(fingerprint)
+                && now_ms < self.previous_cert_not_after_ms)
+    }
+}
+
+/// An operator. The certificate says who the caller is; the role here says
+/// what they may do, so changing it or revoking takes effect on the next call.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserRecord {
+    pub name: String,
+    pub role: crate::auth::Role,
+    pub created_at_ms: u64,
+    pub created_by: String,
+    /// Only this certificate is accepted for the user.
+    pub cert_fingerprint: String,
+    pub cert_not_after_ms: u64,
+    pub revoked_at_ms: Option<u64>,
 }
 
 /// The control plane's database.
@@ -86,6 +119,7 @@ pub struct Store {
     desired: sled::Tree,
     deployments: sled::Tree,
     pipelines: sled::Tree,
+    users: sled::Tree,
 }
 
 /// What one module should be on one node.
@@ -113,6 +147,9 @@ const DESIRED: &str = "desired";
 const DEPLOYMENTS: &str = "deployments";
 const PIPELINES: &str = "pipelines";
 const ARTIFACTS: &str = "artifacts";
+const USERS: &str = "users";
+/// The audit log's tree; [`crate::audit`] owns its format.
+pub const AUDIT: &str = "audit";
 
 /// A publisher key the control plane trusts (or trusted, once revoked).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -202,6 +239,7 @@ impl Store {
             desired: db.open_tree(DESIRED)?,
             deployments: db.open_tree(DEPLOYMENTS)?,
             pipelines: db.open_tree(PIPELINES)?,
+            users: db.open_tree(USERS)?,
             db,
         })
     }
@@ -210,6 +248,11 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
         Ok(())
+    }
+
+    /// A tree by name, for modules that own their format (the audit log).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
     }
 
     /// Bytes the database occupies on disk.
@@ -309,6 +352,51 @@ impl Store {
     pub async fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError> {
         self.nodes.insert(record.id.as_bytes(), encode(record))?;
         self.flush().await
+    }
+
+    /// Spend whatever uses a join token has left (a removed node must not
+    /// come back with the token it enrolled with).
+    pub async fn exhaust_token(&self, hash: &str) -> Result<(), StoreError> {
+        if let Some(mut token) = self.get_token(hash)? {
+            if token.uses_left > 0 {
+                token.uses_left = 0;
+                self.insert_token(hash, &token).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.users
+            .get(name.as_bytes())?
+            .map(|bytes| decode(USERS, name.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    pub fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        scan(&self.users, USERS)
+    }
+
+    pub async fn put_user(&self, record: &UserRecord) -> Result<(), StoreError> {
+        self.users.insert(record.name.as_bytes(), encode(record))?;
+        self.flush().await
+    }
+
+    /// Write a user and flush, from synchronous code (`init`).
+    pub fn put_user_blocking(&self, record: &UserRecord) -> Result<(), StoreError> {
+        self.users.insert(record.name.as_bytes(), encode(record))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Create a user unless the name is taken; returns false if it was.
+    pub async fn create_user(&self, record: &UserRecord) -> Result<bool, StoreError> {
+        let created = self
+            .users
+            .compare_and_swap(record.name.as_bytes(), None::<&[u8]>, Some(encode(record)))?
+            .is_ok();
+        self.flush().await?;
+        Ok(created)
     }
 
     /// Delete a node and its name; returns the record if it existed.
@@ -552,6 +640,9 @@ mod tests {
             cert_not_after_ms: 2,
             last_seen_ms: None,
             agent_version: "0.1.0".into(),
+            previous_cert_fingerprint: None,
+            previous_cert_not_after_ms: 0,
+            token_hash: String::new(),
         }
     }
 

@@ -20,6 +20,7 @@ use crate::config::AgentConfig;
 use crate::identity::{EnrollFailure, Identity, IdentityError, enroll_once};
 use crate::metrics::Metrics;
 use crate::reconciler::{AgentReport, Reconciler, ReconcilerConfig, ReconcilerLinks};
+use crate::renewal::{self, SharedIdentity};
 use crate::session::{self, SessionEnd, SessionParams};
 use hotswap_common::artifact::unpack::Limits;
 use tokio::sync::watch;
@@ -215,6 +216,14 @@ async fn run_sessions(
         channel: channel_rx,
         report: report_tx,
     }));
+    let identity: SharedIdentity = Arc::new(std::sync::RwLock::new(identity));
+    let renewal_task = tokio::spawn(renewal::run(
+        config.data_dir.clone(),
+        identity.clone(),
+        channel_tx.subscribe(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let result = session_loop(
         config,
         &identity,
@@ -231,13 +240,14 @@ async fn run_sessions(
     // The reconciler stops with the shutdown token; module processes stay up.
     shutdown.cancel();
     let _ = reconciler_task.await;
+    let _ = renewal_task.await;
     result
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn session_loop(
     config: &AgentConfig,
-    identity: &Identity,
+    identity: &SharedIdentity,
     labels: &hotswap_common::labels::Labels,
     metrics: &Metrics,
     readiness: &Readiness,
@@ -253,9 +263,11 @@ async fn session_loop(
             metrics.reconnects.inc();
         }
         first = false;
+        // Each connection uses the newest certificate.
+        let identity = renewal::current(identity);
         let end = session::run_once(SessionParams {
             url: &config.control_plane,
-            identity,
+            identity: &identity,
             labels,
             metrics,
             readiness,

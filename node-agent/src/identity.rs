@@ -83,6 +83,19 @@ impl Paths {
     fn info(&self) -> PathBuf {
         self.dir.join("node.json")
     }
+    /// A renewed key and certificate, written as one file before the two
+    /// files they replace; see [`Identity::save_renewed`].
+    fn renewal(&self) -> PathBuf {
+        self.dir.join("renewal.json")
+    }
+}
+
+/// The journal entry of a renewal.
+#[derive(Serialize, Deserialize)]
+struct Renewal {
+    cert_pem: String,
+    key_pem: String,
+    ca_pem: String,
 }
 
 fn read(path: &Path) -> Result<String, IdentityError> {
@@ -105,6 +118,23 @@ impl Identity {
                 path: info_path.clone(),
                 reason: e.to_string(),
             })?;
+        // A renewal interrupted after its journal was written: finish it.
+        let renewal_path = paths.renewal();
+        if renewal_path.exists() {
+            let renewal: Renewal = serde_json::from_str(&read(&renewal_path)?).map_err(|e| {
+                IdentityError::Corrupt {
+                    path: renewal_path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let identity = Identity {
+                info: info.clone(),
+                cert_pem: renewal.cert_pem,
+                key_pem: renewal.key_pem,
+                ca_pem: renewal.ca_pem,
+            };
+            identity.save_renewed(data_dir)?;
+        }
         let identity = Identity {
             info,
             cert_pem: read(&paths.cert())?,
@@ -143,6 +173,35 @@ impl Identity {
         write(paths.ca(), self.ca_pem.as_bytes(), PUBLIC_FILE_MODE)?;
         let info = serde_json::to_vec_pretty(&self.info).unwrap_or_default();
         write(paths.info(), &info, PUBLIC_FILE_MODE)
+    }
+}
+
+impl Identity {
+    /// Replace the key and certificate after a renewal, safely under a crash
+    /// at any point: the new pair goes to one journal file first (atomic),
+    /// then over the two files, then the journal is removed. A crash in
+    /// between leaves the journal, which [`Identity::load`] replays.
+    pub fn save_renewed(&self, data_dir: &Path) -> Result<(), IdentityError> {
+        let paths = Paths::new(data_dir);
+        let journal = serde_json::to_vec(&Renewal {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+            ca_pem: self.ca_pem.clone(),
+        })
+        .unwrap_or_default();
+        let write = |path: PathBuf, bytes: &[u8], mode| {
+            fsutil::write_atomic(&path, bytes, mode)
+                .map_err(|source| IdentityError::Write { path, source })
+        };
+        write(paths.renewal(), &journal, PRIVATE_FILE_MODE)?;
+        write(paths.key(), self.key_pem.as_bytes(), PRIVATE_FILE_MODE)?;
+        write(paths.cert(), self.cert_pem.as_bytes(), PUBLIC_FILE_MODE)?;
+        write(paths.ca(), self.ca_pem.as_bytes(), PUBLIC_FILE_MODE)?;
+        let renewal = paths.renewal();
+        std::fs::remove_file(&renewal).map_err(|source| IdentityError::Write {
+            path: renewal,
+            source,
+        })
     }
 }
 
@@ -301,5 +360,54 @@ mod tests {
             .expect("corrupt cert")
             .to_string();
         assert!(err.contains("node.crt") && err.contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn interrupted_renewal_is_completed_on_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca, ca_pems) = pki::CertificateAuthority::generate("t").expect("ca");
+        let issue = || {
+            let (csr, key_pem) = pki::generate_csr("n").expect("csr");
+            let cert_pem = ca
+                .sign_csr(
+                    &csr,
+                    &pki::Principal::Node("id-1".into()),
+                    std::time::Duration::from_secs(60),
+                )
+                .expect("sign");
+            (cert_pem, key_pem)
+        };
+        let (cert_pem, key_pem) = issue();
+        let old = Identity {
+            info: NodeInfo {
+                node_id: "id-1".into(),
+                name: "n".into(),
+                labels: Labels::new(),
+                control_plane: "https://x:1".into(),
+            },
+            cert_pem,
+            key_pem,
+            ca_pem: ca_pems.cert_pem.clone(),
+        };
+        old.save(dir.path()).expect("save");
+        let (cert_pem, key_pem) = issue();
+        // As if the agent died right after writing the journal: the old key
+        // and certificate are still in place.
+        let journal = serde_json::to_vec(&Renewal {
+            cert_pem: cert_pem.clone(),
+            key_pem: key_pem.clone(),
+            ca_pem: ca_pems.cert_pem.clone(),
+        })
+        .expect("json");
+        std::fs::write(dir.path().join("identity/renewal.json"), journal).expect("journal");
+        let loaded = Identity::load(dir.path()).expect("load").expect("present");
+        assert_eq!((loaded.cert_pem, loaded.key_pem), (cert_pem, key_pem));
+        assert!(!dir.path().join("identity/renewal.json").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("identity/node.key"))
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

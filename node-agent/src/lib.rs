@@ -14,6 +14,7 @@ pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod reconciler;
+pub mod renewal;
 pub mod runtime;
 pub mod scrape;
 pub mod session;

@@ -136,6 +136,16 @@ fn classify(status: &tonic::Status, established: bool) -> SessionEnd {
 
 pub async fn run_once(mut params: SessionParams<'_>) -> SessionEnd {
     let identity = params.identity;
+    if let Ok(not_after) = hotswap_common::pki::first_cert_der(&identity.cert_pem)
+        .and_then(|der| hotswap_common::pki::not_after_ms(der.as_ref()))
+        && not_after <= hotswap_common::timefmt::now_ms()
+    {
+        return SessionEnd::Fatal(format!(
+            "this node's certificate expired at {} (the agent was offline past its renewal); remove {} and enroll again with a new join token",
+            hotswap_common::timefmt::rfc3339_from_ms(not_after),
+            "DATA_DIR/identity"
+        ));
+    }
     let config = match tls::client_config(
         ServerTrust::Ca(identity.ca_pem.clone()),
         Some(ClientIdentity {

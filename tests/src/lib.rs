@@ -357,6 +357,22 @@ impl ControlPlane {
     /// A profile for another operator, signed by this control plane's CA
     /// (what `users create` will do over the API).
     pub fn operator_profile(&self, user: &str) -> PathBuf {
+        self.user_profile(user, "admin")
+    }
+
+    /// `users create USER --role ROLE` with the admin profile; returns the
+    /// written profile.
+    pub fn user_profile(&self, user: &str, role: &str) -> PathBuf {
+        let path = self.work.join(format!("{user}.profile.toml"));
+        let out = path.to_str().expect("utf-8 path");
+        let created = self.ctl(&["users", "create", user, "--role", role, "--out", out]);
+        assert_eq!(created.code, 0, "users create {user}: {created:?}");
+        path
+    }
+
+    /// A profile with a certificate minted straight from the CA, bypassing
+    /// the user table (what a stolen CA key could produce).
+    pub fn unregistered_profile(&self, user: &str) -> PathBuf {
         use hotswap_common::pki::{CertificateAuthority, Principal};
         let read = |f: &str| std::fs::read_to_string(self.data_dir.join(f)).expect("ca file");
         let ca = CertificateAuthority::from_pem(&read("ca.crt"), &read("ca.key")).expect("ca");
@@ -372,7 +388,7 @@ impl ControlPlane {
             client_cert: issued.cert_pem,
             client_key: issued.key_pem,
         };
-        let path = self.work.join(format!("{user}.profile.toml"));
+        let path = self.work.join(format!("{user}.minted.profile.toml"));
         profile.save(&path).expect("save profile");
         path
     }

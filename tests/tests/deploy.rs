@@ -364,40 +364,122 @@ fn production_needs_a_second_person_to_approve() {
     let dir = TestDir::new();
     let (fleet, _) = Fleet::start_many(&dir, "production", &["a", "b"]);
     fleet.push_hello_per_node("1.0.0", "");
-    let created = fleet
+    let dave = fleet.cp.user_profile("dave", "deployer");
+    let alice = fleet.cp.user_profile("alice", "approver");
+    let boss = fleet.cp.user_profile("boss", "admin");
+    let create = |profile: &std::path::Path| {
+        fleet.cp.ctl_with_profile(
+            profile,
+            &[
+                "-o",
+                "json",
+                "deploy",
+                "create",
+                "hello@1.0.0",
+                "--env",
+                "production",
+                "--steps",
+                "50,100",
+                "--step-duration",
+                "1s",
+            ],
+        )
+    };
+    let created = create(&dave).json();
+    assert_eq!(created["state"], "awaiting_approval");
+    assert_eq!(created["created_by"], "dave");
+    let id = created["id"].as_str().expect("id").to_string();
+
+    // A deployer cannot approve at all, not even someone else's deployment.
+    let denied = fleet
         .cp
-        .ctl(&[
+        .ctl_with_profile(&dave, &["deploy", "approve", &id, "--reason", "mine"]);
+    assert_eq!(denied.code, 5, "{denied:?}");
+    assert!(
+        denied.stderr.contains("has role deployer") && denied.stderr.contains("approver or admin"),
+        "{denied:?}"
+    );
+    // A reason is required.
+    let bare = fleet
+        .cp
+        .ctl_with_profile(&alice, &["deploy", "approve", &id]);
+    assert_eq!(bare.code, 2, "{bare:?}");
+
+    let approved = fleet.cp.ctl_with_profile(
+        &alice,
+        &[
             "-o",
             "json",
             "deploy",
-            "create",
-            "hello@1.0.0",
-            "--env",
-            "production",
-            "--steps",
-            "50,100",
-            "--step-duration",
-            "1s",
-        ])
-        .json();
-    assert_eq!(created["state"], "awaiting_approval");
-    let id = created["id"].as_str().expect("id").to_string();
-    let own = fleet.cp.ctl(&["deploy", "approve", &id]);
-    assert_eq!(own.code, 1, "{own:?}");
-    assert!(
-        own.stderr.contains("cannot approve it") && own.stderr.contains("two-person rule"),
-        "{own:?}"
+            "approve",
+            &id,
+            "--reason",
+            "CHG-42 reviewed",
+        ],
     );
-    let alice = fleet.cp.operator_profile("alice");
-    let approved = fleet
-        .cp
-        .ctl_with_profile(&alice, &["-o", "json", "deploy", "approve", &id]);
     assert_eq!(approved.code, 0, "{approved:?}");
     let watch = fleet
         .cp
         .ctl(&["-o", "json", "deploy", "watch", &id, "--timeout", "60s"]);
     assert_eq!(watch.code, 0, "{watch:?}");
     assert_eq!(last_json_line(&watch)["approved_by"], "alice");
+
+    // An admin holds every role but is still bound by the two-person rule.
+    let own = create(&boss).json();
+    let own_id = own["id"].as_str().expect("id").to_string();
+    let refused = fleet.cp.ctl_with_profile(
+        &boss,
+        &["deploy", "approve", &own_id, "--reason", "trust me"],
+    );
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("cannot approve it") && refused.stderr.contains("two-person rule"),
+        "{refused:?}"
+    );
+    let rejected = fleet.cp.ctl_with_profile(
+        &alice,
+        &[
+            "-o",
+            "json",
+            "deploy",
+            "reject",
+            &own_id,
+            "--reason",
+            "no ticket",
+        ],
+    );
+    assert_eq!(rejected.code, 0, "{rejected:?}");
+    assert_eq!(rejected.json()["state"], "aborted");
+    assert_eq!(rejected.json()["reason"], "rejected by alice: no ticket");
+
+    // Each step is in the audit log with who did it and why it was refused.
+    let audit = fleet
+        .cp
+        .ctl(&["-o", "json", "audit", "list", "--action", "deploy."])
+        .json();
+    let rows: Vec<(String, String, String)> = audit
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| {
+            (
+                r["user"].as_str().unwrap_or_default().to_string(),
+                r["action"].as_str().unwrap_or_default().to_string(),
+                r["result"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let expect = |user: &str, action: &str, result: &str| {
+        assert!(
+            rows.contains(&(user.into(), action.into(), result.into())),
+            "{user} {action} {result} missing from {rows:?}"
+        );
+    };
+    expect("dave", "deploy.create", "ok");
+    expect("dave", "deploy.approve", "denied");
+    expect("alice", "deploy.approve", "ok");
+    expect("boss", "deploy.approve", "error");
+    expect("alice", "deploy.reject", "ok");
 }
 
 #[test]

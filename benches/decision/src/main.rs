@@ -460,6 +460,9 @@ async fn setup(args: &Args, dir: &std::path::Path) -> anyhow::Result<(Fleet, Vec
                             cert_not_after_ms: u64::MAX,
                             last_seen_ms: None,
                             agent_version: "bench".into(),
+                            previous_cert_fingerprint: None,
+                            previous_cert_not_after_ms: 0,
+                            token_hash: hash.clone(),
                         },
                     )
                     .await

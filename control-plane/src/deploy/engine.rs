@@ -200,16 +200,15 @@ impl Engine {
         to: Option<&str>,
         user: &str,
     ) -> Result<PipelineRecord, ApiError> {
-        if self
+        let artifact = self
             .registry
             .store()
             .get_artifact(module, version)?
-            .is_none()
-        {
-            return Err(ApiError::NotFound(format!(
-                "artifact {module}@{version} not found; push it with `hotswapctl module push` first"
-            )));
-        }
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "artifact {module}@{version} not found; push it with `hotswapctl module push` first"
+                ))
+            })?;
         let order = &self.settings.pipeline;
         let last = match to {
             Some(env) => order.iter().position(|e| e == env).ok_or_else(|| {
@@ -220,6 +219,17 @@ impl Engine {
             })?,
             None => order.len().saturating_sub(1),
         };
+        // Refuse now rather than after the early stages rolled out: every
+        // environment on the way must accept the artifact's signatures.
+        for env in &order[..=last] {
+            let required = self
+                .settings
+                .environments
+                .get(env)
+                .map_or(1, |e| e.min_signatures);
+            crate::trust::ensure_deployable(self.registry.store(), &artifact, required, now_ms())
+                .map_err(|e| ApiError::FailedPrecondition(format!("environment {env}: {e}")))?;
+        }
         let record = PipelineRecord {
             id: format!("p-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
             module: module.to_string(),
@@ -726,6 +736,7 @@ impl Engine {
             progress_deadline_ms: ms(request.progress_deadline, d.progress_deadline),
             auto_rollback: !request.no_auto_rollback,
             require_approval: env.require_approval,
+            approval_timeout_ms: self.settings.approval_timeout.as_millis() as u64,
             created_by: user.to_string(),
             thresholds: Thresholds {
                 max_error_rate,
@@ -738,6 +749,15 @@ impl Engine {
         Ok((spec, env.require_approval))
     }
 
+    /// Whether controlling deployments in `environment` needs the
+    /// protected-environment permission.
+    pub fn is_protected(&self, environment: &str) -> bool {
+        self.settings
+            .environments
+            .get(environment)
+            .is_some_and(|e| e.protected.unwrap_or(e.require_approval))
+    }
+
     /// Create (or, for a dry run, only plan) a deployment.
     pub async fn create(
         &self,
@@ -747,18 +767,23 @@ impl Engine {
         semver::Version::parse(&request.version).map_err(|e| {
             ApiError::InvalidArgument(format!("version {:?} is not semver: {e}", request.version))
         })?;
-        if self
+        let artifact = self
             .registry
             .store()
             .get_artifact(&request.module, &request.version)?
-            .is_none()
-        {
-            return Err(ApiError::NotFound(format!(
-                "artifact {}@{} not found; push it with `hotswapctl module push` first",
-                request.module, request.version
-            )));
-        }
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "artifact {}@{} not found; push it with `hotswapctl module push` first",
+                    request.module, request.version
+                ))
+            })?;
         let (spec, _) = self.build_spec(&request, user)?;
+        let required = self
+            .settings
+            .environments
+            .get(&request.environment)
+            .map_or(1, |e| e.min_signatures);
+        crate::trust::ensure_deployable(self.registry.store(), &artifact, required, now_ms())?;
         let targets: Vec<(String, String, String)> = self
             .registry
             .list(Some(&request.environment))?

@@ -91,6 +91,10 @@ pub struct Spec {
     pub progress_deadline_ms: Ms,
     pub auto_rollback: bool,
     pub require_approval: bool,
+    /// A deployment awaiting approval is aborted this long after creation
+    /// (0: never).
+    #[serde(default)]
+    pub approval_timeout_ms: Ms,
     pub created_by: String,
     pub thresholds: Thresholds,
 }
@@ -222,7 +226,7 @@ pub struct Verdict {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Control {
-    Approve { by: String },
+    Approve { by: String, reason: String },
     Reject { by: String, reason: String },
     Pause,
     Resume,
@@ -591,7 +595,7 @@ impl Deployment {
             )))
         };
         match control {
-            Control::Approve { by } => {
+            Control::Approve { by, reason } => {
                 if state != State::AwaitingApproval {
                     return refuse("approve");
                 }
@@ -603,7 +607,7 @@ impl Deployment {
                 self.approved_by = by.clone();
                 let (started, mut actions) = self.clone().start(now);
                 *self = started;
-                actions.insert(0, Action::Note(format!("approved by {by}")));
+                actions.insert(0, Action::Note(format!("approved by {by}: {reason}")));
                 Ok(actions)
             }
             Control::Reject { by, reason } => {
@@ -719,6 +723,20 @@ impl Deployment {
         match self.state {
             State::Running | State::Paused => {}
             State::RollingBack => return self.observe_rollback(now, reports),
+            State::AwaitingApproval => {
+                let timeout = self.spec.approval_timeout_ms;
+                if timeout > 0 && now.saturating_sub(self.created_ms) >= timeout {
+                    return self.finish(
+                        State::Aborted,
+                        format!(
+                            "approval expired: nobody approved within {}",
+                            hotswap_common::timefmt::human_age(timeout)
+                        ),
+                        now,
+                    );
+                }
+                return actions;
+            }
             _ => return actions,
         }
         let target = self.spec.version.clone();

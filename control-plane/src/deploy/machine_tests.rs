@@ -37,6 +37,7 @@ fn spec(strategy: Strategy) -> Spec {
         progress_deadline_ms: 60_000,
         auto_rollback: true,
         require_approval: false,
+        approval_timeout_ms: 0,
         created_by: "alice".into(),
         thresholds: Thresholds::default(),
     }
@@ -770,7 +771,10 @@ fn no_targets_succeeds_at_once_even_after_approval() {
     let (dep, actions) = step(
         &dep,
         T0 + 1,
-        &Input::Control(Control::Approve { by: "bob".into() }),
+        &Input::Control(Control::Approve {
+            by: "bob".into(),
+            reason: "ok".into(),
+        }),
     )
     .unwrap();
     assert_eq!(dep.state, State::Succeeded);
@@ -2345,6 +2349,49 @@ fn approval_spec() -> Spec {
 }
 
 #[test]
+fn pending_approval_expires() {
+    let mut spec = approval_spec();
+    spec.approval_timeout_ms = 24 * 3_600_000;
+    let (dep, _) = Deployment::new(spec, targets(&[OLD, OLD]), T0);
+    let observe = |at: Ms| {
+        step(
+            &dep,
+            at,
+            &Input::Observe {
+                nodes: BTreeMap::new(),
+                analysis: None,
+            },
+        )
+        .unwrap()
+    };
+    let (before, actions) = observe(T0 + 24 * 3_600_000 - 1);
+    assert_eq!((before.state, actions), (State::AwaitingApproval, vec![]));
+    let (expired, actions) = observe(T0 + 24 * 3_600_000);
+    assert_eq!(expired.state, State::Aborted);
+    assert_eq!(
+        expired.reason,
+        "approval expired: nobody approved within 1d0h"
+    );
+    assert!(expired.expected_desired().is_empty(), "nothing was touched");
+    assert_eq!(
+        actions,
+        [Action::Note(
+            "deployment aborted: approval expired: nobody approved within 1d0h".into()
+        )]
+    );
+    let err = step(
+        &expired,
+        T0 + 24 * 3_600_000 + 1,
+        &Input::Control(Control::Approve {
+            by: "bob".into(),
+            reason: "late".into(),
+        }),
+    )
+    .unwrap_err();
+    assert_eq!(err.0, "cannot approve a deployment that is aborted");
+}
+
+#[test]
 fn approval_needs_a_second_person() {
     let (dep, actions) = Deployment::new(approval_spec(), targets(&[OLD, OLD]), T0);
     assert_eq!(dep.state, State::AwaitingApproval);
@@ -2377,7 +2424,10 @@ fn approval_needs_a_second_person() {
     let err = step(
         &dep,
         T0 + 1,
-        &Input::Control(Control::Approve { by: "alice".into() }),
+        &Input::Control(Control::Approve {
+            by: "alice".into(),
+            reason: "ok".into(),
+        }),
     )
     .unwrap_err();
     assert_eq!(
@@ -2389,7 +2439,10 @@ fn approval_needs_a_second_person() {
     let (started, actions) = step(
         &dep,
         approved_at,
-        &Input::Control(Control::Approve { by: "bob".into() }),
+        &Input::Control(Control::Approve {
+            by: "bob".into(),
+            reason: "ok".into(),
+        }),
     )
     .unwrap();
     assert_eq!(
@@ -2400,7 +2453,7 @@ fn approval_needs_a_second_person() {
         ),
         (State::Running, "bob", approved_at)
     );
-    assert_eq!(actions[0], Action::Note("approved by bob".into()));
+    assert_eq!(actions[0], Action::Note("approved by bob: ok".into()));
     assert_eq!(
         node_actions(&actions),
         [set(&id(0), TARGET)],
@@ -2692,7 +2745,10 @@ fn every_control_in_every_state() {
     let controls = [
         (
             "approve",
-            Control::Approve { by: "bob".into() },
+            Control::Approve {
+                by: "bob".into(),
+                reason: "ok".into(),
+            },
             State::Running,
         ),
         (

@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
-use crate::auth;
+use crate::auth::{self, Permission};
 use crate::blobs::BlobStore;
 use crate::error::ApiError;
 use crate::store::{ArtifactRecord, KeyRecord, SignatureRecord};
@@ -374,6 +374,7 @@ fn version_to_pb(
         pushed_by: record.pushed_by.clone(),
         runtime: record.runtime.clone(),
         created,
+        name: record.name.clone(),
     }
 }
 
@@ -396,15 +397,22 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<Streaming<pb::PushArtifactChunk>>,
     ) -> Result<Response<pb::ModuleVersion>, Status> {
-        let user = auth::require_operator(&request)?;
-        Ok(Response::new(self.push(&user, request.into_inner()).await?))
+        let mut call = self
+            .ctx
+            .begin(&request, Permission::Push, "module.push", "")
+            .await?;
+        let result = self.push(call.user(), request.into_inner()).await;
+        if let Ok(version) = &result {
+            call.set_target(format!("{}@{}", version.name, version.version));
+        }
+        Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 
     async fn list_modules(
         &self,
         request: Request<pb::ListModulesRequest>,
     ) -> Result<Response<pb::ListModulesResponse>, Status> {
-        auth::require_operator(&request)?;
+        self.ctx.reader(&request)?;
         let mut names: Vec<String> = self
             .ctx
             .registry
@@ -426,7 +434,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::GetModuleRequest>,
     ) -> Result<Response<pb::Module>, Status> {
-        auth::require_operator(&request)?;
+        self.ctx.reader(&request)?;
         Ok(Response::new(self.module(&request.into_inner().name)?))
     }
 
@@ -434,10 +442,13 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::TrustKeyRequest>,
     ) -> Result<Response<pb::PublisherKey>, Status> {
-        let user = auth::require_operator(&request)?;
-        Ok(Response::new(
-            self.trust_key(&user, request.into_inner()).await?,
-        ))
+        let name = request.get_ref().name.clone();
+        let call = self
+            .ctx
+            .begin(&request, Permission::Admin, "keys.trust", name)
+            .await?;
+        let result = self.trust_key(call.user(), request.into_inner()).await;
+        Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 
     async fn list_keys(
@@ -445,7 +456,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         // Agents read the trusted set when no keys are pinned locally.
-        auth::require_operator_or_node(&request, &self.ctx.registry)?;
+        auth::require_reader_or_node(&request, &self.ctx.registry)?;
         let keys = self
             .ctx
             .registry
@@ -462,17 +473,20 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::PublisherKey>, Status> {
-        let user = auth::require_operator(&request)?;
-        Ok(Response::new(
-            self.revoke_key(&user, &request.into_inner().name).await?,
-        ))
+        let name = request.get_ref().name.clone();
+        let call = self
+            .ctx
+            .begin(&request, Permission::Admin, "keys.revoke", &name)
+            .await?;
+        let result = self.revoke_key(call.user(), &name).await;
+        Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 
     async fn describe_artifact(
         &self,
         request: Request<pb::DescribeArtifactRequest>,
     ) -> Result<Response<pb::ArtifactDescriptor>, Status> {
-        auth::require_operator_or_node(&request, &self.ctx.registry)?;
+        auth::require_reader_or_node(&request, &self.ctx.registry)?;
         let request = request.into_inner();
         Ok(Response::new(
             self.describe(&request.name, &request.version)?,
@@ -485,7 +499,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        auth::require_operator_or_node(&request, &self.ctx.registry)?;
+        auth::require_reader_or_node(&request, &self.ctx.registry)?;
         let request = request.into_inner();
         let digest = Digest::parse(&request.digest).map_err(ApiError::InvalidArgument)?;
         let path = self.blobs.path(&digest);

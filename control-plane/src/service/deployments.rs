@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Context;
-use crate::auth;
+use crate::auth::Permission;
 use crate::deploy::engine::{CreateRequest, DeploymentRecord, Engine, PlanView};
 use crate::deploy::machine::{Control, NodeState};
 use crate::error::ApiError;
@@ -163,12 +163,18 @@ fn control_of(action: &str, reason: String, user: &str) -> Result<Control, ApiEr
         "rollback" => Control::Rollback {
             reason: reason_or(&format!("by {user}")),
         },
+        "approve" | "reject" if reason.trim().is_empty() => {
+            return Err(ApiError::InvalidArgument(format!(
+                "{action} needs a reason (--reason TEXT); it is kept with the deployment and in the audit log"
+            )));
+        }
         "approve" => Control::Approve {
             by: user.to_string(),
+            reason,
         },
         "reject" => Control::Reject {
             by: user.to_string(),
-            reason: reason_or("no reason given"),
+            reason,
         },
         other => {
             return Err(ApiError::InvalidArgument(format!(
@@ -186,9 +192,34 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         &self,
         request: Request<pb::CreateDeploymentRequest>,
     ) -> Result<Response<pb::CreateDeploymentResponse>, Status> {
-        let user = auth::require_operator(&request)?;
-        let create = create_request(request.into_inner())?;
-        let (record, plan) = self.engine.create(create, &user).await?;
+        let r = request.get_ref();
+        let target = format!(
+            "{}@{} env={}{}",
+            r.module,
+            r.version,
+            r.environment,
+            if r.dry_run { " (dry run)" } else { "" }
+        );
+        let mut call = self
+            .ctx
+            .begin(&request, Permission::Deploy, "deploy.create", target)
+            .await?;
+        let result = async {
+            let create = create_request(request.into_inner())?;
+            self.engine.create(create, call.user()).await
+        }
+        .await;
+        if let Ok((Some(record), _)) = &result {
+            let t = format!(
+                "{} {}@{} env={}",
+                record.id,
+                record.deployment.spec.module,
+                record.deployment.spec.version,
+                record.environment
+            );
+            call.set_target(t);
+        }
+        let (record, plan) = call.finish(&self.ctx, result).await?;
         Ok(Response::new(pb::CreateDeploymentResponse {
             deployment: record.as_ref().map(deployment_to_pb),
             plan: Some(plan_to_pb(&plan)),
@@ -199,7 +230,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         &self,
         request: Request<pb::ListDeploymentsRequest>,
     ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
-        auth::require_operator(&request)?;
+        self.ctx.reader(&request)?;
         let filter = request.into_inner();
         let deployments = self
             .engine
@@ -218,7 +249,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         &self,
         request: Request<pb::GetDeploymentRequest>,
     ) -> Result<Response<pb::Deployment>, Status> {
-        auth::require_operator(&request)?;
+        self.ctx.reader(&request)?;
         Ok(Response::new(deployment_to_pb(
             &self.engine.get(&request.into_inner().id).await?,
         )))
@@ -230,7 +261,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         &self,
         request: Request<pb::GetDeploymentRequest>,
     ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
-        auth::require_operator(&request)?;
+        self.ctx.reader(&request)?;
         let id = request.into_inner().id;
         // Subscribe first, then read, so no change is missed in between.
         let mut updates = self.engine.subscribe();
@@ -274,22 +305,48 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         &self,
         request: Request<pb::ControlDeploymentRequest>,
     ) -> Result<Response<pb::Deployment>, Status> {
-        let user = auth::require_operator(&request)?;
+        let r = request.get_ref();
+        let action = match r.action.as_str() {
+            "pause" => "deploy.pause",
+            "resume" => "deploy.resume",
+            "promote" => "deploy.promote",
+            "abort" => "deploy.abort",
+            "rollback" => "deploy.rollback",
+            "approve" => "deploy.approve",
+            "reject" => "deploy.reject",
+            _ => "deploy.control",
+        };
+        let permission = match r.action.as_str() {
+            "approve" | "reject" => Permission::Approve,
+            _ => match self.engine.get(&r.id).await {
+                Ok(record) if self.engine.is_protected(&record.environment) => {
+                    Permission::ControlProtected
+                }
+                _ => Permission::Control,
+            },
+        };
+        let target = r.id.clone();
+        let call = self.ctx.begin(&request, permission, action, target).await?;
         let request = request.into_inner();
-        let control = control_of(&request.action, request.reason, &user)?;
-        let record = self.engine.control(&request.id, control).await?;
-        tracing::info!(deployment = %request.id, action = %request.action, user = %user, state = record.deployment.state.as_str(), "deployment control");
+        let result = async {
+            let control = control_of(&request.action, request.reason, call.user())?;
+            self.engine.control(&request.id, control).await
+        }
+        .await;
+        let record = call.finish(&self.ctx, result).await?;
+        tracing::info!(deployment = %request.id, action = %request.action, state = record.deployment.state.as_str(), "deployment control");
         Ok(Response::new(deployment_to_pb(&record)))
     }
 }
 
 pub struct PipelinesService {
+    ctx: Arc<Context>,
     engine: Arc<Engine>,
 }
 
 impl PipelinesService {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    pub fn new(ctx: Arc<Context>, engine: Arc<Engine>) -> Self {
+        Self { ctx, engine }
     }
 }
 
@@ -322,24 +379,35 @@ impl pb::pipelines_server::Pipelines for PipelinesService {
         &self,
         request: Request<pb::RunPipelineRequest>,
     ) -> Result<Response<pb::Pipeline>, Status> {
-        let user = auth::require_operator(&request)?;
-        let request = request.into_inner();
-        if request.module.is_empty() || request.version.is_empty() {
-            return Err(ApiError::InvalidArgument("give the module as NAME@VERSION".into()).into());
-        }
-        let to = (!request.to.is_empty()).then_some(request.to.as_str());
-        let pipeline = self
-            .engine
-            .run_pipeline(&request.module, &request.version, to, &user)
+        let r = request.get_ref();
+        let target = format!("{}@{} to={}", r.module, r.version, r.to);
+        let call = self
+            .ctx
+            .begin(&request, Permission::Deploy, "pipeline.run", target)
             .await?;
-        Ok(Response::new(pipeline_to_pb(&pipeline)))
+        let request = request.into_inner();
+        let result = async {
+            if request.module.is_empty() || request.version.is_empty() {
+                return Err(ApiError::InvalidArgument(
+                    "give the module as NAME@VERSION".into(),
+                ));
+            }
+            let to = (!request.to.is_empty()).then_some(request.to.as_str());
+            self.engine
+                .run_pipeline(&request.module, &request.version, to, call.user())
+                .await
+        }
+        .await;
+        Ok(Response::new(pipeline_to_pb(
+            &call.finish(&self.ctx, result).await?,
+        )))
     }
 
     async fn get_pipeline(
         &self,
         request: Request<pb::GetPipelineRequest>,
     ) -> Result<Response<pb::Pipeline>, Status> {
-        auth::require_operator(&request)?;
+        self.ctx.reader(&request)?;
         Ok(Response::new(pipeline_to_pb(
             &self.engine.get_pipeline(&request.into_inner().id).await?,
         )))

@@ -12,8 +12,11 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::Context;
+use crate::audit::AuditEntry;
+use crate::auth::RequestInfo;
 use crate::error::ApiError;
 use crate::metrics::ResultLabel;
+use crate::ratelimit::RateLimiter;
 use crate::store::{EnrollError, NodeRecord};
 
 /// Limits on enrollment input; a CSR for a P-256 or RSA-4096 key is far below.
@@ -22,11 +25,13 @@ const MAX_TOKEN_BYTES: usize = 256;
 
 pub struct EnrollmentService {
     ctx: Arc<Context>,
+    limiter: RateLimiter,
 }
 
 impl EnrollmentService {
     pub fn new(ctx: Arc<Context>) -> Self {
-        Self { ctx }
+        let limiter = RateLimiter::new(ctx.settings.enroll_per_minute, ctx.settings.enroll_burst);
+        Self { ctx, limiter }
     }
 }
 
@@ -96,6 +101,9 @@ impl EnrollmentService {
                 .map_err(|e| ApiError::Internal(e.to_string()))?,
             last_seen_ms: None,
             agent_version: request.agent_version,
+            previous_cert_fingerprint: None,
+            previous_cert_not_after_ms: 0,
+            token_hash: token_hash(&request.join_token),
         };
         let state = self
             .ctx
@@ -127,8 +135,35 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        let peer = request.remote_addr();
-        let result = self.enroll_inner(request.into_inner()).await;
+        let info = RequestInfo::of(&request);
+        let peer = info.peer_addr;
+        if let Some(addr) = peer
+            && let Err(wait) = self.limiter.check(addr.ip(), std::time::Instant::now())
+        {
+            self.ctx
+                .metrics
+                .enrollments
+                .get_or_create(&ResultLabel {
+                    result: "rate_limited",
+                })
+                .inc();
+            tracing::warn!(peer = %addr, "enrollment attempt rate-limited");
+            return Err(Status::resource_exhausted(format!(
+                "too many enrollment attempts from {}; retry in {}s",
+                addr.ip(),
+                wait.as_secs().max(1)
+            )));
+        }
+        let request = request.into_inner();
+        let who = if request.join_token.is_empty() {
+            "join-token:none".to_string()
+        } else {
+            // A prefix of the token's hash identifies it in the audit log
+            // without revealing it.
+            format!("join-token:{}", &token_hash(&request.join_token)[..12])
+        };
+        let name = request.name.clone();
+        let result = self.enroll_inner(request).await;
         let outcome = match &result {
             Ok(_) => "enrolled",
             Err(ApiError::Unauthenticated(_)) => "token_rejected",
@@ -144,6 +179,23 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
             // The token itself is never logged.
             tracing::warn!(peer = ?peer, error = %e, "enrollment refused");
         }
+        let (result_text, detail, target) = match &result {
+            Ok(r) => ("ok", String::new(), format!("{name} {}", r.node_id)),
+            Err(e @ ApiError::Unauthenticated(_)) => ("denied", e.to_string(), name),
+            Err(e) => ("error", e.to_string(), name),
+        };
+        self.ctx
+            .record(AuditEntry {
+                user: who,
+                role: "node".into(),
+                action: "nodes.enroll".into(),
+                target,
+                result: result_text,
+                detail,
+                trace_id: info.trace_id,
+                peer,
+            })
+            .await?;
         result.map(Response::new).map_err(Status::from)
     }
 }

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use super::Context;
 use super::convert::node_to_pb;
 use super::enrollment::token_hash;
-use crate::auth;
+use crate::auth::Permission;
 use crate::error::ApiError;
 use crate::registry::NodeChange;
 use crate::store::{DesiredModuleRecord, TokenRecord};
@@ -91,23 +91,89 @@ fn humantime_secs(d: Duration) -> String {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::NodeUpdate, Status>> + Send>>;
 
+impl FleetService {
+    async fn set_node_module_inner(
+        &self,
+        request: pb::SetNodeModuleRequest,
+    ) -> Result<pb::Node, ApiError> {
+        let node = self.ctx.registry.find(&request.node)?;
+        if request.version.is_empty() && request.staged_version.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "give a version to run, a version to stage, or both".into(),
+            ));
+        }
+        for version in [&request.version, &request.staged_version] {
+            if version.is_empty() {
+                continue;
+            }
+            semver::Version::parse(version).map_err(|e| {
+                ApiError::InvalidArgument(format!("version {version:?} is not semver: {e}"))
+            })?;
+            let artifact = self
+                .ctx
+                .store()
+                .get_artifact(&request.module, version)?
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "artifact {}@{version} not found; push it with `hotswapctl module push` first",
+                        request.module
+                    ))
+                })?;
+            crate::trust::ensure_deployable(self.ctx.store(), &artifact, 1, now_ms())?;
+        }
+        let desired = DesiredModuleRecord {
+            version: request.version.clone(),
+            staged_version: request.staged_version.clone(),
+        };
+        let state = self
+            .ctx
+            .registry
+            .set_desired_module(&node.record.id, &request.module, Some(desired))
+            .await?;
+        tracing::info!(node = %node.record.name, module = %request.module, version = %request.version, staged = %request.staged_version, generation = state.desired.generation, "desired module set");
+        Ok(node_to_pb(&state))
+    }
+
+    async fn unset_node_module_inner(
+        &self,
+        request: pb::UnsetNodeModuleRequest,
+    ) -> Result<pb::Node, ApiError> {
+        let node = self.ctx.registry.find(&request.node)?;
+        if !node.desired.modules.contains_key(&request.module) {
+            return Err(ApiError::NotFound(format!(
+                "module {:?} is not desired on node {}",
+                request.module, node.record.name
+            )));
+        }
+        let state = self
+            .ctx
+            .registry
+            .set_desired_module(&node.record.id, &request.module, None)
+            .await?;
+        tracing::info!(node = %node.record.name, module = %request.module, "desired module removed");
+        Ok(node_to_pb(&state))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::fleet_server::Fleet for FleetService {
     async fn create_token(
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::Token>, Status> {
-        let user = auth::require_operator(&request)?;
-        Ok(Response::new(
-            self.create_token(&user, request.into_inner()).await?,
-        ))
+        let call = self
+            .ctx
+            .begin(&request, Permission::Admin, "tokens.create", "")
+            .await?;
+        let result = self.create_token(call.user(), request.into_inner()).await;
+        Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 
     async fn list_nodes(
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        auth::require_operator(&request)?;
+        self.ctx.reader(&request)?;
         let environment = request.into_inner().environment;
         let environment = (!environment.is_empty()).then_some(environment);
         let nodes = self.ctx.registry.list(environment.as_deref())?;
@@ -120,7 +186,7 @@ impl pb::fleet_server::Fleet for FleetService {
         &self,
         request: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        auth::require_operator(&request)?;
+        self.ctx.reader(&request)?;
         let state = self.ctx.registry.find(&request.into_inner().node)?;
         Ok(Response::new(node_to_pb(&state)))
     }
@@ -131,7 +197,7 @@ impl pb::fleet_server::Fleet for FleetService {
         &self,
         request: Request<pb::WatchNodesRequest>,
     ) -> Result<Response<Self::WatchNodesStream>, Status> {
-        auth::require_operator(&request)?;
+        self.ctx.reader(&request)?;
         // Subscribe before the snapshot so no change falls between the two.
         let mut changes = self.ctx.registry.subscribe();
         let registry = self.ctx.registry.clone();
@@ -195,79 +261,43 @@ impl pb::fleet_server::Fleet for FleetService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let user = auth::require_operator(&request)?;
-        let state = self.ctx.registry.remove(&request.into_inner().node).await?;
-        tracing::info!(user = %user, node = %state.record.id, name = %state.record.name, "node removed");
-        Ok(Response::new(node_to_pb(&state)))
+        let node = request.get_ref().node.clone();
+        let call = self
+            .ctx
+            .begin(&request, Permission::Admin, "nodes.remove", &node)
+            .await?;
+        let result = self.ctx.registry.remove(&node).await.map(|state| {
+            tracing::info!(node = %state.record.id, name = %state.record.name, "node removed");
+            node_to_pb(&state)
+        });
+        Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 
     async fn set_node_module(
         &self,
         request: Request<pb::SetNodeModuleRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let user = auth::require_operator(&request)?;
-        let request = request.into_inner();
-        let node = self.ctx.registry.find(&request.node)?;
-        if request.version.is_empty() && request.staged_version.is_empty() {
-            return Err(ApiError::InvalidArgument(
-                "give a version to run, a version to stage, or both".into(),
-            )
-            .into());
-        }
-        for version in [&request.version, &request.staged_version] {
-            if version.is_empty() {
-                continue;
-            }
-            semver::Version::parse(version).map_err(|e| {
-                ApiError::InvalidArgument(format!("version {version:?} is not semver: {e}"))
-            })?;
-            if self
-                .ctx
-                .registry
-                .store()
-                .get_artifact(&request.module, version)?
-                .is_none()
-            {
-                return Err(ApiError::NotFound(format!(
-                    "artifact {}@{version} not found; push it with `hotswapctl module push` first",
-                    request.module
-                ))
-                .into());
-            }
-        }
-        let desired = DesiredModuleRecord {
-            version: request.version.clone(),
-            staged_version: request.staged_version.clone(),
-        };
-        let state = self
+        let r = request.get_ref();
+        let target = format!("{}:{}@{}", r.node, r.module, r.version);
+        let call = self
             .ctx
-            .registry
-            .set_desired_module(&node.record.id, &request.module, Some(desired))
+            .begin(&request, Permission::Admin, "nodes.set_module", target)
             .await?;
-        tracing::info!(user = %user, node = %node.record.name, module = %request.module, version = %request.version, staged = %request.staged_version, generation = state.desired.generation, "desired module set");
-        Ok(Response::new(node_to_pb(&state)))
+        let result = self.set_node_module_inner(request.into_inner()).await;
+        Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 
     async fn unset_node_module(
         &self,
         request: Request<pb::UnsetNodeModuleRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let user = auth::require_operator(&request)?;
-        let request = request.into_inner();
-        let node = self.ctx.registry.find(&request.node)?;
-        if !node.desired.modules.contains_key(&request.module) {
-            return Err(ApiError::NotFound(format!(
-                "module {:?} is not desired on node {}",
-                request.module, node.record.name
-            ))
-            .into());
-        }
-        let state = self
+        let r = request.get_ref();
+        let target = format!("{}:{}", r.node, r.module);
+        let call = self
             .ctx
-            .registry
-            .set_desired_module(&node.record.id, &request.module, None)
+            .begin(&request, Permission::Admin, "nodes.unset_module", target)
             .await?;
-        tracing::info!(user = %user, node = %node.record.name, module = %request.module, "desired module removed");
-        Ok(Response::new(node_to_pb(&state)))
+        let result = self.unset_node_module_inner(request.into_inner()).await;
+        Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 }

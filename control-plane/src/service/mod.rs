@@ -3,20 +3,27 @@
 //! [`crate::error::ApiError`] and map to status codes in one place.
 
 pub mod artifacts;
+pub mod audit;
 mod convert;
 pub mod deployments;
 pub mod enrollment;
 pub mod fleet;
 pub mod session;
+pub mod users;
 
 use std::sync::Arc;
 
 use hotswap_common::pki::CertificateAuthority;
 use tokio_util::sync::CancellationToken;
+use tonic::Request;
 
+use crate::audit::{AuditEntry, AuditLog};
+use crate::auth::{self, Caller, Permission, RequestInfo};
 use crate::config::Settings;
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::store::Store;
 
 /// What every handler shares.
 pub struct Context {
@@ -25,6 +32,113 @@ pub struct Context {
     pub ca_fingerprint: String,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
+    pub audit: Arc<AuditLog>,
     /// Cancelled when the control plane shuts down; long-lived streams end.
     pub shutdown: CancellationToken,
+}
+
+impl Context {
+    pub fn store(&self) -> &Store {
+        self.registry.store()
+    }
+
+    /// Authorize a read-only call (not audited).
+    pub fn reader<T>(&self, request: &Request<T>) -> Result<Caller, ApiError> {
+        let peer = auth::peer(request)?;
+        auth::authorize_operator(&peer, self.store(), Permission::Read)
+    }
+
+    /// Authorize a mutating call. A refusal is written to the audit log
+    /// before it is returned; an allowed call must be finished with
+    /// [`AuditedCall::finish`], which records its result.
+    pub async fn begin<T>(
+        &self,
+        request: &Request<T>,
+        permission: Permission,
+        action: &'static str,
+        target: impl Into<String>,
+    ) -> Result<AuditedCall, ApiError> {
+        let info = RequestInfo::of(request);
+        let target = target.into();
+        let authorized = auth::peer(request)
+            .and_then(|p| auth::authorize_operator(&p, self.store(), permission));
+        match authorized {
+            Ok(caller) => Ok(AuditedCall {
+                caller,
+                action,
+                target,
+                info,
+            }),
+            Err(refusal) => {
+                let entry = AuditEntry {
+                    user: auth::claimed_user(request),
+                    role: String::new(),
+                    action: action.to_string(),
+                    target,
+                    result: "denied",
+                    detail: refusal.to_string(),
+                    trace_id: info.trace_id,
+                    peer: info.peer_addr,
+                };
+                self.record(entry).await?;
+                Err(refusal)
+            }
+        }
+    }
+
+    /// Append to the audit log. The caller's change is already applied, so a
+    /// failure here is reported as an internal error that says so.
+    pub async fn record(&self, entry: AuditEntry) -> Result<(), ApiError> {
+        self.audit
+            .append(entry)
+            .await
+            .map(|_| ())
+            .map_err(|e| ApiError::Internal(format!("could not append to the audit log: {e}")))
+    }
+}
+
+/// A mutating call that passed authorization; see [`Context::begin`].
+pub struct AuditedCall {
+    pub caller: Caller,
+    action: &'static str,
+    target: String,
+    info: RequestInfo,
+}
+
+impl AuditedCall {
+    pub fn user(&self) -> &str {
+        &self.caller.user
+    }
+
+    /// Set the target once it is known (streamed uploads learn it late).
+    pub fn set_target(&mut self, target: impl Into<String>) {
+        self.target = target.into();
+    }
+
+    /// Record the call's result in the audit log, then return it.
+    pub async fn finish<T>(
+        self,
+        ctx: &Context,
+        result: Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let (outcome, detail) = match &result {
+            Ok(_) => ("ok", String::new()),
+            Err(e @ (ApiError::PermissionDenied(_) | ApiError::Unauthenticated(_))) => {
+                ("denied", e.to_string())
+            }
+            Err(e) => ("error", e.to_string()),
+        };
+        ctx.record(AuditEntry {
+            user: self.caller.user,
+            role: self.caller.role.as_str().to_string(),
+            action: self.action.to_string(),
+            target: self.target,
+            result: outcome,
+            detail,
+            trace_id: self.info.trace_id,
+            peer: self.info.peer_addr,
+        })
+        .await?;
+        result
+    }
 }

@@ -12,6 +12,7 @@ use hotswap_common::labels::{Labels, validate_labels};
 use hotswap_common::pb;
 use hotswap_common::pb::agent_message::Msg as AgentMsg;
 use hotswap_common::pb::control_message::Msg as ControlMsg;
+use hotswap_common::pki::{self, Principal};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
 use super::convert::{desired_to_pb, report_from_pb};
+use crate::audit::AuditEntry;
 use crate::auth;
 use crate::error::ApiError;
 use crate::registry::SessionHandle;
@@ -38,9 +40,85 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status
 /// Outbound messages buffered per session before the sender waits.
 const OUTBOUND_BUFFER: usize = 16;
 
+impl SessionService {
+    async fn renew(
+        &self,
+        node_id: &str,
+        peer: &auth::Peer,
+        request: pb::RenewCertificateRequest,
+    ) -> Result<pb::RenewCertificateResponse, ApiError> {
+        if request.csr_pem.len() > MAX_CSR_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "certificate signing request is {} bytes; the limit is {MAX_CSR_BYTES}",
+                request.csr_pem.len()
+            )));
+        }
+        // Only a node presenting a certificate it may still use can renew.
+        self.ctx
+            .registry
+            .current_record(node_id, &peer.cert_fingerprint)?;
+        let cert_pem = self
+            .ctx
+            .ca
+            .sign_csr(
+                &request.csr_pem,
+                &Principal::Node(node_id.to_string()),
+                self.ctx.settings.node_cert_validity,
+            )
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let der = pki::first_cert_der(&cert_pem).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let not_after =
+            pki::not_after_ms(der.as_ref()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.ctx
+            .registry
+            .renew_certificate(
+                node_id,
+                &peer.cert_fingerprint,
+                pki::der_fingerprint(der.as_ref()),
+                not_after,
+            )
+            .await?;
+        tracing::info!(node = %node_id, not_after = %hotswap_common::timefmt::rfc3339_from_ms(not_after), "node certificate renewed");
+        Ok(pb::RenewCertificateResponse {
+            certificate_pem: cert_pem,
+            ca_certificate_pem: self.ctx.ca.cert_pem().to_string(),
+        })
+    }
+}
+
+/// A CSR for a P-256 key is well under 1 KiB.
+const MAX_CSR_BYTES: usize = 16 * 1024;
+
 #[tonic::async_trait]
 impl pb::agent_session_server::AgentSession for SessionService {
     type SessionStream = SessionStream;
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let info = auth::RequestInfo::of(&request);
+        let (node_id, peer) = auth::require_node(&request)?;
+        let result = self.renew(&node_id, &peer, request.into_inner()).await;
+        let (outcome, detail) = match &result {
+            Ok(_) => ("ok", String::new()),
+            Err(e @ ApiError::PermissionDenied(_)) => ("denied", e.to_string()),
+            Err(e) => ("error", e.to_string()),
+        };
+        self.ctx
+            .record(AuditEntry {
+                user: format!("node:{node_id}"),
+                role: "node".into(),
+                action: "nodes.renew_certificate".into(),
+                target: node_id.clone(),
+                result: outcome,
+                detail,
+                trace_id: info.trace_id,
+                peer: info.peer_addr,
+            })
+            .await?;
+        Ok(Response::new(result?))
+    }
 
     async fn session(
         &self,

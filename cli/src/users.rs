@@ -1,0 +1,195 @@
+//! `hotswapctl users`: operator credentials. The key pair is generated here
+//! and never leaves this machine; the control plane signs a CSR and records
+//! the role, which it checks on every call.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Subcommand;
+use hotswap_common::pb;
+use hotswap_common::pki;
+use hotswap_common::profile::Profile;
+use hotswap_common::timefmt::parse_duration;
+use serde::Serialize;
+
+use crate::client::{CliError, Context};
+use crate::output::{self, OutputFormat};
+
+#[derive(Subcommand)]
+pub enum UsersCommand {
+    /// Issue credentials for a new operator and write them as a profile.
+    #[command(
+        after_help = "Roles: viewer (read), deployer (push, deploy, control non-production deployments),\napprover (approve/reject, control any deployment), admin (everything, users, keys, tokens).\n\nExamples:\n  hotswapctl users create alice --role deployer --out alice.profile.toml\n  hotswapctl users create ci --role deployer --validity 720h --out ci.profile.toml"
+    )]
+    Create {
+        name: String,
+        /// viewer, deployer, approver or admin.
+        #[arg(long)]
+        role: String,
+        /// Where to write the profile (0600); must not exist.
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime (default: the control plane's user_cert_validity).
+        #[arg(long, value_parser = parse_duration)]
+        validity: Option<Duration>,
+    },
+    /// List operators and their roles.
+    #[command(after_help = "Examples:\n  hotswapctl users list\n  hotswapctl -o json users list")]
+    List,
+    /// Change a user's role; takes effect on their next call.
+    #[command(after_help = "Examples:\n  hotswapctl users set-role alice approver")]
+    SetRole { name: String, role: String },
+    /// Revoke a user; their certificate is refused from the next call on.
+    #[command(after_help = "Examples:\n  hotswapctl users revoke alice")]
+    Revoke { name: String },
+}
+
+#[derive(Serialize)]
+struct UserView {
+    name: String,
+    role: String,
+    revoked: bool,
+    created_by: String,
+    created_at: Option<String>,
+    cert_expires_at: Option<String>,
+    cert_fingerprint: String,
+}
+
+use hotswap_common::timefmt::{ms_from_ts, rfc3339_from_ms};
+
+impl From<pb::User> for UserView {
+    fn from(u: pb::User) -> Self {
+        Self {
+            name: u.name,
+            role: u.role,
+            revoked: u.revoked,
+            created_by: u.created_by,
+            created_at: u.created_at.map(|t| rfc3339_from_ms(ms_from_ts(&t))),
+            cert_expires_at: u.cert_expires_at.map(|t| rfc3339_from_ms(ms_from_ts(&t))),
+            cert_fingerprint: u.cert_fingerprint,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CreatedView {
+    user: UserView,
+    profile: String,
+}
+
+fn print_users(ctx: &Context, users: Vec<UserView>) {
+    match ctx.output {
+        OutputFormat::Json => output::print_json(&users),
+        OutputFormat::Table => {
+            let mut table =
+                output::table(&["NAME", "ROLE", "STATUS", "CREATED BY", "CERT EXPIRES"]);
+            for u in users {
+                table.add_row(vec![
+                    u.name,
+                    u.role,
+                    if u.revoked { "revoked" } else { "active" }.to_string(),
+                    u.created_by,
+                    u.cert_expires_at.unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            output::print_table(&table);
+        }
+    }
+}
+
+pub async fn run(ctx: &Context, command: UsersCommand) -> Result<(), CliError> {
+    let conn = ctx.connect()?;
+    let mut client = pb::users_client::UsersClient::new(conn.channel.clone());
+    match command {
+        UsersCommand::Create {
+            name,
+            role,
+            out,
+            validity,
+        } => {
+            if out.exists() {
+                return Err(anyhow::anyhow!(
+                    "{} already exists; refusing to overwrite a profile",
+                    out.display()
+                )
+                .into());
+            }
+            let (csr_pem, key_pem) = pki::generate_csr(&name)
+                .map_err(|e| anyhow::anyhow!("cannot generate a key pair: {e}"))?;
+            let response = client
+                .create_user(pb::CreateUserRequest {
+                    name: name.clone(),
+                    role,
+                    csr_pem,
+                    validity_seconds: validity.map_or(0, |d| d.as_secs().max(1)),
+                })
+                .await
+                .map_err(conn.rpc_error("create user"))?
+                .into_inner();
+            let profile = Profile {
+                endpoint: conn.endpoint.clone(),
+                ca_cert: response.ca_certificate_pem,
+                client_cert: response.certificate_pem,
+                client_key: key_pem,
+            };
+            profile
+                .save(&out)
+                .map_err(|e| anyhow::anyhow!("user {name} was created but {e}"))?;
+            let user: UserView = response
+                .user
+                .ok_or_else(|| anyhow::anyhow!("unexpected reply: no user"))?
+                .into();
+            match ctx.output {
+                OutputFormat::Json => output::print_json(&CreatedView {
+                    user,
+                    profile: out.display().to_string(),
+                }),
+                OutputFormat::Table => {
+                    println!(
+                        "user {} created with role {}; profile written to {} (0600)",
+                        user.name,
+                        user.role,
+                        out.display()
+                    );
+                    println!(
+                        "use it with: hotswapctl --profile {} nodes list",
+                        out.display()
+                    );
+                }
+            }
+        }
+        UsersCommand::List => {
+            let users = client
+                .list_users(pb::ListUsersRequest {})
+                .await
+                .map_err(conn.rpc_error("list users"))?
+                .into_inner()
+                .users;
+            print_users(ctx, users.into_iter().map(UserView::from).collect());
+        }
+        UsersCommand::SetRole { name, role } => {
+            let user = client
+                .set_user_role(pb::SetUserRoleRequest { name, role })
+                .await
+                .map_err(conn.rpc_error("set role"))?
+                .into_inner();
+            print_one(ctx, user.into(), "role changed");
+        }
+        UsersCommand::Revoke { name } => {
+            let user = client
+                .revoke_user(pb::RevokeUserRequest { name })
+                .await
+                .map_err(conn.rpc_error("revoke user"))?
+                .into_inner();
+            print_one(ctx, user.into(), "revoked");
+        }
+    }
+    Ok(())
+}
+
+fn print_one(ctx: &Context, user: UserView, what: &str) {
+    match ctx.output {
+        OutputFormat::Json => output::print_json(&user),
+        OutputFormat::Table => println!("user {}: {what} (role {})", user.name, user.role),
+    }
+}

@@ -1,0 +1,131 @@
+//! Certificate renewal. Node certificates are short-lived (a day by
+//! default); two thirds into a certificate's lifetime the agent generates a
+//! new key, sends a CSR over its current mTLS channel, and stores the new
+//! pair. The open session is not touched: the control plane keeps accepting
+//! the previous certificate until it expires, and the next connection uses
+//! the new one.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hotswap_common::pb;
+use hotswap_common::pki;
+use hotswap_common::timefmt::now_ms;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+
+/// Retry a failed renewal after this long (or sooner near expiry).
+const RETRY: Duration = Duration::from_secs(30);
+
+/// The identity the agent uses, replaced in place by renewals.
+pub type SharedIdentity = Arc<RwLock<Identity>>;
+
+pub fn current(identity: &SharedIdentity) -> Identity {
+    identity.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn due_ms(identity: &Identity) -> u64 {
+    pki::first_cert_der(&identity.cert_pem)
+        .and_then(|der| pki::renewal_due_ms(der.as_ref()))
+        // An unreadable certificate was refused at load; renew at once if so.
+        .unwrap_or(0)
+}
+
+/// Renew whenever due, using the session's channel; runs until shutdown.
+pub async fn run(
+    data_dir: PathBuf,
+    identity: SharedIdentity,
+    mut channel: watch::Receiver<Option<Channel>>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let due = due_ms(&current(&identity));
+        let wait = Duration::from_millis(due.saturating_sub(now_ms()));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        // Renewal needs a live session channel: wait for one.
+        let live = loop {
+            if let Some(live) = channel.borrow_and_update().clone() {
+                break live;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = channel.changed() => if changed.is_err() { return },
+            }
+        };
+        match renew_once(&data_dir, &identity, live).await {
+            Ok(not_after) => {
+                metrics.rpc("renew_certificate", "ok");
+                tracing::info!(
+                    not_after = %hotswap_common::timefmt::rfc3339_from_ms(not_after),
+                    "node certificate renewed"
+                );
+            }
+            Err(reason) => {
+                metrics.rpc("renew_certificate", "error");
+                tracing::warn!(reason = %reason, retry_in_secs = RETRY.as_secs(), "certificate renewal failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One renewal: new key and CSR, the call, checks, then durable storage
+/// before the new identity is used. Returns the new certificate's expiry.
+async fn renew_once(
+    data_dir: &std::path::Path,
+    identity: &SharedIdentity,
+    channel: Channel,
+) -> Result<u64, String> {
+    let old = current(identity);
+    let (csr_pem, key_pem) =
+        pki::generate_csr(&old.info.name).map_err(|e| format!("cannot generate a key: {e}"))?;
+    let response = pb::agent_session_client::AgentSessionClient::new(channel)
+        .renew_certificate(pb::RenewCertificateRequest { csr_pem })
+        .await
+        .map_err(|s| format!("control plane refused: {}", s.message()))?
+        .into_inner();
+    let der = pki::first_cert_der(&response.certificate_pem)
+        .map_err(|e| format!("control plane sent an invalid certificate: {e}"))?;
+    match pki::principal_of(der.as_ref()) {
+        Ok(pki::Principal::Node(id)) if id == old.info.node_id => {}
+        other => {
+            return Err(format!(
+                "control plane sent a certificate for {other:?}, not for node {}",
+                old.info.node_id
+            ));
+        }
+    }
+    // The CA must stay the one this node trusts.
+    if pki::pem_fingerprint(&response.ca_certificate_pem).ok()
+        != pki::pem_fingerprint(&old.ca_pem).ok()
+    {
+        return Err("control plane sent a different CA certificate; refusing it".into());
+    }
+    let not_after = pki::not_after_ms(der.as_ref()).map_err(|e| e.to_string())?;
+    let renewed = Identity {
+        info: old.info.clone(),
+        cert_pem: response.certificate_pem,
+        key_pem,
+        ca_pem: old.ca_pem.clone(),
+    };
+    let dir = data_dir.to_path_buf();
+    let to_save = renewed.clone();
+    tokio::task::spawn_blocking(move || to_save.save_renewed(&dir))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    *identity.write().unwrap_or_else(|e| e.into_inner()) = renewed;
+    Ok(not_after)
+}
