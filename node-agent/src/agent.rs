@@ -217,16 +217,19 @@ async fn run_sessions(
         report: report_tx,
     }));
     let identity: SharedIdentity = Arc::new(std::sync::RwLock::new(identity));
+    let (renewed_tx, _) = watch::channel(0u64);
     let renewal_task = tokio::spawn(renewal::run(
         config.data_dir.clone(),
         identity.clone(),
         channel_tx.subscribe(),
+        renewed_tx.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
     let result = session_loop(
         config,
         &identity,
+        &renewed_tx,
         &labels,
         metrics,
         readiness,
@@ -248,6 +251,7 @@ async fn run_sessions(
 async fn session_loop(
     config: &AgentConfig,
     identity: &SharedIdentity,
+    renewed: &watch::Sender<u64>,
     labels: &hotswap_common::labels::Labels,
     metrics: &Metrics,
     readiness: &Readiness,
@@ -258,12 +262,15 @@ async fn session_loop(
     backoff: &mut Backoff,
 ) -> Result<(), AgentError> {
     let mut first = true;
+    let mut previous = None;
     loop {
-        if !first {
+        if !first && previous.is_none() {
             metrics.reconnects.inc();
         }
         first = false;
-        // Each connection uses the newest certificate.
+        // Each connection uses the newest certificate. Subscribe before
+        // reading it, so a renewal in between still triggers a handover.
+        let renewed = renewed.subscribe();
         let identity = renewal::current(identity);
         let end = session::run_once(SessionParams {
             url: &config.control_plane,
@@ -275,10 +282,16 @@ async fn session_loop(
             desired: desired_tx,
             channel: channel_tx,
             reports: report_rx.clone(),
+            renewed,
+            previous: previous.take(),
         })
         .await;
         match end {
             SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Handover(handover) => {
+                previous = Some(handover);
+                continue;
+            }
             SessionEnd::Fatal(reason) => return Err(AgentError::Refused(reason)),
             SessionEnd::Retry {
                 reason,

@@ -1,9 +1,10 @@
 //! Certificate renewal. Node certificates are short-lived (a day by
 //! default); two thirds into a certificate's lifetime the agent generates a
 //! new key, sends a CSR over its current mTLS channel, and stores the new
-//! pair. The open session is not touched: the control plane keeps accepting
-//! the previous certificate until it expires, and the next connection uses
-//! the new one.
+//! pair. The session then moves to a connection made with the new
+//! certificate, opened before the old one is closed, so the control plane
+//! replaces one session with the other and never sees the node leave; it
+//! keeps accepting the previous certificate until it expires meanwhile.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -41,6 +42,7 @@ pub async fn run(
     data_dir: PathBuf,
     identity: SharedIdentity,
     mut channel: watch::Receiver<Option<Channel>>,
+    renewed: watch::Sender<u64>,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
@@ -64,6 +66,8 @@ pub async fn run(
         match renew_once(&data_dir, &identity, live).await {
             Ok(not_after) => {
                 metrics.rpc("renew_certificate", "ok");
+                // The session moves to the new certificate (see session.rs).
+                renewed.send_modify(|n| *n += 1);
                 tracing::info!(
                     not_after = %hotswap_common::timefmt::rfc3339_from_ms(not_after),
                     "node certificate renewed"

@@ -38,7 +38,32 @@ pub enum SessionEnd {
     Retry { reason: String, established: bool },
     /// The control plane refuses this node; reconnecting cannot help.
     Fatal(String),
+    /// The node's certificate was renewed: open the next session with the
+    /// new one at once, and keep this one open until it is up.
+    Handover(Handover),
 }
+
+/// An established session kept alive while its successor connects, so the
+/// control plane replaces one with the other and never sees the node leave.
+pub struct Handover {
+    _channel: Channel,
+    _outbound: mpsc::Sender<pb::AgentMessage>,
+    _inbound: tonic::Streaming<pb::ControlMessage>,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handover")
+    }
+}
+
+impl PartialEq for Handover {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Handover {}
 
 pub struct SessionParams<'a> {
     pub url: &'a ControlPlaneUrl,
@@ -53,6 +78,10 @@ pub struct SessionParams<'a> {
     pub channel: &'a watch::Sender<Option<Channel>>,
     /// Status reports to send.
     pub reports: watch::Receiver<AgentReport>,
+    /// Changes when the certificate is renewed.
+    pub renewed: watch::Receiver<u64>,
+    /// The previous session, closed once this one is established.
+    pub previous: Option<Handover>,
 }
 
 /// A full status report goes out at least this often, besides one per change.
@@ -225,9 +254,19 @@ pub async fn run_once(mut params: SessionParams<'_>) -> SessionEnd {
     tracing::info!(node = %identity.info.node_id, heartbeat_ms = interval.as_millis() as u64, "session established");
     params.metrics.connected.set(1);
     params.readiness.set(true);
-    params.channel.send_replace(Some(channel));
+    params.channel.send_replace(Some(channel.clone()));
+    if params.previous.take().is_some() {
+        tracing::info!("session moved to the renewed certificate");
+    }
 
-    let end = heartbeat_loop(&mut params, &tx, &mut inbound, interval, silence_limit).await;
+    let Some(end) = heartbeat_loop(&mut params, &tx, &mut inbound, interval, silence_limit).await
+    else {
+        return SessionEnd::Handover(Handover {
+            _channel: channel,
+            _outbound: tx,
+            _inbound: inbound,
+        });
+    };
     params.channel.send_replace(None);
     params.metrics.connected.set(0);
     params.readiness.set(false);
@@ -242,43 +281,51 @@ async fn heartbeat_loop(
     inbound: &mut tonic::Streaming<pb::ControlMessage>,
     interval: Duration,
     silence_limit: Duration,
-) -> SessionEnd {
+) -> Option<SessionEnd> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq: u64 = 0;
     let mut summary = tokio::time::interval(SUMMARY_INTERVAL);
     // The first report goes out right away, as part of the first tick.
     params.reports.mark_changed();
+    let mut renewals_open = true;
     loop {
         tokio::select! {
-            _ = params.shutdown.cancelled() => return SessionEnd::Shutdown,
+            _ = params.shutdown.cancelled() => return Some(SessionEnd::Shutdown),
+            renewed = params.renewed.changed(), if renewals_open => {
+                match renewed {
+                    // run_once turns this into a handover carrying the streams.
+                    Ok(()) => return None,
+                    Err(_) => renewals_open = false,
+                }
+            }
             changed = params.reports.changed() => {
                 if changed.is_err() {
-                    return SessionEnd::Shutdown;
+                    return Some(SessionEnd::Shutdown);
                 }
                 let report = report_to_pb(&params.reports.borrow_and_update());
                 if tx.send(report).await.is_err() {
-                    return retry("session stream closed", true);
+                    return Some(retry("session stream closed", true));
                 }
             }
             _ = summary.tick() => {
                 let report = report_to_pb(&params.reports.borrow());
                 if tx.send(report).await.is_err() {
-                    return retry("session stream closed", true);
+                    return Some(retry("session stream closed", true));
                 }
             }
             _ = ticker.tick() => {
                 seq += 1;
                 let heartbeat = pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { seq })) };
                 if tx.send(heartbeat).await.is_err() {
-                    return retry("session stream closed", true);
+                    return Some(retry("session stream closed", true));
                 }
                 params.metrics.heartbeats_sent.inc();
             }
             message = tokio::time::timeout(silence_limit, inbound.message()) => match message {
-                Err(_) => return retry(format!("control plane silent for {}s", silence_limit.as_secs_f64()), true),
-                Ok(Ok(None)) => return retry("control plane closed the session", true),
-                Ok(Err(status)) => return classify(&status, true),
+                Err(_) => return Some(retry(format!("control plane silent for {}s", silence_limit.as_secs_f64()), true)),
+                Ok(Ok(None)) => return Some(retry("control plane closed the session", true)),
+                Ok(Err(status)) => return Some(classify(&status, true)),
                 Ok(Ok(Some(message))) => match message.msg {
                                         Some(ControlMsg::HeartbeatAck(_)) => {}
                     Some(ControlMsg::Desired(desired)) => {

@@ -1,0 +1,884 @@
+//! Security rules with the real binaries: roles against every RPC, the
+//! audit log and its verification after an offline edit, certificate
+//! renewal and revocation, artifact trust over time, and enrollment limits.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hotswap_common::pb;
+use hotswap_common::profile::Profile;
+use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, PinnedCa, ServerTrust};
+use hotswap_tests::{Agent, ControlPlane, TestDir, ctl_offline, eventually, write_module};
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn runtime() -> tokio::runtime::Runtime {
+    hotswap_common::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf8")
+}
+
+fn channel_for(profile: &Path, url: &str) -> Channel {
+    let profile = Profile::load(profile).expect("profile");
+    let config = tls::client_config(
+        ServerTrust::Ca(profile.ca_cert.clone()),
+        Some(ClientIdentity {
+            cert_pem: &profile.client_cert,
+            key_pem: &profile.client_key,
+        }),
+    )
+    .expect("tls config");
+    tls::connect_lazy(
+        &ControlPlaneUrl::parse(url).expect("url"),
+        config,
+        &Default::default(),
+    )
+    .expect("channel")
+}
+
+/// Generate a publisher key pair; returns the `.key` path.
+fn key(dir: &Path, name: &str) -> PathBuf {
+    let base = dir.join(name);
+    ctl_offline(&["keys", "generate", "--out", p(&base)]).ok();
+    dir.join(format!("{name}.key"))
+}
+
+fn pack(dir: &Path, name: &str, version: &str, key: &Path) -> PathBuf {
+    let src = dir.join(format!("src-{name}-{version}"));
+    write_module(&src, name, version, version.as_bytes());
+    let out = dir.join(format!("{name}-{version}.hsm"));
+    ctl_offline(&["module", "pack", p(&src), "--key", p(key), "-o", p(&out)]).ok();
+    out
+}
+
+/// One connected agent per environment (no modules).
+fn agents_in(cp: &ControlPlane, dir: &Path, environments: &[&str]) -> Vec<Agent> {
+    let uses = environments.len().to_string();
+    let (token, fp) = cp.token(&["--uses", &uses]);
+    environments
+        .iter()
+        .map(|env| {
+            let name = format!("{env}-node");
+            let mut agent = Agent::new(dir, &name);
+            let label = format!("environment={env}");
+            agent.enroll(&cp.url(), &token, &fp, &["--label", &label]);
+            cp.wait_status(&name, "connected");
+            agent
+        })
+        .collect()
+}
+
+type Reply = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>>>>;
+type Call = Box<dyn Fn(Channel) -> Reply>;
+
+/// One RPC with a fixed request, callable with any channel.
+macro_rules! call {
+    ($client:ident, $method:ident, $request:expr) => {{
+        let call: Call = Box::new(move |channel: Channel| -> Reply {
+            let request = $request;
+            Box::pin(async move {
+                $client::<Channel>::new(channel)
+                    .$method(request)
+                    .await
+                    .map(|_| ())
+            })
+        });
+        call
+    }};
+}
+
+#[test]
+fn every_role_against_every_operator_rpc() {
+    use pb::{
+        agent_session_client::AgentSessionClient as S, artifacts_client::ArtifactsClient as A,
+        audit_client::AuditClient as Au, deployments_client::DeploymentsClient as D,
+        fleet_client::FleetClient as F, pipelines_client::PipelinesClient as P,
+        users_client::UsersClient as U,
+    };
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let _agents = agents_in(&cp, dir.path(), &["production"]);
+    // A production deployment awaiting approval, for the protected-control rows.
+    let k = key(dir.path(), "k");
+    cp.ctl(&["keys", "trust", p(&dir.path().join("k.pub")), "--name", "k"])
+        .ok();
+    cp.ctl(&["module", "push", p(&pack(dir.path(), "app", "1.0.0", &k))])
+        .ok();
+    let prod = cp
+        .ctl(&[
+            "-o",
+            "json",
+            "deploy",
+            "create",
+            "app@1.0.0",
+            "--env",
+            "production",
+        ])
+        .json();
+    assert_eq!(prod["state"], "awaiting_approval");
+    let prod_id = prod["id"].as_str().expect("id").to_string();
+
+    let profiles = [
+        ("viewer", cp.user_profile("vera", "viewer")),
+        ("deployer", cp.user_profile("dan", "deployer")),
+        ("approver", cp.user_profile("ann", "approver")),
+        ("admin", cp.admin_profile()),
+    ];
+    let pause_prod = call!(
+        D,
+        control_deployment,
+        pb::ControlDeploymentRequest {
+            id: prod_id.clone(),
+            action: "pause".into(),
+            reason: String::new(),
+        }
+    );
+    let all: &[&str] = &["viewer", "deployer", "approver", "admin"];
+    let table: Vec<(&str, Call, &[&str])> = vec![
+        (
+            "Fleet.CreateToken",
+            call!(F, create_token, pb::CreateTokenRequest::default()),
+            &["admin"],
+        ),
+        (
+            "Fleet.ListNodes",
+            call!(F, list_nodes, pb::ListNodesRequest::default()),
+            all,
+        ),
+        (
+            "Fleet.GetNode",
+            call!(F, get_node, pb::GetNodeRequest { node: "x".into() }),
+            all,
+        ),
+        (
+            "Fleet.WatchNodes",
+            call!(F, watch_nodes, pb::WatchNodesRequest {}),
+            all,
+        ),
+        (
+            "Fleet.RemoveNode",
+            call!(F, remove_node, pb::RemoveNodeRequest { node: "x".into() }),
+            &["admin"],
+        ),
+        (
+            "Fleet.SetNodeModule",
+            call!(
+                F,
+                set_node_module,
+                pb::SetNodeModuleRequest {
+                    node: "x".into(),
+                    ..Default::default()
+                }
+            ),
+            &["admin"],
+        ),
+        (
+            "Fleet.UnsetNodeModule",
+            call!(
+                F,
+                unset_node_module,
+                pb::UnsetNodeModuleRequest {
+                    node: "x".into(),
+                    module: "m".into()
+                }
+            ),
+            &["admin"],
+        ),
+        (
+            "Artifacts.PushArtifact",
+            call!(
+                A,
+                push_artifact,
+                tokio_stream::iter(vec![pb::PushArtifactChunk {
+                    data: b"not an artifact".to_vec()
+                }])
+            ),
+            &["deployer", "admin"],
+        ),
+        (
+            "Artifacts.ListModules",
+            call!(A, list_modules, pb::ListModulesRequest::default()),
+            all,
+        ),
+        (
+            "Artifacts.GetModule",
+            call!(A, get_module, pb::GetModuleRequest { name: "x".into() }),
+            all,
+        ),
+        (
+            "Artifacts.TrustKey",
+            call!(
+                A,
+                trust_key,
+                pb::TrustKeyRequest {
+                    name: "x".into(),
+                    public_key_pem: "bad".into()
+                }
+            ),
+            &["admin"],
+        ),
+        (
+            "Artifacts.ListKeys",
+            call!(A, list_keys, pb::ListKeysRequest::default()),
+            all,
+        ),
+        (
+            "Artifacts.RevokeKey",
+            call!(A, revoke_key, pb::RevokeKeyRequest { name: "x".into() }),
+            &["admin"],
+        ),
+        (
+            "Artifacts.DescribeArtifact",
+            call!(
+                A,
+                describe_artifact,
+                pb::DescribeArtifactRequest {
+                    name: "app".into(),
+                    version: "1.0.0".into()
+                }
+            ),
+            all,
+        ),
+        (
+            "Artifacts.FetchArtifact",
+            call!(
+                A,
+                fetch_artifact,
+                pb::FetchArtifactRequest {
+                    digest: "bad".into(),
+                    offset: 0
+                }
+            ),
+            all,
+        ),
+        (
+            "Deployments.CreateDeployment",
+            call!(
+                D,
+                create_deployment,
+                pb::CreateDeploymentRequest {
+                    module: "nope".into(),
+                    version: "1.0.0".into(),
+                    environment: "dev".into(),
+                    ..Default::default()
+                }
+            ),
+            &["deployer", "admin"],
+        ),
+        (
+            "Deployments.ListDeployments",
+            call!(D, list_deployments, pb::ListDeploymentsRequest::default()),
+            all,
+        ),
+        (
+            "Deployments.GetDeployment",
+            call!(
+                D,
+                get_deployment,
+                pb::GetDeploymentRequest { id: "x".into() }
+            ),
+            all,
+        ),
+        (
+            "Deployments.WatchDeployment",
+            call!(
+                D,
+                watch_deployment,
+                pb::GetDeploymentRequest { id: "x".into() }
+            ),
+            all,
+        ),
+        (
+            "Deployments.ControlDeployment pause (dev)",
+            call!(
+                D,
+                control_deployment,
+                pb::ControlDeploymentRequest {
+                    id: "x".into(),
+                    action: "pause".into(),
+                    reason: String::new()
+                }
+            ),
+            &["deployer", "approver", "admin"],
+        ),
+        (
+            "Deployments.ControlDeployment pause (production)",
+            pause_prod,
+            &["approver", "admin"],
+        ),
+        (
+            "Deployments.ControlDeployment approve",
+            call!(
+                D,
+                control_deployment,
+                pb::ControlDeploymentRequest {
+                    id: "x".into(),
+                    action: "approve".into(),
+                    reason: "r".into()
+                }
+            ),
+            &["approver", "admin"],
+        ),
+        (
+            "Deployments.ControlDeployment reject",
+            call!(
+                D,
+                control_deployment,
+                pb::ControlDeploymentRequest {
+                    id: "x".into(),
+                    action: "reject".into(),
+                    reason: "r".into()
+                }
+            ),
+            &["approver", "admin"],
+        ),
+        (
+            "Pipelines.RunPipeline",
+            call!(
+                P,
+                run_pipeline,
+                pb::RunPipelineRequest {
+                    module: "nope".into(),
+                    version: "1.0.0".into(),
+                    to: String::new()
+                }
+            ),
+            &["deployer", "admin"],
+        ),
+        (
+            "Pipelines.GetPipeline",
+            call!(P, get_pipeline, pb::GetPipelineRequest { id: "x".into() }),
+            all,
+        ),
+        (
+            "Users.CreateUser",
+            call!(
+                U,
+                create_user,
+                pb::CreateUserRequest {
+                    name: "probe".into(),
+                    role: "viewer".into(),
+                    csr_pem: "bad".into(),
+                    validity_seconds: 0
+                }
+            ),
+            &["admin"],
+        ),
+        (
+            "Users.ListUsers",
+            call!(U, list_users, pb::ListUsersRequest {}),
+            all,
+        ),
+        (
+            "Users.SetUserRole",
+            call!(
+                U,
+                set_user_role,
+                pb::SetUserRoleRequest {
+                    name: "nobody".into(),
+                    role: "viewer".into()
+                }
+            ),
+            &["admin"],
+        ),
+        (
+            "Users.RevokeUser",
+            call!(
+                U,
+                revoke_user,
+                pb::RevokeUserRequest {
+                    name: "nobody".into()
+                }
+            ),
+            &["admin"],
+        ),
+        (
+            "Audit.ListAudit",
+            call!(Au, list_audit, pb::ListAuditRequest::default()),
+            all,
+        ),
+        (
+            "Audit.VerifyAudit",
+            call!(Au, verify_audit, pb::VerifyAuditRequest {}),
+            all,
+        ),
+        (
+            "AgentSession.RenewCertificate",
+            call!(
+                S,
+                renew_certificate,
+                pb::RenewCertificateRequest {
+                    csr_pem: "x".into()
+                }
+            ),
+            &[],
+        ),
+    ];
+
+    let rt = runtime();
+    let _entered = rt.enter();
+    let mut failures = Vec::new();
+    for (role, profile) in &profiles {
+        let channel = channel_for(profile, &cp.url());
+        for (rpc, call, allowed) in &table {
+            let result = rt.block_on(call(channel.clone()));
+            let code = result.as_ref().err().map(|s| s.code());
+            let denied = matches!(code, Some(Code::PermissionDenied | Code::Unauthenticated));
+            if allowed.contains(role) == denied {
+                failures.push(format!(
+                    "{role} {rpc}: expected {}, got {:?}",
+                    if denied { "allowed" } else { "denied" },
+                    result.as_ref().err()
+                ));
+            }
+            if denied && !allowed.is_empty() {
+                let message = result
+                    .err()
+                    .map(|s| s.message().to_string())
+                    .unwrap_or_default();
+                if !message.contains("needs role") {
+                    failures.push(format!(
+                        "{role} {rpc}: denial does not name the role: {message}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // From the CLI: exit 5 and the role that is needed.
+    let viewer = &profiles[0].1;
+    let out = cp.ctl_with_profile(viewer, &["tokens", "create"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("has role viewer") && out.stderr.contains("needs role admin"),
+        "{out:?}"
+    );
+
+    // Roles change on the server, without new credentials.
+    assert_eq!(cp.ctl(&["users", "set-role", "vera", "admin"]).code, 0);
+    let out = cp.ctl_with_profile(viewer, &["tokens", "create"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(cp.ctl(&["users", "revoke", "vera"]).code, 0);
+    let out = cp.ctl_with_profile(viewer, &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("revoked"), "{out:?}");
+    // Issuing the name again does not revive the old certificate.
+    let fresh = dir.path().join("vera2.profile.toml");
+    assert_eq!(
+        cp.ctl(&[
+            "users",
+            "create",
+            "vera",
+            "--role",
+            "viewer",
+            "--out",
+            p(&fresh)
+        ])
+        .code,
+        0
+    );
+    assert_eq!(cp.ctl_with_profile(viewer, &["nodes", "list"]).code, 5);
+    assert_eq!(cp.ctl_with_profile(&fresh, &["nodes", "list"]).code, 0);
+    // A certificate from the CA that was never registered is refused.
+    let minted = cp.unregistered_profile("mallory");
+    let out = cp.ctl_with_profile(&minted, &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("not known"), "{out:?}");
+    // An existing profile file is never overwritten.
+    let out = cp.ctl(&[
+        "users",
+        "create",
+        "zed",
+        "--role",
+        "viewer",
+        "--out",
+        p(&fresh),
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("refusing to overwrite"), "{out:?}");
+    let users = cp.ctl(&["-o", "json", "users", "list"]).json();
+    assert!(
+        !users
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|u| u["name"] == "zed"),
+        "nothing was created: {users}"
+    );
+}
+
+#[test]
+fn audit_log_records_calls_and_verify_catches_an_offline_edit() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let viewer = cp.user_profile("vic", "viewer");
+    cp.ctl(&["tokens", "create", "--label", "environment=dev"])
+        .ok();
+    assert_eq!(cp.ctl_with_profile(&viewer, &["tokens", "create"]).code, 5);
+    let records = cp.ctl(&["-o", "json", "audit", "list"]).json();
+    let records = records.as_array().expect("array").clone();
+    let summary: Vec<String> = records
+        .iter()
+        .map(|r| format!("{} {} {} {}", r["seq"], r["user"], r["action"], r["result"]))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "1 \"admin\" \"users.create\" \"ok\"",
+            "2 \"admin\" \"tokens.create\" \"ok\"",
+            "3 \"vic\" \"tokens.create\" \"denied\"",
+        ],
+        "{records:?}"
+    );
+    let denied = &records[2];
+    assert!(
+        denied["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("needs role admin")
+    );
+    assert!(
+        denied["peer"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("127.0.0.1:")
+    );
+    assert_eq!(denied["trace_id"].as_str().unwrap_or_default().len(), 32);
+    assert_eq!(records[1]["prev_hash"], records[0]["hash"]);
+    let filtered = cp
+        .ctl(&[
+            "-o", "json", "audit", "list", "--user", "vic", "--result", "denied",
+        ])
+        .json();
+    assert_eq!(filtered.as_array().map(Vec::len), Some(1));
+
+    let verified = cp.ctl(&["-o", "json", "audit", "verify"]);
+    assert_eq!(verified.code, 0, "{verified:?}");
+    assert_eq!(verified.json()["intact"], true);
+    assert_eq!(verified.json()["records"], 3);
+    // The secret token never reaches a log.
+    assert!(!cp.log().contains("hsj_"), "token in the control plane log");
+
+    // Offline, rewrite who created the token.
+    cp.stop();
+    {
+        let db = sled::open(cp.data_dir.join("state")).expect("open sled");
+        let tree = db.open_tree("audit").expect("tree");
+        let key = 2u64.to_be_bytes();
+        let mut record: serde_json::Value =
+            serde_json::from_slice(&tree.get(key).expect("get").expect("record 2")).expect("json");
+        record["user"] = "vic".into();
+        tree.insert(key, serde_json::to_vec(&record).expect("encode"))
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    cp.start();
+    let broken = cp.ctl(&["audit", "verify"]);
+    assert_eq!(broken.code, 1, "{broken:?}");
+    assert!(
+        broken.stderr.contains("audit log broken at record 2")
+            && broken.stderr.contains("modified"),
+        "{broken:?}"
+    );
+    let json = cp.ctl(&["-o", "json", "audit", "verify"]);
+    assert_eq!(json.code, 1);
+    let json: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(
+        (json["intact"].as_bool(), json["broken_seq"].as_u64()),
+        (Some(false), Some(2))
+    );
+}
+
+#[test]
+fn agents_renew_short_lived_certificates_without_dropping_the_session() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init_with_settings(dir.path(), "node_cert_validity = \"12s\"\n");
+    cp.start();
+    let (token, fp) = cp.token(&[]);
+    let mut agent = Agent::new(dir.path(), "node-1");
+    agent.enroll(&cp.url(), &token, &fp, &[]);
+    cp.wait_status("node-1", "connected");
+    let cert_path = agent.data_dir.join("identity/node.crt");
+    let first = std::fs::read_to_string(&cert_path).expect("cert");
+    let old_profile = agent.node_profile(&cp.url());
+
+    // Due at 8 s; wait for two renewals so the second uses a renewed cert.
+    let renewals = || {
+        cp.ctl(&[
+            "-o",
+            "json",
+            "audit",
+            "list",
+            "--action",
+            "nodes.renew_certificate",
+            "--result",
+            "ok",
+        ])
+        .json()
+        .as_array()
+        .map_or(0, Vec::len)
+    };
+    eventually("two certificate renewals", || {
+        let n = renewals();
+        if n >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} renewals"))
+        }
+    });
+    // The agent stores the new pair after the control plane recorded it.
+    eventually("the renewed certificate on disk", || {
+        let current = std::fs::read_to_string(&cert_path).map_err(|e| e.to_string())?;
+        let journal = agent.data_dir.join("identity/renewal.json").exists();
+        if current != first && !journal {
+            Ok(())
+        } else {
+            Err(format!(
+                "replaced: {}, journal: {journal}",
+                current != first
+            ))
+        }
+    });
+    // Each renewal moved the session to a connection made with the new
+    // certificate, opened before the old one closed: the control plane
+    // replaced sessions and never saw the node leave.
+    let log = eventually("the session on the second renewed certificate", || {
+        let log = cp.log();
+        if log.matches("agent session opened").count() >= 3 {
+            Ok(log)
+        } else {
+            Err("fewer than 3 sessions".into())
+        }
+    });
+    let opened = log.matches("agent session opened").count();
+    let replaced = log.matches("new session replaces the previous one").count();
+    assert_eq!(replaced, opened - 1, "{log}");
+    let (_, metrics) = hotswap_tests::http_get(agent.admin(), "/metrics");
+    let reconnects = metrics
+        .lines()
+        .find(|l| l.starts_with("hotswap_agent_reconnects_total"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(reconnects.ends_with(" 0"), "{reconnects}");
+    assert_eq!(cp.node_status("node-1").as_deref(), Some("connected"));
+
+    // The enrollment certificate has expired by now: a client using it is
+    // refused, while the agent reconnects with its current one.
+    let out = cp.ctl_with_profile(&old_profile, &["nodes", "list"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    cp.kill();
+    cp.start();
+    cp.wait_status("node-1", "connected");
+}
+
+#[test]
+fn removed_node_is_cut_off_and_cannot_return_with_its_token() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let (token, fp) = cp.token(&["--uses", "3"]);
+    let mut agent = Agent::new(dir.path(), "node-1");
+    agent.enroll(&cp.url(), &token, &fp, &[]);
+    cp.wait_status("node-1", "connected");
+    let node_profile = agent.node_profile(&cp.url());
+    assert_eq!(cp.ctl(&["nodes", "remove", "node-1"]).code, 0);
+    let (status, log) = agent.wait_exit();
+    assert!(!status.success(), "agent must stop: {log}");
+    // Its certificate is refused at once, for every call.
+    let out = cp.ctl_with_profile(&node_profile, &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    // The token had two uses left; they were spent with the removal.
+    let mut again = Agent::new(dir.path(), "node-1b");
+    again.enroll(&cp.url(), &token, &fp, &[]);
+    let (status, log) = again.wait_exit();
+    assert!(!status.success());
+    assert!(log.contains("used up"), "{log}");
+    assert!(
+        !log.contains(&token) && !cp.log().contains(&token),
+        "token leaked into a log"
+    );
+}
+
+#[test]
+fn a_node_can_only_speak_for_itself() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let (token, fp) = cp.token(&["--uses", "2"]);
+    let mut a = Agent::new(dir.path(), "a");
+    a.enroll(&cp.url(), &token, &fp, &[]);
+    let mut b = Agent::new(dir.path(), "b");
+    b.enroll(&cp.url(), &token, &fp, &[]);
+    cp.wait_status("a", "connected");
+    cp.wait_status("b", "connected");
+    let b_id = b.node_id();
+    let rt = runtime();
+    let _entered = rt.enter();
+    let channel = channel_for(&a.node_profile(&cp.url()), &cp.url());
+    let status = rt.block_on(async move {
+        let hello = pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                node_id: b_id,
+                name: "b".into(),
+                ..Default::default()
+            })),
+        };
+        pb::agent_session_client::AgentSessionClient::new(channel)
+            .session(tokio_stream::iter(vec![hello]))
+            .await
+            .map(|_| ())
+            .expect_err("must be refused")
+    });
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("belongs to node"), "{status:?}");
+    assert_eq!(cp.node_status("b").as_deref(), Some("connected"));
+}
+
+#[test]
+fn signatures_are_rechecked_at_deploy_time() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init_with_settings(
+        dir.path(),
+        concat!(
+            "[environments.dev]\nstrategy = \"direct\"\n",
+            "[environments.qa]\nstrategy = \"rolling\"\n",
+            "[environments.staging]\nstrategy = \"blue-green\"\n",
+            "[environments.production]\nstrategy = \"canary\"\nrequire_approval = true\nmin_signatures = 2\n",
+        ),
+    );
+    cp.start();
+    let _agents = agents_in(&cp, dir.path(), &["dev", "production"]);
+    let (k1, k2) = (key(dir.path(), "k1"), key(dir.path(), "k2"));
+    for name in ["k1", "k2"] {
+        let public = dir.path().join(format!("{name}.pub"));
+        cp.ctl(&["keys", "trust", p(&public), "--name", name]).ok();
+    }
+    let artifact = pack(dir.path(), "app", "1.0.0", &k1);
+    cp.ctl(&["module", "push", p(&artifact)]).ok();
+    let plan = |env: &str| cp.ctl(&["deploy", "create", "app@1.0.0", "--env", env, "--dry-run"]);
+    assert_eq!(plan("dev").code, 0);
+    let out = plan("production");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("needs signatures from 2 distinct trusted key(s) and has 1"),
+        "{out:?}"
+    );
+    let piped = cp.ctl(&["pipeline", "run", "app@1.0.0"]);
+    assert_eq!(piped.code, 1, "refused before any stage: {piped:?}");
+    assert!(piped.stderr.contains("environment production"), "{piped:?}");
+    assert!(
+        cp.ctl(&["-o", "json", "deploy", "list"])
+            .json()
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+
+    // A second publisher signs; pushing again merges the signature.
+    ctl_offline(&["module", "sign", p(&artifact), "--key", p(&k2)]).ok();
+    cp.ctl(&["module", "push", p(&artifact)]).ok();
+    assert_eq!(plan("production").code, 0);
+
+    // Revoking a key: its signatures stop counting, history stays.
+    cp.ctl(&["keys", "revoke", "k1"]).ok();
+    let out = plan("production");
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("key \"k1\" was revoked"), "{out:?}");
+    assert_eq!(plan("dev").code, 0, "k2 alone is enough for dev");
+    cp.ctl(&["keys", "revoke", "k2"]).ok();
+    let out = plan("dev");
+    assert_eq!(out.code, 1, "{out:?}");
+    let module = cp.ctl(&["-o", "json", "module", "get", "app"]).json();
+    assert_eq!(module["versions"][0]["version"], "1.0.0", "history is kept");
+
+    // An expiring signature: valid when pushed, not after it expires. The
+    // artifact is packed by k4 (revoked below) and signed by k3 for 2 s.
+    for name in ["k3", "k4"] {
+        key(dir.path(), name);
+        let public = dir.path().join(format!("{name}.pub"));
+        cp.ctl(&["keys", "trust", p(&public), "--name", name]).ok();
+    }
+    let expiring = pack(dir.path(), "exp", "1.0.0", &dir.path().join("k4.key"));
+    let k3 = dir.path().join("k3.key");
+    ctl_offline(&[
+        "module",
+        "sign",
+        p(&expiring),
+        "--key",
+        p(&k3),
+        "--expires-in",
+        "2s",
+    ])
+    .ok();
+    cp.ctl(&["module", "push", p(&expiring)]).ok();
+    cp.ctl(&["keys", "revoke", "k4"]).ok();
+    let plan_e = || cp.ctl(&["deploy", "create", "exp@1.0.0", "--env", "dev", "--dry-run"]);
+    assert_eq!(plan_e().code, 0, "k3's signature is still valid");
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = plan_e();
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("the signature by \"k3\" expired"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn enrollment_attempts_are_rate_limited_per_address() {
+    let dir = TestDir::new();
+    let mut cp =
+        ControlPlane::init_with_settings(dir.path(), "enroll_burst = 3\nenroll_per_minute = 1\n");
+    cp.start();
+    let (_, fp) = cp.token(&[]);
+    let pin = PinnedCa::new(hotswap_common::pki::parse_fingerprint(&fp).expect("fingerprint"));
+    let url = ControlPlaneUrl::parse(&cp.url()).expect("url");
+    let codes: Vec<Code> = runtime().block_on(async move {
+        let config = tls::client_config(ServerTrust::Pinned(pin), None).expect("config");
+        let channel = tls::connect(&url, config, &Default::default())
+            .await
+            .expect("connect");
+        let mut client = pb::enrollment_client::EnrollmentClient::new(channel);
+        let mut codes = Vec::new();
+        let (csr_pem, _) = hotswap_common::pki::generate_csr("x").expect("csr");
+        for _ in 0..5 {
+            let status = client
+                .enroll(pb::EnrollRequest {
+                    join_token: "hsj_guess".into(),
+                    csr_pem: csr_pem.clone(),
+                    name: "x".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("bad token");
+            codes.push(status.code());
+        }
+        codes
+    });
+    assert_eq!(
+        codes,
+        [
+            Code::Unauthenticated,
+            Code::Unauthenticated,
+            Code::Unauthenticated,
+            Code::ResourceExhausted,
+            Code::ResourceExhausted
+        ]
+    );
+    let denied = cp
+        .ctl(&["-o", "json", "audit", "list", "--action", "nodes.enroll"])
+        .json();
+    assert_eq!(
+        denied.as_array().map(Vec::len),
+        Some(3),
+        "attempts that got through are audited"
+    );
+}
