@@ -88,22 +88,7 @@ impl CertificateAuthority {
     /// Create a new self-signed CA valid for ten years.
     pub fn generate(common_name: &str) -> Result<(Self, CertifiedKeyPem), PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        dn.push(DnType::OrganizationName, "hotswap");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(3650);
-        params.serial_number = Some(random_serial());
-        let cert = params.self_signed(&key)?;
+        let cert = ca_params(common_name).self_signed(&key)?;
         let pems = CertifiedKeyPem {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -129,6 +114,21 @@ impl CertificateAuthority {
     /// `sha256:<hex>` of the CA certificate's DER, what agents pin.
     pub fn fingerprint(&self) -> Result<String, PkiError> {
         pem_fingerprint(&self.cert_pem)
+    }
+
+    /// A certificate for another CA (its name and key, from `other_cert_pem`
+    /// and `other_key_pem`) signed by this one. During a CA rotation the
+    /// server sends it along, so clients that still trust only this (old)
+    /// CA accept chains issued by the new one.
+    pub fn cross_sign(
+        &self,
+        other_common_name: &str,
+        other_key_pem: &str,
+    ) -> Result<String, PkiError> {
+        let key = KeyPair::from_pem(other_key_pem)?;
+        Ok(ca_params(other_common_name)
+            .signed_by(&key, &self.issuer)?
+            .pem())
     }
 
     /// Issue the server certificate for the given DNS names and IP addresses.
@@ -182,6 +182,26 @@ impl CertificateAuthority {
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.pem())
     }
+}
+
+/// A CA certificate's name, usages and ten-year validity.
+fn ca_params(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "hotswap");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(3650);
+    params.serial_number = Some(random_serial());
+    params
 }
 
 fn common_name_dn(cn: &str) -> DistinguishedName {
@@ -274,7 +294,36 @@ pub fn principal_of(der: &[u8]) -> Result<Principal, PkiError> {
         .ok_or(PkiError::NoIdentity)
 }
 
-/// The `notAfter` of a certificate, in milliseconds since the epoch.
+/// The DNS names and IP addresses a server certificate is valid for.
+pub fn server_names(der: &[u8]) -> Result<Vec<String>, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
+            x509_parser::extensions::GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| std::net::IpAddr::from(b).to_string()),
+                16 => <[u8; 16]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| std::net::IpAddr::from(b).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
+}
+
 /// How far before its issue time a certificate's `notBefore` is set.
 pub const BACKDATE: Duration = Duration::from_secs(300);
 
@@ -289,6 +338,7 @@ pub fn renewal_due_ms(der: &[u8]) -> Result<u64, PkiError> {
     Ok(issued + not_after.saturating_sub(issued) * 2 / 3)
 }
 
+/// The `notAfter` of a certificate, in milliseconds since the epoch.
 pub fn not_after_ms(der: &[u8]) -> Result<u64, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| PkiError::BadCertificate(e.to_string()))?;

@@ -17,6 +17,7 @@ pub mod init;
 pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
+pub mod rotation;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use hotswap_common::logging::{self, LogFormat};
 use hotswap_common::signals::{cancel_on_signal, fail};
 use hotswap_control_plane::config::{RunConfig, Settings};
-use hotswap_control_plane::{init, server};
+use hotswap_control_plane::{init, rotation, server};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -62,6 +62,33 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Issue a new server key and certificate (control plane stopped).
+    #[command(
+        after_help = "Agents and operators pin the CA, not the server certificate, so nothing else changes.\n\nExample:\n  hotswap-control-plane rotate-server-cert --data-dir /var/lib/hotswap --san cp2.example.com"
+    )]
+    RotateServerCert {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Extra DNS name or IP for the new certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Start a CA rotation (control plane stopped); see docs/operations.md.
+    #[command(
+        after_help = "Agents keep working and receive the new CA with their next certificate renewal.\nRun finish-ca-rotation after at least one node certificate lifetime.\n\nExample:\n  hotswap-control-plane rotate-ca --data-dir /var/lib/hotswap"
+    )]
+    RotateCa {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Finish a CA rotation: stop trusting the previous CA (control plane stopped).
+    #[command(
+        after_help = "Example:\n  hotswap-control-plane finish-ca-rotation --data-dir /var/lib/hotswap"
+    )]
+    FinishCaRotation {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +115,33 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::RotateServerCert { data_dir, sans } => {
+            match rotation::rotate_server_cert(&data_dir, &sans) {
+                Ok(names) => {
+                    println!("new server certificate for {}", names.join(", "));
+                    println!("restart the control plane to use it");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::RotateCa { data_dir } => match rotation::rotate_ca(&data_dir) {
+            Ok(fingerprint) => {
+                println!("new CA fingerprint: {fingerprint}");
+                println!(
+                    "the previous CA stays trusted until finish-ca-rotation; restart the control plane"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::FinishCaRotation { data_dir } => match rotation::finish_ca_rotation(&data_dir) {
+            Ok(()) => {
+                println!("the previous CA is no longer trusted; restart the control plane");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Command::Run {
             data_dir,
             listen,

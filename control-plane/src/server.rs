@@ -53,6 +53,18 @@ impl DataDir {
     pub fn server_key(&self) -> PathBuf {
         self.root.join("server.key")
     }
+    /// During a CA rotation: the old CA, still trusted for client certificates.
+    pub fn ca_previous(&self) -> PathBuf {
+        self.root.join("ca-previous.crt")
+    }
+    /// During a CA rotation: the new CA certified by the old one.
+    pub fn ca_cross(&self) -> PathBuf {
+        self.root.join("ca-cross.crt")
+    }
+    /// Staged files of a rotation (see [`crate::rotation`]).
+    pub fn pending(&self) -> PathBuf {
+        self.root.join("pending")
+    }
     pub fn admin_profile(&self) -> PathBuf {
         self.root.join("admin.profile.toml")
     }
@@ -115,6 +127,8 @@ pub enum RunError {
     Registry(#[from] crate::error::ApiError),
     #[error("cannot open the audit log: {0}")]
     Audit(String),
+    #[error("cannot complete an interrupted certificate rotation: {0}")]
+    Rotation(String),
 }
 
 /// Requests to operator services and enrollment are small: a CSR, a name,
@@ -138,12 +152,29 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             config.data_dir.display().to_string(),
         ));
     }
+    crate::rotation::recover(&config.data_dir).map_err(|e| RunError::Rotation(e.to_string()))?;
     let ca_pem = read(&layout.ca_cert())?;
     let ca = CertificateAuthority::from_pem(&ca_pem, &read(&layout.ca_key())?)?;
     let ca_fingerprint = ca.fingerprint()?;
+    // Mid-rotation, clients of the old CA are still accepted and the server
+    // also sends the new CA as certified by the old one.
+    let read_optional = |path: PathBuf| -> Result<String, RunError> {
+        if path.exists() {
+            read(&path)
+        } else {
+            Ok(String::new())
+        }
+    };
+    let previous_ca = read_optional(layout.ca_previous())?;
+    let cross = read_optional(layout.ca_cross())?;
+    if !previous_ca.is_empty() {
+        tracing::warn!(
+            "CA rotation in progress: the previous CA is still trusted; run `finish-ca-rotation` once every node has renewed"
+        );
+    }
     let tls_config = tls_accept::server_config(
-        &ca_pem,
-        &read(&layout.server_cert())?,
+        &format!("{ca_pem}{previous_ca}"),
+        &format!("{}{ca_pem}{cross}", read(&layout.server_cert())?),
         &read(&layout.server_key())?,
     )?;
 

@@ -22,21 +22,24 @@ use tokio_util::sync::CancellationToken;
 /// A client that has not finished its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Server TLS config: TLS 1.3, ALPN h2, our chain (server certificate then
-/// CA, so agents can check the CA against their pinned fingerprint), client
-/// certificates verified against the CA when presented.
+/// Server TLS config: TLS 1.3, ALPN h2, our chain (server certificate, then
+/// the CA, so agents can check it against their pinned fingerprint, then the
+/// cross-signed CA during a rotation), client certificates verified against
+/// `client_roots_pem` (the CA, plus the previous one during a rotation) when
+/// presented.
 pub fn server_config(
-    ca_pem: &str,
-    cert_pem: &str,
+    client_roots_pem: &str,
+    chain_pem: &str,
     key_pem: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = tls::provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(tls::roots_from_pem(ca_pem)?, provider.clone())
-            .allow_unauthenticated()
-            .build()?;
-    let mut chain = tls::certs_from_pem("server certificate", cert_pem)?;
-    chain.extend(tls::certs_from_pem("CA certificate", ca_pem)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        tls::roots_from_pem(client_roots_pem)?,
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()?;
+    let chain = tls::certs_from_pem("server certificate chain", chain_pem)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(tls::PROTOCOL_VERSIONS)?
         .with_client_cert_verifier(verifier)

@@ -13,6 +13,7 @@ use std::time::Duration;
 use hotswap_common::pb;
 use hotswap_common::pki;
 use hotswap_common::timefmt::now_ms;
+use hotswap_common::tls;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -111,18 +112,28 @@ async fn renew_once(
             ));
         }
     }
-    // The CA must stay the one this node trusts.
-    if pki::pem_fingerprint(&response.ca_certificate_pem).ok()
-        != pki::pem_fingerprint(&old.ca_pem).ok()
-    {
-        return Err("control plane sent a different CA certificate; refusing it".into());
-    }
+    // A new CA arrives here during a CA rotation. It comes over a connection
+    // authenticated by the CA this node trusts, like the first one did at
+    // enrollment, so it replaces that one.
+    let ca_pem = match (
+        pki::pem_fingerprint(&response.ca_certificate_pem),
+        pki::pem_fingerprint(&old.ca_pem),
+    ) {
+        (Ok(new), Ok(current)) if new == current => old.ca_pem.clone(),
+        (Ok(new), Ok(current)) => {
+            tls::roots_from_pem(&response.ca_certificate_pem)
+                .map_err(|e| format!("control plane sent an unusable CA certificate: {e}"))?;
+            tracing::info!(from = %current, to = %new, "control plane CA rotated; trusting the new CA");
+            response.ca_certificate_pem.clone()
+        }
+        (Err(e), _) | (_, Err(e)) => return Err(format!("CA certificate unreadable: {e}")),
+    };
     let not_after = pki::not_after_ms(der.as_ref()).map_err(|e| e.to_string())?;
     let renewed = Identity {
         info: old.info.clone(),
         cert_pem: response.certificate_pem,
         key_pem,
-        ca_pem: old.ca_pem.clone(),
+        ca_pem,
     };
     let dir = data_dir.to_path_buf();
     let to_save = renewed.clone();
