@@ -217,10 +217,9 @@ impl AuditLog {
 pub fn verify_records(
     entries: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), AuditError>>,
 ) -> Result<Verification, AuditError> {
-    let mut expected_seq = 1u64;
     let mut prev = GENESIS.to_string();
     let mut records = 0;
-    for entry in entries {
+    for (expected_seq, entry) in (1u64..).zip(entries) {
         let (key, value) = entry?;
         let broken = |problem: String| {
             Ok(Verification {
@@ -263,7 +262,6 @@ pub fn verify_records(
         }
         prev = record.hash;
         records += 1;
-        expected_seq += 1;
     }
     Ok(Verification {
         records,

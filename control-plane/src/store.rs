@@ -357,11 +357,11 @@ impl Store {
     /// Spend whatever uses a join token has left (a removed node must not
     /// come back with the token it enrolled with).
     pub async fn exhaust_token(&self, hash: &str) -> Result<(), StoreError> {
-        if let Some(mut token) = self.get_token(hash)? {
-            if token.uses_left > 0 {
-                token.uses_left = 0;
-                self.insert_token(hash, &token).await?;
-            }
+        if let Some(mut token) = self.get_token(hash)?
+            && token.uses_left > 0
+        {
+            token.uses_left = 0;
+            self.insert_token(hash, &token).await?;
         }
         Ok(())
     }

@@ -96,7 +96,10 @@ mod tests {
         }
     }
 
-    fn artifact(sigs: &[(&str, Option<u64>)]) -> ArtifactRecord {
+    /// (key name, signature expiry) per signature.
+    type Sigs<'a> = &'a [(&'a str, Option<u64>)];
+
+    fn artifact(sigs: Sigs<'_>) -> ArtifactRecord {
         ArtifactRecord {
             name: "m".into(),
             version: "1.0.0".into(),
@@ -121,7 +124,7 @@ mod tests {
     #[test]
     fn counts_distinct_unrevoked_unexpired_keys() {
         let keys = [key("a", None), key("b", None), key("c", Some(5))];
-        let cases: [(&[(&str, Option<u64>)], usize); 6] = [
+        let cases: [(Sigs<'_>, usize); 6] = [
             (&[("a", None)], 1),
             (&[("a", None), ("a", None)], 1),
             (&[("a", None), ("b", None)], 2),

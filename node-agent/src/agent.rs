@@ -289,7 +289,7 @@ async fn session_loop(
         match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Handover(handover) => {
-                previous = Some(handover);
+                previous = Some(*handover);
                 continue;
             }
             SessionEnd::Fatal(reason) => return Err(AgentError::Refused(reason)),

@@ -40,7 +40,7 @@ pub enum SessionEnd {
     Fatal(String),
     /// The node's certificate was renewed: open the next session with the
     /// new one at once, and keep this one open until it is up.
-    Handover(Handover),
+    Handover(Box<Handover>),
 }
 
 /// An established session kept alive while its successor connects, so the
@@ -261,11 +261,11 @@ pub async fn run_once(mut params: SessionParams<'_>) -> SessionEnd {
 
     let Some(end) = heartbeat_loop(&mut params, &tx, &mut inbound, interval, silence_limit).await
     else {
-        return SessionEnd::Handover(Handover {
+        return SessionEnd::Handover(Box::new(Handover {
             _channel: channel,
             _outbound: tx,
             _inbound: inbound,
-        });
+        }));
     };
     params.channel.send_replace(None);
     params.metrics.connected.set(0);

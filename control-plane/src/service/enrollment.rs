@@ -17,7 +17,7 @@ use crate::auth::RequestInfo;
 use crate::error::ApiError;
 use crate::metrics::ResultLabel;
 use crate::ratelimit::RateLimiter;
-use crate::store::{EnrollError, NodeRecord};
+use crate::store::{EnrollError, EnrollRejection, NodeRecord};
 
 /// Limits on enrollment input; a CSR for a P-256 or RSA-4096 key is far below.
 const MAX_CSR_BYTES: usize = 16 * 1024;
@@ -78,6 +78,30 @@ impl EnrollmentService {
         let labels: Labels = request.labels.into_iter().collect();
         validate_labels(&labels).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
 
+        // Refuse unknown, expired and used-up tokens before spending a
+        // signature on the CSR; the transaction below checks again.
+        let hash = token_hash(&request.join_token);
+        match self.ctx.store().get_token(&hash)? {
+            None => {
+                return Err(ApiError::Unauthenticated(
+                    EnrollRejection::UnknownToken.to_string(),
+                ));
+            }
+            Some(t) if now_ms() >= t.expires_at_ms => {
+                return Err(ApiError::Unauthenticated(
+                    EnrollRejection::Expired(hotswap_common::timefmt::rfc3339_from_ms(
+                        t.expires_at_ms,
+                    ))
+                    .to_string(),
+                ));
+            }
+            Some(t) if t.uses_left == 0 => {
+                return Err(ApiError::Unauthenticated(
+                    EnrollRejection::UsedUp(t.uses_total).to_string(),
+                ));
+            }
+            Some(_) => {}
+        }
         let node_id = uuid::Uuid::new_v4().to_string();
         let settings = &self.ctx.settings;
         let cert_pem = self
