@@ -135,10 +135,19 @@ echo "web-1: $(http_get 18081)    web-2: $(http_get 18082)"
 ctl deploy list
 
 say "production needs a second person: the creator cannot approve their own deployment"
-id=$(ctl deploy create greeting-config@1.0.0 --env production 2>/dev/null)
+ctl users create bob --role approver --out "$work/bob.profile.toml"
+bob() { "$bin/hotswapctl" --profile "$work/bob.profile.toml" --endpoint "https://$grpc" "$@"; }
+id=$(ctl deploy create greeting-config@1.0.0 --env production --steps 100 --step-duration 3s 2>/dev/null)
 ctl deploy get "$id" | head -n 5
 ctl deploy approve "$id" --reason "looks good to me" || true
-ctl deploy reject "$id" --reason "demo: nobody else is here to approve"
+echo "bob is an approver: he may approve, but not deploy"
+bob deploy create greeting-config@1.0.0 --env dev || true
+bob deploy approve "$id" --reason "CHG-1: config reviewed"
+ctl deploy watch "$id" --timeout 60s
+
+say "the audit log: every change and every refusal, hash-chained"
+ctl audit list --limit 8
+ctl audit verify
 
 say "kill -9 the control plane, start it again: the agents come back by themselves"
 kill -KILL "$cp_pid"; wait "$cp_pid" 2>/dev/null || true

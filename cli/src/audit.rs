@@ -113,9 +113,11 @@ pub async fn run(ctx: &Context, command: AuditCommand) -> Result<(), CliError> {
                     let mut table =
                         output::table(&["SEQ", "TIME", "USER", "ACTION", "TARGET", "RESULT"]);
                     for r in views {
+                        // Date and seconds fit 80 columns; JSON has the full time.
+                        let time = r.time.unwrap_or_default();
                         table.add_row(vec![
                             r.seq.to_string(),
-                            r.time.unwrap_or_default(),
+                            time.get(..19).unwrap_or(&time).replace('T', " "),
                             r.user,
                             r.action,
                             r.target,
