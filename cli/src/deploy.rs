@@ -334,6 +334,8 @@ async fn watch(
             .into_inner();
         let mut last_line = String::new();
         let mut last: Option<DeploymentView> = None;
+        let tty = ctx.output == OutputFormat::Table && crate::live::wanted();
+        let mut live: Option<crate::live::LiveView> = None;
         while let Some(update) = stream
             .message()
             .await
@@ -342,6 +344,10 @@ async fn watch(
             let view = convert(update)?;
             match ctx.output {
                 OutputFormat::Json => output::print_json_line(&view),
+                OutputFormat::Table if tty => match live.as_mut() {
+                    Some(live) => live.update(&view),
+                    None => live = Some(crate::live::LiveView::new(&view)),
+                },
                 OutputFormat::Table => {
                     let line = summary_line(&view);
                     if line != last_line {
@@ -354,6 +360,12 @@ async fn watch(
             last = Some(view);
             if done {
                 break;
+            }
+        }
+        if let Some(live) = live {
+            live.finish();
+            if let Some(view) = &last {
+                println!("{}", summary_line(view));
             }
         }
         Ok::<Option<DeploymentView>, CliError>(last)

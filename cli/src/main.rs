@@ -6,8 +6,11 @@
 
 mod audit;
 mod client;
+mod clusters;
 mod deploy;
+mod events;
 mod keys;
+mod live;
 mod module;
 mod nodes;
 mod output;
@@ -74,6 +77,11 @@ enum Command {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// The durable event stream: replay from a sequence number, follow live.
+    Events(events::EventsArgs),
+    /// Per-environment health, module versions and metric averages.
+    #[command(subcommand)]
+    Clusters(clusters::ClustersCommand),
 }
 
 fn main() -> ExitCode {
@@ -102,6 +110,8 @@ fn main() -> ExitCode {
             Command::Pipeline(cmd) => outcome(pipeline::run(&ctx, cmd).await),
             Command::Users(cmd) => done(users::run(&ctx, cmd).await),
             Command::Audit(cmd) => done(audit::run(&ctx, cmd).await),
+            Command::Events(args) => done(events::run(&ctx, args).await),
+            Command::Clusters(cmd) => done(clusters::run(&ctx, cmd).await),
         }
     });
     match result {

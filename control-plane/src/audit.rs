@@ -196,12 +196,13 @@ impl AuditLog {
         Ok(out)
     }
 
-    pub fn len(&self) -> usize {
-        self.tree.len()
+    /// Records appended so far (the last sequence number).
+    pub fn len(&self) -> u64 {
+        self.head.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.len() == 0
     }
 
     /// Walk the chain from the first record; stop at the first broken link.

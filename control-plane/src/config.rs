@@ -36,6 +36,8 @@ pub struct Settings {
     /// streams are bounded by their own limits).
     #[serde(with = "duration_text")]
     pub request_timeout: Duration,
+    /// Events kept in the event log; the oldest are trimmed beyond this.
+    pub event_retention: u64,
     /// Enrollment attempts allowed per source address: a burst of
     /// `enroll_burst`, refilled at `enroll_per_minute`.
     pub enroll_per_minute: u32,
@@ -161,6 +163,7 @@ impl Default for Settings {
             user_cert_validity: Duration::from_secs(90 * 86_400),
             approval_timeout: Duration::from_secs(86_400),
             request_timeout: Duration::from_secs(60),
+            event_retention: 100_000,
             enroll_per_minute: 600,
             enroll_burst: 200,
             token_default_ttl: Duration::from_secs(3600),
@@ -248,6 +251,9 @@ impl Settings {
         }
         if self.request_timeout < Duration::from_secs(1) {
             problems.push("request_timeout must be at least 1s".to_string());
+        }
+        if self.event_retention < 100 {
+            problems.push("event_retention must be at least 100".to_string());
         }
         if self.enroll_per_minute == 0 || self.enroll_burst == 0 {
             problems.push("enroll_per_minute and enroll_burst must be at least 1".to_string());

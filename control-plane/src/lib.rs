@@ -13,6 +13,7 @@ pub mod blobs;
 pub mod config;
 pub mod deploy;
 pub mod error;
+pub mod events;
 pub mod init;
 pub mod metrics;
 pub mod ratelimit;

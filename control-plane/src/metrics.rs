@@ -44,7 +44,31 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub sessions_opened: Counter,
     pub storage_bytes: Gauge,
+    pub deployments: Family<StateLabel, Gauge>,
+    pub rollbacks: Counter,
+    pub analysis_failures: Counter,
+    pub events_stored: Gauge,
+    pub events_appended: Counter,
+    pub audit_records: Gauge,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+/// Every deployment state, so each appears (at 0) from the first scrape.
+pub const DEPLOYMENT_STATES: [&str; 9] = [
+    "pending",
+    "awaiting_approval",
+    "running",
+    "paused",
+    "succeeded",
+    "failed",
+    "rolling_back",
+    "rolled_back",
+    "aborted",
+];
 
 impl Metrics {
     /// Create the metrics and a registry exposing them.
@@ -59,7 +83,19 @@ impl Metrics {
             heartbeats: Counter::default(),
             sessions_opened: Counter::default(),
             storage_bytes: Gauge::default(),
+            deployments: Family::default(),
+            rollbacks: Counter::default(),
+            analysis_failures: Counter::default(),
+            events_stored: Gauge::default(),
+            events_appended: Counter::default(),
+            audit_records: Gauge::default(),
         };
+        for state in DEPLOYMENT_STATES {
+            metrics
+                .deployments
+                .get_or_create(&StateLabel { state })
+                .set(0);
+        }
         let mut registry = Registry::with_prefix("hotswap");
         registry.register(
             "nodes",
@@ -96,7 +132,51 @@ impl Metrics {
             "Size of the sled database on disk",
             metrics.storage_bytes.clone(),
         );
+        registry.register(
+            "deployments",
+            "Deployments by state (kept in memory since the last start)",
+            metrics.deployments.clone(),
+        );
+        registry.register(
+            "rollbacks",
+            "Deployments that started rolling back (automatic or manual)",
+            metrics.rollbacks.clone(),
+        );
+        registry.register(
+            "analysis_failures",
+            "Canary analysis verdicts that failed",
+            metrics.analysis_failures.clone(),
+        );
+        registry.register(
+            "events_stored",
+            "Events in the event log (bounded by event_retention)",
+            metrics.events_stored.clone(),
+        );
+        registry.register(
+            "events",
+            "Events appended to the event log",
+            metrics.events_appended.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Records in the audit log",
+            metrics.audit_records.clone(),
+        );
         (metrics, registry)
+    }
+
+    /// Set the per-state deployment gauge from `(state, count)` pairs.
+    pub fn set_deployment_states<'a>(&self, states: impl Iterator<Item = &'a str>) {
+        let mut counts: std::collections::BTreeMap<&str, i64> =
+            DEPLOYMENT_STATES.iter().map(|s| (*s, 0)).collect();
+        for state in states {
+            if let Some(n) = counts.get_mut(state) {
+                *n += 1;
+            }
+        }
+        for (state, n) in counts {
+            self.deployments.get_or_create(&StateLabel { state }).set(n);
+        }
     }
 
     pub fn set_node_counts(&self, connected: i64, total: i64) {

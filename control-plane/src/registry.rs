@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
+use crate::events::{Event, EventLog};
 use crate::metrics::Metrics;
 use crate::store::{DesiredModuleRecord, DesiredRecord, EnrollError, NodeRecord, Store};
 
@@ -118,6 +119,7 @@ pub struct Registry {
     total_nodes: AtomicU64,
     /// Increases with every session attached (the engine looks for late joiners then).
     attaches: AtomicU64,
+    events: EventLog,
 }
 
 /// What the deployment engine needs of one node, read from memory only.
@@ -129,12 +131,56 @@ pub struct Observed {
     pub module: Option<ModuleState>,
 }
 
+/// Events kept until `Settings::event_retention` is applied.
+const DEFAULT_EVENT_RETENTION: u64 = 100_000;
+
 /// Capacity of the change channel; a watcher further behind gets a fresh snapshot.
 const UPDATE_CHANNEL_CAPACITY: usize = 4096;
+
+/// Events for modules whose phase or health changed between two reports.
+fn module_transitions(before: &[ModuleState], after: &[ModuleState]) -> Vec<Event> {
+    let mut events = Vec::new();
+    for m in after {
+        let old = before.iter().find(|b| b.name == m.name);
+        let (old_phase, old_health, old_version) = old.map_or(("none", "unknown", ""), |o| {
+            (o.phase.as_str(), o.health.as_str(), o.version.as_str())
+        });
+        if old_phase != m.phase || old_version != m.version {
+            let mut message = format!("{} {}: {old_phase} -> {}", m.name, m.version, m.phase);
+            if !m.message.is_empty() {
+                message.push_str(&format!(" ({})", m.message));
+            }
+            events.push(Event::new("module.phase", message).module(&m.name, &m.version));
+        }
+        if old_health != m.health {
+            events.push(
+                Event::new(
+                    "module.health",
+                    format!("{} {}: {old_health} -> {}", m.name, m.version, m.health),
+                )
+                .module(&m.name, &m.version),
+            );
+        }
+    }
+    for m in before {
+        if !after.iter().any(|a| a.name == m.name) {
+            events.push(
+                Event::new(
+                    "module.removed",
+                    format!("{} {} removed", m.name, m.version),
+                )
+                .module(&m.name, &m.version),
+            );
+        }
+    }
+    events
+}
 
 impl Registry {
     pub fn new(store: Store, metrics: Arc<Metrics>) -> Result<Arc<Self>, ApiError> {
         let total = store.list_nodes()?.len() as u64;
+        let store_for_events = store.clone();
+        let metrics_for_events = metrics.events_appended.clone();
         let (updates, _) = broadcast::channel(UPDATE_CHANNEL_CAPACITY);
         let registry = Arc::new(Self {
             store,
@@ -144,6 +190,8 @@ impl Registry {
             generations: AtomicU64::new(1),
             total_nodes: AtomicU64::new(total),
             attaches: AtomicU64::new(0),
+            events: EventLog::open(&store_for_events, DEFAULT_EVENT_RETENTION)?
+                .counting(metrics_for_events),
         });
         registry.update_gauges(&registry.lock_live());
         Ok(registry)
@@ -151,6 +199,14 @@ impl Registry {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     fn lock_live(&self) -> MutexGuard<'_, HashMap<String, LiveSession>> {
@@ -168,6 +224,7 @@ impl Registry {
         self.metrics
             .storage_bytes
             .set(self.store.size_on_disk() as i64);
+        self.metrics.events_stored.set(self.events.len() as i64);
     }
 
     fn state_of(&self, record: NodeRecord, live: &HashMap<String, LiveSession>) -> NodeState {
@@ -268,6 +325,13 @@ impl Registry {
         record: NodeRecord,
     ) -> Result<NodeState, EnrollError> {
         let record = self.store.enroll(token_hash, now_ms(), record).await?;
+        self.events.append(
+            Event::new(
+                "node.enrolled",
+                format!("node {} enrolled as {}", record.name, record.id),
+            )
+            .node(&record.name),
+        );
         self.total_nodes.fetch_add(1, Ordering::Relaxed);
         let state = {
             let live = self.lock_live();
@@ -295,6 +359,13 @@ impl Registry {
         record.labels = labels;
         record.agent_version = agent_version.to_string();
         record.last_seen_ms = Some(now);
+        self.events.append(
+            Event::new(
+                "node.connected",
+                format!("{} connected (agent {agent_version})", record.name),
+            )
+            .node(&record.name),
+        );
         self.store.put_node(&record).await?;
 
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
@@ -424,6 +495,7 @@ impl Registry {
                     .any(|(a, b)| strip(a) != strip(b))
                 || session.observed_generation != report.observed_generation
                 || session.agent_desired_generation != report.desired_generation;
+            let transitions = module_transitions(&session.modules, &report.modules);
             session.modules = report.modules.clone();
             session.usage = report.usage;
             session.observed_generation = report.observed_generation;
@@ -437,7 +509,12 @@ impl Registry {
                 return;
             }
             match self.store.get_node(&handle.node_id) {
-                Ok(Some(record)) => self.state_of(record, &live),
+                Ok(Some(record)) => {
+                    for event in transitions {
+                        self.events.append(event.node(&record.name));
+                    }
+                    self.state_of(record, &live)
+                }
                 _ => return,
             }
         };
@@ -565,6 +642,10 @@ impl Registry {
         match self.store.get_node(&handle.node_id) {
             Ok(Some(mut record)) => {
                 record.last_seen_ms = Some(last_seen);
+                self.events.append(
+                    Event::new("node.disconnected", format!("{} disconnected", record.name))
+                        .node(&record.name),
+                );
                 if let Err(e) = self.store.put_node(&record).await {
                     tracing::warn!(node = %handle.node_id, error = %e, "could not persist last-seen time");
                 }
@@ -586,6 +667,16 @@ impl Registry {
         let Some(removed_record) = self.store.remove_node(&id).await? else {
             return Err(ApiError::NotFound(format!("node {query:?} not found")));
         };
+        self.events.append(
+            Event::new(
+                "node.removed",
+                format!(
+                    "{} removed; its certificate is refused",
+                    removed_record.name
+                ),
+            )
+            .node(&removed_record.name),
+        );
         if !removed_record.token_hash.is_empty() {
             self.store.exhaust_token(&removed_record.token_hash).await?;
         }

@@ -25,6 +25,7 @@ use crate::service::audit::AuditService;
 use crate::service::deployments::{DeploymentsService, PipelinesService};
 use crate::service::enrollment::EnrollmentService;
 use crate::service::fleet::FleetService;
+use crate::service::observe::{ClustersService, EventsService};
 use crate::service::session::SessionService;
 use crate::service::users::UsersService;
 use crate::store::Store;
@@ -129,6 +130,8 @@ pub enum RunError {
     Audit(String),
     #[error("cannot complete an interrupted certificate rotation: {0}")]
     Rotation(String),
+    #[error("cannot build the gRPC reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 /// Requests to operator services and enrollment are small: a CSR, a name,
@@ -136,6 +139,21 @@ pub enum RunError {
 const SMALL_MESSAGE_BYTES: usize = 256 * 1024;
 /// Agent session messages carry status reports for every module of a node.
 const SESSION_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Fully qualified names of the services our protos define; `run` serves
+/// every one of them, so the health service reports each.
+fn hotswap_service_names() -> Vec<String> {
+    let set = <prost_types::FileDescriptorSet as prost::Message>::decode(pb::FILE_DESCRIPTOR_SET)
+        .unwrap_or_default();
+    set.file
+        .iter()
+        .flat_map(|file| {
+            file.service
+                .iter()
+                .map(move |service| format!("{}.{}", file.package(), service.name()))
+        })
+        .collect()
+}
 
 fn read(path: &Path) -> Result<String, RunError> {
     std::fs::read_to_string(path).map_err(|source| RunError::Read {
@@ -194,6 +212,9 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     let (metrics, prometheus) = Metrics::new();
     let metrics = Arc::new(metrics);
     let registry = Registry::new(store.clone(), metrics.clone())?;
+    registry
+        .events()
+        .set_retention(config.settings.event_retention);
 
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -242,6 +263,29 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     let engine = Engine::new(ctx.registry.clone(), config.settings.clone())?;
     let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
     let incoming = tls_accept::incoming(grpc_listener, tls_config, shutdown.clone());
+    // gRPC conventions: server reflection (v1 and v1alpha) and
+    // grpc.health.v1.Health. No handler of ours sits behind them, so they
+    // check no client certificate: any TLS client that trusts our CA can list
+    // the API (the protos are public) and ask whether we serve, as load
+    // balancers and probes need. See SECURITY.md.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()?
+        .max_decoding_message_size(SMALL_MESSAGE_BYTES);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()?
+        .max_decoding_message_size(SMALL_MESSAGE_BYTES);
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    let health_service = health_service.max_decoding_message_size(SMALL_MESSAGE_BYTES);
+    let mut health_names = hotswap_service_names();
+    health_names.push(String::new());
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let grpc = tonic::transport::Server::builder()
         // Unary calls and stream set-up are bounded; a client can also ask
         // for less with grpc-timeout.
@@ -272,8 +316,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
         .add_service(
-            pb::pipelines_server::PipelinesServer::new(PipelinesService::new(ctx.clone(), engine))
-                .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+            pb::pipelines_server::PipelinesServer::new(PipelinesService::new(
+                ctx.clone(),
+                engine.clone(),
+            ))
+            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
         .add_service(
             pb::users_server::UsersServer::new(UsersService::new(ctx.clone()))
@@ -283,11 +330,25 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             pb::audit_server::AuditServer::new(AuditService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
+        .add_service(
+            pb::events_server::EventsServer::new(EventsService::new(ctx.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::clusters_server::ClustersServer::new(ClustersService::new(
+                ctx.clone(),
+                engine.clone(),
+            ))
+            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
         // Upload chunks are at most 1 MiB; leave headroom for framing.
         .add_service(
             pb::artifacts_server::ArtifactsServer::new(ArtifactsService::new(ctx.clone(), blobs))
                 .max_decoding_message_size(8 * 1024 * 1024),
         )
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
 
@@ -311,10 +372,23 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         }
     })?;
     readiness.set(true);
+    for name in &health_names {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, ca_fingerprint = %ca_fingerprint, "control plane serving");
 
     shutdown.cancelled().await;
     readiness.set(false);
+    // Watchers see NOT_SERVING, then their streams end so they do not hold
+    // up the drain.
+    for name in &health_names {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+        health.clear_service_status(name).await;
+    }
     tracing::info!(
         timeout_secs = config.settings.shutdown_timeout.as_secs(),
         "shutting down: draining connections"

@@ -150,6 +150,8 @@ const ARTIFACTS: &str = "artifacts";
 const USERS: &str = "users";
 /// The audit log's tree; [`crate::audit`] owns its format.
 pub const AUDIT: &str = "audit";
+/// The event log's tree; [`crate::events`] owns its format.
+pub const EVENTS: &str = "events";
 
 /// A publisher key the control plane trusts (or trusted, once revoked).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -290,6 +290,7 @@ impl ArtifactStore {
         let _ = fsutil::sync_dir(&self.root.join("cache"));
         let _ = fs::remove_file(&partial);
         self.record(name, version, &digest)?;
+        crate::metrics::FETCHED_BYTES.inc_by(downloaded);
         tracing::info!(module = %name, version = %version, digest = %digest, bytes = downloaded, "artifact fetched and verified");
         Ok(Cached {
             path: cached,

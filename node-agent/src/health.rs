@@ -121,11 +121,19 @@ pub async fn probe_once(
     env: &[(String, String)],
     cwd: &Path,
 ) -> Result<(), String> {
-    match check {
-        HealthCheck::Http(url) => probe_http(url, timeout).await,
-        HealthCheck::Tcp(addr) => probe_tcp(addr, timeout).await,
-        HealthCheck::Exec(argv) => probe_exec(argv, timeout, env, cwd).await,
-    }
+    let started = std::time::Instant::now();
+    let (kind, result) = match check {
+        HealthCheck::Http(url) => ("http", probe_http(url, timeout).await),
+        HealthCheck::Tcp(addr) => ("tcp", probe_tcp(addr, timeout).await),
+        HealthCheck::Exec(argv) => ("exec", probe_exec(argv, timeout, env, cwd).await),
+    };
+    crate::metrics::PROBE_SECONDS
+        .get_or_create(&crate::metrics::ProbeLabels {
+            kind,
+            result: if result.is_ok() { "ok" } else { "fail" },
+        })
+        .observe(started.elapsed().as_secs_f64());
+    result
 }
 
 async fn probe_http(url: &str, timeout: Duration) -> Result<(), String> {

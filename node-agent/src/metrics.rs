@@ -1,10 +1,69 @@
-//! Prometheus metrics of the agent.
+//! Prometheus metrics of the agent. Session metrics live in [`Metrics`],
+//! passed to the session code; the module lifecycle metrics (swaps, probes,
+//! fetches, module health) are process-wide statics, recorded where the work
+//! happens deep in the reconciler and runtimes, and registered here.
+
+use std::sync::LazyLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SwapLabels {
+    pub module: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModuleLabel {
+    pub module: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabels {
+    pub module: String,
+    pub health: &'static str,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms .. ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Activations (swaps) by module and result.
+pub static SWAPS: LazyLock<Family<SwapLabels, Counter>> = LazyLock::new(Family::default);
+/// Time from "activating" to "active" (or failure), by module.
+pub static SWAP_SECONDS: LazyLock<Family<ModuleLabel, Histogram>> =
+    LazyLock::new(|| Family::new_with_constructor(seconds_histogram));
+/// Health probe durations by probe kind and result.
+pub static PROBE_SECONDS: LazyLock<Family<ProbeLabels, Histogram>> =
+    LazyLock::new(|| Family::new_with_constructor(seconds_histogram));
+/// Artifact bytes downloaded from the control plane.
+pub static FETCHED_BYTES: LazyLock<Counter> = LazyLock::new(Counter::default);
+/// 1 for each module's current health, 0 for the others.
+pub static MODULE_HEALTH: LazyLock<Family<HealthLabels, Gauge>> = LazyLock::new(Family::default);
+
+/// Record a module's health in [`MODULE_HEALTH`].
+pub fn set_module_health(module: &str, health: &'static str) {
+    for h in ["healthy", "unhealthy", "unknown"] {
+        MODULE_HEALTH
+            .get_or_create(&HealthLabels {
+                module: module.to_string(),
+                health: h,
+            })
+            .set(i64::from(h == health));
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
@@ -43,6 +102,31 @@ impl Metrics {
             "reconnects",
             "Session attempts after the first",
             metrics.reconnects.clone(),
+        );
+        registry.register(
+            "swaps",
+            "Module activations (swaps) by module and result",
+            SWAPS.clone(),
+        );
+        registry.register(
+            "swap_duration_seconds",
+            "Time to activate a module version, from the start of the swap to serving",
+            SWAP_SECONDS.clone(),
+        );
+        registry.register(
+            "probe_duration_seconds",
+            "Health probe durations by kind and result",
+            PROBE_SECONDS.clone(),
+        );
+        registry.register(
+            "fetched_bytes",
+            "Artifact bytes downloaded from the control plane",
+            FETCHED_BYTES.clone(),
+        );
+        registry.register(
+            "module_health",
+            "1 for the current health of each module",
+            MODULE_HEALTH.clone(),
         );
         (metrics, registry)
     }

@@ -450,6 +450,36 @@ impl Reconciler {
         name: &str,
         version: &str,
     ) -> Result<(), (String, bool)> {
+        let started = std::time::Instant::now();
+        let result = self.activate_inner(channel, name, version).await;
+        // A transient failure (the control plane unreachable) is no swap.
+        let outcome = match &result {
+            Ok(()) => Some("ok"),
+            Err((_, false)) => Some("failed"),
+            Err((_, true)) => None,
+        };
+        if let Some(outcome) = outcome {
+            crate::metrics::SWAPS
+                .get_or_create(&crate::metrics::SwapLabels {
+                    module: name.to_string(),
+                    result: outcome,
+                })
+                .inc();
+            crate::metrics::SWAP_SECONDS
+                .get_or_create(&crate::metrics::ModuleLabel {
+                    module: name.to_string(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn activate_inner(
+        &mut self,
+        channel: Option<&Channel>,
+        name: &str,
+        version: &str,
+    ) -> Result<(), (String, bool)> {
         self.ensure_installed(channel, name, version)
             .await
             .map_err(|e| (e.to_string(), matches!(e, FetchError::Transient(_))))?;
@@ -653,6 +683,9 @@ impl Reconciler {
                 message: failure.map(|f| f.message.clone()).unwrap_or_default(),
                 ..Default::default()
             });
+        }
+        for m in &modules {
+            crate::metrics::set_module_health(&m.name, m.health.as_str());
         }
         AgentReport {
             modules,

@@ -431,6 +431,34 @@ fn hostile_archives_are_refused_and_leave_nothing() {
     }
 }
 
+/// Found with the `unpack` fuzz target's invariant (nothing is created beside
+/// the destination): a symlink under an earlier symlink to `..` was created
+/// through it, outside the module directory, before the links were checked.
+#[test]
+fn symlinks_are_never_created_through_a_symlink() {
+    use tar::EntryType::Symlink;
+    for second in ["a/evil", "a/b/evil"] {
+        let payload = crafted(&[
+            ("a", Symlink, b"", Some("..")),
+            (second, Symlink, b"", Some("x")),
+        ]);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dest = tmp.path().join("module");
+        let err = unpack_payload(Cursor::new(&payload), &dest, &Limits::default())
+            .expect_err("escaping link")
+            .to_string();
+        assert!(err.contains("inside a symlink"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{second}: left {left:?} beside the destination"
+        );
+    }
+}
+
 #[test]
 fn unpack_limits_hold_against_bombs() {
     let zeros = vec![0u8; 4 * 1024 * 1024];

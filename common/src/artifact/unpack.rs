@@ -127,6 +127,18 @@ fn safe_relative(entry: &str) -> Result<PathBuf, UnpackError> {
     Ok(clean)
 }
 
+/// Whether a directory on the way from `dest` to `rel` is a symlink.
+fn through_symlink(dest: &Path, rel: &Path) -> bool {
+    let mut at = dest.to_path_buf();
+    rel.parent()
+        .into_iter()
+        .flat_map(Path::components)
+        .any(|part| {
+            at.push(part);
+            fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink())
+        })
+}
+
 fn unpack_into<R: Read>(
     payload: R,
     dest: &Path,
@@ -222,6 +234,14 @@ fn unpack_into<R: Read>(
     }
     let root = fs::canonicalize(dest).map_err(|e| io(dest, e))?;
     for (name, rel, link) in &symlinks {
+        // An earlier link may be a directory on this one's path (`a` -> `..`,
+        // then `a/x`): creating it would write through that link, outside.
+        if through_symlink(dest, rel) {
+            return Err(bad(
+                name,
+                "is inside a symlink; nothing is written through one",
+            ));
+        }
         let at = dest.join(rel);
         if let Some(parent) = at.parent() {
             fs::create_dir_all(parent).map_err(|e| io(parent, e))?;

@@ -24,6 +24,7 @@ use super::machine::{
 };
 use crate::config::Settings;
 use crate::error::ApiError;
+use crate::events::Event;
 use crate::registry::Registry;
 use crate::store::DesiredModuleRecord;
 
@@ -182,6 +183,12 @@ impl Engine {
             }
             self.step_all().await;
             self.advance_pipelines().await;
+            {
+                let deployments = self.deployments.lock().await;
+                self.registry.metrics().set_deployment_states(
+                    deployments.values().map(|r| r.deployment.state.as_str()),
+                );
+            }
             // Late joiners can only appear when a session attached.
             let attaches = self.registry.attaches();
             if attaches_seen != Some(attaches) {
@@ -482,11 +489,12 @@ impl Engine {
             if next == record.deployment {
                 continue;
             }
+            let previous = record.deployment.clone();
             let updated = DeploymentRecord {
                 deployment: next,
                 ..record
             };
-            if let Err(e) = self.commit(&updated, &actions).await {
+            if let Err(e) = self.commit(Some(&previous), &updated, &actions).await {
                 tracing::error!(deployment = %id, error = %e, "cannot persist deployment; its actions are not carried out");
                 continue;
             }
@@ -495,7 +503,24 @@ impl Engine {
     }
 
     /// Persist, then act, then tell watchers. The order is the durability contract.
-    async fn commit(&self, record: &DeploymentRecord, actions: &[Action]) -> Result<(), ApiError> {
+    async fn commit(
+        &self,
+        previous: Option<&Deployment>,
+        record: &DeploymentRecord,
+        actions: &[Action],
+    ) -> Result<(), ApiError> {
+        // Events go in first and ride on the record's flush.
+        let metrics = self.registry.metrics();
+        for event in deployment_events(previous, record, actions) {
+            match event.kind.as_str() {
+                "deployment.rolling_back" => metrics.rollbacks.inc(),
+                "deployment.analysis" if event.message.contains(": failed (") => {
+                    metrics.analysis_failures.inc()
+                }
+                _ => 0,
+            };
+            self.registry.events().append(event);
+        }
         self.registry
             .store()
             .put_deployment(&record.id, record)
@@ -869,7 +894,7 @@ impl Engine {
             deployment,
             selector: request.selector.clone(),
         };
-        self.commit(&record, &actions).await?;
+        self.commit(None, &record, &actions).await?;
         tracing::info!(deployment = %id, module = %request.module, version = %request.version, environment = %request.environment, strategy = record.deployment.spec.strategy.name(), user = %user, "deployment created");
         deployments.insert(id, record.clone());
         Ok((Some(record), plan))
@@ -886,14 +911,81 @@ impl Engine {
             .deployment
             .step(now_ms(), &Input::Control(control))
             .map_err(|e| ApiError::FailedPrecondition(format!("deployment {id}: {e}")))?;
+        let previous = record.deployment.clone();
         let updated = DeploymentRecord {
             deployment: next,
             ..record
         };
-        self.commit(&updated, &actions).await?;
+        self.commit(Some(&previous), &updated, &actions).await?;
         deployments.insert(id.to_string(), updated.clone());
         Ok(updated)
     }
+}
+
+/// The events one committed transition stands for.
+fn deployment_events(
+    previous: Option<&Deployment>,
+    record: &DeploymentRecord,
+    actions: &[Action],
+) -> Vec<Event> {
+    let d = &record.deployment;
+    let event = |kind: &str, message: String| {
+        Event::new(kind, message)
+            .deployment(&record.id)
+            .module(&d.spec.module, &d.spec.version)
+    };
+    let mut events = Vec::new();
+    let wave_notes = actions.iter().filter_map(|action| match action {
+        Action::Note(note) if note.starts_with("wave ") => Some(note.clone()),
+        _ => None,
+    });
+    let Some(previous) = previous else {
+        events.push(event(
+            "deployment.created",
+            format!(
+                "{}@{} to {} ({}, {} node(s)) by {}; {}",
+                d.spec.module,
+                d.spec.version,
+                record.environment,
+                d.spec.strategy.name(),
+                d.nodes.len(),
+                d.spec.created_by,
+                d.state.as_str()
+            ),
+        ));
+        events.extend(wave_notes.map(|note| event("deployment.step", note)));
+        return events;
+    };
+    for verdict in d.analysis.iter().skip(previous.analysis.len()) {
+        events.push(event(
+            "deployment.analysis",
+            format!(
+                "step {}: {} ({})",
+                verdict.step + 1,
+                if verdict.passed { "passed" } else { "failed" },
+                verdict.summary
+            ),
+        ));
+    }
+    events.extend(wave_notes.map(|note| event("deployment.step", note)));
+    if previous.state != d.state {
+        let kind = match (previous.state, d.state) {
+            (State::AwaitingApproval, State::Running | State::Succeeded) => "deployment.approved",
+            (_, State::Paused) => "deployment.paused",
+            (State::Paused, State::Running) => "deployment.resumed",
+            (_, State::RollingBack) => "deployment.rolling_back",
+            (_, State::RolledBack) => "deployment.rolled_back",
+            _ if d.state.is_terminal() => "deployment.finished",
+            _ => "deployment.state",
+        };
+        let message = match kind {
+            "deployment.approved" => format!("approved by {}", d.approved_by),
+            _ if d.reason.is_empty() => d.state.as_str().to_string(),
+            _ => format!("{}: {}", d.state.as_str(), d.reason),
+        };
+        events.push(event(kind, message));
+    }
+    events
 }
 
 fn plan_view(deployment: &Deployment) -> PlanView {

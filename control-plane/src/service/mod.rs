@@ -8,6 +8,7 @@ mod convert;
 pub mod deployments;
 pub mod enrollment;
 pub mod fleet;
+pub mod observe;
 pub mod session;
 pub mod users;
 
@@ -89,11 +90,12 @@ impl Context {
     /// Append to the audit log. The caller's change is already applied, so a
     /// failure here is reported as an internal error that says so.
     pub async fn record(&self, entry: AuditEntry) -> Result<(), ApiError> {
-        self.audit
-            .append(entry)
-            .await
-            .map(|_| ())
-            .map_err(|e| ApiError::Internal(format!("could not append to the audit log: {e}")))
+        let record =
+            self.audit.append(entry).await.map_err(|e| {
+                ApiError::Internal(format!("could not append to the audit log: {e}"))
+            })?;
+        self.metrics.audit_records.set(record.seq as i64);
+        Ok(())
     }
 }
 
@@ -128,6 +130,20 @@ impl AuditedCall {
             }
             Err(e) => ("error", e.to_string()),
         };
+        // Deployments and pipelines report their own, richer events.
+        if result.is_ok()
+            && !self.action.starts_with("deploy.")
+            && !self.action.starts_with("pipeline.")
+        {
+            let message = if self.target.is_empty() {
+                format!("by {}", self.caller.user)
+            } else {
+                format!("{} by {}", self.target, self.caller.user)
+            };
+            ctx.registry
+                .events()
+                .append(crate::events::Event::new(self.action, message));
+        }
         ctx.record(AuditEntry {
             user: self.caller.user,
             role: self.caller.role.as_str().to_string(),

@@ -1,0 +1,313 @@
+//! The durable event stream: every state change (nodes joining and leaving,
+//! module phase and health, deployment progress, approvals, key, token and
+//! user changes) as a record with a strictly increasing sequence number, in
+//! its own sled tree, plus a broadcast for live followers.
+//!
+//! An event is inserted before the change it describes is acknowledged and
+//! rides on that change's flush (every acknowledged write is flushed); events
+//! with no acknowledged write behind them (a module's health changing, a
+//! session ending) reach disk with sled's periodic flush, within half a
+//! second. Retention is a bound on the number of events: the oldest are
+//! trimmed as new ones arrive.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::store::{EVENTS, Store, StoreError};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time_ms: u64,
+    /// Dotted kind, e.g. `node.connected`, `deployment.finished`.
+    pub kind: String,
+    pub deployment_id: Option<String>,
+    pub node: Option<String>,
+    pub module: Option<String>,
+    pub version: Option<String>,
+    pub message: String,
+}
+
+impl Event {
+    /// A new event of `kind`; the log fills in `seq` and `time_ms`.
+    pub fn new(kind: &str, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.to_string(),
+            message: message.into(),
+            ..Self::default()
+        }
+    }
+    pub fn deployment(mut self, id: &str) -> Self {
+        self.deployment_id = Some(id.to_string());
+        self
+    }
+    pub fn node(mut self, name: &str) -> Self {
+        self.node = Some(name.to_string());
+        self
+    }
+    pub fn module(mut self, name: &str, version: &str) -> Self {
+        self.module = Some(name.to_string());
+        if !version.is_empty() {
+            self.version = Some(version.to_string());
+        }
+        self
+    }
+}
+
+/// Which events a follower wants.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    /// Exact kinds, or prefixes ending in '.'; empty for all.
+    pub kinds: Vec<String>,
+    pub deployment_id: String,
+    pub node: String,
+    pub module: String,
+}
+
+impl EventFilter {
+    pub fn matches(&self, e: &Event) -> bool {
+        let field =
+            |want: &str, have: &Option<String>| want.is_empty() || have.as_deref() == Some(want);
+        (self.kinds.is_empty()
+            || self
+                .kinds
+                .iter()
+                .any(|k| *k == e.kind || (k.ends_with('.') && e.kind.starts_with(k.as_str()))))
+            && field(&self.deployment_id, &e.deployment_id)
+            && field(&self.node, &e.node)
+            && field(&self.module, &e.module)
+    }
+}
+
+/// Capacity of the live channel; a follower further behind re-reads the log.
+const LIVE_CAPACITY: usize = 4096;
+/// Trim in batches, not on every append.
+const TRIM_EVERY: u64 = 256;
+
+pub struct EventLog {
+    tree: sled::Tree,
+    /// Held while a sequence number is assigned and its record inserted, so
+    /// records land in sequence order.
+    next: Mutex<u64>,
+    live: broadcast::Sender<Event>,
+    retention: AtomicU64,
+    /// Events stored now (sled's `len` walks the tree; this does not).
+    stored: AtomicU64,
+    appended: Option<prometheus_client::metrics::counter::Counter>,
+}
+
+fn decode(value: &[u8]) -> Result<Event, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+        tree: EVENTS,
+        key: String::new(),
+        reason: e.to_string(),
+    })
+}
+
+impl EventLog {
+    pub fn open(store: &Store, retention: u64) -> Result<Self, StoreError> {
+        let tree = store.tree(EVENTS)?;
+        let next = match tree.last()? {
+            Some((_, value)) => decode(&value)?.seq + 1,
+            None => 1,
+        };
+        let (live, _) = broadcast::channel(LIVE_CAPACITY);
+        let stored = AtomicU64::new(tree.len() as u64);
+        Ok(Self {
+            tree,
+            next: Mutex::new(next),
+            live,
+            retention: AtomicU64::new(retention.max(1)),
+            stored,
+            appended: None,
+        })
+    }
+
+    /// Count appends in a Prometheus counter.
+    pub fn counting(mut self, counter: prometheus_client::metrics::counter::Counter) -> Self {
+        self.appended = Some(counter);
+        self
+    }
+
+    pub fn set_retention(&self, events: u64) {
+        self.retention.store(events.max(1), Ordering::Relaxed);
+    }
+
+    /// Append an event (not flushed: see the module docs) and publish it.
+    /// A storage failure is logged, never returned: losing an event must not
+    /// fail the change it describes.
+    pub fn append(&self, mut event: Event) -> Option<Event> {
+        let seq = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            event.seq = *next;
+            event.time_ms = hotswap_common::timefmt::now_ms();
+            let value = serde_json::to_vec(&event).unwrap_or_default();
+            if let Err(e) = self.tree.insert(event.seq.to_be_bytes(), value) {
+                tracing::error!(error = %e, kind = %event.kind, "cannot append to the event log");
+                return None;
+            }
+            *next += 1;
+            event.seq
+        };
+        self.stored.fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = &self.appended {
+            counter.inc();
+        }
+        if seq % TRIM_EVERY == 0 {
+            self.trim(seq);
+        }
+        let _ = self.live.send(event.clone());
+        Some(event)
+    }
+
+    fn trim(&self, last: u64) {
+        let keep = self.retention.load(Ordering::Relaxed);
+        let Some(first_kept) = last.checked_sub(keep) else {
+            return;
+        };
+        let old: Vec<_> = self
+            .tree
+            .range(..=first_kept.to_be_bytes())
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        for key in old {
+            if let Ok(Some(_)) = self.tree.remove(key) {
+                self.stored.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Live events from now on; subscribe before reading the log so nothing
+    /// falls in between.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.live.subscribe()
+    }
+
+    /// Stored events with `seq >= since` matching `filter`, at most `limit`.
+    pub fn read(
+        &self,
+        since: u64,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.tree.range(since.to_be_bytes()..) {
+            let (_, value) = entry?;
+            let event = decode(&value)?;
+            if filter.matches(&event) {
+                out.push(event);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sequence number of the oldest stored event (0 when empty).
+    pub fn first_seq(&self) -> u64 {
+        self.tree
+            .first()
+            .ok()
+            .flatten()
+            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes)
+    }
+
+    pub fn len(&self) -> usize {
+        self.stored.load(Ordering::Relaxed) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log() -> (tempfile::TempDir, Store, EventLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
+        let log = EventLog::open(&store, 1000).unwrap();
+        (dir, store, log)
+    }
+
+    #[test]
+    fn sequence_is_strictly_increasing_and_survives_reopen() {
+        let (_dir, store, log) = log();
+        let a = log
+            .append(Event::new("node.connected", "a").node("web-1"))
+            .unwrap();
+        let b = log
+            .append(Event::new("node.connected", "b").node("web-2"))
+            .unwrap();
+        assert_eq!((a.seq, b.seq), (1, 2));
+        drop(log);
+        let log = EventLog::open(&store, 1000).unwrap();
+        let c = log.append(Event::new("node.disconnected", "c")).unwrap();
+        assert_eq!(c.seq, 3);
+        assert!(c.time_ms >= b.time_ms);
+    }
+
+    #[test]
+    fn read_filters_and_resumes_from_a_sequence_number() {
+        let (_dir, _store, log) = log();
+        log.append(Event::new("node.connected", "").node("a"));
+        log.append(Event::new("deployment.created", "").deployment("d-1"));
+        log.append(Event::new("deployment.finished", "").deployment("d-1"));
+        log.append(Event::new("deployment.created", "").deployment("d-2"));
+        let all = log.read(0, &EventFilter::default(), 100).unwrap();
+        assert_eq!(all.len(), 4);
+        let d1 = EventFilter {
+            deployment_id: "d-1".into(),
+            ..Default::default()
+        };
+        assert_eq!(log.read(0, &d1, 100).unwrap().len(), 2);
+        let kinds = EventFilter {
+            kinds: vec!["deployment.".into()],
+            ..Default::default()
+        };
+        let from3: Vec<u64> = log
+            .read(3, &kinds, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(from3, [3, 4]);
+        let exact = EventFilter {
+            kinds: vec!["deployment.created".into()],
+            ..Default::default()
+        };
+        assert_eq!(log.read(0, &exact, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn retention_trims_the_oldest() {
+        let (_dir, _store, log) = log();
+        log.set_retention(100);
+        for i in 0..(TRIM_EVERY * 2) {
+            log.append(Event::new("x", i.to_string()));
+        }
+        let first = log.first_seq();
+        assert!(first > 1, "trimmed");
+        assert!(log.len() as u64 <= 100 + TRIM_EVERY, "{}", log.len());
+        // Sequence numbers are never reused.
+        let next = log.append(Event::new("x", "")).unwrap();
+        assert_eq!(next.seq, TRIM_EVERY * 2 + 1);
+    }
+
+    #[tokio::test]
+    async fn followers_get_live_events() {
+        let (_dir, _store, log) = log();
+        let mut rx = log.subscribe();
+        log.append(Event::new("node.connected", "hi"));
+        let e = rx.recv().await.unwrap();
+        assert_eq!((e.seq, e.kind.as_str()), (1, "node.connected"));
+    }
+}

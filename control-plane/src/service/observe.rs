@@ -1,0 +1,370 @@
+//! `Events` (the durable event stream, replayed then followed) and
+//! `Clusters` (per-environment health, versions and metric averages).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use hotswap_common::labels::ENVIRONMENT_LABEL;
+use hotswap_common::pb;
+use hotswap_common::timefmt::ts_from_ms;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::Context;
+use crate::deploy::engine::Engine;
+use crate::error::ApiError;
+use crate::events::{Event, EventFilter};
+use crate::registry::NodeState;
+
+/// Stored events read per page while replaying.
+const PAGE: usize = 1000;
+
+pub struct EventsService {
+    ctx: Arc<Context>,
+}
+
+impl EventsService {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+}
+
+pub fn event_to_pb(e: Event) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        time: Some(ts_from_ms(e.time_ms)),
+        kind: e.kind,
+        deployment_id: e.deployment_id.unwrap_or_default(),
+        node: e.node.unwrap_or_default(),
+        module: e.module.unwrap_or_default(),
+        version: e.version.unwrap_or_default(),
+        message: e.message,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::events_server::Events for EventsService {
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.ctx.reader(&request)?;
+        let r = request.into_inner();
+        let filter = EventFilter {
+            kinds: r.kinds,
+            deployment_id: r.deployment_id,
+            node: r.node,
+            module: r.module,
+        };
+        let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
+        let follow = r.follow;
+        let registry = self.ctx.registry.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        // Subscribe before reading, so nothing falls between replay and live.
+        let mut live = registry.events().subscribe();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let log = registry.events();
+            let mut next = r.since;
+            let mut sent = 0usize;
+            // Replay (and catch up after lagging) page by page.
+            let catch_up = |next: &mut u64, sent: &mut usize| -> Result<Vec<Event>, ApiError> {
+                let want = if follow {
+                    PAGE
+                } else {
+                    (limit - *sent).min(PAGE)
+                };
+                let page = log.read(*next, &filter, want)?;
+                if let Some(last) = page.last() {
+                    *next = last.seq + 1;
+                }
+                *sent += page.len();
+                Ok(page)
+            };
+            loop {
+                let page = match catch_up(&mut next, &mut sent) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                let done = page.len() < PAGE || (!follow && sent >= limit);
+                for event in page {
+                    if tx.send(Ok(event_to_pb(event))).await.is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                let event = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    event = live.recv() => event,
+                };
+                match event {
+                    Ok(event) if event.seq < next => {}
+                    Ok(event) => {
+                        next = event.seq + 1;
+                        if filter.matches(&event) && tx.send(Ok(event_to_pb(event))).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => loop {
+                        let page = match catch_up(&mut next, &mut sent) {
+                            Ok(page) => page,
+                            Err(e) => {
+                                let _ = tx.send(Err(Status::from(e))).await;
+                                return;
+                            }
+                        };
+                        let done = page.len() < PAGE;
+                        for event in page {
+                            if tx.send(Ok(event_to_pb(event))).await.is_err() {
+                                return;
+                            }
+                        }
+                        if done {
+                            break;
+                        }
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+pub struct ClustersService {
+    ctx: Arc<Context>,
+    engine: Arc<Engine>,
+}
+
+impl ClustersService {
+    pub fn new(ctx: Arc<Context>, engine: Arc<Engine>) -> Self {
+        Self { ctx, engine }
+    }
+
+    async fn clusters(&self) -> Result<BTreeMap<String, pb::Cluster>, ApiError> {
+        let nodes = self.ctx.registry.list(None)?;
+        let mut by_env: BTreeMap<String, Vec<NodeState>> = self
+            .ctx
+            .settings
+            .environments
+            .keys()
+            .map(|e| (e.clone(), Vec::new()))
+            .collect();
+        for node in nodes {
+            if let Some(env) = node.record.labels.get(ENVIRONMENT_LABEL) {
+                by_env.entry(env.clone()).or_default().push(node);
+            }
+        }
+        let deployments = self.engine.list().await;
+        Ok(by_env
+            .into_iter()
+            .map(|(env, nodes)| {
+                let mut cluster = summarize(&env, &nodes);
+                cluster.active_deployments = deployments
+                    .iter()
+                    .filter(|d| d.environment == env && !d.deployment.state.is_terminal())
+                    .map(|d| d.id.clone())
+                    .collect();
+                (env, cluster)
+            })
+            .collect())
+    }
+}
+
+fn average(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        -1.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+/// One environment's view of its nodes.
+pub fn summarize(environment: &str, nodes: &[NodeState]) -> pb::Cluster {
+    let connected: Vec<&NodeState> = nodes.iter().filter(|n| n.connected).collect();
+    let mut modules: BTreeMap<(String, String), (u32, u32)> = BTreeMap::new();
+    let (mut healthy, mut unhealthy, mut unknown) = (0, 0, 0);
+    let (mut rate, mut errors, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+    for node in &connected {
+        for m in &node.modules {
+            let entry = modules
+                .entry((m.name.clone(), m.version.clone()))
+                .or_default();
+            entry.0 += 1;
+            match m.health.as_str() {
+                "healthy" => {
+                    healthy += 1;
+                    entry.1 += 1;
+                }
+                "unhealthy" => unhealthy += 1,
+                _ => unknown += 1,
+            }
+            if let Some(w) = m.metrics {
+                rate.push(w.request_rate);
+                errors.push(w.error_rate);
+                if let Some(l) = w.latency_p99_seconds {
+                    p99.push(l);
+                }
+            }
+        }
+    }
+    let cpu: Vec<f64> = connected
+        .iter()
+        .filter_map(|n| n.usage.map(|u| u.cpu_percent))
+        .collect();
+    let memory: Vec<f64> = connected
+        .iter()
+        .filter_map(|n| n.usage.map(|u| u.memory_used_bytes as f64))
+        .collect();
+    pb::Cluster {
+        environment: environment.to_string(),
+        nodes: nodes.len() as u32,
+        connected: connected.len() as u32,
+        healthy,
+        unhealthy,
+        unknown,
+        modules: modules
+            .into_iter()
+            .map(|((name, version), (count, healthy))| pb::ClusterModule {
+                name,
+                version,
+                nodes: count,
+                healthy,
+            })
+            .collect(),
+        cpu_percent: average(&cpu),
+        memory_used_bytes: average(&memory),
+        request_rate: average(&rate),
+        error_rate: average(&errors),
+        latency_p99_seconds: average(&p99),
+        active_deployments: Vec::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::clusters_server::Clusters for ClustersService {
+    async fn list_clusters(
+        &self,
+        request: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ListClustersResponse>, Status> {
+        self.ctx.reader(&request)?;
+        Ok(Response::new(pb::ListClustersResponse {
+            clusters: self.clusters().await?.into_values().collect(),
+        }))
+    }
+
+    async fn get_cluster(
+        &self,
+        request: Request<pb::GetClusterRequest>,
+    ) -> Result<Response<pb::Cluster>, Status> {
+        self.ctx.reader(&request)?;
+        let env = request.into_inner().environment;
+        let mut all = self.clusters().await?;
+        let known: Vec<String> = all.keys().cloned().collect();
+        all.remove(&env).map(Response::new).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no environment {env:?}; known: {}",
+                known.join(", ")
+            ))
+            .into()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{MetricsWindow, ModuleState, NodeUsage};
+    use crate::store::NodeRecord;
+
+    fn node(connected: bool, modules: &[(&str, &str, &str, Option<f64>)], cpu: f64) -> NodeState {
+        NodeState {
+            record: NodeRecord {
+                id: "n".into(),
+                name: "n".into(),
+                labels: Default::default(),
+                forced_labels: Default::default(),
+                enrolled_at_ms: 0,
+                cert_fingerprint: String::new(),
+                cert_not_after_ms: 0,
+                last_seen_ms: None,
+                agent_version: String::new(),
+                previous_cert_fingerprint: None,
+                previous_cert_not_after_ms: 0,
+                token_hash: String::new(),
+            },
+            connected,
+            last_seen_ms: None,
+            modules: modules
+                .iter()
+                .map(|(name, version, health, rate)| ModuleState {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                    phase: "running".into(),
+                    health: health.to_string(),
+                    message: String::new(),
+                    staged_version: String::new(),
+                    previous_version: String::new(),
+                    restarts: 0,
+                    crash_loop: false,
+                    metrics: rate.map(|r| MetricsWindow {
+                        request_rate: r,
+                        error_rate: 0.01,
+                        latency_p99_seconds: Some(0.2),
+                    }),
+                })
+                .collect(),
+            desired: Default::default(),
+            usage: Some(NodeUsage {
+                cpu_percent: cpu,
+                memory_used_bytes: 100,
+                memory_total_bytes: 1000,
+            }),
+            observed_generation: 0,
+            agent_desired_generation: 0,
+        }
+    }
+
+    #[test]
+    fn counts_versions_health_and_averages_over_connected_nodes() {
+        let nodes = [
+            node(true, &[("web", "1.0.0", "healthy", Some(10.0))], 20.0),
+            node(true, &[("web", "1.1.0", "unhealthy", Some(30.0))], 40.0),
+            node(true, &[("web", "1.1.0", "healthy", None)], 60.0),
+            // Disconnected nodes count as nodes but not in health or averages.
+            node(false, &[("web", "1.1.0", "healthy", Some(1000.0))], 99.0),
+        ];
+        let c = summarize("dev", &nodes);
+        assert_eq!((c.nodes, c.connected), (4, 3));
+        assert_eq!((c.healthy, c.unhealthy, c.unknown), (2, 1, 0));
+        let versions: Vec<(String, u32, u32)> = c
+            .modules
+            .iter()
+            .map(|m| (m.version.clone(), m.nodes, m.healthy))
+            .collect();
+        assert_eq!(versions, [("1.0.0".into(), 1, 1), ("1.1.0".into(), 2, 1)]);
+        assert_eq!(c.cpu_percent, 40.0);
+        assert_eq!(c.request_rate, 20.0);
+        let empty = summarize("qa", &[]);
+        assert_eq!((empty.nodes, empty.request_rate), (0, -1.0));
+    }
+}
