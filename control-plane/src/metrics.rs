@@ -223,10 +223,42 @@ pub struct RpcMetricsService<S> {
     metrics: Arc<Metrics>,
 }
 
-/// Method label: the gRPC path for our services, a fixed word otherwise, so a
-/// client sending random paths cannot grow the label set without bound.
+/// Every method path the server answers: ours (from the compiled
+/// descriptors) and the reflection and health services.
+static KNOWN_METHODS: std::sync::LazyLock<std::collections::HashSet<String>> =
+    std::sync::LazyLock::new(|| {
+        let mut known: std::collections::HashSet<String> = [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        if let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(
+            hotswap_common::pb::FILE_DESCRIPTOR_SET,
+        ) {
+            for file in set.file {
+                let package = file.package.unwrap_or_default();
+                for service in file.service {
+                    let service_name = service.name.unwrap_or_default();
+                    for method in service.method {
+                        known.insert(format!(
+                            "/{package}.{service_name}/{}",
+                            method.name.unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+        }
+        known
+    });
+
+/// Method label: the gRPC path of a method we serve, a fixed word otherwise,
+/// so a client sending made-up paths cannot grow the label set.
 fn method_label(path: &str) -> String {
-    if path.starts_with("/hotswap.v1.") || path.starts_with("/grpc.") {
+    if KNOWN_METHODS.contains(path) {
         path.to_string()
     } else {
         "unknown".to_string()
@@ -276,5 +308,25 @@ where
                 .inc();
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::method_label;
+
+    #[test]
+    fn known_methods_only() {
+        assert_eq!(
+            method_label("/hotswap.v1.Fleet/ListNodes"),
+            "/hotswap.v1.Fleet/ListNodes"
+        );
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health/Check"
+        );
+        assert_eq!(method_label("/hotswap.v1.Fleet/Made-Up"), "unknown");
+        assert_eq!(method_label("/grpc.anything/x"), "unknown");
+        assert_eq!(method_label("/"), "unknown");
     }
 }
