@@ -136,7 +136,7 @@ pub struct CreateArgs {
     dry_run: bool,
 }
 
-fn convert(d: pb::Deployment) -> Result<DeploymentView, CliError> {
+pub(crate) fn convert(d: pb::Deployment) -> Result<DeploymentView, CliError> {
     DeploymentView::try_from(d)
         .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))
 }

@@ -135,6 +135,82 @@ impl LiveView {
     }
 }
 
+/// The live view of a pipeline: one line per stage, the running stage with
+/// its deployment's progress.
+pub struct PipelineView {
+    _multi: MultiProgress,
+    stages: Vec<ProgressBar>,
+}
+
+/// A stage's line: environment, state, and for the running one its
+/// deployment's wave and health.
+pub fn stage_message(
+    environment: &str,
+    state: &str,
+    deployment_id: &str,
+    deployment: Option<&DeploymentView>,
+) -> String {
+    let mut text = format!("{environment:<12} {state}");
+    if !deployment_id.is_empty() {
+        text.push_str(&format!(" ({deployment_id})"));
+    }
+    if let Some(d) = deployment.filter(|d| d.id == deployment_id) {
+        text.push_str(&format!(
+            ": {} wave {}/{}, {}/{} healthy",
+            d.state,
+            (d.wave + 1).min(d.waves.max(1)),
+            d.waves.max(1),
+            d.progress.healthy,
+            d.progress.total
+        ));
+        if !d.waiting_for.is_empty() {
+            text.push_str(&format!(", waiting for {}", d.waiting_for));
+        }
+    }
+    text
+}
+
+impl PipelineView {
+    pub fn new(stages: usize) -> Self {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let stages = (0..stages)
+            .map(|_| {
+                let bar = multi.add(
+                    ProgressBar::new_spinner().with_style(
+                        ProgressStyle::with_template("{spinner} {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    ),
+                );
+                bar.enable_steady_tick(std::time::Duration::from_millis(200));
+                bar
+            })
+            .collect();
+        Self {
+            _multi: multi,
+            stages,
+        }
+    }
+
+    /// Set each stage's line; `(environment, state, deployment id)`.
+    pub fn update(&self, stages: &[(String, String, String)], running: Option<&DeploymentView>) {
+        for (bar, (env, state, id)) in self.stages.iter().zip(stages) {
+            bar.set_message(stage_message(env, state, id, running));
+            if matches!(
+                state.as_str(),
+                "succeeded" | "failed" | "skipped" | "rolled_back" | "aborted"
+            ) {
+                bar.finish();
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        for bar in self.stages {
+            bar.finish();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +251,23 @@ mod tests {
             approved_by: String::new(),
             waiting_for: "wave 2 to become healthy".into(),
         }
+    }
+
+    #[test]
+    fn pipeline_stages_show_the_running_deployment() {
+        let d = view("running", 0, &[("a", 0, "updating"), ("b", 1, "waiting")]);
+        assert_eq!(
+            stage_message("dev", "succeeded", "d-0", Some(&d)),
+            "dev          succeeded (d-0)"
+        );
+        assert_eq!(
+            stage_message("qa", "running", "d-1", Some(&d)),
+            "qa           running (d-1): running wave 1/2, 0/2 healthy, waiting for wave 2 to become healthy"
+        );
+        assert_eq!(
+            stage_message("prod", "waiting", "", None),
+            "prod         waiting"
+        );
     }
 
     #[test]

@@ -113,9 +113,42 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut last_line = String::new();
     let mut current = pipeline;
+    let live = (ctx.output == OutputFormat::Table && crate::live::wanted())
+        .then(|| crate::live::PipelineView::new(current.stages.len()));
+    let mut deployments = pb::deployments_client::DeploymentsClient::new(conn.channel.clone());
     loop {
         match ctx.output {
             OutputFormat::Json => output::print_json_line(&view(&current)),
+            OutputFormat::Table if live.is_some() => {
+                let running = current
+                    .stages
+                    .iter()
+                    .find(|s| s.state == "running" && !s.deployment_id.is_empty());
+                let deployment = match running {
+                    Some(stage) => deployments
+                        .get_deployment(pb::GetDeploymentRequest {
+                            id: stage.deployment_id.clone(),
+                        })
+                        .await
+                        .ok()
+                        .and_then(|r| crate::deploy::convert(r.into_inner()).ok()),
+                    None => None,
+                };
+                let stages: Vec<(String, String, String)> = current
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.environment.clone(),
+                            s.state.clone(),
+                            s.deployment_id.clone(),
+                        )
+                    })
+                    .collect();
+                if let Some(live) = &live {
+                    live.update(&stages, deployment.as_ref());
+                }
+            }
             OutputFormat::Table => {
                 let text = line(&current);
                 if text != last_line {
@@ -124,15 +157,15 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
                 }
             }
         }
-        match current.state.as_str() {
-            "succeeded" => return Ok(Outcome::Done),
-            "failed" => {
-                return Ok(Outcome::Ended(format!(
-                    "pipeline {id} failed: {}",
-                    current.reason
-                )));
+        if matches!(current.state.as_str(), "succeeded" | "failed") {
+            if let Some(live) = live {
+                live.finish();
+                println!("{}", line(&current));
             }
-            _ => {}
+            return Ok(match current.state.as_str() {
+                "succeeded" => Outcome::Done,
+                _ => Outcome::Ended(format!("pipeline {id} failed: {}", current.reason)),
+            });
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             eprintln!(
