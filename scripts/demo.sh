@@ -156,11 +156,17 @@ start_control_plane "$grpc"
 wait_for 30 all_connected
 ctl nodes list
 
+say "per-environment view"
+ctl clusters list
+
 say "a few control plane metrics (http://$admin/metrics)"
 exec 3<>"/dev/tcp/${admin%:*}/${admin##*:}"
 printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$admin" >&3
-grep -E '^hotswap_(nodes|enrollments_total|sessions_opened_total)' <&3 || true
+grep -E '^hotswap_(nodes|deployments|rollbacks_total|analysis_failures_total|events_stored|audit_records)' <&3 | grep -v ' 0$' || true
 exec 3>&-
+
+say "the event log (durable, replayable by sequence number): what the deployments did"
+ctl events --kind deployment. | tail -n 20
 
 say "tearing down: modules stopped through the control plane, then SIGTERM to every process"
 ctl nodes unset-module web-1 hello >/dev/null

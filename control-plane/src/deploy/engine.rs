@@ -967,7 +967,6 @@ fn deployment_events(
             ),
         ));
     }
-    events.extend(wave_notes.map(|note| event("deployment.step", note)));
     if previous.state != d.state {
         let kind = match (previous.state, d.state) {
             (State::AwaitingApproval, State::Running | State::Succeeded) => "deployment.approved",
@@ -979,12 +978,20 @@ fn deployment_events(
             _ => "deployment.state",
         };
         let message = match kind {
-            "deployment.approved" => format!("approved by {}", d.approved_by),
+            // The machine's note carries the approver's reason.
+            "deployment.approved" => actions
+                .iter()
+                .find_map(|a| match a {
+                    Action::Note(note) if note.starts_with("approved by") => Some(note.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| format!("approved by {}", d.approved_by)),
             _ if d.reason.is_empty() => d.state.as_str().to_string(),
             _ => format!("{}: {}", d.state.as_str(), d.reason),
         };
         events.push(event(kind, message));
     }
+    events.extend(wave_notes.map(|note| event("deployment.step", note)));
     events
 }
 
