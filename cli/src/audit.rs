@@ -1,6 +1,7 @@
 //! `hotswapctl audit`: the tamper-evident log of every mutating call.
 
 use clap::Subcommand;
+use comfy_table::Cell;
 use hotswap_common::pb;
 use serde::Serialize;
 
@@ -116,12 +117,12 @@ pub async fn run(ctx: &Context, command: AuditCommand) -> Result<(), CliError> {
                         // Date and seconds fit 80 columns; JSON has the full time.
                         let time = r.time.unwrap_or_default();
                         table.add_row(vec![
-                            r.seq.to_string(),
-                            time.get(..19).unwrap_or(&time).replace('T', " "),
-                            r.user,
-                            r.action,
-                            r.target,
-                            r.result,
+                            Cell::new(r.seq),
+                            Cell::new(time.get(..19).unwrap_or(&time).replace('T', " ")),
+                            Cell::new(r.user),
+                            Cell::new(r.action),
+                            Cell::new(r.target),
+                            output::status_cell(&r.result),
                         ]);
                     }
                     output::print_table(&table);

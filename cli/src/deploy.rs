@@ -25,6 +25,9 @@ pub enum DeployCommand {
     )]
     Create(Box<CreateArgs>),
     /// List deployments, newest first.
+    #[command(
+        after_help = "Examples:\n  hotswapctl deploy list\n  hotswapctl deploy list --env production --active\n  hotswapctl -o json deploy list --module hello"
+    )]
     List {
         #[arg(long)]
         module: Option<String>,
@@ -35,26 +38,41 @@ pub enum DeployCommand {
         active: bool,
     },
     /// Show one deployment.
+    #[command(
+        after_help = "Examples:\n  hotswapctl deploy get d-0123456789\n  hotswapctl -o json deploy get d-0123456789"
+    )]
     Get { id: String },
     /// Follow a deployment until it ends (exit 0, 3 or 4 like --wait).
+    #[command(
+        after_help = "On a terminal this draws a live view; piped, it prints timestamped lines.\n\nExamples:\n  hotswapctl deploy watch d-0123456789\n  hotswapctl deploy watch d-0123456789 --timeout 10m   # exit 0, 3 or 4\n  hotswapctl -o json deploy watch d-0123456789 | tail -n 1"
+    )]
     Watch {
         id: String,
         #[arg(long, value_parser = parse_duration)]
         timeout: Option<Duration>,
     },
     /// Stop advancing to new waves.
+    #[command(after_help = "Examples:\n  hotswapctl deploy pause d-0123456789")]
     Pause { id: String },
     /// Continue a paused deployment.
+    #[command(after_help = "Examples:\n  hotswapctl deploy resume d-0123456789")]
     Resume { id: String },
     /// Continue a canary held for manual promotion.
+    #[command(after_help = "Examples:\n  hotswapctl deploy promote d-0123456789")]
     Promote { id: String },
     /// Stop the deployment where it is, without rolling back.
+    #[command(
+        after_help = "Examples:\n  hotswapctl deploy abort d-0123456789 --reason \"wrong version\""
+    )]
     Abort {
         id: String,
         #[arg(long)]
         reason: Option<String>,
     },
     /// Return every node the deployment changed to its previous version.
+    #[command(
+        after_help = "Examples:\n  hotswapctl deploy rollback d-0123456789 --reason \"latency regression\""
+    )]
     Rollback {
         id: String,
         #[arg(long)]

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
+use comfy_table::Cell;
 use hotswap_common::artifact::keys;
 use hotswap_common::model::PublisherKeyView;
 use hotswap_common::pb;
@@ -15,22 +16,23 @@ use crate::output::{self, OutputFormat};
 #[derive(Subcommand)]
 pub enum KeysCommand {
     /// Generate an ed25519 key pair: PATH.key (0600) and PATH.pub.
-    #[command(after_help = "Example:\n  hotswapctl keys generate --out ./ci")]
+    #[command(after_help = "Examples:\n  hotswapctl keys generate --out ./ci")]
     Generate {
         #[arg(long)]
         out: PathBuf,
     },
     /// Trust a public key on the control plane: artifacts it signs can be pushed.
-    #[command(after_help = "Example:\n  hotswapctl keys trust ./ci.pub --name ci")]
+    #[command(after_help = "Examples:\n  hotswapctl keys trust ./ci.pub --name ci")]
     Trust {
         public_key: PathBuf,
         #[arg(long)]
         name: String,
     },
     /// List trusted and revoked publisher keys.
+    #[command(after_help = "Examples:\n  hotswapctl keys list\n  hotswapctl -o json keys list")]
     List,
     /// Revoke a key: artifacts signed only by it can no longer be pushed.
-    #[command(after_help = "Example:\n  hotswapctl keys revoke ci")]
+    #[command(after_help = "Examples:\n  hotswapctl keys revoke ci")]
     Revoke { name: String },
 }
 
@@ -53,10 +55,10 @@ fn print_keys(ctx: &Context, keys: &[PublisherKeyView]) {
             let mut table = output::table(&["NAME", "KEY ID", "STATUS", "ADDED BY"]);
             for key in keys {
                 table.add_row(vec![
-                    key.name.clone(),
-                    key.key_id.clone(),
-                    key.status.clone(),
-                    key.added_by.clone(),
+                    Cell::new(&key.name),
+                    Cell::new(&key.key_id),
+                    output::status_cell(&key.status),
+                    Cell::new(&key.added_by),
                 ]);
             }
             output::print_table(&table);

@@ -7,6 +7,7 @@
 mod audit;
 mod client;
 mod clusters;
+mod completions;
 mod deploy;
 mod events;
 mod keys;
@@ -22,7 +23,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ColorChoice, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::client::CliError;
 use crate::output::OutputFormat;
@@ -54,39 +55,69 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Join tokens for enrolling nodes.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl tokens create --ttl 1h --uses 10 --label environment=production\n  hotswapctl -o json tokens create"
+    )]
     Tokens(tokens::TokensCommand),
     /// The fleet: list, inspect, watch and remove nodes.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl nodes list --env production\n  hotswapctl nodes get web-1\n  hotswapctl -o json nodes watch"
+    )]
     Nodes(nodes::NodesCommand),
     /// Publisher keys: generate key pairs, manage the trusted set.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl keys generate --out ./ci\n  hotswapctl keys trust ./ci.pub --name ci\n  hotswapctl keys list"
+    )]
     Keys(keys::KeysCommand),
     /// Module artifacts: pack, sign, verify, inspect, push, browse.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl module pack ./hello --key ./ci.key -o hello-1.2.0.hsm\n  hotswapctl module push hello-1.2.0.hsm\n  hotswapctl module get hello"
+    )]
     Module(module::ModuleCommand),
     /// Deployments: create, watch and control.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl deploy create hello@1.2.0 --env dev --wait\n  hotswapctl deploy list\n  hotswapctl deploy watch d-0123456789\n  hotswapctl deploy rollback d-0123456789"
+    )]
     Deploy(deploy::DeployCommand),
     /// Promote a version through the environments.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl pipeline run hello@1.2.0 --to staging --wait\n  hotswapctl pipeline get p-0123456789"
+    )]
     Pipeline(pipeline::PipelineCommand),
     /// Operator credentials and roles.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl users create alice --role deployer --out alice.profile.toml\n  hotswapctl users list\n  hotswapctl users revoke alice"
+    )]
     Users(users::UsersCommand),
     /// The tamper-evident audit log.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl audit list --user alice --limit 20\n  hotswapctl audit verify"
+    )]
     Audit(audit::AuditCommand),
     /// The durable event stream: replay from a sequence number, follow live.
     Events(events::EventsArgs),
     /// Per-environment health, module versions and metric averages.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl clusters list\n  hotswapctl clusters get production"
+    )]
     Clusters(clusters::ClustersCommand),
+    /// Print a shell completion script (bash, zsh, fish, ...) to stdout.
+    Completions(completions::CompletionsArgs),
 }
 
 fn main() -> ExitCode {
     hotswap_common::install_crypto_provider();
-    let cli = Cli::parse_from(rewrite_pack_output(std::env::args_os().collect()));
+    let cli = parse(rewrite_pack_output(std::env::args_os().collect()));
+    output::init_color(cli.no_color);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -112,12 +143,32 @@ fn main() -> ExitCode {
             Command::Audit(cmd) => done(audit::run(&ctx, cmd).await),
             Command::Events(args) => done(events::run(&ctx, args).await),
             Command::Clusters(cmd) => done(clusters::run(&ctx, cmd).await),
+            Command::Completions(args) => done(completions::run(args)),
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => report(&e),
     }
+}
+
+/// Parse the command line. clap colours its own help and usage errors on a
+/// terminal (and honours NO_COLOR by itself); `--no-color` has to be seen
+/// before parsing to turn that off as well.
+fn parse(args: Vec<OsString>) -> Cli {
+    let no_color = args
+        .iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--no-color");
+    let color = if no_color {
+        ColorChoice::Never
+    } else {
+        ColorChoice::Auto
+    };
+    let mut command = Cli::command().color(color);
+    let matches = command.clone().get_matches_from(args);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit())
 }
 
 /// Exit codes of commands that follow a deployment or pipeline (SPEC §4).
@@ -220,7 +271,126 @@ mod tests {
 
     #[test]
     fn cli_definition_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// Every command's `--help`, with its full command path.
+    fn all_commands() -> Vec<(String, clap::Command)> {
+        fn walk(path: String, command: &clap::Command, out: &mut Vec<(String, clap::Command)>) {
+            for sub in command.get_subcommands().filter(|c| c.get_name() != "help") {
+                let sub_path = format!("{path} {}", sub.get_name());
+                out.push((sub_path.clone(), sub.clone()));
+                walk(sub_path, sub, out);
+            }
+        }
+        let mut out = Vec::new();
+        walk("hotswapctl".to_string(), &Cli::command(), &mut out);
+        out
+    }
+
+    /// The `hotswapctl ...` lines of a help's examples, as argument lists:
+    /// shell quotes removed, cut at a pipe, a redirection or a comment.
+    fn example_invocations(after_help: &str) -> Vec<Vec<String>> {
+        let mut invocations = Vec::new();
+        for line in after_help.lines().map(str::trim) {
+            if !line.starts_with("hotswapctl ") {
+                continue;
+            }
+            let mut words: Vec<String> = Vec::new();
+            let (mut word, mut quote, mut in_word) = (String::new(), None, false);
+            for c in line.chars().chain([' ']) {
+                match (quote, c) {
+                    (Some(q), c) if c == q => quote = None,
+                    (Some(_), c) => word.push(c),
+                    (None, '"' | '\'') => {
+                        quote = Some(c);
+                        in_word = true;
+                    }
+                    (None, ' ') if in_word => {
+                        words.push(std::mem::take(&mut word));
+                        in_word = false;
+                    }
+                    (None, ' ') => {}
+                    (None, c) => {
+                        word.push(c);
+                        in_word = true;
+                    }
+                }
+            }
+            let end = words
+                .iter()
+                .position(|w| ["|", ">", ">>", "#"].contains(&w.as_str()) || w.starts_with('#'))
+                .unwrap_or(words.len());
+            words.truncate(end);
+            invocations.push(words);
+        }
+        invocations
+    }
+
+    #[test]
+    fn every_command_has_examples() {
+        let mut missing = Vec::new();
+        for (path, command) in all_commands() {
+            let after_help = command.get_after_help().map(|h| h.to_string());
+            let has_examples = after_help
+                .as_deref()
+                .is_some_and(|h| h.contains("Examples:\n") && !example_invocations(h).is_empty());
+            if !has_examples {
+                missing.push(path);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "no Examples: block in --help of {missing:?}"
+        );
+    }
+
+    #[test]
+    fn every_example_parses() {
+        let mut checked = 0;
+        for (path, command) in all_commands() {
+            let Some(after_help) = command.get_after_help().map(|h| h.to_string()) else {
+                continue;
+            };
+            for words in example_invocations(&after_help) {
+                let args = rewrite_pack_output(words.iter().map(OsString::from).collect());
+                if let Err(e) = Cli::try_parse_from(args) {
+                    panic!("example in `{path} --help` does not parse: {words:?}: {e}");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 40, "only {checked} examples found");
+    }
+
+    #[test]
+    fn example_lines_split_like_a_shell() {
+        let help = "Examples:\n  hotswapctl deploy approve d-1 --reason \"plan reviewed\"\n  hotswapctl -o json nodes watch | jq .x\n  source <(hotswapctl completions bash)\n  hotswapctl completions zsh > _hotswapctl    # zsh";
+        assert_eq!(
+            example_invocations(help),
+            [
+                vec![
+                    "hotswapctl",
+                    "deploy",
+                    "approve",
+                    "d-1",
+                    "--reason",
+                    "plan reviewed"
+                ],
+                vec!["hotswapctl", "-o", "json", "nodes", "watch"],
+                vec!["hotswapctl", "completions", "zsh"],
+            ]
+        );
+    }
+
+    #[test]
+    fn no_color_flag_is_seen_before_parsing() {
+        // Parsing succeeds with the flag anywhere before `--`, as a global flag.
+        let cli = parse(
+            ["hotswapctl", "completions", "bash", "--no-color"]
+                .map(OsString::from)
+                .to_vec(),
+        );
+        assert!(cli.no_color);
     }
 }

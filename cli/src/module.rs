@@ -22,7 +22,7 @@ use crate::output::{self, OutputFormat};
 pub enum ModuleCommand {
     /// Build and sign an artifact from DIR/module.toml and the files beside it.
     #[command(
-        after_help = "After `pack`, -o names the artifact file (same as --out); choose the output\nformat with --output json.\n\nExample:\n  hotswapctl module pack ./hello --key ./ci.key -o hello-1.2.0.hsm"
+        after_help = "After `pack`, -o names the artifact file (same as --out); choose the output\nformat with --output json.\n\nExamples:\n  hotswapctl module pack ./hello --key ./ci.key -o hello-1.2.0.hsm"
     )]
     Pack {
         dir: PathBuf,
@@ -34,7 +34,7 @@ pub enum ModuleCommand {
     },
     /// Add a signature to an artifact (e.g. a second publisher's).
     #[command(
-        after_help = "Example:\n  hotswapctl module sign hello-1.2.0.hsm --key ./release.key --expires-in 90d"
+        after_help = "Examples:\n  hotswapctl module sign hello-1.2.0.hsm --key ./release.key --expires-in 90d"
     )]
     Sign {
         file: PathBuf,
@@ -45,7 +45,7 @@ pub enum ModuleCommand {
         expires_in: Option<Duration>,
     },
     /// Check an artifact's structure and signatures against public keys.
-    #[command(after_help = "Example:\n  hotswapctl module verify hello-1.2.0.hsm --pub ./ci.pub")]
+    #[command(after_help = "Examples:\n  hotswapctl module verify hello-1.2.0.hsm --pub ./ci.pub")]
     Verify {
         file: PathBuf,
         /// Trusted public key (repeatable).
@@ -53,15 +53,16 @@ pub enum ModuleCommand {
         public_keys: Vec<PathBuf>,
     },
     /// Show an artifact's manifest, digest and signatures (nothing is verified).
-    #[command(after_help = "Example:\n  hotswapctl -o json module inspect hello-1.2.0.hsm")]
+    #[command(after_help = "Examples:\n  hotswapctl -o json module inspect hello-1.2.0.hsm")]
     Inspect { file: PathBuf },
     /// Upload an artifact; the control plane verifies it before storing.
-    #[command(after_help = "Example:\n  hotswapctl module push hello-1.2.0.hsm")]
+    #[command(after_help = "Examples:\n  hotswapctl module push hello-1.2.0.hsm")]
     Push { file: PathBuf },
     /// List modules and their versions.
+    #[command(after_help = "Examples:\n  hotswapctl module list\n  hotswapctl -o json module list")]
     List,
     /// Show the versions of one module.
-    #[command(after_help = "Example:\n  hotswapctl module get hello")]
+    #[command(after_help = "Examples:\n  hotswapctl module get hello")]
     Get { name: String },
 }
 

@@ -1,6 +1,7 @@
 //! `hotswapctl nodes`.
 
 use clap::Subcommand;
+use comfy_table::Cell;
 use hotswap_common::labels::ENVIRONMENT_LABEL;
 use hotswap_common::model::{NodeUpdateView, NodeView};
 use hotswap_common::pb;
@@ -23,13 +24,13 @@ pub enum NodesCommand {
         env: Option<String>,
     },
     /// Show one node by id, name or id prefix.
-    #[command(after_help = "Example:\n  hotswapctl nodes get web-1")]
+    #[command(after_help = "Examples:\n  hotswapctl nodes get web-1")]
     Get { node: String },
     /// Follow node changes: a snapshot first, then every change.
-    #[command(after_help = "Example:\n  hotswapctl -o json nodes watch | jq .node.status")]
+    #[command(after_help = "Examples:\n  hotswapctl -o json nodes watch | jq .node.status")]
     Watch,
     /// Remove a node: its certificate is refused from now on and its session ends.
-    #[command(after_help = "Example:\n  hotswapctl nodes remove web-1")]
+    #[command(after_help = "Examples:\n  hotswapctl nodes remove web-1")]
     Remove { node: String },
     /// Low-level: set the desired version of a module on one node (deployments
     /// do this for you, with strategies and rollback).
@@ -45,7 +46,7 @@ pub enum NodesCommand {
         stage: Option<String>,
     },
     /// Low-level: stop and remove a module from one node.
-    #[command(after_help = "Example:\n  hotswapctl nodes unset-module web-1 hello")]
+    #[command(after_help = "Examples:\n  hotswapctl nodes unset-module web-1 hello")]
     UnsetModule { node: String, module: String },
 }
 
@@ -98,15 +99,17 @@ pub async fn run(ctx: &Context, command: NodesCommand) -> Result<(), CliError> {
                     ]);
                     for node in &nodes {
                         table.add_row(vec![
-                            node.name.clone(),
-                            short_id(&node.id).to_string(),
-                            node.status.as_str().to_string(),
-                            node.labels
-                                .get(ENVIRONMENT_LABEL)
-                                .cloned()
-                                .unwrap_or_else(|| "-".into()),
-                            age(node.last_seen.as_deref()),
-                            node.modules.len().to_string(),
+                            Cell::new(&node.name),
+                            Cell::new(short_id(&node.id)),
+                            output::status_cell(node.status.as_str()),
+                            Cell::new(
+                                node.labels
+                                    .get(ENVIRONMENT_LABEL)
+                                    .map(String::as_str)
+                                    .unwrap_or("-"),
+                            ),
+                            Cell::new(age(node.last_seen.as_deref())),
+                            Cell::new(node.modules.len()),
                         ]);
                     }
                     output::print_table(&table);
@@ -290,15 +293,15 @@ fn print_node(node: &NodeView) {
             }
         };
         table.add_row(vec![
-            m.name.clone(),
-            dash(&m.version),
-            dash(&m.desired_version),
-            m.phase.clone(),
-            m.health.clone(),
-            m.restarts.to_string(),
-            rate,
-            errors,
-            p99,
+            Cell::new(&m.name),
+            Cell::new(dash(&m.version)),
+            Cell::new(dash(&m.desired_version)),
+            output::status_cell(&m.phase),
+            output::status_cell(&m.health),
+            Cell::new(m.restarts),
+            Cell::new(rate),
+            Cell::new(errors),
+            Cell::new(p99),
         ]);
     }
     output::print_table(&table);

@@ -30,6 +30,9 @@ pub enum PipelineCommand {
         timeout: Option<Duration>,
     },
     /// Show a pipeline.
+    #[command(
+        after_help = "Examples:\n  hotswapctl pipeline get p-0123456789\n  hotswapctl -o json pipeline get p-0123456789"
+    )]
     Get { id: String },
 }
 

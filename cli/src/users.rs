@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
+use comfy_table::Cell;
 use hotswap_common::pb;
 use hotswap_common::pki;
 use hotswap_common::profile::Profile;
@@ -85,11 +86,11 @@ fn print_users(ctx: &Context, users: Vec<UserView>) {
                 output::table(&["NAME", "ROLE", "STATUS", "CREATED BY", "CERT EXPIRES"]);
             for u in users {
                 table.add_row(vec![
-                    u.name,
-                    u.role,
-                    if u.revoked { "revoked" } else { "active" }.to_string(),
-                    u.created_by,
-                    u.cert_expires_at.unwrap_or_else(|| "-".into()),
+                    Cell::new(u.name),
+                    Cell::new(u.role),
+                    output::status_cell(if u.revoked { "revoked" } else { "active" }),
+                    Cell::new(u.created_by),
+                    Cell::new(u.cert_expires_at.unwrap_or_else(|| "-".into())),
                 ]);
             }
             output::print_table(&table);
