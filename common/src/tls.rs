@@ -303,6 +303,9 @@ pub struct ChannelOptions {
     pub connect_timeout: Duration,
     /// HTTP/2 keepalive pings: they detect a dead peer on an idle connection.
     pub keepalive_interval: Option<Duration>,
+    /// Source address to connect from (the simulator spreads thousands of
+    /// connections over several loopback addresses this way).
+    pub local_addr: Option<std::net::IpAddr>,
 }
 
 impl Default for ChannelOptions {
@@ -310,6 +313,7 @@ impl Default for ChannelOptions {
         Self {
             connect_timeout: Duration::from_secs(5),
             keepalive_interval: Some(Duration::from_secs(10)),
+            local_addr: None,
         }
     }
 }
@@ -323,7 +327,7 @@ pub async fn connect(
 ) -> Result<Channel, tonic::transport::Error> {
     let endpoint = endpoint(url, options)?;
     endpoint
-        .connect_with_connector(connector(url, config))
+        .connect_with_connector(connector(url, config, options.local_addr))
         .await
 }
 
@@ -333,7 +337,13 @@ pub fn connect_lazy(
     config: Arc<ClientConfig>,
     options: &ChannelOptions,
 ) -> Result<Channel, tonic::transport::Error> {
-    Ok(endpoint(url, options)?.connect_with_connector_lazy(connector(url, config)))
+    Ok(
+        endpoint(url, options)?.connect_with_connector_lazy(connector(
+            url,
+            config,
+            options.local_addr,
+        )),
+    )
 }
 
 fn endpoint(
@@ -356,6 +366,7 @@ fn endpoint(
 fn connector(
     url: &ControlPlaneUrl,
     config: Arc<ClientConfig>,
+    local_addr: Option<std::net::IpAddr>,
 ) -> impl tower::Service<
     Uri,
     Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
@@ -377,7 +388,24 @@ fn connector(
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()));
         async move {
             let server_name = server_name?;
-            let tcp = tokio::net::TcpStream::connect(&authority).await?;
+            let tcp = match local_addr {
+                None => tokio::net::TcpStream::connect(&authority).await?,
+                Some(ip) => {
+                    let remote = tokio::net::lookup_host(&authority)
+                        .await?
+                        .next()
+                        .ok_or_else(|| {
+                            std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                        })?;
+                    let socket = if remote.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                    socket.connect(remote).await?
+                }
+            };
             tcp.set_nodelay(true)?;
             let tls = connector.connect(server_name, tcp).await?;
             Ok(TokioIo::new(tls))

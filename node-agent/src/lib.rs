@@ -18,5 +18,6 @@ pub mod renewal;
 pub mod runtime;
 pub mod scrape;
 pub mod session;
+pub mod simulate;
 pub mod state;
 pub mod sysinfo;

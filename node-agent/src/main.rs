@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use hotswap_agent::agent;
 use hotswap_agent::config::{AgentConfig, EnrollmentConfig, hostname};
+use hotswap_agent::{agent, simulate};
 use hotswap_common::logging::{self, LogFormat};
 use hotswap_common::signals::{cancel_on_signal, fail};
 use hotswap_common::{labels, pki, timefmt, tls};
@@ -40,6 +40,58 @@ enum Command {
         after_help = "Examples:\n  hotswap-agent run --data-dir /var/lib/hotswap-agent --control-plane https://cp:7443 \\\n      --join-token hsj_... --ca-fingerprint sha256:... --label environment=dev\n  hotswap-agent run --data-dir /var/lib/hotswap-agent --control-plane https://cp:7443"
     )]
     Run(RunArgs),
+    /// Many simulated agents in one process, for scale tests and benchmarks.
+    #[command(
+        after_help = "Each simulated agent enrolls with its own key and certificate and keeps its own mTLS\nsession; modules install instantly (or after --install-latency) and report healthy.\nThe token needs at least --count uses.\n\nExamples:\n  hotswap-agent simulate --count 1000 --control-plane https://127.0.0.1:7443 \\\n      --join-token hsj_... --ca-fingerprint sha256:... --label environment=dev \\\n      --source-addrs 127.0.0.2-127.0.0.20\n  hotswap-agent simulate --count 50 ... --failure-rate 0.1 --flap-every 30s --churn-every 60s"
+    )]
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// How many agents.
+    #[arg(long)]
+    count: usize,
+    #[arg(long, env = "HOTSWAP_CONTROL_PLANE")]
+    control_plane: String,
+    #[arg(long, env = "HOTSWAP_JOIN_TOKEN", hide_env_values = true)]
+    join_token: String,
+    #[arg(long, env = "HOTSWAP_CA_FINGERPRINT")]
+    ca_fingerprint: String,
+    /// Label `key=value` for every simulated node (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Node names are PREFIX-00000, PREFIX-00001, ...
+    #[arg(long, default_value = "sim")]
+    name_prefix: String,
+    /// Source addresses to spread connections over: a list or ranges, e.g.
+    /// 127.0.0.2-127.0.0.40 (each address has its own ~28k ephemeral ports).
+    #[arg(long)]
+    source_addrs: Option<String>,
+    /// Enrollments in flight at once.
+    #[arg(long, default_value_t = 64)]
+    enroll_concurrency: usize,
+    /// Fraction of simulated installs that fail.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Time a simulated install takes.
+    #[arg(long, default_value = "0s", value_parser = timefmt::parse_duration)]
+    install_latency: Duration,
+    /// Toggle module health this often.
+    #[arg(long, value_parser = timefmt::parse_duration)]
+    flap_every: Option<Duration>,
+    /// Each agent drops and re-opens its session after about this long.
+    #[arg(long, value_parser = timefmt::parse_duration)]
+    churn_every: Option<Duration>,
+    /// Error rate healthy simulated modules report.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// p99 latency healthy simulated modules report.
+    #[arg(long, default_value = "20ms", value_parser = timefmt::parse_duration)]
+    latency_p99: Duration,
+    /// Print a progress line this often.
+    #[arg(long, default_value = "5s", value_parser = timefmt::parse_duration)]
+    stats_every: Duration,
 }
 
 #[derive(clap::Args)]
@@ -80,7 +132,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     hotswap_common::install_crypto_provider();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Simulate(args) => return simulate(args),
+    };
     let config = match config_from(args) {
         Ok(config) => config,
         Err(problems) => {
@@ -101,6 +156,84 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         }
+    })
+}
+
+fn simulate(args: SimulateArgs) -> ExitCode {
+    let mut problems = Vec::new();
+    let control_plane = tls::ControlPlaneUrl::parse(&args.control_plane)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+    let labels = labels::parse_labels(&args.labels)
+        .map_err(|e| problems.push(format!("--label: {e}")))
+        .ok();
+    let fingerprint = pki::parse_fingerprint(&args.ca_fingerprint)
+        .map_err(|e| problems.push(format!("--ca-fingerprint: {e}")))
+        .ok();
+    let source_addrs = simulate::parse_source_addrs(args.source_addrs.as_deref().unwrap_or(""))
+        .map_err(|e| problems.push(format!("--source-addrs: {e}")))
+        .unwrap_or_default();
+    if args.count == 0 {
+        problems.push("--count must be at least 1".into());
+    }
+    for (flag, rate) in [
+        ("--failure-rate", args.failure_rate),
+        ("--error-rate", args.error_rate),
+    ] {
+        if !(0.0..=1.0).contains(&rate) {
+            problems.push(format!("{flag} {rate} is not between 0 and 1"));
+        }
+    }
+    let (Some(control_plane), Some(labels), Some(ca_fingerprint), true) =
+        (control_plane, labels, fingerprint, problems.is_empty())
+    else {
+        for problem in &problems {
+            eprintln!("error: {problem}");
+        }
+        return ExitCode::from(2);
+    };
+    let config = simulate::SimConfig {
+        count: args.count,
+        control_plane,
+        join_token: args.join_token,
+        ca_fingerprint,
+        labels,
+        name_prefix: args.name_prefix,
+        source_addrs,
+        enroll_concurrency: args.enroll_concurrency,
+        failure_rate: args.failure_rate,
+        install_latency: args.install_latency,
+        flap_every: args.flap_every,
+        churn_every: args.churn_every,
+        error_rate: args.error_rate,
+        latency_p99: args.latency_p99,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        let stats = std::sync::Arc::new(simulate::SimStats::default());
+        let reporter = {
+            let stats = stats.clone();
+            let shutdown = shutdown.clone();
+            let every = args.stats_every.max(Duration::from_millis(100));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tick.tick() => eprintln!("simulate: {}", stats.line()),
+                    }
+                }
+            })
+        };
+        simulate::run(config, stats.clone(), shutdown).await;
+        reporter.abort();
+        eprintln!("simulate: stopped; {}", stats.line());
+        ExitCode::SUCCESS
     })
 }
 

@@ -1058,3 +1058,45 @@ impl Drop for Load {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// `hotswap-agent simulate`: many simulated agents in one process.
+pub struct Simulator {
+    daemon: Daemon,
+}
+
+impl Simulator {
+    /// Create a token with enough uses and start `count` simulated agents
+    /// with `labels` (e.g. `["environment=dev"]`) and extra flags.
+    pub fn start(
+        cp: &ControlPlane,
+        name: &str,
+        count: usize,
+        labels: &[&str],
+        extra: &[&str],
+    ) -> Self {
+        let uses = count.to_string();
+        let (token, fp) = cp.token(&["--uses", &uses]);
+        let mut command = Command::new(binary("hotswap-agent"));
+        command
+            .args(["simulate", "--count", &uses, "--control-plane", &cp.url()])
+            .args(["--join-token", &token, "--ca-fingerprint", &fp])
+            .args(["--name-prefix", name, "--stats-every", "1s"]);
+        for label in labels {
+            command.args(["--label", label]);
+        }
+        command.args(extra);
+        let log = cp.work.join(format!("simulate-{name}.log"));
+        Self {
+            daemon: Daemon::spawn(&format!("simulator {name}"), command, log),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.log_text()
+    }
+
+    /// SIGTERM and a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.daemon.stop()
+    }
+}

@@ -1,0 +1,553 @@
+//! `hotswap-agent simulate`: many agents in one process, for scale tests and
+//! benchmarks. Each simulated agent generates its own key, enrolls with the
+//! join token, and keeps its own mTLS session (its own TCP connection,
+//! spread over several source addresses so the count can exceed one
+//! address's port range), speaking the real protocol: hello, heartbeats at
+//! the interval the control plane asks for, status reports on every change
+//! and every few seconds. Modules are simulated: a desired version is
+//! "installing" for `--install-latency`, then running and healthy — or, with
+//! probability `--failure-rate`, failed. Options add health flapping and
+//! disconnect churn. Nothing touches the disk.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hotswap_common::labels::Labels;
+use hotswap_common::pb;
+use hotswap_common::pb::agent_message::Msg as AgentMsg;
+use hotswap_common::pb::control_message::Msg as ControlMsg;
+use hotswap_common::pki;
+use hotswap_common::tls::{
+    self, ChannelOptions, ClientIdentity, ControlPlaneUrl, PinnedCa, ServerTrust,
+};
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+/// What `simulate` was asked to do.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub count: usize,
+    pub control_plane: ControlPlaneUrl,
+    pub join_token: String,
+    pub ca_fingerprint: [u8; 32],
+    pub labels: Labels,
+    pub name_prefix: String,
+    /// Source addresses, used round-robin (empty: the OS picks).
+    pub source_addrs: Vec<IpAddr>,
+    /// Enrollments in flight at once.
+    pub enroll_concurrency: usize,
+    /// Fraction of installs that fail.
+    pub failure_rate: f64,
+    pub install_latency: Duration,
+    /// Toggle each module's health this often (none: steady).
+    pub flap_every: Option<Duration>,
+    /// Each agent drops its connection after a random time around this.
+    pub churn_every: Option<Duration>,
+    /// Reported request error rate of healthy modules.
+    pub error_rate: f64,
+    /// Reported p99 latency of healthy modules.
+    pub latency_p99: Duration,
+}
+
+/// Counters over all simulated agents, printed while running.
+#[derive(Default)]
+pub struct SimStats {
+    pub enrolled: AtomicU64,
+    pub enroll_failures: AtomicU64,
+    pub connected: AtomicU64,
+    pub sessions: AtomicU64,
+    pub reports: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub installs: AtomicU64,
+}
+
+impl SimStats {
+    pub fn line(&self) -> String {
+        format!(
+            "enrolled {} (failed {}), connected {}, sessions {}, heartbeats {}, reports {}, installs {}",
+            self.enrolled.load(Ordering::Relaxed),
+            self.enroll_failures.load(Ordering::Relaxed),
+            self.connected.load(Ordering::Relaxed),
+            self.sessions.load(Ordering::Relaxed),
+            self.heartbeats.load(Ordering::Relaxed),
+            self.reports.load(Ordering::Relaxed),
+            self.installs.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// An enrolled simulated node.
+struct SimIdentity {
+    node_id: String,
+    name: String,
+    client: Arc<rustls::ClientConfig>,
+}
+
+/// Parse `--source-addrs`: a list, or a range like `127.0.0.2-127.0.0.40`.
+pub fn parse_source_addrs(text: &str) -> Result<Vec<IpAddr>, String> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((from, to)) => {
+                let parse = |s: &str| {
+                    s.parse::<std::net::Ipv4Addr>()
+                        .map_err(|e| format!("{s:?} is not an IPv4 address: {e}"))
+                };
+                let (from, to) = (u32::from(parse(from)?), u32::from(parse(to)?));
+                if to < from || to - from > 65_535 {
+                    return Err(format!("bad address range {part:?}"));
+                }
+                out.extend((from..=to).map(|a| IpAddr::from(std::net::Ipv4Addr::from(a))));
+            }
+            None => out.push(
+                part.parse()
+                    .map_err(|e| format!("{part:?} is not an IP address: {e}"))?,
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Enroll and run `count` agents until `shutdown`.
+pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: CancellationToken) {
+    let config = Arc::new(config);
+    let enroll_slots = Arc::new(Semaphore::new(config.enroll_concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..config.count {
+        let config = config.clone();
+        let stats = stats.clone();
+        let shutdown = shutdown.clone();
+        let slots = enroll_slots.clone();
+        tasks.spawn(async move {
+            let source = (!config.source_addrs.is_empty())
+                .then(|| config.source_addrs[i % config.source_addrs.len()]);
+            let identity = loop {
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    permit = slots.acquire() => permit,
+                };
+                let result = enroll(&config, i, source).await;
+                drop(permit);
+                match result {
+                    Ok(identity) => break identity,
+                    Err((message, fatal)) => {
+                        stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
+                        if fatal {
+                            tracing::error!(agent = i, error = %message, "simulated agent cannot enroll");
+                            return;
+                        }
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                    }
+                }
+            };
+            stats.enrolled.fetch_add(1, Ordering::Relaxed);
+            agent_loop(&config, &identity, source, &stats, &shutdown).await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn enroll(
+    config: &SimConfig,
+    index: usize,
+    source: Option<IpAddr>,
+) -> Result<SimIdentity, (String, bool)> {
+    let name = format!("{}-{index:05}", config.name_prefix);
+    let (csr_pem, key_pem) = pki::generate_csr(&name).map_err(|e| (e.to_string(), true))?;
+    let pinned = tls::client_config(
+        ServerTrust::Pinned(PinnedCa::new(config.ca_fingerprint)),
+        None,
+    )
+    .map_err(|e| (e.to_string(), true))?;
+    let options = ChannelOptions {
+        keepalive_interval: None,
+        local_addr: source,
+        ..ChannelOptions::default()
+    };
+    let channel = tls::connect(&config.control_plane, pinned, &options)
+        .await
+        .map_err(|e| (format!("connect: {e}"), false))?;
+    let response = pb::enrollment_client::EnrollmentClient::new(channel)
+        .enroll(pb::EnrollRequest {
+            join_token: config.join_token.clone(),
+            csr_pem,
+            name: name.clone(),
+            labels: config.labels.clone().into_iter().collect(),
+            agent_version: format!("{}-sim", hotswap_common::VERSION),
+        })
+        .await
+        .map_err(|s| {
+            let fatal = matches!(
+                s.code(),
+                tonic::Code::Unauthenticated
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::PermissionDenied
+            );
+            (format!("enroll {name}: {}", s.message()), fatal)
+        })?
+        .into_inner();
+    let client = tls::client_config(
+        ServerTrust::Ca(response.ca_certificate_pem),
+        Some(ClientIdentity {
+            cert_pem: &response.certificate_pem,
+            key_pem: &key_pem,
+        }),
+    )
+    .map_err(|e| (e.to_string(), true))?;
+    Ok(SimIdentity {
+        node_id: response.node_id,
+        name,
+        client,
+    })
+}
+
+/// A simulated module: what it runs and since when.
+#[derive(Clone, Debug, PartialEq)]
+struct SimModule {
+    version: String,
+    previous: String,
+    staged: String,
+    phase: &'static str,
+    health: &'static str,
+    message: String,
+    /// When an install in progress completes.
+    ready_at: Option<tokio::time::Instant>,
+}
+
+/// Apply a desired state to the simulated modules; returns whether anything changed.
+fn apply_desired(
+    modules: &mut BTreeMap<String, SimModule>,
+    desired: &pb::DesiredState,
+    latency: Duration,
+    now: tokio::time::Instant,
+) -> bool {
+    let mut changed = false;
+    for want in &desired.modules {
+        let m = modules
+            .entry(want.name.clone())
+            .or_insert_with(|| SimModule {
+                version: String::new(),
+                previous: String::new(),
+                staged: String::new(),
+                phase: "installing",
+                health: "unknown",
+                message: String::new(),
+                ready_at: None,
+            });
+        if !want.staged_version.is_empty() && m.staged != want.staged_version {
+            m.staged = want.staged_version.clone();
+            changed = true;
+        }
+        if !want.version.is_empty() && m.version != want.version {
+            if !m.version.is_empty() {
+                m.previous = m.version.clone();
+            }
+            m.version = want.version.clone();
+            m.phase = "installing";
+            m.health = "unknown";
+            m.message.clear();
+            m.ready_at = Some(now + latency);
+            if m.staged == want.version {
+                m.staged.clear();
+            }
+            changed = true;
+        }
+    }
+    let before = modules.len();
+    modules.retain(|name, _| desired.modules.iter().any(|w| &w.name == name));
+    changed || modules.len() != before
+}
+
+fn report(
+    modules: &BTreeMap<String, SimModule>,
+    generation: u64,
+    config: &SimConfig,
+) -> pb::AgentMessage {
+    let converged = modules.values().all(|m| m.ready_at.is_none());
+    pb::AgentMessage {
+        msg: Some(AgentMsg::Status(pb::StatusReport {
+            modules: modules
+                .iter()
+                .map(|(name, m)| pb::ModuleStatus {
+                    name: name.clone(),
+                    version: m.version.clone(),
+                    phase: m.phase.to_string(),
+                    health: m.health.to_string(),
+                    message: m.message.clone(),
+                    staged_version: m.staged.clone(),
+                    previous_version: m.previous.clone(),
+                    restarts: 0,
+                    crash_loop: false,
+                    metrics: (m.phase == "running").then(|| pb::ModuleMetrics {
+                        request_rate: 100.0,
+                        error_rate: if m.health == "healthy" {
+                            config.error_rate
+                        } else {
+                            1.0
+                        },
+                        latency_p99_seconds: config.latency_p99.as_secs_f64(),
+                        interval_seconds: 5.0,
+                    }),
+                    pid: 0,
+                })
+                .collect(),
+            observed_generation: if converged { generation } else { 0 },
+            usage: Some(pb::NodeUsage {
+                cpu_percent: 5.0,
+                memory_used_bytes: 256 << 20,
+                memory_total_bytes: 4 << 30,
+            }),
+            desired_generation: generation,
+        })),
+    }
+}
+
+/// Sessions until shutdown, reconnecting after failures and churn.
+async fn agent_loop(
+    config: &SimConfig,
+    identity: &SimIdentity,
+    source: Option<IpAddr>,
+    stats: &SimStats,
+    shutdown: &CancellationToken,
+) {
+    let mut modules: BTreeMap<String, SimModule> = BTreeMap::new();
+    let mut generation = 0u64;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let established = session(
+            config,
+            identity,
+            source,
+            stats,
+            shutdown,
+            &mut modules,
+            &mut generation,
+        )
+        .await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if established {
+            delay = Duration::from_millis(100);
+        } else {
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(jittered) => {}
+        }
+    }
+}
+
+/// One session; returns whether it got as far as the welcome.
+async fn session(
+    config: &SimConfig,
+    identity: &SimIdentity,
+    source: Option<IpAddr>,
+    stats: &SimStats,
+    shutdown: &CancellationToken,
+    modules: &mut BTreeMap<String, SimModule>,
+    generation: &mut u64,
+) -> bool {
+    let options = ChannelOptions {
+        local_addr: source,
+        ..ChannelOptions::default()
+    };
+    let Ok(channel) = tls::connect(&config.control_plane, identity.client.clone(), &options).await
+    else {
+        return false;
+    };
+    let (tx, rx) = mpsc::channel(8);
+    let hello = pb::AgentMessage {
+        msg: Some(AgentMsg::Hello(pb::Hello {
+            node_id: identity.node_id.clone(),
+            name: identity.name.clone(),
+            labels: config.labels.clone().into_iter().collect(),
+            agent_version: format!("{}-sim", hotswap_common::VERSION),
+        })),
+    };
+    if tx.send(hello).await.is_err() {
+        return false;
+    }
+    let Ok(response) = pb::agent_session_client::AgentSessionClient::new(channel)
+        .session(ReceiverStream::new(rx))
+        .await
+    else {
+        return false;
+    };
+    let mut inbound = response.into_inner();
+    let interval = match inbound.message().await {
+        Ok(Some(pb::ControlMessage {
+            msg: Some(ControlMsg::Welcome(w)),
+        })) => Duration::from_millis(w.heartbeat_interval_ms.clamp(100, 3_600_000)),
+        _ => return false,
+    };
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    stats.connected.fetch_add(1, Ordering::Relaxed);
+    let _connected = Decrement(&stats.connected);
+
+    // Spread heartbeats so N agents do not beat in lockstep.
+    let offset = interval.mul_f64(rand::rng().random_range(0.0..1.0));
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
+    let mut summary = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let churn_at = config.churn_every.map(|every| {
+        tokio::time::Instant::now() + every.mul_f64(rand::rng().random_range(0.5..1.5))
+    });
+    let mut flap = config
+        .flap_every
+        .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+    let mut seq = 0u64;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            dirty = false;
+            stats.reports.fetch_add(1, Ordering::Relaxed);
+            if tx.send(report(modules, *generation, config)).await.is_err() {
+                return true;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return true,
+            _ = async {
+                match churn_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => return true,
+            _ = beat.tick() => {
+                seq += 1;
+                stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                let heartbeat = pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { seq })) };
+                if tx.send(heartbeat).await.is_err() {
+                    return true;
+                }
+            }
+            _ = summary.tick() => dirty = true,
+            _ = async {
+                match flap.as_mut() {
+                    Some(flap) => { flap.tick().await; }
+                    None => std::future::pending().await,
+                }
+            } => {
+                for m in modules.values_mut().filter(|m| m.phase == "running") {
+                    m.health = if m.health == "healthy" { "unhealthy" } else { "healthy" };
+                }
+                dirty = true;
+            }
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                for m in modules.values_mut() {
+                    if m.ready_at.is_some_and(|at| at <= now) {
+                        m.ready_at = None;
+                        stats.installs.fetch_add(1, Ordering::Relaxed);
+                        if rand::rng().random_bool(config.failure_rate.clamp(0.0, 1.0)) {
+                            m.phase = "failed";
+                            m.health = "unhealthy";
+                            m.message = "simulated install failure".into();
+                        } else {
+                            m.phase = "running";
+                            m.health = "healthy";
+                        }
+                        dirty = true;
+                    }
+                }
+            }
+            message = inbound.message() => match message {
+                Ok(Some(pb::ControlMessage { msg: Some(ControlMsg::Desired(desired)) })) => {
+                    *generation = desired.generation;
+                    apply_desired(modules, &desired, config.install_latency, tokio::time::Instant::now());
+                    dirty = true;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return true,
+            },
+        }
+    }
+}
+
+/// Decrements a counter when dropped (the session ended, however it ended).
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_address_lists_and_ranges() {
+        let addrs = parse_source_addrs("127.0.0.2-127.0.0.4, 10.0.0.1").expect("parse");
+        let text: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        assert_eq!(text, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "10.0.0.1"]);
+        assert!(parse_source_addrs("127.0.0.9-127.0.0.1").is_err());
+        assert!(parse_source_addrs("x").is_err());
+        assert!(parse_source_addrs("").expect("empty").is_empty());
+    }
+
+    #[test]
+    fn desired_state_drives_simulated_modules() {
+        let now = tokio::time::Instant::now();
+        let mut modules = BTreeMap::new();
+        let want = |version: &str, staged: &str| pb::DesiredState {
+            generation: 1,
+            modules: vec![pb::DesiredModule {
+                name: "web".into(),
+                version: version.into(),
+                staged_version: staged.into(),
+            }],
+        };
+        assert!(apply_desired(
+            &mut modules,
+            &want("1.0.0", ""),
+            Duration::from_secs(1),
+            now
+        ));
+        let m = &modules["web"];
+        assert_eq!((m.phase, m.version.as_str()), ("installing", "1.0.0"));
+        assert!(!apply_desired(
+            &mut modules,
+            &want("1.0.0", ""),
+            Duration::from_secs(1),
+            now
+        ));
+        assert!(apply_desired(
+            &mut modules,
+            &want("", "2.0.0"),
+            Duration::from_secs(1),
+            now
+        ));
+        assert_eq!(modules["web"].staged, "2.0.0");
+        assert!(apply_desired(
+            &mut modules,
+            &want("2.0.0", ""),
+            Duration::from_secs(1),
+            now
+        ));
+        let m = &modules["web"];
+        assert_eq!(
+            (m.version.as_str(), m.previous.as_str(), m.staged.as_str()),
+            ("2.0.0", "1.0.0", "")
+        );
+        let empty = pb::DesiredState {
+            generation: 2,
+            modules: vec![],
+        };
+        assert!(apply_desired(&mut modules, &empty, Duration::ZERO, now));
+        assert!(modules.is_empty());
+    }
+}

@@ -1,0 +1,149 @@
+//! `hotswap-agent simulate`: simulated agents enroll with their own
+//! certificates, keep real mTLS sessions from several source addresses, and
+//! take part in deployments like real agents — including failing ones.
+
+use std::path::Path;
+
+use hotswap_tests::{ControlPlane, Simulator, TestDir, ctl_offline, eventually, write_module};
+use serde_json::Value;
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf8")
+}
+
+fn connected_in(cp: &ControlPlane, env: &str) -> usize {
+    let nodes = cp
+        .ctl(&["-o", "json", "nodes", "list", "--env", env])
+        .json();
+    nodes.as_array().map_or(0, |n| {
+        n.iter().filter(|n| n["status"] == "connected").count()
+    })
+}
+
+#[test]
+fn simulated_agents_enroll_connect_and_deploy() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let key = dir.path().join("k");
+    ctl_offline(&["keys", "generate", "--out", p(&key)]).ok();
+    cp.ctl(&["keys", "trust", p(&dir.path().join("k.pub")), "--name", "k"])
+        .ok();
+    let src = dir.path().join("src");
+    write_module(&src, "sim-mod", "1.0.0", b"payload");
+    let artifact = dir.path().join("sim-mod.hsm");
+    ctl_offline(&[
+        "module",
+        "pack",
+        p(&src),
+        "--key",
+        p(&dir.path().join("k.key")),
+        "-o",
+        p(&artifact),
+    ])
+    .ok();
+    cp.ctl(&["module", "push", p(&artifact)]).ok();
+
+    let mut good = Simulator::start(
+        &cp,
+        "good",
+        40,
+        &["environment=qa"],
+        &[
+            "--source-addrs",
+            "127.0.0.2-127.0.0.5",
+            "--install-latency",
+            "100ms",
+        ],
+    );
+    let mut bad = Simulator::start(
+        &cp,
+        "bad",
+        4,
+        &["environment=dev"],
+        &["--failure-rate", "1"],
+    );
+    eventually("44 simulated nodes connected", || {
+        let (qa, dev) = (connected_in(&cp, "qa"), connected_in(&cp, "dev"));
+        if (qa, dev) == (40, 4) {
+            Ok(())
+        } else {
+            Err(format!("qa {qa}, dev {dev}"))
+        }
+    });
+    // Every node has its own identity.
+    let nodes = cp.ctl(&["-o", "json", "nodes", "list"]).json();
+    let mut ids: Vec<&str> = nodes
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 44);
+
+    let out = cp.ctl(&[
+        "-o",
+        "json",
+        "deploy",
+        "create",
+        "sim-mod@1.0.0",
+        "--env",
+        "qa",
+        "--batch-size",
+        "25%",
+        "--min-healthy-time",
+        "200ms",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let last: Value = serde_json::from_str(out.stdout.lines().last().expect("line")).expect("json");
+    assert_eq!(last["state"], "succeeded");
+    assert_eq!(last["progress"]["healthy"], 40);
+    assert_eq!(last["waves"], 4);
+
+    // Simulated failures are caught like real ones.
+    let out = cp.ctl(&[
+        "deploy",
+        "create",
+        "sim-mod@1.0.0",
+        "--env",
+        "dev",
+        "--health-deadline",
+        "3s",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(out.code, 3, "{out:?}");
+
+    // Connections came from the requested source addresses.
+    let enrolls = cp
+        .ctl(&["-o", "json", "audit", "list", "--action", "nodes.enroll", "--limit", "100"])
+        .json();
+    let mut sources: Vec<String> = enrolls
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|r| r["peer"].as_str())
+        .filter_map(|peer| peer.rsplit_once(':').map(|(ip, _)| ip.to_string()))
+        .collect();
+    sources.sort();
+    sources.dedup();
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        assert!(sources.iter().any(|s| s == ip), "{ip} not among {sources:?}");
+    }
+    let log = good.log();
+    assert!(log.contains("connected 40"), "{log}");
+    assert!(good.stop().success());
+    assert!(bad.stop().success());
+    eventually("simulated nodes to disconnect", || {
+        match connected_in(&cp, "qa") {
+            0 => Ok(()),
+            n => Err(format!("{n} still connected")),
+        }
+    });
+}
