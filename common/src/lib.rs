@@ -25,6 +25,8 @@ pub mod admin;
 pub mod logging;
 #[cfg(feature = "daemon")]
 pub mod signals;
+#[cfg(feature = "daemon")]
+pub mod telemetry;
 
 /// Generated protobuf and gRPC code for `proto/hotswap/v1`. Domain code converts
 /// at the edge (see [`convert`]) rather than passing these types around.

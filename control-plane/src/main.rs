@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use hotswap_common::logging::{self, LogFormat};
 use hotswap_common::signals::{cancel_on_signal, fail};
+use hotswap_common::telemetry::Service;
 use hotswap_control_plane::config::{RunConfig, Settings};
 use hotswap_control_plane::{init, rotation, server};
 use tokio_util::sync::CancellationToken;
@@ -93,7 +94,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    // Held to the end of `main`: traces still queued are flushed after the
+    // graceful shutdown.
+    let _log_guard = logging::init(cli.log_format, Service::ControlPlane);
     hotswap_common::install_crypto_provider();
     match cli.command {
         Command::Init {

@@ -585,7 +585,16 @@ impl Registry {
             let record = self
                 .store
                 .update_desired_unflushed(node_id, |record| match desired {
-                    Some(want) if record.modules.get(module) == Some(want) => false,
+                    // Unchanged apart from its trace context: keep the entry
+                    // (and the trace it belongs to) and swap nothing.
+                    Some(want)
+                        if record
+                            .modules
+                            .get(module)
+                            .is_some_and(|have| have.same_target(want)) =>
+                    {
+                        false
+                    }
                     Some(want) => {
                         record.modules.insert(module.clone(), want.clone());
                         true

@@ -130,6 +130,18 @@ pub struct DesiredModuleRecord {
     /// Version to stage without activating; empty for none.
     #[serde(default)]
     pub staged_version: String,
+    /// W3C trace context of the deployment's "node command" span that set
+    /// this entry, sent to the agent; empty when not traced.
+    #[serde(default)]
+    pub traceparent: String,
+}
+
+impl DesiredModuleRecord {
+    /// Whether both ask the node for the same thing (trace context aside):
+    /// setting an entry that only differs in it changes nothing.
+    pub fn same_target(&self, other: &Self) -> bool {
+        self.version == other.version && self.staged_version == other.staged_version
+    }
 }
 
 /// The desired state of one node. `generation` increases with every change.

@@ -12,6 +12,10 @@
 //!
 //! Nothing is unpacked before its digest and signatures check out, and an
 //! artifact is verified again every time it is installed from the cache.
+//!
+//! The steps run in spans `fetch`, `verify` and `unpack` (target
+//! [`telemetry::TARGET`]), children of whatever trace context the caller runs
+//! them in (see [`telemetry::in_trace`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -26,10 +30,12 @@ use hotswap_common::artifact::unpack::{Limits, unpack_artifact};
 use hotswap_common::artifact::{ArtifactInfo, Digest};
 use hotswap_common::fsutil::{self, PUBLIC_FILE_MODE};
 use hotswap_common::pb;
+use hotswap_common::telemetry;
 use hotswap_common::timefmt::now_ms;
 use serde::{Deserialize, Serialize};
 use tonic::Code;
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 /// Why an artifact could not be made available.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +87,17 @@ pub struct ArtifactStore {
     root: PathBuf,
     trust: TrustSource,
     limits: Limits,
+    /// This node's name, for the spans of each step.
+    node: String,
+}
+
+/// What the download step of [`ArtifactStore::fetch`] leaves for the verify step.
+struct Fetched {
+    descriptor: pb::ArtifactDescriptor,
+    digest: Digest,
+    trust: TrustSet,
+    /// Content bytes downloaded; `None` when the artifact was cached already.
+    downloaded: Option<u64>,
 }
 
 fn local<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> FetchError + '_ {
@@ -111,7 +128,14 @@ impl ArtifactStore {
             root,
             trust,
             limits,
+            node: String::new(),
         })
+    }
+
+    /// Name this node in the spans of fetches, verifications and unpacks.
+    pub fn with_node_name(mut self, node: &str) -> Self {
+        self.node = node.to_string();
+        self
     }
 
     fn cache_path(&self, digest: &Digest) -> PathBuf {
@@ -207,6 +231,52 @@ impl ArtifactStore {
         version: &str,
     ) -> Result<Cached, FetchError> {
         let what = format!("artifact {name}@{version}");
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "fetch",
+            module = %name,
+            version = %version,
+            node = %self.node,
+            bytes = tracing::field::Empty,
+        );
+        let fetched = self
+            .fetch_content(channel, name, version, &what)
+            .instrument(span.clone())
+            .await;
+        if let Ok(Fetched {
+            downloaded: Some(bytes),
+            ..
+        }) = &fetched
+        {
+            span.record("bytes", bytes);
+        }
+        let fetched = telemetry::record_result(&span, fetched)?;
+        drop(span);
+        let source = match fetched.downloaded {
+            Some(_) => "download",
+            None => "cache",
+        };
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "verify",
+            module = %name,
+            version = %version,
+            node = %self.node,
+            source = source,
+        );
+        let verified = span.in_scope(|| self.verify_fetched(fetched, name, version, &what));
+        telemetry::record_result(&span, verified)
+    }
+
+    /// The network part of [`ArtifactStore::fetch`]: what the control plane
+    /// says the artifact is, its trust set, and the content unless cached.
+    async fn fetch_content(
+        &self,
+        channel: &Channel,
+        name: &str,
+        version: &str,
+        what: &str,
+    ) -> Result<Fetched, FetchError> {
         let mut client = pb::artifacts_client::ArtifactsClient::new(channel.clone());
         let descriptor = client
             .describe_artifact(pb::DescribeArtifactRequest {
@@ -214,14 +284,45 @@ impl ArtifactStore {
                 version: version.to_string(),
             })
             .await
-            .map_err(|s| transient(&s, &what))?
+            .map_err(|s| transient(&s, what))?
             .into_inner();
         let digest = Digest::parse(&descriptor.digest)
             .map_err(|e| FetchError::Rejected(format!("{what}: {e}")))?;
         let trust = self.trust_set(Some(channel)).await?;
+        let downloaded = if self.cache_path(&digest).is_file() {
+            None
+        } else {
+            let partial = self.partial_path(&digest);
+            Some(
+                self.download(&mut client, &digest, descriptor.size, &partial, what)
+                    .await?,
+            )
+        };
+        Ok(Fetched {
+            descriptor,
+            digest,
+            trust,
+            downloaded,
+        })
+    }
 
+    /// The checking part of [`ArtifactStore::fetch`]: digest and signatures,
+    /// then into the cache.
+    fn verify_fetched(
+        &self,
+        fetched: Fetched,
+        name: &str,
+        version: &str,
+        what: &str,
+    ) -> Result<Cached, FetchError> {
+        let Fetched {
+            descriptor,
+            digest,
+            trust,
+            downloaded,
+        } = fetched;
         let cached = self.cache_path(&digest);
-        if cached.is_file() {
+        let Some(downloaded) = downloaded else {
             let info = self.verify_cached(&cached, name, version, &trust)?;
             self.record(name, version, &digest)?;
             return Ok(Cached {
@@ -229,12 +330,8 @@ impl ArtifactStore {
                 info,
                 downloaded: 0,
             });
-        }
-
+        };
         let partial = self.partial_path(&digest);
-        let downloaded = self
-            .download(&mut client, &digest, descriptor.size, &partial, &what)
-            .await?;
 
         // Check the content against its digest before anything else.
         let actual = digest_file(&partial).map_err(local("cannot read the downloaded content"))?;
@@ -405,13 +502,46 @@ impl ArtifactStore {
         })?;
         let trust = self.trust_set(None).await?;
         let path = self.cache_path(&digest);
-        let info = self.verify_cached(&path, name, version, &trust)?;
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "verify",
+            module = %name,
+            version = %version,
+            node = %self.node,
+            source = "cache",
+        );
+        let verified = span.in_scope(|| self.verify_cached(&path, name, version, &trust));
+        let info = telemetry::record_result(&span, verified)?;
+        drop(span);
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "unpack",
+            module = %name,
+            version = %version,
+            node = %self.node,
+        );
+        let unpacked = self
+            .unpack(name, version, &path, info, &dir)
+            .instrument(span.clone())
+            .await;
+        telemetry::record_result(&span, unpacked)
+    }
+
+    /// Unpack a verified artifact next to `dir`, then rename it into place.
+    async fn unpack(
+        &self,
+        name: &str,
+        version: &str,
+        path: &Path,
+        info: ArtifactInfo,
+        dir: &Path,
+    ) -> Result<PathBuf, FetchError> {
         let tmp = self
             .root
             .join("tmp")
             .join(format!("{name}-{version}-{}", uuid_like()));
         let limits = self.limits;
-        let (path_clone, tmp_clone) = (path.clone(), tmp.clone());
+        let (path_clone, tmp_clone) = (path.to_path_buf(), tmp.clone());
         tokio::task::spawn_blocking(move || {
             unpack_artifact(&path_clone, &info, &tmp_clone, &limits)
         })
@@ -423,9 +553,9 @@ impl ArtifactStore {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.root.join("modules"));
         fs::create_dir_all(&parent).map_err(local("cannot create the module directory"))?;
-        fs::rename(&tmp, &dir).map_err(local("cannot move the unpacked module into place"))?;
+        fs::rename(&tmp, dir).map_err(local("cannot move the unpacked module into place"))?;
         let _ = fsutil::sync_dir(&parent);
-        Ok(dir)
+        Ok(dir.to_path_buf())
     }
 }
 

@@ -11,6 +11,7 @@ use hotswap_agent::config::{AgentConfig, EnrollmentConfig, hostname};
 use hotswap_agent::{agent, simulate};
 use hotswap_common::logging::{self, LogFormat};
 use hotswap_common::signals::{cancel_on_signal, fail};
+use hotswap_common::telemetry::Service;
 use hotswap_common::{labels, pki, timefmt, tls};
 use tokio_util::sync::CancellationToken;
 
@@ -130,7 +131,9 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    // Held to the end of `main`: traces still queued are flushed after the
+    // graceful shutdown.
+    let _log_guard = logging::init(cli.log_format, Service::Agent);
     hotswap_common::install_crypto_provider();
     let args = match cli.command {
         Command::Run(args) => args,

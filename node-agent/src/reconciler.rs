@@ -7,6 +7,11 @@
 //! Transient failures (control plane unreachable, transfer broken) retry with
 //! backoff; a version that fails to activate is reported `failed` and retried
 //! with a longer backoff until the desired state changes.
+//!
+//! Work done for a desired entry that carries a trace context (a deployment's
+//! node command) is traced as its children: `fetch`, `verify`, `unpack`
+//! (artifact store), `swap`, and `health` (the first health result after the
+//! swap, or the pre-check of a staged version).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,9 +21,11 @@ use std::time::Duration;
 use hotswap_common::artifact::unpack::Limits;
 use hotswap_common::labels::Labels;
 use hotswap_common::manifest::{self, HealthCheck, Manifest, Runtime, Vars};
+use hotswap_common::telemetry;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::artifacts::{ArtifactStore, FetchError, TrustSource};
 use crate::health::{Health, probe_once};
@@ -99,7 +106,8 @@ const USAGE_INTERVAL: Duration = Duration::from_secs(5);
 impl Reconciler {
     pub fn new(config: ReconcilerConfig, shutdown: CancellationToken) -> Result<Self, String> {
         let store = ArtifactStore::open(&config.data_dir, config.trust.clone(), config.limits)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_node_name(&config.node_name);
         let state = AgentState::load(&config.data_dir)?;
         let mut reconciler = Self {
             config,
@@ -325,6 +333,76 @@ impl Reconciler {
         Ok(manifest)
     }
 
+    /// [`Reconciler::precheck`] of a version being staged, traced as the
+    /// `health` step of the node command that asked for it.
+    fn precheck_staged(
+        &self,
+        name: &str,
+        version: &str,
+        traceparent: &str,
+    ) -> Result<Manifest, String> {
+        let span = telemetry::span_with_parent(
+            tracing::info_span!(
+                target: telemetry::TARGET,
+                "health",
+                module = %name,
+                version = %version,
+                node = %self.config.node_name,
+                check = "pre-check",
+            ),
+            traceparent,
+        );
+        let result = span.in_scope(|| self.precheck(name, version));
+        telemetry::record_result(&span, result)
+    }
+
+    /// The first health result of a version just swapped in, traced as the
+    /// `health` step of the node command that asked for it: one probe when
+    /// the module has a health check (an observation only; the runtime's
+    /// own tracking is unchanged), else the health the runtime reports.
+    async fn first_health(&self, name: &str, spec: &VersionSpec) {
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "health",
+            module = %name,
+            version = %spec.version,
+            node = %self.config.node_name,
+            check = tracing::field::Empty,
+            health = tracing::field::Empty,
+        );
+        let probe = async {
+            let health = match &spec.health {
+                Some((check, health)) => {
+                    let kind = match check {
+                        HealthCheck::Http(_) => "http",
+                        HealthCheck::Tcp(_) => "tcp",
+                        HealthCheck::Exec(_) => "exec",
+                    };
+                    span.record("check", kind);
+                    match probe_once(check, health.timeout, &spec.env, &spec.dir).await {
+                        Ok(()) => Health::Healthy,
+                        Err(e) => {
+                            telemetry::record_error(&span, e);
+                            Health::Unhealthy
+                        }
+                    }
+                }
+                None => {
+                    span.record("check", "none");
+                    match self.supervisors.get(name) {
+                        Some(supervisor) => supervisor.status().borrow().health,
+                        None => self
+                            .bundle_status
+                            .get(name)
+                            .map_or(Health::Unknown, |(_, health, _)| *health),
+                    }
+                }
+            };
+            span.record("health", health.as_str());
+        };
+        probe.instrument(span.clone()).await;
+    }
+
     fn persist(&self) {
         if let Err(e) = self.state.save(&self.config.data_dir) {
             tracing::error!(error = %e, "cannot persist agent state");
@@ -367,8 +445,13 @@ impl Reconciler {
                     if self.waiting(name, staged, now) {
                         converged = false;
                     } else {
-                        match self.ensure_installed(channel.as_ref(), name, staged).await {
-                            Ok(_) => match self.precheck(name, staged) {
+                        let installed = telemetry::in_trace(
+                            &want.traceparent,
+                            self.ensure_installed(channel.as_ref(), name, staged),
+                        )
+                        .await;
+                        match installed {
+                            Ok(_) => match self.precheck_staged(name, staged, &want.traceparent) {
                                 Ok(manifest) => {
                                     let entry = self.state.modules.entry(name.clone()).or_default();
                                     entry.staged = Some(staged.clone());
@@ -411,8 +494,9 @@ impl Reconciler {
                 converged = false;
                 continue;
             }
-            if let Err((message, transient)) =
-                self.activate(channel.as_ref(), name, &want.version).await
+            if let Err((message, transient)) = self
+                .activate(channel.as_ref(), name, &want.version, &want.traceparent)
+                .await
             {
                 self.fail(name, &want.version, message, transient);
                 converged = false;
@@ -449,12 +533,14 @@ impl Reconciler {
         channel: Option<&Channel>,
         name: &str,
         version: &str,
+        traceparent: &str,
     ) -> Result<(), (String, bool)> {
         let started = std::time::Instant::now();
-        let result = self.activate_inner(channel, name, version).await;
+        let result =
+            telemetry::in_trace(traceparent, self.activate_inner(channel, name, version)).await;
         // A transient failure (the control plane unreachable) is no swap.
         let outcome = match &result {
-            Ok(()) => Some("ok"),
+            Ok(_) => Some("ok"),
             Err((_, false)) => Some("failed"),
             Err((_, true)) => None,
         };
@@ -471,18 +557,40 @@ impl Reconciler {
                 })
                 .observe(started.elapsed().as_secs_f64());
         }
-        result
+        let spec = result?;
+        // Outside the swap's timing: only traced activations probe here.
+        if !traceparent.is_empty() && telemetry::enabled() {
+            telemetry::in_trace(traceparent, self.first_health(name, &spec)).await;
+        }
+        Ok(())
     }
 
+    /// Install, then swap; returns the spec of the version now active.
     async fn activate_inner(
         &mut self,
         channel: Option<&Channel>,
         name: &str,
         version: &str,
-    ) -> Result<(), (String, bool)> {
+    ) -> Result<VersionSpec, (String, bool)> {
         self.ensure_installed(channel, name, version)
             .await
             .map_err(|e| (e.to_string(), matches!(e, FetchError::Transient(_))))?;
+        let span = tracing::info_span!(
+            target: telemetry::TARGET,
+            "swap",
+            module = %name,
+            version = %version,
+            node = %self.config.node_name,
+        );
+        let result = self.swap(name, version).instrument(span.clone()).await;
+        if let Err((message, _)) = &result {
+            telemetry::record_error(&span, message);
+        }
+        result
+    }
+
+    /// Pre-check an installed version and make it the active one.
+    async fn swap(&mut self, name: &str, version: &str) -> Result<VersionSpec, (String, bool)> {
         let manifest = self
             .precheck(name, version)
             .map_err(|e| (format!("pre-check of {version} failed: {e}"), false))?;
@@ -548,7 +656,10 @@ impl Reconciler {
                     .supervisors
                     .get(name)
                     .ok_or_else(|| ("supervisor missing".to_string(), false))?;
-                supervisor.activate(spec).await.map_err(|e| (e, false))?;
+                supervisor
+                    .activate(spec.clone())
+                    .await
+                    .map_err(|e| (e, false))?;
             }
         }
         let entry = self.state.modules.entry(name.to_string()).or_default();
@@ -563,7 +674,7 @@ impl Reconciler {
         self.sync_instances();
         self.persist();
         tracing::info!(module = %name, version = %version, "active");
-        Ok(())
+        Ok(spec)
     }
 
     async fn remove(&mut self, name: &str) {

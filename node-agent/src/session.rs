@@ -99,6 +99,7 @@ fn desired_from_pb(desired: pb::DesiredState) -> Desired {
                     DesiredModule {
                         version: m.version,
                         staged_version: m.staged_version,
+                        traceparent: m.traceparent,
                     },
                 )
             })

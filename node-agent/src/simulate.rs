@@ -509,6 +509,7 @@ mod tests {
                 name: "web".into(),
                 version: version.into(),
                 staged_version: staged.into(),
+                traceparent: String::new(),
             }],
         };
         assert!(apply_desired(

@@ -15,6 +15,10 @@ use crate::runtime::process::InstanceRecord;
 pub struct DesiredModule {
     pub version: String,
     pub staged_version: String,
+    /// W3C trace context of the control plane's span that asked for this
+    /// entry: the work done for it is traced as its children.
+    #[serde(default)]
+    pub traceparent: String,
 }
 
 /// The last desired state received from the control plane.

@@ -94,6 +94,23 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Extra environment for every daemon this test process spawns from now on.
+static DAEMON_ENV: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Set `name=value` in the environment of every control plane, agent and
+/// simulator started after this call (not of `hotswapctl`). For tests that
+/// need one in all daemons, e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`; it holds
+/// for the whole test binary, so use it only in a binary of its own.
+pub fn set_daemon_env(name: &str, value: &str) {
+    let mut vars = DAEMON_ENV.lock().unwrap_or_else(|e| e.into_inner());
+    vars.retain(|(n, _)| n != name);
+    vars.push((name.to_string(), value.to_string()));
+}
+
+fn daemon_env() -> Vec<(String, String)> {
+    DAEMON_ENV.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// A spawned daemon with its log file.
 struct Daemon {
     name: String,
@@ -117,6 +134,7 @@ impl Daemon {
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
+        command.envs(daemon_env());
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
@@ -1095,8 +1113,22 @@ impl Simulator {
         self.daemon.log_text()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.daemon.child.as_ref().map_or(0, Child::id)
+    }
+
     /// SIGTERM and a clean exit.
     pub fn stop(&mut self) -> ExitStatus {
         self.daemon.stop()
+    }
+}
+
+impl ControlPlane {
+    /// Pid of the running control plane (from `run/addresses.json`).
+    pub fn pid(&self) -> u32 {
+        self.daemon
+            .as_ref()
+            .and_then(|d| d.child.as_ref())
+            .map_or(0, Child::id)
     }
 }

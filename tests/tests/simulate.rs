@@ -122,7 +122,16 @@ fn simulated_agents_enroll_connect_and_deploy() {
 
     // Connections came from the requested source addresses.
     let enrolls = cp
-        .ctl(&["-o", "json", "audit", "list", "--action", "nodes.enroll", "--limit", "100"])
+        .ctl(&[
+            "-o",
+            "json",
+            "audit",
+            "list",
+            "--action",
+            "nodes.enroll",
+            "--limit",
+            "100",
+        ])
         .json();
     let mut sources: Vec<String> = enrolls
         .as_array()
@@ -134,7 +143,10 @@ fn simulated_agents_enroll_connect_and_deploy() {
     sources.sort();
     sources.dedup();
     for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
-        assert!(sources.iter().any(|s| s == ip), "{ip} not among {sources:?}");
+        assert!(
+            sources.iter().any(|s| s == ip),
+            "{ip} not among {sources:?}"
+        );
     }
     let log = good.log();
     assert!(log.contains("connected 40"), "{log}");

@@ -998,6 +998,7 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
                             version.clone()
                         },
                         staged_version: String::new(),
+                        traceparent: String::new(),
                     }),
                 )
             })
@@ -1030,6 +1031,7 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
                     DesiredModuleRecord {
                         version: want.to_string(),
                         staged_version: String::new(),
+                        traceparent: String::new(),
                     },
                 );
                 true

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hotswap_common::labels::Labels;
+use hotswap_common::telemetry;
 use hotswap_common::timefmt::now_ms;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, broadcast};
@@ -37,6 +38,11 @@ pub struct DeploymentRecord {
     /// Labels narrowing the environment; empty for an environment-wide deployment.
     #[serde(default)]
     pub selector: Labels,
+    /// W3C trace context of the deployment's root span: waves and node
+    /// commands, also after a restart, join this one trace. Empty when
+    /// traces were not exported at creation.
+    #[serde(default)]
+    pub traceparent: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -442,6 +448,8 @@ impl Engine {
                 let desired = DesiredModuleRecord {
                     version: record.deployment.spec.version.clone(),
                     staged_version: String::new(),
+                    // Not one of the deployment's steps: no trace to join.
+                    traceparent: String::new(),
                 };
                 if let Err(e) = self
                     .registry
@@ -532,13 +540,27 @@ impl Engine {
 
     async fn execute(&self, record: &DeploymentRecord, actions: &[Action]) {
         let module = &record.deployment.spec.module;
+        // Node commands of a wave are children of the wave's span; the others
+        // (blue-green staging and switch, rollback, re-assertion after a
+        // restart) of the deployment's.
+        let parent =
+            wave_traceparent(record, actions).unwrap_or_else(|| record.traceparent.clone());
         let mut changes = Vec::new();
         for action in actions {
             match action {
                 Action::SetVersion { node, version } => {
-                    let desired = (!version.is_empty()).then(|| DesiredModuleRecord {
-                        version: version.clone(),
-                        staged_version: String::new(),
+                    let desired = (!version.is_empty()).then(|| {
+                        self.traced(
+                            record,
+                            &parent,
+                            node,
+                            "set_version",
+                            DesiredModuleRecord {
+                                version: version.clone(),
+                                staged_version: String::new(),
+                                traceparent: String::new(),
+                            },
+                        )
                     });
                     changes.push((node.clone(), module.clone(), desired));
                 }
@@ -547,10 +569,17 @@ impl Engine {
                     active,
                     staged,
                 } => {
-                    let desired = DesiredModuleRecord {
-                        version: active.clone(),
-                        staged_version: staged.clone(),
-                    };
+                    let desired = self.traced(
+                        record,
+                        &parent,
+                        node,
+                        "stage",
+                        DesiredModuleRecord {
+                            version: active.clone(),
+                            staged_version: staged.clone(),
+                            traceparent: String::new(),
+                        },
+                    );
                     changes.push((node.clone(), module.clone(), Some(desired)));
                 }
                 Action::Note(message) => {
@@ -574,6 +603,57 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Give a node command its span, a child of `parent`, and carry the
+    /// span's context to the agent in the desired entry. An entry the node
+    /// already has (re-assertion after a restart) keeps the context it was
+    /// sent with: nothing happens on the node, so no span stands for it.
+    fn traced(
+        &self,
+        record: &DeploymentRecord,
+        parent: &str,
+        node: &str,
+        kind: &str,
+        mut desired: DesiredModuleRecord,
+    ) -> DesiredModuleRecord {
+        if parent.is_empty() {
+            return desired;
+        }
+        let module = &record.deployment.spec.module;
+        let current = self
+            .registry
+            .store()
+            .get_desired(node)
+            .ok()
+            .and_then(|mut d| d.modules.remove(module));
+        if let Some(current) = current.filter(|c| c.same_target(&desired)) {
+            desired.traceparent = current.traceparent;
+            return desired;
+        }
+        let name = record
+            .deployment
+            .nodes
+            .iter()
+            .find(|t| t.node == node)
+            .map_or(node, |t| t.name.as_str());
+        let span = telemetry::span_with_parent(
+            tracing::info_span!(
+                target: telemetry::TARGET,
+                parent: None,
+                "node command",
+                deployment = %record.id,
+                node = %name,
+                node.id = %node,
+                module = %module,
+                version = %desired.version,
+                staged_version = %desired.staged_version,
+                kind = kind,
+            ),
+            parent,
+        );
+        desired.traceparent = telemetry::traceparent_of(&span);
+        desired
     }
 
     /// Observation of a deployment's nodes, and canary analysis during a hold.
@@ -888,11 +968,26 @@ impl Engine {
             )));
         }
         let id = format!("d-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        // One trace per deployment. Its root span is a marker that ends at
+        // once; what joins the trace is its context, stored with the record.
+        let root = tracing::info_span!(
+            target: telemetry::TARGET,
+            parent: None,
+            "deployment",
+            id = %id,
+            module = %request.module,
+            version = %request.version,
+            environment = %request.environment,
+            strategy = deployment.spec.strategy.name(),
+        );
+        let traceparent = telemetry::traceparent_of(&root);
+        drop(root);
         let record = DeploymentRecord {
             id: id.clone(),
             environment: request.environment.clone(),
             deployment,
             selector: request.selector.clone(),
+            traceparent,
         };
         self.commit(None, &record, &actions).await?;
         tracing::info!(deployment = %id, module = %request.module, version = %request.version, environment = %request.environment, strategy = record.deployment.spec.strategy.name(), user = %user, "deployment created");
@@ -920,6 +1015,37 @@ impl Engine {
         deployments.insert(id.to_string(), updated.clone());
         Ok(updated)
     }
+}
+
+/// When `actions` start a wave: a span for it, a child of the deployment's,
+/// and its context.
+fn wave_traceparent(record: &DeploymentRecord, actions: &[Action]) -> Option<String> {
+    if record.traceparent.is_empty() {
+        return None;
+    }
+    let note = actions.iter().find_map(|action| match action {
+        Action::Note(note) if note.starts_with("wave ") => Some(note),
+        _ => None,
+    })?;
+    let nodes = actions
+        .iter()
+        .filter(|a| matches!(a, Action::SetVersion { .. } | Action::Stage { .. }))
+        .count();
+    let d = &record.deployment;
+    let span = telemetry::span_with_parent(
+        tracing::info_span!(
+            target: telemetry::TARGET,
+            parent: None,
+            "wave",
+            deployment = %record.id,
+            wave = d.wave + 1,
+            waves = d.waves,
+            nodes = nodes,
+            note = %note,
+        ),
+        &record.traceparent,
+    );
+    Some(telemetry::traceparent_of(&span))
 }
 
 /// The events one committed transition stands for.

@@ -127,6 +127,7 @@ pub fn desired_to_pb(desired: &DesiredRecord) -> pb::DesiredState {
                 name: name.clone(),
                 version: m.version.clone(),
                 staged_version: m.staged_version.clone(),
+                traceparent: m.traceparent.clone(),
             })
             .collect(),
     }

@@ -124,6 +124,8 @@ impl FleetService {
         let desired = DesiredModuleRecord {
             version: request.version.clone(),
             staged_version: request.staged_version.clone(),
+            // Not part of a deployment: no trace to continue.
+            traceparent: String::new(),
         };
         let state = self
             .ctx

@@ -123,7 +123,9 @@ impl Supervisor {
             last_sample: None,
             pending_spec: None,
         };
-        let span = tracing::info_span!("supervisor", module = %name);
+        // A root: the task outlives whatever span spawned it (a swap), and
+        // a child would keep that span open for as long as the module runs.
+        let span = tracing::info_span!(parent: None, "supervisor", module = %name);
         tokio::spawn(tracing::Instrument::instrument(
             task.run(rx, adopt, shutdown),
             span,
