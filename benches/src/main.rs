@@ -6,6 +6,7 @@
 //! `cargo build --release --workspace --bins` (see BENCHMARKS.md).
 
 mod artifact;
+mod fleet;
 mod load;
 mod swap;
 
@@ -47,6 +48,16 @@ enum Bench {
         #[arg(long, value_enum, default_value_t = RuntimeChoice::Both)]
         runtime: RuntimeChoice,
     },
+    /// N simulated agents (one mTLS session each) on one control plane:
+    /// connect time, memory per agent, CPU for the session traffic, and
+    /// the time for all to be back after kill -9 of the control plane.
+    Fleet {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        /// Steady-state window for the CPU measurement, in seconds.
+        #[arg(long, default_value_t = 30)]
+        window_s: u64,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -65,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             runs,
         } => artifact::artifact(agents, size_mib, runs),
         Bench::Swap { swaps, runtime } => swap::swap(swaps, runtime),
+        Bench::Fleet { agents, window_s } => fleet::fleet(agents, Duration::from_secs(window_s)),
     }
 }
 
