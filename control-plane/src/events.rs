@@ -97,6 +97,8 @@ pub struct EventLog {
     /// Events stored now (sled's `len` walks the tree; this does not).
     stored: AtomicU64,
     appended: Option<prometheus_client::metrics::counter::Counter>,
+    /// Gauge of the events stored, kept current by append and trim.
+    stored_gauge: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 
 fn decode(value: &[u8]) -> Result<Event, StoreError> {
@@ -123,13 +125,27 @@ impl EventLog {
             retention: AtomicU64::new(retention.max(1)),
             stored,
             appended: None,
+            stored_gauge: None,
         })
     }
 
-    /// Count appends in a Prometheus counter.
-    pub fn counting(mut self, counter: prometheus_client::metrics::counter::Counter) -> Self {
+    /// Count appends in a Prometheus counter and keep `stored` equal to the
+    /// number of events held, whatever else happens in the process.
+    pub fn counting(
+        mut self,
+        counter: prometheus_client::metrics::counter::Counter,
+        stored: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
+        stored.set(self.len() as i64);
         self.appended = Some(counter);
+        self.stored_gauge = Some(stored);
         self
+    }
+
+    fn publish_stored(&self) {
+        if let Some(gauge) = &self.stored_gauge {
+            gauge.set(self.len() as i64);
+        }
     }
 
     pub fn set_retention(&self, events: u64) {
@@ -159,6 +175,7 @@ impl EventLog {
         if seq % TRIM_EVERY == 0 {
             self.trim(seq);
         }
+        self.publish_stored();
         let _ = self.live.send(event.clone());
         Some(event)
     }

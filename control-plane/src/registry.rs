@@ -180,7 +180,10 @@ impl Registry {
     pub fn new(store: Store, metrics: Arc<Metrics>) -> Result<Arc<Self>, ApiError> {
         let total = store.list_nodes()?.len() as u64;
         let store_for_events = store.clone();
-        let metrics_for_events = metrics.events_appended.clone();
+        let (appended, stored) = (
+            metrics.events_appended.clone(),
+            metrics.events_stored.clone(),
+        );
         let (updates, _) = broadcast::channel(UPDATE_CHANNEL_CAPACITY);
         let registry = Arc::new(Self {
             store,
@@ -191,7 +194,7 @@ impl Registry {
             total_nodes: AtomicU64::new(total),
             attaches: AtomicU64::new(0),
             events: EventLog::open(&store_for_events, DEFAULT_EVENT_RETENTION)?
-                .counting(metrics_for_events),
+                .counting(appended, stored),
         });
         registry.update_gauges(&registry.lock_live());
         Ok(registry)
@@ -224,7 +227,6 @@ impl Registry {
         self.metrics
             .storage_bytes
             .set(self.store.size_on_disk() as i64);
-        self.metrics.events_stored.set(self.events.len() as i64);
     }
 
     fn state_of(&self, record: NodeRecord, live: &HashMap<String, LiveSession>) -> NodeState {
