@@ -181,6 +181,10 @@ impl Reconciler {
         let supervisor = Supervisor::spawn(
             name,
             self.log_dir().join(format!("{name}.log")),
+            self.config
+                .data_dir
+                .join("instances")
+                .join(format!("{name}.json")),
             adopt,
             self.shutdown.clone(),
         );

@@ -243,6 +243,8 @@ pub struct ControlPlane {
     pub grpc: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     starts: u32,
+    /// Extra environment for this control plane's next starts.
+    env: Vec<(String, String)>,
 }
 
 impl ControlPlane {
@@ -273,7 +275,15 @@ impl ControlPlane {
             grpc: None,
             admin: None,
             starts: 0,
+            env: Vec::new(),
         }
+    }
+
+    /// Set `name=value` in the environment of this control plane from its
+    /// next start on (e.g. `LD_PRELOAD` of libfaketime in the chaos suite).
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(n, _)| n != name);
+        self.env.push((name.to_string(), value.to_string()));
     }
 
     /// Start (or restart) `run`. Restarts reuse the first gRPC port, so
@@ -298,7 +308,8 @@ impl ControlPlane {
                 "127.0.0.1:0",
                 "--config",
             ])
-            .arg(self.work.join("cp.toml"));
+            .arg(self.work.join("cp.toml"))
+            .envs(self.env.iter().cloned());
         let log = self.work.join(format!("cp-{}.log", self.starts));
         let mut daemon = Daemon::spawn("control plane", command, log);
         let parsed: Value = eventually("control plane to publish its addresses", || {
@@ -726,6 +737,116 @@ impl CutProxy {
             }
         });
         Self { addr }
+    }
+}
+
+/// A TCP proxy that can partition the network between its clients and
+/// `upstream`. While open it forwards both ways. [`PartitionProxy::partition`]
+/// makes every connection silent: bytes are read and dropped in both
+/// directions and nothing is closed, as when packets are lost on the way,
+/// so each side has to notice the silence by itself. Connections made
+/// during the partition are accepted and silent too. After
+/// [`PartitionProxy::heal`] new connections forward again; the silenced ones
+/// stay silent, like TCP connections whose peer gave up during the outage.
+pub struct PartitionProxy {
+    pub addr: SocketAddr,
+    partitioned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections:
+        std::sync::Arc<std::sync::Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl PartitionProxy {
+    pub fn start(upstream: SocketAddr) -> Self {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex, Weak};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let partitioned = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<Weak<AtomicBool>>>> = Arc::default();
+        let (flag, list) = (partitioned.clone(), connections.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let silent = Arc::new(AtomicBool::new(flag.load(Ordering::SeqCst)));
+                {
+                    let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+                    list.retain(|w| w.strong_count() > 0);
+                    list.push(Arc::downgrade(&silent));
+                }
+                if silent.load(Ordering::SeqCst) {
+                    // Partitioned from the start: swallow, never connect.
+                    std::thread::spawn(move || pump(client, None, silent));
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let (client2, server2) = match (client.try_clone(), server.try_clone()) {
+                    (Ok(c), Ok(s)) => (c, s),
+                    _ => continue,
+                };
+                let silent2 = silent.clone();
+                std::thread::spawn(move || pump(client, Some(server), silent));
+                std::thread::spawn(move || pump(server2, Some(client2), silent2));
+            }
+        });
+        Self {
+            addr,
+            partitioned,
+            connections,
+        }
+    }
+
+    /// `https://` URL of the proxy, for an agent's `--control-plane`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Cut every connection, present and future, silently.
+    pub fn partition(&self) {
+        use std::sync::atomic::Ordering;
+        self.partitioned.store(true, Ordering::SeqCst);
+        let list = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        for connection in list.iter().filter_map(std::sync::Weak::upgrade) {
+            connection.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Let new connections through again.
+    pub fn heal(&self) {
+        self.partitioned
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copy `from` to `to` until either end closes; once `silent` is set, read
+/// and drop instead (and close nothing).
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: Option<std::net::TcpStream>,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if silent.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        if let Some(out) = to.as_mut()
+            && out.write_all(&buf[..n]).is_err()
+        {
+            break;
+        }
+    }
+    if !silent.load(std::sync::atomic::Ordering::SeqCst)
+        && let Some(out) = to
+    {
+        let _ = out.shutdown(std::net::Shutdown::Write);
     }
 }
 

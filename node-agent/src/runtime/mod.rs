@@ -3,6 +3,7 @@
 //! supervises a long-running program with agent-owned listening sockets.
 
 pub mod bundle;
+pub mod ledger;
 pub mod os;
 pub mod process;
 

@@ -15,6 +15,9 @@
 //!   the agent stops or is killed they keep serving, and the next agent
 //!   re-adopts them (pid plus start time, via pidfd) and takes their
 //!   listening sockets back with `pidfd_getfd`.
+//! - Every process started is in the module's instance ledger before it is
+//!   forked (see [`ledger`]), so a process left behind by an agent killed
+//!   mid-swap is stopped by the next one instead of serving unsupervised.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -27,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::ledger::{self, Ledger};
 use super::os;
 use super::{Phase, base_env, resolve_program};
 use crate::health::{Health, HealthTracker, probe_once};
@@ -104,6 +108,7 @@ impl Supervisor {
     pub fn spawn(
         name: &str,
         log_path: PathBuf,
+        ledger_path: PathBuf,
         adopt: Option<(InstanceRecord, VersionSpec)>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -114,6 +119,7 @@ impl Supervisor {
         });
         let task = Task {
             log_path,
+            ledger: Ledger::load(&ledger_path),
             listeners: Vec::new(),
             current: None,
             status: status_tx,
@@ -207,6 +213,7 @@ impl Instance {
 
 struct Task {
     log_path: PathBuf,
+    ledger: Ledger,
     /// Agent-owned listening sockets: (name, address, fd).
     listeners: Vec<(String, std::net::SocketAddr, OwnedFd)>,
     current: Option<Instance>,
@@ -236,6 +243,7 @@ impl Task {
         if let Some((record, spec)) = adopt {
             self.adopt(record, spec);
         }
+        self.stop_strays().await;
         let mut probe = tokio::time::interval(Duration::from_secs(1));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut scrape_tick = tokio::time::interval(SCRAPE_INTERVAL);
@@ -303,27 +311,9 @@ impl Task {
             }
         };
         // Take the listening sockets back from the running process, so later
-        // versions share the very same kernel queue.
-        for (i, socket) in spec.sockets.iter().enumerate() {
-            let recovered = os::pidfd_getfd(&pidfd, 3 + i as RawFd)
-                .ok()
-                .filter(|fd| os::listening_addr(fd) == Some(socket.listen));
-            let fd = match recovered {
-                Some(fd) => fd,
-                None => match os::bind_listener(socket.listen) {
-                    Ok(fd) => {
-                        tracing::warn!(socket = %socket.name, addr = %socket.listen, "could not take the listener back from the running process; bound a new one (SO_REUSEPORT)");
-                        fd
-                    }
-                    Err(e) => {
-                        tracing::error!(socket = %socket.name, addr = %socket.listen, error = %e, "cannot bind listener");
-                        continue;
-                    }
-                },
-            };
-            self.listeners
-                .push((socket.name.clone(), socket.listen, fd));
-        }
+        // versions share the very same kernel queue; any it no longer holds
+        // come from a process left behind, or are bound anew (`stop_strays`).
+        self.take_listeners(&pidfd, &spec);
         let exited = watch_pidfd_exit(&pidfd);
         tracing::info!(pid = record.pid, version = %record.version, "re-adopted running instance");
         let spec = Arc::new(spec);
@@ -345,6 +335,102 @@ impl Task {
             s.health = Health::Unknown;
             s.message = "re-adopted after agent restart".to_string();
         });
+    }
+
+    /// Take the listeners `spec` declares that the agent does not hold yet
+    /// from a running instance (its fds 3.., checked by address); returns
+    /// the sockets it could not take.
+    fn take_listeners(&mut self, pidfd: &OwnedFd, spec: &VersionSpec) -> Vec<ListenSocket> {
+        let mut missing = Vec::new();
+        for (i, socket) in spec.sockets.iter().enumerate() {
+            if self
+                .listeners
+                .iter()
+                .any(|(_, addr, _)| *addr == socket.listen)
+            {
+                continue;
+            }
+            match os::pidfd_getfd(pidfd, 3 + i as RawFd)
+                .ok()
+                .filter(|fd| os::listening_addr(fd) == Some(socket.listen))
+            {
+                Some(fd) => self
+                    .listeners
+                    .push((socket.name.clone(), socket.listen, fd)),
+                None => missing.push(socket.clone()),
+            }
+        }
+        missing
+    }
+
+    /// Stop every process of the ledger but the adopted one: what an agent
+    /// killed mid-swap left behind (a new version still gating, an old one
+    /// being stopped). Before anything else runs, so no version but the
+    /// supervised one keeps accepting on the module's listeners.
+    async fn stop_strays(&mut self) {
+        let keep = self.current.as_ref().map(|i| (i.pid, i.start_ticks));
+        // The version this supervisor will run: its listeners must outlive
+        // the strays, or connections queued on them would be reset.
+        let spec = self
+            .current
+            .as_ref()
+            .map(|i| i.spec.clone())
+            .or_else(|| self.pending_spec.clone());
+        let strays = self.ledger.strays(keep);
+        // Listeners first: from the strays, which may hold the very queue
+        // the module's clients are connected to; only what nobody holds is
+        // bound anew (its own queue, beside any other: SO_REUSEPORT).
+        if let Some(spec) = &spec {
+            for (_, pid) in &strays {
+                if let Ok(pidfd) = os::pidfd_open(*pid) {
+                    self.take_listeners(&pidfd, spec);
+                }
+            }
+            if self.current.is_some() {
+                for socket in &spec.sockets {
+                    if self
+                        .listeners
+                        .iter()
+                        .any(|(_, addr, _)| *addr == socket.listen)
+                    {
+                        continue;
+                    }
+                    match os::bind_listener(socket.listen) {
+                        Ok(fd) => {
+                            tracing::warn!(socket = %socket.name, addr = %socket.listen, "could not take the listener back from a running process; bound a new one (SO_REUSEPORT)");
+                            self.listeners
+                                .push((socket.name.clone(), socket.listen, fd));
+                        }
+                        Err(e) => {
+                            tracing::error!(socket = %socket.name, addr = %socket.listen, error = %e, "cannot bind listener");
+                        }
+                    }
+                }
+            }
+        }
+        for (entry, pid) in strays {
+            tracing::warn!(pid, version = %entry.version, "stopping a module process a previous agent left behind");
+            let how = ledger::stop_stray(&entry, pid).await;
+            tracing::info!(pid, version = %entry.version, ended = %how, "left-behind process stopped");
+        }
+        self.ledger.retain_only(keep);
+        if let Some(instance) = &self.current {
+            // An instance adopted from an agent that kept no ledger.
+            let entry = ledger::Entry {
+                marker: String::new(),
+                version: instance.spec.version.clone(),
+                pid: Some(instance.pid),
+                start_ticks: Some(instance.start_ticks),
+                stop_signal: instance.spec.stop_signal,
+                stop_timeout_ms: instance.spec.stop_timeout.as_millis() as u64,
+            };
+            if !self.ledger.entries().iter().any(|e| e.pid == entry.pid) {
+                let _ = self.ledger.record(entry);
+            }
+        }
+        if let Err(e) = self.ledger.save() {
+            tracing::warn!(error = %e, "cannot write the instance ledger");
+        }
     }
 
     /// Bind any listener `spec` needs that is not open yet.
@@ -398,6 +484,19 @@ impl Task {
             .try_clone()
             .map_err(|e| format!("cannot open log: {e}"))?;
         let program = resolve_program(&spec.command[0], &spec.dir);
+        // On disk before the fork: whatever happens to the agent from here
+        // on, its successor can find this process (module docs).
+        let mut entry = ledger::Entry {
+            marker: ledger::new_marker(),
+            version: spec.version.clone(),
+            pid: None,
+            start_ticks: None,
+            stop_signal: spec.stop_signal,
+            stop_timeout_ms: spec.stop_timeout.as_millis() as u64,
+        };
+        self.ledger
+            .record(entry.clone())
+            .map_err(|e| format!("cannot record the instance before starting it: {e}"))?;
         let mut command = if fds.is_empty() {
             let mut c = tokio::process::Command::new(&program);
             c.args(&spec.command[1..]);
@@ -421,6 +520,7 @@ impl Task {
             .stdout(std::process::Stdio::from(log))
             .stderr(std::process::Stdio::from(log_err))
             .kill_on_drop(false);
+        command.env(ledger::MARKER_VAR, &entry.marker);
         // After env_clear, so they reach the module.
         if !fds.is_empty() {
             command
@@ -462,6 +562,12 @@ impl Task {
             .ok_or("process exited before it could be tracked")?;
         let pidfd = os::pidfd_open(pid).map_err(|e| format!("cannot open pidfd for {pid}: {e}"))?;
         let start_ticks = os::process_start_ticks(pid).unwrap_or(0);
+        entry.pid = Some(pid);
+        entry.start_ticks = Some(start_ticks);
+        if let Err(e) = self.ledger.record(entry) {
+            // The marker entry already on disk still finds it.
+            tracing::warn!(pid, error = %e, "cannot record the started instance's pid");
+        }
         let (tx, exited) = watch::channel(None);
         tokio::spawn(async move {
             let how = match child.wait().await {
@@ -841,7 +947,7 @@ impl Task {
 }
 
 /// Resolve when the watched process has exited, with how it ended.
-async fn wait_exited(mut exited: watch::Receiver<Option<String>>) -> String {
+pub(super) async fn wait_exited(mut exited: watch::Receiver<Option<String>>) -> String {
     loop {
         if let Some(how) = exited.borrow_and_update().clone() {
             return how;
@@ -863,7 +969,7 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 
 /// Watch an adopted (not our child) process for exit through its pidfd,
 /// which becomes readable when the process ends.
-fn watch_pidfd_exit(pidfd: &OwnedFd) -> watch::Receiver<Option<String>> {
+pub(super) fn watch_pidfd_exit(pidfd: &OwnedFd) -> watch::Receiver<Option<String>> {
     let (tx, rx) = watch::channel(None);
     let fd = match pidfd.try_clone() {
         Ok(fd) => fd,

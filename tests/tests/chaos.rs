@@ -1,0 +1,588 @@
+//! The chaos suite: faults injected into real processes at random moments,
+//! checked against the promises of SPEC §5.
+//!
+//! - the control plane killed with SIGKILL at random points of many
+//!   deployments (also while `deploy create` is in flight): every deployment
+//!   ends terminal, none acknowledged is lost, no node activates a version
+//!   twice, and every node ends on the version its deployment's outcome says;
+//! - an agent killed with SIGKILL at random points of a process swap: after
+//!   its restart the module runs the desired version, in exactly one
+//!   process, the one the agent's state records;
+//! - an agent partitioned from the control plane at a random point of a
+//!   rolling deployment (a proxy that silently drops every byte): the node is
+//!   marked disconnected, the deployment ends without hanging, and it reports
+//!   success only if the node had reported the new version healthy; once the
+//!   partition heals the node converges to what the deployment left;
+//!
+//! `HOTSWAP_CHAOS_TRIALS` sets the trials per scenario (default 2, the short
+//! run inside `make test`; `make chaos` runs more) and `HOTSWAP_CHAOS_SEED`
+//! the random seed (printed, so a failure can be replayed). Each scenario
+//! prints one `CHAOS {json}` line with its trials and outcomes;
+//! docs/reliability.md records them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hotswap_tests::{
+    CtlOutput, Fleet, Load, PartitionProxy, TestDir, eventually, free_port, http_get,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+/// Trials and randomness of one scenario.
+struct Chaos {
+    scenario: &'static str,
+    seed: u64,
+    trials: usize,
+    rng: StdRng,
+}
+
+impl Chaos {
+    fn new(scenario: &'static str) -> Self {
+        let trials = std::env::var("HOTSWAP_CHAOS_TRIALS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2);
+        let seed = std::env::var("HOTSWAP_CHAOS_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("chaos {scenario}: {trials} trial(s), HOTSWAP_CHAOS_SEED={seed}");
+        Self {
+            scenario,
+            seed,
+            trials,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    fn millis(&mut self, range: std::ops::Range<u64>) -> Duration {
+        Duration::from_millis(self.rng.random_range(range))
+    }
+
+    /// Print the scenario's result line.
+    fn report(&self, outcomes: Value) {
+        let line = json!({
+            "scenario": self.scenario,
+            "seed": self.seed,
+            "trials": self.trials,
+            "outcomes": outcomes,
+        });
+        println!("CHAOS {line}");
+    }
+}
+
+fn send_kill(pid: u32) {
+    // SAFETY: kill(2) on the pid of a child this test spawned.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+fn last_json_line(out: &CtlOutput) -> Value {
+    let line = out
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| panic!("no output: {out:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}
+
+/// Push `marker@version`: a bundle whose activate hook appends
+/// `<node> <version> ok|fail` to `log` and fails when `fail` is set.
+fn push_marker(fleet: &Fleet, version: &str, log: &Path, fail: bool) {
+    fleet.push("marker", version, |dir| {
+        std::fs::create_dir_all(dir.join("bin")).expect("bin");
+        let (word, code) = if fail { ("fail", 1) } else { ("ok", 0) };
+        let script = dir.join("bin/activate.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$HOTSWAP_NODE $HOTSWAP_VERSION {word}\" >> '{}'\nexit {code}\n",
+                log.display()
+            ),
+        )
+        .expect("hook");
+        let mut permissions = std::fs::metadata(&script).expect("hook").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        std::fs::set_permissions(&script, permissions).expect("chmod hook");
+        std::fs::write(
+            dir.join("module.toml"),
+            format!(
+                "name = \"marker\"\nversion = \"{version}\"\nruntime = \"bundle\"\n\n[bundle]\nactivate = [\"bin/activate.sh\"]\n"
+            ),
+        )
+        .expect("manifest");
+    });
+}
+
+/// Successful activations per (node, version) in the hook log.
+fn activations(log: &Path) -> BTreeMap<(String, String), usize> {
+    let mut counts = BTreeMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if let [node, version, "ok"] = parts[..] {
+            *counts
+                .entry((node.to_string(), version.to_string()))
+                .or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// The version a node's bundle `current` link names, on disk.
+fn current_on_disk(data_dir: &Path, module: &str) -> Option<String> {
+    std::fs::read_link(
+        data_dir
+            .join("artifacts/modules")
+            .join(module)
+            .join("current"),
+    )
+    .ok()
+    .map(|t| t.to_string_lossy().into_owned())
+}
+
+/// Wait until every node of the fleet runs `version` of `module`, on disk
+/// and as reported to the control plane.
+fn wait_fleet_on(fleet: &Fleet, module: &str, version: &str) {
+    eventually(&format!("every node on {module}@{version}"), || {
+        for agent in fleet.agents() {
+            let disk = current_on_disk(&agent.data_dir, module);
+            if disk.as_deref() != Some(version) {
+                return Err(format!("{} has {disk:?} on disk", agent.name));
+            }
+            let reported = fleet.version_on(&agent.name, module);
+            if reported != version {
+                return Err(format!("{} reports {reported:?}", agent.name));
+            }
+        }
+        Ok(())
+    });
+}
+
+fn deployment_of(fleet: &Fleet, module: &str, version: &str) -> Option<Value> {
+    let list = fleet.cp.ctl(&["-o", "json", "deploy", "list"]).json();
+    list.as_array()?
+        .iter()
+        .find(|d| d["module"] == module && d["version"] == version)
+        .cloned()
+}
+
+/// Follow deployment `id` to its end; its final state.
+fn watch_to_end(fleet: &Fleet, id: &str) -> Value {
+    let out = fleet
+        .cp
+        .ctl(&["-o", "json", "deploy", "watch", id, "--timeout", "90s"]);
+    assert!(
+        out.code == 0 || out.code == 3,
+        "deployment {id} did not end: {out:?}"
+    );
+    last_json_line(&out)
+}
+
+#[test]
+fn control_plane_killed_at_random_points_of_deployments() {
+    let mut chaos = Chaos::new("control-plane-kill");
+    let dir = TestDir::new();
+    let (mut fleet, _) = Fleet::start_many(&dir, "qa", &["a", "b", "c"]);
+    let log = dir.path().join("activations.log");
+    push_marker(&fleet, "1.0.0", &log, false);
+    let first = fleet.cp.ctl(&[
+        "deploy",
+        "create",
+        "marker@1.0.0",
+        "--env",
+        "qa",
+        "--strategy",
+        "direct",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(first.code, 0, "{first:?}");
+    wait_fleet_on(&fleet, "marker", "1.0.0");
+
+    let mut current = "1.0.0".to_string();
+    let mut outcomes = Vec::new();
+    for trial in 1..=chaos.trials {
+        let version = format!("1.{trial}.0");
+        let bad = chaos.rng.random_bool(0.3);
+        push_marker(&fleet, &version, &log, bad);
+        let before = activations(&log);
+        // A quarter of the kills land while `deploy create` is in flight.
+        let kill_after = if chaos.rng.random_bool(0.25) {
+            chaos.millis(0..150)
+        } else {
+            chaos.millis(150..2500)
+        };
+        let second_kill = chaos.rng.random_bool(0.3).then(|| chaos.millis(0..800));
+
+        // The create call runs while the kill lands: before, during or
+        // after its answer.
+        let pid = fleet.cp.pid();
+        let spec = format!("marker@{version}");
+        let created = std::thread::scope(|scope| {
+            let call = scope.spawn(|| {
+                fleet.cp.ctl(&[
+                    "-o",
+                    "json",
+                    "deploy",
+                    "create",
+                    &spec,
+                    "--env",
+                    "qa",
+                    "--strategy",
+                    "rolling",
+                    "--batch-size",
+                    "1",
+                    "--min-healthy-time",
+                    "300ms",
+                    "--health-deadline",
+                    "15s",
+                ])
+            });
+            std::thread::sleep(kill_after);
+            send_kill(pid);
+            call.join().expect("create thread")
+        });
+        fleet.cp.kill();
+        fleet.cp.start();
+        if let Some(delay) = second_kill {
+            // Again while it resumes.
+            std::thread::sleep(delay);
+            fleet.cp.kill();
+            fleet.cp.start();
+        }
+
+        let acknowledged = created.code == 0;
+        let found = deployment_of(&fleet, "marker", &version);
+        let (state, expected) = match &found {
+            None => {
+                assert!(
+                    !acknowledged,
+                    "trial {trial}: deployment of {version} acknowledged ({created:?}) but lost"
+                );
+                ("never created".to_string(), current.clone())
+            }
+            Some(d) => {
+                let id = d["id"].as_str().expect("id");
+                if acknowledged {
+                    assert_eq!(created.json()["id"], id, "trial {trial}");
+                }
+                let end = watch_to_end(&fleet, id);
+                let state = end["state"].as_str().unwrap_or_default().to_string();
+                let expected = match (bad, state.as_str()) {
+                    (false, "succeeded") => version.clone(),
+                    (true, "rolled_back") => current.clone(),
+                    _ => panic!(
+                        "trial {trial}: {} version {version} ended {state}: {end}",
+                        if bad { "bad" } else { "good" }
+                    ),
+                };
+                (state, expected)
+            }
+        };
+        wait_fleet_on(&fleet, "marker", &expected);
+
+        // No node activated anything twice in this trial, and only what
+        // the outcome explains.
+        let after = activations(&log);
+        for ((node, v), count) in &after {
+            let new = count - before.get(&(node.clone(), v.clone())).copied().unwrap_or(0);
+            assert!(
+                new <= 1,
+                "trial {trial}: node {node} activated {v} {new} times"
+            );
+            if new == 1 {
+                assert!(
+                    *v == version && state == "succeeded",
+                    "trial {trial}: node {node} activated {v} although the outcome was {state}"
+                );
+            }
+        }
+        if state == "succeeded" {
+            for agent in fleet.agents() {
+                let key = (agent.name.clone(), version.clone());
+                assert_eq!(
+                    after.get(&key).copied().unwrap_or(0),
+                    1,
+                    "trial {trial}: {} activated {version} once",
+                    agent.name
+                );
+            }
+        }
+        outcomes.push(json!({
+            "trial": trial,
+            "version": version,
+            "bad": bad,
+            "kill_after_ms": kill_after.as_millis() as u64,
+            "second_kill_after_ms": second_kill.map(|d| d.as_millis() as u64),
+            "create_acknowledged": acknowledged,
+            "outcome": state,
+        }));
+        current = expected;
+    }
+    chaos.report(json!(outcomes));
+}
+
+/// Pids of every live process whose executable lies under `dir`.
+fn processes_under(dir: &Path) -> Vec<u32> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(exe) = std::fs::read_link(entry.path().join("exe")) else {
+            continue;
+        };
+        // A zombie has no exe; a process still alive has.
+        if exe.starts_with(&dir) {
+            pids.push(pid);
+        }
+    }
+    pids.sort();
+    pids
+}
+
+/// `HOTSWAP_VERSION` in a process's environment.
+fn version_of_process(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"HOTSWAP_VERSION="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn agent_killed_mid_swap_comes_back_on_a_known_version() {
+    let mut chaos = Chaos::new("agent-kill-mid-swap");
+    let dir = TestDir::new();
+    let mut fleet = Fleet::start(&dir, &[]);
+    let port = free_port();
+    // A start delay widens the swap: the new process is up for a while
+    // before it passes its health gate and the old one is stopped.
+    for version in ["1.0.0", "2.0.0"] {
+        fleet.push_hello(version, port, "HELLO_START_DELAY_MS = \"400\"", "10s");
+    }
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+    let modules = fleet.agent.data_dir.join("artifacts/modules/hello");
+    let url = fleet.cp.url();
+
+    let mut outcomes = Vec::new();
+    let mut current = "1.0.0";
+    let (mut requests, mut failures) = (0, Vec::new());
+    for trial in 1..=chaos.trials {
+        let load = Load::start(port);
+        let target = if current == "1.0.0" { "2.0.0" } else { "1.0.0" };
+        // The swap takes a few hundred ms from the desired state's arrival:
+        // both versions up, then the new one re-checked alone.
+        let kill_after = chaos.millis(0..700);
+        let down_for = chaos.millis(0..500);
+        fleet.set("node-1", &format!("hello@{target}"), &[]);
+        std::thread::sleep(kill_after);
+        let during = processes_under(&modules).len();
+        fleet.agent.kill();
+        std::thread::sleep(down_for);
+        fleet.agent.start(&url, &[]);
+        let m = fleet.wait_running("hello", target);
+        assert_eq!(m["health"], "healthy", "trial {trial}: {m}");
+
+        // Exactly one process serves the module: the desired version, the
+        // one the agent's state records.
+        let pids = eventually("one module process", || {
+            let pids = processes_under(&modules);
+            if pids.len() == 1 {
+                Ok(pids)
+            } else {
+                Err(format!(
+                    "processes {pids:?} with versions {:?}",
+                    pids.iter()
+                        .map(|p| version_of_process(*p))
+                        .collect::<Vec<_>>()
+                ))
+            }
+        });
+        assert_eq!(version_of_process(pids[0]), target, "trial {trial}");
+        assert_eq!(fleet.agent.module_pids(), pids, "trial {trial}");
+        let (code, body) = http_get(format!("127.0.0.1:{port}").parse().expect("addr"), "/");
+        assert_eq!(code, 200, "trial {trial}");
+        assert!(body.contains(target), "trial {trial}: {body}");
+        let stats = load.finish();
+        requests += stats.ok;
+        failures.extend(stats.failures.iter().map(|f| format!("trial {trial}: {f}")));
+        outcomes.push(json!({
+            "trial": trial,
+            "to": target,
+            "kill_after_ms": kill_after.as_millis() as u64,
+            "agent_down_ms": down_for.as_millis() as u64,
+            "module_processes_at_kill": during,
+            "readopted": fleet.agent.log().contains("re-adopted running instance"),
+            "left_behind_stopped": fleet.agent.log().matches("left-behind process stopped").count(),
+            "failed_requests": stats.failures.len(),
+        }));
+        current = target;
+    }
+    chaos.report(json!({
+        "trials": outcomes,
+        "requests": requests,
+        "failed_requests": failures.len(),
+        "failures_sample": failures.iter().take(5).collect::<Vec<_>>(),
+    }));
+    // The listening socket belongs to the agent and is handed to every
+    // version, so even an agent killed mid-swap drops no connection.
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+#[test]
+fn agent_partitioned_mid_rollout_is_lost_and_never_counted_healthy() {
+    let mut chaos = Chaos::new("agent-partition");
+    let dir = TestDir::new();
+    let (mut fleet, _) = Fleet::start_many(&dir, "qa", &["a", "b"]);
+    let grpc = fleet.cp.grpc.expect("grpc address");
+    let proxy = PartitionProxy::start(grpc);
+    // Node c reaches the control plane only through the proxy.
+    let (token, fp) = fleet.cp.token(&[]);
+    let mut c = hotswap_tests::Agent::new(dir.path(), "c");
+    c.enroll(&proxy.url(), &token, &fp, &["--label", "environment=qa"]);
+    fleet.cp.wait_status("c", "connected");
+    fleet.others.push(c);
+
+    let log = dir.path().join("activations.log");
+    push_marker(&fleet, "1.0.0", &log, false);
+    let first = fleet.cp.ctl(&[
+        "deploy",
+        "create",
+        "marker@1.0.0",
+        "--env",
+        "qa",
+        "--strategy",
+        "direct",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(first.code, 0, "{first:?}");
+    wait_fleet_on(&fleet, "marker", "1.0.0");
+
+    let mut current = "1.0.0".to_string();
+    let mut outcomes = Vec::new();
+    for trial in 1..=chaos.trials {
+        let version = format!("1.{trial}.0");
+        push_marker(&fleet, &version, &log, false);
+        let before = activations(&log);
+        let cut_after = chaos.millis(0..2000);
+        let created = fleet
+            .cp
+            .ctl(&[
+                "-o",
+                "json",
+                "deploy",
+                "create",
+                &format!("marker@{version}"),
+                "--env",
+                "qa",
+                "--strategy",
+                "rolling",
+                "--batch-size",
+                "1",
+                "--min-healthy-time",
+                "500ms",
+                "--health-deadline",
+                "4s",
+            ])
+            .json();
+        let id = created["id"].as_str().expect("id").to_string();
+        std::thread::sleep(cut_after);
+        proxy.partition();
+        let cut_at = Instant::now();
+        // What the control plane knew of c at the cut.
+        let seen = fleet.cp.ctl(&["-o", "json", "deploy", "get", &id]).json();
+        let c_state_at_cut = seen["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["node"] == "c"))
+            .map(|n| n["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default();
+
+        let end = watch_to_end(&fleet, &id);
+        let ended_after = cut_at.elapsed();
+        let state = end["state"].as_str().unwrap_or_default().to_string();
+        let c_track = end["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["node"] == "c"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        // Whether a report of c's ever said the new version runs, from the
+        // events the control plane derived from c's reports.
+        let events = fleet.cp.ctl(&[
+            "-o", "json", "events", "--node", "c", "--module", "marker", "--limit", "100000",
+        ]);
+        assert_eq!(events.code, 0, "{events:?}");
+        let c_reported_new = events.stdout.lines().any(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|e| {
+                let message = e["message"].as_str().unwrap_or_default();
+                e["node"] == "c"
+                    && e["version"] == version.as_str()
+                    && ((e["kind"] == "module.phase" && message.ends_with("-> running"))
+                        || (e["kind"] == "module.health" && message.ends_with("-> healthy")))
+            })
+        });
+        fleet.cp.wait_status("c", "disconnected");
+        match state.as_str() {
+            "succeeded" => assert!(
+                c_reported_new,
+                "trial {trial}: succeeded without c reporting {version} healthy: {end}"
+            ),
+            "rolled_back" | "failed" => {}
+            other => panic!("trial {trial}: deployment ended {other}: {end}"),
+        }
+
+        // Heal; c notices its silent session by itself, reconnects, and
+        // converges to what the deployment left.
+        proxy.heal();
+        fleet.cp.wait_status("c", "connected");
+        let expected = if state == "succeeded" {
+            version.clone()
+        } else {
+            current.clone()
+        };
+        wait_fleet_on(&fleet, "marker", &expected);
+        let after = activations(&log);
+        for ((node, v), count) in &after {
+            let new = count - before.get(&(node.clone(), v.clone())).copied().unwrap_or(0);
+            assert!(
+                new <= 1,
+                "trial {trial}: node {node} activated {v} {new} times"
+            );
+        }
+        outcomes.push(json!({
+            "trial": trial,
+            "cut_after_ms": cut_after.as_millis() as u64,
+            "c_at_cut": c_state_at_cut,
+            "outcome": state,
+            "c_track": c_track["state"],
+            "c_reported_new_version": c_reported_new,
+            "ended_after_cut_ms": ended_after.as_millis() as u64,
+        }));
+        current = expected;
+    }
+    chaos.report(json!(outcomes));
+}
