@@ -1,7 +1,7 @@
 # hotswap — build, test, lint and demo. Needs only a Rust toolchain.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt demo clean fuzz
+.PHONY: all build test lint fmt demo clean fuzz chaos
 
 all: build
 
@@ -29,6 +29,12 @@ fuzz:
 	for target in $(FUZZ_TARGETS); do \
 		$(FUZZ_CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
+
+## chaos: the chaos suite (tests/tests/chaos.rs) with CHAOS_TRIALS trials per scenario;
+## make test runs the same scenarios with 2 trials each. Results: docs/reliability.md
+CHAOS_TRIALS ?= 25
+chaos: build
+	bash -o pipefail -c 'HOTSWAP_CHAOS_TRIALS=$(CHAOS_TRIALS) $(CARGO) test -p hotswap-tests --test chaos -- --nocapture --test-threads 1 2>&1 | tee target/chaos.log | grep -E "^(CHAOS|test |chaos )"'
 
 ## demo: a local fleet on loopback: control plane, three agents in two environments
 demo: build

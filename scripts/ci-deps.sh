@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Tools the interop tests (tests/tests/interop.rs) drive the control plane
-# with: Python grpcio as an independent gRPC client, and Debian's Prometheus
-# as an independent scraper of /metrics. Run as root (CI does, from .ci/run);
-# idempotent: whatever is already installed is skipped silently.
+# Tools the tests need beyond Rust: for the interop tests
+# (tests/tests/interop.rs) Python grpcio as an independent gRPC client and
+# Debian's Prometheus as an independent scraper of /metrics; for the chaos
+# suite (tests/tests/chaos.rs) Debian's libfaketime, which steps the control
+# plane's wall clock. Run as root (CI does, from .ci/run); idempotent:
+# whatever is already installed is skipped silently.
 set -euo pipefail
 
 # Versions that install as wheels on CPython 3.11 x86_64.
@@ -36,9 +38,12 @@ if ! python_deps_present; then
     "$PYTHON" -m pip install "${pip_flags[@]}" "${PY_PACKAGES[@]}"
 fi
 
-if ! [ -x /usr/bin/prometheus ]; then
-    echo "ci-deps: installing Debian's prometheus"
-    # Keep the package's init script from starting a daemon on :9090.
+DEBIAN_PACKAGES=()
+[ -x /usr/bin/prometheus ] || DEBIAN_PACKAGES+=(prometheus)
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || DEBIAN_PACKAGES+=(faketime)
+if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
+    echo "ci-deps: installing Debian's ${DEBIAN_PACKAGES[*]}"
+    # Keep the prometheus package's init script from starting a daemon on :9090.
     if ! [ -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
         chmod 0755 /usr/sbin/policy-rc.d
@@ -46,5 +51,5 @@ if ! [ -x /usr/bin/prometheus ]; then
     fi
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    apt-get install -y -qq --no-install-recommends "${DEBIAN_PACKAGES[@]}" >/dev/null
 fi

@@ -19,6 +19,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The flag value that parses back to this format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 impl FromStr for LogFormat {
     type Err = String;
 

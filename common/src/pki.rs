@@ -324,8 +324,12 @@ pub fn server_names(der: &[u8]) -> Result<Vec<String>, PkiError> {
         .collect())
 }
 
-/// How far before its issue time a certificate's `notBefore` is set.
-pub const BACKDATE: Duration = Duration::from_secs(300);
+/// How far before its issue time a certificate's `notBefore` is set: the
+/// clock skew tolerated between the control plane and its peers, and the
+/// size of a backward step of the control plane's clock (an NTP correction,
+/// a VM restored from a snapshot) that leaves certificates issued just
+/// before it valid. Nothing is lost by it: the key did not exist earlier.
+pub const BACKDATE: Duration = Duration::from_secs(3600);
 
 /// When a certificate should be renewed: two thirds into its lifetime,
 /// counted from when it was issued (its `notBefore` minus the backdating).

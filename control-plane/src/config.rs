@@ -53,6 +53,10 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// sled page cache size in bytes.
     pub storage_cache_bytes: u64,
+    /// After a storage failure (a full disk), the free space the data
+    /// directory's file system needs before the control plane restarts
+    /// itself to reopen the database.
+    pub storage_min_free_bytes: u64,
     /// Largest artifact `module push` accepts, in bytes.
     pub max_artifact_bytes: u64,
     /// Environments nodes can be placed in (label `environment`), with their
@@ -170,6 +174,7 @@ impl Default for Settings {
             token_max_ttl: Duration::from_secs(30 * 86_400),
             shutdown_timeout: Duration::from_secs(10),
             storage_cache_bytes: 64 * 1024 * 1024,
+            storage_min_free_bytes: 16 * 1024 * 1024,
             max_artifact_bytes: 512 * 1024 * 1024,
             environments: default_environments(),
             deploy: DeployDefaults::default(),

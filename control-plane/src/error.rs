@@ -23,10 +23,26 @@ pub enum ApiError {
     PermissionDenied(String),
     #[error("{0}")]
     Unavailable(String),
-    #[error("storage: {0}")]
+    #[error("{0}")]
     Storage(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl ApiError {
+    /// A local I/O failure while serving a call: out of space is an outage
+    /// the operator fixes and the caller retries (`Unavailable`); anything
+    /// else is internal.
+    pub fn io(context: &str, error: &std::io::Error) -> Self {
+        match error.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                ApiError::Unavailable(format!(
+                    "{context}: {error}; free space in the control plane's data directory and retry"
+                ))
+            }
+            _ => ApiError::Internal(format!("{context}: {error}")),
+        }
+    }
 }
 
 impl From<ApiError> for Status {
@@ -40,6 +56,12 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(_) => Status::unauthenticated(message),
             ApiError::PermissionDenied(_) => Status::permission_denied(message),
             ApiError::Unavailable(_) => Status::unavailable(message),
+            // Storage that cannot write (a full disk) is an outage the caller
+            // can retry after, not a bug: say so, with the OS's reason.
+            ApiError::Storage(StoreError::Failed(_) | StoreError::Sled(sled::Error::Io(_))) => {
+                tracing::error!(error = %message, "request refused: storage failed");
+                Status::unavailable(message)
+            }
             ApiError::Storage(_) | ApiError::Internal(_) => {
                 tracing::error!(error = %message, "request failed");
                 Status::internal(message)

@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod auth;
 pub mod blobs;
+pub mod clock;
 pub mod config;
 pub mod deploy;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod registry;
 pub mod rotation;
 pub mod server;
 pub mod service;
+pub mod storage;
 pub mod store;
 pub mod tls_accept;
 pub mod trust;

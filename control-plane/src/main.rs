@@ -96,7 +96,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Held to the end of `main`: traces still queued are flushed after the
     // graceful shutdown.
-    let _log_guard = logging::init(cli.log_format, Service::ControlPlane);
+    let log_guard = logging::init(cli.log_format, Service::ControlPlane);
     hotswap_common::install_crypto_provider();
     match cli.command {
         Command::Init {
@@ -149,9 +149,9 @@ fn main() -> ExitCode {
             data_dir,
             listen,
             admin_listen,
-            config,
+            config: config_path,
         } => {
-            let settings = match config.as_deref().map(Settings::load).transpose() {
+            let settings = match config_path.as_deref().map(Settings::load).transpose() {
                 Ok(settings) => settings.unwrap_or_default(),
                 Err(e) => return fail(&e),
             };
@@ -160,19 +160,62 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             };
             let config = RunConfig {
-                data_dir,
+                data_dir: data_dir.clone(),
                 listen,
                 admin_listen,
                 settings,
             };
-            runtime.block_on(async {
+            let stopped = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
-                match server::run(config, shutdown).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => fail(&e),
+                server::run(config, shutdown).await
+            });
+            // Sockets, the database and its lock go with the runtime.
+            drop(runtime);
+            match stopped {
+                Ok(server::Stopped::Shutdown) => ExitCode::SUCCESS,
+                Ok(server::Stopped::Restart { grpc, admin }) => {
+                    drop(log_guard);
+                    restart(
+                        cli.log_format,
+                        &data_dir,
+                        grpc,
+                        admin,
+                        config_path.as_deref(),
+                    )
                 }
-            })
+                Err(e) => fail(&e),
+            }
         }
     }
+}
+
+/// Run again in place (same pid, for the service manager): `exec` this
+/// binary with the same settings, on the addresses just served, so agents
+/// and clients find it where it was. Returns only if `exec` fails.
+fn restart(
+    log_format: LogFormat,
+    data_dir: &std::path::Path,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    config: Option<&std::path::Path>,
+) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new("/proc/self/exe");
+    command
+        .arg("--log-format")
+        .arg(log_format.as_str())
+        .arg("run")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen")
+        .arg(grpc.to_string())
+        .arg("--admin-listen")
+        .arg(admin.to_string());
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let error = command.exec();
+    eprintln!("error: cannot restart the control plane: {error}");
+    ExitCode::FAILURE
 }

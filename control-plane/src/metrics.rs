@@ -44,6 +44,7 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub sessions_opened: Counter,
     pub storage_bytes: Gauge,
+    pub storage_failed: Gauge,
     pub deployments: Family<StateLabel, Gauge>,
     pub rollbacks: Counter,
     pub analysis_failures: Counter,
@@ -83,6 +84,7 @@ impl Metrics {
             heartbeats: Counter::default(),
             sessions_opened: Counter::default(),
             storage_bytes: Gauge::default(),
+            storage_failed: Gauge::default(),
             deployments: Family::default(),
             rollbacks: Counter::default(),
             analysis_failures: Counter::default(),
@@ -131,6 +133,11 @@ impl Metrics {
             "storage_bytes",
             "Size of the sled database on disk",
             metrics.storage_bytes.clone(),
+        );
+        registry.register(
+            "storage_failed",
+            "1 after a write failed with an I/O error (e.g. a full disk) until the restart that recovers",
+            metrics.storage_failed.clone(),
         );
         registry.register(
             "deployments",

@@ -163,7 +163,21 @@ fn read(path: &Path) -> Result<String, RunError> {
 }
 
 /// Serve until `shutdown` is cancelled.
-pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+/// How [`run`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Asked to stop (a signal, or the shutdown token).
+    Shutdown,
+    /// The storage failed and has room again: run again in a fresh process
+    /// (`exec`), which reopens the database, on the addresses it was serving
+    /// (see [`crate::storage`]).
+    Restart {
+        grpc: std::net::SocketAddr,
+        admin: std::net::SocketAddr,
+    },
+}
+
+pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopped, RunError> {
     let layout = DataDir::new(&config.data_dir);
     if !layout.ca_key().exists() {
         return Err(RunError::NotInitialized(
@@ -378,6 +392,16 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             .await;
     }
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, ca_fingerprint = %ca_fingerprint, "control plane serving");
+    let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storage_task = tokio::spawn(crate::storage::watch(crate::storage::Watch {
+        store: store.clone(),
+        data_dir: config.data_dir.clone(),
+        min_free_bytes: config.settings.storage_min_free_bytes,
+        readiness: readiness.clone(),
+        metrics: metrics.clone(),
+        restart: restart.clone(),
+        shutdown: shutdown.clone(),
+    }));
 
     shutdown.cancelled().await;
     readiness.set(false);
@@ -404,12 +428,20 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         ),
     }
     let _ = engine_task.await;
+    let _ = storage_task.await;
     admin_shutdown.cancel();
     let _ = admin_task.await;
     if let Err(e) = store.flush().await {
         tracing::warn!(error = %e, "final database flush failed");
     }
     let _ = std::fs::remove_file(&addresses_path);
+    if restart.load(std::sync::atomic::Ordering::SeqCst) {
+        tracing::info!("control plane stopped for a restart");
+        return Ok(Stopped::Restart {
+            grpc: grpc_addr,
+            admin: admin_addr,
+        });
+    }
     tracing::info!("control plane stopped");
-    Ok(())
+    Ok(Stopped::Shutdown)
 }

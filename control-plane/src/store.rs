@@ -6,6 +6,7 @@
 //! with `#[serde(default)]` without a migration.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use hotswap_common::labels::Labels;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -14,14 +15,37 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("sled: {0}")]
+    #[error("{}", describe_sled(.0))]
     Sled(#[from] sled::Error),
+    /// The database hit an I/O error earlier (see [`Store::failure`]).
+    #[error(
+        "control plane storage failed ({0}); changes are refused until the control plane restarts, which it does by itself once its data directory has room again"
+    )]
+    Failed(String),
     #[error("record {key:?} in {tree} is corrupt: {reason}")]
     Corrupt {
         tree: &'static str,
         key: String,
         reason: String,
     },
+}
+
+/// sled's error in words an operator can act on. sled re-wraps I/O errors
+/// with their debug text, so an out-of-space error is named by its kind.
+fn describe_sled(error: &sled::Error) -> String {
+    match error {
+        sled::Error::Io(io) => format!("storage I/O error: {}", describe_io(io)),
+        other => format!("sled: {other}"),
+    }
+}
+
+fn describe_io(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::StorageFull => "No space left on device".to_string(),
+        std::io::ErrorKind::QuotaExceeded => "disk quota exceeded".to_string(),
+        std::io::ErrorKind::ReadOnlyFilesystem => "read-only file system".to_string(),
+        _ => error.to_string(),
+    }
 }
 
 /// Why an enrollment was refused.
@@ -111,6 +135,10 @@ pub struct UserRecord {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// The first I/O error a write hit. sled fails every later write of an
+    /// open database after one (a full disk, a failing device), and only
+    /// reopening the database clears it.
+    failure: Arc<OnceLock<String>>,
     tokens: sled::Tree,
     nodes: sled::Tree,
     node_names: sled::Tree,
@@ -255,13 +283,45 @@ impl Store {
             pipelines: db.open_tree(PIPELINES)?,
             users: db.open_tree(USERS)?,
             db,
+            failure: Arc::default(),
         })
     }
 
     /// Make every write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        self.db.flush_async().await.map_err(|e| self.observe(e))?;
         Ok(())
+    }
+
+    /// Why the database can take no more writes, once an I/O error made it
+    /// fail: from then on nothing written is durable, whatever sled accepts
+    /// in memory.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    /// Refuse a change up front once the storage has failed, so it is not
+    /// half applied in memory and then lost.
+    pub fn ensure_writable(&self) -> Result<(), StoreError> {
+        match self.failure() {
+            Some(reason) => Err(StoreError::Failed(reason.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Note an I/O error as the storage's failure (the first one wins).
+    fn observe(&self, error: sled::Error) -> StoreError {
+        if let sled::Error::Io(io) = &error {
+            let mut first = false;
+            let reason = self.failure.get_or_init(|| {
+                first = true;
+                describe_io(io)
+            });
+            if first {
+                tracing::error!(error = %reason, "storage failed: refusing changes until the control plane restarts");
+            }
+        }
+        StoreError::Sled(error)
     }
 
     /// A tree by name, for modules that own their format (the audit log).

@@ -469,19 +469,27 @@ impl ControlPlane {
 
 /// Minimal HTTP/1.1 GET for the admin endpoints.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// As [`http_get`], with failures returned (for polling a daemon that may
+/// be restarting).
+pub fn try_http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut stream =
-        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+        .map_err(|e| format!("timeout: {e}"))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
-    .expect("send request");
+    .map_err(|e| format!("send request to {addr}: {e}"))?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("read response from {addr}: {e}"))?;
     let code = response
         .split_whitespace()
         .nth(1)
@@ -491,7 +499,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (code, body)
+    Ok((code, body))
 }
 
 /// An agent with its own data directory.

@@ -13,6 +13,13 @@
 //!   marked disconnected, the deployment ends without hanging, and it reports
 //!   success only if the node had reported the new version healthy; once the
 //!   partition heals the node converges to what the deployment left;
+//! - the control plane's data directory out of space (a small tmpfs): each
+//!   write is acknowledged (and kept) or refused with the reason, after the
+//!   first refusal every change is refused while reads answer, and once
+//!   space is back the control plane restarts itself in place and works;
+//!   nothing acknowledged is lost, also across a later `kill -9`;
+//! - the control plane's wall clock stepped hours forward and backward
+//!   mid-deployment (libfaketime): deployments neither fail nor stall.
 //!
 //! `HOTSWAP_CHAOS_TRIALS` sets the trials per scenario (default 2, the short
 //! run inside `make test`; `make chaos` runs more) and `HOTSWAP_CHAOS_SEED`
@@ -21,11 +28,11 @@
 //! docs/reliability.md records them.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hotswap_tests::{
-    CtlOutput, Fleet, Load, PartitionProxy, TestDir, eventually, free_port, http_get,
+    CtlOutput, Fleet, Load, PartitionProxy, TestDir, eventually, free_port, http_get, try_http_get,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -583,6 +590,372 @@ fn agent_partitioned_mid_rollout_is_lost_and_never_counted_healthy() {
             "ended_after_cut_ms": ended_after.as_millis() as u64,
         }));
         current = expected;
+    }
+    chaos.report(json!(outcomes));
+}
+
+/// Whether this process may mount file systems (root with CAP_SYS_ADMIN).
+fn can_mount() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(command: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(command)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{command}: {e}"))
+}
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).expect("mount point");
+        let out = run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                path.to_str().expect("utf8"),
+            ],
+        );
+        assert!(out.status.success(), "mount: {out:?}");
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Fill the file system to the last byte; the filler's path.
+    fn fill(&self) -> PathBuf {
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0xa5u8; 64 * 1024];
+        let mut size = block.len();
+        // Large blocks first, then smaller ones for the tail.
+        while size > 0 {
+            match std::io::Write::write_all(&mut file, &block[..size]) {
+                Ok(()) => {}
+                Err(_) => size /= 2,
+            }
+        }
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = run("umount", &["-l", self.path.to_str().unwrap_or_default()]);
+    }
+}
+
+#[test]
+fn control_plane_out_of_disk_space_refuses_cleanly_and_recovers() {
+    if !can_mount() {
+        eprintln!(
+            "SKIPPED: needs root to mount a small tmpfs for the control plane's data directory \
+             (CI runs as root)"
+        );
+        return;
+    }
+    let chaos = Chaos::new("control-plane-disk-full");
+    let dir = TestDir::new();
+    // The control plane's data directory (`<work>/cp`) is a small file
+    // system of its own; agents and the test's files stay on the big one.
+    let disk = SmallDisk::mount(&dir.path().join("cp"), "64m");
+    let (mut fleet, _) = Fleet::start_many(&dir, "dev", &["a"]);
+    let pid = fleet.cp.pid();
+    let admin = fleet.cp.admin.expect("admin address");
+    let log = dir.path().join("activations.log");
+    push_marker(&fleet, "1.0.0", &log, false);
+    push_marker(&fleet, "2.0.0", &log, false);
+    let ok = fleet.cp.ctl(&[
+        "deploy",
+        "create",
+        "marker@1.0.0",
+        "--env",
+        "dev",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(ok.code, 0, "{ok:?}");
+    // Pack while there is room; push when there is none.
+    let packed = pack_marker(&fleet, "3.0.0", &log, dir.path());
+    let filler = disk.fill();
+
+    // An upload needs room for its blob at once.
+    let push = fleet
+        .cp
+        .ctl(&["module", "push", packed.to_str().expect("utf8")]);
+    assert_eq!(push.code, 1, "{push:?}");
+    assert!(push.stderr.contains("No space left"), "{push:?}");
+
+    // Small writes go on while the database's current segment has room;
+    // each is either acknowledged (and must survive) or refused with the
+    // reason, and after the first refusal every change is refused.
+    let mut acknowledged = 0;
+    let refusal = loop {
+        let out = fleet.cp.ctl(&["tokens", "create"]);
+        match out.code {
+            0 => acknowledged += 1,
+            1 => break out,
+            _ => panic!("tokens create: {out:?}"),
+        }
+        assert!(acknowledged < 5000, "the database never ran out of space");
+    };
+    assert!(refusal.stderr.contains("No space left"), "{refusal:?}");
+    eventually("the storage failure to be noticed", || {
+        let (code, _) = http_get(admin, "/readyz");
+        if code == 503 {
+            Ok(())
+        } else {
+            Err(format!("readyz {code}"))
+        }
+    });
+    let mut refused = Vec::new();
+    for (what, args) in [
+        ("tokens create", vec!["tokens", "create"]),
+        (
+            "deploy create",
+            vec!["deploy", "create", "marker@2.0.0", "--env", "dev"],
+        ),
+        ("keys revoke", vec!["keys", "revoke", "publisher"]),
+    ] {
+        let out = fleet.cp.ctl(&args);
+        assert_eq!(out.code, 1, "{what} with a failed storage: {out:?}");
+        assert!(
+            out.stderr.contains("storage failed") && out.stderr.contains("No space left"),
+            "{what}: the error says what and why: {out:?}"
+        );
+        refused.push(json!({ "call": what, "error": out.stderr.trim() }));
+    }
+    // Reads still answer; nothing refused was applied.
+    let versions = |fleet: &Fleet| {
+        let out = fleet.cp.ctl(&["-o", "json", "module", "get", "marker"]);
+        assert_eq!(out.code, 0, "{out:?}");
+        out.json()["versions"].as_array().map_or(0, Vec::len)
+    };
+    let deployments = |fleet: &Fleet| {
+        let out = fleet.cp.ctl(&["-o", "json", "deploy", "list"]);
+        assert_eq!(out.code, 0, "{out:?}");
+        out.json().as_array().map_or(0, Vec::len)
+    };
+    let tokens_created = |fleet: &Fleet| {
+        let out = fleet.cp.ctl(&[
+            "-o",
+            "json",
+            "audit",
+            "list",
+            "--action",
+            "tokens.create",
+            "--limit",
+            "10000",
+        ]);
+        assert_eq!(out.code, 0, "{out:?}");
+        out.json()
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|r| r["result"] == "ok").count())
+    };
+    assert_eq!(versions(&fleet), 2);
+    assert_eq!(deployments(&fleet), 1);
+    assert_eq!(fleet.cp.ctl(&["nodes", "list"]).code, 0);
+    let (_, metrics) = http_get(admin, "/metrics");
+    assert!(metrics.contains("hotswap_storage_failed 1"), "{metrics}");
+
+    // Space comes back: the control plane restarts by itself, in place.
+    std::fs::remove_file(&filler).expect("free space");
+    eventually(
+        "the control plane to restart and be ready",
+        || match try_http_get(admin, "/readyz")? {
+            (200, _) => Ok(()),
+            (code, _) => Err(format!("readyz {code}")),
+        },
+    );
+    assert_eq!(fleet.cp.pid(), pid, "restarted in place (exec)");
+    assert!(fleet.cp.log().contains("restarting to reopen the database"));
+    fleet.cp.wait_status("a", "connected");
+    // Every change acknowledged before the failure is there (plus the two
+    // tokens the fleet's agents enrolled with, before the disk filled up).
+    assert_eq!(tokens_created(&fleet), acknowledged + 2);
+    let pushed = fleet
+        .cp
+        .ctl(&["module", "push", packed.to_str().expect("utf8")]);
+    assert_eq!(pushed.code, 0, "{pushed:?}");
+    let deployed = fleet.cp.ctl(&[
+        "deploy",
+        "create",
+        "marker@3.0.0",
+        "--env",
+        "dev",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(deployed.code, 0, "{deployed:?}");
+    wait_fleet_on(&fleet, "marker", "3.0.0");
+
+    // Nothing acknowledged was lost or damaged: kill -9 and look again.
+    fleet.cp.kill();
+    fleet.cp.start();
+    let verify = fleet.cp.ctl(&["audit", "verify"]);
+    assert_eq!(verify.code, 0, "{verify:?}");
+    assert_eq!(versions(&fleet), 3);
+    assert_eq!(deployments(&fleet), 2);
+    assert_eq!(tokens_created(&fleet), acknowledged + 2);
+    fleet.cp.wait_status("a", "connected");
+    chaos.report(json!({
+        "writes_acknowledged_on_a_full_disk": acknowledged,
+        "first_refusal": refusal.stderr.trim(),
+        "refused_after_failure": refused,
+        "recovered": "restart in place once space was back",
+    }));
+}
+
+/// Pack `marker@version` into `out_dir` without pushing it.
+fn pack_marker(fleet: &Fleet, version: &str, log: &Path, out_dir: &Path) -> PathBuf {
+    let src = out_dir.join(format!("marker-src-{version}"));
+    std::fs::create_dir_all(src.join("bin")).expect("src");
+    std::fs::write(
+        src.join("bin/activate.sh"),
+        format!(
+            "#!/bin/sh\necho \"$HOTSWAP_NODE $HOTSWAP_VERSION ok\" >> '{}'\n",
+            log.display()
+        ),
+    )
+    .expect("hook");
+    let mut permissions = std::fs::metadata(src.join("bin/activate.sh"))
+        .expect("hook")
+        .permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(src.join("bin/activate.sh"), permissions).expect("chmod");
+    std::fs::write(
+        src.join("module.toml"),
+        format!(
+            "name = \"marker\"\nversion = \"{version}\"\nruntime = \"bundle\"\n\n[bundle]\nactivate = [\"bin/activate.sh\"]\n"
+        ),
+    )
+    .expect("manifest");
+    let out = out_dir.join(format!("marker-{version}.hsm"));
+    let packed = hotswap_tests::ctl_offline(&[
+        "module",
+        "pack",
+        src.to_str().expect("utf8"),
+        "--key",
+        fleet.key.to_str().expect("utf8"),
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(packed.code, 0, "{packed:?}");
+    out
+}
+
+/// libfaketime's preload library, installed by scripts/ci-deps.sh.
+fn libfaketime() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+#[test]
+fn wall_clock_jumps_neither_fail_nor_stall_deployments() {
+    let library = libfaketime().unwrap_or_else(|| {
+        panic!(
+            "libfaketime is missing: run scripts/ci-deps.sh as root (it installs Debian's faketime)"
+        )
+    });
+    let mut chaos = Chaos::new("clock-jump");
+    let dir = TestDir::new();
+    let (mut fleet, _) = Fleet::start_many(&dir, "qa", &["a", "b", "c"]);
+    // The control plane's wall clock follows an offset in a file we change
+    // mid-deployment; its monotonic clock is left alone, as an NTP step
+    // leaves it.
+    let offset = dir.path().join("clock-offset");
+    std::fs::write(&offset, "+0\n").expect("offset file");
+    fleet
+        .cp
+        .set_env("LD_PRELOAD", library.to_str().expect("utf8"));
+    fleet
+        .cp
+        .set_env("FAKETIME_TIMESTAMP_FILE", offset.to_str().expect("utf8"));
+    fleet.cp.set_env("FAKETIME_NO_CACHE", "1");
+    fleet.cp.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    fleet.cp.kill();
+    fleet.cp.start();
+    for agent in fleet.agents() {
+        fleet.cp.wait_status(&agent.name, "connected");
+    }
+    let log = dir.path().join("activations.log");
+    push_marker(&fleet, "1.0.0", &log, false);
+
+    let mut outcomes = Vec::new();
+    // Backward steps stay within the hour certificates are backdated by
+    // (`pki::BACKDATE`): beyond it, certificates issued just before would
+    // not be valid yet, which is X.509, not ours to change.
+    let jumps = ["+3h", "-45m", "+90m", "-20m"];
+    for trial in 1..=chaos.trials.max(2) {
+        let version = format!("1.{trial}.0");
+        push_marker(&fleet, &version, &log, false);
+        // Alternate forward and backward steps, landing mid-rollout.
+        let jump = jumps[(trial - 1) % jumps.len()];
+        let jump_after = chaos.millis(100..1500);
+        let started = Instant::now();
+        let created = fleet
+            .cp
+            .ctl(&[
+                "-o",
+                "json",
+                "deploy",
+                "create",
+                &format!("marker@{version}"),
+                "--env",
+                "qa",
+                "--strategy",
+                "rolling",
+                "--batch-size",
+                "1",
+                "--min-healthy-time",
+                "1s",
+                "--health-deadline",
+                "20s",
+            ])
+            .json();
+        let id = created["id"].as_str().expect("id").to_string();
+        std::thread::sleep(jump_after);
+        std::fs::write(&offset, format!("{jump}\n")).expect("jump");
+        let end = watch_to_end(&fleet, &id);
+        let took = started.elapsed();
+        assert_eq!(
+            end["state"], "succeeded",
+            "trial {trial}: clock step {jump} after {jump_after:?}: {end}"
+        );
+        // Three waves of at least 1 s each: a stall would show as hours.
+        assert!(
+            took < Duration::from_secs(90),
+            "trial {trial}: took {took:?} after a {jump} step"
+        );
+        wait_fleet_on(&fleet, "marker", &version);
+        // Back to true time, for the next trial to step from.
+        std::fs::write(&offset, "+0\n").expect("reset");
+        outcomes.push(json!({
+            "trial": trial,
+            "step": jump,
+            "step_after_ms": jump_after.as_millis() as u64,
+            "outcome": end["state"],
+            "deployment_ms": took.as_millis() as u64,
+        }));
     }
     chaos.report(json!(outcomes));
 }

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use hotswap_common::labels::Labels;
 use hotswap_common::telemetry;
-use hotswap_common::timefmt::now_ms;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, broadcast};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +22,7 @@ use super::machine::{
     Action, Aggregate, Analysis, BatchSize, Control, Deployment, Input, NodeReport, NodeState,
     Spec, State, Strategy, Thresholds, plan_waves,
 };
+use crate::clock::now_ms;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::events::Event;
@@ -137,6 +137,11 @@ impl Engine {
     pub fn new(registry: Arc<Registry>, settings: Settings) -> Result<Arc<Self>, ApiError> {
         let records: Vec<DeploymentRecord> = registry.store().list_deployments()?;
         let pipelines: Vec<PipelineRecord> = registry.store().list_pipelines()?;
+        // Deadlines and holds continue from the recorded times, whatever the
+        // wall clock did while the control plane was down.
+        if let Some(latest) = records.iter().map(|r| r.deployment.latest_ms()).max() {
+            crate::clock::raise_floor(latest);
+        }
         let (updates, _) = broadcast::channel(1024);
         Ok(Arc::new(Self {
             registry,

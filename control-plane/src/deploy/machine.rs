@@ -284,6 +284,25 @@ pub struct Deployment {
     pub analysis: Vec<Verdict>,
 }
 
+impl Deployment {
+    /// The latest time this deployment records.
+    pub fn latest_ms(&self) -> Ms {
+        let tracks = self.nodes.iter().map(|t| t.since_ms);
+        let verdicts = self.analysis.iter().map(|v| v.at_ms);
+        [
+            self.created_ms,
+            self.wave_started_ms,
+            self.hold_since_ms.unwrap_or(0),
+            self.finished_ms.unwrap_or(0),
+        ]
+        .into_iter()
+        .chain(tracks)
+        .chain(verdicts)
+        .max()
+        .unwrap_or(0)
+    }
+}
+
 /// Split `count` ordered nodes into waves for a strategy.
 pub fn plan_waves(strategy: &Strategy, count: usize) -> Vec<Vec<usize>> {
     if count == 0 {

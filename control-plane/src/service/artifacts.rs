@@ -73,8 +73,8 @@ impl ArtifactsService {
     ) -> Result<std::path::PathBuf, ApiError> {
         let limit = self.ctx.settings.max_artifact_bytes;
         let path = self.blobs.tmp_path("upload");
-        let mut file = std::fs::File::create(&path)
-            .map_err(|e| ApiError::Internal(format!("cannot stage upload: {e}")))?;
+        let mut file =
+            std::fs::File::create(&path).map_err(|e| ApiError::io("cannot stage upload", &e))?;
         let mut received: u64 = 0;
         let outcome = async {
             while let Some(chunk) = stream.message().await.map_err(|s| ApiError::InvalidArgument(format!("upload interrupted: {}", s.message())))? {
@@ -84,9 +84,9 @@ impl ArtifactsService {
                         "artifact is larger than the upload limit of {limit} bytes (max_artifact_bytes)"
                     )));
                 }
-                file.write_all(&chunk.data).map_err(|e| ApiError::Internal(format!("cannot stage upload: {e}")))?;
+                file.write_all(&chunk.data).map_err(|e| ApiError::io("cannot stage upload", &e))?;
             }
-            file.sync_all().map_err(|e| ApiError::Internal(format!("cannot stage upload: {e}")))?;
+            file.sync_all().map_err(|e| ApiError::io("cannot stage upload", &e))?;
             Ok(())
         }
         .await;
@@ -157,7 +157,7 @@ impl ArtifactsService {
         tokio::task::spawn_blocking(move || blobs.put_from(&source, offset, len, &digest))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(format!("cannot store blob {digest}: {e}")))?;
+            .map_err(|e| ApiError::io(&format!("cannot store blob {digest}"), &e))?;
 
         let names = self.key_names()?;
         match existing {

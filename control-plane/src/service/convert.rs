@@ -1,7 +1,7 @@
 //! Domain ↔ wire conversions for the control plane's services.
 
 use hotswap_common::pb;
-use hotswap_common::timefmt::{now_ms, ts_from_ms};
+use hotswap_common::timefmt::ts_from_ms;
 
 use crate::registry::{MetricsWindow, ModuleState, NodeState, NodeUsage, Report};
 use crate::store::DesiredRecord;
@@ -85,7 +85,8 @@ fn module_to_pb(module: &ModuleState, desired_version: Option<&str>) -> pb::Node
 /// A status report from an agent, as the registry keeps it.
 pub fn report_from_pb(report: pb::StatusReport) -> Report {
     Report {
-        at_ms: now_ms(),
+        // On the deployment engine's clock: canary windows compare them.
+        at_ms: crate::clock::now_ms(),
         observed_generation: report.observed_generation,
         desired_generation: report.desired_generation,
         usage: report.usage.map(|u| NodeUsage {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hotswap_common::labels::validate_labels;
 use hotswap_common::pb;
-use hotswap_common::timefmt::{now_ms, ts_from_ms};
+use hotswap_common::timefmt::ts_from_ms;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -126,7 +126,7 @@ pub fn deployment_to_pb(record: &DeploymentRecord) -> pb::Deployment {
             })
             .collect(),
         approved_by: d.approved_by.clone(),
-        waiting_for: d.waiting_for(now_ms()),
+        waiting_for: d.waiting_for(crate::clock::now_ms()),
     }
 }
 

@@ -63,6 +63,8 @@ impl EnrollmentService {
         &self,
         request: pb::EnrollRequest,
     ) -> Result<pb::EnrollResponse, ApiError> {
+        // Unavailable, not a refusal: the agent retries until storage is back.
+        self.ctx.store().ensure_writable()?;
         if request.join_token.is_empty() || request.join_token.len() > MAX_TOKEN_BYTES {
             return Err(ApiError::Unauthenticated(
                 "join token rejected: missing or malformed token".into(),

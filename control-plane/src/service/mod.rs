@@ -18,7 +18,7 @@ use hotswap_common::pki::CertificateAuthority;
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
 
-use crate::audit::{AuditEntry, AuditLog};
+use crate::audit::{AuditEntry, AuditError, AuditLog};
 use crate::auth::{self, Caller, Permission, RequestInfo};
 use crate::config::Settings;
 use crate::error::ApiError;
@@ -59,6 +59,8 @@ impl Context {
         action: &'static str,
         target: impl Into<String>,
     ) -> Result<AuditedCall, ApiError> {
+        // A failed storage would neither keep the change nor its audit record.
+        self.store().ensure_writable()?;
         let info = RequestInfo::of(request);
         let target = target.into();
         let authorized = auth::peer(request)
@@ -90,10 +92,10 @@ impl Context {
     /// Append to the audit log. The caller's change is already applied, so a
     /// failure here is reported as an internal error that says so.
     pub async fn record(&self, entry: AuditEntry) -> Result<(), ApiError> {
-        let record =
-            self.audit.append(entry).await.map_err(|e| {
-                ApiError::Internal(format!("could not append to the audit log: {e}"))
-            })?;
+        let record = self.audit.append(entry).await.map_err(|e| match e {
+            AuditError::Store(store) => ApiError::Storage(store),
+            other => ApiError::Internal(format!("could not append to the audit log: {other}")),
+        })?;
         self.metrics.audit_records.set(record.seq as i64);
         Ok(())
     }
