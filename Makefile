@@ -34,7 +34,7 @@ fuzz:
 ## make test runs the same scenarios with 2 trials each. Results: docs/reliability.md
 CHAOS_TRIALS ?= 25
 chaos: build
-	bash -o pipefail -c 'HOTSWAP_CHAOS_TRIALS=$(CHAOS_TRIALS) $(CARGO) test -p hotswap-tests --test chaos -- --nocapture --test-threads 1 2>&1 | tee target/chaos.log | grep -E "^(CHAOS|test |chaos )"'
+	bash -o pipefail -c 'HOTSWAP_CHAOS_TRIALS=$(CHAOS_TRIALS) $(CARGO) test -p hotswap-tests --test chaos -- --nocapture --test-threads 1 2>&1 | tee target/chaos.log | grep -E "CHAOS|\.\.\. |^ok$$|FAILED|panicked|test result"'
 
 ## demo: a local fleet on loopback: control plane, three agents in two environments
 demo: build

@@ -57,6 +57,16 @@ enum Bench {
         /// Steady-state window for the CPU measurement, in seconds.
         #[arg(long, default_value_t = 30)]
         window_s: u64,
+        /// Each agent sends a status report this often (the real agent: 5s).
+        #[arg(long, default_value = "5s")]
+        report_every: String,
+        /// Soak: sample memory and CPU every 10 s for this long after the
+        /// steady window, and report the growth.
+        #[arg(long, default_value_t = 0)]
+        soak_s: u64,
+        /// Skip the kill -9 and reconnect measurement.
+        #[arg(long)]
+        no_restart: bool,
     },
 }
 
@@ -76,7 +86,19 @@ fn main() -> anyhow::Result<()> {
             runs,
         } => artifact::artifact(agents, size_mib, runs),
         Bench::Swap { swaps, runtime } => swap::swap(swaps, runtime),
-        Bench::Fleet { agents, window_s } => fleet::fleet(agents, Duration::from_secs(window_s)),
+        Bench::Fleet {
+            agents,
+            window_s,
+            report_every,
+            soak_s,
+            no_restart,
+        } => fleet::fleet(fleet::FleetOptions {
+            agents,
+            window: Duration::from_secs(window_s),
+            report_every,
+            soak: Duration::from_secs(soak_s),
+            restart: !no_restart,
+        }),
     }
 }
 

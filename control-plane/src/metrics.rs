@@ -42,6 +42,7 @@ pub struct Metrics {
     pub rpc_duration: Family<MethodLabel, Histogram>,
     pub enrollments: Family<ResultLabel, Counter>,
     pub heartbeats: Counter,
+    pub reports: Counter,
     pub sessions_opened: Counter,
     pub storage_bytes: Gauge,
     pub storage_failed: Gauge,
@@ -82,6 +83,7 @@ impl Metrics {
             }),
             enrollments: Family::default(),
             heartbeats: Counter::default(),
+            reports: Counter::default(),
             sessions_opened: Counter::default(),
             storage_bytes: Gauge::default(),
             storage_failed: Gauge::default(),
@@ -123,6 +125,11 @@ impl Metrics {
             "heartbeats",
             "Agent heartbeats received",
             metrics.heartbeats.clone(),
+        );
+        registry.register(
+            "reports",
+            "Agent status reports received",
+            metrics.reports.clone(),
         );
         registry.register(
             "sessions_opened",

@@ -477,6 +477,7 @@ impl Registry {
     /// appended to its recent history. Watchers hear of it when something
     /// other than the metrics changed.
     pub fn report(&self, handle: &SessionHandle, report: Report) {
+        self.metrics.reports.inc();
         let state = {
             let mut live = self.lock_live();
             let Some(session) = live.get_mut(&handle.node_id) else {

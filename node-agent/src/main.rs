@@ -90,6 +90,9 @@ struct SimulateArgs {
     /// p99 latency healthy simulated modules report.
     #[arg(long, default_value = "20ms", value_parser = timefmt::parse_duration)]
     latency_p99: Duration,
+    /// Send a status report this often even without a change.
+    #[arg(long, default_value = "5s", value_parser = timefmt::parse_duration)]
+    report_every: Duration,
     /// Print a progress line this often.
     #[arg(long, default_value = "5s", value_parser = timefmt::parse_duration)]
     stats_every: Duration,
@@ -179,6 +182,17 @@ fn simulate(args: SimulateArgs) -> ExitCode {
     if args.count == 0 {
         problems.push("--count must be at least 1".into());
     }
+    if args.report_every < Duration::from_millis(10) {
+        problems.push("--report-every must be at least 10ms".into());
+    }
+    for (flag, every) in [
+        ("--flap-every", args.flap_every),
+        ("--churn-every", args.churn_every),
+    ] {
+        if every.is_some_and(|d| d < Duration::from_millis(10)) {
+            problems.push(format!("{flag} must be at least 10ms"));
+        }
+    }
     for (flag, rate) in [
         ("--failure-rate", args.failure_rate),
         ("--error-rate", args.error_rate),
@@ -210,6 +224,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         churn_every: args.churn_every,
         error_rate: args.error_rate,
         latency_p99: args.latency_p99,
+        report_every: args.report_every,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -52,6 +52,9 @@ pub struct SimConfig {
     pub error_rate: f64,
     /// Reported p99 latency of healthy modules.
     pub latency_p99: Duration,
+    /// A status report this often even without a change (the real agent's
+    /// summary interval is 5 s; shorter loads the control plane's ingest).
+    pub report_every: Duration,
 }
 
 /// Counters over all simulated agents, printed while running.
@@ -399,8 +402,10 @@ async fn session(
     // Spread heartbeats so N agents do not beat in lockstep.
     let offset = interval.mul_f64(rand::rng().random_range(0.0..1.0));
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
-    let mut summary = tokio::time::interval(Duration::from_secs(5));
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut summary = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.report_every.mul_f64(rand::rng().random_range(0.0..1.0)),
+        config.report_every,
+    );
     let churn_at = config.churn_every.map(|every| {
         tokio::time::Instant::now() + every.mul_f64(rand::rng().random_range(0.5..1.5))
     });
@@ -445,7 +450,13 @@ async fn session(
                 }
                 dirty = true;
             }
-            _ = tick.tick() => {
+            // Only while an install is pending: idle agents cost no wake-ups.
+            _ = async {
+                match modules.values().filter_map(|m| m.ready_at).min() {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 let now = tokio::time::Instant::now();
                 for m in modules.values_mut() {
                     if m.ready_at.is_some_and(|at| at <= now) {
