@@ -6,6 +6,8 @@
 //! `cargo build --release --workspace --bins` (see BENCHMARKS.md).
 
 mod artifact;
+mod etcd;
+mod fanout;
 mod fleet;
 mod load;
 mod swap;
@@ -68,6 +70,38 @@ enum Bench {
         #[arg(long)]
         no_restart: bool,
     },
+    /// A new version of a module to N simulated agents that really fetch
+    /// and verify it (each over its own mTLS connection) and report it
+    /// active: `deploy create` to `succeeded`.
+    Fanout {
+        #[arg(long, default_value_t = 10_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 64)]
+        size_kib: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// etcd beside `fleet`: N lease keep-alive streams, each on its own
+    /// mTLS connection (needs scripts/bench-deps.sh).
+    EtcdLeases {
+        #[arg(long, default_value_t = 10_000)]
+        streams: usize,
+        /// Keep-alive period of each stream, in seconds.
+        #[arg(long, default_value_t = 5)]
+        keepalive_s: u64,
+        #[arg(long, default_value_t = 30)]
+        window_s: u64,
+    },
+    /// etcd beside `fanout`: one put delivered to N watchers, each on its
+    /// own mTLS connection (needs scripts/bench-deps.sh).
+    EtcdFanout {
+        #[arg(long, default_value_t = 10_000)]
+        watchers: usize,
+        #[arg(long, default_value_t = 64)]
+        value_kib: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -99,6 +133,25 @@ fn main() -> anyhow::Result<()> {
             soak: Duration::from_secs(soak_s),
             restart: !no_restart,
         }),
+        Bench::Fanout {
+            agents,
+            size_kib,
+            runs,
+        } => fanout::fanout(agents, size_kib, runs),
+        Bench::EtcdLeases {
+            streams,
+            keepalive_s,
+            window_s,
+        } => etcd::leases(
+            streams,
+            Duration::from_secs(keepalive_s),
+            Duration::from_secs(window_s),
+        ),
+        Bench::EtcdFanout {
+            watchers,
+            value_kib,
+            runs,
+        } => etcd::fanout(watchers, value_kib, runs),
     }
 }
 

@@ -90,6 +90,9 @@ struct SimulateArgs {
     /// p99 latency healthy simulated modules report.
     #[arg(long, default_value = "20ms", value_parser = timefmt::parse_duration)]
     latency_p99: Duration,
+    /// Fetch each artifact for real and verify it (in memory) on install.
+    #[arg(long)]
+    fetch: bool,
     /// Send a status report this often even without a change.
     #[arg(long, default_value = "5s", value_parser = timefmt::parse_duration)]
     report_every: Duration,
@@ -225,6 +228,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
         error_rate: args.error_rate,
         latency_p99: args.latency_p99,
         report_every: args.report_every,
+        fetch: args.fetch,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

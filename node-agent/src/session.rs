@@ -290,9 +290,17 @@ async fn heartbeat_loop(
     // The first report goes out right away, as part of the first tick.
     params.reports.mark_changed();
     let mut renewals_open = true;
+    // Every heartbeat is acknowledged: a control plane that says nothing for
+    // this long is gone, even if the connection looks open (a partition
+    // that drops packets closes nothing). A deadline of its own, so the
+    // other branches cannot keep pushing it back.
+    let mut silent_at = tokio::time::Instant::now() + silence_limit;
     loop {
         tokio::select! {
             _ = params.shutdown.cancelled() => return Some(SessionEnd::Shutdown),
+            _ = tokio::time::sleep_until(silent_at) => {
+                return Some(retry(format!("control plane silent for {}s", silence_limit.as_secs_f64()), true));
+            }
             renewed = params.renewed.changed(), if renewals_open => {
                 match renewed {
                     // run_once turns this into a handover carrying the streams.
@@ -323,18 +331,20 @@ async fn heartbeat_loop(
                 }
                 params.metrics.heartbeats_sent.inc();
             }
-            message = tokio::time::timeout(silence_limit, inbound.message()) => match message {
-                Err(_) => return Some(retry(format!("control plane silent for {}s", silence_limit.as_secs_f64()), true)),
-                Ok(Ok(None)) => return Some(retry("control plane closed the session", true)),
-                Ok(Err(status)) => return Some(classify(&status, true)),
-                Ok(Ok(Some(message))) => match message.msg {
-                                        Some(ControlMsg::HeartbeatAck(_)) => {}
-                    Some(ControlMsg::Desired(desired)) => {
-                        params.desired.send_replace(Some(desired_from_pb(desired)));
+            message = inbound.message() => match message {
+                Ok(None) => return Some(retry("control plane closed the session", true)),
+                Err(status) => return Some(classify(&status, true)),
+                Ok(Some(message)) => {
+                    silent_at = tokio::time::Instant::now() + silence_limit;
+                    match message.msg {
+                        Some(ControlMsg::HeartbeatAck(_)) => {}
+                        Some(ControlMsg::Desired(desired)) => {
+                            params.desired.send_replace(Some(desired_from_pb(desired)));
+                        }
+                        Some(ControlMsg::Welcome(_)) => tracing::debug!("ignoring a repeated welcome"),
+                        None => tracing::debug!("ignoring an empty control message"),
                     }
-                    Some(ControlMsg::Welcome(_)) => tracing::debug!("ignoring a repeated welcome"),
-                    None => tracing::debug!("ignoring an empty control message"),
-                },
+                }
             },
         }
     }

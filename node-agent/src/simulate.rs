@@ -6,8 +6,11 @@
 //! the interval the control plane asks for, status reports on every change
 //! and every few seconds. Modules are simulated: a desired version is
 //! "installing" for `--install-latency`, then running and healthy — or, with
-//! probability `--failure-rate`, failed. Options add health flapping and
-//! disconnect churn. Nothing touches the disk.
+//! probability `--failure-rate`, failed. With `--fetch`, an install really
+//! fetches the artifact over the agent's own connection, checks its digest
+//! and verifies its signatures against the control plane's trusted keys,
+//! all in memory, before the module counts as running. Options add health
+//! flapping and disconnect churn. Nothing touches the disk.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -55,6 +58,108 @@ pub struct SimConfig {
     /// A status report this often even without a change (the real agent's
     /// summary interval is 5 s; shorter loads the control plane's ingest).
     pub report_every: Duration,
+    /// Fetch and verify each artifact for real (in memory) on install.
+    pub fetch: bool,
+}
+
+/// Largest artifact a simulated agent fetches into memory.
+const MAX_FETCH_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Fetch `name@version` over `channel` and verify it as an agent does:
+/// content digest, then the signatures against the control plane's
+/// non-revoked keys; in memory, nothing kept. Returns the content size.
+async fn fetch_verified(
+    channel: tonic::transport::Channel,
+    name: String,
+    version: String,
+) -> Result<u64, String> {
+    use hotswap_common::artifact::format::{
+        Digest, Signature, read_artifact_from, write_artifact_streaming,
+    };
+    use hotswap_common::artifact::keys::{self, TrustSet};
+    let what = format!("artifact {name}@{version}");
+    let mut client = pb::artifacts_client::ArtifactsClient::new(channel);
+    let descriptor = client
+        .describe_artifact(pb::DescribeArtifactRequest {
+            name: name.clone(),
+            version: version.clone(),
+        })
+        .await
+        .map_err(|s| format!("{what}: {}", s.message()))?
+        .into_inner();
+    if descriptor.size > MAX_FETCH_BYTES {
+        return Err(format!(
+            "{what}: {} bytes is over the simulator's limit",
+            descriptor.size
+        ));
+    }
+    let digest = Digest::parse(&descriptor.digest).map_err(|e| format!("{what}: {e}"))?;
+    let mut trust = TrustSet::new();
+    let listed = client
+        .list_keys(pb::ListKeysRequest {})
+        .await
+        .map_err(|s| format!("cannot read the trusted keys: {}", s.message()))?
+        .into_inner();
+    for key in listed.keys.into_iter().filter(|k| k.revoked_at.is_none()) {
+        let public = keys::parse_public_key(&key.public_key_pem)
+            .map_err(|e| format!("trusted key {:?} is unreadable: {e}", key.name))?;
+        trust.add(&key.name, public);
+    }
+    let mut content = Vec::with_capacity(descriptor.size as usize);
+    let mut stream = client
+        .fetch_artifact(pb::FetchArtifactRequest {
+            digest: digest.to_string(),
+            offset: 0,
+        })
+        .await
+        .map_err(|s| format!("{what}: {}", s.message()))?
+        .into_inner();
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| format!("{what}: transfer interrupted: {}", s.message()))?
+    {
+        if chunk.offset != content.len() as u64
+            || content.len() as u64 + chunk.data.len() as u64 > descriptor.size
+        {
+            return Err(format!(
+                "{what}: chunk at an unexpected offset or past the end"
+            ));
+        }
+        content.extend_from_slice(&chunk.data);
+    }
+    if Digest::of(&content) != digest {
+        return Err(format!("{what}: content does not match digest {digest}"));
+    }
+    let signatures = descriptor
+        .signatures
+        .iter()
+        .map(|s| {
+            Ok(Signature {
+                key_id: s.key_id.clone(),
+                signed_at_ms: s.signed_at_ms,
+                expires_at_ms: (s.expires_at_ms != 0).then_some(s.expires_at_ms),
+                bytes: s.signature.as_slice().try_into().map_err(|_| {
+                    format!("{what}: signature by {} has the wrong length", s.key_id)
+                })?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut file = Vec::with_capacity(content.len() + 1024);
+    write_artifact_streaming(&mut file, &content[..], content.len() as u64, &signatures)
+        .map_err(|e| format!("{what}: {e}"))?;
+    let info = read_artifact_from(std::io::Cursor::new(&file), file.len() as u64)
+        .map_err(|e| format!("{what}: {e}"))?;
+    if info.manifest.name != name || info.manifest.version.to_string() != version {
+        return Err(format!(
+            "asked for {name}@{version} but the artifact is {}",
+            info.module()
+        ));
+    }
+    trust
+        .verify(&info, hotswap_common::timefmt::now_ms())
+        .map_err(|e| format!("{what}: {e}"))?;
+    Ok(content.len() as u64)
 }
 
 /// Counters over all simulated agents, printed while running.
@@ -67,12 +172,14 @@ pub struct SimStats {
     pub reports: AtomicU64,
     pub heartbeats: AtomicU64,
     pub installs: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub fetch_failures: AtomicU64,
 }
 
 impl SimStats {
     pub fn line(&self) -> String {
         format!(
-            "enrolled {} (failed {}), connected {}, sessions {}, heartbeats {}, reports {}, installs {}",
+            "enrolled {} (failed {}), connected {}, sessions {}, heartbeats {}, reports {}, installs {}, fetched bytes {} (failed {})",
             self.enrolled.load(Ordering::Relaxed),
             self.enroll_failures.load(Ordering::Relaxed),
             self.connected.load(Ordering::Relaxed),
@@ -80,6 +187,8 @@ impl SimStats {
             self.heartbeats.load(Ordering::Relaxed),
             self.reports.load(Ordering::Relaxed),
             self.installs.load(Ordering::Relaxed),
+            self.fetched_bytes.load(Ordering::Relaxed),
+            self.fetch_failures.load(Ordering::Relaxed),
         )
     }
 }
@@ -382,7 +491,7 @@ async fn session(
     if tx.send(hello).await.is_err() {
         return false;
     }
-    let Ok(response) = pb::agent_session_client::AgentSessionClient::new(channel)
+    let Ok(response) = pb::agent_session_client::AgentSessionClient::new(channel.clone())
         .session(ReceiverStream::new(rx))
         .await
     else {
@@ -403,7 +512,10 @@ async fn session(
     let offset = interval.mul_f64(rand::rng().random_range(0.0..1.0));
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
     let mut summary = tokio::time::interval_at(
-        tokio::time::Instant::now() + config.report_every.mul_f64(rand::rng().random_range(0.0..1.0)),
+        tokio::time::Instant::now()
+            + config
+                .report_every
+                .mul_f64(rand::rng().random_range(0.0..1.0)),
         config.report_every,
     );
     let churn_at = config.churn_every.map(|every| {
@@ -414,6 +526,24 @@ async fn session(
         .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
     let mut seq = 0u64;
     let mut dirty = true;
+    // Results of real fetches (`--fetch`): module, version, outcome.
+    let (fetched_tx, mut fetched_rx) = mpsc::channel::<(String, String, Result<u64, String>)>(4);
+    let start_fetches = |modules: &mut BTreeMap<String, SimModule>| {
+        if !config.fetch {
+            return;
+        }
+        for (name, m) in modules.iter_mut() {
+            if m.ready_at.take().is_some() {
+                let (channel, tx) = (channel.clone(), fetched_tx.clone());
+                let (name, version) = (name.clone(), m.version.clone());
+                tokio::spawn(async move {
+                    let outcome = fetch_verified(channel, name.clone(), version.clone()).await;
+                    let _ = tx.send((name, version, outcome)).await;
+                });
+            }
+        }
+    };
+    start_fetches(modules);
     loop {
         if dirty {
             dirty = false;
@@ -450,6 +580,25 @@ async fn session(
                 }
                 dirty = true;
             }
+            Some((name, version, outcome)) = fetched_rx.recv() => {
+                if let Some(m) = modules.get_mut(&name).filter(|m| m.version == version) {
+                    stats.installs.fetch_add(1, Ordering::Relaxed);
+                    match outcome {
+                        Ok(bytes) => {
+                            stats.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+                            m.phase = "running";
+                            m.health = "healthy";
+                        }
+                        Err(e) => {
+                            stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                            m.phase = "failed";
+                            m.health = "unhealthy";
+                            m.message = e;
+                        }
+                    }
+                    dirty = true;
+                }
+            }
             // Only while an install is pending: idle agents cost no wake-ups.
             _ = async {
                 match modules.values().filter_map(|m| m.ready_at).min() {
@@ -478,6 +627,7 @@ async fn session(
                 Ok(Some(pb::ControlMessage { msg: Some(ControlMsg::Desired(desired)) })) => {
                     *generation = desired.generation;
                     apply_desired(modules, &desired, config.install_latency, tokio::time::Instant::now());
+                    start_fetches(modules);
                     dirty = true;
                 }
                 Ok(Some(_)) => {}

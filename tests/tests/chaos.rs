@@ -564,8 +564,28 @@ fn agent_partitioned_mid_rollout_is_lost_and_never_counted_healthy() {
 
         // Heal; c notices its silent session by itself, reconnects, and
         // converges to what the deployment left.
+        // c noticed the silence itself (every heartbeat is acknowledged),
+        // not through the connection's far slower keepalive.
+        let c_log = || {
+            fleet
+                .others
+                .iter()
+                .find(|a| a.name == "c")
+                .map(|a| a.log())
+                .unwrap_or_default()
+        };
+        eventually("c to notice its silent session", || {
+            let noticed = c_log().matches("control plane silent for").count();
+            if noticed >= trial {
+                Ok(())
+            } else {
+                Err(format!("noticed {noticed} times in {trial} trials"))
+            }
+        });
+        let healed_at = Instant::now();
         proxy.heal();
         fleet.cp.wait_status("c", "connected");
+        let back_after_heal = healed_at.elapsed();
         let expected = if state == "succeeded" {
             version.clone()
         } else {
@@ -588,6 +608,7 @@ fn agent_partitioned_mid_rollout_is_lost_and_never_counted_healthy() {
             "c_track": c_track["state"],
             "c_reported_new_version": c_reported_new,
             "ended_after_cut_ms": ended_after.as_millis() as u64,
+            "c_back_after_heal_ms": back_after_heal.as_millis() as u64,
         }));
         current = expected;
     }
