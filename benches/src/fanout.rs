@@ -32,18 +32,12 @@ pub fn fanout(agents: usize, size_kib: usize, runs: usize) -> anyhow::Result<()>
         bail!("keys trust failed: {}", trusted.stderr);
     }
     let sources = format!("127.0.0.2-127.0.0.{}", 2 + (agents / 20_000).max(1) * 4);
-    let _sim = Simulator::start(
+    let mut sim = Simulator::start(
         &cp,
         "fan",
         agents,
         &["environment=dev"],
-        &[
-            "--fetch",
-            "--source-addrs",
-            &sources,
-            "--stats-every",
-            "10s",
-        ],
+        &["--fetch", "--source-addrs", &sources],
     );
     let started = Instant::now();
     loop {
@@ -56,6 +50,7 @@ pub fn fanout(agents: usize, size_kib: usize, runs: usize) -> anyhow::Result<()>
         if connected >= agents as u64 {
             break;
         }
+        sim.check_running().map_err(anyhow::Error::msg)?;
         if started.elapsed() > Duration::from_secs(3600) {
             bail!("only {connected} of {agents} agents connected");
         }

@@ -83,12 +83,18 @@ fn connected(cp: &ControlPlane) -> u64 {
     metric(cp, "hotswap_nodes{status=\"connected\"}") as u64
 }
 
-fn wait_connected(cp: &ControlPlane, want: u64, limit: Duration) -> anyhow::Result<Duration> {
+fn wait_connected(
+    cp: &ControlPlane,
+    sim: &mut Simulator,
+    want: u64,
+    limit: Duration,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
         if connected(cp) >= want {
             return Ok(started.elapsed());
         }
+        sim.check_running().map_err(anyhow::Error::msg)?;
         if started.elapsed() > limit {
             bail!("only {} of {want} connected after {limit:?}", connected(cp));
         }
@@ -146,7 +152,7 @@ pub fn fleet(options: FleetOptions) -> anyhow::Result<()> {
     // least four.
     let sources = format!("127.0.0.2-127.0.0.{}", 2 + (agents / 20_000).max(1) * 4);
     let started = Instant::now();
-    let sim = Simulator::start(
+    let mut sim = Simulator::start(
         &cp,
         "bench",
         agents,
@@ -156,13 +162,11 @@ pub fn fleet(options: FleetOptions) -> anyhow::Result<()> {
             &sources,
             "--enroll-concurrency",
             "64",
-            "--stats-every",
-            "10s",
             "--report-every",
             &options.report_every,
         ],
     );
-    let up = wait_connected(&cp, agents as u64, Duration::from_secs(3600))?;
+    let up = wait_connected(&cp, &mut sim, agents as u64, Duration::from_secs(3600))?;
     let enroll_and_connect = started.elapsed();
     eprintln!("fleet: {agents} agents connected in {enroll_and_connect:?}");
     // Let allocations settle, then measure a steady window.
@@ -220,7 +224,7 @@ pub fn fleet(options: FleetOptions) -> anyhow::Result<()> {
         let restart = Instant::now();
         cp.start();
         let ready = restart.elapsed();
-        let back = wait_connected(&cp, agents as u64, Duration::from_secs(600))?;
+        let back = wait_connected(&cp, &mut sim, agents as u64, Duration::from_secs(600))?;
         json!({
             "restart_to_listening_ms": round(ready.as_secs_f64() * 1000.0),
             "reconnect_all_s": round(restart.elapsed().as_secs_f64()),

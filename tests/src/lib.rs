@@ -1246,6 +1246,17 @@ impl Simulator {
         self.daemon.child.as_ref().map_or(0, Child::id)
     }
 
+    /// `Err` with its log's tail if the simulator has exited.
+    pub fn check_running(&mut self) -> Result<(), String> {
+        match self.daemon.exited() {
+            None => Ok(()),
+            Some(status) => Err(format!(
+                "simulator exited with {status}:\n{}",
+                tail(&self.daemon.log, 20)
+            )),
+        }
+    }
+
     /// SIGTERM and a clean exit.
     pub fn stop(&mut self) -> ExitStatus {
         self.daemon.stop()
