@@ -222,13 +222,29 @@ pub fn fleet(options: FleetOptions) -> anyhow::Result<()> {
         // kill -9 and restart: how long until every agent is back.
         cp.kill();
         let restart = Instant::now();
+        let sim_cpu0 = cpu_seconds(sim.pid());
         cp.start();
         let ready = restart.elapsed();
-        let back = wait_connected(&cp, &mut sim, agents as u64, Duration::from_secs(600))?;
+        // The reconnect curve, to tell backoff from CPU.
+        let mut curve = Vec::new();
+        let back = loop {
+            let n = connected(&cp);
+            curve.push(json!([round(restart.elapsed().as_secs_f64()), n]));
+            if n >= agents as u64 {
+                break restart.elapsed();
+            }
+            sim.check_running().map_err(anyhow::Error::msg)?;
+            if restart.elapsed() > Duration::from_secs(600) {
+                bail!("only {n} of {agents} back after 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
         json!({
             "restart_to_listening_ms": round(ready.as_secs_f64() * 1000.0),
-            "reconnect_all_s": round(restart.elapsed().as_secs_f64()),
-            "reconnect_after_listening_s": round(back.as_secs_f64()),
+            "reconnect_all_s": round(back.as_secs_f64()),
+            "control_plane_cpu_s": round(cpu_seconds(cp.pid())),
+            "simulator_cpu_s": round(cpu_seconds(sim.pid()) - sim_cpu0),
+            "curve": curve,
         })
     } else {
         Value::Null

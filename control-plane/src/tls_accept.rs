@@ -5,7 +5,13 @@
 //! (see [`crate::auth`]).
 //!
 //! Handshakes run in their own tasks with a deadline, so one slow or silent
-//! client cannot hold up accepting others.
+//! client cannot hold up accepting others, and only a few at a time (per
+//! core): a handshake is CPU-bound work, and thousands of agents
+//! reconnecting at once (after a restart of the control plane) would
+//! otherwise all progress slowly together, past their clients' connect
+//! timeouts, so that the work is wasted and the storm repeats. Queued
+//! connections wait their turn in order; one that waited longer than a
+//! client waits is dropped without spending a handshake on it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +27,13 @@ use tokio_util::sync::CancellationToken;
 
 /// A client that has not finished its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress at once, per core.
+const HANDSHAKES_PER_CORE: usize = 4;
+
+/// A connection that waited this long for its turn is dropped unanswered:
+/// its client (agents give up after 5 s) has most likely gone already.
+const STALE_AFTER: Duration = Duration::from_secs(4);
 
 /// Server TLS config: TLS 1.3, ALPN h2, our chain (server certificate, then
 /// the CA, so agents can check it against their pinned fingerprint, then the
@@ -56,6 +69,8 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let turns = Arc::new(tokio::sync::Semaphore::new(cores * HANDSHAKES_PER_CORE));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -74,8 +89,19 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let turns = turns.clone();
+            let accepted_at = tokio::time::Instant::now();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let Ok(turn) = turns.acquire().await else {
+                    return;
+                };
+                if accepted_at.elapsed() > STALE_AFTER {
+                    tracing::debug!(%peer, "dropped a connection that waited too long for its handshake");
+                    return;
+                }
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(turn);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
