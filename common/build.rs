@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
+        // Small per-call buffers: see src/codec.rs.
+        .codec_path("crate::codec::LeanCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

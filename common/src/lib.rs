@@ -9,6 +9,7 @@
 //! the admin HTTP server (`/healthz`, `/readyz`, `/metrics`) and log setup.
 
 pub mod artifact;
+pub mod codec;
 pub mod convert;
 pub mod fsutil;
 pub mod labels;
