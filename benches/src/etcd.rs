@@ -231,20 +231,45 @@ pub fn leases(count: usize, keepalive: Duration, window: Duration) -> anyhow::Re
         let sent = Arc::new(AtomicU64::new(0));
         let acked = Arc::new(AtomicU64::new(0));
         let alive = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         for channel in channels {
-            let (sent, acked, alive) = (sent.clone(), acked.clone(), alive.clone());
+            let (sent, acked, alive, failed) =
+                (sent.clone(), acked.clone(), alive.clone(), failed.clone());
             tokio::spawn(async move {
+                let fail = |what: String| {
+                    failed.lock().unwrap_or_else(|e| e.into_inner()).push(what);
+                };
                 let mut lease = pb::lease_client::LeaseClient::new(channel);
-                let Ok(granted) = lease
-                    .lease_grant(pb::LeaseGrantRequest { ttl: 15, id: 0 })
-                    .await
-                else {
-                    return;
+                // etcd sheds load with "too many requests" while its raft
+                // apply queue is long; retry those as etcd's own client does.
+                let mut backoff = Duration::from_millis(100);
+                let granted = loop {
+                    match lease
+                        .lease_grant(pb::LeaseGrantRequest { ttl: 15, id: 0 })
+                        .await
+                    {
+                        Ok(granted) => break granted,
+                        Err(e) if e.message().contains("too many requests") => {
+                            tokio::time::sleep(
+                                backoff.mul_f64(1.0 + rand_fraction(backoff.as_nanos() as i64)),
+                            )
+                            .await;
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                        }
+                        Err(e) => return fail(format!("lease grant: {e}")),
+                    }
                 };
                 let id = granted.into_inner().id;
                 let (tx, rx) = mpsc::channel(4);
-                let Ok(response) = lease.lease_keep_alive(ReceiverStream::new(rx)).await else {
-                    return;
+                // etcd answers the stream's headers with the first
+                // response, so the first keep-alive goes before the call.
+                sent.fetch_add(1, Ordering::Relaxed);
+                if tx.send(pb::LeaseKeepAliveRequest { id }).await.is_err() {
+                    return fail("keep-alive stream closed".into());
+                }
+                let response = match lease.lease_keep_alive(ReceiverStream::new(rx)).await {
+                    Ok(response) => response,
+                    Err(e) => return fail(format!("keep-alive stream: {e}")),
                 };
                 let mut inbound = response.into_inner();
                 alive.fetch_add(1, Ordering::Relaxed);
@@ -268,7 +293,24 @@ pub fn leases(count: usize, keepalive: Duration, window: Duration) -> anyhow::Re
             });
         }
         let deadline = Instant::now() + Duration::from_secs(1800);
+        let mut progress = Instant::now();
         while alive.load(Ordering::Relaxed) < count as u64 {
+            if progress.elapsed() > Duration::from_secs(10) {
+                progress = Instant::now();
+                eprintln!(
+                    "etcd-leases: {} of {count} streams up after {:?}",
+                    alive.load(Ordering::Relaxed),
+                    started.elapsed()
+                );
+            }
+            let failures = failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if !failures.is_empty() {
+                bail!(
+                    "{} of {count} keep-alive streams failed, e.g. {}",
+                    failures.len(),
+                    failures[0]
+                );
+            }
             if Instant::now() > deadline {
                 bail!(
                     "only {} of {count} keep-alive streams up",
