@@ -1,7 +1,7 @@
 # hotswap — build, test, lint and demo. Needs only a Rust toolchain.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt demo clean fuzz chaos
+.PHONY: all build test lint fmt demo clean fuzz chaos bench
 
 all: build
 
@@ -35,6 +35,10 @@ fuzz:
 CHAOS_TRIALS ?= 25
 chaos: build
 	bash -o pipefail -c 'HOTSWAP_CHAOS_TRIALS=$(CHAOS_TRIALS) $(CARGO) test -p hotswap-tests --test chaos -- --nocapture --test-threads 1 2>&1 | tee target/chaos.log | grep -E "CHAOS|\.\.\. |^ok$$|FAILED|panicked|test result"'
+
+## bench: every benchmark of BENCHMARKS.md (release build; BENCH=name for one); results in target/bench/
+bench:
+	./scripts/bench.sh
 
 ## demo: a local fleet on loopback: control plane, three agents in two environments
 demo: build
