@@ -206,8 +206,15 @@ pub fn fleet(options: FleetOptions) -> anyhow::Result<()> {
             .iter()
             .filter_map(|s| s["control_plane_cores"].as_f64())
             .collect();
+        // The same over the second half only: after every bounded structure
+        // (report histories, caches) had the first half to fill.
+        let half = &rss[rss.len() / 2..];
+        let half_third = (half.len() / 3).max(1);
+        let half_first = median(half[..half_third.min(half.len())].to_vec());
+        let half_last = median(half[half.len().saturating_sub(half_third)..].to_vec());
         json!({
             "duration_s": options.soak.as_secs(),
+            "rss_growth_second_half_pct": round((half_last - half_first) / half_first.max(0.001) * 100.0),
             "rss_first_third_median_mib": round(first),
             "rss_last_third_median_mib": round(last),
             "rss_growth_pct": round((last - first) / first.max(0.001) * 100.0),

@@ -52,7 +52,55 @@ pub struct NodeUsage {
     pub memory_total_bytes: u64,
 }
 
-/// One status report as received, for the engine's analysis window.
+/// What canary analysis reads of one report: its time, the node's usage, and
+/// per module its crash-loop flag and metrics window. Only this is kept in a
+/// session's history: a whole report (every module's strings) per entry cost
+/// more memory per node than its connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub at_ms: u64,
+    pub usage: Option<UsageSample>,
+    /// Modules with metrics or in a crash loop; most reports have none.
+    pub modules: Box<[ModuleSample]>,
+}
+
+/// Node usage as analysis averages it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UsageSample {
+    pub cpu_percent: f32,
+    pub memory_used_kib: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModuleSample {
+    pub name: String,
+    pub crash_loop: bool,
+    pub metrics: Option<MetricsWindow>,
+}
+
+impl Sample {
+    fn of(report: &Report) -> Self {
+        Self {
+            at_ms: report.at_ms,
+            usage: report.usage.map(|u| UsageSample {
+                cpu_percent: u.cpu_percent as f32,
+                memory_used_kib: u32::try_from(u.memory_used_bytes / 1024).unwrap_or(u32::MAX),
+            }),
+            modules: report
+                .modules
+                .iter()
+                .filter(|m| m.crash_loop || m.metrics.is_some())
+                .map(|m| ModuleSample {
+                    name: m.name.clone(),
+                    crash_loop: m.crash_loop,
+                    metrics: m.metrics,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One status report as received.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Report {
     pub at_ms: u64,
@@ -92,7 +140,7 @@ struct LiveSession {
     usage: Option<NodeUsage>,
     observed_generation: u64,
     agent_desired_generation: u64,
-    history: VecDeque<Report>,
+    history: VecDeque<Sample>,
 }
 
 /// Reports kept per connected node for analysis: at the default 5 s summary
@@ -392,7 +440,9 @@ impl Registry {
                     usage: None,
                     observed_generation: 0,
                     agent_desired_generation: 0,
-                    history: VecDeque::new(),
+                    // The whole ring at once: a session's memory is what it
+                    // is from the start, not something that grows for minutes.
+                    history: VecDeque::with_capacity(HISTORY_LEN),
                 },
             );
             if let Some(previous) = previous {
@@ -507,7 +557,7 @@ impl Registry {
             if session.history.len() == HISTORY_LEN {
                 session.history.pop_front();
             }
-            session.history.push_back(report);
+            session.history.push_back(Sample::of(&report));
             if !changed {
                 return;
             }
@@ -548,7 +598,7 @@ impl Registry {
     }
 
     /// Recent reports of a connected node, oldest first.
-    pub fn history(&self, node_id: &str) -> Vec<Report> {
+    pub fn history(&self, node_id: &str) -> Vec<Sample> {
         self.lock_live()
             .get(node_id)
             .map(|s| s.history.iter().cloned().collect())

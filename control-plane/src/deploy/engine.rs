@@ -724,8 +724,8 @@ impl Engine {
                         }
                     }
                     if let Some(u) = report.usage {
-                        cpu += u.cpu_percent;
-                        memory += u.memory_used_bytes as f64;
+                        cpu += f64::from(u.cpu_percent);
+                        memory += f64::from(u.memory_used_kib) * 1024.0;
                         usage_samples += 1.0;
                     }
                 }
