@@ -1,5 +1,6 @@
-//! Process signals for the daemons: the first SIGTERM or SIGINT starts a
-//! graceful shutdown; a second one exits at once.
+//! Process setup for the daemons: signals (the first SIGTERM or SIGINT
+//! starts a graceful shutdown; a second one exits at once) and the limit on
+//! open files.
 
 use tokio_util::sync::CancellationToken;
 
@@ -25,4 +26,32 @@ pub fn fail(error: &dyn std::fmt::Display) -> std::process::ExitCode {
     tracing::error!(error = %error, "fatal");
     eprintln!("error: {error}");
     std::process::ExitCode::FAILURE
+}
+
+/// Raise the soft limit on open files to the hard limit. Every agent session
+/// is a socket of the control plane's, and the usual soft default (1024, or
+/// what a login shell was given) is far below a fleet; the hard limit is the
+/// administrator's (systemd `LimitNOFILE=`, see deploy/). Returns the limit
+/// now in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
 }

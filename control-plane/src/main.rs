@@ -98,6 +98,8 @@ fn main() -> ExitCode {
     // graceful shutdown.
     let log_guard = logging::init(cli.log_format, Service::ControlPlane);
     hotswap_common::install_crypto_provider();
+    let open_files = hotswap_common::signals::raise_open_files_limit();
+    tracing::debug!(open_files, "open files limit");
     match cli.command {
         Command::Init {
             data_dir,

@@ -141,6 +141,8 @@ fn main() -> ExitCode {
     // graceful shutdown.
     let _log_guard = logging::init(cli.log_format, Service::Agent);
     hotswap_common::install_crypto_provider();
+    let open_files = hotswap_common::signals::raise_open_files_limit();
+    tracing::debug!(open_files, "open files limit");
     let args = match cli.command {
         Command::Run(args) => args,
         Command::Simulate(args) => return simulate(args),
