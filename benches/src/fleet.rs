@@ -11,7 +11,7 @@ use anyhow::bail;
 use hotswap_tests::{ControlPlane, Simulator, TestDir, http_get};
 use serde_json::{Value, json};
 
-use crate::{machine, round, start_control_plane};
+use crate::{cpu_seconds, machine, round, rss_kib, start_control_plane};
 
 pub struct FleetOptions {
     pub agents: usize,
@@ -20,35 +20,6 @@ pub struct FleetOptions {
     pub report_every: String,
     pub soak: Duration,
     pub restart: bool,
-}
-
-/// `VmRSS` of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// User + system CPU time of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = 100.0; // USER_HZ on Linux
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the parenthesized command name; utime, stime are 14 and 15.
-            let rest = s.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((utime + stime) / ticks)
-        })
-        .unwrap_or(0.0)
 }
 
 /// (steal, total) jiffies of the whole machine, from /proc/stat.

@@ -255,6 +255,27 @@ impl TryFrom<pb::Deployment> for DeploymentView {
     }
 }
 
+/// The signatures a control plane describes an artifact with, as the
+/// artifact format holds them; `what` names the artifact in the error.
+pub fn signatures_from_pb(
+    signatures: &[pb::ArtifactSignature],
+    what: &str,
+) -> Result<Vec<crate::artifact::format::Signature>, String> {
+    signatures
+        .iter()
+        .map(|s| {
+            Ok(crate::artifact::format::Signature {
+                key_id: s.key_id.clone(),
+                signed_at_ms: s.signed_at_ms,
+                expires_at_ms: (s.expires_at_ms != 0).then_some(s.expires_at_ms),
+                bytes: s.signature.as_slice().try_into().map_err(|_| {
+                    format!("{what}: signature by {} has the wrong length", s.key_id)
+                })?,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,9 +22,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use hotswap_common::artifact::format::{
-    Signature, digest_file, read_artifact, write_artifact_streaming,
-};
+use hotswap_common::artifact::format::{digest_file, read_artifact, write_artifact_streaming};
 use hotswap_common::artifact::keys::{self, TrustSet};
 use hotswap_common::artifact::unpack::{Limits, unpack_artifact};
 use hotswap_common::artifact::{ArtifactInfo, Digest};
@@ -341,23 +339,8 @@ impl ArtifactStore {
                 "{what}: downloaded content does not match digest {digest}"
             )));
         }
-        let signatures = descriptor
-            .signatures
-            .iter()
-            .map(|s| {
-                Ok(Signature {
-                    key_id: s.key_id.clone(),
-                    signed_at_ms: s.signed_at_ms,
-                    expires_at_ms: (s.expires_at_ms != 0).then_some(s.expires_at_ms),
-                    bytes: s.signature.as_slice().try_into().map_err(|_| {
-                        FetchError::Rejected(format!(
-                            "{what}: signature by {} has the wrong length",
-                            s.key_id
-                        ))
-                    })?,
-                })
-            })
-            .collect::<Result<Vec<_>, FetchError>>()?;
+        let signatures = hotswap_common::convert::signatures_from_pb(&descriptor.signatures, what)
+            .map_err(FetchError::Rejected)?;
         let tmp = self.root.join("tmp").join(format!("{}.hsm", digest.hex()));
         {
             let content =

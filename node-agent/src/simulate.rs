@@ -73,9 +73,7 @@ async fn fetch_verified(
     name: String,
     version: String,
 ) -> Result<u64, String> {
-    use hotswap_common::artifact::format::{
-        Digest, Signature, read_artifact_from, write_artifact_streaming,
-    };
+    use hotswap_common::artifact::format::{Digest, read_artifact_from, write_artifact_streaming};
     use hotswap_common::artifact::keys::{self, TrustSet};
     let what = format!("artifact {name}@{version}");
     let mut client = pb::artifacts_client::ArtifactsClient::new(channel);
@@ -131,20 +129,7 @@ async fn fetch_verified(
     if Digest::of(&content) != digest {
         return Err(format!("{what}: content does not match digest {digest}"));
     }
-    let signatures = descriptor
-        .signatures
-        .iter()
-        .map(|s| {
-            Ok(Signature {
-                key_id: s.key_id.clone(),
-                signed_at_ms: s.signed_at_ms,
-                expires_at_ms: (s.expires_at_ms != 0).then_some(s.expires_at_ms),
-                bytes: s.signature.as_slice().try_into().map_err(|_| {
-                    format!("{what}: signature by {} has the wrong length", s.key_id)
-                })?,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+    let signatures = hotswap_common::convert::signatures_from_pb(&descriptor.signatures, &what)?;
     let mut file = Vec::with_capacity(content.len() + 1024);
     write_artifact_streaming(&mut file, &content[..], content.len() as u64, &signatures)
         .map_err(|e| format!("{what}: {e}"))?;

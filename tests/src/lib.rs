@@ -229,6 +229,18 @@ impl CtlOutput {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
     }
+
+    /// The last line of JSON Lines output (a streaming command's final
+    /// object), whatever the exit code.
+    pub fn last_json_line(&self) -> Value {
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_else(|| panic!("no output: {self:?}"));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+    }
 }
 
 /// Settings file used by tests: fast heartbeats so disconnects show quickly.

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hotswap_tests::{
-    CtlOutput, Fleet, Load, PartitionProxy, TestDir, eventually, free_port, http_get, try_http_get,
+    Fleet, Load, PartitionProxy, TestDir, eventually, free_port, http_get, try_http_get,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -90,16 +90,6 @@ fn send_kill(pid: u32) {
     unsafe {
         libc::kill(pid as i32, libc::SIGKILL);
     }
-}
-
-fn last_json_line(out: &CtlOutput) -> Value {
-    let line = out
-        .stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_else(|| panic!("no output: {out:?}"));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 
 /// Push `marker@version`: a bundle whose activate hook appends
@@ -191,7 +181,7 @@ fn watch_to_end(fleet: &Fleet, id: &str) -> Value {
         out.code == 0 || out.code == 3,
         "deployment {id} did not end: {out:?}"
     );
-    last_json_line(&out)
+    out.last_json_line()
 }
 
 #[test]

@@ -2,18 +2,8 @@
 //! processes, failures caught by health and by canary analysis, controls,
 //! approvals, and a control plane killed mid-rollout.
 
-use hotswap_tests::{CtlOutput, Fleet, Load, TestDir, eventually};
+use hotswap_tests::{Fleet, Load, TestDir, eventually};
 use serde_json::Value;
-
-fn last_json_line(out: &CtlOutput) -> Value {
-    let line = out
-        .stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_else(|| panic!("no output: {out:?}"));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
-}
 
 fn activations(fleet: &Fleet, version: &str) -> Vec<usize> {
     fleet
@@ -45,7 +35,7 @@ fn direct_deploy_waits_and_exits_0_with_json_lines() {
         "60s",
     ]);
     assert_eq!(out.code, 0, "{out:?}");
-    let last = last_json_line(&out);
+    let last = out.last_json_line();
     assert_eq!(last["state"], "succeeded", "{last}");
     assert_eq!(last["strategy"], "direct", "dev defaults to direct");
     assert_eq!(last["progress"]["healthy"], 2);
@@ -118,7 +108,7 @@ fn rolling_deploy_of_a_bad_version_rolls_back_only_touched_nodes() {
         "--wait",
     ]);
     assert_eq!(out.code, 3, "a rolled back deployment exits 3: {out:?}");
-    let last = last_json_line(&out);
+    let last = out.last_json_line();
     assert_eq!(last["state"], "rolled_back", "{last}");
     assert!(
         last["reason"]
@@ -191,7 +181,7 @@ fn blue_green_stages_everywhere_then_switches() {
         "--wait",
     ]);
     assert_eq!(out.code, 0, "{out:?}");
-    let last = last_json_line(&out);
+    let last = out.last_json_line();
     assert_eq!(last["strategy"], "blue-green");
     assert_eq!(last["state"], "succeeded");
     // Every node staged 2.0.0 before any switched.
@@ -246,7 +236,7 @@ fn canary_with_errors_is_caught_by_analysis_and_rolled_back() {
         let _ = load.finish();
     }
     assert_eq!(out.code, 3, "{out:?}");
-    let last = last_json_line(&out);
+    let last = out.last_json_line();
     assert_eq!(last["state"], "rolled_back", "{last}");
     assert!(
         last["reason"]
@@ -422,7 +412,7 @@ fn production_needs_a_second_person_to_approve() {
         .cp
         .ctl(&["-o", "json", "deploy", "watch", &id, "--timeout", "60s"]);
     assert_eq!(watch.code, 0, "{watch:?}");
-    assert_eq!(last_json_line(&watch)["approved_by"], "alice");
+    assert_eq!(watch.last_json_line()["approved_by"], "alice");
 
     // An admin holds every role but is still bound by the two-person rule.
     let own = create(&boss).json();
@@ -518,7 +508,7 @@ fn control_plane_killed_mid_rollout_resumes_without_swapping_twice() {
         .cp
         .ctl(&["-o", "json", "deploy", "watch", &id, "--timeout", "90s"]);
     assert_eq!(watch.code, 0, "{watch:?}");
-    assert_eq!(last_json_line(&watch)["progress"]["healthy"], 3);
+    assert_eq!(watch.last_json_line()["progress"]["healthy"], 3);
     assert_eq!(
         activations(&fleet, "1.0.0"),
         vec![1, 1, 1],
@@ -547,7 +537,7 @@ fn pipeline_promotes_stage_by_stage_stops_at_failure_and_late_joiners_catch_up()
         "120s",
     ]);
     assert_eq!(out.code, 0, "{out:?}");
-    let last = last_json_line(&out);
+    let last = out.last_json_line();
     assert_eq!(last["state"], "succeeded", "{last}");
     let envs: Vec<&str> = last["stages"]
         .as_array()
@@ -573,7 +563,7 @@ fn pipeline_promotes_stage_by_stage_stops_at_failure_and_late_joiners_catch_up()
         "120s",
     ]);
     assert_eq!(out.code, 3, "{out:?}");
-    let last = last_json_line(&out);
+    let last = out.last_json_line();
     assert_eq!(last["stages"][0]["state"], "failed", "{last}");
     assert_eq!(last["stages"][1]["state"], "waiting", "{last}");
     assert_eq!(fleet.version_on("qa-1", "hello"), "1.0.0");

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use hotswap_tests::{CtlOutput, Fleet, TestDir, eventually, set_daemon_env};
+use hotswap_tests::{Fleet, TestDir, eventually, set_daemon_env};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -18,7 +18,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use serde_json::Value;
 
 /// One received span, flattened.
 #[derive(Clone, Debug)]
@@ -105,16 +104,6 @@ impl TraceService for Collector {
             partial_success: None,
         }))
     }
-}
-
-fn last_json_line(out: &CtlOutput) -> Value {
-    let line = out
-        .stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_else(|| panic!("no output: {out:?}"));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
 }
 
 const AGENT_STEPS: [&str; 5] = ["fetch", "verify", "unpack", "swap", "health"];
@@ -282,7 +271,7 @@ fn one_deployment_is_one_trace_across_control_plane_and_agents() {
         "60s",
     ]);
     assert_eq!(out.code, 0, "{out:?}");
-    let id = last_json_line(&out)["id"]
+    let id = out.last_json_line()["id"]
         .as_str()
         .expect("deployment id")
         .to_string();
