@@ -13,7 +13,7 @@ use hotswap_common::artifact::pack::pack_and_sign;
 use hotswap_tests::{Simulator, TestDir, write_module};
 use serde_json::json;
 
-use crate::{machine, median, pseudo_random, round, start_control_plane};
+use crate::{cpu_seconds, machine, median, pseudo_random, round, start_control_plane};
 
 pub fn fanout(agents: usize, size_kib: usize, runs: usize) -> anyhow::Result<()> {
     let dir = TestDir::new();
@@ -79,6 +79,7 @@ pub fn fanout(agents: usize, size_kib: usize, runs: usize) -> anyhow::Result<()>
             bail!("push failed: {}", pushed.stderr);
         }
         let spec = format!("fan@{version}");
+        let (cp_cpu0, sim_cpu0) = (cpu_seconds(cp.pid()), cpu_seconds(sim.pid()));
         let t0 = Instant::now();
         let out = cp.ctl(&[
             "-o",
@@ -97,6 +98,8 @@ pub fn fanout(agents: usize, size_kib: usize, runs: usize) -> anyhow::Result<()>
             "600s",
         ]);
         let elapsed = t0.elapsed();
+        let cp_cpu = cpu_seconds(cp.pid()) - cp_cpu0;
+        let sim_cpu = cpu_seconds(sim.pid()) - sim_cpu0;
         let last = out
             .stdout
             .lines()
@@ -113,11 +116,19 @@ pub fn fanout(agents: usize, size_kib: usize, runs: usize) -> anyhow::Result<()>
         }
         let healthy = state["progress"]["healthy"].as_u64().unwrap_or(0);
         eprintln!(
-            "fanout: run {} {healthy} nodes active in {elapsed:?}",
+            "fanout: run {} {healthy} nodes active in {elapsed:?}; CPU: control plane {cp_cpu:.2} s, agents {sim_cpu:.2} s",
             run + 1
         );
         samples.push(elapsed.as_secs_f64());
-        runs_out.push(json!({"s": round(elapsed.as_secs_f64()), "healthy": healthy}));
+        let per_agent_ms = |cpu: f64| round(cpu * 1000.0 / agents as f64);
+        runs_out.push(json!({
+            "s": round(elapsed.as_secs_f64()),
+            "healthy": healthy,
+            "control_plane_cpu_s": round(cp_cpu),
+            "agents_cpu_s": round(sim_cpu),
+            "control_plane_cpu_ms_per_agent": per_agent_ms(cp_cpu),
+            "agents_cpu_ms_per_agent": per_agent_ms(sim_cpu),
+        }));
         std::thread::sleep(Duration::from_secs(3));
     }
     let result = json!({

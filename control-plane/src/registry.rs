@@ -170,13 +170,17 @@ pub struct Registry {
     events: EventLog,
 }
 
+/// One desired-state change: node id, module, and the new entry (`None`
+/// removes the module).
+pub type DesiredChange = (String, String, Option<DesiredModuleRecord>);
+
 /// What the deployment engine needs of one node, read from memory only.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Observed {
+pub struct Observed<'a> {
     pub connected: bool,
     /// The agent has reported on the node's latest desired generation.
     pub current: bool,
-    pub module: Option<ModuleState>,
+    pub module: Option<&'a ModuleState>,
 }
 
 /// Events kept until `Settings::event_retention` is applied.
@@ -581,18 +585,25 @@ impl Registry {
 
     /// The live state of `module` on each of `nodes`, from memory under one
     /// lock: no storage reads, so the engine can observe large fleets often.
-    pub fn observe(&self, nodes: &[&str], module: &str) -> Vec<Observed> {
+    /// `view` sees each node's state in place and keeps what it needs, so
+    /// nothing is copied that the caller does not use.
+    pub fn observe<T>(
+        &self,
+        nodes: &[&str],
+        module: &str,
+        mut view: impl FnMut(Observed<'_>) -> T,
+    ) -> Vec<T> {
         let live = self.lock_live();
         nodes
             .iter()
             .map(|id| match live.get(*id) {
-                Some(session) => Observed {
+                Some(session) => view(Observed {
                     connected: true,
                     current: session.agent_desired_generation
                         >= session.desired.borrow().generation,
-                    module: session.modules.iter().find(|m| m.name == module).cloned(),
-                },
-                None => Observed::default(),
+                    module: session.modules.iter().find(|m| m.name == module),
+                }),
+                None => view(Observed::default()),
             })
             .collect()
     }
@@ -626,13 +637,32 @@ impl Registry {
     /// nodes are an error for the whole batch, checked before anything changes.
     pub async fn set_desired_modules(
         &self,
-        changes: &[(String, String, Option<DesiredModuleRecord>)],
+        changes: &[DesiredChange],
     ) -> Result<Vec<NodeState>, ApiError> {
+        if let Some(missing) = self.missing_nodes(changes)?.first() {
+            return Err(ApiError::NotFound(format!("node {missing} not found")));
+        }
+        let written = self.write_desired(changes)?;
+        self.store.flush().await?;
+        self.push_desired(changes, &written)
+    }
+
+    /// The nodes of `changes` that are not enrolled (removed meanwhile).
+    pub fn missing_nodes(&self, changes: &[DesiredChange]) -> Result<Vec<String>, ApiError> {
+        let mut missing = Vec::new();
         for (node_id, _, _) in changes {
             if !self.store.has_node(node_id)? {
-                return Err(ApiError::NotFound(format!("node {node_id} not found")));
+                missing.push(node_id.clone());
             }
         }
+        Ok(missing)
+    }
+
+    /// First half of [`Registry::set_desired_modules`]: write the changes
+    /// without flushing, so a caller can make them durable with other writes
+    /// in one flush. Nothing may be pushed before that flush; then
+    /// [`Registry::push_desired`] with what this returned.
+    pub fn write_desired(&self, changes: &[DesiredChange]) -> Result<Vec<DesiredRecord>, ApiError> {
         let mut records = Vec::with_capacity(changes.len());
         for (node_id, module, desired) in changes {
             let record = self
@@ -656,11 +686,21 @@ impl Registry {
                 })?;
             records.push(record);
         }
-        self.store.flush().await?;
-        // Durable: tell the agents first, then do the bookkeeping for watchers.
+        Ok(records)
+    }
+
+    /// Second half of [`Registry::set_desired_modules`], once `written` is
+    /// durable: hand each connected node its new desired state, then tell
+    /// watchers.
+    pub fn push_desired(
+        &self,
+        changes: &[DesiredChange],
+        written: &[DesiredRecord],
+    ) -> Result<Vec<NodeState>, ApiError> {
+        // Tell the agents first, then do the bookkeeping for watchers.
         {
             let live = self.lock_live();
-            for ((node_id, _, _), record) in changes.iter().zip(&records) {
+            for ((node_id, _, _), record) in changes.iter().zip(written) {
                 if let Some(session) = live.get(node_id) {
                     session.desired.send_if_modified(|current| {
                         if current.generation == record.generation {

@@ -684,8 +684,18 @@ impl Store {
         id: &str,
         deployment: &T,
     ) -> Result<(), StoreError> {
-        self.deployments.insert(id.as_bytes(), encode(deployment))?;
+        self.put_deployment_unflushed(id, deployment)?;
         self.flush().await
+    }
+
+    /// Store a deployment without flushing; durable with the next flush.
+    pub fn put_deployment_unflushed<T: Serialize>(
+        &self,
+        id: &str,
+        deployment: &T,
+    ) -> Result<(), StoreError> {
+        self.deployments.insert(id.as_bytes(), encode(deployment))?;
+        Ok(())
     }
 
     pub fn list_deployments<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {

@@ -20,13 +20,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::machine::{
     Action, Aggregate, Analysis, BatchSize, Control, Deployment, Input, NodeReport, NodeState,
-    Spec, State, Strategy, Thresholds, plan_waves,
+    Reports, Spec, State, Strategy, Thresholds, plan_waves,
 };
 use crate::clock::now_ms;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::events::Event;
-use crate::registry::Registry;
+use crate::registry::{DesiredChange, Registry};
 use crate::store::DesiredModuleRecord;
 
 /// A deployment as stored: identity plus the machine's state.
@@ -492,22 +492,30 @@ impl Engine {
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
-            let Some(record) = deployments.get(&id).cloned() else {
+            // A step of a large deployment is O(nodes); nothing here copies the
+            // record more than the machine's own step does.
+            let Some(record) = deployments.get(&id) else {
                 continue;
             };
             let input = self.observe(&record.deployment);
             let Ok((next, actions)) = record.deployment.step(now, &input) else {
                 continue;
             };
+            drop(input);
             if next == record.deployment {
                 continue;
             }
-            let previous = record.deployment.clone();
             let updated = DeploymentRecord {
                 deployment: next,
-                ..record
+                id: record.id.clone(),
+                environment: record.environment.clone(),
+                selector: record.selector.clone(),
+                traceparent: record.traceparent.clone(),
             };
-            if let Err(e) = self.commit(Some(&previous), &updated, &actions).await {
+            if let Err(e) = self
+                .commit(Some(&record.deployment), &updated, &actions)
+                .await
+            {
                 tracing::error!(deployment = %id, error = %e, "cannot persist deployment; its actions are not carried out");
                 continue;
             }
@@ -515,14 +523,15 @@ impl Engine {
         }
     }
 
-    /// Persist, then act, then tell watchers. The order is the durability contract.
+    /// Persist, then act, then tell watchers. The order is the durability
+    /// contract: the record, its events and the nodes' new desired states
+    /// reach the disk in one flush, and only then is any agent told.
     async fn commit(
         &self,
         previous: Option<&Deployment>,
         record: &DeploymentRecord,
         actions: &[Action],
     ) -> Result<(), ApiError> {
-        // Events go in first and ride on the record's flush.
         let metrics = self.registry.metrics();
         for event in deployment_events(previous, record, actions) {
             match event.kind.as_str() {
@@ -534,16 +543,39 @@ impl Engine {
             };
             self.registry.events().append(event);
         }
-        self.registry
-            .store()
-            .put_deployment(&record.id, record)
-            .await?;
-        self.execute(record, actions).await;
-        let _ = self.updates.send(record.clone());
+        let changes = self.node_changes(record, actions)?;
+        let store = self.registry.store();
+        store.put_deployment_unflushed(&record.id, record)?;
+        let written = self.registry.write_desired(&changes)?;
+        store.flush().await?;
+        if let Err(e) = self.registry.push_desired(&changes, &written) {
+            tracing::warn!(deployment = %record.id, error = %e, "desired states are stored but not all were handed to their sessions");
+        }
+        if self.updates.receiver_count() > 0 {
+            let _ = self.updates.send(record.clone());
+        }
         Ok(())
     }
 
+    /// Carry out `actions` again for a stored record (after a restart).
     async fn execute(&self, record: &DeploymentRecord, actions: &[Action]) {
+        let result = match self.node_changes(record, actions) {
+            Ok(changes) if changes.is_empty() => Ok(()),
+            Ok(changes) => self.registry.set_desired_modules(&changes).await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(deployment = %record.id, error = %e, "desired-state changes failed");
+        }
+    }
+
+    /// The desired-state changes `actions` ask for, each node command with
+    /// its span; notes are logged. Nodes removed meanwhile are skipped.
+    fn node_changes(
+        &self,
+        record: &DeploymentRecord,
+        actions: &[Action],
+    ) -> Result<Vec<DesiredChange>, ApiError> {
         let module = &record.deployment.spec.module;
         // Node commands of a wave are children of the wave's span; the others
         // (blue-green staging and switch, rollback, re-assertion after a
@@ -592,22 +624,12 @@ impl Engine {
                 }
             }
         }
-        if changes.is_empty() {
-            return;
+        let missing = self.registry.missing_nodes(&changes)?;
+        if !missing.is_empty() {
+            tracing::warn!(deployment = %record.id, nodes = ?missing, "nodes were removed; skipping their desired-state changes");
+            changes.retain(|(node, _, _)| !missing.contains(node));
         }
-        // One flush for the whole wave; a node removed meanwhile is skipped.
-        if let Err(e) = self.registry.set_desired_modules(&changes).await {
-            tracing::warn!(deployment = %record.id, error = %e, "batched desired-state change failed; applying one by one");
-            for (node, module, desired) in changes {
-                if let Err(e) = self
-                    .registry
-                    .set_desired_module(&node, &module, desired)
-                    .await
-                {
-                    tracing::warn!(deployment = %record.id, node = %node, error = %e, "desired-state change failed");
-                }
-            }
-        }
+        Ok(changes)
     }
 
     /// Give a node command its span, a child of `parent`, and carry the
@@ -663,26 +685,7 @@ impl Engine {
 
     /// Observation of a deployment's nodes, and canary analysis during a hold.
     fn observe(&self, deployment: &Deployment) -> Input {
-        let module = &deployment.spec.module;
-        let ids: Vec<&str> = deployment.nodes.iter().map(|t| t.node.as_str()).collect();
-        let observed = self.registry.observe(&ids, module);
-        let mut nodes = BTreeMap::new();
-        for (track, seen) in deployment.nodes.iter().zip(observed) {
-            let report = seen.module.as_ref();
-            nodes.insert(
-                track.node.clone(),
-                NodeReport {
-                    connected: seen.connected,
-                    current: seen.connected && seen.current,
-                    version: report.map(|m| m.version.clone()).unwrap_or_default(),
-                    phase: report.map(|m| m.phase.clone()).unwrap_or_default(),
-                    health: report.map(|m| m.health.clone()).unwrap_or_default(),
-                    crash_loop: report.is_some_and(|m| m.crash_loop),
-                    staged_version: report.map(|m| m.staged_version.clone()).unwrap_or_default(),
-                    message: report.map(|m| m.message.clone()).unwrap_or_default(),
-                },
-            );
-        }
+        let nodes = observe_nodes(&self.registry, deployment);
         let analysis = match (&deployment.spec.strategy, deployment.hold_since_ms) {
             (Strategy::Canary { .. }, Some(since)) if deployment.state == State::Running => {
                 Some(self.analyze(deployment, since))
@@ -1051,6 +1054,39 @@ fn wave_traceparent(record: &DeploymentRecord, actions: &[Action]) -> Option<Str
         &record.traceparent,
     );
     Some(telemetry::traceparent_of(&span))
+}
+
+/// What every node of `deployment` reports now, from the registry's memory:
+/// the machine's input for one step (the engine's, and the benchmarks').
+pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
+    let module = &deployment.spec.module;
+    let ids: Vec<&str> = deployment.nodes.iter().map(|t| t.node.as_str()).collect();
+    let reports = registry.observe(&ids, module, |seen| {
+        let current = seen.connected && seen.current;
+        match seen.module {
+            Some(m) => NodeReport {
+                connected: seen.connected,
+                current,
+                version: m.version.clone(),
+                phase: m.phase.clone(),
+                health: m.health.clone(),
+                crash_loop: m.crash_loop,
+                staged_version: m.staged_version.clone(),
+                message: m.message.clone(),
+            },
+            None => NodeReport {
+                connected: seen.connected,
+                current,
+                ..NodeReport::default()
+            },
+        }
+    });
+    deployment
+        .nodes
+        .iter()
+        .map(|t| t.node.clone())
+        .zip(reports)
+        .collect()
 }
 
 /// The events one committed transition stands for.

@@ -13,8 +13,6 @@
 //! all, bake), canary (cumulative steps held for `step_ms` while canary nodes
 //! are compared with the nodes still on the old version).
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 pub type Ms = u64;
@@ -235,11 +233,28 @@ pub enum Control {
     Rollback { reason: String },
 }
 
+/// What every target node reports, by node id. A hash map: the engine builds
+/// one per step for every node of a deployment (10k and more), and the
+/// machine only looks nodes up in it.
+pub type Reports = std::collections::HashMap<String, NodeReport>;
+
+/// The report of a node that has none (never connected, or gone).
+static NO_REPORT: NodeReport = NodeReport {
+    connected: false,
+    current: false,
+    version: String::new(),
+    phase: String::new(),
+    health: String::new(),
+    crash_loop: false,
+    staged_version: String::new(),
+    message: String::new(),
+};
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
     /// Every target node's report (absent = unknown) and, for canaries, the analysis.
     Observe {
-        nodes: BTreeMap<String, NodeReport>,
+        nodes: Reports,
         analysis: Option<Analysis>,
     },
     Control(Control),
@@ -732,12 +747,7 @@ impl Deployment {
         }
     }
 
-    fn observe(
-        &mut self,
-        now: Ms,
-        reports: &BTreeMap<String, NodeReport>,
-        analysis: Option<&Analysis>,
-    ) -> Vec<Action> {
+    fn observe(&mut self, now: Ms, reports: &Reports, analysis: Option<&Analysis>) -> Vec<Action> {
         let mut actions = Vec::new();
         match self.state {
             State::Running | State::Paused => {}
@@ -761,7 +771,7 @@ impl Deployment {
         let target = self.spec.version.clone();
         let deadline = self.spec.health_deadline_ms;
         for node in &mut self.nodes {
-            let report = reports.get(&node.node).cloned().unwrap_or_default();
+            let report = reports.get(&node.node).unwrap_or(&NO_REPORT);
             let late = now.saturating_sub(node.since_ms) > deadline;
             match node.state {
                 NodeState::Staging => {
@@ -1027,14 +1037,14 @@ impl Deployment {
         }
     }
 
-    fn observe_rollback(&mut self, now: Ms, reports: &BTreeMap<String, NodeReport>) -> Vec<Action> {
+    fn observe_rollback(&mut self, now: Ms, reports: &Reports) -> Vec<Action> {
         let deadline = self.spec.health_deadline_ms;
         for node in self
             .nodes
             .iter_mut()
             .filter(|n| n.state == NodeState::RollingBack)
         {
-            let report = reports.get(&node.node).cloned().unwrap_or_default();
+            let report = reports.get(&node.node).unwrap_or(&NO_REPORT);
             let back = report.connected
                 && ((node.from_version.is_empty() && report.version.is_empty())
                     || (report.version == node.from_version && report.phase == "running"));

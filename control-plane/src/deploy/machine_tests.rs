@@ -323,7 +323,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn reports(&self) -> BTreeMap<String, NodeReport> {
+    fn reports(&self) -> Reports {
         self.nodes
             .iter()
             .filter_map(|(id, n)| n.report(self.tick).map(|r| (id.clone(), r)))
@@ -2358,7 +2358,7 @@ fn pending_approval_expires() {
             &dep,
             at,
             &Input::Observe {
-                nodes: BTreeMap::new(),
+                nodes: Reports::new(),
                 analysis: None,
             },
         )
@@ -2403,7 +2403,7 @@ fn approval_needs_a_second_person() {
     );
     assert_eq!(dep.waiting_for(T0), "approval by a second person");
     assert!(dep.expected_desired().is_empty());
-    let reports: BTreeMap<String, NodeReport> = [(id(0), running(OLD)), (id(1), running(OLD))]
+    let reports: Reports = [(id(0), running(OLD)), (id(1), running(OLD))]
         .into_iter()
         .collect();
     let (same, actions) = step(
