@@ -135,12 +135,6 @@ struct RunArgs {
     reconnect_max: Duration,
 }
 
-/// mimalloc rather than glibc's malloc: the engine and the session paths
-/// allocate many small strings per node, and glibc's free-list upkeep
-/// (consolidation, unlinking) was a third of the engine's CPU in profiles.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Held to the end of `main`: traces still queued are flushed after the

@@ -106,12 +106,6 @@ struct Args {
     worker_threads: Option<usize>,
 }
 
-/// mimalloc rather than glibc's malloc: the engine and the session paths
-/// allocate many small strings per node, and glibc's free-list upkeep
-/// (consolidation, unlinking) was a third of the engine's CPU in profiles.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     ensure!(args.nodes > 0, "--nodes must be at least 1");

@@ -83,12 +83,6 @@ fn start(cp: &Path, data: &Path) -> anyhow::Result<(Child, Duration)> {
     }
 }
 
-/// mimalloc rather than glibc's malloc: the engine and the session paths
-/// allocate many small strings per node, and glibc's free-list upkeep
-/// (consolidation, unlinking) was a third of the engine's CPU in profiles.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cp = binary("hotswap-control-plane")?;
