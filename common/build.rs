@@ -26,6 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Small per-call buffers: see src/codec.rs.
         .codec_path("crate::codec::LeanCodec")
+        // Artifact content is sent as slices of one shared buffer, not copied
+        // per agent.
+        .bytes(".hotswap.v1.ArtifactChunk.data")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

@@ -73,7 +73,7 @@ async fn fetch_verified(
     name: String,
     version: String,
 ) -> Result<u64, String> {
-    use hotswap_common::artifact::format::{Digest, read_artifact_from, write_artifact_streaming};
+    use hotswap_common::artifact::format::{Digest, content_info};
     use hotswap_common::artifact::keys::{self, TrustSet};
     let what = format!("artifact {name}@{version}");
     let mut client = pb::artifacts_client::ArtifactsClient::new(channel);
@@ -129,12 +129,10 @@ async fn fetch_verified(
     if Digest::of(&content) != digest {
         return Err(format!("{what}: content does not match digest {digest}"));
     }
+    // The digest was just checked over these bytes: parse the manifest and
+    // check the signatures without hashing the content again.
     let signatures = hotswap_common::convert::signatures_from_pb(&descriptor.signatures, &what)?;
-    let mut file = Vec::with_capacity(content.len() + 1024);
-    write_artifact_streaming(&mut file, &content[..], content.len() as u64, &signatures)
-        .map_err(|e| format!("{what}: {e}"))?;
-    let info = read_artifact_from(std::io::Cursor::new(&file), file.len() as u64)
-        .map_err(|e| format!("{what}: {e}"))?;
+    let info = content_info(&content, digest, signatures).map_err(|e| format!("{what}: {e}"))?;
     if info.manifest.name != name || info.manifest.version.to_string() != version {
         return Err(format!(
             "asked for {name}@{version} but the artifact is {}",

@@ -263,6 +263,30 @@ pub fn read_artifact_from<R: Read>(
     if trailer != expected {
         return Err(format_err("integrity check failed: the file is corrupt"));
     }
+    debug_assert_eq!(
+        (content_offset, payload_offset, payload_len),
+        (
+            CONTENT_OFFSET,
+            CONTENT_OFFSET + 4 + u64::from(manifest_len),
+            content_len - 4 - u64::from(manifest_len)
+        )
+    );
+    assemble_info(manifest_bytes, digest, signatures, content_len)
+}
+
+/// Where `content` starts in a `.hsm` file: after the magic and its length.
+const CONTENT_OFFSET: u64 = 16;
+
+/// The info of an artifact whose `content_len` content bytes start with
+/// `manifest_bytes` (after the length prefix): parses the manifest and
+/// places everything as it is laid out in the file.
+fn assemble_info(
+    manifest_bytes: Vec<u8>,
+    digest: Digest,
+    signatures: Vec<Signature>,
+    content_len: u64,
+) -> Result<ArtifactInfo, ArtifactError> {
+    let manifest_len = manifest_bytes.len() as u64;
     let manifest_text = String::from_utf8(manifest_bytes)
         .map_err(|_| format_err("the manifest is not valid UTF-8"))?;
     let manifest = parse_manifest("module.toml (in artifact)", &manifest_text)?;
@@ -271,11 +295,44 @@ pub fn read_artifact_from<R: Read>(
         manifest_text,
         digest,
         signatures,
-        content_offset,
+        content_offset: CONTENT_OFFSET,
         content_len,
-        payload_offset,
-        payload_len,
+        payload_offset: CONTENT_OFFSET + 4 + manifest_len,
+        payload_len: content_len - 4 - manifest_len,
     })
+}
+
+/// What [`read_artifact_from`] gives for a file made of `content` and
+/// `signatures`, for a caller that received the content over the wire and
+/// has already checked that it hashes to `digest`: the manifest is parsed
+/// from the content and nothing is hashed again. Offsets are those of the
+/// file [`write_artifact`] would write.
+pub fn content_info(
+    content: &[u8],
+    digest: Digest,
+    signatures: Vec<Signature>,
+) -> Result<ArtifactInfo, ArtifactError> {
+    let (len4, rest) = content
+        .split_first_chunk::<4>()
+        .ok_or_else(|| format_err("truncated: no manifest length"))?;
+    let manifest_len = u32::from_be_bytes(*len4);
+    if manifest_len > MAX_MANIFEST_BYTES || manifest_len as usize > rest.len() {
+        return Err(format_err(format!(
+            "manifest length {manifest_len} is out of range"
+        )));
+    }
+    if signatures.len() > usize::from(MAX_SIGNATURES) {
+        return Err(format_err(format!(
+            "{} signatures; at most {MAX_SIGNATURES} are allowed",
+            signatures.len()
+        )));
+    }
+    assemble_info(
+        rest[..manifest_len as usize].to_vec(),
+        digest,
+        signatures,
+        content.len() as u64,
+    )
 }
 
 /// The `content` section for a manifest and payload.

@@ -6,7 +6,7 @@ use std::path::Path;
 use proptest::prelude::*;
 
 use super::format::{
-    ArtifactInfo, encode_content, read_artifact, read_artifact_from, write_artifact,
+    ArtifactInfo, content_info, encode_content, read_artifact, read_artifact_from, write_artifact,
 };
 use super::keys::{self, TrustSet};
 use super::pack::{add_signature, pack_and_sign, pack_dir};
@@ -496,4 +496,48 @@ fn unpack_limits_hold_against_bombs() {
         "{result:?}"
     );
     assert!(!exists);
+}
+
+#[test]
+fn content_received_over_the_wire_gives_the_same_info_as_the_file() {
+    let f = fixture();
+    let info = read_artifact(&f.artifact).expect("read");
+    let content = super::format::read_content(&f.artifact, &info).expect("content");
+    let from_content =
+        content_info(&content, info.digest, info.signatures.clone()).expect("content info");
+    assert_eq!(from_content.manifest_text, info.manifest_text);
+    assert_eq!(from_content.module(), info.module());
+    assert_eq!(from_content.digest, info.digest);
+    assert_eq!(
+        (
+            from_content.content_offset,
+            from_content.content_len,
+            from_content.payload_offset,
+            from_content.payload_len
+        ),
+        (
+            info.content_offset,
+            info.content_len,
+            info.payload_offset,
+            info.payload_len
+        )
+    );
+    f.trust
+        .verify(&from_content, NOW)
+        .expect("signatures verify");
+
+    // Malformed content is refused with a reason, never a panic.
+    for (bad, why) in [
+        (Vec::new(), "no manifest length"),
+        (vec![0, 0], "no manifest length"),
+        (vec![0, 0, 0, 9, b'x'], "out of range"),
+        (vec![0xff, 0xff, 0xff, 0xff], "out of range"),
+        (vec![0, 0, 0, 2, 0xc3, 0x28], "not valid UTF-8"),
+    ] {
+        let err = content_info(&bad, info.digest, Vec::new()).expect_err("malformed");
+        assert!(err.to_string().contains(why), "{bad:?}: {err}");
+    }
+    let too_many = vec![info.signatures[0].clone(); 17];
+    let err = content_info(&content, info.digest, too_many).expect_err("too many signatures");
+    assert!(err.to_string().contains("at most 16"), "{err}");
 }

@@ -8,7 +8,7 @@
 //! action lost to a crash between persisting and acting is carried out then;
 //! setting an unchanged desired state swaps nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,11 +105,18 @@ pub struct Engine {
     deployments: Mutex<BTreeMap<String, DeploymentRecord>>,
     pipelines: Mutex<BTreeMap<String, PipelineRecord>>,
     updates: broadcast::Sender<DeploymentRecord>,
+    /// When each active deployment was last written by `step_all`.
+    persisted_at: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// How often active deployments are re-evaluated without any node change
 /// (holds, bakes and deadlines are time-driven).
 const TICK: Duration = Duration::from_millis(500);
+
+/// Longest a step that only refreshed healthy nodes' last-seen times stays
+/// unwritten. After a restart the silence rule may time a node from up to
+/// this much earlier than it was really last seen.
+const LAST_SEEN_PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 fn parse_batch(text: &str) -> Result<BatchSize, ApiError> {
     let bad = || {
@@ -149,6 +156,7 @@ impl Engine {
             deployments: Mutex::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
             pipelines: Mutex::new(pipelines.into_iter().map(|p| (p.id.clone(), p)).collect()),
             updates,
+            persisted_at: std::sync::Mutex::new(HashMap::new()),
         }))
     }
 
@@ -502,9 +510,23 @@ impl Engine {
                 continue;
             };
             drop(input);
+            let mut next = next;
             if next == record.deployment {
                 continue;
             }
+            // Healthy nodes' last-seen times move on every step; writing a
+            // 10k-node record for that alone would be most of the engine's
+            // work. They are kept in memory and written with the next real
+            // change, or at least every LAST_SEEN_PERSIST_EVERY.
+            let persist_last_seen = {
+                let persisted = self.persisted_at.lock().unwrap_or_else(|p| p.into_inner());
+                persisted
+                    .get(&id)
+                    .is_none_or(|at| at.elapsed() >= LAST_SEEN_PERSIST_EVERY)
+            };
+            let memory_only = actions.is_empty()
+                && !persist_last_seen
+                && next.differs_only_in_last_seen(&record.deployment);
             let updated = DeploymentRecord {
                 deployment: next,
                 id: record.id.clone(),
@@ -512,12 +534,20 @@ impl Engine {
                 selector: record.selector.clone(),
                 traceparent: record.traceparent.clone(),
             };
-            if let Err(e) = self
-                .commit(Some(&record.deployment), &updated, &actions)
-                .await
-            {
-                tracing::error!(deployment = %id, error = %e, "cannot persist deployment; its actions are not carried out");
-                continue;
+            if !memory_only {
+                if let Err(e) = self
+                    .commit(Some(&record.deployment), &updated, &actions)
+                    .await
+                {
+                    tracing::error!(deployment = %id, error = %e, "cannot persist deployment; its actions are not carried out");
+                    continue;
+                }
+                let mut persisted = self.persisted_at.lock().unwrap_or_else(|p| p.into_inner());
+                if updated.deployment.state.is_terminal() {
+                    persisted.remove(&id);
+                } else {
+                    persisted.insert(id.clone(), std::time::Instant::now());
+                }
             }
             deployments.insert(id, updated);
         }

@@ -318,6 +318,36 @@ impl Deployment {
     }
 }
 
+impl Deployment {
+    /// Whether `self`, a step's result, differs from `before` only in when
+    /// healthy nodes were last seen: the `since_ms` that the silence rule
+    /// times from, refreshed on every observation of a connected node. Such
+    /// a step need not be persisted at once (it changes nothing anyone acts
+    /// on); the engine writes it with the next real change or after a while.
+    pub fn differs_only_in_last_seen(&mut self, before: &Deployment) -> bool {
+        if self.nodes.len() != before.nodes.len() {
+            return false;
+        }
+        // Compare with the refreshed times put back, then restore them: no
+        // copy of a record that can hold tens of thousands of nodes.
+        let mut refreshed = Vec::new();
+        for (i, (now, was)) in self.nodes.iter_mut().zip(&before.nodes).enumerate() {
+            if now.state == NodeState::Healthy
+                && was.state == NodeState::Healthy
+                && now.since_ms != was.since_ms
+            {
+                refreshed.push((i, now.since_ms));
+                now.since_ms = was.since_ms;
+            }
+        }
+        let only = !refreshed.is_empty() && *self == *before;
+        for (i, since_ms) in refreshed {
+            self.nodes[i].since_ms = since_ms;
+        }
+        only
+    }
+}
+
 /// Split `count` ordered nodes into waves for a strategy.
 pub fn plan_waves(strategy: &Strategy, count: usize) -> Vec<Vec<usize>> {
     if count == 0 {

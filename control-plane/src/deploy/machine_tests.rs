@@ -3428,3 +3428,39 @@ proptest! {
         prop_assert!(judge(&t, &better).0);
     }
 }
+
+#[test]
+fn a_step_that_only_refreshes_last_seen_is_recognised_and_left_intact() {
+    let mut s = spec(rolling(BatchSize::Count(1), 600_000));
+    s.auto_rollback = false;
+    let (dep, _) = Deployment::new(s, targets(&[OLD, OLD]), T0);
+    let healthy_at = T0 + 1_000;
+    let (healthy, _) = step(&dep, healthy_at, &observe_one(Some(running(TARGET)))).unwrap();
+    assert_eq!(healthy.nodes[0].state, NodeState::Healthy);
+    // Becoming healthy is a real change.
+    let mut became = healthy.clone();
+    assert!(!became.differs_only_in_last_seen(&dep));
+    assert_eq!(became, healthy);
+
+    // Seen again later, still healthy, during the hold: only its time moved.
+    let seen_at = healthy_at + 1_000;
+    let (mut seen, actions) = step(&healthy, seen_at, &observe_one(Some(running(TARGET)))).unwrap();
+    assert!(actions.is_empty());
+    assert_eq!(seen.nodes[0].since_ms, seen_at);
+    assert!(seen.differs_only_in_last_seen(&healthy));
+    // The check restores what it compared around.
+    assert_eq!(seen.nodes[0].since_ms, seen_at);
+
+    // Identical records: nothing refreshed, so not "only last seen".
+    let mut same = healthy.clone();
+    assert!(!same.differs_only_in_last_seen(&healthy));
+
+    // A refreshed time together with any other change is a real change.
+    let mut both = seen.clone();
+    both.reason = "something else".into();
+    assert!(!both.differs_only_in_last_seen(&healthy));
+    assert_eq!(both.nodes[0].since_ms, seen_at);
+    let mut other_node = seen.clone();
+    other_node.nodes[1].reason = "changed".into();
+    assert!(!other_node.differs_only_in_last_seen(&healthy));
+}

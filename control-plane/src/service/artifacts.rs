@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
 use crate::auth::{self, Permission};
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobStore, HotBlobs};
 use crate::error::ApiError;
 use crate::store::{ArtifactRecord, KeyRecord, SignatureRecord};
 
@@ -32,14 +32,24 @@ use crate::store::{ArtifactRecord, KeyRecord, SignatureRecord};
 /// small enough to stay well under gRPC's default 4 MiB message limit.
 pub const FETCH_CHUNK_BYTES: usize = 256 * 1024;
 
+/// Largest artifact content kept in memory after it was first fetched.
+const HOT_BLOB_MAX_BYTES: u64 = 8 * 1024 * 1024;
+/// Memory for fetched artifact content, in all.
+const HOT_BLOBS_BYTES: u64 = 64 * 1024 * 1024;
+
 pub struct ArtifactsService {
     ctx: Arc<Context>,
     blobs: BlobStore,
+    hot: HotBlobs,
 }
 
 impl ArtifactsService {
     pub fn new(ctx: Arc<Context>, blobs: BlobStore) -> Self {
-        Self { ctx, blobs }
+        Self {
+            ctx,
+            blobs,
+            hot: HotBlobs::new(HOT_BLOB_MAX_BYTES, HOT_BLOBS_BYTES),
+        }
     }
 
     fn trust_set(&self) -> Result<TrustSet, ApiError> {
@@ -502,21 +512,48 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         auth::require_reader_or_node(&request, &self.ctx.registry)?;
         let request = request.into_inner();
         let digest = Digest::parse(&request.digest).map_err(ApiError::InvalidArgument)?;
+        let not_found = || ApiError::NotFound(format!("no artifact content with digest {digest}"));
+        let past_end = |size: u64| {
+            ApiError::InvalidArgument(format!(
+                "offset {} is past the end of {digest} ({size} bytes)",
+                request.offset
+            ))
+        };
+        match self.hot.get(&self.blobs, &digest).await {
+            Ok(Some(content)) => {
+                let size = content.len() as u64;
+                if request.offset > size {
+                    return Err(past_end(size).into());
+                }
+                // Slices of the one cached buffer: no copy, no disk.
+                let start = request.offset as usize;
+                let chunks = (start..content.len())
+                    .step_by(FETCH_CHUNK_BYTES)
+                    .map(move |at| {
+                        let end = (at + FETCH_CHUNK_BYTES).min(content.len());
+                        Ok(pb::ArtifactChunk {
+                            offset: at as u64,
+                            data: content.slice(at..end),
+                        })
+                    });
+                return Ok(Response::new(Box::pin(tokio_stream::iter(chunks))));
+            }
+            Ok(None) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found().into()),
+            Err(e) => return Err(ApiError::Internal(format!("reading {digest}: {e}")).into()),
+        }
+        // Too big to keep in memory: stream it from disk.
         let path = self.blobs.path(&digest);
         let mut file = tokio::fs::File::open(&path)
             .await
-            .map_err(|_| ApiError::NotFound(format!("no artifact content with digest {digest}")))?;
+            .map_err(|_| not_found())?;
         let size = file
             .metadata()
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .len();
         if request.offset > size {
-            return Err(ApiError::InvalidArgument(format!(
-                "offset {} is past the end of {digest} ({size} bytes)",
-                request.offset
-            ))
-            .into());
+            return Err(past_end(size).into());
         }
         file.seek(std::io::SeekFrom::Start(request.offset))
             .await
@@ -528,7 +565,8 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         tokio::spawn(async move {
             let mut offset = request.offset;
             loop {
-                let mut buf = vec![0u8; FETCH_CHUNK_BYTES];
+                let want = (size.saturating_sub(offset) as usize).clamp(1, FETCH_CHUNK_BYTES);
+                let mut buf = vec![0u8; want];
                 let n = match file.read(&mut buf).await {
                     Ok(0) => return,
                     Ok(n) => n,
@@ -540,7 +578,10 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
                     }
                 };
                 buf.truncate(n);
-                let chunk = pb::ArtifactChunk { offset, data: buf };
+                let chunk = pb::ArtifactChunk {
+                    offset,
+                    data: buf.into(),
+                };
                 offset += n as u64;
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

@@ -883,7 +883,7 @@ pub fn message_seeds() -> Vec<Seed> {
             "data",
             &pb::ArtifactChunk {
                 offset: 4096,
-                data: b"chunk".to_vec(),
+                data: b"chunk".to_vec().into(),
             },
         ),
         message_seed(
