@@ -178,11 +178,10 @@ pub fn read_artifact_from<R: Read>(
         ));
     }
     let content_len = read_u64(&mut reader, "header")?;
-    let content_offset = 16u64;
-    if content_len > total_len.saturating_sub(content_offset) {
+    if content_len > total_len.saturating_sub(CONTENT_OFFSET) {
         return Err(format_err(format!(
             "truncated: header announces {content_len} content bytes but the file has {}",
-            total_len.saturating_sub(content_offset)
+            total_len.saturating_sub(CONTENT_OFFSET)
         )));
     }
     let mut len4 = [0u8; 4];
@@ -201,9 +200,7 @@ pub fn read_artifact_from<R: Read>(
     let mut hasher = Sha256::new();
     hasher.update(len4);
     hasher.update(&manifest_bytes);
-    let payload_offset = content_offset + 4 + u64::from(manifest_len);
-    let payload_len = content_len - 4 - u64::from(manifest_len);
-    let mut remaining = payload_len;
+    let mut remaining = content_len - 4 - u64::from(manifest_len);
     let mut chunk = vec![0u8; 64 * 1024];
     while remaining > 0 {
         let n = remaining.min(chunk.len() as u64) as usize;
@@ -263,14 +260,6 @@ pub fn read_artifact_from<R: Read>(
     if trailer != expected {
         return Err(format_err("integrity check failed: the file is corrupt"));
     }
-    debug_assert_eq!(
-        (content_offset, payload_offset, payload_len),
-        (
-            CONTENT_OFFSET,
-            CONTENT_OFFSET + 4 + u64::from(manifest_len),
-            content_len - 4 - u64::from(manifest_len)
-        )
-    );
     assemble_info(manifest_bytes, digest, signatures, content_len)
 }
 

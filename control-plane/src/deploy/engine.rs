@@ -506,11 +506,10 @@ impl Engine {
                 continue;
             };
             let input = self.observe(&record.deployment);
-            let Ok((next, actions)) = record.deployment.step(now, &input) else {
+            let Ok((mut next, actions)) = record.deployment.step(now, &input) else {
                 continue;
             };
             drop(input);
-            let mut next = next;
             if next == record.deployment {
                 continue;
             }
@@ -587,14 +586,19 @@ impl Engine {
         Ok(())
     }
 
-    /// Carry out `actions` again for a stored record (after a restart).
+    /// Carry out `actions` again for a stored record (after a restart): the
+    /// same write, flush, push as a commit, without rewriting the record.
     async fn execute(&self, record: &DeploymentRecord, actions: &[Action]) {
-        let result = match self.node_changes(record, actions) {
-            Ok(changes) if changes.is_empty() => Ok(()),
-            Ok(changes) => self.registry.set_desired_modules(&changes).await.map(drop),
-            Err(e) => Err(e),
+        let result = async {
+            let changes = self.node_changes(record, actions)?;
+            if changes.is_empty() {
+                return Ok(());
+            }
+            let written = self.registry.write_desired(&changes)?;
+            self.registry.store().flush().await?;
+            self.registry.push_desired(&changes, &written).map(drop)
         };
-        if let Err(e) = result {
+        if let Err(e) = result.await {
             tracing::warn!(deployment = %record.id, error = %e, "desired-state changes failed");
         }
     }
