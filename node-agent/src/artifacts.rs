@@ -3,8 +3,10 @@
 //! versioned module directories.
 //!
 //! Layout under `DATA_DIR/artifacts/`:
-//! - `partial/<hex>.part`: content being downloaded; a broken transfer
-//!   resumes from its length.
+//! - `partial/<hex>.hsm-part`: the artifact file being written while its
+//!   content arrives (header, then content); a broken transfer resumes from
+//!   its length. Signatures and the trailer are appended once the content is
+//!   complete, and the file is renamed into `cache/` once it checks out.
 //! - `cache/<hex>.hsm`: verified artifacts (content + signatures), by digest.
 //! - `index.json`: `name@version` → digest, so installs work offline.
 //! - `trusted-keys.json`: the last trust set used, for offline verification.
@@ -13,16 +15,21 @@
 //! Nothing is unpacked before its digest and signatures check out, and an
 //! artifact is verified again every time it is installed from the cache.
 //!
+//! A download touches each content byte once: it is hashed for the digest
+//! and for the file's trailer as it is appended to the partial file, and the
+//! signatures are checked against that digest without reading the file
+//! back. One fsync of the file and one of `cache/` make it durable.
+//!
 //! The steps run in spans `fetch`, `verify` and `unpack` (target
 //! [`telemetry::TARGET`]), children of whatever trace context the caller runs
 //! them in (see [`telemetry::in_trace`]).
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use hotswap_common::artifact::format::{digest_file, read_artifact, write_artifact_streaming};
+use hotswap_common::artifact::format::{ArtifactWriter, read_artifact};
 use hotswap_common::artifact::keys::{self, TrustSet};
 use hotswap_common::artifact::unpack::{Limits, unpack_artifact};
 use hotswap_common::artifact::{ArtifactInfo, Digest};
@@ -91,11 +98,18 @@ pub struct ArtifactStore {
 
 /// What the download step of [`ArtifactStore::fetch`] leaves for the verify step.
 struct Fetched {
-    descriptor: pb::ArtifactDescriptor,
     digest: Digest,
     trust: TrustSet,
-    /// Content bytes downloaded; `None` when the artifact was cached already.
-    downloaded: Option<u64>,
+    /// The complete file in `partial/`, unless the artifact was cached already.
+    downloaded: Option<Downloaded>,
+}
+
+/// A complete artifact file written by a download, not yet verified.
+struct Downloaded {
+    info: ArtifactInfo,
+    file: fs::File,
+    /// Content bytes that came over the network in this call.
+    bytes: u64,
 }
 
 fn local<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> FetchError + '_ {
@@ -122,6 +136,15 @@ impl ArtifactStore {
         let tmp = root.join("tmp");
         let _ = fs::remove_dir_all(&tmp);
         fsutil::create_private_dir(&tmp).map_err(local("cannot create the artifact store"))?;
+        // Partial downloads of earlier versions held bare content (`.part`);
+        // they cannot be resumed into the current layout.
+        if let Ok(entries) = fs::read_dir(root.join("partial")) {
+            for entry in entries.filter_map(Result::ok) {
+                if entry.path().extension().is_some_and(|e| e == "part") {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
         Ok(Self {
             root,
             trust,
@@ -145,7 +168,7 @@ impl ArtifactStore {
     fn partial_path(&self, digest: &Digest) -> PathBuf {
         self.root
             .join("partial")
-            .join(format!("{}.part", digest.hex()))
+            .join(format!("{}.hsm-part", digest.hex()))
     }
 
     /// Directory a module version is unpacked into.
@@ -162,9 +185,11 @@ impl ArtifactStore {
 
     fn record(&self, name: &str, version: &str, digest: &Digest) -> Result<(), FetchError> {
         let mut index = self.read_index();
-        index
-            .artifacts
-            .insert(format!("{name}@{version}"), digest.to_string());
+        let entry = digest.to_string();
+        if index.artifacts.get(&format!("{name}@{version}")) == Some(&entry) {
+            return Ok(());
+        }
+        index.artifacts.insert(format!("{name}@{version}"), entry);
         let bytes = serde_json::to_vec_pretty(&index).unwrap_or_default();
         fsutil::write_atomic(&self.root.join("index.json"), &bytes, PUBLIC_FILE_MODE)
             .map_err(local("cannot write the artifact index"))
@@ -196,12 +221,12 @@ impl ArtifactStore {
                     .collect();
                 let stored = serde_json::to_vec_pretty(&StoredTrust { keys: keys.clone() })
                     .unwrap_or_default();
-                fsutil::write_atomic(
-                    &self.root.join("trusted-keys.json"),
-                    &stored,
-                    PUBLIC_FILE_MODE,
-                )
-                .map_err(local("cannot store the trusted keys"))?;
+                let path = self.root.join("trusted-keys.json");
+                // Rewritten (and fsynced) only when the set changed.
+                if fs::read(&path).ok().as_deref() != Some(stored.as_slice()) {
+                    fsutil::write_atomic(&path, &stored, PUBLIC_FILE_MODE)
+                        .map_err(local("cannot store the trusted keys"))?;
+                }
                 keys
             }
             (TrustSource::ControlPlane, None) => fs::read(self.root.join("trusted-keys.json"))
@@ -242,11 +267,11 @@ impl ArtifactStore {
             .instrument(span.clone())
             .await;
         if let Ok(Fetched {
-            downloaded: Some(bytes),
+            downloaded: Some(downloaded),
             ..
         }) = &fetched
         {
-            span.record("bytes", bytes);
+            span.record("bytes", downloaded.bytes);
         }
         let fetched = telemetry::record_result(&span, fetched)?;
         drop(span);
@@ -290,22 +315,23 @@ impl ArtifactStore {
         let downloaded = if self.cache_path(&digest).is_file() {
             None
         } else {
-            let partial = self.partial_path(&digest);
+            let signatures =
+                hotswap_common::convert::signatures_from_pb(&descriptor.signatures, what)
+                    .map_err(FetchError::Rejected)?;
             Some(
-                self.download(&mut client, &digest, descriptor.size, &partial, what)
+                self.download(&mut client, &digest, descriptor.size, signatures, what)
                     .await?,
             )
         };
         Ok(Fetched {
-            descriptor,
             digest,
             trust,
             downloaded,
         })
     }
 
-    /// The checking part of [`ArtifactStore::fetch`]: digest and signatures,
-    /// then into the cache.
+    /// The checking part of [`ArtifactStore::fetch`]: digest, name and
+    /// signatures, then into the cache.
     fn verify_fetched(
         &self,
         fetched: Fetched,
@@ -314,13 +340,12 @@ impl ArtifactStore {
         what: &str,
     ) -> Result<Cached, FetchError> {
         let Fetched {
-            descriptor,
             digest,
             trust,
             downloaded,
         } = fetched;
         let cached = self.cache_path(&digest);
-        let Some(downloaded) = downloaded else {
+        let Some(Downloaded { info, file, bytes }) = downloaded else {
             let info = self.verify_cached(&cached, name, version, &trust)?;
             self.record(name, version, &digest)?;
             return Ok(Cached {
@@ -330,80 +355,62 @@ impl ArtifactStore {
             });
         };
         let partial = self.partial_path(&digest);
-
-        // Check the content against its digest before anything else.
-        let actual = digest_file(&partial).map_err(local("cannot read the downloaded content"))?;
-        if actual != digest {
+        let reject = |reason: String| {
             let _ = fs::remove_file(&partial);
-            return Err(FetchError::Rejected(format!(
+            FetchError::Rejected(reason)
+        };
+        // The digest was computed as the content arrived.
+        if info.digest != digest {
+            if bytes < info.content_len {
+                // Resumed: the prefix kept on disk may be what is wrong (a
+                // crash can leave unwritten blocks). Start over next time.
+                let _ = fs::remove_file(&partial);
+                return Err(FetchError::Transient(format!(
+                    "{what}: resumed content does not match digest {digest}; downloading it again"
+                )));
+            }
+            return Err(reject(format!(
                 "{what}: downloaded content does not match digest {digest}"
             )));
         }
-        let signatures = hotswap_common::convert::signatures_from_pb(&descriptor.signatures, what)
-            .map_err(FetchError::Rejected)?;
-        let tmp = self.root.join("tmp").join(format!("{}.hsm", digest.hex()));
-        {
-            let content =
-                fs::File::open(&partial).map_err(local("cannot read the downloaded content"))?;
-            let mut file = std::io::BufWriter::new(
-                fs::File::create(&tmp).map_err(local("cannot write the cache"))?,
-            );
-            write_artifact_streaming(
-                &mut file,
-                std::io::BufReader::new(content),
-                descriptor.size,
-                &signatures,
-            )
-            .map_err(local("cannot write the cache"))?;
-            let file = file.into_inner().map_err(local("cannot write the cache"))?;
-            file.sync_all().map_err(local("cannot write the cache"))?;
-        }
-        let info = match self.verify_cached(&tmp, name, version, &trust) {
-            Ok(info) => info,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                let _ = fs::remove_file(&partial);
-                return Err(e);
-            }
-        };
-        fs::rename(&tmp, &cached).map_err(local("cannot move into the cache"))?;
-        let _ = fsutil::sync_dir(&self.root.join("cache"));
-        let _ = fs::remove_file(&partial);
+        check_identity(&info, name, version).map_err(reject)?;
+        trust
+            .verify(&info, now_ms())
+            .map_err(|e| reject(e.to_string()))?;
+        file.sync_all().map_err(local("cannot write the cache"))?;
+        drop(file);
+        fs::rename(&partial, &cached).map_err(local("cannot move into the cache"))?;
+        fsutil::sync_dir(&self.root.join("cache")).map_err(local("cannot write the cache"))?;
         self.record(name, version, &digest)?;
-        crate::metrics::FETCHED_BYTES.inc_by(downloaded);
-        tracing::info!(module = %name, version = %version, digest = %digest, bytes = downloaded, "artifact fetched and verified");
+        crate::metrics::FETCHED_BYTES.inc_by(bytes);
+        tracing::info!(module = %name, version = %version, digest = %digest, bytes, "artifact fetched and verified");
         Ok(Cached {
             path: cached,
             info,
-            downloaded,
+            downloaded: bytes,
         })
     }
 
-    /// Append content to `partial` from its current length until `size`.
+    /// Write the artifact file for `digest` in `partial/`: header and content
+    /// as it arrives (after whatever an interrupted transfer left), then
+    /// `signatures` and the trailer. Not synced and not verified yet.
     async fn download(
         &self,
         client: &mut pb::artifacts_client::ArtifactsClient<Channel>,
         digest: &Digest,
         size: u64,
-        partial: &Path,
+        signatures: Vec<hotswap_common::artifact::Signature>,
         what: &str,
-    ) -> Result<u64, FetchError> {
-        let mut offset = fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
-        if offset > size {
-            // Not a prefix of this content; start over.
-            let _ = fs::remove_file(partial);
-            offset = 0;
-        }
-        let start = offset;
+    ) -> Result<Downloaded, FetchError> {
+        let partial = self.partial_path(digest);
+        let mut writer =
+            open_partial(&partial, size).map_err(local("cannot write the download"))?;
+        let start = writer.content_written();
+        let mut offset = start;
         if offset < size {
             if offset > 0 {
                 tracing::info!(digest = %digest, offset, size, "resuming an interrupted download");
             }
-            let mut file = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(partial)
-                .map_err(local("cannot write the download"))?;
             let mut stream = client
                 .fetch_artifact(pb::FetchArtifactRequest {
                     digest: digest.to_string(),
@@ -417,7 +424,11 @@ impl ArtifactStore {
                     Ok(Some(chunk)) => chunk,
                     Ok(None) => break,
                     Err(status) => {
-                        file.sync_all().ok();
+                        // Keep what arrived for the next attempt to resume.
+                        let out = writer.output();
+                        if out.flush().is_ok() {
+                            let _ = out.get_ref().sync_all();
+                        }
                         return Err(transient(
                             &status,
                             &format!("{what}: transfer interrupted at byte {offset}"),
@@ -431,24 +442,34 @@ impl ArtifactStore {
                     )));
                 }
                 if offset + chunk.data.len() as u64 > size {
-                    let _ = fs::remove_file(partial);
+                    let _ = fs::remove_file(&partial);
                     return Err(FetchError::Rejected(format!(
                         "{what}: control plane sent more than the announced {size} bytes"
                     )));
                 }
-                file.write_all(&chunk.data)
+                writer
+                    .write_content(&chunk.data)
                     .map_err(local("cannot write the download"))?;
                 offset += chunk.data.len() as u64;
             }
-            file.sync_all()
-                .map_err(local("cannot write the download"))?;
         }
         if offset != size {
             return Err(FetchError::Transient(format!(
                 "{what}: transfer ended at byte {offset} of {size}"
             )));
         }
-        Ok(offset - start)
+        let (file, info) = writer.finish(signatures).map_err(|e| {
+            let _ = fs::remove_file(&partial);
+            FetchError::Rejected(format!("{what}: {e}"))
+        })?;
+        let file = file
+            .into_inner()
+            .map_err(|e| FetchError::Local(format!("cannot write the download: {}", e.error())))?;
+        Ok(Downloaded {
+            info,
+            file,
+            bytes: offset - start,
+        })
     }
 
     fn verify_cached(
@@ -460,12 +481,7 @@ impl ArtifactStore {
     ) -> Result<ArtifactInfo, FetchError> {
         let info = read_artifact(path)
             .map_err(|e| FetchError::Rejected(format!("artifact {name}@{version}: {e}")))?;
-        if info.manifest.name != name || info.manifest.version.to_string() != version {
-            return Err(FetchError::Rejected(format!(
-                "asked for {name}@{version} but the artifact is {}",
-                info.module()
-            )));
-        }
+        check_identity(&info, name, version).map_err(FetchError::Rejected)?;
         trust
             .verify(&info, now_ms())
             .map_err(|e| FetchError::Rejected(e.to_string()))?;
@@ -540,6 +556,41 @@ impl ArtifactStore {
         let _ = fsutil::sync_dir(&parent);
         Ok(dir.to_path_buf())
     }
+}
+
+/// The artifact is the module version that was asked for.
+fn check_identity(info: &ArtifactInfo, name: &str, version: &str) -> Result<(), String> {
+    if info.manifest.name != name || info.manifest.version.to_string() != version {
+        return Err(format!(
+            "asked for {name}@{version} but the artifact is {}",
+            info.module()
+        ));
+    }
+    Ok(())
+}
+
+/// A writer appending to the partial file at `path`: continuing what an
+/// interrupted transfer of the same artifact left, or from scratch.
+fn open_partial(
+    path: &Path,
+    size: u64,
+) -> std::io::Result<ArtifactWriter<std::io::BufWriter<fs::File>>> {
+    const BUFFER: usize = 256 * 1024;
+    if let Ok(existing) = fs::File::open(path) {
+        let append = fs::OpenOptions::new().append(true).open(path)?;
+        let resumed = ArtifactWriter::resume(
+            std::io::BufWriter::with_capacity(BUFFER, append),
+            std::io::BufReader::new(existing),
+            size,
+        )?;
+        if let Some(writer) = resumed {
+            return Ok(writer);
+        }
+        // Not a prefix of this artifact (or already complete and then cut
+        // before the rename): start over.
+    }
+    let file = fs::File::create(path)?;
+    ArtifactWriter::new(std::io::BufWriter::with_capacity(BUFFER, file), size)
 }
 
 fn uuid_like() -> String {

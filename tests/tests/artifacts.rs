@@ -520,7 +520,11 @@ fn interrupted_transfer_resumes_from_where_it_stopped() {
             .filter_map(Result::ok)
             .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
             .sum();
-        assert!(partial > 0, "some bytes arrived before the cut");
+        // The partial file is the artifact file being written: its header,
+        // then the content that arrived.
+        let header = hotswap_common::artifact::format::CONTENT_OFFSET;
+        assert!(partial > header, "some bytes arrived before the cut");
+        let partial = partial - header;
 
         let direct = node_channel(&agent, &cp.url());
         let done = store.fetch(&direct, "big", "1.0.0").await.expect("resume");
@@ -537,6 +541,64 @@ fn interrupted_transfer_resumes_from_where_it_stopped() {
             payload
         );
     });
+}
+
+#[test]
+fn content_that_does_not_match_its_digest_is_refused_and_nothing_is_kept() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let ci = publisher(dir.path(), "ci");
+    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
+        .ok();
+    let artifact = pack(
+        dir.path(),
+        "hello",
+        "1.0.0",
+        &pseudo_random(200_000),
+        &ci.key,
+    );
+    cp.ctl(&["module", "push", path(&artifact)]).ok();
+    let agent = enrolled_agent(&dir, &cp);
+
+    // Rot one byte of the stored blob behind the control plane's back (it
+    // serves blobs as stored; the agent is the one that checks).
+    cp.kill();
+    let blob = std::fs::read_dir(cp.data_dir.join("blobs/sha256"))
+        .expect("blobs")
+        .filter_map(Result::ok)
+        .next()
+        .expect("one blob")
+        .path();
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    let at = bytes.len() - 1000;
+    bytes[at] ^= 0x40;
+    std::fs::write(&blob, bytes).expect("rot");
+    cp.start();
+
+    let rt = runtime();
+    let store = ArtifactStore::open(
+        &agent.data_dir,
+        TrustSource::ControlPlane,
+        Limits::default(),
+    )
+    .expect("store");
+    rt.block_on(async {
+        let channel = node_channel(&agent, &cp.url());
+        let err = store
+            .fetch(&channel, "hello", "1.0.0")
+            .await
+            .expect_err("rotten content");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err}");
+        assert!(err.to_string().contains("does not match digest"), "{err}");
+    });
+    for sub in ["cache", "partial", "modules/hello"] {
+        let left: Vec<_> = std::fs::read_dir(agent.data_dir.join("artifacts").join(sub))
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{sub} keeps {left:?}");
+    }
+    assert!(store.cached_digest("hello", "1.0.0").is_none());
 }
 
 #[test]

@@ -264,7 +264,7 @@ pub fn read_artifact_from<R: Read>(
 }
 
 /// Where `content` starts in a `.hsm` file: after the magic and its length.
-const CONTENT_OFFSET: u64 = 16;
+pub const CONTENT_OFFSET: u64 = 16;
 
 /// The info of an artifact whose `content_len` content bytes start with
 /// `manifest_bytes` (after the length prefix): parses the manifest and
@@ -364,25 +364,201 @@ pub fn write_artifact_streaming<W: Write, R: Read>(
     content_len: u64,
     signatures: &[Signature],
 ) -> std::io::Result<()> {
-    let mut hasher = Sha256::new();
-    let len = content_len.to_be_bytes();
-    for part in [&MAGIC[..], &len] {
-        hasher.update(part);
-        out.write_all(part)?;
-    }
-    let mut remaining = content_len;
+    let mut writer = ArtifactWriter::new(out, content_len)?;
     let mut buf = vec![0u8; 256 * 1024];
+    let mut remaining = content_len;
     while remaining > 0 {
         let n = remaining.min(buf.len() as u64) as usize;
         content.read_exact(&mut buf[..n])?;
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
+        writer.write_content(&buf[..n])?;
         remaining -= n as u64;
     }
-    let signatures = encode_signatures(signatures);
-    hasher.update(&signatures);
-    out.write_all(&signatures)?;
-    out.write_all(&hasher.finalize())
+    writer.finish_raw(signatures)?;
+    Ok(())
+}
+
+/// Writes a `.hsm` file while its content arrives, in one pass: every
+/// content byte is written once and hashed once for the digest and once for
+/// the integrity trailer while it is still in the CPU's cache, and the
+/// manifest is kept aside so [`ArtifactWriter::finish`] can describe the
+/// artifact without reading the file back.
+///
+/// A writer can also pick up a file cut short by an interrupted transfer
+/// ([`ArtifactWriter::resume`]): the bytes already there are hashed once and
+/// writing continues after them.
+pub struct ArtifactWriter<W> {
+    out: W,
+    content_len: u64,
+    written: u64,
+    digest: Sha256,
+    trailer: Sha256,
+    /// The first content bytes: the manifest length, then the manifest.
+    head: Vec<u8>,
+}
+
+/// Bytes of `content` a writer keeps aside: the length prefix and at most
+/// the longest manifest allowed.
+const HEAD_CAP: usize = 4 + MAX_MANIFEST_BYTES as usize;
+
+impl<W: Write> ArtifactWriter<W> {
+    /// Start a file of `content_len` content bytes: writes the header.
+    pub fn new(mut out: W, content_len: u64) -> std::io::Result<Self> {
+        let header = header(content_len);
+        out.write_all(&header)?;
+        let mut trailer = Sha256::new();
+        trailer.update(header);
+        Ok(Self {
+            out,
+            content_len,
+            written: 0,
+            digest: Sha256::new(),
+            trailer,
+            head: Vec::new(),
+        })
+    }
+
+    /// Continue a file whose first bytes, read from `existing`, are a header
+    /// for `content_len` followed by a prefix of the content; `out` must
+    /// append after them. `None` when `existing` is not such a file (another
+    /// length, or longer than header and content), so the caller starts over.
+    pub fn resume<R: Read>(
+        out: W,
+        mut existing: R,
+        content_len: u64,
+    ) -> std::io::Result<Option<Self>> {
+        let mut found = [0u8; CONTENT_OFFSET as usize];
+        match existing.read_exact(&mut found) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        if found != header(content_len) {
+            return Ok(None);
+        }
+        let mut trailer = Sha256::new();
+        trailer.update(found);
+        let mut writer = Self {
+            out,
+            content_len,
+            written: 0,
+            digest: Sha256::new(),
+            trailer,
+            head: Vec::new(),
+        };
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = existing.read(&mut buf)?;
+            if n == 0 {
+                return Ok(Some(writer));
+            }
+            if !writer.absorb(&buf[..n]) {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Content bytes written so far (including any resumed prefix).
+    pub fn content_written(&self) -> u64 {
+        self.written
+    }
+
+    /// The output, for flushing what was written before giving up.
+    pub fn output(&mut self) -> &mut W {
+        &mut self.out
+    }
+
+    /// Hash and keep aside; false when `bytes` would pass the announced length.
+    fn absorb(&mut self, bytes: &[u8]) -> bool {
+        if bytes.len() as u64 > self.content_len - self.written {
+            return false;
+        }
+        self.digest.update(bytes);
+        self.trailer.update(bytes);
+        if self.head.len() < HEAD_CAP {
+            let wanted = match self.head.first_chunk::<4>() {
+                Some(len) => (4 + u32::from_be_bytes(*len) as usize).min(HEAD_CAP),
+                None => HEAD_CAP,
+            };
+            let take = wanted.saturating_sub(self.head.len()).min(bytes.len());
+            self.head.extend_from_slice(&bytes[..take]);
+            // The length prefix may have just arrived: trim to the manifest.
+            if let Some(len) = self.head.first_chunk::<4>() {
+                let wanted = (4 + u32::from_be_bytes(*len) as usize).min(HEAD_CAP);
+                self.head.truncate(wanted.max(4));
+            }
+        }
+        self.written += bytes.len() as u64;
+        true
+    }
+
+    /// Append content bytes; refuses bytes beyond the announced length.
+    pub fn write_content(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if !self.absorb(bytes) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} more content bytes than the announced {}",
+                    self.written + bytes.len() as u64 - self.content_len,
+                    self.content_len
+                ),
+            ));
+        }
+        self.out.write_all(bytes)
+    }
+
+    /// Complete the file: signatures, then the trailer. Returns the output
+    /// and the content's digest.
+    fn finish_raw(mut self, signatures: &[Signature]) -> std::io::Result<(W, Digest)> {
+        if self.written != self.content_len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "content ended at byte {} of {}",
+                    self.written, self.content_len
+                ),
+            ));
+        }
+        let encoded = encode_signatures(signatures);
+        self.trailer.update(&encoded);
+        self.out.write_all(&encoded)?;
+        self.out.write_all(&self.trailer.finalize())?;
+        Ok((self.out, Digest(self.digest.finalize().into())))
+    }
+
+    /// Complete the file and describe it as [`read_artifact`] would, from
+    /// what went through the writer: nothing is read back.
+    pub fn finish(self, signatures: Vec<Signature>) -> Result<(W, ArtifactInfo), ArtifactError> {
+        if signatures.len() > usize::from(MAX_SIGNATURES) {
+            return Err(format_err(format!(
+                "{} signatures; at most {MAX_SIGNATURES} are allowed",
+                signatures.len()
+            )));
+        }
+        let content_len = self.content_len;
+        let head = self.head.clone();
+        let (out, digest) = self
+            .finish_raw(&signatures)
+            .map_err(|e| format_err(format!("cannot write the artifact: {e}")))?;
+        let (len4, manifest) = head
+            .split_first_chunk::<4>()
+            .ok_or_else(|| format_err("truncated: no manifest length"))?;
+        let manifest_len = u32::from_be_bytes(*len4);
+        if manifest_len > MAX_MANIFEST_BYTES || u64::from(manifest_len) + 4 > content_len {
+            return Err(format_err(format!(
+                "manifest length {manifest_len} is out of range"
+            )));
+        }
+        let info = assemble_info(manifest.to_vec(), digest, signatures, content_len)?;
+        Ok((out, info))
+    }
+}
+
+/// The first bytes of a `.hsm` file with `content_len` content bytes.
+fn header(content_len: u64) -> [u8; CONTENT_OFFSET as usize] {
+    let mut header = [0u8; CONTENT_OFFSET as usize];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..].copy_from_slice(&content_len.to_be_bytes());
+    header
 }
 
 /// SHA-256 of a whole file, streamed.

@@ -541,3 +541,147 @@ fn content_received_over_the_wire_gives_the_same_info_as_the_file() {
     let err = content_info(&content, info.digest, too_many).expect_err("too many signatures");
     assert!(err.to_string().contains("at most 16"), "{err}");
 }
+
+/// Feed `content` to a writer in pieces cut at `cuts`.
+fn write_in_pieces<W: std::io::Write>(
+    writer: &mut super::format::ArtifactWriter<W>,
+    content: &[u8],
+    cuts: &[usize],
+) {
+    let mut at = 0;
+    for &cut in cuts.iter().chain([content.len()].iter()) {
+        let cut = cut.min(content.len()).max(at);
+        writer.write_content(&content[at..cut]).expect("write");
+        at = cut;
+    }
+}
+
+#[test]
+fn streaming_writer_writes_the_same_file_and_describes_it_without_reading_back() {
+    use super::format::ArtifactWriter;
+    let f = fixture();
+    let original = std::fs::read(&f.artifact).expect("artifact");
+    let info = read_artifact(&f.artifact).expect("read");
+    let content = super::format::read_content(&f.artifact, &info).expect("content");
+
+    let mut writer = ArtifactWriter::new(Vec::new(), content.len() as u64).expect("new");
+    write_in_pieces(&mut writer, &content, &[1, 3, 5, 200, 201]);
+    assert_eq!(writer.content_written(), content.len() as u64);
+    let (bytes, written) = writer.finish(info.signatures.clone()).expect("finish");
+    assert_eq!(bytes, original, "byte for byte the packed file");
+    assert_eq!(written.digest, info.digest);
+    assert_eq!(written.manifest_text, info.manifest_text);
+    assert_eq!(
+        (written.payload_offset, written.payload_len),
+        (info.payload_offset, info.payload_len)
+    );
+    f.trust.verify(&written, NOW).expect("signatures verify");
+
+    // More than announced is refused, and so is finishing early.
+    let mut writer = ArtifactWriter::new(Vec::new(), 4).expect("new");
+    let err = writer.write_content(&[0; 5]).expect_err("too long");
+    assert!(err.to_string().contains("1 more content bytes"), "{err}");
+    writer.write_content(&[0, 0]).expect("within the length");
+    let err = writer.finish(Vec::new()).expect_err("early");
+    assert!(err.to_string().contains("byte 2 of 4"), "{err}");
+
+    // Malformed manifests are refused with a reason.
+    for (bad, why) in [
+        (vec![0, 0], "no manifest length"),
+        (vec![0, 0, 0, 9, b'x'], "out of range"),
+        (vec![0xff, 0xff, 0xff, 0xff, 0], "out of range"),
+        (vec![0, 0, 0, 2, 0xc3, 0x28], "not valid UTF-8"),
+    ] {
+        let mut writer = ArtifactWriter::new(Vec::new(), bad.len() as u64).expect("new");
+        writer.write_content(&bad).expect("write");
+        let err = writer.finish(Vec::new()).expect_err("malformed");
+        assert!(err.to_string().contains(why), "{bad:?}: {err}");
+    }
+    let writer = ArtifactWriter::new(Vec::new(), content.len() as u64);
+    let mut writer = writer.expect("new");
+    writer.write_content(&content).expect("write");
+    let err = writer
+        .finish(vec![info.signatures[0].clone(); 17])
+        .expect_err("too many signatures");
+    assert!(err.to_string().contains("at most 16"), "{err}");
+}
+
+#[test]
+fn streaming_writer_refuses_to_resume_a_file_of_another_artifact() {
+    use super::format::ArtifactWriter;
+    let mut first = ArtifactWriter::new(Vec::new(), 10).expect("new");
+    first.write_content(&[1, 2, 3]).expect("write");
+    let prefix = first.output().clone();
+    // Another announced length, a cut header, too many content bytes.
+    for (existing, len) in [
+        (prefix.clone(), 11),
+        (prefix[..10].to_vec(), 10),
+        ([prefix.clone(), vec![0; 8]].concat(), 10),
+    ] {
+        let resumed = ArtifactWriter::resume(Vec::new(), Cursor::new(existing), len).expect("io");
+        assert!(resumed.is_none());
+    }
+    let resumed = ArtifactWriter::resume(Vec::new(), Cursor::new(prefix), 10)
+        .expect("io")
+        .expect("a prefix of this artifact");
+    assert_eq!(resumed.content_written(), 3);
+}
+
+proptest! {
+    /// Whatever the content, the pieces it arrives in and where a transfer
+    /// is cut and resumed, the writer produces the file `write_artifact`
+    /// writes and describes it exactly as `read_artifact` does.
+    #[test]
+    fn streaming_writer_matches_write_and_read(
+        manifest_extra in "[a-z ]{0,300}",
+        payload in proptest::collection::vec(any::<u8>(), 0..4096),
+        cuts in proptest::collection::vec(0usize..5000, 0..6),
+        resume_at in proptest::option::of(0usize..5000),
+    ) {
+        use super::format::ArtifactWriter;
+        let manifest = format!("{MANIFEST}description = \"{manifest_extra}\"\n");
+        let content = encode_content(&manifest, &payload);
+        let key = keys::generate().expect("key");
+        let mut unsigned = Vec::new();
+        write_artifact(&mut unsigned, &content, &[]).expect("write");
+        let unsigned_info =
+            read_artifact_from(Cursor::new(&unsigned), unsigned.len() as u64).expect("read");
+        let signature = keys::sign(&unsigned_info, &key, NOW, None);
+        let mut expected = Vec::new();
+        write_artifact(&mut expected, &content, std::slice::from_ref(&signature)).expect("write");
+        let expected_info =
+            read_artifact_from(Cursor::new(&expected), expected.len() as u64).expect("read");
+
+        let len = content.len() as u64;
+        let mut writer = match resume_at {
+            None => ArtifactWriter::new(Vec::new(), len).expect("new"),
+            Some(at) => {
+                // A first writer is cut after `at` bytes; a second one picks
+                // up from what it left on "disk".
+                let at = at.min(content.len());
+                let mut first = ArtifactWriter::new(Vec::new(), len).expect("new");
+                first.write_content(&content[..at]).expect("prefix");
+                let on_disk = first.output().clone();
+                let resumed = ArtifactWriter::resume(on_disk.clone(), Cursor::new(on_disk), len)
+                    .expect("io")
+                    .expect("resumable");
+                prop_assert_eq!(resumed.content_written(), at as u64);
+                resumed
+            }
+        };
+        let mut cuts = cuts;
+        cuts.sort_unstable();
+        let at = writer.content_written() as usize;
+        let cuts: Vec<usize> = cuts.iter().map(|c| (*c).max(at) - at).collect();
+        write_in_pieces(&mut writer, &content[at..], &cuts);
+        let (bytes, info) = writer.finish(vec![signature]).expect("finish");
+        prop_assert_eq!(&bytes, &expected);
+        prop_assert_eq!(info.digest, expected_info.digest);
+        prop_assert_eq!(&info.manifest_text, &expected_info.manifest_text);
+        prop_assert_eq!(&info.signatures, &expected_info.signatures);
+        prop_assert_eq!(
+            (info.content_offset, info.content_len, info.payload_offset, info.payload_len),
+            (expected_info.content_offset, expected_info.content_len, expected_info.payload_offset, expected_info.payload_len)
+        );
+    }
+}
