@@ -20,7 +20,7 @@ declare -A runs=(
     [etcd-fanout]="$bench etcd-fanout --watchers $agents --value-kib 64 --runs 3"
     [restart]="./target/release/hotswap-bench-restart --nodes 100000 --events 100000 --runs 6"
     [decision]="./target/release/hotswap-bench-decision --nodes $agents --runs 3"
-    [artifact]="$bench artifact --agents 50 --runs 5"
+    [artifact]="$bench artifact --agents 1000 --runs 3"
     [swap]="$bench swap --swaps 1000 --runtime both"
 )
 order=(fleet ingest restart fanout etcd-fanout etcd-leases decision artifact swap soak)

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use hotswap_common::artifact::format::{ArtifactWriter, read_artifact};
 use hotswap_common::artifact::keys::{self, TrustSet};
@@ -88,8 +89,13 @@ pub struct Cached {
     pub downloaded: u64,
 }
 
+/// Cheap to clone: clones share the index lock, so file work can move to
+/// blocking threads.
+#[derive(Clone)]
 pub struct ArtifactStore {
     root: PathBuf,
+    /// Serializes read-modify-write of `index.json`.
+    index_lock: Arc<Mutex<()>>,
     trust: TrustSource,
     limits: Limits,
     /// This node's name, for the spans of each step.
@@ -147,6 +153,7 @@ impl ArtifactStore {
         }
         Ok(Self {
             root,
+            index_lock: Arc::default(),
             trust,
             limits,
             node: String::new(),
@@ -184,6 +191,10 @@ impl ArtifactStore {
     }
 
     fn record(&self, name: &str, version: &str, digest: &Digest) -> Result<(), FetchError> {
+        let _guard = self
+            .index_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut index = self.read_index();
         let entry = digest.to_string();
         if index.artifacts.get(&format!("{name}@{version}")) == Some(&entry) {
@@ -287,8 +298,16 @@ impl ArtifactStore {
             node = %self.node,
             source = source,
         );
-        let verified = span.in_scope(|| self.verify_fetched(fetched, name, version, &what));
-        telemetry::record_result(&span, verified)
+        // Hashing a cached file, fsyncs and renames: off the async workers,
+        // so concurrent fetches wait on the disk together, not in turn.
+        let store = self.clone();
+        let (name, version) = (name.to_string(), version.to_string());
+        tokio::task::spawn_blocking(move || {
+            let verified = span.in_scope(|| store.verify_fetched(fetched, &name, &version, &what));
+            telemetry::record_result(&span, verified)
+        })
+        .await
+        .map_err(|e| FetchError::Local(format!("verification stopped: {e}")))?
     }
 
     /// The network part of [`ArtifactStore::fetch`]: what the control plane
@@ -509,9 +528,15 @@ impl ArtifactStore {
             node = %self.node,
             source = "cache",
         );
-        let verified = span.in_scope(|| self.verify_cached(&path, name, version, &trust));
-        let info = telemetry::record_result(&span, verified)?;
-        drop(span);
+        let (store, owned) = (self.clone(), (name.to_string(), version.to_string()));
+        let cache = path.clone();
+        let info = tokio::task::spawn_blocking(move || {
+            let verified =
+                span.in_scope(|| store.verify_cached(&cache, &owned.0, &owned.1, &trust));
+            telemetry::record_result(&span, verified)
+        })
+        .await
+        .map_err(|e| FetchError::Local(format!("verification stopped: {e}")))??;
         let span = tracing::info_span!(
             target: telemetry::TARGET,
             "unpack",
