@@ -44,6 +44,33 @@ pub struct ModuleState {
     pub metrics: Option<MetricsWindow>,
 }
 
+impl ModuleState {
+    /// Equal in everything but the metrics window.
+    fn same_but_metrics(&self, other: &ModuleState) -> bool {
+        let ModuleState {
+            name,
+            version,
+            phase,
+            health,
+            message,
+            staged_version,
+            previous_version,
+            restarts,
+            crash_loop,
+            metrics: _,
+        } = self;
+        *name == other.name
+            && *version == other.version
+            && *phase == other.phase
+            && *health == other.health
+            && *message == other.message
+            && *staged_version == other.staged_version
+            && *previous_version == other.previous_version
+            && *restarts == other.restarts
+            && *crash_loop == other.crash_loop
+    }
+}
+
 /// Node resource usage as last reported.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct NodeUsage {
@@ -540,28 +567,29 @@ impl Registry {
             if session.generation != handle.generation {
                 return;
             }
-            let strip = |m: &ModuleState| ModuleState {
-                metrics: None,
-                ..m.clone()
-            };
+            // Metrics move on every report; only the rest is a change.
             let changed = session.modules.len() != report.modules.len()
                 || session
                     .modules
                     .iter()
                     .zip(&report.modules)
-                    .any(|(a, b)| strip(a) != strip(b))
+                    .any(|(a, b)| !a.same_but_metrics(b))
                 || session.observed_generation != report.observed_generation
                 || session.agent_desired_generation != report.desired_generation;
-            let transitions = module_transitions(&session.modules, &report.modules);
-            session.modules = report.modules.clone();
-            session.usage = report.usage;
-            session.observed_generation = report.observed_generation;
-            session.agent_desired_generation = report.desired_generation;
-            session.last_seen_ms = report.at_ms;
+            let transitions = if changed {
+                module_transitions(&session.modules, &report.modules)
+            } else {
+                Vec::new()
+            };
             if session.history.len() == HISTORY_LEN {
                 session.history.pop_front();
             }
             session.history.push_back(Sample::of(&report));
+            session.modules = report.modules;
+            session.usage = report.usage;
+            session.observed_generation = report.observed_generation;
+            session.agent_desired_generation = report.desired_generation;
+            session.last_seen_ms = report.at_ms;
             if !changed {
                 return;
             }
@@ -804,5 +832,56 @@ impl Registry {
     /// "removed" from "replaced").
     pub fn exists(&self, node_id: &str) -> bool {
         matches!(self.store.get_node(node_id), Ok(Some(_)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn module() -> ModuleState {
+        ModuleState {
+            name: "web".into(),
+            version: "1.0.0".into(),
+            phase: "active".into(),
+            health: "healthy".into(),
+            message: String::new(),
+            staged_version: String::new(),
+            previous_version: "0.9.0".into(),
+            restarts: 0,
+            crash_loop: false,
+            metrics: None,
+        }
+    }
+
+    #[test]
+    fn a_report_that_only_moves_metrics_is_not_a_change() {
+        let base = module();
+        let mut metrics_only = module();
+        metrics_only.metrics = Some(MetricsWindow {
+            request_rate: 10.0,
+            error_rate: 0.5,
+            latency_p99_seconds: Some(0.2),
+        });
+        assert!(base.same_but_metrics(&metrics_only));
+        assert!(metrics_only.same_but_metrics(&base));
+
+        let edits: [(&str, fn(&mut ModuleState)); 9] = [
+            ("name", |m| m.name.push('x')),
+            ("version", |m| m.version = "1.0.1".into()),
+            ("phase", |m| m.phase = "swapping".into()),
+            ("health", |m| m.health = "unhealthy".into()),
+            ("message", |m| m.message = "probe failed".into()),
+            ("staged", |m| m.staged_version = "2.0.0".into()),
+            ("previous", |m| m.previous_version.clear()),
+            ("restarts", |m| m.restarts += 1),
+            ("crash loop", |m| m.crash_loop = true),
+        ];
+        for (field, edit) in edits {
+            let mut other = module();
+            edit(&mut other);
+            assert!(!base.same_but_metrics(&other), "{field} is a change");
+            assert!(!other.same_but_metrics(&base), "{field} is a change");
+        }
     }
 }

@@ -197,6 +197,11 @@ impl pb::agent_session_server::AgentSession for SessionService {
 }
 
 /// Serve one session until it ends; returns why it ended.
+///
+/// The loop keeps its cancellation waiters and its deadline timer across
+/// messages instead of creating and dropping a timer and two waiters for
+/// every message (they showed in the control plane's profile at 20k
+/// reports/s).
 async fn drive(
     ctx: &Context,
     handle: &mut SessionHandle,
@@ -204,6 +209,12 @@ async fn drive(
     tx: &mpsc::Sender<Result<pb::ControlMessage, Status>>,
 ) -> String {
     let grace = ctx.settings.heartbeat_grace;
+    let shutdown = ctx.shutdown.clone().cancelled_owned();
+    let cancelled = handle.cancel.clone().cancelled_owned();
+    // Fires at the last message plus the grace; re-armed only when it fires.
+    let mut last_heard = tokio::time::Instant::now();
+    let deadline = tokio::time::sleep(grace);
+    tokio::pin!(shutdown, cancelled, deadline);
     // The current desired state goes out first, then on every change.
     handle.desired.mark_changed();
     loop {
@@ -219,11 +230,11 @@ async fn drive(
                 }
                 continue;
             }
-            _ = ctx.shutdown.cancelled() => {
+            _ = &mut shutdown => {
                 let _ = tx.send(Err(Status::unavailable("control plane is shutting down"))).await;
                 return "control plane shutting down".into();
             }
-            _ = handle.cancel.cancelled() => {
+            _ = &mut cancelled => {
                 if ctx.registry.exists(&handle.node_id) {
                     return "replaced by a newer session".into();
                 }
@@ -235,14 +246,23 @@ async fn drive(
                     .await;
                 return "node removed".into();
             }
-            next = tokio::time::timeout(grace, inbound.message()) => next,
+            _ = &mut deadline => {
+                let expires = last_heard + grace;
+                if tokio::time::Instant::now() < expires {
+                    deadline.as_mut().reset(expires);
+                    continue;
+                }
+                Err(())
+            }
+            next = inbound.message() => Ok(next),
         };
         let message = match next {
-            Err(_) => return format!("no heartbeat within {}s", grace.as_secs_f64()),
+            Err(()) => return format!("no heartbeat within {}s", grace.as_secs_f64()),
             Ok(Ok(None)) => return "agent closed the stream".into(),
             Ok(Err(status)) => return format!("stream error: {}", status.message()),
             Ok(Ok(Some(message))) => message,
         };
+        last_heard = tokio::time::Instant::now();
         match message.msg {
             Some(AgentMsg::Heartbeat(heartbeat)) => {
                 if !ctx.registry.heartbeat(handle) {
