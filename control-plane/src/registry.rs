@@ -866,7 +866,8 @@ mod tests {
         assert!(base.same_but_metrics(&metrics_only));
         assert!(metrics_only.same_but_metrics(&base));
 
-        let edits: [(&str, fn(&mut ModuleState)); 9] = [
+        type Edit = fn(&mut ModuleState);
+        let edits: [(&str, Edit); 9] = [
             ("name", |m| m.name.push('x')),
             ("version", |m| m.version = "1.0.1".into()),
             ("phase", |m| m.phase = "swapping".into()),
