@@ -262,16 +262,6 @@ fn scan<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<Ve
         .collect()
 }
 
-/// Key of track `index` of deployment `id`: ids never contain a NUL byte,
-/// so a deployment's tracks sort right after its header, in index order.
-fn track_key(id: &str, index: usize) -> Vec<u8> {
-    let mut key = Vec::with_capacity(id.len() + 9);
-    key.extend_from_slice(id.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&(index as u64).to_be_bytes());
-    key
-}
-
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own plain structs to JSON cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
@@ -688,69 +678,28 @@ impl Store {
         Ok(result.unwrap_or_default())
     }
 
-    /// Store a deployment in parts, without flushing (durable with the next
-    /// flush): its header (the record without its node tracks) under `id`,
-    /// and each track given under `id \0 index`. Header and tracks go in one
-    /// atomic batch, so a crash leaves either all of them or none. Writing
-    /// only the tracks a step changed keeps a commit of a 10k-node
-    /// deployment small; [`Store::list_deployments`] puts the parts back
-    /// together.
-    pub fn put_deployment_unflushed<H: Serialize, T: Serialize>(
+    /// Store a deployment (any serializable form) under its id, durably.
+    pub async fn put_deployment<T: Serialize>(
         &self,
         id: &str,
-        header: &H,
-        tracks: impl IntoIterator<Item = (usize, T)>,
+        deployment: &T,
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(id.as_bytes(), encode(header));
-        for (index, track) in tracks {
-            batch.insert(track_key(id, index), encode(&track));
-        }
-        self.deployments.apply_batch(batch)?;
+        self.put_deployment_unflushed(id, deployment)?;
+        self.flush().await
+    }
+
+    /// Store a deployment without flushing; durable with the next flush.
+    pub fn put_deployment_unflushed<T: Serialize>(
+        &self,
+        id: &str,
+        deployment: &T,
+    ) -> Result<(), StoreError> {
+        self.deployments.insert(id.as_bytes(), encode(deployment))?;
         Ok(())
     }
 
-    /// Every stored deployment: its header and its tracks in index order
-    /// (empty for a record written whole, before deployments were stored in
-    /// parts; its header then holds the tracks).
-    pub fn list_deployments<H: DeserializeOwned, T: DeserializeOwned>(
-        &self,
-    ) -> Result<Vec<(H, Vec<T>)>, StoreError> {
-        let mut all: Vec<(H, Vec<T>)> = Vec::new();
-        let mut current: Option<String> = None;
-        for entry in self.deployments.iter() {
-            let (key, value) = entry?;
-            let corrupt = |reason: String| StoreError::Corrupt {
-                tree: DEPLOYMENTS,
-                key: String::from_utf8_lossy(&key).into_owned(),
-                reason,
-            };
-            match key.iter().position(|b| *b == 0) {
-                None => {
-                    all.push((decode(DEPLOYMENTS, &key, &value)?, Vec::new()));
-                    current = Some(String::from_utf8_lossy(&key).into_owned());
-                }
-                Some(split) => {
-                    // Keys sort header first, then its tracks by index.
-                    let owner = String::from_utf8_lossy(&key[..split]);
-                    let index = <[u8; 8]>::try_from(&key[split + 1..])
-                        .map(u64::from_be_bytes)
-                        .map_err(|_| corrupt("malformed track key".into()))?;
-                    let tracks = match (&current, all.last_mut()) {
-                        (Some(id), Some((_, tracks))) if *id == owner => tracks,
-                        _ => return Err(corrupt("track without its deployment".into())),
-                    };
-                    if index != tracks.len() as u64 {
-                        return Err(corrupt(format!(
-                            "track {index} where track {} was expected",
-                            tracks.len()
-                        )));
-                    }
-                    tracks.push(decode(DEPLOYMENTS, &key, &value)?);
-                }
-            }
-        }
-        Ok(all)
+    pub fn list_deployments<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        scan(&self.deployments, DEPLOYMENTS)
     }
 
     pub async fn put_pipeline<T: Serialize>(
@@ -782,42 +731,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn deployment_parts_that_do_not_fit_together_are_reported_as_corrupt() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
-        let header = serde_json::json!({"id": "d-1"});
-        store
-            .put_deployment_unflushed("d-1", &header, [(0, "a"), (1, "b")])
-            .expect("write");
-        let all: Vec<(serde_json::Value, Vec<String>)> = store.list_deployments().expect("list");
-        assert_eq!(all, vec![(header.clone(), vec!["a".into(), "b".into()])]);
-
-        // A gap in the tracks.
-        store
-            .put_deployment_unflushed("d-2", &header, [(0, "a"), (2, "c")])
-            .expect("write");
-        let err = store
-            .list_deployments::<serde_json::Value, String>()
-            .expect_err("gap");
-        assert!(
-            err.to_string()
-                .contains("track 2 where track 1 was expected"),
-            "{err}"
-        );
-        store
-            .deployments
-            .remove(track_key("d-2", 2))
-            .expect("remove");
-
-        // A track whose header is gone.
-        store.deployments.remove("d-2").expect("remove");
-        let err = store
-            .list_deployments::<serde_json::Value, String>()
-            .expect_err("orphan");
-        assert!(err.to_string().contains("without its deployment"), "{err}");
-    }
 
     fn token(uses: u32, expires_at_ms: u64) -> TokenRecord {
         TokenRecord {

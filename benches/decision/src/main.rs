@@ -957,27 +957,14 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
         serialize.push(t.elapsed().as_secs_f64() * 1e3);
     }
 
-    // What a commit writes: the header and the tracks this step changed, in
-    // one batch, then a flush.
     let mut put = Vec::new();
-    let mut tracks_written = 0;
     for _ in 0..reps {
-        let mut record = next.clone();
-        tracks_written = record
-            .deployment
-            .nodes
-            .iter()
-            .zip(&running.deployment.nodes)
-            .filter(|(now, was)| !now.same_but_last_seen(was))
-            .count();
         let t = Instant::now();
-        hotswap_control_plane::deploy::engine::persist(
-            &fleet.store,
-            Some(&running.deployment),
-            &mut record,
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        fleet.store.flush().await?;
+        fleet
+            .store
+            .put_deployment("bench-profile", &next)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         put.push(t.elapsed().as_secs_f64() * 1e3);
     }
 
@@ -1120,7 +1107,6 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
         "deployment_record_json_bytes": bytes,
         "deployment_serialize_ms": serialize_ms,
         "put_deployment_with_flush_ms": put_ms,
-        "put_deployment_tracks_written": tracks_written,
         "small_put_with_flush_ms": median(small_flush),
         "set_desired_modules_one_wave_ms": set_ms,
         "set_desired_modules_wave_nodes": wave.len(),

@@ -8,7 +8,7 @@
 //! action lost to a crash between persisting and acting is carried out then;
 //! setting an unchanged desired state swaps nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,14 +20,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::machine::{
     Action, Aggregate, Analysis, BatchSize, Control, Deployment, Input, NodeReport, NodeState,
-    NodeTrack, Reports, Spec, State, Strategy, Thresholds, plan_waves,
+    Reports, Spec, State, Strategy, Thresholds, plan_waves,
 };
 use crate::clock::now_ms;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::events::Event;
 use crate::registry::{DesiredChange, Registry};
-use crate::store::{DesiredModuleRecord, Store};
+use crate::store::DesiredModuleRecord;
 
 /// A deployment as stored: identity plus the machine's state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,11 +105,18 @@ pub struct Engine {
     deployments: Mutex<BTreeMap<String, DeploymentRecord>>,
     pipelines: Mutex<BTreeMap<String, PipelineRecord>>,
     updates: broadcast::Sender<DeploymentRecord>,
+    /// When each active deployment was last written by `step_all`.
+    persisted_at: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// How often active deployments are re-evaluated without any node change
 /// (holds, bakes and deadlines are time-driven).
 const TICK: Duration = Duration::from_millis(500);
+
+/// Longest a step that only refreshed healthy nodes' last-seen times stays
+/// unwritten. After a restart the silence rule may time a node from up to
+/// this much earlier than it was really last seen.
+const LAST_SEEN_PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 fn parse_batch(text: &str) -> Result<BatchSize, ApiError> {
     let bad = || {
@@ -135,8 +142,13 @@ fn parse_batch(text: &str) -> Result<BatchSize, ApiError> {
 
 impl Engine {
     pub fn new(registry: Arc<Registry>, settings: Settings) -> Result<Arc<Self>, ApiError> {
-        let records = load_deployments(registry.store())?;
+        let records: Vec<DeploymentRecord> = registry.store().list_deployments()?;
         let pipelines: Vec<PipelineRecord> = registry.store().list_pipelines()?;
+        // Deadlines and holds continue from the recorded times, whatever the
+        // wall clock did while the control plane was down.
+        if let Some(latest) = records.iter().map(|r| r.deployment.latest_ms()).max() {
+            crate::clock::raise_floor(latest);
+        }
         let (updates, _) = broadcast::channel(1024);
         Ok(Arc::new(Self {
             registry,
@@ -144,6 +156,7 @@ impl Engine {
             deployments: Mutex::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
             pipelines: Mutex::new(pipelines.into_iter().map(|p| (p.id.clone(), p)).collect()),
             updates,
+            persisted_at: std::sync::Mutex::new(HashMap::new()),
         }))
     }
 
@@ -500,25 +513,40 @@ impl Engine {
             if next == record.deployment {
                 continue;
             }
-            // Healthy nodes' last-seen times move on every step and are never
-            // written for their own sake (see `load_deployments`): a step
-            // that only refreshed them stays in memory.
-            let memory_only =
-                actions.is_empty() && next.differs_only_in_last_seen(&record.deployment);
-            let mut updated = DeploymentRecord {
+            // Healthy nodes' last-seen times move on every step; writing a
+            // 10k-node record for that alone would be most of the engine's
+            // work. They are kept in memory and written with the next real
+            // change, or at least every LAST_SEEN_PERSIST_EVERY.
+            let persist_last_seen = {
+                let persisted = self.persisted_at.lock().unwrap_or_else(|p| p.into_inner());
+                persisted
+                    .get(&id)
+                    .is_none_or(|at| at.elapsed() >= LAST_SEEN_PERSIST_EVERY)
+            };
+            let memory_only = actions.is_empty()
+                && !persist_last_seen
+                && next.differs_only_in_last_seen(&record.deployment);
+            let updated = DeploymentRecord {
                 deployment: next,
                 id: record.id.clone(),
                 environment: record.environment.clone(),
                 selector: record.selector.clone(),
                 traceparent: record.traceparent.clone(),
             };
-            if !memory_only
-                && let Err(e) = self
-                    .commit(Some(&record.deployment), &mut updated, &actions)
+            if !memory_only {
+                if let Err(e) = self
+                    .commit(Some(&record.deployment), &updated, &actions)
                     .await
-            {
-                tracing::error!(deployment = %id, error = %e, "cannot persist deployment; its actions are not carried out");
-                continue;
+                {
+                    tracing::error!(deployment = %id, error = %e, "cannot persist deployment; its actions are not carried out");
+                    continue;
+                }
+                let mut persisted = self.persisted_at.lock().unwrap_or_else(|p| p.into_inner());
+                if updated.deployment.state.is_terminal() {
+                    persisted.remove(&id);
+                } else {
+                    persisted.insert(id.clone(), std::time::Instant::now());
+                }
             }
             deployments.insert(id, updated);
         }
@@ -530,7 +558,7 @@ impl Engine {
     async fn commit(
         &self,
         previous: Option<&Deployment>,
-        record: &mut DeploymentRecord,
+        record: &DeploymentRecord,
         actions: &[Action],
     ) -> Result<(), ApiError> {
         let metrics = self.registry.metrics();
@@ -546,7 +574,7 @@ impl Engine {
         }
         let changes = self.node_changes(record, actions)?;
         let store = self.registry.store();
-        persist(store, previous, record)?;
+        store.put_deployment_unflushed(&record.id, record)?;
         let written = self.registry.write_desired(&changes)?;
         store.flush().await?;
         if let Err(e) = self.registry.push_desired(&changes, &written) {
@@ -996,14 +1024,14 @@ impl Engine {
         );
         let traceparent = telemetry::traceparent_of(&root);
         drop(root);
-        let mut record = DeploymentRecord {
+        let record = DeploymentRecord {
             id: id.clone(),
             environment: request.environment.clone(),
             deployment,
             selector: request.selector.clone(),
             traceparent,
         };
-        self.commit(None, &mut record, &actions).await?;
+        self.commit(None, &record, &actions).await?;
         tracing::info!(deployment = %id, module = %request.module, version = %request.version, environment = %request.environment, strategy = record.deployment.spec.strategy.name(), user = %user, "deployment created");
         deployments.insert(id, record.clone());
         Ok((Some(record), plan))
@@ -1021,11 +1049,11 @@ impl Engine {
             .step(now_ms(), &Input::Control(control))
             .map_err(|e| ApiError::FailedPrecondition(format!("deployment {id}: {e}")))?;
         let previous = record.deployment.clone();
-        let mut updated = DeploymentRecord {
+        let updated = DeploymentRecord {
             deployment: next,
             ..record
         };
-        self.commit(Some(&previous), &mut updated, &actions).await?;
+        self.commit(Some(&previous), &updated, &actions).await?;
         deployments.insert(id.to_string(), updated.clone());
         Ok(updated)
     }
@@ -1033,70 +1061,6 @@ impl Engine {
 
 /// When `actions` start a wave: a span for it, a child of the deployment's,
 /// and its context.
-/// Write `record` without flushing: its header and the tracks that changed
-/// since `previous` (all of them for a new record). A healthy node whose
-/// last-seen time alone moved is not a change.
-pub fn persist(
-    store: &Store,
-    previous: Option<&Deployment>,
-    record: &mut DeploymentRecord,
-) -> Result<(), ApiError> {
-    let nodes = std::mem::take(&mut record.deployment.nodes);
-    let changed: Vec<(usize, &NodeTrack)> = match previous {
-        Some(before) if before.nodes.len() == nodes.len() => nodes
-            .iter()
-            .zip(&before.nodes)
-            .enumerate()
-            .filter(|(_, (now, was))| !now.same_but_last_seen(was))
-            .map(|(i, (now, _))| (i, now))
-            .collect(),
-        _ => nodes.iter().enumerate().collect(),
-    };
-    let written = store.put_deployment_unflushed(&record.id, &*record, changed);
-    record.deployment.nodes = nodes;
-    Ok(written?)
-}
-
-/// Every stored deployment, whole. Records written whole by earlier
-/// versions are rewritten in parts (unflushed; either form loads).
-///
-/// Last-seen times of healthy nodes are not kept up to date on disk, so in
-/// an active deployment they start from the load: the silence rule times a
-/// healthy node from when this control plane could first have seen it, not
-/// from an old write (which would call every healthy node lost the moment a
-/// control plane came back after a long rollout).
-fn load_deployments(store: &Store) -> Result<Vec<DeploymentRecord>, ApiError> {
-    let mut records = Vec::new();
-    for (mut record, tracks) in store.list_deployments::<DeploymentRecord, NodeTrack>()? {
-        if !tracks.is_empty() {
-            record.deployment.nodes = tracks;
-        } else if !record.deployment.nodes.is_empty() {
-            persist(store, None, &mut record)?;
-        }
-        records.push(record);
-    }
-    // Deadlines and holds continue from the recorded times, whatever the
-    // wall clock did while the control plane was down.
-    if let Some(latest) = records.iter().map(|r| r.deployment.latest_ms()).max() {
-        crate::clock::raise_floor(latest);
-    }
-    let now = now_ms();
-    for record in records
-        .iter_mut()
-        .filter(|r| !r.deployment.state.is_terminal())
-    {
-        for track in record
-            .deployment
-            .nodes
-            .iter_mut()
-            .filter(|t| t.state == NodeState::Healthy)
-        {
-            track.since_ms = track.since_ms.max(now);
-        }
-    }
-    Ok(records)
-}
-
 fn wave_traceparent(record: &DeploymentRecord, actions: &[Action]) -> Option<String> {
     if record.traceparent.is_empty() {
         return None;
@@ -1279,120 +1243,5 @@ fn plan_view(deployment: &Deployment) -> PlanView {
                 )
             })
             .collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(nodes: usize) -> DeploymentRecord {
-        let spec = Spec {
-            module: "web".into(),
-            version: "2.0.0".into(),
-            strategy: Strategy::Direct,
-            max_failures: 0,
-            health_deadline_ms: 10_000,
-            progress_deadline_ms: 60_000,
-            auto_rollback: true,
-            require_approval: false,
-            approval_timeout_ms: 0,
-            created_by: "alice".into(),
-            thresholds: Thresholds::default(),
-        };
-        let targets = (0..nodes)
-            .map(|i| (format!("n{i}"), format!("node-{i:03}"), "1.0.0".into()))
-            .collect();
-        let (deployment, _) = Deployment::new(spec, targets, 1_000);
-        DeploymentRecord {
-            id: "d-0123456789".into(),
-            environment: "qa".into(),
-            deployment,
-            selector: Labels::new(),
-            traceparent: String::new(),
-        }
-    }
-
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
-        (dir, store)
-    }
-
-    #[tokio::test]
-    async fn a_commit_writes_the_changed_tracks_and_a_load_puts_them_back() {
-        let (_dir, store) = store();
-        let mut current = record(50);
-        persist(&store, None, &mut current).expect("create");
-        assert_eq!(current.deployment.nodes.len(), 50, "tracks are put back");
-
-        // Node 5 becomes healthy: a change.
-        let previous = current.deployment.clone();
-        current.deployment.nodes[5].state = NodeState::Healthy;
-        current.deployment.nodes[5].since_ms = 2_000;
-        persist(&store, Some(&previous), &mut current).expect("step");
-
-        // Node 3 moves on, node 5's last-seen time alone is refreshed, and
-        // the deployment ends.
-        let previous = current.deployment.clone();
-        current.deployment.nodes[3].state = NodeState::Updating;
-        current.deployment.nodes[3].reason = "asked to switch".into();
-        current.deployment.nodes[5].since_ms = 9_000;
-        current.deployment.state = State::Succeeded;
-        current.deployment.finished_ms = Some(9_000);
-        persist(&store, Some(&previous), &mut current).expect("step");
-        store.flush().await.expect("flush");
-
-        let loaded = load_deployments(&store).expect("load");
-        assert_eq!(loaded.len(), 1);
-        let mut expected = current.clone();
-        // The refresh alone was not written: the load has the time of the
-        // last real change of that track.
-        expected.deployment.nodes[5].since_ms = 2_000;
-        assert_eq!(loaded[0], expected);
-    }
-
-    #[tokio::test]
-    async fn healthy_nodes_of_an_active_deployment_are_timed_from_the_load() {
-        let (_dir, store) = store();
-        let mut current = record(3);
-        current.deployment.state = State::Running;
-        current.deployment.nodes[0].state = NodeState::Healthy;
-        current.deployment.nodes[0].since_ms = 2_000;
-        current.deployment.nodes[1].state = NodeState::Updating;
-        current.deployment.nodes[1].since_ms = 2_000;
-        persist(&store, None, &mut current).expect("create");
-        store.flush().await.expect("flush");
-        let before = now_ms();
-        let loaded = load_deployments(&store).expect("load");
-        let nodes = &loaded[0].deployment.nodes;
-        assert!(
-            nodes[0].since_ms >= before,
-            "healthy: silence timed from the load"
-        );
-        assert_eq!(nodes[1].since_ms, 2_000, "updating: its deadline runs on");
-    }
-
-    #[tokio::test]
-    async fn records_written_whole_load_and_are_rewritten_in_parts() {
-        let (_dir, store) = store();
-        let mut whole = record(4);
-        whole.deployment.state = State::Failed;
-        // The earlier format: everything under the id, no track keys.
-        store
-            .put_deployment_unflushed(&whole.id, &whole, std::iter::empty::<(usize, NodeTrack)>())
-            .expect("write whole");
-        let loaded = load_deployments(&store).expect("load");
-        assert_eq!(loaded, vec![whole.clone()]);
-        let parts = store
-            .list_deployments::<DeploymentRecord, NodeTrack>()
-            .expect("list");
-        assert_eq!(parts.len(), 1);
-        assert!(
-            parts[0].0.deployment.nodes.is_empty(),
-            "header without tracks"
-        );
-        assert_eq!(parts[0].1, whole.deployment.nodes);
-        assert_eq!(load_deployments(&store).expect("again"), vec![whole]);
     }
 }

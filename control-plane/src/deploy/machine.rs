@@ -180,33 +180,6 @@ pub struct NodeTrack {
     pub touched: bool,
 }
 
-impl NodeTrack {
-    /// Equal, or both healthy and apart only in the last-seen time
-    /// (`since_ms`), which the machine refreshes on every step.
-    pub fn same_but_last_seen(&self, other: &NodeTrack) -> bool {
-        let NodeTrack {
-            node,
-            name,
-            from_version,
-            state,
-            since_ms,
-            reason,
-            wave,
-            touched,
-        } = self;
-        let times_agree = *since_ms == other.since_ms
-            || (*state == NodeState::Healthy && other.state == NodeState::Healthy);
-        times_agree
-            && *state == other.state
-            && *wave == other.wave
-            && *touched == other.touched
-            && *node == other.node
-            && *name == other.name
-            && *from_version == other.from_version
-            && *reason == other.reason
-    }
-}
-
 /// What a node reports, as the engine sees it at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeReport {

@@ -3464,39 +3464,3 @@ fn a_step_that_only_refreshes_last_seen_is_recognised_and_left_intact() {
     other_node.nodes[1].reason = "changed".into();
     assert!(!other_node.differs_only_in_last_seen(&healthy));
 }
-
-#[test]
-fn a_track_is_unchanged_when_only_a_healthy_nodes_last_seen_time_moved() {
-    let (deployment, _) = Deployment::new(spec(Strategy::Direct), targets(&["1.0.0"]), 1_000);
-    let mut base = deployment.nodes[0].clone();
-    base.state = NodeState::Healthy;
-    let mut refreshed = base.clone();
-    refreshed.since_ms += 500;
-    assert!(refreshed.same_but_last_seen(&base));
-    assert!(base.same_but_last_seen(&base.clone()));
-
-    // The same time change on a node that is not healthy on both sides is a change.
-    let mut updating = base.clone();
-    updating.state = NodeState::Updating;
-    let mut later = updating.clone();
-    later.since_ms += 500;
-    assert!(!later.same_but_last_seen(&updating));
-    assert!(!refreshed.same_but_last_seen(&updating));
-
-    type Edit = fn(&mut NodeTrack);
-    let edits: [(&str, Edit); 7] = [
-        ("node", |t| t.node.push('x')),
-        ("name", |t| t.name.push('x')),
-        ("from", |t| t.from_version = "0.1.0".into()),
-        ("state", |t| t.state = NodeState::Failed),
-        ("reason", |t| t.reason = "why".into()),
-        ("wave", |t| t.wave += 1),
-        ("touched", |t| t.touched = !t.touched),
-    ];
-    for (field, edit) in edits {
-        let mut other = base.clone();
-        edit(&mut other);
-        assert!(!other.same_but_last_seen(&base), "{field}");
-        assert!(!base.same_but_last_seen(&other), "{field}");
-    }
-}
