@@ -195,6 +195,11 @@ pub struct Registry {
     /// Increases with every session attached (the engine looks for late joiners then).
     attaches: AtomicU64,
     events: EventLog,
+    /// Wakes the deployment engine after any node change; changes while it
+    /// is busy collapse into one wake-up.
+    wake: tokio::sync::Notify,
+    /// Node changes announced so far (the engine's wake-ups' cause).
+    changes: AtomicU64,
 }
 
 /// One desired-state change: node id, module, and the new entry (`None`
@@ -272,6 +277,8 @@ impl Registry {
             generations: AtomicU64::new(1),
             total_nodes: AtomicU64::new(total),
             attaches: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+            changes: AtomicU64::new(0),
             events: EventLog::open(&store_for_events, DEFAULT_EVENT_RETENTION)?
                 .counting(appended, stored),
         });
@@ -334,12 +341,40 @@ impl Registry {
     }
 
     fn publish(&self, change: NodeChange) {
+        self.announce(1);
         // No receivers is fine: nobody is watching.
         let _ = self.updates.send(change);
     }
 
+    /// Count `count` node changes and wake the engine, without building
+    /// their states for watchers (see [`Registry::watched`]).
+    fn announce(&self, count: u64) {
+        self.changes.fetch_add(count, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Whether anyone follows node changes (`nodes watch`). A node's full
+    /// state costs a storage read and copies of its modules and desired
+    /// state, so hot paths build it only for watchers.
+    fn watched(&self) -> bool {
+        self.updates.receiver_count() > 0
+    }
+
+    /// Follow node changes with their states.
     pub fn subscribe(&self) -> broadcast::Receiver<NodeChange> {
         self.updates.subscribe()
+    }
+
+    /// Resolves after a node change (at once if one happened since the last
+    /// call returned). For the deployment engine, its only caller: a wave of
+    /// N reports wakes it once, however many arrived while it worked.
+    pub async fn changed(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Node changes announced so far.
+    pub fn changes_announced(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     /// Every node, optionally only those of one environment, sorted by name.
@@ -481,11 +516,14 @@ impl Registry {
                 previous.cancel.cancel();
             }
             self.update_gauges(&live);
-            self.state_of(record.clone(), &live)
+            self.watched().then(|| self.state_of(record.clone(), &live))
         };
         self.metrics.sessions_opened.inc();
         self.attaches.fetch_add(1, Ordering::Relaxed);
-        self.publish(NodeChange::Changed(state));
+        match state {
+            Some(state) => self.publish(NodeChange::Changed(state)),
+            None => self.announce(1),
+        }
         Ok(SessionHandle {
             node_id: node_id.to_string(),
             generation,
@@ -598,12 +636,15 @@ impl Registry {
                     for event in transitions {
                         self.events.append(event.node(&record.name));
                     }
-                    self.state_of(record, &live)
+                    self.watched().then(|| self.state_of(record, &live))
                 }
                 _ => return,
             }
         };
-        self.publish(NodeChange::Changed(state));
+        match state {
+            Some(state) => self.publish(NodeChange::Changed(state)),
+            None => self.announce(1),
+        }
     }
 
     /// How many sessions were attached so far.
@@ -672,7 +713,8 @@ impl Registry {
         }
         let written = self.write_desired(changes)?;
         self.store.flush().await?;
-        self.push_desired(changes, &written)
+        self.hand_over_desired(changes, &written);
+        self.publish_states(changes)
     }
 
     /// The nodes of `changes` that are not enrolled (removed meanwhile).
@@ -724,22 +766,34 @@ impl Registry {
         &self,
         changes: &[DesiredChange],
         written: &[DesiredRecord],
-    ) -> Result<Vec<NodeState>, ApiError> {
-        // Tell the agents first, then do the bookkeeping for watchers.
-        {
-            let live = self.lock_live();
-            for ((node_id, _, _), record) in changes.iter().zip(written) {
-                if let Some(session) = live.get(node_id) {
-                    session.desired.send_if_modified(|current| {
-                        if current.generation == record.generation {
-                            return false;
-                        }
-                        *current = record.clone();
-                        true
-                    });
-                }
+    ) -> Result<(), ApiError> {
+        self.hand_over_desired(changes, written);
+        if self.watched() {
+            self.publish_states(changes)?;
+        } else {
+            self.announce(changes.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Give each connected node of `changes` its record from `written`.
+    fn hand_over_desired(&self, changes: &[DesiredChange], written: &[DesiredRecord]) {
+        let live = self.lock_live();
+        for ((node_id, _, _), record) in changes.iter().zip(written) {
+            if let Some(session) = live.get(node_id) {
+                session.desired.send_if_modified(|current| {
+                    if current.generation == record.generation {
+                        return false;
+                    }
+                    *current = record.clone();
+                    true
+                });
             }
         }
+    }
+
+    /// The states of the nodes of `changes`, each also told to watchers.
+    fn publish_states(&self, changes: &[DesiredChange]) -> Result<Vec<NodeState>, ApiError> {
         let mut states = Vec::with_capacity(changes.len());
         {
             let live = self.lock_live();
@@ -779,8 +833,12 @@ impl Registry {
                 if let Err(e) = self.store.put_node(&record).await {
                     tracing::warn!(node = %handle.node_id, error = %e, "could not persist last-seen time");
                 }
-                let state = self.state_of(record, &self.lock_live());
-                self.publish(NodeChange::Changed(state));
+                if self.watched() {
+                    let state = self.state_of(record, &self.lock_live());
+                    self.publish(NodeChange::Changed(state));
+                } else {
+                    self.announce(1);
+                }
             }
             Ok(None) => {}
             Err(e) => {
@@ -838,6 +896,40 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn node_changes_wake_the_engine_once_and_build_states_only_for_watchers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        let (metrics, _) = Metrics::new();
+        let registry = Registry::new(store, Arc::new(metrics)).expect("registry");
+        let change = |node: &str| (node.to_string(), "web".to_string(), None);
+        let quiet = std::time::Duration::from_millis(50);
+
+        // Nobody watching: counted, one wake-up for two changes.
+        assert!(!registry.watched());
+        registry
+            .push_desired(&[change("a"), change("b")], &vec![DesiredRecord::default(); 2])
+            .expect("push");
+        assert_eq!(registry.changes_announced(), 2);
+        tokio::time::timeout(quiet, registry.changed())
+            .await
+            .expect("a change wakes the engine");
+        assert!(
+            tokio::time::timeout(quiet, registry.changed()).await.is_err(),
+            "changes made while it was awake are one wake-up"
+        );
+
+        // With a watcher, states are built from the node records: a node
+        // that is not enrolled has none, so nothing is told.
+        let mut watcher = registry.subscribe();
+        assert!(registry.watched());
+        registry
+            .push_desired(&[change("a")], &[DesiredRecord::default()])
+            .expect("push");
+        assert_eq!(registry.changes_announced(), 2);
+        assert!(watcher.try_recv().is_err());
+    }
 
     fn module() -> ModuleState {
         ModuleState {

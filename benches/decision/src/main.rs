@@ -40,7 +40,7 @@ use hotswap_control_plane::deploy::machine::{
     BatchSize, Input, NodeState, State, Strategy, plan_waves,
 };
 use hotswap_control_plane::metrics::Metrics;
-use hotswap_control_plane::registry::{ModuleState, NodeChange, Registry, Report, SessionHandle};
+use hotswap_control_plane::registry::{ModuleState, Registry, Report, SessionHandle};
 use hotswap_control_plane::service::enrollment::token_hash;
 use hotswap_control_plane::store::{
     ArtifactRecord, DesiredModuleRecord, KeyRecord, NodeRecord, SignatureRecord, Store, TokenRecord,
@@ -303,8 +303,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[derive(Default)]
 struct Counters {
-    node_changes: AtomicU64,
-    node_changes_lagged: AtomicU64,
     commits: AtomicU64,
     commits_lagged: AtomicU64,
     /// Every persisted transition as the engine announced it (after its
@@ -312,22 +310,10 @@ struct Counters {
     commit_log: Mutex<Vec<(u64, String, usize, State)>>,
 }
 
-fn spawn_counters(registry: &Registry, engine: &Engine, counters: Arc<Counters>) {
-    let mut changes = registry.subscribe();
-    let c = counters.clone();
-    tokio::spawn(async move {
-        loop {
-            match changes.recv().await {
-                Ok(NodeChange::Changed(_) | NodeChange::Removed(_)) => {
-                    c.node_changes.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(RecvError::Lagged(n)) => {
-                    c.node_changes_lagged.fetch_add(n, Ordering::Relaxed);
-                }
-                Err(RecvError::Closed) => return,
-            }
-        }
-    });
+/// Node changes are not followed here: the registry counts them itself
+/// (`changes_announced`), and a subscriber would make every change build a
+/// full node state, which a control plane with nobody watching does not do.
+fn spawn_counters(engine: &Engine, counters: Arc<Counters>) {
     let mut commits = engine.subscribe();
     tokio::spawn(async move {
         loop {
@@ -709,7 +695,7 @@ async fn decision_run(
     version: &str,
 ) -> anyhow::Result<DecisionRun> {
     sim.take_log();
-    let changes0 = counters.node_changes.load(Ordering::Relaxed);
+    let changes0 = fleet.registry.changes_announced();
     let commits0 = counters.commits.load(Ordering::Relaxed);
     let cpu0 = process_cpu_seconds();
     let (created, done, created_ns) = deploy(engine, args, version).await?;
@@ -785,7 +771,7 @@ async fn decision_run(
         "create_to_first_push_ms": round3(ms(first_seen.saturating_sub(created_ns))),
         "create_to_last_healthy_report_ms": round3(ms(last_healthy - created_ns)),
         "engine_commits": counters.commits.load(Ordering::Relaxed) - commits0,
-        "node_change_notifications": counters.node_changes.load(Ordering::Relaxed) - changes0,
+        "node_change_notifications": fleet.registry.changes_announced() - changes0,
         "process_cpu_s": round3(process_cpu_seconds() - cpu0),
     });
     Ok(DecisionRun {
@@ -809,7 +795,7 @@ async fn rollback_run(
 ) -> anyhow::Result<RollbackRun> {
     sim.take_log();
     let commits0 = counters.commits.load(Ordering::Relaxed);
-    let changes0 = counters.node_changes.load(Ordering::Relaxed);
+    let changes0 = fleet.registry.changes_announced();
     let (created, done, created_ns) = deploy(engine, args, fail_version).await?;
     ensure!(
         done.deployment.state == State::RolledBack,
@@ -866,7 +852,7 @@ async fn rollback_run(
         "first_failure_to_last_node_back_ms": round3(ms(last_back - t0)),
         "create_to_first_failure_ms": round3(ms(t0.saturating_sub(created_ns))),
         "engine_commits": counters.commits.load(Ordering::Relaxed) - commits0,
-        "node_change_notifications": counters.node_changes.load(Ordering::Relaxed) - changes0,
+        "node_change_notifications": fleet.registry.changes_announced() - changes0,
         "reason": done.deployment.reason.chars().take(160).collect::<String>(),
     });
     Ok(RollbackRun {
@@ -1180,7 +1166,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let engine = Engine::new(fleet.registry.clone(), Settings::default())
         .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
     let counters = Arc::new(Counters::default());
-    spawn_counters(&fleet.registry, &engine, counters.clone());
+    spawn_counters(&engine, counters.clone());
     let shutdown = Default::default();
     let engine_task = tokio::spawn(engine.clone().run(Clone::clone(&shutdown)));
 
@@ -1302,7 +1288,6 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             "per_run": rollbacks,
         },
         "agent_reports": sim.reports.load(Ordering::Relaxed),
-        "node_change_notifications_lagged_by_counter": counters.node_changes_lagged.load(Ordering::Relaxed),
         "profile": profile,
     }))
 }

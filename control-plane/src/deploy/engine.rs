@@ -183,7 +183,6 @@ impl Engine {
     /// Run until shutdown: re-assert desired states, then step on changes and ticks.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         self.reassert().await;
-        let mut changes = self.registry.subscribe();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attaches_seen = None;
@@ -191,14 +190,9 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
-                change = changes.recv() => match change {
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // One pass covers every change queued so far: a wave of
-                        // N nodes reporting must not cost N full passes.
-                        while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = changes.try_recv() {}
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
+                // One pass covers every change so far: a wave of N nodes
+                // reporting must not cost N full passes.
+                _ = self.registry.changed() => {}
             }
             self.step_all().await;
             self.advance_pipelines().await;
@@ -596,7 +590,7 @@ impl Engine {
             }
             let written = self.registry.write_desired(&changes)?;
             self.registry.store().flush().await?;
-            self.registry.push_desired(&changes, &written).map(drop)
+            self.registry.push_desired(&changes, &written)
         };
         if let Err(e) = result.await {
             tracing::warn!(deployment = %record.id, error = %e, "desired-state changes failed");
@@ -1094,8 +1088,15 @@ fn wave_traceparent(record: &DeploymentRecord, actions: &[Action]) -> Option<Str
 /// the machine's input for one step (the engine's, and the benchmarks').
 pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
     let module = &deployment.spec.module;
-    let ids: Vec<&str> = deployment.nodes.iter().map(|t| t.node.as_str()).collect();
-    let reports = registry.observe(&ids, module, |seen| {
+    // Only the nodes whose reports the step reads: in the middle of a large
+    // rollout the waiting waves are skipped.
+    let watched: Vec<&str> = deployment
+        .nodes
+        .iter()
+        .filter(|t| t.state.reads_report())
+        .map(|t| t.node.as_str())
+        .collect();
+    let reports = registry.observe(&watched, module, |seen| {
         let current = seen.connected && seen.current;
         match seen.module {
             Some(m) => NodeReport {
@@ -1115,10 +1116,9 @@ pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
             },
         }
     });
-    deployment
-        .nodes
-        .iter()
-        .map(|t| t.node.clone())
+    watched
+        .into_iter()
+        .map(str::to_string)
         .zip(reports)
         .collect()
 }

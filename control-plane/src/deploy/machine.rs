@@ -147,6 +147,17 @@ pub enum NodeState {
 }
 
 impl NodeState {
+    /// Whether a step reads the node's report in this state. Reports of
+    /// nodes in other states are never looked at, so the engine does not
+    /// gather them (the machine tests check that leaving them out changes
+    /// no step).
+    pub fn reads_report(self) -> bool {
+        matches!(
+            self,
+            NodeState::Staging | NodeState::Updating | NodeState::Healthy | NodeState::RollingBack
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             NodeState::Waiting => "waiting",

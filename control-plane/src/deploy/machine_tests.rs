@@ -178,6 +178,27 @@ fn step(
         result,
         "stepping twice gives another result"
     );
+    // The engine gathers only the reports of nodes whose state reads them.
+    if let Input::Observe { nodes, analysis } = input {
+        let read: Reports = nodes
+            .iter()
+            .filter(|(node, _)| {
+                dep.nodes
+                    .iter()
+                    .any(|t| t.node == **node && t.state.reads_report())
+            })
+            .map(|(node, report)| (node.clone(), report.clone()))
+            .collect();
+        let narrowed = Input::Observe {
+            nodes: read,
+            analysis: analysis.clone(),
+        };
+        assert_eq!(
+            dep.step(now, &narrowed),
+            result,
+            "a report the step should not read changed it"
+        );
+    }
     if let Ok((next, actions)) = &result
         && actions.iter().any(|a| !matches!(a, Action::Note(_)))
     {
