@@ -909,14 +909,19 @@ mod tests {
         // Nobody watching: counted, one wake-up for two changes.
         assert!(!registry.watched());
         registry
-            .push_desired(&[change("a"), change("b")], &vec![DesiredRecord::default(); 2])
+            .push_desired(
+                &[change("a"), change("b")],
+                &vec![DesiredRecord::default(); 2],
+            )
             .expect("push");
         assert_eq!(registry.changes_announced(), 2);
         tokio::time::timeout(quiet, registry.changed())
             .await
             .expect("a change wakes the engine");
         assert!(
-            tokio::time::timeout(quiet, registry.changed()).await.is_err(),
+            tokio::time::timeout(quiet, registry.changed())
+                .await
+                .is_err(),
             "changes made while it was awake are one wake-up"
         );
 
