@@ -327,7 +327,7 @@ fn spawn_counters(engine: &Engine, counters: Arc<Counters>) {
                         .unwrap_or_else(|p| p.into_inner())
                         .push((
                             at,
-                            record.id,
+                            record.id.clone(),
                             record.deployment.wave,
                             record.deployment.state,
                         ));
@@ -620,7 +620,7 @@ async fn deploy(
     engine: &Engine,
     args: &Args,
     version: &str,
-) -> anyhow::Result<(DeploymentRecord, DeploymentRecord, u64)> {
+) -> anyhow::Result<(Arc<DeploymentRecord>, Arc<DeploymentRecord>, u64)> {
     let created_ns = now_ns();
     let (record, _) = engine
         .create(request(version, &args.batch), "bench")

@@ -102,9 +102,11 @@ pub struct PlanView {
 pub struct Engine {
     registry: Arc<Registry>,
     settings: Settings,
-    deployments: Mutex<BTreeMap<String, DeploymentRecord>>,
+    /// Records are shared with watchers and readers, never copied for them:
+    /// a 10k-node record is megabytes.
+    deployments: Mutex<BTreeMap<String, Arc<DeploymentRecord>>>,
     pipelines: Mutex<BTreeMap<String, PipelineRecord>>,
-    updates: broadcast::Sender<DeploymentRecord>,
+    updates: broadcast::Sender<Arc<DeploymentRecord>>,
     /// When each active deployment was last written by `step_all`.
     persisted_at: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
@@ -153,18 +155,23 @@ impl Engine {
         Ok(Arc::new(Self {
             registry,
             settings,
-            deployments: Mutex::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
+            deployments: Mutex::new(
+                records
+                    .into_iter()
+                    .map(|r| (r.id.clone(), Arc::new(r)))
+                    .collect(),
+            ),
             pipelines: Mutex::new(pipelines.into_iter().map(|p| (p.id.clone(), p)).collect()),
             updates,
             persisted_at: std::sync::Mutex::new(HashMap::new()),
         }))
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<DeploymentRecord> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<DeploymentRecord>> {
         self.updates.subscribe()
     }
 
-    pub async fn get(&self, id: &str) -> Result<DeploymentRecord, ApiError> {
+    pub async fn get(&self, id: &str) -> Result<Arc<DeploymentRecord>, ApiError> {
         self.deployments
             .lock()
             .await
@@ -173,8 +180,8 @@ impl Engine {
             .ok_or_else(|| ApiError::NotFound(format!("deployment {id:?} not found")))
     }
 
-    pub async fn list(&self) -> Vec<DeploymentRecord> {
-        let mut all: Vec<DeploymentRecord> =
+    pub async fn list(&self) -> Vec<Arc<DeploymentRecord>> {
+        let mut all: Vec<Arc<DeploymentRecord>> =
             self.deployments.lock().await.values().cloned().collect();
         all.sort_by_key(|r| std::cmp::Reverse(r.deployment.created_ms));
         all
@@ -354,7 +361,7 @@ impl Engine {
             };
             match self.create(request, &pipeline.created_by).await {
                 Ok((Some(record), _)) => {
-                    pipeline.stages[index].deployment_id = record.id;
+                    pipeline.stages[index].deployment_id = record.id.clone();
                     pipeline.stages[index].state = "running".into();
                 }
                 Ok((None, _)) => {}
@@ -416,9 +423,9 @@ impl Engine {
     /// Nodes that join an environment after an environment-wide deployment
     /// succeeded get that deployment's version.
     async fn assign_late_joiners(&self) {
-        let latest: Vec<DeploymentRecord> = {
+        let latest: Vec<Arc<DeploymentRecord>> = {
             let deployments = self.deployments.lock().await;
-            let mut latest: BTreeMap<(String, String), DeploymentRecord> = BTreeMap::new();
+            let mut latest: BTreeMap<(String, String), Arc<DeploymentRecord>> = BTreeMap::new();
             for record in deployments
                 .values()
                 .filter(|r| r.deployment.state == State::Succeeded && r.selector.is_empty())
@@ -470,7 +477,7 @@ impl Engine {
     }
 
     async fn reassert(&self) {
-        let active: Vec<DeploymentRecord> = self
+        let active: Vec<Arc<DeploymentRecord>> = self
             .deployments
             .lock()
             .await
@@ -541,8 +548,13 @@ impl Engine {
                 } else {
                     persisted.insert(id.clone(), std::time::Instant::now());
                 }
+                drop(persisted);
+                let updated = Arc::new(updated);
+                self.publish(&updated);
+                deployments.insert(id, updated);
+            } else {
+                deployments.insert(id, Arc::new(updated));
             }
-            deployments.insert(id, updated);
         }
     }
 
@@ -574,10 +586,13 @@ impl Engine {
         if let Err(e) = self.registry.push_desired(&changes, &written) {
             tracing::warn!(deployment = %record.id, error = %e, "desired states are stored but not all were handed to their sessions");
         }
-        if self.updates.receiver_count() > 0 {
-            let _ = self.updates.send(record.clone());
-        }
         Ok(())
+    }
+
+    /// Tell watchers about a committed record.
+    fn publish(&self, record: &Arc<DeploymentRecord>) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.updates.send(record.clone());
     }
 
     /// Carry out `actions` again for a stored record (after a restart): the
@@ -904,7 +919,7 @@ impl Engine {
         &self,
         request: CreateRequest,
         user: &str,
-    ) -> Result<(Option<DeploymentRecord>, PlanView), ApiError> {
+    ) -> Result<(Option<Arc<DeploymentRecord>>, PlanView), ApiError> {
         semver::Version::parse(&request.version).map_err(|e| {
             ApiError::InvalidArgument(format!("version {:?} is not semver: {e}", request.version))
         })?;
@@ -1027,12 +1042,18 @@ impl Engine {
         };
         self.commit(None, &record, &actions).await?;
         tracing::info!(deployment = %id, module = %request.module, version = %request.version, environment = %request.environment, strategy = record.deployment.spec.strategy.name(), user = %user, "deployment created");
+        let record = Arc::new(record);
+        self.publish(&record);
         deployments.insert(id, record.clone());
         Ok((Some(record), plan))
     }
 
     /// Apply an operator control.
-    pub async fn control(&self, id: &str, control: Control) -> Result<DeploymentRecord, ApiError> {
+    pub async fn control(
+        &self,
+        id: &str,
+        control: Control,
+    ) -> Result<Arc<DeploymentRecord>, ApiError> {
         let mut deployments = self.deployments.lock().await;
         let record = deployments
             .get(id)
@@ -1042,12 +1063,17 @@ impl Engine {
             .deployment
             .step(now_ms(), &Input::Control(control))
             .map_err(|e| ApiError::FailedPrecondition(format!("deployment {id}: {e}")))?;
-        let previous = record.deployment.clone();
         let updated = DeploymentRecord {
             deployment: next,
-            ..record
+            id: record.id.clone(),
+            environment: record.environment.clone(),
+            selector: record.selector.clone(),
+            traceparent: record.traceparent.clone(),
         };
-        self.commit(Some(&previous), &updated, &actions).await?;
+        self.commit(Some(&record.deployment), &updated, &actions)
+            .await?;
+        let updated = Arc::new(updated);
+        self.publish(&updated);
         deployments.insert(id.to_string(), updated.clone());
         Ok(updated)
     }

@@ -221,7 +221,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         }
         let (record, plan) = call.finish(&self.ctx, result).await?;
         Ok(Response::new(pb::CreateDeploymentResponse {
-            deployment: record.as_ref().map(deployment_to_pb),
+            deployment: record.as_deref().map(deployment_to_pb),
             plan: Some(plan_to_pb(&plan)),
         }))
     }
@@ -240,7 +240,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
             .filter(|r| filter.module.is_empty() || r.deployment.spec.module == filter.module)
             .filter(|r| filter.environment.is_empty() || r.environment == filter.environment)
             .filter(|r| !filter.active_only || !r.deployment.state.is_terminal())
-            .map(deployment_to_pb)
+            .map(|r| deployment_to_pb(r))
             .collect();
         Ok(Response::new(pb::ListDeploymentsResponse { deployments }))
     }
@@ -251,7 +251,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
     ) -> Result<Response<pb::Deployment>, Status> {
         self.ctx.reader(&request)?;
         Ok(Response::new(deployment_to_pb(
-            &self.engine.get(&request.into_inner().id).await?,
+            &*self.engine.get(&request.into_inner().id).await?,
         )))
     }
 
