@@ -353,6 +353,15 @@ impl Registry {
         self.wake.notify_one();
     }
 
+    /// One node changed: its state for watchers when [`Registry::watched`]
+    /// had it built, else only the count and the engine's wake-up.
+    fn changed_node(&self, state: Option<NodeState>) {
+        match state {
+            Some(state) => self.publish(NodeChange::Changed(state)),
+            None => self.announce(1),
+        }
+    }
+
     /// Whether anyone follows node changes (`nodes watch`). A node's full
     /// state costs a storage read and copies of its modules and desired
     /// state, so hot paths build it only for watchers.
@@ -520,10 +529,7 @@ impl Registry {
         };
         self.metrics.sessions_opened.inc();
         self.attaches.fetch_add(1, Ordering::Relaxed);
-        match state {
-            Some(state) => self.publish(NodeChange::Changed(state)),
-            None => self.announce(1),
-        }
+        self.changed_node(state);
         Ok(SessionHandle {
             node_id: node_id.to_string(),
             generation,
@@ -641,10 +647,7 @@ impl Registry {
                 _ => return,
             }
         };
-        match state {
-            Some(state) => self.publish(NodeChange::Changed(state)),
-            None => self.announce(1),
-        }
+        self.changed_node(state);
     }
 
     /// How many sessions were attached so far.
@@ -833,12 +836,10 @@ impl Registry {
                 if let Err(e) = self.store.put_node(&record).await {
                     tracing::warn!(node = %handle.node_id, error = %e, "could not persist last-seen time");
                 }
-                if self.watched() {
-                    let state = self.state_of(record, &self.lock_live());
-                    self.publish(NodeChange::Changed(state));
-                } else {
-                    self.announce(1);
-                }
+                let state = self
+                    .watched()
+                    .then(|| self.state_of(record, &self.lock_live()));
+                self.changed_node(state);
             }
             Ok(None) => {}
             Err(e) => {

@@ -403,18 +403,22 @@ const HEAD_CAP: usize = 4 + MAX_MANIFEST_BYTES as usize;
 impl<W: Write> ArtifactWriter<W> {
     /// Start a file of `content_len` content bytes: writes the header.
     pub fn new(mut out: W, content_len: u64) -> std::io::Result<Self> {
-        let header = header(content_len);
-        out.write_all(&header)?;
+        out.write_all(&header(content_len))?;
+        Ok(Self::after_header(out, content_len))
+    }
+
+    /// A writer whose output already holds the header for `content_len`.
+    fn after_header(out: W, content_len: u64) -> Self {
         let mut trailer = Sha256::new();
-        trailer.update(header);
-        Ok(Self {
+        trailer.update(header(content_len));
+        Self {
             out,
             content_len,
             written: 0,
             digest: Sha256::new(),
             trailer,
             head: Vec::new(),
-        })
+        }
     }
 
     /// Continue a file whose first bytes, read from `existing`, are a header
@@ -435,16 +439,7 @@ impl<W: Write> ArtifactWriter<W> {
         if found != header(content_len) {
             return Ok(None);
         }
-        let mut trailer = Sha256::new();
-        trailer.update(found);
-        let mut writer = Self {
-            out,
-            content_len,
-            written: 0,
-            digest: Sha256::new(),
-            trailer,
-            head: Vec::new(),
-        };
+        let mut writer = Self::after_header(out, content_len);
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             let n = existing.read(&mut buf)?;

@@ -558,9 +558,10 @@ impl Engine {
         }
     }
 
-    /// Persist, then act, then tell watchers. The order is the durability
-    /// contract: the record, its events and the nodes' new desired states
-    /// reach the disk in one flush, and only then is any agent told.
+    /// Persist, then act (callers then share the record with watchers,
+    /// [`Engine::publish`]). The order is the durability contract: the
+    /// record, its events and the nodes' new desired states reach the disk
+    /// in one flush, and only then is any agent told.
     async fn commit(
         &self,
         previous: Option<&Deployment>,
