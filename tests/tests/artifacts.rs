@@ -381,6 +381,26 @@ fn enrolled_agent(dir: &TestDir, cp: &ControlPlane) -> Agent {
     agent
 }
 
+/// A running control plane that trusts a publisher "ci", and that publisher.
+fn control_plane_trusting_ci(dir: &TestDir) -> (ControlPlane, Publisher) {
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let ci = publisher(dir.path(), "ci");
+    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
+        .ok();
+    (cp, ci)
+}
+
+/// The artifact store of an enrolled agent, trusting the control plane's keys.
+fn agent_store(agent: &Agent) -> ArtifactStore {
+    ArtifactStore::open(
+        &agent.data_dir,
+        TrustSource::ControlPlane,
+        Limits::default(),
+    )
+    .expect("store")
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     hotswap_common::install_crypto_provider();
     tokio::runtime::Builder::new_current_thread()
@@ -392,11 +412,7 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn agent_fetches_verifies_caches_and_reinstalls_offline() {
     let dir = TestDir::new();
-    let mut cp = ControlPlane::init(dir.path());
-    cp.start();
-    let ci = publisher(dir.path(), "ci");
-    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
-        .ok();
+    let (mut cp, ci) = control_plane_trusting_ci(&dir);
     for (version, payload) in [("1.0.0", &b"first"[..]), ("2.0.0", &b"second"[..])] {
         let artifact = pack(dir.path(), "hello", version, payload, &ci.key);
         cp.ctl(&["module", "push", path(&artifact)]).ok();
@@ -404,12 +420,7 @@ fn agent_fetches_verifies_caches_and_reinstalls_offline() {
     let agent = enrolled_agent(&dir, &cp);
     let rt = runtime();
     let channel = rt.block_on(async { node_channel(&agent, &cp.url()) });
-    let store = ArtifactStore::open(
-        &agent.data_dir,
-        TrustSource::ControlPlane,
-        Limits::default(),
-    )
-    .expect("store");
+    let store = agent_store(&agent);
 
     rt.block_on(async {
         let v1 = store
@@ -489,23 +500,14 @@ fn agent_fetches_verifies_caches_and_reinstalls_offline() {
 #[test]
 fn interrupted_transfer_resumes_from_where_it_stopped() {
     let dir = TestDir::new();
-    let mut cp = ControlPlane::init(dir.path());
-    cp.start();
-    let ci = publisher(dir.path(), "ci");
-    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
-        .ok();
+    let (cp, ci) = control_plane_trusting_ci(&dir);
     let payload = pseudo_random(3 * 1024 * 1024);
     let artifact = pack(dir.path(), "big", "1.0.0", &payload, &ci.key);
     cp.ctl(&["module", "push", path(&artifact)]).ok();
     let agent = enrolled_agent(&dir, &cp);
     let proxy = CutProxy::start(cp.grpc.expect("grpc"), 1024 * 1024);
     let rt = runtime();
-    let store = ArtifactStore::open(
-        &agent.data_dir,
-        TrustSource::ControlPlane,
-        Limits::default(),
-    )
-    .expect("store");
+    let store = agent_store(&agent);
 
     rt.block_on(async {
         let cut = node_channel(&agent, &format!("https://{}", proxy.addr));
@@ -546,11 +548,7 @@ fn interrupted_transfer_resumes_from_where_it_stopped() {
 #[test]
 fn content_that_does_not_match_its_digest_is_refused_and_nothing_is_kept() {
     let dir = TestDir::new();
-    let mut cp = ControlPlane::init(dir.path());
-    cp.start();
-    let ci = publisher(dir.path(), "ci");
-    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
-        .ok();
+    let (mut cp, ci) = control_plane_trusting_ci(&dir);
     let artifact = pack(
         dir.path(),
         "hello",
@@ -577,12 +575,7 @@ fn content_that_does_not_match_its_digest_is_refused_and_nothing_is_kept() {
     cp.start();
 
     let rt = runtime();
-    let store = ArtifactStore::open(
-        &agent.data_dir,
-        TrustSource::ControlPlane,
-        Limits::default(),
-    )
-    .expect("store");
+    let store = agent_store(&agent);
     rt.block_on(async {
         let channel = node_channel(&agent, &cp.url());
         let err = store

@@ -301,7 +301,19 @@ pub fn content_info(
     digest: Digest,
     signatures: Vec<Signature>,
 ) -> Result<ArtifactInfo, ArtifactError> {
-    let (len4, rest) = content
+    describe(content, digest, signatures, content.len() as u64)
+}
+
+/// The info of an artifact of `content_len` content bytes that hash to
+/// `digest`, from `head`, the first of those bytes: the manifest length,
+/// then (at least) the manifest.
+fn describe(
+    head: &[u8],
+    digest: Digest,
+    signatures: Vec<Signature>,
+    content_len: u64,
+) -> Result<ArtifactInfo, ArtifactError> {
+    let (len4, rest) = head
         .split_first_chunk::<4>()
         .ok_or_else(|| format_err("truncated: no manifest length"))?;
     let manifest_len = u32::from_be_bytes(*len4);
@@ -320,7 +332,7 @@ pub fn content_info(
         rest[..manifest_len as usize].to_vec(),
         digest,
         signatures,
-        content.len() as u64,
+        content_len,
     )
 }
 
@@ -353,28 +365,9 @@ pub fn write_artifact<W: Write>(
     content: &[u8],
     signatures: &[Signature],
 ) -> std::io::Result<()> {
-    write_artifact_streaming(out, content, content.len() as u64, signatures)
-}
-
-/// Write an artifact whose content is read from `content` (exactly
-/// `content_len` bytes), without holding it in memory.
-pub fn write_artifact_streaming<W: Write, R: Read>(
-    out: &mut W,
-    mut content: R,
-    content_len: u64,
-    signatures: &[Signature],
-) -> std::io::Result<()> {
-    let mut writer = ArtifactWriter::new(out, content_len)?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut remaining = content_len;
-    while remaining > 0 {
-        let n = remaining.min(buf.len() as u64) as usize;
-        content.read_exact(&mut buf[..n])?;
-        writer.write_content(&buf[..n])?;
-        remaining -= n as u64;
-    }
-    writer.finish_raw(signatures)?;
-    Ok(())
+    let mut writer = ArtifactWriter::new(out, content.len() as u64)?;
+    writer.write_content(content)?;
+    writer.finish_raw(signatures).map(drop)
 }
 
 /// Writes a `.hsm` file while its content arrives, in one pass: every
@@ -521,29 +514,17 @@ impl<W: Write> ArtifactWriter<W> {
     }
 
     /// Complete the file and describe it as [`read_artifact`] would, from
-    /// what went through the writer: nothing is read back.
-    pub fn finish(self, signatures: Vec<Signature>) -> Result<(W, ArtifactInfo), ArtifactError> {
-        if signatures.len() > usize::from(MAX_SIGNATURES) {
-            return Err(format_err(format!(
-                "{} signatures; at most {MAX_SIGNATURES} are allowed",
-                signatures.len()
-            )));
-        }
-        let content_len = self.content_len;
-        let head = self.head.clone();
+    /// what went through the writer: nothing is read back. On an error the
+    /// output holds a file nobody should use.
+    pub fn finish(
+        mut self,
+        signatures: Vec<Signature>,
+    ) -> Result<(W, ArtifactInfo), ArtifactError> {
+        let (content_len, head) = (self.content_len, std::mem::take(&mut self.head));
         let (out, digest) = self
             .finish_raw(&signatures)
             .map_err(|e| format_err(format!("cannot write the artifact: {e}")))?;
-        let (len4, manifest) = head
-            .split_first_chunk::<4>()
-            .ok_or_else(|| format_err("truncated: no manifest length"))?;
-        let manifest_len = u32::from_be_bytes(*len4);
-        if manifest_len > MAX_MANIFEST_BYTES || u64::from(manifest_len) + 4 > content_len {
-            return Err(format_err(format!(
-                "manifest length {manifest_len} is out of range"
-            )));
-        }
-        let info = assemble_info(manifest.to_vec(), digest, signatures, content_len)?;
+        let info = describe(&head, digest, signatures, content_len)?;
         Ok((out, info))
     }
 }
@@ -554,20 +535,6 @@ fn header(content_len: u64) -> [u8; CONTENT_OFFSET as usize] {
     header[..8].copy_from_slice(MAGIC);
     header[8..].copy_from_slice(&content_len.to_be_bytes());
     header
-}
-
-/// SHA-256 of a whole file, streamed.
-pub fn digest_file(path: &Path) -> std::io::Result<Digest> {
-    let mut file = BufReader::new(File::open(path)?);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(Digest(hasher.finalize().into()));
-        }
-        hasher.update(&buf[..n]);
-    }
 }
 
 /// Read the content section of an artifact file into memory.
