@@ -35,6 +35,11 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropReasonLabel {
+    pub reason: &'static str,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub nodes: Family<StatusLabel, Gauge>,
@@ -52,6 +57,7 @@ pub struct Metrics {
     pub events_stored: Gauge,
     pub events_appended: Counter,
     pub audit_records: Gauge,
+    pub tls_dropped: Family<DropReasonLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -93,6 +99,7 @@ impl Metrics {
             events_stored: Gauge::default(),
             events_appended: Counter::default(),
             audit_records: Gauge::default(),
+            tls_dropped: Family::default(),
         };
         for state in DEPLOYMENT_STATES {
             metrics
@@ -175,6 +182,11 @@ impl Metrics {
             "audit_records",
             "Records in the audit log",
             metrics.audit_records.clone(),
+        );
+        registry.register(
+            "tls_connections_dropped",
+            "Connections closed before their TLS handshake finished, by reason (address_limit, client_hello_timeout, bad_client_hello, stale, handshake_failed, handshake_timeout)",
+            metrics.tls_dropped.clone(),
         );
         (metrics, registry)
     }

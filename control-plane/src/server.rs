@@ -276,7 +276,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     });
     let engine = Engine::new(ctx.registry.clone(), config.settings.clone())?;
     let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
-    let incoming = tls_accept::incoming(grpc_listener, tls_config, shutdown.clone());
+    let incoming =
+        tls_accept::incoming(grpc_listener, tls_config, metrics.clone(), shutdown.clone());
     // gRPC conventions: server reflection (v1 and v1alpha) and
     // grpc.health.v1.Health. No handler of ours sits behind them, so they
     // check no client certificate: any TLS client that trusts our CA can list

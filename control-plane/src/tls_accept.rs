@@ -4,28 +4,52 @@
 //! is sent it must chain to our CA, and each RPC then checks what it needs
 //! (see [`crate::auth`]).
 //!
-//! Handshakes run in their own tasks with a deadline, so one slow or silent
-//! client cannot hold up accepting others, and only a few at a time (per
-//! core): a handshake is CPU-bound work, and thousands of agents
-//! reconnecting at once (after a restart of the control plane) would
-//! otherwise all progress slowly together, past their clients' connect
-//! timeouts, so that the work is wasted and the storm repeats. Queued
-//! connections wait their turn in order; one that waited longer than a
-//! client waits is dropped without spending a handshake on it.
+//! Admission runs in three phases, each bounded, so that neither a
+//! reconnect storm nor a client that sends nothing can starve the others:
+//!
+//! 1. **Per-address cap.** One source address may have at most
+//!    [`PENDING_PER_ADDRESS`] connections that have not finished their
+//!    handshake; more are closed at once. This bounds the file descriptors
+//!    and tasks one host can pin.
+//! 2. **ClientHello first.** The connection must deliver a complete
+//!    ClientHello within [`CLIENT_HELLO_TIMEOUT`], and it holds no handshake
+//!    turn while it does. Reading it costs no CPU to speak of; waiting for it
+//!    is what idle or slow-drip clients would make us do, so they cost us a
+//!    socket for a few seconds and nothing else. (Before this, a turn was
+//!    taken at accept: eight idle sockets held every turn for 10 s.)
+//! 3. **Fair queue of real handshakes.** The CPU-bound part (key exchange,
+//!    signature, certificate checks) runs at most [`HANDSHAKES_PER_CORE`] at
+//!    once per core, in the order the ClientHellos arrived. Thousands of
+//!    agents reconnecting at once (after a restart of the control plane)
+//!    would otherwise all progress slowly together, past their clients'
+//!    connect timeouts, so that the work is wasted and the storm repeats. A
+//!    connection that waited longer than a client waits is dropped without
+//!    spending a handshake on it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hotswap_common::tls::{self, TlsError};
 use rustls::ServerConfig;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{Acceptor, WebPkiClientVerifier};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-/// A client that has not finished its handshake by then is dropped.
+use crate::metrics::{DropReasonLabel, Metrics};
+
+/// A client must have sent its whole ClientHello by then. Real clients send
+/// it in their first packet right after connecting; the bound only has to
+/// cover a loaded network, not a slow client.
+const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// After its turn starts, a client that has not finished its handshake by
+/// then is dropped (one round trip after our first flight).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handshakes in progress at once, per core.
@@ -34,6 +58,13 @@ const HANDSHAKES_PER_CORE: usize = 4;
 /// A connection that waited this long for its turn is dropped unanswered:
 /// its client (agents give up after 5 s) has most likely gone already.
 const STALE_AFTER: Duration = Duration::from_secs(4);
+
+/// Connections from one source address that may be between accept and the
+/// end of their handshake. Large enough for the thousands of simulated
+/// agents of the scale benchmarks, which all connect from 127.0.0.1 and
+/// retry with backoff when refused, and small against the open-files limit
+/// the daemon raises itself to (20,000 here).
+pub const PENDING_PER_ADDRESS: usize = 1024;
 
 /// Server TLS config: TLS 1.3, ALPN h2, our chain (server certificate, then
 /// the CA, so agents can check it against their pinned fingerprint, then the
@@ -61,16 +92,79 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// Counts of connections per source address that are still in admission.
+#[derive(Debug, Default)]
+pub struct PendingByAddress {
+    limit: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection's place in [`PendingByAddress`]; released on drop.
+#[derive(Debug)]
+pub struct PendingSlot {
+    table: Arc<PendingByAddress>,
+    address: IpAddr,
+}
+
+impl PendingByAddress {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(PendingByAddress {
+            limit,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for one more connection from `address`, or `None` when that
+    /// address already has `limit` connections in admission.
+    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<PendingSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(address).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(PendingSlot {
+            table: self.clone(),
+            address,
+        })
+    }
+
+    /// Connections from `address` in admission now.
+    pub fn pending(&self, address: IpAddr) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(&address).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// Accept TCP connections and complete TLS handshakes until `shutdown`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let turns = Arc::new(tokio::sync::Semaphore::new(cores * HANDSHAKES_PER_CORE));
+    let pending = PendingByAddress::new(PENDING_PER_ADDRESS);
+    let dropped = move |reason: &'static str| {
+        metrics
+            .tls_dropped
+            .get_or_create(&DropReasonLabel { reason })
+            .inc();
+    };
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -86,30 +180,93 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(slot) = pending.admit(peer.ip()) else {
+                tracing::debug!(%peer, "refused a connection: too many pending from its address");
+                dropped("address_limit");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let config = config.clone();
             let tx = tx.clone();
             let turns = turns.clone();
-            let accepted_at = tokio::time::Instant::now();
+            let dropped = dropped.clone();
             tokio::spawn(async move {
+                let _slot = slot;
+                let hello = tokio::time::timeout(
+                    CLIENT_HELLO_TIMEOUT,
+                    LazyConfigAcceptor::new(Acceptor::default(), tcp),
+                )
+                .await;
+                let start = match hello {
+                    Ok(Ok(start)) => start,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "no valid ClientHello");
+                        dropped("bad_client_hello");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "no ClientHello in time");
+                        dropped("client_hello_timeout");
+                        return;
+                    }
+                };
+                let hello_at = tokio::time::Instant::now();
                 let Ok(turn) = turns.acquire().await else {
                     return;
                 };
-                if accepted_at.elapsed() > STALE_AFTER {
+                if hello_at.elapsed() > STALE_AFTER {
                     tracing::debug!(%peer, "dropped a connection that waited too long for its handshake");
+                    dropped("stale");
                     return;
                 }
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let handshake =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await;
                 drop(turn);
                 match handshake {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        dropped("handshake_failed");
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        dropped("handshake_timeout");
+                    }
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_slots_are_capped_per_address_and_released_on_drop() {
+        let table = PendingByAddress::new(2);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let first = table.admit(a).expect("first");
+        let second = table.admit(a).expect("second");
+        assert!(
+            table.admit(a).is_none(),
+            "a third from one address is refused"
+        );
+        let other = table.admit(b).expect("another address has its own budget");
+        assert_eq!(table.pending(a), 2);
+        drop(first);
+        assert_eq!(table.pending(a), 1);
+        let third = table.admit(a).expect("a freed place is reusable");
+        drop((second, third, other));
+        assert_eq!(table.pending(a), 0);
+        assert_eq!(table.pending(b), 0);
+        assert!(
+            table.counts.lock().unwrap().is_empty(),
+            "no entry outlives its connections"
+        );
+    }
 }

@@ -882,3 +882,134 @@ fn enrollment_attempts_are_rate_limited_per_address() {
         "attempts that got through are audited"
     );
 }
+
+/// Connections that hold sockets open without completing a TLS handshake:
+/// some send nothing, some drip one byte of a ClientHello per second. Each
+/// is renewed as soon as the control plane closes it, as an attacker would.
+struct HandshakeFlood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl HandshakeFlood {
+    fn start(target: std::net::SocketAddr, idle: usize, drip: usize) -> Self {
+        use std::io::{Read, Write};
+        use std::net::TcpStream;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // A TLS record header announcing a 512-byte handshake message,
+            // then filler: a ClientHello that never completes.
+            let drip_bytes: Vec<u8> = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc]
+                .into_iter()
+                .chain(std::iter::repeat(0x03))
+                .take(600)
+                .collect();
+            let open = || {
+                let s = TcpStream::connect(target).ok()?;
+                s.set_nonblocking(true).ok()?;
+                Some(s)
+            };
+            let mut sockets: Vec<(Option<TcpStream>, bool, usize)> =
+                (0..idle + drip).map(|i| (open(), i >= idle, 0)).collect();
+            let mut renewed = 0u64;
+            // Bounded: the test stops it, and it gives up by itself after a minute.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !stopping.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                for (socket, drips, sent) in &mut sockets {
+                    let alive = socket.as_mut().is_some_and(|s| {
+                        let mut buf = [0u8; 64];
+                        let readable = match s.read(&mut buf) {
+                            Ok(0) => false,
+                            Ok(_) => true,
+                            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                        };
+                        readable
+                            && (!*drips || {
+                                let byte = drip_bytes[*sent % drip_bytes.len()];
+                                *sent += 1;
+                                s.write(&[byte]).is_ok()
+                            })
+                    });
+                    if !alive {
+                        *socket = open();
+                        *sent = 0;
+                        renewed += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            renewed
+        });
+        HandshakeFlood {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop the flood; returns how many of its sockets the server closed.
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for HandshakeFlood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn idle_and_slow_drip_connections_cannot_lock_out_agents_or_operators() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let mut agents = agents_in(&cp, dir.path(), &["dev"]);
+    let grpc = cp.grpc.expect("grpc address");
+    // Four times the handshake turns of this machine, of each kind: before
+    // the ClientHello was read under its own timeout, eight idle sockets
+    // were enough to make every call wait past its deadline.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let flood = HandshakeFlood::start(grpc, 16 * cores, 16 * cores);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Operators: every call succeeds within the CLI's own deadline.
+    for round in 0..6 {
+        let listed = cp.ctl(&["-o", "json", "nodes", "list"]);
+        assert_eq!(
+            listed.code, 0,
+            "nodes list #{round} during the flood: {listed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    // An agent reconnecting with its certificate gets through as well.
+    let agent = &mut agents[0];
+    agent.stop();
+    cp.wait_status("dev-node", "disconnected");
+    agent.start(&cp.url(), &[]);
+    cp.wait_status("dev-node", "connected");
+    let listed = cp.ctl(&["nodes", "get", "dev-node"]);
+    assert_eq!(listed.code, 0, "nodes get after the reconnect: {listed:?}");
+
+    let renewed = flood.finish();
+    assert!(renewed > 0, "the server closed none of the flood's sockets");
+    let (status, metrics) = cp.admin_get("/metrics");
+    assert_eq!(status, 200);
+    let timed_out = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("hotswap_tls_connections_dropped_total{reason=\"client_hello_timeout\"}")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        timed_out >= (16 * cores) as f64,
+        "the flood's sockets were not closed for want of a ClientHello ({timed_out}):\n{metrics}"
+    );
+}
