@@ -19,8 +19,8 @@ use tokio::sync::{Mutex, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use super::machine::{
-    Action, Aggregate, Analysis, BatchSize, Control, Deployment, Input, NodeReport, NodeState,
-    Reports, Spec, State, Strategy, Thresholds, plan_waves,
+    Action, Aggregate, Analysis, BatchSize, Control, Deployment, Health, Input, NodeReport,
+    NodeState, Phase, Reports, Spec, State, Strategy, Thresholds, plan_waves,
 };
 use crate::clock::now_ms;
 use crate::config::Settings;
@@ -1130,11 +1130,14 @@ pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
                 connected: seen.connected,
                 current,
                 version: m.version.clone(),
-                phase: m.phase.clone(),
-                health: m.health.clone(),
+                phase: Phase::parse(&m.phase),
+                health: Health::parse(&m.health),
                 crash_loop: m.crash_loop,
                 staged_version: m.staged_version.clone(),
                 message: m.message.clone(),
+                // Filled from the agent's report once it names them.
+                settling: Vec::new(),
+                failure: None,
             },
             None => NodeReport {
                 connected: seen.connected,

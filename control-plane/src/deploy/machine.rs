@@ -191,6 +191,78 @@ pub struct NodeTrack {
     pub touched: bool,
 }
 
+/// A module's phase on a node, as its agent reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Not reported (no report, or a phase this control plane does not know).
+    #[default]
+    Unknown,
+    Installing,
+    Staged,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl Phase {
+    /// The wire word (`installing|staged|starting|running|stopping|stopped|failed`).
+    pub fn parse(word: &str) -> Phase {
+        match word {
+            "installing" => Phase::Installing,
+            "staged" => Phase::Staged,
+            "starting" => Phase::Starting,
+            "running" => Phase::Running,
+            "stopping" => Phase::Stopping,
+            "stopped" => Phase::Stopped,
+            "failed" => Phase::Failed,
+            _ => Phase::Unknown,
+        }
+    }
+}
+
+/// A module's health on a node, as its agent reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    #[default]
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    /// The wire word (`healthy|unhealthy|unknown`).
+    pub fn parse(word: &str) -> Health {
+        match word {
+            "healthy" => Health::Healthy,
+            "unhealthy" => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+}
+
+/// Why a node failed a deployment. Only release failures count against
+/// `max_failures`: an infrastructure failure says nothing about the version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The new version is unhealthy, crash-loops, fails its hook or its
+    /// canary analysis, or never becomes healthy.
+    Release,
+    /// Artifact fetch or disk failure on the node, the node disconnected, or
+    /// its agent restarted mid-swap.
+    Infrastructure,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Release => "release",
+            FailureKind::Infrastructure => "infrastructure",
+        }
+    }
+}
+
 /// What a node reports, as the engine sees it at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeReport {
@@ -200,11 +272,20 @@ pub struct NodeReport {
     pub current: bool,
     /// Active version of the module ("" when not installed).
     pub version: String,
-    pub phase: String,
-    pub health: String,
+    pub phase: Phase,
+    pub health: Health,
     pub crash_loop: bool,
     pub staged_version: String,
     pub message: String,
+    /// Versions of the module other than `version` that still start, stop
+    /// or serve on the node: a candidate inside its health gate, an old
+    /// instance draining. A node is not back on a version while another
+    /// one is listed here.
+    #[serde(default)]
+    pub settling: Vec<String>,
+    /// The agent's class of the failure it reports (phase `Failed`).
+    #[serde(default)]
+    pub failure: Option<FailureKind>,
 }
 
 /// Request metrics and usage of a group of nodes over the current hold.
@@ -254,11 +335,13 @@ static NO_REPORT: NodeReport = NodeReport {
     connected: false,
     current: false,
     version: String::new(),
-    phase: String::new(),
-    health: String::new(),
+    phase: Phase::Unknown,
+    health: Health::Unknown,
     crash_loop: false,
     staged_version: String::new(),
     message: String::new(),
+    settling: Vec::new(),
+    failure: None,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -823,7 +906,7 @@ impl Deployment {
                         node.since_ms = now;
                     } else if report.connected
                         && report.current
-                        && report.phase == "failed"
+                        && report.phase == Phase::Failed
                         && report.staged_version != target
                         && report.version != target
                     {
@@ -846,17 +929,17 @@ impl Deployment {
                         node.reason = "crash loop".into();
                     } else if on_target
                         && report.current
-                        && report.health == "unhealthy"
-                        && report.phase == "running"
+                        && report.health == Health::Unhealthy
+                        && report.phase == Phase::Running
                     {
                         node.state = NodeState::Failed;
                         node.reason = format!("unhealthy: {}", report.message);
-                    } else if on_target && report.phase == "running" {
+                    } else if on_target && report.phase == Phase::Running {
                         node.state = NodeState::Healthy;
                         node.since_ms = now;
                     } else if report.connected
                         && report.current
-                        && report.phase == "failed"
+                        && report.phase == Phase::Failed
                         && report.version != target
                     {
                         node.state = NodeState::Failed;
@@ -888,7 +971,7 @@ impl Deployment {
                     // A node that regresses while the deployment watches counts as failed.
                     if report.connected
                         && report.version == target
-                        && (report.crash_loop || report.health == "unhealthy")
+                        && (report.crash_loop || report.health == Health::Unhealthy)
                     {
                         node.state = NodeState::Failed;
                         node.reason = if report.crash_loop {
@@ -1088,7 +1171,7 @@ impl Deployment {
             let report = reports.get(&node.node).unwrap_or(&NO_REPORT);
             let back = report.connected
                 && ((node.from_version.is_empty() && report.version.is_empty())
-                    || (report.version == node.from_version && report.phase == "running"));
+                    || (report.version == node.from_version && report.phase == Phase::Running));
             if back {
                 node.state = NodeState::RolledBack;
                 node.since_ms = now;

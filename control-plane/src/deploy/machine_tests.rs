@@ -119,8 +119,8 @@ fn running(version: &str) -> NodeReport {
         connected: true,
         current: true,
         version: version.into(),
-        phase: "running".into(),
-        health: "healthy".into(),
+        phase: Phase::Running,
+        health: Health::Healthy,
         ..NodeReport::default()
     }
 }
@@ -308,24 +308,24 @@ impl FakeNode {
         let involves_new = active == TARGET || staged == TARGET;
         match self.behaviour {
             Bad(_) if involves_new => {
-                report.phase = "failed".into();
-                report.health = String::new();
+                report.phase = Phase::Failed;
+                report.health = Health::Unknown;
                 report.message = "activation failed: exit status 1".into();
             }
             Stale if involves_new => {
                 report.current = false;
-                report.phase = "failed".into();
+                report.phase = Phase::Failed;
                 report.message = "failure of an older desired state".into();
             }
             CrashLoop(_) if active == TARGET => {
                 report = settled(active);
-                report.health = String::new();
+                report.health = Health::Unknown;
                 report.crash_loop = true;
                 report.message = "restarted 5 times in 60s".into();
             }
             Unhealthy(_) if active == TARGET => {
                 report = settled(active);
-                report.health = "unhealthy".into();
+                report.health = Health::Unhealthy;
                 report.message = "GET /healthz: 503".into();
             }
             _ => {
@@ -1637,28 +1637,28 @@ fn updating_node_transitions() {
         ),
         row(
             "unhealthy",
-            on_target(|r| (r.health, r.message) = ("unhealthy".into(), "probe failed".into())),
+            on_target(|r| (r.health, r.message) = (Health::Unhealthy, "probe failed".into())),
             at,
             Failed,
             "unhealthy: probe failed",
         ),
         row(
             "stale unhealthy",
-            on_target(|r| (r.health, r.current) = ("unhealthy".into(), false)),
+            on_target(|r| (r.health, r.current) = (Health::Unhealthy, false)),
             at,
             Healthy,
             "",
         ),
         row(
             "unhealthy while starting",
-            on_target(|r| (r.health, r.phase) = ("unhealthy".into(), "starting".into())),
+            on_target(|r| (r.health, r.phase) = (Health::Unhealthy, Phase::Starting)),
             at,
             Updating,
             "",
         ),
         row(
             "starting",
-            on_target(|r| r.phase = "starting".into()),
+            on_target(|r| r.phase = Phase::Starting),
             at,
             Updating,
             "",
@@ -1666,7 +1666,7 @@ fn updating_node_transitions() {
         row(
             "activation failed",
             on_target(|r| {
-                (r.version, r.phase, r.message) = (OLD.into(), "failed".into(), "boom".into())
+                (r.version, r.phase, r.message) = (OLD.into(), Phase::Failed, "boom".into())
             }),
             at,
             Failed,
@@ -1674,28 +1674,28 @@ fn updating_node_transitions() {
         ),
         row(
             "activation failed, no message",
-            on_target(|r| (r.version, r.phase) = (OLD.into(), "failed".into())),
+            on_target(|r| (r.version, r.phase) = (OLD.into(), Phase::Failed)),
             at,
             Failed,
             "activation failed",
         ),
         row(
             "stale activation failure",
-            on_target(|r| (r.version, r.phase, r.current) = (OLD.into(), "failed".into(), false)),
+            on_target(|r| (r.version, r.phase, r.current) = (OLD.into(), Phase::Failed, false)),
             at,
             Updating,
             "",
         ),
         row(
             "failed phase reported on the target",
-            on_target(|r| r.phase = "failed".into()),
+            on_target(|r| r.phase = Phase::Failed),
             at,
             Updating,
             "",
         ),
         row(
             "disconnected activation failure",
-            on_target(|r| (r.version, r.phase, r.connected) = (OLD.into(), "failed".into(), false)),
+            on_target(|r| (r.version, r.phase, r.connected) = (OLD.into(), Phase::Failed, false)),
             at,
             Updating,
             "",
@@ -1738,7 +1738,7 @@ fn updating_node_transitions() {
         ),
         row(
             "late, stale failure",
-            on_target(|r| (r.version, r.phase, r.current) = (OLD.into(), "failed".into(), false)),
+            on_target(|r| (r.version, r.phase, r.current) = (OLD.into(), Phase::Failed, false)),
             late,
             Failed,
             "not healthy on 2.0.0 within the 10s health deadline",
@@ -1769,7 +1769,7 @@ fn stale_failure_reports_do_not_fail_a_node_but_the_deadline_still_applies() {
     let (dep, _) = Deployment::new(s.clone(), targets(&[OLD]), T0);
     let stale = NodeReport {
         current: false,
-        phase: "failed".into(),
+        phase: Phase::Failed,
         message: "old failure".into(),
         ..running(OLD)
     };
@@ -1826,7 +1826,7 @@ fn staging_node_transitions() {
         ..running(OLD)
     };
     let failed = NodeReport {
-        phase: "failed".into(),
+        phase: Phase::Failed,
         message: "no space left".into(),
         ..running(OLD)
     };
@@ -1927,7 +1927,7 @@ fn healthy_node_transitions() {
         ),
         row(
             "became unhealthy",
-            on_target(|r| (r.health, r.message) = ("unhealthy".into(), "oom".into())),
+            on_target(|r| (r.health, r.message) = (Health::Unhealthy, "oom".into())),
             at,
             Failed,
             "became unhealthy: oom",
@@ -2037,7 +2037,7 @@ fn rolling_back_node_transitions() {
         check_rows(&dep, rows);
         if !from.is_empty() {
             let starting = NodeReport {
-                phase: "starting".into(),
+                phase: Phase::Starting,
                 ..running(OLD)
             };
             let (next, _) = step(&dep, at, &observe_one(Some(starting))).unwrap();
