@@ -141,6 +141,18 @@ pub struct CreateArgs {
     /// Canary: p99 latency may be at most this multiple of the baseline's.
     #[arg(long)]
     max_latency_increase: Option<f64>,
+    /// Canary: requests canary and baseline each need in a step's analysis
+    /// window before error rate and latency are judged (default 50); with
+    /// fewer the step is held up to 3x --step-duration, then judged on health.
+    #[arg(long, value_name = "N")]
+    analysis_min_requests: Option<u64>,
+    /// Canary: the start of each step's hold left out of its analysis (default 10s).
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    analysis_warmup: Option<Duration>,
+    /// How long `paused`, or a wait for `deploy promote`, may last before the
+    /// deployment fails (default: the control plane's pause_timeout, 24h).
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pause_timeout: Option<Duration>,
     #[arg(long)]
     no_auto_rollback: bool,
     /// Follow the deployment until it ends.
@@ -152,6 +164,16 @@ pub struct CreateArgs {
     /// Print the plan; create nothing.
     #[arg(long)]
     dry_run: bool,
+}
+
+/// How a verdict reads in plain output: failures stand out.
+pub(crate) fn verdict_word(v: &hotswap_common::model::VerdictView) -> &str {
+    match v.outcome.as_str() {
+        "failed" => "FAILED",
+        "" if !v.passed => "FAILED",
+        "" => "passed",
+        other => other,
+    }
 }
 
 pub(crate) fn convert(d: pb::Deployment) -> Result<DeploymentView, CliError> {
@@ -281,6 +303,9 @@ async fn create(
             max_latency_increase: args.max_latency_increase.unwrap_or(0.0),
             no_auto_rollback: args.no_auto_rollback,
             progress_deadline_ms: 0,
+            pause_timeout_ms: ms(args.pause_timeout),
+            analysis_min_requests: args.analysis_min_requests,
+            analysis_warmup_ms: args.analysis_warmup.map(|d| d.as_millis() as u64),
         }),
     };
     let reply = client
@@ -433,7 +458,7 @@ fn summary_line(d: &DeploymentView) -> String {
         line.push_str(&format!(
             "; analysis step {} {}: {}",
             v.step,
-            if v.passed { "passed" } else { "FAILED" },
+            verdict_word(v),
             v.summary
         ));
     }
@@ -515,7 +540,10 @@ fn print_deployment(d: &DeploymentView) {
                 n.from_version.clone()
             },
             n.to_version.clone(),
-            n.state.clone(),
+            match &n.failure_kind {
+                Some(kind) => format!("{} ({kind})", n.state),
+                None => n.state.clone(),
+            },
             n.reason.clone(),
         ]);
     }
@@ -524,7 +552,7 @@ fn print_deployment(d: &DeploymentView) {
         println!(
             "analysis step {}: {} ({})",
             v.step,
-            if v.passed { "passed" } else { "FAILED" },
+            verdict_word(v),
             v.summary
         );
     }

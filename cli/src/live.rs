@@ -109,7 +109,7 @@ impl LiveView {
             let _ = self.multi.println(format!(
                 "analysis step {}: {}: {}",
                 verdict.step,
-                if verdict.passed { "passed" } else { "FAILED" },
+                crate::deploy::verdict_word(verdict),
                 verdict.summary
             ));
         }
@@ -239,6 +239,7 @@ mod tests {
                     state: s.to_string(),
                     reason: String::new(),
                     wave: *w,
+                    failure_kind: None,
                 })
                 .collect(),
             created_by: "alice".into(),

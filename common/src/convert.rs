@@ -227,6 +227,7 @@ impl TryFrom<pb::Deployment> for DeploymentView {
                     state: n.state,
                     reason: n.reason,
                     wave: n.wave,
+                    failure_kind: (!n.failure_kind.is_empty()).then_some(n.failure_kind),
                 })
                 .collect(),
             created_by: d.created_by,
@@ -247,6 +248,15 @@ impl TryFrom<pb::Deployment> for DeploymentView {
                     baseline_error_rate: known(v.baseline_error_rate),
                     canary_latency_p99: known(v.canary_latency_p99),
                     baseline_latency_p99: known(v.baseline_latency_p99),
+                    outcome: if v.outcome.is_empty() {
+                        if v.passed { "passed" } else { "failed" }.to_string()
+                    } else {
+                        v.outcome
+                    },
+                    canary_requests: v.canary_requests,
+                    baseline_requests: v.baseline_requests,
+                    canary_nodes: v.canary_nodes,
+                    baseline_nodes: v.baseline_nodes,
                 })
                 .collect(),
             approved_by: d.approved_by,

@@ -141,6 +141,8 @@ pub struct DeploymentNodeView {
     pub state: String,
     pub reason: String,
     pub wave: u32,
+    /// `release` or `infrastructure` once the node failed; null otherwise.
+    pub failure_kind: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -153,6 +155,12 @@ pub struct VerdictView {
     pub baseline_error_rate: Option<f64>,
     pub canary_latency_p99: Option<f64>,
     pub baseline_latency_p99: Option<f64>,
+    /// passed, failed, inconclusive or health_only.
+    pub outcome: String,
+    pub canary_requests: f64,
+    pub baseline_requests: f64,
+    pub canary_nodes: u32,
+    pub baseline_nodes: u32,
 }
 
 /// A deployment as `deploy get -o json` prints it (SPEC §4).

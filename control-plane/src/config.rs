@@ -32,6 +32,15 @@ pub struct Settings {
     /// A deployment still awaiting approval this long after creation is aborted.
     #[serde(with = "duration_text")]
     pub approval_timeout: Duration,
+    /// A deployment paused, or waiting for `deploy promote`, this long fails
+    /// (and rolls back unless `--no-auto-rollback`); `--pause-timeout`
+    /// overrides it per deployment.
+    #[serde(with = "duration_text")]
+    pub pause_timeout: Duration,
+    /// A pipeline waiting this long for an environment with no connected
+    /// node gives up.
+    #[serde(with = "duration_text")]
+    pub pipeline_wait_timeout: Duration,
     /// Unary calls taking longer than this are cancelled (uploads and
     /// streams are bounded by their own limits).
     #[serde(with = "duration_text")]
@@ -112,6 +121,13 @@ pub struct DeployDefaults {
     pub latency_increase: f64,
     pub cpu_increase: f64,
     pub memory_increase: f64,
+    /// `--analysis-min-requests`: requests canary and baseline each need in
+    /// a step's analysis window before error rate and latency are judged.
+    pub analysis_min_requests: u64,
+    /// `--analysis-warmup`: the start of each step's hold left out of its
+    /// analysis.
+    #[serde(with = "duration_text")]
+    pub analysis_warmup: Duration,
 }
 
 impl Default for DeployDefaults {
@@ -132,6 +148,8 @@ impl Default for DeployDefaults {
             latency_increase: 2.0,
             cpu_increase: 0.3,
             memory_increase: 0.3,
+            analysis_min_requests: 50,
+            analysis_warmup: Duration::from_secs(10),
         }
     }
 }
@@ -166,6 +184,8 @@ impl Default for Settings {
             node_cert_validity: Duration::from_secs(86_400),
             user_cert_validity: Duration::from_secs(90 * 86_400),
             approval_timeout: Duration::from_secs(86_400),
+            pause_timeout: Duration::from_secs(86_400),
+            pipeline_wait_timeout: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(60),
             event_retention: 100_000,
             enroll_per_minute: 600,
@@ -256,6 +276,12 @@ impl Settings {
         }
         if self.request_timeout < Duration::from_secs(1) {
             problems.push("request_timeout must be at least 1s".to_string());
+        }
+        if self.pause_timeout < Duration::from_secs(1) {
+            problems.push("pause_timeout must be at least 1s".to_string());
+        }
+        if self.pipeline_wait_timeout < Duration::from_secs(1) {
+            problems.push("pipeline_wait_timeout must be at least 1s".to_string());
         }
         if self.event_retention < 100 {
             problems.push("event_retention must be at least 100".to_string());

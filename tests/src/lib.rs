@@ -892,12 +892,27 @@ pub fn ctl_offline(args: &[&str]) -> CtlOutput {
     )
 }
 
-/// A port that was free a moment ago (bind to 0, read, release).
+/// A port that was free a moment ago, for a module to listen on later.
+///
+/// Taken below the kernel's ephemeral range (32768 and up on Linux), from a
+/// start that differs per process, and never the same twice in a process:
+/// a port from `bind(0)` is an ephemeral one, which the kernel may hand to
+/// the next daemon that binds port 0 (a control plane, an agent's admin
+/// endpoint) before the module listens on it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id().wrapping_mul(7919)) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n * 37) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 /// A control plane, one enrolled agent and a trusted publisher key.

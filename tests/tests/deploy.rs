@@ -113,8 +113,17 @@ fn rolling_deploy_of_a_bad_version_rolls_back_only_touched_nodes() {
     assert!(
         last["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("failed")),
+            .is_some_and(|r| r.starts_with("1 release failure(s)")),
         "{last}"
+    );
+    let a = last["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["node"] == "a"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        a["failure_kind"], "release",
+        "an unhealthy new version is the release's fault: {a}"
     );
     let states: Vec<&str> = last["nodes"]
         .as_array()

@@ -52,6 +52,10 @@ pub struct PipelineStage {
     /// waiting, running, succeeded, failed or skipped.
     pub state: String,
     pub reason: String,
+    /// Since when the stage waits for a connected node in its environment
+    /// (bounded by `pipeline_wait_timeout`).
+    #[serde(default)]
+    pub waiting_since_ms: Option<u64>,
 }
 
 /// One version promoted through the environments, stage by stage.
@@ -89,6 +93,9 @@ pub struct CreateRequest {
     pub max_error_rate: Option<f64>,
     pub max_latency_increase: Option<f64>,
     pub no_auto_rollback: bool,
+    pub pause_timeout: Option<Duration>,
+    pub analysis_min_requests: Option<u64>,
+    pub analysis_warmup: Option<Duration>,
     pub dry_run: bool,
 }
 
@@ -109,6 +116,10 @@ pub struct Engine {
     updates: broadcast::Sender<Arc<DeploymentRecord>>,
     /// When each active deployment was last written by `step_all`.
     persisted_at: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// One pipeline pass at a time: `run_pipeline` and the engine loop both
+    /// advance pipelines, and two passes working from the same snapshot
+    /// would both start a stage's deployment.
+    pipeline_pass: Mutex<()>,
 }
 
 /// How often active deployments are re-evaluated without any node change
@@ -164,6 +175,7 @@ impl Engine {
             pipelines: Mutex::new(pipelines.into_iter().map(|p| (p.id.clone(), p)).collect()),
             updates,
             persisted_at: std::sync::Mutex::new(HashMap::new()),
+            pipeline_pass: Mutex::new(()),
         }))
     }
 
@@ -269,6 +281,7 @@ impl Engine {
                     deployment_id: String::new(),
                     state: "waiting".into(),
                     reason: String::new(),
+                    waiting_since_ms: None,
                 })
                 .collect(),
             reason: String::new(),
@@ -301,6 +314,7 @@ impl Engine {
     /// Move each running pipeline along: start the next stage's deployment
     /// when the previous one succeeded, stop at the first that did not.
     async fn advance_pipelines(&self) {
+        let _pass = self.pipeline_pass.lock().await;
         let running: Vec<PipelineRecord> = self
             .pipelines
             .lock()
@@ -375,7 +389,23 @@ impl Engine {
                 Err(ApiError::FailedPrecondition(reason))
                     if reason.contains("no connected node") =>
                 {
-                    pipeline.stages[index].reason = format!("waiting: {reason}");
+                    let now = now_ms();
+                    let since = *pipeline.stages[index].waiting_since_ms.get_or_insert(now);
+                    let limit = self.settings.pipeline_wait_timeout;
+                    if now.saturating_sub(since) >= limit.as_millis() as u64 {
+                        let waited = hotswap_common::timefmt::human_age(limit.as_millis() as u64);
+                        pipeline.stages[index].state = "failed".into();
+                        pipeline.stages[index].reason =
+                            format!("gave up after {waited} (pipeline_wait_timeout): {reason}");
+                        pipeline.state = "failed".into();
+                        pipeline.reason = format!(
+                            "stopped at {}: no connected node there for {waited} (pipeline_wait_timeout)",
+                            stage.environment
+                        );
+                        pipeline.finished_ms = Some(now);
+                    } else {
+                        pipeline.stages[index].reason = format!("waiting: {reason}");
+                    }
                 }
                 // Another deployment of the module runs there: wait for it.
                 Err(ApiError::FailedPrecondition(reason)) if reason.contains("is still") => {
@@ -740,61 +770,10 @@ impl Engine {
     }
 
     /// Canary nodes (healthy on the new version) against baseline nodes
-    /// (not updated yet), over the reports since the hold began.
-    fn analyze(&self, deployment: &Deployment, since_ms: u64) -> Analysis {
-        let module = &deployment.spec.module;
-        let group = |want: NodeState| -> Aggregate {
-            let mut aggregate = Aggregate::default();
-            let (mut requests, mut errors) = (0.0, 0.0);
-            let mut p99s = Vec::new();
-            let (mut cpu, mut memory, mut usage_samples) = (0.0, 0.0, 0.0);
-            for track in deployment.nodes.iter().filter(|t| t.state == want) {
-                aggregate.nodes += 1;
-                let history = self.registry.history(&track.node);
-                let recent: Vec<_> = history.iter().filter(|r| r.at_ms >= since_ms).collect();
-                if let Some(last) = recent.last()
-                    && last
-                        .modules
-                        .iter()
-                        .any(|m| &m.name == module && m.crash_loop)
-                {
-                    aggregate.crash_loops += 1;
-                }
-                for report in recent {
-                    if let Some(m) = report.modules.iter().find(|m| &m.name == module)
-                        && let Some(w) = m.metrics
-                    {
-                        requests += w.request_rate;
-                        errors += w.request_rate * w.error_rate;
-                        if let Some(p) = w.latency_p99_seconds {
-                            p99s.push(p);
-                        }
-                    }
-                    if let Some(u) = report.usage {
-                        cpu += f64::from(u.cpu_percent);
-                        memory += f64::from(u.memory_used_kib) * 1024.0;
-                        usage_samples += 1.0;
-                    }
-                }
-            }
-            if requests > 0.0 {
-                aggregate.error_rate = Some(errors / requests);
-            }
-            if !p99s.is_empty() {
-                p99s.sort_by(f64::total_cmp);
-                // The median of the windows' p99s: robust to one noisy interval.
-                aggregate.latency_p99 = Some(p99s[p99s.len() / 2]);
-            }
-            if usage_samples > 0.0 {
-                aggregate.cpu_percent = Some(cpu / usage_samples);
-                aggregate.memory_bytes = Some(memory / usage_samples);
-            }
-            aggregate
-        };
-        Analysis {
-            canary: group(NodeState::Healthy),
-            baseline: group(NodeState::Waiting),
-        }
+    /// (not updated yet), over the reports since the hold began, less its
+    /// warm-up.
+    fn analyze(&self, deployment: &Deployment, hold_since_ms: u64) -> Analysis {
+        analyze(&self.registry, deployment, hold_since_ms, now_ms())
     }
 
     fn build_spec(&self, request: &CreateRequest, user: &str) -> Result<(Spec, bool), ApiError> {
@@ -867,6 +846,38 @@ impl Engine {
                     .into(),
             ));
         }
+        if (request.analysis_min_requests.is_some() || request.analysis_warmup.is_some())
+            && !matches!(strategy, Strategy::Canary { .. })
+        {
+            return Err(ApiError::InvalidArgument(
+                "--analysis-min-requests and --analysis-warmup apply to the canary strategy only"
+                    .into(),
+            ));
+        }
+        if let Some(pause) = request.pause_timeout
+            && !(Duration::from_secs(1)..=Duration::from_secs(366 * 86_400)).contains(&pause)
+        {
+            return Err(ApiError::InvalidArgument(format!(
+                "--pause-timeout {} must be between 1s and 366d",
+                hotswap_common::timefmt::human_age(pause.as_millis() as u64)
+            )));
+        }
+        if request
+            .analysis_warmup
+            .is_some_and(|w| w > Duration::from_secs(86_400))
+        {
+            return Err(ApiError::InvalidArgument(
+                "--analysis-warmup must be at most 24h".into(),
+            ));
+        }
+        if request
+            .analysis_min_requests
+            .is_some_and(|n| n > 1_000_000_000)
+        {
+            return Err(ApiError::InvalidArgument(
+                "--analysis-min-requests must be at most 1000000000".into(),
+            ));
+        }
         if request.bake_time.is_some() && !matches!(strategy, Strategy::BlueGreen { .. }) {
             return Err(ApiError::InvalidArgument(
                 "--bake-time applies to the blue-green strategy only".into(),
@@ -894,6 +905,7 @@ impl Engine {
             auto_rollback: !request.no_auto_rollback,
             require_approval: env.require_approval,
             approval_timeout_ms: self.settings.approval_timeout.as_millis() as u64,
+            pause_timeout_ms: ms(request.pause_timeout, self.settings.pause_timeout),
             created_by: user.to_string(),
             thresholds: Thresholds {
                 max_error_rate,
@@ -901,6 +913,14 @@ impl Engine {
                 latency_increase,
                 cpu_increase: d.cpu_increase,
                 memory_increase: d.memory_increase,
+                min_requests: request
+                    .analysis_min_requests
+                    .unwrap_or(d.analysis_min_requests),
+                warmup_ms: request
+                    .analysis_warmup
+                    .unwrap_or(d.analysis_warmup)
+                    .as_millis() as u64,
+                ..Thresholds::default()
             },
         };
         Ok((spec, env.require_approval))
@@ -1273,5 +1293,83 @@ fn plan_view(deployment: &Deployment) -> PlanView {
                 )
             })
             .collect(),
+    }
+}
+
+/// Canary analysis of a deployment's step: canary nodes (healthy on the new
+/// version) against baseline nodes (not updated yet), over the reports in
+/// the window from the hold's start plus the warm-up to `now`. Sample
+/// sizes: requests are each node's mean request rate over the window times
+/// the window's length (reports repeat a window between scrapes, so summing
+/// their counts would count twice); usage samples are reports with usage.
+pub fn analyze(
+    registry: &Registry,
+    deployment: &Deployment,
+    hold_since_ms: u64,
+    now: u64,
+) -> Analysis {
+    let module = &deployment.spec.module;
+    let from_ms = hold_since_ms.saturating_add(deployment.spec.thresholds.warmup_ms);
+    let window_s = now.saturating_sub(from_ms) as f64 / 1000.0;
+    let group = |want: NodeState| -> Aggregate {
+        let mut aggregate = Aggregate::default();
+        let (mut rate_sum, mut errors) = (0.0, 0.0);
+        let mut p99s = Vec::new();
+        let (mut cpu, mut memory, mut usage_samples) = (0.0, 0.0, 0u32);
+        for track in deployment.nodes.iter().filter(|t| t.state == want) {
+            aggregate.nodes += 1;
+            let history = registry.history(&track.node);
+            // The crash-loop flag is current state, not a sample: read it
+            // from the latest report whatever the warm-up.
+            if let Some(last) = history.last()
+                && last.at_ms >= hold_since_ms
+                && last
+                    .modules
+                    .iter()
+                    .any(|m| &m.name == module && m.crash_loop)
+            {
+                aggregate.crash_loops += 1;
+            }
+            let (mut node_rates, mut node_windows) = (0.0, 0u32);
+            for report in history.iter().filter(|r| r.at_ms >= from_ms) {
+                if let Some(m) = report.modules.iter().find(|m| &m.name == module)
+                    && let Some(w) = m.metrics
+                {
+                    node_rates += w.request_rate;
+                    node_windows += 1;
+                    rate_sum += w.request_rate;
+                    errors += w.request_rate * w.error_rate;
+                    if let Some(p) = w.latency_p99_seconds {
+                        p99s.push(p);
+                    }
+                }
+                if let Some(u) = report.usage {
+                    cpu += f64::from(u.cpu_percent);
+                    memory += f64::from(u.memory_used_kib) * 1024.0;
+                    usage_samples += 1;
+                }
+            }
+            if node_windows > 0 {
+                aggregate.requests += node_rates / f64::from(node_windows) * window_s;
+            }
+        }
+        if rate_sum > 0.0 {
+            aggregate.error_rate = Some(errors / rate_sum);
+        }
+        if !p99s.is_empty() {
+            p99s.sort_by(f64::total_cmp);
+            // The median of the windows' p99s: robust to one noisy interval.
+            aggregate.latency_p99 = Some(p99s[p99s.len() / 2]);
+        }
+        if usage_samples > 0 {
+            aggregate.cpu_percent = Some(cpu / f64::from(usage_samples));
+            aggregate.memory_bytes = Some(memory / f64::from(usage_samples));
+        }
+        aggregate.usage_samples = usage_samples;
+        aggregate
+    };
+    Analysis {
+        canary: group(NodeState::Healthy),
+        baseline: group(NodeState::Waiting),
     }
 }

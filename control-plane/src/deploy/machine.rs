@@ -60,9 +60,36 @@ pub struct Thresholds {
     pub error_rate_increase: f64,
     /// Canary p99 latency may be at most this multiple of the baseline's.
     pub latency_increase: f64,
-    /// Canary CPU and memory may exceed the baseline's by this fraction.
+    /// Canary CPU and memory may exceed the baseline's by this fraction...
     pub cpu_increase: f64,
     pub memory_increase: f64,
+    /// ...and, to count as worse, also by these absolute margins: percentage
+    /// points of a core, and bytes. A freshly started process uses more of
+    /// both than a warm one; small absolute differences are noise.
+    #[serde(default = "default_cpu_margin")]
+    pub cpu_margin_points: f64,
+    #[serde(default = "default_memory_margin")]
+    pub memory_margin_bytes: f64,
+    /// Requests that canary and baseline each need in the analysis window
+    /// before their metrics are judged; fewer make the verdict inconclusive.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    /// Reports from the first this-many ms of a step's hold are left out
+    /// of its analysis (caches filling, JIT, connection set-up).
+    #[serde(default)]
+    pub warmup_ms: Ms,
+}
+
+fn default_cpu_margin() -> f64 {
+    10.0
+}
+
+fn default_memory_margin() -> f64 {
+    64.0 * 1024.0 * 1024.0
+}
+
+fn default_min_requests() -> u64 {
+    50
 }
 
 impl Default for Thresholds {
@@ -73,6 +100,10 @@ impl Default for Thresholds {
             latency_increase: 2.0,
             cpu_increase: 0.3,
             memory_increase: 0.3,
+            cpu_margin_points: default_cpu_margin(),
+            memory_margin_bytes: default_memory_margin(),
+            min_requests: default_min_requests(),
+            warmup_ms: 10_000,
         }
     }
 }
@@ -93,6 +124,10 @@ pub struct Spec {
     /// (0: never).
     #[serde(default)]
     pub approval_timeout_ms: Ms,
+    /// `paused`, and every wait for `deploy promote`, fail the deployment
+    /// after this long (0: never, only in records from before the bound).
+    #[serde(default)]
+    pub pause_timeout_ms: Ms,
     pub created_by: String,
     pub thresholds: Thresholds,
 }
@@ -172,7 +207,7 @@ impl NodeState {
         }
     }
 
-    fn is_failure(self) -> bool {
+    pub fn is_failure(self) -> bool {
         matches!(self, NodeState::Failed | NodeState::Lost)
     }
 }
@@ -189,6 +224,10 @@ pub struct NodeTrack {
     pub wave: usize,
     /// The deployment changed this node's desired state (rollback returns it).
     pub touched: bool,
+    /// Why the node failed, once it did; while it is still updating, an
+    /// infrastructure failure it is retrying.
+    #[serde(default)]
+    pub failure_kind: Option<FailureKind>,
 }
 
 /// A module's phase on a node, as its agent reports it.
@@ -263,6 +302,15 @@ impl FailureKind {
     }
 }
 
+impl NodeTrack {
+    /// Failed or lost for a reason that counts against the release. A
+    /// failure without a kind comes from a record written before kinds
+    /// existed, when every failure counted.
+    pub fn counts_as_failure(&self) -> bool {
+        self.state.is_failure() && self.failure_kind != Some(FailureKind::Infrastructure)
+    }
+}
+
 /// What a node reports, as the engine sees it at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeReport {
@@ -297,6 +345,14 @@ pub struct Aggregate {
     pub memory_bytes: Option<f64>,
     pub crash_loops: u32,
     pub nodes: u32,
+    /// Requests served in the analysis window (the sample size of the
+    /// error rate and latency).
+    #[serde(default)]
+    pub requests: f64,
+    /// Usage reports in the analysis window (the sample size of CPU and
+    /// memory).
+    #[serde(default)]
+    pub usage_samples: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -309,9 +365,38 @@ pub struct Analysis {
 pub struct Verdict {
     pub at_ms: Ms,
     pub step: usize,
+    /// `outcome != Failed`.
     pub passed: bool,
+    #[serde(default)]
+    pub outcome: Outcome,
     pub summary: String,
     pub analysis: Analysis,
+}
+
+/// What a canary verdict concluded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Enough evidence, and none of it worse than the thresholds allow.
+    #[default]
+    Passed,
+    /// Evidence that the canary is worse.
+    Failed,
+    /// Too little traffic to judge; the step is held longer.
+    Inconclusive,
+    /// Still too little traffic after three times the step duration:
+    /// passed on health alone.
+    HealthOnly,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Passed => "passed",
+            Outcome::Failed => "failed",
+            Outcome::Inconclusive => "inconclusive",
+            Outcome::HealthOnly => "health_only",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -386,6 +471,9 @@ pub struct Deployment {
     pub switched: bool,
     pub awaiting_promote: bool,
     pub paused_from: Option<State>,
+    /// When the current pause, or wait for `deploy promote`, began.
+    #[serde(default)]
+    pub waiting_since_ms: Option<Ms>,
     pub reason: String,
     pub approved_by: String,
     pub created_ms: Ms,
@@ -402,6 +490,7 @@ impl Deployment {
             self.created_ms,
             self.wave_started_ms,
             self.hold_since_ms.unwrap_or(0),
+            self.waiting_since_ms.unwrap_or(0),
             self.finished_ms.unwrap_or(0),
         ]
         .into_iter()
@@ -439,6 +528,139 @@ impl Deployment {
             self.nodes[i].since_ms = since_ms;
         }
         only
+    }
+}
+
+/// One node's transition on its report, while the deployment runs.
+///
+/// A failure the agent classes as infrastructure (fetch, disk) keeps the
+/// node updating: the agent retries it with backoff, and only the health
+/// deadline ends the wait, with the failure still classed infrastructure.
+/// A node that goes silent is lost, also an infrastructure failure. Neither
+/// counts against the release.
+fn observe_node(node: &mut NodeTrack, report: &NodeReport, target: &str, deadline: Ms, now: Ms) {
+    let late = now.saturating_sub(node.since_ms) > deadline;
+    let deadline_s = deadline / 1000;
+    let fail = |node: &mut NodeTrack, kind: FailureKind, reason: String| {
+        node.state = NodeState::Failed;
+        node.failure_kind = Some(kind);
+        node.reason = reason;
+    };
+    let lose = |node: &mut NodeTrack, reason: String| {
+        node.state = NodeState::Lost;
+        node.failure_kind = Some(FailureKind::Infrastructure);
+        node.reason = reason;
+    };
+    // An infrastructure failure of the agent's own, which it is retrying.
+    let retrying = report.connected
+        && report.current
+        && report.phase == Phase::Failed
+        && report.failure == Some(FailureKind::Infrastructure);
+    match node.state {
+        NodeState::Staging => {
+            if report.connected && (report.staged_version == target || report.version == target) {
+                node.state = NodeState::Staged;
+                node.since_ms = now;
+                node.failure_kind = None;
+            } else if retrying && !late {
+                node.failure_kind = Some(FailureKind::Infrastructure);
+                node.reason = format!("retrying: {}", report.message);
+            } else if report.connected
+                && report.current
+                && report.phase == Phase::Failed
+                && report.staged_version != target
+                && report.version != target
+                && !retrying
+            {
+                fail(
+                    node,
+                    FailureKind::Release,
+                    format!("staging failed: {}", report.message),
+                );
+            } else if late {
+                let why = format!("not staged within the {deadline_s}s health deadline");
+                if !report.connected {
+                    lose(node, why);
+                } else if node.failure_kind == Some(FailureKind::Infrastructure) {
+                    let last = std::mem::take(&mut node.reason);
+                    fail(node, FailureKind::Infrastructure, format!("{why} ({last})"));
+                } else {
+                    fail(node, FailureKind::Release, why);
+                }
+            }
+        }
+        NodeState::Updating => {
+            let on_target = report.connected && report.version == target;
+            if on_target && report.current && report.crash_loop {
+                fail(node, FailureKind::Release, "crash loop".into());
+            } else if on_target
+                && report.current
+                && report.health == Health::Unhealthy
+                && report.phase == Phase::Running
+            {
+                fail(
+                    node,
+                    FailureKind::Release,
+                    format!("unhealthy: {}", report.message),
+                );
+            } else if on_target && report.phase == Phase::Running {
+                node.state = NodeState::Healthy;
+                node.since_ms = now;
+                node.failure_kind = None;
+                node.reason.clear();
+            } else if retrying && !late {
+                node.failure_kind = Some(FailureKind::Infrastructure);
+                node.reason = format!("retrying: {}", report.message);
+            } else if report.connected
+                && report.current
+                && report.phase == Phase::Failed
+                && report.version != target
+                && !retrying
+            {
+                let reason = if report.message.is_empty() {
+                    "activation failed".into()
+                } else {
+                    report.message.clone()
+                };
+                fail(node, FailureKind::Release, reason);
+            } else if late {
+                if !report.connected {
+                    lose(
+                        node,
+                        format!("silent: no report within the {deadline_s}s health deadline"),
+                    );
+                } else {
+                    let why =
+                        format!("not healthy on {target} within the {deadline_s}s health deadline");
+                    if node.failure_kind == Some(FailureKind::Infrastructure) {
+                        let last = std::mem::take(&mut node.reason);
+                        fail(node, FailureKind::Infrastructure, format!("{why} ({last})"));
+                    } else {
+                        fail(node, FailureKind::Release, why);
+                    }
+                }
+            }
+        }
+        NodeState::Healthy => {
+            // A node that regresses while the deployment watches counts as failed.
+            if report.connected
+                && report.version == target
+                && (report.crash_loop || report.health == Health::Unhealthy)
+            {
+                let reason = if report.crash_loop {
+                    "crash loop".into()
+                } else {
+                    format!("became unhealthy: {}", report.message)
+                };
+                fail(node, FailureKind::Release, reason);
+            } else if !report.connected && now.saturating_sub(node.since_ms) > deadline {
+                lose(node, "went silent after becoming healthy".into());
+            } else if report.connected {
+                // Last seen: silence is timed from here.
+                node.since_ms = now;
+            }
+        }
+        _ => {}
     }
 }
 
@@ -480,83 +702,149 @@ pub fn plan_waves(strategy: &Strategy, count: usize) -> Vec<Vec<usize>> {
     }
 }
 
-/// Judge a canary against its baseline.
-pub fn judge(t: &Thresholds, a: &Analysis) -> (bool, String) {
+/// Judge a canary against its baseline on the evidence the analysis window
+/// holds. Crash loops fail at once. CPU and memory are evidence of their own
+/// (usage is reported whether or not the module serves traffic) and count
+/// as worse only beyond both the relative and the absolute margin. Error
+/// rate and latency are judged only once canary and baseline each served
+/// `min_requests`; with fewer the verdict is [`Outcome::Inconclusive`]. With
+/// no baseline (the last step, 100 %) only the absolute error-rate ceiling
+/// applies, on the canary's own sample. The summary always states the
+/// sample sizes.
+pub fn judge(t: &Thresholds, a: &Analysis) -> (Outcome, String) {
+    let (canary, baseline) = (&a.canary, &a.baseline);
+    let has_baseline = baseline.nodes > 0;
     let mut problems = Vec::new();
     let mut notes = Vec::new();
-    if a.canary.crash_loops > 0 {
+    let mut usage_notes = Vec::new();
+    if canary.crash_loops > 0 {
         problems.push(format!(
             "{} canary node(s) in a crash loop",
-            a.canary.crash_loops
+            canary.crash_loops
         ));
     }
-    if let Some(ce) = a.canary.error_rate {
-        notes.push(format!(
-            "error rate {:.2}% (baseline {})",
-            ce * 100.0,
-            pct(a.baseline.error_rate)
-        ));
-        if ce > t.max_error_rate {
+    if has_baseline
+        && canary.usage_samples > 0
+        && baseline.usage_samples > 0
+        && let (Some(cc), Some(bc)) = (canary.cpu_percent, baseline.cpu_percent)
+    {
+        usage_notes.push(format!("cpu {cc:.0}% (baseline {bc:.0}%)"));
+        if cc > bc * (1.0 + t.cpu_increase) && cc - bc > t.cpu_margin_points {
             problems.push(format!(
-                "error rate {:.2}% above the {:.2}% ceiling",
-                ce * 100.0,
-                t.max_error_rate * 100.0
-            ));
-        } else if let Some(be) = a.baseline.error_rate
-            // Small absolute differences near zero are noise, not regressions.
-            && ce > be * (1.0 + t.error_rate_increase)
-            && ce - be > 0.01
-        {
-            problems.push(format!(
-                "error rate {:.2}% exceeds baseline {:.2}% by more than {:.0}%",
-                ce * 100.0,
-                be * 100.0,
-                t.error_rate_increase * 100.0
+                "cpu {cc:.0}% vs baseline {bc:.0}%: more than +{:.0}% and +{:.0} points",
+                t.cpu_increase * 100.0,
+                t.cpu_margin_points
             ));
         }
     }
-    if let (Some(cl), Some(bl)) = (a.canary.latency_p99, a.baseline.latency_p99) {
-        notes.push(format!(
-            "p99 {:.0}ms (baseline {:.0}ms)",
-            cl * 1000.0,
-            bl * 1000.0
-        ));
-        if bl > 0.0 && cl > bl * t.latency_increase && cl - bl > 0.005 {
-            problems.push(format!(
-                "p99 latency {:.0}ms is more than {:.1}x the baseline's {:.0}ms",
-                cl * 1000.0,
-                t.latency_increase,
-                bl * 1000.0
-            ));
-        }
-    }
-    if let (Some(cc), Some(bc)) = (a.canary.cpu_percent, a.baseline.cpu_percent)
-        && cc > bc * (1.0 + t.cpu_increase)
-        && cc - bc > 10.0
+    if has_baseline
+        && canary.usage_samples > 0
+        && baseline.usage_samples > 0
+        && let (Some(cm), Some(bm)) = (canary.memory_bytes, baseline.memory_bytes)
     {
-        problems.push(format!("cpu {cc:.0}% vs baseline {bc:.0}%"));
-    }
-    if let (Some(cm), Some(bm)) = (a.canary.memory_bytes, a.baseline.memory_bytes)
-        && cm > bm * (1.0 + t.memory_increase)
-        && cm - bm > 256.0 * 1024.0 * 1024.0
-    {
-        problems.push(format!(
-            "memory {:.0} MiB vs baseline {:.0} MiB",
+        usage_notes.push(format!(
+            "memory {:.0} MiB (baseline {:.0} MiB)",
             cm / 1048576.0,
             bm / 1048576.0
         ));
+        if cm > bm * (1.0 + t.memory_increase) && cm - bm > t.memory_margin_bytes {
+            problems.push(format!(
+                "memory {:.0} MiB vs baseline {:.0} MiB: more than +{:.0}% and +{:.0} MiB",
+                cm / 1048576.0,
+                bm / 1048576.0,
+                t.memory_increase * 100.0,
+                t.memory_margin_bytes / 1048576.0
+            ));
+        }
     }
-    if problems.is_empty() {
-        (
-            true,
-            if notes.is_empty() {
-                "no metrics to compare; health only".to_string()
-            } else {
-                notes.join(", ")
-            },
+    let min = t.min_requests as f64;
+    let enough = canary.requests >= min && (!has_baseline || baseline.requests >= min);
+    if enough {
+        if let Some(ce) = canary.error_rate {
+            notes.push(format!(
+                "error rate {:.2}% (baseline {})",
+                ce * 100.0,
+                pct(baseline.error_rate)
+            ));
+            if ce > t.max_error_rate {
+                problems.push(format!(
+                    "error rate {:.2}% above the {:.2}% ceiling",
+                    ce * 100.0,
+                    t.max_error_rate * 100.0
+                ));
+            } else if has_baseline
+                && let Some(be) = baseline.error_rate
+                // Small absolute differences near zero are noise, not regressions.
+                && ce > be * (1.0 + t.error_rate_increase)
+                && ce - be > 0.01
+            {
+                problems.push(format!(
+                    "error rate {:.2}% exceeds baseline {:.2}% by more than {:.0}%",
+                    ce * 100.0,
+                    be * 100.0,
+                    t.error_rate_increase * 100.0
+                ));
+            }
+        }
+        if has_baseline && let (Some(cl), Some(bl)) = (canary.latency_p99, baseline.latency_p99) {
+            notes.push(format!(
+                "p99 {:.0}ms (baseline {:.0}ms)",
+                cl * 1000.0,
+                bl * 1000.0
+            ));
+            if bl > 0.0 && cl > bl * t.latency_increase && cl - bl > 0.005 {
+                problems.push(format!(
+                    "p99 latency {:.0}ms is more than {:.1}x the baseline's {:.0}ms",
+                    cl * 1000.0,
+                    t.latency_increase,
+                    bl * 1000.0
+                ));
+            }
+        }
+    }
+    notes.extend(usage_notes);
+    let sample = if has_baseline {
+        format!(
+            "sample: canary {:.0} requests, {} usage reports on {} node(s); baseline {:.0} requests, {} usage reports on {} node(s)",
+            canary.requests,
+            canary.usage_samples,
+            canary.nodes,
+            baseline.requests,
+            baseline.usage_samples,
+            baseline.nodes
         )
     } else {
-        (false, problems.join("; "))
+        format!(
+            "sample: canary {:.0} requests, {} usage reports on {} node(s); no baseline",
+            canary.requests, canary.usage_samples, canary.nodes
+        )
+    };
+    if !problems.is_empty() {
+        (
+            Outcome::Failed,
+            format!("{}; {sample}", problems.join("; ")),
+        )
+    } else if !enough {
+        let short = if canary.requests < min {
+            "canary"
+        } else {
+            "baseline"
+        };
+        (
+            Outcome::Inconclusive,
+            format!(
+                "inconclusive: {short} served fewer than the {} requests needed; {}{sample}",
+                t.min_requests,
+                notes.iter().map(|n| format!("{n}; ")).collect::<String>()
+            ),
+        )
+    } else if notes.is_empty() {
+        (
+            Outcome::Passed,
+            format!("no metrics worse than the baseline; {sample}"),
+        )
+    } else {
+        (Outcome::Passed, format!("{}; {sample}", notes.join(", ")))
     }
 }
 
@@ -585,6 +873,7 @@ impl Deployment {
                 reason: String::new(),
                 wave: 0,
                 touched: false,
+                failure_kind: None,
             })
             .collect();
         for (w, members) in waves.iter().enumerate() {
@@ -607,6 +896,7 @@ impl Deployment {
             switched: false,
             awaiting_promote: false,
             paused_from: None,
+            waiting_since_ms: None,
             reason: String::new(),
             approved_by: String::new(),
             created_ms: now,
@@ -688,8 +978,17 @@ impl Deployment {
         actions
     }
 
+    /// Release failures: what counts against `max_failures`.
     pub fn failures(&self) -> u32 {
-        self.nodes.iter().filter(|n| n.state.is_failure()).count() as u32
+        self.nodes.iter().filter(|n| n.counts_as_failure()).count() as u32
+    }
+
+    /// Nodes that failed for reasons of their own, not the release's.
+    pub fn infrastructure_failures(&self) -> u32 {
+        self.nodes
+            .iter()
+            .filter(|n| n.state.is_failure() && n.failure_kind == Some(FailureKind::Infrastructure))
+            .count() as u32
     }
 
     /// In words, what the deployment waits for.
@@ -737,6 +1036,7 @@ impl Deployment {
         self.state = state;
         self.finished_ms = Some(now);
         self.awaiting_promote = false;
+        self.waiting_since_ms = None;
         self.reason = reason.clone();
         vec![Action::Note(format!(
             "deployment {}: {reason}",
@@ -780,6 +1080,7 @@ impl Deployment {
                 }
                 self.paused_from = Some(state);
                 self.state = State::Paused;
+                self.waiting_since_ms = Some(now);
                 Ok(vec![Action::Note("paused".into())])
             }
             Control::Resume => {
@@ -787,6 +1088,8 @@ impl Deployment {
                     return refuse("resume");
                 }
                 self.state = self.paused_from.take().unwrap_or(State::Running);
+                // A promote wait that the pause interrupted starts over.
+                self.waiting_since_ms = self.awaiting_promote.then_some(now);
                 // Deadlines do not count the paused time against the wave.
                 self.wave_started_ms = now;
                 for node in self
@@ -806,6 +1109,7 @@ impl Deployment {
                     )));
                 }
                 self.awaiting_promote = false;
+                self.waiting_since_ms = None;
                 Ok(self.advance(now))
             }
             Control::Abort { reason } => {
@@ -838,6 +1142,7 @@ impl Deployment {
         self.state = State::RollingBack;
         self.reason = reason.clone();
         self.awaiting_promote = false;
+        self.waiting_since_ms = None;
         self.finished_ms = None;
         let mut actions = vec![Action::Note(format!("rolling back: {reason}"))];
         for node in self.nodes.iter_mut().filter(|n| n.touched) {
@@ -851,24 +1156,55 @@ impl Deployment {
         actions
     }
 
-    /// Start the next wave, or finish when none is left.
+    /// Start the next wave, or finish when none is left. Nodes that failed
+    /// on infrastructure are left marked; if no node at all runs the new
+    /// version, nothing proved the release good or bad: the deployment
+    /// fails without a rollback.
     fn advance(&mut self, now: Ms) -> Vec<Action> {
         if self.wave + 1 < self.waves {
-            self.begin_wave(self.wave + 1, now)
-        } else {
-            let failed = self.failures();
-            let reason = if failed == 0 {
-                format!("all {} node(s) run {}", self.nodes.len(), self.spec.version)
-            } else {
-                format!(
-                    "{} node(s) run {}, {failed} failed (within the budget of {})",
-                    self.nodes.len() as u32 - failed,
-                    self.spec.version,
-                    self.spec.max_failures
-                )
-            };
-            self.finish(State::Succeeded, reason, now)
+            return self.begin_wave(self.wave + 1, now);
         }
+        let failed = self.failures();
+        let infrastructure: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.state.is_failure() && n.failure_kind == Some(FailureKind::Infrastructure))
+            .map(|n| format!("{} ({})", n.name, n.reason))
+            .collect();
+        let healthy = self
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Healthy)
+            .count();
+        if healthy == 0 && !infrastructure.is_empty() {
+            return self.finish(
+                State::Failed,
+                format!(
+                    "infrastructure: no node could be updated to {}: {}",
+                    self.spec.version,
+                    infrastructure.join(", ")
+                ),
+                now,
+            );
+        }
+        let mut reason = format!("{healthy} node(s) run {}", self.spec.version);
+        if failed == 0 && infrastructure.is_empty() {
+            reason = format!("all {} node(s) run {}", self.nodes.len(), self.spec.version);
+        }
+        if failed > 0 {
+            reason.push_str(&format!(
+                ", {failed} release failure(s) (within the budget of {})",
+                self.spec.max_failures
+            ));
+        }
+        if !infrastructure.is_empty() {
+            reason.push_str(&format!(
+                ", {} infrastructure failure(s) not counted against the release: {}",
+                infrastructure.len(),
+                infrastructure.join(", ")
+            ));
+        }
+        self.finish(State::Succeeded, reason, now)
     }
 
     fn observe(&mut self, now: Ms, reports: &Reports, analysis: Option<&Analysis>) -> Vec<Action> {
@@ -896,112 +1232,37 @@ impl Deployment {
         let deadline = self.spec.health_deadline_ms;
         for node in &mut self.nodes {
             let report = reports.get(&node.node).unwrap_or(&NO_REPORT);
-            let late = now.saturating_sub(node.since_ms) > deadline;
-            match node.state {
-                NodeState::Staging => {
-                    if report.connected
-                        && (report.staged_version == target || report.version == target)
-                    {
-                        node.state = NodeState::Staged;
-                        node.since_ms = now;
-                    } else if report.connected
-                        && report.current
-                        && report.phase == Phase::Failed
-                        && report.staged_version != target
-                        && report.version != target
-                    {
-                        node.state = NodeState::Failed;
-                        node.reason = format!("staging failed: {}", report.message);
-                    } else if late {
-                        node.state = if report.connected {
-                            NodeState::Failed
-                        } else {
-                            NodeState::Lost
-                        };
-                        node.reason =
-                            format!("not staged within the {}s health deadline", deadline / 1000);
-                    }
-                }
-                NodeState::Updating => {
-                    let on_target = report.connected && report.version == target;
-                    if on_target && report.current && report.crash_loop {
-                        node.state = NodeState::Failed;
-                        node.reason = "crash loop".into();
-                    } else if on_target
-                        && report.current
-                        && report.health == Health::Unhealthy
-                        && report.phase == Phase::Running
-                    {
-                        node.state = NodeState::Failed;
-                        node.reason = format!("unhealthy: {}", report.message);
-                    } else if on_target && report.phase == Phase::Running {
-                        node.state = NodeState::Healthy;
-                        node.since_ms = now;
-                    } else if report.connected
-                        && report.current
-                        && report.phase == Phase::Failed
-                        && report.version != target
-                    {
-                        node.state = NodeState::Failed;
-                        node.reason = if report.message.is_empty() {
-                            "activation failed".into()
-                        } else {
-                            report.message.clone()
-                        };
-                    } else if late {
-                        node.state = if report.connected {
-                            NodeState::Failed
-                        } else {
-                            NodeState::Lost
-                        };
-                        node.reason = if report.connected {
-                            format!(
-                                "not healthy on {target} within the {}s health deadline",
-                                deadline / 1000
-                            )
-                        } else {
-                            format!(
-                                "silent: no report within the {}s health deadline",
-                                deadline / 1000
-                            )
-                        };
-                    }
-                }
-                NodeState::Healthy => {
-                    // A node that regresses while the deployment watches counts as failed.
-                    if report.connected
-                        && report.version == target
-                        && (report.crash_loop || report.health == Health::Unhealthy)
-                    {
-                        node.state = NodeState::Failed;
-                        node.reason = if report.crash_loop {
-                            "crash loop".into()
-                        } else {
-                            format!("became unhealthy: {}", report.message)
-                        };
-                    } else if !report.connected && now.saturating_sub(node.since_ms) > deadline {
-                        node.state = NodeState::Lost;
-                        node.reason = "went silent after becoming healthy".into();
-                    } else if report.connected {
-                        // Last seen: silence is timed from here.
-                        node.since_ms = now;
-                    }
-                }
-                _ => {}
-            }
+            observe_node(node, report, &target, deadline, now);
         }
         let failures = self.failures();
         if failures > self.spec.max_failures {
             let failed: Vec<String> = self
                 .nodes
                 .iter()
-                .filter(|n| n.state.is_failure())
+                .filter(|n| n.counts_as_failure())
                 .map(|n| format!("{} ({})", n.name, n.reason))
                 .collect();
             let reason = format!(
-                "{failures} node(s) failed, more than the {} allowed: {}",
+                "{failures} release failure(s), more than the {} allowed: {}",
                 self.spec.max_failures,
                 failed.join(", ")
+            );
+            return self.fail(reason, now);
+        }
+        let timeout = self.spec.pause_timeout_ms;
+        if timeout > 0
+            && (self.state == State::Paused || self.awaiting_promote)
+            && let Some(since) = self.waiting_since_ms
+            && now.saturating_sub(since) >= timeout
+        {
+            let what = if self.state == State::Paused {
+                "paused"
+            } else {
+                "waiting for deploy promote"
+            };
+            let reason = format!(
+                "{what} for longer than the {} pause timeout",
+                hotswap_common::timefmt::human_age(timeout)
             );
             return self.fail(reason, now);
         }
@@ -1054,40 +1315,68 @@ impl Deployment {
                 }
                 let hold = match &self.spec.strategy {
                     Strategy::Rolling { min_healthy_ms, .. } => *min_healthy_ms,
-                    Strategy::Canary { step_ms, .. } if self.wave + 1 < self.waves => *step_ms,
+                    // Every step is held, the last (100 %) one too.
+                    Strategy::Canary { step_ms, .. } => *step_ms,
                     _ => 0,
                 };
                 let since = *self.hold_since_ms.get_or_insert(now);
+                let held = now.saturating_sub(since);
                 if let (Strategy::Canary { .. }, Some(analysis)) = (&self.spec.strategy, analysis) {
-                    let (passed, summary) = judge(&self.spec.thresholds, analysis);
-                    if !passed {
+                    let (outcome, summary) = judge(&self.spec.thresholds, analysis);
+                    let step = wave + 1;
+                    let noted = self
+                        .analysis
+                        .iter()
+                        .any(|v| v.step == wave && v.outcome == Outcome::Inconclusive);
+                    let mut record = |outcome: Outcome, summary: String| {
                         self.analysis.push(Verdict {
                             at_ms: now,
                             step: wave,
-                            passed,
-                            summary: summary.clone(),
+                            passed: outcome != Outcome::Failed,
+                            outcome,
+                            summary,
                             analysis: analysis.clone(),
                         });
-                        return self.fail(
-                            format!("canary analysis failed at step {}: {summary}", wave + 1),
-                            now,
-                        );
-                    }
-                    if now.saturating_sub(since) >= hold && !self.awaiting_promote {
-                        self.analysis.push(Verdict {
-                            at_ms: now,
-                            step: wave,
-                            passed,
-                            summary: summary.clone(),
-                            analysis: analysis.clone(),
-                        });
-                        actions.push(Action::Note(format!(
-                            "analysis of step {} passed: {summary}",
-                            wave + 1
-                        )));
+                    };
+                    match outcome {
+                        Outcome::Failed => {
+                            record(outcome, summary.clone());
+                            return self.fail(
+                                format!("canary analysis failed at step {step}: {summary}"),
+                                now,
+                            );
+                        }
+                        _ if self.awaiting_promote || held < hold => return actions,
+                        Outcome::Passed | Outcome::HealthOnly => {
+                            record(Outcome::Passed, summary.clone());
+                            actions.push(Action::Note(format!(
+                                "analysis of step {step} passed: {summary}"
+                            )));
+                        }
+                        Outcome::Inconclusive if held < hold.saturating_mul(3) => {
+                            if !noted {
+                                record(Outcome::Inconclusive, summary.clone());
+                                actions.push(Action::Note(format!(
+                                    "analysis of step {step} {summary}; holding the step up to {}",
+                                    hotswap_common::timefmt::human_age(hold.saturating_mul(3))
+                                )));
+                            }
+                            return actions;
+                        }
+                        Outcome::Inconclusive => {
+                            let summary = format!(
+                                "still too little traffic after {}, judged on health alone: healthy; {}",
+                                hotswap_common::timefmt::human_age(held),
+                                summary.trim_start_matches("inconclusive: ")
+                            );
+                            record(Outcome::HealthOnly, summary.clone());
+                            actions.push(Action::Note(format!(
+                                "analysis of step {step} passed on health alone: {summary}"
+                            )));
+                        }
                     }
                 }
-                if self.awaiting_promote || now.saturating_sub(since) < hold {
+                if self.awaiting_promote || held < hold {
                     return actions;
                 }
                 if let Strategy::Canary {
@@ -1097,6 +1386,7 @@ impl Deployment {
                     && self.wave + 1 < self.waves
                 {
                     self.awaiting_promote = true;
+                    self.waiting_since_ms = Some(now);
                     actions.push(Action::Note(format!(
                         "step {} healthy; waiting for deploy promote",
                         wave + 1
@@ -1169,7 +1459,12 @@ impl Deployment {
             .filter(|n| n.state == NodeState::RollingBack)
         {
             let report = reports.get(&node.node).unwrap_or(&NO_REPORT);
+            // Back only once the agent acted on the rollback and no other
+            // version of the module (the abandoned one in its health gate,
+            // or draining) still starts, stops or serves there.
             let back = report.connected
+                && report.current
+                && report.settling.is_empty()
                 && ((node.from_version.is_empty() && report.version.is_empty())
                     || (report.version == node.from_version && report.phase == Phase::Running));
             if back {
@@ -1177,6 +1472,7 @@ impl Deployment {
                 node.since_ms = now;
             } else if now.saturating_sub(node.since_ms) > deadline {
                 node.state = NodeState::Lost;
+                node.failure_kind = Some(FailureKind::Infrastructure);
                 node.reason = format!(
                     "did not return to {:?} within the {}s health deadline",
                     node.from_version,

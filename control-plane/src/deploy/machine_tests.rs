@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::collection::vec as pvec;
 use proptest::prelude::{Just, ProptestConfig, any};
 use proptest::strategy::Strategy as Gen;
-use proptest::{prop_assert, prop_assert_eq, prop_oneof, proptest};
+use proptest::{prop_assert, prop_assert_eq, prop_assert_ne, prop_oneof, proptest};
 
 use super::*;
 
@@ -38,6 +38,7 @@ fn spec(strategy: Strategy) -> Spec {
         auto_rollback: true,
         require_approval: false,
         approval_timeout_ms: 0,
+        pause_timeout_ms: 0,
         created_by: "alice".into(),
         thresholds: Thresholds::default(),
     }
@@ -218,6 +219,8 @@ fn metrics(error_rate: f64, latency_p99: f64) -> Aggregate {
         memory_bytes: Some(64.0 * MIB),
         crash_loops: 0,
         nodes: 2,
+        requests: 1000.0,
+        usage_samples: 10,
     }
 }
 
@@ -260,9 +263,15 @@ enum Behaviour {
     Absent,
     /// Good(1), but disconnected from fleet tick `from` for `ticks` ticks.
     Flaky { from: u64, ticks: u64 },
+    /// Cannot fetch the new version (an infrastructure failure the agent
+    /// retries) until fleet tick `until`, then Good(1).
+    Infra { until: u64 },
+    /// Good(1), but an abandoned version keeps settling (its candidate still
+    /// inside the health gate) for `n` ticks after a desired state replaces it.
+    Lingering(u64),
 }
 
-use Behaviour::{Absent, Bad, CrashLoop, Flaky, Good, Silent, Stale, Unhealthy};
+use Behaviour::{Absent, Bad, CrashLoop, Flaky, Good, Infra, Lingering, Silent, Stale, Unhealthy};
 
 impl Behaviour {
     fn delay(self) -> u64 {
@@ -278,6 +287,9 @@ struct FakeNode {
     behaviour: Behaviour,
     /// Version the node ran when its latest desired state was set.
     before: String,
+    /// The previous desired active version, while a [`Lingering`] node
+    /// still settles it.
+    abandoned: String,
     /// Latest desired state: active, staged, fleet tick it was set at.
     desired: Option<(String, String, u64)>,
 }
@@ -306,7 +318,19 @@ impl FakeNode {
             return Some(report);
         }
         let involves_new = active == TARGET || staged == TARGET;
+        let lingering = match self.behaviour {
+            Lingering(n) => {
+                !self.abandoned.is_empty() && self.abandoned != *active && tick < at + n
+            }
+            _ => false,
+        };
         match self.behaviour {
+            Infra { until } if involves_new && tick < until => {
+                report.phase = Phase::Failed;
+                report.health = Health::Unknown;
+                report.failure = Some(FailureKind::Infrastructure);
+                report.message = "fetch failed: connection reset".into();
+            }
             Bad(_) if involves_new => {
                 report.phase = Phase::Failed;
                 report.health = Health::Unknown;
@@ -332,6 +356,9 @@ impl FakeNode {
                 report = settled(active);
                 report.staged_version = staged.clone();
             }
+        }
+        if lingering {
+            report.settling = vec![self.abandoned.clone()];
         }
         Some(report)
     }
@@ -381,6 +408,11 @@ impl Fleet {
         if let Some(report) = n.report(tick) {
             n.before = report.version;
         }
+        n.abandoned = n
+            .desired
+            .as_ref()
+            .map(|(a, _, _)| a.clone())
+            .unwrap_or_default();
         n.desired = Some((active.to_string(), staged.to_string(), tick));
     }
 }
@@ -422,6 +454,7 @@ impl Sim {
                         FakeNode {
                             behaviour: *behaviour,
                             before: from.to_string(),
+                            abandoned: String::new(),
                             desired: None,
                         },
                     )
@@ -967,8 +1000,8 @@ fn canary_holds_each_step_for_step_ms_and_records_passing_verdicts() {
     let finished = sim.dep.finished_ms.unwrap();
     assert_eq!(
         finished,
-        sim.healthy_at(3),
-        "the last step (100%) has no hold"
+        sim.healthy_at(3) + 5_000,
+        "the last step (100%) is held like the others"
     );
     let verdicts: Vec<(usize, bool, Ms)> = sim
         .dep
@@ -1169,7 +1202,7 @@ fn a_failed_node_rolls_back_exactly_the_touched_nodes() {
     );
     assert_eq!(
         sim.dep.reason,
-        "1 node(s) failed, more than the 0 allowed: node-01 (activation failed: exit status 1)"
+        "1 release failure(s), more than the 0 allowed: node-01 (activation failed: exit status 1)"
     );
     assert_eq!(sim.dep.finished_ms, None);
     let rollback: Vec<Action> = sim
@@ -1183,7 +1216,7 @@ fn a_failed_node_rolls_back_exactly_the_touched_nodes() {
         [set(&id(0), ""), set(&id(1), OLD)],
         "to from_version, \"\" for a fresh install"
     );
-    assert!(has_note(&rollback, "rolling back: 1 node(s) failed"));
+    assert!(has_note(&rollback, "rolling back: 1 release failure(s)"));
     assert_eq!(
         sim.dep.waiting_for(at),
         "nodes to return to their previous version"
@@ -1197,7 +1230,7 @@ fn a_failed_node_rolls_back_exactly_the_touched_nodes() {
     assert_eq!(sim.dep.state, State::RolledBack);
     assert_eq!(
         sim.dep.reason,
-        "1 node(s) failed, more than the 0 allowed: node-01 (activation failed: exit status 1)"
+        "1 release failure(s), more than the 0 allowed: node-01 (activation failed: exit status 1)"
     );
     assert_eq!(sim.dep.finished_ms, Some(sim.now));
     for (i, (_, from)) in nodes.iter().enumerate().take(2) {
@@ -1268,25 +1301,25 @@ fn the_failure_budget_tolerates_max_failures() {
             max_failures: 1,
             bad: &[1],
             state: State::Succeeded,
-            reason: "4 node(s) run 2.0.0, 1 failed (within the budget of 1)",
+            reason: "4 node(s) run 2.0.0, 1 release failure(s) (within the budget of 1)",
         },
         Case {
             max_failures: 2,
             bad: &[1, 3],
             state: State::Succeeded,
-            reason: "3 node(s) run 2.0.0, 2 failed (within the budget of 2)",
+            reason: "3 node(s) run 2.0.0, 2 release failure(s) (within the budget of 2)",
         },
         Case {
             max_failures: 1,
             bad: &[1, 3],
             state: State::RolledBack,
-            reason: "2 node(s) failed, more than the 1 allowed",
+            reason: "2 release failure(s), more than the 1 allowed",
         },
         Case {
             max_failures: 0,
             bad: &[4],
             state: State::RolledBack,
-            reason: "1 node(s) failed, more than the 0 allowed: node-04",
+            reason: "1 release failure(s), more than the 0 allowed: node-04",
         },
     ];
     for case in cases {
@@ -1378,7 +1411,14 @@ fn each_kind_of_failure_is_detected_when_it_shows() {
         s.auto_rollback = false;
         let mut sim = Sim::new(s, &[(Good(1), OLD), (behaviour, OLD), (Good(1), OLD)]);
         assert!(sim.run(100), "{behaviour:?}");
-        assert_eq!(sim.dep.state, State::Failed, "{behaviour:?}");
+        // A silent node is an infrastructure failure: the others carry on.
+        let (outcome, kind) = if state == NodeState::Lost {
+            (State::Succeeded, FailureKind::Infrastructure)
+        } else {
+            (State::Failed, FailureKind::Release)
+        };
+        assert_eq!(sim.dep.state, outcome, "{behaviour:?}");
+        assert_eq!(sim.node(1).failure_kind, Some(kind), "{behaviour:?}");
         assert_eq!(
             (sim.node(1).state, sim.node(1).reason.as_str()),
             (state, reason),
@@ -1502,7 +1542,19 @@ fn a_healthy_node_that_stays_silent_is_lost_one_deadline_after_it_was_last_seen(
     let last_seen = T0 + 59 * TICK;
     assert_eq!(lost, last_seen + DEADLINE + TICK);
     assert_eq!(sim.node(0).reason, "went silent after becoming healthy");
-    assert_eq!(sim.dep.state, State::Failed);
+    assert_eq!(sim.node(0).failure_kind, Some(FailureKind::Infrastructure));
+    // A silent node says nothing about the release: the rollout goes on
+    // and the node is named in the outcome.
+    assert_eq!(sim.dep.state, State::Running);
+    assert!(sim.run(1_000));
+    assert_eq!(sim.dep.state, State::Succeeded, "{}", sim.dep.reason);
+    assert!(
+        sim.dep.reason.contains(
+            "1 infrastructure failure(s) not counted against the release: node-00 (went silent after becoming healthy)"
+        ),
+        "{}",
+        sim.dep.reason
+    );
     // Silent right after becoming healthy: one deadline after that.
     let mut sim = Sim::new(
         s,
@@ -1587,7 +1639,22 @@ fn row(
 fn check_rows(dep: &Deployment, rows: Vec<Row>) {
     let i = dep.nodes.iter().position(|n| n.node == id(0)).unwrap();
     for row in rows {
-        let (next, _) = step(dep, row.at, &observe_one(row.report.clone())).unwrap();
+        // Other nodes stay connected on the old version: late, they fail
+        // the deployment (a release failure) before any wave moves on.
+        let mut nodes: Reports = dep
+            .nodes
+            .iter()
+            .filter(|n| n.node != id(0))
+            .map(|n| (n.node.clone(), running(OLD)))
+            .collect();
+        if let Some(report) = &row.report {
+            nodes.insert(id(0), report.clone());
+        }
+        let input = Input::Observe {
+            nodes,
+            analysis: None,
+        };
+        let (next, _) = step(dep, row.at, &input).unwrap();
         let node = &next.nodes[i];
         assert_eq!(
             (node.state, node.reason.as_str()),
@@ -2062,167 +2129,265 @@ fn rolling_back_node_transitions() {
 
 #[test]
 fn judge_table() {
+    use Outcome::{Failed, Inconclusive, Passed};
     let t = Thresholds::default();
-    let none = Aggregate::default();
+    // One node with traffic enough to judge, but no metric of a kind.
+    let none = Aggregate {
+        nodes: 1,
+        requests: 1000.0,
+        ..Aggregate::default()
+    };
+    let idle = Aggregate {
+        nodes: 1,
+        ..Aggregate::default()
+    };
+    let absent = Aggregate::default();
     let err = |rate: f64| Aggregate {
         error_rate: Some(rate),
-        ..Aggregate::default()
+        ..none.clone()
+    };
+    let served = |requests: f64, rate: f64| Aggregate {
+        requests,
+        ..err(rate)
     };
     let p99 = |secs: f64| Aggregate {
         latency_p99: Some(secs),
-        ..Aggregate::default()
+        ..none.clone()
     };
     let cpu = |pct: f64| Aggregate {
         cpu_percent: Some(pct),
-        ..Aggregate::default()
+        memory_bytes: Some(100.0 * MIB),
+        usage_samples: 6,
+        ..idle.clone()
     };
     let mem = |mib: f64| Aggregate {
+        cpu_percent: Some(10.0),
         memory_bytes: Some(mib * MIB),
-        ..Aggregate::default()
+        usage_samples: 6,
+        ..idle.clone()
     };
-    let cases: Vec<(&str, Aggregate, Aggregate, bool, &str)> = vec![
+    let cases: Vec<(&str, Aggregate, Aggregate, Outcome, &str)> = vec![
         (
-            "no metrics",
+            "no traffic at all is no evidence",
+            idle.clone(),
+            idle.clone(),
+            Inconclusive,
+            "inconclusive: canary served fewer than the 50 requests needed",
+        ),
+        (
+            "a quiet baseline is no evidence either",
+            served(400.0, 0.0),
+            served(10.0, 0.0),
+            Inconclusive,
+            "baseline served fewer than the 50 requests needed",
+        ),
+        (
+            "sample sizes are stated",
+            served(49.0, 0.0),
+            served(500.0, 0.0),
+            Inconclusive,
+            "sample: canary 49 requests, 0 usage reports on 1 node(s); baseline 500 requests",
+        ),
+        (
+            "a terrible canary on too little traffic is not judged",
+            served(20.0, 0.5),
+            served(500.0, 0.0),
+            Inconclusive,
+            "canary served fewer",
+        ),
+        (
+            "enough traffic without metrics of a kind",
             none.clone(),
             none.clone(),
-            true,
-            "no metrics to compare; health only",
+            Passed,
+            "no metrics worse than the baseline; sample: canary 1000 requests",
         ),
         (
             "equal metrics",
-            metrics(0.01, 0.1),
-            metrics(0.01, 0.1),
-            true,
+            Aggregate {
+                requests: 100.0,
+                ..metrics(0.01, 0.1)
+            },
+            Aggregate {
+                requests: 100.0,
+                ..metrics(0.01, 0.1)
+            },
+            Passed,
             "error rate 1.00% (baseline 1.00%), p99 100ms (baseline 100ms)",
         ),
         (
-            "crash loops fail",
+            "crash loops fail on any traffic",
             Aggregate {
                 crash_loops: 2,
-                ..none.clone()
+                ..idle.clone()
             },
-            none.clone(),
-            false,
+            idle.clone(),
+            Failed,
             "2 canary node(s) in a crash loop",
         ),
         (
             "above the absolute ceiling",
             err(0.06),
             none.clone(),
-            false,
+            Failed,
             "error rate 6.00% above the 5.00% ceiling",
         ),
         (
             "above the ceiling, baseline worse",
             err(0.06),
             err(0.08),
-            false,
+            Failed,
             "above the 5.00% ceiling",
         ),
         (
             "at the ceiling",
             err(0.05),
             none.clone(),
-            true,
+            Passed,
             "error rate 5.00% (baseline n/a)",
         ),
         (
             "+55% and 1.1 points over baseline",
             err(0.031),
             err(0.02),
-            false,
+            Failed,
             "error rate 3.10% exceeds baseline 2.00% by more than 50%",
         ),
         (
             "+125% but 0.5 points: noise",
             err(0.009),
             err(0.004),
-            true,
+            Passed,
             "error rate 0.90% (baseline 0.40%)",
         ),
         (
             "+47%, 1.4 points: within the increase",
             err(0.044),
             err(0.03),
-            true,
+            Passed,
             "error rate 4.40% (baseline 3.00%)",
         ),
         (
             "from zero by 1.5 points",
             err(0.015),
             err(0.0),
-            false,
+            Failed,
             "exceeds baseline 0.00%",
         ),
         (
             "no baseline error rate",
             err(0.04),
             none.clone(),
-            true,
+            Passed,
             "error rate 4.00% (baseline n/a)",
         ),
         (
             "p99 2.5x",
             p99(0.25),
             p99(0.1),
-            false,
+            Failed,
             "p99 latency 250ms is more than 2.0x the baseline's 100ms",
         ),
         (
             "p99 1.9x",
             p99(0.19),
             p99(0.1),
-            true,
+            Passed,
             "p99 190ms (baseline 100ms)",
         ),
         (
             "p99 3x but 2ms: noise",
             p99(0.003),
             p99(0.001),
-            true,
+            Passed,
             "p99 3ms (baseline 1ms)",
         ),
         (
             "p99 baseline zero",
             p99(0.5),
             p99(0.0),
-            true,
+            Passed,
             "p99 500ms (baseline 0ms)",
         ),
         (
-            "p99 without a baseline",
+            "p99 without a baseline p99",
             p99(5.0),
             none.clone(),
-            true,
-            "no metrics to compare; health only",
+            Passed,
+            "no metrics worse than the baseline",
         ),
         (
-            "cpu +50% and 20 points",
+            "cpu +50% and 20 points, judged without traffic",
             cpu(60.0),
             cpu(40.0),
-            false,
-            "cpu 60% vs baseline 40%",
+            Failed,
+            "cpu 60% vs baseline 40%: more than +30% and +10 points",
+        ),
+        (
+            "cpu 33% vs 20%: +65% but within 10 points plus noise",
+            cpu(29.0),
+            cpu(20.0),
+            Inconclusive,
+            "inconclusive",
         ),
         (
             "cpu +50% but 5 points",
             cpu(15.0),
             cpu(10.0),
-            true,
-            "no metrics to compare",
+            Inconclusive,
+            "inconclusive",
         ),
         (
             "memory doubled by 512 MiB",
             mem(1024.0),
             mem(512.0),
-            false,
-            "memory 1024 MiB vs baseline 512 MiB",
+            Failed,
+            "memory 1024 MiB vs baseline 512 MiB: more than +30% and +64 MiB",
         ),
         (
             "memory +50% but 50 MiB",
             mem(150.0),
             mem(100.0),
-            true,
-            "no metrics to compare",
+            Inconclusive,
+            "memory 150 MiB (baseline 100 MiB)",
+        ),
+        (
+            "memory +90 MiB but +15%",
+            mem(690.0),
+            mem(600.0),
+            Inconclusive,
+            "inconclusive",
+        ),
+        (
+            "usage without samples is not compared",
+            Aggregate {
+                usage_samples: 0,
+                ..cpu(90.0)
+            },
+            cpu(10.0),
+            Inconclusive,
+            "inconclusive",
+        ),
+        (
+            "last step: no baseline, canary judged on its own sample",
+            err(0.01),
+            absent.clone(),
+            Passed,
+            "no baseline",
+        ),
+        (
+            "last step: above the ceiling without a baseline",
+            err(0.2),
+            absent.clone(),
+            Failed,
+            "above the 5.00% ceiling",
+        ),
+        (
+            "last step: too little traffic without a baseline",
+            served(3.0, 0.0),
+            absent.clone(),
+            Inconclusive,
+            "canary served fewer",
         ),
         (
             "several problems",
@@ -2231,16 +2396,20 @@ fn judge_table() {
                 ..err(0.2)
             },
             err(0.01),
-            false,
+            Failed,
             "1 canary node(s) in a crash loop; error rate 20.00% above the 5.00% ceiling",
         ),
     ];
-    for (label, canary, baseline, passed, summary) in cases {
-        let (ok, text) = judge(&t, &Analysis { canary, baseline });
-        assert_eq!(ok, passed, "{label}: {text}");
+    for (label, canary, baseline, expected, summary) in cases {
+        let (outcome, text) = judge(&t, &Analysis { canary, baseline });
+        assert_eq!(outcome, expected, "{label}: {text}");
         assert!(
             text.contains(summary),
             "{label}: {text:?} lacks {summary:?}"
+        );
+        assert!(
+            text.contains("sample: canary"),
+            "{label}: no sample sizes in {text:?}"
         );
     }
     let lenient = Thresholds {
@@ -2248,27 +2417,36 @@ fn judge_table() {
         latency_increase: 3.0,
         ..Thresholds::default()
     };
-    assert!(
-        judge(
-            &lenient,
-            &Analysis {
-                canary: err(0.06),
-                baseline: err(0.05)
-            }
-        )
-        .0,
+    let judged = |t: &Thresholds, canary: Aggregate, baseline: Aggregate| {
+        judge(t, &Analysis { canary, baseline }).0
+    };
+    assert_eq!(
+        judged(&lenient, err(0.06), err(0.05)),
+        Passed,
         "custom ceiling"
     );
-    assert!(
-        judge(
-            &lenient,
-            &Analysis {
-                canary: p99(0.25),
-                baseline: p99(0.1)
-            }
-        )
-        .0,
+    assert_eq!(
+        judged(&lenient, p99(0.25), p99(0.1)),
+        Passed,
         "custom latency factor"
+    );
+    let no_minimum = Thresholds {
+        min_requests: 0,
+        ..Thresholds::default()
+    };
+    assert_eq!(
+        judged(&no_minimum, idle.clone(), idle.clone()),
+        Passed,
+        "a minimum of 0 judges any sample"
+    );
+    let wide = Thresholds {
+        cpu_margin_points: 50.0,
+        ..Thresholds::default()
+    };
+    assert_ne!(
+        judged(&wide, cpu(60.0), cpu(40.0)),
+        Failed,
+        "custom cpu margin"
     );
 }
 
@@ -2291,9 +2469,12 @@ fn a_bad_canary_analysis_during_the_hold_rolls_back() {
     sim.analysis = Some(crash_looping_analysis());
     let actions = sim.tick();
     assert_eq!(sim.dep.state, State::RollingBack);
-    assert_eq!(
-        sim.dep.reason,
-        "canary analysis failed at step 1: 1 canary node(s) in a crash loop"
+    assert!(
+        sim.dep.reason.starts_with(
+            "canary analysis failed at step 1: 1 canary node(s) in a crash loop; sample: canary 1000 requests"
+        ),
+        "{}",
+        sim.dep.reason
     );
     assert_eq!(node_actions(&actions), [set(&id(0), OLD)]);
     let verdict = &sim.dep.analysis[..];
@@ -3014,9 +3195,9 @@ enum Event {
     Pause,
     Resume,
     Promote,
-    /// The analysis the engine hands in from now on: none, passing, failing
-    /// (with random baseline error rate and latency).
-    Analysis(Option<bool>, f64, f64),
+    /// The analysis the engine hands in from now on: none, passing, failing,
+    /// inconclusive (with random baseline error rate and latency).
+    Analysis(Option<u8>, f64, f64),
     /// The next tick's actions are lost; the engine restarts and re-asserts.
     Restart,
 }
@@ -3064,6 +3245,8 @@ fn arb_behaviour() -> impl Gen<Value = Behaviour> {
         1 => Just(Silent),
         1 => Just(Absent),
         1 => (1u64..40, 1u64..6).prop_map(|(from, ticks)| Flaky { from, ticks }),
+        1 => prop_oneof![(1u64..30), Just(u64::MAX)].prop_map(|until| Infra { until }),
+        1 => (1u64..8).prop_map(Lingering),
     ]
 }
 
@@ -3075,7 +3258,7 @@ fn arb_event() -> impl Gen<Value = Event> {
         2 => Just(Event::Promote),
         // Short decimals, as metrics are: they survive the JSON round trip
         // exactly (see `persisted_floats_round_trip_only_to_about_a_ulp`).
-        2 => (proptest::option::of(any::<bool>()), 0u32..300, 1u32..2_000)
+        2 => (proptest::option::of(0u8..3), 0u32..300, 1u32..2_000)
             .prop_map(|(kind, e, l)| Event::Analysis(kind, f64::from(e) / 10_000.0, f64::from(l) / 1_000.0)),
         1 => Just(Event::Restart),
     ]
@@ -3095,10 +3278,22 @@ fn arb_scenario() -> impl Gen<Value = Scenario> {
         ],
         pvec(arb_event(), 0..80),
         proptest::option::weighted(0.15, (0.0f64..1.0, any::<bool>())),
+        prop_oneof![Just(0u64), 1_000u64..40_000],
     )
         .prop_map(
-            |(strategy, max_failures, auto_rollback, health, progress, nodes, events, stop)| {
+            |(
+                strategy,
+                max_failures,
+                auto_rollback,
+                health,
+                progress,
+                nodes,
+                events,
+                stop,
+                pause_timeout,
+            )| {
                 let mut spec = spec(strategy);
+                spec.pause_timeout_ms = pause_timeout;
                 spec.max_failures = max_failures;
                 spec.auto_rollback = auto_rollback;
                 spec.health_deadline_ms = health;
@@ -3115,20 +3310,25 @@ fn arb_scenario() -> impl Gen<Value = Scenario> {
         )
 }
 
-fn analysis(kind: Option<bool>, error_rate: f64, latency: f64) -> Option<Analysis> {
-    kind.map(|pass| {
+/// 0: passing, 1: failing, 2: too little traffic to judge (inconclusive).
+fn analysis(kind: Option<u8>, error_rate: f64, latency: f64) -> Option<Analysis> {
+    kind.map(|kind| {
         let baseline = metrics(error_rate, latency);
-        let canary = if pass {
-            Aggregate {
+        let canary = match kind {
+            0 => Aggregate {
                 nodes: 1,
                 ..baseline.clone()
-            }
-        } else {
-            Aggregate {
+            },
+            1 => Aggregate {
                 crash_loops: 1,
                 error_rate: Some(0.5),
                 ..baseline.clone()
-            }
+            },
+            _ => Aggregate {
+                nodes: 1,
+                requests: 3.0,
+                ..baseline.clone()
+            },
         };
         Analysis { canary, baseline }
     })
@@ -3143,7 +3343,8 @@ fn drain_bound(spec: &Spec, waves: usize) -> Ms {
         Strategy::Direct => 0,
         Strategy::Rolling { min_healthy_ms, .. } => *min_healthy_ms,
         Strategy::BlueGreen { bake_ms } => *bake_ms,
-        Strategy::Canary { step_ms, .. } => *step_ms,
+        // An inconclusive step is held up to three times as long.
+        Strategy::Canary { step_ms, .. } => 3 * *step_ms,
     };
     let phase = spec.health_deadline_ms.min(spec.progress_deadline_ms) + hold + 2 * TICK;
     (waves as Ms + 2) * phase + spec.health_deadline_ms + 2 * TICK
@@ -3260,6 +3461,41 @@ fn check_invariants(sim: &Sim) {
         !(dep.paused_from.is_some() && dep.state == State::Running),
         "paused_from left set"
     );
+    // No wait outlives the pause timeout by more than the step that saw it.
+    let waiting =
+        dep.state == State::Paused || (dep.state == State::Running && dep.awaiting_promote);
+    assert_eq!(
+        waiting,
+        dep.waiting_since_ms.is_some(),
+        "waiting_since_ms {:?} with {:?} (awaiting promote: {})",
+        dep.waiting_since_ms,
+        dep.state,
+        dep.awaiting_promote
+    );
+    if let Some(since) = dep.waiting_since_ms
+        && dep.spec.pause_timeout_ms > 0
+    {
+        assert!(
+            sim.now.saturating_sub(since) <= dep.spec.pause_timeout_ms + sim.tick_ms,
+            "waiting since {since}, {}ms past it, beyond the {}ms pause timeout",
+            sim.now - since,
+            dep.spec.pause_timeout_ms
+        );
+    }
+    // Infrastructure failures never count against the release; a failure
+    // always has a kind.
+    for n in &dep.nodes {
+        if n.state.is_failure() {
+            assert!(
+                n.failure_kind.is_some(),
+                "{}: failed without a kind",
+                n.node
+            );
+        }
+        if n.failure_kind == Some(FailureKind::Infrastructure) {
+            assert!(!n.counts_as_failure(), "{}: infrastructure counted", n.node);
+        }
+    }
 }
 
 /// (d) A rolled-back deployment returned exactly the touched nodes, each once,
@@ -3436,17 +3672,44 @@ proptest! {
         memory in 0.0f64..1e10,
         crash_loops in 0u32..3,
         over in 0.0501f64..1.0,
+        requests in 0.0f64..500.0,
+        usage_samples in 0u32..20,
     ) {
         let t = Thresholds::default();
-        let baseline = Aggregate { error_rate: Some(error_rate), latency_p99: Some(latency), cpu_percent: Some(cpu), memory_bytes: Some(memory), crash_loops: 0, nodes: 3 };
+        let enough = requests >= t.min_requests as f64;
+        let baseline = Aggregate { error_rate: Some(error_rate), latency_p99: Some(latency), cpu_percent: Some(cpu), memory_bytes: Some(memory), crash_loops: 0, nodes: 3, requests, usage_samples };
         let same = Analysis { canary: Aggregate { crash_loops, nodes: 1, ..baseline.clone() }, baseline: baseline.clone() };
-        let (passed, summary) = judge(&t, &same);
-        prop_assert_eq!(passed, crash_loops == 0, "{}", summary);
+        let (outcome, summary) = judge(&t, &same);
+        let expected = if crash_loops > 0 { Outcome::Failed } else if enough { Outcome::Passed } else { Outcome::Inconclusive };
+        prop_assert_eq!(outcome, expected, "{}", summary);
+        prop_assert!(summary.contains("sample: canary"), "{}", summary);
         let worse = Analysis { canary: Aggregate { error_rate: Some(over), ..baseline.clone() }, baseline: baseline.clone() };
-        let (passed, summary) = judge(&t, &worse);
-        prop_assert!(!passed && summary.contains("ceiling"), "{}", summary);
+        let (outcome, summary) = judge(&t, &worse);
+        if enough {
+            prop_assert!(outcome == Outcome::Failed && summary.contains("ceiling"), "{}", summary);
+        } else {
+            prop_assert_eq!(outcome, Outcome::Inconclusive, "{}", summary);
+        }
         let better = Analysis { canary: Aggregate { error_rate: Some(error_rate / 2.0), latency_p99: Some(latency / 2.0), ..baseline.clone() }, baseline };
-        prop_assert!(judge(&t, &better).0);
+        prop_assert_ne!(judge(&t, &better).0, Outcome::Failed);
+    }
+
+    /// Usage that differs by less than either margin never fails a canary,
+    /// whatever the traffic: an identical, idle build is never rolled back.
+    #[test]
+    fn prop_usage_within_either_margin_never_fails(
+        cpu in 0.0f64..400.0,
+        cpu_delta in -50.0f64..10.0,
+        memory in 0.0f64..8e9,
+        memory_delta in -1e9f64..(64.0 * MIB),
+        requests in 0.0f64..500.0,
+        usage_samples in 1u32..20,
+    ) {
+        let t = Thresholds::default();
+        let baseline = Aggregate { cpu_percent: Some(cpu), memory_bytes: Some(memory), nodes: 2, requests, usage_samples, ..Aggregate::default() };
+        let canary = Aggregate { cpu_percent: Some((cpu + cpu_delta).max(0.0)), memory_bytes: Some((memory + memory_delta).max(0.0)), nodes: 1, ..baseline.clone() };
+        let (outcome, summary) = judge(&t, &Analysis { canary, baseline });
+        prop_assert_ne!(outcome, Outcome::Failed, "{}", summary);
     }
 }
 
@@ -3484,4 +3747,318 @@ fn a_step_that_only_refreshes_last_seen_is_recognised_and_left_intact() {
     let mut other_node = seen.clone();
     other_node.nodes[1].reason = "changed".into();
     assert!(!other_node.differs_only_in_last_seen(&healthy));
+}
+
+// ------------------------------------------- SPEC §6: truth and evidence
+
+#[test]
+fn an_infrastructure_failure_is_retried_until_it_heals() {
+    // Fetch fails for 6 ticks, then the agent's retry succeeds.
+    let mut sim = Sim::new(
+        spec(Strategy::Direct),
+        &[(Good(1), OLD), (Infra { until: 6 }, OLD)],
+    );
+    let retrying = sim.run_until(5, |d| d.nodes[1].reason.starts_with("retrying"));
+    assert_eq!(
+        sim.node(1).state,
+        NodeState::Updating,
+        "still updating at {retrying}"
+    );
+    assert_eq!(
+        sim.node(1).reason,
+        "retrying: fetch failed: connection reset"
+    );
+    assert_eq!(sim.node(1).failure_kind, Some(FailureKind::Infrastructure));
+    assert!(sim.run(100));
+    assert_eq!(sim.dep.state, State::Succeeded, "{}", sim.dep.reason);
+    assert_eq!(sim.dep.reason, "all 2 node(s) run 2.0.0");
+    assert_eq!(sim.node(1).state, NodeState::Healthy);
+    assert_eq!(
+        sim.node(1).failure_kind,
+        None,
+        "a healed node carries no failure"
+    );
+}
+
+#[test]
+fn infrastructure_failures_never_roll_back_a_good_release() {
+    // max_failures 0: one release failure would roll everything back.
+    let mut sim = Sim::new(
+        spec(rolling(BatchSize::Count(2), 0)),
+        &[
+            (Good(1), OLD),
+            (Infra { until: u64::MAX }, OLD),
+            (Good(1), OLD),
+            (Silent, OLD),
+        ],
+    );
+    assert!(sim.run(200));
+    assert_eq!(sim.dep.state, State::Succeeded, "{}", sim.dep.reason);
+    assert_eq!(
+        (sim.node(1).state, sim.node(1).failure_kind),
+        (NodeState::Failed, Some(FailureKind::Infrastructure))
+    );
+    assert_eq!(
+        sim.node(1).reason,
+        "not healthy on 2.0.0 within the 10s health deadline (retrying: fetch failed: connection reset)"
+    );
+    assert_eq!(
+        (sim.node(3).state, sim.node(3).failure_kind),
+        (NodeState::Lost, Some(FailureKind::Infrastructure))
+    );
+    assert_eq!(sim.dep.failures(), 0);
+    assert_eq!(sim.dep.infrastructure_failures(), 2);
+    assert!(
+        sim.dep.reason.starts_with(
+            "2 node(s) run 2.0.0, 2 infrastructure failure(s) not counted against the release: node-01 (not healthy"
+        ),
+        "{}",
+        sim.dep.reason
+    );
+    // Nobody was sent back: the good release stays where it landed.
+    for i in [0, 2] {
+        assert!(sim.sets(&id(i), OLD).is_empty(), "node {i} rolled back");
+    }
+}
+
+#[test]
+fn a_wave_of_only_infrastructure_failures_fails_without_a_rollback() {
+    let mut sim = Sim::new(
+        spec(Strategy::Direct),
+        &[(Infra { until: u64::MAX }, OLD), (Silent, OLD)],
+    );
+    assert!(sim.run(200));
+    assert_eq!(sim.dep.state, State::Failed, "{}", sim.dep.reason);
+    assert!(
+        sim.dep
+            .reason
+            .starts_with("infrastructure: no node could be updated to 2.0.0: node-00"),
+        "{}",
+        sim.dep.reason
+    );
+    assert!(sim.sets(&id(0), OLD).is_empty(), "nothing to roll back");
+}
+
+#[test]
+fn a_release_failure_next_to_infrastructure_ones_says_which_kind_ended_it() {
+    let mut sim = Sim::new(
+        spec(Strategy::Direct),
+        &[
+            (Bad(2), OLD),
+            (Infra { until: u64::MAX }, OLD),
+            (Good(1), OLD),
+        ],
+    );
+    let at = sim.run_until(50, |d| d.state == State::RollingBack);
+    assert_eq!(at, T0 + 2 * TICK);
+    assert_eq!(
+        sim.dep.reason,
+        "1 release failure(s), more than the 0 allowed: node-00 (activation failed: exit status 1)"
+    );
+}
+
+#[test]
+fn a_pause_past_its_timeout_fails_and_rolls_back() {
+    let mut s = spec(rolling(BatchSize::Count(1), 1_000));
+    s.pause_timeout_ms = 30_000;
+    let mut sim = Sim::good(s, 3);
+    sim.run_until(20, |d| d.wave == 1);
+    let paused_at = sim.now;
+    sim.control(Control::Pause).expect("pause");
+    assert_eq!(sim.dep.waiting_for(sim.now), "resume");
+    let failed = sim.run_until(200, |d| d.state != State::Paused);
+    assert_eq!(failed, paused_at + 30_000);
+    assert_eq!(sim.dep.state, State::RollingBack);
+    assert_eq!(
+        sim.dep.reason,
+        "paused for longer than the 30s pause timeout"
+    );
+    assert!(sim.run(100));
+    assert_eq!(sim.dep.state, State::RolledBack);
+    // Without auto rollback it ends failed, acting no more.
+    let mut s = spec(rolling(BatchSize::Count(1), 1_000));
+    s.pause_timeout_ms = 30_000;
+    s.auto_rollback = false;
+    let mut sim = Sim::good(s, 3);
+    sim.run_until(20, |d| d.wave == 1);
+    sim.control(Control::Pause).expect("pause");
+    assert!(sim.run(200));
+    assert_eq!(
+        (sim.dep.state, sim.dep.reason.as_str()),
+        (
+            State::Failed,
+            "paused for longer than the 30s pause timeout"
+        )
+    );
+}
+
+#[test]
+fn a_resume_before_the_timeout_keeps_the_deployment_and_resets_the_clock() {
+    let mut s = spec(rolling(BatchSize::Count(1), 1_000));
+    s.pause_timeout_ms = 30_000;
+    let mut sim = Sim::good(s, 3);
+    sim.run_until(20, |d| d.wave == 1);
+    sim.control(Control::Pause).expect("pause");
+    sim.run_until(100, |d| {
+        d.waiting_since_ms
+            .is_some_and(|w| sim_now_past(w, 25_000, d))
+    });
+    sim.control(Control::Resume).expect("resume");
+    assert_eq!(sim.dep.waiting_since_ms, None);
+    sim.control(Control::Pause).expect("pause again");
+    let again = sim.now;
+    let failed = sim.run_until(200, |d| d.state != State::Paused);
+    assert_eq!(failed, again + 30_000, "a new pause gets the whole timeout");
+}
+
+/// Whether the deployment's latest recorded time is `after` ms past `since`.
+fn sim_now_past(since: Ms, after: Ms, d: &Deployment) -> bool {
+    d.latest_ms() >= since + after
+}
+
+#[test]
+fn waiting_for_promote_is_bounded_by_the_pause_timeout() {
+    let mut s = spec(canary(&[50], 1_000, true));
+    s.pause_timeout_ms = 20_000;
+    let mut sim = Sim::good(s, 2);
+    sim.analysis = Some(passing_analysis());
+    let waiting = sim.run_until(50, |d| d.awaiting_promote);
+    assert_eq!(sim.dep.waiting_for(sim.now), "deploy promote");
+    let failed = sim.run_until(200, |d| d.state != State::Running);
+    assert_eq!(failed, waiting + 20_000);
+    assert_eq!(sim.dep.state, State::RollingBack);
+    assert_eq!(
+        sim.dep.reason,
+        "waiting for deploy promote for longer than the 20s pause timeout"
+    );
+}
+
+fn idle_analysis() -> Analysis {
+    Analysis {
+        canary: Aggregate {
+            requests: 0.0,
+            error_rate: None,
+            latency_p99: None,
+            ..metrics(0.0, 0.0)
+        },
+        baseline: Aggregate {
+            requests: 0.0,
+            error_rate: None,
+            latency_p99: None,
+            ..metrics(0.0, 0.0)
+        },
+    }
+}
+
+#[test]
+fn an_idle_canary_is_inconclusive_then_judged_on_health_alone_after_three_step_durations() {
+    let mut sim = Sim::good(spec(canary(&[50], 4_000, false)), 2);
+    sim.analysis = Some(idle_analysis());
+    assert!(sim.run(500));
+    assert_eq!(sim.dep.state, State::Succeeded, "{}", sim.dep.reason);
+    let starts = sim.wave_starts();
+    assert_eq!(
+        starts[1],
+        sim.healthy_at(0) + 12_000,
+        "an inconclusive step is held 3x its duration"
+    );
+    assert_eq!(sim.dep.finished_ms, Some(sim.healthy_at(1) + 12_000));
+    let outcomes: Vec<(usize, Outcome, Ms)> = sim
+        .dep
+        .analysis
+        .iter()
+        .map(|v| (v.step, v.outcome, v.at_ms))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (0, Outcome::Inconclusive, sim.healthy_at(0) + 4_000),
+            (0, Outcome::HealthOnly, starts[1]),
+            (1, Outcome::Inconclusive, sim.healthy_at(1) + 4_000),
+            (1, Outcome::HealthOnly, sim.dep.finished_ms.unwrap()),
+        ]
+    );
+    assert!(sim.dep.analysis.iter().all(|v| v.passed));
+    let health_only = &sim.dep.analysis[1].summary;
+    assert!(
+        health_only.starts_with("still too little traffic after 12s, judged on health alone: healthy; canary served fewer than the 50 requests needed"),
+        "{health_only}"
+    );
+    assert!(
+        health_only.contains("sample: canary 0 requests"),
+        "{health_only}"
+    );
+    assert!(has_note(
+        &sim.all_actions(),
+        "analysis of step 1 inconclusive: canary served fewer than the 50 requests needed"
+    ));
+}
+
+#[test]
+fn traffic_arriving_during_the_extension_ends_it_with_a_real_verdict() {
+    let mut sim = Sim::good(spec(canary(&[50], 4_000, false)), 2);
+    sim.analysis = Some(idle_analysis());
+    let inconclusive = sim.run_until(100, |d| !d.analysis.is_empty());
+    assert_eq!(sim.dep.analysis[0].outcome, Outcome::Inconclusive);
+    for _ in 0..4 {
+        sim.tick();
+    }
+    sim.analysis = Some(passing_analysis());
+    let next = sim.run_until(100, |d| d.wave == 1);
+    assert_eq!(
+        next,
+        inconclusive + 4 * TICK + TICK,
+        "judged at the first conclusive look"
+    );
+    assert_eq!(
+        sim.dep.analysis.last().map(|v| v.outcome),
+        Some(Outcome::Passed)
+    );
+}
+
+#[test]
+fn rolled_back_waits_until_the_abandoned_version_stops_settling() {
+    // Node 0 fails (release); node 1's candidate is still in its health
+    // gate for 8 ticks after the rollback reaches it.
+    let mut sim = Sim::new(
+        spec(Strategy::Direct),
+        &[(Bad(2), OLD), (Lingering(8), OLD)],
+    );
+    let rolling_back = sim.run_until(50, |d| d.state == State::RollingBack);
+    let back = sim.run_until(100, |d| d.nodes[1].state == NodeState::RolledBack);
+    assert!(
+        back >= rolling_back + 8 * TICK,
+        "node 1 counted back at {back} while its abandoned version still settled (rollback at {rolling_back})"
+    );
+    assert!(sim.run(100));
+    assert_eq!(sim.dep.state, State::RolledBack);
+}
+
+#[test]
+fn a_report_from_before_the_rollback_does_not_count_as_back() {
+    let s = spec(Strategy::Direct);
+    let (dep, _) = Deployment::new(s, targets(&[OLD]), T0);
+    let (rolling, _) = step(
+        &dep,
+        T0 + 100,
+        &Input::Control(Control::Rollback {
+            reason: "test".into(),
+        }),
+    )
+    .unwrap();
+    let old_news = NodeReport {
+        current: false,
+        ..running(OLD)
+    };
+    let (next, _) = step(&rolling, T0 + 200, &observe_one(Some(old_news))).unwrap();
+    assert_eq!(next.nodes[0].state, NodeState::RollingBack);
+    let settling = NodeReport {
+        settling: vec![TARGET.into()],
+        ..running(OLD)
+    };
+    let (next, _) = step(&rolling, T0 + 300, &observe_one(Some(settling))).unwrap();
+    assert_eq!(next.nodes[0].state, NodeState::RollingBack);
+    let (next, _) = step(&rolling, T0 + 400, &observe_one(Some(running(OLD)))).unwrap();
+    assert_eq!(next.nodes[0].state, NodeState::RolledBack);
+    assert_eq!(next.state, State::RolledBack);
 }

@@ -63,6 +63,9 @@ fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest,
         max_error_rate: (o.max_error_rate >= 0.0).then_some(o.max_error_rate),
         max_latency_increase: (o.max_latency_increase > 0.0).then_some(o.max_latency_increase),
         no_auto_rollback: o.no_auto_rollback,
+        pause_timeout: opt_ms(o.pause_timeout_ms),
+        analysis_min_requests: o.analysis_min_requests,
+        analysis_warmup: o.analysis_warmup_ms.map(Duration::from_millis),
         dry_run: request.dry_run,
     })
 }
@@ -103,6 +106,13 @@ pub fn deployment_to_pb(record: &DeploymentRecord) -> pb::Deployment {
                 state: n.state.as_str().to_string(),
                 reason: n.reason.clone(),
                 wave: n.wave as u32,
+                // A node still updating or staging is retrying its failure,
+                // not failed; one rolled back after failing keeps its kind.
+                failure_kind: n
+                    .failure_kind
+                    .filter(|_| !matches!(n.state, NodeState::Updating | NodeState::Staging))
+                    .map(|k| k.as_str().to_string())
+                    .unwrap_or_default(),
             })
             .collect(),
         created_by: d.spec.created_by.clone(),
@@ -123,6 +133,11 @@ pub fn deployment_to_pb(record: &DeploymentRecord) -> pb::Deployment {
                 baseline_error_rate: v.analysis.baseline.error_rate.unwrap_or(-1.0),
                 canary_latency_p99: v.analysis.canary.latency_p99.unwrap_or(-1.0),
                 baseline_latency_p99: v.analysis.baseline.latency_p99.unwrap_or(-1.0),
+                outcome: v.outcome.as_str().to_string(),
+                canary_requests: v.analysis.canary.requests,
+                baseline_requests: v.analysis.baseline.requests,
+                canary_nodes: v.analysis.canary.nodes,
+                baseline_nodes: v.analysis.baseline.nodes,
             })
             .collect(),
         approved_by: d.approved_by.clone(),

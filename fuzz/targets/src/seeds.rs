@@ -508,6 +508,7 @@ fn deployment_message() -> pb::Deployment {
             state: "healthy".into(),
             reason: String::new(),
             wave: 0,
+            ..Default::default()
         }],
         created_by: "admin".into(),
         created_at: Some(ts_from_ms(SIGNED_AT_MS)),
@@ -520,6 +521,7 @@ fn deployment_message() -> pb::Deployment {
             baseline_error_rate: -1.0,
             canary_latency_p99: f64::INFINITY,
             baseline_latency_p99: 0.2,
+            ..Default::default()
         }],
         wave: 1,
         waves: 3,
@@ -699,6 +701,7 @@ pub fn message_seeds() -> Vec<Seed> {
                     max_latency_increase: 1.5,
                     no_auto_rollback: false,
                     progress_deadline_ms: 600_000,
+                    ..Default::default()
                 }),
                 dry_run: true,
             },
