@@ -80,23 +80,23 @@ pub enum DeployCommand {
     },
     /// Approve a deployment waiting for a second person (not its creator).
     #[command(
-        after_help = "Examples:\n  hotswapctl deploy approve d-1a2b3c --reason \"canary plan reviewed, change CHG-123\""
+        after_help = "Examples:\n  hotswapctl deploy approve d-1a2b3c\n  hotswapctl deploy approve d-1a2b3c --reason \"canary plan reviewed, change CHG-123\""
     )]
     Approve {
         id: String,
-        /// Why; kept with the deployment and in the audit log.
+        /// Why (optional); kept with the deployment and in its events.
         #[arg(long)]
-        reason: String,
+        reason: Option<String>,
     },
     /// Reject a deployment waiting for approval.
     #[command(
-        after_help = "Examples:\n  hotswapctl deploy reject d-1a2b3c --reason \"no change ticket\""
+        after_help = "Examples:\n  hotswapctl deploy reject d-1a2b3c\n  hotswapctl deploy reject d-1a2b3c --reason \"no change ticket\""
     )]
     Reject {
         id: String,
-        /// Why; kept with the deployment and in the audit log.
+        /// Why (optional); kept with the deployment and in its events.
         #[arg(long)]
-        reason: String,
+        reason: Option<String>,
     },
 }
 
@@ -242,10 +242,10 @@ pub async fn run(ctx: &Context, command: DeployCommand) -> Result<Outcome, CliEr
             control(ctx, &conn, &mut client, &id, "rollback", reason).await
         }
         DeployCommand::Approve { id, reason } => {
-            control(ctx, &conn, &mut client, &id, "approve", Some(reason)).await
+            control(ctx, &conn, &mut client, &id, "approve", reason).await
         }
         DeployCommand::Reject { id, reason } => {
-            control(ctx, &conn, &mut client, &id, "reject", Some(reason)).await
+            control(ctx, &conn, &mut client, &id, "reject", reason).await
         }
     }
 }
