@@ -147,7 +147,7 @@ pub struct CreateArgs {
     #[arg(long)]
     wait: bool,
     /// With --wait: give up waiting after this long (exit 4; the deployment goes on).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, requires = "wait")]
     timeout: Option<Duration>,
     /// Print the plan; create nothing.
     #[arg(long)]
