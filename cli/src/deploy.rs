@@ -84,7 +84,7 @@ pub enum DeployCommand {
     )]
     Approve {
         id: String,
-        /// Why (optional); kept with the deployment and in its events.
+        /// Why (optional); kept in the deployment's events.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -94,7 +94,7 @@ pub enum DeployCommand {
     )]
     Reject {
         id: String,
-        /// Why (optional); kept with the deployment and in its events.
+        /// Why (optional); becomes the deployment's reason, kept in its events.
         #[arg(long)]
         reason: Option<String>,
     },
