@@ -1,7 +1,8 @@
-# hotswap — build, test, lint and demo. Needs only a Rust toolchain.
+# hotswap — build, test, lint and demo. Needs only a Rust toolchain; the few test
+# tools from outside Rust are installed by `make deps` (run by test and chaos) as root.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt demo clean fuzz chaos bench
+.PHONY: all build deps test lint fmt demo clean fuzz chaos bench
 
 all: build
 
@@ -9,8 +10,14 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
+## deps: what the tests need beyond Rust (Python grpcio, Prometheus, libfaketime):
+## installed by scripts/ci-deps.sh when run as root (idempotent), otherwise only
+## checked, naming whatever is missing and the command that installs it
+deps:
+	@if [ "$$(id -u)" -eq 0 ]; then bash scripts/ci-deps.sh; else bash scripts/ci-deps.sh --check; fi
+
 ## test: unit, property and integration tests (integration tests spawn the built binaries)
-test: build
+test: deps build
 	$(CARGO) test --workspace
 
 ## lint: formatting and clippy with warnings as errors
@@ -33,7 +40,7 @@ fuzz:
 ## chaos: the chaos suite (tests/tests/chaos.rs) with CHAOS_TRIALS trials per scenario;
 ## make test runs the same scenarios with 2 trials each. Results: docs/reliability.md
 CHAOS_TRIALS ?= 25
-chaos: build
+chaos: deps build
 	bash -o pipefail -c 'HOTSWAP_CHAOS_TRIALS=$(CHAOS_TRIALS) $(CARGO) test -p hotswap-tests --test chaos -- --nocapture --test-threads 1 2>&1 | tee target/chaos.log | grep -E "CHAOS|\.\.\. |^ok$$|FAILED|panicked|test result"'
 
 ## bench: every benchmark of BENCHMARKS.md (release build; BENCH=name for one); results in target/bench/

@@ -3,9 +3,25 @@
 # (tests/tests/interop.rs) Python grpcio as an independent gRPC client and
 # Debian's Prometheus as an independent scraper of /metrics; for the chaos
 # suite (tests/tests/chaos.rs) Debian's libfaketime, which steps the control
-# plane's wall clock. Run as root (CI does, from .ci/run); idempotent:
-# whatever is already installed is skipped silently.
+# plane's wall clock.
+#
+#   scripts/ci-deps.sh          install whatever is missing (as root; idempotent:
+#                               whatever is already installed is skipped silently)
+#   scripts/ci-deps.sh --check  install nothing: name what is missing and how to
+#                               install it, exit 1 if anything is
+#
+# `make test` runs it first: the install as root, the check otherwise.
 set -euo pipefail
+
+CHECK_ONLY=false
+case "${1:-}" in
+    "") ;;
+    --check) CHECK_ONLY=true ;;
+    *)
+        echo "usage: $0 [--check]" >&2
+        exit 2
+        ;;
+esac
 
 # Versions that install as wheels on CPython 3.11 x86_64.
 PY_PACKAGES=(
@@ -18,15 +34,43 @@ PYTHON="${PYTHON:-python3}"
 
 # Exit 0 when every pinned distribution is installed at its pinned version.
 python_deps_present() {
-    "$PYTHON" - "${PY_PACKAGES[@]}" <<'EOF' 2>/dev/null
+    "$PYTHON" - "${PY_PACKAGES[@]}" <<'PY' 2>/dev/null
 import sys
 from importlib import metadata
 for pin in sys.argv[1:]:
     name, version = pin.split("==")
     if metadata.version(name) != version:
         sys.exit(1)
-EOF
+PY
 }
+
+DEBIAN_PACKAGES=()
+[ -x /usr/bin/prometheus ] || DEBIAN_PACKAGES+=(prometheus)
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || DEBIAN_PACKAGES+=(faketime)
+
+if $CHECK_ONLY; then
+    missing=()
+    if ! python_deps_present; then
+        missing+=("Python packages ${PY_PACKAGES[*]} for $PYTHON (tests/tests/interop.rs)")
+    fi
+    for package in "${DEBIAN_PACKAGES[@]}"; do
+        case "$package" in
+            prometheus) missing+=("Debian's prometheus, /usr/bin/prometheus (tests/tests/interop.rs)") ;;
+            faketime) missing+=("Debian's faketime, libfaketime.so.1 (tests/tests/chaos.rs)") ;;
+        esac
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        exit 0
+    fi
+    {
+        echo "ci-deps: the tests need what is not installed here:"
+        for item in "${missing[@]}"; do
+            echo "  - $item"
+        done
+        echo "ci-deps: install it with: sudo bash scripts/ci-deps.sh   (make test does this itself when run as root)"
+    } >&2
+    exit 1
+fi
 
 if ! python_deps_present; then
     echo "ci-deps: installing ${PY_PACKAGES[*]}"
@@ -38,10 +82,11 @@ if ! python_deps_present; then
     "$PYTHON" -m pip install "${pip_flags[@]}" "${PY_PACKAGES[@]}"
 fi
 
-DEBIAN_PACKAGES=()
-[ -x /usr/bin/prometheus ] || DEBIAN_PACKAGES+=(prometheus)
-ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || DEBIAN_PACKAGES+=(faketime)
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
+    if ! command -v apt-get >/dev/null; then
+        echo "ci-deps: no apt-get here: install ${DEBIAN_PACKAGES[*]} with this system's package manager" >&2
+        exit 1
+    fi
     echo "ci-deps: installing Debian's ${DEBIAN_PACKAGES[*]}"
     # Keep the prometheus package's init script from starting a daemon on :9090.
     if ! [ -e /usr/sbin/policy-rc.d ]; then

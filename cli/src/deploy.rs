@@ -80,23 +80,23 @@ pub enum DeployCommand {
     },
     /// Approve a deployment waiting for a second person (not its creator).
     #[command(
-        after_help = "Examples:\n  hotswapctl deploy approve d-1a2b3c --reason \"canary plan reviewed, change CHG-123\""
+        after_help = "Examples:\n  hotswapctl deploy approve d-1a2b3c\n  hotswapctl deploy approve d-1a2b3c --reason \"canary plan reviewed, change CHG-123\""
     )]
     Approve {
         id: String,
-        /// Why; kept with the deployment and in the audit log.
+        /// Why (optional); kept in the deployment's events.
         #[arg(long)]
-        reason: String,
+        reason: Option<String>,
     },
     /// Reject a deployment waiting for approval.
     #[command(
-        after_help = "Examples:\n  hotswapctl deploy reject d-1a2b3c --reason \"no change ticket\""
+        after_help = "Examples:\n  hotswapctl deploy reject d-1a2b3c\n  hotswapctl deploy reject d-1a2b3c --reason \"no change ticket\""
     )]
     Reject {
         id: String,
-        /// Why; kept with the deployment and in the audit log.
+        /// Why (optional); becomes the deployment's reason, kept in its events.
         #[arg(long)]
-        reason: String,
+        reason: Option<String>,
     },
 }
 
@@ -159,7 +159,7 @@ pub struct CreateArgs {
     #[arg(long)]
     wait: bool,
     /// With --wait: give up waiting after this long (exit 4; the deployment goes on).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, requires = "wait")]
     timeout: Option<Duration>,
     /// Print the plan; create nothing.
     #[arg(long)]
@@ -264,10 +264,10 @@ pub async fn run(ctx: &Context, command: DeployCommand) -> Result<Outcome, CliEr
             control(ctx, &conn, &mut client, &id, "rollback", reason).await
         }
         DeployCommand::Approve { id, reason } => {
-            control(ctx, &conn, &mut client, &id, "approve", Some(reason)).await
+            control(ctx, &conn, &mut client, &id, "approve", reason).await
         }
         DeployCommand::Reject { id, reason } => {
-            control(ctx, &conn, &mut client, &id, "reject", Some(reason)).await
+            control(ctx, &conn, &mut client, &id, "reject", reason).await
         }
     }
 }

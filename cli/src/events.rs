@@ -11,15 +11,16 @@ use crate::output::{self, OutputFormat};
 
 #[derive(Args)]
 #[command(
-    after_help = "Without --follow, prints stored events and exits; with it, keeps printing new ones.\nResume a stream where it stopped with --since (the last seq seen + 1).\n\nExamples:\n  hotswapctl events\n  hotswapctl events --follow --kind deployment.\n  hotswapctl -o json events --since 1200 --deployment d-1a2b3c\n  hotswapctl events --follow --node web-1 --kind module.health"
+    after_help = "Without --since, prints the newest --limit stored events (oldest first); with --since, the stored events from that sequence number on. --follow then keeps printing new ones.\nResume a stream where it stopped with --since (the last seq seen + 1).\n\nExamples:\n  hotswapctl events\n  hotswapctl events --limit 20 --kind deployment.\n  hotswapctl events --follow --kind deployment.\n  hotswapctl -o json events --since 1200 --deployment d-1a2b3c\n  hotswapctl events --follow --node web-1 --kind module.health"
 )]
 pub struct EventsArgs {
     /// Keep following new events.
     #[arg(long, short = 'f')]
     follow: bool,
-    /// First sequence number to show.
-    #[arg(long, default_value_t = 0)]
-    since: u64,
+    /// First sequence number to show (0: the oldest kept). Without it: the
+    /// newest --limit events.
+    #[arg(long)]
+    since: Option<u64>,
     /// Only this kind, or a prefix ending in '.' (repeatable).
     #[arg(long = "kind")]
     kinds: Vec<String>,
@@ -29,7 +30,8 @@ pub struct EventsArgs {
     node: Option<String>,
     #[arg(long)]
     module: Option<String>,
-    /// Without --follow: at most this many events.
+    /// At most this many stored events: the newest without --since, the
+    /// first from --since on (with --follow and --since: no limit).
     #[arg(long, default_value_t = 1000)]
     limit: u32,
 }
@@ -99,7 +101,8 @@ pub async fn run(ctx: &Context, args: EventsArgs) -> Result<(), CliError> {
     let mut client = pb::events_client::EventsClient::new(conn.channel.clone());
     let mut stream = client
         .watch_events(pb::WatchEventsRequest {
-            since: args.since,
+            since: args.since.unwrap_or(0),
+            newest: args.since.is_none(),
             follow: args.follow,
             kinds: args.kinds,
             deployment_id: args.deployment.unwrap_or_default(),

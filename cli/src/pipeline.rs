@@ -26,7 +26,8 @@ pub enum PipelineCommand {
         /// Follow the pipeline until it ends (exit 0, 3, or 4 on --timeout).
         #[arg(long)]
         wait: bool,
-        #[arg(long, value_parser = parse_duration)]
+        /// With --wait: give up waiting after this long (exit 4; the pipeline goes on).
+        #[arg(long, value_parser = parse_duration, requires = "wait")]
         timeout: Option<Duration>,
     },
     /// Show a pipeline.

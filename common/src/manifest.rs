@@ -1001,18 +1001,10 @@ fn parse_health(s: &Section<'_>) -> Result<HealthSpec, ManifestError> {
     };
 
     let interval = s.duration("interval", DEFAULT_INTERVAL, None)?;
-    let timeout = s.duration("timeout", DEFAULT_TIMEOUT, None)?;
-    // A probe still running when the next one is due would pile up probes.
-    if timeout > interval {
-        return Err(s.error(
-            "timeout",
-            format!(
-                "must not exceed interval ({} > {})",
-                humantime::format_duration(timeout),
-                humantime::format_duration(interval)
-            ),
-        ));
-    }
+    // A timeout longer than the interval is valid, as in Docker and
+    // Kubernetes: probes never overlap, the next one starts when the last
+    // ended (see `node_agent::health`).
+    let timeout = s.duration("timeout", DEFAULT_TIMEOUT, Some(MAX_TIMEOUT))?;
     let healthy_threshold = s.threshold("healthy_threshold", DEFAULT_HEALTHY_THRESHOLD)?;
     let unhealthy_threshold = s.threshold("unhealthy_threshold", DEFAULT_UNHEALTHY_THRESHOLD)?;
     let start_timeout = s.duration("start_timeout", DEFAULT_START_TIMEOUT, Some(MAX_TIMEOUT))?;
@@ -1808,11 +1800,27 @@ exec = ["bin/check.sh", "--quick"]
         );
         check(
             &p("[health]\nexec = [\"x\"]\ntimeout = \"2s\""),
-            Err(("health.timeout", "must not exceed interval (2s > 1s)")),
+            Ok(|m| {
+                m.health.as_ref().is_some_and(|h| {
+                    (h.timeout, h.interval) == (Duration::from_secs(2), Duration::from_secs(1))
+                })
+            }),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\ntimeout = \"30s\"\ninterval = \"100ms\""),
+            Ok(|m| {
+                m.health
+                    .as_ref()
+                    .is_some_and(|h| h.timeout == Duration::from_secs(30))
+            }),
         );
         check(
             &p("[health]\nexec = [\"x\"]\ntimeout = \"2s\"\ninterval = \"2s\""),
             Ok(|m| m.health.as_ref().is_some_and(|h| h.timeout == h.interval)),
+        );
+        check(
+            &p("[health]\nexec = [\"x\"]\ntimeout = \"2h\""),
+            Err(("health.timeout", "must be at most 1h, found 2h")),
         );
         check(
             &p("[health]\nexec = [\"x\"]\nhealthy_threshold = 0"),

@@ -225,6 +225,33 @@ impl EventLog {
         Ok(out)
     }
 
+    /// Where to start reading so that the newest `limit` stored events with
+    /// `seq >= since` matching `filter` come first: the sequence number of
+    /// the `limit`-th newest match, or `since` when fewer match. Walks the
+    /// log backwards from its end, so it holds no events in memory.
+    pub fn newest_start(
+        &self,
+        since: u64,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        if limit == 0 {
+            return Ok(*self.next.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        let mut matched = 0;
+        for entry in self.tree.range(since.to_be_bytes()..).rev() {
+            let (_, value) = entry?;
+            let event = decode(&value)?;
+            if filter.matches(&event) {
+                matched += 1;
+                if matched == limit {
+                    return Ok(event.seq);
+                }
+            }
+        }
+        Ok(since)
+    }
+
     /// Sequence number of the oldest stored event (0 when empty).
     pub fn first_seq(&self) -> u64 {
         self.tree
@@ -302,6 +329,38 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(log.read(0, &exact, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn newest_start_leaves_the_newest_matches_to_read() {
+        let (_dir, _store, log) = log();
+        for i in 1..=10u64 {
+            let kind = if i % 2 == 0 {
+                "deployment.step"
+            } else {
+                "node.connected"
+            };
+            log.append(Event::new(kind, i.to_string()));
+        }
+        let all = EventFilter::default();
+        let steps = EventFilter {
+            kinds: vec!["deployment.".into()],
+            ..Default::default()
+        };
+        let newest = |since, filter: &EventFilter, limit| {
+            let start = log.newest_start(since, filter, limit).unwrap();
+            log.read(start, filter, limit)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(newest(0, &all, 3), [8, 9, 10]);
+        assert_eq!(newest(0, &steps, 2), [8, 10]);
+        assert_eq!(newest(0, &all, 100), (1..=10).collect::<Vec<_>>());
+        assert_eq!(newest(9, &all, 5), [9, 10], "since still bounds it");
+        assert_eq!(newest(0, &all, 0), Vec::<u64>::new());
+        assert_eq!(log.newest_start(0, &all, 0).unwrap(), 11, "past the end");
     }
 
     #[test]

@@ -5,6 +5,16 @@
 //! It also owns the agent's minimal HTTP/1.1 client ([`http_get`]), shared
 //! with the metrics scraper: probes and scrapes only ever need "GET one URL
 //! over a fresh connection", which does not justify a full HTTP stack.
+//!
+//! Probes of one module never overlap, whatever its `timeout` and
+//! `interval` (a timeout longer than the interval is valid, as in Docker and
+//! Kubernetes). Each prober awaits one probe before it starts the next: the
+//! process supervisor's start gate sleeps `interval` after each probe, and its
+//! loop probes on a ticker whose missed ticks are delayed, so after a probe
+//! slower than the interval the next one starts when it ended; bundles are
+//! probed one after another on the reconciler's usage tick. Nothing else
+//! probes a process module (the traced `health` step reads the supervisor's
+//! verdict instead).
 
 use std::io;
 use std::path::{Path, PathBuf};

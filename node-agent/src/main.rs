@@ -43,7 +43,7 @@ enum Command {
     Run(RunArgs),
     /// Many simulated agents in one process, for scale tests and benchmarks.
     #[command(
-        after_help = "Each simulated agent enrolls with its own key and certificate and keeps its own mTLS\nsession; modules install instantly (or after --install-latency) and report healthy.\nThe token needs at least --count uses.\n\nExamples:\n  hotswap-agent simulate --count 1000 --control-plane https://127.0.0.1:7443 \\\n      --join-token hsj_... --ca-fingerprint sha256:... --label environment=dev \\\n      --source-addrs 127.0.0.2-127.0.0.20\n  hotswap-agent simulate --count 50 ... --failure-rate 0.1 --flap-every 30s --churn-every 60s"
+        after_help = "Each simulated agent enrolls with its own key and certificate and keeps its own mTLS\nsession; modules install instantly (or after --install-latency) and report healthy.\nThe token needs at least --count uses. Enrollments the control plane refuses\nfor its enroll_per_minute limit are retried with backoff and counted as rate-limited.\n\nExamples:\n  hotswap-agent simulate --count 1000 --control-plane https://127.0.0.1:7443 \\\n      --join-token hsj_... --ca-fingerprint sha256:... --label environment=dev \\\n      --source-addrs 127.0.0.2-127.0.0.20\n  hotswap-agent simulate --count 50 ... --failure-rate 0.1 --flap-every 30s --churn-every 60s"
     )]
     Simulate(SimulateArgs),
 }

@@ -361,9 +361,11 @@ impl Reconciler {
     }
 
     /// The first health result of a version just swapped in, traced as the
-    /// `health` step of the node command that asked for it: one probe when
-    /// the module has a health check (an observation only; the runtime's
-    /// own tracking is unchanged), else the health the runtime reports.
+    /// `health` step of the node command that asked for it: one probe of a
+    /// bundle with a health check (an observation only; the runtime's own
+    /// tracking is unchanged), else the health the runtime reports. A process
+    /// module is never probed here: its supervisor probes it, and a second
+    /// prober could overlap its probes.
     async fn first_health(&self, name: &str, spec: &VersionSpec) {
         let span = tracing::info_span!(
             target: telemetry::TARGET,
@@ -375,6 +377,7 @@ impl Reconciler {
             health = tracing::field::Empty,
         );
         let probe = async {
+            let supervisor = self.supervisors.get(name);
             let health = match &spec.health {
                 Some((check, health)) => {
                     let kind = match check {
@@ -383,17 +386,22 @@ impl Reconciler {
                         HealthCheck::Exec(_) => "exec",
                     };
                     span.record("check", kind);
-                    match probe_once(check, health.timeout, &spec.env, &spec.dir).await {
-                        Ok(()) => Health::Healthy,
-                        Err(e) => {
-                            telemetry::record_error(&span, e);
-                            Health::Unhealthy
+                    if let Some(supervisor) = supervisor {
+                        // Healthy exactly when it just passed its start gate.
+                        supervisor.status().borrow().health
+                    } else {
+                        match probe_once(check, health.timeout, &spec.env, &spec.dir).await {
+                            Ok(()) => Health::Healthy,
+                            Err(e) => {
+                                telemetry::record_error(&span, e);
+                                Health::Unhealthy
+                            }
                         }
                     }
                 }
                 None => {
                     span.record("check", "none");
-                    match self.supervisors.get(name) {
+                    match supervisor {
                         Some(supervisor) => supervisor.status().borrow().health,
                         None => self
                             .bundle_status

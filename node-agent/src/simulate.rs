@@ -11,6 +11,10 @@
 //! and verifies its signatures against the control plane's trusted keys,
 //! all in memory, before the module counts as running. Options add health
 //! flapping and disconnect churn. Nothing touches the disk.
+//!
+//! A failed enrollment is retried with exponential backoff and jitter
+//! (capped); refusals by the control plane's enrollment rate limit
+//! (`ResourceExhausted`) are counted apart from other failures.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -27,6 +31,8 @@ use hotswap_common::tls::{
     self, ChannelOptions, ClientIdentity, ControlPlaneUrl, PinnedCa, ServerTrust,
 };
 use rand::Rng;
+
+use crate::backoff::Backoff;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -149,7 +155,11 @@ async fn fetch_verified(
 #[derive(Default)]
 pub struct SimStats {
     pub enrolled: AtomicU64,
+    /// Enrollment attempts that failed, except rate-limit refusals.
     pub enroll_failures: AtomicU64,
+    /// Enrollment attempts the control plane refused with
+    /// `ResourceExhausted` (its `enroll_per_minute` limit).
+    pub enroll_rate_limited: AtomicU64,
     pub connected: AtomicU64,
     pub sessions: AtomicU64,
     pub reports: AtomicU64,
@@ -162,9 +172,10 @@ pub struct SimStats {
 impl SimStats {
     pub fn line(&self) -> String {
         format!(
-            "enrolled {} (failed {}), connected {}, sessions {}, heartbeats {}, reports {}, installs {}, fetched bytes {} (failed {})",
+            "enrolled {} (failed {}, rate-limited {}), connected {}, sessions {}, heartbeats {}, reports {}, installs {}, fetched bytes {} (failed {})",
             self.enrolled.load(Ordering::Relaxed),
             self.enroll_failures.load(Ordering::Relaxed),
+            self.enroll_rate_limited.load(Ordering::Relaxed),
             self.connected.load(Ordering::Relaxed),
             self.sessions.load(Ordering::Relaxed),
             self.heartbeats.load(Ordering::Relaxed),
@@ -208,6 +219,43 @@ pub fn parse_source_addrs(text: &str) -> Result<Vec<IpAddr>, String> {
     Ok(out)
 }
 
+/// Why an enrollment attempt failed, which decides what happens next.
+#[derive(Debug, PartialEq)]
+enum EnrollFailure {
+    /// Retrying cannot help (bad token, bad request, local error): give up.
+    Fatal(String),
+    /// The control plane's enrollment rate limit refused the attempt: retry
+    /// after a backoff, counted apart from other failures.
+    RateLimited(String),
+    /// Anything else (connection, control plane unavailable): retry after a
+    /// backoff.
+    Transient(String),
+}
+
+impl EnrollFailure {
+    fn of_status(name: &str, status: &tonic::Status) -> Self {
+        let message = format!("enroll {name}: {}", status.message());
+        match status.code() {
+            tonic::Code::ResourceExhausted => Self::RateLimited(message),
+            tonic::Code::Unauthenticated
+            | tonic::Code::InvalidArgument
+            | tonic::Code::AlreadyExists
+            | tonic::Code::PermissionDenied => Self::Fatal(message),
+            _ => Self::Transient(message),
+        }
+    }
+}
+
+/// First retry of a failed enrollment after 250-500 ms, then twice as long
+/// each time (half fixed, half random), up to 15-30 s. A fleet of simulated
+/// agents sharing one source address runs into the control plane's
+/// per-address `enroll_per_minute` limit; retrying at a fixed pace there
+/// keeps the limiter refusing (tens of thousands of attempts a minute for a
+/// thousand agents), while the backoff lets the bucket refill and spreads
+/// the agents out.
+const ENROLL_RETRY_BASE: Duration = Duration::from_millis(500);
+const ENROLL_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Enroll and run `count` agents until `shutdown`.
 pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: CancellationToken) {
     let config = Arc::new(config);
@@ -221,6 +269,7 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
         tasks.spawn(async move {
             let source = (!config.source_addrs.is_empty())
                 .then(|| config.source_addrs[i % config.source_addrs.len()]);
+            let mut backoff = Backoff::new(ENROLL_RETRY_BASE, ENROLL_RETRY_MAX);
             let identity = loop {
                 let permit = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -230,17 +279,24 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
                 drop(permit);
                 match result {
                     Ok(identity) => break identity,
-                    Err((message, fatal)) => {
+                    Err(EnrollFailure::Fatal(message)) => {
                         stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
-                        if fatal {
-                            tracing::error!(agent = i, error = %message, "simulated agent cannot enroll");
-                            return;
-                        }
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        }
+                        tracing::error!(agent = i, error = %message, "simulated agent cannot enroll");
+                        return;
                     }
+                    Err(EnrollFailure::RateLimited(message)) => {
+                        stats.enroll_rate_limited.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(agent = i, error = %message, attempt = backoff.attempts() + 1, "enrollment rate-limited; backing off");
+                    }
+                    Err(EnrollFailure::Transient(message)) => {
+                        stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(agent = i, error = %message, attempt = backoff.attempts() + 1, "enrollment failed; backing off");
+                    }
+                }
+                let delay = backoff.next_delay(rand::rng().random::<f64>());
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
                 }
             };
             stats.enrolled.fetch_add(1, Ordering::Relaxed);
@@ -254,14 +310,15 @@ async fn enroll(
     config: &SimConfig,
     index: usize,
     source: Option<IpAddr>,
-) -> Result<SimIdentity, (String, bool)> {
+) -> Result<SimIdentity, EnrollFailure> {
     let name = format!("{}-{index:05}", config.name_prefix);
-    let (csr_pem, key_pem) = pki::generate_csr(&name).map_err(|e| (e.to_string(), true))?;
+    let (csr_pem, key_pem) =
+        pki::generate_csr(&name).map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
     let pinned = tls::client_config(
         ServerTrust::Pinned(PinnedCa::new(config.ca_fingerprint)),
         None,
     )
-    .map_err(|e| (e.to_string(), true))?;
+    .map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
     let options = ChannelOptions {
         keepalive_interval: None,
         local_addr: source,
@@ -269,7 +326,7 @@ async fn enroll(
     };
     let channel = tls::connect(&config.control_plane, pinned, &options)
         .await
-        .map_err(|e| (format!("connect: {e}"), false))?;
+        .map_err(|e| EnrollFailure::Transient(format!("connect: {e}")))?;
     let response = pb::enrollment_client::EnrollmentClient::new(channel)
         .enroll(pb::EnrollRequest {
             join_token: config.join_token.clone(),
@@ -279,16 +336,7 @@ async fn enroll(
             agent_version: format!("{}-sim", hotswap_common::VERSION),
         })
         .await
-        .map_err(|s| {
-            let fatal = matches!(
-                s.code(),
-                tonic::Code::Unauthenticated
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::AlreadyExists
-                    | tonic::Code::PermissionDenied
-            );
-            (format!("enroll {name}: {}", s.message()), fatal)
-        })?
+        .map_err(|s| EnrollFailure::of_status(&name, &s))?
         .into_inner();
     let client = tls::client_config(
         ServerTrust::Ca(response.ca_certificate_pem),
@@ -297,7 +345,7 @@ async fn enroll(
             key_pem: &key_pem,
         }),
     )
-    .map_err(|e| (e.to_string(), true))?;
+    .map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
     Ok(SimIdentity {
         node_id: response.node_id,
         name,
@@ -641,6 +689,60 @@ mod tests {
         assert!(parse_source_addrs("127.0.0.9-127.0.0.1").is_err());
         assert!(parse_source_addrs("x").is_err());
         assert!(parse_source_addrs("").expect("empty").is_empty());
+    }
+
+    #[test]
+    fn enrollment_failures_are_sorted_by_status_code() {
+        use tonic::{Code, Status};
+        let of = |code| EnrollFailure::of_status("sim-00001", &Status::new(code, "why"));
+        assert_eq!(
+            of(Code::ResourceExhausted),
+            EnrollFailure::RateLimited("enroll sim-00001: why".into())
+        );
+        for code in [
+            Code::Unauthenticated,
+            Code::InvalidArgument,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+        ] {
+            assert!(matches!(of(code), EnrollFailure::Fatal(_)), "{code:?}");
+        }
+        for code in [Code::Unavailable, Code::Internal, Code::DeadlineExceeded] {
+            assert!(matches!(of(code), EnrollFailure::Transient(_)), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn enrollment_retries_back_off_with_jitter_up_to_a_cap() {
+        let mut backoff = Backoff::new(ENROLL_RETRY_BASE, ENROLL_RETRY_MAX);
+        let longest: Vec<u64> = (0..10)
+            .map(|_| backoff.next_delay(1.0).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            longest,
+            [
+                500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000, 30_000
+            ]
+        );
+        let mut backoff = Backoff::new(ENROLL_RETRY_BASE, ENROLL_RETRY_MAX);
+        let shortest: Vec<u64> = (0..3)
+            .map(|_| backoff.next_delay(0.0).as_millis() as u64)
+            .collect();
+        assert_eq!(shortest, [250, 500, 1_000], "half of each step is random");
+    }
+
+    #[test]
+    fn stats_line_counts_rate_limited_enrollments_apart() {
+        let stats = SimStats::default();
+        stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
+        stats.enroll_rate_limited.fetch_add(7, Ordering::Relaxed);
+        assert!(
+            stats
+                .line()
+                .starts_with("enrolled 0 (failed 1, rate-limited 7), "),
+            "{}",
+            stats.line()
+        );
     }
 
     #[test]

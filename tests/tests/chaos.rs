@@ -896,7 +896,7 @@ fn libfaketime() -> Option<PathBuf> {
 fn wall_clock_jumps_neither_fail_nor_stall_deployments() {
     let library = libfaketime().unwrap_or_else(|| {
         panic!(
-            "libfaketime is missing: run scripts/ci-deps.sh as root (it installs Debian's faketime)"
+            "libfaketime is missing: run scripts/ci-deps.sh as root (it installs Debian's faketime; `make test` does when run as root)"
         )
     });
     let mut chaos = Chaos::new("clock-jump");

@@ -33,6 +33,30 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
+fn timeout_without_wait_is_a_usage_error() {
+    for args in [
+        &[
+            "deploy",
+            "create",
+            "hello@1.0.0",
+            "--env",
+            "dev",
+            "--timeout",
+            "1m",
+        ][..],
+        &["pipeline", "run", "hello@1.0.0", "--timeout", "1m"][..],
+    ] {
+        let (code, _, stderr) = ctl(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("the following required arguments were not provided")
+                && stderr.contains("--wait"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn missing_profile_and_unreachable_endpoint_exit_1_with_one_line() {
     let dir = TestDir::new();
     let missing = dir.path().join("nope.toml");

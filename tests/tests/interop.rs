@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use hotswap_tests::{ControlPlane, TestDir, eventually, free_port, http_get};
 use serde_json::Value;
 
-const INSTALL_HINT: &str = "run `scripts/ci-deps.sh` as root to install it (CI does, from .ci/run)";
+const INSTALL_HINT: &str =
+    "run `scripts/ci-deps.sh` as root to install it (`make test` does when run as root)";
 
 /// The grpcio client. Arguments: the admin profile, the gRPC address. Prints
 /// a JSON summary on its last line; any failed expectation raises.

@@ -6,13 +6,17 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use hotswap_tests::{Fleet, TestDir, binary, eventually, http_get, patience};
+use hotswap_tests::{ControlPlane, Fleet, TestDir, binary, eventually, http_get, patience};
 use serde_json::Value;
 
 fn events(fleet: &Fleet, extra: &[&str]) -> Vec<Value> {
+    cp_events(&fleet.cp, extra)
+}
+
+fn cp_events(cp: &ControlPlane, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["-o", "json", "events"];
     args.extend_from_slice(extra);
-    let out = fleet.cp.ctl(&args);
+    let out = cp.ctl(&args);
     assert_eq!(out.code, 0, "{out:?}");
     out.stdout
         .lines()
@@ -171,6 +175,72 @@ fn events_are_durable_replayable_filterable_and_followable() {
         .find(|e| e["kind"] == "node.connected")
         .expect("a reconnect event after the restart");
     assert!(reconnect["seq"].as_u64() > Some(max));
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+#[test]
+fn events_without_since_show_the_newest_limit_then_follow() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    for _ in 0..6 {
+        cp.ctl(&["tokens", "create"]).ok();
+    }
+    let all = seqs(&cp_events(&cp, &["--since", "0"]));
+    assert!(all.len() >= 6, "{all:?}");
+    let newest = seqs(&cp_events(&cp, &["--limit", "3"]));
+    assert_eq!(
+        newest,
+        all[all.len() - 3..],
+        "the newest three, oldest first"
+    );
+    let oldest = seqs(&cp_events(&cp, &["--since", "0", "--limit", "3"]));
+    assert_eq!(oldest, all[..3], "--since keeps its meaning");
+    let from = all[1].to_string();
+    let from_second = seqs(&cp_events(&cp, &["--since", &from, "--limit", "2"]));
+    assert_eq!(from_second, all[1..3]);
+    let tokens = seqs(&cp_events(&cp, &["--kind", "tokens.", "--limit", "2"]));
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    assert_eq!(tokens.last(), all.last(), "filters apply before the limit");
+
+    // --follow without --since: the newest --limit, then live ones.
+    let mut follower = Command::new(binary("hotswapctl"))
+        .arg("--profile")
+        .arg(cp.admin_profile())
+        .args(["--endpoint", &cp.url(), "-o", "json", "events", "--follow"])
+        .args(["--limit", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn follower");
+    let stdout = follower.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next_seq = || {
+        let line = rx.recv_timeout(patience()).expect("an event");
+        let event: Value = serde_json::from_str(&line).expect("json line");
+        event["seq"].as_u64().expect("seq")
+    };
+    let replayed = [next_seq(), next_seq()];
+    assert_eq!(replayed[..], all[all.len() - 2..]);
+    cp.ctl(&["tokens", "create"]).ok();
+    let live = next_seq();
+    assert!(live > replayed[1], "{live} after {replayed:?}");
+    let _ = follower.kill();
+    let _ = follower.wait();
+    cp.stop();
 }
 
 #[test]

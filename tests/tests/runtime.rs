@@ -2,7 +2,7 @@
 //! after `kill -9` of the agent, crash loops, bundle hooks, staging, and
 //! manifests that cannot run on the node.
 
-use hotswap_tests::{Fleet, Load, TestDir, free_port};
+use hotswap_tests::{Fleet, Load, TestDir, eventually, free_port};
 
 fn set_up(dir: &TestDir) -> (Fleet, u16) {
     let fleet = Fleet::start(dir, &["--label", "zone=a"]);
@@ -365,4 +365,82 @@ fn stop_first_swap_queues_requests_and_metrics_reach_the_control_plane() {
             .is_some_and(|b| b > 0),
         "node usage reported: {node}"
     );
+}
+
+/// `hello@version` whose exec health probe takes 300 ms, three times its
+/// interval, and appends "start NANOS" and "end NANOS" to `log`.
+fn push_slow_probe(fleet: &Fleet, version: &str, port: u16, log: &std::path::Path) {
+    fleet.push("hello", version, |d| {
+        std::fs::create_dir_all(d.join("bin")).expect("bin");
+        std::fs::copy(hotswap_tests::binary("hello-server"), d.join("bin/hello-server"))
+            .expect("copy");
+        std::fs::write(
+            d.join("probe.sh"),
+            format!(
+                "echo \"start $(date +%s%N)\" >> {log}\nsleep 0.3\necho \"end $(date +%s%N)\" >> {log}\n",
+                log = log.display()
+            ),
+        )
+        .expect("probe");
+        std::fs::write(
+            d.join("module.toml"),
+            format!("name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n[process]\ncommand = [\"bin/hello-server\"]\n[[process.sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[health]\nexec = [\"sh\", \"probe.sh\"]\ninterval = \"100ms\"\ntimeout = \"5s\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"20s\"\n"),
+        )
+        .expect("manifest");
+    });
+}
+
+/// The probes recorded in `log` as (start, end) nanoseconds, in order;
+/// panics when one started before the previous one ended.
+fn probes_without_overlap(log: &std::path::Path) -> Vec<(u128, Option<u128>)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut probes: Vec<(u128, Option<u128>)> = Vec::new();
+    for line in text.lines() {
+        let (what, at) = line.split_once(' ').expect("probe log line");
+        let at: u128 = at.parse().expect("nanoseconds");
+        match (what, probes.last_mut()) {
+            ("start", None) => probes.push((at, None)),
+            ("start", Some((_, Some(end)))) if at >= *end => probes.push((at, None)),
+            ("end", Some((start, end @ None))) if at >= *start => *end = Some(at),
+            _ => panic!("probes overlap at {line:?}:\n{text}"),
+        }
+    }
+    probes
+}
+
+#[test]
+fn health_timeout_longer_than_interval_never_overlaps_probes() {
+    let dir = TestDir::new();
+    let (fleet, port) = set_up(&dir);
+    let log = dir.path().join("probes.log");
+    // Refused by the manifest before: timeout 5s > interval 100ms.
+    push_slow_probe(&fleet, "1.0.0", port, &log);
+    push_slow_probe(&fleet, "2.0.0", port, &log);
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+    // A start-first swap probes the new version while the old one serves:
+    // still one probe at a time.
+    fleet.set("node-1", "hello@2.0.0", &[]);
+    fleet.wait_running("hello", "2.0.0");
+    let probes = eventually("ten probes of the running version", || {
+        let probes = probes_without_overlap(&log);
+        if probes.iter().filter(|(_, end)| end.is_some()).count() >= 10 {
+            Ok(probes)
+        } else {
+            Err(format!("{probes:?}"))
+        }
+    });
+    // The next probe starts when the last ended (plus at most the interval
+    // and scheduling noise), not a timeout or more later.
+    let longest_gap = probes
+        .windows(2)
+        .filter_map(|w| w[0].1.map(|end| w[1].0 - end))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        longest_gap < 2_000_000_000,
+        "{longest_gap} ns between two probes: {probes:?}"
+    );
+    let m = fleet.module("hello").expect("report");
+    assert_eq!(m["health"], "healthy", "{m}");
 }

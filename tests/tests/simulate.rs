@@ -159,3 +159,55 @@ fn simulated_agents_enroll_connect_and_deploy() {
         }
     });
 }
+
+/// (enrolled, failed, rate-limited) from the last stats line of a
+/// simulator's log: "enrolled N (failed N, rate-limited N), ...".
+fn enroll_counts(log: &str) -> Option<(u64, u64, u64)> {
+    let line = log.lines().rev().find(|l| l.contains("enrolled "))?;
+    let rest = &line[line.find("enrolled ")? + "enrolled ".len()..];
+    let (enrolled, rest) = rest.split_once(" (failed ")?;
+    let (failed, rest) = rest.split_once(", rate-limited ")?;
+    let (limited, _) = rest.split_once(')')?;
+    Some((
+        enrolled.parse().ok()?,
+        failed.parse().ok()?,
+        limited.parse().ok()?,
+    ))
+}
+
+#[test]
+fn rate_limited_enrollment_backs_off_and_is_counted_apart() {
+    let dir = TestDir::new();
+    // One enrollment per 5 s per source address, and no burst beyond one.
+    let mut cp =
+        ControlPlane::init_with_settings(dir.path(), "enroll_per_minute = 12\nenroll_burst = 1\n");
+    cp.start();
+    let mut sim = Simulator::start(&cp, "limited", 3, &["environment=dev"], &[]);
+    // The first agent takes the one token; the second gets the next one, 5 s
+    // later. Retrying every 500 ms, the two waiting agents were refused 20
+    // times by then; backing off (250-500 ms, doubling), at most 6 times each
+    // until the retry that lands after 5 s.
+    let (enrolled, failed, limited) = eventually("a second simulated agent enrolled", || {
+        sim.check_running()?;
+        let log = sim.log();
+        match enroll_counts(&log) {
+            Some(counts) if counts.0 >= 2 => Ok(counts),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(sim.stop().success());
+    let log = sim.log();
+    let last = enroll_counts(&log).expect("a final stats line");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("simulate: stopped; enrolled")),
+        "{log}"
+    );
+    assert_eq!((failed, last.1), (0, 0), "refusals are not failures: {log}");
+    assert!(enrolled >= 2 && limited >= 2, "{enrolled} {limited}: {log}");
+    assert!(
+        last.2 <= 16,
+        "{} rate-limited attempts: no backoff?\n{log}",
+        last.2
+    );
+}

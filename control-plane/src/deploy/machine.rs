@@ -399,6 +399,8 @@ impl Outcome {
     }
 }
 
+/// An operator's control of a deployment. An approval's or rejection's
+/// `reason` is empty when the operator gave none.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Control {
     Approve { by: String, reason: String },
@@ -848,6 +850,15 @@ pub fn judge(t: &Thresholds, a: &Analysis) -> (Outcome, String) {
     }
 }
 
+/// "approved by alice: CHG-42 reviewed", or "approved by alice" without a reason.
+fn by_with_reason(verb: &str, by: &str, reason: &str) -> String {
+    if reason.is_empty() {
+        format!("{verb} by {by}")
+    } else {
+        format!("{verb} by {by}: {reason}")
+    }
+}
+
 fn pct(rate: Option<f64>) -> String {
     rate.map_or_else(|| "n/a".to_string(), |r| format!("{:.2}%", r * 100.0))
 }
@@ -1065,14 +1076,14 @@ impl Deployment {
                 self.approved_by = by.clone();
                 let (started, mut actions) = self.clone().start(now);
                 *self = started;
-                actions.insert(0, Action::Note(format!("approved by {by}: {reason}")));
+                actions.insert(0, Action::Note(by_with_reason("approved", by, reason)));
                 Ok(actions)
             }
             Control::Reject { by, reason } => {
                 if state != State::AwaitingApproval {
                     return refuse("reject");
                 }
-                Ok(self.finish(State::Aborted, format!("rejected by {by}: {reason}"), now))
+                Ok(self.finish(State::Aborted, by_with_reason("rejected", by, reason), now))
             }
             Control::Pause => {
                 if state != State::Running {

@@ -2698,6 +2698,36 @@ fn reject_aborts_without_touching_any_node() {
 }
 
 #[test]
+fn approval_and_rejection_read_well_without_a_reason() {
+    let (dep, _) = Deployment::new(approval_spec(), targets(&[OLD, OLD]), T0);
+    let (approved, actions) = step(
+        &dep,
+        T0 + 1,
+        &Input::Control(Control::Approve {
+            by: "bob".into(),
+            reason: String::new(),
+        }),
+    )
+    .unwrap();
+    assert_eq!(approved.state, State::Running);
+    assert_eq!(actions[0], Action::Note("approved by bob".into()));
+
+    let (rejected, _) = step(
+        &dep,
+        T0 + 1,
+        &Input::Control(Control::Reject {
+            by: "bob".into(),
+            reason: String::new(),
+        }),
+    )
+    .unwrap();
+    assert_eq!(
+        (rejected.state, rejected.reason.as_str()),
+        (State::Aborted, "rejected by bob")
+    );
+}
+
+#[test]
 fn pause_stops_progress_until_resumed() {
     let mut sim = Sim::good(spec(rolling(BatchSize::Count(1), 2_000)), 3);
     let healthy = sim.run_until(20, |d| d.hold_since_ms.is_some());

@@ -178,18 +178,15 @@ fn control_of(action: &str, reason: String, user: &str) -> Result<Control, ApiEr
         "rollback" => Control::Rollback {
             reason: reason_or(&format!("by {user}")),
         },
-        "approve" | "reject" if reason.trim().is_empty() => {
-            return Err(ApiError::InvalidArgument(format!(
-                "{action} needs a reason (--reason TEXT); it is kept with the deployment and in the audit log"
-            )));
-        }
+        // The reason of an approval or rejection is optional (SPEC §6); the
+        // machine leaves it out of its note when it is empty.
         "approve" => Control::Approve {
             by: user.to_string(),
-            reason,
+            reason: reason.trim().to_string(),
         },
         "reject" => Control::Reject {
             by: user.to_string(),
-            reason,
+            reason: reason.trim().to_string(),
         },
         other => {
             return Err(ApiError::InvalidArgument(format!(

@@ -65,6 +65,7 @@ impl pb::events_server::Events for EventsService {
         };
         let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
         let follow = r.follow;
+        let newest = r.newest;
         let registry = self.ctx.registry.clone();
         let shutdown = self.ctx.shutdown.clone();
         // Subscribe before reading, so nothing falls between replay and live.
@@ -73,6 +74,18 @@ impl pb::events_server::Events for EventsService {
         tokio::spawn(async move {
             let log = registry.events();
             let mut next = r.since;
+            // The newest `limit`: find where they start, then replay from
+            // there as usual (events appended meanwhile come after them, and
+            // with follow they are sent too).
+            if newest {
+                match log.newest_start(next, &filter, limit) {
+                    Ok(start) => next = start,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                }
+            }
             let mut sent = 0usize;
             // Replay (and catch up after lagging) page by page.
             let catch_up = |next: &mut u64, sent: &mut usize| -> Result<Vec<Event>, ApiError> {

@@ -2,6 +2,7 @@
 //! of an accepted manifest through variable expansion, as a node does it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use hotswap_common::manifest::{Manifest, Vars, expand, parse_manifest};
 
@@ -38,8 +39,8 @@ fn check_accepted(manifest: &Manifest) {
     }
     if let Some(health) = &manifest.health {
         assert!(
-            health.timeout <= health.interval,
-            "health timeout within the interval"
+            !health.timeout.is_zero() && health.timeout <= Duration::from_secs(3600),
+            "health timeout above zero and at most an hour"
         );
     }
 }
