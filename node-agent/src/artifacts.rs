@@ -44,6 +44,7 @@ use hotswap_common::pb;
 use hotswap_common::telemetry;
 use hotswap_common::timefmt::now_ms;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 use tracing::Instrument;
@@ -61,6 +62,10 @@ pub enum FetchError {
     /// Local disk trouble.
     #[error("{0}")]
     Local(String),
+    /// The caller stopped wanting it while it downloaded; the partial
+    /// download is kept, to resume.
+    #[error("{0}")]
+    Abandoned(String),
 }
 
 /// Where an agent's trust in publisher keys comes from.
@@ -269,6 +274,21 @@ impl ArtifactStore {
         name: &str,
         version: &str,
     ) -> Result<Cached, FetchError> {
+        self.fetch_until(channel, name, version, &CancellationToken::new())
+            .await
+    }
+
+    /// [`ArtifactStore::fetch`], abandoned with [`FetchError::Abandoned`] if
+    /// `abandon` is cancelled while the content downloads. Only the network
+    /// part is cut short: it leaves a partial file to resume, while the
+    /// verification that renames into `cache/` always runs to its end.
+    pub async fn fetch_until(
+        &self,
+        channel: &Channel,
+        name: &str,
+        version: &str,
+        abandon: &CancellationToken,
+    ) -> Result<Cached, FetchError> {
         let what = format!("artifact {name}@{version}");
         let span = tracing::info_span!(
             target: telemetry::TARGET,
@@ -278,10 +298,15 @@ impl ArtifactStore {
             node = %self.node,
             bytes = tracing::field::Empty,
         );
-        let fetched = self
-            .fetch_content(channel, name, version, &what)
-            .instrument(span.clone())
-            .await;
+        let fetched = tokio::select! {
+            biased;
+            _ = abandon.cancelled() => Err(FetchError::Abandoned(format!(
+                "{what}: download abandoned, no longer desired"
+            ))),
+            fetched = self
+                .fetch_content(channel, name, version, &what)
+                .instrument(span.clone()) => fetched,
+        };
         if let Ok(Fetched {
             downloaded: Some(downloaded),
             ..

@@ -118,6 +118,7 @@ impl StepError {
 /// way to it (network, control plane) and the disk under it are not.
 fn classify_fetch(error: FetchError) -> StepError {
     let (kind, transient) = match &error {
+        FetchError::Abandoned(message) => return StepError::Preempted(message.clone()),
         FetchError::Transient(_) => (FailureKind::Infrastructure, true),
         FetchError::Local(_) => (FailureKind::Infrastructure, false),
         FetchError::Rejected(_) => (FailureKind::Release, false),
@@ -420,11 +421,9 @@ impl Reconciler {
         channel: Option<&Channel>,
         name: &str,
         version: &str,
+        preempt: &CancellationToken,
     ) -> Result<PathBuf, FetchError> {
         let dir = self.store.module_dir(name, version);
-        if dir.is_dir() {
-            return Ok(dir);
-        }
         let required = self.required_signatures();
         if dir.is_dir() && required <= 1 {
             return Ok(dir);
@@ -435,7 +434,9 @@ impl Reconciler {
                     "artifact {name}@{version} is not cached and the control plane is not connected"
                 ))
             })?;
-            self.store.fetch(channel, name, version).await?;
+            self.store
+                .fetch_until(channel, name, version, preempt)
+                .await?;
         }
         self.store.install(name, version, required).await
     }
@@ -450,10 +451,8 @@ impl Reconciler {
             .map_or(1, |d| d.min_signatures.max(1))
     }
 
-    /// Install `name@version`, abandoned when the desired state stops
-    /// asking for it. Dropping the install is safe at any await: a download
-    /// keeps its partial file to resume, and nothing enters `cache/` or
-    /// `modules/` but by a rename after its checks.
+    /// Install `name@version`; a download is abandoned when the desired
+    /// state stops asking for it (see [`ArtifactStore::fetch_until`]).
     async fn install_preemptible(
         &self,
         channel: Option<&Channel>,
@@ -461,15 +460,9 @@ impl Reconciler {
         version: &str,
         preempt: &CancellationToken,
     ) -> Result<PathBuf, StepError> {
-        tokio::select! {
-            biased;
-            _ = preempt.cancelled() => Err(StepError::Preempted(format!(
-                "installing {name}@{version} preempted by a new desired state"
-            ))),
-            installed = self.ensure_installed(channel, name, version) => {
-                installed.map_err(classify_fetch)
-            }
-        }
+        self.ensure_installed(channel, name, version, preempt)
+            .await
+            .map_err(classify_fetch)
     }
 
     /// A token cancelled as soon as the desired state the session received
@@ -1242,6 +1235,11 @@ mod tests {
         check(FetchError::Local("m".into()), failed(Infrastructure, false));
         // Unknown, altered, unsigned or under-signed artifacts: the release.
         check(FetchError::Rejected("m".into()), failed(Release, false));
+        // No longer desired: nothing failed.
+        check(
+            FetchError::Abandoned("m".into()),
+            StepError::Preempted("m".into()),
+        );
     }
 
     #[test]
