@@ -89,6 +89,12 @@ impl TryFrom<pb::Node> for NodeView {
                         latency_p99_seconds: (w.latency_p99_seconds >= 0.0)
                             .then_some(w.latency_p99_seconds),
                     }),
+                    settling: m.settling_versions,
+                    // Only the classes this CLI knows; anything else is none.
+                    failure_kind: match m.failure_kind.as_str() {
+                        "release" | "infrastructure" => Some(m.failure_kind),
+                        _ => None,
+                    },
                 })
                 .collect(),
             agent_version: node.agent_version,

@@ -54,6 +54,14 @@ pub struct NodeModuleView {
     pub crash_loop: bool,
     /// Request metrics over the last scrape interval, when the module has them.
     pub metrics: Option<ModuleMetricsView>,
+    /// Other versions still starting, stopping or serving on the node (a
+    /// candidate in its health gate, an old instance draining); empty once
+    /// the module runs `version` alone.
+    #[serde(default)]
+    pub settling: Vec<String>,
+    /// `release` or `infrastructure` when the agent reports a failure.
+    #[serde(default)]
+    pub failure_kind: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::deploy::machine::FailureKind;
 use crate::error::ApiError;
 use crate::events::{Event, EventLog};
 use crate::metrics::Metrics;
@@ -42,6 +43,13 @@ pub struct ModuleState {
     pub restarts: u32,
     pub crash_loop: bool,
     pub metrics: Option<MetricsWindow>,
+    /// Other versions the agent says still start, stop or serve (a
+    /// candidate in its health gate, an old instance draining); validated
+    /// and capped at the edge (`service::convert`).
+    pub settling: Vec<String>,
+    /// The agent's class of the failure it reports; `None` without one or
+    /// for a class this control plane does not know.
+    pub failure_kind: Option<FailureKind>,
 }
 
 impl ModuleState {
@@ -58,6 +66,8 @@ impl ModuleState {
             restarts,
             crash_loop,
             metrics: _,
+            settling,
+            failure_kind,
         } = self;
         *name == other.name
             && *version == other.version
@@ -68,6 +78,8 @@ impl ModuleState {
             && *previous_version == other.previous_version
             && *restarts == other.restarts
             && *crash_loop == other.crash_loop
+            && *settling == other.settling
+            && *failure_kind == other.failure_kind
     }
 }
 
@@ -949,6 +961,8 @@ mod tests {
             restarts: 0,
             crash_loop: false,
             metrics: None,
+            settling: Vec::new(),
+            failure_kind: None,
         }
     }
 
@@ -965,7 +979,7 @@ mod tests {
         assert!(metrics_only.same_but_metrics(&base));
 
         type Edit = fn(&mut ModuleState);
-        let edits: [(&str, Edit); 9] = [
+        let edits: [(&str, Edit); 11] = [
             ("name", |m| m.name.push('x')),
             ("version", |m| m.version = "1.0.1".into()),
             ("phase", |m| m.phase = "swapping".into()),
@@ -975,6 +989,10 @@ mod tests {
             ("previous", |m| m.previous_version.clear()),
             ("restarts", |m| m.restarts += 1),
             ("crash loop", |m| m.crash_loop = true),
+            ("settling", |m| m.settling = vec!["1.1.0".into()]),
+            ("failure kind", |m| {
+                m.failure_kind = Some(FailureKind::Infrastructure)
+            }),
         ];
         for (field, edit) in edits {
             let mut other = module();

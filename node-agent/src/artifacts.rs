@@ -14,6 +14,11 @@
 //!
 //! Nothing is unpacked before its digest and signatures check out, and an
 //! artifact is verified again every time it is installed from the cache.
+//! An install also needs valid signatures by as many distinct trusted keys
+//! as the node's environment asks for (`min_signatures`, carried by the
+//! desired state): the agent enforces it itself, whatever the control plane
+//! let through; above one, a version already unpacked is checked again
+//! before it runs.
 //!
 //! A download touches each content byte once: it is hashed for the digest
 //! and for the file's trailer as it is appended to the partial file, and the
@@ -32,13 +37,14 @@ use std::sync::{Arc, Mutex};
 
 use hotswap_common::artifact::format::{ArtifactWriter, read_artifact};
 use hotswap_common::artifact::keys::{self, TrustSet};
-use hotswap_common::artifact::unpack::{Limits, unpack_artifact};
+use hotswap_common::artifact::unpack::{Limits, UnpackError, unpack_artifact};
 use hotswap_common::artifact::{ArtifactInfo, Digest};
 use hotswap_common::fsutil::{self, PUBLIC_FILE_MODE};
 use hotswap_common::pb;
 use hotswap_common::telemetry;
 use hotswap_common::timefmt::now_ms;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 use tracing::Instrument;
@@ -56,6 +62,10 @@ pub enum FetchError {
     /// Local disk trouble.
     #[error("{0}")]
     Local(String),
+    /// The caller stopped wanting it while it downloaded; the partial
+    /// download is kept, to resume.
+    #[error("{0}")]
+    Abandoned(String),
 }
 
 /// Where an agent's trust in publisher keys comes from.
@@ -264,6 +274,21 @@ impl ArtifactStore {
         name: &str,
         version: &str,
     ) -> Result<Cached, FetchError> {
+        self.fetch_until(channel, name, version, &CancellationToken::new())
+            .await
+    }
+
+    /// [`ArtifactStore::fetch`], abandoned with [`FetchError::Abandoned`] if
+    /// `abandon` is cancelled while the content downloads. Only the network
+    /// part is cut short: it leaves a partial file to resume, while the
+    /// verification that renames into `cache/` always runs to its end.
+    pub async fn fetch_until(
+        &self,
+        channel: &Channel,
+        name: &str,
+        version: &str,
+        abandon: &CancellationToken,
+    ) -> Result<Cached, FetchError> {
         let what = format!("artifact {name}@{version}");
         let span = tracing::info_span!(
             target: telemetry::TARGET,
@@ -273,10 +298,15 @@ impl ArtifactStore {
             node = %self.node,
             bytes = tracing::field::Empty,
         );
-        let fetched = self
-            .fetch_content(channel, name, version, &what)
-            .instrument(span.clone())
-            .await;
+        let fetched = tokio::select! {
+            biased;
+            _ = abandon.cancelled() => Err(FetchError::Abandoned(format!(
+                "{what}: download abandoned, no longer desired"
+            ))),
+            fetched = self
+                .fetch_content(channel, name, version, &what)
+                .instrument(span.clone()) => fetched,
+        };
         if let Ok(Fetched {
             downloaded: Some(downloaded),
             ..
@@ -498,21 +528,50 @@ impl ArtifactStore {
         version: &str,
         trust: &TrustSet,
     ) -> Result<ArtifactInfo, FetchError> {
-        let info = read_artifact(path)
-            .map_err(|e| FetchError::Rejected(format!("artifact {name}@{version}: {e}")))?;
+        self.verify_cached_by(path, name, version, trust, 1)
+    }
+
+    /// [`ArtifactStore::verify_cached`], also requiring valid signatures by
+    /// `required` distinct trusted keys.
+    fn verify_cached_by(
+        &self,
+        path: &Path,
+        name: &str,
+        version: &str,
+        trust: &TrustSet,
+        required: u32,
+    ) -> Result<ArtifactInfo, FetchError> {
+        let info = read_artifact(path).map_err(|e| match e {
+            // The cache file cannot be read: the disk's trouble, not the artifact's.
+            hotswap_common::artifact::ArtifactError::Read { .. } => {
+                FetchError::Local(format!("artifact {name}@{version}: {e}"))
+            }
+            e => FetchError::Rejected(format!("artifact {name}@{version}: {e}")),
+        })?;
         check_identity(&info, name, version).map_err(FetchError::Rejected)?;
-        trust
+        let verified = trust
             .verify(&info, now_ms())
             .map_err(|e| FetchError::Rejected(e.to_string()))?;
+        ensure_signers(&format!("{name}@{version}"), &verified, required)
+            .map_err(FetchError::Rejected)?;
         Ok(info)
     }
 
     /// Unpack a cached, verified artifact into its module directory (once).
     /// Works with the control plane down: the trust set used is the pinned or
-    /// last stored one, and the artifact is verified again before unpacking.
-    pub async fn install(&self, name: &str, version: &str) -> Result<PathBuf, FetchError> {
+    /// last stored one, and the artifact is verified again before unpacking,
+    /// needing valid signatures by `required` distinct trusted keys (the
+    /// node's environment's `min_signatures`). Above one, a version already
+    /// unpacked is verified again too: it may have been installed under a
+    /// weaker requirement.
+    pub async fn install(
+        &self,
+        name: &str,
+        version: &str,
+        required: u32,
+    ) -> Result<PathBuf, FetchError> {
         let dir = self.module_dir(name, version);
-        if dir.is_dir() {
+        if dir.is_dir() && required <= 1 {
             return Ok(dir);
         }
         let digest = self.cached_digest(name, version).ok_or_else(|| {
@@ -531,12 +590,15 @@ impl ArtifactStore {
         let (store, owned) = (self.clone(), (name.to_string(), version.to_string()));
         let cache = path.clone();
         let info = tokio::task::spawn_blocking(move || {
-            let verified =
-                span.in_scope(|| store.verify_cached(&cache, &owned.0, &owned.1, &trust));
+            let verified = span
+                .in_scope(|| store.verify_cached_by(&cache, &owned.0, &owned.1, &trust, required));
             telemetry::record_result(&span, verified)
         })
         .await
         .map_err(|e| FetchError::Local(format!("verification stopped: {e}")))??;
+        if dir.is_dir() {
+            return Ok(dir);
+        }
         let span = tracing::info_span!(
             target: telemetry::TARGET,
             "unpack",
@@ -571,7 +633,11 @@ impl ArtifactStore {
         })
         .await
         .map_err(|e| FetchError::Local(e.to_string()))?
-        .map_err(|e| FetchError::Rejected(format!("artifact {name}@{version}: {e}")))?;
+        .map_err(|e| match e {
+            // Writing the files failed (a full disk): the node's trouble.
+            UnpackError::Io { .. } => FetchError::Local(format!("artifact {name}@{version}: {e}")),
+            e => FetchError::Rejected(format!("artifact {name}@{version}: {e}")),
+        })?;
         let parent = dir
             .parent()
             .map(Path::to_path_buf)
@@ -581,6 +647,38 @@ impl ArtifactStore {
         let _ = fsutil::sync_dir(&parent);
         Ok(dir.to_path_buf())
     }
+}
+
+/// At least `required` distinct trusted keys hold valid signatures among
+/// `verified` (those [`TrustSet::verify`] accepted).
+fn ensure_signers(
+    module: &str,
+    verified: &[keys::VerifiedSignature],
+    required: u32,
+) -> Result<(), String> {
+    let mut signers: Vec<&keys::VerifiedSignature> = Vec::new();
+    for signature in verified {
+        if !signers.iter().any(|s| s.key_id == signature.key_id) {
+            signers.push(signature);
+        }
+    }
+    let required = required.max(1) as usize;
+    if signers.len() >= required {
+        return Ok(());
+    }
+    let names: Vec<String> = signers
+        .iter()
+        .map(|s| format!("{:?}", s.key_name))
+        .collect();
+    Err(format!(
+        "artifact {module}: this node's environment requires valid signatures by {required} distinct trusted keys (min_signatures) and it has {}{}; refusing to install it",
+        signers.len(),
+        if names.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", names.join(", "))
+        }
+    ))
 }
 
 /// The artifact is the module version that was asked for.
@@ -620,4 +718,40 @@ fn open_partial(
 
 fn uuid_like() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hotswap_common::artifact::keys::VerifiedSignature;
+
+    fn by(key: &str) -> VerifiedSignature {
+        VerifiedSignature {
+            key_name: key.into(),
+            key_id: format!("ed25519:{key}"),
+            signed_at_ms: 0,
+            expires_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn installs_need_enough_distinct_signers() {
+        let check = |verified: &[VerifiedSignature], required: u32, ok: bool| {
+            let result = ensure_signers("m@1.0.0", verified, required);
+            assert_eq!(result.is_ok(), ok, "{required} of {verified:?}: {result:?}");
+        };
+        check(&[by("ci")], 0, true);
+        check(&[by("ci")], 1, true);
+        check(&[by("ci")], 2, false);
+        // The same key twice is one signer.
+        check(&[by("ci"), by("ci")], 2, false);
+        check(&[by("ci"), by("release")], 2, true);
+        check(&[by("ci"), by("release")], 3, false);
+        let refusal = ensure_signers("m@1.0.0", &[by("ci")], 2).expect_err("refused");
+        assert_eq!(
+            refusal,
+            "artifact m@1.0.0: this node's environment requires valid signatures by 2 \
+             distinct trusted keys (min_signatures) and it has 1 (\"ci\"); refusing to install it"
+        );
+    }
 }

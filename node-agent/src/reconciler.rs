@@ -4,9 +4,20 @@
 //! so an agent restarted at any point simply runs the next pass. Sending the
 //! same desired state again changes nothing.
 //!
-//! Transient failures (control plane unreachable, transfer broken) retry with
-//! backoff; a version that fails to activate is reported `failed` and retried
-//! with a longer backoff until the desired state changes.
+//! Every failure is classified ([`FailureKind`]) and retried until the
+//! desired state changes: infrastructure failures (control plane
+//! unreachable, transfer broken, disk full) quickly, with backoff and jitter;
+//! release failures (rejected artifact, failing health gate or hook) with a
+//! longer backoff, so a broken hook is not run in a tight loop.
+//!
+//! A new desired state preempts the step in flight: when it no longer asks
+//! for the version being installed or swapped in, the fetch is abandoned and
+//! a candidate inside its health gate (or activate hook) is stopped at once,
+//! instead of the pass finishing the gate first. Preemption only cuts
+//! waiting short; state is written only after a step returned, so
+//! `state.json` and the instance ledger stay true wherever it lands.
+//! While a swap waits, reports keep going out, naming the versions still
+//! settling (see [`ModuleReport::settling`]).
 //!
 //! Work done for a desired entry that carries a trace context (a deployment's
 //! node command) is traced as its children: `fetch`, `verify`, `unpack`
@@ -30,7 +41,7 @@ use tracing::Instrument;
 use crate::artifacts::{ArtifactStore, FetchError, TrustSource};
 use crate::health::{Health, probe_once};
 use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
-use crate::runtime::{Phase, bundle, check_program, hotswap_env, os};
+use crate::runtime::{ActivateError, Phase, bundle, check_program, hotswap_env, os};
 use crate::scrape::{MetricNames, Window};
 use crate::state::{AgentState, Desired, ModuleRecord};
 use crate::sysinfo::{CpuSampler, NodeUsage};
@@ -49,6 +60,108 @@ pub struct ModuleReport {
     pub crash_loop: bool,
     pub pid: u32,
     pub metrics: Option<Window>,
+    /// Other versions of the module still starting, stopping or serving:
+    /// a candidate inside its health gate or activate hook, an old
+    /// instance being stopped, a process a previous agent left behind.
+    pub settling: Vec<String>,
+    /// The class of the failure this report names, if any.
+    pub failure_kind: Option<FailureKind>,
+}
+
+/// Whose fault a failure is, as the control plane counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The version itself: rejected artifact (bad or missing signatures),
+    /// failing pre-check, health gate or hook, crash loop.
+    Release,
+    /// The node or the way to it: artifact fetch, disk full, local I/O.
+    Infrastructure,
+}
+
+impl FailureKind {
+    /// The wire word (`ModuleStatus.failure_kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Release => "release",
+            FailureKind::Infrastructure => "infrastructure",
+        }
+    }
+}
+
+/// Why a step (stage, install, swap) did not happen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum StepError {
+    /// A new desired state abandoned it; nothing to retry.
+    Preempted(String),
+    Failed {
+        message: String,
+        kind: FailureKind,
+        /// The control plane could not be reached: the module's phase stays
+        /// what it was (nothing failed on the node), and a reconnect retries
+        /// at once.
+        transient: bool,
+    },
+}
+
+impl StepError {
+    fn release(message: impl Into<String>) -> Self {
+        StepError::Failed {
+            message: message.into(),
+            kind: FailureKind::Release,
+            transient: false,
+        }
+    }
+}
+
+/// Artifact trouble, classified: the artifact itself (rejected: unknown,
+/// altered, not signed by enough trusted keys) is the release's fault; the
+/// way to it (network, control plane) and the disk under it are not.
+fn classify_fetch(error: FetchError) -> StepError {
+    let (kind, transient) = match &error {
+        FetchError::Abandoned(message) => return StepError::Preempted(message.clone()),
+        FetchError::Transient(_) => (FailureKind::Infrastructure, true),
+        FetchError::Local(_) => (FailureKind::Infrastructure, false),
+        FetchError::Rejected(_) => (FailureKind::Release, false),
+    };
+    StepError::Failed {
+        message: error.to_string(),
+        kind,
+        transient,
+    }
+}
+
+/// A runtime's activation failure, classified by the runtime.
+fn classify_activate(error: ActivateError) -> StepError {
+    match error {
+        ActivateError::Preempted(message) => StepError::Preempted(message),
+        ActivateError::Release(message) => StepError::release(message),
+        ActivateError::Infrastructure(message) => StepError::Failed {
+            message,
+            kind: FailureKind::Infrastructure,
+            transient: false,
+        },
+    }
+}
+
+/// How long to wait before retrying a step that failed `attempts` times.
+/// Infrastructure trouble retries quickly (it usually clears: a transfer
+/// resumes, a disk gets room); a release failure waits longer, so a broken
+/// hook or health gate is not run in a tight loop. `jitter` in [0, 1)
+/// spreads a fleet's retries by up to ±20 %.
+fn retry_delay(kind: FailureKind, attempts: u32, jitter: f64) -> Duration {
+    let (base, cap) = match kind {
+        FailureKind::Infrastructure => (1u64, 30u64),
+        FailureKind::Release => (5, 300),
+    };
+    let secs = (base << attempts.min(8)).min(cap) as f64;
+    Duration::from_secs_f64(secs * (0.8 + 0.4 * jitter.clamp(0.0, 1.0)))
+}
+
+/// Which step a preemption watch stands guard over.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Stage,
+    Activate,
 }
 
 /// Everything the agent reports.
@@ -83,6 +196,7 @@ struct Failure {
     attempts: u32,
     retry_at: tokio::time::Instant,
     message: String,
+    kind: FailureKind,
     transient: bool,
 }
 
@@ -95,6 +209,13 @@ pub struct Reconciler {
     supervisor_changed: Arc<Notify>,
     /// Status of bundle modules (process modules report through supervisors).
     bundle_status: BTreeMap<String, (Phase, Health, String)>,
+    /// The bundle version whose activate hook runs, per module.
+    bundle_settling: BTreeMap<String, String>,
+    /// The desired state as the session last received it (ahead of
+    /// `state.desired` while a pass runs): what preempts a step in flight.
+    latest_desired: Option<watch::Receiver<Option<Desired>>>,
+    /// Reports out, also while a pass waits on a swap.
+    reports: Option<watch::Sender<AgentReport>>,
     failures: BTreeMap<(String, String), Failure>,
     cpu: CpuSampler,
     usage: Option<NodeUsage>,
@@ -116,6 +237,9 @@ impl Reconciler {
             supervisors: BTreeMap::new(),
             supervisor_changed: Arc::new(Notify::new()),
             bundle_status: BTreeMap::new(),
+            bundle_settling: BTreeMap::new(),
+            latest_desired: None,
+            reports: None,
             failures: BTreeMap::new(),
             cpu: CpuSampler::new(),
             usage: None,
@@ -297,9 +421,11 @@ impl Reconciler {
         channel: Option<&Channel>,
         name: &str,
         version: &str,
+        preempt: &CancellationToken,
     ) -> Result<PathBuf, FetchError> {
         let dir = self.store.module_dir(name, version);
-        if dir.is_dir() {
+        let required = self.required_signatures();
+        if dir.is_dir() && required <= 1 {
             return Ok(dir);
         }
         if self.store.cached_digest(name, version).is_none() {
@@ -308,9 +434,84 @@ impl Reconciler {
                     "artifact {name}@{version} is not cached and the control plane is not connected"
                 ))
             })?;
-            self.store.fetch(channel, name, version).await?;
+            self.store
+                .fetch_until(channel, name, version, preempt)
+                .await?;
         }
-        self.store.install(name, version).await
+        self.store.install(name, version, required).await
+    }
+
+    /// Distinct trusted keys an artifact needs before this node unpacks or
+    /// runs it: the environment's `min_signatures` as the control plane
+    /// sent it (at least one).
+    fn required_signatures(&self) -> u32 {
+        self.state
+            .desired
+            .as_ref()
+            .map_or(1, |d| d.min_signatures.max(1))
+    }
+
+    /// Install `name@version`; a download is abandoned when the desired
+    /// state stops asking for it (see [`ArtifactStore::fetch_until`]).
+    async fn install_preemptible(
+        &self,
+        channel: Option<&Channel>,
+        name: &str,
+        version: &str,
+        preempt: &CancellationToken,
+    ) -> Result<PathBuf, StepError> {
+        self.ensure_installed(channel, name, version, preempt)
+            .await
+            .map_err(classify_fetch)
+    }
+
+    /// A token cancelled as soon as the desired state the session received
+    /// no longer asks for `version` of `name` (checked at once, then on
+    /// every change). Cancel it when the step is over: that ends the watch.
+    fn preemption(&self, name: &str, version: &str, step: Step) -> CancellationToken {
+        let token = CancellationToken::new();
+        let Some(latest) = &self.latest_desired else {
+            return token;
+        };
+        let mut latest = latest.clone();
+        let watch = token.clone();
+        let (name, version) = (name.to_string(), version.to_string());
+        tokio::spawn(async move {
+            loop {
+                let abandoned = latest.borrow_and_update().as_ref().is_some_and(|d| {
+                    d.modules.get(&name).is_none_or(|m| match step {
+                        Step::Activate => m.version != version,
+                        // A staged version about to be activated is still wanted.
+                        Step::Stage => m.staged_version != version && m.version != version,
+                    })
+                });
+                if abandoned {
+                    tracing::info!(module = %name, version = %version, "desired state changed; preempting the step in flight");
+                    watch.cancel();
+                    return;
+                }
+                tokio::select! {
+                    changed = latest.changed() => if changed.is_err() { return },
+                    _ = watch.cancelled() => return,
+                }
+            }
+        });
+        token
+    }
+
+    /// Send the current report if it changed (also from inside a pass).
+    fn send_report(&self) {
+        let Some(reports) = &self.reports else {
+            return;
+        };
+        reports.send_if_modified(|current| {
+            let fresh = self.report();
+            if *current == fresh {
+                return false;
+            }
+            *current = fresh;
+            true
+        });
     }
 
     /// Pre-check an unpacked version without activating it.
@@ -421,23 +622,35 @@ impl Reconciler {
         }
     }
 
-    fn fail(&mut self, name: &str, version: &str, message: String, transient: bool) {
+    /// Record a failed step for its retry; returns false when the step
+    /// was preempted instead (nothing failed, nothing to retry).
+    fn fail(&mut self, name: &str, version: &str, error: StepError) -> bool {
+        let (message, kind, transient) = match error {
+            StepError::Preempted(message) => {
+                tracing::info!(module = %name, version = %version, reason = %message, "step preempted");
+                return false;
+            }
+            StepError::Failed {
+                message,
+                kind,
+                transient,
+            } => (message, kind, transient),
+        };
         let key = (name.to_string(), version.to_string());
         let attempts = self.failures.get(&key).map_or(1, |f| f.attempts + 1);
-        // Transient trouble retries quickly; a version that failed to
-        // activate waits longer, so a broken hook is not run in a tight loop.
-        let (base, cap) = if transient { (1, 30) } else { (5, 300) };
-        let delay = Duration::from_secs((base << attempts.min(8)).min(cap));
-        tracing::warn!(module = %name, version = %version, attempts, retry_in_s = delay.as_secs(), error = %message, "step failed");
+        let delay = retry_delay(kind, attempts, rand::random::<f64>());
+        tracing::warn!(module = %name, version = %version, attempts, kind = kind.as_str(), retry_in_ms = delay.as_millis() as u64, error = %message, "step failed");
         self.failures.insert(
             key,
             Failure {
                 attempts,
                 retry_at: tokio::time::Instant::now() + delay,
                 message,
+                kind,
                 transient,
             },
         );
+        true
     }
 
     /// One pass; returns true when everything desired is in place.
@@ -457,9 +670,11 @@ impl Reconciler {
                     if self.waiting(name, staged, now) {
                         converged = false;
                     } else {
+                        let preempt = self.preemption(name, staged, Step::Stage);
+                        let _done = preempt.clone().drop_guard();
                         let installed = telemetry::in_trace(
                             &want.traceparent,
-                            self.ensure_installed(channel.as_ref(), name, staged),
+                            self.install_preemptible(channel.as_ref(), name, staged, &preempt),
                         )
                         .await;
                         match installed {
@@ -478,15 +693,18 @@ impl Reconciler {
                                     self.fail(
                                         name,
                                         staged,
-                                        format!("pre-check of {staged} failed: {e}"),
-                                        false,
+                                        StepError::release(format!(
+                                            "pre-check of {staged} failed: {e}"
+                                        )),
                                     );
                                     converged = false;
                                 }
                             },
                             Err(e) => {
-                                let transient = matches!(e, FetchError::Transient(_));
-                                self.fail(name, staged, e.to_string(), transient);
+                                if !self.fail(name, staged, e) {
+                                    // Preempted: the next pass works on the new desired state.
+                                    return false;
+                                }
                                 converged = false;
                             }
                         }
@@ -506,11 +724,14 @@ impl Reconciler {
                 converged = false;
                 continue;
             }
-            if let Err((message, transient)) = self
+            if let Err(error) = self
                 .activate(channel.as_ref(), name, &want.version, &want.traceparent)
                 .await
             {
-                self.fail(name, &want.version, message, transient);
+                if !self.fail(name, &want.version, error) {
+                    // Preempted: the next pass works on the new desired state.
+                    return false;
+                }
                 converged = false;
             } else {
                 self.failures.remove(&(name.clone(), want.version.clone()));
@@ -546,15 +767,24 @@ impl Reconciler {
         name: &str,
         version: &str,
         traceparent: &str,
-    ) -> Result<(), (String, bool)> {
+    ) -> Result<(), StepError> {
         let started = std::time::Instant::now();
-        let result =
-            telemetry::in_trace(traceparent, self.activate_inner(channel, name, version)).await;
-        // A transient failure (the control plane unreachable) is no swap.
+        let preempt = self.preemption(name, version, Step::Activate);
+        // Ends the watch however this returns.
+        let _done = preempt.clone().drop_guard();
+        let result = telemetry::in_trace(
+            traceparent,
+            self.activate_inner(channel, name, version, &preempt),
+        )
+        .await;
+        // Neither a transient failure (the control plane unreachable) nor a
+        // preemption is a swap.
         let outcome = match &result {
             Ok(_) => Some("ok"),
-            Err((_, false)) => Some("failed"),
-            Err((_, true)) => None,
+            Err(StepError::Failed {
+                transient: false, ..
+            }) => Some("failed"),
+            Err(_) => None,
         };
         if let Some(outcome) = outcome {
             crate::metrics::SWAPS
@@ -583,10 +813,10 @@ impl Reconciler {
         channel: Option<&Channel>,
         name: &str,
         version: &str,
-    ) -> Result<VersionSpec, (String, bool)> {
-        self.ensure_installed(channel, name, version)
-            .await
-            .map_err(|e| (e.to_string(), matches!(e, FetchError::Transient(_))))?;
+        preempt: &CancellationToken,
+    ) -> Result<VersionSpec, StepError> {
+        self.install_preemptible(channel, name, version, preempt)
+            .await?;
         let span = tracing::info_span!(
             target: telemetry::TARGET,
             "swap",
@@ -594,18 +824,32 @@ impl Reconciler {
             version = %version,
             node = %self.config.node_name,
         );
-        let result = self.swap(name, version).instrument(span.clone()).await;
-        if let Err((message, _)) = &result {
-            telemetry::record_error(&span, message);
+        let result = self
+            .swap(name, version, preempt)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Err(StepError::Failed { message, .. }) | Err(StepError::Preempted(message)) => {
+                telemetry::record_error(&span, message)
+            }
+            Ok(_) => {}
         }
         result
     }
 
-    /// Pre-check an installed version and make it the active one.
-    async fn swap(&mut self, name: &str, version: &str) -> Result<VersionSpec, (String, bool)> {
+    /// Pre-check an installed version and make it the active one. Reports
+    /// go out while the runtime works (a process swap's health gate, a
+    /// bundle's activate hook), naming the candidate as settling; cancelling
+    /// `preempt` stops the candidate and keeps the previous version.
+    async fn swap(
+        &mut self,
+        name: &str,
+        version: &str,
+        preempt: &CancellationToken,
+    ) -> Result<VersionSpec, StepError> {
         let manifest = self
             .precheck(name, version)
-            .map_err(|e| (format!("pre-check of {version} failed: {e}"), false))?;
+            .map_err(|e| StepError::release(format!("pre-check of {version} failed: {e}")))?;
         let record = self.state.modules.get(name).cloned().unwrap_or_default();
         let previous = record.active.clone().filter(|a| a != version);
         // Switching runtimes: retire the old one first.
@@ -617,14 +861,10 @@ impl Reconciler {
         }
         let (_, spec) = self
             .version_spec(name, version, previous.as_deref())
-            .map_err(|e| (e, false))?;
+            .map_err(StepError::release)?;
         tracing::info!(module = %name, version = %version, previous = ?previous, runtime = manifest.runtime.as_str(), "activating");
         match manifest.runtime {
             Runtime::Bundle => {
-                self.bundle_status.insert(
-                    name.to_string(),
-                    (Phase::Starting, Health::Unknown, String::new()),
-                );
                 let hook = manifest.bundle.as_ref().and_then(|b| b.activate.clone());
                 let dir_text = spec.dir.display().to_string();
                 let hook = match hook {
@@ -632,10 +872,17 @@ impl Reconciler {
                         cmd.iter()
                             .map(|v| manifest::expand(v, &self.vars(&dir_text)))
                             .collect::<Result<Vec<_>, _>>()
-                            .map_err(|e| (e, false))?,
+                            .map_err(StepError::release)?,
                     ),
                     None => None,
                 };
+                self.bundle_status.insert(
+                    name.to_string(),
+                    (Phase::Starting, Health::Unknown, String::new()),
+                );
+                self.bundle_settling
+                    .insert(name.to_string(), version.to_string());
+                self.send_report();
                 let root = self.module_root(name);
                 let result = bundle::activate(
                     &root,
@@ -643,16 +890,25 @@ impl Reconciler {
                     previous.as_deref(),
                     hook.as_deref(),
                     &spec.env,
+                    preempt,
                 )
                 .await;
+                self.bundle_settling.remove(name);
                 if let Err(e) = result {
-                    // The hook failed: the previous version (if any) is active again, and
-                    // the module reports `failed` for the version it was asked to run.
-                    self.bundle_status.insert(
-                        name.to_string(),
-                        (Phase::Failed, Health::Unhealthy, e.clone()),
-                    );
-                    return Err((e, false));
+                    // The hook failed or was preempted: the previous version
+                    // (if any) is active again. A failure shows as `failed`
+                    // for the version it was asked to run.
+                    let status = match (&e, &previous) {
+                        (ActivateError::Preempted(_), Some(_)) => {
+                            (Phase::Running, Health::Healthy, String::new())
+                        }
+                        (ActivateError::Preempted(_), None) => {
+                            (Phase::Stopped, Health::Unknown, e.to_string())
+                        }
+                        _ => (Phase::Failed, Health::Unhealthy, e.to_string()),
+                    };
+                    self.bundle_status.insert(name.to_string(), status);
+                    return Err(classify_activate(e));
                 }
                 self.bundle_status.insert(
                     name.to_string(),
@@ -667,11 +923,29 @@ impl Reconciler {
                 let supervisor = self
                     .supervisors
                     .get(name)
-                    .ok_or_else(|| ("supervisor missing".to_string(), false))?;
-                supervisor
-                    .activate(spec.clone())
-                    .await
-                    .map_err(|e| (e, false))?;
+                    .ok_or_else(|| StepError::Failed {
+                        message: "supervisor missing".to_string(),
+                        kind: FailureKind::Infrastructure,
+                        transient: false,
+                    })?;
+                // The gate may last the version's whole `start_timeout`:
+                // report every status change meanwhile, so the control
+                // plane sees the candidate settling rather than the old
+                // version simply running.
+                let mut status = supervisor.status();
+                let activation = supervisor.activate(spec.clone(), preempt.clone());
+                tokio::pin!(activation);
+                let mut watching = true;
+                let result = loop {
+                    tokio::select! {
+                        result = &mut activation => break result,
+                        changed = status.changed(), if watching => match changed {
+                            Ok(()) => self.send_report(),
+                            Err(_) => watching = false,
+                        },
+                    }
+                };
+                result.map_err(classify_activate)?;
             }
         }
         let entry = self.state.modules.entry(name.to_string()).or_default();
@@ -771,14 +1045,27 @@ impl Reconciler {
                 report.crash_loop = status.crash_loop;
                 report.pid = status.instance.as_ref().map_or(0, |i| i.pid);
                 report.metrics = status.metrics;
+                report.settling = status.settling;
                 if let Some(version) = status.version {
                     report.version = version;
+                }
+                // The running version's own failure: it crash-loops, or
+                // could not be started again.
+                if report.crash_loop || report.phase == Phase::Failed {
+                    report.failure_kind = Some(FailureKind::Release);
                 }
             } else if let Some((phase, health, message)) = self.bundle_status.get(name) {
                 report.phase = *phase;
                 report.health = *health;
                 report.message = message.clone();
+                report.settling = self
+                    .bundle_settling
+                    .get(name)
+                    .cloned()
+                    .into_iter()
+                    .collect();
             }
+            report.settling.retain(|v| *v != report.version);
             // A desired version that keeps failing shows as failed.
             if let Some(want) = desired.modules.get(name)
                 && let Some(failure) = self.failures.get(&(name.clone(), want.version.clone()))
@@ -788,6 +1075,7 @@ impl Reconciler {
                     report.phase = Phase::Failed;
                 }
                 report.message = failure.message.clone();
+                report.failure_kind = Some(failure.kind);
             }
             modules.push(report);
         }
@@ -804,6 +1092,7 @@ impl Reconciler {
                     _ => Phase::Installing,
                 },
                 message: failure.map(|f| f.message.clone()).unwrap_or_default(),
+                failure_kind: failure.map(|f| f.kind),
                 ..Default::default()
             });
         }
@@ -818,44 +1107,57 @@ impl Reconciler {
         }
     }
 
+    /// Take the desired state the session received last, if it differs
+    /// from the one in `state.json`.
+    fn take_desired(&mut self, desired: &mut watch::Receiver<Option<Desired>>) {
+        let latest = desired.borrow_and_update().clone();
+        if let Some(latest) = latest
+            && self.state.desired.as_ref() != Some(&latest)
+        {
+            tracing::info!(
+                generation = latest.generation,
+                modules = latest.modules.len(),
+                "desired state received"
+            );
+            // New desired state: give every failed step a fresh start.
+            self.failures.clear();
+            self.state.desired = Some(latest);
+            self.persist();
+        }
+    }
+
     /// Run until shutdown. Module processes are left running on return.
-    pub async fn run(mut self, mut links: ReconcilerLinks) {
+    pub async fn run(mut self, links: ReconcilerLinks) {
+        let ReconcilerLinks {
+            mut desired,
+            mut channel,
+            report,
+        } = links;
+        self.latest_desired = Some(desired.clone());
+        self.reports = Some(report);
         let mut usage_tick = tokio::time::interval(USAGE_INTERVAL);
         usage_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let channel = links.channel.borrow().clone();
-            self.pass(channel).await;
+            // A desired state that arrived during the last pass (and maybe
+            // preempted it) is taken up before the next one.
+            self.take_desired(&mut desired);
+            let connection = channel.borrow().clone();
+            self.pass(connection).await;
             if self.sync_instances() {
                 self.persist();
             }
-            links.report.send_if_modified(|current| {
-                let fresh = self.report();
-                if *current == fresh {
-                    return false;
-                }
-                *current = fresh;
-                true
-            });
+            self.send_report();
             let next_retry = self.failures.values().map(|f| f.retry_at).min();
             let notify = self.supervisor_changed.clone();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                changed = links.desired.changed() => {
+                changed = desired.changed() => {
                     if changed.is_err() {
                         return;
                     }
-                    let desired = links.desired.borrow_and_update().clone();
-                    if let Some(desired) = desired
-                        && self.state.desired.as_ref() != Some(&desired)
-                    {
-                        tracing::info!(generation = desired.generation, modules = desired.modules.len(), "desired state received");
-                        // New desired state: give every failed step a fresh start.
-                        self.failures.clear();
-                        self.state.desired = Some(desired);
-                        self.persist();
-                    }
+                    // Taken at the top of the loop.
                 }
-                changed = links.channel.changed() => {
+                changed = channel.changed() => {
                     if changed.is_err() {
                         return;
                     }
@@ -909,5 +1211,96 @@ impl Reconciler {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(kind: FailureKind, transient: bool) -> StepError {
+        StepError::Failed {
+            message: "m".into(),
+            kind,
+            transient,
+        }
+    }
+
+    #[test]
+    fn fetch_failures_are_classified() {
+        use FailureKind::*;
+        let check = |error: FetchError, expected: StepError| {
+            let what = format!("{error:?}");
+            assert_eq!(classify_fetch(error), expected, "{what}");
+        };
+        // The control plane unreachable, a transfer cut: infrastructure,
+        // and the module's phase stays what it was.
+        check(
+            FetchError::Transient("m".into()),
+            failed(Infrastructure, true),
+        );
+        // A full disk, an unwritable cache: infrastructure, reported failed.
+        check(FetchError::Local("m".into()), failed(Infrastructure, false));
+        // Unknown, altered, unsigned or under-signed artifacts: the release.
+        check(FetchError::Rejected("m".into()), failed(Release, false));
+        // No longer desired: nothing failed.
+        check(
+            FetchError::Abandoned("m".into()),
+            StepError::Preempted("m".into()),
+        );
+    }
+
+    #[test]
+    fn activation_failures_are_classified() {
+        use FailureKind::*;
+        let check = |error: ActivateError, expected: StepError| {
+            let what = format!("{error:?}");
+            assert_eq!(classify_activate(error), expected, "{what}");
+        };
+        check(ActivateError::Release("m".into()), failed(Release, false));
+        check(
+            ActivateError::Infrastructure("m".into()),
+            failed(Infrastructure, false),
+        );
+        check(
+            ActivateError::Preempted("m".into()),
+            StepError::Preempted("m".into()),
+        );
+    }
+
+    #[test]
+    fn node_trouble_is_told_from_the_module_s() {
+        use crate::runtime::is_node_trouble;
+        let os = std::io::Error::from_raw_os_error;
+        assert!(is_node_trouble(&os(libc::ENOSPC)));
+        assert!(is_node_trouble(&os(libc::EDQUOT)));
+        assert!(is_node_trouble(&os(libc::EIO)));
+        assert!(!is_node_trouble(&os(libc::ENOENT)));
+        assert!(!is_node_trouble(&os(libc::EACCES)));
+        assert!(!is_node_trouble(&std::io::Error::other("no errno")));
+    }
+
+    #[test]
+    fn infrastructure_retries_sooner_than_release_and_both_are_capped() {
+        use FailureKind::*;
+        let secs = |kind, attempts, jitter| retry_delay(kind, attempts, jitter).as_secs_f64();
+        // No jitter at 0.5: the nominal delay.
+        assert_eq!(secs(Infrastructure, 1, 0.5), 2.0);
+        assert_eq!(secs(Release, 1, 0.5), 10.0);
+        for attempts in 1..20 {
+            assert!(secs(Infrastructure, attempts, 0.5) < secs(Release, attempts, 0.5));
+        }
+        assert_eq!(secs(Infrastructure, 50, 0.5), 30.0);
+        assert_eq!(secs(Release, 50, 0.5), 300.0);
+        // Jitter spreads by ±20 %, and never beyond, whatever it is given.
+        assert_eq!(secs(Infrastructure, 50, 0.0), 24.0);
+        assert_eq!(secs(Infrastructure, 50, 1.0), 36.0);
+        assert_eq!(secs(Infrastructure, 50, 7.0), 36.0);
+    }
+
+    #[test]
+    fn failure_kinds_have_their_wire_words() {
+        assert_eq!(FailureKind::Release.as_str(), "release");
+        assert_eq!(FailureKind::Infrastructure.as_str(), "infrastructure");
     }
 }

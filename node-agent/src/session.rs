@@ -104,6 +104,7 @@ fn desired_from_pb(desired: pb::DesiredState) -> Desired {
                 )
             })
             .collect(),
+        min_signatures: desired.min_signatures,
     }
 }
 
@@ -128,6 +129,11 @@ fn report_to_pb(report: &AgentReport) -> pb::AgentMessage {
                 interval_seconds: 0.0,
             }),
             pid: m.pid,
+            settling_versions: m.settling.clone(),
+            failure_kind: m
+                .failure_kind
+                .map(|k| k.as_str().to_string())
+                .unwrap_or_default(),
         })
         .collect();
     pb::AgentMessage {

@@ -441,6 +441,9 @@ fn report(
                         interval_seconds: 5.0,
                     }),
                     pid: 0,
+                    // Simulated swaps are instant and never fail on the node.
+                    settling_versions: Vec::new(),
+                    failure_kind: String::new(),
                 })
                 .collect(),
             observed_generation: if converged { generation } else { 0 },
@@ -757,6 +760,7 @@ mod tests {
                 staged_version: staged.into(),
                 traceparent: String::new(),
             }],
+            min_signatures: 1,
         };
         assert!(apply_desired(
             &mut modules,
@@ -793,6 +797,7 @@ mod tests {
         let empty = pb::DesiredState {
             generation: 2,
             modules: vec![],
+            min_signatures: 1,
         };
         assert!(apply_desired(&mut modules, &empty, Duration::ZERO, now));
         assert!(modules.is_empty());

@@ -26,6 +26,11 @@ pub struct DesiredModule {
 pub struct Desired {
     pub generation: u64,
     pub modules: BTreeMap<String, DesiredModule>,
+    /// Distinct trusted keys whose valid signatures an artifact needs
+    /// before this node unpacks or runs it (its environment's
+    /// `min_signatures`); 0 from a control plane that does not send it.
+    #[serde(default)]
+    pub min_signatures: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

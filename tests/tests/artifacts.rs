@@ -437,12 +437,18 @@ fn agent_fetches_verifies_caches_and_reinstalls_offline() {
             .fetch(&channel, "hello", "2.0.0")
             .await
             .expect("fetch v2");
-        let dir_v1 = store.install("hello", "1.0.0").await.expect("install v1");
+        let dir_v1 = store
+            .install("hello", "1.0.0", 1)
+            .await
+            .expect("install v1");
         assert_eq!(
             std::fs::read(dir_v1.join("data.bin")).expect("payload"),
             b"first"
         );
-        let dir_v2 = store.install("hello", "2.0.0").await.expect("install v2");
+        let dir_v2 = store
+            .install("hello", "2.0.0", 1)
+            .await
+            .expect("install v2");
         assert_eq!(
             std::fs::read(dir_v2.join("data.bin")).expect("payload"),
             b"second"
@@ -464,7 +470,7 @@ fn agent_fetches_verifies_caches_and_reinstalls_offline() {
     std::fs::remove_dir_all(store.module_dir("hello", "1.0.0")).expect("remove v1");
     rt.block_on(async {
         let dir_v1 = store
-            .install("hello", "1.0.0")
+            .install("hello", "1.0.0", 1)
             .await
             .expect("reinstall v1 offline");
         assert_eq!(
@@ -488,8 +494,8 @@ fn agent_fetches_verifies_caches_and_reinstalls_offline() {
     std::fs::remove_dir_all(agent.data_dir.join("artifacts/modules/hello"))
         .expect("remove installs");
     rt.block_on(async {
-        let a = store.install("hello", "1.0.0").await;
-        let b = store.install("hello", "2.0.0").await;
+        let a = store.install("hello", "1.0.0", 1).await;
+        let b = store.install("hello", "2.0.0", 1).await;
         assert!(
             a.is_err() || b.is_err(),
             "the altered cache entry must be refused"
@@ -537,7 +543,7 @@ fn interrupted_transfer_resumes_from_where_it_stopped() {
             done.info.content_len
         );
         assert_eq!(done.downloaded + partial, done.info.content_len);
-        let installed = store.install("big", "1.0.0").await.expect("install");
+        let installed = store.install("big", "1.0.0", 1).await.expect("install");
         assert_eq!(
             std::fs::read(installed.join("data.bin")).expect("payload"),
             payload

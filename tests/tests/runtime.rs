@@ -444,3 +444,120 @@ fn health_timeout_longer_than_interval_never_overlaps_probes() {
     let m = fleet.module("hello").expect("report");
     assert_eq!(m["health"], "healthy", "{m}");
 }
+
+/// The pid the agent's instance ledger records for `version` of `module`.
+fn ledger_pid(agent: &hotswap_tests::Agent, module: &str, version: &str) -> Option<u32> {
+    let path = agent
+        .data_dir
+        .join("instances")
+        .join(format!("{module}.json"));
+    let entries: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    entries
+        .as_array()?
+        .iter()
+        .filter(|e| e["version"] == version)
+        .find_map(|e| e["pid"].as_u64())
+        .map(|pid| pid as u32)
+}
+
+/// Whether `pid` is gone (a zombie nobody reaped yet counts as gone).
+fn process_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn a_new_desired_state_preempts_a_candidate_inside_its_health_gate() {
+    preempted_inside_the_gate("start-first");
+}
+
+#[test]
+fn a_new_desired_state_preempts_a_stop_first_candidate() {
+    preempted_inside_the_gate("stop-first");
+}
+
+/// Set a version that never passes its 30 s health gate, then the old one
+/// again while it gates: the candidate must go at once, and the report must
+/// have named it while it gated.
+fn preempted_inside_the_gate(swap: &str) {
+    let dir = TestDir::new();
+    let (fleet, port) = set_up(&dir);
+    fleet.push_hello_swap("1.0.0", port, "", "10s", swap);
+    // Never healthy, and its gate would last far longer than the test waits.
+    fleet.push_hello_swap("2.0.0", port, "HELLO_UNHEALTHY = \"1\"", "30s", swap);
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    fleet.wait_running("hello", "1.0.0");
+    let old_pids = fleet.agent.module_pids();
+
+    let load = Load::start(port);
+    fleet.set("node-1", "hello@2.0.0", &[]);
+    // Inside the gate the report tells the truth: 1.0.0 is the active
+    // version, but 2.0.0 is still starting next to it.
+    let m = fleet.wait_module("hello", "2.0.0 reported settling", |m| {
+        m["settling"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|v| v == "2.0.0"))
+    });
+    assert_eq!(m["version"], "1.0.0", "{m}");
+    assert_ne!(
+        m["phase"], "running",
+        "not settled while a candidate gates: {m}"
+    );
+    let candidate = hotswap_tests::eventually("the candidate's pid in the ledger", || {
+        ledger_pid(&fleet.agent, "hello", "2.0.0").ok_or_else(|| "not recorded yet".to_string())
+    });
+    assert!(!process_gone(candidate), "2.0.0 runs inside its gate");
+
+    // Back to 1.0.0: the candidate is stopped at once, not after its 30 s.
+    let asked = std::time::Instant::now();
+    fleet.set("node-1", "hello@1.0.0", &[]);
+    hotswap_tests::eventually("the preempted 2.0.0 process to be gone", || {
+        if process_gone(candidate) {
+            Ok(())
+        } else {
+            Err(format!("pid {candidate} still runs"))
+        }
+    });
+    let took = asked.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the candidate was stopped {took:?} after the new desired state; its gate was 30 s"
+    );
+    let m = fleet.wait_running("hello", "1.0.0");
+    assert_eq!(
+        m["settling"],
+        serde_json::json!([]),
+        "nothing settles any more: {m}"
+    );
+    assert_eq!(
+        m["failure_kind"],
+        serde_json::Value::Null,
+        "a preemption is no failure: {m}"
+    );
+    // The unhealthy 2.0.0 passes its first gate on the shared listener
+    // (1.0.0 answers its probes), so the preemption usually lands in the
+    // check after the cutover, and 1.0.0 is started again; either way no
+    // process of 2.0.0 is left.
+    let pids = fleet.agent.module_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    assert!(!pids.contains(&candidate), "{pids:?} {old_pids:?}");
+    assert!(
+        ledger_pid(&fleet.agent, "hello", "2.0.0").is_none_or(process_gone),
+        "the ledger names no live 2.0.0"
+    );
+    let stats = load.finish();
+    assert!(
+        stats.failures.is_empty(),
+        "{} failed requests: {:?}",
+        stats.failures.len(),
+        &stats.failures[..stats.failures.len().min(5)]
+    );
+    assert!(
+        fleet.agent.log().contains("preempting the step in flight"),
+        "{}",
+        fleet.agent.log()
+    );
+}

@@ -1013,3 +1013,116 @@ fn idle_and_slow_drip_connections_cannot_lock_out_agents_or_operators() {
         "the flood's sockets were not closed for want of a ClientHello ({timed_out}):\n{metrics}"
     );
 }
+
+/// The report of `module` on `node` (`nodes get -o json`).
+fn module_on(cp: &ControlPlane, node: &str, module: &str) -> Option<serde_json::Value> {
+    let node = cp.ctl(&["-o", "json", "nodes", "get", node]).json();
+    node["modules"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == module)
+        .cloned()
+}
+
+#[test]
+fn agents_enforce_their_environment_s_min_signatures() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init_with_settings(
+        dir.path(),
+        concat!(
+            "pipeline = [\"dev\", \"production\"]\n",
+            "[environments.dev]\nstrategy = \"direct\"\n",
+            "[environments.production]\nstrategy = \"direct\"\nmin_signatures = 2\n",
+        ),
+    );
+    cp.start();
+    let (k1, k2) = (key(dir.path(), "k1"), key(dir.path(), "k2"));
+    for name in ["k1", "k2"] {
+        let public = dir.path().join(format!("{name}.pub"));
+        cp.ctl(&["keys", "trust", p(&public), "--name", name]).ok();
+    }
+    let agents = agents_in(&cp, dir.path(), &["dev", "production"]);
+    // A production agent that trusts only k1, whatever the control plane says.
+    let (token, fp) = cp.token(&[]);
+    let mut pinned = Agent::new(dir.path(), "pinned-node");
+    let k1_public = dir.path().join("k1.pub");
+    pinned.enroll(
+        &cp.url(),
+        &token,
+        &fp,
+        &[
+            "--label",
+            "environment=production",
+            "--trusted-key",
+            p(&k1_public),
+        ],
+    );
+    cp.wait_status("pinned-node", "connected");
+
+    // Signed by k1 only. `nodes set-module` checks one signature, not the
+    // environment's two; the agent is the last line.
+    let single = pack(dir.path(), "app", "1.0.0", &k1);
+    cp.ctl(&["module", "push", p(&single)]).ok();
+    for node in ["dev-node", "production-node"] {
+        let out = cp.ctl(&["nodes", "set-module", node, "app@1.0.0"]);
+        assert_eq!(out.code, 0, "{node}: {out:?}");
+    }
+    eventually("app@1.0.0 active on the dev node", || {
+        match module_on(&cp, "dev-node", "app") {
+            Some(m) if m["version"] == "1.0.0" && m["phase"] == "running" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let refused = eventually(
+        "app@1.0.0 refused on the production node",
+        || match module_on(&cp, "production-node", "app") {
+            Some(m) if m["phase"] == "failed" => Ok(m),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(
+            "this node's environment requires valid signatures by 2 distinct trusted keys (min_signatures) and it has 1"
+        ) && message.contains("\"k1\""),
+        "{refused}"
+    );
+    assert_eq!(refused["failure_kind"], "release", "{refused}");
+    assert_eq!(refused["version"], "", "nothing is active: {refused}");
+    let production = &agents[1];
+    assert!(
+        !production
+            .data_dir
+            .join("artifacts/modules/app/1.0.0")
+            .exists(),
+        "nothing was unpacked"
+    );
+
+    // Signed by both: the production agent runs it; the agent pinned to k1
+    // alone still counts one trusted signer and refuses.
+    let double = pack(dir.path(), "app", "1.1.0", &k1);
+    ctl_offline(&["module", "sign", p(&double), "--key", p(&k2)]).ok();
+    cp.ctl(&["module", "push", p(&double)]).ok();
+    for node in ["production-node", "pinned-node"] {
+        cp.ctl(&["nodes", "set-module", node, "app@1.1.0"]).ok();
+    }
+    eventually(
+        "app@1.1.0 active on the production node",
+        || match module_on(&cp, "production-node", "app") {
+            Some(m) if m["version"] == "1.1.0" && m["phase"] == "running" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let refused = eventually("app@1.1.0 refused on the pinned node", || {
+        match module_on(&cp, "pinned-node", "app") {
+            Some(m) if m["phase"] == "failed" => Ok(m),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(
+        refused["message"].as_str().is_some_and(|m| m
+            .contains("requires valid signatures by 2 distinct trusted keys")
+            && m.contains("it has 1")),
+        "{refused}"
+    );
+}

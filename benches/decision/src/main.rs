@@ -255,6 +255,8 @@ fn module_state(version: &str, phase: &str, health: &str, message: &str) -> Modu
         restarts: 0,
         crash_loop: false,
         metrics: None,
+        settling: Vec::new(),
+        failure_kind: None,
     }
 }
 

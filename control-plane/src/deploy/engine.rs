@@ -1155,9 +1155,8 @@ pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
                 crash_loop: m.crash_loop,
                 staged_version: m.staged_version.clone(),
                 message: m.message.clone(),
-                // Filled from the agent's report once it names them.
-                settling: Vec::new(),
-                failure: None,
+                settling: m.settling.clone(),
+                failure: m.failure_kind,
             },
             None => NodeReport {
                 connected: seen.connected,

@@ -3,8 +3,17 @@
 use hotswap_common::pb;
 use hotswap_common::timefmt::ts_from_ms;
 
+use crate::deploy::machine::FailureKind;
 use crate::registry::{MetricsWindow, ModuleState, NodeState, NodeUsage, Report};
 use crate::store::DesiredRecord;
+
+/// Settling versions read from one module's report; more say nothing more
+/// (one is enough to keep a node from counting as settled) and would let
+/// an agent grow the control plane's memory.
+pub const MAX_SETTLING_VERSIONS: usize = 8;
+/// Longest settling version kept, in bytes; a longer one is cut (at a
+/// character boundary), never dropped, so it still counts as settling.
+pub const MAX_VERSION_BYTES: usize = 128;
 
 pub fn node_to_pb(state: &NodeState) -> pb::Node {
     let mut modules: Vec<pb::NodeModule> = state
@@ -73,6 +82,11 @@ fn module_to_pb(module: &ModuleState, desired_version: Option<&str>) -> pb::Node
         previous_version: module.previous_version.clone(),
         restarts: module.restarts,
         crash_loop: module.crash_loop,
+        settling_versions: module.settling.clone(),
+        failure_kind: module
+            .failure_kind
+            .map(|k| k.as_str().to_string())
+            .unwrap_or_default(),
         desired_version: desired_version.unwrap_or_default().to_string(),
         metrics: module.metrics.map(|m| pb::ModuleMetricsView {
             request_rate: m.request_rate,
@@ -98,6 +112,8 @@ pub fn report_from_pb(report: pb::StatusReport) -> Report {
             .modules
             .into_iter()
             .map(|m| ModuleState {
+                settling: settling_from_pb(m.settling_versions, &m.version),
+                failure_kind: failure_kind_from_pb(&m.failure_kind),
                 name: m.name,
                 version: m.version,
                 phase: m.phase,
@@ -118,9 +134,46 @@ pub fn report_from_pb(report: pb::StatusReport) -> Report {
     }
 }
 
-pub fn desired_to_pb(desired: &DesiredRecord) -> pb::DesiredState {
+/// An agent's `failure_kind`: a class this control plane does not know
+/// (or none) is no class.
+pub fn failure_kind_from_pb(word: &str) -> Option<FailureKind> {
+    match word {
+        "release" => Some(FailureKind::Release),
+        "infrastructure" => Some(FailureKind::Infrastructure),
+        _ => None,
+    }
+}
+
+/// An agent's settling versions: empty entries and the active version
+/// itself dropped, duplicates once, at most [`MAX_SETTLING_VERSIONS`] of at
+/// most [`MAX_VERSION_BYTES`] each.
+pub fn settling_from_pb(versions: Vec<String>, active: &str) -> Vec<String> {
+    let mut settling: Vec<String> = Vec::new();
+    for mut version in versions {
+        if settling.len() == MAX_SETTLING_VERSIONS {
+            break;
+        }
+        if version.len() > MAX_VERSION_BYTES {
+            let mut cut = MAX_VERSION_BYTES;
+            while !version.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            version.truncate(cut);
+        }
+        if version.is_empty() || version == active || settling.contains(&version) {
+            continue;
+        }
+        settling.push(version);
+    }
+    settling
+}
+
+/// The desired state for a node whose environment asks for signatures by
+/// `min_signatures` distinct trusted keys: its agent enforces that too.
+pub fn desired_to_pb(desired: &DesiredRecord, min_signatures: u32) -> pb::DesiredState {
     pb::DesiredState {
         generation: desired.generation,
+        min_signatures,
         modules: desired
             .modules
             .iter()
@@ -131,5 +184,47 @@ pub fn desired_to_pb(desired: &DesiredRecord) -> pb::DesiredState {
                 traceparent: m.traceparent.clone(),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_kinds_from_the_wire() {
+        let check = |word: &str, expected: Option<FailureKind>| {
+            assert_eq!(failure_kind_from_pb(word), expected, "{word:?}");
+        };
+        check("release", Some(FailureKind::Release));
+        check("infrastructure", Some(FailureKind::Infrastructure));
+        check("", None);
+        check("Release", None);
+        check("disk", None);
+        check(&"x".repeat(10_000), None);
+    }
+
+    #[test]
+    fn settling_versions_are_validated_and_capped() {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let check = |input: &[&str], active: &str, expected: &[&str]| {
+            assert_eq!(
+                settling_from_pb(strings(input), active),
+                strings(expected),
+                "{input:?} with {active:?} active"
+            );
+        };
+        check(&[], "1.0.0", &[]);
+        check(&["2.0.0"], "1.0.0", &["2.0.0"]);
+        // The active version, empty entries and repeats say nothing.
+        check(&["1.0.0", "", "2.0.0", "2.0.0"], "1.0.0", &["2.0.0"]);
+        let many: Vec<String> = (0..100).map(|i| format!("0.0.{i}")).collect();
+        let kept = settling_from_pb(many.clone(), "");
+        assert_eq!(kept, many[..MAX_SETTLING_VERSIONS].to_vec());
+        // A long version is cut, not dropped: it still settles.
+        let long = format!("1.0.0-{}", "é".repeat(200));
+        let kept = settling_from_pb(vec![long.clone()], "1.0.0");
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].len() <= MAX_VERSION_BYTES && long.starts_with(&kept[0]));
     }
 }

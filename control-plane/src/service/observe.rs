@@ -344,6 +344,8 @@ mod tests {
                         error_rate: 0.01,
                         latency_p99_seconds: Some(0.2),
                     }),
+                    settling: Vec::new(),
+                    failure_kind: None,
                 })
                 .collect(),
             desired: Default::default(),

@@ -8,7 +8,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use hotswap_common::labels::{Labels, validate_labels};
+use hotswap_common::labels::{ENVIRONMENT_LABEL, Labels, validate_labels};
 use hotswap_common::pb;
 use hotswap_common::pb::agent_message::Msg as AgentMsg;
 use hotswap_common::pb::control_message::Msg as ControlMsg;
@@ -215,6 +215,14 @@ async fn drive(
     let mut last_heard = tokio::time::Instant::now();
     let deadline = tokio::time::sleep(grace);
     tokio::pin!(shutdown, cancelled, deadline);
+    // The node's environment (from its labels, fixed for the session) sets
+    // how many distinct keys must sign what it installs; its agent checks
+    // that itself, whatever let a desired state through.
+    let min_signatures = handle
+        .labels
+        .get(ENVIRONMENT_LABEL)
+        .and_then(|env| ctx.settings.environments.get(env))
+        .map_or(1, |env| env.min_signatures);
     // The current desired state goes out first, then on every change.
     handle.desired.mark_changed();
     loop {
@@ -223,7 +231,8 @@ async fn drive(
                 if changed.is_err() {
                     return "desired state channel closed".into();
                 }
-                let desired = desired_to_pb(&handle.desired.borrow_and_update());
+                let desired =
+                    desired_to_pb(&handle.desired.borrow_and_update(), min_signatures);
                 let message = pb::ControlMessage { msg: Some(ControlMsg::Desired(desired)) };
                 if tx.send(Ok(message)).await.is_err() {
                     return "agent went away".into();

@@ -862,6 +862,7 @@ pub fn message_seeds() -> Vec<Seed> {
                         staged_version: "1.1.0".into(),
                         ..Default::default()
                     }],
+                    ..Default::default()
                 })),
             },
         ),

@@ -8,8 +8,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
 
-use super::{base_env, resolve_program};
+use super::{ActivateError, base_env, resolve_program};
 
 /// Hooks that run longer than this are killed and count as failed.
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
@@ -45,18 +46,32 @@ pub fn clear(module_root: &Path) -> std::io::Result<()> {
 }
 
 /// Flip to `version` and run its activate hook; on failure flip back to
-/// `previous` (or clear `current` when there was none).
+/// `previous` (or clear `current` when there was none). Cancelling `preempt`
+/// while the hook runs kills the hook and flips back the same way.
 pub async fn activate(
     module_root: &Path,
     version: &str,
     previous: Option<&str>,
     hook: Option<&[String]>,
     env: &[(String, String)],
-) -> Result<(), String> {
-    flip(module_root, version).map_err(|e| format!("cannot flip current to {version}: {e}"))?;
+    preempt: &CancellationToken,
+) -> Result<(), ActivateError> {
+    flip(module_root, version).map_err(|e| {
+        ActivateError::Infrastructure(format!("cannot flip current to {version}: {e}"))
+    })?;
     let Some(hook) = hook else { return Ok(()) };
     let dir = module_root.join(version);
-    if let Err(e) = run_hook(hook, &dir, env, HOOK_TIMEOUT).await {
+    let outcome = tokio::select! {
+        biased;
+        // Dropping the hook's future kills it (`kill_on_drop`).
+        _ = preempt.cancelled() => Err(ActivateError::Preempted(format!(
+            "activate hook of {version} preempted by a new desired state"
+        ))),
+        ran = run_hook(hook, &dir, env, HOOK_TIMEOUT) => ran.map_err(|e| {
+            ActivateError::Release(format!("activate hook failed: {e}"))
+        }),
+    };
+    if let Err(e) = outcome {
         let restored = match previous {
             Some(previous) => {
                 flip(module_root, previous).map(|()| format!("flipped back to {previous}"))
@@ -64,7 +79,7 @@ pub async fn activate(
             None => clear(module_root).map(|()| "no previous version to flip back to".to_string()),
         };
         let restored = restored.unwrap_or_else(|e| format!("flipping back failed too: {e}"));
-        return Err(format!("activate hook failed: {e}; {restored}"));
+        return Err(e.map_message(|m| format!("{m}; {restored}")));
     }
     Ok(())
 }
@@ -161,7 +176,8 @@ mod tests {
         script(&v2, "fail.sh", "echo broken config >&2; exit 3");
         let hook_ok = vec!["bin/ok.sh".to_string()];
         let env = vec![("HOTSWAP_VERSION".to_string(), "1.0.0".to_string())];
-        activate(root.path(), "1.0.0", None, Some(&hook_ok), &env)
+        let never = CancellationToken::new();
+        activate(root.path(), "1.0.0", None, Some(&hook_ok), &env, &never)
             .await
             .expect("v1");
         assert_eq!(current(root.path()).as_deref(), Some("1.0.0"));
@@ -173,9 +189,18 @@ mod tests {
         );
 
         let hook_fail = vec!["bin/fail.sh".to_string()];
-        let err = activate(root.path(), "2.0.0", Some("1.0.0"), Some(&hook_fail), &[])
-            .await
-            .expect_err("hook fails");
+        let err = activate(
+            root.path(),
+            "2.0.0",
+            Some("1.0.0"),
+            Some(&hook_fail),
+            &[],
+            &never,
+        )
+        .await
+        .expect_err("hook fails");
+        assert!(matches!(err, ActivateError::Release(_)), "{err:?}");
+        let err = err.to_string();
         assert!(
             err.contains("broken config") && err.contains("flipped back to 1.0.0"),
             "{err}"
@@ -208,10 +233,63 @@ mod tests {
             None,
             Some(&["bin/fail.sh".to_string()]),
             &[],
+            &CancellationToken::new(),
         )
         .await
         .expect_err("fails");
         assert_eq!(current(root.path()), None);
+    }
+
+    #[tokio::test]
+    async fn a_preempted_hook_is_killed_and_current_flips_back() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = root.path().join("1.0.0");
+        let v2 = root.path().join("2.0.0");
+        std::fs::create_dir_all(&v1).expect("v1");
+        // Writes its pid, then would take far longer than the test.
+        script(&v2, "slow.sh", "echo $$ > ../hook.pid; exec sleep 60");
+        flip(root.path(), "1.0.0").expect("flip");
+        let preempt = CancellationToken::new();
+        let cancel = preempt.clone();
+        let pid_file = root.path().join("hook.pid");
+        let canceller = tokio::spawn(async move {
+            while !pid_file.exists() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            cancel.cancel();
+        });
+        let started = std::time::Instant::now();
+        let err = activate(
+            root.path(),
+            "2.0.0",
+            Some("1.0.0"),
+            Some(&["bin/slow.sh".to_string()]),
+            &[],
+            &preempt,
+        )
+        .await
+        .expect_err("preempted");
+        canceller.await.expect("canceller");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(matches!(err, ActivateError::Preempted(_)), "{err:?}");
+        assert!(err.to_string().contains("flipped back to 1.0.0"), "{err}");
+        assert_eq!(current(root.path()).as_deref(), Some("1.0.0"));
+        let pid: i32 = std::fs::read_to_string(root.path().join("hook.pid"))
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("pid number");
+        // The hook was killed (kill_on_drop) and reaped by tokio: its pid
+        // disappears (a zombie counts as gone too).
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |stat| stat.contains(") Z "))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !gone() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone(), "hook process {pid} still runs");
     }
 
     #[tokio::test]

@@ -36,6 +36,51 @@ impl Phase {
     }
 }
 
+/// Why an activation did not make the new version the running one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ActivateError {
+    /// The caller asked for something else while the new version was in its
+    /// health gate; it was stopped and the previous version keeps serving.
+    #[error("{0}")]
+    Preempted(String),
+    /// The version itself failed: it did not become healthy, exited during
+    /// its start, or its program cannot run.
+    #[error("{0}")]
+    Release(String),
+    /// Trouble on the node, not in the version: a listener that cannot be
+    /// bound, a log or ledger that cannot be written, the supervisor gone.
+    #[error("{0}")]
+    Infrastructure(String),
+}
+
+impl ActivateError {
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            ActivateError::Preempted(m) => ActivateError::Preempted(f(m)),
+            ActivateError::Release(m) => ActivateError::Release(f(m)),
+            ActivateError::Infrastructure(m) => ActivateError::Infrastructure(f(m)),
+        }
+    }
+}
+
+/// Whether an OS error is the node's trouble (disk, memory, process limits)
+/// rather than the module's.
+pub fn is_node_trouble(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::ENOSPC
+                | libc::EDQUOT
+                | libc::EIO
+                | libc::EROFS
+                | libc::ENOMEM
+                | libc::EAGAIN
+                | libc::EMFILE
+                | libc::ENFILE
+        )
+    )
+}
+
 /// Environment every hook, health command and process gets (SPEC §3).
 pub fn hotswap_env(
     module: &str,

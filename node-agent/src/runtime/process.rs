@@ -18,6 +18,15 @@
 //! - Every process started is in the module's instance ledger before it is
 //!   forked (see [`ledger`]), so a process left behind by an agent killed
 //!   mid-swap is stopped by the next one instead of serving unsupervised.
+//! - An activation can be preempted: when the caller's token is cancelled
+//!   while the new version is inside its health gate, the candidate is
+//!   stopped at once and the version that served before keeps (or resumes)
+//!   serving. Preemption only ends waiting (probes, sleeps); every other
+//!   step (start, ledger write, stop) runs to its end, so the ledger and the
+//!   published instance always name the processes that exist.
+//! - The status names every version other than the current one that still
+//!   has a live process (`settling`): a candidate inside its gate, an old
+//!   version being stopped, a process a previous agent left behind.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -32,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ledger::{self, Ledger};
 use super::os;
-use super::{Phase, base_env, resolve_program};
+use super::{ActivateError, Phase, base_env, is_node_trouble, resolve_program};
 use crate::health::{Health, HealthTracker, probe_once};
 use crate::scrape::{MetricNames, Sample, Window, scrape, window};
 
@@ -78,10 +87,17 @@ pub struct ProcessStatus {
     pub crash_loop: bool,
     pub instance: Option<InstanceRecord>,
     pub metrics: Option<Window>,
+    /// Versions other than `version` with a live process: starting inside
+    /// their health gate, being stopped, or left behind by a previous agent.
+    pub settling: Vec<String>,
 }
 
 enum Request {
-    Activate(Box<VersionSpec>, oneshot::Sender<Result<(), String>>),
+    Activate(
+        Box<VersionSpec>,
+        CancellationToken,
+        oneshot::Sender<Result<(), ActivateError>>,
+    ),
     Stop(oneshot::Sender<Result<(), String>>),
 }
 
@@ -128,6 +144,7 @@ impl Supervisor {
             tracker: None,
             last_sample: None,
             pending_spec: None,
+            settling: Vec::new(),
         };
         // A root: the task outlives whatever span spawned it (a swap), and
         // a child would keep that span open for as long as the module runs.
@@ -140,13 +157,20 @@ impl Supervisor {
     }
 
     /// Make `spec` the running version (a swap if another one runs).
-    pub async fn activate(&self, spec: VersionSpec) -> Result<(), String> {
+    /// Cancelling `preempt` while the new version is inside its health gate
+    /// stops it and ends the activation with [`ActivateError::Preempted`].
+    pub async fn activate(
+        &self,
+        spec: VersionSpec,
+        preempt: CancellationToken,
+    ) -> Result<(), ActivateError> {
+        let gone = || ActivateError::Infrastructure("supervisor is gone".to_string());
         let (tx, rx) = oneshot::channel();
         self.requests
-            .send(Request::Activate(Box::new(spec), tx))
+            .send(Request::Activate(Box::new(spec), preempt, tx))
             .await
-            .map_err(|_| "supervisor is gone".to_string())?;
-        rx.await.map_err(|_| "supervisor is gone".to_string())?
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     /// Stop the module for good (it is no longer desired).
@@ -224,6 +248,9 @@ struct Task {
     last_sample: Option<(Instant, Sample)>,
     /// The version to start again after a crash (or a vanished adoptee).
     pending_spec: Option<Arc<VersionSpec>>,
+    /// Versions with a live process besides the current one (published as
+    /// [`ProcessStatus::settling`], without the status's own version).
+    settling: Vec<String>,
 }
 
 impl Task {
@@ -231,7 +258,21 @@ impl Task {
         self.status.send_modify(|status| {
             change(status);
             status.instance = self.current.as_ref().map(Instance::record);
+            let mut settling: Vec<String> = Vec::new();
+            for version in &self.settling {
+                if status.version.as_ref() != Some(version) && !settling.contains(version) {
+                    settling.push(version.clone());
+                }
+            }
+            status.settling = settling;
         });
+    }
+
+    /// Set the versions with a live process besides the current one, and
+    /// publish them.
+    fn set_settling(&mut self, versions: Vec<String>) {
+        self.settling = versions;
+        self.publish(|_| {});
     }
 
     async fn run(
@@ -266,8 +307,8 @@ impl Task {
                 _ = shutdown.cancelled() => return,
                 request = requests.recv() => match request {
                     None => return,
-                    Some(Request::Activate(spec, reply)) => {
-                        let result = self.activate(*spec).await;
+                    Some(Request::Activate(spec, preempt, reply)) => {
+                        let result = self.activate(*spec, preempt).await;
                         let _ = reply.send(result);
                     }
                     Some(Request::Stop(reply)) => {
@@ -408,10 +449,16 @@ impl Task {
                 }
             }
         }
-        for (entry, pid) in strays {
+        if !strays.is_empty() {
+            self.set_settling(strays.iter().map(|(e, _)| e.version.clone()).collect());
+        }
+        for (entry, pid) in &strays {
             tracing::warn!(pid, version = %entry.version, "stopping a module process a previous agent left behind");
-            let how = ledger::stop_stray(&entry, pid).await;
+            let how = ledger::stop_stray(entry, *pid).await;
             tracing::info!(pid, version = %entry.version, ended = %how, "left-behind process stopped");
+        }
+        if !strays.is_empty() {
+            self.set_settling(Vec::new());
         }
         self.ledger.retain_only(keep);
         if let Some(instance) = &self.current {
@@ -434,7 +481,7 @@ impl Task {
     }
 
     /// Bind any listener `spec` needs that is not open yet.
-    fn ensure_listeners(&mut self, spec: &VersionSpec) -> Result<(), String> {
+    fn ensure_listeners(&mut self, spec: &VersionSpec) -> Result<(), ActivateError> {
         for socket in &spec.sockets {
             if self
                 .listeners
@@ -444,10 +491,10 @@ impl Task {
                 continue;
             }
             let fd = os::bind_listener(socket.listen).map_err(|e| {
-                format!(
+                ActivateError::Infrastructure(format!(
                     "cannot listen on {} for socket {:?}: {e}",
                     socket.listen, socket.name
-                )
+                ))
             })?;
             self.listeners
                 .push((socket.name.clone(), socket.listen, fd));
@@ -461,7 +508,8 @@ impl Task {
             .retain(|(_, addr, _)| spec.sockets.iter().any(|s| s.listen == *addr));
     }
 
-    fn start(&mut self, spec: Arc<VersionSpec>) -> Result<Instance, String> {
+    fn start(&mut self, spec: Arc<VersionSpec>) -> Result<Instance, ActivateError> {
+        let node = ActivateError::Infrastructure;
         self.ensure_listeners(&spec)?;
         // fds in the order of the manifest's sockets: fd 3 is the first.
         let fds: Vec<RawFd> = spec
@@ -479,10 +527,10 @@ impl Task {
             .create(true)
             .append(true)
             .open(&self.log_path)
-            .map_err(|e| format!("cannot open log {}: {e}", self.log_path.display()))?;
+            .map_err(|e| node(format!("cannot open log {}: {e}", self.log_path.display())))?;
         let log_err = log
             .try_clone()
-            .map_err(|e| format!("cannot open log: {e}"))?;
+            .map_err(|e| node(format!("cannot open log: {e}")))?;
         let program = resolve_program(&spec.command[0], &spec.dir);
         // On disk before the fork: whatever happens to the agent from here
         // on, its successor can find this process (module docs).
@@ -494,9 +542,11 @@ impl Task {
             stop_signal: spec.stop_signal,
             stop_timeout_ms: spec.stop_timeout.as_millis() as u64,
         };
-        self.ledger
-            .record(entry.clone())
-            .map_err(|e| format!("cannot record the instance before starting it: {e}"))?;
+        self.ledger.record(entry.clone()).map_err(|e| {
+            node(format!(
+                "cannot record the instance before starting it: {e}"
+            ))
+        })?;
         let mut command = if fds.is_empty() {
             let mut c = tokio::process::Command::new(&program);
             c.args(&spec.command[1..]);
@@ -554,13 +604,19 @@ impl Task {
                 Ok(())
             });
         }
-        let mut child = command
-            .spawn()
-            .map_err(|e| format!("cannot start {program}: {e}"))?;
-        let pid = child
-            .id()
-            .ok_or("process exited before it could be tracked")?;
-        let pidfd = os::pidfd_open(pid).map_err(|e| format!("cannot open pidfd for {pid}: {e}"))?;
+        let mut child = command.spawn().map_err(|e| {
+            let message = format!("cannot start {program}: {e}");
+            if is_node_trouble(&e) {
+                ActivateError::Infrastructure(message)
+            } else {
+                ActivateError::Release(message)
+            }
+        })?;
+        let pid = child.id().ok_or_else(|| {
+            ActivateError::Release("process exited before it could be tracked".to_string())
+        })?;
+        let pidfd =
+            os::pidfd_open(pid).map_err(|e| node(format!("cannot open pidfd for {pid}: {e}")))?;
         let start_ticks = os::process_start_ticks(pid).unwrap_or(0);
         entry.pid = Some(pid);
         entry.start_ticks = Some(start_ticks);
@@ -639,7 +695,30 @@ impl Task {
         joined[joined.len().saturating_sub(400)..].to_string()
     }
 
-    async fn activate(&mut self, spec: VersionSpec) -> Result<(), String> {
+    /// The health gate of a new instance ([`Task::wait_ready`]), ended early
+    /// when `preempt` is cancelled. Only waiting is cut short: the caller
+    /// stops the candidate itself, so nothing is left half done.
+    async fn gate(
+        instance: &mut Instance,
+        preempt: &CancellationToken,
+    ) -> Result<(), ActivateError> {
+        let version = instance.spec.version.clone();
+        tokio::select! {
+            // Checked first: once preempted, a probe that passes at the same
+            // moment does not make the abandoned version the running one.
+            biased;
+            _ = preempt.cancelled() => Err(ActivateError::Preempted(format!(
+                "activation of {version} preempted by a new desired state"
+            ))),
+            ready = Self::wait_ready(instance) => ready.map_err(ActivateError::Release),
+        }
+    }
+
+    async fn activate(
+        &mut self,
+        spec: VersionSpec,
+        preempt: CancellationToken,
+    ) -> Result<(), ActivateError> {
         if self
             .current
             .as_ref()
@@ -655,17 +734,23 @@ impl Task {
             s.message = format!("starting {}", spec.version);
         });
         let result = match spec.swap {
-            SwapStrategy::StartFirst => self.swap_start_first(spec.clone()).await,
-            SwapStrategy::StopFirst => self.swap_stop_first(spec.clone()).await,
+            SwapStrategy::StartFirst => self.swap_start_first(spec.clone(), &preempt).await,
+            SwapStrategy::StopFirst => self.swap_stop_first(spec.clone(), &preempt).await,
         }
-        .map_err(|e| {
-            let tail = self.log_tail();
-            if tail.is_empty() {
-                e
-            } else {
-                format!("{e}; last output: {tail}")
+        .map_err(|e| match e {
+            // The module's last words explain its own failure, not a preemption.
+            ActivateError::Preempted(_) => e,
+            e => {
+                let tail = self.log_tail();
+                if tail.is_empty() {
+                    e
+                } else {
+                    e.map_message(|m| format!("{m}; last output: {tail}"))
+                }
             }
         });
+        // Whatever happened, the candidate has been stopped or is current.
+        self.settling.clear();
         match &result {
             Ok(()) => {
                 self.prune_listeners(&spec);
@@ -695,23 +780,34 @@ impl Task {
             }
             Err(e) => {
                 let still_running = self.current.as_ref().map(|c| c.spec.version.clone());
+                let preempted = matches!(e, ActivateError::Preempted(_));
                 self.publish(|s| {
-                    s.phase = if still_running.is_some() {
-                        Phase::Running
-                    } else {
-                        Phase::Failed
+                    s.phase = match (&still_running, preempted) {
+                        (Some(_), _) => Phase::Running,
+                        (None, true) => Phase::Stopped,
+                        (None, false) => Phase::Failed,
                     };
                     s.version = still_running;
-                    s.message = format!("activating {} failed: {e}", spec.version);
+                    s.message = if preempted {
+                        e.to_string()
+                    } else {
+                        format!("activating {} failed: {e}", spec.version)
+                    };
                 });
             }
         }
         result
     }
 
-    async fn swap_start_first(&mut self, spec: Arc<VersionSpec>) -> Result<(), String> {
+    async fn swap_start_first(
+        &mut self,
+        spec: Arc<VersionSpec>,
+        preempt: &CancellationToken,
+    ) -> Result<(), ActivateError> {
         let mut fresh = self.start(spec)?;
-        if let Err(e) = Self::wait_ready(&mut fresh).await {
+        let new_version = fresh.spec.version.clone();
+        self.set_settling(vec![new_version.clone()]);
+        if let Err(e) = Self::gate(&mut fresh, preempt).await {
             let how = fresh.stop().await;
             tracing::warn!(error = %e, stopped = %how, "new version did not become ready; the old one keeps serving");
             return Err(e);
@@ -720,14 +816,17 @@ impl Task {
             self.current = Some(fresh);
             return Ok(());
         };
+        self.settling = vec![old.spec.version.clone(), new_version.clone()];
         self.publish(|s| s.message = format!("stopping {}", old.spec.version));
         let how = old.stop().await;
         tracing::info!(version = %old.spec.version, pid = old.pid, ended = %how, "old version stopped");
+        self.set_settling(vec![new_version]);
         // While both versions shared the listener, a probe may have been
         // answered by the old one. Now only the new one accepts: check it
-        // again, and bring the old version back if it fails.
-        if let Err(e) = Self::wait_ready(&mut fresh).await {
-            tracing::warn!(error = %e, "new version failed its check after the cutover; reverting");
+        // again, and bring the old version back if it fails (or if a new
+        // desired state abandons it meanwhile).
+        if let Err(e) = Self::gate(&mut fresh, preempt).await {
+            tracing::warn!(error = %e, "new version failed its check after the cutover, or was preempted; reverting");
             let reverted = match self.start(old.spec.clone()) {
                 Ok(mut back) => {
                     let ready = Self::wait_ready(&mut back).await;
@@ -748,13 +847,17 @@ impl Task {
                     format!("could not restart {}: {r}", old.spec.version)
                 }
             };
-            return Err(format!("{e} after the cutover; {reverted}"));
+            return Err(e.map_message(|m| format!("{m} after the cutover; {reverted}")));
         }
         self.current = Some(fresh);
         Ok(())
     }
 
-    async fn swap_stop_first(&mut self, spec: Arc<VersionSpec>) -> Result<(), String> {
+    async fn swap_stop_first(
+        &mut self,
+        spec: Arc<VersionSpec>,
+        preempt: &CancellationToken,
+    ) -> Result<(), ActivateError> {
         let old_spec = match self.current.take() {
             Some(mut old) => {
                 self.publish(|s| s.phase = Phase::Stopping);
@@ -765,16 +868,20 @@ impl Task {
             None => None,
         };
         let outcome = match self.start(spec) {
-            Ok(mut fresh) => match Self::wait_ready(&mut fresh).await {
-                Ok(()) => {
-                    self.current = Some(fresh);
-                    return Ok(());
+            Ok(mut fresh) => {
+                self.set_settling(vec![fresh.spec.version.clone()]);
+                match Self::gate(&mut fresh, preempt).await {
+                    Ok(()) => {
+                        self.current = Some(fresh);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        fresh.stop().await;
+                        self.set_settling(Vec::new());
+                        e
+                    }
                 }
-                Err(e) => {
-                    fresh.stop().await;
-                    e
-                }
-            },
+            }
             Err(e) => e,
         };
         // Put the old version back so the module keeps serving.
@@ -869,7 +976,7 @@ impl Task {
                 self.publish(|s| {
                     s.phase = Phase::Failed;
                     s.health = Health::Unhealthy;
-                    s.message = e;
+                    s.message = e.to_string();
                 });
             }
         }
