@@ -143,6 +143,10 @@ pub struct CreateArgs {
     max_latency_increase: Option<f64>,
     #[arg(long)]
     no_auto_rollback: bool,
+    /// Deploy a version older (semver) than the environment's current one;
+    /// refused without it. Recorded in the audit log.
+    #[arg(long)]
+    allow_downgrade: bool,
     /// Follow the deployment until it ends.
     #[arg(long)]
     wait: bool,
@@ -281,6 +285,7 @@ async fn create(
             max_latency_increase: args.max_latency_increase.unwrap_or(0.0),
             no_auto_rollback: args.no_auto_rollback,
             progress_deadline_ms: 0,
+            allow_downgrade: args.allow_downgrade,
         }),
     };
     let reply = client

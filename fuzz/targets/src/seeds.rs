@@ -699,6 +699,7 @@ pub fn message_seeds() -> Vec<Seed> {
                     max_latency_increase: 1.5,
                     no_auto_rollback: false,
                     progress_deadline_ms: 600_000,
+                    allow_downgrade: false,
                 }),
                 dry_run: true,
             },
@@ -798,6 +799,7 @@ pub fn message_seeds() -> Vec<Seed> {
                 module: "hello".into(),
                 version: "1.1.0".into(),
                 to: "prod".into(),
+                allow_downgrade: false,
             },
         ),
         message_seed(
