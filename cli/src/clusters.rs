@@ -103,6 +103,15 @@ fn versions(c: &ClusterView) -> String {
         .join(", ")
 }
 
+/// How many nodes are not on some current version of their environment.
+fn drifting(c: &ClusterView) -> usize {
+    c.current
+        .iter()
+        .flat_map(|current| current.drift.iter())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
 /// Drifting nodes, at most a few by name.
 fn drift(nodes: &[String]) -> String {
     const SHOWN: usize = 5;
@@ -134,14 +143,21 @@ pub async fn run(ctx: &Context, command: ClustersCommand) -> Result<(), CliError
             match ctx.output {
                 OutputFormat::Json => output::print_json(&clusters),
                 OutputFormat::Table => {
-                    let mut table =
-                        output::table(&["ENV", "NODES", "HEALTHY", "DEPLOYING", "VERSIONS"]);
+                    let mut table = output::table(&[
+                        "ENV",
+                        "NODES",
+                        "HEALTHY",
+                        "DEPLOYING",
+                        "DRIFT",
+                        "VERSIONS",
+                    ]);
                     for c in &clusters {
                         table.add_row(vec![
                             c.environment.clone(),
                             format!("{}/{}", c.connected, c.nodes),
                             format!("{}/{}", c.healthy, c.healthy + c.unhealthy + c.unknown),
                             c.active_deployments.len().to_string(),
+                            drifting(c).to_string(),
                             versions(c),
                         ]);
                     }

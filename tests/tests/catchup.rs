@@ -91,6 +91,16 @@ fn fleet_with_b_away(dir: &TestDir) -> Fleet {
 fn a_node_back_from_an_outage_catches_up_to_the_current_version() {
     let dir = TestDir::new();
     let mut fleet = fleet_with_b_away(&dir);
+    // Nothing of it lives in memory: the current version is derived from
+    // the stored deployments after a restart.
+    fleet.cp.kill();
+    fleet.cp.start();
+    fleet.cp.wait_status("a", "connected");
+    assert_eq!(
+        current_hello(&fleet),
+        Some(("1.1.0".to_string(), vec!["b".to_string()])),
+        "the same current version and drift after a restart"
+    );
 
     let url = fleet.cp.url();
     fleet.others[0].start(&url, &[]);

@@ -11,12 +11,12 @@
 //! every node attaches again and is looked at afresh. The work is driven by
 //! attaches and finished deployments, never by a scan of the fleet per tick.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use hotswap_common::labels::ENVIRONMENT_LABEL;
 
-use super::Engine;
+use super::{DeploymentRecord, Engine};
 use crate::clock::now_ms;
 use crate::deploy::current::{Currents, Target, derive};
 use crate::deploy::machine::{Health, NodeState, Phase};
@@ -126,89 +126,83 @@ impl Engine {
 
     /// End the catch-ups whose node now runs the version (or failed to).
     fn settle_pending(&self, currents: &Currents) {
-        let pending: Vec<((String, String), Pending)> = self
-            .catch_ups()
-            .pending
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        // By module: one look at the registry's memory per module.
+        let mut by_module: BTreeMap<String, Vec<(String, Pending)>> = BTreeMap::new();
+        for ((node, module), p) in &self.catch_ups().pending {
+            by_module
+                .entry(module.clone())
+                .or_default()
+                .push((node.clone(), p.clone()));
+        }
         let now = now_ms();
         let mut done = Vec::new();
-        for ((node, module), p) in pending {
-            let still_current = currents
-                .get(&(p.environment.clone(), module.clone()))
-                .and_then(|m| m.current.as_ref())
-                .is_some_and(|c| c.version == p.version);
-            let busy = currents
-                .get(&(p.environment.clone(), module.clone()))
-                .and_then(|m| m.active.as_deref());
-            if let Some(active) = busy {
-                tracing::info!(node = %p.name, module = %module, deployment = %active, "a deployment took over the node's catch-up");
-                done.push((node, module));
-                continue;
-            }
-            if !still_current {
-                tracing::info!(node = %p.name, module = %module, version = %p.version, "the version is no longer current; catch-up ends");
-                done.push((node, module));
-                continue;
-            }
-            let outcome = self
-                .registry
-                .observe(&[node.as_str()], &module, |seen| {
-                    let m = seen.module?;
-                    let phase = Phase::parse(&m.phase);
-                    if seen.connected
-                        && seen.current
-                        && m.version == p.version
-                        && phase == Phase::Running
-                        && Health::parse(&m.health) != Health::Unhealthy
-                    {
-                        return Some(Ok(()));
-                    }
-                    if seen.connected && seen.current && (phase == Phase::Failed || m.crash_loop) {
-                        let why = if m.message.is_empty() {
-                            "the agent reports it failed".to_string()
-                        } else {
-                            m.message.clone()
-                        };
-                        return Some(Err(why));
-                    }
-                    None
-                })
-                .pop()
-                .flatten();
-            let outcome = match outcome {
-                Some(outcome) => outcome,
-                None if now >= p.deadline_ms => Err(format!(
-                    "it did not report the version running before its health deadline ({}s)",
-                    currents
-                        .get(&(p.environment.clone(), module.clone()))
-                        .and_then(|m| m.current.as_ref())
-                        .map_or(0, |c| c.health_deadline_ms / 1000)
-                )),
-                None => continue,
-            };
-            let event = match outcome {
-                Ok(()) => Event::new(
-                    "node.caught_up",
-                    format!(
-                        "{} caught up to {module}@{}, the current version of {} (deployment {})",
-                        p.name, p.version, p.environment, p.deployment_id
+        for (module, pending) in by_module {
+            let ids: Vec<&str> = pending.iter().map(|(n, _)| n.as_str()).collect();
+            let outcomes = self.registry.observe(&ids, &module, |seen| {
+                let m = seen.module?;
+                if !(seen.connected && seen.current) {
+                    return None;
+                }
+                let phase = Phase::parse(&m.phase);
+                if phase == Phase::Running && Health::parse(&m.health) != Health::Unhealthy {
+                    return Some(Ok(m.version.clone()));
+                }
+                if phase == Phase::Failed || m.crash_loop {
+                    return Some(Err(if m.message.is_empty() {
+                        "the agent reports it failed".to_string()
+                    } else {
+                        m.message.clone()
+                    }));
+                }
+                None
+            });
+            for ((node, p), outcome) in pending.into_iter().zip(outcomes) {
+                let in_env = currents.get(&(p.environment.clone(), module.clone()));
+                if let Some(active) = in_env.and_then(|m| m.active.as_deref()) {
+                    tracing::info!(node = %p.name, module = %module, deployment = %active, "a deployment took over the node's catch-up");
+                    done.push((node, module.clone()));
+                    continue;
+                }
+                let Some(current) = in_env
+                    .and_then(|m| m.current.as_ref())
+                    .filter(|c| c.version == p.version)
+                else {
+                    tracing::info!(node = %p.name, module = %module, version = %p.version, "the version is no longer current; catch-up ends");
+                    done.push((node, module.clone()));
+                    continue;
+                };
+                let outcome = match outcome {
+                    Some(Ok(version)) if version == p.version => Ok(()),
+                    Some(Err(why)) => Err(why),
+                    // Running another version: still on its way.
+                    Some(Ok(_)) | None if now < p.deadline_ms => continue,
+                    Some(Ok(_)) | None => Err(format!(
+                        "it did not report the version running within its health deadline ({}s)",
+                        current.health_deadline_ms / 1000
+                    )),
+                };
+                let event = match outcome {
+                    Ok(()) => Event::new(
+                        "node.caught_up",
+                        format!(
+                            "{} caught up to {module}@{}, the current version of {} (deployment {})",
+                            p.name, p.version, p.environment, p.deployment_id
+                        ),
                     ),
-                ),
-                Err(why) => Event::new(
-                    "node.catch_up_failed",
-                    format!(
-                        "{} did not catch up to {module}@{}, the current version of {}: {why}",
-                        p.name, p.version, p.environment
+                    Err(why) => Event::new(
+                        "node.catch_up_failed",
+                        format!(
+                            "{} did not catch up to {module}@{}, the current version of {}: {why}",
+                            p.name, p.version, p.environment
+                        ),
                     ),
-                ),
-            };
-            tracing::info!(node = %p.name, module = %module, version = %p.version, kind = %event.kind, "{}", event.message);
-            self.registry
-                .events()
-                .append(event.node(&p.name).module(&module, &p.version));
-            done.push((node, module));
+                };
+                tracing::info!(node = %p.name, module = %module, version = %p.version, kind = %event.kind, "{}", event.message);
+                self.registry
+                    .events()
+                    .append(event.node(&p.name).module(&module, &p.version));
+                done.push((node, module.clone()));
+            }
         }
         let mut c = self.catch_ups();
         for key in done {
@@ -246,7 +240,21 @@ impl Engine {
         let mut refusals: Vec<Event> = Vec::new();
         // One trust check per environment and version, however many nodes.
         let mut checked: HashMap<(String, String, String), Result<(), String>> = HashMap::new();
-        let deployments = self.deployments.lock().await;
+        // The deployments that define current versions (a few records), and
+        // per deployment the nodes it counted healthy, built when first needed.
+        let defining: HashMap<String, Arc<DeploymentRecord>> = {
+            let deployments = self.deployments.lock().await;
+            currents
+                .values()
+                .filter_map(|m| m.current.as_ref())
+                .filter_map(|c| {
+                    deployments
+                        .get(&c.deployment_id)
+                        .map(|r| (c.deployment_id.clone(), r.clone()))
+                })
+                .collect()
+        };
+        let mut counted_healthy: HashMap<String, HashSet<String>> = HashMap::new();
         for id in ready {
             let Ok(node) = self.registry.find(&id) else {
                 continue;
@@ -272,10 +280,11 @@ impl Engine {
                         continue;
                     }
                 }
+                // Starting counts: an agent that restarted re-adopts what it ran.
                 let runs = node.modules.iter().any(|m| {
                     m.name == *module
                         && m.version == current.version
-                        && Phase::parse(&m.phase) == Phase::Running
+                        && Phase::parse(&m.phase) != Phase::Failed
                 });
                 if runs {
                     continue;
@@ -288,13 +297,22 @@ impl Engine {
                 if desires {
                     // A node the deployment counted healthy converges by
                     // itself (an agent restarting): nothing to report.
-                    let counted = deployments.get(&current.deployment_id).is_some_and(|r| {
-                        r.deployment
-                            .nodes
-                            .iter()
-                            .any(|t| t.node == id && t.state == NodeState::Healthy)
-                    });
-                    if counted {
+                    let healthy = counted_healthy
+                        .entry(current.deployment_id.clone())
+                        .or_insert_with(|| {
+                            defining
+                                .get(&current.deployment_id)
+                                .map(|r| {
+                                    r.deployment
+                                        .nodes
+                                        .iter()
+                                        .filter(|t| t.state == NodeState::Healthy)
+                                        .map(|t| t.node.clone())
+                                        .collect()
+                                })
+                                .unwrap_or_default()
+                        });
+                    if healthy.contains(&id) {
                         continue;
                     }
                 }
@@ -357,7 +375,6 @@ impl Engine {
                 ));
             }
         }
-        drop(deployments);
         for event in refusals {
             self.registry.events().append(event);
         }
