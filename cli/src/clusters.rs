@@ -2,6 +2,7 @@
 //! node metric averages.
 
 use clap::Subcommand;
+use hotswap_common::model::ClusterCurrentView;
 use hotswap_common::pb;
 use serde::Serialize;
 
@@ -45,15 +46,25 @@ struct ClusterView {
     error_rate: Option<f64>,
     latency_p99_seconds: Option<f64>,
     active_deployments: Vec<String>,
+    /// The environment's current version of each module, with its drift.
+    current: Vec<ClusterCurrentView>,
 }
 
 fn metric(v: f64) -> Option<f64> {
     (v >= 0.0).then_some(v)
 }
 
-impl From<pb::Cluster> for ClusterView {
-    fn from(c: pb::Cluster) -> Self {
-        Self {
+impl TryFrom<pb::Cluster> for ClusterView {
+    type Error = CliError;
+
+    fn try_from(c: pb::Cluster) -> Result<Self, Self::Error> {
+        let current = c
+            .current
+            .into_iter()
+            .map(ClusterCurrentView::try_from)
+            .collect::<Result<_, _>>()
+            .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))?;
+        Ok(Self {
             environment: c.environment,
             nodes: c.nodes,
             connected: c.connected,
@@ -76,7 +87,8 @@ impl From<pb::Cluster> for ClusterView {
             error_rate: metric(c.error_rate),
             latency_p99_seconds: metric(c.latency_p99_seconds),
             active_deployments: c.active_deployments,
-        }
+            current,
+        })
     }
 }
 
@@ -89,6 +101,25 @@ fn versions(c: &ClusterView) -> String {
         .map(|m| format!("{}@{} ({})", m.name, m.version, m.nodes))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// How many nodes are not on some current version of their environment.
+fn drifting(c: &ClusterView) -> usize {
+    c.current
+        .iter()
+        .flat_map(|current| current.drift.iter())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// Drifting nodes, at most a few by name.
+fn drift(nodes: &[String]) -> String {
+    const SHOWN: usize = 5;
+    match nodes.len() {
+        0 => "-".into(),
+        n if n <= SHOWN => nodes.join(", "),
+        n => format!("{} and {} more", nodes[..SHOWN].join(", "), n - SHOWN),
+    }
 }
 
 fn show(v: Option<f64>, unit: impl Fn(f64) -> String) -> String {
@@ -107,19 +138,26 @@ pub async fn run(ctx: &Context, command: ClustersCommand) -> Result<(), CliError
                 .into_inner()
                 .clusters
                 .into_iter()
-                .map(ClusterView::from)
-                .collect();
+                .map(ClusterView::try_from)
+                .collect::<Result<_, _>>()?;
             match ctx.output {
                 OutputFormat::Json => output::print_json(&clusters),
                 OutputFormat::Table => {
-                    let mut table =
-                        output::table(&["ENV", "NODES", "HEALTHY", "DEPLOYING", "VERSIONS"]);
+                    let mut table = output::table(&[
+                        "ENV",
+                        "NODES",
+                        "HEALTHY",
+                        "DEPLOYING",
+                        "DRIFT",
+                        "VERSIONS",
+                    ]);
                     for c in &clusters {
                         table.add_row(vec![
                             c.environment.clone(),
                             format!("{}/{}", c.connected, c.nodes),
                             format!("{}/{}", c.healthy, c.healthy + c.unhealthy + c.unknown),
                             c.active_deployments.len().to_string(),
+                            drifting(c).to_string(),
                             versions(c),
                         ]);
                     }
@@ -133,7 +171,7 @@ pub async fn run(ctx: &Context, command: ClustersCommand) -> Result<(), CliError
                 .await
                 .map_err(conn.rpc_error("get cluster"))?
                 .into_inner()
-                .into();
+                .try_into()?;
             match ctx.output {
                 OutputFormat::Json => output::print_json(&c),
                 OutputFormat::Table => {
@@ -174,6 +212,18 @@ pub async fn run(ctx: &Context, command: ClustersCommand) -> Result<(), CliError
                             c.active_deployments.join(", ")
                         }
                     );
+                    if !c.current.is_empty() {
+                        println!();
+                        let mut table = output::table(&["MODULE", "CURRENT", "DRIFT"]);
+                        for current in &c.current {
+                            table.add_row(vec![
+                                current.module.clone(),
+                                current.version.clone(),
+                                drift(&current.drift),
+                            ]);
+                        }
+                        output::print_table(&table);
+                    }
                     if !c.modules.is_empty() {
                         println!();
                         let mut table = output::table(&["MODULE", "VERSION", "NODES", "HEALTHY"]);

@@ -155,6 +155,10 @@ pub struct CreateArgs {
     pause_timeout: Option<Duration>,
     #[arg(long)]
     no_auto_rollback: bool,
+    /// Deploy a version older (semver) than the environment's current one;
+    /// refused without it. Recorded in the audit log.
+    #[arg(long)]
+    allow_downgrade: bool,
     /// Follow the deployment until it ends.
     #[arg(long)]
     wait: bool,
@@ -306,6 +310,7 @@ async fn create(
             pause_timeout_ms: ms(args.pause_timeout),
             analysis_min_requests: args.analysis_min_requests,
             analysis_warmup_ms: args.analysis_warmup.map(|d| d.as_millis() as u64),
+            allow_downgrade: args.allow_downgrade,
         }),
     };
     let reply = client

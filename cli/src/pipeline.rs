@@ -29,6 +29,10 @@ pub enum PipelineCommand {
         /// With --wait: give up waiting after this long (exit 4; the pipeline goes on).
         #[arg(long, value_parser = parse_duration, requires = "wait")]
         timeout: Option<Duration>,
+        /// Let stages deploy a version older (semver) than their
+        /// environment's current one; refused without it. Audited.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Show a pipeline.
     #[command(
@@ -82,6 +86,7 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
             to,
             wait,
             timeout,
+            allow_downgrade,
         } => {
             let (name, version) = module.split_once('@').ok_or_else(|| {
                 CliError::Other(anyhow::anyhow!("{module:?} is not NAME@VERSION"))
@@ -91,6 +96,7 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
                     module: name.into(),
                     version: version.into(),
                     to: to.unwrap_or_default(),
+                    allow_downgrade,
                 })
                 .await
                 .map_err(conn.rpc_error(&format!("run pipeline of {module}")))?

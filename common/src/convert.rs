@@ -2,8 +2,8 @@
 //! failing with an error that names the field when the message is unusable.
 
 use crate::model::{
-    DeploymentNodeView, DeploymentView, ModuleMetricsView, ModuleVersionView, ModuleView,
-    NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
+    ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleMetricsView, ModuleVersionView,
+    ModuleView, NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
     PublisherKeyView, TokenView, VerdictView,
 };
 use crate::pb;
@@ -150,6 +150,27 @@ impl TryFrom<pb::ModuleVersion> for ModuleVersionView {
             pushed_at: rfc3339(version.pushed_at.as_ref()),
             pushed_by: version.pushed_by,
             runtime: version.runtime,
+        })
+    }
+}
+
+impl TryFrom<pb::ClusterCurrent> for ClusterCurrentView {
+    type Error = ConvertError;
+
+    fn try_from(current: pb::ClusterCurrent) -> Result<Self, Self::Error> {
+        for (field, value) in [("module", &current.module), ("version", &current.version)] {
+            if value.is_empty() {
+                return Err(ConvertError::Missing {
+                    message: "ClusterCurrent",
+                    field,
+                });
+            }
+        }
+        Ok(ClusterCurrentView {
+            module: current.module,
+            version: current.version,
+            drift: current.drift,
+            deployment_id: current.deployment_id,
         })
     }
 }

@@ -121,6 +121,18 @@ pub struct ModuleView {
     pub versions: Vec<ModuleVersionView>,
 }
 
+/// An environment's current version of a module (`clusters get`): the
+/// version of its newest succeeded environment-wide deployment, and the
+/// names of the environment's nodes not on it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterCurrentView {
+    pub module: String,
+    pub version: String,
+    pub drift: Vec<String>,
+    /// The deployment that made `version` current.
+    pub deployment_id: String,
+}
+
 /// A publisher key as `keys list` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PublisherKeyView {

@@ -179,6 +179,8 @@ struct LiveSession {
     usage: Option<NodeUsage>,
     observed_generation: u64,
     agent_desired_generation: u64,
+    /// The agent sent a status report in this session (what it runs is known).
+    reported: bool,
     history: VecDeque<Sample>,
 }
 
@@ -204,8 +206,12 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     generations: AtomicU64,
     total_nodes: AtomicU64,
-    /// Increases with every session attached (the engine looks for late joiners then).
+    /// Increases with every session attached (the engine looks for nodes to
+    /// catch up then).
     attaches: AtomicU64,
+    /// Nodes whose sessions attached since the engine last took them
+    /// ([`Registry::take_attached`]), so catch-up looks at those nodes only.
+    attached: Mutex<Vec<String>>,
     events: EventLog,
     /// Wakes the deployment engine after any node change; changes while it
     /// is busy collapse into one wake-up.
@@ -224,6 +230,8 @@ pub struct Observed<'a> {
     pub connected: bool,
     /// The agent has reported on the node's latest desired generation.
     pub current: bool,
+    /// The agent sent a status report in this session.
+    pub reported: bool,
     pub module: Option<&'a ModuleState>,
 }
 
@@ -289,6 +297,7 @@ impl Registry {
             generations: AtomicU64::new(1),
             total_nodes: AtomicU64::new(total),
             attaches: AtomicU64::new(0),
+            attached: Mutex::new(Vec::new()),
             wake: tokio::sync::Notify::new(),
             changes: AtomicU64::new(0),
             events: EventLog::open(&store_for_events, DEFAULT_EVENT_RETENTION)?
@@ -527,6 +536,7 @@ impl Registry {
                     usage: None,
                     observed_generation: 0,
                     agent_desired_generation: 0,
+                    reported: false,
                     // The whole ring at once: a session's memory is what it
                     // is from the start, not something that grows for minutes.
                     history: VecDeque::with_capacity(HISTORY_LEN),
@@ -540,6 +550,10 @@ impl Registry {
             self.watched().then(|| self.state_of(record.clone(), &live))
         };
         self.metrics.sessions_opened.inc();
+        self.attached
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(node_id.to_string());
         self.attaches.fetch_add(1, Ordering::Relaxed);
         self.changed_node(state);
         Ok(SessionHandle {
@@ -646,6 +660,9 @@ impl Registry {
             session.observed_generation = report.observed_generation;
             session.agent_desired_generation = report.desired_generation;
             session.last_seen_ms = report.at_ms;
+            // The first report of a session is a change: catch-up waits for it.
+            let changed = changed || !session.reported;
+            session.reported = true;
             if !changed {
                 return;
             }
@@ -667,6 +684,17 @@ impl Registry {
         self.attaches.load(Ordering::Relaxed)
     }
 
+    /// The nodes whose sessions attached since the last call, oldest first
+    /// (a node that attached twice is listed twice).
+    pub fn take_attached(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .attached
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
     /// The live state of `module` on each of `nodes`, from memory under one
     /// lock: no storage reads, so the engine can observe large fleets often.
     /// `view` sees each node's state in place and keeps what it needs, so
@@ -685,6 +713,7 @@ impl Registry {
                     connected: true,
                     current: session.agent_desired_generation
                         >= session.desired.borrow().generation,
+                    reported: session.reported,
                     module: session.modules.iter().find(|m| m.name == module),
                 }),
                 None => view(Observed::default()),

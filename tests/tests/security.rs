@@ -347,7 +347,8 @@ fn every_role_against_every_operator_rpc() {
                 pb::RunPipelineRequest {
                     module: "nope".into(),
                     version: "1.0.0".into(),
-                    to: String::new()
+                    to: String::new(),
+                    allow_downgrade: false,
                 }
             ),
             &["deployer", "admin"],

@@ -7,6 +7,11 @@
 //! it re-asserts the desired state each active deployment expects, so an
 //! action lost to a crash between persisting and acting is carried out then;
 //! setting an unchanged desired state swaps nothing.
+//!
+//! Between deployments it brings nodes that attach later to their
+//! environment's current version ([`catch_up`]).
+
+mod catch_up;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -18,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, broadcast};
 use tokio_util::sync::CancellationToken;
 
+use super::current::downgrade_refusal;
 use super::machine::{
     Action, Aggregate, Analysis, BatchSize, Control, Deployment, Health, Input, NodeReport,
     NodeState, Phase, Reports, Spec, State, Strategy, Thresholds, plan_waves,
@@ -71,6 +77,9 @@ pub struct PipelineRecord {
     pub created_by: String,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
+    /// Stages may deploy a version older than their environment's current one.
+    #[serde(default)]
+    pub allow_downgrade: bool,
 }
 
 /// What `deploy create` asks for, already parsed.
@@ -97,6 +106,8 @@ pub struct CreateRequest {
     pub analysis_min_requests: Option<u64>,
     pub analysis_warmup: Option<Duration>,
     pub dry_run: bool,
+    /// Deploy even when the version is older than the environment's current one.
+    pub allow_downgrade: bool,
 }
 
 /// A dry run's answer: waves of node names and the gate after each.
@@ -120,6 +131,8 @@ pub struct Engine {
     /// advance pipelines, and two passes working from the same snapshot
     /// would both start a stage's deployment.
     pipeline_pass: Mutex<()>,
+    /// Nodes to bring to their environment's current version.
+    catch_ups: std::sync::Mutex<catch_up::CatchUps>,
 }
 
 /// How often active deployments are re-evaluated without any node change
@@ -176,6 +189,7 @@ impl Engine {
             updates,
             persisted_at: std::sync::Mutex::new(HashMap::new()),
             pipeline_pass: Mutex::new(()),
+            catch_ups: std::sync::Mutex::default(),
         }))
     }
 
@@ -221,12 +235,15 @@ impl Engine {
                     deployments.values().map(|r| r.deployment.state.as_str()),
                 );
             }
-            // Late joiners can only appear when a session attached.
+            // Nodes to catch up appear when a session attached (and when a
+            // deployment finished, which `commit` notes).
             let attaches = self.registry.attaches();
             if attaches_seen != Some(attaches) {
                 attaches_seen = Some(attaches);
-                self.assign_late_joiners().await;
+                let attached = self.registry.take_attached();
+                self.catch_ups().attached(attached);
             }
+            self.catch_up().await;
         }
     }
 
@@ -237,6 +254,7 @@ impl Engine {
         module: &str,
         version: &str,
         to: Option<&str>,
+        allow_downgrade: bool,
         user: &str,
     ) -> Result<PipelineRecord, ApiError> {
         let artifact = self
@@ -268,6 +286,9 @@ impl Engine {
                 .map_or(1, |e| e.min_signatures);
             crate::trust::ensure_deployable(self.registry.store(), &artifact, required, now_ms())
                 .map_err(|e| ApiError::FailedPrecondition(format!("environment {env}: {e}")))?;
+            if !allow_downgrade {
+                self.ensure_not_downgrade(module, version, env).await?;
+            }
         }
         let record = PipelineRecord {
             id: format!("p-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
@@ -288,6 +309,7 @@ impl Engine {
             created_by: user.to_string(),
             created_ms: now_ms(),
             finished_ms: None,
+            allow_downgrade,
         };
         self.registry
             .store()
@@ -371,6 +393,7 @@ impl Engine {
                 module: pipeline.module.clone(),
                 version: pipeline.version.clone(),
                 environment: stage.environment.clone(),
+                allow_downgrade: pipeline.allow_downgrade,
                 ..Default::default()
             };
             match self.create(request, &pipeline.created_by).await {
@@ -447,62 +470,6 @@ impl Engine {
                 pipeline.finished_ms = Some(now_ms());
             }
             _ => {}
-        }
-    }
-
-    /// Nodes that join an environment after an environment-wide deployment
-    /// succeeded get that deployment's version.
-    async fn assign_late_joiners(&self) {
-        let latest: Vec<Arc<DeploymentRecord>> = {
-            let deployments = self.deployments.lock().await;
-            let mut latest: BTreeMap<(String, String), Arc<DeploymentRecord>> = BTreeMap::new();
-            for record in deployments
-                .values()
-                .filter(|r| r.deployment.state == State::Succeeded && r.selector.is_empty())
-            {
-                let key = (
-                    record.environment.clone(),
-                    record.deployment.spec.module.clone(),
-                );
-                if latest
-                    .get(&key)
-                    .is_none_or(|l| l.deployment.created_ms < record.deployment.created_ms)
-                {
-                    latest.insert(key, record.clone());
-                }
-            }
-            latest.into_values().collect()
-        };
-        for record in latest {
-            let module = &record.deployment.spec.module;
-            let Ok(nodes) = self.registry.list(Some(&record.environment)) else {
-                continue;
-            };
-            for node in nodes {
-                let joined_later = node.record.enrolled_at_ms > record.deployment.created_ms
-                    && !record
-                        .deployment
-                        .nodes
-                        .iter()
-                        .any(|t| t.node == node.record.id);
-                if !node.connected || !joined_later || node.desired.modules.contains_key(module) {
-                    continue;
-                }
-                tracing::info!(node = %node.record.name, module = %module, version = %record.deployment.spec.version, deployment = %record.id, "node joined the environment later; giving it the environment's current version");
-                let desired = DesiredModuleRecord {
-                    version: record.deployment.spec.version.clone(),
-                    staged_version: String::new(),
-                    // Not one of the deployment's steps: no trace to join.
-                    traceparent: String::new(),
-                };
-                if let Err(e) = self
-                    .registry
-                    .set_desired_module(&node.record.id, module, Some(desired))
-                    .await
-                {
-                    tracing::warn!(node = %node.record.name, error = %e, "cannot assign the environment's version");
-                }
-            }
         }
     }
 
@@ -616,6 +583,10 @@ impl Engine {
         store.flush().await?;
         if let Err(e) = self.registry.push_desired(&changes, &written) {
             tracing::warn!(deployment = %record.id, error = %e, "desired states are stored but not all were handed to their sessions");
+        }
+        if previous.is_none_or(|p| p.state != record.deployment.state) {
+            self.catch_ups()
+                .deployment_changed(&record.environment, record.deployment.state.is_terminal());
         }
         Ok(())
     }
@@ -926,6 +897,24 @@ impl Engine {
         Ok((spec, env.require_approval))
     }
 
+    /// Refuse `module@version` in `environment` when it is older than the
+    /// environment's current version (SPEC §6: downgrades are deliberate).
+    async fn ensure_not_downgrade(
+        &self,
+        module: &str,
+        version: &str,
+        environment: &str,
+    ) -> Result<(), ApiError> {
+        let currents = self.currents().await;
+        let current = currents
+            .get(&(environment.to_string(), module.to_string()))
+            .and_then(|m| m.current.as_ref());
+        match current.and_then(|c| downgrade_refusal(module, version, environment, c)) {
+            Some(why) => Err(ApiError::FailedPrecondition(why)),
+            None => Ok(()),
+        }
+    }
+
     /// Whether controlling deployments in `environment` needs the
     /// protected-environment permission.
     pub fn is_protected(&self, environment: &str) -> bool {
@@ -961,6 +950,10 @@ impl Engine {
             .get(&request.environment)
             .map_or(1, |e| e.min_signatures);
         crate::trust::ensure_deployable(self.registry.store(), &artifact, required, now_ms())?;
+        if !request.allow_downgrade {
+            self.ensure_not_downgrade(&request.module, &request.version, &request.environment)
+                .await?;
+        }
         let targets: Vec<(String, String, String)> = self
             .registry
             .list(Some(&request.environment))?

@@ -2,5 +2,6 @@
 //! that drives it against the registry, persisting every transition before
 //! its actions go out.
 
+pub mod current;
 pub mod engine;
 pub mod machine;

@@ -67,6 +67,7 @@ fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest,
         analysis_min_requests: o.analysis_min_requests,
         analysis_warmup: o.analysis_warmup_ms.map(Duration::from_millis),
         dry_run: request.dry_run,
+        allow_downgrade: o.allow_downgrade,
     })
 }
 
@@ -205,8 +206,14 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         request: Request<pb::CreateDeploymentRequest>,
     ) -> Result<Response<pb::CreateDeploymentResponse>, Status> {
         let r = request.get_ref();
+        // The audit record shows a deliberate downgrade (SPEC §6).
+        let downgrade = if r.options.as_ref().is_some_and(|o| o.allow_downgrade) {
+            " --allow-downgrade"
+        } else {
+            ""
+        };
         let target = format!(
-            "{}@{} env={}{}",
+            "{}@{} env={}{downgrade}{}",
             r.module,
             r.version,
             r.environment,
@@ -223,7 +230,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         .await;
         if let Ok((Some(record), _)) = &result {
             let t = format!(
-                "{} {}@{} env={}",
+                "{} {}@{} env={}{downgrade}",
                 record.id,
                 record.deployment.spec.module,
                 record.deployment.spec.version,
@@ -392,7 +399,17 @@ impl pb::pipelines_server::Pipelines for PipelinesService {
         request: Request<pb::RunPipelineRequest>,
     ) -> Result<Response<pb::Pipeline>, Status> {
         let r = request.get_ref();
-        let target = format!("{}@{} to={}", r.module, r.version, r.to);
+        let target = format!(
+            "{}@{} to={}{}",
+            r.module,
+            r.version,
+            r.to,
+            if r.allow_downgrade {
+                " --allow-downgrade"
+            } else {
+                ""
+            }
+        );
         let call = self
             .ctx
             .begin(&request, Permission::Deploy, "pipeline.run", target)
@@ -406,7 +423,13 @@ impl pb::pipelines_server::Pipelines for PipelinesService {
             }
             let to = (!request.to.is_empty()).then_some(request.to.as_str());
             self.engine
-                .run_pipeline(&request.module, &request.version, to, call.user())
+                .run_pipeline(
+                    &request.module,
+                    &request.version,
+                    to,
+                    request.allow_downgrade,
+                    call.user(),
+                )
                 .await
         }
         .await;

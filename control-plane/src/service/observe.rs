@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Context;
+use crate::deploy::current::Currents;
 use crate::deploy::engine::Engine;
 use crate::error::ApiError;
 use crate::events::{Event, EventFilter};
@@ -188,10 +189,12 @@ impl ClustersService {
             }
         }
         let deployments = self.engine.list().await;
+        let currents = self.engine.currents().await;
         Ok(by_env
             .into_iter()
             .map(|(env, nodes)| {
                 let mut cluster = summarize(&env, &nodes);
+                cluster.current = current_versions(&env, &nodes, &currents);
                 cluster.active_deployments = deployments
                     .iter()
                     .filter(|d| d.environment == env && !d.deployment.state.is_terminal())
@@ -270,7 +273,49 @@ pub fn summarize(environment: &str, nodes: &[NodeState]) -> pb::Cluster {
         error_rate: average(&errors),
         latency_p99_seconds: average(&p99),
         active_deployments: Vec::new(),
+        current: Vec::new(),
     }
+}
+
+/// Whether `node` is on `module@version`: a connected node by what it
+/// reports, a disconnected one by what it was last asked to run.
+fn on_version(node: &NodeState, module: &str, version: &str) -> bool {
+    if node.connected {
+        node.modules
+            .iter()
+            .any(|m| m.name == module && m.version == version)
+    } else {
+        node.desired
+            .modules
+            .get(module)
+            .is_some_and(|d| d.version == version)
+    }
+}
+
+/// The environment's current version of each module, with the names of
+/// its nodes not on it.
+pub fn current_versions(
+    environment: &str,
+    nodes: &[NodeState],
+    currents: &Currents,
+) -> Vec<pb::ClusterCurrent> {
+    currents
+        .range((environment.to_string(), String::new())..)
+        .take_while(|((env, _), _)| env == environment)
+        .filter_map(|((_, module), in_env)| {
+            let current = in_env.current.as_ref()?;
+            Some(pb::ClusterCurrent {
+                module: module.clone(),
+                version: current.version.clone(),
+                drift: nodes
+                    .iter()
+                    .filter(|n| !on_version(n, module, &current.version))
+                    .map(|n| n.record.name.clone())
+                    .collect(),
+                deployment_id: current.deployment_id.clone(),
+            })
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -381,5 +426,71 @@ mod tests {
         assert_eq!(c.request_rate, 20.0);
         let empty = summarize("qa", &[]);
         assert_eq!((empty.nodes, empty.request_rate), (0, -1.0));
+    }
+
+    #[test]
+    fn drift_names_the_nodes_not_on_the_current_version() {
+        use crate::deploy::current::{Current, ModuleInEnvironment};
+        use crate::store::DesiredModuleRecord;
+
+        let named = |name: &str, mut n: NodeState, desired: Option<&str>| {
+            n.record.name = name.into();
+            if let Some(version) = desired {
+                n.desired.modules.insert(
+                    "web".into(),
+                    DesiredModuleRecord {
+                        version: version.into(),
+                        staged_version: String::new(),
+                        traceparent: String::new(),
+                    },
+                );
+            }
+            n
+        };
+        let nodes = [
+            named(
+                "a",
+                node(true, &[("web", "2.0.0", "healthy", None)], 1.0),
+                None,
+            ),
+            named(
+                "b",
+                node(true, &[("web", "1.0.0", "healthy", None)], 1.0),
+                Some("2.0.0"),
+            ),
+            named("c", node(false, &[], 1.0), Some("1.0.0")),
+            named("d", node(false, &[], 1.0), Some("2.0.0")),
+            named("e", node(true, &[], 1.0), None),
+        ];
+        let current = |version: &str| ModuleInEnvironment {
+            current: Some(Current {
+                version: version.into(),
+                deployment_id: "d-1".into(),
+                created_ms: 1,
+                health_deadline_ms: 1000,
+            }),
+            ..Default::default()
+        };
+        let mut currents = Currents::new();
+        currents.insert(("dev".into(), "web".into()), current("2.0.0"));
+        currents.insert(("qa".into(), "web".into()), current("9.0.0"));
+        // Only an active deployment, nothing succeeded: no current version.
+        currents.insert(
+            ("dev".into(), "api".into()),
+            ModuleInEnvironment {
+                active: Some("d-2".into()),
+                ..Default::default()
+            },
+        );
+        let got = current_versions("dev", &nodes, &currents);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(
+            (got[0].module.as_str(), got[0].version.as_str()),
+            ("web", "2.0.0")
+        );
+        // b desires it but still runs 1.0.0; c was last asked for 1.0.0; e
+        // does not run the module at all.
+        assert_eq!(got[0].drift, ["b", "c", "e"]);
+        assert!(current_versions("prod", &nodes, &currents).is_empty());
     }
 }

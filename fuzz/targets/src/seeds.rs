@@ -701,6 +701,7 @@ pub fn message_seeds() -> Vec<Seed> {
                     max_latency_increase: 1.5,
                     no_auto_rollback: false,
                     progress_deadline_ms: 600_000,
+                    allow_downgrade: false,
                     ..Default::default()
                 }),
                 dry_run: true,
@@ -801,6 +802,7 @@ pub fn message_seeds() -> Vec<Seed> {
                 module: "hello".into(),
                 version: "1.1.0".into(),
                 to: "prod".into(),
+                allow_downgrade: false,
             },
         ),
         message_seed(
