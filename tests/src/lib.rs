@@ -1299,3 +1299,65 @@ impl ControlPlane {
             .map_or(0, Child::id)
     }
 }
+
+/// Whether this process may mount file systems (root with CAP_SYS_ADMIN).
+pub fn can_mount() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run_tool(command: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(command)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{command}: {e}"))
+}
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+pub struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    pub fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).expect("mount point");
+        let out = run_tool(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                path.to_str().expect("utf8"),
+            ],
+        );
+        assert!(out.status.success(), "mount: {out:?}");
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Fill the file system to the last byte; the filler's path.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0xa5u8; 64 * 1024];
+        let mut size = block.len();
+        // Large blocks first, then smaller ones for the tail.
+        while size > 0 {
+            match std::io::Write::write_all(&mut file, &block[..size]) {
+                Ok(()) => {}
+                Err(_) => size /= 2,
+            }
+        }
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = run_tool("umount", &["-l", self.path.to_str().unwrap_or_default()]);
+    }
+}

@@ -34,8 +34,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hotswap_tests::{
-    Fleet, Load, PartitionProxy, TestDir, eventually, free_port, http_get, try_http_get,
+    Fleet, Load, PartitionProxy, SmallDisk, TestDir, can_mount, eventually, free_port, http_get,
+    try_http_get,
 };
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -615,68 +617,6 @@ fn agent_partitioned_mid_rollout_is_lost_and_never_counted_healthy() {
         current = expected;
     }
     chaos.report(json!(outcomes));
-}
-
-/// Whether this process may mount file systems (root with CAP_SYS_ADMIN).
-fn can_mount() -> bool {
-    // SAFETY: geteuid(2) has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn run(command: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(command)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{command}: {e}"))
-}
-
-/// A small tmpfs mounted for one test, unmounted on drop.
-struct SmallDisk {
-    path: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(path: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(path).expect("mount point");
-        let out = run(
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tmpfs",
-                path.to_str().expect("utf8"),
-            ],
-        );
-        assert!(out.status.success(), "mount: {out:?}");
-        Self {
-            path: path.to_path_buf(),
-        }
-    }
-
-    /// Fill the file system to the last byte; the filler's path.
-    fn fill(&self) -> PathBuf {
-        let filler = self.path.join("filler");
-        let mut file = std::fs::File::create(&filler).expect("filler");
-        let block = vec![0xa5u8; 64 * 1024];
-        let mut size = block.len();
-        // Large blocks first, then smaller ones for the tail.
-        while size > 0 {
-            match std::io::Write::write_all(&mut file, &block[..size]) {
-                Ok(()) => {}
-                Err(_) => size /= 2,
-            }
-        }
-        let _ = file.sync_all();
-        filler
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = run("umount", &["-l", self.path.to_str().unwrap_or_default()]);
-    }
 }
 
 #[test]
