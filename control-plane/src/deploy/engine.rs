@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::current::downgrade_refusal;
 use super::machine::{
-    Action, Aggregate, Analysis, BatchSize, Control, Deployment, Health, Input, NodeReport,
-    NodeState, Phase, Reports, Spec, State, Strategy, Thresholds, plan_waves,
+    Action, Aggregate, Analysis, BatchSize, Control, Deployment, Health, Input,
+    MAX_LATENCY_WINDOWS, NodeReport, NodeState, Phase, Reports, Spec, State, Strategy, Thresholds,
+    plan_waves,
 };
 use crate::clock::now_ms;
 use crate::config::Settings;
@@ -1349,6 +1350,9 @@ pub fn analyze(
             aggregate.error_rate = Some(errors / rate_sum);
         }
         if !p99s.is_empty() {
+            // The most recent windows are the rank test's samples.
+            let keep = p99s.len().saturating_sub(MAX_LATENCY_WINDOWS);
+            aggregate.latency_windows = p99s[keep..].to_vec();
             p99s.sort_by(f64::total_cmp);
             // The median of the windows' p99s: robust to one noisy interval.
             aggregate.latency_p99 = Some(p99s[p99s.len() / 2]);

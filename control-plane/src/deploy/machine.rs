@@ -353,6 +353,87 @@ pub struct Aggregate {
     /// memory).
     #[serde(default)]
     pub usage_samples: u32,
+    /// The p99 latency of each metrics window in the analysis window, every
+    /// node's together (at most [`MAX_LATENCY_WINDOWS`]): the samples the
+    /// rank test compares.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_windows: Vec<f64>,
+}
+
+/// Latency windows kept per group for the rank test: two minutes of 5 s
+/// reports from ten nodes.
+pub const MAX_LATENCY_WINDOWS: usize = 240;
+
+/// Fewer windows than this on either side and latency is judged on the
+/// medians alone: a rank test on three values says nothing.
+pub const MIN_RANK_WINDOWS: usize = 4;
+
+/// A latency regression must also be significant at this level (one-sided
+/// Mann-Whitney U): one slow window on a canary is noise.
+pub const LATENCY_SIGNIFICANCE: f64 = 0.01;
+
+/// One-sided Mann-Whitney U test that `canary` values tend to be larger
+/// than `baseline` values: the p-value under the normal approximation with
+/// tie and continuity corrections, or `None` with fewer than
+/// [`MIN_RANK_WINDOWS`] values on either side or a non-finite value. All
+/// values tied gives 1 (no evidence of a difference).
+///
+/// The idea follows Kayenta's use of the test to compare canary and
+/// baseline metric distributions; this is our own implementation.
+pub fn mann_whitney_greater(canary: &[f64], baseline: &[f64]) -> Option<f64> {
+    let (n1, n2) = (canary.len(), baseline.len());
+    if n1 < MIN_RANK_WINDOWS
+        || n2 < MIN_RANK_WINDOWS
+        || canary.iter().chain(baseline).any(|v| !v.is_finite())
+    {
+        return None;
+    }
+    let mut all: Vec<(f64, bool)> = canary
+        .iter()
+        .map(|v| (*v, true))
+        .chain(baseline.iter().map(|v| (*v, false)))
+        .collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let n = all.len();
+    // Average ranks over ties, and the tie correction term.
+    let (mut rank_sum, mut ties, mut i) = (0.0, 0.0, 0);
+    while i < n {
+        let mut j = i;
+        while j + 1 < n && all[j + 1].0 == all[i].0 {
+            j += 1;
+        }
+        let t = (j - i + 1) as f64;
+        let average = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum += average * all[i..=j].iter().filter(|(_, c)| *c).count() as f64;
+        ties += t * t * t - t;
+        i = j + 1;
+    }
+    let (n1, n2, n) = (n1 as f64, n2 as f64, n as f64);
+    let u = rank_sum - n1 * (n1 + 1.0) / 2.0;
+    let mean = n1 * n2 / 2.0;
+    let variance = n1 * n2 / 12.0 * ((n + 1.0) - ties / (n * (n - 1.0)));
+    if variance <= 0.0 {
+        return Some(1.0);
+    }
+    let z = (u - mean - 0.5) / variance.sqrt();
+    Some((1.0 - standard_normal_cdf(z)).clamp(0.0, 1.0))
+}
+
+/// Φ(z) from the complementary error function (Abramowitz and Stegun
+/// 7.1.26; absolute error below 1.5e-7).
+fn standard_normal_cdf(z: f64) -> f64 {
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erfc = poly * (-x * x).exp();
+    if z >= 0.0 {
+        1.0 - erfc / 2.0
+    } else {
+        erfc / 2.0
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -794,13 +875,29 @@ pub fn judge(t: &Thresholds, a: &Analysis) -> (Outcome, String) {
                 cl * 1000.0,
                 bl * 1000.0
             ));
+            let rank = mann_whitney_greater(&canary.latency_windows, &baseline.latency_windows);
             if bl > 0.0 && cl > bl * t.latency_increase && cl - bl > 0.005 {
-                problems.push(format!(
-                    "p99 latency {:.0}ms is more than {:.1}x the baseline's {:.0}ms",
-                    cl * 1000.0,
-                    t.latency_increase,
-                    bl * 1000.0
-                ));
+                match rank {
+                    Some(p) if p >= LATENCY_SIGNIFICANCE => notes.push(format!(
+                        "p99 higher but not significantly (Mann-Whitney p={p:.3} over {} and {} windows)",
+                        canary.latency_windows.len(),
+                        baseline.latency_windows.len()
+                    )),
+                    Some(p) => problems.push(format!(
+                        "p99 latency {:.0}ms is more than {:.1}x the baseline's {:.0}ms (Mann-Whitney p={p:.4} over {} and {} windows)",
+                        cl * 1000.0,
+                        t.latency_increase,
+                        bl * 1000.0,
+                        canary.latency_windows.len(),
+                        baseline.latency_windows.len()
+                    )),
+                    None => problems.push(format!(
+                        "p99 latency {:.0}ms is more than {:.1}x the baseline's {:.0}ms",
+                        cl * 1000.0,
+                        t.latency_increase,
+                        bl * 1000.0
+                    )),
+                }
             }
         }
     }

@@ -221,6 +221,7 @@ fn metrics(error_rate: f64, latency_p99: f64) -> Aggregate {
         nodes: 2,
         requests: 1000.0,
         usage_samples: 10,
+        latency_windows: Vec::new(),
     }
 }
 
@@ -3707,7 +3708,7 @@ proptest! {
     ) {
         let t = Thresholds::default();
         let enough = requests >= t.min_requests as f64;
-        let baseline = Aggregate { error_rate: Some(error_rate), latency_p99: Some(latency), cpu_percent: Some(cpu), memory_bytes: Some(memory), crash_loops: 0, nodes: 3, requests, usage_samples };
+        let baseline = Aggregate { error_rate: Some(error_rate), latency_p99: Some(latency), cpu_percent: Some(cpu), memory_bytes: Some(memory), crash_loops: 0, nodes: 3, requests, usage_samples, latency_windows: Vec::new() };
         let same = Analysis { canary: Aggregate { crash_loops, nodes: 1, ..baseline.clone() }, baseline: baseline.clone() };
         let (outcome, summary) = judge(&t, &same);
         let expected = if crash_loops > 0 { Outcome::Failed } else if enough { Outcome::Passed } else { Outcome::Inconclusive };
@@ -4091,4 +4092,121 @@ fn a_report_from_before_the_rollback_does_not_count_as_back() {
     let (next, _) = step(&rolling, T0 + 400, &observe_one(Some(running(OLD)))).unwrap();
     assert_eq!(next.nodes[0].state, NodeState::RolledBack);
     assert_eq!(next.state, State::RolledBack);
+}
+
+// ------------------------------------------------------- rank test
+
+#[test]
+fn mann_whitney_table() {
+    let up: Vec<f64> = (0..10).map(|i| 0.100 + f64::from(i) * 0.001).collect();
+    let down: Vec<f64> = (0..10).map(|i| 0.050 + f64::from(i) * 0.001).collect();
+    let p = |c: &[f64], b: &[f64]| mann_whitney_greater(c, b);
+    // Every canary window above every baseline window: overwhelming.
+    assert!(
+        p(&up, &down).is_some_and(|p| p < 1e-3),
+        "{:?}",
+        p(&up, &down)
+    );
+    // ...and the other way round: no evidence the canary is slower.
+    assert!(
+        p(&down, &up).is_some_and(|p| p > 0.99),
+        "{:?}",
+        p(&down, &up)
+    );
+    // Identical samples: about even.
+    assert!(
+        p(&up, &up).is_some_and(|p| (0.4..0.7).contains(&p)),
+        "{:?}",
+        p(&up, &up)
+    );
+    // All tied: no evidence either way.
+    assert_eq!(p(&[0.1; 6], &[0.1; 6]), Some(1.0));
+    // Too few windows, or garbage: no test.
+    assert_eq!(p(&up[..3], &down), None);
+    assert_eq!(p(&up, &down[..3]), None);
+    assert_eq!(p(&[0.1, 0.2, f64::NAN, 0.3], &down), None);
+    assert_eq!(p(&[0.1, 0.2, f64::INFINITY, 0.3], &down), None);
+    // By hand, 4 and 4 without ties: the canary's ranks are 4, 5, 7 and 8,
+    // so U = 24 - 10 = 14 and z = (14 - 8 - 0.5) / sqrt(4 * 4 * 9 / 12).
+    let canary = [5.0, 6.0, 7.0, 8.0];
+    let baseline = [1.0, 2.0, 3.0, 6.5];
+    let z: f64 = (14.0 - 8.0 - 0.5) / (16.0f64 * 9.0 / 12.0).sqrt();
+    let expected = 1.0 - standard_normal_cdf(z);
+    let got = p(&canary, &baseline).expect("p");
+    assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+    assert!((standard_normal_cdf(1.959_964) - 0.975).abs() < 1e-6);
+    assert!((standard_normal_cdf(0.0) - 0.5).abs() < 1e-7);
+}
+
+#[test]
+fn one_slow_window_is_not_a_latency_regression() {
+    let t = Thresholds::default();
+    // Medians 3x apart, but the windows overlap: a noisy canary, not a slow one.
+    let baseline = Aggregate {
+        latency_p99: Some(0.010),
+        latency_windows: vec![0.010, 0.050, 0.009, 0.011, 0.045, 0.012],
+        ..metrics(0.0, 0.010)
+    };
+    let noisy = Aggregate {
+        latency_p99: Some(0.030),
+        latency_windows: vec![0.030, 0.008, 0.031, 0.009, 0.029, 0.010],
+        ..metrics(0.0, 0.030)
+    };
+    let (outcome, summary) = judge(
+        &t,
+        &Analysis {
+            canary: noisy,
+            baseline: baseline.clone(),
+        },
+    );
+    assert_eq!(outcome, Outcome::Passed, "{summary}");
+    assert!(
+        summary.contains("p99 higher but not significantly (Mann-Whitney p="),
+        "{summary}"
+    );
+    // Consistently slower: fails, and says how sure.
+    let slow = Aggregate {
+        latency_p99: Some(0.060),
+        latency_windows: vec![0.060, 0.061, 0.058, 0.062, 0.059, 0.063],
+        ..metrics(0.0, 0.060)
+    };
+    let (outcome, summary) = judge(
+        &t,
+        &Analysis {
+            canary: slow,
+            baseline,
+        },
+    );
+    assert_eq!(outcome, Outcome::Failed, "{summary}");
+    assert!(summary.contains("(Mann-Whitney p=0.00"), "{summary}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Raising a canary value never makes the test less sure the canary is
+    /// slower, and the p-value is a probability. (Without ties: breaking a
+    /// tie changes the tie correction, which may move p either way.)
+    #[test]
+    fn prop_mann_whitney_is_monotonic_in_the_canary(
+        canary in pvec(0u32..1000, 4..30),
+        baseline in pvec(0u32..1000, 4..30),
+        bump in 1u32..500,
+        which in any::<proptest::sample::Index>(),
+    ) {
+        // Offsets below the values' spacing keep every value distinct,
+        // also after the bump.
+        let c: Vec<f64> = canary.iter().enumerate().map(|(i, v)| f64::from(*v) / 1000.0 + i as f64 * 1e-7).collect();
+        let b: Vec<f64> = baseline.iter().enumerate().map(|(i, v)| f64::from(*v) / 1000.0 + (i as f64 + 0.5) * 1e-7).collect();
+        let p = mann_whitney_greater(&c, &b).expect("enough windows");
+        prop_assert!((0.0..=1.0).contains(&p));
+        let mut raised = c.clone();
+        raised[which.index(c.len())] += f64::from(bump) / 1000.0;
+        let q = mann_whitney_greater(&raised, &b).expect("enough windows");
+        prop_assert!(q <= p + 1e-12, "raised {} -> {}", p, q);
+        // Order within a sample does not matter.
+        let mut reversed = c.clone();
+        reversed.reverse();
+        prop_assert_eq!(mann_whitney_greater(&reversed, &b), Some(p));
+    }
 }
