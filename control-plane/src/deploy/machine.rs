@@ -512,6 +512,9 @@ static NO_REPORT: NodeReport = NodeReport {
     failure: None,
 };
 
+// One Input is built per step and dropped after it, never stored in bulk:
+// boxing the analysis would only add an allocation per step.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
     /// Every target node's report (absent = unknown) and, for canaries, the analysis.

@@ -234,7 +234,16 @@ mod tests {
             .env(MARKER_VAR, &marker)
             .spawn()
             .unwrap();
-        let found = crate::runtime::ledger::find_by_marker(&marker);
+        // Until the child has exec'd, /proc shows the parent's environment
+        // (without the marker): on a loaded machine that takes a while.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let found = loop {
+            let found = crate::runtime::ledger::find_by_marker(&marker);
+            if found.is_some() || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(found, Some(child.id()));
