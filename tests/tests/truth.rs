@@ -324,3 +324,49 @@ fn a_manual_promote_canary_ends_at_its_pause_timeout_and_rolls_back() {
     );
     wait_all_on(&fleet, &["a", "b"], "1.0.0");
 }
+
+#[test]
+fn a_pipeline_gives_up_on_an_environment_without_a_connected_node() {
+    let dir = TestDir::new();
+    let (mut fleet, _) = Fleet::start_many(&dir, "dev", &["d"]);
+    fleet.add_node("q", "qa");
+    // A short pipeline_wait_timeout for this control plane.
+    fleet.cp.stop();
+    let settings = dir.path().join("cp.toml");
+    let mut text = std::fs::read_to_string(&settings).expect("settings");
+    text.push_str("pipeline_wait_timeout = \"3s\"\n");
+    std::fs::write(&settings, text).expect("settings");
+    fleet.cp.start();
+    fleet.cp.wait_status("d", "connected");
+    push_hello(&fleet, "1.0.0", "", "3s");
+    // qa's only node goes away.
+    let q = fleet
+        .others
+        .iter_mut()
+        .find(|a| a.name == "q")
+        .expect("agent q");
+    q.stop();
+    fleet.cp.wait_status("q", "disconnected");
+    let out = fleet.cp.ctl(&[
+        "-o",
+        "json",
+        "pipeline",
+        "run",
+        "hello@1.0.0",
+        "--to",
+        "qa",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(out.code, 3, "the pipeline ends failed, not waiting forever: {out:?}");
+    let last = out.last_json_line();
+    assert_eq!(last["state"], "failed", "{last}");
+    assert_eq!(last["stages"][0]["state"], "succeeded", "{last}");
+    assert_eq!(last["stages"][1]["state"], "failed", "{last}");
+    assert_eq!(
+        last["reason"],
+        "stopped at qa: no connected node there for 3s (pipeline_wait_timeout)",
+        "{last}"
+    );
+}
