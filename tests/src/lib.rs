@@ -1003,7 +1003,7 @@ impl Fleet {
             std::fs::write(
                 dir.join("module.toml"),
                 format!(
-                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"3s\"\n\n[metrics]\nprometheus = \"http://{addr}/metrics\"\n"
+                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"3s\"\n\n[metrics]\nprometheus = \"http://{addr}/metrics\"\n"
                 ),
             )
             .expect("manifest");
@@ -1089,7 +1089,7 @@ impl Fleet {
             std::fs::write(
                 dir.join("module.toml"),
                 format!(
-                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nswap = \"{swap}\"\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\n[health]\nhttp = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"{start_timeout}\"\n\n[metrics]\nprometheus = \"http://127.0.0.1:{port}/metrics\"\n"
+                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nswap = \"{swap}\"\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\n[health]\nhttp = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"{start_timeout}\"\n\n[metrics]\nprometheus = \"http://127.0.0.1:{port}/metrics\"\n"
                 ),
             )
             .expect("manifest");

@@ -237,6 +237,8 @@ fn canary_with_errors_is_caught_by_analysis_and_rolled_back() {
         "25,100",
         "--step-duration",
         "30s",
+        "--analysis-warmup",
+        "1s",
         "--wait",
         "--timeout",
         "120s",
@@ -253,8 +255,16 @@ fn canary_with_errors_is_caught_by_analysis_and_rolled_back() {
             .is_some_and(|r| r.contains("canary analysis failed") && r.contains("error rate")),
         "{last}"
     );
-    let verdict = &last["analysis"][0];
+    // The failing verdict ends the list (an inconclusive one may come
+    // first, before the canary served enough requests).
+    let verdicts = last["analysis"].as_array().cloned().unwrap_or_default();
+    let verdict = verdicts.last().cloned().unwrap_or_default();
     assert_eq!(verdict["passed"], false, "{last}");
+    assert_eq!(verdict["outcome"], "failed", "{last}");
+    assert!(
+        verdict["canary_requests"].as_f64() >= Some(50.0),
+        "judged on at least the minimum sample: {verdict}"
+    );
     assert!(
         verdict["canary_error_rate"]
             .as_f64()

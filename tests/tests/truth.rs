@@ -17,7 +17,7 @@ fn push_hello(fleet: &Fleet, version: &str, env: &str, start_timeout: &str) {
         std::fs::write(
             dir.join("module.toml"),
             format!(
-                "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"{start_timeout}\"\n\n[metrics]\nprometheus = \"http://{addr}/metrics\"\n"
+                "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"{start_timeout}\"\n\n[metrics]\nprometheus = \"http://{addr}/metrics\"\n"
             ),
         )
         .expect("manifest");
@@ -359,14 +359,16 @@ fn a_pipeline_gives_up_on_an_environment_without_a_connected_node() {
         "--timeout",
         "60s",
     ]);
-    assert_eq!(out.code, 3, "the pipeline ends failed, not waiting forever: {out:?}");
+    assert_eq!(
+        out.code, 3,
+        "the pipeline ends failed, not waiting forever: {out:?}"
+    );
     let last = out.last_json_line();
     assert_eq!(last["state"], "failed", "{last}");
     assert_eq!(last["stages"][0]["state"], "succeeded", "{last}");
     assert_eq!(last["stages"][1]["state"], "failed", "{last}");
     assert_eq!(
-        last["reason"],
-        "stopped at qa: no connected node there for 3s (pipeline_wait_timeout)",
+        last["reason"], "stopped at qa: no connected node there for 3s (pipeline_wait_timeout)",
         "{last}"
     );
 }
