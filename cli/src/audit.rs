@@ -26,7 +26,7 @@ pub enum AuditCommand {
         /// An action (deploy.create) or a prefix ending in '.' (deploy.).
         #[arg(long)]
         action: Option<String>,
-        /// ok, denied or error.
+        /// ok, denied, rate_limited or error.
         #[arg(long)]
         result: Option<String>,
     },

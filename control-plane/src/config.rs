@@ -51,6 +51,13 @@ pub struct Settings {
     /// `enroll_burst`, refilled at `enroll_per_minute`.
     pub enroll_per_minute: u32,
     pub enroll_burst: u32,
+    /// Mutating calls allowed per operator: a burst of `operator_writes_burst`,
+    /// refilled at `operator_writes_per_minute`. Reads are not limited.
+    pub operator_writes_per_minute: u32,
+    pub operator_writes_burst: u32,
+    /// Of those, `deploy create` and `pipeline run` per operator.
+    pub deployments_per_minute: u32,
+    pub deployments_burst: u32,
     /// Join token lifetime when `tokens create` gives no `--ttl`.
     #[serde(with = "duration_text")]
     pub token_default_ttl: Duration,
@@ -190,6 +197,10 @@ impl Default for Settings {
             event_retention: 100_000,
             enroll_per_minute: 600,
             enroll_burst: 200,
+            operator_writes_per_minute: 1000,
+            operator_writes_burst: 200,
+            deployments_per_minute: 10,
+            deployments_burst: 10,
             token_default_ttl: Duration::from_secs(3600),
             token_max_ttl: Duration::from_secs(30 * 86_400),
             shutdown_timeout: Duration::from_secs(10),
@@ -288,6 +299,16 @@ impl Settings {
         }
         if self.enroll_per_minute == 0 || self.enroll_burst == 0 {
             problems.push("enroll_per_minute and enroll_burst must be at least 1".to_string());
+        }
+        if self.operator_writes_per_minute == 0
+            || self.operator_writes_burst == 0
+            || self.deployments_per_minute == 0
+            || self.deployments_burst == 0
+        {
+            problems.push(
+                "operator_writes_per_minute, operator_writes_burst, deployments_per_minute and deployments_burst must be at least 1"
+                    .to_string(),
+            );
         }
         for env in &self.pipeline {
             if !self.environments.contains_key(env) {

@@ -1,9 +1,11 @@
-//! Per-source-address token buckets, for the one unauthenticated call
-//! (enrollment). Each address gets `burst` attempts, refilled at `per_minute`;
-//! a full, idle bucket carries no information and is dropped when the table
-//! grows, so memory stays bounded by the number of recently active sources.
+//! Token buckets by key: per source address for the one unauthenticated
+//! call (enrollment), per operator for mutating calls. Each key gets `burst`
+//! attempts, refilled at `per_minute`; a full, idle bucket carries no
+//! information and is dropped when the table grows, so memory stays bounded
+//! by the number of recently active keys.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -11,13 +13,13 @@ use std::time::{Duration, Instant};
 /// Entries kept before idle ones are pruned.
 const PRUNE_ABOVE: usize = 4096;
 
-pub struct RateLimiter {
+pub struct RateLimiter<K = IpAddr> {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    buckets: Mutex<HashMap<K, (f64, Instant)>>,
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq> RateLimiter<K> {
     pub fn new(per_minute: u32, burst: u32) -> Self {
         Self {
             per_second: f64::from(per_minute.max(1)) / 60.0,
@@ -26,9 +28,14 @@ impl RateLimiter {
         }
     }
 
-    /// Take one attempt for `ip` at `now`; on refusal, how long until the
+    /// Attempts allowed per minute, once the burst is spent.
+    pub fn per_minute(&self) -> f64 {
+        self.per_second * 60.0
+    }
+
+    /// Take one attempt for `key` at `now`; on refusal, how long until the
     /// next attempt is allowed.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+    pub fn check(&self, key: K, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() > PRUNE_ABOVE {
             let (rate, burst) = (self.per_second, self.burst);
@@ -36,7 +43,7 @@ impl RateLimiter {
                 *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
             });
         }
-        let (tokens, at) = buckets.entry(ip).or_insert((self.burst, now));
+        let (tokens, at) = buckets.entry(key).or_insert((self.burst, now));
         let refilled = (*tokens
             + now.saturating_duration_since(*at).as_secs_f64() * self.per_second)
             .min(self.burst);

@@ -273,6 +273,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         metrics: metrics.clone(),
         audit: Arc::new(audit),
         shutdown: shutdown.clone(),
+        limits: crate::service::OperatorLimits::new(&config.settings),
     });
     let engine = Engine::new(ctx.registry.clone(), config.settings.clone())?;
     let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));

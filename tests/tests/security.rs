@@ -1127,3 +1127,50 @@ fn agents_enforce_their_environment_s_min_signatures() {
         "{refused}"
     );
 }
+
+#[test]
+fn operators_are_rate_limited_per_identity_with_a_retry_hint_and_an_audit_record() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init_with_settings(
+        dir.path(),
+        "deployments_per_minute = 1\ndeployments_burst = 2\n",
+    );
+    cp.start();
+    // Deployments of a module nobody pushed: each call is refused by the
+    // handler (exit 1, not found), but each is a deployment started.
+    let deploy = |profile: &Path| {
+        cp.ctl_with_profile(
+            profile,
+            &["deploy", "create", "ghost@1.0.0", "--env", "dev"],
+        )
+    };
+    let admin = cp.admin_profile();
+    for _ in 0..2 {
+        let out = deploy(&admin);
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stderr.contains("not found"), "{out:?}");
+    }
+    let limited = deploy(&admin);
+    assert_eq!(limited.code, 1, "{limited:?}");
+    assert!(
+        limited.stderr.contains(
+            "rate limited: admin made more than 1 deployments per minute (deployments_per_minute); retry in "
+        ),
+        "{limited:?}"
+    );
+    // Another operator has a budget of its own.
+    let bob = cp.user_profile("bob", "deployer");
+    let out = deploy(&bob);
+    assert!(
+        out.stderr.contains("not found"),
+        "bob is not limited by admin's calls: {out:?}"
+    );
+    // Reads are not limited.
+    assert_eq!(cp.ctl(&["deploy", "list"]).code, 0);
+    let audit = cp.ctl(&["-o", "json", "audit", "list", "--result", "rate_limited"]);
+    assert_eq!(audit.code, 0, "{audit:?}");
+    let limited_records = audit.json().as_array().cloned().unwrap_or_default();
+    assert_eq!(limited_records.len(), 1, "{}", audit.stdout);
+    assert_eq!(limited_records[0]["action"], "deploy.create");
+    assert_eq!(limited_records[0]["user"], "admin");
+}

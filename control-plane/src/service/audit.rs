@@ -59,9 +59,9 @@ impl pb::audit_server::Audit for AuditService {
             ))
             .into());
         }
-        if !["", "ok", "denied", "error"].contains(&r.result.as_str()) {
+        if !["", "ok", "denied", "rate_limited", "error"].contains(&r.result.as_str()) {
             return Err(ApiError::InvalidArgument(format!(
-                "--result {:?} is not ok, denied or error",
+                "--result {:?} is not ok, denied, rate_limited or error",
                 r.result
             ))
             .into());

@@ -36,6 +36,99 @@ pub struct Context {
     pub audit: Arc<AuditLog>,
     /// Cancelled when the control plane shuts down; long-lived streams end.
     pub shutdown: CancellationToken,
+    /// Per-operator budgets for mutating calls (see [`OperatorLimits`]).
+    pub limits: OperatorLimits,
+}
+
+/// Token buckets per operator for mutating calls, and a smaller one for
+/// starting deployments and pipelines: a runaway script or a stolen profile
+/// cannot flood the audit log, the event log or the fleet with changes.
+pub struct OperatorLimits {
+    writes: crate::ratelimit::RateLimiter<String>,
+    deployments: crate::ratelimit::RateLimiter<String>,
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn each_operator_has_its_own_budgets() {
+        let settings = Settings {
+            operator_writes_per_minute: 60,
+            operator_writes_burst: 4,
+            deployments_per_minute: 1,
+            deployments_burst: 2,
+            ..Settings::default()
+        };
+        let limits = OperatorLimits::new(&settings);
+        assert!(limits.check("alice", "deploy.create").is_ok());
+        assert!(limits.check("alice", "pipeline.run").is_ok());
+        let refused = limits.check("alice", "deploy.create").unwrap_err();
+        assert!(
+            refused.starts_with("rate limited: alice made more than 1 deployments per minute (deployments_per_minute); retry in "),
+            "{refused}"
+        );
+        // The refused deployment still spent a change; one is left.
+        assert!(limits.check("alice", "tokens.create").is_ok());
+        let refused = limits.check("alice", "users.create").unwrap_err();
+        assert!(
+            refused.contains("60 changes per minute (operator_writes_per_minute)"),
+            "{refused}"
+        );
+        // Another operator is unaffected.
+        assert!(limits.check("bob", "deploy.create").is_ok());
+    }
+}
+
+impl OperatorLimits {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            writes: crate::ratelimit::RateLimiter::new(
+                settings.operator_writes_per_minute,
+                settings.operator_writes_burst,
+            ),
+            deployments: crate::ratelimit::RateLimiter::new(
+                settings.deployments_per_minute,
+                settings.deployments_burst,
+            ),
+        }
+    }
+
+    /// Take one call of `action` by `user`; the refusal says which limit
+    /// and when to retry.
+    pub fn check(&self, user: &str, action: &str) -> Result<(), String> {
+        let now = std::time::Instant::now();
+        let refusal = |limiter: &crate::ratelimit::RateLimiter<String>,
+                       what: &str,
+                       key: &str,
+                       wait: std::time::Duration| {
+            format!(
+                "rate limited: {user} made more than {:.0} {what} per minute ({key}); retry in {}s",
+                limiter.per_minute(),
+                wait.as_secs().max(1)
+            )
+        };
+        if let Err(wait) = self.writes.check(user.to_string(), now) {
+            return Err(refusal(
+                &self.writes,
+                "changes",
+                "operator_writes_per_minute",
+                wait,
+            ));
+        }
+        if matches!(action, "deploy.create" | "pipeline.run")
+            && let Err(wait) = self.deployments.check(user.to_string(), now)
+        {
+            return Err(refusal(
+                &self.deployments,
+                "deployments",
+                "deployments_per_minute",
+                wait,
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Context {
@@ -65,6 +158,14 @@ impl Context {
         let target = target.into();
         let authorized = auth::peer(request)
             .and_then(|p| auth::authorize_operator(&p, self.store(), permission));
+        // A caller over its budget is refused like an unauthorized one:
+        // recorded, nothing changed.
+        let authorized = authorized.and_then(|caller| {
+            self.limits
+                .check(&caller.user, action)
+                .map(|()| caller)
+                .map_err(ApiError::ResourceExhausted)
+        });
         match authorized {
             Ok(caller) => Ok(AuditedCall {
                 caller,
@@ -78,7 +179,11 @@ impl Context {
                     role: String::new(),
                     action: action.to_string(),
                     target,
-                    result: "denied",
+                    result: if matches!(refusal, ApiError::ResourceExhausted(_)) {
+                        "rate_limited"
+                    } else {
+                        "denied"
+                    },
                     detail: refusal.to_string(),
                     trace_id: info.trace_id,
                     peer: info.peer_addr,
