@@ -313,6 +313,10 @@ pub struct RunConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub settings: Settings,
+    /// `--recover-empty-db`: start on a missing or empty database next to an
+    /// existing CA, re-creating the admin user from the data dir's admin
+    /// profile. Without it such a start is refused (see `server::run`).
+    pub recover_empty_db: bool,
 }
 
 #[cfg(test)]

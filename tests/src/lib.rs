@@ -301,6 +301,11 @@ impl ControlPlane {
     /// Start (or restart) `run`. Restarts reuse the first gRPC port, so
     /// agents find the control plane where they left it.
     pub fn start(&mut self) {
+        self.start_with_args(&[]);
+    }
+
+    /// As [`ControlPlane::start`], with extra flags for `run`.
+    pub fn start_with_args(&mut self, extra: &[&str]) {
         assert!(self.daemon.is_none(), "control plane already running");
         let addresses = self.data_dir.join("run/addresses.json");
         let _ = std::fs::remove_file(&addresses);
@@ -321,6 +326,7 @@ impl ControlPlane {
                 "--config",
             ])
             .arg(self.work.join("cp.toml"))
+            .args(extra)
             .envs(self.env.iter().cloned());
         let log = self.work.join(format!("cp-{}.log", self.starts));
         let mut daemon = Daemon::spawn("control plane", command, log);
@@ -347,6 +353,31 @@ impl ControlPlane {
                 .expect("admin address"),
         );
         self.daemon = Some(daemon);
+    }
+
+    /// Run `run` (with extra flags) expecting it to refuse to start: waits
+    /// for its exit and returns the status and its output.
+    pub fn start_refused(&mut self, extra: &[&str]) -> (ExitStatus, String) {
+        assert!(self.daemon.is_none(), "control plane already running");
+        self.starts += 1;
+        let mut command = Command::new(binary("hotswap-control-plane"));
+        command
+            .args(["run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(self.work.join("cp.toml"))
+            .args(extra)
+            .envs(self.env.iter().cloned());
+        let log = self.work.join(format!("cp-{}.log", self.starts));
+        let mut daemon = Daemon::spawn("control plane", command, log);
+        let status = daemon.wait_exit();
+        (status, daemon.log_text())
     }
 
     pub fn url(&self) -> String {
