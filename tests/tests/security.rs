@@ -1127,3 +1127,119 @@ fn agents_enforce_their_environment_s_min_signatures() {
         "{refused}"
     );
 }
+
+/// A profile holding `cert_pem`/`key_pem` with `ca_pem` as its CA, written
+/// under `dir` as `name`.
+fn profile_with(
+    dir: &Path,
+    name: &str,
+    endpoint: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> PathBuf {
+    let profile = Profile {
+        endpoint: endpoint.to_string(),
+        ca_cert: ca_pem.to_string(),
+        client_cert: cert_pem.to_string(),
+        client_key: key_pem.to_string(),
+    };
+    let path = dir.join(name);
+    profile.save(&path).expect("save profile");
+    path
+}
+
+/// Expired, not yet valid and foreign-CA client certificates: exit 5 with a
+/// message naming the profile and what to do, not exit 1 with "broken
+/// pipe" or "DecryptError" from the TLS handshake.
+#[test]
+fn unusable_client_certificates_exit_5_naming_the_profile() {
+    use hotswap_common::pki::{CertificateAuthority, Principal};
+    use std::time::SystemTime;
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let read = |f: &str| std::fs::read_to_string(cp.data_dir.join(f)).expect("ca file");
+    let ca = CertificateAuthority::from_pem(&read("ca.crt"), &read("ca.key")).expect("ca");
+    let admin = Principal::User("admin".into());
+    let day = Duration::from_secs(86_400);
+
+    let expired = ca
+        .issue_client_valid_between(
+            &admin,
+            SystemTime::now() - 30 * day,
+            SystemTime::now() - day,
+        )
+        .expect("issue");
+    let expired = profile_with(
+        dir.path(),
+        "expired.toml",
+        &cp.url(),
+        &read("ca.crt"),
+        &expired.cert_pem,
+        &expired.key_pem,
+    );
+    let out = cp.ctl_with_profile(&expired, &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("your certificate expired at 20")
+            && out.stderr.contains(p(&expired))
+            && out.stderr.contains("users create"),
+        "{out:?}"
+    );
+
+    let early = ca
+        .issue_client_valid_between(
+            &admin,
+            SystemTime::now() + day,
+            SystemTime::now() + 30 * day,
+        )
+        .expect("issue");
+    let early = profile_with(
+        dir.path(),
+        "early.toml",
+        &cp.url(),
+        &read("ca.crt"),
+        &early.cert_pem,
+        &early.key_pem,
+    );
+    let out = cp.ctl_with_profile(&early, &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("is not valid before") && out.stderr.contains(p(&early)),
+        "{out:?}"
+    );
+
+    // Another control plane's admin certificate, with this one's CA.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).expect("dir");
+    let other = ControlPlane::init(&other_dir);
+    let other_admin = Profile::load(&other.admin_profile()).expect("profile");
+    let foreign = profile_with(
+        dir.path(),
+        "foreign.toml",
+        &cp.url(),
+        &read("ca.crt"),
+        &other_admin.client_cert,
+        &other_admin.client_key,
+    );
+    let out = cp.ctl_with_profile(&foreign, &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("not issued by") && out.stderr.contains(p(&foreign)),
+        "{out:?}"
+    );
+
+    // The whole profile of another control plane: its CA does not vouch for
+    // this server.
+    let out = cp.ctl_with_profile(&other.admin_profile(), &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains(p(&other.admin_profile()))
+            && out.stderr.contains("another control plane"),
+        "{out:?}"
+    );
+    // The real admin profile still works.
+    cp.ctl(&["nodes", "list"]).ok();
+    cp.stop();
+}
