@@ -1243,3 +1243,56 @@ fn unusable_client_certificates_exit_5_naming_the_profile() {
     cp.ctl(&["nodes", "list"]).ok();
     cp.stop();
 }
+
+/// `users create --out` to a place that cannot be written created the user
+/// and lost its only key. Now the key is on disk first, and nothing is
+/// created when it cannot be.
+#[test]
+fn users_create_to_an_unwritable_destination_creates_no_user() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let out = cp.ctl(&[
+        "users",
+        "create",
+        "bob",
+        "--role",
+        "viewer",
+        "--out",
+        "/nonexistent/bob.toml",
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("/nonexistent/bob.toml") && out.stderr.contains("no user was created"),
+        "{out:?}"
+    );
+    let users = cp.ctl(&["-o", "json", "users", "list"]).json();
+    assert!(
+        users
+            .as_array()
+            .is_some_and(|u| u.iter().all(|user| user["name"] != "bob")),
+        "bob was created: {users}"
+    );
+    // The same user into a writable place: created, the profile works,
+    // and no temporary file is left beside it.
+    let profiles = dir.path().join("profiles");
+    std::fs::create_dir_all(&profiles).expect("dir");
+    let path = profiles.join("bob.toml");
+    cp.ctl(&[
+        "users",
+        "create",
+        "bob",
+        "--role",
+        "viewer",
+        "--out",
+        p(&path),
+    ])
+    .ok();
+    cp.ctl_with_profile(&path, &["nodes", "list"]).ok();
+    let names: Vec<_> = std::fs::read_dir(&profiles)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, [std::ffi::OsString::from("bob.toml")]);
+    cp.stop();
+}
