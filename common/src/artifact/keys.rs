@@ -68,7 +68,15 @@ pub fn write_key_pair(out: &Path, key: &SigningKey) -> Result<(PathBuf, PathBuf)
             return Err(KeyError::Exists(path.clone()));
         }
     }
-    let private_pem = key
+    // PKCS#8 v1 (RFC 8410, no embedded public key), the form OpenSSL
+    // writes and the only one OpenSSL 3.0 reads; `SigningKey::to_pkcs8_pem`
+    // writes v2 (RFC 5958 with the public key), which `openssl pkey`
+    // refuses. Reading accepts both.
+    let key_bytes = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    };
+    let private_pem = key_bytes
         .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
         .map_err(|e| KeyError::Parse {
             path: key_path.clone(),
@@ -276,5 +284,78 @@ impl TrustSet {
             });
         }
         Ok(verified)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `openssl` lines of docs/artifact-format.md's key section, run
+    /// against a key pair `keys generate` wrote (OpenSSL 3.0 refused the
+    /// PKCS#8 v2 form hotswap used to write).
+    #[test]
+    fn documented_openssl_commands_read_generated_keys() {
+        let has_openssl = std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_openssl {
+            eprintln!("SKIPPED: openssl is not installed");
+            return;
+        }
+        let doc = include_str!("../../../docs/artifact-format.md");
+        let section = doc
+            .split("## Keys")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("a Keys section");
+        let commands: Vec<&str> = section
+            .lines()
+            .filter(|l| l.starts_with("openssl "))
+            .map(|l| l.split(" #").next().unwrap_or(l).trim())
+            .collect();
+        assert!(commands.len() >= 3, "{commands:?}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("publisher");
+        let key = generate().expect("key");
+        let (_, pub_path) = write_key_pair(&base, &key).expect("write");
+        let public_pem = std::fs::read_to_string(&pub_path).expect("pub");
+        for command in commands {
+            let line = command.replace("PATH", base.to_str().expect("utf8"));
+            let out = std::process::Command::new("sh")
+                .args(["-c", &line])
+                .output()
+                .expect("sh");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{line}: {stderr}");
+            if line.ends_with("-pubout") {
+                assert_eq!(String::from_utf8_lossy(&out.stdout), public_pem, "{line}");
+            }
+        }
+    }
+
+    /// Keys of both PKCS#8 forms load: v2 written before, v1 now (and by
+    /// OpenSSL).
+    #[test]
+    fn both_pkcs8_forms_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = generate().expect("key");
+        let v2 = key
+            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .expect("v2");
+        let v2_path = dir.path().join("v2.key");
+        std::fs::write(&v2_path, v2.as_bytes()).expect("write");
+        assert_eq!(
+            load_signing_key(&v2_path).expect("v2").to_bytes(),
+            key.to_bytes()
+        );
+        let (v1_path, _) = write_key_pair(&dir.path().join("v1"), &key).expect("write");
+        let v1 = std::fs::read_to_string(&v1_path).expect("read");
+        assert!(v1.len() < v2.len(), "no public key inside: {v1}");
+        assert_eq!(
+            load_signing_key(&v1_path).expect("v1").to_bytes(),
+            key.to_bytes()
+        );
     }
 }
