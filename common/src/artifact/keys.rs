@@ -178,6 +178,14 @@ pub struct TrustSet {
     keys: BTreeMap<String, TrustedKey>,
 }
 
+/// How far ahead of the verifier's clock a signature's `signed_at` may be:
+/// the skew tolerated between a publisher's clock and the control plane's
+/// or an agent's, the same hour certificates are backdated by
+/// (`pki::BACKDATE`). Beyond it the date is not a time anyone signed at (a
+/// wrong clock, or a date chosen to look fresh for decades), and the
+/// signature does not count.
+pub const MAX_SIGNATURE_CLOCK_SKEW_MS: u64 = 3600 * 1000;
+
 /// A signature that verified against a trusted key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiedSignature {
@@ -227,6 +235,7 @@ impl TrustSet {
         let mut verified = Vec::new();
         let mut unknown = Vec::new();
         let mut expired = Vec::new();
+        let mut future = Vec::new();
         for signature in &info.signatures {
             let Some(trusted) = self.keys.get(&signature.key_id) else {
                 unknown.push(signature.key_id.clone());
@@ -246,6 +255,14 @@ impl TrustSet {
                     module,
                     key: format!("{:?} ({})", trusted.name, signature.key_id),
                 });
+            }
+            if signature.signed_at_ms > now_ms.saturating_add(MAX_SIGNATURE_CLOCK_SKEW_MS) {
+                future.push(format!(
+                    "{} is dated {}",
+                    trusted.name,
+                    crate::timefmt::rfc3339_from_ms(signature.signed_at_ms)
+                ));
+                continue;
             }
             if signature
                 .expires_at_ms
@@ -274,6 +291,13 @@ impl TrustSet {
             }
             if !expired.is_empty() {
                 detail.push(format!("signature(s) by {} expired", expired.join(", ")));
+            }
+            if !future.is_empty() {
+                detail.push(format!(
+                    "the signature by {}, more than 1 h ahead of this clock ({}): check the signer's clock and sign again",
+                    future.join(", the signature by "),
+                    crate::timefmt::rfc3339_from_ms(now_ms)
+                ));
             }
             if self.keys.is_empty() {
                 detail.push("no publisher keys are trusted".to_string());
