@@ -16,8 +16,14 @@ pub enum CliError {
     Rpc {
         action: String,
         endpoint: String,
+        /// The profile whose certificate the call used.
+        profile: PathBuf,
         status: tonic::Status,
     },
+    /// The profile's certificate cannot work (expired, not yet valid, from
+    /// another CA), found before connecting or from the server's TLS alert:
+    /// exit 5 like any refused credential.
+    Credentials(String),
     /// Anything else: bad local input, unreadable files.
     Other(anyhow::Error),
 }
@@ -29,10 +35,11 @@ impl CliError {
                 if matches!(
                     status.code(),
                     Code::Unauthenticated | Code::PermissionDenied
-                ) =>
+                ) || tls_refusal(status).is_some() =>
             {
                 5
             }
+            CliError::Credentials(_) => 5,
             _ => 1,
         }
     }
@@ -44,33 +51,99 @@ impl std::fmt::Display for CliError {
             CliError::Rpc {
                 action,
                 endpoint,
+                profile,
                 status,
-            } => match status.code() {
-                Code::Unavailable | Code::Unknown
-                    if status.message().contains("transport error")
-                        || std::error::Error::source(status).is_some() =>
-                {
-                    write!(
+            } => {
+                if let Some(refusal) = tls_refusal(status) {
+                    return match refusal {
+                        TlsRefusal::ClientCertificate(alert) => write!(
+                            f,
+                            "{action}: the control plane at {endpoint} refused the certificate of profile {} (TLS alert {alert}): it may have expired, been issued by another control plane's CA, or outlived a CA rotation; ask an admin for `users create`",
+                            profile.display()
+                        ),
+                        TlsRefusal::ServerNotTrusted => write!(
+                            f,
+                            "{action}: the control plane at {endpoint} presents a certificate that the CA of profile {} did not issue: the profile belongs to another control plane (or the endpoint is wrong); use that control plane's profile, or ask an admin of this one for `users create`",
+                            profile.display()
+                        ),
+                    };
+                }
+                match status.code() {
+                    Code::Unavailable | Code::Unknown
+                        if status.message().contains("transport error")
+                            || std::error::Error::source(status).is_some() =>
+                    {
+                        write!(
+                            f,
+                            "{action}: cannot reach the control plane at {endpoint}: {}",
+                            source_chain(status)
+                        )
+                    }
+                    Code::DeadlineExceeded => write!(
                         f,
-                        "{action}: cannot reach the control plane at {endpoint}: {}",
-                        source_chain(status)
-                    )
+                        "{action}: the control plane at {endpoint} did not answer in time"
+                    ),
+                    Code::Unauthenticated => {
+                        write!(f, "{action}: not authenticated: {}", status.message())
+                    }
+                    Code::PermissionDenied => {
+                        write!(f, "{action}: permission denied: {}", status.message())
+                    }
+                    _ => write!(f, "{action}: {}", status.message()),
                 }
-                Code::DeadlineExceeded => write!(
-                    f,
-                    "{action}: the control plane at {endpoint} did not answer in time"
-                ),
-                Code::Unauthenticated => {
-                    write!(f, "{action}: not authenticated: {}", status.message())
-                }
-                Code::PermissionDenied => {
-                    write!(f, "{action}: permission denied: {}", status.message())
-                }
-                _ => write!(f, "{action}: {}", status.message()),
-            },
+            }
+            CliError::Credentials(message) => f.write_str(message),
             CliError::Other(e) => write!(f, "{e:#}"),
         }
     }
+}
+
+/// How a TLS handshake failed on a credential, from a failed call's error
+/// chain (rustls' own wording of alerts and of its verifier's verdicts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsRefusal {
+    /// The server refused our client certificate with this alert.
+    ClientCertificate(&'static str),
+    /// Our profile's CA does not vouch for the server's certificate.
+    ServerNotTrusted,
+}
+
+/// Alerts a TLS server sends about the client's certificate. A foreign CA
+/// that shares our CA's name reads as a bad signature: `DecryptError`.
+const CLIENT_CERTIFICATE_ALERTS: [&str; 8] = [
+    "BadCertificate",
+    "UnsupportedCertificate",
+    "CertificateRevoked",
+    "CertificateExpired",
+    "CertificateUnknown",
+    "UnknownCA",
+    "DecryptError",
+    "CertificateRequired",
+];
+
+fn tls_refusal(status: &tonic::Status) -> Option<TlsRefusal> {
+    if !matches!(status.code(), Code::Unavailable | Code::Unknown) {
+        return None;
+    }
+    let chain = source_chain(status);
+    if let Some(rest) = chain.split("received fatal alert: ").nth(1) {
+        let alert = rest
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .next()
+            .unwrap_or_default();
+        return CLIENT_CERTIFICATE_ALERTS
+            .iter()
+            .find(|known| **known == alert)
+            .map(|known| TlsRefusal::ClientCertificate(known));
+    }
+    // rustls: "invalid peer certificate: UnknownIssuer" (or BadSignature,
+    // when the other CA has the same name as ours).
+    if chain.contains("invalid peer certificate: UnknownIssuer")
+        || chain.contains("invalid peer certificate: BadSignature")
+    {
+        return Some(TlsRefusal::ServerNotTrusted);
+    }
+    None
 }
 
 fn source_chain(status: &tonic::Status) -> String {
@@ -92,6 +165,36 @@ impl From<anyhow::Error> for CliError {
     fn from(e: anyhow::Error) -> Self {
         CliError::Other(e)
     }
+}
+
+/// Check the profile's certificate as the control plane will (validity by
+/// this machine's clock, issued by the profile's CA) before connecting, so
+/// an unusable one is named instead of failing the handshake obscurely.
+fn check_profile_certificate(profile: &Profile, path: &std::path::Path) -> Result<(), CliError> {
+    use hotswap_common::pki::{self, CertificateProblem};
+    let now = hotswap_common::timefmt::now_ms();
+    let problem = match pki::check_certificate(&profile.client_cert, &profile.ca_cert, now) {
+        Ok(()) => return Ok(()),
+        Err(problem) => problem,
+    };
+    let path = path.display();
+    let message = match problem {
+        CertificateProblem::Expired { not_after, .. } => format!(
+            "your certificate expired at {not_after} (profile {path}): ask an admin for `users create` to get a new profile"
+        ),
+        CertificateProblem::NotYetValid { not_before, now } => format!(
+            "your certificate is not valid before {not_before}, and this machine's clock says {now} (profile {path}): check the clock, or ask an admin for `users create` to get a new profile"
+        ),
+        CertificateProblem::ForeignIssuer => format!(
+            "your certificate was not issued by the CA in your profile (profile {path}): it belongs to another control plane, or the CA was rotated; ask an admin for `users create` to get a new profile"
+        ),
+        CertificateProblem::Invalid(reason) => {
+            return Err(CliError::Other(anyhow::anyhow!(
+                "profile {path}: client certificate: {reason}"
+            )));
+        }
+    };
+    Err(CliError::Credentials(message))
 }
 
 pub struct Context {
@@ -123,6 +226,7 @@ impl Context {
     /// Load the profile and build a channel; connects on first use.
     pub fn connect(&self) -> Result<Connection, CliError> {
         let (profile, path) = self.profile()?;
+        check_profile_certificate(&profile, &path)?;
         let endpoint = self
             .endpoint
             .clone()
@@ -145,6 +249,7 @@ impl Context {
         Ok(Connection {
             channel,
             endpoint: url.to_string(),
+            profile: path,
         })
     }
 }
@@ -152,6 +257,7 @@ impl Context {
 pub struct Connection {
     pub channel: Channel,
     pub endpoint: String,
+    pub profile: PathBuf,
 }
 
 impl Connection {
@@ -161,7 +267,63 @@ impl Connection {
         move |status| CliError::Rpc {
             action,
             endpoint: self.endpoint.clone(),
+            profile: self.profile.clone(),
             status,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(status: tonic::Status) -> CliError {
+        CliError::Rpc {
+            action: "list nodes".into(),
+            endpoint: "https://cp:7443".into(),
+            profile: PathBuf::from("/home/ann/p.toml"),
+            status,
+        }
+    }
+
+    /// A certificate the server refuses although it looked fine here (its
+    /// clock differs, the CA was rotated): exit 5 naming the profile.
+    #[test]
+    fn tls_alerts_about_our_certificate_exit_5_naming_the_profile() {
+        for alert in [
+            "CertificateExpired",
+            "BadCertificate",
+            "UnknownCA",
+            "DecryptError",
+        ] {
+            let error = rpc(tonic::Status::unavailable(format!(
+                "transport error: connection error: received fatal alert: {alert}"
+            )));
+            assert_eq!(error.exit_code(), 5, "{alert}");
+            let text = error.to_string();
+            assert!(
+                text.contains("/home/ann/p.toml")
+                    && text.contains(alert)
+                    && text.contains("users create"),
+                "{text}"
+            );
+        }
+        let other = rpc(tonic::Status::unavailable(
+            "transport error: invalid peer certificate: BadSignature",
+        ));
+        assert_eq!(other.exit_code(), 5);
+        assert!(
+            other.to_string().contains("another control plane"),
+            "{other}"
+        );
+        // Other transport failures stay exit 1.
+        let unreachable = rpc(tonic::Status::unavailable(
+            "transport error: connection refused",
+        ));
+        assert_eq!(unreachable.exit_code(), 1);
+        let alert = rpc(tonic::Status::unavailable(
+            "transport error: received fatal alert: ProtocolVersion",
+        ));
+        assert_eq!(alert.exit_code(), 1);
     }
 }

@@ -2,7 +2,7 @@
 //! and never leaves this machine; the control plane signs a CSR and records
 //! the role, which it checks on every call.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Subcommand;
@@ -98,6 +98,100 @@ fn print_users(ctx: &Context, users: Vec<UserView>) {
     }
 }
 
+/// A profile being written: a temporary file next to the destination that
+/// holds the private key (0600, fsynced) before the user is created, and
+/// becomes the profile by rename once the control plane signed the
+/// certificate. Removed if dropped before that.
+struct PendingProfile {
+    tmp: PathBuf,
+    committed: bool,
+}
+
+impl PendingProfile {
+    fn create(out: &Path, key_pem: &str) -> std::io::Result<Self> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let file_name = out.file_name().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the path has no file name",
+            )
+        })?;
+        let tmp = parent_dir(out).join(format!(
+            ".{}.tmp.{}",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let pending = Self {
+            tmp,
+            committed: false,
+        };
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(key_pem.as_bytes())?;
+        file.sync_all()?;
+        Ok(pending)
+    }
+
+    /// Replace the key with the whole profile, fsync, rename into place.
+    fn commit(mut self, profile: &Profile, out: &Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        let kept = |e: &dyn std::fmt::Display, tmp: &Path| {
+            anyhow::anyhow!(
+                "could not be written to {}: {e}; its private key is in {}",
+                out.display(),
+                tmp.display()
+            )
+        };
+        let text = profile.to_toml(out).map_err(|e| kept(&e, &self.tmp))?;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&self.tmp)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            if out.exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the file appeared meanwhile",
+                ));
+            }
+            std::fs::rename(&self.tmp, out)?;
+            hotswap_common::fsutil::sync_dir(parent_dir(out))
+        };
+        match write() {
+            Ok(()) => {
+                self.committed = true;
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the file: it holds the only copy of the key.
+                self.committed = true;
+                Err(kept(&e, &self.tmp))
+            }
+        }
+    }
+}
+
+impl Drop for PendingProfile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 pub async fn run(ctx: &Context, command: UsersCommand) -> Result<(), CliError> {
     let conn = ctx.connect()?;
     let mut client = pb::users_client::UsersClient::new(conn.channel.clone());
@@ -117,6 +211,15 @@ pub async fn run(ctx: &Context, command: UsersCommand) -> Result<(), CliError> {
             }
             let (csr_pem, key_pem) = pki::generate_csr(&name)
                 .map_err(|e| anyhow::anyhow!("cannot generate a key pair: {e}"))?;
+            // The key goes to disk before the user exists: a destination
+            // that cannot be written stops here, with no user created whose
+            // only key would be lost.
+            let pending = PendingProfile::create(&out, &key_pem).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot write the profile {}: {e}; no user was created",
+                    out.display()
+                )
+            })?;
             let response = client
                 .create_user(pb::CreateUserRequest {
                     name: name.clone(),
@@ -133,9 +236,9 @@ pub async fn run(ctx: &Context, command: UsersCommand) -> Result<(), CliError> {
                 client_cert: response.certificate_pem,
                 client_key: key_pem,
             };
-            profile
-                .save(&out)
-                .map_err(|e| anyhow::anyhow!("user {name} was created but {e}"))?;
+            pending
+                .commit(&profile, &out)
+                .map_err(|e| anyhow::anyhow!("user {name} was created, but its profile {e}"))?;
             let user: UserView = response
                 .user
                 .ok_or_else(|| anyhow::anyhow!("unexpected reply: no user"))?

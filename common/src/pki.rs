@@ -168,6 +168,27 @@ impl CertificateAuthority {
         })
     }
 
+    /// Issue a client certificate valid from `not_before` to `not_after`
+    /// exactly, with a key generated here: for tests of expired and
+    /// not-yet-valid credentials. Everything that serves uses the policy of
+    /// [`Self::issue_client_with_new_key`] and [`Self::sign_csr`].
+    pub fn issue_client_valid_between(
+        &self,
+        principal: &Principal,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<CertifiedKeyPem, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = client_params(principal, Duration::ZERO)?;
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKeyPem {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// Sign a CSR for `principal`. Only the CSR's public key is used: subject,
     /// names, usages and validity are the CA's policy, not the requester's.
     pub fn sign_csr(
@@ -331,6 +352,76 @@ pub fn server_names(der: &[u8]) -> Result<Vec<String>, PkiError> {
 /// before it valid. Nothing is lost by it: the key did not exist earlier.
 pub const BACKDATE: Duration = Duration::from_secs(3600);
 
+/// Why a client certificate cannot work, found before connecting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertificateProblem {
+    /// `notBefore` is after now (RFC 3339 of both).
+    #[error("certificate is not valid before {not_before} (now is {now} by this machine's clock)")]
+    NotYetValid { not_before: String, now: String },
+    /// `notAfter` is before now (RFC 3339 of both).
+    #[error("certificate expired at {not_after} (now is {now} by this machine's clock)")]
+    Expired { not_after: String, now: String },
+    /// No certificate of the given CA text signed it.
+    #[error("certificate was not issued by the CA it is paired with")]
+    ForeignIssuer,
+    #[error("certificate is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Check a client certificate (the first of `cert_pem`) the way the control
+/// plane will: inside its validity at `now_ms`, and signed by a certificate
+/// of `ca_pem`. Lets a client say "expired" instead of failing the TLS
+/// handshake with a bare alert.
+pub fn check_certificate(
+    cert_pem: &str,
+    ca_pem: &str,
+    now_ms: u64,
+) -> Result<(), CertificateProblem> {
+    let invalid = |e: &dyn std::fmt::Display| CertificateProblem::Invalid(e.to_string());
+    let der = first_cert_der(cert_pem).map_err(|e| invalid(&e))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| invalid(&e))?;
+    let now_secs = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+    let rfc3339 =
+        |secs: i64| crate::timefmt::rfc3339_from_ms((secs.max(0) as u64).saturating_mul(1000));
+    let validity = cert.validity();
+    if validity.not_before.timestamp() > now_secs {
+        return Err(CertificateProblem::NotYetValid {
+            not_before: rfc3339(validity.not_before.timestamp()),
+            now: rfc3339(now_secs),
+        });
+    }
+    if validity.not_after.timestamp() < now_secs {
+        return Err(CertificateProblem::Expired {
+            not_after: rfc3339(validity.not_after.timestamp()),
+            now: rfc3339(now_secs),
+        });
+    }
+    // The same chain check the server runs (rustls' webpki), at a time
+    // inside the validity just checked, so only the issuer is in question.
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let ca = ca.map_err(|e| invalid(&format!("the CA certificate: {e}")))?;
+        roots
+            .add(ca)
+            .map_err(|e| invalid(&format!("the CA certificate: {e}")))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| invalid(&format!("the CA certificate: {e}")))?;
+    let at =
+        rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(now_secs.max(0) as u64));
+    match verifier.verify_client_cert(&der, &[], at) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+        )) => Err(CertificateProblem::ForeignIssuer),
+        Err(e) => Err(invalid(&e)),
+    }
+}
+
 /// When a certificate should be renewed: two thirds into its lifetime,
 /// counted from when it was issued (its `notBefore` minus the backdating).
 pub fn renewal_due_ms(der: &[u8]) -> Result<u64, PkiError> {
@@ -376,6 +467,44 @@ mod tests {
             due.abs_diff(expected) <= 2000,
             "due {due} expected {expected}"
         );
+    }
+
+    #[test]
+    fn certificate_check_names_expiry_future_validity_and_foreign_issuer() {
+        use std::time::SystemTime;
+        let (ca, ca_pems) = CertificateAuthority::generate("test ca").expect("ca");
+        let (_, other_pems) = CertificateAuthority::generate("other ca").expect("ca");
+        let user = Principal::User("ann".into());
+        let now = crate::timefmt::now_ms();
+        let good = ca.issue_client_with_new_key(&user, DAY).expect("issue");
+        assert_eq!(
+            check_certificate(&good.cert_pem, &ca_pems.cert_pem, now),
+            Ok(())
+        );
+        let past = ca
+            .issue_client_valid_between(&user, SystemTime::now() - 2 * DAY, SystemTime::now() - DAY)
+            .expect("issue");
+        let err = check_certificate(&past.cert_pem, &ca_pems.cert_pem, now).expect_err("expired");
+        assert!(matches!(err, CertificateProblem::Expired { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with("certificate expired at 20"),
+            "{err}"
+        );
+        let future = ca
+            .issue_client_valid_between(&user, SystemTime::now() + DAY, SystemTime::now() + 2 * DAY)
+            .expect("issue");
+        let err = check_certificate(&future.cert_pem, &ca_pems.cert_pem, now).expect_err("future");
+        assert!(
+            matches!(err, CertificateProblem::NotYetValid { .. }),
+            "{err}"
+        );
+        assert_eq!(
+            check_certificate(&good.cert_pem, &other_pems.cert_pem, now),
+            Err(CertificateProblem::ForeignIssuer)
+        );
+        // A CA bundle (mid-rotation) accepts a certificate of either CA.
+        let bundle = format!("{}{}", other_pems.cert_pem, ca_pems.cert_pem);
+        assert_eq!(check_certificate(&good.cert_pem, &bundle, now), Ok(()));
     }
 
     #[test]

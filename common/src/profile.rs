@@ -49,11 +49,16 @@ impl Profile {
         })
     }
 
-    pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
-        let text = toml::to_string(self).map_err(|e| ProfileError::Parse {
+    /// The profile's file content, TOML.
+    pub fn to_toml(&self, path: &Path) -> Result<String, ProfileError> {
+        toml::to_string(self).map_err(|e| ProfileError::Parse {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        })?;
+        })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
+        let text = self.to_toml(path)?;
         fsutil::write_atomic(path, text.as_bytes(), fsutil::PRIVATE_FILE_MODE).map_err(|source| {
             ProfileError::Write {
                 path: path.to_path_buf(),

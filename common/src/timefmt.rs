@@ -29,13 +29,15 @@ pub fn ms_from_ts(ts: &prost_types::Timestamp) -> u64 {
     seconds.saturating_mul(1000).saturating_add(millis)
 }
 
-/// RFC 3339 text of a millisecond time, in UTC.
+/// RFC 3339 text of a millisecond time, in UTC. A time past the year 9999
+/// has no RFC 3339 form: it is said as it is (`out of range: N ms since
+/// 1970`), never shown as some other date.
 pub fn rfc3339_from_ms(ms: u64) -> String {
     let nanos = i128::from(ms) * 1_000_000;
     OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+        .unwrap_or_else(|| format!("out of range: {ms} ms since 1970"))
 }
 
 /// Parse a human duration such as `30s`, `5m`, `1h 30m` or `250ms`.
@@ -65,6 +67,14 @@ mod tests {
         assert_eq!(
             rfc3339_from_ms(1_700_000_000_123),
             "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            rfc3339_from_ms(u64::MAX),
+            "out of range: 18446744073709551615 ms since 1970"
+        );
+        assert_eq!(
+            rfc3339_from_ms(253_402_300_799_999),
+            "9999-12-31T23:59:59.999Z"
         );
     }
 

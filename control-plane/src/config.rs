@@ -200,7 +200,8 @@ impl Default for Settings {
             operator_writes_per_minute: 1000,
             operator_writes_burst: 200,
             deployments_per_minute: 10,
-            deployments_burst: 10,
+            // A CI job that deploys a few dozen modules at once gets through.
+            deployments_burst: 30,
             token_default_ttl: Duration::from_secs(3600),
             token_max_ttl: Duration::from_secs(30 * 86_400),
             shutdown_timeout: Duration::from_secs(10),
@@ -334,6 +335,10 @@ pub struct RunConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub settings: Settings,
+    /// `--recover-empty-db`: start on a missing or empty database next to an
+    /// existing CA, re-creating the admin user from the data dir's admin
+    /// profile. Without it such a start is refused (see `server::run`).
+    pub recover_empty_db: bool,
 }
 
 #[cfg(test)]

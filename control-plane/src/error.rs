@@ -60,9 +60,14 @@ impl From<ApiError> for Status {
             ApiError::PermissionDenied(_) => Status::permission_denied(message),
             ApiError::Unavailable(_) => Status::unavailable(message),
             ApiError::ResourceExhausted(_) => Status::resource_exhausted(message),
-            // Storage that cannot write (a full disk) is an outage the caller
-            // can retry after, not a bug: say so, with the OS's reason.
-            ApiError::Storage(StoreError::Failed(_) | StoreError::Sled(sled::Error::Io(_))) => {
+            // Storage that cannot write (a full disk, a deleted database) is
+            // an outage the caller can retry after, not a bug: say so, with
+            // the reason.
+            ApiError::Storage(
+                StoreError::Failed(_)
+                | StoreError::Replaced(_)
+                | StoreError::Sled(sled::Error::Io(_)),
+            ) => {
                 tracing::error!(error = %message, "request refused: storage failed");
                 Status::unavailable(message)
             }

@@ -62,6 +62,12 @@ enum Command {
         /// TOML file with tunables (heartbeat_interval, heartbeat_grace, ...).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Start although the database is missing or empty next to an existing
+        /// CA: create an empty one and re-create the admin user from
+        /// DATA_DIR/admin.profile.toml. Everything the lost database held is
+        /// gone; without this flag such a start is refused.
+        #[arg(long)]
+        recover_empty_db: bool,
     },
     /// Issue a new server key and certificate (control plane stopped).
     #[command(
@@ -152,6 +158,7 @@ fn main() -> ExitCode {
             listen,
             admin_listen,
             config: config_path,
+            recover_empty_db,
         } => {
             let settings = match config_path.as_deref().map(Settings::load).transpose() {
                 Ok(settings) => settings.unwrap_or_default(),
@@ -166,6 +173,7 @@ fn main() -> ExitCode {
                 listen,
                 admin_listen,
                 settings,
+                recover_empty_db,
             };
             let stopped = runtime.block_on(async {
                 let shutdown = CancellationToken::new();

@@ -117,6 +117,26 @@ pub enum RunError {
         path: PathBuf,
         source: crate::store::StoreError,
     },
+    #[error(
+        "the database {} is {what}, but {} holds the CA that issued this control plane's certificates: refusing to start on a fresh database that knows none of its nodes, users or keys; restore {} from a backup, or, to start over, run once with --recover-empty-db, which creates an empty database and re-creates the admin user from {} (nodes then enroll again, keys are trusted again, modules pushed again)",
+        state.display(), data_dir.display(), state.display(), profile.display()
+    )]
+    DatabaseMissing {
+        what: &'static str,
+        state: PathBuf,
+        data_dir: PathBuf,
+        profile: PathBuf,
+    },
+    #[error(
+        "--recover-empty-db is only for a missing or empty database, and {} holds {users} users: start without it",
+        state.display()
+    )]
+    RecoverNotEmpty { state: PathBuf, users: usize },
+    #[error(
+        "--recover-empty-db: cannot re-create the admin user from {}: {reason}",
+        profile.display()
+    )]
+    Recover { profile: PathBuf, reason: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -162,7 +182,55 @@ fn read(path: &Path) -> Result<String, RunError> {
     })
 }
 
-/// Serve until `shutdown` is cancelled.
+/// `--recover-empty-db`: put the user of the data dir's admin profile back
+/// into an empty database as an admin, so someone can administer the
+/// control plane again. The profile's certificate must be one our CA issued
+/// and still valid. Returns the user's name.
+async fn recover_admin(store: &Store, layout: &DataDir, ca_pem: &str) -> Result<String, RunError> {
+    use hotswap_common::pki::{self, Principal};
+    let profile_path = layout.admin_profile();
+    let failed = |reason: String| RunError::Recover {
+        profile: profile_path.clone(),
+        reason,
+    };
+    let profile =
+        hotswap_common::profile::Profile::load(&profile_path).map_err(|e| failed(e.to_string()))?;
+    let now = hotswap_common::timefmt::now_ms();
+    pki::check_certificate(&profile.client_cert, ca_pem, now).map_err(|e| failed(e.to_string()))?;
+    let der = pki::first_cert_der(&profile.client_cert).map_err(|e| failed(e.to_string()))?;
+    let name = match pki::principal_of(der.as_ref()).map_err(|e| failed(e.to_string()))? {
+        Principal::User(name) => name,
+        Principal::Node(id) => {
+            return Err(failed(format!(
+                "its certificate belongs to node {id}, not to a user"
+            )));
+        }
+    };
+    let record = crate::store::UserRecord {
+        name: name.clone(),
+        role: crate::auth::Role::Admin,
+        created_at_ms: now,
+        created_by: "recover-empty-db".into(),
+        cert_fingerprint: pki::der_fingerprint(der.as_ref()),
+        cert_not_after_ms: pki::not_after_ms(der.as_ref()).map_err(|e| failed(e.to_string()))?,
+        revoked_at_ms: None,
+    };
+    store
+        .put_user(&record)
+        .await
+        .map_err(|source| RunError::Store {
+            path: layout.state(),
+            source,
+        })?;
+    tracing::warn!(
+        user = %name,
+        profile = %profile_path.display(),
+        state = %layout.state().display(),
+        "RECOVERY: --recover-empty-db started this control plane on an EMPTY database next to its existing CA; every node, user, publisher key, artifact record, deployment, event and audit record it held before is gone; user {name} was re-created as an admin from the admin profile; nodes must enroll again with new join tokens"
+    );
+    Ok(name)
+}
+
 /// How [`run`] ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stopped {
@@ -177,6 +245,7 @@ pub enum Stopped {
     },
 }
 
+/// Serve until `shutdown` is cancelled.
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopped, RunError> {
     let layout = DataDir::new(&config.data_dir);
     if !layout.ca_key().exists() {
@@ -211,6 +280,18 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     )?;
 
     let state_path = layout.state();
+    let missing = |what: &'static str| RunError::DatabaseMissing {
+        what,
+        state: state_path.clone(),
+        data_dir: config.data_dir.clone(),
+        profile: layout.admin_profile(),
+    };
+    // `init` writes the CA and a database holding the admin user together,
+    // so a CA without a database means the database was lost: opening would
+    // silently create an empty one. Check before sled creates anything.
+    if !state_path.join("db").exists() && !config.recover_empty_db {
+        return Err(missing("missing"));
+    }
     let store =
         Store::open(&state_path, config.settings.storage_cache_bytes).map_err(|source| {
             RunError::Store {
@@ -218,6 +299,21 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
                 source,
             }
         })?;
+    let users = store.list_users().map_err(|source| RunError::Store {
+        path: state_path.clone(),
+        source,
+    })?;
+    let recovered_admin = match (users.is_empty(), config.recover_empty_db) {
+        (true, false) => return Err(missing("empty (it has no users)")),
+        (true, true) => Some(recover_admin(&store, &layout, &ca_pem).await?),
+        (false, true) => {
+            return Err(RunError::RecoverNotEmpty {
+                state: state_path.clone(),
+                users: users.len(),
+            });
+        }
+        (false, false) => None,
+    };
     let blobs_path = layout.blobs();
     let blobs = BlobStore::open(&blobs_path).map_err(|source| RunError::Write {
         path: blobs_path,
@@ -265,6 +361,24 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     ));
 
     let audit = AuditLog::open(&store).map_err(|e| RunError::Audit(e.to_string()))?;
+    if let Some(admin) = &recovered_admin {
+        audit
+            .append(crate::audit::AuditEntry {
+                user: admin.clone(),
+                role: "admin".into(),
+                action: "control-plane.recover-empty-db".into(),
+                target: state_path.display().to_string(),
+                result: "ok",
+                detail: format!(
+                    "started on an empty database; user {admin} re-created from {}",
+                    layout.admin_profile().display()
+                ),
+                trace_id: String::new(),
+                peer: None,
+            })
+            .await
+            .map_err(|e| RunError::Audit(e.to_string()))?;
+    }
     let ctx = Arc::new(Context {
         registry,
         ca,

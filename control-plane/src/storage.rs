@@ -8,6 +8,13 @@
 //! and reopens the database, which recovers everything that was flushed.
 //! Meanwhile [`Store::ensure_writable`] refuses every change up front and
 //! reads keep answering.
+//!
+//! The watcher also notices a database directory deleted or replaced under
+//! the running process (`rm -rf DATA/state`): sled keeps writing into the
+//! files it holds open, so without the check every write would be
+//! acknowledged and lost at the next start. That failure is not restarted
+//! away: a restart would find no database, and refuses to start (see
+//! [`crate::server::run`] and `--recover-empty-db`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,17 +69,25 @@ pub async fn watch(w: Watch) {
         }
         if w.store.failure().is_none() {
             // Cheap when nothing is dirty; surfaces a failure that happened
-            // in a background write nobody waited for.
+            // in a background write nobody waited for, and checks that the
+            // database is still the one opened (a flush does, after it).
             let _ = w.store.flush().await;
         }
-        let Some(reason) = w.store.failure() else {
+        let Some(failure) = w.store.failure() else {
             continue;
         };
         if !announced {
             announced = true;
             w.readiness.set(false);
             w.metrics.storage_failed.set(1);
-            tracing::error!(error = %reason, data_dir = %w.data_dir.display(), min_free_bytes = w.min_free_bytes, "storage failed: not ready; changes are refused, reads still answer; restarting by itself once the data directory has room");
+            if failure.recovers_on_restart() {
+                tracing::error!(error = %failure, data_dir = %w.data_dir.display(), min_free_bytes = w.min_free_bytes, "storage failed: not ready; changes are refused, reads still answer; restarting by itself once the data directory has room");
+            } else {
+                tracing::error!(error = %failure, data_dir = %w.data_dir.display(), "storage failed: not ready; changes are refused, reads still answer from memory; stop the control plane and restore the data directory from a backup (a restart without a database is refused)");
+            }
+        }
+        if !failure.recovers_on_restart() {
+            continue;
         }
         match free_bytes(&w.data_dir) {
             Ok(free) if free >= w.min_free_bytes => {

@@ -5,7 +5,8 @@
 //! Records are JSON: readable with any sled dump, and new fields can be added
 //! with `#[serde(default)]` without a migration.
 
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -23,12 +24,122 @@ pub enum StoreError {
         "control plane storage failed ({0}); changes are refused until the control plane restarts, which it does by itself once its data directory has room again"
     )]
     Failed(String),
+    /// The database's directory or main file is no longer the one opened
+    /// (deleted, moved or replaced while running); see [`Failure::Replaced`].
+    #[error(
+        "control plane storage failed: {0}; changes are refused and nothing more is acknowledged: stop the control plane and restore its data directory from a backup"
+    )]
+    Replaced(String),
     #[error("record {key:?} in {tree} is corrupt: {reason}")]
     Corrupt {
         tree: &'static str,
         key: String,
         reason: String,
     },
+}
+
+/// Why the database can take no more writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// A write hit an I/O error (a full disk, a failing device), with the
+    /// OS's reason. Reopening the database recovers everything flushed, so
+    /// the control plane restarts once its data directory has room.
+    Io(String),
+    /// The database directory or its main file is not the one opened: it
+    /// was deleted, moved or replaced under the running process. sled still
+    /// writes into the files it holds open, so writes would "succeed" into
+    /// files nobody can open again; a restart would not help either.
+    Replaced(String),
+}
+
+impl Failure {
+    /// Whether reopening the database, once there is room, recovers.
+    pub fn recovers_on_restart(&self) -> bool {
+        matches!(self, Failure::Io(_))
+    }
+
+    fn error(&self) -> StoreError {
+        match self {
+            Failure::Io(reason) => StoreError::Failed(reason.clone()),
+            Failure::Replaced(reason) => StoreError::Replaced(reason.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Io(reason) | Failure::Replaced(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Device and inode of a file: what makes it the same file when its name
+/// may since point to another one, or to nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// The database directory and its main file as they were at open.
+struct Identity {
+    dir: PathBuf,
+    dir_id: FileId,
+    file: PathBuf,
+    file_id: FileId,
+}
+
+impl Identity {
+    /// sled keeps its pages in `db` inside the directory.
+    fn record(dir: &Path) -> std::io::Result<Self> {
+        let file = dir.join("db");
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            dir_id: FileId::of(dir)?,
+            file_id: FileId::of(&file)?,
+            file,
+        })
+    }
+
+    /// `None` while both names still lead to the files opened; otherwise
+    /// what changed, in words.
+    fn check(&self) -> Option<String> {
+        for (path, id, what) in [
+            (&self.dir, self.dir_id, "database directory"),
+            (&self.file, self.file_id, "database file"),
+        ] {
+            match FileId::of(path) {
+                Ok(now) if now == id => {}
+                Ok(_) => {
+                    return Some(format!(
+                        "the {what} {} was replaced while running (another file now has its name)",
+                        path.display()
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Some(format!(
+                        "the {what} {} was deleted while running",
+                        path.display()
+                    ));
+                }
+                Err(e) => {
+                    return Some(format!("cannot stat the {what} {}: {e}", path.display()));
+                }
+            }
+        }
+        None
+    }
 }
 
 /// Tickets of [`Store::flush`]'s group commit.
@@ -147,10 +258,14 @@ pub struct UserRecord {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
-    /// The first I/O error a write hit. sled fails every later write of an
-    /// open database after one (a full disk, a failing device), and only
-    /// reopening the database clears it.
-    failure: Arc<OnceLock<String>>,
+    /// The first I/O error a write hit, or the database found deleted or
+    /// replaced. sled fails every later write of an open database after an
+    /// I/O error (a full disk, a failing device), and only reopening the
+    /// database clears it.
+    failure: Arc<OnceLock<Failure>>,
+    /// Device and inode of the directory and its main file at open, checked
+    /// after every flush and by the storage watcher.
+    identity: Arc<Identity>,
     /// Group commit: one flush at a time serves every caller that asked
     /// before it started (see [`Store::flush`]).
     commits: Arc<GroupCommit>,
@@ -287,7 +402,9 @@ impl Store {
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             .open()?;
+        let identity = Identity::record(path).map_err(sled::Error::Io)?;
         Ok(Self {
+            identity: Arc::new(identity),
             tokens: db.open_tree(TOKENS)?,
             nodes: db.open_tree(NODES)?,
             node_names: db.open_tree(NODE_NAMES)?,
@@ -323,22 +440,47 @@ impl Store {
         }
         let target = commits.requested.load(Ordering::SeqCst);
         self.db.flush_async().await.map_err(|e| self.observe(e))?;
+        // A flush into files whose names are gone (`rm -rf state`) or now
+        // name other files succeeds, and is lost at the next start: check
+        // after it, before any caller it covers hears "done".
+        self.check_identity()?;
         commits.completed.fetch_max(target, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Mark the storage failed if the database directory or its main file
+    /// is no longer the one opened (device and inode recorded at open).
+    pub fn check_identity(&self) -> Result<(), StoreError> {
+        if let Some(reason) = self.identity.check() {
+            self.fail(Failure::Replaced(reason));
+        }
+        self.ensure_writable()
+    }
+
+    /// Note the storage's failure (the first one wins).
+    fn fail(&self, failure: Failure) {
+        let mut first = false;
+        let failure = self.failure.get_or_init(|| {
+            first = true;
+            failure
+        });
+        if first {
+            tracing::error!(error = %failure, "storage failed: refusing changes");
+        }
     }
 
     /// Why the database can take no more writes, once an I/O error made it
     /// fail: from then on nothing written is durable, whatever sled accepts
     /// in memory.
-    pub fn failure(&self) -> Option<&str> {
-        self.failure.get().map(String::as_str)
+    pub fn failure(&self) -> Option<&Failure> {
+        self.failure.get()
     }
 
     /// Refuse a change up front once the storage has failed, so it is not
     /// half applied in memory and then lost.
     pub fn ensure_writable(&self) -> Result<(), StoreError> {
         match self.failure() {
-            Some(reason) => Err(StoreError::Failed(reason.to_string())),
+            Some(failure) => Err(failure.error()),
             None => Ok(()),
         }
     }
@@ -346,14 +488,7 @@ impl Store {
     /// Note an I/O error as the storage's failure (the first one wins).
     fn observe(&self, error: sled::Error) -> StoreError {
         if let sled::Error::Io(io) = &error {
-            let mut first = false;
-            let reason = self.failure.get_or_init(|| {
-                first = true;
-                describe_io(io)
-            });
-            if first {
-                tracing::error!(error = %reason, "storage failed: refusing changes until the control plane restarts");
-            }
+            self.fail(Failure::Io(describe_io(io)));
         }
         StoreError::Sled(error)
     }
@@ -731,6 +866,51 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The flush of a write made after the database directory was deleted
+    /// fails, so no caller acknowledges it; so does every later change.
+    #[tokio::test]
+    async fn a_write_after_the_database_was_deleted_is_never_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        let store = Store::open(&path, 1 << 20).expect("open");
+        store
+            .insert_token("a", &token(1, u64::MAX))
+            .await
+            .expect("before");
+        std::fs::remove_dir_all(&path).expect("rm -rf");
+        let err = store
+            .insert_token("b", &token(1, u64::MAX))
+            .await
+            .expect_err("acknowledged into a deleted database");
+        assert!(matches!(err, StoreError::Replaced(_)), "{err}");
+        assert!(
+            err.to_string().contains("was deleted while running"),
+            "{err}"
+        );
+        assert!(matches!(
+            store.ensure_writable(),
+            Err(StoreError::Replaced(_))
+        ));
+        assert!(!store.failure().is_some_and(Failure::recovers_on_restart));
+    }
+
+    /// A directory put back in place (a restore under a running process)
+    /// is another directory: the open database is not the one on disk.
+    #[tokio::test]
+    async fn a_replaced_database_directory_is_noticed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        let store = Store::open(&path, 1 << 20).expect("open");
+        std::fs::rename(&path, dir.path().join("moved")).expect("move");
+        std::fs::create_dir(&path).expect("new dir");
+        std::fs::write(path.join("db"), b"").expect("new file");
+        let err = store.check_identity().expect_err("replaced");
+        assert!(
+            err.to_string().contains("was replaced while running"),
+            "{err}"
+        );
+    }
 
     fn token(uses: u32, expires_at_ms: u64) -> TokenRecord {
         TokenRecord {

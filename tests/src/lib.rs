@@ -244,8 +244,32 @@ impl CtlOutput {
 }
 
 /// Settings file used by tests: fast heartbeats so disconnects show quickly.
-pub const FAST_SETTINGS: &str =
-    "heartbeat_interval = \"200ms\"\nheartbeat_grace = \"2s\"\nshutdown_timeout = \"5s\"\n";
+/// Settings every test control plane starts with: quick heartbeats, and
+/// operator rate limits out of the way of suites that deploy many times a
+/// minute with one admin (a test of the limits sets its own).
+pub const FAST_SETTINGS: &str = "heartbeat_interval = \"200ms\"\nheartbeat_grace = \"2s\"\nshutdown_timeout = \"5s\"\noperator_writes_per_minute = 100000\noperator_writes_burst = 100000\ndeployments_per_minute = 100000\ndeployments_burst = 100000\n";
+
+/// [`FAST_SETTINGS`] less the keys `extra` sets, then `extra`.
+fn settings_with(extra: &str) -> String {
+    let key = |line: &str| {
+        line.split('=')
+            .next()
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let overridden: Vec<String> = extra
+        .lines()
+        .filter(|l| l.contains('=') && !l.trim_start().starts_with('['))
+        .map(key)
+        .collect();
+    let base: String = FAST_SETTINGS
+        .lines()
+        .filter(|l| !overridden.contains(&key(l)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    format!("{base}{extra}")
+}
 
 /// A control plane with its own data directory.
 pub struct ControlPlane {
@@ -278,8 +302,7 @@ impl ControlPlane {
             "init failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        std::fs::write(work.join("cp.toml"), format!("{FAST_SETTINGS}{extra}"))
-            .expect("write settings");
+        std::fs::write(work.join("cp.toml"), settings_with(extra)).expect("write settings");
         Self {
             data_dir,
             work: work.to_path_buf(),
@@ -301,6 +324,11 @@ impl ControlPlane {
     /// Start (or restart) `run`. Restarts reuse the first gRPC port, so
     /// agents find the control plane where they left it.
     pub fn start(&mut self) {
+        self.start_with_args(&[]);
+    }
+
+    /// As [`ControlPlane::start`], with extra flags for `run`.
+    pub fn start_with_args(&mut self, extra: &[&str]) {
         assert!(self.daemon.is_none(), "control plane already running");
         let addresses = self.data_dir.join("run/addresses.json");
         let _ = std::fs::remove_file(&addresses);
@@ -321,6 +349,7 @@ impl ControlPlane {
                 "--config",
             ])
             .arg(self.work.join("cp.toml"))
+            .args(extra)
             .envs(self.env.iter().cloned());
         let log = self.work.join(format!("cp-{}.log", self.starts));
         let mut daemon = Daemon::spawn("control plane", command, log);
@@ -347,6 +376,31 @@ impl ControlPlane {
                 .expect("admin address"),
         );
         self.daemon = Some(daemon);
+    }
+
+    /// Run `run` (with extra flags) expecting it to refuse to start: waits
+    /// for its exit and returns the status and its output.
+    pub fn start_refused(&mut self, extra: &[&str]) -> (ExitStatus, String) {
+        assert!(self.daemon.is_none(), "control plane already running");
+        self.starts += 1;
+        let mut command = Command::new(binary("hotswap-control-plane"));
+        command
+            .args(["run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(self.work.join("cp.toml"))
+            .args(extra)
+            .envs(self.env.iter().cloned());
+        let log = self.work.join(format!("cp-{}.log", self.starts));
+        let mut daemon = Daemon::spawn("control plane", command, log);
+        let status = daemon.wait_exit();
+        (status, daemon.log_text())
     }
 
     pub fn url(&self) -> String {

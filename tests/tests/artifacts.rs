@@ -640,3 +640,55 @@ fn pinned_keys_override_the_control_plane_trust_set() {
         "nothing installed"
     );
 }
+
+/// Signature times: a signature dated far ahead (80 years, or u64::MAX ms)
+/// was accepted at push and by `module verify`, and `module inspect` showed
+/// u64::MAX as 1970. Now a signature more than the clock skew (1 h) ahead
+/// does not count, with a message saying so, and inspect says what it sees.
+#[test]
+fn signatures_dated_in_the_future_are_refused_and_shown_as_they_are() {
+    use hotswap_common::artifact::keys::load_signing_key;
+    use hotswap_common::artifact::pack::add_signature;
+    use hotswap_common::timefmt::now_ms;
+    let dir = TestDir::new();
+    let (mut cp, ci) = control_plane_trusting_ci(&dir);
+    let key = load_signing_key(&ci.key).expect("key");
+    let year_ms = 365 * 86_400 * 1000;
+    for (version, signed_at) in [("1.0.0", now_ms() + 80 * year_ms), ("1.0.1", u64::MAX)] {
+        let artifact = pack(dir.path(), "future", version, b"x", &ci.key);
+        // Re-signed by the same key: its only signature is the future one.
+        add_signature(&artifact, &key, signed_at, None).expect("sign");
+        let verify = ctl_offline(&[
+            "module",
+            "verify",
+            path(&artifact),
+            "--pub",
+            path(&ci.public),
+        ]);
+        assert_eq!(verify.code, 1, "{version}: {verify:?}");
+        assert!(
+            verify.stderr.contains("more than 1 h ahead"),
+            "{version}: {verify:?}"
+        );
+        let push = cp.ctl(&["module", "push", path(&artifact)]);
+        assert_eq!(push.code, 1, "{version}: {push:?}");
+        assert!(
+            push.stderr.contains("more than 1 h ahead"),
+            "{version}: {push:?}"
+        );
+        let inspect = ctl_offline(&["-o", "json", "module", "inspect", path(&artifact)]).json();
+        let shown = inspect["signatures"][0]["signed_at"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(!shown.starts_with("1970"), "{version}: {inspect}");
+        if signed_at == u64::MAX {
+            assert!(shown.contains("out of range"), "{inspect}");
+        }
+    }
+    // Within the skew (a publisher's clock a little ahead) is fine.
+    let artifact = pack(dir.path(), "future", "1.0.2", b"x", &ci.key);
+    add_signature(&artifact, &key, now_ms() + 30 * 60 * 1000, None).expect("sign");
+    cp.ctl(&["module", "push", path(&artifact)]).ok();
+    cp.stop();
+}

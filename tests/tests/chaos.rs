@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hotswap_tests::{
-    Fleet, Load, PartitionProxy, SmallDisk, TestDir, can_mount, eventually, free_port, http_get,
-    try_http_get,
+    ControlPlane, Fleet, Load, PartitionProxy, SmallDisk, TestDir, can_mount, eventually,
+    free_port, http_get, try_http_get,
 };
 
 use rand::rngs::StdRng;
@@ -921,4 +921,105 @@ fn wall_clock_jumps_neither_fail_nor_stall_deployments() {
         }));
     }
     chaos.report(json!(outcomes));
+}
+
+/// `rm -rf DATA/state` under a running control plane. sled keeps writing
+/// into the files it holds open, so before the fix every call was
+/// acknowledged, `/readyz` stayed 200, and the next start came up on a
+/// fresh database that knew not even the admin.
+#[test]
+fn deleted_database_is_noticed_refused_and_recovered_only_on_request() {
+    let chaos = Chaos::new("control-plane-database-deleted");
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let admin = cp.admin.expect("admin address");
+    cp.ctl(&["tokens", "create"]).ok();
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+
+    let state = cp.data_dir.join("state");
+    std::fs::remove_dir_all(&state).expect("rm -rf state");
+    // The very next change is refused, whether the watcher or the flush of
+    // that change notices first: nothing is acknowledged into deleted files.
+    let refused = cp.ctl(&["tokens", "create"]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("storage failed")
+            && refused.stderr.contains("was deleted while running")
+            && refused.stderr.contains(state.to_str().expect("utf8")),
+        "the refusal says what and why: {refused:?}"
+    );
+    eventually("the control plane to turn not ready", || {
+        match http_get(admin, "/readyz").0 {
+            503 => Ok(()),
+            code => Err(format!("readyz {code}")),
+        }
+    });
+    let (_, metrics) = http_get(admin, "/metrics");
+    assert!(metrics.contains("hotswap_storage_failed 1"), "{metrics}");
+    let again = cp.ctl(&["keys", "revoke", "nobody"]);
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(
+        again.stderr.contains("was deleted while running"),
+        "{again:?}"
+    );
+    // Reads still answer from what the process holds.
+    cp.ctl(&["nodes", "list"]).ok();
+    // No restart in place: a restart would find no database.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!cp.log().contains("restarting to reopen the database"));
+    cp.stop();
+
+    // A start next to the CA without the database is refused, and creates
+    // nothing.
+    let (status, log) = cp.start_refused(&[]);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("is missing")
+            && log.contains(state.to_str().expect("utf8"))
+            && log.contains("restore")
+            && log.contains("--recover-empty-db"),
+        "the refusal names the path and what to do: {log}"
+    );
+    assert!(
+        !state.exists(),
+        "a refused start created {}",
+        state.display()
+    );
+
+    // Explicit recovery: an empty database with the admin of the data dir's
+    // profile, logged loudly and audited.
+    cp.start_with_args(&["--recover-empty-db"]);
+    assert!(
+        cp.log().contains("WARN") && cp.log().contains("RECOVERY"),
+        "{}",
+        cp.log()
+    );
+    cp.ctl(&["tokens", "create"]).ok();
+    let users = cp.ctl(&["-o", "json", "users", "list"]).json();
+    assert_eq!(users.as_array().map(Vec::len), Some(1), "{users}");
+    let audit = cp.ctl(&["-o", "json", "audit", "list"]).json();
+    assert!(
+        audit.as_array().is_some_and(|a| a
+            .iter()
+            .any(|r| r["action"] == "control-plane.recover-empty-db")),
+        "{audit}"
+    );
+    cp.stop();
+    // The flag is for one start: on a database with users it is refused,
+    // and without it the recovered database starts as any other.
+    let (status, log) = cp.start_refused(&["--recover-empty-db"]);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("only for a missing or empty database"),
+        "{log}"
+    );
+    cp.start();
+    cp.ctl(&["audit", "verify"]).ok();
+    cp.stop();
+    chaos.report(json!({
+        "refused_after_delete": refused.stderr.trim(),
+        "restart_refused": true,
+        "recovered": "--recover-empty-db re-created the admin from admin.profile.toml",
+    }));
 }

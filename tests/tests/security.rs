@@ -1174,3 +1174,172 @@ fn operators_are_rate_limited_per_identity_with_a_retry_hint_and_an_audit_record
     assert_eq!(limited_records[0]["action"], "deploy.create");
     assert_eq!(limited_records[0]["user"], "admin");
 }
+
+/// A profile holding `cert_pem`/`key_pem` with `ca_pem` as its CA, written
+/// under `dir` as `name`.
+fn profile_with(
+    dir: &Path,
+    name: &str,
+    endpoint: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> PathBuf {
+    let profile = Profile {
+        endpoint: endpoint.to_string(),
+        ca_cert: ca_pem.to_string(),
+        client_cert: cert_pem.to_string(),
+        client_key: key_pem.to_string(),
+    };
+    let path = dir.join(name);
+    profile.save(&path).expect("save profile");
+    path
+}
+
+/// Expired, not yet valid and foreign-CA client certificates: exit 5 with a
+/// message naming the profile and what to do, not exit 1 with "broken
+/// pipe" or "DecryptError" from the TLS handshake.
+#[test]
+fn unusable_client_certificates_exit_5_naming_the_profile() {
+    use hotswap_common::pki::{CertificateAuthority, Principal};
+    use std::time::SystemTime;
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let read = |f: &str| std::fs::read_to_string(cp.data_dir.join(f)).expect("ca file");
+    let ca = CertificateAuthority::from_pem(&read("ca.crt"), &read("ca.key")).expect("ca");
+    let admin = Principal::User("admin".into());
+    let day = Duration::from_secs(86_400);
+
+    let expired = ca
+        .issue_client_valid_between(
+            &admin,
+            SystemTime::now() - 30 * day,
+            SystemTime::now() - day,
+        )
+        .expect("issue");
+    let expired = profile_with(
+        dir.path(),
+        "expired.toml",
+        &cp.url(),
+        &read("ca.crt"),
+        &expired.cert_pem,
+        &expired.key_pem,
+    );
+    let out = cp.ctl_with_profile(&expired, &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("your certificate expired at 20")
+            && out.stderr.contains(p(&expired))
+            && out.stderr.contains("users create"),
+        "{out:?}"
+    );
+
+    let early = ca
+        .issue_client_valid_between(
+            &admin,
+            SystemTime::now() + day,
+            SystemTime::now() + 30 * day,
+        )
+        .expect("issue");
+    let early = profile_with(
+        dir.path(),
+        "early.toml",
+        &cp.url(),
+        &read("ca.crt"),
+        &early.cert_pem,
+        &early.key_pem,
+    );
+    let out = cp.ctl_with_profile(&early, &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("is not valid before") && out.stderr.contains(p(&early)),
+        "{out:?}"
+    );
+
+    // Another control plane's admin certificate, with this one's CA.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).expect("dir");
+    let other = ControlPlane::init(&other_dir);
+    let other_admin = Profile::load(&other.admin_profile()).expect("profile");
+    let foreign = profile_with(
+        dir.path(),
+        "foreign.toml",
+        &cp.url(),
+        &read("ca.crt"),
+        &other_admin.client_cert,
+        &other_admin.client_key,
+    );
+    let out = cp.ctl_with_profile(&foreign, &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("not issued by") && out.stderr.contains(p(&foreign)),
+        "{out:?}"
+    );
+
+    // The whole profile of another control plane: its CA does not vouch for
+    // this server.
+    let out = cp.ctl_with_profile(&other.admin_profile(), &["nodes", "list"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains(p(&other.admin_profile()))
+            && out.stderr.contains("another control plane"),
+        "{out:?}"
+    );
+    // The real admin profile still works.
+    cp.ctl(&["nodes", "list"]).ok();
+    cp.stop();
+}
+
+/// `users create --out` to a place that cannot be written created the user
+/// and lost its only key. Now the key is on disk first, and nothing is
+/// created when it cannot be.
+#[test]
+fn users_create_to_an_unwritable_destination_creates_no_user() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let out = cp.ctl(&[
+        "users",
+        "create",
+        "bob",
+        "--role",
+        "viewer",
+        "--out",
+        "/nonexistent/bob.toml",
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("/nonexistent/bob.toml") && out.stderr.contains("no user was created"),
+        "{out:?}"
+    );
+    let users = cp.ctl(&["-o", "json", "users", "list"]).json();
+    assert!(
+        users
+            .as_array()
+            .is_some_and(|u| u.iter().all(|user| user["name"] != "bob")),
+        "bob was created: {users}"
+    );
+    // The same user into a writable place: created, the profile works,
+    // and no temporary file is left beside it.
+    let profiles = dir.path().join("profiles");
+    std::fs::create_dir_all(&profiles).expect("dir");
+    let path = profiles.join("bob.toml");
+    cp.ctl(&[
+        "users",
+        "create",
+        "bob",
+        "--role",
+        "viewer",
+        "--out",
+        p(&path),
+    ])
+    .ok();
+    cp.ctl_with_profile(&path, &["nodes", "list"]).ok();
+    let names: Vec<_> = std::fs::read_dir(&profiles)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, [std::ffi::OsString::from("bob.toml")]);
+    cp.stop();
+}

@@ -68,7 +68,15 @@ pub fn write_key_pair(out: &Path, key: &SigningKey) -> Result<(PathBuf, PathBuf)
             return Err(KeyError::Exists(path.clone()));
         }
     }
-    let private_pem = key
+    // PKCS#8 v1 (RFC 8410, no embedded public key), the form OpenSSL
+    // writes and the only one OpenSSL 3.0 reads; `SigningKey::to_pkcs8_pem`
+    // writes v2 (RFC 5958 with the public key), which `openssl pkey`
+    // refuses. Reading accepts both.
+    let key_bytes = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    };
+    let private_pem = key_bytes
         .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
         .map_err(|e| KeyError::Parse {
             path: key_path.clone(),
@@ -170,6 +178,14 @@ pub struct TrustSet {
     keys: BTreeMap<String, TrustedKey>,
 }
 
+/// How far ahead of the verifier's clock a signature's `signed_at` may be:
+/// the skew tolerated between a publisher's clock and the control plane's
+/// or an agent's, the same hour certificates are backdated by
+/// (`pki::BACKDATE`). Beyond it the date is not a time anyone signed at (a
+/// wrong clock, or a date chosen to look fresh for decades), and the
+/// signature does not count.
+pub const MAX_SIGNATURE_CLOCK_SKEW_MS: u64 = 3600 * 1000;
+
 /// A signature that verified against a trusted key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiedSignature {
@@ -219,6 +235,7 @@ impl TrustSet {
         let mut verified = Vec::new();
         let mut unknown = Vec::new();
         let mut expired = Vec::new();
+        let mut future = Vec::new();
         for signature in &info.signatures {
             let Some(trusted) = self.keys.get(&signature.key_id) else {
                 unknown.push(signature.key_id.clone());
@@ -238,6 +255,14 @@ impl TrustSet {
                     module,
                     key: format!("{:?} ({})", trusted.name, signature.key_id),
                 });
+            }
+            if signature.signed_at_ms > now_ms.saturating_add(MAX_SIGNATURE_CLOCK_SKEW_MS) {
+                future.push(format!(
+                    "{} is dated {}",
+                    trusted.name,
+                    crate::timefmt::rfc3339_from_ms(signature.signed_at_ms)
+                ));
+                continue;
             }
             if signature
                 .expires_at_ms
@@ -267,6 +292,13 @@ impl TrustSet {
             if !expired.is_empty() {
                 detail.push(format!("signature(s) by {} expired", expired.join(", ")));
             }
+            if !future.is_empty() {
+                detail.push(format!(
+                    "the signature by {}, more than 1 h ahead of this clock ({}): check the signer's clock and sign again",
+                    future.join(", the signature by "),
+                    crate::timefmt::rfc3339_from_ms(now_ms)
+                ));
+            }
             if self.keys.is_empty() {
                 detail.push("no publisher keys are trusted".to_string());
             }
@@ -276,5 +308,78 @@ impl TrustSet {
             });
         }
         Ok(verified)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `openssl` lines of docs/artifact-format.md's key section, run
+    /// against a key pair `keys generate` wrote (OpenSSL 3.0 refused the
+    /// PKCS#8 v2 form hotswap used to write).
+    #[test]
+    fn documented_openssl_commands_read_generated_keys() {
+        let has_openssl = std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_openssl {
+            eprintln!("SKIPPED: openssl is not installed");
+            return;
+        }
+        let doc = include_str!("../../../docs/artifact-format.md");
+        let section = doc
+            .split("## Keys")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("a Keys section");
+        let commands: Vec<&str> = section
+            .lines()
+            .filter(|l| l.starts_with("openssl "))
+            .map(|l| l.split(" #").next().unwrap_or(l).trim())
+            .collect();
+        assert!(commands.len() >= 3, "{commands:?}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("publisher");
+        let key = generate().expect("key");
+        let (_, pub_path) = write_key_pair(&base, &key).expect("write");
+        let public_pem = std::fs::read_to_string(&pub_path).expect("pub");
+        for command in commands {
+            let line = command.replace("PATH", base.to_str().expect("utf8"));
+            let out = std::process::Command::new("sh")
+                .args(["-c", &line])
+                .output()
+                .expect("sh");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{line}: {stderr}");
+            if line.ends_with("-pubout") {
+                assert_eq!(String::from_utf8_lossy(&out.stdout), public_pem, "{line}");
+            }
+        }
+    }
+
+    /// Keys of both PKCS#8 forms load: v2 written before, v1 now (and by
+    /// OpenSSL).
+    #[test]
+    fn both_pkcs8_forms_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = generate().expect("key");
+        let v2 = key
+            .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+            .expect("v2");
+        let v2_path = dir.path().join("v2.key");
+        std::fs::write(&v2_path, v2.as_bytes()).expect("write");
+        assert_eq!(
+            load_signing_key(&v2_path).expect("v2").to_bytes(),
+            key.to_bytes()
+        );
+        let (v1_path, _) = write_key_pair(&dir.path().join("v1"), &key).expect("write");
+        let v1 = std::fs::read_to_string(&v1_path).expect("read");
+        assert!(v1.len() < v2.len(), "no public key inside: {v1}");
+        assert_eq!(
+            load_signing_key(&v1_path).expect("v1").to_bytes(),
+            key.to_bytes()
+        );
     }
 }

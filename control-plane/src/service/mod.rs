@@ -48,39 +48,6 @@ pub struct OperatorLimits {
     deployments: crate::ratelimit::RateLimiter<String>,
 }
 
-#[cfg(test)]
-mod limit_tests {
-    use super::*;
-
-    #[test]
-    fn each_operator_has_its_own_budgets() {
-        let settings = Settings {
-            operator_writes_per_minute: 60,
-            operator_writes_burst: 4,
-            deployments_per_minute: 1,
-            deployments_burst: 2,
-            ..Settings::default()
-        };
-        let limits = OperatorLimits::new(&settings);
-        assert!(limits.check("alice", "deploy.create").is_ok());
-        assert!(limits.check("alice", "pipeline.run").is_ok());
-        let refused = limits.check("alice", "deploy.create").unwrap_err();
-        assert!(
-            refused.starts_with("rate limited: alice made more than 1 deployments per minute (deployments_per_minute); retry in "),
-            "{refused}"
-        );
-        // The refused deployment still spent a change; one is left.
-        assert!(limits.check("alice", "tokens.create").is_ok());
-        let refused = limits.check("alice", "users.create").unwrap_err();
-        assert!(
-            refused.contains("60 changes per minute (operator_writes_per_minute)"),
-            "{refused}"
-        );
-        // Another operator is unaffected.
-        assert!(limits.check("bob", "deploy.create").is_ok());
-    }
-}
-
 impl OperatorLimits {
     pub fn new(settings: &Settings) -> Self {
         Self {
@@ -263,5 +230,38 @@ impl AuditedCall {
         })
         .await?;
         result
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn each_operator_has_its_own_budgets() {
+        let settings = Settings {
+            operator_writes_per_minute: 60,
+            operator_writes_burst: 4,
+            deployments_per_minute: 1,
+            deployments_burst: 2,
+            ..Settings::default()
+        };
+        let limits = OperatorLimits::new(&settings);
+        assert!(limits.check("alice", "deploy.create").is_ok());
+        assert!(limits.check("alice", "pipeline.run").is_ok());
+        let refused = limits.check("alice", "deploy.create").unwrap_err();
+        assert!(
+            refused.starts_with("rate limited: alice made more than 1 deployments per minute (deployments_per_minute); retry in "),
+            "{refused}"
+        );
+        // The refused deployment still spent a change; one is left.
+        assert!(limits.check("alice", "tokens.create").is_ok());
+        let refused = limits.check("alice", "users.create").unwrap_err();
+        assert!(
+            refused.contains("60 changes per minute (operator_writes_per_minute)"),
+            "{refused}"
+        );
+        // Another operator is unaffected.
+        assert!(limits.check("bob", "deploy.create").is_ok());
     }
 }
