@@ -1,0 +1,313 @@
+//! Hostile peers against the real binaries: a compromised node lying in its
+//! status reports, and clients sending what no honest one sends.
+
+use std::path::Path;
+
+use hotswap_common::pb;
+use hotswap_common::pb::agent_message::Msg as AgentMsg;
+use hotswap_common::pb::control_message::Msg as ControlMsg;
+use hotswap_common::profile::Profile;
+use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
+use hotswap_tests::{ControlPlane, Fleet, TestDir, eventually, patience};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+fn runtime() -> tokio::runtime::Runtime {
+    hotswap_common::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn channel_for(profile: &Path, url: &str) -> Channel {
+    let profile = Profile::load(profile).expect("profile");
+    let config = tls::client_config(
+        ServerTrust::Ca(profile.ca_cert.clone()),
+        Some(ClientIdentity {
+            cert_pem: &profile.client_cert,
+            key_pem: &profile.client_key,
+        }),
+    )
+    .expect("tls config");
+    tls::connect_lazy(
+        &ControlPlaneUrl::parse(url).expect("url"),
+        config,
+        &Default::default(),
+    )
+    .expect("channel")
+}
+
+/// One sample of the control plane's /metrics.
+fn metric(cp: &ControlPlane, name: &str) -> f64 {
+    let (code, metrics) = cp.admin_get("/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    metrics
+        .lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+fn events(cp: &ControlPlane, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["-o", "json", "events"];
+    args.extend_from_slice(extra);
+    let out = cp.ctl(&args);
+    assert_eq!(out.code, 0, "{out:?}");
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// A report no honest agent sends: 20,000 made-up modules (set `round % 2`,
+/// so consecutive reports replace every one of them), the real module with
+/// NaN and infinite metrics, a node with more memory used than exists, and
+/// generations the control plane never sent.
+fn lying_report(round: usize) -> pb::AgentMessage {
+    let mut modules: Vec<pb::ModuleStatus> = (0..20_000)
+        .map(|i| pb::ModuleStatus {
+            name: format!("fake-{}-{i}", round % 2),
+            version: "6.6.6".into(),
+            phase: "running".into(),
+            health: "healthy".into(),
+            ..Default::default()
+        })
+        .collect();
+    modules.push(pb::ModuleStatus {
+        name: "hello".into(),
+        version: "1.0.0".into(),
+        phase: "running".into(),
+        health: "healthy".into(),
+        message: "x".repeat(100_000),
+        metrics: Some(pb::ModuleMetrics {
+            request_rate: f64::NAN,
+            error_rate: f64::INFINITY,
+            latency_p99_seconds: f64::INFINITY,
+            interval_seconds: 5.0,
+        }),
+        ..Default::default()
+    });
+    pb::AgentMessage {
+        msg: Some(AgentMsg::Status(pb::StatusReport {
+            modules,
+            observed_generation: u64::MAX,
+            desired_generation: u64::MAX,
+            usage: Some(pb::NodeUsage {
+                cpu_percent: f64::INFINITY,
+                memory_used_bytes: u64::MAX / 2,
+                memory_total_bytes: u64::MAX,
+            }),
+        })),
+    }
+}
+
+/// Every number in a JSON value, with its path.
+fn numbers(value: &Value, path: String, out: &mut Vec<(String, f64)>) {
+    match value {
+        Value::Number(n) => out.push((path, n.as_f64().unwrap_or(f64::NAN))),
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                numbers(v, format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                numbers(v, format!("{path}.{k}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn a_compromised_node_cannot_flush_the_event_log_or_show_absurd_values() {
+    let dir = TestDir::new();
+    let (mut fleet, _) = Fleet::start_many(&dir, "dev", &["good", "evil"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    let out = fleet.cp.ctl(&[
+        "-o",
+        "json",
+        "deploy",
+        "create",
+        "hello@1.0.0",
+        "--env",
+        "dev",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let deployment = out.last_json_line()["id"]
+        .as_str()
+        .expect("deployment id")
+        .to_string();
+    let deployment_events = || events(&fleet.cp, &["--deployment", &deployment, "--since", "0"]);
+    let before = deployment_events();
+    assert!(
+        before.iter().any(|e| e["kind"] == "deployment.created"),
+        "{before:?}"
+    );
+
+    // The attacker holds evil's key and certificate; its agent is gone.
+    let evil = &mut fleet.others[0];
+    evil.stop();
+    let profile = evil.node_profile(&fleet.cp.url());
+    let evil_id = evil.node_id();
+    fleet.cp.wait_status("evil", "disconnected");
+    let events_before = metric(&fleet.cp, "hotswap_events_total");
+    let rss_before = rss_kib(fleet.cp.pid());
+
+    let rt = runtime();
+    let _entered = rt.enter();
+    let channel = channel_for(&profile, &fleet.cp.url());
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(4);
+    let mut inbound = rt.block_on(async {
+        tx.send(pb::AgentMessage {
+            msg: Some(AgentMsg::Hello(pb::Hello {
+                node_id: evil_id.clone(),
+                name: "evil".into(),
+                agent_version: "evil".into(),
+                labels: [("environment".to_string(), "dev".to_string())].into(),
+            })),
+        })
+        .await
+        .expect("queue hello");
+        pb::agent_session_client::AgentSessionClient::new(channel)
+            .max_encoding_message_size(16 << 20)
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("session opens")
+            .into_inner()
+    });
+    // A heartbeat is answered once every message before it was handled.
+    let heartbeat = |seq: u64, inbound: &mut tonic::Streaming<pb::ControlMessage>| {
+        rt.block_on(async {
+            tx.send(pb::AgentMessage {
+                msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { seq })),
+            })
+            .await
+            .expect("session still open");
+            tokio::time::timeout(patience() * 4, async {
+                loop {
+                    match inbound.message().await {
+                        Ok(Some(pb::ControlMessage {
+                            msg: Some(ControlMsg::HeartbeatAck(ack)),
+                        })) if ack.seq == seq => return,
+                        Ok(Some(_)) => continue,
+                        other => panic!("session ended: {other:?}"),
+                    }
+                }
+            })
+            .await
+            .expect("heartbeat acknowledged in time")
+        })
+    };
+    for round in 0..6 {
+        rt.block_on(tx.send(lying_report(round)))
+            .expect("session still open");
+    }
+    heartbeat(1, &mut inbound);
+
+    // The node's lies stayed within what a node may claim.
+    let appended = metric(&fleet.cp, "hotswap_events_total") - events_before;
+    assert!(
+        appended <= 200.0,
+        "{appended} events appended for one node's reports"
+    );
+    let suppressed = metric(&fleet.cp, "hotswap_events_suppressed_total");
+    assert!(suppressed > 0.0, "events beyond the budget are counted");
+    assert!(metric(&fleet.cp, "hotswap_report_claims_dropped_total") >= 6.0 * 20_000.0 - 100.0);
+    let after = deployment_events();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "the deployment's events are all still in the log"
+    );
+    let node = fleet.cp.ctl(&["-o", "json", "nodes", "get", "evil"]).json();
+    let modules = node["modules"].as_array().expect("modules");
+    assert!(modules.len() <= 17, "{} modules kept", modules.len());
+    let hello = modules
+        .iter()
+        .find(|m| m["name"] == "hello")
+        .expect("the desired module is kept");
+    assert!(hello.get("metrics").is_none_or(Value::is_null), "{hello}");
+    assert!(hello["message"].as_str().is_some_and(|m| m.len() <= 1024));
+    assert_ne!(node["observed_generation"], u64::MAX, "{node}");
+    assert!(node.get("usage").is_none_or(Value::is_null), "{node}");
+
+    let cluster = fleet.cp.ctl(&["-o", "json", "clusters", "get", "dev"]);
+    let cluster: Value = serde_json::from_str(&cluster.stdout).expect("cluster json");
+    let mut values = Vec::new();
+    numbers(&cluster, String::new(), &mut values);
+    for (path, value) in &values {
+        assert!(
+            value.is_finite() && *value < (1u64 << 50) as f64,
+            "clusters get: {path} = {value}"
+        );
+    }
+    // Unknown (null) is fine; a number must be a believable one.
+    assert!(
+        cluster["error_rate"].as_f64().is_none_or(|e| e <= 1.0),
+        "{cluster}"
+    );
+    assert!(
+        cluster["cpu_percent"].as_f64().is_none_or(|c| c <= 100.0),
+        "{cluster}"
+    );
+    let table = fleet.cp.ctl(&["clusters", "get", "dev"]);
+    assert_eq!(table.code, 0, "{table:?}");
+    for absurd in ["inf", "NaN"] {
+        assert!(!table.stdout.contains(absurd), "{}", table.stdout);
+    }
+
+    let rss_after = rss_kib(fleet.cp.pid());
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "control plane grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert!(
+        fleet.cp.log().contains("status report claims dropped"),
+        "the lies are logged"
+    );
+
+    // Nothing crashed: the session still answers, the rest of the fleet works.
+    heartbeat(2, &mut inbound);
+    assert_eq!(fleet.cp.node_status("good").as_deref(), Some("connected"));
+    assert_eq!(fleet.cp.node_status("evil").as_deref(), Some("connected"));
+    drop(tx);
+    fleet.cp.wait_status("evil", "disconnected");
+    // What was held back is told, once, when the session ends.
+    let summaries = eventually("a summary of the suppressed events", || {
+        let found = events(
+            &fleet.cp,
+            &["--kind", "node.events_suppressed", "--node", "evil"],
+        );
+        if found.is_empty() {
+            Err("none yet".to_string())
+        } else {
+            Ok(found)
+        }
+    });
+    assert!(
+        summaries.len() <= 2,
+        "at most one summary per 10 s: {summaries:?}"
+    );
+    assert!(
+        summaries[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("events of this node suppressed")),
+        "{summaries:?}"
+    );
+}
