@@ -311,3 +311,96 @@ fn a_compromised_node_cannot_flush_the_event_log_or_show_absurd_values() {
         "{summaries:?}"
     );
 }
+
+#[test]
+fn absurd_deploy_and_token_options_are_refused_by_name() {
+    let dir = TestDir::new();
+    let (fleet, _) = Fleet::start_many(&dir, "dev", &["a"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    let deploy = |extra: &[&str]| {
+        let mut args = vec!["deploy", "create", "hello@1.0.0", "--env", "dev"];
+        args.extend_from_slice(extra);
+        fleet.cp.ctl(&args)
+    };
+    // The same options in range are accepted, so the refusals below are
+    // the values' doing.
+    for (strategy, extra) in [
+        (
+            "canary",
+            ["--max-error-rate", "0.5", "--step-duration", "10m"],
+        ),
+        (
+            "canary",
+            ["--max-latency-increase", "2", "--health-deadline", "1h"],
+        ),
+        ("blue-green", ["--bake-time", "1h", "--pause-timeout", "1h"]),
+        (
+            "rolling",
+            ["--min-healthy-time", "30s", "--max-error-rate", "0"],
+        ),
+    ] {
+        let mut args = vec!["--dry-run", "--strategy", strategy];
+        args.extend_from_slice(&extra);
+        let out = deploy(&args);
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+    }
+    let cases: &[(&str, &[&str])] = &[
+        ("--max-error-rate", &["--max-error-rate", "NaN"]),
+        ("--max-error-rate", &["--max-error-rate=-0.5"]),
+        ("--max-error-rate", &["--max-error-rate", "inf"]),
+        ("--max-error-rate", &["--max-error-rate", "1.5"]),
+        ("--max-latency-increase", &["--max-latency-increase=-5"]),
+        ("--max-latency-increase", &["--max-latency-increase", "NaN"]),
+        ("--max-latency-increase", &["--max-latency-increase", "inf"]),
+        ("--max-latency-increase", &["--max-latency-increase", "0.5"]),
+        (
+            "--step-duration",
+            &["--strategy", "canary", "--step-duration", "100000000y"],
+        ),
+        (
+            "--step-duration",
+            &["--strategy", "canary", "--step-duration", "367d"],
+        ),
+        (
+            "--bake-time",
+            &["--strategy", "blue-green", "--bake-time", "2y"],
+        ),
+        (
+            "--min-healthy-time",
+            &["--strategy", "rolling", "--min-healthy-time", "500000000y"],
+        ),
+        ("--health-deadline", &["--health-deadline", "100000000y"]),
+        ("--pause-timeout", &["--pause-timeout", "100000000y"]),
+    ];
+    for (flag, args) in cases {
+        let out = deploy(args);
+        assert_eq!(out.code, 1, "{args:?}: {out:?}");
+        assert!(out.stderr.contains(flag), "{args:?} names {flag}: {out:?}");
+    }
+    let list = fleet.cp.ctl(&["-o", "json", "deploy", "list"]).json();
+    assert_eq!(list, serde_json::json!([]), "nothing was created");
+
+    let tokens_created = || {
+        let audit = fleet.cp.ctl(&["-o", "json", "audit", "list"]).json();
+        audit
+            .as_array()
+            .expect("audit records")
+            .iter()
+            .filter(|r| r["action"] == "tokens.create" && r["result"] == "ok")
+            .count()
+    };
+    let tokens_before = tokens_created();
+    for (ttl, why) in [
+        ("0s", "below 1s"),
+        ("500ms", "below 1s"),
+        ("400d", "maximum"),
+    ] {
+        let out = fleet.cp.ctl(&["tokens", "create", "--ttl", ttl]);
+        assert_eq!(out.code, 1, "--ttl {ttl}: {out:?}");
+        assert!(
+            out.stderr.contains("--ttl") && out.stderr.contains(why),
+            "--ttl {ttl}: {out:?}"
+        );
+    }
+    assert_eq!(tokens_created(), tokens_before, "no token was created");
+}
