@@ -404,3 +404,162 @@ fn absurd_deploy_and_token_options_are_refused_by_name() {
     }
     assert_eq!(tokens_created(), tokens_before, "no token was created");
 }
+
+/// A codec that sends and receives raw bytes: what a client with a broken
+/// (or hostile) protobuf encoder puts on the wire.
+#[derive(Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = bytes::Buf::remaining(buf);
+        Ok(Some(bytes::Buf::copy_to_bytes(buf, len).to_vec()))
+    }
+}
+
+#[test]
+fn malformed_protobuf_is_invalid_argument() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let rt = runtime();
+    let _entered = rt.enter();
+    let operator = channel_for(&cp.admin_profile(), &cp.url());
+    // Enrollment takes callers without a certificate.
+    let anonymous = {
+        let profile = Profile::load(&cp.admin_profile()).expect("profile");
+        let config =
+            tls::client_config(ServerTrust::Ca(profile.ca_cert.clone()), None).expect("tls config");
+        tls::connect_lazy(
+            &ControlPlaneUrl::parse(&cp.url()).expect("url"),
+            config,
+            &Default::default(),
+        )
+        .expect("channel")
+    };
+    let garbage: [&[u8]; 3] = [
+        // Field 1, length 5, one byte of it.
+        &[0x0a, 0x05, 0x01],
+        // A tag varint that never ends.
+        &[0xff; 16],
+        // Wire type 7 does not exist.
+        &[0x0f, 0x00],
+    ];
+    for (channel, path) in [
+        (operator.clone(), "/hotswap.v1.Fleet/ListNodes"),
+        (operator, "/hotswap.v1.Events/WatchEvents"),
+        (anonymous, "/hotswap.v1.Enrollment/Enroll"),
+    ] {
+        for bytes in garbage {
+            let status = rt.block_on(async {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                grpc.ready().await.expect("channel ready");
+                grpc.unary(
+                    tonic::Request::new(bytes.to_vec()),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                    RawBytes,
+                )
+                .await
+                .expect_err("garbage is refused")
+            });
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{path} with {bytes:?}: {status:?}"
+            );
+            assert!(
+                status.message().contains("not valid protobuf"),
+                "{path}: {status:?}"
+            );
+        }
+    }
+    // Still serving.
+    cp.ctl(&["nodes", "list"]).ok();
+}
+
+#[test]
+fn half_sent_admin_requests_are_closed() {
+    use std::io::{Read, Write};
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let admin = cp.admin.expect("admin address");
+    let start = std::time::Instant::now();
+    let mut sockets: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(admin).expect("connect");
+            // Headers begun, never finished.
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .expect("write");
+            s
+        })
+        .collect();
+    // The header read timeout (5 s) plus slack for a loaded machine.
+    let deadline = start + std::time::Duration::from_secs(5) + patience();
+    for (i, socket) in sockets.iter_mut().enumerate() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        socket
+            .set_read_timeout(Some(left.max(std::time::Duration::from_millis(1))))
+            .expect("timeout");
+        let mut buf = [0u8; 4096];
+        loop {
+            match socket.read(&mut buf) {
+                Ok(0) => break,
+                // A 408 or an error page before the close is fine.
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!(
+                        "half-sent request {i} still open after {:?}",
+                        start.elapsed()
+                    )
+                }
+                // Reset: closed too.
+                Err(_) => break,
+            }
+        }
+    }
+    drop(sockets);
+    // Nothing is held after them: probes are answered.
+    let (code, body) = cp.admin_get("/healthz");
+    assert_eq!((code, body.trim()), (200, "ok"));
+}
