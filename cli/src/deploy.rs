@@ -286,7 +286,11 @@ async fn create(
         .module
         .split_once('@')
         .ok_or_else(|| CliError::Other(anyhow::anyhow!("{:?} is not NAME@VERSION", args.module)))?;
-    let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis() as u64);
+    // Saturating: a duration beyond u64 milliseconds reaches the control
+    // plane as the largest value, which it refuses by name, never as a
+    // wrapped-around small one it would accept.
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let ms = |d: Option<Duration>| d.map_or(0, millis);
     let request = pb::CreateDeploymentRequest {
         module: module.to_string(),
         version: version.to_string(),
@@ -296,7 +300,9 @@ async fn create(
             strategy: args.strategy.unwrap_or_default(),
             selector: args.selector.into_iter().collect(),
             batch_size: args.batch_size.unwrap_or_default(),
-            max_failures: args.max_failures.map_or(-1, |n| n as i32),
+            max_failures: args
+                .max_failures
+                .map_or(-1, |n| i32::try_from(n).unwrap_or(i32::MAX)),
             steps: args.steps,
             step_duration_ms: ms(args.step_duration),
             manual_promote: args.manual_promote,
@@ -309,7 +315,7 @@ async fn create(
             progress_deadline_ms: 0,
             pause_timeout_ms: ms(args.pause_timeout),
             analysis_min_requests: args.analysis_min_requests,
-            analysis_warmup_ms: args.analysis_warmup.map(|d| d.as_millis() as u64),
+            analysis_warmup_ms: args.analysis_warmup.map(millis),
             allow_downgrade: args.allow_downgrade,
         }),
     };

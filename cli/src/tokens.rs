@@ -33,10 +33,19 @@ pub enum TokensCommand {
 pub async fn run(ctx: &Context, command: TokensCommand) -> Result<(), CliError> {
     match command {
         TokensCommand::Create { ttl, uses, labels } => {
+            // The wire counts whole seconds and 0 means "the control plane's
+            // default", so a lifetime under a second cannot be sent as what
+            // it is: refuse it here rather than round it to 1s or to 1h.
+            if ttl < Duration::from_secs(1) {
+                return Err(CliError::Other(anyhow::anyhow!(
+                    "--ttl {}ms is below 1s: a join token must live at least a second",
+                    ttl.as_millis()
+                )));
+            }
             let conn = ctx.connect()?;
             let mut client = pb::fleet_client::FleetClient::new(conn.channel.clone());
             let request = pb::CreateTokenRequest {
-                ttl_seconds: ttl.as_secs().max(1),
+                ttl_seconds: ttl.as_secs(),
                 uses,
                 labels: labels.into_iter().collect(),
             };

@@ -4,11 +4,16 @@
 //! an agent's session is one long call of small messages, so at fleet scale
 //! those two buffers were a quarter of the control plane's memory per
 //! connected agent. Buffers still grow for large messages (artifact chunks).
+//!
+//! Bytes that are not a valid message are the sender's mistake, so the
+//! decoder reports them as `InvalidArgument` (tonic's prost codec says
+//! `Internal`, which reads as a bug of ours and is retried by some clients).
 
 use std::marker::PhantomData;
 
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::{Code, Status};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// Initial size of a call's encode and decode buffers.
@@ -44,13 +49,37 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Decoder = LeanDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstCodec::<T, U>::raw_encoder(settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(settings())
+        LeanDecoder(ProstCodec::<T, U>::raw_decoder(settings()))
+    }
+}
+
+/// [`ProstDecoder`] whose failures are `InvalidArgument`: it fails only on
+/// bytes that do not decode as the expected message.
+#[derive(Debug)]
+pub struct LeanDecoder<U>(ProstDecoder<U>);
+
+impl<U: Message + Default> Decoder for LeanDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|status| match status.code() {
+            Code::Internal => Status::invalid_argument(format!(
+                "message is not valid protobuf: {}",
+                status.message()
+            )),
+            _ => status,
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
     }
 }

@@ -410,7 +410,9 @@ fn lower_or_digit(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit()
 }
 
-fn valid_module_name(s: &str) -> bool {
+/// A module name as manifests allow it: 2 to 63 lowercase letters, digits
+/// and dashes, starting with a letter or digit.
+pub fn valid_module_name(s: &str) -> bool {
     shaped(s, lower_or_digit, |c| lower_or_digit(c) || c == '-', 1, 62)
 }
 

@@ -271,6 +271,78 @@ impl EventLog {
     }
 }
 
+/// How many events one node may cause: a token bucket, kept per node for
+/// as long as the node is enrolled (not per session, so reconnecting does
+/// not refill it). The log's retention is a count, so a node that could
+/// append without bound would push every deployment event out of it; with
+/// this, one node adds at most [`EventBudget::BURST`] events at once and
+/// [`EventBudget::PER_SECOND`] a second after that, which at the default
+/// retention of 100,000 takes more than a day of nonstop lying. Events
+/// beyond the budget are counted, and the count goes into one
+/// `node.events_suppressed` event at most every
+/// [`EventBudget::SUMMARY_EVERY`] (and when the session ends).
+#[derive(Clone, Debug)]
+pub struct EventBudget {
+    tokens: f64,
+    refilled: std::time::Instant,
+    /// Events refused since the last summary.
+    suppressed: u64,
+    /// When the last summary went out (or the budget was created).
+    summarized: std::time::Instant,
+}
+
+/// Events refused by an [`EventBudget`], to be told in one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Suppressed {
+    pub events: u64,
+    pub over: std::time::Duration,
+}
+
+impl EventBudget {
+    /// Events a node may cause at once: a node attaching with a few dozen
+    /// modules in flux (phase and health of each) fits in it.
+    pub const BURST: f64 = 120.0;
+    /// Events a node may cause per second once the burst is spent.
+    pub const PER_SECOND: f64 = 1.0;
+    /// Least time between two summaries of one node.
+    pub const SUMMARY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    pub fn new(now: std::time::Instant) -> Self {
+        Self {
+            tokens: Self::BURST,
+            refilled: now,
+            suppressed: 0,
+            summarized: now,
+        }
+    }
+
+    /// Take tokens for `wanted` events; returns how many may be appended
+    /// (the first ones), and counts the rest as suppressed.
+    pub fn take(&mut self, now: std::time::Instant, wanted: usize) -> usize {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * Self::PER_SECOND).min(Self::BURST);
+        self.refilled = self.refilled.max(now);
+        let allowed = (self.tokens.floor() as usize).min(wanted);
+        self.tokens -= allowed as f64;
+        self.suppressed += (wanted - allowed) as u64;
+        allowed
+    }
+
+    /// The events suppressed since the last summary, when a summary is due:
+    /// [`EventBudget::SUMMARY_EVERY`] after the previous one, or at once
+    /// with `now_or_never` (the session ends). Summaries take no tokens:
+    /// they are at most one per interval.
+    pub fn summary(&mut self, now: std::time::Instant, now_or_never: bool) -> Option<Suppressed> {
+        let over = now.saturating_duration_since(self.summarized);
+        if self.suppressed == 0 || (!now_or_never && over < Self::SUMMARY_EVERY) {
+            return None;
+        }
+        let events = std::mem::take(&mut self.suppressed);
+        self.summarized = now;
+        Some(Suppressed { events, over })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,5 +457,41 @@ mod tests {
         log.append(Event::new("node.connected", "hi"));
         let e = rx.recv().await.unwrap();
         assert_eq!((e.seq, e.kind.as_str()), (1, "node.connected"));
+    }
+
+    #[test]
+    fn a_node_s_event_budget_allows_a_burst_then_a_trickle_and_summarizes_the_rest() {
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut budget = EventBudget::new(start);
+        let burst = EventBudget::BURST as usize;
+        assert_eq!(budget.take(start, 10), 10);
+        assert_eq!(budget.take(start, burst), burst - 10, "the burst is spent");
+        assert_eq!(budget.take(start, 5), 0);
+        assert_eq!(budget.summary(at(1), false), None, "not yet due");
+        // One token a second comes back, never more than the burst.
+        assert_eq!(budget.take(at(2_500), 10), 2);
+        assert_eq!(
+            budget.summary(at(10_000), false),
+            Some(Suppressed {
+                events: 10 + 5 + 8,
+                over: Duration::from_secs(10)
+            })
+        );
+        assert_eq!(budget.summary(at(10_001), true), None, "nothing to tell");
+        // Half a token left at 2.5 s, plus 8.5 s of refill.
+        assert_eq!(budget.take(at(11_000), 20), 9);
+        assert_eq!(
+            budget.summary(at(11_000), true),
+            Some(Suppressed {
+                events: 11,
+                over: Duration::from_secs(1)
+            }),
+            "a session ending tells at once"
+        );
+        assert_eq!(budget.take(at(1_000_000), 1_000), burst);
+        // A clock read out of order takes nothing back.
+        assert_eq!(budget.take(at(0), 1), 0);
     }
 }

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub analysis_failures: Counter,
     pub events_stored: Gauge,
     pub events_appended: Counter,
+    /// Events a node caused beyond its budget (counted, not logged).
+    pub events_suppressed: Counter,
+    /// Claims dropped from status reports at the edge (`service::convert`).
+    pub report_claims_dropped: Counter,
     pub audit_records: Gauge,
     pub tls_dropped: Family<DropReasonLabel, Counter>,
 }
@@ -98,6 +102,8 @@ impl Metrics {
             analysis_failures: Counter::default(),
             events_stored: Gauge::default(),
             events_appended: Counter::default(),
+            events_suppressed: Counter::default(),
+            report_claims_dropped: Counter::default(),
             audit_records: Gauge::default(),
             tls_dropped: Family::default(),
         };
@@ -177,6 +183,16 @@ impl Metrics {
             "events",
             "Events appended to the event log",
             metrics.events_appended.clone(),
+        );
+        registry.register(
+            "events_suppressed",
+            "Events nodes caused beyond their per-node budget, counted instead of appended",
+            metrics.events_suppressed.clone(),
+        );
+        registry.register(
+            "report_claims_dropped",
+            "Module entries, metrics windows, usage and generations dropped from status reports as unbelievable",
+            metrics.report_claims_dropped.clone(),
         );
         registry.register(
             "audit_records",

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::deploy::machine::FailureKind;
 use crate::error::ApiError;
-use crate::events::{Event, EventLog};
+use crate::events::{Event, EventBudget, EventLog};
 use crate::metrics::Metrics;
 use crate::store::{DesiredModuleRecord, DesiredRecord, EnrollError, NodeRecord, Store};
 
@@ -218,6 +218,10 @@ pub struct Registry {
     wake: tokio::sync::Notify,
     /// Node changes announced so far (the engine's wake-ups' cause).
     changes: AtomicU64,
+    /// Events each node's sessions may still cause ([`EventBudget`]), by
+    /// node id; kept across sessions, dropped with the node. Taken after
+    /// `live` when both are held.
+    budgets: Mutex<HashMap<String, EventBudget>>,
 }
 
 /// One desired-state change: node id, module, and the new entry (`None`
@@ -300,6 +304,7 @@ impl Registry {
             attached: Mutex::new(Vec::new()),
             wake: tokio::sync::Notify::new(),
             changes: AtomicU64::new(0),
+            budgets: Mutex::new(HashMap::new()),
             events: EventLog::open(&store_for_events, DEFAULT_EVENT_RETENTION)?
                 .counting(appended, stored),
         });
@@ -324,6 +329,54 @@ impl Registry {
         self.live
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The events of `events` a node's session may append now, within the
+    /// node's [`EventBudget`], plus a `node.events_suppressed` summary when
+    /// one is due (`session_ends` makes it due at once). The caller names
+    /// the node in each and appends them.
+    fn within_budget(
+        &self,
+        node_id: &str,
+        mut events: Vec<Event>,
+        session_ends: bool,
+    ) -> Vec<Event> {
+        let now = std::time::Instant::now();
+        let (allowed, summary) = {
+            let mut budgets = self
+                .budgets
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let budget = budgets
+                .entry(node_id.to_string())
+                .or_insert_with(|| EventBudget::new(now));
+            let allowed = budget.take(now, events.len());
+            (allowed, budget.summary(now, session_ends))
+        };
+        let refused = events.len() - allowed;
+        if refused > 0 {
+            self.metrics.events_suppressed.inc_by(refused as u64);
+        }
+        events.truncate(allowed);
+        if let Some(summary) = summary {
+            tracing::warn!(
+                node = %node_id,
+                suppressed = summary.events,
+                seconds = summary.over.as_secs(),
+                "node caused more events than its budget; the rest were counted, not logged"
+            );
+            events.push(Event::new(
+                "node.events_suppressed",
+                format!(
+                    "{} events of this node suppressed over {}s: a node may cause {} events at once and {} a second",
+                    summary.events,
+                    summary.over.as_secs(),
+                    EventBudget::BURST,
+                    EventBudget::PER_SECOND
+                ),
+            ));
+        }
+        events
     }
 
     fn update_gauges(&self, live: &HashMap<String, LiveSession>) {
@@ -505,13 +558,13 @@ impl Registry {
         record.labels = labels;
         record.agent_version = agent_version.to_string();
         record.last_seen_ms = Some(now);
-        self.events.append(
-            Event::new(
-                "node.connected",
-                format!("{} connected (agent {agent_version})", record.name),
-            )
-            .node(&record.name),
+        let connected = Event::new(
+            "node.connected",
+            format!("{} connected (agent {agent_version})", record.name),
         );
+        for event in self.within_budget(node_id, vec![connected], false) {
+            self.events.append(event.node(&record.name));
+        }
         self.store.put_node(&record).await?;
 
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
@@ -651,6 +704,9 @@ impl Registry {
             } else {
                 Vec::new()
             };
+            // Through the node's budget even when empty: a summary of what
+            // it suppressed may be due.
+            let transitions = self.within_budget(&handle.node_id, transitions, false);
             if session.history.len() == HISTORY_LEN {
                 session.history.pop_front();
             }
@@ -663,13 +719,16 @@ impl Registry {
             // The first report of a session is a change: catch-up waits for it.
             let changed = changed || !session.reported;
             session.reported = true;
-            if !changed {
+            if !changed && transitions.is_empty() {
                 return;
             }
             match self.store.get_node(&handle.node_id) {
                 Ok(Some(record)) => {
                     for event in transitions {
                         self.events.append(event.node(&record.name));
+                    }
+                    if !changed {
+                        return;
                     }
                     self.watched().then(|| self.state_of(record, &live))
                 }
@@ -870,10 +929,11 @@ impl Registry {
         match self.store.get_node(&handle.node_id) {
             Ok(Some(mut record)) => {
                 record.last_seen_ms = Some(last_seen);
-                self.events.append(
-                    Event::new("node.disconnected", format!("{} disconnected", record.name))
-                        .node(&record.name),
-                );
+                let disconnected =
+                    Event::new("node.disconnected", format!("{} disconnected", record.name));
+                for event in self.within_budget(&handle.node_id, vec![disconnected], true) {
+                    self.events.append(event.node(&record.name));
+                }
                 if let Err(e) = self.store.put_node(&record).await {
                     tracing::warn!(node = %handle.node_id, error = %e, "could not persist last-seen time");
                 }
@@ -911,6 +971,10 @@ impl Registry {
             self.store.exhaust_token(&removed_record.token_hash).await?;
         }
         self.store.remove_desired(&id).await?;
+        self.budgets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&id);
         self.total_nodes.fetch_sub(1, Ordering::Relaxed);
         {
             let mut live = self.lock_live();

@@ -145,6 +145,14 @@ const TICK: Duration = Duration::from_millis(500);
 /// this much earlier than it was really last seen.
 const LAST_SEEN_PERSIST_EVERY: Duration = Duration::from_secs(1);
 
+/// Longest a deployment's duration option may be (steps, bake, deadlines):
+/// beyond a year a value is a typo or an overflow, and a deadline that far
+/// out never makes the deployment terminal.
+const MAX_OPTION_DURATION: Duration = Duration::from_secs(366 * 86_400);
+/// Highest p99 latency multiple a canary may be allowed: beyond it the
+/// latency check could never trip, like NaN.
+const MAX_LATENCY_INCREASE: f64 = 1000.0;
+
 fn parse_batch(text: &str) -> Result<BatchSize, ApiError> {
     let bad = || {
         ApiError::InvalidArgument(format!(
@@ -748,6 +756,8 @@ impl Engine {
         analyze(&self.registry, deployment, hold_since_ms, now_ms())
     }
 
+    /// The spec of a deployment `request` asks for, with every option in
+    /// its range (the message names the flag) and the rest from the config.
     fn build_spec(&self, request: &CreateRequest, user: &str) -> Result<(Spec, bool), ApiError> {
         let env = self
             .settings
@@ -862,10 +872,28 @@ impl Engine {
             )));
         }
         let latency_increase = request.max_latency_increase.unwrap_or(d.latency_increase);
-        if latency_increase < 1.0 {
+        if !(1.0..=MAX_LATENCY_INCREASE).contains(&latency_increase) {
             return Err(ApiError::InvalidArgument(format!(
-                "--max-latency-increase {latency_increase} must be at least 1 (a multiple of the baseline)"
+                "--max-latency-increase {latency_increase} must be between 1 and {MAX_LATENCY_INCREASE} (a multiple of the baseline)"
             )));
+        }
+        for (flag, value) in [
+            ("--step-duration", request.step_duration),
+            ("--bake-time", request.bake_time),
+            ("--min-healthy-time", request.min_healthy_time),
+            ("--health-deadline", request.health_deadline),
+            ("--progress-deadline", request.progress_deadline),
+        ] {
+            if let Some(value) = value
+                && value > MAX_OPTION_DURATION
+            {
+                return Err(ApiError::InvalidArgument(format!(
+                    "{flag} {} is longer than 366d",
+                    hotswap_common::timefmt::human_age(
+                        u64::try_from(value.as_millis()).unwrap_or(u64::MAX)
+                    )
+                )));
+            }
         }
         let spec = Spec {
             module: request.module.clone(),

@@ -52,7 +52,14 @@ fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest,
         selector,
         strategy: (!o.strategy.is_empty()).then_some(o.strategy),
         batch_size: (!o.batch_size.is_empty()).then_some(o.batch_size),
-        max_failures: u32::try_from(o.max_failures).ok(),
+        max_failures: match o.max_failures {
+            -1 => None,
+            n => Some(u32::try_from(n).map_err(|_| {
+                ApiError::InvalidArgument(format!(
+                    "--max-failures {n} is negative (-1 on the wire means the default)"
+                ))
+            })?),
+        },
         steps: o.steps,
         step_duration: opt_ms(o.step_duration_ms),
         manual_promote: o.manual_promote,
@@ -60,8 +67,11 @@ fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest,
         min_healthy_time: opt_ms(o.min_healthy_time_ms),
         health_deadline: opt_ms(o.health_deadline_ms),
         progress_deadline: opt_ms(o.progress_deadline_ms),
-        max_error_rate: (o.max_error_rate >= 0.0).then_some(o.max_error_rate),
-        max_latency_increase: (o.max_latency_increase > 0.0).then_some(o.max_latency_increase),
+        // Only the wire's own "unset" values mean the default: any other
+        // negative, NaN or infinite value is a mistake the engine refuses,
+        // not a silent fall-back (NaN would make the check never trip).
+        max_error_rate: (o.max_error_rate != -1.0).then_some(o.max_error_rate),
+        max_latency_increase: (o.max_latency_increase != 0.0).then_some(o.max_latency_increase),
         no_auto_rollback: o.no_auto_rollback,
         pause_timeout: opt_ms(o.pause_timeout_ms),
         analysis_min_requests: o.analysis_min_requests,

@@ -44,7 +44,7 @@ impl FleetService {
         };
         if ttl > settings.token_max_ttl {
             return Err(ApiError::InvalidArgument(format!(
-                "token ttl {} exceeds the maximum of {}",
+                "--ttl {} exceeds the maximum of {} (token_max_ttl)",
                 humantime_secs(ttl),
                 humantime_secs(settings.token_max_ttl)
             )));

@@ -223,6 +223,7 @@ async fn drive(
         .get(ENVIRONMENT_LABEL)
         .and_then(|env| ctx.settings.environments.get(env))
         .map_or(1, |env| env.min_signatures);
+    let mut warnings = ReportWarnings::default();
     // The current desired state goes out first, then on every change.
     handle.desired.mark_changed();
     loop {
@@ -287,7 +288,15 @@ async fn drive(
                 }
             }
             Some(AgentMsg::Status(report)) => {
-                ctx.registry.report(handle, report_from_pb(report));
+                let screened = report_from_pb(report, &handle.desired.borrow());
+                if !screened.clean() {
+                    ctx.registry
+                        .metrics()
+                        .report_claims_dropped
+                        .inc_by(screened.dropped_claims);
+                    warnings.warn(&handle.node_id, &screened);
+                }
+                ctx.registry.report(handle, screened.report);
             }
             Some(AgentMsg::Hello(_)) => {
                 let _ = tx
@@ -304,5 +313,37 @@ async fn drive(
                 return "protocol error: empty message".into();
             }
         }
+    }
+}
+
+/// Warnings about a session's screened reports: the first at once, then at
+/// most one per [`ReportWarnings::EVERY`] with the number of reports in
+/// between, so a node sending unbelievable reports many times a second
+/// cannot flood the control plane's log either.
+#[derive(Default)]
+struct ReportWarnings {
+    last: Option<tokio::time::Instant>,
+    since_last: u64,
+}
+
+impl ReportWarnings {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+    fn warn(&mut self, node_id: &str, screened: &super::convert::ScreenedReport) {
+        let now = tokio::time::Instant::now();
+        self.since_last += 1;
+        if self.last.is_some_and(|last| now < last + Self::EVERY) {
+            return;
+        }
+        tracing::warn!(
+            node = %node_id,
+            reports = self.since_last,
+            dropped = screened.dropped_claims,
+            problems = %screened.problems.join("; "),
+            more = screened.more_problems,
+            "status report claims dropped as unbelievable (count of such reports since the last warning; problems of the latest)"
+        );
+        self.last = Some(now);
+        self.since_last = 0;
     }
 }
