@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use hotswap_common::artifact::format::read_artifact;
 use hotswap_common::artifact::keys::{self, TrustSet};
+use hotswap_common::artifact::limits::{Limits, module_label};
 use hotswap_common::artifact::pack::{add_signature, pack_and_sign};
 use hotswap_common::artifact::{ArtifactInfo, Signature};
 use hotswap_common::model::{ModuleVersionView, ModuleView};
@@ -230,8 +231,16 @@ pub async fn run(ctx: &Context, command: ModuleCommand) -> Result<(), CliError> 
             );
         }
         ModuleCommand::Push { file } => {
-            // Check locally first: a broken file gets a precise error without an upload.
+            // Check locally first: a broken file gets a precise error without
+            // an upload. The payload is walked by the control plane, which
+            // must check it anyway; the version is cheap to check here.
             let info = local(read_artifact(&file))?;
+            local(Limits::AGENT.check_manifest(&info.manifest).map_err(|e| {
+                format!(
+                    "artifact {} cannot be installed by agents: {e}",
+                    module_label(&info.manifest)
+                )
+            }))?;
             let conn = ctx.connect()?;
             let mut client = pb::artifacts_client::ArtifactsClient::new(conn.channel.clone())
                 .max_decoding_message_size(8 * 1024 * 1024);

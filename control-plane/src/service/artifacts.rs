@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use hotswap_common::artifact::format::read_artifact;
 use hotswap_common::artifact::keys::{key_id, parse_public_key};
+use hotswap_common::artifact::limits::{Limits, module_label};
+use hotswap_common::artifact::unpack::{UnpackError, check_artifact};
 use hotswap_common::artifact::{ArtifactError, ArtifactInfo, Digest, TrustSet};
 use hotswap_common::pb;
 use hotswap_common::timefmt::{now_ms, ts_from_ms};
@@ -127,15 +129,18 @@ impl ArtifactsService {
     ) -> Result<pb::ModuleVersion, ApiError> {
         let trust = self.trust_set()?;
         let path = upload.to_path_buf();
-        // Hashing and signature checks are CPU and disk work: keep them off the runtime threads.
-        let (info, verified) = tokio::task::spawn_blocking(move || -> Result<_, ArtifactError> {
-            let info = read_artifact(&path)?;
-            let verified = trust.verify(&info, now_ms())?;
+        // Hashing, signature checks and the walk of the payload are CPU and
+        // disk work: keep them off the runtime threads.
+        let (info, verified) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+            let info = read_artifact(&path).map_err(artifact_error)?;
+            let verified = trust.verify(&info, now_ms()).map_err(artifact_error)?;
+            // After the signatures, so only what a trusted publisher signed
+            // is ever decompressed here.
+            ensure_installable(&path, &info)?;
             Ok((info, verified))
         })
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(artifact_error)?;
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
         let module = info.module();
         let digest = info.digest;
 
@@ -303,6 +308,23 @@ impl ArtifactsService {
             size: record.size,
             signatures,
         })
+    }
+}
+
+/// Refuse what no agent could install, by the agents' own [`Limits`]: a
+/// version too long to name a directory, a payload that is not zstd, too
+/// many entries, more bytes than an agent unpacks (counted from the declared
+/// sizes, decompressed but written nowhere), or an entry the unpack refuses.
+/// Accepting such an artifact only moved the failure to every node of a
+/// deployment.
+fn ensure_installable(path: &std::path::Path, info: &ArtifactInfo) -> Result<(), ApiError> {
+    match check_artifact(path, info, &Limits::AGENT) {
+        Ok(_) => Ok(()),
+        Err(e @ UnpackError::Io { .. }) => Err(ApiError::Internal(e.to_string())),
+        Err(e) => Err(ApiError::InvalidArgument(format!(
+            "artifact {} cannot be installed by agents: {e}",
+            module_label(&info.manifest)
+        ))),
     }
 }
 
