@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Subcommand;
 use hotswap_common::artifact::format::read_artifact;
 use hotswap_common::artifact::keys::{self, TrustSet};
+use hotswap_common::artifact::limits::{Limits, module_label};
 use hotswap_common::artifact::pack::{add_signature, pack_and_sign};
 use hotswap_common::artifact::{ArtifactInfo, Signature};
 use hotswap_common::model::{ModuleVersionView, ModuleView};
@@ -64,6 +65,62 @@ pub enum ModuleCommand {
     /// Show the versions of one module.
     #[command(after_help = "Examples:\n  hotswapctl module get hello")]
     Get { name: String },
+    /// Mark one version as known bad: deployments, pipelines, catch-up and
+    /// `nodes set-module` refuse it, and a running deployment of it rolls
+    /// back. Needs the permission of a push (deployer or admin).
+    #[command(
+        after_help = "Examples:\n  hotswapctl module yank hello@1.2.0 --reason \"corrupts the cache on restart\""
+    )]
+    Yank {
+        /// NAME@VERSION.
+        module: String,
+        /// What is wrong with it; shown to whoever tries to deploy it.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Make a yanked version deployable again.
+    #[command(after_help = "Examples:\n  hotswapctl module unyank hello@1.2.0")]
+    Unyank {
+        /// NAME@VERSION.
+        module: String,
+    },
+}
+
+fn name_at_version(module: &str) -> Result<(String, String), CliError> {
+    match module.split_once('@') {
+        Some((name, version)) if !name.is_empty() && !version.is_empty() => {
+            Ok((name.to_string(), version.to_string()))
+        }
+        _ => Err(CliError::Other(anyhow::anyhow!(
+            "{module:?} is not NAME@VERSION"
+        ))),
+    }
+}
+
+fn print_yank(ctx: &Context, name: &str, version: ModuleVersionView) {
+    #[derive(Serialize)]
+    struct Changed {
+        name: String,
+        #[serde(flatten)]
+        version: ModuleVersionView,
+    }
+    let changed = Changed {
+        name: name.to_string(),
+        version,
+    };
+    match ctx.output {
+        OutputFormat::Json => output::print_json(&changed),
+        OutputFormat::Table => match &changed.version.yanked {
+            Some(yank) => println!(
+                "yanked {}@{} ({}): {}",
+                changed.name, changed.version.version, yank.by, yank.reason
+            ),
+            None => println!(
+                "{}@{} is deployable again",
+                changed.name, changed.version.version
+            ),
+        },
+    }
 }
 
 #[derive(Serialize)]
@@ -141,6 +198,7 @@ fn print_module(ctx: &Context, module: &ModuleView) {
                 "SIZE",
                 "SIGNED BY",
                 "PUSHED",
+                "YANKED",
             ]);
             for v in &module.versions {
                 table.add_row(vec![
@@ -150,11 +208,21 @@ fn print_module(ctx: &Context, module: &ModuleView) {
                     v.size.to_string(),
                     v.signed_by.join(","),
                     v.pushed_at.clone().unwrap_or_default(),
+                    yank_cell(v),
                 ]);
             }
             output::print_table(&table);
         }
     }
+}
+
+/// `by USER: REASON` for a yanked version, empty otherwise.
+fn yank_cell(version: &ModuleVersionView) -> String {
+    version
+        .yanked
+        .as_ref()
+        .map(|y| format!("by {}: {}", y.by, y.reason))
+        .unwrap_or_default()
 }
 
 /// Upload chunk size: well below the server's 8 MiB message limit.
@@ -230,8 +298,16 @@ pub async fn run(ctx: &Context, command: ModuleCommand) -> Result<(), CliError> 
             );
         }
         ModuleCommand::Push { file } => {
-            // Check locally first: a broken file gets a precise error without an upload.
+            // Check locally first: a broken file gets a precise error without
+            // an upload. The payload is walked by the control plane, which
+            // must check it anyway; the version is cheap to check here.
             let info = local(read_artifact(&file))?;
+            local(Limits::AGENT.check_manifest(&info.manifest).map_err(|e| {
+                format!(
+                    "artifact {} cannot be installed by agents: {e}",
+                    module_label(&info.manifest)
+                )
+            }))?;
             let conn = ctx.connect()?;
             let mut client = pb::artifacts_client::ArtifactsClient::new(conn.channel.clone())
                 .max_decoding_message_size(8 * 1024 * 1024);
@@ -305,14 +381,22 @@ pub async fn run(ctx: &Context, command: ModuleCommand) -> Result<(), CliError> 
             match ctx.output {
                 OutputFormat::Json => output::print_json(&modules),
                 OutputFormat::Table => {
-                    let mut table = output::table(&["MODULE", "LATEST", "VERSIONS", "RUNTIME"]);
+                    let mut table =
+                        output::table(&["MODULE", "LATEST", "VERSIONS", "RUNTIME", "YANKED"]);
                     for m in &modules {
                         let latest = m.versions.first();
+                        let yanked: Vec<String> = m
+                            .versions
+                            .iter()
+                            .filter(|v| v.yanked.is_some())
+                            .map(|v| format!("{} ({})", v.version, yank_cell(v)))
+                            .collect();
                         table.add_row(vec![
                             m.name.clone(),
                             latest.map(|v| v.version.clone()).unwrap_or_default(),
                             m.versions.len().to_string(),
                             latest.map(|v| v.runtime.clone()).unwrap_or_default(),
+                            yanked.join(", "),
                         ]);
                     }
                     output::print_table(&table);
@@ -330,6 +414,39 @@ pub async fn run(ctx: &Context, command: ModuleCommand) -> Result<(), CliError> 
             let module = ModuleView::try_from(reply)
                 .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))?;
             print_module(ctx, &module);
+        }
+        ModuleCommand::Yank { module, reason } => {
+            let (name, version) = name_at_version(&module)?;
+            let conn = ctx.connect()?;
+            let mut client = pb::artifacts_client::ArtifactsClient::new(conn.channel.clone());
+            let reply = client
+                .yank_version(pb::YankVersionRequest {
+                    name: name.clone(),
+                    version,
+                    reason,
+                })
+                .await
+                .map_err(conn.rpc_error(&format!("yank {module}")))?
+                .into_inner();
+            let view = ModuleVersionView::try_from(reply)
+                .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))?;
+            print_yank(ctx, &name, view);
+        }
+        ModuleCommand::Unyank { module } => {
+            let (name, version) = name_at_version(&module)?;
+            let conn = ctx.connect()?;
+            let mut client = pb::artifacts_client::ArtifactsClient::new(conn.channel.clone());
+            let reply = client
+                .unyank_version(pb::UnyankVersionRequest {
+                    name: name.clone(),
+                    version,
+                })
+                .await
+                .map_err(conn.rpc_error(&format!("unyank {module}")))?
+                .into_inner();
+            let view = ModuleVersionView::try_from(reply)
+                .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))?;
+            print_yank(ctx, &name, view);
         }
     }
     Ok(())

@@ -4,7 +4,7 @@
 use crate::model::{
     ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleMetricsView, ModuleVersionView,
     ModuleView, NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
-    PublisherKeyView, TokenView, VerdictView,
+    PublisherKeyView, TokenView, VerdictView, YankView,
 };
 use crate::pb;
 use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
@@ -150,6 +150,12 @@ impl TryFrom<pb::ModuleVersion> for ModuleVersionView {
             pushed_at: rfc3339(version.pushed_at.as_ref()),
             pushed_by: version.pushed_by,
             runtime: version.runtime,
+            // A yank always has a time; by and reason may be empty.
+            yanked: version.yanked_at.as_ref().map(|at| YankView {
+                at: rfc3339(Some(at)),
+                by: version.yanked_by.clone(),
+                reason: version.yank_reason.clone(),
+            }),
         })
     }
 }

@@ -562,11 +562,19 @@ impl<'a> Section<'a> {
         Ok(value)
     }
 
+    /// A command line whose program stays inside the module dir (see
+    /// [`check_program_inside`]); used for `process.command`, the bundle
+    /// hooks and health `exec` alike, as SPEC §3 says of every command.
     fn command(&self, key: &str) -> Result<Option<Vec<String>>, ManifestError> {
-        self.table
-            .get(key)
-            .map(|v| command(self.file, &self.key(key), v))
-            .transpose()
+        let Some(value) = self.table.get(key) else {
+            return Ok(None);
+        };
+        let full_key = self.key(key);
+        let line = command(self.file, &full_key, value)?;
+        if let Some(program) = line.first() {
+            check_program_inside(self.file, &full_key, program)?;
+        }
+        Ok(Some(line))
     }
 
     fn duration(
@@ -672,6 +680,25 @@ fn command(file: &str, key: &str, value: &Value) -> Result<Vec<String>, Manifest
             Ok(s.to_string())
         })
         .collect()
+}
+
+/// Relative programs resolve inside the module dir (the agent joins them
+/// to it); a ".." component would let a module run files it does not ship,
+/// so it is refused for every command of the manifest. Absolute paths
+/// (system interpreters) are allowed on purpose, and arguments are the
+/// program's business.
+fn check_program_inside(file: &str, key: &str, program: &str) -> Result<(), ManifestError> {
+    if !program.starts_with('/') && program.split('/').any(|part| part == "..") {
+        return Err(error(
+            file,
+            key,
+            format!(
+                "relative program path {program:?} has a \"..\" component; it must not \
+                 leave the module dir"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_root(root: &Section<'_>) -> Result<Manifest, ManifestError> {
@@ -785,21 +812,6 @@ fn parse_process(s: &Section<'_>) -> Result<ProcessSpec, ManifestError> {
     ])?;
 
     let command = s.command("command")?.ok_or_else(|| s.missing("command"))?;
-    // Relative programs resolve inside the module dir; ".." would let a
-    // module run files it does not ship. Absolute paths (system
-    // interpreters) are allowed on purpose.
-    if let Some(program) = command.first()
-        && !program.starts_with('/')
-        && program.split('/').any(|part| part == "..")
-    {
-        return Err(s.error(
-            "command",
-            format!(
-                "relative program path {program:?} has a \"..\" component; it must not \
-                 leave the module dir"
-            ),
-        ));
-    }
 
     let mut env = BTreeMap::new();
     if let Some(section) = s.table("env")? {
@@ -1924,6 +1936,63 @@ exec = ["bin/check.sh", "--quick"]
         check(
             &p("env = { Z = \"${NODE_LABEL_}\" }"),
             Err(("process.env.Z", "invalid variable ${NODE_LABEL_}")),
+        );
+    }
+
+    /// SPEC §3: relative paths of every command resolve inside the module
+    /// dir, so no command may climb out of it with "..", not only
+    /// `process.command` (issue 18, item 8).
+    #[test]
+    fn no_command_leaves_the_module_dir() {
+        let leave = "must not leave the module dir";
+        let exec = |cmd: &str| p(&format!("[health]\nexec = {cmd}"));
+        let hook = |key: &str, cmd: &str| b(&format!("[bundle]\n{key} = {cmd}"));
+        let cases: Vec<(String, Expected<'_>)> = vec![
+            (
+                hook("activate", r#"["../x"]"#),
+                Err(("bundle.activate", leave)),
+            ),
+            (
+                hook("activate", r#"["bin/../../etc/x"]"#),
+                Err(("bundle.activate", leave)),
+            ),
+            (
+                hook("activate", r#"["${MODULE_DIR}/../other/bin/x"]"#),
+                Err(("bundle.activate", leave)),
+            ),
+            (
+                hook("deactivate", r#"["../x"]"#),
+                Err(("bundle.deactivate", leave)),
+            ),
+            (
+                hook("deactivate", r#"["./../x", "arg"]"#),
+                Err(("bundle.deactivate", leave)),
+            ),
+            (exec(r#"["../check.sh"]"#), Err(("health.exec", leave))),
+            (
+                exec(r#"["bin/../../check.sh"]"#),
+                Err(("health.exec", leave)),
+            ),
+            (
+                praw(r#"command = ["../x"]"#),
+                Err(("process.command", leave)),
+            ),
+            // Absolute programs, ".." in arguments and names merely
+            // starting with dots stay allowed, as for process.command.
+            (hook("activate", r#"["/bin/sh", "../x.sh"]"#), Ok(|_| true)),
+            (hook("deactivate", r#"["bin/..stop"]"#), Ok(|_| true)),
+            (exec(r#"["/usr/bin/test", "-f", "../x"]"#), Ok(|_| true)),
+            (exec(r#"["./bin/check.sh"]"#), Ok(|_| true)),
+        ];
+        for (text, expected) in cases {
+            check(&text, expected);
+        }
+        let e = parse_manifest("hello/module.toml", &hook("activate", r#"["../x"]"#))
+            .expect_err("a hook leaving the module dir is refused");
+        assert_eq!(
+            e.to_string(),
+            "hello/module.toml: bundle.activate: relative program path \"../x\" has a \"..\" \
+             component; it must not leave the module dir"
         );
     }
 

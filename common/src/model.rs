@@ -112,6 +112,16 @@ pub struct ModuleVersionView {
     pub pushed_at: Option<String>,
     pub pushed_by: String,
     pub runtime: String,
+    /// Set while the version is yanked (known bad, undeployable).
+    pub yanked: Option<YankView>,
+}
+
+/// Who yanked a version, when and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct YankView {
+    pub at: Option<String>,
+    pub by: String,
+    pub reason: String,
 }
 
 /// `module get` / `module list` entries.

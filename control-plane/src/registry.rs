@@ -420,6 +420,12 @@ impl Registry {
         let _ = self.updates.send(change);
     }
 
+    /// Wake the engine for a change that is not a node's (a version yanked),
+    /// so it acts on it now instead of at its next tick.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
     /// Count `count` node changes and wake the engine, without building
     /// their states for watchers (see [`Registry::watched`]).
     fn announce(&self, count: u64) {

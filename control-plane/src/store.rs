@@ -355,6 +355,18 @@ pub struct ArtifactRecord {
     pub signatures: Vec<SignatureRecord>,
     pub pushed_at_ms: u64,
     pub pushed_by: String,
+    /// Set by `module yank`: the version is known bad and may not be
+    /// deployed, caught up to or set on a node (history stays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yanked: Option<YankRecord>,
+}
+
+/// Who marked a version undeployable, when and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct YankRecord {
+    pub at_ms: u64,
+    pub by: String,
+    pub reason: String,
 }
 
 /// Key of an artifact record: `name` NUL `version`, so one module's versions
@@ -853,6 +865,45 @@ impl Store {
     pub async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError> {
         self.desired.remove(node_id.as_bytes())?;
         self.flush().await
+    }
+
+    /// Change a stored artifact record in place, atomically (sled retries
+    /// `change` on a concurrent write, so it may run more than once), and
+    /// flush. `None` when `name@version` is not stored; otherwise the record
+    /// as stored after the change. `change` returns false for "no change".
+    pub async fn update_artifact(
+        &self,
+        name: &str,
+        version: &str,
+        change: impl Fn(&mut ArtifactRecord) -> bool,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        let key = artifact_key(name, version);
+        let mut corrupt = None;
+        let updated = self.artifacts.update_and_fetch(&key, |old| {
+            let old = old?;
+            match decode::<ArtifactRecord>(ARTIFACTS, &key, old) {
+                Ok(mut record) => {
+                    if change(&mut record) {
+                        Some(encode(&record))
+                    } else {
+                        Some(old.to_vec())
+                    }
+                }
+                // Leave what is there; the error is reported below.
+                Err(e) => {
+                    corrupt = Some(e);
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        if let Some(e) = corrupt {
+            return Err(e);
+        }
+        let Some(bytes) = updated else {
+            return Ok(None);
+        };
+        self.flush().await?;
+        decode(ARTIFACTS, &key, &bytes).map(Some)
     }
 
     /// Replace a stored artifact record (signature merges only).

@@ -51,14 +51,33 @@ pub fn valid_signers(
     (valid, rejected)
 }
 
-/// Refuse to deploy `artifact` unless at least `required` distinct trusted
-/// keys hold an unexpired signature on it.
+/// Why a yanked version may not be deployed, naming who yanked it and why.
+pub fn yank_refusal(artifact: &ArtifactRecord) -> Option<String> {
+    artifact.yanked.as_ref().map(|yank| {
+        format!(
+            "{}@{} cannot be deployed: it was yanked by {} at {}: {}; deploy another version",
+            artifact.name,
+            artifact.version,
+            yank.by,
+            rfc3339_from_ms(yank.at_ms),
+            yank.reason
+        )
+    })
+}
+
+/// Refuse to deploy `artifact` when it was yanked (`module yank`), or
+/// unless at least `required` distinct trusted keys hold an unexpired
+/// signature on it. Every way onto a node goes through here: deployments,
+/// pipelines, catch-up and `nodes set-module`.
 pub fn ensure_deployable(
     store: &Store,
     artifact: &ArtifactRecord,
     required: u32,
     now_ms: u64,
 ) -> Result<(), ApiError> {
+    if let Some(why) = yank_refusal(artifact) {
+        return Err(ApiError::FailedPrecondition(why));
+    }
     let keys = store.list_keys()?;
     let (valid, rejected) = valid_signers(artifact, &keys, now_ms);
     let required = required.max(1) as usize;
@@ -118,6 +137,7 @@ mod tests {
                 .collect(),
             pushed_at_ms: 0,
             pushed_by: "admin".into(),
+            yanked: None,
         }
     }
 

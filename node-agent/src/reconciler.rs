@@ -40,6 +40,7 @@ use tracing::Instrument;
 
 use crate::artifacts::{ArtifactStore, FetchError, TrustSource};
 use crate::health::{Health, probe_once};
+use crate::runtime::listeners::{ListenerBook, conflict_message};
 use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
 use crate::runtime::{ActivateError, Phase, bundle, check_program, hotswap_env, os};
 use crate::scrape::{MetricNames, Window};
@@ -205,6 +206,9 @@ pub struct Reconciler {
     store: ArtifactStore,
     state: AgentState,
     supervisors: BTreeMap<String, Supervisor>,
+    /// Which module holds each listening address, shared with the
+    /// supervisors: no two modules of the node share a port.
+    listener_book: ListenerBook,
     /// Notified when any supervisor's status changes.
     supervisor_changed: Arc<Notify>,
     /// Status of bundle modules (process modules report through supervisors).
@@ -235,6 +239,7 @@ impl Reconciler {
             store,
             state,
             supervisors: BTreeMap::new(),
+            listener_book: ListenerBook::default(),
             supervisor_changed: Arc::new(Notify::new()),
             bundle_status: BTreeMap::new(),
             bundle_settling: BTreeMap::new(),
@@ -304,6 +309,7 @@ impl Reconciler {
         let _ = std::fs::create_dir_all(self.log_dir());
         let supervisor = Supervisor::spawn(
             name,
+            self.listener_book.clone(),
             self.log_dir().join(format!("{name}.log")),
             self.config
                 .data_dir
@@ -524,7 +530,17 @@ impl Reconciler {
             ));
         }
         match manifest.runtime {
-            Runtime::Process => check_program(&spec.command[0], &spec.dir)?,
+            Runtime::Process => {
+                check_program(&spec.command[0], &spec.dir)?;
+                // Staging fails at once on another module's address, so a
+                // blue-green wave stops before anything is switched; the
+                // supervisor's claim at bind time closes the remaining race.
+                for socket in &spec.sockets {
+                    if let Some(taken) = self.listener_book.taken(name, socket.listen) {
+                        return Err(conflict_message(name, &socket.name, socket.listen, &taken));
+                    }
+                }
+            }
             Runtime::Bundle => {
                 if let Some(bundle) = &manifest.bundle {
                     for hook in [&bundle.activate, &bundle.deactivate].into_iter().flatten() {

@@ -692,3 +692,215 @@ fn signatures_dated_in_the_future_are_refused_and_shown_as_they_are() {
     cp.ctl(&["module", "push", path(&artifact)]).ok();
     cp.stop();
 }
+
+/// A tar header for a regular file `name` of `size` bytes (GNU format,
+/// checksum set), built by hand so any size can be declared.
+fn tar_header(name: &str, size: u64) -> Vec<u8> {
+    let mut header = vec![0u8; 512];
+    header[..name.len()].copy_from_slice(name.as_bytes());
+    header[100..107].copy_from_slice(b"0000644");
+    header[108..115].copy_from_slice(b"0000000");
+    header[116..123].copy_from_slice(b"0000000");
+    header[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    header[136..147].copy_from_slice(b"00000000000");
+    header[156] = b'0';
+    header[257..265].copy_from_slice(b"ustar  \0");
+    header[148..156].fill(b' ');
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    header
+}
+
+/// Part of a hand-made zstd frame.
+enum Segment<'a> {
+    Bytes(&'a [u8]),
+    Zeros(u64),
+}
+
+/// A valid zstd frame of raw and RLE blocks (RFC 8878 §3.1.1): no
+/// compression library needed, and `Zeros` of a gigabyte costs 4 bytes per
+/// 128 KiB, which is what makes a decompression bomb cheap to build.
+fn zstd_frame(segments: &[Segment<'_>]) -> Vec<u8> {
+    const BLOCK: u64 = 128 * 1024;
+    let mut blocks: Vec<(u32, Vec<u8>)> = Vec::new(); // (type | size << 3, body)
+    for segment in segments {
+        match segment {
+            Segment::Bytes(bytes) => {
+                for chunk in bytes.chunks(BLOCK as usize) {
+                    blocks.push(((chunk.len() as u32) << 3, chunk.to_vec()));
+                }
+            }
+            &Segment::Zeros(mut left) => {
+                while left > 0 {
+                    let n = left.min(BLOCK);
+                    blocks.push((1 << 1 | (n as u32) << 3, vec![0]));
+                    left -= n;
+                }
+            }
+        }
+    }
+    // Magic, a descriptor with no content size, a 128 KiB window.
+    let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 7 << 3];
+    let last = blocks.len().saturating_sub(1);
+    for (i, (header, body)) in blocks.into_iter().enumerate() {
+        let header = header | u32::from(i == last);
+        frame.extend_from_slice(&header.to_le_bytes()[..3]);
+        frame.extend_from_slice(&body);
+    }
+    frame
+}
+
+/// A tar archive of `files` (name, size), every file zeros, zstd-framed.
+fn zeros_payload(files: &[(&str, u64)]) -> Vec<u8> {
+    let headers: Vec<Vec<u8>> = files.iter().map(|(n, s)| tar_header(n, *s)).collect();
+    let mut segments = Vec::new();
+    for ((_, size), header) in files.iter().zip(&headers) {
+        segments.push(Segment::Bytes(header));
+        segments.push(Segment::Zeros(size.div_ceil(512) * 512));
+    }
+    segments.push(Segment::Zeros(1024)); // end of archive
+    zstd_frame(&segments)
+}
+
+/// An artifact of `manifest` and `payload` signed by `key`, written as
+/// `dir/file`: what `module pack` would refuse to build.
+fn crafted_artifact(dir: &Path, file: &str, manifest: &str, payload: &[u8], key: &Path) -> PathBuf {
+    use hotswap_common::artifact::format::{encode_content, read_artifact_from, write_artifact};
+    use hotswap_common::artifact::keys::{load_signing_key, sign};
+    let key = load_signing_key(key).expect("signing key");
+    let content = encode_content(manifest, payload);
+    let mut unsigned = Vec::new();
+    write_artifact(&mut unsigned, &content, &[]).expect("write");
+    let info = read_artifact_from(std::io::Cursor::new(&unsigned), unsigned.len() as u64)
+        .expect("crafted artifact reads");
+    let signature = sign(&info, &key, hotswap_common::timefmt::now_ms(), None);
+    let mut bytes = Vec::new();
+    write_artifact(&mut bytes, &content, &[signature]).expect("write");
+    let out = dir.join(file);
+    std::fs::write(&out, bytes).expect("write artifact");
+    out
+}
+
+/// Push a file over the API itself, bypassing the CLI's local checks.
+fn push_raw(cp: &ControlPlane, file: &Path) -> Result<(), tonic::Status> {
+    use hotswap_common::pb;
+    use hotswap_common::profile::Profile;
+    let profile = Profile::load(&cp.admin_profile()).expect("profile");
+    let config = tls::client_config(
+        ServerTrust::Ca(profile.ca_cert.clone()),
+        Some(ClientIdentity {
+            cert_pem: &profile.client_cert,
+            key_pem: &profile.client_key,
+        }),
+    )
+    .expect("tls config");
+    let bytes = std::fs::read(file).expect("read artifact");
+    let chunks: Vec<pb::PushArtifactChunk> = bytes
+        .chunks(1024 * 1024)
+        .map(|c| pb::PushArtifactChunk { data: c.to_vec() })
+        .collect();
+    let url = ControlPlaneUrl::parse(&cp.url()).expect("url");
+    runtime().block_on(async move {
+        let channel = tls::connect_lazy(&url, config, &Default::default()).expect("channel");
+        pb::artifacts_client::ArtifactsClient::new(channel)
+            .push_artifact(tokio_stream::iter(chunks))
+            .await
+            .map(drop)
+    })
+}
+
+/// Issue 18, item 6: the control plane accepted artifacts that no agent
+/// could install (each failed later, on every node of a deployment). Push
+/// now applies the agents' own limits, from the same `Limits` the unpack
+/// uses, and names what is wrong; nothing is stored.
+#[test]
+fn push_refuses_artifacts_no_agent_can_install() {
+    let dir = TestDir::new();
+    let (cp, ci) = control_plane_trusting_ci(&dir);
+    let bundle = |version: &str| {
+        format!("name = \"hello\"\nversion = \"{version}\"\nruntime = \"bundle\"\n")
+    };
+    let good_payload = zeros_payload(&[("data.bin", 10)]);
+    let long_version = format!("1.0.0-{}", "a".repeat(5000));
+    let names: Vec<String> = (0..10_001).map(|i| format!("f{i}")).collect();
+    let many: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 0)).collect();
+    // Two files of 600 MiB each: 1.2 GiB unpacked from a 40 KiB payload.
+    let bomb = zeros_payload(&[("a.bin", 600 << 20), ("b.bin", 600 << 20)]);
+    assert!(bomb.len() < 64 * 1024, "a cheap bomb: {} bytes", bomb.len());
+    let cases = [
+        (
+            "long-version.hsm",
+            bundle(&long_version),
+            good_payload.clone(),
+            "version is 5006 bytes long; agents install versions of at most 128 bytes",
+        ),
+        (
+            "many-entries.hsm",
+            bundle("1.0.1"),
+            zeros_payload(&many),
+            "the payload has more than 10000 entries, the most agents unpack",
+        ),
+        (
+            "not-zstd.hsm",
+            bundle("1.0.2"),
+            tar_header("data.bin", 0),
+            "the payload is not zstd-compressed (it starts with 0x64617461)",
+        ),
+        (
+            "bomb.hsm",
+            bundle("1.0.3"),
+            bomb,
+            "the payload unpacks to more than 1073741824 bytes, the most agents unpack \
+             (entry \"b.bin\" declares 629145600 bytes with 444596224 left)",
+        ),
+    ];
+    for (file, manifest, payload, expected) in &cases {
+        let artifact = crafted_artifact(dir.path(), file, manifest, payload, &ci.key);
+        let status = push_raw(&cp, &artifact).expect_err(file);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{file}: {status:?}"
+        );
+        assert!(
+            status.message().contains("cannot be installed by agents: ")
+                && status.message().contains(expected),
+            "{file}: expected {expected:?} in {:?}",
+            status.message()
+        );
+        let out = cp.ctl(&["module", "push", path(&artifact)]);
+        assert_eq!(out.code, 1, "{file}: {out:?}");
+        assert!(out.stderr.contains(expected), "{file}: {out:?}");
+        assert!(
+            out.stderr.lines().count() == 1 && !out.stderr.contains(&"a".repeat(100)),
+            "{file}: one short line: {out:?}"
+        );
+    }
+    assert_eq!(
+        cp.ctl(&["-o", "json", "module", "list"]).json(),
+        serde_json::json!([])
+    );
+    assert_eq!(blob_count(&cp), 0, "nothing stored");
+
+    // The same hand-made framing is accepted when within the limits, so the
+    // refusals above are about the limits and not the crafting.
+    let fine = crafted_artifact(
+        dir.path(),
+        "fine.hsm",
+        &bundle("1.0.4"),
+        &good_payload,
+        &ci.key,
+    );
+    push_raw(&cp, &fine).expect("an installable crafted artifact is accepted");
+    let unpacked = dir.path().join("unpacked-fine");
+    hotswap_common::artifact::unpack::unpack_payload(
+        std::io::Cursor::new(&good_payload),
+        &unpacked,
+        &Limits::default(),
+    )
+    .expect("the hand-made frame is real zstd");
+    assert_eq!(
+        std::fs::read(unpacked.join("data.bin")).expect("data"),
+        vec![0u8; 10]
+    );
+}

@@ -604,3 +604,235 @@ fn pipeline_promotes_stage_by_stage_stops_at_failure_and_late_joiners_catch_up()
         }
     });
 }
+
+/// Issue 18, item 12: a known-bad version can be yanked (by whoever may
+/// push, here a deployer), audited and announced; from then on deployments,
+/// pipelines, `nodes set-module` and catch-up refuse it naming who yanked it
+/// and why, and a canary of it that is running rolls back every node it
+/// changed. Before, revoking the signing key was the only lever, which
+/// blocked every version that key signed.
+#[test]
+fn a_yanked_version_is_refused_everywhere_and_its_running_canary_rolls_back() {
+    let dir = TestDir::new();
+    let (mut fleet, _) = Fleet::start_many(&dir, "dev", &["a", "b"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    fleet.push_hello_per_node("2.0.0", "");
+    let out = fleet
+        .cp
+        .ctl(&["deploy", "create", "hello@1.0.0", "--env", "dev", "--wait"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let dan = fleet.cp.user_profile("dan", "deployer");
+
+    // A canary that waits for a promotion after its first step (one node).
+    let created = fleet
+        .cp
+        .ctl(&[
+            "-o",
+            "json",
+            "deploy",
+            "create",
+            "hello@2.0.0",
+            "--env",
+            "dev",
+            "--strategy",
+            "canary",
+            "--steps",
+            "50,100",
+            "--manual-promote",
+        ])
+        .json();
+    let id = created["id"].as_str().expect("id").to_string();
+    eventually("the first canary node on 2.0.0", || {
+        let on: Vec<String> = ["a", "b"]
+            .iter()
+            .map(|n| fleet.version_on(n, "hello"))
+            .collect();
+        if on.iter().any(|v| v == "2.0.0") {
+            Ok(())
+        } else {
+            Err(format!("versions {on:?}"))
+        }
+    });
+
+    let out = fleet.cp.ctl_with_profile(
+        &dan,
+        &[
+            "module",
+            "yank",
+            "hello@2.0.0",
+            "--reason",
+            "corrupts the cache",
+        ],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.stdout.trim(),
+        "yanked hello@2.0.0 (dan): corrupts the cache"
+    );
+    let rolled_back = eventually("the canary rolled back", || {
+        let d = fleet.cp.ctl(&["-o", "json", "deploy", "get", &id]).json();
+        if d["state"] == "rolled_back" {
+            Ok(d)
+        } else {
+            Err(format!("{} ({})", d["state"], d["reason"]))
+        }
+    });
+    assert_eq!(
+        rolled_back["reason"], "version yanked by dan: corrupts the cache",
+        "{rolled_back}"
+    );
+    for node in ["a", "b"] {
+        assert_eq!(fleet.version_on(node, "hello"), "1.0.0", "{node}");
+    }
+
+    // Every way onto a node refuses it, naming the yank.
+    let refusal = "hello@2.0.0 cannot be deployed: it was yanked by dan at ";
+    for (what, out) in [
+        (
+            "deploy create",
+            fleet
+                .cp
+                .ctl(&["deploy", "create", "hello@2.0.0", "--env", "dev"]),
+        ),
+        (
+            "pipeline run",
+            fleet
+                .cp
+                .ctl(&["pipeline", "run", "hello@2.0.0", "--to", "dev"]),
+        ),
+        (
+            "nodes set-module",
+            fleet.cp.ctl(&["nodes", "set-module", "a", "hello@2.0.0"]),
+        ),
+    ] {
+        assert_eq!(out.code, 1, "{what}: {out:?}");
+        assert!(
+            out.stderr.contains(refusal) && out.stderr.contains(": corrupts the cache"),
+            "{what}: {out:?}"
+        );
+    }
+
+    // Listed with its reason; yanking twice or without a reason is refused.
+    let module = fleet
+        .cp
+        .ctl(&["-o", "json", "module", "get", "hello"])
+        .json();
+    let yanked: Vec<(&str, &Value)> = module["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| (v["version"].as_str().unwrap_or_default(), &v["yanked"]))
+        .collect();
+    assert_eq!(yanked[0].0, "2.0.0");
+    assert_eq!(
+        (&yanked[0].1["by"], &yanked[0].1["reason"]),
+        (&Value::from("dan"), &Value::from("corrupts the cache"))
+    );
+    assert_eq!(yanked[1], ("1.0.0", &Value::Null));
+    let listed = fleet.cp.ctl(&["module", "list"]);
+    assert!(
+        listed.stdout.contains("2.0.0 (by dan: corrupts the cache)"),
+        "{listed:?}"
+    );
+    let out = fleet.cp.ctl_with_profile(
+        &dan,
+        &["module", "yank", "hello@2.0.0", "--reason", "again"],
+    );
+    assert!(
+        out.code == 1 && out.stderr.contains("already yanked"),
+        "{out:?}"
+    );
+    let out = fleet
+        .cp
+        .ctl_with_profile(&dan, &["module", "yank", "hello@1.0.0", "--reason", " "]);
+    assert!(
+        out.code == 1 && out.stderr.contains("needs a reason"),
+        "{out:?}"
+    );
+    let viewer = fleet.cp.user_profile("vera", "viewer");
+    let out = fleet.cp.ctl_with_profile(
+        &viewer,
+        &["module", "yank", "hello@1.0.0", "--reason", "no"],
+    );
+    assert_eq!(out.code, 5, "a viewer cannot yank: {out:?}");
+
+    // Audited and announced.
+    let audit = fleet
+        .cp
+        .ctl(&["-o", "json", "audit", "list", "--action", "module.yank"])
+        .json();
+    let rows: Vec<(String, String, String)> = audit
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| {
+            let field = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            (field("user"), field("target"), field("result"))
+        })
+        .collect();
+    for row in [
+        ("dan", "hello@2.0.0", "ok"),
+        ("vera", "hello@1.0.0", "denied"),
+    ] {
+        assert!(
+            rows.contains(&(row.0.into(), row.1.into(), row.2.into())),
+            "{row:?} in {rows:?}"
+        );
+    }
+    let events = fleet
+        .cp
+        .ctl(&["-o", "json", "events", "--kind", "module.yanked"]);
+    let events: Vec<Value> = events
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["module"], "hello");
+    assert_eq!(events[0]["version"], "2.0.0");
+    assert_eq!(
+        events[0]["message"],
+        "hello@2.0.0 yanked by dan: corrupts the cache"
+    );
+
+    // The environment's current version yanked: a node that joins later is
+    // not caught up to it, and the event says why.
+    let out = fleet.cp.ctl_with_profile(
+        &dan,
+        &["module", "yank", "hello@1.0.0", "--reason", "leaks memory"],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    fleet.add_node("c", "dev");
+    let failed = eventually("catch-up of c refused", || {
+        let out = fleet.cp.ctl(&[
+            "-o",
+            "json",
+            "events",
+            "--kind",
+            "node.catch_up_failed",
+            "--node",
+            "c",
+        ]);
+        match out.stdout.lines().next() {
+            Some(line) => Ok(serde_json::from_str::<Value>(line).expect("json line")),
+            None => Err(format!("no event yet: {out:?}")),
+        }
+    });
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("it was yanked by dan at ")
+                && m.ends_with(": leaks memory; deploy another version")),
+        "{failed}"
+    );
+    assert_eq!(fleet.version_on("c", "hello"), "");
+
+    // Unyanked, the version is deployable again.
+    let out = fleet
+        .cp
+        .ctl_with_profile(&dan, &["module", "unyank", "hello@2.0.0"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout.trim(), "hello@2.0.0 is deployable again");
+    let out = fleet.cp.ctl(&["nodes", "set-module", "a", "hello@2.0.0"]);
+    assert_eq!(out.code, 0, "{out:?}");
+}

@@ -561,3 +561,92 @@ fn preempted_inside_the_gate(swap: &str) {
         fleet.agent.log()
     );
 }
+
+/// Push `name@version`: the example HTTP server with its agent-owned socket
+/// and health check on `port`.
+fn push_server(fleet: &Fleet, name: &str, version: &str, port: u16) {
+    fleet.push(name, version, |dir| {
+        std::fs::create_dir_all(dir.join("bin")).expect("bin");
+        std::fs::copy(hotswap_tests::binary("hello-server"), dir.join("bin/hello-server"))
+            .expect("copy hello-server");
+        std::fs::write(
+            dir.join("module.toml"),
+            format!(
+                "name = \"{name}\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n\n[health]\nhttp = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"100ms\"\ntimeout = \"500ms\"\nstart_timeout = \"10s\"\n"
+            ),
+        )
+        .expect("manifest");
+    });
+}
+
+/// What answers on `port` for a while: the versions seen, every request ok.
+fn served_versions(port: u16) -> Vec<String> {
+    let load = Load::start(port);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let stats = load.finish();
+    assert!(
+        stats.failures.is_empty() && stats.ok > 5,
+        "{} ok, failures {:?}",
+        stats.ok,
+        &stats.failures[..stats.failures.len().min(5)]
+    );
+    stats.versions
+}
+
+/// Issue 18, item 4: listeners carry SO_REUSEPORT (a restarted agent needs
+/// it between versions of one module), so module `b` on module `a`'s port
+/// "succeeded", split `a`'s traffic and had its health probe answered by
+/// `a`. Now the second module's start is a release failure naming both, `a`
+/// keeps every request, and the port serves another module only once `a`
+/// gave it up.
+#[test]
+fn two_modules_cannot_share_a_listen_address() {
+    let dir = TestDir::new();
+    let (fleet, port) = set_up(&dir);
+    let other_port = free_port();
+    push_server(&fleet, "web-a", "1.0.0", port);
+    push_server(&fleet, "web-b", "2.0.0", port);
+    push_server(&fleet, "web-b", "2.0.1", other_port);
+    push_server(&fleet, "web-b", "2.0.2", port);
+    fleet.set("node-1", "web-a@1.0.0", &[]);
+    fleet.wait_running("web-a", "1.0.0");
+
+    fleet.set("node-1", "web-b@2.0.0", &[]);
+    let b = fleet.wait_module("web-b", "web-b refused", |m| m["phase"] == "failed");
+    let expected = format!(
+        "module \"web-b\": socket \"http\" listens on 127.0.0.1:{port}, which module \"web-a\" already \
+         listens on on this node; two modules cannot share a listen address"
+    );
+    assert!(
+        b["message"].as_str().is_some_and(|m| m.contains(&expected)),
+        "expected {expected:?} in {b}"
+    );
+    assert_eq!(b["failure_kind"], "release", "{b}");
+    assert_eq!(
+        b["health"], "unknown",
+        "b's probe was not answered by a: {b}"
+    );
+    assert_eq!(fleet.agent.module_pids().len(), 1, "only a runs");
+    assert_eq!(
+        served_versions(port),
+        ["1.0.0"],
+        "a keeps all of its traffic"
+    );
+
+    // b on a port of its own runs beside a.
+    fleet.set("node-1", "web-b@2.0.1", &[]);
+    fleet.wait_running("web-b", "2.0.1");
+    assert_eq!(served_versions(other_port), ["2.0.1"]);
+    assert_eq!(served_versions(port), ["1.0.0"]);
+
+    // Once a is removed, its address is free for b.
+    let out = fleet.cp.ctl(&["nodes", "unset-module", "node-1", "web-a"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    eventually("a removed", || match fleet.module("web-a") {
+        None => Ok(()),
+        Some(m) => Err(format!("a still reported: {m}")),
+    });
+    fleet.set("node-1", "web-b@2.0.2", &[]);
+    fleet.wait_running("web-b", "2.0.2");
+    assert_eq!(served_versions(port), ["2.0.2"]);
+}

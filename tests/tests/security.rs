@@ -213,6 +213,31 @@ fn every_role_against_every_operator_rpc() {
             all,
         ),
         (
+            "Artifacts.YankVersion",
+            call!(
+                A,
+                yank_version,
+                pb::YankVersionRequest {
+                    name: "nope".into(),
+                    version: "1.0.0".into(),
+                    reason: "r".into()
+                }
+            ),
+            &["deployer", "admin"],
+        ),
+        (
+            "Artifacts.UnyankVersion",
+            call!(
+                A,
+                unyank_version,
+                pb::UnyankVersionRequest {
+                    name: "nope".into(),
+                    version: "1.0.0".into()
+                }
+            ),
+            &["deployer", "admin"],
+        ),
+        (
             "Artifacts.TrustKey",
             call!(
                 A,

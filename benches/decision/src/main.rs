@@ -595,6 +595,7 @@ fn artifact(version: &str, signer: &ed25519_dalek::SigningKey) -> ArtifactRecord
         }],
         pushed_at_ms: now_ms(),
         pushed_by: "bench".into(),
+        yanked: None,
     }
 }
 

@@ -9,17 +9,20 @@
 //! change is detected.
 //!
 //! Submodules: [`format`] (layout, digest, reading and writing), [`keys`]
-//! (publisher keys and trust sets), [`pack`] (directory → artifact, with the
+//! (publisher keys and trust sets), [`limits`] (what agents install, checked
+//! by pack, push and unpack alike), [`pack`] (directory → artifact, with the
 //! source tree rules) and [`unpack`] (payload → directory, with the same rules
-//! plus limits).
+//! plus limits; and the write-nothing check of push).
 
 pub mod format;
 pub mod keys;
+pub mod limits;
 pub mod pack;
 pub mod unpack;
 
 pub use format::{ArtifactInfo, Digest, Signature, read_artifact, statement};
 pub use keys::{KeyError, TrustSet, TrustedKey};
+pub use limits::{LimitError, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
@@ -45,6 +48,8 @@ pub enum ArtifactError {
     Untrusted { module: String, detail: String },
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("artifact {module} cannot be installed by agents: {source}")]
+    Uninstallable { module: String, source: LimitError },
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use ed25519_dalek::SigningKey;
 use super::ArtifactError;
 use super::format::{ArtifactInfo, encode_content, read_artifact_from, write_artifact};
 use super::keys::sign;
+use super::limits::{LimitError, Limits, module_label};
 use crate::manifest::{MANIFEST_FILE, Manifest, load_manifest};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +44,14 @@ pub struct Packed {
 /// zstd level: a good ratio at a speed far above disk and network.
 const ZSTD_LEVEL: i32 = 3;
 
+/// Pack `dir` into an artifact agents can install: its version and tree
+/// are checked against the agents' [`Limits`] before anything is built.
 pub fn pack_dir(dir: &Path) -> Result<Packed, ArtifactError> {
+    pack_dir_within(dir, &Limits::AGENT)
+}
+
+/// [`pack_dir`] against other limits (tests).
+pub fn pack_dir_within(dir: &Path, limits: &Limits) -> Result<Packed, ArtifactError> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let manifest = load_manifest(&manifest_path)?;
     let manifest_text =
@@ -51,7 +59,15 @@ pub fn pack_dir(dir: &Path) -> Result<Packed, ArtifactError> {
             path: manifest_path.clone(),
             source,
         })?;
-    let payload = build_payload(dir).map_err(|e| ArtifactError::Format(e.to_string()))?;
+    let uninstallable = |source| ArtifactError::Uninstallable {
+        module: module_label(&manifest),
+        source,
+    };
+    limits.check_manifest(&manifest).map_err(uninstallable)?;
+    let payload = build_payload(dir, limits).map_err(|e| match e {
+        Built::Pack(e) => ArtifactError::Format(e.to_string()),
+        Built::Limit(e) => uninstallable(e),
+    })?;
     Ok(Packed {
         manifest,
         manifest_text,
@@ -59,10 +75,43 @@ pub fn pack_dir(dir: &Path) -> Result<Packed, ArtifactError> {
     })
 }
 
-fn build_payload(dir: &Path) -> Result<Vec<u8>, PackError> {
+/// Why a payload was not built: the tree breaks a rule, or an agent could
+/// not unpack it.
+enum Built {
+    Pack(PackError),
+    Limit(LimitError),
+}
+
+impl From<PackError> for Built {
+    fn from(e: PackError) -> Self {
+        Built::Pack(e)
+    }
+}
+
+fn build_payload(dir: &Path, limits: &Limits) -> Result<Vec<u8>, Built> {
     let root = fs::canonicalize(dir).map_err(|e| pack_err(dir, e.to_string()))?;
     let mut entries = Vec::new();
     collect(&root, Path::new(""), &mut entries)?;
+    // The agents' unpack counts every tar entry and the bytes of regular
+    // files; refuse here what it would refuse there.
+    if entries.len() as u64 > limits.max_entries {
+        return Err(Built::Limit(LimitError::TooManyEntries(limits.max_entries)));
+    }
+    let mut bytes: u64 = 0;
+    for (rel, meta) in &entries {
+        if meta.is_file() {
+            let left = limits.max_bytes.saturating_sub(bytes);
+            if meta.len() > left {
+                return Err(Built::Limit(LimitError::TooLarge {
+                    entry: rel.display().to_string(),
+                    declared: meta.len(),
+                    left,
+                    max: limits.max_bytes,
+                }));
+            }
+            bytes += meta.len();
+        }
+    }
 
     // Every link of a hard-linked file must be inside the tree.
     let mut links: HashMap<(u64, u64), (u64, usize, PathBuf)> = HashMap::new();
@@ -82,13 +131,26 @@ fn build_payload(dir: &Path) -> Result<Vec<u8>, PackError> {
         return Err(pack_err(
             &root.join(rel),
             "is a hard link to a file outside the module directory",
-        ));
+        )
+        .into());
     }
 
     let encoder = zstd::stream::Encoder::new(Vec::new(), ZSTD_LEVEL)
         .map_err(|e| pack_err(dir, e.to_string()))?;
     let mut builder = tar::Builder::new(encoder);
-    for (rel, meta) in &entries {
+    append_entries(&mut builder, &root, &entries)?;
+    let encoder = builder
+        .into_inner()
+        .map_err(|e| pack_err(dir, e.to_string()))?;
+    Ok(encoder.finish().map_err(|e| pack_err(dir, e.to_string()))?)
+}
+
+fn append_entries<W: std::io::Write>(
+    builder: &mut tar::Builder<W>,
+    root: &Path,
+    entries: &[(PathBuf, fs::Metadata)],
+) -> Result<(), PackError> {
+    for (rel, meta) in entries {
         let full = root.join(rel);
         let io = |e: std::io::Error| pack_err(&full, e.to_string());
         let mut header = tar::Header::new_gnu();
@@ -120,10 +182,7 @@ fn build_payload(dir: &Path) -> Result<Vec<u8>, PackError> {
             builder.append_data(&mut header, rel, file).map_err(io)?;
         }
     }
-    let encoder = builder
-        .into_inner()
-        .map_err(|e| pack_err(dir, e.to_string()))?;
-    encoder.finish().map_err(|e| pack_err(dir, e.to_string()))
+    Ok(())
 }
 
 /// Walk `root/rel` in sorted order, checking every entry against the rules.

@@ -9,8 +9,9 @@ use super::format::{
     ArtifactInfo, content_info, encode_content, read_artifact, read_artifact_from, write_artifact,
 };
 use super::keys::{self, TrustSet};
-use super::pack::{add_signature, pack_and_sign, pack_dir};
-use super::unpack::{Limits, UnpackError, unpack_artifact, unpack_payload};
+use super::limits::{LimitError, Limits};
+use super::pack::{add_signature, pack_and_sign, pack_dir, pack_dir_within};
+use super::unpack::{UnpackError, check_artifact, unpack_artifact, unpack_payload};
 use super::{ArtifactError, statement};
 
 const MANIFEST: &str = "name = \"hello\"\nversion = \"1.0.0\"\nruntime = \"bundle\"\n";
@@ -459,20 +460,22 @@ fn symlinks_are_never_created_through_a_symlink() {
     }
 }
 
+fn small_limits(max_entries: u64, max_bytes: u64) -> Limits {
+    Limits {
+        max_entries,
+        max_bytes,
+        ..Limits::AGENT
+    }
+}
+
 #[test]
 fn unpack_limits_hold_against_bombs() {
     let zeros = vec![0u8; 4 * 1024 * 1024];
     let bomb = crafted(&[("big", tar::EntryType::Regular, &zeros, None)]);
     assert!(bomb.len() < 64 * 1024, "compresses well: {}", bomb.len());
-    let (result, exists) = unpack_crafted(
-        &bomb,
-        &Limits {
-            max_entries: 10,
-            max_bytes: 1024 * 1024,
-        },
-    );
+    let (result, exists) = unpack_crafted(&bomb, &small_limits(10, 1024 * 1024));
     assert!(
-        matches!(result, Err(UnpackError::TooLarge(_))),
+        matches!(result, Err(UnpackError::Limit(LimitError::TooLarge { .. }))),
         "{result:?}"
     );
     assert!(!exists);
@@ -484,18 +487,188 @@ fn unpack_limits_hold_against_bombs() {
         .iter()
         .map(|(n, k, d, l)| (n.as_str(), *k, *d, *l))
         .collect();
-    let (result, exists) = unpack_crafted(
-        &crafted(&many),
-        &Limits {
-            max_entries: 10,
-            max_bytes: 1 << 20,
-        },
-    );
+    let (result, exists) = unpack_crafted(&crafted(&many), &small_limits(10, 1 << 20));
     assert!(
-        matches!(result, Err(UnpackError::TooManyEntries(10))),
+        matches!(
+            result,
+            Err(UnpackError::Limit(LimitError::TooManyEntries(10)))
+        ),
         "{result:?}"
     );
     assert!(!exists);
+}
+
+/// A tar.zst payload of one regular file `name` whose header declares
+/// `declared` bytes but which holds only `held` bytes of zeros: what the
+/// unpack reads of it before refusing shows whether it counted first.
+fn declaring(name: &str, declared: u64, held: usize) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.as_gnu_mut().expect("gnu").name[..name.len()].copy_from_slice(name.as_bytes());
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o644);
+    header.set_size(declared);
+    header.set_cksum();
+    let mut tar = header.as_bytes().to_vec();
+    tar.extend(std::iter::repeat_n(0u8, held));
+    zstd::encode_all(Cursor::new(tar), 3).expect("zstd")
+}
+
+/// Issue 18, item 6: a bomb was refused only after the agent had written up
+/// to the whole limit (1 GiB) of it. Bytes are now counted from the declared
+/// size before any is written: an entry declaring more than is left is
+/// refused from its header alone. The payload below holds only 64 KiB of
+/// the 2 GiB its entry declares; an unpack that wrote first would run out of
+/// data instead of refusing the size.
+#[test]
+fn a_bomb_is_refused_before_any_byte_beyond_the_limit_is_written() {
+    let limits = small_limits(10, 1024 * 1024);
+    let bomb = declaring("big", 2 * 1024 * 1024 * 1024, 64 * 1024);
+    let (result, exists) = unpack_crafted(&bomb, &limits);
+    match result {
+        Err(UnpackError::Limit(LimitError::TooLarge {
+            entry,
+            declared,
+            left,
+            max,
+        })) => {
+            assert_eq!(
+                (entry.as_str(), declared, left, max),
+                ("big", 2 * 1024 * 1024 * 1024, 1024 * 1024, 1024 * 1024)
+            );
+        }
+        other => panic!("expected the declared size to be refused, got {other:?}"),
+    }
+    assert!(!exists, "nothing may be left behind");
+
+    // Several files within the limit one by one but not together: the one
+    // that would pass it is refused before it is created, with every byte
+    // before it counted (600 KiB + 600 KiB > 1 MiB).
+    let part = vec![7u8; 600 * 1024];
+    let payload = crafted(&[
+        ("a", tar::EntryType::Regular, &part, None),
+        ("b", tar::EntryType::Regular, &part, None),
+    ]);
+    let (result, exists) = unpack_crafted(&payload, &limits);
+    match result {
+        Err(UnpackError::Limit(LimitError::TooLarge { entry, left, .. })) => {
+            assert_eq!((entry.as_str(), left), ("b", 1024 * 1024 - 600 * 1024));
+        }
+        other => panic!("expected b to be refused, got {other:?}"),
+    }
+    assert!(!exists);
+
+    // The push check walks the same payloads to the same verdicts, writing
+    // nothing at all.
+    for payload in [&bomb, &payload] {
+        let checked = super::unpack::check_payload(Cursor::new(payload), &limits);
+        assert!(
+            matches!(
+                checked,
+                Err(UnpackError::Limit(LimitError::TooLarge { .. }))
+            ),
+            "{checked:?}"
+        );
+    }
+}
+
+#[test]
+fn a_payload_that_is_not_zstd_is_named_as_such() {
+    for (payload, shown) in [
+        (&b"PK\x03\x04 a zip file"[..], "0x504b0304"),
+        (&b""[..], "nothing: it is empty"),
+        (&b"\x28\xb5"[..], "0x28b5"),
+    ] {
+        let (result, exists) = unpack_crafted(payload, &Limits::default());
+        let expected = format!("the payload is not zstd-compressed (it starts with {shown})");
+        match result {
+            Err(e @ UnpackError::Limit(LimitError::NotZstd(_))) => {
+                assert_eq!(e.to_string(), expected)
+            }
+            other => panic!("{payload:?}: expected NotZstd, got {other:?}"),
+        }
+        assert!(!exists);
+        let checked = super::unpack::check_payload(Cursor::new(payload), &Limits::default());
+        assert!(
+            matches!(checked, Err(UnpackError::Limit(LimitError::NotZstd(_)))),
+            "{checked:?}"
+        );
+    }
+}
+
+/// `module pack` refuses what agents would refuse, with the same limits.
+#[test]
+fn pack_refuses_what_no_agent_can_install() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = module_dir(tmp.path());
+    let long = format!("1.0.0-{}", "a".repeat(5000));
+    std::fs::write(
+        dir.join("module.toml"),
+        format!("name = \"hello\"\nversion = \"{long}\"\nruntime = \"bundle\"\n"),
+    )
+    .expect("manifest");
+    let err = pack_dir(&dir).err().expect("a long version is refused");
+    assert_eq!(
+        err.to_string(),
+        "artifact hello@1.0.0-aaaaaaaaaaaaaaaaaa... cannot be installed by agents: version is \
+         5006 bytes long; agents install versions of at most 128 bytes (they name directories \
+         after them)"
+    );
+
+    std::fs::write(dir.join("module.toml"), MANIFEST).expect("manifest");
+    // module_dir has 4 entries: bin, bin/run.sh, config.txt, current.txt.
+    let err = pack_dir_within(&dir, &small_limits(3, 1 << 20))
+        .err()
+        .expect("too many entries");
+    assert!(
+        err.to_string()
+            .ends_with("the payload has more than 3 entries, the most agents unpack"),
+        "{err}"
+    );
+    let err = pack_dir_within(&dir, &small_limits(10, 20))
+        .err()
+        .expect("too many bytes");
+    assert!(
+        err.to_string().contains("unpacks to more than 20 bytes"),
+        "{err}"
+    );
+    pack_dir_within(&dir, &small_limits(4, 1 << 20)).expect("at the limits");
+}
+
+/// The control plane's push check: every payload rule an agent applies,
+/// without writing, plus the version.
+#[test]
+fn check_artifact_applies_the_agents_limits() {
+    let f = fixture();
+    let info = read_artifact(&f.artifact).expect("read");
+    let stats = check_artifact(&f.artifact, &info, &Limits::default()).expect("installable");
+    let dest = f.root.join("unpacked");
+    let unpacked = unpack_artifact(&f.artifact, &info, &dest, &Limits::default()).expect("unpack");
+    assert_eq!(stats, unpacked, "the check counts what the unpack writes");
+    let err = check_artifact(&f.artifact, &info, &small_limits(3, 1 << 20))
+        .expect_err("too many entries");
+    assert!(
+        matches!(err, UnpackError::Limit(LimitError::TooManyEntries(3))),
+        "{err:?}"
+    );
+    let tight = Limits {
+        max_version_bytes: 4,
+        ..Limits::AGENT
+    };
+    let err = check_artifact(&f.artifact, &info, &tight).expect_err("long version");
+    assert!(
+        matches!(
+            err,
+            UnpackError::Limit(LimitError::VersionTooLong { bytes: 5, max: 4 })
+        ),
+        "{err:?}"
+    );
+    let dest = f.root.join("unpacked-tight");
+    let err = unpack_artifact(&f.artifact, &info, &dest, &tight).expect_err("agent refuses");
+    assert!(
+        matches!(err, UnpackError::Limit(LimitError::VersionTooLong { .. })),
+        "{err:?}"
+    );
+    assert!(!dest.exists());
 }
 
 #[test]

@@ -1,9 +1,16 @@
 //! Payload → directory, for agents installing a verified artifact. The same
 //! rules as packing apply to every entry (relative paths without `..`; files,
-//! directories and symlinks only; symlinks must resolve inside), plus limits
-//! on entry count and unpacked bytes so a small compressed payload cannot
-//! fill a disk. Symlinks are created last, so nothing is ever written through
-//! one; on any error the half-written directory is removed.
+//! directories and symlinks only; symlinks must resolve inside), plus the
+//! agents' [`Limits`] on entry count and unpacked bytes so a small compressed
+//! payload cannot fill a disk. Bytes are counted from each entry's declared
+//! size before any of them is written, so a bomb is refused at the entry that
+//! would pass the limit, with nothing of that entry on disk. Symlinks are
+//! created last, so nothing is ever written through one; on any error the
+//! half-written directory is removed.
+//!
+//! [`check_artifact`] walks a payload by the same per-entry rules without
+//! writing anything: the control plane's push check, so an artifact no agent
+//! could unpack is refused when it is pushed.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -11,31 +18,15 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::format::ArtifactInfo;
+pub use super::limits::{LimitError, Limits};
 use crate::manifest::MANIFEST_FILE;
-
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub max_entries: u64,
-    pub max_bytes: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_entries: 10_000,
-            max_bytes: 1024 * 1024 * 1024,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
     #[error("refusing to unpack: entry {entry:?} {reason}")]
     BadEntry { entry: String, reason: String },
-    #[error("refusing to unpack: more than {0} entries")]
-    TooManyEntries(u64),
-    #[error("refusing to unpack: more than {0} bytes unpacked")]
-    TooLarge(u64),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     #[error("cannot unpack into {path}: {reason}")]
     Io { path: PathBuf, reason: String },
 }
@@ -46,6 +37,80 @@ pub struct UnpackStats {
     pub bytes: u64,
 }
 
+/// Check that agents with `limits` can install the artifact at `path`: its
+/// version and every entry of its payload, walked by the rules of
+/// [`unpack_payload`] but written nowhere. What needs the written tree
+/// (duplicate names, where symlinks resolve) is left to the unpack itself.
+pub fn check_artifact(
+    path: &Path,
+    info: &ArtifactInfo,
+    limits: &Limits,
+) -> Result<UnpackStats, UnpackError> {
+    limits.check_manifest(&info.manifest)?;
+    let payload = open_payload(path, info)?;
+    check_payload(payload, limits)
+}
+
+/// Walk a tar.zst payload as [`unpack_payload`] would, without writing.
+pub fn check_payload<R: Read>(payload: R, limits: &Limits) -> Result<UnpackStats, UnpackError> {
+    let mut archive = tar::Archive::new(zstd_decoder(payload)?);
+    let mut stats = UnpackStats::default();
+    let entries = archive
+        .entries()
+        .map_err(|e| bad("-", format!("is unreadable: {e}")))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| bad("-", format!("is unreadable: {e}")))?;
+        // The tar reader skips the entry's data when the next one is read:
+        // decompressed and dropped, never stored.
+        admit(&entry, &mut stats, limits)?;
+    }
+    Ok(stats)
+}
+
+fn open_payload(path: &Path, info: &ArtifactInfo) -> Result<impl Read, UnpackError> {
+    let io = |e: std::io::Error| UnpackError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut file = fs::File::open(path).map_err(io)?;
+    file.seek(SeekFrom::Start(info.payload_offset))
+        .map_err(io)?;
+    Ok(std::io::BufReader::new(file.take(info.payload_len)))
+}
+
+/// The first bytes of a zstd frame, and those of a skippable frame
+/// (`0x184D2A50..=0x184D2A5F`), both little-endian.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+const ZSTD_SKIPPABLE_LOW: u32 = 0x184d_2a50;
+
+/// A decoder over `payload`, once its first bytes say it is zstd: anything
+/// else gets a clear error instead of the decoder's "unknown frame
+/// descriptor" from inside the tar reader.
+fn zstd_decoder<R: Read>(mut payload: R) -> Result<impl Read, UnpackError> {
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        match payload.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(bad("-", format!("is unreadable: {e}"))),
+        }
+    }
+    let head = &magic[..got];
+    let skippable = got == 4 && u32::from_le_bytes(magic) & !0xf == ZSTD_SKIPPABLE_LOW;
+    if head != ZSTD_MAGIC && !skippable {
+        let shown = if head.is_empty() {
+            "nothing: it is empty".to_string()
+        } else {
+            format!("0x{}", hex::encode(head))
+        };
+        return Err(LimitError::NotZstd(shown).into());
+    }
+    let whole = std::io::Cursor::new(magic).take(got as u64).chain(payload);
+    zstd::stream::Decoder::new(whole).map_err(|e| bad("-", format!("is unreadable: {e}")))
+}
+
 /// Unpack an artifact file's payload into `dest` (which must not exist) and
 /// write its manifest there as `module.toml`.
 pub fn unpack_artifact(
@@ -54,14 +119,8 @@ pub fn unpack_artifact(
     dest: &Path,
     limits: &Limits,
 ) -> Result<UnpackStats, UnpackError> {
-    let io = |e: std::io::Error| UnpackError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let mut file = fs::File::open(path).map_err(io)?;
-    file.seek(SeekFrom::Start(info.payload_offset))
-        .map_err(io)?;
-    let payload = std::io::BufReader::new(file.take(info.payload_len));
+    limits.check_manifest(&info.manifest)?;
+    let payload = open_payload(path, info)?;
     let stats = unpack_payload(payload, dest, limits)?;
     let manifest = dest.join(MANIFEST_FILE);
     let written = fs::write(&manifest, info.manifest_text.as_bytes());
@@ -139,6 +198,98 @@ fn through_symlink(dest: &Path, rel: &Path) -> bool {
         })
 }
 
+/// One tar entry that passed every rule not needing the written tree.
+enum Admitted {
+    Directory {
+        rel: PathBuf,
+    },
+    File {
+        name: String,
+        rel: PathBuf,
+        mode: u32,
+        size: u64,
+    },
+    Symlink {
+        name: String,
+        rel: PathBuf,
+        link: PathBuf,
+    },
+}
+
+/// Count `entry` against `limits` and check its name and kind. A file's
+/// declared size is taken from the budget here, before a byte of it is
+/// read, so nothing beyond the limit is ever written.
+fn admit<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    stats: &mut UnpackStats,
+    limits: &Limits,
+) -> Result<Admitted, UnpackError> {
+    stats.entries += 1;
+    if stats.entries > limits.max_entries {
+        return Err(LimitError::TooManyEntries(limits.max_entries).into());
+    }
+    let raw = entry.path_bytes();
+    let name = std::str::from_utf8(&raw)
+        .map_err(|_| {
+            bad(
+                &String::from_utf8_lossy(&raw),
+                "has a name that is not UTF-8",
+            )
+        })?
+        .to_string();
+    let rel = safe_relative(&name)?;
+    if rel == Path::new(MANIFEST_FILE) {
+        return Err(bad(&name, "would replace the signed manifest"));
+    }
+    match entry.header().entry_type() {
+        tar::EntryType::Directory => Ok(Admitted::Directory { rel }),
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
+            let mode = entry
+                .header()
+                .mode()
+                .map_err(|e| bad(&name, format!("has an invalid mode: {e}")))?;
+            let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
+            let size = entry.size();
+            let left = limits.max_bytes.saturating_sub(stats.bytes);
+            if size > left {
+                return Err(LimitError::TooLarge {
+                    entry: name,
+                    declared: size,
+                    left,
+                    max: limits.max_bytes,
+                }
+                .into());
+            }
+            stats.bytes += size;
+            Ok(Admitted::File {
+                name,
+                rel,
+                mode,
+                size,
+            })
+        }
+        tar::EntryType::Symlink => {
+            let link = entry
+                .link_name_bytes()
+                .ok_or_else(|| bad(&name, "is a symlink without a target"))?;
+            let link = std::str::from_utf8(&link)
+                .map_err(|_| bad(&name, "has a symlink target that is not UTF-8"))?;
+            if link.is_empty() || Path::new(link).is_absolute() {
+                return Err(bad(
+                    &name,
+                    format!("is a symlink to {link:?}; only relative targets are allowed"),
+                ));
+            }
+            let link = PathBuf::from(link);
+            Ok(Admitted::Symlink { name, rel, link })
+        }
+        other => Err(bad(
+            &name,
+            format!("is a {other:?} entry; only files, directories and symlinks are allowed"),
+        )),
+    }
+}
+
 fn unpack_into<R: Read>(
     payload: R,
     dest: &Path,
@@ -148,8 +299,7 @@ fn unpack_into<R: Read>(
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let decoder = zstd::stream::Decoder::new(payload).map_err(|e| io(dest, e))?;
-    let mut archive = tar::Archive::new(decoder);
+    let mut archive = tar::Archive::new(zstd_decoder(payload)?);
     let mut stats = UnpackStats::default();
     let mut symlinks = Vec::new();
     let entries = archive
@@ -157,36 +307,21 @@ fn unpack_into<R: Read>(
         .map_err(|e| bad("-", format!("is unreadable: {e}")))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| bad("-", format!("is unreadable: {e}")))?;
-        stats.entries += 1;
-        if stats.entries > limits.max_entries {
-            return Err(UnpackError::TooManyEntries(limits.max_entries));
-        }
-        let raw = entry.path_bytes();
-        let name = std::str::from_utf8(&raw)
-            .map_err(|_| {
-                bad(
-                    &String::from_utf8_lossy(&raw),
-                    "has a name that is not UTF-8",
-                )
-            })?
-            .to_string();
-        let rel = safe_relative(&name)?;
-        if rel == Path::new(MANIFEST_FILE) {
-            return Err(bad(&name, "would replace the signed manifest"));
-        }
-        let target = dest.join(&rel);
-        let kind = entry.header().entry_type();
-        match kind {
-            tar::EntryType::Directory => fs::create_dir_all(&target).map_err(|e| io(&target, e))?,
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
+        match admit(&entry, &mut stats, limits)? {
+            Admitted::Directory { rel } => {
+                let target = dest.join(&rel);
+                fs::create_dir_all(&target).map_err(|e| io(&target, e))?
+            }
+            Admitted::File {
+                name,
+                rel,
+                mode,
+                size,
+            } => {
+                let target = dest.join(&rel);
                 if let Some(parent) = target.parent() {
                     fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
                 }
-                let mode = entry
-                    .header()
-                    .mode()
-                    .map_err(|e| bad(&name, format!("has an invalid mode: {e}")))?;
-                let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
                 let mut file = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -196,40 +331,19 @@ fn unpack_into<R: Read>(
                         std::io::ErrorKind::AlreadyExists => bad(&name, "appears twice"),
                         _ => io(&target, e),
                     })?;
-                let budget = limits.max_bytes.saturating_sub(stats.bytes);
-                // Read one byte past the budget to detect overflow without trusting the header.
-                let copied =
-                    std::io::copy(&mut (&mut entry).take(budget.saturating_add(1)), &mut file)
-                        .map_err(|e| io(&target, e))?;
-                if copied > budget {
-                    return Err(UnpackError::TooLarge(limits.max_bytes));
+                // The budget already holds `size`; the reader never gives more.
+                let copied = std::io::copy(&mut (&mut entry).take(size), &mut file)
+                    .map_err(|e| io(&target, e))?;
+                if copied != size {
+                    return Err(bad(
+                        &name,
+                        format!("is truncated: declares {size} bytes, holds {copied}"),
+                    ));
                 }
-                stats.bytes += copied;
                 file.set_permissions(fs::Permissions::from_mode(mode))
                     .map_err(|e| io(&target, e))?;
             }
-            tar::EntryType::Symlink => {
-                let link = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| bad(&name, "is a symlink without a target"))?;
-                let link = std::str::from_utf8(&link)
-                    .map_err(|_| bad(&name, "has a symlink target that is not UTF-8"))?;
-                if link.is_empty() || Path::new(link).is_absolute() {
-                    return Err(bad(
-                        &name,
-                        format!("is a symlink to {link:?}; only relative targets are allowed"),
-                    ));
-                }
-                symlinks.push((name.clone(), rel, PathBuf::from(link)));
-            }
-            other => {
-                return Err(bad(
-                    &name,
-                    format!(
-                        "is a {other:?} entry; only files, directories and symlinks are allowed"
-                    ),
-                ));
-            }
+            Admitted::Symlink { name, rel, link } => symlinks.push((name, rel, link)),
         }
     }
     let root = fs::canonicalize(dest).map_err(|e| io(dest, e))?;

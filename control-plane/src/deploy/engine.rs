@@ -512,7 +512,18 @@ impl Engine {
             let Some(record) = deployments.get(&id) else {
                 continue;
             };
-            let input = self.observe(&record.deployment);
+            // A yanked version is known bad: the deployment stops (rolling
+            // back what it changed) instead of going on. Read from the store
+            // on every pass, so a yank is acted on after a restart too.
+            let input = match self.yank_of(&record.deployment) {
+                Some(yank) if record.deployment.state != State::RollingBack => {
+                    Input::Control(Control::Yanked {
+                        by: yank.by,
+                        reason: yank.reason,
+                    })
+                }
+                _ => self.observe(&record.deployment),
+            };
             let Ok((mut next, actions)) = record.deployment.step(now, &input) else {
                 continue;
             };
@@ -560,6 +571,22 @@ impl Engine {
                 deployments.insert(id, updated);
             } else {
                 deployments.insert(id, Arc::new(updated));
+            }
+        }
+    }
+
+    /// The yank of a deployment's version, if it was yanked.
+    fn yank_of(&self, deployment: &Deployment) -> Option<crate::store::YankRecord> {
+        let spec = &deployment.spec;
+        match self
+            .registry
+            .store()
+            .get_artifact(&spec.module, &spec.version)
+        {
+            Ok(artifact) => artifact.and_then(|a| a.yanked),
+            Err(e) => {
+                tracing::warn!(module = %spec.module, version = %spec.version, error = %e, "cannot read the artifact record to check for a yank");
+                None
             }
         }
     }

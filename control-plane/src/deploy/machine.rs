@@ -484,13 +484,30 @@ impl Outcome {
 /// `reason` is empty when the operator gave none.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Control {
-    Approve { by: String, reason: String },
-    Reject { by: String, reason: String },
+    Approve {
+        by: String,
+        reason: String,
+    },
+    Reject {
+        by: String,
+        reason: String,
+    },
     Pause,
     Resume,
     Promote,
-    Abort { reason: String },
-    Rollback { reason: String },
+    Abort {
+        reason: String,
+    },
+    Rollback {
+        reason: String,
+    },
+    /// The deployment's version was yanked (`module yank`): it is known bad,
+    /// so every node the deployment changed goes back to its previous
+    /// version; a deployment that changed none ends aborted.
+    Yanked {
+        by: String,
+        reason: String,
+    },
 }
 
 /// What every target node reports, by node id. A hash map: the engine builds
@@ -1245,6 +1262,17 @@ impl Deployment {
                     ));
                 }
                 Ok(self.begin_rollback(format!("manual rollback: {reason}"), now))
+            }
+            Control::Yanked { by, reason } => {
+                if state.is_terminal() || state == State::RollingBack {
+                    return refuse("stop");
+                }
+                let why = format!("version yanked by {by}: {reason}");
+                if self.nodes.iter().any(|n| n.touched) {
+                    Ok(self.begin_rollback(why, now))
+                } else {
+                    Ok(self.finish(State::Aborted, format!("aborted: {why}"), now))
+                }
             }
         }
     }

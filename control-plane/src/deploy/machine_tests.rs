@@ -2898,6 +2898,80 @@ fn manual_rollback_returns_the_touched_nodes() {
     assert_eq!(sim.dep.finished_ms, Some(sim.now));
 }
 
+/// A yanked version (issue 18, item 12) is known bad: a deployment of it
+/// that changed nodes rolls every one of them back; one that changed none
+/// ends aborted; a finished one or one already rolling back is left alone.
+#[test]
+fn a_yank_rolls_back_the_touched_nodes_or_aborts() {
+    let yank = || Control::Yanked {
+        by: "alice".into(),
+        reason: "corrupts the cache".into(),
+    };
+    let nodes = [
+        (Good(1), OLD),
+        (Good(1), OLD),
+        (Good(3), OLD),
+        (Good(1), OLD),
+        (Good(1), OLD),
+    ];
+    let mut sim = Sim::new(spec(rolling(BatchSize::Count(2), 1_000)), &nodes);
+    sim.run_until(20, |d| d.wave == 1);
+    let actions = sim.control(yank()).expect("a running deployment stops");
+    assert_eq!(
+        node_actions(&actions),
+        [
+            set(&id(0), OLD),
+            set(&id(1), OLD),
+            set(&id(2), OLD),
+            set(&id(3), OLD)
+        ]
+    );
+    assert_eq!(
+        (sim.dep.state, sim.dep.reason.as_str()),
+        (
+            State::RollingBack,
+            "version yanked by alice: corrupts the cache"
+        )
+    );
+    assert!(sim.run(50));
+    assert_eq!(
+        (sim.dep.state, sim.dep.reason.as_str()),
+        (
+            State::RolledBack,
+            "version yanked by alice: corrupts the cache"
+        )
+    );
+    assert!(sim.actions_for(&id(4)).is_empty(), "never touched");
+    let err = sim.control(yank()).expect_err("rolled back already");
+    assert!(
+        err.0
+            .contains("cannot stop a deployment that is rolled_back"),
+        "{err:?}"
+    );
+
+    // Awaiting approval: nothing changed, nothing to roll back.
+    let mut gated = spec(Strategy::Direct);
+    gated.require_approval = true;
+    let mut sim = Sim::new(gated, &nodes);
+    assert_eq!(sim.dep.state, State::AwaitingApproval);
+    let actions = sim.control(yank()).expect("a waiting deployment stops");
+    assert!(node_actions(&actions).is_empty(), "{actions:?}");
+    assert_eq!(
+        (sim.dep.state, sim.dep.reason.as_str(), sim.dep.finished_ms),
+        (
+            State::Aborted,
+            "aborted: version yanked by alice: corrupts the cache",
+            Some(sim.now)
+        )
+    );
+
+    // Succeeded: the yank is a refusal for later deployments, not an undo.
+    let mut sim = Sim::new(spec(Strategy::Direct), &nodes);
+    assert!(sim.run(50));
+    assert!(sim.control(yank()).is_err());
+    assert_eq!(sim.dep.state, State::Succeeded);
+}
+
 /// A deployment in each state a control can meet, and a time after all it saw.
 fn situations() -> Vec<(&'static str, Deployment, Ms)> {
     let (awaiting, _) = Deployment::new(approval_spec(), targets(&[OLD, OLD]), T0);

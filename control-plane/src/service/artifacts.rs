@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use hotswap_common::artifact::format::read_artifact;
 use hotswap_common::artifact::keys::{key_id, parse_public_key};
+use hotswap_common::artifact::limits::{Limits, module_label};
+use hotswap_common::artifact::unpack::{UnpackError, check_artifact};
 use hotswap_common::artifact::{ArtifactError, ArtifactInfo, Digest, TrustSet};
 use hotswap_common::pb;
 use hotswap_common::timefmt::{now_ms, ts_from_ms};
@@ -26,7 +28,10 @@ use super::Context;
 use crate::auth::{self, Permission};
 use crate::blobs::{BlobStore, HotBlobs};
 use crate::error::ApiError;
-use crate::store::{ArtifactRecord, KeyRecord, SignatureRecord};
+use crate::store::{ArtifactRecord, KeyRecord, SignatureRecord, YankRecord};
+
+/// A yank reason is one line, shown in refusals and listings.
+const MAX_YANK_REASON_BYTES: usize = 512;
 
 /// Size of the chunks `FetchArtifact` sends: big enough to amortize framing,
 /// small enough to stay well under gRPC's default 4 MiB message limit.
@@ -127,15 +132,18 @@ impl ArtifactsService {
     ) -> Result<pb::ModuleVersion, ApiError> {
         let trust = self.trust_set()?;
         let path = upload.to_path_buf();
-        // Hashing and signature checks are CPU and disk work: keep them off the runtime threads.
-        let (info, verified) = tokio::task::spawn_blocking(move || -> Result<_, ArtifactError> {
-            let info = read_artifact(&path)?;
-            let verified = trust.verify(&info, now_ms())?;
+        // Hashing, signature checks and the walk of the payload are CPU and
+        // disk work: keep them off the runtime threads.
+        let (info, verified) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+            let info = read_artifact(&path).map_err(artifact_error)?;
+            let verified = trust.verify(&info, now_ms()).map_err(artifact_error)?;
+            // After the signatures, so only what a trusted publisher signed
+            // is ever decompressed here.
+            ensure_installable(&path, &info)?;
             Ok((info, verified))
         })
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(artifact_error)?;
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
         let module = info.module();
         let digest = info.digest;
 
@@ -150,6 +158,7 @@ impl ArtifactsService {
             signatures: verified_records(&info, &verified),
             pushed_at_ms: now_ms(),
             pushed_by: user.to_string(),
+            yanked: None,
         };
         let existing = store.get_artifact(&record.name, &record.version)?;
         if let Some(existing) = &existing
@@ -185,23 +194,36 @@ impl ArtifactsService {
                     raced.digest
                 ))),
             },
-            Some(mut existing) => {
-                // Same content: keep the record, add signatures it did not have.
-                let before = existing.signatures.len();
-                for signature in record.signatures {
-                    if !existing
-                        .signatures
-                        .iter()
-                        .any(|s| s.key_id == signature.key_id)
-                    {
-                        existing.signatures.push(signature);
-                    }
+            Some(existing) => {
+                // Same content: keep the record (and any yank of it), add
+                // signatures it did not have, in place so a concurrent yank
+                // is not overwritten.
+                let new: Vec<SignatureRecord> = record
+                    .signatures
+                    .into_iter()
+                    .filter(|s| !existing.signatures.iter().any(|e| e.key_id == s.key_id))
+                    .collect();
+                if new.is_empty() {
+                    return Ok(version_to_pb(&existing, &names, false));
                 }
-                if existing.signatures.len() != before {
-                    store.put_artifact(&existing).await?;
-                    tracing::info!(module = %module, "new signatures merged into an existing artifact");
-                }
-                Ok(version_to_pb(&existing, &names, false))
+                let merged = store
+                    .update_artifact(&existing.name, &existing.version, |stored| {
+                        let before = stored.signatures.len();
+                        for signature in &new {
+                            if !stored
+                                .signatures
+                                .iter()
+                                .any(|s| s.key_id == signature.key_id)
+                            {
+                                stored.signatures.push(signature.clone());
+                            }
+                        }
+                        stored.signatures.len() != before
+                    })
+                    .await?
+                    .unwrap_or(existing);
+                tracing::info!(module = %module, "new signatures merged into an existing artifact");
+                Ok(version_to_pb(&merged, &names, false))
             }
         }
     }
@@ -257,6 +279,84 @@ impl ArtifactsService {
         Ok(key_to_pb(&record))
     }
 
+    /// Yank (`reason` given) or unyank (`None`) one stored version. The
+    /// record is changed in place and flushed; the engine sees the yank on
+    /// its next pass and stops any running deployment of the version.
+    async fn set_yank(
+        &self,
+        user: &str,
+        name: &str,
+        version: &str,
+        reason: Option<&str>,
+    ) -> Result<pb::ModuleVersion, ApiError> {
+        if let Some(reason) = reason {
+            let reason = reason.trim();
+            if reason.is_empty() {
+                return Err(ApiError::InvalidArgument(
+                    "a yank needs a reason (--reason): it is shown to whoever tries to deploy the version".into(),
+                ));
+            }
+            if reason.len() > MAX_YANK_REASON_BYTES || reason.contains(['\n', '\r']) {
+                return Err(ApiError::InvalidArgument(format!(
+                    "the yank reason must be one line of at most {MAX_YANK_REASON_BYTES} bytes"
+                )));
+            }
+        }
+        let store = self.ctx.registry.store();
+        let module = format!("{name}@{version}");
+        let existing = store
+            .get_artifact(name, version)?
+            .ok_or_else(|| ApiError::NotFound(format!("artifact {module} not found")))?;
+        match (&existing.yanked, reason) {
+            (Some(yank), Some(_)) => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{module} is already yanked (by {} at {}: {})",
+                    yank.by,
+                    hotswap_common::timefmt::rfc3339_from_ms(yank.at_ms),
+                    yank.reason
+                )));
+            }
+            (None, None) => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{module} is not yanked"
+                )));
+            }
+            _ => {}
+        }
+        let yank = reason.map(|reason| YankRecord {
+            at_ms: now_ms(),
+            by: user.to_string(),
+            reason: reason.trim().to_string(),
+        });
+        let updated = store
+            .update_artifact(name, version, |record| {
+                // A concurrent yank or unyank already did it: keep theirs.
+                if record.yanked.is_some() == yank.is_some() {
+                    return false;
+                }
+                record.yanked = yank.clone();
+                true
+            })
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("artifact {module} not found")))?;
+        let event = match &yank {
+            Some(yank) => crate::events::Event::new(
+                "module.yanked",
+                format!("{module} yanked by {user}: {}", yank.reason),
+            ),
+            None => {
+                crate::events::Event::new("module.unyanked", format!("{module} unyanked by {user}"))
+            }
+        };
+        self.ctx
+            .registry
+            .events()
+            .append(event.module(name, version));
+        tracing::warn!(user = %user, module = %name, version = %version, reason = reason.unwrap_or_default(), yanked = yank.is_some(), "version yank changed");
+        self.ctx.registry.wake();
+        Ok(version_to_pb(&updated, &self.key_names()?, false))
+    }
+
     fn module(&self, name: &str) -> Result<pb::Module, ApiError> {
         let names = self.key_names()?;
         let mut versions = self.ctx.registry.store().module_versions(name)?;
@@ -303,6 +403,23 @@ impl ArtifactsService {
             size: record.size,
             signatures,
         })
+    }
+}
+
+/// Refuse what no agent could install, by the agents' own [`Limits`]: a
+/// version too long to name a directory, a payload that is not zstd, too
+/// many entries, more bytes than an agent unpacks (counted from the declared
+/// sizes, decompressed but written nowhere), or an entry the unpack refuses.
+/// Accepting such an artifact only moved the failure to every node of a
+/// deployment.
+fn ensure_installable(path: &std::path::Path, info: &ArtifactInfo) -> Result<(), ApiError> {
+    match check_artifact(path, info, &Limits::AGENT) {
+        Ok(_) => Ok(()),
+        Err(e @ UnpackError::Io { .. }) => Err(ApiError::Internal(e.to_string())),
+        Err(e) => Err(ApiError::InvalidArgument(format!(
+            "artifact {} cannot be installed by agents: {e}",
+            module_label(&info.manifest)
+        ))),
     }
 }
 
@@ -385,6 +502,17 @@ fn version_to_pb(
         runtime: record.runtime.clone(),
         created,
         name: record.name.clone(),
+        yanked_at: record.yanked.as_ref().map(|y| ts_from_ms(y.at_ms)),
+        yanked_by: record
+            .yanked
+            .as_ref()
+            .map(|y| y.by.clone())
+            .unwrap_or_default(),
+        yank_reason: record
+            .yanked
+            .as_ref()
+            .map(|y| y.reason.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -489,6 +617,44 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
             .begin(&request, Permission::Admin, "keys.revoke", &name)
             .await?;
         let result = self.revoke_key(call.user(), &name).await;
+        Ok(Response::new(call.finish(&self.ctx, result).await?))
+    }
+
+    async fn yank_version(
+        &self,
+        request: Request<pb::YankVersionRequest>,
+    ) -> Result<Response<pb::ModuleVersion>, Status> {
+        let target = format!("{}@{}", request.get_ref().name, request.get_ref().version);
+        // Whoever may publish a version may withdraw it.
+        let call = self
+            .ctx
+            .begin(&request, Permission::Push, "module.yank", target)
+            .await?;
+        let request = request.into_inner();
+        let result = self
+            .set_yank(
+                call.user(),
+                &request.name,
+                &request.version,
+                Some(&request.reason),
+            )
+            .await;
+        Ok(Response::new(call.finish(&self.ctx, result).await?))
+    }
+
+    async fn unyank_version(
+        &self,
+        request: Request<pb::UnyankVersionRequest>,
+    ) -> Result<Response<pb::ModuleVersion>, Status> {
+        let target = format!("{}@{}", request.get_ref().name, request.get_ref().version);
+        let call = self
+            .ctx
+            .begin(&request, Permission::Push, "module.unyank", target)
+            .await?;
+        let request = request.into_inner();
+        let result = self
+            .set_yank(call.user(), &request.name, &request.version, None)
+            .await;
         Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 

@@ -173,6 +173,10 @@ impl Context {
     }
 }
 
+/// Actions whose handlers append their own, richer events (`module.yanked`
+/// with the reason) instead of the generic one named after the action.
+const OWN_EVENTS: &[&str] = &["module.yank", "module.unyank"];
+
 /// A mutating call that passed authorization; see [`Context::begin`].
 pub struct AuditedCall {
     pub caller: Caller,
@@ -192,6 +196,8 @@ impl AuditedCall {
     }
 
     /// Record the call's result in the audit log, then return it.
+    /// Audit the outcome (and, for successful calls without events of
+    /// their own, append the generic event) before answering.
     pub async fn finish<T>(
         self,
         ctx: &Context,
@@ -208,6 +214,7 @@ impl AuditedCall {
         if result.is_ok()
             && !self.action.starts_with("deploy.")
             && !self.action.starts_with("pipeline.")
+            && !OWN_EVENTS.contains(&self.action)
         {
             let message = if self.target.is_empty() {
                 format!("by {}", self.caller.user)

@@ -26,6 +26,7 @@ pub const FUZZ_NOW_MS: u64 = 1_800_000_000_000;
 pub const UNPACK_LIMITS: Limits = Limits {
     max_entries: 256,
     max_bytes: 1024 * 1024,
+    ..Limits::AGENT
 };
 
 /// Where the `artifact` target writes its input for [`unpack_artifact`].

@@ -1,9 +1,11 @@
 //! Module runtimes: how an agent activates a version of a module.
 //! [`bundle`] flips a `current` symlink and runs hooks; [`process`]
-//! supervises a long-running program with agent-owned listening sockets.
+//! supervises a long-running program with agent-owned listening sockets,
+//! each owned by one module of the node ([`listeners`]).
 
 pub mod bundle;
 pub mod ledger;
+pub mod listeners;
 pub mod os;
 pub mod process;
 

@@ -12,7 +12,13 @@ use socket2::{Domain, Socket, Type};
 
 /// Bind a listening TCP socket the agent owns and hands to module processes.
 /// `SO_REUSEPORT` lets a restarted agent bind the address again should it
-/// fail to take the original socket back from a running process.
+/// fail to take the original socket back from a running process, so that
+/// module's next version can start beside it (the kernel only joins sockets
+/// that both set it). That is the one sharing the agent needs, between
+/// versions of one module: the kernel cannot tell it from two modules on one
+/// port, so callers claim the address in the node's
+/// [`ListenerBook`](super::listeners::ListenerBook) first, which refuses an
+/// address another module holds.
 pub fn bind_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;

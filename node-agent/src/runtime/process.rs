@@ -40,6 +40,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::ledger::{self, Ledger};
+use super::listeners::{ListenerBook, conflict_message};
 use super::os;
 use super::{ActivateError, Phase, base_env, is_node_trouble, resolve_program};
 use crate::health::{Health, HealthTracker, probe_once};
@@ -123,6 +124,7 @@ impl Supervisor {
     /// an instance a previous agent started.
     pub fn spawn(
         name: &str,
+        book: ListenerBook,
         log_path: PathBuf,
         ledger_path: PathBuf,
         adopt: Option<(InstanceRecord, VersionSpec)>,
@@ -134,6 +136,8 @@ impl Supervisor {
             ..Default::default()
         });
         let task = Task {
+            module: name.to_string(),
+            book,
             log_path,
             ledger: Ledger::load(&ledger_path),
             listeners: Vec::new(),
@@ -236,6 +240,10 @@ impl Instance {
 }
 
 struct Task {
+    module: String,
+    /// The node's listening addresses and the module owning each: a
+    /// listener is claimed there before it is bound or taken back.
+    book: ListenerBook,
     log_path: PathBuf,
     ledger: Ledger,
     /// Agent-owned listening sockets: (name, address, fd).
@@ -395,9 +403,21 @@ impl Task {
                 .ok()
                 .filter(|fd| os::listening_addr(fd) == Some(socket.listen))
             {
-                Some(fd) => self
-                    .listeners
-                    .push((socket.name.clone(), socket.listen, fd)),
+                Some(fd) => match self.book.claim(&self.module, socket.listen) {
+                    Ok(()) => self
+                        .listeners
+                        .push((socket.name.clone(), socket.listen, fd)),
+                    // Two modules shared the address before an agent that
+                    // refuses it: the process keeps its socket, this agent
+                    // holds none for it, and the module's next start is a
+                    // clear conflict instead of more shared traffic.
+                    Err(taken) => {
+                        let message =
+                            conflict_message(&self.module, &socket.name, socket.listen, &taken);
+                        tracing::error!(error = %message, "not taking back a listener another module holds");
+                        missing.push(socket.clone());
+                    }
+                },
                 None => missing.push(socket.clone()),
             }
         }
@@ -436,6 +456,12 @@ impl Task {
                     {
                         continue;
                     }
+                    if let Err(taken) = self.book.claim(&self.module, socket.listen) {
+                        let message =
+                            conflict_message(&self.module, &socket.name, socket.listen, &taken);
+                        tracing::error!(error = %message, "not binding a listener another module holds");
+                        continue;
+                    }
                     match os::bind_listener(socket.listen) {
                         Ok(fd) => {
                             tracing::warn!(socket = %socket.name, addr = %socket.listen, "could not take the listener back from a running process; bound a new one (SO_REUSEPORT)");
@@ -443,6 +469,7 @@ impl Task {
                                 .push((socket.name.clone(), socket.listen, fd));
                         }
                         Err(e) => {
+                            self.release_unheld();
                             tracing::error!(socket = %socket.name, addr = %socket.listen, error = %e, "cannot bind listener");
                         }
                     }
@@ -490,12 +517,28 @@ impl Task {
             {
                 continue;
             }
-            let fd = os::bind_listener(socket.listen).map_err(|e| {
-                ActivateError::Infrastructure(format!(
-                    "cannot listen on {} for socket {:?}: {e}",
-                    socket.listen, socket.name
-                ))
-            })?;
+            // Another module's address is the version's fault (its manifest
+            // names it), not the node's: a release failure naming both.
+            self.book
+                .claim(&self.module, socket.listen)
+                .map_err(|taken| {
+                    ActivateError::Release(conflict_message(
+                        &self.module,
+                        &socket.name,
+                        socket.listen,
+                        &taken,
+                    ))
+                })?;
+            let fd = match os::bind_listener(socket.listen) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    self.release_unheld();
+                    return Err(ActivateError::Infrastructure(format!(
+                        "cannot listen on {} for socket {:?}: {e}",
+                        socket.listen, socket.name
+                    )));
+                }
+            };
             self.listeners
                 .push((socket.name.clone(), socket.listen, fd));
         }
@@ -506,6 +549,15 @@ impl Task {
     fn prune_listeners(&mut self, spec: &VersionSpec) {
         self.listeners
             .retain(|(_, addr, _)| spec.sockets.iter().any(|s| s.listen == *addr));
+        self.release_unheld();
+    }
+
+    /// Give up the claims on addresses this module holds no listener for.
+    fn release_unheld(&self) {
+        let held: Vec<std::net::SocketAddr> =
+            self.listeners.iter().map(|(_, addr, _)| *addr).collect();
+        self.book
+            .release_unless(&self.module, |addr| held.contains(&addr));
     }
 
     fn start(&mut self, spec: Arc<VersionSpec>) -> Result<Instance, ActivateError> {
@@ -903,6 +955,7 @@ impl Task {
             tracing::info!(version = %instance.spec.version, ended = %how, "stopped");
         }
         self.listeners.clear();
+        self.release_unheld();
         self.tracker = None;
         self.publish(|s| {
             s.phase = Phase::Stopped;
