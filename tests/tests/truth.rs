@@ -38,10 +38,12 @@ fn deploy(fleet: &Fleet, target: &str, env: &str, extra: &[&str]) -> (i32, Value
 }
 
 /// Pids of live processes (zombies excluded) whose environment names
-/// `HOTSWAP_MODULE=module` and `HOTSWAP_VERSION=version`.
-fn processes_of(module: &str, version: &str) -> Vec<u32> {
+/// `HOTSWAP_MODULE=module` and `HOTSWAP_VERSION=version`, with a module
+/// directory under `work` (this test's agents, not another test's).
+fn processes_of(work: &std::path::Path, module: &str, version: &str) -> Vec<u32> {
     let want_module = format!("HOTSWAP_MODULE={module}");
     let want_version = format!("HOTSWAP_VERSION={version}");
+    let want_dir = format!("HOTSWAP_MODULE_DIR={}", work.display());
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -58,6 +60,7 @@ fn processes_of(module: &str, version: &str) -> Vec<u32> {
             alive
                 && vars.contains(&want_module.as_bytes())
                 && vars.contains(&want_version.as_bytes())
+                && vars.iter().any(|v| v.starts_with(want_dir.as_bytes()))
         })
         .collect()
 }
@@ -92,12 +95,29 @@ fn a_rolled_back_deployment_leaves_nothing_of_the_bad_version_serving() {
     // are still inside its health gate.
     push_hello(&fleet, "2.0.0", "HELLO_UNHEALTHY = \"1\"", "30s");
     let loads: Vec<Load> = ports.iter().map(|p| Load::start(*p)).collect();
+    // Watch for 2.0.0's processes while the deployment runs: the check
+    // afterwards means something only if they existed.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (watching, work) = (watching.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                seen = seen.max(processes_of(&work, "hello", "2.0.0").len());
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            seen
+        })
+    };
     let (code, last) = deploy(&fleet, "hello@2.0.0", "dev", &["--health-deadline", "2s"]);
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().expect("watcher");
+    assert!(seen > 0, "2.0.0 never ran: the test would prove nothing");
     assert_eq!(code, 3, "a rolled back deployment exits 3: {last}");
     assert_eq!(last["state"], "rolled_back", "{last}");
     // The moment --wait returned, no process of 2.0.0 is left on any node,
     // and every node answers from 1.0.0.
-    let survivors = processes_of("hello", "2.0.0");
+    let survivors = processes_of(dir.path(), "hello", "2.0.0");
     assert!(
         survivors.is_empty(),
         "2.0.0 still runs as {survivors:?} after the CLI said rolled_back"
