@@ -359,14 +359,16 @@ fn a_pipeline_gives_up_on_an_environment_without_a_connected_node() {
         "--timeout",
         "60s",
     ]);
-    assert_eq!(out.code, 3, "the pipeline ends failed, not waiting forever: {out:?}");
+    assert_eq!(
+        out.code, 3,
+        "the pipeline ends failed, not waiting forever: {out:?}"
+    );
     let last = out.last_json_line();
     assert_eq!(last["state"], "failed", "{last}");
     assert_eq!(last["stages"][0]["state"], "succeeded", "{last}");
     assert_eq!(last["stages"][1]["state"], "failed", "{last}");
     assert_eq!(
-        last["reason"],
-        "stopped at qa: no connected node there for 3s (pipeline_wait_timeout)",
+        last["reason"], "stopped at qa: no connected node there for 3s (pipeline_wait_timeout)",
         "{last}"
     );
 }
