@@ -23,6 +23,9 @@ pub enum ApiError {
     PermissionDenied(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The caller took too long: an upload that stopped sending.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("{0}")]
     Storage(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -56,6 +59,7 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(_) => Status::unauthenticated(message),
             ApiError::PermissionDenied(_) => Status::permission_denied(message),
             ApiError::Unavailable(_) => Status::unavailable(message),
+            ApiError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             // Storage that cannot write (a full disk) is an outage the caller
             // can retry after, not a bug: say so, with the OS's reason.
             ApiError::Storage(StoreError::Failed(_) | StoreError::Sled(sled::Error::Io(_))) => {
