@@ -9,6 +9,7 @@ mod artifact;
 mod etcd;
 mod fanout;
 mod fleet;
+mod large;
 mod load;
 mod swap;
 
@@ -40,6 +41,16 @@ enum Bench {
         size_mib: usize,
         #[arg(long, default_value_t = 5)]
         runs: usize,
+    },
+    /// One big module through pack, sign, push, a deployment to N real
+    /// agents and a rollback to it: time of each step and peak memory of
+    /// every process (CLI, control plane, agents).
+    LargeArtifact {
+        /// Size of the module's files (agents unpack at most 1 GiB).
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        #[arg(long, default_value_t = 3)]
+        agents: usize,
     },
     /// Hot swaps on one real agent: alternate the desired version A→B→A…
     /// and time each swap; for the process runtime, under continuous HTTP
@@ -119,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             size_mib,
             runs,
         } => artifact::artifact(agents, size_mib, runs),
+        Bench::LargeArtifact { size_mib, agents } => large::large_artifact(size_mib, agents),
         Bench::Swap { swaps, runtime } => swap::swap(swaps, runtime),
         Bench::Fleet {
             agents,

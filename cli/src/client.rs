@@ -79,6 +79,10 @@ impl std::fmt::Display for CliError {
                             source_chain(status)
                         )
                     }
+                    // The control plane's own reason, e.g. an upload it cut off.
+                    Code::DeadlineExceeded if !status.message().is_empty() => {
+                        write!(f, "{action}: {}", status.message())
+                    }
                     Code::DeadlineExceeded => write!(
                         f,
                         "{action}: the control plane at {endpoint} did not answer in time"

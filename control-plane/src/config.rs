@@ -45,6 +45,13 @@ pub struct Settings {
     /// streams are bounded by their own limits).
     #[serde(with = "duration_text")]
     pub request_timeout: Duration,
+    /// An upload (`module push`) that delivers no chunk for this long is
+    /// cancelled. Uploads have no total deadline: a 512 MiB module within
+    /// `request_timeout` would need about 8.5 MB/s, and a slow but steady
+    /// link must still get through. Chunks are 1 MiB, so this also sets the
+    /// slowest link accepted (1 MiB per `upload_idle_timeout`).
+    #[serde(with = "duration_text")]
+    pub upload_idle_timeout: Duration,
     /// Events kept in the event log; the oldest are trimmed beyond this.
     pub event_retention: u64,
     /// Enrollment attempts allowed per source address: a burst of
@@ -194,6 +201,7 @@ impl Default for Settings {
             pause_timeout: Duration::from_secs(86_400),
             pipeline_wait_timeout: Duration::from_secs(3600),
             request_timeout: Duration::from_secs(60),
+            upload_idle_timeout: Duration::from_secs(30),
             event_retention: 100_000,
             enroll_per_minute: 600,
             enroll_burst: 200,
@@ -288,6 +296,9 @@ impl Settings {
         }
         if self.request_timeout < Duration::from_secs(1) {
             problems.push("request_timeout must be at least 1s".to_string());
+        }
+        if self.upload_idle_timeout < Duration::from_secs(1) {
+            problems.push("upload_idle_timeout must be at least 1s".to_string());
         }
         if self.pause_timeout < Duration::from_secs(1) {
             problems.push("pause_timeout must be at least 1s".to_string());

@@ -26,6 +26,9 @@ pub enum ApiError {
     /// A rate limit: the message says which and when to retry.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The caller took too long: an upload that stopped sending.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("{0}")]
     Storage(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -59,6 +62,7 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(_) => Status::unauthenticated(message),
             ApiError::PermissionDenied(_) => Status::permission_denied(message),
             ApiError::Unavailable(_) => Status::unavailable(message),
+            ApiError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             ApiError::ResourceExhausted(_) => Status::resource_exhausted(message),
             // Storage that cannot write (a full disk, a deleted database) is
             // an outage the caller can retry after, not a bug: say so, with

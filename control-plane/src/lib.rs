@@ -12,6 +12,7 @@ pub mod auth;
 pub mod blobs;
 pub mod clock;
 pub mod config;
+pub mod deadline;
 pub mod deploy;
 pub mod error;
 pub mod events;

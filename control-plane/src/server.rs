@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::AuditLog;
 use crate::blobs::BlobStore;
 use crate::config::RunConfig;
+use crate::deadline::RequestTimeoutLayer;
 use crate::deploy::engine::Engine;
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
@@ -417,14 +418,15 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     let grpc = tonic::transport::Server::builder()
-        // Unary calls and stream set-up are bounded; a client can also ask
-        // for less with grpc-timeout.
-        .timeout(config.settings.request_timeout)
+        // Unary calls and stream set-up are bounded by request_timeout, but
+        // not uploads: they are cut off when idle (see deadline.rs). A client
+        // can also ask for less with grpc-timeout.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
         .max_concurrent_streams(Some(256))
         .http2_max_header_list_size(Some(64 * 1024))
+        .layer(RequestTimeoutLayer::new(config.settings.request_timeout))
         .layer(RpcMetricsLayer::new(metrics.clone()))
         .add_service(
             pb::enrollment_server::EnrollmentServer::new(EnrollmentService::new(ctx.clone()))

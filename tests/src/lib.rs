@@ -438,15 +438,24 @@ impl ControlPlane {
     }
 
     pub fn ctl_with_profile(&self, profile: &Path, args: &[&str]) -> CtlOutput {
-        let output = Command::new(binary("hotswapctl"))
-            .arg("--profile")
-            .arg(profile)
-            .args(["--endpoint", &self.url()])
-            .args(args)
-            .env("NO_COLOR", "1")
+        let output = self
+            .ctl_command(profile, &self.url(), args)
             .output()
             .expect("run hotswapctl");
         CtlOutput::from(output)
+    }
+
+    /// The `hotswapctl` command for `args` with `profile` against
+    /// `endpoint` (this control plane's URL, or a proxy's), not started.
+    pub fn ctl_command(&self, profile: &Path, endpoint: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("hotswapctl"));
+        command
+            .arg("--profile")
+            .arg(profile)
+            .args(["--endpoint", endpoint])
+            .args(args)
+            .env("NO_COLOR", "1");
+        command
     }
 
     /// A profile for another operator, signed by this control plane's CA
@@ -985,8 +994,17 @@ impl Fleet {
     }
 
     fn start_named(dir: &TestDir, name: &str, agent_args: &[&str]) -> Self {
+        Self::start_named_with_settings(dir, name, agent_args, "")
+    }
+
+    fn start_named_with_settings(
+        dir: &TestDir,
+        name: &str,
+        agent_args: &[&str],
+        settings: &str,
+    ) -> Self {
         let work = dir.path().to_path_buf();
-        let mut cp = ControlPlane::init(&work);
+        let mut cp = ControlPlane::init_with_settings(&work, settings);
         cp.start();
         let key_base = work.join("publisher");
         ctl_offline(&[
@@ -1021,13 +1039,25 @@ impl Fleet {
     /// A fleet of agents `names` in `environment`, each with a `port` label
     /// (module sockets use `${NODE_LABEL_port}`). Returns the ports by node.
     pub fn start_many(dir: &TestDir, environment: &str, names: &[&str]) -> (Self, Vec<u16>) {
+        Self::start_many_with_settings(dir, environment, names, "")
+    }
+
+    /// As [`Fleet::start_many`], with extra lines for the control plane's
+    /// settings file (e.g. `max_artifact_bytes`).
+    pub fn start_many_with_settings(
+        dir: &TestDir,
+        environment: &str,
+        names: &[&str],
+        settings: &str,
+    ) -> (Self, Vec<u16>) {
         let env_label = format!("environment={environment}");
         let first_port = free_port();
         let first_label = format!("port={first_port}");
-        let mut fleet = Self::start_named(
+        let mut fleet = Self::start_named_with_settings(
             dir,
             names[0],
             &["--label", &env_label, "--label", &first_label],
+            settings,
         );
         let mut ports = vec![first_port];
         let (token, fp) = fleet.cp.token(&["--uses", "100"]);
@@ -1351,6 +1381,163 @@ impl ControlPlane {
             .as_ref()
             .and_then(|d| d.child.as_ref())
             .map_or(0, Child::id)
+    }
+}
+
+impl Agent {
+    /// Pid of the running agent (0 when stopped).
+    pub fn pid(&self) -> u32 {
+        self.daemon
+            .as_ref()
+            .and_then(|d| d.child.as_ref())
+            .map_or(0, Child::id)
+    }
+}
+
+/// Peak resident memory (`VmHWM`) of a running process, in KiB; 0 when it
+/// cannot be read.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Run `command` to completion (stdin closed, output captured through files
+/// in `scratch`) and return its output and its peak resident memory in KiB,
+/// from `wait4`'s resource usage of exactly that child (`ru_maxrss`), so
+/// other children of the test process do not count.
+pub fn run_measured(mut command: Command, scratch: &Path) -> (CtlOutput, u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (out_path, err_path) = (
+        scratch.join(format!("measured-{n}.out")),
+        scratch.join(format!("measured-{n}.err")),
+    );
+    #[expect(
+        clippy::zombie_processes,
+        reason = "reaped by wait4 below, which also gives its resource usage"
+    )]
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).expect("stdout file"))
+        .stderr(File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn measured command");
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4(2) on our own child, with valid out-pointers; `child`
+    // is not waited for by std afterwards (dropping a Child does not wait).
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    let output = CtlOutput {
+        code,
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+    };
+    // ru_maxrss is in KiB on Linux.
+    (output, usage.ru_maxrss.max(0) as u64)
+}
+
+/// Write `len` bytes of incompressible pseudo-random data to `path`, a
+/// megabyte at a time (xorshift64: fast, and nothing for zstd to find).
+pub fn write_pseudo_random(path: &Path, len: u64, seed: u64) {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(File::create(path).expect("create random file"));
+    let mut state = seed | 1;
+    let mut block = vec![0u8; 1024 * 1024];
+    let mut left = len;
+    while left > 0 {
+        for word in block.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        let n = left.min(block.len() as u64) as usize;
+        out.write_all(&block[..n]).expect("write random file");
+        left -= n as u64;
+    }
+    out.flush().expect("write random file");
+}
+
+/// A TCP proxy that forwards server→client freely and client→server at
+/// about `bytes_per_second`, and stops forwarding client→server (without
+/// closing anything) once `stall_after` bytes went through: a slow link,
+/// and an upload that stalls while the connection stays up.
+pub struct ThrottleProxy {
+    pub addr: SocketAddr,
+}
+
+impl ThrottleProxy {
+    pub fn start(upstream: SocketAddr, bytes_per_second: u64, stall_after: Option<u64>) -> Self {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let (Ok(mut c_read), Ok(mut s_write)) = (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    // Ten slices a second.
+                    let slice = (bytes_per_second / 10).max(1) as usize;
+                    let mut buf = vec![0u8; slice];
+                    let mut sent = 0u64;
+                    loop {
+                        if stall_after.is_some_and(|limit| sent >= limit) {
+                            // Hold the connection open, forward nothing.
+                            std::thread::sleep(Duration::from_secs(3600));
+                            return;
+                        }
+                        let want = stall_after
+                            .map_or(slice as u64, |limit| (limit - sent).min(slice as u64))
+                            as usize;
+                        let n = match c_read.read(&mut buf[..want]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n as u64;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_read, mut c_write) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Self { addr }
+    }
+
+    /// `https://` URL of the proxy, for `hotswapctl --endpoint`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 }
 

@@ -165,6 +165,16 @@ pub fn read_artifact_from<R: Read>(
     reader: R,
     total_len: u64,
 ) -> Result<ArtifactInfo, ArtifactError> {
+    read_artifact_and_prefix(reader, total_len).map(|(info, _)| info)
+}
+
+/// As [`read_artifact_from`], also returning the trailer's hash state after
+/// the header and content (before the signature count), so a caller that
+/// replaces the signatures ([`write_tail`]) needs no second pass.
+pub(super) fn read_artifact_and_prefix<R: Read>(
+    reader: R,
+    total_len: u64,
+) -> Result<(ArtifactInfo, Sha256), ArtifactError> {
     let mut reader = HashingReader {
         inner: reader,
         hasher: Sha256::new(),
@@ -209,6 +219,7 @@ pub fn read_artifact_from<R: Read>(
         remaining -= n as u64;
     }
     let digest = Digest(hasher.finalize().into());
+    let prefix = reader.hasher.clone();
 
     let mut count = [0u8; 2];
     read_exact(&mut reader, &mut count, "signature count")?;
@@ -260,7 +271,8 @@ pub fn read_artifact_from<R: Read>(
     if trailer != expected {
         return Err(format_err("integrity check failed: the file is corrupt"));
     }
-    assemble_info(manifest_bytes, digest, signatures, content_len)
+    let info = assemble_info(manifest_bytes, digest, signatures, content_len)?;
+    Ok((info, prefix))
 }
 
 /// Where `content` starts in a `.hsm` file: after the magic and its length.
@@ -307,7 +319,7 @@ pub fn content_info(
 /// The info of an artifact of `content_len` content bytes that hash to
 /// `digest`, from `head`, the first of those bytes: the manifest length,
 /// then (at least) the manifest.
-fn describe(
+pub(super) fn describe(
     head: &[u8],
     digest: Digest,
     signatures: Vec<Signature>,
@@ -527,6 +539,52 @@ impl<W: Write> ArtifactWriter<W> {
         let info = describe(&head, digest, signatures, content_len)?;
         Ok((out, info))
     }
+}
+
+/// The trailer's hash state after the header and the content of a file
+/// whose content was written behind a placeholder header: writes the real
+/// header for `content_len` at the start of `file`, then reads header and
+/// content back, in bounded chunks.
+///
+/// The format puts the content's length before the content, and SHA-256
+/// cannot be extended at the front, so a writer that learns the length only
+/// at the end (`module pack`, which compresses as it writes) reads the
+/// content back once; it is usually still in the page cache.
+pub(super) fn patch_header_and_hash(file: &mut File, content_len: u64) -> std::io::Result<Sha256> {
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&header(content_len))?;
+    file.seek(SeekFrom::Start(0))?;
+    let mut prefix = Sha256::new();
+    let mut remaining = CONTENT_OFFSET + content_len;
+    let mut chunk = vec![0u8; 256 * 1024];
+    while remaining > 0 {
+        let n = remaining.min(chunk.len() as u64) as usize;
+        file.read_exact(&mut chunk[..n])?;
+        prefix.update(&chunk[..n]);
+        remaining -= n as u64;
+    }
+    Ok(prefix)
+}
+
+/// Replace whatever follows the content of `file` (a `.hsm` file, or one
+/// being written, whose header and `content_len` content bytes are in
+/// place) with `signatures` and the trailer. `prefix` is the trailer's hash
+/// state after header and content ([`patch_header_and_hash`] or
+/// [`read_artifact_and_prefix`]). Nothing of the content is read or held.
+pub(super) fn write_tail(
+    file: &mut File,
+    content_len: u64,
+    mut prefix: Sha256,
+    signatures: &[Signature],
+) -> std::io::Result<()> {
+    let end = CONTENT_OFFSET + content_len;
+    file.set_len(end)?;
+    file.seek(SeekFrom::Start(end))?;
+    let encoded = encode_signatures(signatures);
+    prefix.update(&encoded);
+    file.write_all(&encoded)?;
+    file.write_all(&prefix.finalize())?;
+    Ok(())
 }
 
 /// The first bytes of a `.hsm` file with `content_len` content bytes.

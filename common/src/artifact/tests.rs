@@ -858,3 +858,63 @@ proptest! {
         );
     }
 }
+
+/// Everything in `dir` whose name marks a staging file of `pack` or `sign`.
+fn staging_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("list")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.contains(".tmp."))
+        .collect()
+}
+
+/// Streamed `pack` and `sign` write byte for byte the file the in-memory
+/// writer gives for the same content and signatures, describe it as reading
+/// it back would, and leave no staging file behind.
+#[test]
+fn streamed_pack_and_sign_write_the_same_bytes_as_the_in_memory_writer() {
+    let f = fixture();
+    let dir = f.root.join("hello");
+    // A file bigger than every buffer on the way (tar, zstd, hashing).
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.join("big.bin"), &big).expect("big file");
+    let out = f.root.join("streamed.hsm");
+    let packed = pack_and_sign(&dir, &f.key, NOW, &out).expect("pack");
+
+    let payload = pack_dir(&dir).expect("pack in memory").payload;
+    let content = encode_content(MANIFEST, &payload);
+    let mut expected = Vec::new();
+    write_artifact(&mut expected, &content, &packed.signatures).expect("write");
+    assert_eq!(std::fs::read(&out).expect("read"), expected);
+    let read = read_artifact(&out).expect("read back");
+    assert_eq!(format!("{packed:?}"), format!("{read:?}"));
+    f.trust
+        .verify(&packed, NOW)
+        .expect("the signature verifies");
+
+    let second = keys::generate().expect("key");
+    let signed = add_signature(&out, &second, NOW, Some(NOW + 1000)).expect("sign");
+    let mut expected = Vec::new();
+    write_artifact(&mut expected, &content, &signed.signatures).expect("write");
+    assert_eq!(std::fs::read(&out).expect("read"), expected);
+    let read = read_artifact(&out).expect("read back");
+    assert_eq!(format!("{signed:?}"), format!("{read:?}"));
+    assert_eq!(signed.signatures.len(), 2);
+    assert_eq!(staging_files(&f.root), Vec::<String>::new());
+}
+
+/// Signing a broken file fails without touching it or leaving a copy.
+#[test]
+fn signing_a_corrupt_artifact_leaves_it_alone() {
+    let f = fixture();
+    let mut bytes = std::fs::read(&f.artifact).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&f.artifact, &bytes).expect("corrupt");
+    let err = add_signature(&f.artifact, &f.key, NOW, None).expect_err("corrupt");
+    assert!(err.to_string().contains("integrity"), "{err}");
+    assert_eq!(std::fs::read(&f.artifact).expect("read"), bytes);
+    assert_eq!(staging_files(&f.root), Vec::<String>::new());
+}

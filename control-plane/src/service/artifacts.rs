@@ -87,12 +87,26 @@ impl ArtifactsService {
         mut stream: Streaming<pb::PushArtifactChunk>,
     ) -> Result<std::path::PathBuf, ApiError> {
         let limit = self.ctx.settings.max_artifact_bytes;
+        let idle = self.ctx.settings.upload_idle_timeout;
         let path = self.blobs.tmp_path("upload");
         let mut file =
             std::fs::File::create(&path).map_err(|e| ApiError::io("cannot stage upload", &e))?;
         let mut received: u64 = 0;
         let outcome = async {
-            while let Some(chunk) = stream.message().await.map_err(|s| ApiError::InvalidArgument(format!("upload interrupted: {}", s.message())))? {
+            // No total deadline (deadline.rs): a big upload over a slow link
+            // takes as long as it takes, but one that stops sending is cut
+            // off, so a stalled client cannot hold a stream and a staging
+            // file forever.
+            loop {
+                let next = tokio::time::timeout(idle, stream.message()).await.map_err(|_| {
+                    ApiError::DeadlineExceeded(format!(
+                        "upload cancelled: no data for {} after {received} bytes (upload_idle_timeout)",
+                        humantime_text(idle)
+                    ))
+                })?;
+                let Some(chunk) = next.map_err(|s| ApiError::InvalidArgument(format!("upload interrupted: {}", s.message())))? else {
+                    break;
+                };
                 received += chunk.data.len() as u64;
                 if received > limit {
                     return Err(ApiError::InvalidArgument(format!(
@@ -756,5 +770,14 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// `30s`, `1m 30s`: a duration as config files write it.
+fn humantime_text(duration: std::time::Duration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis())
     }
 }
