@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::current::downgrade_refusal;
 use super::machine::{
     Action, Aggregate, Analysis, BatchSize, Control, Deployment, Health, Input,
-    MAX_LATENCY_WINDOWS, NodeReport, NodeState, Phase, Reports, Spec, State, Strategy, Thresholds,
-    plan_waves,
+    MAX_LATENCY_WINDOWS, NodeReport, NodeState, Outcome, Phase, Reports, Spec, State, Strategy,
+    Thresholds, plan_waves,
 };
 use crate::clock::now_ms;
 use crate::config::Settings;
@@ -109,6 +109,59 @@ pub struct CreateRequest {
     pub dry_run: bool,
     /// Deploy even when the version is older than the environment's current one.
     pub allow_downgrade: bool,
+}
+
+/// Why `deploy create` did not start a deployment. The cases a pipeline
+/// acts on are variants of their own, so it matches them instead of
+/// reading message text; everything else is the API error it already is.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("environment {environment:?} has no nodes{} to deploy to", scope(*selector))]
+    NoNodes { environment: String, selector: bool },
+    #[error(
+        "no connected node in environment {environment:?}{} to deploy to ({enrolled} enrolled, all disconnected)",
+        scope(*selector)
+    )]
+    AllDisconnected {
+        environment: String,
+        selector: bool,
+        enrolled: usize,
+    },
+    #[error(
+        "deployment {id} of {module}@{version} to {environment} is still {state}; wait for it, or abort it first"
+    )]
+    AlreadyActive {
+        id: String,
+        module: String,
+        version: String,
+        environment: String,
+        state: &'static str,
+    },
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+fn scope(selector: bool) -> &'static str {
+    if selector {
+        " matching the selector"
+    } else {
+        ""
+    }
+}
+
+impl From<CreateError> for ApiError {
+    fn from(e: CreateError) -> Self {
+        match e {
+            CreateError::Api(api) => api,
+            other => ApiError::FailedPrecondition(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for CreateError {
+    fn from(e: crate::store::StoreError) -> Self {
+        CreateError::Api(e.into())
+    }
 }
 
 /// A dry run's answer: waves of node names and the gate after each.
@@ -414,13 +467,12 @@ impl Engine {
                 // An environment without any node is skipped. One whose nodes
                 // are all disconnected right now is waited for: skipping it
                 // would promote a version past a stage it never passed.
-                Err(ApiError::FailedPrecondition(reason)) if reason.contains("has no nodes") => {
+                Err(e @ CreateError::NoNodes { .. }) => {
                     pipeline.stages[index].state = "skipped".into();
-                    pipeline.stages[index].reason = reason;
+                    pipeline.stages[index].reason = e.to_string();
                 }
-                Err(ApiError::FailedPrecondition(reason))
-                    if reason.contains("no connected node") =>
-                {
+                Err(e @ CreateError::AllDisconnected { .. }) => {
+                    let reason = e.to_string();
                     let now = now_ms();
                     let since = *pipeline.stages[index].waiting_since_ms.get_or_insert(now);
                     let limit = self.settings.pipeline_wait_timeout;
@@ -440,8 +492,8 @@ impl Engine {
                     }
                 }
                 // Another deployment of the module runs there: wait for it.
-                Err(ApiError::FailedPrecondition(reason)) if reason.contains("is still") => {
-                    pipeline.stages[index].reason = reason;
+                Err(e @ CreateError::AlreadyActive { .. }) => {
+                    pipeline.stages[index].reason = e.to_string();
                 }
                 Err(e) => {
                     pipeline.stages[index].state = "failed".into();
@@ -602,14 +654,16 @@ impl Engine {
         actions: &[Action],
     ) -> Result<(), ApiError> {
         let metrics = self.registry.metrics();
+        let seen = previous.map_or(0, |p| p.analysis.len());
+        for verdict in record.deployment.analysis.iter().skip(seen) {
+            if verdict.outcome == Outcome::Failed {
+                metrics.analysis_failures.inc();
+            }
+        }
         for event in deployment_events(previous, record, actions) {
-            match event.kind.as_str() {
-                "deployment.rolling_back" => metrics.rollbacks.inc(),
-                "deployment.analysis" if event.message.contains(": failed (") => {
-                    metrics.analysis_failures.inc()
-                }
-                _ => 0,
-            };
+            if event.kind == "deployment.rolling_back" {
+                metrics.rollbacks.inc();
+            }
             self.registry.events().append(event);
         }
         let changes = self.node_changes(record, actions)?;
@@ -985,7 +1039,7 @@ impl Engine {
         &self,
         request: CreateRequest,
         user: &str,
-    ) -> Result<(Option<Arc<DeploymentRecord>>, PlanView), ApiError> {
+    ) -> Result<(Option<Arc<DeploymentRecord>>, PlanView), CreateError> {
         semver::Version::parse(&request.version).map_err(|e| {
             ApiError::InvalidArgument(format!("version {:?} is not semver: {e}", request.version))
         })?;
@@ -1050,22 +1104,20 @@ impl Engine {
                         .all(|(k, v)| n.record.labels.get(k) == Some(v))
                 })
                 .count();
-            let scope = if request.selector.is_empty() {
-                String::new()
+            let (environment, selector) =
+                (request.environment.clone(), !request.selector.is_empty());
+            return Err(if enrolled == 0 {
+                CreateError::NoNodes {
+                    environment,
+                    selector,
+                }
             } else {
-                " matching the selector".to_string()
-            };
-            return Err(ApiError::FailedPrecondition(if enrolled == 0 {
-                format!(
-                    "environment {:?} has no nodes{scope} to deploy to",
-                    request.environment
-                )
-            } else {
-                format!(
-                    "no connected node in environment {:?}{scope} to deploy to ({enrolled} enrolled, all disconnected)",
-                    request.environment
-                )
-            }));
+                CreateError::AllDisconnected {
+                    environment,
+                    selector,
+                    enrolled,
+                }
+            });
         }
         let now = now_ms();
         let (deployment, actions) = Deployment::new(spec, targets, now);
@@ -1079,14 +1131,13 @@ impl Engine {
                 && r.environment == request.environment
                 && !r.deployment.state.is_terminal()
         }) {
-            return Err(ApiError::FailedPrecondition(format!(
-                "deployment {} of {}@{} to {} is still {}; wait for it, or abort it first",
-                active.id,
-                active.deployment.spec.module,
-                active.deployment.spec.version,
-                active.environment,
-                active.deployment.state.as_str()
-            )));
+            return Err(CreateError::AlreadyActive {
+                id: active.id.clone(),
+                module: active.deployment.spec.module.clone(),
+                version: active.deployment.spec.version.clone(),
+                environment: active.environment.clone(),
+                state: active.deployment.state.as_str(),
+            });
         }
         let id = format!("d-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         // One trace per deployment. Its root span is a marker that ends at
@@ -1261,7 +1312,7 @@ fn deployment_events(
             format!(
                 "step {}: {} ({})",
                 verdict.step + 1,
-                if verdict.passed { "passed" } else { "failed" },
+                verdict.outcome.as_str(),
                 verdict.summary
             ),
         ));
@@ -1422,5 +1473,50 @@ pub fn analyze(
     Analysis {
         canary: group(NodeState::Healthy),
         baseline: group(NodeState::Waiting),
+    }
+}
+
+#[cfg(test)]
+mod create_error_tests {
+    use super::*;
+
+    #[test]
+    fn create_errors_read_as_before_and_are_failed_preconditions() {
+        let cases = [
+            (
+                CreateError::NoNodes {
+                    environment: "qa".into(),
+                    selector: false,
+                },
+                "environment \"qa\" has no nodes to deploy to",
+            ),
+            (
+                CreateError::AllDisconnected {
+                    environment: "qa".into(),
+                    selector: true,
+                    enrolled: 3,
+                },
+                "no connected node in environment \"qa\" matching the selector to deploy to (3 enrolled, all disconnected)",
+            ),
+            (
+                CreateError::AlreadyActive {
+                    id: "d-1".into(),
+                    module: "web".into(),
+                    version: "2.0.0".into(),
+                    environment: "qa".into(),
+                    state: "running",
+                },
+                "deployment d-1 of web@2.0.0 to qa is still running; wait for it, or abort it first",
+            ),
+        ];
+        for (error, text) in cases {
+            assert_eq!(error.to_string(), text);
+            match ApiError::from(error) {
+                ApiError::FailedPrecondition(message) => assert_eq!(message, text),
+                other => panic!("{text}: mapped to {other:?}"),
+            }
+        }
+        let api = CreateError::from(ApiError::NotFound("artifact web@9.9.9 not found".into()));
+        assert!(matches!(ApiError::from(api), ApiError::NotFound(_)));
     }
 }

@@ -235,7 +235,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
             .await?;
         let result = async {
             let create = create_request(request.into_inner())?;
-            self.engine.create(create, call.user()).await
+            Ok(self.engine.create(create, call.user()).await?)
         }
         .await;
         if let Ok((Some(record), _)) = &result {
