@@ -52,12 +52,57 @@ pub struct DeploymentRecord {
     pub traceparent: String,
 }
 
+/// Where a pipeline is. Stored as its lowercase word, as the strings it
+/// replaced were, so records written before read the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl PipelineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineState::Running => "running",
+            PipelineState::Succeeded => "succeeded",
+            PipelineState::Failed => "failed",
+        }
+    }
+}
+
+/// Where one stage of a pipeline is (stored as its lowercase word).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageState {
+    /// Not started: an earlier stage runs, or it waits for a connected node
+    /// or for another deployment of the module there.
+    Waiting,
+    Running,
+    Succeeded,
+    Failed,
+    /// The environment has no nodes at all.
+    Skipped,
+}
+
+impl StageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageState::Waiting => "waiting",
+            StageState::Running => "running",
+            StageState::Succeeded => "succeeded",
+            StageState::Failed => "failed",
+            StageState::Skipped => "skipped",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PipelineStage {
     pub environment: String,
     pub deployment_id: String,
-    /// waiting, running, succeeded, failed or skipped.
-    pub state: String,
+    pub state: StageState,
     pub reason: String,
     /// Since when the stage waits for a connected node in its environment
     /// (bounded by `pipeline_wait_timeout`).
@@ -71,8 +116,7 @@ pub struct PipelineRecord {
     pub id: String,
     pub module: String,
     pub version: String,
-    /// running, succeeded or failed.
-    pub state: String,
+    pub state: PipelineState,
     pub stages: Vec<PipelineStage>,
     pub reason: String,
     pub created_by: String,
@@ -356,13 +400,13 @@ impl Engine {
             id: format!("p-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
             module: module.to_string(),
             version: version.to_string(),
-            state: "running".to_string(),
+            state: PipelineState::Running,
             stages: order[..=last]
                 .iter()
                 .map(|env| PipelineStage {
                     environment: env.clone(),
                     deployment_id: String::new(),
-                    state: "waiting".into(),
+                    state: StageState::Waiting,
                     reason: String::new(),
                     waiting_since_ms: None,
                 })
@@ -404,7 +448,7 @@ impl Engine {
             .lock()
             .await
             .values()
-            .filter(|p| p.state == "running")
+            .filter(|p| p.state == PipelineState::Running)
             .cloned()
             .collect();
         for mut pipeline in running {
@@ -432,9 +476,9 @@ impl Engine {
         let Some(index) = pipeline
             .stages
             .iter()
-            .position(|s| s.state == "waiting" || s.state == "running")
+            .position(|s| matches!(s.state, StageState::Waiting | StageState::Running))
         else {
-            pipeline.state = "succeeded".into();
+            pipeline.state = PipelineState::Succeeded;
             pipeline.reason = format!(
                 "{}@{} promoted through {}",
                 pipeline.module,
@@ -461,14 +505,14 @@ impl Engine {
             match self.create(request, &pipeline.created_by).await {
                 Ok((Some(record), _)) => {
                     pipeline.stages[index].deployment_id = record.id.clone();
-                    pipeline.stages[index].state = "running".into();
+                    pipeline.stages[index].state = StageState::Running;
                 }
                 Ok((None, _)) => {}
                 // An environment without any node is skipped. One whose nodes
                 // are all disconnected right now is waited for: skipping it
                 // would promote a version past a stage it never passed.
                 Err(e @ CreateError::NoNodes { .. }) => {
-                    pipeline.stages[index].state = "skipped".into();
+                    pipeline.stages[index].state = StageState::Skipped;
                     pipeline.stages[index].reason = e.to_string();
                 }
                 Err(e @ CreateError::AllDisconnected { .. }) => {
@@ -478,10 +522,10 @@ impl Engine {
                     let limit = self.settings.pipeline_wait_timeout;
                     if now.saturating_sub(since) >= limit.as_millis() as u64 {
                         let waited = hotswap_common::timefmt::human_age(limit.as_millis() as u64);
-                        pipeline.stages[index].state = "failed".into();
+                        pipeline.stages[index].state = StageState::Failed;
                         pipeline.stages[index].reason =
                             format!("gave up after {waited} (pipeline_wait_timeout): {reason}");
-                        pipeline.state = "failed".into();
+                        pipeline.state = PipelineState::Failed;
                         pipeline.reason = format!(
                             "stopped at {}: no connected node there for {waited} (pipeline_wait_timeout)",
                             stage.environment
@@ -496,9 +540,9 @@ impl Engine {
                     pipeline.stages[index].reason = e.to_string();
                 }
                 Err(e) => {
-                    pipeline.stages[index].state = "failed".into();
+                    pipeline.stages[index].state = StageState::Failed;
                     pipeline.stages[index].reason = e.to_string();
-                    pipeline.state = "failed".into();
+                    pipeline.state = PipelineState::Failed;
                     pipeline.reason = format!("stage {} could not start: {e}", stage.environment);
                     pipeline.finished_ms = Some(now_ms());
                 }
@@ -510,18 +554,18 @@ impl Engine {
         };
         match record.deployment.state {
             State::Succeeded => {
-                pipeline.stages[index].state = "succeeded".into();
+                pipeline.stages[index].state = StageState::Succeeded;
                 pipeline.stages[index].reason = record.deployment.reason.clone();
             }
             state if state.is_terminal() => {
-                pipeline.stages[index].state = "failed".into();
+                pipeline.stages[index].state = StageState::Failed;
                 pipeline.stages[index].reason = format!(
                     "deployment {} {}: {}",
                     record.id,
                     state.as_str(),
                     record.deployment.reason
                 );
-                pipeline.state = "failed".into();
+                pipeline.state = PipelineState::Failed;
                 pipeline.reason = format!(
                     "stopped at {}: deployment {} {}",
                     stage.environment,
@@ -1518,5 +1562,42 @@ mod create_error_tests {
         }
         let api = CreateError::from(ApiError::NotFound("artifact web@9.9.9 not found".into()));
         assert!(matches!(ApiError::from(api), ApiError::NotFound(_)));
+    }
+}
+
+#[cfg(test)]
+mod pipeline_record_tests {
+    use super::*;
+
+    /// Records stored while the states were strings read the same now.
+    #[test]
+    fn pipeline_states_keep_their_stored_words() {
+        let stored = r#"{"id":"p-1","module":"web","version":"1.0.0","state":"running","stages":[{"environment":"dev","deployment_id":"d-1","state":"succeeded","reason":""},{"environment":"qa","deployment_id":"","state":"skipped","reason":"no nodes"},{"environment":"staging","deployment_id":"","state":"waiting","reason":""}],"reason":"","created_by":"alice","created_ms":1,"finished_ms":null}"#;
+        let record: PipelineRecord = serde_json::from_str(stored).expect("an old record");
+        assert_eq!(record.state, PipelineState::Running);
+        let states: Vec<StageState> = record.stages.iter().map(|s| s.state).collect();
+        assert_eq!(
+            states,
+            [
+                StageState::Succeeded,
+                StageState::Skipped,
+                StageState::Waiting
+            ]
+        );
+        let written = serde_json::to_value(&record).expect("serialize");
+        assert_eq!(written["state"], "running");
+        assert_eq!(written["stages"][1]["state"], "skipped");
+        for state in [
+            StageState::Waiting,
+            StageState::Running,
+            StageState::Succeeded,
+            StageState::Failed,
+            StageState::Skipped,
+        ] {
+            assert_eq!(
+                serde_json::to_value(state).expect("serialize"),
+                state.as_str()
+            );
+        }
     }
 }

@@ -384,14 +384,14 @@ fn pipeline_to_pb(p: &crate::deploy::engine::PipelineRecord) -> pb::Pipeline {
         id: p.id.clone(),
         module: p.module.clone(),
         version: p.version.clone(),
-        state: p.state.clone(),
+        state: p.state.as_str().to_string(),
         stages: p
             .stages
             .iter()
             .map(|s| pb::PipelineStage {
                 environment: s.environment.clone(),
                 deployment_id: s.deployment_id.clone(),
-                state: s.state.clone(),
+                state: s.state.as_str().to_string(),
                 reason: s.reason.clone(),
             })
             .collect(),
