@@ -752,7 +752,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
                     Ok(n) => n,
                     Err(e) => {
                         let _ = tx
-                            .send(Err(Status::internal(format!("reading {digest}: {e}"))))
+                            .send(Err(ApiError::io(&format!("reading {digest}"), &e).into()))
                             .await;
                         return;
                     }

@@ -174,11 +174,12 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
                 })
                 .inc();
             tracing::warn!(peer = %addr, "enrollment attempt rate-limited");
-            return Err(Status::resource_exhausted(format!(
+            return Err(ApiError::ResourceExhausted(format!(
                 "too many enrollment attempts from {}; retry in {}s",
                 addr.ip(),
                 wait.as_secs().max(1)
-            )));
+            ))
+            .into());
         }
         let request = request.into_inner();
         let who = if request.join_token.is_empty() {

@@ -241,7 +241,9 @@ async fn drive(
                 continue;
             }
             _ = &mut shutdown => {
-                let _ = tx.send(Err(Status::unavailable("control plane is shutting down"))).await;
+                let _ = tx
+                    .send(Err(ApiError::Unavailable("control plane is shutting down".into()).into()))
+                    .await;
                 return "control plane shutting down".into();
             }
             _ = &mut cancelled => {
@@ -249,10 +251,11 @@ async fn drive(
                     return "replaced by a newer session".into();
                 }
                 let _ = tx
-                    .send(Err(Status::permission_denied(format!(
+                    .send(Err(ApiError::PermissionDenied(format!(
                         "node {} was removed; its certificate is no longer accepted",
                         handle.node_id
-                    ))))
+                    ))
+                    .into()))
                     .await;
                 return "node removed".into();
             }
@@ -300,15 +303,19 @@ async fn drive(
             }
             Some(AgentMsg::Hello(_)) => {
                 let _ = tx
-                    .send(Err(Status::invalid_argument(
-                        "hello may only be the first session message",
-                    )))
+                    .send(Err(ApiError::InvalidArgument(
+                        "hello may only be the first session message".into(),
+                    )
+                    .into()))
                     .await;
                 return "protocol error: second hello".into();
             }
             None => {
                 let _ = tx
-                    .send(Err(Status::invalid_argument("empty session message")))
+                    .send(Err(ApiError::InvalidArgument(
+                        "empty session message".into(),
+                    )
+                    .into()))
                     .await;
                 return "protocol error: empty message".into();
             }
