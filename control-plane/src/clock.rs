@@ -24,8 +24,10 @@ static BASE_INSTANT: OnceLock<Instant> = OnceLock::new();
 /// Wall time that [`BASE_INSTANT`] stands for; only ever raised.
 static BASE_WALL_MS: AtomicU64 = AtomicU64::new(0);
 
-/// Milliseconds since the Unix epoch on the steady timeline.
-pub fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch on the steady timeline: the clock of
+/// deployment timing. Not `timefmt::now_ms`, the wall clock that
+/// certificates, tokens and records' timestamps read.
+pub fn steady_now_ms() -> u64 {
     let base = *BASE_INSTANT.get_or_init(|| {
         BASE_WALL_MS.fetch_max(timefmt::now_ms(), Ordering::SeqCst);
         Instant::now()
@@ -44,7 +46,7 @@ pub fn now_ms() -> u64 {
 /// Make sure the clock reads at least `floor_ms` from now on: times already
 /// persisted must never lie in its future.
 pub fn raise_floor(floor_ms: u64) {
-    let now = now_ms();
+    let now = steady_now_ms();
     if floor_ms > now {
         BASE_WALL_MS.fetch_add(floor_ms - now, Ordering::SeqCst);
         tracing::warn!(
@@ -60,16 +62,16 @@ mod tests {
 
     #[test]
     fn never_goes_backwards_and_respects_a_floor() {
-        let a = now_ms();
-        let b = now_ms();
+        let a = steady_now_ms();
+        let b = steady_now_ms();
         assert!(b >= a);
         let wall = timefmt::now_ms();
         assert!(a.abs_diff(wall) < 5_000, "starts at the wall clock");
-        raise_floor(now_ms() + 60_000);
-        let c = now_ms();
+        raise_floor(steady_now_ms() + 60_000);
+        let c = steady_now_ms();
         assert!(c >= wall + 60_000, "{c} after raising the floor");
         // Lower floors change nothing.
         raise_floor(0);
-        assert!(now_ms() >= c);
+        assert!(steady_now_ms() >= c);
     }
 }

@@ -29,7 +29,7 @@ use super::machine::{
     MAX_LATENCY_WINDOWS, NodeReport, NodeState, Outcome, Phase, Reports, Spec, State, Strategy,
     Thresholds, plan_waves,
 };
-use crate::clock::now_ms;
+use crate::clock::steady_now_ms;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::events::Event;
@@ -390,8 +390,13 @@ impl Engine {
                 .environments
                 .get(env)
                 .map_or(1, |e| e.min_signatures);
-            crate::trust::ensure_deployable(self.registry.store(), &artifact, required, now_ms())
-                .map_err(|e| ApiError::FailedPrecondition(format!("environment {env}: {e}")))?;
+            crate::trust::ensure_deployable(
+                self.registry.store(),
+                &artifact,
+                required,
+                steady_now_ms(),
+            )
+            .map_err(|e| ApiError::FailedPrecondition(format!("environment {env}: {e}")))?;
             if !allow_downgrade {
                 self.ensure_not_downgrade(module, version, env).await?;
             }
@@ -413,7 +418,7 @@ impl Engine {
                 .collect(),
             reason: String::new(),
             created_by: user.to_string(),
-            created_ms: now_ms(),
+            created_ms: steady_now_ms(),
             finished_ms: None,
             allow_downgrade,
         };
@@ -490,7 +495,7 @@ impl Engine {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            pipeline.finished_ms = Some(now_ms());
+            pipeline.finished_ms = Some(steady_now_ms());
             return;
         };
         let stage = pipeline.stages[index].clone();
@@ -517,7 +522,7 @@ impl Engine {
                 }
                 Err(e @ CreateError::AllDisconnected { .. }) => {
                     let reason = e.to_string();
-                    let now = now_ms();
+                    let now = steady_now_ms();
                     let since = *pipeline.stages[index].waiting_since_ms.get_or_insert(now);
                     let limit = self.settings.pipeline_wait_timeout;
                     if now.saturating_sub(since) >= limit.as_millis() as u64 {
@@ -544,7 +549,7 @@ impl Engine {
                     pipeline.stages[index].reason = e.to_string();
                     pipeline.state = PipelineState::Failed;
                     pipeline.reason = format!("stage {} could not start: {e}", stage.environment);
-                    pipeline.finished_ms = Some(now_ms());
+                    pipeline.finished_ms = Some(steady_now_ms());
                 }
             }
             return;
@@ -572,7 +577,7 @@ impl Engine {
                     record.id,
                     state.as_str()
                 );
-                pipeline.finished_ms = Some(now_ms());
+                pipeline.finished_ms = Some(steady_now_ms());
             }
             _ => {}
         }
@@ -596,7 +601,7 @@ impl Engine {
 
     async fn step_all(&self) {
         let mut deployments = self.deployments.lock().await;
-        let now = now_ms();
+        let now = steady_now_ms();
         let ids: Vec<String> = deployments
             .iter()
             .filter(|(_, r)| !r.deployment.state.is_terminal())
@@ -878,7 +883,7 @@ impl Engine {
     /// (not updated yet), over the reports since the hold began, less its
     /// warm-up.
     fn analyze(&self, deployment: &Deployment, hold_since_ms: u64) -> Analysis {
-        analyze(&self.registry, deployment, hold_since_ms, now_ms())
+        analyze(&self.registry, deployment, hold_since_ms, steady_now_ms())
     }
 
     /// The spec of a deployment `request` asks for, with every option in
@@ -1103,7 +1108,12 @@ impl Engine {
             .environments
             .get(&request.environment)
             .map_or(1, |e| e.min_signatures);
-        crate::trust::ensure_deployable(self.registry.store(), &artifact, required, now_ms())?;
+        crate::trust::ensure_deployable(
+            self.registry.store(),
+            &artifact,
+            required,
+            steady_now_ms(),
+        )?;
         if !request.allow_downgrade {
             self.ensure_not_downgrade(&request.module, &request.version, &request.environment)
                 .await?;
@@ -1163,7 +1173,7 @@ impl Engine {
                 }
             });
         }
-        let now = now_ms();
+        let now = steady_now_ms();
         let (deployment, actions) = Deployment::new(spec, targets, now);
         let plan = plan_view(&deployment);
         if request.dry_run {
@@ -1226,7 +1236,7 @@ impl Engine {
             .ok_or_else(|| ApiError::NotFound(format!("deployment {id:?} not found")))?;
         let (next, actions) = record
             .deployment
-            .step(now_ms(), &Input::Control(control))
+            .step(steady_now_ms(), &Input::Control(control))
             .map_err(|e| ApiError::FailedPrecondition(format!("deployment {id}: {e}")))?;
         let updated = DeploymentRecord {
             deployment: next,

@@ -185,7 +185,7 @@ pub fn report_from_pb(report: pb::StatusReport, desired: &DesiredRecord) -> Scre
     let mut screened = ScreenedReport {
         report: Report {
             // On the deployment engine's clock: canary windows compare them.
-            at_ms: crate::clock::now_ms(),
+            at_ms: crate::clock::steady_now_ms(),
             observed_generation: report.observed_generation,
             desired_generation: report.desired_generation,
             usage: None,

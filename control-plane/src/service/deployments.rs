@@ -152,7 +152,7 @@ pub fn deployment_to_pb(record: &DeploymentRecord) -> pb::Deployment {
             })
             .collect(),
         approved_by: d.approved_by.clone(),
-        waiting_for: d.waiting_for(crate::clock::now_ms()),
+        waiting_for: d.waiting_for(crate::clock::steady_now_ms()),
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use hotswap_common::labels::ENVIRONMENT_LABEL;
 
 use super::{DeploymentRecord, Engine};
-use crate::clock::now_ms;
+use crate::clock::steady_now_ms;
 use crate::deploy::current::{Currents, Target, derive};
 use crate::deploy::machine::{Health, NodeState, Phase};
 use crate::events::Event;
@@ -134,7 +134,7 @@ impl Engine {
                 .or_default()
                 .push((node.clone(), p.clone()));
         }
-        let now = now_ms();
+        let now = steady_now_ms();
         let mut done = Vec::new();
         for (module, pending) in by_module {
             let ids: Vec<&str> = pending.iter().map(|(n, _)| n.as_str()).collect();
@@ -234,7 +234,7 @@ impl Engine {
         if ready.is_empty() {
             return;
         }
-        let now = now_ms();
+        let now = steady_now_ms();
         let mut changes: Vec<DesiredChange> = Vec::new();
         let mut started: Vec<((String, String), Pending)> = Vec::new();
         let mut refusals: Vec<Event> = Vec::new();
@@ -399,7 +399,7 @@ impl Engine {
             .environments
             .get(environment)
             .map_or(1, |e| e.min_signatures);
-        crate::trust::ensure_deployable(self.registry.store(), &artifact, required, now_ms())
+        crate::trust::ensure_deployable(self.registry.store(), &artifact, required, steady_now_ms())
             .map_err(|e| e.to_string())
     }
 
