@@ -282,10 +282,7 @@ async fn create(
     client: &mut pb::deployments_client::DeploymentsClient<Channel>,
     args: CreateArgs,
 ) -> Result<Outcome, CliError> {
-    let (module, version) = args
-        .module
-        .split_once('@')
-        .ok_or_else(|| CliError::Other(anyhow::anyhow!("{:?} is not NAME@VERSION", args.module)))?;
+    let (module, version) = crate::module::name_at_version(&args.module)?;
     // Saturating: a duration beyond u64 milliseconds reaches the control
     // plane as the largest value, which it refuses by name, never as a
     // wrapped-around small one it would accept.

@@ -86,7 +86,8 @@ pub enum ModuleCommand {
     },
 }
 
-fn name_at_version(module: &str) -> Result<(String, String), CliError> {
+/// `NAME@VERSION`, both parts non-empty.
+pub(crate) fn name_at_version(module: &str) -> Result<(String, String), CliError> {
     match module.split_once('@') {
         Some((name, version)) if !name.is_empty() && !version.is_empty() => {
             Ok((name.to_string(), version.to_string()))

@@ -88,13 +88,11 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
             timeout,
             allow_downgrade,
         } => {
-            let (name, version) = module.split_once('@').ok_or_else(|| {
-                CliError::Other(anyhow::anyhow!("{module:?} is not NAME@VERSION"))
-            })?;
+            let (name, version) = crate::module::name_at_version(&module)?;
             let p = client
                 .run_pipeline(pb::RunPipelineRequest {
-                    module: name.into(),
-                    version: version.into(),
+                    module: name,
+                    version,
                     to: to.unwrap_or_default(),
                     allow_downgrade,
                 })

@@ -20,7 +20,7 @@ use crate::output::{self, OutputFormat};
 pub enum UsersCommand {
     /// Issue credentials for a new operator and write them as a profile.
     #[command(
-        after_help = "Roles: viewer (read), deployer (push, deploy, control non-production deployments),\napprover (approve/reject, control any deployment), admin (everything, users, keys, tokens).\n\nExamples:\n  hotswapctl users create alice --role deployer --out alice.profile.toml\n  hotswapctl users create ci --role deployer --validity 720h --out ci.profile.toml"
+        after_help = "Roles: viewer (read), deployer (push and yank artifacts, deploy, control deployments outside\nprotected environments), approver (approve/reject, control any deployment), admin (everything, users, keys, tokens).\n\nExamples:\n  hotswapctl users create alice --role deployer --out alice.profile.toml\n  hotswapctl users create ci --role deployer --validity 720h --out ci.profile.toml"
     )]
     Create {
         name: String,

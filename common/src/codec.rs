@@ -72,7 +72,11 @@ impl<U: Message + Default> Decoder for LeanDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.0.decode(buf).map_err(|status| match status.code() {
             Code::Internal => Status::invalid_argument(format!(
-                "message is not valid protobuf: {}",
+                "message is not a valid {}: {}",
+                std::any::type_name::<U>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("protobuf message"),
                 status.message()
             )),
             _ => status,

@@ -216,6 +216,9 @@ pub struct Registry {
     /// Wakes the deployment engine after any node change; changes while it
     /// is busy collapse into one wake-up.
     wake: tokio::sync::Notify,
+    /// Increases with every yank or unyank, so the engine reads yanks from
+    /// the store only after one (and once after a start), not every pass.
+    yanks: AtomicU64,
     /// Node changes announced so far (the engine's wake-ups' cause).
     changes: AtomicU64,
     /// Events each node's sessions may still cause ([`EventBudget`]), by
@@ -303,6 +306,7 @@ impl Registry {
             attaches: AtomicU64::new(0),
             attached: Mutex::new(Vec::new()),
             wake: tokio::sync::Notify::new(),
+            yanks: AtomicU64::new(0),
             changes: AtomicU64::new(0),
             budgets: Mutex::new(HashMap::new()),
             events: EventLog::open(&store_for_events, DEFAULT_EVENT_RETENTION)?
@@ -420,10 +424,16 @@ impl Registry {
         let _ = self.updates.send(change);
     }
 
-    /// Wake the engine for a change that is not a node's (a version yanked),
-    /// so it acts on it now instead of at its next tick.
-    pub fn wake(&self) {
+    /// A version was yanked or unyanked: the engine checks its active
+    /// deployments against the store at its next pass, which this starts now.
+    pub fn yank_changed(&self) {
+        self.yanks.fetch_add(1, Ordering::SeqCst);
         self.wake.notify_one();
+    }
+
+    /// How many yank changes there were since the start.
+    pub fn yank_generation(&self) -> u64 {
+        self.yanks.load(Ordering::SeqCst)
     }
 
     /// Count `count` node changes and wake the engine, without building

@@ -905,13 +905,6 @@ impl Store {
         self.flush().await?;
         decode(ARTIFACTS, &key, &bytes).map(Some)
     }
-
-    /// Replace a stored artifact record (signature merges only).
-    pub async fn put_artifact(&self, record: &ArtifactRecord) -> Result<(), StoreError> {
-        self.artifacts
-            .insert(artifact_key(&record.name, &record.version), encode(record))?;
-        self.flush().await
-    }
 }
 
 #[cfg(test)]

@@ -1080,6 +1080,11 @@ impl Fleet {
 
     /// Push `hello@version` listening on each node's `port` label.
     pub fn push_hello_per_node(&self, version: &str, env: &str) {
+        self.push_hello_per_node_starting(version, env, "3s");
+    }
+
+    /// As [`Fleet::push_hello_per_node`], with the health gate's `start_timeout`.
+    pub fn push_hello_per_node_starting(&self, version: &str, env: &str, start_timeout: &str) {
         self.push("hello", version, |dir| {
             std::fs::create_dir_all(dir.join("bin")).expect("bin");
             std::fs::copy(binary("hello-server"), dir.join("bin/hello-server")).expect("copy hello-server");
@@ -1087,7 +1092,7 @@ impl Fleet {
             std::fs::write(
                 dir.join("module.toml"),
                 format!(
-                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"3s\"\n\n[metrics]\nprometheus = \"http://{addr}/metrics\"\n"
+                    "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"{start_timeout}\"\n\n[metrics]\nprometheus = \"http://{addr}/metrics\"\n"
                 ),
             )
             .expect("manifest");
@@ -1600,5 +1605,50 @@ impl SmallDisk {
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = run_tool("umount", &["-l", self.path.to_str().unwrap_or_default()]);
+    }
+}
+
+/// A current-thread tokio runtime for a test's own gRPC calls.
+pub fn runtime() -> tokio::runtime::Runtime {
+    hotswap_common::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A lazy mTLS channel to `url` with the CA and client certificate of the
+/// profile at `profile` (an operator's, or a node's from `Agent::node_profile`).
+pub fn channel_for(profile: &Path, url: &str) -> tonic::transport::Channel {
+    use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
+    let profile = Profile::load(profile).expect("profile");
+    let config = tls::client_config(
+        ServerTrust::Ca(profile.ca_cert.clone()),
+        Some(ClientIdentity {
+            cert_pem: &profile.client_cert,
+            key_pem: &profile.client_key,
+        }),
+    )
+    .expect("tls config");
+    tls::connect_lazy(
+        &ControlPlaneUrl::parse(url).expect("url"),
+        config,
+        &Default::default(),
+    )
+    .expect("channel")
+}
+
+impl ControlPlane {
+    /// One sample of `name` (with its labels, as `/metrics` prints them)
+    /// from the control plane's `/metrics`; panics when it is missing.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (code, metrics) = self.admin_get("/metrics");
+        assert_eq!(code, 200, "{metrics}");
+        metrics
+            .lines()
+            .find(|l| l.rsplit_once(' ').map(|(n, _)| n) == Some(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
     }
 }

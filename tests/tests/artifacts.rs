@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use hotswap_agent::artifacts::{ArtifactStore, FetchError, TrustSource};
 use hotswap_common::artifact::unpack::Limits;
 use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
-use hotswap_tests::{Agent, ControlPlane, CutProxy, TestDir, ctl_offline, write_module};
+use hotswap_tests::{Agent, ControlPlane, CutProxy, TestDir, ctl_offline, runtime, write_module};
 use sha2::Digest as _;
 
 struct Publisher {
@@ -399,14 +399,6 @@ fn agent_store(agent: &Agent) -> ArtifactStore {
         Limits::default(),
     )
     .expect("store")
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    hotswap_common::install_crypto_provider();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 #[test]

@@ -1,54 +1,13 @@
 //! Hostile peers against the real binaries: a compromised node lying in its
 //! status reports, and clients sending what no honest one sends.
 
-use std::path::Path;
-
 use hotswap_common::pb;
 use hotswap_common::pb::agent_message::Msg as AgentMsg;
 use hotswap_common::pb::control_message::Msg as ControlMsg;
 use hotswap_common::profile::Profile;
-use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
-use hotswap_tests::{ControlPlane, Fleet, TestDir, eventually, patience};
+use hotswap_common::tls::{self, ControlPlaneUrl, ServerTrust};
+use hotswap_tests::{ControlPlane, Fleet, TestDir, channel_for, eventually, patience, runtime};
 use serde_json::Value;
-use tonic::transport::Channel;
-
-fn runtime() -> tokio::runtime::Runtime {
-    hotswap_common::install_crypto_provider();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn channel_for(profile: &Path, url: &str) -> Channel {
-    let profile = Profile::load(profile).expect("profile");
-    let config = tls::client_config(
-        ServerTrust::Ca(profile.ca_cert.clone()),
-        Some(ClientIdentity {
-            cert_pem: &profile.client_cert,
-            key_pem: &profile.client_key,
-        }),
-    )
-    .expect("tls config");
-    tls::connect_lazy(
-        &ControlPlaneUrl::parse(url).expect("url"),
-        config,
-        &Default::default(),
-    )
-    .expect("channel")
-}
-
-/// One sample of the control plane's /metrics.
-fn metric(cp: &ControlPlane, name: &str) -> f64 {
-    let (code, metrics) = cp.admin_get("/metrics");
-    assert_eq!(code, 200, "{metrics}");
-    metrics
-        .lines()
-        .find(|l| l.split(' ').next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
-}
 
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
@@ -166,7 +125,7 @@ fn a_compromised_node_cannot_flush_the_event_log_or_show_absurd_values() {
     let profile = evil.node_profile(&fleet.cp.url());
     let evil_id = evil.node_id();
     fleet.cp.wait_status("evil", "disconnected");
-    let events_before = metric(&fleet.cp, "hotswap_events_total");
+    let events_before = fleet.cp.metric("hotswap_events_total");
     let rss_before = rss_kib(fleet.cp.pid());
 
     let rt = runtime();
@@ -221,14 +180,14 @@ fn a_compromised_node_cannot_flush_the_event_log_or_show_absurd_values() {
     heartbeat(1, &mut inbound);
 
     // The node's lies stayed within what a node may claim.
-    let appended = metric(&fleet.cp, "hotswap_events_total") - events_before;
+    let appended = fleet.cp.metric("hotswap_events_total") - events_before;
     assert!(
         appended <= 200.0,
         "{appended} events appended for one node's reports"
     );
-    let suppressed = metric(&fleet.cp, "hotswap_events_suppressed_total");
+    let suppressed = fleet.cp.metric("hotswap_events_suppressed_total");
     assert!(suppressed > 0.0, "events beyond the budget are counted");
-    assert!(metric(&fleet.cp, "hotswap_report_claims_dropped_total") >= 6.0 * 20_000.0 - 100.0);
+    assert!(fleet.cp.metric("hotswap_report_claims_dropped_total") >= 6.0 * 20_000.0 - 100.0);
     let after = deployment_events();
     assert_eq!(
         after.len(),
@@ -503,7 +462,7 @@ fn malformed_protobuf_is_invalid_argument() {
                 "{path} with {bytes:?}: {status:?}"
             );
             assert!(
-                status.message().contains("not valid protobuf"),
+                status.message().contains("message is not a valid "),
                 "{path}: {status:?}"
             );
         }

@@ -3,25 +3,13 @@
 //! out of disk space is an infrastructure failure that does not roll back a
 //! good release, and a wait for `deploy promote` ends at its pause timeout.
 
-use hotswap_tests::{Fleet, Load, SmallDisk, TestDir, binary, can_mount, eventually};
+use hotswap_tests::{Fleet, Load, SmallDisk, TestDir, can_mount, eventually};
 use serde_json::Value;
 
 /// `hello@version` on each node's `port` label, with `env` in its process
 /// environment and the given start timeout.
 fn push_hello(fleet: &Fleet, version: &str, env: &str, start_timeout: &str) {
-    fleet.push("hello", version, |dir| {
-        std::fs::create_dir_all(dir.join("bin")).expect("bin");
-        std::fs::copy(binary("hello-server"), dir.join("bin/hello-server"))
-            .expect("copy hello-server");
-        let addr = "127.0.0.1:${NODE_LABEL_port}";
-        std::fs::write(
-            dir.join("module.toml"),
-            format!(
-                "name = \"hello\"\nversion = \"{version}\"\nruntime = \"process\"\n\n[process]\ncommand = [\"bin/hello-server\"]\nenv = {{ {env} }}\nstop_timeout = \"5s\"\n[[process.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nhealthy_threshold = 1\nunhealthy_threshold = 2\nstart_timeout = \"{start_timeout}\"\n\n[metrics]\nprometheus = \"http://{addr}/metrics\"\n"
-            ),
-        )
-        .expect("manifest");
-    });
+    fleet.push_hello_per_node_starting(version, env, start_timeout);
 }
 
 fn deploy(fleet: &Fleet, target: &str, env: &str, extra: &[&str]) -> (i32, Value) {

@@ -229,6 +229,9 @@ pub struct Engine {
     /// advance pipelines, and two passes working from the same snapshot
     /// would both start a stage's deployment.
     pipeline_pass: Mutex<()>,
+    /// The registry's yank generation the last pass checked yanks at
+    /// (`u64::MAX` until the first pass, which always checks).
+    yanks_checked: std::sync::atomic::AtomicU64,
     /// Nodes to bring to their environment's current version.
     catch_ups: std::sync::Mutex<catch_up::CatchUps>,
 }
@@ -295,6 +298,7 @@ impl Engine {
             updates,
             persisted_at: std::sync::Mutex::new(HashMap::new()),
             pipeline_pass: Mutex::new(()),
+            yanks_checked: std::sync::atomic::AtomicU64::new(u64::MAX),
             catch_ups: std::sync::Mutex::default(),
         }))
     }
@@ -607,6 +611,13 @@ impl Engine {
             .filter(|(_, r)| !r.deployment.state.is_terminal())
             .map(|(id, _)| id.clone())
             .collect();
+        // Yanks live in the artifact records: read them only on the first
+        // pass (a yank made before a restart) and after a yank changed.
+        let generation = self.registry.yank_generation();
+        let check_yanks = self
+            .yanks_checked
+            .swap(generation, std::sync::atomic::Ordering::SeqCst)
+            != generation;
         for id in ids {
             // A step of a large deployment is O(nodes); nothing here copies the
             // record more than the machine's own step does.
@@ -614,9 +625,11 @@ impl Engine {
                 continue;
             };
             // A yanked version is known bad: the deployment stops (rolling
-            // back what it changed) instead of going on. Read from the store
-            // on every pass, so a yank is acted on after a restart too.
-            let input = match self.yank_of(&record.deployment) {
+            // back what it changed) instead of going on.
+            let yank = check_yanks
+                .then(|| self.yank_of(&record.deployment))
+                .flatten();
+            let input = match yank {
                 Some(yank) if record.deployment.state != State::RollingBack => {
                     Input::Control(Control::Yanked {
                         by: yank.by,
@@ -967,7 +980,7 @@ impl Engine {
             ));
         }
         if let Some(pause) = request.pause_timeout
-            && !(Duration::from_secs(1)..=Duration::from_secs(366 * 86_400)).contains(&pause)
+            && !(Duration::from_secs(1)..=MAX_OPTION_DURATION).contains(&pause)
         {
             return Err(ApiError::InvalidArgument(format!(
                 "--pause-timeout {} must be between 1s and 366d",

@@ -101,7 +101,7 @@ impl ArtifactsService {
                 let next = tokio::time::timeout(idle, stream.message()).await.map_err(|_| {
                     ApiError::DeadlineExceeded(format!(
                         "upload cancelled: no data for {} after {received} bytes (upload_idle_timeout)",
-                        humantime_text(idle)
+                        hotswap_common::timefmt::human_age(idle.as_millis() as u64)
                     ))
                 })?;
                 let Some(chunk) = next.map_err(|s| ApiError::InvalidArgument(format!("upload interrupted: {}", s.message())))? else {
@@ -367,7 +367,7 @@ impl ArtifactsService {
             .events()
             .append(event.module(name, version));
         tracing::warn!(user = %user, module = %name, version = %version, reason = reason.unwrap_or_default(), yanked = yank.is_some(), "version yank changed");
-        self.ctx.registry.wake();
+        self.ctx.registry.yank_changed();
         Ok(version_to_pb(&updated, &self.key_names()?, false))
     }
 
@@ -770,14 +770,5 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// `30s`, `1m 30s`: a duration as config files write it.
-fn humantime_text(duration: std::time::Duration) -> String {
-    if duration.subsec_millis() == 0 {
-        format!("{}s", duration.as_secs())
-    } else {
-        format!("{}ms", duration.as_millis())
     }
 }

@@ -744,7 +744,13 @@ impl Task {
         let lines: Vec<&str> = text.lines().rev().take(3).collect();
         let tail: Vec<&str> = lines.into_iter().rev().collect();
         let joined = tail.join(" | ");
-        joined[joined.len().saturating_sub(400)..].to_string()
+        // The last 400 bytes, started on a character boundary: module
+        // output is anything, and a cut inside a character would panic.
+        let mut start = joined.len().saturating_sub(400);
+        while !joined.is_char_boundary(start) {
+            start += 1;
+        }
+        joined[start..].to_string()
     }
 
     /// The health gate of a new instance ([`Task::wait_ready`]), ended early
