@@ -12,11 +12,13 @@ pub mod artifact;
 pub mod codec;
 pub mod convert;
 pub mod fsutil;
+pub mod ids;
 pub mod labels;
 pub mod manifest;
 pub mod model;
 pub mod pki;
 pub mod profile;
+pub mod status;
 pub mod timefmt;
 pub mod tls;
 

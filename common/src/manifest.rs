@@ -410,10 +410,9 @@ fn lower_or_digit(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit()
 }
 
-/// A module name as manifests allow it: 2 to 63 lowercase letters, digits
-/// and dashes, starting with a letter or digit.
+/// A module name as manifests allow it (see [`crate::ids::ModuleName`]).
 pub fn valid_module_name(s: &str) -> bool {
-    shaped(s, lower_or_digit, |c| lower_or_digit(c) || c == '-', 1, 62)
+    crate::ids::is_module_name(s)
 }
 
 fn valid_socket_name(s: &str) -> bool {

@@ -35,6 +35,12 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<hotswap_common::ids::NameError> for ApiError {
+    fn from(error: hotswap_common::ids::NameError) -> Self {
+        ApiError::InvalidArgument(error.to_string())
+    }
+}
+
 impl ApiError {
     /// A local I/O failure while serving a call: out of space is an outage
     /// the operator fixes and the caller retries (`Unavailable`); anything

@@ -32,31 +32,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-/// The health of a module as the agent sees it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Health {
-    /// Not enough probe results yet (just started, or reset).
-    #[default]
-    Unknown,
-    Healthy,
-    Unhealthy,
-}
-
-impl Health {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Health::Unknown => "unknown",
-            Health::Healthy => "healthy",
-            Health::Unhealthy => "unhealthy",
-        }
-    }
-}
-
-impl std::fmt::Display for Health {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use hotswap_common::status::Health;
 
 /// Threshold logic (pure): consecutive successes/failures move the state.
 ///

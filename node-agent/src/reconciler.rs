@@ -69,25 +69,7 @@ pub struct ModuleReport {
     pub failure_kind: Option<FailureKind>,
 }
 
-/// Whose fault a failure is, as the control plane counts it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The version itself: rejected artifact (bad or missing signatures),
-    /// failing pre-check, health gate or hook, crash loop.
-    Release,
-    /// The node or the way to it: artifact fetch, disk full, local I/O.
-    Infrastructure,
-}
-
-impl FailureKind {
-    /// The wire word (`ModuleStatus.failure_kind`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Release => "release",
-            FailureKind::Infrastructure => "infrastructure",
-        }
-    }
-}
+pub use hotswap_common::status::FailureKind;
 
 /// Why a step (stage, install, swap) did not happen.
 #[derive(Clone, Debug, PartialEq, Eq)]

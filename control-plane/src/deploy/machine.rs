@@ -230,77 +230,7 @@ pub struct NodeTrack {
     pub failure_kind: Option<FailureKind>,
 }
 
-/// A module's phase on a node, as its agent reports it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    /// Not reported (no report, or a phase this control plane does not know).
-    #[default]
-    Unknown,
-    Installing,
-    Staged,
-    Starting,
-    Running,
-    Stopping,
-    Stopped,
-    Failed,
-}
-
-impl Phase {
-    /// The wire word (`installing|staged|starting|running|stopping|stopped|failed`).
-    pub fn parse(word: &str) -> Phase {
-        match word {
-            "installing" => Phase::Installing,
-            "staged" => Phase::Staged,
-            "starting" => Phase::Starting,
-            "running" => Phase::Running,
-            "stopping" => Phase::Stopping,
-            "stopped" => Phase::Stopped,
-            "failed" => Phase::Failed,
-            _ => Phase::Unknown,
-        }
-    }
-}
-
-/// A module's health on a node, as its agent reports it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Health {
-    #[default]
-    Unknown,
-    Healthy,
-    Unhealthy,
-}
-
-impl Health {
-    /// The wire word (`healthy|unhealthy|unknown`).
-    pub fn parse(word: &str) -> Health {
-        match word {
-            "healthy" => Health::Healthy,
-            "unhealthy" => Health::Unhealthy,
-            _ => Health::Unknown,
-        }
-    }
-}
-
-/// Why a node failed a deployment. Only release failures count against
-/// `max_failures`: an infrastructure failure says nothing about the version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FailureKind {
-    /// The new version is unhealthy, crash-loops, fails its hook or its
-    /// canary analysis, or never becomes healthy.
-    Release,
-    /// Artifact fetch or disk failure on the node, the node disconnected, or
-    /// its agent restarted mid-swap.
-    Infrastructure,
-}
-
-impl FailureKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Release => "release",
-            FailureKind::Infrastructure => "infrastructure",
-        }
-    }
-}
+pub use hotswap_common::status::{FailureKind, Health, Phase};
 
 impl NodeTrack {
     /// Failed or lost for a reason that counts against the release. A

@@ -6,6 +6,7 @@
 //! signatures against the trusted keys. Only then is the content copied into
 //! the blob store and the record written. Versions are immutable.
 
+use hotswap_common::ids::{NameKind, check_name};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::pin::Pin;
@@ -247,7 +248,7 @@ impl ArtifactsService {
         user: &str,
         request: pb::TrustKeyRequest,
     ) -> Result<pb::PublisherKey, ApiError> {
-        validate_key_name(&request.name)?;
+        check_name(NameKind::Key, &request.name)?;
         let key = parse_public_key(&request.public_key_pem).map_err(|e| {
             ApiError::InvalidArgument(format!("public key is not an ed25519 key in PEM form: {e}"))
         })?;
@@ -462,22 +463,6 @@ fn verified_records(
             signature: hex::encode(s.bytes),
         })
         .collect()
-}
-
-fn validate_key_name(name: &str) -> Result<(), ApiError> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::InvalidArgument(format!(
-            "key name {name:?} is invalid: 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
-        )))
-    }
 }
 
 fn sort_newest_first(versions: &mut [ArtifactRecord]) {

@@ -2,6 +2,7 @@
 //! The join token authorizes it; the CA signs the node's CSR with the node id
 //! it assigns, and the node record and token use are written atomically.
 
+use hotswap_common::ids::{NameKind, check_name};
 use std::sync::Arc;
 
 use hotswap_common::labels::{Labels, validate_labels};
@@ -41,23 +42,6 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// Node names: what `--name` accepts (a hostname-like word).
-pub fn validate_node_name(name: &str) -> Result<(), ApiError> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::InvalidArgument(format!(
-            "node name {name:?} is invalid: 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
-        )))
-    }
-}
-
 impl EnrollmentService {
     async fn enroll_inner(
         &self,
@@ -76,7 +60,7 @@ impl EnrollmentService {
                 request.csr_pem.len()
             )));
         }
-        validate_node_name(&request.name)?;
+        check_name(NameKind::Node, &request.name)?;
         let labels: Labels = request.labels.into_iter().collect();
         validate_labels(&labels).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
 
@@ -234,10 +218,10 @@ mod tests {
     #[test]
     fn node_names() {
         for ok in ["web-1", "a", "Host_2.example"] {
-            assert!(validate_node_name(ok).is_ok(), "{ok}");
+            assert!(check_name(NameKind::Node, ok).is_ok(), "{ok}");
         }
         for bad in ["", "-a", "a b", "a/b", &"x".repeat(64)] {
-            assert!(validate_node_name(bad).is_err(), "{bad:?}");
+            assert!(check_name(NameKind::Node, bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -4,6 +4,7 @@
 //! is accepted for the user, so re-creating a revoked name never revives an
 //! old certificate.
 
+use hotswap_common::ids::{NameKind, check_name};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,23 +30,6 @@ impl UsersService {
     }
 }
 
-/// User names: what appears in certificates, audit records and approvals.
-pub fn validate_user_name(name: &str) -> Result<(), ApiError> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::InvalidArgument(format!(
-            "user name {name:?} is invalid: 1-64 letters, digits, '-', '_', '.' or '@', starting with a letter or digit"
-        )))
-    }
-}
-
 pub fn user_to_pb(record: &UserRecord) -> pb::User {
     pb::User {
         name: record.name.clone(),
@@ -64,7 +48,7 @@ impl UsersService {
         by: &str,
         request: pb::CreateUserRequest,
     ) -> Result<pb::CreateUserResponse, ApiError> {
-        validate_user_name(&request.name)?;
+        check_name(NameKind::User, &request.name)?;
         let role = Role::parse(&request.role)?;
         if request.csr_pem.len() > MAX_CSR_BYTES {
             return Err(ApiError::InvalidArgument(format!(
@@ -245,10 +229,10 @@ mod tests {
     #[test]
     fn user_names() {
         for ok in ["alice", "bob.smith", "ci-bot_2", "a@example.com"] {
-            assert!(validate_user_name(ok).is_ok(), "{ok}");
+            assert!(check_name(NameKind::User, ok).is_ok(), "{ok}");
         }
         for bad in ["", "-x", "a b", "a/b", "ä", &"x".repeat(65)] {
-            assert!(validate_user_name(bad).is_err(), "{bad:?}");
+            assert!(check_name(NameKind::User, bad).is_err(), "{bad:?}");
         }
     }
 }

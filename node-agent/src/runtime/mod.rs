@@ -11,32 +11,7 @@ pub mod process;
 
 use std::path::Path;
 
-/// Lifecycle phase of a module on a node, as SPEC §4 names them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Phase {
-    #[default]
-    Installing,
-    Staged,
-    Starting,
-    Running,
-    Stopping,
-    Stopped,
-    Failed,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Installing => "installing",
-            Phase::Staged => "staged",
-            Phase::Starting => "starting",
-            Phase::Running => "running",
-            Phase::Stopping => "stopping",
-            Phase::Stopped => "stopped",
-            Phase::Failed => "failed",
-        }
-    }
-}
+pub use hotswap_common::status::Phase;
 
 /// Why an activation did not make the new version the running one.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,183 @@
+//! The words a module's state is told in, shared by the agent that reports
+//! it and the control plane that acts on it: [`Phase`], [`Health`] and
+//! [`FailureKind`]. On the wire they are the lowercase words of SPEC §4
+//! (`as_str` / `parse`); in stored records their serde form is the variant
+//! name, as the records written before this module existed have it.
+
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle phase of a module on a node (SPEC §4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Not reported: no report yet, or a word this build does not know (a
+    /// newer agent). Agents never report it.
+    #[default]
+    Unknown,
+    Installing,
+    Staged,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl Phase {
+    /// Every phase an agent reports, in lifecycle order.
+    pub const REPORTED: [Phase; 7] = [
+        Phase::Installing,
+        Phase::Staged,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Stopping,
+        Phase::Stopped,
+        Phase::Failed,
+    ];
+
+    /// The wire word; `""` for [`Phase::Unknown`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Unknown => "",
+            Phase::Installing => "installing",
+            Phase::Staged => "staged",
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+            Phase::Stopped => "stopped",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// The phase a wire word names; [`Phase::Unknown`] for any other word,
+    /// so a newer agent's new phase reads as "not known" rather than as a
+    /// broken report.
+    pub fn parse(word: &str) -> Phase {
+        Phase::REPORTED
+            .into_iter()
+            .find(|phase| phase.as_str() == word)
+            .unwrap_or(Phase::Unknown)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Unknown => "unknown",
+            other => other.as_str(),
+        })
+    }
+}
+
+/// A module's health as its agent's probes judge it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Health {
+    /// Not enough probe results yet (just started, or reset).
+    #[default]
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    /// The wire word (`healthy|unhealthy|unknown`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+
+    /// The health a wire word names; [`Health::Unknown`] for any other word.
+    pub fn parse(word: &str) -> Health {
+        match word {
+            "healthy" => Health::Healthy,
+            "unhealthy" => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whose fault a failure is. Only release failures count against a
+/// deployment's `max_failures`: an infrastructure failure says nothing about
+/// the version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The version itself: rejected artifact (bad or missing signatures),
+    /// failing pre-check, health gate, hook or canary analysis, crash loop.
+    Release,
+    /// The node or the way to it: artifact fetch, disk full, local I/O, a
+    /// lost connection, an agent restarted mid-swap.
+    Infrastructure,
+}
+
+impl FailureKind {
+    /// The wire word (`ModuleStatus.failure_kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Release => "release",
+            FailureKind::Infrastructure => "infrastructure",
+        }
+    }
+
+    /// The kind a wire word names; `None` for `""` (no failure) and for any
+    /// word this build does not know.
+    pub fn parse(word: &str) -> Option<FailureKind> {
+        match word {
+            "release" => Some(FailureKind::Release),
+            "infrastructure" => Some(FailureKind::Infrastructure),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_words_round_trip() {
+        for phase in Phase::REPORTED {
+            assert_eq!(Phase::parse(phase.as_str()), phase);
+        }
+        assert_eq!(Phase::parse("hibernating"), Phase::Unknown);
+        assert_eq!(Phase::parse(""), Phase::Unknown);
+        for health in [Health::Unknown, Health::Healthy, Health::Unhealthy] {
+            assert_eq!(Health::parse(health.as_str()), health);
+        }
+        assert_eq!(Health::parse("HEALTHY"), Health::Unknown);
+        for kind in [FailureKind::Release, FailureKind::Infrastructure] {
+            assert_eq!(FailureKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(FailureKind::parse(""), None);
+    }
+
+    #[test]
+    fn stored_form_is_the_variant_name() {
+        // Deployment records written before this module hold these words.
+        assert_eq!(
+            serde_json::to_string(&FailureKind::Infrastructure).unwrap(),
+            "\"Infrastructure\""
+        );
+        assert_eq!(
+            serde_json::to_string(&Phase::Running).unwrap(),
+            "\"Running\""
+        );
+        assert_eq!(
+            serde_json::from_str::<Health>("\"Unhealthy\"").unwrap(),
+            Health::Unhealthy
+        );
+    }
+}
