@@ -1,6 +1,6 @@
 //! The tamper-evident audit log: one record per mutating call (who, role,
 //! what, target, result, time, trace id, peer address), appended to its own
-//! sled tree under a strictly increasing sequence number and flushed before
+//! sequence log of the store under a strictly increasing sequence number and flushed before
 //! the call is answered.
 //!
 //! Records form a hash chain: each carries the SHA-256 of the previous
@@ -11,11 +11,12 @@
 //! be noted elsewhere and compared later.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::{AUDIT, Store, StoreError};
+use crate::store::{Direction, LogName, SeqLog, Store, StoreError};
 
 /// `prev_hash` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -101,7 +102,7 @@ pub struct Verification {
 }
 
 pub struct AuditLog {
-    tree: sled::Tree,
+    log: Arc<dyn SeqLog>,
     store: Store,
     /// Sequence number and hash of the last record; appends are serialized
     /// by this lock so the chain has one order.
@@ -116,12 +117,6 @@ pub enum AuditError {
     Corrupt { key: String, reason: String },
 }
 
-impl From<sled::Error> for AuditError {
-    fn from(e: sled::Error) -> Self {
-        AuditError::Store(StoreError::Sled(e))
-    }
-}
-
 fn decode(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError> {
     serde_json::from_slice(value).map_err(|e| AuditError::Corrupt {
         key: hex::encode(key),
@@ -131,16 +126,16 @@ fn decode(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError> {
 
 impl AuditLog {
     pub fn open(store: &Store) -> Result<Self, AuditError> {
-        let tree = store.tree(AUDIT)?;
-        let head = match tree.last()? {
-            Some((key, value)) => {
-                let record = decode(&key, &value)?;
+        let log = store.log(LogName::Audit)?;
+        let head = match log.last()? {
+            Some((seq, value)) => {
+                let record = decode(&seq.to_be_bytes(), &value)?;
                 (record.seq, record.hash)
             }
             None => (0, GENESIS.to_string()),
         };
         Ok(Self {
-            tree,
+            log,
             store: store.clone(),
             head: std::sync::Mutex::new(head),
         })
@@ -166,7 +161,7 @@ impl AuditLog {
             };
             record.hash = record_hash(&record);
             let value = serde_json::to_vec(&record).unwrap_or_default();
-            self.tree.insert(record.seq.to_be_bytes(), value)?;
+            self.log.append(record.seq, &value)?;
             *head = (record.seq, record.hash.clone());
             record
         };
@@ -182,9 +177,9 @@ impl AuditLog {
             filter.limit
         };
         let mut out = Vec::new();
-        for entry in self.tree.range(filter.since.to_be_bytes()..).rev() {
-            let (key, value) = entry?;
-            let record = decode(&key, &value)?;
+        for entry in self.log.range(filter.since, Direction::Backward) {
+            let (seq, value) = entry?;
+            let record = decode(&seq.to_be_bytes(), &value)?;
             if filter.matches(&record) {
                 out.push(record);
                 if out.len() == limit {
@@ -207,9 +202,9 @@ impl AuditLog {
 
     /// Walk the chain from the first record; stop at the first broken link.
     pub fn verify(&self) -> Result<Verification, AuditError> {
-        verify_records(self.tree.iter().map(|entry| {
-            let (key, value) = entry?;
-            Ok((key.to_vec(), value.to_vec()))
+        verify_records(self.log.range(0, Direction::Forward).map(|entry| {
+            let (seq, value) = entry?;
+            Ok((seq.to_be_bytes().to_vec(), value))
         }))
     }
 }
@@ -316,12 +311,11 @@ mod tests {
     #[tokio::test]
     async fn edited_record_is_caught_at_its_seq() {
         let (_dir, store, log) = log_with(5).await;
-        let tree = store.tree(AUDIT).unwrap();
-        let key = 3u64.to_be_bytes();
-        let mut record: AuditRecord =
-            serde_json::from_slice(&tree.get(key).unwrap().unwrap()).unwrap();
+        let tree = store.log(LogName::Audit).unwrap();
+        let (_, bytes) = tree.range(3, Direction::Forward).next().unwrap().unwrap();
+        let mut record: AuditRecord = serde_json::from_slice(&bytes).unwrap();
         record.user = "mallory".into();
-        tree.insert(key, serde_json::to_vec(&record).unwrap())
+        tree.overwrite(3, &serde_json::to_vec(&record).unwrap())
             .unwrap();
         let v = log.verify().unwrap();
         assert_eq!(v.records, 2);
@@ -331,7 +325,7 @@ mod tests {
 
         // Re-hashing the edited record moves the break to the next link.
         record.hash = record_hash(&record);
-        tree.insert(key, serde_json::to_vec(&record).unwrap())
+        tree.overwrite(3, &serde_json::to_vec(&record).unwrap())
             .unwrap();
         let (seq, problem) = log.verify().unwrap().broken.unwrap();
         assert_eq!(seq, 4);
@@ -341,11 +335,7 @@ mod tests {
     #[tokio::test]
     async fn deleted_record_is_caught() {
         let (_dir, store, log) = log_with(4).await;
-        store
-            .tree(AUDIT)
-            .unwrap()
-            .remove(2u64.to_be_bytes())
-            .unwrap();
+        store.log(LogName::Audit).unwrap().remove(2).unwrap();
         let (seq, problem) = log.verify().unwrap().broken.unwrap();
         assert_eq!(seq, 2);
         assert!(problem.contains("deleted"), "{problem}");

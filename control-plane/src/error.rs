@@ -35,6 +35,12 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<crate::roles::UnknownRole> for ApiError {
+    fn from(error: crate::roles::UnknownRole) -> Self {
+        ApiError::InvalidArgument(error.to_string())
+    }
+}
+
 impl From<hotswap_common::ids::NameError> for ApiError {
     fn from(error: hotswap_common::ids::NameError) -> Self {
         ApiError::InvalidArgument(error.to_string())
@@ -74,9 +80,7 @@ impl From<ApiError> for Status {
             // an outage the caller can retry after, not a bug: say so, with
             // the reason.
             ApiError::Storage(
-                StoreError::Failed(_)
-                | StoreError::Replaced(_)
-                | StoreError::Sled(sled::Error::Io(_)),
+                StoreError::Failed(_) | StoreError::Replaced(_) | StoreError::Io(_),
             ) => {
                 tracing::error!(error = %message, "request refused: storage failed");
                 Status::unavailable(message)

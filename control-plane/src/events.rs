@@ -1,22 +1,22 @@
 //! The durable event stream: every state change (nodes joining and leaving,
 //! module phase and health, deployment progress, approvals, key, token and
 //! user changes) as a record with a strictly increasing sequence number, in
-//! its own sled tree, plus a broadcast for live followers.
+//! its own sequence log of the store, plus a broadcast for live followers.
 //!
 //! An event is inserted before the change it describes is acknowledged and
 //! rides on that change's flush (every acknowledged write is flushed); events
 //! with no acknowledged write behind them (a module's health changing, a
-//! session ending) reach disk with sled's periodic flush, within half a
-//! second. Retention is a bound on the number of events: the oldest are
+//! session ending) reach disk with the store's background flush (the
+//! embedded store's: within half a second). Retention is a bound on the number of events: the oldest are
 //! trimmed as new ones arrive.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::store::{EVENTS, Store, StoreError};
+use crate::store::{Collection, Direction, LogName, SeqLog, Store, StoreError};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -88,13 +88,13 @@ const LIVE_CAPACITY: usize = 4096;
 const TRIM_EVERY: u64 = 256;
 
 pub struct EventLog {
-    tree: sled::Tree,
+    log: Arc<dyn SeqLog>,
     /// Held while a sequence number is assigned and its record inserted, so
     /// records land in sequence order.
     next: Mutex<u64>,
     live: broadcast::Sender<Event>,
     retention: AtomicU64,
-    /// Events stored now (sled's `len` walks the tree; this does not).
+    /// Events stored now (counting the log may walk it; this does not).
     stored: AtomicU64,
     appended: Option<prometheus_client::metrics::counter::Counter>,
     /// Gauge of the events stored, kept current by append and trim.
@@ -103,7 +103,7 @@ pub struct EventLog {
 
 fn decode(value: &[u8]) -> Result<Event, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
-        tree: EVENTS,
+        tree: Collection::Events.as_str(),
         key: String::new(),
         reason: e.to_string(),
     })
@@ -111,15 +111,15 @@ fn decode(value: &[u8]) -> Result<Event, StoreError> {
 
 impl EventLog {
     pub fn open(store: &Store, retention: u64) -> Result<Self, StoreError> {
-        let tree = store.tree(EVENTS)?;
-        let next = match tree.last()? {
+        let log = store.log(LogName::Events)?;
+        let next = match log.last()? {
             Some((_, value)) => decode(&value)?.seq + 1,
             None => 1,
         };
         let (live, _) = broadcast::channel(LIVE_CAPACITY);
-        let stored = AtomicU64::new(tree.len() as u64);
+        let stored = AtomicU64::new(log.count()?);
         Ok(Self {
-            tree,
+            log,
             next: Mutex::new(next),
             live,
             retention: AtomicU64::new(retention.max(1)),
@@ -161,7 +161,7 @@ impl EventLog {
             event.seq = *next;
             event.time_ms = hotswap_common::timefmt::now_ms();
             let value = serde_json::to_vec(&event).unwrap_or_default();
-            if let Err(e) = self.tree.insert(event.seq.to_be_bytes(), value) {
+            if let Err(e) = self.log.append(event.seq, &value) {
                 tracing::error!(error = %e, kind = %event.kind, "cannot append to the event log");
                 return None;
             }
@@ -185,16 +185,11 @@ impl EventLog {
         let Some(first_kept) = last.checked_sub(keep) else {
             return;
         };
-        let old: Vec<_> = self
-            .tree
-            .range(..=first_kept.to_be_bytes())
-            .keys()
-            .filter_map(Result::ok)
-            .collect();
-        for key in old {
-            if let Ok(Some(_)) = self.tree.remove(key) {
-                self.stored.fetch_sub(1, Ordering::Relaxed);
+        match self.log.remove_through(first_kept) {
+            Ok(removed) => {
+                self.stored.fetch_sub(removed, Ordering::Relaxed);
             }
+            Err(e) => tracing::warn!(error = %e, "cannot trim the event log"),
         }
     }
 
@@ -212,7 +207,7 @@ impl EventLog {
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.tree.range(since.to_be_bytes()..) {
+        for entry in self.log.range(since, Direction::Forward) {
             let (_, value) = entry?;
             let event = decode(&value)?;
             if filter.matches(&event) {
@@ -239,7 +234,7 @@ impl EventLog {
             return Ok(*self.next.lock().unwrap_or_else(|e| e.into_inner()));
         }
         let mut matched = 0;
-        for entry in self.tree.range(since.to_be_bytes()..).rev() {
+        for entry in self.log.range(since, Direction::Backward) {
             let (_, value) = entry?;
             let event = decode(&value)?;
             if filter.matches(&event) {
@@ -254,12 +249,7 @@ impl EventLog {
 
     /// Sequence number of the oldest stored event (0 when empty).
     pub fn first_seq(&self) -> u64 {
-        self.tree
-            .first()
-            .ok()
-            .flatten()
-            .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes)
+        self.log.first_seq().ok().flatten().unwrap_or(0)
     }
 
     pub fn len(&self) -> usize {

@@ -13,7 +13,7 @@ use hotswap_common::timefmt::now_ms;
 use hotswap_common::tls::ControlPlaneUrl;
 
 use crate::auth::Role;
-use crate::server::DataDir;
+use crate::data_dir::DataDir;
 use crate::store::{Store, UserRecord};
 
 #[derive(Debug, thiserror::Error)]

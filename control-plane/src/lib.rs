@@ -1,6 +1,6 @@
 //! The hotswap control plane. It owns the desired state of the fleet: the
 //! certificate authority and enrollment of nodes, the node registry (durable
-//! in sled, live status in memory), the agent sessions, and the operator gRPC
+//! in the store, live status in memory), the agent sessions, and the operator gRPC
 //! API. Later layers (artifacts, deployments, events) plug into the same
 //! store and server.
 //!
@@ -12,6 +12,7 @@ pub mod auth;
 pub mod blobs;
 pub mod clock;
 pub mod config;
+pub mod data_dir;
 pub mod deadline;
 pub mod deploy;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod init;
 pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
+pub mod roles;
 pub mod rotation;
 pub mod server;
 pub mod service;

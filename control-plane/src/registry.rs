@@ -16,11 +16,11 @@ use std::collections::VecDeque;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::deploy::machine::FailureKind;
 use crate::error::ApiError;
 use crate::events::{Event, EventBudget, EventLog};
 use crate::metrics::Metrics;
 use crate::store::{DesiredModuleRecord, DesiredRecord, EnrollError, NodeRecord, Store};
+use hotswap_common::status::FailureKind;
 
 /// A module's request metrics over one scrape interval.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -854,25 +854,28 @@ impl Registry {
     pub fn write_desired(&self, changes: &[DesiredChange]) -> Result<Vec<DesiredRecord>, ApiError> {
         let mut records = Vec::with_capacity(changes.len());
         for (node_id, module, desired) in changes {
-            let record = self
-                .store
-                .update_desired_unflushed(node_id, |record| match desired {
-                    // Unchanged apart from its trace context: keep the entry
-                    // (and the trace it belongs to) and swap nothing.
-                    Some(want)
-                        if record
-                            .modules
-                            .get(module)
-                            .is_some_and(|have| have.same_target(want)) =>
-                    {
-                        false
-                    }
-                    Some(want) => {
-                        record.modules.insert(module.clone(), want.clone());
-                        true
-                    }
-                    None => record.modules.remove(module).is_some(),
-                })?;
+            let record =
+                self.store
+                    .update_desired_unflushed(
+                        node_id,
+                        &|record: &mut DesiredRecord| match desired {
+                            // Unchanged apart from its trace context: keep the entry
+                            // (and the trace it belongs to) and swap nothing.
+                            Some(want)
+                                if record
+                                    .modules
+                                    .get(module)
+                                    .is_some_and(|have| have.same_target(want)) =>
+                            {
+                                false
+                            }
+                            Some(want) => {
+                                record.modules.insert(module.clone(), want.clone());
+                                true
+                            }
+                            None => record.modules.remove(module).is_some(),
+                        },
+                    )?;
             records.push(record);
         }
         Ok(records)

@@ -24,7 +24,7 @@ use hotswap_common::fsutil::{self, PRIVATE_FILE_MODE, PUBLIC_FILE_MODE};
 use hotswap_common::pki::{self, CertificateAuthority, PkiError};
 use serde::{Deserialize, Serialize};
 
-use crate::server::DataDir;
+use crate::data_dir::DataDir;
 use crate::store::Store;
 
 /// Server certificates are re-issued on rotation; ten years like the CA.

@@ -32,55 +32,7 @@ use crate::service::users::UsersService;
 use crate::store::Store;
 use crate::tls_accept;
 
-/// File layout of a control plane data directory.
-pub struct DataDir {
-    root: PathBuf,
-}
-
-impl DataDir {
-    pub fn new(root: &Path) -> Self {
-        Self {
-            root: root.to_path_buf(),
-        }
-    }
-    pub fn ca_cert(&self) -> PathBuf {
-        self.root.join("ca.crt")
-    }
-    pub fn ca_key(&self) -> PathBuf {
-        self.root.join("ca.key")
-    }
-    pub fn server_cert(&self) -> PathBuf {
-        self.root.join("server.crt")
-    }
-    pub fn server_key(&self) -> PathBuf {
-        self.root.join("server.key")
-    }
-    /// During a CA rotation: the old CA, still trusted for client certificates.
-    pub fn ca_previous(&self) -> PathBuf {
-        self.root.join("ca-previous.crt")
-    }
-    /// During a CA rotation: the new CA certified by the old one.
-    pub fn ca_cross(&self) -> PathBuf {
-        self.root.join("ca-cross.crt")
-    }
-    /// Staged files of a rotation (see [`crate::rotation`]).
-    pub fn pending(&self) -> PathBuf {
-        self.root.join("pending")
-    }
-    pub fn admin_profile(&self) -> PathBuf {
-        self.root.join("admin.profile.toml")
-    }
-    pub fn state(&self) -> PathBuf {
-        self.root.join("state")
-    }
-    pub fn blobs(&self) -> PathBuf {
-        self.root.join("blobs")
-    }
-    /// Where the bound addresses are published once listening.
-    pub fn addresses(&self) -> PathBuf {
-        self.root.join("run").join("addresses.json")
-    }
-}
+pub use crate::data_dir::DataDir;
 
 /// What `run` publishes in `run/addresses.json` once it listens, so scripts
 /// and tests that asked for port 0 learn the real ports.

@@ -3,8 +3,8 @@
 //! later flush fails, and whatever it still accepts in memory would never
 //! reach the disk. [`watch`] notices such a failure within a second even
 //! when no request hit it, marks the control plane not ready, and, once the
-//! data directory's file system has room again, ends [`crate::server::run`]
-//! with [`crate::server::Stopped::Restart`] so the binary re-executes itself
+//! data directory's file system has room again, ends the server's run loop
+//! with a restart request so the binary re-executes itself
 //! and reopens the database, which recovers everything that was flushed.
 //! Meanwhile [`Store::ensure_writable`] refuses every change up front and
 //! reads keep answering.
@@ -14,7 +14,7 @@
 //! files it holds open, so without the check every write would be
 //! acknowledged and lost at the next start. That failure is not restarted
 //! away: a restart would find no database, and refuses to start (see
-//! [`crate::server::run`] and `--recover-empty-db`).
+//! the server's start and `--recover-empty-db`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

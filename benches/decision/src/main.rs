@@ -1021,17 +1021,20 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
         let want = if r % 2 == 0 { "8.8.8" } else { "9.9.9" };
         let t = Instant::now();
         for node in &wave {
-            fleet.store.update_desired_unflushed(node, |record| {
-                record.modules.insert(
-                    MODULE.to_string(),
-                    DesiredModuleRecord {
-                        version: want.to_string(),
-                        staged_version: String::new(),
-                        traceparent: String::new(),
-                    },
-                );
-                true
-            })?;
+            fleet.store.update_desired_unflushed(
+                node,
+                &|record: &mut hotswap_control_plane::store::DesiredRecord| {
+                    record.modules.insert(
+                        MODULE.to_string(),
+                        DesiredModuleRecord {
+                            version: want.to_string(),
+                            staged_version: String::new(),
+                            traceparent: String::new(),
+                        },
+                    );
+                    true
+                },
+            )?;
         }
         writes.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();

@@ -1,6 +1,6 @@
 //! The deployment engine: the I/O shell around [`machine`](super::machine).
 //!
-//! It keeps every deployment in memory and in sled. On each tick and on every
+//! It keeps every deployment in memory and in the store. On each tick and on every
 //! node change it builds an observation of each active deployment's nodes
 //! from the registry, steps the machine, **persists the new state, then**
 //! carries out the actions (desired-state changes pushed to agents). On start

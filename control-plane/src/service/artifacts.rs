@@ -222,19 +222,23 @@ impl ArtifactsService {
                     return Ok(version_to_pb(&existing, &names, false));
                 }
                 let merged = store
-                    .update_artifact(&existing.name, &existing.version, |stored| {
-                        let before = stored.signatures.len();
-                        for signature in &new {
-                            if !stored
-                                .signatures
-                                .iter()
-                                .any(|s| s.key_id == signature.key_id)
-                            {
-                                stored.signatures.push(signature.clone());
+                    .update_artifact(
+                        &existing.name,
+                        &existing.version,
+                        &|stored: &mut ArtifactRecord| {
+                            let before = stored.signatures.len();
+                            for signature in &new {
+                                if !stored
+                                    .signatures
+                                    .iter()
+                                    .any(|s| s.key_id == signature.key_id)
+                                {
+                                    stored.signatures.push(signature.clone());
+                                }
                             }
-                        }
-                        stored.signatures.len() != before
-                    })
+                            stored.signatures.len() != before
+                        },
+                    )
                     .await?
                     .unwrap_or(existing);
                 tracing::info!(module = %module, "new signatures merged into an existing artifact");
@@ -344,7 +348,7 @@ impl ArtifactsService {
             reason: reason.trim().to_string(),
         });
         let updated = store
-            .update_artifact(name, version, |record| {
+            .update_artifact(name, version, &|record: &mut ArtifactRecord| {
                 // A concurrent yank or unyank already did it: keep theirs.
                 if record.yanked.is_some() == yank.is_some() {
                     return false;

@@ -421,6 +421,7 @@ mod tests {
     fn desired(generation: u64, modules: &[&str]) -> DesiredRecord {
         DesiredRecord {
             generation,
+            revision: generation,
             modules: modules
                 .iter()
                 .map(|m| (m.to_string(), crate::store::DesiredModuleRecord::default()))

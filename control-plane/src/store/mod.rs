@@ -1,0 +1,581 @@
+//! The storage port: what the control plane keeps and the operations it
+//! needs on it, as traits of our own, so no code outside this module knows
+//! which database holds the records. [`sled`] (embedded, one process, the
+//! default) is the first backend; a replicated one implements the same
+//! traits.
+//!
+//! The shape follows what a replicated key-value store offers:
+//! - reads are synchronous and answer from the backend's local state (sled's
+//!   pages here; a replicated backend answers from a mirror kept current by a
+//!   watch, consistent to its revision);
+//! - every multi-record change is one atomic operation (enrollment spends a
+//!   token and creates a node and its name together), and read-modify-write
+//!   changes take a closure the backend applies with compare-and-swap,
+//!   retrying it on a concurrent write;
+//! - writes a caller acknowledges are made durable first ([`Durability::flush`],
+//!   a group commit), and batches write unflushed and flush once;
+//! - desired states carry a store-wide revision, and
+//!   [`DesiredRecords::watch_desired`] follows their changes from any
+//!   revision, so whoever holds a node's session can catch up on what it
+//!   missed;
+//! - the event log and the audit chain are sequence logs ([`SeqLog`]):
+//!   records under strictly increasing sequence numbers, read forwards or
+//!   backwards from a sequence number, trimmed from the front.
+//!
+//! Record types live in [`records`]; the formats of events and audit records
+//! belong to their own modules, which store them as bytes.
+
+mod records;
+pub mod sled;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use self::sled::SledStore;
+pub use records::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A local I/O error of the backend (a full disk, a failing device): an
+    /// outage the operator fixes and the caller retries after.
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    /// Any other error the backend reports.
+    #[error("{0}")]
+    Backend(String),
+    /// The database hit an I/O error earlier (see [`Durability::failure`]).
+    #[error(
+        "control plane storage failed ({0}); changes are refused until the control plane restarts, which it does by itself once its data directory has room again"
+    )]
+    Failed(String),
+    /// The database's directory or main file is no longer the one opened
+    /// (deleted, moved or replaced while running); see [`Failure::Replaced`].
+    #[error(
+        "control plane storage failed: {0}; changes are refused and nothing more is acknowledged: stop the control plane and restore its data directory from a backup"
+    )]
+    Replaced(String),
+    #[error("record {key:?} in {tree} is corrupt: {reason}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Why the database can take no more writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// A write hit an I/O error (a full disk, a failing device), with the
+    /// OS's reason. Reopening the database recovers everything flushed, so
+    /// the control plane restarts once its data directory has room.
+    Io(String),
+    /// The database directory or its main file is not the one opened: it
+    /// was deleted, moved or replaced under the running process. sled still
+    /// writes into the files it holds open, so writes would "succeed" into
+    /// files nobody can open again; a restart would not help either.
+    Replaced(String),
+}
+
+impl Failure {
+    /// Whether reopening the database, once there is room, recovers.
+    pub fn recovers_on_restart(&self) -> bool {
+        matches!(self, Failure::Io(_))
+    }
+
+    fn error(&self) -> StoreError {
+        match self {
+            Failure::Io(reason) => StoreError::Failed(reason.clone()),
+            Failure::Replaced(reason) => StoreError::Replaced(reason.clone()),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Io(reason) | Failure::Replaced(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// A store-wide revision of desired states: every desired-state write gets
+/// the next one, so "everything after revision r" is well defined.
+pub type Revision = u64;
+
+/// One desired-state change as a watch delivers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredUpdate {
+    pub node_id: String,
+    /// `None` when the node's desired state was removed.
+    pub record: Option<DesiredRecord>,
+    pub revision: Revision,
+}
+
+/// A change function for read-modify-write updates: it may run more than
+/// once (a backend retries it on a concurrent write) and returns false for
+/// "no change".
+pub type Change<'a, T> = &'a (dyn Fn(&mut T) -> bool + Send + Sync);
+
+/// Durability and health of the storage.
+#[async_trait]
+pub trait Durability: Send + Sync {
+    /// Make every write so far durable (group commit: concurrent callers
+    /// share one flush).
+    async fn flush(&self) -> Result<(), StoreError>;
+    /// Make every write so far durable, from synchronous code (`init`).
+    fn flush_blocking(&self) -> Result<(), StoreError>;
+    /// Why the storage takes no more writes, once it failed.
+    fn failure(&self) -> Option<Failure>;
+    /// Refuse a change up front once the storage has failed, so it is not
+    /// half applied in memory and then lost.
+    fn ensure_writable(&self) -> Result<(), StoreError> {
+        match self.failure() {
+            Some(failure) => Err(failure.error()),
+            None => Ok(()),
+        }
+    }
+    /// Check that the database is still the one opened (not deleted or
+    /// replaced under the process); marks the storage failed if not.
+    fn check_identity(&self) -> Result<(), StoreError>;
+    /// Bytes the database occupies on disk (0 when not local).
+    fn size_on_disk(&self) -> u64;
+}
+
+/// Join tokens, nodes and the node-name index.
+#[async_trait]
+pub trait NodeRecords: Send + Sync {
+    async fn insert_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError>;
+    fn get_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Consume one use of the token and create the node with its name,
+    /// atomically: all of it or none. Token labels override the node's own.
+    async fn enroll(
+        &self,
+        token_hash: &str,
+        now_ms: u64,
+        node: NodeRecord,
+    ) -> Result<NodeRecord, EnrollError>;
+    fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError>;
+    /// Whether a node record exists (no decoding).
+    fn has_node(&self, id: &str) -> Result<bool, StoreError>;
+    fn node_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError>;
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Overwrite a node record (labels, last seen, agent version). The name
+    /// index is unchanged: names are fixed at enrollment.
+    async fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError>;
+    /// Spend whatever uses a join token has left (a removed node must not
+    /// come back with the token it enrolled with).
+    async fn exhaust_token(&self, hash: &str) -> Result<(), StoreError>;
+    /// Delete a node and its name, atomically; returns the record if it
+    /// existed.
+    async fn remove_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError>;
+}
+
+/// Operators.
+#[async_trait]
+pub trait UserRecords: Send + Sync {
+    fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError>;
+    fn list_users(&self) -> Result<Vec<UserRecord>, StoreError>;
+    async fn put_user(&self, record: &UserRecord) -> Result<(), StoreError>;
+    /// Write a user and flush, from synchronous code (`init`).
+    fn put_user_blocking(&self, record: &UserRecord) -> Result<(), StoreError>;
+    /// Create a user unless the name is taken; false if it was.
+    async fn create_user(&self, record: &UserRecord) -> Result<bool, StoreError>;
+}
+
+/// Publisher keys and artifact records (the content is a blob).
+#[async_trait]
+pub trait ArtifactRecords: Send + Sync {
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    fn get_key(&self, name: &str) -> Result<Option<KeyRecord>, StoreError>;
+    /// Insert a key if its name is free; the existing record otherwise.
+    async fn insert_key(&self, record: &KeyRecord) -> Result<Option<KeyRecord>, StoreError>;
+    async fn put_key(&self, record: &KeyRecord) -> Result<(), StoreError>;
+    fn get_artifact(&self, name: &str, version: &str)
+    -> Result<Option<ArtifactRecord>, StoreError>;
+    /// Every version of one module, in key order.
+    fn module_versions(&self, name: &str) -> Result<Vec<ArtifactRecord>, StoreError>;
+    fn list_artifacts(&self) -> Result<Vec<ArtifactRecord>, StoreError>;
+    /// Whether any stored artifact has this digest.
+    fn has_digest(&self, digest: &str) -> Result<bool, StoreError> {
+        Ok(self.list_artifacts()?.iter().any(|a| a.digest == digest))
+    }
+    /// Store an artifact record unless `name@version` exists; the existing
+    /// record when it does (the caller decides what that means).
+    async fn insert_artifact(
+        &self,
+        record: &ArtifactRecord,
+    ) -> Result<Option<ArtifactRecord>, StoreError>;
+    /// Change a stored artifact record with compare-and-swap, and flush.
+    /// `None` when `name@version` is not stored; otherwise the record as
+    /// stored after the change.
+    async fn update_artifact(
+        &self,
+        name: &str,
+        version: &str,
+        change: Change<'_, ArtifactRecord>,
+    ) -> Result<Option<ArtifactRecord>, StoreError>;
+}
+
+/// The desired state of every node, with a store-wide revision.
+#[async_trait]
+pub trait DesiredRecords: Send + Sync {
+    /// A node's desired state (empty, generation 0, when it has none).
+    fn get_desired(&self, node_id: &str) -> Result<DesiredRecord, StoreError>;
+    /// Apply `change` to a node's desired state, bump its generation and
+    /// give it the next revision, atomically, and flush; returns the new
+    /// record. A "no change" leaves the record untouched.
+    async fn update_desired(
+        &self,
+        node_id: &str,
+        change: Change<'_, DesiredRecord>,
+    ) -> Result<DesiredRecord, StoreError> {
+        let record = self.update_desired_unflushed(node_id, change)?;
+        self.flush_desired().await?;
+        Ok(record)
+    }
+    /// As [`DesiredRecords::update_desired`] without the flush: callers that
+    /// change many nodes flush once, before acknowledging any of them.
+    fn update_desired_unflushed(
+        &self,
+        node_id: &str,
+        change: Change<'_, DesiredRecord>,
+    ) -> Result<DesiredRecord, StoreError>;
+    async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError>;
+    /// Make desired-state writes durable.
+    async fn flush_desired(&self) -> Result<(), StoreError>;
+    /// The revision of the newest desired-state write.
+    fn desired_revision(&self) -> Result<Revision, StoreError>;
+    /// Every desired state written after revision `after`, in revision
+    /// order, then every later change as it happens: the stream never
+    /// misses a change made after `after`. A removal made before the watch
+    /// started is not replayed (the record is gone); callers that need
+    /// removals re-list.
+    fn watch_desired(&self, after: Revision) -> Result<DesiredWatch, StoreError>;
+}
+
+/// A stream of desired-state changes (see [`DesiredRecords::watch_desired`]).
+pub struct DesiredWatch {
+    /// Changes that happened before the watch started, oldest first.
+    backlog: std::collections::VecDeque<DesiredUpdate>,
+    live: tokio::sync::broadcast::Receiver<DesiredUpdate>,
+    /// The revision of the last change delivered.
+    seen: Revision,
+}
+
+/// Why a watch stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WatchError {
+    /// The watcher fell too far behind the live changes; re-list from the
+    /// revision it saw and watch again.
+    #[error("desired-state watch fell behind after revision {0}; re-list and watch again")]
+    Lagged(Revision),
+    /// The store is closed.
+    #[error("desired-state watch closed")]
+    Closed,
+}
+
+impl DesiredWatch {
+    pub fn new(
+        backlog: Vec<DesiredUpdate>,
+        live: tokio::sync::broadcast::Receiver<DesiredUpdate>,
+        after: Revision,
+    ) -> Self {
+        Self {
+            backlog: backlog.into(),
+            live,
+            seen: after,
+        }
+    }
+
+    /// The next change, in revision order.
+    pub async fn next(&mut self) -> Result<DesiredUpdate, WatchError> {
+        loop {
+            let change = match self.backlog.pop_front() {
+                Some(change) => change,
+                None => match self.live.recv().await {
+                    Ok(change) => change,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        return Err(WatchError::Lagged(self.seen));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return Err(WatchError::Closed);
+                    }
+                },
+            };
+            // The live channel was subscribed before the backlog was read,
+            // so it repeats what the backlog held: skip what was delivered.
+            if change.revision > self.seen {
+                self.seen = change.revision;
+                return Ok(change);
+            }
+        }
+    }
+}
+
+/// Deployment and pipeline records, stored as the engine serializes them.
+#[async_trait]
+pub trait DeploymentRecords: Send + Sync {
+    /// Store a deployment's encoded record under its id, unflushed; durable
+    /// with the next flush.
+    fn put_deployment_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError>;
+    /// Every deployment's encoded record, in id order.
+    fn list_deployment_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Store a pipeline's encoded record under its id, durably.
+    async fn put_pipeline_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError>;
+    fn list_pipeline_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    async fn flush_deployments(&self) -> Result<(), StoreError>;
+}
+
+/// Typed access to deployment and pipeline records: the engine owns their
+/// form, the store only keeps them.
+#[async_trait]
+pub trait DeploymentRecordsExt: DeploymentRecords {
+    /// Store a deployment under its id, durably.
+    async fn put_deployment<T: Serialize + Sync>(
+        &self,
+        id: &str,
+        deployment: &T,
+    ) -> Result<(), StoreError> {
+        self.put_deployment_unflushed(id, deployment)?;
+        self.flush_deployments().await
+    }
+
+    fn put_deployment_unflushed<T: Serialize>(
+        &self,
+        id: &str,
+        deployment: &T,
+    ) -> Result<(), StoreError> {
+        self.put_deployment_bytes(id, encode(deployment))
+    }
+
+    fn list_deployments<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        decode_all(Collection::Deployments, self.list_deployment_bytes()?)
+    }
+
+    async fn put_pipeline<T: Serialize + Sync>(
+        &self,
+        id: &str,
+        pipeline: &T,
+    ) -> Result<(), StoreError> {
+        self.put_pipeline_bytes(id, encode(pipeline)).await
+    }
+
+    fn list_pipelines<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        decode_all(Collection::Pipelines, self.list_pipeline_bytes()?)
+    }
+}
+
+impl<S: DeploymentRecords + ?Sized> DeploymentRecordsExt for S {}
+
+/// The sequence logs the store keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogName {
+    /// The event log (the events module owns its format).
+    Events,
+    /// The audit chain (the audit module owns its format).
+    Audit,
+}
+
+impl LogName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogName::Events => "events",
+            LogName::Audit => "audit",
+        }
+    }
+}
+
+/// Which way a log is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+/// Records under strictly increasing sequence numbers. The owner of a log
+/// assigns the numbers (under its own lock) and encodes the records.
+pub trait SeqLog: Send + Sync {
+    /// Store a record, unflushed (durable with the next flush).
+    fn append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError>;
+    /// The record with the highest sequence number.
+    fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+    /// The lowest sequence number stored.
+    fn first_seq(&self) -> Result<Option<u64>, StoreError>;
+    /// Records stored (may walk the log: callers keep their own count).
+    fn count(&self) -> Result<u64, StoreError>;
+    /// Records from `from` (inclusive) onwards, or from the end down to
+    /// `from` when backwards.
+    fn range(&self, from: u64, direction: Direction) -> LogIter<'_>;
+    /// Remove every record with a sequence number up to `seq` (inclusive);
+    /// returns how many were removed.
+    fn remove_through(&self, seq: u64) -> Result<u64, StoreError>;
+    /// Overwrite one record in place. Only for tests that tamper with the
+    /// audit chain to see that verification notices.
+    #[cfg(test)]
+    fn overwrite(&self, seq: u64, record: &[u8]) -> Result<(), StoreError>;
+    /// Remove one record. Only for tests, as [`SeqLog::overwrite`].
+    #[cfg(test)]
+    fn remove(&self, seq: u64) -> Result<(), StoreError>;
+}
+
+/// Records of a log in the order asked for.
+pub type LogIter<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + Send + 'a>;
+
+/// Every record family the control plane keeps.
+pub trait Storage:
+    Durability + NodeRecords + UserRecords + ArtifactRecords + DesiredRecords + DeploymentRecords
+{
+    /// One of the sequence logs.
+    fn log(&self, name: LogName) -> Result<Arc<dyn SeqLog>, StoreError>;
+}
+
+/// The control plane's storage: a cheap handle to one backend, shared by
+/// everything wired in `server.rs`. Components that need only part of it
+/// take the narrow handle ([`Store::nodes`], [`Store::desired`], ...).
+#[derive(Clone)]
+pub struct Store(Arc<dyn Storage>);
+
+impl std::ops::Deref for Store {
+    type Target = dyn Storage;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl Store {
+    /// Open (or create) the embedded database at `path`. Fails if another
+    /// process has it open.
+    pub fn open(path: &std::path::Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Ok(Self(Arc::new(SledStore::open(path, cache_bytes)?)))
+    }
+
+    pub fn from_backend(backend: Arc<dyn Storage>) -> Self {
+        Self(backend)
+    }
+
+    pub fn durability(&self) -> Arc<dyn Durability> {
+        self.0.clone()
+    }
+
+    pub fn nodes(&self) -> Arc<dyn NodeRecords> {
+        self.0.clone()
+    }
+
+    pub fn users(&self) -> Arc<dyn UserRecords> {
+        self.0.clone()
+    }
+
+    pub fn artifacts(&self) -> Arc<dyn ArtifactRecords> {
+        self.0.clone()
+    }
+
+    pub fn desired(&self) -> Arc<dyn DesiredRecords> {
+        self.0.clone()
+    }
+
+    pub fn deployments(&self) -> Arc<dyn DeploymentRecords> {
+        self.0.clone()
+    }
+
+    /// Store a deployment under its id, durably.
+    pub async fn put_deployment<T: Serialize + Sync>(
+        &self,
+        id: &str,
+        deployment: &T,
+    ) -> Result<(), StoreError> {
+        DeploymentRecordsExt::put_deployment(&*self.0, id, deployment).await
+    }
+
+    /// Store a deployment without flushing; durable with the next flush.
+    pub fn put_deployment_unflushed<T: Serialize>(
+        &self,
+        id: &str,
+        deployment: &T,
+    ) -> Result<(), StoreError> {
+        DeploymentRecordsExt::put_deployment_unflushed(&*self.0, id, deployment)
+    }
+
+    pub fn list_deployments<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        DeploymentRecordsExt::list_deployments(&*self.0)
+    }
+
+    pub async fn put_pipeline<T: Serialize + Sync>(
+        &self,
+        id: &str,
+        pipeline: &T,
+    ) -> Result<(), StoreError> {
+        DeploymentRecordsExt::put_pipeline(&*self.0, id, pipeline).await
+    }
+
+    pub fn list_pipelines<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+        DeploymentRecordsExt::list_pipelines(&*self.0)
+    }
+}
+
+/// The record families, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collection {
+    Tokens,
+    Nodes,
+    NodeNames,
+    Keys,
+    Artifacts,
+    Desired,
+    Deployments,
+    Pipelines,
+    Users,
+    Events,
+    Audit,
+}
+
+impl Collection {
+    /// The collection's name (sled's tree, a key prefix elsewhere).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Collection::Tokens => "tokens",
+            Collection::Nodes => "nodes",
+            Collection::NodeNames => "node_names",
+            Collection::Keys => "publisher_keys",
+            Collection::Artifacts => "artifacts",
+            Collection::Desired => "desired",
+            Collection::Deployments => "deployments",
+            Collection::Pipelines => "pipelines",
+            Collection::Users => "users",
+            Collection::Events => "events",
+            Collection::Audit => "audit",
+        }
+    }
+}
+
+/// A record's JSON.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own plain structs to JSON cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// A record from its JSON, or a `Corrupt` error naming where it was.
+pub fn decode<T: DeserializeOwned>(
+    collection: Collection,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree: collection.as_str(),
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_all<T: DeserializeOwned>(
+    collection: Collection,
+    records: Vec<(String, Vec<u8>)>,
+) -> Result<Vec<T>, StoreError> {
+    records
+        .iter()
+        .map(|(key, bytes)| decode(collection, key.as_bytes(), bytes))
+        .collect()
+}

@@ -1,0 +1,1162 @@
+//! The embedded backend: every record in one sled database in the data
+//! directory, one tree per [`Collection`], records as JSON. The only module
+//! that knows sled.
+//!
+//! Writes that a caller acknowledges are flushed first, because sled
+//! otherwise persists on a timer; flushes are a group commit. sled makes the
+//! first I/O error of a write permanent for the open database, so the first
+//! one is remembered as the storage's [`Failure`], and so is the database
+//! directory found deleted or replaced under the running process.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use tokio::sync::broadcast;
+
+use super::{
+    ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentRecords, DesiredRecord,
+    DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, EnrollError,
+    EnrollRejection, Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords, Revision,
+    SeqLog, Storage, StoreError, TokenRecord, UserRecord, UserRecords, decode, encode,
+};
+
+/// Device and inode of a file: what makes it the same file when its name
+/// may since point to another one, or to nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// The database directory and its main file as they were at open.
+struct Identity {
+    dir: PathBuf,
+    dir_id: FileId,
+    file: PathBuf,
+    file_id: FileId,
+}
+
+impl Identity {
+    /// sled keeps its pages in `db` inside the directory.
+    fn record(dir: &Path) -> std::io::Result<Self> {
+        let file = dir.join("db");
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            dir_id: FileId::of(dir)?,
+            file_id: FileId::of(&file)?,
+            file,
+        })
+    }
+
+    /// `None` while both names still lead to the files opened; otherwise
+    /// what changed, in words.
+    fn check(&self) -> Option<String> {
+        for (path, id, what) in [
+            (&self.dir, self.dir_id, "database directory"),
+            (&self.file, self.file_id, "database file"),
+        ] {
+            match FileId::of(path) {
+                Ok(now) if now == id => {}
+                Ok(_) => {
+                    return Some(format!(
+                        "the {what} {} was replaced while running (another file now has its name)",
+                        path.display()
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Some(format!(
+                        "the {what} {} was deleted while running",
+                        path.display()
+                    ));
+                }
+                Err(e) => {
+                    return Some(format!("cannot stat the {what} {}: {e}", path.display()));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Tickets of [`SledStore`]'s group commit.
+#[derive(Default)]
+struct GroupCommit {
+    /// Tickets handed out.
+    requested: AtomicU64,
+    /// Every ticket up to this one is durable.
+    completed: AtomicU64,
+    /// Held by the one caller flushing.
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// sled's error in words an operator can act on. sled re-wraps I/O errors
+/// with their debug text, so an out-of-space error is named by its kind.
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        match error {
+            sled::Error::Io(io) => StoreError::Io(describe_io(&io)),
+            other => StoreError::Backend(format!("sled: {other}")),
+        }
+    }
+}
+
+fn describe_io(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::StorageFull => "No space left on device".to_string(),
+        std::io::ErrorKind::QuotaExceeded => "disk quota exceeded".to_string(),
+        std::io::ErrorKind::ReadOnlyFilesystem => "read-only file system".to_string(),
+        _ => error.to_string(),
+    }
+}
+
+/// The control plane's database.
+/// Capacity of the desired-state change channel; a watcher further behind
+/// re-lists (see [`super::WatchError::Lagged`]).
+const DESIRED_CHANNEL: usize = 4096;
+
+/// The embedded database.
+pub struct SledStore {
+    db: sled::Db,
+    /// The first I/O error a write hit, or the database found deleted or
+    /// replaced. sled fails every later write of an open database after an
+    /// I/O error (a full disk, a failing device), and only reopening the
+    /// database clears it.
+    failure: OnceLock<Failure>,
+    /// Device and inode of the directory and its main file at open, checked
+    /// after every flush and by the storage watcher.
+    identity: Identity,
+    /// Group commit: one flush at a time serves every caller that asked
+    /// before it started (see [`Durability::flush`]).
+    commits: GroupCommit,
+    tokens: sled::Tree,
+    nodes: sled::Tree,
+    node_names: sled::Tree,
+    keys: sled::Tree,
+    artifacts: sled::Tree,
+    desired: sled::Tree,
+    deployments: sled::Tree,
+    pipelines: sled::Tree,
+    users: sled::Tree,
+    /// The revision of the newest desired-state write, held while one is
+    /// written: the revision is stored in the record itself, and at open
+    /// the highest stored one is where counting resumes (a removal's
+    /// revision is not stored; nothing replays removals).
+    desired_revision: std::sync::Mutex<Revision>,
+    events: Arc<SledLog>,
+    audit: Arc<SledLog>,
+    /// Desired-state changes as they are written, for watchers.
+    desired_changes: broadcast::Sender<DesiredUpdate>,
+}
+
+/// Key of an artifact record: `name` NUL `version`, so one module's versions
+/// are contiguous and a prefix scan lists them.
+fn artifact_key(name: &str, version: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + version.len() + 1);
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key.extend_from_slice(version.as_bytes());
+    key
+}
+
+/// Every record of a tree, decoded, in key order.
+fn scan<T: DeserializeOwned>(tree: &sled::Tree, name: Collection) -> Result<Vec<T>, StoreError> {
+    tree.iter()
+        .map(|entry| {
+            let (key, value) = entry?;
+            decode(name, &key, &value)
+        })
+        .collect()
+}
+
+/// Every record of a tree as raw bytes, keys as text, in key order.
+fn scan_bytes(tree: &sled::Tree) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    tree.iter()
+        .map(|entry| {
+            let (key, value) = entry?;
+            Ok((String::from_utf8_lossy(&key).into_owned(), value.to_vec()))
+        })
+        .collect()
+}
+
+fn get<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: Collection,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    tree.get(key)?
+        .map(|bytes| decode(name, key, &bytes))
+        .transpose()
+}
+
+fn counter(bytes: Option<&[u8]>) -> u64 {
+    bytes
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+impl SledStore {
+    /// Open (or create) the database at `path`. Fails if another process has it open.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let identity = Identity::record(path).map_err(|e| StoreError::Io(describe_io(&e)))?;
+        let tree = |c: Collection| db.open_tree(c.as_str());
+        let desired = tree(Collection::Desired)?;
+        let mut newest: Revision = 0;
+        for entry in desired.iter() {
+            let (key, value) = entry?;
+            let record: DesiredRecord = decode(Collection::Desired, &key, &value)?;
+            newest = newest.max(record.revision);
+        }
+        Ok(Self {
+            desired_revision: std::sync::Mutex::new(newest),
+            identity,
+            tokens: tree(Collection::Tokens)?,
+            nodes: tree(Collection::Nodes)?,
+            node_names: tree(Collection::NodeNames)?,
+            keys: tree(Collection::Keys)?,
+            artifacts: tree(Collection::Artifacts)?,
+            desired,
+            deployments: tree(Collection::Deployments)?,
+            pipelines: tree(Collection::Pipelines)?,
+            users: tree(Collection::Users)?,
+            events: Arc::new(SledLog {
+                tree: tree(Collection::Events)?,
+            }),
+            audit: Arc::new(SledLog {
+                tree: tree(Collection::Audit)?,
+            }),
+            desired_changes: broadcast::channel(DESIRED_CHANNEL).0,
+            db,
+            failure: OnceLock::new(),
+            commits: GroupCommit::default(),
+        })
+    }
+
+    /// Note the storage's failure (the first one wins).
+    fn fail(&self, failure: Failure) {
+        let mut first = false;
+        let failure = self.failure.get_or_init(|| {
+            first = true;
+            failure
+        });
+        if first {
+            tracing::error!(error = %failure, "storage failed: refusing changes");
+        }
+    }
+
+    /// Note an I/O error as the storage's failure (the first one wins).
+    fn observe(&self, error: sled::Error) -> StoreError {
+        if let sled::Error::Io(io) = &error {
+            self.fail(Failure::Io(describe_io(io)));
+        }
+        error.into()
+    }
+
+    fn insert_token_unflushed(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        self.tokens.insert(hash.as_bytes(), encode(record))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Durability for SledStore {
+    /// Group commit: callers take a ticket; one of them at a time flushes,
+    /// covering every ticket taken before its flush started, and the others
+    /// return as soon as a flush that covers theirs has finished. Besides
+    /// saving work under load, this keeps at most one flush in sled's small
+    /// I/O thread pool: many concurrent `flush_async` calls fill that pool
+    /// with flushes that wait for a log write queued behind them in the same
+    /// pool, and every write of the process stops (seen with 64 agents
+    /// enrolling at once).
+    async fn flush(&self) -> Result<(), StoreError> {
+        let commits = &self.commits;
+        let ticket = commits.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _turn = commits.turn.lock().await;
+        if commits.completed.load(Ordering::SeqCst) >= ticket {
+            // A flush that started after this caller's writes has finished.
+            return self.ensure_writable();
+        }
+        let target = commits.requested.load(Ordering::SeqCst);
+        self.db.flush_async().await.map_err(|e| self.observe(e))?;
+        // A flush into files whose names are gone (`rm -rf state`) or now
+        // name other files succeeds, and is lost at the next start: check
+        // after it, before any caller it covers hears "done".
+        self.check_identity()?;
+        commits.completed.fetch_max(target, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|e| self.observe(e))?;
+        Ok(())
+    }
+
+    fn failure(&self) -> Option<Failure> {
+        self.failure.get().cloned()
+    }
+
+    fn check_identity(&self) -> Result<(), StoreError> {
+        if let Some(reason) = self.identity.check() {
+            self.fail(Failure::Replaced(reason));
+        }
+        self.ensure_writable()
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[async_trait]
+impl NodeRecords for SledStore {
+    async fn insert_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        self.insert_token_unflushed(hash, record)?;
+        self.flush().await
+    }
+
+    fn get_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        get(&self.tokens, Collection::Tokens, hash.as_bytes())
+    }
+
+    async fn enroll(
+        &self,
+        token_hash: &str,
+        now_ms: u64,
+        node: NodeRecord,
+    ) -> Result<NodeRecord, EnrollError> {
+        let result =
+            (&self.tokens, &self.nodes, &self.node_names).transaction(|(tokens, nodes, names)| {
+                let abort = |r: EnrollRejection| {
+                    ConflictableTransactionError::Abort(EnrollError::Rejected(r))
+                };
+                let storage =
+                    |e: StoreError| ConflictableTransactionError::Abort(EnrollError::Store(e));
+                let Some(bytes) = tokens.get(token_hash.as_bytes())? else {
+                    return Err(abort(EnrollRejection::UnknownToken));
+                };
+                let mut token: TokenRecord =
+                    decode(Collection::Tokens, token_hash.as_bytes(), &bytes).map_err(storage)?;
+                if now_ms >= token.expires_at_ms {
+                    return Err(abort(EnrollRejection::Expired(
+                        hotswap_common::timefmt::rfc3339_from_ms(token.expires_at_ms),
+                    )));
+                }
+                if token.uses_left == 0 {
+                    return Err(abort(EnrollRejection::UsedUp(token.uses_total)));
+                }
+                if let Some(existing) = names.get(node.name.as_bytes())? {
+                    return Err(abort(EnrollRejection::NameTaken {
+                        name: node.name.clone(),
+                        id: String::from_utf8_lossy(&existing).into_owned(),
+                    }));
+                }
+                token.uses_left -= 1;
+                let mut record = node.clone();
+                record.forced_labels = token.labels.clone();
+                record.labels.extend(token.labels.clone());
+                tokens.insert(token_hash.as_bytes(), encode(&token))?;
+                nodes.insert(record.id.as_bytes(), encode(&record))?;
+                names.insert(record.name.as_bytes(), record.id.as_bytes())?;
+                Ok(record)
+            });
+        let node = match result {
+            Ok(record) => record,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(EnrollError::Store(e.into())),
+        };
+        self.flush().await?;
+        Ok(node)
+    }
+
+    fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        get(&self.nodes, Collection::Nodes, id.as_bytes())
+    }
+
+    fn has_node(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.nodes.contains_key(id.as_bytes())?)
+    }
+
+    fn node_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .node_names
+            .get(name.as_bytes())?
+            .map(|id| String::from_utf8_lossy(&id).into_owned()))
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        scan(&self.nodes, Collection::Nodes)
+    }
+
+    async fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError> {
+        self.nodes.insert(record.id.as_bytes(), encode(record))?;
+        self.flush().await
+    }
+
+    async fn exhaust_token(&self, hash: &str) -> Result<(), StoreError> {
+        if let Some(mut token) = self.get_token(hash)?
+            && token.uses_left > 0
+        {
+            token.uses_left = 0;
+            self.insert_token(hash, &token).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let result = (&self.nodes, &self.node_names).transaction(|(nodes, names)| {
+            let Some(bytes) = nodes.remove(id.as_bytes())? else {
+                return Ok(None);
+            };
+            let record: NodeRecord = decode(Collection::Nodes, id.as_bytes(), &bytes)
+                .map_err(ConflictableTransactionError::Abort)?;
+            names.remove(record.name.as_bytes())?;
+            Ok(Some(record))
+        });
+        let removed = match result {
+            Ok(removed) => removed,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        self.flush().await?;
+        Ok(removed)
+    }
+}
+
+#[async_trait]
+impl UserRecords for SledStore {
+    fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        get(&self.users, Collection::Users, name.as_bytes())
+    }
+
+    fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        scan(&self.users, Collection::Users)
+    }
+
+    async fn put_user(&self, record: &UserRecord) -> Result<(), StoreError> {
+        self.users.insert(record.name.as_bytes(), encode(record))?;
+        self.flush().await
+    }
+
+    fn put_user_blocking(&self, record: &UserRecord) -> Result<(), StoreError> {
+        self.users.insert(record.name.as_bytes(), encode(record))?;
+        self.flush_blocking()
+    }
+
+    async fn create_user(&self, record: &UserRecord) -> Result<bool, StoreError> {
+        let created = self
+            .users
+            .compare_and_swap(record.name.as_bytes(), None::<&[u8]>, Some(encode(record)))?
+            .is_ok();
+        self.flush().await?;
+        Ok(created)
+    }
+}
+
+#[async_trait]
+impl ArtifactRecords for SledStore {
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        scan(&self.keys, Collection::Keys)
+    }
+
+    fn get_key(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+        get(&self.keys, Collection::Keys, name.as_bytes())
+    }
+
+    async fn insert_key(&self, record: &KeyRecord) -> Result<Option<KeyRecord>, StoreError> {
+        let previous = self.keys.compare_and_swap(
+            record.name.as_bytes(),
+            None as Option<&[u8]>,
+            Some(encode(record)),
+        )?;
+        match previous {
+            Ok(()) => {
+                self.flush().await?;
+                Ok(None)
+            }
+            Err(current) => current
+                .current
+                .map(|bytes| decode(Collection::Keys, record.name.as_bytes(), &bytes))
+                .transpose(),
+        }
+    }
+
+    async fn put_key(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.keys.insert(record.name.as_bytes(), encode(record))?;
+        self.flush().await
+    }
+
+    fn get_artifact(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        get(
+            &self.artifacts,
+            Collection::Artifacts,
+            &artifact_key(name, version),
+        )
+    }
+
+    fn module_versions(&self, name: &str) -> Result<Vec<ArtifactRecord>, StoreError> {
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.push(0);
+        self.artifacts
+            .scan_prefix(&prefix)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(Collection::Artifacts, &key, &value)
+            })
+            .collect()
+    }
+
+    fn list_artifacts(&self) -> Result<Vec<ArtifactRecord>, StoreError> {
+        scan(&self.artifacts, Collection::Artifacts)
+    }
+
+    async fn insert_artifact(
+        &self,
+        record: &ArtifactRecord,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        let key = artifact_key(&record.name, &record.version);
+        let previous =
+            self.artifacts
+                .compare_and_swap(&key, None as Option<&[u8]>, Some(encode(record)))?;
+        match previous {
+            Ok(()) => {
+                self.flush().await?;
+                Ok(None)
+            }
+            Err(current) => current
+                .current
+                .map(|bytes| decode(Collection::Artifacts, &key, &bytes))
+                .transpose(),
+        }
+    }
+
+    async fn update_artifact(
+        &self,
+        name: &str,
+        version: &str,
+        change: Change<'_, ArtifactRecord>,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        let key = artifact_key(name, version);
+        let mut corrupt = None;
+        let updated = self.artifacts.update_and_fetch(&key, |old| {
+            let old = old?;
+            match decode::<ArtifactRecord>(Collection::Artifacts, &key, old) {
+                Ok(mut record) => {
+                    if change(&mut record) {
+                        Some(encode(&record))
+                    } else {
+                        Some(old.to_vec())
+                    }
+                }
+                // Leave what is there; the error is reported below.
+                Err(e) => {
+                    corrupt = Some(e);
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        if let Some(e) = corrupt {
+            return Err(e);
+        }
+        let Some(bytes) = updated else {
+            return Ok(None);
+        };
+        self.flush().await?;
+        decode(Collection::Artifacts, &key, &bytes).map(Some)
+    }
+}
+
+#[async_trait]
+impl DesiredRecords for SledStore {
+    fn get_desired(&self, node_id: &str) -> Result<DesiredRecord, StoreError> {
+        Ok(get(&self.desired, Collection::Desired, node_id.as_bytes())?.unwrap_or_default())
+    }
+
+    /// Desired-state writes are serialized by the revision lock, so each
+    /// gets the next revision and watchers hear them in revision order.
+    fn update_desired_unflushed(
+        &self,
+        node_id: &str,
+        change: Change<'_, DesiredRecord>,
+    ) -> Result<DesiredRecord, StoreError> {
+        let key = node_id.as_bytes();
+        let mut revision = self
+            .desired_revision
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut record: DesiredRecord =
+            get(&self.desired, Collection::Desired, key)?.unwrap_or_default();
+        if !change(&mut record) {
+            return Ok(record);
+        }
+        record.generation += 1;
+        record.revision = *revision + 1;
+        self.desired
+            .insert(key, encode(&record))
+            .map_err(|e| self.observe(e))?;
+        *revision = record.revision;
+        let _no_watchers = self.desired_changes.send(DesiredUpdate {
+            node_id: node_id.to_string(),
+            revision: record.revision,
+            record: Some(record.clone()),
+        });
+        Ok(record)
+    }
+
+    async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError> {
+        {
+            let mut revision = self
+                .desired_revision
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if self
+                .desired
+                .remove(node_id.as_bytes())
+                .map_err(|e| self.observe(e))?
+                .is_some()
+            {
+                *revision += 1;
+                let _no_watchers = self.desired_changes.send(DesiredUpdate {
+                    node_id: node_id.to_string(),
+                    record: None,
+                    revision: *revision,
+                });
+            }
+        }
+        self.flush().await
+    }
+
+    async fn flush_desired(&self) -> Result<(), StoreError> {
+        self.flush().await
+    }
+
+    fn desired_revision(&self) -> Result<Revision, StoreError> {
+        Ok(*self
+            .desired_revision
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn watch_desired(&self, after: Revision) -> Result<DesiredWatch, StoreError> {
+        // Subscribe under the write lock: every change up to now is in the
+        // backlog and every later one comes live.
+        let live = {
+            let _writes = self
+                .desired_revision
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.desired_changes.subscribe()
+        };
+        let mut backlog = Vec::new();
+        for entry in self.desired.iter() {
+            let (key, value) = entry?;
+            let record: DesiredRecord = decode(Collection::Desired, &key, &value)?;
+            if record.revision > after {
+                backlog.push(DesiredUpdate {
+                    node_id: String::from_utf8_lossy(&key).into_owned(),
+                    revision: record.revision,
+                    record: Some(record),
+                });
+            }
+        }
+        backlog.sort_by_key(|change| change.revision);
+        Ok(DesiredWatch::new(backlog, live, after))
+    }
+}
+
+#[async_trait]
+impl DeploymentRecords for SledStore {
+    fn put_deployment_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError> {
+        self.deployments.insert(id.as_bytes(), record)?;
+        Ok(())
+    }
+
+    fn list_deployment_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        scan_bytes(&self.deployments)
+    }
+
+    async fn put_pipeline_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError> {
+        self.pipelines.insert(id.as_bytes(), record)?;
+        self.flush().await
+    }
+
+    fn list_pipeline_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        scan_bytes(&self.pipelines)
+    }
+
+    async fn flush_deployments(&self) -> Result<(), StoreError> {
+        self.flush().await
+    }
+}
+
+impl Storage for SledStore {
+    fn log(&self, name: LogName) -> Result<Arc<dyn SeqLog>, StoreError> {
+        Ok(match name {
+            LogName::Events => self.events.clone(),
+            LogName::Audit => self.audit.clone(),
+        })
+    }
+}
+
+/// A sequence log in a tree keyed by the big-endian sequence number, so key
+/// order is sequence order.
+struct SledLog {
+    tree: sled::Tree,
+}
+
+fn seq_of(key: &[u8]) -> u64 {
+    counter(Some(key))
+}
+
+impl SeqLog for SledLog {
+    fn append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(seq.to_be_bytes(), record)?;
+        Ok(())
+    }
+
+    fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .tree
+            .last()?
+            .map(|(key, value)| (seq_of(&key), value.to_vec())))
+    }
+
+    fn first_seq(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.tree.first()?.map(|(key, _)| seq_of(&key)))
+    }
+
+    fn count(&self) -> Result<u64, StoreError> {
+        Ok(self.tree.len() as u64)
+    }
+
+    fn range(&self, from: u64, direction: Direction) -> LogIter<'_> {
+        let range = self.tree.range(from.to_be_bytes()..);
+        let entry = |entry: sled::Result<(sled::IVec, sled::IVec)>| {
+            entry
+                .map(|(key, value)| (seq_of(&key), value.to_vec()))
+                .map_err(StoreError::from)
+        };
+        match direction {
+            Direction::Forward => Box::new(range.map(entry)),
+            Direction::Backward => Box::new(range.rev().map(entry)),
+        }
+    }
+
+    fn remove_through(&self, seq: u64) -> Result<u64, StoreError> {
+        let old: Vec<_> = self
+            .tree
+            .range(..=seq.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        let mut removed = 0;
+        for key in old {
+            if self.tree.remove(key)?.is_some() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    #[cfg(test)]
+    fn overwrite(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
+        self.append(seq, record)
+    }
+
+    #[cfg(test)]
+    fn remove(&self, seq: u64) -> Result<(), StoreError> {
+        self.tree.remove(seq.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use hotswap_common::labels::Labels;
+
+    /// The flush of a write made after the database directory was deleted
+    /// fails, so no caller acknowledges it; so does every later change.
+    #[tokio::test]
+    async fn a_write_after_the_database_was_deleted_is_never_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        let store = Store::open(&path, 1 << 20).expect("open");
+        store
+            .insert_token("a", &token(1, u64::MAX))
+            .await
+            .expect("before");
+        std::fs::remove_dir_all(&path).expect("rm -rf");
+        let err = store
+            .insert_token("b", &token(1, u64::MAX))
+            .await
+            .expect_err("acknowledged into a deleted database");
+        assert!(matches!(err, StoreError::Replaced(_)), "{err}");
+        assert!(
+            err.to_string().contains("was deleted while running"),
+            "{err}"
+        );
+        assert!(matches!(
+            store.ensure_writable(),
+            Err(StoreError::Replaced(_))
+        ));
+        assert!(!store.failure().is_some_and(|f| f.recovers_on_restart()));
+    }
+
+    /// A directory put back in place (a restore under a running process)
+    /// is another directory: the open database is not the one on disk.
+    #[tokio::test]
+    async fn a_replaced_database_directory_is_noticed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        let store = Store::open(&path, 1 << 20).expect("open");
+        std::fs::rename(&path, dir.path().join("moved")).expect("move");
+        std::fs::create_dir(&path).expect("new dir");
+        std::fs::write(path.join("db"), b"").expect("new file");
+        let err = store.check_identity().expect_err("replaced");
+        assert!(
+            err.to_string().contains("was replaced while running"),
+            "{err}"
+        );
+    }
+
+    fn set_version(version: &str) -> impl Fn(&mut DesiredRecord) -> bool + Send + Sync + '_ {
+        move |record: &mut DesiredRecord| {
+            let entry = record.modules.entry("hello".into()).or_default();
+            if entry.version == version {
+                return false;
+            }
+            entry.version = version.to_string();
+            true
+        }
+    }
+
+    /// Every desired-state write gets the next store-wide revision; a
+    /// write that changes nothing gets none.
+    #[tokio::test]
+    async fn desired_writes_get_increasing_revisions_that_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        {
+            let store = Store::open(&path, 1 << 20).expect("open");
+            let a = store
+                .update_desired("a", &set_version("1.0.0"))
+                .await
+                .expect("a");
+            let b = store
+                .update_desired("b", &set_version("1.0.0"))
+                .await
+                .expect("b");
+            let again = store
+                .update_desired("a", &set_version("1.0.0"))
+                .await
+                .expect("same");
+            let a2 = store
+                .update_desired("a", &set_version("2.0.0"))
+                .await
+                .expect("a2");
+            assert_eq!(
+                (a.revision, b.revision, again.revision, a2.revision),
+                (1, 2, 1, 3)
+            );
+            assert_eq!((a.generation, a2.generation), (1, 2));
+            assert_eq!(store.desired_revision().expect("revision"), 3);
+        }
+        let store = Store::open(&path, 1 << 20).expect("reopen");
+        assert_eq!(store.desired_revision().expect("revision"), 3);
+        let c = store
+            .update_desired("c", &set_version("1.0.0"))
+            .await
+            .expect("c");
+        assert_eq!(c.revision, 4);
+    }
+
+    /// A watch from revision r delivers every change after r exactly once,
+    /// in revision order: first what was already written, then live ones.
+    #[tokio::test]
+    async fn a_desired_watch_resumes_from_a_revision_without_gaps_or_repeats() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("state"), 1 << 20).expect("open");
+        for (node, version) in [("a", "1"), ("b", "1"), ("c", "1"), ("a", "2")] {
+            store
+                .update_desired(node, &set_version(version))
+                .await
+                .expect("write");
+        }
+        // Revisions: a=1 (then 4), b=2, c=3. After 2: c@3 and a@4.
+        let mut watch = store.watch_desired(2).expect("watch");
+        let writer = store.clone();
+        let live = tokio::spawn(async move {
+            writer
+                .update_desired("b", &set_version("2"))
+                .await
+                .expect("b2");
+            writer.remove_desired("c").await.expect("remove c");
+        });
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let change = tokio::time::timeout(std::time::Duration::from_secs(5), watch.next())
+                .await
+                .expect("a change within 5 s")
+                .expect("watch open");
+            let version = change
+                .record
+                .as_ref()
+                .map(|r| r.modules["hello"].version.clone());
+            seen.push((change.node_id, change.revision, version));
+        }
+        live.await.expect("writer");
+        assert_eq!(
+            seen,
+            vec![
+                ("c".to_string(), 3, Some("1".to_string())),
+                ("a".to_string(), 4, Some("2".to_string())),
+                ("b".to_string(), 5, Some("2".to_string())),
+                ("c".to_string(), 6, None),
+            ]
+        );
+    }
+
+    fn token(uses: u32, expires_at_ms: u64) -> TokenRecord {
+        TokenRecord {
+            created_at_ms: 0,
+            expires_at_ms,
+            uses_total: uses,
+            uses_left: uses,
+            labels: [("environment".to_string(), "qa".to_string())].into(),
+            created_by: "admin".into(),
+        }
+    }
+
+    fn node(id: &str, name: &str) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            name: name.into(),
+            labels: [
+                ("environment".to_string(), "dev".to_string()),
+                ("zone".to_string(), "a".to_string()),
+            ]
+            .into(),
+            forced_labels: Labels::new(),
+            enrolled_at_ms: 1,
+            cert_fingerprint: format!("sha256:{id}"),
+            cert_not_after_ms: 2,
+            last_seen_ms: None,
+            agent_version: "0.1.0".into(),
+            previous_cert_fingerprint: None,
+            previous_cert_not_after_ms: 0,
+            token_hash: String::new(),
+        }
+    }
+
+    /// Many callers flushing at once while enrollments run transactions: the
+    /// load under which concurrent `flush_async` calls once filled sled's I/O
+    /// pool and stopped every write. Every call must finish.
+    #[test]
+    fn concurrent_flushes_and_transactions_all_finish() {
+        // On a thread of its own: a deadlock blocks the runtime's threads,
+        // so only a watcher outside it can fail the test instead of hanging.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let nodes = runtime.block_on(async {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+                store
+                    .insert_token("h", &token(10_000, u64::MAX))
+                    .await
+                    .expect("token");
+                let mut tasks = tokio::task::JoinSet::new();
+                for i in 0..400 {
+                    let store = store.clone();
+                    tasks.spawn(async move {
+                        if i % 2 == 0 {
+                            store
+                                .enroll("h", 10, node(&format!("n{i}"), &format!("web-{i}")))
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        } else {
+                            store
+                                .put_node(&node(&format!("m{i}"), &format!("db-{i}")))
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                    });
+                }
+                while let Some(result) = tasks.join_next().await {
+                    result.expect("task").expect("write");
+                }
+                store.list_nodes().expect("list").len()
+            });
+            let _ = done.send(nodes);
+        });
+        let nodes = finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("every write finishes (a timeout here is the storage deadlocked)");
+        assert_eq!(nodes, 400);
+    }
+
+    #[tokio::test]
+    async fn enrollment_consumes_uses_and_forces_labels() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        store
+            .insert_token("h", &token(2, 1000))
+            .await
+            .expect("token");
+
+        let first = store
+            .enroll("h", 10, node("n1", "web-1"))
+            .await
+            .expect("first use");
+        assert_eq!(
+            first.labels.get("environment").map(String::as_str),
+            Some("qa"),
+            "token label wins"
+        );
+        assert_eq!(
+            first.labels.get("zone").map(String::as_str),
+            Some("a"),
+            "own label kept"
+        );
+
+        let taken = store
+            .enroll("h", 10, node("n2", "web-1"))
+            .await
+            .expect_err("same name");
+        assert!(
+            matches!(
+                taken,
+                EnrollError::Rejected(EnrollRejection::NameTaken { .. })
+            ),
+            "{taken}"
+        );
+        assert_eq!(
+            store
+                .get_token("h")
+                .expect("get")
+                .expect("exists")
+                .uses_left,
+            1,
+            "refusal consumed nothing"
+        );
+
+        store
+            .enroll("h", 10, node("n3", "web-3"))
+            .await
+            .expect("second use");
+        let used_up = store
+            .enroll("h", 10, node("n4", "web-4"))
+            .await
+            .expect_err("used up");
+        assert_eq!(
+            used_up.to_string(),
+            "join token rejected: all 2 uses are used up"
+        );
+        assert!(
+            store.get_node("n4").expect("get").is_none(),
+            "nothing created on refusal"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_and_expired_tokens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        store
+            .insert_token("h", &token(5, 1000))
+            .await
+            .expect("token");
+        let err = store
+            .enroll("nope", 10, node("n1", "a"))
+            .await
+            .expect_err("unknown");
+        assert_eq!(err.to_string(), "join token rejected: unknown token");
+        let err = store
+            .enroll("h", 1000, node("n1", "a"))
+            .await
+            .expect_err("expired");
+        assert!(
+            err.to_string()
+                .starts_with("join token rejected: expired at 1970-01-01T00:00:01"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn remove_frees_the_name_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        {
+            let store = Store::open(&path, 1 << 20).expect("open");
+            store
+                .insert_token("h", &token(3, u64::MAX))
+                .await
+                .expect("token");
+            store
+                .enroll("h", 10, node("n1", "a"))
+                .await
+                .expect("enroll");
+            store
+                .enroll("h", 10, node("n2", "b"))
+                .await
+                .expect("enroll");
+            let removed = store
+                .remove_node("n1")
+                .await
+                .expect("remove")
+                .expect("existed");
+            assert_eq!(removed.name, "a");
+        }
+        // sled's flusher thread may hold the file lock for a moment after
+        // the handle is dropped (a new process would not wait): retry briefly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let store = loop {
+            match Store::open(&path, 1 << 20) {
+                Ok(store) => break store,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
+        assert!(store.get_node("n1").expect("get").is_none());
+        assert_eq!(
+            store.node_id_by_name("b").expect("name"),
+            Some("n2".to_string())
+        );
+        store
+            .enroll("h", 10, node("n3", "a"))
+            .await
+            .expect("name is free again");
+    }
+}
