@@ -35,6 +35,33 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(error: crate::registry::RegistryError) -> Self {
+        use crate::registry::RegistryError as E;
+        let message = error.to_string();
+        match error {
+            E::EmptyQuery | E::AmbiguousPrefix { .. } => ApiError::InvalidArgument(message),
+            E::NotFound(_) | E::UnknownNode(_) => ApiError::NotFound(message),
+            E::Removed(_) | E::NotEnrolled(_) | E::StaleCertificate(_) => {
+                ApiError::PermissionDenied(message)
+            }
+            E::Storage(e) => ApiError::Storage(e),
+        }
+    }
+}
+
+impl From<crate::trust::TrustError> for ApiError {
+    fn from(error: crate::trust::TrustError) -> Self {
+        use crate::trust::TrustError as E;
+        match error {
+            E::Storage(e) => ApiError::Storage(e),
+            refused @ (E::Yanked(_) | E::Unsigned { .. }) => {
+                ApiError::FailedPrecondition(refused.to_string())
+            }
+        }
+    }
+}
+
 impl From<crate::roles::UnknownRole> for ApiError {
     fn from(error: crate::roles::UnknownRole) -> Self {
         ApiError::InvalidArgument(error.to_string())
@@ -90,6 +117,12 @@ impl From<ApiError> for Status {
                 Status::internal(message)
             }
         }
+    }
+}
+
+impl From<crate::registry::RegistryError> for Status {
+    fn from(err: crate::registry::RegistryError) -> Self {
+        ApiError::from(err).into()
     }
 }
 

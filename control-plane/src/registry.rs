@@ -16,13 +16,40 @@ use std::collections::VecDeque;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
 use crate::events::{Event, EventBudget, EventLog};
 use crate::metrics::Metrics;
-use crate::store::{DesiredModuleRecord, DesiredRecord, EnrollError, NodeRecord, Store};
+use crate::store::{
+    DesiredModuleRecord, DesiredRecord, EnrollError, NodeRecord, Store, StoreError,
+};
 use hotswap_common::status::FailureKind;
 
 /// A module's request metrics over one scrape interval.
+/// Why the registry refused or failed a call.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("node id or name must not be empty")]
+    EmptyQuery,
+    /// Nothing matches what the caller asked for (an id, name or prefix).
+    #[error("node {0:?} not found")]
+    NotFound(String),
+    /// A node named by id in a batch is not enrolled (removed meanwhile).
+    #[error("node {0} not found")]
+    UnknownNode(String),
+    #[error("node id prefix {prefix:?} matches {matches} nodes; give more characters")]
+    AmbiguousPrefix { prefix: String, matches: usize },
+    /// The node was removed while its session was being opened.
+    #[error("node {0} was removed")]
+    Removed(String),
+    #[error("node {0} is not enrolled (removed or unknown); enroll again with a new join token")]
+    NotEnrolled(String),
+    #[error(
+        "node {0} presented a certificate that is not its current one (replaced by a renewal, or expired)"
+    )]
+    StaleCertificate(String),
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MetricsWindow {
     pub request_rate: f64,
@@ -288,7 +315,7 @@ fn module_transitions(before: &[ModuleState], after: &[ModuleState]) -> Vec<Even
 }
 
 impl Registry {
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Result<Arc<Self>, ApiError> {
+    pub fn new(store: Store, metrics: Arc<Metrics>) -> Result<Arc<Self>, RegistryError> {
         let total = store.list_nodes()?.len() as u64;
         let store_for_events = store.clone();
         let (appended, stored) = (
@@ -477,7 +504,7 @@ impl Registry {
     }
 
     /// Every node, optionally only those of one environment, sorted by name.
-    pub fn list(&self, environment: Option<&str>) -> Result<Vec<NodeState>, ApiError> {
+    pub fn list(&self, environment: Option<&str>) -> Result<Vec<NodeState>, RegistryError> {
         let records = self.store.list_nodes()?;
         let live = self.lock_live();
         let mut nodes: Vec<NodeState> = records
@@ -494,12 +521,10 @@ impl Registry {
     }
 
     /// Find a node by id, name, or unique id prefix (at least 4 characters).
-    pub fn find(&self, query: &str) -> Result<NodeState, ApiError> {
+    pub fn find(&self, query: &str) -> Result<NodeState, RegistryError> {
         let query = query.trim();
         if query.is_empty() {
-            return Err(ApiError::InvalidArgument(
-                "node id or name must not be empty".into(),
-            ));
+            return Err(RegistryError::EmptyQuery);
         }
         let record = match self.store.get_node(query)? {
             Some(record) => record,
@@ -507,16 +532,16 @@ impl Registry {
                 Some(id) => self
                     .store
                     .get_node(&id)?
-                    .ok_or_else(|| ApiError::NotFound(format!("node {query:?} not found")))?,
+                    .ok_or_else(|| RegistryError::NotFound(query.to_string()))?,
                 None => self.find_by_prefix(query)?,
             },
         };
         Ok(self.state_of(record, &self.lock_live()))
     }
 
-    fn find_by_prefix(&self, prefix: &str) -> Result<NodeRecord, ApiError> {
+    fn find_by_prefix(&self, prefix: &str) -> Result<NodeRecord, RegistryError> {
         if prefix.len() < 4 {
-            return Err(ApiError::NotFound(format!("node {prefix:?} not found")));
+            return Err(RegistryError::NotFound(prefix.to_string()));
         }
         let mut matches: Vec<NodeRecord> = self
             .store
@@ -525,11 +550,12 @@ impl Registry {
             .filter(|r| r.id.starts_with(prefix))
             .collect();
         match matches.len() {
-            0 => Err(ApiError::NotFound(format!("node {prefix:?} not found"))),
+            0 => Err(RegistryError::NotFound(prefix.to_string())),
             1 => Ok(matches.remove(0)),
-            n => Err(ApiError::InvalidArgument(format!(
-                "node id prefix {prefix:?} matches {n} nodes; give more characters"
-            ))),
+            n => Err(RegistryError::AmbiguousPrefix {
+                prefix: prefix.to_string(),
+                matches: n,
+            }),
         }
     }
 
@@ -566,7 +592,7 @@ impl Registry {
         cert_fingerprint: &str,
         agent_labels: Labels,
         agent_version: &str,
-    ) -> Result<SessionHandle, ApiError> {
+    ) -> Result<SessionHandle, RegistryError> {
         let mut record = self.current_record(node_id, cert_fingerprint)?;
         let mut labels = agent_labels;
         labels.extend(record.forced_labels.clone());
@@ -590,9 +616,7 @@ impl Registry {
             let mut live = self.lock_live();
             // Between the check above and here the node may have been removed.
             if self.store.get_node(node_id)?.is_none() {
-                return Err(ApiError::PermissionDenied(format!(
-                    "node {node_id} was removed"
-                )));
+                return Err(RegistryError::Removed(node_id.to_string()));
             }
             let previous = live.insert(
                 node_id.to_string(),
@@ -639,16 +663,13 @@ impl Registry {
         &self,
         node_id: &str,
         cert_fingerprint: &str,
-    ) -> Result<NodeRecord, ApiError> {
-        let record = self.store.get_node(node_id)?.ok_or_else(|| {
-            ApiError::PermissionDenied(format!(
-                "node {node_id} is not enrolled (removed or unknown); enroll again with a new join token"
-            ))
-        })?;
+    ) -> Result<NodeRecord, RegistryError> {
+        let record = self
+            .store
+            .get_node(node_id)?
+            .ok_or_else(|| RegistryError::NotEnrolled(node_id.to_string()))?;
         if !record.accepts_certificate(cert_fingerprint, now_ms()) {
-            return Err(ApiError::PermissionDenied(format!(
-                "node {node_id} presented a certificate that is not its current one (replaced by a renewal, or expired)"
-            )));
+            return Err(RegistryError::StaleCertificate(node_id.to_string()));
         }
         Ok(record)
     }
@@ -662,7 +683,7 @@ impl Registry {
         presented_fingerprint: &str,
         new_fingerprint: String,
         new_not_after_ms: u64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), RegistryError> {
         let mut record = self.current_record(node_id, presented_fingerprint)?;
         let (previous, previous_not_after) = if presented_fingerprint == record.cert_fingerprint {
             (record.cert_fingerprint.clone(), record.cert_not_after_ms)
@@ -811,13 +832,13 @@ impl Registry {
         node_id: &str,
         module: &str,
         desired: Option<DesiredModuleRecord>,
-    ) -> Result<NodeState, ApiError> {
+    ) -> Result<NodeState, RegistryError> {
         let mut states = self
             .set_desired_modules(&[(node_id.to_string(), module.to_string(), desired)])
             .await?;
         states
             .pop()
-            .ok_or_else(|| ApiError::NotFound(format!("node {node_id} not found")))
+            .ok_or_else(|| RegistryError::UnknownNode(node_id.to_string()))
     }
 
     /// Several desired-state changes with one durable flush: every change is
@@ -826,9 +847,9 @@ impl Registry {
     pub async fn set_desired_modules(
         &self,
         changes: &[DesiredChange],
-    ) -> Result<Vec<NodeState>, ApiError> {
+    ) -> Result<Vec<NodeState>, RegistryError> {
         if let Some(missing) = self.missing_nodes(changes)?.first() {
-            return Err(ApiError::NotFound(format!("node {missing} not found")));
+            return Err(RegistryError::UnknownNode(missing.clone()));
         }
         let written = self.write_desired(changes)?;
         self.store.flush().await?;
@@ -837,7 +858,7 @@ impl Registry {
     }
 
     /// The nodes of `changes` that are not enrolled (removed meanwhile).
-    pub fn missing_nodes(&self, changes: &[DesiredChange]) -> Result<Vec<String>, ApiError> {
+    pub fn missing_nodes(&self, changes: &[DesiredChange]) -> Result<Vec<String>, RegistryError> {
         let mut missing = Vec::new();
         for (node_id, _, _) in changes {
             if !self.store.has_node(node_id)? {
@@ -851,7 +872,10 @@ impl Registry {
     /// without flushing, so a caller can make them durable with other writes
     /// in one flush. Nothing may be pushed before that flush; then
     /// [`Registry::push_desired`] with what this returned.
-    pub fn write_desired(&self, changes: &[DesiredChange]) -> Result<Vec<DesiredRecord>, ApiError> {
+    pub fn write_desired(
+        &self,
+        changes: &[DesiredChange],
+    ) -> Result<Vec<DesiredRecord>, RegistryError> {
         let mut records = Vec::with_capacity(changes.len());
         for (node_id, module, desired) in changes {
             let record =
@@ -888,7 +912,7 @@ impl Registry {
         &self,
         changes: &[DesiredChange],
         written: &[DesiredRecord],
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), RegistryError> {
         self.hand_over_desired(changes, written);
         if self.watched() {
             self.publish_states(changes)?;
@@ -915,7 +939,7 @@ impl Registry {
     }
 
     /// The states of the nodes of `changes`, each also told to watchers.
-    fn publish_states(&self, changes: &[DesiredChange]) -> Result<Vec<NodeState>, ApiError> {
+    fn publish_states(&self, changes: &[DesiredChange]) -> Result<Vec<NodeState>, RegistryError> {
         let mut states = Vec::with_capacity(changes.len());
         {
             let live = self.lock_live();
@@ -970,11 +994,11 @@ impl Registry {
 
     /// Remove a node: delete its record (its certificate is refused from now
     /// on) and end its session at once.
-    pub async fn remove(&self, query: &str) -> Result<NodeState, ApiError> {
+    pub async fn remove(&self, query: &str) -> Result<NodeState, RegistryError> {
         let state = self.find(query)?;
         let id = state.record.id.clone();
         let Some(removed_record) = self.store.remove_node(&id).await? else {
-            return Err(ApiError::NotFound(format!("node {query:?} not found")));
+            return Err(RegistryError::NotFound(query.to_string()));
         };
         self.events.append(
             Event::new(

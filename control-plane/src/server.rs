@@ -98,7 +98,9 @@ pub enum RunError {
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
-    Registry(#[from] crate::error::ApiError),
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("{0}")]
+    Engine(#[from] crate::error::ApiError),
     #[error("cannot open the audit log: {0}")]
     Audit(String),
     #[error("cannot complete an interrupted certificate rotation: {0}")]

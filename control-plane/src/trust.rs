@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 
 use hotswap_common::timefmt::rfc3339_from_ms;
 
-use crate::error::ApiError;
-use crate::store::{ArtifactRecord, KeyRecord, Store};
+use crate::store::{ArtifactRecord, KeyRecord, Store, StoreError};
 
 /// The key ids whose signatures on `artifact` count at `now_ms`, and why the
 /// others do not.
@@ -74,9 +73,9 @@ pub fn ensure_deployable(
     artifact: &ArtifactRecord,
     required: u32,
     now_ms: u64,
-) -> Result<(), ApiError> {
+) -> Result<(), TrustError> {
     if let Some(why) = yank_refusal(artifact) {
-        return Err(ApiError::FailedPrecondition(why));
+        return Err(TrustError::Yanked(why));
     }
     let keys = store.list_keys()?;
     let (valid, rejected) = valid_signers(artifact, &keys, now_ms);
@@ -84,11 +83,44 @@ pub fn ensure_deployable(
     if valid.len() >= required {
         return Ok(());
     }
+    Err(TrustError::Unsigned {
+        module: artifact.name.clone(),
+        version: artifact.version.clone(),
+        required,
+        valid: valid.len(),
+        rejected,
+    })
+}
+
+/// Why an artifact may not be deployed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// `module yank` marked the version bad (the message says who, when, why).
+    #[error("{0}")]
+    Yanked(String),
+    /// Too few distinct trusted keys hold an unexpired signature on it.
+    #[error("{}", unsigned_message(.module, .version, *.required, *.valid, .rejected))]
+    Unsigned {
+        module: String,
+        version: String,
+        required: usize,
+        valid: usize,
+        /// Why each signature that did not count was rejected.
+        rejected: Vec<String>,
+    },
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
+fn unsigned_message(
+    module: &str,
+    version: &str,
+    required: usize,
+    valid: usize,
+    rejected: &[String],
+) -> String {
     let mut why = format!(
-        "{}@{} cannot be deployed: it needs signatures from {required} distinct trusted key(s) and has {}",
-        artifact.name,
-        artifact.version,
-        valid.len()
+        "{module}@{version} cannot be deployed: it needs signatures from {required} distinct trusted key(s) and has {valid}"
     );
     if !rejected.is_empty() {
         why.push_str(&format!(" ({})", rejected.join("; ")));
@@ -96,7 +128,7 @@ pub fn ensure_deployable(
     if required > 1 {
         why.push_str("; add signatures with `hotswapctl module sign` and push again");
     }
-    Err(ApiError::FailedPrecondition(why))
+    why
 }
 
 #[cfg(test)]

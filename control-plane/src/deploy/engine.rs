@@ -183,6 +183,10 @@ pub enum CreateError {
     },
     #[error(transparent)]
     Api(#[from] ApiError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    NotDeployable(#[from] crate::trust::TrustError),
 }
 
 fn scope(selector: bool) -> &'static str {
@@ -197,6 +201,8 @@ impl From<CreateError> for ApiError {
     fn from(e: CreateError) -> Self {
         match e {
             CreateError::Api(api) => api,
+            CreateError::Registry(e) => e.into(),
+            CreateError::NotDeployable(e) => e.into(),
             other => ApiError::FailedPrecondition(other.to_string()),
         }
     }
@@ -759,7 +765,8 @@ impl Engine {
             }
             let written = self.registry.write_desired(&changes)?;
             self.registry.store().flush().await?;
-            self.registry.push_desired(&changes, &written)
+            self.registry.push_desired(&changes, &written)?;
+            Ok::<(), ApiError>(())
         };
         if let Err(e) = result.await {
             tracing::warn!(deployment = %record.id, error = %e, "desired-state changes failed");

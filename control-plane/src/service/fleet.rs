@@ -268,10 +268,16 @@ impl pb::fleet_server::Fleet for FleetService {
             .ctx
             .begin(&request, Permission::Admin, "nodes.remove", &node)
             .await?;
-        let result = self.ctx.registry.remove(&node).await.map(|state| {
-            tracing::info!(node = %state.record.id, name = %state.record.name, "node removed");
-            node_to_pb(&state)
-        });
+        let result = self
+            .ctx
+            .registry
+            .remove(&node)
+            .await
+            .map(|state| {
+                tracing::info!(node = %state.record.id, name = %state.record.name, "node removed");
+                node_to_pb(&state)
+            })
+            .map_err(ApiError::from);
         Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 

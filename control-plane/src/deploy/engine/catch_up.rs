@@ -413,6 +413,6 @@ impl Engine {
         changes.retain(|(node, _, _)| !missing.contains(node));
         let written = self.registry.write_desired(&changes)?;
         self.registry.store().flush().await?;
-        self.registry.push_desired(&changes, &written)
+        Ok(self.registry.push_desired(&changes, &written)?)
     }
 }
