@@ -170,16 +170,6 @@ pub struct CreateArgs {
     dry_run: bool,
 }
 
-/// How a verdict reads in plain output: failures stand out.
-pub(crate) fn verdict_word(v: &hotswap_common::model::VerdictView) -> &str {
-    match v.outcome.as_str() {
-        "failed" => "FAILED",
-        "" if !v.passed => "FAILED",
-        "" => "passed",
-        other => other,
-    }
-}
-
 pub(crate) fn convert(d: pb::Deployment) -> Result<DeploymentView, CliError> {
     DeploymentView::try_from(d)
         .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))
@@ -466,7 +456,7 @@ fn summary_line(d: &DeploymentView) -> String {
         line.push_str(&format!(
             "; analysis step {} {}: {}",
             v.step,
-            verdict_word(v),
+            output::verdict_word(v),
             v.summary
         ));
     }
@@ -560,7 +550,7 @@ fn print_deployment(d: &DeploymentView) {
         println!(
             "analysis step {}: {} ({})",
             v.step,
-            verdict_word(v),
+            output::verdict_word(v),
             v.summary
         );
     }

@@ -109,7 +109,7 @@ impl LiveView {
             let _ = self.multi.println(format!(
                 "analysis step {}: {}: {}",
                 verdict.step,
-                crate::deploy::verdict_word(verdict),
+                crate::output::verdict_word(verdict),
                 verdict.summary
             ));
         }

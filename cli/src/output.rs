@@ -131,6 +131,16 @@ pub fn print_json_line<T: Serialize>(value: &T) {
     }
 }
 
+/// How a verdict reads in plain output and the live view: failures stand out.
+pub fn verdict_word(v: &hotswap_common::model::VerdictView) -> &str {
+    match v.outcome.as_str() {
+        "failed" => "FAILED",
+        "" if !v.passed => "FAILED",
+        "" => "passed",
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

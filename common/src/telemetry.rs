@@ -1,6 +1,7 @@
-//! Distributed traces: the OTLP exporter behind [`crate::logging::init`] and
-//! the W3C trace-context helpers both daemons use to join one deployment's
-//! spans into one trace.
+//! Distributed traces: the OTLP exporter behind the log setup
+//! (`logging::init`) and the W3C trace-context helpers both daemons use to
+//! join one deployment's spans into one trace. This module knows nothing of
+//! the log setup; the dependency runs one way, logging to telemetry.
 //!
 //! Only spans with target [`TARGET`] are exported, so the traces hold exactly
 //! the steps of a deployment (control plane: deployment, wave, node command;

@@ -1,218 +1,21 @@
-//! The module manifest (`module.toml`): parsing it into a validated
-//! [`Manifest`], and expanding the `${NODE_NAME}`, `${NODE_LABEL_<key>}` and
-//! `${MODULE_DIR}` variables its values may contain.
-//!
-//! Validation happens once, at parse time, so that a bad manifest is rejected
-//! when it is published rather than on every node at deploy time. Values that
-//! contain variables are checked for syntax here but stored unexpanded: only a
-//! node knows its name, labels and module directory, so it calls [`expand`].
-//!
-//! The TOML is walked by hand as a `toml::Table` instead of deserialized with
-//! serde, so that every error names the full dotted key
-//! (`process.sockets[1].listen`) and the first error is deterministic.
+//! Parsing `module.toml` into a validated [`Manifest`]: the TOML is walked
+//! by hand as a `toml::Table` instead of deserialized with serde, so that
+//! every error names the full dotted key (`process.sockets[1].listen`) and
+//! the first error is deterministic.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use toml::{Table, Value};
 
+use super::types::{
+    BundleSpec, HealthCheck, HealthSpec, Manifest, ManifestError, MetricsSpec, ProcessSpec,
+    Runtime, SIGNALS, SocketSpec, StopSignal, SwapStrategy,
+};
+use super::vars;
 use crate::timefmt::parse_duration;
-
-/// File name of the manifest at the root of a module directory.
-pub const MANIFEST_FILE: &str = "module.toml";
-
-/// A parsed and validated module manifest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Manifest {
-    pub name: String,
-    pub version: semver::Version,
-    pub runtime: Runtime,
-    pub description: Option<String>,
-    /// `Some` exactly when `runtime` is [`Runtime::Process`].
-    pub process: Option<ProcessSpec>,
-    /// `Some` exactly when `runtime` is [`Runtime::Bundle`]; an absent
-    /// `[bundle]` table gives the default (no hooks).
-    pub bundle: Option<BundleSpec>,
-    pub health: Option<HealthSpec>,
-    pub metrics: Option<MetricsSpec>,
-}
-
-/// How a module runs on a node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Runtime {
-    /// A supervised long-running process.
-    Process,
-    /// Files only; swapping flips a symlink, optionally with hooks.
-    Bundle,
-}
-
-impl Runtime {
-    /// The manifest spelling: `"process"` or `"bundle"`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Runtime::Process => "process",
-            Runtime::Bundle => "bundle",
-        }
-    }
-}
-
-impl fmt::Display for Runtime {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The `[process]` section.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcessSpec {
-    /// Program and arguments; a relative program resolves inside the module dir.
-    pub command: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    pub swap: SwapStrategy,
-    pub stop_signal: StopSignal,
-    pub stop_timeout: Duration,
-    /// Agent-owned listeners, passed to the process as fds 3.. in this order.
-    pub sockets: Vec<SocketSpec>,
-}
-
-/// Order of starting the new process and stopping the old one during a swap.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SwapStrategy {
-    /// Start the new version, wait until healthy, then stop the old one.
-    StartFirst,
-    /// Stop the old version first (for modules that cannot run twice).
-    StopFirst,
-}
-
-impl SwapStrategy {
-    /// The manifest spelling: `"start-first"` or `"stop-first"`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            SwapStrategy::StartFirst => "start-first",
-            SwapStrategy::StopFirst => "stop-first",
-        }
-    }
-}
-
-/// A signal a process may be stopped with, by canonical name and Linux number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StopSignal {
-    pub name: &'static str,
-    pub number: i32,
-}
-
-/// Signals a manifest may name; numbers are the Linux ones, the only platform
-/// agents run on.
-const SIGNALS: [StopSignal; 7] = [
-    StopSignal {
-        name: "SIGTERM",
-        number: 15,
-    },
-    StopSignal {
-        name: "SIGINT",
-        number: 2,
-    },
-    StopSignal {
-        name: "SIGQUIT",
-        number: 3,
-    },
-    StopSignal {
-        name: "SIGHUP",
-        number: 1,
-    },
-    StopSignal {
-        name: "SIGUSR1",
-        number: 10,
-    },
-    StopSignal {
-        name: "SIGUSR2",
-        number: 12,
-    },
-    StopSignal {
-        name: "SIGKILL",
-        number: 9,
-    },
-];
-
-impl StopSignal {
-    /// SIGTERM, the default stop signal.
-    pub const TERM: StopSignal = SIGNALS[0];
-
-    /// Look up `SIGTERM` or `TERM` (upper case only) and friends.
-    pub fn parse(text: &str) -> Option<StopSignal> {
-        let bare = text.strip_prefix("SIG").unwrap_or(text);
-        SIGNALS.into_iter().find(|s| s.name.get(3..) == Some(bare))
-    }
-}
-
-/// One `[[process.sockets]]` entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SocketSpec {
-    pub name: String,
-    /// `ip:port`, possibly with `${...}` variables (e.g. a port from a node
-    /// label); literal addresses are checked here, templated ones on the node.
-    pub listen: String,
-}
-
-impl SocketSpec {
-    /// The address, when `listen` has no variables.
-    pub fn literal_addr(&self) -> Option<SocketAddr> {
-        self.listen.parse().ok()
-    }
-}
-
-/// The `[bundle]` section.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BundleSpec {
-    /// Runs after the flip; failure flips back.
-    pub activate: Option<Vec<String>>,
-    pub deactivate: Option<Vec<String>>,
-}
-
-/// The `[health]` section.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthSpec {
-    pub check: HealthCheck,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub healthy_threshold: u32,
-    pub unhealthy_threshold: u32,
-    pub start_timeout: Duration,
-}
-
-/// What a health probe does.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HealthCheck {
-    /// GET this URL; 2xx is healthy.
-    Http(String),
-    /// Connect to this `host:port`.
-    Tcp(String),
-    /// Run this command; exit status 0 is healthy.
-    Exec(Vec<String>),
-}
-
-/// The `[metrics]` section: where to scrape and which series to read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MetricsSpec {
-    pub prometheus: String,
-    pub requests_total: String,
-    pub errors_total: String,
-    pub latency_seconds: String,
-}
-
-/// A manifest that cannot be read, parsed or validated.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-#[error("{file}: {key}: {reason}")]
-pub struct ManifestError {
-    /// The manifest file, as given by the caller.
-    pub file: String,
-    /// Full dotted key, e.g. `process.sockets[1].listen`; `-` for the whole file.
-    pub key: String,
-    pub reason: String,
-}
 
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -234,8 +37,6 @@ const MAX_SOCKETS: usize = 16;
 const RESERVED_ENV: [&str; 3] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
 const RESERVED_ENV_PREFIX: &str = "HOTSWAP_";
 
-const ALLOWED_VARS: &str = "allowed: ${NODE_NAME}, ${NODE_LABEL_<key>}, ${MODULE_DIR}";
-
 /// Parse and validate manifest text. `file` is only used in error messages
 /// (e.g. `"hello/module.toml"`).
 pub fn parse_manifest(file: &str, text: &str) -> Result<Manifest, ManifestError> {
@@ -256,83 +57,6 @@ pub fn load_manifest(path: &Path) -> Result<Manifest, ManifestError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| error(&file, "-", format!("cannot read manifest: {e}")))?;
     parse_manifest(&file, &text)
-}
-
-/// What a node substitutes for manifest variables.
-#[derive(Clone, Copy, Debug)]
-pub struct Vars<'a> {
-    pub node_name: &'a str,
-    pub labels: &'a BTreeMap<String, String>,
-    pub module_dir: &'a str,
-}
-
-/// Expand `${NODE_NAME}`, `${NODE_LABEL_<key>}` and `${MODULE_DIR}` in one
-/// value. Unknown variables, labels the node does not have and an
-/// unterminated `${` are errors. A `$` not followed by `{` is kept as is, and
-/// `$$` is not an escape.
-pub fn expand(value: &str, vars: &Vars<'_>) -> Result<String, String> {
-    let mut out = String::with_capacity(value.len());
-    for piece in pieces(value)? {
-        match piece {
-            Piece::Text(text) => out.push_str(text),
-            Piece::NodeName => out.push_str(vars.node_name),
-            Piece::ModuleDir => out.push_str(vars.module_dir),
-            Piece::Label(key) => match vars.labels.get(key) {
-                Some(label) => out.push_str(label),
-                None => {
-                    return Err(format!(
-                        "node has no label {key:?} (used by ${{NODE_LABEL_{key}}})"
-                    ));
-                }
-            },
-        }
-    }
-    Ok(out)
-}
-
-/// A literal run or a variable of a manifest value.
-enum Piece<'s> {
-    Text(&'s str),
-    NodeName,
-    ModuleDir,
-    Label(&'s str),
-}
-
-/// Split a value into literal text and variables, rejecting bad variables.
-/// Shared by parse-time validation and [`expand`] so both agree exactly.
-fn pieces(value: &str) -> Result<Vec<Piece<'_>>, String> {
-    let mut out = Vec::new();
-    let mut rest = value;
-    while let Some(start) = rest.find("${") {
-        if start > 0 {
-            out.push(Piece::Text(&rest[..start]));
-        }
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            return Err(format!("unterminated \"${{\" in {value:?}: missing \"}}\""));
-        };
-        let name = &after[..end];
-        let piece = match name {
-            "NODE_NAME" => Piece::NodeName,
-            "MODULE_DIR" => Piece::ModuleDir,
-            _ => match name.strip_prefix("NODE_LABEL_") {
-                Some(key) => {
-                    // A key that can never be a label would only fail later,
-                    // on every node; catch the typo at publish time instead.
-                    crate::labels::validate_label(key, "")
-                        .map_err(|e| format!("invalid variable ${{{name}}}: {e}"))?;
-                    Piece::Label(key)
-                }
-                None => return Err(format!("unknown variable ${{{name}}}; {ALLOWED_VARS}")),
-            },
-        };
-        out.push(piece);
-        rest = &after[end + 1..];
-    }
-    if !rest.is_empty() {
-        out.push(Piece::Text(rest));
-    }
-    Ok(out)
 }
 
 fn error(file: &str, key: impl Into<String>, reason: impl Into<String>) -> ManifestError {
@@ -651,7 +375,7 @@ fn as_str<'v>(file: &str, key: &str, value: &'v Value) -> Result<&'v str, Manife
 }
 
 fn check_vars(file: &str, key: &str, value: &str) -> Result<(), ManifestError> {
-    pieces(value).map(drop).map_err(|r| error(file, key, r))
+    vars::check_syntax(value).map_err(|r| error(file, key, r))
 }
 
 /// A non-empty array of non-empty strings (a command line).
@@ -1053,6 +777,7 @@ fn parse_metrics(s: &Section<'_>) -> Result<MetricsSpec, ManifestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::types::MANIFEST_FILE;
     use proptest::prelude::*;
 
     const HEAD_P: &str = "name = \"hello\"\nversion = \"1.2.0\"\nruntime = \"process\"\n";
@@ -1306,9 +1031,6 @@ exec = ["bin/check.sh", "--quick"]
                 assert_eq!(signal.number, number);
             }
         }
-        assert_eq!(StopSignal::parse("sigterm"), None);
-        assert_eq!(StopSignal::parse("SIG"), None);
-        assert_eq!(StopSignal::parse(""), None);
     }
 
     #[test]
@@ -2028,53 +1750,6 @@ exec = ["bin/check.sh", "--quick"]
     }
 
     #[test]
-    fn expand_variables() {
-        let labels = BTreeMap::from([
-            ("zone".to_string(), "eu-1".to_string()),
-            ("rack.id".to_string(), "r7".to_string()),
-        ]);
-        let vars = Vars {
-            node_name: "node-a",
-            labels: &labels,
-            module_dir: "/var/lib/hotswap/modules/hello",
-        };
-        assert_eq!(expand("plain", &vars), Ok("plain".to_string()));
-        assert_eq!(expand("", &vars), Ok(String::new()));
-        assert_eq!(expand("${NODE_NAME}", &vars), Ok("node-a".to_string()));
-        assert_eq!(
-            expand("${MODULE_DIR}/bin/x", &vars),
-            Ok("/var/lib/hotswap/modules/hello/bin/x".to_string())
-        );
-        assert_eq!(
-            expand(
-                "${NODE_NAME}@${NODE_LABEL_zone}/${NODE_LABEL_rack.id}",
-                &vars
-            ),
-            Ok("node-a@eu-1/r7".to_string())
-        );
-        // A lone "$" and "$$" are literal.
-        assert_eq!(
-            expand("$HOME $ $$ a$", &vars),
-            Ok("$HOME $ $$ a$".to_string())
-        );
-        assert_eq!(expand("$${NODE_NAME}", &vars), Ok("$node-a".to_string()));
-        // "}" without "${" is literal too.
-        assert_eq!(expand("{}}", &vars), Ok("{}}".to_string()));
-
-        let err = expand("${NODE_LABEL_region}", &vars).expect_err("missing label");
-        assert!(err.contains("node has no label \"region\""), "{err}");
-        let err = expand("x ${FOO} y", &vars).expect_err("unknown");
-        assert!(err.contains("unknown variable ${FOO}"), "{err}");
-        assert!(err.contains("allowed: ${NODE_NAME}"), "{err}");
-        let err = expand("${node_name}", &vars).expect_err("case matters");
-        assert!(err.contains("unknown variable ${node_name}"), "{err}");
-        let err = expand("a ${NODE_NAME", &vars).expect_err("unterminated");
-        assert!(err.contains("unterminated"), "{err}");
-        let err = expand("${NODE_NAME}${", &vars).expect_err("unterminated");
-        assert!(err.contains("unterminated"), "{err}");
-    }
-
-    #[test]
     fn load_missing_file_names_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nope").join(MANIFEST_FILE);
@@ -2153,13 +1828,6 @@ exec = ["bin/check.sh", "--quick"]
             let m = parse_manifest("prop", &text).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(&m.name, &name);
             prop_assert_eq!(m.version.to_string(), version);
-        }
-
-        #[test]
-        fn expand_without_variables_is_identity(text in "[^{]*") {
-            let labels = BTreeMap::new();
-            let vars = Vars { node_name: "n", labels: &labels, module_dir: "/m" };
-            prop_assert_eq!(expand(&text, &vars), Ok(text.clone()));
         }
     }
 }

@@ -1,0 +1,377 @@
+//! The control plane under test: `init`, start and stop, its settings,
+//! `hotswapctl` runs against it, and gRPC channels for a test's own calls.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
+
+use hotswap_common::profile::Profile;
+use serde_json::Value;
+
+use crate::daemon::{CtlOutput, Daemon, binary, eventually, http_get};
+
+/// Settings file used by tests: fast heartbeats so disconnects show quickly.
+/// Settings every test control plane starts with: quick heartbeats, and
+/// operator rate limits out of the way of suites that deploy many times a
+/// minute with one admin (a test of the limits sets its own).
+pub const FAST_SETTINGS: &str = "heartbeat_interval = \"200ms\"\nheartbeat_grace = \"2s\"\nshutdown_timeout = \"5s\"\noperator_writes_per_minute = 100000\noperator_writes_burst = 100000\ndeployments_per_minute = 100000\ndeployments_burst = 100000\n";
+
+/// [`FAST_SETTINGS`] less the keys `extra` sets, then `extra`.
+fn settings_with(extra: &str) -> String {
+    let key = |line: &str| {
+        line.split('=')
+            .next()
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let overridden: Vec<String> = extra
+        .lines()
+        .filter(|l| l.contains('=') && !l.trim_start().starts_with('['))
+        .map(key)
+        .collect();
+    let base: String = FAST_SETTINGS
+        .lines()
+        .filter(|l| !overridden.contains(&key(l)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    format!("{base}{extra}")
+}
+
+/// A control plane with its own data directory.
+pub struct ControlPlane {
+    pub data_dir: PathBuf,
+    pub(crate) work: PathBuf,
+    daemon: Option<Daemon>,
+    pub grpc: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    starts: u32,
+    /// Extra environment for this control plane's next starts.
+    env: Vec<(String, String)>,
+}
+
+impl ControlPlane {
+    /// `init` a new data dir under `work`.
+    pub fn init(work: &Path) -> Self {
+        Self::init_with_settings(work, "")
+    }
+
+    /// As [`ControlPlane::init`], with extra lines for the settings file.
+    pub fn init_with_settings(work: &Path, extra: &str) -> Self {
+        let data_dir = work.join("cp");
+        let output = Command::new(binary("hotswap-control-plane"))
+            .args(["init", "--data-dir"])
+            .arg(&data_dir)
+            .output()
+            .expect("run init");
+        assert!(
+            output.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::write(work.join("cp.toml"), settings_with(extra)).expect("write settings");
+        Self {
+            data_dir,
+            work: work.to_path_buf(),
+            daemon: None,
+            grpc: None,
+            admin: None,
+            starts: 0,
+            env: Vec::new(),
+        }
+    }
+
+    /// Set `name=value` in the environment of this control plane from its
+    /// next start on (e.g. `LD_PRELOAD` of libfaketime in the chaos suite).
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(n, _)| n != name);
+        self.env.push((name.to_string(), value.to_string()));
+    }
+
+    /// Start (or restart) `run`. Restarts reuse the first gRPC port, so
+    /// agents find the control plane where they left it.
+    pub fn start(&mut self) {
+        self.start_with_args(&[]);
+    }
+
+    /// As [`ControlPlane::start`], with extra flags for `run`.
+    pub fn start_with_args(&mut self, extra: &[&str]) {
+        assert!(self.daemon.is_none(), "control plane already running");
+        let addresses = self.data_dir.join("run/addresses.json");
+        let _ = std::fs::remove_file(&addresses);
+        let listen = self
+            .grpc
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "127.0.0.1:0".into());
+        self.starts += 1;
+        let mut command = Command::new(binary("hotswap-control-plane"));
+        command
+            .args(["run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                &listen,
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(self.work.join("cp.toml"))
+            .args(extra)
+            .envs(self.env.iter().cloned());
+        let log = self.work.join(format!("cp-{}.log", self.starts));
+        let mut daemon = Daemon::spawn("control plane", command, log);
+        let parsed: Value = eventually("control plane to publish its addresses", || {
+            if let Some(status) = daemon.exited() {
+                panic!(
+                    "control plane exited early with {status}:\n{}",
+                    daemon.log_text()
+                );
+            }
+            let text = std::fs::read_to_string(&addresses).map_err(|e| e.to_string())?;
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        });
+        self.grpc = Some(
+            parsed["grpc"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("grpc address"),
+        );
+        self.admin = Some(
+            parsed["admin"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("admin address"),
+        );
+        self.daemon = Some(daemon);
+    }
+
+    /// Run `run` (with extra flags) expecting it to refuse to start: waits
+    /// for its exit and returns the status and its output.
+    pub fn start_refused(&mut self, extra: &[&str]) -> (ExitStatus, String) {
+        assert!(self.daemon.is_none(), "control plane already running");
+        self.starts += 1;
+        let mut command = Command::new(binary("hotswap-control-plane"));
+        command
+            .args(["run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(self.work.join("cp.toml"))
+            .args(extra)
+            .envs(self.env.iter().cloned());
+        let log = self.work.join(format!("cp-{}.log", self.starts));
+        let mut daemon = Daemon::spawn("control plane", command, log);
+        let status = daemon.wait_exit();
+        (status, daemon.log_text())
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.grpc.expect("control plane started"))
+    }
+
+    pub fn admin_profile(&self) -> PathBuf {
+        self.data_dir.join("admin.profile.toml")
+    }
+
+    /// SIGTERM and assert a clean exit.
+    pub fn stop(&mut self) {
+        let status = self.daemon.as_mut().expect("running").stop();
+        assert!(status.success(), "control plane exited with {status}");
+        self.daemon = None;
+    }
+
+    /// SIGKILL: no cleanup at all.
+    pub fn kill(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.kill();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
+    }
+
+    /// Run `hotswapctl` with the admin profile against this control plane.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        self.ctl_with_profile(&self.admin_profile(), args)
+    }
+
+    pub fn ctl_with_profile(&self, profile: &Path, args: &[&str]) -> CtlOutput {
+        let output = self
+            .ctl_command(profile, &self.url(), args)
+            .output()
+            .expect("run hotswapctl");
+        CtlOutput::from(output)
+    }
+
+    /// The `hotswapctl` command for `args` with `profile` against
+    /// `endpoint` (this control plane's URL, or a proxy's), not started.
+    pub fn ctl_command(&self, profile: &Path, endpoint: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("hotswapctl"));
+        command
+            .arg("--profile")
+            .arg(profile)
+            .args(["--endpoint", endpoint])
+            .args(args)
+            .env("NO_COLOR", "1");
+        command
+    }
+
+    /// A profile for another operator, signed by this control plane's CA
+    /// (what `users create` will do over the API).
+    pub fn operator_profile(&self, user: &str) -> PathBuf {
+        self.user_profile(user, "admin")
+    }
+
+    /// `users create USER --role ROLE` with the admin profile; returns the
+    /// written profile.
+    pub fn user_profile(&self, user: &str, role: &str) -> PathBuf {
+        let path = self.work.join(format!("{user}.profile.toml"));
+        let out = path.to_str().expect("utf-8 path");
+        let created = self.ctl(&["users", "create", user, "--role", role, "--out", out]);
+        assert_eq!(created.code, 0, "users create {user}: {created:?}");
+        path
+    }
+
+    /// A profile with a certificate minted straight from the CA, bypassing
+    /// the user table (what a stolen CA key could produce).
+    pub fn unregistered_profile(&self, user: &str) -> PathBuf {
+        use hotswap_common::pki::{CertificateAuthority, Principal};
+        let read = |f: &str| std::fs::read_to_string(self.data_dir.join(f)).expect("ca file");
+        let ca = CertificateAuthority::from_pem(&read("ca.crt"), &read("ca.key")).expect("ca");
+        let issued = ca
+            .issue_client_with_new_key(
+                &Principal::User(user.to_string()),
+                Duration::from_secs(3600),
+            )
+            .expect("issue");
+        let profile = Profile {
+            endpoint: self.url(),
+            ca_cert: read("ca.crt"),
+            client_cert: issued.cert_pem,
+            client_key: issued.key_pem,
+        };
+        let path = self.work.join(format!("{user}.minted.profile.toml"));
+        profile.save(&path).expect("save profile");
+        path
+    }
+
+    /// Create a join token; returns `(token, ca_fingerprint)`.
+    pub fn token(&self, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["-o", "json", "tokens", "create"];
+        args.extend_from_slice(extra);
+        let json = self.ctl(&args).json();
+        (
+            json["token"].as_str().expect("token").to_string(),
+            json["ca_fingerprint"]
+                .as_str()
+                .expect("fingerprint")
+                .to_string(),
+        )
+    }
+
+    /// `nodes list -o json`.
+    pub fn nodes(&self) -> Vec<Value> {
+        match self.ctl(&["-o", "json", "nodes", "list"]).json() {
+            Value::Array(nodes) => nodes,
+            other => panic!("nodes list is not an array: {other}"),
+        }
+    }
+
+    /// Status of the node named `name`, if listed.
+    pub fn node_status(&self, name: &str) -> Option<String> {
+        self.nodes()
+            .into_iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["status"].as_str().unwrap_or_default().to_string())
+    }
+
+    pub fn wait_status(&self, name: &str, status: &str) {
+        eventually(&format!("node {name} to be {status}"), || {
+            match self.node_status(name) {
+                Some(s) if s == status => Ok(()),
+                other => Err(format!("status is {other:?}")),
+            }
+        });
+    }
+
+    /// GET a path on the admin endpoint; returns `(status code, body)`.
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin.expect("started"), path)
+    }
+}
+
+/// Run `hotswapctl` without a control plane (offline commands).
+pub fn ctl_offline(args: &[&str]) -> CtlOutput {
+    CtlOutput::from(
+        Command::new(binary("hotswapctl"))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run hotswapctl"),
+    )
+}
+
+impl ControlPlane {
+    /// Pid of the running control plane (from `run/addresses.json`).
+    pub fn pid(&self) -> u32 {
+        self.daemon
+            .as_ref()
+            .and_then(|d| d.child.as_ref())
+            .map_or(0, Child::id)
+    }
+}
+
+impl ControlPlane {
+    /// One sample of `name` (with its labels, as `/metrics` prints them)
+    /// from the control plane's `/metrics`; panics when it is missing.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (code, metrics) = self.admin_get("/metrics");
+        assert_eq!(code, 200, "{metrics}");
+        metrics
+            .lines()
+            .find(|l| l.rsplit_once(' ').map(|(n, _)| n) == Some(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    }
+}
+
+/// A current-thread tokio runtime for a test's own gRPC calls.
+pub fn runtime() -> tokio::runtime::Runtime {
+    hotswap_common::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A lazy mTLS channel to `url` with the CA and client certificate of the
+/// profile at `profile` (an operator's, or a node's from `Agent::node_profile`).
+pub fn channel_for(profile: &Path, url: &str) -> tonic::transport::Channel {
+    use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
+    let profile = Profile::load(profile).expect("profile");
+    let config = tls::client_config(
+        ServerTrust::Ca(profile.ca_cert.clone()),
+        Some(ClientIdentity {
+            cert_pem: &profile.client_cert,
+            key_pem: &profile.client_key,
+        }),
+    )
+    .expect("tls config");
+    tls::connect_lazy(
+        &ControlPlaneUrl::parse(url).expect("url"),
+        config,
+        &Default::default(),
+    )
+    .expect("channel")
+}

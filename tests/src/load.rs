@@ -1,0 +1,182 @@
+//! Load and content: a continuous HTTP load on a module, the agent
+//! simulator (`hotswap-agent simulate`), module directories and large
+//! incompressible files.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
+
+use crate::control_plane::ControlPlane;
+use crate::daemon::{Daemon, binary, tail};
+
+/// Write a bundle module directory with a manifest and a payload file.
+pub fn write_module(dir: &Path, name: &str, version: &str, payload: &[u8]) {
+    std::fs::create_dir_all(dir).expect("module dir");
+    std::fs::write(
+        dir.join("module.toml"),
+        format!("name = \"{name}\"\nversion = \"{version}\"\nruntime = \"bundle\"\n"),
+    )
+    .expect("manifest");
+    std::fs::write(dir.join("data.bin"), payload).expect("payload");
+}
+
+/// Write `len` bytes of incompressible pseudo-random data to `path`, a
+/// megabyte at a time (xorshift64: fast, and nothing for zstd to find).
+pub fn write_pseudo_random(path: &Path, len: u64, seed: u64) {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(File::create(path).expect("create random file"));
+    let mut state = seed | 1;
+    let mut block = vec![0u8; 1024 * 1024];
+    let mut left = len;
+    while left > 0 {
+        for word in block.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        let n = left.min(block.len() as u64) as usize;
+        out.write_all(&block[..n]).expect("write random file");
+        left -= n as u64;
+    }
+    out.flush().expect("write random file");
+}
+
+/// Continuous HTTP load: one new connection per request, counting failures.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<LoadStats>>,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadStats {
+    pub ok: u64,
+    pub failures: Vec<String>,
+    /// Versions seen in `x-hello-version`, in order of first appearance.
+    pub versions: Vec<String>,
+}
+
+impl Load {
+    pub fn start(port: u16) -> Self {
+        use std::io::{Read, Write};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut stats = LoadStats::default();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let result = (|| -> Result<String, String> {
+                    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+                        .map_err(|e| format!("connect: {e}"))?;
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .map_err(|e| e.to_string())?;
+                    stream
+                        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                        .map_err(|e| format!("write: {e}"))?;
+                    let mut response = String::new();
+                    stream
+                        .read_to_string(&mut response)
+                        .map_err(|e| format!("read: {e}"))?;
+                    if !response.starts_with("HTTP/1.1 200") {
+                        return Err(format!(
+                            "response: {:?}",
+                            response.lines().next().unwrap_or("<empty>")
+                        ));
+                    }
+                    Ok(response
+                        .lines()
+                        .find_map(|l| l.strip_prefix("x-hello-version: "))
+                        .unwrap_or("?")
+                        .trim()
+                        .to_string())
+                })();
+                match result {
+                    Ok(version) => {
+                        stats.ok += 1;
+                        if stats.versions.last() != Some(&version) {
+                            stats.versions.push(version);
+                        }
+                    }
+                    Err(e) => stats.failures.push(e),
+                }
+            }
+            stats
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn finish(mut self) -> LoadStats {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `hotswap-agent simulate`: many simulated agents in one process.
+pub struct Simulator {
+    daemon: Daemon,
+}
+
+impl Simulator {
+    /// Create a token with enough uses and start `count` simulated agents
+    /// with `labels` (e.g. `["environment=dev"]`) and extra flags.
+    pub fn start(
+        cp: &ControlPlane,
+        name: &str,
+        count: usize,
+        labels: &[&str],
+        extra: &[&str],
+    ) -> Self {
+        let uses = count.to_string();
+        let (token, fp) = cp.token(&["--uses", &uses]);
+        let mut command = Command::new(binary("hotswap-agent"));
+        command
+            .args(["simulate", "--count", &uses, "--control-plane", &cp.url()])
+            .args(["--join-token", &token, "--ca-fingerprint", &fp])
+            .args(["--name-prefix", name, "--stats-every", "1s"]);
+        for label in labels {
+            command.args(["--label", label]);
+        }
+        command.args(extra);
+        let log = cp.work.join(format!("simulate-{name}.log"));
+        Self {
+            daemon: Daemon::spawn(&format!("simulator {name}"), command, log),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.log_text()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.daemon.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// `Err` with its log's tail if the simulator has exited.
+    pub fn check_running(&mut self) -> Result<(), String> {
+        match self.daemon.exited() {
+            None => Ok(()),
+            Some(status) => Err(format!(
+                "simulator exited with {status}:\n{}",
+                tail(&self.daemon.log, 20)
+            )),
+        }
+    }
+
+    /// SIGTERM and a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.daemon.stop()
+    }
+}
