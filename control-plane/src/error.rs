@@ -3,6 +3,9 @@
 
 use tonic::Status;
 
+use crate::deploy::current::Downgrade;
+use crate::deploy::error::{ArtifactNotFound, ControlError, CreateError, NotFound, PipelineError};
+use crate::deploy::spec::{Field, SpecError};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,97 @@ pub enum ApiError {
 impl From<hotswap_common::ids::NameError> for ApiError {
     fn from(error: hotswap_common::ids::NameError) -> Self {
         ApiError::InvalidArgument(error.to_string())
+    }
+}
+
+/// The flag a user types for a deployment or pipeline option: the one
+/// place the domain's [`Field`] meets the command line's spelling.
+pub fn flag_name(field: Field) -> &'static str {
+    match field {
+        Field::BatchSize => "--batch-size",
+        Field::Steps => "--steps",
+        Field::StepDuration => "--step-duration",
+        Field::ManualPromote => "--manual-promote",
+        Field::AnalysisMinRequests => "--analysis-min-requests",
+        Field::AnalysisWarmup => "--analysis-warmup",
+        Field::PauseTimeout => "--pause-timeout",
+        Field::BakeTime => "--bake-time",
+        Field::MaxErrorRate => "--max-error-rate",
+        Field::MaxLatencyIncrease => "--max-latency-increase",
+        Field::MinHealthyTime => "--min-healthy-time",
+        Field::HealthDeadline => "--health-deadline",
+        Field::ProgressDeadline => "--progress-deadline",
+        Field::AllowDowngrade => "--allow-downgrade",
+        Field::PipelineEnd => "--to",
+    }
+}
+
+impl From<SpecError> for ApiError {
+    fn from(error: SpecError) -> Self {
+        ApiError::InvalidArgument(error.message(flag_name))
+    }
+}
+
+impl From<ArtifactNotFound> for ApiError {
+    fn from(error: ArtifactNotFound) -> Self {
+        ApiError::NotFound(format!(
+            "{error}; push it with `hotswapctl module push` first"
+        ))
+    }
+}
+
+impl From<Downgrade> for ApiError {
+    fn from(error: Downgrade) -> Self {
+        ApiError::FailedPrecondition(format!(
+            "{error}; pass {} to deploy the older version anyway",
+            flag_name(Field::AllowDowngrade)
+        ))
+    }
+}
+
+impl From<NotFound> for ApiError {
+    fn from(error: NotFound) -> Self {
+        ApiError::NotFound(error.to_string())
+    }
+}
+
+impl From<CreateError> for ApiError {
+    fn from(error: CreateError) -> Self {
+        match error {
+            CreateError::InvalidVersion { .. } => ApiError::InvalidArgument(error.to_string()),
+            CreateError::ArtifactNotFound(e) => e.into(),
+            CreateError::InvalidSpec(e) => e.into(),
+            CreateError::Downgrade(e) => e.into(),
+            CreateError::NoNodes { .. }
+            | CreateError::AllDisconnected { .. }
+            | CreateError::AlreadyActive { .. } => ApiError::FailedPrecondition(error.to_string()),
+            CreateError::NotDeployable(api) | CreateError::Backend(api) => api,
+        }
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(error: ControlError) -> Self {
+        match error {
+            ControlError::NotFound(e) => e.into(),
+            ControlError::Refused { .. } => ApiError::FailedPrecondition(error.to_string()),
+            ControlError::Backend(api) => api,
+        }
+    }
+}
+
+impl From<PipelineError> for ApiError {
+    fn from(error: PipelineError) -> Self {
+        match error {
+            PipelineError::ArtifactNotFound(e) => e.into(),
+            PipelineError::NotInPipeline { .. } => ApiError::InvalidArgument(format!(
+                "{} {error}",
+                flag_name(Field::PipelineEnd)
+            )),
+            PipelineError::NotDeployable { .. } => ApiError::FailedPrecondition(error.to_string()),
+            PipelineError::Downgrade(e) => e.into(),
+            PipelineError::Backend(api) => api,
+        }
     }
 }
 
@@ -86,6 +180,12 @@ impl From<ApiError> for Status {
                 Status::internal(message)
             }
         }
+    }
+}
+
+impl From<NotFound> for Status {
+    fn from(err: NotFound) -> Self {
+        ApiError::from(err).into()
     }
 }
 
