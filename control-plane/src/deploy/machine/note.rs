@@ -1,5 +1,5 @@
 //! What the deployment machine tells the engine happened in a step, as
-//! typed values: the engine derives stored events ([`timeline`](crate::deploy::timeline))
+//! typed values: the engine derives stored events (the timeline module)
 //! and spans from the variants, and logs their text.
 //!
 //! The text of each note (its `Display`) is what the events and logs said
