@@ -194,3 +194,108 @@ impl From<StoreError> for Status {
         ApiError::Storage(err).into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::machine::{Refusal, State};
+
+    fn check(error: impl Into<ApiError>, code: tonic::Code, message: &str) {
+        let status = Status::from(error.into());
+        assert_eq!((status.code(), status.message()), (code, message));
+    }
+
+    /// Deploy's errors reach the user with the codes and words they had
+    /// when the engine built API errors itself.
+    #[test]
+    fn deploy_errors_keep_their_codes_and_words() {
+        use tonic::Code;
+        check(
+            SpecError::MaxErrorRateOutOfRange { value: 1.5 },
+            Code::InvalidArgument,
+            "--max-error-rate 1.5 is not between 0 and 1",
+        );
+        check(
+            CreateError::InvalidSpec(SpecError::OnlyFor {
+                fields: &[Field::BatchSize],
+                strategy: "rolling",
+            }),
+            Code::InvalidArgument,
+            "--batch-size applies to the rolling strategy only",
+        );
+        check(
+            CreateError::InvalidVersion {
+                version: "x".into(),
+                reason: "unexpected character 'x' while parsing major version number".into(),
+            },
+            Code::InvalidArgument,
+            "version \"x\" is not semver: unexpected character 'x' while parsing major version number",
+        );
+        check(
+            CreateError::ArtifactNotFound(ArtifactNotFound {
+                module: "web".into(),
+                version: "9.9.9".into(),
+            }),
+            Code::NotFound,
+            "artifact web@9.9.9 not found; push it with `hotswapctl module push` first",
+        );
+        let downgrade = Downgrade {
+            module: "web".into(),
+            version: "1.0.0".into(),
+            environment: "qa".into(),
+            current: "2.0.0".into(),
+            deployment_id: "d-1".into(),
+        };
+        let text = "web@1.0.0 is a downgrade: the current version of web in qa is 2.0.0 (deployment d-1); pass --allow-downgrade to deploy the older version anyway";
+        check(
+            CreateError::Downgrade(downgrade.clone()),
+            Code::FailedPrecondition,
+            text,
+        );
+        check(
+            PipelineError::Downgrade(downgrade),
+            Code::FailedPrecondition,
+            text,
+        );
+        check(
+            PipelineError::NotInPipeline {
+                environment: "moon".into(),
+                order: vec!["dev".into(), "qa".into()],
+            },
+            Code::InvalidArgument,
+            "--to \"moon\" is not in the pipeline (dev -> qa)",
+        );
+        check(
+            PipelineError::NotDeployable {
+                environment: "qa".into(),
+                error: ApiError::FailedPrecondition("web@2.0.0 was yanked".into()),
+            },
+            Code::FailedPrecondition,
+            "environment qa: web@2.0.0 was yanked",
+        );
+        check(
+            ControlError::NotFound(NotFound {
+                kind: "deployment",
+                id: "d-9".into(),
+            }),
+            Code::NotFound,
+            "deployment \"d-9\" not found",
+        );
+        check(
+            ControlError::Refused {
+                id: "d-1".into(),
+                refusal: Refusal::WrongState {
+                    what: "resume",
+                    state: State::Running,
+                },
+            },
+            Code::FailedPrecondition,
+            "deployment d-1: cannot resume a deployment that is running",
+        );
+        check(
+            ControlError::Backend(ApiError::Unavailable("store down".into())),
+            Code::Unavailable,
+            "store down",
+        );
+    }
+}

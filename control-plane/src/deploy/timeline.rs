@@ -127,3 +127,108 @@ pub fn deployment_events(
     events.extend(wave_notes.map(|note| event(Kind::Step, note)));
     events
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use crate::deploy::machine::{Control, Input};
+    use crate::deploy::spec::{CreateRequest, build};
+
+    fn record(environment: &str) -> (DeploymentRecord, Vec<Action>) {
+        let request = CreateRequest {
+            module: "web".into(),
+            version: "2.0.0".into(),
+            environment: environment.into(),
+            ..CreateRequest::default()
+        };
+        let spec = build(&request, &Settings::default(), "alice").expect("a valid spec");
+        let targets = vec![
+            ("n1".to_string(), "a".to_string(), "1.0.0".to_string()),
+            ("n2".to_string(), "b".to_string(), "1.0.0".to_string()),
+        ];
+        let (deployment, actions) = Deployment::new(spec, targets, 1_000);
+        let record = DeploymentRecord {
+            id: "d-1".into(),
+            environment: environment.into(),
+            deployment,
+            selector: Default::default(),
+            traceparent: String::new(),
+        };
+        (record, actions)
+    }
+
+    fn kinds_and_messages(events: &[(Kind, Event)]) -> Vec<(&'static str, &str)> {
+        events
+            .iter()
+            .map(|(kind, event)| {
+                assert_eq!(kind.as_str(), event.kind);
+                (kind.as_str(), event.message.as_str())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_deployment_is_created_and_starts_its_first_wave() {
+        let (record, actions) = record("dev");
+        let events = deployment_events(None, &record, &actions);
+        assert_eq!(
+            kinds_and_messages(&events),
+            [
+                (
+                    "deployment.created",
+                    "web@2.0.0 to dev (direct, 2 node(s)) by alice; running"
+                ),
+                ("deployment.step", "wave 1/1: 2 node(s) to 2.0.0"),
+            ]
+        );
+        let (_, event) = &events[0];
+        assert_eq!(event.deployment_id.as_deref(), Some("d-1"));
+        assert_eq!(event.module.as_deref(), Some("web"));
+        assert_eq!(event.version.as_deref(), Some("2.0.0"));
+        assert!(wave_started(&actions).is_some());
+    }
+
+    #[test]
+    fn approval_carries_the_approvers_reason_and_pause_its_state() {
+        let (waiting, actions) = record("production");
+        assert_eq!(waiting.deployment.state, State::AwaitingApproval);
+        let events = deployment_events(None, &waiting, &actions);
+        assert_eq!(events.len(), 1, "no wave before the approval");
+        let approve = Input::Control(Control::Approve {
+            by: "bob".into(),
+            reason: "looks fine".into(),
+        });
+        let (approved, actions) = waiting.deployment.step(2_000, &approve).expect("approve");
+        let next = waiting.with(approved);
+        let events = deployment_events(Some(&waiting.deployment), &next, &actions);
+        assert_eq!(events[0].0, Kind::Approved);
+        assert_eq!(events[0].1.message, "approved by bob: looks fine");
+        assert!(events[1..].iter().all(|(kind, _)| *kind == Kind::Step));
+        let (paused, actions) = next
+            .deployment
+            .step(3_000, &Input::Control(Control::Pause))
+            .expect("pause");
+        let paused = next.with(paused);
+        let events = deployment_events(Some(&next.deployment), &paused, &actions);
+        assert_eq!(kinds_and_messages(&events), [("deployment.paused", "paused")]);
+    }
+
+    #[test]
+    fn a_rollback_is_its_own_kind() {
+        let (running, _) = record("dev");
+        let rollback = Input::Control(Control::Rollback {
+            reason: "by alice".into(),
+        });
+        let (rolling, actions) = running.deployment.step(2_000, &rollback).expect("rollback");
+        let rolling = running.with(rolling);
+        let events = deployment_events(Some(&running.deployment), &rolling, &actions);
+        assert_eq!(
+            kinds_and_messages(&events),
+            [(
+                "deployment.rolling_back",
+                "rolling_back: manual rollback: by alice"
+            )]
+        );
+    }
+}
