@@ -124,10 +124,9 @@ impl From<PipelineError> for ApiError {
     fn from(error: PipelineError) -> Self {
         match error {
             PipelineError::ArtifactNotFound(e) => e.into(),
-            PipelineError::NotInPipeline { .. } => ApiError::InvalidArgument(format!(
-                "{} {error}",
-                flag_name(Field::PipelineEnd)
-            )),
+            PipelineError::NotInPipeline { .. } => {
+                ApiError::InvalidArgument(format!("{} {error}", flag_name(Field::PipelineEnd)))
+            }
             PipelineError::NotDeployable { .. } => ApiError::FailedPrecondition(error.to_string()),
             PipelineError::Downgrade(e) => e.into(),
             PipelineError::Backend(api) => api,

@@ -24,8 +24,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use hotswap_common::labels::Labels;
 
-use super::record::DeploymentRecord;
 use super::machine::State;
+use super::record::DeploymentRecord;
 
 /// The succeeded deployment that defines a module's current version.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -34,9 +34,9 @@ use super::current::{Downgrade, downgrade_refusal};
 use super::error::{ArtifactNotFound, ControlError, CreateError, NotFound, PipelineError};
 use super::machine::{Action, Analysis, Control, Deployment, Input, Outcome, State, Strategy};
 use super::pipeline::{Next, StageStart};
+use super::spec;
 use super::timeline::{Kind, deployment_events};
 use super::trace::{self, NodeCommand};
-use super::spec;
 use crate::clock::steady_now_ms;
 use crate::config::Settings;
 use crate::error::ApiError;
@@ -184,15 +184,16 @@ impl Engine {
                 version: version.to_string(),
             })?;
         let order = &self.settings.pipeline;
-        let last = match to {
-            Some(env) => order.iter().position(|e| e == env).ok_or_else(|| {
-                PipelineError::NotInPipeline {
-                    environment: env.to_string(),
-                    order: order.clone(),
-                }
-            })?,
-            None => order.len().saturating_sub(1),
-        };
+        let last =
+            match to {
+                Some(env) => order.iter().position(|e| e == env).ok_or_else(|| {
+                    PipelineError::NotInPipeline {
+                        environment: env.to_string(),
+                        order: order.clone(),
+                    }
+                })?,
+                None => order.len().saturating_sub(1),
+            };
         // Refuse now rather than after the early stages rolled out: every
         // environment on the way must accept the artifact's signatures.
         for env in &order[..=last] {
@@ -234,7 +235,10 @@ impl Engine {
             .await
             .insert(record.id.clone(), record.clone());
         self.advance_pipelines().await;
-        Ok(self.get_pipeline(&record.id).await.map_err(ApiError::from)?)
+        Ok(self
+            .get_pipeline(&record.id)
+            .await
+            .map_err(ApiError::from)?)
     }
 
     pub async fn get_pipeline(&self, id: &str) -> Result<PipelineRecord, NotFound> {
@@ -303,11 +307,9 @@ impl Engine {
                     Err(e @ CreateError::NoNodes { .. }) => StageStart::NoNodes {
                         reason: user_text(e),
                     },
-                    Err(e @ CreateError::AllDisconnected { .. }) => {
-                        StageStart::AllDisconnected {
-                            reason: user_text(e),
-                        }
-                    }
+                    Err(e @ CreateError::AllDisconnected { .. }) => StageStart::AllDisconnected {
+                        reason: user_text(e),
+                    },
                     Err(e @ CreateError::AlreadyActive { .. }) => StageStart::Busy {
                         reason: user_text(e),
                     },

@@ -110,7 +110,10 @@ pub enum PipelineError {
     },
     /// An environment on the way would refuse the artifact.
     #[error("environment {environment}: {error}")]
-    NotDeployable { environment: String, error: ApiError },
+    NotDeployable {
+        environment: String,
+        error: ApiError,
+    },
     #[error(transparent)]
     Downgrade(#[from] Downgrade),
     /// The registry or the store failed.

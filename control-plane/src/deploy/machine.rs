@@ -980,10 +980,7 @@ impl Deployment {
             analysis: Vec::new(),
         };
         if deployment.state == State::AwaitingApproval {
-            return (
-                deployment,
-                vec![Action::Note(Note::AwaitingApproval)],
-            );
+            return (deployment, vec![Action::Note(Note::AwaitingApproval)]);
         }
         deployment.start(now)
     }
@@ -993,10 +990,7 @@ impl Deployment {
             self.state = State::Succeeded;
             self.finished_ms = Some(now);
             self.reason = "no target nodes".into();
-            return (
-                self,
-                vec![Action::Note(Note::NoTargets)],
-            );
+            return (self, vec![Action::Note(Note::NoTargets)]);
         }
         self.state = State::Running;
         let mut actions = Vec::new();

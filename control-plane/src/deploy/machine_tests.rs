@@ -151,11 +151,7 @@ fn observe_one(report: Option<NodeReport>) -> Input {
 /// form round-trips and replaying the same input from it gives the identical
 /// result (new state and actions); and a step with node actions changes the
 /// deployment (the engine drops the actions of a step that changed nothing).
-fn step(
-    dep: &Deployment,
-    now: Ms,
-    input: &Input,
-) -> Result<(Deployment, Vec<Action>), Refusal> {
+fn step(dep: &Deployment, now: Ms, input: &Input) -> Result<(Deployment, Vec<Action>), Refusal> {
     let persisted = serde_json::to_string(dep).expect("serialize the deployment");
     let result = dep.step(now, input);
     assert_eq!(
@@ -815,10 +811,7 @@ fn no_targets_succeeds_at_once_even_after_approval() {
         (dep.state, dep.finished_ms, dep.reason.as_str()),
         (State::Succeeded, Some(T0), "no target nodes")
     );
-    assert_eq!(
-        actions,
-        [Action::Note(Note::NoTargets)]
-    );
+    assert_eq!(actions, [Action::Note(Note::NoTargets)]);
     let mut gated = spec(Strategy::Direct);
     gated.require_approval = true;
     let (dep, _) = Deployment::new(gated, Vec::new(), T0);
@@ -2592,17 +2585,17 @@ fn pending_approval_expires() {
         }),
     )
     .unwrap_err();
-    assert_eq!(err.to_string(), "cannot approve a deployment that is aborted");
+    assert_eq!(
+        err.to_string(),
+        "cannot approve a deployment that is aborted"
+    );
 }
 
 #[test]
 fn approval_needs_a_second_person() {
     let (dep, actions) = Deployment::new(approval_spec(), targets(&[OLD, OLD]), T0);
     assert_eq!(dep.state, State::AwaitingApproval);
-    assert_eq!(
-        actions,
-        [Action::Note(Note::AwaitingApproval)]
-    );
+    assert_eq!(actions, [Action::Note(Note::AwaitingApproval)]);
     assert_eq!(dep.waiting_for(T0), "approval by a second person");
     assert!(dep.expected_desired().is_empty());
     let reports: Reports = [(id(0), running(OLD)), (id(1), running(OLD))]

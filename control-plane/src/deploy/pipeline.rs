@@ -100,17 +100,27 @@ pub enum Next {
 /// `reason` is the refusal as the user reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StageStart {
-    Started { deployment_id: String },
+    Started {
+        deployment_id: String,
+    },
     /// Only planned (a dry run): nothing changes.
     Planned,
     /// The environment has no node at all: the stage is skipped.
-    NoNodes { reason: String },
+    NoNodes {
+        reason: String,
+    },
     /// Every node there is disconnected: the stage waits, up to a limit.
-    AllDisconnected { reason: String },
+    AllDisconnected {
+        reason: String,
+    },
     /// Another deployment of the module runs there: the stage waits for it.
-    Busy { reason: String },
+    Busy {
+        reason: String,
+    },
     /// Any other refusal fails the stage and the pipeline.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 impl PipelineRecord {
@@ -188,7 +198,13 @@ impl PipelineRecord {
 
     /// Take in what starting stage `stage` gave. A stage waiting for a
     /// connected node gives up after `wait_limit`.
-    pub fn stage_started(&mut self, stage: usize, start: StageStart, now: Ms, wait_limit: Duration) {
+    pub fn stage_started(
+        &mut self,
+        stage: usize,
+        start: StageStart,
+        now: Ms,
+        wait_limit: Duration,
+    ) {
         let environment = self.stages[stage].environment.clone();
         let current = &mut self.stages[stage];
         match start {
@@ -275,7 +291,7 @@ impl PipelineRecord {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::{any, prop, prop_assert, prop_assert_eq, prop_oneof, proptest, Just};
+    use proptest::prelude::{Just, any, prop, prop_assert, prop_assert_eq, prop_oneof, proptest};
     use proptest::strategy::Strategy as Gen;
 
     use super::*;
@@ -298,7 +314,14 @@ mod tests {
     fn stages_run_in_order_and_the_pipeline_succeeds() {
         let mut p = pipeline();
         assert_eq!(p.next(1), start(0, "dev"));
-        p.stage_started(0, StageStart::Started { deployment_id: "d-1".into() }, 1, WAIT);
+        p.stage_started(
+            0,
+            StageStart::Started {
+                deployment_id: "d-1".into(),
+            },
+            1,
+            WAIT,
+        );
         assert_eq!(
             p.next(2),
             Next::Watch {
@@ -311,26 +334,54 @@ mod tests {
         p.stage_observed(0, "d-1", State::Succeeded, "3 node(s) run 2.0.0", 3);
         assert_eq!(p.stages[0].reason, "3 node(s) run 2.0.0");
         assert_eq!(p.next(4), start(1, "qa"));
-        p.stage_started(1, StageStart::NoNodes { reason: "no nodes".into() }, 4, WAIT);
+        p.stage_started(
+            1,
+            StageStart::NoNodes {
+                reason: "no nodes".into(),
+            },
+            4,
+            WAIT,
+        );
         assert_eq!(p.stages[1].state, StageState::Skipped);
         assert_eq!(p.next(5), start(2, "prod"));
-        p.stage_started(2, StageStart::Started { deployment_id: "d-2".into() }, 5, WAIT);
+        p.stage_started(
+            2,
+            StageStart::Started {
+                deployment_id: "d-2".into(),
+            },
+            5,
+            WAIT,
+        );
         p.stage_observed(2, "d-2", State::Succeeded, "ok", 6);
         assert_eq!(p.next(7), Next::Nothing);
         assert_eq!(p.state, PipelineState::Succeeded);
         assert_eq!(p.reason, "web@2.0.0 promoted through dev, qa, prod");
         assert_eq!(p.finished_ms, Some(7));
-        assert_eq!(p.next(8), Next::Nothing, "a finished pipeline wants nothing");
+        assert_eq!(
+            p.next(8),
+            Next::Nothing,
+            "a finished pipeline wants nothing"
+        );
     }
 
     #[test]
     fn a_failed_deployment_stops_the_pipeline() {
         let mut p = pipeline();
         p.next(0);
-        p.stage_started(0, StageStart::Started { deployment_id: "d-1".into() }, 0, WAIT);
+        p.stage_started(
+            0,
+            StageStart::Started {
+                deployment_id: "d-1".into(),
+            },
+            0,
+            WAIT,
+        );
         p.stage_observed(0, "d-1", State::RolledBack, "node a failed", 9);
         assert_eq!(p.stages[0].state, StageState::Failed);
-        assert_eq!(p.stages[0].reason, "deployment d-1 rolled_back: node a failed");
+        assert_eq!(
+            p.stages[0].reason,
+            "deployment d-1 rolled_back: node a failed"
+        );
         assert_eq!(p.state, PipelineState::Failed);
         assert_eq!(p.reason, "stopped at dev: deployment d-1 rolled_back");
         assert_eq!(p.finished_ms, Some(9));
@@ -340,7 +391,9 @@ mod tests {
     #[test]
     fn disconnected_environments_are_waited_for_up_to_the_limit() {
         let mut p = pipeline();
-        let reason = || StageStart::AllDisconnected { reason: "all gone".into() };
+        let reason = || StageStart::AllDisconnected {
+            reason: "all gone".into(),
+        };
         p.stage_started(0, reason(), 1_000, WAIT);
         assert_eq!(p.stages[0].state, StageState::Waiting);
         assert_eq!(p.stages[0].reason, "waiting: all gone");
@@ -349,7 +402,10 @@ mod tests {
         assert_eq!(p.state, PipelineState::Running);
         p.stage_started(0, reason(), 61_000, WAIT);
         assert_eq!(p.stages[0].state, StageState::Failed);
-        assert_eq!(p.stages[0].reason, "gave up after 1m0s (pipeline_wait_timeout): all gone");
+        assert_eq!(
+            p.stages[0].reason,
+            "gave up after 1m0s (pipeline_wait_timeout): all gone"
+        );
         assert_eq!(p.state, PipelineState::Failed);
         assert_eq!(
             p.reason,
@@ -360,14 +416,28 @@ mod tests {
     #[test]
     fn busy_environments_wait_and_refusals_fail() {
         let mut p = pipeline();
-        p.stage_started(0, StageStart::Busy { reason: "still running".into() }, 1, WAIT);
+        p.stage_started(
+            0,
+            StageStart::Busy {
+                reason: "still running".into(),
+            },
+            1,
+            WAIT,
+        );
         assert_eq!(
             (p.stages[0].state, p.state, p.stages[0].reason.as_str()),
             (StageState::Waiting, PipelineState::Running, "still running")
         );
         p.stage_started(0, StageStart::Planned, 2, WAIT);
         assert_eq!(p.next(2), start(0, "dev"));
-        p.stage_started(0, StageStart::Refused { reason: "yanked".into() }, 3, WAIT);
+        p.stage_started(
+            0,
+            StageStart::Refused {
+                reason: "yanked".into(),
+            },
+            3,
+            WAIT,
+        );
         assert_eq!(p.stages[0].state, StageState::Failed);
         assert_eq!(p.reason, "stage dev could not start: yanked");
         assert_eq!(p.state, PipelineState::Failed);
@@ -375,7 +445,9 @@ mod tests {
 
     fn stage_start() -> impl Gen<Value = StageStart> {
         prop_oneof![
-            Just(StageStart::Started { deployment_id: "d".into() }),
+            Just(StageStart::Started {
+                deployment_id: "d".into()
+            }),
             Just(StageStart::Planned),
             Just(StageStart::NoNodes { reason: "r".into() }),
             Just(StageStart::AllDisconnected { reason: "r".into() }),

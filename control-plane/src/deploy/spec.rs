@@ -260,8 +260,7 @@ pub fn build(request: &CreateRequest, settings: &Settings, user: &str) -> Result
             } else {
                 request.steps.clone()
             };
-            if steps.iter().any(|s| *s == 0 || *s > 100) || steps.windows(2).any(|w| w[0] >= w[1])
-            {
+            if steps.iter().any(|s| *s == 0 || *s > 100) || steps.windows(2).any(|w| w[0] >= w[1]) {
                 return Err(SpecError::BadSteps { steps });
             }
             Strategy::Canary {

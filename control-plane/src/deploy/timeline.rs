@@ -211,7 +211,10 @@ mod tests {
             .expect("pause");
         let paused = next.with(paused);
         let events = deployment_events(Some(&next.deployment), &paused, &actions);
-        assert_eq!(kinds_and_messages(&events), [("deployment.paused", "paused")]);
+        assert_eq!(
+            kinds_and_messages(&events),
+            [("deployment.paused", "paused")]
+        );
     }
 
     #[test]

@@ -16,7 +16,10 @@ pub enum Note {
     /// The deployment has no target nodes and succeeded at once.
     NoTargets,
     /// Blue-green: the new version is staged beside the old on every node.
-    Staging { version: String, nodes: usize },
+    Staging {
+        version: String,
+        nodes: usize,
+    },
     /// A wave of nodes was told to move to `version`. `wave` counts from 1.
     WaveStarted {
         wave: usize,
@@ -25,17 +28,30 @@ pub enum Note {
         version: String,
     },
     /// Blue-green: every node staged, all switched together.
-    Switching { nodes: usize },
+    Switching {
+        nodes: usize,
+    },
     /// The deployment reached a terminal `state`.
-    Finished { state: State, reason: String },
+    Finished {
+        state: State,
+        reason: String,
+    },
     /// A second person approved the deployment (`reason` may be empty).
-    Approved { by: String, reason: String },
+    Approved {
+        by: String,
+        reason: String,
+    },
     Paused,
     Resumed,
     /// The deployment started putting touched nodes back.
-    RollingBack { reason: String },
+    RollingBack {
+        reason: String,
+    },
     /// Canary analysis of `step` (counted from 1) passed.
-    AnalysisPassed { step: usize, summary: String },
+    AnalysisPassed {
+        step: usize,
+        summary: String,
+    },
     /// Canary analysis of `step` had too little traffic; the step is held up
     /// to `up_to_ms` before health alone decides.
     AnalysisHolding {
@@ -44,9 +60,14 @@ pub enum Note {
         up_to_ms: u64,
     },
     /// Canary analysis of `step` passed on health alone (too little traffic).
-    AnalysisHealthOnly { step: usize, summary: String },
+    AnalysisHealthOnly {
+        step: usize,
+        summary: String,
+    },
     /// A canary step is healthy and waits for `deploy promote`.
-    AwaitingPromote { step: usize },
+    AwaitingPromote {
+        step: usize,
+    },
 }
 
 impl fmt::Display for Note {
@@ -64,7 +85,9 @@ impl fmt::Display for Note {
             Note::Switching { nodes } => {
                 write!(f, "all nodes staged; switching {nodes} node(s) at once")
             }
-            Note::Finished { state, reason } => write!(f, "deployment {}: {reason}", state.as_str()),
+            Note::Finished { state, reason } => {
+                write!(f, "deployment {}: {reason}", state.as_str())
+            }
             Note::Approved { by, reason } if reason.is_empty() => write!(f, "approved by {by}"),
             Note::Approved { by, reason } => write!(f, "approved by {by}: {reason}"),
             Note::Paused => f.write_str("paused"),
@@ -83,7 +106,10 @@ impl fmt::Display for Note {
                 hotswap_common::timefmt::human_age(*up_to_ms)
             ),
             Note::AnalysisHealthOnly { step, summary } => {
-                write!(f, "analysis of step {step} passed on health alone: {summary}")
+                write!(
+                    f,
+                    "analysis of step {step} passed on health alone: {summary}"
+                )
             }
             Note::AwaitingPromote { step } => {
                 write!(f, "step {step} healthy; waiting for deploy promote")
@@ -100,7 +126,10 @@ mod tests {
     #[test]
     fn notes_read_as_before() {
         let cases = [
-            (Note::AwaitingApproval, "waiting for approval by a second person"),
+            (
+                Note::AwaitingApproval,
+                "waiting for approval by a second person",
+            ),
             (Note::NoTargets, "no target nodes; nothing to do"),
             (
                 Note::Staging {
