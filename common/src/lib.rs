@@ -42,6 +42,30 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/hotswap_descriptor.bin"));
 }
 
+/// The gRPC path (`/package.Service/Method`) of every method the hotswap
+/// protos define, from the embedded descriptor set.
+pub fn rpc_method_paths() -> Vec<String> {
+    let Ok(set) =
+        <prost_types::FileDescriptorSet as prost::Message>::decode(pb::FILE_DESCRIPTOR_SET)
+    else {
+        return Vec::new();
+    };
+    let mut paths = Vec::new();
+    for file in set.file {
+        let package = file.package.unwrap_or_default();
+        for service in file.service {
+            let service_name = service.name.unwrap_or_default();
+            for method in service.method {
+                paths.push(format!(
+                    "/{package}.{service_name}/{}",
+                    method.name.unwrap_or_default()
+                ));
+            }
+        }
+    }
+    paths
+}
+
 /// Version of this build, reported by agents in their hello.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -3,6 +3,9 @@
 
 use tonic::Status;
 
+use crate::deploy::current::Downgrade;
+use crate::deploy::error::{ArtifactNotFound, ControlError, CreateError, NotFound, PipelineError};
+use crate::deploy::spec::{Field, SpecError};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,101 @@ impl From<hotswap_common::ids::NameError> for ApiError {
     }
 }
 
+/// The flag a user types for a deployment or pipeline option: the one
+/// place the domain's [`Field`] meets the command line's spelling.
+pub fn flag_name(field: Field) -> &'static str {
+    match field {
+        Field::BatchSize => "--batch-size",
+        Field::Steps => "--steps",
+        Field::StepDuration => "--step-duration",
+        Field::ManualPromote => "--manual-promote",
+        Field::AnalysisMinRequests => "--analysis-min-requests",
+        Field::AnalysisWarmup => "--analysis-warmup",
+        Field::PauseTimeout => "--pause-timeout",
+        Field::BakeTime => "--bake-time",
+        Field::MaxErrorRate => "--max-error-rate",
+        Field::MaxLatencyIncrease => "--max-latency-increase",
+        Field::MinHealthyTime => "--min-healthy-time",
+        Field::HealthDeadline => "--health-deadline",
+        Field::ProgressDeadline => "--progress-deadline",
+        Field::AllowDowngrade => "--allow-downgrade",
+        Field::PipelineEnd => "--to",
+    }
+}
+
+impl From<SpecError> for ApiError {
+    fn from(error: SpecError) -> Self {
+        ApiError::InvalidArgument(error.message(flag_name))
+    }
+}
+
+impl From<ArtifactNotFound> for ApiError {
+    fn from(error: ArtifactNotFound) -> Self {
+        ApiError::NotFound(format!(
+            "{error}; push it with `hotswapctl module push` first"
+        ))
+    }
+}
+
+impl From<Downgrade> for ApiError {
+    fn from(error: Downgrade) -> Self {
+        ApiError::FailedPrecondition(format!(
+            "{error}; pass {} to deploy the older version anyway",
+            flag_name(Field::AllowDowngrade)
+        ))
+    }
+}
+
+impl From<NotFound> for ApiError {
+    fn from(error: NotFound) -> Self {
+        ApiError::NotFound(error.to_string())
+    }
+}
+
+impl From<CreateError> for ApiError {
+    fn from(error: CreateError) -> Self {
+        match error {
+            CreateError::InvalidVersion { .. } => ApiError::InvalidArgument(error.to_string()),
+            CreateError::ArtifactNotFound(e) => e.into(),
+            CreateError::InvalidSpec(e) => e.into(),
+            CreateError::Downgrade(e) => e.into(),
+            CreateError::NoNodes { .. }
+            | CreateError::AllDisconnected { .. }
+            | CreateError::AlreadyActive { .. } => ApiError::FailedPrecondition(error.to_string()),
+            CreateError::NotDeployable(e) => e.into(),
+            CreateError::Registry(e) => e.into(),
+            CreateError::Storage(e) => ApiError::Storage(e),
+        }
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(error: ControlError) -> Self {
+        match error {
+            ControlError::NotFound(e) => e.into(),
+            ControlError::Refused { .. } => ApiError::FailedPrecondition(error.to_string()),
+            ControlError::Registry(e) => e.into(),
+            ControlError::Storage(e) => ApiError::Storage(e),
+        }
+    }
+}
+
+impl From<PipelineError> for ApiError {
+    fn from(error: PipelineError) -> Self {
+        match error {
+            PipelineError::NotFound(e) => e.into(),
+            PipelineError::ArtifactNotFound(e) => e.into(),
+            PipelineError::NotInPipeline { .. } => {
+                ApiError::InvalidArgument(format!("{} {error}", flag_name(Field::PipelineEnd)))
+            }
+            PipelineError::NotDeployable { .. } => ApiError::FailedPrecondition(error.to_string()),
+            PipelineError::Downgrade(e) => e.into(),
+            PipelineError::Registry(e) => e.into(),
+            PipelineError::Storage(e) => ApiError::Storage(e),
+        }
+    }
+}
+
 impl ApiError {
     /// A local I/O failure while serving a call: out of space is an outage
     /// the operator fixes and the caller retries (`Unavailable`); anything
@@ -126,8 +224,119 @@ impl From<crate::registry::RegistryError> for Status {
     }
 }
 
+impl From<NotFound> for Status {
+    fn from(err: NotFound) -> Self {
+        ApiError::from(err).into()
+    }
+}
+
 impl From<StoreError> for Status {
     fn from(err: StoreError) -> Self {
         ApiError::Storage(err).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::machine::{Refusal, State};
+
+    fn check(error: impl Into<ApiError>, code: tonic::Code, message: &str) {
+        let status = Status::from(error.into());
+        assert_eq!((status.code(), status.message()), (code, message));
+    }
+
+    /// Deploy's errors reach the user with the codes and words they had
+    /// when the engine built API errors itself.
+    #[test]
+    fn deploy_errors_keep_their_codes_and_words() {
+        use tonic::Code;
+        check(
+            SpecError::MaxErrorRateOutOfRange { value: 1.5 },
+            Code::InvalidArgument,
+            "--max-error-rate 1.5 is not between 0 and 1",
+        );
+        check(
+            CreateError::InvalidSpec(SpecError::OnlyFor {
+                fields: &[Field::BatchSize],
+                strategy: "rolling",
+            }),
+            Code::InvalidArgument,
+            "--batch-size applies to the rolling strategy only",
+        );
+        check(
+            CreateError::InvalidVersion {
+                version: "x".into(),
+                reason: "unexpected character 'x' while parsing major version number".into(),
+            },
+            Code::InvalidArgument,
+            "version \"x\" is not semver: unexpected character 'x' while parsing major version number",
+        );
+        check(
+            CreateError::ArtifactNotFound(ArtifactNotFound {
+                module: "web".into(),
+                version: "9.9.9".into(),
+            }),
+            Code::NotFound,
+            "artifact web@9.9.9 not found; push it with `hotswapctl module push` first",
+        );
+        let downgrade = Downgrade {
+            module: "web".into(),
+            version: "1.0.0".into(),
+            environment: "qa".into(),
+            current: "2.0.0".into(),
+            deployment_id: "d-1".into(),
+        };
+        let text = "web@1.0.0 is a downgrade: the current version of web in qa is 2.0.0 (deployment d-1); pass --allow-downgrade to deploy the older version anyway";
+        check(
+            CreateError::Downgrade(downgrade.clone()),
+            Code::FailedPrecondition,
+            text,
+        );
+        check(
+            PipelineError::Downgrade(downgrade),
+            Code::FailedPrecondition,
+            text,
+        );
+        check(
+            PipelineError::NotInPipeline {
+                environment: "moon".into(),
+                order: vec!["dev".into(), "qa".into()],
+            },
+            Code::InvalidArgument,
+            "--to \"moon\" is not in the pipeline (dev -> qa)",
+        );
+        check(
+            PipelineError::NotDeployable {
+                environment: "qa".into(),
+                error: crate::trust::TrustError::Yanked("web@2.0.0 was yanked".into()),
+            },
+            Code::FailedPrecondition,
+            "environment qa: web@2.0.0 was yanked",
+        );
+        check(
+            ControlError::NotFound(NotFound {
+                kind: "deployment",
+                id: "d-9".into(),
+            }),
+            Code::NotFound,
+            "deployment \"d-9\" not found",
+        );
+        check(
+            ControlError::Refused {
+                id: "d-1".into(),
+                refusal: Refusal::WrongState {
+                    what: "resume",
+                    state: State::Running,
+                },
+            },
+            Code::FailedPrecondition,
+            "deployment d-1: cannot resume a deployment that is running",
+        );
+        check(
+            ControlError::Storage(StoreError::Io("No space left on device".into())),
+            Code::Unavailable,
+            "storage I/O error: No space left on device",
+        );
     }
 }

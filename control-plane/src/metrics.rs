@@ -278,22 +278,7 @@ static KNOWN_METHODS: std::sync::LazyLock<std::collections::HashSet<String>> =
         .into_iter()
         .map(String::from)
         .collect();
-        if let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(
-            hotswap_common::pb::FILE_DESCRIPTOR_SET,
-        ) {
-            for file in set.file {
-                let package = file.package.unwrap_or_default();
-                for service in file.service {
-                    let service_name = service.name.unwrap_or_default();
-                    for method in service.method {
-                        known.insert(format!(
-                            "/{package}.{service_name}/{}",
-                            method.name.unwrap_or_default()
-                        ));
-                    }
-                }
-            }
-        }
+        known.extend(hotswap_common::rpc_method_paths());
         known
     });
 

@@ -100,7 +100,7 @@ pub enum RunError {
     #[error("{0}")]
     Registry(#[from] crate::registry::RegistryError),
     #[error("{0}")]
-    Engine(#[from] crate::error::ApiError),
+    Storage(#[from] crate::store::StoreError),
     #[error("cannot open the audit log: {0}")]
     Audit(String),
     #[error("cannot complete an interrupted certificate rotation: {0}")]

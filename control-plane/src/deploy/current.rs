@@ -24,8 +24,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use hotswap_common::labels::Labels;
 
-use super::engine::DeploymentRecord;
 use super::machine::State;
+use super::record::DeploymentRecord;
 
 /// The succeeded deployment that defines a module's current version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,15 +167,32 @@ pub fn downgrade_refusal(
     version: &str,
     environment: &str,
     current: &Current,
-) -> Option<String> {
+) -> Option<Downgrade> {
     let new = semver::Version::parse(version).ok()?;
     let old = semver::Version::parse(&current.version).ok()?;
-    (new < old).then(|| {
-        format!(
-            "{module}@{version} is a downgrade: the current version of {module} in {environment} is {} (deployment {}); pass --allow-downgrade to deploy the older version anyway",
-            current.version, current.deployment_id
-        )
+    (new < old).then(|| Downgrade {
+        module: module.to_string(),
+        version: version.to_string(),
+        environment: environment.to_string(),
+        current: current.version.clone(),
+        deployment_id: current.deployment_id.clone(),
     })
+}
+
+/// A version older than its environment's current one, refused unless the
+/// caller allows downgrades (the API edge says how).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{module}@{version} is a downgrade: the current version of {module} in {environment} is {current} (deployment {deployment_id})"
+)]
+pub struct Downgrade {
+    pub module: String,
+    pub version: String,
+    pub environment: String,
+    /// The environment's current version.
+    pub current: String,
+    /// The deployment that made it current.
+    pub deployment_id: String,
 }
 
 #[cfg(test)]
@@ -367,11 +384,12 @@ mod tests {
             let why = downgrade_refusal("web", version, "dev", &current);
             assert_eq!(why.is_some(), refused, "{version}: {why:?}");
             if let Some(why) = why {
-                assert!(
-                    why.contains(&format!("web@{version}"))
-                        && why.contains("1.10.0")
-                        && why.contains("--allow-downgrade"),
-                    "{why}"
+                assert_eq!(
+                    why.to_string(),
+                    format!(
+                        "web@{version} is a downgrade: the current version of web in dev is 1.10.0 (deployment {})",
+                        current.deployment_id
+                    )
                 );
             }
         }

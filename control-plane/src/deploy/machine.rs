@@ -15,6 +15,10 @@
 
 use serde::{Deserialize, Serialize};
 
+mod note;
+
+pub use note::Note;
+
 pub type Ms = u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -482,13 +486,27 @@ pub enum Action {
         active: String,
         staged: String,
     },
-    /// Something worth an event.
-    Note(String),
+    /// Something worth an event: what happened, typed.
+    Note(Note),
 }
 
+/// Why the machine refused an operator control.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct ControlError(pub String);
+pub enum Refusal {
+    #[error("cannot {what} a deployment that is {}", state.as_str())]
+    WrongState { what: &'static str, state: State },
+    #[error(
+        "{by} created this deployment and cannot approve it; another person must (two-person rule)"
+    )]
+    OwnApproval { by: String },
+    #[error(
+        "nothing to promote: the deployment is {} and not waiting for a promotion",
+        state.as_str()
+    )]
+    NothingToPromote { state: State },
+    #[error("no node was changed by this deployment; nothing to roll back")]
+    NothingToRollBack,
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Deployment {
@@ -962,12 +980,7 @@ impl Deployment {
             analysis: Vec::new(),
         };
         if deployment.state == State::AwaitingApproval {
-            return (
-                deployment,
-                vec![Action::Note(
-                    "waiting for approval by a second person".into(),
-                )],
-            );
+            return (deployment, vec![Action::Note(Note::AwaitingApproval)]);
         }
         deployment.start(now)
     }
@@ -977,10 +990,7 @@ impl Deployment {
             self.state = State::Succeeded;
             self.finished_ms = Some(now);
             self.reason = "no target nodes".into();
-            return (
-                self,
-                vec![Action::Note("no target nodes; nothing to do".into())],
-            );
+            return (self, vec![Action::Note(Note::NoTargets)]);
         }
         self.state = State::Running;
         let mut actions = Vec::new();
@@ -996,11 +1006,10 @@ impl Deployment {
                 });
             }
             self.wave_started_ms = now;
-            actions.push(Action::Note(format!(
-                "staging {} on {} node(s)",
-                self.spec.version,
-                self.nodes.len()
-            )));
+            actions.push(Action::Note(Note::Staging {
+                version: self.spec.version.clone(),
+                nodes: self.nodes.len(),
+            }));
         } else {
             actions.extend(self.begin_wave(0, now));
         }
@@ -1026,13 +1035,12 @@ impl Deployment {
                 version: self.spec.version.clone(),
             });
         }
-        actions.push(Action::Note(format!(
-            "wave {}/{}: {} node(s) to {}",
-            wave + 1,
-            self.waves,
-            actions.len(),
-            self.spec.version
-        )));
+        actions.push(Action::Note(Note::WaveStarted {
+            wave: wave + 1,
+            waves: self.waves,
+            nodes: actions.len(),
+            version: self.spec.version.clone(),
+        }));
         actions
     }
 
@@ -1081,7 +1089,7 @@ impl Deployment {
         }
     }
 
-    pub fn step(&self, now: Ms, input: &Input) -> Result<(Deployment, Vec<Action>), ControlError> {
+    pub fn step(&self, now: Ms, input: &Input) -> Result<(Deployment, Vec<Action>), Refusal> {
         let mut next = self.clone();
         let actions = match input {
             Input::Control(control) => next.control(now, control)?,
@@ -1096,34 +1104,30 @@ impl Deployment {
         self.awaiting_promote = false;
         self.waiting_since_ms = None;
         self.reason = reason.clone();
-        vec![Action::Note(format!(
-            "deployment {}: {reason}",
-            state.as_str()
-        ))]
+        vec![Action::Note(Note::Finished { state, reason })]
     }
 
-    fn control(&mut self, now: Ms, control: &Control) -> Result<Vec<Action>, ControlError> {
+    fn control(&mut self, now: Ms, control: &Control) -> Result<Vec<Action>, Refusal> {
         let state = self.state;
-        let refuse = |what: &str| {
-            Err(ControlError(format!(
-                "cannot {what} a deployment that is {}",
-                state.as_str()
-            )))
-        };
+        let refuse = |what: &'static str| Err(Refusal::WrongState { what, state });
         match control {
             Control::Approve { by, reason } => {
                 if state != State::AwaitingApproval {
                     return refuse("approve");
                 }
                 if by == &self.spec.created_by {
-                    return Err(ControlError(format!(
-                        "{by} created this deployment and cannot approve it; another person must (two-person rule)"
-                    )));
+                    return Err(Refusal::OwnApproval { by: by.clone() });
                 }
                 self.approved_by = by.clone();
                 let (started, mut actions) = self.clone().start(now);
                 *self = started;
-                actions.insert(0, Action::Note(by_with_reason("approved", by, reason)));
+                actions.insert(
+                    0,
+                    Action::Note(Note::Approved {
+                        by: by.clone(),
+                        reason: reason.clone(),
+                    }),
+                );
                 Ok(actions)
             }
             Control::Reject { by, reason } => {
@@ -1139,7 +1143,7 @@ impl Deployment {
                 self.paused_from = Some(state);
                 self.state = State::Paused;
                 self.waiting_since_ms = Some(now);
-                Ok(vec![Action::Note("paused".into())])
+                Ok(vec![Action::Note(Note::Paused)])
             }
             Control::Resume => {
                 if state != State::Paused {
@@ -1157,14 +1161,11 @@ impl Deployment {
                 {
                     node.since_ms = now;
                 }
-                Ok(vec![Action::Note("resumed".into())])
+                Ok(vec![Action::Note(Note::Resumed)])
             }
             Control::Promote => {
                 if state != State::Running || !self.awaiting_promote {
-                    return Err(ControlError(format!(
-                        "nothing to promote: the deployment is {} and not waiting for a promotion",
-                        state.as_str()
-                    )));
+                    return Err(Refusal::NothingToPromote { state });
                 }
                 self.awaiting_promote = false;
                 self.waiting_since_ms = None;
@@ -1187,9 +1188,7 @@ impl Deployment {
                     return refuse("roll back");
                 }
                 if !self.nodes.iter().any(|n| n.touched) {
-                    return Err(ControlError(
-                        "no node was changed by this deployment; nothing to roll back".into(),
-                    ));
+                    return Err(Refusal::NothingToRollBack);
                 }
                 Ok(self.begin_rollback(format!("manual rollback: {reason}"), now))
             }
@@ -1213,7 +1212,9 @@ impl Deployment {
         self.awaiting_promote = false;
         self.waiting_since_ms = None;
         self.finished_ms = None;
-        let mut actions = vec![Action::Note(format!("rolling back: {reason}"))];
+        let mut actions = vec![Action::Note(Note::RollingBack {
+            reason: reason.clone(),
+        })];
         for node in self.nodes.iter_mut().filter(|n| n.touched) {
             node.state = NodeState::RollingBack;
             node.since_ms = now;
@@ -1359,10 +1360,9 @@ impl Deployment {
                             version: target.clone(),
                         });
                     }
-                    actions.push(Action::Note(format!(
-                        "all nodes staged; switching {} node(s) at once",
-                        actions.len()
-                    )));
+                    actions.push(Action::Note(Note::Switching {
+                        nodes: actions.len(),
+                    }));
                     return actions;
                 }
                 if self.nodes.iter().any(|n| n.state == NodeState::Updating) {
@@ -1418,17 +1418,16 @@ impl Deployment {
                         _ if self.awaiting_promote || held < hold => return actions,
                         Outcome::Passed | Outcome::HealthOnly => {
                             record(Outcome::Passed, summary.clone());
-                            actions.push(Action::Note(format!(
-                                "analysis of step {step} passed: {summary}"
-                            )));
+                            actions.push(Action::Note(Note::AnalysisPassed { step, summary }));
                         }
                         Outcome::Inconclusive if held < hold.saturating_mul(3) => {
                             if !noted {
                                 record(Outcome::Inconclusive, summary.clone());
-                                actions.push(Action::Note(format!(
-                                    "analysis of step {step} {summary}; holding the step up to {}",
-                                    hotswap_common::timefmt::human_age(hold.saturating_mul(3))
-                                )));
+                                actions.push(Action::Note(Note::AnalysisHolding {
+                                    step,
+                                    summary,
+                                    up_to_ms: hold.saturating_mul(3),
+                                }));
                             }
                             return actions;
                         }
@@ -1439,9 +1438,7 @@ impl Deployment {
                                 summary.trim_start_matches("inconclusive: ")
                             );
                             record(Outcome::HealthOnly, summary.clone());
-                            actions.push(Action::Note(format!(
-                                "analysis of step {step} passed on health alone: {summary}"
-                            )));
+                            actions.push(Action::Note(Note::AnalysisHealthOnly { step, summary }));
                         }
                     }
                 }
@@ -1456,10 +1453,7 @@ impl Deployment {
                 {
                     self.awaiting_promote = true;
                     self.waiting_since_ms = Some(now);
-                    actions.push(Action::Note(format!(
-                        "step {} healthy; waiting for deploy promote",
-                        wave + 1
-                    )));
+                    actions.push(Action::Note(Note::AwaitingPromote { step: wave + 1 }));
                     return actions;
                 }
                 actions.extend(self.advance(now));

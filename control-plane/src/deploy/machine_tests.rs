@@ -112,7 +112,7 @@ fn node_actions(actions: &[Action]) -> Vec<Action> {
 fn has_note(actions: &[Action], text: &str) -> bool {
     actions
         .iter()
-        .any(|a| matches!(a, Action::Note(n) if n.contains(text)))
+        .any(|a| matches!(a, Action::Note(n) if n.to_string().contains(text)))
 }
 
 fn running(version: &str) -> NodeReport {
@@ -151,11 +151,7 @@ fn observe_one(report: Option<NodeReport>) -> Input {
 /// form round-trips and replaying the same input from it gives the identical
 /// result (new state and actions); and a step with node actions changes the
 /// deployment (the engine drops the actions of a step that changed nothing).
-fn step(
-    dep: &Deployment,
-    now: Ms,
-    input: &Input,
-) -> Result<(Deployment, Vec<Action>), ControlError> {
+fn step(dep: &Deployment, now: Ms, input: &Input) -> Result<(Deployment, Vec<Action>), Refusal> {
     let persisted = serde_json::to_string(dep).expect("serialize the deployment");
     let result = dep.step(now, input);
     assert_eq!(
@@ -496,7 +492,7 @@ impl Sim {
         actions
     }
 
-    fn input(&mut self, input: Input, deliver: bool) -> Result<Vec<Action>, ControlError> {
+    fn input(&mut self, input: Input, deliver: bool) -> Result<Vec<Action>, Refusal> {
         let (dep, actions) = step(&self.dep, self.now, &input)?;
         self.dep = dep;
         self.inputs.push((self.now, input));
@@ -532,7 +528,7 @@ impl Sim {
         self.fleet.apply(&actions);
     }
 
-    fn control(&mut self, control: Control) -> Result<Vec<Action>, ControlError> {
+    fn control(&mut self, control: Control) -> Result<Vec<Action>, Refusal> {
         self.input(Input::Control(control), true)
     }
 
@@ -815,10 +811,7 @@ fn no_targets_succeeds_at_once_even_after_approval() {
         (dep.state, dep.finished_ms, dep.reason.as_str()),
         (State::Succeeded, Some(T0), "no target nodes")
     );
-    assert_eq!(
-        actions,
-        [Action::Note("no target nodes; nothing to do".into())]
-    );
+    assert_eq!(actions, [Action::Note(Note::NoTargets)]);
     let mut gated = spec(Strategy::Direct);
     gated.require_approval = true;
     let (dep, _) = Deployment::new(gated, Vec::new(), T0);
@@ -1048,7 +1041,7 @@ fn canary_with_manual_promote_waits_for_promote_at_every_step() {
     sim.analysis = Some(passing_analysis());
     let promote_err = sim.control(Control::Promote).unwrap_err();
     assert_eq!(
-        promote_err.0,
+        promote_err.to_string(),
         "nothing to promote: the deployment is running and not waiting for a promotion"
     );
     let awaiting = sim.run_until(100, |d| d.awaiting_promote);
@@ -2578,9 +2571,10 @@ fn pending_approval_expires() {
     assert!(expired.expected_desired().is_empty(), "nothing was touched");
     assert_eq!(
         actions,
-        [Action::Note(
-            "deployment aborted: approval expired: nobody approved within 1d0h".into()
-        )]
+        [Action::Note(Note::Finished {
+            state: State::Aborted,
+            reason: "approval expired: nobody approved within 1d0h".into()
+        })]
     );
     let err = step(
         &expired,
@@ -2591,19 +2585,17 @@ fn pending_approval_expires() {
         }),
     )
     .unwrap_err();
-    assert_eq!(err.0, "cannot approve a deployment that is aborted");
+    assert_eq!(
+        err.to_string(),
+        "cannot approve a deployment that is aborted"
+    );
 }
 
 #[test]
 fn approval_needs_a_second_person() {
     let (dep, actions) = Deployment::new(approval_spec(), targets(&[OLD, OLD]), T0);
     assert_eq!(dep.state, State::AwaitingApproval);
-    assert_eq!(
-        actions,
-        [Action::Note(
-            "waiting for approval by a second person".into()
-        )]
-    );
+    assert_eq!(actions, [Action::Note(Note::AwaitingApproval)]);
     assert_eq!(dep.waiting_for(T0), "approval by a second person");
     assert!(dep.expected_desired().is_empty());
     let reports: Reports = [(id(0), running(OLD)), (id(1), running(OLD))]
@@ -2634,7 +2626,7 @@ fn approval_needs_a_second_person() {
     )
     .unwrap_err();
     assert_eq!(
-        err.0,
+        err.to_string(),
         "alice created this deployment and cannot approve it; another person must (two-person rule)"
     );
 
@@ -2656,7 +2648,13 @@ fn approval_needs_a_second_person() {
         ),
         (State::Running, "bob", approved_at)
     );
-    assert_eq!(actions[0], Action::Note("approved by bob: ok".into()));
+    assert_eq!(
+        actions[0],
+        Action::Note(Note::Approved {
+            by: "bob".into(),
+            reason: "ok".into()
+        })
+    );
     assert_eq!(
         node_actions(&actions),
         [set(&id(0), TARGET)],
@@ -2693,7 +2691,7 @@ fn reject_aborts_without_touching_any_node() {
         .control(Control::Rollback { reason: "x".into() })
         .unwrap_err();
     assert_eq!(
-        err.0,
+        err.to_string(),
         "no node was changed by this deployment; nothing to roll back"
     );
 }
@@ -2711,7 +2709,13 @@ fn approval_and_rejection_read_well_without_a_reason() {
     )
     .unwrap();
     assert_eq!(approved.state, State::Running);
-    assert_eq!(actions[0], Action::Note("approved by bob".into()));
+    assert_eq!(
+        actions[0],
+        Action::Note(Note::Approved {
+            by: "bob".into(),
+            reason: String::new()
+        })
+    );
 
     let (rejected, _) = step(
         &dep,
@@ -2944,7 +2948,7 @@ fn a_yank_rolls_back_the_touched_nodes_or_aborts() {
     assert!(sim.actions_for(&id(4)).is_empty(), "never touched");
     let err = sim.control(yank()).expect_err("rolled back already");
     assert!(
-        err.0
+        err.to_string()
             .contains("cannot stop a deployment that is rolled_back"),
         "{err:?}"
     );
@@ -3136,7 +3140,7 @@ fn every_control_in_every_state() {
                         }
                         _ => format!("cannot {verb} a deployment that is {state}"),
                     };
-                    assert_eq!(e.0, expected, "{label}: {verb}");
+                    assert_eq!(e.to_string(), expected, "{label}: {verb}");
                 }
             }
         }

@@ -359,7 +359,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         let request = request.into_inner();
         let result = async {
             let control = control_of(&request.action, request.reason, call.user())?;
-            self.engine.control(&request.id, control).await
+            Ok(self.engine.control(&request.id, control).await?)
         }
         .await;
         let record = call.finish(&self.ctx, result).await?;
@@ -432,7 +432,8 @@ impl pb::pipelines_server::Pipelines for PipelinesService {
                 ));
             }
             let to = (!request.to.is_empty()).then_some(request.to.as_str());
-            self.engine
+            Ok(self
+                .engine
                 .run_pipeline(
                     &request.module,
                     &request.version,
@@ -440,7 +441,7 @@ impl pb::pipelines_server::Pipelines for PipelinesService {
                     request.allow_downgrade,
                     call.user(),
                 )
-                .await
+                .await?)
         }
         .await;
         Ok(Response::new(pipeline_to_pb(

@@ -404,7 +404,10 @@ impl Engine {
     }
 
     /// Store the catch-up desired states in one flush, then hand them out.
-    async fn move_nodes(&self, changes: &[DesiredChange]) -> Result<(), crate::error::ApiError> {
+    async fn move_nodes(
+        &self,
+        changes: &[DesiredChange],
+    ) -> Result<(), crate::registry::RegistryError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -413,6 +416,6 @@ impl Engine {
         changes.retain(|(node, _, _)| !missing.contains(node));
         let written = self.registry.write_desired(&changes)?;
         self.registry.store().flush().await?;
-        Ok(self.registry.push_desired(&changes, &written)?)
+        self.registry.push_desired(&changes, &written)
     }
 }
