@@ -15,7 +15,7 @@ use hotswap_common::timefmt::now_ms;
 use tonic::Request;
 
 use crate::error::ApiError;
-use crate::store::Store;
+use crate::store::UserRecords;
 
 /// The verified peer: its identity and the fingerprint of the certificate it
 /// presented (the registry compares it to the node's current certificate).
@@ -99,7 +99,7 @@ pub fn claimed_user<T>(request: &Request<T>) -> String {
 /// Check an operator's certificate and role against `permission`.
 pub fn authorize_operator(
     peer: &Peer,
-    store: &Store,
+    store: &dyn UserRecords,
     permission: Permission,
 ) -> Result<Caller, ApiError> {
     let name = match &peer.principal {
@@ -160,6 +160,7 @@ pub fn require_node<T>(request: &Request<T>) -> Result<(String, Peer), ApiError>
 pub fn require_reader_or_node<T>(
     request: &Request<T>,
     registry: &crate::registry::Registry,
+    users: &dyn UserRecords,
 ) -> Result<Principal, ApiError> {
     let peer = peer(request)?;
     match &peer.principal {
@@ -167,7 +168,7 @@ pub fn require_reader_or_node<T>(
             registry.current_record(id, &peer.cert_fingerprint)?;
         }
         Principal::User(_) => {
-            authorize_operator(&peer, registry.store(), Permission::Read)?;
+            authorize_operator(&peer, users, Permission::Read)?;
         }
     }
     Ok(peer.principal)

@@ -239,7 +239,7 @@ pub struct Registry {
     /// Nodes whose sessions attached since the engine last took them
     /// ([`Registry::take_attached`]), so catch-up looks at those nodes only.
     attached: Mutex<Vec<String>>,
-    events: EventLog,
+    events: Arc<EventLog>,
     /// Wakes the deployment engine after any node change; changes while it
     /// is busy collapse into one wake-up.
     wake: tokio::sync::Notify,
@@ -268,9 +268,6 @@ pub struct Observed<'a> {
     pub reported: bool,
     pub module: Option<&'a ModuleState>,
 }
-
-/// Events kept until `Settings::event_retention` is applied.
-const DEFAULT_EVENT_RETENTION: u64 = 100_000;
 
 /// Capacity of the change channel; a watcher further behind gets a fresh snapshot.
 const UPDATE_CHANNEL_CAPACITY: usize = 4096;
@@ -315,13 +312,14 @@ fn module_transitions(before: &[ModuleState], after: &[ModuleState]) -> Vec<Even
 }
 
 impl Registry {
-    pub fn new(store: Store, metrics: Arc<Metrics>) -> Result<Arc<Self>, RegistryError> {
+    /// The registry over `store`'s nodes and desired states, appending to
+    /// `events` (wired in `server.rs`, shared with the engine and services).
+    pub fn new(
+        store: Store,
+        events: Arc<EventLog>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, RegistryError> {
         let total = store.list_nodes()?.len() as u64;
-        let store_for_events = store.clone();
-        let (appended, stored) = (
-            metrics.events_appended.clone(),
-            metrics.events_stored.clone(),
-        );
         let (updates, _) = broadcast::channel(UPDATE_CHANNEL_CAPACITY);
         let registry = Arc::new(Self {
             store,
@@ -336,23 +334,10 @@ impl Registry {
             yanks: AtomicU64::new(0),
             changes: AtomicU64::new(0),
             budgets: Mutex::new(HashMap::new()),
-            events: EventLog::open(&store_for_events, DEFAULT_EVENT_RETENTION)?
-                .counting(appended, stored),
+            events,
         });
         registry.update_gauges(&registry.lock_live());
         Ok(registry)
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    pub fn events(&self) -> &EventLog {
-        &self.events
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
     }
 
     fn lock_live(&self) -> MutexGuard<'_, HashMap<String, LiveSession>> {
@@ -518,6 +503,11 @@ impl Registry {
             .collect();
         nodes.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         Ok(nodes)
+    }
+
+    /// A node's desired state as stored (empty when it has none).
+    pub fn desired_of(&self, node_id: &str) -> Result<DesiredRecord, RegistryError> {
+        Ok(self.store.get_desired(node_id)?)
     }
 
     /// Find a node by id, name, or unique id prefix (at least 4 characters).
@@ -1051,7 +1041,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
         let (metrics, _) = Metrics::new();
-        let registry = Registry::new(store, Arc::new(metrics)).expect("registry");
+        let events = Arc::new(EventLog::open(&store, 1000).expect("events"));
+        let registry = Registry::new(store, events, Arc::new(metrics)).expect("registry");
         let change = |node: &str| (node.to_string(), "web".to_string(), None);
         let quiet = std::time::Duration::from_millis(50);
 

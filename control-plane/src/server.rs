@@ -17,7 +17,8 @@ use crate::audit::AuditLog;
 use crate::blobs::BlobStore;
 use crate::config::RunConfig;
 use crate::deadline::RequestTimeoutLayer;
-use crate::deploy::engine::Engine;
+use crate::deploy::engine::{Engine, EngineHandles};
+use crate::events::EventLog;
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
 use crate::service::Context;
@@ -276,10 +277,13 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     })?;
     let (metrics, prometheus) = Metrics::new();
     let metrics = Arc::new(metrics);
-    let registry = Registry::new(store.clone(), metrics.clone())?;
-    registry
-        .events()
-        .set_retention(config.settings.event_retention);
+    let events = Arc::new(
+        EventLog::open(&store, config.settings.event_retention)?.counting(
+            metrics.events_appended.clone(),
+            metrics.events_stored.clone(),
+        ),
+    );
+    let registry = Registry::new(store.clone(), events.clone(), metrics.clone())?;
 
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -336,6 +340,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     }
     let ctx = Arc::new(Context {
         registry,
+        store: store.clone(),
+        events: events.clone(),
         ca,
         ca_fingerprint: ca_fingerprint.clone(),
         settings: config.settings.clone(),
@@ -344,7 +350,15 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         shutdown: shutdown.clone(),
         limits: crate::service::OperatorLimits::new(&config.settings),
     });
-    let engine = Engine::new(ctx.registry.clone(), config.settings.clone())?;
+    let engine = Engine::new(
+        EngineHandles::new(
+            ctx.registry.clone(),
+            &store,
+            events.clone(),
+            metrics.clone(),
+        ),
+        config.settings.clone(),
+    )?;
     let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
     let incoming =
         tls_accept::incoming(grpc_listener, tls_config, metrics.clone(), shutdown.clone());

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use hotswap_common::timefmt::rfc3339_from_ms;
 
-use crate::store::{ArtifactRecord, KeyRecord, Store, StoreError};
+use crate::store::{ArtifactRecord, ArtifactRecords, KeyRecord, StoreError};
 
 /// The key ids whose signatures on `artifact` count at `now_ms`, and why the
 /// others do not.
@@ -69,7 +69,7 @@ pub fn yank_refusal(artifact: &ArtifactRecord) -> Option<String> {
 /// signature on it. Every way onto a node goes through here: deployments,
 /// pipelines, catch-up and `nodes set-module`.
 pub fn ensure_deployable(
-    store: &Store,
+    store: &dyn ArtifactRecords,
     artifact: &ArtifactRecord,
     required: u32,
     now_ms: u64,

@@ -34,11 +34,12 @@ use hotswap_common::labels::Labels;
 use hotswap_common::timefmt::{now_ms, rfc3339_from_ms};
 use hotswap_control_plane::config::Settings;
 use hotswap_control_plane::deploy::engine::{
-    CreateRequest, DeploymentRecord, Engine, observe_nodes,
+    CreateRequest, DeploymentRecord, Engine, EngineHandles, observe_nodes,
 };
 use hotswap_control_plane::deploy::machine::{
     BatchSize, Input, NodeState, State, Strategy, plan_waves,
 };
+use hotswap_control_plane::events::EventLog;
 use hotswap_control_plane::metrics::Metrics;
 use hotswap_control_plane::registry::{ModuleState, Registry, Report, SessionHandle};
 use hotswap_control_plane::service::enrollment::token_hash;
@@ -380,6 +381,8 @@ async fn settle(limit: Duration) -> f64 {
 struct Fleet {
     store: Store,
     registry: Arc<Registry>,
+    events: Arc<EventLog>,
+    metrics: Arc<Metrics>,
     /// Node ids in name order; index = simulator node number.
     ids: Vec<String>,
     index_of: HashMap<String, u32>,
@@ -501,7 +504,10 @@ async fn setup(args: &Args, dir: &std::path::Path) -> anyhow::Result<(Fleet, Vec
     }
 
     let (metrics, _prometheus) = Metrics::new();
-    let registry = Registry::new(store.clone(), Arc::new(metrics))
+    let metrics = Arc::new(metrics);
+    let events =
+        Arc::new(EventLog::open(&store, 100_000).map_err(|e| anyhow::anyhow!("event log: {e}"))?);
+    let registry = Registry::new(store.clone(), events.clone(), metrics.clone())
         .map_err(|e| anyhow::anyhow!("registry: {e}"))?;
 
     // Sessions: attach writes the node record (last seen, labels) with a flush.
@@ -564,6 +570,8 @@ async fn setup(args: &Args, dir: &std::path::Path) -> anyhow::Result<(Fleet, Vec
         Fleet {
             store,
             registry,
+            events,
+            metrics,
             ids,
             index_of,
             setup,
@@ -1169,8 +1177,16 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         .map(|(i, h)| tokio::spawn(agent(i as u32, fleet.registry.clone(), h, sim.clone())))
         .collect();
 
-    let engine = Engine::new(fleet.registry.clone(), Settings::default())
-        .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
+    let engine = Engine::new(
+        EngineHandles::new(
+            fleet.registry.clone(),
+            &fleet.store,
+            fleet.events.clone(),
+            fleet.metrics.clone(),
+        ),
+        Settings::default(),
+    )
+    .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
     let counters = Arc::new(Counters::default());
     spawn_counters(&engine, counters.clone());
     let shutdown = Default::default();

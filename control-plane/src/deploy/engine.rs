@@ -39,10 +39,14 @@ use super::timeline::{Kind, deployment_events};
 use super::trace::{self, NodeCommand};
 use crate::clock::steady_now_ms;
 use crate::config::Settings;
+use crate::events::EventLog;
+use crate::metrics::Metrics;
 use crate::registry::RegistryError;
 use crate::registry::{DesiredChange, Registry};
 use crate::store::DesiredModuleRecord;
-use crate::store::StoreError;
+use crate::store::{
+    ArtifactRecords, DeploymentRecords, DeploymentRecordsExt, Durability, Store, StoreError,
+};
 
 // Where these lived before the split; services and benchmarks name them here.
 pub use super::observe::{analyze, observe_nodes};
@@ -51,8 +55,46 @@ pub use super::plan::PlanView;
 pub use super::record::DeploymentRecord;
 pub use super::spec::CreateRequest;
 
+/// What the engine works with, each as narrow as it needs: wired in
+/// `server.rs` (and by benchmarks that run the engine in process).
+pub struct EngineHandles {
+    pub registry: Arc<Registry>,
+    /// Where deployment and pipeline records are kept.
+    pub records: Arc<dyn DeploymentRecords>,
+    /// Artifact records and publisher keys (trust checks).
+    pub artifacts: Arc<dyn ArtifactRecords>,
+    /// The flush that makes records and desired states durable together.
+    pub durability: Arc<dyn Durability>,
+    pub events: Arc<EventLog>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl EngineHandles {
+    /// The handles over one store.
+    pub fn new(
+        registry: Arc<Registry>,
+        store: &Store,
+        events: Arc<EventLog>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            registry,
+            records: store.deployments(),
+            artifacts: store.artifacts(),
+            durability: store.durability(),
+            events,
+            metrics,
+        }
+    }
+}
+
 pub struct Engine {
     registry: Arc<Registry>,
+    records: Arc<dyn DeploymentRecords>,
+    artifacts: Arc<dyn ArtifactRecords>,
+    durability: Arc<dyn Durability>,
+    events: Arc<EventLog>,
+    metrics: Arc<Metrics>,
     settings: Settings,
     /// Records are shared with watchers and readers, never copied for them:
     /// a 10k-node record is megabytes.
@@ -82,9 +124,17 @@ const TICK: Duration = Duration::from_millis(500);
 const LAST_SEEN_PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 impl Engine {
-    pub fn new(registry: Arc<Registry>, settings: Settings) -> Result<Arc<Self>, StoreError> {
-        let records: Vec<DeploymentRecord> = registry.store().list_deployments()?;
-        let pipelines: Vec<PipelineRecord> = registry.store().list_pipelines()?;
+    pub fn new(handles: EngineHandles, settings: Settings) -> Result<Arc<Self>, StoreError> {
+        let EngineHandles {
+            registry,
+            records: stored,
+            artifacts,
+            durability,
+            events,
+            metrics,
+        } = handles;
+        let records: Vec<DeploymentRecord> = stored.list_deployments()?;
+        let pipelines: Vec<PipelineRecord> = stored.list_pipelines()?;
         // Deadlines and holds continue from the recorded times, whatever the
         // wall clock did while the control plane was down.
         if let Some(latest) = records.iter().map(|r| r.deployment.latest_ms()).max() {
@@ -93,6 +143,11 @@ impl Engine {
         let (updates, _) = broadcast::channel(1024);
         Ok(Arc::new(Self {
             registry,
+            records: stored,
+            artifacts,
+            durability,
+            events,
+            metrics,
             settings,
             deployments: Mutex::new(
                 records
@@ -150,7 +205,7 @@ impl Engine {
             self.advance_pipelines().await;
             {
                 let deployments = self.deployments.lock().await;
-                self.registry.metrics().set_deployment_states(
+                self.metrics.set_deployment_states(
                     deployments.values().map(|r| r.deployment.state.as_str()),
                 );
             }
@@ -177,8 +232,7 @@ impl Engine {
         user: &str,
     ) -> Result<PipelineRecord, PipelineError> {
         let artifact = self
-            .registry
-            .store()
+            .artifacts
             .get_artifact(module, version)?
             .ok_or_else(|| ArtifactNotFound {
                 module: module.to_string(),
@@ -203,16 +257,11 @@ impl Engine {
                 .environments
                 .get(env)
                 .map_or(1, |e| e.min_signatures);
-            crate::trust::ensure_deployable(
-                self.registry.store(),
-                &artifact,
-                required,
-                steady_now_ms(),
-            )
-            .map_err(|error| PipelineError::NotDeployable {
-                environment: env.clone(),
-                error,
-            })?;
+            crate::trust::ensure_deployable(&*self.artifacts, &artifact, required, steady_now_ms())
+                .map_err(|error| PipelineError::NotDeployable {
+                    environment: env.clone(),
+                    error,
+                })?;
             if !allow_downgrade {
                 self.ensure_not_downgrade(module, version, env).await?;
             }
@@ -226,10 +275,7 @@ impl Engine {
             user,
             steady_now_ms(),
         );
-        self.registry
-            .store()
-            .put_pipeline(&record.id, &record)
-            .await?;
+        self.records.put_pipeline(&record.id, &record).await?;
         tracing::info!(pipeline = %record.id, module = %module, version = %version, user = %user, "pipeline started");
         self.pipelines
             .lock()
@@ -267,12 +313,7 @@ impl Engine {
             let before = pipeline.clone();
             self.advance_pipeline(&mut pipeline).await;
             if pipeline != before {
-                if let Err(e) = self
-                    .registry
-                    .store()
-                    .put_pipeline(&pipeline.id, &pipeline)
-                    .await
-                {
+                if let Err(e) = self.records.put_pipeline(&pipeline.id, &pipeline).await {
                     tracing::error!(pipeline = %pipeline.id, error = %e, "cannot persist pipeline");
                     continue;
                 }
@@ -439,11 +480,7 @@ impl Engine {
     /// The yank of a deployment's version, if it was yanked.
     fn yank_of(&self, deployment: &Deployment) -> Option<crate::store::YankRecord> {
         let spec = &deployment.spec;
-        match self
-            .registry
-            .store()
-            .get_artifact(&spec.module, &spec.version)
-        {
+        match self.artifacts.get_artifact(&spec.module, &spec.version) {
             Ok(artifact) => artifact.and_then(|a| a.yanked),
             Err(e) => {
                 tracing::warn!(module = %spec.module, version = %spec.version, error = %e, "cannot read the artifact record to check for a yank");
@@ -462,7 +499,7 @@ impl Engine {
         record: &DeploymentRecord,
         actions: &[Action],
     ) -> Result<(), RegistryError> {
-        let metrics = self.registry.metrics();
+        let metrics = &self.metrics;
         let seen = previous.map_or(0, |p| p.analysis.len());
         for verdict in record.deployment.analysis.iter().skip(seen) {
             if verdict.outcome == Outcome::Failed {
@@ -473,13 +510,12 @@ impl Engine {
             if kind == Kind::RollingBack {
                 metrics.rollbacks.inc();
             }
-            self.registry.events().append(event);
+            self.events.append(event);
         }
         let changes = self.node_changes(record, actions)?;
-        let store = self.registry.store();
-        store.put_deployment_unflushed(&record.id, record)?;
+        self.records.put_deployment_unflushed(&record.id, record)?;
         let written = self.registry.write_desired(&changes)?;
-        store.flush().await?;
+        self.durability.flush().await?;
         if let Err(e) = self.registry.push_desired(&changes, &written) {
             tracing::warn!(deployment = %record.id, error = %e, "desired states are stored but not all were handed to their sessions");
         }
@@ -505,7 +541,7 @@ impl Engine {
                 return Ok(());
             }
             let written = self.registry.write_desired(&changes)?;
-            self.registry.store().flush().await?;
+            self.durability.flush().await?;
             self.registry.push_desired(&changes, &written)?;
             Ok::<(), RegistryError>(())
         };
@@ -594,8 +630,7 @@ impl Engine {
         let module = &record.deployment.spec.module;
         let current = self
             .registry
-            .store()
-            .get_desired(node)
+            .desired_of(node)
             .ok()
             .and_then(|mut d| d.modules.remove(module));
         if let Some(current) = current.filter(|c| c.same_target(&desired)) {
@@ -672,8 +707,7 @@ impl Engine {
             reason: e.to_string(),
         })?;
         let artifact = self
-            .registry
-            .store()
+            .artifacts
             .get_artifact(&request.module, &request.version)?
             .ok_or_else(|| ArtifactNotFound {
                 module: request.module.clone(),
@@ -685,13 +719,8 @@ impl Engine {
             .environments
             .get(&request.environment)
             .map_or(1, |e| e.min_signatures);
-        crate::trust::ensure_deployable(
-            self.registry.store(),
-            &artifact,
-            required,
-            steady_now_ms(),
-        )
-        .map_err(CreateError::NotDeployable)?;
+        crate::trust::ensure_deployable(&*self.artifacts, &artifact, required, steady_now_ms())
+            .map_err(CreateError::NotDeployable)?;
         if !request.allow_downgrade {
             self.ensure_not_downgrade(&request.module, &request.version, &request.environment)
                 .await?;

@@ -60,7 +60,7 @@ impl ArtifactsService {
 
     fn trust_set(&self) -> Result<TrustSet, ApiError> {
         let mut trust = TrustSet::new();
-        for record in self.ctx.registry.store().list_keys()? {
+        for record in self.ctx.store().list_keys()? {
             if record.revoked_at_ms.is_some() {
                 continue;
             }
@@ -75,7 +75,6 @@ impl ArtifactsService {
     fn key_names(&self) -> Result<BTreeMap<String, String>, ApiError> {
         Ok(self
             .ctx
-            .registry
             .store()
             .list_keys()?
             .into_iter()
@@ -162,7 +161,7 @@ impl ArtifactsService {
         let module = info.module();
         let digest = info.digest;
 
-        let store = self.ctx.registry.store();
+        let store = self.ctx.store();
         let record = ArtifactRecord {
             name: info.manifest.name.clone(),
             version: info.manifest.version.to_string(),
@@ -257,7 +256,7 @@ impl ArtifactsService {
             ApiError::InvalidArgument(format!("public key is not an ed25519 key in PEM form: {e}"))
         })?;
         let id = key_id(&key);
-        let store = self.ctx.registry.store();
+        let store = self.ctx.store();
         if let Some(other) = store.list_keys()?.into_iter().find(|k| k.key_id == id) {
             return Err(ApiError::AlreadyExists(format!(
                 "this key is already trusted as {:?} ({id})",
@@ -283,7 +282,7 @@ impl ArtifactsService {
     }
 
     async fn revoke_key(&self, user: &str, name: &str) -> Result<pb::PublisherKey, ApiError> {
-        let store = self.ctx.registry.store();
+        let store = self.ctx.store();
         let mut record = store
             .get_key(name)?
             .ok_or_else(|| ApiError::NotFound(format!("no publisher key named {name:?}")))?;
@@ -321,7 +320,7 @@ impl ArtifactsService {
                 )));
             }
         }
-        let store = self.ctx.registry.store();
+        let store = self.ctx.store();
         let module = format!("{name}@{version}");
         let existing = store
             .get_artifact(name, version)?
@@ -367,10 +366,7 @@ impl ArtifactsService {
                 crate::events::Event::new("module.unyanked", format!("{module} unyanked by {user}"))
             }
         };
-        self.ctx
-            .registry
-            .events()
-            .append(event.module(name, version));
+        self.ctx.events.append(event.module(name, version));
         tracing::warn!(user = %user, module = %name, version = %version, reason = reason.unwrap_or_default(), yanked = yank.is_some(), "version yank changed");
         self.ctx.registry.yank_changed();
         Ok(version_to_pb(&updated, &self.key_names()?, false))
@@ -378,7 +374,7 @@ impl ArtifactsService {
 
     fn module(&self, name: &str) -> Result<pb::Module, ApiError> {
         let names = self.key_names()?;
-        let mut versions = self.ctx.registry.store().module_versions(name)?;
+        let mut versions = self.ctx.store().module_versions(name)?;
         if versions.is_empty() {
             return Err(ApiError::NotFound(format!(
                 "module {name:?} has no versions; push one with `hotswapctl module push`"
@@ -397,7 +393,6 @@ impl ArtifactsService {
     fn describe(&self, name: &str, version: &str) -> Result<pb::ArtifactDescriptor, ApiError> {
         let record = self
             .ctx
-            .registry
             .store()
             .get_artifact(name, version)?
             .ok_or_else(|| ApiError::NotFound(format!("artifact {name}@{version} not found")))?;
@@ -556,7 +551,6 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         self.ctx.reader(&request)?;
         let mut names: Vec<String> = self
             .ctx
-            .registry
             .store()
             .list_artifacts()
             .map_err(ApiError::from)?
@@ -597,10 +591,9 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         // Agents read the trusted set when no keys are pinned locally.
-        auth::require_reader_or_node(&request, &self.ctx.registry)?;
+        auth::require_reader_or_node(&request, &self.ctx.registry, &*self.ctx.store)?;
         let keys = self
             .ctx
-            .registry
             .store()
             .list_keys()
             .map_err(ApiError::from)?
@@ -665,7 +658,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::DescribeArtifactRequest>,
     ) -> Result<Response<pb::ArtifactDescriptor>, Status> {
-        auth::require_reader_or_node(&request, &self.ctx.registry)?;
+        auth::require_reader_or_node(&request, &self.ctx.registry, &*self.ctx.store)?;
         let request = request.into_inner();
         Ok(Response::new(
             self.describe(&request.name, &request.version)?,
@@ -678,7 +671,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        auth::require_reader_or_node(&request, &self.ctx.registry)?;
+        auth::require_reader_or_node(&request, &self.ctx.registry, &*self.ctx.store)?;
         let request = request.into_inner();
         let digest = Digest::parse(&request.digest).map_err(ApiError::InvalidArgument)?;
         let not_found = || ApiError::NotFound(format!("no artifact content with digest {digest}"));

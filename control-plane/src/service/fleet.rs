@@ -70,7 +70,6 @@ impl FleetService {
             created_by: user.to_string(),
         };
         self.ctx
-            .registry
             .store()
             .insert_token(&token_hash(&token), &record)
             .await?;
@@ -119,7 +118,7 @@ impl FleetService {
                         request.module
                     ))
                 })?;
-            crate::trust::ensure_deployable(self.ctx.store(), &artifact, 1, now_ms())?;
+            crate::trust::ensure_deployable(&**self.ctx.store(), &artifact, 1, now_ms())?;
         }
         let desired = DesiredModuleRecord {
             version: request.version.clone(),

@@ -67,13 +67,13 @@ impl pb::events_server::Events for EventsService {
         let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
         let follow = r.follow;
         let newest = r.newest;
-        let registry = self.ctx.registry.clone();
+        let events = self.ctx.events.clone();
         let shutdown = self.ctx.shutdown.clone();
         // Subscribe before reading, so nothing falls between replay and live.
-        let mut live = registry.events().subscribe();
+        let mut live = events.subscribe();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            let log = registry.events();
+            let log = &*events;
             let mut next = r.since;
             // The newest `limit`: find where they start, then replay from
             // there as usual (events appended meanwhile come after them, and

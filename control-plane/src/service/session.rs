@@ -293,8 +293,7 @@ async fn drive(
             Some(AgentMsg::Status(report)) => {
                 let screened = report_from_pb(report, &handle.desired.borrow());
                 if !screened.clean() {
-                    ctx.registry
-                        .metrics()
+                    ctx.metrics
                         .report_claims_dropped
                         .inc_by(screened.dropped_claims);
                     warnings.warn(&handle.node_id, &screened);

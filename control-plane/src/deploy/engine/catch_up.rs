@@ -198,8 +198,7 @@ impl Engine {
                     ),
                 };
                 tracing::info!(node = %p.name, module = %module, version = %p.version, kind = %event.kind, "{}", event.message);
-                self.registry
-                    .events()
+                self.events
                     .append(event.node(&p.name).module(&module, &p.version));
                 done.push((node, module.clone()));
             }
@@ -376,7 +375,7 @@ impl Engine {
             }
         }
         for event in refusals {
-            self.registry.events().append(event);
+            self.events.append(event);
         }
         if let Err(e) = self.move_nodes(&changes).await {
             tracing::error!(error = %e, nodes = changes.len(), "cannot store catch-up desired states; they are tried again when the nodes attach");
@@ -389,8 +388,7 @@ impl Engine {
     /// Whether `module@version` may be deployed to `environment` today.
     fn deployable(&self, environment: &str, module: &str, version: &str) -> Result<(), String> {
         let artifact = self
-            .registry
-            .store()
+            .artifacts
             .get_artifact(module, version)
             .map_err(|e| format!("cannot read artifact {module}@{version}: {e}"))?
             .ok_or_else(|| format!("artifact {module}@{version} is no longer stored"))?;
@@ -399,7 +397,7 @@ impl Engine {
             .environments
             .get(environment)
             .map_or(1, |e| e.min_signatures);
-        crate::trust::ensure_deployable(self.registry.store(), &artifact, required, steady_now_ms())
+        crate::trust::ensure_deployable(&*self.artifacts, &artifact, required, steady_now_ms())
             .map_err(|e| e.to_string())
     }
 
@@ -415,7 +413,7 @@ impl Engine {
         let missing = self.registry.missing_nodes(&changes)?;
         changes.retain(|(node, _, _)| !missing.contains(node));
         let written = self.registry.write_desired(&changes)?;
-        self.registry.store().flush().await?;
+        self.durability.flush().await?;
         self.registry.push_desired(&changes, &written)
     }
 }
