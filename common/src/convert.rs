@@ -2,11 +2,13 @@
 //! failing with an error that names the field when the message is unusable.
 
 use crate::model::{
-    ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleMetricsView, ModuleVersionView,
+    ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleVersionView,
     ModuleView, NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
     PublisherKeyView, TokenView, VerdictView, YankView,
 };
+use crate::ids::ModuleName;
 use crate::pb;
+use crate::status::{FailureKind, Health, ModuleMetrics, ModuleStatus, Phase};
 use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,6 +24,204 @@ pub enum ConvertError {
         field: &'static str,
         value: String,
     },
+}
+
+/// A wire message field whose value is unusable: the field's path inside
+/// the message (`modules[2].metrics.error_rate`) and why.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{path}: {reason}")]
+pub struct FieldError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            path: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The same error seen from the enclosing message: `error_rate` inside
+    /// `modules[2].metrics` becomes `modules[2].metrics.error_rate`.
+    pub fn within(mut self, parent: impl std::fmt::Display) -> Self {
+        self.path = format!("{parent}.{}", self.path);
+        self
+    }
+}
+
+/// Highest request rate believed, per second and module on one node:
+/// beyond it a rate is a lie, and huge finite values would turn a cluster's
+/// average into infinity.
+pub const MAX_REQUEST_RATE: f64 = 1e9;
+/// Highest p99 latency believed, in seconds (a day).
+pub const MAX_LATENCY_SECONDS: f64 = 86_400.0;
+
+/// `value` if it lies in `range` (NaN never does).
+fn within_range(
+    field: &str,
+    value: f64,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<f64, FieldError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(FieldError::new(
+            field,
+            format!(
+                "must be within {}..={}, got {value}",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
+}
+
+/// A value the wire leaves unset when unknown. Senders from before the
+/// field was `optional` send a negative value for that; it reads as unset.
+fn known(value: Option<f64>) -> Option<f64> {
+    value.filter(|v| *v >= 0.0)
+}
+
+/// A module's metrics window as an agent reports it: every value finite and
+/// within what a module can do, or the window is refused.
+impl TryFrom<pb::ModuleMetrics> for ModuleMetrics {
+    type Error = FieldError;
+
+    fn try_from(w: pb::ModuleMetrics) -> Result<Self, Self::Error> {
+        let request_rate = within_range("request_rate", w.request_rate, 0.0..=MAX_REQUEST_RATE)?;
+        let error_rate = within_range("error_rate", w.error_rate, 0.0..=1.0)?;
+        let latency_p99_seconds = match w.latency_p99_seconds {
+            None => None,
+            // An agent from before the field was optional: no requests.
+            Some(latency) if latency < 0.0 && latency.is_finite() => None,
+            Some(latency) => Some(within_range(
+                "latency_p99_seconds",
+                latency,
+                0.0..=MAX_LATENCY_SECONDS,
+            )?),
+        };
+        Ok(ModuleMetrics {
+            request_rate,
+            error_rate,
+            latency_p99_seconds,
+        })
+    }
+}
+
+/// A module's status as an agent reports it. The name must be a valid
+/// module name and the metrics window believable; the phase, health and
+/// failure class are lenient (a word this build does not know reads as
+/// unknown or none), so a newer agent is not cut off. Lengths are left to
+/// the receiver, which knows what it keeps.
+impl TryFrom<pb::ModuleStatus> for ModuleStatus {
+    type Error = FieldError;
+
+    fn try_from(m: pb::ModuleStatus) -> Result<Self, Self::Error> {
+        ModuleName::parse(&m.name).map_err(|e| FieldError::new("name", e.to_string()))?;
+        let metrics = m
+            .metrics
+            .map(ModuleMetrics::try_from)
+            .transpose()
+            .map_err(|e| e.within("metrics"))?;
+        Ok(ModuleStatus {
+            name: m.name,
+            version: m.version,
+            phase: Phase::parse(&m.phase),
+            health: Health::parse(&m.health),
+            message: m.message,
+            staged_version: m.staged_version,
+            previous_version: m.previous_version,
+            restarts: m.restarts,
+            crash_loop: m.crash_loop,
+            metrics,
+            settling: m.settling_versions,
+            failure_kind: FailureKind::parse(&m.failure_kind),
+        })
+    }
+}
+
+/// What an agent reports of a module (its process id is the agent's own
+/// business and is added by the agent where it has one).
+impl From<&ModuleStatus> for pb::ModuleStatus {
+    fn from(m: &ModuleStatus) -> Self {
+        pb::ModuleStatus {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            phase: m.phase.as_str().to_string(),
+            health: m.health.as_str().to_string(),
+            message: m.message.clone(),
+            staged_version: m.staged_version.clone(),
+            previous_version: m.previous_version.clone(),
+            restarts: m.restarts,
+            crash_loop: m.crash_loop,
+            metrics: m.metrics.map(|w| pb::ModuleMetrics {
+                request_rate: w.request_rate,
+                error_rate: w.error_rate,
+                latency_p99_seconds: w.latency_p99_seconds,
+                interval_seconds: 0.0,
+            }),
+            pid: 0,
+            settling_versions: m.settling.clone(),
+            failure_kind: m
+                .failure_kind
+                .map(|k| k.as_str().to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A module of a node as the control plane describes it, and the version it
+/// is desired at (`""` when not desired).
+pub fn node_module_to_pb(m: &ModuleStatus, desired_version: &str) -> pb::NodeModule {
+    pb::NodeModule {
+        name: m.name.clone(),
+        version: m.version.clone(),
+        phase: m.phase.as_str().to_string(),
+        health: m.health.as_str().to_string(),
+        message: m.message.clone(),
+        staged_version: m.staged_version.clone(),
+        previous_version: m.previous_version.clone(),
+        restarts: m.restarts,
+        crash_loop: m.crash_loop,
+        desired_version: desired_version.to_string(),
+        metrics: m.metrics.map(|w| pb::ModuleMetricsView {
+            request_rate: w.request_rate,
+            error_rate: w.error_rate,
+            latency_p99_seconds: w.latency_p99_seconds,
+        }),
+        settling_versions: m.settling.clone(),
+        failure_kind: m
+            .failure_kind
+            .map(|k| k.as_str().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// A node's module as a control plane describes it: lenient, as the
+/// control plane screened it already; a word this build does not know
+/// reads as unknown (phase, health) or none (failure class).
+fn node_module_from_pb(m: pb::NodeModule) -> NodeModuleView {
+    let status = ModuleStatus {
+        name: m.name,
+        version: m.version,
+        phase: Phase::parse(&m.phase),
+        health: Health::parse(&m.health),
+        message: m.message,
+        staged_version: m.staged_version,
+        previous_version: m.previous_version,
+        restarts: m.restarts,
+        crash_loop: m.crash_loop,
+        metrics: m.metrics.map(|w| ModuleMetrics {
+            request_rate: w.request_rate,
+            error_rate: w.error_rate,
+            latency_p99_seconds: known(w.latency_p99_seconds),
+        }),
+        settling: m.settling_versions,
+        failure_kind: FailureKind::parse(&m.failure_kind),
+    };
+    NodeModuleView::from_status(status, m.desired_version)
 }
 
 fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -69,34 +269,7 @@ impl TryFrom<pb::Node> for NodeView {
             labels: node.labels.into_iter().collect(),
             status,
             last_seen: rfc3339(node.last_seen.as_ref()),
-            modules: node
-                .modules
-                .into_iter()
-                .map(|m| NodeModuleView {
-                    name: m.name,
-                    version: m.version,
-                    phase: m.phase,
-                    health: m.health,
-                    message: m.message,
-                    staged_version: m.staged_version,
-                    previous_version: m.previous_version,
-                    desired_version: m.desired_version,
-                    restarts: m.restarts,
-                    crash_loop: m.crash_loop,
-                    metrics: m.metrics.map(|w| ModuleMetricsView {
-                        request_rate: w.request_rate,
-                        error_rate: w.error_rate,
-                        latency_p99_seconds: (w.latency_p99_seconds >= 0.0)
-                            .then_some(w.latency_p99_seconds),
-                    }),
-                    settling: m.settling_versions,
-                    // Only the classes this CLI knows; anything else is none.
-                    failure_kind: match m.failure_kind.as_str() {
-                        "release" | "infrastructure" => Some(m.failure_kind),
-                        _ => None,
-                    },
-                })
-                .collect(),
+            modules: node.modules.into_iter().map(node_module_from_pb).collect(),
             agent_version: node.agent_version,
             enrolled_at: rfc3339(node.enrolled_at.as_ref()),
             usage: node.usage.map(|u| NodeUsageView {
@@ -236,7 +409,6 @@ impl TryFrom<pb::Deployment> for DeploymentView {
             message: "Deployment",
             field: "progress",
         })?;
-        let known = |x: f64| (x >= 0.0).then_some(x);
         Ok(DeploymentView {
             id: d.id,
             module: d.module,
