@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::current::downgrade_refusal;
 use super::machine::{
-    Action, Aggregate, Analysis, BatchSize, Control, Deployment, Health, Input,
-    MAX_LATENCY_WINDOWS, NodeReport, NodeState, Outcome, Phase, Reports, Spec, State, Strategy,
+    Action, Aggregate, Analysis, BatchSize, Control, Deployment, Input,
+    MAX_LATENCY_WINDOWS, NodeReport, NodeState, Outcome, Reports, Spec, State, Strategy,
     Thresholds, plan_waves,
 };
 use crate::clock::steady_now_ms;
@@ -1317,8 +1317,8 @@ pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
                 connected: seen.connected,
                 current,
                 version: m.version.clone(),
-                phase: Phase::parse(&m.phase),
-                health: Health::parse(&m.health),
+                phase: m.phase,
+                health: m.health,
                 crash_loop: m.crash_loop,
                 staged_version: m.staged_version.clone(),
                 message: m.message.clone(),

@@ -52,9 +52,11 @@ fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest,
         selector,
         strategy: (!o.strategy.is_empty()).then_some(o.strategy),
         batch_size: (!o.batch_size.is_empty()).then_some(o.batch_size),
+        // Unset is the default; -1 is how clients from before the field
+        // was optional said so.
         max_failures: match o.max_failures {
-            -1 => None,
-            n => Some(u32::try_from(n).map_err(|_| {
+            None | Some(-1) => None,
+            Some(n) => Some(u32::try_from(n).map_err(|_| {
                 ApiError::InvalidArgument(format!(
                     "--max-failures {n} is negative (-1 on the wire means the default)"
                 ))
@@ -67,13 +69,14 @@ fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest,
         min_healthy_time: opt_ms(o.min_healthy_time_ms),
         health_deadline: opt_ms(o.health_deadline_ms),
         progress_deadline: opt_ms(o.progress_deadline_ms),
-        // Only the wire's own "unset" values mean the default: any other
+        // Only unset, or the legacy "unset" values of clients from before
+        // these fields were optional (-1, 0, 0), mean the default: any other
         // negative, NaN or infinite value is a mistake the engine refuses,
         // not a silent fall-back (NaN would make the check never trip).
-        max_error_rate: (o.max_error_rate != -1.0).then_some(o.max_error_rate),
-        max_latency_increase: (o.max_latency_increase != 0.0).then_some(o.max_latency_increase),
+        max_error_rate: o.max_error_rate.filter(|rate| *rate != -1.0),
+        max_latency_increase: o.max_latency_increase.filter(|factor| *factor != 0.0),
         no_auto_rollback: o.no_auto_rollback,
-        pause_timeout: opt_ms(o.pause_timeout_ms),
+        pause_timeout: opt_ms(o.pause_timeout_ms.unwrap_or(0)),
         analysis_min_requests: o.analysis_min_requests,
         analysis_warmup: o.analysis_warmup_ms.map(Duration::from_millis),
         dry_run: request.dry_run,
@@ -140,10 +143,10 @@ pub fn deployment_to_pb(record: &DeploymentRecord) -> pb::Deployment {
                 step: v.step as u32 + 1,
                 passed: v.passed,
                 summary: v.summary.clone(),
-                canary_error_rate: v.analysis.canary.error_rate.unwrap_or(-1.0),
-                baseline_error_rate: v.analysis.baseline.error_rate.unwrap_or(-1.0),
-                canary_latency_p99: v.analysis.canary.latency_p99.unwrap_or(-1.0),
-                baseline_latency_p99: v.analysis.baseline.latency_p99.unwrap_or(-1.0),
+                canary_error_rate: v.analysis.canary.error_rate,
+                baseline_error_rate: v.analysis.baseline.error_rate,
+                canary_latency_p99: v.analysis.canary.latency_p99,
+                baseline_latency_p99: v.analysis.baseline.latency_p99,
                 outcome: v.outcome.as_str().to_string(),
                 canary_requests: v.analysis.canary.requests,
                 baseline_requests: v.analysis.baseline.requests,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use hotswap_common::labels::ENVIRONMENT_LABEL;
 use hotswap_common::pb;
+use hotswap_common::status::Health;
 use hotswap_common::timefmt::ts_from_ms;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
@@ -206,12 +207,9 @@ impl ClustersService {
     }
 }
 
-fn average(values: &[f64]) -> f64 {
-    if values.is_empty() {
-        -1.0
-    } else {
-        values.iter().sum::<f64>() / values.len() as f64
-    }
+/// The mean, `None` when nothing reports.
+fn average(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
 /// One environment's view of its nodes.
@@ -226,13 +224,13 @@ pub fn summarize(environment: &str, nodes: &[NodeState]) -> pb::Cluster {
                 .entry((m.name.clone(), m.version.clone()))
                 .or_default();
             entry.0 += 1;
-            match m.health.as_str() {
-                "healthy" => {
+            match m.health {
+                Health::Healthy => {
                     healthy += 1;
                     entry.1 += 1;
                 }
-                "unhealthy" => unhealthy += 1,
-                _ => unknown += 1,
+                Health::Unhealthy => unhealthy += 1,
+                Health::Unknown => unknown += 1,
             }
             if let Some(w) = m.metrics {
                 rate.push(w.request_rate);
@@ -377,8 +375,8 @@ mod tests {
                 .map(|(name, version, health, rate)| ModuleState {
                     name: name.to_string(),
                     version: version.to_string(),
-                    phase: "running".into(),
-                    health: health.to_string(),
+                    phase: hotswap_common::status::Phase::Running,
+                    health: Health::parse(health),
                     message: String::new(),
                     staged_version: String::new(),
                     previous_version: String::new(),
@@ -422,10 +420,10 @@ mod tests {
             .map(|m| (m.version.clone(), m.nodes, m.healthy))
             .collect();
         assert_eq!(versions, [("1.0.0".into(), 1, 1), ("1.1.0".into(), 2, 1)]);
-        assert_eq!(c.cpu_percent, 40.0);
-        assert_eq!(c.request_rate, 20.0);
+        assert_eq!(c.cpu_percent, Some(40.0));
+        assert_eq!(c.request_rate, Some(20.0));
         let empty = summarize("qa", &[]);
-        assert_eq!((empty.nodes, empty.request_rate), (0, -1.0));
+        assert_eq!((empty.nodes, empty.request_rate), (0, None));
     }
 
     #[test]
