@@ -78,6 +78,22 @@ fn within_range(
     }
 }
 
+/// A module name as a wire message carries it, checked against the module
+/// name rule (`field` names it in the error).
+pub fn module_name_from_pb(field: &str, name: &str) -> Result<ModuleName, FieldError> {
+    ModuleName::parse(name).map_err(|e| FieldError::new(field, e.to_string()))
+}
+
+/// A version as a wire message carries it: empty (none) or semver.
+pub fn check_version(field: &str, version: &str) -> Result<(), FieldError> {
+    if version.is_empty() {
+        return Ok(());
+    }
+    semver::Version::parse(version)
+        .map(drop)
+        .map_err(|e| FieldError::new(field, format!("{version:?} is not semver: {e}")))
+}
+
 /// A value the wire leaves unset when unknown. Senders from before the
 /// field was `optional` send a negative value for that; it reads as unset.
 fn known(value: Option<f64>) -> Option<f64> {
@@ -119,7 +135,7 @@ impl TryFrom<pb::ModuleStatus> for ModuleStatus {
     type Error = FieldError;
 
     fn try_from(m: pb::ModuleStatus) -> Result<Self, Self::Error> {
-        ModuleName::parse(&m.name).map_err(|e| FieldError::new("name", e.to_string()))?;
+        module_name_from_pb("name", &m.name)?;
         let metrics = m
             .metrics
             .map(ModuleMetrics::try_from)
