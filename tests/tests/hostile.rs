@@ -53,7 +53,7 @@ fn lying_report(round: usize) -> pb::AgentMessage {
         metrics: Some(pb::ModuleMetrics {
             request_rate: f64::NAN,
             error_rate: f64::INFINITY,
-            latency_p99_seconds: f64::INFINITY,
+            latency_p99_seconds: Some(f64::INFINITY),
             interval_seconds: 5.0,
         }),
         ..Default::default()
