@@ -1,18 +1,16 @@
 //! `Deployments`: create (or plan), list, get, watch and control deployments.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hotswap_common::labels::validate_labels;
 use hotswap_common::pb;
 use hotswap_common::timefmt::ts_from_ms;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use super::Context;
+use super::stream::{ServerStream, spawn_stream};
 use crate::auth::Permission;
 use crate::deploy::engine::{CreateRequest, DeploymentRecord, Engine, PlanView};
 use crate::deploy::machine::{Control, NodeState};
@@ -210,7 +208,7 @@ fn control_of(action: &str, reason: String, user: &str) -> Result<Control, ApiEr
     })
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Deployment, Status>> + Send>>;
+type WatchStream = ServerStream<pb::Deployment>;
 
 #[tonic::async_trait]
 impl pb::deployments_server::Deployments for DeploymentsService {
@@ -298,39 +296,43 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         // Subscribe first, then read, so no change is missed in between.
         let mut updates = self.engine.subscribe();
         let current = self.engine.get(&id).await?;
-        let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
-        let shutdown = self.ctx.shutdown.clone();
-        tokio::spawn(async move {
+        Ok(spawn_stream(&self.ctx.shutdown, 64, |sink| async move {
             let mut last = current;
-            if tx.send(Ok(deployment_to_pb(&last))).await.is_err()
-                || last.deployment.state.is_terminal()
-            {
+            if !sink.send(deployment_to_pb(&last)).await || last.deployment.state.is_terminal() {
                 return;
             }
             // Also re-send every few seconds, so `waiting_for` countdowns stay fresh.
             let mut refresh = tokio::time::interval(Duration::from_secs(2));
             loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    _ = refresh.tick() => match engine.get(&id).await { Ok(r) => r, Err(_) => return },
-                    update = updates.recv() => match update {
-                        Ok(r) if r.id == id => r,
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => match engine.get(&id).await { Ok(r) => r, Err(_) => return },
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
+                // `Ok(None)`: nothing to send this time (another deployment
+                // changed); `Err`: the deployment or the engine's channel
+                // is gone.
+                let next = sink.next(async {
+                    tokio::select! {
+                        _ = refresh.tick() => engine.get(&id).await.map(Some).map_err(drop),
+                        update = updates.recv() => match update {
+                            Ok(r) if r.id == id => Ok(Some(r)),
+                            Ok(_) => Ok(None),
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                engine.get(&id).await.map(Some).map_err(drop)
+                            }
+                            Err(broadcast::error::RecvError::Closed) => Err(()),
+                        },
+                    }
+                });
+                last = match next.await {
+                    Some(Ok(Some(r))) => r,
+                    Some(Ok(None)) => continue,
+                    // Shut down, the client gone, the deployment gone or the
+                    // engine's channel closed: the stream ends.
+                    None | Some(Err(_)) => return,
                 };
-                last = next;
-                if tx.send(Ok(deployment_to_pb(&last))).await.is_err()
-                    || last.deployment.state.is_terminal()
-                {
+                if !sink.send(deployment_to_pb(&last)).await || last.deployment.state.is_terminal() {
                     return;
                 }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }))
     }
 
     async fn control_deployment(

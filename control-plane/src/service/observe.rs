@@ -2,19 +2,17 @@
 //! `Clusters` (per-environment health, versions and metric averages).
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use hotswap_common::labels::ENVIRONMENT_LABEL;
 use hotswap_common::pb;
 use hotswap_common::status::Health;
 use hotswap_common::timefmt::ts_from_ms;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use super::Context;
+use super::stream::{ServerStream, spawn_stream};
 use crate::deploy::current::Currents;
 use crate::deploy::engine::Engine;
 use crate::error::ApiError;
@@ -47,7 +45,7 @@ pub fn event_to_pb(e: Event) -> pb::Event {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+type EventStream = ServerStream<pb::Event>;
 
 #[tonic::async_trait]
 impl pb::events_server::Events for EventsService {
@@ -69,11 +67,9 @@ impl pb::events_server::Events for EventsService {
         let follow = r.follow;
         let newest = r.newest;
         let registry = self.ctx.registry.clone();
-        let shutdown = self.ctx.shutdown.clone();
         // Subscribe before reading, so nothing falls between replay and live.
         let mut live = registry.events().subscribe();
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
+        Ok(spawn_stream(&self.ctx.shutdown, 256, |sink| async move {
             let log = registry.events();
             let mut next = r.since;
             // The newest `limit`: find where they start, then replay from
@@ -82,10 +78,7 @@ impl pb::events_server::Events for EventsService {
             if newest {
                 match log.newest_start(next, &filter, limit) {
                     Ok(start) => next = start,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
+                    Err(e) => return sink.fail(e).await,
                 }
             }
             let mut sent = 0usize;
@@ -106,14 +99,11 @@ impl pb::events_server::Events for EventsService {
             loop {
                 let page = match catch_up(&mut next, &mut sent) {
                     Ok(page) => page,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
+                    Err(e) => return sink.fail(e).await,
                 };
                 let done = page.len() < PAGE || (!follow && sent >= limit);
                 for event in page {
-                    if tx.send(Ok(event_to_pb(event))).await.is_err() {
+                    if !sink.send(event_to_pb(event)).await {
                         return;
                     }
                 }
@@ -125,31 +115,25 @@ impl pb::events_server::Events for EventsService {
                 return;
             }
             loop {
-                let event = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    event = live.recv() => event,
+                let Some(event) = sink.next(live.recv()).await else {
+                    return;
                 };
                 match event {
                     Ok(event) if event.seq < next => {}
                     Ok(event) => {
                         next = event.seq + 1;
-                        if filter.matches(&event) && tx.send(Ok(event_to_pb(event))).await.is_err()
-                        {
+                        if filter.matches(&event) && !sink.send(event_to_pb(event)).await {
                             return;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => loop {
                         let page = match catch_up(&mut next, &mut sent) {
                             Ok(page) => page,
-                            Err(e) => {
-                                let _ = tx.send(Err(Status::from(e))).await;
-                                return;
-                            }
+                            Err(e) => return sink.fail(e).await,
                         };
                         let done = page.len() < PAGE;
                         for event in page {
-                            if tx.send(Ok(event_to_pb(event))).await.is_err() {
+                            if !sink.send(event_to_pb(event)).await {
                                 return;
                             }
                         }
@@ -160,8 +144,7 @@ impl pb::events_server::Events for EventsService {
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }))
     }
 }
 
