@@ -562,4 +562,161 @@ mod tests {
         assert_eq!(json["last_seen"], "2023-11-14T22:13:20Z");
         assert_eq!(json["labels"]["environment"], "dev");
     }
+
+    fn metrics(request_rate: f64, error_rate: f64, latency: Option<f64>) -> pb::ModuleMetrics {
+        pb::ModuleMetrics {
+            request_rate,
+            error_rate,
+            latency_p99_seconds: latency,
+            interval_seconds: 5.0,
+        }
+    }
+
+    fn status(name: &str) -> pb::ModuleStatus {
+        pb::ModuleStatus {
+            name: name.into(),
+            version: "1.0.0".into(),
+            phase: "running".into(),
+            health: "healthy".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn metrics_errors_name_the_field_and_the_value() {
+        let check = |w: pb::ModuleMetrics, expected: &str| {
+            let err = ModuleMetrics::try_from(w).expect_err(expected);
+            assert_eq!(err.to_string(), expected);
+        };
+        check(
+            metrics(f64::NAN, 0.0, None),
+            "request_rate: must be within 0..=1000000000, got NaN",
+        );
+        check(
+            metrics(1.0, f64::NAN, None),
+            "error_rate: must be within 0..=1, got NaN",
+        );
+        check(
+            metrics(1.0, 1.5, None),
+            "error_rate: must be within 0..=1, got 1.5",
+        );
+        check(
+            metrics(1.0, 0.0, Some(f64::INFINITY)),
+            "latency_p99_seconds: must be within 0..=86400, got inf",
+        );
+        check(
+            metrics(1.0, 0.0, Some(f64::NEG_INFINITY)),
+            "latency_p99_seconds: must be within 0..=86400, got -inf",
+        );
+        // Unset, and the negative of agents from before the field was
+        // optional, both mean no requests.
+        for latency in [None, Some(-1.0)] {
+            let w = ModuleMetrics::try_from(metrics(0.0, 0.0, latency)).expect("valid");
+            assert_eq!(w.latency_p99_seconds, None);
+        }
+    }
+
+    #[test]
+    fn status_errors_carry_the_path_inside_the_message() {
+        let err = ModuleStatus::try_from(status("../../etc")).expect_err("bad name");
+        assert_eq!(err.path, "name");
+        assert!(err.to_string().starts_with("name: module name \"../../etc\" is invalid"));
+        let mut bad = status("web");
+        bad.metrics = Some(metrics(1.0, f64::NAN, None));
+        let err = ModuleStatus::try_from(bad)
+            .expect_err("bad metrics")
+            .within("modules[2]");
+        assert_eq!(
+            err.to_string(),
+            "modules[2].metrics.error_rate: must be within 0..=1, got NaN"
+        );
+    }
+
+    #[test]
+    fn unknown_words_are_lenient() {
+        let mut newer = status("web");
+        newer.phase = "hibernating".into();
+        newer.health = "degraded".into();
+        newer.failure_kind = "cosmic-ray".into();
+        let m = ModuleStatus::try_from(newer).expect("a newer agent is not cut off");
+        assert_eq!(
+            (m.phase, m.health, m.failure_kind),
+            (Phase::Unknown, Health::Unknown, None)
+        );
+    }
+
+    #[test]
+    fn status_round_trips_through_the_wire() {
+        let m = ModuleStatus {
+            name: "web".into(),
+            version: "1.2.0".into(),
+            phase: Phase::Failed,
+            health: Health::Unhealthy,
+            message: "probe failed".into(),
+            staged_version: "1.3.0".into(),
+            previous_version: "1.1.0".into(),
+            restarts: 3,
+            crash_loop: true,
+            metrics: Some(ModuleMetrics {
+                request_rate: 5.0,
+                error_rate: 0.5,
+                latency_p99_seconds: None,
+            }),
+            settling: vec!["1.1.0".into()],
+            failure_kind: Some(FailureKind::Release),
+        };
+        assert_eq!(ModuleStatus::try_from(pb::ModuleStatus::from(&m)), Ok(m.clone()));
+        let view = node_module_from_pb(node_module_to_pb(&m, "1.2.0"));
+        assert_eq!(view, NodeModuleView::from_status(m, "1.2.0".into()));
+    }
+
+    #[test]
+    fn node_module_json_is_unchanged() {
+        // The shape `nodes get -o json` printed before the typed status.
+        let view = node_module_from_pb(pb::NodeModule {
+            name: "web".into(),
+            version: "1.0.0".into(),
+            phase: "running".into(),
+            health: "healthy".into(),
+            desired_version: "1.0.0".into(),
+            metrics: Some(pb::ModuleMetricsView {
+                request_rate: 2.0,
+                error_rate: 0.0,
+                // A control plane from before the field was optional.
+                latency_p99_seconds: Some(-1.0),
+            }),
+            failure_kind: "infrastructure".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            serde_json::to_string(&view).expect("json"),
+            r#"{"name":"web","version":"1.0.0","phase":"running","health":"healthy","message":"","staged_version":"","previous_version":"","desired_version":"1.0.0","restarts":0,"crash_loop":false,"metrics":{"request_rate":2.0,"error_rate":0.0,"latency_p99_seconds":null},"settling":[],"failure_kind":"infrastructure"}"#
+        );
+    }
+
+    #[test]
+    fn versions_are_empty_or_semver() {
+        assert_eq!(check_version("version", ""), Ok(()));
+        assert_eq!(check_version("version", "1.2.3-rc.1+b5"), Ok(()));
+        let err = check_version("staged_version", "latest").expect_err("not semver");
+        assert_eq!(err.path, "staged_version");
+        assert!(err.reason.starts_with("\"latest\" is not semver"), "{err}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn converted_metrics_are_always_believable(
+            request_rate in proptest::num::f64::ANY,
+            error_rate in proptest::num::f64::ANY,
+            latency in proptest::option::of(proptest::num::f64::ANY),
+        ) {
+            if let Ok(w) = ModuleMetrics::try_from(metrics(request_rate, error_rate, latency)) {
+                proptest::prop_assert!((0.0..=MAX_REQUEST_RATE).contains(&w.request_rate));
+                proptest::prop_assert!((0.0..=1.0).contains(&w.error_rate));
+                if let Some(l) = w.latency_p99_seconds {
+                    proptest::prop_assert!((0.0..=MAX_LATENCY_SECONDS).contains(&l));
+                }
+            }
+        }
+    }
 }
