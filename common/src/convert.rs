@@ -1,12 +1,12 @@
 //! Wire → domain conversions. Everything that leaves `pb` goes through here,
 //! failing with an error that names the field when the message is unusable.
 
+use crate::ids::ModuleName;
 use crate::model::{
-    ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleVersionView,
-    ModuleView, NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
+    ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleVersionView, ModuleView,
+    NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
     PublisherKeyView, TokenView, VerdictView, YankView,
 };
-use crate::ids::ModuleName;
 use crate::pb;
 use crate::status::{FailureKind, Health, ModuleMetrics, ModuleStatus, Phase};
 use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
@@ -620,7 +620,10 @@ mod tests {
     fn status_errors_carry_the_path_inside_the_message() {
         let err = ModuleStatus::try_from(status("../../etc")).expect_err("bad name");
         assert_eq!(err.path, "name");
-        assert!(err.to_string().starts_with("name: module name \"../../etc\" is invalid"));
+        assert!(
+            err.to_string()
+                .starts_with("name: module name \"../../etc\" is invalid")
+        );
         let mut bad = status("web");
         bad.metrics = Some(metrics(1.0, f64::NAN, None));
         let err = ModuleStatus::try_from(bad)
@@ -665,7 +668,10 @@ mod tests {
             settling: vec!["1.1.0".into()],
             failure_kind: Some(FailureKind::Release),
         };
-        assert_eq!(ModuleStatus::try_from(pb::ModuleStatus::from(&m)), Ok(m.clone()));
+        assert_eq!(
+            ModuleStatus::try_from(pb::ModuleStatus::from(&m)),
+            Ok(m.clone())
+        );
         let view = node_module_from_pb(node_module_to_pb(&m, "1.2.0"));
         assert_eq!(view, NodeModuleView::from_status(m, "1.2.0".into()));
     }

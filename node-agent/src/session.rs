@@ -109,8 +109,11 @@ impl TryFrom<pb::DesiredState> for Desired {
                 traceparent: m.traceparent,
             };
             if modules.insert(name.into_string(), module).is_some() {
-                return Err(FieldError::new("name", format!("module {:?} is listed twice", m.name))
-                    .within(&entry));
+                return Err(FieldError::new(
+                    "name",
+                    format!("module {:?} is listed twice", m.name),
+                )
+                .within(&entry));
             }
         }
         Ok(Desired {
@@ -402,13 +405,19 @@ mod tests {
 
     #[test]
     fn a_desired_state_converts_or_names_the_bad_field() {
-        let ok = desired(vec![module("web", "1.0.0", ""), module("db", "", "2.0.0-rc.1")])
-            .expect("valid");
+        let ok = desired(vec![
+            module("web", "1.0.0", ""),
+            module("db", "", "2.0.0-rc.1"),
+        ])
+        .expect("valid");
         assert_eq!((ok.generation, ok.min_signatures), (3, 2));
         assert_eq!(ok.modules["db"].staged_version, "2.0.0-rc.1");
 
-        let err = desired(vec![module("web", "1.0.0", ""), module("../etc", "1.0.0", "")])
-            .expect_err("bad name");
+        let err = desired(vec![
+            module("web", "1.0.0", ""),
+            module("../etc", "1.0.0", ""),
+        ])
+        .expect_err("bad name");
         assert!(
             err.starts_with("modules[1].name: module name \"../etc\" is invalid"),
             "{err}"

@@ -303,7 +303,10 @@ fn a_compromised_node_cannot_flush_the_event_log_or_show_absurd_values() {
         refused.message().starts_with("hello.labels: "),
         "{refused:?}"
     );
-    assert_eq!(fleet.cp.node_status("evil").as_deref(), Some("disconnected"));
+    assert_eq!(
+        fleet.cp.node_status("evil").as_deref(),
+        Some("disconnected")
+    );
 }
 
 #[test]

@@ -25,9 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::current::downgrade_refusal;
 use super::machine::{
-    Action, Aggregate, Analysis, BatchSize, Control, Deployment, Input,
-    MAX_LATENCY_WINDOWS, NodeReport, NodeState, Outcome, Reports, Spec, State, Strategy,
-    Thresholds, plan_waves,
+    Action, Aggregate, Analysis, BatchSize, Control, Deployment, Input, MAX_LATENCY_WINDOWS,
+    NodeReport, NodeState, Outcome, Reports, Spec, State, Strategy, Thresholds, plan_waves,
 };
 use crate::clock::steady_now_ms;
 use crate::config::Settings;

@@ -648,7 +648,12 @@ mod tests {
             .expect_err(expected);
             assert_eq!(err.to_string(), expected);
         };
-        check(f64::NAN, 0, 0, "cpu_percent: must be within 0..=100, got NaN");
+        check(
+            f64::NAN,
+            0,
+            0,
+            "cpu_percent: must be within 0..=100, got NaN",
+        );
         check(
             1.0,
             3,
@@ -675,7 +680,10 @@ mod tests {
             agent_version: "0.1.0".into(),
         };
         let ok = Hello::try_from(hello(&[("environment", "dev")])).expect("valid");
-        assert_eq!(ok.labels.get("environment").map(String::as_str), Some("dev"));
+        assert_eq!(
+            ok.labels.get("environment").map(String::as_str),
+            Some("dev")
+        );
         let err = Hello::try_from(hello(&[("bad key!", "x")])).expect_err("invalid label");
         assert_eq!(err.path, "hello.labels");
         assert!(err.to_string().starts_with("hello.labels: "), "{err}");
@@ -708,7 +716,10 @@ mod tests {
         };
         let module = |state: &NodeState| node_to_pb(state).modules[0].clone();
         let m = module(&state);
-        assert_eq!((m.phase.as_str(), m.health.as_str()), ("installing", "unknown"));
+        assert_eq!(
+            (m.phase.as_str(), m.health.as_str()),
+            ("installing", "unknown")
+        );
         assert_eq!(node_to_pb(&state).status, "connected");
         state.connected = false;
         assert_eq!(module(&state).phase, "stopped");

@@ -328,7 +328,8 @@ impl pb::deployments_server::Deployments for DeploymentsService {
                     // engine's channel closed: the stream ends.
                     None | Some(Err(_)) => return,
                 };
-                if !sink.send(deployment_to_pb(&last)).await || last.deployment.state.is_terminal() {
+                if !sink.send(deployment_to_pb(&last)).await || last.deployment.state.is_terminal()
+                {
                     return;
                 }
             }

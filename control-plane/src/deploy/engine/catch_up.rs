@@ -282,9 +282,7 @@ impl Engine {
                 }
                 // Starting counts: an agent that restarted re-adopts what it ran.
                 let runs = node.modules.iter().any(|m| {
-                    m.name == *module
-                        && m.version == current.version
-                        && m.phase != Phase::Failed
+                    m.name == *module && m.version == current.version && m.phase != Phase::Failed
                 });
                 if runs {
                     continue;
