@@ -4,7 +4,7 @@
 //! [`ModuleStatus`]. On the wire they are the lowercase words of SPEC §4
 //! (`as_str` / `parse`); in stored records their serde form is the variant
 //! name, as the records written before this module existed have it. The
-//! conversions from and to the wire are in [`crate::convert`].
+//! wire conversions are in `convert`.
 
 use serde::{Deserialize, Serialize};
 
@@ -158,7 +158,7 @@ pub struct ModuleMetrics {
 
 /// Status of one module on a node, as its agent reports it (SPEC §4). The
 /// control plane keeps the last one per module; users see it as
-/// [`crate::model::NodeModuleView`], built from it in one place.
+/// `NodeModuleView` (`model`), built from it in one place.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModuleStatus {
     pub name: String,
