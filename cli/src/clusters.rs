@@ -50,8 +50,10 @@ struct ClusterView {
     current: Vec<ClusterCurrentView>,
 }
 
-fn metric(v: f64) -> Option<f64> {
-    (v >= 0.0).then_some(v)
+/// An average as the control plane sends it: unset when nothing reports,
+/// or negative from a control plane before the fields were optional.
+fn metric(v: Option<f64>) -> Option<f64> {
+    v.filter(|v| *v >= 0.0)
 }
 
 impl TryFrom<pb::Cluster> for ClusterView {

@@ -1,12 +1,14 @@
 //! Wire → domain conversions. Everything that leaves `pb` goes through here,
 //! failing with an error that names the field when the message is unusable.
 
+use crate::ids::ModuleName;
 use crate::model::{
-    ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleMetricsView, ModuleVersionView,
-    ModuleView, NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
+    ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleVersionView, ModuleView,
+    NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
     PublisherKeyView, TokenView, VerdictView, YankView,
 };
 use crate::pb;
+use crate::status::{FailureKind, Health, ModuleMetrics, ModuleStatus, Phase};
 use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,6 +24,220 @@ pub enum ConvertError {
         field: &'static str,
         value: String,
     },
+}
+
+/// A wire message field whose value is unusable: the field's path inside
+/// the message (`modules[2].metrics.error_rate`) and why.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{path}: {reason}")]
+pub struct FieldError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            path: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The same error seen from the enclosing message: `error_rate` inside
+    /// `modules[2].metrics` becomes `modules[2].metrics.error_rate`.
+    pub fn within(mut self, parent: impl std::fmt::Display) -> Self {
+        self.path = format!("{parent}.{}", self.path);
+        self
+    }
+}
+
+/// Highest request rate believed, per second and module on one node:
+/// beyond it a rate is a lie, and huge finite values would turn a cluster's
+/// average into infinity.
+pub const MAX_REQUEST_RATE: f64 = 1e9;
+/// Highest p99 latency believed, in seconds (a day).
+pub const MAX_LATENCY_SECONDS: f64 = 86_400.0;
+
+/// `value` if it lies in `range` (NaN never does).
+fn within_range(
+    field: &str,
+    value: f64,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<f64, FieldError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(FieldError::new(
+            field,
+            format!(
+                "must be within {}..={}, got {value}",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
+}
+
+/// A module name as a wire message carries it, checked against the module
+/// name rule (`field` names it in the error).
+pub fn module_name_from_pb(field: &str, name: &str) -> Result<ModuleName, FieldError> {
+    ModuleName::parse(name).map_err(|e| FieldError::new(field, e.to_string()))
+}
+
+/// A version as a wire message carries it: empty (none) or semver.
+pub fn check_version(field: &str, version: &str) -> Result<(), FieldError> {
+    if version.is_empty() {
+        return Ok(());
+    }
+    semver::Version::parse(version)
+        .map(drop)
+        .map_err(|e| FieldError::new(field, format!("{version:?} is not semver: {e}")))
+}
+
+/// A value the wire leaves unset when unknown. Senders from before the
+/// field was `optional` send a negative value for that; it reads as unset.
+fn known(value: Option<f64>) -> Option<f64> {
+    value.filter(|v| *v >= 0.0)
+}
+
+/// A module's metrics window as an agent reports it: every value finite and
+/// within what a module can do, or the window is refused.
+impl TryFrom<pb::ModuleMetrics> for ModuleMetrics {
+    type Error = FieldError;
+
+    fn try_from(w: pb::ModuleMetrics) -> Result<Self, Self::Error> {
+        let request_rate = within_range("request_rate", w.request_rate, 0.0..=MAX_REQUEST_RATE)?;
+        let error_rate = within_range("error_rate", w.error_rate, 0.0..=1.0)?;
+        let latency_p99_seconds = match w.latency_p99_seconds {
+            None => None,
+            // An agent from before the field was optional: no requests.
+            Some(latency) if latency < 0.0 && latency.is_finite() => None,
+            Some(latency) => Some(within_range(
+                "latency_p99_seconds",
+                latency,
+                0.0..=MAX_LATENCY_SECONDS,
+            )?),
+        };
+        Ok(ModuleMetrics {
+            request_rate,
+            error_rate,
+            latency_p99_seconds,
+        })
+    }
+}
+
+/// A module's status as an agent reports it. The name must be a valid
+/// module name and the metrics window believable; the phase, health and
+/// failure class are lenient (a word this build does not know reads as
+/// unknown or none), so a newer agent is not cut off. Lengths are left to
+/// the receiver, which knows what it keeps.
+impl TryFrom<pb::ModuleStatus> for ModuleStatus {
+    type Error = FieldError;
+
+    fn try_from(m: pb::ModuleStatus) -> Result<Self, Self::Error> {
+        module_name_from_pb("name", &m.name)?;
+        let metrics = m
+            .metrics
+            .map(ModuleMetrics::try_from)
+            .transpose()
+            .map_err(|e| e.within("metrics"))?;
+        Ok(ModuleStatus {
+            name: m.name,
+            version: m.version,
+            phase: Phase::parse(&m.phase),
+            health: Health::parse(&m.health),
+            message: m.message,
+            staged_version: m.staged_version,
+            previous_version: m.previous_version,
+            restarts: m.restarts,
+            crash_loop: m.crash_loop,
+            metrics,
+            settling: m.settling_versions,
+            failure_kind: FailureKind::parse(&m.failure_kind),
+        })
+    }
+}
+
+/// What an agent reports of a module (its process id is the agent's own
+/// business and is added by the agent where it has one).
+impl From<&ModuleStatus> for pb::ModuleStatus {
+    fn from(m: &ModuleStatus) -> Self {
+        pb::ModuleStatus {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            phase: m.phase.as_str().to_string(),
+            health: m.health.as_str().to_string(),
+            message: m.message.clone(),
+            staged_version: m.staged_version.clone(),
+            previous_version: m.previous_version.clone(),
+            restarts: m.restarts,
+            crash_loop: m.crash_loop,
+            metrics: m.metrics.map(|w| pb::ModuleMetrics {
+                request_rate: w.request_rate,
+                error_rate: w.error_rate,
+                latency_p99_seconds: w.latency_p99_seconds,
+                interval_seconds: 0.0,
+            }),
+            pid: 0,
+            settling_versions: m.settling.clone(),
+            failure_kind: m
+                .failure_kind
+                .map(|k| k.as_str().to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A module of a node as the control plane describes it, and the version it
+/// is desired at (`""` when not desired).
+pub fn node_module_to_pb(m: &ModuleStatus, desired_version: &str) -> pb::NodeModule {
+    pb::NodeModule {
+        name: m.name.clone(),
+        version: m.version.clone(),
+        phase: m.phase.as_str().to_string(),
+        health: m.health.as_str().to_string(),
+        message: m.message.clone(),
+        staged_version: m.staged_version.clone(),
+        previous_version: m.previous_version.clone(),
+        restarts: m.restarts,
+        crash_loop: m.crash_loop,
+        desired_version: desired_version.to_string(),
+        metrics: m.metrics.map(|w| pb::ModuleMetricsView {
+            request_rate: w.request_rate,
+            error_rate: w.error_rate,
+            latency_p99_seconds: w.latency_p99_seconds,
+        }),
+        settling_versions: m.settling.clone(),
+        failure_kind: m
+            .failure_kind
+            .map(|k| k.as_str().to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// A node's module as a control plane describes it: lenient, as the
+/// control plane screened it already; a word this build does not know
+/// reads as unknown (phase, health) or none (failure class).
+fn node_module_from_pb(m: pb::NodeModule) -> NodeModuleView {
+    let status = ModuleStatus {
+        name: m.name,
+        version: m.version,
+        phase: Phase::parse(&m.phase),
+        health: Health::parse(&m.health),
+        message: m.message,
+        staged_version: m.staged_version,
+        previous_version: m.previous_version,
+        restarts: m.restarts,
+        crash_loop: m.crash_loop,
+        metrics: m.metrics.map(|w| ModuleMetrics {
+            request_rate: w.request_rate,
+            error_rate: w.error_rate,
+            latency_p99_seconds: known(w.latency_p99_seconds),
+        }),
+        settling: m.settling_versions,
+        failure_kind: FailureKind::parse(&m.failure_kind),
+    };
+    NodeModuleView::from_status(status, m.desired_version)
 }
 
 fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -69,34 +285,7 @@ impl TryFrom<pb::Node> for NodeView {
             labels: node.labels.into_iter().collect(),
             status,
             last_seen: rfc3339(node.last_seen.as_ref()),
-            modules: node
-                .modules
-                .into_iter()
-                .map(|m| NodeModuleView {
-                    name: m.name,
-                    version: m.version,
-                    phase: m.phase,
-                    health: m.health,
-                    message: m.message,
-                    staged_version: m.staged_version,
-                    previous_version: m.previous_version,
-                    desired_version: m.desired_version,
-                    restarts: m.restarts,
-                    crash_loop: m.crash_loop,
-                    metrics: m.metrics.map(|w| ModuleMetricsView {
-                        request_rate: w.request_rate,
-                        error_rate: w.error_rate,
-                        latency_p99_seconds: (w.latency_p99_seconds >= 0.0)
-                            .then_some(w.latency_p99_seconds),
-                    }),
-                    settling: m.settling_versions,
-                    // Only the classes this CLI knows; anything else is none.
-                    failure_kind: match m.failure_kind.as_str() {
-                        "release" | "infrastructure" => Some(m.failure_kind),
-                        _ => None,
-                    },
-                })
-                .collect(),
+            modules: node.modules.into_iter().map(node_module_from_pb).collect(),
             agent_version: node.agent_version,
             enrolled_at: rfc3339(node.enrolled_at.as_ref()),
             usage: node.usage.map(|u| NodeUsageView {
@@ -236,7 +425,6 @@ impl TryFrom<pb::Deployment> for DeploymentView {
             message: "Deployment",
             field: "progress",
         })?;
-        let known = |x: f64| (x >= 0.0).then_some(x);
         Ok(DeploymentView {
             id: d.id,
             module: d.module,
@@ -373,5 +561,168 @@ mod tests {
         assert_eq!(json["status"], "disconnected");
         assert_eq!(json["last_seen"], "2023-11-14T22:13:20Z");
         assert_eq!(json["labels"]["environment"], "dev");
+    }
+
+    fn metrics(request_rate: f64, error_rate: f64, latency: Option<f64>) -> pb::ModuleMetrics {
+        pb::ModuleMetrics {
+            request_rate,
+            error_rate,
+            latency_p99_seconds: latency,
+            interval_seconds: 5.0,
+        }
+    }
+
+    fn status(name: &str) -> pb::ModuleStatus {
+        pb::ModuleStatus {
+            name: name.into(),
+            version: "1.0.0".into(),
+            phase: "running".into(),
+            health: "healthy".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn metrics_errors_name_the_field_and_the_value() {
+        let check = |w: pb::ModuleMetrics, expected: &str| {
+            let err = ModuleMetrics::try_from(w).expect_err(expected);
+            assert_eq!(err.to_string(), expected);
+        };
+        check(
+            metrics(f64::NAN, 0.0, None),
+            "request_rate: must be within 0..=1000000000, got NaN",
+        );
+        check(
+            metrics(1.0, f64::NAN, None),
+            "error_rate: must be within 0..=1, got NaN",
+        );
+        check(
+            metrics(1.0, 1.5, None),
+            "error_rate: must be within 0..=1, got 1.5",
+        );
+        check(
+            metrics(1.0, 0.0, Some(f64::INFINITY)),
+            "latency_p99_seconds: must be within 0..=86400, got inf",
+        );
+        check(
+            metrics(1.0, 0.0, Some(f64::NEG_INFINITY)),
+            "latency_p99_seconds: must be within 0..=86400, got -inf",
+        );
+        // Unset, and the negative of agents from before the field was
+        // optional, both mean no requests.
+        for latency in [None, Some(-1.0)] {
+            let w = ModuleMetrics::try_from(metrics(0.0, 0.0, latency)).expect("valid");
+            assert_eq!(w.latency_p99_seconds, None);
+        }
+    }
+
+    #[test]
+    fn status_errors_carry_the_path_inside_the_message() {
+        let err = ModuleStatus::try_from(status("../../etc")).expect_err("bad name");
+        assert_eq!(err.path, "name");
+        assert!(
+            err.to_string()
+                .starts_with("name: module name \"../../etc\" is invalid")
+        );
+        let mut bad = status("web");
+        bad.metrics = Some(metrics(1.0, f64::NAN, None));
+        let err = ModuleStatus::try_from(bad)
+            .expect_err("bad metrics")
+            .within("modules[2]");
+        assert_eq!(
+            err.to_string(),
+            "modules[2].metrics.error_rate: must be within 0..=1, got NaN"
+        );
+    }
+
+    #[test]
+    fn unknown_words_are_lenient() {
+        let mut newer = status("web");
+        newer.phase = "hibernating".into();
+        newer.health = "degraded".into();
+        newer.failure_kind = "cosmic-ray".into();
+        let m = ModuleStatus::try_from(newer).expect("a newer agent is not cut off");
+        assert_eq!(
+            (m.phase, m.health, m.failure_kind),
+            (Phase::Unknown, Health::Unknown, None)
+        );
+    }
+
+    #[test]
+    fn status_round_trips_through_the_wire() {
+        let m = ModuleStatus {
+            name: "web".into(),
+            version: "1.2.0".into(),
+            phase: Phase::Failed,
+            health: Health::Unhealthy,
+            message: "probe failed".into(),
+            staged_version: "1.3.0".into(),
+            previous_version: "1.1.0".into(),
+            restarts: 3,
+            crash_loop: true,
+            metrics: Some(ModuleMetrics {
+                request_rate: 5.0,
+                error_rate: 0.5,
+                latency_p99_seconds: None,
+            }),
+            settling: vec!["1.1.0".into()],
+            failure_kind: Some(FailureKind::Release),
+        };
+        assert_eq!(
+            ModuleStatus::try_from(pb::ModuleStatus::from(&m)),
+            Ok(m.clone())
+        );
+        let view = node_module_from_pb(node_module_to_pb(&m, "1.2.0"));
+        assert_eq!(view, NodeModuleView::from_status(m, "1.2.0".into()));
+    }
+
+    #[test]
+    fn node_module_json_is_unchanged() {
+        // The shape `nodes get -o json` printed before the typed status.
+        let view = node_module_from_pb(pb::NodeModule {
+            name: "web".into(),
+            version: "1.0.0".into(),
+            phase: "running".into(),
+            health: "healthy".into(),
+            desired_version: "1.0.0".into(),
+            metrics: Some(pb::ModuleMetricsView {
+                request_rate: 2.0,
+                error_rate: 0.0,
+                // A control plane from before the field was optional.
+                latency_p99_seconds: Some(-1.0),
+            }),
+            failure_kind: "infrastructure".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            serde_json::to_string(&view).expect("json"),
+            r#"{"name":"web","version":"1.0.0","phase":"running","health":"healthy","message":"","staged_version":"","previous_version":"","desired_version":"1.0.0","restarts":0,"crash_loop":false,"metrics":{"request_rate":2.0,"error_rate":0.0,"latency_p99_seconds":null},"settling":[],"failure_kind":"infrastructure"}"#
+        );
+    }
+
+    #[test]
+    fn versions_are_empty_or_semver() {
+        assert_eq!(check_version("version", ""), Ok(()));
+        assert_eq!(check_version("version", "1.2.3-rc.1+b5"), Ok(()));
+        let err = check_version("staged_version", "latest").expect_err("not semver");
+        assert_eq!(err.path, "staged_version");
+        assert!(err.reason.starts_with("\"latest\" is not semver"), "{err}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn converted_metrics_are_always_believable(
+            request_rate in proptest::num::f64::ANY,
+            error_rate in proptest::num::f64::ANY,
+            latency in proptest::option::of(proptest::num::f64::ANY),
+        ) {
+            if let Ok(w) = ModuleMetrics::try_from(metrics(request_rate, error_rate, latency)) {
+                proptest::prop_assert!((0.0..=MAX_REQUEST_RATE).contains(&w.request_rate));
+                proptest::prop_assert!((0.0..=1.0).contains(&w.error_rate));
+                if let Some(l) = w.latency_p99_seconds {
+                    proptest::prop_assert!((0.0..=MAX_LATENCY_SECONDS).contains(&l));
+                }
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::labels::Labels;
+use crate::status::{ModuleMetrics, ModuleStatus};
 
 /// A join token as returned once at creation.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -69,6 +70,39 @@ pub struct ModuleMetricsView {
     pub request_rate: f64,
     pub error_rate: f64,
     pub latency_p99_seconds: Option<f64>,
+}
+
+impl NodeModuleView {
+    /// The one place a module's status becomes what users see: the typed
+    /// words as their wire words, `desired_version` as the control plane
+    /// has it (`""` when not desired).
+    pub fn from_status(status: ModuleStatus, desired_version: String) -> Self {
+        NodeModuleView {
+            name: status.name,
+            version: status.version,
+            phase: status.phase.as_str().to_string(),
+            health: status.health.as_str().to_string(),
+            message: status.message,
+            staged_version: status.staged_version,
+            previous_version: status.previous_version,
+            desired_version,
+            restarts: status.restarts,
+            crash_loop: status.crash_loop,
+            metrics: status.metrics.map(ModuleMetricsView::from),
+            settling: status.settling,
+            failure_kind: status.failure_kind.map(|k| k.as_str().to_string()),
+        }
+    }
+}
+
+impl From<ModuleMetrics> for ModuleMetricsView {
+    fn from(m: ModuleMetrics) -> Self {
+        ModuleMetricsView {
+            request_rate: m.request_rate,
+            error_rate: m.error_rate,
+            latency_p99_seconds: m.latency_p99_seconds,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -1,8 +1,10 @@
 //! The words a module's state is told in, shared by the agent that reports
 //! it and the control plane that acts on it: [`Phase`], [`Health`] and
-//! [`FailureKind`]. On the wire they are the lowercase words of SPEC §4
+//! [`FailureKind`], and the one status type built of them,
+//! [`ModuleStatus`]. On the wire they are the lowercase words of SPEC §4
 //! (`as_str` / `parse`); in stored records their serde form is the variant
-//! name, as the records written before this module existed have it.
+//! name, as the records written before this module existed have it. The
+//! wire conversions are in `convert`.
 
 use serde::{Deserialize, Serialize};
 
@@ -140,6 +142,75 @@ impl FailureKind {
 impl std::fmt::Display for FailureKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A module's request metrics over one scrape interval.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModuleMetrics {
+    /// Requests per second.
+    pub request_rate: f64,
+    /// Share of requests that failed, 0..=1.
+    pub error_rate: f64,
+    /// `None` when there were no requests in the interval.
+    pub latency_p99_seconds: Option<f64>,
+}
+
+/// Status of one module on a node, as its agent reports it (SPEC §4). The
+/// control plane keeps the last one per module; users see it as
+/// `NodeModuleView` (`model`), built from it in one place.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModuleStatus {
+    pub name: String,
+    /// The active version (`""` when none is active).
+    pub version: String,
+    pub phase: Phase,
+    pub health: Health,
+    pub message: String,
+    /// A version fetched, verified and unpacked but not active.
+    pub staged_version: String,
+    /// The version active before this one (kept for rollback).
+    pub previous_version: String,
+    pub restarts: u32,
+    pub crash_loop: bool,
+    pub metrics: Option<ModuleMetrics>,
+    /// Other versions the agent says still start, stop or serve (a
+    /// candidate in its health gate, an old instance draining).
+    pub settling: Vec<String>,
+    /// The agent's class of the failure it reports; `None` without one or
+    /// for a class this build does not know.
+    pub failure_kind: Option<FailureKind>,
+}
+
+impl ModuleStatus {
+    /// Equal in everything but the metrics window (a new window alone is
+    /// no change worth announcing).
+    pub fn same_but_metrics(&self, other: &ModuleStatus) -> bool {
+        let ModuleStatus {
+            name,
+            version,
+            phase,
+            health,
+            message,
+            staged_version,
+            previous_version,
+            restarts,
+            crash_loop,
+            metrics: _,
+            settling,
+            failure_kind,
+        } = self;
+        *name == other.name
+            && *version == other.version
+            && *phase == other.phase
+            && *health == other.health
+            && *message == other.message
+            && *staged_version == other.staged_version
+            && *previous_version == other.previous_version
+            && *restarts == other.restarts
+            && *crash_loop == other.crash_loop
+            && *settling == other.settling
+            && *failure_kind == other.failure_kind
     }
 }
 

@@ -21,9 +21,7 @@ use crate::metrics::Metrics;
 use crate::store::{
     DesiredModuleRecord, DesiredRecord, EnrollError, NodeRecord, Store, StoreError,
 };
-use hotswap_common::status::FailureKind;
 
-/// A module's request metrics over one scrape interval.
 /// Why the registry refused or failed a call.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -50,65 +48,14 @@ pub enum RegistryError {
     Storage(#[from] StoreError),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct MetricsWindow {
-    pub request_rate: f64,
-    pub error_rate: f64,
-    pub latency_p99_seconds: Option<f64>,
-}
+/// A module's request metrics over one scrape interval (the shared type,
+/// under the name the engine and analysis know it by).
+pub type MetricsWindow = hotswap_common::status::ModuleMetrics;
 
-/// Status of one module on a node, as last reported by its agent.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ModuleState {
-    pub name: String,
-    pub version: String,
-    pub phase: String,
-    pub health: String,
-    pub message: String,
-    pub staged_version: String,
-    pub previous_version: String,
-    pub restarts: u32,
-    pub crash_loop: bool,
-    pub metrics: Option<MetricsWindow>,
-    /// Other versions the agent says still start, stop or serve (a
-    /// candidate in its health gate, an old instance draining); validated
-    /// and capped at the edge (`service::convert`).
-    pub settling: Vec<String>,
-    /// The agent's class of the failure it reports; `None` without one or
-    /// for a class this control plane does not know.
-    pub failure_kind: Option<FailureKind>,
-}
-
-impl ModuleState {
-    /// Equal in everything but the metrics window.
-    fn same_but_metrics(&self, other: &ModuleState) -> bool {
-        let ModuleState {
-            name,
-            version,
-            phase,
-            health,
-            message,
-            staged_version,
-            previous_version,
-            restarts,
-            crash_loop,
-            metrics: _,
-            settling,
-            failure_kind,
-        } = self;
-        *name == other.name
-            && *version == other.version
-            && *phase == other.phase
-            && *health == other.health
-            && *message == other.message
-            && *staged_version == other.staged_version
-            && *previous_version == other.previous_version
-            && *restarts == other.restarts
-            && *crash_loop == other.crash_loop
-            && *settling == other.settling
-            && *failure_kind == other.failure_kind
-    }
-}
+/// Status of one module on a node, as last reported by its agent: the
+/// shared [`ModuleStatus`](hotswap_common::status::ModuleStatus), screened
+/// and capped at the edge (`service::convert`).
+pub type ModuleState = hotswap_common::status::ModuleStatus;
 
 /// Node resource usage as last reported.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -280,18 +227,19 @@ fn module_transitions(before: &[ModuleState], after: &[ModuleState]) -> Vec<Even
         let (old_phase, old_health, old_version) = old.map_or(("none", "unknown", ""), |o| {
             (o.phase.as_str(), o.health.as_str(), o.version.as_str())
         });
-        if old_phase != m.phase || old_version != m.version {
-            let mut message = format!("{} {}: {old_phase} -> {}", m.name, m.version, m.phase);
+        let (phase, health) = (m.phase.as_str(), m.health.as_str());
+        if old_phase != phase || old_version != m.version {
+            let mut message = format!("{} {}: {old_phase} -> {phase}", m.name, m.version);
             if !m.message.is_empty() {
                 message.push_str(&format!(" ({})", m.message));
             }
             events.push(Event::new("module.phase", message).module(&m.name, &m.version));
         }
-        if old_health != m.health {
+        if old_health != health {
             events.push(
                 Event::new(
                     "module.health",
-                    format!("{} {}: {old_health} -> {}", m.name, m.version, m.health),
+                    format!("{} {}: {old_health} -> {health}", m.name, m.version),
                 )
                 .module(&m.name, &m.version),
             );
@@ -1035,6 +983,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hotswap_common::status::{FailureKind, Health, Phase};
 
     #[tokio::test]
     async fn node_changes_wake_the_engine_once_and_build_states_only_for_watchers() {
@@ -1080,8 +1029,8 @@ mod tests {
         ModuleState {
             name: "web".into(),
             version: "1.0.0".into(),
-            phase: "active".into(),
-            health: "healthy".into(),
+            phase: Phase::Running,
+            health: Health::Healthy,
             message: String::new(),
             staged_version: String::new(),
             previous_version: "0.9.0".into(),
@@ -1109,8 +1058,8 @@ mod tests {
         let edits: [(&str, Edit); 11] = [
             ("name", |m| m.name.push('x')),
             ("version", |m| m.version = "1.0.1".into()),
-            ("phase", |m| m.phase = "swapping".into()),
-            ("health", |m| m.health = "unhealthy".into()),
+            ("phase", |m| m.phase = Phase::Stopping),
+            ("health", |m| m.health = Health::Unhealthy),
             ("message", |m| m.message = "probe failed".into()),
             ("staged", |m| m.staged_version = "2.0.0".into()),
             ("previous", |m| m.previous_version.clear()),

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use hotswap_common::admin::Readiness;
+use hotswap_common::convert::{FieldError, check_version, module_name_from_pb};
 use hotswap_common::labels::Labels;
 use hotswap_common::pb;
 use hotswap_common::pb::agent_message::Msg as AgentMsg;
@@ -87,24 +88,39 @@ pub struct SessionParams<'a> {
 /// A full status report goes out at least this often, besides one per change.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
 
-fn desired_from_pb(desired: pb::DesiredState) -> Desired {
-    Desired {
-        generation: desired.generation,
-        modules: desired
-            .modules
-            .into_iter()
-            .map(|m| {
-                (
-                    m.name,
-                    DesiredModule {
-                        version: m.version,
-                        staged_version: m.staged_version,
-                        traceparent: m.traceparent,
-                    },
+/// A desired state as the control plane sends it. Refused whole, naming
+/// the field, when a module name breaks the module name rule (names become
+/// paths on this node), a name repeats, or a version is not semver: acting
+/// on part of a malformed state could stop modules the control plane still
+/// wants.
+impl TryFrom<pb::DesiredState> for Desired {
+    type Error = FieldError;
+
+    fn try_from(desired: pb::DesiredState) -> Result<Self, Self::Error> {
+        let mut modules = std::collections::BTreeMap::new();
+        for (index, m) in desired.modules.into_iter().enumerate() {
+            let entry = format!("modules[{index}]");
+            let name = module_name_from_pb("name", &m.name).map_err(|e| e.within(&entry))?;
+            check_version("version", &m.version).map_err(|e| e.within(&entry))?;
+            check_version("staged_version", &m.staged_version).map_err(|e| e.within(&entry))?;
+            let module = DesiredModule {
+                version: m.version,
+                staged_version: m.staged_version,
+                traceparent: m.traceparent,
+            };
+            if modules.insert(name.into_string(), module).is_some() {
+                return Err(FieldError::new(
+                    "name",
+                    format!("module {:?} is listed twice", m.name),
                 )
-            })
-            .collect(),
-        min_signatures: desired.min_signatures,
+                .within(&entry));
+            }
+        }
+        Ok(Desired {
+            generation: desired.generation,
+            modules,
+            min_signatures: desired.min_signatures,
+        })
     }
 }
 
@@ -125,7 +141,7 @@ fn report_to_pb(report: &AgentReport) -> pb::AgentMessage {
             metrics: m.metrics.map(|w| pb::ModuleMetrics {
                 request_rate: w.request_rate,
                 error_rate: w.error_rate,
-                latency_p99_seconds: w.latency_p99_seconds.unwrap_or(-1.0),
+                latency_p99_seconds: w.latency_p99_seconds,
                 interval_seconds: 0.0,
             }),
             pid: m.pid,
@@ -345,7 +361,16 @@ async fn heartbeat_loop(
                     match message.msg {
                         Some(ControlMsg::HeartbeatAck(_)) => {}
                         Some(ControlMsg::Desired(desired)) => {
-                            params.desired.send_replace(Some(desired_from_pb(desired)));
+                            let generation = desired.generation;
+                            match Desired::try_from(desired) {
+                                Ok(desired) => {
+                                    params.desired.send_replace(Some(desired));
+                                }
+                                // Keep converging to the last good state;
+                                // the control plane sends the next one on
+                                // its next change.
+                                Err(e) => tracing::error!(generation, error = %e, "desired state refused: malformed"),
+                            }
                         }
                         Some(ControlMsg::Welcome(_)) => tracing::debug!("ignoring a repeated welcome"),
                         None => tracing::debug!("ignoring an empty control message"),
@@ -353,5 +378,59 @@ async fn heartbeat_loop(
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn module(name: &str, version: &str, staged_version: &str) -> pb::DesiredModule {
+        pb::DesiredModule {
+            name: name.into(),
+            version: version.into(),
+            staged_version: staged_version.into(),
+            traceparent: String::new(),
+        }
+    }
+
+    fn desired(modules: Vec<pb::DesiredModule>) -> Result<Desired, String> {
+        Desired::try_from(pb::DesiredState {
+            generation: 3,
+            modules,
+            min_signatures: 2,
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_desired_state_converts_or_names_the_bad_field() {
+        let ok = desired(vec![
+            module("web", "1.0.0", ""),
+            module("db", "", "2.0.0-rc.1"),
+        ])
+        .expect("valid");
+        assert_eq!((ok.generation, ok.min_signatures), (3, 2));
+        assert_eq!(ok.modules["db"].staged_version, "2.0.0-rc.1");
+
+        let err = desired(vec![
+            module("web", "1.0.0", ""),
+            module("../etc", "1.0.0", ""),
+        ])
+        .expect_err("bad name");
+        assert!(
+            err.starts_with("modules[1].name: module name \"../etc\" is invalid"),
+            "{err}"
+        );
+        let err = desired(vec![module("web", "latest", "")]).expect_err("bad version");
+        assert!(
+            err.starts_with("modules[0].version: \"latest\" is not semver"),
+            "{err}"
+        );
+        let err = desired(vec![module("web", "", "x")]).expect_err("bad staged");
+        assert!(err.starts_with("modules[0].staged_version: "), "{err}");
+        let err = desired(vec![module("web", "1.0.0", ""), module("web", "2.0.0", "")])
+            .expect_err("repeated");
+        assert_eq!(err, "modules[1].name: module \"web\" is listed twice");
     }
 }

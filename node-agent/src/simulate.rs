@@ -27,6 +27,7 @@ use hotswap_common::pb;
 use hotswap_common::pb::agent_message::Msg as AgentMsg;
 use hotswap_common::pb::control_message::Msg as ControlMsg;
 use hotswap_common::pki;
+use hotswap_common::status::{Health, ModuleMetrics, ModuleStatus, Phase};
 use hotswap_common::tls::{
     self, ChannelOptions, ClientIdentity, ControlPlaneUrl, PinnedCa, ServerTrust,
 };
@@ -359,8 +360,8 @@ struct SimModule {
     version: String,
     previous: String,
     staged: String,
-    phase: &'static str,
-    health: &'static str,
+    phase: Phase,
+    health: Health,
     message: String,
     /// When an install in progress completes.
     ready_at: Option<tokio::time::Instant>,
@@ -381,8 +382,8 @@ fn apply_desired(
                 version: String::new(),
                 previous: String::new(),
                 staged: String::new(),
-                phase: "installing",
-                health: "unknown",
+                phase: Phase::Installing,
+                health: Health::Unknown,
                 message: String::new(),
                 ready_at: None,
             });
@@ -395,8 +396,8 @@ fn apply_desired(
                 m.previous = m.version.clone();
             }
             m.version = want.version.clone();
-            m.phase = "installing";
-            m.health = "unknown";
+            m.phase = Phase::Installing;
+            m.health = Health::Unknown;
             m.message.clear();
             m.ready_at = Some(now + latency);
             if m.staged == want.version {
@@ -420,30 +421,33 @@ fn report(
         msg: Some(AgentMsg::Status(pb::StatusReport {
             modules: modules
                 .iter()
-                .map(|(name, m)| pb::ModuleStatus {
-                    name: name.clone(),
-                    version: m.version.clone(),
-                    phase: m.phase.to_string(),
-                    health: m.health.to_string(),
-                    message: m.message.clone(),
-                    staged_version: m.staged.clone(),
-                    previous_version: m.previous.clone(),
-                    restarts: 0,
-                    crash_loop: false,
-                    metrics: (m.phase == "running").then(|| pb::ModuleMetrics {
-                        request_rate: 100.0,
-                        error_rate: if m.health == "healthy" {
-                            config.error_rate
-                        } else {
-                            1.0
-                        },
-                        latency_p99_seconds: config.latency_p99.as_secs_f64(),
-                        interval_seconds: 5.0,
-                    }),
-                    pid: 0,
-                    // Simulated swaps are instant and never fail on the node.
-                    settling_versions: Vec::new(),
-                    failure_kind: String::new(),
+                .map(|(name, m)| {
+                    let status = ModuleStatus {
+                        name: name.clone(),
+                        version: m.version.clone(),
+                        phase: m.phase,
+                        health: m.health,
+                        message: m.message.clone(),
+                        staged_version: m.staged.clone(),
+                        previous_version: m.previous.clone(),
+                        metrics: (m.phase == Phase::Running).then(|| ModuleMetrics {
+                            request_rate: 100.0,
+                            error_rate: if m.health == Health::Healthy {
+                                config.error_rate
+                            } else {
+                                1.0
+                            },
+                            latency_p99_seconds: Some(config.latency_p99.as_secs_f64()),
+                        }),
+                        // Simulated swaps are instant and never fail on the
+                        // node: nothing settles, no failure class.
+                        ..Default::default()
+                    };
+                    let mut wire = pb::ModuleStatus::from(&status);
+                    if let Some(w) = wire.metrics.as_mut() {
+                        w.interval_seconds = 5.0;
+                    }
+                    wire
                 })
                 .collect(),
             observed_generation: if converged { generation } else { 0 },
@@ -609,8 +613,8 @@ async fn session(
                     None => std::future::pending().await,
                 }
             } => {
-                for m in modules.values_mut().filter(|m| m.phase == "running") {
-                    m.health = if m.health == "healthy" { "unhealthy" } else { "healthy" };
+                for m in modules.values_mut().filter(|m| m.phase == Phase::Running) {
+                    m.health = if m.health == Health::Healthy { Health::Unhealthy } else { Health::Healthy };
                 }
                 dirty = true;
             }
@@ -620,13 +624,13 @@ async fn session(
                     match outcome {
                         Ok(bytes) => {
                             stats.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-                            m.phase = "running";
-                            m.health = "healthy";
+                            m.phase = Phase::Running;
+                            m.health = Health::Healthy;
                         }
                         Err(e) => {
                             stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
-                            m.phase = "failed";
-                            m.health = "unhealthy";
+                            m.phase = Phase::Failed;
+                            m.health = Health::Unhealthy;
                             m.message = e;
                         }
                     }
@@ -646,12 +650,12 @@ async fn session(
                         m.ready_at = None;
                         stats.installs.fetch_add(1, Ordering::Relaxed);
                         if rand::rng().random_bool(config.failure_rate.clamp(0.0, 1.0)) {
-                            m.phase = "failed";
-                            m.health = "unhealthy";
+                            m.phase = Phase::Failed;
+                            m.health = Health::Unhealthy;
                             m.message = "simulated install failure".into();
                         } else {
-                            m.phase = "running";
-                            m.health = "healthy";
+                            m.phase = Phase::Running;
+                            m.health = Health::Healthy;
                         }
                         dirty = true;
                     }
@@ -769,7 +773,7 @@ mod tests {
             now
         ));
         let m = &modules["web"];
-        assert_eq!((m.phase, m.version.as_str()), ("installing", "1.0.0"));
+        assert_eq!((m.phase, m.version.as_str()), (Phase::Installing, "1.0.0"));
         assert!(!apply_desired(
             &mut modules,
             &want("1.0.0", ""),

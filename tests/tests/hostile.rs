@@ -53,7 +53,7 @@ fn lying_report(round: usize) -> pb::AgentMessage {
         metrics: Some(pb::ModuleMetrics {
             request_rate: f64::NAN,
             error_rate: f64::INFINITY,
-            latency_p99_seconds: f64::INFINITY,
+            latency_p99_seconds: Some(f64::INFINITY),
             interval_seconds: 5.0,
         }),
         ..Default::default()
@@ -236,10 +236,19 @@ fn a_compromised_node_cannot_flush_the_event_log_or_show_absurd_values() {
         rss_after < rss_before + 64 * 1024,
         "control plane grew from {rss_before} KiB to {rss_after} KiB"
     );
+    let log = fleet.cp.log();
     assert!(
-        fleet.cp.log().contains("status report claims dropped"),
+        log.contains("status report claims dropped"),
         "the lies are logged"
     );
+    // Each dropped claim is named by its field path in the report.
+    for named in [
+        "modules[20000].metrics.request_rate: must be within 0..=1000000000, got NaN",
+        "usage.cpu_percent: must be within 0..=100, got inf",
+        "desired_generation: 18446744073709551615 is beyond",
+    ] {
+        assert!(log.contains(named), "the log lacks {named:?}");
+    }
 
     // Nothing crashed: the session still answers, the rest of the fleet works.
     heartbeat(2, &mut inbound);
@@ -268,6 +277,35 @@ fn a_compromised_node_cannot_flush_the_event_log_or_show_absurd_values() {
             .as_str()
             .is_some_and(|m| m.contains("events of this node suppressed")),
         "{summaries:?}"
+    );
+
+    // A hello that does not convert is refused before the session starts,
+    // naming the field.
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
+    let refused = rt.block_on(async {
+        tx.send(pb::AgentMessage {
+            msg: Some(AgentMsg::Hello(pb::Hello {
+                node_id: evil_id.clone(),
+                name: "evil".into(),
+                agent_version: "evil".into(),
+                labels: [("bad key!".to_string(), "dev".to_string())].into(),
+            })),
+        })
+        .await
+        .expect("queue hello");
+        pb::agent_session_client::AgentSessionClient::new(channel_for(&profile, &fleet.cp.url()))
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect_err("a hello with an invalid label is refused")
+    });
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().starts_with("hello.labels: "),
+        "{refused:?}"
+    );
+    assert_eq!(
+        fleet.cp.node_status("evil").as_deref(),
+        Some("disconnected")
     );
 }
 

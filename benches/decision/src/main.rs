@@ -248,8 +248,8 @@ fn module_state(version: &str, phase: &str, health: &str, message: &str) -> Modu
     ModuleState {
         name: MODULE.to_string(),
         version: version.to_string(),
-        phase: phase.to_string(),
-        health: health.to_string(),
+        phase: hotswap_common::status::Phase::parse(phase),
+        health: hotswap_common::status::Health::parse(health),
         message: message.to_string(),
         staged_version: String::new(),
         previous_version: String::new(),

@@ -2,8 +2,7 @@
 //! deployment: the nodes' reports, and the canary analysis during a hold.
 
 use super::machine::{
-    Aggregate, Analysis, Deployment, Health, MAX_LATENCY_WINDOWS, NodeReport, NodeState, Phase,
-    Reports,
+    Aggregate, Analysis, Deployment, MAX_LATENCY_WINDOWS, NodeReport, NodeState, Reports,
 };
 use crate::registry::Registry;
 
@@ -26,8 +25,8 @@ pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
                 connected: seen.connected,
                 current,
                 version: m.version.clone(),
-                phase: Phase::parse(&m.phase),
-                health: Health::parse(&m.health),
+                phase: m.phase,
+                health: m.health,
                 crash_loop: m.crash_loop,
                 staged_version: m.staged_version.clone(),
                 message: m.message.clone(),

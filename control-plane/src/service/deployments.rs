@@ -1,18 +1,16 @@
 //! `Deployments`: create (or plan), list, get, watch and control deployments.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hotswap_common::labels::validate_labels;
 use hotswap_common::pb;
 use hotswap_common::timefmt::ts_from_ms;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use super::Context;
+use super::stream::{ServerStream, spawn_stream};
 use crate::auth::Permission;
 use crate::deploy::engine::{CreateRequest, DeploymentRecord, Engine, PlanView};
 use crate::deploy::machine::{Control, NodeState};
@@ -52,9 +50,11 @@ fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest,
         selector,
         strategy: (!o.strategy.is_empty()).then_some(o.strategy),
         batch_size: (!o.batch_size.is_empty()).then_some(o.batch_size),
+        // Unset is the default; -1 is how clients from before the field
+        // was optional said so.
         max_failures: match o.max_failures {
-            -1 => None,
-            n => Some(u32::try_from(n).map_err(|_| {
+            None | Some(-1) => None,
+            Some(n) => Some(u32::try_from(n).map_err(|_| {
                 ApiError::InvalidArgument(format!(
                     "--max-failures {n} is negative (-1 on the wire means the default)"
                 ))
@@ -67,13 +67,14 @@ fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest,
         min_healthy_time: opt_ms(o.min_healthy_time_ms),
         health_deadline: opt_ms(o.health_deadline_ms),
         progress_deadline: opt_ms(o.progress_deadline_ms),
-        // Only the wire's own "unset" values mean the default: any other
+        // Only unset, or the legacy "unset" values of clients from before
+        // these fields were optional (-1, 0, 0), mean the default: any other
         // negative, NaN or infinite value is a mistake the engine refuses,
         // not a silent fall-back (NaN would make the check never trip).
-        max_error_rate: (o.max_error_rate != -1.0).then_some(o.max_error_rate),
-        max_latency_increase: (o.max_latency_increase != 0.0).then_some(o.max_latency_increase),
+        max_error_rate: o.max_error_rate.filter(|rate| *rate != -1.0),
+        max_latency_increase: o.max_latency_increase.filter(|factor| *factor != 0.0),
         no_auto_rollback: o.no_auto_rollback,
-        pause_timeout: opt_ms(o.pause_timeout_ms),
+        pause_timeout: opt_ms(o.pause_timeout_ms.unwrap_or(0)),
         analysis_min_requests: o.analysis_min_requests,
         analysis_warmup: o.analysis_warmup_ms.map(Duration::from_millis),
         dry_run: request.dry_run,
@@ -140,10 +141,10 @@ pub fn deployment_to_pb(record: &DeploymentRecord) -> pb::Deployment {
                 step: v.step as u32 + 1,
                 passed: v.passed,
                 summary: v.summary.clone(),
-                canary_error_rate: v.analysis.canary.error_rate.unwrap_or(-1.0),
-                baseline_error_rate: v.analysis.baseline.error_rate.unwrap_or(-1.0),
-                canary_latency_p99: v.analysis.canary.latency_p99.unwrap_or(-1.0),
-                baseline_latency_p99: v.analysis.baseline.latency_p99.unwrap_or(-1.0),
+                canary_error_rate: v.analysis.canary.error_rate,
+                baseline_error_rate: v.analysis.baseline.error_rate,
+                canary_latency_p99: v.analysis.canary.latency_p99,
+                baseline_latency_p99: v.analysis.baseline.latency_p99,
                 outcome: v.outcome.as_str().to_string(),
                 canary_requests: v.analysis.canary.requests,
                 baseline_requests: v.analysis.baseline.requests,
@@ -207,7 +208,7 @@ fn control_of(action: &str, reason: String, user: &str) -> Result<Control, ApiEr
     })
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Deployment, Status>> + Send>>;
+type WatchStream = ServerStream<pb::Deployment>;
 
 #[tonic::async_trait]
 impl pb::deployments_server::Deployments for DeploymentsService {
@@ -295,39 +296,44 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         // Subscribe first, then read, so no change is missed in between.
         let mut updates = self.engine.subscribe();
         let current = self.engine.get(&id).await?;
-        let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
-        let shutdown = self.ctx.shutdown.clone();
-        tokio::spawn(async move {
+        Ok(spawn_stream(&self.ctx.shutdown, 64, |sink| async move {
             let mut last = current;
-            if tx.send(Ok(deployment_to_pb(&last))).await.is_err()
-                || last.deployment.state.is_terminal()
-            {
+            if !sink.send(deployment_to_pb(&last)).await || last.deployment.state.is_terminal() {
                 return;
             }
             // Also re-send every few seconds, so `waiting_for` countdowns stay fresh.
             let mut refresh = tokio::time::interval(Duration::from_secs(2));
             loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    _ = refresh.tick() => match engine.get(&id).await { Ok(r) => r, Err(_) => return },
-                    update = updates.recv() => match update {
-                        Ok(r) if r.id == id => r,
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => match engine.get(&id).await { Ok(r) => r, Err(_) => return },
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
+                // `Ok(None)`: nothing to send this time (another deployment
+                // changed); `Err`: the deployment or the engine's channel
+                // is gone.
+                let next = sink.next(async {
+                    tokio::select! {
+                        _ = refresh.tick() => engine.get(&id).await.map(Some).map_err(drop),
+                        update = updates.recv() => match update {
+                            Ok(r) if r.id == id => Ok(Some(r)),
+                            Ok(_) => Ok(None),
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                engine.get(&id).await.map(Some).map_err(drop)
+                            }
+                            Err(broadcast::error::RecvError::Closed) => Err(()),
+                        },
+                    }
+                });
+                last = match next.await {
+                    Some(Ok(Some(r))) => r,
+                    Some(Ok(None)) => continue,
+                    // Shut down, the client gone, the deployment gone or the
+                    // engine's channel closed: the stream ends.
+                    None | Some(Err(_)) => return,
                 };
-                last = next;
-                if tx.send(Ok(deployment_to_pb(&last))).await.is_err()
-                    || last.deployment.state.is_terminal()
+                if !sink.send(deployment_to_pb(&last)).await || last.deployment.state.is_terminal()
                 {
                     return;
                 }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }))
     }
 
     async fn control_deployment(

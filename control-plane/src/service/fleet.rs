@@ -1,20 +1,18 @@
 //! `Fleet`: join tokens and the node registry, for operators.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hotswap_common::labels::{Labels, validate_labels};
 use hotswap_common::pb;
 use hotswap_common::timefmt::{now_ms, ts_from_ms};
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use super::Context;
 use super::convert::node_to_pb;
 use super::enrollment::token_hash;
+use super::stream::{ServerStream, spawn_stream};
 use crate::auth::Permission;
 use crate::error::ApiError;
 use crate::registry::NodeChange;
@@ -88,7 +86,7 @@ fn humantime_secs(d: Duration) -> String {
     hotswap_common::timefmt::human_age(d.as_millis() as u64)
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::NodeUpdate, Status>> + Send>>;
+type WatchStream = ServerStream<pb::NodeUpdate>;
 
 impl FleetService {
     async fn set_node_module_inner(
@@ -202,16 +200,11 @@ impl pb::fleet_server::Fleet for FleetService {
         // Subscribe before the snapshot so no change falls between the two.
         let mut changes = self.ctx.registry.subscribe();
         let registry = self.ctx.registry.clone();
-        let shutdown = self.ctx.shutdown.clone();
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
+        Ok(spawn_stream(&self.ctx.shutdown, 256, |sink| async move {
             'resync: loop {
                 let snapshot = match registry.list(None) {
                     Ok(nodes) => nodes,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
+                    Err(e) => return sink.fail(e).await,
                 };
                 for node in &snapshot {
                     let update = pb::NodeUpdate {
@@ -219,15 +212,13 @@ impl pb::fleet_server::Fleet for FleetService {
                         snapshot: true,
                         removed: false,
                     };
-                    if tx.send(Ok(update)).await.is_err() {
+                    if !sink.send(update).await {
                         return;
                     }
                 }
                 loop {
-                    let change = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tx.closed() => return,
-                        change = changes.recv() => change,
+                    let Some(change) = sink.next(changes.recv()).await else {
+                        return;
                     };
                     let update = match change {
                         Ok(NodeChange::Changed(state)) => pb::NodeUpdate {
@@ -249,13 +240,12 @@ impl pb::fleet_server::Fleet for FleetService {
                         }
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    if tx.send(Ok(update)).await.is_err() {
+                    if !sink.send(update).await {
                         return;
                     }
                 }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }))
     }
 
     async fn remove_node(

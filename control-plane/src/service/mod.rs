@@ -10,6 +10,7 @@ pub mod enrollment;
 pub mod fleet;
 pub mod observe;
 pub mod session;
+mod stream;
 pub mod users;
 
 use std::sync::Arc;

@@ -2,18 +2,17 @@
 //! `Clusters` (per-environment health, versions and metric averages).
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use hotswap_common::labels::ENVIRONMENT_LABEL;
 use hotswap_common::pb;
+use hotswap_common::status::Health;
 use hotswap_common::timefmt::ts_from_ms;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use super::Context;
+use super::stream::{ServerStream, spawn_stream};
 use crate::deploy::current::Currents;
 use crate::deploy::engine::Engine;
 use crate::error::ApiError;
@@ -46,7 +45,7 @@ pub fn event_to_pb(e: Event) -> pb::Event {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+type EventStream = ServerStream<pb::Event>;
 
 #[tonic::async_trait]
 impl pb::events_server::Events for EventsService {
@@ -68,11 +67,9 @@ impl pb::events_server::Events for EventsService {
         let follow = r.follow;
         let newest = r.newest;
         let events = self.ctx.events.clone();
-        let shutdown = self.ctx.shutdown.clone();
         // Subscribe before reading, so nothing falls between replay and live.
         let mut live = events.subscribe();
-        let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
+        Ok(spawn_stream(&self.ctx.shutdown, 256, |sink| async move {
             let log = &*events;
             let mut next = r.since;
             // The newest `limit`: find where they start, then replay from
@@ -81,10 +78,7 @@ impl pb::events_server::Events for EventsService {
             if newest {
                 match log.newest_start(next, &filter, limit) {
                     Ok(start) => next = start,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
+                    Err(e) => return sink.fail(e).await,
                 }
             }
             let mut sent = 0usize;
@@ -105,14 +99,11 @@ impl pb::events_server::Events for EventsService {
             loop {
                 let page = match catch_up(&mut next, &mut sent) {
                     Ok(page) => page,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
+                    Err(e) => return sink.fail(e).await,
                 };
                 let done = page.len() < PAGE || (!follow && sent >= limit);
                 for event in page {
-                    if tx.send(Ok(event_to_pb(event))).await.is_err() {
+                    if !sink.send(event_to_pb(event)).await {
                         return;
                     }
                 }
@@ -124,31 +115,25 @@ impl pb::events_server::Events for EventsService {
                 return;
             }
             loop {
-                let event = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    event = live.recv() => event,
+                let Some(event) = sink.next(live.recv()).await else {
+                    return;
                 };
                 match event {
                     Ok(event) if event.seq < next => {}
                     Ok(event) => {
                         next = event.seq + 1;
-                        if filter.matches(&event) && tx.send(Ok(event_to_pb(event))).await.is_err()
-                        {
+                        if filter.matches(&event) && !sink.send(event_to_pb(event)).await {
                             return;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => loop {
                         let page = match catch_up(&mut next, &mut sent) {
                             Ok(page) => page,
-                            Err(e) => {
-                                let _ = tx.send(Err(Status::from(e))).await;
-                                return;
-                            }
+                            Err(e) => return sink.fail(e).await,
                         };
                         let done = page.len() < PAGE;
                         for event in page {
-                            if tx.send(Ok(event_to_pb(event))).await.is_err() {
+                            if !sink.send(event_to_pb(event)).await {
                                 return;
                             }
                         }
@@ -159,8 +144,7 @@ impl pb::events_server::Events for EventsService {
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }))
     }
 }
 
@@ -206,12 +190,9 @@ impl ClustersService {
     }
 }
 
-fn average(values: &[f64]) -> f64 {
-    if values.is_empty() {
-        -1.0
-    } else {
-        values.iter().sum::<f64>() / values.len() as f64
-    }
+/// The mean, `None` when nothing reports.
+fn average(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
 /// One environment's view of its nodes.
@@ -226,13 +207,13 @@ pub fn summarize(environment: &str, nodes: &[NodeState]) -> pb::Cluster {
                 .entry((m.name.clone(), m.version.clone()))
                 .or_default();
             entry.0 += 1;
-            match m.health.as_str() {
-                "healthy" => {
+            match m.health {
+                Health::Healthy => {
                     healthy += 1;
                     entry.1 += 1;
                 }
-                "unhealthy" => unhealthy += 1,
-                _ => unknown += 1,
+                Health::Unhealthy => unhealthy += 1,
+                Health::Unknown => unknown += 1,
             }
             if let Some(w) = m.metrics {
                 rate.push(w.request_rate);
@@ -377,8 +358,8 @@ mod tests {
                 .map(|(name, version, health, rate)| ModuleState {
                     name: name.to_string(),
                     version: version.to_string(),
-                    phase: "running".into(),
-                    health: health.to_string(),
+                    phase: hotswap_common::status::Phase::Running,
+                    health: Health::parse(health),
                     message: String::new(),
                     staged_version: String::new(),
                     previous_version: String::new(),
@@ -422,10 +403,10 @@ mod tests {
             .map(|m| (m.version.clone(), m.nodes, m.healthy))
             .collect();
         assert_eq!(versions, [("1.0.0".into(), 1, 1), ("1.1.0".into(), 2, 1)]);
-        assert_eq!(c.cpu_percent, 40.0);
-        assert_eq!(c.request_rate, 20.0);
+        assert_eq!(c.cpu_percent, Some(40.0));
+        assert_eq!(c.request_rate, Some(20.0));
         let empty = summarize("qa", &[]);
-        assert_eq!((empty.nodes, empty.request_rate), (0, -1.0));
+        assert_eq!((empty.nodes, empty.request_rate), (0, None));
     }
 
     #[test]

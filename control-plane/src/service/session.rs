@@ -8,7 +8,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use hotswap_common::labels::{ENVIRONMENT_LABEL, Labels, validate_labels};
+use hotswap_common::labels::ENVIRONMENT_LABEL;
 use hotswap_common::pb;
 use hotswap_common::pb::agent_message::Msg as AgentMsg;
 use hotswap_common::pb::control_message::Msg as ControlMsg;
@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
-use super::convert::{desired_to_pb, report_from_pb};
+use super::convert::{Hello, desired_to_pb, report_from_pb};
 use crate::audit::AuditEntry;
 use crate::auth;
 use crate::error::ApiError;
@@ -161,15 +161,14 @@ impl pb::agent_session_server::AgentSession for SessionService {
             ))
             .into());
         }
-        let labels: Labels = hello.labels.into_iter().collect();
-        validate_labels(&labels).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let hello = Hello::try_from(hello).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let handle = self
             .ctx
             .registry
             .attach(
                 &node_id,
                 &peer.cert_fingerprint,
-                labels,
+                hello.labels,
                 &hello.agent_version,
             )
             .await?;

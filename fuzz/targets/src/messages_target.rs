@@ -241,7 +241,7 @@ fn agent_message(body: &[u8]) {
         }
         Some(pb::agent_message::Msg::Status(report)) => {
             for module in &report.modules {
-                let _ = module.metrics.map(|m| m.latency_p99_seconds >= 0.0);
+                let _ = hotswap_common::status::ModuleStatus::try_from(module.clone());
             }
         }
         Some(pb::agent_message::Msg::Heartbeat(_)) | None => {}

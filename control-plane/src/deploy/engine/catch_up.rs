@@ -143,8 +143,8 @@ impl Engine {
                 if !(seen.connected && seen.current) {
                     return None;
                 }
-                let phase = Phase::parse(&m.phase);
-                if phase == Phase::Running && Health::parse(&m.health) != Health::Unhealthy {
+                let phase = m.phase;
+                if phase == Phase::Running && m.health != Health::Unhealthy {
                     return Some(Ok(m.version.clone()));
                 }
                 if phase == Phase::Failed || m.crash_loop {
@@ -281,9 +281,7 @@ impl Engine {
                 }
                 // Starting counts: an agent that restarted re-adopts what it ran.
                 let runs = node.modules.iter().any(|m| {
-                    m.name == *module
-                        && m.version == current.version
-                        && Phase::parse(&m.phase) != Phase::Failed
+                    m.name == *module && m.version == current.version && m.phase != Phase::Failed
                 });
                 if runs {
                     continue;
