@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ledger::{self, Ledger};
 use super::listeners::{ListenerBook, conflict_message};
-use super::os;
+use super::os::{self, wait_exited, watch_pidfd_exit};
 use super::{ActivateError, Phase, base_env, is_node_trouble, resolve_program};
 use crate::health::{Health, HealthTracker, probe_once};
 use crate::scrape::{MetricNames, Sample, Window, scrape, window};
@@ -1112,18 +1112,6 @@ impl Task {
     }
 }
 
-/// Resolve when the watched process has exited, with how it ended.
-pub(super) async fn wait_exited(mut exited: watch::Receiver<Option<String>>) -> String {
-    loop {
-        if let Some(how) = exited.borrow_and_update().clone() {
-            return how;
-        }
-        if exited.changed().await.is_err() {
-            return "exit watcher ended".to_string();
-        }
-    }
-}
-
 fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -1133,31 +1121,3 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// Watch an adopted (not our child) process for exit through its pidfd,
-/// which becomes readable when the process ends.
-pub(super) fn watch_pidfd_exit(pidfd: &OwnedFd) -> watch::Receiver<Option<String>> {
-    let (tx, rx) = watch::channel(None);
-    let fd = match pidfd.try_clone() {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = tx.send(Some(format!("cannot watch: {e}")));
-            return rx;
-        }
-    };
-    tokio::spawn(async move {
-        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
-        // and refers to the same pidfd for the AsyncFd's whole life.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        };
-        let how = match registered {
-            Ok(async_fd) => match async_fd.readable().await {
-                Ok(_) => "exited (adopted process; exit status unknown)".to_string(),
-                Err(e) => format!("cannot watch: {e}"),
-            },
-            Err(e) => format!("cannot watch: {e}"),
-        };
-        let _ = tx.send(Some(how));
-    });
-    rx
-}
