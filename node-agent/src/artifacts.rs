@@ -38,15 +38,14 @@ use std::sync::{Arc, Mutex};
 use hotswap_common::artifact::format::{ArtifactWriter, read_artifact};
 use hotswap_common::artifact::keys::{self, TrustSet};
 use hotswap_common::artifact::unpack::{Limits, UnpackError, unpack_artifact};
+use hotswap_common::artifact::format::Signature;
 use hotswap_common::artifact::{ArtifactInfo, Digest};
 use hotswap_common::fsutil::{self, PUBLIC_FILE_MODE};
-use hotswap_common::pb;
 use hotswap_common::telemetry;
 use hotswap_common::timefmt::now_ms;
 use serde::{Deserialize, Serialize};
+use tokio_util::bytes::Bytes;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
-use tonic::transport::Channel;
 use tracing::Instrument;
 
 /// Why an artifact could not be made available.
@@ -66,6 +65,98 @@ pub enum FetchError {
     /// download is kept, to resume.
     #[error("{0}")]
     Abandoned(String),
+}
+
+/// A failed request to an [`ArtifactSource`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// The source refuses the request (unknown artifact, not allowed):
+    /// asking again cannot help.
+    #[error("{message}")]
+    Refused { message: String },
+    /// No answer, or a failure on the source's side: it may clear up.
+    #[error("{code}: {message}")]
+    Unavailable { code: String, message: String },
+    /// The answer is unusable (say, a malformed digest).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SourceError {
+    /// Asking again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Unavailable { .. })
+    }
+
+    /// The source's own words, without the status code.
+    pub fn message(&self) -> &str {
+        match self {
+            SourceError::Refused { message } | SourceError::Unavailable { message, .. } => message,
+            SourceError::Invalid(message) => message,
+        }
+    }
+
+    /// This failure as a fetch error, `what` saying what was asked for.
+    fn fetching(self, what: &str) -> FetchError {
+        match self {
+            SourceError::Invalid(message) => FetchError::Rejected(message),
+            e if e.is_transient() => FetchError::Transient(format!("{what}: {e}")),
+            e => FetchError::Rejected(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// What a source says an artifact version is.
+#[derive(Clone, Debug)]
+pub struct ArtifactDescriptor {
+    pub digest: Digest,
+    /// Content bytes.
+    pub size: u64,
+    /// Publisher signatures over the digest; an unreadable one only matters
+    /// when the artifact must be downloaded.
+    pub signatures: Result<Vec<Signature>, String>,
+}
+
+/// A publisher key a source trusts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustedKey {
+    pub name: String,
+    pub public_key_pem: String,
+}
+
+/// A piece of artifact content at `offset`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub offset: u64,
+    pub data: Bytes,
+}
+
+/// Artifact content as it arrives.
+pub trait ContentStream: Send {
+    /// The next chunk; `None` at the end.
+    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Chunk>, SourceError>> + Send;
+}
+
+/// Where artifacts come from: the control plane (the protocol client's
+/// `Connection`), or memory in tests.
+pub trait ArtifactSource: Sync {
+    type Content: ContentStream;
+
+    fn describe(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> impl Future<Output = Result<ArtifactDescriptor, SourceError>> + Send;
+
+    /// The non-revoked publisher keys.
+    fn trusted_keys(&self) -> impl Future<Output = Result<Vec<TrustedKey>, SourceError>> + Send;
+
+    /// The content of `digest` from byte `offset` on.
+    fn content(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> impl Future<Output = Result<Self::Content, SourceError>> + Send;
 }
 
 /// Where an agent's trust in publisher keys comes from.
@@ -130,15 +221,6 @@ struct Downloaded {
 
 fn local<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> FetchError + '_ {
     move |e| FetchError::Local(format!("{what}: {e}"))
-}
-
-fn transient(status: &tonic::Status, what: &str) -> FetchError {
-    match status.code() {
-        Code::NotFound | Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated => {
-            FetchError::Rejected(format!("{what}: {}", status.message()))
-        }
-        _ => FetchError::Transient(format!("{what}: {}: {}", status.code(), status.message())),
-    }
 }
 
 impl ArtifactStore {
@@ -224,20 +306,16 @@ impl ArtifactStore {
     }
 
     /// The trust set to verify with: pinned keys, or the control plane's set
-    /// (fetched when a channel is given, else the last one stored).
-    pub async fn trust_set(&self, channel: Option<&Channel>) -> Result<TrustSet, FetchError> {
-        let keys = match (&self.trust, channel) {
-            (TrustSource::Pinned(keys), _) => keys.clone(),
-            (TrustSource::ControlPlane, Some(channel)) => {
-                let reply = pb::artifacts_client::ArtifactsClient::new(channel.clone())
-                    .list_keys(pb::ListKeysRequest {})
+    /// as `source` lists it now (stored for offline use).
+    pub async fn trust_set<S: ArtifactSource>(&self, source: &S) -> Result<TrustSet, FetchError> {
+        let keys = match &self.trust {
+            TrustSource::Pinned(keys) => keys.clone(),
+            TrustSource::ControlPlane => {
+                let keys: Vec<(String, String)> = source
+                    .trusted_keys()
                     .await
-                    .map_err(|s| transient(&s, "cannot read the trusted keys"))?
-                    .into_inner();
-                let keys: Vec<(String, String)> = reply
-                    .keys
+                    .map_err(|e| e.fetching("cannot read the trusted keys"))?
                     .into_iter()
-                    .filter(|k| k.revoked_at.is_none())
                     .map(|k| (k.name, k.public_key_pem))
                     .collect();
                 let stored = serde_json::to_vec_pretty(&StoredTrust { keys: keys.clone() })
@@ -250,31 +328,33 @@ impl ArtifactStore {
                 }
                 keys
             }
-            (TrustSource::ControlPlane, None) => fs::read(self.root.join("trusted-keys.json"))
+        };
+        trust_set_of(keys)
+    }
+
+    /// The trust set to verify with offline: pinned keys, or the last set
+    /// the control plane listed.
+    pub fn stored_trust_set(&self) -> Result<TrustSet, FetchError> {
+        let keys = match &self.trust {
+            TrustSource::Pinned(keys) => keys.clone(),
+            TrustSource::ControlPlane => fs::read(self.root.join("trusted-keys.json"))
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<StoredTrust>(&bytes).ok())
                 .map(|t| t.keys)
                 .unwrap_or_default(),
         };
-        let mut trust = TrustSet::new();
-        for (name, pem) in keys {
-            let key = keys::parse_public_key(&pem).map_err(|e| {
-                FetchError::Rejected(format!("trusted key {name:?} is unreadable: {e}"))
-            })?;
-            trust.add(&name, key);
-        }
-        Ok(trust)
+        trust_set_of(keys)
     }
 
     /// Make `name@version` available in the cache, verified: from the cache if
     /// present, else downloaded (resuming any partial transfer).
-    pub async fn fetch(
+    pub async fn fetch<S: ArtifactSource>(
         &self,
-        channel: &Channel,
+        source: &S,
         name: &str,
         version: &str,
     ) -> Result<Cached, FetchError> {
-        self.fetch_until(channel, name, version, &CancellationToken::new())
+        self.fetch_until(source, name, version, &CancellationToken::new())
             .await
     }
 
@@ -282,9 +362,9 @@ impl ArtifactStore {
     /// `abandon` is cancelled while the content downloads. Only the network
     /// part is cut short: it leaves a partial file to resume, while the
     /// verification that renames into `cache/` always runs to its end.
-    pub async fn fetch_until(
+    pub async fn fetch_until<S: ArtifactSource>(
         &self,
-        channel: &Channel,
+        source: &S,
         name: &str,
         version: &str,
         abandon: &CancellationToken,
@@ -304,7 +384,7 @@ impl ArtifactStore {
                 "{what}: download abandoned, no longer desired"
             ))),
             fetched = self
-                .fetch_content(channel, name, version, &what)
+                .fetch_content(source, name, version, &what)
                 .instrument(span.clone()) => fetched,
         };
         if let Ok(Fetched {
@@ -342,33 +422,25 @@ impl ArtifactStore {
 
     /// The network part of [`ArtifactStore::fetch`]: what the control plane
     /// says the artifact is, its trust set, and the content unless cached.
-    async fn fetch_content(
+    async fn fetch_content<S: ArtifactSource>(
         &self,
-        channel: &Channel,
+        source: &S,
         name: &str,
         version: &str,
         what: &str,
     ) -> Result<Fetched, FetchError> {
-        let mut client = pb::artifacts_client::ArtifactsClient::new(channel.clone());
-        let descriptor = client
-            .describe_artifact(pb::DescribeArtifactRequest {
-                name: name.to_string(),
-                version: version.to_string(),
-            })
+        let descriptor = source
+            .describe(name, version)
             .await
-            .map_err(|s| transient(&s, what))?
-            .into_inner();
-        let digest = Digest::parse(&descriptor.digest)
-            .map_err(|e| FetchError::Rejected(format!("{what}: {e}")))?;
-        let trust = self.trust_set(Some(channel)).await?;
+            .map_err(|e| e.fetching(what))?;
+        let digest = descriptor.digest;
+        let trust = self.trust_set(source).await?;
         let downloaded = if self.cache_path(&digest).is_file() {
             None
         } else {
-            let signatures =
-                hotswap_common::convert::signatures_from_pb(&descriptor.signatures, what)
-                    .map_err(FetchError::Rejected)?;
+            let signatures = descriptor.signatures.map_err(FetchError::Rejected)?;
             Some(
-                self.download(&mut client, &digest, descriptor.size, signatures, what)
+                self.download(source, &digest, descriptor.size, signatures, what)
                     .await?,
             )
         };
@@ -443,12 +515,12 @@ impl ArtifactStore {
     /// Write the artifact file for `digest` in `partial/`: header and content
     /// as it arrives (after whatever an interrupted transfer left), then
     /// `signatures` and the trailer. Not synced and not verified yet.
-    async fn download(
+    async fn download<S: ArtifactSource>(
         &self,
-        client: &mut pb::artifacts_client::ArtifactsClient<Channel>,
+        source: &S,
         digest: &Digest,
         size: u64,
-        signatures: Vec<hotswap_common::artifact::Signature>,
+        signatures: Vec<Signature>,
         what: &str,
     ) -> Result<Downloaded, FetchError> {
         let partial = self.partial_path(digest);
@@ -460,28 +532,23 @@ impl ArtifactStore {
             if offset > 0 {
                 tracing::info!(digest = %digest, offset, size, "resuming an interrupted download");
             }
-            let mut stream = client
-                .fetch_artifact(pb::FetchArtifactRequest {
-                    digest: digest.to_string(),
-                    offset,
-                })
+            let mut stream = source
+                .content(digest, offset)
                 .await
-                .map_err(|s| transient(&s, what))?
-                .into_inner();
+                .map_err(|e| e.fetching(what))?;
             loop {
-                let chunk = match stream.message().await {
+                let chunk = match stream.next_chunk().await {
                     Ok(Some(chunk)) => chunk,
                     Ok(None) => break,
-                    Err(status) => {
+                    Err(error) => {
                         // Keep what arrived for the next attempt to resume.
                         let out = writer.output();
                         if out.flush().is_ok() {
                             let _ = out.get_ref().sync_all();
                         }
-                        return Err(transient(
-                            &status,
-                            &format!("{what}: transfer interrupted at byte {offset}"),
-                        ));
+                        return Err(
+                            error.fetching(&format!("{what}: transfer interrupted at byte {offset}"))
+                        );
                     }
                 };
                 if chunk.offset != offset {
@@ -577,7 +644,7 @@ impl ArtifactStore {
         let digest = self.cached_digest(name, version).ok_or_else(|| {
             FetchError::Transient(format!("artifact {name}@{version} is not in the cache yet"))
         })?;
-        let trust = self.trust_set(None).await?;
+        let trust = self.stored_trust_set()?;
         let path = self.cache_path(&digest);
         let span = tracing::info_span!(
             target: telemetry::TARGET,
@@ -647,6 +714,17 @@ impl ArtifactStore {
         let _ = fsutil::sync_dir(&parent);
         Ok(dir.to_path_buf())
     }
+}
+
+fn trust_set_of(keys: Vec<(String, String)>) -> Result<TrustSet, FetchError> {
+    let mut trust = TrustSet::new();
+    for (name, pem) in keys {
+        let key = keys::parse_public_key(&pem).map_err(|e| {
+            FetchError::Rejected(format!("trusted key {name:?} is unreadable: {e}"))
+        })?;
+        trust.add(&name, key);
+    }
+    Ok(trust)
 }
 
 /// At least `required` distinct trusted keys hold valid signatures among

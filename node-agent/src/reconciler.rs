@@ -35,7 +35,7 @@ use hotswap_common::manifest::{self, HealthCheck, Manifest, Runtime, Vars};
 use hotswap_common::telemetry;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use crate::control_plane::Connection;
 use tracing::Instrument;
 
 use crate::artifacts::{ArtifactStore, FetchError, TrustSource};
@@ -43,32 +43,11 @@ use crate::health::{Health, probe_once};
 use crate::runtime::listeners::{ListenerBook, conflict_message};
 use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
 use crate::runtime::{ActivateError, Phase, bundle, check_program, hotswap_env, os};
-use crate::scrape::{MetricNames, Window};
+use crate::scrape::MetricNames;
 use crate::state::{AgentState, Desired, ModuleRecord};
 use crate::sysinfo::{CpuSampler, NodeUsage};
 
-/// One module as reported to the control plane.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ModuleReport {
-    pub name: String,
-    pub version: String,
-    pub phase: Phase,
-    pub health: Health,
-    pub message: String,
-    pub staged_version: String,
-    pub previous_version: String,
-    pub restarts: u32,
-    pub crash_loop: bool,
-    pub pid: u32,
-    pub metrics: Option<Window>,
-    /// Other versions of the module still starting, stopping or serving:
-    /// a candidate inside its health gate or activate hook, an old
-    /// instance being stopped, a process a previous agent left behind.
-    pub settling: Vec<String>,
-    /// The class of the failure this report names, if any.
-    pub failure_kind: Option<FailureKind>,
-}
-
+pub use crate::report::{AgentReport, ModuleReport};
 pub use hotswap_common::status::FailureKind;
 
 /// Why a step (stage, install, swap) did not happen.
@@ -147,15 +126,6 @@ enum Step {
     Activate,
 }
 
-/// Everything the agent reports.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct AgentReport {
-    pub modules: Vec<ModuleReport>,
-    pub observed_generation: u64,
-    pub desired_generation: u64,
-    pub usage: Option<NodeUsage>,
-}
-
 pub struct ReconcilerConfig {
     pub data_dir: PathBuf,
     pub node_name: String,
@@ -169,7 +139,7 @@ pub struct ReconcilerLinks {
     /// Desired state from the control plane.
     pub desired: watch::Receiver<Option<Desired>>,
     /// The session's channel while connected, for fetching artifacts.
-    pub channel: watch::Receiver<Option<Channel>>,
+    pub channel: watch::Receiver<Option<Connection>>,
     /// Reports out.
     pub report: watch::Sender<AgentReport>,
 }
@@ -406,7 +376,7 @@ impl Reconciler {
     /// Fetch (if needed) and unpack a version; returns its directory.
     async fn ensure_installed(
         &self,
-        channel: Option<&Channel>,
+        channel: Option<&Connection>,
         name: &str,
         version: &str,
         preempt: &CancellationToken,
@@ -443,7 +413,7 @@ impl Reconciler {
     /// state stops asking for it (see [`ArtifactStore::fetch_until`]).
     async fn install_preemptible(
         &self,
-        channel: Option<&Channel>,
+        channel: Option<&Connection>,
         name: &str,
         version: &str,
         preempt: &CancellationToken,
@@ -652,7 +622,7 @@ impl Reconciler {
     }
 
     /// One pass; returns true when everything desired is in place.
-    async fn pass(&mut self, channel: Option<Channel>) -> bool {
+    async fn pass(&mut self, channel: Option<Connection>) -> bool {
         let Some(desired) = self.state.desired.clone() else {
             return true;
         };
@@ -761,7 +731,7 @@ impl Reconciler {
 
     async fn activate(
         &mut self,
-        channel: Option<&Channel>,
+        channel: Option<&Connection>,
         name: &str,
         version: &str,
         traceparent: &str,
@@ -808,7 +778,7 @@ impl Reconciler {
     /// Install, then swap; returns the spec of the version now active.
     async fn activate_inner(
         &mut self,
-        channel: Option<&Channel>,
+        channel: Option<&Connection>,
         name: &str,
         version: &str,
         preempt: &CancellationToken,

@@ -1,0 +1,157 @@
+//! Wire ↔ domain conversions of the agent: every `pb` message the agent
+//! sends is built here, and every one it receives is turned into a domain
+//! type here, so a change of the wire format touches this file only.
+
+use hotswap_common::artifact::Digest;
+use hotswap_common::pb;
+use hotswap_common::pb::agent_message::Msg as AgentMsg;
+
+use super::Hello;
+use crate::artifacts::{ArtifactDescriptor, SourceError, TrustedKey};
+use crate::report::AgentReport;
+use crate::state::{Desired, DesiredModule};
+
+pub fn hello_to_pb(hello: &Hello) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(AgentMsg::Hello(pb::Hello {
+            node_id: hello.node_id.clone(),
+            name: hello.name.clone(),
+            labels: hello.labels.clone().into_iter().collect(),
+            agent_version: hello.agent_version.clone(),
+        })),
+    }
+}
+
+pub fn desired_from_pb(desired: pb::DesiredState) -> Desired {
+    Desired {
+        generation: desired.generation,
+        modules: desired
+            .modules
+            .into_iter()
+            .map(|m| {
+                (
+                    m.name,
+                    DesiredModule {
+                        version: m.version,
+                        staged_version: m.staged_version,
+                        traceparent: m.traceparent,
+                    },
+                )
+            })
+            .collect(),
+        min_signatures: desired.min_signatures,
+    }
+}
+
+pub fn report_to_pb(report: &AgentReport) -> pb::AgentMessage {
+    let modules = report
+        .modules
+        .iter()
+        .map(|m| pb::ModuleStatus {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            phase: m.phase.as_str().to_string(),
+            health: m.health.as_str().to_string(),
+            message: m.message.clone(),
+            staged_version: m.staged_version.clone(),
+            previous_version: m.previous_version.clone(),
+            restarts: m.restarts,
+            crash_loop: m.crash_loop,
+            metrics: m.metrics.map(|w| pb::ModuleMetrics {
+                request_rate: w.request_rate,
+                error_rate: w.error_rate,
+                // -1: no requests in the window, so no latency to speak of.
+                latency_p99_seconds: w.latency_p99_seconds.unwrap_or(-1.0),
+                interval_seconds: 0.0,
+            }),
+            pid: m.pid,
+            settling_versions: m.settling.clone(),
+            failure_kind: m
+                .failure_kind
+                .map(|k| k.as_str().to_string())
+                .unwrap_or_default(),
+        })
+        .collect();
+    pb::AgentMessage {
+        msg: Some(AgentMsg::Status(pb::StatusReport {
+            modules,
+            observed_generation: report.observed_generation,
+            desired_generation: report.desired_generation,
+            usage: report.usage.map(|u| pb::NodeUsage {
+                cpu_percent: u.cpu_percent,
+                memory_used_bytes: u.memory_used_bytes,
+                memory_total_bytes: u.memory_total_bytes,
+            }),
+        })),
+    }
+}
+
+/// `what` names the artifact in errors (`artifact NAME@VERSION`).
+pub fn descriptor_from_pb(
+    descriptor: pb::ArtifactDescriptor,
+    what: &str,
+) -> Result<ArtifactDescriptor, SourceError> {
+    let digest = Digest::parse(&descriptor.digest)
+        .map_err(|e| SourceError::Invalid(format!("{what}: {e}")))?;
+    Ok(ArtifactDescriptor {
+        digest,
+        size: descriptor.size,
+        signatures: hotswap_common::convert::signatures_from_pb(&descriptor.signatures, what),
+    })
+}
+
+/// The keys the control plane trusts now: revoked ones are left out.
+pub fn trusted_keys_from_pb(reply: pb::ListKeysResponse) -> Vec<TrustedKey> {
+    reply
+        .keys
+        .into_iter()
+        .filter(|k| k.revoked_at.is_none())
+        .map(|k| TrustedKey {
+            name: k.name,
+            public_key_pem: k.public_key_pem,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desired_state_keeps_every_field() {
+        let desired = desired_from_pb(pb::DesiredState {
+            generation: 7,
+            modules: vec![pb::DesiredModule {
+                name: "web".into(),
+                version: "1.0.0".into(),
+                staged_version: "1.1.0".into(),
+                traceparent: "00-aa-bb-01".into(),
+            }],
+            min_signatures: 2,
+        });
+        assert_eq!(desired.generation, 7);
+        assert_eq!(desired.min_signatures, 2);
+        assert_eq!(
+            desired.modules["web"],
+            DesiredModule {
+                version: "1.0.0".into(),
+                staged_version: "1.1.0".into(),
+                traceparent: "00-aa-bb-01".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_digest_names_the_artifact() {
+        let err = descriptor_from_pb(
+            pb::ArtifactDescriptor {
+                digest: "nope".into(),
+                ..Default::default()
+            },
+            "artifact web@1.0.0",
+        )
+        .expect_err("bad digest");
+        assert!(!err.is_transient());
+        assert!(err.to_string().starts_with("artifact web@1.0.0: "), "{err}");
+    }
+}
