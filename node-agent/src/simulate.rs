@@ -23,19 +23,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hotswap_common::labels::Labels;
-use hotswap_common::pb;
-use hotswap_common::pb::agent_message::Msg as AgentMsg;
-use hotswap_common::pb::control_message::Msg as ControlMsg;
-use hotswap_common::pki;
-use hotswap_common::tls::{
-    self, ChannelOptions, ClientIdentity, ControlPlaneUrl, PinnedCa, ServerTrust,
-};
+use hotswap_common::status::{Health, Phase};
+use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, ControlPlaneUrl, ServerTrust};
 use rand::Rng;
-
-use crate::backoff::Backoff;
 use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+
+use crate::artifacts::{ArtifactSource, ContentStream as _};
+use crate::backoff::Backoff;
+use crate::control_plane::{
+    self, Connection, EncodedReport, EnrollError, Enrollment, Hello, Inbound,
+};
+use crate::report::{AgentReport, ModuleReport};
+use crate::scrape::Window;
+use crate::state::Desired;
+use crate::sysinfo::NodeUsage;
 
 /// What `simulate` was asked to do.
 #[derive(Clone, Debug)]
@@ -75,53 +77,46 @@ const MAX_FETCH_BYTES: u64 = 64 * 1024 * 1024;
 /// content digest, then the signatures against the control plane's
 /// non-revoked keys; in memory, nothing kept. Returns the content size.
 async fn fetch_verified(
-    channel: tonic::transport::Channel,
+    connection: Connection,
     name: String,
     version: String,
 ) -> Result<u64, String> {
     use hotswap_common::artifact::format::{Digest, content_info};
     use hotswap_common::artifact::keys::{self, TrustSet};
     let what = format!("artifact {name}@{version}");
-    let mut client = pb::artifacts_client::ArtifactsClient::new(channel);
-    let descriptor = client
-        .describe_artifact(pb::DescribeArtifactRequest {
-            name: name.clone(),
-            version: version.clone(),
-        })
+    let descriptor = connection
+        .describe(&name, &version)
         .await
-        .map_err(|s| format!("{what}: {}", s.message()))?
-        .into_inner();
+        .map_err(|e| match e {
+            crate::artifacts::SourceError::Invalid(message) => message,
+            e => format!("{what}: {}", e.message()),
+        })?;
     if descriptor.size > MAX_FETCH_BYTES {
         return Err(format!(
             "{what}: {} bytes is over the simulator's limit",
             descriptor.size
         ));
     }
-    let digest = Digest::parse(&descriptor.digest).map_err(|e| format!("{what}: {e}"))?;
+    let digest = descriptor.digest;
     let mut trust = TrustSet::new();
-    let listed = client
-        .list_keys(pb::ListKeysRequest {})
+    let listed = connection
+        .trusted_keys()
         .await
-        .map_err(|s| format!("cannot read the trusted keys: {}", s.message()))?
-        .into_inner();
-    for key in listed.keys.into_iter().filter(|k| k.revoked_at.is_none()) {
+        .map_err(|e| format!("cannot read the trusted keys: {}", e.message()))?;
+    for key in listed {
         let public = keys::parse_public_key(&key.public_key_pem)
             .map_err(|e| format!("trusted key {:?} is unreadable: {e}", key.name))?;
         trust.add(&key.name, public);
     }
     let mut content = Vec::with_capacity(descriptor.size as usize);
-    let mut stream = client
-        .fetch_artifact(pb::FetchArtifactRequest {
-            digest: digest.to_string(),
-            offset: 0,
-        })
+    let mut stream = connection
+        .content(&digest, 0)
         .await
-        .map_err(|s| format!("{what}: {}", s.message()))?
-        .into_inner();
+        .map_err(|e| format!("{what}: {}", e.message()))?;
     while let Some(chunk) = stream
-        .message()
+        .next_chunk()
         .await
-        .map_err(|s| format!("{what}: transfer interrupted: {}", s.message()))?
+        .map_err(|e| format!("{what}: transfer interrupted: {}", e.message()))?
     {
         if chunk.offset != content.len() as u64
             || content.len() as u64 + chunk.data.len() as u64 > descriptor.size
@@ -137,7 +132,7 @@ async fn fetch_verified(
     }
     // The digest was just checked over these bytes: parse the manifest and
     // check the signatures without hashing the content again.
-    let signatures = hotswap_common::convert::signatures_from_pb(&descriptor.signatures, &what)?;
+    let signatures = descriptor.signatures?;
     let info = content_info(&content, digest, signatures).map_err(|e| format!("{what}: {e}"))?;
     if info.manifest.name != name || info.manifest.version.to_string() != version {
         return Err(format!(
@@ -219,33 +214,6 @@ pub fn parse_source_addrs(text: &str) -> Result<Vec<IpAddr>, String> {
     Ok(out)
 }
 
-/// Why an enrollment attempt failed, which decides what happens next.
-#[derive(Debug, PartialEq)]
-enum EnrollFailure {
-    /// Retrying cannot help (bad token, bad request, local error): give up.
-    Fatal(String),
-    /// The control plane's enrollment rate limit refused the attempt: retry
-    /// after a backoff, counted apart from other failures.
-    RateLimited(String),
-    /// Anything else (connection, control plane unavailable): retry after a
-    /// backoff.
-    Transient(String),
-}
-
-impl EnrollFailure {
-    fn of_status(name: &str, status: &tonic::Status) -> Self {
-        let message = format!("enroll {name}: {}", status.message());
-        match status.code() {
-            tonic::Code::ResourceExhausted => Self::RateLimited(message),
-            tonic::Code::Unauthenticated
-            | tonic::Code::InvalidArgument
-            | tonic::Code::AlreadyExists
-            | tonic::Code::PermissionDenied => Self::Fatal(message),
-            _ => Self::Transient(message),
-        }
-    }
-}
-
 /// First retry of a failed enrollment after 250-500 ms, then twice as long
 /// each time (half fixed, half random), up to 15-30 s. A fleet of simulated
 /// agents sharing one source address runs into the control plane's
@@ -279,18 +247,18 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
                 drop(permit);
                 match result {
                     Ok(identity) => break identity,
-                    Err(EnrollFailure::Fatal(message)) => {
-                        stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(agent = i, error = %message, "simulated agent cannot enroll");
-                        return;
-                    }
-                    Err(EnrollFailure::RateLimited(message)) => {
+                    Err(error) if error.is_rate_limited() => {
                         stats.enroll_rate_limited.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(agent = i, error = %message, attempt = backoff.attempts() + 1, "enrollment rate-limited; backing off");
+                        tracing::debug!(agent = i, error = %error, attempt = backoff.attempts() + 1, "enrollment rate-limited; backing off");
                     }
-                    Err(EnrollFailure::Transient(message)) => {
+                    Err(error) if error.is_transient() => {
                         stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(agent = i, error = %message, attempt = backoff.attempts() + 1, "enrollment failed; backing off");
+                        tracing::debug!(agent = i, error = %error, attempt = backoff.attempts() + 1, "enrollment failed; backing off");
+                    }
+                    Err(error) => {
+                        stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(agent = i, error = %error, "simulated agent cannot enroll");
+                        return;
                     }
                 }
                 let delay = backoff.next_delay(rand::rng().random::<f64>());
@@ -306,48 +274,58 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
     while tasks.join_next().await.is_some() {}
 }
 
+/// Why a simulated agent did not enroll.
+#[derive(Debug, thiserror::Error)]
+enum SimEnrollError {
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
+    #[error("enrolled, but the identity is unusable: {0}")]
+    Identity(String),
+}
+
+impl SimEnrollError {
+    fn is_rate_limited(&self) -> bool {
+        matches!(self, SimEnrollError::Enroll(e) if e.is_rate_limited())
+    }
+
+    fn is_transient(&self) -> bool {
+        matches!(self, SimEnrollError::Enroll(e) if e.is_transient())
+    }
+}
+
+/// Enroll agent `index` the way the real agent does (the same call and
+/// checks), from its own source address.
 async fn enroll(
     config: &SimConfig,
     index: usize,
     source: Option<IpAddr>,
-) -> Result<SimIdentity, EnrollFailure> {
+) -> Result<SimIdentity, SimEnrollError> {
     let name = format!("{}-{index:05}", config.name_prefix);
-    let (csr_pem, key_pem) =
-        pki::generate_csr(&name).map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
-    let pinned = tls::client_config(
-        ServerTrust::Pinned(PinnedCa::new(config.ca_fingerprint)),
-        None,
-    )
-    .map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
     let options = ChannelOptions {
         keepalive_interval: None,
         local_addr: source,
         ..ChannelOptions::default()
     };
-    let channel = tls::connect(&config.control_plane, pinned, &options)
-        .await
-        .map_err(|e| EnrollFailure::Transient(format!("connect: {e}")))?;
-    let response = pb::enrollment_client::EnrollmentClient::new(channel)
-        .enroll(pb::EnrollRequest {
-            join_token: config.join_token.clone(),
-            csr_pem,
-            name: name.clone(),
-            labels: config.labels.clone().into_iter().collect(),
-            agent_version: format!("{}-sim", hotswap_common::VERSION),
-        })
-        .await
-        .map_err(|s| EnrollFailure::of_status(&name, &s))?
-        .into_inner();
+    let enrolled = control_plane::enroll(&Enrollment {
+        url: &config.control_plane,
+        options: &options,
+        join_token: &config.join_token,
+        ca_fingerprint: config.ca_fingerprint,
+        name: &name,
+        labels: &config.labels,
+        agent_version: format!("{}-sim", hotswap_common::VERSION),
+    })
+    .await?;
     let client = tls::client_config(
-        ServerTrust::Ca(response.ca_certificate_pem),
+        ServerTrust::Ca(enrolled.ca_certificate_pem),
         Some(ClientIdentity {
-            cert_pem: &response.certificate_pem,
-            key_pem: &key_pem,
+            cert_pem: &enrolled.certificate_pem,
+            key_pem: &enrolled.key_pem,
         }),
     )
-    .map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
+    .map_err(|e| SimEnrollError::Identity(e.to_string()))?;
     Ok(SimIdentity {
-        node_id: response.node_id,
+        node_id: enrolled.node_id,
         name,
         client,
     })
@@ -359,8 +337,8 @@ struct SimModule {
     version: String,
     previous: String,
     staged: String,
-    phase: &'static str,
-    health: &'static str,
+    phase: Phase,
+    health: Health,
     message: String,
     /// When an install in progress completes.
     ready_at: Option<tokio::time::Instant>,
@@ -369,20 +347,20 @@ struct SimModule {
 /// Apply a desired state to the simulated modules; returns whether anything changed.
 fn apply_desired(
     modules: &mut BTreeMap<String, SimModule>,
-    desired: &pb::DesiredState,
+    desired: &Desired,
     latency: Duration,
     now: tokio::time::Instant,
 ) -> bool {
     let mut changed = false;
-    for want in &desired.modules {
+    for (name, want) in &desired.modules {
         let m = modules
-            .entry(want.name.clone())
+            .entry(name.clone())
             .or_insert_with(|| SimModule {
                 version: String::new(),
                 previous: String::new(),
                 staged: String::new(),
-                phase: "installing",
-                health: "unknown",
+                phase: Phase::Installing,
+                health: Health::Unknown,
                 message: String::new(),
                 ready_at: None,
             });
@@ -395,8 +373,8 @@ fn apply_desired(
                 m.previous = m.version.clone();
             }
             m.version = want.version.clone();
-            m.phase = "installing";
-            m.health = "unknown";
+            m.phase = Phase::Installing;
+            m.health = Health::Unknown;
             m.message.clear();
             m.ready_at = Some(now + latency);
             if m.staged == want.version {
@@ -406,7 +384,7 @@ fn apply_desired(
         }
     }
     let before = modules.len();
-    modules.retain(|name, _| desired.modules.iter().any(|w| &w.name == name));
+    modules.retain(|name, _| desired.modules.contains_key(name));
     changed || modules.len() != before
 }
 
@@ -414,46 +392,43 @@ fn report(
     modules: &BTreeMap<String, SimModule>,
     generation: u64,
     config: &SimConfig,
-) -> pb::AgentMessage {
+) -> AgentReport {
     let converged = modules.values().all(|m| m.ready_at.is_none());
-    pb::AgentMessage {
-        msg: Some(AgentMsg::Status(pb::StatusReport {
-            modules: modules
-                .iter()
-                .map(|(name, m)| pb::ModuleStatus {
-                    name: name.clone(),
-                    version: m.version.clone(),
-                    phase: m.phase.to_string(),
-                    health: m.health.to_string(),
-                    message: m.message.clone(),
-                    staged_version: m.staged.clone(),
-                    previous_version: m.previous.clone(),
-                    restarts: 0,
-                    crash_loop: false,
-                    metrics: (m.phase == "running").then(|| pb::ModuleMetrics {
-                        request_rate: 100.0,
-                        error_rate: if m.health == "healthy" {
-                            config.error_rate
-                        } else {
-                            1.0
-                        },
-                        latency_p99_seconds: config.latency_p99.as_secs_f64(),
-                        interval_seconds: 5.0,
-                    }),
-                    pid: 0,
-                    // Simulated swaps are instant and never fail on the node.
-                    settling_versions: Vec::new(),
-                    failure_kind: String::new(),
-                })
-                .collect(),
-            observed_generation: if converged { generation } else { 0 },
-            usage: Some(pb::NodeUsage {
-                cpu_percent: 5.0,
-                memory_used_bytes: 256 << 20,
-                memory_total_bytes: 4 << 30,
-            }),
-            desired_generation: generation,
-        })),
+    AgentReport {
+        modules: modules
+            .iter()
+            .map(|(name, m)| ModuleReport {
+                name: name.clone(),
+                version: m.version.clone(),
+                phase: m.phase,
+                health: m.health,
+                message: m.message.clone(),
+                staged_version: m.staged.clone(),
+                previous_version: m.previous.clone(),
+                restarts: 0,
+                crash_loop: false,
+                metrics: (m.phase == Phase::Running).then(|| Window {
+                    request_rate: 100.0,
+                    error_rate: if m.health == Health::Healthy {
+                        config.error_rate
+                    } else {
+                        1.0
+                    },
+                    latency_p99_seconds: Some(config.latency_p99.as_secs_f64()),
+                }),
+                pid: 0,
+                // Simulated swaps are instant and never fail on the node.
+                settling: Vec::new(),
+                failure_kind: None,
+            })
+            .collect(),
+        observed_generation: if converged { generation } else { 0 },
+        usage: Some(NodeUsage {
+            cpu_percent: 5.0,
+            memory_used_bytes: 256 << 20,
+            memory_total_bytes: 4 << 30,
+        }),
+        desired_generation: generation,
     }
 }
 
@@ -513,29 +488,18 @@ async fn session(
     else {
         return false;
     };
-    let (tx, rx) = mpsc::channel(8);
-    let hello = pb::AgentMessage {
-        msg: Some(AgentMsg::Hello(pb::Hello {
-            node_id: identity.node_id.clone(),
-            name: identity.name.clone(),
-            labels: config.labels.clone().into_iter().collect(),
-            agent_version: format!("{}-sim", hotswap_common::VERSION),
-        })),
+    let channel = Connection::new(channel);
+    let hello = Hello {
+        node_id: identity.node_id.clone(),
+        name: identity.name.clone(),
+        labels: config.labels.clone(),
+        agent_version: format!("{}-sim", hotswap_common::VERSION),
     };
-    if tx.send(hello).await.is_err() {
-        return false;
-    }
-    let Ok(response) = pb::agent_session_client::AgentSessionClient::new(channel.clone())
-        .session(ReceiverStream::new(rx))
-        .await
-    else {
+    let Ok(mut session) = channel.open_session(&hello).await else {
         return false;
     };
-    let mut inbound = response.into_inner();
-    let interval = match inbound.message().await {
-        Ok(Some(pb::ControlMessage {
-            msg: Some(ControlMsg::Welcome(w)),
-        })) => Duration::from_millis(w.heartbeat_interval_ms.clamp(100, 3_600_000)),
+    let interval = match session.next().await {
+        Ok(Some(Inbound::Welcome(welcome))) => welcome.heartbeat_interval(),
         _ => return false,
     };
     stats.sessions.fetch_add(1, Ordering::Relaxed);
@@ -582,7 +546,8 @@ async fn session(
         if dirty {
             dirty = false;
             stats.reports.fetch_add(1, Ordering::Relaxed);
-            if tx.send(report(modules, *generation, config)).await.is_err() {
+            let report = EncodedReport::new(&report(modules, *generation, config));
+            if session.send_report(report).await.is_err() {
                 return true;
             }
         }
@@ -597,8 +562,7 @@ async fn session(
             _ = beat.tick() => {
                 seq += 1;
                 stats.heartbeats.fetch_add(1, Ordering::Relaxed);
-                let heartbeat = pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { seq })) };
-                if tx.send(heartbeat).await.is_err() {
+                if session.send_heartbeat(seq).await.is_err() {
                     return true;
                 }
             }
@@ -609,8 +573,8 @@ async fn session(
                     None => std::future::pending().await,
                 }
             } => {
-                for m in modules.values_mut().filter(|m| m.phase == "running") {
-                    m.health = if m.health == "healthy" { "unhealthy" } else { "healthy" };
+                for m in modules.values_mut().filter(|m| m.phase == Phase::Running) {
+                    m.health = if m.health == Health::Healthy { Health::Unhealthy } else { Health::Healthy };
                 }
                 dirty = true;
             }
@@ -620,13 +584,13 @@ async fn session(
                     match outcome {
                         Ok(bytes) => {
                             stats.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-                            m.phase = "running";
-                            m.health = "healthy";
+                            m.phase = Phase::Running;
+                            m.health = Health::Healthy;
                         }
                         Err(e) => {
                             stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
-                            m.phase = "failed";
-                            m.health = "unhealthy";
+                            m.phase = Phase::Failed;
+                            m.health = Health::Unhealthy;
                             m.message = e;
                         }
                     }
@@ -646,19 +610,19 @@ async fn session(
                         m.ready_at = None;
                         stats.installs.fetch_add(1, Ordering::Relaxed);
                         if rand::rng().random_bool(config.failure_rate.clamp(0.0, 1.0)) {
-                            m.phase = "failed";
-                            m.health = "unhealthy";
+                            m.phase = Phase::Failed;
+                            m.health = Health::Unhealthy;
                             m.message = "simulated install failure".into();
                         } else {
-                            m.phase = "running";
-                            m.health = "healthy";
+                            m.phase = Phase::Running;
+                            m.health = Health::Healthy;
                         }
                         dirty = true;
                     }
                 }
             }
-            message = inbound.message() => match message {
-                Ok(Some(pb::ControlMessage { msg: Some(ControlMsg::Desired(desired)) })) => {
+            message = session.next() => match message {
+                Ok(Some(Inbound::Desired(desired))) => {
                     *generation = desired.generation;
                     apply_desired(modules, &desired, config.install_latency, tokio::time::Instant::now());
                     start_fetches(modules);
@@ -692,27 +656,6 @@ mod tests {
         assert!(parse_source_addrs("127.0.0.9-127.0.0.1").is_err());
         assert!(parse_source_addrs("x").is_err());
         assert!(parse_source_addrs("").expect("empty").is_empty());
-    }
-
-    #[test]
-    fn enrollment_failures_are_sorted_by_status_code() {
-        use tonic::{Code, Status};
-        let of = |code| EnrollFailure::of_status("sim-00001", &Status::new(code, "why"));
-        assert_eq!(
-            of(Code::ResourceExhausted),
-            EnrollFailure::RateLimited("enroll sim-00001: why".into())
-        );
-        for code in [
-            Code::Unauthenticated,
-            Code::InvalidArgument,
-            Code::AlreadyExists,
-            Code::PermissionDenied,
-        ] {
-            assert!(matches!(of(code), EnrollFailure::Fatal(_)), "{code:?}");
-        }
-        for code in [Code::Unavailable, Code::Internal, Code::DeadlineExceeded] {
-            assert!(matches!(of(code), EnrollFailure::Transient(_)), "{code:?}");
-        }
     }
 
     #[test]
@@ -752,14 +695,16 @@ mod tests {
     fn desired_state_drives_simulated_modules() {
         let now = tokio::time::Instant::now();
         let mut modules = BTreeMap::new();
-        let want = |version: &str, staged: &str| pb::DesiredState {
+        let want = |version: &str, staged: &str| Desired {
             generation: 1,
-            modules: vec![pb::DesiredModule {
-                name: "web".into(),
-                version: version.into(),
-                staged_version: staged.into(),
-                traceparent: String::new(),
-            }],
+            modules: BTreeMap::from([(
+                "web".to_string(),
+                crate::state::DesiredModule {
+                    version: version.into(),
+                    staged_version: staged.into(),
+                    traceparent: String::new(),
+                },
+            )]),
             min_signatures: 1,
         };
         assert!(apply_desired(
@@ -769,7 +714,7 @@ mod tests {
             now
         ));
         let m = &modules["web"];
-        assert_eq!((m.phase, m.version.as_str()), ("installing", "1.0.0"));
+        assert_eq!((m.phase, m.version.as_str()), (Phase::Installing, "1.0.0"));
         assert!(!apply_desired(
             &mut modules,
             &want("1.0.0", ""),
@@ -794,9 +739,9 @@ mod tests {
             (m.version.as_str(), m.previous.as_str(), m.staged.as_str()),
             ("2.0.0", "1.0.0", "")
         );
-        let empty = pb::DesiredState {
+        let empty = Desired {
             generation: 2,
-            modules: vec![],
+            modules: BTreeMap::new(),
             min_signatures: 1,
         };
         assert!(apply_desired(&mut modules, &empty, Duration::ZERO, now));
