@@ -833,3 +833,297 @@ mod tests {
         );
     }
 }
+
+/// The cache against an artifact source in memory: no control plane, no
+/// network.
+#[cfg(test)]
+mod source_tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use hotswap_common::artifact::format::read_content;
+    use hotswap_common::artifact::pack::pack_and_sign;
+
+    use super::*;
+
+    const MANIFEST: &str = "name = \"hello\"\nversion = \"1.0.0\"\nruntime = \"bundle\"\n";
+
+    /// An artifact source serving one artifact from memory, with faults to
+    /// order.
+    struct MemorySource {
+        descriptor: ArtifactDescriptor,
+        content: Vec<u8>,
+        keys: Vec<TrustedKey>,
+        /// Answer to the next describe calls instead of the descriptor.
+        describe_faults: Mutex<VecDeque<SourceError>>,
+        /// Cut the next content streams after this many bytes.
+        cuts: Mutex<VecDeque<usize>>,
+        /// Offsets the content was asked from.
+        asked: Mutex<Vec<u64>>,
+    }
+
+    struct MemoryContent(VecDeque<Result<Chunk, SourceError>>);
+
+    impl ContentStream for MemoryContent {
+        async fn next_chunk(&mut self) -> Result<Option<Chunk>, SourceError> {
+            self.0.pop_front().transpose()
+        }
+    }
+
+    impl ArtifactSource for MemorySource {
+        type Content = MemoryContent;
+
+        async fn describe(
+            &self,
+            _name: &str,
+            _version: &str,
+        ) -> Result<ArtifactDescriptor, SourceError> {
+            match self.describe_faults.lock().expect("lock").pop_front() {
+                Some(fault) => Err(fault),
+                None => Ok(self.descriptor.clone()),
+            }
+        }
+
+        async fn trusted_keys(&self) -> Result<Vec<TrustedKey>, SourceError> {
+            Ok(self.keys.clone())
+        }
+
+        async fn content(&self, _digest: &Digest, offset: u64) -> Result<MemoryContent, SourceError> {
+            self.asked.lock().expect("lock").push(offset);
+            let cut = self.cuts.lock().expect("lock").pop_front();
+            let mut chunks = VecDeque::new();
+            let mut at = offset as usize;
+            let end = cut.map_or(self.content.len(), |c| c.min(self.content.len()));
+            while at < end {
+                let next = (at + 100).min(end);
+                chunks.push_back(Ok(Chunk {
+                    offset: at as u64,
+                    data: Bytes::copy_from_slice(&self.content[at..next]),
+                }));
+                at = next;
+            }
+            if cut.is_some() {
+                chunks.push_back(Err(SourceError::Unavailable {
+                    code: "Service was not ready".into(),
+                    message: "connection reset".into(),
+                }));
+            }
+            Ok(MemoryContent(chunks))
+        }
+    }
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        data_dir: PathBuf,
+        source: MemorySource,
+    }
+
+    /// `hello@1.0.0` signed by a key called "ci", which the source trusts.
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let module = tmp.path().join("hello");
+        fs::create_dir_all(&module).expect("mkdir");
+        fs::write(module.join("module.toml"), MANIFEST).expect("manifest");
+        // Enough content for several chunks.
+        let filler: String = (0..400).map(|i| format!("line {i}\n")).collect();
+        fs::write(module.join("data.txt"), filler).expect("data");
+        let key = keys::generate().expect("key");
+        let packed = tmp.path().join("hello.hsm");
+        let info = pack_and_sign(&module, &key, now_ms(), &packed).expect("pack");
+        let content = read_content(&packed, &info).expect("content");
+        let data_dir = tmp.path().join("node");
+        fs::create_dir_all(&data_dir).expect("mkdir");
+        let source = MemorySource {
+            descriptor: ArtifactDescriptor {
+                digest: info.digest,
+                size: content.len() as u64,
+                signatures: Ok(info.signatures.clone()),
+            },
+            content,
+            keys: vec![TrustedKey {
+                name: "ci".into(),
+                public_key_pem: keys::public_key_pem(&key.verifying_key()),
+            }],
+            describe_faults: Mutex::default(),
+            cuts: Mutex::default(),
+            asked: Mutex::default(),
+        };
+        Fixture {
+            _tmp: tmp,
+            data_dir,
+            source,
+        }
+    }
+
+    fn store(f: &Fixture) -> ArtifactStore {
+        ArtifactStore::open(&f.data_dir, TrustSource::ControlPlane, Limits::default())
+            .expect("open")
+    }
+
+    fn partial_files(f: &Fixture) -> usize {
+        fs::read_dir(f.data_dir.join("artifacts/partial"))
+            .expect("partial dir")
+            .count()
+    }
+
+    #[tokio::test]
+    async fn fetches_verifies_caches_and_installs_offline() {
+        let f = fixture();
+        let store = store(&f);
+        let fetched = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect("fetch");
+        assert_eq!(fetched.downloaded, f.source.content.len() as u64);
+        assert_eq!(fetched.info.module(), "hello@1.0.0");
+        let again = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect("again");
+        assert_eq!(again.downloaded, 0, "the second fetch comes from the cache");
+        assert_eq!(*f.source.asked.lock().expect("lock"), [0]);
+        // Installing needs no source: the trust set was stored.
+        let dir = store.install("hello", "1.0.0", 1).await.expect("install");
+        assert!(dir.join("data.txt").is_file());
+        assert_eq!(partial_files(&f), 0);
+    }
+
+    #[tokio::test]
+    async fn content_that_does_not_match_its_digest_is_rejected_and_dropped() {
+        let mut f = fixture();
+        let last = f.source.content.len() - 1;
+        f.source.content[last] ^= 0xff;
+        let err = store(&f)
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("altered");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("artifact hello@1.0.0: downloaded content does not match digest"),
+            "{err}"
+        );
+        assert_eq!(partial_files(&f), 0, "nothing kept to resume");
+    }
+
+    #[tokio::test]
+    async fn a_signature_by_an_untrusted_key_is_rejected() {
+        let mut f = fixture();
+        let other = keys::generate().expect("key");
+        f.source.keys = vec![TrustedKey {
+            name: "other".into(),
+            public_key_pem: keys::public_key_pem(&other.verifying_key()),
+        }];
+        let store = store(&f);
+        let err = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("untrusted");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert!(store.cached_digest("hello", "1.0.0").is_none());
+        assert_eq!(partial_files(&f), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_signature_is_rejected() {
+        let mut f = fixture();
+        f.source.descriptor.signatures =
+            Err("artifact hello@1.0.0: signature by k has the wrong length".into());
+        let err = store(&f)
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("bad signature");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "artifact hello@1.0.0: signature by k has the wrong length"
+        );
+    }
+
+    #[tokio::test]
+    async fn source_failures_are_sorted_into_transient_and_rejected() {
+        let f = fixture();
+        let store = store(&f);
+        f.source
+            .describe_faults
+            .lock()
+            .expect("lock")
+            .extend([
+                SourceError::Unavailable {
+                    code: "Service was not ready".into(),
+                    message: "down".into(),
+                },
+                SourceError::Refused {
+                    message: "no such artifact".into(),
+                },
+            ]);
+        let err = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("unavailable");
+        assert!(matches!(err, FetchError::Transient(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "artifact hello@1.0.0: Service was not ready: down"
+        );
+        let err = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert_eq!(err.to_string(), "artifact hello@1.0.0: no such artifact");
+        // The faults are gone: the next attempt succeeds.
+        store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect("fetch");
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_transfer_resumes_where_it_stopped() {
+        let f = fixture();
+        let store = store(&f);
+        f.source.cuts.lock().expect("lock").push_back(250);
+        let err = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("cut");
+        assert!(matches!(err, FetchError::Transient(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("artifact hello@1.0.0: transfer interrupted at byte 250: "),
+            "{err}"
+        );
+        assert_eq!(partial_files(&f), 1, "the prefix is kept");
+        let fetched = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect("resume");
+        assert_eq!(*f.source.asked.lock().expect("lock"), [0, 250]);
+        assert_eq!(fetched.downloaded, f.source.content.len() as u64 - 250);
+    }
+
+    #[tokio::test]
+    async fn more_content_than_announced_is_rejected() {
+        let mut f = fixture();
+        f.source.descriptor.size -= 10;
+        let err = store(&f)
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("too long");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert!(err.to_string().contains("more than the announced"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_fetch_says_so() {
+        let f = fixture();
+        let abandon = CancellationToken::new();
+        abandon.cancel();
+        let err = store(&f)
+            .fetch_until(&f.source, "hello", "1.0.0", &abandon)
+            .await
+            .expect_err("abandoned");
+        assert!(matches!(err, FetchError::Abandoned(_)), "{err:?}");
+    }
+}
