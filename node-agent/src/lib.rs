@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod config;
 pub mod control_plane;
 pub mod health;
+pub mod http_client;
 pub mod identity;
 pub mod metrics;
 pub mod reconciler;

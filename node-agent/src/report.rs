@@ -1,5 +1,5 @@
 //! What the agent reports to the control plane about its modules and the
-//! node: domain types, turned into wire messages by [`crate::control_plane`].
+//! node: domain types, turned into wire messages by the protocol client.
 
 use hotswap_common::status::{FailureKind, Health, Phase};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hotswap_common::manifest::MetricsSpec;
 
-use crate::health::http_get;
+use crate::http_client::http_get;
 
 /// Which series to read: the names from the manifest's `[metrics]` section.
 #[derive(Clone, Debug, PartialEq, Eq)]
