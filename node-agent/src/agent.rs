@@ -50,7 +50,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("cannot start the reconciler: {0}")]
-    Reconciler(String),
+    Reconciler(crate::reconciler::ReconcilerError),
 }
 
 /// Published in `DATA_DIR/run/addresses.json` once the agent listens.

@@ -15,6 +15,47 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 
+/// Why a GET did not produce a response.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    #[error("{0}")]
+    InvalidUrl(String),
+    #[error("timed out after {0}")]
+    Timeout(String),
+    /// The connection could not be made (the reason in the probe's words).
+    #[error("{0}")]
+    Connect(String),
+    #[error("{0}")]
+    Tls(String),
+    #[error("sending the request failed: {0}")]
+    Send(String),
+    #[error("reading the response failed: {0}")]
+    Read(String),
+    /// The server closed the connection before the response was complete.
+    #[error("{0}")]
+    Closed(String),
+    /// The response breaks HTTP/1.1.
+    #[error("{0}")]
+    Malformed(String),
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl HttpError {
+    /// Asking again can get an answer: the server was slow, unreachable or
+    /// went away, rather than answering wrongly.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            HttpError::Timeout(_)
+                | HttpError::Connect(_)
+                | HttpError::Send(_)
+                | HttpError::Read(_)
+                | HttpError::Closed(_)
+        )
+    }
+}
+
 /// Largest response head (status line and headers) we accept.
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -24,7 +65,7 @@ pub(crate) const MAX_BODY: usize = 4 * 1024 * 1024;
 /// GET `url` (`http://` or `https://`, the latter without certificate
 /// verification) over a fresh connection, returning the status and body.
 /// `timeout` bounds the whole exchange; bodies over 4 MiB are an error.
-pub(crate) async fn http_get(url: &str, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
+pub(crate) async fn http_get(url: &str, timeout: Duration) -> Result<(u16, Vec<u8>), HttpError> {
     get(url, timeout, Some(MAX_BODY)).await
 }
 
@@ -33,18 +74,21 @@ pub(crate) async fn get(
     url: &str,
     timeout: Duration,
     body_limit: Option<usize>,
-) -> Result<(u16, Vec<u8>), String> {
+) -> Result<(u16, Vec<u8>), HttpError> {
     let url = HttpUrl::parse(url)?;
     match tokio::time::timeout(timeout, get_parsed(&url, body_limit)).await {
         Ok(result) => result,
-        Err(_) => Err(format!("timed out after {}", fmt_duration(timeout))),
+        Err(_) => Err(HttpError::Timeout(fmt_duration(timeout))),
     }
 }
 
-async fn get_parsed(url: &HttpUrl, body_limit: Option<usize>) -> Result<(u16, Vec<u8>), String> {
+async fn get_parsed(
+    url: &HttpUrl,
+    body_limit: Option<usize>,
+) -> Result<(u16, Vec<u8>), HttpError> {
     let tcp = TcpStream::connect((url.host.as_str(), url.port))
         .await
-        .map_err(|e| io_reason(&e))?;
+        .map_err(|e| HttpError::Connect(io_reason(&e)))?;
     // Requests are tiny and written at once; don't let Nagle delay them.
     let _ = tcp.set_nodelay(true);
     let request = url.request();
@@ -53,11 +97,11 @@ async fn get_parsed(url: &HttpUrl, body_limit: Option<usize>) -> Result<(u16, Ve
     }
     let connector = tokio_rustls::TlsConnector::from(tls_config()?);
     let name = ServerName::try_from(url.host.clone())
-        .map_err(|e| format!("invalid TLS server name {:?}: {e}", url.host))?;
+        .map_err(|e| HttpError::Tls(format!("invalid TLS server name {:?}: {e}", url.host)))?;
     let tls = connector
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("tls handshake failed: {e}"))?;
+        .map_err(|e| HttpError::Tls(format!("tls handshake failed: {e}")))?;
     exchange(tls, request.as_bytes(), body_limit).await
 }
 
@@ -67,18 +111,18 @@ async fn exchange<S>(
     mut stream: S,
     request: &[u8],
     body_limit: Option<usize>,
-) -> Result<(u16, Vec<u8>), String>
+) -> Result<(u16, Vec<u8>), HttpError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     stream
         .write_all(request)
         .await
-        .map_err(|e| format!("sending the request failed: {}", io_reason(&e)))?;
+        .map_err(|e| HttpError::Send(io_reason(&e)))?;
     stream
         .flush()
         .await
-        .map_err(|e| format!("sending the request failed: {}", io_reason(&e)))?;
+        .map_err(|e| HttpError::Send(io_reason(&e)))?;
 
     let mut buf = Vec::with_capacity(8192);
     let head = loop {
@@ -92,14 +136,14 @@ where
             break head;
         }
         if buf.len() > MAX_HEAD {
-            return Err("response headers larger than 64 KiB".to_string());
+            return Err(HttpError::TooLarge("response headers larger than 64 KiB".to_string()));
         }
         if read_more(&mut stream, &mut buf).await? == 0 {
-            return Err(if buf.is_empty() {
+            return Err(HttpError::Closed(if buf.is_empty() {
                 "connection closed without a response".to_string()
             } else {
                 "connection closed in the middle of the response headers".to_string()
-            });
+            }));
         }
     };
     let Some(limit) = body_limit else {
@@ -113,7 +157,7 @@ where
 async fn read_more<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut Vec<u8>,
-) -> Result<usize, String> {
+) -> Result<usize, HttpError> {
     buf.reserve(16 * 1024);
     match stream.read_buf(buf).await {
         Ok(n) => Ok(n),
@@ -121,7 +165,7 @@ async fn read_more<S: AsyncRead + Unpin>(
         // a plain end of stream: the body framing still detects truncation
         // where the protocol allows it at all.
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-        Err(e) => Err(format!("reading the response failed: {}", io_reason(&e))),
+        Err(e) => Err(HttpError::Read(io_reason(&e))),
     }
 }
 
@@ -130,8 +174,8 @@ async fn read_body<S: AsyncRead + Unpin>(
     mut buf: Vec<u8>,
     framing: Framing,
     limit: usize,
-) -> Result<Vec<u8>, String> {
-    let too_large = || format!("response body larger than {}", fmt_bytes(limit));
+) -> Result<Vec<u8>, HttpError> {
+    let too_large = || HttpError::TooLarge(format!("response body larger than {}", fmt_bytes(limit)));
     match framing {
         Framing::Empty => Ok(Vec::new()),
         Framing::Length(length) => {
@@ -141,10 +185,10 @@ async fn read_body<S: AsyncRead + Unpin>(
                 .ok_or_else(too_large)?;
             while buf.len() < length {
                 if read_more(stream, &mut buf).await? == 0 {
-                    return Err(format!(
+                    return Err(HttpError::Closed(format!(
                         "connection closed after {} of {length} body bytes",
                         buf.len()
-                    ));
+                    )));
                 }
             }
             buf.truncate(length);
@@ -167,7 +211,7 @@ async fn read_body<S: AsyncRead + Unpin>(
                 }
                 if read_more(stream, &mut buf).await? == 0 {
                     return decode_chunked(&buf, limit)?.ok_or_else(|| {
-                        "connection closed in the middle of a chunked body".to_string()
+                        HttpError::Closed("connection closed in the middle of a chunked body".to_string())
                     });
                 }
             }
@@ -205,12 +249,12 @@ struct ResponseHead {
 
 /// Parse a response head from the start of `buf`. `Ok(None)` means it is
 /// not complete yet; `Ok(Some((len, head)))` gives its length in bytes.
-fn parse_head(buf: &[u8]) -> Result<Option<(usize, ResponseHead)>, String> {
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, ResponseHead)>, HttpError> {
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         return Ok(None);
     };
     let text = std::str::from_utf8(&buf[..end])
-        .map_err(|_| "response headers are not valid UTF-8".to_string())?;
+        .map_err(|_| HttpError::Malformed("response headers are not valid UTF-8".to_string()))?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = parse_status_line(status_line)?;
@@ -219,16 +263,16 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, ResponseHead)>, String> {
     let mut transfer_encoding: Option<String> = None;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
-            return Err(format!("malformed response header {line:?}"));
+            return Err(HttpError::Malformed(format!("malformed response header {line:?}")));
         };
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
             let length: u64 = value
                 .parse()
-                .map_err(|_| format!("invalid Content-Length {value:?}"))?;
+                .map_err(|_| HttpError::Malformed(format!("invalid Content-Length {value:?}")))?;
             // Differing lengths would make the body boundary ambiguous.
             if content_length.is_some_and(|known| known != length) {
-                return Err("conflicting Content-Length headers".to_string());
+                return Err(HttpError::Malformed("conflicting Content-Length headers".to_string()));
             }
             content_length = Some(length);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
@@ -259,8 +303,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, ResponseHead)>, String> {
     Ok(Some((end + 4, ResponseHead { status, framing })))
 }
 
-fn parse_status_line(line: &str) -> Result<u16, String> {
-    let malformed = || format!("malformed status line {line:?}");
+fn parse_status_line(line: &str) -> Result<u16, HttpError> {
+    let malformed = || HttpError::Malformed(format!("malformed status line {line:?}"));
     let mut parts = line.splitn(3, ' ');
     let version = parts.next().unwrap_or_default();
     if !version.starts_with("HTTP/1.") {
@@ -274,7 +318,7 @@ fn parse_status_line(line: &str) -> Result<u16, String> {
 }
 
 /// Decode a complete chunked body. `Ok(None)` means more bytes are needed.
-fn decode_chunked(raw: &[u8], limit: usize) -> Result<Option<Vec<u8>>, String> {
+fn decode_chunked(raw: &[u8], limit: usize) -> Result<Option<Vec<u8>>, HttpError> {
     let mut body = Vec::new();
     let mut pos = 0;
     loop {
@@ -282,11 +326,11 @@ fn decode_chunked(raw: &[u8], limit: usize) -> Result<Option<Vec<u8>>, String> {
             return Ok(None);
         };
         let line = std::str::from_utf8(&raw[pos..pos + line_len])
-            .map_err(|_| "malformed chunk size line".to_string())?;
+            .map_err(|_| HttpError::Malformed("malformed chunk size line".to_string()))?;
         // Chunk extensions (";name=value") carry nothing we need.
         let size_text = line.split(';').next().unwrap_or_default().trim();
         let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("malformed chunk size {size_text:?}"))?;
+            .map_err(|_| HttpError::Malformed(format!("malformed chunk size {size_text:?}")))?;
         pos += line_len + 2;
         if size == 0 {
             // Trailer fields, then an empty line.
@@ -301,14 +345,17 @@ fn decode_chunked(raw: &[u8], limit: usize) -> Result<Option<Vec<u8>>, String> {
             }
         }
         if body.len().saturating_add(size) > limit {
-            return Err(format!("response body larger than {}", fmt_bytes(limit)));
+            return Err(HttpError::TooLarge(format!(
+                "response body larger than {}",
+                fmt_bytes(limit)
+            )));
         }
         let data_end = pos.saturating_add(size);
         if raw.len() < data_end.saturating_add(2) {
             return Ok(None);
         }
         if &raw[data_end..data_end + 2] != b"\r\n" {
-            return Err("chunk data not followed by CRLF".to_string());
+            return Err(HttpError::Malformed("chunk data not followed by CRLF".to_string()));
         }
         body.extend_from_slice(&raw[pos..data_end]);
         pos = data_end + 2;
@@ -331,7 +378,11 @@ pub(crate) struct HttpUrl {
 }
 
 impl HttpUrl {
-    pub(crate) fn parse(url: &str) -> Result<HttpUrl, String> {
+    pub(crate) fn parse(url: &str) -> Result<HttpUrl, HttpError> {
+        Self::parse_text(url).map_err(HttpError::InvalidUrl)
+    }
+
+    fn parse_text(url: &str) -> Result<HttpUrl, String> {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| format!("invalid URL {url:?}: no scheme"))?;
@@ -433,14 +484,14 @@ impl HttpUrl {
 }
 
 /// The TLS client config for HTTPS probes, built once.
-fn tls_config() -> Result<Arc<ClientConfig>, String> {
-    static CONFIG: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
+fn tls_config() -> Result<Arc<ClientConfig>, HttpError> {
+    static CONFIG: OnceLock<Result<Arc<ClientConfig>, HttpError>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
             let provider = hotswap_common::tls::provider();
             let mut config = ClientConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()
-                .map_err(|e| format!("tls configuration failed: {e}"))?
+                .map_err(|e| HttpError::Tls(format!("tls configuration failed: {e}")))?
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AcceptAnyCert { provider }))
                 .with_no_client_auth();
@@ -711,7 +762,7 @@ mod tests {
             ("http://host/a\r\nX: y", "whitespace"),
         ];
         for (url, want) in cases {
-            let err = HttpUrl::parse(url).unwrap_err();
+            let err = HttpUrl::parse(url).unwrap_err().to_string();
             assert!(err.contains(want), "{url}: {err}");
         }
     }
@@ -801,7 +852,7 @@ mod tests {
         }
         assert!(decode_chunked(b"zz\r\n", 1024).is_err());
         assert!(decode_chunked(b"3\r\nabcd\r\n", 1024).is_err());
-        let err = decode_chunked(b"10\r\n", 8).unwrap_err();
+        let err = decode_chunked(b"10\r\n", 8).unwrap_err().to_string();
         assert!(err.contains("larger than"), "{err}");
     }
 
@@ -849,7 +900,8 @@ mod tests {
         .await;
         let err = http_get(&format!("http://{addr}/"), SECOND)
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("after 3 of 10 body bytes"), "{err}");
 
         let addr = server(Reply::Raw(
@@ -858,7 +910,8 @@ mod tests {
         .await;
         let err = http_get(&format!("http://{addr}/"), SECOND)
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("middle of a chunked body"), "{err}");
 
         let addr = server(Reply::Raw(
@@ -868,7 +921,8 @@ mod tests {
         let err = http_get(&format!("http://{addr}/"), SECOND)
             .await
             .unwrap_err();
-        assert_eq!(err, "response body larger than 4 MiB");
+        assert!(!err.is_transient());
+        assert_eq!(err.to_string(), "response body larger than 4 MiB");
     }
 
     #[tokio::test]
@@ -891,6 +945,7 @@ mod tests {
         let err = http_get(&format!("http://{addr}/"), Duration::from_secs(10))
             .await
             .unwrap_err();
-        assert_eq!(err, "response body larger than 4 MiB");
+        assert!(!err.is_transient());
+        assert_eq!(err.to_string(), "response body larger than 4 MiB");
     }
 }

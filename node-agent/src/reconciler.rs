@@ -44,7 +44,7 @@ use crate::runtime::listeners::{ListenerBook, conflict_message};
 use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
 use crate::runtime::{ActivateError, Phase, bundle, check_program, hotswap_env, os};
 use crate::scrape::MetricNames;
-use crate::state::{AgentState, Desired, ModuleRecord};
+use crate::state::{AgentState, Desired, ModuleRecord, StateError};
 use crate::sysinfo::{CpuSampler, NodeUsage};
 
 pub use crate::report::{AgentReport, ModuleReport};
@@ -126,6 +126,15 @@ enum Step {
     Activate,
 }
 
+/// Why the reconciler cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcilerError {
+    #[error(transparent)]
+    Store(#[from] FetchError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
 pub struct ReconcilerConfig {
     pub data_dir: PathBuf,
     pub node_name: String,
@@ -181,9 +190,11 @@ pub struct Reconciler {
 const USAGE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Reconciler {
-    pub fn new(config: ReconcilerConfig, shutdown: CancellationToken) -> Result<Self, String> {
-        let store = ArtifactStore::open(&config.data_dir, config.trust.clone(), config.limits)
-            .map_err(|e| e.to_string())?
+    pub fn new(
+        config: ReconcilerConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ReconcilerError> {
+        let store = ArtifactStore::open(&config.data_dir, config.trust.clone(), config.limits)?
             .with_node_name(&config.node_name);
         let state = AgentState::load(&config.data_dir)?;
         let mut reconciler = Self {

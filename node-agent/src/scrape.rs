@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hotswap_common::manifest::MetricsSpec;
 
-use crate::http_client::http_get;
+use crate::http_client::{HttpError, http_get};
 
 /// Which series to read: the names from the manifest's `[metrics]` section.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,16 +65,33 @@ pub async fn scrape(
     spec_url: &str,
     names: &MetricNames,
     timeout: Duration,
-) -> Result<Sample, String> {
+) -> Result<Sample, ScrapeError> {
+    let url = || spec_url.to_string();
     let (status, body) = http_get(spec_url, timeout)
         .await
-        .map_err(|e| format!("scrape {spec_url}: {e}"))?;
+        .map_err(|source| ScrapeError::Http { url: url(), source })?;
     if !(200..300).contains(&status) {
-        return Err(format!("scrape {spec_url}: status {status}"));
+        return Err(ScrapeError::Status { url: url(), status });
     }
-    let text = std::str::from_utf8(&body)
-        .map_err(|e| format!("scrape {spec_url}: the response is not UTF-8 text: {e}"))?;
-    parse(text, names).map_err(|e| format!("scrape {spec_url}: {e}"))
+    let text = std::str::from_utf8(&body).map_err(|e| ScrapeError::NotText {
+        url: url(),
+        reason: e.to_string(),
+    })?;
+    parse(text, names).map_err(|reason| ScrapeError::Parse { url: url(), reason })
+}
+
+/// Why a scrape produced no sample; the next scrape tries again.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScrapeError {
+    #[error("scrape {url}: {source}")]
+    Http { url: String, source: HttpError },
+    #[error("scrape {url}: status {status}")]
+    Status { url: String, status: u16 },
+    #[error("scrape {url}: the response is not UTF-8 text: {reason}")]
+    NotText { url: String, reason: String },
+    /// The exposition is malformed (the reason names the line).
+    #[error("scrape {url}: {reason}")]
+    Parse { url: String, reason: String },
 }
 
 /// Parse Prometheus text exposition format (also OpenMetrics: a `_total`
@@ -854,7 +871,7 @@ this line is after EOF and never read {
         let err = scrape(&url, &names(), Duration::from_secs(5))
             .await
             .unwrap_err();
-        assert_eq!(err, format!("scrape {url}: status 500"));
+        assert_eq!(err.to_string(), format!("scrape {url}: status 500"));
 
         let err = scrape(
             "http://127.0.0.1:1/metrics",
@@ -863,7 +880,10 @@ this line is after EOF and never read {
         )
         .await
         .unwrap_err();
-        assert_eq!(err, "scrape http://127.0.0.1:1/metrics: connection refused");
+        assert_eq!(
+            err.to_string(),
+            "scrape http://127.0.0.1:1/metrics: connection refused"
+        );
     }
 
     #[test]

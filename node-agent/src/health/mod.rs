@@ -17,5 +17,5 @@ pub mod probe;
 pub mod tracker;
 
 pub use hotswap_common::status::Health;
-pub use probe::probe_once;
+pub use probe::{ProbeError, probe_once};
 pub use tracker::HealthTracker;

@@ -12,8 +12,22 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::http_client::{fmt_duration, get, io_reason};
+use crate::http_client::{HttpError, fmt_duration, get, io_reason};
 
+
+/// Why a probe failed: the module counts as failing it, whatever the cause.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("http probe {url}: {source}")]
+    Http { url: String, source: HttpError },
+    #[error("http probe {url}: status {status}")]
+    Status { url: String, status: u16 },
+    #[error("tcp probe {addr}: {reason}")]
+    Tcp { addr: String, reason: String },
+    /// The command could not run, failed, or timed out.
+    #[error("{0}")]
+    Exec(String),
+}
 
 /// One probe attempt. `env` is added to the environment of exec probes;
 /// `cwd` is their working directory (and the base of a relative `argv[0]`).
@@ -23,7 +37,7 @@ pub async fn probe_once(
     timeout: Duration,
     env: &[(String, String)],
     cwd: &Path,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let started = std::time::Instant::now();
     let (kind, result) = match check {
         HealthCheck::Http(url) => ("http", probe_http(url, timeout).await),
@@ -39,27 +53,34 @@ pub async fn probe_once(
     result
 }
 
-async fn probe_http(url: &str, timeout: Duration) -> Result<(), String> {
+async fn probe_http(url: &str, timeout: Duration) -> Result<(), ProbeError> {
     // No body limit: a probe only needs the status line, so it stops reading
     // after the headers and a slow or huge body cannot fail it.
     let (status, _) = get(url, timeout, None)
         .await
-        .map_err(|e| format!("http probe {url}: {e}"))?;
+        .map_err(|source| ProbeError::Http {
+            url: url.to_string(),
+            source,
+        })?;
     if (200..=399).contains(&status) {
         Ok(())
     } else {
-        Err(format!("http probe {url}: status {status}"))
+        Err(ProbeError::Status {
+            url: url.to_string(),
+            status,
+        })
     }
 }
 
-async fn probe_tcp(addr: &str, timeout: Duration) -> Result<(), String> {
+async fn probe_tcp(addr: &str, timeout: Duration) -> Result<(), ProbeError> {
+    let failed = |reason: String| ProbeError::Tcp {
+        addr: addr.to_string(),
+        reason,
+    };
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(_stream)) => Ok(()),
-        Ok(Err(e)) => Err(format!("tcp probe {addr}: {}", io_reason(&e))),
-        Err(_) => Err(format!(
-            "tcp probe {addr}: timed out after {}",
-            fmt_duration(timeout)
-        )),
+        Ok(Err(e)) => Err(failed(io_reason(&e))),
+        Err(_) => Err(failed(format!("timed out after {}", fmt_duration(timeout)))),
     }
 }
 
@@ -72,6 +93,15 @@ const OUTPUT_TAIL: usize = 512;
 const OUTPUT_GRACE: Duration = Duration::from_millis(100);
 
 async fn probe_exec(
+    argv: &[String],
+    timeout: Duration,
+    env: &[(String, String)],
+    cwd: &Path,
+) -> Result<(), ProbeError> {
+    exec(argv, timeout, env, cwd).await.map_err(ProbeError::Exec)
+}
+
+async fn exec(
     argv: &[String],
     timeout: Duration,
     env: &[(String, String)],
@@ -250,7 +280,9 @@ mod tests {
     }
 
     async fn probe(check: HealthCheck, timeout: Duration) -> Result<(), String> {
-        probe_once(&check, timeout, &[], Path::new("/")).await
+        probe_once(&check, timeout, &[], Path::new("/"))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     fn http(addr: &str, path: &str) -> HealthCheck {
@@ -445,7 +477,8 @@ mod tests {
         let check = exec(&["./missing"]);
         let err = probe_once(&check, SECOND, &[], dir.path())
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with("exec probe ./missing: cannot start"),
             "{err}"

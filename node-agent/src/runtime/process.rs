@@ -720,7 +720,7 @@ impl Task {
                 }
                 Err(e) => {
                     streak = 0;
-                    last_error = e;
+                    last_error = e.to_string();
                 }
             }
             if tokio::time::Instant::now() + spec.interval > deadline {
@@ -1053,7 +1053,7 @@ impl Task {
             return;
         };
         if let Some(changed) = tracker.observe(result.is_ok()) {
-            let message = result.err().unwrap_or_default();
+            let message = result.err().map(|e| e.to_string()).unwrap_or_default();
             tracing::info!(health = changed.as_str(), message = %message, "health changed");
             let healthy_again = changed == Health::Healthy;
             self.publish(|s| {
