@@ -42,7 +42,9 @@ use crate::artifacts::{ArtifactStore, FetchError, TrustSource};
 use crate::health::{Health, probe_once};
 use crate::runtime::listeners::{ListenerBook, conflict_message};
 use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
-use crate::runtime::{ActivateError, Phase, bundle, check_program, hotswap_env, os};
+use crate::runtime::{
+    ActivateError, Phase, ProgramError, bundle, check_program, hotswap_env, os,
+};
 use crate::scrape::MetricNames;
 use crate::state::{AgentState, Desired, ModuleRecord, StateError};
 use crate::sysinfo::{CpuSampler, NodeUsage};
@@ -73,6 +75,30 @@ impl StepError {
             transient: false,
         }
     }
+}
+
+/// Why an installed version cannot run as it is: the release's fault.
+#[derive(Debug, thiserror::Error)]
+enum VersionError {
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    /// A `${...}` in the manifest that cannot be expanded.
+    #[error("{0}")]
+    Expand(String),
+    #[error("socket {socket:?}: listen {listen:?} (from {template:?}) is not ip:port: {reason}")]
+    Socket {
+        socket: String,
+        listen: String,
+        template: String,
+        reason: String,
+    },
+    #[error("artifact declares module {declared:?}, expected {expected:?}")]
+    WrongModule { declared: String, expected: String },
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+    /// Another module of the node holds an address this version listens on.
+    #[error("{0}")]
+    ListenerTaken(String),
 }
 
 /// Artifact trouble, classified: the artifact itself (rejected: unknown,
@@ -305,13 +331,12 @@ impl Reconciler {
         name: &str,
         version: &str,
         previous: Option<&str>,
-    ) -> Result<(Manifest, VersionSpec), String> {
+    ) -> Result<(Manifest, VersionSpec), VersionError> {
         let dir = self.store.module_dir(name, version);
-        let manifest = manifest::load_manifest(&dir.join(manifest::MANIFEST_FILE))
-            .map_err(|e| e.to_string())?;
+        let manifest = manifest::load_manifest(&dir.join(manifest::MANIFEST_FILE))?;
         let dir_text = dir.display().to_string();
         let vars = self.vars(&dir_text);
-        let expand = |value: &str| manifest::expand(value, &vars);
+        let expand = |value: &str| manifest::expand(value, &vars).map_err(VersionError::Expand);
         let expand_all = |values: &[String]| {
             values
                 .iter()
@@ -342,12 +367,14 @@ impl Reconciler {
                 let mut sockets = Vec::new();
                 for socket in &process.sockets {
                     let text = expand(&socket.listen)?;
-                    let listen = text.parse().map_err(|e| {
-                        format!(
-                            "socket {:?}: listen {text:?} (from {:?}) is not ip:port: {e}",
-                            socket.name, socket.listen
-                        )
-                    })?;
+                    let listen =
+                        text.parse()
+                            .map_err(|e: std::net::AddrParseError| VersionError::Socket {
+                                socket: socket.name.clone(),
+                                listen: text.clone(),
+                                template: socket.listen.clone(),
+                                reason: e.to_string(),
+                            })?;
                     sockets.push(crate::runtime::process::ListenSocket {
                         name: socket.name.clone(),
                         listen,
@@ -484,13 +511,13 @@ impl Reconciler {
     }
 
     /// Pre-check an unpacked version without activating it.
-    fn precheck(&self, name: &str, version: &str) -> Result<Manifest, String> {
+    fn precheck(&self, name: &str, version: &str) -> Result<Manifest, VersionError> {
         let (manifest, spec) = self.version_spec(name, version, None)?;
         if manifest.name != name {
-            return Err(format!(
-                "artifact declares module {:?}, expected {name:?}",
-                manifest.name
-            ));
+            return Err(VersionError::WrongModule {
+                declared: manifest.name,
+                expected: name.to_string(),
+            });
         }
         match manifest.runtime {
             Runtime::Process => {
@@ -500,7 +527,12 @@ impl Reconciler {
                 // supervisor's claim at bind time closes the remaining race.
                 for socket in &spec.sockets {
                     if let Some(taken) = self.listener_book.taken(name, socket.listen) {
-                        return Err(conflict_message(name, &socket.name, socket.listen, &taken));
+                        return Err(VersionError::ListenerTaken(conflict_message(
+                            name,
+                            &socket.name,
+                            socket.listen,
+                            &taken,
+                        )));
                     }
                 }
             }
@@ -524,7 +556,7 @@ impl Reconciler {
         name: &str,
         version: &str,
         traceparent: &str,
-    ) -> Result<Manifest, String> {
+    ) -> Result<Manifest, VersionError> {
         let span = telemetry::span_with_parent(
             tracing::info_span!(
                 target: telemetry::TARGET,
@@ -840,7 +872,7 @@ impl Reconciler {
         }
         let (_, spec) = self
             .version_spec(name, version, previous.as_deref())
-            .map_err(StepError::release)?;
+            .map_err(|e| StepError::release(e.to_string()))?;
         tracing::info!(module = %name, version = %version, previous = ?previous, runtime = manifest.runtime.as_str(), "activating");
         match manifest.runtime {
             Runtime::Bundle => {
