@@ -35,10 +35,10 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use hotswap_common::artifact::format::Signature;
 use hotswap_common::artifact::format::{ArtifactWriter, read_artifact};
 use hotswap_common::artifact::keys::{self, TrustSet};
 use hotswap_common::artifact::unpack::{Limits, UnpackError, unpack_artifact};
-use hotswap_common::artifact::format::Signature;
 use hotswap_common::artifact::{ArtifactInfo, Digest};
 use hotswap_common::fsutil::{self, PUBLIC_FILE_MODE};
 use hotswap_common::telemetry;
@@ -157,6 +157,13 @@ pub trait ArtifactSource: Sync {
         digest: &Digest,
         offset: u64,
     ) -> impl Future<Output = Result<Self::Content, SourceError>> + Send;
+}
+
+impl FetchError {
+    /// Trying again later can succeed (a partial download is resumed).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FetchError::Transient(_))
+    }
 }
 
 /// Where an agent's trust in publisher keys comes from.
@@ -494,7 +501,7 @@ impl ArtifactStore {
                 "{what}: downloaded content does not match digest {digest}"
             )));
         }
-        check_identity(&info, name, version).map_err(reject)?;
+        check_identity(&info, name, version).map_err(|e| reject(e.to_string()))?;
         trust
             .verify(&info, now_ms())
             .map_err(|e| reject(e.to_string()))?;
@@ -546,9 +553,8 @@ impl ArtifactStore {
                         if out.flush().is_ok() {
                             let _ = out.get_ref().sync_all();
                         }
-                        return Err(
-                            error.fetching(&format!("{what}: transfer interrupted at byte {offset}"))
-                        );
+                        return Err(error
+                            .fetching(&format!("{what}: transfer interrupted at byte {offset}")));
                     }
                 };
                 if chunk.offset != offset {
@@ -615,12 +621,12 @@ impl ArtifactStore {
             }
             e => FetchError::Rejected(format!("artifact {name}@{version}: {e}")),
         })?;
-        check_identity(&info, name, version).map_err(FetchError::Rejected)?;
+        check_identity(&info, name, version).map_err(|e| FetchError::Rejected(e.to_string()))?;
         let verified = trust
             .verify(&info, now_ms())
             .map_err(|e| FetchError::Rejected(e.to_string()))?;
         ensure_signers(&format!("{name}@{version}"), &verified, required)
-            .map_err(FetchError::Rejected)?;
+            .map_err(|e| FetchError::Rejected(e.to_string()))?;
         Ok(info)
     }
 
@@ -733,7 +739,7 @@ fn ensure_signers(
     module: &str,
     verified: &[keys::VerifiedSignature],
     required: u32,
-) -> Result<(), String> {
+) -> Result<(), TooFewSigners> {
     let mut signers: Vec<&keys::VerifiedSignature> = Vec::new();
     for signature in verified {
         if !signers.iter().any(|s| s.key_id == signature.key_id) {
@@ -744,28 +750,51 @@ fn ensure_signers(
     if signers.len() >= required {
         return Ok(());
     }
-    let names: Vec<String> = signers
-        .iter()
-        .map(|s| format!("{:?}", s.key_name))
-        .collect();
-    Err(format!(
-        "artifact {module}: this node's environment requires valid signatures by {required} distinct trusted keys (min_signatures) and it has {}{}; refusing to install it",
-        signers.len(),
-        if names.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", names.join(", "))
-        }
-    ))
+    Err(TooFewSigners {
+        module: module.to_string(),
+        required,
+        signers: signers.iter().map(|s| s.key_name.clone()).collect(),
+    })
+}
+
+/// An artifact without valid signatures by as many distinct trusted keys as
+/// the node's environment requires.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "artifact {module}: this node's environment requires valid signatures by {required} distinct trusted keys (min_signatures) and it has {}{}; refusing to install it",
+    signers.len(),
+    signer_list(signers)
+)]
+pub struct TooFewSigners {
+    pub module: String,
+    pub required: usize,
+    /// Names of the distinct trusted keys that did sign.
+    pub signers: Vec<String>,
+}
+
+fn signer_list(signers: &[String]) -> String {
+    if signers.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = signers.iter().map(|name| format!("{name:?}")).collect();
+    format!(" ({})", names.join(", "))
+}
+
+/// The artifact is another module version than the one asked for.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("asked for {asked} but the artifact is {found}")]
+pub struct WrongArtifact {
+    pub asked: String,
+    pub found: String,
 }
 
 /// The artifact is the module version that was asked for.
-fn check_identity(info: &ArtifactInfo, name: &str, version: &str) -> Result<(), String> {
+pub fn check_identity(info: &ArtifactInfo, name: &str, version: &str) -> Result<(), WrongArtifact> {
     if info.manifest.name != name || info.manifest.version.to_string() != version {
-        return Err(format!(
-            "asked for {name}@{version} but the artifact is {}",
-            info.module()
-        ));
+        return Err(WrongArtifact {
+            asked: format!("{name}@{version}"),
+            found: info.module(),
+        });
     }
     Ok(())
 }
@@ -825,7 +854,9 @@ mod tests {
         check(&[by("ci"), by("ci")], 2, false);
         check(&[by("ci"), by("release")], 2, true);
         check(&[by("ci"), by("release")], 3, false);
-        let refusal = ensure_signers("m@1.0.0", &[by("ci")], 2).expect_err("refused");
+        let refusal = ensure_signers("m@1.0.0", &[by("ci")], 2)
+            .expect_err("refused")
+            .to_string();
         assert_eq!(
             refusal,
             "artifact m@1.0.0: this node's environment requires valid signatures by 2 \
@@ -888,7 +919,11 @@ mod source_tests {
             Ok(self.keys.clone())
         }
 
-        async fn content(&self, _digest: &Digest, offset: u64) -> Result<MemoryContent, SourceError> {
+        async fn content(
+            &self,
+            _digest: &Digest,
+            offset: u64,
+        ) -> Result<MemoryContent, SourceError> {
             self.asked.lock().expect("lock").push(offset);
             let cut = self.cuts.lock().expect("lock").pop_front();
             let mut chunks = VecDeque::new();
@@ -1044,19 +1079,15 @@ mod source_tests {
     async fn source_failures_are_sorted_into_transient_and_rejected() {
         let f = fixture();
         let store = store(&f);
-        f.source
-            .describe_faults
-            .lock()
-            .expect("lock")
-            .extend([
-                SourceError::Unavailable {
-                    code: "Service was not ready".into(),
-                    message: "down".into(),
-                },
-                SourceError::Refused {
-                    message: "no such artifact".into(),
-                },
-            ]);
+        f.source.describe_faults.lock().expect("lock").extend([
+            SourceError::Unavailable {
+                code: "Service was not ready".into(),
+                message: "down".into(),
+            },
+            SourceError::Refused {
+                message: "no such artifact".into(),
+            },
+        ]);
         let err = store
             .fetch(&f.source, "hello", "1.0.0")
             .await

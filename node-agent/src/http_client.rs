@@ -14,7 +14,6 @@ use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-
 /// Why a GET did not produce a response.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HttpError {
@@ -82,10 +81,7 @@ pub(crate) async fn get(
     }
 }
 
-async fn get_parsed(
-    url: &HttpUrl,
-    body_limit: Option<usize>,
-) -> Result<(u16, Vec<u8>), HttpError> {
+async fn get_parsed(url: &HttpUrl, body_limit: Option<usize>) -> Result<(u16, Vec<u8>), HttpError> {
     let tcp = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| HttpError::Connect(io_reason(&e)))?;
@@ -136,7 +132,9 @@ where
             break head;
         }
         if buf.len() > MAX_HEAD {
-            return Err(HttpError::TooLarge("response headers larger than 64 KiB".to_string()));
+            return Err(HttpError::TooLarge(
+                "response headers larger than 64 KiB".to_string(),
+            ));
         }
         if read_more(&mut stream, &mut buf).await? == 0 {
             return Err(HttpError::Closed(if buf.is_empty() {
@@ -175,7 +173,8 @@ async fn read_body<S: AsyncRead + Unpin>(
     framing: Framing,
     limit: usize,
 ) -> Result<Vec<u8>, HttpError> {
-    let too_large = || HttpError::TooLarge(format!("response body larger than {}", fmt_bytes(limit)));
+    let too_large =
+        || HttpError::TooLarge(format!("response body larger than {}", fmt_bytes(limit)));
     match framing {
         Framing::Empty => Ok(Vec::new()),
         Framing::Length(length) => {
@@ -211,7 +210,9 @@ async fn read_body<S: AsyncRead + Unpin>(
                 }
                 if read_more(stream, &mut buf).await? == 0 {
                     return decode_chunked(&buf, limit)?.ok_or_else(|| {
-                        HttpError::Closed("connection closed in the middle of a chunked body".to_string())
+                        HttpError::Closed(
+                            "connection closed in the middle of a chunked body".to_string(),
+                        )
                     });
                 }
             }
@@ -263,7 +264,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, ResponseHead)>, HttpError> {
     let mut transfer_encoding: Option<String> = None;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
-            return Err(HttpError::Malformed(format!("malformed response header {line:?}")));
+            return Err(HttpError::Malformed(format!(
+                "malformed response header {line:?}"
+            )));
         };
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
@@ -272,7 +275,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, ResponseHead)>, HttpError> {
                 .map_err(|_| HttpError::Malformed(format!("invalid Content-Length {value:?}")))?;
             // Differing lengths would make the body boundary ambiguous.
             if content_length.is_some_and(|known| known != length) {
-                return Err(HttpError::Malformed("conflicting Content-Length headers".to_string()));
+                return Err(HttpError::Malformed(
+                    "conflicting Content-Length headers".to_string(),
+                ));
             }
             content_length = Some(length);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
@@ -355,7 +360,9 @@ fn decode_chunked(raw: &[u8], limit: usize) -> Result<Option<Vec<u8>>, HttpError
             return Ok(None);
         }
         if &raw[data_end..data_end + 2] != b"\r\n" {
-            return Err(HttpError::Malformed("chunk data not followed by CRLF".to_string()));
+            return Err(HttpError::Malformed(
+                "chunk data not followed by CRLF".to_string(),
+            ));
         }
         body.extend_from_slice(&raw[pos..data_end]);
         pos = data_end + 2;
@@ -586,7 +593,6 @@ fn fmt_bytes(n: usize) -> String {
         format!("{n} bytes")
     }
 }
-
 
 /// Local servers for tests of the client and of the probes that use it.
 #[cfg(test)]
@@ -855,7 +861,6 @@ mod tests {
         let err = decode_chunked(b"10\r\n", 8).unwrap_err().to_string();
         assert!(err.contains("larger than"), "{err}");
     }
-
 
     #[test]
     fn durations_format_short() {

@@ -29,22 +29,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::control_plane::Connection;
 use hotswap_common::artifact::unpack::Limits;
 use hotswap_common::labels::Labels;
 use hotswap_common::manifest::{self, HealthCheck, Manifest, Runtime, Vars};
 use hotswap_common::telemetry;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use crate::control_plane::Connection;
 use tracing::Instrument;
 
 use crate::artifacts::{ArtifactStore, FetchError, TrustSource};
 use crate::health::{Health, probe_once};
 use crate::runtime::listeners::{ListenerBook, conflict_message};
 use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
-use crate::runtime::{
-    ActivateError, Phase, ProgramError, bundle, check_program, hotswap_env, os,
-};
+use crate::runtime::{ActivateError, Phase, ProgramError, bundle, check_program, hotswap_env, os};
 use crate::scrape::MetricNames;
 use crate::state::{AgentState, Desired, ModuleRecord, StateError};
 use crate::sysinfo::{CpuSampler, NodeUsage};
@@ -367,14 +365,14 @@ impl Reconciler {
                 let mut sockets = Vec::new();
                 for socket in &process.sockets {
                     let text = expand(&socket.listen)?;
-                    let listen =
-                        text.parse()
-                            .map_err(|e: std::net::AddrParseError| VersionError::Socket {
-                                socket: socket.name.clone(),
-                                listen: text.clone(),
-                                template: socket.listen.clone(),
-                                reason: e.to_string(),
-                            })?;
+                    let listen = text.parse().map_err(|e: std::net::AddrParseError| {
+                        VersionError::Socket {
+                            socket: socket.name.clone(),
+                            listen: text.clone(),
+                            template: socket.listen.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
                     sockets.push(crate::runtime::process::ListenSocket {
                         name: socket.name.clone(),
                         listen,

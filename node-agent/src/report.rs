@@ -36,4 +36,3 @@ pub struct AgentReport {
     pub desired_generation: u64,
     pub usage: Option<NodeUsage>,
 }
-

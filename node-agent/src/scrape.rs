@@ -77,7 +77,7 @@ pub async fn scrape(
         url: url(),
         reason: e.to_string(),
     })?;
-    parse(text, names).map_err(|reason| ScrapeError::Parse { url: url(), reason })
+    parse(text, names).map_err(|source| ScrapeError::Parse { url: url(), source })
 }
 
 /// Why a scrape produced no sample; the next scrape tries again.
@@ -89,9 +89,20 @@ pub enum ScrapeError {
     Status { url: String, status: u16 },
     #[error("scrape {url}: the response is not UTF-8 text: {reason}")]
     NotText { url: String, reason: String },
-    /// The exposition is malformed (the reason names the line).
-    #[error("scrape {url}: {reason}")]
-    Parse { url: String, reason: String },
+    #[error("scrape {url}: {source}")]
+    Parse {
+        url: String,
+        source: ExpositionError,
+    },
+}
+
+/// A malformed line of a metrics exposition.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct ExpositionError {
+    /// 1-based.
+    pub line: usize,
+    pub reason: String,
 }
 
 /// Parse Prometheus text exposition format (also OpenMetrics: a `_total`
@@ -103,7 +114,7 @@ pub enum ScrapeError {
 /// yet may not expose it. Every line must be well-formed, not just the ones
 /// we read, because a malformed line means we cannot trust the rest; the
 /// error names the line number.
-pub fn parse(text: &str, names: &MetricNames) -> Result<Sample, String> {
+pub fn parse(text: &str, names: &MetricNames) -> Result<Sample, ExpositionError> {
     let mut requests = CounterSum::default();
     let mut errors = CounterSum::default();
     let mut latency = HistogramSum::default();
@@ -121,7 +132,11 @@ pub fn parse(text: &str, names: &MetricNames) -> Result<Sample, String> {
             }
             continue;
         }
-        let sample = parse_sample_line(line).map_err(|e| format!("line {number}: {e}"))?;
+        let malformed = |reason| ExpositionError {
+            line: number,
+            reason,
+        };
+        let sample = parse_sample_line(line).map_err(malformed)?;
         // A NaN (or infinite) value would poison every rate computed from
         // the sum; exporters use NaN for "no data", so skip it.
         if !sample.value.is_finite() {
@@ -131,7 +146,7 @@ pub fn parse(text: &str, names: &MetricNames) -> Result<Sample, String> {
         errors.add(&names.errors_total, &sample);
         latency
             .add(&names.latency_seconds, &sample)
-            .map_err(|e| format!("line {number}: {e}"))?;
+            .map_err(malformed)?;
     }
     Ok(Sample {
         requests_total: requests.total(),
@@ -713,7 +728,11 @@ this line is after EOF and never read {
             ),
         ];
         for (text, want) in cases {
-            assert_eq!(parse(text, &names()).unwrap_err(), want, "{text:?}");
+            assert_eq!(
+                parse(text, &names()).unwrap_err().to_string(),
+                want,
+                "{text:?}"
+            );
         }
     }
 

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use hotswap_common::artifact::Digest;
 use hotswap_common::labels::Labels;
 use hotswap_common::status::{Health, Phase};
 use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, ControlPlaneUrl, ServerTrust};
@@ -29,7 +30,9 @@ use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::artifacts::{ArtifactSource, ContentStream as _};
+use crate::artifacts::{
+    ArtifactSource, ContentStream as _, SourceError, WrongArtifact, check_identity,
+};
 use crate::backoff::Backoff;
 use crate::control_plane::{
     self, Connection, EncodedReport, EnrollError, Enrollment, Hello, Inbound,
@@ -73,76 +76,107 @@ pub struct SimConfig {
 /// Largest artifact a simulated agent fetches into memory.
 const MAX_FETCH_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Fetch `name@version` over `channel` and verify it as an agent does:
+/// Why a simulated install's fetch failed; the module reports it as failed.
+#[derive(Debug, thiserror::Error)]
+enum SimFetchError {
+    #[error("{what}: {message}")]
+    Source { what: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}: {size} bytes is over the simulator's limit")]
+    TooLarge { what: String, size: u64 },
+    #[error("cannot read the trusted keys: {0}")]
+    TrustedKeys(String),
+    #[error("trusted key {name:?} is unreadable: {reason}")]
+    UnreadableKey { name: String, reason: String },
+    #[error("{what}: transfer interrupted: {message}")]
+    Interrupted { what: String, message: String },
+    #[error("{what}: chunk at an unexpected offset or past the end")]
+    BadChunk { what: String },
+    #[error("{what}: content does not match digest {digest}")]
+    DigestMismatch { what: String, digest: Digest },
+    /// The artifact does not check out (manifest or signatures).
+    #[error("{what}: {reason}")]
+    Rejected { what: String, reason: String },
+    #[error(transparent)]
+    WrongArtifact(#[from] WrongArtifact),
+}
+
+/// Fetch `name@version` over `connection` and verify it as an agent does:
 /// content digest, then the signatures against the control plane's
 /// non-revoked keys; in memory, nothing kept. Returns the content size.
 async fn fetch_verified(
     connection: Connection,
     name: String,
     version: String,
-) -> Result<u64, String> {
-    use hotswap_common::artifact::format::{Digest, content_info};
+) -> Result<u64, SimFetchError> {
+    use hotswap_common::artifact::format::content_info;
     use hotswap_common::artifact::keys::{self, TrustSet};
     let what = format!("artifact {name}@{version}");
+    let source = |e: SourceError| SimFetchError::Source {
+        what: what.clone(),
+        message: e.message().to_string(),
+    };
     let descriptor = connection
         .describe(&name, &version)
         .await
         .map_err(|e| match e {
-            crate::artifacts::SourceError::Invalid(message) => message,
-            e => format!("{what}: {}", e.message()),
+            SourceError::Invalid(message) => SimFetchError::Invalid(message),
+            e => source(e),
         })?;
     if descriptor.size > MAX_FETCH_BYTES {
-        return Err(format!(
-            "{what}: {} bytes is over the simulator's limit",
-            descriptor.size
-        ));
+        return Err(SimFetchError::TooLarge {
+            what,
+            size: descriptor.size,
+        });
     }
     let digest = descriptor.digest;
     let mut trust = TrustSet::new();
     let listed = connection
         .trusted_keys()
         .await
-        .map_err(|e| format!("cannot read the trusted keys: {}", e.message()))?;
+        .map_err(|e| SimFetchError::TrustedKeys(e.message().to_string()))?;
     for key in listed {
-        let public = keys::parse_public_key(&key.public_key_pem)
-            .map_err(|e| format!("trusted key {:?} is unreadable: {e}", key.name))?;
+        let public = keys::parse_public_key(&key.public_key_pem).map_err(|reason| {
+            SimFetchError::UnreadableKey {
+                name: key.name.clone(),
+                reason,
+            }
+        })?;
         trust.add(&key.name, public);
     }
     let mut content = Vec::with_capacity(descriptor.size as usize);
-    let mut stream = connection
-        .content(&digest, 0)
-        .await
-        .map_err(|e| format!("{what}: {}", e.message()))?;
+    let mut stream = connection.content(&digest, 0).await.map_err(source)?;
     while let Some(chunk) = stream
         .next_chunk()
         .await
-        .map_err(|e| format!("{what}: transfer interrupted: {}", e.message()))?
+        .map_err(|e| SimFetchError::Interrupted {
+            what: what.clone(),
+            message: e.message().to_string(),
+        })?
     {
         if chunk.offset != content.len() as u64
             || content.len() as u64 + chunk.data.len() as u64 > descriptor.size
         {
-            return Err(format!(
-                "{what}: chunk at an unexpected offset or past the end"
-            ));
+            return Err(SimFetchError::BadChunk { what });
         }
         content.extend_from_slice(&chunk.data);
     }
     if Digest::of(&content) != digest {
-        return Err(format!("{what}: content does not match digest {digest}"));
+        return Err(SimFetchError::DigestMismatch { what, digest });
     }
     // The digest was just checked over these bytes: parse the manifest and
     // check the signatures without hashing the content again.
-    let signatures = descriptor.signatures?;
-    let info = content_info(&content, digest, signatures).map_err(|e| format!("{what}: {e}"))?;
-    if info.manifest.name != name || info.manifest.version.to_string() != version {
-        return Err(format!(
-            "asked for {name}@{version} but the artifact is {}",
-            info.module()
-        ));
-    }
+    let signatures = descriptor.signatures.map_err(SimFetchError::Invalid)?;
+    let rejected = |reason: String| SimFetchError::Rejected {
+        what: what.clone(),
+        reason,
+    };
+    let info = content_info(&content, digest, signatures).map_err(|e| rejected(e.to_string()))?;
+    check_identity(&info, &name, &version)?;
     trust
         .verify(&info, hotswap_common::timefmt::now_ms())
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| rejected(e.to_string()))?;
     Ok(content.len() as u64)
 }
 
@@ -189,26 +223,31 @@ struct SimIdentity {
     client: Arc<rustls::ClientConfig>,
 }
 
+/// A `--source-addrs` value that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceAddrsError(String);
+
 /// Parse `--source-addrs`: a list, or a range like `127.0.0.2-127.0.0.40`.
-pub fn parse_source_addrs(text: &str) -> Result<Vec<IpAddr>, String> {
+pub fn parse_source_addrs(text: &str) -> Result<Vec<IpAddr>, SourceAddrsError> {
     let mut out = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
             Some((from, to)) => {
                 let parse = |s: &str| {
                     s.parse::<std::net::Ipv4Addr>()
-                        .map_err(|e| format!("{s:?} is not an IPv4 address: {e}"))
+                        .map_err(|e| SourceAddrsError(format!("{s:?} is not an IPv4 address: {e}")))
                 };
                 let (from, to) = (u32::from(parse(from)?), u32::from(parse(to)?));
                 if to < from || to - from > 65_535 {
-                    return Err(format!("bad address range {part:?}"));
+                    return Err(SourceAddrsError(format!("bad address range {part:?}")));
                 }
                 out.extend((from..=to).map(|a| IpAddr::from(std::net::Ipv4Addr::from(a))));
             }
-            None => out.push(
-                part.parse()
-                    .map_err(|e| format!("{part:?} is not an IP address: {e}"))?,
-            ),
+            None => out
+                .push(part.parse().map_err(|e| {
+                    SourceAddrsError(format!("{part:?} is not an IP address: {e}"))
+                })?),
         }
     }
     Ok(out)
@@ -353,17 +392,15 @@ fn apply_desired(
 ) -> bool {
     let mut changed = false;
     for (name, want) in &desired.modules {
-        let m = modules
-            .entry(name.clone())
-            .or_insert_with(|| SimModule {
-                version: String::new(),
-                previous: String::new(),
-                staged: String::new(),
-                phase: Phase::Installing,
-                health: Health::Unknown,
-                message: String::new(),
-                ready_at: None,
-            });
+        let m = modules.entry(name.clone()).or_insert_with(|| SimModule {
+            version: String::new(),
+            previous: String::new(),
+            staged: String::new(),
+            phase: Phase::Installing,
+            health: Health::Unknown,
+            message: String::new(),
+            ready_at: None,
+        });
         if !want.staged_version.is_empty() && m.staged != want.staged_version {
             m.staged = want.staged_version.clone();
             changed = true;
@@ -525,7 +562,8 @@ async fn session(
     let mut seq = 0u64;
     let mut dirty = true;
     // Results of real fetches (`--fetch`): module, version, outcome.
-    let (fetched_tx, mut fetched_rx) = mpsc::channel::<(String, String, Result<u64, String>)>(4);
+    let (fetched_tx, mut fetched_rx) =
+        mpsc::channel::<(String, String, Result<u64, SimFetchError>)>(4);
     let start_fetches = |modules: &mut BTreeMap<String, SimModule>| {
         if !config.fetch {
             return;
@@ -591,7 +629,7 @@ async fn session(
                             stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                             m.phase = Phase::Failed;
                             m.health = Health::Unhealthy;
-                            m.message = e;
+                            m.message = e.to_string();
                         }
                     }
                     dirty = true;

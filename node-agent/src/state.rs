@@ -77,9 +77,8 @@ impl AgentState {
     pub fn load(data_dir: &Path) -> Result<Self, StateError> {
         let path = data_dir.join("state.json");
         match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source })
-            }
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| StateError::Corrupt { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(source) => Err(StateError::Read { path, source }),
         }

@@ -199,7 +199,9 @@ impl Session {
                 heartbeat_interval_ms: w.heartbeat_interval_ms,
             }),
             Some(ControlMsg::HeartbeatAck(_)) => Inbound::HeartbeatAck,
-            Some(ControlMsg::Desired(desired)) => Inbound::Desired(convert::desired_from_pb(desired)),
+            Some(ControlMsg::Desired(desired)) => {
+                Inbound::Desired(convert::desired_from_pb(desired))
+            }
             None => Inbound::Empty,
         }))
     }
@@ -505,7 +507,12 @@ mod tests {
 
     #[test]
     fn welcome_interval_is_bounded() {
-        let interval = |ms| Welcome { heartbeat_interval_ms: ms }.heartbeat_interval();
+        let interval = |ms| {
+            Welcome {
+                heartbeat_interval_ms: ms,
+            }
+            .heartbeat_interval()
+        };
         assert_eq!(interval(0), Duration::from_millis(100));
         assert_eq!(interval(5_000), Duration::from_secs(5));
         assert_eq!(interval(u64::MAX), Duration::from_secs(3_600));

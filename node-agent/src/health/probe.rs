@@ -14,7 +14,6 @@ use tokio::time::Instant;
 
 use crate::http_client::{HttpError, fmt_duration, get, io_reason};
 
-
 /// Why a probe failed: the module counts as failing it, whatever the cause.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProbeError {
@@ -98,7 +97,9 @@ async fn probe_exec(
     env: &[(String, String)],
     cwd: &Path,
 ) -> Result<(), ProbeError> {
-    exec(argv, timeout, env, cwd).await.map_err(ProbeError::Exec)
+    exec(argv, timeout, env, cwd)
+        .await
+        .map_err(ProbeError::Exec)
 }
 
 async fn exec(
@@ -359,7 +360,6 @@ mod tests {
         );
     }
 
-
     #[tokio::test]
     async fn tcp_probe_ok_and_refused() {
         let addr = server(Reply::Status(200)).await;
@@ -490,7 +490,6 @@ mod tests {
         assert_eq!(err, "exec probe: empty command");
     }
 
-
     #[tokio::test]
     async fn https_probe_accepts_self_signed() {
         let addr = tls_server(200).await;
@@ -540,4 +539,3 @@ mod tests {
         assert!(err.contains("tls handshake failed"), "{err}");
     }
 }
-

@@ -172,12 +172,13 @@ pub async fn run_hook(
         let (out, err) = output.await;
         (child.wait().await, out, err)
     };
-    let (status, out, err) = tokio::time::timeout(timeout, run)
-        .await
-        .map_err(|_| HookError::Timeout {
-            program: program.clone(),
-            timeout,
-        })?;
+    let (status, out, err) =
+        tokio::time::timeout(timeout, run)
+            .await
+            .map_err(|_| HookError::Timeout {
+                program: program.clone(),
+                timeout,
+            })?;
     let status = status.map_err(|source| HookError::Wait {
         program: program.clone(),
         source,

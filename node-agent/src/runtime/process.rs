@@ -99,7 +99,24 @@ enum Request {
         CancellationToken,
         oneshot::Sender<Result<(), ActivateError>>,
     ),
-    Stop(oneshot::Sender<Result<(), String>>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// The supervisor task ended (the agent is shutting down).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("supervisor is gone")]
+pub struct SupervisorGone;
+
+/// Why a version did not become ready after it started.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum StartError {
+    #[error("exited during start ({0})")]
+    Exited(String),
+    #[error("not healthy within {}s: {last_error}", within.as_secs_f64())]
+    NotHealthy {
+        within: Duration,
+        last_error: String,
+    },
 }
 
 /// Handle to a module's supervisor task.
@@ -178,13 +195,13 @@ impl Supervisor {
     }
 
     /// Stop the module for good (it is no longer desired).
-    pub async fn stop(&self) -> Result<(), String> {
+    pub async fn stop(&self) -> Result<(), SupervisorGone> {
         let (tx, rx) = oneshot::channel();
         self.requests
             .send(Request::Stop(tx))
             .await
-            .map_err(|_| "supervisor is gone".to_string())?;
-        rx.await.map_err(|_| "supervisor is gone".to_string())?
+            .map_err(|_| SupervisorGone)?;
+        rx.await.map_err(|_| SupervisorGone)
     }
 
     pub fn status(&self) -> watch::Receiver<ProcessStatus> {
@@ -320,8 +337,8 @@ impl Task {
                         let _ = reply.send(result);
                     }
                     Some(Request::Stop(reply)) => {
-                        let result = self.stop_all().await;
-                        let _ = reply.send(result);
+                        self.stop_all().await;
+                        let _ = reply.send(());
                     }
                 },
                 how = async {
@@ -697,10 +714,10 @@ impl Task {
 
     /// Wait until a freshly started instance is healthy (or has stayed up,
     /// without a health check) within its start timeout.
-    async fn wait_ready(instance: &mut Instance) -> Result<(), String> {
+    async fn wait_ready(instance: &mut Instance) -> Result<(), StartError> {
         let Some((check, spec)) = instance.spec.health.clone() else {
             return match tokio::time::timeout(SETTLE_WITHOUT_HEALTH, instance.wait_exit()).await {
-                Ok(how) => Err(format!("exited during start ({how})")),
+                Ok(how) => Err(StartError::Exited(how)),
                 Err(_) => Ok(()),
             };
         };
@@ -709,7 +726,7 @@ impl Task {
         let mut last_error = "no probe completed".to_string();
         loop {
             if let Some(how) = instance.has_exited() {
-                return Err(format!("exited during start ({how})"));
+                return Err(StartError::Exited(how));
             }
             match probe_once(&check, spec.timeout, &instance.spec.env, &instance.spec.dir).await {
                 Ok(()) => {
@@ -724,14 +741,14 @@ impl Task {
                 }
             }
             if tokio::time::Instant::now() + spec.interval > deadline {
-                return Err(format!(
-                    "not healthy within {}s: {last_error}",
-                    spec.start_timeout.as_secs_f64()
-                ));
+                return Err(StartError::NotHealthy {
+                    within: spec.start_timeout,
+                    last_error,
+                });
             }
             tokio::select! {
                 _ = tokio::time::sleep(spec.interval) => {}
-                how = instance.wait_exit() => return Err(format!("exited during start ({how})")),
+                how = instance.wait_exit() => return Err(StartError::Exited(how)),
             }
         }
     }
@@ -768,7 +785,7 @@ impl Task {
             _ = preempt.cancelled() => Err(ActivateError::Preempted(format!(
                 "activation of {version} preempted by a new desired state"
             ))),
-            ready = Self::wait_ready(instance) => ready.map_err(ActivateError::Release),
+            ready = Self::wait_ready(instance) => ready.map_err(|e| ActivateError::Release(e.to_string())),
         }
     }
 
@@ -952,7 +969,7 @@ impl Task {
         Err(outcome)
     }
 
-    async fn stop_all(&mut self) -> Result<(), String> {
+    async fn stop_all(&mut self) {
         self.restart_at = None;
         self.pending_spec = None;
         if let Some(mut instance) = self.current.take() {
@@ -969,7 +986,6 @@ impl Task {
             s.health = Health::Unknown;
             s.metrics = None;
         });
-        Ok(())
     }
 
     fn on_crash(&mut self, how: String) {
@@ -1120,4 +1136,3 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
         _ => "exited".to_string(),
     }
 }
-
