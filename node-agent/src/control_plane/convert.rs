@@ -142,6 +142,79 @@ mod tests {
     }
 
     #[test]
+    fn reports_carry_the_wire_sentinels() {
+        use crate::report::ModuleReport;
+        use crate::scrape::Window;
+        use hotswap_common::status::{FailureKind, Health, Phase};
+        let module = |latency, failure_kind| ModuleReport {
+            name: "web".into(),
+            version: "1.0.0".into(),
+            phase: Phase::Failed,
+            health: Health::Unhealthy,
+            metrics: Some(Window {
+                request_rate: 2.0,
+                error_rate: 0.5,
+                latency_p99_seconds: latency,
+            }),
+            failure_kind,
+            ..Default::default()
+        };
+        let report = AgentReport {
+            modules: vec![
+                module(None, None),
+                module(Some(0.25), Some(FailureKind::Infrastructure)),
+            ],
+            observed_generation: 3,
+            desired_generation: 4,
+            usage: None,
+        };
+        let Some(AgentMsg::Status(status)) = report_to_pb(&report).msg else {
+            panic!("a report is a status message");
+        };
+        assert_eq!(
+            (status.observed_generation, status.desired_generation),
+            (3, 4)
+        );
+        let [quiet, failed] = status.modules.as_slice() else {
+            panic!("two modules");
+        };
+        assert_eq!(
+            (quiet.phase.as_str(), quiet.health.as_str()),
+            ("failed", "unhealthy")
+        );
+        assert_eq!(
+            quiet.metrics.as_ref().map(|m| m.latency_p99_seconds),
+            Some(-1.0)
+        );
+        assert_eq!(quiet.failure_kind, "");
+        assert_eq!(
+            failed.metrics.as_ref().map(|m| m.latency_p99_seconds),
+            Some(0.25)
+        );
+        assert_eq!(failed.failure_kind, "infrastructure");
+    }
+
+    #[test]
+    fn revoked_keys_are_not_trusted() {
+        let key = |name: &str, revoked: bool| pb::PublisherKey {
+            name: name.into(),
+            public_key_pem: format!("pem of {name}"),
+            revoked_at: revoked.then(Default::default),
+            ..Default::default()
+        };
+        let keys = trusted_keys_from_pb(pb::ListKeysResponse {
+            keys: vec![key("ci", false), key("old", true)],
+        });
+        assert_eq!(
+            keys,
+            [TrustedKey {
+                name: "ci".into(),
+                public_key_pem: "pem of ci".into(),
+            }]
+        );
+    }
+
+    #[test]
     fn a_bad_digest_names_the_artifact() {
         let err = descriptor_from_pb(
             pb::ArtifactDescriptor {

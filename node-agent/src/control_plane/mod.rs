@@ -48,19 +48,6 @@ impl RpcError {
     pub fn is_identity_refused(&self) -> bool {
         matches!(self.code, Code::PermissionDenied | Code::Unauthenticated)
     }
-
-    /// Trying the same call again later can succeed.
-    pub fn is_transient(&self) -> bool {
-        !matches!(
-            self.code,
-            Code::Unauthenticated
-                | Code::PermissionDenied
-                | Code::InvalidArgument
-                | Code::NotFound
-                | Code::AlreadyExists
-                | Code::FailedPrecondition
-        )
-    }
 }
 
 /// An authenticated (mTLS) connection to the control plane; cheap to clone.
@@ -516,6 +503,18 @@ mod tests {
         assert_eq!(interval(0), Duration::from_millis(100));
         assert_eq!(interval(5_000), Duration::from_secs(5));
         assert_eq!(interval(u64::MAX), Duration::from_secs(3_600));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn welcome_interval_is_the_asked_one_within_bounds(ms in proptest::prelude::any::<u64>()) {
+            let interval = Welcome { heartbeat_interval_ms: ms }.heartbeat_interval();
+            proptest::prop_assert!(interval >= Duration::from_millis(100));
+            proptest::prop_assert!(interval <= Duration::from_secs(3_600));
+            if (100..=3_600_000).contains(&ms) {
+                proptest::prop_assert_eq!(interval, Duration::from_millis(ms));
+            }
+        }
     }
 
     #[test]
