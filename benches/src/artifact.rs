@@ -6,7 +6,8 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use hotswap_agent::artifacts::{ArtifactStore, TrustSource};
 use hotswap_agent::config::EnrollmentConfig;
-use hotswap_agent::identity::{EnrollFailure, enroll_once};
+use hotswap_agent::control_plane::Connection;
+use hotswap_agent::identity::enroll_once;
 use hotswap_agent::metrics::Metrics;
 use hotswap_common::artifact::keys;
 use hotswap_common::artifact::pack::pack_and_sign;
@@ -109,9 +110,7 @@ pub fn artifact(agents: usize, size_mib: usize, runs: usize) -> anyhow::Result<(
                 &Default::default(),
                 &metrics,
             ))
-            .map_err(|e| match e {
-                EnrollFailure::Fatal(m) | EnrollFailure::Retry(m) => anyhow::anyhow!(m),
-            })?;
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let data_dir = dir.path().join(format!("node-{i}"));
         identity.save(&data_dir)?;
         nodes.push((data_dir, identity));
@@ -131,7 +130,7 @@ pub fn artifact(agents: usize, size_mib: usize, runs: usize) -> anyhow::Result<(
                 }),
             )?;
             let channel = tls::connect(&url, config, &Default::default()).await?;
-            stores.push((data_dir.clone(), channel));
+            stores.push((data_dir.clone(), Connection::new(channel)));
         }
         Ok::<_, anyhow::Error>(stores)
     })?;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::artifacts::TrustSource;
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
-use crate::identity::{EnrollFailure, Identity, IdentityError, enroll_once};
+use crate::identity::{Identity, IdentityError, enroll_once};
 use crate::metrics::Metrics;
 use crate::reconciler::{AgentReport, Reconciler, ReconcilerConfig, ReconcilerLinks};
 use crate::renewal::{self, SharedIdentity};
@@ -41,7 +41,7 @@ pub enum AgentError {
     )]
     NotEnrolled,
     #[error("enrollment failed: {0}")]
-    Enrollment(String),
+    Enrollment(crate::control_plane::EnrollError),
     #[error("{0}")]
     Refused(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -50,7 +50,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("cannot start the reconciler: {0}")]
-    Reconciler(String),
+    Reconciler(crate::reconciler::ReconcilerError),
 }
 
 /// Published in `DATA_DIR/run/addresses.json` once the agent listens.
@@ -169,10 +169,10 @@ async fn run_sessions(
                         tracing::info!(node = %identity.info.node_id, name = %identity.info.name, "enrolled");
                         break identity;
                     }
-                    Err(EnrollFailure::Fatal(reason)) => {
-                        return Err(AgentError::Enrollment(reason));
+                    Err(error) if !error.is_transient() => {
+                        return Err(AgentError::Enrollment(error));
                     }
-                    Err(EnrollFailure::Retry(reason)) => {
+                    Err(reason) => {
                         let delay = backoff.next_delay(rand::random());
                         tracing::warn!(reason = %reason, retry_in_ms = delay.as_millis() as u64, "enrollment attempt failed");
                         tokio::select! {
@@ -257,7 +257,7 @@ async fn session_loop(
     readiness: &Readiness,
     shutdown: &CancellationToken,
     desired_tx: &watch::Sender<Option<crate::state::Desired>>,
-    channel_tx: &watch::Sender<Option<tonic::transport::Channel>>,
+    channel_tx: &watch::Sender<Option<crate::control_plane::Connection>>,
     report_rx: &watch::Receiver<AgentReport>,
     backoff: &mut Backoff,
 ) -> Result<(), AgentError> {

@@ -35,18 +35,17 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use hotswap_common::artifact::format::Signature;
 use hotswap_common::artifact::format::{ArtifactWriter, read_artifact};
 use hotswap_common::artifact::keys::{self, TrustSet};
 use hotswap_common::artifact::unpack::{Limits, UnpackError, unpack_artifact};
 use hotswap_common::artifact::{ArtifactInfo, Digest};
 use hotswap_common::fsutil::{self, PUBLIC_FILE_MODE};
-use hotswap_common::pb;
 use hotswap_common::telemetry;
 use hotswap_common::timefmt::now_ms;
 use serde::{Deserialize, Serialize};
+use tokio_util::bytes::Bytes;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
-use tonic::transport::Channel;
 use tracing::Instrument;
 
 /// Why an artifact could not be made available.
@@ -66,6 +65,105 @@ pub enum FetchError {
     /// download is kept, to resume.
     #[error("{0}")]
     Abandoned(String),
+}
+
+/// A failed request to an [`ArtifactSource`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// The source refuses the request (unknown artifact, not allowed):
+    /// asking again cannot help.
+    #[error("{message}")]
+    Refused { message: String },
+    /// No answer, or a failure on the source's side: it may clear up.
+    #[error("{code}: {message}")]
+    Unavailable { code: String, message: String },
+    /// The answer is unusable (say, a malformed digest).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SourceError {
+    /// Asking again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Unavailable { .. })
+    }
+
+    /// The source's own words, without the status code.
+    pub fn message(&self) -> &str {
+        match self {
+            SourceError::Refused { message } | SourceError::Unavailable { message, .. } => message,
+            SourceError::Invalid(message) => message,
+        }
+    }
+
+    /// This failure as a fetch error, `what` saying what was asked for.
+    fn fetching(self, what: &str) -> FetchError {
+        match self {
+            SourceError::Invalid(message) => FetchError::Rejected(message),
+            e if e.is_transient() => FetchError::Transient(format!("{what}: {e}")),
+            e => FetchError::Rejected(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// What a source says an artifact version is.
+#[derive(Clone, Debug)]
+pub struct ArtifactDescriptor {
+    pub digest: Digest,
+    /// Content bytes.
+    pub size: u64,
+    /// Publisher signatures over the digest; an unreadable one only matters
+    /// when the artifact must be downloaded.
+    pub signatures: Result<Vec<Signature>, String>,
+}
+
+/// A publisher key a source trusts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustedKey {
+    pub name: String,
+    pub public_key_pem: String,
+}
+
+/// A piece of artifact content at `offset`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub offset: u64,
+    pub data: Bytes,
+}
+
+/// Artifact content as it arrives.
+pub trait ContentStream: Send {
+    /// The next chunk; `None` at the end.
+    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Chunk>, SourceError>> + Send;
+}
+
+/// Where artifacts come from: the control plane (the protocol client's
+/// `Connection`), or memory in tests.
+pub trait ArtifactSource: Sync {
+    type Content: ContentStream;
+
+    fn describe(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> impl Future<Output = Result<ArtifactDescriptor, SourceError>> + Send;
+
+    /// The non-revoked publisher keys.
+    fn trusted_keys(&self) -> impl Future<Output = Result<Vec<TrustedKey>, SourceError>> + Send;
+
+    /// The content of `digest` from byte `offset` on.
+    fn content(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> impl Future<Output = Result<Self::Content, SourceError>> + Send;
+}
+
+impl FetchError {
+    /// Trying again later can succeed (a partial download is resumed).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FetchError::Transient(_))
+    }
 }
 
 /// Where an agent's trust in publisher keys comes from.
@@ -130,15 +228,6 @@ struct Downloaded {
 
 fn local<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> FetchError + '_ {
     move |e| FetchError::Local(format!("{what}: {e}"))
-}
-
-fn transient(status: &tonic::Status, what: &str) -> FetchError {
-    match status.code() {
-        Code::NotFound | Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated => {
-            FetchError::Rejected(format!("{what}: {}", status.message()))
-        }
-        _ => FetchError::Transient(format!("{what}: {}: {}", status.code(), status.message())),
-    }
 }
 
 impl ArtifactStore {
@@ -224,20 +313,16 @@ impl ArtifactStore {
     }
 
     /// The trust set to verify with: pinned keys, or the control plane's set
-    /// (fetched when a channel is given, else the last one stored).
-    pub async fn trust_set(&self, channel: Option<&Channel>) -> Result<TrustSet, FetchError> {
-        let keys = match (&self.trust, channel) {
-            (TrustSource::Pinned(keys), _) => keys.clone(),
-            (TrustSource::ControlPlane, Some(channel)) => {
-                let reply = pb::artifacts_client::ArtifactsClient::new(channel.clone())
-                    .list_keys(pb::ListKeysRequest {})
+    /// as `source` lists it now (stored for offline use).
+    pub async fn trust_set<S: ArtifactSource>(&self, source: &S) -> Result<TrustSet, FetchError> {
+        let keys = match &self.trust {
+            TrustSource::Pinned(keys) => keys.clone(),
+            TrustSource::ControlPlane => {
+                let keys: Vec<(String, String)> = source
+                    .trusted_keys()
                     .await
-                    .map_err(|s| transient(&s, "cannot read the trusted keys"))?
-                    .into_inner();
-                let keys: Vec<(String, String)> = reply
-                    .keys
+                    .map_err(|e| e.fetching("cannot read the trusted keys"))?
                     .into_iter()
-                    .filter(|k| k.revoked_at.is_none())
                     .map(|k| (k.name, k.public_key_pem))
                     .collect();
                 let stored = serde_json::to_vec_pretty(&StoredTrust { keys: keys.clone() })
@@ -250,31 +335,33 @@ impl ArtifactStore {
                 }
                 keys
             }
-            (TrustSource::ControlPlane, None) => fs::read(self.root.join("trusted-keys.json"))
+        };
+        trust_set_of(keys)
+    }
+
+    /// The trust set to verify with offline: pinned keys, or the last set
+    /// the control plane listed.
+    pub fn stored_trust_set(&self) -> Result<TrustSet, FetchError> {
+        let keys = match &self.trust {
+            TrustSource::Pinned(keys) => keys.clone(),
+            TrustSource::ControlPlane => fs::read(self.root.join("trusted-keys.json"))
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<StoredTrust>(&bytes).ok())
                 .map(|t| t.keys)
                 .unwrap_or_default(),
         };
-        let mut trust = TrustSet::new();
-        for (name, pem) in keys {
-            let key = keys::parse_public_key(&pem).map_err(|e| {
-                FetchError::Rejected(format!("trusted key {name:?} is unreadable: {e}"))
-            })?;
-            trust.add(&name, key);
-        }
-        Ok(trust)
+        trust_set_of(keys)
     }
 
     /// Make `name@version` available in the cache, verified: from the cache if
     /// present, else downloaded (resuming any partial transfer).
-    pub async fn fetch(
+    pub async fn fetch<S: ArtifactSource>(
         &self,
-        channel: &Channel,
+        source: &S,
         name: &str,
         version: &str,
     ) -> Result<Cached, FetchError> {
-        self.fetch_until(channel, name, version, &CancellationToken::new())
+        self.fetch_until(source, name, version, &CancellationToken::new())
             .await
     }
 
@@ -282,9 +369,9 @@ impl ArtifactStore {
     /// `abandon` is cancelled while the content downloads. Only the network
     /// part is cut short: it leaves a partial file to resume, while the
     /// verification that renames into `cache/` always runs to its end.
-    pub async fn fetch_until(
+    pub async fn fetch_until<S: ArtifactSource>(
         &self,
-        channel: &Channel,
+        source: &S,
         name: &str,
         version: &str,
         abandon: &CancellationToken,
@@ -304,7 +391,7 @@ impl ArtifactStore {
                 "{what}: download abandoned, no longer desired"
             ))),
             fetched = self
-                .fetch_content(channel, name, version, &what)
+                .fetch_content(source, name, version, &what)
                 .instrument(span.clone()) => fetched,
         };
         if let Ok(Fetched {
@@ -342,33 +429,25 @@ impl ArtifactStore {
 
     /// The network part of [`ArtifactStore::fetch`]: what the control plane
     /// says the artifact is, its trust set, and the content unless cached.
-    async fn fetch_content(
+    async fn fetch_content<S: ArtifactSource>(
         &self,
-        channel: &Channel,
+        source: &S,
         name: &str,
         version: &str,
         what: &str,
     ) -> Result<Fetched, FetchError> {
-        let mut client = pb::artifacts_client::ArtifactsClient::new(channel.clone());
-        let descriptor = client
-            .describe_artifact(pb::DescribeArtifactRequest {
-                name: name.to_string(),
-                version: version.to_string(),
-            })
+        let descriptor = source
+            .describe(name, version)
             .await
-            .map_err(|s| transient(&s, what))?
-            .into_inner();
-        let digest = Digest::parse(&descriptor.digest)
-            .map_err(|e| FetchError::Rejected(format!("{what}: {e}")))?;
-        let trust = self.trust_set(Some(channel)).await?;
+            .map_err(|e| e.fetching(what))?;
+        let digest = descriptor.digest;
+        let trust = self.trust_set(source).await?;
         let downloaded = if self.cache_path(&digest).is_file() {
             None
         } else {
-            let signatures =
-                hotswap_common::convert::signatures_from_pb(&descriptor.signatures, what)
-                    .map_err(FetchError::Rejected)?;
+            let signatures = descriptor.signatures.map_err(FetchError::Rejected)?;
             Some(
-                self.download(&mut client, &digest, descriptor.size, signatures, what)
+                self.download(source, &digest, descriptor.size, signatures, what)
                     .await?,
             )
         };
@@ -422,7 +501,7 @@ impl ArtifactStore {
                 "{what}: downloaded content does not match digest {digest}"
             )));
         }
-        check_identity(&info, name, version).map_err(reject)?;
+        check_identity(&info, name, version).map_err(|e| reject(e.to_string()))?;
         trust
             .verify(&info, now_ms())
             .map_err(|e| reject(e.to_string()))?;
@@ -443,12 +522,12 @@ impl ArtifactStore {
     /// Write the artifact file for `digest` in `partial/`: header and content
     /// as it arrives (after whatever an interrupted transfer left), then
     /// `signatures` and the trailer. Not synced and not verified yet.
-    async fn download(
+    async fn download<S: ArtifactSource>(
         &self,
-        client: &mut pb::artifacts_client::ArtifactsClient<Channel>,
+        source: &S,
         digest: &Digest,
         size: u64,
-        signatures: Vec<hotswap_common::artifact::Signature>,
+        signatures: Vec<Signature>,
         what: &str,
     ) -> Result<Downloaded, FetchError> {
         let partial = self.partial_path(digest);
@@ -460,28 +539,22 @@ impl ArtifactStore {
             if offset > 0 {
                 tracing::info!(digest = %digest, offset, size, "resuming an interrupted download");
             }
-            let mut stream = client
-                .fetch_artifact(pb::FetchArtifactRequest {
-                    digest: digest.to_string(),
-                    offset,
-                })
+            let mut stream = source
+                .content(digest, offset)
                 .await
-                .map_err(|s| transient(&s, what))?
-                .into_inner();
+                .map_err(|e| e.fetching(what))?;
             loop {
-                let chunk = match stream.message().await {
+                let chunk = match stream.next_chunk().await {
                     Ok(Some(chunk)) => chunk,
                     Ok(None) => break,
-                    Err(status) => {
+                    Err(error) => {
                         // Keep what arrived for the next attempt to resume.
                         let out = writer.output();
                         if out.flush().is_ok() {
                             let _ = out.get_ref().sync_all();
                         }
-                        return Err(transient(
-                            &status,
-                            &format!("{what}: transfer interrupted at byte {offset}"),
-                        ));
+                        return Err(error
+                            .fetching(&format!("{what}: transfer interrupted at byte {offset}")));
                     }
                 };
                 if chunk.offset != offset {
@@ -548,12 +621,12 @@ impl ArtifactStore {
             }
             e => FetchError::Rejected(format!("artifact {name}@{version}: {e}")),
         })?;
-        check_identity(&info, name, version).map_err(FetchError::Rejected)?;
+        check_identity(&info, name, version).map_err(|e| FetchError::Rejected(e.to_string()))?;
         let verified = trust
             .verify(&info, now_ms())
             .map_err(|e| FetchError::Rejected(e.to_string()))?;
         ensure_signers(&format!("{name}@{version}"), &verified, required)
-            .map_err(FetchError::Rejected)?;
+            .map_err(|e| FetchError::Rejected(e.to_string()))?;
         Ok(info)
     }
 
@@ -577,7 +650,7 @@ impl ArtifactStore {
         let digest = self.cached_digest(name, version).ok_or_else(|| {
             FetchError::Transient(format!("artifact {name}@{version} is not in the cache yet"))
         })?;
-        let trust = self.trust_set(None).await?;
+        let trust = self.stored_trust_set()?;
         let path = self.cache_path(&digest);
         let span = tracing::info_span!(
             target: telemetry::TARGET,
@@ -649,13 +722,24 @@ impl ArtifactStore {
     }
 }
 
+fn trust_set_of(keys: Vec<(String, String)>) -> Result<TrustSet, FetchError> {
+    let mut trust = TrustSet::new();
+    for (name, pem) in keys {
+        let key = keys::parse_public_key(&pem).map_err(|e| {
+            FetchError::Rejected(format!("trusted key {name:?} is unreadable: {e}"))
+        })?;
+        trust.add(&name, key);
+    }
+    Ok(trust)
+}
+
 /// At least `required` distinct trusted keys hold valid signatures among
 /// `verified` (those [`TrustSet::verify`] accepted).
 fn ensure_signers(
     module: &str,
     verified: &[keys::VerifiedSignature],
     required: u32,
-) -> Result<(), String> {
+) -> Result<(), TooFewSigners> {
     let mut signers: Vec<&keys::VerifiedSignature> = Vec::new();
     for signature in verified {
         if !signers.iter().any(|s| s.key_id == signature.key_id) {
@@ -666,28 +750,51 @@ fn ensure_signers(
     if signers.len() >= required {
         return Ok(());
     }
-    let names: Vec<String> = signers
-        .iter()
-        .map(|s| format!("{:?}", s.key_name))
-        .collect();
-    Err(format!(
-        "artifact {module}: this node's environment requires valid signatures by {required} distinct trusted keys (min_signatures) and it has {}{}; refusing to install it",
-        signers.len(),
-        if names.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", names.join(", "))
-        }
-    ))
+    Err(TooFewSigners {
+        module: module.to_string(),
+        required,
+        signers: signers.iter().map(|s| s.key_name.clone()).collect(),
+    })
+}
+
+/// An artifact without valid signatures by as many distinct trusted keys as
+/// the node's environment requires.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "artifact {module}: this node's environment requires valid signatures by {required} distinct trusted keys (min_signatures) and it has {}{}; refusing to install it",
+    signers.len(),
+    signer_list(signers)
+)]
+pub struct TooFewSigners {
+    pub module: String,
+    pub required: usize,
+    /// Names of the distinct trusted keys that did sign.
+    pub signers: Vec<String>,
+}
+
+fn signer_list(signers: &[String]) -> String {
+    if signers.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = signers.iter().map(|name| format!("{name:?}")).collect();
+    format!(" ({})", names.join(", "))
+}
+
+/// The artifact is another module version than the one asked for.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("asked for {asked} but the artifact is {found}")]
+pub struct WrongArtifact {
+    pub asked: String,
+    pub found: String,
 }
 
 /// The artifact is the module version that was asked for.
-fn check_identity(info: &ArtifactInfo, name: &str, version: &str) -> Result<(), String> {
+pub fn check_identity(info: &ArtifactInfo, name: &str, version: &str) -> Result<(), WrongArtifact> {
     if info.manifest.name != name || info.manifest.version.to_string() != version {
-        return Err(format!(
-            "asked for {name}@{version} but the artifact is {}",
-            info.module()
-        ));
+        return Err(WrongArtifact {
+            asked: format!("{name}@{version}"),
+            found: info.module(),
+        });
     }
     Ok(())
 }
@@ -747,11 +854,307 @@ mod tests {
         check(&[by("ci"), by("ci")], 2, false);
         check(&[by("ci"), by("release")], 2, true);
         check(&[by("ci"), by("release")], 3, false);
-        let refusal = ensure_signers("m@1.0.0", &[by("ci")], 2).expect_err("refused");
+        let refusal = ensure_signers("m@1.0.0", &[by("ci")], 2)
+            .expect_err("refused")
+            .to_string();
         assert_eq!(
             refusal,
             "artifact m@1.0.0: this node's environment requires valid signatures by 2 \
              distinct trusted keys (min_signatures) and it has 1 (\"ci\"); refusing to install it"
         );
+    }
+}
+
+/// The cache against an artifact source in memory: no control plane, no
+/// network.
+#[cfg(test)]
+mod source_tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use hotswap_common::artifact::format::read_content;
+    use hotswap_common::artifact::pack::pack_and_sign;
+
+    use super::*;
+
+    const MANIFEST: &str = "name = \"hello\"\nversion = \"1.0.0\"\nruntime = \"bundle\"\n";
+
+    /// An artifact source serving one artifact from memory, with faults to
+    /// order.
+    struct MemorySource {
+        descriptor: ArtifactDescriptor,
+        content: Vec<u8>,
+        keys: Vec<TrustedKey>,
+        /// Answer to the next describe calls instead of the descriptor.
+        describe_faults: Mutex<VecDeque<SourceError>>,
+        /// Cut the next content streams after this many bytes.
+        cuts: Mutex<VecDeque<usize>>,
+        /// Offsets the content was asked from.
+        asked: Mutex<Vec<u64>>,
+    }
+
+    struct MemoryContent(VecDeque<Result<Chunk, SourceError>>);
+
+    impl ContentStream for MemoryContent {
+        async fn next_chunk(&mut self) -> Result<Option<Chunk>, SourceError> {
+            self.0.pop_front().transpose()
+        }
+    }
+
+    impl ArtifactSource for MemorySource {
+        type Content = MemoryContent;
+
+        async fn describe(
+            &self,
+            _name: &str,
+            _version: &str,
+        ) -> Result<ArtifactDescriptor, SourceError> {
+            match self.describe_faults.lock().expect("lock").pop_front() {
+                Some(fault) => Err(fault),
+                None => Ok(self.descriptor.clone()),
+            }
+        }
+
+        async fn trusted_keys(&self) -> Result<Vec<TrustedKey>, SourceError> {
+            Ok(self.keys.clone())
+        }
+
+        async fn content(
+            &self,
+            _digest: &Digest,
+            offset: u64,
+        ) -> Result<MemoryContent, SourceError> {
+            self.asked.lock().expect("lock").push(offset);
+            let cut = self.cuts.lock().expect("lock").pop_front();
+            let mut chunks = VecDeque::new();
+            let mut at = offset as usize;
+            let end = cut.map_or(self.content.len(), |c| c.min(self.content.len()));
+            while at < end {
+                let next = (at + 100).min(end);
+                chunks.push_back(Ok(Chunk {
+                    offset: at as u64,
+                    data: Bytes::copy_from_slice(&self.content[at..next]),
+                }));
+                at = next;
+            }
+            if cut.is_some() {
+                chunks.push_back(Err(SourceError::Unavailable {
+                    code: "Service was not ready".into(),
+                    message: "connection reset".into(),
+                }));
+            }
+            Ok(MemoryContent(chunks))
+        }
+    }
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        data_dir: PathBuf,
+        source: MemorySource,
+    }
+
+    /// `hello@1.0.0` signed by a key called "ci", which the source trusts.
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let module = tmp.path().join("hello");
+        fs::create_dir_all(&module).expect("mkdir");
+        fs::write(module.join("module.toml"), MANIFEST).expect("manifest");
+        // Enough content for several chunks.
+        let filler: String = (0..400).map(|i| format!("line {i}\n")).collect();
+        fs::write(module.join("data.txt"), filler).expect("data");
+        let key = keys::generate().expect("key");
+        let packed = tmp.path().join("hello.hsm");
+        let info = pack_and_sign(&module, &key, now_ms(), &packed).expect("pack");
+        let content = read_content(&packed, &info).expect("content");
+        let data_dir = tmp.path().join("node");
+        fs::create_dir_all(&data_dir).expect("mkdir");
+        let source = MemorySource {
+            descriptor: ArtifactDescriptor {
+                digest: info.digest,
+                size: content.len() as u64,
+                signatures: Ok(info.signatures.clone()),
+            },
+            content,
+            keys: vec![TrustedKey {
+                name: "ci".into(),
+                public_key_pem: keys::public_key_pem(&key.verifying_key()),
+            }],
+            describe_faults: Mutex::default(),
+            cuts: Mutex::default(),
+            asked: Mutex::default(),
+        };
+        Fixture {
+            _tmp: tmp,
+            data_dir,
+            source,
+        }
+    }
+
+    fn store(f: &Fixture) -> ArtifactStore {
+        ArtifactStore::open(&f.data_dir, TrustSource::ControlPlane, Limits::default())
+            .expect("open")
+    }
+
+    fn partial_files(f: &Fixture) -> usize {
+        fs::read_dir(f.data_dir.join("artifacts/partial"))
+            .expect("partial dir")
+            .count()
+    }
+
+    #[tokio::test]
+    async fn fetches_verifies_caches_and_installs_offline() {
+        let f = fixture();
+        let store = store(&f);
+        let fetched = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect("fetch");
+        assert_eq!(fetched.downloaded, f.source.content.len() as u64);
+        assert_eq!(fetched.info.module(), "hello@1.0.0");
+        let again = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect("again");
+        assert_eq!(again.downloaded, 0, "the second fetch comes from the cache");
+        assert_eq!(*f.source.asked.lock().expect("lock"), [0]);
+        // Installing needs no source: the trust set was stored.
+        let dir = store.install("hello", "1.0.0", 1).await.expect("install");
+        assert!(dir.join("data.txt").is_file());
+        assert_eq!(partial_files(&f), 0);
+    }
+
+    #[tokio::test]
+    async fn content_that_does_not_match_its_digest_is_rejected_and_dropped() {
+        let mut f = fixture();
+        let last = f.source.content.len() - 1;
+        f.source.content[last] ^= 0xff;
+        let err = store(&f)
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("altered");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("artifact hello@1.0.0: downloaded content does not match digest"),
+            "{err}"
+        );
+        assert_eq!(partial_files(&f), 0, "nothing kept to resume");
+    }
+
+    #[tokio::test]
+    async fn a_signature_by_an_untrusted_key_is_rejected() {
+        let mut f = fixture();
+        let other = keys::generate().expect("key");
+        f.source.keys = vec![TrustedKey {
+            name: "other".into(),
+            public_key_pem: keys::public_key_pem(&other.verifying_key()),
+        }];
+        let store = store(&f);
+        let err = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("untrusted");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert!(store.cached_digest("hello", "1.0.0").is_none());
+        assert_eq!(partial_files(&f), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_signature_is_rejected() {
+        let mut f = fixture();
+        f.source.descriptor.signatures =
+            Err("artifact hello@1.0.0: signature by k has the wrong length".into());
+        let err = store(&f)
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("bad signature");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "artifact hello@1.0.0: signature by k has the wrong length"
+        );
+    }
+
+    #[tokio::test]
+    async fn source_failures_are_sorted_into_transient_and_rejected() {
+        let f = fixture();
+        let store = store(&f);
+        f.source.describe_faults.lock().expect("lock").extend([
+            SourceError::Unavailable {
+                code: "Service was not ready".into(),
+                message: "down".into(),
+            },
+            SourceError::Refused {
+                message: "no such artifact".into(),
+            },
+        ]);
+        let err = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("unavailable");
+        assert!(matches!(err, FetchError::Transient(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "artifact hello@1.0.0: Service was not ready: down"
+        );
+        let err = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert_eq!(err.to_string(), "artifact hello@1.0.0: no such artifact");
+        // The faults are gone: the next attempt succeeds.
+        store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect("fetch");
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_transfer_resumes_where_it_stopped() {
+        let f = fixture();
+        let store = store(&f);
+        f.source.cuts.lock().expect("lock").push_back(250);
+        let err = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("cut");
+        assert!(matches!(err, FetchError::Transient(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("artifact hello@1.0.0: transfer interrupted at byte 250: "),
+            "{err}"
+        );
+        assert_eq!(partial_files(&f), 1, "the prefix is kept");
+        let fetched = store
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect("resume");
+        assert_eq!(*f.source.asked.lock().expect("lock"), [0, 250]);
+        assert_eq!(fetched.downloaded, f.source.content.len() as u64 - 250);
+    }
+
+    #[tokio::test]
+    async fn more_content_than_announced_is_rejected() {
+        let mut f = fixture();
+        f.source.descriptor.size -= 10;
+        let err = store(&f)
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("too long");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
+        assert!(err.to_string().contains("more than the announced"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_fetch_says_so() {
+        let f = fixture();
+        let abandon = CancellationToken::new();
+        abandon.cancel();
+        let err = store(&f)
+            .fetch_until(&f.source, "hello", "1.0.0", &abandon)
+            .await
+            .expect_err("abandoned");
+        assert!(matches!(err, FetchError::Abandoned(_)), "{err:?}");
     }
 }

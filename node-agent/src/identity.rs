@@ -9,13 +9,12 @@ use std::path::{Path, PathBuf};
 
 use hotswap_common::fsutil::{self, PRIVATE_FILE_MODE, PUBLIC_FILE_MODE};
 use hotswap_common::labels::Labels;
-use hotswap_common::pb;
 use hotswap_common::pki;
-use hotswap_common::tls::{self, ChannelOptions, ControlPlaneUrl, PinnedCa, ServerTrust};
+use hotswap_common::tls::{self, ChannelOptions, ControlPlaneUrl};
 use serde::{Deserialize, Serialize};
-use tonic::Code;
 
 use crate::config::EnrollmentConfig;
+use crate::control_plane::{self, EnrollError, Enrollment};
 use crate::metrics::Metrics;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -50,15 +49,6 @@ pub enum IdentityError {
     },
     #[error("identity file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-}
-
-/// Outcome of one enrollment attempt that did not succeed.
-#[derive(Debug)]
-pub enum EnrollFailure {
-    /// Retrying cannot help: wrong CA, rejected token, invalid request.
-    Fatal(String),
-    /// The control plane is unreachable or busy; try again later.
-    Retry(String),
 }
 
 struct Paths {
@@ -205,120 +195,45 @@ impl Identity {
     }
 }
 
-/// One enrollment attempt: generate a key pair, connect with the CA pinned by
-/// fingerprint, send the CSR with the join token.
+/// One enrollment attempt (see [`control_plane::enroll`]), recorded in the
+/// `rpc` metric; the identity it yields is not saved yet.
 pub async fn enroll_once(
     url: &ControlPlaneUrl,
     enrollment: &EnrollmentConfig,
     name: &str,
     labels: &Labels,
     metrics: &Metrics,
-) -> Result<Identity, EnrollFailure> {
-    let (csr_pem, key_pem) = pki::generate_csr(name)
-        .map_err(|e| EnrollFailure::Fatal(format!("cannot generate a key pair: {e}")))?;
-    let pin = PinnedCa::new(enrollment.ca_fingerprint);
-    let config = tls::client_config(ServerTrust::Pinned(pin.clone()), None)
-        .map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
-    let channel = match tls::connect(url, config, &ChannelOptions::default()).await {
-        Ok(channel) => channel,
-        Err(e) => {
-            metrics.rpc("enroll", "unreachable");
-            return Err(match pin.mismatch() {
-                Some(reason) => EnrollFailure::Fatal(format!(
-                    "CA fingerprint mismatch: the control plane at {url} is not the one pinned with --ca-fingerprint sha256:{}: {reason}",
-                    hex_of(&enrollment.ca_fingerprint)
-                )),
-                None => EnrollFailure::Retry(format!(
-                    "cannot reach the control plane at {url}: {}",
-                    error_chain(&e)
-                )),
-            });
-        }
-    };
-    let request = pb::EnrollRequest {
-        join_token: enrollment.join_token.clone(),
-        csr_pem,
-        name: name.to_string(),
-        labels: labels.clone().into_iter().collect(),
+) -> Result<Identity, EnrollError> {
+    let enrolled = control_plane::enroll(&Enrollment {
+        url,
+        options: &ChannelOptions::default(),
+        join_token: &enrollment.join_token,
+        ca_fingerprint: enrollment.ca_fingerprint,
+        name,
+        labels,
         agent_version: hotswap_common::VERSION.to_string(),
-    };
-    let response = match pb::enrollment_client::EnrollmentClient::new(channel)
-        .enroll(request)
-        .await
-    {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            metrics.rpc("enroll", "error");
-            let message = format!(
-                "enrollment refused by the control plane at {url}: {}",
-                status.message()
-            );
-            return Err(match status.code() {
-                Code::Unauthenticated
-                | Code::PermissionDenied
-                | Code::InvalidArgument
-                | Code::AlreadyExists
-                | Code::FailedPrecondition => EnrollFailure::Fatal(message),
-                _ => EnrollFailure::Retry(message),
-            });
-        }
-    };
-    metrics.rpc("enroll", "ok");
-    // The CA we got must be the one we pinned, and our certificate must be ours.
-    let ca_der = pki::first_cert_der(&response.ca_certificate_pem).map_err(|e| {
-        EnrollFailure::Fatal(format!("control plane sent an invalid CA certificate: {e}"))
-    })?;
-    if pki::der_fingerprint(ca_der.as_ref())
-        != format!("sha256:{}", hex_of(&enrollment.ca_fingerprint))
-    {
-        return Err(EnrollFailure::Fatal(
-            "control plane sent a CA certificate that does not match the pinned fingerprint".into(),
-        ));
-    }
-    let cert_der = pki::first_cert_der(&response.certificate_pem).map_err(|e| {
-        EnrollFailure::Fatal(format!(
-            "control plane sent an invalid node certificate: {e}"
-        ))
-    })?;
-    match pki::principal_of(cert_der.as_ref()) {
-        Ok(pki::Principal::Node(id)) if id == response.node_id => {}
-        other => {
-            return Err(EnrollFailure::Fatal(format!(
-                "control plane sent a certificate for {other:?}, not for node {}",
-                response.node_id
-            )));
+    })
+    .await;
+    match &enrolled {
+        Ok(_) => metrics.rpc("enroll", "ok"),
+        Err(e) => {
+            if let Some(outcome) = e.rpc_outcome() {
+                metrics.rpc("enroll", outcome);
+            }
         }
     }
+    let enrolled = enrolled?;
     Ok(Identity {
         info: NodeInfo {
-            node_id: response.node_id,
+            node_id: enrolled.node_id,
             name: name.to_string(),
-            labels: response.labels.into_iter().collect(),
+            labels: enrolled.labels,
             control_plane: url.to_string(),
         },
-        cert_pem: response.certificate_pem,
-        key_pem,
-        ca_pem: response.ca_certificate_pem,
+        cert_pem: enrolled.certificate_pem,
+        key_pem: enrolled.key_pem,
+        ca_pem: enrolled.ca_certificate_pem,
     })
-}
-
-fn hex_of(bytes: &[u8; 32]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -29,46 +29,25 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::control_plane::Connection;
 use hotswap_common::artifact::unpack::Limits;
 use hotswap_common::labels::Labels;
 use hotswap_common::manifest::{self, HealthCheck, Manifest, Runtime, Vars};
 use hotswap_common::telemetry;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::Instrument;
 
 use crate::artifacts::{ArtifactStore, FetchError, TrustSource};
 use crate::health::{Health, probe_once};
 use crate::runtime::listeners::{ListenerBook, conflict_message};
 use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
-use crate::runtime::{ActivateError, Phase, bundle, check_program, hotswap_env, os};
-use crate::scrape::{MetricNames, Window};
-use crate::state::{AgentState, Desired, ModuleRecord};
+use crate::runtime::{ActivateError, Phase, ProgramError, bundle, check_program, hotswap_env, os};
+use crate::scrape::MetricNames;
+use crate::state::{AgentState, Desired, ModuleRecord, StateError};
 use crate::sysinfo::{CpuSampler, NodeUsage};
 
-/// One module as reported to the control plane.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ModuleReport {
-    pub name: String,
-    pub version: String,
-    pub phase: Phase,
-    pub health: Health,
-    pub message: String,
-    pub staged_version: String,
-    pub previous_version: String,
-    pub restarts: u32,
-    pub crash_loop: bool,
-    pub pid: u32,
-    pub metrics: Option<Window>,
-    /// Other versions of the module still starting, stopping or serving:
-    /// a candidate inside its health gate or activate hook, an old
-    /// instance being stopped, a process a previous agent left behind.
-    pub settling: Vec<String>,
-    /// The class of the failure this report names, if any.
-    pub failure_kind: Option<FailureKind>,
-}
-
+pub use crate::report::{AgentReport, ModuleReport};
 pub use hotswap_common::status::FailureKind;
 
 /// Why a step (stage, install, swap) did not happen.
@@ -94,6 +73,30 @@ impl StepError {
             transient: false,
         }
     }
+}
+
+/// Why an installed version cannot run as it is: the release's fault.
+#[derive(Debug, thiserror::Error)]
+enum VersionError {
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    /// A `${...}` in the manifest that cannot be expanded.
+    #[error("{0}")]
+    Expand(String),
+    #[error("socket {socket:?}: listen {listen:?} (from {template:?}) is not ip:port: {reason}")]
+    Socket {
+        socket: String,
+        listen: String,
+        template: String,
+        reason: String,
+    },
+    #[error("artifact declares module {declared:?}, expected {expected:?}")]
+    WrongModule { declared: String, expected: String },
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+    /// Another module of the node holds an address this version listens on.
+    #[error("{0}")]
+    ListenerTaken(String),
 }
 
 /// Artifact trouble, classified: the artifact itself (rejected: unknown,
@@ -147,13 +150,13 @@ enum Step {
     Activate,
 }
 
-/// Everything the agent reports.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct AgentReport {
-    pub modules: Vec<ModuleReport>,
-    pub observed_generation: u64,
-    pub desired_generation: u64,
-    pub usage: Option<NodeUsage>,
+/// Why the reconciler cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcilerError {
+    #[error(transparent)]
+    Store(#[from] FetchError),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 pub struct ReconcilerConfig {
@@ -169,7 +172,7 @@ pub struct ReconcilerLinks {
     /// Desired state from the control plane.
     pub desired: watch::Receiver<Option<Desired>>,
     /// The session's channel while connected, for fetching artifacts.
-    pub channel: watch::Receiver<Option<Channel>>,
+    pub channel: watch::Receiver<Option<Connection>>,
     /// Reports out.
     pub report: watch::Sender<AgentReport>,
 }
@@ -211,9 +214,11 @@ pub struct Reconciler {
 const USAGE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Reconciler {
-    pub fn new(config: ReconcilerConfig, shutdown: CancellationToken) -> Result<Self, String> {
-        let store = ArtifactStore::open(&config.data_dir, config.trust.clone(), config.limits)
-            .map_err(|e| e.to_string())?
+    pub fn new(
+        config: ReconcilerConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ReconcilerError> {
+        let store = ArtifactStore::open(&config.data_dir, config.trust.clone(), config.limits)?
             .with_node_name(&config.node_name);
         let state = AgentState::load(&config.data_dir)?;
         let mut reconciler = Self {
@@ -324,13 +329,12 @@ impl Reconciler {
         name: &str,
         version: &str,
         previous: Option<&str>,
-    ) -> Result<(Manifest, VersionSpec), String> {
+    ) -> Result<(Manifest, VersionSpec), VersionError> {
         let dir = self.store.module_dir(name, version);
-        let manifest = manifest::load_manifest(&dir.join(manifest::MANIFEST_FILE))
-            .map_err(|e| e.to_string())?;
+        let manifest = manifest::load_manifest(&dir.join(manifest::MANIFEST_FILE))?;
         let dir_text = dir.display().to_string();
         let vars = self.vars(&dir_text);
-        let expand = |value: &str| manifest::expand(value, &vars);
+        let expand = |value: &str| manifest::expand(value, &vars).map_err(VersionError::Expand);
         let expand_all = |values: &[String]| {
             values
                 .iter()
@@ -361,11 +365,13 @@ impl Reconciler {
                 let mut sockets = Vec::new();
                 for socket in &process.sockets {
                     let text = expand(&socket.listen)?;
-                    let listen = text.parse().map_err(|e| {
-                        format!(
-                            "socket {:?}: listen {text:?} (from {:?}) is not ip:port: {e}",
-                            socket.name, socket.listen
-                        )
+                    let listen = text.parse().map_err(|e: std::net::AddrParseError| {
+                        VersionError::Socket {
+                            socket: socket.name.clone(),
+                            listen: text.clone(),
+                            template: socket.listen.clone(),
+                            reason: e.to_string(),
+                        }
                     })?;
                     sockets.push(crate::runtime::process::ListenSocket {
                         name: socket.name.clone(),
@@ -406,7 +412,7 @@ impl Reconciler {
     /// Fetch (if needed) and unpack a version; returns its directory.
     async fn ensure_installed(
         &self,
-        channel: Option<&Channel>,
+        channel: Option<&Connection>,
         name: &str,
         version: &str,
         preempt: &CancellationToken,
@@ -443,7 +449,7 @@ impl Reconciler {
     /// state stops asking for it (see [`ArtifactStore::fetch_until`]).
     async fn install_preemptible(
         &self,
-        channel: Option<&Channel>,
+        channel: Option<&Connection>,
         name: &str,
         version: &str,
         preempt: &CancellationToken,
@@ -503,13 +509,13 @@ impl Reconciler {
     }
 
     /// Pre-check an unpacked version without activating it.
-    fn precheck(&self, name: &str, version: &str) -> Result<Manifest, String> {
+    fn precheck(&self, name: &str, version: &str) -> Result<Manifest, VersionError> {
         let (manifest, spec) = self.version_spec(name, version, None)?;
         if manifest.name != name {
-            return Err(format!(
-                "artifact declares module {:?}, expected {name:?}",
-                manifest.name
-            ));
+            return Err(VersionError::WrongModule {
+                declared: manifest.name,
+                expected: name.to_string(),
+            });
         }
         match manifest.runtime {
             Runtime::Process => {
@@ -519,7 +525,12 @@ impl Reconciler {
                 // supervisor's claim at bind time closes the remaining race.
                 for socket in &spec.sockets {
                     if let Some(taken) = self.listener_book.taken(name, socket.listen) {
-                        return Err(conflict_message(name, &socket.name, socket.listen, &taken));
+                        return Err(VersionError::ListenerTaken(conflict_message(
+                            name,
+                            &socket.name,
+                            socket.listen,
+                            &taken,
+                        )));
                     }
                 }
             }
@@ -543,7 +554,7 @@ impl Reconciler {
         name: &str,
         version: &str,
         traceparent: &str,
-    ) -> Result<Manifest, String> {
+    ) -> Result<Manifest, VersionError> {
         let span = telemetry::span_with_parent(
             tracing::info_span!(
                 target: telemetry::TARGET,
@@ -652,7 +663,7 @@ impl Reconciler {
     }
 
     /// One pass; returns true when everything desired is in place.
-    async fn pass(&mut self, channel: Option<Channel>) -> bool {
+    async fn pass(&mut self, channel: Option<Connection>) -> bool {
         let Some(desired) = self.state.desired.clone() else {
             return true;
         };
@@ -761,7 +772,7 @@ impl Reconciler {
 
     async fn activate(
         &mut self,
-        channel: Option<&Channel>,
+        channel: Option<&Connection>,
         name: &str,
         version: &str,
         traceparent: &str,
@@ -808,7 +819,7 @@ impl Reconciler {
     /// Install, then swap; returns the spec of the version now active.
     async fn activate_inner(
         &mut self,
-        channel: Option<&Channel>,
+        channel: Option<&Connection>,
         name: &str,
         version: &str,
         preempt: &CancellationToken,
@@ -859,7 +870,7 @@ impl Reconciler {
         }
         let (_, spec) = self
             .version_spec(name, version, previous.as_deref())
-            .map_err(StepError::release)?;
+            .map_err(|e| StepError::release(e.to_string()))?;
         tracing::info!(module = %name, version = %version, previous = ?previous, runtime = manifest.runtime.as_str(), "activating");
         match manifest.runtime {
             Runtime::Bundle => {

@@ -10,19 +10,43 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hotswap_common::pb;
 use hotswap_common::pki;
 use hotswap_common::timefmt::now_ms;
 use hotswap_common::tls;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
-use crate::identity::Identity;
+use crate::control_plane::Connection;
+use crate::identity::{Identity, IdentityError};
 use crate::metrics::Metrics;
 
 /// Retry a failed renewal after this long (or sooner near expiry).
 const RETRY: Duration = Duration::from_secs(30);
+
+/// Why a renewal did not happen; every one is retried after [`RETRY`].
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error("cannot generate a key: {0}")]
+    KeyPair(String),
+    #[error("control plane refused: {0}")]
+    Refused(String),
+    #[error("control plane sent an invalid certificate: {0}")]
+    InvalidCertificate(String),
+    #[error("control plane sent a certificate for {principal}, not for node {node_id}")]
+    WrongPrincipal { principal: String, node_id: String },
+    #[error("control plane sent an unusable CA certificate: {0}")]
+    UnusableCa(String),
+    #[error("CA certificate unreadable: {0}")]
+    UnreadableCa(String),
+    #[error(transparent)]
+    Save(#[from] IdentityError),
+    /// The certificate's expiry cannot be read.
+    #[error("{0}")]
+    Expiry(String),
+    /// The task saving the new identity stopped.
+    #[error("{0}")]
+    Stopped(String),
+}
 
 /// The identity the agent uses, replaced in place by renewals.
 pub type SharedIdentity = Arc<RwLock<Identity>>;
@@ -42,7 +66,7 @@ fn due_ms(identity: &Identity) -> u64 {
 pub async fn run(
     data_dir: PathBuf,
     identity: SharedIdentity,
-    mut channel: watch::Receiver<Option<Channel>>,
+    mut channel: watch::Receiver<Option<Connection>>,
     renewed: watch::Sender<u64>,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -91,25 +115,24 @@ pub async fn run(
 async fn renew_once(
     data_dir: &std::path::Path,
     identity: &SharedIdentity,
-    channel: Channel,
-) -> Result<u64, String> {
+    connection: Connection,
+) -> Result<u64, RenewError> {
     let old = current(identity);
     let (csr_pem, key_pem) =
-        pki::generate_csr(&old.info.name).map_err(|e| format!("cannot generate a key: {e}"))?;
-    let response = pb::agent_session_client::AgentSessionClient::new(channel)
-        .renew_certificate(pb::RenewCertificateRequest { csr_pem })
+        pki::generate_csr(&old.info.name).map_err(|e| RenewError::KeyPair(e.to_string()))?;
+    let response = connection
+        .renew_certificate(csr_pem)
         .await
-        .map_err(|s| format!("control plane refused: {}", s.message()))?
-        .into_inner();
+        .map_err(|e| RenewError::Refused(e.message))?;
     let der = pki::first_cert_der(&response.certificate_pem)
-        .map_err(|e| format!("control plane sent an invalid certificate: {e}"))?;
+        .map_err(|e| RenewError::InvalidCertificate(e.to_string()))?;
     match pki::principal_of(der.as_ref()) {
         Ok(pki::Principal::Node(id)) if id == old.info.node_id => {}
         other => {
-            return Err(format!(
-                "control plane sent a certificate for {other:?}, not for node {}",
-                old.info.node_id
-            ));
+            return Err(RenewError::WrongPrincipal {
+                principal: format!("{other:?}"),
+                node_id: old.info.node_id.clone(),
+            });
         }
     }
     // A new CA arrives here during a CA rotation. It comes over a connection
@@ -122,13 +145,14 @@ async fn renew_once(
         (Ok(new), Ok(current)) if new == current => old.ca_pem.clone(),
         (Ok(new), Ok(current)) => {
             tls::roots_from_pem(&response.ca_certificate_pem)
-                .map_err(|e| format!("control plane sent an unusable CA certificate: {e}"))?;
+                .map_err(|e| RenewError::UnusableCa(e.to_string()))?;
             tracing::info!(from = %current, to = %new, "control plane CA rotated; trusting the new CA");
             response.ca_certificate_pem.clone()
         }
-        (Err(e), _) | (_, Err(e)) => return Err(format!("CA certificate unreadable: {e}")),
+        (Err(e), _) | (_, Err(e)) => return Err(RenewError::UnreadableCa(e.to_string())),
     };
-    let not_after = pki::not_after_ms(der.as_ref()).map_err(|e| e.to_string())?;
+    let not_after =
+        pki::not_after_ms(der.as_ref()).map_err(|e| RenewError::Expiry(e.to_string()))?;
     let renewed = Identity {
         info: old.info.clone(),
         cert_pem: response.certificate_pem,
@@ -139,8 +163,7 @@ async fn renew_once(
     let to_save = renewed.clone();
     tokio::task::spawn_blocking(move || to_save.save_renewed(&dir))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| RenewError::Stopped(e.to_string()))??;
     *identity.write().unwrap_or_else(|e| e.into_inner()) = renewed;
     Ok(not_after)
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hotswap_common::manifest::MetricsSpec;
 
-use crate::health::http_get;
+use crate::http_client::{HttpError, http_get};
 
 /// Which series to read: the names from the manifest's `[metrics]` section.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,16 +65,44 @@ pub async fn scrape(
     spec_url: &str,
     names: &MetricNames,
     timeout: Duration,
-) -> Result<Sample, String> {
+) -> Result<Sample, ScrapeError> {
+    let url = || spec_url.to_string();
     let (status, body) = http_get(spec_url, timeout)
         .await
-        .map_err(|e| format!("scrape {spec_url}: {e}"))?;
+        .map_err(|source| ScrapeError::Http { url: url(), source })?;
     if !(200..300).contains(&status) {
-        return Err(format!("scrape {spec_url}: status {status}"));
+        return Err(ScrapeError::Status { url: url(), status });
     }
-    let text = std::str::from_utf8(&body)
-        .map_err(|e| format!("scrape {spec_url}: the response is not UTF-8 text: {e}"))?;
-    parse(text, names).map_err(|e| format!("scrape {spec_url}: {e}"))
+    let text = std::str::from_utf8(&body).map_err(|e| ScrapeError::NotText {
+        url: url(),
+        reason: e.to_string(),
+    })?;
+    parse(text, names).map_err(|source| ScrapeError::Parse { url: url(), source })
+}
+
+/// Why a scrape produced no sample; the next scrape tries again.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScrapeError {
+    #[error("scrape {url}: {source}")]
+    Http { url: String, source: HttpError },
+    #[error("scrape {url}: status {status}")]
+    Status { url: String, status: u16 },
+    #[error("scrape {url}: the response is not UTF-8 text: {reason}")]
+    NotText { url: String, reason: String },
+    #[error("scrape {url}: {source}")]
+    Parse {
+        url: String,
+        source: ExpositionError,
+    },
+}
+
+/// A malformed line of a metrics exposition.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct ExpositionError {
+    /// 1-based.
+    pub line: usize,
+    pub reason: String,
 }
 
 /// Parse Prometheus text exposition format (also OpenMetrics: a `_total`
@@ -86,7 +114,7 @@ pub async fn scrape(
 /// yet may not expose it. Every line must be well-formed, not just the ones
 /// we read, because a malformed line means we cannot trust the rest; the
 /// error names the line number.
-pub fn parse(text: &str, names: &MetricNames) -> Result<Sample, String> {
+pub fn parse(text: &str, names: &MetricNames) -> Result<Sample, ExpositionError> {
     let mut requests = CounterSum::default();
     let mut errors = CounterSum::default();
     let mut latency = HistogramSum::default();
@@ -104,7 +132,11 @@ pub fn parse(text: &str, names: &MetricNames) -> Result<Sample, String> {
             }
             continue;
         }
-        let sample = parse_sample_line(line).map_err(|e| format!("line {number}: {e}"))?;
+        let malformed = |reason| ExpositionError {
+            line: number,
+            reason,
+        };
+        let sample = parse_sample_line(line).map_err(malformed)?;
         // A NaN (or infinite) value would poison every rate computed from
         // the sum; exporters use NaN for "no data", so skip it.
         if !sample.value.is_finite() {
@@ -114,7 +146,7 @@ pub fn parse(text: &str, names: &MetricNames) -> Result<Sample, String> {
         errors.add(&names.errors_total, &sample);
         latency
             .add(&names.latency_seconds, &sample)
-            .map_err(|e| format!("line {number}: {e}"))?;
+            .map_err(malformed)?;
     }
     Ok(Sample {
         requests_total: requests.total(),
@@ -696,7 +728,11 @@ this line is after EOF and never read {
             ),
         ];
         for (text, want) in cases {
-            assert_eq!(parse(text, &names()).unwrap_err(), want, "{text:?}");
+            assert_eq!(
+                parse(text, &names()).unwrap_err().to_string(),
+                want,
+                "{text:?}"
+            );
         }
     }
 
@@ -854,7 +890,7 @@ this line is after EOF and never read {
         let err = scrape(&url, &names(), Duration::from_secs(5))
             .await
             .unwrap_err();
-        assert_eq!(err, format!("scrape {url}: status 500"));
+        assert_eq!(err.to_string(), format!("scrape {url}: status 500"));
 
         let err = scrape(
             "http://127.0.0.1:1/metrics",
@@ -863,7 +899,10 @@ this line is after EOF and never read {
         )
         .await
         .unwrap_err();
-        assert_eq!(err, "scrape http://127.0.0.1:1/metrics: connection refused");
+        assert_eq!(
+            err.to_string(),
+            "scrape http://127.0.0.1:1/metrics: connection refused"
+        );
     }
 
     #[test]

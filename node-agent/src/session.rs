@@ -6,23 +6,18 @@
 use std::time::Duration;
 
 use hotswap_common::admin::Readiness;
-use hotswap_common::convert::{FieldError, check_version, module_name_from_pb};
 use hotswap_common::labels::Labels;
-use hotswap_common::pb;
-use hotswap_common::pb::agent_message::Msg as AgentMsg;
-use hotswap_common::pb::control_message::Msg as ControlMsg;
 use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, ControlPlaneUrl, ServerTrust};
-use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
-
-use crate::reconciler::AgentReport;
-use crate::state::{Desired, DesiredModule};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
 
-use crate::identity::{Identity, error_chain};
+use crate::control_plane::{
+    Connection, EncodedReport, Hello, Inbound, RpcError, Session, StreamClosed, error_chain,
+};
+use crate::identity::Identity;
 use crate::metrics::Metrics;
+use crate::report::AgentReport;
+use crate::state::Desired;
 
 /// How long the control plane has to answer the hello with a welcome.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,9 +42,8 @@ pub enum SessionEnd {
 /// An established session kept alive while its successor connects, so the
 /// control plane replaces one with the other and never sees the node leave.
 pub struct Handover {
-    _channel: Channel,
-    _outbound: mpsc::Sender<pb::AgentMessage>,
-    _inbound: tonic::Streaming<pb::ControlMessage>,
+    _connection: Connection,
+    _session: Session,
 }
 
 impl std::fmt::Debug for Handover {
@@ -75,8 +69,9 @@ pub struct SessionParams<'a> {
     pub shutdown: &'a CancellationToken,
     /// Desired state received from the control plane goes here.
     pub desired: &'a watch::Sender<Option<Desired>>,
-    /// The session's channel while it is up, for artifact fetches.
-    pub channel: &'a watch::Sender<Option<Channel>>,
+    /// The session's connection while it is up, for artifact fetches and
+    /// renewals.
+    pub channel: &'a watch::Sender<Option<Connection>>,
     /// Status reports to send.
     pub reports: watch::Receiver<AgentReport>,
     /// Changes when the certificate is renewed.
@@ -88,84 +83,6 @@ pub struct SessionParams<'a> {
 /// A full status report goes out at least this often, besides one per change.
 const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
 
-/// A desired state as the control plane sends it. Refused whole, naming
-/// the field, when a module name breaks the module name rule (names become
-/// paths on this node), a name repeats, or a version is not semver: acting
-/// on part of a malformed state could stop modules the control plane still
-/// wants.
-impl TryFrom<pb::DesiredState> for Desired {
-    type Error = FieldError;
-
-    fn try_from(desired: pb::DesiredState) -> Result<Self, Self::Error> {
-        let mut modules = std::collections::BTreeMap::new();
-        for (index, m) in desired.modules.into_iter().enumerate() {
-            let entry = format!("modules[{index}]");
-            let name = module_name_from_pb("name", &m.name).map_err(|e| e.within(&entry))?;
-            check_version("version", &m.version).map_err(|e| e.within(&entry))?;
-            check_version("staged_version", &m.staged_version).map_err(|e| e.within(&entry))?;
-            let module = DesiredModule {
-                version: m.version,
-                staged_version: m.staged_version,
-                traceparent: m.traceparent,
-            };
-            if modules.insert(name.into_string(), module).is_some() {
-                return Err(FieldError::new(
-                    "name",
-                    format!("module {:?} is listed twice", m.name),
-                )
-                .within(&entry));
-            }
-        }
-        Ok(Desired {
-            generation: desired.generation,
-            modules,
-            min_signatures: desired.min_signatures,
-        })
-    }
-}
-
-fn report_to_pb(report: &AgentReport) -> pb::AgentMessage {
-    let modules = report
-        .modules
-        .iter()
-        .map(|m| pb::ModuleStatus {
-            name: m.name.clone(),
-            version: m.version.clone(),
-            phase: m.phase.as_str().to_string(),
-            health: m.health.as_str().to_string(),
-            message: m.message.clone(),
-            staged_version: m.staged_version.clone(),
-            previous_version: m.previous_version.clone(),
-            restarts: m.restarts,
-            crash_loop: m.crash_loop,
-            metrics: m.metrics.map(|w| pb::ModuleMetrics {
-                request_rate: w.request_rate,
-                error_rate: w.error_rate,
-                latency_p99_seconds: w.latency_p99_seconds,
-                interval_seconds: 0.0,
-            }),
-            pid: m.pid,
-            settling_versions: m.settling.clone(),
-            failure_kind: m
-                .failure_kind
-                .map(|k| k.as_str().to_string())
-                .unwrap_or_default(),
-        })
-        .collect();
-    pb::AgentMessage {
-        msg: Some(AgentMsg::Status(pb::StatusReport {
-            modules,
-            observed_generation: report.observed_generation,
-            desired_generation: report.desired_generation,
-            usage: report.usage.map(|u| pb::NodeUsage {
-                cpu_percent: u.cpu_percent,
-                memory_used_bytes: u.memory_used_bytes,
-                memory_total_bytes: u.memory_total_bytes,
-            }),
-        })),
-    }
-}
-
 fn retry(reason: impl Into<String>, established: bool) -> SessionEnd {
     SessionEnd::Retry {
         reason: reason.into(),
@@ -173,17 +90,14 @@ fn retry(reason: impl Into<String>, established: bool) -> SessionEnd {
     }
 }
 
-fn classify(status: &tonic::Status, established: bool) -> SessionEnd {
-    match status.code() {
-        Code::PermissionDenied | Code::Unauthenticated => SessionEnd::Fatal(format!(
+fn classify(error: &RpcError, established: bool) -> SessionEnd {
+    if error.is_identity_refused() {
+        return SessionEnd::Fatal(format!(
             "the control plane refused this node: {}; if the node was removed, delete the identity directory and enroll again with a new join token",
-            status.message()
-        )),
-        _ => retry(
-            format!("session failed: {}: {}", status.code(), status.message()),
-            established,
-        ),
+            error.message
+        ));
     }
+    retry(format!("session failed: {error}"), established)
 }
 
 pub async fn run_once(mut params: SessionParams<'_>) -> SessionEnd {
@@ -221,38 +135,31 @@ pub async fn run_once(mut params: SessionParams<'_>) -> SessionEnd {
         },
     };
 
-    let (tx, rx) = mpsc::channel(16);
-    let hello = pb::AgentMessage {
-        msg: Some(AgentMsg::Hello(pb::Hello {
-            node_id: identity.info.node_id.clone(),
-            name: identity.info.name.clone(),
-            labels: params.labels.clone().into_iter().collect(),
-            agent_version: hotswap_common::VERSION.to_string(),
-        })),
+    let connection = Connection::new(channel);
+    let hello = Hello {
+        node_id: identity.info.node_id.clone(),
+        name: identity.info.name.clone(),
+        labels: params.labels.clone(),
+        agent_version: hotswap_common::VERSION.to_string(),
     };
-    // Fresh channel: cannot be full.
-    let _ = tx.try_send(hello);
-    let mut client = pb::agent_session_client::AgentSessionClient::new(channel.clone());
     let opened = tokio::select! {
         _ = params.shutdown.cancelled() => return SessionEnd::Shutdown,
-        opened = client.session(ReceiverStream::new(rx)) => opened,
+        opened = connection.open_session(&hello) => opened,
     };
-    let mut inbound = match opened {
-        Ok(response) => response.into_inner(),
-        Err(status) => {
+    let mut session = match opened {
+        Ok(session) => session,
+        Err(error) => {
             params.metrics.rpc("session", "error");
-            return classify(&status, false);
+            return classify(&error, false);
         }
     };
 
     let welcome = tokio::select! {
         _ = params.shutdown.cancelled() => return SessionEnd::Shutdown,
-        first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()) => first,
+        first = tokio::time::timeout(WELCOME_TIMEOUT, session.next()) => first,
     };
     let welcome = match welcome {
-        Ok(Ok(Some(pb::ControlMessage {
-            msg: Some(ControlMsg::Welcome(welcome)),
-        }))) => welcome,
+        Ok(Ok(Some(Inbound::Welcome(welcome)))) => welcome,
         Ok(Ok(Some(_))) => {
             return retry(
                 "control plane sent something other than a welcome first",
@@ -260,9 +167,9 @@ pub async fn run_once(mut params: SessionParams<'_>) -> SessionEnd {
             );
         }
         Ok(Ok(None)) => return retry("control plane closed the session before its welcome", false),
-        Ok(Err(status)) => {
+        Ok(Err(error)) => {
             params.metrics.rpc("session", "error");
-            return classify(&status, false);
+            return classify(&error, false);
         }
         Err(_) => {
             return retry(
@@ -272,36 +179,33 @@ pub async fn run_once(mut params: SessionParams<'_>) -> SessionEnd {
         }
     };
     params.metrics.rpc("session", "ok");
-    let interval = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 3_600_000));
+    let interval = welcome.heartbeat_interval();
     let silence_limit = interval * SILENCE_INTERVALS;
     tracing::info!(node = %identity.info.node_id, heartbeat_ms = interval.as_millis() as u64, "session established");
     params.metrics.connected.set(1);
     params.readiness.set(true);
-    params.channel.send_replace(Some(channel.clone()));
+    params.channel.send_replace(Some(connection.clone()));
     if params.previous.take().is_some() {
         tracing::info!("session moved to the renewed certificate");
     }
 
-    let Some(end) = heartbeat_loop(&mut params, &tx, &mut inbound, interval, silence_limit).await
-    else {
+    let Some(end) = heartbeat_loop(&mut params, &mut session, interval, silence_limit).await else {
         return SessionEnd::Handover(Box::new(Handover {
-            _channel: channel,
-            _outbound: tx,
-            _inbound: inbound,
+            _connection: connection,
+            _session: session,
         }));
     };
     params.channel.send_replace(None);
     params.metrics.connected.set(0);
     params.readiness.set(false);
     // Dropping our half of the stream tells the control plane we are gone.
-    drop(tx);
+    drop(session);
     end
 }
 
 async fn heartbeat_loop(
     params: &mut SessionParams<'_>,
-    tx: &mpsc::Sender<pb::AgentMessage>,
-    inbound: &mut tonic::Streaming<pb::ControlMessage>,
+    session: &mut Session,
     interval: Duration,
     silence_limit: Duration,
 ) -> Option<SessionEnd> {
@@ -334,103 +238,45 @@ async fn heartbeat_loop(
                 if changed.is_err() {
                     return Some(SessionEnd::Shutdown);
                 }
-                let report = report_to_pb(&params.reports.borrow_and_update());
-                if tx.send(report).await.is_err() {
-                    return Some(retry("session stream closed", true));
+                let report = EncodedReport::new(&params.reports.borrow_and_update());
+                if let Err(closed) = session.send_report(report).await {
+                    return Some(retry(closed.to_string(), true));
                 }
             }
             _ = summary.tick() => {
-                let report = report_to_pb(&params.reports.borrow());
-                if tx.send(report).await.is_err() {
-                    return Some(retry("session stream closed", true));
+                let report = EncodedReport::new(&params.reports.borrow());
+                if let Err(closed) = session.send_report(report).await {
+                    return Some(retry(closed.to_string(), true));
                 }
             }
             _ = ticker.tick() => {
                 seq += 1;
-                let heartbeat = pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { seq })) };
-                if tx.send(heartbeat).await.is_err() {
-                    return Some(retry("session stream closed", true));
+                if let Err(StreamClosed) = session.send_heartbeat(seq).await {
+                    return Some(retry(StreamClosed.to_string(), true));
                 }
                 params.metrics.heartbeats_sent.inc();
             }
-            message = inbound.message() => match message {
+            message = session.next() => match message {
                 Ok(None) => return Some(retry("control plane closed the session", true)),
-                Err(status) => return Some(classify(&status, true)),
+                Err(error) => return Some(classify(&error, true)),
                 Ok(Some(message)) => {
                     silent_at = tokio::time::Instant::now() + silence_limit;
-                    match message.msg {
-                        Some(ControlMsg::HeartbeatAck(_)) => {}
-                        Some(ControlMsg::Desired(desired)) => {
-                            let generation = desired.generation;
-                            match Desired::try_from(desired) {
-                                Ok(desired) => {
-                                    params.desired.send_replace(Some(desired));
-                                }
-                                // Keep converging to the last good state;
-                                // the control plane sends the next one on
-                                // its next change.
-                                Err(e) => tracing::error!(generation, error = %e, "desired state refused: malformed"),
-                            }
+                    match message {
+                        Inbound::HeartbeatAck => {}
+                        Inbound::Desired(desired) => {
+                            params.desired.send_replace(Some(desired));
                         }
-                        Some(ControlMsg::Welcome(_)) => tracing::debug!("ignoring a repeated welcome"),
-                        None => tracing::debug!("ignoring an empty control message"),
+                        // Keep converging to the last good state; the
+                        // control plane sends the next one on its next
+                        // change.
+                        Inbound::MalformedDesired { generation, error } => {
+                            tracing::error!(generation, error = %error, "desired state refused: malformed");
+                        }
+                        Inbound::Welcome(_) => tracing::debug!("ignoring a repeated welcome"),
+                        Inbound::Empty => tracing::debug!("ignoring an empty control message"),
                     }
                 }
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn module(name: &str, version: &str, staged_version: &str) -> pb::DesiredModule {
-        pb::DesiredModule {
-            name: name.into(),
-            version: version.into(),
-            staged_version: staged_version.into(),
-            traceparent: String::new(),
-        }
-    }
-
-    fn desired(modules: Vec<pb::DesiredModule>) -> Result<Desired, String> {
-        Desired::try_from(pb::DesiredState {
-            generation: 3,
-            modules,
-            min_signatures: 2,
-        })
-        .map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn a_desired_state_converts_or_names_the_bad_field() {
-        let ok = desired(vec![
-            module("web", "1.0.0", ""),
-            module("db", "", "2.0.0-rc.1"),
-        ])
-        .expect("valid");
-        assert_eq!((ok.generation, ok.min_signatures), (3, 2));
-        assert_eq!(ok.modules["db"].staged_version, "2.0.0-rc.1");
-
-        let err = desired(vec![
-            module("web", "1.0.0", ""),
-            module("../etc", "1.0.0", ""),
-        ])
-        .expect_err("bad name");
-        assert!(
-            err.starts_with("modules[1].name: module name \"../etc\" is invalid"),
-            "{err}"
-        );
-        let err = desired(vec![module("web", "latest", "")]).expect_err("bad version");
-        assert!(
-            err.starts_with("modules[0].version: \"latest\" is not semver"),
-            "{err}"
-        );
-        let err = desired(vec![module("web", "", "x")]).expect_err("bad staged");
-        assert!(err.starts_with("modules[0].staged_version: "), "{err}");
-        let err = desired(vec![module("web", "1.0.0", ""), module("web", "2.0.0", "")])
-            .expect_err("repeated");
-        assert_eq!(err, "modules[1].name: module \"web\" is listed twice");
     }
 }

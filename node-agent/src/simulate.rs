@@ -22,21 +22,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use hotswap_common::artifact::Digest;
 use hotswap_common::labels::Labels;
-use hotswap_common::pb;
-use hotswap_common::pb::agent_message::Msg as AgentMsg;
-use hotswap_common::pb::control_message::Msg as ControlMsg;
-use hotswap_common::pki;
-use hotswap_common::status::{Health, ModuleMetrics, ModuleStatus, Phase};
-use hotswap_common::tls::{
-    self, ChannelOptions, ClientIdentity, ControlPlaneUrl, PinnedCa, ServerTrust,
-};
+use hotswap_common::status::{Health, Phase};
+use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, ControlPlaneUrl, ServerTrust};
 use rand::Rng;
-
-use crate::backoff::Backoff;
 use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+
+use crate::artifacts::{
+    ArtifactSource, ContentStream as _, SourceError, WrongArtifact, check_identity,
+};
+use crate::backoff::Backoff;
+use crate::control_plane::{
+    self, Connection, EncodedReport, EnrollError, Enrollment, Hello, Inbound,
+};
+use crate::report::{AgentReport, ModuleReport};
+use crate::scrape::Window;
+use crate::state::Desired;
+use crate::sysinfo::NodeUsage;
 
 /// What `simulate` was asked to do.
 #[derive(Clone, Debug)]
@@ -72,83 +76,107 @@ pub struct SimConfig {
 /// Largest artifact a simulated agent fetches into memory.
 const MAX_FETCH_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Fetch `name@version` over `channel` and verify it as an agent does:
+/// Why a simulated install's fetch failed; the module reports it as failed.
+#[derive(Debug, thiserror::Error)]
+enum SimFetchError {
+    #[error("{what}: {message}")]
+    Source { what: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}: {size} bytes is over the simulator's limit")]
+    TooLarge { what: String, size: u64 },
+    #[error("cannot read the trusted keys: {0}")]
+    TrustedKeys(String),
+    #[error("trusted key {name:?} is unreadable: {reason}")]
+    UnreadableKey { name: String, reason: String },
+    #[error("{what}: transfer interrupted: {message}")]
+    Interrupted { what: String, message: String },
+    #[error("{what}: chunk at an unexpected offset or past the end")]
+    BadChunk { what: String },
+    #[error("{what}: content does not match digest {digest}")]
+    DigestMismatch { what: String, digest: Digest },
+    /// The artifact does not check out (manifest or signatures).
+    #[error("{what}: {reason}")]
+    Rejected { what: String, reason: String },
+    #[error(transparent)]
+    WrongArtifact(#[from] WrongArtifact),
+}
+
+/// Fetch `name@version` over `connection` and verify it as an agent does:
 /// content digest, then the signatures against the control plane's
 /// non-revoked keys; in memory, nothing kept. Returns the content size.
 async fn fetch_verified(
-    channel: tonic::transport::Channel,
+    connection: Connection,
     name: String,
     version: String,
-) -> Result<u64, String> {
-    use hotswap_common::artifact::format::{Digest, content_info};
+) -> Result<u64, SimFetchError> {
+    use hotswap_common::artifact::format::content_info;
     use hotswap_common::artifact::keys::{self, TrustSet};
     let what = format!("artifact {name}@{version}");
-    let mut client = pb::artifacts_client::ArtifactsClient::new(channel);
-    let descriptor = client
-        .describe_artifact(pb::DescribeArtifactRequest {
-            name: name.clone(),
-            version: version.clone(),
-        })
+    let source = |e: SourceError| SimFetchError::Source {
+        what: what.clone(),
+        message: e.message().to_string(),
+    };
+    let descriptor = connection
+        .describe(&name, &version)
         .await
-        .map_err(|s| format!("{what}: {}", s.message()))?
-        .into_inner();
+        .map_err(|e| match e {
+            SourceError::Invalid(message) => SimFetchError::Invalid(message),
+            e => source(e),
+        })?;
     if descriptor.size > MAX_FETCH_BYTES {
-        return Err(format!(
-            "{what}: {} bytes is over the simulator's limit",
-            descriptor.size
-        ));
+        return Err(SimFetchError::TooLarge {
+            what,
+            size: descriptor.size,
+        });
     }
-    let digest = Digest::parse(&descriptor.digest).map_err(|e| format!("{what}: {e}"))?;
+    let digest = descriptor.digest;
     let mut trust = TrustSet::new();
-    let listed = client
-        .list_keys(pb::ListKeysRequest {})
+    let listed = connection
+        .trusted_keys()
         .await
-        .map_err(|s| format!("cannot read the trusted keys: {}", s.message()))?
-        .into_inner();
-    for key in listed.keys.into_iter().filter(|k| k.revoked_at.is_none()) {
-        let public = keys::parse_public_key(&key.public_key_pem)
-            .map_err(|e| format!("trusted key {:?} is unreadable: {e}", key.name))?;
+        .map_err(|e| SimFetchError::TrustedKeys(e.message().to_string()))?;
+    for key in listed {
+        let public = keys::parse_public_key(&key.public_key_pem).map_err(|reason| {
+            SimFetchError::UnreadableKey {
+                name: key.name.clone(),
+                reason,
+            }
+        })?;
         trust.add(&key.name, public);
     }
     let mut content = Vec::with_capacity(descriptor.size as usize);
-    let mut stream = client
-        .fetch_artifact(pb::FetchArtifactRequest {
-            digest: digest.to_string(),
-            offset: 0,
-        })
-        .await
-        .map_err(|s| format!("{what}: {}", s.message()))?
-        .into_inner();
+    let mut stream = connection.content(&digest, 0).await.map_err(source)?;
     while let Some(chunk) = stream
-        .message()
+        .next_chunk()
         .await
-        .map_err(|s| format!("{what}: transfer interrupted: {}", s.message()))?
+        .map_err(|e| SimFetchError::Interrupted {
+            what: what.clone(),
+            message: e.message().to_string(),
+        })?
     {
         if chunk.offset != content.len() as u64
             || content.len() as u64 + chunk.data.len() as u64 > descriptor.size
         {
-            return Err(format!(
-                "{what}: chunk at an unexpected offset or past the end"
-            ));
+            return Err(SimFetchError::BadChunk { what });
         }
         content.extend_from_slice(&chunk.data);
     }
     if Digest::of(&content) != digest {
-        return Err(format!("{what}: content does not match digest {digest}"));
+        return Err(SimFetchError::DigestMismatch { what, digest });
     }
     // The digest was just checked over these bytes: parse the manifest and
     // check the signatures without hashing the content again.
-    let signatures = hotswap_common::convert::signatures_from_pb(&descriptor.signatures, &what)?;
-    let info = content_info(&content, digest, signatures).map_err(|e| format!("{what}: {e}"))?;
-    if info.manifest.name != name || info.manifest.version.to_string() != version {
-        return Err(format!(
-            "asked for {name}@{version} but the artifact is {}",
-            info.module()
-        ));
-    }
+    let signatures = descriptor.signatures.map_err(SimFetchError::Invalid)?;
+    let rejected = |reason: String| SimFetchError::Rejected {
+        what: what.clone(),
+        reason,
+    };
+    let info = content_info(&content, digest, signatures).map_err(|e| rejected(e.to_string()))?;
+    check_identity(&info, &name, &version)?;
     trust
         .verify(&info, hotswap_common::timefmt::now_ms())
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| rejected(e.to_string()))?;
     Ok(content.len() as u64)
 }
 
@@ -195,56 +223,34 @@ struct SimIdentity {
     client: Arc<rustls::ClientConfig>,
 }
 
+/// A `--source-addrs` value that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceAddrsError(String);
+
 /// Parse `--source-addrs`: a list, or a range like `127.0.0.2-127.0.0.40`.
-pub fn parse_source_addrs(text: &str) -> Result<Vec<IpAddr>, String> {
+pub fn parse_source_addrs(text: &str) -> Result<Vec<IpAddr>, SourceAddrsError> {
     let mut out = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
             Some((from, to)) => {
                 let parse = |s: &str| {
                     s.parse::<std::net::Ipv4Addr>()
-                        .map_err(|e| format!("{s:?} is not an IPv4 address: {e}"))
+                        .map_err(|e| SourceAddrsError(format!("{s:?} is not an IPv4 address: {e}")))
                 };
                 let (from, to) = (u32::from(parse(from)?), u32::from(parse(to)?));
                 if to < from || to - from > 65_535 {
-                    return Err(format!("bad address range {part:?}"));
+                    return Err(SourceAddrsError(format!("bad address range {part:?}")));
                 }
                 out.extend((from..=to).map(|a| IpAddr::from(std::net::Ipv4Addr::from(a))));
             }
-            None => out.push(
-                part.parse()
-                    .map_err(|e| format!("{part:?} is not an IP address: {e}"))?,
-            ),
+            None => out
+                .push(part.parse().map_err(|e| {
+                    SourceAddrsError(format!("{part:?} is not an IP address: {e}"))
+                })?),
         }
     }
     Ok(out)
-}
-
-/// Why an enrollment attempt failed, which decides what happens next.
-#[derive(Debug, PartialEq)]
-enum EnrollFailure {
-    /// Retrying cannot help (bad token, bad request, local error): give up.
-    Fatal(String),
-    /// The control plane's enrollment rate limit refused the attempt: retry
-    /// after a backoff, counted apart from other failures.
-    RateLimited(String),
-    /// Anything else (connection, control plane unavailable): retry after a
-    /// backoff.
-    Transient(String),
-}
-
-impl EnrollFailure {
-    fn of_status(name: &str, status: &tonic::Status) -> Self {
-        let message = format!("enroll {name}: {}", status.message());
-        match status.code() {
-            tonic::Code::ResourceExhausted => Self::RateLimited(message),
-            tonic::Code::Unauthenticated
-            | tonic::Code::InvalidArgument
-            | tonic::Code::AlreadyExists
-            | tonic::Code::PermissionDenied => Self::Fatal(message),
-            _ => Self::Transient(message),
-        }
-    }
 }
 
 /// First retry of a failed enrollment after 250-500 ms, then twice as long
@@ -280,18 +286,18 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
                 drop(permit);
                 match result {
                     Ok(identity) => break identity,
-                    Err(EnrollFailure::Fatal(message)) => {
-                        stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(agent = i, error = %message, "simulated agent cannot enroll");
-                        return;
-                    }
-                    Err(EnrollFailure::RateLimited(message)) => {
+                    Err(error) if error.is_rate_limited() => {
                         stats.enroll_rate_limited.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(agent = i, error = %message, attempt = backoff.attempts() + 1, "enrollment rate-limited; backing off");
+                        tracing::debug!(agent = i, error = %error, attempt = backoff.attempts() + 1, "enrollment rate-limited; backing off");
                     }
-                    Err(EnrollFailure::Transient(message)) => {
+                    Err(error) if error.is_transient() => {
                         stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(agent = i, error = %message, attempt = backoff.attempts() + 1, "enrollment failed; backing off");
+                        tracing::debug!(agent = i, error = %error, attempt = backoff.attempts() + 1, "enrollment failed; backing off");
+                    }
+                    Err(error) => {
+                        stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(agent = i, error = %error, "simulated agent cannot enroll");
+                        return;
                     }
                 }
                 let delay = backoff.next_delay(rand::rng().random::<f64>());
@@ -307,48 +313,58 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
     while tasks.join_next().await.is_some() {}
 }
 
+/// Why a simulated agent did not enroll.
+#[derive(Debug, thiserror::Error)]
+enum SimEnrollError {
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
+    #[error("enrolled, but the identity is unusable: {0}")]
+    Identity(String),
+}
+
+impl SimEnrollError {
+    fn is_rate_limited(&self) -> bool {
+        matches!(self, SimEnrollError::Enroll(e) if e.is_rate_limited())
+    }
+
+    fn is_transient(&self) -> bool {
+        matches!(self, SimEnrollError::Enroll(e) if e.is_transient())
+    }
+}
+
+/// Enroll agent `index` the way the real agent does (the same call and
+/// checks), from its own source address.
 async fn enroll(
     config: &SimConfig,
     index: usize,
     source: Option<IpAddr>,
-) -> Result<SimIdentity, EnrollFailure> {
+) -> Result<SimIdentity, SimEnrollError> {
     let name = format!("{}-{index:05}", config.name_prefix);
-    let (csr_pem, key_pem) =
-        pki::generate_csr(&name).map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
-    let pinned = tls::client_config(
-        ServerTrust::Pinned(PinnedCa::new(config.ca_fingerprint)),
-        None,
-    )
-    .map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
     let options = ChannelOptions {
         keepalive_interval: None,
         local_addr: source,
         ..ChannelOptions::default()
     };
-    let channel = tls::connect(&config.control_plane, pinned, &options)
-        .await
-        .map_err(|e| EnrollFailure::Transient(format!("connect: {e}")))?;
-    let response = pb::enrollment_client::EnrollmentClient::new(channel)
-        .enroll(pb::EnrollRequest {
-            join_token: config.join_token.clone(),
-            csr_pem,
-            name: name.clone(),
-            labels: config.labels.clone().into_iter().collect(),
-            agent_version: format!("{}-sim", hotswap_common::VERSION),
-        })
-        .await
-        .map_err(|s| EnrollFailure::of_status(&name, &s))?
-        .into_inner();
+    let enrolled = control_plane::enroll(&Enrollment {
+        url: &config.control_plane,
+        options: &options,
+        join_token: &config.join_token,
+        ca_fingerprint: config.ca_fingerprint,
+        name: &name,
+        labels: &config.labels,
+        agent_version: format!("{}-sim", hotswap_common::VERSION),
+    })
+    .await?;
     let client = tls::client_config(
-        ServerTrust::Ca(response.ca_certificate_pem),
+        ServerTrust::Ca(enrolled.ca_certificate_pem),
         Some(ClientIdentity {
-            cert_pem: &response.certificate_pem,
-            key_pem: &key_pem,
+            cert_pem: &enrolled.certificate_pem,
+            key_pem: &enrolled.key_pem,
         }),
     )
-    .map_err(|e| EnrollFailure::Fatal(e.to_string()))?;
+    .map_err(|e| SimEnrollError::Identity(e.to_string()))?;
     Ok(SimIdentity {
-        node_id: response.node_id,
+        node_id: enrolled.node_id,
         name,
         client,
     })
@@ -370,23 +386,21 @@ struct SimModule {
 /// Apply a desired state to the simulated modules; returns whether anything changed.
 fn apply_desired(
     modules: &mut BTreeMap<String, SimModule>,
-    desired: &pb::DesiredState,
+    desired: &Desired,
     latency: Duration,
     now: tokio::time::Instant,
 ) -> bool {
     let mut changed = false;
-    for want in &desired.modules {
-        let m = modules
-            .entry(want.name.clone())
-            .or_insert_with(|| SimModule {
-                version: String::new(),
-                previous: String::new(),
-                staged: String::new(),
-                phase: Phase::Installing,
-                health: Health::Unknown,
-                message: String::new(),
-                ready_at: None,
-            });
+    for (name, want) in &desired.modules {
+        let m = modules.entry(name.clone()).or_insert_with(|| SimModule {
+            version: String::new(),
+            previous: String::new(),
+            staged: String::new(),
+            phase: Phase::Installing,
+            health: Health::Unknown,
+            message: String::new(),
+            ready_at: None,
+        });
         if !want.staged_version.is_empty() && m.staged != want.staged_version {
             m.staged = want.staged_version.clone();
             changed = true;
@@ -407,7 +421,7 @@ fn apply_desired(
         }
     }
     let before = modules.len();
-    modules.retain(|name, _| desired.modules.iter().any(|w| &w.name == name));
+    modules.retain(|name, _| desired.modules.contains_key(name));
     changed || modules.len() != before
 }
 
@@ -415,49 +429,43 @@ fn report(
     modules: &BTreeMap<String, SimModule>,
     generation: u64,
     config: &SimConfig,
-) -> pb::AgentMessage {
+) -> AgentReport {
     let converged = modules.values().all(|m| m.ready_at.is_none());
-    pb::AgentMessage {
-        msg: Some(AgentMsg::Status(pb::StatusReport {
-            modules: modules
-                .iter()
-                .map(|(name, m)| {
-                    let status = ModuleStatus {
-                        name: name.clone(),
-                        version: m.version.clone(),
-                        phase: m.phase,
-                        health: m.health,
-                        message: m.message.clone(),
-                        staged_version: m.staged.clone(),
-                        previous_version: m.previous.clone(),
-                        metrics: (m.phase == Phase::Running).then(|| ModuleMetrics {
-                            request_rate: 100.0,
-                            error_rate: if m.health == Health::Healthy {
-                                config.error_rate
-                            } else {
-                                1.0
-                            },
-                            latency_p99_seconds: Some(config.latency_p99.as_secs_f64()),
-                        }),
-                        // Simulated swaps are instant and never fail on the
-                        // node: nothing settles, no failure class.
-                        ..Default::default()
-                    };
-                    let mut wire = pb::ModuleStatus::from(&status);
-                    if let Some(w) = wire.metrics.as_mut() {
-                        w.interval_seconds = 5.0;
-                    }
-                    wire
-                })
-                .collect(),
-            observed_generation: if converged { generation } else { 0 },
-            usage: Some(pb::NodeUsage {
-                cpu_percent: 5.0,
-                memory_used_bytes: 256 << 20,
-                memory_total_bytes: 4 << 30,
-            }),
-            desired_generation: generation,
-        })),
+    AgentReport {
+        modules: modules
+            .iter()
+            .map(|(name, m)| ModuleReport {
+                name: name.clone(),
+                version: m.version.clone(),
+                phase: m.phase,
+                health: m.health,
+                message: m.message.clone(),
+                staged_version: m.staged.clone(),
+                previous_version: m.previous.clone(),
+                restarts: 0,
+                crash_loop: false,
+                metrics: (m.phase == Phase::Running).then(|| Window {
+                    request_rate: 100.0,
+                    error_rate: if m.health == Health::Healthy {
+                        config.error_rate
+                    } else {
+                        1.0
+                    },
+                    latency_p99_seconds: Some(config.latency_p99.as_secs_f64()),
+                }),
+                pid: 0,
+                // Simulated swaps are instant and never fail on the node.
+                settling: Vec::new(),
+                failure_kind: None,
+            })
+            .collect(),
+        observed_generation: if converged { generation } else { 0 },
+        usage: Some(NodeUsage {
+            cpu_percent: 5.0,
+            memory_used_bytes: 256 << 20,
+            memory_total_bytes: 4 << 30,
+        }),
+        desired_generation: generation,
     }
 }
 
@@ -517,29 +525,18 @@ async fn session(
     else {
         return false;
     };
-    let (tx, rx) = mpsc::channel(8);
-    let hello = pb::AgentMessage {
-        msg: Some(AgentMsg::Hello(pb::Hello {
-            node_id: identity.node_id.clone(),
-            name: identity.name.clone(),
-            labels: config.labels.clone().into_iter().collect(),
-            agent_version: format!("{}-sim", hotswap_common::VERSION),
-        })),
+    let channel = Connection::new(channel);
+    let hello = Hello {
+        node_id: identity.node_id.clone(),
+        name: identity.name.clone(),
+        labels: config.labels.clone(),
+        agent_version: format!("{}-sim", hotswap_common::VERSION),
     };
-    if tx.send(hello).await.is_err() {
-        return false;
-    }
-    let Ok(response) = pb::agent_session_client::AgentSessionClient::new(channel.clone())
-        .session(ReceiverStream::new(rx))
-        .await
-    else {
+    let Ok(mut session) = channel.open_session(&hello).await else {
         return false;
     };
-    let mut inbound = response.into_inner();
-    let interval = match inbound.message().await {
-        Ok(Some(pb::ControlMessage {
-            msg: Some(ControlMsg::Welcome(w)),
-        })) => Duration::from_millis(w.heartbeat_interval_ms.clamp(100, 3_600_000)),
+    let interval = match session.next().await {
+        Ok(Some(Inbound::Welcome(welcome))) => welcome.heartbeat_interval(),
         _ => return false,
     };
     stats.sessions.fetch_add(1, Ordering::Relaxed);
@@ -565,7 +562,8 @@ async fn session(
     let mut seq = 0u64;
     let mut dirty = true;
     // Results of real fetches (`--fetch`): module, version, outcome.
-    let (fetched_tx, mut fetched_rx) = mpsc::channel::<(String, String, Result<u64, String>)>(4);
+    let (fetched_tx, mut fetched_rx) =
+        mpsc::channel::<(String, String, Result<u64, SimFetchError>)>(4);
     let start_fetches = |modules: &mut BTreeMap<String, SimModule>| {
         if !config.fetch {
             return;
@@ -586,7 +584,8 @@ async fn session(
         if dirty {
             dirty = false;
             stats.reports.fetch_add(1, Ordering::Relaxed);
-            if tx.send(report(modules, *generation, config)).await.is_err() {
+            let report = EncodedReport::new(&report(modules, *generation, config));
+            if session.send_report(report).await.is_err() {
                 return true;
             }
         }
@@ -601,8 +600,7 @@ async fn session(
             _ = beat.tick() => {
                 seq += 1;
                 stats.heartbeats.fetch_add(1, Ordering::Relaxed);
-                let heartbeat = pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { seq })) };
-                if tx.send(heartbeat).await.is_err() {
+                if session.send_heartbeat(seq).await.is_err() {
                     return true;
                 }
             }
@@ -631,7 +629,7 @@ async fn session(
                             stats.fetch_failures.fetch_add(1, Ordering::Relaxed);
                             m.phase = Phase::Failed;
                             m.health = Health::Unhealthy;
-                            m.message = e;
+                            m.message = e.to_string();
                         }
                     }
                     dirty = true;
@@ -661,8 +659,8 @@ async fn session(
                     }
                 }
             }
-            message = inbound.message() => match message {
-                Ok(Some(pb::ControlMessage { msg: Some(ControlMsg::Desired(desired)) })) => {
+            message = session.next() => match message {
+                Ok(Some(Inbound::Desired(desired))) => {
                     *generation = desired.generation;
                     apply_desired(modules, &desired, config.install_latency, tokio::time::Instant::now());
                     start_fetches(modules);
@@ -696,27 +694,6 @@ mod tests {
         assert!(parse_source_addrs("127.0.0.9-127.0.0.1").is_err());
         assert!(parse_source_addrs("x").is_err());
         assert!(parse_source_addrs("").expect("empty").is_empty());
-    }
-
-    #[test]
-    fn enrollment_failures_are_sorted_by_status_code() {
-        use tonic::{Code, Status};
-        let of = |code| EnrollFailure::of_status("sim-00001", &Status::new(code, "why"));
-        assert_eq!(
-            of(Code::ResourceExhausted),
-            EnrollFailure::RateLimited("enroll sim-00001: why".into())
-        );
-        for code in [
-            Code::Unauthenticated,
-            Code::InvalidArgument,
-            Code::AlreadyExists,
-            Code::PermissionDenied,
-        ] {
-            assert!(matches!(of(code), EnrollFailure::Fatal(_)), "{code:?}");
-        }
-        for code in [Code::Unavailable, Code::Internal, Code::DeadlineExceeded] {
-            assert!(matches!(of(code), EnrollFailure::Transient(_)), "{code:?}");
-        }
     }
 
     #[test]
@@ -756,14 +733,16 @@ mod tests {
     fn desired_state_drives_simulated_modules() {
         let now = tokio::time::Instant::now();
         let mut modules = BTreeMap::new();
-        let want = |version: &str, staged: &str| pb::DesiredState {
+        let want = |version: &str, staged: &str| Desired {
             generation: 1,
-            modules: vec![pb::DesiredModule {
-                name: "web".into(),
-                version: version.into(),
-                staged_version: staged.into(),
-                traceparent: String::new(),
-            }],
+            modules: BTreeMap::from([(
+                "web".to_string(),
+                crate::state::DesiredModule {
+                    version: version.into(),
+                    staged_version: staged.into(),
+                    traceparent: String::new(),
+                },
+            )]),
             min_signatures: 1,
         };
         assert!(apply_desired(
@@ -798,9 +777,9 @@ mod tests {
             (m.version.as_str(), m.previous.as_str(), m.staged.as_str()),
             ("2.0.0", "1.0.0", "")
         );
-        let empty = pb::DesiredState {
+        let empty = Desired {
             generation: 2,
-            modules: vec![],
+            modules: BTreeMap::new(),
             min_signatures: 1,
         };
         assert!(apply_desired(&mut modules, &empty, Duration::ZERO, now));

@@ -4,7 +4,7 @@
 //! started, and what it was asked to run even if the control plane is down.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use hotswap_common::fsutil;
 use serde::{Deserialize, Serialize};
@@ -51,22 +51,44 @@ pub struct AgentState {
     pub modules: BTreeMap<String, ModuleRecord>,
 }
 
+/// Why `state.json` could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{} is corrupt: {source}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 impl AgentState {
-    pub fn load(data_dir: &Path) -> Result<Self, String> {
+    pub fn load(data_dir: &Path) -> Result<Self, StateError> {
         let path = data_dir.join("state.json");
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{} is corrupt: {e}", path.display())),
+                .map_err(|source| StateError::Corrupt { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            Err(source) => Err(StateError::Read { path, source }),
         }
     }
 
-    pub fn save(&self, data_dir: &Path) -> Result<(), String> {
+    pub fn save(&self, data_dir: &Path) -> Result<(), StateError> {
         let path = data_dir.join("state.json");
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        let bytes = serde_json::to_vec_pretty(self).map_err(StateError::Encode)?;
         fsutil::write_atomic(&path, &bytes, fsutil::PUBLIC_FILE_MODE)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            .map_err(|source| StateError::Write { path, source })
     }
 }
 
@@ -101,6 +123,7 @@ mod tests {
         assert!(
             AgentState::load(dir.path())
                 .expect_err("corrupt")
+                .to_string()
                 .contains("corrupt")
         );
     }

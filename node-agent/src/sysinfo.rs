@@ -36,7 +36,7 @@ impl CpuSampler {
     }
 
     /// CPU usage since the previous sample, and memory now.
-    pub fn sample(&mut self) -> Result<NodeUsage, String> {
+    pub fn sample(&mut self) -> Result<NodeUsage, SysinfoError> {
         let current = parse_proc_stat(&read("/proc/stat")?)?;
         let cpu_percent = cpu_percent(self.previous, current);
         self.previous = current;
@@ -72,7 +72,7 @@ fn cpu_percent(previous: (u64, u64), current: (u64, u64)) -> f64 {
 /// Idle includes iowait: a CPU waiting for I/O is free to run other work.
 /// Total is user..steal; guest and guest_nice are left out because the
 /// kernel already counts them in user and nice.
-pub fn parse_proc_stat(text: &str) -> Result<(u64, u64), String> {
+pub fn parse_proc_stat(text: &str) -> Result<(u64, u64), SysinfoError> {
     let line = text
         .lines()
         .find(|line| line.starts_with("cpu "))
@@ -89,10 +89,10 @@ pub fn parse_proc_stat(text: &str) -> Result<(u64, u64), String> {
     // user nice system idle are there since forever; later fields were added
     // by newer kernels and count as 0 when missing.
     if fields.len() < 4 {
-        return Err(format!(
+        return Err(SysinfoError::Malformed(format!(
             "/proc/stat: the cpu line has {} fields, expected at least 4",
             fields.len()
-        ));
+        )));
     }
     let field = |i: usize| fields.get(i).copied().unwrap_or(0);
     let idle = field(3).saturating_add(field(4));
@@ -103,7 +103,7 @@ pub fn parse_proc_stat(text: &str) -> Result<(u64, u64), String> {
 /// `(used, total)` bytes from `/proc/meminfo`, used = MemTotal -
 /// MemAvailable. Kernels older than 3.14 have no MemAvailable; there the
 /// classic estimate MemFree + Buffers + Cached stands in for it.
-pub fn parse_meminfo(text: &str) -> Result<(u64, u64), String> {
+pub fn parse_meminfo(text: &str) -> Result<(u64, u64), SysinfoError> {
     let mut total = None;
     let mut available = None;
     let (mut free, mut buffers, mut cached) = (None, None, None);
@@ -127,14 +127,21 @@ pub fn parse_meminfo(text: &str) -> Result<(u64, u64), String> {
         (None, Some(free)) => free
             .saturating_add(buffers.unwrap_or(0))
             .saturating_add(cached.unwrap_or(0)),
-        (None, None) => return Err("/proc/meminfo has neither MemAvailable nor MemFree".into()),
+        (None, None) => {
+            return Err("/proc/meminfo has neither MemAvailable nor MemFree".into());
+        }
     };
     Ok((total.saturating_sub(available), total))
 }
 
 /// A meminfo value like `  16314092 kB`, in bytes.
-fn parse_kib(key: &str, value: &str) -> Result<u64, String> {
-    let invalid = || format!("/proc/meminfo: invalid {key} value {:?}", value.trim());
+fn parse_kib(key: &str, value: &str) -> Result<u64, SysinfoError> {
+    let invalid = || {
+        SysinfoError::Malformed(format!(
+            "/proc/meminfo: invalid {key} value {:?}",
+            value.trim()
+        ))
+    };
     let mut parts = value.split_ascii_whitespace();
     let number: u64 = parts
         .next()
@@ -150,19 +157,19 @@ fn parse_kib(key: &str, value: &str) -> Result<u64, String> {
 /// Resident memory (bytes) and total CPU time (user + system, in clock
 /// ticks) of one process, from `/proc/<pid>/stat` and `/proc/<pid>/statm`.
 /// Used per module process.
-pub fn process_usage(pid: u32) -> Result<(u64, u64), String> {
+pub fn process_usage(pid: u32) -> Result<(u64, u64), SysinfoError> {
     let dir = Path::new("/proc").join(pid.to_string());
-    let ticks =
-        parse_pid_stat(&read(dir.join("stat"))?).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    let ticks = parse_pid_stat(&read(dir.join("stat"))?)
+        .map_err(|e| SysinfoError::Malformed(format!("/proc/{pid}/stat: {e}")))?;
     let resident = parse_statm(&read(dir.join("statm"))?, page_size())
-        .map_err(|e| format!("/proc/{pid}/statm: {e}"))?;
+        .map_err(|e| SysinfoError::Malformed(format!("/proc/{pid}/statm: {e}")))?;
     Ok((resident, ticks))
 }
 
 /// utime + stime (fields 14 and 15) of `/proc/<pid>/stat`. The command name
 /// (field 2) is in parentheses and may itself contain spaces and
 /// parentheses, so fields are counted from the last `)`.
-fn parse_pid_stat(text: &str) -> Result<u64, String> {
+fn parse_pid_stat(text: &str) -> Result<u64, SysinfoError> {
     let (_, after_comm) = text
         .rsplit_once(')')
         .ok_or("no closing parenthesis after the command name")?;
@@ -179,7 +186,7 @@ fn parse_pid_stat(text: &str) -> Result<u64, String> {
 }
 
 /// Resident set size in bytes: field 2 of `/proc/<pid>/statm`, in pages.
-fn parse_statm(text: &str, page_size: u64) -> Result<u64, String> {
+fn parse_statm(text: &str, page_size: u64) -> Result<u64, SysinfoError> {
     let pages = text
         .split_ascii_whitespace()
         .nth(1)
@@ -198,9 +205,37 @@ fn page_size() -> u64 {
     u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
 }
 
-fn read(path: impl AsRef<Path>) -> Result<String, String> {
+fn read(path: impl AsRef<Path>) -> Result<String, SysinfoError> {
     let path = path.as_ref();
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    std::fs::read_to_string(path).map_err(|source| SysinfoError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Why a `/proc` reading failed; the next sample tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum SysinfoError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The file does not read as its kernel documentation says.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl From<String> for SysinfoError {
+    fn from(reason: String) -> Self {
+        SysinfoError::Malformed(reason)
+    }
+}
+
+impl From<&str> for SysinfoError {
+    fn from(reason: &str) -> Self {
+        SysinfoError::Malformed(reason.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -236,16 +271,19 @@ procs_running 2
         assert!(
             parse_proc_stat("cpu0 1 2 3 4\n")
                 .unwrap_err()
+                .to_string()
                 .contains("no aggregate")
         );
         assert!(
             parse_proc_stat("cpu 1 2 x 4\n")
                 .unwrap_err()
+                .to_string()
                 .contains("invalid cpu field \"x\"")
         );
         assert!(
             parse_proc_stat("cpu 1 2 3\n")
                 .unwrap_err()
+                .to_string()
                 .contains("expected at least 4")
         );
     }
@@ -288,16 +326,19 @@ HugePages_Total:       0
         assert!(
             parse_meminfo("MemFree: 1 kB\n")
                 .unwrap_err()
+                .to_string()
                 .contains("no MemTotal")
         );
         assert!(
             parse_meminfo("MemTotal: 1 kB\n")
                 .unwrap_err()
+                .to_string()
                 .contains("neither MemAvailable nor MemFree")
         );
         assert!(
             parse_meminfo("MemTotal: lots kB\nMemAvailable: 1 kB\n")
                 .unwrap_err()
+                .to_string()
                 .contains("invalid MemTotal value \"lots kB\"")
         );
     }
@@ -309,11 +350,13 @@ HugePages_Total:       0
         assert!(
             parse_pid_stat("1234 (x) S 1 2 3\n")
                 .unwrap_err()
+                .to_string()
                 .contains("field 14 is missing")
         );
         assert!(
             parse_pid_stat("1234 no parens")
                 .unwrap_err()
+                .to_string()
                 .contains("no closing parenthesis")
         );
     }
@@ -349,7 +392,7 @@ HugePages_Total:       0
         // The test binary has run for a while, but may be under one tick.
         let _ = ticks;
 
-        let err = process_usage(u32::MAX).unwrap_err();
+        let err = process_usage(u32::MAX).unwrap_err().to_string();
         assert!(err.contains("/proc/4294967295/stat"), "{err}");
     }
 }

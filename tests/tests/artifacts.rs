@@ -351,7 +351,7 @@ fn pseudo_random(len: usize) -> Vec<u8> {
 }
 
 /// An enrolled node's identity, for calling the control plane as that node.
-fn node_channel(agent: &Agent, url: &str) -> tonic::transport::Channel {
+fn node_channel(agent: &Agent, url: &str) -> hotswap_agent::control_plane::Connection {
     let read = |f: &str| {
         std::fs::read_to_string(agent.data_dir.join("identity").join(f)).expect("identity")
     };
@@ -364,12 +364,13 @@ fn node_channel(agent: &Agent, url: &str) -> tonic::transport::Channel {
         }),
     )
     .expect("config");
-    tls::connect_lazy(
+    let channel = tls::connect_lazy(
         &ControlPlaneUrl::parse(url).expect("url"),
         config,
         &Default::default(),
     )
-    .expect("channel")
+    .expect("channel");
+    hotswap_agent::control_plane::Connection::new(channel)
 }
 
 fn enrolled_agent(dir: &TestDir, cp: &ControlPlane) -> Agent {

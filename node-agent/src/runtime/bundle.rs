@@ -12,6 +12,39 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ActivateError, base_env, resolve_program};
 
+/// Why a hook did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} did not finish within {}s", timeout.as_secs())]
+    Timeout { program: String, timeout: Duration },
+    #[error("waiting for {program}: {source}")]
+    Wait {
+        program: String,
+        source: std::io::Error,
+    },
+    /// The hook ran and failed; the end of what it wrote to stderr.
+    #[error("{program} exited with {status}: {stderr_tail}")]
+    Failed {
+        program: String,
+        status: std::process::ExitStatus,
+        stderr_tail: String,
+    },
+}
+
+/// Why deactivating a bundle did not go cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DeactivateError {
+    #[error("cannot remove current: {0}")]
+    Clear(std::io::Error),
+    #[error("deactivate hook failed: {0}")]
+    Hook(HookError),
+}
+
 /// Hooks that run longer than this are killed and count as failed.
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -90,13 +123,13 @@ pub async fn deactivate(
     version: &str,
     hook: Option<&[String]>,
     env: &[(String, String)],
-) -> Result<(), String> {
+) -> Result<(), DeactivateError> {
     let result = match hook {
         Some(hook) => run_hook(hook, &module_root.join(version), env, HOOK_TIMEOUT).await,
         None => Ok(()),
     };
-    clear(module_root).map_err(|e| format!("cannot remove current: {e}"))?;
-    result.map_err(|e| format!("deactivate hook failed: {e}"))
+    clear(module_root).map_err(DeactivateError::Clear)?;
+    result.map_err(DeactivateError::Hook)
 }
 
 /// Run a hook in `dir` with the SPEC environment; its output is logged.
@@ -105,7 +138,7 @@ pub async fn run_hook(
     dir: &Path,
     env: &[(String, String)],
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), HookError> {
     let program = resolve_program(&command[0], dir);
     let mut child = tokio::process::Command::new(&program)
         .args(&command[1..])
@@ -118,7 +151,10 @@ pub async fn run_hook(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
+        .map_err(|source| HookError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let output = async {
@@ -136,10 +172,17 @@ pub async fn run_hook(
         let (out, err) = output.await;
         (child.wait().await, out, err)
     };
-    let (status, out, err) = tokio::time::timeout(timeout, run)
-        .await
-        .map_err(|_| format!("{program} did not finish within {}s", timeout.as_secs()))?;
-    let status = status.map_err(|e| format!("waiting for {program}: {e}"))?;
+    let (status, out, err) =
+        tokio::time::timeout(timeout, run)
+            .await
+            .map_err(|_| HookError::Timeout {
+                program: program.clone(),
+                timeout,
+            })?;
+    let status = status.map_err(|source| HookError::Wait {
+        program: program.clone(),
+        source,
+    })?;
     let tail = |bytes: &[u8]| {
         let text = String::from_utf8_lossy(bytes);
         let trimmed = text.trim();
@@ -151,7 +194,11 @@ pub async fn run_hook(
     if status.success() {
         Ok(())
     } else {
-        Err(format!("{program} exited with {status}: {}", tail(&err)))
+        Err(HookError::Failed {
+            stderr_tail: tail(&err),
+            program,
+            status,
+        })
     }
 }
 
@@ -224,7 +271,8 @@ mod tests {
             Duration::from_millis(200),
         )
         .await
-        .expect_err("timeout");
+        .expect_err("timeout")
+        .to_string();
         assert!(err.contains("did not finish within"), "{err}");
         script(&v1, "fail.sh", "exit 1");
         activate(

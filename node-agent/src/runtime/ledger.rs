@@ -161,11 +161,11 @@ pub async fn stop_stray(entry: &Entry, pid: u32) -> String {
     let Ok(pidfd) = os::pidfd_open(pid) else {
         return "already gone".to_string();
     };
-    let exited = super::process::watch_pidfd_exit(&pidfd);
+    let exited = os::watch_pidfd_exit(&pidfd);
     let wait = |limit: Duration| {
         let exited = exited.clone();
         async move {
-            tokio::time::timeout(limit, super::process::wait_exited(exited))
+            tokio::time::timeout(limit, os::wait_exited(exited))
                 .await
                 .is_ok()
         }

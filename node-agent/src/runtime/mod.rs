@@ -106,16 +106,31 @@ pub fn resolve_program(program: &str, module_dir: &Path) -> String {
     }
 }
 
+/// A command's program that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error("{program}: {source}")]
+    Missing {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} is not an executable file")]
+    NotExecutable { program: String },
+}
+
 /// Check that a command's program exists and is executable (pre-check).
-pub fn check_program(program: &str, module_dir: &Path) -> Result<(), String> {
+pub fn check_program(program: &str, module_dir: &Path) -> Result<(), ProgramError> {
     use std::os::unix::fs::PermissionsExt;
     let resolved = resolve_program(program, module_dir);
     if !resolved.contains('/') {
         return Ok(()); // PATH lookup happens at exec time.
     }
-    let meta = std::fs::metadata(&resolved).map_err(|e| format!("{resolved}: {e}"))?;
+    let meta = std::fs::metadata(&resolved).map_err(|source| ProgramError::Missing {
+        program: resolved.clone(),
+        source,
+    })?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        return Err(format!("{resolved} is not an executable file"));
+        return Err(ProgramError::NotExecutable { program: resolved });
     }
     Ok(())
 }

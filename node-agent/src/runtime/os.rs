@@ -2,13 +2,14 @@
 //! that std does not offer: pidfds (signal and watch a process without pid
 //! reuse races, and take back its listening sockets after an agent restart),
 //! process start times from /proc, and listening sockets with the options a
-//! shared listener needs.
+//! shared listener needs, and waiting for a process to exit through its pidfd.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Socket, Type};
+use tokio::sync::watch;
 
 /// Bind a listening TCP socket the agent owns and hands to module processes.
 /// `SO_REUSEPORT` lets a restarted agent bind the address again should it
@@ -17,7 +18,7 @@ use socket2::{Domain, Socket, Type};
 /// that both set it). That is the one sharing the agent needs, between
 /// versions of one module: the kernel cannot tell it from two modules on one
 /// port, so callers claim the address in the node's
-/// [`ListenerBook`](super::listeners::ListenerBook) first, which refuses an
+/// `ListenerBook` (in the listeners module) first, which refuses an
 /// address another module holds.
 pub fn bind_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -103,6 +104,47 @@ pub fn signal_number(name: &str) -> i32 {
         "SIGKILL" => libc::SIGKILL,
         _ => libc::SIGTERM,
     }
+}
+
+/// Resolve when the watched process has exited, with how it ended.
+pub async fn wait_exited(mut exited: watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(how) = exited.borrow_and_update().clone() {
+            return how;
+        }
+        if exited.changed().await.is_err() {
+            return "exit watcher ended".to_string();
+        }
+    }
+}
+
+/// Watch an adopted (not our child) process for exit through its pidfd,
+/// which becomes readable when the process ends.
+pub fn watch_pidfd_exit(pidfd: &OwnedFd) -> watch::Receiver<Option<String>> {
+    let (tx, rx) = watch::channel(None);
+    let fd = match pidfd.try_clone() {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = tx.send(Some(format!("cannot watch: {e}")));
+            return rx;
+        }
+    };
+    tokio::spawn(async move {
+        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
+        // and refers to the same pidfd for the AsyncFd's whole life.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        let how = match registered {
+            Ok(async_fd) => match async_fd.readable().await {
+                Ok(_) => "exited (adopted process; exit status unknown)".to_string(),
+                Err(e) => format!("cannot watch: {e}"),
+            },
+            Err(e) => format!("cannot watch: {e}"),
+        };
+        let _ = tx.send(Some(how));
+    });
+    rx
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ledger::{self, Ledger};
 use super::listeners::{ListenerBook, conflict_message};
-use super::os;
+use super::os::{self, wait_exited, watch_pidfd_exit};
 use super::{ActivateError, Phase, base_env, is_node_trouble, resolve_program};
 use crate::health::{Health, HealthTracker, probe_once};
 use crate::scrape::{MetricNames, Sample, Window, scrape, window};
@@ -99,7 +99,24 @@ enum Request {
         CancellationToken,
         oneshot::Sender<Result<(), ActivateError>>,
     ),
-    Stop(oneshot::Sender<Result<(), String>>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// The supervisor task ended (the agent is shutting down).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("supervisor is gone")]
+pub struct SupervisorGone;
+
+/// Why a version did not become ready after it started.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum StartError {
+    #[error("exited during start ({0})")]
+    Exited(String),
+    #[error("not healthy within {}s: {last_error}", within.as_secs_f64())]
+    NotHealthy {
+        within: Duration,
+        last_error: String,
+    },
 }
 
 /// Handle to a module's supervisor task.
@@ -178,13 +195,13 @@ impl Supervisor {
     }
 
     /// Stop the module for good (it is no longer desired).
-    pub async fn stop(&self) -> Result<(), String> {
+    pub async fn stop(&self) -> Result<(), SupervisorGone> {
         let (tx, rx) = oneshot::channel();
         self.requests
             .send(Request::Stop(tx))
             .await
-            .map_err(|_| "supervisor is gone".to_string())?;
-        rx.await.map_err(|_| "supervisor is gone".to_string())?
+            .map_err(|_| SupervisorGone)?;
+        rx.await.map_err(|_| SupervisorGone)
     }
 
     pub fn status(&self) -> watch::Receiver<ProcessStatus> {
@@ -320,8 +337,8 @@ impl Task {
                         let _ = reply.send(result);
                     }
                     Some(Request::Stop(reply)) => {
-                        let result = self.stop_all().await;
-                        let _ = reply.send(result);
+                        self.stop_all().await;
+                        let _ = reply.send(());
                     }
                 },
                 how = async {
@@ -697,10 +714,10 @@ impl Task {
 
     /// Wait until a freshly started instance is healthy (or has stayed up,
     /// without a health check) within its start timeout.
-    async fn wait_ready(instance: &mut Instance) -> Result<(), String> {
+    async fn wait_ready(instance: &mut Instance) -> Result<(), StartError> {
         let Some((check, spec)) = instance.spec.health.clone() else {
             return match tokio::time::timeout(SETTLE_WITHOUT_HEALTH, instance.wait_exit()).await {
-                Ok(how) => Err(format!("exited during start ({how})")),
+                Ok(how) => Err(StartError::Exited(how)),
                 Err(_) => Ok(()),
             };
         };
@@ -709,7 +726,7 @@ impl Task {
         let mut last_error = "no probe completed".to_string();
         loop {
             if let Some(how) = instance.has_exited() {
-                return Err(format!("exited during start ({how})"));
+                return Err(StartError::Exited(how));
             }
             match probe_once(&check, spec.timeout, &instance.spec.env, &instance.spec.dir).await {
                 Ok(()) => {
@@ -720,18 +737,18 @@ impl Task {
                 }
                 Err(e) => {
                     streak = 0;
-                    last_error = e;
+                    last_error = e.to_string();
                 }
             }
             if tokio::time::Instant::now() + spec.interval > deadline {
-                return Err(format!(
-                    "not healthy within {}s: {last_error}",
-                    spec.start_timeout.as_secs_f64()
-                ));
+                return Err(StartError::NotHealthy {
+                    within: spec.start_timeout,
+                    last_error,
+                });
             }
             tokio::select! {
                 _ = tokio::time::sleep(spec.interval) => {}
-                how = instance.wait_exit() => return Err(format!("exited during start ({how})")),
+                how = instance.wait_exit() => return Err(StartError::Exited(how)),
             }
         }
     }
@@ -768,7 +785,7 @@ impl Task {
             _ = preempt.cancelled() => Err(ActivateError::Preempted(format!(
                 "activation of {version} preempted by a new desired state"
             ))),
-            ready = Self::wait_ready(instance) => ready.map_err(ActivateError::Release),
+            ready = Self::wait_ready(instance) => ready.map_err(|e| ActivateError::Release(e.to_string())),
         }
     }
 
@@ -952,7 +969,7 @@ impl Task {
         Err(outcome)
     }
 
-    async fn stop_all(&mut self) -> Result<(), String> {
+    async fn stop_all(&mut self) {
         self.restart_at = None;
         self.pending_spec = None;
         if let Some(mut instance) = self.current.take() {
@@ -969,7 +986,6 @@ impl Task {
             s.health = Health::Unknown;
             s.metrics = None;
         });
-        Ok(())
     }
 
     fn on_crash(&mut self, how: String) {
@@ -1053,7 +1069,7 @@ impl Task {
             return;
         };
         if let Some(changed) = tracker.observe(result.is_ok()) {
-            let message = result.err().unwrap_or_default();
+            let message = result.err().map(|e| e.to_string()).unwrap_or_default();
             tracing::info!(health = changed.as_str(), message = %message, "health changed");
             let healthy_again = changed == Health::Healthy;
             self.publish(|s| {
@@ -1112,18 +1128,6 @@ impl Task {
     }
 }
 
-/// Resolve when the watched process has exited, with how it ended.
-pub(super) async fn wait_exited(mut exited: watch::Receiver<Option<String>>) -> String {
-    loop {
-        if let Some(how) = exited.borrow_and_update().clone() {
-            return how;
-        }
-        if exited.changed().await.is_err() {
-            return "exit watcher ended".to_string();
-        }
-    }
-}
-
 fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -1131,33 +1135,4 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
         (None, Some(signal)) => format!("killed by signal {signal}"),
         _ => "exited".to_string(),
     }
-}
-
-/// Watch an adopted (not our child) process for exit through its pidfd,
-/// which becomes readable when the process ends.
-pub(super) fn watch_pidfd_exit(pidfd: &OwnedFd) -> watch::Receiver<Option<String>> {
-    let (tx, rx) = watch::channel(None);
-    let fd = match pidfd.try_clone() {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = tx.send(Some(format!("cannot watch: {e}")));
-            return rx;
-        }
-    };
-    tokio::spawn(async move {
-        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
-        // and refers to the same pidfd for the AsyncFd's whole life.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        };
-        let how = match registered {
-            Ok(async_fd) => match async_fd.readable().await {
-                Ok(_) => "exited (adopted process; exit status unknown)".to_string(),
-                Err(e) => format!("cannot watch: {e}"),
-            },
-            Err(e) => format!("cannot watch: {e}"),
-        };
-        let _ = tx.send(Some(how));
-    });
-    rx
 }
