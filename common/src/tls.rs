@@ -133,7 +133,10 @@ pub fn client_config(
         ServerTrust::Ca(ca_pem) => builder.with_root_certificates(roots_from_pem(&ca_pem)?),
         ServerTrust::Pinned(pin) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { pin, provider })),
+            .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+                policy: ServerPolicy::PinnedCa(pin),
+                provider,
+            })),
     };
     let mut config = match identity {
         Some(id) => builder.with_client_auth_cert(
@@ -146,10 +149,34 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// The one server-certificate verifier of hotswap's clients. Whatever the
+/// policy, the handshake signature is verified with the provider's
+/// algorithms, so a server must hold the key of the certificate it presents.
 #[derive(Debug)]
-struct PinnedCaVerifier {
-    pin: PinnedCa,
+struct ServerVerifier {
+    policy: ServerPolicy,
     provider: Arc<CryptoProvider>,
+}
+
+#[derive(Debug)]
+enum ServerPolicy {
+    /// The chain must lead to the CA with this fingerprint, sent by the
+    /// server, and name the host (the control plane).
+    PinnedCa(PinnedCa),
+    /// Any certificate: for module health probes and metrics scraping over
+    /// HTTPS, as Kubernetes probes do. Modules usually serve self-signed
+    /// certificates the agent has no root for, and a probe checks liveness,
+    /// not identity.
+    AnyCertificate,
+}
+
+/// A verifier that accepts any server certificate but still checks the
+/// handshake signature (see [`ServerPolicy::AnyCertificate`]).
+pub fn any_server_certificate(provider: Arc<CryptoProvider>) -> Arc<dyn ServerCertVerifier> {
+    Arc::new(ServerVerifier {
+        policy: ServerPolicy::AnyCertificate,
+        provider,
+    })
 }
 
 impl std::fmt::Debug for PinnedCa {
@@ -158,7 +185,7 @@ impl std::fmt::Debug for PinnedCa {
     }
 }
 
-impl ServerCertVerifier for PinnedCaVerifier {
+impl ServerCertVerifier for ServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -167,9 +194,13 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let pin = match &self.policy {
+            ServerPolicy::AnyCertificate => return Ok(ServerCertVerified::assertion()),
+            ServerPolicy::PinnedCa(pin) => pin,
+        };
         let pinned = intermediates
             .iter()
-            .find(|cert| Sha256::digest(cert.as_ref()).as_slice() == self.pin.fingerprint);
+            .find(|cert| Sha256::digest(cert.as_ref()).as_slice() == pin.fingerprint);
         let Some(ca) = pinned else {
             let offered: Vec<String> = intermediates
                 .iter()
@@ -180,7 +211,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
             } else {
                 format!("the server's CA has fingerprint {}", offered.join(", "))
             };
-            if let Ok(mut slot) = self.pin.mismatch.lock() {
+            if let Ok(mut slot) = pin.mismatch.lock() {
                 *slot = Some(reason.clone());
             }
             return Err(rustls::Error::General(format!(
