@@ -242,6 +242,14 @@ pub enum ConfigError {
 }
 
 impl Settings {
+    /// How many distinct trusted keys must sign what is deployed to
+    /// `environment` (1 for an environment the config does not name).
+    pub fn min_signatures(&self, environment: &str) -> u32 {
+        self.environments
+            .get(environment)
+            .map_or(1, |e| e.min_signatures)
+    }
+
     /// Read and validate a config file, reporting every problem at once.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -252,11 +252,7 @@ impl Engine {
         // Refuse now rather than after the early stages rolled out: every
         // environment on the way must accept the artifact's signatures.
         for env in &order[..=last] {
-            let required = self
-                .settings
-                .environments
-                .get(env)
-                .map_or(1, |e| e.min_signatures);
+            let required = self.settings.min_signatures(env);
             crate::trust::ensure_deployable(&*self.artifacts, &artifact, required, steady_now_ms())
                 .map_err(|error| PipelineError::NotDeployable {
                     environment: env.clone(),
@@ -714,11 +710,7 @@ impl Engine {
                 version: request.version.clone(),
             })?;
         let spec = spec::build(&request, &self.settings, user)?;
-        let required = self
-            .settings
-            .environments
-            .get(&request.environment)
-            .map_or(1, |e| e.min_signatures);
+        let required = self.settings.min_signatures(&request.environment);
         crate::trust::ensure_deployable(&*self.artifacts, &artifact, required, steady_now_ms())
             .map_err(CreateError::NotDeployable)?;
         if !request.allow_downgrade {

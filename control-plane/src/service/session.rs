@@ -220,8 +220,7 @@ async fn drive(
     let min_signatures = handle
         .labels
         .get(ENVIRONMENT_LABEL)
-        .and_then(|env| ctx.settings.environments.get(env))
-        .map_or(1, |env| env.min_signatures);
+        .map_or(1, |env| ctx.settings.min_signatures(env));
     let mut warnings = ReportWarnings::default();
     // The current desired state goes out first, then on every change.
     handle.desired.mark_changed();

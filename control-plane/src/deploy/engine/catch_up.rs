@@ -390,11 +390,7 @@ impl Engine {
             .get_artifact(module, version)
             .map_err(|e| format!("cannot read artifact {module}@{version}: {e}"))?
             .ok_or_else(|| format!("artifact {module}@{version} is no longer stored"))?;
-        let required = self
-            .settings
-            .environments
-            .get(environment)
-            .map_or(1, |e| e.min_signatures);
+        let required = self.settings.min_signatures(environment);
         crate::trust::ensure_deployable(&*self.artifacts, &artifact, required, steady_now_ms())
             .map_err(|e| e.to_string())
     }

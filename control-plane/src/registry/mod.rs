@@ -18,6 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, EventBudget, EventLog};
 use crate::metrics::Metrics;
+mod desired;
+mod history;
+mod transitions;
+
+use history::HISTORY_LEN;
+pub use history::{ModuleSample, Sample, UsageSample};
+use transitions::module_transitions;
+
 use crate::store::{
     DesiredModuleRecord, DesiredRecord, EnrollError, NodeRecord, Store, StoreError,
 };
@@ -65,54 +73,6 @@ pub struct NodeUsage {
     pub memory_total_bytes: u64,
 }
 
-/// What canary analysis reads of one report: its time, the node's usage, and
-/// per module its crash-loop flag and metrics window. Only this is kept in a
-/// session's history: a whole report (every module's strings) per entry cost
-/// more memory per node than its connection.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sample {
-    pub at_ms: u64,
-    pub usage: Option<UsageSample>,
-    /// Modules with metrics or in a crash loop; most reports have none.
-    pub modules: Box<[ModuleSample]>,
-}
-
-/// Node usage as analysis averages it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct UsageSample {
-    pub cpu_percent: f32,
-    pub memory_used_kib: u32,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct ModuleSample {
-    pub name: String,
-    pub crash_loop: bool,
-    pub metrics: Option<MetricsWindow>,
-}
-
-impl Sample {
-    fn of(report: &Report) -> Self {
-        Self {
-            at_ms: report.at_ms,
-            usage: report.usage.map(|u| UsageSample {
-                cpu_percent: u.cpu_percent as f32,
-                memory_used_kib: u32::try_from(u.memory_used_bytes / 1024).unwrap_or(u32::MAX),
-            }),
-            modules: report
-                .modules
-                .iter()
-                .filter(|m| m.crash_loop || m.metrics.is_some())
-                .map(|m| ModuleSample {
-                    name: m.name.clone(),
-                    crash_loop: m.crash_loop,
-                    metrics: m.metrics,
-                })
-                .collect(),
-        }
-    }
-}
-
 /// One status report as received.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Report {
@@ -157,10 +117,6 @@ struct LiveSession {
     reported: bool,
     history: VecDeque<Sample>,
 }
-
-/// Reports kept per connected node for analysis: at the default 5 s summary
-/// interval plus change-driven reports, a few minutes of history.
-const HISTORY_LEN: usize = 120;
 
 /// A session's claim on its node. Only the newest session of a node is live;
 /// an older one sees its token cancelled and its updates ignored.
@@ -219,46 +175,6 @@ pub struct Observed<'a> {
 /// Capacity of the change channel; a watcher further behind gets a fresh snapshot.
 const UPDATE_CHANNEL_CAPACITY: usize = 4096;
 
-/// Events for modules whose phase or health changed between two reports.
-fn module_transitions(before: &[ModuleState], after: &[ModuleState]) -> Vec<Event> {
-    let mut events = Vec::new();
-    for m in after {
-        let old = before.iter().find(|b| b.name == m.name);
-        let (old_phase, old_health, old_version) = old.map_or(("none", "unknown", ""), |o| {
-            (o.phase.as_str(), o.health.as_str(), o.version.as_str())
-        });
-        let (phase, health) = (m.phase.as_str(), m.health.as_str());
-        if old_phase != phase || old_version != m.version {
-            let mut message = format!("{} {}: {old_phase} -> {phase}", m.name, m.version);
-            if !m.message.is_empty() {
-                message.push_str(&format!(" ({})", m.message));
-            }
-            events.push(Event::new("module.phase", message).module(&m.name, &m.version));
-        }
-        if old_health != health {
-            events.push(
-                Event::new(
-                    "module.health",
-                    format!("{} {}: {old_health} -> {health}", m.name, m.version),
-                )
-                .module(&m.name, &m.version),
-            );
-        }
-    }
-    for m in before {
-        if !after.iter().any(|a| a.name == m.name) {
-            events.push(
-                Event::new(
-                    "module.removed",
-                    format!("{} {} removed", m.name, m.version),
-                )
-                .module(&m.name, &m.version),
-            );
-        }
-    }
-    events
-}
-
 impl Registry {
     /// The registry over `store`'s nodes and desired states, appending to
     /// `events` (wired in `server.rs`, shared with the engine and services).
@@ -293,54 +209,6 @@ impl Registry {
         self.live
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The events of `events` a node's session may append now, within the
-    /// node's [`EventBudget`], plus a `node.events_suppressed` summary when
-    /// one is due (`session_ends` makes it due at once). The caller names
-    /// the node in each and appends them.
-    fn within_budget(
-        &self,
-        node_id: &str,
-        mut events: Vec<Event>,
-        session_ends: bool,
-    ) -> Vec<Event> {
-        let now = std::time::Instant::now();
-        let (allowed, summary) = {
-            let mut budgets = self
-                .budgets
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let budget = budgets
-                .entry(node_id.to_string())
-                .or_insert_with(|| EventBudget::new(now));
-            let allowed = budget.take(now, events.len());
-            (allowed, budget.summary(now, session_ends))
-        };
-        let refused = events.len() - allowed;
-        if refused > 0 {
-            self.metrics.events_suppressed.inc_by(refused as u64);
-        }
-        events.truncate(allowed);
-        if let Some(summary) = summary {
-            tracing::warn!(
-                node = %node_id,
-                suppressed = summary.events,
-                seconds = summary.over.as_secs(),
-                "node caused more events than its budget; the rest were counted, not logged"
-            );
-            events.push(Event::new(
-                "node.events_suppressed",
-                format!(
-                    "{} events of this node suppressed over {}s: a node may cause {} events at once and {} a second",
-                    summary.events,
-                    summary.over.as_secs(),
-                    EventBudget::BURST,
-                    EventBudget::PER_SECOND
-                ),
-            ));
-        }
-        events
     }
 
     fn update_gauges(&self, live: &HashMap<String, LiveSession>) {
@@ -761,136 +629,6 @@ impl Registry {
             .get(node_id)
             .map(|s| s.history.iter().cloned().collect())
             .unwrap_or_default()
-    }
-
-    /// Change the desired state of one module on one node and push it to the
-    /// node's session when connected. `None` removes the module.
-    pub async fn set_desired_module(
-        &self,
-        node_id: &str,
-        module: &str,
-        desired: Option<DesiredModuleRecord>,
-    ) -> Result<NodeState, RegistryError> {
-        let mut states = self
-            .set_desired_modules(&[(node_id.to_string(), module.to_string(), desired)])
-            .await?;
-        states
-            .pop()
-            .ok_or_else(|| RegistryError::UnknownNode(node_id.to_string()))
-    }
-
-    /// Several desired-state changes with one durable flush: every change is
-    /// on disk before any is pushed to an agent or acknowledged. Unknown
-    /// nodes are an error for the whole batch, checked before anything changes.
-    pub async fn set_desired_modules(
-        &self,
-        changes: &[DesiredChange],
-    ) -> Result<Vec<NodeState>, RegistryError> {
-        if let Some(missing) = self.missing_nodes(changes)?.first() {
-            return Err(RegistryError::UnknownNode(missing.clone()));
-        }
-        let written = self.write_desired(changes)?;
-        self.store.flush().await?;
-        self.hand_over_desired(changes, &written);
-        self.publish_states(changes)
-    }
-
-    /// The nodes of `changes` that are not enrolled (removed meanwhile).
-    pub fn missing_nodes(&self, changes: &[DesiredChange]) -> Result<Vec<String>, RegistryError> {
-        let mut missing = Vec::new();
-        for (node_id, _, _) in changes {
-            if !self.store.has_node(node_id)? {
-                missing.push(node_id.clone());
-            }
-        }
-        Ok(missing)
-    }
-
-    /// First half of [`Registry::set_desired_modules`]: write the changes
-    /// without flushing, so a caller can make them durable with other writes
-    /// in one flush. Nothing may be pushed before that flush; then
-    /// [`Registry::push_desired`] with what this returned.
-    pub fn write_desired(
-        &self,
-        changes: &[DesiredChange],
-    ) -> Result<Vec<DesiredRecord>, RegistryError> {
-        let mut records = Vec::with_capacity(changes.len());
-        for (node_id, module, desired) in changes {
-            let record =
-                self.store
-                    .update_desired_unflushed(
-                        node_id,
-                        &|record: &mut DesiredRecord| match desired {
-                            // Unchanged apart from its trace context: keep the entry
-                            // (and the trace it belongs to) and swap nothing.
-                            Some(want)
-                                if record
-                                    .modules
-                                    .get(module)
-                                    .is_some_and(|have| have.same_target(want)) =>
-                            {
-                                false
-                            }
-                            Some(want) => {
-                                record.modules.insert(module.clone(), want.clone());
-                                true
-                            }
-                            None => record.modules.remove(module).is_some(),
-                        },
-                    )?;
-            records.push(record);
-        }
-        Ok(records)
-    }
-
-    /// Second half of [`Registry::set_desired_modules`], once `written` is
-    /// durable: hand each connected node its new desired state, then tell
-    /// watchers.
-    pub fn push_desired(
-        &self,
-        changes: &[DesiredChange],
-        written: &[DesiredRecord],
-    ) -> Result<(), RegistryError> {
-        self.hand_over_desired(changes, written);
-        if self.watched() {
-            self.publish_states(changes)?;
-        } else {
-            self.announce(changes.len() as u64);
-        }
-        Ok(())
-    }
-
-    /// Give each connected node of `changes` its record from `written`.
-    fn hand_over_desired(&self, changes: &[DesiredChange], written: &[DesiredRecord]) {
-        let live = self.lock_live();
-        for ((node_id, _, _), record) in changes.iter().zip(written) {
-            if let Some(session) = live.get(node_id) {
-                session.desired.send_if_modified(|current| {
-                    if current.generation == record.generation {
-                        return false;
-                    }
-                    *current = record.clone();
-                    true
-                });
-            }
-        }
-    }
-
-    /// The states of the nodes of `changes`, each also told to watchers.
-    fn publish_states(&self, changes: &[DesiredChange]) -> Result<Vec<NodeState>, RegistryError> {
-        let mut states = Vec::with_capacity(changes.len());
-        {
-            let live = self.lock_live();
-            for (node_id, _, _) in changes {
-                if let Some(node) = self.store.get_node(node_id)? {
-                    states.push(self.state_of(node, &live));
-                }
-            }
-        }
-        for state in &states {
-            self.publish(NodeChange::Changed(state.clone()));
-        }
-        Ok(states)
     }
 
     /// End a session. Only the live session of a node marks it disconnected.

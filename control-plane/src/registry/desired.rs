@@ -1,0 +1,137 @@
+//! Desired-state changes through the registry: written (one flush for a
+//! batch), handed to the sessions of connected nodes, then told to watchers.
+
+use super::{DesiredChange, NodeChange, NodeState, Registry, RegistryError};
+use crate::store::{DesiredModuleRecord, DesiredRecord};
+
+impl Registry {
+    /// Change the desired state of one module on one node and push it to the
+    /// node's session when connected. `None` removes the module.
+    pub async fn set_desired_module(
+        &self,
+        node_id: &str,
+        module: &str,
+        desired: Option<DesiredModuleRecord>,
+    ) -> Result<NodeState, RegistryError> {
+        let mut states = self
+            .set_desired_modules(&[(node_id.to_string(), module.to_string(), desired)])
+            .await?;
+        states
+            .pop()
+            .ok_or_else(|| RegistryError::UnknownNode(node_id.to_string()))
+    }
+
+    /// Several desired-state changes with one durable flush: every change is
+    /// on disk before any is pushed to an agent or acknowledged. Unknown
+    /// nodes are an error for the whole batch, checked before anything changes.
+    pub async fn set_desired_modules(
+        &self,
+        changes: &[DesiredChange],
+    ) -> Result<Vec<NodeState>, RegistryError> {
+        if let Some(missing) = self.missing_nodes(changes)?.first() {
+            return Err(RegistryError::UnknownNode(missing.clone()));
+        }
+        let written = self.write_desired(changes)?;
+        self.store.flush().await?;
+        self.hand_over_desired(changes, &written);
+        self.publish_states(changes)
+    }
+
+    /// The nodes of `changes` that are not enrolled (removed meanwhile).
+    pub fn missing_nodes(&self, changes: &[DesiredChange]) -> Result<Vec<String>, RegistryError> {
+        let mut missing = Vec::new();
+        for (node_id, _, _) in changes {
+            if !self.store.has_node(node_id)? {
+                missing.push(node_id.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    /// First half of [`Registry::set_desired_modules`]: write the changes
+    /// without flushing, so a caller can make them durable with other writes
+    /// in one flush. Nothing may be pushed before that flush; then
+    /// [`Registry::push_desired`] with what this returned.
+    pub fn write_desired(
+        &self,
+        changes: &[DesiredChange],
+    ) -> Result<Vec<DesiredRecord>, RegistryError> {
+        let mut records = Vec::with_capacity(changes.len());
+        for (node_id, module, desired) in changes {
+            let record =
+                self.store
+                    .update_desired_unflushed(
+                        node_id,
+                        &|record: &mut DesiredRecord| match desired {
+                            // Unchanged apart from its trace context: keep the entry
+                            // (and the trace it belongs to) and swap nothing.
+                            Some(want)
+                                if record
+                                    .modules
+                                    .get(module)
+                                    .is_some_and(|have| have.same_target(want)) =>
+                            {
+                                false
+                            }
+                            Some(want) => {
+                                record.modules.insert(module.clone(), want.clone());
+                                true
+                            }
+                            None => record.modules.remove(module).is_some(),
+                        },
+                    )?;
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    /// Second half of [`Registry::set_desired_modules`], once `written` is
+    /// durable: hand each connected node its new desired state, then tell
+    /// watchers.
+    pub fn push_desired(
+        &self,
+        changes: &[DesiredChange],
+        written: &[DesiredRecord],
+    ) -> Result<(), RegistryError> {
+        self.hand_over_desired(changes, written);
+        if self.watched() {
+            self.publish_states(changes)?;
+        } else {
+            self.announce(changes.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Give each connected node of `changes` its record from `written`.
+    fn hand_over_desired(&self, changes: &[DesiredChange], written: &[DesiredRecord]) {
+        let live = self.lock_live();
+        for ((node_id, _, _), record) in changes.iter().zip(written) {
+            if let Some(session) = live.get(node_id) {
+                session.desired.send_if_modified(|current| {
+                    if current.generation == record.generation {
+                        return false;
+                    }
+                    *current = record.clone();
+                    true
+                });
+            }
+        }
+    }
+
+    /// The states of the nodes of `changes`, each also told to watchers.
+    fn publish_states(&self, changes: &[DesiredChange]) -> Result<Vec<NodeState>, RegistryError> {
+        let mut states = Vec::with_capacity(changes.len());
+        {
+            let live = self.lock_live();
+            for (node_id, _, _) in changes {
+                if let Some(node) = self.store.get_node(node_id)? {
+                    states.push(self.state_of(node, &live));
+                }
+            }
+        }
+        for state in &states {
+            self.publish(NodeChange::Changed(state.clone()));
+        }
+        Ok(states)
+    }
+}
