@@ -622,6 +622,9 @@ fn request(version: &str, batch: &str) -> CreateRequest {
         strategy: Some("rolling".into()),
         batch_size: Some(batch.into()),
         min_healthy_time: Some(Duration::ZERO),
+        // Runs alternate versions (1.0.0, 2.0.0, 1.0.0, ...): going back is
+        // the point, not a mistake the downgrade guard should catch.
+        allow_downgrade: true,
         ..Default::default()
     }
 }
