@@ -25,6 +25,8 @@
 //! Record types live in [`records`]; the formats of events and audit records
 //! belong to their own modules, which store them as bytes.
 
+pub mod keys;
+pub mod mirror;
 mod records;
 pub mod sled;
 
