@@ -2,9 +2,12 @@
 //! decides the exit code.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use hotswap_common::profile::Profile;
-use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, ControlPlaneUrl, ServerTrust};
+use hotswap_common::tls::{
+    self, ChannelOptions, ClientIdentity, ControlPlaneUrl, Endpoints, ServerTrust,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -235,7 +238,9 @@ impl Context {
             .endpoint
             .clone()
             .unwrap_or_else(|| profile.endpoint.clone());
-        let url = ControlPlaneUrl::parse(&endpoint).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let endpoints =
+            Endpoints::parse(&[endpoint.as_str()]).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let url = reachable(&endpoints);
         let config = tls::client_config(
             ServerTrust::Ca(profile.ca_cert.clone()),
             Some(ClientIdentity {
@@ -252,14 +257,37 @@ impl Context {
             .map_err(|e| anyhow::anyhow!("cannot set up a connection to {url}: {e}"))?;
         Ok(Connection {
             channel,
-            endpoint: url.to_string(),
+            endpoint: endpoints.to_string(),
             profile: path,
         })
     }
 }
 
+/// With several replicas, the first (from a random one) that accepts a TCP
+/// connection within a second: a replica that went away is skipped. With
+/// none reachable, the first, so the call fails with its error.
+fn reachable(endpoints: &Endpoints) -> ControlPlaneUrl {
+    let in_turn = endpoints.in_turn();
+    if in_turn.len() > 1 {
+        for url in &in_turn {
+            let accepts = std::net::ToSocketAddrs::to_socket_addrs(&url.authority)
+                .map(|addrs| {
+                    addrs.into_iter().any(|addr| {
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+                    })
+                })
+                .unwrap_or(false);
+            if accepts {
+                return (*url).clone();
+            }
+        }
+    }
+    in_turn[0].clone()
+}
+
 pub struct Connection {
     pub channel: Channel,
+    /// Every endpoint of the profile (or `--endpoint`), comma-separated.
     pub endpoint: String,
     pub profile: PathBuf,
 }

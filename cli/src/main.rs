@@ -39,7 +39,7 @@ pub struct Cli {
     /// Profile with endpoint, CA and client credentials.
     #[arg(long, global = true, env = "HOTSWAP_PROFILE")]
     profile: Option<PathBuf>,
-    /// Control plane URL; overrides the profile's.
+    /// Control plane URL, or several comma-separated for replicas (tried from a random one, skipping any that does not answer); overrides the profile's.
     #[arg(long, global = true, env = "HOTSWAP_ENDPOINT")]
     endpoint: Option<String>,
     /// Output format.

@@ -11,7 +11,9 @@ use crate::fsutil;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
-    /// `https://host:port` of the control plane.
+    /// `https://host:port` of the control plane; for replicas, several
+    /// separated by commas (a TOML array of URLs reads the same).
+    #[serde(deserialize_with = "endpoint_list")]
     pub endpoint: String,
     /// PEM of the CA that issued the server certificate.
     pub ca_cert: String,
@@ -19,6 +21,21 @@ pub struct Profile {
     pub client_cert: String,
     /// PEM of this operator's private key.
     pub client_key: String,
+}
+
+/// `endpoint` as one string or an array of strings, kept as one
+/// comma-separated string.
+fn endpoint_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(url) => url,
+        OneOrMany::Many(urls) => urls.join(","),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,5 +119,12 @@ mod tests {
             .expect_err("missing")
             .to_string();
         assert!(err.contains("cannot read profile"), "{err}");
+    }
+
+    #[test]
+    fn an_endpoint_list_reads_as_one_string() {
+        let text = "endpoint = [\"https://a:7443\", \"https://b:7443\"]\nca_cert = \"c\"\nclient_cert = \"d\"\nclient_key = \"e\"\n";
+        let profile: Profile = toml::from_str(text).expect("array");
+        assert_eq!(profile.endpoint, "https://a:7443,https://b:7443");
     }
 }

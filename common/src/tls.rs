@@ -335,6 +335,94 @@ impl std::fmt::Display for ControlPlaneUrl {
     }
 }
 
+/// Several control plane replicas (SPEC §7): given as repeated flags or a
+/// comma-separated list, tried in turn from a random starting point so
+/// that clients spread over the replicas and fail over when one goes away.
+#[derive(Debug)]
+pub struct Endpoints {
+    urls: Vec<ControlPlaneUrl>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Clone for Endpoints {
+    fn clone(&self) -> Self {
+        Self {
+            urls: self.urls.clone(),
+            next: std::sync::atomic::AtomicUsize::new(
+                self.next.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        }
+    }
+}
+
+impl PartialEq for Endpoints {
+    fn eq(&self, other: &Self) -> bool {
+        self.urls == other.urls
+    }
+}
+
+impl Endpoints {
+    /// Every URL of `values`, each of which may be a comma-separated list;
+    /// repeats are dropped. At least one is required.
+    pub fn parse<S: AsRef<str>>(values: &[S]) -> Result<Self, TlsError> {
+        let mut urls: Vec<ControlPlaneUrl> = Vec::new();
+        for value in values {
+            for part in value.as_ref().split(',').map(str::trim) {
+                if part.is_empty() {
+                    continue;
+                }
+                let url = ControlPlaneUrl::parse(part)?;
+                if !urls.contains(&url) {
+                    urls.push(url);
+                }
+            }
+        }
+        if urls.is_empty() {
+            return Err(TlsError::BadUrl {
+                url: String::new(),
+                reason: "no control plane address given".into(),
+            });
+        }
+        let start = rand::random_range(0..urls.len());
+        Ok(Self {
+            urls,
+            next: std::sync::atomic::AtomicUsize::new(start),
+        })
+    }
+
+    /// The endpoint for the next attempt: each call moves to the next one,
+    /// so an attempt after a failed one goes elsewhere.
+    pub fn pick(&self) -> &ControlPlaneUrl {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.urls[i % self.urls.len()]
+    }
+
+    pub fn all(&self) -> &[ControlPlaneUrl] {
+        &self.urls
+    }
+
+    /// Every endpoint once, starting from the next one [`Endpoints::pick`]
+    /// would give.
+    pub fn in_turn(&self) -> Vec<&ControlPlaneUrl> {
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (0..self.urls.len())
+            .map(|k| &self.urls[(start + k) % self.urls.len()])
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Endpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, url) in self.urls.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Options for a gRPC channel to the control plane.
 #[derive(Clone, Debug)]
 pub struct ChannelOptions {
@@ -480,5 +568,22 @@ mod tests {
                 "{bad} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn endpoint_lists_rotate_over_every_replica() {
+        let list = Endpoints::parse(&["https://a:1,b:2", " https://a:1 ", "c:3,"]).expect("list");
+        let all: Vec<String> = list.all().iter().map(ToString::to_string).collect();
+        assert_eq!(all, ["https://a:1", "https://b:2", "https://c:3"]);
+        let picks: Vec<String> = (0..6).map(|_| list.pick().to_string()).collect();
+        // Three in a row cover all three, whatever the random start.
+        let mut first: Vec<&String> = picks[..3].iter().collect();
+        first.sort();
+        assert_eq!(first, vec!["https://a:1", "https://b:2", "https://c:3"]);
+        assert_eq!(picks[..3], picks[3..]);
+        assert_eq!(list.in_turn().len(), 3);
+        assert_eq!(list.to_string(), "https://a:1,https://b:2,https://c:3");
+        assert!(Endpoints::parse(&[",", ""]).is_err());
+        assert!(Endpoints::parse(&["http://a:1"]).is_err());
     }
 }

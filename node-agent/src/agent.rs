@@ -156,7 +156,7 @@ async fn run_sessions(
             };
             loop {
                 match enroll_once(
-                    &config.control_plane,
+                    config.control_plane.pick(),
                     enrollment,
                     &config.name,
                     &config.labels,
@@ -273,7 +273,7 @@ async fn session_loop(
         let renewed = renewed.subscribe();
         let identity = renewal::current(identity);
         let end = session::run_once(SessionParams {
-            url: &config.control_plane,
+            url: config.control_plane.pick(),
             identity: &identity,
             labels,
             metrics,

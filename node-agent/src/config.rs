@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hotswap_common::labels::Labels;
-use hotswap_common::tls::ControlPlaneUrl;
+use hotswap_common::tls::Endpoints;
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub data_dir: PathBuf,
-    pub control_plane: ControlPlaneUrl,
+    /// The control plane's replicas (one for a single control plane).
+    pub control_plane: Endpoints,
     /// Join token and pinned CA fingerprint, for the first start only.
     pub enrollment: Option<EnrollmentConfig>,
     pub labels: Labels,

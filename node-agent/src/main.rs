@@ -53,8 +53,9 @@ struct SimulateArgs {
     /// How many agents.
     #[arg(long)]
     count: usize,
-    #[arg(long, env = "HOTSWAP_CONTROL_PLANE")]
-    control_plane: String,
+    /// Control plane URL; repeat it or separate with commas for replicas.
+    #[arg(long, env = "HOTSWAP_CONTROL_PLANE", required = true)]
+    control_plane: Vec<String>,
     #[arg(long, env = "HOTSWAP_JOIN_TOKEN", hide_env_values = true)]
     join_token: String,
     #[arg(long, env = "HOTSWAP_CA_FINGERPRINT")]
@@ -105,9 +106,10 @@ struct SimulateArgs {
 struct RunArgs {
     #[arg(long)]
     data_dir: PathBuf,
-    /// Control plane URL, e.g. https://cp.example:7443.
-    #[arg(long, env = "HOTSWAP_CONTROL_PLANE")]
-    control_plane: String,
+    /// Control plane URL, e.g. https://cp.example:7443; repeat it or separate
+    /// with commas for replicas (tried in turn from a random one, failing over).
+    #[arg(long, env = "HOTSWAP_CONTROL_PLANE", required = true)]
+    control_plane: Vec<String>,
     /// Join token for the first start (prefer the env var: it stays out of `ps`).
     #[arg(long, env = "HOTSWAP_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
@@ -172,7 +174,7 @@ fn main() -> ExitCode {
 
 fn simulate(args: SimulateArgs) -> ExitCode {
     let mut problems = Vec::new();
-    let control_plane = tls::ControlPlaneUrl::parse(&args.control_plane)
+    let control_plane = tls::Endpoints::parse(&args.control_plane)
         .map_err(|e| problems.push(e.to_string()))
         .ok();
     let labels = labels::parse_labels(&args.labels)
@@ -264,7 +266,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
 /// Validate every flag, reporting all problems at once.
 fn config_from(args: RunArgs) -> Result<AgentConfig, Vec<String>> {
     let mut problems = Vec::new();
-    let control_plane = tls::ControlPlaneUrl::parse(&args.control_plane)
+    let control_plane = tls::Endpoints::parse(&args.control_plane)
         .map_err(|e| problems.push(e.to_string()))
         .ok();
     let labels = labels::parse_labels(&args.labels)

@@ -25,7 +25,7 @@ use std::time::Duration;
 use hotswap_common::artifact::Digest;
 use hotswap_common::labels::Labels;
 use hotswap_common::status::{Health, Phase};
-use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, ControlPlaneUrl, ServerTrust};
+use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, Endpoints, ServerTrust};
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -46,7 +46,8 @@ use crate::sysinfo::NodeUsage;
 #[derive(Clone, Debug)]
 pub struct SimConfig {
     pub count: usize,
-    pub control_plane: ControlPlaneUrl,
+    /// The control plane's replicas (one for a single control plane).
+    pub control_plane: Endpoints,
     pub join_token: String,
     pub ca_fingerprint: [u8; 32],
     pub labels: Labels,
@@ -346,7 +347,7 @@ async fn enroll(
         ..ChannelOptions::default()
     };
     let enrolled = control_plane::enroll(&Enrollment {
-        url: &config.control_plane,
+        url: config.control_plane.pick(),
         options: &options,
         join_token: &config.join_token,
         ca_fingerprint: config.ca_fingerprint,
@@ -521,7 +522,12 @@ async fn session(
         local_addr: source,
         ..ChannelOptions::default()
     };
-    let Ok(channel) = tls::connect(&config.control_plane, identity.client.clone(), &options).await
+    let Ok(channel) = tls::connect(
+        config.control_plane.pick(),
+        identity.client.clone(),
+        &options,
+    )
+    .await
     else {
         return false;
     };

@@ -210,7 +210,7 @@ impl ControlPlane {
             .ctl_command(profile, &self.url(), args)
             .output()
             .expect("run hotswapctl");
-        CtlOutput::from(output)
+        CtlOutput::of(output)
     }
 
     /// The `hotswapctl` command for `args` with `profile` against
@@ -312,7 +312,7 @@ impl ControlPlane {
 
 /// Run `hotswapctl` without a control plane (offline commands).
 pub fn ctl_offline(args: &[&str]) -> CtlOutput {
-    CtlOutput::from(
+    CtlOutput::of(
         Command::new(binary("hotswapctl"))
             .args(args)
             .env("NO_COLOR", "1")

@@ -204,7 +204,7 @@ pub struct CtlOutput {
 }
 
 impl CtlOutput {
-    pub(crate) fn from(output: Output) -> Self {
+    pub fn of(output: Output) -> Self {
         Self {
             code: output.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -447,3 +447,67 @@ fn agent_sigterm_exits_cleanly_and_disconnects_at_once() {
     assert!(cp.log().contains("agent closed the stream"), "{}", cp.log());
     cp.stop();
 }
+
+/// Replicas (SPEC §7): an agent given several control plane addresses, as
+/// a comma list or repeated flags, reaches the one that answers whichever
+/// it tries first; so does `hotswapctl` with an `--endpoint` list or a
+/// profile whose `endpoint` is a TOML array.
+#[test]
+fn agents_and_the_cli_fail_over_to_the_control_plane_that_answers() {
+    let dir = TestDir::new();
+    let cp = started_control_plane(&dir);
+    let live = cp.url();
+    // Nothing listens here: a replica that went away.
+    let dead = format!("https://127.0.0.1:{}", hotswap_tests::free_port());
+    let (token, fp) = cp.token(&["--label", "environment=dev", "--uses", "2"]);
+
+    let mut listed = Agent::new(dir.path(), "web-1");
+    listed.enroll(&format!("{dead},{live}"), &token, &fp, &[]);
+    let mut repeated = Agent::new(dir.path(), "web-2");
+    repeated.enroll(&dead, &token, &fp, &["--control-plane", &live]);
+    cp.wait_status("web-1", "connected");
+    cp.wait_status("web-2", "connected");
+
+    // The CLI starts from a random endpoint: several calls try both orders.
+    for _ in 0..6 {
+        let output = cp
+            .ctl_command(
+                &cp.admin_profile(),
+                &format!("{dead},{live}"),
+                &["-o", "json", "nodes", "list"],
+            )
+            .output()
+            .expect("run hotswapctl");
+        let out = hotswap_tests::CtlOutput::of(output);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(out.json().as_array().map(Vec::len), Some(2));
+    }
+
+    let admin = std::fs::read_to_string(cp.admin_profile()).expect("admin profile");
+    let listed_profile = dir.path().join("replicas.profile.toml");
+    let endpoint_line = admin
+        .lines()
+        .find(|l| l.starts_with("endpoint"))
+        .expect("endpoint line")
+        .to_string();
+    std::fs::write(
+        &listed_profile,
+        admin.replace(
+            &endpoint_line,
+            &format!("endpoint = [\"{dead}\", \"{live}\"]"),
+        ),
+    )
+    .expect("write profile");
+    for _ in 0..4 {
+        let mut command = Command::new(binary("hotswapctl"));
+        command
+            .arg("--profile")
+            .arg(&listed_profile)
+            .args(["-o", "json", "nodes", "list"])
+            .env("NO_COLOR", "1")
+            .env_remove("HOTSWAP_ENDPOINT");
+        let out = hotswap_tests::CtlOutput::of(command.output().expect("run hotswapctl"));
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(out.json().as_array().map(Vec::len), Some(2));
+    }
+}
