@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 
 use crate::endpoint::{EtcdEndpoint, parse_endpoints};
 use crate::error::Error;
-use crate::lease::LeaseId;
+use crate::kv::{KeyValue, LeaseId};
 use crate::pb;
 use crate::pb::kv_client::KvClient;
 use crate::pb::maintenance_client::MaintenanceClient;
@@ -49,34 +49,6 @@ impl ClientConfig {
     /// Defaults for a comma-separated endpoint list.
     pub fn from_list(list: &str) -> Result<Self, Error> {
         Ok(Self::new(parse_endpoints(list)?))
-    }
-}
-
-/// A key with its value and revisions, as etcd stores it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyValue {
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
-    /// The revision of the put that created the key.
-    pub create_revision: i64,
-    /// The revision of the key's last change.
-    pub mod_revision: i64,
-    /// Puts since creation, 1 for a new key.
-    pub version: i64,
-    /// The lease the key is attached to, if any.
-    pub lease: Option<LeaseId>,
-}
-
-impl KeyValue {
-    pub(crate) fn from_pb(kv: pb::KeyValue) -> Self {
-        Self {
-            key: kv.key,
-            value: kv.value,
-            create_revision: kv.create_revision,
-            mod_revision: kv.mod_revision,
-            version: kv.version,
-            lease: (kv.lease != 0).then_some(LeaseId(kv.lease)),
-        }
     }
 }
 
@@ -265,11 +237,15 @@ impl Client {
                     Err(status) => status,
                 };
                 let error = Error::from_status(op, &status, revision);
-                if status.code() != tonic::Code::Unavailable {
+                // Unavailable: this member cannot serve now (gone, or
+                // without a leader); Cancelled: the connection died under
+                // the call. Either way the next call goes elsewhere.
+                if !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Cancelled
+                ) {
                     return Err(error);
                 }
-                // This member cannot serve now (gone, or without a leader):
-                // the next call goes elsewhere.
                 self.forget(index).await;
                 let again = match retry {
                     Retry::Always => true,
@@ -488,7 +464,10 @@ impl Client {
     }
 }
 
-pub(crate) fn revision_of(op: &'static str, header: Option<pb::ResponseHeader>) -> Result<i64, Error> {
+pub(crate) fn revision_of(
+    op: &'static str,
+    header: Option<pb::ResponseHeader>,
+) -> Result<i64, Error> {
     header.map(|h| h.revision).ok_or(Error::Malformed {
         op,
         what: "no header",

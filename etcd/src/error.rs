@@ -21,10 +21,7 @@ pub enum Error {
 
     /// The request did not complete within its deadline.
     #[error("etcd {op}: no answer within {timeout:?}")]
-    DeadlineExceeded {
-        op: &'static str,
-        timeout: Duration,
-    },
+    DeadlineExceeded { op: &'static str, timeout: Duration },
 
     /// etcd (or the transport) answered with a gRPC error.
     #[error("etcd {op}: {code:?}: {message}")]
@@ -56,7 +53,10 @@ pub enum Error {
 
     /// A response lacked something etcd always sends.
     #[error("etcd {op}: malformed response: {what}")]
-    Malformed { op: &'static str, what: &'static str },
+    Malformed {
+        op: &'static str,
+        what: &'static str,
+    },
 }
 
 impl Error {
@@ -122,7 +122,11 @@ mod tests {
             assert_eq!(error.is_transient(), transient, "{error}");
             assert_eq!(error.is_compacted(), compacted, "{error}");
         };
-        check(tonic::Status::unavailable("etcdserver: no leader"), true, false);
+        check(
+            tonic::Status::unavailable("etcdserver: no leader"),
+            true,
+            false,
+        );
         check(
             tonic::Status::out_of_range("etcdserver: mvcc: required revision has been compacted"),
             false,
@@ -143,7 +147,10 @@ mod tests {
             &tonic::Status::not_found("etcdserver: requested lease not found"),
             0x2a,
         );
-        assert_eq!(lease.to_string(), "etcd lease 2a: not found (expired or revoked)");
+        assert_eq!(
+            lease.to_string(),
+            "etcd lease 2a: not found (expired or revoked)"
+        );
         assert!(!lease.is_transient());
     }
 }

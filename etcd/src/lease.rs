@@ -6,7 +6,6 @@
 //! from when it received the renewal, which is later, so the holder stops
 //! trusting the lease before etcd lets it go.
 
-use std::fmt;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -16,18 +15,9 @@ use tracing::Instrument;
 
 use crate::client::{Client, Retry};
 use crate::error::Error;
+use crate::kv::LeaseId;
 use crate::pb;
 use crate::pb::lease_client::LeaseClient;
-
-/// An etcd lease id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LeaseId(pub i64);
-
-impl fmt::Display for LeaseId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:x}", self.0)
-    }
-}
 
 /// A granted lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +94,10 @@ impl Client {
         let response = self
             .unary("lease grant", Retry::IfNotSent, 0, |channel| async move {
                 LeaseClient::new(channel)
-                    .lease_grant(pb::LeaseGrantRequest { ttl: seconds, id: 0 })
+                    .lease_grant(pb::LeaseGrantRequest {
+                        ttl: seconds,
+                        id: 0,
+                    })
                     .await
             })
             .await?
@@ -131,11 +124,16 @@ impl Client {
 
     /// Revoke a lease: every key attached to it is deleted now.
     pub async fn revoke(&self, id: LeaseId) -> Result<(), Error> {
-        self.unary("lease revoke", Retry::IfNotSent, id.0, |channel| async move {
-            LeaseClient::new(channel)
-                .lease_revoke(pb::LeaseRevokeRequest { id: id.0 })
-                .await
-        })
+        self.unary(
+            "lease revoke",
+            Retry::IfNotSent,
+            id.0,
+            |channel| async move {
+                LeaseClient::new(channel)
+                    .lease_revoke(pb::LeaseRevokeRequest { id: id.0 })
+                    .await
+            },
+        )
         .await?;
         Ok(())
     }
@@ -183,12 +181,25 @@ impl Client {
                     Err(_) => return unconfirmed(ttl, last),
                 };
             // The request stream stays open as long as `requests` lives.
+            // The first renewal is queued before the call: etcd sends the
+            // response headers only with its first answer, so opening the
+            // stream waits for a request to answer.
             let (requests, receiver) = mpsc::channel(1);
+            let mut sent_at = Instant::now();
+            if requests
+                .send(pb::LeaseKeepAliveRequest { id: id.0 })
+                .await
+                .is_err()
+            {
+                continue;
+            }
             let mut request = tonic::Request::new(ReceiverStream::new(receiver));
             require_leader(&mut request);
-            let opened =
-                tokio::time::timeout_at(deadline, LeaseClient::new(channel).lease_keep_alive(request))
-                    .await;
+            let opened = tokio::time::timeout_at(
+                deadline,
+                LeaseClient::new(channel).lease_keep_alive(request),
+            )
+            .await;
             let mut responses = match opened {
                 Ok(Ok(response)) => response.into_inner(),
                 Ok(Err(status)) => {
@@ -200,15 +211,6 @@ impl Client {
                 Err(_) => return unconfirmed(ttl, last),
             };
             loop {
-                let sent_at = Instant::now();
-                if requests
-                    .send(pb::LeaseKeepAliveRequest { id: id.0 })
-                    .await
-                    .is_err()
-                {
-                    last = "keep-alive stream closed".into();
-                    break;
-                }
                 match tokio::time::timeout_at(deadline, responses.message()).await {
                     Err(_) => return unconfirmed(ttl, last),
                     Ok(Ok(Some(response))) if response.ttl <= 0 => return LeaseLost::Expired(id),
@@ -228,6 +230,15 @@ impl Client {
                     }
                 }
                 tokio::time::sleep(interval).await;
+                sent_at = Instant::now();
+                if requests
+                    .send(pb::LeaseKeepAliveRequest { id: id.0 })
+                    .await
+                    .is_err()
+                {
+                    last = "keep-alive stream closed".into();
+                    break;
+                }
             }
         }
     }
@@ -237,7 +248,8 @@ impl Client {
 /// `hasleader` metadata), so a member cut off from the cluster does not
 /// keep a stream that can no longer renew or deliver anything.
 pub(crate) fn require_leader<T>(request: &mut tonic::Request<T>) {
-    request
-        .metadata_mut()
-        .insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
+    request.metadata_mut().insert(
+        "hasleader",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
 }

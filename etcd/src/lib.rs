@@ -12,21 +12,24 @@
 //! types stay inside this crate: callers see [`KeyValue`], [`Compare`],
 //! [`TxnOp`], [`WatchEvent`] and [`Error`].
 //!
-//! Modules: `endpoint` (parsing the endpoint list), `error`, `txn` (compare
+//! Modules: `endpoint` (parsing the endpoint list), `error`, `kv` (keys and
+//! lease ids), `txn` (compare
 //! and operation builders), `client` (connections, failover, key-value
 //! calls), `lease` (grant, keep-alive, revoke) and `watch`.
 
 mod client;
 mod endpoint;
 mod error;
+mod kv;
 mod lease;
 mod txn;
 mod watch;
 
-pub use client::{Client, ClientConfig, KeyValue, MemberStatus, RangePage};
+pub use client::{Client, ClientConfig, MemberStatus, RangePage};
 pub use endpoint::{EtcdEndpoint, parse_endpoints};
 pub use error::Error;
-pub use lease::{KeepAlive, Lease, LeaseId, LeaseLost};
+pub use kv::{KeyValue, LeaseId};
+pub use lease::{KeepAlive, Lease, LeaseLost};
 pub use txn::{Compare, CompareOp, TxnOp, TxnOpResult, TxnResult};
 pub use watch::{WatchEvent, WatchEventKind, WatchStream};
 

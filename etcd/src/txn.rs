@@ -2,7 +2,7 @@
 //! branch, and their results; with the conversions to and from etcd's wire
 //! messages.
 
-use crate::client::KeyValue;
+use crate::kv::{KeyValue, LeaseId};
 use crate::pb;
 use crate::prefix_end;
 
@@ -111,11 +111,11 @@ impl Compare {
 /// One operation of a transaction branch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnOp {
-    /// Write `value` at `key`, attached to `lease` when not 0.
+    /// Write `value` at `key`, attached to `lease` if given.
     Put {
         key: Vec<u8>,
         value: Vec<u8>,
-        lease: i64,
+        lease: Option<LeaseId>,
     },
     /// Delete `key`, or every key under it when `prefix`.
     Delete { key: Vec<u8>, prefix: bool },
@@ -128,15 +128,19 @@ impl TxnOp {
         TxnOp::Put {
             key: key.into(),
             value: value.into(),
-            lease: 0,
+            lease: None,
         }
     }
 
-    pub fn put_with_lease(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, lease: i64) -> Self {
+    pub fn put_with_lease(
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        lease: LeaseId,
+    ) -> Self {
         TxnOp::Put {
             key: key.into(),
             value: value.into(),
-            lease,
+            lease: Some(lease),
         }
     }
 
@@ -171,17 +175,13 @@ impl TxnOp {
     pub(crate) fn to_pb(&self) -> pb::RequestOp {
         use pb::request_op::Request;
         let range_end = |key: &[u8], prefix: bool| {
-            if prefix {
-                prefix_end(key)
-            } else {
-                Vec::new()
-            }
+            if prefix { prefix_end(key) } else { Vec::new() }
         };
         let request = match self {
             TxnOp::Put { key, value, lease } => Request::RequestPut(pb::PutRequest {
                 key: key.clone(),
                 value: value.clone(),
-                lease: *lease,
+                lease: lease.map_or(0, |lease| lease.0),
             }),
             TxnOp::Delete { key, prefix } => Request::RequestDeleteRange(pb::DeleteRangeRequest {
                 key: key.clone(),
@@ -242,7 +242,11 @@ impl TxnResult {
 }
 
 /// The wire request for a transaction.
-pub(crate) fn txn_request(compares: &[Compare], success: &[TxnOp], failure: &[TxnOp]) -> pb::TxnRequest {
+pub(crate) fn txn_request(
+    compares: &[Compare],
+    success: &[TxnOp],
+    failure: &[TxnOp],
+) -> pb::TxnRequest {
     pb::TxnRequest {
         compare: compares.iter().map(Compare::to_pb).collect(),
         success: success.iter().map(TxnOp::to_pb).collect(),
@@ -308,7 +312,7 @@ mod tests {
         use pb::request_op::Request;
         let request = |op: TxnOp| op.to_pb().request.expect("request set");
         assert_eq!(
-            request(TxnOp::put_with_lease("k", "v", 5)),
+            request(TxnOp::put_with_lease("k", "v", LeaseId(5))),
             Request::RequestPut(pb::PutRequest {
                 key: b"k".to_vec(),
                 value: b"v".to_vec(),

@@ -11,8 +11,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use crate::client::{Client, KeyValue};
+use crate::client::Client;
 use crate::error::Error;
+use crate::kv::KeyValue;
 use crate::lease::require_leader;
 use crate::pb;
 use crate::pb::watch_client::WatchClient;
@@ -96,7 +97,8 @@ impl Client {
         loop {
             if failures > 0 {
                 // 100 ms doubling to 2 s between reconnects.
-                let backoff = Duration::from_millis(100 << failures.min(5)).min(Duration::from_secs(2));
+                let backoff =
+                    Duration::from_millis(100 << failures.min(5)).min(Duration::from_secs(2));
                 tokio::time::sleep(backoff).await;
             }
             failures += 1;
@@ -124,7 +126,8 @@ impl Client {
             let mut request = tonic::Request::new(ReceiverStream::new(receiver));
             require_leader(&mut request);
             let timeout = self.config().request_timeout;
-            let opened = tokio::time::timeout(timeout, WatchClient::new(channel).watch(request)).await;
+            let opened =
+                tokio::time::timeout(timeout, WatchClient::new(channel).watch(request)).await;
             let mut responses = match opened {
                 Ok(Ok(response)) => response.into_inner(),
                 Ok(Err(status)) => {
