@@ -3,7 +3,10 @@
 # (tests/tests/interop.rs) Python grpcio as an independent gRPC client and
 # Debian's Prometheus as an independent scraper of /metrics; for the chaos
 # suite (tests/tests/chaos.rs) Debian's libfaketime, which steps the control
-# plane's wall clock.
+# plane's wall clock; for the etcd client's tests (tests/tests/etcd_client.rs)
+# and the peer benchmarks Debian's etcd-server (3.4), whose service is kept
+# from starting: the harness starts etcd members itself, on loopback, in temp
+# dirs.
 #
 #   scripts/ci-deps.sh          install whatever is missing (as root; idempotent:
 #                               whatever is already installed is skipped silently)
@@ -47,6 +50,7 @@ PY
 DEBIAN_PACKAGES=()
 [ -x /usr/bin/prometheus ] || DEBIAN_PACKAGES+=(prometheus)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || DEBIAN_PACKAGES+=(faketime)
+[ -x /usr/bin/etcd ] || DEBIAN_PACKAGES+=(etcd-server)
 
 if $CHECK_ONLY; then
     missing=()
@@ -57,6 +61,7 @@ if $CHECK_ONLY; then
         case "$package" in
             prometheus) missing+=("Debian's prometheus, /usr/bin/prometheus (tests/tests/interop.rs)") ;;
             faketime) missing+=("Debian's faketime, libfaketime.so.1 (tests/tests/chaos.rs)") ;;
+            etcd-server) missing+=("Debian's etcd-server, /usr/bin/etcd (tests/tests/etcd_client.rs)") ;;
         esac
     done
     if [ ${#missing[@]} -eq 0 ]; then
@@ -88,7 +93,8 @@ if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
         exit 1
     fi
     echo "ci-deps: installing Debian's ${DEBIAN_PACKAGES[*]}"
-    # Keep the prometheus package's init script from starting a daemon on :9090.
+    # Keep the packages' init scripts from starting daemons (prometheus on
+    # :9090, etcd on :2379): the tests start their own.
     if ! [ -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
         chmod 0755 /usr/sbin/policy-rc.d

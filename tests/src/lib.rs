@@ -9,17 +9,20 @@
 //!
 //! The pieces live in modules by what they drive: `daemon` (spawning,
 //! stopping, logs, waits, temp dirs and ports), `control_plane`, `agent`
-//! (with `Fleet`), `proxy` (fault injection) and `load`; everything public is
+//! (with `Fleet`), `etcd` (a real etcd cluster), `proxy` (fault injection)
+//! and `load`; everything public is
 //! re-exported here, so tests use `hotswap_tests::*`.
 
 mod agent;
 mod control_plane;
 mod daemon;
+mod etcd;
 mod load;
 mod proxy;
 
 pub use agent::*;
 pub use control_plane::*;
 pub use daemon::*;
+pub use etcd::*;
 pub use load::*;
 pub use proxy::*;

@@ -1,0 +1,156 @@
+//! The client's errors, sorted by whether a retry may help.
+
+use std::time::Duration;
+
+/// What went wrong talking to etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no etcd endpoints given")]
+    NoEndpoints,
+
+    #[error("etcd endpoint {endpoint:?}: {reason}")]
+    InvalidEndpoint { endpoint: String, reason: String },
+
+    /// No endpoint accepted a connection.
+    #[error("etcd {op}: no endpoint is reachable ({endpoints}); last error: {last}")]
+    Unreachable {
+        op: &'static str,
+        endpoints: String,
+        last: String,
+    },
+
+    /// The request did not complete within its deadline.
+    #[error("etcd {op}: no answer within {timeout:?}")]
+    DeadlineExceeded { op: &'static str, timeout: Duration },
+
+    /// etcd (or the transport) answered with a gRPC error.
+    #[error("etcd {op}: {code:?}: {message}")]
+    Status {
+        op: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+
+    /// The revision asked for is older than etcd's compaction point: the
+    /// history the caller wanted is gone, so it must re-list.
+    #[error(
+        "etcd {op}: revision {revision} has been compacted{}",
+        compact_revision.map(|r| format!(" (history starts after {r})")).unwrap_or_default()
+    )]
+    Compacted {
+        op: &'static str,
+        revision: i64,
+        compact_revision: Option<i64>,
+    },
+
+    /// The lease does not exist (expired or revoked).
+    #[error("etcd lease {lease:x}: not found (expired or revoked)")]
+    LeaseNotFound { lease: i64 },
+
+    /// etcd canceled a watch for a reason other than compaction.
+    #[error("etcd watch on {prefix:?}: canceled by etcd: {reason}")]
+    WatchCanceled { prefix: String, reason: String },
+
+    /// A response lacked something etcd always sends.
+    #[error("etcd {op}: malformed response: {what}")]
+    Malformed {
+        op: &'static str,
+        what: &'static str,
+    },
+}
+
+impl Error {
+    /// Whether trying again later (on this or another endpoint) may succeed:
+    /// connection failures, deadlines, and etcd's own transient answers
+    /// (no leader, leader changed, request timed out, too many requests).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Unreachable { .. } | Error::DeadlineExceeded { .. } => true,
+            Error::Status { code, .. } => matches!(
+                code,
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::Aborted
+                    | tonic::Code::Cancelled
+            ),
+            Error::NoEndpoints
+            | Error::InvalidEndpoint { .. }
+            | Error::Compacted { .. }
+            | Error::LeaseNotFound { .. }
+            | Error::WatchCanceled { .. }
+            | Error::Malformed { .. } => false,
+        }
+    }
+
+    /// Whether this is [`Error::Compacted`].
+    pub fn is_compacted(&self) -> bool {
+        matches!(self, Error::Compacted { .. })
+    }
+
+    /// Sort a gRPC status from a call into a typed error. etcd's messages
+    /// are stable strings (`rpctypes` in etcd's source), so compaction and
+    /// missing leases are recognized by them.
+    pub(crate) fn from_status(op: &'static str, status: &tonic::Status, revision: i64) -> Self {
+        let message = status.message();
+        if message.contains("required revision has been compacted") {
+            return Error::Compacted {
+                op,
+                revision,
+                compact_revision: None,
+            };
+        }
+        if message.contains("requested lease not found") {
+            return Error::LeaseNotFound { lease: revision };
+        }
+        Error::Status {
+            op,
+            code: status.code(),
+            message: message.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_sorted() {
+        let check = |status: tonic::Status, transient: bool, compacted: bool| {
+            let error = Error::from_status("range", &status, 7);
+            assert_eq!(error.is_transient(), transient, "{error}");
+            assert_eq!(error.is_compacted(), compacted, "{error}");
+        };
+        check(
+            tonic::Status::unavailable("etcdserver: no leader"),
+            true,
+            false,
+        );
+        check(
+            tonic::Status::out_of_range("etcdserver: mvcc: required revision has been compacted"),
+            false,
+            true,
+        );
+        check(
+            tonic::Status::invalid_argument("etcdserver: key is not provided"),
+            false,
+            false,
+        );
+        check(
+            tonic::Status::unavailable("etcdserver: request timed out"),
+            true,
+            false,
+        );
+        let lease = Error::from_status(
+            "lease revoke",
+            &tonic::Status::not_found("etcdserver: requested lease not found"),
+            0x2a,
+        );
+        assert_eq!(
+            lease.to_string(),
+            "etcd lease 2a: not found (expired or revoked)"
+        );
+        assert!(!lease.is_transient());
+    }
+}
