@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditLog;
-use crate::blobs::BlobStore;
+use crate::blobs::LocalBlobs;
 use crate::config::RunConfig;
 use crate::deadline::RequestTimeoutLayer;
 use crate::deploy::engine::{Engine, EngineHandles};
@@ -271,7 +271,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         (false, false) => None,
     };
     let blobs_path = layout.blobs();
-    let blobs = BlobStore::open(&blobs_path).map_err(|source| RunError::Write {
+    let blobs = LocalBlobs::open(&blobs_path).map_err(|source| RunError::Write {
         path: blobs_path,
         source,
     })?;
@@ -443,8 +443,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         )
         // Upload chunks are at most 1 MiB; leave headroom for framing.
         .add_service(
-            pb::artifacts_server::ArtifactsServer::new(ArtifactsService::new(ctx.clone(), blobs))
-                .max_decoding_message_size(8 * 1024 * 1024),
+            pb::artifacts_server::ArtifactsServer::new(ArtifactsService::new(
+                ctx.clone(),
+                Arc::new(blobs),
+            ))
+            .max_decoding_message_size(8 * 1024 * 1024),
         )
         .add_service(health_service)
         .add_service(reflection_v1)
