@@ -9,7 +9,7 @@
 //!
 //! The pieces live in modules by what they drive: `daemon` (spawning,
 //! stopping, logs, waits, temp dirs and ports), `control_plane`, `agent`
-//! (with `Fleet`), `proxy` (fault injection) and `load`; everything public is
+//! (with `Fleet`), `proxy` (fault injection), `load` and `s3` (SeaweedFS as a real S3); everything public is
 //! re-exported here, so tests use `hotswap_tests::*`.
 
 mod agent;
@@ -17,9 +17,11 @@ mod control_plane;
 mod daemon;
 mod load;
 mod proxy;
+mod s3;
 
 pub use agent::*;
 pub use control_plane::*;
 pub use daemon::*;
 pub use load::*;
 pub use proxy::*;
+pub use s3::*;

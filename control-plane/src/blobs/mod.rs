@@ -15,7 +15,7 @@ use hotswap_common::artifact::Digest;
 use tokio::io::AsyncRead;
 
 pub use local::LocalBlobs;
-pub use s3::{S3Blobs, S3Config, S3Credentials};
+pub use s3::{S3Blobs, S3Config, S3Credentials, create_bucket_if_missing};
 
 /// Why a blob operation failed; every variant names the blob or the store.
 #[derive(Debug, thiserror::Error)]

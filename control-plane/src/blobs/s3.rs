@@ -126,6 +126,8 @@ impl S3Blobs {
         credentials: &S3Credentials,
         staging: &Path,
     ) -> Result<Self, BlobError> {
+        // reqwest's rustls uses the process's provider (ring).
+        hotswap_common::install_crypto_provider();
         if config.bucket.is_empty() {
             return Err(BlobError::Config("[blobs] bucket is empty".to_string()));
         }
@@ -544,6 +546,7 @@ pub async fn create_bucket_if_missing(
     config: &S3Config,
     credentials: &S3Credentials,
 ) -> Result<bool, BlobError> {
+    hotswap_common::install_crypto_provider();
     let endpoint = match &config.endpoint {
         Some(endpoint) => endpoint.clone(),
         None => format!("https://s3.{}.amazonaws.com", config.region),
