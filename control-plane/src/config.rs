@@ -89,6 +89,46 @@ pub struct Settings {
     pub deploy: DeployDefaults,
     /// The order `pipeline run` promotes through.
     pub pipeline: Vec<String>,
+    /// `[blobs]`: where artifact content lives (SPEC §7).
+    pub blobs: BlobsSettings,
+}
+
+/// `[blobs]`: `backend = "local"` (the default: files in the data directory)
+/// or `"s3"` (a bucket of an S3-compatible store; credentials from
+/// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlobsSettings {
+    pub backend: BlobsBackend,
+    pub bucket: String,
+    pub prefix: String,
+    /// Endpoint of a store other than AWS, e.g. `http://127.0.0.1:8333`.
+    pub endpoint: Option<String>,
+    /// Default `us-east-1`.
+    pub region: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobsBackend {
+    #[default]
+    Local,
+    S3,
+}
+
+impl BlobsSettings {
+    /// The S3 backend's settings, when that is the backend.
+    pub fn s3(&self) -> Option<crate::blobs::S3Config> {
+        (self.backend == BlobsBackend::S3).then(|| crate::blobs::S3Config {
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self
+                .region
+                .clone()
+                .unwrap_or_else(|| "us-east-1".to_string()),
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -221,6 +261,7 @@ impl Default for Settings {
             pipeline: ["dev", "qa", "staging", "production"]
                 .map(String::from)
                 .to_vec(),
+            blobs: BlobsSettings::default(),
         }
     }
 }
@@ -274,6 +315,9 @@ impl Settings {
     /// Everything wrong with these settings, empty when valid.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if self.blobs.backend == BlobsBackend::S3 && self.blobs.bucket.is_empty() {
+            problems.push("blobs.bucket must be set when blobs.backend is \"s3\"".to_string());
+        }
         if self.heartbeat_interval < Duration::from_millis(100) {
             problems.push("heartbeat_interval must be at least 100ms".to_string());
         }
@@ -398,5 +442,27 @@ mod tests {
             err.contains("heartbeat_grace must be longer") && err.contains("storage_cache_bytes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn blobs_default_to_local_and_s3_needs_a_bucket() {
+        assert_eq!(load_text("").expect("empty").blobs.s3(), None);
+        let s = load_text(
+            "[blobs]\nbackend = \"s3\"\nbucket = \"artifacts\"\nprefix = \"prod\"\nendpoint = \"http://127.0.0.1:8333\"\n",
+        )
+        .expect("s3");
+        let s3 = s.blobs.s3().expect("s3 backend");
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str(), s3.region.as_str()),
+            ("artifacts", "prod", "us-east-1")
+        );
+        let err = load_text("[blobs]\nbackend = \"s3\"\n")
+            .expect_err("no bucket")
+            .to_string();
+        assert!(err.contains("blobs.bucket must be set"), "{err}");
+        let err = load_text("[blobs]\nbackend = \"ftp\"\n")
+            .expect_err("unknown backend")
+            .to_string();
+        assert!(err.contains("unknown variant"), "{err}");
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditLog;
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobError, BlobStore, LocalBlobs, S3Blobs, S3Credentials};
 use crate::config::RunConfig;
 use crate::deadline::RequestTimeoutLayer;
 use crate::deploy::engine::{Engine, EngineHandles};
@@ -91,6 +91,8 @@ pub enum RunError {
         profile.display()
     )]
     Recover { profile: PathBuf, reason: String },
+    #[error("artifact storage: {0}")]
+    Blobs(#[from] BlobError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -271,10 +273,20 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         (false, false) => None,
     };
     let blobs_path = layout.blobs();
-    let blobs = BlobStore::open(&blobs_path).map_err(|source| RunError::Write {
-        path: blobs_path,
-        source,
-    })?;
+    let blobs: Arc<dyn BlobStore> = match config.settings.blobs.s3() {
+        None => Arc::new(
+            LocalBlobs::open(&blobs_path).map_err(|source| RunError::Write {
+                path: blobs_path,
+                source,
+            })?,
+        ),
+        // Uploads are still staged on local disk, in the same place.
+        Some(s3) => Arc::new(S3Blobs::open(
+            &s3,
+            &S3Credentials::from_env()?,
+            &blobs_path.join("tmp"),
+        )?),
+    };
     let (metrics, prometheus) = Metrics::new();
     let metrics = Arc::new(metrics);
     let events = Arc::new(

@@ -9,8 +9,8 @@
 //!
 //! The pieces live in modules by what they drive: `daemon` (spawning,
 //! stopping, logs, waits, temp dirs and ports), `control_plane`, `agent`
-//! (with `Fleet`), `etcd` (a real etcd cluster), `proxy` (fault injection)
-//! and `load`; everything public is
+//! (with `Fleet`), `etcd` (a real etcd cluster), `proxy` (fault injection),
+//! `load` and `s3` (SeaweedFS as a real S3); everything public is
 //! re-exported here, so tests use `hotswap_tests::*`.
 
 mod agent;
@@ -19,6 +19,7 @@ mod daemon;
 mod etcd;
 mod load;
 mod proxy;
+mod s3;
 
 pub use agent::*;
 pub use control_plane::*;
@@ -26,3 +27,4 @@ pub use daemon::*;
 pub use etcd::*;
 pub use load::*;
 pub use proxy::*;
+pub use s3::*;

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use hotswap_agent::artifacts::{ArtifactStore, FetchError, TrustSource};
 use hotswap_common::artifact::unpack::Limits;
 use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
-use hotswap_tests::{Agent, ControlPlane, CutProxy, TestDir, ctl_offline, runtime, write_module};
+use hotswap_tests::{
+    Agent, ControlPlane, CutProxy, S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, SeaweedS3, TestDir,
+    ctl_offline, runtime, write_module,
+};
 use sha2::Digest as _;
 
 struct Publisher {
@@ -896,4 +899,117 @@ fn push_refuses_artifacts_no_agent_can_install() {
         std::fs::read(unpacked.join("data.bin")).expect("data"),
         vec![0u8; 10]
     );
+}
+
+/// Keys of the objects under `prefix` in the harness's bucket.
+async fn object_keys(s3: &SeaweedS3, prefix: &str) -> std::collections::BTreeSet<String> {
+    use futures_util::StreamExt;
+    let raw = s3_client(s3);
+    let prefix = object_store::path::Path::from(prefix);
+    object_store::ObjectStore::list(&raw, Some(&prefix))
+        .map(|meta| meta.expect("list objects").location.to_string())
+        .collect()
+        .await
+}
+
+fn s3_client(s3: &SeaweedS3) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(&s3.bucket)
+        .with_region(S3_REGION)
+        .with_endpoint(&s3.endpoint)
+        .with_allow_http(true)
+        .with_access_key_id(S3_ACCESS_KEY)
+        .with_secret_access_key(S3_SECRET_KEY)
+        .build()
+        .expect("s3 client")
+}
+
+#[test]
+fn with_the_s3_backend_content_lives_in_the_bucket_and_is_checked_on_the_way_out() {
+    let s3 = SeaweedS3::start("hotswap-artifacts");
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init_with_settings(
+        dir.path(),
+        &format!(
+            "[blobs]\nbackend = \"s3\"\nbucket = \"{}\"\nprefix = \"cluster\"\nendpoint = \"{}\"\nregion = \"{S3_REGION}\"\n",
+            s3.bucket, s3.endpoint
+        ),
+    );
+    cp.set_env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY);
+    cp.set_env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY);
+    cp.start();
+    let ci = publisher(dir.path(), "ci");
+    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
+        .ok();
+    // Small (served from memory after one read) and big (streamed).
+    let small = pseudo_random(100_000);
+    let big = pseudo_random(9 * 1024 * 1024);
+    for (version, payload) in [("1.0.0", &small), ("3.0.0", &big)] {
+        let artifact = pack(dir.path(), "hello", version, payload, &ci.key);
+        cp.ctl(&["module", "push", path(&artifact)]).ok();
+    }
+    let rt = runtime();
+    assert_eq!(rt.block_on(object_keys(&s3, "cluster/sha256")).len(), 2);
+    assert_eq!(blob_count(&cp), 0, "nothing in the local blob directory");
+
+    let agent = enrolled_agent(&dir, &cp);
+    let store = agent_store(&agent);
+    rt.block_on(async {
+        let channel = node_channel(&agent, &cp.url());
+        for (version, payload) in [("1.0.0", &small), ("3.0.0", &big)] {
+            store
+                .fetch(&channel, "hello", version)
+                .await
+                .unwrap_or_else(|e| panic!("fetch {version}: {e}"));
+            let installed = store
+                .install("hello", version, 1)
+                .await
+                .unwrap_or_else(|e| panic!("install {version}: {e}"));
+            assert_eq!(
+                &std::fs::read(installed.join("data.bin")).expect("payload"),
+                payload
+            );
+        }
+    });
+
+    // A version whose object is rewritten in the bucket behind the control
+    // plane's back: the control plane refuses to serve it.
+    let before = rt.block_on(object_keys(&s3, "cluster/sha256"));
+    let artifact = pack(
+        dir.path(),
+        "hello",
+        "2.0.0",
+        &pseudo_random(50_000),
+        &ci.key,
+    );
+    cp.ctl(&["module", "push", path(&artifact)]).ok();
+    let after = rt.block_on(object_keys(&s3, "cluster/sha256"));
+    let key = after
+        .difference(&before)
+        .next()
+        .expect("a new object")
+        .clone();
+    rt.block_on(async {
+        let raw = s3_client(&s3);
+        let key = object_store::path::Path::from(key.as_str());
+        let mut bytes = object_store::ObjectStoreExt::get(&raw, &key)
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes")
+            .to_vec();
+        let at = bytes.len() - 100;
+        bytes[at] ^= 0x40;
+        object_store::ObjectStoreExt::put(&raw, &key, bytes.into())
+            .await
+            .expect("rot");
+        let channel = node_channel(&agent, &cp.url());
+        let err = store
+            .fetch(&channel, "hello", "2.0.0")
+            .await
+            .expect_err("rotten content");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    });
+    assert!(store.cached_digest("hello", "2.0.0").is_none());
 }

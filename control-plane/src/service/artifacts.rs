@@ -19,7 +19,7 @@ use hotswap_common::artifact::unpack::{UnpackError, check_artifact};
 use hotswap_common::artifact::{ArtifactError, ArtifactInfo, Digest, TrustSet};
 use hotswap_common::pb;
 use hotswap_common::timefmt::{now_ms, ts_from_ms};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Context;
 use crate::auth::{self, Permission};
-use crate::blobs::{BlobStore, HotBlobs};
+use crate::blobs::{BlobError, BlobStore, HotBlobs};
 use crate::error::ApiError;
 use crate::store::{ArtifactRecord, KeyRecord, SignatureRecord, YankRecord};
 
@@ -45,12 +45,12 @@ const HOT_BLOBS_BYTES: u64 = 64 * 1024 * 1024;
 
 pub struct ArtifactsService {
     ctx: Arc<Context>,
-    blobs: BlobStore,
+    blobs: Arc<dyn BlobStore>,
     hot: HotBlobs,
 }
 
 impl ArtifactsService {
-    pub fn new(ctx: Arc<Context>, blobs: BlobStore) -> Self {
+    pub fn new(ctx: Arc<Context>, blobs: Arc<dyn BlobStore>) -> Self {
         Self {
             ctx,
             blobs,
@@ -185,12 +185,10 @@ impl ArtifactsService {
             )));
         }
 
-        let blobs = self.blobs.clone();
-        let (source, offset, len) = (upload.to_path_buf(), info.content_offset, info.content_len);
-        tokio::task::spawn_blocking(move || blobs.put_from(&source, offset, len, &digest))
+        self.blobs
+            .put_from(upload, info.content_offset, info.content_len, &digest)
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::io(&format!("cannot store blob {digest}"), &e))?;
+            .map_err(blob_error)?;
 
         let names = self.key_names()?;
         match existing {
@@ -681,7 +679,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
                 request.offset
             ))
         };
-        match self.hot.get(&self.blobs, &digest).await {
+        match self.hot.get(&*self.blobs, &digest).await {
             Ok(Some(content)) => {
                 let size = content.len() as u64;
                 if request.offset > size {
@@ -701,25 +699,18 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
                 return Ok(Response::new(Box::pin(tokio_stream::iter(chunks))));
             }
             Ok(None) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found().into()),
+            Err(BlobError::NotFound { .. }) => return Err(not_found().into()),
             Err(e) => return Err(ApiError::Internal(format!("reading {digest}: {e}")).into()),
         }
-        // Too big to keep in memory: stream it from disk.
-        let path = self.blobs.path(&digest);
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|_| not_found())?;
-        let size = file
-            .metadata()
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .len();
-        if request.offset > size {
-            return Err(past_end(size).into());
-        }
-        file.seek(std::io::SeekFrom::Start(request.offset))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        // Too big to keep in memory: stream it from the store.
+        let blob = match self.blobs.open(&digest, request.offset).await {
+            Ok(blob) => blob,
+            Err(BlobError::NotFound { .. }) => return Err(not_found().into()),
+            Err(BlobError::PastEnd { size, .. }) => return Err(past_end(size).into()),
+            Err(e) => return Err(ApiError::Internal(format!("reading {digest}: {e}")).into()),
+        };
+        let size = blob.size;
+        let mut file = blob.reader;
         // Each transfer reads the blob from disk once, one chunk at a time; the
         // channel bounds how far reading runs ahead of a slow receiver.
         let (tx, rx) = mpsc::channel(4);
@@ -752,5 +743,14 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A failure to store a blob: a full local disk is `Unavailable` (free space
+/// and retry), anything else internal.
+fn blob_error(error: BlobError) -> ApiError {
+    match error.io_error() {
+        Some(io) => ApiError::io(&error.to_string(), io),
+        None => ApiError::Internal(error.to_string()),
     }
 }

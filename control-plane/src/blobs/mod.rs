@@ -1,97 +1,126 @@
-//! Content-addressed blob storage on disk: `DATA_DIR/blobs/sha256/<hex>`.
-//! Blobs are written to a temporary file, fsynced, and renamed into place, so
-//! a blob that exists under its digest is complete. Uploads in progress live
-//! in `blobs/tmp/` and are cleared at start-up.
+//! Artifact content, named by its SHA-256 digest, behind a port of our own
+//! (`BlobStore`). Two backends: `local` (files under the data directory, the
+//! default) and `s3` (an S3-compatible object store, SPEC §7). Uploads are
+//! always staged in a local temporary file and verified before they are put;
+//! `HotBlobs` keeps small blobs in memory in front of either.
 
-use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+pub mod local;
+pub mod s3;
+
+use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 
 use hotswap_common::artifact::Digest;
-use hotswap_common::fsutil;
+use tokio::io::AsyncRead;
 
-#[derive(Clone, Debug)]
-pub struct BlobStore {
-    root: PathBuf,
+pub use local::LocalBlobs;
+pub use s3::{S3Blobs, S3Config, S3Credentials, create_bucket_if_missing};
+
+/// Why a blob operation failed; every variant names the blob or the store.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("no blob with digest {digest}")]
+    NotFound { digest: Digest },
+    #[error("offset {offset} is past the end of {digest} ({size} bytes)")]
+    PastEnd {
+        digest: Digest,
+        offset: u64,
+        size: u64,
+    },
+    /// The bytes stored under a digest are not the bytes it names: never
+    /// served.
+    #[error("blob {digest} is corrupt in the store: {detail}")]
+    Corrupt { digest: Digest, detail: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The object store refused our credentials.
+    #[error(
+        "object store refused {operation} in bucket {bucket:?} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): {detail}"
+    )]
+    Denied {
+        operation: String,
+        bucket: String,
+        detail: String,
+    },
+    #[error("object store {operation} in bucket {bucket:?} failed: {detail}")]
+    Remote {
+        operation: String,
+        bucket: String,
+        detail: String,
+    },
+    #[error("blob store configuration: {0}")]
+    Config(String),
 }
 
-impl BlobStore {
-    /// Open (creating the directories) and remove leftovers of interrupted uploads.
-    pub fn open(root: &Path) -> io::Result<Self> {
-        let store = Self {
-            root: root.to_path_buf(),
-        };
-        fsutil::create_private_dir(&store.root.join("sha256"))?;
-        let tmp = store.tmp_dir();
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
+impl BlobError {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        BlobError::Io {
+            context: context.into(),
+            source,
         }
-        fsutil::create_private_dir(&tmp)?;
-        Ok(store)
     }
 
-    pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
+    /// The underlying I/O error, when the failure was local disk I/O (for
+    /// telling a full disk from other failures).
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            BlobError::Io { source, .. } => Some(source),
+            _ => None,
+        }
     }
+}
 
-    /// A fresh temporary path for an upload.
-    pub fn tmp_path(&self, purpose: &str) -> PathBuf {
-        self.tmp_dir()
-            .join(format!("{purpose}-{}", uuid::Uuid::new_v4()))
-    }
+/// A blob's bytes from some offset on, with its total size.
+pub struct BlobReader {
+    /// Size of the whole blob, not of what is left after the offset.
+    pub size: u64,
+    /// The bytes from the requested offset to the end. A backend that checks
+    /// digests on read fails the read (an `io::Error` naming the digest)
+    /// before the last byte of a corrupt blob is returned.
+    pub reader: Pin<Box<dyn AsyncRead + Send>>,
+}
 
-    pub fn path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("sha256").join(digest.hex())
-    }
+/// Where artifact content lives. Blobs are immutable and named by digest, so
+/// putting one twice is harmless and a copy is never stale.
+#[async_trait::async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// A fresh path in a local directory for staging an upload; the caller
+    /// removes the file when done. Leftovers are cleared when the store opens.
+    fn tmp_path(&self, purpose: &str) -> PathBuf;
 
-    pub fn contains(&self, digest: &Digest) -> bool {
-        self.path(digest).is_file()
-    }
-
-    /// Copy `len` bytes at `offset` of `source` into the blob for `digest`,
-    /// checking the digest on the way. A blob already present is kept.
-    pub fn put_from(
+    /// Store `len` bytes at `offset` of the local file `source` as the blob
+    /// `digest`, checking the digest on the way. A blob already present is
+    /// kept and the call succeeds.
+    async fn put_from(
         &self,
         source: &Path,
         offset: u64,
         len: u64,
         digest: &Digest,
-    ) -> io::Result<()> {
-        let target = self.path(digest);
-        if target.is_file() {
-            return Ok(());
-        }
-        let tmp = self.tmp_path("blob");
-        let result = (|| {
-            let mut input = File::open(source)?;
-            input.seek(SeekFrom::Start(offset))?;
-            let mut input = input.take(len);
-            let mut output = File::create(&tmp)?;
-            let mut hasher = sha2::Sha256::default();
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = input.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                sha2::Digest::update(&mut hasher, &buf[..n]);
-                output.write_all(&buf[..n])?;
-            }
-            let written = Digest(sha2::Digest::finalize(hasher).into());
-            if written != *digest {
-                return Err(io::Error::other(format!(
-                    "blob digest changed while copying: {written} != {digest}"
-                )));
-            }
-            output.sync_all()?;
-            fs::rename(&tmp, &target)?;
-            fsutil::sync_dir(&self.root.join("sha256"))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
-    }
+    ) -> Result<(), BlobError>;
+
+    /// Whether the blob exists.
+    async fn contains(&self, digest: &Digest) -> Result<bool, BlobError>;
+
+    /// Size of the blob in bytes.
+    async fn size(&self, digest: &Digest) -> Result<u64, BlobError>;
+
+    /// The whole blob when it is at most `max` bytes long, `None` when it is
+    /// longer.
+    async fn read_small(
+        &self,
+        digest: &Digest,
+        max: u64,
+    ) -> Result<Option<bytes::Bytes>, BlobError>;
+
+    /// The blob's bytes from `offset` on (agents resume interrupted
+    /// fetches). `PastEnd` when `offset` is beyond its size.
+    async fn open(&self, digest: &Digest, offset: u64) -> Result<BlobReader, BlobError>;
 }
 
 /// Small blobs kept in memory after their first fetch. A deployment sends the
@@ -168,13 +197,13 @@ impl HotBlobs {
     }
 
     /// The whole content of `digest` from memory, read from `store` on a
-    /// miss; `Ok(None)` when the blob is too big to cache (stream it from
-    /// disk). `NotFound` when there is no such blob.
+    /// miss; `Ok(None)` when the blob is too big to cache (stream it with
+    /// `BlobStore::open`). `BlobError::NotFound` when there is no such blob.
     pub async fn get(
         &self,
-        store: &BlobStore,
+        store: &dyn BlobStore,
         digest: &Digest,
-    ) -> io::Result<Option<bytes::Bytes>> {
+    ) -> Result<Option<bytes::Bytes>, BlobError> {
         if let Some(bytes) = self.cached(digest) {
             return Ok(Some(bytes));
         }
@@ -182,24 +211,9 @@ impl HotBlobs {
         if let Some(bytes) = self.cached(digest) {
             return Ok(Some(bytes));
         }
-        let path = store.path(digest);
-        let max_blob = self.max_blob;
-        let loaded = tokio::task::spawn_blocking(move || -> io::Result<Option<Vec<u8>>> {
-            let mut file = File::open(&path)?;
-            if file.metadata()?.len() > max_blob {
-                return Ok(None);
-            }
-            let mut content = Vec::new();
-            // One more byte than allowed: a blob that grew is not cached.
-            (&mut file).take(max_blob + 1).read_to_end(&mut content)?;
-            Ok((content.len() as u64 <= max_blob).then_some(content))
-        })
-        .await
-        .map_err(io::Error::other)??;
-        let Some(content) = loaded else {
+        let Some(bytes) = store.read_small(digest, self.max_blob).await? else {
             return Ok(None);
         };
-        let bytes = bytes::Bytes::from(content);
         self.entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -216,15 +230,17 @@ impl HotBlobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// A blob of `len` bytes of `fill` in `store`, returned by digest.
-    fn blob(store: &BlobStore, dir: &Path, fill: u8, len: usize) -> Digest {
+    async fn blob(store: &LocalBlobs, dir: &Path, fill: u8, len: usize) -> Digest {
         let content = vec![fill; len];
         let source = dir.join(format!("src-{fill}"));
         fs::write(&source, &content).expect("write source");
         let digest = Digest::of(&content);
         store
             .put_from(&source, 0, len as u64, &digest)
+            .await
             .expect("put blob");
         digest
     }
@@ -232,12 +248,12 @@ mod tests {
     #[tokio::test]
     async fn hot_blobs_serve_from_memory_evict_the_least_recent_and_skip_big_ones() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let store = BlobStore::open(&tmp.path().join("blobs")).expect("open");
+        let store = LocalBlobs::open(&tmp.path().join("blobs")).expect("open");
         let hot = HotBlobs::new(1000, 2500);
-        let a = blob(&store, tmp.path(), 1, 1000);
-        let b = blob(&store, tmp.path(), 2, 1000);
-        let c = blob(&store, tmp.path(), 3, 1000);
-        let big = blob(&store, tmp.path(), 4, 1001);
+        let a = blob(&store, tmp.path(), 1, 1000).await;
+        let b = blob(&store, tmp.path(), 2, 1000).await;
+        let c = blob(&store, tmp.path(), 3, 1000).await;
+        let big = blob(&store, tmp.path(), 4, 1001).await;
 
         let got = hot.get(&store, &a).await.expect("get a").expect("cached");
         assert_eq!(&got[..], &[1u8; 1000][..]);
@@ -253,7 +269,7 @@ mod tests {
         assert_eq!(hot.size(), 2000);
         fs::remove_file(store.path(&b)).expect("remove b");
         let err = hot.get(&store, &b).await.expect_err("b was evicted");
-        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(matches!(err, BlobError::NotFound { .. }), "{err}");
         assert!(hot.get(&store, &a).await.expect("a").is_some());
 
         // Too big to keep: the caller streams it from disk.
@@ -262,6 +278,6 @@ mod tests {
         // No such blob at all.
         let missing = Digest::of(b"nothing");
         let err = hot.get(&store, &missing).await.expect_err("missing");
-        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(matches!(err, BlobError::NotFound { .. }), "{err}");
     }
 }
