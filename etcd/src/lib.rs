@@ -13,11 +13,12 @@
 //! [`TxnOp`], [`WatchEvent`] and [`Error`].
 //!
 //! Modules: `endpoint` (parsing the endpoint list), `error`, `kv` (keys and
-//! lease ids), `txn` (compare
+//! lease ids), `election` (leader election with a fenced leadership), `txn` (compare
 //! and operation builders), `client` (connections, failover, key-value
 //! calls), `lease` (grant, keep-alive, revoke) and `watch`.
 
 mod client;
+mod election;
 mod endpoint;
 mod error;
 mod kv;
@@ -26,6 +27,7 @@ mod txn;
 mod watch;
 
 pub use client::{Client, ClientConfig, MemberStatus, RangePage};
+pub use election::{Election, Leadership};
 pub use endpoint::{EtcdEndpoint, parse_endpoints};
 pub use error::Error;
 pub use kv::{KeyValue, LeaseId};

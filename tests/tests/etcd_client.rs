@@ -346,3 +346,105 @@ async fn a_killed_member_is_failed_over_and_rejoins_after_restart() {
         .await
         .expect("put via rejoined member");
 }
+
+/// Leader election (the pattern the HA control plane leads with): the
+/// first candidate leads, the others wait in create-revision order; a
+/// resignation hands over at once, an expired lease after its TTL; and a
+/// leader that lost its key can no longer commit a fenced write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_at_a_time_and_old_leaders_are_fenced() {
+    let cluster = EtcdCluster::start(3);
+    let etcd = client(&cluster.endpoints()).await;
+    let election = hotswap_etcd::Election::new(etcd.clone(), b"/t/election/".to_vec());
+    let ttl = Duration::from_secs(2);
+
+    let first = etcd.grant(ttl).await.expect("grant");
+    let first_alive = etcd.keep_alive(first);
+    let a = tokio::time::timeout(patience(), election.campaign(first.id, b"a"))
+        .await
+        .expect("the only candidate leads at once")
+        .expect("campaign");
+
+    // Two more candidates wait behind it, in the order they joined.
+    let second = etcd.grant(ttl).await.expect("grant");
+    let second_alive = etcd.keep_alive(second);
+    let b_campaign = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign(second.id, b"b").await }
+    });
+    eventually_async("b is a candidate", || {
+        let etcd = etcd.clone();
+        let key = election.key_of(second.id);
+        async move {
+            match etcd.get(key).await {
+                Ok(Some(_)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let third = etcd.grant(ttl).await.expect("grant");
+    let third_alive = etcd.keep_alive(third);
+    let c_campaign = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign(third.id, b"c").await }
+    });
+    let leader = election
+        .leader()
+        .await
+        .expect("leader")
+        .expect("someone leads");
+    assert_eq!(leader.value, b"a");
+    assert!(!b_campaign.is_finished() && !c_campaign.is_finished());
+
+    // The leader's fenced write commits.
+    let fenced = |l: &hotswap_etcd::Leadership, value: &str| {
+        (
+            vec![l.fence()],
+            vec![TxnOp::put(b"/t/owned".to_vec(), value.to_string())],
+        )
+    };
+    let (compares, ops) = fenced(&a, "by a");
+    assert!(etcd.txn(&compares, &ops, &[]).await.expect("txn").succeeded);
+
+    // A resigns: B leads at once, and A's writes no longer commit.
+    election.resign(&a).await.expect("resign");
+    let b = tokio::time::timeout(patience(), b_campaign)
+        .await
+        .expect("b leads after the resignation")
+        .expect("task")
+        .expect("campaign");
+    assert!(
+        !etcd.txn(&compares, &ops, &[]).await.expect("txn").succeeded,
+        "a is fenced"
+    );
+    let (compares, ops) = fenced(&b, "by b");
+    assert!(etcd.txn(&compares, &ops, &[]).await.expect("txn").succeeded);
+    assert!(!c_campaign.is_finished(), "c still waits behind b");
+    drop(first_alive);
+
+    // B stops renewing (a paused process): after its TTL, C leads, and
+    // B's write, however late it comes, changes nothing.
+    drop(second_alive);
+    let c = tokio::time::timeout(patience(), c_campaign)
+        .await
+        .expect("c leads once b's lease expired")
+        .expect("task")
+        .expect("campaign");
+    assert!(
+        !etcd.txn(&compares, &ops, &[]).await.expect("txn").succeeded,
+        "b is fenced"
+    );
+    let owned = etcd
+        .get(b"/t/owned".to_vec())
+        .await
+        .expect("get")
+        .expect("owned");
+    assert_eq!(owned.value, b"by b");
+    assert_eq!(
+        election.leader().await.expect("leader").map(|kv| kv.value),
+        Some(b"c".to_vec())
+    );
+    assert_eq!(c.lease, third.id);
+    drop(third_alive);
+}
