@@ -117,6 +117,51 @@ pub enum BlobsBackend {
 }
 
 impl BlobsSettings {
+    /// The settings `run --blobs URL [--s3-endpoint URL] [--s3-region R]`
+    /// give (SPEC §7): `s3://BUCKET[/PREFIX]` for a bucket, `local` for the
+    /// data directory.
+    pub fn from_flags(
+        blobs: &str,
+        endpoint: Option<&str>,
+        region: Option<&str>,
+    ) -> Result<Self, String> {
+        if blobs == "local" {
+            if endpoint.is_some() || region.is_some() {
+                return Err("--s3-endpoint and --s3-region need --blobs s3://BUCKET".into());
+            }
+            return Ok(Self::default());
+        }
+        let Some(rest) = blobs.strip_prefix("s3://") else {
+            return Err(format!(
+                "--blobs {blobs:?}: expected s3://BUCKET[/PREFIX] or local"
+            ));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'));
+        if !valid_bucket {
+            return Err(format!(
+                "--blobs {blobs:?}: bucket {bucket:?} must be 3-63 lowercase letters, digits, '-' or '.'"
+            ));
+        }
+        if let Some(endpoint) = endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(format!(
+                "--s3-endpoint {endpoint:?}: expected http:// or https:// and a host"
+            ));
+        }
+        Ok(Self {
+            backend: BlobsBackend::S3,
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_end_matches('/').to_string(),
+            endpoint: endpoint.map(str::to_string),
+            region: region.map(str::to_string),
+        })
+    }
+
     /// The S3 backend's settings, when that is the backend.
     pub fn s3(&self) -> Option<crate::blobs::S3Config> {
         (self.backend == BlobsBackend::S3).then(|| crate::blobs::S3Config {
@@ -442,6 +487,41 @@ mod tests {
             err.contains("heartbeat_grace must be longer") && err.contains("storage_cache_bytes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn blobs_flags_name_a_bucket_and_prefix() {
+        let s3 = BlobsSettings::from_flags(
+            "s3://artifacts/prod/eu/",
+            Some("http://127.0.0.1:8333"),
+            Some("eu-west-1"),
+        )
+        .expect("s3 url");
+        assert_eq!(
+            (s3.backend, s3.bucket.as_str(), s3.prefix.as_str()),
+            (BlobsBackend::S3, "artifacts", "prod/eu")
+        );
+        assert_eq!(s3.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            BlobsSettings::from_flags("s3://artifacts", None, None)
+                .expect("no prefix")
+                .prefix,
+            ""
+        );
+        assert_eq!(
+            BlobsSettings::from_flags("local", None, None),
+            Ok(BlobsSettings::default())
+        );
+        for (bad, why) in [
+            ("https://artifacts", "expected s3://"),
+            ("s3://", "bucket \"\""),
+            ("s3://Art_ifacts", "lowercase"),
+        ] {
+            let err = BlobsSettings::from_flags(bad, None, None).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        assert!(BlobsSettings::from_flags("local", Some("http://x"), None).is_err());
+        assert!(BlobsSettings::from_flags("s3://abc", Some("ftp://x"), None).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use hotswap_common::logging::{self, LogFormat};
 use hotswap_common::signals::{cancel_on_signal, fail};
 use hotswap_common::telemetry::Service;
-use hotswap_control_plane::config::{RunConfig, Settings};
+use hotswap_control_plane::config::{BlobsSettings, RunConfig, Settings};
 use hotswap_control_plane::{init, rotation, server};
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +68,18 @@ enum Command {
         /// gone; without this flag such a start is refused.
         #[arg(long)]
         recover_empty_db: bool,
+        /// Where artifact content lives: `s3://BUCKET[/PREFIX]` for an
+        /// S3-compatible store (credentials from AWS_ACCESS_KEY_ID and
+        /// AWS_SECRET_ACCESS_KEY), or `local` (DATA_DIR/blobs). Overrides the
+        /// config file's `[blobs]`.
+        #[arg(long)]
+        blobs: Option<String>,
+        /// Endpoint of an S3-compatible store other than AWS.
+        #[arg(long, requires = "blobs")]
+        s3_endpoint: Option<String>,
+        /// Region of the bucket (default us-east-1).
+        #[arg(long, requires = "blobs")]
+        s3_region: Option<String>,
     },
     /// Issue a new server key and certificate (control plane stopped).
     #[command(
@@ -159,11 +171,29 @@ fn main() -> ExitCode {
             admin_listen,
             config: config_path,
             recover_empty_db,
+            blobs,
+            s3_endpoint,
+            s3_region,
         } => {
-            let settings = match config_path.as_deref().map(Settings::load).transpose() {
+            let mut settings = match config_path.as_deref().map(Settings::load).transpose() {
                 Ok(settings) => settings.unwrap_or_default(),
                 Err(e) => return fail(&e),
             };
+            let blob_flags = BlobFlags {
+                blobs,
+                s3_endpoint,
+                s3_region,
+            };
+            if let Some(url) = &blob_flags.blobs {
+                match BlobsSettings::from_flags(
+                    url,
+                    blob_flags.s3_endpoint.as_deref(),
+                    blob_flags.s3_region.as_deref(),
+                ) {
+                    Ok(from_flags) => settings.blobs = from_flags,
+                    Err(e) => return fail(&e),
+                }
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => return fail(&e),
@@ -192,6 +222,7 @@ fn main() -> ExitCode {
                         grpc,
                         admin,
                         config_path.as_deref(),
+                        &blob_flags,
                     )
                 }
                 Err(e) => fail(&e),
@@ -203,12 +234,20 @@ fn main() -> ExitCode {
 /// Run again in place (same pid, for the service manager): `exec` this
 /// binary with the same settings, on the addresses just served, so agents
 /// and clients find it where it was. Returns only if `exec` fails.
+/// The blob flags of `run`, passed on unchanged when it restarts in place.
+struct BlobFlags {
+    blobs: Option<String>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+}
+
 fn restart(
     log_format: LogFormat,
     data_dir: &std::path::Path,
     grpc: SocketAddr,
     admin: SocketAddr,
     config: Option<&std::path::Path>,
+    blobs: &BlobFlags,
 ) -> ExitCode {
     use std::os::unix::process::CommandExt;
     let mut command = std::process::Command::new("/proc/self/exe");
@@ -224,6 +263,15 @@ fn restart(
         .arg(admin.to_string());
     if let Some(config) = config {
         command.arg("--config").arg(config);
+    }
+    for (flag, value) in [
+        ("--blobs", &blobs.blobs),
+        ("--s3-endpoint", &blobs.s3_endpoint),
+        ("--s3-region", &blobs.s3_region),
+    ] {
+        if let Some(value) = value {
+            command.arg(flag).arg(value);
+        }
     }
     let error = command.exec();
     eprintln!("error: cannot restart the control plane: {error}");

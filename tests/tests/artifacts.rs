@@ -1013,3 +1013,45 @@ fn with_the_s3_backend_content_lives_in_the_bucket_and_is_checked_on_the_way_out
     });
     assert!(store.cached_digest("hello", "2.0.0").is_none());
 }
+
+/// `run --blobs s3://BUCKET/PREFIX --s3-endpoint URL --s3-region R` (SPEC §7)
+/// selects the bucket without a config file; a malformed `--blobs` is
+/// refused before anything starts.
+#[test]
+fn blob_flags_select_the_bucket_and_bad_ones_are_refused() {
+    let s3 = SeaweedS3::start("hotswap-flags");
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    let (status, log) = cp.start_refused(&["--blobs", "ftp://somewhere"]);
+    assert!(!status.success());
+    assert!(
+        log.contains("expected s3://BUCKET[/PREFIX] or local"),
+        "{log}"
+    );
+
+    cp.set_env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY);
+    cp.set_env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY);
+    let blobs = format!("s3://{}/by-flag", s3.bucket);
+    cp.start_with_args(&[
+        "--blobs",
+        &blobs,
+        "--s3-endpoint",
+        &s3.endpoint,
+        "--s3-region",
+        S3_REGION,
+    ]);
+    let ci = publisher(dir.path(), "ci");
+    cp.ctl(&["keys", "trust", path(&ci.public), "--name", "ci"])
+        .ok();
+    let artifact = pack(
+        dir.path(),
+        "hello",
+        "1.0.0",
+        &pseudo_random(50_000),
+        &ci.key,
+    );
+    cp.ctl(&["module", "push", path(&artifact)]).ok();
+    let rt = runtime();
+    assert_eq!(rt.block_on(object_keys(&s3, "by-flag/sha256")).len(), 1);
+    assert_eq!(blob_count(&cp), 0, "nothing in the local blob directory");
+}
