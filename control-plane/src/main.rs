@@ -47,6 +47,17 @@ enum Command {
         /// Endpoint written into the admin profile.
         #[arg(long, default_value = "https://127.0.0.1:7443")]
         endpoint: String,
+        /// Keep artifact content in `s3://BUCKET[/PREFIX]`: the bucket is
+        /// created if it does not exist (credentials from AWS_ACCESS_KEY_ID
+        /// and AWS_SECRET_ACCESS_KEY). Give `run` the same flags.
+        #[arg(long)]
+        blobs: Option<String>,
+        /// Endpoint of an S3-compatible store other than AWS.
+        #[arg(long, requires = "blobs")]
+        s3_endpoint: Option<String>,
+        /// Region of the bucket (default us-east-1).
+        #[arg(long, requires = "blobs")]
+        s3_region: Option<String>,
     },
     /// Serve the gRPC API and the admin endpoint.
     #[command(
@@ -123,7 +134,26 @@ fn main() -> ExitCode {
             data_dir,
             sans,
             endpoint,
+            blobs,
+            s3_endpoint,
+            s3_region,
         } => {
+            // The bucket first: a refused one leaves no data directory behind.
+            if let Some(url) = &blobs {
+                let settings = match BlobsSettings::from_flags(
+                    url,
+                    s3_endpoint.as_deref(),
+                    s3_region.as_deref(),
+                ) {
+                    Ok(settings) => settings,
+                    Err(e) => return fail(&e),
+                };
+                if let Some(s3) = settings.s3()
+                    && let Err(e) = create_bucket(&s3)
+                {
+                    return fail(&e);
+                }
+            }
             match init::init(&init::InitOptions {
                 data_dir: data_dir.clone(),
                 sans,
@@ -234,6 +264,25 @@ fn main() -> ExitCode {
 /// Run again in place (same pid, for the service manager): `exec` this
 /// binary with the same settings, on the addresses just served, so agents
 /// and clients find it where it was. Returns only if `exec` fails.
+/// Create the bucket of `s3` unless it exists, saying which happened.
+fn create_bucket(s3: &hotswap_control_plane::blobs::S3Config) -> Result<(), String> {
+    let credentials =
+        hotswap_control_plane::blobs::S3Credentials::from_env().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let created = runtime
+        .block_on(hotswap_control_plane::blobs::create_bucket_if_missing(
+            s3,
+            &credentials,
+        ))
+        .map_err(|e| e.to_string())?;
+    if created {
+        println!("created bucket {}", s3.bucket);
+    } else {
+        println!("bucket {} exists", s3.bucket);
+    }
+    Ok(())
+}
+
 /// The blob flags of `run`, passed on unchanged when it restarts in place.
 struct BlobFlags {
     blobs: Option<String>,

@@ -1055,3 +1055,40 @@ fn blob_flags_select_the_bucket_and_bad_ones_are_refused() {
     assert_eq!(rt.block_on(object_keys(&s3, "by-flag/sha256")).len(), 1);
     assert_eq!(blob_count(&cp), 0, "nothing in the local blob directory");
 }
+
+/// `init --blobs s3://BUCKET` creates the bucket when it is missing, finds
+/// it on a second init, and refuses a malformed URL before writing the
+/// data directory.
+#[test]
+fn init_creates_the_bucket_it_is_given() {
+    let s3 = SeaweedS3::start("hotswap-existing");
+    let dir = TestDir::new();
+    let init = |data_dir: &str, blobs: &str| {
+        std::process::Command::new(hotswap_tests::binary("hotswap-control-plane"))
+            .args(["init", "--data-dir"])
+            .arg(dir.path().join(data_dir))
+            .args(["--blobs", blobs, "--s3-endpoint", &s3.endpoint])
+            .args(["--s3-region", S3_REGION])
+            .env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+            .output()
+            .expect("run init")
+    };
+    let first = init("one", "s3://made-by-init/prefix");
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(first.status.success(), "{first:?}");
+    assert!(stdout.contains("created bucket made-by-init"), "{stdout}");
+    let second = init("two", "s3://made-by-init");
+    assert!(second.status.success(), "{second:?}");
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains("bucket made-by-init exists"),
+        "{second:?}"
+    );
+    let bad = init("three", "s3://No_Such");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("lowercase"),
+        "{bad:?}"
+    );
+    assert!(!dir.path().join("three").exists(), "nothing written");
+}
