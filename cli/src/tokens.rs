@@ -18,9 +18,10 @@ pub enum TokensCommand {
         after_help = "Examples:\n  hotswapctl tokens create\n  hotswapctl tokens create --ttl 24h --uses 10 --label environment=production"
     )]
     Create {
-        /// Lifetime of the token.
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
-        ttl: Duration,
+        /// Lifetime of the token; without it, the control plane's
+        /// `token_default_ttl` (1h unless configured).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
         /// How many nodes may enroll with it.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         uses: u32,
@@ -36,7 +37,9 @@ pub async fn run(ctx: &Context, command: TokensCommand) -> Result<(), CliError> 
             // The wire counts whole seconds and 0 means "the control plane's
             // default", so a lifetime under a second cannot be sent as what
             // it is: refuse it here rather than round it to 1s or to 1h.
-            if ttl < Duration::from_secs(1) {
+            if let Some(ttl) = ttl
+                && ttl < Duration::from_secs(1)
+            {
                 return Err(CliError::Other(anyhow::anyhow!(
                     "--ttl {}ms is below 1s: a join token must live at least a second",
                     ttl.as_millis()
@@ -45,7 +48,8 @@ pub async fn run(ctx: &Context, command: TokensCommand) -> Result<(), CliError> 
             let conn = ctx.connect()?;
             let mut client = pb::fleet_client::FleetClient::new(conn.channel.clone());
             let request = pb::CreateTokenRequest {
-                ttl_seconds: ttl.as_secs(),
+                // 0: the control plane's default.
+                ttl_seconds: ttl.map_or(0, |ttl| ttl.as_secs()),
                 uses,
                 labels: labels.into_iter().collect(),
             };

@@ -511,3 +511,40 @@ fn agents_and_the_cli_fail_over_to_the_control_plane_that_answers() {
         assert_eq!(out.json().as_array().map(Vec::len), Some(2));
     }
 }
+
+/// `tokens create` without `--ttl` gets the control plane's
+/// `token_default_ttl`; with it, what it asks for.
+#[test]
+fn tokens_live_for_the_configured_default_unless_asked_otherwise() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init_with_settings(dir.path(), "token_default_ttl = \"2h\"\n");
+    cp.start();
+    let around = |hours: u64| {
+        let now = hotswap_common::timefmt::now_ms();
+        let at = now + hours * 3_600_000;
+        (
+            hotswap_common::timefmt::rfc3339_from_ms(at - 60_000),
+            hotswap_common::timefmt::rfc3339_from_ms(at + 60_000),
+        )
+    };
+    let expires = |args: &[&str]| {
+        let mut all = vec!["-o", "json", "tokens", "create"];
+        all.extend_from_slice(args);
+        cp.ctl(&all).json()["expires_at"]
+            .as_str()
+            .expect("expires_at")
+            .to_string()
+    };
+    let (low, high) = around(2);
+    let default = expires(&[]);
+    assert!(
+        low <= default && default <= high,
+        "{default} not within {low}..{high}"
+    );
+    let (low, high) = around(5);
+    let asked = expires(&["--ttl", "5h"]);
+    assert!(
+        low <= asked && asked <= high,
+        "{asked} not within {low}..{high}"
+    );
+}
