@@ -33,6 +33,21 @@ impl<K: Hash + Eq> RateLimiter<K> {
         self.per_second * 60.0
     }
 
+    /// Whether [`RateLimiter::check`] would allow an attempt for `key` at
+    /// `now`, without taking it; on refusal, how long until it would.
+    pub fn peek(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let refilled = buckets.get(key).map_or(self.burst, |(tokens, at)| {
+            (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_second)
+                .min(self.burst)
+        });
+        if refilled >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - refilled) / self.per_second))
+        }
+    }
+
     /// Take one attempt for `key` at `now`; on refusal, how long until the
     /// next attempt is allowed.
     pub fn check(&self, key: K, now: Instant) -> Result<(), Duration> {
@@ -61,6 +76,20 @@ impl<K: Hash + Eq> RateLimiter<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peeking_takes_nothing() {
+        let limiter = RateLimiter::new(60, 1);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(limiter.peek(&"a", t0), Ok(()));
+        }
+        assert_eq!(limiter.check("a", t0), Ok(()));
+        assert!(limiter.peek(&"a", t0).is_err());
+        assert!(limiter.check("a", t0).is_err());
+        // One second refills one attempt at 60 a minute.
+        assert_eq!(limiter.peek(&"a", t0 + Duration::from_secs(1)), Ok(()));
+    }
 
     #[test]
     fn burst_then_refill_per_address() {

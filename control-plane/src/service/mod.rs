@@ -83,6 +83,16 @@ impl OperatorLimits {
                 wait.as_secs().max(1)
             )
         };
+        let deploys = matches!(action, "deploy.create" | "pipeline.run");
+        // A deployment the deployment budget refuses spends no change.
+        if deploys && let Err(wait) = self.deployments.peek(&user.to_string(), now) {
+            return Err(refusal(
+                &self.deployments,
+                "deployments",
+                "deployments_per_minute",
+                wait,
+            ));
+        }
         if let Err(wait) = self.writes.check(user.to_string(), now) {
             return Err(refusal(
                 &self.writes,
@@ -91,9 +101,8 @@ impl OperatorLimits {
                 wait,
             ));
         }
-        if matches!(action, "deploy.create" | "pipeline.run")
-            && let Err(wait) = self.deployments.check(user.to_string(), now)
-        {
+        if deploys && let Err(wait) = self.deployments.check(user.to_string(), now) {
+            // Only a concurrent call of the same operator gets here.
             return Err(refusal(
                 &self.deployments,
                 "deployments",
@@ -267,9 +276,10 @@ mod limit_tests {
             refused.starts_with("rate limited: alice made more than 1 deployments per minute (deployments_per_minute); retry in "),
             "{refused}"
         );
-        // The refused deployment still spent a change; one is left.
+        // The refused deployment spent no change: two are left.
         assert!(limits.check("alice", "tokens.create").is_ok());
-        let refused = limits.check("alice", "users.create").unwrap_err();
+        assert!(limits.check("alice", "users.create").is_ok());
+        let refused = limits.check("alice", "keys.trust").unwrap_err();
         assert!(
             refused.contains("60 changes per minute (operator_writes_per_minute)"),
             "{refused}"
