@@ -49,6 +49,7 @@ use crate::sysinfo::{CpuSampler, NodeUsage};
 
 pub use crate::report::{AgentReport, ModuleReport};
 pub use hotswap_common::status::FailureKind;
+use hotswap_common::status::ModuleStatus;
 
 /// Why a step (stage, install, swap) did not happen.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1032,18 +1033,21 @@ impl Reconciler {
         let desired = self.state.desired.clone().unwrap_or_default();
         for (name, record) in &self.state.modules {
             let mut report = ModuleReport {
-                name: name.clone(),
-                version: record.active.clone().unwrap_or_default(),
-                previous_version: record.previous.clone().unwrap_or_default(),
-                staged_version: record.staged.clone().unwrap_or_default(),
-                phase: if record.active.is_some() {
-                    Phase::Running
-                } else if record.staged.is_some() {
-                    Phase::Staged
-                } else {
-                    Phase::Installing
+                status: ModuleStatus {
+                    name: name.clone(),
+                    version: record.active.clone().unwrap_or_default(),
+                    previous_version: record.previous.clone().unwrap_or_default(),
+                    staged_version: record.staged.clone().unwrap_or_default(),
+                    phase: if record.active.is_some() {
+                        Phase::Running
+                    } else if record.staged.is_some() {
+                        Phase::Staged
+                    } else {
+                        Phase::Installing
+                    },
+                    ..Default::default()
                 },
-                ..Default::default()
+                pid: 0,
             };
             if let Some(supervisor) = self.supervisors.get(name) {
                 let status: ProcessStatus = supervisor.status().borrow().clone();
@@ -1074,7 +1078,8 @@ impl Reconciler {
                     .into_iter()
                     .collect();
             }
-            report.settling.retain(|v| *v != report.version);
+            let status = &mut report.status;
+            status.settling.retain(|v| *v != status.version);
             // A desired version that keeps failing shows as failed.
             if let Some(want) = desired.modules.get(name)
                 && let Some(failure) = self.failures.get(&(name.clone(), want.version.clone()))
@@ -1095,14 +1100,17 @@ impl Reconciler {
             }
             let failure = self.failures.get(&(name.clone(), want.version.clone()));
             modules.push(ModuleReport {
-                name: name.clone(),
-                phase: match failure {
-                    Some(f) if !f.transient => Phase::Failed,
-                    _ => Phase::Installing,
+                status: ModuleStatus {
+                    name: name.clone(),
+                    phase: match failure {
+                        Some(f) if !f.transient => Phase::Failed,
+                        _ => Phase::Installing,
+                    },
+                    message: failure.map(|f| f.message.clone()).unwrap_or_default(),
+                    failure_kind: failure.map(|f| f.kind),
+                    ..Default::default()
                 },
-                message: failure.map(|f| f.message.clone()).unwrap_or_default(),
-                failure_kind: failure.map(|f| f.kind),
-                ..Default::default()
+                pid: 0,
             });
         }
         for m in &modules {

@@ -48,16 +48,9 @@ pub struct Histogram {
     pub sum: f64,
 }
 
-/// What canary analysis compares, over one interval.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Window {
-    /// Requests per second.
-    pub request_rate: f64,
-    /// Errors / requests in the interval; 0 when there were no requests.
-    pub error_rate: f64,
-    /// None when there were no requests.
-    pub latency_p99_seconds: Option<f64>,
-}
+/// What canary analysis compares, over one interval: the shared
+/// [`ModuleMetrics`](hotswap_common::status::ModuleMetrics) the report carries.
+pub type Window = hotswap_common::status::ModuleMetrics;
 
 /// Scrape a metrics endpoint and parse it. `timeout` bounds the whole
 /// request; bodies are capped at 4 MiB.

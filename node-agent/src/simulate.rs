@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use hotswap_common::artifact::Digest;
 use hotswap_common::labels::Labels;
-use hotswap_common::status::{Health, Phase};
+use hotswap_common::status::{Health, ModuleStatus, Phase};
 use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, Endpoints, ServerTrust};
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
@@ -436,28 +436,30 @@ fn report(
         modules: modules
             .iter()
             .map(|(name, m)| ModuleReport {
-                name: name.clone(),
-                version: m.version.clone(),
-                phase: m.phase,
-                health: m.health,
-                message: m.message.clone(),
-                staged_version: m.staged.clone(),
-                previous_version: m.previous.clone(),
-                restarts: 0,
-                crash_loop: false,
-                metrics: (m.phase == Phase::Running).then(|| Window {
-                    request_rate: 100.0,
-                    error_rate: if m.health == Health::Healthy {
-                        config.error_rate
-                    } else {
-                        1.0
-                    },
-                    latency_p99_seconds: Some(config.latency_p99.as_secs_f64()),
-                }),
+                status: ModuleStatus {
+                    name: name.clone(),
+                    version: m.version.clone(),
+                    phase: m.phase,
+                    health: m.health,
+                    message: m.message.clone(),
+                    staged_version: m.staged.clone(),
+                    previous_version: m.previous.clone(),
+                    restarts: 0,
+                    crash_loop: false,
+                    metrics: (m.phase == Phase::Running).then(|| Window {
+                        request_rate: 100.0,
+                        error_rate: if m.health == Health::Healthy {
+                            config.error_rate
+                        } else {
+                            1.0
+                        },
+                        latency_p99_seconds: Some(config.latency_p99.as_secs_f64()),
+                    }),
+                    // Simulated swaps are instant and never fail on the node.
+                    settling: Vec::new(),
+                    failure_kind: None,
+                },
                 pid: 0,
-                // Simulated swaps are instant and never fail on the node.
-                settling: Vec::new(),
-                failure_kind: None,
             })
             .collect(),
         observed_generation: if converged { generation } else { 0 },

@@ -60,28 +60,8 @@ pub fn report_to_pb(report: &AgentReport) -> pb::AgentMessage {
         .modules
         .iter()
         .map(|m| pb::ModuleStatus {
-            name: m.name.clone(),
-            version: m.version.clone(),
-            phase: m.phase.as_str().to_string(),
-            health: m.health.as_str().to_string(),
-            message: m.message.clone(),
-            staged_version: m.staged_version.clone(),
-            previous_version: m.previous_version.clone(),
-            restarts: m.restarts,
-            crash_loop: m.crash_loop,
-            metrics: m.metrics.map(|w| pb::ModuleMetrics {
-                request_rate: w.request_rate,
-                error_rate: w.error_rate,
-                // -1: no requests in the window, so no latency to speak of.
-                latency_p99_seconds: w.latency_p99_seconds,
-                interval_seconds: 0.0,
-            }),
             pid: m.pid,
-            settling_versions: m.settling.clone(),
-            failure_kind: m
-                .failure_kind
-                .map(|k| k.as_str().to_string())
-                .unwrap_or_default(),
+            ..pb::ModuleStatus::from(&m.status)
         })
         .collect();
     pb::AgentMessage {
@@ -160,17 +140,20 @@ mod tests {
         use crate::scrape::Window;
         use hotswap_common::status::{FailureKind, Health, Phase};
         let module = |latency, failure_kind| ModuleReport {
-            name: "web".into(),
-            version: "1.0.0".into(),
-            phase: Phase::Failed,
-            health: Health::Unhealthy,
-            metrics: Some(Window {
-                request_rate: 2.0,
-                error_rate: 0.5,
-                latency_p99_seconds: latency,
-            }),
-            failure_kind,
-            ..Default::default()
+            status: hotswap_common::status::ModuleStatus {
+                name: "web".into(),
+                version: "1.0.0".into(),
+                phase: Phase::Failed,
+                health: Health::Unhealthy,
+                metrics: Some(Window {
+                    request_rate: 2.0,
+                    error_rate: 0.5,
+                    latency_p99_seconds: latency,
+                }),
+                failure_kind,
+                ..Default::default()
+            },
+            pid: 7,
         };
         let report = AgentReport {
             modules: vec![
@@ -205,6 +188,11 @@ mod tests {
             Some(Some(0.25))
         );
         assert_eq!(failed.failure_kind, "infrastructure");
+        assert_eq!(
+            (quiet.pid, failed.pid),
+            (7, 7),
+            "the agent's process id rides along"
+        );
     }
 
     #[test]
