@@ -392,26 +392,8 @@ mod tests {
         }
     }
 
-    /// Flag-like names, to check the edge's wording is assembled right.
-    fn dashed(field: Field) -> &'static str {
-        match field {
-            Field::BatchSize => "--batch-size",
-            Field::Steps => "--steps",
-            Field::StepDuration => "--step-duration",
-            Field::ManualPromote => "--manual-promote",
-            Field::AnalysisMinRequests => "--analysis-min-requests",
-            Field::AnalysisWarmup => "--analysis-warmup",
-            Field::PauseTimeout => "--pause-timeout",
-            Field::BakeTime => "--bake-time",
-            Field::MaxErrorRate => "--max-error-rate",
-            Field::MaxLatencyIncrease => "--max-latency-increase",
-            Field::MinHealthyTime => "--min-healthy-time",
-            Field::HealthDeadline => "--health-deadline",
-            Field::ProgressDeadline => "--progress-deadline",
-            Field::AllowDowngrade => "--allow-downgrade",
-            Field::PipelineEnd => "--to",
-        }
-    }
+    /// The edge's flag names, to check the wording is assembled right.
+    use crate::error::flag_name as dashed;
 
     fn check(request: CreateRequest, expected: &str) {
         let error = build(&request, &Settings::default(), "alice").expect_err(expected);
