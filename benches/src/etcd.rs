@@ -30,9 +30,8 @@ use tonic::transport::Channel;
 
 use crate::{cpu_seconds, machine, round, rss_kib};
 
-pub mod pb {
-    tonic::include_proto!("etcdserverpb");
-}
+/// etcd's v3 stubs, shared with the HA store's client.
+pub use hotswap_etcd::pb;
 
 /// The etcd binary of Debian's `etcd-server` package.
 const ETCD: &str = "/usr/bin/etcd";

@@ -35,9 +35,11 @@ pub use lease::{KeepAlive, Lease, LeaseLost};
 pub use txn::{Compare, CompareOp, TxnOp, TxnOpResult, TxnResult};
 pub use watch::{WatchEvent, WatchEventKind, WatchStream};
 
-/// The etcd v3 API slice, generated from `proto/etcd.proto`.
+/// The etcd v3 API slice, generated from `proto/etcd.proto`. Public only
+/// for the peer benchmarks, which drive etcd at the wire level; everything
+/// else goes through [`Client`].
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
-mod pb {
+pub mod pb {
     tonic::include_proto!("etcdserverpb");
 }
 
