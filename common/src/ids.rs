@@ -87,6 +87,31 @@ string_id!(
     ModuleName
 );
 
+impl DeploymentId {
+    /// A fresh id: `d-` and ten random hex digits.
+    pub fn generate() -> Self {
+        Self(format!("d-{}", hex::encode(rand::random::<[u8; 5]>())))
+    }
+}
+
+impl NodeId {
+    /// A fresh id: a random (version 4) UUID, as node certificates name it.
+    pub fn generate() -> Self {
+        let mut bytes = rand::random::<[u8; 16]>();
+        bytes[6] = (bytes[6] & 0x0f) | 0x40;
+        bytes[8] = (bytes[8] & 0x3f) | 0x80;
+        let hex = hex::encode(bytes);
+        Self(format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        ))
+    }
+}
+
 impl ModuleName {
     /// A module name as manifests allow it: 2 to 63 lowercase letters,
     /// digits and dashes, starting with a letter or digit.
@@ -219,6 +244,25 @@ mod tests {
         assert!(ModuleName::parse("hello_world").is_err());
         assert!(ModuleName::parse(&"a".repeat(63)).is_ok());
         assert!(ModuleName::parse(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn generated_ids_have_their_shapes() {
+        let d = DeploymentId::generate();
+        assert!(
+            d.as_str().starts_with("d-") && d.as_str().len() == 12,
+            "{d}"
+        );
+        assert!(
+            d.as_str()[2..].bytes().all(|b| b.is_ascii_hexdigit()),
+            "{d}"
+        );
+        let n = NodeId::generate();
+        let parts: Vec<usize> = n.as_str().split('-').map(str::len).collect();
+        assert_eq!(parts, [8, 4, 4, 4, 12], "{n}");
+        assert_eq!(&n.as_str()[14..15], "4", "version 4: {n}");
+        assert_ne!(NodeId::generate(), n);
+        assert_ne!(DeploymentId::generate(), d);
     }
 
     #[test]

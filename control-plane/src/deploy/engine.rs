@@ -792,7 +792,7 @@ impl Engine {
                 state: active.deployment.state.as_str(),
             });
         }
-        let id = format!("d-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let id = hotswap_common::ids::DeploymentId::generate().into_string();
         // One trace per deployment. Its root span is a marker that ends at
         // once; what joins the trace is its context, stored with the record.
         let traceparent = trace::deployment_root(

@@ -88,7 +88,7 @@ impl EnrollmentService {
             }
             Some(_) => {}
         }
-        let node_id = uuid::Uuid::new_v4().to_string();
+        let node_id = hotswap_common::ids::NodeId::generate().into_string();
         let settings = &self.ctx.settings;
         let cert_pem = self
             .ctx

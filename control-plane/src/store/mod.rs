@@ -436,7 +436,7 @@ pub trait Storage:
 
 /// The control plane's storage: a cheap handle to one backend, shared by
 /// everything wired in `server.rs`. Components that need only part of it
-/// take the narrow handle ([`Store::nodes`], [`Store::desired`], ...).
+/// take the narrow handle ([`Store::artifacts`], [`Store::deployments`], [`Store::durability`]; the engine's `EngineHandles`).
 #[derive(Clone)]
 pub struct Store(Arc<dyn Storage>);
 
@@ -455,27 +455,11 @@ impl Store {
         Ok(Self(Arc::new(SledStore::open(path, cache_bytes)?)))
     }
 
-    pub fn from_backend(backend: Arc<dyn Storage>) -> Self {
-        Self(backend)
-    }
-
     pub fn durability(&self) -> Arc<dyn Durability> {
         self.0.clone()
     }
 
-    pub fn nodes(&self) -> Arc<dyn NodeRecords> {
-        self.0.clone()
-    }
-
-    pub fn users(&self) -> Arc<dyn UserRecords> {
-        self.0.clone()
-    }
-
     pub fn artifacts(&self) -> Arc<dyn ArtifactRecords> {
-        self.0.clone()
-    }
-
-    pub fn desired(&self) -> Arc<dyn DesiredRecords> {
         self.0.clone()
     }
 
