@@ -154,15 +154,20 @@ pub struct SledStore {
     pipelines: sled::Tree,
     users: sled::Tree,
     /// The revision of the newest desired-state write, held while one is
-    /// written: the revision is stored in the record itself, and at open
-    /// the highest stored one is where counting resumes (a removal's
-    /// revision is not stored; nothing replays removals).
+    /// written. Each write stores the new revision in `meta` before the
+    /// record that carries it (sled recovers a prefix of its log), so after
+    /// a crash the stored counter is never behind a stored record and
+    /// counting resumes from it at open without reading the records.
     desired_revision: std::sync::Mutex<Revision>,
+    meta: sled::Tree,
     events: Arc<SledLog>,
     audit: Arc<SledLog>,
     /// Desired-state changes as they are written, for watchers.
     desired_changes: broadcast::Sender<DesiredUpdate>,
 }
+
+/// Key in the `meta` tree of the desired-state revision counter.
+const DESIRED_REVISION: &[u8] = b"desired_revision";
 
 /// Key of an artifact record: `name` NUL `version`, so one module's versions
 /// are contiguous and a prefix scan lists them.
@@ -220,22 +225,18 @@ impl SledStore {
             .open()?;
         let identity = Identity::record(path).map_err(|e| StoreError::Io(describe_io(&e)))?;
         let tree = |c: Collection| db.open_tree(c.as_str());
-        let desired = tree(Collection::Desired)?;
-        let mut newest: Revision = 0;
-        for entry in desired.iter() {
-            let (key, value) = entry?;
-            let record: DesiredRecord = decode(Collection::Desired, &key, &value)?;
-            newest = newest.max(record.revision);
-        }
+        let meta = db.open_tree("meta")?;
+        let newest = counter(meta.get(DESIRED_REVISION)?.as_deref());
         Ok(Self {
             desired_revision: std::sync::Mutex::new(newest),
+            meta,
             identity,
             tokens: tree(Collection::Tokens)?,
             nodes: tree(Collection::Nodes)?,
             node_names: tree(Collection::NodeNames)?,
             keys: tree(Collection::Keys)?,
             artifacts: tree(Collection::Artifacts)?,
-            desired,
+            desired: tree(Collection::Desired)?,
             deployments: tree(Collection::Deployments)?,
             pipelines: tree(Collection::Pipelines)?,
             users: tree(Collection::Users)?,
@@ -250,6 +251,17 @@ impl SledStore {
             failure: OnceLock::new(),
             commits: GroupCommit::default(),
         })
+    }
+
+    /// Take the next desired-state revision under the revision lock, and
+    /// store the counter before the write that uses it.
+    fn next_desired_revision(&self, current: &mut Revision) -> Result<Revision, StoreError> {
+        let next = *current + 1;
+        self.meta
+            .insert(DESIRED_REVISION, &next.to_be_bytes())
+            .map_err(|e| self.observe(e))?;
+        *current = next;
+        Ok(next)
     }
 
     /// Note the storage's failure (the first one wins).
@@ -613,16 +625,17 @@ impl DesiredRecords for SledStore {
             return Ok(record);
         }
         record.generation += 1;
-        record.revision = *revision + 1;
+        record.revision = self.next_desired_revision(&mut revision)?;
         self.desired
             .insert(key, encode(&record))
             .map_err(|e| self.observe(e))?;
-        *revision = record.revision;
-        let _no_watchers = self.desired_changes.send(DesiredUpdate {
-            node_id: node_id.to_string(),
-            revision: record.revision,
-            record: Some(record.clone()),
-        });
+        if self.desired_changes.receiver_count() > 0 {
+            let _gone_meanwhile = self.desired_changes.send(DesiredUpdate {
+                node_id: node_id.to_string(),
+                revision: record.revision,
+                record: Some(record.clone()),
+            });
+        }
         Ok(record)
     }
 
@@ -634,15 +647,17 @@ impl DesiredRecords for SledStore {
                 .unwrap_or_else(|e| e.into_inner());
             if self
                 .desired
-                .remove(node_id.as_bytes())
+                .contains_key(node_id.as_bytes())
                 .map_err(|e| self.observe(e))?
-                .is_some()
             {
-                *revision += 1;
+                let removed_at = self.next_desired_revision(&mut revision)?;
+                self.desired
+                    .remove(node_id.as_bytes())
+                    .map_err(|e| self.observe(e))?;
                 let _no_watchers = self.desired_changes.send(DesiredUpdate {
                     node_id: node_id.to_string(),
                     record: None,
-                    revision: *revision,
+                    revision: removed_at,
                 });
             }
         }
