@@ -241,7 +241,7 @@ impl Client {
                 // without a leader); Cancelled: the connection died under
                 // the call. Either way the next call goes elsewhere.
                 if !matches!(
-                    status.code(),
+                    crate::error::code_of(&status),
                     tonic::Code::Unavailable | tonic::Code::Cancelled
                 ) {
                     return Err(error);

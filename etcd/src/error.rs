@@ -105,10 +105,34 @@ impl Error {
         }
         Error::Status {
             op,
-            code: status.code(),
+            code: code_of(status),
             message: message.to_string(),
         }
     }
+}
+
+/// The status's code, with a connection that failed under the call read as
+/// `Unavailable`: tonic reports a connection reset or refused mid-call as
+/// `Unknown: transport error`, which says nothing about etcd itself.
+pub(crate) fn code_of(status: &tonic::Status) -> tonic::Code {
+    if status.code() == tonic::Code::Unknown && connection_failed(status) {
+        tonic::Code::Unavailable
+    } else {
+        status.code()
+    }
+}
+
+/// Whether the status came from the transport (the connection), not from
+/// an answer etcd sent.
+fn connection_failed(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<tonic::transport::Error>() || error.is::<std::io::Error>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 #[cfg(test)]
@@ -152,5 +176,17 @@ mod tests {
             "etcd lease 2a: not found (expired or revoked)"
         );
         assert!(!lease.is_transient());
+    }
+
+    #[test]
+    fn a_connection_failed_under_a_call_is_transient() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let status = tonic::Status::from_error(Box::new(reset));
+        assert_eq!(status.code(), tonic::Code::Unknown);
+        let error = Error::from_status("put", &status, 0);
+        assert!(error.is_transient(), "{error}");
+        // An Unknown that etcd itself sent stays as it is.
+        let answered = Error::from_status("put", &tonic::Status::unknown("etcdserver: odd"), 0);
+        assert!(!answered.is_transient(), "{answered}");
     }
 }
