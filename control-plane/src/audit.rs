@@ -106,8 +106,11 @@ pub struct AuditLog {
     store: Store,
     /// Sequence number and hash of the last record; appends are serialized
     /// by this lock so the chain has one order.
-    head: std::sync::Mutex<(u64, String)>,
+    head: tokio::sync::Mutex<(u64, String)>,
 }
+
+/// Tries at a number before giving up, when replicas keep taking it first.
+const APPEND_ATTEMPTS: u32 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -115,6 +118,8 @@ pub enum AuditError {
     Store(#[from] StoreError),
     #[error("audit record {key} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("audit log: other replicas took the next number {0} times in a row; try again")]
+    Contended(u32),
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError> {
@@ -127,46 +132,65 @@ fn decode(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError> {
 impl AuditLog {
     pub fn open(store: &Store) -> Result<Self, AuditError> {
         let log = store.log(LogName::Audit)?;
-        let head = match log.last()? {
-            Some((seq, value)) => {
-                let record = decode(&seq.to_be_bytes(), &value)?;
-                (record.seq, record.hash)
-            }
-            None => (0, GENESIS.to_string()),
-        };
+        let head = Self::head_of(&*log)?;
         Ok(Self {
             log,
             store: store.clone(),
-            head: std::sync::Mutex::new(head),
+            head: tokio::sync::Mutex::new(head),
         })
     }
 
-    /// Append a record and make it durable before returning it.
+    /// Append a record and make it durable before returning it. Where other
+    /// replicas append to the same chain, a record that lost the race for
+    /// its number is built again on top of the winner, so the chain stays
+    /// one chain.
     pub async fn append(&self, entry: AuditEntry) -> Result<AuditRecord, AuditError> {
-        let record = {
-            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+        let mut head = self.head.lock().await;
+        let time_ms = hotswap_common::timefmt::now_ms();
+        let peer = entry.peer.map(|a| a.to_string()).unwrap_or_default();
+        let result = entry.result.to_string();
+        for attempt in 0..APPEND_ATTEMPTS {
             let mut record = AuditRecord {
                 seq: head.0 + 1,
-                time_ms: hotswap_common::timefmt::now_ms(),
-                user: entry.user,
-                role: entry.role,
-                action: entry.action,
-                target: entry.target,
-                result: entry.result.to_string(),
-                detail: entry.detail,
-                trace_id: entry.trace_id,
-                peer: entry.peer.map(|a| a.to_string()).unwrap_or_default(),
+                time_ms,
+                user: entry.user.clone(),
+                role: entry.role.clone(),
+                action: entry.action.clone(),
+                target: entry.target.clone(),
+                result: result.clone(),
+                detail: entry.detail.clone(),
+                trace_id: entry.trace_id.clone(),
+                peer: peer.clone(),
                 prev_hash: head.1.clone(),
                 hash: String::new(),
             };
             record.hash = record_hash(&record);
             let value = serde_json::to_vec(&record).unwrap_or_default();
-            self.log.append(record.seq, &value)?;
-            *head = (record.seq, record.hash.clone());
-            record
-        };
-        self.store.flush().await?;
-        Ok(record)
+            if self.log.append_exact(record.seq, value).await? {
+                *head = (record.seq, record.hash.clone());
+                drop(head);
+                self.store.flush().await?;
+                return Ok(record);
+            }
+            // Another replica took the number: chain on from its record,
+            // after a random pause that grows, so two busy replicas do not
+            // keep meeting at the same number.
+            *head = Self::head_of(&*self.log)?;
+            let ceiling_ms = 1u64 << attempt.min(6);
+            let pause = rand::random_range(0..=ceiling_ms);
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        }
+        Err(AuditError::Contended(APPEND_ATTEMPTS))
+    }
+
+    fn head_of(log: &dyn SeqLog) -> Result<(u64, String), AuditError> {
+        Ok(match log.last()? {
+            Some((seq, value)) => {
+                let record = decode(&seq.to_be_bytes(), &value)?;
+                (record.seq, record.hash)
+            }
+            None => (0, GENESIS.to_string()),
+        })
     }
 
     /// Matching records in sequence order: the newest `limit` of them.
@@ -193,7 +217,14 @@ impl AuditLog {
 
     /// Records appended so far (the last sequence number).
     pub fn len(&self) -> u64 {
-        self.head.lock().unwrap_or_else(|e| e.into_inner()).0
+        match self.log.last() {
+            Ok(Some((seq, _))) => seq,
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the audit log's head");
+                0
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -89,6 +89,9 @@ const TRIM_EVERY: u64 = 256;
 
 pub struct EventLog {
     log: Arc<dyn SeqLog>,
+    /// Whether other processes append to the log too: then the live stream
+    /// is fed by what commits ([`EventLog::follow_commits`]).
+    shared: bool,
     /// Held while a sequence number is assigned and its record inserted, so
     /// records land in sequence order.
     next: Mutex<u64>,
@@ -118,7 +121,9 @@ impl EventLog {
         };
         let (live, _) = broadcast::channel(LIVE_CAPACITY);
         let stored = AtomicU64::new(log.count()?);
+        let shared = log.follow().is_some();
         Ok(Self {
+            shared,
             log,
             next: Mutex::new(next),
             live,
@@ -155,13 +160,23 @@ impl EventLog {
     /// Append an event (not flushed: see the module docs) and publish it.
     /// A storage failure is logged, never returned: losing an event must not
     /// fail the change it describes.
+    ///
+    /// Where other processes append to the same log (replicas on etcd), the
+    /// number given here is a proposal: the store may commit the event under
+    /// a later one, and live followers hear it from [`EventLog::follow_commits`]
+    /// as committed, not from here.
     pub fn append(&self, mut event: Event) -> Option<Event> {
         let seq = {
             let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
             event.seq = *next;
             event.time_ms = hotswap_common::timefmt::now_ms();
-            let value = serde_json::to_vec(&event).unwrap_or_default();
-            if let Err(e) = self.log.append(event.seq, &value) {
+            let template = event.clone();
+            let encode: crate::store::Encode = Box::new(move |seq| {
+                let mut event = template.clone();
+                event.seq = seq;
+                serde_json::to_vec(&event).unwrap_or_default()
+            });
+            if let Err(e) = self.log.append(event.seq, encode) {
                 tracing::error!(error = %e, kind = %event.kind, "cannot append to the event log");
                 return None;
             }
@@ -176,8 +191,46 @@ impl EventLog {
             self.trim(seq);
         }
         self.publish_stored();
-        let _ = self.live.send(event.clone());
+        if !self.shared {
+            let _ = self.live.send(event.clone());
+        }
         Some(event)
+    }
+
+    /// Publish what other writers commit to a shared log (replicas on
+    /// etcd): every committed event, whoever appended it, goes to the live
+    /// followers in sequence order, and this process's next proposal moves
+    /// past it. Runs until the store closes; a no-op for a log only this
+    /// process writes.
+    pub fn follow_commits(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let mut commits = self.log.follow()?;
+        let log = Arc::clone(self);
+        Some(tokio::spawn(async move {
+            loop {
+                match commits.recv().await {
+                    Ok((seq, bytes)) => {
+                        {
+                            let mut next = log.next.lock().unwrap_or_else(|e| e.into_inner());
+                            *next = (*next).max(seq + 1);
+                        }
+                        match decode(&bytes) {
+                            Ok(event) => {
+                                let _ = log.live.send(event);
+                            }
+                            Err(e) => {
+                                tracing::warn!(seq, error = %e, "skipping an unreadable event")
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // Live followers re-read the log when they lag too;
+                        // nothing is lost, only not pushed.
+                        tracing::warn!(missed, "event publisher fell behind the store");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }))
     }
 
     fn trim(&self, last: u64) {

@@ -33,7 +33,7 @@ pub use error::Error;
 pub use kv::{KeyValue, LeaseId};
 pub use lease::{KeepAlive, Lease, LeaseLost};
 pub use txn::{Compare, CompareOp, TxnOp, TxnOpResult, TxnResult};
-pub use watch::{WatchEvent, WatchEventKind, WatchStream};
+pub use watch::{WatchBatch, WatchBatches, WatchEvent, WatchEventKind, WatchStream};
 
 /// The etcd v3 API slice, generated from `proto/etcd.proto`. Public only
 /// for the peer benchmarks, which drive etcd at the wire level; everything

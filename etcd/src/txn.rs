@@ -45,6 +45,11 @@ pub struct Compare {
 }
 
 impl Compare {
+    /// The key compared.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
     /// Compare the key's value (a missing key fails every value compare).
     pub fn value(key: impl Into<Vec<u8>>, op: CompareOp, value: impl Into<Vec<u8>>) -> Self {
         Self {

@@ -37,25 +37,57 @@ pub struct WatchEvent {
     pub revision: i64,
 }
 
-/// Changes under a prefix in revision order; yields an error once (a
-/// compaction, a cancel by etcd, or a non-transient failure) and then
-/// ends. Dropping it cancels the watch.
-pub struct WatchStream {
-    events: mpsc::Receiver<Result<WatchEvent, Error>>,
+/// Every change of one revision (one transaction) under the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchBatch {
+    pub revision: i64,
+    pub events: Vec<WatchEvent>,
+}
+
+/// Changes under a prefix in revision order, one revision at a time;
+/// yields an error once (a compaction, a cancel by etcd, or a
+/// non-transient failure) and then ends. Dropping it cancels the watch.
+pub struct WatchBatches {
+    batches: mpsc::Receiver<Result<WatchBatch, Error>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Stream for WatchBatches {
+    type Item = Result<WatchBatch, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.batches.poll_recv(cx)
+    }
+}
+
+impl Drop for WatchBatches {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Changes under a prefix in revision order, one event at a time (the
+/// events of [`WatchBatches`], flattened).
+pub struct WatchStream {
+    batches: WatchBatches,
+    ready: std::collections::VecDeque<WatchEvent>,
 }
 
 impl Stream for WatchStream {
     type Item = Result<WatchEvent, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.events.poll_recv(cx)
-    }
-}
-
-impl Drop for WatchStream {
-    fn drop(&mut self) {
-        self.task.abort();
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(event)));
+            }
+            match Pin::new(&mut self.batches).poll_next(cx) {
+                Poll::Ready(Some(Ok(batch))) => self.ready.extend(batch.events),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -67,9 +99,18 @@ impl Client {
     /// delivered; if etcd has compacted that history, the stream yields
     /// [`Error::Compacted`] and the caller must re-list.
     pub fn watch_prefix(&self, prefix: &[u8], after_revision: i64) -> WatchStream {
+        WatchStream {
+            batches: self.watch_prefix_batches(prefix, after_revision),
+            ready: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// As [`Client::watch_prefix`], delivering each revision's changes
+    /// together, so a mirror applies a transaction whole.
+    pub fn watch_prefix_batches(&self, prefix: &[u8], after_revision: i64) -> WatchBatches {
         // A little room so a burst does not stall the reader task; the
         // consumer's pace still bounds memory.
-        let (sender, events) = mpsc::channel(256);
+        let (sender, batches) = mpsc::channel(256);
         let client = self.clone();
         let prefix = prefix.to_vec();
         let span = tracing::info_span!("etcd watch", prefix = %String::from_utf8_lossy(&prefix));
@@ -81,7 +122,7 @@ impl Client {
             }
             .instrument(span),
         );
-        WatchStream { events, task }
+        WatchBatches { batches, task }
     }
 
     /// Deliver changes until the receiver goes away (`Ok`) or the watch
@@ -90,7 +131,7 @@ impl Client {
         &self,
         prefix: &[u8],
         after_revision: i64,
-        sender: &mpsc::Sender<Result<WatchEvent, Error>>,
+        sender: &mpsc::Sender<Result<WatchBatch, Error>>,
     ) -> Result<(), Error> {
         let mut next = after_revision + 1;
         let mut failures: u32 = 0;
@@ -160,10 +201,32 @@ impl Client {
                             });
                         }
                         failures = 0;
+                        // A response holds whole revisions (no fragments
+                        // were asked for), in order.
+                        let mut batch: Option<WatchBatch> = None;
                         for event in response.events {
                             let event = WatchEvent::from_pb(event)?;
-                            next = event.revision + 1;
-                            if sender.send(Ok(event)).await.is_err() {
+                            match &mut batch {
+                                Some(open) if open.revision == event.revision => {
+                                    open.events.push(event);
+                                    continue;
+                                }
+                                _ => {}
+                            }
+                            let revision = event.revision;
+                            if let Some(done) = batch.replace(WatchBatch {
+                                revision,
+                                events: vec![event],
+                            }) {
+                                next = done.revision + 1;
+                                if sender.send(Ok(done)).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        if let Some(done) = batch {
+                            next = done.revision + 1;
+                            if sender.send(Ok(done)).await.is_err() {
                                 return Ok(());
                             }
                         }

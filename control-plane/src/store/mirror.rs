@@ -119,6 +119,36 @@ impl Mirror {
             .map(|(key, value)| (key.as_slice(), value))
     }
 
+    /// The last key under `prefix` (the highest), without walking the rest.
+    pub fn last_under(&self, prefix: &[u8]) -> Option<(&[u8], &Versioned)> {
+        self.under(prefix, prefix)
+            .next_back()
+            .map(|(key, value)| (key.as_slice(), value))
+    }
+
+    /// Keys under `prefix` from `start` (inclusive) on, in key order, and
+    /// backwards with `.rev()`.
+    pub fn under<'a>(
+        &'a self,
+        prefix: &[u8],
+        start: &[u8],
+    ) -> std::collections::btree_map::Range<'a, Vec<u8>, Versioned> {
+        let start = if start < prefix { prefix } else { start };
+        match prefix_end(prefix) {
+            Some(end) => self
+                .records
+                .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end.as_slice()))),
+            None => self
+                .records
+                .range::<[u8], _>((Bound::Included(start), Bound::Unbounded)),
+        }
+    }
+
+    /// Every record, for comparing two listings after a re-list.
+    pub fn records(&self) -> &BTreeMap<Vec<u8>, Versioned> {
+        &self.records
+    }
+
     pub fn len(&self) -> usize {
         self.records.len()
     }
@@ -176,6 +206,19 @@ impl MirrorHandle {
         // The sender lives in `self`, so the channel cannot close here.
         let _ = seen.wait_for(|current| *current >= revision).await;
     }
+}
+
+/// The first key after every key that starts with `prefix`; `None` when
+/// no key is (the prefix is empty or all 0xff).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -239,6 +282,18 @@ mod tests {
         );
         let keys: Vec<&[u8]> = mirror.range(b"/n/").map(|(k, _)| k).collect();
         assert_eq!(keys, vec![&b"/n/1"[..], &b"/n/2"[..]]);
+        let backwards: Vec<&[u8]> = mirror
+            .under(b"/n/", b"/n/")
+            .rev()
+            .map(|(k, _)| k.as_slice())
+            .collect();
+        assert_eq!(backwards, vec![&b"/n/2"[..], &b"/n/1"[..]]);
+        assert_eq!(
+            mirror.last_under(b"/n/").map(|(k, _)| k),
+            Some(&b"/n/2"[..])
+        );
+        assert_eq!(mirror.under(b"/n/", b"/n/2").count(), 1);
+        assert!(mirror.last_under(b"/x/").is_none());
     }
 
     fn version(revision: i64) -> Versioned {

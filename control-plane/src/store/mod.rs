@@ -25,6 +25,7 @@
 //! Record types live in [`records`]; the formats of events and audit records
 //! belong to their own modules, which store them as bytes.
 
+pub mod etcd;
 pub mod keys;
 pub mod mirror;
 mod records;
@@ -251,7 +252,7 @@ pub trait DesiredRecords: Send + Sync {
     /// The revision of the newest desired-state write.
     fn desired_revision(&self) -> Result<Revision, StoreError>;
     /// Every desired state written after revision `after`, in revision
-    /// order, then every later change as it happens: the stream never
+    /// order (node order within one revision), then every later change as it happens: the stream never
     /// misses a change made after `after`. A removal made before the watch
     /// started is not replayed (the record is gone); callers that need
     /// removals re-list.
@@ -263,8 +264,9 @@ pub struct DesiredWatch {
     /// Changes that happened before the watch started, oldest first.
     backlog: std::collections::VecDeque<DesiredUpdate>,
     live: tokio::sync::broadcast::Receiver<DesiredUpdate>,
-    /// The revision of the last change delivered.
-    seen: Revision,
+    /// The position of the last change delivered: its revision and node
+    /// (one revision may change many nodes, delivered in node order).
+    seen: (Revision, String),
 }
 
 /// Why a watch stopped.
@@ -288,7 +290,7 @@ impl DesiredWatch {
         Self {
             backlog: backlog.into(),
             live,
-            seen: after,
+            seen: (after, String::new()),
         }
     }
 
@@ -300,7 +302,7 @@ impl DesiredWatch {
                 None => match self.live.recv().await {
                     Ok(change) => change,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        return Err(WatchError::Lagged(self.seen));
+                        return Err(WatchError::Lagged(self.seen.0));
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                         return Err(WatchError::Closed);
@@ -309,8 +311,9 @@ impl DesiredWatch {
             };
             // The live channel was subscribed before the backlog was read,
             // so it repeats what the backlog held: skip what was delivered.
-            if change.revision > self.seen {
-                self.seen = change.revision;
+            let position = (change.revision, change.node_id.as_str());
+            if position > (self.seen.0, self.seen.1.as_str()) {
+                self.seen = (change.revision, change.node_id.clone());
                 return Ok(change);
             }
         }
@@ -397,11 +400,34 @@ pub enum Direction {
     Backward,
 }
 
-/// Records under strictly increasing sequence numbers. The owner of a log
-/// assigns the numbers (under its own lock) and encodes the records.
+/// Makes a log record for the sequence number it is stored under.
+pub type Encode = Box<dyn Fn(u64) -> Vec<u8> + Send + Sync>;
+
+/// Records under strictly increasing, gap-free sequence numbers. The owner
+/// of a log proposes the numbers (its next, under its own lock) and encodes
+/// the records. Where several processes append to one log (replicas on
+/// etcd), the backend allocates the final number in the same atomic write
+/// as the record, so numbers stay gap-free whoever writes.
+#[async_trait]
 pub trait SeqLog: Send + Sync {
-    /// Store a record, unflushed (durable with the next flush).
-    fn append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError>;
+    /// Store a record, unflushed (durable with the next flush), under `seq`
+    /// if it is still free when the write commits. A backend another
+    /// process appended to meanwhile stores it under the next free number
+    /// instead, encoded again by `encode`, and tells the owner through
+    /// [`SeqLog::follow`].
+    fn append(&self, seq: u64, encode: Encode) -> Result<(), StoreError>;
+    /// Store `record` under exactly `seq`, or nothing: false when `seq` is
+    /// not the log's next number because another writer appended first
+    /// (then [`SeqLog::last`] already shows that writer's record, so the
+    /// owner can build again). For chained records, whose content depends
+    /// on the one before (the audit chain). A replicated backend commits it
+    /// at once; the embedded one with the next flush, which the owner does
+    /// before acknowledging anything.
+    async fn append_exact(&self, seq: u64, record: Vec<u8>) -> Result<bool, StoreError>;
+    /// Every record as it commits, from any writer, for an owner that
+    /// publishes a live stream; `None` when this process is the only writer
+    /// (its own appends are the stream, in order).
+    fn follow(&self) -> Option<tokio::sync::broadcast::Receiver<(u64, Vec<u8>)>>;
     /// The record with the highest sequence number.
     fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
     /// The lowest sequence number stored.
@@ -453,6 +479,11 @@ impl Store {
     /// process has it open.
     pub fn open(path: &std::path::Path, cache_bytes: u64) -> Result<Self, StoreError> {
         Ok(Self(Arc::new(SledStore::open(path, cache_bytes)?)))
+    }
+
+    /// The replicated backend, opened by the caller.
+    pub fn etcd(store: etcd::EtcdStore) -> Self {
+        Self(Arc::new(store))
     }
 
     pub fn durability(&self) -> Arc<dyn Durability> {

@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 
 use super::{
     ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentRecords, DesiredRecord,
-    DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, EnrollError,
+    DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, Encode, EnrollError,
     EnrollRejection, Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords, Revision,
     SeqLog, Storage, StoreError, TokenRecord, UserRecord, UserRecords, decode, encode,
 };
@@ -746,10 +746,25 @@ fn seq_of(key: &[u8]) -> u64 {
     counter(Some(key))
 }
 
+/// The only writer is this process, and the owner numbers under its lock:
+/// a proposed number is always the one stored.
+#[async_trait]
 impl SeqLog for SledLog {
-    fn append(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
-        self.tree.insert(seq.to_be_bytes(), record)?;
+    fn append(&self, seq: u64, encode: Encode) -> Result<(), StoreError> {
+        self.tree.insert(seq.to_be_bytes(), encode(seq))?;
         Ok(())
+    }
+
+    async fn append_exact(&self, seq: u64, record: Vec<u8>) -> Result<bool, StoreError> {
+        let taken = self
+            .tree
+            .compare_and_swap(seq.to_be_bytes(), None as Option<&[u8]>, Some(record))?
+            .is_err();
+        Ok(!taken)
+    }
+
+    fn follow(&self) -> Option<tokio::sync::broadcast::Receiver<(u64, Vec<u8>)>> {
+        None
     }
 
     fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
@@ -797,7 +812,8 @@ impl SeqLog for SledLog {
 
     #[cfg(test)]
     fn overwrite(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
-        self.append(seq, record)
+        self.tree.insert(seq.to_be_bytes(), record)?;
+        Ok(())
     }
 
     #[cfg(test)]
@@ -900,7 +916,7 @@ mod tests {
             assert_eq!((a.generation, a2.generation), (1, 2));
             assert_eq!(store.desired_revision().expect("revision"), 3);
         }
-        let store = Store::open(&path, 1 << 20).expect("reopen");
+        let store = reopen(&path).await;
         assert_eq!(store.desired_revision().expect("revision"), 3);
         let c = store
             .update_desired("c", &set_version("1.0.0"))
@@ -953,6 +969,22 @@ mod tests {
                 ("c".to_string(), 6, None),
             ]
         );
+    }
+
+    /// Open again a database just closed in this process. sled's flusher
+    /// thread may hold the file lock for a moment after the handle is
+    /// dropped (a new process would not wait): retry briefly.
+    async fn reopen(path: &std::path::Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(path, 1 << 20) {
+                Ok(store) => return store,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
     }
 
     fn token(uses: u32, expires_at_ms: u64) -> TokenRecord {
@@ -1151,19 +1183,7 @@ mod tests {
                 .expect("existed");
             assert_eq!(removed.name, "a");
         }
-        // sled's flusher thread may hold the file lock for a moment after
-        // the handle is dropped (a new process would not wait): retry briefly.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let store = loop {
-            match Store::open(&path, 1 << 20) {
-                Ok(store) => break store,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("reopen: {e}"),
-            }
-        };
+        let store = reopen(&path).await;
         assert!(store.get_node("n1").expect("get").is_none());
         assert_eq!(
             store.node_id_by_name("b").expect("name"),

@@ -1,0 +1,1482 @@
+//! The replicated backend: every record under one key prefix of an etcd v3
+//! cluster, so several control-plane replicas share one state.
+//!
+//! - **Reads** answer from a [`MirrorHandle`]: the whole prefix listed at one
+//!   revision and kept current by a watch from that revision (resumed after
+//!   a dropped connection; after a compaction, re-listed and compared, so no
+//!   change is missed). Over the mirror lie this replica's own writes not yet
+//!   in it, so a caller reads what it wrote.
+//! - **Writes** made without a flush (desired states, deployments, events)
+//!   gather in a pending batch that the next [`Durability::flush`] commits
+//!   (group commit: whoever flushes commits everyone's writes so far).
+//!   Read-modify-write changes record the revision they read and commit only
+//!   if the key is unchanged ("guarded by compare on revision"); a batch
+//!   larger than etcd's per-transaction limit commits in several
+//!   transactions, each atomic and each guarded.
+//! - Changes that must be atomic across keys or decide on what exists
+//!   (enrollment, creating users and keys, storing artifact records) commit
+//!   at once in one transaction and re-decide on a conflict.
+//! - **Sequence logs** keep their head (`meta/head/<log>`) next to their
+//!   records: a commit compares the head with the numbers it proposes and
+//!   advances it in the same transaction, so numbers are gap-free whoever
+//!   writes; an event that lost its number to another replica is numbered
+//!   again after the winner.
+//! - **Fencing**: while this replica leads, every commit also compares the
+//!   election key's create revision ([`EtcdStore::set_fence`]), so a leader
+//!   that lost its lease (paused, partitioned) changes nothing.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hotswap_etcd::{Client, Compare, CompareOp, TxnOp};
+use serde::de::DeserializeOwned;
+use tokio::sync::broadcast;
+use tokio_stream::StreamExt;
+
+use super::keys::Keys;
+use super::mirror::{Change as MirrorChange, Mirror, MirrorHandle, Versioned};
+use super::{
+    ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentRecords, DesiredRecord,
+    DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, Encode, EnrollError,
+    EnrollRejection, Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords, Revision,
+    SeqLog, Storage, StoreError, TokenRecord, UserRecord, UserRecords, decode, encode,
+};
+
+/// Operations per transaction: etcd refuses more than `--max-txn-ops`
+/// (128 by default) in either branch; a few are kept for the head of a log.
+const OPS_PER_TXN: usize = 120;
+/// Attempts at one commit when other writers keep winning the race.
+const ATTEMPTS: usize = 16;
+/// How often unflushed writes with nobody flushing them (a module's health
+/// event) are committed anyway.
+const BACKGROUND_FLUSH: Duration = Duration::from_millis(250);
+/// Buffered changes for desired-state watchers and log followers.
+const CHANNEL_CAPACITY: usize = 16 * 1024;
+
+/// What the cluster record under the prefix holds (written by `init`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ClusterRecord {
+    pub id: String,
+    pub created_at_ms: u64,
+}
+
+/// A read's base revision, for guarding the write that follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Base {
+    /// The key's mod revision when read (0: it did not exist).
+    Revision(i64),
+    /// The key was last written by an earlier batch of ours still being
+    /// committed; its revision is known by the time this batch commits.
+    InFlight,
+}
+
+/// A batch's writes: the final value of every key (`None`: deleted).
+type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Writes not yet committed.
+#[derive(Default)]
+struct Batch {
+    /// The final value of every key written (`None`: deleted).
+    writes: Writes,
+    /// What read-modify-write changes read: the commit requires each key
+    /// to be as it was.
+    guards: BTreeMap<Vec<u8>, Base>,
+    /// Log records proposed, in order.
+    appends: Vec<(LogName, u64, Encode)>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.appends.is_empty()
+    }
+}
+
+struct Layers {
+    pending: Batch,
+    /// The number of the pending batch; each commit takes the pending batch
+    /// and starts the next number.
+    generation: u64,
+    /// Batches being committed, oldest first: still read over the mirror
+    /// until it holds them.
+    in_flight: VecDeque<(u64, Arc<Writes>)>,
+    /// Keys our commits wrote, at the revision they were written, until the
+    /// mirror holds that revision.
+    written_at: HashMap<Vec<u8>, i64>,
+}
+
+/// Outcomes of recent commits, for flushers that waited while another
+/// committed their writes.
+struct Commits {
+    /// Every batch up to this number is committed or failed.
+    done_through: u64,
+    /// Failed batches (number, why), the newest few.
+    failed: VecDeque<(u64, String)>,
+}
+
+/// Why a commit did not go through.
+#[derive(Debug)]
+enum CommitError {
+    /// This replica's leadership is gone: the fence failed.
+    Fenced,
+    /// A guarded key changed since it was read.
+    Conflict(String),
+    Etcd(hotswap_etcd::Error),
+}
+
+impl From<hotswap_etcd::Error> for CommitError {
+    fn from(error: hotswap_etcd::Error) -> Self {
+        CommitError::Etcd(error)
+    }
+}
+
+impl From<CommitError> for StoreError {
+    fn from(error: CommitError) -> Self {
+        match error {
+            CommitError::Fenced => StoreError::Backend(
+                "this replica lost its leadership (its etcd lease ended), so it may not change anything; the new leader carries on".into(),
+            ),
+            CommitError::Conflict(key) => StoreError::Backend(format!(
+                "record {key} was changed by another replica at the same time; try again"
+            )),
+            CommitError::Etcd(e) => StoreError::Backend(e.to_string()),
+        }
+    }
+}
+
+struct Inner {
+    client: Client,
+    keys: Keys,
+    mirror: MirrorHandle,
+    layers: Mutex<Layers>,
+    /// Held while a batch commits: commits go one at a time, in order.
+    committing: tokio::sync::Mutex<Commits>,
+    fence: RwLock<Option<Compare>>,
+    /// Whether the watch that feeds the mirror is connected.
+    connected: tokio::sync::watch::Sender<bool>,
+    desired_changes: broadcast::Sender<DesiredUpdate>,
+    events: broadcast::Sender<(u64, Vec<u8>)>,
+    audit: broadcast::Sender<(u64, Vec<u8>)>,
+    runtime: tokio::runtime::Handle,
+    request_timeout: Duration,
+}
+
+/// The etcd backend (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+    _tasks: Arc<Tasks>,
+}
+
+/// The mirror's watch and the background flush, stopped with the last
+/// handle.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+fn backend(e: hotswap_etcd::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl EtcdStore {
+    /// Create the cluster record under the prefix; refuses if one is there
+    /// (another cluster lives under it).
+    pub async fn init(
+        client: &Client,
+        keys: &Keys,
+        record: &ClusterRecord,
+    ) -> Result<(), StoreError> {
+        let key = keys.cluster();
+        let result = client
+            .txn(
+                &[Compare::absent(key.clone())],
+                &[TxnOp::put(key.clone(), encode(record))],
+                &[TxnOp::get(key.clone())],
+            )
+            .await
+            .map_err(backend)?;
+        if result.succeeded {
+            return Ok(());
+        }
+        let existing = match result.responses.first() {
+            Some(hotswap_etcd::TxnOpResult::Get { kvs }) => kvs
+                .first()
+                .and_then(|kv| serde_json::from_slice::<ClusterRecord>(&kv.value).ok()),
+            _ => None,
+        };
+        Err(StoreError::Backend(match existing {
+            Some(cluster) => format!(
+                "a hotswap cluster ({}, created {}) already lives under etcd prefix {}; choose another --etcd-prefix, or run the replicas against it without init",
+                cluster.id,
+                hotswap_common::timefmt::rfc3339_from_ms(cluster.created_at_ms),
+                keys.prefix()
+            ),
+            None => format!(
+                "etcd prefix {} already holds a cluster record; choose another --etcd-prefix",
+                keys.prefix()
+            ),
+        }))
+    }
+
+    /// Open the store under `keys`' prefix: list it, start following it,
+    /// and start the background flush. Fails when no cluster was
+    /// initialized there.
+    pub async fn open(client: Client, keys: Keys) -> Result<Self, StoreError> {
+        let (revision, kvs) = client
+            .range(keys.prefix().as_bytes())
+            .await
+            .map_err(backend)?;
+        let mirror = Mirror::from_listing(
+            kvs.into_iter().map(|kv| (kv.key.clone(), versioned(&kv))),
+            revision,
+        );
+        if mirror.get(keys.cluster().as_bytes()).is_none() {
+            return Err(StoreError::Backend(format!(
+                "no hotswap cluster under etcd prefix {}: run `hotswap-control-plane init --etcd-endpoints ... --etcd-prefix {}` first",
+                keys.prefix(),
+                keys.prefix()
+            )));
+        }
+        let request_timeout = client.config().request_timeout;
+        let (connected, _) = tokio::sync::watch::channel(true);
+        let inner = Arc::new(Inner {
+            client,
+            keys,
+            mirror: MirrorHandle::new(mirror),
+            layers: Mutex::new(Layers {
+                pending: Batch::default(),
+                generation: 1,
+                in_flight: VecDeque::new(),
+                written_at: HashMap::new(),
+            }),
+            committing: tokio::sync::Mutex::new(Commits {
+                done_through: 0,
+                failed: VecDeque::new(),
+            }),
+            fence: RwLock::new(None),
+            connected,
+            desired_changes: broadcast::channel(CHANNEL_CAPACITY).0,
+            events: broadcast::channel(CHANNEL_CAPACITY).0,
+            audit: broadcast::channel(CHANNEL_CAPACITY).0,
+            runtime: tokio::runtime::Handle::current(),
+            request_timeout,
+        });
+        let follow = tokio::spawn(follow(Arc::clone(&inner)));
+        let flush = tokio::spawn({
+            let inner = Arc::downgrade(&inner);
+            async move {
+                loop {
+                    tokio::time::sleep(BACKGROUND_FLUSH).await;
+                    let Some(inner) = inner.upgrade() else { return };
+                    let has_writes = !inner.layers().pending.is_empty();
+                    if has_writes && let Err(e) = inner.flush().await {
+                        tracing::warn!(error = %e, "background commit to etcd failed");
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            inner,
+            _tasks: Arc::new(Tasks(vec![follow, flush])),
+        })
+    }
+
+    /// Fence every later commit with `fence` (this replica leads), or stop
+    /// fencing (`None`: it follows). Set before the leader's first write.
+    pub fn set_fence(&self, fence: Option<Compare>) {
+        *self.inner.fence.write().unwrap_or_else(|e| e.into_inner()) = fence;
+    }
+
+    /// Whether the mirror's watch is connected to etcd now.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.connected.borrow()
+    }
+
+    /// Follow whether the mirror's watch is connected.
+    pub fn connection(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.connected.subscribe()
+    }
+
+    /// The revision the mirror holds.
+    pub fn revision(&self) -> i64 {
+        self.inner.mirror.read(Mirror::revision)
+    }
+
+    /// The client, for the replica's own records (sessions, election).
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// Every key under `prefix` as this replica sees it (its own writes
+    /// included), in key order.
+    pub fn scan_raw(&self, prefix: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.inner.scan(prefix.as_bytes())
+    }
+}
+
+fn versioned(kv: &hotswap_etcd::KeyValue) -> Versioned {
+    Versioned {
+        value: kv.value.clone(),
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        version: kv.version,
+    }
+}
+
+/// Keep the mirror current: watch from its revision, apply each revision
+/// whole, tell desired-state watchers and log followers; re-list after a
+/// compaction or a broken watch.
+async fn follow(inner: Arc<Inner>) {
+    let prefix = inner.keys.prefix().as_bytes().to_vec();
+    loop {
+        let from = inner.mirror.read(Mirror::revision);
+        let mut batches = inner.client.watch_prefix_batches(&prefix, from);
+        let _ = inner.connected.send_replace(true);
+        let error = loop {
+            match batches.next().await {
+                Some(Ok(batch)) => inner.apply_watched(batch),
+                Some(Err(e)) => break e,
+                None => return,
+            }
+        };
+        if error.is_compacted() {
+            tracing::info!(error = %error, "etcd compacted the history the mirror needed; re-listing");
+        } else {
+            tracing::warn!(error = %error, "the etcd watch stopped; re-listing");
+            let _ = inner.connected.send_replace(false);
+        }
+        // Re-list until etcd answers; the mirror keeps serving what it has.
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match inner.client.range(&prefix).await {
+                Ok((revision, kvs)) => {
+                    inner.relisted(revision, kvs);
+                    break;
+                }
+                Err(e) => {
+                    let _ = inner.connected.send_replace(false);
+                    tracing::warn!(error = %e, "cannot re-list from etcd; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn layers(&self) -> std::sync::MutexGuard<'_, Layers> {
+        self.layers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fence(&self) -> Option<Compare> {
+        self.fence.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn log_sender(&self, log: LogName) -> &broadcast::Sender<(u64, Vec<u8>)> {
+        match log {
+            LogName::Events => &self.events,
+            LogName::Audit => &self.audit,
+        }
+    }
+
+    fn desired_prefix(&self) -> String {
+        self.keys.collection(Collection::Desired)
+    }
+
+    fn apply_watched(&self, batch: hotswap_etcd::WatchBatch) {
+        let changes: Vec<MirrorChange> = batch
+            .events
+            .iter()
+            .map(|event| match event.kind {
+                hotswap_etcd::WatchEventKind::Put => MirrorChange::Put {
+                    key: event.kv.key.clone(),
+                    value: versioned(&event.kv),
+                },
+                hotswap_etcd::WatchEventKind::Delete => MirrorChange::Delete {
+                    key: event.kv.key.clone(),
+                    revision: event.revision,
+                },
+            })
+            .collect();
+        match self.mirror.apply(batch.revision, &changes) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "etcd watch out of order; the mirror skips it");
+                return;
+            }
+        }
+        self.forget_written(batch.revision);
+        for change in &changes {
+            let (key, value) = match change {
+                MirrorChange::Put { key, value } => (key, Some(&value.value)),
+                MirrorChange::Delete { key, .. } => (key, None),
+            };
+            self.announce(key, value.map(Vec::as_slice), batch.revision);
+        }
+    }
+
+    /// Tell watchers about one changed key.
+    fn announce(&self, key: &[u8], value: Option<&[u8]>, revision: i64) {
+        let Ok(key) = std::str::from_utf8(key) else {
+            return;
+        };
+        if let Some(node_id) = key.strip_prefix(&self.desired_prefix()) {
+            let record = match value {
+                Some(bytes) => {
+                    match decode::<DesiredRecord>(Collection::Desired, key.as_bytes(), bytes) {
+                        Ok(mut record) => {
+                            record.revision = revision as u64;
+                            Some(record)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "skipping an unreadable desired state");
+                            return;
+                        }
+                    }
+                }
+                None => None,
+            };
+            let _no_watchers = self.desired_changes.send(DesiredUpdate {
+                node_id: node_id.to_string(),
+                record,
+                revision: revision as u64,
+            });
+            return;
+        }
+        for log in [LogName::Events, LogName::Audit] {
+            if let (Some(seq), Some(bytes)) = (self.keys.seq_of(log, key), value) {
+                let _no_followers = self.log_sender(log).send((seq, bytes.to_vec()));
+            }
+        }
+    }
+
+    /// After a re-list: replace the mirror and tell watchers what changed
+    /// since the old one, removals included.
+    fn relisted(&self, revision: i64, kvs: Vec<hotswap_etcd::KeyValue>) {
+        let fresh = Mirror::from_listing(
+            kvs.into_iter().map(|kv| (kv.key.clone(), versioned(&kv))),
+            revision,
+        );
+        let old = self.mirror.read(|m| m.records().clone());
+        let old_revision = self.mirror.read(Mirror::revision);
+        let mut changed: Vec<(Vec<u8>, Option<Vec<u8>>, i64)> = Vec::new();
+        for (key, value) in fresh.records() {
+            if value.mod_revision > old_revision
+                || old.get(key).map(|v| v.mod_revision) != Some(value.mod_revision)
+            {
+                changed.push((key.clone(), Some(value.value.clone()), value.mod_revision));
+            }
+        }
+        for key in old.keys() {
+            if fresh.get(key).is_none() {
+                changed.push((key.clone(), None, revision));
+            }
+        }
+        changed.sort_by(|a, b| (a.2, &a.0).cmp(&(b.2, &b.0)));
+        self.mirror.reset(fresh);
+        self.forget_written(revision);
+        for (key, value, at) in changed {
+            self.announce(&key, value.as_deref(), at);
+        }
+    }
+
+    fn forget_written(&self, revision: i64) {
+        let mut layers = self.layers();
+        if !layers.written_at.is_empty() {
+            layers.written_at.retain(|_, at| *at > revision);
+        }
+    }
+
+    /// A key's value as this replica sees it: its own pending and in-flight
+    /// writes over the mirror.
+    fn value(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.read(key).0
+    }
+
+    /// A key's value and the base a guarded write on it would compare.
+    fn read(&self, key: &[u8]) -> (Option<Vec<u8>>, Base) {
+        let layers = self.layers();
+        if let Some(value) = layers.pending.writes.get(key) {
+            let base = layers
+                .pending
+                .guards
+                .get(key)
+                .copied()
+                .unwrap_or(Base::InFlight);
+            return (value.clone(), base);
+        }
+        for (_, batch) in layers.in_flight.iter().rev() {
+            if let Some(value) = batch.get(key) {
+                return (value.clone(), Base::InFlight);
+            }
+        }
+        let written = layers.written_at.get(key).copied();
+        drop(layers);
+        self.mirror.read(|m| match m.get(key) {
+            Some(v) => (
+                Some(v.value.clone()),
+                Base::Revision(written.unwrap_or(0).max(v.mod_revision)),
+            ),
+            None => (None, Base::Revision(written.unwrap_or(0))),
+        })
+    }
+
+    /// Keys under `prefix` with this replica's writes laid over the mirror.
+    fn scan(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self.mirror.read(|m| {
+            m.under(prefix, prefix)
+                .map(|(k, v)| (k.clone(), Some(v.value.clone())))
+                .collect()
+        });
+        let layers = self.layers();
+        for (_, batch) in &layers.in_flight {
+            for (key, value) in batch.iter().filter(|(k, _)| k.starts_with(prefix)) {
+                merged.insert(key.clone(), value.clone());
+            }
+        }
+        for (key, value) in layers
+            .pending
+            .writes
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+        {
+            merged.insert(key.clone(), value.clone());
+        }
+        drop(layers);
+        merged
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect()
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        collection: Collection,
+        id: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let key = self.keys.record(collection, id);
+        self.value(key.as_bytes())
+            .map(|bytes| decode(collection, key.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    fn list<T: DeserializeOwned>(&self, collection: Collection) -> Result<Vec<T>, StoreError> {
+        self.scan(self.keys.collection(collection).as_bytes())
+            .iter()
+            .map(|(key, value)| decode(collection, key, value))
+            .collect()
+    }
+
+    fn list_bytes(&self, collection: Collection) -> Vec<(String, Vec<u8>)> {
+        let prefix = self.keys.collection(collection);
+        self.scan(prefix.as_bytes())
+            .into_iter()
+            .map(|(key, value)| {
+                let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                (id, value)
+            })
+            .collect()
+    }
+
+    /// Queue a write for the next commit.
+    fn write(&self, key: String, value: Option<Vec<u8>>) {
+        self.layers().pending.writes.insert(key.into_bytes(), value);
+    }
+
+    /// Queue a guarded write: it commits only if the key is still as read.
+    fn write_guarded(&self, key: String, base: Base, value: Option<Vec<u8>>) {
+        let mut layers = self.layers();
+        let key = key.into_bytes();
+        layers.pending.guards.entry(key.clone()).or_insert(base);
+        layers.pending.writes.insert(key, value);
+    }
+
+    /// Commit every write queued so far (see [`Durability::flush`]).
+    async fn flush(&self) -> Result<(), StoreError> {
+        let mine = self.layers().generation;
+        let mut commits = self.committing.lock().await;
+        if commits.done_through >= mine {
+            return match commits
+                .failed
+                .iter()
+                .find(|(generation, _)| *generation == mine)
+            {
+                Some((_, why)) => Err(StoreError::Backend(why.clone())),
+                None => Ok(()),
+            };
+        }
+        let (generation, batch, overlay) = {
+            let mut layers = self.layers();
+            let batch = std::mem::take(&mut layers.pending);
+            let generation = layers.generation;
+            layers.generation += 1;
+            let overlay = Arc::new(batch.writes.clone());
+            layers
+                .in_flight
+                .push_back((generation, Arc::clone(&overlay)));
+            (generation, batch, overlay)
+        };
+        let result = self.commit(batch).await;
+        {
+            let mut layers = self.layers();
+            layers.in_flight.retain(|(g, _)| *g != generation);
+        }
+        drop(overlay);
+        commits.done_through = generation;
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let error = StoreError::from(e);
+                commits.failed.push_back((generation, error.to_string()));
+                while commits.failed.len() > 64 {
+                    commits.failed.pop_front();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Commit one batch: its writes in transactions of at most
+    /// [`OPS_PER_TXN`] keys (each with the fence and its keys' guards), then
+    /// its log records numbered after each log's head. Returns once the
+    /// mirror holds the last transaction (or the request deadline passed:
+    /// the writes are committed either way).
+    async fn commit(&self, batch: Batch) -> Result<(), CommitError> {
+        let Batch {
+            writes,
+            guards,
+            appends,
+        } = batch;
+        let mut last_revision = 0;
+        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes.into_iter().collect();
+        for chunk in writes.chunks(OPS_PER_TXN) {
+            let mut compares: Vec<Compare> = self.fence().into_iter().collect();
+            for (key, _) in chunk {
+                match guards.get(key) {
+                    Some(Base::Revision(revision)) => compares.push(Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        *revision,
+                    )),
+                    Some(Base::InFlight) => {
+                        // The earlier batch of ours that wrote it has
+                        // committed by now (commits go in order).
+                        if let Some(at) = self.layers().written_at.get(key).copied() {
+                            compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, at));
+                        }
+                    }
+                    None => {}
+                }
+            }
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(key, value)| match value {
+                    Some(value) => TxnOp::put(key.clone(), value.clone()),
+                    None => TxnOp::delete(key.clone()),
+                })
+                .collect();
+            let result = self.client.txn(&compares, &ops, &[]).await?;
+            if !result.succeeded {
+                return Err(self.why_failed(&compares).await);
+            }
+            last_revision = result.revision;
+            let mut layers = self.layers();
+            for (key, _) in chunk {
+                layers.written_at.insert(key.clone(), result.revision);
+            }
+        }
+        for log in [LogName::Events, LogName::Audit] {
+            let records: Vec<&Encode> = appends
+                .iter()
+                .filter(|(name, _, _)| *name == log)
+                .map(|(_, _, encode)| encode)
+                .collect();
+            for chunk in records.chunks(OPS_PER_TXN) {
+                last_revision = self.append_chunk(log, chunk).await?;
+            }
+        }
+        if last_revision > 0 {
+            let caught_up = self.mirror.caught_up(last_revision);
+            if tokio::time::timeout(self.request_timeout, caught_up)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    revision = last_revision,
+                    "committed to etcd, but the mirror has not seen it yet"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The head of a log as etcd has it (0: empty).
+    fn head_from(&self, value: Option<&[u8]>) -> u64 {
+        value
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The compare that holds while a log's head is `head`.
+    fn head_is(&self, log: LogName, head: u64) -> Compare {
+        let key = self.keys.log_head(log);
+        if head == 0 {
+            Compare::absent(key)
+        } else {
+            Compare::value(key, CompareOp::Equal, head.to_string())
+        }
+    }
+
+    /// Append records after the log's head in one transaction, numbering
+    /// them again when another writer moved the head first.
+    async fn append_chunk(&self, log: LogName, records: &[&Encode]) -> Result<i64, CommitError> {
+        let head_key = self.keys.log_head(log);
+        let mut head = self.head_from(
+            self.mirror
+                .read(|m| m.get(head_key.as_bytes()).map(|v| v.value.clone()))
+                .as_deref(),
+        );
+        for _ in 0..ATTEMPTS {
+            let mut compares: Vec<Compare> = self.fence().into_iter().collect();
+            compares.push(self.head_is(log, head));
+            let mut ops: Vec<TxnOp> = records
+                .iter()
+                .enumerate()
+                .map(|(i, encode)| {
+                    let seq = head + 1 + i as u64;
+                    TxnOp::put(self.keys.log_record(log, seq), encode(seq))
+                })
+                .collect();
+            let new_head = head + records.len() as u64;
+            ops.push(TxnOp::put(head_key.clone(), new_head.to_string()));
+            let result = self
+                .client
+                .txn(&compares, &ops, &[TxnOp::get(head_key.clone())])
+                .await?;
+            if result.succeeded {
+                return Ok(result.revision);
+            }
+            if let Some(fence) = self.fence()
+                && !self.holds(&fence).await?
+            {
+                return Err(CommitError::Fenced);
+            }
+            head = match result.responses.first() {
+                Some(hotswap_etcd::TxnOpResult::Get { kvs }) => {
+                    self.head_from(kvs.first().map(|kv| kv.value.as_slice()))
+                }
+                _ => head,
+            };
+        }
+        Err(CommitError::Conflict(head_key))
+    }
+
+    /// Whether a compare holds now (read from etcd itself).
+    async fn holds(&self, compare: &Compare) -> Result<bool, CommitError> {
+        let result = self
+            .client
+            .txn(std::slice::from_ref(compare), &[], &[])
+            .await?;
+        Ok(result.succeeded)
+    }
+
+    /// Why a guarded transaction failed: the fence, or which guard.
+    async fn why_failed(&self, compares: &[Compare]) -> CommitError {
+        for compare in compares {
+            match self.holds(compare).await {
+                Ok(true) => continue,
+                Ok(false) => {
+                    if Some(compare) == self.fence().as_ref() {
+                        return CommitError::Fenced;
+                    }
+                    return CommitError::Conflict(
+                        String::from_utf8_lossy(compare.key()).into_owned(),
+                    );
+                }
+                Err(e) => return e,
+            }
+        }
+        CommitError::Conflict("(a key changed and changed back)".into())
+    }
+
+    /// Commit guarded writes at once, in one transaction (flushing what is
+    /// pending first, so the reads behind them saw everything of ours).
+    /// The caller re-decides on [`CommitError::Conflict`].
+    async fn commit_now(
+        &self,
+        guards: &[(String, Base)],
+        writes: &[(String, Option<Vec<u8>>)],
+    ) -> Result<i64, CommitError> {
+        let mut compares: Vec<Compare> = self.fence().into_iter().collect();
+        for (key, base) in guards {
+            if let Base::Revision(revision) = base {
+                compares.push(Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    *revision,
+                ));
+            }
+        }
+        let ops: Vec<TxnOp> = writes
+            .iter()
+            .map(|(key, value)| match value {
+                Some(value) => TxnOp::put(key.clone(), value.clone()),
+                None => TxnOp::delete(key.clone()),
+            })
+            .collect();
+        let result = self.client.txn(&compares, &ops, &[]).await?;
+        if !result.succeeded {
+            return Err(self.why_failed(&compares).await);
+        }
+        {
+            let mut layers = self.layers();
+            for (key, _) in writes {
+                layers
+                    .written_at
+                    .insert(key.clone().into_bytes(), result.revision);
+            }
+        }
+        let caught_up = self.mirror.caught_up(result.revision);
+        let _ = tokio::time::timeout(self.request_timeout, caught_up).await;
+        Ok(result.revision)
+    }
+
+    /// Run a guarded change until it commits or is refused: `decide` reads
+    /// (through [`Inner::read`]) and returns the guards, the writes and its
+    /// answer, or an error that refuses the change.
+    async fn change<T, E>(
+        &self,
+        decide: impl Fn(&Self) -> Result<(Vec<(String, Base)>, Vec<(String, Option<Vec<u8>>)>, T), E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        self.flush().await.map_err(E::from)?;
+        for _ in 0..ATTEMPTS {
+            let (guards, writes, answer) = decide(self)?;
+            if writes.is_empty() {
+                return Ok(answer);
+            }
+            match self.commit_now(&guards, &writes).await {
+                Ok(_) => return Ok(answer),
+                Err(CommitError::Conflict(key)) => {
+                    tracing::debug!(key, "a concurrent change won; deciding again");
+                    // Let the mirror catch up with whoever won.
+                    if let Ok(status) = self.client.status().await {
+                        let caught_up = self.mirror.caught_up(status.revision);
+                        let _ = tokio::time::timeout(self.request_timeout, caught_up).await;
+                    }
+                }
+                Err(e) => return Err(E::from(StoreError::from(e))),
+            }
+        }
+        Err(E::from(StoreError::Backend(format!(
+            "other replicas kept changing the same records ({ATTEMPTS} tries); try again"
+        ))))
+    }
+
+    fn block_on<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(|| self.runtime.block_on(future)),
+            Err(_) => self.runtime.block_on(future),
+        }
+    }
+}
+
+fn base_of(read: &(Option<Vec<u8>>, Base)) -> Base {
+    read.1
+}
+
+#[async_trait]
+impl Durability for EtcdStore {
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+
+    fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.inner.block_on(self.inner.flush())
+    }
+
+    fn failure(&self) -> Option<Failure> {
+        None
+    }
+
+    fn check_identity(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        0
+    }
+}
+
+#[async_trait]
+impl NodeRecords for EtcdStore {
+    async fn insert_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        self.inner.write(
+            self.inner.keys.record(Collection::Tokens, hash),
+            Some(encode(record)),
+        );
+        self.inner.flush().await
+    }
+
+    fn get_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.get(Collection::Tokens, hash)
+    }
+
+    async fn enroll(
+        &self,
+        token_hash: &str,
+        now_ms: u64,
+        node: NodeRecord,
+    ) -> Result<NodeRecord, EnrollError> {
+        let keys = &self.inner.keys;
+        let token_key = keys.record(Collection::Tokens, token_hash);
+        let name_key = keys.record(Collection::NodeNames, &node.name);
+        let node_key = keys.record(Collection::Nodes, &node.id);
+        self.inner
+            .change(|inner| {
+                let token_read = inner.read(token_key.as_bytes());
+                let Some(bytes) = &token_read.0 else {
+                    return Err(EnrollError::Rejected(EnrollRejection::UnknownToken));
+                };
+                let mut token: TokenRecord =
+                    decode(Collection::Tokens, token_key.as_bytes(), bytes)?;
+                if now_ms >= token.expires_at_ms {
+                    return Err(EnrollError::Rejected(EnrollRejection::Expired(
+                        hotswap_common::timefmt::rfc3339_from_ms(token.expires_at_ms),
+                    )));
+                }
+                if token.uses_left == 0 {
+                    return Err(EnrollError::Rejected(EnrollRejection::UsedUp(
+                        token.uses_total,
+                    )));
+                }
+                let name_read = inner.read(name_key.as_bytes());
+                if let Some(existing) = &name_read.0 {
+                    return Err(EnrollError::Rejected(EnrollRejection::NameTaken {
+                        name: node.name.clone(),
+                        id: String::from_utf8_lossy(existing).into_owned(),
+                    }));
+                }
+                token.uses_left -= 1;
+                let mut record = node.clone();
+                record.forced_labels = token.labels.clone();
+                record.labels.extend(token.labels.clone());
+                let node_read = inner.read(node_key.as_bytes());
+                Ok((
+                    vec![
+                        (token_key.clone(), base_of(&token_read)),
+                        (name_key.clone(), base_of(&name_read)),
+                        (node_key.clone(), base_of(&node_read)),
+                    ],
+                    vec![
+                        (token_key.clone(), Some(encode(&token))),
+                        (node_key.clone(), Some(encode(&record))),
+                        (name_key.clone(), Some(record.id.clone().into_bytes())),
+                    ],
+                    record,
+                ))
+            })
+            .await
+    }
+
+    fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        self.inner.get(Collection::Nodes, id)
+    }
+
+    fn has_node(&self, id: &str) -> Result<bool, StoreError> {
+        let key = self.inner.keys.record(Collection::Nodes, id);
+        Ok(self.inner.value(key.as_bytes()).is_some())
+    }
+
+    fn node_id_by_name(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let key = self.inner.keys.record(Collection::NodeNames, name);
+        Ok(self
+            .inner
+            .value(key.as_bytes())
+            .map(|id| String::from_utf8_lossy(&id).into_owned()))
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.inner.list(Collection::Nodes)
+    }
+
+    async fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError> {
+        self.inner.write(
+            self.inner.keys.record(Collection::Nodes, &record.id),
+            Some(encode(record)),
+        );
+        self.inner.flush().await
+    }
+
+    async fn exhaust_token(&self, hash: &str) -> Result<(), StoreError> {
+        let key = self.inner.keys.record(Collection::Tokens, hash);
+        self.inner
+            .change(|inner| {
+                let read = inner.read(key.as_bytes());
+                let Some(bytes) = &read.0 else {
+                    return Ok((Vec::new(), Vec::new(), ()));
+                };
+                let mut token: TokenRecord = decode(Collection::Tokens, key.as_bytes(), bytes)?;
+                if token.uses_left == 0 {
+                    return Ok((Vec::new(), Vec::new(), ()));
+                }
+                token.uses_left = 0;
+                Ok::<_, StoreError>((
+                    vec![(key.clone(), base_of(&read))],
+                    vec![(key.clone(), Some(encode(&token)))],
+                    (),
+                ))
+            })
+            .await
+    }
+
+    async fn remove_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let keys = &self.inner.keys;
+        let node_key = keys.record(Collection::Nodes, id);
+        self.inner
+            .change(|inner| {
+                let read = inner.read(node_key.as_bytes());
+                let Some(bytes) = &read.0 else {
+                    return Ok((Vec::new(), Vec::new(), None));
+                };
+                let record: NodeRecord = decode(Collection::Nodes, node_key.as_bytes(), bytes)?;
+                let name_key = keys.record(Collection::NodeNames, &record.name);
+                Ok::<_, StoreError>((
+                    vec![(node_key.clone(), base_of(&read))],
+                    vec![(node_key.clone(), None), (name_key, None)],
+                    Some(record),
+                ))
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl UserRecords for EtcdStore {
+    fn get_user(&self, name: &str) -> Result<Option<UserRecord>, StoreError> {
+        self.inner.get(Collection::Users, name)
+    }
+
+    fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        self.inner.list(Collection::Users)
+    }
+
+    async fn put_user(&self, record: &UserRecord) -> Result<(), StoreError> {
+        self.inner.write(
+            self.inner.keys.record(Collection::Users, &record.name),
+            Some(encode(record)),
+        );
+        self.inner.flush().await
+    }
+
+    fn put_user_blocking(&self, record: &UserRecord) -> Result<(), StoreError> {
+        self.inner.write(
+            self.inner.keys.record(Collection::Users, &record.name),
+            Some(encode(record)),
+        );
+        self.inner.block_on(self.inner.flush())
+    }
+
+    async fn create_user(&self, record: &UserRecord) -> Result<bool, StoreError> {
+        let key = self.inner.keys.record(Collection::Users, &record.name);
+        self.inner
+            .change(|inner| {
+                let read = inner.read(key.as_bytes());
+                if read.0.is_some() {
+                    return Ok((Vec::new(), Vec::new(), false));
+                }
+                Ok::<_, StoreError>((
+                    vec![(key.clone(), base_of(&read))],
+                    vec![(key.clone(), Some(encode(record)))],
+                    true,
+                ))
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl ArtifactRecords for EtcdStore {
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.list(Collection::Keys)
+    }
+
+    fn get_key(&self, name: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get(Collection::Keys, name)
+    }
+
+    async fn insert_key(&self, record: &KeyRecord) -> Result<Option<KeyRecord>, StoreError> {
+        let key = self.inner.keys.record(Collection::Keys, &record.name);
+        self.inner
+            .change(|inner| {
+                let read = inner.read(key.as_bytes());
+                if let Some(bytes) = &read.0 {
+                    let existing: KeyRecord = decode(Collection::Keys, key.as_bytes(), bytes)?;
+                    return Ok((Vec::new(), Vec::new(), Some(existing)));
+                }
+                Ok::<_, StoreError>((
+                    vec![(key.clone(), base_of(&read))],
+                    vec![(key.clone(), Some(encode(record)))],
+                    None,
+                ))
+            })
+            .await
+    }
+
+    async fn put_key(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.write(
+            self.inner.keys.record(Collection::Keys, &record.name),
+            Some(encode(record)),
+        );
+        self.inner.flush().await
+    }
+
+    fn get_artifact(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        let key = self.inner.keys.artifact(name, version);
+        self.inner
+            .value(key.as_bytes())
+            .map(|bytes| decode(Collection::Artifacts, key.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    fn module_versions(&self, name: &str) -> Result<Vec<ArtifactRecord>, StoreError> {
+        self.inner
+            .scan(self.inner.keys.module_versions(name).as_bytes())
+            .iter()
+            .map(|(key, value)| decode(Collection::Artifacts, key, value))
+            .collect()
+    }
+
+    fn list_artifacts(&self) -> Result<Vec<ArtifactRecord>, StoreError> {
+        self.inner.list(Collection::Artifacts)
+    }
+
+    async fn insert_artifact(
+        &self,
+        record: &ArtifactRecord,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        let key = self.inner.keys.artifact(&record.name, &record.version);
+        self.inner
+            .change(|inner| {
+                let read = inner.read(key.as_bytes());
+                if let Some(bytes) = &read.0 {
+                    let existing: ArtifactRecord =
+                        decode(Collection::Artifacts, key.as_bytes(), bytes)?;
+                    return Ok((Vec::new(), Vec::new(), Some(existing)));
+                }
+                Ok::<_, StoreError>((
+                    vec![(key.clone(), base_of(&read))],
+                    vec![(key.clone(), Some(encode(record)))],
+                    None,
+                ))
+            })
+            .await
+    }
+
+    async fn update_artifact(
+        &self,
+        name: &str,
+        version: &str,
+        change: Change<'_, ArtifactRecord>,
+    ) -> Result<Option<ArtifactRecord>, StoreError> {
+        let key = self.inner.keys.artifact(name, version);
+        self.inner
+            .change(|inner| {
+                let read = inner.read(key.as_bytes());
+                let Some(bytes) = &read.0 else {
+                    return Ok((Vec::new(), Vec::new(), None));
+                };
+                let mut record: ArtifactRecord =
+                    decode(Collection::Artifacts, key.as_bytes(), bytes)?;
+                if !change(&mut record) {
+                    return Ok((Vec::new(), Vec::new(), Some(record)));
+                }
+                Ok::<_, StoreError>((
+                    vec![(key.clone(), base_of(&read))],
+                    vec![(key.clone(), Some(encode(&record)))],
+                    Some(record),
+                ))
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl DesiredRecords for EtcdStore {
+    fn get_desired(&self, node_id: &str) -> Result<DesiredRecord, StoreError> {
+        let key = self.inner.keys.record(Collection::Desired, node_id);
+        let (value, base) = self.inner.read(key.as_bytes());
+        let Some(bytes) = value else {
+            return Ok(DesiredRecord::default());
+        };
+        let mut record: DesiredRecord = decode(Collection::Desired, key.as_bytes(), &bytes)?;
+        if let Base::Revision(revision) = base {
+            record.revision = revision as u64;
+        }
+        Ok(record)
+    }
+
+    /// The change is applied to what this replica sees and committed with
+    /// the next flush, guarded: if another replica changed the node's
+    /// desired state meanwhile, the flush fails instead of overwriting it.
+    /// The returned record's revision is the one it was read at (its own
+    /// revision is known once committed).
+    fn update_desired_unflushed(
+        &self,
+        node_id: &str,
+        change: Change<'_, DesiredRecord>,
+    ) -> Result<DesiredRecord, StoreError> {
+        let key = self.inner.keys.record(Collection::Desired, node_id);
+        let (value, base) = self.inner.read(key.as_bytes());
+        let mut record: DesiredRecord = match &value {
+            Some(bytes) => decode(Collection::Desired, key.as_bytes(), bytes)?,
+            None => DesiredRecord::default(),
+        };
+        if !change(&mut record) {
+            return Ok(record);
+        }
+        record.generation += 1;
+        let stored = DesiredRecord {
+            revision: 0,
+            ..record.clone()
+        };
+        self.inner.write_guarded(key, base, Some(encode(&stored)));
+        Ok(record)
+    }
+
+    async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError> {
+        let key = self.inner.keys.record(Collection::Desired, node_id);
+        if self.inner.value(key.as_bytes()).is_some() {
+            self.inner.write(key, None);
+        }
+        self.inner.flush().await
+    }
+
+    async fn flush_desired(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+
+    fn desired_revision(&self) -> Result<Revision, StoreError> {
+        Ok(self.inner.mirror.read(Mirror::revision) as Revision)
+    }
+
+    fn watch_desired(&self, after: Revision) -> Result<DesiredWatch, StoreError> {
+        // Subscribe first: whatever the mirror applies from now on comes
+        // live, and the backlog read next holds everything before (the
+        // watch skips what both hold).
+        let live = self.inner.desired_changes.subscribe();
+        let prefix = self.inner.desired_prefix();
+        let mut backlog = Vec::new();
+        let listed: Vec<(Vec<u8>, Versioned)> = self.inner.mirror.read(|m| {
+            m.under(prefix.as_bytes(), prefix.as_bytes())
+                .filter(|(_, v)| v.mod_revision as u64 > after)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
+        for (key, value) in listed {
+            let mut record: DesiredRecord = decode(Collection::Desired, &key, &value.value)?;
+            record.revision = value.mod_revision as u64;
+            backlog.push(DesiredUpdate {
+                node_id: String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
+                revision: record.revision,
+                record: Some(record),
+            });
+        }
+        backlog.sort_by(|a, b| (a.revision, &a.node_id).cmp(&(b.revision, &b.node_id)));
+        Ok(DesiredWatch::new(backlog, live, after))
+    }
+}
+
+#[async_trait]
+impl DeploymentRecords for EtcdStore {
+    fn put_deployment_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError> {
+        self.inner.write(
+            self.inner.keys.record(Collection::Deployments, id),
+            Some(record),
+        );
+        Ok(())
+    }
+
+    fn list_deployment_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self.inner.list_bytes(Collection::Deployments))
+    }
+
+    async fn put_pipeline_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError> {
+        self.inner.write(
+            self.inner.keys.record(Collection::Pipelines, id),
+            Some(record),
+        );
+        self.inner.flush().await
+    }
+
+    fn list_pipeline_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self.inner.list_bytes(Collection::Pipelines))
+    }
+
+    async fn flush_deployments(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+}
+
+impl Storage for EtcdStore {
+    fn log(&self, name: LogName) -> Result<Arc<dyn SeqLog>, StoreError> {
+        Ok(Arc::new(EtcdLog {
+            inner: Arc::clone(&self.inner),
+            name,
+        }))
+    }
+}
+
+/// A sequence log under `<prefix><log>/`, with its head at
+/// `meta/head/<log>`.
+struct EtcdLog {
+    inner: Arc<Inner>,
+    name: LogName,
+}
+
+impl EtcdLog {
+    fn prefix(&self) -> String {
+        self.inner.keys.log(self.name)
+    }
+
+    fn records_from(&self, from: u64, direction: Direction) -> Vec<(u64, Vec<u8>)> {
+        let prefix = self.prefix();
+        let start = self.inner.keys.log_record(self.name, from);
+        let keys = &self.inner.keys;
+        let name = self.name;
+        self.inner.mirror.read(|m| {
+            let range = m.under(prefix.as_bytes(), start.as_bytes());
+            let entry = |(key, value): (&Vec<u8>, &Versioned)| {
+                let key = std::str::from_utf8(key).ok()?;
+                Some((keys.seq_of(name, key)?, value.value.clone()))
+            };
+            match direction {
+                Direction::Forward => range.filter_map(entry).collect(),
+                Direction::Backward => range.rev().filter_map(entry).collect(),
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl SeqLog for EtcdLog {
+    fn append(&self, seq: u64, encode: Encode) -> Result<(), StoreError> {
+        self.inner
+            .layers()
+            .pending
+            .appends
+            .push((self.name, seq, encode));
+        Ok(())
+    }
+
+    async fn append_exact(&self, seq: u64, record: Vec<u8>) -> Result<bool, StoreError> {
+        let head = seq.saturating_sub(1);
+        let head_key = self.inner.keys.log_head(self.name);
+        let mut compares: Vec<Compare> = self.inner.fence().into_iter().collect();
+        compares.push(self.inner.head_is(self.name, head));
+        let ops = [
+            TxnOp::put(self.inner.keys.log_record(self.name, seq), record),
+            TxnOp::put(head_key.clone(), seq.to_string()),
+        ];
+        let result = self
+            .inner
+            .client
+            .txn(&compares, &ops, &[TxnOp::get(head_key)])
+            .await
+            .map_err(backend)?;
+        if !result.succeeded
+            && let Some(fence) = self.inner.fence()
+            && !self.inner.holds(&fence).await.map_err(StoreError::from)?
+        {
+            return Err(StoreError::from(CommitError::Fenced));
+        }
+        // Either way, wait until the mirror shows the log as etcd has it,
+        // so `last` answers with the winner's record.
+        let caught_up = self.inner.mirror.caught_up(result.revision);
+        let _ = tokio::time::timeout(self.inner.request_timeout, caught_up).await;
+        Ok(result.succeeded)
+    }
+
+    fn follow(&self) -> Option<broadcast::Receiver<(u64, Vec<u8>)>> {
+        Some(self.inner.log_sender(self.name).subscribe())
+    }
+
+    fn last(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let prefix = self.prefix();
+        let keys = &self.inner.keys;
+        Ok(self.inner.mirror.read(|m| {
+            let (key, value) = m.last_under(prefix.as_bytes())?;
+            let seq = keys.seq_of(self.name, std::str::from_utf8(key).ok()?)?;
+            Some((seq, value.value.clone()))
+        }))
+    }
+
+    fn first_seq(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .records_from(0, Direction::Forward)
+            .first()
+            .map(|(seq, _)| *seq))
+    }
+
+    fn count(&self) -> Result<u64, StoreError> {
+        let prefix = self.prefix();
+        Ok(self
+            .inner
+            .mirror
+            .read(|m| m.under(prefix.as_bytes(), prefix.as_bytes()).count()) as u64)
+    }
+
+    fn range(&self, from: u64, direction: Direction) -> LogIter<'_> {
+        Box::new(self.records_from(from, direction).into_iter().map(Ok))
+    }
+
+    fn remove_through(&self, seq: u64) -> Result<u64, StoreError> {
+        let old: Vec<u64> = self
+            .records_from(0, Direction::Forward)
+            .into_iter()
+            .map(|(s, _)| s)
+            .take_while(|s| *s <= seq)
+            .collect();
+        for s in &old {
+            self.inner
+                .write(self.inner.keys.log_record(self.name, *s), None);
+        }
+        Ok(old.len() as u64)
+    }
+
+    #[cfg(test)]
+    fn overwrite(&self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
+        self.inner.write(
+            self.inner.keys.log_record(self.name, seq),
+            Some(record.to_vec()),
+        );
+        self.inner.block_on(self.inner.flush())
+    }
+
+    #[cfg(test)]
+    fn remove(&self, seq: u64) -> Result<(), StoreError> {
+        self.inner
+            .write(self.inner.keys.log_record(self.name, seq), None);
+        self.inner.block_on(self.inner.flush())
+    }
+}

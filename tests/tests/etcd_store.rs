@@ -1,0 +1,484 @@
+//! The etcd backend of the storage port against a real etcd cluster, with
+//! two stores standing for two control-plane replicas: records written by
+//! one are read by the other; atomic changes decide once between racing
+//! replicas; desired-state changes reach the other replica's watch in order;
+//! the event log stays gap-free and the audit log one chain while both
+//! append; and a fenced leader that lost its leadership changes nothing.
+
+use std::time::Duration;
+
+use hotswap_common::labels::Labels;
+use hotswap_control_plane::audit::{AuditEntry, AuditLog};
+use hotswap_control_plane::events::{Event, EventLog};
+use hotswap_control_plane::store::etcd::{ClusterRecord, EtcdStore};
+use hotswap_control_plane::store::keys::Keys;
+use hotswap_control_plane::store::{
+    ArtifactRecord, Direction, EnrollError, EnrollRejection, LogName, NodeRecord, Store,
+    TokenRecord, UserRecord,
+};
+use hotswap_etcd::{Client, ClientConfig};
+use hotswap_tests::{EtcdCluster, patience};
+
+async fn client(endpoints: &str) -> Client {
+    let config = ClientConfig::from_list(endpoints).expect("endpoints parse");
+    Client::connect(config).await.expect("connect to etcd")
+}
+
+/// Two replicas' stores on one freshly initialized prefix.
+async fn two_replicas(cluster: &EtcdCluster, prefix: &str) -> (Store, Store, EtcdStore) {
+    let keys = Keys::new(prefix).expect("prefix");
+    let etcd = client(&cluster.endpoints()).await;
+    let record = ClusterRecord {
+        id: "test".into(),
+        created_at_ms: 1,
+    };
+    EtcdStore::init(&etcd, &keys, &record).await.expect("init");
+    let a = EtcdStore::open(client(&cluster.endpoints()).await, keys.clone())
+        .await
+        .expect("open a");
+    let b = EtcdStore::open(client(&cluster.endpoints()).await, keys)
+        .await
+        .expect("open b");
+    (Store::etcd(a.clone()), Store::etcd(b), a)
+}
+
+fn token(uses: u32) -> TokenRecord {
+    TokenRecord {
+        created_at_ms: 0,
+        expires_at_ms: u64::MAX,
+        uses_total: uses,
+        uses_left: uses,
+        labels: [("environment".to_string(), "qa".to_string())].into(),
+        created_by: "admin".into(),
+    }
+}
+
+fn node(id: &str, name: &str) -> NodeRecord {
+    NodeRecord {
+        id: id.into(),
+        name: name.into(),
+        labels: Labels::new(),
+        forced_labels: Labels::new(),
+        enrolled_at_ms: 1,
+        cert_fingerprint: format!("sha256:{id}"),
+        cert_not_after_ms: 2,
+        last_seen_ms: None,
+        agent_version: "0.1.0".into(),
+        previous_cert_fingerprint: None,
+        previous_cert_not_after_ms: 0,
+        token_hash: String::new(),
+    }
+}
+
+/// Poll a check until it holds, failing after `patience()`.
+async fn eventually(what: &str, check: impl Fn() -> Result<(), String>) {
+    let deadline = tokio::time::Instant::now() + patience();
+    let mut last = String::from("never checked");
+    while tokio::time::Instant::now() < deadline {
+        match check() {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}; last observation: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_claims_a_prefix_once_and_open_needs_it() {
+    let cluster = EtcdCluster::start(1);
+    let etcd = client(&cluster.endpoints()).await;
+    let keys = Keys::new("/init-test/").expect("prefix");
+    let missing = EtcdStore::open(etcd.clone(), keys.clone()).await;
+    let error = missing
+        .err()
+        .expect("open before init is refused")
+        .to_string();
+    assert!(
+        error.contains("no hotswap cluster under etcd prefix /init-test/"),
+        "{error}"
+    );
+
+    let record = ClusterRecord {
+        id: "c-1".into(),
+        created_at_ms: 0,
+    };
+    EtcdStore::init(&etcd, &keys, &record)
+        .await
+        .expect("first init");
+    let again = EtcdStore::init(&etcd, &keys, &record).await;
+    let error = again.expect_err("second init refused").to_string();
+    assert!(
+        error.contains("already lives under etcd prefix /init-test/"),
+        "{error}"
+    );
+    EtcdStore::open(etcd, keys).await.expect("open after init");
+}
+
+/// Records one replica writes are what the other reads; racing
+/// enrollments and creations decide once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_shared_and_atomic_changes_decide_once() {
+    let cluster = EtcdCluster::start(3);
+    let (a, b, _) = two_replicas(&cluster, "/records/").await;
+
+    a.insert_token("t1", &token(1)).await.expect("token");
+    eventually("b sees the token", || {
+        b.get_token("t1")
+            .map_err(|e| e.to_string())?
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+
+    // Both replicas enroll with a one-use token at once: exactly one wins,
+    // the other is told the uses are gone.
+    let (first, second) = tokio::join!(
+        a.enroll("t1", 5, node("n-a", "web-a")),
+        b.enroll("t1", 5, node("n-b", "web-b"))
+    );
+    let outcomes = [first, second];
+    let won: Vec<&NodeRecord> = outcomes.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(won.len(), 1, "exactly one enrollment wins: {outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .any(|r| matches!(r, Err(EnrollError::Rejected(EnrollRejection::UsedUp(1))))),
+        "{outcomes:?}"
+    );
+    let winner = won[0].clone();
+    assert_eq!(
+        winner.labels.get("environment").map(String::as_str),
+        Some("qa")
+    );
+    eventually("both see the node and its name", || {
+        for store in [&a, &b] {
+            let by_name = store
+                .node_id_by_name(&winner.name)
+                .map_err(|e| e.to_string())?;
+            if by_name.as_deref() != Some(winner.id.as_str()) {
+                return Err(format!("name index {by_name:?}"));
+            }
+        }
+        Ok(())
+    })
+    .await;
+    assert_eq!(
+        b.get_token("t1").expect("read").expect("token").uses_left,
+        0
+    );
+
+    // A name taken through one replica is taken for the other.
+    a.insert_token("t2", &token(5)).await.expect("token");
+    b.flush().await.expect("flush");
+    eventually("b sees t2", || {
+        b.get_token("t2")
+            .map_err(|e| e.to_string())?
+            .map(|_| ())
+            .ok_or_else(|| "not yet".into())
+    })
+    .await;
+    let taken = b.enroll("t2", 5, node("n-c", &winner.name)).await;
+    assert!(
+        matches!(
+            taken,
+            Err(EnrollError::Rejected(EnrollRejection::NameTaken { .. }))
+        ),
+        "{taken:?}"
+    );
+
+    // Creating the same user on both: one creates, one is told it exists.
+    let user = UserRecord {
+        name: "ops".into(),
+        role: hotswap_control_plane::roles::Role::Deployer,
+        created_at_ms: 0,
+        created_by: "admin".into(),
+        cert_fingerprint: "sha256:x".into(),
+        cert_not_after_ms: 1,
+        revoked_at_ms: None,
+    };
+    let (x, y) = tokio::join!(a.create_user(&user), b.create_user(&user));
+    let created = [x.expect("create a"), y.expect("create b")];
+    assert_eq!(created.iter().filter(|c| **c).count(), 1, "{created:?}");
+
+    // Artifact records: create-only, and a guarded read-modify-write.
+    let artifact = ArtifactRecord {
+        name: "web".into(),
+        version: "1.0.0".into(),
+        digest: "sha256:abc".into(),
+        size: 3,
+        runtime: "file".into(),
+        manifest: String::new(),
+        signatures: Vec::new(),
+        pushed_at_ms: 0,
+        pushed_by: "ci".into(),
+        yanked: None,
+    };
+    assert_eq!(a.insert_artifact(&artifact).await.expect("insert"), None);
+    let existing = b.insert_artifact(&artifact).await.expect("insert again");
+    assert_eq!(
+        existing.as_ref().map(|r| r.digest.as_str()),
+        Some("sha256:abc")
+    );
+    let updated = b
+        .update_artifact("web", "1.0.0", &|record| {
+            record.size = 4;
+            true
+        })
+        .await
+        .expect("update")
+        .expect("record");
+    assert_eq!(updated.size, 4);
+    eventually("a sees the update", || {
+        match a.get_artifact("web", "1.0.0").map_err(|e| e.to_string())? {
+            Some(r) if r.size == 4 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // Removal takes the name with it.
+    let removed = b.remove_node(&winner.id).await.expect("remove");
+    assert_eq!(removed.map(|n| n.id), Some(winner.id.clone()));
+    eventually("a sees the removal", || {
+        if a.has_node(&winner.id).map_err(|e| e.to_string())?
+            || a.node_id_by_name(&winner.name)
+                .map_err(|e| e.to_string())?
+                .is_some()
+        {
+            return Err("still there".into());
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// Desired states written by one replica reach the other's watch, many
+/// nodes per transaction, in revision and node order, removals included;
+/// a second watch from a revision replays only what came after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_changes_reach_the_other_replica_in_order() {
+    let cluster = EtcdCluster::start(1);
+    let (a, b, _) = two_replicas(&cluster, "/desired/").await;
+    let start = b.desired_revision().expect("revision");
+    let mut watch = b.watch_desired(start).expect("watch");
+
+    // More nodes than one etcd transaction takes.
+    let nodes: Vec<String> = (0..300).map(|i| format!("n-{i:03}")).collect();
+    for node in &nodes {
+        let record = a
+            .update_desired_unflushed(node, &|record| {
+                record.modules.entry("web".into()).or_default().version = "2.0.0".into();
+                true
+            })
+            .expect("update");
+        assert_eq!(record.generation, 1);
+    }
+    // Read-your-writes before the flush.
+    assert_eq!(
+        a.get_desired("n-007").expect("get").modules["web"].version,
+        "2.0.0"
+    );
+    a.flush_desired().await.expect("flush");
+
+    let mut seen = Vec::new();
+    let mut last = (0, String::new());
+    while seen.len() < nodes.len() {
+        let update = tokio::time::timeout(patience(), watch.next())
+            .await
+            .expect("an update within patience")
+            .expect("watch goes on");
+        let position = (update.revision, update.node_id.clone());
+        assert!(position > last, "{position:?} after {last:?}");
+        last = position;
+        let record = update.record.expect("a write");
+        assert_eq!(record.modules["web"].version, "2.0.0");
+        assert_eq!(record.revision, update.revision);
+        seen.push(update.node_id);
+    }
+    seen.sort();
+    assert_eq!(seen, nodes);
+    let middle = b.get_desired("n-150").expect("get");
+    assert_eq!(middle.generation, 1);
+
+    // A later watch from the middle revision gets only what followed.
+    let after = b.desired_revision().expect("revision");
+    a.remove_desired("n-000").await.expect("remove");
+    let update = tokio::time::timeout(patience(), watch.next())
+        .await
+        .expect("the removal within patience")
+        .expect("watch goes on");
+    assert_eq!((update.node_id.as_str(), update.record), ("n-000", None));
+    let mut later = b.watch_desired(after).expect("watch from the middle");
+    a.update_desired("n-001", &|record| {
+        record.modules.entry("web".into()).or_default().version = "3.0.0".into();
+        true
+    })
+    .await
+    .expect("update");
+    let next = tokio::time::timeout(patience(), later.next())
+        .await
+        .expect("an update within patience")
+        .expect("watch goes on");
+    assert_eq!(next.node_id, "n-001");
+    assert_eq!(next.record.expect("write").generation, 2);
+}
+
+/// Both replicas append events and audit records at once: the event log
+/// holds every one under gap-free numbers that match their records, each
+/// replica's live stream shows all of them in order, and the audit log is
+/// one verifiable chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_stay_gap_free_and_one_chain_with_two_writers() {
+    let cluster = EtcdCluster::start(3);
+    let (a, b, _) = two_replicas(&cluster, "/logs/").await;
+    let events_a = std::sync::Arc::new(EventLog::open(&a, 100_000).expect("events a"));
+    let events_b = std::sync::Arc::new(EventLog::open(&b, 100_000).expect("events b"));
+    events_a.follow_commits().expect("a shared log");
+    events_b.follow_commits().expect("a shared log");
+    let mut live = events_b.subscribe();
+
+    let per_replica = 150;
+    let write = |log: std::sync::Arc<EventLog>, store: Store, who: &'static str| async move {
+        for i in 0..per_replica {
+            log.append(Event::new("test.event", format!("{who}-{i}")));
+            if i % 10 == 0 {
+                store.flush().await.expect("flush");
+            }
+        }
+        store.flush().await.expect("flush");
+    };
+    tokio::join!(
+        write(events_a.clone(), a.clone(), "a"),
+        write(events_b.clone(), b.clone(), "b")
+    );
+
+    let total = 2 * per_replica as u64;
+    let mut heard = Vec::new();
+    while heard.len() < total as usize {
+        let event = tokio::time::timeout(patience(), live.recv())
+            .await
+            .expect("a live event within patience")
+            .expect("live stream");
+        heard.push(event);
+    }
+    let seqs: Vec<u64> = heard.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=total).collect::<Vec<_>>(),
+        "live order, gap-free"
+    );
+    for (replica, store) in [("a", &a), ("b", &b)] {
+        let log = store.log(LogName::Events).expect("log");
+        eventually("the replica's mirror holds every event", || {
+            let count = log.count().map_err(|e| e.to_string())?;
+            (count == total)
+                .then_some(())
+                .ok_or(format!("{count} events"))
+        })
+        .await;
+        let stored: Vec<(u64, Vec<u8>)> = log
+            .range(0, Direction::Forward)
+            .collect::<Result<_, _>>()
+            .expect("read");
+        assert_eq!(stored.len() as u64, total, "replica {replica}");
+        for (i, (seq, bytes)) in stored.iter().enumerate() {
+            let event: Event = serde_json::from_slice(bytes).expect("event json");
+            assert_eq!((*seq, event.seq), (i as u64 + 1, i as u64 + 1));
+        }
+        let mut messages: Vec<String> = stored
+            .iter()
+            .map(|(_, b)| serde_json::from_slice::<Event>(b).expect("json").message)
+            .collect();
+        messages.sort();
+        messages.dedup();
+        assert_eq!(messages.len() as u64, total, "every event once");
+    }
+
+    let audit_a = AuditLog::open(&a).expect("audit a");
+    let audit_b = AuditLog::open(&b).expect("audit b");
+    let entry = |who: &str, i: usize| AuditEntry {
+        user: who.into(),
+        role: "admin".into(),
+        action: "test".into(),
+        target: format!("{who}-{i}"),
+        result: "ok",
+        detail: String::new(),
+        trace_id: String::new(),
+        peer: None,
+    };
+    async fn append_all(log: &AuditLog, entries: Vec<AuditEntry>) {
+        for entry in entries {
+            log.append(entry).await.expect("audit append");
+        }
+    }
+    tokio::join!(
+        append_all(&audit_a, (0..30).map(|i| entry("a", i)).collect()),
+        append_all(&audit_b, (0..30).map(|i| entry("b", i)).collect())
+    );
+    // Each replica's mirror catches up with the other's last append.
+    eventually("both replicas hold all 60 audit records", || {
+        let lens = (audit_a.len(), audit_b.len());
+        (lens == (60, 60)).then_some(()).ok_or(format!("{lens:?}"))
+    })
+    .await;
+    for audit in [&audit_a, &audit_b] {
+        let verification = audit.verify().expect("verify");
+        assert_eq!(verification.records, 60);
+        assert_eq!(verification.broken, None);
+    }
+}
+
+/// A leader fences its writes with its election key: once its lease is
+/// gone, nothing it flushes commits, and the records stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_lost_its_lease_changes_nothing() {
+    let cluster = EtcdCluster::start(1);
+    let (a, b, raw_a) = two_replicas(&cluster, "/fence/").await;
+    let etcd = client(&cluster.endpoints()).await;
+    let election = hotswap_etcd::Election::new(etcd.clone(), b"/fence/election/".to_vec());
+    let lease = etcd.grant(Duration::from_secs(5)).await.expect("grant");
+    let leadership = election.campaign(lease.id, b"a").await.expect("lead");
+    raw_a.set_fence(Some(leadership.fence()));
+
+    a.update_desired("n-1", &|record| {
+        record.modules.entry("web".into()).or_default().version = "1".into();
+        true
+    })
+    .await
+    .expect("a fenced write while leading");
+
+    etcd.revoke(lease.id).await.expect("revoke");
+    let stale = a
+        .update_desired("n-1", &|record| {
+            record.modules.entry("web".into()).or_default().version = "2".into();
+            true
+        })
+        .await;
+    let error = stale
+        .expect_err("a write after the lease is gone")
+        .to_string();
+    assert!(error.contains("lost its leadership"), "{error}");
+    let event = EventLog::open(&a, 10).expect("events");
+    event.append(Event::new("test.stale", "from the old leader"));
+    assert!(a.flush().await.is_err(), "the stale event is not committed");
+
+    // The other replica sees version 1, and no event.
+    eventually("b sees the first write", || {
+        let record = b.get_desired("n-1").map_err(|e| e.to_string())?;
+        match record.modules.get("web").map(|m| m.version.as_str()) {
+            Some("1") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.get_desired("n-1").expect("get").modules["web"].version,
+        "1"
+    );
+    assert_eq!(
+        b.log(LogName::Events).expect("log").count().expect("count"),
+        0
+    );
+}
