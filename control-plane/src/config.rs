@@ -91,6 +91,104 @@ pub struct Settings {
     pub pipeline: Vec<String>,
     /// `[blobs]`: where artifact content lives (SPEC §7).
     pub blobs: BlobsSettings,
+    /// `[store]`: where the records live (SPEC §7).
+    pub store: StoreSettings,
+    /// TTL of the lease a replica on etcd leads under: after the leader
+    /// dies, another leads within about this long.
+    #[serde(with = "duration_text")]
+    pub leader_lease: Duration,
+}
+
+/// `[store]`: `backend = "sled"` (the default: one process, the database
+/// in the data directory) or `"etcd"` (replicas sharing an etcd cluster).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    pub backend: StoreBackend,
+    /// etcd client URLs, `http://` or `https://`.
+    pub endpoints: Vec<String>,
+    /// Key prefix the cluster's records live under.
+    pub prefix: String,
+    /// Client TLS for the etcd endpoints: the CA that signed etcd's
+    /// certificates, and this replica's client certificate and key.
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Sled,
+            endpoints: Vec::new(),
+            prefix: crate::store::keys::DEFAULT_PREFIX.to_string(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Sled,
+    Etcd,
+}
+
+impl StoreSettings {
+    /// Switch to etcd for `--etcd-endpoints LIST [--etcd-prefix P]`
+    /// (comma-separated or repeated URLs), keeping the file's TLS settings.
+    pub fn with_flags(&self, endpoints: &[String], prefix: Option<&str>) -> Result<Self, String> {
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .flat_map(|list| list.split(','))
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_string)
+            .collect();
+        if endpoints.is_empty() {
+            return Err("--etcd-endpoints: give at least one etcd client URL".into());
+        }
+        let settings = Self {
+            backend: StoreBackend::Etcd,
+            endpoints,
+            prefix: prefix.map_or_else(|| self.prefix.clone(), str::to_string),
+            ..self.clone()
+        };
+        match settings.problems().first() {
+            Some(problem) => Err(problem.clone()),
+            None => Ok(settings),
+        }
+    }
+
+    /// The etcd key layout under the prefix.
+    pub fn keys(&self) -> Result<crate::store::keys::Keys, String> {
+        crate::store::keys::Keys::new(&self.prefix).map_err(|e| e.to_string())
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.backend != StoreBackend::Etcd {
+            return problems;
+        }
+        if self.endpoints.is_empty() {
+            problems.push(
+                "store.endpoints must list etcd client URLs when store.backend is \"etcd\"".into(),
+            );
+        }
+        if let Err(e) = hotswap_etcd::parse_endpoints(&self.endpoints.join(",")) {
+            problems.push(format!("store.endpoints: {e}"));
+        }
+        if let Err(e) = self.keys() {
+            problems.push(format!("store.prefix: {e}"));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            problems.push("store.cert_file and store.key_file go together".into());
+        }
+        problems
+    }
 }
 
 /// `[blobs]`: `backend = "local"` (the default: files in the data directory)
@@ -307,6 +405,8 @@ impl Default for Settings {
                 .map(String::from)
                 .to_vec(),
             blobs: BlobsSettings::default(),
+            store: StoreSettings::default(),
+            leader_lease: Duration::from_secs(5),
         }
     }
 }
@@ -359,7 +459,15 @@ impl Settings {
 
     /// Everything wrong with these settings, empty when valid.
     pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.store.problems();
+        if self.store.backend == StoreBackend::Etcd && self.blobs.backend != BlobsBackend::S3 {
+            problems.push(
+                "store.backend \"etcd\" needs blobs.backend \"s3\": every replica must read the same artifacts".into(),
+            );
+        }
+        if self.leader_lease < Duration::from_secs(2) {
+            problems.push("leader_lease must be at least 2s".to_string());
+        }
         if self.blobs.backend == BlobsBackend::S3 && self.blobs.bucket.is_empty() {
             problems.push("blobs.bucket must be set when blobs.backend is \"s3\"".to_string());
         }

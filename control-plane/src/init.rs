@@ -37,6 +37,8 @@ pub enum InitError {
     BadSan(String),
     #[error("cannot create the database: {0}")]
     Store(String),
+    #[error("{0}")]
+    Etcd(String),
 }
 
 pub struct InitOptions {
@@ -45,6 +47,9 @@ pub struct InitOptions {
     pub sans: Vec<String>,
     /// Endpoint written into the admin profile.
     pub endpoint: String,
+    /// The etcd cluster to keep the records in; `None` for the embedded
+    /// database in the data directory.
+    pub store: Option<crate::config::StoreSettings>,
 }
 
 #[derive(Debug)]
@@ -62,6 +67,62 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
     move |source| InitError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// `init` against an etcd cluster: a runtime of its own (init is
+/// synchronous), the client, and the key layout.
+struct EtcdInit {
+    runtime: tokio::runtime::Runtime,
+    client: hotswap_etcd::Client,
+    keys: crate::store::keys::Keys,
+}
+
+impl EtcdInit {
+    fn connect(settings: &crate::config::StoreSettings) -> Result<Self, InitError> {
+        let etcd = |e: String| InitError::Etcd(e);
+        let keys = settings.keys().map_err(etcd)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| etcd(format!("cannot start a runtime: {e}")))?;
+        let client = runtime
+            .block_on(crate::replica::etcd_client(settings))
+            .map_err(|e| etcd(e.to_string()))?;
+        let cluster = runtime
+            .block_on(client.get(keys.cluster()))
+            .map_err(|e| etcd(e.to_string()))?;
+        if cluster.is_some() {
+            return Err(etcd(format!(
+                "a hotswap cluster already lives under etcd prefix {}; choose another --etcd-prefix, or run replicas against it with a copy of its data directory",
+                keys.prefix()
+            )));
+        }
+        Ok(Self {
+            runtime,
+            client,
+            keys,
+        })
+    }
+
+    /// Claim the prefix and store the first admin.
+    fn create(self, admin: &UserRecord, ca_fingerprint: &str) -> Result<(), InitError> {
+        let etcd = |e: crate::store::StoreError| InitError::Etcd(e.to_string());
+        let record = crate::store::etcd::ClusterRecord {
+            id: ca_fingerprint.to_string(),
+            created_at_ms: now_ms(),
+        };
+        self.runtime.block_on(async {
+            crate::store::etcd::EtcdStore::init(&self.client, &self.keys, &record)
+                .await
+                .map_err(etcd)?;
+            let store = crate::store::etcd::EtcdStore::open(self.client.clone(), self.keys.clone())
+                .await
+                .map_err(etcd)?;
+            crate::store::UserRecords::put_user(&store, admin)
+                .await
+                .map_err(etcd)
+        })
     }
 }
 
@@ -96,6 +157,10 @@ pub fn init(options: &InitOptions) -> Result<InitOutcome, InitError> {
     if !sans.contains(&endpoint.host) {
         sans.push(endpoint.host.clone());
     }
+
+    // A prefix that already holds a cluster is refused before anything is
+    // written, so the data directory is not left behind half made.
+    let etcd = options.store.as_ref().map(EtcdInit::connect).transpose()?;
 
     let (ca, ca_pems) = CertificateAuthority::generate("hotswap CA")?;
     let server = ca.issue_server(&sans, SERVER_CERT_VALIDITY)?;
@@ -141,12 +206,17 @@ pub fn init(options: &InitOptions) -> Result<InitOutcome, InitError> {
         cert_not_after_ms: pki::not_after_ms(admin_der.as_ref())?,
         revoked_at_ms: None,
     };
-    let state = layout.state();
-    let store = Store::open(&state, 1024 * 1024).map_err(|e| InitError::Store(e.to_string()))?;
-    store
-        .put_user_blocking(&admin_user)
-        .map_err(|e| InitError::Store(e.to_string()))?;
-    drop(store);
+    match etcd {
+        Some(etcd) => etcd.create(&admin_user, &ca.fingerprint()?)?,
+        None => {
+            let state = layout.state();
+            let store =
+                Store::open(&state, 1024 * 1024).map_err(|e| InitError::Store(e.to_string()))?;
+            store
+                .put_user_blocking(&admin_user)
+                .map_err(|e| InitError::Store(e.to_string()))?;
+        }
+    }
     let profile = Profile {
         endpoint: endpoint.to_string(),
         ca_cert: ca_pems.cert_pem.clone(),
@@ -172,6 +242,7 @@ mod tests {
             data_dir: dir.to_path_buf(),
             sans: vec!["cp.example".into()],
             endpoint: "https://127.0.0.1:7443".into(),
+            store: None,
         }
     }
 

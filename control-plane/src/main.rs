@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use hotswap_common::logging::{self, LogFormat};
 use hotswap_common::signals::{cancel_on_signal, fail};
 use hotswap_common::telemetry::Service;
-use hotswap_control_plane::config::{BlobsSettings, RunConfig, Settings};
+use hotswap_control_plane::config::{BlobsSettings, RunConfig, Settings, StoreSettings};
 use hotswap_control_plane::{init, rotation, server};
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +58,13 @@ enum Command {
         /// Region of the bucket (default us-east-1).
         #[arg(long, requires = "blobs")]
         s3_region: Option<String>,
+        /// Keep the records in an etcd cluster instead of DATA_DIR/state:
+        /// its client URLs, comma-separated or repeated (SPEC §7).
+        #[arg(long, env = "HOTSWAP_ETCD_ENDPOINTS", value_delimiter = ',')]
+        etcd_endpoints: Vec<String>,
+        /// Key prefix of the cluster's records in etcd (default /hotswap/).
+        #[arg(long)]
+        etcd_prefix: Option<String>,
     },
     /// Serve the gRPC API and the admin endpoint.
     #[command(
@@ -91,6 +98,13 @@ enum Command {
         /// Region of the bucket (default us-east-1).
         #[arg(long, requires = "blobs")]
         s3_region: Option<String>,
+        /// Keep the records in an etcd cluster instead of DATA_DIR/state:
+        /// its client URLs, comma-separated or repeated (SPEC §7).
+        #[arg(long, env = "HOTSWAP_ETCD_ENDPOINTS", value_delimiter = ',')]
+        etcd_endpoints: Vec<String>,
+        /// Key prefix of the cluster's records in etcd (default /hotswap/).
+        #[arg(long)]
+        etcd_prefix: Option<String>,
     },
     /// Issue a new server key and certificate (control plane stopped).
     #[command(
@@ -137,7 +151,25 @@ fn main() -> ExitCode {
             blobs,
             s3_endpoint,
             s3_region,
+            etcd_endpoints,
+            etcd_prefix,
         } => {
+            let store = if etcd_endpoints.is_empty() {
+                if etcd_prefix.is_some() {
+                    return fail(&"--etcd-prefix needs --etcd-endpoints");
+                }
+                None
+            } else {
+                if blobs.as_deref().is_none_or(|b| !b.starts_with("s3://")) {
+                    return fail(
+                        &"--etcd-endpoints needs --blobs s3://BUCKET: every replica must read the same artifacts",
+                    );
+                }
+                match StoreSettings::default().with_flags(&etcd_endpoints, etcd_prefix.as_deref()) {
+                    Ok(store) => Some(store),
+                    Err(e) => return fail(&e),
+                }
+            };
             // The bucket first: a refused one leaves no data directory behind.
             if let Some(url) = &blobs {
                 let settings = match BlobsSettings::from_flags(
@@ -158,6 +190,7 @@ fn main() -> ExitCode {
                 data_dir: data_dir.clone(),
                 sans,
                 endpoint,
+                store,
             }) {
                 Ok(outcome) => {
                     println!("initialized control plane in {}", data_dir.display());
@@ -204,6 +237,8 @@ fn main() -> ExitCode {
             blobs,
             s3_endpoint,
             s3_region,
+            etcd_endpoints,
+            etcd_prefix,
         } => {
             let mut settings = match config_path.as_deref().map(Settings::load).transpose() {
                 Ok(settings) => settings.unwrap_or_default(),
@@ -213,7 +248,20 @@ fn main() -> ExitCode {
                 blobs,
                 s3_endpoint,
                 s3_region,
+                etcd_endpoints,
+                etcd_prefix,
             };
+            if !blob_flags.etcd_endpoints.is_empty() {
+                match settings.store.with_flags(
+                    &blob_flags.etcd_endpoints,
+                    blob_flags.etcd_prefix.as_deref(),
+                ) {
+                    Ok(store) => settings.store = store,
+                    Err(e) => return fail(&e),
+                }
+            } else if blob_flags.etcd_prefix.is_some() {
+                return fail(&"--etcd-prefix needs --etcd-endpoints");
+            }
             if let Some(url) = &blob_flags.blobs {
                 match BlobsSettings::from_flags(
                     url,
@@ -223,6 +271,10 @@ fn main() -> ExitCode {
                     Ok(from_flags) => settings.blobs = from_flags,
                     Err(e) => return fail(&e),
                 }
+            }
+            // Flags may have changed what the file said: check the whole.
+            if let Some(problem) = settings.problems().first() {
+                return fail(problem);
             }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -283,11 +335,13 @@ fn create_bucket(s3: &hotswap_control_plane::blobs::S3Config) -> Result<(), Stri
     Ok(())
 }
 
-/// The blob flags of `run`, passed on unchanged when it restarts in place.
+/// The storage flags of `run`, passed on unchanged when it restarts in place.
 struct BlobFlags {
     blobs: Option<String>,
     s3_endpoint: Option<String>,
     s3_region: Option<String>,
+    etcd_endpoints: Vec<String>,
+    etcd_prefix: Option<String>,
 }
 
 fn restart(
@@ -313,10 +367,16 @@ fn restart(
     if let Some(config) = config {
         command.arg("--config").arg(config);
     }
+    if !blobs.etcd_endpoints.is_empty() {
+        command
+            .arg("--etcd-endpoints")
+            .arg(blobs.etcd_endpoints.join(","));
+    }
     for (flag, value) in [
         ("--blobs", &blobs.blobs),
         ("--s3-endpoint", &blobs.s3_endpoint),
         ("--s3-region", &blobs.s3_region),
+        ("--etcd-prefix", &blobs.etcd_prefix),
     ] {
         if let Some(value) = value {
             command.arg(flag).arg(value);

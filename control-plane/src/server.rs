@@ -16,11 +16,13 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::AuditLog;
 use crate::blobs::{BlobError, BlobStore, LocalBlobs, S3Blobs, S3Credentials};
 use crate::config::RunConfig;
+use crate::config::StoreBackend;
 use crate::deadline::RequestTimeoutLayer;
 use crate::deploy::engine::{Engine, EngineHandles};
 use crate::events::EventLog;
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
+use crate::replica::Leading;
 use crate::service::Context;
 use crate::service::artifacts::ArtifactsService;
 use crate::service::audit::AuditService;
@@ -31,6 +33,7 @@ use crate::service::observe::{ClustersService, EventsService};
 use crate::service::session::SessionService;
 use crate::service::users::UsersService;
 use crate::store::Store;
+use crate::store::etcd::EtcdStore;
 use crate::tls_accept;
 
 pub use crate::data_dir::DataDir;
@@ -104,6 +107,8 @@ pub enum RunError {
     Registry(#[from] crate::registry::RegistryError),
     #[error("{0}")]
     Storage(#[from] crate::store::StoreError),
+    #[error("etcd: {0}")]
+    Etcd(String),
     #[error("cannot open the audit log: {0}")]
     Audit(String),
     #[error("cannot complete an interrupted certificate rotation: {0}")]
@@ -203,6 +208,30 @@ pub enum Stopped {
     },
 }
 
+/// Open the records on etcd (SPEC §7).
+async fn open_etcd(settings: &crate::config::StoreSettings) -> Result<EtcdStore, RunError> {
+    let client = crate::replica::etcd_client(settings)
+        .await
+        .map_err(|e| RunError::Etcd(e.to_string()))?;
+    let keys = settings.keys().map_err(RunError::Etcd)?;
+    EtcdStore::open(client, keys)
+        .await
+        .map_err(|e| RunError::Etcd(e.to_string()))
+}
+
+/// This replica's name among the others: the host name and the gRPC
+/// address, unique on one host too.
+fn replica_name(config: &RunConfig) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "{}:{}",
+        if host.is_empty() { "replica" } else { &host },
+        config.listen
+    )
+}
+
 /// Serve until `shutdown` is cancelled.
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopped, RunError> {
     let layout = DataDir::new(&config.data_dir);
@@ -244,24 +273,44 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         data_dir: config.data_dir.clone(),
         profile: layout.admin_profile(),
     };
-    // `init` writes the CA and a database holding the admin user together,
-    // so a CA without a database means the database was lost: opening would
-    // silently create an empty one. Check before sled creates anything.
-    if !state_path.join("db").exists() && !config.recover_empty_db {
-        return Err(missing("missing"));
-    }
-    let store =
-        Store::open(&state_path, config.settings.storage_cache_bytes).map_err(|source| {
-            RunError::Store {
-                path: state_path.clone(),
-                source,
+    let (store, etcd) = match config.settings.store.backend {
+        StoreBackend::Sled => {
+            // `init` writes the CA and a database holding the admin user
+            // together, so a CA without a database means the database was
+            // lost: opening would silently create an empty one. Check
+            // before sled creates anything.
+            if !state_path.join("db").exists() && !config.recover_empty_db {
+                return Err(missing("missing"));
             }
-        })?;
+            let store = Store::open(&state_path, config.settings.storage_cache_bytes).map_err(
+                |source| RunError::Store {
+                    path: state_path.clone(),
+                    source,
+                },
+            )?;
+            (store, None)
+        }
+        StoreBackend::Etcd => {
+            if config.recover_empty_db {
+                return Err(RunError::Etcd(
+                    "--recover-empty-db is for the embedded database; on etcd, restore the cluster from an etcd snapshot".into(),
+                ));
+            }
+            let etcd = open_etcd(&config.settings.store).await?;
+            (Store::etcd(etcd.clone()), Some(etcd))
+        }
+    };
     let users = store.list_users().map_err(|source| RunError::Store {
         path: state_path.clone(),
         source,
     })?;
     let recovered_admin = match (users.is_empty(), config.recover_empty_db) {
+        (true, false) if etcd.is_some() => {
+            return Err(RunError::Etcd(format!(
+                "the cluster under etcd prefix {} has no users: run `hotswap-control-plane init --etcd-endpoints ...` for it first",
+                config.settings.store.prefix
+            )));
+        }
         (true, false) => return Err(missing("empty (it has no users)")),
         (true, true) => Some(recover_admin(&store, &layout, &ca_pem).await?),
         (false, true) => {
@@ -297,22 +346,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     );
     let registry = Registry::new(store.clone(), events.clone(), metrics.clone())?;
 
-    let grpc_listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: config.listen,
-            source,
-        })?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .map_err(|source| RunError::Bind {
             addr: config.admin_listen,
-            source,
-        })?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| RunError::Bind {
-            addr: config.listen,
             source,
         })?;
     let admin_addr = admin_listener
@@ -331,6 +368,41 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         admin_shutdown.clone(),
     ));
 
+    // A replica on etcd serves only while it leads: until then it waits
+    // here, not ready and not listening, so agents and clients go to the
+    // leader.
+    let mut leading = match &etcd {
+        None => None,
+        Some(etcd) => {
+            if let Some(task) = events.follow_commits() {
+                drop(task);
+            }
+            let name = replica_name(&config);
+            match crate::replica::lead(etcd, &name, config.settings.leader_lease, &shutdown)
+                .await
+                .map_err(|e| RunError::Etcd(e.to_string()))?
+            {
+                Some(leading) => Some(leading),
+                None => {
+                    admin_shutdown.cancel();
+                    let _ = admin_task.await;
+                    return Ok(Stopped::Shutdown);
+                }
+            }
+        }
+    };
+    let grpc_listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
     let audit = AuditLog::open(&store).map_err(|e| RunError::Audit(e.to_string()))?;
     if let Some(admin) = &recovered_admin {
         audit
@@ -484,6 +556,22 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         }
     })?;
     readiness.set(true);
+    // On etcd, ready only while the mirror's watch is connected: a replica
+    // cut off from etcd cannot answer truthfully.
+    if let Some(etcd) = &etcd {
+        let mut connection = etcd.connection();
+        let readiness = readiness.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                readiness.set(*connection.borrow_and_update());
+                tokio::select! {
+                    changed = connection.changed() => if changed.is_err() { return },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
     for name in &health_names {
         health
             .set_service_status(name, tonic_health::ServingStatus::Serving)
@@ -491,6 +579,27 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     }
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, ca_fingerprint = %ca_fingerprint, "control plane serving");
     let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Losing the lease stops leading at once (the fence already refuses
+    // every write): restart in place and campaign again.
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<Leading>();
+    if let Some(mut leader) = leading.take() {
+        let restart = restart.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                lost = leader.lost() => {
+                    tracing::error!(reason = %lost, "lost leadership; restarting to campaign again");
+                    restart.store(true, std::sync::atomic::Ordering::SeqCst);
+                    shutdown.cancel();
+                }
+                _ = shutdown.cancelled() => {
+                    let _ = lost_tx.send(leader);
+                }
+            }
+        });
+    } else {
+        drop(lost_tx);
+    }
     let storage_task = tokio::spawn(crate::storage::watch(crate::storage::Watch {
         store: store.clone(),
         data_dir: config.data_dir.clone(),
@@ -503,6 +612,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
 
     shutdown.cancelled().await;
     readiness.set(false);
+    // The engine stopped with the shutdown; hand leadership over now so
+    // the next replica does not wait out the lease while this one drains.
+    let _ = engine_task.await;
+    if let Ok(leader) = lost_rx.await {
+        leader.resign().await;
+    }
     // Watchers see NOT_SERVING, then their streams end so they do not hold
     // up the drain.
     for name in &health_names {
@@ -525,7 +640,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             "drain did not finish in time; exiting with connections still open"
         ),
     }
-    let _ = engine_task.await;
     let _ = storage_task.await;
     admin_shutdown.cancel();
     let _ = admin_task.await;

@@ -49,6 +49,10 @@ pub struct ControlPlane {
     starts: u32,
     /// Extra environment for this control plane's next starts.
     env: Vec<(String, String)>,
+    /// Flags every `run` of this control plane gets (a replica's store).
+    run_args: Vec<String>,
+    /// Log of the last start.
+    log_name: String,
 }
 
 impl ControlPlane {
@@ -79,7 +83,127 @@ impl ControlPlane {
             admin: None,
             starts: 0,
             env: Vec::new(),
+            run_args: Vec::new(),
+            log_name: "cp".into(),
         }
+    }
+
+    /// `init` a replica's data dir `work/NAME` for a cluster on etcd
+    /// (`endpoints`) with artifacts in `s3`'s bucket, and fix its gRPC
+    /// port so agents and clients can list it before it serves.
+    pub fn init_on_etcd(work: &Path, name: &str, endpoints: &str, s3: &crate::SeaweedS3) -> Self {
+        let data_dir = work.join(name);
+        let blobs = format!("s3://{}", s3.bucket);
+        let output = Command::new(binary("hotswap-control-plane"))
+            .args(["init", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--etcd-endpoints", endpoints, "--blobs", &blobs])
+            .args(["--s3-endpoint", &s3.endpoint])
+            .envs(crate::s3::credentials())
+            .output()
+            .expect("run init");
+        assert!(
+            output.status.success(),
+            "init on etcd failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::write(work.join("cp.toml"), settings_with("")).expect("write settings");
+        let run_args = [
+            "--etcd-endpoints",
+            endpoints,
+            "--blobs",
+            &blobs,
+            "--s3-endpoint",
+            &s3.endpoint,
+        ]
+        .map(String::from)
+        .to_vec();
+        let port = crate::free_port();
+        Self {
+            data_dir,
+            work: work.to_path_buf(),
+            daemon: None,
+            grpc: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            admin: None,
+            starts: 0,
+            env: crate::s3::credentials(),
+            run_args,
+            log_name: name.to_string(),
+        }
+    }
+
+    /// Another replica of the same cluster: a copy of this one's data dir
+    /// (the PKI, as `cp -r` gives an operator) in `work/NAME`, on a port of
+    /// its own.
+    pub fn replica(&self, name: &str) -> Self {
+        let data_dir = self.work.join(name);
+        let copied = Command::new("cp")
+            .arg("-r")
+            .arg(&self.data_dir)
+            .arg(&data_dir)
+            .status()
+            .expect("cp -r");
+        assert!(copied.success(), "cp -r of the data dir");
+        let _ = std::fs::remove_dir_all(data_dir.join("run"));
+        Self {
+            data_dir,
+            work: self.work.clone(),
+            daemon: None,
+            grpc: Some(SocketAddr::from(([127, 0, 0, 1], crate::free_port()))),
+            admin: None,
+            starts: 0,
+            env: self.env.clone(),
+            run_args: self.run_args.clone(),
+            log_name: name.to_string(),
+        }
+    }
+
+    /// Start a replica that may have to wait for leadership: spawned, not
+    /// waited for (see [`ControlPlane::wait_serving`]).
+    pub fn start_replica(&mut self) {
+        assert!(self.daemon.is_none(), "control plane already running");
+        let addresses = self.data_dir.join("run/addresses.json");
+        let _ = std::fs::remove_file(&addresses);
+        let listen = self.grpc.expect("a replica has a fixed port").to_string();
+        self.starts += 1;
+        let mut command = Command::new(binary("hotswap-control-plane"));
+        command
+            .args(["run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                &listen,
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(self.work.join("cp.toml"))
+            .args(&self.run_args)
+            .envs(self.env.iter().cloned());
+        let log = self
+            .work
+            .join(format!("{}-{}.log", self.log_name, self.starts));
+        self.daemon = Some(Daemon::spawn("control plane", command, log));
+    }
+
+    /// Wait until a started replica serves (it leads), within `patience`.
+    pub fn wait_serving(&mut self) {
+        let addresses = self.data_dir.join("run/addresses.json");
+        let daemon = self.daemon.as_mut().expect("started");
+        let parsed: Value = eventually("the replica to serve", || {
+            if let Some(status) = daemon.exited() {
+                panic!("replica exited with {status}:\n{}", daemon.log_text());
+            }
+            let text = std::fs::read_to_string(&addresses).map_err(|e| e.to_string())?;
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        });
+        self.admin = parsed["admin"].as_str().and_then(|s| s.parse().ok());
+    }
+
+    /// Whether this replica serves now (published its addresses).
+    pub fn is_serving(&self) -> bool {
+        self.data_dir.join("run/addresses.json").exists()
     }
 
     /// Set `name=value` in the environment of this control plane from its
@@ -117,9 +241,12 @@ impl ControlPlane {
                 "--config",
             ])
             .arg(self.work.join("cp.toml"))
+            .args(&self.run_args)
             .args(extra)
             .envs(self.env.iter().cloned());
-        let log = self.work.join(format!("cp-{}.log", self.starts));
+        let log = self
+            .work
+            .join(format!("{}-{}.log", self.log_name, self.starts));
         let mut daemon = Daemon::spawn("control plane", command, log);
         let parsed: Value = eventually("control plane to publish its addresses", || {
             if let Some(status) = daemon.exited() {

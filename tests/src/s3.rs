@@ -140,3 +140,14 @@ impl Drop for SeaweedS3 {
         // failed, prints the log.
     }
 }
+
+/// The environment a control plane needs to reach the test store.
+pub fn credentials() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+        ("AWS_REGION", S3_REGION),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec()
+}
