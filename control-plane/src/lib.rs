@@ -21,6 +21,7 @@ pub mod init;
 pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
+pub mod replicas;
 pub mod roles;
 pub mod rotation;
 pub mod server;

@@ -21,6 +21,7 @@ use crate::deploy::engine::{Engine, EngineHandles};
 use crate::events::EventLog;
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
+use crate::replicas::{EmbeddedReplicas, ThisReplica};
 use crate::service::Context;
 use crate::service::artifacts::ArtifactsService;
 use crate::service::audit::AuditService;
@@ -28,6 +29,7 @@ use crate::service::deployments::{DeploymentsService, PipelinesService};
 use crate::service::enrollment::EnrollmentService;
 use crate::service::fleet::FleetService;
 use crate::service::observe::{ClustersService, EventsService};
+use crate::service::servers::ServersService;
 use crate::service::session::SessionService;
 use crate::service::users::UsersService;
 use crate::store::Store;
@@ -205,6 +207,7 @@ pub enum Stopped {
 
 /// Serve until `shutdown` is cancelled.
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopped, RunError> {
+    let started_at_ms = hotswap_common::timefmt::now_ms();
     let layout = DataDir::new(&config.data_dir);
     if !layout.ca_key().exists() {
         return Err(RunError::NotInitialized(
@@ -350,6 +353,19 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             .await
             .map_err(|e| RunError::Audit(e.to_string()))?;
     }
+    let endpoint = config
+        .replica
+        .endpoint(grpc_addr, hotswap_common::host::hostname().as_deref());
+    tracing::info!(name = %config.replica.name, endpoint = %endpoint, "serving as this replica");
+    let replicas = Arc::new(EmbeddedReplicas {
+        this: ThisReplica {
+            name: config.replica.name.clone(),
+            endpoint,
+            started_at_ms,
+            readiness: readiness.clone(),
+            registry: registry.clone(),
+        },
+    });
     let ctx = Arc::new(Context {
         registry,
         store: store.clone(),
@@ -361,6 +377,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         audit: Arc::new(audit),
         shutdown: shutdown.clone(),
         limits: crate::service::OperatorLimits::new(&config.settings),
+        replicas,
     });
     let engine = Engine::new(
         EngineHandles::new(
@@ -444,6 +461,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         )
         .add_service(
             pb::events_server::EventsServer::new(EventsService::new(ctx.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::servers_server::ServersServer::new(ServersService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
         .add_service(
