@@ -41,19 +41,30 @@ fn readiness(server: &ServerView) -> &'static str {
     if server.ready { "ready" } else { "not_ready" }
 }
 
-/// How long before `now_ms` an RFC 3339 time was, for people; `-` without one.
-fn ago(rfc3339: Option<&str>, now_ms: u64) -> String {
+/// How long before `now_ms` an RFC 3339 time was, for people (`5m`); `-`
+/// without one.
+fn since(rfc3339: Option<&str>, now_ms: u64) -> String {
     rfc3339
         .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
         .map(|t| {
             let ms = (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-            format!("{} ago", human_age(now_ms.saturating_sub(ms)))
+            human_age(now_ms.saturating_sub(ms))
         })
         .unwrap_or_else(|| "-".to_string())
 }
 
-/// The table's rows, one per replica, in the order given.
-fn rows(servers: &[ServerView], now_ms: u64) -> Vec<[String; 7]> {
+fn ago(rfc3339: Option<&str>, now_ms: u64) -> String {
+    match since(rfc3339, now_ms) {
+        dash if dash == "-" => dash,
+        age => format!("{age} ago"),
+    }
+}
+
+/// The table's rows, one per replica, in the order given. The last-seen
+/// time is left to `servers get`: a live replica's is seconds old (a stale
+/// one's record goes with its lease), and without it the table fits 80
+/// columns with a full endpoint.
+fn rows(servers: &[ServerView], now_ms: u64) -> Vec<[String; 6]> {
     servers
         .iter()
         .map(|s| {
@@ -63,8 +74,7 @@ fn rows(servers: &[ServerView], now_ms: u64) -> Vec<[String; 7]> {
                 role(s).to_string(),
                 readiness(s).to_string(),
                 s.sessions.to_string(),
-                ago(s.started_at.as_deref(), now_ms),
-                ago(s.last_seen.as_deref(), now_ms),
+                since(s.started_at.as_deref(), now_ms),
             ]
         })
         .collect()
@@ -88,26 +98,16 @@ pub async fn run(ctx: &Context, command: ServersCommand) -> Result<(), CliError>
             match ctx.output {
                 OutputFormat::Json => output::print_json(&servers),
                 OutputFormat::Table => {
-                    let mut table = output::table(&[
-                        "NAME",
-                        "ENDPOINT",
-                        "ROLE",
-                        "STATUS",
-                        "SESSIONS",
-                        "STARTED",
-                        "LAST SEEN",
-                    ]);
-                    for [name, endpoint, role, status, sessions, started, seen] in
-                        rows(&servers, now_ms())
-                    {
+                    let mut table =
+                        output::table(&["NAME", "ENDPOINT", "ROLE", "STATUS", "SESSIONS", "UP"]);
+                    for [name, endpoint, role, status, sessions, up] in rows(&servers, now_ms()) {
                         table.add_row(vec![
                             Cell::new(name),
                             Cell::new(endpoint),
                             Cell::new(role),
                             output::status_cell(&status),
                             Cell::new(sessions),
-                            Cell::new(started),
-                            Cell::new(seen),
+                            Cell::new(up),
                         ]);
                     }
                     output::print_table(&table);
@@ -164,37 +164,33 @@ mod tests {
     }
 
     #[test]
-    fn rows_say_role_status_and_ages() {
+    fn rows_say_role_status_and_uptime() {
         // 2024-01-01T01:30:00Z.
         let now = 1_704_072_600_000;
+        let up = human_age(90 * 60 * 1000);
         assert_eq!(
             rows(
                 &[server("cp-a", true, true), server("cp-b", false, false)],
                 now
             ),
             [
-                [
-                    "cp-a",
-                    "https://cp-a:7443",
-                    "leader",
-                    "ready",
-                    "2",
-                    &format!("{} ago", human_age(90 * 60 * 1000)),
-                    "-"
-                ]
-                .map(String::from),
+                ["cp-a", "https://cp-a:7443", "leader", "ready", "2", &up].map(String::from),
                 [
                     "cp-b",
                     "https://cp-b:7443",
                     "follower",
                     "not_ready",
                     "2",
-                    &format!("{} ago", human_age(90 * 60 * 1000)),
-                    "-"
+                    &up
                 ]
                 .map(String::from),
             ]
         );
-        assert_eq!(ago(Some("not a time"), now), "-");
+        assert_eq!(since(Some("not a time"), now), "-");
+        assert_eq!(ago(None, now), "-");
+        assert_eq!(
+            ago(Some("2024-01-01T01:29:00Z"), now),
+            format!("{} ago", human_age(60_000))
+        );
     }
 }
