@@ -16,6 +16,7 @@ mod module;
 mod nodes;
 mod output;
 mod pipeline;
+mod servers;
 mod tokens;
 mod users;
 
@@ -33,7 +34,7 @@ use crate::output::OutputFormat;
     name = "hotswapctl",
     version,
     about = "Drive a hotswap control plane",
-    after_help = "Examples:\n  hotswapctl --profile ./admin.profile.toml nodes list\n  hotswapctl tokens create --ttl 1h --uses 3 --label environment=dev\n  hotswapctl -o json nodes get web-1"
+    after_help = "Examples:\n  hotswapctl --profile ./admin.profile.toml nodes list\n  hotswapctl tokens create --ttl 1h --uses 3 --label environment=dev\n  hotswapctl -o json nodes get web-1\n  hotswapctl servers list"
 )]
 pub struct Cli {
     /// Profile with endpoint, CA and client credentials.
@@ -110,6 +111,12 @@ enum Command {
         after_help = "Examples:\n  hotswapctl clusters list\n  hotswapctl clusters get production"
     )]
     Clusters(clusters::ClustersCommand),
+    /// The control-plane replicas: leader, readiness, agent sessions.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl servers list\n  hotswapctl -o json servers get cp-a"
+    )]
+    Servers(servers::ServersCommand),
     /// Print a shell completion script (bash, zsh, fish, ...) to stdout.
     Completions(completions::CompletionsArgs),
 }
@@ -143,6 +150,7 @@ fn main() -> ExitCode {
             Command::Audit(cmd) => done(audit::run(&ctx, cmd).await),
             Command::Events(args) => done(events::run(&ctx, args).await),
             Command::Clusters(cmd) => done(clusters::run(&ctx, cmd).await),
+            Command::Servers(cmd) => done(servers::run(&ctx, cmd).await),
             Command::Completions(args) => done(completions::run(args)),
         }
     });

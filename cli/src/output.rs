@@ -95,11 +95,10 @@ pub fn status_cell(status: &str) -> Cell {
 
 fn status_color(status: &str) -> Option<Color> {
     match status {
-        "connected" | "healthy" | "running" | "succeeded" | "ok" | "active" | "trusted" => {
-            Some(Color::Green)
-        }
+        "connected" | "healthy" | "running" | "succeeded" | "ok" | "active" | "trusted"
+        | "ready" => Some(Color::Green),
         "disconnected" | "unhealthy" | "failed" | "rolled_back" | "aborted" | "denied"
-        | "error" | "revoked" => Some(Color::Red),
+        | "error" | "revoked" | "not_ready" => Some(Color::Red),
         "installing" | "staged" | "starting" | "stopping" | "pending" | "awaiting_approval"
         | "paused" | "rolling_back" => Some(Color::Yellow),
         _ => None,

@@ -5,7 +5,7 @@ use crate::ids::ModuleName;
 use crate::model::{
     ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleVersionView, ModuleView,
     NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
-    PublisherKeyView, TokenView, VerdictView, YankView,
+    PublisherKeyView, ServerView, TokenView, VerdictView, YankView,
 };
 use crate::pb;
 use crate::status::{FailureKind, Health, ModuleMetrics, ModuleStatus, Phase};
@@ -260,6 +260,28 @@ impl TryFrom<pb::Token> for TokenView {
             expires_at: rfc3339(token.expires_at.as_ref()),
             uses: token.uses,
             labels: token.labels.into_iter().collect(),
+        })
+    }
+}
+
+impl TryFrom<pb::Server> for ServerView {
+    type Error = ConvertError;
+
+    fn try_from(server: pb::Server) -> Result<Self, Self::Error> {
+        if server.name.is_empty() {
+            return Err(ConvertError::Missing {
+                message: "Server",
+                field: "name",
+            });
+        }
+        Ok(ServerView {
+            name: server.name,
+            endpoint: server.endpoint,
+            leader: server.leader,
+            ready: server.ready,
+            sessions: server.sessions,
+            started_at: rfc3339(server.started_at.as_ref()),
+            last_seen: rfc3339(server.last_seen.as_ref()),
         })
     }
 }
@@ -538,6 +560,45 @@ mod tests {
             err.to_string()
                 .contains("`status` has invalid value \"weird\"")
         );
+    }
+
+    #[test]
+    fn server_conversion_and_json_shape() {
+        let server = pb::Server {
+            name: "cp-a".into(),
+            endpoint: "https://cp-a.example:7443".into(),
+            leader: true,
+            ready: true,
+            sessions: 3,
+            started_at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            last_seen: Some(prost_types::Timestamp {
+                seconds: 1_700_000_060,
+                nanos: 0,
+            }),
+        };
+        let view = ServerView::try_from(server.clone()).expect("valid");
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "name": "cp-a",
+                "endpoint": "https://cp-a.example:7443",
+                "leader": true,
+                "ready": true,
+                "sessions": 3,
+                "started_at": "2023-11-14T22:13:20Z",
+                "last_seen": "2023-11-14T22:14:20Z",
+            })
+        );
+        let err = ServerView::try_from(pb::Server {
+            name: String::new(),
+            ..server
+        })
+        .expect_err("no name");
+        assert_eq!(err.to_string(), "Server: field `name` is missing");
     }
 
     #[test]

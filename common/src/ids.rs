@@ -155,6 +155,9 @@ pub enum NameKind {
     Key,
     /// A user's name: what certificates, audit records and approvals carry.
     User,
+    /// `--name` of a control-plane replica (`servers get NAME`): a
+    /// hostname-like word, by default the host name.
+    Server,
 }
 
 impl NameKind {
@@ -163,12 +166,13 @@ impl NameKind {
             NameKind::Node => "node name",
             NameKind::Key => "key name",
             NameKind::User => "user name",
+            NameKind::Server => "server name",
         }
     }
 
     fn max_len(self) -> usize {
         match self {
-            NameKind::Node | NameKind::Key => 63,
+            NameKind::Node | NameKind::Key | NameKind::Server => 63,
             NameKind::User => 64,
         }
     }
@@ -181,7 +185,7 @@ impl NameKind {
 
     fn rule(self) -> &'static str {
         match self {
-            NameKind::Node | NameKind::Key => {
+            NameKind::Node | NameKind::Key | NameKind::Server => {
                 "1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
             }
             NameKind::User => {
@@ -222,8 +226,15 @@ mod tests {
         assert!(check_name(NameKind::User, &"a".repeat(64)).is_ok());
         assert!(check_name(NameKind::User, "ci@example").is_ok());
         assert!(check_name(NameKind::Key, "ci@example").is_err());
+        assert!(check_name(NameKind::Server, "cp-1.eu-west").is_ok());
+        assert!(check_name(NameKind::Server, "cp@1").is_err());
         for bad in ["", "-web", ".web", "web 1", "wéb", "web/1"] {
-            for kind in [NameKind::Node, NameKind::Key, NameKind::User] {
+            for kind in [
+                NameKind::Node,
+                NameKind::Key,
+                NameKind::User,
+                NameKind::Server,
+            ] {
                 assert!(check_name(kind, bad).is_err(), "{kind:?} {bad:?}");
             }
         }

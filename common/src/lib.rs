@@ -12,6 +12,7 @@ pub mod artifact;
 pub mod codec;
 pub mod convert;
 pub mod fsutil;
+pub mod host;
 pub mod ids;
 pub mod labels;
 pub mod manifest;

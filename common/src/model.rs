@@ -136,6 +136,25 @@ pub struct NodeUpdateView {
     pub node: NodeView,
 }
 
+/// A control-plane replica as `servers list` and `servers get` show it
+/// (SPEC §7).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerView {
+    pub name: String,
+    /// The URL agents and operators reach it at.
+    pub endpoint: String,
+    /// Runs the deployment engine, pipelines, catch-up and retention.
+    pub leader: bool,
+    /// What its `/readyz` says.
+    pub ready: bool,
+    /// Agent sessions connected to it now.
+    pub sessions: u64,
+    /// RFC 3339.
+    pub started_at: Option<String>,
+    /// RFC 3339: when it last said it was alive.
+    pub last_seen: Option<String>,
+}
+
 /// One stored version of a module.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ModuleVersionView {

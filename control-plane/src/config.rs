@@ -555,6 +555,9 @@ pub struct RunConfig {
     /// existing CA, re-creating the admin user from the data dir's admin
     /// profile. Without it such a start is refused (see `server::run`).
     pub recover_empty_db: bool,
+    /// `--name` and `--advertise`: who this replica says it is in
+    /// `servers list`.
+    pub replica: crate::replicas::ReplicaIdentity,
 }
 
 #[cfg(test)]

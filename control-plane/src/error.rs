@@ -53,6 +53,18 @@ impl From<crate::registry::RegistryError> for ApiError {
     }
 }
 
+impl From<crate::replicas::ReplicaError> for ApiError {
+    fn from(error: crate::replicas::ReplicaError) -> Self {
+        use crate::replicas::ReplicaError as E;
+        let message = error.to_string();
+        match error {
+            E::EmptyName => ApiError::InvalidArgument(message),
+            E::NotFound(_) => ApiError::NotFound(message),
+            E::Storage(e) => ApiError::Storage(e),
+        }
+    }
+}
+
 impl From<crate::trust::TrustError> for ApiError {
     fn from(error: crate::trust::TrustError) -> Self {
         use crate::trust::TrustError as E;

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
 pub mod replica;
+pub mod replicas;
 pub mod roles;
 pub mod rotation;
 pub mod server;

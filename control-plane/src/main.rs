@@ -10,6 +10,7 @@ use hotswap_common::logging::{self, LogFormat};
 use hotswap_common::signals::{cancel_on_signal, fail};
 use hotswap_common::telemetry::Service;
 use hotswap_control_plane::config::{BlobsSettings, RunConfig, Settings, StoreSettings};
+use hotswap_control_plane::replicas::ReplicaIdentity;
 use hotswap_control_plane::{init, rotation, server};
 use tokio_util::sync::CancellationToken;
 
@@ -105,6 +106,15 @@ enum Command {
         /// Key prefix of the cluster's records in etcd (default /hotswap/).
         #[arg(long)]
         etcd_prefix: Option<String>,
+        /// This replica's name in `hotswapctl servers list` (default: the
+        /// host name); letters, digits, '-', '_' and '.'.
+        #[arg(long)]
+        name: Option<String>,
+        /// The URL agents and operators reach this replica at, as
+        /// `servers list` shows it (default: https:// and the --listen
+        /// address it bound).
+        #[arg(long, value_name = "URL")]
+        advertise: Option<String>,
     },
     /// Issue a new server key and certificate (control plane stopped).
     #[command(
@@ -239,7 +249,17 @@ fn main() -> ExitCode {
             s3_region,
             etcd_endpoints,
             etcd_prefix,
+            name,
+            advertise,
         } => {
+            let replica = match ReplicaIdentity::from_flags(
+                name.as_deref(),
+                advertise.as_deref(),
+                hotswap_common::host::hostname(),
+            ) {
+                Ok(replica) => replica,
+                Err(e) => return fail(&e),
+            };
             let mut settings = match config_path.as_deref().map(Settings::load).transpose() {
                 Ok(settings) => settings.unwrap_or_default(),
                 Err(e) => return fail(&e),
@@ -286,6 +306,7 @@ fn main() -> ExitCode {
                 admin_listen,
                 settings,
                 recover_empty_db,
+                replica: replica.clone(),
             };
             let stopped = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
@@ -305,6 +326,7 @@ fn main() -> ExitCode {
                         admin,
                         config_path.as_deref(),
                         &blob_flags,
+                        &replica,
                     )
                 }
                 Err(e) => fail(&e),
@@ -351,6 +373,7 @@ fn restart(
     admin: SocketAddr,
     config: Option<&std::path::Path>,
     blobs: &BlobFlags,
+    replica: &ReplicaIdentity,
 ) -> ExitCode {
     use std::os::unix::process::CommandExt;
     let mut command = std::process::Command::new("/proc/self/exe");
@@ -381,6 +404,12 @@ fn restart(
         if let Some(value) = value {
             command.arg(flag).arg(value);
         }
+    }
+    // The name as resolved, so a changed host name does not rename a
+    // replica that restarts in place.
+    command.arg("--name").arg(&replica.name);
+    if let Some(url) = &replica.advertise {
+        command.arg("--advertise").arg(url);
     }
     let error = command.exec();
     eprintln!("error: cannot restart the control plane: {error}");

@@ -23,6 +23,7 @@ use crate::events::EventLog;
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
 use crate::replica::Leading;
+use crate::replicas::{EmbeddedReplicas, ThisReplica};
 use crate::service::Context;
 use crate::service::artifacts::ArtifactsService;
 use crate::service::audit::AuditService;
@@ -30,6 +31,7 @@ use crate::service::deployments::{DeploymentsService, PipelinesService};
 use crate::service::enrollment::EnrollmentService;
 use crate::service::fleet::FleetService;
 use crate::service::observe::{ClustersService, EventsService};
+use crate::service::servers::ServersService;
 use crate::service::session::SessionService;
 use crate::service::users::UsersService;
 use crate::store::Store;
@@ -219,21 +221,9 @@ async fn open_etcd(settings: &crate::config::StoreSettings) -> Result<EtcdStore,
         .map_err(|e| RunError::Etcd(e.to_string()))
 }
 
-/// This replica's name among the others: the host name and the gRPC
-/// address, unique on one host too.
-fn replica_name(config: &RunConfig) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    format!(
-        "{}:{}",
-        if host.is_empty() { "replica" } else { &host },
-        config.listen
-    )
-}
-
 /// Serve until `shutdown` is cancelled.
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopped, RunError> {
+    let started_at_ms = hotswap_common::timefmt::now_ms();
     let layout = DataDir::new(&config.data_dir);
     if !layout.ca_key().exists() {
         return Err(RunError::NotInitialized(
@@ -377,7 +367,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             if let Some(task) = events.follow_commits() {
                 drop(task);
             }
-            let name = replica_name(&config);
+            let name = config.replica.name.clone();
             match crate::replica::lead(etcd, &name, config.settings.leader_lease, &shutdown)
                 .await
                 .map_err(|e| RunError::Etcd(e.to_string()))?
@@ -422,6 +412,19 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             .await
             .map_err(|e| RunError::Audit(e.to_string()))?;
     }
+    let endpoint = config
+        .replica
+        .endpoint(grpc_addr, hotswap_common::host::hostname().as_deref());
+    tracing::info!(name = %config.replica.name, endpoint = %endpoint, "serving as this replica");
+    let replicas = Arc::new(EmbeddedReplicas {
+        this: ThisReplica {
+            name: config.replica.name.clone(),
+            endpoint,
+            started_at_ms,
+            readiness: readiness.clone(),
+            registry: registry.clone(),
+        },
+    });
     let ctx = Arc::new(Context {
         registry,
         store: store.clone(),
@@ -433,6 +436,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         audit: Arc::new(audit),
         shutdown: shutdown.clone(),
         limits: crate::service::OperatorLimits::new(&config.settings),
+        replicas,
     });
     let engine = Engine::new(
         EngineHandles::new(
@@ -516,6 +520,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         )
         .add_service(
             pb::events_server::EventsServer::new(EventsService::new(ctx.clone()))
+                .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::servers_server::ServersServer::new(ServersService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
         .add_service(

@@ -41,9 +41,5 @@ impl std::fmt::Debug for EnrollmentConfig {
 
 /// This host's name, for the default `--name`.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "node".to_string())
+    hotswap_common::host::hostname().unwrap_or_else(|| "node".to_string())
 }

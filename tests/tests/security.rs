@@ -75,7 +75,7 @@ fn every_role_against_every_operator_rpc() {
         agent_session_client::AgentSessionClient as S, artifacts_client::ArtifactsClient as A,
         audit_client::AuditClient as Au, deployments_client::DeploymentsClient as D,
         fleet_client::FleetClient as F, pipelines_client::PipelinesClient as P,
-        users_client::UsersClient as U,
+        servers_client::ServersClient as Sv, users_client::UsersClient as U,
     };
     let dir = TestDir::new();
     let mut cp = ControlPlane::init(dir.path());
@@ -400,6 +400,22 @@ fn every_role_against_every_operator_rpc() {
                 }
             ),
             &["admin"],
+        ),
+        (
+            "Servers.ListServers",
+            call!(Sv, list_servers, pb::ListServersRequest {}),
+            all,
+        ),
+        (
+            "Servers.GetServer",
+            call!(
+                Sv,
+                get_server,
+                pb::GetServerRequest {
+                    name: "nope".into()
+                }
+            ),
+            all,
         ),
         (
             "Audit.ListAudit",

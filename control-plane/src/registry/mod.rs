@@ -287,6 +287,12 @@ impl Registry {
         self.updates.receiver_count() > 0
     }
 
+    /// Agent sessions connected now (one per node: a newer session of a
+    /// node replaces the older one).
+    pub fn session_count(&self) -> usize {
+        self.lock_live().len()
+    }
+
     /// Follow node changes with their states.
     pub fn subscribe(&self) -> broadcast::Receiver<NodeChange> {
         self.updates.subscribe()

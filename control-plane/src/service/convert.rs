@@ -21,6 +21,7 @@ use hotswap_common::status::{Health, ModuleMetrics, ModuleStatus, Phase};
 use hotswap_common::timefmt::ts_from_ms;
 
 use crate::registry::{NodeState, NodeUsage, Report};
+use crate::replicas::ReplicaInfo;
 use crate::store::DesiredRecord;
 
 /// Settling versions read from one module's report; more say nothing more
@@ -30,6 +31,18 @@ pub const MAX_SETTLING_VERSIONS: usize = 8;
 /// Longest settling version kept, in bytes; a longer one is cut (at a
 /// character boundary), never dropped, so it still counts as settling.
 pub const MAX_VERSION_BYTES: usize = 128;
+
+pub fn server_to_pb(replica: &ReplicaInfo) -> pb::Server {
+    pb::Server {
+        name: replica.name.clone(),
+        endpoint: replica.endpoint.clone(),
+        leader: replica.leader,
+        ready: replica.ready,
+        sessions: replica.sessions,
+        started_at: Some(ts_from_ms(replica.started_at_ms)),
+        last_seen: Some(ts_from_ms(replica.last_seen_ms)),
+    }
+}
 
 pub fn node_to_pb(state: &NodeState) -> pb::Node {
     let desired_version = |name: &str| {

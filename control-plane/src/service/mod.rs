@@ -9,6 +9,7 @@ pub mod deployments;
 pub mod enrollment;
 pub mod fleet;
 pub mod observe;
+pub mod servers;
 pub mod session;
 mod stream;
 pub mod users;
@@ -26,6 +27,7 @@ use crate::error::ApiError;
 use crate::events::EventLog;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::replicas::Replicas;
 use crate::store::Store;
 
 /// What every handler shares.
@@ -45,6 +47,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Per-operator budgets for mutating calls (see [`OperatorLimits`]).
     pub limits: OperatorLimits,
+    /// The control-plane replicas, for `servers list|get`.
+    pub replicas: Arc<dyn Replicas>,
 }
 
 /// Token buckets per operator for mutating calls, and a smaller one for
