@@ -18,6 +18,7 @@ pub mod deploy;
 pub mod error;
 pub mod events;
 pub mod init;
+pub mod leader_only;
 pub mod metrics;
 pub mod ratelimit;
 pub mod registry;

@@ -20,9 +20,9 @@ use crate::config::StoreBackend;
 use crate::deadline::RequestTimeoutLayer;
 use crate::deploy::engine::{Engine, EngineHandles};
 use crate::events::EventLog;
+use crate::leader_only::{Install, LeaderOnly};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
-use crate::replica::Leading;
 use crate::replicas::{EmbeddedReplicas, ThisReplica};
 use crate::service::Context;
 use crate::service::artifacts::ArtifactsService;
@@ -210,6 +210,136 @@ pub enum Stopped {
     },
 }
 
+/// What the leader builds when it starts leading: the engine, from the
+/// records as they are then, and the services that need it.
+struct EngineServices {
+    ctx: Arc<Context>,
+    store: Store,
+    events: Arc<EventLog>,
+    metrics: Arc<Metrics>,
+    settings: crate::config::Settings,
+    deployments: Install<pb::deployments_server::DeploymentsServer<DeploymentsService>>,
+    pipelines: Install<pb::pipelines_server::PipelinesServer<PipelinesService>>,
+    clusters: Install<pb::clusters_server::ClustersServer<ClustersService>>,
+    sessions: Install<pb::agent_session_server::AgentSessionServer<SessionService>>,
+}
+
+impl EngineServices {
+    /// Build the engine, install its services and start it; the returned
+    /// task ends when the engine stops (with the shutdown).
+    fn lead(&self) -> Result<tokio::task::JoinHandle<()>, RunError> {
+        let engine = Engine::new(
+            EngineHandles::new(
+                self.ctx.registry.clone(),
+                &self.store,
+                self.events.clone(),
+                self.metrics.clone(),
+            ),
+            self.settings.clone(),
+        )?;
+        self.deployments.install(
+            pb::deployments_server::DeploymentsServer::new(DeploymentsService::new(
+                self.ctx.clone(),
+                engine.clone(),
+            ))
+            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        );
+        self.pipelines.install(
+            pb::pipelines_server::PipelinesServer::new(PipelinesService::new(
+                self.ctx.clone(),
+                engine.clone(),
+            ))
+            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        );
+        self.clusters.install(
+            pb::clusters_server::ClustersServer::new(ClustersService::new(
+                self.ctx.clone(),
+                engine.clone(),
+            ))
+            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        );
+        self.sessions.install(
+            pb::agent_session_server::AgentSessionServer::new(SessionService::new(
+                self.ctx.clone(),
+            ))
+            .max_decoding_message_size(SESSION_MESSAGE_BYTES),
+        );
+        Ok(tokio::spawn(engine.run(self.ctx.shutdown.clone())))
+    }
+}
+
+/// A replica's part in the election (etcd only).
+struct Leadership {
+    etcd: EtcdStore,
+    name: String,
+    lease: std::time::Duration,
+    services: EngineServices,
+    /// Who leads now, for the refusals of a follower.
+    leader: tokio::sync::watch::Sender<Option<String>>,
+    restart: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+}
+
+/// Campaign; once elected, build and run the engine until the lease is
+/// lost (then restart in place: nothing of this leadership's memory may
+/// outlive it) or the shutdown (then resign once the engine stopped).
+async fn lead_while_elected(leadership: Leadership) {
+    let Leadership {
+        etcd,
+        name,
+        lease,
+        services,
+        leader,
+        restart,
+        shutdown,
+    } = leadership;
+    let restart_now = |why: String| {
+        tracing::error!(reason = %why, "restarting to campaign again");
+        restart.store(true, std::sync::atomic::Ordering::SeqCst);
+        shutdown.cancel();
+    };
+    let follow_leader = tokio::spawn({
+        let etcd = etcd.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                let now = etcd.leader_name();
+                leader.send_if_modified(|known| {
+                    let changed = *known != now;
+                    *known = now.clone();
+                    changed
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    });
+    let mut leading = match crate::replica::lead(&etcd, &name, lease, &shutdown).await {
+        Ok(Some(leading)) => leading,
+        Ok(None) => return,
+        Err(e) => return restart_now(format!("campaign failed: {e}")),
+    };
+    let engine = match services.lead() {
+        Ok(engine) => engine,
+        Err(e) => {
+            leading.resign().await;
+            return restart_now(format!("cannot start the engine: {e}"));
+        }
+    };
+    tokio::select! {
+        lost = leading.lost() => {
+            restart_now(format!("lost leadership: {lost}"));
+        }
+        _ = shutdown.cancelled() => {
+            let _ = engine.await;
+            leading.resign().await;
+        }
+    }
+    follow_leader.abort();
+}
+
 /// Open the records on etcd (SPEC §7).
 async fn open_etcd(settings: &crate::config::StoreSettings) -> Result<EtcdStore, RunError> {
     let client = crate::replica::etcd_client(settings)
@@ -358,29 +488,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         admin_shutdown.clone(),
     ));
 
-    // A replica on etcd serves only while it leads: until then it waits
-    // here, not ready and not listening, so agents and clients go to the
-    // leader.
-    let mut leading = match &etcd {
-        None => None,
-        Some(etcd) => {
-            if let Some(task) = events.follow_commits() {
-                drop(task);
-            }
-            let name = config.replica.name.clone();
-            match crate::replica::lead(etcd, &name, config.settings.leader_lease, &shutdown)
-                .await
-                .map_err(|e| RunError::Etcd(e.to_string()))?
-            {
-                Some(leading) => Some(leading),
-                None => {
-                    admin_shutdown.cancel();
-                    let _ = admin_task.await;
-                    return Ok(Stopped::Shutdown);
-                }
-            }
-        }
-    };
+    if let Some(task) = events.follow_commits() {
+        // Publishes what any replica commits to this one's live followers,
+        // for as long as the store lives.
+        drop(task);
+    }
     let grpc_listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -438,16 +550,38 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         limits: crate::service::OperatorLimits::new(&config.settings),
         replicas,
     });
-    let engine = Engine::new(
-        EngineHandles::new(
-            ctx.registry.clone(),
-            &store,
-            events.clone(),
-            metrics.clone(),
-        ),
-        config.settings.clone(),
-    )?;
-    let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
+    // The engine runs in the leader alone: on the embedded store that is
+    // this process from the start; on etcd, whichever replica wins the
+    // election builds it then, from the records as they are.
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(None::<String>);
+    let unanswered: Arc<dyn crate::leader_only::Unanswered> =
+        Arc::new(crate::leader_only::Refuse {
+            replica: config.replica.name.clone(),
+            leader: leader_rx,
+        });
+    let (deployments_service, install_deployments) = LeaderOnly::new(unanswered.clone());
+    let (pipelines_service, install_pipelines) = LeaderOnly::new(unanswered.clone());
+    let (clusters_service, install_clusters) = LeaderOnly::new(unanswered.clone());
+    // Agent sessions too, for now: the leader's engine sees the reports of
+    // the sessions it holds, so agents fail over to the leader.
+    let (sessions_service, install_sessions) = LeaderOnly::new(unanswered.clone());
+    let engine_services = EngineServices {
+        ctx: ctx.clone(),
+        store: store.clone(),
+        events: events.clone(),
+        metrics: metrics.clone(),
+        settings: config.settings.clone(),
+        deployments: install_deployments,
+        pipelines: install_pipelines,
+        clusters: install_clusters,
+        sessions: install_sessions,
+    };
+    // The embedded store: this process leads from the start, before it
+    // serves a call.
+    let (embedded_engine, engine_services) = match &etcd {
+        None => (Some(engine_services.lead()?), None),
+        Some(_) => (None, Some(engine_services)),
+    };
     let incoming =
         tls_accept::incoming(grpc_listener, tls_config, metrics.clone(), shutdown.clone());
     // gRPC conventions: server reflection (v1 and v1alpha) and
@@ -488,28 +622,13 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             pb::enrollment_server::EnrollmentServer::new(EnrollmentService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
-        .add_service(
-            pb::agent_session_server::AgentSessionServer::new(SessionService::new(ctx.clone()))
-                .max_decoding_message_size(SESSION_MESSAGE_BYTES),
-        )
+        .add_service(sessions_service)
         .add_service(
             pb::fleet_server::FleetServer::new(FleetService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
-        .add_service(
-            pb::deployments_server::DeploymentsServer::new(DeploymentsService::new(
-                ctx.clone(),
-                engine.clone(),
-            ))
-            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
-        )
-        .add_service(
-            pb::pipelines_server::PipelinesServer::new(PipelinesService::new(
-                ctx.clone(),
-                engine.clone(),
-            ))
-            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
-        )
+        .add_service(deployments_service)
+        .add_service(pipelines_service)
         .add_service(
             pb::users_server::UsersServer::new(UsersService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
@@ -526,13 +645,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             pb::servers_server::ServersServer::new(ServersService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
-        .add_service(
-            pb::clusters_server::ClustersServer::new(ClustersService::new(
-                ctx.clone(),
-                engine.clone(),
-            ))
-            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
-        )
+        .add_service(clusters_service)
         // Upload chunks are at most 1 MiB; leave headroom for framing.
         .add_service(
             pb::artifacts_server::ArtifactsServer::new(ArtifactsService::new(ctx.clone(), blobs))
@@ -587,27 +700,21 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     }
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, ca_fingerprint = %ca_fingerprint, "control plane serving");
     let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Losing the lease stops leading at once (the fence already refuses
-    // every write): restart in place and campaign again.
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<Leading>();
-    if let Some(mut leader) = leading.take() {
-        let restart = restart.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                lost = leader.lost() => {
-                    tracing::error!(reason = %lost, "lost leadership; restarting to campaign again");
-                    restart.store(true, std::sync::atomic::Ordering::SeqCst);
-                    shutdown.cancel();
-                }
-                _ = shutdown.cancelled() => {
-                    let _ = lost_tx.send(leader);
-                }
-            }
-        });
-    } else {
-        drop(lost_tx);
-    }
+    let leadership = match (&etcd, embedded_engine, engine_services) {
+        (Some(etcd), _, Some(services)) => tokio::spawn(lead_while_elected(Leadership {
+            etcd: etcd.clone(),
+            name: config.replica.name.clone(),
+            lease: config.settings.leader_lease,
+            services,
+            leader: leader_tx,
+            restart: restart.clone(),
+            shutdown: shutdown.clone(),
+        })),
+        (_, Some(engine), _) => tokio::spawn(async move {
+            let _ = engine.await;
+        }),
+        _ => tokio::spawn(async {}),
+    };
     let storage_task = tokio::spawn(crate::storage::watch(crate::storage::Watch {
         store: store.clone(),
         data_dir: config.data_dir.clone(),
@@ -620,12 +727,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
 
     shutdown.cancelled().await;
     readiness.set(false);
-    // The engine stopped with the shutdown; hand leadership over now so
-    // the next replica does not wait out the lease while this one drains.
-    let _ = engine_task.await;
-    if let Ok(leader) = lost_rx.await {
-        leader.resign().await;
-    }
+    // The engine stops with the shutdown and leadership is handed over
+    // now, so the next replica does not wait out the lease while this one
+    // drains.
+    let _ = leadership.await;
     // Watchers see NOT_SERVING, then their streams end so they do not hold
     // up the drain.
     for name in &health_names {

@@ -116,6 +116,8 @@ impl ControlPlane {
             &blobs,
             "--s3-endpoint",
             &s3.endpoint,
+            "--name",
+            name,
         ]
         .map(String::from)
         .to_vec();
@@ -146,6 +148,10 @@ impl ControlPlane {
             .expect("cp -r");
         assert!(copied.success(), "cp -r of the data dir");
         let _ = std::fs::remove_dir_all(data_dir.join("run"));
+        let mut run_args = self.run_args.clone();
+        if let Some(at) = run_args.iter().position(|a| a == "--name") {
+            run_args[at + 1] = name.to_string();
+        }
         Self {
             data_dir,
             work: self.work.clone(),
@@ -154,7 +160,7 @@ impl ControlPlane {
             admin: None,
             starts: 0,
             env: self.env.clone(),
-            run_args: self.run_args.clone(),
+            run_args,
             log_name: name.to_string(),
         }
     }

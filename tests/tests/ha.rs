@@ -74,10 +74,24 @@ fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes_once() {
     let mut b = a.replica("cp-b");
     a.start_replica();
     a.wait_serving();
+    eventually("cp-a to lead", || {
+        let out = a.ctl(&["deploy", "list"]);
+        (out.code == 0).then_some(()).ok_or(out.stderr)
+    });
     b.start_replica();
-    // B campaigns behind A: it does not serve.
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(!b.is_serving(), "only the leader serves");
+    b.wait_serving();
+    // The follower answers what the store holds, and sends callers of the
+    // engine to the leader.
+    let users = b.ctl(&["-o", "json", "users", "list"]);
+    assert_eq!(users.code, 0, "{users:?}");
+    let refused = b.ctl(&["deploy", "list"]);
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("replica cp-b does not lead; the leader is cp-a"),
+        "{refused:?}"
+    );
 
     // Publisher key, three agents that know both replicas.
     let key_base = dir.path().join("publisher");
@@ -144,7 +158,10 @@ fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes_once() {
     let killed_at = Instant::now();
 
     // B leads within the lease (5 s) and a retry, and carries on.
-    b.wait_serving();
+    eventually("cp-b to lead", || {
+        let out = b.ctl(&["deploy", "get", &id]);
+        (out.code == 0).then_some(()).ok_or(out.stderr)
+    });
     let took = killed_at.elapsed();
     eprintln!("replica b served {took:?} after the leader was killed");
     assert!(took < Duration::from_secs(12), "took {took:?}");
@@ -186,14 +203,18 @@ fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes_once() {
     let verified = b.ctl(&["-o", "json", "audit", "verify"]);
     assert_eq!(verified.code, 0, "{verified:?}");
 
-    // The killed replica comes back as a standby; a graceful stop of the
+    // The killed replica comes back as a follower; a graceful stop of the
     // leader hands over without waiting out the lease.
     a.start_replica();
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(!a.is_serving(), "the restarted replica waits behind b");
+    a.wait_serving();
+    let follows = a.ctl(&["deploy", "list"]);
+    assert!(follows.stderr.contains("the leader is cp-b"), "{follows:?}");
     let stopping = Instant::now();
     b.stop();
-    a.wait_serving();
+    eventually("cp-a to lead again", || {
+        let out = a.ctl(&["deploy", "list"]);
+        (out.code == 0).then_some(()).ok_or(out.stderr)
+    });
     let handover = stopping.elapsed();
     eprintln!("graceful hand-off took {handover:?}");
     assert!(

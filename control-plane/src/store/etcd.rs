@@ -309,6 +309,17 @@ impl EtcdStore {
         self.inner.mirror.read(Mirror::revision)
     }
 
+    /// The name the leading replica campaigned with, as the mirror sees
+    /// the election: the candidate with the lowest create revision.
+    pub fn leader_name(&self) -> Option<String> {
+        let prefix = self.inner.keys.election();
+        self.inner.mirror.read(|m| {
+            m.under(prefix.as_bytes(), prefix.as_bytes())
+                .min_by_key(|(_, v)| v.create_revision)
+                .map(|(_, v)| String::from_utf8_lossy(&v.value).into_owned())
+        })
+    }
+
     /// The client, for the replica's own records (sessions, election).
     pub fn client(&self) -> &Client {
         &self.inner.client
