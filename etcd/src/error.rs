@@ -11,6 +11,19 @@ pub enum Error {
     #[error("etcd endpoint {endpoint:?}: {reason}")]
     InvalidEndpoint { endpoint: String, reason: String },
 
+    /// Client TLS settings given as PEM text are unusable, or the client
+    /// certificate and key do not come as a pair.
+    #[error("etcd client TLS {what}: {reason}")]
+    InvalidTls { what: String, reason: String },
+
+    /// A client TLS file cannot be read or holds no usable PEM.
+    #[error("etcd client TLS {setting} {}: {reason}", path.display())]
+    TlsFile {
+        setting: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
+
     /// No endpoint accepted a connection.
     #[error("etcd {op}: no endpoint is reachable ({endpoints}); last error: {last}")]
     Unreachable {
@@ -76,6 +89,8 @@ impl Error {
             ),
             Error::NoEndpoints
             | Error::InvalidEndpoint { .. }
+            | Error::InvalidTls { .. }
+            | Error::TlsFile { .. }
             | Error::Compacted { .. }
             | Error::LeaseNotFound { .. }
             | Error::WatchCanceled { .. }

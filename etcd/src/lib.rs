@@ -23,6 +23,7 @@ mod endpoint;
 mod error;
 mod kv;
 mod lease;
+mod tls;
 mod txn;
 mod watch;
 
@@ -32,6 +33,7 @@ pub use endpoint::{EtcdEndpoint, parse_endpoints};
 pub use error::Error;
 pub use kv::{KeyValue, LeaseId};
 pub use lease::{KeepAlive, Lease, LeaseLost};
+pub use tls::EtcdTls;
 pub use txn::{Compare, CompareOp, TxnOp, TxnOpResult, TxnResult};
 pub use watch::{WatchEvent, WatchEventKind, WatchStream};
 
