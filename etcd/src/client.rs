@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
 use crate::endpoint::{EtcdEndpoint, parse_endpoints};
-use crate::error::Error;
+use crate::error::{Error, error_chain};
 use crate::kv::{KeyValue, LeaseId};
 use crate::pb;
 use crate::pb::kv_client::KvClient;
@@ -531,21 +531,6 @@ pub(crate) fn never_connected(status: &tonic::Status) -> bool {
         source = error.source();
     }
     false
-}
-
-/// An error with its causes, `a: b: c`.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
