@@ -1,6 +1,7 @@
 //! The connection to the cluster and the key-value calls: one HTTP/2
-//! connection at a time, to an endpoint picked at random; when it fails the
-//! next call connects to another. Every call has a deadline.
+//! connection at a time (over TLS for `https://` endpoints), to an endpoint
+//! picked at random; when it fails the next call connects to another. Every
+//! call has a deadline.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,12 +12,13 @@ use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
 use crate::endpoint::{EtcdEndpoint, parse_endpoints};
-use crate::error::Error;
+use crate::error::{Error, error_chain};
 use crate::kv::{KeyValue, LeaseId};
 use crate::pb;
 use crate::pb::kv_client::KvClient;
 use crate::pb::maintenance_client::MaintenanceClient;
 use crate::prefix_end;
+use crate::tls::EtcdTls;
 use crate::txn::{Compare, TxnOp, TxnResult, txn_request};
 
 /// How the client connects and how long it waits.
@@ -30,6 +32,12 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Keys per page when [`Client::range`] reads a whole prefix.
     pub page_size: i64,
+    /// Client TLS. With it every endpoint must be `https://`, without it
+    /// every endpoint must be `http://`: [`Client::connect`] refuses a mix,
+    /// so a typo in one URL cannot send requests (and their data) in the
+    /// clear, and an `https://` endpoint is never trusted on the system's
+    /// roots (see [`EtcdTls`]).
+    pub tls: Option<EtcdTls>,
 }
 
 impl ClientConfig {
@@ -43,7 +51,37 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             page_size: 1000,
+            tls: None,
         }
+    }
+
+    /// The same settings, connecting over client TLS.
+    pub fn with_tls(self, tls: EtcdTls) -> Self {
+        Self {
+            tls: Some(tls),
+            ..self
+        }
+    }
+
+    /// Refuse endpoints whose scheme does not match the TLS setting.
+    fn check_schemes(&self) -> Result<(), Error> {
+        for endpoint in &self.endpoints {
+            let reason = match (&self.tls, endpoint.is_https()) {
+                (Some(_), true) | (None, false) => continue,
+                (Some(_), false) => {
+                    "plain http, but client TLS is configured: every endpoint must be https://"
+                }
+                (None, true) => {
+                    "https needs client TLS settings with the CA that signed the members' \
+                     certificates (ca_file); the system's roots are not used"
+                }
+            };
+            return Err(Error::InvalidEndpoint {
+                endpoint: endpoint.url().to_string(),
+                reason: reason.to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// Defaults for a comma-separated endpoint list.
@@ -113,11 +151,13 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connect to one of the endpoints (in random order).
+    /// Connect to one of the endpoints (in random order). Endpoints whose
+    /// scheme does not match `config.tls` are refused before any connection.
     pub async fn connect(config: ClientConfig) -> Result<Self, Error> {
         if config.endpoints.is_empty() {
             return Err(Error::NoEndpoints);
         }
+        config.check_schemes()?;
         let client = Self {
             inner: Arc::new(Inner {
                 config,
@@ -182,8 +222,15 @@ impl Client {
 
     async fn open(&self, endpoint: &EtcdEndpoint) -> Result<Channel, String> {
         let timeout = self.inner.config.connect_timeout;
-        let builder = tonic::transport::Endpoint::from_shared(endpoint.url().to_string())
-            .map_err(|e| e.to_string())?
+        let mut builder = tonic::transport::Endpoint::from_shared(endpoint.url().to_string())
+            .map_err(|e| e.to_string())?;
+        if let Some(tls) = &self.inner.config.tls {
+            // The member's certificate must name the host of its URL.
+            builder = builder
+                .tls_config(tls.tonic_config(endpoint.host()))
+                .map_err(|e| format!("client TLS: {}", error_chain(&e)))?;
+        }
+        let builder = builder
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             // HTTP/2 pings find a member that vanished without closing the
@@ -486,17 +533,56 @@ pub(crate) fn never_connected(status: &tonic::Status) -> bool {
     false
 }
 
-/// An error with its causes, `a: b: c`.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn some_tls() -> EtcdTls {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".to_string()])
+            .expect("rcgen makes a certificate");
+        EtcdTls::from_pem(&ca.cert.pem(), None).expect("a valid CA")
     }
-    text
+
+    #[test]
+    fn schemes_must_match_the_tls_setting() {
+        let check = |list: &str, tls: bool, expected: Result<(), &str>| {
+            let mut config = ClientConfig::from_list(list).expect("endpoints parse");
+            if tls {
+                config = config.with_tls(some_tls());
+            }
+            let got = config.check_schemes().map_err(|e| e.to_string());
+            assert_eq!(got, expected.map_err(str::to_string), "{list} (tls: {tls})");
+        };
+        check("http://a:1,http://b:2", false, Ok(()));
+        check("https://a:1,https://b:2", true, Ok(()));
+        check(
+            "https://a:1,http://b:2",
+            true,
+            Err(
+                "etcd endpoint \"http://b:2\": plain http, but client TLS is configured: \
+                 every endpoint must be https://",
+            ),
+        );
+        check(
+            "http://a:1,https://b:2",
+            false,
+            Err(
+                "etcd endpoint \"https://b:2\": https needs client TLS settings with the CA \
+                 that signed the members' certificates (ca_file); the system's roots are not used",
+            ),
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_a_mix_before_dialing() {
+        // Nothing listens on port 1; the refusal must come from the check,
+        // not from a connection attempt.
+        let config = ClientConfig::from_list("http://127.0.0.1:1")
+            .expect("endpoints parse")
+            .with_tls(some_tls());
+        let error = Client::connect(config)
+            .await
+            .expect_err("http with TLS is refused");
+        assert!(matches!(error, Error::InvalidEndpoint { .. }), "{error}");
+    }
 }

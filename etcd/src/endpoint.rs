@@ -1,35 +1,43 @@
-//! Parsing the endpoint list (`http://127.0.0.1:2379,http://10.0.0.2:2379`)
-//! into checked URLs, so a typo fails at startup and names the entry.
+//! Parsing the endpoint list (`http://127.0.0.1:2379,http://10.0.0.2:2379`,
+//! or `https://` for client TLS) into checked URLs, so a typo fails at
+//! startup and names the entry.
 
 use std::fmt;
 
 use crate::error::Error;
 
-/// One etcd member's client URL, `http://HOST:PORT`.
+/// One etcd member's client URL, `http://HOST:PORT` or `https://HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdEndpoint {
     url: String,
+    /// Where the host starts and ends in `url`, brackets of an IPv6
+    /// address excluded: the name the server's certificate must carry.
+    host: std::ops::Range<usize>,
+    https: bool,
 }
 
 impl EtcdEndpoint {
-    /// Check one URL: scheme `http`, a host and a port, nothing after them.
-    /// Client TLS (`https`) is not supported yet and is refused by name.
+    /// Check one URL: scheme `http` or `https`, a host and a port, nothing
+    /// after them. Whether an `https` endpoint can be used depends on the
+    /// client's TLS settings, checked when the client connects.
     pub fn parse(text: &str) -> Result<Self, Error> {
         let text = text.trim();
         let invalid = |reason: &str| Error::InvalidEndpoint {
             endpoint: text.to_string(),
             reason: reason.to_string(),
         };
-        let rest = if let Some(rest) = text.strip_prefix("http://") {
-            rest
-        } else if text.starts_with("https://") {
-            return Err(invalid("https (client TLS) is not supported yet"));
+        let (scheme, rest) = if let Some(rest) = text.strip_prefix("http://") {
+            ("http", rest)
+        } else if let Some(rest) = text.strip_prefix("https://") {
+            ("https", rest)
         } else {
-            return Err(invalid("expected http://HOST:PORT"));
+            return Err(invalid("expected http://HOST:PORT or https://HOST:PORT"));
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.contains('/') {
-            return Err(invalid("a path is not allowed, only http://HOST:PORT"));
+            return Err(invalid(
+                "a path is not allowed, only HOST:PORT after the scheme",
+            ));
         }
         let (host, port) = authority
             .rsplit_once(':')
@@ -44,14 +52,34 @@ impl EtcdEndpoint {
             Ok(0) | Err(_) => return Err(invalid("the port must be a number from 1 to 65535")),
             Ok(_) => {}
         }
+        let url = format!("{scheme}://{authority}");
+        let start = scheme.len() + "://".len();
+        let host = if host.starts_with('[') {
+            start + 1..start + host.len() - 1
+        } else {
+            start..start + host.len()
+        };
         Ok(Self {
-            url: format!("http://{authority}"),
+            url,
+            host,
+            https: scheme == "https",
         })
     }
 
     /// The URL, without a trailing slash.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The host, without the brackets of an IPv6 address: the name (or
+    /// address) the member's TLS certificate is checked against.
+    pub fn host(&self) -> &str {
+        &self.url[self.host.clone()]
+    }
+
+    /// Whether the endpoint is `https://`, spoken over client TLS.
+    pub fn is_https(&self) -> bool {
+        self.https
     }
 }
 
@@ -103,6 +131,10 @@ mod tests {
             Ok(&["http://a:1", "http://b:2"]),
         );
         check("http://[::1]:2379", Ok(&["http://[::1]:2379"]));
+        check(
+            "https://etcd-0.example:2379,https://10.0.0.2:2379/",
+            Ok(&["https://etcd-0.example:2379", "https://10.0.0.2:2379"]),
+        );
         check(" , ", Err("no etcd endpoints given"));
         check("", Err("no etcd endpoints given"));
     }
@@ -111,12 +143,13 @@ mod tests {
     fn bad_entries_are_named() {
         check(
             "http://a:1,127.0.0.1:2379",
-            Err("etcd endpoint \"127.0.0.1:2379\": expected http://HOST:PORT"),
+            Err("etcd endpoint \"127.0.0.1:2379\": expected http://HOST:PORT or https://HOST:PORT"),
         );
         check(
-            "https://a:2379",
-            Err("etcd endpoint \"https://a:2379\": https (client TLS) is not supported yet"),
+            "ftp://a:2379",
+            Err("etcd endpoint \"ftp://a:2379\": expected http://HOST:PORT or https://HOST:PORT"),
         );
+        check("https://a", Err("etcd endpoint \"https://a\": no port"));
         check("http://a", Err("etcd endpoint \"http://a\": no port"));
         check(
             "http://a:0",
@@ -129,11 +162,26 @@ mod tests {
         check("http://:1", Err("etcd endpoint \"http://:1\": no host"));
         check(
             "http://a:1/v3",
-            Err("etcd endpoint \"http://a:1/v3\": a path is not allowed, only http://HOST:PORT"),
+            Err(
+                "etcd endpoint \"http://a:1/v3\": a path is not allowed, only HOST:PORT after the scheme",
+            ),
         );
         check(
             "http://::1:2379",
             Err("etcd endpoint \"http://::1:2379\": an IPv6 address must be in brackets"),
         );
+    }
+
+    #[test]
+    fn hosts_and_schemes() {
+        let check = |text: &str, host: &str, https: bool| {
+            let endpoint = EtcdEndpoint::parse(text).expect("a valid endpoint");
+            assert_eq!(endpoint.host(), host, "host of {text}");
+            assert_eq!(endpoint.is_https(), https, "scheme of {text}");
+        };
+        check("http://127.0.0.1:2379", "127.0.0.1", false);
+        check("https://etcd-0.example:2379/", "etcd-0.example", true);
+        check("https://[::1]:2379", "::1", true);
+        check(" https://[fe80::1]:1 ", "fe80::1", true);
     }
 }

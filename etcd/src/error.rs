@@ -11,6 +11,19 @@ pub enum Error {
     #[error("etcd endpoint {endpoint:?}: {reason}")]
     InvalidEndpoint { endpoint: String, reason: String },
 
+    /// Client TLS settings given as PEM text are unusable, or the client
+    /// certificate and key do not come as a pair.
+    #[error("etcd client TLS {what}: {reason}")]
+    InvalidTls { what: String, reason: String },
+
+    /// A client TLS file cannot be read or holds no usable PEM.
+    #[error("etcd client TLS {setting} {}: {reason}", path.display())]
+    TlsFile {
+        setting: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
+
     /// No endpoint accepted a connection.
     #[error("etcd {op}: no endpoint is reachable ({endpoints}); last error: {last}")]
     Unreachable {
@@ -76,6 +89,8 @@ impl Error {
             ),
             Error::NoEndpoints
             | Error::InvalidEndpoint { .. }
+            | Error::InvalidTls { .. }
+            | Error::TlsFile { .. }
             | Error::Compacted { .. }
             | Error::LeaseNotFound { .. }
             | Error::WatchCanceled { .. }
@@ -103,12 +118,38 @@ impl Error {
         if message.contains("requested lease not found") {
             return Error::LeaseNotFound { lease: revision };
         }
+        // A connection that failed under the call says only "transport
+        // error"; why (a reset, or a TLS alert such as a client
+        // certificate the member requires) is in the causes.
+        let message = if connection_failed(status) {
+            with_causes(message.to_string(), std::error::Error::source(status))
+        } else {
+            message.to_string()
+        };
         Error::Status {
             op,
             code: code_of(status),
-            message: message.to_string(),
+            message,
         }
     }
+}
+
+/// An error with its causes, `a: b: c`.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    with_causes(error.to_string(), error.source())
+}
+
+/// `text` followed by each cause that does not repeat what is already said.
+fn with_causes(mut text: String, mut source: Option<&dyn std::error::Error>) -> String {
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The status's code, with a connection that failed under the call read as
@@ -185,6 +226,8 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unknown);
         let error = Error::from_status("put", &status, 0);
         assert!(error.is_transient(), "{error}");
+        // The cause is said once, not repeated from the status's message.
+        assert_eq!(error.to_string(), "etcd put: Unavailable: reset by peer");
         // An Unknown that etcd itself sent stays as it is.
         let answered = Error::from_status("put", &tonic::Status::unknown("etcdserver: odd"), 0);
         assert!(!answered.is_transient(), "{answered}");

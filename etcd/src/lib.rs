@@ -7,6 +7,14 @@
 //! watches that resume after a dropped connection and surface compaction as
 //! an error of its own so callers re-list.
 //!
+//! `https://` endpoints speak client TLS, with mutual TLS for members run
+//! with `--client-cert-auth`: [`EtcdTls`] holds the CA that signed the
+//! members' certificates (required; the system's roots are not used) and
+//! an optional client certificate and key, checked when it is made. The
+//! member's certificate must name the host of its endpoint. A client
+//! refuses a mix: every endpoint is `https://` with TLS set, `http://`
+//! without.
+//!
 //! The wire format is etcd's (`proto/etcd.proto`, a slice of etcd v3.4's
 //! API compiled with protox, so no protoc is needed). The generated `pb`
 //! types stay inside this crate: callers see [`KeyValue`], [`Compare`],
@@ -14,8 +22,9 @@
 //!
 //! Modules: `endpoint` (parsing the endpoint list), `error`, `kv` (keys and
 //! lease ids), `election` (leader election with a fenced leadership), `txn` (compare
-//! and operation builders), `client` (connections, failover, key-value
-//! calls), `lease` (grant, keep-alive, revoke) and `watch`.
+//! and operation builders), `tls` (client TLS settings), `client`
+//! (connections, failover, key-value calls), `lease` (grant, keep-alive,
+//! revoke) and `watch`.
 
 mod client;
 mod election;
@@ -23,6 +32,7 @@ mod endpoint;
 mod error;
 mod kv;
 mod lease;
+mod tls;
 mod txn;
 mod watch;
 
@@ -32,6 +42,7 @@ pub use endpoint::{EtcdEndpoint, parse_endpoints};
 pub use error::Error;
 pub use kv::{KeyValue, LeaseId};
 pub use lease::{KeepAlive, Lease, LeaseLost};
+pub use tls::EtcdTls;
 pub use txn::{Compare, CompareOp, TxnOp, TxnOpResult, TxnResult};
 pub use watch::{WatchBatch, WatchBatches, WatchEvent, WatchEventKind, WatchStream};
 
