@@ -187,6 +187,12 @@ impl StoreSettings {
         if self.cert_file.is_some() != self.key_file.is_some() {
             problems.push("store.cert_file and store.key_file go together".into());
         }
+        if self.cert_file.is_some() && self.ca_file.is_none() {
+            problems.push(
+                "store.cert_file needs store.ca_file (the CA that signed etcd's certificates)"
+                    .into(),
+            );
+        }
         problems
     }
 }
@@ -655,5 +661,84 @@ mod tests {
             .expect_err("unknown backend")
             .to_string();
         assert!(err.contains("unknown variant"), "{err}");
+    }
+
+    #[test]
+    fn the_store_defaults_to_sled_and_etcd_is_checked_whole() {
+        let default = load_text("").expect("empty");
+        assert_eq!(default.store.backend, StoreBackend::Sled);
+        assert_eq!(default.leader_lease, Duration::from_secs(5));
+        let etcd = load_text(
+            "leader_lease = \"3s\"\n[store]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\", \"http://127.0.0.1:22379\"]\nprefix = \"/prod/\"\n[blobs]\nbackend = \"s3\"\nbucket = \"artifacts\"\n",
+        )
+        .expect("etcd");
+        assert_eq!(
+            (
+                etcd.store.backend,
+                etcd.store.endpoints.len(),
+                etcd.store.prefix.as_str()
+            ),
+            (StoreBackend::Etcd, 2, "/prod/")
+        );
+        assert_eq!(etcd.leader_lease, Duration::from_secs(3));
+        for (text, says) in [
+            (
+                "[store]\nbackend = \"etcd\"\n[blobs]\nbackend = \"s3\"\nbucket = \"a-b\"\n",
+                "store.endpoints must list",
+            ),
+            (
+                "[store]\nbackend = \"etcd\"\nendpoints = [\"http://e:2379\"]\n",
+                "needs blobs.backend \"s3\"",
+            ),
+            (
+                "[store]\nbackend = \"etcd\"\nendpoints = [\"ftp://e\"]\n[blobs]\nbackend = \"s3\"\nbucket = \"a-b\"\n",
+                "store.endpoints:",
+            ),
+            (
+                "[store]\nbackend = \"etcd\"\nendpoints = [\"http://e:2379\"]\nprefix = \"nope\"\n[blobs]\nbackend = \"s3\"\nbucket = \"a-b\"\n",
+                "store.prefix:",
+            ),
+            (
+                "[store]\nbackend = \"etcd\"\nendpoints = [\"https://e:2379\"]\ncert_file = \"/c.pem\"\n[blobs]\nbackend = \"s3\"\nbucket = \"a-b\"\n",
+                "go together",
+            ),
+            (
+                "leader_lease = \"1s\"\n",
+                "leader_lease must be at least 2s",
+            ),
+        ] {
+            let err = load_text(text).expect_err(text).to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn etcd_flags_switch_the_store_and_keep_the_file_tls() {
+        let file = StoreSettings {
+            ca_file: Some(PathBuf::from("/etc/etcd/ca.pem")),
+            ..StoreSettings::default()
+        };
+        let flags = file
+            .with_flags(
+                &["http://a:2379,http://b:2379".into(), "http://c:2379".into()],
+                None,
+            )
+            .expect("flags");
+        assert_eq!(flags.backend, StoreBackend::Etcd);
+        assert_eq!(
+            flags.endpoints,
+            ["http://a:2379", "http://b:2379", "http://c:2379"]
+        );
+        assert_eq!(flags.prefix, "/hotswap/");
+        assert_eq!(flags.ca_file, file.ca_file);
+        assert!(
+            file.with_flags(&[], None)
+                .expect_err("none")
+                .contains("at least one")
+        );
+        let bad = file
+            .with_flags(&["http://a:2379".into()], Some("/bad prefix/"))
+            .expect_err("prefix");
+        assert!(bad.contains("store.prefix"), "{bad}");
     }
 }

@@ -15,9 +15,18 @@ use tokio_util::sync::CancellationToken;
 use crate::config::StoreSettings;
 use crate::store::etcd::EtcdStore;
 
-/// The etcd client for the `[store]` settings.
+/// The etcd client for the `[store]` settings: client TLS (and mutual TLS
+/// with a certificate) when `ca_file` is set, for `https://` endpoints.
 pub async fn etcd_client(settings: &StoreSettings) -> Result<Client, hotswap_etcd::Error> {
-    let config = ClientConfig::from_list(&settings.endpoints.join(","))?;
+    let mut config = ClientConfig::from_list(&settings.endpoints.join(","))?;
+    if let Some(ca_file) = &settings.ca_file {
+        let tls = hotswap_etcd::EtcdTls::from_files(
+            ca_file,
+            settings.cert_file.as_deref(),
+            settings.key_file.as_deref(),
+        )?;
+        config = config.with_tls(tls);
+    }
     Client::connect(config).await
 }
 
