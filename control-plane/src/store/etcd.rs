@@ -761,7 +761,13 @@ impl Inner {
                 .read(|m| m.get(head_key.as_bytes()).map(|v| v.value.clone()))
                 .as_deref(),
         );
-        for _ in 0..ATTEMPTS {
+        // Other writers may keep winning while they are busy too: go on
+        // until the request deadline, with a growing random pause, rather
+        // than drop records that lost a race.
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut attempt: u32 = 0;
+        while tokio::time::Instant::now() < deadline {
+            attempt += 1;
             let mut compares: Vec<Compare> = self.fence().into_iter().collect();
             compares.push(self.head_is(log, head));
             let mut ops: Vec<TxnOp> = records
@@ -792,6 +798,11 @@ impl Inner {
                 }
                 _ => head,
             };
+            if attempt > 2 {
+                let ceiling_ms = 1u64 << attempt.min(6);
+                let pause = rand::random_range(0..=ceiling_ms);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
         }
         Err(CommitError::Conflict(head_key))
     }
