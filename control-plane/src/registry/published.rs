@@ -369,16 +369,15 @@ impl Publication {
 pub fn extend_history(published: &VecDeque<Sample>, now_ms: u64) -> Vec<Sample> {
     let mut history: Vec<Sample> = published.iter().cloned().collect();
     if let Some(last) = published.back() {
-        let mut at = last.at_ms.saturating_add(ASSUMED_REPORT_EVERY_MS);
-        while at <= now_ms {
+        // Only the newest HISTORY_LEN steps can be kept: start there, so a
+        // long silence costs no more than a short one.
+        let steps = now_ms.saturating_sub(last.at_ms) / ASSUMED_REPORT_EVERY_MS;
+        let first = steps.saturating_sub(HISTORY_LEN as u64).max(1);
+        for step in first..=steps {
             history.push(Sample {
-                at_ms: at,
+                at_ms: last.at_ms + step * ASSUMED_REPORT_EVERY_MS,
                 ..last.clone()
             });
-            at = at.saturating_add(ASSUMED_REPORT_EVERY_MS);
-            if history.len() > 2 * HISTORY_LEN {
-                history.drain(..HISTORY_LEN);
-            }
         }
     }
     let keep = history.len().saturating_sub(HISTORY_LEN);

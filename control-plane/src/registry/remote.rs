@@ -475,3 +475,163 @@ pub(super) fn hand_over(session: &LiveSession, record: &crate::store::DesiredRec
         true
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::published::{ModuleRecord, SampleRecord, SessionRecord};
+    use super::*;
+    use crate::events::EventLog;
+    use crate::metrics::Metrics;
+    use crate::store::{DesiredModuleRecord, NodeRecord, SessionUpdate, Store, StoreError};
+    use hotswap_common::status::{Health, Phase};
+
+    /// Session records of "other replicas", fed by the test.
+    struct FakeSessions {
+        changes: tokio::sync::broadcast::Sender<SessionUpdate>,
+    }
+
+    #[async_trait::async_trait]
+    impl SessionRecords for FakeSessions {
+        async fn put_sessions(
+            &self,
+            records: Vec<(String, Vec<u8>)>,
+        ) -> Result<Vec<(String, i64)>, StoreError> {
+            Ok(records.into_iter().map(|(node, _)| (node, 1)).collect())
+        }
+        async fn remove_session(&self, _: &str, _: i64) -> Result<bool, StoreError> {
+            Ok(true)
+        }
+        fn list_sessions(&self) -> Vec<(String, Vec<u8>)> {
+            Vec::new()
+        }
+        fn watch_sessions(&self) -> tokio::sync::broadcast::Receiver<SessionUpdate> {
+            self.changes.subscribe()
+        }
+    }
+
+    fn node(id: &str) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            name: format!("name-{id}"),
+            labels: Default::default(),
+            forced_labels: Default::default(),
+            enrolled_at_ms: 1,
+            cert_fingerprint: "sha256:x".into(),
+            cert_not_after_ms: u64::MAX,
+            last_seen_ms: None,
+            agent_version: "0.1.0".into(),
+            previous_cert_fingerprint: None,
+            previous_cert_not_after_ms: 0,
+            token_hash: String::new(),
+        }
+    }
+
+    fn record(replica: &str, at_ms: u64, agent_desired_generation: u64) -> SessionRecord {
+        SessionRecord {
+            replica: replica.into(),
+            session: 1,
+            connected_at_ms: 1,
+            last_seen_ms: at_ms,
+            reported: true,
+            observed_generation: agent_desired_generation,
+            agent_desired_generation,
+            modules: vec![ModuleRecord::from(&ModuleState {
+                name: "web".into(),
+                version: "1.0.0".into(),
+                phase: Phase::Running,
+                health: Health::Healthy,
+                ..ModuleState::default()
+            })],
+            usage: None,
+            samples: vec![SampleRecord {
+                at_ms,
+                cpu_percent: None,
+                memory_used_kib: None,
+                modules: Vec::new(),
+            }],
+        }
+    }
+
+    async fn settled(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn nodes_held_elsewhere_are_seen_from_their_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        store.put_node(&node("n2")).await.expect("node");
+        let (metrics, _) = Metrics::new();
+        let events = Arc::new(EventLog::open(&store, 1000).expect("events"));
+        let registry = Registry::new(store, events, Arc::new(metrics)).expect("registry");
+        let (changes, _) = tokio::sync::broadcast::channel(64);
+        let shutdown = CancellationToken::new();
+        registry.share_sessions(
+            "cp-a".into(),
+            Arc::new(FakeSessions {
+                changes: changes.clone(),
+            }),
+            shutdown.clone(),
+        );
+        let send = |node: &str, record: Option<&SessionRecord>| {
+            let _ = changes.send(SessionUpdate {
+                node_id: node.into(),
+                record: record.map(SessionRecord::encode),
+            });
+        };
+        let observe = |registry: &Registry| {
+            registry.observe(&["n2"], "web", |o| {
+                (o.connected, o.current, o.module.map(|m| m.version.clone()))
+            })[0]
+                .clone()
+        };
+        settled("the follower subscribed", || changes.receiver_count() > 0).await;
+
+        // A record under this replica's own name describes nothing remote.
+        let t0 = hotswap_common::timefmt::now_ms();
+        send("n2", Some(&record("cp-a", t0, 0)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(observe(&registry), (false, false, None));
+
+        // Another replica's record: connected, its modules, current.
+        send("n2", Some(&record("cp-b", t0, 0)));
+        settled("the remote record applied", || observe(&registry).0).await;
+        assert_eq!(observe(&registry), (true, true, Some("1.0.0".to_string())));
+        let listed = registry.list(None).expect("list");
+        assert!(listed[0].connected);
+        assert_eq!(listed[0].modules.len(), 1);
+        assert_eq!(registry.take_attached(), vec!["n2".to_string()]);
+
+        // This replica writes a new desired state: the node's last report
+        // does not answer it until its agent says it has it.
+        let want = DesiredModuleRecord {
+            version: "2.0.0".into(),
+            ..DesiredModuleRecord::default()
+        };
+        registry
+            .set_desired_module("n2", "web", Some(want))
+            .await
+            .expect("desired");
+        assert_eq!(observe(&registry), (true, false, Some("1.0.0".to_string())));
+        send("n2", Some(&record("cp-b", t0 + 1, 1)));
+        settled("the new report applied", || observe(&registry).1).await;
+        // The same session: history grows, no second attach.
+        assert!(registry.take_attached().is_empty());
+        let history = registry.history("n2");
+        let times: Vec<u64> = history.iter().map(|s| s.at_ms).collect();
+        assert_eq!(times.get(..2), Some(&[t0, t0 + 1][..]));
+
+        // The record goes (session ended, or its replica's lease expired).
+        send("n2", None);
+        settled("the record removed", || !observe(&registry).0).await;
+        assert!(!registry.list(None).expect("list")[0].connected);
+        assert!(registry.history("n2").is_empty());
+        shutdown.cancel();
+    }
+}
