@@ -49,6 +49,9 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub reports: Counter,
     pub sessions_opened: Counter,
+    /// Session records this replica wrote to etcd (SPEC §7): what sharing
+    /// sessions costs the store.
+    pub session_records_written: Counter,
     pub storage_bytes: Gauge,
     pub storage_failed: Gauge,
     pub deployments: Family<StateLabel, Gauge>,
@@ -95,6 +98,7 @@ impl Metrics {
             heartbeats: Counter::default(),
             reports: Counter::default(),
             sessions_opened: Counter::default(),
+            session_records_written: Counter::default(),
             storage_bytes: Gauge::default(),
             storage_failed: Gauge::default(),
             deployments: Family::default(),
@@ -148,6 +152,11 @@ impl Metrics {
             "sessions_opened",
             "Agent sessions opened",
             metrics.sessions_opened.clone(),
+        );
+        registry.register(
+            "session_records_written",
+            "Session records written to the shared store (etcd only)",
+            metrics.session_records_written.clone(),
         );
         registry.register(
             "storage_bytes",

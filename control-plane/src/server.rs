@@ -221,7 +221,6 @@ struct EngineServices {
     deployments: Install<pb::deployments_server::DeploymentsServer<DeploymentsService>>,
     pipelines: Install<pb::pipelines_server::PipelinesServer<PipelinesService>>,
     clusters: Install<pb::clusters_server::ClustersServer<ClustersService>>,
-    sessions: Install<pb::agent_session_server::AgentSessionServer<SessionService>>,
 }
 
 impl EngineServices {
@@ -257,12 +256,6 @@ impl EngineServices {
                 engine.clone(),
             ))
             .max_decoding_message_size(SMALL_MESSAGE_BYTES),
-        );
-        self.sessions.install(
-            pb::agent_session_server::AgentSessionServer::new(SessionService::new(
-                self.ctx.clone(),
-            ))
-            .max_decoding_message_size(SESSION_MESSAGE_BYTES),
         );
         Ok(tokio::spawn(engine.run(self.ctx.shutdown.clone())))
     }
@@ -338,6 +331,39 @@ async fn lead_while_elected(leadership: Leadership) {
         }
     }
     follow_leader.abort();
+}
+
+/// Grant this replica's session lease, keep it alive, and start sharing
+/// the registry's sessions under it (SPEC §7 "Sessions on any replica").
+/// When the lease is lost, the replica restarts in place.
+async fn share_sessions(
+    etcd: &EtcdStore,
+    registry: &Arc<Registry>,
+    name: &str,
+    ttl: std::time::Duration,
+    restart: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) -> Result<hotswap_etcd::LeaseId, RunError> {
+    let lease = etcd
+        .client()
+        .grant(ttl)
+        .await
+        .map_err(|e| RunError::Etcd(format!("cannot grant the session lease: {e}")))?;
+    let mut keep_alive = etcd.client().keep_alive(lease);
+    etcd.set_session_lease(lease.id);
+    tracing::info!(lease = %lease.id, ttl = ?lease.ttl, "publishing sessions under this lease");
+    registry.share_sessions(name.to_string(), Arc::new(etcd.clone()), shutdown.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            lost = keep_alive.lost() => {
+                tracing::error!(reason = %lost, "lost the session lease; restarting so every session is published again");
+                restart.store(true, std::sync::atomic::Ordering::SeqCst);
+                shutdown.cancel();
+            }
+            _ = shutdown.cancelled() => {}
+        }
+    });
+    Ok(lease.id)
 }
 
 /// Open the records on etcd (SPEC §7).
@@ -465,6 +491,25 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         ),
     );
     let registry = Registry::new(store.clone(), events.clone(), metrics.clone())?;
+    let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // On etcd, this replica's sessions are published under a lease of its
+    // own, granted before it serves one; losing it (cut off from etcd past
+    // the TTL) restarts the replica in place, like losing leadership, so
+    // its agents reconnect and every session is published again.
+    let session_lease = match &etcd {
+        Some(etcd) => Some(
+            share_sessions(
+                etcd,
+                &registry,
+                &config.replica.name,
+                config.settings.leader_lease,
+                restart.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -562,9 +607,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     let (deployments_service, install_deployments) = LeaderOnly::new(unanswered.clone());
     let (pipelines_service, install_pipelines) = LeaderOnly::new(unanswered.clone());
     let (clusters_service, install_clusters) = LeaderOnly::new(unanswered.clone());
-    // Agent sessions too, for now: the leader's engine sees the reports of
-    // the sessions it holds, so agents fail over to the leader.
-    let (sessions_service, install_sessions) = LeaderOnly::new(unanswered.clone());
     let engine_services = EngineServices {
         ctx: ctx.clone(),
         store: store.clone(),
@@ -574,7 +616,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         deployments: install_deployments,
         pipelines: install_pipelines,
         clusters: install_clusters,
-        sessions: install_sessions,
     };
     // The embedded store: this process leads from the start, before it
     // serves a call.
@@ -622,7 +663,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             pb::enrollment_server::EnrollmentServer::new(EnrollmentService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
-        .add_service(sessions_service)
+        // Every replica holds agent sessions (SPEC §7): on etcd each
+        // publishes its sessions and follows the others' (registry::remote).
+        .add_service(
+            pb::agent_session_server::AgentSessionServer::new(SessionService::new(ctx.clone()))
+                .max_decoding_message_size(SESSION_MESSAGE_BYTES),
+        )
         .add_service(
             pb::fleet_server::FleetServer::new(FleetService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
@@ -699,7 +745,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             .await;
     }
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, ca_fingerprint = %ca_fingerprint, "control plane serving");
-    let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let leadership = match (&etcd, embedded_engine, engine_services) {
         (Some(etcd), _, Some(services)) => tokio::spawn(lead_while_elected(Leadership {
             etcd: etcd.clone(),
@@ -754,6 +799,13 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         ),
     }
     let _ = storage_task.await;
+    if let (Some(etcd), Some(lease)) = (&etcd, session_lease) {
+        // The sessions ended with the drain; their records go at once
+        // instead of when the lease runs out.
+        if let Err(e) = etcd.client().revoke(lease).await {
+            tracing::warn!(error = %e, "could not revoke the session lease; its records vanish when it expires");
+        }
+    }
     admin_shutdown.cancel();
     let _ = admin_task.await;
     if let Err(e) = store.flush().await {

@@ -13,8 +13,8 @@ use hotswap_control_plane::events::{Event, EventLog};
 use hotswap_control_plane::store::etcd::{ClusterRecord, EtcdStore};
 use hotswap_control_plane::store::keys::Keys;
 use hotswap_control_plane::store::{
-    ArtifactRecord, Direction, EnrollError, EnrollRejection, LogName, NodeRecord, Store,
-    TokenRecord, UserRecord,
+    ArtifactRecord, Direction, EnrollError, EnrollRejection, LogName, NodeRecord, SessionRecords,
+    Store, TokenRecord, UserRecord,
 };
 use hotswap_etcd::{Client, ClientConfig};
 use hotswap_tests::{EtcdCluster, patience};
@@ -322,6 +322,93 @@ async fn desired_changes_reach_the_other_replica_in_order() {
         .expect("watch goes on");
     assert_eq!(next.node_id, "n-001");
     assert_eq!(next.record.expect("write").generation, 2);
+}
+
+/// Session records (SPEC §7): each replica writes under its own lease,
+/// the other sees them through its watch and its listing; a removal takes
+/// only the record its writer wrote (not one another replica wrote since);
+/// and a replica's records vanish when its lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_records_live_under_their_replicas_lease() {
+    let cluster = EtcdCluster::start(1);
+    let keys = Keys::new("/sessions-test/").expect("prefix");
+    let etcd = client(&cluster.endpoints()).await;
+    let record = ClusterRecord {
+        id: "test".into(),
+        created_at_ms: 1,
+    };
+    EtcdStore::init(&etcd, &keys, &record).await.expect("init");
+    let a = EtcdStore::open(client(&cluster.endpoints()).await, keys.clone())
+        .await
+        .expect("open a");
+    let b = EtcdStore::open(client(&cluster.endpoints()).await, keys)
+        .await
+        .expect("open b");
+    assert!(
+        a.put_sessions(vec![("n1".into(), b"x".to_vec())])
+            .await
+            .is_err(),
+        "no lease, no records"
+    );
+    let lease_a = etcd.grant(Duration::from_secs(2)).await.expect("grant a");
+    let lease_b = etcd.grant(Duration::from_secs(30)).await.expect("grant b");
+    a.set_session_lease(lease_a.id);
+    b.set_session_lease(lease_b.id);
+    let mut watch = b.watch_sessions();
+
+    // More records than one transaction takes.
+    let records: Vec<(String, Vec<u8>)> = (0..130)
+        .map(|i| (format!("n{i:03}"), format!("a{i}").into_bytes()))
+        .collect();
+    let written = a.put_sessions(records.clone()).await.expect("put");
+    assert_eq!(written.len(), 130);
+    let first = tokio::time::timeout(patience(), watch.recv())
+        .await
+        .expect("within patience")
+        .expect("watch");
+    assert_eq!(first.node_id, "n000");
+    assert_eq!(first.record.as_deref(), Some(&b"a0"[..]));
+    eventually("b lists a's records", || {
+        let listed = b.list_sessions();
+        (listed == records)
+            .then_some(())
+            .ok_or(format!("{} listed", listed.len()))
+    })
+    .await;
+
+    // n001 reconnects to b: a's late removal leaves b's record alone.
+    let revision_a = written
+        .iter()
+        .find(|(node, _)| node == "n001")
+        .map(|(_, revision)| *revision)
+        .expect("n001 written");
+    b.put_sessions(vec![("n001".into(), b"b1".to_vec())])
+        .await
+        .expect("put b");
+    assert!(!a.remove_session("n001", revision_a).await.expect("remove"));
+    // n000 ends on a: its record goes.
+    assert!(a.remove_session("n000", revision_a).await.expect("remove"));
+    eventually("n000 removed, n001 b's", || {
+        let listed = b.list_sessions();
+        let n000 = listed.iter().any(|(node, _)| node == "n000");
+        let n001 = listed
+            .iter()
+            .find(|(node, _)| node == "n001")
+            .map(|(_, bytes)| bytes.clone());
+        (!n000 && n001.as_deref() == Some(&b"b1"[..]))
+            .then_some(())
+            .ok_or(format!("n000 listed: {n000}, n001: {n001:?}"))
+    })
+    .await;
+
+    // a's lease is not kept alive: its records vanish with it; b's stays.
+    eventually("a's records vanish with its lease", || {
+        let listed = a.list_sessions();
+        (listed == vec![("n001".to_string(), b"b1".to_vec())])
+            .then_some(())
+            .ok_or(format!("{} listed", listed.len()))
+    })
+    .await;
 }
 
 /// Both replicas append events and audit records at once: the event log

@@ -224,3 +224,261 @@ fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes_once() {
     let nodes = a.ctl(&["-o", "json", "nodes", "list"]);
     assert_eq!(nodes.json().as_array().map(Vec::len), Some(3), "{nodes:?}");
 }
+
+/// The session records under the cluster's prefix: node id -> replica.
+fn session_records(endpoints: &str) -> BTreeMap<String, String> {
+    hotswap_tests::runtime().block_on(async {
+        let config = hotswap_etcd::ClientConfig::from_list(endpoints).expect("endpoints");
+        let client = hotswap_etcd::Client::connect(config)
+            .await
+            .expect("connect to etcd");
+        let prefix = "/hotswap/sessions/";
+        let (_, kvs) = client.range(prefix.as_bytes()).await.expect("range");
+        kvs.into_iter()
+            .map(|kv| {
+                let node = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                let record: Value = serde_json::from_slice(&kv.value).expect("record json");
+                (
+                    node,
+                    record["replica"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    })
+}
+
+/// What `nodes list` says that two replicas must agree on.
+fn fleet_view(cp: &ControlPlane) -> Vec<Value> {
+    cp.nodes()
+        .into_iter()
+        .map(|n| {
+            let modules: Vec<Value> = n["modules"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| {
+                    serde_json::json!([
+                        m["name"],
+                        m["version"],
+                        m["phase"],
+                        m["health"],
+                        m["desired_version"]
+                    ])
+                })
+                .collect();
+            serde_json::json!({
+                "name": n["name"],
+                "status": n["status"],
+                "desired_generation": n["desired_generation"],
+                "observed_generation": n["observed_generation"],
+                "modules": modules,
+            })
+        })
+        .collect()
+}
+
+/// Agent sessions `servers list` on `cp` says `name` holds.
+fn sessions_held(cp: &ControlPlane, name: &str) -> Result<u64, String> {
+    let out = cp.ctl(&["-o", "json", "servers", "list"]);
+    if out.code != 0 {
+        return Err(out.stderr);
+    }
+    out.json()
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == name))
+        .and_then(|s| s["sessions"].as_u64())
+        .ok_or(format!("{name} not in {}", out.stdout))
+}
+
+/// SPEC §7 "Sessions on any replica": agents pinned to different replicas
+/// (n1 to the leader, n2 and n3 to the follower); a rolling deployment the
+/// leader runs succeeds with each node activated once; both replicas list
+/// the same fleet; `kill -9` of the follower moves its agents to the
+/// leader within 5 s, and its session records vanish within the lease
+/// (n4, which knows only the follower, shows disconnected then).
+#[test]
+fn agents_on_every_replica_roll_out_once_and_fail_over_to_the_other() {
+    let dir = TestDir::new();
+    let etcd = EtcdCluster::start(3);
+    let s3 = SeaweedS3::start("hotswap-sessions");
+    let mut a = ControlPlane::init_on_etcd(dir.path(), "cp-a", &etcd.endpoints(), &s3);
+    let mut b = a.replica("cp-b");
+    a.start_replica();
+    a.wait_serving();
+    eventually("cp-a to lead", || {
+        let out = a.ctl(&["deploy", "list"]);
+        (out.code == 0).then_some(()).ok_or(out.stderr)
+    });
+    b.start_replica();
+    b.wait_serving();
+
+    let key_base = dir.path().join("publisher");
+    ctl_offline(&[
+        "keys",
+        "generate",
+        "--out",
+        key_base.to_str().expect("utf8"),
+    ])
+    .ok();
+    let trusted = a.ctl(&[
+        "keys",
+        "trust",
+        dir.path().join("publisher.pub").to_str().expect("utf8"),
+        "--name",
+        "publisher",
+    ]);
+    assert_eq!(trusted.code, 0, "{trusted:?}");
+    let (token, fp) = a.token(&["--uses", "10", "--label", "environment=qa"]);
+    let mut agents = Vec::new();
+    for (name, url) in [("n1", a.url()), ("n2", b.url()), ("n3", b.url())] {
+        let mut agent = Agent::new(dir.path(), name);
+        agent.enroll(&url, &token, &fp, &[]);
+        agents.push(agent);
+    }
+    // Outside the deployment's environment, pinned to the follower for good.
+    let (dev_token, _) = a.token(&["--label", "environment=dev"]);
+    let mut n4 = Agent::new(dir.path(), "n4");
+    n4.enroll(&b.url(), &dev_token, &fp, &[]);
+    // Every replica shows every node connected, wherever its session is.
+    for cp in [&a, &b] {
+        for name in ["n1", "n2", "n3", "n4"] {
+            cp.wait_status(name, "connected");
+        }
+    }
+    assert_eq!(sessions_held(&a, "cp-a"), Ok(1));
+    assert_eq!(sessions_held(&b, "cp-b"), Ok(3));
+    let ids: BTreeMap<String, String> = agents
+        .iter()
+        .chain([&n4])
+        .map(|agent| (agent.node_id(), agent.name.clone()))
+        .collect();
+    let holders = |records: BTreeMap<String, String>| -> BTreeMap<String, String> {
+        records
+            .into_iter()
+            .filter_map(|(id, replica)| ids.get(&id).map(|name| (name.clone(), replica)))
+            .collect()
+    };
+    eventually("the sessions published by their replicas", || {
+        let seen = holders(session_records(&etcd.endpoints()));
+        let want: BTreeMap<String, String> = [
+            ("n1", "cp-a"),
+            ("n2", "cp-b"),
+            ("n3", "cp-b"),
+            ("n4", "cp-b"),
+        ]
+        .map(|(n, r)| (n.to_string(), r.to_string()))
+        .into();
+        (seen == want).then_some(()).ok_or(format!("{seen:?}"))
+    });
+
+    // The leader's engine rolls out over nodes connected to both replicas.
+    let log = dir.path().join("activations.log");
+    push_marker(
+        &a,
+        dir.path(),
+        &dir.path().join("publisher.key"),
+        "1.0.0",
+        &log,
+    );
+    let created = a.ctl(&[
+        "-o",
+        "json",
+        "deploy",
+        "create",
+        "marker@1.0.0",
+        "--env",
+        "qa",
+        "--strategy",
+        "rolling",
+        "--batch-size",
+        "1",
+        "--min-healthy-time",
+        "1s",
+    ]);
+    assert_eq!(created.code, 0, "{created:?}");
+    let id = created.json()["id"].as_str().expect("id").to_string();
+    let started = Instant::now();
+    let watched = a.ctl(&["-o", "json", "deploy", "watch", &id, "--timeout", "90s"]);
+    assert_eq!(watched.code, 0, "{watched:?}");
+    assert_eq!(
+        watched.last_json_line()["state"],
+        "succeeded",
+        "{watched:?}"
+    );
+    eprintln!(
+        "rolling deployment over two replicas took {:?}",
+        started.elapsed()
+    );
+    let counts = activations(&log);
+    for name in ["n1", "n2", "n3"] {
+        assert_eq!(
+            counts.get(&(name.to_string(), "1.0.0".to_string())),
+            Some(&1),
+            "{name} activated exactly once: {counts:?}"
+        );
+    }
+    // Both replicas list the same fleet: statuses, generations, modules.
+    eventually("both replicas to list the same fleet", || {
+        let (on_a, on_b) = (fleet_view(&a), fleet_view(&b));
+        let settled = on_a.iter().filter(|n| n["name"] != "n4").all(|n| {
+            n["modules"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m[1] == "1.0.0" && m[3] == "healthy"))
+        });
+        (settled && on_a == on_b && on_a.len() == 4)
+            .then_some(())
+            .ok_or(format!("cp-a: {on_a:?}\ncp-b: {on_b:?}"))
+    });
+
+    // n2 and n3 learn both replicas, and stay on cp-b: the way to cp-a is
+    // cut while they connect.
+    let gate = hotswap_tests::PartitionProxy::start(
+        a.url()
+            .trim_start_matches("https://")
+            .parse()
+            .expect("cp-a address"),
+    );
+    gate.partition();
+    for agent in agents.iter_mut().filter(|agent| agent.name != "n1") {
+        agent.stop();
+        agent.start(&format!("{},{}", b.url(), gate.url()), &[]);
+    }
+    eventually("n2 and n3 on cp-b again", || {
+        let held = sessions_held(&b, "cp-b")?;
+        (held == 3).then_some(()).ok_or(format!("{held} sessions"))
+    });
+    for name in ["n2", "n3"] {
+        a.wait_status(name, "connected");
+    }
+    gate.heal();
+
+    b.kill();
+    let killed_at = Instant::now();
+    eventually("n2 and n3 to reconnect to cp-a", || {
+        let held = sessions_held(&a, "cp-a")?;
+        (held == 3).then_some(()).ok_or(format!("{held} sessions"))
+    });
+    let moved = killed_at.elapsed();
+    eprintln!("agents of the killed replica connected to the other after {moved:?}");
+    assert!(moved < Duration::from_secs(5), "took {moved:?}");
+    for name in ["n1", "n2", "n3"] {
+        a.wait_status(name, "connected");
+    }
+    // n4's record was not replaced by a reconnect: it goes with the lease.
+    eventually("cp-b's session records to vanish", || {
+        let seen = holders(session_records(&etcd.endpoints()));
+        let left: Vec<&String> = seen.values().filter(|r| *r == "cp-b").collect();
+        (left.is_empty()
+            && seen.len() == 3
+            && a.node_status("n4").as_deref() == Some("disconnected"))
+        .then_some(())
+        .ok_or(format!("{seen:?}"))
+    });
+    let vanished = killed_at.elapsed();
+    eprintln!("cp-b's session records were gone {vanished:?} after the kill");
+    assert!(
+        vanished < Duration::from_secs(7),
+        "within the 5 s lease (whole seconds in etcd, plus polling): {vanished:?}"
+    );
+}

@@ -105,15 +105,15 @@ impl Registry {
     /// Give each connected node of `changes` its record from `written`.
     fn hand_over_desired(&self, changes: &[DesiredChange], written: &[DesiredRecord]) {
         let live = self.lock_live();
+        let mut remote = self.shared.get().map(|_| self.lock_remote());
         for ((node_id, _, _), record) in changes.iter().zip(written) {
             if let Some(session) = live.get(node_id) {
-                session.desired.send_if_modified(|current| {
-                    if current.generation == record.generation {
-                        return false;
-                    }
-                    *current = record.clone();
-                    true
-                });
+                super::remote::hand_over(session, record);
+            } else if let Some(known) = remote.as_mut().and_then(|r| r.get_mut(node_id)) {
+                // Its replica hands it over when the commit reaches it; the
+                // engine must not read the node's last report as current
+                // meanwhile.
+                known.desired_generation = known.desired_generation.max(record.generation);
             }
         }
     }

@@ -20,10 +20,14 @@ use crate::events::{Event, EventBudget, EventLog};
 use crate::metrics::Metrics;
 mod desired;
 mod history;
+mod published;
+mod remote;
 mod transitions;
 
 use history::HISTORY_LEN;
 pub use history::{ModuleSample, Sample, UsageSample};
+use published::{Decision, Publication};
+use remote::{RemoteSession, Shared};
 use transitions::module_transitions;
 
 use crate::store::{
@@ -116,6 +120,9 @@ struct LiveSession {
     /// The agent sent a status report in this session (what it runs is known).
     reported: bool,
     history: VecDeque<Sample>,
+    connected_at_ms: u64,
+    /// What of this session was published for the other replicas (etcd).
+    publication: Publication,
 }
 
 /// A session's claim on its node. Only the newest session of a node is live;
@@ -155,6 +162,11 @@ pub struct Registry {
     /// node id; kept across sessions, dropped with the node. Taken after
     /// `live` when both are held.
     budgets: Mutex<HashMap<String, EventBudget>>,
+    /// On etcd: sharing sessions with the other replicas ([`remote`]).
+    shared: std::sync::OnceLock<Shared>,
+    /// Nodes whose sessions other replicas hold, as published. Taken after
+    /// `live` when both are held.
+    remote: Mutex<HashMap<String, RemoteSession>>,
 }
 
 /// One desired-state change: node id, module, and the new entry (`None`
@@ -198,6 +210,8 @@ impl Registry {
             yanks: AtomicU64::new(0),
             changes: AtomicU64::new(0),
             budgets: Mutex::new(HashMap::new()),
+            shared: std::sync::OnceLock::new(),
+            remote: Mutex::new(HashMap::new()),
             events,
         });
         registry.update_gauges(&registry.lock_live());
@@ -207,6 +221,12 @@ impl Registry {
     fn lock_live(&self) -> MutexGuard<'_, HashMap<String, LiveSession>> {
         // A panic while holding this lock leaves plain data behind; keep serving.
         self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_remote(&self) -> MutexGuard<'_, HashMap<String, RemoteSession>> {
+        self.remote
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -233,16 +253,33 @@ impl Registry {
                 agent_desired_generation: session.agent_desired_generation,
                 record,
             },
-            None => NodeState {
-                last_seen_ms: record.last_seen_ms,
-                connected: false,
-                modules: Vec::new(),
-                desired: self.store.get_desired(&record.id).unwrap_or_default(),
-                usage: None,
-                observed_generation: 0,
-                agent_desired_generation: 0,
-                record,
+            None => match self.lock_remote().get(&record.id) {
+                // Connected to another replica (etcd): as its record says.
+                Some(remote) => NodeState {
+                    last_seen_ms: Some(remote.record.last_seen_ms),
+                    connected: true,
+                    modules: remote.modules.clone(),
+                    desired: self.store.get_desired(&record.id).unwrap_or_default(),
+                    usage: remote.usage,
+                    observed_generation: remote.record.observed_generation,
+                    agent_desired_generation: remote.record.agent_desired_generation,
+                    record,
+                },
+                None => self.disconnected_state(record),
             },
+        }
+    }
+
+    fn disconnected_state(&self, record: NodeRecord) -> NodeState {
+        NodeState {
+            last_seen_ms: record.last_seen_ms,
+            connected: false,
+            modules: Vec::new(),
+            desired: self.store.get_desired(&record.id).unwrap_or_default(),
+            usage: None,
+            observed_generation: 0,
+            agent_desired_generation: 0,
+            record,
         }
     }
 
@@ -423,13 +460,16 @@ impl Registry {
 
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        let (desired_tx, desired_rx) = watch::channel(self.store.get_desired(node_id)?);
-        let state = {
+        let (desired_rx, state) = {
             let mut live = self.lock_live();
             // Between the check above and here the node may have been removed.
             if self.store.get_node(node_id)?.is_none() {
                 return Err(RegistryError::Removed(node_id.to_string()));
             }
+            // Read under the lock the desired-state follower hands changes
+            // over under (etcd): a change committed elsewhere is either in
+            // this read or handed to the session once it is live.
+            let (desired_tx, desired_rx) = watch::channel(self.store.get_desired(node_id)?);
             let previous = live.insert(
                 node_id.to_string(),
                 LiveSession {
@@ -445,21 +485,26 @@ impl Registry {
                     // The whole ring at once: a session's memory is what it
                     // is from the start, not something that grows for minutes.
                     history: VecDeque::with_capacity(HISTORY_LEN),
+                    connected_at_ms: now,
+                    publication: Publication::default(),
                 },
             );
             if let Some(previous) = previous {
                 tracing::info!(node = %node_id, "new session replaces the previous one");
                 previous.cancel.cancel();
             }
+            if let Some(session) = live.get_mut(node_id) {
+                session.publication.started(now);
+                self.queue_record(node_id, session, &[]);
+            }
             self.update_gauges(&live);
-            self.watched().then(|| self.state_of(record.clone(), &live))
+            (
+                desired_rx,
+                self.watched().then(|| self.state_of(record.clone(), &live)),
+            )
         };
         self.metrics.sessions_opened.inc();
-        self.attached
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(node_id.to_string());
-        self.attaches.fetch_add(1, Ordering::Relaxed);
+        self.note_attached(node_id);
         self.changed_node(state);
         Ok(SessionHandle {
             node_id: node_id.to_string(),
@@ -559,15 +604,23 @@ impl Registry {
             if session.history.len() == HISTORY_LEN {
                 session.history.pop_front();
             }
-            session.history.push_back(Sample::of(&report));
+            let sample = Sample::of(&report);
+            session.history.push_back(sample.clone());
+            let first = !session.reported;
             session.modules = report.modules;
             session.usage = report.usage;
             session.observed_generation = report.observed_generation;
             session.agent_desired_generation = report.desired_generation;
             session.last_seen_ms = report.at_ms;
             // The first report of a session is a change: catch-up waits for it.
-            let changed = changed || !session.reported;
+            let changed = changed || first;
             session.reported = true;
+            if self.shared.get().is_some()
+                && let Decision::Publish(samples) =
+                    session.publication.on_report(report.at_ms, changed, sample)
+            {
+                self.queue_record(&handle.node_id, session, &samples);
+            }
             if !changed && transitions.is_empty() {
                 return;
             }
@@ -585,6 +638,24 @@ impl Registry {
             }
         };
         self.changed_node(state);
+    }
+
+    /// A session of `node_id` attached (here, or on another replica).
+    /// On a follower nobody takes the list until it leads, so it is kept
+    /// to each node's oldest entry once it holds many repeats.
+    fn note_attached(&self, node_id: &str) {
+        let mut attached = self
+            .attached
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        attached.push(node_id.to_string());
+        let bound = 2 * self.total_nodes.load(Ordering::Relaxed) as usize + 1024;
+        if attached.len() > bound {
+            let mut seen = std::collections::HashSet::new();
+            attached.retain(|node| seen.insert(node.clone()));
+        }
+        drop(attached);
+        self.attaches.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many sessions were attached so far.
@@ -614,6 +685,7 @@ impl Registry {
         mut view: impl FnMut(Observed<'_>) -> T,
     ) -> Vec<T> {
         let live = self.lock_live();
+        let remote = self.shared.get().map(|_| self.lock_remote());
         nodes
             .iter()
             .map(|id| match live.get(*id) {
@@ -624,16 +696,31 @@ impl Registry {
                     reported: session.reported,
                     module: session.modules.iter().find(|m| m.name == module),
                 }),
-                None => view(Observed::default()),
+                None => match remote.as_ref().and_then(|r| r.get(*id)) {
+                    Some(known) => view(Observed {
+                        connected: true,
+                        current: known.record.agent_desired_generation >= known.desired_generation,
+                        reported: known.record.reported,
+                        module: known.modules.iter().find(|m| m.name == module),
+                    }),
+                    None => view(Observed::default()),
+                },
             })
             .collect()
     }
 
-    /// Recent reports of a connected node, oldest first.
+    /// Recent reports of a connected node, oldest first. For a node
+    /// connected to another replica: the samples its records carried, its
+    /// last one extended to now (see [`published::extend_history`]).
     pub fn history(&self, node_id: &str) -> Vec<Sample> {
-        self.lock_live()
+        let live = self.lock_live();
+        if let Some(session) = live.get(node_id) {
+            return session.history.iter().cloned().collect();
+        }
+        let remote = self.lock_remote();
+        remote
             .get(node_id)
-            .map(|s| s.history.iter().cloned().collect())
+            .map(|known| published::extend_history(&known.history, now_ms()))
             .unwrap_or_default()
     }
 
@@ -645,6 +732,7 @@ impl Registry {
                 Some(session) if session.generation == handle.generation => {
                     let last_seen = session.last_seen_ms;
                     live.remove(&handle.node_id);
+                    self.queue_removal(&handle.node_id, handle.generation);
                     self.update_gauges(&live);
                     last_seen
                 }
@@ -705,6 +793,7 @@ impl Registry {
             let mut live = self.lock_live();
             if let Some(session) = live.remove(&id) {
                 session.cancel.cancel();
+                self.queue_removal(&id, session.generation);
             }
             self.update_gauges(&live);
         }

@@ -41,7 +41,8 @@ use super::{
     ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentRecords, DesiredRecord,
     DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, Encode, EnrollError,
     EnrollRejection, Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords, Revision,
-    SeqLog, Storage, StoreError, TokenRecord, UserRecord, UserRecords, decode, encode,
+    SeqLog, SessionRecords, SessionUpdate, Storage, StoreError, TokenRecord, UserRecord,
+    UserRecords, decode, encode,
 };
 
 /// Operations per transaction: etcd refuses more than `--max-txn-ops`
@@ -158,6 +159,10 @@ struct Inner {
     desired_changes: broadcast::Sender<DesiredUpdate>,
     events: broadcast::Sender<(u64, Vec<u8>)>,
     audit: broadcast::Sender<(u64, Vec<u8>)>,
+    /// Published session records, from every replica.
+    sessions: broadcast::Sender<SessionUpdate>,
+    /// The lease this replica's session records are written under.
+    session_lease: RwLock<Option<hotswap_etcd::LeaseId>>,
     runtime: tokio::runtime::Handle,
     request_timeout: Duration,
 }
@@ -265,6 +270,8 @@ impl EtcdStore {
             desired_changes: broadcast::channel(CHANNEL_CAPACITY).0,
             events: broadcast::channel(CHANNEL_CAPACITY).0,
             audit: broadcast::channel(CHANNEL_CAPACITY).0,
+            sessions: broadcast::channel(CHANNEL_CAPACITY).0,
+            session_lease: RwLock::new(None),
             runtime: tokio::runtime::Handle::current(),
             request_timeout,
         });
@@ -292,6 +299,16 @@ impl EtcdStore {
     /// fencing (`None`: it follows). Set before the leader's first write.
     pub fn set_fence(&self, fence: Option<Compare>) {
         *self.inner.fence.write().unwrap_or_else(|e| e.into_inner()) = fence;
+    }
+
+    /// Write this replica's session records under `lease` (kept alive by
+    /// the caller: when it ends, they vanish).
+    pub fn set_session_lease(&self, lease: hotswap_etcd::LeaseId) {
+        *self
+            .inner
+            .session_lease
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(lease);
     }
 
     /// Whether the mirror's watch is connected to etcd now.
@@ -464,6 +481,13 @@ impl Inner {
                 node_id: node_id.to_string(),
                 record,
                 revision: revision as u64,
+            });
+            return;
+        }
+        if let Some(node_id) = key.strip_prefix(&self.keys.sessions()) {
+            let _no_watchers = self.sessions.send(SessionUpdate {
+                node_id: node_id.to_string(),
+                record: value.map(<[u8]>::to_vec),
             });
             return;
         }
@@ -1326,6 +1350,84 @@ impl DesiredRecords for EtcdStore {
         }
         backlog.sort_by(|a, b| (a.revision, &a.node_id).cmp(&(b.revision, &b.node_id)));
         Ok(DesiredWatch::new(backlog, live, after))
+    }
+}
+
+/// Session records are this replica's own, under its lease: written
+/// straight to etcd (not through the pending batch, whose writes carry no
+/// lease and the leader's fence), read from the mirror.
+#[async_trait]
+impl SessionRecords for EtcdStore {
+    async fn put_sessions(
+        &self,
+        records: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let lease = (*self
+            .inner
+            .session_lease
+            .read()
+            .unwrap_or_else(|e| e.into_inner()))
+        .ok_or_else(|| {
+            StoreError::Backend("this replica has no lease for its session records yet".into())
+        })?;
+        let mut written = Vec::with_capacity(records.len());
+        for chunk in records.chunks(OPS_PER_TXN) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(node_id, bytes)| {
+                    TxnOp::put_with_lease(self.inner.keys.session(node_id), bytes.clone(), lease)
+                })
+                .collect();
+            let result = self
+                .inner
+                .client
+                .txn(&[], &ops, &[])
+                .await
+                .map_err(backend)?;
+            written.extend(
+                chunk
+                    .iter()
+                    .map(|(node_id, _)| (node_id.clone(), result.revision)),
+            );
+        }
+        Ok(written)
+    }
+
+    async fn remove_session(&self, node_id: &str, revision: i64) -> Result<bool, StoreError> {
+        let key = self.inner.keys.session(node_id);
+        let result = self
+            .inner
+            .client
+            .txn(
+                &[Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )],
+                &[TxnOp::delete(key)],
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(result.succeeded)
+    }
+
+    fn list_sessions(&self) -> Vec<(String, Vec<u8>)> {
+        let prefix = self.inner.keys.sessions();
+        self.inner.mirror.read(|m| {
+            m.under(prefix.as_bytes(), prefix.as_bytes())
+                .map(|(key, value)| {
+                    (
+                        String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
+                        value.value.clone(),
+                    )
+                })
+                .collect()
+        })
+    }
+
+    fn watch_sessions(&self) -> broadcast::Receiver<SessionUpdate> {
+        self.inner.sessions.subscribe()
     }
 }
 

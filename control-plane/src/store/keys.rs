@@ -123,7 +123,12 @@ impl Keys {
     /// A node's live session, held by the replica that owns it, under that
     /// replica's lease: it vanishes with the replica.
     pub fn session(&self, node_id: &str) -> String {
-        format!("{}sessions/{node_id}", self.prefix)
+        format!("{}{node_id}", self.sessions())
+    }
+
+    /// Every session record starts with this.
+    pub fn sessions(&self) -> String {
+        format!("{}sessions/", self.prefix)
     }
 }
 
@@ -155,6 +160,7 @@ mod tests {
         );
         assert_eq!(keys.log_head(LogName::Audit), "/hotswap/meta/head/audit");
         assert_eq!(keys.session("n-1"), "/hotswap/sessions/n-1");
+        assert!(keys.session("n-1").starts_with(&keys.sessions()));
     }
 
     #[test]

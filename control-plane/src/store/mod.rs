@@ -320,6 +320,41 @@ impl DesiredWatch {
     }
 }
 
+/// One change of a published session record, as the store saw it commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionUpdate {
+    pub node_id: String,
+    /// The record's bytes; `None` when it was deleted (its session ended,
+    /// or its replica's lease expired).
+    pub record: Option<Vec<u8>>,
+}
+
+/// The agent sessions replicas publish so that every replica sees every
+/// node's live state (a replicated backend only; the embedded store has
+/// one process, which holds every session). Each replica writes the
+/// records of the sessions it holds under a lease of its own, so they
+/// vanish with it. The registry owns the records' format; the store keeps
+/// bytes.
+#[async_trait]
+pub trait SessionRecords: Send + Sync {
+    /// Write these records (node id, bytes) under this replica's lease, in
+    /// as few transactions as allowed; returns each node with the revision
+    /// its record was written at. Unfenced: a follower holds sessions too.
+    async fn put_sessions(
+        &self,
+        records: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Delete a node's record if it is still the one written at
+    /// `revision`; false when another replica's record replaced it since
+    /// (the node reconnected there), which then stays.
+    async fn remove_session(&self, node_id: &str, revision: i64) -> Result<bool, StoreError>;
+    /// Every published record, from local state.
+    fn list_sessions(&self) -> Vec<(String, Vec<u8>)>;
+    /// Follow record changes from every replica, in commit order; on
+    /// `Lagged`, list again.
+    fn watch_sessions(&self) -> tokio::sync::broadcast::Receiver<SessionUpdate>;
+}
+
 /// Deployment and pipeline records, stored as the engine serializes them.
 #[async_trait]
 pub trait DeploymentRecords: Send + Sync {
