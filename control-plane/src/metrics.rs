@@ -65,6 +65,12 @@ pub struct Metrics {
     pub report_claims_dropped: Counter,
     pub audit_records: Gauge,
     pub tls_dropped: Family<DropReasonLabel, Counter>,
+    /// 1 while this replica leads (runs the engine); always 1 embedded.
+    pub leader: Gauge,
+    /// The last etcd round trip (a status call), in seconds; etcd only.
+    pub etcd_round_trip_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// How many revisions the mirror trails etcd by; etcd only.
+    pub etcd_watch_lag_revisions: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,6 +116,9 @@ impl Metrics {
             report_claims_dropped: Counter::default(),
             audit_records: Gauge::default(),
             tls_dropped: Family::default(),
+            leader: Gauge::default(),
+            etcd_round_trip_seconds: Gauge::default(),
+            etcd_watch_lag_revisions: Gauge::default(),
         };
         for state in DEPLOYMENT_STATES {
             metrics
@@ -162,6 +171,21 @@ impl Metrics {
             "storage_bytes",
             "Size of the sled database on disk",
             metrics.storage_bytes.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica leads: runs the deployment engine, pipelines, catch-up and retention",
+            metrics.leader.clone(),
+        );
+        registry.register(
+            "etcd_round_trip_seconds",
+            "Duration of the last etcd status call (replicas on etcd only)",
+            metrics.etcd_round_trip_seconds.clone(),
+        );
+        registry.register(
+            "etcd_watch_lag_revisions",
+            "Revisions etcd is ahead of this replica's mirror (replicas on etcd only)",
+            metrics.etcd_watch_lag_revisions.clone(),
         );
         registry.register(
             "storage_failed",

@@ -314,6 +314,7 @@ async fn lead_while_elected(leadership: Leadership) {
         Ok(None) => return,
         Err(e) => return restart_now(format!("campaign failed: {e}")),
     };
+    services.metrics.leader.set(1);
     let engine = match services.lead() {
         Ok(engine) => engine,
         Err(e) => {
@@ -723,6 +724,29 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         }
     })?;
     readiness.set(true);
+    // On etcd: the round trip and how far the mirror trails, every 5 s.
+    if let Some(etcd) = &etcd {
+        let etcd = etcd.clone();
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let started = std::time::Instant::now();
+                if let Ok(status) = etcd.client().status().await {
+                    metrics
+                        .etcd_round_trip_seconds
+                        .set(started.elapsed().as_secs_f64());
+                    metrics
+                        .etcd_watch_lag_revisions
+                        .set((status.revision - etcd.revision()).max(0));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
     // On etcd, ready only while the mirror's watch is connected: a replica
     // cut off from etcd cannot answer truthfully.
     if let Some(etcd) = &etcd {
@@ -755,9 +779,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             restart: restart.clone(),
             shutdown: shutdown.clone(),
         })),
-        (_, Some(engine), _) => tokio::spawn(async move {
-            let _ = engine.await;
-        }),
+        (_, Some(engine), _) => {
+            metrics.leader.set(1);
+            tokio::spawn(async move {
+                let _ = engine.await;
+            })
+        }
         _ => tokio::spawn(async {}),
     };
     let storage_task = tokio::spawn(crate::storage::watch(crate::storage::Watch {

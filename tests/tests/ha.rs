@@ -84,6 +84,16 @@ fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes_once() {
     // engine to the leader.
     let users = b.ctl(&["-o", "json", "users", "list"]);
     assert_eq!(users.code, 0, "{users:?}");
+    // Who leads shows in the metrics, with the etcd round trip.
+    assert_eq!(a.metric("hotswap_leader"), 1.0);
+    assert_eq!(b.metric("hotswap_leader"), 0.0);
+    eventually("the etcd round trip measured", || {
+        let rtt = a.metric("hotswap_etcd_round_trip_seconds");
+        (rtt > 0.0 && rtt < 5.0)
+            .then_some(())
+            .ok_or(format!("{rtt}"))
+    });
+    assert!(a.metric("hotswap_etcd_watch_lag_revisions") >= 0.0);
     let refused = b.ctl(&["deploy", "list"]);
     assert_ne!(refused.code, 0, "{refused:?}");
     assert!(
