@@ -51,6 +51,20 @@ control_plane() {
   # The admin profile is written last by init: its presence means the data
   # directory is complete. A directory with files but no profile is refused
   # by init itself (it never overwrites), which is what we want: look first.
+  # Replicas on etcd (compose-ha.yaml): the first replica initialises and
+  # leaves a copy of its data directory (the PKI) in $HOTSWAP_PKI_SHARE; the
+  # others start from that copy, as `cp -r` does outside containers.
+  if [[ ! -e $data_dir/admin.profile.toml && -n ${HOTSWAP_PKI_FROM:-} ]]; then
+    local deadline=$((SECONDS + HOTSWAP_WAIT_SECONDS))
+    until [[ -e $HOTSWAP_PKI_FROM/admin.profile.toml ]]; do
+      ((SECONDS < deadline)) || die "no data directory to copy in $HOTSWAP_PKI_FROM"
+      sleep 1
+    done
+    say "copying the cluster's data directory from $HOTSWAP_PKI_FROM"
+    mkdir -p "$data_dir"
+    cp -a "$HOTSWAP_PKI_FROM/." "$data_dir/"
+    rm -rf "$data_dir/run"
+  fi
   if [[ ! -e $data_dir/admin.profile.toml ]]; then
     say "initialising the control plane in $data_dir"
     # Extra names for the server certificate, e.g. "cp.example.com *.example.com"
@@ -58,15 +72,25 @@ control_plane() {
     local names=() name sans=()
     read -r -a names <<<"${HOTSWAP_SANS:-}"
     for name in "${names[@]}"; do sans+=(--san "$name"); done
+    # Extra init flags, e.g. "--blobs s3://hotswap --s3-endpoint http://s3:8333"
+    # (with HOTSWAP_ETCD_ENDPOINTS set, init claims the etcd prefix).
+    local init_args=()
+    read -r -a init_args <<<"${HOTSWAP_INIT_ARGS:-}"
     hotswap-control-plane init --data-dir "$data_dir" \
-      --endpoint "$HOTSWAP_CONTROL_PLANE" "${sans[@]}"
+      --endpoint "$HOTSWAP_CONTROL_PLANE" "${sans[@]}" "${init_args[@]}"
+    if [[ -n ${HOTSWAP_PKI_SHARE:-} ]]; then
+      mkdir -p "$HOTSWAP_PKI_SHARE"
+      cp -a "$data_dir/." "$HOTSWAP_PKI_SHARE/"
+    fi
   fi
+  local run_args=()
+  read -r -a run_args <<<"${HOTSWAP_RUN_ARGS:-}"
   local config=()
   if [[ -n ${HOTSWAP_CONFIG:-} ]]; then config=(--config "$HOTSWAP_CONFIG"); fi
   exec hotswap-control-plane run --data-dir "$data_dir" \
     --listen "${HOTSWAP_LISTEN:-0.0.0.0:7443}" \
     --admin-listen "${HOTSWAP_ADMIN_LISTEN:-0.0.0.0:9443}" \
-    "${config[@]}" "$@"
+    "${config[@]}" "${run_args[@]}" "$@"
 }
 
 bootstrap() {
