@@ -37,11 +37,12 @@ fuzz:
 		$(FUZZ_CARGO) fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
 
-## chaos: the chaos suite (tests/tests/chaos.rs) with CHAOS_TRIALS trials per scenario;
-## make test runs the same scenarios with 2 trials each. Results: docs/reliability.md
+## chaos: the chaos suites (tests/tests/chaos.rs, and chaos_ha.rs on etcd) with
+## CHAOS_TRIALS trials per scenario; make test runs the same scenarios with 2 trials
+## each (1 for those of chaos_ha). Results: docs/reliability.md
 CHAOS_TRIALS ?= 25
 chaos: deps build
-	bash -o pipefail -c 'HOTSWAP_CHAOS_TRIALS=$(CHAOS_TRIALS) $(CARGO) test -p hotswap-tests --test chaos -- --nocapture --test-threads 1 2>&1 | tee target/chaos.log | grep -E "CHAOS|\.\.\. |^ok$$|FAILED|panicked|test result"'
+	bash -o pipefail -c 'for suite in chaos chaos_ha; do HOTSWAP_CHAOS_TRIALS=$(CHAOS_TRIALS) $(CARGO) test -p hotswap-tests --test $$suite -- --nocapture --test-threads 1 2>&1 || exit 1; done | tee target/chaos.log | grep -E "CHAOS|\.\.\. |^ok$$|FAILED|panicked|test result"'
 
 ## bench: every benchmark of BENCHMARKS.md (release build; BENCH=name for one); results in target/bench/
 bench:

@@ -3,7 +3,8 @@
 //! alive while it campaigns and leads; once it leads, every commit of its
 //! store is fenced by its election key ([`EtcdStore::set_fence`]), and the
 //! moment its lease is lost it stops leading (the server restarts in place
-//! and campaigns again, so nothing of the old leader's memory survives).
+//! and campaigns again, so nothing of the old leader's memory survives;
+//! the fence stays on until then, so nothing it still commits lands).
 //! A graceful stop resigns, so the next replica leads at once instead of
 //! after the lease's TTL.
 
@@ -78,12 +79,13 @@ pub async fn lead(
 }
 
 impl Leading {
-    /// Wait until the lease is lost; the fence already refuses every write
-    /// from then on.
+    /// Wait until the lease is lost. The fence stays on the store: once
+    /// etcd has let the election key go, it refuses every commit this
+    /// replica still makes before it restarts (the engine winding down,
+    /// the final flush). Clearing it would make those commits
+    /// unconditional, landing after the next leader's.
     pub async fn lost(&mut self) -> LeaseLost {
-        let lost = self.keep_alive.lost().await;
-        self.store.set_fence(None);
-        lost
+        self.keep_alive.lost().await
     }
 
     /// Hand over at once: delete the election key and revoke the lease.

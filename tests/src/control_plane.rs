@@ -165,6 +165,18 @@ impl ControlPlane {
         }
     }
 
+    /// Reach etcd at `endpoints` (comma-separated) from this replica's next
+    /// start on, instead of the cluster's own URLs: through a proxy per
+    /// member, so a test can cut this replica off from etcd alone.
+    pub fn set_etcd_endpoints(&mut self, endpoints: &str) {
+        let at = self
+            .run_args
+            .iter()
+            .position(|a| a == "--etcd-endpoints")
+            .expect("a replica on etcd");
+        self.run_args[at + 1] = endpoints.to_string();
+    }
+
     /// Start a replica that may have to wait for leadership: spawned, not
     /// waited for (see [`ControlPlane::wait_serving`]).
     pub fn start_replica(&mut self) {

@@ -9,11 +9,13 @@
 //!
 //! The pieces live in modules by what they drive: `daemon` (spawning,
 //! stopping, logs, waits, temp dirs and ports), `control_plane`, `agent`
-//! (with `Fleet`), `etcd` (a real etcd cluster), `proxy` (fault injection),
+//! (with `Fleet`), `chaos` (the chaos suites' trials, seeds and
+//! reports), `etcd` (a real etcd cluster), `proxy` (fault injection),
 //! `load` and `s3` (SeaweedFS as a real S3); everything public is
 //! re-exported here, so tests use `hotswap_tests::*`.
 
 mod agent;
+mod chaos;
 mod control_plane;
 mod daemon;
 mod etcd;
@@ -22,6 +24,7 @@ mod proxy;
 mod s3;
 
 pub use agent::*;
+pub use chaos::*;
 pub use control_plane::*;
 pub use daemon::*;
 pub use etcd::*;

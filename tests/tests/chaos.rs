@@ -34,67 +34,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hotswap_tests::{
-    ControlPlane, Fleet, Load, PartitionProxy, SmallDisk, TestDir, can_mount, eventually,
-    free_port, http_get, try_http_get,
+    Chaos, ControlPlane, Fleet, Load, PartitionProxy, SmallDisk, TestDir, can_mount, eventually,
+    free_port, http_get, send_kill, try_http_get,
 };
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::{Value, json};
-
-/// Trials and randomness of one scenario.
-struct Chaos {
-    scenario: &'static str,
-    seed: u64,
-    trials: usize,
-    rng: StdRng,
-}
-
-impl Chaos {
-    fn new(scenario: &'static str) -> Self {
-        let trials = std::env::var("HOTSWAP_CHAOS_TRIALS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2);
-        let seed = std::env::var("HOTSWAP_CHAOS_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
-        eprintln!("chaos {scenario}: {trials} trial(s), HOTSWAP_CHAOS_SEED={seed}");
-        Self {
-            scenario,
-            seed,
-            trials,
-            rng: StdRng::seed_from_u64(seed),
-        }
-    }
-
-    fn millis(&mut self, range: std::ops::Range<u64>) -> Duration {
-        Duration::from_millis(self.rng.random_range(range))
-    }
-
-    /// Print the scenario's result line.
-    fn report(&self, outcomes: Value) {
-        let line = json!({
-            "scenario": self.scenario,
-            "seed": self.seed,
-            "trials": self.trials,
-            "outcomes": outcomes,
-        });
-        println!("CHAOS {line}");
-    }
-}
-
-fn send_kill(pid: u32) {
-    // SAFETY: kill(2) on the pid of a child this test spawned.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
-    }
-}
 
 /// Push `marker@version`: a bundle whose activate hook appends
 /// `<node> <version> ok|fail` to `log` and fails when `fail` is set.

@@ -569,3 +569,56 @@ async fn a_leader_that_lost_its_lease_changes_nothing() {
         0
     );
 }
+
+/// The replica's own leadership (`replica::lead`), not a fence set by
+/// hand: once its keep-alive says the lease is lost, the fence stays on
+/// the store, so nothing the old leader still flushes before it restarts
+/// commits once its election key is gone. Clearing the fence there made
+/// those writes unconditional, so they landed after the next leader's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_lease_stays_fenced() {
+    let cluster = EtcdCluster::start(1);
+    let (a, b, raw_a) = two_replicas(&cluster, "/fence-kept/").await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut leading =
+        hotswap_control_plane::replica::lead(&raw_a, "a", Duration::from_secs(5), &shutdown)
+            .await
+            .expect("campaign")
+            .expect("leads");
+    a.update_desired("n-1", &|record| {
+        record.modules.entry("web".into()).or_default().version = "1".into();
+        true
+    })
+    .await
+    .expect("a fenced write while leading");
+
+    // The lease ends in etcd (as when it expires during a partition).
+    let etcd = client(&cluster.endpoints()).await;
+    let (_, candidates) = etcd
+        .range(raw_a.keys().election().as_bytes())
+        .await
+        .expect("the election");
+    for lease in candidates.iter().filter_map(|kv| kv.lease) {
+        etcd.revoke(lease).await.expect("revoke");
+    }
+    let lost = tokio::time::timeout(patience(), leading.lost())
+        .await
+        .expect("the keep-alive notices the lease is gone");
+    eprintln!("lost: {lost}");
+
+    let stale = a
+        .update_desired("n-1", &|record| {
+            record.modules.entry("web".into()).or_default().version = "2".into();
+            true
+        })
+        .await;
+    let error = stale
+        .expect_err("a write after the lease was lost")
+        .to_string();
+    assert!(error.contains("lost its leadership"), "{error}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.get_desired("n-1").expect("get").modules["web"].version,
+        "1"
+    );
+}

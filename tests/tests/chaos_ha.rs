@@ -1,0 +1,684 @@
+//! The chaos suite of high availability (SPEC §7): two control-plane
+//! replicas on a real 3-member etcd cluster with artifacts in SeaweedFS,
+//! three agents that know both replicas, faults at random moments of
+//! rolling deployments, checked against §7's guarantees.
+//!
+//! - the leading replica killed with SIGKILL at a random point (also while
+//!   `deploy create` is in flight), and sometimes the new leader too while
+//!   it resumes: the other replica leads within the lease plus a retry,
+//!   every deployment acknowledged finishes (one not acknowledged either
+//!   exists and finishes or does not exist), every node activates the
+//!   version exactly once, the event log stays gap-free and the audit log
+//!   one chain;
+//! - one etcd member killed (sometimes etcd's leader) during a rollout:
+//!   writes still succeed, the deployment finishes, and the member, started
+//!   again, rejoins and serves what was written while it was down;
+//! - the leading replica partitioned from etcd (its endpoints are proxies
+//!   that go silent): it loses its lease, is fenced (nothing of it lands
+//!   after the next leader's election: no event number twice or missing,
+//!   no node activated twice), says it is not ready, the other replica
+//!   leads and finishes the deployment, and once the partition heals the
+//!   old leader serves again as a follower.
+//!
+//! Each trial reports its failover time: from the fault to the new leader
+//! answering `deploy get`. `HOTSWAP_CHAOS_TRIALS` sets the trials per
+//! scenario (default 1 here, the short run inside `make test`; `make chaos`
+//! runs 25) and `HOTSWAP_CHAOS_SEED` the seed. Each scenario prints one
+//! `CHAOS {json}` line; docs/reliability.md records them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hotswap_tests::{
+    Agent, Chaos, ControlPlane, CtlOutput, EtcdCluster, PartitionProxy, SeaweedS3, TestDir,
+    ctl_offline, eventually, send_kill, try_http_get,
+};
+use rand::Rng;
+use serde_json::{Value, json};
+
+/// Trials of each scenario inside `make test`: one cluster start and one
+/// fault each, about half a minute per scenario.
+const MAKE_TEST_TRIALS: usize = 1;
+
+/// The nodes of every scenario.
+const NODES: [&str; 3] = ["n1", "n2", "n3"];
+
+/// Two replicas of one cluster, the etcd cluster and S3 under them, and
+/// three agents enrolled with both replicas' URLs. Fields drop in order:
+/// agents, then replicas, then what they stand on.
+struct Ha {
+    agents: Vec<Agent>,
+    replicas: [ControlPlane; 2],
+    /// Which of `replicas` leads, as last seen.
+    leader: usize,
+    etcd: EtcdCluster,
+    _s3: SeaweedS3,
+    /// The bundle hooks' log: `<node> <version>` per activation.
+    log: PathBuf,
+    key: PathBuf,
+    dir: TestDir,
+}
+
+impl Ha {
+    /// Start the cluster; `cp-a` reaches etcd at `a_endpoints` when given
+    /// (proxies), and leads first.
+    fn start(bucket: &str, etcd: EtcdCluster, a_endpoints: Option<&str>) -> Self {
+        let dir = TestDir::new();
+        let s3 = SeaweedS3::start(bucket);
+        let mut a = ControlPlane::init_on_etcd(dir.path(), "cp-a", &etcd.endpoints(), &s3);
+        let mut b = a.replica("cp-b");
+        if let Some(endpoints) = a_endpoints {
+            a.set_etcd_endpoints(endpoints);
+        }
+        a.start_replica();
+        a.wait_serving();
+        eventually("cp-a to lead", || {
+            leads(&a).then_some(()).ok_or_else(|| "follows".to_string())
+        });
+        b.start_replica();
+        b.wait_serving();
+
+        let key_base = dir.path().join("publisher");
+        let generated = ctl_offline(&[
+            "keys",
+            "generate",
+            "--out",
+            key_base.to_str().expect("utf8"),
+        ]);
+        assert_eq!(generated.code, 0, "{generated:?}");
+        let trusted = a.ctl(&[
+            "keys",
+            "trust",
+            dir.path().join("publisher.pub").to_str().expect("utf8"),
+            "--name",
+            "publisher",
+        ]);
+        assert_eq!(trusted.code, 0, "{trusted:?}");
+        let (token, fp) = a.token(&["--uses", "10", "--label", "environment=qa"]);
+        let both = format!("{},{}", a.url(), b.url());
+        let mut agents = Vec::new();
+        for name in NODES {
+            let mut agent = Agent::new(dir.path(), name);
+            agent.enroll(&both, &token, &fp, &[]);
+            a.wait_status(name, "connected");
+            agents.push(agent);
+        }
+        Self {
+            agents,
+            replicas: [a, b],
+            leader: 0,
+            etcd,
+            _s3: s3,
+            log: dir.path().join("activations.log"),
+            key: dir.path().join("publisher.key"),
+            dir,
+        }
+    }
+
+    fn leader(&self) -> &ControlPlane {
+        &self.replicas[self.leader]
+    }
+
+    /// Pack and push `marker@version`: a bundle whose activate hook appends
+    /// `<node> <version>` to the activations log.
+    fn push_marker(&self, version: &str) {
+        let src = self.dir.path().join(format!("src-marker-{version}"));
+        std::fs::create_dir_all(src.join("bin")).expect("module dir");
+        let script = src.join("bin/activate.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$HOTSWAP_NODE $HOTSWAP_VERSION\" >> '{}'\n",
+                self.log.display()
+            ),
+        )
+        .expect("hook");
+        let mut permissions = std::fs::metadata(&script).expect("hook").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        std::fs::set_permissions(&script, permissions).expect("chmod");
+        std::fs::write(
+            src.join("module.toml"),
+            format!(
+                "name = \"marker\"\nversion = \"{version}\"\nruntime = \"bundle\"\n\n[bundle]\nactivate = [\"bin/activate.sh\"]\n"
+            ),
+        )
+        .expect("manifest");
+        let out = self.dir.path().join(format!("marker-{version}.hsm"));
+        let packed = ctl_offline(&[
+            "module",
+            "pack",
+            src.to_str().expect("utf8"),
+            "--key",
+            self.key.to_str().expect("utf8"),
+            "-o",
+            out.to_str().expect("utf8"),
+        ]);
+        assert_eq!(packed.code, 0, "{packed:?}");
+        let pushed = self
+            .leader()
+            .ctl(&["module", "push", out.to_str().expect("utf8")]);
+        assert_eq!(pushed.code, 0, "{pushed:?}");
+    }
+
+    /// Activations per (node, version) in the hooks' log.
+    fn activations(&self) -> BTreeMap<(String, String), usize> {
+        let mut counts = BTreeMap::new();
+        for line in std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+        {
+            if let [node, version] = line.split_whitespace().collect::<Vec<_>>()[..] {
+                *counts
+                    .entry((node.to_string(), version.to_string()))
+                    .or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// Every node activated `version` `times` times since `before`, and
+    /// nothing else.
+    fn assert_activated(
+        &self,
+        trial: usize,
+        before: &BTreeMap<(String, String), usize>,
+        version: &str,
+        times: usize,
+    ) {
+        let after = self.activations();
+        for ((node, v), count) in &after {
+            let new = count - before.get(&(node.clone(), v.clone())).copied().unwrap_or(0);
+            let expected = if v == version { times } else { 0 };
+            assert_eq!(
+                new, expected,
+                "trial {trial}: node {node} activated {v} {new} times: {after:?}"
+            );
+        }
+        if times > 0 {
+            for node in NODES {
+                assert!(
+                    after.contains_key(&(node.to_string(), version.to_string())),
+                    "trial {trial}: {node} never activated {version}: {after:?}"
+                );
+            }
+        }
+    }
+
+    /// `deploy create marker@VERSION`, rolling one node at a time with a
+    /// hold between, so faults land between the first node and the last.
+    fn create_on(cp: &ControlPlane, version: &str) -> CtlOutput {
+        cp.ctl(&[
+            "-o",
+            "json",
+            "deploy",
+            "create",
+            &format!("marker@{version}"),
+            "--env",
+            "qa",
+            "--strategy",
+            "rolling",
+            "--batch-size",
+            "1",
+            "--min-healthy-time",
+            "1s",
+            "--health-deadline",
+            "30s",
+        ])
+    }
+
+    /// The deployment of `marker@version`, as the leader lists it.
+    fn deployment_of(&self, version: &str) -> Option<Value> {
+        let list = self.leader().ctl(&["-o", "json", "deploy", "list"]);
+        assert_eq!(list.code, 0, "{list:?}");
+        list.json()
+            .as_array()?
+            .iter()
+            .find(|d| d["module"] == "marker" && d["version"] == version)
+            .cloned()
+    }
+
+    /// Follow deployment `id` on the leader to its end; its final state.
+    fn watch_to_end(&self, trial: usize, id: &str) -> String {
+        let out = self
+            .leader()
+            .ctl(&["-o", "json", "deploy", "watch", id, "--timeout", "120s"]);
+        assert!(
+            out.code == 0 || out.code == 3,
+            "trial {trial}: deployment {id} did not end: {out:?}"
+        );
+        out.last_json_line()["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// One event log, numbered without a gap or a repeat across every
+    /// leader so far, and one audit chain. Returns the number of events.
+    fn assert_logs_whole(&self, trial: usize) -> usize {
+        let cp = self.leader();
+        let events = cp.ctl(&["-o", "json", "events", "--since", "0", "--limit", "1000000"]);
+        assert_eq!(events.code, 0, "{events:?}");
+        let seqs: Vec<u64> = events
+            .stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter_map(|e| e["seq"].as_u64())
+            .collect();
+        assert!(!seqs.is_empty(), "trial {trial}: no events");
+        let first = seqs[0];
+        assert_eq!(
+            seqs,
+            (first..first + seqs.len() as u64).collect::<Vec<_>>(),
+            "trial {trial}: event numbers gap-free and each once"
+        );
+        let verified = cp.ctl(&["-o", "json", "audit", "verify"]);
+        assert_eq!(verified.code, 0, "trial {trial}: {verified:?}");
+        seqs.len()
+    }
+
+    fn wait_agents_connected(&self) {
+        for agent in &self.agents {
+            self.leader().wait_status(&agent.name, "connected");
+        }
+    }
+
+    /// Wait until replica `i` leads; how long that took from `since`.
+    fn wait_leads(&mut self, i: usize, since: Instant, id: Option<&str>) -> Duration {
+        let cp = &self.replicas[i];
+        let name = cp
+            .data_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        eventually(&format!("{name:?} to lead"), || {
+            let out = match id {
+                Some(id) => cp.ctl(&["deploy", "get", id]),
+                None => cp.ctl(&["deploy", "list"]),
+            };
+            (out.code == 0).then_some(()).ok_or(out.stderr)
+        });
+        self.leader = i;
+        since.elapsed()
+    }
+}
+
+/// Whether `cp` runs the engine now (a follower refuses its calls).
+fn leads(cp: &ControlPlane) -> bool {
+    cp.ctl(&["deploy", "list"]).code == 0
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Kill -9 of the leader at a random point of a rolling deployment,
+/// sometimes also of the next leader while it resumes.
+#[test]
+fn leader_killed_at_random_points_of_rollouts() {
+    let mut chaos = Chaos::with_default_trials("ha-leader-kill", MAKE_TEST_TRIALS);
+    let mut ha = Ha::start("chaos-ha-kill", EtcdCluster::start(3), None);
+    let mut outcomes = Vec::new();
+    let mut failovers = Vec::new();
+    for trial in 1..=chaos.trials {
+        let version = format!("1.{trial}.0");
+        ha.push_marker(&version);
+        let before = ha.activations();
+        // A quarter of the kills land while `deploy create` is in flight.
+        let kill_after = if chaos.rng.random_bool(0.25) {
+            chaos.millis(0..150)
+        } else {
+            chaos.millis(150..3000)
+        };
+        let second_kill = chaos.rng.random_bool(0.3).then(|| chaos.millis(0..1500));
+
+        let old = ha.leader;
+        let new = 1 - old;
+        let pid = ha.replicas[old].pid();
+        let created = std::thread::scope(|scope| {
+            let cp = &ha.replicas[old];
+            let call = scope.spawn(|| Ha::create_on(cp, &version));
+            std::thread::sleep(kill_after);
+            send_kill(pid);
+            call.join().expect("create thread")
+        });
+        let killed_at = Instant::now();
+        ha.replicas[old].kill();
+        // Back at once, as a follower behind the other replica's candidacy.
+        ha.replicas[old].start_replica();
+        let acknowledged = created.code == 0;
+        let id = acknowledged.then(|| created.json()["id"].as_str().expect("id").to_string());
+        let failover = ha.wait_leads(new, killed_at, id.as_deref());
+        failovers.push(ms(failover));
+        ha.replicas[old].wait_serving();
+
+        let second_failover = second_kill.map(|delay| {
+            // The new leader, killed while it resumes the deployment.
+            std::thread::sleep(delay);
+            let killed_at = Instant::now();
+            ha.replicas[new].kill();
+            ha.replicas[new].start_replica();
+            let took = ha.wait_leads(old, killed_at, id.as_deref());
+            ha.replicas[new].wait_serving();
+            failovers.push(ms(took));
+            ms(took)
+        });
+
+        let found = ha.deployment_of(&version);
+        let state = match &found {
+            None => {
+                assert!(
+                    !acknowledged,
+                    "trial {trial}: deployment of {version} acknowledged ({created:?}) but lost"
+                );
+                "never created".to_string()
+            }
+            Some(d) => {
+                let found_id = d["id"].as_str().expect("id");
+                if let Some(id) = &id {
+                    assert_eq!(id, found_id, "trial {trial}");
+                }
+                let state = ha.watch_to_end(trial, found_id);
+                assert_eq!(state, "succeeded", "trial {trial}: {d}");
+                state
+            }
+        };
+        ha.assert_activated(trial, &before, &version, usize::from(found.is_some()));
+        ha.wait_agents_connected();
+        let events = ha.assert_logs_whole(trial);
+        outcomes.push(json!({
+            "trial": trial,
+            "kill_after_ms": ms(kill_after),
+            "create_acknowledged": acknowledged,
+            "failover_ms": ms(failover),
+            "second_kill_after_ms": second_kill.map(ms),
+            "second_failover_ms": second_failover,
+            "outcome": state,
+            "events": events,
+        }));
+    }
+    chaos.report(json!({
+        "failover_ms": summary(&failovers),
+        "trials": outcomes,
+    }));
+}
+
+/// Min, median and max of a list of milliseconds.
+fn summary(values: &[u64]) -> Value {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    match (sorted.first(), sorted.last()) {
+        (Some(min), Some(max)) => json!({
+            "min": min,
+            "median": sorted[sorted.len() / 2],
+            "max": max,
+            "n": sorted.len(),
+        }),
+        _ => Value::Null,
+    }
+}
+
+/// The loopback address of an `http://127.0.0.1:PORT` etcd endpoint.
+fn address_of(endpoint: &str) -> SocketAddr {
+    endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .expect("a loopback etcd endpoint")
+}
+
+/// Which etcd member leads now, from their `/metrics`.
+fn etcd_leader(etcd: &EtcdCluster) -> Option<usize> {
+    (0..etcd.len()).find(|&i| {
+        try_http_get(address_of(&etcd.endpoint(i)), "/metrics")
+            .is_ok_and(|(_, body)| body.lines().any(|l| l == "etcd_server_is_leader 1"))
+    })
+}
+
+/// The revision etcd member `i` answers a linearizable read at, reached
+/// alone: it answers only once it has caught up with the cluster's leader.
+fn member_revision(etcd: &EtcdCluster, i: usize) -> i64 {
+    let runtime = hotswap_tests::runtime();
+    runtime.block_on(async {
+        let config = hotswap_etcd::ClientConfig::from_list(&etcd.endpoint(i)).expect("endpoint");
+        let client = hotswap_etcd::Client::connect(config)
+            .await
+            .expect("connect to the member");
+        let (revision, _) = client.range(b"/hotswap/meta/").await.expect("read");
+        revision
+    })
+}
+
+/// One etcd member killed during a rollout, sometimes etcd's leader.
+#[test]
+fn etcd_member_killed_during_rollouts() {
+    let mut chaos = Chaos::with_default_trials("ha-etcd-member-kill", MAKE_TEST_TRIALS);
+    let mut ha = Ha::start("chaos-ha-etcd", EtcdCluster::start(3), None);
+    let mut outcomes = Vec::new();
+    for trial in 1..=chaos.trials {
+        let version = format!("1.{trial}.0");
+        ha.push_marker(&version);
+        let before = ha.activations();
+        let kill_after = chaos.millis(0..2500);
+        let leader_before = etcd_leader(&ha.etcd);
+        // Half the time etcd's own leader, otherwise any member.
+        let member = match leader_before {
+            Some(leader) if chaos.rng.random_bool(0.5) => leader,
+            _ => chaos.rng.random_range(0..ha.etcd.len()),
+        };
+        let was_etcd_leader = leader_before == Some(member);
+        let lost_before = ha.leader().log().matches("lost leadership").count();
+
+        let created = Ha::create_on(ha.leader(), &version);
+        assert_eq!(created.code, 0, "trial {trial}: {created:?}");
+        let id = created.json()["id"].as_str().expect("id").to_string();
+        std::thread::sleep(kill_after);
+        ha.etcd.kill(member);
+        let killed_at = Instant::now();
+
+        // Whoever leads the engine now (the same replica, unless it lost
+        // its lease while etcd elected a leader) answers, and finishes.
+        let leader_at_kill = ha.leader;
+        let (i, answered) = eventually("a replica to answer deploy get", || {
+            (0..2)
+                .find(|&i| ha.replicas[i].ctl(&["deploy", "get", &id]).code == 0)
+                .map(|i| (i, killed_at.elapsed()))
+                .ok_or_else(|| "no replica answers".to_string())
+        });
+        // Writes go on, on the leader and on the follower. A write sent
+        // in the moment etcd's leader died may be lost with it (etcd drops
+        // a proposal forwarded to a dead leader, and the call runs out its
+        // 5 s deadline): the caller is told and tries again, once.
+        let mut write_ms = Vec::new();
+        let mut first_attempt_errors = Vec::new();
+        for i in [ha.leader, 1 - ha.leader] {
+            let started = Instant::now();
+            let mut out = ha.replicas[i].ctl(&["tokens", "create"]);
+            if out.code != 0 {
+                first_attempt_errors.push(out.stderr.trim().to_string());
+                out = ha.replicas[i].ctl(&["tokens", "create"]);
+            }
+            assert_eq!(
+                out.code, 0,
+                "trial {trial}: a write with etcd member m{member} down, tried twice: {out:?}"
+            );
+            write_ms.push(ms(started.elapsed()));
+        }
+        ha.leader = i;
+        let state = ha.watch_to_end(trial, &id);
+        assert_eq!(state, "succeeded", "trial {trial}");
+        let down_for = killed_at.elapsed();
+        ha.assert_activated(trial, &before, &version, 1);
+        let lost_after = ha.replicas[leader_at_kill]
+            .log()
+            .matches("lost leadership")
+            .count();
+
+        // The member rejoins: it serves a read that includes what was
+        // written while it was down.
+        let revision_without = member_revision(&ha.etcd, (member + 1) % ha.etcd.len());
+        let restarted = Instant::now();
+        ha.etcd.restart(member);
+        let revision = eventually("the restarted member to catch up", || {
+            let revision = member_revision(&ha.etcd, member);
+            (revision >= revision_without)
+                .then_some(revision)
+                .ok_or(format!("at {revision}, the cluster at {revision_without}"))
+        });
+        let rejoined = restarted.elapsed();
+        ha.wait_agents_connected();
+        let events = ha.assert_logs_whole(trial);
+        outcomes.push(json!({
+            "trial": trial,
+            "member": member,
+            "was_etcd_leader": was_etcd_leader,
+            "kill_after_ms": ms(kill_after),
+            "write_ms": write_ms,
+            "write_first_attempt_errors": first_attempt_errors,
+            "deploy_get_answered_after_ms": ms(answered),
+            "control_plane_leader_kept": i == leader_at_kill && lost_after == lost_before,
+            "outcome": state,
+            "member_down_ms": ms(down_for),
+            "member_rejoined_ms": ms(rejoined),
+            "member_revision": revision,
+            "events": events,
+        }));
+    }
+    chaos.report(json!(outcomes));
+}
+
+/// `/readyz` of a replica's admin endpoint: its status code, or why it
+/// did not answer.
+fn readyz(cp: &ControlPlane) -> Result<u16, String> {
+    try_http_get(cp.admin.expect("serving"), "/readyz").map(|(code, _)| code)
+}
+
+/// The leading replica cut off from etcd (and only from etcd: agents and
+/// clients still reach it) at a random point of a rollout.
+#[test]
+fn leader_partitioned_from_etcd_is_fenced_and_replaced() {
+    let mut chaos = Chaos::with_default_trials("ha-leader-etcd-partition", MAKE_TEST_TRIALS);
+    let etcd = EtcdCluster::start(3);
+    let proxies: Vec<PartitionProxy> = (0..etcd.len())
+        .map(|i| PartitionProxy::start(address_of(&etcd.endpoint(i))))
+        .collect();
+    let proxied = proxies
+        .iter()
+        .map(|p| format!("http://{}", p.addr))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut ha = Ha::start("chaos-ha-partition", etcd, Some(&proxied));
+    let (a, b) = (0, 1);
+    let mut outcomes = Vec::new();
+    let mut failovers = Vec::new();
+    for trial in 1..=chaos.trials {
+        if ha.leader != a {
+            // cp-a leads each trial: cp-b hands over and comes back.
+            let stopping = Instant::now();
+            ha.replicas[b].stop();
+            ha.wait_leads(a, stopping, None);
+            ha.replicas[b].start_replica();
+            ha.replicas[b].wait_serving();
+        }
+        let version = format!("1.{trial}.0");
+        ha.push_marker(&version);
+        let before = ha.activations();
+        let lost_before = ha.replicas[a].log().matches("lost leadership").count();
+        let cut_after = chaos.millis(0..2500);
+        let created = Ha::create_on(&ha.replicas[a], &version);
+        assert_eq!(created.code, 0, "trial {trial}: {created:?}");
+        let id = created.json()["id"].as_str().expect("id").to_string();
+        std::thread::sleep(cut_after);
+        for proxy in &proxies {
+            proxy.partition();
+        }
+        let cut_at = Instant::now();
+
+        // Watch both sides until cp-b leads and cp-a has said it lost the
+        // lease and is not ready.
+        let (mut b_leads, mut a_lost, mut a_not_ready) = (None, None, None);
+        let mut a_readyz = Vec::new();
+        eventually("cp-b to lead and cp-a to give up", || {
+            if b_leads.is_none() && ha.replicas[b].ctl(&["deploy", "get", &id]).code == 0 {
+                b_leads = Some(cut_at.elapsed());
+            }
+            if a_lost.is_none()
+                && ha.replicas[a].log().matches("lost leadership").count() > lost_before
+            {
+                a_lost = Some(cut_at.elapsed());
+            }
+            let ready = readyz(&ha.replicas[a]);
+            if a_readyz.last() != Some(&ready) {
+                a_readyz.push(ready.clone());
+            }
+            if a_not_ready.is_none() && ready.is_ok_and(|code| code != 200) {
+                a_not_ready = Some(cut_at.elapsed());
+            }
+            match (b_leads, a_lost, a_not_ready) {
+                (Some(_), Some(_), Some(_)) => Ok(()),
+                other => Err(format!(
+                    "(b leads, a lost, a not ready) at {other:?}; a readyz {a_readyz:?}"
+                )),
+            }
+        });
+        ha.leader = b;
+        let (b_leads, a_lost, a_not_ready) = (
+            b_leads.unwrap_or_default(),
+            a_lost.unwrap_or_default(),
+            a_not_ready.unwrap_or_default(),
+        );
+        failovers.push(ms(b_leads));
+        // The lease is 5 s: cp-a stops trusting it within that, and etcd
+        // lets it go soon after.
+        assert!(
+            a_lost < Duration::from_secs(7),
+            "trial {trial}: cp-a noticed the lost lease after {a_lost:?}"
+        );
+        assert!(
+            b_leads < Duration::from_secs(15),
+            "trial {trial}: cp-b led after {b_leads:?}"
+        );
+        // cp-a, cut off, refuses the engine's calls.
+        let refused = ha.replicas[a].ctl(&["deploy", "get", &id]);
+        assert_ne!(refused.code, 0, "trial {trial}: {refused:?}");
+
+        let state = ha.watch_to_end(trial, &id);
+        assert_eq!(state, "succeeded", "trial {trial}");
+        ha.assert_activated(trial, &before, &version, 1);
+
+        // Heal: cp-a serves again, as a follower of cp-b.
+        let healed_at = Instant::now();
+        for proxy in &proxies {
+            proxy.heal();
+        }
+        eventually("cp-a to follow cp-b", || {
+            let ready = readyz(&ha.replicas[a])?;
+            let out = ha.replicas[a].ctl(&["deploy", "list"]);
+            if ready == 200 && out.stderr.contains("the leader is cp-b") {
+                Ok(())
+            } else {
+                Err(format!("readyz {ready}: {out:?}"))
+            }
+        });
+        let rejoined = healed_at.elapsed();
+        ha.wait_agents_connected();
+        // Nothing of cp-a landed after cp-b took over: the event log has
+        // no number twice or missing, no node activated twice.
+        let events = ha.assert_logs_whole(trial);
+        ha.assert_activated(trial, &before, &version, 1);
+        outcomes.push(json!({
+            "trial": trial,
+            "cut_after_ms": ms(cut_after),
+            "failover_ms": ms(b_leads),
+            "old_leader_lost_lease_ms": ms(a_lost),
+            "old_leader_not_ready_ms": ms(a_not_ready),
+            "old_leader_readyz": format!("{a_readyz:?}"),
+            "outcome": state,
+            "rejoined_as_follower_ms": ms(rejoined),
+            "events": events,
+        }));
+    }
+    chaos.report(json!({
+        "failover_ms": summary(&failovers),
+        "trials": outcomes,
+    }));
+}
