@@ -314,6 +314,19 @@ fn ms(d: Duration) -> u64 {
 
 /// Kill -9 of the leader at a random point of a rolling deployment,
 /// sometimes also of the next leader while it resumes.
+/// Times a replica's log says it lost a lease it restarts for: its
+/// leadership, or the session lease its shared sessions live under
+/// (whichever etcd let go first).
+trait LeasesLost {
+    fn leases_lost(&self) -> usize;
+}
+
+impl LeasesLost for str {
+    fn leases_lost(&self) -> usize {
+        self.matches("lost leadership").count() + self.matches("lost the session lease").count()
+    }
+}
+
 #[test]
 fn leader_killed_at_random_points_of_rollouts() {
     let mut chaos = Chaos::with_default_trials("ha-leader-kill", MAKE_TEST_TRIALS);
@@ -466,7 +479,7 @@ fn etcd_member_killed_during_rollouts() {
             _ => chaos.rng.random_range(0..ha.etcd.len()),
         };
         let was_etcd_leader = leader_before == Some(member);
-        let lost_before = ha.leader().log().matches("lost leadership").count();
+        let lost_before = ha.leader().log().as_str().leases_lost();
 
         let created = Ha::create_on(ha.leader(), &version);
         assert_eq!(created.code, 0, "trial {trial}: {created:?}");
@@ -508,10 +521,7 @@ fn etcd_member_killed_during_rollouts() {
         assert_eq!(state, "succeeded", "trial {trial}");
         let down_for = killed_at.elapsed();
         ha.assert_activated(trial, &before, &version, 1);
-        let lost_after = ha.replicas[leader_at_kill]
-            .log()
-            .matches("lost leadership")
-            .count();
+        let lost_after = ha.replicas[leader_at_kill].log().as_str().leases_lost();
 
         // The member rejoins: it serves a read that includes what was
         // written while it was down.
@@ -582,7 +592,7 @@ fn leader_partitioned_from_etcd_is_fenced_and_replaced() {
         let version = format!("1.{trial}.0");
         ha.push_marker(&version);
         let before = ha.activations();
-        let lost_before = ha.replicas[a].log().matches("lost leadership").count();
+        let lost_before = ha.replicas[a].log().as_str().leases_lost();
         let cut_after = chaos.millis(0..2500);
         let created = Ha::create_on(&ha.replicas[a], &version);
         assert_eq!(created.code, 0, "trial {trial}: {created:?}");
@@ -601,9 +611,7 @@ fn leader_partitioned_from_etcd_is_fenced_and_replaced() {
             if b_leads.is_none() && ha.replicas[b].ctl(&["deploy", "get", &id]).code == 0 {
                 b_leads = Some(cut_at.elapsed());
             }
-            if a_lost.is_none()
-                && ha.replicas[a].log().matches("lost leadership").count() > lost_before
-            {
+            if a_lost.is_none() && ha.replicas[a].log().as_str().leases_lost() > lost_before {
                 a_lost = Some(cut_at.elapsed());
             }
             let ready = readyz(&ha.replicas[a]);
