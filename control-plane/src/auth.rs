@@ -193,7 +193,8 @@ pub fn peer<T>(request: &Request<T>) -> Result<Peer, ApiError> {
 /// The user a certificate names, if it is a user certificate (for audit
 /// records of refused calls).
 pub fn claimed_user<T>(request: &Request<T>) -> String {
-    match peer(request).map(|p| p.principal) {
+    let claimed = peer(request).or_else(|_| direct_peer(request.peer_certs()));
+    match claimed.map(|p| p.principal) {
         Ok(Principal::User(name)) => name,
         Ok(Principal::Node(id)) => format!("node:{id}"),
         Ok(Principal::Replica(name)) => format!("replica:{name}"),
