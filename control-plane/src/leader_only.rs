@@ -3,7 +3,7 @@
 //! replica such a service is registered wrapped in [`LeaderOnly`]; the
 //! leader installs the real service when it starts leading, and until then
 //! (on a follower) a call is answered from [`Unanswered`]: forwarded to the
-//! leader (`crate::forward::Forward`) or refused ([`Refuse`]).
+//! leader (`Forward`, in the `forward` module) or refused ([`Refuse`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,7 +28,7 @@ pub trait Unanswered: Send + Sync + 'static {
 
 /// Refuse with `Unavailable`, naming the leader when one is known (agent
 /// sessions: agents fail over to the leader themselves). Operator calls
-/// are forwarded instead (`crate::forward`).
+/// are forwarded instead (by the `forward` module).
 pub struct Refuse {
     pub replica: String,
     pub leader: tokio::sync::watch::Receiver<Option<crate::store::etcd::Leader>>,
