@@ -533,6 +533,54 @@ fn a_follower_forwards_deployments_to_the_leader_as_their_caller() {
     assert_eq!(on_follower.json(), on_leader.json());
     assert_eq!(on_leader.json().as_array().map(Vec::len), Some(1));
 
+    // Clusters and pipelines go to the leader as well.
+    let clusters_leader = a.ctl(&["-o", "json", "clusters", "list"]);
+    let clusters_follower = b.ctl(&["-o", "json", "clusters", "list"]);
+    assert_eq!(clusters_follower.code, 0, "{clusters_follower:?}");
+    let names = |out: &hotswap_tests::CtlOutput| -> Vec<String> {
+        out.json()
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .map(|c| c["environment"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&clusters_follower), names(&clusters_leader));
+    assert!(names(&clusters_leader).contains(&"production".to_string()));
+    let no_pipeline = b.ctl(&["pipeline", "get", "p-none"]);
+    assert_ne!(no_pipeline.code, 0, "{no_pipeline:?}");
+    assert!(
+        !no_pipeline.stderr.contains("does not lead"),
+        "answered by the leader: {no_pipeline:?}"
+    );
+
+    // What forwarding costs: ListDeployments on one connection, straight
+    // to the leader and through the follower.
+    let latency = |url: &str| {
+        use hotswap_common::pb;
+        let channel = hotswap_tests::channel_for(&a.admin_profile(), url);
+        let mut client = pb::deployments_client::DeploymentsClient::new(channel);
+        let mut took: Vec<Duration> = (0..60)
+            .map(|_| {
+                let started = Instant::now();
+                runtime
+                    .block_on(client.list_deployments(pb::ListDeploymentsRequest::default()))
+                    .expect("list deployments");
+                started.elapsed()
+            })
+            .skip(10)
+            .collect();
+        took.sort();
+        took[took.len() / 2]
+    };
+    let direct = latency(&a.url());
+    let forwarded = latency(&b.url());
+    eprintln!(
+        "ListDeployments median: {direct:?} on the leader, {forwarded:?} through the follower"
+    );
+
     // The leader's audit log names the real users, at their own addresses.
     let audit = a.ctl(&["-o", "json", "audit", "list", "--action", "deploy."]);
     assert_eq!(audit.code, 0, "{audit:?}");
