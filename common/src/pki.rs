@@ -1,7 +1,9 @@
 //! The hotswap PKI. The control plane's CA issues every certificate: its own
 //! server certificate, operator (user) certificates and node certificates.
 //! Who a peer is comes from one URI subject alternative name the CA sets itself
-//! (`hotswap://node/<id>` or `hotswap://user/<name>`); nothing in a CSR but its
+//! (`hotswap://node/<id>`, `hotswap://user/<name>`, or
+//! `hotswap://replica/<name>` for the certificate control-plane replicas
+//! forward operator calls to their leader with); nothing in a CSR but its
 //! public key is trusted.
 
 use std::time::Duration;
@@ -24,7 +26,7 @@ pub enum PkiError {
     #[error("certificate is invalid: {0}")]
     BadCertificate(String),
     #[error(
-        "certificate carries no hotswap identity (expected a hotswap://node/ or hotswap://user/ URI)"
+        "certificate carries no hotswap identity (expected a hotswap://node/, hotswap://user/ or hotswap://replica/ URI)"
     )]
     NoIdentity,
     #[error("invalid CA fingerprint {0:?}: expected sha256: followed by 64 hex digits")]
@@ -38,17 +40,24 @@ pub enum Principal {
     Node(String),
     /// An operator, by user name.
     User(String),
+    /// A control-plane replica of the cluster (every replica holds the same
+    /// one, issued by `init` next to the server certificate): it forwards
+    /// operator calls to the leader on behalf of the user who made them.
+    Replica(String),
 }
 
 impl Principal {
-    fn uri(&self) -> String {
+    /// The identity URI the CA puts in the certificate.
+    pub fn uri(&self) -> String {
         match self {
             Principal::Node(id) => format!("hotswap://node/{id}"),
             Principal::User(name) => format!("hotswap://user/{name}"),
+            Principal::Replica(name) => format!("hotswap://replica/{name}"),
         }
     }
 
-    fn parse_uri(uri: &str) -> Option<Principal> {
+    /// The principal an identity URI names, if it is one of ours.
+    pub fn parse_uri(uri: &str) -> Option<Principal> {
         let rest = uri.strip_prefix("hotswap://")?;
         let (kind, name) = rest.split_once('/')?;
         if name.is_empty() {
@@ -57,6 +66,7 @@ impl Principal {
         match kind {
             "node" => Some(Principal::Node(name.to_string())),
             "user" => Some(Principal::User(name.to_string())),
+            "replica" => Some(Principal::Replica(name.to_string())),
             _ => None,
         }
     }
@@ -67,6 +77,7 @@ impl std::fmt::Display for Principal {
         match self {
             Principal::Node(id) => write!(f, "node {id}"),
             Principal::User(name) => write!(f, "user {name}"),
+            Principal::Replica(name) => write!(f, "replica {name}"),
         }
     }
 }
@@ -236,6 +247,7 @@ fn client_params(principal: &Principal, validity: Duration) -> Result<Certificat
     let cn = match principal {
         Principal::Node(id) => format!("node {id}"),
         Principal::User(name) => format!("user {name}"),
+        Principal::Replica(name) => format!("replica {name}"),
     };
     params.distinguished_name = common_name_dn(&cn);
     params.subject_alt_names = vec![SanType::URI(principal.uri().try_into()?)];
@@ -519,6 +531,28 @@ mod tests {
             principal_of(der.as_ref()).expect("principal"),
             Principal::Node("n-1".into())
         );
+    }
+
+    #[test]
+    fn replica_certificates_carry_their_identity_uri() {
+        let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
+        let replica = Principal::Replica("control-plane".into());
+        let issued = ca.issue_client_with_new_key(&replica, DAY).expect("issue");
+        let der = first_cert_der(&issued.cert_pem).expect("der");
+        assert_eq!(principal_of(der.as_ref()).expect("principal"), replica);
+        for (uri, expected) in [
+            ("hotswap://replica/a", Some(Principal::Replica("a".into()))),
+            ("hotswap://user/ann", Some(Principal::User("ann".into()))),
+            ("hotswap://node/n-1", Some(Principal::Node("n-1".into()))),
+            ("hotswap://replica/", None),
+            ("hotswap://admin/ann", None),
+            ("https://user/ann", None),
+        ] {
+            assert_eq!(Principal::parse_uri(uri), expected, "{uri}");
+            if let Some(principal) = expected {
+                assert_eq!(principal.uri(), uri);
+            }
+        }
     }
 
     #[test]

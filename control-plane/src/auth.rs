@@ -7,11 +7,21 @@
 //!   be revoked, and the user's role must grant the call's [`Permission`].
 //! - Nodes may only call agent RPCs, with their current certificate, and only
 //!   for themselves (the session is bound to the certificate's node id).
+//! - A follower replica forwards the engine's operator calls to the leader
+//!   with the replicas' certificate (`hotswap://replica/...`) and names the
+//!   operator in [`ON_BEHALF_OF`] and [`ON_BEHALF_OF_CERT`]. Only a peer
+//!   presenting that certificate may speak for someone else: the leader then
+//!   authorizes the named user exactly as if the user had called (the same
+//!   user record, certificate, revocation and role checks), and the audit
+//!   log gets the user's own address from [`FORWARDED_FOR`]. From any other
+//!   peer those headers are ignored.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use hotswap_common::pki::{self, Principal};
 use hotswap_common::timefmt::now_ms;
+use rustls::pki_types::CertificateDer;
 use tonic::Request;
 
 use crate::error::ApiError;
@@ -26,6 +36,72 @@ pub struct Peer {
 }
 
 pub use crate::roles::{Permission, Role};
+
+/// The name in the replicas' certificate (`hotswap://replica/cluster`):
+/// every replica of a cluster holds the same one.
+pub const REPLICA_IDENTITY: &str = "cluster";
+
+/// The replica that forwarded a call (its `--name`). A follower never
+/// forwards a call that already carries it, so a call is forwarded at most
+/// once.
+pub const FORWARDED_BY: &str = "x-hotswap-forwarded-by";
+/// The user a forwarded call is made for.
+pub const ON_BEHALF_OF: &str = "x-hotswap-on-behalf-of";
+/// The fingerprint of the certificate that user presented to the follower,
+/// checked against the user record as a direct call's certificate is.
+pub const ON_BEHALF_OF_CERT: &str = "x-hotswap-on-behalf-of-cert";
+/// The address the user called the follower from, for the audit log.
+pub const FORWARDED_FOR: &str = "x-hotswap-forwarded-for";
+
+/// Every header that only a forwarding replica may set; a follower removes
+/// what a client sent of them before it sets its own.
+pub const FORWARDING_HEADERS: [&str; 4] =
+    [FORWARDED_BY, ON_BEHALF_OF, ON_BEHALF_OF_CERT, FORWARDED_FOR];
+
+/// Who a forwarded call is made for, as its headers say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delegation {
+    pub user: String,
+    pub cert_fingerprint: String,
+    pub peer_addr: Option<SocketAddr>,
+}
+
+/// The delegation `header` finds (`None` when the call names nobody), or
+/// what is wrong with it. Only meaningful from a replica's peer.
+pub fn delegation<'a>(
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Option<Delegation>, String> {
+    let Some(user) = header(ON_BEHALF_OF) else {
+        return Ok(None);
+    };
+    if user.is_empty() {
+        return Err(format!("{ON_BEHALF_OF} is empty"));
+    }
+    let cert_fingerprint = header(ON_BEHALF_OF_CERT)
+        .filter(|f| f.starts_with("sha256:"))
+        .ok_or_else(|| {
+            format!("{ON_BEHALF_OF} names user {user:?} but {ON_BEHALF_OF_CERT} gives no sha256: fingerprint of their certificate")
+        })?;
+    let peer_addr = header(FORWARDED_FOR)
+        .map(|addr| {
+            addr.parse::<SocketAddr>()
+                .map_err(|e| format!("{FORWARDED_FOR} {addr:?} is not an address: {e}"))
+        })
+        .transpose()?;
+    Ok(Some(Delegation {
+        user: user.to_string(),
+        cert_fingerprint: cert_fingerprint.to_string(),
+        peer_addr,
+    }))
+}
+
+/// The delegation of a call whose TLS peer is a replica; `None` for any
+/// other peer, whatever headers it sent.
+fn delegation_of<T>(request: &Request<T>) -> Option<Result<Option<Delegation>, String>> {
+    let direct = direct_peer(request.peer_certs()).ok()?;
+    matches!(direct.principal, Principal::Replica(_))
+        .then(|| delegation(|name| request.metadata().get(name)?.to_str().ok()))
+}
 
 /// An authorized operator call.
 #[derive(Clone, Debug)]
@@ -50,8 +126,13 @@ impl RequestInfo {
             .and_then(|v| v.to_str().ok())
             .and_then(trace_id_from_traceparent)
             .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+        // A forwarded call: the user's own address, which the follower saw.
+        let forwarded_for = match delegation_of(request) {
+            Some(Ok(Some(delegation))) => delegation.peer_addr,
+            _ => None,
+        };
         Self {
-            peer_addr: request.remote_addr(),
+            peer_addr: forwarded_for.or_else(|| request.remote_addr()),
             trace_id,
         }
     }
@@ -70,11 +151,10 @@ pub fn trace_id_from_traceparent(value: &str) -> Option<String> {
 
 const NO_CERT: &str = "this call requires a client certificate issued by the control plane";
 
-/// The caller's identity, from its client certificate.
-pub fn peer<T>(request: &Request<T>) -> Result<Peer, ApiError> {
-    let certs = request
-        .peer_certs()
-        .ok_or_else(|| ApiError::Unauthenticated(NO_CERT.into()))?;
+/// The identity of the client certificate the TLS peer presented (the TLS
+/// layer verified its chain to our CA).
+pub fn direct_peer(certs: Option<Arc<Vec<CertificateDer<'static>>>>) -> Result<Peer, ApiError> {
+    let certs = certs.ok_or_else(|| ApiError::Unauthenticated(NO_CERT.into()))?;
     let leaf = certs
         .first()
         .ok_or_else(|| ApiError::Unauthenticated(NO_CERT.into()))?;
@@ -86,12 +166,38 @@ pub fn peer<T>(request: &Request<T>) -> Result<Peer, ApiError> {
     })
 }
 
+/// The caller's identity: its client certificate's, or, for a call a
+/// replica forwarded, the user's it names with the certificate that user
+/// presented to the replica.
+pub fn peer<T>(request: &Request<T>) -> Result<Peer, ApiError> {
+    let direct = direct_peer(request.peer_certs())?;
+    let Principal::Replica(replica) = &direct.principal else {
+        // Only a replica may speak for someone else: anyone else's
+        // forwarding headers are ignored.
+        return Ok(direct);
+    };
+    match delegation(|name| request.metadata().get(name)?.to_str().ok()) {
+        Ok(Some(delegation)) => Ok(Peer {
+            principal: Principal::User(delegation.user),
+            cert_fingerprint: delegation.cert_fingerprint,
+        }),
+        Ok(None) => Err(ApiError::Unauthenticated(format!(
+            "the certificate of replica {replica:?} only forwards calls on behalf of an operator, and this call names none ({ON_BEHALF_OF})"
+        ))),
+        Err(reason) => Err(ApiError::Unauthenticated(format!(
+            "call forwarded with the certificate of replica {replica:?} is malformed: {reason}"
+        ))),
+    }
+}
+
 /// The user a certificate names, if it is a user certificate (for audit
 /// records of refused calls).
 pub fn claimed_user<T>(request: &Request<T>) -> String {
-    match peer(request).map(|p| p.principal) {
+    let claimed = peer(request).or_else(|_| direct_peer(request.peer_certs()));
+    match claimed.map(|p| p.principal) {
         Ok(Principal::User(name)) => name,
         Ok(Principal::Node(id)) => format!("node:{id}"),
+        Ok(Principal::Replica(name)) => format!("replica:{name}"),
         Err(_) => "anonymous".into(),
     }
 }
@@ -107,6 +213,11 @@ pub fn authorize_operator(
         Principal::Node(id) => {
             return Err(ApiError::PermissionDenied(format!(
                 "node {id} is not allowed to call the operator API; node certificates may only call agent RPCs"
+            )));
+        }
+        Principal::Replica(name) => {
+            return Err(ApiError::PermissionDenied(format!(
+                "replica {name} may call the operator API only on behalf of an operator"
             )));
         }
     };
@@ -152,6 +263,9 @@ pub fn require_node<T>(request: &Request<T>) -> Result<(String, Peer), ApiError>
         Principal::User(name) => Err(ApiError::PermissionDenied(format!(
             "user {name} cannot call agent RPCs; only node certificates can"
         ))),
+        Principal::Replica(name) => Err(ApiError::PermissionDenied(format!(
+            "replica {name} cannot call agent RPCs; only node certificates can"
+        ))),
     }
 }
 
@@ -167,7 +281,7 @@ pub fn require_reader_or_node<T>(
         Principal::Node(id) => {
             registry.current_record(id, &peer.cert_fingerprint)?;
         }
-        Principal::User(_) => {
+        Principal::User(_) | Principal::Replica(_) => {
             authorize_operator(&peer, users, Permission::Read)?;
         }
     }
@@ -177,6 +291,70 @@ pub fn require_reader_or_node<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check_delegation(headers: &[(&str, &str)], expected: Result<Option<Delegation>, &str>) {
+        let got = delegation(|name| {
+            headers
+                .iter()
+                .find(|(header, _)| *header == name)
+                .map(|(_, value)| *value)
+        });
+        match (got, expected) {
+            (Ok(got), Ok(expected)) => assert_eq!(got, expected, "{headers:?}"),
+            (Err(got), Err(expected)) => {
+                assert!(got.contains(expected), "{headers:?}: {got}")
+            }
+            (got, expected) => panic!("{headers:?}: got {got:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn delegation_headers() {
+        let fingerprint = "sha256:00ff";
+        check_delegation(&[], Ok(None));
+        // The address alone names nobody.
+        check_delegation(&[(FORWARDED_FOR, "10.0.0.1:5000")], Ok(None));
+        check_delegation(
+            &[(ON_BEHALF_OF, "alice"), (ON_BEHALF_OF_CERT, fingerprint)],
+            Ok(Some(Delegation {
+                user: "alice".into(),
+                cert_fingerprint: fingerprint.into(),
+                peer_addr: None,
+            })),
+        );
+        check_delegation(
+            &[
+                (ON_BEHALF_OF, "alice"),
+                (ON_BEHALF_OF_CERT, fingerprint),
+                (FORWARDED_FOR, "[::1]:7000"),
+            ],
+            Ok(Some(Delegation {
+                user: "alice".into(),
+                cert_fingerprint: fingerprint.into(),
+                peer_addr: Some("[::1]:7000".parse().expect("address")),
+            })),
+        );
+        check_delegation(
+            &[(ON_BEHALF_OF, "alice")],
+            Err("gives no sha256: fingerprint"),
+        );
+        check_delegation(
+            &[(ON_BEHALF_OF, "alice"), (ON_BEHALF_OF_CERT, "00ff")],
+            Err("gives no sha256: fingerprint"),
+        );
+        check_delegation(
+            &[(ON_BEHALF_OF, ""), (ON_BEHALF_OF_CERT, fingerprint)],
+            Err("is empty"),
+        );
+        check_delegation(
+            &[
+                (ON_BEHALF_OF, "alice"),
+                (ON_BEHALF_OF_CERT, fingerprint),
+                (FORWARDED_FOR, "somewhere"),
+            ],
+            Err("is not an address"),
+        );
+    }
 
     #[test]
     fn traceparent() {

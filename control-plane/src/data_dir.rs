@@ -28,6 +28,14 @@ impl DataDir {
     pub fn server_key(&self) -> PathBuf {
         self.root.join("server.key")
     }
+    /// The replicas' client certificate: a follower forwards operator calls
+    /// to the leader with it (absent in data dirs made before forwarding).
+    pub fn replica_cert(&self) -> PathBuf {
+        self.root.join("replica.crt")
+    }
+    pub fn replica_key(&self) -> PathBuf {
+        self.root.join("replica.key")
+    }
     /// During a CA rotation: the old CA, still trusted for client certificates.
     pub fn ca_previous(&self) -> PathBuf {
         self.root.join("ca-previous.crt")

@@ -1,5 +1,6 @@
 //! `hotswap-control-plane init`: a new data directory with the CA, the server
-//! certificate and the first admin's profile. It refuses to touch a
+//! certificate, the replicas' client certificate (with which a follower
+//! forwards operator calls to the leader) and the first admin's profile. It refuses to touch a
 //! directory that already holds anything, so an existing CA (and every
 //! certificate it issued) can never be overwritten by mistake.
 
@@ -166,6 +167,12 @@ pub fn init(options: &InitOptions) -> Result<InitOutcome, InitError> {
     let server = ca.issue_server(&sans, SERVER_CERT_VALIDITY)?;
     let admin =
         ca.issue_client_with_new_key(&Principal::User("admin".into()), ADMIN_CERT_VALIDITY)?;
+    // Every replica gets the same one with its copy of the data directory,
+    // like the server certificate.
+    let replica = ca.issue_client_with_new_key(
+        &Principal::Replica(crate::auth::REPLICA_IDENTITY.into()),
+        SERVER_CERT_VALIDITY,
+    )?;
 
     fsutil::create_private_dir(dir).map_err(io_err(dir))?;
     let layout = DataDir::new(dir);
@@ -188,6 +195,16 @@ pub fn init(options: &InitOptions) -> Result<InitOutcome, InitError> {
         (
             layout.server_cert(),
             server.cert_pem.as_bytes(),
+            PUBLIC_FILE_MODE,
+        ),
+        (
+            layout.replica_key(),
+            replica.key_pem.as_bytes(),
+            PRIVATE_FILE_MODE,
+        ),
+        (
+            layout.replica_cert(),
+            replica.cert_pem.as_bytes(),
             PUBLIC_FILE_MODE,
         ),
     ];
@@ -253,10 +270,23 @@ mod tests {
         let outcome = init(&options(&dir)).expect("init");
         assert!(outcome.ca_fingerprint.starts_with("sha256:"));
         let layout = DataDir::new(&dir);
-        for key in [layout.ca_key(), layout.server_key(), layout.admin_profile()] {
+        for key in [
+            layout.ca_key(),
+            layout.server_key(),
+            layout.replica_key(),
+            layout.admin_profile(),
+        ] {
             let mode = std::fs::metadata(&key).expect("stat").permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{} has mode {mode:o}", key.display());
         }
+        let replica_pem = std::fs::read_to_string(layout.replica_cert()).expect("replica.crt");
+        let replica_der = pki::first_cert_der(&replica_pem).expect("replica certificate");
+        assert_eq!(
+            pki::principal_of(replica_der.as_ref()).expect("identity"),
+            Principal::Replica(crate::auth::REPLICA_IDENTITY.into())
+        );
+        let ca_pem = std::fs::read_to_string(layout.ca_cert()).expect("ca.crt");
+        pki::check_certificate(&replica_pem, &ca_pem, now_ms()).expect("issued by the CA");
         let before = std::fs::read(layout.ca_key()).expect("read");
         let err = init(&options(&dir)).expect_err("second init").to_string();
         assert!(err.contains("refusing to overwrite"), "{err}");

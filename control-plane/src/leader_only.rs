@@ -2,7 +2,8 @@
 //! (deployments, pipelines, clusters) lives in the leader alone. On every
 //! replica such a service is registered wrapped in [`LeaderOnly`]; the
 //! leader installs the real service when it starts leading, and until then
-//! (on a follower) a call is answered from [`Unanswered`].
+//! (on a follower) a call is answered from [`Unanswered`]: forwarded to the
+//! leader (`Forward`, in the `forward` module) or refused ([`Refuse`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,10 +26,12 @@ pub trait Unanswered: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = http::Response<Body>> + Send>>;
 }
 
-/// Refuse with `Unavailable`, naming the leader when one is known.
+/// Refuse with `Unavailable`, naming the leader when one is known (agent
+/// sessions: agents fail over to the leader themselves). Operator calls
+/// are forwarded instead (by the `forward` module).
 pub struct Refuse {
     pub replica: String,
-    pub leader: tokio::sync::watch::Receiver<Option<String>>,
+    pub leader: tokio::sync::watch::Receiver<Option<crate::store::etcd::Leader>>,
 }
 
 impl Unanswered for Refuse {
@@ -36,7 +39,7 @@ impl Unanswered for Refuse {
         &self,
         _request: http::Request<Body>,
     ) -> Pin<Box<dyn Future<Output = http::Response<Body>> + Send>> {
-        let message = match self.leader.borrow().as_deref() {
+        let message = match self.leader.borrow().as_ref().map(|l| l.name.as_str()) {
             Some(leader) => format!(
                 "replica {} does not lead; the leader is {leader}: call it there",
                 self.replica

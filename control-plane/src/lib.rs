@@ -17,6 +17,7 @@ pub mod deadline;
 pub mod deploy;
 pub mod error;
 pub mod events;
+pub mod forward;
 pub mod init;
 pub mod leader_only;
 pub mod metrics;

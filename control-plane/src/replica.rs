@@ -14,7 +14,7 @@ use hotswap_etcd::{Client, ClientConfig, Election, KeepAlive, Leadership, LeaseL
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StoreSettings;
-use crate::store::etcd::EtcdStore;
+use crate::store::etcd::{EtcdStore, Leader};
 
 /// The etcd client for the `[store]` settings: client TLS (and mutual TLS
 /// with a certificate) when `ca_file` is set, for `https://` endpoints.
@@ -39,11 +39,12 @@ pub struct Leading {
     store: EtcdStore,
 }
 
-/// Campaign until this replica leads (`Ok(None)` if `shutdown` came
-/// first), then fence the store with the leadership.
+/// Campaign as `candidate` (its name and the URL followers forward the
+/// leader's calls to) until this replica leads (`Ok(None)` if `shutdown`
+/// came first), then fence the store with the leadership.
 pub async fn lead(
     store: &EtcdStore,
-    name: &str,
+    candidate: &Leader,
     lease_ttl: Duration,
     shutdown: &CancellationToken,
 ) -> Result<Option<Leading>, hotswap_etcd::Error> {
@@ -53,6 +54,8 @@ pub async fn lead(
     // Kept alive while campaigning too: a candidate whose lease lapsed
     // while it waited would lead on a key that is already gone.
     let mut keep_alive = client.keep_alive(lease);
+    let name = candidate.name.as_str();
+    let value = candidate.encode();
     tracing::info!(name, lease = %lease.id, ttl = ?lease.ttl, "campaigning for leadership");
     let leadership = tokio::select! {
         _ = shutdown.cancelled() => {
@@ -66,7 +69,7 @@ pub async fn lead(
                 message: lost.to_string(),
             });
         }
-        won = election.campaign(lease.id, name.as_bytes()) => won?,
+        won = election.campaign(lease.id, &value) => won?,
     };
     store.set_fence(Some(leadership.fence()));
     tracing::info!(name, key = %String::from_utf8_lossy(&leadership.key), "leading");

@@ -35,7 +35,7 @@ use crate::service::servers::ServersService;
 use crate::service::session::SessionService;
 use crate::service::users::UsersService;
 use crate::store::Store;
-use crate::store::etcd::EtcdStore;
+use crate::store::etcd::{EtcdStore, Leader};
 use crate::tls_accept;
 
 pub use crate::data_dir::DataDir;
@@ -170,6 +170,11 @@ async fn recover_admin(store: &Store, layout: &DataDir, ca_pem: &str) -> Result<
                 "its certificate belongs to node {id}, not to a user"
             )));
         }
+        Principal::Replica(name) => {
+            return Err(failed(format!(
+                "its certificate belongs to replica {name}, not to a user"
+            )));
+        }
     };
     let record = crate::store::UserRecord {
         name: name.clone(),
@@ -267,8 +272,11 @@ struct Leadership {
     name: String,
     lease: std::time::Duration,
     services: EngineServices,
-    /// Who leads now, for the refusals of a follower.
-    leader: tokio::sync::watch::Sender<Option<String>>,
+    /// Where this replica serves, campaigned with so followers can
+    /// forward the leader's calls to it.
+    endpoint: String,
+    /// Who leads now, for a follower's forwarding and refusals.
+    leader: tokio::sync::watch::Sender<Option<Leader>>,
     restart: Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 }
@@ -280,6 +288,7 @@ async fn lead_while_elected(leadership: Leadership) {
     let Leadership {
         etcd,
         name,
+        endpoint,
         lease,
         services,
         leader,
@@ -296,7 +305,7 @@ async fn lead_while_elected(leadership: Leadership) {
         let shutdown = shutdown.clone();
         async move {
             loop {
-                let now = etcd.leader_name();
+                let now = etcd.leader();
                 leader.send_if_modified(|known| {
                     let changed = *known != now;
                     *known = now.clone();
@@ -309,7 +318,11 @@ async fn lead_while_elected(leadership: Leadership) {
             }
         }
     });
-    let mut leading = match crate::replica::lead(&etcd, &name, lease, &shutdown).await {
+    let candidate = Leader {
+        name,
+        endpoint: Some(endpoint),
+    };
+    let mut leading = match crate::replica::lead(&etcd, &candidate, lease, &shutdown).await {
         Ok(Some(leading)) => leading,
         Ok(None) => return,
         Err(e) => return restart_now(format!("campaign failed: {e}")),
@@ -365,6 +378,68 @@ async fn share_sessions(
         }
     });
     Ok(lease.id)
+}
+
+/// The replicas' client certificate lives a year when `run` has to issue
+/// it (see [`forwarding_tls`]); a restart issues another.
+const REPLICA_CERT_FALLBACK_VALIDITY: std::time::Duration =
+    std::time::Duration::from_secs(365 * 86_400);
+
+/// The TLS client config a follower forwards to the leader with: it trusts
+/// the cluster's CA (and the previous one during a rotation) and presents
+/// the replicas' certificate from the data dir. A data dir made before
+/// forwarding existed has none, and after a CA rotation it is signed by the
+/// old CA: then one is issued from the CA in the data dir for this process.
+fn forwarding_tls(
+    layout: &DataDir,
+    ca_pem: &str,
+    previous_ca: &str,
+) -> Result<Arc<rustls::ClientConfig>, RunError> {
+    use hotswap_common::pki::{self, Principal};
+    use hotswap_common::tls::{self, ClientIdentity, ServerTrust};
+    let stored = match (
+        std::fs::read_to_string(layout.replica_cert()),
+        std::fs::read_to_string(layout.replica_key()),
+    ) {
+        (Ok(cert), Ok(key)) => {
+            match pki::check_certificate(&cert, ca_pem, hotswap_common::timefmt::now_ms()) {
+                Ok(()) => Some((cert, key)),
+                Err(problem) => {
+                    tracing::warn!(
+                        path = %layout.replica_cert().display(),
+                        problem = %problem,
+                        "the replica certificate is not usable; issuing one from the CA for this process"
+                    );
+                    None
+                }
+            }
+        }
+        _ => {
+            tracing::warn!(
+                path = %layout.replica_cert().display(),
+                "no replica certificate in the data dir (made before replicas forwarded calls); issuing one from the CA for this process"
+            );
+            None
+        }
+    };
+    let (cert, key) = match stored {
+        Some(pair) => pair,
+        None => {
+            let ca = CertificateAuthority::from_pem(ca_pem, &read(&layout.ca_key())?)?;
+            let issued = ca.issue_client_with_new_key(
+                &Principal::Replica(crate::auth::REPLICA_IDENTITY.into()),
+                REPLICA_CERT_FALLBACK_VALIDITY,
+            )?;
+            (issued.cert_pem, issued.key_pem)
+        }
+    };
+    Ok(tls::client_config(
+        ServerTrust::Ca(format!("{ca_pem}{previous_ca}")),
+        Some(ClientIdentity {
+            cert_pem: &cert,
+            key_pem: &key,
+        }),
+    )?)
 }
 
 /// Open the records on etcd (SPEC §7).
@@ -577,7 +652,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     let replicas = Arc::new(EmbeddedReplicas {
         this: ThisReplica {
             name: config.replica.name.clone(),
-            endpoint,
+            endpoint: endpoint.clone(),
             started_at_ms,
             readiness: readiness.clone(),
             registry: registry.clone(),
@@ -599,15 +674,25 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     // The engine runs in the leader alone: on the embedded store that is
     // this process from the start; on etcd, whichever replica wins the
     // election builds it then, from the records as they are.
-    let (leader_tx, leader_rx) = tokio::sync::watch::channel(None::<String>);
-    let unanswered: Arc<dyn crate::leader_only::Unanswered> =
-        Arc::new(crate::leader_only::Refuse {
-            replica: config.replica.name.clone(),
-            leader: leader_rx,
-        });
-    let (deployments_service, install_deployments) = LeaderOnly::new(unanswered.clone());
-    let (pipelines_service, install_pipelines) = LeaderOnly::new(unanswered.clone());
-    let (clusters_service, install_clusters) = LeaderOnly::new(unanswered.clone());
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(None::<Leader>);
+    let refuse: Arc<dyn crate::leader_only::Unanswered> = Arc::new(crate::leader_only::Refuse {
+        replica: config.replica.name.clone(),
+        leader: leader_rx.clone(),
+    });
+    // A follower forwards the engine's operator calls to the leader on
+    // behalf of their callers. (The embedded store serves them itself from
+    // the start, so it needs no replica certificate.)
+    let forward: Arc<dyn crate::leader_only::Unanswered> = match &etcd {
+        None => refuse.clone(),
+        Some(_) => Arc::new(crate::forward::Forward::new(
+            config.replica.name.clone(),
+            leader_rx,
+            forwarding_tls(&layout, &ca_pem, &previous_ca)?,
+        )),
+    };
+    let (deployments_service, install_deployments) = LeaderOnly::new(forward.clone());
+    let (pipelines_service, install_pipelines) = LeaderOnly::new(forward.clone());
+    let (clusters_service, install_clusters) = LeaderOnly::new(forward.clone());
     let engine_services = EngineServices {
         ctx: ctx.clone(),
         store: store.clone(),
@@ -773,6 +858,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         (Some(etcd), _, Some(services)) => tokio::spawn(lead_while_elected(Leadership {
             etcd: etcd.clone(),
             name: config.replica.name.clone(),
+            endpoint: endpoint.clone(),
             lease: config.settings.leader_lease,
             services,
             leader: leader_tx,

@@ -453,6 +453,17 @@ impl ControlPlane {
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         http_get(self.admin.expect("started"), path)
     }
+
+    /// Whether this replica leads now (`hotswap_leader` is 1); false while
+    /// it cannot be asked (restarting, not started).
+    pub fn leads(&self) -> bool {
+        let Some(admin) = self.admin else {
+            return false;
+        };
+        crate::daemon::try_http_get(admin, "/metrics").is_ok_and(|(code, body)| {
+            code == 200 && body.lines().any(|l| l.trim() == "hotswap_leader 1")
+        })
+    }
 }
 
 /// Run `hotswapctl` without a control plane (offline commands).

@@ -580,11 +580,18 @@ async fn a_replica_that_lost_its_lease_stays_fenced() {
     let cluster = EtcdCluster::start(1);
     let (a, b, raw_a) = two_replicas(&cluster, "/fence-kept/").await;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let mut leading =
-        hotswap_control_plane::replica::lead(&raw_a, "a", Duration::from_secs(5), &shutdown)
-            .await
-            .expect("campaign")
-            .expect("leads");
+    let mut leading = hotswap_control_plane::replica::lead(
+        &raw_a,
+        &hotswap_control_plane::store::etcd::Leader {
+            name: "a".into(),
+            endpoint: None,
+        },
+        Duration::from_secs(5),
+        &shutdown,
+    )
+    .await
+    .expect("campaign")
+    .expect("leads");
     a.update_desired("n-1", &|record| {
         record.modules.entry("web".into()).or_default().version = "1".into();
         true

@@ -1352,3 +1352,60 @@ fn users_create_to_an_unwritable_destination_creates_no_user() {
     assert_eq!(names, [std::ffi::OsString::from("bob.toml")]);
     cp.stop();
 }
+
+/// The forwarding headers replicas use (SPEC §7) make nobody else anyone
+/// else: a viewer naming the admin in them is still a viewer. And a data
+/// dir made before replicas had a certificate of their own (no
+/// `replica.crt`) starts in the embedded mode as before.
+#[test]
+fn forwarding_headers_from_an_operator_are_ignored_and_old_data_dirs_start() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    for file in ["replica.crt", "replica.key"] {
+        std::fs::remove_file(cp.data_dir.join(file)).expect("remove the replica certificate");
+    }
+    cp.start();
+    let listed = cp.ctl(&["-o", "json", "deploy", "list"]);
+    assert_eq!(listed.code, 0, "{listed:?}");
+    assert!(
+        !cp.log().contains("replica certificate"),
+        "the embedded mode needs no replica certificate:\n{}",
+        cp.log()
+    );
+
+    let viewer = cp.user_profile("vera", "viewer");
+    let admin = Profile::load(&cp.admin_profile()).expect("admin profile");
+    let admin_fingerprint =
+        hotswap_common::pki::pem_fingerprint(&admin.client_cert).expect("fingerprint");
+    let rt = runtime();
+    let status = rt.block_on(async {
+        let mut request = tonic::Request::new(pb::ControlDeploymentRequest {
+            id: "d-none".into(),
+            action: "approve".into(),
+            reason: String::new(),
+        });
+        for (name, value) in [
+            ("x-hotswap-on-behalf-of", "admin".to_string()),
+            ("x-hotswap-on-behalf-of-cert", admin_fingerprint),
+            ("x-hotswap-forwarded-by", "cp-x".to_string()),
+        ] {
+            request
+                .metadata_mut()
+                .insert(name, value.parse().expect("header value"));
+        }
+        pb::deployments_client::DeploymentsClient::new(channel_for(&viewer, &cp.url()))
+            .control_deployment(request)
+            .await
+            .expect_err("a viewer cannot approve")
+    });
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("user \"vera\" has role viewer"),
+        "{status:?}"
+    );
+    let audit = cp
+        .ctl(&["-o", "json", "audit", "list", "--action", "deploy.approve"])
+        .json();
+    assert_eq!(audit[0]["user"], "vera", "{audit}");
+    assert_eq!(audit[0]["result"], "denied", "{audit}");
+}

@@ -326,14 +326,14 @@ impl EtcdStore {
         self.inner.mirror.read(Mirror::revision)
     }
 
-    /// The name the leading replica campaigned with, as the mirror sees
-    /// the election: the candidate with the lowest create revision.
-    pub fn leader_name(&self) -> Option<String> {
+    /// Who leads, as the mirror sees the election: what the candidate with
+    /// the lowest create revision campaigned with.
+    pub fn leader(&self) -> Option<Leader> {
         let prefix = self.inner.keys.election();
         self.inner.mirror.read(|m| {
             m.under(prefix.as_bytes(), prefix.as_bytes())
                 .min_by_key(|(_, v)| v.create_revision)
-                .map(|(_, v)| String::from_utf8_lossy(&v.value).into_owned())
+                .map(|(_, v)| Leader::decode(&v.value))
         })
     }
 
@@ -1602,5 +1602,55 @@ impl SeqLog for EtcdLog {
         self.inner
             .write(self.inner.keys.log_record(self.name, seq), None);
         self.inner.block_on(self.inner.flush())
+    }
+}
+
+/// What a replica campaigns with: its name, and the URL it serves at, so
+/// followers can forward the leader's calls there.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Leader {
+    pub name: String,
+    /// `None` from a replica of a version that campaigned with its bare
+    /// name (it cannot be forwarded to).
+    pub endpoint: Option<String>,
+}
+
+impl Leader {
+    /// The election value: `{"name":..,"endpoint":..}`.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_else(|_| self.name.clone().into_bytes())
+    }
+
+    /// An election value: JSON, or a bare name (older replicas).
+    pub fn decode(value: &[u8]) -> Leader {
+        serde_json::from_slice(value).unwrap_or_else(|_| Leader {
+            name: String::from_utf8_lossy(value).into_owned(),
+            endpoint: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod leader_tests {
+    use super::Leader;
+
+    #[test]
+    fn election_values_carry_name_and_endpoint_and_bare_names_still_read() {
+        let leader = Leader {
+            name: "cp-a".into(),
+            endpoint: Some("https://10.0.0.1:7443".into()),
+        };
+        assert_eq!(
+            String::from_utf8(leader.encode()).expect("utf-8"),
+            r#"{"name":"cp-a","endpoint":"https://10.0.0.1:7443"}"#
+        );
+        assert_eq!(Leader::decode(&leader.encode()), leader);
+        assert_eq!(
+            Leader::decode(b"cp-old"),
+            Leader {
+                name: "cp-old".into(),
+                endpoint: None
+            }
+        );
     }
 }
