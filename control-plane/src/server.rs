@@ -337,6 +337,7 @@ async fn lead_while_elected(leadership: Leadership) {
     };
     tokio::select! {
         lost = leading.lost() => {
+            services.metrics.leader.set(0);
             restart_now(format!("lost leadership: {lost}"));
         }
         _ = shutdown.cancelled() => {
@@ -885,6 +886,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
 
     shutdown.cancelled().await;
     readiness.set(false);
+    // The engine stops with the shutdown: this process no longer leads.
+    metrics.leader.set(0);
     // The engine stops with the shutdown and leadership is handed over
     // now, so the next replica does not wait out the lease while this one
     // drains.
