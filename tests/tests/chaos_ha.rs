@@ -593,6 +593,9 @@ fn leader_partitioned_from_etcd_is_fenced_and_replaced() {
             ha.wait_leads(a, stopping, None);
             ha.replicas[b].start_replica();
             ha.replicas[b].wait_serving();
+            // The agents cp-b held reconnect before the next deployment
+            // looks for connected nodes.
+            ha.wait_agents_connected();
         }
         let version = format!("1.{trial}.0");
         ha.push_marker(&version);
