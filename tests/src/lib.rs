@@ -20,6 +20,7 @@ mod control_plane;
 mod daemon;
 mod etcd;
 mod load;
+pub mod marker;
 mod proxy;
 mod s3;
 

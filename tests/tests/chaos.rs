@@ -29,7 +29,6 @@
 //! prints one `CHAOS {json}` line with its trials and outcomes;
 //! docs/reliability.md records them.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -38,49 +37,16 @@ use hotswap_tests::{
     free_port, http_get, send_kill, try_http_get,
 };
 
+use hotswap_tests::marker::{activations, write_marker};
 use rand::Rng;
 use serde_json::{Value, json};
 
-/// Push `marker@version`: a bundle whose activate hook appends
-/// `<node> <version> ok|fail` to `log` and fails when `fail` is set.
+/// Push `marker@version` (see `hotswap_tests::marker`), failing its
+/// activation when `fail` is set.
 fn push_marker(fleet: &Fleet, version: &str, log: &Path, fail: bool) {
     fleet.push("marker", version, |dir| {
-        std::fs::create_dir_all(dir.join("bin")).expect("bin");
-        let (word, code) = if fail { ("fail", 1) } else { ("ok", 0) };
-        let script = dir.join("bin/activate.sh");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho \"$HOTSWAP_NODE $HOTSWAP_VERSION {word}\" >> '{}'\nexit {code}\n",
-                log.display()
-            ),
-        )
-        .expect("hook");
-        let mut permissions = std::fs::metadata(&script).expect("hook").permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
-        std::fs::set_permissions(&script, permissions).expect("chmod hook");
-        std::fs::write(
-            dir.join("module.toml"),
-            format!(
-                "name = \"marker\"\nversion = \"{version}\"\nruntime = \"bundle\"\n\n[bundle]\nactivate = [\"bin/activate.sh\"]\n"
-            ),
-        )
-        .expect("manifest");
+        write_marker(dir, version, log, fail)
     });
-}
-
-/// Successful activations per (node, version) in the hook log.
-fn activations(log: &Path) -> BTreeMap<(String, String), usize> {
-    let mut counts = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        let parts: Vec<&str> = line.split_whitespace().collect();
-        if let [node, version, "ok"] = parts[..] {
-            *counts
-                .entry((node.to_string(), version.to_string()))
-                .or_insert(0) += 1;
-        }
-    }
-    counts
 }
 
 /// The version a node's bundle `current` link names, on disk.

@@ -121,61 +121,20 @@ impl Ha {
         &self.replicas[self.leader]
     }
 
-    /// Pack and push `marker@version`: a bundle whose activate hook appends
-    /// `<node> <version>` to the activations log.
+    /// Pack and push `marker@version` to the leader (see `hotswap_tests::marker`).
     fn push_marker(&self, version: &str) {
-        let src = self.dir.path().join(format!("src-marker-{version}"));
-        std::fs::create_dir_all(src.join("bin")).expect("module dir");
-        let script = src.join("bin/activate.sh");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho \"$HOTSWAP_NODE $HOTSWAP_VERSION\" >> '{}'\n",
-                self.log.display()
-            ),
-        )
-        .expect("hook");
-        let mut permissions = std::fs::metadata(&script).expect("hook").permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
-        std::fs::set_permissions(&script, permissions).expect("chmod");
-        std::fs::write(
-            src.join("module.toml"),
-            format!(
-                "name = \"marker\"\nversion = \"{version}\"\nruntime = \"bundle\"\n\n[bundle]\nactivate = [\"bin/activate.sh\"]\n"
-            ),
-        )
-        .expect("manifest");
-        let out = self.dir.path().join(format!("marker-{version}.hsm"));
-        let packed = ctl_offline(&[
-            "module",
-            "pack",
-            src.to_str().expect("utf8"),
-            "--key",
-            self.key.to_str().expect("utf8"),
-            "-o",
-            out.to_str().expect("utf8"),
-        ]);
-        assert_eq!(packed.code, 0, "{packed:?}");
-        let pushed = self
-            .leader()
-            .ctl(&["module", "push", out.to_str().expect("utf8")]);
-        assert_eq!(pushed.code, 0, "{pushed:?}");
+        hotswap_tests::marker::push_marker(
+            self.leader(),
+            self.dir.path(),
+            &self.key,
+            version,
+            &self.log,
+        );
     }
 
     /// Activations per (node, version) in the hooks' log.
     fn activations(&self) -> BTreeMap<(String, String), usize> {
-        let mut counts = BTreeMap::new();
-        for line in std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-        {
-            if let [node, version] = line.split_whitespace().collect::<Vec<_>>()[..] {
-                *counts
-                    .entry((node.to_string(), version.to_string()))
-                    .or_insert(0) += 1;
-            }
-        }
-        counts
+        hotswap_tests::marker::activations(&self.log)
     }
 
     /// Every node activated `version` `times` times since `before`, and

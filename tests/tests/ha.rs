@@ -6,64 +6,13 @@
 //! whole across the two leaders; a graceful stop hands over at once.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hotswap_tests::marker::{activations, push_marker};
 use hotswap_tests::{
     Agent, ControlPlane, EtcdCluster, SeaweedS3, TestDir, ctl_offline, eventually,
 };
 use serde_json::Value;
-
-/// Push `marker@version`: a bundle whose activate hook appends
-/// `<node> <version>` to `log`.
-fn push_marker(cp: &ControlPlane, work: &Path, key: &Path, version: &str, log: &Path) {
-    let src = work.join(format!("src-marker-{version}"));
-    std::fs::create_dir_all(src.join("bin")).expect("module dir");
-    let script = src.join("bin/activate.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$HOTSWAP_NODE $HOTSWAP_VERSION\" >> '{}'\n",
-            log.display()
-        ),
-    )
-    .expect("hook");
-    let mut permissions = std::fs::metadata(&script).expect("hook").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
-    std::fs::set_permissions(&script, permissions).expect("chmod");
-    std::fs::write(
-        src.join("module.toml"),
-        format!(
-            "name = \"marker\"\nversion = \"{version}\"\nruntime = \"bundle\"\n\n[bundle]\nactivate = [\"bin/activate.sh\"]\n"
-        ),
-    )
-    .expect("manifest");
-    let out = work.join(format!("marker-{version}.hsm"));
-    let packed = ctl_offline(&[
-        "module",
-        "pack",
-        src.to_str().expect("utf8"),
-        "--key",
-        key.to_str().expect("utf8"),
-        "-o",
-        out.to_str().expect("utf8"),
-    ]);
-    assert_eq!(packed.code, 0, "{packed:?}");
-    let pushed = cp.ctl(&["module", "push", out.to_str().expect("utf8")]);
-    assert_eq!(pushed.code, 0, "{pushed:?}");
-}
-
-fn activations(log: &Path) -> BTreeMap<(String, String), usize> {
-    let mut counts = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        if let [node, version] = line.split_whitespace().collect::<Vec<_>>()[..] {
-            *counts
-                .entry((node.to_string(), version.to_string()))
-                .or_insert(0) += 1;
-        }
-    }
-    counts
-}
 
 #[test]
 fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes_once() {
