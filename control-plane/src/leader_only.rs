@@ -91,15 +91,6 @@ impl<S> LeaderOnly<S> {
             Install(local),
         )
     }
-
-    /// Serve `service` from the start (the embedded store: this process
-    /// always leads).
-    pub fn always(service: S, otherwise: Arc<dyn Unanswered>) -> Self {
-        Self {
-            local: Arc::new(RwLock::new(Some(service))),
-            otherwise,
-        }
-    }
 }
 
 impl<S: NamedService> NamedService for LeaderOnly<S> {

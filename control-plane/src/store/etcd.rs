@@ -311,11 +311,6 @@ impl EtcdStore {
             .unwrap_or_else(|e| e.into_inner()) = Some(lease);
     }
 
-    /// Whether the mirror's watch is connected to etcd now.
-    pub fn is_connected(&self) -> bool {
-        *self.inner.connected.borrow()
-    }
-
     /// Follow whether the mirror's watch is connected.
     pub fn connection(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.connected.subscribe()
@@ -344,12 +339,6 @@ impl EtcdStore {
 
     pub fn keys(&self) -> &Keys {
         &self.inner.keys
-    }
-
-    /// Every key under `prefix` as this replica sees it (its own writes
-    /// included), in key order.
-    pub fn scan_raw(&self, prefix: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.inner.scan(prefix.as_bytes())
     }
 }
 
