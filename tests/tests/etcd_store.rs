@@ -237,9 +237,68 @@ async fn records_are_shared_and_atomic_changes_decide_once() {
     })
     .await;
 
-    // Removal takes the name with it.
+    // Node records changed from both replicas at once (a session's labels
+    // on one, a renewal on the other): guarded, so no change is lost.
+    let (from_a, from_b) = tokio::join!(
+        async {
+            for i in 0..15 {
+                let key = format!("a{i}");
+                a.update_node(&winner.id, &|record| {
+                    record.labels.insert(key.clone(), "1".into());
+                    true
+                })
+                .await
+                .expect("update from a")
+                .expect("node exists");
+            }
+        },
+        async {
+            for i in 0..15 {
+                let key = format!("b{i}");
+                b.update_node(&winner.id, &|record| {
+                    record.labels.insert(key.clone(), "1".into());
+                    true
+                })
+                .await
+                .expect("update from b")
+                .expect("node exists");
+            }
+        }
+    );
+    let ((), ()) = (from_a, from_b);
+    eventually("both see all 30 label changes", || {
+        for store in [&a, &b] {
+            let record = store
+                .get_node(&winner.id)
+                .map_err(|e| e.to_string())?
+                .ok_or("node gone")?;
+            let ours = record
+                .labels
+                .keys()
+                .filter(|k| k.starts_with('a') || k.starts_with('b'))
+                .count();
+            if ours != 30 {
+                return Err(format!("{ours} of 30: {:?}", record.labels));
+            }
+        }
+        Ok(())
+    })
+    .await;
+
+    // Removal takes the name with it, and a change from the other replica
+    // right after (its view may not have the removal yet) does not bring
+    // the node back.
     let removed = b.remove_node(&winner.id).await.expect("remove");
     assert_eq!(removed.map(|n| n.id), Some(winner.id.clone()));
+    let late = a
+        .update_node(&winner.id, &|record| {
+            record.last_seen_ms = Some(99);
+            true
+        })
+        .await
+        .expect("update after removal");
+    assert!(late.is_none(), "a removed node was written back: {late:?}");
+    assert!(!b.has_node(&winner.id).expect("read"), "node revived");
     eventually("a sees the removal", || {
         if a.has_node(&winner.id).map_err(|e| e.to_string())?
             || a.node_id_by_name(&winner.name)

@@ -442,13 +442,22 @@ impl Registry {
         agent_labels: Labels,
         agent_version: &str,
     ) -> Result<SessionHandle, RegistryError> {
-        let mut record = self.current_record(node_id, cert_fingerprint)?;
-        let mut labels = agent_labels;
-        labels.extend(record.forced_labels.clone());
+        self.current_record(node_id, cert_fingerprint)?;
         let now = now_ms();
-        record.labels = labels;
-        record.agent_version = agent_version.to_string();
-        record.last_seen_ms = Some(now);
+        // Guarded: a removal or another replica's write in between is
+        // re-read, never overwritten.
+        let record = self
+            .store
+            .update_node(node_id, &|record| {
+                let mut labels = agent_labels.clone();
+                labels.extend(record.forced_labels.clone());
+                record.labels = labels;
+                record.agent_version = agent_version.to_string();
+                record.last_seen_ms = Some(now);
+                true
+            })
+            .await?
+            .ok_or_else(|| RegistryError::Removed(node_id.to_string()))?;
         let connected = Event::new(
             "node.connected",
             format!("{} connected (agent {agent_version})", record.name),
@@ -456,7 +465,6 @@ impl Registry {
         for event in self.within_budget(node_id, vec![connected], false) {
             self.events.append(event.node(&record.name));
         }
-        self.store.put_node(&record).await?;
 
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
@@ -541,20 +549,28 @@ impl Registry {
         new_fingerprint: String,
         new_not_after_ms: u64,
     ) -> Result<(), RegistryError> {
-        let mut record = self.current_record(node_id, presented_fingerprint)?;
-        let (previous, previous_not_after) = if presented_fingerprint == record.cert_fingerprint {
-            (record.cert_fingerprint.clone(), record.cert_not_after_ms)
-        } else {
-            (
-                presented_fingerprint.to_string(),
-                record.previous_cert_not_after_ms,
-            )
-        };
-        record.previous_cert_fingerprint = Some(previous);
-        record.previous_cert_not_after_ms = previous_not_after;
-        record.cert_fingerprint = new_fingerprint;
-        record.cert_not_after_ms = new_not_after_ms;
-        self.store.put_node(&record).await?;
+        self.current_record(node_id, presented_fingerprint)?;
+        // Decided on the record as it stands when written (guarded), so a
+        // concurrent change is neither lost nor a removed node revived.
+        self.store
+            .update_node(node_id, &|record| {
+                let (previous, previous_not_after) =
+                    if presented_fingerprint == record.cert_fingerprint {
+                        (record.cert_fingerprint.clone(), record.cert_not_after_ms)
+                    } else {
+                        (
+                            presented_fingerprint.to_string(),
+                            record.previous_cert_not_after_ms,
+                        )
+                    };
+                record.previous_cert_fingerprint = Some(previous);
+                record.previous_cert_not_after_ms = previous_not_after;
+                record.cert_fingerprint = new_fingerprint.clone();
+                record.cert_not_after_ms = new_not_after_ms;
+                true
+            })
+            .await?
+            .ok_or_else(|| RegistryError::Removed(node_id.to_string()))?;
         Ok(())
     }
 
@@ -739,16 +755,26 @@ impl Registry {
                 _ => return,
             }
         };
-        match self.store.get_node(&handle.node_id) {
-            Ok(Some(mut record)) => {
+        let written = self
+            .store
+            .update_node(&handle.node_id, &|record| {
                 record.last_seen_ms = Some(last_seen);
+                true
+            })
+            .await;
+        let record = match written {
+            Ok(record) => Ok(record),
+            Err(e) => {
+                tracing::warn!(node = %handle.node_id, error = %e, "could not persist last-seen time");
+                self.store.get_node(&handle.node_id)
+            }
+        };
+        match record {
+            Ok(Some(record)) => {
                 let disconnected =
                     Event::new("node.disconnected", format!("{} disconnected", record.name));
                 for event in self.within_budget(&handle.node_id, vec![disconnected], true) {
                     self.events.append(event.node(&record.name));
-                }
-                if let Err(e) = self.store.put_node(&record).await {
-                    tracing::warn!(node = %handle.node_id, error = %e, "could not persist last-seen time");
                 }
                 let state = self
                     .watched()

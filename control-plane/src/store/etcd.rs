@@ -1059,6 +1059,31 @@ impl NodeRecords for EtcdStore {
         self.inner.flush().await
     }
 
+    async fn update_node(
+        &self,
+        id: &str,
+        change: Change<'_, NodeRecord>,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        let key = self.inner.keys.record(Collection::Nodes, id);
+        self.inner
+            .change(|inner| {
+                let read = inner.read(key.as_bytes());
+                let Some(bytes) = &read.0 else {
+                    return Ok((Vec::new(), Vec::new(), None));
+                };
+                let mut record: NodeRecord = decode(Collection::Nodes, key.as_bytes(), bytes)?;
+                if !change(&mut record) {
+                    return Ok((Vec::new(), Vec::new(), Some(record)));
+                }
+                Ok::<_, StoreError>((
+                    vec![(key.clone(), base_of(&read))],
+                    vec![(key.clone(), Some(encode(&record)))],
+                    Some(record),
+                ))
+            })
+            .await
+    }
+
     async fn exhaust_token(&self, hash: &str) -> Result<(), StoreError> {
         let key = self.inner.keys.record(Collection::Tokens, hash);
         self.inner

@@ -168,6 +168,16 @@ pub trait NodeRecords: Send + Sync {
     /// Overwrite a node record (labels, last seen, agent version). The name
     /// index is unchanged: names are fixed at enrollment.
     async fn put_node(&self, record: &NodeRecord) -> Result<(), StoreError>;
+    /// Change a node record where it stands, guarded against other writers
+    /// (another replica's session of the node, a removal): `change` may run
+    /// more than once, on the record as it is then, and says whether it
+    /// changed anything. `None` when the node does not exist: a removed node
+    /// is never written back. The name index is unchanged.
+    async fn update_node(
+        &self,
+        id: &str,
+        change: Change<'_, NodeRecord>,
+    ) -> Result<Option<NodeRecord>, StoreError>;
     /// Spend whatever uses a join token has left (a removed node must not
     /// come back with the token it enrolled with).
     async fn exhaust_token(&self, hash: &str) -> Result<(), StoreError>;

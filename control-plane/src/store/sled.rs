@@ -424,6 +424,40 @@ impl NodeRecords for SledStore {
         self.flush().await
     }
 
+    async fn update_node(
+        &self,
+        id: &str,
+        change: Change<'_, NodeRecord>,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        let key = id.as_bytes();
+        let mut corrupt = None;
+        let updated = self.nodes.update_and_fetch(key, |old| {
+            let old = old?;
+            match decode::<NodeRecord>(Collection::Nodes, key, old) {
+                Ok(mut record) => {
+                    if change(&mut record) {
+                        Some(encode(&record))
+                    } else {
+                        Some(old.to_vec())
+                    }
+                }
+                // Leave what is there; the error is reported below.
+                Err(e) => {
+                    corrupt = Some(e);
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        if let Some(e) = corrupt {
+            return Err(e);
+        }
+        let Some(bytes) = updated else {
+            return Ok(None);
+        };
+        self.flush().await?;
+        decode(Collection::Nodes, key, &bytes).map(Some)
+    }
+
     async fn exhaust_token(&self, hash: &str) -> Result<(), StoreError> {
         if let Some(mut token) = self.get_token(hash)?
             && token.uses_left > 0
@@ -1193,5 +1227,85 @@ mod tests {
             .enroll("h", 10, node("n3", "a"))
             .await
             .expect("name is free again");
+    }
+
+    #[tokio::test]
+    async fn update_node_changes_in_place_and_never_revives_a_removed_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let store = Store::open(&path, 1 << 20).expect("open");
+        assert!(
+            store
+                .update_node("nobody", &|_| true)
+                .await
+                .expect("update")
+                .is_none(),
+            "an update does not create a node"
+        );
+        store
+            .insert_token("h", &token(3, u64::MAX))
+            .await
+            .expect("token");
+        store
+            .enroll("h", 10, node("n1", "a"))
+            .await
+            .expect("enroll");
+        let updated = store
+            .update_node("n1", &|record| {
+                record.last_seen_ms = Some(42);
+                true
+            })
+            .await
+            .expect("update")
+            .expect("exists");
+        assert_eq!(updated.last_seen_ms, Some(42));
+        let unchanged = store
+            .update_node("n1", &|record| {
+                record.last_seen_ms = Some(7);
+                false
+            })
+            .await
+            .expect("update")
+            .expect("exists");
+        assert_eq!(
+            unchanged.last_seen_ms,
+            Some(42),
+            "a declined change is not written"
+        );
+        // Many concurrent writers of different fields: none is lost.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                store
+                    .update_node("n1", &|record| {
+                        record.labels.insert(format!("k{i}"), "v".into());
+                        true
+                    })
+                    .await
+                    .map(|r| r.is_some())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            assert!(done.expect("task").expect("update"), "the node exists");
+        }
+        let record = store.get_node("n1").expect("get").expect("exists");
+        assert_eq!(
+            record.labels.keys().filter(|k| k.starts_with('k')).count(),
+            40,
+            "{:?}",
+            record.labels
+        );
+        store.remove_node("n1").await.expect("remove");
+        assert!(
+            store
+                .update_node("n1", &|_| true)
+                .await
+                .expect("update")
+                .is_none()
+        );
+        drop(store);
+        let store = reopen(&path).await;
+        assert!(store.get_node("n1").expect("get").is_none(), "not revived");
     }
 }
