@@ -13,7 +13,8 @@
 //!    trusted for client certificates (`ca-previous.crt`), and the server
 //!    sends the new CA cross-signed by the old one (`ca-cross.crt`), so
 //!    agents and profiles that trust only the old CA still connect. Agents
-//!    receive the new CA with their next certificate renewal.
+//!    receive the new CA with their next certificate renewal. The server
+//!    and replica certificates are issued again from the new CA.
 //! 2. `finish-ca-rotation`: the old CA is dropped; only certificates from the
 //!    new CA are accepted.
 
@@ -200,6 +201,12 @@ pub fn rotate_ca(dir: &Path) -> Result<String, RotationError> {
     let cross = old.cross_sign(&name, &new_pems.key_pem)?;
     let names = pki::server_names(pki::first_cert_der(&read(&layout.server_cert())?)?.as_ref())?;
     let server = new.issue_server(&names, SERVER_CERT_VALIDITY)?;
+    // The certificate replicas forward calls to the leader with: from the
+    // new CA too, so copies of this directory forward after the rotation.
+    let replica = new.issue_client_with_new_key(
+        &pki::Principal::Replica(crate::auth::REPLICA_IDENTITY.into()),
+        SERVER_CERT_VALIDITY,
+    )?;
     stage_and_apply(
         dir,
         &[
@@ -223,6 +230,16 @@ pub fn rotate_ca(dir: &Path) -> Result<String, RotationError> {
             (
                 file_name(&layout.server_cert()),
                 &server.cert_pem,
+                PUBLIC_FILE_MODE,
+            ),
+            (
+                file_name(&layout.replica_key()),
+                &replica.key_pem,
+                PRIVATE_FILE_MODE,
+            ),
+            (
+                file_name(&layout.replica_cert()),
+                &replica.cert_pem,
                 PUBLIC_FILE_MODE,
             ),
         ],

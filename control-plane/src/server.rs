@@ -388,9 +388,9 @@ const REPLICA_CERT_FALLBACK_VALIDITY: std::time::Duration =
 
 /// The TLS client config a follower forwards to the leader with: it trusts
 /// the cluster's CA (and the previous one during a rotation) and presents
-/// the replicas' certificate from the data dir. A data dir made before
-/// forwarding existed has none, and after a CA rotation it is signed by the
-/// old CA: then one is issued from the CA in the data dir for this process.
+/// the replicas' certificate from the data dir (`init` and `rotate-ca`
+/// issue it). A data dir made before forwarding existed has none: then one
+/// is issued from the CA in the data dir for this process.
 fn forwarding_tls(
     layout: &DataDir,
     ca_pem: &str,

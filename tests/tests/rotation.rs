@@ -64,6 +64,15 @@ fn server_certificate_and_ca_rotate_without_losing_agents_or_operators() {
     assert_eq!(started.code, 0, "{started:?}");
     let new_ca = read(&ca_path);
     assert_ne!(new_ca, old_ca);
+    // The certificate replicas forward calls with is issued again, by the
+    // new CA (a copy of this directory on another replica forwards with it).
+    let replica_cert = read(&cp.data_dir.join("replica.crt"));
+    hotswap_common::pki::check_certificate(
+        &replica_cert,
+        &new_ca,
+        hotswap_common::timefmt::now_ms(),
+    )
+    .expect("replica.crt is issued by the new CA");
     let again = offline(&cp.data_dir, &["rotate-ca"]);
     assert_eq!(again.code, 1, "{again:?}");
     assert!(again.stderr.contains("already in progress"), "{again:?}");
