@@ -240,6 +240,25 @@ impl Fleet {
         }
     }
 
+    /// A fleet made elsewhere: `cp` (already trusting the public half of
+    /// `key`, e.g. one replica of several) and its enrolled agents, so the
+    /// module helpers work on it.
+    pub fn of(
+        cp: ControlPlane,
+        agent: Agent,
+        others: Vec<Agent>,
+        key: PathBuf,
+        work: &Path,
+    ) -> Self {
+        Self {
+            cp,
+            agent,
+            others,
+            key,
+            work: work.to_path_buf(),
+        }
+    }
+
     /// A fleet of agents `names` in `environment`, each with a `port` label
     /// (module sockets use `${NODE_LABEL_port}`). Returns the ports by node.
     pub fn start_many(dir: &TestDir, environment: &str, names: &[&str]) -> (Self, Vec<u16>) {

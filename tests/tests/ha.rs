@@ -3,14 +3,17 @@
 //! leading; `kill -9` of the leader in the middle of a rolling deployment;
 //! the other replica leads within the lease, the deployment finishes, every
 //! node activated exactly once, the event log gap-free and the audit chain
-//! whole across the two leaders; a graceful stop hands over at once.
+//! whole across the two leaders; a graceful stop hands over at once; and
+//! canary analysis judges a canary and its baseline held by different
+//! replicas on both their metrics.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use hotswap_tests::marker::{activations, push_marker};
 use hotswap_tests::{
-    Agent, ControlPlane, EtcdCluster, SeaweedS3, TestDir, ctl_offline, eventually,
+    Agent, ControlPlane, EtcdCluster, Fleet, Load, SeaweedS3, TestDir, ctl_offline, eventually,
+    free_port,
 };
 use serde_json::Value;
 
@@ -452,4 +455,121 @@ fn agents_on_every_replica_roll_out_once_and_fail_over_to_the_other() {
         vanished < Duration::from_secs(7),
         "within the 5 s lease (whole seconds in etcd, plus polling): {vanished:?}"
     );
+}
+
+/// SPEC §7: canary analysis works when canary and baseline nodes are
+/// connected to different replicas. Each node is pinned to one replica, the
+/// deployment is created through the follower, and the leader's verdict
+/// needs both metric windows: the failing one counts the minimum sample on
+/// each side.
+#[test]
+fn a_canary_and_its_baseline_on_different_replicas_are_judged_together() {
+    let dir = TestDir::new();
+    let etcd = EtcdCluster::start(3);
+    let s3 = SeaweedS3::start("hotswap-canary");
+    let mut a = ControlPlane::init_on_etcd(dir.path(), "cp-a", &etcd.endpoints(), &s3);
+    let mut b = a.replica("cp-b");
+    a.start_replica();
+    a.wait_serving();
+    eventually("cp-a to lead", || {
+        let out = a.ctl(&["deploy", "list"]);
+        (out.code == 0).then_some(()).ok_or(out.stderr)
+    });
+    b.start_replica();
+    b.wait_serving();
+    let key_base = dir.path().join("publisher");
+    ctl_offline(&[
+        "keys",
+        "generate",
+        "--out",
+        key_base.to_str().expect("utf8"),
+    ])
+    .ok();
+    let trusted = a.ctl(&[
+        "keys",
+        "trust",
+        dir.path().join("publisher.pub").to_str().expect("utf8"),
+        "--name",
+        "publisher",
+    ]);
+    assert_eq!(trusted.code, 0, "{trusted:?}");
+    let (token, fp) = a.token(&["--uses", "2", "--label", "environment=qa"]);
+    let mut ports = Vec::new();
+    let mut agents = Vec::new();
+    for (name, url) in [("n1", a.url()), ("n2", b.url())] {
+        let port = free_port();
+        let label = format!("port={port}");
+        let mut agent = Agent::new(dir.path(), name);
+        agent.enroll(&url, &token, &fp, &["--label", &label]);
+        agents.push(agent);
+        ports.push(port);
+    }
+    for name in ["n1", "n2"] {
+        a.wait_status(name, "connected");
+    }
+    assert_eq!(sessions_held(&a, "cp-a"), Ok(1));
+    assert_eq!(sessions_held(&b, "cp-b"), Ok(1));
+    let n2 = agents.pop().expect("n2");
+    let n1 = agents.pop().expect("n1");
+    let fleet = Fleet::of(
+        a,
+        n1,
+        vec![n2],
+        dir.path().join("publisher.key"),
+        dir.path(),
+    );
+    fleet.push_hello_per_node("1.0.0", "");
+    fleet.push_hello_per_node("2.0.0", "HELLO_ERROR_RATE = \"0.5\"");
+    let first = b.ctl(&["deploy", "create", "hello@1.0.0", "--env", "qa", "--wait"]);
+    assert_eq!(first.code, 0, "{first:?}");
+    let loads: Vec<Load> = ports.iter().map(|p| Load::start(*p)).collect();
+    let out = b.ctl(&[
+        "-o",
+        "json",
+        "deploy",
+        "create",
+        "hello@2.0.0",
+        "--env",
+        "qa",
+        "--strategy",
+        "canary",
+        "--steps",
+        "50,100",
+        "--step-duration",
+        "30s",
+        "--analysis-warmup",
+        "1s",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    for load in loads {
+        let _ = load.finish();
+    }
+    assert_eq!(out.code, 3, "{out:?}");
+    let last = out.last_json_line();
+    assert_eq!(last["state"], "rolled_back", "{last}");
+    let verdicts = last["analysis"].as_array().cloned().unwrap_or_default();
+    let verdict = verdicts.last().cloned().unwrap_or_default();
+    assert_eq!(verdict["outcome"], "failed", "{last}");
+    for side in ["canary_requests", "baseline_requests"] {
+        assert!(
+            verdict[side].as_f64() >= Some(50.0),
+            "{side}: judged on at least the minimum sample from its replica: {verdict}"
+        );
+    }
+    assert!(
+        verdict["canary_error_rate"]
+            .as_f64()
+            .is_some_and(|e| e > 0.2),
+        "{verdict}"
+    );
+    assert_eq!(
+        verdict["baseline_error_rate"].as_f64(),
+        Some(0.0),
+        "{verdict}"
+    );
+    for node in ["n1", "n2"] {
+        assert_eq!(fleet.version_on(node, "hello"), "1.0.0", "{node}");
+    }
 }
