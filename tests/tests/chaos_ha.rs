@@ -803,8 +803,8 @@ fn server_seen(cp: &ControlPlane, name: &str) -> Result<Option<(bool, u64)>, Str
 }
 
 /// Kill -9 of a follower that holds agent sessions, at a random point of a
-/// rolling deployment (a quarter of the time while it forwards the
-/// `deploy create` to the leader). Three replicas; the three agents rolled
+/// rolling deployment (every fourth trial while it forwards the `deploy
+/// create` to the leader). Three replicas; the three agents rolled
 /// out to reach each replica through a route of their own, and are placed
 /// at random before each trial (the killed follower always holds some);
 /// two more agents, outside the deployment, know only `cp-b` or only
@@ -858,7 +858,9 @@ fn follower_holding_sessions_killed_during_rollouts() {
         let version = format!("1.{trial}.0");
         ha.push_marker(&version);
         let before = ha.activations();
-        let via_follower = chaos.rng.random_bool(0.25);
+        // Every fourth trial sends `deploy create` to the follower about to
+        // die, which forwards it to the leader.
+        let via_follower = trial % 4 == 0;
         let kill_after = if via_follower {
             chaos.millis(0..150)
         } else {
@@ -875,6 +877,12 @@ fn follower_holding_sessions_killed_during_rollouts() {
         });
         let killed_at = Instant::now();
         ha.replicas[follower].kill();
+        // Where in the rollout the kill landed: nodes that had activated.
+        let activated_at_kill = ha
+            .activations()
+            .iter()
+            .filter(|((_, v), n)| *v == version && **n > 0)
+            .count();
         let acknowledged = created.code == 0;
         let id = acknowledged.then(|| created.json()["id"].as_str().expect("id").to_string());
 
@@ -1004,6 +1012,7 @@ fn follower_holding_sessions_killed_during_rollouts() {
             "placement": placement.iter().map(|&i| THREE[i]).collect::<Vec<_>>(),
             "create_via_killed": via_follower,
             "kill_after_ms": ms(kill_after),
+            "activated_at_kill": activated_at_kill,
             "create_acknowledged": acknowledged,
             "reconnect_ms": moved,
             "sessions_vanished_ms": ms(vanished),
