@@ -862,15 +862,19 @@ fn follower_holding_sessions_killed_during_rollouts() {
         // die, which forwards it to the leader.
         let via_follower = trial % 4 == 0;
         let kill_after = if via_follower {
-            chaos.millis(0..150)
+            // The call takes about a tenth of a second in a debug build.
+            chaos.millis(0..100)
         } else {
             chaos.millis(0..4000)
         };
         let lost_before = ha.leader().log().as_str().leases_lost();
         let pid = ha.replicas[follower].pid();
-        let created = std::thread::scope(|scope| {
+        let (created, create_took) = std::thread::scope(|scope| {
             let cp = &ha.replicas[if via_follower { follower } else { leader }];
-            let call = scope.spawn(|| Ha::create_on(cp, &version));
+            let call = scope.spawn(|| {
+                let started = Instant::now();
+                (Ha::create_on(cp, &version), started.elapsed())
+            });
             std::thread::sleep(kill_after);
             send_kill(pid);
             call.join().expect("create thread")
@@ -1014,6 +1018,7 @@ fn follower_holding_sessions_killed_during_rollouts() {
             "kill_after_ms": ms(kill_after),
             "activated_at_kill": activated_at_kill,
             "create_acknowledged": acknowledged,
+            "create_ms": ms(create_took),
             "reconnect_ms": moved,
             "sessions_vanished_ms": ms(vanished),
             "outcome": state,
