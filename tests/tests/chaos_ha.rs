@@ -1,7 +1,8 @@
 //! The chaos suite of high availability (SPEC §7): two control-plane
-//! replicas on a real 3-member etcd cluster with artifacts in SeaweedFS,
-//! three agents that know both replicas, faults at random moments of
-//! rolling deployments, checked against §7's guarantees.
+//! replicas (three in the follower scenario) on a real 3-member etcd
+//! cluster with artifacts in SeaweedFS, three agents that know every
+//! replica, faults at random moments of rolling deployments, checked
+//! against §7's guarantees.
 //!
 //! - the leading replica killed with SIGKILL at a random point (also while
 //!   `deploy create` is in flight), and sometimes the new leader too while
@@ -18,10 +19,18 @@
 //!   after the next leader's election: no event number twice or missing,
 //!   no node activated twice), says it is not ready, the other replica
 //!   leads and finishes the deployment, and once the partition heals the
-//!   old leader serves again as a follower.
+//!   old leader serves again as a follower;
+//! - a follower that holds agent sessions killed with SIGKILL at a random
+//!   point (sometimes while it forwards `deploy create`): its agents are in
+//!   session on a survivor within 5 s, every survivor's `nodes list` and
+//!   `servers list` stop showing anything held by the dead replica once
+//!   its lease expires, the leader keeps leading, the deployment finishes
+//!   with each node activated once, logs whole as above; the follower,
+//!   started again, rejoins.
 //!
 //! Each trial reports its failover time: from the fault to the new leader
-//! answering `deploy get`. `HOTSWAP_CHAOS_TRIALS` sets the trials per
+//! answering `deploy get` (in the follower scenario: each agent's time
+//! back in session, and when the dead replica's sessions vanished). `HOTSWAP_CHAOS_TRIALS` sets the trials per
 //! scenario (default 1 here, the short run inside `make test`; `make chaos`
 //! runs 25) and `HOTSWAP_CHAOS_SEED` the seed. Each scenario prints one
 //! `CHAOS {json}` line; docs/reliability.md records them.
@@ -802,6 +811,37 @@ fn server_seen(cp: &ControlPlane, name: &str) -> Result<Option<(bool, u64)>, Str
     }))
 }
 
+/// Whether `cp` lists every rolled-out node running `marker@version`
+/// (when a deployment of it exists), healthy, and `servers list` counts
+/// `sessions` agent sessions over every replica.
+fn fleet_truthful(cp: &ControlPlane, version: Option<&str>, sessions: usize) -> Result<(), String> {
+    if let Some(version) = version {
+        for node in cp.nodes() {
+            if !NODES.contains(&node["name"].as_str().unwrap_or_default()) {
+                continue;
+            }
+            let runs = node["modules"].as_array().is_some_and(|modules| {
+                modules.iter().any(|m| {
+                    m["name"] == "marker" && m["version"] == version && m["health"] == "healthy"
+                })
+            });
+            if !runs {
+                return Err(format!("{} shows {node}", cp.data_dir.display()));
+            }
+        }
+    }
+    let out = cp.ctl(&["-o", "json", "servers", "list"]);
+    let counted: u64 = out
+        .json()
+        .as_array()
+        .map(|all| all.iter().filter_map(|s| s["sessions"].as_u64()).sum())
+        .unwrap_or_default();
+    (counted == sessions as u64).then_some(()).ok_or(format!(
+        "servers list counts {counted} sessions: {}",
+        out.stdout
+    ))
+}
+
 /// Kill -9 of a follower that holds agent sessions, at a random point of a
 /// rolling deployment (every fourth trial while it forwards the `deploy
 /// create` to the leader). Three replicas; the three agents rolled
@@ -1009,6 +1049,17 @@ fn follower_holding_sessions_killed_during_rollouts() {
             for agent in &ha.agents {
                 cp.wait_status(&agent.name, "connected");
             }
+        }
+        // Every replica, the rejoined one too, shows what the nodes run
+        // and counts the sessions there are.
+        for (i, cp) in ha.replicas.iter().enumerate() {
+            eventually(&format!("{} to show the fleet as it is", THREE[i]), || {
+                fleet_truthful(
+                    cp,
+                    found.as_ref().map(|_| version.as_str()),
+                    ha.agents.len(),
+                )
+            });
         }
         outcomes.push(json!({
             "trial": trial,
