@@ -812,9 +812,15 @@ fn server_seen(cp: &ControlPlane, name: &str) -> Result<Option<(bool, u64)>, Str
 }
 
 /// Whether `cp` lists every rolled-out node running `marker@version`
-/// (when a deployment of it exists), healthy, and `servers list` counts
-/// `sessions` agent sessions over every replica.
-fn fleet_truthful(cp: &ControlPlane, version: Option<&str>, sessions: usize) -> Result<(), String> {
+/// (when a deployment of it exists), healthy, and `servers list` on it
+/// shows `name` (itself) and, for every replica it shows, the sessions
+/// `records` (node id to replica, from etcd) say that replica holds.
+fn fleet_truthful(
+    cp: &ControlPlane,
+    name: &str,
+    version: Option<&str>,
+    records: &BTreeMap<String, String>,
+) -> Result<(), String> {
     if let Some(version) = version {
         for node in cp.nodes() {
             if !NODES.contains(&node["name"].as_str().unwrap_or_default()) {
@@ -826,20 +832,28 @@ fn fleet_truthful(cp: &ControlPlane, version: Option<&str>, sessions: usize) -> 
                 })
             });
             if !runs {
-                return Err(format!("{} shows {node}", cp.data_dir.display()));
+                return Err(format!("{name} shows {node}"));
             }
         }
     }
     let out = cp.ctl(&["-o", "json", "servers", "list"]);
-    let counted: u64 = out
-        .json()
-        .as_array()
-        .map(|all| all.iter().filter_map(|s| s["sessions"].as_u64()).sum())
-        .unwrap_or_default();
-    (counted == sessions as u64).then_some(()).ok_or(format!(
-        "servers list counts {counted} sessions: {}",
-        out.stdout
-    ))
+    let listed = out.json();
+    let all = listed.as_array().cloned().unwrap_or_default();
+    if !all.iter().any(|s| s["name"] == name) {
+        return Err(format!("{name} does not list itself: {}", out.stdout));
+    }
+    for server in &all {
+        let held = records
+            .values()
+            .filter(|r| server["name"] == r.as_str())
+            .count() as u64;
+        if server["sessions"].as_u64() != Some(held) {
+            return Err(format!(
+                "{name} lists {server}, etcd has {held} sessions held by it"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Kill -9 of a follower that holds agent sessions, at a random point of a
@@ -1051,13 +1065,15 @@ fn follower_holding_sessions_killed_during_rollouts() {
             }
         }
         // Every replica, the rejoined one too, shows what the nodes run
-        // and counts the sessions there are.
+        // and counts the sessions each replica it lists holds.
         for (i, cp) in ha.replicas.iter().enumerate() {
             eventually(&format!("{} to show the fleet as it is", THREE[i]), || {
+                let records = session_records(&endpoints);
                 fleet_truthful(
                     cp,
+                    THREE[i],
                     found.as_ref().map(|_| version.as_str()),
-                    ha.agents.len(),
+                    &records,
                 )
             });
         }
