@@ -27,6 +27,7 @@ pub mod replica;
 pub mod replicas;
 pub mod roles;
 pub mod rotation;
+pub mod run_to_end;
 pub mod server;
 pub mod service;
 pub mod storage;

@@ -24,6 +24,7 @@ use crate::leader_only::{Install, LeaderOnly};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
 use crate::replicas::{EmbeddedReplicas, ThisReplica};
+use crate::run_to_end::RunToEndLayer;
 use crate::service::Context;
 use crate::service::artifacts::ArtifactsService;
 use crate::service::audit::AuditService;
@@ -746,6 +747,9 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         .http2_max_header_list_size(Some(64 * 1024))
         .layer(RequestTimeoutLayer::new(config.settings.request_timeout))
         .layer(RpcMetricsLayer::new(metrics.clone()))
+        // Innermost: a caller that goes away or runs out of time stops
+        // waiting for the answer, not the handler (see run_to_end.rs).
+        .layer(RunToEndLayer)
         .add_service(
             pb::enrollment_server::EnrollmentServer::new(EnrollmentService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),

@@ -298,3 +298,28 @@ impl EtcdCluster {
             .unwrap_or_default()
     }
 }
+
+/// The agent sessions the replicas publish on etcd (under the default
+/// prefix, `/hotswap/sessions/<node_id>`): node id to the name of the
+/// replica holding the session.
+pub fn session_records(endpoints: &str) -> std::collections::BTreeMap<String, String> {
+    crate::control_plane::runtime().block_on(async {
+        let config = hotswap_etcd::ClientConfig::from_list(endpoints).expect("endpoints");
+        let client = hotswap_etcd::Client::connect(config)
+            .await
+            .expect("connect to etcd");
+        let prefix = "/hotswap/sessions/";
+        let (_, kvs) = client.range(prefix.as_bytes()).await.expect("range");
+        kvs.into_iter()
+            .map(|kv| {
+                let node = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                let record: serde_json::Value =
+                    serde_json::from_slice(&kv.value).expect("record json");
+                (
+                    node,
+                    record["replica"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    })
+}

@@ -63,9 +63,13 @@ impl CutProxy {
 /// during the partition are accepted and silent too. After
 /// [`PartitionProxy::heal`] new connections forward again; the silenced ones
 /// stay silent, like TCP connections whose peer gave up during the outage.
+/// [`PartitionProxy::refuse`] instead closes each new connection at once (a
+/// port nothing listens on, as far as the client can tell) and leaves the
+/// open ones alone, until [`PartitionProxy::admit`].
 pub struct PartitionProxy {
     pub addr: SocketAddr,
     partitioned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     connections:
         std::sync::Arc<std::sync::Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicBool>>>>,
 }
@@ -78,11 +82,16 @@ impl PartitionProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let partitioned = Arc::new(AtomicBool::new(false));
+        let refusing = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Vec<Weak<AtomicBool>>>> = Arc::default();
-        let (flag, list) = (partitioned.clone(), connections.clone());
+        let (flag, refuse, list) = (partitioned.clone(), refusing.clone(), connections.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
+                if refuse.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let silent = Arc::new(AtomicBool::new(flag.load(Ordering::SeqCst)));
                 {
                     let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,6 +118,7 @@ impl PartitionProxy {
         Self {
             addr,
             partitioned,
+            refusing,
             connections,
         }
     }
@@ -131,6 +141,18 @@ impl PartitionProxy {
     /// Let new connections through again.
     pub fn heal(&self) {
         self.partitioned
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Close every new connection as soon as it is accepted.
+    pub fn refuse(&self) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Forward new connections again after [`PartitionProxy::refuse`].
+    pub fn admit(&self) {
+        self.refusing
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }

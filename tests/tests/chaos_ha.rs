@@ -1,7 +1,8 @@
 //! The chaos suite of high availability (SPEC §7): two control-plane
-//! replicas on a real 3-member etcd cluster with artifacts in SeaweedFS,
-//! three agents that know both replicas, faults at random moments of
-//! rolling deployments, checked against §7's guarantees.
+//! replicas (three in the follower scenario) on a real 3-member etcd
+//! cluster with artifacts in SeaweedFS, three agents that know every
+//! replica, faults at random moments of rolling deployments, checked
+//! against §7's guarantees.
 //!
 //! - the leading replica killed with SIGKILL at a random point (also while
 //!   `deploy create` is in flight), and sometimes the new leader too while
@@ -18,10 +19,18 @@
 //!   after the next leader's election: no event number twice or missing,
 //!   no node activated twice), says it is not ready, the other replica
 //!   leads and finishes the deployment, and once the partition heals the
-//!   old leader serves again as a follower.
+//!   old leader serves again as a follower;
+//! - a follower that holds agent sessions killed with SIGKILL at a random
+//!   point (sometimes while it forwards `deploy create`): its agents are in
+//!   session on a survivor within 5 s, every survivor's `nodes list` and
+//!   `servers list` stop showing anything held by the dead replica once
+//!   its lease expires, the leader keeps leading, the deployment finishes
+//!   with each node activated once, logs whole as above; the follower,
+//!   started again, rejoins.
 //!
 //! Each trial reports its failover time: from the fault to the new leader
-//! answering `deploy get`. `HOTSWAP_CHAOS_TRIALS` sets the trials per
+//! answering `deploy get` (in the follower scenario: each agent's time
+//! back in session, and when the dead replica's sessions vanished). `HOTSWAP_CHAOS_TRIALS` sets the trials per
 //! scenario (default 1 here, the short run inside `make test`; `make chaos`
 //! runs 25) and `HOTSWAP_CHAOS_SEED` the seed. Each scenario prints one
 //! `CHAOS {json}` line; docs/reliability.md records them.
@@ -33,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use hotswap_tests::{
     Agent, Chaos, ControlPlane, CtlOutput, EtcdCluster, PartitionProxy, SeaweedS3, TestDir,
-    ctl_offline, eventually, send_kill, try_http_get,
+    ctl_offline, eventually, send_kill, session_records, try_http_get,
 };
 use rand::Rng;
 use serde_json::{Value, json};
@@ -45,12 +54,13 @@ const MAKE_TEST_TRIALS: usize = 1;
 /// The nodes of every scenario.
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 
-/// Two replicas of one cluster, the etcd cluster and S3 under them, and
-/// three agents enrolled with both replicas' URLs. Fields drop in order:
-/// agents, then replicas, then what they stand on.
+/// Replicas of one cluster, the etcd cluster and S3 under them, and the
+/// agents rolled out to (three, enrolled with every replica's URL unless
+/// a scenario says otherwise). Fields drop in order: agents, then
+/// replicas, then what they stand on.
 struct Ha {
     agents: Vec<Agent>,
-    replicas: [ControlPlane; 2],
+    replicas: Vec<ControlPlane>,
     /// Which of `replicas` leads, as last seen.
     leader: usize,
     etcd: EtcdCluster,
@@ -62,23 +72,42 @@ struct Ha {
 }
 
 impl Ha {
-    /// Start the cluster; `cp-a` reaches etcd at `a_endpoints` when given
-    /// (proxies), and leads first.
+    /// Start two replicas and the three agents; `cp-a` reaches etcd at
+    /// `a_endpoints` when given (proxies), and leads first.
     fn start(bucket: &str, etcd: EtcdCluster, a_endpoints: Option<&str>) -> Self {
+        let mut ha = Self::cluster(bucket, etcd, a_endpoints, &["cp-a", "cp-b"]);
+        let every = ha
+            .replicas
+            .iter()
+            .map(ControlPlane::url)
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = ha.token("qa");
+        for name in NODES {
+            ha.enroll(name, &every, &token);
+        }
+        ha
+    }
+
+    /// Start the replicas `names` (the first leads; it reaches etcd at
+    /// `a_endpoints` when given) and trust the publisher key; no agents.
+    fn cluster(bucket: &str, etcd: EtcdCluster, a_endpoints: Option<&str>, names: &[&str]) -> Self {
         let dir = TestDir::new();
         let s3 = SeaweedS3::start(bucket);
-        let mut a = ControlPlane::init_on_etcd(dir.path(), "cp-a", &etcd.endpoints(), &s3);
-        let mut b = a.replica("cp-b");
+        let mut a = ControlPlane::init_on_etcd(dir.path(), names[0], &etcd.endpoints(), &s3);
+        let mut others: Vec<ControlPlane> = names[1..].iter().map(|n| a.replica(n)).collect();
         if let Some(endpoints) = a_endpoints {
             a.set_etcd_endpoints(endpoints);
         }
         a.start_replica();
         a.wait_serving();
-        eventually("cp-a to lead", || {
-            leads(&a).then_some(()).ok_or_else(|| "follows".to_string())
+        eventually("the first replica to lead", || {
+            a.leads().then_some(()).ok_or_else(|| "follows".to_string())
         });
-        b.start_replica();
-        b.wait_serving();
+        for cp in &mut others {
+            cp.start_replica();
+            cp.wait_serving();
+        }
 
         let key_base = dir.path().join("publisher");
         let generated = ctl_offline(&[
@@ -96,18 +125,11 @@ impl Ha {
             "publisher",
         ]);
         assert_eq!(trusted.code, 0, "{trusted:?}");
-        let (token, fp) = a.token(&["--uses", "10", "--label", "environment=qa"]);
-        let both = format!("{},{}", a.url(), b.url());
-        let mut agents = Vec::new();
-        for name in NODES {
-            let mut agent = Agent::new(dir.path(), name);
-            agent.enroll(&both, &token, &fp, &[]);
-            a.wait_status(name, "connected");
-            agents.push(agent);
-        }
+        let mut replicas = vec![a];
+        replicas.extend(others);
         Self {
-            agents,
-            replicas: [a, b],
+            agents: Vec::new(),
+            replicas,
             leader: 0,
             etcd,
             _s3: s3,
@@ -115,6 +137,21 @@ impl Ha {
             key: dir.path().join("publisher.key"),
             dir,
         }
+    }
+
+    /// A join token for nodes of `environment`, with its CA fingerprint.
+    fn token(&self, environment: &str) -> (String, String) {
+        let label = format!("environment={environment}");
+        self.leader().token(&["--uses", "10", "--label", &label])
+    }
+
+    /// Enroll agent `name` with `control_plane` (one URL or several) and
+    /// wait until the leader shows it connected.
+    fn enroll(&mut self, name: &str, control_plane: &str, (token, fp): &(String, String)) {
+        let mut agent = Agent::new(self.dir.path(), name);
+        agent.enroll(control_plane, token, fp, &[]);
+        self.leader().wait_status(name, "connected");
+        self.agents.push(agent);
     }
 
     fn leader(&self) -> &ControlPlane {
@@ -265,17 +302,10 @@ impl Ha {
     }
 }
 
-/// Whether `cp` runs the engine now (a follower refuses its calls).
-fn leads(cp: &ControlPlane) -> bool {
-    cp.ctl(&["deploy", "list"]).code == 0
-}
-
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-/// Kill -9 of the leader at a random point of a rolling deployment,
-/// sometimes also of the next leader while it resumes.
 /// Times a replica's log says it lost a lease it restarts for: its
 /// leadership, or the session lease its shared sessions live under
 /// (whichever etcd let go first).
@@ -289,6 +319,8 @@ impl LeasesLost for str {
     }
 }
 
+/// Kill -9 of the leader at a random point of a rolling deployment,
+/// sometimes also of the next leader while it resumes.
 #[test]
 fn leader_killed_at_random_points_of_rollouts() {
     let mut chaos = Chaos::with_default_trials("ha-leader-kill", MAKE_TEST_TRIALS);
@@ -658,6 +690,412 @@ fn leader_partitioned_from_etcd_is_fenced_and_replaced() {
     }
     chaos.report(json!({
         "failover_ms": summary(&failovers),
+        "trials": outcomes,
+    }));
+}
+
+/// The replicas of the follower scenario: `cp-a` leads, `cp-b` and `cp-c`
+/// follow.
+const THREE: [&str; 3] = ["cp-a", "cp-b", "cp-c"];
+
+/// One agent's own way to each replica: a proxy per replica, so that the
+/// test decides where the agent's session lands (its ways to the other
+/// replicas refuse while it starts) while the agent knows every replica and
+/// fails over to any of them.
+struct Routes(Vec<PartitionProxy>);
+
+impl Routes {
+    fn to(replicas: &[ControlPlane]) -> Self {
+        Self(
+            replicas
+                .iter()
+                .map(|cp| {
+                    PartitionProxy::start(
+                        cp.url()
+                            .trim_start_matches("https://")
+                            .parse()
+                            .expect("a loopback replica address"),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The agent's `--control-plane`: every route.
+    fn urls(&self) -> String {
+        self.0
+            .iter()
+            .map(PartitionProxy::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The replica (index into `THREE`) holding each node's session, by node
+/// name, as the replicas published them on etcd.
+fn holders(etcd: &EtcdCluster, names: &BTreeMap<String, String>) -> BTreeMap<String, usize> {
+    session_records(&etcd.endpoints())
+        .into_iter()
+        .filter_map(|(id, replica)| {
+            let name = names.get(&id)?;
+            let i = THREE.iter().position(|r| *r == replica)?;
+            Some((name.clone(), i))
+        })
+        .collect()
+}
+
+/// Move the routed agents (the first `routes.len()` of `ha.agents`) onto
+/// the replicas `placement` gives: an agent held elsewhere restarts while
+/// its routes to every other replica refuse. Waits until etcd shows each
+/// session where it belongs and every replica lists every node connected.
+fn place_agents(
+    ha: &mut Ha,
+    routes: &[Routes],
+    placement: &[usize],
+    names: &BTreeMap<String, String>,
+) {
+    let now = holders(&ha.etcd, names);
+    let moving: Vec<usize> = (0..routes.len())
+        .filter(|&i| now.get(&ha.agents[i].name) != Some(&placement[i]))
+        .collect();
+    for &i in &moving {
+        for (j, route) in routes[i].0.iter().enumerate() {
+            if j != placement[i] {
+                route.refuse();
+            }
+        }
+        ha.agents[i].stop();
+        ha.agents[i].start(&routes[i].urls(), &[]);
+    }
+    let want: BTreeMap<String, usize> = (0..routes.len())
+        .map(|i| (ha.agents[i].name.clone(), placement[i]))
+        .collect();
+    eventually("the agents' sessions on their replicas", || {
+        let seen = holders(&ha.etcd, names);
+        let placed: BTreeMap<String, usize> = seen
+            .into_iter()
+            .filter(|(name, _)| want.contains_key(name))
+            .collect();
+        (placed == want)
+            .then_some(())
+            .ok_or(format!("held {placed:?}, want {want:?}"))
+    });
+    for &i in &moving {
+        for route in &routes[i].0 {
+            route.admit();
+        }
+    }
+    for cp in &ha.replicas {
+        for agent in &ha.agents {
+            cp.wait_status(&agent.name, "connected");
+        }
+    }
+}
+
+/// What `servers list` on `cp` says of replica `name`: absent, or its
+/// `(ready, sessions)`.
+fn server_seen(cp: &ControlPlane, name: &str) -> Result<Option<(bool, u64)>, String> {
+    let out = cp.ctl(&["-o", "json", "servers", "list"]);
+    if out.code != 0 {
+        return Err(out.stderr);
+    }
+    let list = out.json();
+    let Some(all) = list.as_array() else {
+        return Err(format!("servers list is not a list: {}", out.stdout));
+    };
+    Ok(all.iter().find(|s| s["name"] == name).map(|s| {
+        (
+            s["ready"].as_bool().unwrap_or(false),
+            s["sessions"].as_u64().unwrap_or(0),
+        )
+    }))
+}
+
+/// Whether `cp` lists every rolled-out node running `marker@version`
+/// (when a deployment of it exists), healthy, and `servers list` on it
+/// shows `name` (itself) and, for every replica it shows, the sessions
+/// `records` (node id to replica, from etcd) say that replica holds.
+fn fleet_truthful(
+    cp: &ControlPlane,
+    name: &str,
+    version: Option<&str>,
+    records: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    if let Some(version) = version {
+        for node in cp.nodes() {
+            if !NODES.contains(&node["name"].as_str().unwrap_or_default()) {
+                continue;
+            }
+            let runs = node["modules"].as_array().is_some_and(|modules| {
+                modules.iter().any(|m| {
+                    m["name"] == "marker" && m["version"] == version && m["health"] == "healthy"
+                })
+            });
+            if !runs {
+                return Err(format!("{name} shows {node}"));
+            }
+        }
+    }
+    let out = cp.ctl(&["-o", "json", "servers", "list"]);
+    let listed = out.json();
+    let all = listed.as_array().cloned().unwrap_or_default();
+    if !all.iter().any(|s| s["name"] == name) {
+        return Err(format!("{name} does not list itself: {}", out.stdout));
+    }
+    for server in &all {
+        let held = records
+            .values()
+            .filter(|r| server["name"] == r.as_str())
+            .count() as u64;
+        if server["sessions"].as_u64() != Some(held) {
+            return Err(format!(
+                "{name} lists {server}, etcd has {held} sessions held by it"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Kill -9 of a follower that holds agent sessions, at a random point of a
+/// rolling deployment (every fourth trial while it forwards the `deploy
+/// create` to the leader). Three replicas; the three agents rolled
+/// out to reach each replica through a route of their own, and are placed
+/// at random before each trial (the killed follower always holds some);
+/// two more agents, outside the deployment, know only `cp-b` or only
+/// `cp-c`.
+#[test]
+fn follower_holding_sessions_killed_during_rollouts() {
+    let mut chaos = Chaos::with_default_trials("ha-follower-kill", MAKE_TEST_TRIALS);
+    let mut ha = Ha::cluster("chaos-ha-follower", EtcdCluster::start(3), None, &THREE);
+    let routes: Vec<Routes> = NODES.iter().map(|_| Routes::to(&ha.replicas)).collect();
+    let qa = ha.token("qa");
+    for (name, route) in NODES.iter().zip(&routes) {
+        ha.enroll(name, &route.urls(), &qa);
+    }
+    // `pinned[i]`, known to replica `i` only (none for the leader).
+    let pinned = [None, Some("n4"), Some("n5")];
+    let dev = ha.token("dev");
+    for (i, name) in pinned.iter().enumerate() {
+        if let Some(name) = name {
+            let url = ha.replicas[i].url();
+            ha.enroll(name, &url, &dev);
+        }
+    }
+    let names: BTreeMap<String, String> = ha
+        .agents
+        .iter()
+        .map(|agent| (agent.node_id(), agent.name.clone()))
+        .collect();
+    let endpoints = ha.etcd.endpoints();
+
+    let mut outcomes = Vec::new();
+    let mut reconnects = Vec::new();
+    let mut vanishes = Vec::new();
+    for trial in 1..=chaos.trials {
+        let leader = ha.leader;
+        let followers: Vec<usize> = (0..THREE.len()).filter(|&i| i != leader).collect();
+        let follower = followers[chaos.rng.random_range(0..followers.len())];
+        let mut placement: Vec<usize> = NODES
+            .iter()
+            .map(|_| chaos.rng.random_range(0..THREE.len()))
+            .collect();
+        if !placement.contains(&follower) {
+            let i = chaos.rng.random_range(0..placement.len());
+            placement[i] = follower;
+        }
+        place_agents(&mut ha, &routes, &placement, &names);
+        let held: Vec<String> = (0..NODES.len())
+            .filter(|&i| placement[i] == follower)
+            .map(|i| ha.agents[i].name.clone())
+            .collect();
+
+        let version = format!("1.{trial}.0");
+        ha.push_marker(&version);
+        let before = ha.activations();
+        // Every fourth trial sends `deploy create` to the follower about to
+        // die, which forwards it to the leader.
+        let via_follower = trial % 4 == 0;
+        let kill_after = if via_follower {
+            // The call takes about a tenth of a second in a debug build.
+            chaos.millis(0..100)
+        } else {
+            chaos.millis(0..4000)
+        };
+        let lost_before = ha.leader().log().as_str().leases_lost();
+        let pid = ha.replicas[follower].pid();
+        let (created, create_took) = std::thread::scope(|scope| {
+            let cp = &ha.replicas[if via_follower { follower } else { leader }];
+            let call = scope.spawn(|| {
+                let started = Instant::now();
+                (Ha::create_on(cp, &version), started.elapsed())
+            });
+            std::thread::sleep(kill_after);
+            send_kill(pid);
+            call.join().expect("create thread")
+        });
+        let killed_at = Instant::now();
+        ha.replicas[follower].kill();
+        // Where in the rollout the kill landed: nodes that had activated.
+        let activated_at_kill = ha
+            .activations()
+            .iter()
+            .filter(|((_, v), n)| *v == version && **n > 0)
+            .count();
+        let acknowledged = created.code == 0;
+        let id = acknowledged.then(|| created.json()["id"].as_str().expect("id").to_string());
+
+        // The killed follower's agents, in session again on a survivor:
+        // when etcd first shows each one's session held there.
+        let mut moved: BTreeMap<String, u64> = BTreeMap::new();
+        while moved.len() < held.len() && killed_at.elapsed() < Duration::from_secs(15) {
+            for (name, i) in holders(&ha.etcd, &names) {
+                if held.contains(&name) && i != follower && !moved.contains_key(&name) {
+                    moved.insert(name, ms(killed_at.elapsed()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            moved.len(),
+            held.len(),
+            "trial {trial}: {held:?} of {} not all back in session: {moved:?}",
+            THREE[follower]
+        );
+        for (name, took) in &moved {
+            assert!(
+                *took < 5000,
+                "trial {trial}: {name} back in session {took} ms after the kill"
+            );
+            reconnects.push(*took);
+        }
+
+        // Every survivor tells the truth once the dead replica's lease is
+        // gone: no session held by it, every rolled-out node connected, the
+        // node that knows only the dead replica disconnected.
+        let dead = THREE[follower];
+        let survivors: Vec<usize> = (0..THREE.len()).filter(|&i| i != follower).collect();
+        let vanished = eventually("the dead replica's sessions to vanish", || {
+            let records = session_records(&endpoints);
+            let left: Vec<&String> = records
+                .iter()
+                .filter(|(_, r)| *r == dead)
+                .map(|(id, _)| id)
+                .collect();
+            if !left.is_empty() {
+                return Err(format!("{dead} still holds {left:?}"));
+            }
+            for &s in &survivors {
+                let cp = &ha.replicas[s];
+                match server_seen(cp, dead)? {
+                    None | Some((false, 0)) => {}
+                    shown => return Err(format!("{} shows {dead} as {shown:?}", THREE[s])),
+                }
+                for node in cp.nodes() {
+                    let name = node["name"].as_str().unwrap_or_default();
+                    let status = node["status"].as_str().unwrap_or_default();
+                    let only_via = pinned.iter().position(|p| *p == Some(name));
+                    let want = if only_via == Some(follower) {
+                        "disconnected"
+                    } else {
+                        "connected"
+                    };
+                    if status != want {
+                        return Err(format!("{} shows {name} {status}", THREE[s]));
+                    }
+                }
+            }
+            Ok(killed_at.elapsed())
+        });
+        vanishes.push(ms(vanished));
+        assert!(
+            vanished < Duration::from_secs(8),
+            "trial {trial}: {dead}'s sessions shown until {vanished:?} after the kill"
+        );
+
+        let found = ha.deployment_of(&version);
+        let state = match &found {
+            None => {
+                assert!(
+                    !acknowledged,
+                    "trial {trial}: deployment of {version} acknowledged ({created:?}) but lost"
+                );
+                "never created".to_string()
+            }
+            Some(d) => {
+                let found_id = d["id"].as_str().expect("id");
+                if let Some(id) = &id {
+                    assert_eq!(id, found_id, "trial {trial}");
+                }
+                let state = ha.watch_to_end(trial, found_id);
+                assert_eq!(state, "succeeded", "trial {trial}: {d}");
+                state
+            }
+        };
+        ha.assert_activated(trial, &before, &version, usize::from(found.is_some()));
+        // A follower's death does not move the engine.
+        assert!(
+            ha.leader().leads(),
+            "trial {trial}: {} stopped leading",
+            THREE[leader]
+        );
+        assert_eq!(
+            ha.leader().log().as_str().leases_lost(),
+            lost_before,
+            "trial {trial}: the leader lost a lease when a follower died"
+        );
+        let events = ha.assert_logs_whole(trial);
+
+        // The killed replica rejoins as a follower, and its own agent
+        // comes back to it.
+        let restarted = Instant::now();
+        ha.replicas[follower].start_replica();
+        ha.replicas[follower].wait_serving();
+        eventually("the restarted replica to follow", || {
+            let cp = &ha.replicas[follower];
+            let out = cp.ctl(&["deploy", "list"]);
+            let ready = readyz(cp)?;
+            (ready == 200 && !cp.leads() && out.code == 0)
+                .then_some(())
+                .ok_or(format!("readyz {ready}: {out:?}"))
+        });
+        let rejoined = restarted.elapsed();
+        for cp in &ha.replicas {
+            for agent in &ha.agents {
+                cp.wait_status(&agent.name, "connected");
+            }
+        }
+        // Every replica, the rejoined one too, shows what the nodes run
+        // and counts the sessions each replica it lists holds.
+        for (i, cp) in ha.replicas.iter().enumerate() {
+            eventually(&format!("{} to show the fleet as it is", THREE[i]), || {
+                let records = session_records(&endpoints);
+                fleet_truthful(
+                    cp,
+                    THREE[i],
+                    found.as_ref().map(|_| version.as_str()),
+                    &records,
+                )
+            });
+        }
+        outcomes.push(json!({
+            "trial": trial,
+            "killed": dead,
+            "placement": placement.iter().map(|&i| THREE[i]).collect::<Vec<_>>(),
+            "create_via_killed": via_follower,
+            "kill_after_ms": ms(kill_after),
+            "activated_at_kill": activated_at_kill,
+            "create_acknowledged": acknowledged,
+            "create_ms": ms(create_took),
+            "reconnect_ms": moved,
+            "sessions_vanished_ms": ms(vanished),
+            "outcome": state,
+            "events": events,
+            "rejoined_ms": ms(rejoined),
+        }));
+    }
+    chaos.report(json!({
+        "reconnect_ms": summary(&reconnects),
+        "sessions_vanished_ms": summary(&vanishes),
         "trials": outcomes,
     }));
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hotswap_tests::marker::{activations, push_marker};
 use hotswap_tests::{
     Agent, ControlPlane, EtcdCluster, Fleet, Load, SeaweedS3, TestDir, ctl_offline, eventually,
-    free_port,
+    free_port, session_records,
 };
 use serde_json::Value;
 
@@ -197,28 +197,6 @@ fn the_leader_killed_mid_rollout_is_replaced_and_the_rollout_finishes_once() {
     );
     let nodes = a.ctl(&["-o", "json", "nodes", "list"]);
     assert_eq!(nodes.json().as_array().map(Vec::len), Some(3), "{nodes:?}");
-}
-
-/// The session records under the cluster's prefix: node id -> replica.
-fn session_records(endpoints: &str) -> BTreeMap<String, String> {
-    hotswap_tests::runtime().block_on(async {
-        let config = hotswap_etcd::ClientConfig::from_list(endpoints).expect("endpoints");
-        let client = hotswap_etcd::Client::connect(config)
-            .await
-            .expect("connect to etcd");
-        let prefix = "/hotswap/sessions/";
-        let (_, kvs) = client.range(prefix.as_bytes()).await.expect("range");
-        kvs.into_iter()
-            .map(|kv| {
-                let node = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
-                let record: Value = serde_json::from_slice(&kv.value).expect("record json");
-                (
-                    node,
-                    record["replica"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect()
-    })
 }
 
 /// What `nodes list` says that two replicas must agree on.
