@@ -4,7 +4,10 @@
 //! spread over several source addresses so the count can exceed one
 //! address's port range), speaking the real protocol: hello, heartbeats at
 //! the interval the control plane asks for, status reports on every change
-//! and every few seconds. Modules are simulated: a desired version is
+//! and every few seconds. With several control-plane endpoints (replicas),
+//! agent `i` opens its first session on endpoint `i mod n` (so the fleet
+//! starts spread evenly) and each attempt after a session ended or failed
+//! goes to its next endpoint, as the real agent fails over. Modules are simulated: a desired version is
 //! "installing" for `--install-latency`, then running and healthy — or, with
 //! probability `--failure-rate`, failed. With `--fetch`, an install really
 //! fetches the artifact over the agent's own connection, checks its digest
@@ -25,7 +28,9 @@ use std::time::Duration;
 use hotswap_common::artifact::Digest;
 use hotswap_common::labels::Labels;
 use hotswap_common::status::{Health, ModuleStatus, Phase};
-use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, Endpoints, ServerTrust};
+use hotswap_common::tls::{
+    self, ChannelOptions, ClientIdentity, ControlPlaneUrl, Endpoints, ServerTrust,
+};
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -308,7 +313,7 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
                 }
             };
             stats.enrolled.fetch_add(1, Ordering::Relaxed);
-            agent_loop(&config, &identity, source, &stats, &shutdown).await;
+            agent_loop(&config, i, &identity, source, &stats, &shutdown).await;
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -472,9 +477,12 @@ fn report(
     }
 }
 
-/// Sessions until shutdown, reconnecting after failures and churn.
+/// Sessions until shutdown, reconnecting after failures and churn: agent
+/// `index` starts on endpoint `index mod n` and moves to the next one after
+/// every session, whether it broke, churned or never opened.
 async fn agent_loop(
     config: &SimConfig,
+    index: usize,
     identity: &SimIdentity,
     source: Option<IpAddr>,
     stats: &SimStats,
@@ -483,9 +491,12 @@ async fn agent_loop(
     let mut modules: BTreeMap<String, SimModule> = BTreeMap::new();
     let mut generation = 0u64;
     let mut delay = Duration::from_millis(100);
+    let endpoints = config.control_plane.all();
+    let mut at = index % endpoints.len();
     loop {
         let established = session(
             config,
+            &endpoints[at],
             identity,
             source,
             stats,
@@ -497,6 +508,7 @@ async fn agent_loop(
         if shutdown.is_cancelled() {
             return;
         }
+        at = (at + 1) % endpoints.len();
         if established {
             delay = Duration::from_millis(100);
         } else {
@@ -510,9 +522,11 @@ async fn agent_loop(
     }
 }
 
-/// One session; returns whether it got as far as the welcome.
+/// One session with `url`; returns whether it got as far as the welcome.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     config: &SimConfig,
+    url: &ControlPlaneUrl,
     identity: &SimIdentity,
     source: Option<IpAddr>,
     stats: &SimStats,
@@ -525,7 +539,7 @@ async fn session(
         ..ChannelOptions::default()
     };
     let Ok(channel) = tls::connect(
-        config.control_plane.pick(),
+        url,
         identity.client.clone(),
         &options,
     )
