@@ -252,7 +252,7 @@ fn kill_and_reconnect(
     let back = loop {
         let n = held_by(replicas, &survivors);
         let t = killed.elapsed();
-        if t >= last_sample + Duration::from_millis(250) || n >= agents {
+        if curve.is_empty() || t >= last_sample + Duration::from_millis(250) || n >= agents {
             curve.push(json!([round(t.as_secs_f64()), n]));
             last_sample = t;
         }
@@ -290,7 +290,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
         replicas,
         "roll",
         rolling,
-        "environment=roll",
+        "environment=qa",
         "127.0.1.2-127.0.1.5",
         "100ms",
     );
@@ -298,7 +298,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
         replicas,
         "fresh",
         agents - rolling,
-        "environment=fresh",
+        "environment=staging",
         "127.0.2.2-127.0.2.5",
         "100ms",
     );
@@ -340,7 +340,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
         "create",
         "roll@1.0.0",
         "--env",
-        "roll",
+        "qa",
         "--strategy",
         "rolling",
         "--batch-size",
@@ -384,7 +384,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
                         "create",
                         "fresh@1.0.0",
                         "--env",
-                        "fresh",
+                        "staging",
                         "--strategy",
                         "direct",
                         "--min-healthy-time",
@@ -565,7 +565,7 @@ pub fn capacity(
                 replicas,
                 &format!("cap{k}"),
                 count,
-                "environment=cap",
+                "environment=dev",
                 &sources,
                 "1s",
             ),
@@ -614,9 +614,14 @@ pub fn capacity(
     let sim_rss: Vec<u64> = sims.iter().map(|(_, s)| rss_kib(s.pid())).collect();
     let cpu0: Vec<f64> = replicas.iter().map(|cp| cpu_seconds(cp.pid())).collect();
     let sim_cpu0: Vec<f64> = sims.iter().map(|(_, s)| cpu_seconds(s.pid())).collect();
+    let counter = |cp: &ControlPlane, name: &str| metric(cp, name).unwrap_or(0.0);
     let beats0: Vec<f64> = replicas
         .iter()
-        .map(|cp| metric(cp, "hotswap_heartbeats_total").unwrap_or(0.0))
+        .map(|cp| counter(cp, "hotswap_heartbeats_total"))
+        .collect();
+    let reports0: Vec<f64> = replicas
+        .iter()
+        .map(|cp| counter(cp, "hotswap_reports_total"))
         .collect();
     let t0 = Instant::now();
     std::thread::sleep(window);
@@ -629,8 +634,8 @@ pub fn capacity(
         .map(|(i, cp)| {
             let sessions = held_now[i].max(1) as f64;
             let cores = (cpu1[i] - cpu0[i]) / secs;
-            let beats =
-                (metric(cp, "hotswap_heartbeats_total").unwrap_or(0.0) - beats0[i]) / secs;
+            let beats = (counter(cp, "hotswap_heartbeats_total") - beats0[i]) / secs;
+            let reports = (counter(cp, "hotswap_reports_total") - reports0[i]) / secs;
             json!({
                 "name": format!("cp-{i}"),
                 "sessions": held_now[i],
@@ -640,6 +645,7 @@ pub fn capacity(
                 "cores": round(cores),
                 "cpu_us_per_agent_per_s": round(cores * 1e6 / sessions),
                 "heartbeats_per_s": round(beats),
+                "reports_per_s": round(reports),
                 "leader": cp.leads(),
             })
         })
