@@ -141,13 +141,18 @@ fn leader_of(replicas: &[ControlPlane], alive: &[usize]) -> Option<usize> {
     alive.iter().copied().find(|&i| replicas[i].leads())
 }
 
-/// `--control-plane URL` for every replica but the first (the harness
-/// passes the first itself), and the simulator's other flags.
-fn simulator_args(replicas: &[ControlPlane], sources: &str, stats_every: &str) -> Vec<String> {
+/// `--control-plane URL` for every replica after `first`, in turn (the
+/// harness passes `first` itself), and the simulator's other flags.
+fn simulator_args(
+    replicas: &[ControlPlane],
+    first: usize,
+    sources: &str,
+    stats_every: &str,
+) -> Vec<String> {
     let mut args = Vec::new();
-    for cp in &replicas[1..] {
+    for k in 1..replicas.len() {
         args.push("--control-plane".to_string());
-        args.push(cp.url());
+        args.push(replicas[(first + k) % replicas.len()].url());
     }
     args.extend(
         [
@@ -163,17 +168,21 @@ fn simulator_args(replicas: &[ControlPlane], sources: &str, stats_every: &str) -
     args
 }
 
+/// A simulator whose agents enroll through replica `first` (with a token
+/// of their own) and open sessions on every replica, agent `i` on the
+/// `i mod n`-th counting from `first`.
 fn start_simulator(
     replicas: &[ControlPlane],
+    first: usize,
     name: &str,
     count: usize,
     label: &str,
     sources: &str,
     stats_every: &str,
 ) -> Simulator {
-    let args = simulator_args(replicas, sources, stats_every);
+    let args = simulator_args(replicas, first, sources, stats_every);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Simulator::start(&replicas[0], name, count, &[label], &args)
+    Simulator::start(&replicas[first], name, count, &[label], &args)
 }
 
 fn counters(sim: &Simulator) -> SimCounters {
@@ -288,6 +297,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
     let rolling = agents / 2;
     let mut sim_roll = start_simulator(
         replicas,
+        0,
         "roll",
         rolling,
         "environment=qa",
@@ -296,6 +306,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
     );
     let mut sim_fresh = start_simulator(
         replicas,
+        0,
         "fresh",
         agents - rolling,
         "environment=staging",
@@ -304,20 +315,42 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
     );
     let all: Vec<usize> = (0..replicas.len()).collect();
     let started = Instant::now();
+    let (mut best, mut best_at) = (0, Instant::now());
     loop {
         let n = held_by(replicas, &all);
         if n >= agents as u64 {
             break;
         }
+        if n > best {
+            (best, best_at) = (n, Instant::now());
+        }
         check(&mut [&mut sim_roll, &mut sim_fresh])?;
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("only {n} of {agents} connected after 600 s");
+        if best_at.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "only {n} of {agents} connected, none more for 60 s:\n{}\n{}",
+                sim_roll
+                    .log()
+                    .lines()
+                    .filter(|l| !l.starts_with("simulate:"))
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                sim_fresh
+                    .log()
+                    .lines()
+                    .filter(|l| !l.starts_with("simulate:"))
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let connect_s = started.elapsed().as_secs_f64();
     let spread: Vec<u64> = replicas.iter().map(held).collect();
-    eprintln!("failover run {run}: {agents} agents in sessions after {connect_s:.1} s, spread {spread:?}");
+    eprintln!(
+        "failover run {run}: {agents} agents in sessions after {connect_s:.1} s, spread {spread:?}"
+    );
 
     // (b) a follower holding a third of the agents.
     let follower = kill_and_reconnect(
@@ -546,7 +579,9 @@ pub fn capacity(
     window: Duration,
 ) -> anyhow::Result<()> {
     if per_simulator > MAX_PER_SIMULATOR {
-        bail!("--per-simulator {per_simulator} is over {MAX_PER_SIMULATOR} (open files: 20k per process)");
+        bail!(
+            "--per-simulator {per_simulator} is over {MAX_PER_SIMULATOR} (open files: 20k per process)"
+        );
     }
     let dir = TestDir::new();
     let cluster = start_cluster(dir.path(), replicas_n, &[])?;
@@ -563,6 +598,7 @@ pub fn capacity(
             count,
             start_simulator(
                 replicas,
+                k % replicas.len(),
                 &format!("cap{k}"),
                 count,
                 "environment=dev",

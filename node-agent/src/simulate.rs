@@ -5,6 +5,7 @@
 //! address's port range), speaking the real protocol: hello, heartbeats at
 //! the interval the control plane asks for, status reports on every change
 //! and every few seconds. With several control-plane endpoints (replicas),
+//! every agent enrolls through the first one (the next on each retry) and
 //! agent `i` opens its first session on endpoint `i mod n` (so the fleet
 //! starts spread evenly) and each attempt after a session ended or failed
 //! goes to its next endpoint, as the real agent fails over. Modules are simulated: a desired version is
@@ -288,7 +289,7 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
                     _ = shutdown.cancelled() => return,
                     permit = slots.acquire() => permit,
                 };
-                let result = enroll(&config, i, source).await;
+                let result = enroll(&config, i, source, backoff.attempts()).await;
                 drop(permit);
                 match result {
                     Ok(identity) => break identity,
@@ -339,11 +340,15 @@ impl SimEnrollError {
 }
 
 /// Enroll agent `index` the way the real agent does (the same call and
-/// checks), from its own source address.
+/// checks), from its own source address. The first attempt goes to the
+/// first endpoint and each retry to the next: a join token's remaining uses
+/// are one record, so a fleet enrolling through several replicas at once
+/// would have them contend on it.
 async fn enroll(
     config: &SimConfig,
     index: usize,
     source: Option<IpAddr>,
+    attempt: u32,
 ) -> Result<SimIdentity, SimEnrollError> {
     let name = format!("{}-{index:05}", config.name_prefix);
     let options = ChannelOptions {
@@ -351,8 +356,9 @@ async fn enroll(
         local_addr: source,
         ..ChannelOptions::default()
     };
+    let endpoints = config.control_plane.all();
     let enrolled = control_plane::enroll(&Enrollment {
-        url: config.control_plane.pick(),
+        url: &endpoints[attempt as usize % endpoints.len()],
         options: &options,
         join_token: &config.join_token,
         ca_fingerprint: config.ca_fingerprint,
@@ -538,13 +544,7 @@ async fn session(
         local_addr: source,
         ..ChannelOptions::default()
     };
-    let Ok(channel) = tls::connect(
-        url,
-        identity.client.clone(),
-        &options,
-    )
-    .await
-    else {
+    let Ok(channel) = tls::connect(url, identity.client.clone(), &options).await else {
         return false;
     };
     let channel = Connection::new(channel);
