@@ -23,9 +23,9 @@
 //!   take-over on the wire (the new leader resumed it), and (b) again for
 //!   the agents of the dead leader.
 //! - (c) SIGTERM of the leader → another replica leads (`hotswap_leader 1`,
-//!   polled every few ms), and the old leader's election lease is gone from
-//!   etcd by then (a revoke of it answers "lease not found"; an expiry
-//!   would take the 5 s lease).
+//!   polled every few ms); the old leader's election key is gone then, and
+//!   its election lease once it has exited (a revoke of it answers "lease
+//!   not found"; an expiry would take the 5 s lease).
 //!
 //! `capacity` connects N agents through several simulator processes (each
 //! under the 20k open-files limit) to R replicas, then measures memory and
@@ -509,15 +509,20 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
         std::thread::sleep(Duration::from_millis(2));
     };
     let key_gone = !election_keys(&endpoints)?.iter().any(|k| k.0 == old_key);
-    let resigned = lease_gone(&endpoints, old_lease)?;
+    // The resignation deletes the key, then revokes the lease: the lease is
+    // checked once the old leader has exited (well within the 5 s an
+    // expiry would take).
     replicas[leader].wait_stopped();
     let stop_s = stopping.elapsed().as_secs_f64();
+    let resigned = lease_gone(&endpoints, old_lease)?;
+    let checked_s = stopping.elapsed().as_secs_f64();
     let handoff = json!({
         "from": format!("cp-{leader}"),
         "to": format!("cp-{}", handed.0),
         "handoff_ms": round(ms(handed.1)),
         "old_election_key_gone": key_gone,
         "old_lease_revoked": resigned,
+        "lease_checked_at_s": round(checked_s),
         "leader_exited_s": round(stop_s),
     });
     eprintln!("failover run {run}: graceful hand-off {handoff}");
