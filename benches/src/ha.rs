@@ -227,6 +227,34 @@ fn lease_gone(endpoints: &str, lease: i64) -> anyhow::Result<bool> {
     })
 }
 
+/// Counters of the kernel's TCP extension statistics (`/proc/net/netstat`,
+/// machine-wide): `ListenOverflows` (connections dropped because a listen
+/// queue was full) and `TCPSynRetrans` (SYNs sent again, after 1 s at
+/// first), to tell a reconnect that waited on the kernel from one that
+/// waited on a replica.
+fn tcp_counters() -> Value {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let (Some(names), Some(values)) = (lines.first(), lines.get(1)) else {
+        return Value::Null;
+    };
+    let mut out = serde_json::Map::new();
+    for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+        if name == "ListenOverflows" || name == "TCPSynRetrans" {
+            out.insert(name.to_string(), json!(value.parse::<u64>().unwrap_or(0)));
+        }
+    }
+    Value::Object(out)
+}
+
+fn tcp_delta(before: &Value, after: &Value) -> Value {
+    let get = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    json!({
+        "listen_overflows": get(after, "ListenOverflows").saturating_sub(get(before, "ListenOverflows")),
+        "syn_retransmits": get(after, "TCPSynRetrans").saturating_sub(get(before, "TCPSynRetrans")),
+    })
+}
+
 /// CPU seconds of each replica in `alive`.
 fn cpu_of(replicas: &[ControlPlane], alive: &[usize]) -> Vec<f64> {
     alive
@@ -254,6 +282,7 @@ fn kill_and_reconnect(
     let survivors: Vec<usize> = (0..replicas.len()).filter(|&i| i != victim).collect();
     let held_before: Vec<u64> = replicas.iter().map(held).collect();
     let cpu0 = cpu_of(replicas, &survivors);
+    let tcp0 = tcp_counters();
     let killed = Instant::now();
     replicas[victim].kill();
     let mut curve = Vec::new();
@@ -275,6 +304,7 @@ fn kill_and_reconnect(
         std::thread::sleep(Duration::from_millis(10));
     };
     let cpu1 = cpu_of(replicas, &survivors);
+    let tcp = tcp_delta(&tcp0, &tcp_counters());
     let secs = back.as_secs_f64();
     Ok(json!({
         "killed": replicas[victim].data_dir.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -286,6 +316,7 @@ fn kill_and_reconnect(
                 / held_before[victim].max(1) as f64
         ),
         "curve": curve,
+        "tcp_machine_wide": tcp,
     }))
 }
 
@@ -398,6 +429,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
     let held_by_leader = held(&replicas[leader]);
     let roll_at_kill = counters(&sim_roll).installs;
     let cpu0 = cpu_of(replicas, &survivors);
+    let tcp0 = tcp_counters();
     let killed = Instant::now();
     replicas[leader].kill();
     let replicas_ref: &[ControlPlane] = replicas;
@@ -444,7 +476,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
                     roll_at_take_over = counters(&sim_roll).installs;
                 }
                 if all_back.is_none() && held_by(replicas_ref, &survivors) >= agents as u64 {
-                    all_back = Some((t, cpu_of(replicas_ref, &survivors)));
+                    all_back = Some((t, cpu_of(replicas_ref, &survivors), tcp_counters()));
                 }
                 if t > Duration::from_secs(180) {
                     bail!(
@@ -476,7 +508,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
         took_over.context("measured")?,
         resumed.context("measured")?,
     );
-    let (all_back, cpu1) = all_back.context("measured")?;
+    let (all_back, cpu1, tcp1) = all_back.context("measured")?;
     let leader_kill = json!({
         "decision_on_wire_ms": round(ms(on_wire)),
         "survivor_leads_ms": round(ms(took_over)),
@@ -486,6 +518,7 @@ fn failover_run(agents: usize, run: usize) -> anyhow::Result<Value> {
         "sessions_on_killed": held_by_leader,
         "all_back_ms": round(ms(all_back)),
         "survivor_cores": cores_between(&cpu0, &cpu1, all_back.as_secs_f64()),
+        "tcp_machine_wide": tcp_delta(&tcp0, &tcp1),
     });
     eprintln!("failover run {run}: leader kill {leader_kill}");
     replicas[leader].start_replica();
@@ -555,7 +588,7 @@ pub fn failover(agents: usize, runs: usize) -> anyhow::Result<()> {
     let pick = |path: &[&str]| -> Vec<f64> {
         results
             .iter()
-            .filter_map(|r| path.iter().fold(Some(r), |v, p| v?.get(*p))?.as_f64())
+            .filter_map(|r| path.iter().try_fold(r, |v, p| v.get(*p))?.as_f64())
             .collect()
     };
     let result = json!({
