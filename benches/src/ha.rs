@@ -615,6 +615,7 @@ pub fn capacity(
     replicas_n: usize,
     per_simulator: usize,
     window: Duration,
+    connect_limit: Duration,
 ) -> anyhow::Result<()> {
     if per_simulator > MAX_PER_SIMULATOR {
         bail!(
@@ -632,11 +633,14 @@ pub fn capacity(
         let count = agents / n_sims + usize::from(k < agents % n_sims);
         // Eight source addresses of their own per simulator: ~28k ports each.
         let sources = format!("127.0.{}.2-127.0.{}.9", 10 + k, 10 + k);
+        // Every simulator enrolls through cp-0: enrollments through several
+        // replicas at once contend on the event and audit logs' heads (each
+        // enrollment appends to both) and most of them retry.
         sims.push((
             count,
             start_simulator(
                 replicas,
-                k % replicas.len(),
+                0,
                 &format!("cap{k}"),
                 count,
                 "environment=dev",
@@ -649,6 +653,7 @@ pub fn capacity(
     let started = Instant::now();
     let (mut best, mut best_at) = (0u64, Instant::now());
     let mut printed = Instant::now();
+    let mut curve = Vec::new();
     let limited = loop {
         let n = held_by(replicas, &all);
         if n > best {
@@ -667,14 +672,19 @@ pub fn capacity(
         if best_at.elapsed() > Duration::from_secs(120) {
             break Some(format!("no progress for 120 s at {best}"));
         }
+        if started.elapsed() > connect_limit {
+            break Some(format!(
+                "--connect-limit-s {} reached with {n} in sessions",
+                connect_limit.as_secs()
+            ));
+        }
         if printed.elapsed() > Duration::from_secs(10) {
             printed = Instant::now();
             let per: Vec<u64> = replicas.iter().map(held).collect();
             let enrolled: u64 = sims.iter().map(|(_, s)| counters(s).enrolled).sum();
-            eprintln!(
-                "capacity: {:.0} s: {n} in sessions {per:?}, {enrolled} enrolled",
-                started.elapsed().as_secs_f64()
-            );
+            let t = started.elapsed().as_secs_f64();
+            eprintln!("capacity: {t:.0} s: {n} in sessions {per:?}, {enrolled} enrolled");
+            curve.push(json!([t.round(), enrolled, n]));
         }
         std::thread::sleep(Duration::from_millis(500));
     };
@@ -750,6 +760,12 @@ pub fn capacity(
         "connect_s": round(connect_s),
         "limited_by": limited,
         "window_s": round(secs),
+        // [s, enrolled, in sessions] every 10 s while connecting.
+        "connect_curve": curve,
+        "lease_losses": replicas
+            .iter()
+            .map(|cp| cp.log().matches("etcd lease lost").count())
+            .collect::<Vec<_>>(),
         "per_replica": per_replica,
         "per_simulator": per_sim,
         "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),

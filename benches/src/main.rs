@@ -109,6 +109,9 @@ enum Bench {
         /// Steady-state window for the CPU measurement, in seconds.
         #[arg(long, default_value_t = 30)]
         window_s: u64,
+        /// Measure with the agents connected by then if not all are.
+        #[arg(long, default_value_t = 1800)]
+        connect_limit_s: u64,
     },
     /// A new version of a module to N simulated agents that really fetch
     /// and verify it (each over its own mTLS connection) and report it
@@ -180,11 +183,13 @@ fn main() -> anyhow::Result<()> {
             replicas,
             per_simulator,
             window_s,
+            connect_limit_s,
         } => ha::capacity(
             agents,
             replicas,
             per_simulator,
             Duration::from_secs(window_s),
+            Duration::from_secs(connect_limit_s),
         ),
         Bench::Fanout {
             agents,
