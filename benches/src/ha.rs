@@ -698,6 +698,7 @@ pub fn capacity(
     let sim_rss: Vec<u64> = sims.iter().map(|(_, s)| rss_kib(s.pid())).collect();
     let cpu0: Vec<f64> = replicas.iter().map(|cp| cpu_seconds(cp.pid())).collect();
     let sim_cpu0: Vec<f64> = sims.iter().map(|(_, s)| cpu_seconds(s.pid())).collect();
+    let enrolled0: u64 = sims.iter().map(|(_, s)| counters(s).enrolled).sum();
     let counter = |cp: &ControlPlane, name: &str| metric(cp, name).unwrap_or(0.0);
     let beats0: Vec<f64> = replicas
         .iter()
@@ -740,13 +741,14 @@ pub fn capacity(
         .map(|(k, (count, s))| {
             let c = counters(s);
             let cores = (sim_cpu1[k] - sim_cpu0[k]) / secs;
+            let connected = c.connected.max(1) as f64;
             json!({
                 "agents": count,
                 "connected": c.connected,
                 "rss_mib": round(sim_rss[k] as f64 / 1024.0),
-                "kib_per_agent": round(sim_rss[k] as f64 / (*count).max(1) as f64),
+                "kib_per_connected_agent": round(sim_rss[k] as f64 / connected),
                 "cores": round(cores),
-                "cpu_us_per_agent_per_s": round(cores * 1e6 / (*count).max(1) as f64),
+                "cpu_us_per_connected_agent_per_s": round(cores * 1e6 / connected),
             })
         })
         .collect();
@@ -760,6 +762,8 @@ pub fn capacity(
         "connect_s": round(connect_s),
         "limited_by": limited,
         "window_s": round(secs),
+        // Enrollments still going on in the window (their CPU is in it).
+        "enrolled_during_window": sims.iter().map(|(_, s)| counters(s).enrolled).sum::<u64>().saturating_sub(enrolled0),
         // [s, enrolled, in sessions] every 10 s while connecting.
         "connect_curve": curve,
         "lease_losses": replicas
