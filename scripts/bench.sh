@@ -20,10 +20,12 @@ declare -A runs=(
     [etcd-fanout]="$bench etcd-fanout --watchers $agents --value-kib 64 --runs 3"
     [restart]="./target/release/hotswap-bench-restart --nodes 100000 --events 100000 --runs 6"
     [decision]="./target/release/hotswap-bench-decision --nodes $agents --runs 3"
+    [failover]="$bench failover --agents 1000 --runs 5"
+    [capacity]="$bench capacity --agents 50000 --replicas 3 --window-s 30"
     [artifact]="$bench artifact --agents 1000 --runs 3"
     [swap]="$bench swap --swaps 1000 --runtime both"
 )
-order=(fleet ingest restart fanout etcd-fanout etcd-leases decision artifact swap soak)
+order=(fleet ingest restart fanout etcd-fanout etcd-leases decision failover capacity artifact swap soak)
 [ -n "${BENCH:-}" ] && order=("$BENCH")
 status=0
 for name in "${order[@]}"; do

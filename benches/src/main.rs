@@ -9,6 +9,7 @@ mod artifact;
 mod etcd;
 mod fanout;
 mod fleet;
+mod ha;
 mod large;
 mod load;
 mod swap;
@@ -81,6 +82,37 @@ enum Bench {
         #[arg(long)]
         no_restart: bool,
     },
+    /// Replicas on a 3-member etcd with SeaweedFS, N simulated agents spread
+    /// over three replicas (a fresh cluster per run): kill -9 of a follower
+    /// → all agents back in sessions; kill -9 of the leader with a rollout
+    /// in flight → the next deployment decision on an agent's session, and
+    /// the rollout resumed; SIGTERM of the leader → another leads, the old
+    /// election lease revoked.
+    Failover {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// N simulated agents over R replicas on a 3-member etcd, through
+    /// several simulator processes (each under the 20k open-files limit):
+    /// connect them all, then memory and CPU per agent on every replica
+    /// and simulator over a steady window.
+    Capacity {
+        #[arg(long, default_value_t = 50_000)]
+        agents: usize,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Agents per simulator process (at most 17,000).
+        #[arg(long, default_value_t = 12_500)]
+        per_simulator: usize,
+        /// Steady-state window for the CPU measurement, in seconds.
+        #[arg(long, default_value_t = 30)]
+        window_s: u64,
+        /// Measure with the agents connected by then if not all are.
+        #[arg(long, default_value_t = 1800)]
+        connect_limit_s: u64,
+    },
     /// A new version of a module to N simulated agents that really fetch
     /// and verify it (each over its own mTLS connection) and report it
     /// active: `deploy create` to `succeeded`.
@@ -145,6 +177,20 @@ fn main() -> anyhow::Result<()> {
             soak: Duration::from_secs(soak_s),
             restart: !no_restart,
         }),
+        Bench::Failover { agents, runs } => ha::failover(agents, runs),
+        Bench::Capacity {
+            agents,
+            replicas,
+            per_simulator,
+            window_s,
+            connect_limit_s,
+        } => ha::capacity(
+            agents,
+            replicas,
+            per_simulator,
+            Duration::from_secs(window_s),
+            Duration::from_secs(connect_limit_s),
+        ),
         Bench::Fanout {
             agents,
             size_kib,

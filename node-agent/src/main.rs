@@ -53,7 +53,9 @@ struct SimulateArgs {
     /// How many agents.
     #[arg(long)]
     count: usize,
-    /// Control plane URL; repeat it or separate with commas for replicas.
+    /// Control plane URL; repeat it or separate with commas for replicas:
+    /// agents enroll through the first, agent i opens its first session on
+    /// the (i mod n)-th and moves to the next after each session.
     #[arg(long, env = "HOTSWAP_CONTROL_PLANE", required = true)]
     control_plane: Vec<String>,
     #[arg(long, env = "HOTSWAP_JOIN_TOKEN", hide_env_values = true)]

@@ -4,7 +4,11 @@
 //! spread over several source addresses so the count can exceed one
 //! address's port range), speaking the real protocol: hello, heartbeats at
 //! the interval the control plane asks for, status reports on every change
-//! and every few seconds. Modules are simulated: a desired version is
+//! and every few seconds. With several control-plane endpoints (replicas),
+//! every agent enrolls through the first one (the next on each retry) and
+//! agent `i` opens its first session on endpoint `i mod n` (so the fleet
+//! starts spread evenly) and each attempt after a session ended or failed
+//! goes to its next endpoint, as the real agent fails over. Modules are simulated: a desired version is
 //! "installing" for `--install-latency`, then running and healthy — or, with
 //! probability `--failure-rate`, failed. With `--fetch`, an install really
 //! fetches the artifact over the agent's own connection, checks its digest
@@ -25,7 +29,9 @@ use std::time::Duration;
 use hotswap_common::artifact::Digest;
 use hotswap_common::labels::Labels;
 use hotswap_common::status::{Health, ModuleStatus, Phase};
-use hotswap_common::tls::{self, ChannelOptions, ClientIdentity, Endpoints, ServerTrust};
+use hotswap_common::tls::{
+    self, ChannelOptions, ClientIdentity, ControlPlaneUrl, Endpoints, ServerTrust,
+};
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -283,7 +289,7 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
                     _ = shutdown.cancelled() => return,
                     permit = slots.acquire() => permit,
                 };
-                let result = enroll(&config, i, source).await;
+                let result = enroll(&config, i, source, backoff.attempts()).await;
                 drop(permit);
                 match result {
                     Ok(identity) => break identity,
@@ -308,7 +314,7 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
                 }
             };
             stats.enrolled.fetch_add(1, Ordering::Relaxed);
-            agent_loop(&config, &identity, source, &stats, &shutdown).await;
+            agent_loop(&config, i, &identity, source, &stats, &shutdown).await;
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -334,11 +340,15 @@ impl SimEnrollError {
 }
 
 /// Enroll agent `index` the way the real agent does (the same call and
-/// checks), from its own source address.
+/// checks), from its own source address. The first attempt goes to the
+/// first endpoint and each retry to the next: a join token's remaining uses
+/// are one record, so a fleet enrolling through several replicas at once
+/// would have them contend on it.
 async fn enroll(
     config: &SimConfig,
     index: usize,
     source: Option<IpAddr>,
+    attempt: u32,
 ) -> Result<SimIdentity, SimEnrollError> {
     let name = format!("{}-{index:05}", config.name_prefix);
     let options = ChannelOptions {
@@ -346,8 +356,9 @@ async fn enroll(
         local_addr: source,
         ..ChannelOptions::default()
     };
+    let endpoints = config.control_plane.all();
     let enrolled = control_plane::enroll(&Enrollment {
-        url: config.control_plane.pick(),
+        url: &endpoints[attempt as usize % endpoints.len()],
         options: &options,
         join_token: &config.join_token,
         ca_fingerprint: config.ca_fingerprint,
@@ -472,9 +483,12 @@ fn report(
     }
 }
 
-/// Sessions until shutdown, reconnecting after failures and churn.
+/// Sessions until shutdown, reconnecting after failures and churn: agent
+/// `index` starts on endpoint `index mod n` and moves to the next one after
+/// every session, whether it broke, churned or never opened.
 async fn agent_loop(
     config: &SimConfig,
+    index: usize,
     identity: &SimIdentity,
     source: Option<IpAddr>,
     stats: &SimStats,
@@ -483,9 +497,12 @@ async fn agent_loop(
     let mut modules: BTreeMap<String, SimModule> = BTreeMap::new();
     let mut generation = 0u64;
     let mut delay = Duration::from_millis(100);
+    let endpoints = config.control_plane.all();
+    let mut at = index % endpoints.len();
     loop {
         let established = session(
             config,
+            &endpoints[at],
             identity,
             source,
             stats,
@@ -497,6 +514,7 @@ async fn agent_loop(
         if shutdown.is_cancelled() {
             return;
         }
+        at = (at + 1) % endpoints.len();
         if established {
             delay = Duration::from_millis(100);
         } else {
@@ -510,9 +528,11 @@ async fn agent_loop(
     }
 }
 
-/// One session; returns whether it got as far as the welcome.
+/// One session with `url`; returns whether it got as far as the welcome.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     config: &SimConfig,
+    url: &ControlPlaneUrl,
     identity: &SimIdentity,
     source: Option<IpAddr>,
     stats: &SimStats,
@@ -524,13 +544,7 @@ async fn session(
         local_addr: source,
         ..ChannelOptions::default()
     };
-    let Ok(channel) = tls::connect(
-        config.control_plane.pick(),
-        identity.client.clone(),
-        &options,
-    )
-    .await
-    else {
+    let Ok(channel) = tls::connect(url, identity.client.clone(), &options).await else {
         return false;
     };
     let channel = Connection::new(channel);

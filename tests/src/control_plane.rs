@@ -331,6 +331,21 @@ impl ControlPlane {
         self.daemon = None;
     }
 
+    /// SIGTERM without waiting: the graceful stop begins (see
+    /// [`ControlPlane::wait_stopped`]).
+    pub fn terminate(&mut self) {
+        let daemon = self.daemon.as_mut().expect("running");
+        crate::daemon::send_signal(daemon.child(), libc::SIGTERM);
+    }
+
+    /// Wait for the exit a [`ControlPlane::terminate`] began and assert it
+    /// was clean.
+    pub fn wait_stopped(&mut self) {
+        let status = self.daemon.as_mut().expect("running").wait_exit();
+        assert!(status.success(), "control plane exited with {status}");
+        self.daemon = None;
+    }
+
     /// SIGKILL: no cleanup at all.
     pub fn kill(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {

@@ -124,6 +124,39 @@ impl Drop for Load {
     }
 }
 
+/// Counters of a simulator's progress line (`simulate: enrolled N (failed
+/// F, rate-limited R), connected C, sessions S, heartbeats H, reports P,
+/// installs I, ...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimCounters {
+    pub enrolled: u64,
+    /// Sessions open now (welcomed by a control plane).
+    pub connected: u64,
+    /// Sessions opened since the start.
+    pub sessions: u64,
+    /// Simulated installs completed since the start.
+    pub installs: u64,
+}
+
+impl SimCounters {
+    fn parse(line: &str) -> Option<Self> {
+        let after = |word: &str| -> Option<u64> {
+            let at = line.find(&format!("{word} "))? + word.len() + 1;
+            line[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        Some(Self {
+            enrolled: after("enrolled")?,
+            connected: after("connected")?,
+            sessions: after("sessions")?,
+            installs: after("installs")?,
+        })
+    }
+}
+
 /// `hotswap-agent simulate`: many simulated agents in one process.
 pub struct Simulator {
     daemon: Daemon,
@@ -145,7 +178,10 @@ impl Simulator {
         command
             .args(["simulate", "--count", &uses, "--control-plane", &cp.url()])
             .args(["--join-token", &token, "--ca-fingerprint", &fp])
-            .args(["--name-prefix", name, "--stats-every", "1s"]);
+            .args(["--name-prefix", name]);
+        if !extra.contains(&"--stats-every") {
+            command.args(["--stats-every", "1s"]);
+        }
         for label in labels {
             command.args(["--label", label]);
         }
@@ -158,6 +194,23 @@ impl Simulator {
 
     pub fn log(&self) -> String {
         self.daemon.log_text()
+    }
+
+    /// The counters of the simulator's last progress line (printed every
+    /// `--stats-every`), read from the end of its log; `None` before the
+    /// first line.
+    pub fn counters(&self) -> Option<SimCounters> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = File::open(&self.daemon.log).ok()?;
+        let len = file.metadata().ok()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(8192))).ok()?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail).ok()?;
+        let text = String::from_utf8_lossy(&tail);
+        text.lines()
+            .rev()
+            .filter_map(|l| l.strip_prefix("simulate: "))
+            .find_map(SimCounters::parse)
     }
 
     pub fn pid(&self) -> u32 {

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use hotswap_tests::{ControlPlane, Simulator, TestDir, ctl_offline, eventually, write_module};
+use hotswap_tests::{
+    ControlPlane, EtcdCluster, SeaweedS3, Simulator, TestDir, ctl_offline, eventually, write_module,
+};
 use serde_json::Value;
 
 fn p(path: &Path) -> &str {
@@ -210,4 +212,64 @@ fn rate_limited_enrollment_backs_off_and_is_counted_apart() {
         "{} rate-limited attempts: no backoff?\n{log}",
         last.2
     );
+}
+
+/// Sessions held by `cp` itself (`hotswap_nodes{status="connected"}`
+/// counts the sessions a replica holds).
+fn held(cp: &ControlPlane) -> f64 {
+    cp.metric("hotswap_nodes{status=\"connected\"}")
+}
+
+/// With several replicas, simulated agents enroll through the first and
+/// open their sessions spread evenly over all of them (agent `i` on the
+/// `i mod n`-th); `kill -9` of one moves its agents to their next replica,
+/// and all of them are in sessions again, counted once each.
+#[test]
+fn simulated_agents_spread_over_replicas_and_fail_over() {
+    let dir = TestDir::new();
+    let etcd = EtcdCluster::start(3);
+    let s3 = SeaweedS3::start("hotswap-sim-replicas");
+    let mut a = ControlPlane::init_on_etcd(dir.path(), "cp-a", &etcd.endpoints(), &s3);
+    let mut b = a.replica("cp-b");
+    let mut c = a.replica("cp-c");
+    for cp in [&mut a, &mut b, &mut c] {
+        cp.start_replica();
+        cp.wait_serving();
+    }
+    let mut sim = Simulator::start(
+        &a,
+        "spread",
+        9,
+        &["environment=qa"],
+        &[
+            "--control-plane",
+            &b.url(),
+            "--control-plane",
+            &c.url(),
+            "--stats-every",
+            "100ms",
+        ],
+    );
+    eventually("three sessions on each replica", || {
+        sim.check_running()?;
+        let spread = [held(&a), held(&b), held(&c)];
+        (spread == [3.0; 3])
+            .then_some(())
+            .ok_or(format!("{spread:?}"))
+    });
+    b.kill();
+    eventually("b's agents on c, their next replica", || {
+        sim.check_running()?;
+        let spread = [held(&a), held(&c)];
+        (spread == [3.0, 6.0])
+            .then_some(())
+            .ok_or(format!("{spread:?}"))
+    });
+    // Its progress line: nine enrolled, nine sessions open, twelve opened.
+    eventually("the simulator counting nine open sessions", || {
+        let counters = sim.counters().unwrap_or_default();
+        (counters.enrolled == 9 && counters.connected == 9 && counters.sessions == 12)
+            .then_some(())
+            .ok_or(format!("{counters:?}"))
+    });
 }
