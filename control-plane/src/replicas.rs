@@ -312,9 +312,7 @@ pub async fn publish(this: ThisReplica, etcd: EtcdStore, lease: LeaseId, stop: C
     loop {
         let leader = etcd.leader().is_some_and(|l| l.name == this.name);
         let info = this.info(leader, now_ms());
-        let since = last
-            .as_ref()
-            .map_or(Duration::MAX, |(_, at)| at.elapsed());
+        let since = last.as_ref().map_or(Duration::MAX, |(_, at)| at.elapsed());
         if needs_write(last.as_ref().map(|(r, _)| r), &info, since) {
             match etcd
                 .client()
@@ -592,6 +590,89 @@ mod tests {
         assert_eq!(
             ReplicaError::NotFound("nope".into()).to_string(),
             "server \"nope\" not found; `hotswapctl servers list` shows the live replicas"
+        );
+    }
+
+    #[test]
+    fn records_are_the_json_servers_list_shows_and_round_trip() {
+        let record = replica("cp-a", true);
+        assert_eq!(
+            String::from_utf8(record.encode()).expect("utf-8"),
+            r#"{"name":"cp-a","endpoint":"https://cp-a:7443","leader":true,"ready":true,"sessions":0,"started_at_ms":1,"last_seen_ms":2}"#
+        );
+        assert_eq!(ReplicaInfo::decode(&record.encode()), Some(record));
+        assert_eq!(ReplicaInfo::decode(b"cp-a"), None);
+        assert_eq!(ReplicaInfo::decode(br#"{"name":"cp-a"}"#), None);
+    }
+
+    #[test]
+    fn a_record_is_rewritten_on_a_change_and_every_refresh() {
+        let last = replica("cp-a", false);
+        let seen_later = ReplicaInfo {
+            last_seen_ms: 9,
+            ..last.clone()
+        };
+        let soon = Duration::from_millis(300);
+        assert!(needs_write(None, &last, Duration::ZERO), "first write");
+        assert!(!needs_write(Some(&last), &seen_later, soon));
+        assert!(needs_write(Some(&last), &seen_later, REFRESH_EVERY));
+        for changed in [
+            ReplicaInfo {
+                leader: true,
+                ..seen_later.clone()
+            },
+            ReplicaInfo {
+                ready: false,
+                ..seen_later.clone()
+            },
+            ReplicaInfo {
+                sessions: 3,
+                ..seen_later.clone()
+            },
+        ] {
+            assert!(needs_write(Some(&last), &changed, soon), "{changed:?}");
+        }
+    }
+
+    #[test]
+    fn a_live_name_at_another_endpoint_is_taken_and_at_the_same_one_restarts() {
+        let live = |record: Option<ReplicaInfo>| Found {
+            record,
+            leased: true,
+        };
+        let b = replica("cp-b", false);
+        assert_eq!(claim(None, "https://cp-b:7443"), Claim::Free);
+        assert_eq!(
+            claim(Some(&live(Some(b.clone()))), "https://cp-b:7443"),
+            Claim::Restart
+        );
+        assert_eq!(
+            claim(Some(&live(Some(b.clone()))), "https://elsewhere:7443"),
+            Claim::Taken {
+                endpoint: "https://cp-b:7443".into()
+            }
+        );
+        assert!(matches!(
+            claim(Some(&live(None)), "https://cp-b:7443"),
+            Claim::Taken { .. }
+        ));
+        // A record no lease holds belongs to no live replica.
+        let orphan = Found {
+            record: Some(b),
+            leased: false,
+        };
+        assert_eq!(claim(Some(&orphan), "https://elsewhere:7443"), Claim::Free);
+        let refused = ClaimError::Taken {
+            name: "cp-b".into(),
+            endpoint: "https://cp-b:7443".into(),
+            ttl: Duration::from_secs(5),
+        }
+        .to_string();
+        assert!(
+            refused.starts_with(
+                "another live replica is named \"cp-b\": it serves at https://cp-b:7443. Start this one with another --name"
+            ) && refused.contains("(leader_lease, 5s)"),
+            "{refused}"
         );
     }
 

@@ -369,7 +369,14 @@ async fn share_sessions(
         .grant(ttl)
         .await
         .map_err(|e| RunError::Etcd(format!("cannot grant the session lease: {e}")))?;
-    match crate::replicas::claim_name(etcd, &this.info(false, hotswap_common::timefmt::now_ms()), lease.id, ttl).await {
+    match crate::replicas::claim_name(
+        etcd,
+        &this.info(false, hotswap_common::timefmt::now_ms()),
+        lease.id,
+        ttl,
+    )
+    .await
+    {
         Ok(Claim::Restart) => tracing::info!(
             "took over this replica's record from its previous run (same name and endpoint; its old lease had not expired)"
         ),

@@ -182,9 +182,7 @@ impl ControlPlane {
     pub fn set_run_arg(&mut self, flag: &str, value: &str) {
         match self.run_args.iter().position(|a| a == flag) {
             Some(at) => self.run_args[at + 1] = value.to_string(),
-            None => self
-                .run_args
-                .extend([flag.to_string(), value.to_string()]),
+            None => self.run_args.extend([flag.to_string(), value.to_string()]),
         }
     }
 

@@ -338,7 +338,15 @@ fn on_etcd_every_replica_lists_every_live_replica() {
     let rest = [("cp-b", ub.clone(), 1), ("cp-c", uc.clone(), 0)];
     let after = eventually("cp-a gone and a new leader listed", || {
         let listed = shows(&b, &rest, "cp-b").or_else(|_| shows(&b, &rest, "cp-c"))?;
-        shows(&c, &rest, listed.iter().find(|s| s["leader"] == true).and_then(|s| s["name"].as_str()).unwrap_or_default())?;
+        shows(
+            &c,
+            &rest,
+            listed
+                .iter()
+                .find(|s| s["leader"] == true)
+                .and_then(|s| s["name"].as_str())
+                .unwrap_or_default(),
+        )?;
         Ok(listed)
     });
     assert_eq!(after.len(), 2);
