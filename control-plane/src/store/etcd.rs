@@ -323,7 +323,7 @@ impl EtcdStore {
     }
 
     /// The values under `replicas/` as the mirror holds them: every live
-    /// replica's record (see `crate::replicas`).
+    /// replica's record (the list `servers list` shows).
     pub fn replica_records(&self) -> Vec<Vec<u8>> {
         let prefix = self.inner.keys.replicas();
         self.inner.mirror.read(|m| {
