@@ -23,7 +23,7 @@ use crate::events::EventLog;
 use crate::leader_only::{Install, LeaderOnly};
 use crate::metrics::{Metrics, RpcMetricsLayer};
 use crate::registry::Registry;
-use crate::replicas::{EmbeddedReplicas, ThisReplica};
+use crate::replicas::{Claim, EmbeddedReplicas, EtcdReplicas, Replicas, ThisReplica};
 use crate::run_to_end::RunToEndLayer;
 use crate::service::Context;
 use crate::service::artifacts::ArtifactsService;
@@ -112,6 +112,8 @@ pub enum RunError {
     Storage(#[from] crate::store::StoreError),
     #[error("etcd: {0}")]
     Etcd(String),
+    #[error("{0}")]
+    ReplicaName(#[from] crate::replicas::ClaimError),
     #[error("cannot open the audit log: {0}")]
     Audit(String),
     #[error("cannot complete an interrupted certificate rotation: {0}")]
@@ -349,22 +351,43 @@ async fn lead_while_elected(leadership: Leadership) {
     follow_leader.abort();
 }
 
-/// Grant this replica's session lease, keep it alive, and start sharing
-/// the registry's sessions under it (SPEC §7 "Sessions on any replica").
+/// Grant this replica's session lease, claim its name under it (its
+/// record `replicas/<name>`; refused when another live replica has the
+/// name, see `replicas::claim`), keep it alive, and start sharing the
+/// registry's sessions under it (SPEC §7 "Sessions on any replica").
 /// When the lease is lost, the replica restarts in place.
 async fn share_sessions(
     etcd: &EtcdStore,
-    registry: &Arc<Registry>,
-    name: &str,
+    this: &ThisReplica,
     ttl: std::time::Duration,
     restart: Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 ) -> Result<hotswap_etcd::LeaseId, RunError> {
+    let registry = &this.registry;
+    let name = this.name.as_str();
     let lease = etcd
         .client()
         .grant(ttl)
         .await
         .map_err(|e| RunError::Etcd(format!("cannot grant the session lease: {e}")))?;
+    match crate::replicas::claim_name(
+        etcd,
+        &this.info(false, hotswap_common::timefmt::now_ms()),
+        lease.id,
+        ttl,
+    )
+    .await
+    {
+        Ok(Claim::Restart) => tracing::info!(
+            "took over this replica's record from its previous run (same name and endpoint; its old lease had not expired)"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            // Nothing of this start stays behind.
+            let _ = etcd.client().revoke(lease.id).await;
+            return Err(e.into());
+        }
+    }
     let mut keep_alive = etcd.client().keep_alive(lease);
     etcd.set_session_lease(lease.id);
     tracing::info!(lease = %lease.id, ttl = ?lease.ttl, "publishing sessions under this lease");
@@ -570,25 +593,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     );
     let registry = Registry::new(store.clone(), events.clone(), metrics.clone())?;
     let restart = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // On etcd, this replica's sessions are published under a lease of its
-    // own, granted before it serves one; losing it (cut off from etcd past
-    // the TTL) restarts the replica in place, like losing leadership, so
-    // its agents reconnect and every session is published again.
-    let session_lease = match &etcd {
-        Some(etcd) => Some(
-            share_sessions(
-                etcd,
-                &registry,
-                &config.replica.name,
-                config.settings.leader_lease,
-                restart.clone(),
-                shutdown.clone(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
-
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -628,6 +632,47 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             addr: config.listen,
             source,
         })?;
+    let endpoint = config
+        .replica
+        .endpoint(grpc_addr, hotswap_common::host::hostname().as_deref());
+    let this = ThisReplica {
+        name: config.replica.name.clone(),
+        endpoint: endpoint.clone(),
+        started_at_ms,
+        readiness: readiness.clone(),
+        registry: registry.clone(),
+    };
+    // On etcd, this replica's sessions and its own record are published
+    // under a lease of its own, granted before it serves one (and its name
+    // claimed under it: a second live replica of the same name is refused
+    // here, before it changes anything); losing the lease (cut off from
+    // etcd past the TTL) restarts the replica in place, like losing
+    // leadership, so its agents reconnect and every session is published
+    // again.
+    let session_lease = match &etcd {
+        Some(etcd) => Some(
+            share_sessions(
+                etcd,
+                &this,
+                config.settings.leader_lease,
+                restart.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    // The record is kept current until the very end (through the drain it
+    // says not ready), then deleted.
+    let stop_publishing = CancellationToken::new();
+    if let (Some(etcd), Some(lease)) = (&etcd, session_lease) {
+        tokio::spawn(crate::replicas::publish(
+            this.clone(),
+            etcd.clone(),
+            lease,
+            stop_publishing.clone(),
+        ));
+    }
     let audit = AuditLog::open(&store).map_err(|e| RunError::Audit(e.to_string()))?;
     if let Some(admin) = &recovered_admin {
         audit
@@ -647,19 +692,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             .await
             .map_err(|e| RunError::Audit(e.to_string()))?;
     }
-    let endpoint = config
-        .replica
-        .endpoint(grpc_addr, hotswap_common::host::hostname().as_deref());
     tracing::info!(name = %config.replica.name, endpoint = %endpoint, "serving as this replica");
-    let replicas = Arc::new(EmbeddedReplicas {
-        this: ThisReplica {
-            name: config.replica.name.clone(),
-            endpoint: endpoint.clone(),
-            started_at_ms,
-            readiness: readiness.clone(),
-            registry: registry.clone(),
-        },
-    });
+    let replicas: Arc<dyn Replicas> = match &etcd {
+        None => Arc::new(EmbeddedReplicas { this }),
+        Some(etcd) => Arc::new(EtcdReplicas {
+            this,
+            etcd: etcd.clone(),
+        }),
+    };
     let ctx = Arc::new(Context {
         registry,
         store: store.clone(),
@@ -919,7 +959,9 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         ),
     }
     let _ = storage_task.await;
+    stop_publishing.cancel();
     if let (Some(etcd), Some(lease)) = (&etcd, session_lease) {
+        crate::replicas::unpublish(etcd, &config.replica.name, lease).await;
         // The sessions ended with the drain; their records go at once
         // instead of when the lease runs out.
         if let Err(e) = etcd.client().revoke(lease).await {

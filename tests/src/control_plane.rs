@@ -177,6 +177,24 @@ impl ControlPlane {
         self.run_args[at + 1] = endpoints.to_string();
     }
 
+    /// Give `flag` this `value` from this replica's next start on
+    /// (replacing the value it has, e.g. `--name`, or adding the flag).
+    pub fn set_run_arg(&mut self, flag: &str, value: &str) {
+        match self.run_args.iter().position(|a| a == flag) {
+            Some(at) => self.run_args[at + 1] = value.to_string(),
+            None => self.run_args.extend([flag.to_string(), value.to_string()]),
+        }
+    }
+
+    /// Start a replica expecting it to refuse to start: waits for its exit
+    /// and returns the status and its log.
+    pub fn start_replica_refused(&mut self) -> (ExitStatus, String) {
+        self.start_replica();
+        let mut daemon = self.daemon.take().expect("started");
+        let status = daemon.wait_exit();
+        (status, daemon.log_text())
+    }
+
     /// Start a replica that may have to wait for leadership: spawned, not
     /// waited for (see [`ControlPlane::wait_serving`]).
     pub fn start_replica(&mut self) {

@@ -316,6 +316,23 @@ impl EtcdStore {
         self.inner.connected.subscribe()
     }
 
+    /// Whether the mirror's watch is connected now: while it is not, the
+    /// mirror may be stale.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.connected.borrow()
+    }
+
+    /// The values under `replicas/` as the mirror holds them: every live
+    /// replica's record (the list `servers list` shows).
+    pub fn replica_records(&self) -> Vec<Vec<u8>> {
+        let prefix = self.inner.keys.replicas();
+        self.inner.mirror.read(|m| {
+            m.under(prefix.as_bytes(), prefix.as_bytes())
+                .map(|(_, v)| v.value.clone())
+                .collect()
+        })
+    }
+
     /// The revision the mirror holds.
     pub fn revision(&self) -> i64 {
         self.inner.mirror.read(Mirror::revision)

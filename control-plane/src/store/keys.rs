@@ -117,7 +117,12 @@ impl Keys {
 
     /// A replica's record (name, endpoint, start time), under its lease.
     pub fn replica(&self, name: &str) -> String {
-        format!("{}replicas/{name}", self.prefix)
+        format!("{}{name}", self.replicas())
+    }
+
+    /// Every replica record starts with this.
+    pub fn replicas(&self) -> String {
+        format!("{}replicas/", self.prefix)
     }
 
     /// A node's live session, held by the replica that owns it, under that
@@ -161,6 +166,8 @@ mod tests {
         assert_eq!(keys.log_head(LogName::Audit), "/hotswap/meta/head/audit");
         assert_eq!(keys.session("n-1"), "/hotswap/sessions/n-1");
         assert!(keys.session("n-1").starts_with(&keys.sessions()));
+        assert_eq!(keys.replica("cp-a"), "/hotswap/replicas/cp-a");
+        assert!(keys.replica("cp-a").starts_with(&keys.replicas()));
     }
 
     #[test]
