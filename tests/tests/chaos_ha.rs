@@ -813,8 +813,9 @@ fn server_seen(cp: &ControlPlane, name: &str) -> Result<Option<(bool, u64)>, Str
 
 /// Whether `cp` lists every rolled-out node running `marker@version`
 /// (when a deployment of it exists), healthy, and `servers list` on it
-/// shows `name` (itself) and, for every replica it shows, the sessions
-/// `records` (node id to replica, from etcd) say that replica holds.
+/// shows `name` (itself), every replica holding sessions, and for every
+/// replica it shows, the sessions `records` (node id to replica, from etcd)
+/// say that replica holds.
 fn fleet_truthful(
     cp: &ControlPlane,
     name: &str,
@@ -841,6 +842,15 @@ fn fleet_truthful(
     let all = listed.as_array().cloned().unwrap_or_default();
     if !all.iter().any(|s| s["name"] == name) {
         return Err(format!("{name} does not list itself: {}", out.stdout));
+    }
+    // Every replica holding a session is listed, wherever the list is asked.
+    for holder in records.values() {
+        if !all.iter().any(|s| s["name"] == holder.as_str()) {
+            return Err(format!(
+                "{name} does not list {holder}, which holds sessions: {}",
+                out.stdout
+            ));
+        }
     }
     for server in &all {
         let held = records
