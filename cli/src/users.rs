@@ -46,7 +46,7 @@ pub enum UsersCommand {
 }
 
 #[derive(Serialize)]
-struct UserView {
+pub(crate) struct UserView {
     name: String,
     role: String,
     revoked: bool,

@@ -1,0 +1,184 @@
+"""Drive the `hotswapctl ui` dashboard in Debian's headless chromium through
+chromium-driver (tests/tests/ui.rs runs this with the selenium virtualenv
+that scripts/ci-deps.sh installs under target/).
+
+    dashboard.py fleet URL NODE...           the fleet page lists the nodes
+    dashboard.py live URL ID [SCREENSHOT]    a canary's page goes from wave 1
+                                             to wave 2 by itself, no reload
+    dashboard.py viewer URL ID               the page shows no controls
+    dashboard.py approve URL ID REASON       approve through the page
+
+URL is the one the dashboard printed (with its token). Each command prints
+one JSON object on stdout and exits non-zero with a message when a check
+fails.
+"""
+
+import json
+import sys
+import time
+from urllib.parse import urlsplit
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+PATIENCE = 60
+
+
+def browser(width=1280, height=900):
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+    ):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def fail(message):
+    print(message, file=sys.stderr)
+    sys.exit(1)
+
+
+def origin(url):
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def login(driver, url, path):
+    """Visit the printed URL (token traded for the cookie), then `path`."""
+    driver.get(url)
+    if "token=" in driver.current_url:
+        fail(f"the token stayed in the address bar: {driver.current_url}")
+    driver.get(origin(url) + path)
+
+
+def wait_for(driver, what, check):
+    try:
+        return WebDriverWait(driver, PATIENCE, poll_frequency=0.05).until(lambda d: check(d))
+    except Exception as e:
+        fail(f"timed out waiting for {what}: {e}; page: {driver.page_source[:4000]}")
+
+
+def fleet(url, names):
+    with browser() as driver:
+        login(driver, url, "/")
+        shown = wait_for(
+            driver,
+            f"nodes {names}",
+            lambda d: (
+                lambda rows: rows if all(n in rows for n in names) else None
+            )([r.get_attribute("data-node") for r in d.find_elements(By.CSS_SELECTOR, "#fleet-rows tr[data-node]")]),
+        )
+        # The filter box narrows the table to matching rows.
+        box = driver.find_element(By.ID, "filter")
+        label = driver.find_element(By.CSS_SELECTOR, "label[for=filter]")
+        box.send_keys(names[0])
+        visible = [
+            r.get_attribute("data-node")
+            for r in driver.find_elements(By.CSS_SELECTOR, "#fleet-rows tr[data-node]")
+            if r.is_displayed()
+        ]
+        print(json.dumps({"nodes": shown, "filtered": visible, "label": label.text}))
+
+
+def live(url, deployment, screenshot=None):
+    with browser() as driver:
+        login(driver, url, f"/deployments/{deployment}")
+        wave = driver.find_element(By.ID, "wave").get_attribute("data-wave")
+        if wave != "1":
+            fail(f"the page opened at wave {wave}, not 1: the canary moved too fast for this check")
+        controls = [e.get_attribute("data-action") for e in driver.find_elements(By.CSS_SELECTOR, "[data-action]")]
+        # A marker that a reload would lose.
+        driver.execute_script("window.hotswapMarker = 'still here';")
+        started = time.time()
+        wait_for(
+            driver,
+            "wave 2",
+            lambda d: d.find_element(By.ID, "wave").get_attribute("data-wave") == "2",
+        )
+        seconds = time.time() - started
+        marker = driver.execute_script("return window.hotswapMarker || null;")
+        if marker != "still here":
+            fail("the page was reloaded")
+        # Wait for the step-1 verdict to be drawn, for the screenshot.
+        wait_for(driver, "a verdict", lambda d: d.find_elements(By.CSS_SELECTOR, "#verdicts tr"))
+        latencies = driver.execute_script("return window.hotswapLatencies;")
+        patches = driver.execute_script("return window.hotswapPatches;")
+        status = driver.find_element(By.ID, "live-status").text
+        timeline = len(driver.find_elements(By.CSS_SELECTOR, "#timeline li"))
+        if screenshot:
+            driver.set_window_size(1280, 1400)
+            driver.save_screenshot(screenshot)
+        print(
+            json.dumps(
+                {
+                    "controls": controls,
+                    "seconds_to_wave_2": seconds,
+                    "latencies_ms": latencies,
+                    "patches": patches,
+                    "status": status,
+                    "timeline": timeline,
+                }
+            )
+        )
+
+
+def viewer(url, deployment):
+    with browser(390, 844) as driver:
+        login(driver, url, f"/deployments/{deployment}")
+        wait_for(driver, "the live stream", lambda d: d.find_element(By.ID, "live-status").text == "live")
+        controls = driver.find_elements(By.CSS_SELECTOR, "[data-action], .controls, form")
+        state = driver.find_element(By.ID, "state").get_attribute("data-state")
+        role = driver.find_element(By.CSS_SELECTOR, ".role").text
+        print(json.dumps({"controls": len(controls), "state": state, "role": role}))
+
+
+def approve(url, deployment, reason):
+    with browser() as driver:
+        login(driver, url, f"/deployments/{deployment}")
+        button = wait_for(
+            driver,
+            "the approve control",
+            lambda d: d.find_elements(By.CSS_SELECTOR, "[data-action=approve]"),
+        )[0]
+        button.click()
+        # The confirmation step: a reason box and a confirm button.
+        box = wait_for(driver, "the reason box", lambda d: d.find_elements(By.ID, "reason"))[0]
+        label = driver.find_element(By.CSS_SELECTOR, "label[for=reason]").text
+        box.send_keys(reason)
+        driver.find_element(By.ID, "confirm").click()
+        wait_for(
+            driver,
+            "the deployment page after approval",
+            lambda d: d.current_url.endswith(f"/deployments/{deployment}")
+            and d.find_elements(By.ID, "state")
+            and d.find_element(By.ID, "state").get_attribute("data-state") != "awaiting_approval",
+        )
+        state = driver.find_element(By.ID, "state").get_attribute("data-state")
+        print(json.dumps({"state": state, "label": label}))
+
+
+def main():
+    if len(sys.argv) < 3:
+        fail(__doc__)
+    command, url, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if command == "fleet":
+        fleet(url, rest)
+    elif command == "live":
+        live(url, rest[0], rest[1] if len(rest) > 1 else None)
+    elif command == "viewer":
+        viewer(url, rest[0])
+    elif command == "approve":
+        approve(url, rest[0], rest[1])
+    else:
+        fail(__doc__)
+
+
+if __name__ == "__main__":
+    main()
