@@ -159,23 +159,64 @@ fn selenium_python() -> PathBuf {
     python
 }
 
-/// Run tests/browser/dashboard.py; its one JSON line.
+/// tests/browser/dashboard.py running, its stdout read line by line.
+struct Browser {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    args: Vec<String>,
+}
+
+impl Browser {
+    fn start(args: &[&str]) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/dashboard.py");
+        let mut child = Command::new(selenium_python())
+            .arg(script)
+            .args(args)
+            .env("SE_OFFLINE", "true")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("run the browser script");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    /// The next line it prints; panics if it exits first.
+    fn line(&mut self) -> String {
+        match self.lines.recv_timeout(patience() * 2) {
+            Ok(line) => line,
+            Err(_) => {
+                let status = self.child.wait().expect("wait");
+                panic!("browser {:?} printed nothing more ({status}); its stderr is above", self.args)
+            }
+        }
+    }
+
+    /// Its final JSON line, and it exited 0.
+    fn finish(mut self) -> Value {
+        let line = self.line();
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "browser {:?}: {status}", self.args);
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("browser {:?} printed no JSON ({e}): {line}", self.args))
+    }
+}
+
+/// Run tests/browser/dashboard.py to the end; its JSON line.
 fn browser(args: &[&str]) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/dashboard.py");
-    let output = Command::new(selenium_python())
-        .arg(script)
-        .args(args)
-        .env("SE_OFFLINE", "true")
-        .output()
-        .expect("run the browser script");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "browser {args:?} failed: {stderr}\n{stdout}"
-    );
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("browser {args:?} printed no JSON ({e}): {stdout}"))
+    Browser::start(args).finish()
 }
 
 #[test]
@@ -263,6 +304,18 @@ fn only_the_token_and_its_cookie_open_the_dashboard() {
     assert!(refused.stderr.contains("loopback"), "{refused:?}");
 }
 
+/// `deploy promote ID` once the deployment waits for it.
+fn promote_when_waiting(cp: &ControlPlane, id: &str) {
+    eventually(&format!("{id} waiting for deploy promote"), || {
+        let d = cp.ctl(&["-o", "json", "deploy", "get", id]).json();
+        match d["waiting_for"].as_str() {
+            Some("deploy promote") => Ok(()),
+            other => Err(format!("{}: waiting for {other:?}", d["state"])),
+        }
+    });
+    cp.ctl(&["deploy", "promote", id]).ok();
+}
+
 #[test]
 fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
     let dir = TestDir::new();
@@ -270,9 +323,14 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
         &dir,
         "qa",
         &["a", "b"],
-        "[environments.prod]\nstrategy = \"direct\"\nrequire_approval = true\n",
+        concat!(
+            "[environments.dev]\nstrategy = \"direct\"\n",
+            "[environments.qa]\nstrategy = \"rolling\"\n",
+            "[environments.staging]\nstrategy = \"blue-green\"\n",
+            "[environments.production]\nstrategy = \"direct\"\nrequire_approval = true\n",
+        ),
     );
-    fleet.add_node("p", "prod");
+    fleet.add_node("p", "production");
     fleet.push_hello_per_node("1.0.0", "");
     let first = fleet.cp.ctl(&[
         "-o", "json", "deploy", "create", "hello@1.0.0", "--env", "qa", "--strategy", "direct",
@@ -287,11 +345,11 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
     let approver_profile = fleet.cp.user_profile("ann", "approver");
     let approver = Dashboard::start(&fleet.cp, &approver_profile);
 
-    let shown = browser(&["fleet", &admin.url, "a", "b", "p"]);
-    assert_eq!(shown["filtered"], serde_json::json!(["a"]), "{shown}");
+    let shown = browser(&["fleet", &admin.url, "production", "a", "b", "p"]);
+    assert_eq!(shown["filtered"], serde_json::json!(["p"]), "{shown}");
 
-    // A canary in two steps; each step is held (no traffic: up to 3x the
-    // step duration) so the page opens on wave 1.
+    // A canary in two steps, each waiting for `deploy promote`: the page
+    // opens on wave 1 and the test promotes once the browser shows it.
     let created = fleet.cp.ctl(&[
         "-o",
         "json",
@@ -308,21 +366,23 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
         "2s",
         "--analysis-warmup",
         "0s",
+        "--manual-promote",
     ]);
     let id = created.json()["id"].as_str().expect("id").to_string();
     let screenshot = std::env::var("HOTSWAP_UI_SCREENSHOT").ok();
-    let live = {
-        let (url, id) = (admin.url.clone(), id.clone());
-        std::thread::spawn(move || {
-            let mut args = vec!["live", url.as_str(), id.as_str()];
-            if let Some(path) = &screenshot {
-                args.push(path);
-            }
-            browser(&args)
-        })
+    let mut live_args = vec!["live", admin.url.as_str(), id.as_str()];
+    if let Some(path) = &screenshot {
+        live_args.push(path);
+    }
+    let mut live = Browser::start(&live_args);
+    assert_eq!(live.line(), "ready", "the page shows wave 1");
+    let viewer_page = {
+        let (url, id) = (viewer.url.clone(), id.clone());
+        std::thread::spawn(move || browser(&["viewer", &url, &id]))
     };
-    let seen_by_viewer = browser(&["viewer", &viewer.url, &id]);
-    let live = live.join().expect("live browser");
+    promote_when_waiting(&fleet.cp, &id);
+    let live = live.finish();
+    let seen_by_viewer = viewer_page.join().expect("viewer browser");
     eprintln!("live canary page: {live}");
     assert_eq!(seen_by_viewer["controls"], 0, "{seen_by_viewer}");
     assert_eq!(seen_by_viewer["role"], "viewer", "{seen_by_viewer}");
@@ -355,6 +415,9 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
     }
     eventually(&format!("{id} succeeded"), || {
         let d = fleet.cp.ctl(&["-o", "json", "deploy", "get", &id]).json();
+        if d["waiting_for"] == "deploy promote" {
+            fleet.cp.ctl(&["deploy", "promote", &id]).ok();
+        }
         match d["state"].as_str() {
             Some("succeeded") => Ok(()),
             other => Err(format!("{other:?}")),
@@ -370,7 +433,7 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
         "create",
         "hello@1.0.0",
         "--env",
-        "prod",
+        "production",
     ]);
     let waiting = waiting.json();
     assert_eq!(waiting["state"], "awaiting_approval", "{waiting}");
