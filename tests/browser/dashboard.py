@@ -131,15 +131,25 @@ def live(url, deployment, screenshot=None):
         # Wait for the step-1 verdict to be drawn, for the screenshot.
         wait_for(
             driver,
-            "a verdict",
-            lambda d: d.execute_script("return document.querySelectorAll('#verdicts tr').length;") > 0,
+            "a verdict on traffic",
+            lambda d: d.execute_script(
+                "return Array.from(document.querySelectorAll('#verdicts tr')).some(function (r) { return r.textContent.indexOf('passed') >= 0; });"
+            ),
+        )
+        verdicts = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#verdicts tr')).map(function (r) { return r.textContent; });"
+        )
+        charts = driver.execute_script(
+            "return {canary: document.querySelectorAll('svg.chart polyline.canary').length,"
+            " baseline: document.querySelectorAll('svg.chart polyline.baseline').length,"
+            " thresholds: document.querySelectorAll('svg.chart .threshold').length};"
         )
         latencies = driver.execute_script("return window.hotswapLatencies;")
         patches = driver.execute_script("return window.hotswapPatches;")
         status = driver.find_element(By.ID, "live-status").text
         timeline = len(driver.find_elements(By.CSS_SELECTOR, "#timeline li"))
         if screenshot:
-            driver.set_window_size(1280, 1400)
+            driver.set_window_size(1280, 1300)
             driver.save_screenshot(screenshot)
         print(
             json.dumps(
@@ -150,6 +160,8 @@ def live(url, deployment, screenshot=None):
                     "patches": patches,
                     "status": status,
                     "timeline": timeline,
+                    "verdicts": verdicts,
+                    "charts": charts,
                 }
             )
         )

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{ControlPlane, Fleet, TestDir, eventually, patience};
+use hotswap_tests::{ControlPlane, Fleet, Load, TestDir, eventually, patience};
 use serde_json::Value;
 
 /// A running `hotswapctl ui --no-open`, stopped with SIGTERM on drop.
@@ -319,7 +319,7 @@ fn promote_when_waiting(cp: &ControlPlane, id: &str) {
 #[test]
 fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
     let dir = TestDir::new();
-    let (mut fleet, _) = Fleet::start_many_with_settings(
+    let (mut fleet, ports) = Fleet::start_many_with_settings(
         &dir,
         "qa",
         &["a", "b"],
@@ -350,6 +350,8 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
 
     // A canary in two steps, each waiting for `deploy promote`: the page
     // opens on wave 1 and the test promotes once the browser shows it.
+    // Traffic on both nodes gives its analysis numbers to chart.
+    let loads: Vec<Load> = ports.iter().map(|p| Load::start(*p)).collect();
     let created = fleet.cp.ctl(&[
         "-o",
         "json",
@@ -363,9 +365,11 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
         "--steps",
         "50,100",
         "--step-duration",
-        "2s",
+        "3s",
         "--analysis-warmup",
-        "0s",
+        "1s",
+        "--analysis-min-requests",
+        "20",
         "--manual-promote",
     ]);
     let id = created.json()["id"].as_str().expect("id").to_string();
@@ -397,6 +401,26 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
         "an admin sees the controls of a running canary: {live}"
     );
     assert!(live["patches"].as_u64().unwrap_or(0) >= 1, "{live}");
+    // Step 1's verdict with its numbers and sample sizes, and the charts
+    // of canary against baseline with the thresholds drawn in.
+    let verdicts: Vec<&str> = live["verdicts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        verdicts
+            .iter()
+            .any(|v| v.contains("passed") && v.contains('%') && v.contains("req on 1 node(s)")),
+        "{live}"
+    );
+    for (series, at_least) in [("canary", 1), ("baseline", 1), ("thresholds", 2)] {
+        assert!(
+            live["charts"][series].as_u64() >= Some(at_least),
+            "{series}: {live}"
+        );
+    }
     let latencies: Vec<f64> = live["latencies_ms"]
         .as_array()
         .into_iter()
@@ -423,6 +447,10 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
             other => Err(format!("{other:?}")),
         }
     });
+    for load in loads {
+        let stats = load.finish();
+        assert!(stats.failures.is_empty(), "{:?}", stats.failures);
+    }
 
     // Production needs a second person: the admin deploys, the approver
     // approves on the page.

@@ -23,7 +23,7 @@ pub struct StepSeries<'a> {
 const WIDTH: f64 = 480.0;
 const HEIGHT: f64 = 200.0;
 const LEFT: f64 = 52.0;
-const RIGHT: f64 = 12.0;
+const RIGHT: f64 = 28.0;
 const TOP: f64 = 14.0;
 const BOTTOM: f64 = 34.0;
 
@@ -123,8 +123,24 @@ pub fn steps_chart(s: &StepSeries) -> String {
             y = y(*t)
         );
     }
+    // A limit relative to each step's baseline: a short dashed mark per step.
     if let Some((_, name)) = &s.relative_threshold {
-        line(&mut svg, "threshold", &relative, &x, &y, name);
+        for (i, limit) in relative.iter().enumerate() {
+            if let Some(limit) = limit {
+                let _ = write!(
+                    svg,
+                    r#"<line class="threshold" x1="{:.1}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}"><title>{}: {}</title></line><text class="threshold-label" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                    (x(i) - 24.0).max(LEFT),
+                    (x(i) + 24.0).min(WIDTH - RIGHT),
+                    esc(name),
+                    number(*limit),
+                    x(i).clamp(LEFT + 30.0, WIDTH - RIGHT - 30.0),
+                    y(*limit) - 4.0,
+                    esc(name),
+                    y = y(*limit)
+                );
+            }
+        }
     }
     line(&mut svg, "baseline", &s.baseline, &x, &y, "baseline");
     line(&mut svg, "canary", &s.canary, &x, &y, "canary");

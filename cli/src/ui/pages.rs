@@ -572,7 +572,8 @@ fn millis(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{:.0} ms", v * 1000.0))
 }
 
-fn analysis_section(verdicts: &[VerdictView]) -> String {
+fn analysis_section(d: &DeploymentView) -> String {
+    let verdicts: &[VerdictView] = &d.analysis;
     if verdicts.is_empty() {
         return String::new();
     }
@@ -602,6 +603,13 @@ fn analysis_section(verdicts: &[VerdictView]) -> String {
         );
     }
     out.push_str("</tbody></table></div>");
+    // The charts show each step's last verdict: the one that decided it
+    // (an inconclusive one before it had too little traffic to plot).
+    let mut decided: BTreeMap<u32, &VerdictView> = BTreeMap::new();
+    for v in verdicts {
+        decided.insert(v.step, v);
+    }
+    let verdicts: Vec<&VerdictView> = decided.into_values().collect();
     let steps: Vec<u32> = verdicts.iter().map(|v| v.step).collect();
     let scale = |f: f64| move |v: Option<f64>| v.map(|v| v * f);
     let errors = charts::steps_chart(&StepSeries {
@@ -616,7 +624,9 @@ fn analysis_section(verdicts: &[VerdictView]) -> String {
             .iter()
             .map(|v| scale(100.0)(v.baseline_error_rate))
             .collect(),
-        threshold: None,
+        threshold: d
+            .max_error_rate
+            .map(|r| (r * 100.0, format!("ceiling {:.1}%", r * 100.0))),
         relative_threshold: None,
     });
     let latency = charts::steps_chart(&StepSeries {
@@ -632,7 +642,9 @@ fn analysis_section(verdicts: &[VerdictView]) -> String {
             .map(|v| scale(1000.0)(v.baseline_latency_p99))
             .collect(),
         threshold: None,
-        relative_threshold: None,
+        relative_threshold: d
+            .max_latency_increase
+            .map(|f| (f, format!("limit {f}x baseline"))),
     });
     let _ = write!(
         out,
@@ -756,7 +768,7 @@ pub fn deployment_live(ui: &Ui, d: &DeploymentView) -> String {
         out.push_str("</ul></li>");
     }
     out.push_str("</ol></section>");
-    out.push_str(&analysis_section(&d.analysis));
+    out.push_str(&analysis_section(d));
     out
 }
 
@@ -1123,6 +1135,8 @@ mod tests {
             analysis: Vec::new(),
             approved_by: String::new(),
             waiting_for: waiting_for.into(),
+            max_error_rate: None,
+            max_latency_increase: None,
         }
     }
 
