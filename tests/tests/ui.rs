@@ -199,7 +199,10 @@ impl Browser {
             Ok(line) => line,
             Err(_) => {
                 let status = self.child.wait().expect("wait");
-                panic!("browser {:?} printed nothing more ({status}); its stderr is above", self.args)
+                panic!(
+                    "browser {:?} printed nothing more ({status}); its stderr is above",
+                    self.args
+                )
             }
         }
     }
@@ -252,7 +255,10 @@ fn only_the_token_and_its_cookie_open_the_dashboard() {
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set_cookie.contains(attribute), "{set_cookie}");
     }
-    assert!(!set_cookie.contains(&ui.token), "the cookie is not the token");
+    assert!(
+        !set_cookie.contains(&ui.token),
+        "the cookie is not the token"
+    );
     let cookie = set_cookie
         .split(';')
         .next()
@@ -261,7 +267,11 @@ fn only_the_token_and_its_cookie_open_the_dashboard() {
 
     let fleet_page = http(&ui.addr, "GET", "/", &[("Cookie", &cookie)], "");
     assert_eq!(fleet_page.status, 200);
-    assert!(fleet_page.body.contains(r#"data-node="node-1""#), "{}", fleet_page.body);
+    assert!(
+        fleet_page.body.contains(r#"data-node="node-1""#),
+        "{}",
+        fleet_page.body
+    );
     let forged = http(&ui.addr, "GET", "/", &[("Cookie", "hotswap_ui=forged")], "");
     assert_eq!(forged.status, 401);
 
@@ -297,9 +307,7 @@ fn only_the_token_and_its_cookie_open_the_dashboard() {
     ui.stop();
 
     // Anything but loopback is refused before listening.
-    let refused = fleet
-        .cp
-        .ctl(&["ui", "--no-open", "--listen", "0.0.0.0:0"]);
+    let refused = fleet.cp.ctl(&["ui", "--no-open", "--listen", "0.0.0.0:0"]);
     assert_eq!(refused.code, 1, "{refused:?}");
     assert!(refused.stderr.contains("loopback"), "{refused:?}");
 }
@@ -333,8 +341,18 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
     fleet.add_node("p", "production");
     fleet.push_hello_per_node("1.0.0", "");
     let first = fleet.cp.ctl(&[
-        "-o", "json", "deploy", "create", "hello@1.0.0", "--env", "qa", "--strategy", "direct",
-        "--wait", "--timeout", "60s",
+        "-o",
+        "json",
+        "deploy",
+        "create",
+        "hello@1.0.0",
+        "--env",
+        "qa",
+        "--strategy",
+        "direct",
+        "--wait",
+        "--timeout",
+        "60s",
     ]);
     assert_eq!(first.code, 0, "{first:?}");
     fleet.push_hello_per_node("1.1.0", "");

@@ -188,7 +188,9 @@ pub async fn events(
     stream(rx)
 }
 
-pub async fn fleet(State(ui): State<Arc<Ui>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub async fn fleet(
+    State(ui): State<Arc<Ui>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let mut client = pb::fleet_client::FleetClient::new(ui.channel());

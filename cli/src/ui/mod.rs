@@ -245,7 +245,9 @@ fn open_browser(url: &str) {
                 let _ = child.wait();
             });
         }
-        Err(e) => eprintln!("warning: cannot open a browser with {program}: {e}; open the URL above"),
+        Err(e) => {
+            eprintln!("warning: cannot open a browser with {program}: {e}; open the URL above")
+        }
     }
 }
 

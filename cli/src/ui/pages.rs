@@ -271,7 +271,9 @@ fn u(v: &Value) -> u64 {
 pub fn environments_body(clusters: &[Value]) -> String {
     let mut out = String::new();
     if clusters.is_empty() {
-        out.push_str(r#"<p class="muted">no environments yet: enroll nodes with an environment label</p>"#);
+        out.push_str(
+            r#"<p class="muted">no environments yet: enroll nodes with an environment label</p>"#,
+        );
     }
     for c in clusters {
         let env = text(&c["environment"]);
@@ -321,11 +323,7 @@ pub fn environments_body(clusters: &[Value]) -> String {
                     .iter()
                     .enumerate()
                     .map(|(i, (v, n))| {
-                        format!(
-                            r#"<span class="key v{}"></span>{} ({n})"#,
-                            i % 6,
-                            esc(v)
-                        )
+                        format!(r#"<span class="key v{}"></span>{} ({n})"#, i % 6, esc(v))
                     })
                     .collect::<Vec<_>>()
                     .join(" ");
@@ -371,11 +369,7 @@ pub fn environments_body(clusters: &[Value]) -> String {
             })
             .collect();
         if !active.is_empty() {
-            let _ = write!(
-                out,
-                r#"<p>Active deployments: {}</p>"#,
-                active.join(", ")
-            );
+            let _ = write!(out, r#"<p>Active deployments: {}</p>"#, active.join(", "));
         }
         out.push_str("</section>");
     }
@@ -670,7 +664,9 @@ pub fn deployment_live(ui: &Ui, d: &DeploymentView) -> String {
         state = chip(&d.state),
     );
     if d.state == "awaiting_approval" {
-        out.push_str(r#"<p class="banner" role="status">Waiting for approval by a second person.</p>"#);
+        out.push_str(
+            r#"<p class="banner" role="status">Waiting for approval by a second person.</p>"#,
+        );
     } else if d.waiting_for == "deploy promote" && d.state == "running" {
         out.push_str(r#"<p class="banner" role="status">Waiting for promotion.</p>"#);
     }
@@ -723,7 +719,9 @@ pub fn deployment_live(ui: &Ui, d: &DeploymentView) -> String {
         out.push_str("</nav>");
     }
     // Waves with their nodes.
-    out.push_str(r#"<section aria-labelledby="waves-h"><h2 id="waves-h">Waves</h2><ol class="waves">"#);
+    out.push_str(
+        r#"<section aria-labelledby="waves-h"><h2 id="waves-h">Waves</h2><ol class="waves">"#,
+    );
     for w in 0..waves {
         let nodes: Vec<_> = d.nodes.iter().filter(|n| n.wave == w).collect();
         let place = if d.is_terminal() {
@@ -1148,7 +1146,12 @@ mod tests {
         let cases: [(Option<&str>, &str, &DeploymentView, &[&str]); 9] = [
             (Some("viewer"), "vic", &running, &[]),
             (None, "vic", &running, &[]),
-            (Some("deployer"), "dee", &running, &["pause", "abort", "rollback"]),
+            (
+                Some("deployer"),
+                "dee",
+                &running,
+                &["pause", "abort", "rollback"],
+            ),
             (Some("deployer"), "dee", &waiting, &[]),
             (Some("approver"), "ann", &waiting, &["approve", "reject"]),
             // Nobody approves their own deployment.
