@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use super::pages::esc;
+use super::html::esc;
 
 /// One series point per analysis step; `None` where the side had no data.
 pub struct StepSeries<'a> {

@@ -14,6 +14,7 @@
 
 mod auth;
 mod charts;
+mod html;
 mod live;
 mod pages;
 
