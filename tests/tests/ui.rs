@@ -159,6 +159,14 @@ fn selenium_python() -> PathBuf {
     python
 }
 
+/// Trade the dashboard's token for its session cookie; `name=value`.
+fn session_cookie(ui: &Dashboard) -> String {
+    let trade = http(&ui.addr, "GET", &format!("/?token={}", ui.token), &[], "");
+    assert_eq!(trade.status, 303, "{}", trade.body);
+    let cookie = trade.header("set-cookie").expect("a cookie");
+    cookie.split(';').next().unwrap_or_default().to_string()
+}
+
 /// tests/browser/dashboard.py running, its stdout read line by line.
 struct Browser {
     child: Child,
@@ -252,6 +260,10 @@ fn only_the_token_and_its_cookie_open_the_dashboard() {
     assert_eq!(trade.status, 303, "{}", trade.body);
     assert_eq!(trade.header("location"), Some("/events?kind=x"));
     let set_cookie = trade.header("set-cookie").expect("a cookie").to_string();
+    assert_eq!(
+        session_cookie(&ui),
+        set_cookie.split(';').next().unwrap_or_default()
+    );
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set_cookie.contains(attribute), "{set_cookie}");
     }
@@ -469,6 +481,19 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
         let stats = load.finish();
         assert!(stats.failures.is_empty(), "{:?}", stats.failures);
     }
+    let cookie = session_cookie(&admin);
+    let page = http(
+        &admin.addr,
+        "GET",
+        &format!("/deployments/{id}"),
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(page.status, 200, "{}", page.body);
+    eprintln!(
+        "page weight /deployments/{id} (ended canary, 2 steps): {} bytes HTML",
+        page.body.len()
+    );
 
     // Production needs a second person: the admin deploys, the approver
     // approves on the page.

@@ -240,10 +240,17 @@ fn open_browser(url: &str) {
         .stderr(std::process::Stdio::null())
         .spawn();
     match spawned {
-        // Reap it when it exits, off the async runtime.
+        // Reap it when it exits, off the async runtime; xdg-open without a
+        // desktop exits non-zero, which is worth a word.
         Ok(mut child) => {
             std::thread::spawn(move || {
-                let _ = child.wait();
+                if let Ok(status) = child.wait()
+                    && !status.success()
+                {
+                    eprintln!(
+                        "warning: {program} could not open a browser ({status}); open the URL above"
+                    );
+                }
             });
         }
         Err(e) => {
