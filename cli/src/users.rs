@@ -46,7 +46,7 @@ pub enum UsersCommand {
 }
 
 #[derive(Serialize)]
-pub(crate) struct UserView {
+struct UserView {
     name: String,
     role: String,
     revoked: bool,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::Form;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use hotswap_common::model::{DeploymentView, NodeView, VerdictView};
 use hotswap_common::pb;
@@ -904,12 +904,27 @@ pub struct ControlForm {
     csrf: String,
 }
 
+/// A browser names the page a POST comes from in `Origin`; one from
+/// another origin is refused even before the form token is looked at.
+/// (Without the header, e.g. from curl, the form token decides.)
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    origin.to_str().ok() == Some(format!("http://{host}").as_str())
+}
+
 pub async fn control(
     State(ui): State<Arc<Ui>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     Form(form): Form<ControlForm>,
 ) -> Response {
-    if !same_secret(&form.csrf, &ui.csrf) {
+    if !same_origin(&headers) || !same_secret(&form.csrf, &ui.csrf) {
         return (
             StatusCode::FORBIDDEN,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -1106,6 +1121,26 @@ mod tests {
             max_error_rate: None,
             max_latency_increase: None,
         }
+    }
+
+    #[test]
+    fn posts_from_another_origin_are_refused() {
+        let headers = |origin: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::HOST,
+                axum::http::HeaderValue::from_static("127.0.0.1:8080"),
+            );
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, axum::http::HeaderValue::from_static(o));
+            }
+            h
+        };
+        assert!(same_origin(&headers(None)));
+        assert!(same_origin(&headers(Some("http://127.0.0.1:8080"))));
+        assert!(!same_origin(&headers(Some("https://evil.example"))));
+        assert!(!same_origin(&headers(Some("http://127.0.0.1:8081"))));
+        assert!(!same_origin(&headers(Some("null"))));
     }
 
     #[test]
