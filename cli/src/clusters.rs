@@ -32,7 +32,7 @@ struct ModuleView {
 }
 
 #[derive(Serialize)]
-struct ClusterView {
+pub(crate) struct ClusterView {
     environment: String,
     nodes: u32,
     connected: u32,

@@ -251,6 +251,8 @@ mod tests {
             analysis: Vec::new(),
             approved_by: String::new(),
             waiting_for: "wave 2 to become healthy".into(),
+            max_error_rate: None,
+            max_latency_increase: None,
         }
     }
 

@@ -18,6 +18,7 @@ mod output;
 mod pipeline;
 mod servers;
 mod tokens;
+mod ui;
 mod users;
 
 use std::ffi::OsString;
@@ -117,6 +118,8 @@ enum Command {
         after_help = "Examples:\n  hotswapctl servers list\n  hotswapctl -o json servers get cp-a"
     )]
     Servers(servers::ServersCommand),
+    /// The live web dashboard on this machine, acting with your profile.
+    Ui(ui::UiArgs),
     /// Print a shell completion script (bash, zsh, fish, ...) to stdout.
     Completions(completions::CompletionsArgs),
 }
@@ -151,6 +154,7 @@ fn main() -> ExitCode {
             Command::Events(args) => done(events::run(&ctx, args).await),
             Command::Clusters(cmd) => done(clusters::run(&ctx, cmd).await),
             Command::Servers(cmd) => done(servers::run(&ctx, cmd).await),
+            Command::Ui(args) => done(ui::run(&ctx, args).await),
             Command::Completions(args) => done(completions::run(args)),
         }
     });

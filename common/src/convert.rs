@@ -504,6 +504,8 @@ impl TryFrom<pb::Deployment> for DeploymentView {
                 .collect(),
             approved_by: d.approved_by,
             waiting_for: d.waiting_for,
+            max_error_rate: d.max_error_rate.filter(|r| r.is_finite() && *r >= 0.0),
+            max_latency_increase: d.max_latency_increase.filter(|f| f.is_finite() && *f > 0.0),
         })
     }
 }

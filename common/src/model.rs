@@ -266,6 +266,12 @@ pub struct DeploymentView {
     pub analysis: Vec<VerdictView>,
     pub approved_by: String,
     pub waiting_for: String,
+    /// A canary's error-rate ceiling (0..1); null for other strategies.
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
+    /// A canary's limit on p99 latency as a multiple of the baseline's.
+    #[serde(default)]
+    pub max_latency_increase: Option<f64>,
 }
 
 impl DeploymentView {

@@ -13,7 +13,7 @@ use super::Context;
 use super::stream::{ServerStream, spawn_stream};
 use crate::auth::Permission;
 use crate::deploy::engine::{CreateRequest, DeploymentRecord, Engine, PlanView};
-use crate::deploy::machine::{Control, NodeState};
+use crate::deploy::machine::{Control, NodeState, Strategy};
 use crate::error::ApiError;
 
 pub struct DeploymentsService {
@@ -86,6 +86,7 @@ pub fn deployment_to_pb(record: &DeploymentRecord) -> pb::Deployment {
     let d = &record.deployment;
     let count =
         |f: &dyn Fn(NodeState) -> bool| d.nodes.iter().filter(|n| f(n.state)).count() as u32;
+    let canary = matches!(d.spec.strategy, Strategy::Canary { .. });
     pb::Deployment {
         id: record.id.clone(),
         module: d.spec.module.clone(),
@@ -154,6 +155,9 @@ pub fn deployment_to_pb(record: &DeploymentRecord) -> pb::Deployment {
             .collect(),
         approved_by: d.approved_by.clone(),
         waiting_for: d.waiting_for(crate::clock::steady_now_ms()),
+        // The dashboard draws these into its canary charts.
+        max_error_rate: canary.then_some(d.spec.thresholds.max_error_rate),
+        max_latency_increase: canary.then_some(d.spec.thresholds.latency_increase),
     }
 }
 
