@@ -91,6 +91,10 @@ enum Bench {
         size_kib: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Store backends, comma-separated; with more than one, each has
+        /// its fleet and the runs alternate between them.
+        #[arg(long, value_delimiter = ',', default_value = "sled")]
+        backends: Vec<StoreChoice>,
     },
     /// etcd beside `fleet`: N lease keep-alive streams, each on its own
     /// mTLS connection (needs scripts/bench-deps.sh).
@@ -113,6 +117,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreChoice {
+    Sled,
+    Etcd,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -149,7 +159,16 @@ fn main() -> anyhow::Result<()> {
             agents,
             size_kib,
             runs,
-        } => fanout::fanout(agents, size_kib, runs),
+            mut backends,
+        } => {
+            let mut seen = Vec::new();
+            backends.retain(|b| {
+                let new = !seen.contains(b);
+                seen.push(*b);
+                new
+            });
+            fanout::fanout(agents, size_kib, runs, &backends)
+        }
         Bench::EtcdLeases {
             streams,
             keepalive_s,

@@ -274,6 +274,15 @@ impl EtcdCluster {
         (0..self.members.len()).find(|&i| self.endpoint(i) == url.trim_end_matches('/'))
     }
 
+    /// Pid of member `i` while it runs (benchmarks read its CPU time).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i]
+            .daemon
+            .as_ref()
+            .and_then(|d| d.child.as_ref())
+            .map(std::process::Child::id)
+    }
+
     /// SIGKILL member `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut daemon) = self.members[i].daemon.take() {
