@@ -126,6 +126,10 @@ struct Args {
     /// Members of the etcd cluster the etcd backend starts.
     #[arg(long, default_value_t = 3)]
     etcd_members: usize,
+    /// etcd's `--max-request-bytes` (etcd's default is 1.5 MiB, less than
+    /// the record of one deployment to 10k nodes).
+    #[arg(long)]
+    etcd_max_request_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -153,9 +157,14 @@ struct EtcdPrep {
     _data_dir: tempfile::TempDir,
 }
 
-fn prepare_etcd(members: usize) -> anyhow::Result<EtcdPrep> {
+fn prepare_etcd(members: usize, max_request_bytes: Option<u64>) -> anyhow::Result<EtcdPrep> {
     eprintln!("etcd: starting {members} members on loopback");
-    let cluster = EtcdCluster::start(members);
+    let cluster = match max_request_bytes {
+        Some(bytes) => {
+            EtcdCluster::start_with_flags(members, &["--max-request-bytes", &bytes.to_string()])
+        }
+        None => EtcdCluster::start(members),
+    };
     let settings = StoreSettings {
         backend: StoreBackend::Etcd,
         endpoints: (0..cluster.len()).map(|i| cluster.endpoint(i)).collect(),
@@ -187,7 +196,7 @@ fn main() -> anyhow::Result<()> {
     });
     ensure!(!args.backends.is_empty(), "--backends names no backend");
     let etcd = if args.backends.contains(&BackendKind::Etcd) {
-        Some(prepare_etcd(args.etcd_members)?)
+        Some(prepare_etcd(args.etcd_members, args.etcd_max_request_bytes)?)
     } else {
         None
     };
@@ -495,30 +504,37 @@ async fn setup(
 ) -> anyhow::Result<(Fleet, Vec<SessionHandle>)> {
     let n = args.nodes;
     let started = Instant::now();
-    let hash = token_hash("bench-join-token");
-    store
-        .insert_token(
-            &hash,
-            &TokenRecord {
-                created_at_ms: now_ms(),
-                expires_at_ms: u64::MAX,
-                uses_total: n.max(10_000) as u32,
-                uses_left: n.max(10_000) as u32,
-                labels: dev_labels(),
-                created_by: "bench".into(),
-            },
-        )
-        .await?;
+    // One join token per setup stripe: every enrollment takes a use of its
+    // token, and on etcd concurrent enrollments with one token conflict on
+    // its record (each is a guarded read-modify-write of the token).
+    let concurrency = args.setup_concurrency.max(1);
+    let hashes: Vec<String> = (0..concurrency)
+        .map(|stripe| token_hash(&format!("bench-join-token-{stripe}")))
+        .collect();
+    for hash in &hashes {
+        store
+            .insert_token(
+                hash,
+                &TokenRecord {
+                    created_at_ms: now_ms(),
+                    expires_at_ms: u64::MAX,
+                    uses_total: n.max(10_000) as u32,
+                    uses_left: n.max(10_000) as u32,
+                    labels: dev_labels(),
+                    created_by: "bench".into(),
+                },
+            )
+            .await?;
+    }
     let ids: Vec<String> = (0..n).map(node_id).collect();
 
     // Enrollment: one sled transaction and one durable flush each.
     let enroll_started = Instant::now();
-    let concurrency = args.setup_concurrency.max(1);
     let enroll_latencies = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let mut tasks = Vec::new();
     for stripe in 0..concurrency {
         let store = store.clone();
-        let hash = hash.clone();
+        let hash = hashes[stripe].clone();
         let ids = ids.clone();
         let latencies = enroll_latencies.clone();
         tasks.push(tokio::spawn(async move {
