@@ -93,12 +93,21 @@ fn metric(body: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn start_side(kind: StoreChoice, agents: usize) -> anyhow::Result<Side> {
+fn start_side(
+    kind: StoreChoice,
+    agents: usize,
+    max_request_bytes: Option<u64>,
+) -> anyhow::Result<Side> {
     let dir = TestDir::new();
     let (cp, etcd, s3) = match kind {
         StoreChoice::Sled => (start_control_plane(dir.path(), SETTINGS)?, None, None),
         StoreChoice::Etcd => {
-            let cluster = EtcdCluster::start(3);
+            let cluster = match max_request_bytes {
+                Some(bytes) => {
+                    EtcdCluster::start_with_flags(3, &["--max-request-bytes", &bytes.to_string()])
+                }
+                None => EtcdCluster::start(3),
+            };
             let s3 = SeaweedS3::start("fanout");
             let mut cp = ControlPlane::init_on_etcd(dir.path(), "cp-a", &cluster.endpoints(), &s3);
             std::fs::write(dir.path().join("cp.toml"), SETTINGS)?;
@@ -174,10 +183,11 @@ pub fn fanout(
     size_kib: usize,
     runs: usize,
     backends: &[StoreChoice],
+    etcd_max_request_bytes: Option<u64>,
 ) -> anyhow::Result<()> {
     let mut sides = Vec::new();
     for &kind in backends {
-        sides.push(start_side(kind, agents)?);
+        sides.push(start_side(kind, agents, etcd_max_request_bytes)?);
     }
     std::thread::sleep(Duration::from_secs(5));
 
@@ -243,7 +253,12 @@ pub fn fanout(
 }
 
 /// Push version `1.0.<run>` and deploy it to every agent of `side`.
-fn deploy_once(side: &mut Side, run: usize, agents: usize, payload: &[u8]) -> anyhow::Result<Value> {
+fn deploy_once(
+    side: &mut Side,
+    run: usize,
+    agents: usize,
+    payload: &[u8],
+) -> anyhow::Result<Value> {
     let dir = side.dir.path();
     let cp = &side.cp;
     let version = format!("1.0.{run}");
@@ -326,8 +341,9 @@ fn deploy_once(side: &mut Side, run: usize, agents: usize, payload: &[u8]) -> an
         if let Some(admin) = cp.admin
             && let Ok((200, body)) = hotswap_tests::try_http_get(admin, "/metrics")
         {
-            result["hotswap_etcd_round_trip_ms"] =
-                json!(round(metric(&body, "hotswap_etcd_round_trip_seconds") * 1e3));
+            result["hotswap_etcd_round_trip_ms"] = json!(round(
+                metric(&body, "hotswap_etcd_round_trip_seconds") * 1e3
+            ));
         }
     }
     Ok(result)

@@ -95,6 +95,10 @@ enum Bench {
         /// its fleet and the runs alternate between them.
         #[arg(long, value_delimiter = ',', default_value = "sled")]
         backends: Vec<StoreChoice>,
+        /// etcd's `--max-request-bytes` for the etcd backend (etcd's default,
+        /// 1.5 MiB, is less than one deployment record for 10k nodes).
+        #[arg(long)]
+        etcd_max_request_bytes: Option<u64>,
     },
     /// etcd beside `fleet`: N lease keep-alive streams, each on its own
     /// mTLS connection (needs scripts/bench-deps.sh).
@@ -160,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             size_kib,
             runs,
             mut backends,
+            etcd_max_request_bytes,
         } => {
             let mut seen = Vec::new();
             backends.retain(|b| {
@@ -167,7 +172,7 @@ fn main() -> anyhow::Result<()> {
                 seen.push(*b);
                 new
             });
-            fanout::fanout(agents, size_kib, runs, &backends)
+            fanout::fanout(agents, size_kib, runs, &backends, etcd_max_request_bytes)
         }
         Bench::EtcdLeases {
             streams,

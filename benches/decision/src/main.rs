@@ -50,11 +50,11 @@ use hotswap_control_plane::deploy::machine::{
 };
 use hotswap_control_plane::events::EventLog;
 use hotswap_control_plane::init::InitOptions;
-use hotswap_control_plane::replica::Leading;
-use hotswap_control_plane::store::etcd::{EtcdStore, Leader};
 use hotswap_control_plane::metrics::Metrics;
 use hotswap_control_plane::registry::{ModuleState, Registry, Report, SessionHandle};
+use hotswap_control_plane::replica::Leading;
 use hotswap_control_plane::service::enrollment::token_hash;
+use hotswap_control_plane::store::etcd::{EtcdStore, Leader};
 use hotswap_control_plane::store::{
     ArtifactRecord, DesiredModuleRecord, KeyRecord, NodeRecord, SignatureRecord, Store, TokenRecord,
 };
@@ -196,7 +196,10 @@ fn main() -> anyhow::Result<()> {
     });
     ensure!(!args.backends.is_empty(), "--backends names no backend");
     let etcd = if args.backends.contains(&BackendKind::Etcd) {
-        Some(prepare_etcd(args.etcd_members, args.etcd_max_request_bytes)?)
+        Some(prepare_etcd(
+            args.etcd_members,
+            args.etcd_max_request_bytes,
+        )?)
     } else {
         None
     };
@@ -1398,7 +1401,10 @@ async fn start_bench(
     };
     let shutdown = CancellationToken::new();
     let (store, etcd) = match (kind, prep) {
-        (BackendKind::Sled, _) => (Store::open(&tmp.path().join("db"), 256 * 1024 * 1024)?, None),
+        (BackendKind::Sled, _) => (
+            Store::open(&tmp.path().join("db"), 256 * 1024 * 1024)?,
+            None,
+        ),
         (BackendKind::Etcd, None) => bail!("etcd backend without a cluster"),
         (BackendKind::Etcd, Some(prep)) => {
             let store = hotswap_control_plane::server::open_etcd(&prep.settings)
@@ -1425,9 +1431,7 @@ async fn start_bench(
             .map_err(|e| anyhow::anyhow!("campaign: {e}"))?
             .context("shut down while campaigning")?;
             let EtcdPrep {
-                cluster,
-                _data_dir,
-                ..
+                cluster, _data_dir, ..
             } = prep;
             (
                 Store::etcd(store.clone()),
@@ -1447,13 +1451,7 @@ async fn start_bench(
         args.nodes,
         args.setup_concurrency
     );
-    let (fleet, handles) = setup(
-        args,
-        store,
-        etcd.as_ref().map(|e| &e._store),
-        &shutdown,
-    )
-    .await?;
+    let (fleet, handles) = setup(args, store, etcd.as_ref().map(|e| &e._store), &shutdown).await?;
     eprintln!("setup {}: {}", kind.name(), fleet.setup);
 
     let sim = Arc::new(Sim {
@@ -1510,7 +1508,10 @@ fn median_of(v: &[f64]) -> f64 {
 
 async fn run(args: Args, etcd: Option<EtcdPrep>) -> anyhow::Result<Value> {
     now_ns();
-    let facts = machine_facts(&args, &args.tmpdir.clone().unwrap_or_else(std::env::temp_dir));
+    let facts = machine_facts(
+        &args,
+        &args.tmpdir.clone().unwrap_or_else(std::env::temp_dir),
+    );
     let mut etcd = etcd;
     let mut benches = Vec::new();
     for &kind in &args.backends {
@@ -1534,7 +1535,8 @@ async fn run(args: Args, etcd: Option<EtcdPrep>) -> anyhow::Result<Value> {
             );
             let cpu0 = process_cpu_seconds();
             let etcd0 = b.etcd_counters();
-            let run = decision_run(&b.fleet, &b.engine, &b.sim, &b.counters, &args, version).await?;
+            let run =
+                decision_run(&b.fleet, &b.engine, &b.sim, &b.counters, &args, version).await?;
             let mut json = run.json;
             b.account(&mut json, cpu0, etcd0);
             let settle_s = settle(Duration::from_secs(args.settle_max_s)).await;
@@ -1588,9 +1590,15 @@ async fn run(args: Args, etcd: Option<EtcdPrep>) -> anyhow::Result<Value> {
                 );
                 let cpu0 = process_cpu_seconds();
                 let etcd0 = b.etcd_counters();
-                let run =
-                    rollback_run(&b.fleet, &b.engine, &b.sim, &b.counters, &args, &fail_version)
-                        .await?;
+                let run = rollback_run(
+                    &b.fleet,
+                    &b.engine,
+                    &b.sim,
+                    &b.counters,
+                    &args,
+                    &fail_version,
+                )
+                .await?;
                 let mut json = run.json;
                 b.account(&mut json, cpu0, etcd0);
                 let settle_s = settle(Duration::from_secs(args.settle_max_s)).await;
@@ -1630,7 +1638,10 @@ async fn run(args: Args, etcd: Option<EtcdPrep>) -> anyhow::Result<Value> {
         };
         let cpu = |runs: &[Value], key: &str| -> f64 {
             round3(median_of(
-                &runs.iter().filter_map(|r| r[key].as_f64()).collect::<Vec<_>>(),
+                &runs
+                    .iter()
+                    .filter_map(|r| r[key].as_f64())
+                    .collect::<Vec<_>>(),
             ))
         };
         let mut cpu_medians = json!({
