@@ -535,9 +535,9 @@ async fn setup(
     let enroll_started = Instant::now();
     let enroll_latencies = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let mut tasks = Vec::new();
-    for stripe in 0..concurrency {
+    for (stripe, hash) in hashes.iter().enumerate() {
         let store = store.clone();
-        let hash = hashes[stripe].clone();
+        let hash = hash.clone();
         let ids = ids.clone();
         let latencies = enroll_latencies.clone();
         tasks.push(tokio::spawn(async move {
