@@ -123,6 +123,14 @@ enum Bench {
         size_kib: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Store backends, comma-separated; with more than one, each has
+        /// its fleet and the runs alternate between them.
+        #[arg(long, value_delimiter = ',', default_value = "sled")]
+        backends: Vec<StoreChoice>,
+        /// etcd's `--max-request-bytes` for the etcd backend (etcd's default,
+        /// 1.5 MiB, is less than one deployment record for 10k nodes).
+        #[arg(long)]
+        etcd_max_request_bytes: Option<u64>,
     },
     /// etcd beside `fleet`: N lease keep-alive streams, each on its own
     /// mTLS connection (needs scripts/bench-deps.sh).
@@ -145,6 +153,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreChoice {
+    Sled,
+    Etcd,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -195,7 +209,17 @@ fn main() -> anyhow::Result<()> {
             agents,
             size_kib,
             runs,
-        } => fanout::fanout(agents, size_kib, runs),
+            mut backends,
+            etcd_max_request_bytes,
+        } => {
+            let mut seen = Vec::new();
+            backends.retain(|b| {
+                let new = !seen.contains(b);
+                seen.push(*b);
+                new
+            });
+            fanout::fanout(agents, size_kib, runs, &backends, etcd_max_request_bytes)
+        }
         Bench::EtcdLeases {
             streams,
             keepalive_s,

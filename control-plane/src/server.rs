@@ -467,8 +467,9 @@ fn forwarding_tls(
     )?)
 }
 
-/// Open the records on etcd (SPEC §7).
-async fn open_etcd(settings: &crate::config::StoreSettings) -> Result<EtcdStore, RunError> {
+/// Open the records on etcd (SPEC §7): what `run` does for `[store]
+/// backend = "etcd"` (the decision benchmark opens its store through it).
+pub async fn open_etcd(settings: &crate::config::StoreSettings) -> Result<EtcdStore, RunError> {
     let client = crate::replica::etcd_client(settings)
         .await
         .map_err(|e| RunError::Etcd(e.to_string()))?;

@@ -113,6 +113,8 @@ pub struct EtcdCluster {
     initial_cluster: String,
     token: String,
     tls: Option<EtcdTlsFiles>,
+    /// Flags every member starts with, beyond the harness's own.
+    extra: Vec<String>,
     dir: TestDir,
 }
 
@@ -130,7 +132,17 @@ impl EtcdCluster {
         Self::start_with(members, Some(client_cert_auth))
     }
 
+    /// As [`Self::start`], every member also given `extra` flags (a
+    /// benchmark raising `--max-request-bytes`).
+    pub fn start_with_flags(members: usize, extra: &[&str]) -> Self {
+        Self::start_configured(members, None, extra.iter().map(|s| s.to_string()).collect())
+    }
+
     fn start_with(members: usize, tls: Option<bool>) -> Self {
+        Self::start_configured(members, tls, Vec::new())
+    }
+
+    fn start_configured(members: usize, tls: Option<bool>, extra: Vec<String>) -> Self {
         assert!(
             Path::new(ETCD_BINARY).exists(),
             "{ETCD_BINARY} not found: install Debian's etcd-server with `sudo bash scripts/ci-deps.sh`"
@@ -170,6 +182,7 @@ impl EtcdCluster {
             initial_cluster,
             token,
             tls,
+            extra,
             dir,
         };
         for i in 0..cluster.members.len() {
@@ -203,7 +216,8 @@ impl EtcdCluster {
             // new leader within about half a second of losing one, instead
             // of etcd's default second, to keep failover tests short.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args(["--logger", "zap", "--log-outputs", "stderr"]);
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .args(&self.extra);
         if let Some(tls) = &self.tls {
             let metrics_url = format!("http://127.0.0.1:{}", member.health_port);
             command
@@ -272,6 +286,15 @@ impl EtcdCluster {
     /// The member whose client URL is `url`.
     pub fn index_of(&self, url: &str) -> Option<usize> {
         (0..self.members.len()).find(|&i| self.endpoint(i) == url.trim_end_matches('/'))
+    }
+
+    /// Pid of member `i` while it runs (benchmarks read its CPU time).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i]
+            .daemon
+            .as_ref()
+            .and_then(|d| d.child.as_ref())
+            .map(std::process::Child::id)
     }
 
     /// SIGKILL member `i`.

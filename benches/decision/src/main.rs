@@ -20,6 +20,15 @@
 //! stopped and the pieces of one engine iteration are timed in isolation
 //! through the same public APIs, to show what dominates.
 //!
+//! Backends: `--backends sled` (the default) opens the sled store in a temp
+//! dir; `--backends etcd` starts a 3-member etcd 3.4 on loopback, runs the
+//! library's `init` against it and opens the store through
+//! `server::open_etcd`, what `run` does for `[store] backend = "etcd"`, then
+//! leads (campaigns, so every commit is fenced by the election key) and
+//! publishes its sessions under a lease, as the leading replica does.
+//! `--backends sled,etcd` sets both up in this process and alternates the
+//! runs (sled, etcd, sled, etcd, ...), so the ratio is of one sitting.
+//!
 //! Output: one JSON object on stdout; progress on stderr.
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,7 +41,7 @@ use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 use hotswap_common::labels::Labels;
 use hotswap_common::timefmt::{now_ms, rfc3339_from_ms};
-use hotswap_control_plane::config::Settings;
+use hotswap_control_plane::config::{Settings, StoreBackend, StoreSettings};
 use hotswap_control_plane::deploy::engine::{
     CreateRequest, DeploymentRecord, Engine, EngineHandles, observe_nodes,
 };
@@ -40,15 +49,20 @@ use hotswap_control_plane::deploy::machine::{
     BatchSize, Input, NodeState, State, Strategy, plan_waves,
 };
 use hotswap_control_plane::events::EventLog;
+use hotswap_control_plane::init::InitOptions;
 use hotswap_control_plane::metrics::Metrics;
 use hotswap_control_plane::registry::{ModuleState, Registry, Report, SessionHandle};
+use hotswap_control_plane::replica::Leading;
 use hotswap_control_plane::service::enrollment::token_hash;
+use hotswap_control_plane::store::etcd::{EtcdStore, Leader};
 use hotswap_control_plane::store::{
     ArtifactRecord, DesiredModuleRecord, KeyRecord, NodeRecord, SignatureRecord, Store, TokenRecord,
 };
+use hotswap_tests::EtcdCluster;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 const MODULE: &str = "sim";
 const ENVIRONMENT: &str = "dev";
@@ -105,11 +119,90 @@ struct Args {
     /// Tokio worker threads (default: one per CPU).
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Store backends, comma-separated; with more than one, every run
+    /// alternates between them (sled, etcd, sled, etcd, ...).
+    #[arg(long, value_delimiter = ',', default_value = "sled")]
+    backends: Vec<BackendKind>,
+    /// Members of the etcd cluster the etcd backend starts.
+    #[arg(long, default_value_t = 3)]
+    etcd_members: usize,
+    /// etcd's `--max-request-bytes` (etcd's default is 1.5 MiB, less than
+    /// the record of one deployment to 10k nodes).
+    #[arg(long)]
+    etcd_max_request_bytes: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BackendKind {
+    Sled,
+    Etcd,
+}
+
+impl BackendKind {
+    fn name(self) -> &'static str {
+        match self {
+            BackendKind::Sled => "sled",
+            BackendKind::Etcd => "etcd",
+        }
+    }
+}
+
+/// An etcd cluster on loopback with a hotswap cluster `init`ed under the
+/// default prefix (started before the runtime: the harness and `init`
+/// block).
+struct EtcdPrep {
+    cluster: EtcdCluster,
+    settings: StoreSettings,
+    /// The data dir `init` made (CA, admin profile); the records are in etcd.
+    _data_dir: tempfile::TempDir,
+}
+
+fn prepare_etcd(members: usize, max_request_bytes: Option<u64>) -> anyhow::Result<EtcdPrep> {
+    eprintln!("etcd: starting {members} members on loopback");
+    let cluster = match max_request_bytes {
+        Some(bytes) => {
+            EtcdCluster::start_with_flags(members, &["--max-request-bytes", &bytes.to_string()])
+        }
+        None => EtcdCluster::start(members),
+    };
+    let settings = StoreSettings {
+        backend: StoreBackend::Etcd,
+        endpoints: (0..cluster.len()).map(|i| cluster.endpoint(i)).collect(),
+        ..StoreSettings::default()
+    };
+    let data_dir = tempfile::tempdir()?;
+    hotswap_control_plane::init::init(&InitOptions {
+        data_dir: data_dir.path().join("cp"),
+        sans: Vec::new(),
+        endpoint: "127.0.0.1:7443".into(),
+        store: Some(settings.clone()),
+    })
+    .map_err(|e| anyhow::anyhow!("init on etcd: {e}"))?;
+    Ok(EtcdPrep {
+        cluster,
+        settings,
+        _data_dir: data_dir,
+    })
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     ensure!(args.nodes > 0, "--nodes must be at least 1");
+    let mut seen = Vec::new();
+    args.backends.retain(|b| {
+        let new = !seen.contains(b);
+        seen.push(*b);
+        new
+    });
+    ensure!(!args.backends.is_empty(), "--backends names no backend");
+    let etcd = if args.backends.contains(&BackendKind::Etcd) {
+        Some(prepare_etcd(
+            args.etcd_members,
+            args.etcd_max_request_bytes,
+        )?)
+    } else {
+        None
+    };
     ensure!(args.fail_wave >= 2, "--fail-wave must be 2 or more");
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
@@ -117,7 +210,7 @@ fn main() -> anyhow::Result<()> {
         builder.worker_threads(n);
     }
     let runtime = builder.build()?;
-    let result = runtime.block_on(run(args))?;
+    let result = runtime.block_on(run(args, etcd))?;
     println!("{}", serde_json::to_string_pretty(&result)?);
     // Sled and leftover tasks need not be torn down cleanly.
     runtime.shutdown_timeout(Duration::from_secs(5));
@@ -406,32 +499,43 @@ fn dev_labels() -> Labels {
     [("environment".to_string(), ENVIRONMENT.to_string())].into()
 }
 
-async fn setup(args: &Args, dir: &std::path::Path) -> anyhow::Result<(Fleet, Vec<SessionHandle>)> {
+async fn setup(
+    args: &Args,
+    store: Store,
+    etcd: Option<&EtcdStore>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Fleet, Vec<SessionHandle>)> {
     let n = args.nodes;
     let started = Instant::now();
-    let store = Store::open(&dir.join("db"), 256 * 1024 * 1024)?;
-    let hash = token_hash("bench-join-token");
-    store
-        .insert_token(
-            &hash,
-            &TokenRecord {
-                created_at_ms: now_ms(),
-                expires_at_ms: u64::MAX,
-                uses_total: n.max(10_000) as u32,
-                uses_left: n.max(10_000) as u32,
-                labels: dev_labels(),
-                created_by: "bench".into(),
-            },
-        )
-        .await?;
+    // One join token per setup stripe: every enrollment takes a use of its
+    // token, and on etcd concurrent enrollments with one token conflict on
+    // its record (each is a guarded read-modify-write of the token).
+    let concurrency = args.setup_concurrency.max(1);
+    let hashes: Vec<String> = (0..concurrency)
+        .map(|stripe| token_hash(&format!("bench-join-token-{stripe}")))
+        .collect();
+    for hash in &hashes {
+        store
+            .insert_token(
+                hash,
+                &TokenRecord {
+                    created_at_ms: now_ms(),
+                    expires_at_ms: u64::MAX,
+                    uses_total: n.max(10_000) as u32,
+                    uses_left: n.max(10_000) as u32,
+                    labels: dev_labels(),
+                    created_by: "bench".into(),
+                },
+            )
+            .await?;
+    }
     let ids: Vec<String> = (0..n).map(node_id).collect();
 
     // Enrollment: one sled transaction and one durable flush each.
     let enroll_started = Instant::now();
-    let concurrency = args.setup_concurrency.max(1);
     let enroll_latencies = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let mut tasks = Vec::new();
-    for stripe in 0..concurrency {
+    for (stripe, hash) in hashes.iter().enumerate() {
         let store = store.clone();
         let hash = hash.clone();
         let ids = ids.clone();
@@ -509,6 +613,11 @@ async fn setup(args: &Args, dir: &std::path::Path) -> anyhow::Result<(Fleet, Vec
         Arc::new(EventLog::open(&store, 100_000).map_err(|e| anyhow::anyhow!("event log: {e}"))?);
     let registry = Registry::new(store.clone(), events.clone(), metrics.clone())
         .map_err(|e| anyhow::anyhow!("registry: {e}"))?;
+    if let Some(etcd) = etcd {
+        // As `run` does on etcd: every session is published under the
+        // replica's lease (granted by the caller).
+        registry.share_sessions("bench".into(), Arc::new(etcd.clone()), shutdown.clone());
+    }
 
     // Sessions: attach writes the node record (last seen, labels) with a flush.
     let attach_started = Instant::now();
@@ -558,7 +667,7 @@ async fn setup(args: &Args, dir: &std::path::Path) -> anyhow::Result<(Fleet, Vec
         "attach_s": round3(attach_s),
         "attach_per_node": summary(&attach_l),
         "concurrency": concurrency,
-        "note": "each enrollment (Store::enroll) and each attach (Registry::attach -> Store::put_node) ends with its own durable sled flush; setup time is those 2*N flushes",
+        "note": "each enrollment (Store::enroll) and each attach (Registry::attach -> Store::put_node) ends with its own durable flush (sled: fsync; etcd: a guarded txn, concurrent flushes grouped); setup time is those 2*N flushes",
         "db_bytes_on_disk": store.size_on_disk(),
     });
     let index_of = ids
@@ -1151,21 +1260,199 @@ fn machine_facts(args: &Args, dir: &std::path::Path) -> Value {
     })
 }
 
-async fn run(args: Args) -> anyhow::Result<Value> {
-    now_ns();
+/// The etcd side of a backend: the cluster, the store, and this process's
+/// leadership and session lease (held for the benchmark's life).
+struct EtcdSide {
+    cluster: EtcdCluster,
+    _store: EtcdStore,
+    _leading: Leading,
+    _sessions: hotswap_etcd::KeepAlive,
+    _prep_dir: tempfile::TempDir,
+}
+
+/// Counters from etcd's own `/metrics`, summed over the members.
+#[derive(Clone, Copy, Default)]
+struct EtcdCounters {
+    cpu_s: f64,
+    proposals_committed: f64,
+    wal_fsyncs: f64,
+    wal_fsync_s: f64,
+    backend_commits: f64,
+    backend_commit_s: f64,
+}
+
+impl EtcdSide {
+    fn counters(&self) -> EtcdCounters {
+        let mut c = EtcdCounters::default();
+        for i in 0..self.cluster.len() {
+            if let Some(pid) = self.cluster.pid(i) {
+                c.cpu_s += pid_cpu_seconds(pid);
+            }
+            let endpoint = self.cluster.endpoint(i);
+            let Some(addr) = endpoint
+                .strip_prefix("http://")
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            else {
+                continue;
+            };
+            let Ok((200, body)) = hotswap_tests::try_http_get(addr, "/metrics") else {
+                continue;
+            };
+            let value = |name: &str| -> f64 {
+                body.lines()
+                    .find(|l| l.split_whitespace().next() == Some(name))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0)
+            };
+            // Every member commits every proposal: the leader's count is
+            // the cluster's (take the largest).
+            c.proposals_committed = c
+                .proposals_committed
+                .max(value("etcd_server_proposals_committed_total"));
+            c.wal_fsyncs += value("etcd_disk_wal_fsync_duration_seconds_count");
+            c.wal_fsync_s += value("etcd_disk_wal_fsync_duration_seconds_sum");
+            c.backend_commits += value("etcd_disk_backend_commit_duration_seconds_count");
+            c.backend_commit_s += value("etcd_disk_backend_commit_duration_seconds_sum");
+        }
+        c
+    }
+}
+
+/// What etcd did between two readings of its counters.
+fn etcd_delta(before: EtcdCounters, after: EtcdCounters, members: usize) -> Value {
+    let fsyncs = after.wal_fsyncs - before.wal_fsyncs;
+    let fsync_s = after.wal_fsync_s - before.wal_fsync_s;
+    let commits = after.backend_commits - before.backend_commits;
+    let commit_s = after.backend_commit_s - before.backend_commit_s;
+    let per = |s: f64, n: f64| if n > 0.0 { round3(s * 1e3 / n) } else { 0.0 };
+    json!({
+        "etcd_cpu_s": round3(after.cpu_s - before.cpu_s),
+        "etcd_proposals_committed": after.proposals_committed - before.proposals_committed,
+        "etcd_wal_fsyncs_per_member": round3(fsyncs / members.max(1) as f64),
+        "etcd_wal_fsync_mean_ms": per(fsync_s, fsyncs),
+        "etcd_backend_commit_mean_ms": per(commit_s, commits),
+    })
+}
+
+/// CPU time (user + system) of another process, in seconds.
+fn pid_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// One backend under test: its fleet, simulated agents and engine, and
+/// what its runs measured.
+struct Bench {
+    kind: BackendKind,
+    fleet: Fleet,
+    sim: Arc<Sim>,
+    agents: Vec<JoinHandle<()>>,
+    engine: Arc<Engine>,
+    counters: Arc<Counters>,
+    shutdown: CancellationToken,
+    engine_task: JoinHandle<()>,
+    etcd: Option<EtcdSide>,
+    gaps: Vec<f64>,
+    runs: Vec<Value>,
+    last_record: Option<String>,
+    rollback_ms: Vec<f64>,
+    rollbacks: Vec<Value>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Bench {
+    fn etcd_counters(&self) -> Option<EtcdCounters> {
+        self.etcd.as_ref().map(EtcdSide::counters)
+    }
+
+    /// Add the process's and etcd's CPU since `before` to a run's JSON.
+    fn account(&self, json: &mut Value, cpu0: f64, before: Option<EtcdCounters>) {
+        json["backend"] = json!(self.kind.name());
+        json["process_cpu_s"] = json!(round3(process_cpu_seconds() - cpu0));
+        if let (Some(side), Some(before), Some(after)) = (&self.etcd, before, self.etcd_counters())
+        {
+            let delta = etcd_delta(before, after, side.cluster.len());
+            if let (Some(out), Some(add)) = (json.as_object_mut(), delta.as_object()) {
+                out.extend(add.clone());
+            }
+        }
+    }
+}
+
+async fn start_bench(
+    args: &Args,
+    kind: BackendKind,
+    prep: Option<EtcdPrep>,
+) -> anyhow::Result<Bench> {
     let tmp = match &args.tmpdir {
         Some(base) => tempfile::tempdir_in(base)?,
         None => tempfile::tempdir()?,
     };
-    let facts = machine_facts(&args, tmp.path());
+    let shutdown = CancellationToken::new();
+    let (store, etcd) = match (kind, prep) {
+        (BackendKind::Sled, _) => (
+            Store::open(&tmp.path().join("db"), 256 * 1024 * 1024)?,
+            None,
+        ),
+        (BackendKind::Etcd, None) => bail!("etcd backend without a cluster"),
+        (BackendKind::Etcd, Some(prep)) => {
+            let store = hotswap_control_plane::server::open_etcd(&prep.settings)
+                .await
+                .map_err(|e| anyhow::anyhow!("open etcd: {e}"))?;
+            let lease = Settings::default().leader_lease;
+            let sessions = store
+                .client()
+                .grant(lease)
+                .await
+                .map_err(|e| anyhow::anyhow!("session lease: {e}"))?;
+            let keep_alive = store.client().keep_alive(sessions);
+            store.set_session_lease(sessions.id);
+            let leading = hotswap_control_plane::replica::lead(
+                &store,
+                &Leader {
+                    name: "bench".into(),
+                    endpoint: Some("https://127.0.0.1:7443".into()),
+                },
+                lease,
+                &shutdown,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("campaign: {e}"))?
+            .context("shut down while campaigning")?;
+            let EtcdPrep {
+                cluster, _data_dir, ..
+            } = prep;
+            (
+                Store::etcd(store.clone()),
+                Some(EtcdSide {
+                    cluster,
+                    _store: store,
+                    _leading: leading,
+                    _sessions: keep_alive,
+                    _prep_dir: _data_dir,
+                }),
+            )
+        }
+    };
     eprintln!(
-        "setup: {} nodes in {} (enroll + attach, {} at a time)",
+        "setup {}: {} nodes (enroll + attach, {} at a time)",
+        kind.name(),
         args.nodes,
-        tmp.path().display(),
         args.setup_concurrency
     );
-    let (fleet, handles) = setup(&args, tmp.path()).await?;
-    eprintln!("setup: {}", fleet.setup);
+    let (fleet, handles) = setup(args, store, etcd.as_ref().map(|e| &e._store), &shutdown).await?;
+    eprintln!("setup {}: {}", kind.name(), fleet.setup);
 
     let sim = Arc::new(Sim {
         log: Mutex::new(Vec::with_capacity(4 * args.nodes)),
@@ -1192,30 +1479,77 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
     let counters = Arc::new(Counters::default());
     spawn_counters(&engine, counters.clone());
-    let shutdown = Default::default();
-    let engine_task = tokio::spawn(engine.clone().run(Clone::clone(&shutdown)));
+    let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
+    Ok(Bench {
+        kind,
+        fleet,
+        sim,
+        agents,
+        engine,
+        counters,
+        shutdown,
+        engine_task,
+        etcd,
+        gaps: Vec::new(),
+        runs: Vec::new(),
+        last_record: None,
+        rollback_ms: Vec::new(),
+        rollbacks: Vec::new(),
+        _tmp: tmp,
+    })
+}
 
-    // Decision latency.
-    let mut gaps = Vec::new();
-    let mut runs = Vec::new();
-    let mut last_record = None;
-    for r in 0..args.runs {
-        let version = if r % 2 == 0 { "1.0.0" } else { "2.0.0" };
-        eprintln!("decision run {}/{}: {MODULE}@{version}", r + 1, args.runs);
-        let run = decision_run(&fleet, &engine, &sim, &counters, &args, version).await?;
-        let settle_s = settle(Duration::from_secs(args.settle_max_s)).await;
-        let mut json = run.json;
-        json["settle_after_s"] = json!(round3(settle_s));
-        eprintln!("  {json}");
-        gaps.extend(run.gaps_ms);
-        last_record = Some(json["deployment"].as_str().unwrap_or_default().to_string());
-        runs.push(json);
+fn median_of(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    median(v.to_vec())
+}
+
+async fn run(args: Args, etcd: Option<EtcdPrep>) -> anyhow::Result<Value> {
+    now_ns();
+    let facts = machine_facts(
+        &args,
+        &args.tmpdir.clone().unwrap_or_else(std::env::temp_dir),
+    );
+    let mut etcd = etcd;
+    let mut benches = Vec::new();
+    for &kind in &args.backends {
+        let prep = if kind == BackendKind::Etcd {
+            etcd.take()
+        } else {
+            None
+        };
+        benches.push(start_bench(&args, kind, prep).await?);
     }
 
-    // Rollback latency.
+    // Decision latency, alternating backends run by run.
+    for r in 0..args.runs {
+        let version = if r % 2 == 0 { "1.0.0" } else { "2.0.0" };
+        for b in &mut benches {
+            eprintln!(
+                "decision run {}/{} on {}: {MODULE}@{version}",
+                r + 1,
+                args.runs,
+                b.kind.name()
+            );
+            let cpu0 = process_cpu_seconds();
+            let etcd0 = b.etcd_counters();
+            let run =
+                decision_run(&b.fleet, &b.engine, &b.sim, &b.counters, &args, version).await?;
+            let mut json = run.json;
+            b.account(&mut json, cpu0, etcd0);
+            let settle_s = settle(Duration::from_secs(args.settle_max_s)).await;
+            json["settle_after_s"] = json!(round3(settle_s));
+            eprintln!("  {json}");
+            b.gaps.extend(run.gaps_ms);
+            b.last_record = Some(json["deployment"].as_str().unwrap_or_default().to_string());
+            b.runs.push(json);
+        }
+    }
+
+    // Rollback latency, alternating the same way.
     let fail_version = args.fail_version.clone().unwrap_or_else(|| "3.0.0".into());
-    let mut rollbacks = Vec::new();
-    let mut rollback_ms = Vec::new();
     if args.rollback_runs > 0 {
         let batch = match args.batch.strip_suffix('%') {
             Some(p) => BatchSize::Percent(p.parse()?),
@@ -1236,83 +1570,156 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             plan.len(),
             args.fail_wave
         );
-        for wave in &plan[args.fail_wave - 1..] {
-            for &i in wave {
-                sim.failing[i].store(true, Ordering::Relaxed);
+        for b in &benches {
+            for wave in &plan[args.fail_wave - 1..] {
+                for &i in wave {
+                    b.sim.failing[i].store(true, Ordering::Relaxed);
+                }
             }
+            *b.sim.fail_version.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(fail_version.clone());
         }
-        *sim.fail_version.lock().unwrap_or_else(|p| p.into_inner()) = Some(fail_version.clone());
         for r in 0..args.rollback_runs {
-            eprintln!(
-                "rollback run {}/{}: {MODULE}@{fail_version}, wave {}+ fails",
-                r + 1,
-                args.rollback_runs,
-                args.fail_wave
-            );
-            let run = rollback_run(&fleet, &engine, &sim, &counters, &args, &fail_version).await?;
-            let settle_s = settle(Duration::from_secs(args.settle_max_s)).await;
-            let mut json = run.json;
-            json["settle_after_s"] = json!(round3(settle_s));
-            eprintln!("  {json}");
-            rollback_ms.push(run.latency_ms);
-            rollbacks.push(json);
-        }
-    }
-
-    let decision_p99 = p99(&gaps);
-    let rollback_p99 = p99(&rollback_ms);
-    let decision_met = !gaps.is_empty() && decision_p99 <= DECISION_GOAL_P99_MS;
-    let rollback_met = rollback_ms.is_empty() || rollback_p99 <= ROLLBACK_GOAL_P99_MS;
-
-    // Stop the engine and the agents before timing the pieces alone.
-    shutdown.cancel();
-    let _ = engine_task.await;
-    for a in &agents {
-        a.abort();
-    }
-    let profile = if args.profile || !decision_met || !rollback_met {
-        match &last_record {
-            Some(id) => {
-                eprintln!("profiling the engine iteration");
-                let record = engine.get(id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                profile(&fleet, &record, 5).await?
+            for b in &mut benches {
+                eprintln!(
+                    "rollback run {}/{} on {}: {MODULE}@{fail_version}, wave {}+ fails",
+                    r + 1,
+                    args.rollback_runs,
+                    b.kind.name(),
+                    args.fail_wave
+                );
+                let cpu0 = process_cpu_seconds();
+                let etcd0 = b.etcd_counters();
+                let run = rollback_run(
+                    &b.fleet,
+                    &b.engine,
+                    &b.sim,
+                    &b.counters,
+                    &args,
+                    &fail_version,
+                )
+                .await?;
+                let mut json = run.json;
+                b.account(&mut json, cpu0, etcd0);
+                let settle_s = settle(Duration::from_secs(args.settle_max_s)).await;
+                json["settle_after_s"] = json!(round3(settle_s));
+                eprintln!("  {json}");
+                b.rollback_ms.push(run.latency_ms);
+                b.rollbacks.push(json);
             }
-            None => Value::Null,
         }
-    } else {
-        Value::Null
-    };
+    }
 
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut results = Vec::new();
+    for b in benches {
+        let decision_p99 = p99(&b.gaps);
+        let rollback_p99 = p99(&b.rollback_ms);
+        let decision_met = !b.gaps.is_empty() && decision_p99 <= DECISION_GOAL_P99_MS;
+        let rollback_met = b.rollback_ms.is_empty() || rollback_p99 <= ROLLBACK_GOAL_P99_MS;
+
+        // Stop the engine and the agents before timing the pieces alone.
+        b.shutdown.cancel();
+        let _ = b.engine_task.await;
+        for a in &b.agents {
+            a.abort();
+        }
+        let profile = if args.profile || !decision_met || !rollback_met {
+            match &b.last_record {
+                Some(id) => {
+                    eprintln!("profiling the engine iteration on {}", b.kind.name());
+                    let record = b.engine.get(id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    profile(&b.fleet, &record, 5).await?
+                }
+                None => Value::Null,
+            }
+        } else {
+            Value::Null
+        };
+        let cpu = |runs: &[Value], key: &str| -> f64 {
+            round3(median_of(
+                &runs
+                    .iter()
+                    .filter_map(|r| r[key].as_f64())
+                    .collect::<Vec<_>>(),
+            ))
+        };
+        let mut cpu_medians = json!({
+            "decision_run_process_cpu_s": cpu(&b.runs, "process_cpu_s"),
+            "rollback_run_process_cpu_s": cpu(&b.rollbacks, "process_cpu_s"),
+        });
+        if b.etcd.is_some() {
+            cpu_medians["decision_run_etcd_cpu_s"] = json!(cpu(&b.runs, "etcd_cpu_s"));
+            cpu_medians["rollback_run_etcd_cpu_s"] = json!(cpu(&b.rollbacks, "etcd_cpu_s"));
+        }
+        results.push((
+            b.kind,
+            json!({
+                "benchmark": "deployment engine decision and rollback latency",
+                "backend": b.kind.name(),
+                "etcd_members": b.etcd.as_ref().map(|e| e.cluster.len()),
+                "command": command,
+                "machine": facts,
+                "nodes": args.nodes,
+                "batch": args.batch,
+                "agent_latency_ms": args.agent_latency_ms,
+                "setup": b.fleet.setup,
+                "goals": {
+                    "decision_p99_ms": DECISION_GOAL_P99_MS,
+                    "rollback_p99_ms": ROLLBACK_GOAL_P99_MS,
+                    "decision_met": decision_met,
+                    "rollback_met": rollback_met,
+                },
+                "decision": {
+                    "definition": "last node of wave k reports healthy -> first node of wave k+1 sees its desired state change",
+                    "runs": args.runs,
+                    "latency": summary(&b.gaps),
+                    "per_run": b.runs,
+                },
+                "rollback": {
+                    "definition": "first failing report of the failing wave -> first node of an earlier wave sees its desired version go back",
+                    "fail_version": fail_version,
+                    "fail_wave": args.fail_wave,
+                    "runs": args.rollback_runs,
+                    "latency": summary(&b.rollback_ms),
+                    "per_run": b.rollbacks,
+                },
+                "cpu_medians": cpu_medians,
+                "agent_reports": b.sim.reports.load(Ordering::Relaxed),
+                "profile": profile,
+            }),
+        ));
+    }
+    if results.len() == 1 {
+        return Ok(results.remove(0).1);
+    }
+    let get = |kind: BackendKind| results.iter().find(|(k, _)| *k == kind).map(|(_, v)| v);
+    let ratios = match (get(BackendKind::Sled), get(BackendKind::Etcd)) {
+        (Some(sled), Some(etcd)) => {
+            let ratio = |path: &[&str]| -> Value {
+                let at = |v: &Value| path.iter().fold(v.clone(), |v, k| v[*k].clone()).as_f64();
+                match (at(sled), at(etcd)) {
+                    (Some(a), Some(b)) if a > 0.0 => json!(round3(b / a)),
+                    _ => Value::Null,
+                }
+            };
+            json!({
+                "decision_p50": ratio(&["decision", "latency", "p50_ms"]),
+                "decision_p99": ratio(&["decision", "latency", "p99_ms"]),
+                "rollback_p50": ratio(&["rollback", "latency", "p50_ms"]),
+                "rollback_p99": ratio(&["rollback", "latency", "p99_ms"]),
+                "decision_run_process_cpu": ratio(&["cpu_medians", "decision_run_process_cpu_s"]),
+                "rollback_run_process_cpu": ratio(&["cpu_medians", "rollback_run_process_cpu_s"]),
+            })
+        }
+        _ => Value::Null,
+    };
     Ok(json!({
-        "benchmark": "deployment engine decision and rollback latency",
+        "benchmark": "deployment engine decision and rollback latency, backends alternated",
         "command": command,
-        "machine": facts,
-        "nodes": args.nodes,
-        "batch": args.batch,
-        "agent_latency_ms": args.agent_latency_ms,
-        "setup": fleet.setup,
-        "goals": {
-            "decision_p99_ms": DECISION_GOAL_P99_MS,
-            "rollback_p99_ms": ROLLBACK_GOAL_P99_MS,
-            "decision_met": decision_met,
-            "rollback_met": rollback_met,
-        },
-        "decision": {
-            "definition": "last node of wave k reports healthy -> first node of wave k+1 sees its desired state change",
-            "runs": args.runs,
-            "latency": summary(&gaps),
-            "per_run": runs,
-        },
-        "rollback": {
-            "definition": "first failing report of the failing wave -> first node of an earlier wave sees its desired version go back",
-            "fail_version": fail_version,
-            "fail_wave": args.fail_wave,
-            "runs": args.rollback_runs,
-            "latency": summary(&rollback_ms),
-            "per_run": rollbacks,
-        },
-        "agent_reports": sim.reports.load(Ordering::Relaxed),
-        "profile": profile,
+        "order": "every decision run, then every rollback run, alternates the backends in this order",
+        "backends": args.backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+        "etcd_over_sled": ratios,
+        "results": results.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
     }))
 }
