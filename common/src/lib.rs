@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod model;
 pub mod pki;
 pub mod profile;
+pub mod roles;
 pub mod status;
 pub mod timefmt;
 pub mod tls;

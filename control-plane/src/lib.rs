@@ -25,7 +25,7 @@ pub mod ratelimit;
 pub mod registry;
 pub mod replica;
 pub mod replicas;
-pub mod roles;
+pub use hotswap_common::roles;
 pub mod rotation;
 pub mod run_to_end;
 pub mod server;

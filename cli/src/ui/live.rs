@@ -80,6 +80,33 @@ async fn send(tx: &Tx, event: Event) -> bool {
     tx.send(event).await.is_ok()
 }
 
+/// Run one stream's pump in a task of its own; if it fails, the browser
+/// gets a `problem` event saying why (and reconnects).
+fn spawn_reported(
+    tx: Tx,
+    pump: impl std::future::Future<Output = Result<(), CliError>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = pump.await {
+            let _ = tx.send(problem(&e)).await;
+        }
+    });
+}
+
+/// The stream's next message, or `None` once it has ended or the browser
+/// has gone.
+async fn next_or_gone<M>(
+    tx: &Tx,
+    stream: &mut tonic::Streaming<M>,
+    ui: &Ui,
+    what: &str,
+) -> Result<Option<M>, CliError> {
+    tokio::select! {
+        next = stream.message() => next.map_err(ui.conn.rpc_error(what)),
+        () = tx.closed() => Ok(None),
+    }
+}
+
 /// Follow stored-then-live events matching `request` from `since`, each
 /// appended to `target` rendered by `render`.
 async fn follow_events(
@@ -88,32 +115,22 @@ async fn follow_events(
     mut request: pb::WatchEventsRequest,
     target: &'static str,
     render: fn(&EventView) -> String,
-) {
+) -> Result<(), CliError> {
     request.follow = true;
     let mut client = pb::events_client::EventsClient::new(ui.channel());
-    let result: Result<(), CliError> = async {
-        let mut events = client
-            .watch_events(request)
-            .await
-            .map_err(ui.conn.rpc_error("follow events"))?
-            .into_inner();
-        loop {
-            let next = tokio::select! {
-                next = events.message() => next.map_err(ui.conn.rpc_error("follow events"))?,
-                () = tx.closed() => return Ok(()),
-            };
-            let Some(event) = next else { return Ok(()) };
-            let (seq, at) = (event.seq, pages::event_ms(&event));
-            let html = render(&EventView::from(event));
-            if !send(&tx, append(target, &html, seq, at)).await {
-                return Ok(());
-            }
+    let mut events = client
+        .watch_events(request)
+        .await
+        .map_err(ui.conn.rpc_error("follow events"))?
+        .into_inner();
+    while let Some(event) = next_or_gone(&tx, &mut events, &ui, "follow events").await? {
+        let (seq, at) = (event.seq, pages::event_ms(&event));
+        let html = render(&EventView::from(event));
+        if !send(&tx, append(target, &html, seq, at)).await {
+            break;
         }
     }
-    .await;
-    if let Err(e) = result {
-        let _ = tx.send(problem(&e)).await;
-    }
+    Ok(())
 }
 
 pub async fn deployment(
@@ -124,46 +141,41 @@ pub async fn deployment(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = mpsc::channel(64);
     let since = resume_from(&headers, since.since);
-    tokio::spawn(follow_events(
-        ui.clone(),
+    let timeline = pb::WatchEventsRequest {
+        since,
+        deployment_id: id.clone(),
+        ..Default::default()
+    };
+    spawn_reported(
         tx.clone(),
-        pb::WatchEventsRequest {
-            since,
-            deployment_id: id.clone(),
-            ..Default::default()
-        },
-        "timeline",
-        pages::timeline_item,
-    ));
-    tokio::spawn(async move {
+        follow_events(
+            ui.clone(),
+            tx.clone(),
+            timeline,
+            "timeline",
+            pages::timeline_item,
+        ),
+    );
+    spawn_reported(tx.clone(), async move {
+        let what = format!("watch deployment {id}");
         let mut client = pb::deployments_client::DeploymentsClient::new(ui.channel());
-        let result: Result<(), CliError> = async {
-            let mut updates = client
-                .watch_deployment(pb::GetDeploymentRequest { id: id.clone() })
-                .await
-                .map_err(ui.conn.rpc_error(&format!("watch deployment {id}")))?
-                .into_inner();
-            let mut last = String::new();
-            loop {
-                let next = tokio::select! {
-                    next = updates.message() => next.map_err(ui.conn.rpc_error(&format!("watch deployment {id}")))?,
-                    () = tx.closed() => return Ok(()),
-                };
-                // The watch ends with the deployment; the timeline goes on.
-                let Some(d) = next else { return Ok(()) };
-                let html = pages::deployment_live(&ui, &crate::deploy::convert(d)?);
-                if html != last {
-                    if !send(&tx, patch("deployment-live", &html)).await {
-                        return Ok(());
-                    }
-                    last = html;
+        let mut updates = client
+            .watch_deployment(pb::GetDeploymentRequest { id: id.clone() })
+            .await
+            .map_err(ui.conn.rpc_error(&what))?
+            .into_inner();
+        let mut last = String::new();
+        // The watch ends with the deployment; the timeline goes on.
+        while let Some(d) = next_or_gone(&tx, &mut updates, &ui, &what).await? {
+            let html = pages::deployment_live(&ui, &crate::deploy::convert(d)?);
+            if html != last {
+                if !send(&tx, patch("deployment-live", &html)).await {
+                    break;
                 }
+                last = html;
             }
         }
-        .await;
-        if let Err(e) = result {
-            let _ = tx.send(problem(&e)).await;
-        }
+        Ok(())
     });
     stream(rx)
 }
@@ -175,16 +187,14 @@ pub async fn events(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = mpsc::channel(64);
     let since = resume_from(&headers, since.since);
-    tokio::spawn(follow_events(
-        ui,
-        tx,
-        pb::WatchEventsRequest {
-            since,
-            ..Default::default()
-        },
-        "events-rows",
-        pages::event_row,
-    ));
+    let request = pb::WatchEventsRequest {
+        since,
+        ..Default::default()
+    };
+    spawn_reported(
+        tx.clone(),
+        follow_events(ui, tx, request, "events-rows", pages::event_row),
+    );
     stream(rx)
 }
 
@@ -192,56 +202,45 @@ pub async fn fleet(
     State(ui): State<Arc<Ui>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
+    spawn_reported(tx.clone(), async move {
         let mut client = pb::fleet_client::FleetClient::new(ui.channel());
-        let result: Result<(), CliError> = async {
-            let mut updates = client
-                .watch_nodes(pb::WatchNodesRequest {})
-                .await
-                .map_err(ui.conn.rpc_error("watch nodes"))?
-                .into_inner();
-            let mut nodes: BTreeMap<String, NodeView> = BTreeMap::new();
-            let mut last = String::new();
-            loop {
-                let mut batch = Vec::new();
-                let first = tokio::select! {
-                    next = updates.message() => next.map_err(ui.conn.rpc_error("watch nodes"))?,
-                    () = tx.closed() => return Ok(()),
-                };
-                let Some(first) = first else { return Ok(()) };
-                batch.push(first);
-                let deadline = tokio::time::Instant::now() + COALESCE;
-                while let Ok(next) = tokio::time::timeout_at(deadline, updates.message()).await {
-                    match next.map_err(ui.conn.rpc_error("watch nodes"))? {
-                        Some(update) => batch.push(update),
-                        None => break,
-                    }
-                }
-                for update in batch {
-                    let Some(node) = update.node else { continue };
-                    let view = NodeView::try_from(node)
-                        .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))?;
-                    if update.removed {
-                        nodes.remove(&view.id);
-                    } else {
-                        nodes.insert(view.id.clone(), view);
-                    }
-                }
-                let mut list: Vec<NodeView> = nodes.values().cloned().collect();
-                list.sort_by(|a, b| a.name.cmp(&b.name));
-                let html = pages::fleet_rows(&list);
-                if html != last {
-                    if !send(&tx, patch("fleet-rows", &html)).await {
-                        return Ok(());
-                    }
-                    last = html;
+        let mut updates = client
+            .watch_nodes(pb::WatchNodesRequest {})
+            .await
+            .map_err(ui.conn.rpc_error("watch nodes"))?
+            .into_inner();
+        let mut nodes: BTreeMap<String, NodeView> = BTreeMap::new();
+        let mut last = String::new();
+        while let Some(first) = next_or_gone(&tx, &mut updates, &ui, "watch nodes").await? {
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + COALESCE;
+            while let Ok(next) = tokio::time::timeout_at(deadline, updates.message()).await {
+                match next.map_err(ui.conn.rpc_error("watch nodes"))? {
+                    Some(update) => batch.push(update),
+                    None => break,
                 }
             }
+            for update in batch {
+                let Some(node) = update.node else { continue };
+                let view = NodeView::try_from(node)
+                    .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))?;
+                if update.removed {
+                    nodes.remove(&view.id);
+                } else {
+                    nodes.insert(view.id.clone(), view);
+                }
+            }
+            let mut list: Vec<NodeView> = nodes.values().cloned().collect();
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            let html = pages::fleet_rows(&list);
+            if html != last {
+                if !send(&tx, patch("fleet-rows", &html)).await {
+                    break;
+                }
+                last = html;
+            }
         }
-        .await;
-        if let Err(e) = result {
-            let _ = tx.send(problem(&e)).await;
-        }
+        Ok(())
     });
     stream(rx)
 }
@@ -267,57 +266,55 @@ async fn render(ui: &Ui, fragment: Fragment) -> Result<(&'static str, String), C
     }
 }
 
+/// Poke once per message of `stream`, until it ends or nobody listens.
+async fn poke_per_message<M>(
+    poke: &mpsc::Sender<()>,
+    mut stream: tonic::Streaming<M>,
+    ui: &Ui,
+    what: &str,
+) -> Result<(), CliError> {
+    while stream
+        .message()
+        .await
+        .map_err(ui.conn.rpc_error(what))?
+        .is_some()
+    {
+        if poke.send(()).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Send `()` on `poke` for every event (and node update, when `nodes`)
 /// the control plane streams.
 async fn poke_on_changes(ui: Arc<Ui>, poke: mpsc::Sender<()>, kinds: Vec<String>, nodes: bool) {
-    let events = {
-        let ui = ui.clone();
-        let poke = poke.clone();
-        async move {
-            let mut client = pb::events_client::EventsClient::new(ui.channel());
-            let mut stream = client
-                .watch_events(pb::WatchEventsRequest {
-                    follow: true,
-                    newest: true,
-                    limit: 1,
-                    kinds,
-                    ..Default::default()
-                })
-                .await
-                .map_err(ui.conn.rpc_error("follow events"))?
-                .into_inner();
-            while let Some(_event) = stream
-                .message()
-                .await
-                .map_err(ui.conn.rpc_error("follow events"))?
-            {
-                if poke.send(()).await.is_err() {
-                    break;
-                }
-            }
-            Ok::<(), CliError>(())
-        }
+    let events = async {
+        let mut client = pb::events_client::EventsClient::new(ui.channel());
+        let stream = client
+            .watch_events(pb::WatchEventsRequest {
+                follow: true,
+                newest: true,
+                limit: 1,
+                kinds,
+                ..Default::default()
+            })
+            .await
+            .map_err(ui.conn.rpc_error("follow events"))?
+            .into_inner();
+        poke_per_message(&poke, stream, &ui, "follow events").await
     };
     let node_updates = async {
         if !nodes {
             return std::future::pending::<Result<(), CliError>>().await;
         }
         let mut client = pb::fleet_client::FleetClient::new(ui.channel());
-        let mut stream = client
+        let stream = client
             .watch_nodes(pb::WatchNodesRequest {})
             .await
             .map_err(ui.conn.rpc_error("watch nodes"))?
             .into_inner();
-        while let Some(_update) = stream
-            .message()
-            .await
-            .map_err(ui.conn.rpc_error("watch nodes"))?
-        {
-            if poke.send(()).await.is_err() {
-                break;
-            }
-        }
-        Ok::<(), CliError>(())
+        poke_per_message(&poke, stream, &ui, "watch nodes").await
     };
     // Either ending (the browser gone, or a stream failed) ends both; the
     // renderer sees the poke channel close.

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use hotswap_common::model::{DeploymentView, NodeView, VerdictView};
 use hotswap_common::pb;
+use hotswap_common::roles::{Permission, Role};
 use hotswap_common::timefmt::ms_from_ts;
 use serde::Deserialize;
 use serde_json::Value;
@@ -493,12 +494,9 @@ fn takes_reason(action: &str) -> bool {
 /// environment needs more than a deployer, which this side cannot see),
 /// so this only keeps buttons that cannot work off the page.
 pub fn allowed_controls(role: Option<&str>, user: &str, d: &DeploymentView) -> Vec<&'static str> {
-    let (control, approve) = match role {
-        Some("admin") => (true, true),
-        Some("approver") => (true, true),
-        Some("deployer") => (true, false),
-        _ => (false, false),
-    };
+    let role = role.and_then(|r| Role::parse(r).ok());
+    let may = |permission| role.is_some_and(|r| r.allows(permission));
+    let (control, approve) = (may(Permission::Control), may(Permission::Approve));
     let state = d.state.as_str();
     CONTROLS
         .iter()

@@ -1,5 +1,6 @@
-//! Operator roles and the permissions each grants: the pure table that
-//! authorization (the auth module) applies and user records store.
+//! Operator roles and the permissions each grants: the pure table that the
+//! control plane's authorization applies and its user records store, and
+//! that the dashboard reads to show only the controls a role can use.
 
 use serde::{Deserialize, Serialize};
 
