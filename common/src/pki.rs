@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -272,6 +273,15 @@ fn random_serial() -> SerialNumber {
     // Positive and non-zero leading byte, as RFC 5280 asks.
     bytes[0] = (bytes[0] & 0x7f) | 0x01;
     SerialNumber::from_slice(&bytes)
+}
+
+/// `sha256:<hex>` of the public key a CSR asks a certificate for (its DER
+/// SubjectPublicKeyInfo). Parsing checks the CSR's signature, so the
+/// requester holds the private key.
+pub fn csr_key_fingerprint(csr_pem: &str) -> Result<String, PkiError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    Ok(der_fingerprint(&csr.public_key.subject_public_key_info()))
 }
 
 /// A fresh key pair and a CSR for it. Returns `(csr_pem, key_pem)`.

@@ -67,6 +67,7 @@ fn node(id: &str, name: &str) -> NodeRecord {
         previous_cert_fingerprint: None,
         previous_cert_not_after_ms: 0,
         token_hash: String::new(),
+        enroll_key: String::new(),
     }
 }
 

@@ -154,6 +154,10 @@ pub trait NodeRecords: Send + Sync {
     fn get_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Consume one use of the token and create the node with its name,
     /// atomically: all of it or none. Token labels override the node's own.
+    /// When the name belongs to a node this enrollment retries (the same
+    /// token and key, never connected: see [`NodeRecord::is_retried_by`]),
+    /// returns that node as stored and spends nothing: its id differs from
+    /// `node`'s, which tells the caller it answers a retry.
     async fn enroll(
         &self,
         token_hash: &str,

@@ -368,6 +368,18 @@ impl NodeRecords for SledStore {
                 };
                 let mut token: TokenRecord =
                     decode(Collection::Tokens, token_hash.as_bytes(), &bytes).map_err(storage)?;
+                // An agent retrying an enrollment that committed gets the
+                // node it created, whatever uses the token has left now.
+                let taken = names.get(node.name.as_bytes())?;
+                if let Some(existing_id) = &taken
+                    && let Some(existing) = nodes.get(existing_id)?
+                {
+                    let existing: NodeRecord =
+                        decode(Collection::Nodes, existing_id, &existing).map_err(storage)?;
+                    if existing.is_retried_by(token_hash, &node.name, &node.enroll_key) {
+                        return Ok(existing);
+                    }
+                }
                 if now_ms >= token.expires_at_ms {
                     return Err(abort(EnrollRejection::Expired(
                         hotswap_common::timefmt::rfc3339_from_ms(token.expires_at_ms),
@@ -376,7 +388,7 @@ impl NodeRecords for SledStore {
                 if token.uses_left == 0 {
                     return Err(abort(EnrollRejection::UsedUp(token.uses_total)));
                 }
-                if let Some(existing) = names.get(node.name.as_bytes())? {
+                if let Some(existing) = taken {
                     return Err(abort(EnrollRejection::NameTaken {
                         name: node.name.clone(),
                         id: String::from_utf8_lossy(&existing).into_owned(),
@@ -1050,6 +1062,7 @@ mod tests {
             previous_cert_fingerprint: None,
             previous_cert_not_after_ms: 0,
             token_hash: String::new(),
+            enroll_key: String::new(),
         }
     }
 
