@@ -109,8 +109,12 @@ pub struct AuditLog {
     head: tokio::sync::Mutex<(u64, String)>,
 }
 
-/// Tries at a number before giving up, when replicas keep taking it first.
-const APPEND_ATTEMPTS: u32 = 32;
+/// How long an append keeps trying while other replicas keep taking the
+/// next number first (each of them appends a record per call they serve,
+/// so under load a replica may lose many races in a row), and the tries it
+/// makes at least, however slow etcd answers.
+const APPEND_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+const APPEND_MIN_ATTEMPTS: u32 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -118,8 +122,10 @@ pub enum AuditError {
     Store(#[from] StoreError),
     #[error("audit record {key} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
-    #[error("audit log: other replicas took the next number {0} times in a row; try again")]
-    Contended(u32),
+    #[error(
+        "audit log: other replicas took the next number {0} times in a row over {1}s; try again"
+    )]
+    Contended(u32, u64),
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError> {
@@ -149,7 +155,9 @@ impl AuditLog {
         let time_ms = hotswap_common::timefmt::now_ms();
         let peer = entry.peer.map(|a| a.to_string()).unwrap_or_default();
         let result = entry.result.to_string();
-        for attempt in 0..APPEND_ATTEMPTS {
+        let deadline = tokio::time::Instant::now() + APPEND_BUDGET;
+        let mut attempt: u32 = 0;
+        while attempt < APPEND_MIN_ATTEMPTS || tokio::time::Instant::now() < deadline {
             let mut record = AuditRecord {
                 seq: head.0 + 1,
                 time_ms,
@@ -179,8 +187,9 @@ impl AuditLog {
             let ceiling_ms = 1u64 << attempt.min(6);
             let pause = rand::random_range(0..=ceiling_ms);
             tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            attempt += 1;
         }
-        Err(AuditError::Contended(APPEND_ATTEMPTS))
+        Err(AuditError::Contended(attempt, APPEND_BUDGET.as_secs()))
     }
 
     fn head_of(log: &dyn SeqLog) -> Result<(u64, String), AuditError> {
