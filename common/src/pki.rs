@@ -470,6 +470,29 @@ mod tests {
     const DAY: Duration = Duration::from_secs(86_400);
 
     #[test]
+    fn a_csr_key_fingerprint_names_the_key_not_the_request() {
+        let (csr, key_pem) = generate_csr("n").expect("csr");
+        let fingerprint = csr_key_fingerprint(&csr).expect("fingerprint");
+        assert!(fingerprint.starts_with("sha256:"), "{fingerprint}");
+        // A second CSR for the same key (another name) has the same key.
+        let key = KeyPair::from_pem(&key_pem).expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name_dn("other");
+        let again = params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        assert_eq!(csr_key_fingerprint(&again).expect("again"), fingerprint);
+        let (other, _) = generate_csr("n").expect("csr");
+        assert_ne!(csr_key_fingerprint(&other).expect("other"), fingerprint);
+        assert!(matches!(
+            csr_key_fingerprint("not a csr"),
+            Err(PkiError::BadCsr(_))
+        ));
+    }
+
+    #[test]
     fn renewal_is_due_two_thirds_into_the_lifetime() {
         let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
         let (csr, _key) = generate_csr("n").expect("csr");

@@ -1181,6 +1181,63 @@ mod tests {
         );
     }
 
+    /// An agent retrying an enrollment that committed (same name, token and
+    /// key; never connected) gets the node it created, even with the
+    /// token's uses spent; another key, or a node that has connected, is a
+    /// taken name.
+    #[tokio::test]
+    async fn a_retried_enrollment_gets_the_node_it_created() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        store
+            .insert_token("h", &token(1, 1000))
+            .await
+            .expect("token");
+        let keyed = |id: &str, key: &str| NodeRecord {
+            enroll_key: key.into(),
+            token_hash: "h".into(),
+            ..node(id, "web-1")
+        };
+        let first = store
+            .enroll("h", 10, keyed("n1", "k1"))
+            .await
+            .expect("first");
+        let retried = store
+            .enroll("h", 11, keyed("n2", "k1"))
+            .await
+            .expect("a retry with the same key");
+        assert_eq!(retried, first, "the node the first attempt created");
+        assert!(store.get_node("n2").expect("get").is_none());
+        assert_eq!(
+            store.get_token("h").expect("get").expect("token").uses_left,
+            0
+        );
+        let other = store
+            .enroll("h", 11, keyed("n3", "k2"))
+            .await
+            .expect_err("another key");
+        assert!(
+            matches!(other, EnrollError::Rejected(EnrollRejection::UsedUp(1))),
+            "{other}"
+        );
+        store
+            .update_node("n1", &|record| {
+                record.last_seen_ms = Some(12);
+                true
+            })
+            .await
+            .expect("update")
+            .expect("node");
+        let connected = store
+            .enroll("h", 13, keyed("n4", "k1"))
+            .await
+            .expect_err("connected since");
+        assert!(
+            matches!(connected, EnrollError::Rejected(EnrollRejection::UsedUp(1))),
+            "{connected}"
+        );
+    }
+
     #[tokio::test]
     async fn unknown_and_expired_tokens() {
         let dir = tempfile::tempdir().expect("tempdir");
