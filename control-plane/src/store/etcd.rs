@@ -1521,15 +1521,26 @@ impl SeqLog for EtcdLog {
         Ok(())
     }
 
-    async fn append_exact(&self, seq: u64, record: Vec<u8>) -> Result<bool, StoreError> {
+    async fn append_exact(&self, seq: u64, records: Vec<Vec<u8>>) -> Result<bool, StoreError> {
+        if records.is_empty() {
+            return Ok(true);
+        }
         let head = seq.saturating_sub(1);
         let head_key = self.inner.keys.log_head(self.name);
         let mut compares: Vec<Compare> = self.inner.fence().into_iter().collect();
         compares.push(self.inner.head_is(self.name, head));
-        let ops = [
-            TxnOp::put(self.inner.keys.log_record(self.name, seq), record),
-            TxnOp::put(head_key.clone(), seq.to_string()),
-        ];
+        let last = head + records.len() as u64;
+        let mut ops: Vec<TxnOp> = records
+            .into_iter()
+            .enumerate()
+            .map(|(i, record)| {
+                TxnOp::put(
+                    self.inner.keys.log_record(self.name, seq + i as u64),
+                    record,
+                )
+            })
+            .collect();
+        ops.push(TxnOp::put(head_key.clone(), last.to_string()));
         let result = self
             .inner
             .client

@@ -801,12 +801,22 @@ impl SeqLog for SledLog {
         Ok(())
     }
 
-    async fn append_exact(&self, seq: u64, record: Vec<u8>) -> Result<bool, StoreError> {
-        let taken = self
-            .tree
-            .compare_and_swap(seq.to_be_bytes(), None as Option<&[u8]>, Some(record))?
-            .is_err();
-        Ok(!taken)
+    async fn append_exact(&self, seq: u64, records: Vec<Vec<u8>>) -> Result<bool, StoreError> {
+        let stored = self.tree.transaction(|tree| {
+            for (i, record) in records.iter().enumerate() {
+                let key = (seq + i as u64).to_be_bytes();
+                if tree.get(key)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(()));
+                }
+                tree.insert(key.to_vec(), record.clone())?;
+            }
+            Ok(())
+        });
+        match stored {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
     }
 
     fn follow(&self) -> Option<tokio::sync::broadcast::Receiver<(u64, Vec<u8>)>> {
