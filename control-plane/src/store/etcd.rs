@@ -803,11 +803,12 @@ impl Inner {
                 .as_deref(),
         );
         // Other writers may keep winning while they are busy too: go on
-        // until the request deadline, with a growing random pause, rather
-        // than drop records that lost a race.
+        // until the request deadline (and a few times at least, however
+        // slowly etcd answers), with a growing random pause, rather than
+        // drop records that lost a race.
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         let mut attempt: u32 = 0;
-        while tokio::time::Instant::now() < deadline {
+        while attempt < MIN_ATTEMPTS || tokio::time::Instant::now() < deadline {
             attempt += 1;
             let mut compares: Vec<Compare> = self.fence().into_iter().collect();
             compares.push(self.head_is(log, head));

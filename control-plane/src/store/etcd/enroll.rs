@@ -27,7 +27,7 @@ use std::time::Duration;
 use hotswap_etcd::{Compare, CompareOp, TxnOp, TxnOpResult};
 use tokio::sync::oneshot;
 
-use super::{Base, CommitError, Inner};
+use super::{Base, CommitError, Inner, Mirror};
 use crate::store::{
     Collection, EnrollError, EnrollRejection, NodeRecord, StoreError, TokenRecord, decode, encode,
 };
@@ -148,9 +148,10 @@ struct Decision {
     /// Keys the transaction requires unchanged, with the revision read.
     guards: Vec<(String, Base)>,
     writes: Vec<(String, Vec<u8>)>,
-    /// Node records that taken names point at and that neither this
-    /// replica's view nor etcd's answers so far hold: read them from etcd
-    /// before answering (one of them may be the node a retry asks for).
+    /// Keys to read from etcd before this decision may stand: node records
+    /// that taken names point at and that neither this replica's view nor
+    /// etcd's answers so far hold (one may be the node a retry asks for),
+    /// and keys this replica's view holds an old value of.
     unseen: Vec<String>,
 }
 
@@ -305,16 +306,33 @@ fn decide(
     requests: &[(u64, &NodeRecord)],
     fresh: &Fresh,
 ) -> Result<Decision, StoreError> {
+    // Keys this replica wrote at a revision its mirror does not hold yet
+    // (the mirror lagged past the wait after a commit): the view has an
+    // old value for them, so they are read from etcd before deciding.
+    let behind = std::cell::RefCell::new(Vec::new());
+    let mirror_revision = inner.mirror.read(Mirror::revision);
     let read = |key: &str| -> (Option<Vec<u8>>, Base) {
-        match fresh.get(key.as_bytes()) {
-            Some((value, revision)) => (value.clone(), Base::Revision(*revision)),
-            None => inner.read(key.as_bytes()),
+        if let Some((value, revision)) = fresh.get(key.as_bytes()) {
+            return (value.clone(), Base::Revision(*revision));
         }
+        let written = inner.layers().written_at.get(key.as_bytes()).copied();
+        if written.is_some_and(|at| at > mirror_revision) {
+            behind.borrow_mut().push(key.to_string());
+        }
+        inner.read(key.as_bytes())
     };
     let keys = &inner.keys;
     let token_key = keys.record(Collection::Tokens, token_hash);
     let (token_value, token_base) = read(&token_key);
     let Some(token_bytes) = token_value else {
+        if !behind.borrow().is_empty() {
+            return Ok(Decision {
+                answers: Vec::new(),
+                guards: Vec::new(),
+                writes: Vec::new(),
+                unseen: behind.into_inner(),
+            });
+        }
         return Ok(Decision {
             answers: requests
                 .iter()
@@ -416,6 +434,7 @@ fn decide(
         guards.push((token_key.clone(), token_base));
         writes.push((token_key, encode(&token)));
     }
+    unseen.extend(behind.into_inner());
     Ok(Decision {
         answers,
         guards,
