@@ -1193,8 +1193,8 @@ mod tests {
 
     /// An agent retrying an enrollment that committed (same name, token and
     /// key; never connected) gets the node it created, even with the
-    /// token's uses spent; another key, or a node that has connected, is a
-    /// taken name.
+    /// token's uses spent; another key, or the same once the node has
+    /// connected, is no retry (and the token's one use is spent).
     #[tokio::test]
     async fn a_retried_enrollment_gets_the_node_it_created() {
         let dir = tempfile::tempdir().expect("tempdir");

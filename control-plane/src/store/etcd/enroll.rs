@@ -228,15 +228,10 @@ async fn commit_group(
             Ok(result) => {
                 let mut changed = false;
                 for ((key, base), response) in decision.guards.iter().zip(&result.responses) {
-                    let TxnOpResult::Get { kvs } = response else {
-                        continue;
-                    };
-                    let now = match kvs.first() {
-                        Some(kv) => (Some(kv.value.clone()), kv.mod_revision),
-                        None => (None, 0),
-                    };
-                    changed |= *base != Base::Revision(now.1);
-                    fresh.insert(key.clone().into_bytes(), now);
+                    if let Some(now) = read_back(response) {
+                        changed |= *base != Base::Revision(now.1);
+                        fresh.insert(key.clone().into_bytes(), now);
+                    }
                 }
                 if !changed
                     && let Some(fence) = inner.fence()
@@ -287,15 +282,22 @@ async fn read_fresh(inner: &Inner, keys: &[&String], fresh: &mut Fresh) -> Resul
         .await
         .map_err(|e| StoreError::from(CommitError::from(e)))?;
     for (key, response) in keys.iter().zip(&result.responses) {
-        if let TxnOpResult::Get { kvs } = response {
-            let now = match kvs.first() {
-                Some(kv) => (Some(kv.value.clone()), kv.mod_revision),
-                None => (None, 0),
-            };
+        if let Some(now) = read_back(response) {
             fresh.insert((*key).clone().into_bytes(), now);
         }
     }
     Ok(())
+}
+
+/// A key's value and mod revision (0: absent) from a get's answer.
+fn read_back(response: &TxnOpResult) -> Option<(Option<Vec<u8>>, i64)> {
+    let TxnOpResult::Get { kvs } = response else {
+        return None;
+    };
+    Some(match kvs.first() {
+        Some(kv) => (Some(kv.value.clone()), kv.mod_revision),
+        None => (None, 0),
+    })
 }
 
 /// Decide every request of a group in order against the token as read
