@@ -7,6 +7,7 @@ use anyhow::{Context as _, bail};
 use hotswap_agent::artifacts::{ArtifactStore, TrustSource};
 use hotswap_agent::config::EnrollmentConfig;
 use hotswap_agent::control_plane::Connection;
+use hotswap_agent::control_plane::EnrollmentKey;
 use hotswap_agent::identity::enroll_once;
 use hotswap_agent::metrics::Metrics;
 use hotswap_common::artifact::keys;
@@ -102,11 +103,14 @@ pub fn artifact(agents: usize, size_mib: usize, runs: usize) -> anyhow::Result<(
     let metrics = Metrics::default();
     let mut nodes = Vec::new();
     for i in 0..agents {
+        let name = format!("bench-{i}");
+        let key = EnrollmentKey::generate(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
         let identity = rt
             .block_on(enroll_once(
                 &url,
+                &key,
                 &enrollment,
-                &format!("bench-{i}"),
+                &name,
                 &Default::default(),
                 &metrics,
             ))

@@ -160,10 +160,15 @@ fn start_side(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    let connected_in = started.elapsed();
+    let counters = sim.counters().unwrap_or_default();
+    // What the control plane refused (the agents retried those).
+    let refused = cp.log().matches("enrollment refused").count();
     eprintln!(
-        "fanout {}: {agents} agents connected in {:?}",
+        "fanout {}: {agents} agents connected in {connected_in:?}; enrollment attempts failed {} (rate-limited {}), refused by the control plane {refused}",
         kind.name(),
-        started.elapsed()
+        counters.enroll_failed,
+        counters.enroll_rate_limited,
     );
     Ok(Side {
         kind,

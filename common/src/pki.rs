@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -274,6 +275,15 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// `sha256:<hex>` of the public key a CSR asks a certificate for (its DER
+/// SubjectPublicKeyInfo). Parsing checks the CSR's signature, so the
+/// requester holds the private key.
+pub fn csr_key_fingerprint(csr_pem: &str) -> Result<String, PkiError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    Ok(der_fingerprint(&csr.public_key.subject_public_key_info()))
+}
+
 /// A fresh key pair and a CSR for it. Returns `(csr_pem, key_pem)`.
 pub fn generate_csr(common_name: &str) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate()?;
@@ -458,6 +468,29 @@ mod tests {
     use super::*;
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn a_csr_key_fingerprint_names_the_key_not_the_request() {
+        let (csr, key_pem) = generate_csr("n").expect("csr");
+        let fingerprint = csr_key_fingerprint(&csr).expect("fingerprint");
+        assert!(fingerprint.starts_with("sha256:"), "{fingerprint}");
+        // A second CSR for the same key (another name) has the same key.
+        let key = KeyPair::from_pem(&key_pem).expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name_dn("other");
+        let again = params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        assert_eq!(csr_key_fingerprint(&again).expect("again"), fingerprint);
+        let (other, _) = generate_csr("n").expect("csr");
+        assert_ne!(csr_key_fingerprint(&other).expect("other"), fingerprint);
+        assert!(matches!(
+            csr_key_fingerprint("not a csr"),
+            Err(PkiError::BadCsr(_))
+        ));
+    }
 
     #[test]
     fn renewal_is_due_two_thirds_into_the_lifetime() {

@@ -107,10 +107,31 @@ pub struct AuditLog {
     /// Sequence number and hash of the last record; appends are serialized
     /// by this lock so the chain has one order.
     head: tokio::sync::Mutex<(u64, String)>,
+    /// Entries waiting for the holder of `head` to append them (group
+    /// commit: whoever takes the lock appends everything queued so far in
+    /// one write, so one record per call does not mean one round trip per
+    /// call, and replicas sharing the chain race for its head far less).
+    waiting: std::sync::Mutex<Vec<Waiting>>,
 }
 
-/// Tries at a number before giving up, when replicas keep taking it first.
-const APPEND_ATTEMPTS: u32 = 32;
+/// An entry queued for the next append, with its time and where its record
+/// (or why it failed) goes.
+struct Waiting {
+    entry: AuditEntry,
+    time_ms: u64,
+    reply: tokio::sync::oneshot::Sender<Result<AuditRecord, String>>,
+}
+
+/// Records appended in one write at most: a replicated backend commits them
+/// in one transaction, under its per-transaction limits.
+const APPEND_GROUP: usize = 64;
+
+/// How long an append keeps trying while other replicas keep taking the
+/// next number first (each of them appends a record per call they serve,
+/// so under load a replica may lose many races in a row), and the tries it
+/// makes at least, however slow etcd answers.
+const APPEND_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+const APPEND_MIN_ATTEMPTS: u32 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -118,8 +139,10 @@ pub enum AuditError {
     Store(#[from] StoreError),
     #[error("audit record {key} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
-    #[error("audit log: other replicas took the next number {0} times in a row; try again")]
-    Contended(u32),
+    #[error(
+        "audit log: other replicas took the next number {0} times in a row over {1}s; try again"
+    )]
+    Contended(u32, u64),
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError> {
@@ -137,40 +160,134 @@ impl AuditLog {
             log,
             store: store.clone(),
             head: tokio::sync::Mutex::new(head),
+            waiting: std::sync::Mutex::new(Vec::new()),
         })
     }
 
     /// Append a record and make it durable before returning it. Where other
     /// replicas append to the same chain, a record that lost the race for
     /// its number is built again on top of the winner, so the chain stays
-    /// one chain.
+    /// one chain. Concurrent appends are written together (see
+    /// [`AuditLog::waiting`]), in the order they were queued.
     pub async fn append(&self, entry: AuditEntry) -> Result<AuditRecord, AuditError> {
-        let mut head = self.head.lock().await;
         let time_ms = hotswap_common::timefmt::now_ms();
-        let peer = entry.peer.map(|a| a.to_string()).unwrap_or_default();
-        let result = entry.result.to_string();
-        for attempt in 0..APPEND_ATTEMPTS {
-            let mut record = AuditRecord {
-                seq: head.0 + 1,
-                time_ms,
-                user: entry.user.clone(),
-                role: entry.role.clone(),
-                action: entry.action.clone(),
-                target: entry.target.clone(),
-                result: result.clone(),
-                detail: entry.detail.clone(),
-                trace_id: entry.trace_id.clone(),
-                peer: peer.clone(),
-                prev_hash: head.1.clone(),
-                hash: String::new(),
+        let queue = |entry: AuditEntry| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            self.waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Waiting {
+                    entry,
+                    time_ms,
+                    reply,
+                });
+            answer
+        };
+        let mut answer = queue(entry.clone());
+        loop {
+            let mut head = self.head.lock().await;
+            // Whoever held the lock before may have appended this entry.
+            match answer.try_recv() {
+                Ok(Ok(record)) => return Ok(record),
+                Ok(Err(why)) => return Err(AuditError::Store(StoreError::Backend(why))),
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    // The call that took it was cancelled mid-append (its
+                    // client went away): queue it again. If that append had
+                    // committed, the chain holds this entry twice, which
+                    // beats losing it.
+                    answer = queue(entry.clone());
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+            let group: Vec<Waiting> = {
+                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                let take = waiting.len().min(APPEND_GROUP);
+                waiting.drain(..take).collect()
             };
-            record.hash = record_hash(&record);
-            let value = serde_json::to_vec(&record).unwrap_or_default();
-            if self.log.append_exact(record.seq, value).await? {
-                *head = (record.seq, record.hash.clone());
+            if group.is_empty() {
+                // Taken by a group still in flight: its holder answers.
                 drop(head);
-                self.store.flush().await?;
-                return Ok(record);
+                match (&mut answer).await {
+                    Ok(Ok(record)) => return Ok(record),
+                    Ok(Err(why)) => return Err(AuditError::Store(StoreError::Backend(why))),
+                    Err(_) => {
+                        answer = queue(entry.clone());
+                        continue;
+                    }
+                }
+            }
+            let outcome = self.append_group(&mut head, &group).await;
+            drop(head);
+            let outcome = match outcome {
+                Ok(records) => self
+                    .store
+                    .flush()
+                    .await
+                    .map(|()| records)
+                    .map_err(AuditError::from),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(records) => {
+                    for (waiting, record) in group.into_iter().zip(records) {
+                        let _gone = waiting.reply.send(Ok(record));
+                    }
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    for waiting in group {
+                        let _gone = waiting.reply.send(Err(why.clone()));
+                    }
+                }
+            }
+            // Ours was in this group or an earlier one: answered now (or
+            // its holder was cancelled, which the next turn sees).
+            if let Ok(result) = answer.try_recv() {
+                return result.map_err(|why| AuditError::Store(StoreError::Backend(why)));
+            }
+        }
+    }
+
+    /// Chain a group of entries on the head and store them in one write,
+    /// again on the winner's record when another replica took the number.
+    async fn append_group(
+        &self,
+        head: &mut (u64, String),
+        group: &[Waiting],
+    ) -> Result<Vec<AuditRecord>, AuditError> {
+        let deadline = tokio::time::Instant::now() + APPEND_BUDGET;
+        let mut attempt: u32 = 0;
+        while attempt < APPEND_MIN_ATTEMPTS || tokio::time::Instant::now() < deadline {
+            let mut records = Vec::with_capacity(group.len());
+            let (mut seq, mut prev_hash) = head.clone();
+            for waiting in group {
+                let entry = &waiting.entry;
+                seq += 1;
+                let mut record = AuditRecord {
+                    seq,
+                    time_ms: waiting.time_ms,
+                    user: entry.user.clone(),
+                    role: entry.role.clone(),
+                    action: entry.action.clone(),
+                    target: entry.target.clone(),
+                    result: entry.result.to_string(),
+                    detail: entry.detail.clone(),
+                    trace_id: entry.trace_id.clone(),
+                    peer: entry.peer.map(|a| a.to_string()).unwrap_or_default(),
+                    prev_hash,
+                    hash: String::new(),
+                };
+                record.hash = record_hash(&record);
+                prev_hash = record.hash.clone();
+                records.push(record);
+            }
+            let values: Vec<Vec<u8>> = records
+                .iter()
+                .map(|r| serde_json::to_vec(r).unwrap_or_default())
+                .collect();
+            if self.log.append_exact(head.0 + 1, values).await? {
+                *head = (seq, prev_hash);
+                return Ok(records);
             }
             // Another replica took the number: chain on from its record,
             // after a random pause that grows, so two busy replicas do not
@@ -179,8 +296,9 @@ impl AuditLog {
             let ceiling_ms = 1u64 << attempt.min(6);
             let pause = rand::random_range(0..=ceiling_ms);
             tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            attempt += 1;
         }
-        Err(AuditError::Contended(APPEND_ATTEMPTS))
+        Err(AuditError::Contended(attempt, APPEND_BUDGET.as_secs()))
     }
 
     fn head_of(log: &dyn SeqLog) -> Result<(u64, String), AuditError> {
@@ -337,6 +455,50 @@ mod tests {
         assert_eq!(next.seq, 6);
         assert_eq!(next.prev_hash, v.head_hash);
         assert_eq!(log.verify().unwrap().records, 6);
+    }
+
+    /// Many calls appending at once are written in groups, one chain in
+    /// the order queued; calls whose task is cancelled mid-append (a client
+    /// that went away) lose nobody else's record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_are_grouped_into_one_chain() {
+        let (_dir, _store, log) = log_with(0).await;
+        let log = Arc::new(log);
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move { log.append(entry(i)).await })
+            })
+            .collect();
+        for task in tasks.iter().skip(3).step_by(11) {
+            task.abort();
+        }
+        let mut answered = Vec::new();
+        for (i, task) in tasks.into_iter().enumerate() {
+            match task.await {
+                Ok(result) => answered.push((i, result.expect("append"))),
+                Err(e) if e.is_cancelled() => {}
+                Err(e) => panic!("append task {i}: {e}"),
+            }
+        }
+        assert!(answered.len() >= 300 - 28, "{} answered", answered.len());
+        let v = log.verify().expect("verify");
+        assert_eq!(v.broken, None);
+        let stored: Vec<AuditRecord> = log
+            .list(&AuditFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .expect("list");
+        assert_eq!(stored.len() as u64, v.records);
+        for (i, record) in &answered {
+            assert_eq!(record.target, format!("t{i}"));
+            assert_eq!(
+                stored.get(record.seq as usize - 1),
+                Some(record),
+                "answered record {i} is stored under its number"
+            );
+        }
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::artifacts::TrustSource;
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
+use crate::control_plane::EnrollmentKey;
 use crate::identity::{Identity, IdentityError, enroll_once};
 use crate::metrics::Metrics;
 use crate::reconciler::{AgentReport, Reconciler, ReconcilerConfig, ReconcilerLinks};
@@ -154,9 +155,13 @@ async fn run_sessions(
             let Some(enrollment) = &config.enrollment else {
                 return Err(AgentError::NotEnrolled);
             };
+            // One key for every attempt: a retry of an attempt that
+            // committed is answered with the node it created.
+            let key = EnrollmentKey::generate(&config.name).map_err(AgentError::Enrollment)?;
             loop {
                 match enroll_once(
                     config.control_plane.pick(),
+                    &key,
                     enrollment,
                     &config.name,
                     &config.labels,

@@ -14,7 +14,7 @@ use hotswap_common::tls::{self, ChannelOptions, ControlPlaneUrl};
 use serde::{Deserialize, Serialize};
 
 use crate::config::EnrollmentConfig;
-use crate::control_plane::{self, EnrollError, Enrollment};
+use crate::control_plane::{self, EnrollError, Enrollment, EnrollmentKey};
 use crate::metrics::Metrics;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -199,6 +199,7 @@ impl Identity {
 /// `rpc` metric; the identity it yields is not saved yet.
 pub async fn enroll_once(
     url: &ControlPlaneUrl,
+    key: &EnrollmentKey,
     enrollment: &EnrollmentConfig,
     name: &str,
     labels: &Labels,
@@ -206,6 +207,7 @@ pub async fn enroll_once(
 ) -> Result<Identity, EnrollError> {
     let enrolled = control_plane::enroll(&Enrollment {
         url,
+        key,
         options: &ChannelOptions::default(),
         join_token: &enrollment.join_token,
         ca_fingerprint: enrollment.ca_fingerprint,

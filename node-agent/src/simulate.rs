@@ -41,7 +41,7 @@ use crate::artifacts::{
 };
 use crate::backoff::Backoff;
 use crate::control_plane::{
-    self, Connection, EncodedReport, EnrollError, Enrollment, Hello, Inbound,
+    self, Connection, EncodedReport, EnrollError, Enrollment, EnrollmentKey, Hello, Inbound,
 };
 use crate::report::{AgentReport, ModuleReport};
 use crate::scrape::Window;
@@ -284,12 +284,22 @@ pub async fn run(config: SimConfig, stats: Arc<SimStats>, shutdown: Cancellation
             let source = (!config.source_addrs.is_empty())
                 .then(|| config.source_addrs[i % config.source_addrs.len()]);
             let mut backoff = Backoff::new(ENROLL_RETRY_BASE, ENROLL_RETRY_MAX);
+            // One key for every attempt, as the real agent does: a retry of
+            // an attempt that committed gets the node it created.
+            let key = match EnrollmentKey::generate(&sim_name(&config, i)) {
+                Ok(key) => key,
+                Err(error) => {
+                    stats.enroll_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(agent = i, error = %error, "simulated agent cannot make its key pair");
+                    return;
+                }
+            };
             let identity = loop {
                 let permit = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     permit = slots.acquire() => permit,
                 };
-                let result = enroll(&config, i, source, backoff.attempts()).await;
+                let result = enroll(&config, i, &key, source, backoff.attempts()).await;
                 drop(permit);
                 match result {
                     Ok(identity) => break identity,
@@ -344,13 +354,19 @@ impl SimEnrollError {
 /// first endpoint and each retry to the next: a join token's remaining uses
 /// are one record, so a fleet enrolling through several replicas at once
 /// would have them contend on it.
+/// The name simulated agent `index` enrolls with.
+fn sim_name(config: &SimConfig, index: usize) -> String {
+    format!("{}-{index:05}", config.name_prefix)
+}
+
 async fn enroll(
     config: &SimConfig,
     index: usize,
+    key: &EnrollmentKey,
     source: Option<IpAddr>,
     attempt: u32,
 ) -> Result<SimIdentity, SimEnrollError> {
-    let name = format!("{}-{index:05}", config.name_prefix);
+    let name = sim_name(config, index);
     let options = ChannelOptions {
         keepalive_interval: None,
         local_addr: source,
@@ -359,6 +375,7 @@ async fn enroll(
     let endpoints = config.control_plane.all();
     let enrolled = control_plane::enroll(&Enrollment {
         url: &endpoints[attempt as usize % endpoints.len()],
+        key,
         options: &options,
         join_token: &config.join_token,
         ca_fingerprint: config.ca_fingerprint,

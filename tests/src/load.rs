@@ -130,6 +130,10 @@ impl Drop for Load {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SimCounters {
     pub enrolled: u64,
+    /// Enrollment attempts that failed (and were retried, unless fatal).
+    pub enroll_failed: u64,
+    /// Enrollment attempts the control plane's rate limit refused.
+    pub enroll_rate_limited: u64,
     /// Sessions open now (welcomed by a control plane).
     pub connected: u64,
     /// Sessions opened since the start.
@@ -150,6 +154,8 @@ impl SimCounters {
         };
         Some(Self {
             enrolled: after("enrolled")?,
+            enroll_failed: after("failed").unwrap_or(0),
+            enroll_rate_limited: after("rate-limited").unwrap_or(0),
             connected: after("connected")?,
             sessions: after("sessions")?,
             installs: after("installs")?,

@@ -67,6 +67,7 @@ fn node(id: &str, name: &str) -> NodeRecord {
         previous_cert_fingerprint: None,
         previous_cert_not_after_ms: 0,
         token_hash: String::new(),
+        enroll_key: String::new(),
     }
 }
 
@@ -686,5 +687,308 @@ async fn a_replica_that_lost_its_lease_stays_fenced() {
     assert_eq!(
         b.get_desired("n-1").expect("get").modules["web"].version,
         "1"
+    );
+}
+
+/// `count` replicas' stores on one freshly initialized prefix.
+async fn replicas(cluster: &EtcdCluster, prefix: &str, count: usize) -> Vec<Store> {
+    let keys = Keys::new(prefix).expect("prefix");
+    let etcd = client(&cluster.endpoints()).await;
+    let record = ClusterRecord {
+        id: "test".into(),
+        created_at_ms: 1,
+    };
+    EtcdStore::init(&etcd, &keys, &record).await.expect("init");
+    let mut stores = Vec::new();
+    for _ in 0..count {
+        let store = EtcdStore::open(client(&cluster.endpoints()).await, keys.clone())
+            .await
+            .expect("open");
+        stores.push(Store::etcd(store));
+    }
+    stores
+}
+
+/// A node as an agent enrolling with key `key` asks for it.
+fn keyed_node(id: &str, name: &str, key: &str) -> NodeRecord {
+    NodeRecord {
+        enroll_key: key.into(),
+        token_hash: "t".into(),
+        ..node(id, name)
+    }
+}
+
+async fn wait_for_token(store: &Store, hash: &str) {
+    eventually("the replica sees the token", || {
+        store
+            .get_token(hash)
+            .map_err(|e| e.to_string())?
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+}
+
+/// 200 agents enrolling with one join token through one replica at once
+/// (the bootstrap of a fleet): every one is enrolled, none refused, and
+/// the token has spent exactly 200 uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_enrollments_with_one_token_through_one_replica_all_succeed() {
+    let cluster = EtcdCluster::start(3);
+    let stores = replicas(&cluster, "/enroll-one/", 1).await;
+    let store = &stores[0];
+    store.insert_token("t", &token(500)).await.expect("token");
+
+    let count = 200;
+    let outcomes = futures_util::future::join_all((0..count).map(|i| {
+        let store = store.clone();
+        async move {
+            store
+                .enroll(
+                    "t",
+                    5,
+                    keyed_node(&format!("n-{i}"), &format!("web-{i}"), &format!("k-{i}")),
+                )
+                .await
+        }
+    }))
+    .await;
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(failed.is_empty(), "{} refused: {failed:?}", failed.len());
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let record = outcome.as_ref().expect("enrolled");
+        assert_eq!(record.id, format!("n-{i}"));
+        assert_eq!(
+            record.labels.get("environment").map(String::as_str),
+            Some("qa"),
+            "token label forced"
+        );
+        assert_eq!(
+            store
+                .node_id_by_name(&format!("web-{i}"))
+                .expect("read")
+                .as_deref(),
+            Some(record.id.as_str())
+        );
+    }
+    assert_eq!(
+        store
+            .get_token("t")
+            .expect("read")
+            .expect("token")
+            .uses_left,
+        300
+    );
+    assert_eq!(store.list_nodes().expect("list").len(), count);
+}
+
+/// A token with 60 uses and 150 agents enrolling with it at once through
+/// three replicas: exactly 60 are enrolled, the other 90 are told the uses
+/// are gone (no conflict error), and the event log and the audit chain that
+/// every enrollment appends to, as the service does, stay gap-free and one
+/// chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_spends_exactly_its_uses_across_replicas() {
+    let cluster = EtcdCluster::start(3);
+    let stores = replicas(&cluster, "/enroll-many/", 3).await;
+    let uses = 60;
+    stores[0]
+        .insert_token("t", &token(uses))
+        .await
+        .expect("token");
+    for store in &stores {
+        wait_for_token(store, "t").await;
+    }
+    let logs: Vec<(std::sync::Arc<EventLog>, AuditLog)> = stores
+        .iter()
+        .map(|store| {
+            let events = std::sync::Arc::new(EventLog::open(store, 100_000).expect("events"));
+            events.follow_commits().expect("a shared log");
+            (events, AuditLog::open(store).expect("audit"))
+        })
+        .collect();
+
+    let agents = 150;
+    let outcomes = futures_util::future::join_all((0..agents).map(|i| {
+        let replica = i % stores.len();
+        let store = stores[replica].clone();
+        let (events, audit) = &logs[replica];
+        async move {
+            let name = format!("web-{i}");
+            let outcome = store
+                .enroll(
+                    "t",
+                    5,
+                    keyed_node(&format!("n-{i}"), &name, &format!("k-{i}")),
+                )
+                .await;
+            // What the enrollment service records for every attempt.
+            if let Ok(record) = &outcome {
+                events.append(Event::new("node.enrolled", format!("{name} {}", record.id)));
+            }
+            audit
+                .append(AuditEntry {
+                    user: "join-token:t".into(),
+                    role: "node".into(),
+                    action: "nodes.enroll".into(),
+                    target: name,
+                    result: if outcome.is_ok() { "ok" } else { "denied" },
+                    detail: String::new(),
+                    trace_id: String::new(),
+                    peer: None,
+                })
+                .await
+                .expect("audit append");
+            store.flush().await.expect("flush");
+            outcome
+        }
+    }))
+    .await;
+
+    let enrolled: Vec<&NodeRecord> = outcomes.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let used_up = outcomes
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Err(EnrollError::Rejected(EnrollRejection::UsedUp(n))) if *n == uses
+            )
+        })
+        .count();
+    let other: Vec<String> = outcomes
+        .iter()
+        .filter_map(|r| match r {
+            Ok(_) | Err(EnrollError::Rejected(EnrollRejection::UsedUp(_))) => None,
+            Err(e) => Some(e.to_string()),
+        })
+        .collect();
+    assert!(other.is_empty(), "neither enrolled nor used up: {other:?}");
+    assert_eq!(enrolled.len(), uses as usize, "exactly the token's uses");
+    assert_eq!(used_up, agents - uses as usize);
+    for store in &stores {
+        eventually(
+            "every replica sees the 60 nodes and the spent token",
+            || {
+                let nodes = store.list_nodes().map_err(|e| e.to_string())?.len();
+                let left = store
+                    .get_token("t")
+                    .map_err(|e| e.to_string())?
+                    .map(|t| t.uses_left);
+                (nodes == uses as usize && left == Some(0))
+                    .then_some(())
+                    .ok_or(format!("{nodes} nodes, {left:?} uses left"))
+            },
+        )
+        .await;
+    }
+
+    let total_audit = agents as u64;
+    for (store, (_, audit)) in stores.iter().zip(&logs) {
+        let log = store.log(LogName::Events).expect("log");
+        eventually("the replica's mirror holds every event", || {
+            let count = log.count().map_err(|e| e.to_string())?;
+            (count == u64::from(uses))
+                .then_some(())
+                .ok_or(format!("{count} events"))
+        })
+        .await;
+        let seqs: Vec<u64> = log
+            .range(0, Direction::Forward)
+            .map(|r| r.expect("read").0)
+            .collect();
+        assert_eq!(seqs, (1..=u64::from(uses)).collect::<Vec<_>>(), "gap-free");
+        eventually("the replica holds every audit record", || {
+            (audit.len() == total_audit)
+                .then_some(())
+                .ok_or(format!("{} audit records", audit.len()))
+        })
+        .await;
+        let verification = audit.verify().expect("verify");
+        assert_eq!(verification.records, total_audit);
+        assert_eq!(verification.broken, None);
+    }
+}
+
+/// An agent whose enrollment committed but whose answer was lost retries
+/// with the same name and key, through the same replica or another one
+/// whose view may not show the first yet: it gets the node it created,
+/// although the token's one use is spent. Another key, or a node that has
+/// connected since, is refused as a taken name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_enrollment_gets_the_node_it_created() {
+    let cluster = EtcdCluster::start(3);
+    let stores = replicas(&cluster, "/enroll-retry/", 2).await;
+    let (a, b) = (&stores[0], &stores[1]);
+    a.insert_token("t", &token(1)).await.expect("token");
+    wait_for_token(b, "t").await;
+
+    let first = a
+        .enroll("t", 5, keyed_node("n-1", "web", "k-1"))
+        .await
+        .expect("first attempt");
+    assert_eq!(first.id, "n-1");
+    // The retry through the other replica, at once: its mirror may not hold
+    // the first attempt's writes yet; the store reads them from etcd.
+    let through_b = b
+        .enroll("t", 6, keyed_node("n-2", "web", "k-1"))
+        .await
+        .expect("retry through b");
+    assert_eq!(through_b.id, "n-1", "the node the first attempt created");
+    let through_a = a
+        .enroll("t", 7, keyed_node("n-3", "web", "k-1"))
+        .await
+        .expect("retry through a");
+    assert_eq!(through_a, first);
+    assert_eq!(
+        a.get_token("t").expect("read").expect("token").uses_left,
+        0,
+        "a retry spends nothing"
+    );
+
+    // Another key is no retry: the token's one use is spent.
+    assert_used_up(b.enroll("t", 8, keyed_node("n-4", "web", "k-2")).await);
+    a.insert_token("t2", &token(5)).await.expect("token");
+    wait_for_token(b, "t2").await;
+    let other_key = b
+        .enroll(
+            "t2",
+            8,
+            NodeRecord {
+                token_hash: "t2".into(),
+                ..keyed_node("n-5", "web", "k-2")
+            },
+        )
+        .await;
+    assert!(
+        matches!(
+            other_key,
+            Err(EnrollError::Rejected(EnrollRejection::NameTaken { ref id, .. })) if id == "n-1"
+        ),
+        "another key is not a retry: {other_key:?}"
+    );
+
+    // Once the node has connected it has its certificate: a second
+    // enrollment under its name is no retry.
+    a.update_node("n-1", &|record| {
+        record.last_seen_ms = Some(10);
+        true
+    })
+    .await
+    .expect("update")
+    .expect("node");
+    assert_used_up(a.enroll("t", 9, keyed_node("n-6", "web", "k-1")).await);
+    assert_eq!(a.list_nodes().expect("list").len(), 1);
+}
+
+fn assert_used_up(outcome: Result<NodeRecord, EnrollError>) {
+    assert!(
+        matches!(
+            outcome,
+            Err(EnrollError::Rejected(EnrollRejection::UsedUp(1)))
+        ),
+        "{outcome:?}"
     );
 }

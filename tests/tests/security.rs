@@ -1409,3 +1409,75 @@ fn forwarding_headers_from_an_operator_are_ignored_and_old_data_dirs_start() {
     assert_eq!(audit[0]["user"], "vera", "{audit}");
     assert_eq!(audit[0]["result"], "denied", "{audit}");
 }
+
+/// An agent whose enrollment committed but whose answer was lost sends the
+/// same request again (same name, token and key): it gets the same node,
+/// not "already enrolled", although the token's one use is spent, and the
+/// certificate of that answer is the one the node connects with. Another
+/// key under the name is refused, and so is the same request once the
+/// node has connected.
+#[test]
+fn a_retried_enrollment_is_answered_with_the_node_it_created() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let (token, fp) = cp.token(&["--uses", "1"]);
+    let pin = PinnedCa::new(hotswap_common::pki::parse_fingerprint(&fp).expect("fingerprint"));
+    let url = ControlPlaneUrl::parse(&cp.url()).expect("url");
+    let (csr_pem, key_pem) = hotswap_common::pki::generate_csr("retry").expect("csr");
+    let (other_csr, _) = hotswap_common::pki::generate_csr("retry").expect("csr");
+    let request = |csr_pem: &str| pb::EnrollRequest {
+        join_token: token.clone(),
+        csr_pem: csr_pem.to_string(),
+        name: "retry".into(),
+        labels: [("environment".to_string(), "dev".to_string())].into(),
+        agent_version: "test".into(),
+    };
+    let enroll = |request: pb::EnrollRequest| {
+        let (url, pin) = (url.clone(), pin.clone());
+        runtime().block_on(async move {
+            let config = tls::client_config(ServerTrust::Pinned(pin), None).expect("config");
+            let channel = tls::connect(&url, config, &Default::default())
+                .await
+                .expect("connect");
+            pb::enrollment_client::EnrollmentClient::new(channel)
+                .enroll(request)
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    };
+    let first = enroll(request(&csr_pem)).expect("first attempt");
+    let second = enroll(request(&csr_pem)).expect("the retry is answered");
+    assert_eq!(second.node_id, first.node_id, "the node the first created");
+    assert_eq!(second.labels, first.labels);
+    let other = enroll(request(&other_csr)).expect_err("another key");
+    assert_eq!(other.code(), Code::Unauthenticated, "{other:?}");
+    assert!(other.message().contains("used up"), "{other:?}");
+    assert_eq!(cp.nodes().len(), 1, "one node");
+
+    let mut agent = Agent::new(dir.path(), "retry");
+    hotswap_agent::identity::Identity {
+        info: hotswap_agent::identity::NodeInfo {
+            node_id: second.node_id.clone(),
+            name: "retry".into(),
+            labels: second.labels.clone().into_iter().collect(),
+            control_plane: cp.url(),
+        },
+        cert_pem: second.certificate_pem.clone(),
+        key_pem,
+        ca_pem: second.ca_certificate_pem.clone(),
+    }
+    .save(&agent.data_dir)
+    .expect("save identity");
+    agent.start(&cp.url(), &[]);
+    eventually(
+        "the node connects with the retry's certificate",
+        || match cp.node_status("retry").as_deref() {
+            Some("connected") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let after = enroll(request(&csr_pem)).expect_err("no retry once connected");
+    assert_eq!(after.code(), Code::Unauthenticated, "{after:?}");
+    agent.stop();
+}

@@ -560,6 +560,7 @@ async fn setup(
                             previous_cert_fingerprint: None,
                             previous_cert_not_after_ms: 0,
                             token_hash: hash.clone(),
+                            enroll_key: String::new(),
                         },
                     )
                     .await

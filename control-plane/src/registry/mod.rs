@@ -408,13 +408,22 @@ impl Registry {
         }
     }
 
-    /// Enroll a node (see [`Store::enroll`]) and announce it.
+    /// Enroll a node (see [`Store::enroll`]) and announce it; a retry of an
+    /// enrollment that committed returns that node (another id than
+    /// `record`'s) and announces nothing.
     pub async fn enroll(
         &self,
         token_hash: &str,
         record: NodeRecord,
     ) -> Result<NodeState, EnrollError> {
+        let asked = record.id.clone();
         let record = self.store.enroll(token_hash, now_ms(), record).await?;
+        if record.id != asked {
+            // A retry of an enrollment that committed: the node exists and
+            // was announced when it did.
+            let live = self.lock_live();
+            return Ok(self.state_of(record, &live));
+        }
         self.events.append(
             Event::new(
                 "node.enrolled",

@@ -719,6 +719,7 @@ mod tests {
                 previous_cert_fingerprint: None,
                 previous_cert_not_after_ms: 0,
                 token_hash: String::new(),
+                enroll_key: String::new(),
             },
             connected: true,
             last_seen_ms: None,

@@ -64,9 +64,22 @@ impl EnrollmentService {
         let labels: Labels = request.labels.into_iter().collect();
         validate_labels(&labels).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
 
+        let enroll_key = pki::csr_key_fingerprint(&request.csr_pem)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let hash = token_hash(&request.join_token);
+
+        // An agent retrying an enrollment that committed although its answer
+        // was lost (same name, token and key; the node never connected) is
+        // answered with that node, even if the token has no uses left now.
+        if let Some(existing_id) = self.ctx.store().node_id_by_name(&request.name)?
+            && let Some(existing) = self.ctx.store().get_node(&existing_id)?
+            && existing.is_retried_by(&hash, &request.name, &enroll_key)
+        {
+            return self.answer_retry(existing, &hash, &request.csr_pem).await;
+        }
+
         // Refuse unknown, expired and used-up tokens before spending a
         // signature on the CSR; the transaction below checks again.
-        let hash = token_hash(&request.join_token);
         match self.ctx.store().get_token(&hash)? {
             None => {
                 return Err(ApiError::Unauthenticated(
@@ -113,12 +126,13 @@ impl EnrollmentService {
             agent_version: request.agent_version,
             previous_cert_fingerprint: None,
             previous_cert_not_after_ms: 0,
-            token_hash: token_hash(&request.join_token),
+            token_hash: hash.clone(),
+            enroll_key,
         };
         let state = self
             .ctx
             .registry
-            .enroll(&token_hash(&request.join_token), record)
+            .enroll(&hash, record)
             .await
             .map_err(|e| match e {
                 EnrollError::Rejected(
@@ -129,12 +143,80 @@ impl EnrollmentService {
                 }
                 EnrollError::Store(e) => ApiError::Storage(e),
             })?;
+        if state.record.id != node_id {
+            // The store found this enrollment committed before (an earlier
+            // attempt through another replica, or one whose answer was lost
+            // while this replica's view did not show it yet).
+            return self
+                .answer_retry(state.record, &hash, &request.csr_pem)
+                .await;
+        }
         tracing::info!(node = %node_id, name = %request.name, "node enrolled");
         Ok(pb::EnrollResponse {
             node_id,
             certificate_pem: cert_pem,
             ca_certificate_pem: self.ctx.ca.cert_pem().to_string(),
             labels: state.record.labels.into_iter().collect(),
+        })
+    }
+}
+
+impl EnrollmentService {
+    /// Answer a retried enrollment with the node it created: a certificate
+    /// for that node and the same key, which becomes the node's current
+    /// one (the first was never delivered: the node never connected).
+    async fn answer_retry(
+        &self,
+        existing: NodeRecord,
+        hash: &str,
+        csr_pem: &str,
+    ) -> Result<pb::EnrollResponse, ApiError> {
+        let cert_pem = self
+            .ctx
+            .ca
+            .sign_csr(
+                csr_pem,
+                &Principal::Node(existing.id.clone()),
+                self.ctx.settings.node_cert_validity,
+            )
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let der = pki::first_cert_der(&cert_pem).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let fingerprint = pki::der_fingerprint(der.as_ref());
+        let not_after_ms =
+            pki::not_after_ms(der.as_ref()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (name, key) = (existing.name.clone(), existing.enroll_key.clone());
+        // Guarded: if the node connected or was removed meanwhile, this is
+        // no retry any more and the name is taken.
+        let updated = self
+            .ctx
+            .store()
+            .update_node(&existing.id, &|record| {
+                if !record.is_retried_by(hash, &name, &key) {
+                    return false;
+                }
+                record.cert_fingerprint = fingerprint.clone();
+                record.cert_not_after_ms = not_after_ms;
+                true
+            })
+            .await?;
+        let record = match updated {
+            Some(record) if record.cert_fingerprint == fingerprint => record,
+            _ => {
+                return Err(ApiError::AlreadyExists(
+                    EnrollRejection::NameTaken {
+                        name: existing.name,
+                        id: existing.id,
+                    }
+                    .to_string(),
+                ));
+            }
+        };
+        tracing::info!(node = %record.id, name = %record.name, "retried enrollment answered with the node it created");
+        Ok(pb::EnrollResponse {
+            node_id: record.id,
+            certificate_pem: cert_pem,
+            ca_certificate_pem: self.ctx.ca.cert_pem().to_string(),
+            labels: record.labels.into_iter().collect(),
         })
     }
 }

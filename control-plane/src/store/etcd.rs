@@ -14,8 +14,13 @@
 //!   larger than etcd's per-transaction limit commits in several
 //!   transactions, each atomic and each guarded.
 //! - Changes that must be atomic across keys or decide on what exists
-//!   (enrollment, creating users and keys, storing artifact records) commit
-//!   at once in one transaction and re-decide on a conflict.
+//!   (creating users and keys, storing artifact records) commit at once in
+//!   one transaction and re-decide on a conflict, with a random pause, for
+//!   up to the request timeout.
+//! - **Enrollments** with one join token queue per token and commit in
+//!   groups, one transaction spending the token's uses for every node of
+//!   the group (see [`enroll`]): a replica's own enrollments never race
+//!   each other for the token's record.
 //! - **Sequence logs** keep their head (`meta/head/<log>`) next to their
 //!   records: a commit compares the head with the numbers it proposes and
 //!   advances it in the same transaction, so numbers are gap-free whoever
@@ -24,6 +29,8 @@
 //! - **Fencing**: while this replica leads, every commit also compares the
 //!   election key's create revision ([`EtcdStore::set_fence`]), so a leader
 //!   that lost its lease (paused, partitioned) changes nothing.
+
+mod enroll;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -40,16 +47,17 @@ use super::mirror::{Change as MirrorChange, Mirror, MirrorHandle, Versioned};
 use super::{
     ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentRecords, DesiredRecord,
     DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, Encode, EnrollError,
-    EnrollRejection, Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords, Revision,
-    SeqLog, SessionRecords, SessionUpdate, Storage, StoreError, TokenRecord, UserRecord,
-    UserRecords, decode, encode,
+    Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords, Revision, SeqLog,
+    SessionRecords, SessionUpdate, Storage, StoreError, TokenRecord, UserRecord, UserRecords,
+    decode, encode,
 };
 
 /// Operations per transaction: etcd refuses more than `--max-txn-ops`
 /// (128 by default) in either branch; a few are kept for the head of a log.
 const OPS_PER_TXN: usize = 120;
-/// Attempts at one commit when other writers keep winning the race.
-const ATTEMPTS: usize = 16;
+/// Attempts at a guarded change before the request deadline may end it
+/// (a slow etcd must not turn the first conflict into a refusal).
+const MIN_ATTEMPTS: u32 = 4;
 /// How often unflushed writes with nobody flushing them (a module's health
 /// event) are committed anyway.
 const BACKGROUND_FLUSH: Duration = Duration::from_millis(250);
@@ -165,6 +173,8 @@ struct Inner {
     session_lease: RwLock<Option<hotswap_etcd::LeaseId>>,
     runtime: tokio::runtime::Handle,
     request_timeout: Duration,
+    /// Enrollments waiting for their join token's committer.
+    enrollments: enroll::Queues,
 }
 
 /// The etcd backend (see the module docs). Cheap to clone.
@@ -274,6 +284,7 @@ impl EtcdStore {
             session_lease: RwLock::new(None),
             runtime: tokio::runtime::Handle::current(),
             request_timeout,
+            enrollments: enroll::Queues::default(),
         });
         let follow = tokio::spawn(follow(Arc::clone(&inner)));
         let flush = tokio::spawn({
@@ -792,11 +803,12 @@ impl Inner {
                 .as_deref(),
         );
         // Other writers may keep winning while they are busy too: go on
-        // until the request deadline, with a growing random pause, rather
-        // than drop records that lost a race.
+        // until the request deadline (and a few times at least, however
+        // slowly etcd answers), with a growing random pause, rather than
+        // drop records that lost a race.
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         let mut attempt: u32 = 0;
-        while tokio::time::Instant::now() < deadline {
+        while attempt < MIN_ATTEMPTS || tokio::time::Instant::now() < deadline {
             attempt += 1;
             let mut compares: Vec<Compare> = self.fence().into_iter().collect();
             compares.push(self.head_is(log, head));
@@ -918,7 +930,13 @@ impl Inner {
         E: From<StoreError>,
     {
         self.flush().await.map_err(E::from)?;
-        for _ in 0..ATTEMPTS {
+        // Other writers may keep winning while they are busy: go on until
+        // the request deadline (and at least a few times), with a growing
+        // random pause, rather than refuse after a fixed number of tries.
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
             let (guards, writes, answer) = decide(self)?;
             if writes.is_empty() {
                 return Ok(answer);
@@ -926,19 +944,27 @@ impl Inner {
             match self.commit_now(&guards, &writes).await {
                 Ok(_) => return Ok(answer),
                 Err(CommitError::Conflict(key)) => {
-                    tracing::debug!(key, "a concurrent change won; deciding again");
+                    tracing::debug!(key, attempt, "a concurrent change won; deciding again");
+                    if attempt >= MIN_ATTEMPTS && tokio::time::Instant::now() >= deadline {
+                        return Err(E::from(StoreError::Backend(format!(
+                            "other replicas kept changing record {key} for {}s ({attempt} tries); try again",
+                            self.request_timeout.as_secs()
+                        ))));
+                    }
                     // Let the mirror catch up with whoever won.
                     if let Ok(status) = self.client.status().await {
                         let caught_up = self.mirror.caught_up(status.revision);
                         let _ = tokio::time::timeout(self.request_timeout, caught_up).await;
                     }
+                    if attempt > 1 {
+                        let ceiling_ms = 1u64 << attempt.min(6);
+                        let pause = rand::random_range(0..=ceiling_ms);
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                    }
                 }
                 Err(e) => return Err(E::from(StoreError::from(e))),
             }
         }
-        Err(E::from(StoreError::Backend(format!(
-            "other replicas kept changing the same records ({ATTEMPTS} tries); try again"
-        ))))
     }
 
     fn block_on<T>(&self, future: impl std::future::Future<Output = T>) -> T {
@@ -996,55 +1022,7 @@ impl NodeRecords for EtcdStore {
         now_ms: u64,
         node: NodeRecord,
     ) -> Result<NodeRecord, EnrollError> {
-        let keys = &self.inner.keys;
-        let token_key = keys.record(Collection::Tokens, token_hash);
-        let name_key = keys.record(Collection::NodeNames, &node.name);
-        let node_key = keys.record(Collection::Nodes, &node.id);
-        self.inner
-            .change(|inner| {
-                let token_read = inner.read(token_key.as_bytes());
-                let Some(bytes) = &token_read.0 else {
-                    return Err(EnrollError::Rejected(EnrollRejection::UnknownToken));
-                };
-                let mut token: TokenRecord =
-                    decode(Collection::Tokens, token_key.as_bytes(), bytes)?;
-                if now_ms >= token.expires_at_ms {
-                    return Err(EnrollError::Rejected(EnrollRejection::Expired(
-                        hotswap_common::timefmt::rfc3339_from_ms(token.expires_at_ms),
-                    )));
-                }
-                if token.uses_left == 0 {
-                    return Err(EnrollError::Rejected(EnrollRejection::UsedUp(
-                        token.uses_total,
-                    )));
-                }
-                let name_read = inner.read(name_key.as_bytes());
-                if let Some(existing) = &name_read.0 {
-                    return Err(EnrollError::Rejected(EnrollRejection::NameTaken {
-                        name: node.name.clone(),
-                        id: String::from_utf8_lossy(existing).into_owned(),
-                    }));
-                }
-                token.uses_left -= 1;
-                let mut record = node.clone();
-                record.forced_labels = token.labels.clone();
-                record.labels.extend(token.labels.clone());
-                let node_read = inner.read(node_key.as_bytes());
-                Ok((
-                    vec![
-                        (token_key.clone(), base_of(&token_read)),
-                        (name_key.clone(), base_of(&name_read)),
-                        (node_key.clone(), base_of(&node_read)),
-                    ],
-                    vec![
-                        (token_key.clone(), Some(encode(&token))),
-                        (node_key.clone(), Some(encode(&record))),
-                        (name_key.clone(), Some(record.id.clone().into_bytes())),
-                    ],
-                    record,
-                ))
-            })
-            .await
+        enroll::enroll(&self.inner, token_hash, now_ms, node).await
     }
 
     fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
@@ -1544,15 +1522,26 @@ impl SeqLog for EtcdLog {
         Ok(())
     }
 
-    async fn append_exact(&self, seq: u64, record: Vec<u8>) -> Result<bool, StoreError> {
+    async fn append_exact(&self, seq: u64, records: Vec<Vec<u8>>) -> Result<bool, StoreError> {
+        if records.is_empty() {
+            return Ok(true);
+        }
         let head = seq.saturating_sub(1);
         let head_key = self.inner.keys.log_head(self.name);
         let mut compares: Vec<Compare> = self.inner.fence().into_iter().collect();
         compares.push(self.inner.head_is(self.name, head));
-        let ops = [
-            TxnOp::put(self.inner.keys.log_record(self.name, seq), record),
-            TxnOp::put(head_key.clone(), seq.to_string()),
-        ];
+        let last = head + records.len() as u64;
+        let mut ops: Vec<TxnOp> = records
+            .into_iter()
+            .enumerate()
+            .map(|(i, record)| {
+                TxnOp::put(
+                    self.inner.keys.log_record(self.name, seq + i as u64),
+                    record,
+                )
+            })
+            .collect();
+        ops.push(TxnOp::put(head_key.clone(), last.to_string()));
         let result = self
             .inner
             .client

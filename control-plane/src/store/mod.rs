@@ -154,6 +154,10 @@ pub trait NodeRecords: Send + Sync {
     fn get_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Consume one use of the token and create the node with its name,
     /// atomically: all of it or none. Token labels override the node's own.
+    /// When the name belongs to a node this enrollment retries (the same
+    /// token and key, never connected: see [`NodeRecord::is_retried_by`]),
+    /// returns that node as stored and spends nothing: its id differs from
+    /// `node`'s, which tells the caller it answers a retry.
     async fn enroll(
         &self,
         token_hash: &str,
@@ -461,14 +465,15 @@ pub trait SeqLog: Send + Sync {
     /// instead, encoded again by `encode`, and tells the owner through
     /// [`SeqLog::follow`].
     fn append(&self, seq: u64, encode: Encode) -> Result<(), StoreError>;
-    /// Store `record` under exactly `seq`, or nothing: false when `seq` is
-    /// not the log's next number because another writer appended first
-    /// (then [`SeqLog::last`] already shows that writer's record, so the
-    /// owner can build again). For chained records, whose content depends
-    /// on the one before (the audit chain). A replicated backend commits it
-    /// at once; the embedded one with the next flush, which the owner does
-    /// before acknowledging anything.
-    async fn append_exact(&self, seq: u64, record: Vec<u8>) -> Result<bool, StoreError>;
+    /// Store `records` under exactly `seq`, `seq + 1`, ..., all or nothing:
+    /// false when `seq` is not the log's next number because another writer
+    /// appended first (then [`SeqLog::last`] already shows that writer's
+    /// record, so the owner can build again). For chained records, whose
+    /// content depends on the one before (the audit chain). A replicated
+    /// backend commits them at once, in one transaction (the owner keeps a
+    /// group within its limits); the embedded one with the next flush,
+    /// which the owner does before acknowledging anything.
+    async fn append_exact(&self, seq: u64, records: Vec<Vec<u8>>) -> Result<bool, StoreError>;
     /// Every record as it commits, from any writer, for an owner that
     /// publishes a live stream; `None` when this process is the only writer
     /// (its own appends are the stream, in order).

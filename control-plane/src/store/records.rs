@@ -65,9 +65,27 @@ pub struct NodeRecord {
     /// spends what is left of it.
     #[serde(default)]
     pub token_hash: String,
+    /// `sha256:<hex>` of the public key the node enrolled with (its CSR's
+    /// SubjectPublicKeyInfo); empty in records from before it was kept. An
+    /// agent that retries an enrollment which committed although its
+    /// answer was lost sends the same key again, and gets the same node.
+    #[serde(default)]
+    pub enroll_key: String,
 }
 
 impl NodeRecord {
+    /// Whether an enrollment of `name` with the join token `token_hash` and
+    /// the key `enroll_key` is a retry of the one that created this record: the same name, token
+    /// and key, and the node never connected (so the agent never got its
+    /// certificate). Such a retry is answered with this node, not refused.
+    pub fn is_retried_by(&self, token_hash: &str, name: &str, enroll_key: &str) -> bool {
+        !self.enroll_key.is_empty()
+            && self.enroll_key == enroll_key
+            && self.name == name
+            && self.token_hash == token_hash
+            && self.last_seen_ms.is_none()
+    }
+
     /// Whether `fingerprint` is a certificate this node may use at `now_ms`.
     pub fn accepts_certificate(&self, fingerprint: &str, now_ms: u64) -> bool {
         (fingerprint == self.cert_fingerprint && now_ms < self.cert_not_after_ms)

@@ -368,6 +368,18 @@ impl NodeRecords for SledStore {
                 };
                 let mut token: TokenRecord =
                     decode(Collection::Tokens, token_hash.as_bytes(), &bytes).map_err(storage)?;
+                // An agent retrying an enrollment that committed gets the
+                // node it created, whatever uses the token has left now.
+                let taken = names.get(node.name.as_bytes())?;
+                if let Some(existing_id) = &taken
+                    && let Some(existing) = nodes.get(existing_id)?
+                {
+                    let existing: NodeRecord =
+                        decode(Collection::Nodes, existing_id, &existing).map_err(storage)?;
+                    if existing.is_retried_by(token_hash, &node.name, &node.enroll_key) {
+                        return Ok(existing);
+                    }
+                }
                 if now_ms >= token.expires_at_ms {
                     return Err(abort(EnrollRejection::Expired(
                         hotswap_common::timefmt::rfc3339_from_ms(token.expires_at_ms),
@@ -376,7 +388,7 @@ impl NodeRecords for SledStore {
                 if token.uses_left == 0 {
                     return Err(abort(EnrollRejection::UsedUp(token.uses_total)));
                 }
-                if let Some(existing) = names.get(node.name.as_bytes())? {
+                if let Some(existing) = taken {
                     return Err(abort(EnrollRejection::NameTaken {
                         name: node.name.clone(),
                         id: String::from_utf8_lossy(&existing).into_owned(),
@@ -789,12 +801,22 @@ impl SeqLog for SledLog {
         Ok(())
     }
 
-    async fn append_exact(&self, seq: u64, record: Vec<u8>) -> Result<bool, StoreError> {
-        let taken = self
-            .tree
-            .compare_and_swap(seq.to_be_bytes(), None as Option<&[u8]>, Some(record))?
-            .is_err();
-        Ok(!taken)
+    async fn append_exact(&self, seq: u64, records: Vec<Vec<u8>>) -> Result<bool, StoreError> {
+        let stored = self.tree.transaction(|tree| {
+            for (i, record) in records.iter().enumerate() {
+                let key = (seq + i as u64).to_be_bytes();
+                if tree.get(key)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(()));
+                }
+                tree.insert(key.to_vec(), record.clone())?;
+            }
+            Ok(())
+        });
+        match stored {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
     }
 
     fn follow(&self) -> Option<tokio::sync::broadcast::Receiver<(u64, Vec<u8>)>> {
@@ -1050,6 +1072,7 @@ mod tests {
             previous_cert_fingerprint: None,
             previous_cert_not_after_ms: 0,
             token_hash: String::new(),
+            enroll_key: String::new(),
         }
     }
 
@@ -1165,6 +1188,63 @@ mod tests {
         assert!(
             store.get_node("n4").expect("get").is_none(),
             "nothing created on refusal"
+        );
+    }
+
+    /// An agent retrying an enrollment that committed (same name, token and
+    /// key; never connected) gets the node it created, even with the
+    /// token's uses spent; another key, or the same once the node has
+    /// connected, is no retry (and the token's one use is spent).
+    #[tokio::test]
+    async fn a_retried_enrollment_gets_the_node_it_created() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        store
+            .insert_token("h", &token(1, 1000))
+            .await
+            .expect("token");
+        let keyed = |id: &str, key: &str| NodeRecord {
+            enroll_key: key.into(),
+            token_hash: "h".into(),
+            ..node(id, "web-1")
+        };
+        let first = store
+            .enroll("h", 10, keyed("n1", "k1"))
+            .await
+            .expect("first");
+        let retried = store
+            .enroll("h", 11, keyed("n2", "k1"))
+            .await
+            .expect("a retry with the same key");
+        assert_eq!(retried, first, "the node the first attempt created");
+        assert!(store.get_node("n2").expect("get").is_none());
+        assert_eq!(
+            store.get_token("h").expect("get").expect("token").uses_left,
+            0
+        );
+        let other = store
+            .enroll("h", 11, keyed("n3", "k2"))
+            .await
+            .expect_err("another key");
+        assert!(
+            matches!(other, EnrollError::Rejected(EnrollRejection::UsedUp(1))),
+            "{other}"
+        );
+        store
+            .update_node("n1", &|record| {
+                record.last_seen_ms = Some(12);
+                true
+            })
+            .await
+            .expect("update")
+            .expect("node");
+        let connected = store
+            .enroll("h", 13, keyed("n4", "k1"))
+            .await
+            .expect_err("connected since");
+        assert!(
+            matches!(connected, EnrollError::Rejected(EnrollRejection::UsedUp(1))),
+            "{connected}"
         );
     }
 

@@ -208,12 +208,39 @@ impl Session {
 /// plane (its CA pinned by fingerprint).
 pub struct Enrollment<'a> {
     pub url: &'a ControlPlaneUrl,
+    /// The key pair enrolled, the same in every attempt of one enrollment:
+    /// an attempt that committed although its answer was lost is then
+    /// answered again on retry, not refused as a taken name.
+    pub key: &'a EnrollmentKey,
     pub options: &'a ChannelOptions,
     pub join_token: &'a str,
     pub ca_fingerprint: [u8; 32],
     pub name: &'a str,
     pub labels: &'a Labels,
     pub agent_version: String,
+}
+
+/// A fresh key pair and a CSR for it, made once per enrollment and sent
+/// with every attempt.
+#[derive(Clone)]
+pub struct EnrollmentKey {
+    csr_pem: String,
+    key_pem: String,
+}
+
+impl EnrollmentKey {
+    pub fn generate(name: &str) -> Result<Self, EnrollError> {
+        let (csr_pem, key_pem) =
+            pki::generate_csr(name).map_err(|e| EnrollError::KeyPair(e.to_string()))?;
+        Ok(Self { csr_pem, key_pem })
+    }
+}
+
+impl std::fmt::Debug for EnrollmentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The private key stays out of logs.
+        f.debug_struct("EnrollmentKey").finish_non_exhaustive()
+    }
 }
 
 /// What a successful enrollment yields: the node's id and granted labels,
@@ -304,14 +331,14 @@ impl EnrollError {
     }
 }
 
-/// One enrollment attempt: generate a key pair, connect with the CA pinned
-/// by fingerprint, send the CSR with the join token, and check the answer:
+/// One enrollment attempt: connect with the CA pinned by fingerprint, send
+/// the key's CSR with the join token, and check the answer:
 /// the CA must be the one pinned and the certificate must name the node id
 /// the control plane gave.
 pub async fn enroll(request: &Enrollment<'_>) -> Result<Enrolled, EnrollError> {
     let url = request.url;
-    let (csr_pem, key_pem) =
-        pki::generate_csr(request.name).map_err(|e| EnrollError::KeyPair(e.to_string()))?;
+    let csr_pem = request.key.csr_pem.clone();
+    let key_pem = request.key.key_pem.clone();
     let pin = PinnedCa::new(request.ca_fingerprint);
     let config = tls::client_config(ServerTrust::Pinned(pin.clone()), None)
         .map_err(|e| EnrollError::Tls(e.to_string()))?;

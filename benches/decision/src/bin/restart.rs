@@ -121,6 +121,7 @@ fn main() -> anyhow::Result<()> {
                 previous_cert_fingerprint: None,
                 previous_cert_not_after_ms: 0,
                 token_hash: String::new(),
+                enroll_key: String::new(),
             };
             store.put_node(&record).await?;
         }
