@@ -126,8 +126,9 @@ struct Args {
     /// Members of the etcd cluster the etcd backend starts.
     #[arg(long, default_value_t = 3)]
     etcd_members: usize,
-    /// etcd's `--max-request-bytes` (etcd's default is 1.5 MiB, less than
-    /// the record of one deployment to 10k nodes).
+    /// etcd's `--max-request-bytes` (default: etcd's own, 1.5 MiB; the
+    /// store splits deployment records to fit it, so this is for
+    /// experiments only).
     #[arg(long)]
     etcd_max_request_bytes: Option<u64>,
 }

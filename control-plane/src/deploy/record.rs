@@ -181,10 +181,14 @@ mod tests {
         }
     }
 
+    /// A key space of one record: its header and its buckets by (bucket,
+    /// generation).
+    type Space = (Option<Vec<u8>>, BTreeMap<(usize, u64), Vec<u8>>);
+
     /// Store `record` in a key space of header and bucket values, as the
     /// etcd backend does, and read it back.
     fn through_split(
-        space: &mut (Option<Vec<u8>>, BTreeMap<(usize, u64), Vec<u8>>),
+        space: &mut Space,
         record: &DeploymentRecord,
     ) -> Result<DeploymentRecord, StoreError> {
         let previous = space

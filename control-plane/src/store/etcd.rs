@@ -391,8 +391,9 @@ impl EtcdStore {
     }
 
     /// Bytes of keys and values this store has committed through its
-    /// batches (every write that waits for a flush: deployment records,
-    /// desired states, events), since it opened.
+    /// batches' writes (what waits for a flush: deployment records, desired
+    /// states, trims; not log records nor immediate changes), since it
+    /// opened. For measurements and tests.
     pub fn bytes_written(&self) -> u64 {
         self.inner.bytes_written.load(Ordering::Relaxed)
     }
