@@ -495,3 +495,46 @@ fn etcd_client_bytes_received(cluster: &EtcdCluster) -> u64 {
     }
     sum as u64
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_is_refused_as_corrupt_and_the_next_write_repairs_it() {
+    let cluster = EtcdCluster::start(1);
+    let keys = init(&cluster, "/lost/").await;
+    let etcd_store = open(&cluster, &keys).await;
+    let store = Store::etcd(etcd_store.clone());
+    let etcd = client(&cluster.endpoints()).await;
+    let mut record = record(1_000);
+    store
+        .put_deployment(&record.id, &record)
+        .await
+        .expect("put");
+
+    // A bucket the header names disappears (an operator's stray delete).
+    let lost = keys.deployment_bucket(&record.id, 999 / TRACKS_PER_BUCKET, 1);
+    let deleted = etcd
+        .txn(&[], &[TxnOp::delete(lost.clone())], &[])
+        .await
+        .expect("delete");
+    eventually("the mirror sees the delete", || {
+        (etcd_store.revision() >= deleted.revision)
+            .then_some(())
+            .ok_or_else(|| format!("mirror at {}", etcd_store.revision()))
+    })
+    .await;
+    let error = list(&store).expect_err("a record with a bucket missing");
+    assert!(
+        error.contains(&lost) && error.contains("missing"),
+        "{error}"
+    );
+
+    // The next write names no key that is gone: it writes that bucket again.
+    record.deployment.nodes[0].state = NodeState::Healthy;
+    store
+        .put_deployment(&record.id, &record)
+        .await
+        .expect("put");
+    let buckets = bucket_keys(&etcd, &keys, &record.id).await;
+    assert_eq!(buckets.len(), 1_000usize.div_ceil(TRACKS_PER_BUCKET));
+    let fresh = Store::etcd(open(&cluster, &keys).await);
+    assert_eq!(list(&fresh).expect("list"), vec![record]);
+}

@@ -147,6 +147,12 @@ enum CommitError {
         key: String,
         bytes: usize,
     },
+    /// A deployment header names a track bucket that is neither in its
+    /// batch nor committed (it was computed over an earlier batch of ours
+    /// that failed).
+    Unwritten {
+        key: String,
+    },
     Etcd(hotswap_etcd::Error),
 }
 
@@ -166,6 +172,9 @@ impl From<CommitError> for StoreError {
                 "record {key} was changed by another replica at the same time; try again"
             )),
             CommitError::TooLarge { key, bytes } => too_large(&key, bytes),
+            CommitError::Unwritten { key } => StoreError::Backend(format!(
+                "a deployment header names track bucket {key}, which an earlier commit that failed was to write; nothing of this batch was written, and the next write of the record starts from what etcd holds"
+            )),
             CommitError::Etcd(e) => StoreError::Backend(e.to_string()),
         }
     }
@@ -860,6 +869,45 @@ impl Inner {
         writes
     }
 
+    /// Refuse a batch, before anything is sent, if a deployment header in it
+    /// names a track bucket that is neither written by the batch nor
+    /// committed. A write computed over an earlier batch of ours still in
+    /// flight names that batch's buckets; if that batch failed, committing
+    /// the header would leave a record that cannot be read.
+    fn check_headers(&self, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), CommitError> {
+        let headers = self.keys.collection(Collection::Deployments);
+        let puts: std::collections::HashSet<&[u8]> = writes
+            .iter()
+            .filter(|(_, value)| value.is_some())
+            .map(|(key, _)| key.as_slice())
+            .collect();
+        for (key, value) in writes {
+            let (Some(id), Some(value)) = (key.strip_prefix(headers.as_bytes()), value) else {
+                continue;
+            };
+            // A whole record, or an unreadable one, names no bucket.
+            let Ok(Some(index)) = split::index_of(value) else {
+                continue;
+            };
+            let id = String::from_utf8_lossy(id);
+            for (i, named) in index.buckets.iter().enumerate() {
+                let bucket = self.keys.deployment_bucket(&id, i, named.generation);
+                let bucket = bucket.as_bytes();
+                // Our commits put a named key (they never delete one a
+                // later header names); the mirror may not have caught up.
+                let present = puts.contains(bucket)
+                    || self.layers().written_at.contains_key(bucket)
+                    || self.mirror.read(|m| m.get(bucket).is_some());
+                if !present {
+                    return Err(CommitError::Unwritten {
+                        key: String::from_utf8_lossy(bucket).into_owned(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Split a batch's writes into transactions of at most [`OPS_PER_TXN`]
     /// keys and [`TXN_BYTES`] bytes, in order; refuses the batch, before
     /// anything is sent, if one write alone cannot fit.
@@ -910,6 +958,7 @@ impl Inner {
         } = batch;
         let mut last_revision = 0;
         let writes = self.commit_order(writes);
+        self.check_headers(&writes)?;
         for range in self.chunks(&writes, &guards)? {
             let chunk = &writes[range];
             let mut compares: Vec<Compare> = self.fence().into_iter().collect();

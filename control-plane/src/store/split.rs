@@ -199,8 +199,10 @@ pub fn bucket_range(bucket: usize, per_bucket: usize, tracks: usize) -> Range<us
 /// What storing `record` writes, given the current header's index
 /// (`None`: a new record, or a whole one from before the split) and the
 /// bucket keys that exist for it (bucket, generation), committed or queued.
-/// Unchanged buckets stay where they are; changed ones get keys of a new
-/// generation; keys the new header does not name are deleted.
+/// Unchanged buckets stay where they are, if their key exists; changed
+/// ones (and any whose key is gone) get keys of a new generation; keys the
+/// new header does not name are deleted. So the header never names a key
+/// that neither exists nor is written with it.
 pub fn split(
     previous: Option<&Index>,
     existing: &[(usize, u64)],
@@ -219,13 +221,16 @@ pub fn split(
     let per_bucket = TRACKS_PER_BUCKET;
     // A previous index with another layout names nothing reusable.
     let reusable = previous.filter(|p| p.per_bucket == per_bucket);
+    let present: std::collections::HashSet<(usize, u64)> = existing.iter().copied().collect();
     let mut buckets = Vec::with_capacity(tracks.div_ceil(per_bucket));
     let mut puts = Vec::new();
     for bucket in 0..tracks.div_ceil(per_bucket) {
         let json = record.tracks(bucket_range(bucket, per_bucket, tracks));
         let digest = digest(&json);
         match reusable.and_then(|p| p.buckets.get(bucket)) {
-            Some(old) if old.digest == digest => buckets.push(old.clone()),
+            Some(old) if old.digest == digest && present.contains(&(bucket, old.generation)) => {
+                buckets.push(old.clone())
+            }
             _ => {
                 // Compressing our own bytes in memory cannot fail; should it,
                 // the bucket is stored as it is and fails its digest check
@@ -417,6 +422,31 @@ mod tests {
         // Writing the same record again writes only the header.
         let again = space.write(&second);
         assert_eq!(again.len(), 1, "{again:?}");
+    }
+
+    #[test]
+    fn a_bucket_whose_key_is_gone_is_written_again() {
+        let mut space = Space::default();
+        let record = doc(500);
+        for op in space.write(&record) {
+            space.apply(&op);
+        }
+        let lost = *space.buckets.keys().nth(2).expect("a third bucket");
+        space.buckets.remove(&lost);
+        assert!(space.read().is_err(), "a named bucket is missing");
+        let ops = space.write(&record);
+        let puts: Vec<usize> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put(b, _, _) => Some(*b),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(puts, vec![lost.0]);
+        for op in &ops {
+            space.apply(op);
+        }
+        assert_eq!(space.read(), Ok(record));
     }
 
     #[test]
