@@ -538,3 +538,50 @@ async fn a_missing_bucket_is_refused_as_corrupt_and_the_next_write_repairs_it() 
     let fresh = Store::etcd(open(&cluster, &keys).await);
     assert_eq!(list(&fresh).expect("list"), vec![record]);
 }
+
+/// A deployment where every node failed with a long reason of its own (the
+/// least compressible record a fleet makes): its buckets add up to several
+/// default requests, so its batch commits only because transactions are
+/// cut by bytes as well as by keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_one_request_commits_in_several_on_a_stock_etcd() {
+    let cluster = EtcdCluster::start(3);
+    let keys = init(&cluster, "/bytes/").await;
+    let store = Store::etcd(open(&cluster, &keys).await);
+    let mut record = record(10_000);
+    // A cheap deterministic generator: hex that zstd cannot shrink much.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    for track in &mut record.deployment.nodes {
+        track.state = NodeState::Failed;
+        track.reason = (0..60)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                format!("{state:016x}")
+            })
+            .collect();
+    }
+    store
+        .put_deployment(&record.id, &record)
+        .await
+        .expect("put");
+
+    let etcd = client(&cluster.endpoints()).await;
+    let (_, kvs) = etcd
+        .range(keys.deployment_tracks(&record.id).as_bytes())
+        .await
+        .expect("range");
+    let stored: usize = kvs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
+    assert!(
+        stored > 2 * ETCD_DEFAULT_REQUEST_BYTES,
+        "the buckets ({stored} bytes in {} keys) would fit one request: this test proves nothing",
+        kvs.len()
+    );
+    assert!(
+        kvs.len() < 120,
+        "few enough keys for one transaction by count"
+    );
+    let fresh = Store::etcd(open(&cluster, &keys).await);
+    assert_eq!(list(&fresh).expect("list"), vec![record]);
+}
