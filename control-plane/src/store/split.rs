@@ -16,9 +16,10 @@
 //!
 //! **Invariant: a header only ever names bucket values written whole before
 //! it, and those are never overwritten while a header names them.** A write
-//! puts changed buckets under keys of a new generation (never a key the
-//! current header names), then the header, then deletes the keys the new
-//! header no longer names. The backend commits in that order, so a reader
+//! puts changed buckets (and any whose key is gone) under keys of a new
+//! generation, above that of every key that exists, so never on a key a
+//! header names; then the header; then it deletes the keys the new header
+//! no longer names. The backend commits in that order, so a reader
 //! at any revision, including one after a writer died between two
 //! transactions, assembles exactly one version that was written whole: the
 //! old one (new buckets are not named yet) or the new one (old buckets are
