@@ -127,8 +127,9 @@ enum Bench {
         /// its fleet and the runs alternate between them.
         #[arg(long, value_delimiter = ',', default_value = "sled")]
         backends: Vec<StoreChoice>,
-        /// etcd's `--max-request-bytes` for the etcd backend (etcd's default,
-        /// 1.5 MiB, is less than one deployment record for 10k nodes).
+        /// etcd's `--max-request-bytes` for the etcd backend (default:
+        /// etcd's own, 1.5 MiB, which split deployment records fit; for
+        /// experiments only).
         #[arg(long)]
         etcd_max_request_bytes: Option<u64>,
     },

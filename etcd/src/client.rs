@@ -380,21 +380,37 @@ impl Client {
 
     /// Every key under `prefix`, read in pages of `page_size` at one
     /// revision, and that revision (watch from it to follow later changes).
+    ///
+    /// A page larger than a response may be (tonic decodes at most 4 MiB;
+    /// a page of large values passes that long before `page_size` keys) is
+    /// asked for again with half the keys, and the rest of the listing goes
+    /// on with the smaller pages. One key always fits: etcd takes no value
+    /// larger than its `--max-request-bytes`.
     pub async fn range(&self, prefix: &[u8]) -> Result<(i64, Vec<KeyValue>), Error> {
-        let limit = self.inner.config.page_size;
-        let first = self.range_page(prefix, None, 0, limit).await?;
-        let revision = first.revision;
-        let mut more = first.more;
-        let mut kvs = first.kvs;
-        while more {
+        let mut limit = self.inner.config.page_size.max(1);
+        let mut revision = 0;
+        let mut kvs: Vec<KeyValue> = Vec::new();
+        loop {
             let last = kvs.last().map(|kv| kv.key.clone());
-            let page = self
+            let page = match self
                 .range_page(prefix, last.as_deref(), revision, limit)
-                .await?;
-            more = page.more;
+                .await
+            {
+                Ok(page) => page,
+                Err(e) if e.is_response_too_large() && limit > 1 => {
+                    limit = (limit / 2).max(1);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if revision == 0 {
+                revision = page.revision;
+            }
             kvs.extend(page.kvs);
+            if !page.more {
+                return Ok((revision, kvs));
+            }
         }
-        Ok((revision, kvs))
     }
 
     /// Write `value` at `key`; the revision of the write.

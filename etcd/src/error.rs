@@ -98,6 +98,17 @@ impl Error {
         }
     }
 
+    /// Whether a response was larger than this client decodes (tonic's
+    /// "decoded message length too large", `OutOfRange`): asking for less
+    /// at once may succeed.
+    pub fn is_response_too_large(&self) -> bool {
+        matches!(
+            self,
+            Error::Status { code: tonic::Code::OutOfRange, message, .. }
+                if message.contains("message length too large")
+        )
+    }
+
     /// Whether this is [`Error::Compacted`].
     pub fn is_compacted(&self) -> bool {
         matches!(self, Error::Compacted { .. })
@@ -179,6 +190,25 @@ fn connection_failed(status: &tonic::Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_too_large_to_decode_is_told_apart_from_compaction() {
+        let too_large = Error::from_status(
+            "range",
+            &tonic::Status::out_of_range(
+                "Error, decoded message length too large: found 5567323 bytes, the limit is: 4194304 bytes",
+            ),
+            0,
+        );
+        assert!(too_large.is_response_too_large(), "{too_large}");
+        assert!(!too_large.is_transient() && !too_large.is_compacted());
+        let compacted = Error::from_status(
+            "range",
+            &tonic::Status::out_of_range("etcdserver: mvcc: required revision has been compacted"),
+            7,
+        );
+        assert!(!compacted.is_response_too_large());
+    }
 
     #[test]
     fn statuses_are_sorted() {

@@ -126,8 +126,9 @@ struct Args {
     /// Members of the etcd cluster the etcd backend starts.
     #[arg(long, default_value_t = 3)]
     etcd_members: usize,
-    /// etcd's `--max-request-bytes` (etcd's default is 1.5 MiB, less than
-    /// the record of one deployment to 10k nodes).
+    /// etcd's `--max-request-bytes` (default: etcd's own, 1.5 MiB; the
+    /// store splits deployment records to fit it, so this is for
+    /// experiments only).
     #[arg(long)]
     etcd_max_request_bytes: Option<u64>,
 }
@@ -1280,6 +1281,8 @@ struct EtcdCounters {
     wal_fsync_s: f64,
     backend_commits: f64,
     backend_commit_s: f64,
+    /// Bytes the members received from clients over gRPC (requests).
+    client_bytes_received: f64,
 }
 
 impl EtcdSide {
@@ -1315,6 +1318,7 @@ impl EtcdSide {
             c.wal_fsync_s += value("etcd_disk_wal_fsync_duration_seconds_sum");
             c.backend_commits += value("etcd_disk_backend_commit_duration_seconds_count");
             c.backend_commit_s += value("etcd_disk_backend_commit_duration_seconds_sum");
+            c.client_bytes_received += value("etcd_network_client_grpc_received_bytes_total");
         }
         c
     }
@@ -1333,6 +1337,7 @@ fn etcd_delta(before: EtcdCounters, after: EtcdCounters, members: usize) -> Valu
         "etcd_wal_fsyncs_per_member": round3(fsyncs / members.max(1) as f64),
         "etcd_wal_fsync_mean_ms": per(fsync_s, fsyncs),
         "etcd_backend_commit_mean_ms": per(commit_s, commits),
+        "etcd_client_bytes_received": after.client_bytes_received - before.client_bytes_received,
     })
 }
 

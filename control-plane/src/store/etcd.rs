@@ -11,8 +11,17 @@
 //!   (group commit: whoever flushes commits everyone's writes so far).
 //!   Read-modify-write changes record the revision they read and commit only
 //!   if the key is unchanged ("guarded by compare on revision"); a batch
-//!   larger than etcd's per-transaction limit commits in several
-//!   transactions, each atomic and each guarded.
+//!   larger than etcd's per-transaction limits (operations, and bytes
+//!   under `--max-request-bytes`) commits in several transactions, each
+//!   atomic and each guarded; a value too large for any request is refused
+//!   with its key and size before anything of its batch is sent.
+//! - **Deployment records** are split ([`super::split`]): a header under
+//!   the deployment's key and its node tracks in buckets of their own, so a
+//!   50k-node deployment fits etcd's default limits and an update rewrites
+//!   only the buckets it changed. A batch commits new buckets first, then
+//!   everything else (headers among it), then the deletes of buckets no
+//!   header names any more, so a reader at any revision assembles one
+//!   whole version of each record.
 //! - Changes that must be atomic across keys or decide on what exists
 //!   (creating users and keys, storing artifact records) commit at once in
 //!   one transaction and re-decide on a conflict, with a random pause, for
@@ -33,6 +42,7 @@
 mod enroll;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -44,12 +54,13 @@ use tokio_stream::StreamExt;
 
 use super::keys::Keys;
 use super::mirror::{Change as MirrorChange, Mirror, MirrorHandle, Versioned};
+use super::split;
 use super::{
-    ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentRecords, DesiredRecord,
-    DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, Encode, EnrollError,
-    Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords, Revision, SeqLog,
-    SessionRecords, SessionUpdate, Storage, StoreError, TokenRecord, UserRecord, UserRecords,
-    decode, encode,
+    ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentDocument, DeploymentRecords,
+    DesiredRecord, DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, Encode,
+    EnrollError, Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords, Revision, SeqLog,
+    SessionRecords, SessionUpdate, Storage, StoreError, StoredDeployment, TokenRecord, UserRecord,
+    UserRecords, decode, encode,
 };
 
 /// Operations per transaction: etcd refuses more than `--max-txn-ops`
@@ -58,6 +69,14 @@ const OPS_PER_TXN: usize = 120;
 /// Attempts at a guarded change before the request deadline may end it
 /// (a slow etcd must not turn the first conflict into a refusal).
 const MIN_ATTEMPTS: u32 = 4;
+/// Bytes of keys, values and compares in one transaction. etcd refuses a
+/// request larger than `--max-request-bytes` (1.5 MiB by default) with
+/// "request is too large"; this leaves a third of that for the request's
+/// own framing, so batches commit on a stock etcd.
+const TXN_BYTES: usize = 1024 * 1024;
+/// What one operation or compare adds to a request beyond its key and
+/// value (protobuf tags, lengths, revisions), counted generously.
+const OP_OVERHEAD: usize = 32;
 /// How often unflushed writes with nobody flushing them (a module's health
 /// event) are committed anyway.
 const BACKGROUND_FLUSH: Duration = Duration::from_millis(250);
@@ -131,6 +150,17 @@ enum CommitError {
     Fenced,
     /// A guarded key changed since it was read.
     Conflict(String),
+    /// A value too large for any one request.
+    TooLarge {
+        key: String,
+        bytes: usize,
+    },
+    /// A deployment header names a track bucket that is neither in its
+    /// batch nor committed (it was computed over an earlier batch of ours
+    /// that failed).
+    Unwritten {
+        key: String,
+    },
     Etcd(hotswap_etcd::Error),
 }
 
@@ -148,6 +178,10 @@ impl From<CommitError> for StoreError {
             ),
             CommitError::Conflict(key) => StoreError::Backend(format!(
                 "record {key} was changed by another replica at the same time; try again"
+            )),
+            CommitError::TooLarge { key, bytes } => too_large(&key, bytes),
+            CommitError::Unwritten { key } => StoreError::Backend(format!(
+                "a deployment header names track bucket {key}, which an earlier commit that failed was to write; nothing of this batch was written, and the next write of the record starts from what etcd holds"
             )),
             CommitError::Etcd(e) => StoreError::Backend(e.to_string()),
         }
@@ -175,6 +209,9 @@ struct Inner {
     request_timeout: Duration,
     /// Enrollments waiting for their join token's committer.
     enrollments: enroll::Queues,
+    /// Bytes of keys and values committed by batches (see
+    /// [`EtcdStore::bytes_written`]).
+    bytes_written: AtomicU64,
 }
 
 /// The etcd backend (see the module docs). Cheap to clone.
@@ -194,6 +231,18 @@ impl Drop for Tasks {
             task.abort();
         }
     }
+}
+
+/// The refusal of a value no etcd request can carry.
+fn too_large(key: &str, bytes: usize) -> StoreError {
+    StoreError::Backend(format!(
+        "record {key} is {bytes} bytes: more than one etcd request may carry (the store keeps requests under {TXN_BYTES} bytes for etcd's default --max-request-bytes of 1.5 MiB), so it was not stored"
+    ))
+}
+
+/// What a write adds to a transaction request.
+fn op_bytes(key: &[u8], value: Option<&[u8]>) -> usize {
+    key.len() + value.map_or(0, <[u8]>::len) + OP_OVERHEAD
 }
 
 fn backend(e: hotswap_etcd::Error) -> StoreError {
@@ -285,6 +334,7 @@ impl EtcdStore {
             runtime: tokio::runtime::Handle::current(),
             request_timeout,
             enrollments: enroll::Queues::default(),
+            bytes_written: AtomicU64::new(0),
         });
         let follow = tokio::spawn(follow(Arc::clone(&inner)));
         let flush = tokio::spawn({
@@ -358,6 +408,14 @@ impl EtcdStore {
                 .min_by_key(|(_, v)| v.create_revision)
                 .map(|(_, v)| Leader::decode(&v.value))
         })
+    }
+
+    /// Bytes of keys and values this store has committed through its
+    /// batches' writes (what waits for a flush: deployment records, desired
+    /// states, trims; not log records nor immediate changes), since it
+    /// opened. For measurements and tests.
+    pub fn bytes_written(&self) -> u64 {
+        self.inner.bytes_written.load(Ordering::Relaxed)
     }
 
     /// The client, for the replica's own records (sessions, election).
@@ -656,6 +714,106 @@ impl Inner {
         layers.pending.writes.insert(key, value);
     }
 
+    /// Queue several writes for the next commit, together: no flush takes
+    /// some of them without the others.
+    fn write_all(&self, writes: Vec<(String, Option<Vec<u8>>)>) {
+        let mut layers = self.layers();
+        for (key, value) in writes {
+            layers.pending.writes.insert(key.into_bytes(), value);
+        }
+    }
+
+    /// Refuse, before queuing it, a value no request can carry.
+    fn check_fits(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let fence = self.fence().map_or(0, |f| f.key().len() + OP_OVERHEAD);
+        if fence + op_bytes(key.as_bytes(), Some(value)) > TXN_BYTES {
+            return Err(too_large(key, value.len()));
+        }
+        Ok(())
+    }
+
+    /// The keys under `prefix` with this replica's writes laid over the
+    /// mirror, without their values.
+    fn keys_under(&self, prefix: &[u8]) -> Vec<Vec<u8>> {
+        let mut merged: BTreeMap<Vec<u8>, bool> = self.mirror.read(|m| {
+            m.under(prefix, prefix)
+                .map(|(k, _)| (k.clone(), true))
+                .collect()
+        });
+        let layers = self.layers();
+        let batches = layers
+            .in_flight
+            .iter()
+            .map(|(_, batch)| &**batch)
+            .chain(std::iter::once(&layers.pending.writes));
+        for batch in batches {
+            for (key, value) in batch
+                .range::<[u8], _>((
+                    std::ops::Bound::Included(prefix),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(k, _)| k.starts_with(prefix))
+            {
+                merged.insert(key.clone(), value.is_some());
+            }
+        }
+        drop(layers);
+        merged
+            .into_iter()
+            .filter_map(|(key, present)| present.then_some(key))
+            .collect()
+    }
+
+    /// A stored deployment from its header's value: whole, or assembled
+    /// from the buckets its header names (see [`super::split`]).
+    fn assemble(&self, id: &str, header: Vec<u8>) -> Result<StoredDeployment, StoreError> {
+        let header_key = self.keys.record(Collection::Deployments, id);
+        let corrupt = |key: &str, reason: String| StoreError::Corrupt {
+            tree: Collection::Deployments.as_str(),
+            key: key.to_string(),
+            reason,
+        };
+        let mut value = header;
+        loop {
+            let Some((index, record)) =
+                split::open_header(&value).map_err(|e| corrupt(&header_key, e.to_string()))?
+            else {
+                return Ok(StoredDeployment::Whole(value));
+            };
+            let mut buckets = Vec::with_capacity(index.buckets.len());
+            let mut missing = None;
+            for (i, named) in index.buckets.iter().enumerate() {
+                let key = self.keys.deployment_bucket(id, i, named.generation);
+                let Some(stored) = self.value(key.as_bytes()) else {
+                    missing = Some(key);
+                    break;
+                };
+                buckets.push(
+                    split::open_bucket(&index, i, &stored)
+                        .map_err(|e| corrupt(&key, e.to_string()))?,
+                );
+            }
+            let Some(key) = missing else {
+                return Ok(StoredDeployment::Split {
+                    header: record,
+                    tracks: index.tracks,
+                    buckets,
+                });
+            };
+            // A bucket goes only after a newer header stopped naming it: if
+            // the mirror moved on while this read, read the newer one.
+            match self.value(header_key.as_bytes()) {
+                Some(newer) if newer != value => value = newer,
+                _ => {
+                    return Err(corrupt(
+                        &key,
+                        "a track bucket its deployment's header names is missing".into(),
+                    ));
+                }
+            }
+        }
+    }
+
     /// Commit every write queued so far (see [`Durability::flush`]).
     async fn flush(&self) -> Result<(), StoreError> {
         let mine = self.layers().generation;
@@ -701,11 +859,108 @@ impl Inner {
         }
     }
 
-    /// Commit one batch: its writes in transactions of at most
-    /// [`OPS_PER_TXN`] keys (each with the fence and its keys' guards), then
-    /// its log records numbered after each log's head. Returns once the
-    /// mirror holds the last transaction (or the request deadline passed:
-    /// the writes are committed either way).
+    /// The order a batch's writes commit in: new deployment track buckets
+    /// first, then every other write in key order (deployment headers among
+    /// them, ahead of the desired states they lead to), then the deletes of
+    /// buckets: a header never commits before the buckets it names, nor a
+    /// bucket's delete before the header that stopped naming it.
+    fn commit_order(&self, writes: Writes) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let tracks = self.keys.all_deployment_tracks();
+        let phase = |key: &[u8], value: &Option<Vec<u8>>| match (
+            key.starts_with(tracks.as_bytes()),
+            value.is_some(),
+        ) {
+            (true, true) => 0,
+            (false, _) => 1,
+            (true, false) => 2,
+        };
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes.into_iter().collect();
+        // Stable: key order within each phase.
+        writes.sort_by_key(|(key, value)| phase(key, value));
+        writes
+    }
+
+    /// Refuse a batch, before anything is sent, if a deployment header in it
+    /// names a track bucket that is neither written by the batch nor
+    /// committed. A write computed over an earlier batch of ours still in
+    /// flight names that batch's buckets; if that batch failed, committing
+    /// the header would leave a record that cannot be read.
+    fn check_headers(&self, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), CommitError> {
+        let headers = self.keys.collection(Collection::Deployments);
+        let puts: std::collections::HashSet<&[u8]> = writes
+            .iter()
+            .filter(|(_, value)| value.is_some())
+            .map(|(key, _)| key.as_slice())
+            .collect();
+        for (key, value) in writes {
+            let (Some(id), Some(value)) = (key.strip_prefix(headers.as_bytes()), value) else {
+                continue;
+            };
+            // A whole record, or an unreadable one, names no bucket.
+            let Ok(Some(index)) = split::index_of(value) else {
+                continue;
+            };
+            let id = String::from_utf8_lossy(id);
+            for (i, named) in index.buckets.iter().enumerate() {
+                let bucket = self.keys.deployment_bucket(&id, i, named.generation);
+                let bucket = bucket.as_bytes();
+                // Our commits put a named key (they never delete one a
+                // later header names); the mirror may not have caught up.
+                let present = puts.contains(bucket)
+                    || self.layers().written_at.contains_key(bucket)
+                    || self.mirror.read(|m| m.get(bucket).is_some());
+                if !present {
+                    return Err(CommitError::Unwritten {
+                        key: String::from_utf8_lossy(bucket).into_owned(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Split a batch's writes into transactions of at most [`OPS_PER_TXN`]
+    /// keys and [`TXN_BYTES`] bytes, in order; refuses the batch, before
+    /// anything is sent, if one write alone cannot fit.
+    fn chunks(
+        &self,
+        writes: &[(Vec<u8>, Option<Vec<u8>>)],
+        guards: &BTreeMap<Vec<u8>, Base>,
+    ) -> Result<Vec<std::ops::Range<usize>>, CommitError> {
+        let fence = self.fence().map_or(0, |f| f.key().len() + OP_OVERHEAD);
+        let mut chunks = Vec::new();
+        let (mut start, mut bytes) = (0, fence);
+        for (i, (key, value)) in writes.iter().enumerate() {
+            let guard = if guards.contains_key(key) {
+                key.len() + OP_OVERHEAD
+            } else {
+                0
+            };
+            let size = op_bytes(key, value.as_deref()) + guard;
+            if fence + size > TXN_BYTES {
+                return Err(CommitError::TooLarge {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    bytes: value.as_ref().map_or(0, Vec::len),
+                });
+            }
+            if i > start && (i - start >= OPS_PER_TXN || bytes + size > TXN_BYTES) {
+                chunks.push(start..i);
+                (start, bytes) = (i, fence);
+            }
+            bytes += size;
+        }
+        if start < writes.len() {
+            chunks.push(start..writes.len());
+        }
+        Ok(chunks)
+    }
+
+    /// Commit one batch: its writes in [`Inner::commit_order`], in
+    /// transactions within etcd's limits ([`Inner::chunks`], each with the
+    /// fence and its keys' guards), then its log records numbered after
+    /// each log's head. Returns once the mirror holds the last transaction
+    /// (or the request deadline passed: the writes are committed either
+    /// way).
     async fn commit(&self, batch: Batch) -> Result<(), CommitError> {
         let Batch {
             writes,
@@ -713,8 +968,10 @@ impl Inner {
             appends,
         } = batch;
         let mut last_revision = 0;
-        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes.into_iter().collect();
-        for chunk in writes.chunks(OPS_PER_TXN) {
+        let writes = self.commit_order(writes);
+        self.check_headers(&writes)?;
+        for range in self.chunks(&writes, &guards)? {
+            let chunk = &writes[range];
             let mut compares: Vec<Compare> = self.fence().into_iter().collect();
             for (key, _) in chunk {
                 match guards.get(key) {
@@ -745,6 +1002,12 @@ impl Inner {
                 return Err(self.why_failed(&compares).await);
             }
             last_revision = result.revision;
+            let bytes: usize = chunk
+                .iter()
+                .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+                .sum();
+            self.bytes_written
+                .fetch_add(bytes as u64, Ordering::Relaxed);
             let mut layers = self.layers();
             for (key, _) in chunk {
                 layers.written_at.insert(key.clone(), result.revision);
@@ -1442,23 +1705,62 @@ impl SessionRecords for EtcdStore {
 
 #[async_trait]
 impl DeploymentRecords for EtcdStore {
-    fn put_deployment_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError> {
-        self.inner.write(
-            self.inner.keys.record(Collection::Deployments, id),
-            Some(record),
-        );
+    /// Split (see [`super::split`]): the buckets that changed since the
+    /// record as this replica sees it (its own queued writes included), the
+    /// header, and the deletes of buckets the header no longer names, all
+    /// queued together.
+    fn put_deployment_unflushed(
+        &self,
+        id: &str,
+        record: &dyn DeploymentDocument,
+    ) -> Result<(), StoreError> {
+        let keys = &self.inner.keys;
+        let header_key = keys.record(Collection::Deployments, id);
+        let previous = match self.inner.value(header_key.as_bytes()) {
+            Some(bytes) => split::index_of(&bytes).unwrap_or_else(|e| {
+                // Rewriting it whole repairs it; no bucket it named is reused.
+                tracing::warn!(deployment = id, error = %e, "the stored deployment header is unreadable; writing the record whole again");
+                None
+            }),
+            None => None,
+        };
+        let existing: Vec<(usize, u64)> = self
+            .inner
+            .keys_under(keys.deployment_tracks(id).as_bytes())
+            .iter()
+            .filter_map(|key| keys.bucket_of(id, std::str::from_utf8(key).ok()?))
+            .collect();
+        let written = split::split(previous.as_ref(), &existing, record);
+        let mut writes = Vec::with_capacity(written.puts.len() + 1 + written.deletes.len());
+        for (bucket, generation, value) in written.puts {
+            let key = keys.deployment_bucket(id, bucket, generation);
+            self.inner.check_fits(&key, &value)?;
+            writes.push((key, Some(value)));
+        }
+        self.inner.check_fits(&header_key, &written.header)?;
+        writes.push((header_key, Some(written.header)));
+        for (bucket, generation) in written.deletes {
+            writes.push((keys.deployment_bucket(id, bucket, generation), None));
+        }
+        self.inner.write_all(writes);
         Ok(())
     }
 
-    fn list_deployment_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        Ok(self.inner.list_bytes(Collection::Deployments))
+    fn list_stored_deployments(&self) -> Result<Vec<(String, StoredDeployment)>, StoreError> {
+        self.inner
+            .list_bytes(Collection::Deployments)
+            .into_iter()
+            .map(|(id, header)| {
+                let stored = self.inner.assemble(&id, header)?;
+                Ok((id, stored))
+            })
+            .collect()
     }
 
     async fn put_pipeline_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError> {
-        self.inner.write(
-            self.inner.keys.record(Collection::Pipelines, id),
-            Some(record),
-        );
+        let key = self.inner.keys.record(Collection::Pipelines, id);
+        self.inner.check_fits(&key, &record)?;
+        self.inner.write(key, Some(record));
         self.inner.flush().await
     }
 

@@ -76,6 +76,34 @@ impl Keys {
         format!("{}{module}/", self.collection(Collection::Artifacts))
     }
 
+    /// Every track bucket of one deployment starts with this (outside the
+    /// deployments collection, whose keys are the records' headers).
+    pub fn deployment_tracks(&self, id: &str) -> String {
+        format!("{}{id}/", self.all_deployment_tracks())
+    }
+
+    /// Every track bucket of every deployment starts with this.
+    pub fn all_deployment_tracks(&self) -> String {
+        format!("{}deployment_tracks/", self.prefix)
+    }
+
+    /// One track bucket of a deployment, as written by one generation of
+    /// its record (see `store::split`).
+    pub fn deployment_bucket(&self, id: &str, bucket: usize, generation: u64) -> String {
+        format!("{}{bucket:06}.{generation:020}", self.deployment_tracks(id))
+    }
+
+    /// The bucket and generation of a deployment's track bucket key.
+    pub fn bucket_of(&self, id: &str, key: &str) -> Option<(usize, u64)> {
+        let rest = key.strip_prefix(&self.deployment_tracks(id))?;
+        let (bucket, generation) = rest.split_once('.')?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(bucket) || !digits(generation) {
+            return None;
+        }
+        Some((bucket.parse().ok()?, generation.parse().ok()?))
+    }
+
     /// A sequence log record's key.
     pub fn log_record(&self, log: LogName, seq: u64) -> String {
         format!("{}{seq:020}", self.log(log))
@@ -168,6 +196,15 @@ mod tests {
         assert!(keys.session("n-1").starts_with(&keys.sessions()));
         assert_eq!(keys.replica("cp-a"), "/hotswap/replicas/cp-a");
         assert!(keys.replica("cp-a").starts_with(&keys.replicas()));
+        let bucket = keys.deployment_bucket("d-1", 7, 42);
+        assert_eq!(
+            bucket,
+            "/hotswap/deployment_tracks/d-1/000007.00000000000000000042"
+        );
+        assert_eq!(keys.bucket_of("d-1", &bucket), Some((7, 42)));
+        assert_eq!(keys.bucket_of("d-2", &bucket), None);
+        // Track buckets are not deployment records.
+        assert!(!bucket.starts_with(&keys.collection(Collection::Deployments)));
     }
 
     #[test]

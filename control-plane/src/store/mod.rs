@@ -30,6 +30,7 @@ pub mod keys;
 pub mod mirror;
 mod records;
 pub mod sled;
+pub mod split;
 
 use std::sync::Arc;
 
@@ -369,14 +370,58 @@ pub trait SessionRecords: Send + Sync {
     fn watch_sessions(&self) -> tokio::sync::broadcast::Receiver<SessionUpdate>;
 }
 
-/// Deployment and pipeline records, stored as the engine serializes them.
+/// A deployment record as the engine hands it to the store: a small header
+/// (everything but the per-node tracks) and the tracks, which are most of
+/// it (a 10k-node record is about 1.9 MB). A backend that keeps a record as
+/// one value stores [`DeploymentDocument::whole`]; one that limits the size
+/// of a request (etcd) stores the header and the tracks in buckets of
+/// their own ([`split`]). The engine owns the encoding; the store only
+/// decides where the bytes go.
+pub trait DeploymentDocument: Sync {
+    /// The whole record, encoded.
+    fn whole(&self) -> Vec<u8>;
+    /// The record without its tracks, encoded (JSON).
+    fn header(&self) -> Vec<u8>;
+    /// How many tracks the record holds.
+    fn track_count(&self) -> usize;
+    /// The tracks in `range`, encoded as one JSON array.
+    fn tracks(&self, range: std::ops::Range<usize>) -> Vec<u8>;
+}
+
+/// A deployment record as a backend returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredDeployment {
+    /// What [`DeploymentDocument::whole`] wrote (the embedded store, and
+    /// etcd's records from before the split).
+    Whole(Vec<u8>),
+    /// What [`DeploymentDocument::header`] wrote and the tracks, as JSON
+    /// arrays in order, of one version of the record (never a mix of two).
+    Split {
+        header: Vec<u8>,
+        tracks: usize,
+        buckets: Vec<Vec<u8>>,
+    },
+}
+
+/// A deployment record type the store can give back.
+pub trait FromStoredDeployment: Sized {
+    /// The record stored under `id`, or a `Corrupt` error naming it.
+    fn from_stored(id: &str, stored: StoredDeployment) -> Result<Self, StoreError>;
+}
+
+/// Deployment and pipeline records, stored as the engine encodes them.
 #[async_trait]
 pub trait DeploymentRecords: Send + Sync {
-    /// Store a deployment's encoded record under its id, unflushed; durable
-    /// with the next flush.
-    fn put_deployment_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError>;
-    /// Every deployment's encoded record, in id order.
-    fn list_deployment_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Store a deployment under its id, unflushed; durable with the next
+    /// flush. Refused, with nothing queued, when a part of it is too large
+    /// for the backend.
+    fn put_deployment_unflushed(
+        &self,
+        id: &str,
+        record: &dyn DeploymentDocument,
+    ) -> Result<(), StoreError>;
+    /// Every deployment's record, in id order.
+    fn list_stored_deployments(&self) -> Result<Vec<(String, StoredDeployment)>, StoreError>;
     /// Store a pipeline's encoded record under its id, durably.
     async fn put_pipeline_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError>;
     fn list_pipeline_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
@@ -388,7 +433,7 @@ pub trait DeploymentRecords: Send + Sync {
 #[async_trait]
 pub trait DeploymentRecordsExt: DeploymentRecords {
     /// Store a deployment under its id, durably.
-    async fn put_deployment<T: Serialize + Sync>(
+    async fn put_deployment<T: DeploymentDocument>(
         &self,
         id: &str,
         deployment: &T,
@@ -397,16 +442,11 @@ pub trait DeploymentRecordsExt: DeploymentRecords {
         self.flush_deployments().await
     }
 
-    fn put_deployment_unflushed<T: Serialize>(
-        &self,
-        id: &str,
-        deployment: &T,
-    ) -> Result<(), StoreError> {
-        self.put_deployment_bytes(id, encode(deployment))
-    }
-
-    fn list_deployments<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
-        decode_all(Collection::Deployments, self.list_deployment_bytes()?)
+    fn list_deployments<T: FromStoredDeployment>(&self) -> Result<Vec<T>, StoreError> {
+        self.list_stored_deployments()?
+            .into_iter()
+            .map(|(id, stored)| T::from_stored(&id, stored))
+            .collect()
     }
 
     async fn put_pipeline<T: Serialize + Sync>(
@@ -549,7 +589,7 @@ impl Store {
     }
 
     /// Store a deployment under its id, durably.
-    pub async fn put_deployment<T: Serialize + Sync>(
+    pub async fn put_deployment<T: DeploymentDocument>(
         &self,
         id: &str,
         deployment: &T,
@@ -558,15 +598,15 @@ impl Store {
     }
 
     /// Store a deployment without flushing; durable with the next flush.
-    pub fn put_deployment_unflushed<T: Serialize>(
+    pub fn put_deployment_unflushed<T: DeploymentDocument>(
         &self,
         id: &str,
         deployment: &T,
     ) -> Result<(), StoreError> {
-        DeploymentRecordsExt::put_deployment_unflushed(&*self.0, id, deployment)
+        self.0.put_deployment_unflushed(id, deployment)
     }
 
-    pub fn list_deployments<T: DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
+    pub fn list_deployments<T: FromStoredDeployment>(&self) -> Result<Vec<T>, StoreError> {
         DeploymentRecordsExt::list_deployments(&*self.0)
     }
 

@@ -20,10 +20,11 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::broadcast;
 
 use super::{
-    ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentRecords, DesiredRecord,
-    DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, Encode, EnrollError,
-    EnrollRejection, Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords, Revision,
-    SeqLog, Storage, StoreError, TokenRecord, UserRecord, UserRecords, decode, encode,
+    ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentDocument, DeploymentRecords,
+    DesiredRecord, DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, Encode,
+    EnrollError, EnrollRejection, Failure, KeyRecord, LogIter, LogName, NodeRecord, NodeRecords,
+    Revision, SeqLog, Storage, StoreError, StoredDeployment, TokenRecord, UserRecord, UserRecords,
+    decode, encode,
 };
 
 /// Device and inode of a file: what makes it the same file when its name
@@ -750,13 +751,22 @@ impl DesiredRecords for SledStore {
 
 #[async_trait]
 impl DeploymentRecords for SledStore {
-    fn put_deployment_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError> {
-        self.deployments.insert(id.as_bytes(), record)?;
+    /// One value per deployment, the whole record, as always: sled has no
+    /// request limit to split for.
+    fn put_deployment_unflushed(
+        &self,
+        id: &str,
+        record: &dyn DeploymentDocument,
+    ) -> Result<(), StoreError> {
+        self.deployments.insert(id.as_bytes(), record.whole())?;
         Ok(())
     }
 
-    fn list_deployment_bytes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        scan_bytes(&self.deployments)
+    fn list_stored_deployments(&self) -> Result<Vec<(String, StoredDeployment)>, StoreError> {
+        Ok(scan_bytes(&self.deployments)?
+            .into_iter()
+            .map(|(id, bytes)| (id, StoredDeployment::Whole(bytes)))
+            .collect())
     }
 
     async fn put_pipeline_bytes(&self, id: &str, record: Vec<u8>) -> Result<(), StoreError> {
