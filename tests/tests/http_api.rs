@@ -465,7 +465,7 @@ fn every_resource_answers_with_the_grpc_identities_roles_and_audit() {
     let listed = api
         .get(&vic, "/deployments?active=true&environment=dev")
         .json();
-    assert_eq!(names(&listed, "id"), [id.clone()]);
+    assert_eq!(names(&listed, "id"), std::slice::from_ref(&id));
 
     // Watch the deployment while it is promoted over HTTP.
     let mut watch = api.stream(&vic, &format!("/deployments/{id}?watch=true"), None);

@@ -48,15 +48,24 @@ pub fn require_content_type(headers: &HeaderMap, expected: &str) -> Result<(), H
 /// `max_failures`) and what is wrong with it.
 pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path.is_empty() || path == "." {
-            HttpError::bad_request(format!("invalid request body: {inner}"))
-        } else {
-            HttpError::bad_request(format!("invalid request body: field {path}: {inner}"))
-        }
-    })
+    serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| naming_the_field("invalid request body", "field", e))
+}
+
+/// `error` as a 400 whose message names where it is (`what` then `where_`
+/// and the path), when it is inside the value.
+fn naming_the_field<E: std::fmt::Display>(
+    what: &str,
+    where_: &str,
+    error: serde_path_to_error::Error<E>,
+) -> HttpError {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    if path.is_empty() || path == "." {
+        HttpError::bad_request(format!("{what}: {inner}"))
+    } else {
+        HttpError::bad_request(format!("{what}: {where_} {path}: {inner}"))
+    }
 }
 
 /// A JSON body decoded as `T`; an empty body reads as `{}` (so `T`'s
@@ -100,15 +109,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
 pub fn decode_query<T: DeserializeOwned>(query: &str) -> Result<T, HttpError> {
     let deserializer =
         serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
-    serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path.is_empty() || path == "." {
-            HttpError::bad_request(format!("invalid query: {inner}"))
-        } else {
-            HttpError::bad_request(format!("invalid query parameter {path}: {inner}"))
-        }
-    })
+    serde_path_to_error::deserialize(deserializer)
+        .map_err(|e| naming_the_field("invalid query", "parameter", e))
 }
 
 #[cfg(test)]

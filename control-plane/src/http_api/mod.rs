@@ -37,6 +37,7 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::service::Routes;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::Service;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -62,11 +63,12 @@ pub struct ApiState {
     openapi: Arc<String>,
 }
 
-/// The caller of an HTTP request as the gRPC services see callers: the
-/// request's extensions (tonic's TLS connection info with the peer's
-/// certificates and address) and the trace context. Nothing else of the
-/// HTTP headers is passed on: in particular not the forwarding headers a
-/// replica sets, which the services would ignore from an operator anyway.
+/// The caller of an HTTP request as the gRPC services see callers: tonic's
+/// connection info (the TLS peer's certificates and address, which
+/// `auth::peer` and the audit log read) and the trace context. Nothing else
+/// of the HTTP request is passed on: in particular not the forwarding
+/// headers a replica sets, which the services would ignore from an
+/// operator anyway.
 pub struct Call {
     extensions: http::Extensions,
     metadata: MetadataMap,
@@ -85,8 +87,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Call {
         {
             metadata.insert("traceparent", value);
         }
+        let mut extensions = http::Extensions::new();
+        if let Some(tls) = parts.extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
+            extensions.insert(tls.clone());
+        }
+        if let Some(tcp) = parts.extensions.get::<TcpConnectInfo>() {
+            extensions.insert(tcp.clone());
+        }
         Ok(Call {
-            extensions: parts.extensions.clone(),
+            extensions,
             metadata,
         })
     }
