@@ -752,3 +752,91 @@ fn the_openapi_document_is_valid_by_openapi_spec_validator() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn approvals_over_http_are_the_approvers_and_audited_as_theirs() {
+    let dir = TestDir::new();
+    let (fleet, _) = Fleet::start_many(&dir, "production", &["a", "b"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    let cp = &fleet.cp;
+    let api = Api::of(cp);
+    let dave = Credentials::of(&cp.user_profile("dave", "deployer"));
+    let alice = Credentials::of(&cp.user_profile("alice", "approver"));
+    let body = r#"{"module": "hello", "version": "1.0.0", "environment": "production",
+        "steps": [50, 100], "step_duration": "1s"}"#;
+    let create = || {
+        let created = api.call(&dave, "POST", "/deployments", Some(body));
+        assert_eq!(created.status, 201, "{}", created.body);
+        let created = created.json();
+        assert_eq!(created["state"], "awaiting_approval", "{created}");
+        created["id"].as_str().expect("id").to_string()
+    };
+
+    // A deployer cannot approve; an approver rejects with a reason.
+    let first = create();
+    let denied = api.call(
+        &dave,
+        "POST",
+        &format!("/deployments/{first}/approve"),
+        Some("{}"),
+    );
+    assert_eq!(
+        (denied.status, denied.error_code().as_str()),
+        (403, "permission_denied")
+    );
+    let rejected = api.call(
+        &alice,
+        "POST",
+        &format!("/deployments/{first}/reject"),
+        Some(r#"{"reason": "no ticket"}"#),
+    );
+    assert_eq!(rejected.status, 200, "{}", rejected.body);
+    let rejected = rejected.json();
+    assert!(
+        rejected["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no ticket"),
+        "{rejected}"
+    );
+    let unknown_field = api.call(
+        &alice,
+        "POST",
+        &format!("/deployments/{first}/approve"),
+        Some(r#"{"why": "x"}"#),
+    );
+    assert_eq!(unknown_field.status, 400, "{}", unknown_field.body);
+    assert!(unknown_field.body.contains("why"), "{}", unknown_field.body);
+
+    // The next one is approved over HTTP and runs to the end.
+    let second = create();
+    let approved = api.call(
+        &alice,
+        "POST",
+        &format!("/deployments/{second}/approve"),
+        Some(""),
+    );
+    assert_eq!(approved.status, 200, "{}", approved.body);
+    eventually("the approved deployment to succeed", || {
+        let d = api.get(&dave, &format!("/deployments/{second}")).json();
+        if d["state"] == "succeeded" {
+            Ok(())
+        } else {
+            Err(d.to_string())
+        }
+    });
+    let d = api.get(&dave, &format!("/deployments/{second}")).json();
+    assert_eq!(d["approved_by"], "alice", "{d}");
+
+    let records = api.get(&alice, "/audit?action=deploy.").json();
+    let by = |user: &str, action: &str, result: &str| {
+        records
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|r| r["user"] == user && r["action"] == action && r["result"] == result)
+    };
+    assert!(by("alice", "deploy.reject", "ok"), "{records}");
+    assert!(by("alice", "deploy.approve", "ok"), "{records}");
+    assert!(by("dave", "deploy.approve", "denied"), "{records}");
+}
