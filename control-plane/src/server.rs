@@ -823,7 +823,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    let service = crate::http_api::ByContentType::new(grpc_routes.prepare());
+    // The RPC metrics sit right on the services, under the run-to-end layer,
+    // so the HTTP API's in-process calls count too, and the HTTP requests
+    // themselves (no gRPC method) do not.
+    let grpc_services = crate::http_api::GrpcServices::new(tower::Layer::layer(
+        &RpcMetricsLayer::new(metrics.clone()),
+        grpc_routes.prepare(),
+    ));
+    let service = crate::http_api::ByContentType::new(grpc_services);
     let grpc = tonic::transport::Server::builder()
         // HTTP/1.1 for the JSON API's plain HTTP clients; gRPC is HTTP/2.
         .accept_http1(true)
@@ -836,7 +843,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         .max_concurrent_streams(Some(256))
         .http2_max_header_list_size(Some(64 * 1024))
         .layer(RequestTimeoutLayer::new(config.settings.request_timeout))
-        .layer(RpcMetricsLayer::new(metrics.clone()))
         // Innermost: a caller that goes away or runs out of time stops
         // waiting for the answer, not the handler (see run_to_end.rs).
         .layer(RunToEndLayer)

@@ -324,6 +324,14 @@ fn every_resource_answers_with_the_grpc_identities_roles_and_audit() {
         (missing.status, missing.error_code().as_str()),
         (404, "not_found")
     );
+    // The in-process calls count as the gRPC calls they are; the HTTP
+    // requests themselves are no RPC.
+    assert_eq!(
+        cp.metric(r#"hotswap_grpc_requests_total{method="/hotswap.v1.Fleet/GetNode",code="5"}"#),
+        1.0
+    );
+    let (_, metrics) = cp.admin_get("/metrics");
+    assert!(!metrics.contains(r#"method="unknown""#), "{metrics}");
     let bad_query = api.get(&admin, "/events?since=soon");
     assert_eq!(bad_query.status, 400, "{}", bad_query.body);
     assert!(

@@ -7,10 +7,10 @@
 //!
 //! There is no second implementation of any call. Each handler builds the
 //! gRPC request the CLI would send and makes it **in process**, through the
-//! very [`Routes`] the gRPC listener serves (so a follower replica forwards
-//! the engine's calls to the leader exactly as it does for gRPC), with the
-//! request's extensions: the TLS connection info with the caller's
-//! certificates, from which `auth::peer` reads who calls. Authorization
+//! very services the gRPC listener serves ([`GrpcServices`]; so a follower
+//! replica forwards the engine's calls to the leader exactly as it does for
+//! gRPC, and the RPC metrics count them), with tonic's TLS connection info
+//! of the HTTP request, whose peer certificates `auth::peer` reads. Authorization
 //! (`auth::Permission`), rate limits and audit records are therefore those
 //! of the gRPC call. The answer becomes the SPEC §4 view of
 //! `hotswap_common::model`, as `hotswapctl -o json` prints it; a refusal
@@ -36,7 +36,6 @@ use axum::http::request::Parts;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::service::Routes;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::Service;
 use utoipa::OpenApi;
@@ -56,10 +55,17 @@ pub const UPLOAD_PATH: &str = "/api/v1/modules";
 /// bigger than tonic's default 4 MiB, and nothing crosses a network here.
 const IN_PROCESS_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
+/// The gRPC services as the listener serves them, behind the RPC metrics:
+/// gRPC clients reach them through [`ByContentType`], the HTTP API's
+/// handlers in process, so a call counts under its gRPC method and status
+/// either way.
+pub type GrpcServices =
+    tower::util::BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
+
 /// What the handlers share: the gRPC services, as the listener serves them.
 #[derive(Clone)]
 pub struct ApiState {
-    grpc: Routes,
+    grpc: GrpcServices,
     openapi: Arc<String>,
 }
 
@@ -109,7 +115,7 @@ impl Call {
 }
 
 impl ApiState {
-    fn grpc(&self) -> Routes {
+    fn grpc(&self) -> GrpcServices {
         self.grpc.clone()
     }
 }
@@ -129,18 +135,24 @@ mod clients {
     use super::*;
     use hotswap_common::pb;
 
-    in_process_client!(fleet, pb::fleet_client::FleetClient<Routes>);
-    in_process_client!(artifacts, pb::artifacts_client::ArtifactsClient<Routes>);
+    in_process_client!(fleet, pb::fleet_client::FleetClient<GrpcServices>);
+    in_process_client!(
+        artifacts,
+        pb::artifacts_client::ArtifactsClient<GrpcServices>
+    );
     in_process_client!(
         deployments,
-        pb::deployments_client::DeploymentsClient<Routes>
+        pb::deployments_client::DeploymentsClient<GrpcServices>
     );
-    in_process_client!(pipelines, pb::pipelines_client::PipelinesClient<Routes>);
-    in_process_client!(clusters, pb::clusters_client::ClustersClient<Routes>);
-    in_process_client!(events, pb::events_client::EventsClient<Routes>);
-    in_process_client!(audit, pb::audit_client::AuditClient<Routes>);
-    in_process_client!(users, pb::users_client::UsersClient<Routes>);
-    in_process_client!(servers, pb::servers_client::ServersClient<Routes>);
+    in_process_client!(
+        pipelines,
+        pb::pipelines_client::PipelinesClient<GrpcServices>
+    );
+    in_process_client!(clusters, pb::clusters_client::ClustersClient<GrpcServices>);
+    in_process_client!(events, pb::events_client::EventsClient<GrpcServices>);
+    in_process_client!(audit, pb::audit_client::AuditClient<GrpcServices>);
+    in_process_client!(users, pb::users_client::UsersClient<GrpcServices>);
+    in_process_client!(servers, pb::servers_client::ServersClient<GrpcServices>);
 }
 
 #[derive(OpenApi)]
@@ -199,7 +211,7 @@ pub fn openapi_json() -> String {
 }
 
 /// The API's router over `grpc`, the services the gRPC listener serves.
-pub fn router(grpc: Routes) -> axum::Router {
+pub fn router(grpc: GrpcServices) -> axum::Router {
     let (routes, _) = documented();
     let state = ApiState {
         grpc,
@@ -236,12 +248,12 @@ async fn method_not_allowed(method: http::Method, uri: http::Uri) -> HttpError {
 /// HTTP API.
 #[derive(Clone)]
 pub struct ByContentType {
-    grpc: Routes,
+    grpc: GrpcServices,
     http: axum::Router,
 }
 
 impl ByContentType {
-    pub fn new(grpc: Routes) -> Self {
+    pub fn new(grpc: GrpcServices) -> Self {
         let http = router(grpc.clone());
         Self { grpc, http }
     }
@@ -267,14 +279,14 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Both routers are always ready.
+        // Both sides are axum routers underneath (tonic's `Routes` is one),
+        // which are always ready.
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if is_grpc(&request) {
-            let future = self.grpc.call(request);
-            Box::pin(future)
+            Box::pin(self.grpc.call(request.map(Body::new)))
         } else {
             let future = self.http.call(request.map(axum::body::Body::new));
             Box::pin(async move {
@@ -393,7 +405,7 @@ mod tests {
         // No services behind: a handler that is reached calls in process
         // and gets `unimplemented`, and answers 501 (or refuses the
         // request's form first, or serves the document).
-        let router = router(Routes::default());
+        let router = router(GrpcServices::new(tonic::service::Routes::default()));
         for (method, path) in documented_operations() {
             let concrete = path
                 .replace("{node}", "n")
