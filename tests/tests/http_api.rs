@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use hotswap_common::profile::Profile;
 use hotswap_tests::{
-    ControlPlane, Fleet, TestDir, ctl_offline, eventually, patience, write_module,
+    ControlPlane, Fleet, TestDir, eventually, pack_bundle, patience, write_pseudo_random,
 };
 use serde_json::Value;
 
@@ -226,23 +226,6 @@ fn names(values: &Value, field: &str) -> Vec<String> {
         .collect()
 }
 
-fn pack(work: &Path, key: &Path, name: &str, version: &str, payload: &[u8]) -> PathBuf {
-    let src = work.join(format!("src-{name}-{version}"));
-    write_module(&src, name, version, payload);
-    let out = work.join(format!("{name}-{version}.hsm"));
-    let packed = ctl_offline(&[
-        "module",
-        "pack",
-        src.to_str().expect("utf8"),
-        "--key",
-        key.to_str().expect("utf8"),
-        "-o",
-        out.to_str().expect("utf8"),
-    ]);
-    assert_eq!(packed.code, 0, "{packed:?}");
-    out
-}
-
 fn upload(api: &Api, who: &Credentials, file: &Path, content_type: &str) -> Reply {
     let mut command = who.curl();
     command
@@ -342,7 +325,7 @@ fn every_resource_answers_with_the_grpc_identities_roles_and_audit() {
     );
 
     // Modules: an upload (the .hsm body), again (a no-op), then listed.
-    let notes = pack(dir.path(), &fleet.key, "notes", "1.0.0", b"release notes");
+    let notes = pack_bundle(dir.path(), "notes", "1.0.0", b"release notes", &fleet.key);
     let pushed = upload(&api, &dora, &notes, "application/octet-stream");
     assert_eq!(pushed.status, 201, "{}", pushed.body);
     assert_eq!(pushed.json()["signed_by"], serde_json::json!(["publisher"]));
@@ -677,45 +660,16 @@ fn every_resource_answers_with_the_grpc_identities_roles_and_audit() {
 #[test]
 fn uploads_over_the_limit_are_refused_and_nothing_is_stored() {
     let dir = TestDir::new();
-    let mut cp = ControlPlane::init_with_settings(dir.path(), "max_artifact_bytes = 65536\n");
-    cp.start();
-    let key_base = dir.path().join("publisher");
-    ctl_offline(&[
-        "keys",
-        "generate",
-        "--out",
-        key_base.to_str().expect("utf8"),
-    ])
-    .ok();
-    let public = dir.path().join("publisher.pub");
-    cp.ctl(&[
-        "keys",
-        "trust",
-        public.to_str().expect("utf8"),
-        "--name",
-        "publisher",
-    ])
-    .ok();
-    let api = Api::of(&cp);
-    let admin = Credentials::of(&cp.admin_profile());
+    let (fleet, _) =
+        Fleet::start_many_with_settings(&dir, "dev", &["node-1"], "max_artifact_bytes = 65536\n");
+    let api = Api::of(&fleet.cp);
+    let admin = Credentials::of(&fleet.cp.admin_profile());
 
     // Incompressible, so the artifact stays over the limit.
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let payload: Vec<u8> = (0..256 * 1024)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    let big = pack(
-        dir.path(),
-        &key_base.with_extension("key"),
-        "big",
-        "1.0.0",
-        &payload,
-    );
+    let random = dir.path().join("random.bin");
+    write_pseudo_random(&random, 256 * 1024, 7);
+    let payload = std::fs::read(&random).expect("read");
+    let big = pack_bundle(dir.path(), "big", "1.0.0", &payload, &fleet.key);
     let refused = upload(&api, &admin, &big, "application/octet-stream");
     assert_eq!(refused.status, 400, "{}", refused.body);
     let message = refused.json()["error"]["message"]
@@ -726,13 +680,7 @@ fn uploads_over_the_limit_are_refused_and_nothing_is_stored() {
     let modules = api.get(&admin, "/modules");
     assert_eq!((modules.status, modules.body.as_str()), (200, "[]"));
 
-    let small = pack(
-        dir.path(),
-        &key_base.with_extension("key"),
-        "small",
-        "1.0.0",
-        b"tiny",
-    );
+    let small = pack_bundle(dir.path(), "small", "1.0.0", b"tiny", &fleet.key);
     let stored = upload(&api, &admin, &small, "application/octet-stream");
     assert_eq!(stored.status, 201, "{}", stored.body);
 }
