@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use hotswap_common::profile::Profile;
 use hotswap_tests::{
-    ControlPlane, Fleet, TestDir, eventually, pack_bundle, patience, write_pseudo_random,
+    ControlPlane, EtcdCluster, Fleet, SeaweedS3, TestDir, eventually, pack_bundle, patience,
+    write_pseudo_random,
 };
 use serde_json::Value;
 
@@ -795,4 +796,65 @@ fn approvals_over_http_are_the_approvers_and_audited_as_theirs() {
     assert!(by("alice", "deploy.reject", "ok"), "{records}");
     assert!(by("alice", "deploy.approve", "ok"), "{records}");
     assert!(by("dave", "deploy.approve", "denied"), "{records}");
+}
+
+/// On etcd, a follower's HTTP API forwards the engine's calls to the leader
+/// as their caller, because it makes the very gRPC calls a client would.
+#[test]
+fn a_follower_forwards_the_engines_http_calls_to_the_leader_as_their_caller() {
+    let dir = TestDir::new();
+    let etcd = EtcdCluster::start(1);
+    let s3 = SeaweedS3::start("hotswap-http-api");
+    let mut a = ControlPlane::init_on_etcd(dir.path(), "cp-a", &etcd.endpoints(), &s3);
+    let mut b = a.replica("cp-b");
+    a.start_replica();
+    a.wait_serving();
+    eventually("cp-a to lead", || {
+        let out = a.ctl(&["deploy", "list"]);
+        (out.code == 0).then_some(()).ok_or(out.stderr)
+    });
+    b.start_replica();
+    b.wait_serving();
+    let dave = Credentials::of(&a.user_profile("dave", "deployer"));
+    let rita = Credentials::of(&a.user_profile("rita", "viewer"));
+    let follower = Api::of(&b);
+
+    let servers = follower.get(&rita, "/servers").json();
+    let leaders: Vec<&str> = servers
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|s| s["leader"] == true)
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(leaders, ["cp-a"], "{servers}");
+
+    // Without forwarding a follower answers these 503 (it does not lead).
+    let listed = follower.get(&rita, "/deployments");
+    assert_eq!((listed.status, listed.body.as_str()), (200, "[]"));
+    assert_eq!(follower.get(&rita, "/clusters").status, 200);
+    let body = r#"{"module": "ghost", "version": "1.0.0", "environment": "dev"}"#;
+    let denied = follower.call(&rita, "POST", "/deployments", Some(body));
+    assert_eq!(
+        (denied.status, denied.error_code().as_str()),
+        (403, "permission_denied")
+    );
+    let message = denied.json()["error"]["message"].to_string();
+    assert!(message.contains("rita"), "judged as rita: {message}");
+    let missing = follower.call(&dave, "POST", "/deployments", Some(body));
+    assert_eq!(
+        (missing.status, missing.error_code().as_str()),
+        (404, "not_found"),
+        "the leader's answer for dave"
+    );
+
+    let records = follower.get(&rita, "/audit?action=deploy.create").json();
+    let users: Vec<(&str, &str)> = records
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|r| Some((r["user"].as_str()?, r["result"].as_str()?)))
+        .collect();
+    assert!(users.contains(&("rita", "denied")), "{records}");
+    assert!(users.iter().any(|(user, _)| *user == "dave"), "{records}");
 }
