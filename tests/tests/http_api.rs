@@ -4,8 +4,10 @@
 //! without a certificate, 403 for a viewer's POST, 400 naming the bad
 //! field, 409 for a second active deployment, an event stream resumed with
 //! `Last-Event-ID` that misses and repeats nothing, an upload over the
-//! limit refused, the audit log naming the HTTP caller, and the OpenAPI
-//! document served, checked in and valid by openapi-spec-validator.
+//! limit refused, the audit log naming the HTTP caller, approvals by
+//! approvers only, a follower replica (on etcd) forwarding the engine's calls
+//! to the leader as their caller, and the OpenAPI document served, checked
+//! in and valid by openapi-spec-validator.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
