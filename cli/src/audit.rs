@@ -38,42 +38,7 @@ pub enum AuditCommand {
     Verify,
 }
 
-#[derive(Serialize)]
-pub(crate) struct RecordView {
-    seq: u64,
-    time: Option<String>,
-    user: String,
-    role: String,
-    action: String,
-    target: String,
-    result: String,
-    detail: String,
-    trace_id: String,
-    peer: String,
-    prev_hash: String,
-    hash: String,
-}
-
-impl From<pb::AuditRecord> for RecordView {
-    fn from(r: pb::AuditRecord) -> Self {
-        Self {
-            seq: r.seq,
-            time: r.time.map(|t| {
-                hotswap_common::timefmt::rfc3339_from_ms(hotswap_common::timefmt::ms_from_ts(&t))
-            }),
-            user: r.user,
-            role: r.role,
-            action: r.action,
-            target: r.target,
-            result: r.result,
-            detail: r.detail,
-            trace_id: r.trace_id,
-            peer: r.peer,
-            prev_hash: r.prev_hash,
-            hash: r.hash,
-        }
-    }
-}
+pub(crate) use hotswap_common::model::AuditRecordView as RecordView;
 
 #[derive(Serialize)]
 struct VerifyView {

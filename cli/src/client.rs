@@ -174,6 +174,13 @@ impl From<anyhow::Error> for CliError {
     }
 }
 
+/// A reply the shared views cannot be made from.
+impl From<hotswap_common::convert::ConvertError> for CliError {
+    fn from(e: hotswap_common::convert::ConvertError) -> Self {
+        CliError::Other(anyhow::anyhow!("unexpected reply: {e}"))
+    }
+}
+
 /// Check the profile's certificate as the control plane will (validity by
 /// this machine's clock, issued by the profile's CA) before connecting, so
 /// an unusable one is named instead of failing the handshake obscurely.

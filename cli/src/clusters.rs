@@ -2,9 +2,7 @@
 //! node metric averages.
 
 use clap::Subcommand;
-use hotswap_common::model::ClusterCurrentView;
 use hotswap_common::pb;
-use serde::Serialize;
 
 use crate::client::{CliError, Context};
 use crate::output::{self, OutputFormat};
@@ -23,76 +21,7 @@ pub enum ClustersCommand {
     Get { environment: String },
 }
 
-#[derive(Serialize)]
-struct ModuleView {
-    name: String,
-    version: String,
-    nodes: u32,
-    healthy: u32,
-}
-
-#[derive(Serialize)]
-pub(crate) struct ClusterView {
-    environment: String,
-    nodes: u32,
-    connected: u32,
-    healthy: u32,
-    unhealthy: u32,
-    unknown: u32,
-    modules: Vec<ModuleView>,
-    cpu_percent: Option<f64>,
-    memory_used_bytes: Option<f64>,
-    request_rate: Option<f64>,
-    error_rate: Option<f64>,
-    latency_p99_seconds: Option<f64>,
-    active_deployments: Vec<String>,
-    /// The environment's current version of each module, with its drift.
-    current: Vec<ClusterCurrentView>,
-}
-
-/// An average as the control plane sends it: unset when nothing reports,
-/// or negative from a control plane before the fields were optional.
-fn metric(v: Option<f64>) -> Option<f64> {
-    v.filter(|v| *v >= 0.0)
-}
-
-impl TryFrom<pb::Cluster> for ClusterView {
-    type Error = CliError;
-
-    fn try_from(c: pb::Cluster) -> Result<Self, Self::Error> {
-        let current = c
-            .current
-            .into_iter()
-            .map(ClusterCurrentView::try_from)
-            .collect::<Result<_, _>>()
-            .map_err(|e| CliError::Other(anyhow::anyhow!("unexpected reply: {e}")))?;
-        Ok(Self {
-            environment: c.environment,
-            nodes: c.nodes,
-            connected: c.connected,
-            healthy: c.healthy,
-            unhealthy: c.unhealthy,
-            unknown: c.unknown,
-            modules: c
-                .modules
-                .into_iter()
-                .map(|m| ModuleView {
-                    name: m.name,
-                    version: m.version,
-                    nodes: m.nodes,
-                    healthy: m.healthy,
-                })
-                .collect(),
-            cpu_percent: metric(c.cpu_percent),
-            memory_used_bytes: metric(c.memory_used_bytes),
-            request_rate: metric(c.request_rate),
-            error_rate: metric(c.error_rate),
-            latency_p99_seconds: metric(c.latency_p99_seconds),
-            active_deployments: c.active_deployments,
-            current,
-        })
-    }
-}
+pub(crate) use hotswap_common::model::ClusterView;
 
 fn versions(c: &ClusterView) -> String {
     if c.modules.is_empty() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use hotswap_common::labels::parse_label;
-use hotswap_common::model::DeploymentView;
+use hotswap_common::model::{DeploymentRequest, DeploymentView};
 use hotswap_common::pb;
 use hotswap_common::timefmt::{now_ms, parse_duration, rfc3339_from_ms};
 use tonic::transport::Channel;
@@ -273,39 +273,29 @@ async fn create(
     args: CreateArgs,
 ) -> Result<Outcome, CliError> {
     let (module, version) = crate::module::name_at_version(&args.module)?;
-    // Saturating: a duration beyond u64 milliseconds reaches the control
-    // plane as the largest value, which it refuses by name, never as a
-    // wrapped-around small one it would accept.
-    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let ms = |d: Option<Duration>| d.map_or(0, millis);
-    let request = pb::CreateDeploymentRequest {
+    let request = pb::CreateDeploymentRequest::from(DeploymentRequest {
         module: module.to_string(),
         version: version.to_string(),
         environment: args.env.clone(),
+        strategy: args.strategy,
+        selector: args.selector.into_iter().collect(),
+        batch_size: args.batch_size,
+        max_failures: args.max_failures,
+        steps: args.steps,
+        step_duration: args.step_duration,
+        manual_promote: args.manual_promote,
+        bake_time: args.bake_time,
+        min_healthy_time: args.min_healthy_time,
+        health_deadline: args.health_deadline,
+        max_error_rate: args.max_error_rate,
+        max_latency_increase: args.max_latency_increase,
+        analysis_min_requests: args.analysis_min_requests,
+        analysis_warmup: args.analysis_warmup,
+        pause_timeout: args.pause_timeout,
+        no_auto_rollback: args.no_auto_rollback,
+        allow_downgrade: args.allow_downgrade,
         dry_run: args.dry_run,
-        options: Some(pb::DeploymentOptions {
-            strategy: args.strategy.unwrap_or_default(),
-            selector: args.selector.into_iter().collect(),
-            batch_size: args.batch_size.unwrap_or_default(),
-            max_failures: args
-                .max_failures
-                .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
-            steps: args.steps,
-            step_duration_ms: ms(args.step_duration),
-            manual_promote: args.manual_promote,
-            bake_time_ms: ms(args.bake_time),
-            min_healthy_time_ms: ms(args.min_healthy_time),
-            health_deadline_ms: ms(args.health_deadline),
-            max_error_rate: args.max_error_rate,
-            max_latency_increase: args.max_latency_increase,
-            no_auto_rollback: args.no_auto_rollback,
-            progress_deadline_ms: 0,
-            pause_timeout_ms: args.pause_timeout.map(millis),
-            analysis_min_requests: args.analysis_min_requests,
-            analysis_warmup_ms: args.analysis_warmup.map(millis),
-            allow_downgrade: args.allow_downgrade,
-        }),
-    };
+    });
     let reply = client
         .create_deployment(request)
         .await
@@ -315,12 +305,7 @@ async fn create(
         let plan = reply.plan.unwrap_or_default();
         match ctx.output {
             OutputFormat::Json => {
-                let waves: Vec<serde_json::Value> = plan
-                    .waves
-                    .iter()
-                    .map(|w| serde_json::json!({"nodes": w.nodes, "gate": w.gate}))
-                    .collect();
-                output::print_json(&serde_json::json!({"strategy": plan.strategy, "waves": waves}));
+                output::print_json(&hotswap_common::model::PlanView::from(plan.clone()));
             }
             OutputFormat::Table => {
                 println!(

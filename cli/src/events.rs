@@ -3,8 +3,6 @@
 
 use clap::Args;
 use hotswap_common::pb;
-use hotswap_common::timefmt::{ms_from_ts, rfc3339_from_ms};
-use serde::Serialize;
 
 use crate::client::{CliError, Context};
 use crate::output::{self, OutputFormat};
@@ -36,37 +34,7 @@ pub struct EventsArgs {
     limit: u32,
 }
 
-/// SPEC §4's event shape; absent fields are null.
-#[derive(Serialize)]
-pub struct EventView {
-    pub seq: u64,
-    pub time: Option<String>,
-    pub kind: String,
-    pub deployment_id: Option<String>,
-    pub node: Option<String>,
-    pub module: Option<String>,
-    pub version: Option<String>,
-    pub message: String,
-}
-
-fn some(s: String) -> Option<String> {
-    (!s.is_empty()).then_some(s)
-}
-
-impl From<pb::Event> for EventView {
-    fn from(e: pb::Event) -> Self {
-        Self {
-            seq: e.seq,
-            time: e.time.map(|t| rfc3339_from_ms(ms_from_ts(&t))),
-            kind: e.kind,
-            deployment_id: some(e.deployment_id),
-            node: some(e.node),
-            module: some(e.module),
-            version: some(e.version),
-            message: e.message,
-        }
-    }
-}
+pub use hotswap_common::model::EventView;
 
 /// One line for people: time, seq, kind, what it is about, message.
 pub fn line(e: &EventView) -> String {

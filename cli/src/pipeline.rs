@@ -41,18 +41,8 @@ pub enum PipelineCommand {
     Get { id: String },
 }
 
-fn view(p: &pb::Pipeline) -> serde_json::Value {
-    serde_json::json!({
-        "id": p.id,
-        "module": p.module,
-        "version": p.version,
-        "state": p.state,
-        "reason": p.reason,
-        "created_by": p.created_by,
-        "stages": p.stages.iter().map(|s| serde_json::json!({
-            "environment": s.environment, "deployment_id": s.deployment_id, "state": s.state, "reason": s.reason,
-        })).collect::<Vec<_>>(),
-    })
+fn view(p: &pb::Pipeline) -> Result<hotswap_common::model::PipelineView, CliError> {
+    Ok(hotswap_common::model::PipelineView::try_from(p.clone())?)
 }
 
 fn line(p: &pb::Pipeline) -> String {
@@ -112,7 +102,7 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
     };
     if !wait {
         match ctx.output {
-            OutputFormat::Json => output::print_json(&view(&pipeline)),
+            OutputFormat::Json => output::print_json(&view(&pipeline)?),
             OutputFormat::Table => println!("{}", line(&pipeline)),
         }
         return Ok(Outcome::Done);
@@ -126,7 +116,7 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
     let mut deployments = pb::deployments_client::DeploymentsClient::new(conn.channel.clone());
     loop {
         match ctx.output {
-            OutputFormat::Json => output::print_json_line(&view(&current)),
+            OutputFormat::Json => output::print_json_line(&view(&current)?),
             OutputFormat::Table if live.is_some() => {
                 let running = current
                     .stages

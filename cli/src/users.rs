@@ -45,32 +45,7 @@ pub enum UsersCommand {
     Revoke { name: String },
 }
 
-#[derive(Serialize)]
-struct UserView {
-    name: String,
-    role: String,
-    revoked: bool,
-    created_by: String,
-    created_at: Option<String>,
-    cert_expires_at: Option<String>,
-    cert_fingerprint: String,
-}
-
-use hotswap_common::timefmt::{ms_from_ts, rfc3339_from_ms};
-
-impl From<pb::User> for UserView {
-    fn from(u: pb::User) -> Self {
-        Self {
-            name: u.name,
-            role: u.role,
-            revoked: u.revoked,
-            created_by: u.created_by,
-            created_at: u.created_at.map(|t| rfc3339_from_ms(ms_from_ts(&t))),
-            cert_expires_at: u.cert_expires_at.map(|t| rfc3339_from_ms(ms_from_ts(&t))),
-            cert_fingerprint: u.cert_fingerprint,
-        }
-    }
-}
+use hotswap_common::model::UserView;
 
 #[derive(Serialize)]
 struct CreatedView {

@@ -3,9 +3,11 @@
 
 use crate::ids::ModuleName;
 use crate::model::{
-    ClusterCurrentView, DeploymentNodeView, DeploymentView, ModuleVersionView, ModuleView,
-    NodeModuleView, NodeStatus, NodeUpdateView, NodeUsageView, NodeView, ProgressView,
-    PublisherKeyView, ServerView, TokenView, VerdictView, YankView,
+    AuditRecordView, ClusterCurrentView, ClusterModuleView, ClusterView, DeploymentNodeView,
+    DeploymentView, EventView, ModuleVersionView, ModuleView, NodeModuleView, NodeStatus,
+    NodeUpdateView, NodeUsageView, NodeView, PipelineStageView, PipelineView, PlanView,
+    ProgressView, PublisherKeyView, ServerView, TokenView, UserView, VerdictView, WaveView,
+    YankView,
 };
 use crate::pb;
 use crate::status::{FailureKind, Health, ModuleMetrics, ModuleStatus, Phase};
@@ -507,6 +509,180 @@ impl TryFrom<pb::Deployment> for DeploymentView {
             max_error_rate: d.max_error_rate.filter(|r| r.is_finite() && *r >= 0.0),
             max_latency_increase: d.max_latency_increase.filter(|f| f.is_finite() && *f > 0.0),
         })
+    }
+}
+
+/// `None` for the empty string: the wire's "absent".
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl From<pb::Event> for EventView {
+    fn from(e: pb::Event) -> Self {
+        EventView {
+            seq: e.seq,
+            time: rfc3339(e.time.as_ref()),
+            kind: e.kind,
+            deployment_id: non_empty(e.deployment_id),
+            node: non_empty(e.node),
+            module: non_empty(e.module),
+            version: non_empty(e.version),
+            message: e.message,
+        }
+    }
+}
+
+impl From<pb::AuditRecord> for AuditRecordView {
+    fn from(r: pb::AuditRecord) -> Self {
+        AuditRecordView {
+            seq: r.seq,
+            time: rfc3339(r.time.as_ref()),
+            user: r.user,
+            role: r.role,
+            action: r.action,
+            target: r.target,
+            result: r.result,
+            detail: r.detail,
+            trace_id: r.trace_id,
+            peer: r.peer,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
+}
+
+impl From<pb::User> for UserView {
+    fn from(u: pb::User) -> Self {
+        UserView {
+            name: u.name,
+            role: u.role,
+            revoked: u.revoked,
+            created_by: u.created_by,
+            created_at: rfc3339(u.created_at.as_ref()),
+            cert_expires_at: rfc3339(u.cert_expires_at.as_ref()),
+            cert_fingerprint: u.cert_fingerprint,
+        }
+    }
+}
+
+impl TryFrom<pb::Cluster> for ClusterView {
+    type Error = ConvertError;
+
+    fn try_from(c: pb::Cluster) -> Result<Self, Self::Error> {
+        Ok(ClusterView {
+            current: c
+                .current
+                .into_iter()
+                .map(ClusterCurrentView::try_from)
+                .collect::<Result<_, _>>()?,
+            environment: c.environment,
+            nodes: c.nodes,
+            connected: c.connected,
+            healthy: c.healthy,
+            unhealthy: c.unhealthy,
+            unknown: c.unknown,
+            modules: c
+                .modules
+                .into_iter()
+                .map(|m| ClusterModuleView {
+                    name: m.name,
+                    version: m.version,
+                    nodes: m.nodes,
+                    healthy: m.healthy,
+                })
+                .collect(),
+            // Averages are unset when nothing reports, or negative from a
+            // control plane before the fields were optional.
+            cpu_percent: known(c.cpu_percent),
+            memory_used_bytes: known(c.memory_used_bytes),
+            request_rate: known(c.request_rate),
+            error_rate: known(c.error_rate),
+            latency_p99_seconds: known(c.latency_p99_seconds),
+            active_deployments: c.active_deployments,
+        })
+    }
+}
+
+impl TryFrom<pb::Pipeline> for PipelineView {
+    type Error = ConvertError;
+
+    fn try_from(p: pb::Pipeline) -> Result<Self, Self::Error> {
+        if p.id.is_empty() {
+            return Err(ConvertError::Missing {
+                message: "Pipeline",
+                field: "id",
+            });
+        }
+        Ok(PipelineView {
+            id: p.id,
+            module: p.module,
+            version: p.version,
+            state: p.state,
+            reason: p.reason,
+            created_by: p.created_by,
+            stages: p
+                .stages
+                .into_iter()
+                .map(|s| PipelineStageView {
+                    environment: s.environment,
+                    deployment_id: s.deployment_id,
+                    state: s.state,
+                    reason: s.reason,
+                })
+                .collect(),
+        })
+    }
+}
+
+impl From<pb::Plan> for PlanView {
+    fn from(plan: pb::Plan) -> Self {
+        PlanView {
+            strategy: plan.strategy,
+            waves: plan
+                .waves
+                .into_iter()
+                .map(|w| WaveView {
+                    nodes: w.nodes,
+                    gate: w.gate,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<crate::model::DeploymentRequest> for pb::CreateDeploymentRequest {
+    fn from(r: crate::model::DeploymentRequest) -> Self {
+        // Saturating: a duration beyond u64 milliseconds reaches the control
+        // plane as the largest value, which it refuses by name, never as a
+        // wrapped-around small one it would accept.
+        let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let ms = |d: Option<std::time::Duration>| d.map_or(0, millis);
+        pb::CreateDeploymentRequest {
+            module: r.module,
+            version: r.version,
+            environment: r.environment,
+            dry_run: r.dry_run,
+            options: Some(pb::DeploymentOptions {
+                strategy: r.strategy.unwrap_or_default(),
+                selector: r.selector.into_iter().collect(),
+                batch_size: r.batch_size.unwrap_or_default(),
+                max_failures: r.max_failures.map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
+                steps: r.steps,
+                step_duration_ms: ms(r.step_duration),
+                manual_promote: r.manual_promote,
+                bake_time_ms: ms(r.bake_time),
+                min_healthy_time_ms: ms(r.min_healthy_time),
+                health_deadline_ms: ms(r.health_deadline),
+                max_error_rate: r.max_error_rate,
+                max_latency_increase: r.max_latency_increase,
+                no_auto_rollback: r.no_auto_rollback,
+                progress_deadline_ms: 0,
+                pause_timeout_ms: r.pause_timeout.map(millis),
+                analysis_min_requests: r.analysis_min_requests,
+                analysis_warmup_ms: r.analysis_warmup.map(millis),
+                allow_downgrade: r.allow_downgrade,
+            }),
+        }
     }
 }
 

@@ -8,16 +8,19 @@ use crate::status::{ModuleMetrics, ModuleStatus};
 
 /// A join token as returned once at creation.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenView {
     pub token: String,
     pub ca_fingerprint: String,
     /// RFC 3339.
     pub expires_at: Option<String>,
     pub uses: u32,
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::HashMap<String, String>))]
     pub labels: Labels,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NodeStatus {
     Connected,
@@ -42,6 +45,7 @@ impl NodeStatus {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeModuleView {
     pub name: String,
     pub version: String,
@@ -66,6 +70,7 @@ pub struct NodeModuleView {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModuleMetricsView {
     pub request_rate: f64,
     pub error_rate: f64,
@@ -106,6 +111,7 @@ impl From<ModuleMetrics> for ModuleMetricsView {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeUsageView {
     pub cpu_percent: f64,
     pub memory_used_bytes: u64,
@@ -113,9 +119,11 @@ pub struct NodeUsageView {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeView {
     pub id: String,
     pub name: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::HashMap<String, String>))]
     pub labels: Labels,
     pub status: NodeStatus,
     /// RFC 3339; null when the node never connected.
@@ -130,6 +138,7 @@ pub struct NodeView {
 
 /// One line of `nodes watch -o json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeUpdateView {
     /// `snapshot`, `changed` or `removed`.
     pub kind: String,
@@ -139,6 +148,7 @@ pub struct NodeUpdateView {
 /// A control-plane replica as `servers list` and `servers get` show it
 /// (SPEC §7).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServerView {
     pub name: String,
     /// The URL agents and operators reach it at.
@@ -157,6 +167,7 @@ pub struct ServerView {
 
 /// One stored version of a module.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModuleVersionView {
     pub version: String,
     pub digest: String,
@@ -171,6 +182,7 @@ pub struct ModuleVersionView {
 
 /// Who yanked a version, when and why.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct YankView {
     pub at: Option<String>,
     pub by: String,
@@ -179,6 +191,7 @@ pub struct YankView {
 
 /// `module get` / `module list` entries.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModuleView {
     pub name: String,
     pub versions: Vec<ModuleVersionView>,
@@ -188,6 +201,7 @@ pub struct ModuleView {
 /// version of its newest succeeded environment-wide deployment, and the
 /// names of the environment's nodes not on it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClusterCurrentView {
     pub module: String,
     pub version: String,
@@ -198,6 +212,7 @@ pub struct ClusterCurrentView {
 
 /// A publisher key as `keys list` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PublisherKeyView {
     pub name: String,
     pub key_id: String,
@@ -209,6 +224,7 @@ pub struct PublisherKeyView {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProgressView {
     pub total: u32,
     pub updated: u32,
@@ -217,6 +233,7 @@ pub struct ProgressView {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeploymentNodeView {
     pub node: String,
     pub from_version: String,
@@ -229,6 +246,7 @@ pub struct DeploymentNodeView {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VerdictView {
     pub time: Option<String>,
     pub step: u32,
@@ -248,6 +266,7 @@ pub struct VerdictView {
 
 /// A deployment as `deploy get -o json` prints it (SPEC §4).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeploymentView {
     pub id: String,
     pub module: String,
@@ -281,4 +300,197 @@ impl DeploymentView {
             "succeeded" | "failed" | "rolled_back" | "aborted"
         )
     }
+}
+
+/// One event of the durable stream (SPEC §4); absent fields are null.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EventView {
+    pub seq: u64,
+    pub time: Option<String>,
+    pub kind: String,
+    pub deployment_id: Option<String>,
+    pub node: Option<String>,
+    pub module: Option<String>,
+    pub version: Option<String>,
+    pub message: String,
+}
+
+/// One record of the tamper-evident audit log.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditRecordView {
+    pub seq: u64,
+    pub time: Option<String>,
+    pub user: String,
+    pub role: String,
+    pub action: String,
+    pub target: String,
+    /// ok, denied, rate_limited or error.
+    pub result: String,
+    pub detail: String,
+    pub trace_id: String,
+    /// The caller's address.
+    pub peer: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// An operator as `users list` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UserView {
+    pub name: String,
+    /// viewer, deployer, approver or admin.
+    pub role: String,
+    pub revoked: bool,
+    pub created_by: String,
+    pub created_at: Option<String>,
+    pub cert_expires_at: Option<String>,
+    pub cert_fingerprint: String,
+}
+
+/// A module version in use in an environment, with its instance counts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClusterModuleView {
+    pub name: String,
+    pub version: String,
+    pub nodes: u32,
+    pub healthy: u32,
+}
+
+/// An environment's health, versions and metric averages (`clusters get`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClusterView {
+    pub environment: String,
+    pub nodes: u32,
+    pub connected: u32,
+    pub healthy: u32,
+    pub unhealthy: u32,
+    pub unknown: u32,
+    pub modules: Vec<ClusterModuleView>,
+    pub cpu_percent: Option<f64>,
+    pub memory_used_bytes: Option<f64>,
+    pub request_rate: Option<f64>,
+    pub error_rate: Option<f64>,
+    pub latency_p99_seconds: Option<f64>,
+    pub active_deployments: Vec<String>,
+    /// The environment's current version of each module, with its drift.
+    pub current: Vec<ClusterCurrentView>,
+}
+
+/// One environment of a pipeline.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PipelineStageView {
+    pub environment: String,
+    pub deployment_id: String,
+    /// waiting, running, succeeded, failed or skipped.
+    pub state: String,
+    pub reason: String,
+}
+
+/// A version promoted through the environments in order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PipelineView {
+    pub id: String,
+    pub module: String,
+    pub version: String,
+    /// running, succeeded or failed.
+    pub state: String,
+    pub reason: String,
+    pub created_by: String,
+    pub stages: Vec<PipelineStageView>,
+}
+
+/// One wave of a dry run's plan, and what must hold before the next.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WaveView {
+    pub nodes: Vec<String>,
+    pub gate: String,
+}
+
+/// What `deploy create --dry-run` would do; nothing is created.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PlanView {
+    pub strategy: String,
+    pub waves: Vec<WaveView>,
+}
+
+/// A deployment to start: `deploy create`'s argument and flags, and the
+/// body of `POST /api/v1/deployments` (SPEC §8), with the same names (in
+/// snake_case) and defaults. Unset options take the environment's.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentRequest {
+    pub module: String,
+    pub version: String,
+    pub environment: String,
+    /// direct, rolling, blue-green or canary (default: the environment's).
+    #[serde(default)]
+    pub strategy: Option<String>,
+    /// Only nodes with these labels.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::HashMap<String, String>))]
+    pub selector: Labels,
+    /// Rolling: nodes per batch, `N` or `N%`.
+    #[serde(default)]
+    pub batch_size: Option<String>,
+    /// Node failures tolerated before the deployment fails.
+    #[serde(default)]
+    pub max_failures: Option<u32>,
+    /// Canary: cumulative percentages, e.g. `[10, 30, 50, 100]`.
+    #[serde(default)]
+    pub steps: Vec<u32>,
+    #[serde(default, with = "crate::timefmt::optional_duration_text")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "30s"))]
+    pub step_duration: Option<std::time::Duration>,
+    /// Canary: wait for `promote` after each step.
+    #[serde(default)]
+    pub manual_promote: bool,
+    /// Blue-green: how long to keep the old version ready after the switch.
+    #[serde(default, with = "crate::timefmt::optional_duration_text")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "5m"))]
+    pub bake_time: Option<std::time::Duration>,
+    /// Rolling: how long a batch must stay healthy before the next.
+    #[serde(default, with = "crate::timefmt::optional_duration_text")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "10s"))]
+    pub min_healthy_time: Option<std::time::Duration>,
+    /// How long a node has to become healthy on the new version.
+    #[serde(default, with = "crate::timefmt::optional_duration_text")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "2m"))]
+    pub health_deadline: Option<std::time::Duration>,
+    /// Canary: absolute ceiling for the error rate (0..1).
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
+    /// Canary: p99 latency may be at most this multiple of the baseline's.
+    #[serde(default)]
+    pub max_latency_increase: Option<f64>,
+    /// Canary: requests canary and baseline each need in a step's analysis
+    /// window before error rate and latency are judged.
+    #[serde(default)]
+    pub analysis_min_requests: Option<u64>,
+    /// Canary: the start of each step's hold left out of its analysis.
+    #[serde(default, with = "crate::timefmt::optional_duration_text")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "10s"))]
+    pub analysis_warmup: Option<std::time::Duration>,
+    /// How long `paused`, or a wait for `promote`, may last before the
+    /// deployment fails.
+    #[serde(default, with = "crate::timefmt::optional_duration_text")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "24h"))]
+    pub pause_timeout: Option<std::time::Duration>,
+    #[serde(default)]
+    pub no_auto_rollback: bool,
+    /// Deploy a version older (semver) than the environment's current one.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// Answer the plan; create nothing.
+    #[serde(default)]
+    pub dry_run: bool,
 }

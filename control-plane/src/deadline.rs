@@ -6,7 +6,8 @@
 //! total deadline a 512 MiB module would need about 8.5 MB/s, which a slow
 //! but healthy link does not have. So upload methods ([`UPLOAD_METHODS`])
 //! get no deadline here, and their handler cancels them when no data arrives
-//! for `upload_idle_timeout` instead (`service::artifacts`). A client can
+//! for `upload_idle_timeout` instead (`service::artifacts`); so does the
+//! HTTP API's upload, which streams into the same handler. A client can
 //! still ask for less with `grpc-timeout`, which tonic enforces beneath.
 
 use std::future::Future;
@@ -19,6 +20,14 @@ use tonic::codegen::http;
 /// Client-streaming methods that carry a payload of arbitrary size; their
 /// handlers enforce an idle timeout of their own.
 pub const UPLOAD_METHODS: &[&str] = &["/hotswap.v1.Artifacts/PushArtifact"];
+
+/// Whether `request` is an upload: a gRPC upload method, or the HTTP API's
+/// artifact upload.
+fn is_upload<B>(request: &http::Request<B>) -> bool {
+    let path = request.uri().path();
+    UPLOAD_METHODS.contains(&path)
+        || (request.method() == http::Method::POST && path == crate::http_api::UPLOAD_PATH)
+}
 
 /// [`tower::Layer`] applying `timeout` to every call but uploads.
 #[derive(Clone)]
@@ -66,7 +75,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let deadline = (!UPLOAD_METHODS.contains(&request.uri().path())).then_some(self.timeout);
+        let deadline = (!is_upload(&request)).then_some(self.timeout);
         let future = self.inner.call(request);
         Box::pin(async move {
             let Some(timeout) = deadline else {

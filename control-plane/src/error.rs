@@ -147,9 +147,12 @@ impl From<CreateError> for ApiError {
             CreateError::ArtifactNotFound(e) => e.into(),
             CreateError::InvalidSpec(e) => e.into(),
             CreateError::Downgrade(e) => e.into(),
-            CreateError::NoNodes { .. }
-            | CreateError::AllDisconnected { .. }
-            | CreateError::AlreadyActive { .. } => ApiError::FailedPrecondition(error.to_string()),
+            CreateError::NoNodes { .. } | CreateError::AllDisconnected { .. } => {
+                ApiError::FailedPrecondition(error.to_string())
+            }
+            // A conflict with another deployment, not a state to fix first:
+            // HTTP 409 (SPEC §8). The CLI exits 1 for either code.
+            CreateError::AlreadyActive { .. } => ApiError::AlreadyExists(error.to_string()),
             CreateError::NotDeployable(e) => e.into(),
             CreateError::Registry(e) => e.into(),
             CreateError::Storage(e) => ApiError::Storage(e),

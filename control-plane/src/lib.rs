@@ -1,7 +1,7 @@
 //! The hotswap control plane. It owns the desired state of the fleet: the
 //! certificate authority and enrollment of nodes, the node registry (durable
 //! in the store, live status in memory), the agent sessions, and the operator gRPC
-//! API. Later layers (artifacts, deployments, events) plug into the same
+//! API with its HTTP/JSON face ([`http_api`]). Later layers (artifacts, deployments, events) plug into the same
 //! store and server.
 //!
 //! Entry points: [`init::init`] creates a data directory, [`server::run`]
@@ -18,6 +18,7 @@ pub mod deploy;
 pub mod error;
 pub mod events;
 pub mod forward;
+pub mod http_api;
 pub mod init;
 pub mod leader_only;
 pub mod metrics;

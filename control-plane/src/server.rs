@@ -777,20 +777,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let grpc = tonic::transport::Server::builder()
-        // Unary calls and stream set-up are bounded by request_timeout, but
-        // not uploads: they are cut off when idle (see deadline.rs). A client
-        // can also ask for less with grpc-timeout.
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
-        .max_concurrent_streams(Some(256))
-        .http2_max_header_list_size(Some(64 * 1024))
-        .layer(RequestTimeoutLayer::new(config.settings.request_timeout))
-        .layer(RpcMetricsLayer::new(metrics.clone()))
-        // Innermost: a caller that goes away or runs out of time stops
-        // waiting for the answer, not the handler (see run_to_end.rs).
-        .layer(RunToEndLayer)
+    // gRPC by content type, the HTTP/JSON API (SPEC §8) for the rest, on
+    // one listener; the API calls the same services in process (see
+    // http_api).
+    let grpc_routes = tonic::service::Routes::builder()
+        .routes()
         .add_service(
             pb::enrollment_server::EnrollmentServer::new(EnrollmentService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
@@ -831,7 +822,33 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         )
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection_v1alpha);
+    // The RPC metrics sit right on the services, under the run-to-end layer,
+    // so the HTTP API's in-process calls count too, and the HTTP requests
+    // themselves (no gRPC method) do not.
+    let grpc_services = crate::http_api::GrpcServices::new(tower::Layer::layer(
+        &RpcMetricsLayer::new(metrics.clone()),
+        grpc_routes.prepare(),
+    ));
+    let service = crate::http_api::ByContentType::new(grpc_services);
+    let grpc = tonic::transport::Server::builder()
+        // HTTP/1.1 for the JSON API's plain HTTP clients; gRPC is HTTP/2.
+        .accept_http1(true)
+        // Unary calls and stream set-up are bounded by request_timeout, but
+        // not uploads: they are cut off when idle (see deadline.rs). A client
+        // can also ask for less with grpc-timeout.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
+        .max_concurrent_streams(Some(256))
+        .http2_max_header_list_size(Some(64 * 1024))
+        .layer(RequestTimeoutLayer::new(config.settings.request_timeout))
+        // Innermost: a caller that goes away or runs out of time stops
+        // waiting for the answer, not the handler (see run_to_end.rs).
+        .layer(RunToEndLayer)
+        .add_routes(tonic::service::Routes::from(
+            axum::Router::new().fallback_service(service),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
 

@@ -66,7 +66,7 @@ const STALE_AFTER: Duration = Duration::from_secs(4);
 /// the daemon raises itself to (20,000 here).
 pub const PENDING_PER_ADDRESS: usize = 1024;
 
-/// Server TLS config: TLS 1.3, ALPN h2, our chain (server certificate, then
+/// Server TLS config: TLS 1.3, ALPN h2 and http/1.1, our chain (server certificate, then
 /// the CA, so agents can check it against their pinned fingerprint, then the
 /// cross-signed CA during a rotation), client certificates verified against
 /// `client_roots_pem` (the CA, plus the previous one during a rotation) when
@@ -88,7 +88,9 @@ pub fn server_config(
         .with_protocol_versions(tls::PROTOCOL_VERSIONS)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, tls::key_from_pem("server key", key_pem)?)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // h2 for gRPC (and HTTP/2 clients of the JSON API), http/1.1 for the
+    // JSON API's plain HTTP clients (curl without --http2, scripts).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

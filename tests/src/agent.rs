@@ -364,16 +364,7 @@ impl Fleet {
         std::fs::create_dir_all(&src).expect("module dir");
         fill(&src);
         let out = self.work.join(format!("{name}-{version}.hsm"));
-        let packed = ctl_offline(&[
-            "module",
-            "pack",
-            src.to_str().expect("utf8"),
-            "--key",
-            self.key.to_str().expect("utf8"),
-            "-o",
-            out.to_str().expect("utf8"),
-        ]);
-        assert_eq!(packed.code, 0, "{packed:?}");
+        crate::load::pack_dir(&src, &self.key, &out);
         let pushed = self
             .cp
             .ctl(&["module", "push", out.to_str().expect("utf8")]);

@@ -3,12 +3,36 @@
 //! incompressible files.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;
 
-use crate::control_plane::ControlPlane;
+use crate::control_plane::{ControlPlane, ctl_offline};
 use crate::daemon::{Daemon, binary, tail};
+
+/// `hotswapctl module pack SRC --key KEY -o OUT`, which must succeed.
+pub fn pack_dir(src: &Path, key: &Path, out: &Path) {
+    let packed = ctl_offline(&[
+        "module",
+        "pack",
+        src.to_str().expect("utf8"),
+        "--key",
+        key.to_str().expect("utf8"),
+        "-o",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(packed.code, 0, "{packed:?}");
+}
+
+/// A bundle module `name@version` carrying `payload`, written under `work`
+/// and packed signed with `key`; returns the `.hsm` file.
+pub fn pack_bundle(work: &Path, name: &str, version: &str, payload: &[u8], key: &Path) -> PathBuf {
+    let src = work.join(format!("src-{name}-{version}"));
+    write_module(&src, name, version, payload);
+    let out = work.join(format!("{name}-{version}.hsm"));
+    pack_dir(&src, key, &out);
+    out
+}
 
 /// Write a bundle module directory with a manifest and a payload file.
 pub fn write_module(dir: &Path, name: &str, version: &str, payload: &[u8]) {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::control_plane::{ControlPlane, ctl_offline};
+use crate::control_plane::ControlPlane;
 
 /// Write the source of `marker@version` into `dir`; its hook logs to `log`
 /// and fails (exit 1, logging `fail`) when `fail` is set.
@@ -38,16 +38,7 @@ pub fn push_marker(cp: &ControlPlane, work: &Path, key: &Path, version: &str, lo
     let src = work.join(format!("src-marker-{version}"));
     write_marker(&src, version, log, false);
     let out = work.join(format!("marker-{version}.hsm"));
-    let packed = ctl_offline(&[
-        "module",
-        "pack",
-        src.to_str().expect("utf8"),
-        "--key",
-        key.to_str().expect("utf8"),
-        "-o",
-        out.to_str().expect("utf8"),
-    ]);
-    assert_eq!(packed.code, 0, "{packed:?}");
+    crate::load::pack_dir(&src, key, &out);
     let pushed = cp.ctl(&["module", "push", out.to_str().expect("utf8")]);
     assert_eq!(pushed.code, 0, "{pushed:?}");
 }

@@ -8,7 +8,7 @@ use hotswap_common::artifact::unpack::Limits;
 use hotswap_common::tls::{self, ClientIdentity, ControlPlaneUrl, ServerTrust};
 use hotswap_tests::{
     Agent, ControlPlane, CutProxy, S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, SeaweedS3, TestDir,
-    ctl_offline, runtime, write_module,
+    ctl_offline, pack_bundle as pack, runtime, write_module,
 };
 use sha2::Digest as _;
 
@@ -38,23 +38,6 @@ fn publisher(dir: &Path, name: &str) -> Publisher {
         key: dir.join(format!("{name}.key")),
         public: dir.join(format!("{name}.pub")),
     }
-}
-
-fn pack(dir: &Path, module: &str, version: &str, payload: &[u8], key: &Path) -> PathBuf {
-    let src = dir.join(format!("src-{module}-{version}"));
-    write_module(&src, module, version, payload);
-    let out = dir.join(format!("{module}-{version}.hsm"));
-    let packed = ctl_offline(&[
-        "module",
-        "pack",
-        src.to_str().expect("utf8"),
-        "--key",
-        key.to_str().expect("utf8"),
-        "-o",
-        out.to_str().expect("utf8"),
-    ]);
-    assert_eq!(packed.code, 0, "{packed:?}");
-    out
 }
 
 fn path(p: &Path) -> &str {

@@ -133,7 +133,7 @@ mod tests {
     use crate::error::ApiError;
 
     #[test]
-    fn create_errors_read_as_before_and_are_failed_preconditions() {
+    fn create_errors_read_as_before_and_map_to_their_codes() {
         let cases = [
             (
                 CreateError::NoNodes {
@@ -150,16 +150,6 @@ mod tests {
                 },
                 "no connected node in environment \"qa\" matching the selector to deploy to (3 enrolled, all disconnected)",
             ),
-            (
-                CreateError::AlreadyActive {
-                    id: "d-1".into(),
-                    module: "web".into(),
-                    version: "2.0.0".into(),
-                    environment: "qa".into(),
-                    state: "running",
-                },
-                "deployment d-1 of web@2.0.0 to qa is still running; wait for it, or abort it first",
-            ),
         ];
         for (error, text) in cases {
             assert_eq!(error.to_string(), text);
@@ -167,6 +157,22 @@ mod tests {
                 ApiError::FailedPrecondition(message) => assert_eq!(message, text),
                 other => panic!("{text}: mapped to {other:?}"),
             }
+        }
+        // Another active deployment is a conflict (HTTP 409), not a state
+        // the caller fixes first.
+        let active = CreateError::AlreadyActive {
+            id: "d-1".into(),
+            module: "web".into(),
+            version: "2.0.0".into(),
+            environment: "qa".into(),
+            state: "running",
+        };
+        let text =
+            "deployment d-1 of web@2.0.0 to qa is still running; wait for it, or abort it first";
+        assert_eq!(active.to_string(), text);
+        match ApiError::from(active) {
+            ApiError::AlreadyExists(message) => assert_eq!(message, text),
+            other => panic!("{text}: mapped to {other:?}"),
         }
         let missing = CreateError::from(RegistryError::UnknownNode("n-1".into()));
         assert!(matches!(ApiError::from(missing), ApiError::NotFound(_)));
