@@ -10,7 +10,7 @@ use crate::model::{
     YankView,
 };
 use crate::pb;
-use crate::status::{FailureKind, Health, ModuleMetrics, ModuleStatus, Phase};
+use crate::status::{FailureKind, Health, ModuleMetrics, ModuleStatus, ModuleUsage, Phase};
 use crate::timefmt::{ms_from_ts, rfc3339_from_ms};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -59,6 +59,11 @@ impl FieldError {
 pub const MAX_REQUEST_RATE: f64 = 1e9;
 /// Highest p99 latency believed, in seconds (a day).
 pub const MAX_LATENCY_SECONDS: f64 = 86_400.0;
+/// Highest CPU believed of one module process, in percent of one core:
+/// 1,024 cores busy.
+pub const MAX_MODULE_CPU_PERCENT: f64 = 102_400.0;
+/// Highest resident memory believed of one module process (16 TiB).
+pub const MAX_MODULE_MEMORY_BYTES: u64 = 1 << 44;
 
 /// `value` if it lies in `range` (NaN never does).
 fn within_range(
@@ -128,6 +133,38 @@ impl TryFrom<pb::ModuleMetrics> for ModuleMetrics {
     }
 }
 
+/// A module process's usage as an agent reports it: CPU finite and within
+/// what 1,024 cores do, memory within what a host holds.
+impl TryFrom<pb::ModuleUsage> for ModuleUsage {
+    type Error = FieldError;
+
+    fn try_from(u: pb::ModuleUsage) -> Result<Self, Self::Error> {
+        let cpu_percent = within_range("cpu_percent", u.cpu_percent, 0.0..=MAX_MODULE_CPU_PERCENT)?;
+        if u.memory_resident_bytes > MAX_MODULE_MEMORY_BYTES {
+            return Err(FieldError::new(
+                "memory_resident_bytes",
+                format!(
+                    "{} is beyond {MAX_MODULE_MEMORY_BYTES}, more than any host has",
+                    u.memory_resident_bytes
+                ),
+            ));
+        }
+        Ok(ModuleUsage {
+            cpu_percent,
+            memory_resident_bytes: u.memory_resident_bytes,
+        })
+    }
+}
+
+impl From<ModuleUsage> for pb::ModuleUsage {
+    fn from(u: ModuleUsage) -> Self {
+        pb::ModuleUsage {
+            cpu_percent: u.cpu_percent,
+            memory_resident_bytes: u.memory_resident_bytes,
+        }
+    }
+}
+
 /// A module's status as an agent reports it. The name must be a valid
 /// module name and the metrics window believable; the phase, health and
 /// failure class are lenient (a word this build does not know reads as
@@ -143,6 +180,11 @@ impl TryFrom<pb::ModuleStatus> for ModuleStatus {
             .map(ModuleMetrics::try_from)
             .transpose()
             .map_err(|e| e.within("metrics"))?;
+        let usage = m
+            .usage
+            .map(ModuleUsage::try_from)
+            .transpose()
+            .map_err(|e| e.within("usage"))?;
         Ok(ModuleStatus {
             name: m.name,
             version: m.version,
@@ -156,6 +198,7 @@ impl TryFrom<pb::ModuleStatus> for ModuleStatus {
             metrics,
             settling: m.settling_versions,
             failure_kind: FailureKind::parse(&m.failure_kind),
+            usage,
         })
     }
 }
@@ -186,6 +229,7 @@ impl From<&ModuleStatus> for pb::ModuleStatus {
                 .failure_kind
                 .map(|k| k.as_str().to_string())
                 .unwrap_or_default(),
+            usage: m.usage.map(pb::ModuleUsage::from),
         }
     }
 }
@@ -238,6 +282,7 @@ fn node_module_from_pb(m: pb::NodeModule) -> NodeModuleView {
         }),
         settling: m.settling_versions,
         failure_kind: FailureKind::parse(&m.failure_kind),
+        usage: None,
     };
     NodeModuleView::from_status(status, m.desired_version)
 }
@@ -906,6 +951,10 @@ mod tests {
             }),
             settling: vec!["1.1.0".into()],
             failure_kind: Some(FailureKind::Release),
+            usage: Some(ModuleUsage {
+                cpu_percent: 12.5,
+                memory_resident_bytes: 48 << 20,
+            }),
         };
         assert_eq!(
             ModuleStatus::try_from(pb::ModuleStatus::from(&m)),
@@ -946,6 +995,60 @@ mod tests {
         let err = check_version("staged_version", "latest").expect_err("not semver");
         assert_eq!(err.path, "staged_version");
         assert!(err.reason.starts_with("\"latest\" is not semver"), "{err}");
+    }
+
+    #[test]
+    fn module_usage_is_believable_or_refused() {
+        let usage = |cpu_percent, memory_resident_bytes| pb::ModuleUsage {
+            cpu_percent,
+            memory_resident_bytes,
+        };
+        assert_eq!(
+            ModuleUsage::try_from(usage(250.0, 64 << 20)),
+            Ok(ModuleUsage {
+                cpu_percent: 250.0,
+                memory_resident_bytes: 64 << 20
+            })
+        );
+        for (bad, field, reason) in [
+            (
+                usage(f64::NAN, 0),
+                "cpu_percent",
+                "must be within 0..=102400, got NaN",
+            ),
+            (
+                usage(-1.0, 0),
+                "cpu_percent",
+                "must be within 0..=102400, got -1",
+            ),
+            (
+                usage(f64::INFINITY, 0),
+                "cpu_percent",
+                "must be within 0..=102400, got inf",
+            ),
+            (
+                usage(1.0, u64::MAX),
+                "memory_resident_bytes",
+                "18446744073709551615 is beyond 17592186044416, more than any host has",
+            ),
+        ] {
+            let err = ModuleUsage::try_from(bad).expect_err(reason);
+            assert_eq!((err.path.as_str(), err.reason.as_str()), (field, reason));
+        }
+        let mut status = pb::ModuleStatus {
+            name: "web".into(),
+            usage: Some(usage(-3.0, 0)),
+            ..Default::default()
+        };
+        let err = ModuleStatus::try_from(status.clone()).expect_err("bad usage");
+        assert_eq!(err.path, "usage.cpu_percent");
+        status.usage = Some(usage(3.0, 1024));
+        let back = ModuleStatus::try_from(status).expect("good usage");
+        assert_eq!(
+            pb::ModuleStatus::from(&back).usage,
+            Some(usage(3.0, 1024)),
+            "round trip"
+        );
     }
 
     proptest::proptest! {

@@ -156,6 +156,18 @@ pub struct ModuleMetrics {
     pub latency_p99_seconds: Option<f64>,
 }
 
+/// What a module's own processes use, as its agent measures it from
+/// `/proc`: the evidence canary analysis compares for CPU and memory. Node
+/// usage would not do: every other module and process of the host is in it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModuleUsage {
+    /// CPU time since the agent's previous sample, in percent of one core
+    /// (a process busy on two cores reads 200).
+    pub cpu_percent: f64,
+    /// Resident memory now.
+    pub memory_resident_bytes: u64,
+}
+
 /// Status of one module on a node, as its agent reports it (SPEC §4). The
 /// control plane keeps the last one per module; users see it as
 /// `NodeModuleView` (`model`), built from it in one place.
@@ -180,11 +192,14 @@ pub struct ModuleStatus {
     /// The agent's class of the failure it reports; `None` without one or
     /// for a class this build does not know.
     pub failure_kind: Option<FailureKind>,
+    /// What the module's process uses; `None` for a module without one
+    /// (a bundle) and until the agent has sampled it twice.
+    pub usage: Option<ModuleUsage>,
 }
 
 impl ModuleStatus {
-    /// Equal in everything but the metrics window (a new window alone is
-    /// no change worth announcing).
+    /// Equal in everything but the metrics window and the usage sample (a
+    /// new sample alone is no change worth announcing).
     pub fn same_but_metrics(&self, other: &ModuleStatus) -> bool {
         let ModuleStatus {
             name,
@@ -199,6 +214,7 @@ impl ModuleStatus {
             metrics: _,
             settling,
             failure_kind,
+            usage: _,
         } = self;
         *name == other.name
             && *version == other.version

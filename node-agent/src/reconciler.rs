@@ -45,11 +45,11 @@ use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
 use crate::runtime::{ActivateError, Phase, ProgramError, bundle, check_program, hotswap_env, os};
 use crate::scrape::MetricNames;
 use crate::state::{AgentState, Desired, ModuleRecord, StateError};
-use crate::sysinfo::{CpuSampler, NodeUsage};
+use crate::sysinfo::{CpuSampler, NodeUsage, ProcessSampler};
 
 pub use crate::report::{AgentReport, ModuleReport};
 pub use hotswap_common::status::FailureKind;
-use hotswap_common::status::ModuleStatus;
+use hotswap_common::status::{ModuleStatus, ModuleUsage};
 
 /// Why a step (stage, install, swap) did not happen.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,6 +209,9 @@ pub struct Reconciler {
     failures: BTreeMap<(String, String), Failure>,
     cpu: CpuSampler,
     usage: Option<NodeUsage>,
+    /// Per process module: its sampler and the last usage it measured
+    /// (of the process the sampler last read).
+    module_usage: BTreeMap<String, (ProcessSampler, Option<ModuleUsage>)>,
     shutdown: CancellationToken,
 }
 
@@ -236,6 +239,7 @@ impl Reconciler {
             failures: BTreeMap::new(),
             cpu: CpuSampler::new(),
             usage: None,
+            module_usage: BTreeMap::new(),
             shutdown,
         };
         reconciler.adopt_running();
@@ -1057,6 +1061,11 @@ impl Reconciler {
                 report.restarts = status.restarts;
                 report.crash_loop = status.crash_loop;
                 report.pid = status.instance.as_ref().map_or(0, |i| i.pid);
+                report.usage = self
+                    .module_usage
+                    .get(name)
+                    .filter(|(sampler, _)| report.pid != 0 && sampler.pid() == Some(report.pid))
+                    .and_then(|(_, usage)| *usage);
                 report.metrics = status.metrics;
                 report.settling = status.settling;
                 if let Some(version) = status.version {
@@ -1193,9 +1202,31 @@ impl Reconciler {
                 } => {}
                 _ = usage_tick.tick() => {
                     self.usage = self.cpu.sample().ok();
+                    self.sample_modules();
                     self.probe_bundles().await;
                 }
             }
+        }
+    }
+
+    /// Each process module's usage since the previous tick, from its
+    /// current instance; modules without one are forgotten.
+    fn sample_modules(&mut self) {
+        let now = std::time::Instant::now();
+        let running: BTreeMap<String, u32> = self
+            .supervisors
+            .iter()
+            .filter_map(|(name, supervisor)| {
+                let pid = supervisor.status().borrow().instance.as_ref()?.pid;
+                Some((name.clone(), pid))
+            })
+            .collect();
+        self.module_usage
+            .retain(|name, _| running.contains_key(name));
+        for (name, pid) in running {
+            let (sampler, usage) = self.module_usage.entry(name).or_default();
+            // A process that just exited has no /proc entry: no sample.
+            *usage = sampler.sample(pid, now).ok().flatten();
         }
     }
 

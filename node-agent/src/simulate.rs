@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use hotswap_common::artifact::Digest;
 use hotswap_common::labels::Labels;
-use hotswap_common::status::{Health, ModuleStatus, Phase};
+use hotswap_common::status::{Health, ModuleStatus, ModuleUsage, Phase};
 use hotswap_common::tls::{
     self, ChannelOptions, ClientIdentity, ControlPlaneUrl, Endpoints, ServerTrust,
 };
@@ -486,6 +486,10 @@ fn report(
                     // Simulated swaps are instant and never fail on the node.
                     settling: Vec::new(),
                     failure_kind: None,
+                    usage: (m.phase == Phase::Running).then_some(ModuleUsage {
+                        cpu_percent: 5.0,
+                        memory_resident_bytes: 32 << 20,
+                    }),
                 },
                 pid: 0,
             })

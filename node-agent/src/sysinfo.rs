@@ -1,10 +1,13 @@
 //! Node and process resource usage from Linux `/proc`: node CPU (as a rate
 //! between two samples, [`CpuSampler`]), node memory, and the resident
-//! memory and CPU time of one module process ([`process_usage`]). The
-//! parsers are pure functions over the file text, so they are tested with
-//! fixed input.
+//! memory and CPU time of one module process ([`process_usage`]), turned
+//! into a module's CPU share by [`ProcessSampler`]. The parsers are pure
+//! functions over the file text, so they are tested with fixed input.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hotswap_common::status::ModuleUsage;
 
 /// Node resource usage at one moment.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -166,6 +169,61 @@ pub fn process_usage(pid: u32) -> Result<(u64, u64), SysinfoError> {
     Ok((resident, ticks))
 }
 
+/// A module process's usage between consecutive samples: what canary
+/// analysis compares. Keeps the previous sample's process and CPU time; a
+/// new process (a swap, a restart) starts over, so one sample never mixes
+/// two processes.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessSampler {
+    /// `(pid, CPU ticks, when)` at the previous sample.
+    previous: Option<(u32, u64, Instant)>,
+}
+
+impl ProcessSampler {
+    /// Usage of `pid` since the previous sample of the same process; `None`
+    /// on the first sample of a process (there is no interval yet).
+    pub fn sample(&mut self, pid: u32, now: Instant) -> Result<Option<ModuleUsage>, SysinfoError> {
+        let (resident, ticks) = process_usage(pid)?;
+        let usage = match self.previous {
+            Some((was, before, at)) if was == pid => process_cpu_percent(
+                before,
+                ticks,
+                now.saturating_duration_since(at),
+                clock_ticks(),
+            )
+            .map(|cpu_percent| ModuleUsage {
+                cpu_percent,
+                memory_resident_bytes: resident,
+            }),
+            _ => None,
+        };
+        self.previous = Some((pid, ticks, now));
+        Ok(usage)
+    }
+
+    /// The process the previous sample was of.
+    pub fn pid(&self) -> Option<u32> {
+        self.previous.map(|(pid, _, _)| pid)
+    }
+}
+
+/// CPU of a process between two readings of its CPU time, in percent of
+/// one core; `None` for an empty interval.
+fn process_cpu_percent(
+    before: u64,
+    after: u64,
+    elapsed: Duration,
+    ticks_per_second: u64,
+) -> Option<f64> {
+    let seconds = elapsed.as_secs_f64();
+    if seconds <= 0.0 || ticks_per_second == 0 {
+        return None;
+    }
+    // Saturating: a process's CPU time never goes backwards.
+    let busy = after.saturating_sub(before) as f64 / ticks_per_second as f64;
+    Some(busy / seconds * 100.0)
+}
+
 /// utime + stime (fields 14 and 15) of `/proc/<pid>/stat`. The command name
 /// (field 2) is in parentheses and may itself contain spaces and
 /// parentheses, so fields are counted from the last `)`.
@@ -203,6 +261,14 @@ fn page_size() -> u64 {
     // -1 (error) cannot happen for _SC_PAGESIZE on Linux; 4 KiB is the
     // right answer nearly everywhere if it somehow does.
     u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+}
+
+/// Clock ticks per second, the unit of `/proc/<pid>/stat` CPU times.
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    // 100 is what Linux reports on every architecture it runs on.
+    u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
 }
 
 fn read(path: impl AsRef<Path>) -> Result<String, SysinfoError> {
@@ -394,5 +460,70 @@ HugePages_Total:       0
 
         let err = process_usage(u32::MAX).unwrap_err().to_string();
         assert!(err.contains("/proc/4294967295/stat"), "{err}");
+    }
+
+    #[test]
+    fn process_cpu_in_percent_of_one_core() {
+        let second = Duration::from_secs(1);
+        assert_eq!(process_cpu_percent(0, 100, second, 100), Some(100.0));
+        assert_eq!(process_cpu_percent(10, 60, 2 * second, 100), Some(25.0));
+        // Two cores busy for the whole interval.
+        assert_eq!(process_cpu_percent(0, 400, 2 * second, 100), Some(200.0));
+        assert_eq!(process_cpu_percent(7, 7, second, 100), Some(0.0));
+        assert_eq!(
+            process_cpu_percent(9, 7, second, 100),
+            Some(0.0),
+            "backwards reads as idle"
+        );
+        assert_eq!(process_cpu_percent(0, 5, Duration::ZERO, 100), None);
+        assert_eq!(process_cpu_percent(0, 5, second, 0), None);
+    }
+
+    /// A busy process reads busier than a sleeping one over the same
+    /// interval, and a sample of another process starts over.
+    #[test]
+    fn live_process_samples() {
+        let spawn = |script: &str| {
+            std::process::Command::new("sh")
+                .args(["-c", script])
+                .spawn()
+                .expect("sh")
+        };
+        let mut busy = spawn("while :; do :; done");
+        let mut idle = spawn("exec sleep 60");
+        let (mut busy_sampler, mut idle_sampler) =
+            (ProcessSampler::default(), ProcessSampler::default());
+        let start = Instant::now();
+        assert_eq!(
+            busy_sampler.sample(busy.id(), start).unwrap(),
+            None,
+            "first sample"
+        );
+        assert_eq!(
+            idle_sampler.sample(idle.id(), start).unwrap(),
+            None,
+            "first sample"
+        );
+        // Long enough for many clock ticks of a busy loop, even on a loaded host.
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = Instant::now();
+        let hot = busy_sampler
+            .sample(busy.id(), now)
+            .unwrap()
+            .expect("second sample");
+        let cold = idle_sampler
+            .sample(idle.id(), now)
+            .unwrap()
+            .expect("second sample");
+        assert!(hot.cpu_percent > cold.cpu_percent, "{hot:?} vs {cold:?}");
+        assert!(cold.cpu_percent < 5.0, "{cold:?}");
+        assert!(hot.memory_resident_bytes > 0 && cold.memory_resident_bytes > 0);
+        // The same sampler on another process: no interval yet.
+        assert_eq!(busy_sampler.sample(idle.id(), now).unwrap(), None);
+        assert_eq!(busy_sampler.pid(), Some(idle.id()));
+        for child in [&mut busy, &mut idle] {
+            child.kill().ok();
+            child.wait().ok();
+        }
     }
 }

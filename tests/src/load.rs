@@ -67,7 +67,16 @@ pub fn write_pseudo_random(path: &Path, len: u64, seed: u64) {
     out.flush().expect("write random file");
 }
 
+/// The traffic canary tests send each node: at least the 50 requests
+/// analysis needs within seconds, and far below what a debug build of the
+/// example server answers on a busy 2-core host.
+pub const CANARY_LOAD_PER_SECOND: u32 = 50;
+
 /// Continuous HTTP load: one new connection per request, counting failures.
+/// [`Load::start`] sends the next request as soon as one is answered (what
+/// a swap must not drop); [`Load::paced`] sends at a steady rate, as real
+/// traffic arrives, so a faster version does not serve more of it (and
+/// burn more CPU) just by answering sooner: what canary analysis compares.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: Option<std::thread::JoinHandle<LoadStats>>,
@@ -83,12 +92,30 @@ pub struct LoadStats {
 
 impl Load {
     pub fn start(port: u16) -> Self {
+        Self::run(port, None)
+    }
+
+    /// `per_second` requests a second, on one connection each; a late
+    /// request is sent at once, without a burst to catch up.
+    pub fn paced(port: u16, per_second: u32) -> Self {
+        Self::run(port, Some(Duration::from_secs(1) / per_second.max(1)))
+    }
+
+    fn run(port: u16, every: Option<Duration>) -> Self {
         use std::io::{Read, Write};
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut stats = LoadStats::default();
+            let mut next = std::time::Instant::now();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(every) = every {
+                    let now = std::time::Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                    next = next.max(now) + every;
+                }
                 let result = (|| -> Result<String, String> {
                     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
                         .map_err(|e| format!("connect: {e}"))?;

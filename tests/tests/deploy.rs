@@ -2,7 +2,7 @@
 //! processes, failures caught by health and by canary analysis, controls,
 //! approvals, and a control plane killed mid-rollout.
 
-use hotswap_tests::{Fleet, Load, TestDir, eventually};
+use hotswap_tests::{CANARY_LOAD_PER_SECOND, Fleet, Load, TestDir, eventually};
 use serde_json::Value;
 
 fn activations(fleet: &Fleet, version: &str) -> Vec<usize> {
@@ -222,7 +222,10 @@ fn canary_with_errors_is_caught_by_analysis_and_rolled_back() {
         .cp
         .ctl(&["deploy", "create", "hello@1.0.0", "--env", "dev", "--wait"]);
     assert_eq!(out.code, 0, "{out:?}");
-    let loads: Vec<Load> = ports.iter().map(|p| Load::start(*p)).collect();
+    let loads: Vec<Load> = ports
+        .iter()
+        .map(|p| Load::paced(*p, CANARY_LOAD_PER_SECOND))
+        .collect();
     let out = fleet.cp.ctl(&[
         "-o",
         "json",

@@ -3,7 +3,9 @@
 //! out of disk space is an infrastructure failure that does not roll back a
 //! good release, and a wait for `deploy promote` ends at its pause timeout.
 
-use hotswap_tests::{Fleet, Load, SmallDisk, TestDir, can_mount, eventually};
+use hotswap_tests::{
+    CANARY_LOAD_PER_SECOND, Fleet, Load, SmallDisk, TestDir, can_mount, eventually,
+};
 use serde_json::Value;
 
 /// `hello@version` on each node's `port` label, with `env` in its process
@@ -203,7 +205,10 @@ fn a_canary_with_traffic_is_judged_on_its_sample() {
         0
     );
     push_hello(&fleet, "1.1.0", "", "3s");
-    let loads: Vec<Load> = ports.iter().map(|p| Load::start(*p)).collect();
+    let loads: Vec<Load> = ports
+        .iter()
+        .map(|p| Load::paced(*p, CANARY_LOAD_PER_SECOND))
+        .collect();
     let (code, last) = deploy(
         &fleet,
         "hello@1.1.0",

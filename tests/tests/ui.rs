@@ -16,7 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{ControlPlane, Fleet, Load, TestDir, eventually, patience};
+use hotswap_tests::{
+    CANARY_LOAD_PER_SECOND, ControlPlane, Fleet, Load, TestDir, eventually, patience,
+};
 use serde_json::Value;
 
 /// A running `hotswapctl ui --no-open`, stopped with SIGTERM on drop.
@@ -381,7 +383,10 @@ fn the_dashboard_follows_a_canary_and_offers_only_what_the_role_allows() {
     // A canary in two steps, each waiting for `deploy promote`: the page
     // opens on wave 1 and the test promotes once the browser shows it.
     // Traffic on both nodes gives its analysis numbers to chart.
-    let loads: Vec<Load> = ports.iter().map(|p| Load::start(*p)).collect();
+    let loads: Vec<Load> = ports
+        .iter()
+        .map(|p| Load::paced(*p, CANARY_LOAD_PER_SECOND))
+        .collect();
     let created = fleet.cp.ctl(&[
         "-o",
         "json",

@@ -352,6 +352,7 @@ fn module_state(version: &str, phase: &str, health: &str, message: &str) -> Modu
         metrics: None,
         settling: Vec::new(),
         failure_kind: None,
+        usage: None,
     }
 }
 

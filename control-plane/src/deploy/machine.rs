@@ -302,6 +302,11 @@ pub const MAX_LATENCY_WINDOWS: usize = 240;
 /// medians alone: a rank test on three values says nothing.
 pub const MIN_RANK_WINDOWS: usize = 4;
 
+/// Fewer reports with usage than this on either side and CPU and memory
+/// are not judged: the first readings of a process just started (and of
+/// its baseline at that moment) are noise, not a trend.
+pub const MIN_USAGE_SAMPLES: u32 = 3;
+
 /// A latency regression must also be significant at this level (one-sided
 /// Mann-Whitney U): one slow window on a canary is noise.
 pub const LATENCY_SIGNIFICANCE: f64 = 0.01;
@@ -754,9 +759,11 @@ pub fn plan_waves(strategy: &Strategy, count: usize) -> Vec<Vec<usize>> {
 }
 
 /// Judge a canary against its baseline on the evidence the analysis window
-/// holds. Crash loops fail at once. CPU and memory are evidence of their own
-/// (usage is reported whether or not the module serves traffic) and count
-/// as worse only beyond both the relative and the absolute margin. Error
+/// holds. Crash loops fail at once. CPU and memory of the module's process
+/// are evidence of their own (usage is reported whether or not the module
+/// serves traffic), judged from [`MIN_USAGE_SAMPLES`] reports on each side,
+/// and count as worse only beyond both the relative and the absolute
+/// margin. Error
 /// rate and latency are judged only once canary and baseline each served
 /// `min_requests`; with fewer the verdict is [`Outcome::Inconclusive`]. With
 /// no baseline (the last step, 100 %) only the absolute error-rate ceiling
@@ -775,8 +782,8 @@ pub fn judge(t: &Thresholds, a: &Analysis) -> (Outcome, String) {
         ));
     }
     if has_baseline
-        && canary.usage_samples > 0
-        && baseline.usage_samples > 0
+        && canary.usage_samples >= MIN_USAGE_SAMPLES
+        && baseline.usage_samples >= MIN_USAGE_SAMPLES
         && let (Some(cc), Some(bc)) = (canary.cpu_percent, baseline.cpu_percent)
     {
         usage_notes.push(format!("cpu {cc:.0}% (baseline {bc:.0}%)"));
@@ -789,8 +796,8 @@ pub fn judge(t: &Thresholds, a: &Analysis) -> (Outcome, String) {
         }
     }
     if has_baseline
-        && canary.usage_samples > 0
-        && baseline.usage_samples > 0
+        && canary.usage_samples >= MIN_USAGE_SAMPLES
+        && baseline.usage_samples >= MIN_USAGE_SAMPLES
         && let (Some(cm), Some(bm)) = (canary.memory_bytes, baseline.memory_bytes)
     {
         usage_notes.push(format!(

@@ -2363,6 +2363,26 @@ fn judge_table() {
             "inconclusive",
         ),
         (
+            "two readings of a process are too few to judge it",
+            Aggregate {
+                usage_samples: MIN_USAGE_SAMPLES - 1,
+                ..cpu(90.0)
+            },
+            cpu(10.0),
+            Inconclusive,
+            "inconclusive",
+        ),
+        (
+            "nor are two readings of the baseline",
+            cpu(90.0),
+            Aggregate {
+                usage_samples: MIN_USAGE_SAMPLES - 1,
+                ..cpu(10.0)
+            },
+            Inconclusive,
+            "inconclusive",
+        ),
+        (
             "last step: no baseline, canary judged on its own sample",
             err(0.01),
             absent.clone(),
@@ -3784,6 +3804,7 @@ proptest! {
         requests in 0.0f64..500.0,
         usage_samples in 0u32..20,
     ) {
+        // (The same usage on both sides: no sample size makes it worse.)
         let t = Thresholds::default();
         let enough = requests >= t.min_requests as f64;
         let baseline = Aggregate { error_rate: Some(error_rate), latency_p99: Some(latency), cpu_percent: Some(cpu), memory_bytes: Some(memory), crash_loops: 0, nodes: 3, requests, usage_samples, latency_windows: Vec::new() };

@@ -52,7 +52,8 @@ pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
 /// the window from the hold's start plus the warm-up to `now`. Sample
 /// sizes: requests are each node's mean request rate over the window times
 /// the window's length (reports repeat a window between scrapes, so summing
-/// their counts would count twice); usage samples are reports with usage.
+/// their counts would count twice); usage samples are reports with the
+/// module process's usage.
 pub fn analyze(
     registry: &Registry,
     deployment: &Deployment,
@@ -83,9 +84,10 @@ pub fn analyze(
             }
             let (mut node_rates, mut node_windows) = (0.0, 0u32);
             for report in history.iter().filter(|r| r.at_ms >= from_ms) {
-                if let Some(m) = report.modules.iter().find(|m| &m.name == module)
-                    && let Some(w) = m.metrics
-                {
+                let Some(m) = report.modules.iter().find(|m| &m.name == module) else {
+                    continue;
+                };
+                if let Some(w) = m.metrics {
                     node_rates += w.request_rate;
                     node_windows += 1;
                     rate_sum += w.request_rate;
@@ -94,9 +96,11 @@ pub fn analyze(
                         p99s.push(p);
                     }
                 }
-                if let Some(u) = report.usage {
+                // The module's own process, not the node: on a shared host
+                // the node's CPU is every other module's too.
+                if let Some(u) = m.usage {
                     cpu += f64::from(u.cpu_percent);
-                    memory += f64::from(u.memory_used_kib) * 1024.0;
+                    memory += f64::from(u.memory_resident_kib) * 1024.0;
                     usage_samples += 1;
                 }
             }

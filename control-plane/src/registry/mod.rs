@@ -851,7 +851,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hotswap_common::status::{FailureKind, Health, Phase};
+    use hotswap_common::status::{FailureKind, Health, ModuleUsage, Phase};
 
     #[tokio::test]
     async fn node_changes_wake_the_engine_once_and_build_states_only_for_watchers() {
@@ -907,6 +907,7 @@ mod tests {
             metrics: None,
             settling: Vec::new(),
             failure_kind: None,
+            usage: None,
         }
     }
 
@@ -918,6 +919,10 @@ mod tests {
             request_rate: 10.0,
             error_rate: 0.5,
             latency_p99_seconds: Some(0.2),
+        });
+        metrics_only.usage = Some(ModuleUsage {
+            cpu_percent: 40.0,
+            memory_resident_bytes: 1 << 20,
         });
         assert!(base.same_but_metrics(&metrics_only));
         assert!(metrics_only.same_but_metrics(&base));

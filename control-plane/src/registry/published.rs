@@ -107,10 +107,6 @@ pub struct UsageRecord {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SampleRecord {
     pub at_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_percent: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_used_kib: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub modules: Vec<ModuleSampleRecord>,
 }
@@ -122,6 +118,11 @@ pub struct ModuleSampleRecord {
     pub crash_loop: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsRecord>,
+    /// The module process's CPU, percent of one core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_resident_kib: Option<u32>,
 }
 
 impl From<&MetricsWindow> for MetricsRecord {
@@ -178,6 +179,8 @@ impl From<&ModuleRecord> for ModuleState {
             metrics: m.metrics.as_ref().map(MetricsWindow::from),
             settling: m.settling.clone(),
             failure_kind: m.failure_kind,
+            // Usage is analysis evidence: published in the samples only.
+            usage: None,
         }
     }
 }
@@ -206,8 +209,6 @@ impl From<&Sample> for SampleRecord {
     fn from(s: &Sample) -> Self {
         Self {
             at_ms: s.at_ms,
-            cpu_percent: s.usage.map(|u| u.cpu_percent),
-            memory_used_kib: s.usage.map(|u| u.memory_used_kib),
             modules: s
                 .modules
                 .iter()
@@ -215,6 +216,8 @@ impl From<&Sample> for SampleRecord {
                     name: m.name.clone(),
                     crash_loop: m.crash_loop,
                     metrics: m.metrics.as_ref().map(MetricsRecord::from),
+                    cpu_percent: m.usage.map(|u| u.cpu_percent),
+                    memory_resident_kib: m.usage.map(|u| u.memory_resident_kib),
                 })
                 .collect(),
         }
@@ -225,13 +228,6 @@ impl From<&SampleRecord> for Sample {
     fn from(s: &SampleRecord) -> Self {
         Self {
             at_ms: s.at_ms,
-            usage: match (s.cpu_percent, s.memory_used_kib) {
-                (Some(cpu_percent), Some(memory_used_kib)) => Some(UsageSample {
-                    cpu_percent,
-                    memory_used_kib,
-                }),
-                _ => None,
-            },
             modules: s
                 .modules
                 .iter()
@@ -239,6 +235,13 @@ impl From<&SampleRecord> for Sample {
                     name: m.name.clone(),
                     crash_loop: m.crash_loop,
                     metrics: m.metrics.as_ref().map(MetricsWindow::from),
+                    usage: match (m.cpu_percent, m.memory_resident_kib) {
+                        (Some(cpu_percent), Some(memory_resident_kib)) => Some(UsageSample {
+                            cpu_percent,
+                            memory_resident_kib,
+                        }),
+                        _ => None,
+                    },
                 })
                 .collect(),
         }
@@ -259,7 +262,8 @@ impl SessionRecord {
 /// be worth a write: a module's metrics appearing or going, its request
 /// rate moving by more than 20% (and 0.1/s), its error rate by more than
 /// half a percentage point, its p99 by more than 10%, a crash loop
-/// starting or ending; CPU moving by 10 points or memory by 10%.
+/// starting or ending; its process's CPU moving by 10 points or memory by
+/// 10%.
 pub fn moved_materially(published: &Sample, now: &Sample) -> bool {
     fn relative(a: f64, b: f64, share: f64, floor: f64) -> bool {
         let d = (a - b).abs();
@@ -273,7 +277,7 @@ pub fn moved_materially(published: &Sample, now: &Sample) -> bool {
             if old.crash_loop != m.crash_loop {
                 return true;
             }
-            match (&old.metrics, &m.metrics) {
+            let metrics_moved = match (&old.metrics, &m.metrics) {
                 (None, None) => false,
                 (Some(a), Some(b)) => {
                     relative(a.request_rate, b.request_rate, 0.2, 0.1)
@@ -285,25 +289,24 @@ pub fn moved_materially(published: &Sample, now: &Sample) -> bool {
                         }
                 }
                 _ => true,
-            }
+            };
+            let usage_moved = match (old.usage, m.usage) {
+                (None, None) => false,
+                (Some(a), Some(b)) => {
+                    (a.cpu_percent - b.cpu_percent).abs() > 10.0
+                        || relative(
+                            f64::from(a.memory_resident_kib),
+                            f64::from(b.memory_resident_kib),
+                            0.1,
+                            0.0,
+                        )
+                }
+                _ => true,
+            };
+            metrics_moved || usage_moved
         })
     };
-    if modules_moved(published, now) || modules_moved(now, published) {
-        return true;
-    }
-    match (published.usage, now.usage) {
-        (None, None) => false,
-        (Some(a), Some(b)) => {
-            (a.cpu_percent - b.cpu_percent).abs() > 10.0
-                || relative(
-                    f64::from(a.memory_used_kib),
-                    f64::from(b.memory_used_kib),
-                    0.1,
-                    0.0,
-                )
-        }
-        _ => true,
-    }
+    modules_moved(published, now) || modules_moved(now, published)
 }
 
 /// What the holder of a session remembers about what it published of it.
@@ -392,10 +395,6 @@ mod tests {
     fn sample(at_ms: u64, rate: f64, error_rate: f64, p99: Option<f64>) -> Sample {
         Sample {
             at_ms,
-            usage: Some(UsageSample {
-                cpu_percent: 20.0,
-                memory_used_kib: 100_000,
-            }),
             modules: vec![ModuleSample {
                 name: "web".into(),
                 crash_loop: false,
@@ -403,6 +402,10 @@ mod tests {
                     request_rate: rate,
                     error_rate,
                     latency_p99_seconds: p99,
+                }),
+                usage: Some(UsageSample {
+                    cpu_percent: 20.0,
+                    memory_resident_kib: 100_000,
                 }),
             }]
             .into(),
@@ -432,18 +435,28 @@ mod tests {
         let mut no_module = sample(5, 100.0, 0.01, Some(0.2));
         no_module.modules = Vec::new().into();
         check(no_module, true, "module gone");
-        let mut busy = sample(5, 100.0, 0.01, Some(0.2));
-        busy.usage = Some(UsageSample {
-            cpu_percent: 45.0,
-            memory_used_kib: 100_000,
-        });
-        check(busy, true, "cpu +25 points");
-        let mut grown = sample(5, 100.0, 0.01, Some(0.2));
-        grown.usage = Some(UsageSample {
-            cpu_percent: 22.0,
-            memory_used_kib: 130_000,
-        });
-        check(grown, true, "memory +30%");
+        let with_usage = |cpu_percent, memory_resident_kib| {
+            let mut s = sample(5, 100.0, 0.01, Some(0.2));
+            s.modules = vec![ModuleSample {
+                usage: Some(UsageSample {
+                    cpu_percent,
+                    memory_resident_kib,
+                }),
+                ..s.modules[0].clone()
+            }]
+            .into();
+            s
+        };
+        check(with_usage(25.0, 105_000), false, "usage noise");
+        check(with_usage(45.0, 100_000), true, "cpu +25 points");
+        check(with_usage(22.0, 130_000), true, "memory +30%");
+        let mut no_usage = sample(5, 100.0, 0.01, Some(0.2));
+        no_usage.modules = vec![ModuleSample {
+            usage: None,
+            ..no_usage.modules[0].clone()
+        }]
+        .into();
+        check(no_usage, true, "usage gone");
         // Tiny rates do not count as moves.
         assert!(!moved_materially(
             &sample(0, 0.05, 0.0, None),
@@ -558,6 +571,7 @@ mod tests {
             }),
             settling: vec!["1.1.0".into()],
             failure_kind: Some(FailureKind::Release),
+            usage: None,
         };
         let record = SessionRecord {
             replica: "cp-b".into(),

@@ -546,8 +546,6 @@ mod tests {
             usage: None,
             samples: vec![SampleRecord {
                 at_ms,
-                cpu_percent: None,
-                memory_used_kib: None,
                 modules: Vec::new(),
             }],
         }

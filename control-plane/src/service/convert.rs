@@ -17,7 +17,7 @@ use hotswap_common::convert::{FieldError, node_module_to_pb};
 use hotswap_common::labels::{Labels, validate_labels};
 use hotswap_common::model::NodeStatus;
 use hotswap_common::pb;
-use hotswap_common::status::{Health, ModuleMetrics, ModuleStatus, Phase};
+use hotswap_common::status::{Health, ModuleMetrics, ModuleStatus, ModuleUsage, Phase};
 use hotswap_common::timefmt::ts_from_ms;
 
 use crate::registry::{NodeState, NodeUsage, Report};
@@ -269,9 +269,10 @@ pub fn report_from_pb(report: pb::StatusReport, desired: &DesiredRecord) -> Scre
             continue;
         }
         let entry = format!("modules[{index}]");
-        // The window converts on its own: a bad one costs the window, not
-        // the module's status.
+        // The window and the usage convert on their own: a bad one costs
+        // itself, not the module's status.
         let window = m.metrics.take();
+        let usage = m.usage.take();
         let mut status = match ModuleStatus::try_from(m) {
             Ok(status) => status,
             Err(e) => {
@@ -287,6 +288,15 @@ pub fn report_from_pb(report: pb::StatusReport, desired: &DesiredRecord) -> Scre
             Err(e) => {
                 screened.problem(1, || {
                     format!("{}; metrics dropped", e.within(format!("{entry}.metrics")))
+                });
+                None
+            }
+        });
+        status.usage = usage.and_then(|u| match ModuleUsage::try_from(u) {
+            Ok(usage) => Some(usage),
+            Err(e) => {
+                screened.problem(1, || {
+                    format!("{}; usage dropped", e.within(format!("{entry}.usage")))
                 });
                 None
             }
@@ -625,9 +635,14 @@ mod tests {
             latency_p99_seconds: None,
             interval_seconds: 5.0,
         });
+        let mut bad_usage = status("db");
+        bad_usage.usage = Some(pb::ModuleUsage {
+            cpu_percent: -5.0,
+            memory_resident_bytes: 1 << 20,
+        });
         let screened = report_from_pb(
             pb::StatusReport {
-                modules: vec![status("db"), status("../../etc"), bad_metrics],
+                modules: vec![bad_usage, status("../../etc"), bad_metrics],
                 usage: Some(pb::NodeUsage {
                     cpu_percent: 101.0,
                     memory_used_bytes: 0,
@@ -641,13 +656,15 @@ mod tests {
         let expected = [
             "desired_generation: 9 is beyond 1, the newest the control plane sent; read as 0",
             "usage.cpu_percent: must be within 0..=100, got 101; node usage dropped",
+            "modules[0].usage.cpu_percent: must be within 0..=102400, got -5; usage dropped",
             "modules[1].name: module name \"../../etc\" is invalid: 2 to 63 characters of \
              lowercase letters, digits and '-', starting with a letter or digit; entry dropped",
             "modules[2].metrics.error_rate: must be within 0..=1, got NaN; metrics dropped",
         ];
         assert_eq!(screened.problems, expected);
-        assert_eq!(screened.dropped_claims, 4);
+        assert_eq!(screened.dropped_claims, 5);
         assert_eq!(names(&screened.report), ["db", "web"]);
+        assert_eq!(screened.report.modules[0].usage, None, "the status stays");
         assert_eq!(screened.report.modules[1].metrics, None);
     }
 

@@ -373,6 +373,7 @@ mod tests {
                     }),
                     settling: Vec::new(),
                     failure_kind: None,
+                    usage: None,
                 })
                 .collect(),
             desired: Default::default(),
