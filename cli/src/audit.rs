@@ -47,6 +47,10 @@ struct VerifyView {
     head_hash: String,
     broken_seq: Option<u64>,
     problem: Option<String>,
+    /// 1, or the first record kept after `audit_retention` removed older ones.
+    first_seq: u64,
+    /// The CA that signed the retention anchor of a trimmed chain.
+    anchor_signer: Option<String>,
 }
 
 pub async fn run(ctx: &Context, command: AuditCommand) -> Result<(), CliError> {
@@ -107,9 +111,16 @@ pub async fn run(ctx: &Context, command: AuditCommand) -> Result<(), CliError> {
                 head_hash: v.head_hash.clone(),
                 broken_seq: (!v.intact).then_some(v.broken_seq),
                 problem: (!v.intact).then(|| v.problem.clone()),
+                first_seq: v.first_seq.max(1),
+                anchor_signer: (!v.anchor_signer.is_empty()).then(|| v.anchor_signer.clone()),
             };
             match ctx.output {
                 OutputFormat::Json => output::print_json(&view),
+                OutputFormat::Table if v.intact && v.first_seq > 1 => println!(
+                    "audit log intact: {} records from record {} (older ones removed by \
+                     audit_retention; the anchor is signed by CA {}), head {}",
+                    v.records, v.first_seq, v.anchor_signer, v.head_hash
+                ),
                 OutputFormat::Table if v.intact => println!(
                     "audit log intact: {} records, head {}",
                     v.records, v.head_hash

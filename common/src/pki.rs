@@ -32,6 +32,8 @@ pub enum PkiError {
     NoIdentity,
     #[error("invalid CA fingerprint {0:?}: expected sha256: followed by 64 hex digits")]
     BadFingerprint(String),
+    #[error("the signature was not made by the key of CA {0}")]
+    BadSignature(String),
 }
 
 /// Who a certificate belongs to.
@@ -126,6 +128,15 @@ impl CertificateAuthority {
     /// `sha256:<hex>` of the CA certificate's DER, what agents pin.
     pub fn fingerprint(&self) -> Result<String, PkiError> {
         pem_fingerprint(&self.cert_pem)
+    }
+
+    /// `message` signed with the CA's key, in its certificate's algorithm
+    /// (ECDSA P-256 with SHA-256, ASN.1 DER, for a CA `init` made): for
+    /// statements the control plane makes besides certificates, checked
+    /// with [`verify_signed_by`].
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, PkiError> {
+        use rcgen::SigningKey;
+        Ok(self.issuer.key().sign(message)?)
     }
 
     /// A certificate for another CA (its name and key, from `other_cert_pem`
@@ -319,6 +330,33 @@ pub fn first_cert_der(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
         .map_err(|e| PkiError::BadCertificate(format!("no PEM certificate found: {e}")))
 }
 
+/// Whether `signature` over `message` was made with the key of the CA
+/// certificate `ca_pem` ([`CertificateAuthority::sign`]). The key decides
+/// the algorithm: ECDSA P-256 or P-384 (ASN.1 DER signatures) or Ed25519.
+pub fn verify_signed_by(ca_pem: &str, message: &[u8], signature: &[u8]) -> Result<(), PkiError> {
+    use ring::signature::{
+        ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, ED25519, UnparsedPublicKey,
+        VerificationAlgorithm,
+    };
+    let der = first_cert_der(ca_pem)?;
+    let fingerprint = der_fingerprint(&der);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let key = cert.public_key().subject_public_key.data.as_ref();
+    let algorithms: [&'static dyn VerificationAlgorithm; 3] =
+        [&ECDSA_P256_SHA256_ASN1, &ECDSA_P384_SHA384_ASN1, &ED25519];
+    // A key of one algorithm never verifies a signature under another.
+    algorithms
+        .into_iter()
+        .any(|algorithm| {
+            UnparsedPublicKey::new(algorithm, key)
+                .verify(message, signature)
+                .is_ok()
+        })
+        .then_some(())
+        .ok_or(PkiError::BadSignature(fingerprint))
+}
+
 /// The identity carried by a certificate issued by the hotswap CA.
 pub fn principal_of(der: &[u8]) -> Result<Principal, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
@@ -468,6 +506,36 @@ mod tests {
     use super::*;
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn what_the_ca_signs_verifies_with_its_certificate_only() {
+        let (ca, pems) = CertificateAuthority::generate("test CA").expect("ca");
+        let (_, other) = CertificateAuthority::generate("other CA").expect("ca");
+        let message = b"anchor 17 abc";
+        let signature = ca.sign(message).expect("sign");
+        assert!(verify_signed_by(&pems.cert_pem, message, &signature).is_ok());
+        let fingerprint = ca.fingerprint().expect("fingerprint");
+        let foreign = pem_fingerprint(&other.cert_pem).expect("fingerprint");
+        let refused = |ca_pem: &str, message: &[u8], signature: &[u8]| match verify_signed_by(
+            ca_pem, message, signature,
+        ) {
+            Err(PkiError::BadSignature(fp)) => fp,
+            other => panic!("expected a bad signature, got {other:?}"),
+        };
+        assert_eq!(
+            refused(&pems.cert_pem, b"anchor 18 abc", &signature),
+            fingerprint
+        );
+        assert_eq!(refused(&other.cert_pem, message, &signature), foreign);
+        let mut flipped = signature.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert_eq!(refused(&pems.cert_pem, message, &flipped), fingerprint);
+        assert!(matches!(
+            verify_signed_by("not a certificate", message, &signature),
+            Err(PkiError::BadCertificate(_))
+        ));
+    }
 
     #[test]
     fn a_csr_key_fingerprint_names_the_key_not_the_request() {

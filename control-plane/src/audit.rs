@@ -9,12 +9,22 @@
 //! point, which [`AuditLog::verify`] reports. Truncating the tail cannot be
 //! detected from the log alone; `audit verify` prints the head hash so it can
 //! be noted elsewhere and compared later.
+//!
+//! Retention (`audit_retention`) removes the oldest records, always a
+//! prefix, and first appends an [`Anchor`]: a record, in the chain like any
+//! other, whose detail names the first record kept and that record's link,
+//! signed with the CA's key. Verification of a trimmed log starts from the
+//! anchor's link after checking its signature against the CA certificate,
+//! so records removed from the start without an anchor still show as
+//! deleted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use hotswap_common::pki::{CertificateAuthority, verify_signed_by};
 
 use crate::store::{Direction, LogName, SeqLog, Store, StoreError};
 
@@ -71,6 +81,51 @@ pub fn record_hash(r: &AuditRecord) -> String {
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
+/// The action of the records that anchor a trimmed chain.
+pub const ANCHOR_ACTION: &str = "audit.anchor";
+
+/// Records removed by one trim at most: a large backlog goes over several
+/// passes, each a bounded delete.
+pub const TRIM_BATCH: usize = 10_000;
+
+/// What the retention trim appends before it removes records: signed by
+/// the CA, it vouches for the link of the first record kept, so the chain
+/// from there verifies without the records before it. Stored as the JSON
+/// detail of an [`ANCHOR_ACTION`] record.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Anchor {
+    /// The first record kept; every record before it was removed.
+    pub first_kept: u64,
+    /// That record's `prev_hash`: the hash of the last record removed.
+    pub prev_hash: String,
+    /// Records older than this (ms since the epoch) were removed.
+    pub cutoff_ms: u64,
+    /// `sha256:` fingerprint of the CA whose key signed.
+    pub signer: String,
+    /// Hex of the signature over [`Anchor::signed_bytes`].
+    pub signature: String,
+}
+
+impl Anchor {
+    /// What the CA signs: every field but the signature, in a fixed order.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        format!(
+            "hotswap audit anchor v1\n{}\n{}\n{}\n{}\n",
+            self.first_kept, self.prev_hash, self.cutoff_ms, self.signer
+        )
+        .into_bytes()
+    }
+}
+
+/// The keys of retention anchors: the CA that signs new ones, and the CA
+/// certificates whose anchors verify (the current one, and mid-rotation
+/// the previous one).
+#[derive(Clone)]
+pub struct AnchorKeys {
+    pub ca: Arc<CertificateAuthority>,
+    pub trusted: Vec<String>,
+}
+
 /// Filters for [`AuditLog::list`].
 #[derive(Clone, Debug, Default)]
 pub struct AuditFilter {
@@ -99,6 +154,9 @@ pub struct Verification {
     pub head_hash: String,
     /// The first broken record and what is wrong with it.
     pub broken: Option<(u64, String)>,
+    /// Where a trimmed chain starts, and the fingerprint of the CA that
+    /// signed the anchor vouching for it; `None` for a chain from genesis.
+    pub anchored: Option<(u64, String)>,
 }
 
 pub struct AuditLog {
@@ -112,6 +170,9 @@ pub struct AuditLog {
     /// one write, so one record per call does not mean one round trip per
     /// call, and replicas sharing the chain race for its head far less).
     waiting: std::sync::Mutex<Vec<Waiting>>,
+    /// Signs retention anchors and checks them; without it the log is
+    /// never trimmed and a trimmed log cannot verify.
+    anchors: Option<AnchorKeys>,
 }
 
 /// An entry queued for the next append, with its time and where its record
@@ -143,6 +204,8 @@ pub enum AuditError {
         "audit log: other replicas took the next number {0} times in a row over {1}s; try again"
     )]
     Contended(u32, u64),
+    #[error("audit anchor: {0}")]
+    Anchor(String),
 }
 
 fn decode(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError> {
@@ -161,7 +224,104 @@ impl AuditLog {
             store: store.clone(),
             head: tokio::sync::Mutex::new(head),
             waiting: std::sync::Mutex::new(Vec::new()),
+            anchors: None,
         })
+    }
+
+    /// With the keys that sign and check retention anchors.
+    pub fn with_anchors(mut self, anchors: AnchorKeys) -> Self {
+        self.anchors = Some(anchors);
+        self
+    }
+
+    /// Remove the oldest records, those before the first at or after
+    /// `cutoff_ms` (at most [`TRIM_BATCH`] a pass), after appending the
+    /// signed [`Anchor`] that vouches for the first record kept. Returns the
+    /// anchor and how many records went, or `None` when nothing was old
+    /// enough. A trim interrupted
+    /// between its anchor and its delete leaves the old records in place;
+    /// the next one removes them.
+    pub async fn trim_older_than(
+        &self,
+        cutoff_ms: u64,
+    ) -> Result<Option<(Anchor, u64)>, AuditError> {
+        let Some(keys) = &self.anchors else {
+            return Ok(None);
+        };
+        let Some(first) = self.log.first_seq()? else {
+            return Ok(None);
+        };
+        let mut last_removed: Option<(u64, String)> = None;
+        for (count, entry) in self.log.range(first, Direction::Forward).enumerate() {
+            let (seq, value) = entry?;
+            let record = decode(&seq.to_be_bytes(), &value)?;
+            if record.time_ms >= cutoff_ms || count == TRIM_BATCH {
+                break;
+            }
+            last_removed = Some((seq, record.hash));
+        }
+        let Some((through, prev_hash)) = last_removed else {
+            return Ok(None);
+        };
+        let mut anchor = Anchor {
+            first_kept: through + 1,
+            prev_hash,
+            cutoff_ms,
+            signer: keys
+                .ca
+                .fingerprint()
+                .map_err(|e| AuditError::Anchor(e.to_string()))?,
+            signature: String::new(),
+        };
+        anchor.signature = hex::encode(
+            keys.ca
+                .sign(&anchor.signed_bytes())
+                .map_err(|e| AuditError::Anchor(e.to_string()))?,
+        );
+        let detail =
+            serde_json::to_string(&anchor).map_err(|e| AuditError::Anchor(e.to_string()))?;
+        self.append(AuditEntry {
+            user: "control-plane".into(),
+            role: "system".into(),
+            action: ANCHOR_ACTION.into(),
+            target: format!("records {first}..={through}"),
+            result: "ok",
+            detail,
+            ..AuditEntry::default()
+        })
+        .await?;
+        // The anchor is durable (append flushes) before anything goes.
+        self.log.remove_through(through)?;
+        self.store.flush().await?;
+        tracing::info!(
+            first,
+            through,
+            "audit records past retention removed, anchored"
+        );
+        Ok(Some((anchor, through + 1 - first)))
+    }
+
+    /// Whether `anchor` is signed by a trusted CA.
+    fn check_anchor(&self, anchor: &Anchor) -> Result<(), String> {
+        let keys = self
+            .anchors
+            .as_ref()
+            .ok_or("this control plane has no CA to check it with")?;
+        let signature =
+            hex::decode(&anchor.signature).map_err(|e| format!("its signature is not hex: {e}"))?;
+        let bytes = anchor.signed_bytes();
+        if keys
+            .trusted
+            .iter()
+            .any(|pem| verify_signed_by(pem, &bytes, &signature).is_ok())
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "its signature does not verify with the CA certificate (it names signer {})",
+                anchor.signer
+            ))
+        }
     }
 
     /// Append a record and make it durable before returning it. Where other
@@ -350,27 +510,100 @@ impl AuditLog {
     }
 
     /// Walk the chain from the first record; stop at the first broken link.
+    /// A trimmed chain (its first record is not 1) starts from the anchor
+    /// that vouches for its first record, once the anchor's signature
+    /// checks; records below that anchor's `first_kept` (left by a trim
+    /// interrupted before its delete) are not walked.
     pub fn verify(&self) -> Result<Verification, AuditError> {
-        verify_records(self.log.range(0, Direction::Forward).map(|entry| {
-            let (seq, value) = entry?;
-            Ok((seq.to_be_bytes().to_vec(), value))
-        }))
+        let first = self.log.first_seq()?.unwrap_or(1);
+        if first <= 1 {
+            return verify_records(self.log.range(0, Direction::Forward).map(|entry| {
+                let (seq, value) = entry?;
+                Ok((seq.to_be_bytes().to_vec(), value))
+            }));
+        }
+        let broken = |seq: u64, problem: String| Verification {
+            records: 0,
+            head_hash: GENESIS.to_string(),
+            broken: Some((seq, problem)),
+            anchored: None,
+        };
+        // The anchor with the lowest first record kept at or above the
+        // log's first: the trim that removed the records before it.
+        let mut anchor: Option<Anchor> = None;
+        for entry in self.log.range(first, Direction::Forward) {
+            let (_, value) = entry?;
+            let Ok(record) = serde_json::from_slice::<AuditRecord>(&value) else {
+                continue;
+            };
+            if record.action != ANCHOR_ACTION {
+                continue;
+            }
+            if let Ok(found) = serde_json::from_str::<Anchor>(&record.detail)
+                && found.first_kept >= first
+                && found.first_kept <= record.seq
+                && anchor
+                    .as_ref()
+                    .is_none_or(|a| found.first_kept < a.first_kept)
+            {
+                anchor = Some(found);
+            }
+        }
+        let Some(anchor) = anchor else {
+            return Ok(broken(
+                first,
+                format!(
+                    "records before {first} are gone and no retention anchor vouches for record {first}: they were deleted"
+                ),
+            ));
+        };
+        if let Err(why) = self.check_anchor(&anchor) {
+            return Ok(broken(
+                anchor.first_kept,
+                format!(
+                    "the retention anchor for record {} is not valid: {why}",
+                    anchor.first_kept
+                ),
+            ));
+        }
+        let mut v = verify_chain(
+            self.log
+                .range(anchor.first_kept, Direction::Forward)
+                .map(|entry| {
+                    let (seq, value) = entry?;
+                    Ok((seq.to_be_bytes().to_vec(), value))
+                }),
+            anchor.first_kept,
+            anchor.prev_hash.clone(),
+        )?;
+        v.anchored = Some((anchor.first_kept, anchor.signer));
+        Ok(v)
     }
 }
 
-/// The chain check over raw `(key, value)` pairs in key order.
+/// The chain check over raw `(key, value)` pairs in key order, from the
+/// first record.
 pub fn verify_records(
     entries: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), AuditError>>,
 ) -> Result<Verification, AuditError> {
-    let mut prev = GENESIS.to_string();
+    verify_chain(entries, 1, GENESIS.to_string())
+}
+
+/// The chain check from record `first`, whose `prev_hash` must be `prev`.
+fn verify_chain(
+    entries: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), AuditError>>,
+    first: u64,
+    mut prev: String,
+) -> Result<Verification, AuditError> {
     let mut records = 0;
-    for (expected_seq, entry) in (1u64..).zip(entries) {
+    for (expected_seq, entry) in (first..).zip(entries) {
         let (key, value) = entry?;
         let broken = |problem: String| {
             Ok(Verification {
                 records,
                 head_hash: prev.clone(),
                 broken: Some((expected_seq, problem)),
+                anchored: None,
             })
         };
         let key_seq = <[u8; 8]>::try_from(key.as_slice())
@@ -412,6 +645,7 @@ pub fn verify_records(
         records,
         head_hash: prev,
         broken: None,
+        anchored: None,
     })
 }
 
@@ -523,6 +757,122 @@ mod tests {
         let (seq, problem) = log.verify().unwrap().broken.unwrap();
         assert_eq!(seq, 4);
         assert!(problem.contains("link"), "{problem}");
+    }
+
+    /// A CA, its certificate and key.
+    fn new_ca(name: &str) -> (Arc<CertificateAuthority>, String) {
+        let (ca, pems) = CertificateAuthority::generate(name).expect("ca");
+        (Arc::new(ca), pems.cert_pem)
+    }
+
+    fn keys_of(ca: &(Arc<CertificateAuthority>, String)) -> AnchorKeys {
+        AnchorKeys {
+            ca: ca.0.clone(),
+            trusted: vec![ca.1.clone()],
+        }
+    }
+
+    /// Three records, then (after the cutoff) two more.
+    async fn trimmable(
+        ca: &(Arc<CertificateAuthority>, String),
+    ) -> (tempfile::TempDir, Store, AuditLog, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
+        let log = AuditLog::open(&store).unwrap().with_anchors(keys_of(ca));
+        for i in 0..3 {
+            log.append(entry(i)).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let cutoff = hotswap_common::timefmt::now_ms();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        for i in 3..5 {
+            log.append(entry(i)).await.unwrap();
+        }
+        (dir, store, log, cutoff)
+    }
+
+    /// Retention removes the oldest records behind an anchor the CA signed:
+    /// the rest of the chain verifies from it, keeps growing, and survives
+    /// a reopen; nothing newer than the cutoff goes.
+    #[tokio::test]
+    async fn a_trimmed_chain_verifies_from_its_signed_anchor() {
+        let ca = new_ca("audit CA");
+        let (_dir, store, log, cutoff) = trimmable(&ca).await;
+        let before = log.verify().unwrap();
+        let (anchor, removed) = log.trim_older_than(cutoff).await.unwrap().expect("trimmed");
+        assert_eq!(removed, 3);
+        assert_eq!(anchor.first_kept, 4);
+        let kept = log
+            .list(&AuditFilter {
+                limit: 100,
+                ..AuditFilter::default()
+            })
+            .unwrap();
+        assert_eq!(anchor.prev_hash, kept[0].prev_hash, "record 4's link");
+        assert_eq!(anchor.signer, ca.0.fingerprint().unwrap());
+        let log_seqs: Vec<u64> = log
+            .list(&AuditFilter {
+                limit: 100,
+                ..AuditFilter::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(log_seqs, [4, 5, 6], "the anchor is record 6");
+        let v = log.verify().unwrap();
+        assert_eq!(v.broken, None, "{v:?}");
+        assert_eq!(v.records, 3);
+        assert_eq!(v.anchored, Some((4, anchor.signer.clone())));
+        assert_ne!(v.head_hash, before.head_hash, "the anchor is chained on");
+        // Nothing more is old enough.
+        assert!(log.trim_older_than(cutoff).await.unwrap().is_none());
+        log.append(entry(7)).await.unwrap();
+        drop(log);
+        let log = AuditLog::open(&store).unwrap().with_anchors(keys_of(&ca));
+        let v = log.verify().unwrap();
+        assert_eq!((v.records, v.broken.clone()), (4, None), "{v:?}");
+    }
+
+    /// Records removed from the start without an anchor are deleted, not
+    /// trimmed; an anchor no trusted CA signed vouches for nothing; a log
+    /// with no CA to sign is never trimmed.
+    #[tokio::test]
+    async fn only_a_trusted_anchor_vouches_for_a_trimmed_chain() {
+        let ca = new_ca("audit CA");
+        let (_dir, store, log, cutoff) = trimmable(&ca).await;
+        store
+            .log(LogName::Audit)
+            .unwrap()
+            .remove_through(2)
+            .unwrap();
+        let (seq, problem) = log.verify().unwrap().broken.expect("broken");
+        assert_eq!(seq, 3);
+        assert!(problem.contains("no retention anchor"), "{problem}");
+
+        let (_dir, store, log, cutoff2) = trimmable(&ca).await;
+        log.trim_older_than(cutoff2)
+            .await
+            .unwrap()
+            .expect("trimmed");
+        let stranger = new_ca("another CA");
+        let elsewhere = AuditLog::open(&store)
+            .unwrap()
+            .with_anchors(keys_of(&stranger));
+        let (seq, problem) = elsewhere.verify().unwrap().broken.expect("broken");
+        assert_eq!(seq, 4);
+        assert!(
+            problem.contains("does not verify with the CA certificate"),
+            "{problem}"
+        );
+        let keyless = AuditLog::open(&store).unwrap();
+        let (_, problem) = keyless.verify().unwrap().broken.expect("broken");
+        assert!(problem.contains("no CA"), "{problem}");
+        assert!(
+            keyless.trim_older_than(u64::MAX).await.unwrap().is_none(),
+            "never trims"
+        );
+        let _ = cutoff;
     }
 
     #[tokio::test]

@@ -54,6 +54,10 @@ pub struct Settings {
     pub upload_idle_timeout: Duration,
     /// Events kept in the event log; the oldest are trimmed beyond this.
     pub event_retention: u64,
+    /// Audit records older than this are removed, oldest first, behind a
+    /// signed anchor that keeps the rest of the chain verifiable.
+    #[serde(with = "duration_text")]
+    pub audit_retention: Duration,
     /// Enrollment attempts allowed per source address: a burst of
     /// `enroll_burst`, refilled at `enroll_per_minute`.
     pub enroll_per_minute: u32,
@@ -392,6 +396,7 @@ impl Default for Settings {
             request_timeout: Duration::from_secs(60),
             upload_idle_timeout: Duration::from_secs(30),
             event_retention: 100_000,
+            audit_retention: Duration::from_secs(90 * 86_400),
             enroll_per_minute: 600,
             enroll_burst: 200,
             operator_writes_per_minute: 1000,
@@ -519,6 +524,9 @@ impl Settings {
         }
         if self.event_retention < 100 {
             problems.push("event_retention must be at least 100".to_string());
+        }
+        if self.audit_retention < Duration::from_secs(1) {
+            problems.push("audit_retention must be at least 1s".to_string());
         }
         if self.enroll_per_minute == 0 || self.enroll_burst == 0 {
             problems.push("enroll_per_minute and enroll_burst must be at least 1".to_string());

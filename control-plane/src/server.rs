@@ -287,6 +287,45 @@ struct Leadership {
 /// Campaign; once elected, build and run the engine until the lease is
 /// lost (then restart in place: nothing of this leadership's memory may
 /// outlive it) or the shutdown (then resign once the engine stopped).
+/// How often the audit log is trimmed to `audit_retention`: a tenth of it,
+/// between once a second and once every ten minutes.
+fn audit_trim_every(retention: std::time::Duration) -> std::time::Duration {
+    (retention / 10).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(600),
+    )
+}
+
+/// Remove audit records past `retention` behind a signed anchor, now and
+/// then periodically. Every replica trims (two at once at worst anchor the
+/// same record twice); a failure is logged and tried again next time.
+async fn trim_audit(
+    audit: Arc<AuditLog>,
+    retention: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let every = audit_trim_every(retention);
+    loop {
+        let now = hotswap_common::timefmt::now_ms();
+        let cutoff = now.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        // Batches: a backlog goes in several passes, one after the other.
+        loop {
+            match audit.trim_older_than(cutoff).await {
+                Ok(Some((_, removed))) if removed == crate::audit::TRIM_BATCH as u64 => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot trim the audit log");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 async fn lead_while_elected(leadership: Leadership) {
     let Leadership {
         etcd,
@@ -674,7 +713,21 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             stop_publishing.clone(),
         ));
     }
-    let audit = AuditLog::open(&store).map_err(|e| RunError::Audit(e.to_string()))?;
+    let audit = Arc::new(
+        AuditLog::open(&store)
+            .map_err(|e| RunError::Audit(e.to_string()))?
+            .with_anchors(crate::audit::AnchorKeys {
+                ca: Arc::new(CertificateAuthority::from_pem(
+                    &ca_pem,
+                    &read(&layout.ca_key())?,
+                )?),
+                // Mid-rotation, anchors the previous CA signed still verify.
+                trusted: [ca_pem.clone(), previous_ca.clone()]
+                    .into_iter()
+                    .filter(|pem| !pem.is_empty())
+                    .collect(),
+            }),
+    );
     if let Some(admin) = &recovered_admin {
         audit
             .append(crate::audit::AuditEntry {
@@ -709,11 +762,16 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         ca_fingerprint: ca_fingerprint.clone(),
         settings: config.settings.clone(),
         metrics: metrics.clone(),
-        audit: Arc::new(audit),
+        audit: audit.clone(),
         shutdown: shutdown.clone(),
         limits: crate::service::OperatorLimits::new(&config.settings),
         replicas,
     });
+    tokio::spawn(trim_audit(
+        audit,
+        config.settings.audit_retention,
+        shutdown.clone(),
+    ));
     // The engine runs in the leader alone: on the embedded store that is
     // this process from the start; on etcd, whichever replica wins the
     // election builds it then, from the records as they are.

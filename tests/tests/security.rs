@@ -616,6 +616,58 @@ fn audit_log_records_calls_and_verify_catches_an_offline_edit() {
     );
 }
 
+/// SPEC §9: `audit_retention` removes old records, oldest first, behind an
+/// anchor the CA signed: what is left is exactly the newer records, and the
+/// chain still verifies from the anchor, also after a restart.
+#[test]
+fn audit_retention_trims_behind_a_signed_anchor_and_the_chain_still_verifies() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init_with_settings(dir.path(), "audit_retention = \"3s\"\n");
+    cp.start();
+    let (_, fingerprint) = cp.token(&["--label", "environment=dev"]);
+    let old = cp.ctl(&["-o", "json", "audit", "list"]).json();
+    let old_last = old
+        .as_array()
+        .and_then(|records| records.last())
+        .and_then(|r| r["seq"].as_u64())
+        .expect("records");
+    let verified = eventually("the old records to be trimmed", || {
+        let out = cp.ctl(&["-o", "json", "audit", "verify"]);
+        let view = out.json();
+        (out.code == 0 && view["first_seq"].as_u64() > Some(old_last))
+            .then_some(view)
+            .ok_or(out.stdout)
+    });
+    assert_eq!(verified["intact"], true, "{verified}");
+    assert_eq!(
+        verified["anchor_signer"],
+        fingerprint.as_str(),
+        "{verified}"
+    );
+    let listed = cp.ctl(&["-o", "json", "audit", "list"]).json();
+    let listed = listed.as_array().cloned().unwrap_or_default();
+    let first = listed.first().cloned().unwrap_or_default();
+    assert_eq!(first["seq"], verified["first_seq"], "{listed:?}");
+    assert!(
+        listed.iter().any(|r| r["action"] == "audit.anchor"),
+        "the anchor is in the chain: {listed:?}"
+    );
+    // New records chain on; the chain verifies after a restart too.
+    cp.ctl(&["tokens", "create"]).ok();
+    cp.stop();
+    cp.start();
+    let again = cp.ctl(&["-o", "json", "audit", "verify"]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(again.json()["intact"], true, "{again:?}");
+    let table = cp.ctl(&["audit", "verify"]);
+    assert!(
+        table
+            .stdout
+            .contains("older ones removed by audit_retention"),
+        "{table:?}"
+    );
+}
+
 #[test]
 fn agents_renew_short_lived_certificates_without_dropping_the_session() {
     let dir = TestDir::new();

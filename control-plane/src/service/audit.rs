@@ -94,12 +94,15 @@ impl pb::audit_server::Audit for AuditService {
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(audit_error)?;
         let (broken_seq, problem) = v.broken.unwrap_or_default();
+        let (first_seq, anchor_signer) = v.anchored.unwrap_or((1, String::new()));
         Ok(Response::new(pb::VerifyAuditResponse {
             intact: broken_seq == 0,
             records: v.records,
             head_hash: v.head_hash,
             broken_seq,
             problem,
+            first_seq,
+            anchor_signer,
         }))
     }
 }
