@@ -29,6 +29,7 @@ pub mod replicas;
 pub use hotswap_common::roles;
 pub mod rotation;
 pub mod run_to_end;
+pub mod schedule;
 pub mod server;
 pub mod service;
 pub mod storage;
