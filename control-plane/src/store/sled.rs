@@ -26,6 +26,7 @@ use super::{
     Revision, SeqLog, Storage, StoreError, StoredDeployment, TokenRecord, UserRecord, UserRecords,
     decode, encode,
 };
+use super::{FreezeRecord, FreezeRecords};
 
 /// Device and inode of a file: what makes it the same file when its name
 /// may since point to another one, or to nothing.
@@ -154,6 +155,7 @@ pub struct SledStore {
     deployments: sled::Tree,
     pipelines: sled::Tree,
     users: sled::Tree,
+    freezes: sled::Tree,
     /// The revision of the newest desired-state write, held while one is
     /// written. Each write stores the new revision in `meta` before the
     /// record that carries it (sled recovers a prefix of its log), so after
@@ -241,6 +243,7 @@ impl SledStore {
             deployments: tree(Collection::Deployments)?,
             pipelines: tree(Collection::Pipelines)?,
             users: tree(Collection::Users)?,
+            freezes: tree(Collection::Freezes)?,
             events: Arc::new(SledLog {
                 tree: tree(Collection::Events)?,
             }),
@@ -780,6 +783,28 @@ impl DeploymentRecords for SledStore {
 
     async fn flush_deployments(&self) -> Result<(), StoreError> {
         self.flush().await
+    }
+}
+
+#[async_trait]
+impl FreezeRecords for SledStore {
+    async fn put_freeze(&self, record: &FreezeRecord) -> Result<(), StoreError> {
+        self.freezes.insert(record.id.as_bytes(), encode(record))?;
+        self.flush().await
+    }
+
+    fn list_freezes(&self) -> Result<Vec<FreezeRecord>, StoreError> {
+        scan(&self.freezes, Collection::Freezes)
+    }
+
+    async fn remove_freeze(&self, id: &str) -> Result<Option<FreezeRecord>, StoreError> {
+        let removed = self
+            .freezes
+            .remove(id.as_bytes())?
+            .map(|bytes| decode(Collection::Freezes, id.as_bytes(), &bytes))
+            .transpose()?;
+        self.flush().await?;
+        Ok(removed)
     }
 }
 
