@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::current::{Downgrade, downgrade_refusal};
 use super::error::{ArtifactNotFound, ControlError, CreateError, NotFound, PipelineError};
-use super::machine::{Action, Analysis, Control, Deployment, Input, Outcome, State, Strategy};
+use super::machine::{
+    Action, Analysis, Control, Deployment, Input, Outcome, State, Strategy, Window,
+};
 use super::pipeline::{Next, StageStart};
 use super::spec;
 use super::timeline::{Kind, deployment_events};
@@ -458,7 +460,8 @@ impl Engine {
                 }
                 _ => self.observe(&record.deployment),
             };
-            let Ok((mut next, actions)) = record.deployment.step(now, &input) else {
+            let window = self.window(&record.environment);
+            let Ok((mut next, actions)) = record.deployment.step_in(now, &input, &window) else {
                 continue;
             };
             drop(input);
@@ -725,6 +728,20 @@ impl Engine {
         ))
     }
 
+    /// Whether waves may begin in `environment` now: its deployment windows
+    /// at the wall clock (SPEC §9). The wall clock, not the steady one that
+    /// times deployments: windows are hours of the calendar.
+    fn window(&self, environment: &str) -> Window {
+        match self
+            .schedules
+            .get(environment)
+            .and_then(|s| s.closed_reason(hotswap_common::timefmt::now_ms()))
+        {
+            Some(reason) => Window::Closed(reason),
+            None => Window::Open,
+        }
+    }
+
     /// Whether controlling deployments in `environment` needs the
     /// protected-environment permission.
     pub fn is_protected(&self, environment: &str) -> bool {
@@ -822,7 +839,8 @@ impl Engine {
             });
         }
         let now = steady_now_ms();
-        let (deployment, actions) = Deployment::new(spec, targets, now);
+        let window = self.window(&request.environment);
+        let (deployment, actions) = Deployment::new_in(spec, targets, now, &window);
         let mut plan = super::plan::plan_view(&deployment);
         if let Some(schedule) = self.schedules.get(&request.environment) {
             plan.windows = super::plan::window_starts(
@@ -884,9 +902,10 @@ impl Engine {
             kind: "deployment",
             id: id.to_string(),
         })?;
+        let window = self.window(&record.environment);
         let (next, actions) = record
             .deployment
-            .step(steady_now_ms(), &Input::Control(control))
+            .step_in(steady_now_ms(), &Input::Control(control), &window)
             .map_err(|refusal| ControlError::Refused {
                 id: id.to_string(),
                 refusal,
