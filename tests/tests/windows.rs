@@ -257,6 +257,57 @@ fn a_freeze_refuses_with_its_reason_the_admin_override_is_audited_and_deleting_i
         .collect();
     assert_eq!(actions, ["freeze.create", "freeze.delete"], "{audit}");
 
+    // Frozen again: the admin overrides for a pipeline too; a deployer
+    // cannot.
+    let again = cp
+        .ctl_with_profile(
+            &dan,
+            &[
+                "-o", "json", "freeze", "create", "--env", "qa", "--for", "1h", "--reason", "again",
+            ],
+        )
+        .json();
+    assert!(again["id"].is_string(), "{again}");
+    let denied = cp.ctl_with_profile(
+        &dan,
+        &[
+            "pipeline",
+            "run",
+            "marker@1.2.0",
+            "--to",
+            "qa",
+            "--override-freeze",
+        ],
+    );
+    assert_eq!(denied.code, 5, "{denied:?}");
+    let piped = cp.ctl_with_profile(
+        &admin,
+        &[
+            "-o",
+            "json",
+            "pipeline",
+            "run",
+            "marker@1.2.0",
+            "--to",
+            "qa",
+            "--override-freeze",
+        ],
+    );
+    assert_eq!(piped.code, 0, "{piped:?}");
+    let audit = cp
+        .ctl(&["-o", "json", "audit", "list", "--action", "pipeline.run"])
+        .json();
+    assert!(
+        audit
+            .as_array()
+            .expect("records")
+            .iter()
+            .any(|r| r["result"] == "ok"
+                && r["target"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("--override-freeze"))),
+        "{audit}"
+    );
     // The config freeze of staging (all week) refuses the same way.
     let refused = cp.ctl(&["deploy", "create", "marker@1.2.0", "--env", "staging"]);
     assert_eq!(refused.code, 1, "{refused:?}");

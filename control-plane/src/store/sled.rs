@@ -920,6 +920,36 @@ mod tests {
     use crate::store::Store;
     use hotswap_common::labels::Labels;
 
+    /// Ad hoc freezes survive a reopen, and removing one says whether it was there.
+    #[tokio::test]
+    async fn freezes_are_kept_listed_and_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        let freeze = FreezeRecord {
+            id: "fz-1".into(),
+            environment: "qa".into(),
+            from_ms: 1,
+            until_ms: 2,
+            reason: "release party".into(),
+            created_by: "dan".into(),
+        };
+        {
+            let store = Store::open(&path, 1 << 20).expect("open");
+            store.put_freeze(&freeze).await.expect("put");
+        }
+        let store = Store::open(&path, 1 << 20).expect("reopen");
+        assert_eq!(store.list_freezes().expect("list"), [freeze.clone()]);
+        assert_eq!(
+            store.remove_freeze("fz-1").await.expect("remove"),
+            Some(freeze)
+        );
+        assert_eq!(
+            store.remove_freeze("fz-1").await.expect("remove again"),
+            None
+        );
+        assert!(store.list_freezes().expect("list").is_empty());
+    }
+
     /// The flush of a write made after the database directory was deleted
     /// fails, so no caller acknowledges it; so does every later change.
     #[tokio::test]
