@@ -1306,7 +1306,6 @@ impl Deployment {
 
     fn begin_rollback(&mut self, reason: String, now: Ms) -> Vec<Action> {
         self.window_wait = None;
-        self.paused_from = None;
         self.state = State::RollingBack;
         self.reason = reason.clone();
         self.awaiting_promote = false;
