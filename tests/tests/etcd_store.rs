@@ -1010,7 +1010,10 @@ async fn freezes_are_shared_and_removed_once() {
         created_by: "dan".into(),
     };
     a.put_freeze(&freeze).await.expect("put");
-    assert_eq!(a.list_freezes().expect("list"), [freeze.clone()]);
+    assert_eq!(
+        a.list_freezes().expect("list"),
+        std::slice::from_ref(&freeze)
+    );
     eventually("b sees the freeze", || {
         match b.list_freezes().map_err(|e| e.to_string())?.as_slice() {
             [seen] if *seen == freeze => Ok(()),

@@ -938,7 +938,10 @@ mod tests {
             store.put_freeze(&freeze).await.expect("put");
         }
         let store = Store::open(&path, 1 << 20).expect("reopen");
-        assert_eq!(store.list_freezes().expect("list"), [freeze.clone()]);
+        assert_eq!(
+            store.list_freezes().expect("list"),
+            std::slice::from_ref(&freeze)
+        );
         assert_eq!(
             store.remove_freeze("fz-1").await.expect("remove"),
             Some(freeze)
