@@ -356,6 +356,10 @@ async fn create(
                 deployment.environment,
                 deployment.state
             );
+            // Created outside every deployment window: say until when.
+            if deployment.state == "paused" && !deployment.reason.is_empty() {
+                eprintln!("  waiting: {}", deployment.reason);
+            }
         }
     }
     Ok(Outcome::Done)
