@@ -159,6 +159,10 @@ pub struct CreateArgs {
     /// refused without it. Recorded in the audit log.
     #[arg(long)]
     allow_downgrade: bool,
+    /// Start even though the environment is frozen (admins only);
+    /// recorded in the audit log.
+    #[arg(long)]
+    override_freeze: bool,
     /// Follow the deployment until it ends.
     #[arg(long)]
     wait: bool,
@@ -294,6 +298,7 @@ async fn create(
         pause_timeout: args.pause_timeout,
         no_auto_rollback: args.no_auto_rollback,
         allow_downgrade: args.allow_downgrade,
+        override_freeze: args.override_freeze,
         dry_run: args.dry_run,
     });
     let reply = client
@@ -314,6 +319,17 @@ async fn create(
                 );
                 for (i, wave) in plan.waves.iter().enumerate() {
                     println!("  wave {}: {}", i + 1, wave.nodes.join(", "));
+                    // Under deployment windows: when it could start.
+                    if let Some(at) = &wave.earliest_start {
+                        let at = hotswap_common::timefmt::rfc3339_from_ms(
+                            hotswap_common::timefmt::ms_from_ts(at),
+                        );
+                        if wave.window.is_empty() {
+                            println!("    starts: {at} at the earliest");
+                        } else {
+                            println!("    starts: {at} at the earliest ({})", wave.window);
+                        }
+                    }
                     println!("    then: {}", wave.gate);
                 }
             }
@@ -340,6 +356,10 @@ async fn create(
                 deployment.environment,
                 deployment.state
             );
+            // Created outside every deployment window: say until when.
+            if deployment.state == "paused" && !deployment.reason.is_empty() {
+                eprintln!("  waiting: {}", deployment.reason);
+            }
         }
     }
     Ok(Outcome::Done)

@@ -10,6 +10,7 @@ mod clusters;
 mod completions;
 mod deploy;
 mod events;
+mod freeze;
 mod keys;
 mod live;
 mod module;
@@ -92,6 +93,12 @@ enum Command {
         after_help = "Examples:\n  hotswapctl pipeline run hello@1.2.0 --to staging --wait\n  hotswapctl pipeline get p-0123456789"
     )]
     Pipeline(pipeline::PipelineCommand),
+    /// Deployment freezes: no deployment starts in a frozen environment.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl freeze create --env production --for 2h --reason \"incident INC-42\"\n  hotswapctl freeze list\n  hotswapctl freeze delete fz-0123456789"
+    )]
+    Freeze(freeze::FreezeCommand),
     /// Operator credentials and roles.
     #[command(
         subcommand,
@@ -150,6 +157,7 @@ fn main() -> ExitCode {
             Command::Deploy(cmd) => outcome(deploy::run(&ctx, cmd).await),
             Command::Pipeline(cmd) => outcome(pipeline::run(&ctx, cmd).await),
             Command::Users(cmd) => done(users::run(&ctx, cmd).await),
+            Command::Freeze(cmd) => done(freeze::run(&ctx, cmd).await),
             Command::Audit(cmd) => done(audit::run(&ctx, cmd).await),
             Command::Events(args) => done(events::run(&ctx, args).await),
             Command::Clusters(cmd) => done(clusters::run(&ctx, cmd).await),

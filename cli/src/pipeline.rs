@@ -33,6 +33,9 @@ pub enum PipelineCommand {
         /// environment's current one; refused without it. Audited.
         #[arg(long)]
         allow_downgrade: bool,
+        /// Start stages in frozen environments (admins only); audited.
+        #[arg(long)]
+        override_freeze: bool,
     },
     /// Show a pipeline.
     #[command(
@@ -77,6 +80,7 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
             wait,
             timeout,
             allow_downgrade,
+            override_freeze,
         } => {
             let (name, version) = crate::module::name_at_version(&module)?;
             let p = client
@@ -85,6 +89,7 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
                     version,
                     to: to.unwrap_or_default(),
                     allow_downgrade,
+                    override_freeze,
                 })
                 .await
                 .map_err(conn.rpc_error(&format!("run pipeline of {module}")))?

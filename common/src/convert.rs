@@ -689,6 +689,8 @@ impl From<pb::Plan> for PlanView {
                 .map(|w| WaveView {
                     nodes: w.nodes,
                     gate: w.gate,
+                    earliest_start: rfc3339(w.earliest_start.as_ref()),
+                    window: w.window,
                 })
                 .collect(),
         }
@@ -726,7 +728,21 @@ impl From<crate::model::DeploymentRequest> for pb::CreateDeploymentRequest {
                 analysis_min_requests: r.analysis_min_requests,
                 analysis_warmup_ms: r.analysis_warmup.map(millis),
                 allow_downgrade: r.allow_downgrade,
+                override_freeze: r.override_freeze,
             }),
+        }
+    }
+}
+
+impl From<pb::Freeze> for crate::model::FreezeView {
+    fn from(f: pb::Freeze) -> Self {
+        crate::model::FreezeView {
+            id: f.id,
+            environment: f.environment,
+            from: rfc3339(f.from.as_ref()),
+            until: rfc3339(f.until.as_ref()),
+            reason: f.reason,
+            created_by: f.created_by,
         }
     }
 }

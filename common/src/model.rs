@@ -412,6 +412,14 @@ pub struct PipelineView {
 pub struct WaveView {
     pub nodes: Vec<String>,
     pub gate: String,
+    /// Under the environment's deployment windows: the earliest the wave
+    /// could start (if the waves before it took no time); absent without
+    /// windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earliest_start: Option<String>,
+    /// The wait for a window before it, in words; empty when none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub window: String,
 }
 
 /// What `deploy create --dry-run` would do; nothing is created.
@@ -490,7 +498,22 @@ pub struct DeploymentRequest {
     /// Deploy a version older (semver) than the environment's current one.
     #[serde(default)]
     pub allow_downgrade: bool,
+    /// Start in a frozen environment (SPEC §9); admins only, audited.
+    #[serde(default)]
+    pub override_freeze: bool,
     /// Answer the plan; create nothing.
     #[serde(default)]
     pub dry_run: bool,
+}
+
+/// An ad hoc deployment freeze (SPEC §9), as `freeze list` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FreezeView {
+    pub id: String,
+    pub environment: String,
+    pub from: Option<String>,
+    pub until: Option<String>,
+    pub reason: String,
+    pub created_by: String,
 }

@@ -298,6 +298,24 @@ pub struct EnvironmentSettings {
     /// Signatures from this many distinct trusted keys are required to deploy.
     #[serde(default = "one")]
     pub min_signatures: u32,
+    /// Config freezes (SPEC §9): no new deployment or pipeline starts here
+    /// while one covers the wall clock, e.g. `"Fri 16:00 - Mon 08:00
+    /// Europe/Berlin"`. Grammar in [`crate::schedule`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<String>,
+    /// Deployment windows (SPEC §9): when set, deployments start and waves
+    /// begin only inside one, e.g. `"Mon-Thu 09:00-16:00 UTC"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<String>,
+}
+
+impl EnvironmentSettings {
+    /// The parsed `windows` and `freeze`; `Settings::problems` has refused
+    /// bad entries before anything runs, so this only fails on settings
+    /// built in code without that check.
+    pub fn schedule(&self) -> Result<crate::schedule::Schedule, Vec<String>> {
+        crate::schedule::Schedule::parse(&self.windows, &self.freeze)
+    }
 }
 
 fn one() -> u32 {
@@ -377,6 +395,8 @@ fn default_environments() -> BTreeMap<String, EnvironmentSettings> {
                 require_approval,
                 protected: None,
                 min_signatures: 1,
+                freeze: Vec::new(),
+                windows: Vec::new(),
             },
         )
     })
@@ -506,6 +526,9 @@ impl Settings {
                     "environments.{name}.min_signatures must be between 1 and 16"
                 ));
             }
+            if let Err(bad) = env.schedule() {
+                problems.extend(bad.into_iter().map(|p| format!("environments.{name}.{p}")));
+            }
         }
         if self.user_cert_validity < Duration::from_secs(60) {
             problems.push("user_cert_validity must be at least 1m".to_string());
@@ -610,6 +633,26 @@ mod tests {
         .to_string();
         assert!(
             err.contains("heartbeat_grace must be longer") && err.contains("storage_cache_bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn windows_and_freezes_parse_and_bad_entries_name_the_environment() {
+        let s = load_text(
+            "pipeline = [\"production\"]\n[environments.production]\nstrategy = \"canary\"\nwindows = [\"Mon-Thu 09:00-16:00 UTC\"]\nfreeze = [\"Fri 16:00 - Mon 08:00 Europe/Berlin\"]\n",
+        )
+        .expect("valid");
+        let schedule = s.environments["production"].schedule().expect("schedule");
+        assert_eq!((schedule.windows.len(), schedule.freezes.len()), (1, 1));
+        let err = load_text(
+            "pipeline = [\"production\"]\n[environments.production]\nstrategy = \"canary\"\nwindows = [\"Mon-Thu 09:00-16:00 Mars/Base\"]\nfreeze = [\"Fri 16:00 - Mon 08:00 UTC\", \"Fri 25:00-26:00 UTC\"]\n",
+        )
+        .expect_err("bad entries")
+        .to_string();
+        assert!(
+            err.contains("environments.production.windows[0] \"Mon-Thu 09:00-16:00 Mars/Base\": unknown time zone \"Mars/Base\"")
+                && err.contains("environments.production.freeze[1] \"Fri 25:00-26:00 UTC\": \"25:00\" is out of range"),
             "{err}"
         );
     }

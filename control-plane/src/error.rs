@@ -147,6 +147,8 @@ impl From<CreateError> for ApiError {
             CreateError::ArtifactNotFound(e) => e.into(),
             CreateError::InvalidSpec(e) => e.into(),
             CreateError::Downgrade(e) => e.into(),
+            // HTTP 412 (SPEC §8: "frozen"); the CLI exits 1.
+            CreateError::Frozen(e) => ApiError::FailedPrecondition(e.to_string()),
             CreateError::NoNodes { .. } | CreateError::AllDisconnected { .. } => {
                 ApiError::FailedPrecondition(error.to_string())
             }
@@ -181,6 +183,7 @@ impl From<PipelineError> for ApiError {
             }
             PipelineError::NotDeployable { .. } => ApiError::FailedPrecondition(error.to_string()),
             PipelineError::Downgrade(e) => e.into(),
+            PipelineError::Frozen(e) => ApiError::FailedPrecondition(e.to_string()),
             PipelineError::Registry(e) => e.into(),
             PipelineError::Storage(e) => ApiError::Storage(e),
         }

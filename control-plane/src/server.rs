@@ -861,6 +861,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
         .add_service(
+            pb::freezes_server::FreezesServer::new(crate::service::freezes::FreezesService::new(
+                ctx.clone(),
+            ))
+            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
             pb::audit_server::AuditServer::new(AuditService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )

@@ -10,6 +10,7 @@ use std::time::Duration;
 use hotswap_common::labels::Labels;
 use hotswap_control_plane::audit::{AuditEntry, AuditLog};
 use hotswap_control_plane::events::{Event, EventLog};
+use hotswap_control_plane::store::FreezeRecord;
 use hotswap_control_plane::store::etcd::{ClusterRecord, EtcdStore};
 use hotswap_control_plane::store::keys::Keys;
 use hotswap_control_plane::store::{
@@ -991,4 +992,54 @@ fn assert_used_up(outcome: Result<NodeRecord, EnrollError>) {
         ),
         "{outcome:?}"
     );
+}
+
+/// Ad hoc freezes (SPEC §9): one replica's freeze is seen by the other (the
+/// leader's engine checks freezes any replica made), and of two replicas
+/// deleting it at once exactly one removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freezes_are_shared_and_removed_once() {
+    let cluster = EtcdCluster::start(1);
+    let (a, b, _) = two_replicas(&cluster, "/freezes/").await;
+    let freeze = FreezeRecord {
+        id: "fz-1".into(),
+        environment: "production".into(),
+        from_ms: 1,
+        until_ms: 2,
+        reason: "release party".into(),
+        created_by: "dan".into(),
+    };
+    a.put_freeze(&freeze).await.expect("put");
+    assert_eq!(
+        a.list_freezes().expect("list"),
+        std::slice::from_ref(&freeze)
+    );
+    eventually("b sees the freeze", || {
+        match b.list_freezes().map_err(|e| e.to_string())?.as_slice() {
+            [seen] if *seen == freeze => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (x, y) = tokio::join!(a.remove_freeze("fz-1"), b.remove_freeze("fz-1"));
+    let removed = [x.expect("remove a"), y.expect("remove b")];
+    assert_eq!(
+        removed
+            .iter()
+            .filter(|r| r.as_ref() == Some(&freeze))
+            .count(),
+        1,
+        "{removed:?}"
+    );
+    assert!(removed.iter().any(Option::is_none), "{removed:?}");
+    eventually("both see it gone", || {
+        if a.list_freezes().map_err(|e| e.to_string())?.is_empty()
+            && b.list_freezes().map_err(|e| e.to_string())?.is_empty()
+        {
+            Ok(())
+        } else {
+            Err("still listed".into())
+        }
+    })
+    .await;
 }

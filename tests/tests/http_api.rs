@@ -860,3 +860,136 @@ fn a_follower_forwards_the_engines_http_calls_to_the_leader_as_their_caller() {
     assert!(users.contains(&("rita", "denied")), "{records}");
     assert!(users.iter().any(|(user, _)| *user == "dave"), "{records}");
 }
+
+/// `/api/v1/freezes` (SPEC §9) is `hotswapctl freeze` over HTTP: the same
+/// checks, roles and audit; a freeze made there refuses a deployment with
+/// 412 and its reason; deleting it lifts it.
+#[test]
+fn freezes_over_http_refuse_deployments_and_are_audited() {
+    let dir = TestDir::new();
+    let (fleet, _) = Fleet::start_many(&dir, "dev", &["a"]);
+    fleet.push_hello_per_node("1.0.0", "");
+    let cp = &fleet.cp;
+    let api = Api::of(cp);
+    let dora = Credentials::of(&cp.user_profile("dora", "deployer"));
+    let vic = Credentials::of(&cp.user_profile("vic", "viewer"));
+    let bad = api.call(
+        &dora,
+        "POST",
+        "/freezes",
+        Some(r#"{"environment": "dev", "for": "soon", "reason": "x"}"#),
+    );
+    assert_eq!(
+        (bad.status, bad.error_code().as_str()),
+        (400, "invalid_argument")
+    );
+    let bad = api.call(
+        &dora,
+        "POST",
+        "/freezes",
+        Some(r#"{"environment": "dev", "reason": "x"}"#),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(
+        bad.body.contains("--until TIME or --for DURATION"),
+        "{}",
+        bad.body
+    );
+    let denied = api.call(
+        &vic,
+        "POST",
+        "/freezes",
+        Some(r#"{"environment": "dev", "for": "1h", "reason": "x"}"#),
+    );
+    assert_eq!(
+        (denied.status, denied.error_code().as_str()),
+        (403, "permission_denied")
+    );
+    assert_eq!(api.get(&vic, "/freezes").json(), serde_json::json!([]));
+
+    let created = api.call(
+        &dora,
+        "POST",
+        "/freezes",
+        Some(r#"{"environment": "dev", "for": "1h", "reason": "incident INC-42"}"#),
+    );
+    assert_eq!(created.status, 201, "{}", created.body);
+    let freeze = created.json();
+    let id = freeze["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        (
+            &freeze["environment"],
+            &freeze["created_by"],
+            &freeze["reason"]
+        ),
+        (&"dev".into(), &"dora".into(), &"incident INC-42".into())
+    );
+    let listed = api.get(&vic, "/freezes?environment=dev").json();
+    assert_eq!(listed[0]["id"], id.as_str(), "{listed}");
+
+    let refused = api.call(
+        &dora,
+        "POST",
+        "/deployments",
+        Some(r#"{"module": "hello", "version": "1.0.0", "environment": "dev"}"#),
+    );
+    assert_eq!(
+        (refused.status, refused.error_code().as_str()),
+        (412, "failed_precondition")
+    );
+    assert!(
+        refused.body.contains(&id) && refused.body.contains("incident INC-42"),
+        "{}",
+        refused.body
+    );
+    let denied = api.call(
+        &dora,
+        "POST",
+        "/deployments",
+        Some(r#"{"module": "hello", "version": "1.0.0", "environment": "dev", "override_freeze": true}"#),
+    );
+    assert_eq!(
+        (denied.status, denied.error_code().as_str()),
+        (403, "permission_denied")
+    );
+
+    let deleted = api.call(&dora, "DELETE", &format!("/freezes/{id}"), None);
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    let gone = api.call(&dora, "DELETE", &format!("/freezes/{id}"), None);
+    assert_eq!(
+        (gone.status, gone.error_code().as_str()),
+        (404, "not_found")
+    );
+    let created = api.call(
+        &dora,
+        "POST",
+        "/deployments",
+        Some(r#"{"module": "hello", "version": "1.0.0", "environment": "dev"}"#),
+    );
+    assert_eq!(created.status, 201, "{}", created.body);
+    let audit = cp
+        .ctl(&["-o", "json", "audit", "list", "--action", "freeze."])
+        .json();
+    let rows: Vec<(String, String)> = audit
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap_or_default().to_string(),
+                r["result"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    for expected in [
+        ("freeze.create", "ok"),
+        ("freeze.create", "denied"),
+        ("freeze.delete", "ok"),
+    ] {
+        assert!(
+            rows.iter()
+                .any(|(a, r)| (a.as_str(), r.as_str()) == expected),
+            "{expected:?} in {rows:?}"
+        );
+    }
+}

@@ -74,8 +74,9 @@ fn every_role_against_every_operator_rpc() {
     use pb::{
         agent_session_client::AgentSessionClient as S, artifacts_client::ArtifactsClient as A,
         audit_client::AuditClient as Au, deployments_client::DeploymentsClient as D,
-        fleet_client::FleetClient as F, pipelines_client::PipelinesClient as P,
-        servers_client::ServersClient as Sv, users_client::UsersClient as U,
+        fleet_client::FleetClient as F, freezes_client::FreezesClient as Fz,
+        pipelines_client::PipelinesClient as P, servers_client::ServersClient as Sv,
+        users_client::UsersClient as U,
     };
     let dir = TestDir::new();
     let mut cp = ControlPlane::init(dir.path());
@@ -350,6 +351,7 @@ fn every_role_against_every_operator_rpc() {
                     version: "1.0.0".into(),
                     to: String::new(),
                     allow_downgrade: false,
+                    override_freeze: false,
                 }
             ),
             &["deployer", "admin"],
@@ -426,6 +428,37 @@ fn every_role_against_every_operator_rpc() {
             "Audit.VerifyAudit",
             call!(Au, verify_audit, pb::VerifyAuditRequest {}),
             all,
+        ),
+        // Freezes (SPEC §9): deployers and admins make and lift them. The
+        // requests are invalid (an unknown environment, no such freeze), so
+        // an allowed call changes nothing.
+        (
+            "Freezes.CreateFreeze",
+            call!(
+                Fz,
+                create_freeze,
+                pb::CreateFreezeRequest {
+                    environment: "nope".into(),
+                    for_ms: 60_000,
+                    reason: "x".into(),
+                    ..Default::default()
+                }
+            ),
+            &["deployer", "admin"],
+        ),
+        (
+            "Freezes.ListFreezes",
+            call!(Fz, list_freezes, pb::ListFreezesRequest::default()),
+            all,
+        ),
+        (
+            "Freezes.DeleteFreeze",
+            call!(
+                Fz,
+                delete_freeze,
+                pb::DeleteFreezeRequest { id: "x".into() }
+            ),
+            &["deployer", "admin"],
         ),
         (
             "AgentSession.RenewCertificate",

@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::current::{Downgrade, downgrade_refusal};
 use super::error::{ArtifactNotFound, ControlError, CreateError, NotFound, PipelineError};
-use super::machine::{Action, Analysis, Control, Deployment, Input, Outcome, State, Strategy};
+use super::machine::{
+    Action, Analysis, Control, Deployment, Input, Outcome, State, Strategy, Window,
+};
 use super::pipeline::{Next, StageStart};
 use super::spec;
 use super::timeline::{Kind, deployment_events};
@@ -44,6 +46,7 @@ use crate::metrics::Metrics;
 use crate::registry::RegistryError;
 use crate::registry::{DesiredChange, Registry};
 use crate::store::DesiredModuleRecord;
+use crate::store::FreezeRecords;
 use crate::store::{
     ArtifactRecords, DeploymentRecords, DeploymentRecordsExt, Durability, Store, StoreError,
 };
@@ -67,6 +70,8 @@ pub struct EngineHandles {
     pub durability: Arc<dyn Durability>,
     pub events: Arc<EventLog>,
     pub metrics: Arc<Metrics>,
+    /// Ad hoc freezes (SPEC §9), checked before anything starts.
+    pub freezes: Arc<dyn FreezeRecords>,
 }
 
 impl EngineHandles {
@@ -84,6 +89,7 @@ impl EngineHandles {
             durability: store.durability(),
             events,
             metrics,
+            freezes: store.freezes(),
         }
     }
 }
@@ -112,6 +118,9 @@ pub struct Engine {
     yanks_checked: std::sync::atomic::AtomicU64,
     /// Nodes to bring to their environment's current version.
     catch_ups: std::sync::Mutex<catch_up::CatchUps>,
+    freezes: Arc<dyn FreezeRecords>,
+    /// Each configured environment's windows and config freezes.
+    schedules: BTreeMap<String, crate::schedule::Schedule>,
 }
 
 /// How often active deployments are re-evaluated without any node change
@@ -132,7 +141,22 @@ impl Engine {
             durability,
             events,
             metrics,
+            freezes,
         } = handles;
+        // `Settings::problems` refused bad entries before the engine is
+        // built; one that slipped through (settings made in code) is left
+        // out with an error rather than stopping the engine.
+        let schedules = settings
+            .environments
+            .iter()
+            .filter_map(|(name, env)| match env.schedule() {
+                Ok(schedule) => Some((name.clone(), schedule)),
+                Err(problems) => {
+                    tracing::error!(environment = %name, problems = ?problems, "ignoring the environment's windows and freezes");
+                    None
+                }
+            })
+            .collect();
         let records: Vec<DeploymentRecord> = stored.list_deployments()?;
         let pipelines: Vec<PipelineRecord> = stored.list_pipelines()?;
         // Deadlines and holds continue from the recorded times, whatever the
@@ -161,6 +185,8 @@ impl Engine {
             pipeline_pass: Mutex::new(()),
             yanks_checked: std::sync::atomic::AtomicU64::new(u64::MAX),
             catch_ups: std::sync::Mutex::default(),
+            freezes,
+            schedules,
         }))
     }
 
@@ -229,6 +255,7 @@ impl Engine {
         version: &str,
         to: Option<&str>,
         allow_downgrade: bool,
+        override_freeze: bool,
         user: &str,
     ) -> Result<PipelineRecord, PipelineError> {
         let artifact = self
@@ -261,8 +288,11 @@ impl Engine {
             if !allow_downgrade {
                 self.ensure_not_downgrade(module, version, env).await?;
             }
+            if !override_freeze && let Some(frozen) = self.frozen(env)? {
+                return Err(frozen.into());
+            }
         }
-        let record = PipelineRecord::new(
+        let mut record = PipelineRecord::new(
             format!("p-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
             module,
             version,
@@ -271,6 +301,7 @@ impl Engine {
             user,
             steady_now_ms(),
         );
+        record.override_freeze = override_freeze;
         self.records.put_pipeline(&record.id, &record).await?;
         tracing::info!(pipeline = %record.id, module = %module, version = %version, user = %user, "pipeline started");
         self.pipelines
@@ -332,6 +363,7 @@ impl Engine {
                     version: pipeline.version.clone(),
                     environment,
                     allow_downgrade: pipeline.allow_downgrade,
+                    override_freeze: pipeline.override_freeze,
                     ..Default::default()
                 };
                 let start = match self.create(request, &pipeline.created_by).await {
@@ -428,7 +460,8 @@ impl Engine {
                 }
                 _ => self.observe(&record.deployment),
             };
-            let Ok((mut next, actions)) = record.deployment.step(now, &input) else {
+            let window = self.window(&record.environment);
+            let Ok((mut next, actions)) = record.deployment.step_in(now, &input, &window) else {
                 continue;
             };
             drop(input);
@@ -683,6 +716,32 @@ impl Engine {
         }
     }
 
+    /// The freeze covering `environment` now (wall clock), ad hoc or from
+    /// the config (SPEC §9).
+    pub fn frozen(&self, environment: &str) -> Result<Option<crate::freeze::Frozen>, StoreError> {
+        let records = self.freezes.list_freezes()?;
+        Ok(crate::freeze::frozen(
+            environment,
+            self.schedules.get(environment),
+            &records,
+            hotswap_common::timefmt::now_ms(),
+        ))
+    }
+
+    /// Whether waves may begin in `environment` now: its deployment windows
+    /// at the wall clock (SPEC §9). The wall clock, not the steady one that
+    /// times deployments: windows are hours of the calendar.
+    fn window(&self, environment: &str) -> Window {
+        match self
+            .schedules
+            .get(environment)
+            .and_then(|s| s.closed_reason(hotswap_common::timefmt::now_ms()))
+        {
+            Some(reason) => Window::Closed(reason),
+            None => Window::Open,
+        }
+    }
+
     /// Whether controlling deployments in `environment` needs the
     /// protected-environment permission.
     pub fn is_protected(&self, environment: &str) -> bool {
@@ -716,6 +775,13 @@ impl Engine {
         if !request.allow_downgrade {
             self.ensure_not_downgrade(&request.module, &request.version, &request.environment)
                 .await?;
+        }
+        // A dry run shows the plan even in a freeze; it starts nothing.
+        if !request.override_freeze
+            && !request.dry_run
+            && let Some(frozen) = self.frozen(&request.environment)?
+        {
+            return Err(frozen.into());
         }
         let targets: Vec<(String, String, String)> = self
             .registry
@@ -773,8 +839,16 @@ impl Engine {
             });
         }
         let now = steady_now_ms();
-        let (deployment, actions) = Deployment::new(spec, targets, now);
-        let plan = super::plan::plan_view(&deployment);
+        let window = self.window(&request.environment);
+        let (deployment, actions) = Deployment::new_in(spec, targets, now, &window);
+        let mut plan = super::plan::plan_view(&deployment);
+        if let Some(schedule) = self.schedules.get(&request.environment) {
+            plan.windows = super::plan::window_starts(
+                &deployment,
+                schedule,
+                hotswap_common::timefmt::now_ms(),
+            );
+        }
         if request.dry_run {
             return Ok((None, plan));
         }
@@ -828,9 +902,10 @@ impl Engine {
             kind: "deployment",
             id: id.to_string(),
         })?;
+        let window = self.window(&record.environment);
         let (next, actions) = record
             .deployment
-            .step(steady_now_ms(), &Input::Control(control))
+            .step_in(steady_now_ms(), &Input::Control(control), &window)
             .map_err(|refusal| ControlError::Refused {
                 id: id.to_string(),
                 refusal,

@@ -44,6 +44,9 @@ pub enum CreateError {
     NotDeployable(TrustError),
     #[error(transparent)]
     Downgrade(#[from] Downgrade),
+    /// A freeze covers the environment (SPEC §9).
+    #[error(transparent)]
+    Frozen(#[from] crate::freeze::Frozen),
     #[error("environment {environment:?} has no nodes{} to deploy to", scope(*selector))]
     NoNodes { environment: String, selector: bool },
     #[error(
@@ -119,6 +122,9 @@ pub enum PipelineError {
     },
     #[error(transparent)]
     Downgrade(#[from] Downgrade),
+    /// A freeze covers an environment on the way (SPEC §9).
+    #[error(transparent)]
+    Frozen(#[from] crate::freeze::Frozen),
     /// The registry failed or refused (a node it does not know).
     #[error(transparent)]
     Registry(#[from] RegistryError),

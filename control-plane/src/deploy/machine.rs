@@ -495,6 +495,29 @@ pub enum Action {
     Note(Note),
 }
 
+/// Whether waves may begin now: the environment's deployment windows
+/// (SPEC §9) at the wall clock, as the engine reads them. An input like the
+/// observation, so the machine stays pure.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Window {
+    #[default]
+    Open,
+    /// Outside every window: why, naming the windows and when the next
+    /// opens ("outside deployment window Mon-Thu 09:00-16:00 UTC; next
+    /// opens 2026-12-07T09:00:00Z").
+    Closed(String),
+}
+
+/// What a deployment held at a wave boundary by a closed window does when
+/// one opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WindowResume {
+    /// Start: stage (blue-green) or begin wave 1.
+    Start,
+    /// Begin this wave (counted from 0).
+    Wave(usize),
+}
+
 /// Why the machine refused an operator control.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Refusal {
@@ -511,6 +534,10 @@ pub enum Refusal {
     NothingToPromote { state: State },
     #[error("no node was changed by this deployment; nothing to roll back")]
     NothingToRollBack,
+    #[error(
+        "cannot resume: the deployment waits for its deployment window ({reason}); it resumes by itself when one opens"
+    )]
+    OutsideWindow { reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -530,6 +557,11 @@ pub struct Deployment {
     /// When the current pause, or wait for `deploy promote`, began.
     #[serde(default)]
     pub waiting_since_ms: Option<Ms>,
+    /// Paused at a wave boundary outside every deployment window (SPEC §9),
+    /// and what to do when one opens. Such a wait does not count against
+    /// the pause timeout (`waiting_since_ms` stays unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_wait: Option<WindowResume>,
     pub reason: String,
     pub approved_by: String,
     pub created_ms: Ms,
@@ -940,8 +972,20 @@ impl Deployment {
     /// ordered by name. Starts right away unless it needs an approval.
     pub fn new(
         spec: Spec,
+        targets: Vec<(String, String, String)>,
+        now: Ms,
+    ) -> (Deployment, Vec<Action>) {
+        Self::new_in(spec, targets, now, &Window::Open)
+    }
+
+    /// [`Deployment::new`] under the environment's deployment windows: a
+    /// deployment created outside every window is created, and waits
+    /// paused before it starts.
+    pub fn new_in(
+        spec: Spec,
         mut targets: Vec<(String, String, String)>,
         now: Ms,
+        window: &Window,
     ) -> (Deployment, Vec<Action>) {
         targets.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
         let waves = plan_waves(&spec.strategy, targets.len());
@@ -980,6 +1024,7 @@ impl Deployment {
             awaiting_promote: false,
             paused_from: None,
             waiting_since_ms: None,
+            window_wait: None,
             reason: String::new(),
             approved_by: String::new(),
             created_ms: now,
@@ -989,15 +1034,32 @@ impl Deployment {
         if deployment.state == State::AwaitingApproval {
             return (deployment, vec![Action::Note(Note::AwaitingApproval)]);
         }
-        deployment.start(now)
+        deployment.start(now, window)
     }
 
-    fn start(mut self, now: Ms) -> (Deployment, Vec<Action>) {
+    /// Hold at a wave boundary until a window opens: `paused` with the
+    /// reason, not timed by the pause timeout.
+    fn hold_for_window(&mut self, resume: WindowResume, reason: &str) -> Vec<Action> {
+        self.paused_from = Some(State::Running);
+        self.state = State::Paused;
+        self.window_wait = Some(resume);
+        self.waiting_since_ms = None;
+        self.reason = reason.to_string();
+        vec![Action::Note(Note::WindowClosed {
+            reason: reason.to_string(),
+        })]
+    }
+
+    fn start(mut self, now: Ms, window: &Window) -> (Deployment, Vec<Action>) {
         if self.nodes.is_empty() {
             self.state = State::Succeeded;
             self.finished_ms = Some(now);
             self.reason = "no target nodes".into();
             return (self, vec![Action::Note(Note::NoTargets)]);
+        }
+        if let Window::Closed(reason) = window {
+            let actions = self.hold_for_window(WindowResume::Start, reason);
+            return (self, actions);
         }
         self.state = State::Running;
         let mut actions = Vec::new();
@@ -1068,6 +1130,9 @@ impl Deployment {
     pub fn waiting_for(&self, now: Ms) -> String {
         match self.state {
             State::AwaitingApproval => "approval by a second person".into(),
+            State::Paused if self.window_wait.is_some() => {
+                format!("a deployment window: {}", self.reason)
+            }
             State::Paused => "resume".into(),
             State::RollingBack => "nodes to return to their previous version".into(),
             State::Running if self.awaiting_promote => "deploy promote".into(),
@@ -1097,15 +1162,31 @@ impl Deployment {
     }
 
     pub fn step(&self, now: Ms, input: &Input) -> Result<(Deployment, Vec<Action>), Refusal> {
+        self.step_in(now, input, &Window::Open)
+    }
+
+    /// [`Deployment::step`] under the environment's deployment windows:
+    /// outside every window, no wave begins; the deployment waits at the
+    /// boundary, paused with the reason, and goes on in the first step
+    /// that finds a window open.
+    pub fn step_in(
+        &self,
+        now: Ms,
+        input: &Input,
+        window: &Window,
+    ) -> Result<(Deployment, Vec<Action>), Refusal> {
         let mut next = self.clone();
         let actions = match input {
-            Input::Control(control) => next.control(now, control)?,
-            Input::Observe { nodes, analysis } => next.observe(now, nodes, analysis.as_ref()),
+            Input::Control(control) => next.control(now, control, window)?,
+            Input::Observe { nodes, analysis } => {
+                next.observe(now, nodes, analysis.as_ref(), window)
+            }
         };
         Ok((next, actions))
     }
 
     fn finish(&mut self, state: State, reason: String, now: Ms) -> Vec<Action> {
+        self.window_wait = None;
         self.state = state;
         self.finished_ms = Some(now);
         self.awaiting_promote = false;
@@ -1114,7 +1195,12 @@ impl Deployment {
         vec![Action::Note(Note::Finished { state, reason })]
     }
 
-    fn control(&mut self, now: Ms, control: &Control) -> Result<Vec<Action>, Refusal> {
+    fn control(
+        &mut self,
+        now: Ms,
+        control: &Control,
+        window: &Window,
+    ) -> Result<Vec<Action>, Refusal> {
         let state = self.state;
         let refuse = |what: &'static str| Err(Refusal::WrongState { what, state });
         match control {
@@ -1126,7 +1212,7 @@ impl Deployment {
                     return Err(Refusal::OwnApproval { by: by.clone() });
                 }
                 self.approved_by = by.clone();
-                let (started, mut actions) = self.clone().start(now);
+                let (started, mut actions) = self.clone().start(now, window);
                 *self = started;
                 actions.insert(
                     0,
@@ -1156,6 +1242,11 @@ impl Deployment {
                 if state != State::Paused {
                     return refuse("resume");
                 }
+                if self.window_wait.is_some() {
+                    return Err(Refusal::OutsideWindow {
+                        reason: self.reason.clone(),
+                    });
+                }
                 self.state = self.paused_from.take().unwrap_or(State::Running);
                 // A promote wait that the pause interrupted starts over.
                 self.waiting_since_ms = self.awaiting_promote.then_some(now);
@@ -1176,7 +1267,7 @@ impl Deployment {
                 }
                 self.awaiting_promote = false;
                 self.waiting_since_ms = None;
-                Ok(self.advance(now))
+                Ok(self.advance(now, window))
             }
             Control::Abort { reason } => {
                 if state.is_terminal() || state == State::RollingBack {
@@ -1214,6 +1305,7 @@ impl Deployment {
     }
 
     fn begin_rollback(&mut self, reason: String, now: Ms) -> Vec<Action> {
+        self.window_wait = None;
         self.state = State::RollingBack;
         self.reason = reason.clone();
         self.awaiting_promote = false;
@@ -1237,8 +1329,11 @@ impl Deployment {
     /// on infrastructure are left marked; if no node at all runs the new
     /// version, nothing proved the release good or bad: the deployment
     /// fails without a rollback.
-    fn advance(&mut self, now: Ms) -> Vec<Action> {
+    fn advance(&mut self, now: Ms, window: &Window) -> Vec<Action> {
         if self.wave + 1 < self.waves {
+            if let Window::Closed(reason) = window {
+                return self.hold_for_window(WindowResume::Wave(self.wave + 1), reason);
+            }
             return self.begin_wave(self.wave + 1, now);
         }
         let failed = self.failures();
@@ -1284,7 +1379,13 @@ impl Deployment {
         self.finish(State::Succeeded, reason, now)
     }
 
-    fn observe(&mut self, now: Ms, reports: &Reports, analysis: Option<&Analysis>) -> Vec<Action> {
+    fn observe(
+        &mut self,
+        now: Ms,
+        reports: &Reports,
+        analysis: Option<&Analysis>,
+        window: &Window,
+    ) -> Vec<Action> {
         let mut actions = Vec::new();
         match self.state {
             State::Running | State::Paused => {}
@@ -1343,6 +1444,11 @@ impl Deployment {
             );
             return self.fail(reason, now);
         }
+        if self.state == State::Paused
+            && let Some(resume) = self.window_wait
+        {
+            return self.window_held(now, resume, window);
+        }
         if self.state == State::Paused {
             return actions;
         }
@@ -1377,7 +1483,7 @@ impl Deployment {
                 }
                 let since = *self.hold_since_ms.get_or_insert(now);
                 if now.saturating_sub(since) >= bake_ms {
-                    actions.extend(self.advance(now));
+                    actions.extend(self.advance(now, window));
                 }
             }
             Strategy::Direct | Strategy::Rolling { .. } | Strategy::Canary { .. } => {
@@ -1463,10 +1569,40 @@ impl Deployment {
                     actions.push(Action::Note(Note::AwaitingPromote { step: wave + 1 }));
                     return actions;
                 }
-                actions.extend(self.advance(now));
+                actions.extend(self.advance(now, window));
             }
         }
         actions
+    }
+
+    /// A step of a deployment held by a closed window: when a window is
+    /// open, carry on where it stopped; while closed, keep the reason
+    /// current (the next opening it names may move).
+    fn window_held(&mut self, now: Ms, resume: WindowResume, window: &Window) -> Vec<Action> {
+        match window {
+            Window::Closed(reason) => {
+                if self.reason != *reason {
+                    self.reason = reason.clone();
+                }
+                Vec::new()
+            }
+            Window::Open => {
+                self.window_wait = None;
+                self.paused_from = None;
+                self.state = State::Running;
+                self.reason.clear();
+                let mut actions = vec![Action::Note(Note::WindowOpened)];
+                match resume {
+                    WindowResume::Start => {
+                        let (started, started_actions) = self.clone().start(now, window);
+                        *self = started;
+                        actions.extend(started_actions);
+                    }
+                    WindowResume::Wave(wave) => actions.extend(self.begin_wave(wave, now)),
+                }
+                actions
+            }
+        }
     }
 
     /// The desired state every node should have now, for re-asserting after a
@@ -1573,3 +1709,7 @@ impl Deployment {
 #[cfg(test)]
 #[path = "machine_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "machine_window_tests.rs"]
+mod window_tests;

@@ -83,6 +83,9 @@ pub struct PipelineRecord {
     /// Stages may deploy a version older than their environment's current one.
     #[serde(default)]
     pub allow_downgrade: bool,
+    /// Stages start in frozen environments (an admin's --override-freeze).
+    #[serde(default)]
+    pub override_freeze: bool,
 }
 
 /// What a running pipeline needs the engine to do next.
@@ -154,6 +157,7 @@ impl PipelineRecord {
             created_ms: now,
             finished_ms: None,
             allow_downgrade,
+            override_freeze: false,
         }
     }
 

@@ -65,6 +65,7 @@ impl DeploymentDocument for DeploymentRecord {
             awaiting_promote: d.awaiting_promote,
             paused_from: d.paused_from,
             waiting_since_ms: d.waiting_since_ms,
+            window_wait: d.window_wait,
             reason: d.reason.clone(),
             approved_by: d.approved_by.clone(),
             created_ms: d.created_ms,

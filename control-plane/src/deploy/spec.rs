@@ -40,6 +40,9 @@ pub struct CreateRequest {
     pub dry_run: bool,
     /// Deploy even when the version is older than the environment's current one.
     pub allow_downgrade: bool,
+    /// Start even when the environment is frozen (SPEC §9); the API edge
+    /// lets only admins ask.
+    pub override_freeze: bool,
 }
 
 /// Longest a deployment's duration option may be (steps, bake, deadlines):

@@ -91,7 +91,12 @@ pub fn deployment_events(
                 d.spec.strategy.name(),
                 d.nodes.len(),
                 d.spec.created_by,
-                d.state.as_str()
+                // Created outside every deployment window: say why it waits.
+                if d.state == State::Paused && !d.reason.is_empty() {
+                    format!("paused: {}", d.reason)
+                } else {
+                    d.state.as_str().to_string()
+                }
             ),
         ));
         events.extend(wave_notes.map(|note| event(Kind::Step, note)));

@@ -22,6 +22,7 @@
 
 pub mod body;
 pub mod error;
+mod freezes;
 mod resources;
 mod stream;
 
@@ -153,6 +154,7 @@ mod clients {
     in_process_client!(audit, pb::audit_client::AuditClient<GrpcServices>);
     in_process_client!(users, pb::users_client::UsersClient<GrpcServices>);
     in_process_client!(servers, pb::servers_client::ServersClient<GrpcServices>);
+    in_process_client!(freezes, pb::freezes_client::FreezesClient<GrpcServices>);
 }
 
 #[derive(OpenApi)]
@@ -381,6 +383,10 @@ mod tests {
             ("GET", "/api/v1/users"),
             ("GET", "/api/v1/servers"),
             ("GET", "/api/v1/openapi.json"),
+            // SPEC §9: freezes.
+            ("GET", "/api/v1/freezes"),
+            ("POST", "/api/v1/freezes"),
+            ("DELETE", "/api/v1/freezes/{id}"),
         ];
         for (method, path) in spec {
             assert!(

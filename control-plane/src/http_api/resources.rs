@@ -41,6 +41,7 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_users))
         .routes(routes!(list_servers))
         .routes(routes!(openapi_document))
+        .merge(super::freezes::routes())
 }
 
 /// A view of each message of a list.
@@ -413,6 +414,9 @@ pub struct PipelineRequest {
     /// Let stages deploy a version older than their environment's current one.
     #[serde(default)]
     allow_downgrade: bool,
+    /// Start in frozen environments (admins only; audited).
+    #[serde(default)]
+    override_freeze: bool,
 }
 
 /// Start a pipeline.
@@ -436,6 +440,7 @@ async fn run_pipeline(
             version: body.version,
             to: or_empty(body.to),
             allow_downgrade: body.allow_downgrade,
+            override_freeze: body.override_freeze,
         }))
         .await?
         .into_inner();

@@ -79,6 +79,7 @@ fn create_request(request: pb::CreateDeploymentRequest) -> Result<CreateRequest,
         analysis_warmup: o.analysis_warmup_ms.map(Duration::from_millis),
         dry_run: request.dry_run,
         allow_downgrade: o.allow_downgrade,
+        override_freeze: o.override_freeze,
     })
 }
 
@@ -167,9 +168,15 @@ fn plan_to_pb(plan: &PlanView) -> pb::Plan {
         waves: plan
             .waves
             .iter()
-            .map(|(nodes, gate)| pb::Wave {
-                nodes: nodes.clone(),
-                gate: gate.clone(),
+            .enumerate()
+            .map(|(i, (nodes, gate))| {
+                let start = plan.windows.get(i);
+                pb::Wave {
+                    nodes: nodes.clone(),
+                    gate: gate.clone(),
+                    earliest_start: start.and_then(|s| s.earliest_ms).map(ts_from_ms),
+                    window: start.map(|s| s.wait.clone()).unwrap_or_default(),
+                }
             })
             .collect(),
         gates: plan.waves.iter().map(|(_, gate)| gate.clone()).collect(),
@@ -212,6 +219,20 @@ fn control_of(action: &str, reason: String, user: &str) -> Result<Control, ApiEr
     })
 }
 
+/// `--override-freeze` is for admins (SPEC §9): anyone else is refused,
+/// frozen or not, so the flag never works by luck.
+fn override_allowed(call: &super::AuditedCall) -> Result<(), ApiError> {
+    if call.caller.role == crate::auth::Role::Admin {
+        Ok(())
+    } else {
+        Err(ApiError::PermissionDenied(format!(
+            "--override-freeze needs the admin role; {} is {}",
+            call.user(),
+            call.caller.role.as_str()
+        )))
+    }
+}
+
 type WatchStream = ServerStream<pb::Deployment>;
 
 #[tonic::async_trait]
@@ -238,14 +259,22 @@ impl pb::deployments_server::Deployments for DeploymentsService {
             .ctx
             .begin(&request, Permission::Deploy, "deploy.create", target)
             .await?;
+        // The audit record says which freeze an override went through.
+        let mut overridden = String::new();
         let result = async {
             let create = create_request(request.into_inner())?;
+            if create.override_freeze {
+                override_allowed(&call)?;
+                if let Some(frozen) = self.engine.frozen(&create.environment)? {
+                    overridden = format!(" --override-freeze ({})", frozen.by_whom());
+                }
+            }
             Ok(self.engine.create(create, call.user()).await?)
         }
         .await;
         if let Ok((Some(record), _)) = &result {
             let t = format!(
-                "{} {}@{} env={}{downgrade}",
+                "{} {}@{} env={}{downgrade}{overridden}",
                 record.id,
                 record.deployment.spec.module,
                 record.deployment.spec.version,
@@ -430,16 +459,21 @@ impl pb::pipelines_server::Pipelines for PipelinesService {
                 ""
             }
         );
-        let call = self
+        let mut call = self
             .ctx
             .begin(&request, Permission::Deploy, "pipeline.run", target)
             .await?;
         let request = request.into_inner();
+        let mut overridden = String::new();
         let result = async {
             if request.module.is_empty() || request.version.is_empty() {
                 return Err(ApiError::InvalidArgument(
                     "give the module as NAME@VERSION".into(),
                 ));
+            }
+            if request.override_freeze {
+                override_allowed(&call)?;
+                overridden = " --override-freeze".to_string();
             }
             let to = (!request.to.is_empty()).then_some(request.to.as_str());
             Ok(self
@@ -449,11 +483,20 @@ impl pb::pipelines_server::Pipelines for PipelinesService {
                     &request.version,
                     to,
                     request.allow_downgrade,
+                    request.override_freeze,
                     call.user(),
                 )
                 .await?)
         }
         .await;
+        if let Ok(pipeline) = &result
+            && !overridden.is_empty()
+        {
+            call.set_target(format!(
+                "{} {}@{} to={}{overridden}",
+                pipeline.id, pipeline.module, pipeline.version, request.to
+            ));
+        }
         Ok(Response::new(pipeline_to_pb(
             &call.finish(&self.ctx, result).await?,
         )))

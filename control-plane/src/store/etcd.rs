@@ -62,6 +62,7 @@ use super::{
     SessionRecords, SessionUpdate, Storage, StoreError, StoredDeployment, TokenRecord, UserRecord,
     UserRecords, decode, encode,
 };
+use super::{FreezeRecord, FreezeRecords};
 
 /// Operations per transaction: etcd refuses more than `--max-txn-ops`
 /// (128 by default) in either branch; a few are kept for the head of a log.
@@ -1770,6 +1771,41 @@ impl DeploymentRecords for EtcdStore {
 
     async fn flush_deployments(&self) -> Result<(), StoreError> {
         self.inner.flush().await
+    }
+}
+
+#[async_trait]
+impl FreezeRecords for EtcdStore {
+    async fn put_freeze(&self, record: &FreezeRecord) -> Result<(), StoreError> {
+        self.inner.write(
+            self.inner.keys.record(Collection::Freezes, &record.id),
+            Some(encode(record)),
+        );
+        self.inner.flush().await
+    }
+
+    fn list_freezes(&self) -> Result<Vec<FreezeRecord>, StoreError> {
+        self.inner.list(Collection::Freezes)
+    }
+
+    /// Read and delete in one guarded transaction, as `remove_node` does:
+    /// two replicas deleting the same freeze agree on who removed it.
+    async fn remove_freeze(&self, id: &str) -> Result<Option<FreezeRecord>, StoreError> {
+        let key = self.inner.keys.record(Collection::Freezes, id);
+        self.inner
+            .change(|inner| {
+                let read = inner.read(key.as_bytes());
+                let Some(bytes) = &read.0 else {
+                    return Ok((Vec::new(), Vec::new(), None));
+                };
+                let record: FreezeRecord = decode(Collection::Freezes, key.as_bytes(), bytes)?;
+                Ok::<_, StoreError>((
+                    vec![(key.clone(), base_of(&read))],
+                    vec![(key.clone(), None)],
+                    Some(record),
+                ))
+            })
+            .await
     }
 }
 

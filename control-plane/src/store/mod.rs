@@ -542,9 +542,25 @@ pub trait SeqLog: Send + Sync {
 /// Records of a log in the order asked for.
 pub type LogIter<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + Send + 'a>;
 
+/// Ad hoc deployment freezes (SPEC §9). Operator writes: flushed before
+/// they are acknowledged, from any replica.
+#[async_trait]
+pub trait FreezeRecords: Send + Sync {
+    async fn put_freeze(&self, record: &FreezeRecord) -> Result<(), StoreError>;
+    fn list_freezes(&self) -> Result<Vec<FreezeRecord>, StoreError>;
+    /// Remove a freeze; the record removed, `None` when there was none.
+    async fn remove_freeze(&self, id: &str) -> Result<Option<FreezeRecord>, StoreError>;
+}
+
 /// Every record family the control plane keeps.
 pub trait Storage:
-    Durability + NodeRecords + UserRecords + ArtifactRecords + DesiredRecords + DeploymentRecords
+    Durability
+    + NodeRecords
+    + UserRecords
+    + ArtifactRecords
+    + DesiredRecords
+    + DeploymentRecords
+    + FreezeRecords
 {
     /// One of the sequence logs.
     fn log(&self, name: LogName) -> Result<Arc<dyn SeqLog>, StoreError>;
@@ -585,6 +601,10 @@ impl Store {
     }
 
     pub fn deployments(&self) -> Arc<dyn DeploymentRecords> {
+        self.0.clone()
+    }
+
+    pub fn freezes(&self) -> Arc<dyn FreezeRecords> {
         self.0.clone()
     }
 
@@ -637,6 +657,7 @@ pub enum Collection {
     Users,
     Events,
     Audit,
+    Freezes,
 }
 
 impl Collection {
@@ -654,6 +675,7 @@ impl Collection {
             Collection::Users => "users",
             Collection::Events => "events",
             Collection::Audit => "audit",
+            Collection::Freezes => "freezes",
         }
     }
 }

@@ -108,6 +108,19 @@ pub struct UserRecord {
     pub revoked_at_ms: Option<u64>,
 }
 
+/// An ad hoc deployment freeze (SPEC §9): no deployment or pipeline starts
+/// in `environment` between `from_ms` and `until_ms` (wall clock) unless an
+/// admin overrides it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FreezeRecord {
+    pub id: String,
+    pub environment: String,
+    pub from_ms: u64,
+    pub until_ms: u64,
+    pub reason: String,
+    pub created_by: String,
+}
+
 /// What one module should be on one node.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DesiredModuleRecord {

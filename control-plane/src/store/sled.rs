@@ -26,6 +26,7 @@ use super::{
     Revision, SeqLog, Storage, StoreError, StoredDeployment, TokenRecord, UserRecord, UserRecords,
     decode, encode,
 };
+use super::{FreezeRecord, FreezeRecords};
 
 /// Device and inode of a file: what makes it the same file when its name
 /// may since point to another one, or to nothing.
@@ -154,6 +155,7 @@ pub struct SledStore {
     deployments: sled::Tree,
     pipelines: sled::Tree,
     users: sled::Tree,
+    freezes: sled::Tree,
     /// The revision of the newest desired-state write, held while one is
     /// written. Each write stores the new revision in `meta` before the
     /// record that carries it (sled recovers a prefix of its log), so after
@@ -241,6 +243,7 @@ impl SledStore {
             deployments: tree(Collection::Deployments)?,
             pipelines: tree(Collection::Pipelines)?,
             users: tree(Collection::Users)?,
+            freezes: tree(Collection::Freezes)?,
             events: Arc::new(SledLog {
                 tree: tree(Collection::Events)?,
             }),
@@ -783,6 +786,28 @@ impl DeploymentRecords for SledStore {
     }
 }
 
+#[async_trait]
+impl FreezeRecords for SledStore {
+    async fn put_freeze(&self, record: &FreezeRecord) -> Result<(), StoreError> {
+        self.freezes.insert(record.id.as_bytes(), encode(record))?;
+        self.flush().await
+    }
+
+    fn list_freezes(&self) -> Result<Vec<FreezeRecord>, StoreError> {
+        scan(&self.freezes, Collection::Freezes)
+    }
+
+    async fn remove_freeze(&self, id: &str) -> Result<Option<FreezeRecord>, StoreError> {
+        let removed = self
+            .freezes
+            .remove(id.as_bytes())?
+            .map(|bytes| decode(Collection::Freezes, id.as_bytes(), &bytes))
+            .transpose()?;
+        self.flush().await?;
+        Ok(removed)
+    }
+}
+
 impl Storage for SledStore {
     fn log(&self, name: LogName) -> Result<Arc<dyn SeqLog>, StoreError> {
         Ok(match name {
@@ -894,6 +919,39 @@ mod tests {
     use super::*;
     use crate::store::Store;
     use hotswap_common::labels::Labels;
+
+    /// Ad hoc freezes survive a reopen, and removing one says whether it was there.
+    #[tokio::test]
+    async fn freezes_are_kept_listed_and_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        let freeze = FreezeRecord {
+            id: "fz-1".into(),
+            environment: "qa".into(),
+            from_ms: 1,
+            until_ms: 2,
+            reason: "release party".into(),
+            created_by: "dan".into(),
+        };
+        {
+            let store = Store::open(&path, 1 << 20).expect("open");
+            store.put_freeze(&freeze).await.expect("put");
+        }
+        let store = Store::open(&path, 1 << 20).expect("reopen");
+        assert_eq!(
+            store.list_freezes().expect("list"),
+            std::slice::from_ref(&freeze)
+        );
+        assert_eq!(
+            store.remove_freeze("fz-1").await.expect("remove"),
+            Some(freeze)
+        );
+        assert_eq!(
+            store.remove_freeze("fz-1").await.expect("remove again"),
+            None
+        );
+        assert!(store.list_freezes().expect("list").is_empty());
+    }
 
     /// The flush of a write made after the database directory was deleted
     /// fails, so no caller acknowledges it; so does every later change.

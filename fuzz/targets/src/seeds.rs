@@ -803,6 +803,7 @@ pub fn message_seeds() -> Vec<Seed> {
                 version: "1.1.0".into(),
                 to: "prod".into(),
                 allow_downgrade: false,
+                ..Default::default()
             },
         ),
         message_seed(
@@ -953,6 +954,7 @@ pub fn message_seeds() -> Vec<Seed> {
                     waves: vec![pb::Wave {
                         nodes: vec!["web-1".into()],
                         gate: "healthy".into(),
+                        ..Default::default()
                     }],
                     gates: vec!["healthy".into()],
                 }),

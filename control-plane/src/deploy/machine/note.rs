@@ -68,6 +68,13 @@ pub enum Note {
     AwaitingPromote {
         step: usize,
     },
+    /// At a wave boundary outside every deployment window: paused until one
+    /// opens (SPEC §9).
+    WindowClosed {
+        reason: String,
+    },
+    /// A deployment window opened: the held deployment goes on.
+    WindowOpened,
 }
 
 impl fmt::Display for Note {
@@ -114,6 +121,8 @@ impl fmt::Display for Note {
             Note::AwaitingPromote { step } => {
                 write!(f, "step {step} healthy; waiting for deploy promote")
             }
+            Note::WindowClosed { reason } => write!(f, "waiting: {reason}"),
+            Note::WindowOpened => f.write_str("deployment window open; going on"),
         }
     }
 }
