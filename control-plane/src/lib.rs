@@ -35,3 +35,4 @@ pub mod storage;
 pub mod store;
 pub mod tls_accept;
 pub mod trust;
+pub mod webhooks;

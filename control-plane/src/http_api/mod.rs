@@ -24,6 +24,7 @@ pub mod body;
 pub mod error;
 mod resources;
 mod stream;
+mod webhooks;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -153,6 +154,7 @@ mod clients {
     in_process_client!(audit, pb::audit_client::AuditClient<GrpcServices>);
     in_process_client!(users, pb::users_client::UsersClient<GrpcServices>);
     in_process_client!(servers, pb::servers_client::ServersClient<GrpcServices>);
+    in_process_client!(webhooks, pb::webhooks_client::WebhooksClient<GrpcServices>);
 }
 
 #[derive(OpenApi)]
@@ -381,6 +383,11 @@ mod tests {
             ("GET", "/api/v1/users"),
             ("GET", "/api/v1/servers"),
             ("GET", "/api/v1/openapi.json"),
+            // SPEC §9.
+            ("GET", "/api/v1/webhooks"),
+            ("POST", "/api/v1/webhooks"),
+            ("DELETE", "/api/v1/webhooks/{id}"),
+            ("POST", "/api/v1/webhooks/{id}/test"),
         ];
         for (method, path) in spec {
             assert!(

@@ -13,6 +13,7 @@ pub mod servers;
 pub mod session;
 mod stream;
 pub mod users;
+pub mod webhooks;
 
 use std::sync::Arc;
 

@@ -31,6 +31,7 @@ pub mod mirror;
 mod records;
 pub mod sled;
 pub mod split;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ use serde::de::DeserializeOwned;
 
 pub use self::sled::SledStore;
 pub use records::*;
+pub use webhooks::{WebhookCursor, WebhookRecord, WebhookRecords};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -544,7 +546,13 @@ pub type LogIter<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError
 
 /// Every record family the control plane keeps.
 pub trait Storage:
-    Durability + NodeRecords + UserRecords + ArtifactRecords + DesiredRecords + DeploymentRecords
+    Durability
+    + NodeRecords
+    + UserRecords
+    + ArtifactRecords
+    + DesiredRecords
+    + DeploymentRecords
+    + WebhookRecords
 {
     /// One of the sequence logs.
     fn log(&self, name: LogName) -> Result<Arc<dyn SeqLog>, StoreError>;
@@ -637,6 +645,8 @@ pub enum Collection {
     Users,
     Events,
     Audit,
+    Webhooks,
+    WebhookCursors,
 }
 
 impl Collection {
@@ -654,6 +664,8 @@ impl Collection {
             Collection::Users => "users",
             Collection::Events => "events",
             Collection::Audit => "audit",
+            Collection::Webhooks => "webhooks",
+            Collection::WebhookCursors => "webhook_cursors",
         }
     }
 }
