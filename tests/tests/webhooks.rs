@@ -1,0 +1,449 @@
+//! Webhooks end to end (SPEC §9): a real HTTP receiver (Python's
+//! `http.server`) checks each delivery's HMAC and records it; deliveries
+//! survive the receiver going away during a deployment and a control-plane
+//! restart, arrive in sequence order, and a dead receiver delays nobody.
+//! Bad input and a URL at the control plane's own ports are refused with
+//! nothing changed.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hotswap_tests::{ControlPlane, Fleet, TestDir, eventually, free_port};
+use serde_json::Value;
+
+const RECEIVER: &str = r#"
+import hashlib, hmac, http.server, json, sys
+port, secret, out = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        want = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+        got = self.headers.get("X-Hotswap-Signature", "")
+        record = {
+            "seq": int(self.headers["X-Hotswap-Delivery"]),
+            "kind": self.headers["X-Hotswap-Event"],
+            "signature_ok": hmac.compare_digest(want, got),
+            "body": json.loads(body),
+        }
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.send_response(200 if record["signature_ok"] else 401)
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer.allow_reuse_address = True
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"#;
+
+const SECRET: &str = "correct horse battery staple";
+
+/// The Python receiver on a fixed port, appending each delivery to a file.
+struct Receiver {
+    port: u16,
+    script: PathBuf,
+    record: PathBuf,
+    child: Option<Child>,
+}
+
+impl Receiver {
+    fn new(dir: &Path) -> Self {
+        let script = dir.join("receiver.py");
+        std::fs::write(&script, RECEIVER).expect("write receiver");
+        Self {
+            port: free_port(),
+            script,
+            record: dir.join("deliveries.jsonl"),
+            child: None,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn start(&mut self) {
+        let child = Command::new("python3")
+            .arg(&self.script)
+            .arg(self.port.to_string())
+            .arg(SECRET)
+            .arg(&self.record)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start python3 receiver");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        eventually("the receiver to listen", || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every delivery so far, in arrival order.
+    fn deliveries(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The sequence numbers of the event deliveries (not tests), in
+    /// arrival order.
+    fn seqs(&self) -> Vec<u64> {
+        self.deliveries()
+            .iter()
+            .filter(|d| d["kind"] != "webhook.test")
+            .filter_map(|d| d["seq"].as_u64())
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `events -o json` prints JSON Lines: one event per line.
+fn events(cp: &ControlPlane, args: &[&str]) -> Vec<Value> {
+    let mut full = vec!["-o", "json", "events"];
+    full.extend_from_slice(args);
+    let out = cp.ctl(&full);
+    out.ok();
+    out.stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The seqs of stored events whose kind is under `deployment.`, after `since`.
+fn deployment_seqs(cp: &ControlPlane, since: u64) -> Vec<u64> {
+    events(
+        cp,
+        &["--kind", "deployment.", "--since", &(since + 1).to_string()],
+    )
+    .iter()
+    .filter_map(|e| e["seq"].as_u64())
+    .collect()
+}
+
+fn newest_seq(cp: &ControlPlane) -> u64 {
+    events(cp, &["--limit", "1"])
+        .last()
+        .and_then(|e| e["seq"].as_u64())
+        .unwrap_or(0)
+}
+
+fn webhook(cp: &ControlPlane, id: &str) -> Value {
+    let list = cp.ctl(&["-o", "json", "webhooks", "list"]).json();
+    list.as_array()
+        .expect("webhooks")
+        .iter()
+        .find(|w| w["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("webhook {id} not listed: {list}"))
+}
+
+/// `deduped` without consecutive repeats (at least once may repeat the
+/// event whose acceptance a stop cut off).
+fn deduped(seqs: &[u64]) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    for s in seqs {
+        if out.last() != Some(s) {
+            out.push(*s);
+        }
+    }
+    out
+}
+
+#[test]
+fn deliveries_are_signed_in_order_and_survive_an_outage_and_a_restart() {
+    let dir = TestDir::new();
+    let (mut fleet, _) =
+        Fleet::start_many_with_settings(&dir, "dev", &["a"], "webhook_backoff_max = \"1s\"\n");
+    let mut receiver = Receiver::new(dir.path());
+    receiver.start();
+    let secret_file = dir.path().join("hook.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).expect("secret");
+    let created = fleet
+        .cp
+        .ctl(&[
+            "-o",
+            "json",
+            "webhooks",
+            "create",
+            "--url",
+            &receiver.url(),
+            "--kind",
+            "deployment",
+            "--secret-file",
+            secret_file.to_str().expect("utf8"),
+        ])
+        .json();
+    let id = created["id"].as_str().expect("id").to_string();
+    assert_eq!(created["kinds"], serde_json::json!(["deployment"]));
+    assert_eq!(created["format"], "json");
+    assert_eq!(created["signed"], true);
+    assert!(created.get("secret").is_none(), "the secret is never shown");
+    // A receiver that accepts connections and never answers.
+    let dead = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_url = format!("http://{}/hook", dead.local_addr().expect("addr"));
+    let dead_hook = fleet
+        .cp
+        .ctl(&["-o", "json", "webhooks", "create", "--url", &dead_url])
+        .json();
+    let dead_id = dead_hook["id"].as_str().expect("id").to_string();
+    let start = newest_seq(&fleet.cp);
+
+    // `webhooks test` is one signed delivery, answered at once.
+    let tested = fleet
+        .cp
+        .ctl(&["-o", "json", "webhooks", "test", &id])
+        .json();
+    assert_eq!(tested["delivered"], true, "{tested}");
+    assert_eq!(tested["status"], 200);
+    let test_delivery = receiver.deliveries();
+    assert_eq!(test_delivery.len(), 1, "{test_delivery:?}");
+    assert_eq!(test_delivery[0]["kind"], "webhook.test");
+    assert_eq!(test_delivery[0]["signature_ok"], true);
+    let refused = fleet.cp.ctl(&["webhooks", "test", &dead_id]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("timed out"), "{refused:?}");
+
+    // A first deployment: every deployment event arrives, signed, in
+    // order, while the dead receiver's task is stuck on its first event.
+    fleet.push_hello_per_node("1.0.0", "");
+    fleet
+        .cp
+        .ctl(&["deploy", "create", "hello@1.0.0", "--env", "dev", "--wait"])
+        .ok();
+    let finished = Instant::now();
+    let first = deployment_seqs(&fleet.cp, start);
+    assert!(first.len() >= 3, "{first:?}");
+    eventually("the first deployment's events at the receiver", || {
+        let got = receiver.seqs();
+        (got == first)
+            .then_some(())
+            .ok_or(format!("{got:?} != {first:?}"))
+    });
+    assert!(
+        finished.elapsed() < Duration::from_secs(8),
+        "the live receiver waited for the dead one ({:?}; an attempt there times out after 10s)",
+        finished.elapsed()
+    );
+    for delivery in receiver.deliveries().iter().skip(1) {
+        assert_eq!(delivery["signature_ok"], true, "{delivery}");
+        assert_eq!(delivery["body"]["seq"], delivery["seq"], "{delivery}");
+        assert_eq!(delivery["body"]["kind"], delivery["kind"], "{delivery}");
+        assert!(
+            delivery["body"]["kind"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("deployment.")),
+            "{delivery}"
+        );
+    }
+    // The body is exactly the event as `events -o json` shows it.
+    let shown = events(
+        &fleet.cp,
+        &["--since", &first[0].to_string(), "--limit", "1"],
+    );
+    assert_eq!(receiver.deliveries()[1]["body"], shown[0]);
+
+    // The receiver goes away during the second deployment; the control
+    // plane restarts; the receiver comes back.
+    receiver.stop();
+    fleet.push_hello_per_node("2.0.0", "");
+    fleet
+        .cp
+        .ctl(&["deploy", "create", "hello@2.0.0", "--env", "dev", "--wait"])
+        .ok();
+    let pending = eventually("the outage to show in webhooks list", || {
+        let hook = webhook(&fleet.cp, &id);
+        (hook["backlog"].as_u64() > Some(0) && hook["last_error"].is_string())
+            .then(|| hook.clone())
+            .ok_or(hook.to_string())
+    });
+    assert_eq!(
+        pending["last_delivered_seq"].as_u64(),
+        first.last().copied(),
+        "{pending}"
+    );
+    fleet.cp.stop();
+    fleet.cp.start();
+    receiver.start();
+    let all = deployment_seqs(&fleet.cp, start);
+    assert!(all.len() > first.len(), "{all:?}");
+    eventually(
+        "every deployment event at the receiver after the restart",
+        || {
+            let got = deduped(&receiver.seqs());
+            (got == all)
+                .then_some(())
+                .ok_or(format!("{got:?} != {all:?}"))
+        },
+    );
+    let seqs = receiver.seqs();
+    assert!(
+        seqs.windows(2).all(|w| w[0] <= w[1]),
+        "out of order: {seqs:?}"
+    );
+    assert!(
+        receiver
+            .deliveries()
+            .iter()
+            .all(|d| d["signature_ok"] == true)
+    );
+
+    // `webhooks list`: last delivered seq, last error and backlog.
+    let hook = eventually("the receiver's backlog to empty", || {
+        let hook = webhook(&fleet.cp, &id);
+        (hook["backlog"] == 0)
+            .then(|| hook.clone())
+            .ok_or(hook.to_string())
+    });
+    assert_eq!(hook["last_delivered_seq"].as_u64(), all.last().copied());
+    assert!(
+        hook["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot connect") || e.contains("refused")),
+        "{hook}"
+    );
+    // Its attempts time out after 10s each.
+    let dead_hook = eventually("the dead receiver's timeout in webhooks list", || {
+        let hook = webhook(&fleet.cp, &dead_id);
+        hook["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("timed out"))
+            .then(|| hook.clone())
+            .ok_or(hook.to_string())
+    });
+    assert!(dead_hook["last_delivered_seq"].is_null(), "{dead_hook}");
+    assert!(dead_hook["backlog"].as_u64() > Some(0), "{dead_hook}");
+    let table = fleet.cp.ctl(&["webhooks", "list"]).ok().stdout.clone();
+    assert!(
+        table.contains("BACKLOG") && table.contains("LAST ERROR") && table.contains("timed"),
+        "{table}"
+    );
+
+    // Metrics: deliveries since the restart, and the dead one's lag.
+    let delivered = fleet.cp.metric(&format!(
+        "hotswap_webhook_deliveries_total{{webhook=\"{id}\"}}"
+    ));
+    assert!(delivered >= 1.0, "{delivered}");
+    let lag = fleet.cp.metric(&format!(
+        "hotswap_webhook_lag_events{{webhook=\"{dead_id}\"}}"
+    ));
+    assert!(lag >= 1.0, "{lag}");
+
+    // Deleted: gone from the list, nothing more delivered.
+    fleet.cp.ctl(&["webhooks", "delete", &dead_id]).ok();
+    let list = fleet.cp.ctl(&["-o", "json", "webhooks", "list"]).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    drop(dead);
+}
+
+#[test]
+fn bad_input_and_the_control_plane_s_own_ports_are_refused_with_nothing_changed() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let grpc = cp.grpc.expect("grpc");
+    let admin = cp.admin.expect("admin");
+    let refusals: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--url".into(), "not a url".into()],
+            "url \"not a url\"",
+        ),
+        (
+            vec!["--url".into(), "ftp://example.com/".into()],
+            "the scheme must be http or https",
+        ),
+        (
+            vec![
+                "--url".into(),
+                "http://example.com/".into(),
+                "--format".into(),
+                "xml".into(),
+            ],
+            "format \"xml\" is not json or slack",
+        ),
+        (
+            vec![
+                "--url".into(),
+                "http://example.com/".into(),
+                "--secret-file".into(),
+                dir.path().join("missing.secret").display().to_string(),
+            ],
+            "cannot read secret file",
+        ),
+        (
+            vec![
+                "--url".into(),
+                "http://example.com/".into(),
+                "--kind".into(),
+                "Not A Kind".into(),
+            ],
+            "kind \"Not A Kind\"",
+        ),
+        (
+            vec![
+                "--url".into(),
+                format!("https://127.0.0.1:{}/", grpc.port()),
+            ],
+            "own gRPC port",
+        ),
+        (
+            vec![
+                "--url".into(),
+                format!("http://localhost:{}/metrics", admin.port()),
+            ],
+            "own admin port",
+        ),
+    ];
+    for (args, expected) in refusals {
+        let mut full: Vec<&str> = vec!["webhooks", "create"];
+        full.extend(args.iter().map(String::as_str));
+        let out = cp.ctl(&full);
+        assert_eq!(out.code, 1, "{args:?}: {out:?}");
+        assert!(out.stderr.contains(expected), "{args:?}: {}", out.stderr);
+    }
+    let list = cp.ctl(&["-o", "json", "webhooks", "list"]).json();
+    assert_eq!(list, serde_json::json!([]), "nothing was created");
+    assert_eq!(
+        cp.ctl(&["webhooks", "delete", "wh-nope"]).code,
+        1,
+        "an unknown id"
+    );
+    // Admin only: a viewer cannot list (URLs can be credentials) or create.
+    let viewer = cp.user_profile("vera", "viewer");
+    assert_eq!(cp.ctl_with_profile(&viewer, &["webhooks", "list"]).code, 5);
+    let out = cp.ctl_with_profile(
+        &viewer,
+        &["webhooks", "create", "--url", "http://example.com/"],
+    );
+    assert_eq!(out.code, 5, "{out:?}");
+    let audit = cp
+        .ctl(&["-o", "json", "audit", "list", "--action", "webhooks."])
+        .json();
+    let results: Vec<&str> = audit
+        .as_array()
+        .expect("audit")
+        .iter()
+        .filter_map(|r| r["result"].as_str())
+        .collect();
+    assert!(results.contains(&"denied"), "{audit}");
+    assert!(results.contains(&"error"), "{audit}");
+    cp.stop();
+}
