@@ -752,6 +752,47 @@ pub fn signatures_from_pb(
         .collect()
 }
 
+impl From<pb::Webhook> for WebhookView {
+    fn from(w: pb::Webhook) -> Self {
+        WebhookView {
+            id: w.id,
+            url: w.url,
+            kinds: w.kinds,
+            format: w.format,
+            last_delivered_seq: (w.last_delivered_seq > 0).then_some(w.last_delivered_seq),
+            last_error: non_empty(w.last_error),
+            backlog: w.backlog,
+            signed: w.signed,
+            custom_ca: w.custom_ca,
+            created_by: w.created_by,
+            created_at: rfc3339(w.created_at.as_ref()),
+        }
+    }
+}
+
+impl WebhookTestView {
+    pub fn from_pb(id: &str, t: pb::TestWebhookResponse) -> Self {
+        WebhookTestView {
+            id: id.to_string(),
+            delivered: t.delivered,
+            status: u16::try_from(t.status).ok().filter(|s| *s > 0),
+            error: non_empty(t.error),
+        }
+    }
+}
+
+impl From<WebhookRequest> for pb::CreateWebhookRequest {
+    fn from(r: WebhookRequest) -> Self {
+        pb::CreateWebhookRequest {
+            url: r.url,
+            kinds: r.kinds,
+            secret: r.secret.unwrap_or_default(),
+            format: r.format.unwrap_or_default(),
+            ca_pem: r.ca_pem.unwrap_or_default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1065,47 +1106,6 @@ mod tests {
                     proptest::prop_assert!((0.0..=MAX_LATENCY_SECONDS).contains(&l));
                 }
             }
-        }
-    }
-}
-
-impl From<pb::Webhook> for WebhookView {
-    fn from(w: pb::Webhook) -> Self {
-        WebhookView {
-            id: w.id,
-            url: w.url,
-            kinds: w.kinds,
-            format: w.format,
-            last_delivered_seq: (w.last_delivered_seq > 0).then_some(w.last_delivered_seq),
-            last_error: non_empty(w.last_error),
-            backlog: w.backlog,
-            signed: w.signed,
-            custom_ca: w.custom_ca,
-            created_by: w.created_by,
-            created_at: rfc3339(w.created_at.as_ref()),
-        }
-    }
-}
-
-impl WebhookTestView {
-    pub fn from_pb(id: &str, t: pb::TestWebhookResponse) -> Self {
-        WebhookTestView {
-            id: id.to_string(),
-            delivered: t.delivered,
-            status: u16::try_from(t.status).ok().filter(|s| *s > 0),
-            error: non_empty(t.error),
-        }
-    }
-}
-
-impl From<WebhookRequest> for pb::CreateWebhookRequest {
-    fn from(r: WebhookRequest) -> Self {
-        pb::CreateWebhookRequest {
-            url: r.url,
-            kinds: r.kinds,
-            secret: r.secret.unwrap_or_default(),
-            format: r.format.unwrap_or_default(),
-            ca_pem: r.ca_pem.unwrap_or_default(),
         }
     }
 }

@@ -194,7 +194,7 @@ fn documented() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     OpenApiRouter::with_openapi(doc)
-        .nest(PREFIX, resources::routes())
+        .nest(PREFIX, resources::routes().merge(webhooks::routes()))
         .split_for_parts()
 }
 

@@ -41,7 +41,6 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_users))
         .routes(routes!(list_servers))
         .routes(routes!(openapi_document))
-        .merge(super::webhooks::routes())
 }
 
 /// A view of each message of a list.

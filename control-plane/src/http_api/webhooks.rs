@@ -1,7 +1,6 @@
 //! The webhook resources (SPEC §9) of the HTTP API: `GET|POST webhooks`,
 //! `DELETE webhooks/{id}`, `POST webhooks/{id}/test`, each one in-process
-//! call of the `Webhooks` gRPC service, like every resource (see
-//! [`super::resources`]).
+//! call of the `Webhooks` gRPC service, like every resource of the API.
 
 use axum::Json;
 use axum::extract::{Path, State};
