@@ -447,3 +447,118 @@ fn bad_input_and_the_control_plane_s_own_ports_are_refused_with_nothing_changed(
     assert!(results.contains(&"error"), "{audit}");
     cp.stop();
 }
+
+/// `curl` with the admin profile's CA, certificate and key against the
+/// control plane's HTTP API; returns the status and the body as JSON.
+fn api(cp: &ControlPlane, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let profile = hotswap_common::profile::Profile::load(&cp.admin_profile()).expect("profile");
+    let dir = cp.data_dir.parent().expect("work dir").to_path_buf();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write credential");
+        path
+    };
+    let ca = write("api-ca.pem", &profile.ca_cert);
+    let cert = write("api-cert.pem", &profile.client_cert);
+    let key = write("api-key.pem", &profile.client_key);
+    let mut command = Command::new("curl");
+    command
+        .args(["--silent", "--show-error", "-X", method, "--cacert"])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key);
+    if let Some(body) = body {
+        command.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let out = command
+        .args(["--write-out", "\n%{http_code}"])
+        .arg(format!("{}/api/v1{path}", cp.url()))
+        .output()
+        .expect("run curl");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let status: u16 = status
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no status: {stdout}"));
+    let json = serde_json::from_str(body).unwrap_or(Value::Null);
+    (status, json)
+}
+
+#[test]
+fn the_http_api_creates_lists_tests_and_deletes_webhooks_through_the_same_service() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let grpc = cp.grpc.expect("grpc");
+    let (status, error) = api(&cp, "POST", "/webhooks", Some(r#"{"url": "not a url"}"#));
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["code"], "invalid_argument", "{error}");
+    let own = format!(r#"{{"url": "https://127.0.0.1:{}/"}}"#, grpc.port());
+    let (status, error) = api(&cp, "POST", "/webhooks", Some(&own));
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("own gRPC port")),
+        "{error}"
+    );
+    let (status, error) = api(
+        &cp,
+        "POST",
+        "/webhooks",
+        Some(r#"{"url": "http://x/", "colour": 1}"#),
+    );
+    assert_eq!(status, 400, "{error}");
+    let (_, list) = api(&cp, "GET", "/webhooks", None);
+    assert_eq!(list, serde_json::json!([]), "nothing was created");
+
+    // Nothing listens there: `test` answers 200 with what went wrong.
+    let closed = free_port();
+    let body = format!(
+        r#"{{"url": "http://127.0.0.1:{closed}/hook", "kinds": ["deployment"], "secret": "s", "format": "slack"}}"#
+    );
+    let (status, created) = api(&cp, "POST", "/webhooks", Some(&body));
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["signed"], true);
+    assert_eq!(created["format"], "slack");
+    assert!(created.get("secret").is_none(), "{created}");
+    let id = created["id"].as_str().expect("id").to_string();
+    let (status, list) = api(&cp, "GET", "/webhooks", None);
+    assert_eq!(status, 200);
+    assert_eq!(list[0]["id"], id.as_str(), "{list}");
+    assert_eq!(list[0]["backlog"], 0, "{list}");
+    let (status, tested) = api(&cp, "POST", &format!("/webhooks/{id}/test"), None);
+    assert_eq!(status, 200, "{tested}");
+    assert_eq!(tested["delivered"], false, "{tested}");
+    assert!(
+        tested["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connect")),
+        "{tested}"
+    );
+    let (status, _) = api(&cp, "DELETE", &format!("/webhooks/{id}"), None);
+    assert_eq!(status, 200);
+    let (status, _) = api(&cp, "DELETE", &format!("/webhooks/{id}"), None);
+    assert_eq!(status, 404);
+    let audit = cp
+        .ctl(&["-o", "json", "audit", "list", "--action", "webhooks."])
+        .json();
+    let actions: Vec<&str> = audit
+        .as_array()
+        .expect("audit")
+        .iter()
+        .filter_map(|r| r["action"].as_str())
+        .collect();
+    for action in ["webhooks.create", "webhooks.test", "webhooks.delete"] {
+        assert!(actions.contains(&action), "{action}: {actions:?}");
+    }
+    cp.stop();
+}
