@@ -5,115 +5,15 @@
 //! Bad input and a URL at the control plane's own ports are refused with
 //! nothing changed.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpListener;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hotswap_tests::{ControlPlane, Fleet, TestDir, eventually, free_port};
+use hotswap_tests::{
+    ControlPlane, Fleet, TestDir, WEBHOOK_SECRET as SECRET, WebhookReceiver as Receiver,
+    eventually, free_port,
+};
 use serde_json::Value;
-
-const RECEIVER: &str = r#"
-import hashlib, hmac, http.server, json, sys
-port, secret, out = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3]
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        want = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-        got = self.headers.get("X-Hotswap-Signature", "")
-        record = {
-            "seq": int(self.headers["X-Hotswap-Delivery"]),
-            "kind": self.headers["X-Hotswap-Event"],
-            "signature_ok": hmac.compare_digest(want, got),
-            "body": json.loads(body),
-        }
-        with open(out, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.send_response(200 if record["signature_ok"] else 401)
-        self.end_headers()
-        self.wfile.write(b"ok")
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer.allow_reuse_address = True
-http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
-"#;
-
-const SECRET: &str = "correct horse battery staple";
-
-/// The Python receiver on a fixed port, appending each delivery to a file.
-struct Receiver {
-    port: u16,
-    script: PathBuf,
-    record: PathBuf,
-    child: Option<Child>,
-}
-
-impl Receiver {
-    fn new(dir: &Path) -> Self {
-        let script = dir.join("receiver.py");
-        std::fs::write(&script, RECEIVER).expect("write receiver");
-        Self {
-            port: free_port(),
-            script,
-            record: dir.join("deliveries.jsonl"),
-            child: None,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
-    }
-
-    fn start(&mut self) {
-        let child = Command::new("python3")
-            .arg(&self.script)
-            .arg(self.port.to_string())
-            .arg(SECRET)
-            .arg(&self.record)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start python3 receiver");
-        self.child = Some(child);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        eventually("the receiver to listen", || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        });
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Every delivery so far, in arrival order.
-    fn deliveries(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.record)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// The sequence numbers of the event deliveries (not tests), in
-    /// arrival order.
-    fn seqs(&self) -> Vec<u64> {
-        self.deliveries()
-            .iter()
-            .filter(|d| d["kind"] != "webhook.test")
-            .filter_map(|d| d["seq"].as_u64())
-            .collect()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// `events -o json` prints JSON Lines: one event per line.
 fn events(cp: &ControlPlane, args: &[&str]) -> Vec<Value> {
