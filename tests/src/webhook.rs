@@ -32,7 +32,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 http.server.HTTPServer.allow_reuse_address = True
-http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+if len(sys.argv) > 5:
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[4], sys.argv[5])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
 "#;
 
 /// The secret the receiver checks signatures with.
@@ -44,6 +50,8 @@ pub struct WebhookReceiver {
     script: PathBuf,
     record: PathBuf,
     child: Option<Child>,
+    /// Certificate and key files: HTTPS instead of HTTP.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl WebhookReceiver {
@@ -55,22 +63,33 @@ impl WebhookReceiver {
             script,
             record: dir.join("deliveries.jsonl"),
             child: None,
+            tls: None,
         }
     }
 
+    /// Serve HTTPS with this certificate and key (PEM files).
+    pub fn with_tls(mut self, cert: PathBuf, key: PathBuf) -> Self {
+        self.tls = Some((cert, key));
+        self
+    }
+
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/hook", self.port)
     }
 
     pub fn start(&mut self) {
-        let child = Command::new("python3")
+        let mut command = Command::new("python3");
+        command
             .arg(&self.script)
             .arg(self.port.to_string())
             .arg(WEBHOOK_SECRET)
             .arg(&self.record)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start python3 receiver");
+            .stdout(Stdio::null());
+        if let Some((cert, key)) = &self.tls {
+            command.arg(cert).arg(key);
+        }
+        let child = command.spawn().expect("start python3 receiver");
         self.child = Some(child);
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         eventually("the receiver to listen", || {

@@ -462,3 +462,80 @@ fn the_http_api_creates_lists_tests_and_deletes_webhooks_through_the_same_servic
     }
     cp.stop();
 }
+
+#[test]
+fn https_receivers_are_verified_against_the_system_roots_or_the_ca_file() {
+    let dir = TestDir::new();
+    let mut cp = ControlPlane::init(dir.path());
+    cp.start();
+    let (ca, ca_pems) =
+        hotswap_common::pki::CertificateAuthority::generate("webhook receivers").expect("ca");
+    let server = ca
+        .issue_server(
+            &["127.0.0.1".to_string(), "localhost".to_string()],
+            Duration::from_secs(86_400),
+        )
+        .expect("server certificate");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let ca_file = write("receivers-ca.pem", &ca_pems.cert_pem);
+    let mut receiver = Receiver::new(dir.path()).with_tls(
+        write("receiver.crt", &server.cert_pem),
+        write("receiver.key", &server.key_pem),
+    );
+    receiver.start();
+    let secret = write("hook.secret", SECRET);
+    let create = |extra: &[&str]| {
+        let mut args = vec![
+            "-o",
+            "json",
+            "webhooks",
+            "create",
+            "--secret-file",
+            secret.to_str().expect("utf8"),
+        ];
+        args.extend_from_slice(extra);
+        cp.ctl(&args)
+    };
+    let url = receiver.url();
+    let pinned = create(&["--url", &url, "--ca-file", ca_file.to_str().expect("utf8")]).json();
+    assert_eq!(pinned["custom_ca"], true, "{pinned}");
+    let pinned_id = pinned["id"].as_str().expect("id");
+    let tested = cp
+        .ctl(&["-o", "json", "webhooks", "test", pinned_id])
+        .json();
+    assert_eq!(tested["delivered"], true, "{tested}");
+    let delivered = receiver.deliveries();
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    assert_eq!(delivered[0]["signature_ok"], true);
+
+    // The same receiver against the system roots, which do not know its CA.
+    let system = create(&["--url", &url]).json();
+    let refused = cp.ctl(&["webhooks", "test", system["id"].as_str().expect("id")]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("certificate"), "{refused:?}");
+    assert_eq!(receiver.deliveries().len(), 1, "nothing reached it");
+
+    // A CA for plain HTTP, or a file that is no CA, is refused.
+    let plain = create(&[
+        "--url",
+        "http://example.com/",
+        "--ca-file",
+        ca_file.to_str().expect("utf8"),
+    ]);
+    assert_eq!(plain.code, 1, "{plain:?}");
+    assert!(
+        plain.stderr.contains("only applies to an https"),
+        "{plain:?}"
+    );
+    let junk = write("junk.pem", "not a certificate");
+    let bad = create(&["--url", &url, "--ca-file", junk.to_str().expect("utf8")]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("ca file"), "{bad:?}");
+    let list = cp.ctl(&["-o", "json", "webhooks", "list"]).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+    cp.stop();
+}
