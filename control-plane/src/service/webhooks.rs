@@ -49,6 +49,18 @@ fn webhook_to_pb(record: &WebhookRecord, cursor: &WebhookCursor, backlog: u64) -
     }
 }
 
+/// The host (and port) of a receiver URL, for audit records and events.
+fn receiver_host(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(url) => match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_string(),
+            (None, _) => "(no host)".to_string(),
+        },
+        Err(_) => "(invalid url)".to_string(),
+    }
+}
+
 impl WebhooksService {
     fn view(&self, record: &WebhookRecord) -> Result<pb::Webhook, ApiError> {
         let cursor = self
@@ -150,14 +162,17 @@ impl pb::webhooks_server::Webhooks for WebhooksService {
         &self,
         request: Request<pb::CreateWebhookRequest>,
     ) -> Result<Response<pb::Webhook>, Status> {
-        let target = request.get_ref().url.clone();
+        // The audit record and the event name the receiver's host, not its
+        // URL: a URL can be a credential (a Slack webhook's is), and events
+        // are for every viewer.
+        let host = receiver_host(&request.get_ref().url);
         let mut call = self
             .ctx
-            .begin(&request, Permission::Admin, "webhooks.create", target)
+            .begin(&request, Permission::Admin, "webhooks.create", &host)
             .await?;
         let result = self.create(call.user(), request.into_inner()).await;
         if let Ok(webhook) = &result {
-            call.set_target(format!("{} {}", webhook.id, webhook.url));
+            call.set_target(format!("{} {host}", webhook.id));
         }
         Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
@@ -212,6 +227,19 @@ mod tests {
 
     /// A delivery's JSON body is exactly the view `events -o json` prints
     /// of the same event (which goes through the wire message).
+    #[test]
+    fn audit_targets_name_the_host_not_the_url() {
+        assert_eq!(
+            receiver_host("https://hooks.slack.com/services/T0/B0/SECRET"),
+            "hooks.slack.com"
+        );
+        assert_eq!(
+            receiver_host("http://127.0.0.1:8080/x?token=y"),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(receiver_host("not a url"), "(invalid url)");
+    }
+
     #[test]
     fn json_deliveries_are_the_events_view() {
         let event = Event {
