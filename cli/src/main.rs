@@ -21,6 +21,7 @@ mod servers;
 mod tokens;
 mod ui;
 mod users;
+mod webhooks;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -125,6 +126,12 @@ enum Command {
         after_help = "Examples:\n  hotswapctl servers list\n  hotswapctl -o json servers get cp-a"
     )]
     Servers(servers::ServersCommand),
+    /// Webhooks: signed HTTP deliveries of the fleet's events (admin only).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hotswapctl webhooks create --url https://ci.example.com/hook --secret-file ./hook.secret --kind deployment\n  hotswapctl webhooks list\n  hotswapctl webhooks test wh-0123456789"
+    )]
+    Webhooks(webhooks::WebhooksCommand),
     /// The live web dashboard on this machine, acting with your profile.
     Ui(ui::UiArgs),
     /// Print a shell completion script (bash, zsh, fish, ...) to stdout.
@@ -162,6 +169,7 @@ fn main() -> ExitCode {
             Command::Events(args) => done(events::run(&ctx, args).await),
             Command::Clusters(cmd) => done(clusters::run(&ctx, cmd).await),
             Command::Servers(cmd) => done(servers::run(&ctx, cmd).await),
+            Command::Webhooks(cmd) => done(webhooks::run(&ctx, cmd).await),
             Command::Ui(args) => done(ui::run(&ctx, args).await),
             Command::Completions(args) => done(completions::run(args)),
         }

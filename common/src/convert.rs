@@ -7,7 +7,7 @@ use crate::model::{
     DeploymentView, EventView, ModuleVersionView, ModuleView, NodeModuleView, NodeStatus,
     NodeUpdateView, NodeUsageView, NodeView, PipelineStageView, PipelineView, PlanView,
     ProgressView, PublisherKeyView, ServerView, TokenView, UserView, VerdictView, WaveView,
-    YankView,
+    WebhookRequest, WebhookTestView, WebhookView, YankView,
 };
 use crate::pb;
 use crate::status::{FailureKind, Health, ModuleMetrics, ModuleStatus, ModuleUsage, Phase};
@@ -766,6 +766,47 @@ pub fn signatures_from_pb(
             })
         })
         .collect()
+}
+
+impl From<pb::Webhook> for WebhookView {
+    fn from(w: pb::Webhook) -> Self {
+        WebhookView {
+            id: w.id,
+            url: w.url,
+            kinds: w.kinds,
+            format: w.format,
+            last_delivered_seq: (w.last_delivered_seq > 0).then_some(w.last_delivered_seq),
+            last_error: non_empty(w.last_error),
+            backlog: w.backlog,
+            signed: w.signed,
+            custom_ca: w.custom_ca,
+            created_by: w.created_by,
+            created_at: rfc3339(w.created_at.as_ref()),
+        }
+    }
+}
+
+impl WebhookTestView {
+    pub fn from_pb(id: &str, t: pb::TestWebhookResponse) -> Self {
+        WebhookTestView {
+            id: id.to_string(),
+            delivered: t.delivered,
+            status: u16::try_from(t.status).ok().filter(|s| *s > 0),
+            error: non_empty(t.error),
+        }
+    }
+}
+
+impl From<WebhookRequest> for pb::CreateWebhookRequest {
+    fn from(r: WebhookRequest) -> Self {
+        pb::CreateWebhookRequest {
+            url: r.url,
+            kinds: r.kinds,
+            secret: r.secret.unwrap_or_default(),
+            format: r.format.unwrap_or_default(),
+            ca_pem: r.ca_pem.unwrap_or_default(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -517,3 +517,57 @@ pub struct FreezeView {
     pub reason: String,
     pub created_by: String,
 }
+
+/// A webhook as `webhooks list` shows it (SPEC §9). The secret is never
+/// shown back: `signed` only says whether there is one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WebhookView {
+    pub id: String,
+    pub url: String,
+    /// Event kinds or kind prefixes; empty: every event.
+    pub kinds: Vec<String>,
+    /// json or slack.
+    pub format: String,
+    /// The last event delivered (null: none yet).
+    pub last_delivered_seq: Option<u64>,
+    /// The last delivery error (null: none).
+    pub last_error: Option<String>,
+    /// Matching events not yet delivered.
+    pub backlog: u64,
+    pub signed: bool,
+    /// Whether HTTPS is verified against a CA of its own (`--ca-file`).
+    pub custom_ca: bool,
+    pub created_by: String,
+    pub created_at: Option<String>,
+}
+
+/// What `webhooks test` reports.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WebhookTestView {
+    pub id: String,
+    pub delivered: bool,
+    /// The receiver's HTTP status (null: no answer).
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// The body of `POST /api/v1/webhooks` (`webhooks create`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRequest {
+    pub url: String,
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    /// The HMAC-SHA256 key; unset: deliveries are not signed.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// json (default) or slack.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// PEM CA certificates to verify an https:// receiver with.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+}

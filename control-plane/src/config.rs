@@ -101,6 +101,14 @@ pub struct Settings {
     /// dies, another leads within about this long.
     #[serde(with = "duration_text")]
     pub leader_lease: Duration,
+    /// How long the delivery of one event to a webhook is retried (with
+    /// backoff, across restarts) before it is skipped, its error kept in
+    /// the webhook's `last_error` (SPEC §9).
+    #[serde(with = "duration_text")]
+    pub webhook_retry_for: Duration,
+    /// The longest pause between two attempts at one webhook delivery.
+    #[serde(with = "duration_text")]
+    pub webhook_backoff_max: Duration,
 }
 
 /// `[store]`: `backend = "sled"` (the default: one process, the database
@@ -438,6 +446,8 @@ impl Default for Settings {
             blobs: BlobsSettings::default(),
             store: StoreSettings::default(),
             leader_lease: Duration::from_secs(5),
+            webhook_retry_for: Duration::from_secs(24 * 3600),
+            webhook_backoff_max: Duration::from_secs(60),
         }
     }
 }
@@ -573,6 +583,14 @@ impl Settings {
         }
         if self.deploy.steps.is_empty() || self.deploy.steps.iter().any(|s| *s == 0 || *s > 100) {
             problems.push("deploy.steps must be percentages between 1 and 100".to_string());
+        }
+        if self.webhook_retry_for < Duration::from_secs(1) {
+            problems.push("webhook_retry_for must be at least 1s".to_string());
+        }
+        if self.webhook_backoff_max < Duration::from_millis(100)
+            || self.webhook_backoff_max > Duration::from_secs(3600)
+        {
+            problems.push("webhook_backoff_max must be between 100ms and 1h".to_string());
         }
         if self.storage_cache_bytes < 1024 * 1024 {
             problems.push("storage_cache_bytes must be at least 1048576".to_string());

@@ -77,6 +77,12 @@ impl From<crate::trust::TrustError> for ApiError {
     }
 }
 
+impl From<crate::webhooks::WebhookError> for ApiError {
+    fn from(error: crate::webhooks::WebhookError) -> Self {
+        ApiError::InvalidArgument(error.to_string())
+    }
+}
+
 impl From<crate::roles::UnknownRole> for ApiError {
     fn from(error: crate::roles::UnknownRole) -> Self {
         ApiError::InvalidArgument(error.to_string())

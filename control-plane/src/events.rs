@@ -300,6 +300,15 @@ impl EventLog {
         Ok(since)
     }
 
+    /// Sequence number of the newest event this process knows of (0 when
+    /// none): its own appends and, on a shared log, what it saw commit.
+    pub fn last_seq(&self) -> u64 {
+        self.next
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_sub(1)
+    }
+
     /// Sequence number of the oldest stored event (0 when empty).
     pub fn first_seq(&self) -> u64 {
         self.log.first_seq().ok().flatten().unwrap_or(0)

@@ -37,3 +37,4 @@ pub mod storage;
 pub mod store;
 pub mod tls_accept;
 pub mod trust;
+pub mod webhooks;

@@ -40,6 +40,11 @@ pub struct DropReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabel {
+    pub webhook: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub nodes: Family<StatusLabel, Gauge>,
@@ -71,6 +76,12 @@ pub struct Metrics {
     pub etcd_round_trip_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// How many revisions the mirror trails etcd by; etcd only.
     pub etcd_watch_lag_revisions: Gauge,
+    /// Events each webhook's receiver accepted.
+    pub webhook_deliveries: Family<WebhookLabel, Counter>,
+    /// Failed delivery attempts per webhook (each retry counts).
+    pub webhook_failures: Family<WebhookLabel, Counter>,
+    /// Events each webhook's delivery is behind the log's newest.
+    pub webhook_lag: Family<WebhookLabel, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -119,6 +130,9 @@ impl Metrics {
             leader: Gauge::default(),
             etcd_round_trip_seconds: Gauge::default(),
             etcd_watch_lag_revisions: Gauge::default(),
+            webhook_deliveries: Family::default(),
+            webhook_failures: Family::default(),
+            webhook_lag: Family::default(),
         };
         for state in DEPLOYMENT_STATES {
             metrics
@@ -186,6 +200,21 @@ impl Metrics {
             "etcd_watch_lag_revisions",
             "Revisions etcd is ahead of this replica's mirror (replicas on etcd only)",
             metrics.etcd_watch_lag_revisions.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Events a webhook's receiver accepted, by webhook id",
+            metrics.webhook_deliveries.clone(),
+        );
+        registry.register(
+            "webhook_failures",
+            "Failed webhook delivery attempts (each retry counts), by webhook id",
+            metrics.webhook_failures.clone(),
+        );
+        registry.register(
+            "webhook_lag_events",
+            "Events of the log a webhook's delivery has not yet processed, by webhook id",
+            metrics.webhook_lag.clone(),
         );
         registry.register(
             "storage_failed",

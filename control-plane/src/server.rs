@@ -35,6 +35,7 @@ use crate::service::observe::{ClustersService, EventsService};
 use crate::service::servers::ServersService;
 use crate::service::session::SessionService;
 use crate::service::users::UsersService;
+use crate::service::webhooks::WebhooksService;
 use crate::store::Store;
 use crate::store::etcd::{EtcdStore, Leader};
 use crate::tls_accept;
@@ -229,6 +230,8 @@ struct EngineServices {
     deployments: Install<pb::deployments_server::DeploymentsServer<DeploymentsService>>,
     pipelines: Install<pb::pipelines_server::PipelinesServer<PipelinesService>>,
     clusters: Install<pb::clusters_server::ClustersServer<ClustersService>>,
+    /// This replica's listeners, which webhook deliveries never reach.
+    own_ports: crate::webhooks::OwnPorts,
 }
 
 impl EngineServices {
@@ -265,7 +268,23 @@ impl EngineServices {
             ))
             .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         );
-        Ok(tokio::spawn(engine.run(self.ctx.shutdown.clone())))
+        // Webhook deliveries run where the engine runs: on the leader.
+        let webhooks = tokio::spawn(
+            crate::webhooks::dispatch::Dispatcher {
+                store: self.store.clone(),
+                events: self.events.clone(),
+                metrics: self.metrics.clone(),
+                own: self.own_ports,
+                retry_for: self.settings.webhook_retry_for,
+                backoff_max: self.settings.webhook_backoff_max,
+            }
+            .run(self.ctx.shutdown.clone()),
+        );
+        let engine = tokio::spawn(engine.run(self.ctx.shutdown.clone()));
+        Ok(tokio::spawn(async move {
+            let _ = engine.await;
+            let _ = webhooks.await;
+        }))
     }
 }
 
@@ -803,6 +822,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         deployments: install_deployments,
         pipelines: install_pipelines,
         clusters: install_clusters,
+        own_ports: crate::webhooks::OwnPorts {
+            grpc: grpc_addr,
+            admin: admin_addr,
+        },
     };
     // The embedded store: this process leads from the start, before it
     // serves a call.
@@ -879,6 +902,16 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
         .add_service(clusters_service)
+        .add_service(
+            pb::webhooks_server::WebhooksServer::new(WebhooksService::new(
+                ctx.clone(),
+                crate::webhooks::OwnPorts {
+                    grpc: grpc_addr,
+                    admin: admin_addr,
+                },
+            ))
+            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
         // Upload chunks are at most 1 MiB; leave headroom for framing.
         .add_service(
             pb::artifacts_server::ArtifactsServer::new(ArtifactsService::new(ctx.clone(), blobs))

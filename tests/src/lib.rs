@@ -23,6 +23,7 @@ mod load;
 pub mod marker;
 mod proxy;
 mod s3;
+mod webhook;
 
 pub use agent::*;
 pub use chaos::*;
@@ -32,3 +33,4 @@ pub use etcd::*;
 pub use load::*;
 pub use proxy::*;
 pub use s3::*;
+pub use webhook::*;

@@ -25,6 +25,7 @@ pub mod error;
 mod freezes;
 mod resources;
 mod stream;
+mod webhooks;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -155,6 +156,7 @@ mod clients {
     in_process_client!(users, pb::users_client::UsersClient<GrpcServices>);
     in_process_client!(servers, pb::servers_client::ServersClient<GrpcServices>);
     in_process_client!(freezes, pb::freezes_client::FreezesClient<GrpcServices>);
+    in_process_client!(webhooks, pb::webhooks_client::WebhooksClient<GrpcServices>);
 }
 
 #[derive(OpenApi)]
@@ -194,7 +196,7 @@ fn documented() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     OpenApiRouter::with_openapi(doc)
-        .nest(PREFIX, resources::routes())
+        .nest(PREFIX, resources::routes().merge(webhooks::routes()))
         .split_for_parts()
 }
 
@@ -387,6 +389,11 @@ mod tests {
             ("GET", "/api/v1/freezes"),
             ("POST", "/api/v1/freezes"),
             ("DELETE", "/api/v1/freezes/{id}"),
+            // SPEC §9.
+            ("GET", "/api/v1/webhooks"),
+            ("POST", "/api/v1/webhooks"),
+            ("DELETE", "/api/v1/webhooks/{id}"),
+            ("POST", "/api/v1/webhooks/{id}/test"),
         ];
         for (method, path) in spec {
             assert!(

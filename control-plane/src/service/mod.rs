@@ -14,6 +14,7 @@ pub mod servers;
 pub mod session;
 mod stream;
 pub mod users;
+pub mod webhooks;
 
 use std::sync::Arc;
 

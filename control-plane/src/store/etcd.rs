@@ -40,6 +40,7 @@
 //!   that lost its lease (paused, partitioned) changes nothing.
 
 mod enroll;
+mod webhooks;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -31,6 +31,7 @@ pub mod mirror;
 mod records;
 pub mod sled;
 pub mod split;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ use serde::de::DeserializeOwned;
 
 pub use self::sled::SledStore;
 pub use records::*;
+pub use webhooks::{WebhookCursor, WebhookRecord, WebhookRecords};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -561,6 +563,7 @@ pub trait Storage:
     + DesiredRecords
     + DeploymentRecords
     + FreezeRecords
+    + WebhookRecords
 {
     /// One of the sequence logs.
     fn log(&self, name: LogName) -> Result<Arc<dyn SeqLog>, StoreError>;
@@ -658,6 +661,8 @@ pub enum Collection {
     Events,
     Audit,
     Freezes,
+    Webhooks,
+    WebhookCursors,
 }
 
 impl Collection {
@@ -676,6 +681,8 @@ impl Collection {
             Collection::Events => "events",
             Collection::Audit => "audit",
             Collection::Freezes => "freezes",
+            Collection::Webhooks => "webhooks",
+            Collection::WebhookCursors => "webhook_cursors",
         }
     }
 }

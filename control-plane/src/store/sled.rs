@@ -8,6 +8,8 @@
 //! one is remembered as the storage's [`Failure`], and so is the database
 //! directory found deleted or replaced under the running process.
 
+mod webhooks;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
