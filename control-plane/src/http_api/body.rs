@@ -76,7 +76,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = HttpError;
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        require_content_type(request.headers(), "application/json")?;
+        if let Err(refused) = require_content_type(request.headers(), "application/json") {
+            // Read what a small body sent first: answering before it and
+            // closing an HTTP/1.1 connection with unread bytes resets it,
+            // and the client may then lose the 415 (curl reports 000).
+            let _ = axum::body::to_bytes(request.into_body(), JSON_BODY_LIMIT).await;
+            return Err(refused);
+        }
         let bytes = axum::body::to_bytes(request.into_body(), JSON_BODY_LIMIT)
             .await
             .map_err(|e| {
