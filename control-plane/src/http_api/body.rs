@@ -44,6 +44,18 @@ pub fn require_content_type(headers: &HeaderMap, expected: &str) -> Result<(), H
     ))
 }
 
+/// What is read of a body before a refusal that comes ahead of it.
+pub const DRAIN_LIMIT: usize = 1024 * 1024;
+
+/// `refused`, once up to [`DRAIN_LIMIT`] bytes of `request`'s body are
+/// read: answering before the body and then closing a connection with
+/// unread bytes resets it, and the client may lose the answer (curl then
+/// reports status 000). A larger body is cut off after that much.
+pub async fn refuse_after_reading(request: Request, refused: HttpError) -> HttpError {
+    let _ = axum::body::to_bytes(request.into_body(), DRAIN_LIMIT).await;
+    refused
+}
+
 /// Decode `bytes` as `T`; the error names the field (`steps[2]`,
 /// `max_failures`) and what is wrong with it.
 pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
@@ -77,11 +89,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
         if let Err(refused) = require_content_type(request.headers(), "application/json") {
-            // Read what a small body sent first: answering before it and
-            // closing an HTTP/1.1 connection with unread bytes resets it,
-            // and the client may then lose the 415 (curl reports 000).
-            let _ = axum::body::to_bytes(request.into_body(), JSON_BODY_LIMIT).await;
-            return Err(refused);
+            return Err(refuse_after_reading(request, refused).await);
         }
         let bytes = axum::body::to_bytes(request.into_body(), JSON_BODY_LIMIT)
             .await
@@ -217,6 +225,31 @@ mod tests {
         let error = decode_query::<Events>("since=five").expect_err("refused");
         assert_eq!(error.status, StatusCode::BAD_REQUEST);
         assert!(error.message.contains("since"), "{}", error.message);
+    }
+
+    /// A refused content type is answered only after the body was read
+    /// (up to the drain limit), so the connection is not reset under the
+    /// client before it reads the 415.
+    #[tokio::test]
+    async fn a_refused_body_is_read_before_the_answer() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let taken = Arc::new(AtomicUsize::new(0));
+        let counter = taken.clone();
+        let chunks = futures_util::stream::iter((0..4).map(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"a=1&b=2"))
+        }));
+        let request = axum::http::Request::post("/api/v1/deployments")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(axum::body::Body::from_stream(chunks))
+            .expect("request");
+        let refused = JsonBody::<DeploymentRequest>::from_request(request, &())
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(refused.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(taken.load(Ordering::SeqCst), 4, "every chunk read first");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::body::{JsonBody, QueryParams, require_content_type};
+use super::body::{self, JsonBody, QueryParams, require_content_type};
 use super::error::{ErrorBody, HttpError};
 use super::stream::{self, LastEventId};
 use super::{ApiState, Call, clients};
@@ -199,7 +199,9 @@ async fn push_module(
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response> {
-    require_content_type(&headers, "application/octet-stream")?;
+    if let Err(refused) = require_content_type(&headers, "application/octet-stream") {
+        return Err(body::refuse_after_reading(request, refused).await);
+    }
     let chunks = stream::upload_chunks(request.into_body());
     let version = clients::artifacts(&state)
         .push_artifact(call.request(chunks))
