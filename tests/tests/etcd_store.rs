@@ -1014,6 +1014,18 @@ async fn freezes_are_shared_and_removed_once() {
         a.list_freezes().expect("list"),
         std::slice::from_ref(&freeze)
     );
+    // What refusals read on another replica holds it at once, without
+    // waiting for the watch: acknowledged means enforced everywhere.
+    for i in 0..20 {
+        let other = FreezeRecord {
+            id: format!("fz-at-once-{i}"),
+            ..freeze.clone()
+        };
+        a.put_freeze(&other).await.expect("put");
+        let current = b.current_freezes().await.expect("current");
+        assert!(current.contains(&other), "{current:?}");
+        a.remove_freeze(&other.id).await.expect("remove");
+    }
     eventually("b sees the freeze", || {
         match b.list_freezes().map_err(|e| e.to_string())?.as_slice() {
             [seen] if *seen == freeze => Ok(()),

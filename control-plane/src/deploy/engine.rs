@@ -288,7 +288,7 @@ impl Engine {
             if !allow_downgrade {
                 self.ensure_not_downgrade(module, version, env).await?;
             }
-            if !override_freeze && let Some(frozen) = self.frozen(env)? {
+            if !override_freeze && let Some(frozen) = self.frozen(env).await? {
                 return Err(frozen.into());
             }
         }
@@ -718,8 +718,11 @@ impl Engine {
 
     /// The freeze covering `environment` now (wall clock), ad hoc or from
     /// the config (SPEC §9).
-    pub fn frozen(&self, environment: &str) -> Result<Option<crate::freeze::Frozen>, StoreError> {
-        let records = self.freezes.list_freezes()?;
+    pub async fn frozen(
+        &self,
+        environment: &str,
+    ) -> Result<Option<crate::freeze::Frozen>, StoreError> {
+        let records = self.freezes.current_freezes().await?;
         Ok(crate::freeze::frozen(
             environment,
             self.schedules.get(environment),
@@ -779,7 +782,7 @@ impl Engine {
         // A dry run shows the plan even in a freeze; it starts nothing.
         if !request.override_freeze
             && !request.dry_run
-            && let Some(frozen) = self.frozen(&request.environment)?
+            && let Some(frozen) = self.frozen(&request.environment).await?
         {
             return Err(frozen.into());
         }

@@ -265,7 +265,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
             let create = create_request(request.into_inner())?;
             if create.override_freeze {
                 override_allowed(&call)?;
-                if let Some(frozen) = self.engine.frozen(&create.environment)? {
+                if let Some(frozen) = self.engine.frozen(&create.environment).await? {
                     overridden = format!(" --override-freeze ({})", frozen.by_whom());
                 }
             }

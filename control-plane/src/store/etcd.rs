@@ -1789,6 +1789,27 @@ impl FreezeRecords for EtcdStore {
         self.inner.list(Collection::Freezes)
     }
 
+    /// Caught up with the cluster's revision first: the leader refuses a
+    /// deployment into a freeze a follower acknowledged a moment ago.
+    async fn current_freezes(&self) -> Result<Vec<FreezeRecord>, StoreError> {
+        let status = self.inner.client.status().await.map_err(|e| {
+            StoreError::Backend(format!("etcd status, to read the freezes current: {e}"))
+        })?;
+        tokio::time::timeout(
+            self.inner.request_timeout,
+            self.inner.mirror.caught_up(status.revision),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Backend(format!(
+                "this replica's copy did not reach etcd's revision {} within {}s",
+                status.revision,
+                self.inner.request_timeout.as_secs()
+            ))
+        })?;
+        self.list_freezes()
+    }
+
     /// Read and delete in one guarded transaction, as `remove_node` does:
     /// two replicas deleting the same freeze agree on who removed it.
     async fn remove_freeze(&self, id: &str) -> Result<Option<FreezeRecord>, StoreError> {

@@ -550,6 +550,12 @@ pub type LogIter<'a> = Box<dyn Iterator<Item = Result<(u64, Vec<u8>), StoreError
 pub trait FreezeRecords: Send + Sync {
     async fn put_freeze(&self, record: &FreezeRecord) -> Result<(), StoreError>;
     fn list_freezes(&self) -> Result<Vec<FreezeRecord>, StoreError>;
+    /// Every freeze acknowledged anywhere before this call: what a refusal
+    /// is decided on. A replicated backend first catches its copy up with
+    /// the cluster (a freeze just made through another replica counts).
+    async fn current_freezes(&self) -> Result<Vec<FreezeRecord>, StoreError> {
+        self.list_freezes()
+    }
     /// Remove a freeze; the record removed, `None` when there was none.
     async fn remove_freeze(&self, id: &str) -> Result<Option<FreezeRecord>, StoreError>;
 }
