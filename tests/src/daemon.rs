@@ -246,16 +246,33 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// As [`http_get`], with failures returned (for polling a daemon that may
 /// be restarting).
 pub fn try_http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    try_http(addr, "GET", path, b"")
+}
+
+/// One HTTP/1.1 request with `body` (none when empty) and its status and
+/// body; status 0 when the answer is not HTTP.
+pub fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut stream =
         std::net::TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| format!("timeout: {e}"))?;
+    let length = if body.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{length}Connection: close\r\n\r\n"
     )
+    .and_then(|()| stream.write_all(body))
     .map_err(|e| format!("send request to {addr}: {e}"))?;
     let mut response = String::new();
     stream

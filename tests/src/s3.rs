@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::daemon::{Daemon, TestDir, eventually, free_port, try_http_get};
+use crate::daemon::{Daemon, TestDir, eventually, free_port, try_http, try_http_get};
 
 /// The access key of the harness's one identity.
 pub const S3_ACCESS_KEY: &str = "hotswap-test-key";
@@ -110,8 +110,20 @@ impl SeaweedS3 {
                 return Err("S3 gateway gave no HTTP status".to_string());
             }
             match try_http_get(this.filer, &bucket_dir)? {
-                (200, _) => Ok(()),
-                (code, body) => Err(format!("filer {bucket_dir}: {code} {body}")),
+                (200, _) => {}
+                (code, body) => return Err(format!("filer {bucket_dir}: {code} {body}")),
+            }
+            // And it stores content: the volume server registered with the
+            // master (on a busy host that comes seconds after the gateway,
+            // and a put before it times out assigning a volume).
+            let probe = format!("{bucket_dir}.hotswap-ready");
+            match try_http(this.filer, "PUT", &probe, b"ready")? {
+                (200 | 201 | 204, _) => {}
+                (code, body) => return Err(format!("filer PUT {probe}: {code} {body}")),
+            }
+            match try_http(this.filer, "DELETE", &probe, b"")? {
+                (200 | 202 | 204, _) => Ok(()),
+                (code, body) => Err(format!("filer DELETE {probe}: {code} {body}")),
             }
         });
         this
