@@ -658,13 +658,25 @@ impl TryFrom<pb::Pipeline> for PipelineView {
                 field: "id",
             });
         }
+        // A control plane from before `target` was sent: the last stage's.
+        let target = if p.target.is_empty() {
+            p.stages
+                .last()
+                .map(|s| s.environment.clone())
+                .unwrap_or_default()
+        } else {
+            p.target
+        };
         Ok(PipelineView {
             id: p.id,
             module: p.module,
             version: p.version,
+            target,
             state: p.state,
             reason: p.reason,
             created_by: p.created_by,
+            created_at: rfc3339(p.created_at.as_ref()),
+            finished_at: rfc3339(p.finished_at.as_ref()),
             stages: p
                 .stages
                 .into_iter()

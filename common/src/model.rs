@@ -387,7 +387,7 @@ pub struct ClusterView {
 pub struct PipelineStageView {
     pub environment: String,
     pub deployment_id: String,
-    /// waiting, running, succeeded, failed or skipped.
+    /// waiting, running, succeeded, failed, skipped or aborted.
     pub state: String,
     pub reason: String,
 }
@@ -399,11 +399,15 @@ pub struct PipelineView {
     pub id: String,
     pub module: String,
     pub version: String,
-    /// running, succeeded or failed.
+    /// The last environment it promotes to.
+    pub target: String,
+    /// running, succeeded, failed or aborted.
     pub state: String,
-    pub reason: String,
-    pub created_by: String,
     pub stages: Vec<PipelineStageView>,
+    pub created_by: String,
+    pub created_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub reason: String,
 }
 
 /// One wave of a dry run's plan, and what must hold before the next.

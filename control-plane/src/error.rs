@@ -181,6 +181,8 @@ impl From<PipelineError> for ApiError {
             }
             PipelineError::NotDeployable { .. } => ApiError::FailedPrecondition(error.to_string()),
             PipelineError::Downgrade(e) => e.into(),
+            PipelineError::NotRunning { .. } => ApiError::FailedPrecondition(error.to_string()),
+            PipelineError::Abort(e) => (*e).into(),
             PipelineError::Registry(e) => e.into(),
             PipelineError::Storage(e) => ApiError::Storage(e),
         }

@@ -293,6 +293,88 @@ impl Engine {
             })
     }
 
+    /// Every pipeline, newest first.
+    pub async fn list_pipelines(&self) -> Vec<PipelineRecord> {
+        let mut all: Vec<PipelineRecord> = self.pipelines.lock().await.values().cloned().collect();
+        all.sort_by_key(|p| std::cmp::Reverse(p.created_ms));
+        all
+    }
+
+    /// The environment of the stage a running pipeline is at, for deciding
+    /// which permission aborting it needs.
+    pub async fn pipeline_environment(&self, id: &str) -> Option<String> {
+        let pipelines = self.pipelines.lock().await;
+        let pipeline = pipelines.get(id)?;
+        pipeline
+            .stages
+            .iter()
+            .find(|s| matches!(s.state, StageState::Waiting | StageState::Running))
+            .map(|s| s.environment.clone())
+    }
+
+    /// Stop a running pipeline (`pipeline abort`): abort the deployment of
+    /// the stage it is at, then record the pipeline aborted, so that no
+    /// later stage starts. The pipeline pass lock is held throughout, so no
+    /// pass starts a stage in between. The deployment goes first: were the
+    /// pipeline recorded first and the process to stop before the
+    /// deployment is aborted, that deployment would go on.
+    pub async fn abort_pipeline(
+        &self,
+        id: &str,
+        reason: &str,
+    ) -> Result<PipelineRecord, PipelineError> {
+        let _pass = self.pipeline_pass.lock().await;
+        let mut pipeline = self.get_pipeline(id).await?;
+        if pipeline.state != PipelineState::Running {
+            return Err(PipelineError::NotRunning {
+                id: id.to_string(),
+                state: pipeline.state.as_str(),
+            });
+        }
+        if let Some(deployment) = pipeline.running_deployment().map(str::to_string) {
+            let running = self
+                .get(&deployment)
+                .await
+                .is_ok_and(|r| !r.deployment.state.is_terminal());
+            if running {
+                match self
+                    .control(
+                        &deployment,
+                        Control::Abort {
+                            reason: format!("pipeline {id} aborted: {reason}"),
+                        },
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    // It ended on its own meanwhile: nothing left to stop.
+                    Err(ControlError::Refused { .. }) => {}
+                    Err(e) => return Err(PipelineError::Abort(Box::new(e))),
+                }
+            }
+        }
+        if !pipeline.abort(reason, steady_now_ms()) {
+            // Its last stage had succeeded: it is done, not aborted.
+            self.records.put_pipeline(&pipeline.id, &pipeline).await?;
+            let state = pipeline.state.as_str();
+            self.pipelines
+                .lock()
+                .await
+                .insert(pipeline.id.clone(), pipeline);
+            return Err(PipelineError::NotRunning {
+                id: id.to_string(),
+                state,
+            });
+        }
+        self.records.put_pipeline(&pipeline.id, &pipeline).await?;
+        tracing::info!(pipeline = %id, reason = %reason, "pipeline aborted");
+        self.pipelines
+            .lock()
+            .await
+            .insert(pipeline.id.clone(), pipeline.clone());
+        Ok(pipeline)
+    }
+
     /// Move each running pipeline along: start the next stage's deployment
     /// when the previous one succeeded, stop at the first that did not.
     async fn advance_pipelines(&self) {

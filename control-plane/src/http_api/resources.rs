@@ -32,8 +32,9 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_deployments, create_deployment))
         .routes(routes!(get_deployment))
         .routes(routes!(control_deployment))
-        .routes(routes!(run_pipeline))
+        .routes(routes!(list_pipelines, run_pipeline))
         .routes(routes!(get_pipeline))
+        .routes(routes!(abort_pipeline))
         .routes(routes!(list_clusters))
         .routes(routes!(get_cluster))
         .routes(routes!(list_events))
@@ -456,6 +457,61 @@ async fn get_pipeline(
 ) -> Result<Json<PipelineView>> {
     let pipeline = clients::pipelines(&state)
         .get_pipeline(call.request(pb::GetPipelineRequest { id }))
+        .await?
+        .into_inner();
+    Ok(Json(PipelineView::try_from(pipeline)?))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct PipelinesQuery {
+    module: Option<String>,
+    /// Only pipelines that have not ended.
+    #[serde(default)]
+    active: bool,
+}
+
+/// Pipelines, newest first (`pipeline list`).
+#[utoipa::path(get, path = "/pipelines", tag = "pipelines", params(PipelinesQuery),
+    responses((status = 200, description = "The pipelines", body = Vec<PipelineView>)))]
+async fn list_pipelines(
+    State(state): State<ApiState>,
+    call: Call,
+    QueryParams(query): QueryParams<PipelinesQuery>,
+) -> Result<Json<Vec<PipelineView>>> {
+    let reply = clients::pipelines(&state)
+        .list_pipelines(call.request(pb::ListPipelinesRequest {
+            module: or_empty(query.module),
+            active_only: query.active,
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(views(reply.pipelines)?))
+}
+
+/// Abort a pipeline (`pipeline abort`): its running stage's deployment is
+/// aborted and no later stage starts.
+#[utoipa::path(post, path = "/pipelines/{id}/abort", tag = "pipelines",
+    params(("id" = String, Path, description = "Pipeline id")),
+    request_body(content = ControlRequest, description = "Optional; an empty body has no reason"),
+    responses(
+        (status = 200, description = "The pipeline, aborted", body = PipelineView),
+        (status = 403, description = "The role does not allow it", body = ErrorBody),
+        (status = 404, description = "No such pipeline", body = ErrorBody),
+        (status = 412, description = "The pipeline has ended", body = ErrorBody),
+    ))]
+async fn abort_pipeline(
+    State(state): State<ApiState>,
+    call: Call,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ControlRequest>,
+) -> Result<Json<PipelineView>> {
+    let pipeline = clients::pipelines(&state)
+        .abort_pipeline(call.request(pb::AbortPipelineRequest {
+            id,
+            reason: or_empty(body.reason),
+        }))
         .await?
         .into_inner();
     Ok(Json(PipelineView::try_from(pipeline)?))
