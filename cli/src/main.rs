@@ -10,6 +10,7 @@ mod clusters;
 mod completions;
 mod deploy;
 mod events;
+mod history;
 mod keys;
 mod live;
 mod module;
@@ -92,6 +93,11 @@ enum Command {
         after_help = "Examples:\n  hotswapctl pipeline run hello@1.2.0 --to staging --wait\n  hotswapctl pipeline get p-0123456789"
     )]
     Pipeline(pipeline::PipelineCommand),
+    /// The desired-state history: an environment as it was, and what changed.
+    #[command(
+        after_help = "Examples:\n  hotswapctl history --env production --at 2026-12-01T12:00:00Z\n  hotswapctl -o json history --env dev --seq 120\n  hotswapctl history diff --from 2026-12-01T12:00:00Z --env production"
+    )]
+    History(history::HistoryArgs),
     /// Operator credentials and roles.
     #[command(
         subcommand,
@@ -149,6 +155,7 @@ fn main() -> ExitCode {
             Command::Module(cmd) => done(module::run(&ctx, cmd).await),
             Command::Deploy(cmd) => outcome(deploy::run(&ctx, cmd).await),
             Command::Pipeline(cmd) => outcome(pipeline::run(&ctx, cmd).await),
+            Command::History(args) => done(history::run(&ctx, args).await),
             Command::Users(cmd) => done(users::run(&ctx, cmd).await),
             Command::Audit(cmd) => done(audit::run(&ctx, cmd).await),
             Command::Events(args) => done(events::run(&ctx, args).await),

@@ -691,6 +691,39 @@ impl TryFrom<pb::Pipeline> for PipelineView {
     }
 }
 
+impl From<pb::HistoryNode> for crate::model::HistoryNodeView {
+    fn from(n: pb::HistoryNode) -> Self {
+        crate::model::HistoryNodeView {
+            node: n.node,
+            modules: n
+                .modules
+                .into_iter()
+                .map(|m| crate::model::HistoryModuleView {
+                    name: m.name,
+                    version: m.version,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::HistoryChange> for crate::model::HistoryChangeView {
+    fn from(c: pb::HistoryChange) -> Self {
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        crate::model::HistoryChangeView {
+            time: rfc3339(c.time.as_ref()),
+            node: c.node,
+            module: c.module,
+            from: some(c.from),
+            to: some(c.to),
+            deployment_id: some(c.deployment_id),
+            by: c.by,
+            seq: c.seq,
+            environment: c.environment,
+        }
+    }
+}
+
 impl From<pb::Plan> for PlanView {
     fn from(plan: pb::Plan) -> Self {
         PlanView {

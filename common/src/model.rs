@@ -410,6 +410,38 @@ pub struct PipelineView {
     pub reason: String,
 }
 
+/// One module's desired version on a node at a point of the history.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryModuleView {
+    pub name: String,
+    pub version: String,
+}
+
+/// A node's desired module versions at a point (`history --at|--seq`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryNodeView {
+    pub node: String,
+    pub modules: Vec<HistoryModuleView>,
+}
+
+/// One module's change on one node (`history diff`). `from`/`to` are null
+/// when the module was not desired.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryChangeView {
+    pub node: String,
+    pub module: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub deployment_id: Option<String>,
+    pub by: String,
+    pub time: Option<String>,
+    pub seq: u64,
+    pub environment: String,
+}
+
 /// One wave of a dry run's plan, and what must hold before the next.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -54,6 +54,10 @@ pub struct Settings {
     pub upload_idle_timeout: Duration,
     /// Events kept in the event log; the oldest are trimmed beyond this.
     pub event_retention: u64,
+    /// How long the desired-state history (`hotswapctl history`) is kept,
+    /// independently of `event_retention`; the leader trims older records.
+    #[serde(with = "duration_text")]
+    pub history_retention: Duration,
     /// Enrollment attempts allowed per source address: a burst of
     /// `enroll_burst`, refilled at `enroll_per_minute`.
     pub enroll_per_minute: u32,
@@ -392,6 +396,7 @@ impl Default for Settings {
             request_timeout: Duration::from_secs(60),
             upload_idle_timeout: Duration::from_secs(30),
             event_retention: 100_000,
+            history_retention: Duration::from_secs(90 * 24 * 3600),
             enroll_per_minute: 600,
             enroll_burst: 200,
             operator_writes_per_minute: 1000,
@@ -516,6 +521,9 @@ impl Settings {
         }
         if self.pipeline_wait_timeout < Duration::from_secs(1) {
             problems.push("pipeline_wait_timeout must be at least 1s".to_string());
+        }
+        if self.history_retention < Duration::from_secs(60) {
+            problems.push("history_retention must be at least 1m".to_string());
         }
         if self.event_retention < 100 {
             problems.push("event_retention must be at least 100".to_string());

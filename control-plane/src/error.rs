@@ -171,6 +171,17 @@ impl From<ControlError> for ApiError {
     }
 }
 
+impl From<crate::history::HistoryError> for ApiError {
+    fn from(error: crate::history::HistoryError) -> Self {
+        use crate::history::HistoryError;
+        match error {
+            HistoryError::Trimmed { .. } => ApiError::FailedPrecondition(error.to_string()),
+            HistoryError::UnknownEnvironment { .. } => ApiError::NotFound(error.to_string()),
+            HistoryError::Reversed { .. } => ApiError::InvalidArgument(error.to_string()),
+        }
+    }
+}
+
 impl From<PipelineError> for ApiError {
     fn from(error: PipelineError) -> Self {
         match error {

@@ -18,6 +18,7 @@ pub mod deploy;
 pub mod error;
 pub mod events;
 pub mod forward;
+pub mod history;
 pub mod http_api;
 pub mod init;
 pub mod leader_only;

@@ -43,10 +43,10 @@ use crate::events::EventLog;
 use crate::metrics::Metrics;
 use crate::registry::RegistryError;
 use crate::registry::{DesiredChange, Registry};
-use crate::store::DesiredModuleRecord;
 use crate::store::{
     ArtifactRecords, DeploymentRecords, DeploymentRecordsExt, Durability, Store, StoreError,
 };
+use crate::store::{DesiredModuleRecord, HistoryOrigin};
 
 // Where these lived before the split; services and benchmarks name them here.
 pub use super::observe::{analyze, observe_nodes};
@@ -113,6 +113,11 @@ pub struct Engine {
     /// Nodes to bring to their environment's current version.
     catch_ups: std::sync::Mutex<catch_up::CatchUps>,
 }
+
+/// How often the leader trims the desired-state history: retention is
+/// counted in days, so a few minutes late is nothing, and a trim walks
+/// every record.
+const HISTORY_TRIM_EVERY: Duration = Duration::from_secs(600);
 
 /// How often active deployments are re-evaluated without any node change
 /// (holds, bakes and deadlines are time-driven).
@@ -193,6 +198,7 @@ impl Engine {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attaches_seen = None;
+        let mut history_trimmed_at: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -218,6 +224,25 @@ impl Engine {
                 self.catch_ups().attached(attached);
             }
             self.catch_up().await;
+            if history_trimmed_at.is_none_or(|at| at.elapsed() >= HISTORY_TRIM_EVERY) {
+                history_trimmed_at = Some(std::time::Instant::now());
+                self.trim_history().await;
+            }
+        }
+    }
+
+    /// Drop the desired-state history older than `history_retention`.
+    async fn trim_history(&self) {
+        let retention =
+            u64::try_from(self.settings.history_retention.as_millis()).unwrap_or(u64::MAX);
+        let before = steady_now_ms().saturating_sub(retention);
+        match self.registry.trim_history(before).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(
+                removed,
+                "trimmed the desired-state history (history_retention)"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot trim the desired-state history"),
         }
     }
 
@@ -592,7 +617,9 @@ impl Engine {
         }
         let changes = self.node_changes(record, actions)?;
         self.records.put_deployment_unflushed(&record.id, record)?;
-        let written = self.registry.write_desired(&changes)?;
+        let written = self
+            .registry
+            .write_desired(&changes, &history_origin(record))?;
         self.durability.flush().await?;
         if let Err(e) = self.registry.push_desired(&changes, &written) {
             tracing::warn!(deployment = %record.id, error = %e, "desired states are stored but not all were handed to their sessions");
@@ -618,7 +645,9 @@ impl Engine {
             if changes.is_empty() {
                 return Ok(());
             }
-            let written = self.registry.write_desired(&changes)?;
+            let written = self
+                .registry
+                .write_desired(&changes, &history_origin(record))?;
             self.durability.flush().await?;
             self.registry.push_desired(&changes, &written)?;
             Ok::<(), RegistryError>(())
@@ -925,6 +954,16 @@ impl Engine {
         deployments.insert(id.to_string(), updated.clone());
         Ok(updated)
     }
+}
+
+/// Whom the desired-state history names for a deployment's changes: the
+/// deployment, and the operator who created it.
+fn history_origin(record: &DeploymentRecord) -> HistoryOrigin {
+    HistoryOrigin::new(
+        steady_now_ms(),
+        &record.id,
+        &record.deployment.spec.created_by,
+    )
 }
 
 /// A refusal as a pipeline stage records it: the words `deploy create`

@@ -151,6 +151,7 @@ mod clients {
     in_process_client!(clusters, pb::clusters_client::ClustersClient<GrpcServices>);
     in_process_client!(events, pb::events_client::EventsClient<GrpcServices>);
     in_process_client!(audit, pb::audit_client::AuditClient<GrpcServices>);
+    in_process_client!(history, pb::history_client::HistoryClient<GrpcServices>);
     in_process_client!(users, pb::users_client::UsersClient<GrpcServices>);
     in_process_client!(servers, pb::servers_client::ServersClient<GrpcServices>);
 }
@@ -378,6 +379,8 @@ mod tests {
             ("POST", "/api/v1/pipelines/{id}/abort"),
             ("GET", "/api/v1/clusters"),
             ("GET", "/api/v1/clusters/{env}"),
+            ("GET", "/api/v1/history"),
+            ("GET", "/api/v1/history/diff"),
             ("GET", "/api/v1/events"),
             ("GET", "/api/v1/audit"),
             ("GET", "/api/v1/users"),

@@ -8,6 +8,7 @@ mod convert;
 pub mod deployments;
 pub mod enrollment;
 pub mod fleet;
+pub mod history;
 pub mod observe;
 pub mod servers;
 pub mod session;

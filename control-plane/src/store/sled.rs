@@ -19,6 +19,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::broadcast;
 
+use super::history::{self, HistoryOrigin, HistoryRecord, HistoryTrimmed};
 use super::{
     ArtifactRecord, ArtifactRecords, Change, Collection, DeploymentDocument, DeploymentRecords,
     DesiredRecord, DesiredRecords, DesiredUpdate, DesiredWatch, Direction, Durability, Encode,
@@ -154,6 +155,10 @@ pub struct SledStore {
     deployments: sled::Tree,
     pipelines: sled::Tree,
     users: sled::Tree,
+    /// The desired-state history, keyed by the big-endian revision of the
+    /// write each record describes (one node per revision here), so key
+    /// order is seq order.
+    history: sled::Tree,
     /// The revision of the newest desired-state write, held while one is
     /// written. Each write stores the new revision in `meta` before the
     /// record that carries it (sled recovers a prefix of its log), so after
@@ -169,6 +174,8 @@ pub struct SledStore {
 
 /// Key in the `meta` tree of the desired-state revision counter.
 const DESIRED_REVISION: &[u8] = b"desired_revision";
+/// Key in the `meta` tree of where history was last trimmed.
+const HISTORY_TRIMMED: &[u8] = b"history_trimmed";
 
 /// Key of an artifact record: `name` NUL `version`, so one module's versions
 /// are contiguous and a prefix scan lists them.
@@ -241,6 +248,7 @@ impl SledStore {
             deployments: tree(Collection::Deployments)?,
             pipelines: tree(Collection::Pipelines)?,
             users: tree(Collection::Users)?,
+            history: tree(Collection::History)?,
             events: Arc::new(SledLog {
                 tree: tree(Collection::Events)?,
             }),
@@ -254,15 +262,45 @@ impl SledStore {
         })
     }
 
-    /// Take the next desired-state revision under the revision lock, and
-    /// store the counter before the write that uses it.
-    fn next_desired_revision(&self, current: &mut Revision) -> Result<Revision, StoreError> {
-        let next = *current + 1;
-        self.meta
-            .insert(DESIRED_REVISION, &next.to_be_bytes())
-            .map_err(|e| self.observe(e))?;
-        *current = next;
-        Ok(next)
+    /// Write a desired state (or remove it: `None`) under revision `next`,
+    /// the revision counter and its history record, in one transaction:
+    /// after a crash the three are there together or not at all.
+    fn write_desired_with_history(
+        &self,
+        node_id: &str,
+        next: Revision,
+        record: Option<&DesiredRecord>,
+        entry: Option<&HistoryRecord>,
+    ) -> Result<(), StoreError> {
+        let key = node_id.as_bytes();
+        let value = record.map(encode);
+        let entry = entry.map(encode);
+        let result =
+            (&self.meta, &self.desired, &self.history).transaction(|(meta, desired, history)| {
+                meta.insert(DESIRED_REVISION, &next.to_be_bytes())?;
+                match &value {
+                    Some(value) => desired.insert(key, value.as_slice())?,
+                    None => desired.remove(key)?,
+                };
+                if let Some(entry) = &entry {
+                    history.insert(&next.to_be_bytes(), entry.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Storage(e)) => Err(self.observe(e)),
+            Err(TransactionError::Abort(())) => {
+                Err(StoreError::Backend("desired-state write aborted".into()))
+            }
+        }
+    }
+
+    /// A node's record for its history entry (its name and environment).
+    fn node_for_history(&self, node_id: &str) -> Option<NodeRecord> {
+        get(&self.nodes, Collection::Nodes, node_id.as_bytes())
+            .ok()
+            .flatten()
     }
 
     /// Note the storage's failure (the first one wins).
@@ -656,26 +694,30 @@ impl DesiredRecords for SledStore {
 
     /// Desired-state writes are serialized by the revision lock, so each
     /// gets the next revision and watchers hear them in revision order.
-    fn update_desired_unflushed(
+    fn update_desired_recorded(
         &self,
         node_id: &str,
         change: Change<'_, DesiredRecord>,
+        origin: &HistoryOrigin,
     ) -> Result<DesiredRecord, StoreError> {
         let key = node_id.as_bytes();
         let mut revision = self
             .desired_revision
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let mut record: DesiredRecord =
+        let before: DesiredRecord =
             get(&self.desired, Collection::Desired, key)?.unwrap_or_default();
+        let mut record = before.clone();
         if !change(&mut record) {
             return Ok(record);
         }
+        let next = *revision + 1;
         record.generation += 1;
-        record.revision = self.next_desired_revision(&mut revision)?;
-        self.desired
-            .insert(key, encode(&record))
-            .map_err(|e| self.observe(e))?;
+        record.revision = next;
+        let node = self.node_for_history(node_id);
+        let entry = history::record_of(node_id, node.as_ref(), &before, Some(&record), origin);
+        self.write_desired_with_history(node_id, next, Some(&record), entry.as_ref())?;
+        *revision = next;
         if self.desired_changes.receiver_count() > 0 {
             let _gone_meanwhile = self.desired_changes.send(DesiredUpdate {
                 node_id: node_id.to_string(),
@@ -686,21 +728,29 @@ impl DesiredRecords for SledStore {
         Ok(record)
     }
 
-    async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError> {
+    async fn remove_desired_recorded(
+        &self,
+        node_id: &str,
+        origin: &HistoryOrigin,
+    ) -> Result<(), StoreError> {
         {
             let mut revision = self
                 .desired_revision
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if self
-                .desired
-                .contains_key(node_id.as_bytes())
-                .map_err(|e| self.observe(e))?
-            {
-                let removed_at = self.next_desired_revision(&mut revision)?;
-                self.desired
-                    .remove(node_id.as_bytes())
-                    .map_err(|e| self.observe(e))?;
+            let before: Option<DesiredRecord> =
+                get(&self.desired, Collection::Desired, node_id.as_bytes())?;
+            if let Some(before) = before {
+                let removed_at = *revision + 1;
+                let node = self.node_for_history(node_id);
+                let entry = history::record_of(node_id, node.as_ref(), &before, None, origin).map(
+                    |entry| HistoryRecord {
+                        seq: removed_at,
+                        ..entry
+                    },
+                );
+                self.write_desired_with_history(node_id, removed_at, None, entry.as_ref())?;
+                *revision = removed_at;
                 let _no_watchers = self.desired_changes.send(DesiredUpdate {
                     node_id: node_id.to_string(),
                     record: None,
@@ -709,6 +759,39 @@ impl DesiredRecords for SledStore {
             }
         }
         self.flush().await
+    }
+
+    fn list_history(&self) -> Result<Vec<HistoryRecord>, StoreError> {
+        scan(&self.history, Collection::History)
+    }
+
+    async fn trim_history(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        let mut trimmed = self.history_trimmed()?.unwrap_or_default();
+        for entry in self.history.iter() {
+            let (key, value) = entry?;
+            let record: HistoryRecord = decode(Collection::History, &key, &value)?;
+            // Seq order is time order on one steady clock: the first
+            // record young enough ends the trim.
+            if record.time_ms >= before_ms {
+                break;
+            }
+            self.history.remove(key).map_err(|e| self.observe(e))?;
+            trimmed.seq = trimmed.seq.max(record.seq);
+            removed += 1;
+        }
+        if removed > 0 {
+            trimmed.before_ms = trimmed.before_ms.max(before_ms);
+            self.meta
+                .insert(HISTORY_TRIMMED, encode(&trimmed))
+                .map_err(|e| self.observe(e))?;
+            self.flush().await?;
+        }
+        Ok(removed)
+    }
+
+    fn history_trimmed(&self) -> Result<Option<HistoryTrimmed>, StoreError> {
+        get(&self.meta, Collection::History, HISTORY_TRIMMED)
     }
 
     async fn flush_desired(&self) -> Result<(), StoreError> {
