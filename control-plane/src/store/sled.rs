@@ -1034,6 +1034,66 @@ mod tests {
         }
     }
 
+    /// Each desired write records its history entry under its own
+    /// revision, with who and which deployment; a no-op records nothing;
+    /// removals are recorded; a trim removes the old entries and notes
+    /// itself; all of it survives a reopen.
+    #[tokio::test]
+    async fn desired_writes_record_their_history_durably() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        let origin = |ms, by: &str| HistoryOrigin::new(ms, "d-1", by);
+        {
+            let store = Store::open(&path, 1 << 20).expect("open");
+            let first = store
+                .update_desired_recorded("a", &set_version("1.0.0"), &origin(10, "alice"))
+                .expect("a");
+            store
+                .update_desired_recorded("a", &set_version("1.0.0"), &origin(11, "alice"))
+                .expect("no-op");
+            let second = store
+                .update_desired_recorded("a", &set_version("2.0.0"), &origin(20, "bob"))
+                .expect("a again");
+            store
+                .remove_desired_recorded("a", &origin(30, "carol"))
+                .await
+                .expect("remove");
+            let history = store.list_history().expect("history");
+            type Summary<'a> = (u64, Option<&'a str>, Option<&'a str>, &'a str, bool);
+            let summary: Vec<Summary> = history
+                .iter()
+                .map(|r| {
+                    (
+                        r.seq,
+                        r.changes[0].from.as_deref(),
+                        r.changes[0].to.as_deref(),
+                        r.by.as_str(),
+                        r.removed,
+                    )
+                })
+                .collect();
+            assert_eq!(
+                summary,
+                [
+                    (first.revision, None, Some("1.0.0"), "alice", false),
+                    (second.revision, Some("1.0.0"), Some("2.0.0"), "bob", false),
+                    (second.revision + 1, Some("2.0.0"), None, "carol", true),
+                ]
+            );
+            assert_eq!(store.trim_history(15).await.expect("trim"), 1);
+            assert_eq!(
+                store.history_trimmed().expect("mark"),
+                Some(HistoryTrimmed {
+                    seq: first.revision,
+                    before_ms: 15
+                })
+            );
+        }
+        let store = reopen(&path).await;
+        assert_eq!(store.list_history().expect("history").len(), 2);
+        assert!(store.history_trimmed().expect("mark").is_some());
+    }
+
     /// Every desired-state write gets the next store-wide revision; a
     /// write that changes nothing gets none.
     #[tokio::test]
