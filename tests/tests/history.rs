@@ -203,3 +203,45 @@ fn history_answers_what_ran_when_and_who_changed_it_across_a_restart() {
     assert_eq!(fleet.version_on("a", "hello"), "1.0.0");
     assert_eq!(fleet.version_on("b", "hello"), "1.0.0");
 }
+
+/// The leader trims the history older than `history_retention`: a point
+/// before the trim is refused with the reason, the present still answers.
+#[test]
+fn history_older_than_its_retention_is_trimmed_and_refused() {
+    let dir = TestDir::new();
+    let (fleet, _) =
+        Fleet::start_many_with_settings(&dir, "dev", &["a", "b"], "history_retention = \"1m\"\n");
+    fleet.push_hello_per_node("1.0.0", "");
+    let before = rfc3339_from_ms(now_ms());
+    deploy(&fleet, "1.0.0");
+    let kept = fleet
+        .cp
+        .ctl(&["-o", "json", "history", "diff", "--from", &before]);
+    assert_eq!(kept.json().as_array().map(Vec::len), Some(2), "{kept:?}");
+    // The retention is a minute, the shortest the config takes: nothing can
+    // be trimmed before it has passed. Then the next quarter-minute trim.
+    let recorded = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(60).saturating_sub(recorded.elapsed()));
+    hotswap_tests::eventually("the history to be trimmed", || {
+        let out = fleet.cp.ctl(&["history", "--env", "dev", "--at", &before]);
+        match out.code {
+            1 if out.stderr.contains("is no longer kept (history_retention)") => Ok(()),
+            _ => Err(format!("{out:?}")),
+        }
+    });
+    let now = fleet
+        .cp
+        .ctl(&["-o", "json", "history", "diff", "--from", "0"]);
+    assert_eq!(now.code, 1, "seq 0 is before the trim too: {now:?}");
+    let present = fleet.cp.ctl(&[
+        "-o",
+        "json",
+        "history",
+        "--env",
+        "dev",
+        "--at",
+        &rfc3339_from_ms(now_ms()),
+    ]);
+    assert_eq!(present.code, 0, "{present:?}");
+    assert_eq!(present.json(), hello_everywhere("1.0.0"));
+}
