@@ -103,7 +103,19 @@ pub enum DeployCommand {
 #[derive(Args)]
 pub struct CreateArgs {
     /// NAME@VERSION.
-    module: String,
+    #[arg(
+        required_unless_present = "from_history",
+        conflicts_with = "from_history"
+    )]
+    module: Option<String>,
+    /// Plan the deployments that would return --env to what it ran at this
+    /// RFC 3339 time (from the desired-state history); shown, not started,
+    /// unless --yes.
+    #[arg(long, value_parser = hotswap_common::timefmt::parse_rfc3339)]
+    from_history: Option<u64>,
+    /// With --from-history: start the planned deployments.
+    #[arg(long, requires = "from_history")]
+    yes: bool,
     #[arg(long)]
     env: String,
     /// direct, rolling, blue-green or canary (default: the environment's).
@@ -276,7 +288,13 @@ async fn create(
     client: &mut pb::deployments_client::DeploymentsClient<Channel>,
     args: CreateArgs,
 ) -> Result<Outcome, CliError> {
-    let (module, version) = crate::module::name_at_version(&args.module)?;
+    if let Some(at) = args.from_history {
+        crate::history::restore(ctx, conn, client, &args.env, at, args.yes).await?;
+        return Ok(Outcome::Done);
+    }
+    // clap requires one of the two.
+    let module_arg = args.module.clone().unwrap_or_default();
+    let (module, version) = crate::module::name_at_version(&module_arg)?;
     let request = pb::CreateDeploymentRequest::from(DeploymentRequest {
         module: module.to_string(),
         version: version.to_string(),
@@ -304,7 +322,7 @@ async fn create(
     let reply = client
         .create_deployment(request)
         .await
-        .map_err(conn.rpc_error(&format!("deploy {}", args.module)))?
+        .map_err(conn.rpc_error(&format!("deploy {module_arg}")))?
         .into_inner();
     if args.dry_run {
         let plan = reply.plan.unwrap_or_default();
@@ -315,7 +333,7 @@ async fn create(
             OutputFormat::Table => {
                 println!(
                     "plan for {} to {} ({}); nothing was created",
-                    args.module, args.env, plan.strategy
+                    module_arg, args.env, plan.strategy
                 );
                 for (i, wave) in plan.waves.iter().enumerate() {
                     println!("  wave {}: {}", i + 1, wave.nodes.join(", "));

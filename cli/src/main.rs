@@ -11,6 +11,7 @@ mod completions;
 mod deploy;
 mod events;
 mod freeze;
+mod history;
 mod keys;
 mod live;
 mod module;
@@ -100,6 +101,11 @@ enum Command {
         after_help = "Examples:\n  hotswapctl freeze create --env production --for 2h --reason \"incident INC-42\"\n  hotswapctl freeze list\n  hotswapctl freeze delete fz-0123456789"
     )]
     Freeze(freeze::FreezeCommand),
+    /// The desired-state history: an environment as it was, and what changed.
+    #[command(
+        after_help = "Examples:\n  hotswapctl history --env production --at 2026-12-01T12:00:00Z\n  hotswapctl -o json history --env dev --seq 120\n  hotswapctl history diff --from 2026-12-01T12:00:00Z --env production"
+    )]
+    History(history::HistoryArgs),
     /// Operator credentials and roles.
     #[command(
         subcommand,
@@ -163,6 +169,7 @@ fn main() -> ExitCode {
             Command::Module(cmd) => done(module::run(&ctx, cmd).await),
             Command::Deploy(cmd) => outcome(deploy::run(&ctx, cmd).await),
             Command::Pipeline(cmd) => outcome(pipeline::run(&ctx, cmd).await),
+            Command::History(args) => done(history::run(&ctx, args).await),
             Command::Users(cmd) => done(users::run(&ctx, cmd).await),
             Command::Freeze(cmd) => done(freeze::run(&ctx, cmd).await),
             Command::Audit(cmd) => done(audit::run(&ctx, cmd).await),

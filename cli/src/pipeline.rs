@@ -1,4 +1,5 @@
-//! `hotswapctl pipeline run`: promote one version through the environments.
+//! `hotswapctl pipeline run|list|get|abort`: promote one version through
+//! the environments, and follow or stop such promotions.
 
 use std::time::Duration;
 
@@ -42,13 +43,36 @@ pub enum PipelineCommand {
         after_help = "Examples:\n  hotswapctl pipeline get p-0123456789\n  hotswapctl -o json pipeline get p-0123456789"
     )]
     Get { id: String },
+    /// List pipelines, newest first.
+    #[command(
+        after_help = "Examples:\n  hotswapctl pipeline list --active\n  hotswapctl -o json pipeline list --module hello"
+    )]
+    List {
+        #[arg(long)]
+        module: Option<String>,
+        /// Only pipelines that have not ended.
+        #[arg(long)]
+        active: bool,
+    },
+    /// Stop a pipeline: its running stage's deployment is aborted and no
+    /// later stage starts.
+    #[command(
+        after_help = "Examples:\n  hotswapctl pipeline abort p-0123456789 --reason \"bad build\""
+    )]
+    Abort {
+        id: String,
+        /// Why; recorded in the pipeline, its deployment and the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 fn view(p: &pb::Pipeline) -> Result<hotswap_common::model::PipelineView, CliError> {
     Ok(hotswap_common::model::PipelineView::try_from(p.clone())?)
 }
 
-fn line(p: &pb::Pipeline) -> String {
+/// The stages in order, with their states and deployments.
+fn stages_text(p: &pb::Pipeline) -> String {
     let stages: Vec<String> = p
         .stages
         .iter()
@@ -60,13 +84,17 @@ fn line(p: &pb::Pipeline) -> String {
             }
         })
         .collect();
+    stages.join(" -> ")
+}
+
+fn line(p: &pb::Pipeline) -> String {
     format!(
         "{} {}@{} {}: {}",
         p.id,
         p.module,
         p.version,
         p.state,
-        stages.join(" -> ")
+        stages_text(p)
     )
 }
 
@@ -95,6 +123,51 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
                 .map_err(conn.rpc_error(&format!("run pipeline of {module}")))?
                 .into_inner();
             (p, wait, timeout)
+        }
+        PipelineCommand::List { module, active } => {
+            let reply = client
+                .list_pipelines(pb::ListPipelinesRequest {
+                    module: module.unwrap_or_default(),
+                    active_only: active,
+                })
+                .await
+                .map_err(conn.rpc_error("list pipelines"))?
+                .into_inner();
+            let views = reply
+                .pipelines
+                .iter()
+                .map(view)
+                .collect::<Result<Vec<_>, _>>()?;
+            match ctx.output {
+                OutputFormat::Json => output::print_json(&views),
+                OutputFormat::Table => {
+                    let mut table =
+                        output::table(&["ID", "MODULE", "TARGET", "STATE", "STAGES", "CREATED"]);
+                    for (p, wire) in views.iter().zip(&reply.pipelines) {
+                        table.add_row(vec![
+                            p.id.clone(),
+                            format!("{}@{}", p.module, p.version),
+                            p.target.clone(),
+                            p.state.clone(),
+                            stages_text(wire),
+                            p.created_at.clone().unwrap_or_else(|| "-".into()),
+                        ]);
+                    }
+                    output::print_table(&table);
+                }
+            }
+            return Ok(Outcome::Done);
+        }
+        PipelineCommand::Abort { id, reason } => {
+            let p = client
+                .abort_pipeline(pb::AbortPipelineRequest {
+                    id: id.clone(),
+                    reason: reason.unwrap_or_default(),
+                })
+                .await
+                .map_err(conn.rpc_error(&format!("abort pipeline {id}")))?
+                .into_inner();
+            (p, false, None)
         }
         PipelineCommand::Get { id } => {
             let p = client
@@ -160,14 +233,14 @@ pub async fn run(ctx: &Context, command: PipelineCommand) -> Result<Outcome, Cli
                 }
             }
         }
-        if matches!(current.state.as_str(), "succeeded" | "failed") {
+        if matches!(current.state.as_str(), "succeeded" | "failed" | "aborted") {
             if let Some(live) = live {
                 live.finish();
                 println!("{}", line(&current));
             }
             return Ok(match current.state.as_str() {
                 "succeeded" => Outcome::Done,
-                _ => Outcome::Ended(format!("pipeline {id} failed: {}", current.reason)),
+                state => Outcome::Ended(format!("pipeline {id} {state}: {}", current.reason)),
             });
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {

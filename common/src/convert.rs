@@ -658,13 +658,25 @@ impl TryFrom<pb::Pipeline> for PipelineView {
                 field: "id",
             });
         }
+        // A control plane from before `target` was sent: the last stage's.
+        let target = if p.target.is_empty() {
+            p.stages
+                .last()
+                .map(|s| s.environment.clone())
+                .unwrap_or_default()
+        } else {
+            p.target
+        };
         Ok(PipelineView {
             id: p.id,
             module: p.module,
             version: p.version,
+            target,
             state: p.state,
             reason: p.reason,
             created_by: p.created_by,
+            created_at: rfc3339(p.created_at.as_ref()),
+            finished_at: rfc3339(p.finished_at.as_ref()),
             stages: p
                 .stages
                 .into_iter()
@@ -676,6 +688,39 @@ impl TryFrom<pb::Pipeline> for PipelineView {
                 })
                 .collect(),
         })
+    }
+}
+
+impl From<pb::HistoryNode> for crate::model::HistoryNodeView {
+    fn from(n: pb::HistoryNode) -> Self {
+        crate::model::HistoryNodeView {
+            node: n.node,
+            modules: n
+                .modules
+                .into_iter()
+                .map(|m| crate::model::HistoryModuleView {
+                    name: m.name,
+                    version: m.version,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::HistoryChange> for crate::model::HistoryChangeView {
+    fn from(c: pb::HistoryChange) -> Self {
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        crate::model::HistoryChangeView {
+            time: rfc3339(c.time.as_ref()),
+            node: c.node,
+            module: c.module,
+            from: some(c.from),
+            to: some(c.to),
+            deployment_id: some(c.deployment_id),
+            by: c.by,
+            seq: c.seq,
+            environment: c.environment,
+        }
     }
 }
 

@@ -387,7 +387,7 @@ pub struct ClusterView {
 pub struct PipelineStageView {
     pub environment: String,
     pub deployment_id: String,
-    /// waiting, running, succeeded, failed or skipped.
+    /// waiting, running, succeeded, failed, skipped or aborted.
     pub state: String,
     pub reason: String,
 }
@@ -399,11 +399,47 @@ pub struct PipelineView {
     pub id: String,
     pub module: String,
     pub version: String,
-    /// running, succeeded or failed.
+    /// The last environment it promotes to.
+    pub target: String,
+    /// running, succeeded, failed or aborted.
     pub state: String,
-    pub reason: String,
-    pub created_by: String,
     pub stages: Vec<PipelineStageView>,
+    pub created_by: String,
+    pub created_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub reason: String,
+}
+
+/// One module's desired version on a node at a point of the history.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryModuleView {
+    pub name: String,
+    pub version: String,
+}
+
+/// A node's desired module versions at a point (`history --at|--seq`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryNodeView {
+    pub node: String,
+    pub modules: Vec<HistoryModuleView>,
+}
+
+/// One module's change on one node (`history diff`). `from`/`to` are null
+/// when the module was not desired.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HistoryChangeView {
+    pub node: String,
+    pub module: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub deployment_id: Option<String>,
+    pub by: String,
+    pub time: Option<String>,
+    pub seq: u64,
+    pub environment: String,
 }
 
 /// One wave of a dry run's plan, and what must hold before the next.

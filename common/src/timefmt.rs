@@ -40,6 +40,16 @@ pub fn rfc3339_from_ms(ms: u64) -> String {
         .unwrap_or_else(|| format!("out of range: {ms} ms since 1970"))
 }
 
+/// Milliseconds since 1970 of an RFC 3339 time (`2026-12-03T07:00:00Z`,
+/// any offset); before 1970 is refused.
+pub fn parse_rfc3339(text: &str) -> Result<u64, String> {
+    let time = OffsetDateTime::parse(text.trim(), &Rfc3339).map_err(|e| {
+        format!("invalid time {text:?}: {e} (give RFC 3339, e.g. 2026-12-03T07:00:00Z)")
+    })?;
+    u64::try_from(time.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("invalid time {text:?}: before 1970"))
+}
+
 /// Parse a human duration such as `30s`, `5m`, `1h 30m` or `250ms`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
@@ -76,6 +86,21 @@ mod tests {
             rfc3339_from_ms(253_402_300_799_999),
             "9999-12-31T23:59:59.999Z"
         );
+    }
+
+    #[test]
+    fn rfc3339_parses_and_fails_clearly() {
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20.123Z"),
+            Ok(1_700_000_000_123)
+        );
+        assert_eq!(
+            parse_rfc3339("2023-11-14T23:13:20.123+01:00"),
+            Ok(1_700_000_000_123)
+        );
+        let err = parse_rfc3339("yesterday").expect_err("bad");
+        assert!(err.starts_with("invalid time \"yesterday\""), "{err}");
+        assert!(parse_rfc3339("1969-12-31T23:59:59Z").is_err());
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct Settings {
     /// signed anchor that keeps the rest of the chain verifiable.
     #[serde(with = "duration_text")]
     pub audit_retention: Duration,
+    /// How long the desired-state history (`hotswapctl history`) is kept,
+    /// independently of `event_retention`; the leader trims older records.
+    #[serde(with = "duration_text")]
+    pub history_retention: Duration,
     /// Enrollment attempts allowed per source address: a burst of
     /// `enroll_burst`, refilled at `enroll_per_minute`.
     pub enroll_per_minute: u32,
@@ -425,6 +429,7 @@ impl Default for Settings {
             upload_idle_timeout: Duration::from_secs(30),
             event_retention: 100_000,
             audit_retention: Duration::from_secs(90 * 86_400),
+            history_retention: Duration::from_secs(90 * 24 * 3600),
             enroll_per_minute: 600,
             enroll_burst: 200,
             operator_writes_per_minute: 1000,
@@ -554,6 +559,9 @@ impl Settings {
         }
         if self.pipeline_wait_timeout < Duration::from_secs(1) {
             problems.push("pipeline_wait_timeout must be at least 1s".to_string());
+        }
+        if self.history_retention < Duration::from_secs(60) {
+            problems.push("history_retention must be at least 1m".to_string());
         }
         if self.event_retention < 100 {
             problems.push("event_retention must be at least 100".to_string());

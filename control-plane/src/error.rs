@@ -179,6 +179,17 @@ impl From<ControlError> for ApiError {
     }
 }
 
+impl From<crate::history::HistoryError> for ApiError {
+    fn from(error: crate::history::HistoryError) -> Self {
+        use crate::history::HistoryError;
+        match error {
+            HistoryError::Trimmed { .. } => ApiError::FailedPrecondition(error.to_string()),
+            HistoryError::UnknownEnvironment { .. } => ApiError::NotFound(error.to_string()),
+            HistoryError::Reversed { .. } => ApiError::InvalidArgument(error.to_string()),
+        }
+    }
+}
+
 impl From<PipelineError> for ApiError {
     fn from(error: PipelineError) -> Self {
         match error {
@@ -190,6 +201,8 @@ impl From<PipelineError> for ApiError {
             PipelineError::NotDeployable { .. } => ApiError::FailedPrecondition(error.to_string()),
             PipelineError::Downgrade(e) => e.into(),
             PipelineError::Frozen(e) => ApiError::FailedPrecondition(e.to_string()),
+            PipelineError::NotRunning { .. } => ApiError::FailedPrecondition(error.to_string()),
+            PipelineError::Abort(e) => (*e).into(),
             PipelineError::Registry(e) => e.into(),
             PipelineError::Storage(e) => ApiError::Storage(e),
         }

@@ -19,6 +19,7 @@ pub mod error;
 pub mod events;
 pub mod forward;
 pub mod freeze;
+pub mod history;
 pub mod http_api;
 pub mod init;
 pub mod leader_only;

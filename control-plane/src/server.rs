@@ -894,6 +894,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )
         .add_service(
+            pb::history_server::HistoryServer::new(crate::service::history::HistoryService::new(
+                ctx.clone(),
+            ))
+            .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+        )
+        .add_service(
             pb::events_server::EventsServer::new(EventsService::new(ctx.clone()))
                 .max_decoding_message_size(SMALL_MESSAGE_BYTES),
         )

@@ -86,6 +86,20 @@ async fn eventually(what: &str, check: impl Fn() -> Result<(), String>) {
     panic!("timed out waiting for {what}; last observation: {last}");
 }
 
+/// As [`eventually`], answering what the check found.
+async fn eventually_value<T>(what: &str, check: impl Fn() -> Result<T, String>) -> T {
+    let deadline = tokio::time::Instant::now() + patience();
+    let mut last = String::from("never checked");
+    while tokio::time::Instant::now() < deadline {
+        match check() {
+            Ok(value) => return value,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}; last observation: {last}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_claims_a_prefix_once_and_open_needs_it() {
     let cluster = EtcdCluster::start(1);
@@ -1054,4 +1068,120 @@ async fn freezes_are_shared_and_removed_once() {
         }
     })
     .await;
+}
+
+/// The desired-state history (SPEC §9) written through one replica reads
+/// from the other, each record in the same transaction as the desired
+/// state it describes (its seq is that state's revision), also when one
+/// batch takes more nodes than one etcd transaction; a trim through one
+/// replica is seen by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_written_through_one_replica_reads_from_the_other() {
+    use hotswap_control_plane::store::HistoryOrigin;
+
+    let cluster = EtcdCluster::start(1);
+    let (a, b, _) = two_replicas(&cluster, "/history/").await;
+    let origin = HistoryOrigin::new(1_000, "d-1", "alice");
+    let nodes: Vec<String> = (0..300).map(|i| format!("n-{i:03}")).collect();
+    for node in &nodes {
+        a.update_desired_recorded(
+            node,
+            &|record| {
+                record.modules.entry("web".into()).or_default().version = "2.0.0".into();
+                true
+            },
+            &origin,
+        )
+        .expect("update");
+    }
+    a.flush_desired().await.expect("flush");
+
+    let records = eventually_value("b to read every history record", || {
+        let records = b.list_history().map_err(|e| e.to_string())?;
+        if records.len() < nodes.len() {
+            return Err(format!("{} of {}", records.len(), nodes.len()));
+        }
+        Ok(records)
+    })
+    .await;
+    for record in &records {
+        assert_eq!(
+            (
+                record.deployment_id.as_str(),
+                record.by.as_str(),
+                record.time_ms
+            ),
+            ("d-1", "alice", 1_000)
+        );
+        assert_eq!(record.changes.len(), 1, "{record:?}");
+        assert_eq!(record.changes[0].from, None);
+        assert_eq!(record.changes[0].to.as_deref(), Some("2.0.0"));
+        let desired = b.get_desired(&record.node_id).expect("desired");
+        assert_eq!(
+            record.seq, desired.revision,
+            "{}: history and desired state committed in one transaction",
+            record.node_id
+        );
+    }
+
+    // A second write, then a removal, through b: a reads both.
+    let later = HistoryOrigin::new(5_000, "d-2", "bob");
+    b.update_desired_recorded(
+        "n-001",
+        &|record| {
+            record.modules.entry("web".into()).or_default().version = "3.0.0".into();
+            true
+        },
+        &later,
+    )
+    .expect("update");
+    b.flush_desired().await.expect("flush");
+    b.remove_desired_recorded("n-002", &later)
+        .await
+        .expect("remove");
+    let newest = eventually_value("a to read b's records", || {
+        let records = a.list_history().map_err(|e| e.to_string())?;
+        match records.len() {
+            n if n == nodes.len() + 2 => Ok(records),
+            n => Err(format!("{n} records")),
+        }
+    })
+    .await;
+    let tail: Vec<(&str, Option<&str>, Option<&str>, bool)> = newest[nodes.len()..]
+        .iter()
+        .map(|r| {
+            (
+                r.node_id.as_str(),
+                r.changes[0].from.as_deref(),
+                r.changes[0].to.as_deref(),
+                r.removed,
+            )
+        })
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("n-001", Some("2.0.0"), Some("3.0.0"), false),
+            ("n-002", Some("2.0.0"), None, true),
+        ]
+    );
+
+    // Trimming through a removes the old records for both, and says so.
+    let removed = a.trim_history(2_000).await.expect("trim");
+    assert_eq!(removed, nodes.len() as u64);
+    let kept = eventually_value("b to see the trim", || {
+        let records = b.list_history().map_err(|e| e.to_string())?;
+        match records.len() {
+            2 => Ok(records),
+            n => Err(format!("{n} records")),
+        }
+    })
+    .await;
+    assert!(kept.iter().all(|r| r.by == "bob"));
+    let trimmed = b.history_trimmed().expect("read").expect("a trim mark");
+    assert_eq!(trimmed.before_ms, 2_000);
+    assert_eq!(
+        trimmed.seq,
+        records.iter().map(|r| r.seq).max().unwrap_or(0)
+    );
 }

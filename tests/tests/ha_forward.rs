@@ -323,6 +323,19 @@ fn a_follower_forwards_deployments_to_the_leader_as_their_caller() {
         !no_pipeline.stderr.contains("does not lead"),
         "answered by the leader: {no_pipeline:?}"
     );
+    let no_abort = b.ctl(&["pipeline", "abort", "p-none"]);
+    assert_eq!(no_abort.code, 1, "{no_abort:?}");
+    assert!(
+        no_abort.stderr.contains("not found") && !no_abort.stderr.contains("does not lead"),
+        "answered by the leader: {no_abort:?}"
+    );
+    // The history is read on any replica, from the shared store.
+    let history = |cp: &hotswap_tests::ControlPlane| {
+        let out = cp.ctl(&["-o", "json", "history", "diff", "--from", "0"]);
+        assert_eq!(out.code, 0, "{out:?}");
+        out.json()
+    };
+    assert_eq!(history(&b), history(&a));
 
     // What forwarding costs: ListDeployments on one connection, straight
     // to the leader and through the follower.

@@ -588,6 +588,44 @@ fn every_resource_answers_with_the_grpc_identities_roles_and_audit() {
         (200, Some("dora"))
     );
     assert_eq!(api.get(&vic, "/pipelines/p-none").status, 404);
+    let listed = api.get(&vic, "/pipelines");
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert!(names(&listed.json(), "id").contains(&pipeline_id));
+    let denied = api.call(
+        &vic,
+        "POST",
+        &format!("/pipelines/{pipeline_id}/abort"),
+        Some("{}"),
+    );
+    assert_eq!(denied.status, 403, "a viewer cannot abort: {}", denied.body);
+    assert_eq!(
+        api.call(&dora, "POST", "/pipelines/p-none/abort", Some("{}"))
+            .status,
+        404
+    );
+
+    // The desired-state history.
+    let at_zero = api.get(&vic, "/history?environment=dev&seq=0");
+    assert_eq!(
+        (at_zero.status, at_zero.json()),
+        (200, serde_json::json!([]))
+    );
+    let diff = api.get(&vic, "/history/diff?from=0&environment=dev");
+    assert_eq!(diff.status, 200, "{}", diff.body);
+    assert!(diff.json().is_array(), "{}", diff.body);
+    assert_eq!(api.get(&vic, "/history?environment=moon&seq=1").status, 404);
+    assert_eq!(
+        api.get(&vic, "/history?environment=dev&at=nope").status,
+        400
+    );
+    assert_eq!(
+        api.get(
+            &vic,
+            "/history?environment=dev&at=2026-01-01T00:00:00Z&seq=1"
+        )
+        .status,
+        400
+    );
     let clusters = api.get(&vic, "/clusters");
     assert_eq!(clusters.status, 200);
     assert!(names(&clusters.json(), "environment").contains(&"dev".to_string()));

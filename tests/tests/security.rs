@@ -75,8 +75,8 @@ fn every_role_against_every_operator_rpc() {
         agent_session_client::AgentSessionClient as S, artifacts_client::ArtifactsClient as A,
         audit_client::AuditClient as Au, deployments_client::DeploymentsClient as D,
         fleet_client::FleetClient as F, freezes_client::FreezesClient as Fz,
-        pipelines_client::PipelinesClient as P, servers_client::ServersClient as Sv,
-        users_client::UsersClient as U,
+        history_client::HistoryClient as H, pipelines_client::PipelinesClient as P,
+        servers_client::ServersClient as Sv, users_client::UsersClient as U,
     };
     let dir = TestDir::new();
     let mut cp = ControlPlane::init(dir.path());
@@ -359,6 +359,40 @@ fn every_role_against_every_operator_rpc() {
         (
             "Pipelines.GetPipeline",
             call!(P, get_pipeline, pb::GetPipelineRequest { id: "x".into() }),
+            all,
+        ),
+        (
+            "Pipelines.ListPipelines",
+            call!(P, list_pipelines, pb::ListPipelinesRequest::default()),
+            all,
+        ),
+        (
+            "Pipelines.AbortPipeline",
+            call!(
+                P,
+                abort_pipeline,
+                pb::AbortPipelineRequest {
+                    id: "x".into(),
+                    reason: String::new(),
+                }
+            ),
+            &["deployer", "approver", "admin"],
+        ),
+        (
+            "History.GetHistoryState",
+            call!(
+                H,
+                get_history_state,
+                pb::GetHistoryStateRequest {
+                    environment: "production".into(),
+                    at: None,
+                }
+            ),
+            all,
+        ),
+        (
+            "History.DiffHistory",
+            call!(H, diff_history, pb::DiffHistoryRequest::default()),
             all,
         ),
         (

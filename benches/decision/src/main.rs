@@ -1124,7 +1124,10 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
             .collect();
         let t = Instant::now();
         registry
-            .set_desired_modules(&changes)
+            .set_desired_modules(
+                &changes,
+                &hotswap_control_plane::store::HistoryOrigin::default(),
+            )
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         set_desired.push(t.elapsed().as_secs_f64() * 1e3);

@@ -45,11 +45,11 @@ use crate::events::EventLog;
 use crate::metrics::Metrics;
 use crate::registry::RegistryError;
 use crate::registry::{DesiredChange, Registry};
-use crate::store::DesiredModuleRecord;
 use crate::store::FreezeRecords;
 use crate::store::{
     ArtifactRecords, DeploymentRecords, DeploymentRecordsExt, Durability, Store, StoreError,
 };
+use crate::store::{DesiredModuleRecord, HistoryOrigin};
 
 // Where these lived before the split; services and benchmarks name them here.
 pub use super::observe::{analyze, observe_nodes};
@@ -122,6 +122,11 @@ pub struct Engine {
     /// Each configured environment's windows and config freezes.
     schedules: BTreeMap<String, crate::schedule::Schedule>,
 }
+
+/// How often the leader trims the desired-state history: retention is
+/// counted in days, so a few minutes late is nothing, and a trim walks
+/// every record.
+const HISTORY_TRIM_EVERY: Duration = Duration::from_secs(600);
 
 /// How often active deployments are re-evaluated without any node change
 /// (holds, bakes and deadlines are time-driven).
@@ -219,6 +224,7 @@ impl Engine {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attaches_seen = None;
+        let mut history_trimmed_at: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -244,6 +250,28 @@ impl Engine {
                 self.catch_ups().attached(attached);
             }
             self.catch_up().await;
+            // A short retention (a test's minute) is trimmed often enough
+            // to be kept to within a quarter of it.
+            let trim_every = HISTORY_TRIM_EVERY.min(self.settings.history_retention / 4);
+            if history_trimmed_at.is_none_or(|at| at.elapsed() >= trim_every) {
+                history_trimmed_at = Some(std::time::Instant::now());
+                self.trim_history().await;
+            }
+        }
+    }
+
+    /// Drop the desired-state history older than `history_retention`.
+    async fn trim_history(&self) {
+        let retention =
+            u64::try_from(self.settings.history_retention.as_millis()).unwrap_or(u64::MAX);
+        let before = steady_now_ms().saturating_sub(retention);
+        match self.registry.trim_history(before).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(
+                removed,
+                "trimmed the desired-state history (history_retention)"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot trim the desired-state history"),
         }
     }
 
@@ -322,6 +350,88 @@ impl Engine {
                 kind: "pipeline",
                 id: id.to_string(),
             })
+    }
+
+    /// Every pipeline, newest first.
+    pub async fn list_pipelines(&self) -> Vec<PipelineRecord> {
+        let mut all: Vec<PipelineRecord> = self.pipelines.lock().await.values().cloned().collect();
+        all.sort_by_key(|p| std::cmp::Reverse(p.created_ms));
+        all
+    }
+
+    /// The environment of the stage a running pipeline is at, for deciding
+    /// which permission aborting it needs.
+    pub async fn pipeline_environment(&self, id: &str) -> Option<String> {
+        let pipelines = self.pipelines.lock().await;
+        let pipeline = pipelines.get(id)?;
+        pipeline
+            .stages
+            .iter()
+            .find(|s| matches!(s.state, StageState::Waiting | StageState::Running))
+            .map(|s| s.environment.clone())
+    }
+
+    /// Stop a running pipeline (`pipeline abort`): abort the deployment of
+    /// the stage it is at, then record the pipeline aborted, so that no
+    /// later stage starts. The pipeline pass lock is held throughout, so no
+    /// pass starts a stage in between. The deployment goes first: were the
+    /// pipeline recorded first and the process to stop before the
+    /// deployment is aborted, that deployment would go on.
+    pub async fn abort_pipeline(
+        &self,
+        id: &str,
+        reason: &str,
+    ) -> Result<PipelineRecord, PipelineError> {
+        let _pass = self.pipeline_pass.lock().await;
+        let mut pipeline = self.get_pipeline(id).await?;
+        if pipeline.state != PipelineState::Running {
+            return Err(PipelineError::NotRunning {
+                id: id.to_string(),
+                state: pipeline.state.as_str(),
+            });
+        }
+        if let Some(deployment) = pipeline.running_deployment().map(str::to_string) {
+            let running = self
+                .get(&deployment)
+                .await
+                .is_ok_and(|r| !r.deployment.state.is_terminal());
+            if running {
+                match self
+                    .control(
+                        &deployment,
+                        Control::Abort {
+                            reason: format!("pipeline {id} aborted: {reason}"),
+                        },
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    // It ended on its own meanwhile: nothing left to stop.
+                    Err(ControlError::Refused { .. }) => {}
+                    Err(e) => return Err(PipelineError::Abort(Box::new(e))),
+                }
+            }
+        }
+        if !pipeline.abort(reason, steady_now_ms()) {
+            // Its last stage had succeeded: it is done, not aborted.
+            self.records.put_pipeline(&pipeline.id, &pipeline).await?;
+            let state = pipeline.state.as_str();
+            self.pipelines
+                .lock()
+                .await
+                .insert(pipeline.id.clone(), pipeline);
+            return Err(PipelineError::NotRunning {
+                id: id.to_string(),
+                state,
+            });
+        }
+        self.records.put_pipeline(&pipeline.id, &pipeline).await?;
+        tracing::info!(pipeline = %id, reason = %reason, "pipeline aborted");
+        self.pipelines
+            .lock()
+            .await
+            .insert(pipeline.id.clone(), pipeline.clone());
+        Ok(pipeline)
     }
 
     /// Move each running pipeline along: start the next stage's deployment
@@ -543,7 +653,9 @@ impl Engine {
         }
         let changes = self.node_changes(record, actions)?;
         self.records.put_deployment_unflushed(&record.id, record)?;
-        let written = self.registry.write_desired(&changes)?;
+        let written = self
+            .registry
+            .write_desired(&changes, &history_origin(record))?;
         self.durability.flush().await?;
         if let Err(e) = self.registry.push_desired(&changes, &written) {
             tracing::warn!(deployment = %record.id, error = %e, "desired states are stored but not all were handed to their sessions");
@@ -569,7 +681,9 @@ impl Engine {
             if changes.is_empty() {
                 return Ok(());
             }
-            let written = self.registry.write_desired(&changes)?;
+            let written = self
+                .registry
+                .write_desired(&changes, &history_origin(record))?;
             self.durability.flush().await?;
             self.registry.push_desired(&changes, &written)?;
             Ok::<(), RegistryError>(())
@@ -921,6 +1035,16 @@ impl Engine {
         deployments.insert(id.to_string(), updated.clone());
         Ok(updated)
     }
+}
+
+/// Whom the desired-state history names for a deployment's changes: the
+/// deployment, and the operator who created it.
+fn history_origin(record: &DeploymentRecord) -> HistoryOrigin {
+    HistoryOrigin::new(
+        steady_now_ms(),
+        &record.id,
+        &record.deployment.spec.created_by,
+    )
 }
 
 /// A refusal as a pipeline stage records it: the words `deploy create`

@@ -125,6 +125,12 @@ pub enum PipelineError {
     /// A freeze covers an environment on the way (SPEC §9).
     #[error(transparent)]
     Frozen(#[from] crate::freeze::Frozen),
+    /// `pipeline abort` of a pipeline that has ended.
+    #[error("pipeline {id} is {state}, not running: there is nothing to abort")]
+    NotRunning { id: String, state: &'static str },
+    /// Aborting the running stage's deployment failed.
+    #[error("cannot abort the running stage's deployment: {0}")]
+    Abort(Box<ControlError>),
     /// The registry failed or refused (a node it does not know).
     #[error(transparent)]
     Registry(#[from] RegistryError),

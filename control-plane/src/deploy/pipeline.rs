@@ -18,6 +18,9 @@ pub enum PipelineState {
     Running,
     Succeeded,
     Failed,
+    /// Stopped by an operator (`pipeline abort`): its running stage's
+    /// deployment was aborted and no later stage starts.
+    Aborted,
 }
 
 impl PipelineState {
@@ -26,6 +29,7 @@ impl PipelineState {
             PipelineState::Running => "running",
             PipelineState::Succeeded => "succeeded",
             PipelineState::Failed => "failed",
+            PipelineState::Aborted => "aborted",
         }
     }
 }
@@ -42,6 +46,8 @@ pub enum StageState {
     Failed,
     /// The environment has no nodes at all.
     Skipped,
+    /// The stage that was running or waiting when the pipeline was aborted.
+    Aborted,
 }
 
 impl StageState {
@@ -52,6 +58,7 @@ impl StageState {
             StageState::Succeeded => "succeeded",
             StageState::Failed => "failed",
             StageState::Skipped => "skipped",
+            StageState::Aborted => "aborted",
         }
     }
 }
@@ -209,6 +216,9 @@ impl PipelineRecord {
         now: Ms,
         wait_limit: Duration,
     ) {
+        if self.state != PipelineState::Running {
+            return;
+        }
         let environment = self.stages[stage].environment.clone();
         let current = &mut self.stages[stage];
         match start {
@@ -264,6 +274,10 @@ impl PipelineRecord {
         reason: &str,
         now: Ms,
     ) {
+        // An ended pipeline (aborted meanwhile) takes in nothing more.
+        if self.state != PipelineState::Running {
+            return;
+        }
         let environment = self.stages[stage].environment.clone();
         let current = &mut self.stages[stage];
         match state {
@@ -284,6 +298,50 @@ impl PipelineRecord {
             }
             _ => {}
         }
+    }
+
+    /// The last environment the pipeline promotes to (its `--to`).
+    pub fn target(&self) -> &str {
+        self.stages.last().map_or("", |s| s.environment.as_str())
+    }
+
+    /// The deployment an abort must stop first: the one of the stage that
+    /// runs now, if it started one. `None` for a pipeline that is not
+    /// running, or whose current stage is still waiting to start.
+    pub fn running_deployment(&self) -> Option<&str> {
+        if self.state != PipelineState::Running {
+            return None;
+        }
+        self.stages
+            .iter()
+            .find(|s| matches!(s.state, StageState::Waiting | StageState::Running))
+            .map(|s| s.deployment_id.as_str())
+            .filter(|id| !id.is_empty())
+    }
+
+    /// Stop a running pipeline (`pipeline abort`): the current stage is
+    /// aborted, later stages stay waiting and never start. Returns false,
+    /// changing nothing, when the pipeline is no longer running.
+    pub fn abort(&mut self, reason: &str, now: Ms) -> bool {
+        if self.state != PipelineState::Running {
+            return false;
+        }
+        let Some(stage) = self
+            .stages
+            .iter_mut()
+            .find(|s| matches!(s.state, StageState::Waiting | StageState::Running))
+        else {
+            // Every stage is done: it succeeded, whether or not a pass
+            // said so yet.
+            self.next(now);
+            return false;
+        };
+        stage.state = StageState::Aborted;
+        stage.reason = reason.to_string();
+        self.reason = format!("aborted at {}: {reason}", stage.environment);
+        self.state = PipelineState::Aborted;
+        self.finished_ms = Some(now);
+        true
     }
 
     fn fail(&mut self, reason: String, now: Ms) {
@@ -447,6 +505,56 @@ mod tests {
         assert_eq!(p.state, PipelineState::Failed);
     }
 
+    #[test]
+    fn an_aborted_pipeline_starts_no_later_stage() {
+        let mut p = pipeline();
+        assert_eq!(p.target(), "prod");
+        assert_eq!(p.running_deployment(), None, "nothing started yet");
+        p.next(1);
+        p.stage_started(
+            0,
+            StageStart::Started {
+                deployment_id: "d-1".into(),
+            },
+            1,
+            WAIT,
+        );
+        assert_eq!(p.running_deployment(), Some("d-1"));
+        assert!(p.abort("by alice", 2));
+        assert_eq!(p.state, PipelineState::Aborted);
+        assert_eq!(p.reason, "aborted at dev: by alice");
+        assert_eq!(p.finished_ms, Some(2));
+        assert_eq!(p.stages[0].state, StageState::Aborted);
+        assert!(p.stages[1..].iter().all(|s| s.state == StageState::Waiting));
+        assert_eq!(p.running_deployment(), None);
+        // The aborted deployment's end changes nothing, and nothing starts.
+        p.stage_observed(0, "d-1", State::Aborted, "by alice", 3);
+        assert_eq!(p.next(4), Next::Nothing);
+        assert_eq!(p.state, PipelineState::Aborted);
+        assert!(
+            !p.abort("again", 5),
+            "a finished pipeline is not aborted twice"
+        );
+        assert_eq!(p.finished_ms, Some(2));
+    }
+
+    #[test]
+    fn a_waiting_stage_is_aborted_without_a_deployment() {
+        let mut p = pipeline();
+        p.stage_started(
+            0,
+            StageStart::Busy {
+                reason: "still running".into(),
+            },
+            1,
+            WAIT,
+        );
+        assert_eq!(p.running_deployment(), None);
+        assert!(p.abort("no", 2));
+        assert_eq!(p.stages[0].state, StageState::Aborted);
+        assert_eq!(p.next(3), Next::Nothing);
+    }
+
     fn stage_start() -> impl Gen<Value = StageStart> {
         prop_oneof![
             Just(StageStart::Started {
@@ -477,13 +585,16 @@ mod tests {
         /// it succeeds exactly when no stage failed.
         #[test]
         fn pipelines_only_move_forward(
-            events in prop::collection::vec((stage_start(), deployment_state(), any::<bool>()), 1..40),
+            events in prop::collection::vec((stage_start(), deployment_state(), any::<bool>(), 0..20u8), 1..40),
         ) {
             let mut p = pipeline();
             let mut now = 0;
-            for (start, state, watch) in events {
+            for (start, state, watch, abort) in events {
                 now += 30_000;
                 let before = p.clone();
+                if abort == 0 {
+                    p.abort("stop", now);
+                }
                 match p.next(now) {
                     Next::Nothing => {}
                     Next::Start { stage, .. } => p.stage_started(stage, start, now, WAIT),
@@ -498,7 +609,7 @@ mod tests {
                 let done = p
                     .stages
                     .iter()
-                    .take_while(|s| !matches!(s.state, StageState::Waiting | StageState::Running))
+                    .take_while(|s| !matches!(s.state, StageState::Waiting | StageState::Running | StageState::Aborted))
                     .count();
                 prop_assert!(p.stages[done.min(p.stages.len())..]
                     .iter()
@@ -506,6 +617,8 @@ mod tests {
                     .all(|s| s.state == StageState::Waiting && s.deployment_id.is_empty()));
                 let failed = p.stages.iter().any(|s| s.state == StageState::Failed);
                 prop_assert_eq!(failed, p.state == PipelineState::Failed);
+                let aborted = p.stages.iter().any(|s| s.state == StageState::Aborted);
+                prop_assert!(!aborted || p.state == PipelineState::Aborted);
                 prop_assert_eq!(p.finished_ms.is_some(), p.state != PipelineState::Running);
             }
         }

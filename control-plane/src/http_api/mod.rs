@@ -153,6 +153,7 @@ mod clients {
     in_process_client!(clusters, pb::clusters_client::ClustersClient<GrpcServices>);
     in_process_client!(events, pb::events_client::EventsClient<GrpcServices>);
     in_process_client!(audit, pb::audit_client::AuditClient<GrpcServices>);
+    in_process_client!(history, pb::history_client::HistoryClient<GrpcServices>);
     in_process_client!(users, pb::users_client::UsersClient<GrpcServices>);
     in_process_client!(servers, pb::servers_client::ServersClient<GrpcServices>);
     in_process_client!(freezes, pb::freezes_client::FreezesClient<GrpcServices>);
@@ -377,9 +378,13 @@ mod tests {
             ("GET", "/api/v1/deployments/{id}"),
             ("POST", "/api/v1/deployments/{id}/{action}"),
             ("POST", "/api/v1/pipelines"),
+            ("GET", "/api/v1/pipelines"),
             ("GET", "/api/v1/pipelines/{id}"),
+            ("POST", "/api/v1/pipelines/{id}/abort"),
             ("GET", "/api/v1/clusters"),
             ("GET", "/api/v1/clusters/{env}"),
+            ("GET", "/api/v1/history"),
+            ("GET", "/api/v1/history/diff"),
             ("GET", "/api/v1/events"),
             ("GET", "/api/v1/audit"),
             ("GET", "/api/v1/users"),

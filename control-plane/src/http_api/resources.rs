@@ -8,8 +8,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use hotswap_common::model::{
-    AuditRecordView, ClusterView, DeploymentRequest, DeploymentView, EventView, ModuleVersionView,
-    ModuleView, NodeUpdateView, NodeView, PipelineView, PlanView, ServerView, UserView,
+    AuditRecordView, ClusterView, DeploymentRequest, DeploymentView, EventView, HistoryChangeView,
+    HistoryNodeView, ModuleVersionView, ModuleView, NodeUpdateView, NodeView, PipelineView,
+    PlanView, ServerView, UserView,
 };
 use hotswap_common::pb;
 use serde::Deserialize;
@@ -32,8 +33,11 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_deployments, create_deployment))
         .routes(routes!(get_deployment))
         .routes(routes!(control_deployment))
-        .routes(routes!(run_pipeline))
+        .routes(routes!(list_pipelines, run_pipeline))
         .routes(routes!(get_pipeline))
+        .routes(routes!(abort_pipeline))
+        .routes(routes!(history_state))
+        .routes(routes!(history_diff))
         .routes(routes!(list_clusters))
         .routes(routes!(get_cluster))
         .routes(routes!(list_events))
@@ -466,6 +470,170 @@ async fn get_pipeline(
         .await?
         .into_inner();
     Ok(Json(PipelineView::try_from(pipeline)?))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct PipelinesQuery {
+    module: Option<String>,
+    /// Only pipelines that have not ended.
+    #[serde(default)]
+    active: bool,
+}
+
+/// Pipelines, newest first (`pipeline list`).
+#[utoipa::path(get, path = "/pipelines", tag = "pipelines", params(PipelinesQuery),
+    responses((status = 200, description = "The pipelines", body = Vec<PipelineView>)))]
+async fn list_pipelines(
+    State(state): State<ApiState>,
+    call: Call,
+    QueryParams(query): QueryParams<PipelinesQuery>,
+) -> Result<Json<Vec<PipelineView>>> {
+    let reply = clients::pipelines(&state)
+        .list_pipelines(call.request(pb::ListPipelinesRequest {
+            module: or_empty(query.module),
+            active_only: query.active,
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(views(reply.pipelines)?))
+}
+
+/// Abort a pipeline (`pipeline abort`): its running stage's deployment is
+/// aborted and no later stage starts.
+#[utoipa::path(post, path = "/pipelines/{id}/abort", tag = "pipelines",
+    params(("id" = String, Path, description = "Pipeline id")),
+    request_body(content = ControlRequest, description = "Optional; an empty body has no reason"),
+    responses(
+        (status = 200, description = "The pipeline, aborted", body = PipelineView),
+        (status = 403, description = "The role does not allow it", body = ErrorBody),
+        (status = 404, description = "No such pipeline", body = ErrorBody),
+        (status = 412, description = "The pipeline has ended", body = ErrorBody),
+    ))]
+async fn abort_pipeline(
+    State(state): State<ApiState>,
+    call: Call,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ControlRequest>,
+) -> Result<Json<PipelineView>> {
+    let pipeline = clients::pipelines(&state)
+        .abort_pipeline(call.request(pb::AbortPipelineRequest {
+            id,
+            reason: or_empty(body.reason),
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(PipelineView::try_from(pipeline)?))
+}
+
+// ---------------------------------------------------------------- history
+
+/// A point of the history from a query parameter: an RFC 3339 time or a
+/// seq (digits).
+fn history_point(name: &str, text: &str) -> Result<pb::HistoryPoint> {
+    let point = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        let seq = text
+            .parse()
+            .map_err(|_| HttpError::bad_request(format!("{name}: seq {text} is too large")))?;
+        pb::history_point::Point::Seq(seq)
+    } else {
+        let ms = hotswap_common::timefmt::parse_rfc3339(text)
+            .map_err(|e| HttpError::bad_request(format!("{name}: {e}")))?;
+        pb::history_point::Point::Time(hotswap_common::timefmt::ts_from_ms(ms))
+    };
+    Ok(pb::HistoryPoint { point: Some(point) })
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    environment: String,
+    /// An RFC 3339 time; unset (and no `seq`): now.
+    at: Option<String>,
+    /// A seq (desired-state revision), instead of `at`.
+    seq: Option<u64>,
+}
+
+/// Every node's desired module versions in an environment as they were at
+/// a time or seq (`history --env E --at T|--seq N`).
+#[utoipa::path(get, path = "/history", tag = "history", params(HistoryQuery),
+    responses(
+        (status = 200, description = "The nodes, by name", body = Vec<HistoryNodeView>),
+        (status = 400, description = "A bad time, or both `at` and `seq`", body = ErrorBody),
+        (status = 404, description = "No such environment", body = ErrorBody),
+        (status = 412, description = "That point is older than the history kept", body = ErrorBody),
+    ))]
+async fn history_state(
+    State(state): State<ApiState>,
+    call: Call,
+    QueryParams(query): QueryParams<HistoryQuery>,
+) -> Result<Json<Vec<HistoryNodeView>>> {
+    let at = match (query.at, query.seq) {
+        (Some(_), Some(_)) => {
+            return Err(HttpError::bad_request("give either at or seq, not both"));
+        }
+        (Some(at), None) => Some(history_point("at", &at)?),
+        (None, Some(seq)) => Some(pb::HistoryPoint {
+            point: Some(pb::history_point::Point::Seq(seq)),
+        }),
+        (None, None) => None,
+    };
+    let reply = clients::history(&state)
+        .get_history_state(call.request(pb::GetHistoryStateRequest {
+            environment: query.environment,
+            at,
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(
+        reply.nodes.into_iter().map(HistoryNodeView::from).collect(),
+    ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryDiffQuery {
+    /// An RFC 3339 time or a seq.
+    from: String,
+    /// An RFC 3339 time or a seq; unset: now.
+    to: Option<String>,
+    environment: Option<String>,
+}
+
+/// The desired-version changes after `from` up to `to`, oldest first, each
+/// with its deployment and user (`history diff`).
+#[utoipa::path(get, path = "/history/diff", tag = "history", params(HistoryDiffQuery),
+    responses(
+        (status = 200, description = "The changes", body = Vec<HistoryChangeView>),
+        (status = 400, description = "A bad point, or `from` after `to`", body = ErrorBody),
+        (status = 404, description = "No such environment", body = ErrorBody),
+        (status = 412, description = "A point older than the history kept", body = ErrorBody),
+    ))]
+async fn history_diff(
+    State(state): State<ApiState>,
+    call: Call,
+    QueryParams(query): QueryParams<HistoryDiffQuery>,
+) -> Result<Json<Vec<HistoryChangeView>>> {
+    let from = Some(history_point("from", &query.from)?);
+    let to = query.to.map(|to| history_point("to", &to)).transpose()?;
+    let reply = clients::history(&state)
+        .diff_history(call.request(pb::DiffHistoryRequest {
+            from,
+            to,
+            environment: or_empty(query.environment),
+        }))
+        .await?
+        .into_inner();
+    Ok(Json(
+        reply
+            .changes
+            .into_iter()
+            .map(HistoryChangeView::from)
+            .collect(),
+    ))
 }
 
 // ---------------------------------------------------------------- clusters

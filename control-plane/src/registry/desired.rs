@@ -2,7 +2,7 @@
 //! batch), handed to the sessions of connected nodes, then told to watchers.
 
 use super::{DesiredChange, NodeChange, NodeState, Registry, RegistryError};
-use crate::store::{DesiredModuleRecord, DesiredRecord};
+use crate::store::{DesiredModuleRecord, DesiredRecord, HistoryOrigin};
 
 impl Registry {
     /// Change the desired state of one module on one node and push it to the
@@ -12,9 +12,13 @@ impl Registry {
         node_id: &str,
         module: &str,
         desired: Option<DesiredModuleRecord>,
+        origin: &HistoryOrigin,
     ) -> Result<NodeState, RegistryError> {
         let mut states = self
-            .set_desired_modules(&[(node_id.to_string(), module.to_string(), desired)])
+            .set_desired_modules(
+                &[(node_id.to_string(), module.to_string(), desired)],
+                origin,
+            )
             .await?;
         states
             .pop()
@@ -27,14 +31,21 @@ impl Registry {
     pub async fn set_desired_modules(
         &self,
         changes: &[DesiredChange],
+        origin: &HistoryOrigin,
     ) -> Result<Vec<NodeState>, RegistryError> {
         if let Some(missing) = self.missing_nodes(changes)?.first() {
             return Err(RegistryError::UnknownNode(missing.clone()));
         }
-        let written = self.write_desired(changes)?;
+        let written = self.write_desired(changes, origin)?;
         self.store.flush().await?;
         self.hand_over_desired(changes, &written);
         self.publish_states(changes)
+    }
+
+    /// Remove the desired-state history older than `before_ms` (the
+    /// leader's engine does, for `history_retention`).
+    pub async fn trim_history(&self, before_ms: u64) -> Result<u64, RegistryError> {
+        Ok(self.store.trim_history(before_ms).await?)
     }
 
     /// The nodes of `changes` that are not enrolled (removed meanwhile).
@@ -51,35 +62,37 @@ impl Registry {
     /// First half of [`Registry::set_desired_modules`]: write the changes
     /// without flushing, so a caller can make them durable with other writes
     /// in one flush. Nothing may be pushed before that flush; then
-    /// [`Registry::push_desired`] with what this returned.
+    /// [`Registry::push_desired`] with what this returned. Each change is
+    /// recorded in the desired-state history with `origin`, in the same
+    /// transaction.
     pub fn write_desired(
         &self,
         changes: &[DesiredChange],
+        origin: &HistoryOrigin,
     ) -> Result<Vec<DesiredRecord>, RegistryError> {
         let mut records = Vec::with_capacity(changes.len());
         for (node_id, module, desired) in changes {
-            let record =
-                self.store
-                    .update_desired_unflushed(
-                        node_id,
-                        &|record: &mut DesiredRecord| match desired {
-                            // Unchanged apart from its trace context: keep the entry
-                            // (and the trace it belongs to) and swap nothing.
-                            Some(want)
-                                if record
-                                    .modules
-                                    .get(module)
-                                    .is_some_and(|have| have.same_target(want)) =>
-                            {
-                                false
-                            }
-                            Some(want) => {
-                                record.modules.insert(module.clone(), want.clone());
-                                true
-                            }
-                            None => record.modules.remove(module).is_some(),
-                        },
-                    )?;
+            let record = self.store.update_desired_recorded(
+                node_id,
+                &|record: &mut DesiredRecord| match desired {
+                    // Unchanged apart from its trace context: keep the entry
+                    // (and the trace it belongs to) and swap nothing.
+                    Some(want)
+                        if record
+                            .modules
+                            .get(module)
+                            .is_some_and(|have| have.same_target(want)) =>
+                    {
+                        false
+                    }
+                    Some(want) => {
+                        record.modules.insert(module.clone(), want.clone());
+                        true
+                    }
+                    None => record.modules.remove(module).is_some(),
+                },
+                origin,
+            )?;
             records.push(record);
         }
         Ok(records)

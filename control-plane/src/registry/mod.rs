@@ -799,7 +799,7 @@ impl Registry {
 
     /// Remove a node: delete its record (its certificate is refused from now
     /// on) and end its session at once.
-    pub async fn remove(&self, query: &str) -> Result<NodeState, RegistryError> {
+    pub async fn remove(&self, query: &str, by: &str) -> Result<NodeState, RegistryError> {
         let state = self.find(query)?;
         let id = state.record.id.clone();
         let Some(removed_record) = self.store.remove_node(&id).await? else {
@@ -818,7 +818,8 @@ impl Registry {
         if !removed_record.token_hash.is_empty() {
             self.store.exhaust_token(&removed_record.token_hash).await?;
         }
-        self.store.remove_desired(&id).await?;
+        let origin = crate::store::HistoryOrigin::new(crate::clock::steady_now_ms(), "", by);
+        self.store.remove_desired_recorded(&id, &origin).await?;
         self.budgets
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

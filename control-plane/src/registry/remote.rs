@@ -614,7 +614,12 @@ mod tests {
             ..DesiredModuleRecord::default()
         };
         registry
-            .set_desired_module("n2", "web", Some(want))
+            .set_desired_module(
+                "n2",
+                "web",
+                Some(want),
+                &crate::store::HistoryOrigin::default(),
+            )
             .await
             .expect("desired");
         assert_eq!(observe(&registry), (true, false, Some("1.0.0".to_string())));

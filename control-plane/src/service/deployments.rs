@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::Context;
 use super::stream::{ServerStream, spawn_stream};
 use crate::auth::Permission;
-use crate::deploy::engine::{CreateRequest, DeploymentRecord, Engine, PlanView};
+use crate::deploy::engine::{CreateRequest, DeploymentRecord, Engine, PipelineState, PlanView};
 use crate::deploy::machine::{Control, NodeState, Strategy};
 use crate::error::ApiError;
 
@@ -438,6 +438,7 @@ fn pipeline_to_pb(p: &crate::deploy::engine::PipelineRecord) -> pb::Pipeline {
         created_by: p.created_by.clone(),
         created_at: Some(ts_from_ms(p.created_ms)),
         finished_at: p.finished_ms.map(ts_from_ms),
+        target: p.target().to_string(),
     }
 }
 
@@ -510,5 +511,55 @@ impl pb::pipelines_server::Pipelines for PipelinesService {
         Ok(Response::new(pipeline_to_pb(
             &self.engine.get_pipeline(&request.into_inner().id).await?,
         )))
+    }
+
+    async fn list_pipelines(
+        &self,
+        request: Request<pb::ListPipelinesRequest>,
+    ) -> Result<Response<pb::ListPipelinesResponse>, Status> {
+        self.ctx.reader(&request)?;
+        let filter = request.into_inner();
+        let pipelines = self
+            .engine
+            .list_pipelines()
+            .await
+            .iter()
+            .filter(|p| filter.module.is_empty() || p.module == filter.module)
+            .filter(|p| !filter.active_only || p.state == PipelineState::Running)
+            .map(pipeline_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListPipelinesResponse { pipelines }))
+    }
+
+    async fn abort_pipeline(
+        &self,
+        request: Request<pb::AbortPipelineRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let id = request.get_ref().id.clone();
+        // The same permission as aborting the running stage's deployment.
+        let permission = match self.engine.pipeline_environment(&id).await {
+            Some(env) if self.engine.is_protected(&env) => Permission::ControlProtected,
+            _ => Permission::Control,
+        };
+        let call = self
+            .ctx
+            .begin(&request, permission, "pipeline.abort", id.clone())
+            .await?;
+        let reason = request.into_inner().reason;
+        let reason = if reason.trim().is_empty() {
+            format!("by {}", call.user())
+        } else {
+            reason.trim().to_string()
+        };
+        let result = async {
+            if id.is_empty() {
+                return Err(ApiError::InvalidArgument("give the pipeline id".into()));
+            }
+            Ok(self.engine.abort_pipeline(&id, &reason).await?)
+        }
+        .await;
+        let pipeline = call.finish(&self.ctx, result).await?;
+        tracing::info!(pipeline = %id, "pipeline aborted");
+        Ok(Response::new(pipeline_to_pb(&pipeline)))
     }
 }

@@ -16,7 +16,7 @@ use super::stream::{ServerStream, spawn_stream};
 use crate::auth::Permission;
 use crate::error::ApiError;
 use crate::registry::NodeChange;
-use crate::store::{DesiredModuleRecord, TokenRecord};
+use crate::store::{DesiredModuleRecord, HistoryOrigin, TokenRecord};
 
 /// Most uses one join token may carry.
 const MAX_TOKEN_USES: u32 = 100_000;
@@ -92,6 +92,7 @@ impl FleetService {
     async fn set_node_module_inner(
         &self,
         request: pb::SetNodeModuleRequest,
+        user: &str,
     ) -> Result<pb::Node, ApiError> {
         let node = self.ctx.registry.find(&request.node)?;
         if request.version.is_empty() && request.staged_version.is_empty() {
@@ -127,7 +128,12 @@ impl FleetService {
         let state = self
             .ctx
             .registry
-            .set_desired_module(&node.record.id, &request.module, Some(desired))
+            .set_desired_module(
+                &node.record.id,
+                &request.module,
+                Some(desired),
+                &HistoryOrigin::new(crate::clock::steady_now_ms(), "", user),
+            )
             .await?;
         tracing::info!(node = %node.record.name, module = %request.module, version = %request.version, staged = %request.staged_version, generation = state.desired.generation, "desired module set");
         Ok(node_to_pb(&state))
@@ -136,6 +142,7 @@ impl FleetService {
     async fn unset_node_module_inner(
         &self,
         request: pb::UnsetNodeModuleRequest,
+        user: &str,
     ) -> Result<pb::Node, ApiError> {
         let node = self.ctx.registry.find(&request.node)?;
         if !node.desired.modules.contains_key(&request.module) {
@@ -147,7 +154,12 @@ impl FleetService {
         let state = self
             .ctx
             .registry
-            .set_desired_module(&node.record.id, &request.module, None)
+            .set_desired_module(
+                &node.record.id,
+                &request.module,
+                None,
+                &HistoryOrigin::new(crate::clock::steady_now_ms(), "", user),
+            )
             .await?;
         tracing::info!(node = %node.record.name, module = %request.module, "desired module removed");
         Ok(node_to_pb(&state))
@@ -260,7 +272,7 @@ impl pb::fleet_server::Fleet for FleetService {
         let result = self
             .ctx
             .registry
-            .remove(&node)
+            .remove(&node, call.user())
             .await
             .map(|state| {
                 tracing::info!(node = %state.record.id, name = %state.record.name, "node removed");
@@ -280,7 +292,9 @@ impl pb::fleet_server::Fleet for FleetService {
             .ctx
             .begin(&request, Permission::Admin, "nodes.set_module", target)
             .await?;
-        let result = self.set_node_module_inner(request.into_inner()).await;
+        let result = self
+            .set_node_module_inner(request.into_inner(), call.user())
+            .await;
         Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 
@@ -294,7 +308,9 @@ impl pb::fleet_server::Fleet for FleetService {
             .ctx
             .begin(&request, Permission::Admin, "nodes.unset_module", target)
             .await?;
-        let result = self.unset_node_module_inner(request.into_inner()).await;
+        let result = self
+            .unset_node_module_inner(request.into_inner(), call.user())
+            .await;
         Ok(Response::new(call.finish(&self.ctx, result).await?))
     }
 }

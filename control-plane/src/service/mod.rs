@@ -9,6 +9,7 @@ pub mod deployments;
 pub mod enrollment;
 pub mod fleet;
 pub mod freezes;
+pub mod history;
 pub mod observe;
 pub mod servers;
 pub mod session;

@@ -53,6 +53,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
 use tokio_stream::StreamExt;
 
+use super::history::{self, HistoryOrigin, HistoryRecord, HistoryTrimmed};
 use super::keys::Keys;
 use super::mirror::{Change as MirrorChange, Mirror, MirrorHandle, Versioned};
 use super::split;
@@ -68,6 +69,11 @@ use super::{FreezeRecord, FreezeRecords};
 /// Operations per transaction: etcd refuses more than `--max-txn-ops`
 /// (128 by default) in either branch; a few are kept for the head of a log.
 const OPS_PER_TXN: usize = 120;
+/// Operations a transaction may grow to so as to keep history records
+/// with their desired states (etcd's `--max-txn-ops` is 128).
+const TIED_OPS_PER_TXN: usize = 126;
+/// Bytes a transaction may grow by for the same reason.
+const TIED_EXTRA_BYTES: usize = 128 * 1024;
 /// Attempts at a guarded change before the request deadline may end it
 /// (a slow etcd must not turn the first conflict into a refusal).
 const MIN_ATTEMPTS: u32 = 4;
@@ -708,14 +714,6 @@ impl Inner {
         self.layers().pending.writes.insert(key.into_bytes(), value);
     }
 
-    /// Queue a guarded write: it commits only if the key is still as read.
-    fn write_guarded(&self, key: String, base: Base, value: Option<Vec<u8>>) {
-        let mut layers = self.layers();
-        let key = key.into_bytes();
-        layers.pending.guards.entry(key.clone()).or_insert(base);
-        layers.pending.writes.insert(key, value);
-    }
-
     /// Queue several writes for the next commit, together: no flush takes
     /// some of them without the others.
     fn write_all(&self, writes: Vec<(String, Option<Vec<u8>>)>) {
@@ -877,9 +875,39 @@ impl Inner {
             (true, false) => 2,
         };
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = writes.into_iter().collect();
-        // Stable: key order within each phase.
-        writes.sort_by_key(|(key, value)| phase(key, value));
+        // Stable: key order within each phase, except that a node's history
+        // records follow its desired state (see [`Inner::tied`]).
+        writes.sort_by_cached_key(|(key, value)| (phase(key, value), self.order_key(key)));
         writes
+    }
+
+    /// Where a key sorts within its phase: its own bytes, except a history
+    /// record `history/<node>/<generation>`, which sorts right after
+    /// `desired/<node>` (node ids hold no `/` nor NUL), so that
+    /// [`Inner::chunks`] can keep the two in one transaction.
+    fn order_key(&self, key: &[u8]) -> Vec<u8> {
+        let history = self.keys.collection(Collection::History);
+        match key.strip_prefix(history.as_bytes()) {
+            Some(rest) => {
+                let mut order = self.desired_prefix().into_bytes();
+                match rest.iter().position(|b| *b == b'/') {
+                    Some(slash) => {
+                        order.extend_from_slice(&rest[..slash]);
+                        order.push(0);
+                        order.extend_from_slice(&rest[slash + 1..]);
+                    }
+                    None => order.extend_from_slice(rest),
+                }
+                order
+            }
+            None => key.to_vec(),
+        }
+    }
+
+    /// Whether a write must commit in the same transaction as the one
+    /// before it: a history record with the desired state it describes.
+    fn tied(&self, key: &[u8]) -> bool {
+        key.starts_with(self.keys.collection(Collection::History).as_bytes())
     }
 
     /// Refuse a batch, before anything is sent, if a deployment header in it
@@ -945,7 +973,13 @@ impl Inner {
                     bytes: value.as_ref().map_or(0, Vec::len),
                 });
             }
-            if i > start && (i - start >= OPS_PER_TXN || bytes + size > TXN_BYTES) {
+            // A history record stays with its desired state: past the
+            // usual limits, up to etcd's own (128 operations; 1.5 MiB,
+            // of which TXN_BYTES keeps a third spare).
+            let keep_tied = self.tied(key)
+                && i - start < TIED_OPS_PER_TXN
+                && bytes + size <= TXN_BYTES + TIED_EXTRA_BYTES;
+            if i > start && !keep_tied && (i - start >= OPS_PER_TXN || bytes + size > TXN_BYTES) {
                 chunks.push(start..i);
                 (start, bytes) = (i, fence);
             }
@@ -1560,18 +1594,22 @@ impl DesiredRecords for EtcdStore {
     /// the next flush, guarded: if another replica changed the node's
     /// desired state meanwhile, the flush fails instead of overwriting it.
     /// The returned record's revision is the one it was read at (its own
-    /// revision is known once committed).
-    fn update_desired_unflushed(
+    /// revision is known once committed). Its history record is queued with
+    /// it, under the same lock, and commits in the same transaction (see
+    /// [`Inner::tied`]).
+    fn update_desired_recorded(
         &self,
         node_id: &str,
         change: Change<'_, DesiredRecord>,
+        origin: &HistoryOrigin,
     ) -> Result<DesiredRecord, StoreError> {
         let key = self.inner.keys.record(Collection::Desired, node_id);
         let (value, base) = self.inner.read(key.as_bytes());
-        let mut record: DesiredRecord = match &value {
+        let before: DesiredRecord = match &value {
             Some(bytes) => decode(Collection::Desired, key.as_bytes(), bytes)?,
             None => DesiredRecord::default(),
         };
+        let mut record = before.clone();
         if !change(&mut record) {
             return Ok(record);
         }
@@ -1580,16 +1618,103 @@ impl DesiredRecords for EtcdStore {
             revision: 0,
             ..record.clone()
         };
-        self.inner.write_guarded(key, base, Some(encode(&stored)));
+        let node: Option<NodeRecord> = self.inner.get(Collection::Nodes, node_id).ok().flatten();
+        let entry = history::record_of(node_id, node.as_ref(), &before, Some(&stored), origin).map(
+            |entry| {
+                (
+                    self.inner.keys.history(node_id, record.generation),
+                    encode(&entry),
+                )
+            },
+        );
+        let mut layers = self.inner.layers();
+        let key = key.into_bytes();
+        layers.pending.guards.entry(key.clone()).or_insert(base);
+        layers.pending.writes.insert(key, Some(encode(&stored)));
+        if let Some((history_key, value)) = entry {
+            layers
+                .pending
+                .writes
+                .insert(history_key.into_bytes(), Some(value));
+        }
         Ok(record)
     }
 
-    async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError> {
+    async fn remove_desired_recorded(
+        &self,
+        node_id: &str,
+        origin: &HistoryOrigin,
+    ) -> Result<(), StoreError> {
         let key = self.inner.keys.record(Collection::Desired, node_id);
-        if self.inner.value(key.as_bytes()).is_some() {
-            self.inner.write(key, None);
+        if let Some(bytes) = self.inner.value(key.as_bytes()) {
+            let before: DesiredRecord = decode(Collection::Desired, key.as_bytes(), &bytes)?;
+            let node: Option<NodeRecord> =
+                self.inner.get(Collection::Nodes, node_id).ok().flatten();
+            let mut writes = vec![(key, None)];
+            if let Some(entry) = history::record_of(node_id, node.as_ref(), &before, None, origin) {
+                writes.push((
+                    self.inner.keys.history(node_id, entry.generation),
+                    Some(encode(&entry)),
+                ));
+            }
+            self.inner.write_all(writes);
         }
         self.inner.flush().await
+    }
+
+    /// Committed records, from the mirror; each one's seq is its key's mod
+    /// revision, the revision of the transaction that wrote it and its
+    /// desired state.
+    fn list_history(&self) -> Result<Vec<HistoryRecord>, StoreError> {
+        let prefix = self.inner.keys.collection(Collection::History);
+        let listed: Vec<(Vec<u8>, Versioned)> = self.inner.mirror.read(|m| {
+            m.under(prefix.as_bytes(), prefix.as_bytes())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
+        let mut records = Vec::with_capacity(listed.len());
+        for (key, value) in listed {
+            let mut record: HistoryRecord = decode(Collection::History, &key, &value.value)?;
+            record.seq = value.mod_revision as u64;
+            records.push(record);
+        }
+        records.sort_by(|a, b| {
+            (a.seq, &a.node_id, a.generation).cmp(&(b.seq, &b.node_id, b.generation))
+        });
+        Ok(records)
+    }
+
+    async fn trim_history(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let old: Vec<HistoryRecord> = self
+            .list_history()?
+            .into_iter()
+            .filter(|r| r.time_ms < before_ms)
+            .collect();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let mut trimmed = self.history_trimmed()?.unwrap_or_default();
+        trimmed.before_ms = trimmed.before_ms.max(before_ms);
+        let mut writes: Vec<(String, Option<Vec<u8>>)> = Vec::with_capacity(old.len() + 1);
+        for record in &old {
+            trimmed.seq = trimmed.seq.max(record.seq);
+            writes.push((
+                self.inner.keys.history(&record.node_id, record.generation),
+                None,
+            ));
+        }
+        writes.push((self.inner.keys.history_trimmed(), Some(encode(&trimmed))));
+        self.inner.write_all(writes);
+        self.inner.flush().await?;
+        Ok(old.len() as u64)
+    }
+
+    fn history_trimmed(&self) -> Result<Option<HistoryTrimmed>, StoreError> {
+        let key = self.inner.keys.history_trimmed();
+        self.inner
+            .value(key.as_bytes())
+            .map(|bytes| decode(Collection::History, key.as_bytes(), &bytes))
+            .transpose()
     }
 
     async fn flush_desired(&self) -> Result<(), StoreError> {

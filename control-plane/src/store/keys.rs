@@ -143,6 +143,20 @@ impl Keys {
         format!("{}election/", self.prefix)
     }
 
+    /// A desired-state history record: the write of `generation` of a
+    /// node's desired state (its seq is the key's mod revision).
+    pub fn history(&self, node_id: &str, generation: u64) -> String {
+        format!(
+            "{}{node_id}/{generation:020}",
+            self.collection(Collection::History)
+        )
+    }
+
+    /// Where history was last trimmed.
+    pub fn history_trimmed(&self) -> String {
+        format!("{}meta/history_trimmed", self.prefix)
+    }
+
     /// A replica's record (name, endpoint, start time), under its lease.
     pub fn replica(&self, name: &str) -> String {
         format!("{}{name}", self.replicas())

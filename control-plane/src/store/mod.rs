@@ -26,6 +26,7 @@
 //! belong to their own modules, which store them as bytes.
 
 pub mod etcd;
+pub mod history;
 pub mod keys;
 pub mod mirror;
 mod records;
@@ -39,6 +40,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use self::history::{HistoryOrigin, HistoryRecord, HistoryTrimmed};
 pub use self::sled::SledStore;
 pub use records::*;
 pub use webhooks::{WebhookCursor, WebhookRecord, WebhookRecords};
@@ -258,12 +260,44 @@ pub trait DesiredRecords: Send + Sync {
     }
     /// As [`DesiredRecords::update_desired`] without the flush: callers that
     /// change many nodes flush once, before acknowledging any of them.
+    /// The history names no deployment or user for it.
     fn update_desired_unflushed(
         &self,
         node_id: &str,
         change: Change<'_, DesiredRecord>,
+    ) -> Result<DesiredRecord, StoreError> {
+        let origin = HistoryOrigin::new(crate::clock::steady_now_ms(), "", "");
+        self.update_desired_recorded(node_id, change, &origin)
+    }
+    /// As [`DesiredRecords::update_desired_unflushed`], and record the
+    /// change in the history with `origin`, in the same transaction as the
+    /// desired state (a write that changes no version records nothing).
+    fn update_desired_recorded(
+        &self,
+        node_id: &str,
+        change: Change<'_, DesiredRecord>,
+        origin: &HistoryOrigin,
     ) -> Result<DesiredRecord, StoreError>;
-    async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError>;
+    async fn remove_desired(&self, node_id: &str) -> Result<(), StoreError> {
+        let origin = HistoryOrigin::new(crate::clock::steady_now_ms(), "", "");
+        self.remove_desired_recorded(node_id, &origin).await
+    }
+    /// Remove a node's desired state, recording the removal in the history
+    /// in the same transaction, and flush.
+    async fn remove_desired_recorded(
+        &self,
+        node_id: &str,
+        origin: &HistoryOrigin,
+    ) -> Result<(), StoreError>;
+    /// Every history record kept, committed ones only, in (seq, node,
+    /// generation) order.
+    fn list_history(&self) -> Result<Vec<HistoryRecord>, StoreError>;
+    /// Remove the history records older than `before_ms`, note the trim
+    /// ([`DesiredRecords::history_trimmed`]) and flush; returns how many
+    /// were removed.
+    async fn trim_history(&self, before_ms: u64) -> Result<u64, StoreError>;
+    /// Where history was last trimmed: nothing at or before it is kept.
+    fn history_trimmed(&self) -> Result<Option<HistoryTrimmed>, StoreError>;
     /// Make desired-state writes durable.
     async fn flush_desired(&self) -> Result<(), StoreError>;
     /// The revision of the newest desired-state write.
@@ -669,6 +703,7 @@ pub enum Collection {
     Freezes,
     Webhooks,
     WebhookCursors,
+    History,
 }
 
 impl Collection {
@@ -689,6 +724,7 @@ impl Collection {
             Collection::Freezes => "freezes",
             Collection::Webhooks => "webhooks",
             Collection::WebhookCursors => "webhook_cursors",
+            Collection::History => "history",
         }
     }
 }

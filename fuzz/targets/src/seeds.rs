@@ -981,6 +981,7 @@ pub fn message_seeds() -> Vec<Seed> {
                     seconds: i64::MIN,
                     nanos: i32::MAX,
                 }),
+                target: "staging".into(),
             },
         ),
         message_seed(

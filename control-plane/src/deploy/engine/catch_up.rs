@@ -406,7 +406,10 @@ impl Engine {
         let mut changes = changes.to_vec();
         let missing = self.registry.missing_nodes(&changes)?;
         changes.retain(|(node, _, _)| !missing.contains(node));
-        let written = self.registry.write_desired(&changes)?;
+        // Catch-up acts for no operator and no deployment of its own.
+        let origin =
+            crate::store::HistoryOrigin::new(crate::clock::steady_now_ms(), "", "catch-up");
+        let written = self.registry.write_desired(&changes, &origin)?;
         self.durability.flush().await?;
         self.registry.push_desired(&changes, &written)
     }
