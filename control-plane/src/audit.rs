@@ -301,6 +301,88 @@ impl AuditLog {
         Ok(Some((anchor, through + 1 - first)))
     }
 
+    /// The anchors in the log that vouch for a record at or above `first`,
+    /// lowest first record kept first.
+    fn anchors_from(&self, first: u64) -> Result<Vec<Anchor>, AuditError> {
+        let mut found = Vec::new();
+        for entry in self.log.range(first, Direction::Forward) {
+            let (_, value) = entry?;
+            let Ok(record) = serde_json::from_slice::<AuditRecord>(&value) else {
+                continue;
+            };
+            if record.action != ANCHOR_ACTION {
+                continue;
+            }
+            if let Ok(anchor) = serde_json::from_str::<Anchor>(&record.detail)
+                && anchor.first_kept >= first
+                && anchor.first_kept <= record.seq
+            {
+                found.push(anchor);
+            }
+        }
+        found.sort_by_key(|a| a.first_kept);
+        Ok(found)
+    }
+
+    /// Sign again, with the current CA, the anchor a trimmed chain starts
+    /// from when only a previous CA signed it: mid-rotation both are
+    /// trusted, and once the rotation finishes the old one is not, while
+    /// the chain must still verify. True when an anchor was appended.
+    pub async fn reanchor_for_rotation(&self) -> Result<bool, AuditError> {
+        let Some(keys) = &self.anchors else {
+            return Ok(false);
+        };
+        let Some(first) = self.log.first_seq()?.filter(|first| *first > 1) else {
+            return Ok(false);
+        };
+        let current = keys
+            .ca
+            .fingerprint()
+            .map_err(|e| AuditError::Anchor(e.to_string()))?;
+        let anchors = self.anchors_from(first)?;
+        let Some(lowest) = anchors.first().map(|a| a.first_kept) else {
+            return Ok(false);
+        };
+        let vouching: Vec<&Anchor> = anchors
+            .iter()
+            .filter(|a| a.first_kept == lowest && self.check_anchor(a).is_ok())
+            .collect();
+        if vouching.iter().any(|a| a.signer == current) {
+            return Ok(false);
+        }
+        // Only what a trusted CA signed is signed again.
+        let Some(old) = vouching.first() else {
+            return Ok(false);
+        };
+        let mut fresh = Anchor {
+            signer: current,
+            signature: String::new(),
+            ..(*old).clone()
+        };
+        fresh.signature = hex::encode(
+            keys.ca
+                .sign(&fresh.signed_bytes())
+                .map_err(|e| AuditError::Anchor(e.to_string()))?,
+        );
+        let detail =
+            serde_json::to_string(&fresh).map_err(|e| AuditError::Anchor(e.to_string()))?;
+        self.append(AuditEntry {
+            user: "control-plane".into(),
+            role: "system".into(),
+            action: ANCHOR_ACTION.into(),
+            target: format!("record {lowest}, signed again by the new CA"),
+            result: "ok",
+            detail,
+            ..AuditEntry::default()
+        })
+        .await?;
+        tracing::info!(
+            first_kept = lowest,
+            "audit anchor signed again by the current CA"
+        );
+        Ok(true)
+    }
+
     /// Whether `anchor` is signed by a trusted CA.
     fn check_anchor(&self, anchor: &Anchor) -> Result<(), String> {
         let keys = self
@@ -528,28 +610,11 @@ impl AuditLog {
             broken: Some((seq, problem)),
             anchored: None,
         };
-        // The anchor with the lowest first record kept at or above the
-        // log's first: the trim that removed the records before it.
-        let mut anchor: Option<Anchor> = None;
-        for entry in self.log.range(first, Direction::Forward) {
-            let (_, value) = entry?;
-            let Ok(record) = serde_json::from_slice::<AuditRecord>(&value) else {
-                continue;
-            };
-            if record.action != ANCHOR_ACTION {
-                continue;
-            }
-            if let Ok(found) = serde_json::from_str::<Anchor>(&record.detail)
-                && found.first_kept >= first
-                && found.first_kept <= record.seq
-                && anchor
-                    .as_ref()
-                    .is_none_or(|a| found.first_kept < a.first_kept)
-            {
-                anchor = Some(found);
-            }
-        }
-        let Some(anchor) = anchor else {
+        // The anchors of the trim that removed the records before the
+        // log's first: the lowest first record kept at or above it (more
+        // than one when a rotation signed it again).
+        let anchors = self.anchors_from(first)?;
+        let Some(lowest) = anchors.first().map(|a| a.first_kept) else {
             return Ok(broken(
                 first,
                 format!(
@@ -557,15 +622,23 @@ impl AuditLog {
                 ),
             ));
         };
-        if let Err(why) = self.check_anchor(&anchor) {
-            return Ok(broken(
-                anchor.first_kept,
-                format!(
-                    "the retention anchor for record {} is not valid: {why}",
-                    anchor.first_kept
-                ),
-            ));
+        let mut why = String::new();
+        let mut valid = None;
+        for candidate in anchors.into_iter().filter(|a| a.first_kept == lowest) {
+            match self.check_anchor(&candidate) {
+                Ok(()) => {
+                    valid = Some(candidate);
+                    break;
+                }
+                Err(e) => why = e,
+            }
         }
+        let Some(anchor) = valid else {
+            return Ok(broken(
+                lowest,
+                format!("the retention anchor for record {lowest} is not valid: {why}"),
+            ));
+        };
         let mut v = verify_chain(
             self.log
                 .range(anchor.first_kept, Direction::Forward)
@@ -873,6 +946,42 @@ mod tests {
             "never trims"
         );
         let _ = cutoff;
+    }
+
+    /// A CA rotation: mid-rotation (both CAs trusted) the trim signs the
+    /// anchor again with the new CA, so once only the new CA is trusted the
+    /// chain still verifies; without that it would not.
+    #[tokio::test]
+    async fn a_ca_rotation_signs_the_anchor_again() {
+        let old = new_ca("old CA");
+        let new = new_ca("new CA");
+        let (_dir, store, log, cutoff) = trimmable(&old).await;
+        log.trim_older_than(cutoff).await.unwrap().expect("trimmed");
+        let only_new = || {
+            AuditLog::open(&store).unwrap().with_anchors(AnchorKeys {
+                ca: new.0.clone(),
+                trusted: vec![new.1.clone()],
+            })
+        };
+        assert!(
+            only_new().verify().unwrap().broken.is_some(),
+            "old anchor alone"
+        );
+        let rotating = AuditLog::open(&store).unwrap().with_anchors(AnchorKeys {
+            ca: new.0.clone(),
+            trusted: vec![new.1.clone(), old.1.clone()],
+        });
+        assert!(rotating.reanchor_for_rotation().await.unwrap());
+        assert!(!rotating.reanchor_for_rotation().await.unwrap(), "once");
+        let v = only_new().verify().unwrap();
+        assert_eq!(v.broken, None, "{v:?}");
+        assert_eq!(v.anchored, Some((4, new.0.fingerprint().unwrap())));
+        // A stranger's CA finds nothing it may sign again.
+        let stranger = new_ca("stranger");
+        let elsewhere = AuditLog::open(&store)
+            .unwrap()
+            .with_anchors(keys_of(&stranger));
+        assert!(!elsewhere.reanchor_for_rotation().await.unwrap());
     }
 
     #[tokio::test]

@@ -316,7 +316,8 @@ fn audit_trim_every(retention: std::time::Duration) -> std::time::Duration {
 }
 
 /// Remove audit records past `retention` behind a signed anchor, now and
-/// then periodically. Every replica trims (two at once at worst anchor the
+/// then periodically; mid CA rotation, sign the anchor again with the new
+/// CA. Every replica trims (two at once at worst anchor the
 /// same record twice); a failure is logged and tried again next time.
 async fn trim_audit(
     audit: Arc<AuditLog>,
@@ -337,6 +338,9 @@ async fn trim_audit(
                     break;
                 }
             }
+        }
+        if let Err(e) = audit.reanchor_for_rotation().await {
+            tracing::warn!(error = %e, "cannot sign the audit anchor again with the current CA");
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
