@@ -30,6 +30,20 @@ pub struct MethodLabel {
     pub method: String,
 }
 
+/// An HTTP API request: its route template (`/api/v1/deployments/{id}`,
+/// or `unmatched`), method and status; every label from a bounded set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub route: String,
+    pub method: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
@@ -50,6 +64,8 @@ pub struct Metrics {
     pub nodes: Family<StatusLabel, Gauge>,
     pub rpc_requests: Family<RpcLabels, Counter>,
     pub rpc_duration: Family<MethodLabel, Histogram>,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: Family<RouteLabel, Histogram>,
     pub enrollments: Family<ResultLabel, Counter>,
     pub heartbeats: Counter,
     pub reports: Counter,
@@ -111,6 +127,10 @@ impl Metrics {
             rpc_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
             enrollments: Family::default(),
             heartbeats: Counter::default(),
             reports: Counter::default(),
@@ -155,6 +175,16 @@ impl Metrics {
             "grpc_request_duration_seconds",
             "Time to the response headers of gRPC calls, by method",
             metrics.rpc_duration.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP API calls by route template, method and status (each also counted under the gRPC method it makes)",
+            metrics.http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to the response headers of HTTP API calls, by route template",
+            metrics.http_duration.clone(),
         );
         registry.register(
             "enrollments",

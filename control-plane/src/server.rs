@@ -937,7 +937,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
         &RpcMetricsLayer::new(metrics.clone()),
         grpc_routes.prepare(),
     ));
-    let service = crate::http_api::ByContentType::new(grpc_services);
+    let service = crate::http_api::ByContentType::new(grpc_services, metrics.clone());
     let grpc = tonic::transport::Server::builder()
         // HTTP/1.1 for the JSON API's plain HTTP clients; gRPC is HTTP/2.
         .accept_http1(true)

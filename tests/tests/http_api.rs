@@ -696,6 +696,18 @@ fn every_resource_answers_with_the_grpc_identities_roles_and_audit() {
         (unknown.status, unknown.error_code().as_str()),
         (404, "not_found")
     );
+
+    // Prometheus counts the HTTP calls by route template and status.
+    let (code, metrics) = cp.admin_get("/metrics");
+    assert_eq!(code, 200);
+    for series in [
+        r#"hotswap_http_requests_total{route="/api/v1/nodes",method="GET",status="200"}"#,
+        r#"hotswap_http_requests_total{route="/api/v1/nodes/{node}",method="GET",status="404"}"#,
+        r#"hotswap_http_requests_total{route="unmatched",method="GET",status="404"}"#,
+        r#"hotswap_http_request_duration_seconds_count{route="/api/v1/deployments"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} in:\n{metrics}");
+    }
 }
 
 #[test]

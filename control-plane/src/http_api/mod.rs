@@ -215,8 +215,9 @@ pub fn openapi_json() -> String {
     text
 }
 
-/// The API's router over `grpc`, the services the gRPC listener serves.
-pub fn router(grpc: GrpcServices) -> axum::Router {
+/// The API's router over `grpc`, the services the gRPC listener serves,
+/// counting and timing each request in `metrics`.
+pub fn router(grpc: GrpcServices, metrics: Arc<crate::metrics::Metrics>) -> axum::Router {
     let (routes, _) = documented();
     let state = ApiState {
         grpc,
@@ -226,6 +227,49 @@ pub fn router(grpc: GrpcServices) -> axum::Router {
         .fallback(no_such_resource)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(metrics, count_request))
+}
+
+/// Count and time one request under its route template (axum's matched
+/// path; `unmatched` for anything else), so made-up paths and methods
+/// cannot grow the label set.
+async fn count_request(
+    axum::extract::State(metrics): axum::extract::State<Arc<crate::metrics::Metrics>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |path| path.as_str())
+        .to_string();
+    let method = match *request.method() {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    metrics
+        .http_duration
+        .get_or_create(&crate::metrics::RouteLabel {
+            route: route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_requests
+        .get_or_create(&crate::metrics::HttpLabels {
+            route,
+            method: method.to_string(),
+            status: response.status().as_u16().to_string(),
+        })
+        .inc();
+    response
 }
 
 async fn no_such_resource(method: http::Method, uri: http::Uri) -> HttpError {
@@ -258,8 +302,8 @@ pub struct ByContentType {
 }
 
 impl ByContentType {
-    pub fn new(grpc: GrpcServices) -> Self {
-        let http = router(grpc.clone());
+    pub fn new(grpc: GrpcServices, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        let http = router(grpc.clone(), metrics);
         Self { grpc, http }
     }
 }
@@ -423,7 +467,12 @@ mod tests {
         // No services behind: a handler that is reached calls in process
         // and gets `unimplemented`, and answers 501 (or refuses the
         // request's form first, or serves the document).
-        let router = router(GrpcServices::new(tonic::service::Routes::default()));
+        let (metrics, registry) = crate::metrics::Metrics::new();
+        let metrics = Arc::new(metrics);
+        let router = router(
+            GrpcServices::new(tonic::service::Routes::default()),
+            metrics.clone(),
+        );
         for (method, path) in documented_operations() {
             let concrete = path
                 .replace("{node}", "n")
@@ -466,5 +515,25 @@ mod tests {
                 response.status()
             );
         }
+        // Counted by route template, never by the concrete path.
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            text.contains(
+                r#"hotswap_http_requests_total{route="/api/v1/deployments/{id}",method="GET""#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"hotswap_http_requests_total{route="unmatched",method="GET",status="404"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("d-1"), "no concrete path is a label: {text}");
+        assert!(
+            text.contains(r#"hotswap_http_request_duration_seconds_count{route="/api/v1/nodes"}"#),
+            "{text}"
+        );
     }
 }
