@@ -1008,6 +1008,25 @@ fn assert_used_up(outcome: Result<NodeRecord, EnrollError>) {
     );
 }
 
+/// A node enrolled through one replica is known to another once that one
+/// has caught up, whatever its watch's lag: a session the agent opens there
+/// a moment later (the registry catches up before refusing one as not
+/// enrolled) is not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_caught_up_knows_a_node_enrolled_elsewhere() {
+    let cluster = EtcdCluster::start(1);
+    let (a, b, _) = two_replicas(&cluster, "/catch-up/").await;
+    a.insert_token("t", &token(100)).await.expect("token");
+    for i in 0..20 {
+        let id = format!("n-{i}");
+        a.enroll("t", 100, node(&id, &format!("web-{i}")))
+            .await
+            .expect("enroll");
+        b.catch_up().await.expect("catch up");
+        assert!(b.get_node(&id).expect("read").is_some(), "{id} after catching up");
+    }
+}
+
 /// Ad hoc freezes (SPEC §9): one replica's freeze is seen by the other (the
 /// leader's engine checks freezes any replica made), and of two replicas
 /// deleting it at once exactly one removes it.

@@ -451,7 +451,17 @@ impl Registry {
         agent_labels: Labels,
         agent_version: &str,
     ) -> Result<SessionHandle, RegistryError> {
-        self.current_record(node_id, cert_fingerprint)?;
+        match self.current_record(node_id, cert_fingerprint) {
+            Ok(_) => {}
+            Err(RegistryError::NotEnrolled(_) | RegistryError::StaleCertificate(_)) => {
+                // Enrolled or renewed through another replica a moment
+                // ago: this replica's copy may not hold it yet. Decide on
+                // the cluster's state, not on the lag.
+                self.store.catch_up().await?;
+                self.current_record(node_id, cert_fingerprint)?;
+            }
+            Err(other) => return Err(other),
+        }
         let now = now_ms();
         // Guarded: a removal or another replica's write in between is
         // re-read, never overwritten.

@@ -1280,6 +1280,25 @@ fn base_of(read: &(Option<Vec<u8>>, Base)) -> Base {
 
 #[async_trait]
 impl Durability for EtcdStore {
+    /// Wait until the mirror holds etcd's current revision.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        let status = self.inner.client.status().await.map_err(|e| {
+            StoreError::Backend(format!("etcd status, to catch up with the cluster: {e}"))
+        })?;
+        tokio::time::timeout(
+            self.inner.request_timeout,
+            self.inner.mirror.caught_up(status.revision),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Backend(format!(
+                "this replica's copy did not reach etcd's revision {} within {}s",
+                status.revision,
+                self.inner.request_timeout.as_secs()
+            ))
+        })
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush().await
     }
@@ -1917,21 +1936,7 @@ impl FreezeRecords for EtcdStore {
     /// Caught up with the cluster's revision first: the leader refuses a
     /// deployment into a freeze a follower acknowledged a moment ago.
     async fn current_freezes(&self) -> Result<Vec<FreezeRecord>, StoreError> {
-        let status = self.inner.client.status().await.map_err(|e| {
-            StoreError::Backend(format!("etcd status, to read the freezes current: {e}"))
-        })?;
-        tokio::time::timeout(
-            self.inner.request_timeout,
-            self.inner.mirror.caught_up(status.revision),
-        )
-        .await
-        .map_err(|_| {
-            StoreError::Backend(format!(
-                "this replica's copy did not reach etcd's revision {} within {}s",
-                status.revision,
-                self.inner.request_timeout.as_secs()
-            ))
-        })?;
+        self.catch_up().await?;
         self.list_freezes()
     }
 

@@ -135,6 +135,12 @@ pub trait Durability: Send + Sync {
     async fn flush(&self) -> Result<(), StoreError>;
     /// Make every write so far durable, from synchronous code (`init`).
     fn flush_blocking(&self) -> Result<(), StoreError>;
+    /// Bring this process's view up to every change acknowledged anywhere
+    /// before the call: a replicated backend catches its copy up with the
+    /// cluster; the embedded one is the only writer and current already.
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Why the storage takes no more writes, once it failed.
     fn failure(&self) -> Option<Failure>;
     /// Refuse a change up front once the storage has failed, so it is not
