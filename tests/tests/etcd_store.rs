@@ -1023,7 +1023,10 @@ async fn a_replica_that_caught_up_knows_a_node_enrolled_elsewhere() {
             .await
             .expect("enroll");
         b.catch_up().await.expect("catch up");
-        assert!(b.get_node(&id).expect("read").is_some(), "{id} after catching up");
+        assert!(
+            b.get_node(&id).expect("read").is_some(),
+            "{id} after catching up"
+        );
     }
 }
 
