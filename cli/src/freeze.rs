@@ -19,6 +19,7 @@ pub enum FreezeCommand {
         after_help = "Examples:\n  hotswapctl freeze create --env production --for 2h --reason \"incident INC-42\"\n  hotswapctl freeze create --env production --until 2026-12-28T08:00:00Z --reason \"holidays\""
     )]
     Create {
+        /// The environment to freeze.
         #[arg(long)]
         env: String,
         /// When the freeze ends, RFC 3339 (e.g. 2026-12-28T08:00:00Z).
@@ -36,6 +37,7 @@ pub enum FreezeCommand {
         after_help = "Examples:\n  hotswapctl freeze list\n  hotswapctl -o json freeze list --env production"
     )]
     List {
+        /// Only this environment's freezes.
         #[arg(long)]
         env: Option<String>,
     },

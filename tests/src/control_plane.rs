@@ -244,6 +244,19 @@ impl ControlPlane {
 
     /// Set `name=value` in the environment of this control plane from its
     /// next start on (e.g. `LD_PRELOAD` of libfaketime in the chaos suite).
+    /// Run under libfaketime (`library`) from the next start: the wall
+    /// clock follows the offset written in `offset_file` (re-read on every
+    /// call), the monotonic clock is left alone, as an NTP step leaves it.
+    pub fn follow_clock_offset(&mut self, library: &Path, offset_file: &Path) {
+        self.set_env("LD_PRELOAD", library.to_str().expect("utf8"));
+        self.set_env(
+            "FAKETIME_TIMESTAMP_FILE",
+            offset_file.to_str().expect("utf8"),
+        );
+        self.set_env("FAKETIME_NO_CACHE", "1");
+        self.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    }
+
     pub fn set_env(&mut self, name: &str, value: &str) {
         self.env.retain(|(n, _)| n != name);
         self.env.push((name.to_string(), value.to_string()));

@@ -758,14 +758,7 @@ fn wall_clock_jumps_neither_fail_nor_stall_deployments() {
     // leaves it.
     let offset = dir.path().join("clock-offset");
     std::fs::write(&offset, "+0\n").expect("offset file");
-    fleet
-        .cp
-        .set_env("LD_PRELOAD", library.to_str().expect("utf8"));
-    fleet
-        .cp
-        .set_env("FAKETIME_TIMESTAMP_FILE", offset.to_str().expect("utf8"));
-    fleet.cp.set_env("FAKETIME_NO_CACHE", "1");
-    fleet.cp.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    fleet.cp.follow_clock_offset(&library, &offset);
     fleet.cp.kill();
     fleet.cp.start();
     for agent in fleet.agents() {

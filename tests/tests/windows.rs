@@ -387,14 +387,7 @@ fn outside_a_window_deployments_wait_paused_at_a_wave_boundary_and_go_on_inside(
     let outside = |offset: &Path| std::fs::write(offset, "+0\n").expect("offset");
     let inside = |offset: &Path| std::fs::write(offset, "+25m\n").expect("offset");
     outside(&offset);
-    fleet
-        .cp
-        .set_env("LD_PRELOAD", library.to_str().expect("utf8"));
-    fleet
-        .cp
-        .set_env("FAKETIME_TIMESTAMP_FILE", offset.to_str().expect("utf8"));
-    fleet.cp.set_env("FAKETIME_NO_CACHE", "1");
-    fleet.cp.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    fleet.cp.follow_clock_offset(&library, &offset);
     fleet.cp.kill();
     fleet.cp.start();
     for agent in fleet.agents() {
