@@ -271,7 +271,7 @@ pub fn require_node<T>(request: &Request<T>) -> Result<(String, Peer), ApiError>
 
 /// Agent-or-reader calls (artifact download): a node presenting its current
 /// certificate, or an operator allowed to read.
-pub fn require_reader_or_node<T>(
+pub async fn require_reader_or_node<T>(
     request: &Request<T>,
     registry: &crate::registry::Registry,
     users: &dyn UserRecords,
@@ -279,7 +279,7 @@ pub fn require_reader_or_node<T>(
     let peer = peer(request)?;
     match &peer.principal {
         Principal::Node(id) => {
-            registry.current_record(id, &peer.cert_fingerprint)?;
+            registry.verify_current(id, &peer.cert_fingerprint).await?;
         }
         Principal::User(_) | Principal::Replica(_) => {
             authorize_operator(&peer, users, Permission::Read)?;

@@ -339,6 +339,26 @@ impl Client {
             .map(KeyValue::from_pb))
     }
 
+    /// The cluster's current revision, read linearizably: it is at least
+    /// that of every write acknowledged anywhere before the call, whichever
+    /// member answers (a `status` reports only the answering member's own
+    /// applied revision, which may lag behind the leader's).
+    pub async fn current_revision(&self, key: impl Into<Vec<u8>>) -> Result<i64, Error> {
+        let key = key.into();
+        let response = self
+            .unary("range", Retry::Always, 0, |channel| {
+                let request = pb::RangeRequest {
+                    key: key.clone(),
+                    range_end: Vec::new(),
+                    limit: 1,
+                    revision: 0,
+                };
+                async move { KvClient::new(channel).range(request).await }
+            })
+            .await?;
+        revision_of("range", response.into_inner().header)
+    }
+
     /// One page of the keys under `prefix`, in key order: at most `limit`
     /// keys after `start_after` (from the first key when `None`), read at
     /// `revision` (the current one when 0).

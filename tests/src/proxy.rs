@@ -55,6 +55,69 @@ impl CutProxy {
     }
 }
 
+/// A TCP proxy that hands every byte from `upstream` to the client
+/// `delay` late (and the client's bytes upstream at once): a replica whose
+/// view of etcd lags behind, deterministically, since a watch event and the
+/// answer to a read sent after it arrive in the order etcd sent them.
+pub struct DelayProxy {
+    pub addr: SocketAddr,
+}
+
+impl DelayProxy {
+    pub fn start(upstream: SocketAddr, delay: Duration) -> Self {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::time::Instant;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let (Ok(mut c_read), Ok(mut s_write)) = (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut s_write);
+                    let _ = s_write.shutdown(Shutdown::Write);
+                });
+                // Upstream's bytes, stamped when read, written once due;
+                // `None` is upstream's end.
+                let (tx, rx) = std::sync::mpsc::channel::<(Instant, Option<Vec<u8>>)>();
+                let mut s_read = server;
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let chunk = match s_read.read(&mut buf) {
+                            Ok(0) | Err(_) => None,
+                            Ok(n) => Some(buf[..n].to_vec()),
+                        };
+                        let end = chunk.is_none();
+                        if tx.send((Instant::now() + delay, chunk)).is_err() || end {
+                            return;
+                        }
+                    }
+                });
+                let mut c_write = client;
+                std::thread::spawn(move || {
+                    for (due, chunk) in rx {
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        match chunk {
+                            Some(bytes) if c_write.write_all(&bytes).is_ok() => {}
+                            _ => break,
+                        }
+                    }
+                    let _ = c_write.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Self { addr }
+    }
+}
+
 /// A TCP proxy that can partition the network between its clients and
 /// `upstream`. While open it forwards both ways. [`PartitionProxy::partition`]
 /// makes every connection silent: bytes are read and dropped in both

@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use hotswap_tests::{
-    ControlPlane, EtcdCluster, SeaweedS3, Simulator, TestDir, ctl_offline, eventually, write_module,
+    ControlPlane, DelayProxy, EtcdCluster, SeaweedS3, Simulator, TestDir, ctl_offline, eventually,
+    write_module,
 };
 use serde_json::Value;
 
@@ -269,6 +270,53 @@ fn simulated_agents_spread_over_replicas_and_fail_over() {
     eventually("the simulator counting nine open sessions", || {
         let counters = sim.counters().unwrap_or_default();
         (counters.enrolled == 9 && counters.connected == 9 && counters.sessions == 12)
+            .then_some(())
+            .ok_or(format!("{counters:?}"))
+    });
+}
+
+/// A node enrolled through one replica and opening its session on another a
+/// moment later is admitted even though the other's copy of the cluster has
+/// not seen the enrollment yet: the refusal "not enrolled" is decided on
+/// etcd's state, not on the lag (an agent takes it as fatal). `cp-b` reads
+/// etcd through a proxy that hands it everything 500 ms late, so its copy
+/// lags for sure; agents 1 and 3 enroll through `cp-a` and open their first
+/// session on `cp-b` within milliseconds.
+#[test]
+fn a_replica_whose_copy_lags_admits_nodes_enrolled_through_another() {
+    let dir = TestDir::new();
+    let etcd = EtcdCluster::start(1);
+    let s3 = SeaweedS3::start("hotswap-sim-lagging");
+    let member: std::net::SocketAddr = etcd
+        .endpoint(0)
+        .trim_start_matches("http://")
+        .parse()
+        .expect("etcd member address");
+    let lagging = DelayProxy::start(member, std::time::Duration::from_millis(500));
+    let mut a = ControlPlane::init_on_etcd(dir.path(), "cp-a", &etcd.endpoints(), &s3);
+    let mut b = a.replica("cp-b");
+    b.set_etcd_endpoints(&format!("http://{}", lagging.addr));
+    for cp in [&mut a, &mut b] {
+        cp.start_replica();
+        cp.wait_serving();
+    }
+    let mut sim = Simulator::start(
+        &a,
+        "lagging",
+        4,
+        &["environment=qa"],
+        &["--control-plane", &b.url(), "--stats-every", "100ms"],
+    );
+    eventually("two sessions on each replica", || {
+        sim.check_running()?;
+        let spread = [held(&a), held(&b)];
+        (spread == [2.0; 2])
+            .then_some(())
+            .ok_or(format!("{spread:?}"))
+    });
+    eventually("each node admitted by its first replica", || {
+        let counters = sim.counters().unwrap_or_default();
+        ((counters.enrolled, counters.connected, counters.sessions) == (4, 4, 4))
             .then_some(())
             .ok_or(format!("{counters:?}"))
     });

@@ -451,17 +451,7 @@ impl Registry {
         agent_labels: Labels,
         agent_version: &str,
     ) -> Result<SessionHandle, RegistryError> {
-        match self.current_record(node_id, cert_fingerprint) {
-            Ok(_) => {}
-            Err(RegistryError::NotEnrolled(_) | RegistryError::StaleCertificate(_)) => {
-                // Enrolled or renewed through another replica a moment
-                // ago: this replica's copy may not hold it yet. Decide on
-                // the cluster's state, not on the lag.
-                self.store.catch_up().await?;
-                self.current_record(node_id, cert_fingerprint)?;
-            }
-            Err(other) => return Err(other),
-        }
+        self.verify_current(node_id, cert_fingerprint).await?;
         let now = now_ms();
         // Guarded: a removal or another replica's write in between is
         // re-read, never overwritten.
@@ -542,7 +532,28 @@ impl Registry {
         })
     }
 
-    /// The node's record, if `cert_fingerprint` is its current certificate.
+    /// [`Self::current_record`], decided on the cluster's state: a node
+    /// refused as not enrolled, or as presenting a superseded certificate,
+    /// may have enrolled or renewed through another replica a moment ago,
+    /// before this replica's copy held it. The copy is caught up and the
+    /// record read again before the refusal stands (an agent takes it as
+    /// fatal). Every check of a node's own calls goes through here.
+    pub async fn verify_current(
+        &self,
+        node_id: &str,
+        cert_fingerprint: &str,
+    ) -> Result<NodeRecord, RegistryError> {
+        match self.current_record(node_id, cert_fingerprint) {
+            Err(RegistryError::NotEnrolled(_) | RegistryError::StaleCertificate(_)) => {
+                self.store.catch_up().await?;
+                self.current_record(node_id, cert_fingerprint)
+            }
+            decided => decided,
+        }
+    }
+
+    /// The node's record, if `cert_fingerprint` is its current certificate,
+    /// as this replica's copy holds it.
     pub fn current_record(
         &self,
         node_id: &str,

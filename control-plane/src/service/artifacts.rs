@@ -589,7 +589,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         // Agents read the trusted set when no keys are pinned locally.
-        auth::require_reader_or_node(&request, &self.ctx.registry, &*self.ctx.store)?;
+        auth::require_reader_or_node(&request, &self.ctx.registry, &*self.ctx.store).await?;
         let keys = self
             .ctx
             .store()
@@ -656,7 +656,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::DescribeArtifactRequest>,
     ) -> Result<Response<pb::ArtifactDescriptor>, Status> {
-        auth::require_reader_or_node(&request, &self.ctx.registry, &*self.ctx.store)?;
+        auth::require_reader_or_node(&request, &self.ctx.registry, &*self.ctx.store).await?;
         let request = request.into_inner();
         Ok(Response::new(
             self.describe(&request.name, &request.version)?,
@@ -669,7 +669,7 @@ impl pb::artifacts_server::Artifacts for ArtifactsService {
         &self,
         request: Request<pb::FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        auth::require_reader_or_node(&request, &self.ctx.registry, &*self.ctx.store)?;
+        auth::require_reader_or_node(&request, &self.ctx.registry, &*self.ctx.store).await?;
         let request = request.into_inner();
         let digest = Digest::parse(&request.digest).map_err(ApiError::InvalidArgument)?;
         let not_found = || ApiError::NotFound(format!("no artifact content with digest {digest}"));

@@ -56,7 +56,8 @@ impl SessionService {
         // Only a node presenting a certificate it may still use can renew.
         self.ctx
             .registry
-            .current_record(node_id, &peer.cert_fingerprint)?;
+            .verify_current(node_id, &peer.cert_fingerprint)
+            .await?;
         let cert_pem = self
             .ctx
             .ca
@@ -128,7 +129,8 @@ impl pb::agent_session_server::AgentSession for SessionService {
         // Refuse a removed node or a superseded certificate before anything else.
         self.ctx
             .registry
-            .current_record(&node_id, &peer.cert_fingerprint)?;
+            .verify_current(&node_id, &peer.cert_fingerprint)
+            .await?;
         let mut inbound = request.into_inner();
         let grace = self.ctx.settings.heartbeat_grace;
 

@@ -1280,20 +1280,27 @@ fn base_of(read: &(Option<Vec<u8>>, Base)) -> Base {
 
 #[async_trait]
 impl Durability for EtcdStore {
-    /// Wait until the mirror holds etcd's current revision.
+    /// Wait until the mirror holds etcd's current revision, read
+    /// linearizably (the cluster record's key: any key would do).
     async fn catch_up(&self) -> Result<(), StoreError> {
-        let status = self.inner.client.status().await.map_err(|e| {
-            StoreError::Backend(format!("etcd status, to catch up with the cluster: {e}"))
-        })?;
+        let revision = self
+            .inner
+            .client
+            .current_revision(self.inner.keys.cluster())
+            .await
+            .map_err(|e| {
+                StoreError::Backend(format!(
+                    "etcd's current revision, to catch up with the cluster: {e}"
+                ))
+            })?;
         tokio::time::timeout(
             self.inner.request_timeout,
-            self.inner.mirror.caught_up(status.revision),
+            self.inner.mirror.caught_up(revision),
         )
         .await
         .map_err(|_| {
             StoreError::Backend(format!(
-                "this replica's copy did not reach etcd's revision {} within {}s",
-                status.revision,
+                "this replica's copy did not reach etcd's revision {revision} within {}s",
                 self.inner.request_timeout.as_secs()
             ))
         })
