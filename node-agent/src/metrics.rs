@@ -53,6 +53,45 @@ pub static FETCHED_BYTES: LazyLock<Counter> = LazyLock::new(Counter::default);
 /// 1 for each module's current health, 0 for the others.
 pub static MODULE_HEALTH: LazyLock<Family<HealthLabels, Gauge>> = LazyLock::new(Family::default);
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompileLabels {
+    pub module: String,
+    /// `hit` (loaded from the on-disk cache) or `miss` (compiled).
+    pub cache: &'static str,
+}
+
+fn micro_histogram() -> Histogram {
+    // 1 µs .. ~65 ms.
+    Histogram::new(exponential_buckets(1e-6, 2.0, 17))
+}
+
+/// The pointer switch of a wasm swap, by module (SPEC §10: microseconds).
+pub static WASM_SWITCH_SECONDS: LazyLock<Family<ModuleLabel, Histogram>> =
+    LazyLock::new(|| Family::new_with_constructor(micro_histogram));
+/// Compiling (or loading from the cache) a wasm component, by module and cache outcome.
+pub static WASM_COMPILE_SECONDS: LazyLock<Family<CompileLabels, Histogram>> =
+    LazyLock::new(|| Family::new_with_constructor(seconds_histogram));
+
+/// Record one wasm swap's switch and what preparing its version cost.
+pub fn record_wasm_swap(
+    module: &str,
+    switch: std::time::Duration,
+    compile: std::time::Duration,
+    cache_hit: bool,
+) {
+    WASM_SWITCH_SECONDS
+        .get_or_create(&ModuleLabel {
+            module: module.to_string(),
+        })
+        .observe(switch.as_secs_f64());
+    WASM_COMPILE_SECONDS
+        .get_or_create(&CompileLabels {
+            module: module.to_string(),
+            cache: if cache_hit { "hit" } else { "miss" },
+        })
+        .observe(compile.as_secs_f64());
+}
+
 /// Record a module's health in [`MODULE_HEALTH`].
 pub fn set_module_health(module: &str, health: &'static str) {
     for h in ["healthy", "unhealthy", "unknown"] {
@@ -127,6 +166,16 @@ impl Metrics {
             "module_health",
             "1 for the current health of each module",
             MODULE_HEALTH.clone(),
+        );
+        registry.register(
+            "wasm_switch_seconds",
+            "The pointer switch of wasm swaps, by module",
+            WASM_SWITCH_SECONDS.clone(),
+        );
+        registry.register(
+            "wasm_compile_seconds",
+            "Compiling or loading a wasm component, by module and cache outcome (hit or miss)",
+            WASM_COMPILE_SECONDS.clone(),
         );
         (metrics, registry)
     }

@@ -42,6 +42,8 @@ use crate::artifacts::{ArtifactStore, FetchError, TrustSource};
 use crate::health::{Health, probe_once};
 use crate::runtime::listeners::{ListenerBook, conflict_message};
 use crate::runtime::process::{ProcessStatus, Supervisor, VersionSpec};
+use crate::runtime::wasm::engine::{Budget, Engines};
+use crate::runtime::wasm::{WasmHost, WasmSpec};
 use crate::runtime::{ActivateError, Phase, ProgramError, bundle, check_program, hotswap_env, os};
 use crate::scrape::MetricNames;
 use crate::state::{AgentState, Desired, ModuleRecord, StateError};
@@ -98,6 +100,10 @@ enum VersionError {
     /// Another module of the node holds an address this version listens on.
     #[error("{0}")]
     ListenerTaken(String),
+    /// A wasm version that cannot be served: its component missing or
+    /// outside the module dir.
+    #[error("{0}")]
+    Wasm(String),
 }
 
 /// Artifact trouble, classified: the artifact itself (rejected: unknown,
@@ -197,6 +203,10 @@ pub struct Reconciler {
     listener_book: ListenerBook,
     /// Notified when any supervisor's status changes.
     supervisor_changed: Arc<Notify>,
+    /// Wasm modules, served in this process; they report like supervisors.
+    wasm_hosts: BTreeMap<String, WasmHost>,
+    /// Compiled components and the engines they run on, shared by them.
+    wasm_engines: Engines,
     /// Status of bundle modules (process modules report through supervisors).
     bundle_status: BTreeMap<String, (Phase, Health, String)>,
     /// The bundle version whose activate hook runs, per module.
@@ -225,6 +235,7 @@ impl Reconciler {
         let store = ArtifactStore::open(&config.data_dir, config.trust.clone(), config.limits)?
             .with_node_name(&config.node_name);
         let state = AgentState::load(&config.data_dir)?;
+        let wasm_engines = Engines::new(config.data_dir.join("wasm-cache"));
         let mut reconciler = Self {
             config,
             store,
@@ -232,6 +243,8 @@ impl Reconciler {
             supervisors: BTreeMap::new(),
             listener_book: ListenerBook::default(),
             supervisor_changed: Arc::new(Notify::new()),
+            wasm_hosts: BTreeMap::new(),
+            wasm_engines,
             bundle_status: BTreeMap::new(),
             bundle_settling: BTreeMap::new(),
             latest_desired: None,
@@ -267,6 +280,11 @@ impl Reconciler {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (name, record) in records {
+            // A wasm module ran inside the previous agent: the first pass
+            // serves its active version again (compiled code from the cache).
+            if record.runtime == "wasm" {
+                continue;
+            }
             if record.runtime != "process" {
                 if let Some(active) = &record.active {
                     self.bundle_status.insert(
@@ -414,6 +432,73 @@ impl Reconciler {
         Ok((manifest, spec))
     }
 
+    /// What the wasm runtime needs of an installed version.
+    fn wasm_spec(&self, name: &str, version: &str) -> Result<WasmSpec, VersionError> {
+        let (manifest, spec) = self.version_spec(name, version, None)?;
+        let Some(wasm) = &manifest.wasm else {
+            return Err(VersionError::Wasm(format!(
+                "{version} is a {} module, not a wasm one",
+                manifest.runtime
+            )));
+        };
+        let dir_text = spec.dir.display().to_string();
+        let vars = self.vars(&dir_text);
+        let expand = |value: &str| manifest::expand(value, &vars).map_err(VersionError::Expand);
+        let mut env = Vec::with_capacity(wasm.env.len());
+        for (key, value) in &wasm.env {
+            env.push((key.clone(), expand(value)?));
+        }
+        let mut sockets = Vec::with_capacity(wasm.sockets.len());
+        for socket in &wasm.sockets {
+            let text = expand(&socket.listen)?;
+            let listen =
+                text.parse()
+                    .map_err(|e: std::net::AddrParseError| VersionError::Socket {
+                        socket: socket.name.clone(),
+                        listen: text.clone(),
+                        template: socket.listen.clone(),
+                        reason: e.to_string(),
+                    })?;
+            sockets.push((socket.name.clone(), listen));
+        }
+        let component = crate::runtime::wasm::component_path(&spec.dir, &wasm.component)
+            .map_err(VersionError::Wasm)?;
+        Ok(WasmSpec {
+            version: version.to_string(),
+            component,
+            budget: Budget {
+                max_memory: wasm.max_memory,
+                max_concurrent_requests: wasm.max_concurrent_requests,
+            },
+            request_timeout: wasm.request_timeout,
+            env,
+            sockets,
+            health: spec.health,
+            dir: spec.dir,
+        })
+    }
+
+    fn wasm_host(&mut self, name: &str) -> &mut WasmHost {
+        if !self.wasm_hosts.contains_key(name) {
+            let _ = std::fs::create_dir_all(self.log_dir());
+            let host = WasmHost::new(
+                name,
+                self.listener_book.clone(),
+                self.wasm_engines.clone(),
+                self.log_dir().join(format!("{name}.log")),
+            );
+            let mut status = host.status();
+            let notify = self.supervisor_changed.clone();
+            tokio::spawn(async move {
+                while status.changed().await.is_ok() {
+                    notify.notify_one();
+                }
+            });
+            self.wasm_hosts.insert(name.to_string(), host);
+        }
+        self.wasm_hosts.get_mut(name).expect("inserted just above")
+    }
+
     /// Fetch (if needed) and unpack a version; returns its directory.
     async fn ensure_installed(
         &self,
@@ -545,6 +630,16 @@ impl Reconciler {
                         if let Some(program) = hook.first() {
                             check_program(program, &spec.dir)?;
                         }
+                    }
+                }
+            }
+            Runtime::Wasm => {
+                let wasm = self.wasm_spec(name, version)?;
+                for (socket, listen) in &wasm.sockets {
+                    if let Some(taken) = self.listener_book.taken(name, *listen) {
+                        return Err(VersionError::ListenerTaken(conflict_message(
+                            name, socket, *listen, &taken,
+                        )));
                     }
                 }
             }
@@ -691,29 +786,33 @@ impl Reconciler {
                             self.install_preemptible(channel.as_ref(), name, staged, &preempt),
                         )
                         .await;
-                        match installed {
-                            Ok(_) => match self.precheck_staged(name, staged, &want.traceparent) {
-                                Ok(manifest) => {
-                                    let entry = self.state.modules.entry(name.clone()).or_default();
-                                    entry.staged = Some(staged.clone());
-                                    if entry.runtime.is_empty() {
-                                        entry.runtime = manifest.runtime.as_str().to_string();
+                        let checked = match installed {
+                            Ok(dir) => {
+                                match self.precheck_staged(name, staged, &want.traceparent) {
+                                    Ok(manifest) if manifest.runtime == Runtime::Wasm => {
+                                        self.stage_wasm(name, staged).await.map(|()| manifest)
                                     }
-                                    self.failures.remove(&(name.clone(), staged.clone()));
-                                    self.persist();
-                                    tracing::info!(module = %name, version = %staged, "staged");
-                                }
-                                Err(e) => {
-                                    self.fail(
-                                        name,
-                                        staged,
+                                    other => other.map_err(|e| {
                                         StepError::release(format!(
                                             "pre-check of {staged} failed: {e}"
-                                        )),
-                                    );
-                                    converged = false;
+                                        ))
+                                    }),
                                 }
-                            },
+                                .map(|manifest| (dir, manifest))
+                            }
+                            Err(e) => Err(e),
+                        };
+                        match checked {
+                            Ok((_, manifest)) => {
+                                let entry = self.state.modules.entry(name.clone()).or_default();
+                                entry.staged = Some(staged.clone());
+                                if entry.runtime.is_empty() {
+                                    entry.runtime = manifest.runtime.as_str().to_string();
+                                }
+                                self.failures.remove(&(name.clone(), staged.clone()));
+                                self.persist();
+                                tracing::info!(module = %name, version = %staged, "staged");
+                            }
                             Err(e) => {
                                 if !self.fail(name, staged, e) {
                                     // Preempted: the next pass works on the new desired state.
@@ -730,7 +829,16 @@ impl Reconciler {
             }
             let record = self.state.modules.get(name).cloned().unwrap_or_default();
             let running_ok = record.active.as_ref() == Some(&want.version)
-                && (record.runtime != "process" || self.supervisors.contains_key(name));
+                && match record.runtime.as_str() {
+                    "process" => self.supervisors.contains_key(name),
+                    // In process: after an agent restart it serves nothing
+                    // until activated again.
+                    "wasm" => {
+                        self.wasm_hosts.get(name).and_then(WasmHost::current)
+                            == Some(want.version.clone())
+                    }
+                    _ => true,
+                };
             if running_ok {
                 continue;
             }
@@ -767,6 +875,19 @@ impl Reconciler {
             self.persist();
         }
         converged
+    }
+
+    /// Compile and check a staged wasm version, so a bad component fails
+    /// its stage and the activation later is only the switch.
+    async fn stage_wasm(&mut self, name: &str, version: &str) -> Result<(), StepError> {
+        let spec = self
+            .wasm_spec(name, version)
+            .map_err(|e| StepError::release(format!("pre-check of {version} failed: {e}")))?;
+        self.wasm_host(name)
+            .stage(spec)
+            .await
+            .map(|_| ())
+            .map_err(|e| classify_activate(e.map_message(|m| format!("staging {version}: {m}"))))
     }
 
     fn waiting(&self, name: &str, version: &str, now: tokio::time::Instant) -> bool {
@@ -929,6 +1050,17 @@ impl Reconciler {
                     (Phase::Running, Health::Healthy, String::new()),
                 );
             }
+            Runtime::Wasm => {
+                let wasm = self
+                    .wasm_spec(name, version)
+                    .map_err(|e| StepError::release(e.to_string()))?;
+                // Compiling (seconds on a cache miss) and the health gate run
+                // off the request path; the version serving keeps serving.
+                self.wasm_host(name)
+                    .activate(wasm, preempt)
+                    .await
+                    .map_err(classify_activate)?;
+            }
             Runtime::Process => {
                 if !self.supervisors.contains_key(name) {
                     let supervisor = self.new_supervisor(name, None);
@@ -982,7 +1114,9 @@ impl Reconciler {
             return;
         };
         tracing::info!(module = %name, "no longer desired; removing");
-        if let Some(supervisor) = self.supervisors.remove(name) {
+        if let Some(mut host) = self.wasm_hosts.remove(name) {
+            host.stop();
+        } else if let Some(supervisor) = self.supervisors.remove(name) {
             if let Err(e) = supervisor.stop().await {
                 tracing::warn!(module = %name, error = %e, "stop failed");
             }
@@ -1075,6 +1209,16 @@ impl Reconciler {
                 // could not be started again.
                 if report.crash_loop || report.phase == Phase::Failed {
                     report.failure_kind = Some(FailureKind::Release);
+                }
+            } else if let Some(host) = self.wasm_hosts.get(name) {
+                let status: ProcessStatus = host.status().borrow().clone();
+                report.phase = status.phase;
+                report.health = status.health;
+                report.message = status.message;
+                report.metrics = status.metrics;
+                report.settling = status.settling;
+                if let Some(version) = status.version {
+                    report.version = version;
                 }
             } else if let Some((phase, health, message)) = self.bundle_status.get(name) {
                 report.phase = *phase;

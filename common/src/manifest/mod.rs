@@ -15,9 +15,9 @@ mod parse;
 mod types;
 mod vars;
 
-pub use parse::{load_manifest, parse_manifest, valid_module_name};
+pub use parse::{format_size, load_manifest, parse_manifest, parse_size, valid_module_name};
 pub use types::{
     BundleSpec, HealthCheck, HealthSpec, MANIFEST_FILE, Manifest, ManifestError, MetricsSpec,
-    ProcessSpec, Runtime, SocketSpec, StopSignal, SwapStrategy,
+    ProcessSpec, Runtime, SocketSpec, StopSignal, SwapStrategy, WasmSpec,
 };
 pub use vars::{Vars, expand};

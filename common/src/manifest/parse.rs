@@ -12,7 +12,7 @@ use toml::{Table, Value};
 
 use super::types::{
     BundleSpec, HealthCheck, HealthSpec, Manifest, ManifestError, MetricsSpec, ProcessSpec,
-    Runtime, SIGNALS, SocketSpec, StopSignal, SwapStrategy,
+    Runtime, SIGNALS, SocketSpec, StopSignal, SwapStrategy, WasmSpec,
 };
 use super::vars;
 use crate::timefmt::parse_duration;
@@ -36,6 +36,53 @@ const MAX_SOCKETS: usize = 16;
 /// Set by the agent for socket activation; a module must not override them.
 const RESERVED_ENV: [&str; 3] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
 const RESERVED_ENV_PREFIX: &str = "HOTSWAP_";
+const DEFAULT_WASM_MAX_MEMORY: u64 = 64 << 20;
+/// A 32-bit linear memory holds at most 4 GiB; one page is 64 KiB.
+const WASM_MEMORY: std::ops::RangeInclusive<u64> = (64 << 10)..=(4 << 30);
+const DEFAULT_WASM_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_WASM_CONCURRENCY: u32 = 1000;
+/// Each request in flight holds an instance slot of the pooling allocator.
+const WASM_CONCURRENCY: std::ops::RangeInclusive<i64> = 1..=10_000;
+
+/// Parse a byte size: a whole number of bytes, or one with a unit (`64MiB`,
+/// `512 KiB`, `1GiB`, `10MB`; `B`, `KiB`/`MiB`/`GiB`, `KB`/`MB`/`GB`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| {
+        format!("invalid size {text:?}: expected a number with a unit such as 64MiB")
+    })?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "invalid size {text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("invalid size {text:?}: too large"))
+}
+
+/// A byte size in the largest binary unit that divides it (`64MiB`).
+pub fn format_size(bytes: u64) -> String {
+    for (unit, factor) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= factor && bytes.is_multiple_of(factor) {
+            return format!("{}{unit}", bytes / factor);
+        }
+    }
+    format!("{bytes}B")
+}
 
 /// Parse and validate manifest text. `file` is only used in error messages
 /// (e.g. `"hello/module.toml"`).
@@ -432,6 +479,7 @@ fn parse_root(root: &Section<'_>) -> Result<Manifest, ManifestError> {
         "description",
         "process",
         "bundle",
+        "wasm",
         "health",
         "metrics",
     ])?;
@@ -461,10 +509,11 @@ fn parse_root(root: &Section<'_>) -> Result<Manifest, ManifestError> {
     let runtime = match root.required_string("runtime")? {
         "process" => Runtime::Process,
         "bundle" => Runtime::Bundle,
+        "wasm" => Runtime::Wasm,
         other => {
             return Err(root.error(
                 "runtime",
-                format!("expected \"process\" or \"bundle\", found {other:?}"),
+                format!("expected \"process\", \"bundle\" or \"wasm\", found {other:?}"),
             ));
         }
     };
@@ -477,31 +526,41 @@ fn parse_root(root: &Section<'_>) -> Result<Manifest, ManifestError> {
             format!("section not allowed with runtime = \"{runtime}\""),
         )
     };
-    let (process, bundle) = match runtime {
+    // Only the runtime's own section may be there.
+    let others: &[&str] = match runtime {
+        Runtime::Process => &["bundle", "wasm"],
+        Runtime::Bundle => &["process", "wasm"],
+        Runtime::Wasm => &["process", "bundle"],
+    };
+    let required = |key: &str| {
+        root.error(
+            key,
+            format!("missing section required by runtime = \"{runtime}\""),
+        )
+    };
+    let (mut process, mut bundle, mut wasm) = (None, None, None);
+    match runtime {
         Runtime::Process => {
-            let Some(section) = root.table("process")? else {
-                return Err(root.error(
-                    "process",
-                    "missing section required by runtime = \"process\"",
-                ));
-            };
-            let process = parse_process(&section)?;
-            if root.has("bundle") {
-                return Err(not_allowed("bundle"));
-            }
-            (Some(process), None)
+            let section = root.table("process")?.ok_or_else(|| required("process"))?;
+            process = Some(parse_process(&section)?);
         }
         Runtime::Bundle => {
-            if root.has("process") {
-                return Err(not_allowed("process"));
+            if let Some(other) = others.iter().find(|k| root.has(k)) {
+                return Err(not_allowed(other));
             }
-            let bundle = match root.table("bundle")? {
+            bundle = Some(match root.table("bundle")? {
                 Some(section) => parse_bundle(&section)?,
                 None => BundleSpec::default(),
-            };
-            (None, Some(bundle))
+            });
         }
-    };
+        Runtime::Wasm => {
+            let section = root.table("wasm")?.ok_or_else(|| required("wasm"))?;
+            wasm = Some(parse_wasm(&section)?);
+        }
+    }
+    if let Some(other) = others.iter().find(|k| root.has(k)) {
+        return Err(not_allowed(other));
+    }
 
     let health = root
         .table("health")?
@@ -519,6 +578,7 @@ fn parse_root(root: &Section<'_>) -> Result<Manifest, ManifestError> {
         description,
         process,
         bundle,
+        wasm,
         health,
         metrics,
     })
@@ -536,31 +596,7 @@ fn parse_process(s: &Section<'_>) -> Result<ProcessSpec, ManifestError> {
 
     let command = s.command("command")?.ok_or_else(|| s.missing("command"))?;
 
-    let mut env = BTreeMap::new();
-    if let Some(section) = s.table("env")? {
-        for (name, value) in section.table {
-            if !valid_env_name(name) {
-                return Err(section.error(
-                    name,
-                    format!("invalid environment variable name {name:?}: must match [A-Za-z_][A-Za-z0-9_]*"),
-                ));
-            }
-            if name.starts_with(RESERVED_ENV_PREFIX) || RESERVED_ENV.contains(&name.as_str()) {
-                return Err(section.error(
-                    name,
-                    format!(
-                        "environment variable {name} is reserved: the agent sets it \
-                         (reserved: {RESERVED_ENV_PREFIX}*, {})",
-                        RESERVED_ENV.join(", ")
-                    ),
-                ));
-            }
-            let key = section.key(name);
-            let value = as_str(s.file, &key, value)?;
-            check_vars(s.file, &key, value)?;
-            env.insert(name.clone(), value.to_string());
-        }
-    }
+    let env = parse_env(s)?;
 
     let swap = match s.string("swap")? {
         None | Some("start-first") => SwapStrategy::StartFirst,
@@ -596,6 +632,122 @@ fn parse_process(s: &Section<'_>) -> Result<ProcessSpec, ManifestError> {
         swap,
         stop_signal,
         stop_timeout,
+        sockets,
+    })
+}
+
+/// An `env` table: variable names checked, reserved ones refused.
+fn parse_env(s: &Section<'_>) -> Result<BTreeMap<String, String>, ManifestError> {
+    let mut env = BTreeMap::new();
+    if let Some(section) = s.table("env")? {
+        for (name, value) in section.table {
+            if !valid_env_name(name) {
+                return Err(section.error(
+                    name,
+                    format!("invalid environment variable name {name:?}: must match [A-Za-z_][A-Za-z0-9_]*"),
+                ));
+            }
+            if name.starts_with(RESERVED_ENV_PREFIX) || RESERVED_ENV.contains(&name.as_str()) {
+                return Err(section.error(
+                    name,
+                    format!(
+                        "environment variable {name} is reserved: the agent sets it \
+                         (reserved: {RESERVED_ENV_PREFIX}*, {})",
+                        RESERVED_ENV.join(", ")
+                    ),
+                ));
+            }
+            let key = section.key(name);
+            let value = as_str(s.file, &key, value)?;
+            check_vars(s.file, &key, value)?;
+            env.insert(name.clone(), value.to_string());
+        }
+    }
+    Ok(env)
+}
+
+/// The `[wasm]` section (SPEC §10).
+fn parse_wasm(s: &Section<'_>) -> Result<WasmSpec, ManifestError> {
+    s.deny_unknown(&[
+        "component",
+        "max_memory",
+        "request_timeout",
+        "max_concurrent_requests",
+        "env",
+        "sockets",
+    ])?;
+    let component = s.required_string("component")?.to_string();
+    if component.is_empty()
+        || component.starts_with('/')
+        || component.split('/').any(|part| part == "..")
+    {
+        return Err(s.error(
+            "component",
+            format!(
+                "component path {component:?} must be relative to the module dir and stay \
+                 inside it (no leading '/', no \"..\")"
+            ),
+        ));
+    }
+    let max_memory = match s.string("max_memory")? {
+        None => DEFAULT_WASM_MAX_MEMORY,
+        Some(text) => {
+            let bytes = parse_size(text).map_err(|r| s.error("max_memory", r))?;
+            if !WASM_MEMORY.contains(&bytes) {
+                return Err(s.error(
+                    "max_memory",
+                    format!(
+                        "must be between {} (one page) and {} (a 32-bit memory), found {text}",
+                        format_size(*WASM_MEMORY.start()),
+                        format_size(*WASM_MEMORY.end())
+                    ),
+                ));
+            }
+            bytes
+        }
+    };
+    let request_timeout = s.duration(
+        "request_timeout",
+        DEFAULT_WASM_REQUEST_TIMEOUT,
+        Some(MAX_TIMEOUT),
+    )?;
+    let max_concurrent_requests = match s.table.get("max_concurrent_requests") {
+        None => DEFAULT_WASM_CONCURRENCY,
+        Some(Value::Integer(n)) if WASM_CONCURRENCY.contains(n) => {
+            u32::try_from(*n).unwrap_or(DEFAULT_WASM_CONCURRENCY)
+        }
+        Some(Value::Integer(n)) => {
+            return Err(s.error(
+                "max_concurrent_requests",
+                format!(
+                    "must be between {} and {}, found {n}",
+                    WASM_CONCURRENCY.start(),
+                    WASM_CONCURRENCY.end()
+                ),
+            ));
+        }
+        Some(other) => {
+            return Err(s.error(
+                "max_concurrent_requests",
+                format!("expected an integer, found {}", found(other)),
+            ));
+        }
+    };
+    let env = parse_env(s)?;
+    let sockets = parse_sockets(s)?;
+    if sockets.is_empty() {
+        return Err(s.error(
+            "sockets",
+            "a wasm module needs at least one [[wasm.sockets]] entry: the agent serves the \
+             component's HTTP on them",
+        ));
+    }
+    Ok(WasmSpec {
+        component,
+        max_memory,
+        request_timeout,
+        max_concurrent_requests,
+        env,
         sockets,
     })
 }
@@ -911,6 +1063,7 @@ exec = ["bin/check.sh", "--quick"]
                 ],
             }),
             bundle: None,
+            wasm: None,
             health: Some(HealthSpec {
                 check: HealthCheck::Http("http://127.0.0.1:8080/healthz?node=${NODE_NAME}".into()),
                 interval: Duration::from_secs(2),
@@ -943,6 +1096,7 @@ exec = ["bin/check.sh", "--quick"]
                 activate: Some(vec!["bin/reload.sh".into(), "${MODULE_DIR}".into()]),
                 deactivate: Some(vec!["bin/stop.sh".into()]),
             }),
+            wasm: None,
             health: Some(HealthSpec {
                 check: HealthCheck::Exec(vec!["bin/check.sh".into(), "--quick".into()]),
                 interval: Duration::from_secs(1),
@@ -1140,7 +1294,7 @@ exec = ["bin/check.sh", "--quick"]
             &p("").replace("\"process\"", "\"docker\""),
             Err((
                 "runtime",
-                "expected \"process\" or \"bundle\", found \"docker\"",
+                "expected \"process\", \"bundle\" or \"wasm\", found \"docker\"",
             )),
         );
 
@@ -1715,6 +1869,160 @@ exec = ["bin/check.sh", "--quick"]
             "hello/module.toml: bundle.activate: relative program path \"../x\" has a \"..\" \
              component; it must not leave the module dir"
         );
+    }
+
+    const HEAD_W: &str = "name = \"edge\"\nversion = \"1.0.0\"\nruntime = \"wasm\"\n";
+    const SOCKET_W: &str = "[[wasm.sockets]]\nname = \"http\"\nlisten = \"127.0.0.1:8080\"\n";
+
+    /// A wasm manifest: `[wasm]` with `body`, then one socket.
+    fn w(body: &str) -> String {
+        format!("{HEAD_W}[wasm]\ncomponent = \"handler.wasm\"\n{body}{SOCKET_W}")
+    }
+
+    #[test]
+    fn wasm_manifest_full_and_defaults() {
+        let m = parse_manifest(
+            "m.toml",
+            &w("max_memory = \"32MiB\"\nrequest_timeout = \"2s\"\nmax_concurrent_requests = 50\nenv = { GREETING = \"hi ${NODE_NAME}\" }\n"),
+        )
+        .expect("valid");
+        assert_eq!(m.runtime, Runtime::Wasm);
+        let wasm = m.wasm.expect("wasm");
+        assert_eq!(wasm.component, "handler.wasm");
+        assert_eq!(wasm.max_memory, 32 << 20);
+        assert_eq!(wasm.request_timeout, Duration::from_secs(2));
+        assert_eq!(wasm.max_concurrent_requests, 50);
+        assert_eq!(wasm.env["GREETING"], "hi ${NODE_NAME}");
+        assert_eq!(wasm.sockets[0].listen, "127.0.0.1:8080");
+        assert!(m.process.is_none() && m.bundle.is_none());
+
+        let d = parse_manifest("m.toml", &w(""))
+            .expect("valid")
+            .wasm
+            .expect("wasm");
+        assert_eq!(
+            (d.max_memory, d.request_timeout, d.max_concurrent_requests),
+            (64 << 20, Duration::from_secs(10), 1000)
+        );
+    }
+
+    #[test]
+    fn wasm_manifest_errors_name_the_key() {
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                HEAD_W.to_string(),
+                "wasm",
+                "missing section required by runtime = \"wasm\"",
+            ),
+            (w("bogus = 1\n"), "wasm.bogus", "unknown key"),
+            (
+                format!("{HEAD_W}[wasm]\n{SOCKET_W}"),
+                "wasm.component",
+                "missing required key",
+            ),
+            (
+                format!("{HEAD_W}[wasm]\ncomponent = \"../x.wasm\"\n{SOCKET_W}"),
+                "wasm.component",
+                "stay inside it",
+            ),
+            (
+                format!("{HEAD_W}[wasm]\ncomponent = \"/etc/x.wasm\"\n{SOCKET_W}"),
+                "wasm.component",
+                "relative to the module dir",
+            ),
+            (
+                w("max_memory = \"lots\"\n"),
+                "wasm.max_memory",
+                "invalid size",
+            ),
+            (
+                w("max_memory = \"8GiB\"\n"),
+                "wasm.max_memory",
+                "must be between 64KiB",
+            ),
+            (
+                w("max_memory = \"10 parsecs\"\n"),
+                "wasm.max_memory",
+                "unknown unit",
+            ),
+            (
+                w("request_timeout = \"0s\"\n"),
+                "wasm.request_timeout",
+                "greater than zero",
+            ),
+            (
+                w("max_concurrent_requests = 0\n"),
+                "wasm.max_concurrent_requests",
+                "between 1 and 10000",
+            ),
+            (
+                w("max_concurrent_requests = \"many\"\n"),
+                "wasm.max_concurrent_requests",
+                "expected an integer",
+            ),
+            (
+                w("env = { HOTSWAP_X = \"1\" }\n"),
+                "wasm.env.HOTSWAP_X",
+                "reserved",
+            ),
+            (
+                format!("{HEAD_W}[wasm]\ncomponent = \"h.wasm\"\n"),
+                "wasm.sockets",
+                "at least one [[wasm.sockets]]",
+            ),
+            (
+                format!("{}[process]\ncommand = [\"x\"]\n", w("")),
+                "process",
+                "section not allowed with runtime = \"wasm\"",
+            ),
+            (
+                format!("{HEAD_P}[process]\ncommand = [\"x\"]\n[wasm]\ncomponent = \"h.wasm\"\n"),
+                "wasm",
+                "section not allowed with runtime = \"process\"",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let e = parse_manifest("m.toml", &text).expect_err(&text);
+            assert_eq!(e.key, key, "{text}: {e}");
+            assert!(e.reason.contains(reason), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_and_format() {
+        for (text, bytes) in [
+            ("65536", 65536),
+            ("64KiB", 64 << 10),
+            ("64MiB", 64 << 20),
+            ("1 GiB", 1 << 30),
+            ("10MB", 10_000_000),
+            ("5kB", 5_000),
+            ("12B", 12),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for bad in [
+            "",
+            "MiB",
+            "-1MiB",
+            "1.5MiB",
+            "1 TiB",
+            "99999999999999999999",
+            "18446744073709551615GiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_size(64 << 20), "64MiB");
+        assert_eq!(format_size(4 << 30), "4GiB");
+        assert_eq!(format_size(1536), "1536B");
+        assert_eq!(format_size(3 << 10), "3KiB");
+    }
+
+    proptest! {
+        #[test]
+        fn formatted_sizes_parse_back(bytes in 0u64..(1 << 40)) {
+            prop_assert_eq!(parse_size(&format_size(bytes)), Ok(bytes));
+        }
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct Manifest {
     /// `Some` exactly when `runtime` is [`Runtime::Bundle`]; an absent
     /// `[bundle]` table gives the default (no hooks).
     pub bundle: Option<BundleSpec>,
+    /// `Some` exactly when `runtime` is [`Runtime::Wasm`] (SPEC §10).
+    pub wasm: Option<WasmSpec>,
     pub health: Option<HealthSpec>,
     pub metrics: Option<MetricsSpec>,
 }
@@ -32,14 +34,18 @@ pub enum Runtime {
     Process,
     /// Files only; swapping flips a symlink, optionally with hooks.
     Bundle,
+    /// A WebAssembly component of the `wasi:http/proxy` world, served by the
+    /// agent itself in process (SPEC §10).
+    Wasm,
 }
 
 impl Runtime {
-    /// The manifest spelling: `"process"` or `"bundle"`.
+    /// The manifest spelling: `"process"`, `"bundle"` or `"wasm"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Runtime::Process => "process",
             Runtime::Bundle => "bundle",
+            Runtime::Wasm => "wasm",
         }
     }
 }
@@ -157,6 +163,23 @@ pub struct BundleSpec {
     pub deactivate: Option<Vec<String>>,
 }
 
+/// The `[wasm]` section (SPEC §10).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WasmSpec {
+    /// The component file, relative to the module dir (never leaving it).
+    pub component: String,
+    /// Linear memory one instance may grow to, in bytes.
+    pub max_memory: u64,
+    /// How long one request may run inside the component.
+    pub request_timeout: Duration,
+    /// Requests served at once; more are answered 503.
+    pub max_concurrent_requests: u32,
+    /// The component's whole environment (WASI `get-environment`).
+    pub env: BTreeMap<String, String>,
+    /// Agent-owned listeners the agent serves HTTP/1.1 on.
+    pub sockets: Vec<SocketSpec>,
+}
+
 /// The `[health]` section.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthSpec {
@@ -221,6 +244,7 @@ mod tests {
     fn spellings_are_the_manifest_words() {
         assert_eq!(Runtime::Process.to_string(), "process");
         assert_eq!(Runtime::Bundle.as_str(), "bundle");
+        assert_eq!(Runtime::Wasm.as_str(), "wasm");
         assert_eq!(SwapStrategy::StartFirst.as_str(), "start-first");
         assert_eq!(SwapStrategy::StopFirst.as_str(), "stop-first");
     }

@@ -1,13 +1,19 @@
 //! Module runtimes: how an agent activates a version of a module.
 //! [`bundle`] flips a `current` symlink and runs hooks; [`process`]
 //! supervises a long-running program with agent-owned listening sockets,
-//! each owned by one module of the node ([`listeners`]).
+//! each owned by one module of the node ([`listeners`]); `wasm` (with the
+//! default `wasm` feature) serves WebAssembly components in process.
 
 pub mod bundle;
 pub mod ledger;
 pub mod listeners;
 pub mod os;
 pub mod process;
+#[cfg(feature = "wasm")]
+pub mod wasm;
+#[cfg(not(feature = "wasm"))]
+#[path = "wasm_disabled.rs"]
+pub mod wasm;
 
 use std::path::Path;
 
