@@ -212,6 +212,7 @@ async fn run_sessions(
             labels: labels.clone(),
             trust,
             limits: Limits::default(),
+            wasm_cache_dir: config.wasm_cache_dir.clone(),
         },
         shutdown.clone(),
     )

@@ -22,6 +22,8 @@ pub struct AgentConfig {
     /// Publisher keys pinned with `--trusted-key`: (name, PEM). When any are
     /// given, only they are trusted, whatever the control plane publishes.
     pub trusted_keys: Vec<(String, String)>,
+    /// Compiled wasm components (`--wasm-cache-dir`).
+    pub wasm_cache_dir: PathBuf,
 }
 
 #[derive(Clone)]

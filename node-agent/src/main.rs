@@ -137,6 +137,11 @@ struct RunArgs {
     /// Longest reconnect delay.
     #[arg(long, default_value = "15s", value_parser = timefmt::parse_duration)]
     reconnect_max: Duration,
+    /// Where compiled wasm components are kept, by content digest and
+    /// wasmtime version (default: DATA_DIR/wasm-cache). Agents of one host
+    /// may share it.
+    #[arg(long, env = "HOTSWAP_WASM_CACHE_DIR")]
+    wasm_cache_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -316,8 +321,13 @@ fn config_from(args: RunArgs) -> Result<AgentConfig, Vec<String>> {
     if args.reconnect_base.is_zero() || args.reconnect_base > args.reconnect_max {
         problems.push("--reconnect-base must be positive and not above --reconnect-max".into());
     }
+    let wasm_cache_dir = args
+        .wasm_cache_dir
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("wasm-cache"));
     match (control_plane, labels, problems.is_empty()) {
         (Some(control_plane), Some(labels), true) => Ok(AgentConfig {
+            wasm_cache_dir: std::path::absolute(&wasm_cache_dir).unwrap_or(wasm_cache_dir),
             // Absolute, because module processes run with their own working directory.
             data_dir: std::path::absolute(&args.data_dir).unwrap_or(args.data_dir),
             control_plane,

@@ -72,18 +72,18 @@ pub static WASM_SWITCH_SECONDS: LazyLock<Family<ModuleLabel, Histogram>> =
 pub static WASM_COMPILE_SECONDS: LazyLock<Family<CompileLabels, Histogram>> =
     LazyLock::new(|| Family::new_with_constructor(seconds_histogram));
 
-/// Record one wasm swap's switch and what preparing its version cost.
-pub fn record_wasm_swap(
-    module: &str,
-    switch: std::time::Duration,
-    compile: std::time::Duration,
-    cache_hit: bool,
-) {
+/// Record one wasm swap's switch.
+pub fn record_wasm_switch(module: &str, switch: std::time::Duration) {
     WASM_SWITCH_SECONDS
         .get_or_create(&ModuleLabel {
             module: module.to_string(),
         })
         .observe(switch.as_secs_f64());
+}
+
+/// Record what preparing a wasm version cost: a compile, or a load of the
+/// compiled code from the cache.
+pub fn record_wasm_compile(module: &str, compile: std::time::Duration, cache_hit: bool) {
     WASM_COMPILE_SECONDS
         .get_or_create(&CompileLabels {
             module: module.to_string(),

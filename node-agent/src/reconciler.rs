@@ -172,6 +172,8 @@ pub struct ReconcilerConfig {
     pub labels: Labels,
     pub trust: TrustSource,
     pub limits: Limits,
+    /// Compiled wasm components, by digest and engine.
+    pub wasm_cache_dir: PathBuf,
 }
 
 /// Channels between the session and the reconciler.
@@ -235,7 +237,7 @@ impl Reconciler {
         let store = ArtifactStore::open(&config.data_dir, config.trust.clone(), config.limits)?
             .with_node_name(&config.node_name);
         let state = AgentState::load(&config.data_dir)?;
-        let wasm_engines = Engines::new(config.data_dir.join("wasm-cache"));
+        let wasm_engines = Engines::new(config.wasm_cache_dir.clone());
         let mut reconciler = Self {
             config,
             store,
@@ -1059,7 +1061,7 @@ impl Reconciler {
                 self.wasm_host(name)
                     .activate(wasm, preempt)
                     .await
-                    .map_err(classify_activate)?;
+                    .map_err(|e| classify_activate(e.map_message(|m| format!("{version}: {m}"))))?;
             }
             Runtime::Process => {
                 if !self.supervisors.contains_key(name) {

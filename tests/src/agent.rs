@@ -48,6 +48,9 @@ impl Agent {
                 "127.0.0.1:0",
             ])
             .args(["--reconnect-base", "100ms", "--reconnect-max", "1s"])
+            // One compile of each test component per machine, not per test
+            // agent (seconds of CPU each); an explicit flag in `extra` wins.
+            .env("HOTSWAP_WASM_CACHE_DIR", shared_wasm_cache())
             .args(extra);
         let log = self
             .work
@@ -190,6 +193,16 @@ pub struct Fleet {
     pub others: Vec<Agent>,
     pub key: PathBuf,
     work: PathBuf,
+}
+
+/// The compiled-component cache every test agent shares, under the
+/// target directory (`target/wasm-fixtures/compiled`).
+pub fn shared_wasm_cache() -> PathBuf {
+    binary("hotswap-agent")
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("wasm-fixtures").join("compiled"))
+        .expect("target directory")
 }
 
 impl Fleet {

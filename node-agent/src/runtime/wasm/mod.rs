@@ -170,17 +170,12 @@ impl WasmHost {
             return Ok(());
         }
         let kept = |v: &Option<Arc<Version>>| v.as_ref().filter(|v| v.spec == spec).cloned();
-        let (candidate, prepared) = if let Some(previous) = kept(&self.previous) {
-            (
-                previous,
-                Prepared {
-                    compile_time: Duration::ZERO,
-                    cache_hit: true,
-                },
-            )
-        } else if let Some((staged, prepared)) = self.staged.take().filter(|(v, _)| v.spec == spec)
-        {
-            (staged, prepared)
+        // The previous version (a rollback) or the staged one: the switch
+        // alone. Anything else is prepared now.
+        let candidate = if let Some(previous) = kept(&self.previous) {
+            previous
+        } else if let Some((staged, _)) = self.staged.take().filter(|(v, _)| v.spec == spec) {
+            staged
         } else {
             self.publish(|s| s.settling = vec![spec.version.clone()]);
             let prepared = tokio::select! {
@@ -190,7 +185,7 @@ impl WasmHost {
                 ))),
             };
             match prepared {
-                Ok(prepared) => prepared,
+                Ok((version, _)) => version,
                 Err(e) => {
                     self.publish(|s| s.settling.clear());
                     return Err(e);
@@ -219,18 +214,11 @@ impl WasmHost {
             self.previous = Some(old);
         }
         self.prune_listeners(&spec);
-        crate::metrics::record_wasm_swap(
-            &self.module,
-            switch,
-            prepared.compile_time,
-            prepared.cache_hit,
-        );
+        crate::metrics::record_wasm_switch(&self.module, switch);
         tracing::info!(
             module = %self.module,
             version = %spec.version,
             switch_us = switch.as_secs_f64() * 1e6,
-            compile_ms = prepared.compile_time.as_secs_f64() * 1e3,
-            cache_hit = prepared.cache_hit,
             "wasm version serving"
         );
         let healthy = if spec.health.is_some() {
@@ -335,6 +323,18 @@ impl WasmHost {
             return Err(ActivateError::Release(format!("component {file} {why}")));
         }
         drop(store);
+        crate::metrics::record_wasm_compile(
+            &self.module,
+            compiled.compile_time,
+            compiled.cache_hit,
+        );
+        tracing::info!(
+            module = %self.module,
+            version = %spec.version,
+            compile_ms = compiled.compile_time.as_secs_f64() * 1e3,
+            cache_hit = compiled.cache_hit,
+            "wasm version prepared"
+        );
         let in_flight = Arc::new(Semaphore::new(
             usize::try_from(spec.budget.max_concurrent_requests).unwrap_or(1),
         ));
@@ -506,8 +506,8 @@ async fn health_gate(version: &Version) -> Result<(), ActivateError> {
         }
         if Instant::now() + spec.interval > deadline {
             return Err(ActivateError::Release(format!(
-                "{} did not become healthy within {:?}: {last_error}",
-                version.spec.version, spec.start_timeout
+                "did not become healthy within {:?}: {last_error}",
+                spec.start_timeout
             )));
         }
         tokio::time::sleep(spec.interval).await;
