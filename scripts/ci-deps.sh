@@ -88,6 +88,15 @@ openapi_validator_present() {
     venv_has_pin "$OPENAPI_VALIDATOR_VENV" "$OPENAPI_VALIDATOR_PIN"
 }
 
+# componentize-py builds the wasm runtime's test component (a wasi:http/proxy
+# handler in Python, tests/fixtures/wasm/handler) without a Rust wasm target,
+# which rustup cannot download here; a virtualenv of its own too.
+COMPONENTIZE_PIN="componentize-py==0.25.0"
+COMPONENTIZE_VENV="$ROOT/target/componentize-venv"
+componentize_present() {
+    [ -x "$COMPONENTIZE_VENV/bin/componentize-py" ] && venv_has_pin "$COMPONENTIZE_VENV" "$COMPONENTIZE_PIN"
+}
+
 DEBIAN_PACKAGES=()
 [ -x /usr/bin/prometheus ] || DEBIAN_PACKAGES+=(prometheus)
 ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || DEBIAN_PACKAGES+=(faketime)
@@ -108,6 +117,9 @@ if $CHECK_ONLY; then
     fi
     if ! openapi_validator_present; then
         missing+=("openapi-spec-validator ($OPENAPI_VALIDATOR_PIN from PyPI) in $OPENAPI_VALIDATOR_VENV (tests/tests/http_api.rs)")
+    fi
+    if ! componentize_present; then
+        missing+=("componentize-py ($COMPONENTIZE_PIN from PyPI) in $COMPONENTIZE_VENV (tests/tests/wasm.rs)")
     fi
     for package in "${DEBIAN_PACKAGES[@]}"; do
         case "$package" in
@@ -160,6 +172,13 @@ if ! openapi_validator_present; then
     [ -x "$OPENAPI_VALIDATOR_VENV/bin/python" ] || "$PYTHON" -m venv "$OPENAPI_VALIDATOR_VENV"
     "$OPENAPI_VALIDATOR_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         --root-user-action=ignore --only-binary=:all: "$OPENAPI_VALIDATOR_PIN"
+fi
+
+if ! componentize_present; then
+    echo "ci-deps: installing $COMPONENTIZE_PIN into $COMPONENTIZE_VENV"
+    [ -x "$COMPONENTIZE_VENV/bin/python" ] || "$PYTHON" -m venv "$COMPONENTIZE_VENV"
+    "$COMPONENTIZE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --root-user-action=ignore --only-binary=:all: "$COMPONENTIZE_PIN"
 fi
 
 if [ ${#DEBIAN_PACKAGES[@]} -gt 0 ]; then

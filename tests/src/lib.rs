@@ -12,7 +12,8 @@
 //! (with `Fleet`), `chaos` (the chaos suites' trials, seeds and
 //! reports), `etcd` (a real etcd cluster), `proxy` (fault injection),
 //! `load` and `s3` (SeaweedFS as a real S3); everything public is
-//! re-exported here, so tests use `hotswap_tests::*`.
+//! re-exported here, so tests use `hotswap_tests::*`. `wasm_fixtures`
+//! builds the wasm runtime's test components.
 
 mod agent;
 mod chaos;
@@ -23,6 +24,7 @@ mod load;
 pub mod marker;
 mod proxy;
 mod s3;
+pub mod wasm_fixtures;
 mod webhook;
 
 pub use agent::*;
