@@ -56,6 +56,9 @@ pub struct ClientStats {
     /// (µs since base, message) of the first failures.
     pub failure_samples: Vec<(u64, String)>,
     pub by_version: BTreeMap<String, u64>,
+    /// CPU this client thread used (user + system), so a benchmark can take
+    /// the load's own cost out of its process's CPU.
+    pub cpu_seconds: f64,
 }
 
 pub struct Client {
@@ -271,7 +274,26 @@ fn run_client(kind: ClientKind, addr: SocketAddr, base: Instant, stop: &AtomicBo
             }
         }
     }
+    stats.cpu_seconds = thread_cpu_seconds();
     stats
+}
+
+/// CPU seconds of the calling thread (`/proc/thread-self/stat`).
+fn thread_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
+        return 0.0;
+    };
+    let Some((_, after)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
 }
 
 /// Longest interval inside `[from, to]` (µs) without a successful

@@ -13,6 +13,7 @@ mod ha;
 mod large;
 mod load;
 mod swap;
+mod wasm;
 
 use std::path::Path;
 use std::time::Duration;
@@ -61,6 +62,17 @@ enum Bench {
         swaps: usize,
         #[arg(long, value_enum, default_value_t = RuntimeChoice::Both)]
         runtime: RuntimeChoice,
+    },
+    /// The wasm runtime in process on a real socket: compile and cache
+    /// load, requests per CPU-second against hello-server as a process,
+    /// instantiation per request, and N swaps under load (switch time,
+    /// rollback time, failed requests).
+    Wasm {
+        #[arg(long, default_value_t = 1000)]
+        swaps: usize,
+        /// Seconds of each throughput window.
+        #[arg(long, default_value_t = 10)]
+        window_s: u64,
     },
     /// N simulated agents (one mTLS session each) on one control plane:
     /// connect time, memory per agent, CPU for the session traffic, and
@@ -179,6 +191,10 @@ fn main() -> anyhow::Result<()> {
         } => artifact::artifact(agents, size_mib, runs),
         Bench::LargeArtifact { size_mib, agents } => large::large_artifact(size_mib, agents),
         Bench::Swap { swaps, runtime } => swap::swap(swaps, runtime),
+        Bench::Wasm { swaps, window_s } => {
+            println!("{}", wasm::run(swaps, Duration::from_secs(window_s))?);
+            Ok(())
+        }
         Bench::Fleet {
             agents,
             window_s,

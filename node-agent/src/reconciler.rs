@@ -1061,6 +1061,7 @@ impl Reconciler {
                 self.wasm_host(name)
                     .activate(wasm, preempt)
                     .await
+                    .map(|_| ())
                     .map_err(|e| classify_activate(e.map_message(|m| format!("{version}: {m}"))))?;
             }
             Runtime::Process => {

@@ -11,18 +11,16 @@ use std::sync::Mutex;
 
 use hotswap_common::artifact::Digest;
 
-use crate::daemon::binary;
-
 /// The crate whose `wit/` directory holds the `wasi:http` WIT (the version
 /// the agent links).
 const WIT_CRATE: &str = "wasmtime-wasi-http-48.0.8";
 
+/// The workspace's target directory (`CARGO_TARGET_DIR`, else `target/`):
+/// where `scripts/ci-deps.sh` puts the componentize-py virtualenv.
 fn target_dir() -> PathBuf {
-    binary("hotswap-agent")
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .expect("target directory")
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
 }
 
 fn repo_root() -> PathBuf {

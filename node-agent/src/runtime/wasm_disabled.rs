@@ -83,7 +83,7 @@ impl WasmHost {
         &mut self,
         _: WasmSpec,
         _: &CancellationToken,
-    ) -> Result<(), ActivateError> {
+    ) -> Result<std::convert::Infallible, ActivateError> {
         Err(ActivateError::Release(REFUSAL.to_string()))
     }
 

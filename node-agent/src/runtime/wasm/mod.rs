@@ -73,6 +73,18 @@ pub struct Prepared {
     pub cache_hit: bool,
 }
 
+/// What one activation took.
+#[derive(Clone, Copy, Debug)]
+pub struct Activation {
+    /// The pointer switch alone.
+    pub switch: Duration,
+    /// Everything: preparing (unless kept or staged), the health gate, the
+    /// listeners and the switch. For a rollback, the health gate and switch.
+    pub total: Duration,
+    /// `Some` when the version was prepared by this activation.
+    pub prepared: Option<Prepared>,
+}
+
 /// What the running version serves from, shared with the accept loops.
 struct Serving {
     module: String,
@@ -163,12 +175,18 @@ impl WasmHost {
         &mut self,
         spec: WasmSpec,
         preempt: &CancellationToken,
-    ) -> Result<(), ActivateError> {
+    ) -> Result<Activation, ActivateError> {
+        let began = Instant::now();
         if let Some(current) = self.serving.current.load_full()
             && current.spec == spec
         {
-            return Ok(());
+            return Ok(Activation {
+                switch: Duration::ZERO,
+                total: began.elapsed(),
+                prepared: None,
+            });
         }
+        let mut prepared_now = None;
         let kept = |v: &Option<Arc<Version>>| v.as_ref().filter(|v| v.spec == spec).cloned();
         // The previous version (a rollback) or the staged one: the switch
         // alone. Anything else is prepared now.
@@ -185,7 +203,10 @@ impl WasmHost {
                 ))),
             };
             match prepared {
-                Ok((version, _)) => version,
+                Ok((version, prepared)) => {
+                    prepared_now = Some(prepared);
+                    version
+                }
                 Err(e) => {
                     self.publish(|s| s.settling.clear());
                     return Err(e);
@@ -234,7 +255,30 @@ impl WasmHost {
             s.metrics = None;
             s.settling.clear();
         });
-        Ok(())
+        Ok(Activation {
+            switch,
+            total: began.elapsed(),
+            prepared: prepared_now,
+        })
+    }
+
+    /// Instantiate the serving version once in a fresh store, as every
+    /// request does, and return how long that took (diagnostics and the
+    /// benchmark's per-request instantiation cost).
+    pub async fn instantiate_once(&self) -> Result<Duration, String> {
+        let version = self
+            .serving
+            .current
+            .load_full()
+            .ok_or("no version is serving")?;
+        let started = Instant::now();
+        let mut store = serve::store(version.pre.engine(), &version.limits);
+        version
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(started.elapsed())
     }
 
     /// Stop serving: listeners closed, claims released, versions dropped
