@@ -12,7 +12,7 @@
 //!   the switch), and failed requests.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,10 +32,10 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn spec(component: &PathBuf, version: &str, addr: SocketAddr, dir: &PathBuf) -> WasmSpec {
+fn spec(component: &Path, version: &str, addr: SocketAddr, dir: &Path) -> WasmSpec {
     WasmSpec {
         version: version.to_string(),
-        component: component.clone(),
+        component: component.to_path_buf(),
         budget: Budget {
             max_memory: 128 << 20,
             max_concurrent_requests: 200,
@@ -54,7 +54,7 @@ fn spec(component: &PathBuf, version: &str, addr: SocketAddr, dir: &PathBuf) -> 
                 start_timeout: Duration::from_secs(60),
             },
         )),
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
     }
 }
 
