@@ -104,6 +104,21 @@ fn push_edge(fleet: &Fleet, version: &str, env: &str, extra: &str) {
 }
 
 fn push_edge_with(fleet: &Fleet, version: &str, component: &Path, env: &str, extra: &str) {
+    push_edge_limited(fleet, version, component, env, DEFAULT_LIMITS, extra);
+}
+
+const DEFAULT_LIMITS: &str =
+    "max_memory = \"128MiB\"\nrequest_timeout = \"2s\"\nmax_concurrent_requests = 200";
+
+/// As [`push_edge_with`], with `limits` as the `[wasm]` limit keys.
+fn push_edge_limited(
+    fleet: &Fleet,
+    version: &str,
+    component: &Path,
+    env: &str,
+    limits: &str,
+    extra: &str,
+) {
     fleet.push("edge", version, |dir| {
         std::fs::copy(component, dir.join("handler.wasm")).expect("copy the component");
         let addr = "127.0.0.1:${NODE_LABEL_port}";
@@ -115,7 +130,7 @@ fn push_edge_with(fleet: &Fleet, version: &str, component: &Path, env: &str, ext
         std::fs::write(
             dir.join("module.toml"),
             format!(
-                "name = \"edge\"\nversion = \"{version}\"\nruntime = \"wasm\"\n\n[wasm]\ncomponent = \"handler.wasm\"\nmax_memory = \"128MiB\"\nrequest_timeout = \"2s\"\nmax_concurrent_requests = 200\nenv = {{ HANDLER_VERSION = \"{version}\"{env} }}\n[[wasm.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"200ms\"\ntimeout = \"2s\"\nunhealthy_threshold = 2\nstart_timeout = \"6s\"\n{extra}"
+                "name = \"edge\"\nversion = \"{version}\"\nruntime = \"wasm\"\n\n[wasm]\ncomponent = \"handler.wasm\"\n{limits}\nenv = {{ HANDLER_VERSION = \"{version}\"{env} }}\n[[wasm.sockets]]\nname = \"http\"\nlisten = \"{addr}\"\n\n[health]\nhttp = \"http://{addr}/healthz\"\ninterval = \"200ms\"\ntimeout = \"2s\"\nunhealthy_threshold = 2\nstart_timeout = \"6s\"\n{extra}"
             ),
         )
         .expect("manifest");
@@ -503,4 +518,89 @@ fn canary_analysis_catches_a_trapping_wasm_version_from_the_agents_own_metrics()
             .then_some(())
             .ok_or(format!("{served:?}"))
     });
+}
+
+#[test]
+fn request_timeout_stops_a_request_and_max_concurrent_requests_answers_503() {
+    let dir = TestDir::new();
+    let (fleet, ports) = Fleet::start_many(&dir, "dev", &["node-1"]);
+    let port = ports[0];
+    // The same budget as the others (one engine, the warmed cache), with a
+    // short timeout and room for two requests at once.
+    push_edge_limited(
+        &fleet,
+        "1.0.0",
+        &handler(),
+        "",
+        "max_memory = \"128MiB\"\nrequest_timeout = \"1s\"\nmax_concurrent_requests = 200",
+        "",
+    );
+    fleet.set("node-1", "edge@1.0.0", &[]);
+    fleet.wait_running("edge", "1.0.0");
+    let started = std::time::Instant::now();
+    let (code, body) = http_get(([127, 0, 0, 1], port).into(), "/slow?ms=5000");
+    assert_eq!(code, 504, "{body}");
+    assert!(body.contains("request_timeout"), "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "stopped at its timeout, not after 5 s: {:?}",
+        started.elapsed()
+    );
+    // The version still serves, and timeouts count as errors.
+    assert_eq!(greeting(port), (200, "hello 1.0.0".to_string()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timing_out = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = try_http_get(([127, 0, 0, 1], port).into(), "/slow?ms=5000");
+            }
+        })
+    };
+    let module = fleet.wait_module("edge", "the timeouts in the error rate", |m| {
+        m["metrics"]["error_rate"].as_f64().is_some_and(|e| e > 0.0)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    timing_out.join().expect("timing-out requests");
+    assert_eq!(
+        module["metrics"]["error_rate"].as_f64(),
+        Some(1.0),
+        "{module}"
+    );
+
+    push_edge_limited(
+        &fleet,
+        "1.1.0",
+        &handler(),
+        "",
+        "max_memory = \"128MiB\"\nrequest_timeout = \"10s\"\nmax_concurrent_requests = 2",
+        "",
+    );
+    fleet.set("node-1", "edge@1.1.0", &[]);
+    fleet.wait_running("edge", "1.1.0");
+    // Three at once, each holding its slot for 3 s: two are served, the
+    // third is refused at once.
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let answer = http_get(([127, 0, 0, 1], port).into(), "/slow?ms=3000");
+                (answer, started.elapsed())
+            })
+        })
+        .collect();
+    let mut answers: Vec<((u16, String), std::time::Duration)> = slow
+        .into_iter()
+        .map(|t| t.join().expect("slow request"))
+        .collect();
+    answers.sort_by_key(|((code, _), _)| *code);
+    let codes: Vec<u16> = answers.iter().map(|((code, _), _)| *code).collect();
+    assert_eq!(codes, [200, 200, 503], "{answers:?}");
+    let ((_, refusal), refused_after) = &answers[2];
+    assert!(refusal.contains("max_concurrent_requests"), "{refusal}");
+    assert!(
+        *refused_after < std::time::Duration::from_secs(2),
+        "refused at once, not queued: {refused_after:?}"
+    );
+    assert_eq!(greeting(port), (200, "hello 1.1.0".to_string()));
 }

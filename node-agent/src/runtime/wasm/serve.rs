@@ -171,12 +171,22 @@ where
         }
     };
     let pre = pre.clone();
+    let timeout = limits.request_timeout;
     let task = tokio::spawn(async move {
-        let proxy = pre.instantiate_async(&mut store).await?;
-        proxy
-            .wasi_http_incoming_handler()
-            .call_handle(&mut store, req, out)
-            .await
+        let run = async {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, req, out)
+                .await
+        };
+        // The epoch callback stops a component computing past its deadline;
+        // this stops one waiting in a host call (a sleep, a slow body).
+        // Dropping the future drops the instance.
+        match tokio::time::timeout(timeout, run).await {
+            Ok(result) => result,
+            Err(_) => Err(wasmtime::Error::new(TimedOut(timeout))),
+        }
     });
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Outcome>();
     // Watch the instance to its end (past the response's head, while the
