@@ -75,6 +75,17 @@ fn process_cpu(pid: &str) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// Minor page faults of this process so far.
+fn own_minor_faults() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let after = stat.rsplit_once(')')?.1.to_string();
+            after.split_whitespace().nth(7)?.parse().ok()
+        })
+        .unwrap_or(0.0)
+}
+
 /// Requests of a load window, and the clients' own CPU in it.
 fn ok_requests(stats: &[(crate::load::ClientKind, ClientStats)]) -> (u64, u64) {
     let ok = stats.iter().map(|(_, s)| s.requests - s.failures).sum();
@@ -139,10 +150,12 @@ pub fn run(swaps: usize, window: Duration) -> anyhow::Result<Value> {
     let mut failed = 0;
     for _ in 0..ROUNDS {
         let cpu_before = own_cpu();
+        let faults_before = own_minor_faults();
         let load = Load::start(addr, Instant::now());
         std::thread::sleep(window);
         let stats = load.stop();
         let cpu = own_cpu() - cpu_before - clients_cpu(&stats);
+        let faults = own_minor_faults() - faults_before;
         let (ok, round_failed) = ok_requests(&stats);
         failed += round_failed;
         let wasm_per_cpu_s = ok as f64 / cpu.max(1e-9);
@@ -157,7 +170,8 @@ pub fn run(swaps: usize, window: Duration) -> anyhow::Result<Value> {
         ratios.push(wasm_per_cpu_s / hello_per_cpu_s.max(1e-9));
         rounds.push(json!({
             "wasm": {"requests_per_s": round(ok as f64 / window.as_secs_f64()),
-                     "requests_per_cpu_s": round(wasm_per_cpu_s), "serving_cpu_s": round(cpu)},
+                     "requests_per_cpu_s": round(wasm_per_cpu_s), "serving_cpu_s": round(cpu),
+                     "minor_faults_per_request": round(faults / (ok.max(1) as f64))},
             "process_hello_server": {"requests_per_s": round(hello_ok as f64 / window.as_secs_f64()),
                                      "requests_per_cpu_s": round(hello_per_cpu_s),
                                      "serving_cpu_s": round(hello_cpu)},
