@@ -221,7 +221,11 @@ pub fn fleet(options: FleetOptions) -> anyhow::Result<()> {
             "restart_to_listening_ms": round(ready.as_secs_f64() * 1000.0),
             "reconnect_all_s": round(back.as_secs_f64()),
             "control_plane_cpu_s": round(cpu_seconds(cp.pid())),
+            "control_plane_cpu_ms_per_agent": round(cpu_seconds(cp.pid()) * 1000.0 / agents as f64),
             "simulator_cpu_s": round(cpu_seconds(sim.pid()) - sim_cpu0),
+            // Builds before session tickets print 0 for both.
+            "tls_full_handshakes": metric(&cp, "hotswap_tls_handshakes_total{kind=\"full\"}"),
+            "tls_resumed_handshakes": metric(&cp, "hotswap_tls_handshakes_total{kind=\"resumed\"}"),
             "curve": curve,
         })
     } else {

@@ -113,6 +113,11 @@ pub struct Settings {
     /// The longest pause between two attempts at one webhook delivery.
     #[serde(with = "duration_text")]
     pub webhook_backoff_max: Duration,
+    /// How long one TLS session-ticket key seals tickets (it opens them for
+    /// one period more); `0s` turns session resumption off, so every
+    /// connection verifies its certificate chain in a full handshake.
+    #[serde(with = "duration_text")]
+    pub tls_ticket_rotation: Duration,
 }
 
 /// `[store]`: `backend = "sled"` (the default: one process, the database
@@ -453,6 +458,7 @@ impl Default for Settings {
             leader_lease: Duration::from_secs(5),
             webhook_retry_for: Duration::from_secs(24 * 3600),
             webhook_backoff_max: Duration::from_secs(60),
+            tls_ticket_rotation: Duration::from_secs(12 * 3600),
         }
     }
 }
@@ -600,6 +606,14 @@ impl Settings {
         {
             problems.push("webhook_backoff_max must be between 100ms and 1h".to_string());
         }
+        if !self.tls_ticket_rotation.is_zero()
+            && (self.tls_ticket_rotation < crate::tickets::MIN_PERIOD
+                || self.tls_ticket_rotation > crate::tickets::MAX_PERIOD)
+        {
+            problems.push(
+                "tls_ticket_rotation must be 0s (no session resumption) or between 1m and 7d (the longest a TLS 1.3 ticket may live)".to_string(),
+            );
+        }
         if self.storage_cache_bytes < 1024 * 1024 {
             problems.push("storage_cache_bytes must be at least 1048576".to_string());
         }
@@ -745,6 +759,13 @@ mod tests {
         let default = load_text("").expect("empty");
         assert_eq!(default.store.backend, StoreBackend::Sled);
         assert_eq!(default.leader_lease, Duration::from_secs(5));
+        assert_eq!(default.tls_ticket_rotation, Duration::from_secs(12 * 3600));
+        assert!(
+            load_text("tls_ticket_rotation = \"0s\"\n")
+                .expect("0s turns resumption off")
+                .tls_ticket_rotation
+                .is_zero()
+        );
         let etcd = load_text(
             "leader_lease = \"3s\"\n[store]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\", \"http://127.0.0.1:22379\"]\nprefix = \"/prod/\"\n[blobs]\nbackend = \"s3\"\nbucket = \"artifacts\"\n",
         )
@@ -783,6 +804,11 @@ mod tests {
                 "leader_lease = \"1s\"\n",
                 "leader_lease must be at least 2s",
             ),
+            (
+                "tls_ticket_rotation = \"30s\"\n",
+                "tls_ticket_rotation must be 0s",
+            ),
+            ("tls_ticket_rotation = \"8d\"\n", "between 1m and 7d"),
         ] {
             let err = load_text(text).expect_err(text).to_string();
             assert!(err.contains(says), "{text}: {err}");

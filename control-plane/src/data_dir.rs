@@ -36,6 +36,11 @@ impl DataDir {
     pub fn replica_key(&self) -> PathBuf {
         self.root.join("replica.key")
     }
+    /// The keys that seal TLS session tickets, so agents resume their
+    /// sessions across a restart (see the tickets module).
+    pub fn tls_tickets(&self) -> PathBuf {
+        self.root.join("tls-tickets.json")
+    }
     /// During a CA rotation: the old CA, still trusted for client certificates.
     pub fn ca_previous(&self) -> PathBuf {
         self.root.join("ca-previous.crt")

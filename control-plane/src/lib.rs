@@ -36,6 +36,7 @@ pub mod server;
 pub mod service;
 pub mod storage;
 pub mod store;
+pub mod tickets;
 pub mod tls_accept;
 pub mod trust;
 pub mod webhooks;

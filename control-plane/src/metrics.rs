@@ -55,6 +55,11 @@ pub struct DropReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookLabel {
     pub webhook: String,
 }
@@ -86,6 +91,8 @@ pub struct Metrics {
     pub report_claims_dropped: Counter,
     pub audit_records: Gauge,
     pub tls_dropped: Family<DropReasonLabel, Counter>,
+    /// Completed TLS handshakes, `full` or `resumed` (with a session ticket).
+    pub tls_handshakes: Family<HandshakeLabel, Counter>,
     /// 1 while this replica leads (runs the engine); always 1 embedded.
     pub leader: Gauge,
     /// The last etcd round trip (a status call), in seconds; etcd only.
@@ -147,6 +154,7 @@ impl Metrics {
             report_claims_dropped: Counter::default(),
             audit_records: Gauge::default(),
             tls_dropped: Family::default(),
+            tls_handshakes: Family::default(),
             leader: Gauge::default(),
             etcd_round_trip_seconds: Gauge::default(),
             etcd_watch_lag_revisions: Gauge::default(),
@@ -293,8 +301,13 @@ impl Metrics {
         );
         registry.register(
             "tls_connections_dropped",
-            "Connections closed before their TLS handshake finished, by reason (address_limit, client_hello_timeout, bad_client_hello, stale, handshake_failed, handshake_timeout)",
+            "Connections closed before their TLS handshake finished, by reason (address_limit, client_hello_timeout, bad_client_hello, stale, handshake_failed, handshake_timeout, resumed_expired)",
             metrics.tls_dropped.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Completed TLS handshakes by kind: full, or resumed with a session ticket",
+            metrics.tls_handshakes.clone(),
         );
         (metrics, registry)
     }

@@ -71,6 +71,8 @@ pub enum RunError {
     Pki(#[from] hotswap_common::pki::PkiError),
     #[error("invalid TLS material in the data dir: {0}")]
     Tls(#[from] hotswap_common::tls::TlsError),
+    #[error("TLS session tickets: {0}")]
+    Tickets(String),
     #[error(
         "cannot open the database at {path} (is another control plane using this data dir?): {source}"
     )]
@@ -570,10 +572,25 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<Stopp
             "CA rotation in progress: the previous CA is still trusted; run `finish-ca-rotation` once every node has renewed"
         );
     }
+    let client_roots = format!("{ca_pem}{previous_ca}");
+    let tickets: Option<Arc<dyn rustls::server::ProducesTickets>> =
+        if config.settings.tls_ticket_rotation.is_zero() {
+            None
+        } else {
+            let keys = crate::tickets::TicketKeys::open(
+                &layout.tls_tickets(),
+                config.settings.tls_ticket_rotation,
+                &client_roots,
+                hotswap_common::timefmt::now_ms(),
+            )
+            .map_err(|e| RunError::Tickets(e.to_string()))?;
+            Some(Arc::new(keys))
+        };
     let tls_config = tls_accept::server_config(
-        &format!("{ca_pem}{previous_ca}"),
+        &client_roots,
         &format!("{}{ca_pem}{cross}", read(&layout.server_cert())?),
         &read(&layout.server_key())?,
+        tickets,
     )?;
 
     let state_path = layout.state();

@@ -25,6 +25,14 @@
 //!    connect timeouts, so that the work is wasted and the storm repeats. A
 //!    connection that waited longer than a client waits is dropped without
 //!    spending a handshake on it.
+//!
+//! Clients that reconnect (agents after a restart) resume their TLS 1.3
+//! session with a ticket sealed by keys that survive restarts (see
+//! [`crate::tickets`]), which skips the signatures and the certificate
+//! chain. What that skips is checked here instead: a resumed connection
+//! whose client certificate has expired since is closed. Whether the
+//! certificate still belongs to a known node or user is checked on every
+//! call, resumed or not.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,8 +40,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hotswap_common::tls::{self, TlsError};
-use rustls::ServerConfig;
-use rustls::server::{Acceptor, WebPkiClientVerifier};
+use rustls::server::{Acceptor, NoServerSessionStorage, ProducesTickets, WebPkiClientVerifier};
+use rustls::{HandshakeKind, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::LazyConfigAcceptor;
@@ -41,7 +49,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{DropReasonLabel, Metrics};
+use crate::metrics::{DropReasonLabel, HandshakeLabel, Metrics};
 
 /// A client must have sent its whole ClientHello by then. Real clients send
 /// it in their first packet right after connecting; the bound only has to
@@ -70,11 +78,13 @@ pub const PENDING_PER_ADDRESS: usize = 1024;
 /// the CA, so agents can check it against their pinned fingerprint, then the
 /// cross-signed CA during a rotation), client certificates verified against
 /// `client_roots_pem` (the CA, plus the previous one during a rotation) when
-/// presented.
+/// presented. With `tickets`, clients may resume their sessions with tickets
+/// those keys seal; without, nobody resumes.
 pub fn server_config(
     client_roots_pem: &str,
     chain_pem: &str,
     key_pem: &str,
+    tickets: Option<Arc<dyn ProducesTickets>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = tls::provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(
@@ -91,6 +101,18 @@ pub fn server_config(
     // h2 for gRPC (and HTTP/2 clients of the JSON API), http/1.1 for the
     // JSON API's plain HTTP clients (curl without --http2, scripts).
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Stateless tickets only: nothing per session is held in memory, and a
+    // restart forgets nothing. Without tickets, no resumption at all.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    match tickets {
+        Some(ticketer) => {
+            config.ticketer = ticketer;
+            // One per handshake: an agent resumes once per reconnect, and
+            // every resumed handshake hands it a fresh ticket.
+            config.send_tls13_tickets = 1;
+        }
+        None => config.send_tls13_tickets = 0,
+    }
     Ok(Arc::new(config))
 }
 
@@ -161,6 +183,7 @@ pub fn incoming(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let turns = Arc::new(tokio::sync::Semaphore::new(cores * HANDSHAKES_PER_CORE));
     let pending = PendingByAddress::new(PENDING_PER_ADDRESS);
+    let handshakes = metrics.tls_handshakes.clone();
     let dropped = move |reason: &'static str| {
         metrics
             .tls_dropped
@@ -192,6 +215,7 @@ pub fn incoming(
             let tx = tx.clone();
             let turns = turns.clone();
             let dropped = dropped.clone();
+            let handshakes = handshakes.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 let hello = tokio::time::timeout(
@@ -226,6 +250,20 @@ pub fn incoming(
                 drop(turn);
                 match handshake {
                     Ok(Ok(stream)) => {
+                        let resumed =
+                            stream.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+                        handshakes
+                            .get_or_create(&HandshakeLabel {
+                                kind: if resumed { "resumed" } else { "full" },
+                            })
+                            .inc();
+                        if resumed
+                            && let Some(reason) = resumed_refusal(stream.get_ref().1, now_ms())
+                        {
+                            tracing::debug!(%peer, %reason, "closed a resumed TLS session");
+                            dropped("resumed_expired");
+                            return;
+                        }
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => {
@@ -243,9 +281,171 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
+/// Why a resumed session may not go on, if it may not: its client
+/// certificate has expired since the full handshake verified it (a ticket
+/// carries the chain, not a new verification).
+pub fn resumed_refusal(connection: &rustls::ServerConnection, now_ms: u64) -> Option<String> {
+    let leaf = connection.peer_certificates()?.first()?;
+    match hotswap_common::pki::not_after_ms(leaf.as_ref()) {
+        Ok(not_after) if not_after > now_ms => None,
+        Ok(not_after) => Some(format!(
+            "the client certificate expired at {}",
+            hotswap_common::timefmt::rfc3339_from_ms(not_after)
+        )),
+        Err(e) => Some(format!("the client certificate is unreadable: {e}")),
+    }
+}
+
+fn now_ms() -> u64 {
+    hotswap_common::timefmt::now_ms()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One client connection: the handshake kind the client saw, and
+    /// whether the server then sent it the greeting (a connection the
+    /// server closed after the handshake reads nothing).
+    async fn greeted(
+        config: Arc<rustls::ClientConfig>,
+        addr: std::net::SocketAddr,
+    ) -> (Option<HandshakeKind>, bool) {
+        use tokio::io::AsyncReadExt;
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .expect("the client finishes its side of the handshake");
+        let kind = tls.get_ref().1.handshake_kind();
+        let mut greeting = [0u8; 5];
+        let read = tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut greeting))
+            .await
+            .expect("the server answers or closes");
+        (kind, read.is_ok() && &greeting == b"hello")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_resume_with_tickets_until_the_client_certificate_expires() {
+        use hotswap_common::pki::{CertificateAuthority, Principal};
+        use hotswap_common::tls::{ClientIdentity, ServerTrust};
+        use tokio::io::AsyncWriteExt;
+        use tokio_stream::StreamExt;
+
+        let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
+        let server = ca
+            .issue_server(&["localhost".into()], Duration::from_secs(3600))
+            .expect("server cert");
+        let now = std::time::SystemTime::now();
+        let expires = now + Duration::from_secs(4);
+        let node = ca
+            .issue_client_valid_between(
+                &Principal::Node("n1".into()),
+                now - Duration::from_secs(60),
+                expires,
+            )
+            .expect("client cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = crate::tickets::TicketKeys::open(
+            &dir.path().join("tls-tickets.json"),
+            Duration::from_secs(3600),
+            ca.cert_pem(),
+            hotswap_common::timefmt::now_ms(),
+        )
+        .expect("ticket keys");
+        let config = server_config(
+            ca.cert_pem(),
+            &format!("{}{}", server.cert_pem, ca.cert_pem()),
+            &server.key_pem,
+            Some(Arc::new(keys)),
+        )
+        .expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::new(Metrics::new().0);
+        let shutdown = CancellationToken::new();
+        let mut accepted = incoming(listener, config, metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(mut stream)) = accepted.next().await {
+                tokio::spawn(async move {
+                    let _ = stream.write_all(b"hello").await;
+                    let _ = stream.flush().await;
+                    let mut sink = Vec::new();
+                    let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut sink).await;
+                });
+            }
+        });
+        let client = hotswap_common::tls::client_config(
+            ServerTrust::Ca(ca.cert_pem().to_string()),
+            Some(ClientIdentity {
+                cert_pem: &node.cert_pem,
+                key_pem: &node.key_pem,
+            }),
+        )
+        .expect("client config");
+
+        assert_eq!(
+            greeted(client.clone(), addr).await,
+            (Some(HandshakeKind::Full), true)
+        );
+        assert_eq!(
+            greeted(client.clone(), addr).await,
+            (Some(HandshakeKind::Resumed), true),
+            "the second connection resumes with the ticket of the first"
+        );
+        // Let the certificate expire (X.509 times are whole seconds).
+        let wait = expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_millis(1500);
+        tokio::time::sleep(wait).await;
+        assert_eq!(
+            greeted(client.clone(), addr).await,
+            (Some(HandshakeKind::Resumed), false),
+            "a resumed session with an expired certificate is closed"
+        );
+        let handshakes = |kind| {
+            metrics
+                .tls_handshakes
+                .get_or_create(&HandshakeLabel { kind })
+                .get()
+        };
+        assert_eq!((handshakes("full"), handshakes("resumed")), (1, 2));
+        assert_eq!(
+            metrics
+                .tls_dropped
+                .get_or_create(&DropReasonLabel {
+                    reason: "resumed_expired"
+                })
+                .get(),
+            1
+        );
+        // A full handshake refuses the expired certificate too.
+        let fresh = hotswap_common::tls::client_config(
+            ServerTrust::Ca(ca.cert_pem().to_string()),
+            Some(ClientIdentity {
+                cert_pem: &node.cert_pem,
+                key_pem: &node.key_pem,
+            }),
+        )
+        .expect("client config");
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let full = tokio_rustls::TlsConnector::from(fresh)
+            .connect(name, tcp)
+            .await;
+        if let Ok(mut tls) = full {
+            let mut byte = [0u8; 1];
+            assert!(
+                tokio::io::AsyncReadExt::read_exact(&mut tls, &mut byte)
+                    .await
+                    .is_err(),
+                "an expired certificate is refused in a full handshake"
+            );
+        }
+        shutdown.cancel();
+    }
 
     #[test]
     fn pending_slots_are_capped_per_address_and_released_on_drop() {

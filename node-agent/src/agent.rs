@@ -269,6 +269,7 @@ async fn session_loop(
 ) -> Result<(), AgentError> {
     let mut first = true;
     let mut previous = None;
+    let mut tls = session::ClientTls::default();
     loop {
         if !first && previous.is_none() {
             metrics.reconnects.inc();
@@ -290,6 +291,7 @@ async fn session_loop(
             reports: report_rx.clone(),
             renewed,
             previous: previous.take(),
+            tls: &mut tls,
         })
         .await;
         match end {

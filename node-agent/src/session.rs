@@ -78,6 +78,43 @@ pub struct SessionParams<'a> {
     pub renewed: watch::Receiver<u64>,
     /// The previous session, closed once this one is established.
     pub previous: Option<Handover>,
+    /// The TLS client config of earlier sessions, reused while the identity
+    /// is the same: it holds the session tickets a reconnect resumes with.
+    pub tls: &'a mut ClientTls,
+}
+
+/// The TLS client config for one identity, kept across sessions so that a
+/// reconnect (after a restart of the control plane) resumes its TLS session
+/// with the ticket the last one received instead of a full handshake.
+#[derive(Default)]
+pub struct ClientTls {
+    held: Option<(Identity, std::sync::Arc<rustls::ClientConfig>)>,
+}
+
+impl ClientTls {
+    /// The config for `identity`: the one held if it was made for the same
+    /// certificate, key and CA, else a new one (which then is held).
+    pub fn for_identity(
+        &mut self,
+        identity: &Identity,
+    ) -> Result<std::sync::Arc<rustls::ClientConfig>, tls::TlsError> {
+        if let Some((held, config)) = &self.held
+            && held.cert_pem == identity.cert_pem
+            && held.key_pem == identity.key_pem
+            && held.ca_pem == identity.ca_pem
+        {
+            return Ok(config.clone());
+        }
+        let config = tls::client_config(
+            ServerTrust::Ca(identity.ca_pem.clone()),
+            Some(ClientIdentity {
+                cert_pem: &identity.cert_pem,
+                key_pem: &identity.key_pem,
+            }),
+        )?;
+        self.held = Some((identity.clone(), config.clone()));
+        Ok(config)
+    }
 }
 
 /// A full status report goes out at least this often, besides one per change.
@@ -112,13 +149,7 @@ pub async fn run_once(mut params: SessionParams<'_>) -> SessionEnd {
             "DATA_DIR/identity"
         ));
     }
-    let config = match tls::client_config(
-        ServerTrust::Ca(identity.ca_pem.clone()),
-        Some(ClientIdentity {
-            cert_pem: &identity.cert_pem,
-            key_pem: &identity.key_pem,
-        }),
-    ) {
+    let config = match params.tls.for_identity(identity) {
         Ok(config) => config,
         Err(e) => return SessionEnd::Fatal(format!("node identity is unusable: {e}")),
     };

@@ -206,11 +206,15 @@ async fn push_module(
     if let Err(refused) = require_content_type(&headers, "application/octet-stream") {
         return Err(body::refuse_after_reading(request, refused).await);
     }
-    let chunks = stream::upload_chunks(request.into_body());
-    let version = clients::artifacts(&state)
+    let (chunks, drained) = stream::upload_chunks(request.into_body());
+    let pushed = clients::artifacts(&state)
         .push_artifact(call.request(chunks))
-        .await?
-        .into_inner();
+        .await;
+    if pushed.is_err() {
+        // Refused before the end of the body: read the rest first.
+        let _ = tokio::time::timeout(stream::DRAIN_WAIT, drained).await;
+    }
+    let version = pushed?.into_inner();
     let status = if version.created {
         StatusCode::CREATED
     } else {

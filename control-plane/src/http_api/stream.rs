@@ -126,29 +126,70 @@ where
     }))
 }
 
-/// An upload body as the gRPC upload's chunks. A body that fails half-way
-/// (the client went away) never ends: the service then cancels the upload
-/// after its idle timeout and removes what it staged, instead of judging a
-/// truncated artifact as if it were whole.
+/// An upload body as the gRPC upload's chunks, and a signal that the body
+/// has been read to its end (or as far as it will be).
+///
+/// A body that fails half-way (the client went away) never ends: the
+/// service then cancels the upload after its idle timeout and removes what
+/// it staged, instead of judging a truncated artifact as if it were whole.
+///
+/// When the service refuses the upload before its end (over the size
+/// limit), the rest is read and discarded, up to [`body::DRAIN_LIMIT`]
+/// bytes, before the answer goes out: a stream whose request body is
+/// dropped unread is reset, and the reset can overtake the answer (curl then
+/// reports no status at all).
+///
+/// [`body::DRAIN_LIMIT`]: super::body::DRAIN_LIMIT
 pub fn upload_chunks(
     body: axum::body::Body,
-) -> impl Stream<Item = pb::PushArtifactChunk> + Send + 'static {
-    body.into_data_stream().flat_map(|frame| match frame {
-        Ok(bytes) => {
-            let chunks: Vec<pb::PushArtifactChunk> = bytes
-                .chunks(UPLOAD_CHUNK_BYTES)
-                .map(|chunk| pb::PushArtifactChunk {
-                    data: chunk.to_vec(),
-                })
-                .collect();
-            futures_util::stream::iter(chunks).boxed()
+) -> (
+    impl Stream<Item = pb::PushArtifactChunk> + Send + 'static,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let (chunks, received) = tokio::sync::mpsc::channel(4);
+    let (read, drained) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut data = body.into_data_stream();
+        let mut forwarding = true;
+        let mut discarded = 0usize;
+        while let Some(frame) = data.next().await {
+            match frame {
+                Ok(bytes) if forwarding => {
+                    for chunk in bytes.chunks(UPLOAD_CHUNK_BYTES) {
+                        let chunk = pb::PushArtifactChunk {
+                            data: chunk.to_vec(),
+                        };
+                        if chunks.send(chunk).await.is_err() {
+                            // The service stopped reading: it refused.
+                            forwarding = false;
+                            break;
+                        }
+                    }
+                }
+                Ok(bytes) => {
+                    discarded += bytes.len();
+                    if discarded > super::body::DRAIN_LIMIT {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "upload body failed; waiting for the idle timeout");
+                    chunks.closed().await;
+                    break;
+                }
+            }
         }
-        Err(e) => {
-            tracing::debug!(error = %e, "upload body failed; waiting for the idle timeout");
-            futures_util::stream::pending().boxed()
-        }
-    })
+        let _ = read.send(());
+    });
+    (
+        tokio_stream::wrappers::ReceiverStream::new(received),
+        drained,
+    )
 }
+
+/// How long an answer to a refused upload waits for the rest of its body
+/// to be read (see [`upload_chunks`]).
+pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
