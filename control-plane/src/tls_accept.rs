@@ -24,7 +24,11 @@
 //!    would otherwise all progress slowly together, past their clients'
 //!    connect timeouts, so that the work is wasted and the storm repeats. A
 //!    connection that waited longer than a client waits is dropped without
-//!    spending a handshake on it.
+//!    spending a handshake on it. A ClientHello that offers a session
+//!    ticket (read by peeking at the first record) waits in a second, wider
+//!    queue of its own ([`RESUMPTIONS_PER_CORE`]): resuming costs a key
+//!    exchange and no signatures, and behind full handshakes such a client
+//!    timed out and spent its ticket on the attempt.
 //!
 //! Clients that reconnect (agents after a restart) resume their TLS 1.3
 //! session with a ticket sealed by keys that survive restarts (see
@@ -62,6 +66,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handshakes in progress at once, per core.
 const HANDSHAKES_PER_CORE: usize = 4;
+
+/// Handshakes of clients that offer a session ticket in progress at once,
+/// per core, besides the full ones: a resumption costs a key exchange and
+/// no signature, a few times less than a full handshake.
+const RESUMPTIONS_PER_CORE: usize = 16;
 
 /// A connection that waited this long for its turn is dropped unanswered:
 /// its client (agents give up after 5 s) has most likely gone already.
@@ -187,6 +196,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(128);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let turns = Arc::new(tokio::sync::Semaphore::new(cores * HANDSHAKES_PER_CORE));
+    let resumptions = Arc::new(tokio::sync::Semaphore::new(cores * RESUMPTIONS_PER_CORE));
     let pending = PendingByAddress::new(PENDING_PER_ADDRESS);
     let handshakes = metrics.tls_handshakes.clone();
     let dropped = move |reason: &'static str| {
@@ -219,17 +229,19 @@ pub fn incoming(
             let config = config.clone();
             let tx = tx.clone();
             let turns = turns.clone();
+            let resumptions = resumptions.clone();
             let dropped = dropped.clone();
             let handshakes = handshakes.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                let hello = tokio::time::timeout(
-                    CLIENT_HELLO_TIMEOUT,
-                    LazyConfigAcceptor::new(Acceptor::default(), tcp),
-                )
+                let hello = tokio::time::timeout(CLIENT_HELLO_TIMEOUT, async {
+                    let resuming = peek_offers_ticket(&tcp).await;
+                    let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await;
+                    start.map(|start| (start, resuming))
+                })
                 .await;
-                let start = match hello {
-                    Ok(Ok(start)) => start,
+                let (start, resuming) = match hello {
+                    Ok(Ok(started)) => started,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "no valid ClientHello");
                         dropped("bad_client_hello");
@@ -242,7 +254,13 @@ pub fn incoming(
                     }
                 };
                 let hello_at = tokio::time::Instant::now();
-                let Ok(turn) = turns.acquire().await else {
+                // A client offering a ticket most likely resumes (no
+                // signatures, no chain): it waits in its own, wider queue
+                // instead of behind full handshakes, where it would time
+                // out and spend its ticket on the attempt. The queue is
+                // still bounded, for clients that offer made-up tickets.
+                let queue = if resuming { &resumptions } else { &turns };
+                let Ok(turn) = queue.acquire().await else {
                     return;
                 };
                 if hello_at.elapsed() > STALE_AFTER {
@@ -284,6 +302,101 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Whether the client's first TLS record is a ClientHello that offers a
+/// pre-shared key (a session ticket), read without consuming it. A hello
+/// that does not arrive whole, or does not parse, counts as not offering
+/// one: it waits with the full handshakes, and the acceptor judges it.
+async fn peek_offers_ticket(tcp: &TcpStream) -> bool {
+    let mut buf = vec![0u8; 5 + MAX_RECORD];
+    loop {
+        let n = match tcp.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        match offers_ticket(&buf[..n]) {
+            Some(offers) => return offers,
+            None if n == buf.len() => return false,
+            // Part of the record is still on its way (a hello split over
+            // segments); peek returns at once while anything is buffered.
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// The largest TLS plaintext record.
+const MAX_RECORD: usize = 16 * 1024;
+
+/// Whether `bytes`, the start of a client's stream, hold a ClientHello
+/// offering a pre-shared key: `None` while its first record is incomplete,
+/// `Some(false)` for anything that is not such a hello (another record, a
+/// hello spanning records, malformed data).
+pub fn offers_ticket(bytes: &[u8]) -> Option<bool> {
+    const HANDSHAKE: u8 = 22;
+    const CLIENT_HELLO: u8 = 1;
+    const PRE_SHARED_KEY: u16 = 41;
+    let header = bytes.get(..5)?;
+    if header[0] != HANDSHAKE {
+        return Some(false);
+    }
+    let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if length > MAX_RECORD {
+        return Some(false);
+    }
+    let record = bytes.get(5..5 + length)?;
+    let parsed = (|| {
+        let mut r = Reader(record);
+        if r.u8()? != CLIENT_HELLO {
+            return None;
+        }
+        let hello_length = r.u24()?;
+        let mut hello = Reader(r.take(hello_length)?);
+        hello.take(2 + 32)?; // legacy version, random
+        let session_id = usize::from(hello.u8()?);
+        hello.take(session_id)?;
+        let suites = hello.u16()?;
+        hello.take(usize::from(suites))?;
+        let compression = usize::from(hello.u8()?);
+        hello.take(compression)?;
+        let extensions_length = usize::from(hello.u16()?);
+        let mut extensions = Reader(hello.take(extensions_length)?);
+        while !extensions.0.is_empty() {
+            let kind = extensions.u16()?;
+            let length = extensions.u16()?;
+            extensions.take(usize::from(length))?;
+            if kind == PRE_SHARED_KEY {
+                return Some(true);
+            }
+        }
+        Some(false)
+    })();
+    Some(parsed.unwrap_or(false))
+}
+
+/// A cursor over TLS's big-endian length-prefixed fields.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        let b = self.take(2)?;
+        Some(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u24(&mut self) -> Option<usize> {
+        let b = self.take(3)?;
+        Some(usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))
+    }
 }
 
 /// Why a resumed session may not go on, if it may not: its client
@@ -450,6 +563,121 @@ mod tests {
             );
         }
         shutdown.cancel();
+    }
+
+    /// Move TLS bytes between an in-memory client and server until both
+    /// are quiet.
+    fn pump(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
+        for _ in 0..8 {
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).expect("client writes");
+            }
+            let mut read = &wire[..];
+            while !read.is_empty() {
+                server.read_tls(&mut read).expect("server reads");
+                server.process_new_packets().expect("server processes");
+            }
+            let mut wire = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut wire).expect("server writes");
+            }
+            let mut read = &wire[..];
+            while !read.is_empty() {
+                client.read_tls(&mut read).expect("client reads");
+                client.process_new_packets().expect("client processes");
+            }
+        }
+    }
+
+    fn first_flight(config: &Arc<rustls::ClientConfig>) -> (rustls::ClientConnection, Vec<u8>) {
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut client = rustls::ClientConnection::new(config.clone(), name).expect("client");
+        let mut hello = Vec::new();
+        client.write_tls(&mut hello).expect("hello");
+        (client, hello)
+    }
+
+    #[test]
+    fn a_client_hello_offering_a_ticket_is_told_from_one_that_does_not() {
+        use hotswap_common::pki::{CertificateAuthority, Principal};
+        use hotswap_common::tls::{ClientIdentity, ServerTrust};
+        let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
+        let server_cert = ca
+            .issue_server(&["localhost".into()], Duration::from_secs(3600))
+            .expect("server cert");
+        let node = ca
+            .issue_client_with_new_key(&Principal::Node("n1".into()), Duration::from_secs(3600))
+            .expect("client cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = crate::tickets::TicketKeys::open(
+            &dir.path().join("tls-tickets.json"),
+            Duration::from_secs(3600),
+            ca.cert_pem(),
+            hotswap_common::timefmt::now_ms(),
+        )
+        .expect("keys");
+        let server_config = server_config(
+            ca.cert_pem(),
+            &format!("{}{}", server_cert.cert_pem, ca.cert_pem()),
+            &server_cert.key_pem,
+            Some(Arc::new(keys)),
+        )
+        .expect("server config");
+        let client_config = hotswap_common::tls::client_config(
+            ServerTrust::Ca(ca.cert_pem().to_string()),
+            Some(ClientIdentity {
+                cert_pem: &node.cert_pem,
+                key_pem: &node.key_pem,
+            }),
+        )
+        .expect("client config");
+
+        let (mut client, fresh) = first_flight(&client_config);
+        assert_eq!(offers_ticket(&fresh), Some(false), "no ticket yet");
+        let mut server = rustls::ServerConnection::new(server_config.clone()).expect("server");
+        let mut read = &fresh[..];
+        server.read_tls(&mut read).expect("read");
+        server.process_new_packets().expect("process");
+        pump(&mut client, &mut server);
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+
+        let (_, resuming) = first_flight(&client_config);
+        assert_eq!(
+            offers_ticket(&resuming),
+            Some(true),
+            "the next hello offers the ticket"
+        );
+        // Incomplete: wait for more; complete with more after it: decided.
+        for cut in 0..resuming.len() {
+            assert_eq!(offers_ticket(&resuming[..cut]), None, "cut at {cut}");
+        }
+        let mut followed = resuming.clone();
+        followed.extend_from_slice(&[23, 3, 3, 0, 1, 0]);
+        assert_eq!(offers_ticket(&followed), Some(true));
+        // Not a handshake record, or a handshake that is not a hello.
+        assert_eq!(offers_ticket(&[23, 3, 3, 0, 1, 0]), Some(false));
+        let mut not_hello = resuming.clone();
+        not_hello[5] = 2;
+        assert_eq!(offers_ticket(&not_hello), Some(false));
+        // A record claiming more than TLS allows is not waited for.
+        assert_eq!(offers_ticket(&[22, 3, 1, 0xff, 0xff]), Some(false));
+        // Lengths inside the hello that overrun it.
+        for i in 5..resuming.len() {
+            let mut damaged = resuming.clone();
+            damaged[i] = 0xff;
+            assert!(offers_ticket(&damaged).is_some(), "byte {i}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_judged_without_panicking(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let judged = offers_ticket(&bytes);
+            if bytes.len() >= 5 + usize::from(u16::from_be_bytes([bytes.get(3).copied().unwrap_or(0), bytes.get(4).copied().unwrap_or(0)])) {
+                proptest::prop_assert!(judged.is_some());
+            }
+        }
     }
 
     #[test]
