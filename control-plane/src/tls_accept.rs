@@ -437,6 +437,28 @@ fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
+    /// A server config of `ca`'s with ticket keys in `dir`.
+    fn ticketing_server(
+        ca: &hotswap_common::pki::CertificateAuthority,
+        server: &hotswap_common::pki::CertifiedKeyPem,
+        dir: &std::path::Path,
+    ) -> Arc<ServerConfig> {
+        let keys = crate::tickets::TicketKeys::open(
+            &dir.join("tls-tickets.json"),
+            Duration::from_secs(3600),
+            ca.cert_pem(),
+            hotswap_common::timefmt::now_ms(),
+        )
+        .expect("ticket keys");
+        server_config(
+            ca.cert_pem(),
+            &format!("{}{}", server.cert_pem, ca.cert_pem()),
+            &server.key_pem,
+            Some(Arc::new(keys)),
+        )
+        .expect("server config")
+    }
+
     /// One client connection: the handshake kind the client saw, and
     /// whether the server then sent it the greeting (a connection the
     /// server closed after the handshake reads nothing).
@@ -480,20 +502,7 @@ mod tests {
             )
             .expect("client cert");
         let dir = tempfile::tempdir().expect("tempdir");
-        let keys = crate::tickets::TicketKeys::open(
-            &dir.path().join("tls-tickets.json"),
-            Duration::from_secs(3600),
-            ca.cert_pem(),
-            hotswap_common::timefmt::now_ms(),
-        )
-        .expect("ticket keys");
-        let config = server_config(
-            ca.cert_pem(),
-            &format!("{}{}", server.cert_pem, ca.cert_pem()),
-            &server.key_pem,
-            Some(Arc::new(keys)),
-        )
-        .expect("server config");
+        let config = ticketing_server(&ca, &server, dir.path());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let metrics = Arc::new(Metrics::new().0);
@@ -625,20 +634,7 @@ mod tests {
             .issue_client_with_new_key(&Principal::Node("n1".into()), Duration::from_secs(3600))
             .expect("client cert");
         let dir = tempfile::tempdir().expect("tempdir");
-        let keys = crate::tickets::TicketKeys::open(
-            &dir.path().join("tls-tickets.json"),
-            Duration::from_secs(3600),
-            ca.cert_pem(),
-            hotswap_common::timefmt::now_ms(),
-        )
-        .expect("keys");
-        let server_config = server_config(
-            ca.cert_pem(),
-            &format!("{}{}", server_cert.cert_pem, ca.cert_pem()),
-            &server_cert.key_pem,
-            Some(Arc::new(keys)),
-        )
-        .expect("server config");
+        let server_config = ticketing_server(&ca, &server_cert, dir.path());
         let client_config = hotswap_common::tls::client_config(
             ServerTrust::Ca(ca.cert_pem().to_string()),
             Some(ClientIdentity {
