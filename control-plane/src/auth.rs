@@ -23,6 +23,7 @@ use hotswap_common::pki::{self, Principal};
 use hotswap_common::timefmt::now_ms;
 use rustls::pki_types::CertificateDer;
 use tonic::Request;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::error::ApiError;
 use crate::store::UserRecords;
@@ -98,7 +99,7 @@ pub fn delegation<'a>(
 /// The delegation of a call whose TLS peer is a replica; `None` for any
 /// other peer, whatever headers it sent.
 fn delegation_of<T>(request: &Request<T>) -> Option<Result<Option<Delegation>, String>> {
-    let direct = direct_peer(request.peer_certs()).ok()?;
+    let direct = connection_peer(request.extensions()).ok()?;
     matches!(direct.principal, Principal::Replica(_))
         .then(|| delegation(|name| request.metadata().get(name)?.to_str().ok()))
 }
@@ -132,7 +133,7 @@ impl RequestInfo {
             _ => None,
         };
         Self {
-            peer_addr: forwarded_for.or_else(|| request.remote_addr()),
+            peer_addr: forwarded_for.or_else(|| remote_addr(request.extensions())),
             trace_id,
         }
     }
@@ -150,6 +151,63 @@ pub fn trace_id_from_traceparent(value: &str) -> Option<String> {
 }
 
 const NO_CERT: &str = "this call requires a client certificate issued by the control plane";
+
+/// What every request on one connection carries about it: the TLS
+/// connection (addresses, certificate chain) and the identity its client
+/// certificate names, read once when the connection was accepted rather
+/// than parsed again on each call (an agent makes several per deployment).
+/// Servers accept [`crate::tls_accept::Accepted`] streams, whose
+/// `tonic::transport::server::Connected` info this is.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    tls: TlsConnectInfo<TcpConnectInfo>,
+    /// The direct peer, or why its certificate is not usable.
+    peer: Arc<Result<Peer, String>>,
+}
+
+impl Connection {
+    pub fn new(tls: TlsConnectInfo<TcpConnectInfo>) -> Self {
+        let peer = direct_peer(tls.peer_certs()).map_err(|e| match e {
+            ApiError::Unauthenticated(reason) => reason,
+            other => other.to_string(),
+        });
+        Self {
+            tls,
+            peer: Arc::new(peer),
+        }
+    }
+
+    /// The connection a request came on (`None` for a request that did not
+    /// come through our TLS listener, such as one built in a test).
+    pub fn of(extensions: &tonic::codegen::http::Extensions) -> Option<&Self> {
+        extensions.get::<Self>()
+    }
+
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.tls.get_ref().remote_addr()
+    }
+
+    /// The client certificate's identity, as read at accept.
+    pub fn peer(&self) -> Result<Peer, ApiError> {
+        match &*self.peer {
+            Ok(peer) => Ok(peer.clone()),
+            Err(reason) => Err(ApiError::Unauthenticated(reason.clone())),
+        }
+    }
+}
+
+/// The identity of the client certificate a request's connection presented.
+pub fn connection_peer(extensions: &tonic::codegen::http::Extensions) -> Result<Peer, ApiError> {
+    match Connection::of(extensions) {
+        Some(connection) => connection.peer(),
+        None => Err(ApiError::Unauthenticated(NO_CERT.into())),
+    }
+}
+
+/// The address a request came from.
+pub fn remote_addr(extensions: &tonic::codegen::http::Extensions) -> Option<SocketAddr> {
+    Connection::of(extensions).and_then(Connection::remote_addr)
+}
 
 /// The identity of the client certificate the TLS peer presented (the TLS
 /// layer verified its chain to our CA).
@@ -170,7 +228,7 @@ pub fn direct_peer(certs: Option<Arc<Vec<CertificateDer<'static>>>>) -> Result<P
 /// replica forwarded, the user's it names with the certificate that user
 /// presented to the replica.
 pub fn peer<T>(request: &Request<T>) -> Result<Peer, ApiError> {
-    let direct = direct_peer(request.peer_certs())?;
+    let direct = connection_peer(request.extensions())?;
     let Principal::Replica(replica) = &direct.principal else {
         // Only a replica may speak for someone else: anyone else's
         // forwarding headers are ignored.
@@ -193,7 +251,7 @@ pub fn peer<T>(request: &Request<T>) -> Result<Peer, ApiError> {
 /// The user a certificate names, if it is a user certificate (for audit
 /// records of refused calls).
 pub fn claimed_user<T>(request: &Request<T>) -> String {
-    let claimed = peer(request).or_else(|_| direct_peer(request.peer_certs()));
+    let claimed = peer(request).or_else(|_| connection_peer(request.extensions()));
     match claimed.map(|p| p.principal) {
         Ok(Principal::User(name)) => name,
         Ok(Principal::Node(id)) => format!("node:{id}"),

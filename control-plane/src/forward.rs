@@ -32,7 +32,6 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::codegen::http::header::{HeaderMap, HeaderValue};
 use tonic::transport::Channel;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Service, ServiceExt};
 
 use crate::auth::{self, Peer};
@@ -193,13 +192,9 @@ impl Forward {
             Route::Leader { name, endpoint } => (name, endpoint),
             Route::Refuse(message) => return Err(refuse(message)),
         };
-        let connection = request
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .cloned();
-        let caller = auth::direct_peer(connection.as_ref().and_then(|c| c.peer_certs()))
+        let caller = auth::connection_peer(request.extensions())
             .map_err(|e| tonic::Status::unauthenticated(e.to_string()).into_http())?;
-        let caller_addr = connection.as_ref().and_then(|c| c.get_ref().remote_addr());
+        let caller_addr = auth::remote_addr(request.extensions());
         set_forwarding_headers(request.headers_mut(), &self.replica, &caller, caller_addr)
             .map_err(|NotForwarded(why)| tonic::Status::permission_denied(why).into_http())?;
         let channel = self.channel(&endpoint).map_err(|e| {

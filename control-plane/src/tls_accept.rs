@@ -40,19 +40,24 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hotswap_common::tls::{self, TlsError};
 use rustls::server::{Acceptor, NoServerSessionStorage, ProducesTickets, WebPkiClientVerifier};
 use rustls::{HandshakeKind, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
 
+use crate::auth::Connection;
 use crate::metrics::{DropReasonLabel, HandshakeLabel, Metrics};
 
 /// A client must have sent its whole ClientHello by then. Real clients send
@@ -186,13 +191,73 @@ impl Drop for PendingSlot {
     }
 }
 
+/// A connection whose TLS handshake completed: the stream the server reads
+/// and writes, and, through [`Connected`], the [`Connection`] every
+/// request on it carries (the client certificate's identity is read once
+/// here, not on each call).
+pub struct Accepted(TlsStream<TcpStream>);
+
+impl Accepted {
+    pub fn get_ref(&self) -> &TlsStream<TcpStream> {
+        &self.0
+    }
+}
+
+impl Connected for Accepted {
+    type ConnectInfo = Connection;
+
+    fn connect_info(&self) -> Connection {
+        Connection::new(self.0.connect_info())
+    }
+}
+
+impl AsyncRead for Accepted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Accepted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 /// Accept TCP connections and complete TLS handshakes until `shutdown`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<Accepted, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let turns = Arc::new(tokio::sync::Semaphore::new(cores * HANDSHAKES_PER_CORE));
@@ -287,7 +352,7 @@ pub fn incoming(
                             dropped("resumed_expired");
                             return;
                         }
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(Accepted(stream))).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -479,6 +544,86 @@ mod tests {
             .await
             .expect("the server answers or closes");
         (kind, read.is_ok() && &greeting == b"hello")
+    }
+
+    /// Every request on a connection carries the identity its client
+    /// certificate names, read once at accept; a connection without a
+    /// client certificate carries the reason calls are refused, and the
+    /// client's address either way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn accepted_connections_carry_the_identity_read_at_accept() {
+        use hotswap_common::pki::{CertificateAuthority, Principal};
+        use hotswap_common::tls::{ClientIdentity, ServerTrust};
+        use tokio_stream::StreamExt;
+
+        let (ca, _) = CertificateAuthority::generate("test ca").expect("ca");
+        let server = ca
+            .issue_server(&["localhost".into()], Duration::from_secs(3600))
+            .expect("server cert");
+        let node = ca
+            .issue_client_with_new_key(&Principal::Node("n7".into()), Duration::from_secs(3600))
+            .expect("client cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = ticketing_server(&ca, &server, dir.path());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::new(Metrics::new().0);
+        let shutdown = CancellationToken::new();
+        let mut accepted = incoming(listener, config, metrics, shutdown.clone());
+        let trust = || ServerTrust::Ca(ca.cert_pem().to_string());
+        let with_cert = hotswap_common::tls::client_config(
+            trust(),
+            Some(ClientIdentity {
+                cert_pem: &node.cert_pem,
+                key_pem: &node.key_pem,
+            }),
+        )
+        .expect("client config");
+        let without_cert = hotswap_common::tls::client_config(trust(), None).expect("config");
+
+        for (client, expect_node) in [(with_cert, true), (without_cert, false)] {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let local = tcp.local_addr().expect("local addr");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let connecting = tokio_rustls::TlsConnector::from(client).connect(name, tcp);
+            let (client_side, server_side) = tokio::join!(connecting, accepted.next());
+            let _client_side = client_side.expect("client handshake");
+            let server_side = server_side.expect("accepted").expect("stream");
+            let connection = server_side.connect_info();
+            assert_eq!(connection.remote_addr(), Some(local));
+            let mut extensions = tonic::codegen::http::Extensions::new();
+            extensions.insert(connection.clone());
+            match crate::auth::connection_peer(&extensions) {
+                Ok(peer) => {
+                    assert!(
+                        expect_node,
+                        "a connection without a certificate has no peer"
+                    );
+                    assert_eq!(peer.principal, Principal::Node("n7".into()));
+                    assert_eq!(
+                        peer.cert_fingerprint,
+                        hotswap_common::pki::der_fingerprint(&first_der(&node.cert_pem))
+                    );
+                }
+                Err(e) => {
+                    assert!(!expect_node, "refused: {e}");
+                    assert!(e.to_string().contains("client certificate"), "{e}");
+                }
+            }
+        }
+        // A request that came some other way names nobody.
+        let none = tonic::codegen::http::Extensions::new();
+        assert!(crate::auth::connection_peer(&none).is_err());
+        assert_eq!(crate::auth::remote_addr(&none), None);
+        shutdown.cancel();
+    }
+
+    /// The DER of the first certificate of a PEM text.
+    fn first_der(pem: &str) -> Vec<u8> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .expect("pem")
+            .to_vec()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,7 +38,6 @@ use axum::http::request::Parts;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::metadata::{MetadataMap, MetadataValue};
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::Service;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -96,11 +95,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Call {
             metadata.insert("traceparent", value);
         }
         let mut extensions = http::Extensions::new();
-        if let Some(tls) = parts.extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
-            extensions.insert(tls.clone());
-        }
-        if let Some(tcp) = parts.extensions.get::<TcpConnectInfo>() {
-            extensions.insert(tcp.clone());
+        if let Some(connection) = crate::auth::Connection::of(&parts.extensions) {
+            extensions.insert(connection.clone());
         }
         Ok(Call {
             extensions,

@@ -110,6 +110,9 @@ pub enum NodeChange {
 
 struct LiveSession {
     generation: u64,
+    /// The node's name, fixed at enrollment: what its events are told
+    /// under, without a storage read per report.
+    name: Box<str>,
     last_seen_ms: u64,
     cancel: CancellationToken,
     desired: watch::Sender<DesiredRecord>,
@@ -506,6 +509,7 @@ impl Registry {
                 node_id.to_string(),
                 LiveSession {
                     generation,
+                    name: record.name.as_str().into(),
                     last_seen_ms: now,
                     cancel: cancel.clone(),
                     desired: desired_tx,
@@ -637,7 +641,7 @@ impl Registry {
     /// other than the metrics changed.
     pub fn report(&self, handle: &SessionHandle, report: Report) {
         self.metrics.reports.inc();
-        let state = {
+        let (state, events, changed) = {
             let mut live = self.lock_live();
             let Some(session) = live.get_mut(&handle.node_id) else {
                 return;
@@ -685,19 +689,30 @@ impl Registry {
             if !changed && transitions.is_empty() {
                 return;
             }
-            match self.store.get_node(&handle.node_id) {
-                Ok(Some(record)) => {
-                    for event in transitions {
-                        self.events.append(event.node(&record.name));
-                    }
-                    if !changed {
-                        return;
-                    }
-                    self.watched().then(|| self.state_of(record, &live))
+            let events: Vec<Event> = transitions
+                .into_iter()
+                .map(|event| event.node(&session.name))
+                .collect();
+            // The node's full state (a storage read) only for `nodes watch`.
+            let state = if changed && self.watched() {
+                match self.store.get_node(&handle.node_id) {
+                    Ok(Some(record)) => Some(self.state_of(record, &live)),
+                    _ => None,
                 }
-                _ => return,
-            }
+            } else {
+                None
+            };
+            (state, events, changed)
         };
+        // Appended outside the sessions' lock, which the engine's
+        // observation takes: a session's reports come one at a time, so
+        // its events keep their order.
+        for event in events {
+            self.events.append(event);
+        }
+        if !changed {
+            return;
+        }
         self.changed_node(state);
     }
 
