@@ -705,6 +705,18 @@ impl Engine {
         // (blue-green staging and switch, rollback, re-assertion after a
         // restart) of the deployment's.
         let parent = trace::wave(record, actions).unwrap_or_else(|| record.traceparent.clone());
+        // Node names for the commands' spans: looked up once per batch, not
+        // by a search of every track per command.
+        let names: std::collections::HashMap<&str, &str> = if parent.is_empty() {
+            std::collections::HashMap::new()
+        } else {
+            record
+                .deployment
+                .nodes
+                .iter()
+                .map(|t| (t.node.as_str(), t.name.as_str()))
+                .collect()
+        };
         let mut changes = Vec::new();
         for action in actions {
             match action {
@@ -714,6 +726,7 @@ impl Engine {
                             record,
                             &parent,
                             node,
+                            names.get(node.as_str()).copied().unwrap_or(node),
                             "set_version",
                             DesiredModuleRecord {
                                 version: version.clone(),
@@ -733,6 +746,7 @@ impl Engine {
                         record,
                         &parent,
                         node,
+                        names.get(node.as_str()).copied().unwrap_or(node),
                         "stage",
                         DesiredModuleRecord {
                             version: active.clone(),
@@ -764,6 +778,7 @@ impl Engine {
         record: &DeploymentRecord,
         parent: &str,
         node: &str,
+        name: &str,
         kind: &str,
         mut desired: DesiredModuleRecord,
     ) -> DesiredModuleRecord {
@@ -785,6 +800,7 @@ impl Engine {
             parent,
             &NodeCommand {
                 node,
+                name,
                 kind,
                 version: &desired.version,
                 staged_version: &desired.staged_version,

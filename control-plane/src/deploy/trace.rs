@@ -61,6 +61,8 @@ pub fn wave(record: &DeploymentRecord, actions: &[Action]) -> Option<String> {
 /// What a node command sets on `node`.
 pub struct NodeCommand<'a> {
     pub node: &'a str,
+    /// The node's name (its id when the deployment does not list it).
+    pub name: &'a str,
     /// `set_version` or `stage`.
     pub kind: &'a str,
     pub version: &'a str,
@@ -69,13 +71,7 @@ pub struct NodeCommand<'a> {
 
 /// A span for one node command, a child of `parent`, and its context.
 pub fn node_command(record: &DeploymentRecord, parent: &str, command: &NodeCommand<'_>) -> String {
-    let node = command.node;
-    let name = record
-        .deployment
-        .nodes
-        .iter()
-        .find(|t| t.node == node)
-        .map_or(node, |t| t.name.as_str());
+    let (node, name) = (command.node, command.name);
     let span = telemetry::span_with_parent(
         tracing::info_span!(
             target: telemetry::TARGET,
