@@ -115,6 +115,9 @@ pub struct ArtifactDescriptor {
     /// Publisher signatures over the digest; an unreadable one only matters
     /// when the artifact must be downloaded.
     pub signatures: Result<Vec<Signature>, String>,
+    /// The keys the source trusts, when it sent them with the descriptor
+    /// (`None`: ask [`ArtifactSource::trusted_keys`]).
+    pub trusted_keys: Option<Vec<TrustedKey>>,
 }
 
 /// A publisher key a source trusts.
@@ -313,15 +316,25 @@ impl ArtifactStore {
     }
 
     /// The trust set to verify with: pinned keys, or the control plane's set
-    /// as `source` lists it now (stored for offline use).
-    pub async fn trust_set<S: ArtifactSource>(&self, source: &S) -> Result<TrustSet, FetchError> {
+    /// as `source` lists it now (stored for offline use). `sent` is the set
+    /// the source sent with the artifact's descriptor, if it did: then no
+    /// separate call asks for it.
+    pub async fn trust_set<S: ArtifactSource>(
+        &self,
+        source: &S,
+        sent: Option<Vec<TrustedKey>>,
+    ) -> Result<TrustSet, FetchError> {
         let keys = match &self.trust {
             TrustSource::Pinned(keys) => keys.clone(),
             TrustSource::ControlPlane => {
-                let keys: Vec<(String, String)> = source
-                    .trusted_keys()
-                    .await
-                    .map_err(|e| e.fetching("cannot read the trusted keys"))?
+                let listed = match sent {
+                    Some(keys) => keys,
+                    None => source
+                        .trusted_keys()
+                        .await
+                        .map_err(|e| e.fetching("cannot read the trusted keys"))?,
+                };
+                let keys: Vec<(String, String)> = listed
                     .into_iter()
                     .map(|k| (k.name, k.public_key_pem))
                     .collect();
@@ -441,7 +454,7 @@ impl ArtifactStore {
             .await
             .map_err(|e| e.fetching(what))?;
         let digest = descriptor.digest;
-        let trust = self.trust_set(source).await?;
+        let trust = self.trust_set(source, descriptor.trusted_keys).await?;
         let downloaded = if self.cache_path(&digest).is_file() {
             None
         } else {
@@ -973,6 +986,7 @@ mod source_tests {
                 digest: info.digest,
                 size: content.len() as u64,
                 signatures: Ok(info.signatures.clone()),
+                trusted_keys: None,
             },
             content,
             keys: vec![TrustedKey {
@@ -1039,6 +1053,28 @@ mod source_tests {
             "{err}"
         );
         assert_eq!(partial_files(&f), 0, "nothing kept to resume");
+    }
+
+    /// Keys the source sent with the descriptor are the trust set: the
+    /// source's own list is not asked for, so a descriptor that trusts no
+    /// key refuses the artifact even though the list would trust it.
+    #[tokio::test]
+    async fn keys_sent_with_the_descriptor_are_the_trust_set() {
+        let mut f = fixture();
+        let trusted = std::mem::take(&mut f.source.keys);
+        f.source.descriptor.trusted_keys = Some(trusted);
+        store(&f)
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect("verified with the keys sent along");
+
+        let mut f = fixture();
+        f.source.descriptor.trusted_keys = Some(Vec::new());
+        let err = store(&f)
+            .fetch(&f.source, "hello", "1.0.0")
+            .await
+            .expect_err("no key sent along is trusted");
+        assert!(matches!(err, FetchError::Rejected(_)), "{err:?}");
     }
 
     #[tokio::test]

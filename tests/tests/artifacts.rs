@@ -229,13 +229,50 @@ fn push_is_verified_idempotent_and_immutable() {
     assert_eq!(list.as_array().map(Vec::len), Some(1));
     assert_eq!(blob_count(&cp), 2);
 
+    // A descriptor carries the trusted keys, so that an agent verifying the
+    // artifact needs no ListKeys call; a revoked key is left out of it.
+    let other_key = publisher(dir.path(), "second");
+    cp.ctl(&["keys", "trust", path(&other_key.public), "--name", "second"])
+        .ok();
+    let described = |cp: &ControlPlane| {
+        let channel = hotswap_tests::channel_for(&cp.admin_profile(), &cp.url());
+        hotswap_tests::runtime().block_on(async move {
+            hotswap_common::pb::artifacts_client::ArtifactsClient::new(channel)
+                .describe_artifact(hotswap_common::pb::DescribeArtifactRequest {
+                    name: "hello".into(),
+                    version: "1.1.0".into(),
+                })
+                .await
+                .expect("describe")
+                .into_inner()
+        })
+    };
+    let names = |d: &hotswap_common::pb::ArtifactDescriptor| -> Vec<String> {
+        let mut names: Vec<String> = d.trusted_keys.iter().map(|k| k.name.clone()).collect();
+        names.sort();
+        names
+    };
+    let descriptor = described(&cp);
+    assert!(descriptor.trusted_keys_included);
+    assert_eq!(names(&descriptor), ["ci", "second"]);
+    cp.ctl(&["keys", "revoke", "second"]).ok();
+    assert_eq!(names(&described(&cp)), ["ci"], "a revoked key is not sent");
+
     // Revoking the only key makes new pushes signed by it fail.
     cp.ctl(&["keys", "revoke", "ci"]).ok();
     let v3 = pack(dir.path(), "hello", "1.2.0", b"v3", &ci.key);
     let out = cp.ctl(&["module", "push", path(&v3)]);
     assert_eq!(out.code, 1, "{out:?}");
     let keys = cp.ctl(&["-o", "json", "keys", "list"]).json();
-    assert_eq!(keys[0]["status"], "revoked");
+    assert!(
+        keys.as_array()
+            .expect("keys")
+            .iter()
+            .all(|k| k["status"] == "revoked"),
+        "{keys}"
+    );
+    let descriptor = described(&cp);
+    assert!(descriptor.trusted_keys_included && descriptor.trusted_keys.is_empty());
 
     // Durable across a kill.
     cp.kill();

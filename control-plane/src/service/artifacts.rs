@@ -408,12 +408,25 @@ impl ArtifactsService {
                 })
             })
             .collect::<Result<_, ApiError>>()?;
+        // What ListKeys would answer now, less the revoked keys: the agent
+        // verifies with the set as of this call, as it did with its own
+        // ListKeys right after it, without the round trip.
+        let trusted_keys = self
+            .ctx
+            .store()
+            .list_keys()?
+            .iter()
+            .filter(|k| k.revoked_at_ms.is_none())
+            .map(key_to_pb)
+            .collect();
         Ok(pb::ArtifactDescriptor {
             name: record.name,
             version: record.version,
             digest: record.digest,
             size: record.size,
             signatures,
+            trusted_keys,
+            trusted_keys_included: true,
         })
     }
 }

@@ -883,6 +883,13 @@ pub fn message_seeds() -> Vec<Seed> {
                     expires_at_ms: 0,
                     signature: vec![7; 64],
                 }],
+                trusted_keys: vec![pb::PublisherKey {
+                    name: "ci".into(),
+                    key_id: keys::key_id(&fuzz_publisher_key().verifying_key()),
+                    public_key_pem: public_key_pem(&fuzz_publisher_key().verifying_key()),
+                    ..Default::default()
+                }],
+                trusted_keys_included: true,
             },
         ),
         message_seed(

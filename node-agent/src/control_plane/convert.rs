@@ -85,18 +85,21 @@ pub fn descriptor_from_pb(
 ) -> Result<ArtifactDescriptor, SourceError> {
     let digest = Digest::parse(&descriptor.digest)
         .map_err(|e| SourceError::Invalid(format!("{what}: {e}")))?;
+    let trusted_keys = descriptor
+        .trusted_keys_included
+        .then(|| trusted_keys_from_pb(descriptor.trusted_keys));
     Ok(ArtifactDescriptor {
         digest,
         size: descriptor.size,
         signatures: hotswap_common::convert::signatures_from_pb(&descriptor.signatures, what),
+        trusted_keys,
     })
 }
 
-/// The keys the control plane trusts now: revoked ones are left out.
-pub fn trusted_keys_from_pb(reply: pb::ListKeysResponse) -> Vec<TrustedKey> {
-    reply
-        .keys
-        .into_iter()
+/// The keys the control plane trusts now (a `ListKeys` reply's, or those
+/// sent with a descriptor): revoked ones are left out.
+pub fn trusted_keys_from_pb(keys: Vec<pb::PublisherKey>) -> Vec<TrustedKey> {
+    keys.into_iter()
         .filter(|k| k.revoked_at.is_none())
         .map(|k| TrustedKey {
             name: k.name,
@@ -203,9 +206,7 @@ mod tests {
             revoked_at: revoked.then(Default::default),
             ..Default::default()
         };
-        let keys = trusted_keys_from_pb(pb::ListKeysResponse {
-            keys: vec![key("ci", false), key("old", true)],
-        });
+        let keys = trusted_keys_from_pb(vec![key("ci", false), key("old", true)]);
         assert_eq!(
             keys,
             [TrustedKey {
@@ -213,6 +214,57 @@ mod tests {
                 public_key_pem: "pem of ci".into(),
             }]
         );
+    }
+
+    /// Keys sent with a descriptor are the trust set to verify with; a
+    /// descriptor from a control plane that sends none (the flag unset)
+    /// leaves the agent to ask `ListKeys`, even when it trusts no key.
+    #[test]
+    fn keys_sent_with_a_descriptor_are_used_only_when_flagged() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let key = |name: &str, revoked: bool| pb::PublisherKey {
+            name: name.into(),
+            public_key_pem: format!("pem of {name}"),
+            revoked_at: revoked.then(Default::default),
+            ..Default::default()
+        };
+        let sent = descriptor_from_pb(
+            pb::ArtifactDescriptor {
+                digest: digest.clone(),
+                trusted_keys: vec![key("ci", false), key("old", true)],
+                trusted_keys_included: true,
+                ..Default::default()
+            },
+            "artifact web@1.0.0",
+        )
+        .expect("descriptor");
+        assert_eq!(
+            sent.trusted_keys,
+            Some(vec![TrustedKey {
+                name: "ci".into(),
+                public_key_pem: "pem of ci".into(),
+            }])
+        );
+        let none_trusted = descriptor_from_pb(
+            pb::ArtifactDescriptor {
+                digest: digest.clone(),
+                trusted_keys_included: true,
+                ..Default::default()
+            },
+            "artifact web@1.0.0",
+        )
+        .expect("descriptor");
+        assert_eq!(none_trusted.trusted_keys, Some(Vec::new()));
+        let older = descriptor_from_pb(
+            pb::ArtifactDescriptor {
+                digest,
+                trusted_keys: vec![key("ci", false)],
+                ..Default::default()
+            },
+            "artifact web@1.0.0",
+        )
+        .expect("descriptor");
+        assert_eq!(older.trusted_keys, None);
     }
 
     #[test]

@@ -473,7 +473,7 @@ impl ArtifactSource for Connection {
             .await
             .map_err(|s| source_error(&s))?
             .into_inner();
-        Ok(convert::trusted_keys_from_pb(reply))
+        Ok(convert::trusted_keys_from_pb(reply.keys))
     }
 
     async fn content(&self, digest: &Digest, offset: u64) -> Result<ContentStream, SourceError> {
