@@ -235,8 +235,9 @@ fn push_is_verified_idempotent_and_immutable() {
     cp.ctl(&["keys", "trust", path(&other_key.public), "--name", "second"])
         .ok();
     let described = |cp: &ControlPlane| {
-        let channel = hotswap_tests::channel_for(&cp.admin_profile(), &cp.url());
-        hotswap_tests::runtime().block_on(async move {
+        let (profile, url) = (cp.admin_profile(), cp.url());
+        runtime().block_on(async move {
+            let channel = hotswap_tests::channel_for(&profile, &url);
             hotswap_common::pb::artifacts_client::ArtifactsClient::new(channel)
                 .describe_artifact(hotswap_common::pb::DescribeArtifactRequest {
                     name: "hello".into(),
