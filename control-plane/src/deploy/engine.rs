@@ -52,7 +52,7 @@ use crate::store::{
 use crate::store::{DesiredModuleRecord, HistoryOrigin};
 
 // Where these lived before the split; services and benchmarks name them here.
-pub use super::observe::{analyze, observe_nodes};
+pub use super::observe::{Observation, analyze, observe_nodes};
 pub use super::pipeline::{PipelineRecord, PipelineStage, PipelineState, StageState};
 pub use super::plan::PlanView;
 pub use super::record::DeploymentRecord;
@@ -109,6 +109,9 @@ pub struct Engine {
     updates: broadcast::Sender<Arc<DeploymentRecord>>,
     /// When each active deployment was last written by `step_all`.
     persisted_at: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Each active deployment's observation, kept between passes so a pass
+    /// reads only the nodes whose reports changed (`step_all` only).
+    observations: std::sync::Mutex<HashMap<String, Observation>>,
     /// One pipeline pass at a time: `run_pipeline` and the engine loop both
     /// advance pipelines, and two passes working from the same snapshot
     /// would both start a stage's deployment.
@@ -187,6 +190,7 @@ impl Engine {
             pipelines: Mutex::new(pipelines.into_iter().map(|p| (p.id.clone(), p)).collect()),
             updates,
             persisted_at: std::sync::Mutex::new(HashMap::new()),
+            observations: std::sync::Mutex::new(HashMap::new()),
             pipeline_pass: Mutex::new(()),
             yanks_checked: std::sync::atomic::AtomicU64::new(u64::MAX),
             catch_ups: std::sync::Mutex::default(),
@@ -543,6 +547,9 @@ impl Engine {
             .filter(|(_, r)| !r.deployment.state.is_terminal())
             .map(|(id, _)| id.clone())
             .collect();
+        // Observations of deployments that ended some other way (a control
+        // call) are dropped.
+        self.observations().retain(|id, _| ids.contains(id));
         // Yanks live in the artifact records: read them only on the first
         // pass (a yank made before a restart) and after a yank changed.
         let generation = self.registry.yank_generation();
@@ -561,6 +568,7 @@ impl Engine {
             let yank = check_yanks
                 .then(|| self.yank_of(&record.deployment))
                 .flatten();
+            let mut observation = self.observations().remove(&id).unwrap_or_default();
             let input = match yank {
                 Some(yank) if record.deployment.state != State::RollingBack => {
                     Input::Control(Control::Yanked {
@@ -568,13 +576,25 @@ impl Engine {
                         reason: yank.reason,
                     })
                 }
-                _ => self.observe(&record.deployment),
+                _ => self.observe(&mut observation, &record.deployment),
             };
             let window = self.window(&record.environment);
-            let Ok((mut next, actions)) = record.deployment.step_in(now, &input, &window) else {
+            let stepped = record.deployment.step_in(now, &input, &window);
+            if let Input::Observe { nodes, .. } = input {
+                observation.restore(nodes);
+            }
+            let keep = |observation| {
+                self.observations().insert(id.clone(), observation);
+            };
+            let Ok((mut next, actions)) = stepped else {
+                keep(observation);
                 continue;
             };
-            drop(input);
+            if next.state.is_terminal() {
+                drop(observation);
+            } else {
+                keep(observation);
+            }
             if next == record.deployment {
                 continue;
             }
@@ -809,9 +829,16 @@ impl Engine {
         desired
     }
 
-    /// Observation of a deployment's nodes, and canary analysis during a hold.
-    fn observe(&self, deployment: &Deployment) -> Input {
-        let nodes = observe_nodes(&self.registry, deployment);
+    fn observations(&self) -> std::sync::MutexGuard<'_, HashMap<String, Observation>> {
+        // Plain bookkeeping: a panic elsewhere leaves nothing half-done here.
+        self.observations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Observation of a deployment's nodes (brought up to date in
+    /// `observation`, which lends its reports to the returned input), and
+    /// canary analysis during a hold.
+    fn observe(&self, observation: &mut Observation, deployment: &Deployment) -> Input {
+        let nodes = observation.refresh(&self.registry, deployment);
         let analysis = match (&deployment.spec.strategy, deployment.hold_since_ms) {
             (Strategy::Canary { .. }, Some(since)) if deployment.state == State::Running => {
                 Some(self.analyze(deployment, since))

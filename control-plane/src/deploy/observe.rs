@@ -1,10 +1,90 @@
 //! What the engine reads from the registry's memory for one step of a
 //! deployment: the nodes' reports, and the canary analysis during a hold.
 
+use std::collections::HashMap;
+
 use super::machine::{
     Aggregate, Analysis, Deployment, MAX_LATENCY_WINDOWS, NodeReport, NodeState, Reports,
 };
-use crate::registry::Registry;
+use crate::registry::{Observed, Registry, Stamp};
+
+/// A node's report as the machine reads it, from what the registry holds.
+fn report_of(seen: Observed<'_>) -> NodeReport {
+    let current = seen.connected && seen.current;
+    match seen.module {
+        Some(m) => NodeReport {
+            connected: seen.connected,
+            current,
+            version: m.version.clone(),
+            phase: m.phase,
+            health: m.health,
+            crash_loop: m.crash_loop,
+            staged_version: m.staged_version.clone(),
+            message: m.message.clone(),
+            settling: m.settling.clone(),
+            failure: m.failure_kind,
+        },
+        None => NodeReport {
+            connected: seen.connected,
+            current,
+            ..NodeReport::default()
+        },
+    }
+}
+
+/// The engine's observation of one deployment, kept from one pass to the
+/// next: each pass reads again only the nodes whose [`Stamp`] moved (a
+/// report that changed more than metrics, a new session, a new desired
+/// state) and those connected to another replica, instead of building a
+/// report for every watched node of a large fleet each time.
+#[derive(Default)]
+pub struct Observation {
+    reports: Reports,
+    /// The stamp each report in `reports` was read under (nodes connected here).
+    stamps: HashMap<String, Stamp>,
+}
+
+impl Observation {
+    /// The reports of the nodes `deployment` watches now, brought up to
+    /// date. What [`observe_nodes`] would answer, except that nodes no
+    /// longer watched may keep their last report: the machine does not
+    /// read reports of nodes in states that do not read one.
+    pub fn refresh(&mut self, registry: &Registry, deployment: &Deployment) -> Reports {
+        let watched: Vec<&str> = deployment
+            .nodes
+            .iter()
+            .filter(|t| t.state.reads_report())
+            .map(|t| t.node.as_str())
+            .collect();
+        let stamps = &mut self.stamps;
+        let reports = &mut self.reports;
+        let mut read = Vec::new();
+        registry.observe_changed(
+            &watched,
+            &deployment.spec.module,
+            |i, stamp| stamps.get(watched[i]) == Some(&stamp),
+            |i, stamp, seen| read.push((i, stamp, report_of(seen))),
+        );
+        for (i, stamp, report) in read {
+            let node = watched[i];
+            match stamp {
+                Some(stamp) => {
+                    stamps.insert(node.to_string(), stamp);
+                }
+                None => {
+                    stamps.remove(node);
+                }
+            }
+            reports.insert(node.to_string(), report);
+        }
+        std::mem::take(reports)
+    }
+
+    /// Hand back the reports [`Observation::refresh`] lent for a step.
+    pub fn restore(&mut self, reports: Reports) {
+        self.reports = reports;
+    }
+}
 
 /// What every node of `deployment` reports now, from the registry's memory:
 /// the machine's input for one step (the engine's, and the benchmarks').
@@ -18,28 +98,7 @@ pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
         .filter(|t| t.state.reads_report())
         .map(|t| t.node.as_str())
         .collect();
-    let reports = registry.observe(&watched, module, |seen| {
-        let current = seen.connected && seen.current;
-        match seen.module {
-            Some(m) => NodeReport {
-                connected: seen.connected,
-                current,
-                version: m.version.clone(),
-                phase: m.phase,
-                health: m.health,
-                crash_loop: m.crash_loop,
-                staged_version: m.staged_version.clone(),
-                message: m.message.clone(),
-                settling: m.settling.clone(),
-                failure: m.failure_kind,
-            },
-            None => NodeReport {
-                connected: seen.connected,
-                current,
-                ..NodeReport::default()
-            },
-        }
-    });
+    let reports = registry.observe(&watched, module, report_of);
     watched
         .into_iter()
         .map(str::to_string)
@@ -129,5 +188,220 @@ pub fn analyze(
     Analysis {
         canary: group(NodeState::Healthy),
         baseline: group(NodeState::Waiting),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use hotswap_common::labels::Labels;
+    use hotswap_common::status::{Health, Phase};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::deploy::machine::{Spec, Strategy as Rollout, Thresholds};
+    use crate::events::EventLog;
+    use crate::metrics::Metrics;
+    use crate::registry::{ModuleState, Report, SessionHandle};
+    use crate::store::{DesiredRecord, NodeRecord, Store};
+
+    const NODES: usize = 4;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A report of node `.0`: phase, version and health picked by the
+        /// numbers; `metrics_only` repeats the last one with new metrics.
+        Report {
+            node: usize,
+            phase: u8,
+            version: u8,
+            health: u8,
+            metrics_only: bool,
+        },
+        /// A new desired state handed to node `.0`'s session.
+        Push(usize),
+        Detach(usize),
+        Attach(usize),
+        /// The deployment stops (or starts) watching node `.0`.
+        Watch(usize, bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let node = 0..NODES;
+        prop_oneof![
+            4 => (node.clone(), 0u8..3, 0u8..2, 0u8..2, any::<bool>()).prop_map(
+                |(node, phase, version, health, metrics_only)| Op::Report {
+                    node,
+                    phase,
+                    version,
+                    health,
+                    metrics_only,
+                }
+            ),
+            1 => node.clone().prop_map(Op::Push),
+            1 => node.clone().prop_map(Op::Detach),
+            1 => node.clone().prop_map(Op::Attach),
+            1 => (node, any::<bool>()).prop_map(|(n, w)| Op::Watch(n, w)),
+        ]
+    }
+
+    fn id(i: usize) -> String {
+        format!("node-{i}")
+    }
+
+    /// What a report says of the module, picked by small numbers.
+    fn module(phase: u8, version: u8, health: u8, metrics: f64) -> ModuleState {
+        ModuleState {
+            name: "web".into(),
+            version: ["1.0.0", "2.0.0"][usize::from(version)].into(),
+            phase: [Phase::Running, Phase::Starting, Phase::Failed][usize::from(phase)],
+            health: [Health::Healthy, Health::Unhealthy][usize::from(health)],
+            message: format!("phase {phase}"),
+            metrics: Some(crate::registry::MetricsWindow {
+                request_rate: metrics,
+                error_rate: 0.0,
+                latency_p99_seconds: None,
+            }),
+            ..ModuleState::default()
+        }
+    }
+
+    async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        for i in 0..NODES {
+            store
+                .put_node(&NodeRecord {
+                    id: id(i),
+                    name: format!("n{i}"),
+                    labels: Labels::new(),
+                    forced_labels: Labels::new(),
+                    enrolled_at_ms: 1,
+                    cert_fingerprint: format!("sha256:{i}"),
+                    cert_not_after_ms: u64::MAX,
+                    last_seen_ms: None,
+                    agent_version: "test".into(),
+                    previous_cert_fingerprint: None,
+                    previous_cert_not_after_ms: 0,
+                    token_hash: String::new(),
+                    enroll_key: String::new(),
+                })
+                .await
+                .expect("node");
+        }
+        let events = Arc::new(EventLog::open(&store, 1000).expect("events"));
+        let registry = Registry::new(store, events, Arc::new(Metrics::new().0)).expect("registry");
+        let spec = Spec {
+            module: "web".into(),
+            version: "2.0.0".into(),
+            strategy: Rollout::Direct,
+            max_failures: 0,
+            health_deadline_ms: 10_000,
+            progress_deadline_ms: 60_000,
+            auto_rollback: true,
+            require_approval: false,
+            approval_timeout_ms: 0,
+            pause_timeout_ms: 0,
+            created_by: "alice".into(),
+            thresholds: Thresholds::default(),
+        };
+        let targets = (0..NODES)
+            .map(|i| (id(i), format!("n{i}"), "1.0.0".to_string()))
+            .collect();
+        let (mut deployment, _) = Deployment::new(spec, targets, 1);
+        for track in &mut deployment.nodes {
+            track.state = NodeState::Updating;
+        }
+        let mut sessions: Vec<Option<SessionHandle>> = Vec::new();
+        for i in 0..NODES {
+            let handle = registry
+                .attach(&id(i), &format!("sha256:{i}"), Labels::new(), "test")
+                .await
+                .expect("attach");
+            sessions.push(Some(handle));
+        }
+        let mut last: Vec<ModuleState> = vec![module(0, 0, 0, 0.0); NODES];
+        let mut generation = [0u64; NODES];
+        let mut observation = Observation::default();
+        for (step, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Report {
+                    node,
+                    phase,
+                    version,
+                    health,
+                    metrics_only,
+                } => {
+                    let mut m = if metrics_only {
+                        last[node].clone()
+                    } else {
+                        module(phase, version, health, 0.0)
+                    };
+                    m.metrics = module(0, 0, 0, step as f64).metrics;
+                    last[node] = m.clone();
+                    if let Some(handle) = &sessions[node] {
+                        registry.report(
+                            handle,
+                            Report {
+                                at_ms: step as u64,
+                                observed_generation: generation[node],
+                                desired_generation: generation[node],
+                                modules: vec![m],
+                                usage: None,
+                            },
+                        );
+                    }
+                }
+                Op::Push(node) => {
+                    generation[node] += 1;
+                    let record = DesiredRecord {
+                        generation: generation[node],
+                        ..DesiredRecord::default()
+                    };
+                    registry
+                        .push_desired(&[(id(node), "web".into(), None)], &[record])
+                        .expect("push");
+                }
+                Op::Detach(node) => {
+                    if let Some(handle) = sessions[node].take() {
+                        registry.detach(&handle).await;
+                    }
+                }
+                Op::Attach(node) => {
+                    let handle = registry
+                        .attach(&id(node), &format!("sha256:{node}"), Labels::new(), "test")
+                        .await
+                        .expect("attach");
+                    sessions[node] = Some(handle);
+                }
+                Op::Watch(node, watch) => {
+                    deployment.nodes[node].state = if watch {
+                        NodeState::Updating
+                    } else {
+                        NodeState::Waiting
+                    };
+                }
+            }
+            let fresh = observe_nodes(&registry, &deployment);
+            let kept = observation.refresh(&registry, &deployment);
+            for (node, report) in &fresh {
+                prop_assert_eq!(kept.get(node), Some(report), "step {}: {:?}", step, node);
+            }
+            observation.restore(kept);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The kept observation answers what a fresh one would, for every
+        /// watched node, whatever reports, pushes, reconnects and changes
+        /// of the watched set came in between.
+        #[test]
+        fn a_kept_observation_equals_a_fresh_one(ops in proptest::collection::vec(op(), 1..40)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(run(ops))?;
+        }
     }
 }

@@ -122,6 +122,9 @@ struct LiveSession {
     agent_desired_generation: u64,
     /// The agent sent a status report in this session (what it runs is known).
     reported: bool,
+    /// Reports of this session that changed something besides metrics
+    /// (part of its [`Stamp`]).
+    changes: u64,
     history: VecDeque<Sample>,
     connected_at_ms: u64,
     /// What of this session was published for the other replicas (etcd).
@@ -192,6 +195,18 @@ pub struct Observed<'a> {
     /// The agent sent a status report in this session.
     pub reported: bool,
     pub module: Option<&'a ModuleState>,
+}
+
+/// What an observation of a node connected here depends on: its session,
+/// the reports of that session that changed more than metrics, and its
+/// desired generation. Two observations under one stamp are equal, so a
+/// caller that keeps what it saw reads a node again only when its stamp
+/// moved ([`Registry::observe_changed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    session: u64,
+    changes: u64,
+    desired_generation: u64,
 }
 
 /// Capacity of the change channel; a watcher further behind gets a fresh snapshot.
@@ -518,6 +533,7 @@ impl Registry {
                     observed_generation: 0,
                     agent_desired_generation: 0,
                     reported: false,
+                    changes: 0,
                     // The whole ring at once: a session's memory is what it
                     // is from the start, not something that grows for minutes.
                     history: VecDeque::with_capacity(HISTORY_LEN),
@@ -680,6 +696,9 @@ impl Registry {
             // The first report of a session is a change: catch-up waits for it.
             let changed = changed || first;
             session.reported = true;
+            if changed {
+                session.changes += 1;
+            }
             if self.shared.get().is_some()
                 && let Decision::Publish(samples) =
                     session.publication.on_report(report.at_ms, changed, sample)
@@ -783,6 +802,62 @@ impl Registry {
                 },
             })
             .collect()
+    }
+
+    /// As [`Registry::observe`], for a caller that keeps what it saw.
+    /// For each node connected here, `unchanged(i, stamp)` is asked first
+    /// with the [`Stamp`] of what it would see; when it answers true, the
+    /// node is skipped. Every other node is passed to `view(i, stamp,
+    /// observed)`, with no stamp for nodes not connected here (connected
+    /// to another replica, or not at all): those are always viewed.
+    pub fn observe_changed(
+        &self,
+        nodes: &[&str],
+        module: &str,
+        mut unchanged: impl FnMut(usize, Stamp) -> bool,
+        mut view: impl FnMut(usize, Option<Stamp>, Observed<'_>),
+    ) {
+        let live = self.lock_live();
+        let remote = self.shared.get().map(|_| self.lock_remote());
+        for (i, id) in nodes.iter().enumerate() {
+            match live.get(*id) {
+                Some(session) => {
+                    let desired_generation = session.desired.borrow().generation;
+                    let stamp = Stamp {
+                        session: session.generation,
+                        changes: session.changes,
+                        desired_generation,
+                    };
+                    if unchanged(i, stamp) {
+                        continue;
+                    }
+                    view(
+                        i,
+                        Some(stamp),
+                        Observed {
+                            connected: true,
+                            current: session.agent_desired_generation >= desired_generation,
+                            reported: session.reported,
+                            module: session.modules.iter().find(|m| m.name == module),
+                        },
+                    );
+                }
+                None => match remote.as_ref().and_then(|r| r.get(*id)) {
+                    Some(known) => view(
+                        i,
+                        None,
+                        Observed {
+                            connected: true,
+                            current: known.record.agent_desired_generation
+                                >= known.desired_generation,
+                            reported: known.record.reported,
+                            module: known.modules.iter().find(|m| m.name == module),
+                        },
+                    ),
+                    None => view(i, None, Observed::default()),
+                },
+            }
+        }
     }
 
     /// Recent reports of a connected node, oldest first. For a node
