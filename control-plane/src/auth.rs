@@ -156,8 +156,8 @@ const NO_CERT: &str = "this call requires a client certificate issued by the con
 /// connection (addresses, certificate chain) and the identity its client
 /// certificate names, read once when the connection was accepted rather
 /// than parsed again on each call (an agent makes several per deployment).
-/// Servers accept [`crate::tls_accept::Accepted`] streams, whose
-/// `tonic::transport::server::Connected` info this is.
+/// It is the `tonic::transport::server::Connected` info of the streams the
+/// TLS listener accepts.
 #[derive(Clone, Debug)]
 pub struct Connection {
     tls: TlsConnectInfo<TcpConnectInfo>,
