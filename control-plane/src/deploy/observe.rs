@@ -32,6 +32,17 @@ fn report_of(seen: Observed<'_>) -> NodeReport {
     }
 }
 
+/// The nodes whose reports the step reads: in the middle of a large rollout
+/// the waiting waves are skipped.
+fn watched(deployment: &Deployment) -> Vec<&str> {
+    deployment
+        .nodes
+        .iter()
+        .filter(|t| t.state.reads_report())
+        .map(|t| t.node.as_str())
+        .collect()
+}
+
 /// The engine's observation of one deployment, kept from one pass to the
 /// next: each pass reads again only the nodes whose [`Stamp`] moved (a
 /// report that changed more than metrics, a new session, a new desired
@@ -50,12 +61,7 @@ impl Observation {
     /// longer watched may keep their last report: the machine does not
     /// read reports of nodes in states that do not read one.
     pub fn refresh(&mut self, registry: &Registry, deployment: &Deployment) -> Reports {
-        let watched: Vec<&str> = deployment
-            .nodes
-            .iter()
-            .filter(|t| t.state.reads_report())
-            .map(|t| t.node.as_str())
-            .collect();
+        let watched = watched(deployment);
         let stamps = &mut self.stamps;
         let reports = &mut self.reports;
         let mut read = Vec::new();
@@ -90,14 +96,7 @@ impl Observation {
 /// the machine's input for one step (the engine's, and the benchmarks').
 pub fn observe_nodes(registry: &Registry, deployment: &Deployment) -> Reports {
     let module = &deployment.spec.module;
-    // Only the nodes whose reports the step reads: in the middle of a large
-    // rollout the waiting waves are skipped.
-    let watched: Vec<&str> = deployment
-        .nodes
-        .iter()
-        .filter(|t| t.state.reads_report())
-        .map(|t| t.node.as_str())
-        .collect();
+    let watched = watched(deployment);
     let reports = registry.observe(&watched, module, report_of);
     watched
         .into_iter()

@@ -779,29 +779,9 @@ impl Registry {
         module: &str,
         mut view: impl FnMut(Observed<'_>) -> T,
     ) -> Vec<T> {
-        let live = self.lock_live();
-        let remote = self.shared.get().map(|_| self.lock_remote());
-        nodes
-            .iter()
-            .map(|id| match live.get(*id) {
-                Some(session) => view(Observed {
-                    connected: true,
-                    current: session.agent_desired_generation
-                        >= session.desired.borrow().generation,
-                    reported: session.reported,
-                    module: session.modules.iter().find(|m| m.name == module),
-                }),
-                None => match remote.as_ref().and_then(|r| r.get(*id)) {
-                    Some(known) => view(Observed {
-                        connected: true,
-                        current: known.record.agent_desired_generation >= known.desired_generation,
-                        reported: known.record.reported,
-                        module: known.modules.iter().find(|m| m.name == module),
-                    }),
-                    None => view(Observed::default()),
-                },
-            })
-            .collect()
+        let mut seen = Vec::with_capacity(nodes.len());
+        self.observe_changed(nodes, module, |_, _| false, |_, _, o| seen.push(view(o)));
+        seen
     }
 
     /// As [`Registry::observe`], for a caller that keeps what it saw.
