@@ -118,6 +118,10 @@ fn history_answers_what_ran_when_and_who_changed_it_across_a_restart() {
     fleet.cp.stop();
     fleet.cp.start();
     check_history(&fleet, &between, &first, &second);
+    // The plan below needs the nodes' sessions back, not only the records.
+    for node in ["a", "b"] {
+        fleet.cp.wait_status(node, "connected");
+    }
 
     // Bad input: a clear message, and SPEC §4's exit codes.
     let not_a_time = fleet
