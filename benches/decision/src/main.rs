@@ -1134,7 +1134,9 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
     }
 
     // The parts of `set_desired_modules`: the existence check (one sled read
-    // and JSON decode per node), the desired-state writes, the one flush.
+    // and JSON decode per node; the API's all-or-nothing check, which the
+    // engine's path leaves to the batch), the desired-state writes as one
+    // batch (what the engine's commit writes), the one flush.
     let mut get_nodes = Vec::new();
     let mut writes = Vec::new();
     let mut flush = Vec::new();
@@ -1145,23 +1147,28 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
         }
         get_nodes.push(t.elapsed().as_secs_f64() * 1e3);
         let want = if r % 2 == 0 { "8.8.8" } else { "9.9.9" };
-        let t = Instant::now();
-        for node in &wave {
-            fleet.store.update_desired_unflushed(
-                node,
-                &|record: &mut hotswap_control_plane::store::DesiredRecord| {
-                    record.modules.insert(
-                        MODULE.to_string(),
-                        DesiredModuleRecord {
-                            version: want.to_string(),
-                            staged_version: String::new(),
-                            traceparent: String::new(),
-                        },
-                    );
-                    true
+        let set = |record: &mut hotswap_control_plane::store::DesiredRecord| {
+            record.modules.insert(
+                MODULE.to_string(),
+                DesiredModuleRecord {
+                    version: want.to_string(),
+                    staged_version: String::new(),
+                    traceparent: String::new(),
                 },
-            )?;
-        }
+            );
+            true
+        };
+        let batch: Vec<(&str, hotswap_control_plane::store::Change<'_, _>)> =
+            wave.iter().map(|node| (node.as_str(), &set as _)).collect();
+        let t = Instant::now();
+        let written = fleet.store.update_desired_batch(
+            &batch,
+            &hotswap_control_plane::store::HistoryOrigin::default(),
+        )?;
+        ensure!(
+            written.iter().all(Option::is_some),
+            "a wave node is not enrolled"
+        );
         writes.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         fleet.store.flush().await?;

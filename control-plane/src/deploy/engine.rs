@@ -44,7 +44,7 @@ use crate::config::Settings;
 use crate::events::EventLog;
 use crate::metrics::Metrics;
 use crate::registry::RegistryError;
-use crate::registry::{DesiredChange, Registry};
+use crate::registry::{DesiredChange, Registry, Written};
 use crate::store::FreezeRecords;
 use crate::store::{
     ArtifactRecords, DeploymentRecords, DeploymentRecordsExt, Durability, Store, StoreError,
@@ -671,13 +671,11 @@ impl Engine {
             }
             self.events.append(event);
         }
-        let changes = self.node_changes(record, actions)?;
+        let changes = self.node_changes(record, actions);
         self.records.put_deployment_unflushed(&record.id, record)?;
-        let written = self
-            .registry
-            .write_desired(&changes, &history_origin(record))?;
+        let written = self.write_desired(record, changes)?;
         self.durability.flush().await?;
-        if let Err(e) = self.registry.push_desired(&changes, &written) {
+        if let Err(e) = self.registry.push_desired(&written) {
             tracing::warn!(deployment = %record.id, error = %e, "desired states are stored but not all were handed to their sessions");
         }
         if previous.is_none_or(|p| p.state != record.deployment.state) {
@@ -697,15 +695,13 @@ impl Engine {
     /// same write, flush, push as a commit, without rewriting the record.
     async fn execute(&self, record: &DeploymentRecord, actions: &[Action]) {
         let result = async {
-            let changes = self.node_changes(record, actions)?;
+            let changes = self.node_changes(record, actions);
             if changes.is_empty() {
                 return Ok(());
             }
-            let written = self
-                .registry
-                .write_desired(&changes, &history_origin(record))?;
+            let written = self.write_desired(record, changes)?;
             self.durability.flush().await?;
-            self.registry.push_desired(&changes, &written)?;
+            self.registry.push_desired(&written)?;
             Ok::<(), RegistryError>(())
         };
         if let Err(e) = result.await {
@@ -713,13 +709,25 @@ impl Engine {
         }
     }
 
-    /// The desired-state changes `actions` ask for, each node command with
-    /// its span; notes are logged. Nodes removed meanwhile are skipped.
-    fn node_changes(
+    /// Write a record's desired-state changes (unflushed); nodes removed
+    /// meanwhile are skipped, and logged.
+    fn write_desired(
         &self,
         record: &DeploymentRecord,
-        actions: &[Action],
-    ) -> Result<Vec<DesiredChange>, RegistryError> {
+        changes: Vec<DesiredChange>,
+    ) -> Result<Written, RegistryError> {
+        let written = self
+            .registry
+            .write_desired(changes, &history_origin(record))?;
+        if !written.missing.is_empty() {
+            tracing::warn!(deployment = %record.id, nodes = ?written.missing, "nodes were removed; skipping their desired-state changes");
+        }
+        Ok(written)
+    }
+
+    /// The desired-state changes `actions` ask for, each node command with
+    /// its span; notes are logged.
+    fn node_changes(&self, record: &DeploymentRecord, actions: &[Action]) -> Vec<DesiredChange> {
         let module = &record.deployment.spec.module;
         // Node commands of a wave are children of the wave's span; the others
         // (blue-green staging and switch, rollback, re-assertion after a
@@ -781,12 +789,7 @@ impl Engine {
                 }
             }
         }
-        let missing = self.registry.missing_nodes(&changes)?;
-        if !missing.is_empty() {
-            tracing::warn!(deployment = %record.id, nodes = ?missing, "nodes were removed; skipping their desired-state changes");
-            changes.retain(|(node, _, _)| !missing.contains(node));
-        }
-        Ok(changes)
+        changes
     }
 
     /// Give a node command its span, a child of `parent`, and carry the

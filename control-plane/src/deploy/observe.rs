@@ -202,7 +202,7 @@ mod tests {
     use crate::deploy::machine::{Spec, Strategy as Rollout, Thresholds};
     use crate::events::EventLog;
     use crate::metrics::Metrics;
-    use crate::registry::{ModuleState, Report, SessionHandle};
+    use crate::registry::{ModuleState, Report, SessionHandle, Written};
     use crate::store::{DesiredRecord, NodeRecord, Store};
 
     const NODES: usize = 4;
@@ -271,21 +271,7 @@ mod tests {
         let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
         for i in 0..NODES {
             store
-                .put_node(&NodeRecord {
-                    id: id(i),
-                    name: format!("n{i}"),
-                    labels: Labels::new(),
-                    forced_labels: Labels::new(),
-                    enrolled_at_ms: 1,
-                    cert_fingerprint: format!("sha256:{i}"),
-                    cert_not_after_ms: u64::MAX,
-                    last_seen_ms: None,
-                    agent_version: "test".into(),
-                    previous_cert_fingerprint: None,
-                    previous_cert_not_after_ms: 0,
-                    token_hash: String::new(),
-                    enroll_key: String::new(),
-                })
+                .put_node(&NodeRecord::for_tests(&id(i), &format!("n{i}")))
                 .await
                 .expect("node");
         }
@@ -315,7 +301,7 @@ mod tests {
         let mut sessions: Vec<Option<SessionHandle>> = Vec::new();
         for i in 0..NODES {
             let handle = registry
-                .attach(&id(i), &format!("sha256:{i}"), Labels::new(), "test")
+                .attach(&id(i), &format!("sha256:{}", id(i)), Labels::new(), "test")
                 .await
                 .expect("attach");
             sessions.push(Some(handle));
@@ -359,7 +345,10 @@ mod tests {
                         ..DesiredRecord::default()
                     };
                     registry
-                        .push_desired(&[(id(node), "web".into(), None)], &[record])
+                        .push_desired(&Written::of(
+                            vec![(id(node), "web".into(), None)],
+                            vec![record],
+                        ))
                         .expect("push");
                 }
                 Op::Detach(node) => {
@@ -369,7 +358,12 @@ mod tests {
                 }
                 Op::Attach(node) => {
                     let handle = registry
-                        .attach(&id(node), &format!("sha256:{node}"), Labels::new(), "test")
+                        .attach(
+                            &id(node),
+                            &format!("sha256:{}", id(node)),
+                            Labels::new(),
+                            "test",
+                        )
                         .await
                         .expect("attach");
                     sessions[node] = Some(handle);

@@ -2,7 +2,41 @@
 //! batch), handed to the sessions of connected nodes, then told to watchers.
 
 use super::{DesiredChange, NodeChange, NodeState, Registry, RegistryError};
-use crate::store::{DesiredModuleRecord, DesiredRecord, HistoryOrigin};
+use crate::store::{Change, DesiredModuleRecord, DesiredRecord, HistoryOrigin};
+
+/// Desired states written by [`Registry::write_desired`] and not yet
+/// flushed: until the caller's flush nothing of them is pushed, so a crash
+/// before it loses them as if never asked.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// The changes written (or found in place already), in their order.
+    changes: Vec<DesiredChange>,
+    /// Each change's node's desired state as stored after it.
+    records: Vec<DesiredRecord>,
+    /// The nodes of changes left out because they are not enrolled.
+    pub missing: Vec<String>,
+}
+
+impl Written {
+    /// How many changes were written.
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// Changes as if written with these records (tests of the push side).
+    #[cfg(test)]
+    pub(crate) fn of(changes: Vec<DesiredChange>, records: Vec<DesiredRecord>) -> Self {
+        Self {
+            changes,
+            records,
+            missing: Vec::new(),
+        }
+    }
+}
 
 impl Registry {
     /// Change the desired state of one module on one node and push it to the
@@ -36,10 +70,12 @@ impl Registry {
         if let Some(missing) = self.missing_nodes(changes)?.first() {
             return Err(RegistryError::UnknownNode(missing.clone()));
         }
-        let written = self.write_desired(changes, origin)?;
+        // A node removed between the check and the write is left out, as
+        // if it had been removed just after.
+        let written = self.write_desired(changes.to_vec(), origin)?;
         self.store.flush().await?;
-        self.hand_over_desired(changes, &written);
-        self.publish_states(changes)
+        self.hand_over_desired(&written);
+        self.publish_states(&written.changes)
     }
 
     /// Remove the desired-state history older than `before_ms` (the
@@ -64,62 +100,74 @@ impl Registry {
     /// in one flush. Nothing may be pushed before that flush; then
     /// [`Registry::push_desired`] with what this returned. Each change is
     /// recorded in the desired-state history with `origin`, in the same
-    /// transaction.
+    /// transaction. Changes of nodes that are not enrolled (removed
+    /// meanwhile) are left out and named in [`Written::missing`].
     pub fn write_desired(
         &self,
-        changes: &[DesiredChange],
+        changes: Vec<DesiredChange>,
         origin: &HistoryOrigin,
-    ) -> Result<Vec<DesiredRecord>, RegistryError> {
-        let mut records = Vec::with_capacity(changes.len());
-        for (node_id, module, desired) in changes {
-            let record = self.store.update_desired_recorded(
-                node_id,
-                &|record: &mut DesiredRecord| match desired {
-                    // Unchanged apart from its trace context: keep the entry
-                    // (and the trace it belongs to) and swap nothing.
-                    Some(want)
-                        if record
-                            .modules
-                            .get(module)
-                            .is_some_and(|have| have.same_target(want)) =>
-                    {
-                        false
-                    }
-                    Some(want) => {
-                        record.modules.insert(module.clone(), want.clone());
-                        true
-                    }
-                    None => record.modules.remove(module).is_some(),
-                },
-                origin,
-            )?;
-            records.push(record);
+    ) -> Result<Written, RegistryError> {
+        let apply = |(_, module, desired): &DesiredChange, record: &mut DesiredRecord| match desired
+        {
+            // Unchanged apart from its trace context: keep the entry (and the
+            // trace it belongs to) and swap nothing.
+            Some(want)
+                if record
+                    .modules
+                    .get(module)
+                    .is_some_and(|have| have.same_target(want)) =>
+            {
+                false
+            }
+            Some(want) => {
+                record.modules.insert(module.clone(), want.clone());
+                true
+            }
+            None => record.modules.remove(module).is_some(),
+        };
+        let closures: Vec<_> = changes
+            .iter()
+            .map(|change| move |record: &mut DesiredRecord| apply(change, record))
+            .collect();
+        let batch: Vec<(&str, Change<'_, DesiredRecord>)> = changes
+            .iter()
+            .zip(&closures)
+            .map(|((node, _, _), f)| (node.as_str(), f as Change<'_, DesiredRecord>))
+            .collect();
+        let stored = self.store.update_desired_batch(&batch, origin)?;
+        drop(batch);
+        drop(closures);
+        let mut written = Written::default();
+        for (change, record) in changes.into_iter().zip(stored) {
+            match record {
+                Some(record) => {
+                    written.changes.push(change);
+                    written.records.push(record);
+                }
+                None => written.missing.push(change.0),
+            }
         }
-        Ok(records)
+        Ok(written)
     }
 
     /// Second half of [`Registry::set_desired_modules`], once `written` is
     /// durable: hand each connected node its new desired state, then tell
     /// watchers.
-    pub fn push_desired(
-        &self,
-        changes: &[DesiredChange],
-        written: &[DesiredRecord],
-    ) -> Result<(), RegistryError> {
-        self.hand_over_desired(changes, written);
+    pub fn push_desired(&self, written: &Written) -> Result<(), RegistryError> {
+        self.hand_over_desired(written);
         if self.watched() {
-            self.publish_states(changes)?;
+            self.publish_states(&written.changes)?;
         } else {
-            self.announce(changes.len() as u64);
+            self.announce(written.changes.len() as u64);
         }
         Ok(())
     }
 
-    /// Give each connected node of `changes` its record from `written`.
-    fn hand_over_desired(&self, changes: &[DesiredChange], written: &[DesiredRecord]) {
+    /// Give each connected node of `written` its record.
+    fn hand_over_desired(&self, written: &Written) {
         let live = self.lock_live();
         let mut remote = self.shared.get().map(|_| self.lock_remote());
-        for ((node_id, _, _), record) in changes.iter().zip(written) {
+        for ((node_id, _, _), record) in written.changes.iter().zip(&written.records) {
             if let Some(session) = live.get(node_id) {
                 super::remote::hand_over(session, record);
             } else if let Some(known) = remote.as_mut().and_then(|r| r.get_mut(node_id)) {

@@ -24,6 +24,7 @@ mod published;
 mod remote;
 mod transitions;
 
+pub use desired::Written;
 use history::HISTORY_LEN;
 pub use history::{ModuleSample, Sample, UsageSample};
 use published::{Decision, Publication};
@@ -973,10 +974,10 @@ mod tests {
         // Nobody watching: counted, one wake-up for two changes.
         assert!(!registry.watched());
         registry
-            .push_desired(
-                &[change("a"), change("b")],
-                &vec![DesiredRecord::default(); 2],
-            )
+            .push_desired(&Written::of(
+                vec![change("a"), change("b")],
+                vec![DesiredRecord::default(); 2],
+            ))
             .expect("push");
         assert_eq!(registry.changes_announced(), 2);
         tokio::time::timeout(quiet, registry.changed())
@@ -994,10 +995,58 @@ mod tests {
         let mut watcher = registry.subscribe();
         assert!(registry.watched());
         registry
-            .push_desired(&[change("a")], &[DesiredRecord::default()])
+            .push_desired(&Written::of(
+                vec![change("a")],
+                vec![DesiredRecord::default()],
+            ))
             .expect("push");
         assert_eq!(registry.changes_announced(), 2);
         assert!(watcher.try_recv().is_err());
+    }
+
+    /// A batch's changes of nodes that are not enrolled (removed while a
+    /// deployment ran) are left out and named; the others are written,
+    /// with their history naming the node and its environment.
+    #[tokio::test]
+    async fn desired_writes_skip_and_name_nodes_that_are_not_enrolled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db"), 1 << 20).expect("open");
+        let mut node = NodeRecord::for_tests("n-1", "web-1");
+        node.labels.insert("environment".into(), "prod".into());
+        store.put_node(&node).await.expect("node");
+        let (metrics, _) = Metrics::new();
+        let events = Arc::new(EventLog::open(&store, 1000).expect("events"));
+        let registry = Registry::new(store.clone(), events, Arc::new(metrics)).expect("registry");
+        let set = |node: &str| {
+            (
+                node.to_string(),
+                "web".to_string(),
+                Some(DesiredModuleRecord {
+                    version: "2.0.0".into(),
+                    ..Default::default()
+                }),
+            )
+        };
+        let origin = crate::store::HistoryOrigin::new(5, "d-1", "alice");
+        let written = registry
+            .write_desired(vec![set("gone"), set("n-1"), set("gone-too")], &origin)
+            .expect("write");
+        assert_eq!(written.missing, ["gone", "gone-too"]);
+        assert_eq!(written.len(), 1);
+        assert_eq!(
+            store.get_desired("gone").expect("desired"),
+            DesiredRecord::default()
+        );
+        assert_eq!(
+            store.get_desired("n-1").expect("desired").modules["web"].version,
+            "2.0.0"
+        );
+        let history = store.list_history().expect("history");
+        let named: Vec<(&str, &str, &str)> = history
+            .iter()
+            .map(|r| (r.node_id.as_str(), r.node.as_str(), r.environment.as_str()))
+            .collect();
+        assert_eq!(named, [("n-1", "web-1", "prod")]);
     }
 
     fn module() -> ModuleState {

@@ -1644,7 +1644,8 @@ impl DesiredRecords for EtcdStore {
             revision: 0,
             ..record.clone()
         };
-        let node: Option<NodeRecord> = self.inner.get(Collection::Nodes, node_id).ok().flatten();
+        let node: Option<history::NodeNaming> =
+            self.inner.get(Collection::Nodes, node_id).ok().flatten();
         let entry = history::record_of(node_id, node.as_ref(), &before, Some(&stored), origin).map(
             |entry| {
                 (
@@ -1674,7 +1675,7 @@ impl DesiredRecords for EtcdStore {
         let key = self.inner.keys.record(Collection::Desired, node_id);
         if let Some(bytes) = self.inner.value(key.as_bytes()) {
             let before: DesiredRecord = decode(Collection::Desired, key.as_bytes(), &bytes)?;
-            let node: Option<NodeRecord> =
+            let node: Option<history::NodeNaming> =
                 self.inner.get(Collection::Nodes, node_id).ok().flatten();
             let mut writes = vec![(key, None)];
             if let Some(entry) = history::record_of(node_id, node.as_ref(), &before, None, origin) {

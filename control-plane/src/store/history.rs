@@ -6,6 +6,7 @@
 //! (`history_retention`), independently of the event log. Pure: the
 //! record, and the comparison of two desired states that makes it.
 
+use hotswap_common::labels::Labels;
 use serde::{Deserialize, Serialize};
 
 use super::{DesiredRecord, NodeRecord};
@@ -71,6 +72,25 @@ pub struct HistoryRecord {
 /// The label that places a node in an environment.
 const ENVIRONMENT_LABEL: &str = "environment";
 
+/// What a history record says about its node: its name and labels when
+/// written. Decodes from a stored node record's JSON without the rest of
+/// it (a wave's writes read one per node).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct NodeNaming {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+impl NodeNaming {
+    pub fn of(node: &NodeRecord) -> Self {
+        Self {
+            name: node.name.clone(),
+            labels: node.labels.clone(),
+        }
+    }
+}
+
 /// A desired version as history shows it: an empty one ("keep whatever
 /// is active") is none.
 fn version(record: Option<&DesiredRecord>, module: &str) -> Option<String> {
@@ -92,7 +112,7 @@ fn staged(record: Option<&DesiredRecord>, module: &str) -> String {
 /// versions (a trace context only).
 pub fn record_of(
     node_id: &str,
-    node: Option<&NodeRecord>,
+    node: Option<&NodeNaming>,
     before: &DesiredRecord,
     after: Option<&DesiredRecord>,
     origin: &HistoryOrigin,
@@ -171,6 +191,32 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// The naming read from a stored node record's JSON is the record's
+    /// name and labels, whatever else the record holds.
+    #[test]
+    fn a_node_naming_decodes_from_a_stored_node_record() {
+        let mut node = NodeRecord::for_tests("n-1", "web-1");
+        node.labels.insert("environment".into(), "prod".into());
+        let naming: NodeNaming =
+            serde_json::from_slice(&crate::store::encode(&node)).expect("naming");
+        assert_eq!(naming, NodeNaming::of(&node));
+        assert_eq!(naming.name, "web-1");
+        let origin = HistoryOrigin::new(5, "d-1", "alice");
+        let after = desired(&[("web", "1.0.0")], 1);
+        let record = record_of(
+            "n-1",
+            Some(&naming),
+            &DesiredRecord::default(),
+            Some(&after),
+            &origin,
+        )
+        .expect("a change");
+        assert_eq!(
+            (record.node.as_str(), record.environment.as_str()),
+            ("web-1", "prod")
+        );
     }
 
     #[test]

@@ -613,6 +613,29 @@ pub trait Storage:
 {
     /// One of the sequence logs.
     fn log(&self, name: LogName) -> Result<Arc<dyn SeqLog>, StoreError>;
+
+    /// One desired-state change per entry of `changes`, in order, each as
+    /// [`DesiredRecords::update_desired_recorded`] makes it (without
+    /// flushing); a node changed twice sees its first change. Entries of
+    /// nodes that are not enrolled change nothing and are answered `None`.
+    /// The embedded store writes the batch with one revision-counter write
+    /// and one batch per tree, and reads no node twice.
+    fn update_desired_batch(
+        &self,
+        changes: &[(&str, Change<'_, DesiredRecord>)],
+        origin: &HistoryOrigin,
+    ) -> Result<Vec<Option<DesiredRecord>>, StoreError> {
+        changes
+            .iter()
+            .map(|&(node_id, change)| {
+                if !self.has_node(node_id)? {
+                    return Ok(None);
+                }
+                self.update_desired_recorded(node_id, change, origin)
+                    .map(Some)
+            })
+            .collect()
+    }
 }
 
 /// The control plane's storage: a cheap handle to one backend, shared by

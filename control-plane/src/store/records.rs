@@ -92,6 +92,27 @@ impl NodeRecord {
             || (self.previous_cert_fingerprint.as_deref() == Some(fingerprint)
                 && now_ms < self.previous_cert_not_after_ms)
     }
+
+    /// An enrolled node for tests: no labels, a certificate `sha256:<id>`
+    /// that never expires, never seen.
+    #[cfg(test)]
+    pub fn for_tests(id: &str, name: &str) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            labels: Labels::new(),
+            forced_labels: Labels::new(),
+            enrolled_at_ms: 1,
+            cert_fingerprint: format!("sha256:{id}"),
+            cert_not_after_ms: u64::MAX,
+            last_seen_ms: None,
+            agent_version: "test".into(),
+            previous_cert_fingerprint: None,
+            previous_cert_not_after_ms: 0,
+            token_hash: String::new(),
+            enroll_key: String::new(),
+        }
+    }
 }
 
 /// An operator. The certificate says who the caller is; the role here says

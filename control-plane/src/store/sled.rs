@@ -307,36 +307,42 @@ impl SledStore {
         Ok(())
     }
 
-    /// Remove the newest history record if the desired-state write it
-    /// describes did not reach the disk (see
-    /// [`SledStore::write_desired_with_history`]): its node's desired state
-    /// is older than it, or, for a removal, still there and older.
+    /// Remove the newest history records whose desired-state writes did not
+    /// reach the disk (see [`SledStore::write_desired_with_history`] and
+    /// [`Storage::update_desired_batch`]): each one's node's desired state is
+    /// older than it, or, for a removal, still there and older. A batch's
+    /// records are all newer than any written record, so the walk from the
+    /// newest stops at the first record that was written.
     fn drop_unwritten_history(&self) -> Result<(), StoreError> {
-        let Some((key, value)) = self.history.last()? else {
-            return Ok(());
-        };
-        let record: HistoryRecord = decode(Collection::History, &key, &value)?;
-        let desired: Option<DesiredRecord> = get(
-            &self.desired,
-            Collection::Desired,
-            record.node_id.as_bytes(),
-        )?;
-        let written = match (&desired, record.removed) {
-            (Some(d), false) => d.revision >= record.seq,
-            (None, false) => false,
-            (Some(d), true) => d.revision > record.seq,
-            (None, true) => true,
-        };
-        if !written {
+        let mut dropped = 0u64;
+        while let Some((key, value)) = self.history.last()? {
+            let record: HistoryRecord = decode(Collection::History, &key, &value)?;
+            let desired: Option<DesiredRecord> = get(
+                &self.desired,
+                Collection::Desired,
+                record.node_id.as_bytes(),
+            )?;
+            let written = match (&desired, record.removed) {
+                (Some(d), false) => d.revision >= record.seq,
+                (None, false) => false,
+                (Some(d), true) => d.revision > record.seq,
+                (None, true) => true,
+            };
+            if written {
+                break;
+            }
             tracing::warn!(node = %record.node_id, seq = record.seq, "dropping the history record of a desired-state write lost in a crash");
             self.history.remove(key)?;
+            dropped += 1;
+        }
+        if dropped > 0 {
             self.db.flush()?;
         }
         Ok(())
     }
 
     /// A node's record for its history entry (its name and environment).
-    fn node_for_history(&self, node_id: &str) -> Option<NodeRecord> {
+    fn node_for_history(&self, node_id: &str) -> Option<history::NodeNaming> {
         get(&self.nodes, Collection::Nodes, node_id.as_bytes())
             .ok()
             .flatten()
@@ -934,6 +940,84 @@ impl Storage for SledStore {
             LogName::Audit => self.audit.clone(),
         })
     }
+
+    /// Everything is read and decided first, so a failed read changes
+    /// nothing; then the counter, one history batch and one desired batch
+    /// are written in that order, the order of
+    /// [`SledStore::write_desired_with_history`] (each batch is atomic in
+    /// sled, and [`SledStore::drop_unwritten_history`] drops every history
+    /// record of a desired batch a crash lost).
+    fn update_desired_batch(
+        &self,
+        changes: &[(&str, Change<'_, DesiredRecord>)],
+        origin: &HistoryOrigin,
+    ) -> Result<Vec<Option<DesiredRecord>>, StoreError> {
+        let mut revision = self
+            .desired_revision
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut next = *revision;
+        let mut answers: Vec<Option<DesiredRecord>> = Vec::with_capacity(changes.len());
+        // Where each node's newest record in `answers` is, for a node
+        // changed twice.
+        let mut newest: std::collections::HashMap<&str, usize> =
+            std::collections::HashMap::with_capacity(changes.len());
+        let mut desired = sled::Batch::default();
+        let mut entries = sled::Batch::default();
+        let mut updates = Vec::new();
+        for &(node_id, change) in changes {
+            let key = node_id.as_bytes();
+            // The node record, read once: whether the node is enrolled, and
+            // its name and environment for the history.
+            let Some(node) = self.nodes.get(key).map_err(|e| self.observe(e))? else {
+                answers.push(None);
+                continue;
+            };
+            let naming: Option<history::NodeNaming> = serde_json::from_slice(&node).ok();
+            let before = match newest.get(node_id).and_then(|&i| answers[i].clone()) {
+                Some(record) => record,
+                None => get(&self.desired, Collection::Desired, key)?.unwrap_or_default(),
+            };
+            let mut record = before.clone();
+            if change(&mut record) {
+                next += 1;
+                record.generation += 1;
+                record.revision = next;
+                if let Some(entry) =
+                    history::record_of(node_id, naming.as_ref(), &before, Some(&record), origin)
+                {
+                    entries.insert(&next.to_be_bytes(), encode(&entry));
+                }
+                desired.insert(key, encode(&record));
+                updates.push(DesiredUpdate {
+                    node_id: node_id.to_string(),
+                    revision: next,
+                    record: Some(record.clone()),
+                });
+            }
+            newest.insert(node_id, answers.len());
+            answers.push(Some(record));
+        }
+        if next == *revision {
+            return Ok(answers);
+        }
+        self.meta
+            .insert(DESIRED_REVISION, &next.to_be_bytes())
+            .map_err(|e| self.observe(e))?;
+        self.history
+            .apply_batch(entries)
+            .map_err(|e| self.observe(e))?;
+        self.desired
+            .apply_batch(desired)
+            .map_err(|e| self.observe(e))?;
+        *revision = next;
+        if self.desired_changes.receiver_count() > 0 {
+            for update in updates {
+                let _gone_meanwhile = self.desired_changes.send(update);
+            }
+        }
+        Ok(answers)
+    }
 }
 
 /// A sequence log in a tree keyed by the big-endian sequence number, so key
@@ -1037,7 +1121,6 @@ impl SeqLog for SledLog {
 mod tests {
     use super::*;
     use crate::store::Store;
-    use hotswap_common::labels::Labels;
 
     /// Ad hoc freezes survive a reopen, and removing one says whether it was there.
     #[tokio::test]
@@ -1188,9 +1271,10 @@ mod tests {
         assert!(store.history_trimmed().expect("mark").is_some());
     }
 
-    /// A crash between a history record and the desired state it describes
-    /// leaves the record alone on disk: the next open drops it, and keeps
-    /// records whose writes did land.
+    /// A crash between history records and the desired states they
+    /// describe (one write, or a batch) leaves the records alone on disk:
+    /// the next open drops all of them, and keeps records whose writes did
+    /// land.
     #[tokio::test]
     async fn a_history_record_whose_desired_write_was_lost_is_dropped_at_open() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1201,28 +1285,150 @@ mod tests {
             let kept = store
                 .update_desired_recorded("a", &set_version("1.0.0"), &origin)
                 .expect("a");
-            // What a crash after the history record leaves: the counter
-            // and the record of revision + 1, no desired state for it.
-            let lost = HistoryRecord {
-                seq: kept.revision + 1,
-                generation: 2,
-                ..store.list_history().expect("history")[0].clone()
-            };
+            // What a crash after a batch's history records leaves: the
+            // counter and the records of revisions + 1 and + 2 (nodes a and
+            // b), no desired state for either.
+            let first = store.list_history().expect("history")[0].clone();
+            let lost = [
+                HistoryRecord {
+                    seq: kept.revision + 1,
+                    generation: 2,
+                    ..first.clone()
+                },
+                HistoryRecord {
+                    seq: kept.revision + 2,
+                    node_id: "b".into(),
+                    node: "b".into(),
+                    ..first
+                },
+            ];
             store
                 .meta
-                .insert(DESIRED_REVISION, &(kept.revision + 1).to_be_bytes())
+                .insert(DESIRED_REVISION, &(kept.revision + 2).to_be_bytes())
                 .expect("counter");
-            store
-                .history
-                .insert((kept.revision + 1).to_be_bytes(), encode(&lost))
-                .expect("orphan");
+            for record in &lost {
+                store
+                    .history
+                    .insert(record.seq.to_be_bytes(), encode(record))
+                    .expect("orphan");
+            }
             store.flush().await.expect("flush");
-            assert_eq!(store.list_history().expect("history").len(), 2);
+            assert_eq!(store.list_history().expect("history").len(), 3);
         }
         let store = reopen(&path).await;
         let history = store.list_history().expect("history");
         assert_eq!(history.len(), 1, "{history:?}");
         assert_eq!(history[0].generation, 1);
+    }
+
+    /// One change of a batch: which node (4 and 5 are not enrolled) and
+    /// what it does to its desired state.
+    fn batch_change(action: u8) -> impl Fn(&mut DesiredRecord) -> bool + Send + Sync {
+        move |record: &mut DesiredRecord| {
+            let (module, version) = match action {
+                0 => ("web", Some("1.0.0")),
+                1 => ("web", Some("2.0.0")),
+                2 => ("web", None),
+                _ => ("db", Some("3.0.0")),
+            };
+            match version {
+                None => record.modules.remove(module).is_some(),
+                Some(v) if record.modules.get(module).is_some_and(|m| m.version == v) => false,
+                Some(v) => {
+                    record.modules.insert(
+                        module.into(),
+                        crate::store::DesiredModuleRecord {
+                            version: v.into(),
+                            ..Default::default()
+                        },
+                    );
+                    true
+                }
+            }
+        }
+    }
+
+    fn enrolled_store(path: &Path) -> SledStore {
+        let store = SledStore::open(path, 1 << 20).expect("open");
+        for i in 0..4 {
+            let id = format!("n{i}");
+            let mut record = node(&id, &format!("node-{i}"));
+            record
+                .labels
+                .insert("environment".into(), format!("env-{}", i % 2));
+            store
+                .nodes
+                .insert(id.as_bytes(), encode(&record))
+                .expect("node");
+        }
+        store
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// A batch writes what the same changes written one at a time
+        /// write (nodes that are not enrolled skipped): the same answers,
+        /// desired states, history and revision, also after a reopen.
+        #[test]
+        fn a_desired_batch_writes_what_one_write_at_a_time_writes(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((0u8..6, 0u8..4), 0..8),
+                1..5,
+            ),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let batched = enrolled_store(&dir.path().join("batched"));
+            let single = enrolled_store(&dir.path().join("single"));
+            for (b, batch) in batches.iter().enumerate() {
+                let origin = HistoryOrigin::new(b as u64, "d-1", "alice");
+                let ids: Vec<String> = batch.iter().map(|(n, _)| format!("n{n}")).collect();
+                let closures: Vec<_> = batch.iter().map(|&(_, a)| batch_change(a)).collect();
+                let changes: Vec<(&str, Change<'_, DesiredRecord>)> = ids
+                    .iter()
+                    .zip(&closures)
+                    .map(|(id, f)| (id.as_str(), f as Change<'_, DesiredRecord>))
+                    .collect();
+                let answers = batched.update_desired_batch(&changes, &origin).expect("batch");
+                let expected: Vec<Option<DesiredRecord>> = changes
+                    .iter()
+                    .map(|&(id, f)| {
+                        single
+                            .has_node(id)
+                            .expect("has")
+                            .then(|| single.update_desired_recorded(id, f, &origin).expect("one"))
+                    })
+                    .collect();
+                proptest::prop_assert_eq!(answers, expected);
+            }
+            let state = |store: &dyn Storage| {
+                let desired: Vec<DesiredRecord> = (0..6)
+                    .map(|i| store.get_desired(&format!("n{i}")).expect("desired"))
+                    .collect();
+                (
+                    desired,
+                    store.list_history().expect("history"),
+                    store.desired_revision().expect("revision"),
+                )
+            };
+            let written = state(&batched);
+            proptest::prop_assert_eq!(&written, &state(&single));
+            batched.db.flush().expect("flush");
+            drop(batched);
+            // sled's flusher thread may hold the file lock for a moment
+            // after the handle is dropped (see `reopen`).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let reopened = loop {
+                match SledStore::open(&dir.path().join("batched"), 1 << 20) {
+                    Ok(store) => break store,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("reopen: {e}"),
+                }
+            };
+            proptest::prop_assert_eq!(state(&reopened), written);
+        }
     }
 
     /// Every desired-state write gets the next store-wide revision; a
@@ -1339,25 +1545,15 @@ mod tests {
     }
 
     fn node(id: &str, name: &str) -> NodeRecord {
-        NodeRecord {
-            id: id.into(),
-            name: name.into(),
-            labels: [
-                ("environment".to_string(), "dev".to_string()),
-                ("zone".to_string(), "a".to_string()),
-            ]
-            .into(),
-            forced_labels: Labels::new(),
-            enrolled_at_ms: 1,
-            cert_fingerprint: format!("sha256:{id}"),
-            cert_not_after_ms: 2,
-            last_seen_ms: None,
-            agent_version: "0.1.0".into(),
-            previous_cert_fingerprint: None,
-            previous_cert_not_after_ms: 0,
-            token_hash: String::new(),
-            enroll_key: String::new(),
-        }
+        let mut record = NodeRecord::for_tests(id, name);
+        record.labels = [
+            ("environment".to_string(), "dev".to_string()),
+            ("zone".to_string(), "a".to_string()),
+        ]
+        .into();
+        record.cert_not_after_ms = 2;
+        record.agent_version = "0.1.0".into();
+        record
     }
 
     /// Many callers flushing at once while enrollments run transactions: the

@@ -403,14 +403,12 @@ impl Engine {
         if changes.is_empty() {
             return Ok(());
         }
-        let mut changes = changes.to_vec();
-        let missing = self.registry.missing_nodes(&changes)?;
-        changes.retain(|(node, _, _)| !missing.contains(node));
-        // Catch-up acts for no operator and no deployment of its own.
+        // Catch-up acts for no operator and no deployment of its own; nodes
+        // removed meanwhile are left out.
         let origin =
             crate::store::HistoryOrigin::new(crate::clock::steady_now_ms(), "", "catch-up");
-        let written = self.registry.write_desired(&changes, &origin)?;
+        let written = self.registry.write_desired(changes.to_vec(), &origin)?;
         self.durability.flush().await?;
-        self.registry.push_desired(&changes, &written)
+        self.registry.push_desired(&written)
     }
 }
