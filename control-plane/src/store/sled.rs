@@ -201,6 +201,18 @@ fn scan<T: DeserializeOwned>(tree: &sled::Tree, name: Collection) -> Result<Vec<
         .collect()
 }
 
+/// The history records of one value of the history tree: a single record
+/// (`{...}`, one desired write), or a run of records (`[...]`, the writes of
+/// one [`Storage::update_desired_batch`], consecutive seqs, stored under
+/// the first one's).
+fn decode_history(key: &[u8], value: &[u8]) -> Result<Vec<HistoryRecord>, StoreError> {
+    if value.first() == Some(&b'[') {
+        decode(Collection::History, key, value)
+    } else {
+        Ok(vec![decode(Collection::History, key, value)?])
+    }
+}
+
 /// Every record of a tree as raw bytes, keys as text, in key order.
 fn scan_bytes(tree: &sled::Tree) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
     tree.iter()
@@ -312,33 +324,57 @@ impl SledStore {
     /// [`Storage::update_desired_batch`]): each one's node's desired state is
     /// older than it, or, for a removal, still there and older. A batch's
     /// records are all newer than any written record, so the walk from the
-    /// newest stops at the first record that was written.
+    /// newest stops at the first record that was written; a run of records
+    /// is cut back to its written ones (all or none, as a desired batch
+    /// lands whole).
     fn drop_unwritten_history(&self) -> Result<(), StoreError> {
         let mut dropped = 0u64;
         while let Some((key, value)) = self.history.last()? {
-            let record: HistoryRecord = decode(Collection::History, &key, &value)?;
-            let desired: Option<DesiredRecord> = get(
-                &self.desired,
-                Collection::Desired,
-                record.node_id.as_bytes(),
-            )?;
-            let written = match (&desired, record.removed) {
-                (Some(d), false) => d.revision >= record.seq,
-                (None, false) => false,
-                (Some(d), true) => d.revision > record.seq,
-                (None, true) => true,
-            };
-            if written {
-                break;
+            let mut records = decode_history(&key, &value)?;
+            let had = records.len();
+            while let Some(record) = records.last() {
+                if self.history_written(record)? {
+                    break;
+                }
+                tracing::warn!(node = %record.node_id, seq = record.seq, "dropping the history record of a desired-state write lost in a crash");
+                records.pop();
             }
-            tracing::warn!(node = %record.node_id, seq = record.seq, "dropping the history record of a desired-state write lost in a crash");
-            self.history.remove(key)?;
-            dropped += 1;
+            dropped += (had - records.len()) as u64;
+            match records.len() {
+                0 => {
+                    self.history.remove(key)?;
+                }
+                n if n == had => break,
+                1 => {
+                    self.history.insert(key, encode(&records[0]))?;
+                    break;
+                }
+                _ => {
+                    self.history.insert(key, encode(&records))?;
+                    break;
+                }
+            }
         }
         if dropped > 0 {
             self.db.flush()?;
         }
         Ok(())
+    }
+
+    /// Whether the desired-state write a history record describes is in
+    /// the desired tree (or was overtaken by a later write).
+    fn history_written(&self, record: &HistoryRecord) -> Result<bool, StoreError> {
+        let desired: Option<DesiredRecord> = get(
+            &self.desired,
+            Collection::Desired,
+            record.node_id.as_bytes(),
+        )?;
+        Ok(match (&desired, record.removed) {
+            (Some(d), false) => d.revision >= record.seq,
+            (None, false) => false,
+            (Some(d), true) => d.revision > record.seq,
+            (None, true) => true,
+        })
     }
 
     /// A node's record for its history entry (its name and environment).
@@ -807,7 +843,12 @@ impl DesiredRecords for SledStore {
     }
 
     fn list_history(&self) -> Result<Vec<HistoryRecord>, StoreError> {
-        scan(&self.history, Collection::History)
+        let mut records = Vec::new();
+        for entry in self.history.iter() {
+            let (key, value) = entry?;
+            records.extend(decode_history(&key, &value)?);
+        }
+        Ok(records)
     }
 
     async fn trim_history(&self, before_ms: u64) -> Result<u64, StoreError> {
@@ -815,15 +856,19 @@ impl DesiredRecords for SledStore {
         let mut trimmed = self.history_trimmed()?.unwrap_or_default();
         for entry in self.history.iter() {
             let (key, value) = entry?;
-            let record: HistoryRecord = decode(Collection::History, &key, &value)?;
+            let records = decode_history(&key, &value)?;
             // Seq order is time order on one steady clock: the first
-            // record young enough ends the trim.
-            if record.time_ms >= before_ms {
+            // record young enough ends the trim. A run goes whole, once its
+            // newest record is old enough.
+            let Some(newest) = records.last() else {
+                continue;
+            };
+            if records.iter().any(|r| r.time_ms >= before_ms) {
                 break;
             }
             self.history.remove(key).map_err(|e| self.observe(e))?;
-            trimmed.seq = trimmed.seq.max(record.seq);
-            removed += 1;
+            trimmed.seq = trimmed.seq.max(newest.seq);
+            removed += records.len() as u64;
         }
         if removed > 0 {
             trimmed.before_ms = trimmed.before_ms.max(before_ms);
@@ -942,11 +987,12 @@ impl Storage for SledStore {
     }
 
     /// Everything is read and decided first, so a failed read changes
-    /// nothing; then the counter, one history batch and one desired batch
-    /// are written in that order, the order of
-    /// [`SledStore::write_desired_with_history`] (each batch is atomic in
-    /// sled, and [`SledStore::drop_unwritten_history`] drops every history
-    /// record of a desired batch a crash lost).
+    /// nothing; then the counter, the history records as one run (one
+    /// value, under the first record's seq) and one desired batch are
+    /// written in that order, the order of
+    /// [`SledStore::write_desired_with_history`] (the run and the batch are
+    /// each atomic in sled, and [`SledStore::drop_unwritten_history`] drops
+    /// the run of a desired batch a crash lost).
     fn update_desired_batch(
         &self,
         changes: &[(&str, Change<'_, DesiredRecord>)],
@@ -963,7 +1009,7 @@ impl Storage for SledStore {
         let mut newest: std::collections::HashMap<&str, usize> =
             std::collections::HashMap::with_capacity(changes.len());
         let mut desired = sled::Batch::default();
-        let mut entries = sled::Batch::default();
+        let mut entries: Vec<HistoryRecord> = Vec::new();
         let mut updates = Vec::new();
         for &(node_id, change) in changes {
             let key = node_id.as_bytes();
@@ -986,7 +1032,7 @@ impl Storage for SledStore {
                 if let Some(entry) =
                     history::record_of(node_id, naming.as_ref(), &before, Some(&record), origin)
                 {
-                    entries.insert(&next.to_be_bytes(), encode(&entry));
+                    entries.push(entry);
                 }
                 desired.insert(key, encode(&record));
                 updates.push(DesiredUpdate {
@@ -1004,9 +1050,18 @@ impl Storage for SledStore {
         self.meta
             .insert(DESIRED_REVISION, &next.to_be_bytes())
             .map_err(|e| self.observe(e))?;
-        self.history
-            .apply_batch(entries)
-            .map_err(|e| self.observe(e))?;
+        // The batch's history as one value: a sled insert costs about as
+        // much as the record it writes, and a wave writes a thousand.
+        let run = match entries.as_slice() {
+            [] => None,
+            [one] => Some((one.seq, encode(one))),
+            [first, ..] => Some((first.seq, encode(&entries))),
+        };
+        if let Some((seq, run)) = run {
+            self.history
+                .insert(seq.to_be_bytes(), run)
+                .map_err(|e| self.observe(e))?;
+        }
         self.desired
             .apply_batch(desired)
             .map_err(|e| self.observe(e))?;
@@ -1319,6 +1374,89 @@ mod tests {
         let history = store.list_history().expect("history");
         assert_eq!(history.len(), 1, "{history:?}");
         assert_eq!(history[0].generation, 1);
+    }
+
+    /// A batch's history is one value of the history tree (a run, under
+    /// its first seq) that reads back as its records; a crash that lost
+    /// the batch's desired states drops the run at the next open, and the
+    /// records of earlier writes stay.
+    #[tokio::test]
+    async fn a_batch_writes_its_history_as_one_run_that_a_crash_drops_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        let origin = HistoryOrigin::new(1, "d-1", "alice");
+        let first = batch_change(0);
+        let second = batch_change(1);
+        {
+            let store = enrolled_store(&path);
+            let batch: Vec<(&str, Change<'_, DesiredRecord>)> =
+                vec![("n0", &first), ("n1", &first), ("n2", &first)];
+            store.update_desired_batch(&batch, &origin).expect("batch");
+            let batch: Vec<(&str, Change<'_, DesiredRecord>)> =
+                vec![("n0", &second), ("n1", &second), ("n3", &second)];
+            let lost = store.update_desired_batch(&batch, &origin).expect("batch");
+            assert_eq!(store.history.len(), 2, "one value per batch");
+            let history = store.list_history().expect("history");
+            let seqs: Vec<u64> = history.iter().map(|r| r.seq).collect();
+            assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+            assert_eq!(history[3].node, "node-0");
+            assert_eq!(history[5].environment, "env-1");
+            // What a crash after the second run and before its desired
+            // batch leaves: the desired states of the first batch.
+            for (node, record) in [("n0", 1), ("n1", 2)] {
+                let mut before = lost[0].clone().expect("n0");
+                before.generation = 1;
+                before.revision = record;
+                before.modules.insert(
+                    "web".into(),
+                    crate::store::DesiredModuleRecord {
+                        version: "1.0.0".into(),
+                        ..Default::default()
+                    },
+                );
+                store
+                    .desired
+                    .insert(node.as_bytes(), encode(&before))
+                    .expect("old state");
+            }
+            store.desired.remove("n3").expect("old state");
+            store.flush().await.expect("flush");
+        }
+        let store = reopen(&path).await;
+        let history = store.list_history().expect("history");
+        let seqs: Vec<u64> = history.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3], "{history:?}");
+    }
+
+    /// A run is trimmed whole once its newest record is older than the
+    /// cut, and kept whole while any of its records is not.
+    #[tokio::test]
+    async fn history_runs_are_trimmed_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = enrolled_store(&dir.path().join("state"));
+        let change = batch_change(0);
+        let other = batch_change(3);
+        let batch: Vec<(&str, Change<'_, DesiredRecord>)> = vec![("n0", &change), ("n1", &change)];
+        store
+            .update_desired_batch(&batch, &HistoryOrigin::new(10, "d-1", "alice"))
+            .expect("batch");
+        let batch: Vec<(&str, Change<'_, DesiredRecord>)> = vec![("n0", &other), ("n2", &other)];
+        store
+            .update_desired_batch(&batch, &HistoryOrigin::new(20, "d-2", "alice"))
+            .expect("batch");
+        assert_eq!(store.trim_history(10).await.expect("trim"), 0);
+        assert_eq!(store.trim_history(15).await.expect("trim"), 2);
+        let mark = store.history_trimmed().expect("mark").expect("a mark");
+        assert_eq!(mark.seq, 2);
+        let seqs: Vec<u64> = store
+            .list_history()
+            .expect("history")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, [3, 4]);
+        assert_eq!(store.trim_history(21).await.expect("trim"), 2);
+        assert!(store.list_history().expect("history").is_empty());
     }
 
     /// One change of a batch: which node (4 and 5 are not enrolled) and
