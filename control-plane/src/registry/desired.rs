@@ -19,12 +19,9 @@ pub struct Written {
 
 impl Written {
     /// How many changes were written.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.changes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
     }
 
     /// Changes as if written with these records (tests of the push side).
@@ -125,18 +122,18 @@ impl Registry {
             }
             None => record.modules.remove(module).is_some(),
         };
-        let closures: Vec<_> = changes
-            .iter()
-            .map(|change| move |record: &mut DesiredRecord| apply(change, record))
-            .collect();
-        let batch: Vec<(&str, Change<'_, DesiredRecord>)> = changes
-            .iter()
-            .zip(&closures)
-            .map(|((node, _, _), f)| (node.as_str(), f as Change<'_, DesiredRecord>))
-            .collect();
-        let stored = self.store.update_desired_batch(&batch, origin)?;
-        drop(batch);
-        drop(closures);
+        let stored = {
+            let closures: Vec<_> = changes
+                .iter()
+                .map(|change| move |record: &mut DesiredRecord| apply(change, record))
+                .collect();
+            let batch: Vec<(&str, Change<'_, DesiredRecord>)> = changes
+                .iter()
+                .zip(&closures)
+                .map(|((node, _, _), f)| (node.as_str(), f as Change<'_, DesiredRecord>))
+                .collect();
+            self.store.update_desired_batch(&batch, origin)?
+        };
         let mut written = Written::default();
         for (change, record) in changes.into_iter().zip(stored) {
             match record {

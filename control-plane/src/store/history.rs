@@ -9,7 +9,7 @@
 use hotswap_common::labels::Labels;
 use serde::{Deserialize, Serialize};
 
-use super::{DesiredRecord, NodeRecord};
+use super::DesiredRecord;
 
 /// Who and what a desired-state write is for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -80,15 +80,6 @@ pub struct NodeNaming {
     pub name: String,
     #[serde(default)]
     pub labels: Labels,
-}
-
-impl NodeNaming {
-    pub fn of(node: &NodeRecord) -> Self {
-        Self {
-            name: node.name.clone(),
-            labels: node.labels.clone(),
-        }
-    }
 }
 
 /// A desired version as history shows it: an empty one ("keep whatever
@@ -197,12 +188,12 @@ mod tests {
     /// name and labels, whatever else the record holds.
     #[test]
     fn a_node_naming_decodes_from_a_stored_node_record() {
-        let mut node = NodeRecord::for_tests("n-1", "web-1");
+        let mut node = crate::store::NodeRecord::for_tests("n-1", "web-1");
         node.labels.insert("environment".into(), "prod".into());
         let naming: NodeNaming =
             serde_json::from_slice(&crate::store::encode(&node)).expect("naming");
-        assert_eq!(naming, NodeNaming::of(&node));
         assert_eq!(naming.name, "web-1");
+        assert_eq!(naming.labels, node.labels);
         let origin = HistoryOrigin::new(5, "d-1", "alice");
         let after = desired(&[("web", "1.0.0")], 1);
         let record = record_of(

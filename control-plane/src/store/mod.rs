@@ -618,8 +618,9 @@ pub trait Storage:
     /// [`DesiredRecords::update_desired_recorded`] makes it (without
     /// flushing); a node changed twice sees its first change. Entries of
     /// nodes that are not enrolled change nothing and are answered `None`.
-    /// The embedded store writes the batch with one revision-counter write
-    /// and one batch per tree, and reads no node twice.
+    /// The embedded store writes the batch with one revision-counter write,
+    /// the history records as one value and the desired states as one sled
+    /// batch, and reads no node twice.
     fn update_desired_batch(
         &self,
         changes: &[(&str, Change<'_, DesiredRecord>)],

@@ -213,6 +213,16 @@ fn decode_history(key: &[u8], value: &[u8]) -> Result<Vec<HistoryRecord>, StoreE
     }
 }
 
+/// The value [`decode_history`] reads: one record as itself, several as a
+/// run; `None` for none.
+fn encode_history(records: &[HistoryRecord]) -> Option<Vec<u8>> {
+    match records {
+        [] => None,
+        [one] => Some(encode(one)),
+        run => Some(encode(&run)),
+    }
+}
+
 /// Every record of a tree as raw bytes, keys as text, in key order.
 fn scan_bytes(tree: &sled::Tree) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
     tree.iter()
@@ -339,18 +349,16 @@ impl SledStore {
                 tracing::warn!(node = %record.node_id, seq = record.seq, "dropping the history record of a desired-state write lost in a crash");
                 records.pop();
             }
+            if records.len() == had {
+                break;
+            }
             dropped += (had - records.len()) as u64;
-            match records.len() {
-                0 => {
+            match encode_history(&records) {
+                None => {
                     self.history.remove(key)?;
                 }
-                n if n == had => break,
-                1 => {
-                    self.history.insert(key, encode(&records[0]))?;
-                    break;
-                }
-                _ => {
-                    self.history.insert(key, encode(&records))?;
+                Some(value) => {
+                    self.history.insert(key, value)?;
                     break;
                 }
             }
@@ -1052,14 +1060,9 @@ impl Storage for SledStore {
             .map_err(|e| self.observe(e))?;
         // The batch's history as one value: a sled insert costs about as
         // much as the record it writes, and a wave writes a thousand.
-        let run = match entries.as_slice() {
-            [] => None,
-            [one] => Some((one.seq, encode(one))),
-            [first, ..] => Some((first.seq, encode(&entries))),
-        };
-        if let Some((seq, run)) = run {
+        if let (Some(first), Some(run)) = (entries.first(), encode_history(&entries)) {
             self.history
-                .insert(seq.to_be_bytes(), run)
+                .insert(first.seq.to_be_bytes(), run)
                 .map_err(|e| self.observe(e))?;
         }
         self.desired
