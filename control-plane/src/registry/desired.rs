@@ -166,7 +166,9 @@ impl Registry {
         let mut remote = self.shared.get().map(|_| self.lock_remote());
         for ((node_id, _, _), record) in written.changes.iter().zip(&written.records) {
             if let Some(session) = live.get(node_id) {
-                super::remote::hand_over(session, record);
+                if super::remote::hand_over(session, record) {
+                    self.stamp_moved(node_id);
+                }
             } else if let Some(known) = remote.as_mut().and_then(|r| r.get_mut(node_id)) {
                 // Its replica hands it over when the commit reaches it; the
                 // engine must not read the node's last report as current

@@ -20,6 +20,7 @@ use crate::events::{Event, EventBudget, EventLog};
 use crate::metrics::Metrics;
 mod desired;
 mod history;
+mod journal;
 mod published;
 mod remote;
 mod transitions;
@@ -174,6 +175,10 @@ pub struct Registry {
     /// Nodes whose sessions other replicas hold, as published. Taken after
     /// `live` when both are held.
     remote: Mutex<HashMap<String, RemoteSession>>,
+    /// The nodes whose [`Stamp`] moved, in order ([`Registry::changed_since`]).
+    /// Pushed to under `live`, with the change; taken after `live` when
+    /// both are held.
+    journal: Mutex<journal::Journal>,
     /// When `hotswap_storage_bytes` was last measured: the size on disk
     /// lists the database's directory, too slow to do on every one of a
     /// reconnect storm's attaches (4 % of the control plane's CPU in one).
@@ -238,11 +243,45 @@ impl Registry {
             budgets: Mutex::new(HashMap::new()),
             shared: std::sync::OnceLock::new(),
             remote: Mutex::new(HashMap::new()),
+            journal: Mutex::new(journal::Journal::new(journal::JOURNAL_CAP)),
             storage_measured: Mutex::new(None),
             events,
         });
         registry.update_gauges(&registry.lock_live());
         Ok(registry)
+    }
+
+    fn lock_journal(&self) -> MutexGuard<'_, journal::Journal> {
+        self.journal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `node_id`'s stamp moved (its session, a report that changed more
+    /// than metrics, its desired generation). Called under `live`, with
+    /// the change, so a reader of the journal that then takes `live` sees it.
+    fn stamp_moved(&self, node_id: &str) {
+        self.lock_journal().push(node_id);
+    }
+
+    /// Where the change journal ends now: pass it to
+    /// [`Registry::changed_since`] to hear of the nodes whose stamp moves
+    /// from here on. Take it before reading the nodes it is to follow.
+    pub fn journal_end(&self) -> u64 {
+        self.lock_journal().end()
+    }
+
+    /// Calls `each` with every node whose [`Stamp`] moved since `cursor`
+    /// (a node as often as it moved), and answers the cursor for next time;
+    /// `None` when the journal no longer reaches back that far, and the
+    /// caller must look at every node.
+    pub fn changed_since(&self, cursor: u64, each: impl FnMut(&str)) -> Option<u64> {
+        self.lock_journal().since(cursor, each)
+    }
+
+    #[cfg(test)]
+    pub fn set_journal_cap(&self, cap: usize) {
+        self.lock_journal().set_cap(cap);
     }
 
     fn lock_live(&self) -> MutexGuard<'_, HashMap<String, LiveSession>> {
@@ -542,6 +581,7 @@ impl Registry {
                     publication: Publication::default(),
                 },
             );
+            self.stamp_moved(node_id);
             if let Some(previous) = previous {
                 tracing::info!(node = %node_id, "new session replaces the previous one");
                 previous.cancel.cancel();
@@ -699,6 +739,7 @@ impl Registry {
             session.reported = true;
             if changed {
                 session.changes += 1;
+                self.stamp_moved(&handle.node_id);
             }
             if self.shared.get().is_some()
                 && let Decision::Publish(samples) =
@@ -864,6 +905,7 @@ impl Registry {
                 Some(session) if session.generation == handle.generation => {
                     let last_seen = session.last_seen_ms;
                     live.remove(&handle.node_id);
+                    self.stamp_moved(&handle.node_id);
                     self.queue_removal(&handle.node_id, handle.generation);
                     self.update_gauges(&live);
                     last_seen
@@ -935,6 +977,7 @@ impl Registry {
         {
             let mut live = self.lock_live();
             if let Some(session) = live.remove(&id) {
+                self.stamp_moved(&id);
                 session.cancel.cancel();
                 self.queue_removal(&id, session.generation);
             }

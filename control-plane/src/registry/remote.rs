@@ -428,7 +428,9 @@ impl Registry {
     fn desired_committed(&self, node_id: &str, record: &crate::store::DesiredRecord) {
         let live = self.lock_live();
         if let Some(session) = live.get(node_id) {
-            hand_over(session, record);
+            if hand_over(session, record) {
+                self.stamp_moved(node_id);
+            }
             return;
         }
         drop(live);
@@ -454,7 +456,11 @@ impl Registry {
         let live = self.lock_live();
         for (node_id, session) in live.iter() {
             match self.store.get_desired(node_id) {
-                Ok(record) => hand_over(session, &record),
+                Ok(record) => {
+                    if hand_over(session, &record) {
+                        self.stamp_moved(node_id);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(node = %node_id, error = %e, "cannot read a desired state")
                 }
@@ -465,15 +471,16 @@ impl Registry {
 
 /// Give a live session `record` unless it has that generation or a newer
 /// one already: the same change may come from this replica's own write and
-/// from the watch, in either order.
-pub(super) fn hand_over(session: &LiveSession, record: &crate::store::DesiredRecord) {
+/// from the watch, in either order. True when it was handed over (the
+/// session's [`Stamp`](super::Stamp) moved).
+pub(super) fn hand_over(session: &LiveSession, record: &crate::store::DesiredRecord) -> bool {
     session.desired.send_if_modified(|current| {
         if record.generation <= current.generation {
             return false;
         }
         *current = record.clone();
         true
-    });
+    })
 }
 
 #[cfg(test)]
