@@ -21,9 +21,11 @@
 //! before it runs.
 //!
 //! A download touches each content byte once: it is hashed for the digest
-//! and for the file's trailer as it is appended to the partial file, and the
-//! signatures are checked against that digest without reading the file
-//! back. One fsync of the file and one of `cache/` make it durable.
+//! (which the file's trailer covers instead of the bytes, format version 2)
+//! as it is appended to the partial file, and the signatures are checked
+//! against that digest without reading the file back. An install reads the
+//! cached file once, hashing it once. One fsync of the file and one of
+//! `cache/` make it durable.
 //!
 //! The steps run in spans `fetch`, `verify` and `unpack` (target
 //! [`telemetry::TARGET`]), children of whatever trace context the caller runs

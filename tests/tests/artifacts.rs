@@ -10,7 +10,6 @@ use hotswap_tests::{
     Agent, ControlPlane, CutProxy, S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, SeaweedS3, TestDir,
     ctl_offline, pack_bundle as pack, runtime, write_module,
 };
-use sha2::Digest as _;
 
 struct Publisher {
     key: PathBuf,
@@ -48,8 +47,9 @@ fn path(p: &Path) -> &str {
 /// so only the signatures stand between the edit and acceptance.
 fn reseal(bytes: &mut [u8]) {
     let n = bytes.len();
-    let digest = sha2::Sha256::digest(&bytes[..n - 32]);
-    bytes[n - 32..].copy_from_slice(&digest);
+    let trailer = hotswap_common::artifact::format::trailer_for(&bytes[..n - 32])
+        .expect("a whole file's header and content");
+    bytes[n - 32..].copy_from_slice(&trailer);
 }
 
 fn blob_count(cp: &ControlPlane) -> usize {

@@ -4,13 +4,18 @@
 //! file      = MAGIC(8) content_len:u64 content sig_count:u16 signature* trailer
 //! content   = manifest_len:u32 manifest(UTF-8 TOML) payload(tar.zst)
 //! signature = key_id_len:u8 key_id signed_at_ms:u64 expires_at_ms:u64 ed25519(64)
-//! trailer   = SHA-256 of every byte before it (32)
+//! trailer   = SHA-256(MAGIC content_len digest sig_count signature*)   (version 2)
+//!           = SHA-256 of every byte before it                          (version 1)
 //! ```
 //! Integers are big-endian. `expires_at_ms` 0 means "no expiry". The digest is
 //! SHA-256 over `content`. Nothing may follow the trailer.
 //!
 //! The trailer is for integrity, not authenticity: it catches corruption in
 //! parts no verifier can check, such as a signature by a key it does not know.
+//! Version 2 covers the content through its digest, which every reader
+//! computes anyway, so a file is hashed once rather than twice; corrupt
+//! content still fails the trailer, because its digest changes. Files are
+//! written as version 2; version 1 files are read as before.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -23,7 +28,10 @@ use sha2::Sha256;
 use super::ArtifactError;
 use crate::manifest::{Manifest, parse_manifest};
 
-pub const MAGIC: &[u8; 8] = b"HSMOD\x00\x01\n";
+/// The magic of the version written (2).
+pub const MAGIC: &[u8; 8] = b"HSMOD\x00\x02\n";
+/// The magic of version 1, whose trailer hashes the content again.
+pub const MAGIC_V1: &[u8; 8] = b"HSMOD\x00\x01\n";
 /// Manifests are small; a bigger one is a mistake or an attack.
 pub const MAX_MANIFEST_BYTES: u32 = 64 * 1024;
 pub const MAX_SIGNATURES: u16 = 16;
@@ -117,17 +125,20 @@ fn format_err(reason: impl Into<String>) -> ArtifactError {
     ArtifactError::Format(reason.into())
 }
 
-/// Hashes everything read through it, for the trailer check.
+/// Hashes what is read through it while `hashing`, for the trailer check.
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
+    hashing: bool,
     position: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if self.hashing {
+            self.hasher.update(&buf[..n]);
+        }
         self.position += n as u64;
         Ok(n)
     }
@@ -178,16 +189,23 @@ pub(super) fn read_artifact_and_prefix<R: Read>(
     let mut reader = HashingReader {
         inner: reader,
         hasher: Sha256::new(),
+        hashing: true,
         position: 0,
     };
     let mut magic = [0u8; 8];
     read_exact(&mut reader, &mut magic, "header")?;
-    if &magic != MAGIC {
-        return Err(format_err(
-            "bad magic: this is not a .hsm file (or a newer format version)",
-        ));
-    }
+    let digest_in_trailer = match &magic {
+        MAGIC => true,
+        MAGIC_V1 => false,
+        _ => {
+            return Err(format_err(
+                "bad magic: this is not a .hsm file (or a newer format version)",
+            ));
+        }
+    };
     let content_len = read_u64(&mut reader, "header")?;
+    // Version 2: the trailer takes the content's digest, not its bytes.
+    reader.hashing = !digest_in_trailer;
     if content_len > total_len.saturating_sub(CONTENT_OFFSET) {
         return Err(format_err(format!(
             "truncated: header announces {content_len} content bytes but the file has {}",
@@ -219,6 +237,10 @@ pub(super) fn read_artifact_and_prefix<R: Read>(
         remaining -= n as u64;
     }
     let digest = Digest(hasher.finalize().into());
+    if digest_in_trailer {
+        reader.hasher.update(digest.0);
+        reader.hashing = true;
+    }
     let prefix = reader.hasher.clone();
 
     let mut count = [0u8; 2];
@@ -383,10 +405,10 @@ pub fn write_artifact<W: Write>(
 }
 
 /// Writes a `.hsm` file while its content arrives, in one pass: every
-/// content byte is written once and hashed once for the digest and once for
-/// the integrity trailer while it is still in the CPU's cache, and the
-/// manifest is kept aside so [`ArtifactWriter::finish`] can describe the
-/// artifact without reading the file back.
+/// content byte is written once and hashed once, for the digest (which the
+/// trailer covers), and the manifest is kept aside so
+/// [`ArtifactWriter::finish`] can describe the artifact without reading the
+/// file back.
 ///
 /// A writer can also pick up a file cut short by an interrupted transfer
 /// ([`ArtifactWriter::resume`]): the bytes already there are hashed once and
@@ -473,7 +495,6 @@ impl<W: Write> ArtifactWriter<W> {
             return false;
         }
         self.digest.update(bytes);
-        self.trailer.update(bytes);
         if self.head.len() < HEAD_CAP {
             let wanted = match self.head.first_chunk::<4>() {
                 Some(len) => (4 + u32::from_be_bytes(*len) as usize).min(HEAD_CAP),
@@ -518,11 +539,13 @@ impl<W: Write> ArtifactWriter<W> {
                 ),
             ));
         }
+        let digest = Digest(self.digest.finalize().into());
+        self.trailer.update(digest.0);
         let encoded = encode_signatures(signatures);
         self.trailer.update(&encoded);
         self.out.write_all(&encoded)?;
         self.out.write_all(&self.trailer.finalize())?;
-        Ok((self.out, Digest(self.digest.finalize().into())))
+        Ok((self.out, digest))
     }
 
     /// Complete the file and describe it as [`read_artifact`] would, from
@@ -541,36 +564,48 @@ impl<W: Write> ArtifactWriter<W> {
     }
 }
 
-/// The trailer's hash state after the header and the content of a file
-/// whose content was written behind a placeholder header: writes the real
-/// header for `content_len` at the start of `file`, then reads header and
-/// content back, in bounded chunks.
-///
-/// The format puts the content's length before the content, and SHA-256
-/// cannot be extended at the front, so a writer that learns the length only
-/// at the end (`module pack`, which compresses as it writes) reads the
-/// content back once; it is usually still in the page cache.
-pub(super) fn patch_header_and_hash(file: &mut File, content_len: u64) -> std::io::Result<Sha256> {
+/// Write the real header for `content_len` at the start of `file`, whose
+/// content (hashing to `digest`) was written behind a placeholder, and
+/// answer the trailer's hash state after header and content. Nothing is
+/// read back: the trailer covers the content through its digest.
+pub(super) fn patch_header(
+    file: &mut File,
+    content_len: u64,
+    digest: &Digest,
+) -> std::io::Result<Sha256> {
     file.seek(SeekFrom::Start(0))?;
-    file.write_all(&header(content_len))?;
-    file.seek(SeekFrom::Start(0))?;
+    let header = header(content_len);
+    file.write_all(&header)?;
     let mut prefix = Sha256::new();
-    let mut remaining = CONTENT_OFFSET + content_len;
-    let mut chunk = vec![0u8; 256 * 1024];
-    while remaining > 0 {
-        let n = remaining.min(chunk.len() as u64) as usize;
-        file.read_exact(&mut chunk[..n])?;
-        prefix.update(&chunk[..n]);
-        remaining -= n as u64;
-    }
+    prefix.update(header);
+    prefix.update(digest.0);
     Ok(prefix)
+}
+
+/// The trailer a whole file's bytes before it (`body`) call for, by the
+/// rules of the version its magic names: for tools that edit a file on
+/// purpose (tests, fuzzing) and must get past the integrity check.
+/// `None` when `body` is too short or its header announces more content
+/// than it holds (no reader gets as far as the trailer then).
+pub fn trailer_for(body: &[u8]) -> Option<[u8; 32]> {
+    let (head, rest) = body.split_first_chunk::<{ CONTENT_OFFSET as usize }>()?;
+    if head[..8] != MAGIC[..] {
+        return Some(Sha256::digest(body).into());
+    }
+    let content_len = usize::try_from(u64::from_be_bytes(head[8..].try_into().ok()?)).ok()?;
+    let content = rest.get(..content_len)?;
+    let mut trailer = Sha256::new();
+    trailer.update(head);
+    trailer.update(Sha256::digest(content));
+    trailer.update(&rest[content_len..]);
+    Some(trailer.finalize().into())
 }
 
 /// Replace whatever follows the content of `file` (a `.hsm` file, or one
 /// being written, whose header and `content_len` content bytes are in
 /// place) with `signatures` and the trailer. `prefix` is the trailer's hash
-/// state after header and content ([`patch_header_and_hash`] or
-/// [`read_artifact_and_prefix`]). Nothing of the content is read or held.
+/// state after header and content ([`patch_header`] or
+/// [`read_artifact_and_prefix`]), which keeps a version 1 file version 1. Nothing of the content is read or held.
 pub(super) fn write_tail(
     file: &mut File,
     content_len: u64,

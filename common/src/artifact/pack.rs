@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use super::ArtifactError;
 use super::format::{
     ArtifactInfo, CONTENT_OFFSET, Digest, MAX_MANIFEST_BYTES, MAX_SIGNATURES, describe,
-    patch_header_and_hash, read_artifact_and_prefix, write_tail,
+    patch_header, read_artifact_and_prefix, write_tail,
 };
 use super::keys::sign;
 use super::limits::{LimitError, Limits, module_label};
@@ -272,9 +272,9 @@ fn collect(
 /// Streamed, in bounded memory whatever the module's size: the payload goes
 /// through the compressor into a temporary file next to `out` behind a
 /// placeholder header, hashed for the digest as it is written. Then the
-/// header gets the real length, header and content are read back once for
-/// the integrity trailer (see [`patch_header_and_hash`] for why), the
-/// signature and trailer are appended, and the file is renamed over `out`.
+/// header gets the real length, the signature and the trailer (which covers
+/// the content through its digest) are appended, and the file is renamed
+/// over `out`: the content is hashed once and never read back.
 pub fn pack_and_sign(
     dir: &Path,
     key: &SigningKey,
@@ -318,7 +318,7 @@ pub fn pack_and_sign(
 
     let unsigned = describe(&head, digest, Vec::new(), content_len)?;
     let signature = sign(&unsigned, key, now_ms, None);
-    let prefix = patch_header_and_hash(&mut file, content_len).map_err(write_err)?;
+    let prefix = patch_header(&mut file, content_len, &digest).map_err(write_err)?;
     write_tail(
         &mut file,
         content_len,

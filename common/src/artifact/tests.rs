@@ -103,6 +103,94 @@ fn packing_is_reproducible() {
     assert_eq!(read_artifact(&again).expect("read").digest, first);
 }
 
+/// `bytes` (a version 2 file) as the same artifact in version 1: the old
+/// magic, and a trailer over every byte before it.
+fn as_version_1(bytes: &[u8]) -> Vec<u8> {
+    let mut old = bytes.to_vec();
+    old[..8].copy_from_slice(super::format::MAGIC_V1);
+    let n = old.len();
+    let trailer: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        &old[..n - 32],
+    ))
+    .into();
+    old[n - 32..].copy_from_slice(&trailer);
+    old
+}
+
+#[test]
+fn files_are_written_as_version_2_whose_trailer_takes_the_content_digest() {
+    use sha2::Digest as _;
+    let f = fixture();
+    let bytes = std::fs::read(&f.artifact).expect("read");
+    assert_eq!(&bytes[..8], super::format::MAGIC);
+    let info = read_artifact(&f.artifact).expect("read");
+    // The trailer: header, then the digest instead of the content, then
+    // the signatures.
+    let n = bytes.len();
+    let content_end = 16 + info.content_len as usize;
+    let mut expected = sha2::Sha256::new();
+    expected.update(&bytes[..16]);
+    expected.update(info.digest.0);
+    expected.update(&bytes[content_end..n - 32]);
+    assert_eq!(&bytes[n - 32..], &expected.finalize()[..]);
+    assert_eq!(
+        super::format::trailer_for(&bytes[..n - 32]),
+        Some(bytes[n - 32..].try_into().expect("32 bytes"))
+    );
+    // Corrupt content is still corruption, found by the trailer.
+    let mut corrupt = bytes.clone();
+    corrupt[content_end - 1] ^= 1;
+    let error = verify_bytes(&corrupt, &f.trust).expect_err("corrupt");
+    assert!(
+        error.to_string().contains("integrity check failed"),
+        "{error}"
+    );
+}
+
+#[test]
+fn version_1_files_are_read_and_signed_as_version_1() {
+    let f = fixture();
+    let bytes = std::fs::read(&f.artifact).expect("read");
+    let old = as_version_1(&bytes);
+    let info = verify_bytes(&old, &f.trust).expect("a version 1 file verifies");
+    assert_eq!(
+        info.digest,
+        read_artifact(&f.artifact).expect("read").digest
+    );
+    let n = old.len();
+    assert_eq!(
+        super::format::trailer_for(&old[..n - 32]),
+        Some(old[n - 32..].try_into().expect("32 bytes"))
+    );
+    // A version 1 trailer on a version 2 file, and the reverse, are corrupt.
+    let mut mixed = old.clone();
+    mixed[..8].copy_from_slice(super::format::MAGIC);
+    assert!(verify_bytes(&mixed, &f.trust).is_err());
+    let mut mixed = bytes.clone();
+    mixed[..8].copy_from_slice(super::format::MAGIC_V1);
+    assert!(verify_bytes(&mixed, &f.trust).is_err());
+    // Signing keeps the version; both signatures verify.
+    let path = f.root.join("old.hsm");
+    std::fs::write(&path, &old).expect("write");
+    let second = keys::generate().expect("key");
+    add_signature(&path, &second, NOW, None).expect("sign");
+    let signed = std::fs::read(&path).expect("read");
+    assert_eq!(&signed[..8], super::format::MAGIC_V1);
+    let mut trust = f.trust.clone();
+    trust.add("second", second.verifying_key());
+    let info = verify_bytes(&signed, &trust).expect("verifies");
+    assert_eq!(info.signatures.len(), 2);
+    for position in 0..signed.len() {
+        let mut altered = signed.clone();
+        altered[position] ^= 0x01;
+        assert!(
+            verify_bytes(&altered, &trust).is_err(),
+            "flipping byte {position} of a version 1 file went unnoticed"
+        );
+    }
+}
+
 #[test]
 fn every_single_byte_change_is_detected() {
     let f = fixture();

@@ -6,10 +6,9 @@ use std::io::Cursor;
 use std::path::Path;
 
 use ed25519_dalek::SigningKey;
-use hotswap_common::artifact::format::read_artifact_from;
+use hotswap_common::artifact::format::{read_artifact_from, trailer_for};
 use hotswap_common::artifact::unpack::{Limits, UnpackError, unpack_artifact, unpack_payload};
 use hotswap_common::artifact::{ArtifactInfo, TrustSet};
-use sha2::{Digest as _, Sha256};
 
 /// Seed of the publisher key that signs the seed artifacts and that the
 /// `artifact` target trusts, so committed seeds reach the verified path.
@@ -62,13 +61,13 @@ pub fn artifact(data: &[u8]) {
     }
 }
 
-/// `data` with its last 32 bytes replaced by the SHA-256 of the rest, or
-/// `None` when it is too short to have a trailer.
+/// `data` with its last 32 bytes replaced by the trailer the rest calls
+/// for (`format::trailer_for`), or `None` when it is too short to have one.
 pub fn with_valid_trailer(data: &[u8]) -> Option<Vec<u8>> {
     let body_len = data.len().checked_sub(TRAILER_BYTES)?;
     let mut fixed = data.to_vec();
-    let digest = Sha256::digest(&data[..body_len]);
-    fixed[body_len..].copy_from_slice(&digest);
+    let trailer = trailer_for(&data[..body_len])?;
+    fixed[body_len..].copy_from_slice(&trailer);
     Some(fixed)
 }
 
