@@ -84,6 +84,19 @@ fn etcd_counters(cluster: &EtcdCluster) -> EtcdCounters {
     c
 }
 
+/// `hotswap_engine_pass_seconds`: its count and sum (zero on a build
+/// without it).
+fn engine_passes(cp: &ControlPlane) -> (f64, f64) {
+    let Some(admin) = cp.admin else {
+        return (0.0, 0.0);
+    };
+    let (_, body) = hotswap_tests::http_get(admin, "/metrics");
+    (
+        metric(&body, "hotswap_engine_pass_seconds_count"),
+        metric(&body, "hotswap_engine_pass_seconds_sum"),
+    )
+}
+
 /// The value of an unlabelled Prometheus sample.
 fn metric(body: &str, name: &str) -> f64 {
     body.lines()
@@ -280,6 +293,7 @@ fn deploy_once(
     }
     let spec = format!("fan@{version}");
     let (cp_cpu0, sim_cpu0) = (cpu_seconds(cp.pid()), cpu_seconds(side.sim.pid()));
+    let passes0 = engine_passes(cp);
     let etcd0 = side.etcd.as_ref().map(etcd_counters);
     let t0 = Instant::now();
     let out = cp.ctl(&[
@@ -301,6 +315,7 @@ fn deploy_once(
     let elapsed = t0.elapsed();
     let cp_cpu = cpu_seconds(cp.pid()) - cp_cpu0;
     let sim_cpu = cpu_seconds(side.sim.pid()) - sim_cpu0;
+    let passes1 = engine_passes(cp);
     let etcd1 = side.etcd.as_ref().map(etcd_counters);
     let last = out
         .stdout
@@ -332,6 +347,10 @@ fn deploy_once(
         "agents_cpu_s": round(sim_cpu),
         "control_plane_cpu_ms_per_agent": per_agent_ms(cp_cpu),
         "agents_cpu_ms_per_agent": per_agent_ms(sim_cpu),
+        // The engine's passes over the deployment while it ran, and their
+        // time in all (`hotswap_engine_pass_seconds`).
+        "engine_passes": passes1.0 - passes0.0,
+        "engine_pass_s": round(passes1.1 - passes0.1),
     });
     if let (Some(a), Some(b)) = (etcd0, etcd1) {
         let fsyncs = b.fsyncs - a.fsyncs;

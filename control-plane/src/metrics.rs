@@ -83,6 +83,9 @@ pub struct Metrics {
     pub deployments: Family<StateLabel, Gauge>,
     pub rollbacks: Counter,
     pub analysis_failures: Counter,
+    /// The deployment engine's passes over its active deployments: observe,
+    /// step, commit (a pass with none active is not timed).
+    pub engine_pass: Histogram,
     pub events_stored: Gauge,
     pub events_appended: Counter,
     /// Events a node caused beyond its budget (counted, not logged).
@@ -148,6 +151,7 @@ impl Metrics {
             deployments: Family::default(),
             rollbacks: Counter::default(),
             analysis_failures: Counter::default(),
+            engine_pass: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             events_stored: Gauge::default(),
             events_appended: Counter::default(),
             events_suppressed: Counter::default(),
@@ -273,6 +277,11 @@ impl Metrics {
             "analysis_failures",
             "Canary analysis verdicts that failed",
             metrics.analysis_failures.clone(),
+        );
+        registry.register(
+            "engine_pass_seconds",
+            "Duration of the deployment engine's passes over its active deployments (observe, step, commit)",
+            metrics.engine_pass.clone(),
         );
         registry.register(
             "events_stored",

@@ -312,6 +312,9 @@ fn clusters_summarize_environments() {
     assert_eq!(value("hotswap_deployments{state=\"succeeded\"}"), 1.0);
     assert_eq!(value("hotswap_deployments{state=\"running\"}"), 0.0);
     assert_eq!(value("hotswap_rollbacks_total"), 0.0);
+    // The engine timed its passes over the deployment while it ran.
+    assert!(value("hotswap_engine_pass_seconds_count") >= 1.0);
+    assert!(value("hotswap_engine_pass_seconds_sum") > 0.0);
     assert!(value("hotswap_events_stored") >= 10.0);
     assert!(value("hotswap_events_total") >= 10.0);
     assert!(value("hotswap_audit_records") >= 4.0);

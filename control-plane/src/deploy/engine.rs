@@ -140,6 +140,19 @@ const TICK: Duration = Duration::from_millis(500);
 /// this much earlier than it was really last seen.
 const LAST_SEEN_PERSIST_EVERY: Duration = Duration::from_secs(1);
 
+/// Observes a pass's duration into `hotswap_engine_pass_seconds` when
+/// dropped, however the pass ends.
+struct PassTimer<'a> {
+    started: std::time::Instant,
+    histogram: &'a prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Drop for PassTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
 impl Engine {
     pub fn new(handles: EngineHandles, settings: Settings) -> Result<Arc<Self>, StoreError> {
         let EngineHandles {
@@ -541,12 +554,17 @@ impl Engine {
 
     async fn step_all(&self) {
         let mut deployments = self.deployments.lock().await;
+        let started = std::time::Instant::now();
         let now = steady_now_ms();
         let ids: Vec<String> = deployments
             .iter()
             .filter(|(_, r)| !r.deployment.state.is_terminal())
             .map(|(id, _)| id.clone())
             .collect();
+        let _timed = (!ids.is_empty()).then(|| PassTimer {
+            started,
+            histogram: &self.metrics.engine_pass,
+        });
         // Observations of deployments that ended some other way (a control
         // call) are dropped.
         self.observations().retain(|id, _| ids.contains(id));
