@@ -109,6 +109,10 @@ pub struct Engine {
     updates: broadcast::Sender<Arc<DeploymentRecord>>,
     /// When each active deployment was last written by `step_all`.
     persisted_at: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Active deployments whose record in memory is ahead of the stored one
+    /// (steps that only moved tracks, not yet written).
+    /// The flag: one of them moved more than last-seen times.
+    unwritten: std::sync::Mutex<HashMap<String, bool>>,
     /// Each active deployment's observation, kept between passes so a pass
     /// reads only the nodes whose reports changed (`step_all` only).
     observations: std::sync::Mutex<HashMap<String, Observation>>,
@@ -139,6 +143,12 @@ const TICK: Duration = Duration::from_millis(500);
 /// unwritten. After a restart the silence rule may time a node from up to
 /// this much earlier than it was really last seen.
 const LAST_SEEN_PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// Longest a step that only moved tracks (nodes becoming healthy during a
+/// wave, with no action and no change of state) stays unwritten. After a
+/// crash such a node is judged again from its next report; watchers of the
+/// record see its progress at least this often.
+const PROGRESS_PERSIST_EVERY: Duration = Duration::from_millis(250);
 
 /// Observes a pass's duration into `hotswap_engine_pass_seconds` when
 /// dropped, however the pass ends.
@@ -203,6 +213,7 @@ impl Engine {
             pipelines: Mutex::new(pipelines.into_iter().map(|p| (p.id.clone(), p)).collect()),
             updates,
             persisted_at: std::sync::Mutex::new(HashMap::new()),
+            unwritten: std::sync::Mutex::new(HashMap::new()),
             observations: std::sync::Mutex::new(HashMap::new()),
             pipeline_pass: Mutex::new(()),
             yanks_checked: std::sync::atomic::AtomicU64::new(u64::MAX),
@@ -613,22 +624,46 @@ impl Engine {
             } else {
                 keep(observation);
             }
-            if next == record.deployment {
+            // How long since this pass last wrote the record, and whether
+            // what is in memory is ahead of what was written.
+            let since_written = {
+                let persisted = self.persisted_at.lock().unwrap_or_else(|p| p.into_inner());
+                persisted.get(&id).map(|at| at.elapsed())
+            };
+            // Unwritten steps in memory: `Some(true)` when one of them moved
+            // more than last-seen times.
+            let behind = self
+                .unwritten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .copied();
+            let due = |every: Duration| since_written.is_none_or(|e| e >= every);
+            let every = |progress: bool| {
+                if progress {
+                    PROGRESS_PERSIST_EVERY
+                } else {
+                    LAST_SEEN_PERSIST_EVERY
+                }
+            };
+            if next == record.deployment && !behind.is_some_and(|p| due(every(p))) {
                 continue;
             }
-            // Healthy nodes' last-seen times move on every step; writing a
-            // 10k-node record for that alone would be most of the engine's
-            // work. They are kept in memory and written with the next real
-            // change, or at least every LAST_SEEN_PERSIST_EVERY.
-            let persist_last_seen = {
-                let persisted = self.persisted_at.lock().unwrap_or_else(|p| p.into_inner());
-                persisted
-                    .get(&id)
-                    .is_none_or(|at| at.elapsed() >= LAST_SEEN_PERSIST_EVERY)
-            };
+            // A step that moves tracks (a node became healthy, a healthy
+            // node was seen again) and nothing else (no action, same state,
+            // counters and verdicts) changes nothing anyone acts on; writing
+            // a 10k-node record for each would be most of the engine's work
+            // during a large wave. Such steps stay in memory and are written
+            // with the next real change, or once PROGRESS_PERSIST_EVERY
+            // (LAST_SEEN_PERSIST_EVERY when only last-seen times moved) has
+            // passed since the last write, by a later pass even if it
+            // changes nothing.
+            let progress = behind == Some(true)
+                || (next != record.deployment
+                    && !next.differs_only_in_last_seen(&record.deployment));
             let memory_only = actions.is_empty()
-                && !persist_last_seen
-                && next.differs_only_in_last_seen(&record.deployment);
+                && next.differs_only_in_tracks(&record.deployment)
+                && !due(every(progress));
             let updated = record.with(next);
             if !memory_only {
                 if let Err(e) = self
@@ -645,10 +680,18 @@ impl Engine {
                     persisted.insert(id.clone(), std::time::Instant::now());
                 }
                 drop(persisted);
+                self.unwritten
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
                 let updated = Arc::new(updated);
                 self.publish(&updated);
                 deployments.insert(id, updated);
             } else {
+                self.unwritten
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.clone(), progress);
                 deployments.insert(id, Arc::new(updated));
             }
         }

@@ -590,6 +590,55 @@ impl Deployment {
 }
 
 impl Deployment {
+    /// Whether `self`, a step's result, differs from `before` at most in its
+    /// tracks' states and times: the same nodes, and every other field
+    /// (state, wave, counters, verdicts, reason) equal. Such a step decides
+    /// nothing by itself; what it decided comes with actions or a change of
+    /// another field.
+    pub fn differs_only_in_tracks(&self, before: &Deployment) -> bool {
+        // Listed field by field, so a field added later must be named here.
+        let Deployment {
+            spec,
+            state,
+            nodes,
+            waves,
+            wave,
+            wave_started_ms,
+            hold_since_ms,
+            switched,
+            awaiting_promote,
+            paused_from,
+            waiting_since_ms,
+            window_wait,
+            reason,
+            approved_by,
+            created_ms,
+            finished_ms,
+            analysis,
+        } = self;
+        nodes.len() == before.nodes.len()
+            && *state == before.state
+            && *waves == before.waves
+            && *wave == before.wave
+            && *wave_started_ms == before.wave_started_ms
+            && *hold_since_ms == before.hold_since_ms
+            && *switched == before.switched
+            && *awaiting_promote == before.awaiting_promote
+            && *paused_from == before.paused_from
+            && *waiting_since_ms == before.waiting_since_ms
+            && *window_wait == before.window_wait
+            && *reason == before.reason
+            && *approved_by == before.approved_by
+            && *created_ms == before.created_ms
+            && *finished_ms == before.finished_ms
+            && *analysis == before.analysis
+            && *spec == before.spec
+            && nodes
+                .iter()
+                .zip(&before.nodes)
+                .all(|(now, was)| now.node == was.node)
+    }
+
     /// Whether `self`, a step's result, differs from `before` only in when
     /// healthy nodes were last seen: the `since_ms` that the silence rule
     /// times from, refreshed on every observation of a connected node. Such

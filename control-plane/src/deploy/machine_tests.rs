@@ -3879,6 +3879,40 @@ fn a_step_that_only_refreshes_last_seen_is_recognised_and_left_intact() {
     assert!(!other_node.differs_only_in_last_seen(&healthy));
 }
 
+#[test]
+fn a_step_that_only_moves_tracks_is_told_from_one_that_decides_something() {
+    let mut s = spec(rolling(BatchSize::Count(2), 600_000));
+    s.auto_rollback = false;
+    let (dep, _) = Deployment::new(s, targets(&[OLD, OLD, OLD]), T0);
+    let healthy_at = T0 + 1_000;
+    // A node becoming healthy while the rest of its wave updates moves its
+    // track and nothing else. (The wave's last one would start the hold.)
+    let (healthy, actions) = step(&dep, healthy_at, &observe_one(Some(running(TARGET)))).unwrap();
+    assert_eq!(healthy.nodes[0].state, NodeState::Healthy);
+    assert!(actions.is_empty());
+    assert!(healthy.differs_only_in_tracks(&dep));
+    assert!(dep.differs_only_in_tracks(&dep));
+    // Any other field moving is a decision, and so is another set of nodes.
+    let mut other = healthy.clone();
+    other.hold_since_ms = Some(healthy_at + 1);
+    assert!(!other.differs_only_in_tracks(&dep));
+    let mut other = healthy.clone();
+    other.state = State::Paused;
+    assert!(!other.differs_only_in_tracks(&dep));
+    let mut other = healthy.clone();
+    other.wave += 1;
+    assert!(!other.differs_only_in_tracks(&dep));
+    let mut other = healthy.clone();
+    other.reason = "why".into();
+    assert!(!other.differs_only_in_tracks(&dep));
+    let mut other = healthy.clone();
+    other.nodes[1].node = "someone-else".into();
+    assert!(!other.differs_only_in_tracks(&dep));
+    let mut other = healthy.clone();
+    other.nodes.pop();
+    assert!(!other.differs_only_in_tracks(&dep));
+}
+
 // ------------------------------------------- SPEC §6: truth and evidence
 
 #[test]
