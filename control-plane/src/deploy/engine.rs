@@ -579,6 +579,15 @@ impl Engine {
         // Observations of deployments that ended some other way (a control
         // call) are dropped.
         self.observations().retain(|id, _| ids.contains(id));
+        // So are their write times and unwritten marks.
+        self.persisted_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| ids.contains(id));
+        self.unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| ids.contains(id));
         // Yanks live in the artifact records: read them only on the first
         // pass (a yank made before a restart) and after a yank changed.
         let generation = self.registry.yank_generation();
