@@ -27,7 +27,6 @@ BUCKETS = [
     ("h2: connection write buffer (FramedWrite, 16 KiB fixed)", ["FramedWrite", "::new"]),
     ("h2: read buffer (tokio-util FramedRead, 8 KiB initial)", ["ReadFrame"]),
     ("h2: frame decoder and HPACK", ["FrameDecoder"]),
-    ("h2: HPACK", ["hpack"]),
     ("session: outbound channel (tokio mpsc block)", ["mpsc", "SessionService"]),
     ("session: driver task (tokio task cell)", ["SessionService", "task::core::Cell$LT$T$C$S$GT$::new"]),
     ("tonic: stream decode buffer", ["Streaming$LT$T$GT$::new"]),
@@ -47,11 +46,19 @@ BUCKETS = [
 def main() -> None:
     if len(sys.argv) != 3:
         sys.exit(f"usage: {sys.argv[0]} LEAKED_DEMANGLED.txt AGENTS")
-    path, agents = sys.argv[1], int(sys.argv[2])
+    path = sys.argv[1]
+    try:
+        agents = int(sys.argv[2])
+    except ValueError:
+        agents = 0
     if agents <= 0:
-        sys.exit("AGENTS must be a positive number")
+        sys.exit(f"AGENTS must be a positive whole number, not {sys.argv[2]!r}")
     totals = collections.Counter()
-    with open(path, encoding="utf-8", errors="replace") as lines:
+    try:
+        lines = open(path, encoding="utf-8", errors="replace")
+    except OSError as error:
+        sys.exit(f"cannot read the flame graph {path}: {error.strerror}")
+    with lines:
         for line in lines:
             stack, _, count = line.rstrip().rpartition(" ")
             try:
