@@ -1136,10 +1136,12 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
     // The parts of `set_desired_modules`: the existence check (one sled read
     // and JSON decode per node; the API's all-or-nothing check, which the
     // engine's path leaves to the batch), the desired-state writes as one
-    // batch (what the engine's commit writes), the one flush.
+    // batch (what the engine's commit writes: a wave is one desired run),
+    // the one flush, and the run's fold after the push.
     let mut get_nodes = Vec::new();
     let mut writes = Vec::new();
     let mut flush = Vec::new();
+    let mut fold = Vec::new();
     for r in 0..reps {
         let t = Instant::now();
         for node in &wave {
@@ -1173,6 +1175,11 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
         let t = Instant::now();
         fleet.store.flush().await?;
         flush.push(t.elapsed().as_secs_f64() * 1e3);
+        // What the registry does once the wave is handed over, off the
+        // decision's path: the run becomes one key per node.
+        let t = Instant::now();
+        fleet.store.fold_desired()?;
+        fold.push(t.elapsed().as_secs_f64() * 1e3);
     }
 
     // What `assign_late_joiners` costs on every wake once any environment-wide
@@ -1238,6 +1245,7 @@ async fn profile(fleet: &Fleet, last: &DeploymentRecord, reps: usize) -> anyhow:
         "of_which_node_existence_checks_ms": median(get_nodes),
         "of_which_desired_writes_ms": median(writes),
         "of_which_flush_ms": median(flush),
+        "after_the_push_fold_ms": median(fold),
         "registry_list_environment_ms": list_ms,
         "estimated_advancing_iteration_ms": round3(advancing),
         "estimated_idle_iteration_ms": round3(observe_ms + step_ms + compare_ms + put_ms),

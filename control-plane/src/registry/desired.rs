@@ -72,6 +72,7 @@ impl Registry {
         let written = self.write_desired(changes.to_vec(), origin)?;
         self.store.flush().await?;
         self.hand_over_desired(&written);
+        self.fold();
         self.publish_states(&written.changes)
     }
 
@@ -152,12 +153,23 @@ impl Registry {
     /// watchers.
     pub fn push_desired(&self, written: &Written) -> Result<(), RegistryError> {
         self.hand_over_desired(written);
+        self.fold();
         if self.watched() {
             self.publish_states(&written.changes)?;
         } else {
             self.announce(written.changes.len() as u64);
         }
         Ok(())
+    }
+
+    /// Once a batch is durable and handed over, what the store keeps of it
+    /// for later goes to its final place ([`crate::store::Storage::fold_desired`]).
+    /// A failure is the storage's failure, which its next write reports;
+    /// what was written stays durable.
+    fn fold(&self) {
+        if let Err(e) = self.store.fold_desired() {
+            tracing::warn!(error = %e, "cannot fold the last desired batch into per-node records; the next desired write tries again");
+        }
     }
 
     /// Give each connected node of `written` its record.

@@ -1092,6 +1092,72 @@ mod tests {
         assert_eq!(named, [("n-1", "web-1", "prod")]);
     }
 
+    /// A batch large enough to be written as one desired run (a wave)
+    /// reads back node by node, through the registry and after a restart,
+    /// and a later single write of one of its nodes wins over it.
+    #[tokio::test]
+    async fn a_large_desired_batch_reads_back_node_by_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let nodes: Vec<String> = (0..40).map(|i| format!("n-{i:02}")).collect();
+        let set = |node: &str, version: &str| {
+            (
+                node.to_string(),
+                "web".to_string(),
+                Some(DesiredModuleRecord {
+                    version: version.into(),
+                    ..Default::default()
+                }),
+            )
+        };
+        let origin = crate::store::HistoryOrigin::new(5, "d-1", "alice");
+        {
+            let store = Store::open(&path, 1 << 20).expect("open");
+            for node in &nodes {
+                store
+                    .put_node(&NodeRecord::for_tests(node, node))
+                    .await
+                    .expect("node");
+            }
+            let (metrics, _) = Metrics::new();
+            let events = Arc::new(EventLog::open(&store, 1000).expect("events"));
+            let registry =
+                Registry::new(store.clone(), events, Arc::new(metrics)).expect("registry");
+            let changes: Vec<DesiredChange> = nodes.iter().map(|n| set(n, "2.0.0")).collect();
+            registry
+                .set_desired_modules(&changes, &origin)
+                .await
+                .expect("set");
+            let written = registry
+                .write_desired(nodes.iter().map(|n| set(n, "3.0.0")).collect(), &origin)
+                .expect("write");
+            store.flush().await.expect("flush");
+            registry.push_desired(&written).expect("push");
+            registry
+                .set_desired_module("n-07", "web", set("n-07", "4.0.0").2, &origin)
+                .await
+                .expect("single");
+            for node in &nodes {
+                let want = if node == "n-07" { "4.0.0" } else { "3.0.0" };
+                assert_eq!(
+                    registry.desired_of(node).expect("desired").modules["web"].version,
+                    want,
+                    "{node}"
+                );
+            }
+        }
+        let store = Store::open(&path, 1 << 20).expect("reopen");
+        for node in &nodes {
+            let want = if node == "n-07" { "4.0.0" } else { "3.0.0" };
+            assert_eq!(
+                store.get_desired(node).expect("desired").modules["web"].version,
+                want,
+                "{node} after a restart"
+            );
+        }
+        assert_eq!(store.list_history().expect("history").len(), 81);
+    }
+
     fn module() -> ModuleState {
         ModuleState {
             name: "web".into(),

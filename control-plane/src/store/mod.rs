@@ -619,8 +619,10 @@ pub trait Storage:
     /// flushing); a node changed twice sees its first change. Entries of
     /// nodes that are not enrolled change nothing and are answered `None`.
     /// The embedded store writes the batch with one revision-counter write,
-    /// the history records as one value and the desired states as one sled
-    /// batch, and reads no node twice.
+    /// the history records as one value and the desired states as one value
+    /// too when they are many (a desired run, folded into one key per node
+    /// by [`Storage::fold_desired`]) or else as one sled batch, and reads no
+    /// node twice.
     fn update_desired_batch(
         &self,
         changes: &[(&str, Change<'_, DesiredRecord>)],
@@ -636,6 +638,14 @@ pub trait Storage:
                     .map(Some)
             })
             .collect()
+    }
+    /// Finish writing what [`Storage::update_desired_batch`] wrote in a
+    /// form that is durable but not yet in its final place (the embedded
+    /// store's desired runs), without flushing. Call it once the batch is
+    /// flushed and handed over: it is off the decision's path. Skipping it
+    /// loses nothing; the next desired write does it first.
+    fn fold_desired(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

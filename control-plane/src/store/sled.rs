@@ -8,6 +8,7 @@
 //! one is remembered as the storage's [`Failure`], and so is the database
 //! directory found deleted or replaced under the running process.
 
+mod runs;
 mod webhooks;
 
 use std::os::unix::fs::MetadataExt;
@@ -169,6 +170,14 @@ pub struct SledStore {
     /// a crash the stored counter is never behind a stored record and
     /// counting resumes from it at open without reading the records.
     desired_revision: std::sync::Mutex<Revision>,
+    /// Desired runs (`runs`): the desired states of a large batch as one
+    /// value under the batch's first revision, until folded into `desired`.
+    desired_runs: sled::Tree,
+    /// The run written last and not folded yet (see `runs`).
+    pending_run: std::sync::Mutex<Option<runs::PendingRun>>,
+    /// The fewest changed nodes a batch writes as a run (`runs::RUN_MIN`;
+    /// tests lower it).
+    run_min: usize,
     meta: sled::Tree,
     events: Arc<SledLog>,
     audit: Arc<SledLog>,
@@ -263,6 +272,9 @@ impl SledStore {
         let newest = counter(meta.get(DESIRED_REVISION)?.as_deref());
         let store = Self {
             desired_revision: std::sync::Mutex::new(newest),
+            desired_runs: db.open_tree("desired_runs")?,
+            pending_run: std::sync::Mutex::new(None),
+            run_min: runs::RUN_MIN,
             meta,
             identity,
             tokens: tree(Collection::Tokens)?,
@@ -287,6 +299,8 @@ impl SledStore {
             failure: OnceLock::new(),
             commits: GroupCommit::default(),
         };
+        // Runs first: the history check reads `desired`.
+        store.fold_stored_runs()?;
         store.drop_unwritten_history()?;
         Ok(store)
     }
@@ -778,7 +792,7 @@ impl ArtifactRecords for SledStore {
 #[async_trait]
 impl DesiredRecords for SledStore {
     fn get_desired(&self, node_id: &str) -> Result<DesiredRecord, StoreError> {
-        Ok(get(&self.desired, Collection::Desired, node_id.as_bytes())?.unwrap_or_default())
+        Ok(self.desired_of(node_id)?.unwrap_or_default())
     }
 
     /// Desired-state writes are serialized by the revision lock, so each
@@ -794,6 +808,7 @@ impl DesiredRecords for SledStore {
             .desired_revision
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        self.fold_locked()?;
         let before: DesiredRecord =
             get(&self.desired, Collection::Desired, key)?.unwrap_or_default();
         let mut record = before.clone();
@@ -827,6 +842,7 @@ impl DesiredRecords for SledStore {
                 .desired_revision
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            self.fold_locked()?;
             let before: Option<DesiredRecord> =
                 get(&self.desired, Collection::Desired, node_id.as_bytes())?;
             if let Some(before) = before {
@@ -913,18 +929,31 @@ impl DesiredRecords for SledStore {
                 .unwrap_or_else(|e| e.into_inner());
             self.desired_changes.subscribe()
         };
-        let mut backlog = Vec::new();
+        // The pending run before `desired`: a fold in between moves its
+        // records there, so each is seen at least once; a node seen twice
+        // keeps its newer record.
+        let mut newest: std::collections::HashMap<String, DesiredRecord> =
+            self.pending_records()?.into_iter().collect();
         for entry in self.desired.iter() {
             let (key, value) = entry?;
             let record: DesiredRecord = decode(Collection::Desired, &key, &value)?;
-            if record.revision > after {
-                backlog.push(DesiredUpdate {
-                    node_id: String::from_utf8_lossy(&key).into_owned(),
-                    revision: record.revision,
-                    record: Some(record),
-                });
+            let node_id = String::from_utf8_lossy(&key).into_owned();
+            if newest
+                .get(&node_id)
+                .is_none_or(|seen| seen.revision < record.revision)
+            {
+                newest.insert(node_id, record);
             }
         }
+        let mut backlog: Vec<DesiredUpdate> = newest
+            .into_iter()
+            .filter(|(_, record)| record.revision > after)
+            .map(|(node_id, record)| DesiredUpdate {
+                node_id,
+                revision: record.revision,
+                record: Some(record),
+            })
+            .collect();
         backlog.sort_by_key(|change| change.revision);
         Ok(DesiredWatch::new(backlog, live, after))
     }
@@ -996,7 +1025,8 @@ impl Storage for SledStore {
 
     /// Everything is read and decided first, so a failed read changes
     /// nothing; then the counter, the history records as one run (one
-    /// value, under the first record's seq) and one desired batch are
+    /// value, under the first record's seq) and the desired states (one
+    /// desired run when they are many, see `runs`, else one sled batch) are
     /// written in that order, the order of
     /// [`SledStore::write_desired_with_history`] (the run and the batch are
     /// each atomic in sled, and [`SledStore::drop_unwritten_history`] drops
@@ -1010,13 +1040,19 @@ impl Storage for SledStore {
             .desired_revision
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        // Nothing is written over a pending run: it is folded first (the
+        // registry folds each run once it is handed over, so there is
+        // normally none).
+        self.fold_locked()?;
         let mut next = *revision;
         let mut answers: Vec<Option<DesiredRecord>> = Vec::with_capacity(changes.len());
         // Where each node's newest record in `answers` is, for a node
         // changed twice.
         let mut newest: std::collections::HashMap<&str, usize> =
             std::collections::HashMap::with_capacity(changes.len());
-        let mut desired = sled::Batch::default();
+        // Each changed node's newest record, encoded once.
+        let mut desired: std::collections::HashMap<String, Vec<u8>> =
+            std::collections::HashMap::new();
         let mut entries: Vec<HistoryRecord> = Vec::new();
         let mut updates = Vec::new();
         for &(node_id, change) in changes {
@@ -1042,7 +1078,7 @@ impl Storage for SledStore {
                 {
                     entries.push(entry);
                 }
-                desired.insert(key, encode(&record));
+                desired.insert(node_id.to_string(), encode(&record));
                 updates.push(DesiredUpdate {
                     node_id: node_id.to_string(),
                     revision: next,
@@ -1065,9 +1101,23 @@ impl Storage for SledStore {
                 .insert(first.seq.to_be_bytes(), run)
                 .map_err(|e| self.observe(e))?;
         }
-        self.desired
-            .apply_batch(desired)
-            .map_err(|e| self.observe(e))?;
+        if desired.len() >= self.run_min {
+            // One value for the lot (see `runs`): a sled insert costs about
+            // as much per key as the record it writes.
+            let run = runs::PendingRun::new(*revision + 1, desired);
+            self.desired_runs
+                .insert(run.key(), run.value())
+                .map_err(|e| self.observe(e))?;
+            *self.lock_pending() = Some(run);
+        } else {
+            let mut batch = sled::Batch::default();
+            for (node_id, record) in desired {
+                batch.insert(node_id.as_bytes(), record);
+            }
+            self.desired
+                .apply_batch(batch)
+                .map_err(|e| self.observe(e))?;
+        }
         *revision = next;
         if self.desired_changes.receiver_count() > 0 {
             for update in updates {
@@ -1075,6 +1125,14 @@ impl Storage for SledStore {
             }
         }
         Ok(answers)
+    }
+
+    fn fold_desired(&self) -> Result<(), StoreError> {
+        let _writes = self
+            .desired_revision
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.fold_locked()
     }
 }
 
@@ -1431,6 +1489,198 @@ mod tests {
         assert_eq!(seqs, [1, 2, 3], "{history:?}");
     }
 
+    /// The seqs of the stored history, in order.
+    fn history_seqs<S: DesiredRecords + ?Sized>(store: &S) -> Vec<u64> {
+        let history = store.list_history().expect("history");
+        history.iter().map(|r| r.seq).collect()
+    }
+
+    /// The desired record of each of `nodes`, by version of module "web".
+    fn web_versions<S: DesiredRecords + ?Sized>(store: &S, nodes: &[&str]) -> Vec<String> {
+        nodes
+            .iter()
+            .map(|n| {
+                let record = store.get_desired(n).expect("get");
+                record
+                    .modules
+                    .get("web")
+                    .map_or_else(String::new, |m| m.version.clone())
+            })
+            .collect()
+    }
+
+    /// What `desired` itself holds for `node` (no pending run).
+    fn in_tree(store: &SledStore, node: &str) -> Option<DesiredRecord> {
+        get(&store.desired, Collection::Desired, node.as_bytes()).expect("get")
+    }
+
+    /// A batch of at least the run size is one value of `desired_runs` and
+    /// a pending run that every read sees; the fold moves it into one key
+    /// per node and removes the value. A smaller batch writes its keys.
+    #[tokio::test]
+    async fn a_large_batch_is_one_run_until_it_is_folded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = enrolled_store(&dir.path().join("state"));
+        store.run_min = 3;
+        let origin = HistoryOrigin::new(10, "d-1", "alice");
+        let change = batch_change(0);
+        let small: Vec<(&str, Change<'_, DesiredRecord>)> = vec![("n0", &change), ("n1", &change)];
+        store.update_desired_batch(&small, &origin).expect("batch");
+        assert!(store.desired_runs.is_empty());
+        assert!(in_tree(&store, "n1").is_some());
+
+        let change = batch_change(1);
+        let large: Vec<(&str, Change<'_, DesiredRecord>)> = vec![
+            ("n0", &change),
+            ("n1", &change),
+            ("n2", &change),
+            ("n4", &change),
+        ];
+        let answers = store.update_desired_batch(&large, &origin).expect("batch");
+        assert!(answers[3].is_none(), "n4 is not enrolled");
+        assert_eq!(store.desired_runs.len(), 1);
+        assert_eq!(
+            store.desired_runs.first().expect("runs").expect("a run").0,
+            answers[0].as_ref().expect("n0").revision.to_be_bytes(),
+            "keyed by the batch's first revision"
+        );
+        // `desired` still has the first batch; every read has the second.
+        let old = in_tree(&store, "n0").expect("n0");
+        assert_eq!(old.modules["web"].version, "1.0.0");
+        assert!(in_tree(&store, "n2").is_none());
+        assert_eq!(
+            web_versions(&store, &["n0", "n1", "n2", "n3"]),
+            ["2.0.0", "2.0.0", "2.0.0", ""]
+        );
+        let mut watch = store.watch_desired(old.revision).expect("watch");
+        let mut backlog: Vec<(String, u64)> = Vec::new();
+        for _ in 0..3 {
+            let update = watch.next().await.expect("update");
+            backlog.push((update.node_id, update.revision));
+        }
+        let more = tokio::time::timeout(std::time::Duration::from_millis(20), watch.next()).await;
+        assert!(more.is_err(), "nothing after the backlog: {more:?}");
+        let revisions: Vec<u64> = answers[..3]
+            .iter()
+            .map(|a| a.as_ref().expect("enrolled").revision)
+            .collect();
+        assert_eq!(
+            backlog,
+            [
+                ("n0".to_string(), revisions[0]),
+                ("n1".to_string(), revisions[1]),
+                ("n2".to_string(), revisions[2]),
+            ],
+            "each pending record once, in revision order"
+        );
+        assert_eq!(store.list_history().expect("history").len(), 5);
+
+        store.fold_desired().expect("fold");
+        assert!(store.desired_runs.is_empty());
+        assert!(store.lock_pending().is_none());
+        for (node, revision) in ["n0", "n1", "n2"].iter().zip(&revisions) {
+            let record = in_tree(&store, node).expect("folded");
+            assert_eq!(record.revision, *revision);
+            assert_eq!(record.modules["web"].version, "2.0.0");
+        }
+        store
+            .fold_desired()
+            .expect("a second fold has nothing to do");
+    }
+
+    /// A crash after a run was flushed and before its fold reached the
+    /// disk: the next open folds it, and its history records stay.
+    #[tokio::test]
+    async fn a_run_not_folded_before_a_crash_is_folded_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        let written = {
+            let mut store = enrolled_store(&path);
+            store.run_min = 2;
+            let change = batch_change(0);
+            let batch: Vec<(&str, Change<'_, DesiredRecord>)> =
+                vec![("n0", &change), ("n1", &change), ("n2", &change)];
+            let written = store
+                .update_desired_batch(&batch, &HistoryOrigin::new(10, "d-1", "alice"))
+                .expect("batch");
+            store.flush().await.expect("flush");
+            assert!(in_tree(&store, "n0").is_none(), "not folded");
+            written
+        };
+        let store = reopen(&path).await;
+        for (node, answer) in ["n0", "n1", "n2"].iter().zip(&written) {
+            let record = store.get_desired(node).expect("get");
+            assert_eq!(Some(&record), answer.as_ref(), "{node}");
+        }
+        let seqs = history_seqs(&*store);
+        assert_eq!(
+            seqs,
+            [1, 2, 3],
+            "the run's history is kept: its writes landed"
+        );
+        assert_eq!(store.desired_revision().expect("revision"), 3);
+    }
+
+    /// Every other desired write folds the pending run first, so neither a
+    /// later single write nor a removal of one of its nodes is undone by
+    /// the run, now or after a restart; a run stored with a record older
+    /// than its node's is not folded over it at open.
+    #[tokio::test]
+    async fn later_writes_are_not_undone_by_a_pending_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        {
+            let mut store = enrolled_store(&path);
+            store.run_min = 2;
+            let change = batch_change(0);
+            let batch: Vec<(&str, Change<'_, DesiredRecord>)> =
+                vec![("n0", &change), ("n1", &change), ("n2", &change)];
+            let origin = HistoryOrigin::new(10, "d-1", "alice");
+            store.update_desired_batch(&batch, &origin).expect("batch");
+            store
+                .remove_desired_recorded("n1", &origin)
+                .await
+                .expect("remove");
+            assert!(store.lock_pending().is_none(), "folded by the removal");
+            assert!(in_tree(&store, "n1").is_none());
+            assert!(in_tree(&store, "n0").is_some());
+
+            store.update_desired_batch(&batch, &origin).expect("batch");
+            assert_eq!(
+                store.lock_pending().as_ref().map(|run| run.key()),
+                None,
+                "n0 and n2 are unchanged: only n1, below the run size"
+            );
+            let change = batch_change(1);
+            let batch: Vec<(&str, Change<'_, DesiredRecord>)> =
+                vec![("n0", &change), ("n1", &change), ("n2", &change)];
+            store.update_desired_batch(&batch, &origin).expect("batch");
+            assert!(store.lock_pending().is_some());
+            let single = store
+                .update_desired_recorded("n2", &set_version("9.9.9"), &origin)
+                .expect("single");
+            assert!(store.lock_pending().is_none(), "folded by the single write");
+            assert_eq!(store.get_desired("n2").expect("n2"), single);
+            // A run stored again as if its fold were lost: it is older
+            // than n2's record and must not win at open.
+            let stale: Vec<(String, DesiredRecord)> = ["n0", "n2"]
+                .iter()
+                .map(|n| (n.to_string(), DesiredRecord::default()))
+                .collect();
+            store
+                .desired_runs
+                .insert(1u64.to_be_bytes(), encode(&stale))
+                .expect("stale run");
+            store.flush().await.expect("flush");
+        }
+        let store = reopen(&path).await;
+        assert!(store.get_desired("n2").expect("n2").modules["hello"].version == "9.9.9");
+        assert_eq!(
+            web_versions(&*store, &["n0", "n1", "n2"]),
+            ["2.0.0", "2.0.0", "2.0.0"]
+        );
+    }
+
     /// A run is trimmed whole once its newest record is older than the
     /// cut, and kept whole while any of its records is not.
     #[tokio::test]
@@ -1451,12 +1701,7 @@ mod tests {
         assert_eq!(store.trim_history(15).await.expect("trim"), 2);
         let mark = store.history_trimmed().expect("mark").expect("a mark");
         assert_eq!(mark.seq, 2);
-        let seqs: Vec<u64> = store
-            .list_history()
-            .expect("history")
-            .iter()
-            .map(|r| r.seq)
-            .collect();
+        let seqs = history_seqs(&store);
         assert_eq!(seqs, [3, 4]);
         assert_eq!(store.trim_history(21).await.expect("trim"), 2);
         assert!(store.list_history().expect("history").is_empty());
