@@ -163,12 +163,22 @@ impl Registry {
     }
 
     /// Once a batch is durable and handed over, what the store keeps of it
-    /// for later goes to its final place ([`crate::store::Storage::fold_desired`]).
-    /// A failure is the storage's failure, which its next write reports;
-    /// what was written stays durable.
+    /// for later goes to its final place ([`crate::store::Storage::fold_desired`]),
+    /// on a blocking thread of its own when there is a runtime: the caller
+    /// (the engine, between a wave's push and its first reports) goes on at
+    /// once, and the next desired write waits for the fold only if it comes
+    /// first. A failure is the storage's failure, which its next write
+    /// reports; what was written stays durable.
     fn fold(&self) {
-        if let Err(e) = self.store.fold_desired() {
-            tracing::warn!(error = %e, "cannot fold the last desired batch into per-node records; the next desired write tries again");
+        let store = self.store.clone();
+        let fold = move || {
+            if let Err(e) = store.fold_desired() {
+                tracing::warn!(error = %e, "cannot fold the last desired batch into per-node records; the next desired write tries again");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(fold)),
+            Err(_) => fold(),
         }
     }
 
