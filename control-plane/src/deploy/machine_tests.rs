@@ -2574,7 +2574,7 @@ fn pending_approval_expires() {
             &dep,
             at,
             &Input::Observe {
-                nodes: Reports::new(),
+                nodes: Reports::default(),
                 analysis: None,
             },
         )
