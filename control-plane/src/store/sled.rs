@@ -1,6 +1,7 @@
 //! The embedded backend: every record in one sled database in the data
-//! directory, one tree per [`Collection`], records as JSON. The only module
-//! that knows sled.
+//! directory, one tree per [`Collection`], records as JSON, plus `meta`
+//! (counters and marks) and `desired_runs` (large desired batches as one
+//! value until folded, see `runs`). The only module that knows sled.
 //!
 //! Writes that a caller acknowledges are flushed first, because sled
 //! otherwise persists on a timer; flushes are a group commit. sled makes the
