@@ -113,6 +113,8 @@ pub enum RunError {
     Registry(#[from] crate::registry::RegistryError),
     #[error("{0}")]
     Storage(#[from] crate::store::StoreError),
+    #[error("cannot start the deployment engine's thread: {0}")]
+    Engine(std::io::Error),
     #[error("etcd: {0}")]
     Etcd(String),
     #[error("{0}")]
@@ -282,7 +284,9 @@ impl EngineServices {
             }
             .run(self.ctx.shutdown.clone()),
         );
-        let engine = tokio::spawn(engine.run(self.ctx.shutdown.clone()));
+        let engine = engine
+            .spawn_on_own_thread(self.ctx.shutdown.clone())
+            .map_err(RunError::Engine)?;
         Ok(tokio::spawn(async move {
             let _ = engine.await;
             let _ = webhooks.await;

@@ -1504,7 +1504,11 @@ async fn start_bench(
     .map_err(|e| anyhow::anyhow!("engine: {e}"))?;
     let counters = Arc::new(Counters::default());
     spawn_counters(&engine, counters.clone());
-    let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
+    // As `run` starts it: on a thread of its own.
+    let engine_task = engine
+        .clone()
+        .spawn_on_own_thread(shutdown.clone())
+        .context("engine thread")?;
     Ok(Bench {
         kind,
         fleet,

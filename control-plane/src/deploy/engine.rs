@@ -246,6 +246,38 @@ impl Engine {
         all
     }
 
+    /// [`Engine::run`] on a runtime of its own with one worker thread, so
+    /// that a burst of agent reports (a wave of a thousand nodes reporting
+    /// at once) does not queue the engine's pass behind the session tasks on
+    /// the server's workers: the deciding pass then waits for the operating
+    /// system's scheduler, not for a run queue of hundreds of tasks. A
+    /// multi-threaded runtime, because the etcd store's synchronous calls
+    /// hand their worker off (`block_in_place`). The returned task ends when
+    /// the engine stops.
+    pub fn spawn_on_own_thread(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("deploy-engine")
+            .enable_all()
+            .build()?;
+        let (stopped, done) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("deploy-engine-owner".into())
+            .spawn(move || {
+                let engine = runtime.spawn(self.run(shutdown));
+                let _ended = runtime.block_on(engine);
+                // The runtime, and anything the engine left on it, end here.
+                drop(runtime);
+                drop(stopped);
+            })?;
+        Ok(tokio::spawn(async move {
+            let _stopped = done.await;
+        }))
+    }
+
     /// Run until shutdown: re-assert desired states, then step on changes and ticks.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         self.reassert().await;
