@@ -258,21 +258,37 @@ impl Engine {
         self: Arc<Self>,
         shutdown: CancellationToken,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("deploy-engine")
-            .enable_all()
-            .build()?;
+        // The runtime is made, run and dropped on the owner thread: a
+        // runtime may not be dropped where the caller's runtime runs.
+        let (built, ready) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
         let (stopped, done) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name("deploy-engine-owner".into())
             .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("deploy-engine")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = built.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = built.send(Ok(()));
                 let engine = runtime.spawn(self.run(shutdown));
-                let _ended = runtime.block_on(engine);
-                // The runtime, and anything the engine left on it, end here.
+                if let Err(e) = runtime.block_on(engine) {
+                    tracing::error!(error = %e, "the deployment engine stopped abnormally");
+                }
                 drop(runtime);
                 drop(stopped);
             })?;
+        // Building a runtime takes well under a millisecond.
+        ready.recv().map_err(|_| {
+            std::io::Error::other("the engine's thread ended before its runtime was built")
+        })??;
         Ok(tokio::spawn(async move {
             let _stopped = done.await;
         }))

@@ -649,6 +649,24 @@ pub trait Storage:
     }
 }
 
+/// Open again, in a test, an embedded database just closed in this
+/// process. sled's flusher thread (or a fold still on its blocking thread)
+/// may hold the file lock for a moment after the last handle is dropped; a
+/// new process would not wait: retry briefly.
+#[cfg(test)]
+pub(crate) async fn reopen_for_tests(path: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(path, 1 << 20) {
+            Ok(store) => return store,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
 /// The control plane's storage: a cheap handle to one backend, shared by
 /// everything wired in `server.rs`. Components that need only part of it
 /// take the narrow handle ([`Store::artifacts`], [`Store::deployments`], [`Store::durability`]; the engine's `EngineHandles`).

@@ -1238,6 +1238,7 @@ impl SeqLog for SledLog {
 mod tests {
     use super::*;
     use crate::store::Store;
+    use crate::store::reopen_for_tests as reopen;
 
     /// Ad hoc freezes survive a reopen, and removing one says whether it was there.
     #[tokio::test]
@@ -1622,6 +1623,36 @@ mod tests {
         assert_eq!(store.desired_revision().expect("revision"), 3);
     }
 
+    /// A run that cannot be read stops the open with an error naming its
+    /// tree and revision.
+    #[tokio::test]
+    async fn an_unreadable_run_is_refused_at_open_by_its_revision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state");
+        {
+            let store = enrolled_store(&path);
+            store
+                .desired_runs
+                .insert(42u64.to_be_bytes(), b"[[\"n0\",{not json".as_slice())
+                .expect("run");
+            store.flush().await.expect("flush");
+        }
+        // The lock of the database just closed may be held for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (tree, key, reason) = loop {
+            match SledStore::open(&path, 1 << 20) {
+                Err(StoreError::Corrupt { tree, key, reason }) => break (tree, key, reason),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("unexpected error: {e}"),
+                Ok(_) => panic!("a corrupt run was accepted"),
+            }
+        };
+        assert_eq!((tree, key.as_str()), ("desired_runs", "42"));
+        assert!(reason.contains("desired run"), "{reason}");
+    }
+
     /// Every other desired write folds the pending run first, so neither a
     /// later single write nor a removal of one of its nodes is undone by
     /// the run, now or after a restart; a run stored with a record older
@@ -1675,7 +1706,10 @@ mod tests {
             store.flush().await.expect("flush");
         }
         let store = reopen(&path).await;
-        assert!(store.get_desired("n2").expect("n2").modules["hello"].version == "9.9.9");
+        assert_eq!(
+            store.get_desired("n2").expect("n2").modules["hello"].version,
+            "9.9.9"
+        );
         assert_eq!(
             web_versions(&*store, &["n0", "n1", "n2"]),
             ["2.0.0", "2.0.0", "2.0.0"]
@@ -1902,22 +1936,6 @@ mod tests {
                 ("c".to_string(), 6, None),
             ]
         );
-    }
-
-    /// Open again a database just closed in this process. sled's flusher
-    /// thread may hold the file lock for a moment after the handle is
-    /// dropped (a new process would not wait): retry briefly.
-    async fn reopen(path: &std::path::Path) -> Store {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Store::open(path, 1 << 20) {
-                Ok(store) => return store,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("reopen: {e}"),
-            }
-        }
     }
 
     fn token(uses: u32, expires_at_ms: u64) -> TokenRecord {

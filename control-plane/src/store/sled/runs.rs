@@ -142,7 +142,12 @@ impl SledStore {
     pub(super) fn fold_stored_runs(&self) -> Result<(), StoreError> {
         let mut folded = 0usize;
         while let Some((key, value)) = self.desired_runs.first()? {
-            let records: Vec<(String, DesiredRecord)> = decode(Collection::Desired, &key, &value)?;
+            let records: Vec<(String, DesiredRecord)> =
+                serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                    tree: "desired_runs",
+                    key: super::counter(Some(&key)).to_string(),
+                    reason: format!("a desired run (the batch of desired states written at this revision) cannot be read: {e}"),
+                })?;
             let mut batch = sled::Batch::default();
             for (node, record) in &records {
                 let stored: Option<DesiredRecord> =
